@@ -1,0 +1,40 @@
+# mlgate: the two commands are `make run` and `make test`; both install what they need.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-dev
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install run test lint bench bench-ingest bench-predict redis-server clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The tests start private redis-server instances; install the binary when missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+
+run: $(STAMP)
+	$(PY) -m service serve --dev
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check config service schemas workers tests bench
+	$(VENV)/bin/mypy
+
+test: $(STAMP) redis-server lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+bench: bench-ingest bench-predict
+
+bench-ingest: $(STAMP)
+	$(PY) -m bench.ingest
+
+bench-predict: $(STAMP)
+	$(PY) -m bench.predict
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache data
