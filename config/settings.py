@@ -1,0 +1,137 @@
+"""Settings: one frozen Struct read once from the environment.
+
+Every field maps to an environment variable named ``MLGATE_<FIELD>`` (upper case);
+a few conventional names are honoured too (``PORT``, ``REDIS_URL``,
+``WEB_CONCURRENCY``). List fields take comma-separated values. A bad value stops
+start-up with a ``SettingsError`` naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+import msgspec
+
+PREFIX = "MLGATE_"
+
+# Conventional names a PaaS or operator sets without our prefix; ours win when both exist.
+ALIASES: dict[str, str] = {
+    "port": "PORT",
+    "redis_url": "REDIS_URL",
+    "workers": "WEB_CONCURRENCY",
+}
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class SettingsError(ValueError):
+    """A setting has a value mlgate cannot start with."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Serving
+    host: str = "0.0.0.0"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    workers: PositiveInt = 1
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+    shutdown_timeout_s: PositiveFloat = 20.0
+
+    # HTTP limits
+    max_body_bytes: PositiveInt = 16 * 1024 * 1024
+    max_stream_record_bytes: PositiveInt = 1024 * 1024
+
+    # Ingestion
+    max_batch_records: Annotated[int, msgspec.Meta(gt=0, le=100_000)] = 10_000
+    feature_dims: tuple[PositiveInt, ...] = (128, 256, 512, 768)
+    feature_min: float | None = None
+    feature_max: float | None = None
+    value_format: Literal["json", "msgpack"] = "json"
+    schema_version: str = "1"
+
+    # Kafka sink (unset bootstrap servers: the embedded local log is the sink)
+    kafka_bootstrap_servers: str | None = None
+    kafka_topic: str = "mlgate.records"
+    kafka_enable_idempotence: bool = False
+    kafka_linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 2
+    kafka_max_batch_bytes: PositiveInt = 1024 * 1024
+    kafka_request_timeout_ms: PositiveInt = 10_000
+    kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
+
+    # Writer actors (Kafka or local log)
+    writer_mailbox_size: PositiveInt = 1024
+    writer_max_batch_records: PositiveInt = 5000
+    writer_max_in_flight: PositiveInt = 32
+
+    # Embedded local log
+    data_dir: str = "data"
+    log_segment_bytes: PositiveInt = 64 * 1024 * 1024
+
+    # Shared state
+    redis_url: str | None = None
+
+    # Load shedding
+    retry_after_s: PositiveInt = 1
+
+    # Prediction
+    model_repository: str = "models"
+    default_model: str = "demo"
+    model_poll_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    request_timeout_ms: PositiveInt = 1000
+    inference_mailbox_size: PositiveInt = 256
+    inference_max_batch_size: PositiveInt = 64
+    inference_max_queue_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    inference_threads: PositiveInt = 1
+
+    def __post_init__(self) -> None:
+        if (
+            self.feature_min is not None
+            and self.feature_max is not None
+            and self.feature_min > self.feature_max
+        ):
+            raise ValueError("feature_min must not exceed feature_max - at `$.feature_min`")
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def _is_sequence_field(field: msgspec.inspect.Field) -> bool:
+    field_type = field.type
+    if isinstance(field_type, msgspec.inspect.UnionType):
+        field_type = next(t for t in field_type.types if not isinstance(t, msgspec.inspect.NoneType))
+    return isinstance(field_type, msgspec.inspect.TupleType | msgspec.inspect.VarTupleType | msgspec.inspect.ListType)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build Settings from ``environ`` (default ``os.environ``) plus explicit overrides."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, object] = {}
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for field in info.fields:
+        for name in (env_name(field.name), ALIASES.get(field.name)):
+            if name and name in environ:
+                value: object = environ[name]
+                if _is_sequence_field(field):
+                    value = [part.strip() for part in str(value).split(",") if part.strip()]
+                elif value == "" and field.default is None and field.required is False:
+                    value = None
+                raw[field.name] = value
+                break
+    raw.update(overrides)
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(_name_the_variable(str(exc))) from None
+
+
+def _name_the_variable(message: str) -> str:
+    match = re.search(r"`\$\.(\w+)", message)
+    if not match:
+        return f"invalid settings: {message}"
+    return f"{env_name(match.group(1))}: {message.split(' - at ')[0]}"

@@ -1,0 +1,80 @@
+"""Ingestion wire types: the batch a producer posts and the answer it gets.
+
+Inbound types are frozen, forbid unknown fields and carry their static bounds in
+``Meta``; bounds that depend on settings (allowed dimensions, value range, batch size)
+are checked by ``service.record_validation``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+
+SCHEMA_VERSION = "1"
+
+MAX_FEATURES = 4096
+MAX_METADATA_ITEMS = 32
+MAX_RECORDS = 100_000
+
+RecordId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+SourceName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+]
+MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=1024)] | int | float | bool
+Timestamp = (
+    Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with an offset")]
+    | Annotated[float, msgspec.Meta(ge=0, le=1e11, description="epoch seconds")]
+)
+Features = Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_FEATURES)]
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One training record as a producer sends it."""
+
+    features: Features
+    record_id: RecordId | None = None
+    timestamp: Timestamp | None = None
+    label: float | None = None
+    metadata: Annotated[
+        dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=MAX_METADATA_ITEMS)
+    ] = {}
+
+
+class IngestRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    source: SourceName
+    records: Annotated[list[Record], msgspec.Meta(min_length=1, max_length=MAX_RECORDS)]
+
+
+class IngestEnvelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The batch with its records left undecoded, so each can fail on its own."""
+
+    source: SourceName
+    records: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_RECORDS)]
+
+
+class RecordError(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    record_id: str | None
+    error: str
+
+
+class IngestResponse(msgspec.Struct, frozen=True, kw_only=True):
+    tracking_id: str
+    records_accepted: int
+    records_rejected: int
+    records_duplicate: int
+    errors: list[RecordError]
+
+
+class StoredRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The record as written to the sink (the Kafka message value)."""
+
+    record_id: str
+    timestamp: str
+    features: list[float]
+    label: float | None
+    metadata: dict[str, str | int | float | bool]
+    source: str

@@ -1,0 +1,27 @@
+"""RFC 9457 problem documents, the shape of every error mlgate answers."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class FieldError(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One validation failure: where it is (``records[3].features``) and what is wrong."""
+
+    loc: str
+    msg: str
+    index: int | None = None
+    record_id: str | None = None
+
+
+class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    request_id: str | None = None
+    retry_after_s: int | None = None
+    errors: list[FieldError] | None = None
+    # Open Inference Protocol clients read their error message from this member.
+    error: str | None = None

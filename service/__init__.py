@@ -1,0 +1,1 @@
+"""The HTTP front end: app factory, middlewares, routes and the command line."""

@@ -1,0 +1,69 @@
+"""``python -m service``: the command line (serve, log, check-config)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from config import SettingsError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="mlgate: validated ingestion to Kafka and batched ONNX prediction.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP service (settings from MLGATE_* env)")
+    serve.add_argument("--host", help="bind address (MLGATE_HOST)")
+    serve.add_argument("--port", type=int, help="port (MLGATE_PORT or PORT)")
+    serve.add_argument("--dev", action="store_true", help="local development defaults")
+
+    log_cmd = commands.add_parser("log", help="read the embedded local log")
+    log_actions = log_cmd.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tail = log_actions.add_parser("tail", help="print the last records as JSON lines")
+    tail.add_argument("-n", type=int, default=10, help="how many records (default 10)")
+    cat = log_actions.add_parser("cat", help="print every record from an offset as JSON lines")
+    cat.add_argument("--from-offset", type=int, default=0)
+    for action in (tail, cat):
+        action.add_argument("--data-dir", help="data directory (default MLGATE_DATA_DIR)")
+
+    commands.add_parser("check-config", help="validate the environment's settings and print them")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {
+        name: value
+        for name in ("host", "port")
+        if (value := getattr(args, name, None)) is not None
+    }
+    try:
+        settings = load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"mlgate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        import msgspec
+
+        print(msgspec.json.format(msgspec.json.encode(settings)).decode())
+        return 0
+    if args.command == "log":
+        from service.log_command import print_log
+
+        return print_log(args.data_dir or settings.data_dir, args.action, args)
+    if args.command in (None, "serve"):
+        from service.logs import configure_logging
+        from service.server import run
+
+        configure_logging(settings.log_level)
+        run(settings)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

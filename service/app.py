@@ -1,0 +1,59 @@
+"""``create_app(settings)``: the one factory that builds mlgate's application.
+
+Resources start and stop through ``cleanup_ctx`` in dependency order (record sink,
+then models); aiohttp runs the cleanups in reverse after in-flight handlers finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from config import Settings
+from service.appkeys import DRAINING, READINESS_CHECKS, RECORD_SINK, RECORD_VALIDATOR, SETTINGS
+from service.middlewares import problem_responses, request_context
+from service.record_validation import RecordValidator
+from service.routes import health, ingest
+from workers.kafka_writer import KafkaWriter
+from workers.local_log import LocalLogWriter
+
+log = structlog.get_logger("mlgate.app")
+
+
+def create_app(settings: Settings) -> web.Application:
+    # The body limit is ours (service.body), enforced while streaming; aiohttp's own
+    # client_max_size only guards request.read()/post(), which mlgate does not use.
+    app = web.Application(
+        middlewares=[request_context, problem_responses],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[DRAINING] = asyncio.Event()
+    app[READINESS_CHECKS] = {}
+    app[RECORD_VALIDATOR] = RecordValidator(settings)
+    app.cleanup_ctx.append(record_sink)
+    health.setup(app)
+    ingest.setup(app)
+    # -- prediction wiring --
+    return app
+
+
+async def record_sink(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    sink: KafkaWriter | LocalLogWriter
+    if settings.kafka_bootstrap_servers:
+        sink = KafkaWriter(settings)
+    else:
+        sink = LocalLogWriter(
+            Path(settings.data_dir) / "log",
+            mailbox_size=settings.writer_mailbox_size,
+            segment_bytes=settings.log_segment_bytes,
+        )
+    await sink.start()
+    app[RECORD_SINK] = sink
+    yield
+    await sink.close(drain_s=settings.shutdown_timeout_s / 2)

@@ -1,0 +1,22 @@
+"""Every typed key of the application's state, declared in one place."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from aiohttp import web
+
+from config import Settings
+from service.record_validation import RecordValidator
+from workers.records import RecordSink
+
+if TYPE_CHECKING:
+    pass
+
+SETTINGS = web.AppKey("settings", Settings)
+RECORD_SINK = web.AppKey("record_sink", RecordSink)
+RECORD_VALIDATOR = web.AppKey("record_validator", RecordValidator)
+# Set on SIGTERM so /ready turns false while in-flight requests finish.
+DRAINING = web.AppKey("draining", asyncio.Event)
+# Named checks /ready runs besides the sink's health (e.g. "models": all loaded).
+READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], bool]])

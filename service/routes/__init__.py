@@ -1,0 +1,1 @@
+"""Route modules; each exposes ``setup(app)`` that adds its routes."""

@@ -1,0 +1,218 @@
+"""KafkaWriter: the actor that turns queued record batches into acknowledged Kafka writes.
+
+Requests put ``(records, future)`` items in one bounded mailbox. The single writer task
+takes what is waiting (up to ``writer_max_batch_records``), groups it by partition
+(the Java client's murmur2 partitioner on ``record_id``), sends one Kafka batch per
+partition with ``acks=all``, and resolves each request's future once every batch that
+holds one of its records is acknowledged. Sends are pipelined up to
+``writer_max_in_flight`` batches; aiokafka has no memory bound of its own, so the
+mailbox in front of it is the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
+
+from config import Settings
+from workers.errors import MailboxFull, SinkFailed, WorkerClosed
+from workers.records import OutboundRecord
+
+log = structlog.get_logger("mlgate.kafka_writer")
+
+
+@dataclass(eq=False)
+class _Pending:
+    records: list[OutboundRecord]
+    future: asyncio.Future[None]
+    batches_left: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+
+    def batch_done(self, error: BaseException | None) -> None:
+        if error is not None:
+            self.errors.append(error)
+        self.batches_left -= 1
+        if self.batches_left == 0 and not self.future.done():
+            if self.errors:
+                self.future.set_exception(SinkFailed(f"Kafka write failed: {self.errors[0]!r}"))
+            else:
+                self.future.set_result(None)
+
+
+def build_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        acks="all",
+        enable_idempotence=settings.kafka_enable_idempotence,
+        linger_ms=settings.kafka_linger_ms,
+        max_batch_size=settings.kafka_max_batch_bytes,
+        max_request_size=settings.kafka_max_batch_bytes * 2,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
+        compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
+        client_id="mlgate",
+    )
+
+
+class KafkaWriter:
+    name = "kafka"
+
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None) -> None:
+        self._settings = settings
+        self._topic = settings.kafka_topic
+        self._producer = producer or build_producer(settings)
+        self._mailbox: asyncio.Queue[_Pending] = asyncio.Queue(settings.writer_mailbox_size)
+        self._in_flight = asyncio.Semaphore(settings.writer_max_in_flight)
+        self._partitioner = DefaultPartitioner()
+        self._partitions: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._closed
+
+    @property
+    def mailbox_depth(self) -> int:
+        return self._mailbox.qsize()
+
+    async def start(self) -> None:
+        await self._producer.start()
+        partitions = await self._producer.partitions_for(self._topic)
+        self._partitions = sorted(partitions)
+        self._task = asyncio.create_task(self._run(), name="kafka-writer")
+        self._task.add_done_callback(self._fail_all)
+        log.info("kafka_writer_started", topic=self._topic, partitions=len(self._partitions))
+
+    def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
+        if self._closed or self._task is None:
+            raise WorkerClosed("Kafka writer is not running")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            self._mailbox.put_nowait(_Pending(records, future))
+        except asyncio.QueueFull:
+            raise MailboxFull("Kafka writer mailbox is full") from None
+        return future
+
+    async def close(self, drain_s: float = 10.0) -> None:
+        """Stop taking work, drain what was accepted, flush the producer. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(self._drained(), drain_s)
+            except TimeoutError:
+                log.warning("kafka_writer_drain_timeout", left=self._mailbox.qsize())
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_queued(WorkerClosed("Kafka writer stopped"))
+        await self._producer.stop()
+
+    async def _drained(self) -> None:
+        await self._mailbox.join()
+        # Wait until every in-flight batch has been acknowledged.
+        for _ in range(self._settings.writer_max_in_flight):
+            await self._in_flight.acquire()
+
+    async def _run(self) -> None:
+        limit = self._settings.writer_max_batch_records
+        while True:
+            taken = [await self._mailbox.get()]
+            count = len(taken[0].records)
+            while count < limit and not self._mailbox.empty():
+                item = self._mailbox.get_nowait()
+                taken.append(item)
+                count += len(item.records)
+            # Each item holds one count while it is being dispatched, so a fast ack of its
+            # first partition batch cannot resolve it before its last batch is sent.
+            for item in taken:
+                item.batches_left = 1
+            error: BaseException | None = None
+            try:
+                await self._send(taken)
+            except Exception as exc:
+                log.error("kafka_send_failed", error=repr(exc))
+                error = exc
+            finally:
+                for item in taken:
+                    item.batch_done(error)
+                    self._mailbox.task_done()
+
+    async def _send(self, items: list[_Pending]) -> None:
+        by_partition: dict[int, list[tuple[OutboundRecord, _Pending]]] = defaultdict(list)
+        for item in items:
+            for record in item.records:
+                partition = self._partitioner(record.key, self._partitions, self._partitions)
+                by_partition[partition].append((record, item))
+        for partition, entries in by_partition.items():
+            await self._send_partition(partition, entries)
+
+    async def _send_partition(
+        self, partition: int, entries: list[tuple[OutboundRecord, _Pending]]
+    ) -> None:
+        batch = self._producer.create_batch()
+        members: set[_Pending] = set()
+        for record, item in entries:
+            if not self._append(batch, record):
+                if members:
+                    await self._dispatch(batch, partition, members)
+                    batch, members = self._producer.create_batch(), set()
+                if not self._append(batch, record):
+                    item.errors.append(SinkFailed("record larger than the Kafka batch size"))
+                    continue
+            members.add(item)
+        if members:
+            await self._dispatch(batch, partition, members)
+
+    @staticmethod
+    def _append(batch: BatchBuilder, record: OutboundRecord) -> bool:
+        appended = batch.append(
+            key=record.key, value=record.value, timestamp=None, headers=record.headers
+        )
+        return appended is not None
+
+    async def _dispatch(self, batch: BatchBuilder, partition: int, members: set[_Pending]) -> None:
+        for item in members:
+            item.batches_left += 1
+        batch.close()
+        await self._in_flight.acquire()
+        try:
+            ack = await self._producer.send_batch(batch, self._topic, partition=partition)
+        except Exception as exc:
+            self._in_flight.release()
+            for item in members:
+                item.batch_done(exc)
+            return
+
+        def on_ack(done: asyncio.Future[object]) -> None:
+            self._in_flight.release()
+            error = WorkerClosed("send cancelled") if done.cancelled() else done.exception()
+            if error is not None:
+                self._last_error = repr(error)
+            for item in members:
+                item.batch_done(error)
+
+        ack.add_done_callback(on_ack)
+
+    def _fail_queued(self, error: BaseException) -> None:
+        while not self._mailbox.empty():
+            item = self._mailbox.get_nowait()
+            self._mailbox.task_done()
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _fail_all(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("kafka_writer_crashed", error=repr(error))
+            self._closed = True
+            self._fail_queued(WorkerClosed(f"Kafka writer crashed: {error!r}"))

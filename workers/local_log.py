@@ -1,0 +1,259 @@
+"""The embedded sink: an append-only local log, and the actor that writes it.
+
+Layout: ``<data_dir>/log/<first offset, 20 digits>.log`` segments. Each record is one
+frame: ``u32 length | u32 crc32(payload) | payload``, the payload being the msgpack
+of an ``OutboundRecord`` (key, value, headers). ``LocalLogWriter`` group-commits: it
+takes everything waiting in its mailbox, writes the frames and fsyncs once, in a
+thread of its own, before resolving the requests' futures; so a 202 means the
+records are on disk. On open, the last segment is scanned and a torn final frame
+(a crash mid-write) is cut off. Segments rotate past ``log_segment_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from workers.errors import MailboxFull, SinkFailed, WorkerClosed
+from workers.records import OutboundRecord
+
+log = structlog.get_logger("mlgate.local_log")
+
+HEADER = struct.Struct(">II")
+SUFFIX = ".log"
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(OutboundRecord).decode
+
+
+def frame(record: OutboundRecord) -> bytes:
+    payload = _encode(record)
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _segment_name(first_offset: int) -> str:
+    return f"{first_offset:020d}{SUFFIX}"
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob(f"*{SUFFIX}"))
+
+
+def read_frames(data: bytes) -> Iterator[tuple[int, OutboundRecord]]:
+    """(end position, record) for each intact frame; stops at the first torn or bad one."""
+    position = 0
+    while position + HEADER.size <= len(data):
+        length, checksum = HEADER.unpack_from(data, position)
+        start = position + HEADER.size
+        payload = data[start : start + length]
+        if len(payload) < length or zlib.crc32(payload) != checksum:
+            return
+        try:
+            record = _decode(payload)
+        except msgspec.MsgspecError:
+            return
+        position = start + length
+        yield position, record
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    offset: int
+    record: OutboundRecord
+
+
+class LocalLog:
+    """The files: appending with fsync, recovery on open, reading back. Not thread-safe."""
+
+    def __init__(self, directory: str | Path, segment_bytes: int = 64 * 1024 * 1024) -> None:
+        self.directory = Path(directory)
+        self.segment_bytes = segment_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.next_offset = 0
+        self._recover()
+
+    def _recover(self) -> None:
+        existing = segments(self.directory)
+        if not existing:
+            self._open_segment(0)
+            return
+        last = existing[-1]
+        base = int(last.stem)
+        data = last.read_bytes()
+        good_end, count = 0, 0
+        for end, _ in read_frames(data):
+            good_end, count = end, count + 1
+        if good_end < len(data):
+            log.warning("local_log_torn_tail_dropped", segment=last.name, bytes=len(data) - good_end)
+            with last.open("r+b") as handle:
+                handle.truncate(good_end)
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.next_offset = base + count
+        self._handle = last.open("ab")
+        self._size = good_end
+
+    def _open_segment(self, first_offset: int) -> None:
+        self._handle = (self.directory / _segment_name(first_offset)).open("ab")
+        self._size = 0
+        self._fsync_directory()
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def append(self, frames: list[bytes]) -> int:
+        """Write frames and fsync; returns the offset of the first. Blocking."""
+        first = self.next_offset
+        for data in frames:
+            if self._size >= self.segment_bytes:
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+                self._handle.close()
+                self._open_segment(self.next_offset)
+            self._handle.write(data)
+            self._size += len(data)
+            self.next_offset += 1
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        return first
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+
+    def read(self, from_offset: int = 0) -> Iterator[LogEntry]:
+        yield from read_log(self.directory, from_offset)
+
+
+def read_log(directory: str | Path, from_offset: int = 0) -> Iterator[LogEntry]:
+    """Every intact record at or after ``from_offset``, in order."""
+    paths = segments(Path(directory))
+    for i, path in enumerate(paths):
+        base = int(path.stem)
+        following = int(paths[i + 1].stem) if i + 1 < len(paths) else None
+        if following is not None and following <= from_offset:
+            continue
+        offset = base
+        for _, record in read_frames(path.read_bytes()):
+            if offset >= from_offset:
+                yield LogEntry(offset, record)
+            offset += 1
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    frames: list[bytes]
+    future: asyncio.Future[None]
+
+
+class LocalLogWriter:
+    """Actor: one task, one bounded mailbox, one thread for the blocking writes."""
+
+    name = "local_log"
+
+    def __init__(
+        self, directory: str | Path, *, mailbox_size: int = 1024, segment_bytes: int = 64 * 1024 * 1024
+    ) -> None:
+        self._directory = Path(directory)
+        self._segment_bytes = segment_bytes
+        self._mailbox: asyncio.Queue[_Pending] = asyncio.Queue(mailbox_size)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="local-log")
+        self._log: LocalLog | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._closed
+
+    @property
+    def mailbox_depth(self) -> int:
+        return self._mailbox.qsize()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._log = await loop.run_in_executor(
+            self._executor, LocalLog, self._directory, self._segment_bytes
+        )
+        self._task = asyncio.create_task(self._run(), name="local-log-writer")
+        self._task.add_done_callback(self._fail_all)
+        log.info("local_log_started", directory=str(self._directory), next_offset=self._log.next_offset)
+
+    def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
+        if self._closed or self._task is None:
+            raise WorkerClosed("local log writer is not running")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            # Framing here, on the caller's turn, keeps the writer loop short.
+            self._mailbox.put_nowait(_Pending([frame(r) for r in records], future))
+        except asyncio.QueueFull:
+            raise MailboxFull("local log mailbox is full") from None
+        return future
+
+    async def close(self, drain_s: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(self._mailbox.join(), drain_s)
+            except TimeoutError:
+                log.warning("local_log_drain_timeout", left=self._mailbox.qsize())
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_queued(WorkerClosed("local log writer stopped"))
+        if self._log is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._log.close)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        assert self._log is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            taken = [await self._mailbox.get()]
+            while not self._mailbox.empty():
+                taken.append(self._mailbox.get_nowait())
+            frames = [data for item in taken for data in item.frames]
+            error: BaseException | None = None
+            try:
+                await loop.run_in_executor(self._executor, self._log.append, frames)
+            except OSError as exc:
+                log.error("local_log_write_failed", error=repr(exc))
+                error = SinkFailed(f"local log write failed: {exc}")
+            for item in taken:
+                if not item.future.done():
+                    if error is None:
+                        item.future.set_result(None)
+                    else:
+                        item.future.set_exception(error)
+                self._mailbox.task_done()
+
+    def _fail_queued(self, error: BaseException) -> None:
+        while not self._mailbox.empty():
+            item = self._mailbox.get_nowait()
+            self._mailbox.task_done()
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _fail_all(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("local_log_writer_crashed", error=repr(error))
+            self._closed = True
+            self._fail_queued(WorkerClosed(f"local log writer crashed: {error!r}"))
