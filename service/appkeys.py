@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+
 from aiohttp import web
 
 from config import Settings
 from service.record_validation import RecordValidator
 from workers.records import RecordSink
-
-if TYPE_CHECKING:
-    pass
 
 SETTINGS = web.AppKey("settings", Settings)
 RECORD_SINK = web.AppKey("record_sink", RecordSink)
