@@ -18,3 +18,7 @@ RECORD_VALIDATOR = web.AppKey("record_validator", RecordValidator)
 DRAINING = web.AppKey("draining", asyncio.Event)
 # Named checks /ready runs besides the sink's health (e.g. "models": all loaded).
 READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], bool]])
+
+# Per-request state.
+REQUEST_ID = web.RequestKey("request_id", str)
+TENANT = web.RequestKey("tenant", str)

@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from schemas.problem import Problem
+from service.appkeys import REQUEST_ID, TENANT
 from service.codec import PROBLEM_JSON, Format, encode, response_format
 from service.errors import (
     ApiError,
@@ -44,7 +45,7 @@ def _request_id(request: web.Request) -> str:
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = _request_id(request)
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     started = time.perf_counter()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -65,7 +66,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             path=request.path,
             status=status,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
-            tenant=request.get("tenant"),
+            tenant=request.get(TENANT),
         )
 
 
@@ -101,7 +102,7 @@ def problem_response(request: web.Request, error: ApiError) -> web.Response:
         status=error.status,
         detail=error.detail,
         instance=request.path,
-        request_id=request.get("request_id"),
+        request_id=request.get(REQUEST_ID),
         retry_after_s=error.retry_after_s,
         errors=error.errors,
         error=(error.detail or error.title) if is_oip else None,

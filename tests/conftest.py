@@ -1,0 +1,69 @@
+"""Fixtures that start real things: a Tansu Kafka broker, redis-server, the app."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from config import Settings, load_settings
+from service.app import create_app
+from tests.support import KafkaBroker, ManagedProcess, create_topic, start_redis, start_tansu
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[KafkaBroker]:
+    broker = start_tansu()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def private_kafka_broker() -> Iterator[KafkaBroker]:
+    """A broker of the test's own, for tests that stop and restart it."""
+    broker = start_tansu()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[ManagedProcess]:
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def kafka_topic(kafka_broker: KafkaBroker) -> str:
+    return await create_topic(kafka_broker.bootstrap)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        overrides.setdefault("data_dir", str(tmp_path / "data"))
+        overrides.setdefault("model_poll_interval_s", 0)
+        return load_settings({}, **overrides)
+
+    return make
+
+
+AppClientFactory = Callable[[Settings], Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def app_client(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+) -> AsyncIterator[AppClientFactory]:
+    """Build the app with the real factory and a client talking to it over a socket."""
+
+    async def make(settings: Settings) -> TestClient[web.Request, web.Application]:
+        return await aiohttp_client(create_app(settings))
+
+    yield make
+    await asyncio.sleep(0)

