@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from config import Settings
+from service import __version__, openapi
 from service.appkeys import DRAINING, READINESS_CHECKS, RECORD_SINK, RECORD_VALIDATOR, SETTINGS
 from service.middlewares import problem_responses, request_context
 from service.record_validation import RecordValidator
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> web.Application:
     health.setup(app)
     ingest.setup(app)
     # -- prediction wiring --
+    openapi.setup(app, [*health.OPERATIONS, *ingest.OPERATIONS], version=__version__)
     return app
 
 

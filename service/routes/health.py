@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from schemas.health import Health, Readiness
 from service.appkeys import DRAINING, READINESS_CHECKS, RECORD_SINK
 from service.codec import respond
+from service.openapi import Operation
+
+OPERATIONS = [
+    Operation("get", "/health", "Liveness: the process serves HTTP", "operations", {200: Health}),
+    Operation(
+        "get",
+        "/ready",
+        "Readiness: accepting work, sink healthy, models loaded",
+        "operations",
+        {200: Readiness, 503: Readiness},
+    ),
+]
 
 
 async def health(request: web.Request) -> web.Response:
-    return respond(request, {"status": "ok"})
+    return respond(request, Health())
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -23,7 +36,7 @@ async def ready(request: web.Request) -> web.Response:
     is_ready = all(checks.values())
     return respond(
         request,
-        {"status": "ready" if is_ready else "not ready", "checks": checks},
+        Readiness(status="ready" if is_ready else "not ready", checks=checks),
         status=200 if is_ready else 503,
     )
 

@@ -14,18 +14,54 @@ import msgpack
 import msgspec
 from aiohttp import web
 
-from schemas.ingest import IngestResponse, Record, RecordError
+from schemas.ingest import IngestRequest, IngestResponse, Record, RecordError
 from schemas.problem import FieldError
 from service.appkeys import RECORD_SINK, RECORD_VALIDATOR, SETTINGS
 from service.body import iter_body, read_body
 from service.codec import Format, location, request_format, respond
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from service.openapi import Operation
 from service.record_validation import ValidatedBatch
 
 STREAM_CHUNK_RECORDS = 1000
 MAX_REPORTED_ERRORS = 1000
 NDJSON = "application/x-ndjson"
 _SOURCE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+OPERATIONS = [
+    Operation(
+        "post",
+        "/api/v2/ingest",
+        "Ingest a batch of training records (partial success)",
+        "ingestion",
+        {202: IngestResponse},
+        request=IngestRequest,
+        scope="ingest",
+        description=(
+            "Each record is validated on its own; rejected records are listed in `errors` "
+            "and the rest are written. 202 means every accepted record is durable "
+            "(Kafka acks=all or fsync'd to the local log). All rejected: 422."
+        ),
+    ),
+    Operation(
+        "post",
+        "/api/v2/ingest/stream",
+        "Ingest a stream of records (NDJSON or concatenated msgpack maps)",
+        "ingestion",
+        {202: IngestResponse},
+        request=Record,
+        request_media=(NDJSON, "application/msgpack"),
+        scope="ingest",
+        parameters=[
+            {"name": "source", "in": "query", "required": True, "schema": {"type": "string"}}
+        ],
+        description=(
+            "The body is a sequence of Record documents: one JSON object per line, or "
+            "msgpack maps back to back. Memory stays bounded whatever the length; one "
+            "202 at the end. At most 1000 record errors are listed."
+        ),
+    ),
+]
 
 
 def _all_rejected(errors: list[RecordError]) -> ValidationFailed:
