@@ -59,8 +59,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kafka_enable_idempotence: bool = False
     kafka_linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 2
     kafka_max_batch_bytes: PositiveInt = 1024 * 1024
-    kafka_request_timeout_ms: PositiveInt = 10_000
+    kafka_request_timeout_ms: PositiveInt = 5_000
     kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
+
+    # Kafka outage: breaker, then spill to the local log and drain it back later
+    kafka_breaker_fail_max: PositiveInt = 3
+    kafka_breaker_reset_s: PositiveFloat = 5.0
+    spill_max_records: PositiveInt = 1_000_000
+    spill_drain_batch_records: PositiveInt = 2000
 
     # Writer actors (Kafka or local log)
     writer_mailbox_size: PositiveInt = 1024

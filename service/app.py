@@ -19,8 +19,8 @@ from service.appkeys import DRAINING, READINESS_CHECKS, RECORD_SINK, RECORD_VALI
 from service.middlewares import problem_responses, request_context
 from service.record_validation import RecordValidator
 from service.routes import health, ingest
-from workers.kafka_writer import KafkaWriter
 from workers.local_log import LocalLogWriter
+from workers.spilling_sink import SpillingKafkaSink
 
 log = structlog.get_logger("mlgate.app")
 
@@ -46,9 +46,9 @@ def create_app(settings: Settings) -> web.Application:
 
 async def record_sink(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    sink: KafkaWriter | LocalLogWriter
+    sink: SpillingKafkaSink | LocalLogWriter
     if settings.kafka_bootstrap_servers:
-        sink = KafkaWriter(settings)
+        sink = SpillingKafkaSink(settings)
     else:
         sink = LocalLogWriter(
             Path(settings.data_dir) / "log",

@@ -26,6 +26,7 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
 )
+from workers.breaker import BreakerOpen
 from workers.errors import DeadlineExpired, MailboxFull, WorkerClosed, WorkerError
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -75,6 +76,8 @@ def _as_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, MailboxFull):
         return Overloaded(str(exc), retry_after_s=1)
+    if isinstance(exc, BreakerOpen):
+        return Overloaded(str(exc), retry_after_s=exc.retry_after_s)
     if isinstance(exc, DeadlineExpired):
         return DeadlineExceeded(str(exc), retry_after_s=1)
     if isinstance(exc, WorkerClosed | WorkerError):
@@ -129,7 +132,7 @@ async def problem_responses(request: web.Request, handler: Handler) -> web.Strea
         return problem_response(request, _as_api_error(exc))
     except ApiError as exc:
         return problem_response(request, exc)
-    except WorkerError as exc:
+    except (WorkerError, BreakerOpen) as exc:
         return problem_response(request, _as_api_error(exc))
     except Exception:
         error_log.exception("unhandled_error", path=request.path)

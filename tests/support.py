@@ -101,8 +101,8 @@ def start_redis() -> ManagedProcess:
     return server
 
 
-async def create_topic(bootstrap: str, partitions: int = 3) -> str:
-    topic = f"test.{uuid.uuid4().hex[:12]}"
+async def create_topic(bootstrap: str, partitions: int = 3, name: str | None = None) -> str:
+    topic = name or f"test.{uuid.uuid4().hex[:12]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:

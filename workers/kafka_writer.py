@@ -65,7 +65,9 @@ class KafkaWriter:
     def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None) -> None:
         self._settings = settings
         self._topic = settings.kafka_topic
-        self._producer = producer or build_producer(settings)
+        self._given_producer = producer
+        # Built in start(): a producer that failed to start cannot start again.
+        self._producer: AIOKafkaProducer | None = None
         self._mailbox: asyncio.Queue[_Pending] = asyncio.Queue(settings.writer_mailbox_size)
         self._in_flight = asyncio.Semaphore(settings.writer_max_in_flight)
         self._partitioner = DefaultPartitioner()
@@ -82,9 +84,28 @@ class KafkaWriter:
     def mailbox_depth(self) -> int:
         return self._mailbox.qsize()
 
+    @property
+    def _running_producer(self) -> AIOKafkaProducer:
+        assert self._producer is not None, "KafkaWriter used before start()"
+        return self._producer
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
     async def start(self) -> None:
-        await self._producer.start()
-        partitions = await self._producer.partitions_for(self._topic)
+        """Connect and learn the topic's partitions; may be retried after a failure."""
+        producer = self._given_producer or build_producer(self._settings)
+        try:
+            await producer.start()
+            partitions = await asyncio.wait_for(
+                producer.partitions_for(self._topic),
+                self._settings.kafka_request_timeout_ms / 1000,
+            )
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
         self._partitions = sorted(partitions)
         self._task = asyncio.create_task(self._run(), name="kafka-writer")
         self._task.add_done_callback(self._fail_all)
@@ -100,6 +121,9 @@ class KafkaWriter:
             raise MailboxFull("Kafka writer mailbox is full") from None
         return future
 
+    async def write(self, records: list[OutboundRecord]) -> None:
+        await self.submit(records)
+
     async def close(self, drain_s: float = 10.0) -> None:
         """Stop taking work, drain what was accepted, flush the producer. Idempotent."""
         if self._closed:
@@ -113,7 +137,8 @@ class KafkaWriter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._fail_queued(WorkerClosed("Kafka writer stopped"))
-        await self._producer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
 
     async def _drained(self) -> None:
         await self._mailbox.join()
@@ -157,13 +182,13 @@ class KafkaWriter:
     async def _send_partition(
         self, partition: int, entries: list[tuple[OutboundRecord, _Pending]]
     ) -> None:
-        batch = self._producer.create_batch()
+        batch = self._running_producer.create_batch()
         members: set[_Pending] = set()
         for record, item in entries:
             if not self._append(batch, record):
                 if members:
                     await self._dispatch(batch, partition, members)
-                    batch, members = self._producer.create_batch(), set()
+                    batch, members = self._running_producer.create_batch(), set()
                 if not self._append(batch, record):
                     item.errors.append(SinkFailed("record larger than the Kafka batch size"))
                     continue
@@ -184,7 +209,7 @@ class KafkaWriter:
         batch.close()
         await self._in_flight.acquire()
         try:
-            ack = await self._producer.send_batch(batch, self._topic, partition=partition)
+            ack = await self._running_producer.send_batch(batch, self._topic, partition=partition)
         except Exception as exc:
             self._in_flight.release()
             for item in members:

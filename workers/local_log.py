@@ -193,6 +193,14 @@ class LocalLogWriter:
         self._task.add_done_callback(self._fail_all)
         log.info("local_log_started", directory=str(self._directory), next_offset=self._log.next_offset)
 
+    @property
+    def next_offset(self) -> int:
+        """The offset the next record will get (records queued but unwritten excluded)."""
+        return self._log.next_offset if self._log is not None else 0
+
+    async def write(self, records: list[OutboundRecord]) -> None:
+        await self.submit(records)
+
     def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
         if self._closed or self._task is None:
             raise WorkerClosed("local log writer is not running")
@@ -257,3 +265,75 @@ class LocalLogWriter:
             log.error("local_log_writer_crashed", error=repr(error))
             self._closed = True
             self._fail_queued(WorkerClosed(f"local log writer crashed: {error!r}"))
+
+
+class LogCursor:
+    """Reads a log forward from an offset, keeping its place between reads. Blocking."""
+
+    def __init__(self, directory: str | Path, offset: int) -> None:
+        self._directory = Path(directory)
+        self.offset = offset
+        self._segment: Path | None = None
+        self._position = 0
+
+    def read(self, max_records: int) -> list[LogEntry]:
+        entries: list[LogEntry] = []
+        while len(entries) < max_records:
+            if self._segment is None and not self._seek():
+                break
+            assert self._segment is not None
+            data = self._read_from_position()
+            consumed = 0
+            for end, record in read_frames(data):
+                entries.append(LogEntry(self.offset, record))
+                self.offset += 1
+                consumed = end
+                if len(entries) >= max_records:
+                    break
+            self._position += consumed
+            if len(entries) < max_records and not self._advance():
+                break
+        return entries
+
+    def _read_from_position(self, chunk: int = 8 * 1024 * 1024) -> bytes:
+        assert self._segment is not None
+        with self._segment.open("rb") as handle:
+            handle.seek(self._position)
+            data = handle.read(chunk)
+            if data and next(read_frames(data), None) is None:
+                data += handle.read()  # one frame larger than the chunk
+        return data
+
+    def _seek(self) -> bool:
+        """Place the cursor on the frame holding ``self.offset``."""
+        candidates = [p for p in segments(self._directory) if int(p.stem) <= self.offset]
+        if not candidates:
+            return False
+        segment = candidates[-1]
+        offset, position = int(segment.stem), 0
+        for end, _ in read_frames(segment.read_bytes()):
+            if offset == self.offset:
+                break
+            offset, position = offset + 1, end
+        self._segment, self._position = segment, position
+        return offset == self.offset
+
+    def _advance(self) -> bool:
+        """Move to the next segment if the current one is complete and a later one exists."""
+        assert self._segment is not None
+        later = [p for p in segments(self._directory) if p.name > self._segment.name]
+        if not later or int(later[0].stem) != self.offset:
+            return False
+        self._segment, self._position = later[0], 0
+        return True
+
+
+def delete_segments_before(directory: str | Path, offset: int) -> int:
+    """Remove whole segments that hold only offsets below ``offset``; returns how many."""
+    paths = segments(Path(directory))
+    removed = 0
+    for path, following in zip(paths, paths[1:], strict=False):
+        if int(following.stem) <= offset:
+            path.unlink()
+            removed += 1
+    return removed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Protocol
 
 import msgspec
@@ -19,12 +18,15 @@ class RecordSink(Protocol):
 
     name: str
 
-    def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
-        """Queue records; the future resolves once they are durable.
+    async def write(self, records: list[OutboundRecord]) -> None:
+        """Return once the records are durable.
 
-        Raises ``MailboxFull`` at once when there is no room.
+        Raises ``MailboxFull`` at once when there is no room, ``WorkerError`` subclasses
+        when the write cannot be done.
         """
         ...
+
+    async def close(self, drain_s: float = 10.0) -> None: ...
 
     @property
     def healthy(self) -> bool: ...

@@ -76,7 +76,7 @@ def _all_rejected(errors: list[RecordError]) -> ValidationFailed:
 
 async def _write(request: web.Request, batch: ValidatedBatch, tracking_id: str) -> None:
     records = request.app[RECORD_VALIDATOR].outbound(batch, tracking_id)
-    await request.app[RECORD_SINK].submit(records)
+    await request.app[RECORD_SINK].write(records)
 
 
 async def ingest(request: web.Request) -> web.Response:

@@ -1,0 +1,126 @@
+"""Kafka down: accepted records spill to the local log and reach Kafka once it is back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+import msgspec
+
+from service.appkeys import RECORD_SINK
+from tests.support import KafkaBroker, create_topic, read_topic
+from workers.records import OutboundRecord
+from workers.spilling_sink import SpillingKafkaSink
+
+
+def _batch(key: int, sequence: int) -> dict[str, object]:
+    return {
+        "source": "s",
+        "records": [
+            {"record_id": f"k{key}-{sequence}", "features": [float(sequence)] * 4,
+             "metadata": {"key": key, "seq": sequence}}
+        ],
+    }
+
+
+async def _wait_until_drained(sink: SpillingKafkaSink, limit_s: float = 30.0) -> None:
+    for _ in range(int(limit_s / 0.1)):
+        if sink.backlog == 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"spill still holds {sink.backlog} records")
+
+
+async def test_records_accepted_while_kafka_is_down_reach_kafka_once_in_order(
+    app_client, make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    settings = make_settings(
+        kafka_bootstrap_servers=private_kafka_broker.bootstrap,
+        kafka_topic=topic,
+        feature_dims=(4,),
+        kafka_request_timeout_ms=1000,
+        kafka_breaker_reset_s=1.0,
+    )
+    client = await app_client(settings)
+    sink = client.app[RECORD_SINK]
+    assert isinstance(sink, SpillingKafkaSink)
+
+    private_kafka_broker.stop()
+    statuses: list[int] = []
+
+    async def producer(key: int) -> None:
+        for sequence in range(10):
+            response = await client.post("/api/v2/ingest", json=_batch(key, sequence))
+            statuses.append(response.status)
+
+    await asyncio.gather(*(producer(key) for key in range(5)))
+    assert statuses == [202] * 50
+    assert sink.backlog > 0
+
+    private_kafka_broker.start()
+    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    await _wait_until_drained(sink)
+
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=50)
+    keys = [m.key.decode() for m in messages]
+    assert sorted(keys) == sorted(f"k{k}-{s}" for k in range(5) for s in range(10))
+    # Kafka orders within a partition: there, each producer's records keep their order.
+    sequences: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for message in sorted(messages, key=lambda m: (m.partition, m.offset)):
+        value = msgspec.json.decode(message.value)
+        sequences[message.partition, value["metadata"]["key"]].append(value["metadata"]["seq"])
+    assert all(seq == sorted(seq) for seq in sequences.values())
+
+
+async def test_full_spill_answers_503_with_retry_after(
+    app_client, make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    settings = make_settings(
+        kafka_bootstrap_servers=private_kafka_broker.bootstrap,
+        kafka_topic=topic,
+        feature_dims=(4,),
+        kafka_request_timeout_ms=500,
+        spill_max_records=3,
+    )
+    client = await app_client(settings)
+    private_kafka_broker.stop()
+    statuses = []
+    for sequence in range(5):
+        response = await client.post("/api/v2/ingest", json=_batch(0, sequence))
+        statuses.append(response.status)
+    assert statuses == [202, 202, 202, 503, 503]
+    assert response.headers["Retry-After"].isdigit()
+    assert response.content_type == "application/problem+json"
+
+
+def _outbound(n: int) -> list[OutboundRecord]:
+    return [OutboundRecord(key=f"r{i}".encode(), value=b"{}", headers=[]) for i in range(n)]
+
+
+async def test_spill_drained_after_restart_is_neither_lost_nor_sent_twice(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    settings = make_settings(
+        kafka_bootstrap_servers=private_kafka_broker.bootstrap,
+        kafka_topic=topic,
+        kafka_request_timeout_ms=500,
+    )
+    private_kafka_broker.stop()
+    sink = SpillingKafkaSink(settings)
+    await sink.start()
+    await sink.write(_outbound(20))
+    assert sink.backlog == 20
+    await sink.close()
+
+    private_kafka_broker.start()
+    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    for _ in range(2):  # the second start must find nothing left to send
+        sink = SpillingKafkaSink(settings)
+        await sink.start()
+        await _wait_until_drained(sink)
+        await sink.close()
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=20)
+    assert sorted(m.key for m in messages) == sorted(r.key for r in _outbound(20))

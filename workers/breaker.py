@@ -1,0 +1,84 @@
+"""Breaker: our small interface over aiobreaker's in-memory circuit breaker.
+
+One per dependency and process (the Kafka sink, Redis, each model). aiobreaker's Redis
+storage is synchronous, so breakers stay in memory; across processes each one learns
+on its own, which is what a breaker is for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+import aiobreaker
+import structlog
+
+from workers.errors import MailboxFull
+
+T = TypeVar("T")
+log = structlog.get_logger("mlgate.breaker")
+
+
+class BreakerOpen(Exception):
+    """The dependency's breaker is open; ``retry_after_s`` is when it next lets a call try."""
+
+    def __init__(self, name: str, retry_after_s: int) -> None:
+        super().__init__(f"{name} is unavailable (circuit open); retry in {retry_after_s} s")
+        self.name = name
+        self.retry_after_s = retry_after_s
+
+
+class _LogTransitions(aiobreaker.CircuitBreakerListener):
+    def state_change(self, breaker: aiobreaker.CircuitBreaker, old: object, new: object) -> None:
+        log.warning("breaker_state_changed", breaker=breaker.name, state=_state_name(new))
+
+
+def _state_name(state: object) -> str:
+    value = getattr(state, "state", state)
+    return str(getattr(value, "name", value)).lower()
+
+
+class Breaker:
+    def __init__(
+        self,
+        name: str,
+        *,
+        fail_max: int = 5,
+        reset_s: float = 10.0,
+        exclude: tuple[type[BaseException], ...] = (MailboxFull,),
+    ) -> None:
+        self.name = name
+        self._breaker = aiobreaker.CircuitBreaker(
+            fail_max=fail_max,
+            timeout_duration=timedelta(seconds=reset_s),
+            exclude=list(exclude),
+            listeners=[_LogTransitions()],
+            name=name,
+        )
+
+    @property
+    def state(self) -> str:
+        """"closed", "open" or "half_open"."""
+        return _state_name(self._breaker.current_state)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state == "open" and self.retry_after_s > 0
+
+    @property
+    def retry_after_s(self) -> int:
+        opened_at = self._breaker._state_storage.opened_at
+        if self.state != "open" or opened_at is None:
+            return 0
+        remaining = opened_at + self._breaker.timeout_duration - datetime.utcnow()
+        return max(0, math.ceil(remaining.total_seconds()))
+
+    async def call(self, func: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run ``func`` through the breaker; ``BreakerOpen`` at once when it is open."""
+        try:
+            result: T = await self._breaker.call_async(func, *args)
+            return result
+        except aiobreaker.CircuitBreakerError as exc:
+            raise BreakerOpen(self.name, max(1, math.ceil(exc.time_remaining.total_seconds()))) from None
