@@ -22,3 +22,4 @@ READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], bool]])
 # Per-request state.
 REQUEST_ID = web.RequestKey("request_id", str)
 TENANT = web.RequestKey("tenant", str)
+KEY_ID = web.RequestKey("key_id", str)

@@ -17,6 +17,7 @@ from aiohttp import web
 from schemas.ingest import IngestRequest, IngestResponse, Record, RecordError
 from schemas.problem import FieldError
 from service.appkeys import RECORD_SINK, RECORD_VALIDATOR, SETTINGS
+from service.audit import audit_request
 from service.body import iter_body, read_body
 from service.codec import Format, location, request_format, respond
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
@@ -88,9 +89,21 @@ async def ingest(request: web.Request) -> web.Response:
     source, items = validator.decode_batch(body, fmt)
     batch = validator.validate(source, items)
     if not batch.accepted:
+        audit_request(request, "ingest", "rejected", source=source, records_rejected=len(batch.errors))
         raise _all_rejected(batch.errors)
     tracking_id = uuid.uuid4().hex
-    await _write(request, batch, tracking_id)
+    try:
+        await _write(request, batch, tracking_id)
+    except Exception as exc:
+        audit_request(
+            request, "ingest", f"failed: {type(exc).__name__}", source=source,
+            tracking_id=tracking_id, records_accepted=0, records_rejected=len(batch.errors),
+        )
+        raise
+    audit_request(
+        request, "ingest", "accepted", source=source, tracking_id=tracking_id,
+        records_accepted=len(batch.accepted), records_rejected=len(batch.errors),
+    )
     answer = IngestResponse(
         tracking_id=tracking_id,
         records_accepted=len(batch.accepted),
@@ -147,6 +160,10 @@ async def ingest_stream(request: web.Request) -> web.Response:
         await flush()
     if offset == 0:
         raise ValidationFailed("The stream holds no records", errors=[FieldError(loc="body", msg="empty")])
+    audit_request(
+        request, "ingest_stream", "accepted" if accepted else "rejected", source=source,
+        tracking_id=tracking_id, records_accepted=accepted, records_rejected=rejected,
+    )
     if accepted == 0:
         raise _all_rejected(errors)
     answer = IngestResponse(

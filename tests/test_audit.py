@@ -1,0 +1,37 @@
+"""One audit event per ingest: who, what, counts and outcome; never the payload."""
+
+from __future__ import annotations
+
+import structlog
+
+
+async def test_ingest_emits_one_audit_event_without_payload(app_client, make_settings) -> None:
+    client = await app_client(make_settings(feature_dims=(4,)))
+    body = {
+        "source": "sensors",
+        "records": [
+            {"features": [1.5, 2.5, 3.5, 4.5], "metadata": {"secret": "do-not-log"}},
+            {"features": [1.0]},
+        ],
+    }
+    with structlog.testing.capture_logs() as events:
+        response = await client.post("/api/v2/ingest", json=body)
+    assert response.status == 202
+    audit = [e for e in events if e.get("channel") == "audit"]
+    assert len(audit) == 1
+    [event] = audit
+    assert event["event"] == "ingest"
+    assert event["outcome"] == "accepted"
+    assert event["records_accepted"] == 1 and event["records_rejected"] == 1
+    assert event["route"] == "POST /api/v2/ingest"
+    assert event["tracking_id"] == (await response.json())["tracking_id"]
+    assert "do-not-log" not in repr(event) and "1.5" not in repr(event)
+
+
+async def test_fully_rejected_ingest_is_audited_as_rejected(app_client, make_settings) -> None:
+    client = await app_client(make_settings(feature_dims=(4,)))
+    with structlog.testing.capture_logs() as events:
+        response = await client.post("/api/v2/ingest", json={"source": "s", "records": [{"features": [1.0]}]})
+    assert response.status == 422
+    [event] = [e for e in events if e.get("channel") == "audit"]
+    assert event["outcome"] == "rejected"

@@ -1,0 +1,279 @@
+"""InferenceWorker: the batching actor in front of one loaded (model, version).
+
+Requests put ``(inputs, deadline, future)`` items in one bounded mailbox; a full
+mailbox raises ``MailboxFull`` at once. The single worker task takes the first item,
+then keeps filling the batch until it holds ``max_batch_size`` rows or
+``max_queue_delay`` has passed since the first item (``time.monotonic``), the wait
+clamped so the nearest item deadline can still be met given the recent run time.
+Items whose deadline has passed are failed with ``DeadlineExpired`` and never
+computed. The rows of the rest are stacked with ``np.concatenate``, one
+``InferenceSession.run`` computes them in a thread the worker owns (onnxruntime
+releases the GIL), and the outputs are sliced back to each item by row offsets, so
+rows never mix between requests.
+
+An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
+does not fit the current batch opens the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import structlog
+
+from workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
+
+log = structlog.get_logger("mlgate.inference")
+
+Outputs = dict[str, np.ndarray]
+# Weight of the newest run in the running estimate of a batch's compute time.
+_RUN_TIME_WEIGHT = 0.2
+
+
+class Session(Protocol):
+    """What the worker needs of an ``onnxruntime.InferenceSession``."""
+
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]
+    ) -> Sequence[np.ndarray]: ...
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    deadline: float
+    future: asyncio.Future[Outputs]
+    # Context crosses the queue explicitly: contextvars do not reach the worker task.
+    request_id: str | None
+    # Items batch together only when their inputs agree beyond the batch dimension.
+    signature: tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    batches: int = 0
+    rows_computed: int = 0
+    expired: int = 0
+    rejected: int = 0
+
+
+class InferenceWorker:
+    """Actor: one task, one bounded mailbox, one thread running the session."""
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        name: str = "model",
+        max_batch_size: int = 64,
+        max_queue_delay_s: float = 0.002,
+        mailbox_size: int = 256,
+    ) -> None:
+        if not input_names:
+            raise ValueError("a model needs at least one input")
+        self.name = name
+        self.stats = WorkerStats()
+        self._session = session
+        self._input_names = tuple(input_names)
+        self._output_names = list(output_names)
+        self._max_batch_size = max(1, max_batch_size)
+        self._max_queue_delay_s = max_queue_delay_s
+        self._mailbox: asyncio.Queue[_Item] = asyncio.Queue(mailbox_size)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._carry: _Item | None = None
+        self._run_time_s = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._closed
+
+    @property
+    def mailbox_depth(self) -> int:
+        return self._mailbox.qsize()
+
+    def start(self) -> None:
+        if self._task is not None:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"infer-{self.name}")
+        self._task.add_done_callback(self._fail_all)
+
+    def submit(
+        self,
+        inputs: np.ndarray | Mapping[str, np.ndarray],
+        deadline: float,
+        *,
+        request_id: str | None = None,
+    ) -> asyncio.Future[Outputs]:
+        """Queue rows (batch dimension first) for inference; the future holds this
+        item's slice of every output. Raises ``MailboxFull`` at once when full."""
+        if not self.running:
+            raise WorkerClosed(f"inference worker {self.name} is not running")
+        if isinstance(inputs, np.ndarray):
+            if len(self._input_names) != 1:
+                raise ValueError(f"{self.name} takes {len(self._input_names)} named inputs")
+            feed = {self._input_names[0]: inputs}
+        else:
+            feed = dict(inputs)
+        if any(array.ndim == 0 for array in feed.values()):
+            raise ValueError("inputs need a batch dimension")
+        rows = {int(array.shape[0]) for array in feed.values()}
+        if len(rows) != 1:
+            raise ValueError("every input of one request must have the same number of rows")
+        signature = tuple(
+            (name, tuple(array.shape[1:]), array.dtype.str) for name, array in sorted(feed.items())
+        )
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        item = _Item(feed, rows.pop(), deadline, future, request_id, signature)
+        try:
+            self._mailbox.put_nowait(item)
+        except asyncio.QueueFull:
+            self.stats.rejected += 1
+            raise MailboxFull(f"inference mailbox of {self.name} is full") from None
+        return future
+
+    async def close(self, drain_s: float = 10.0) -> None:
+        """Stop taking work, finish what is queued (up to ``drain_s``), then stop."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(self._mailbox.join(), drain_s)
+            except TimeoutError:
+                log.warning("inference_drain_timeout", model=self.name, left=self._mailbox.qsize())
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_queued(WorkerClosed(f"inference worker {self.name} stopped"))
+        self._executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            live = self._drop_expired(await self._take_batch())
+            if not live:
+                continue
+            try:
+                await self._compute(loop, live)
+            finally:
+                # Only a cancelled or crashed run leaves futures unresolved here.
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(WorkerClosed(f"inference worker {self.name} stopped"))
+                    self._mailbox.task_done()
+
+    def _drop_expired(self, batch: list[_Item]) -> list[_Item]:
+        now = time.monotonic()
+        live: list[_Item] = []
+        for item in batch:
+            if item.future.done():  # the client went away
+                self._mailbox.task_done()
+            elif item.deadline <= now:
+                self.stats.expired += 1
+                item.future.set_exception(
+                    DeadlineExpired(f"deadline passed while queued for {self.name}")
+                )
+                self._mailbox.task_done()
+            else:
+                live.append(item)
+        return live
+
+    async def _take_batch(self) -> list[_Item]:
+        first = self._carry if self._carry is not None else await self._mailbox.get()
+        self._carry = None
+        batch, rows = [first], first.rows
+        fill_until = time.monotonic() + self._max_queue_delay_s
+        nearest = first.deadline
+        while rows < self._max_batch_size:
+            if self._mailbox.empty():
+                wait = min(fill_until, nearest - self._run_time_s) - time.monotonic()
+                if wait <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(wait):
+                        item = await self._mailbox.get()
+                except TimeoutError:
+                    break
+            else:
+                item = self._mailbox.get_nowait()
+            if rows + item.rows > self._max_batch_size or item.signature != first.signature:
+                self._carry = item
+                break
+            batch.append(item)
+            rows += item.rows
+            nearest = min(nearest, item.deadline)
+        return batch
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        total = sum(item.rows for item in items)
+        started = time.monotonic()
+        try:
+            if len(items) == 1:
+                feed = items[0].inputs
+            else:
+                feed = {
+                    name: np.concatenate([item.inputs[name] for item in items])
+                    for name in items[0].inputs
+                }
+            outputs = await loop.run_in_executor(
+                self._executor, self._session.run, self._output_names, feed
+            )
+        except Exception as exc:  # a failed run fails its batch, not the worker
+            log.error(
+                "inference_failed",
+                model=self.name,
+                rows=total,
+                error=repr(exc),
+                request_ids=[item.request_id for item in items],
+            )
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        elapsed = time.monotonic() - started
+        self._run_time_s += _RUN_TIME_WEIGHT * (elapsed - self._run_time_s)
+        self.stats.batches += 1
+        self.stats.rows_computed += total
+        named = dict(zip(self._output_names, outputs, strict=True))
+        offset = 0
+        for item in items:
+            end = offset + item.rows
+            if not item.future.done():
+                item.future.set_result(
+                    {
+                        name: value[offset:end] if value.ndim and value.shape[0] == total else value
+                        for name, value in named.items()
+                    }
+                )
+            offset = end
+
+    def _fail_queued(self, error: BaseException) -> None:
+        pending: list[_Item] = []
+        if self._carry is not None:
+            pending.append(self._carry)
+            self._carry = None
+        while not self._mailbox.empty():
+            pending.append(self._mailbox.get_nowait())
+            self._mailbox.task_done()
+        for item in pending:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _fail_all(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("inference_worker_crashed", model=self.name, error=repr(error))
+            self._closed = True
+            self._fail_queued(WorkerClosed(f"inference worker {self.name} crashed: {error!r}"))
