@@ -8,12 +8,14 @@ from collections.abc import Callable
 from aiohttp import web
 
 from config import Settings
+from service.metrics import Metrics
 from service.record_validation import RecordValidator
 from workers.records import RecordSink
 
 SETTINGS = web.AppKey("settings", Settings)
 RECORD_SINK = web.AppKey("record_sink", RecordSink)
 RECORD_VALIDATOR = web.AppKey("record_validator", RecordValidator)
+METRICS = web.AppKey("metrics", Metrics)
 # Set on SIGTERM so /ready turns false while in-flight requests finish.
 DRAINING = web.AppKey("draining", asyncio.Event)
 # Named checks /ready runs besides the sink's health (e.g. "models": all loaded).

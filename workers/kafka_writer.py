@@ -12,6 +12,7 @@ mailbox in front of it is the bound.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from config import Settings
 from workers.errors import MailboxFull, SinkFailed, WorkerClosed
 from workers.records import OutboundRecord
+from workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 log = structlog.get_logger("mlgate.kafka_writer")
 
@@ -62,8 +64,14 @@ def build_producer(settings: Settings) -> AIOKafkaProducer:
 class KafkaWriter:
     name = "kafka"
 
-    def __init__(self, settings: Settings, producer: AIOKafkaProducer | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        producer: AIOKafkaProducer | None = None,
+        telemetry: WorkerTelemetry = NO_TELEMETRY,
+    ) -> None:
         self._settings = settings
+        self._telemetry = telemetry
         self._topic = settings.kafka_topic
         self._given_producer = producer
         # Built in start(): a producer that failed to start cannot start again.
@@ -206,12 +214,15 @@ class KafkaWriter:
     async def _dispatch(self, batch: BatchBuilder, partition: int, members: set[_Pending]) -> None:
         for item in members:
             item.batches_left += 1
+        records = batch.record_count()
         batch.close()
         await self._in_flight.acquire()
+        sent_at = time.perf_counter()
         try:
             ack = await self._running_producer.send_batch(batch, self._topic, partition=partition)
         except Exception as exc:
             self._in_flight.release()
+            self._telemetry.kafka_batch_failed(records)
             for item in members:
                 item.batch_done(exc)
             return
@@ -219,8 +230,11 @@ class KafkaWriter:
         def on_ack(done: asyncio.Future[object]) -> None:
             self._in_flight.release()
             error = WorkerClosed("send cancelled") if done.cancelled() else done.exception()
-            if error is not None:
+            if error is None:
+                self._telemetry.kafka_batch_acked(records, time.perf_counter() - sent_at)
+            else:
                 self._last_error = repr(error)
+                self._telemetry.kafka_batch_failed(records)
             for item in members:
                 item.batch_done(error)
 

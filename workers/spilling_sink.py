@@ -28,6 +28,7 @@ from workers.errors import MailboxFull, SinkFailed, WorkerClosed, WorkerError
 from workers.kafka_writer import KafkaWriter
 from workers.local_log import LocalLogWriter, LogCursor, delete_segments_before
 from workers.records import OutboundRecord
+from workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 log = structlog.get_logger("mlgate.spill")
 
@@ -58,9 +59,10 @@ def write_forwarded_offset(directory: Path, offset: int) -> None:
 class SpillingKafkaSink:
     name = "kafka"
 
-    def __init__(self, settings: Settings, kafka: KafkaWriter | None = None) -> None:
+    def __init__(self, settings: Settings, telemetry: WorkerTelemetry = NO_TELEMETRY) -> None:
         self._settings = settings
-        self._kafka = kafka or KafkaWriter(settings)
+        self._telemetry = telemetry
+        self._kafka = KafkaWriter(settings, telemetry=telemetry)
         self._directory = Path(settings.data_dir) / "spill"
         self._spill = LocalLogWriter(
             self._directory,
@@ -128,6 +130,7 @@ class SpillingKafkaSink:
         except BaseException:
             self._backlog -= len(records)
             raise
+        self._telemetry.records_spilled(len(records))
         self._spilled.set()
 
     async def _drain_forever(self) -> None:

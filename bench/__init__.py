@@ -1,0 +1,1 @@
+"""Benchmarks that drive mlgate, as a separate process, against real dependencies."""

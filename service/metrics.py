@@ -1,0 +1,189 @@
+"""Prometheus metrics: one ``Metrics`` object per app, served at ``GET /metrics``.
+
+Metrics live on the app's own registry (no global state; tests build many apps).
+With several processes, ``PROMETHEUS_MULTIPROC_DIR`` switches prometheus-client to
+its multiprocess mode: each process writes its values to files there and a scrape
+of any process sums them (gauges by their ``multiprocess_mode``). Gauges that mirror
+worker state (mailbox depth, spill backlog, breaker state) are sampled once a second
+rather than on every change, so the hot paths stay free of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "mlgate_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "mlgate_http_request_duration_seconds", "HTTP request latency",
+            ["route", "method"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.mailbox_depth = Gauge(
+            "mlgate_mailbox_depth", "Items waiting in a worker's mailbox", ["worker"],
+            multiprocess_mode="livesum", registry=r,
+        )
+        self.batch_size = Histogram(
+            "mlgate_inference_batch_size", "Rows per inference batch", ["model", "version"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "mlgate_inference_queue_seconds", "Time a predict request waited in the mailbox",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "mlgate_inference_compute_seconds", "onnxruntime run time per batch",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.produce_seconds = Histogram(
+            "mlgate_kafka_produce_seconds", "Time from a Kafka batch send to its ack",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.records = Counter(
+            "mlgate_records", "Records by outcome (produced, failed, spilled, rejected)",
+            ["outcome"], registry=r,
+        )
+        self.spill_backlog = Gauge(
+            "mlgate_spill_backlog_records", "Spilled records not yet forwarded to Kafka",
+            multiprocess_mode="livesum", registry=r,
+        )
+        self.rate_limited = Counter(
+            "mlgate_rate_limited", "Requests refused with 429", ["scope"], registry=r
+        )
+        self.rate_limit_fallback = Counter(
+            "mlgate_rate_limit_local_fallback", "Rate-limit checks done locally because Redis failed",
+            registry=r,
+        )
+        self.idempotent_replays = Counter(
+            "mlgate_idempotent_replays", "Responses replayed for a repeated Idempotency-Key", registry=r
+        )
+        self.records_duplicate = Counter(
+            "mlgate_records_duplicate", "Records dropped as duplicates by record_id", registry=r
+        )
+        self.breaker_state = Gauge(
+            "mlgate_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            ["dependency"], multiprocess_mode="livemax", registry=r,
+        )
+        self.tls_expiry_seconds = Gauge(
+            "mlgate_tls_certificate_expiry_seconds", "Seconds until the TLS certificate expires",
+            multiprocess_mode="livemin", registry=r,
+        )
+        # name -> callable returning the current value; sampled once a second.
+        self.samplers: dict[str, Callable[[], None]] = {}
+
+    def sample(self) -> None:
+        for sampler in self.samplers.values():
+            sampler()
+
+    def exposition(self) -> bytes:
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)
+        return generate_latest(registry)
+
+
+def route_of(request: web.Request) -> str:
+    """The route template (``/v2/models/{model}/infer``), never the raw path."""
+    match_info = request.match_info
+    route = getattr(match_info, "route", None)
+    resource = getattr(route, "resource", None)
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def middleware(metrics: Metrics) -> Middleware:
+    @web.middleware
+    async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            route = route_of(request)
+            metrics.requests.labels(route, request.method, str(status)).inc()
+            metrics.request_seconds.labels(route, request.method).observe(time.perf_counter() - started)
+
+    return count_requests
+
+
+async def sample_forever(metrics: Metrics, interval_s: float = 1.0) -> None:
+    while True:
+        metrics.sample()
+        await asyncio.sleep(interval_s)
+
+
+def cleanup_ctx(metrics: Metrics) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def sampler(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(sample_forever(metrics), name="metrics-sampler")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    return sampler
+
+
+def setup(app: web.Application, metrics: Metrics) -> None:
+    async def scrape(request: web.Request) -> web.Response:
+        metrics.sample()
+        body = await asyncio.get_running_loop().run_in_executor(None, metrics.exposition)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", scrape)
+
+
+class PrometheusTelemetry:
+    """The workers' telemetry protocol, recorded into ``Metrics``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def kafka_batch_acked(self, records: int, seconds: float) -> None:
+        self._m.produce_seconds.observe(seconds)
+        self._m.records.labels("produced").inc(records)
+
+    def kafka_batch_failed(self, records: int) -> None:
+        self._m.records.labels("failed").inc(records)
+
+    def records_spilled(self, records: int) -> None:
+        self._m.records.labels("spilled").inc(records)
+
+    def inference_batch_ran(
+        self, model: str, version: str, rows: int, queue_s: float, compute_s: float
+    ) -> None:
+        self._m.batch_size.labels(model, version).observe(rows)
+        self._m.queue_seconds.labels(model, version).observe(queue_s)
+        self._m.compute_seconds.labels(model, version).observe(compute_s)

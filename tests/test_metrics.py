@@ -1,0 +1,40 @@
+"""/metrics parses with prometheus-client's parser and its counters move with traffic."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_request_counter_moves_with_traffic(app_client, make_settings) -> None:
+    client = await app_client(make_settings(feature_dims=(4,)))
+    for _ in range(3):
+        await client.post("/api/v2/ingest", json={"source": "s", "records": [{"features": [1, 2, 3, 4]}]})
+    samples = _samples(await (await client.get("/metrics")).text())
+    key = (
+        "mlgate_http_requests_total",
+        (("method", "POST"), ("route", "/api/v2/ingest"), ("status", "202")),
+    )
+    assert samples[key] == 3.0
+
+
+async def test_unmatched_paths_share_one_route_label(app_client, make_settings) -> None:
+    client = await app_client(make_settings())
+    await client.get("/no/such/path/1")
+    await client.get("/no/such/path/2")
+    samples = _samples(await (await client.get("/metrics")).text())
+    key = ("mlgate_http_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))
+    assert samples[key] == 2.0
+
+
+async def test_mailbox_depth_gauge_is_exposed(app_client, make_settings) -> None:
+    client = await app_client(make_settings())
+    samples = _samples(await (await client.get("/metrics")).text())
+    assert samples[("mlgate_mailbox_depth", (("worker", "local_log"),))] == 0.0

@@ -1,0 +1,40 @@
+"""What the workers report about their work, as protocols the service implements.
+
+Workers stay free of any metrics library: they call these methods, and the service's
+``Metrics`` turns the calls into Prometheus series. ``NO_TELEMETRY`` ignores them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class WorkerTelemetry(Protocol):
+    def kafka_batch_acked(self, records: int, seconds: float) -> None: ...
+
+    def kafka_batch_failed(self, records: int) -> None: ...
+
+    def records_spilled(self, records: int) -> None: ...
+
+    def inference_batch_ran(
+        self, model: str, version: str, rows: int, queue_s: float, compute_s: float
+    ) -> None: ...
+
+
+class _NoTelemetry:
+    def kafka_batch_acked(self, records: int, seconds: float) -> None:
+        pass
+
+    def kafka_batch_failed(self, records: int) -> None:
+        pass
+
+    def records_spilled(self, records: int) -> None:
+        pass
+
+    def inference_batch_ran(
+        self, model: str, version: str, rows: int, queue_s: float, compute_s: float
+    ) -> None:
+        pass
+
+
+NO_TELEMETRY: WorkerTelemetry = _NoTelemetry()
