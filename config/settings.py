@@ -40,6 +40,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     shutdown_timeout_s: PositiveFloat = 20.0
+    drain_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # Set by the supervisor for each of --workers N processes; picks its data directory.
+    worker_index: Annotated[int, msgspec.Meta(ge=0)] = 0
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     # HTTP limits
     max_body_bytes: PositiveInt = 16 * 1024 * 1024
@@ -94,12 +99,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     inference_threads: PositiveInt = 1
 
     def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both or neither of the TLS files - at `$.tls_cert_file`")
         if (
             self.feature_min is not None
             and self.feature_max is not None
             and self.feature_min > self.feature_max
         ):
             raise ValueError("feature_min must not exceed feature_max - at `$.feature_min`")
+
+
+def worker_data_dir(settings: Settings) -> str:
+    """Each of several processes keeps its own local log and spill."""
+    if settings.worker_index == 0:
+        return settings.data_dir
+    return f"{settings.data_dir}/worker-{settings.worker_index}"
 
 
 def env_name(field: str) -> str:

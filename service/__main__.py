@@ -19,6 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP service (settings from MLGATE_* env)")
     serve.add_argument("--host", help="bind address (MLGATE_HOST)")
     serve.add_argument("--port", type=int, help="port (MLGATE_PORT or PORT)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="serving processes on one port, SO_REUSEPORT (MLGATE_WORKERS or WEB_CONCURRENCY)",
+    )
     serve.add_argument("--dev", action="store_true", help="local development defaults")
 
     log_cmd = commands.add_parser("log", help="read the embedded local log")
@@ -38,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {
         name: value
-        for name in ("host", "port")
+        for name in ("host", "port", "workers")
         if (value := getattr(args, name, None)) is not None
     }
     try:
@@ -57,9 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return print_log(args.data_dir or settings.data_dir, args.action, args)
     if args.command in (None, "serve"):
         from service.logs import configure_logging
-        from service.server import run
+        from service.server import Supervisor, run
 
         configure_logging(settings.log_level)
+        if settings.workers > 1:
+            return Supervisor(settings).run()
         run(settings)
         return 0
     return 2

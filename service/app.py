@@ -13,7 +13,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from config import Settings
+from config import Settings, worker_data_dir
 from service import __version__, metrics, openapi
 from service.appkeys import (
     DRAINING,
@@ -21,6 +21,7 @@ from service.appkeys import (
     READINESS_CHECKS,
     RECORD_SINK,
     RECORD_VALIDATOR,
+    RELOAD_HOOKS,
     SETTINGS,
 )
 from service.metrics import Metrics, PrometheusTelemetry
@@ -45,6 +46,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = app_metrics
     app[DRAINING] = asyncio.Event()
     app[READINESS_CHECKS] = {}
+    app[RELOAD_HOOKS] = {}
     app[RECORD_VALIDATOR] = RecordValidator(settings)
     app.cleanup_ctx.append(record_sink)
     app.cleanup_ctx.append(metrics.cleanup_ctx(app_metrics))
@@ -63,7 +65,7 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
         sink = SpillingKafkaSink(settings, telemetry=PrometheusTelemetry(app[METRICS]))
     else:
         sink = LocalLogWriter(
-            Path(settings.data_dir) / "log",
+            Path(worker_data_dir(settings)) / "log",
             mailbox_size=settings.writer_mailbox_size,
             segment_bytes=settings.log_segment_bytes,
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -20,6 +20,9 @@ METRICS = web.AppKey("metrics", Metrics)
 DRAINING = web.AppKey("draining", asyncio.Event)
 # Named checks /ready runs besides the sink's health (e.g. "models": all loaded).
 READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], bool]])
+
+# What SIGHUP reloads (model repository, API keys, TLS), by name.
+RELOAD_HOOKS = web.AppKey("reload_hooks", dict[str, Callable[[], Awaitable[None]]])
 
 # Per-request state.
 REQUEST_ID = web.RequestKey("request_id", str)

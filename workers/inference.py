@@ -169,7 +169,9 @@ class InferenceWorker:
                 # Only a cancelled or crashed run leaves futures unresolved here.
                 for item in live:
                     if not item.future.done():
-                        item.future.set_exception(WorkerClosed(f"inference worker {self.name} stopped"))
+                        item.future.set_exception(
+                            WorkerClosed(f"inference worker {self.name} stopped")
+                        )
                     self._mailbox.task_done()
 
     def _drop_expired(self, batch: list[_Item]) -> list[_Item]:

@@ -12,6 +12,7 @@ records are on disk. On open, the last segment is scanned and a torn final frame
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import struct
 import zlib
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import msgspec
 import structlog
@@ -64,6 +66,20 @@ def read_frames(data: bytes) -> Iterator[tuple[int, OutboundRecord]]:
         yield position, record
 
 
+class LogInUse(RuntimeError):
+    """Another process writes this log; two writers would corrupt it."""
+
+
+def _lock_directory(directory: Path) -> IO[bytes]:
+    handle = (directory / "LOCK").open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise LogInUse(f"{directory} is in use by another mlgate process") from None
+    return handle
+
+
 @dataclass(frozen=True, slots=True)
 class LogEntry:
     offset: int
@@ -77,6 +93,7 @@ class LocalLog:
         self.directory = Path(directory)
         self.segment_bytes = segment_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_directory(self.directory)
         self.next_offset = 0
         self._recover()
 
@@ -134,6 +151,7 @@ class LocalLog:
             self._handle.flush()
             os.fsync(self._handle.fileno())
             self._handle.close()
+        self._lock.close()
 
     def read(self, from_offset: int = 0) -> Iterator[LogEntry]:
         yield from read_log(self.directory, from_offset)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from config import Settings
+from config import Settings, worker_data_dir
 from workers.breaker import Breaker, BreakerOpen
 from workers.errors import MailboxFull, SinkFailed, WorkerClosed, WorkerError
 from workers.kafka_writer import KafkaWriter
@@ -63,7 +63,7 @@ class SpillingKafkaSink:
         self._settings = settings
         self._telemetry = telemetry
         self._kafka = KafkaWriter(settings, telemetry=telemetry)
-        self._directory = Path(settings.data_dir) / "spill"
+        self._directory = Path(worker_data_dir(settings)) / "spill"
         self._spill = LocalLogWriter(
             self._directory,
             mailbox_size=settings.writer_mailbox_size,

@@ -1,0 +1,40 @@
+"""How the benchmark's child processes talk to the orchestrator.
+
+A child gets its options as one JSON argument, prints ``measuring`` when its
+measurement window opens and ``window_end`` when it closes (so the orchestrator can
+sample CPU over the same window), then one JSON line with its result. It ignores
+SIGINT: the orchestrator owns Ctrl-C and stops its children itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import msgspec
+import uvloop
+
+O = TypeVar("O")
+
+MEASURING = "measuring"
+WINDOW_END = "window_end"
+
+
+def emit(event: str) -> None:
+    print(event, flush=True)
+
+
+def run_child(
+    options_type: type[O],
+    body: Callable[[O], Coroutine[Any, Any, msgspec.Struct]],
+    argv: list[str] | None = None,
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    args = sys.argv[1:] if argv is None else argv
+    options = msgspec.json.decode(args[0], type=options_type)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(body(options))
+    print(msgspec.json.encode(result).decode(), flush=True)

@@ -1,0 +1,133 @@
+"""The baseline: the raw aiokafka producer writing what mlgate would write.
+
+Runs in its own process (``python -m bench.raw_producer OPTIONS_JSON``). The records
+are built up front with mlgate's own validator (same keys, values and headers as the
+service writes); the timed loop does what any keyed producer must: pick the partition
+(aiokafka's murmur2 ``DefaultPartitioner``), fill one ``create_batch()`` per partition
+up to ``max_batch_bytes``, and ``send_batch`` it with ``acks=all``. Records acknowledged
+inside the measurement window count for throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import msgspec
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
+
+from bench.child import MEASURING, WINDOW_END, emit, run_child
+from bench.payload import make_bodies, outbound_batches
+
+
+class RawOptions(msgspec.Struct, frozen=True, kw_only=True):
+    bootstrap: str
+    topic: str
+    warmup_s: float
+    duration_s: float
+    batches: int
+    records: int
+    dims: int
+    value_format: str = "json"
+    seed: int = 0
+    max_batch_bytes: int = 1024 * 1024
+    linger_ms: int = 2
+
+
+class RawResult(msgspec.Struct, frozen=True, kw_only=True):
+    acked_total: int
+    acked_in_window: int
+    window_s: float
+    kafka_batches: int
+    errors: list[str]
+
+
+async def produce(options: RawOptions) -> RawResult:
+    pool = outbound_batches(
+        make_bodies(options.batches, options.records, options.dims, options.seed),
+        options.dims,
+        options.value_format,
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=options.bootstrap,
+        acks="all",
+        enable_idempotence=False,
+        linger_ms=options.linger_ms,
+        max_batch_size=options.max_batch_bytes,
+        max_request_size=options.max_batch_bytes * 2,
+        client_id="mlgate-bench-raw",
+    )
+    await producer.start()
+    try:
+        return await _produce(producer, pool, options)
+    finally:
+        await producer.stop()
+
+
+async def _produce(producer: AIOKafkaProducer, pool: list, options: RawOptions) -> RawResult:
+    partitions = sorted(await producer.partitions_for(options.topic))
+    partitioner = DefaultPartitioner()
+    builders: dict[int, BatchBuilder] = {p: producer.create_batch() for p in partitions}
+    acks: list[asyncio.Future[object]] = []
+    errors: list[str] = []
+    totals = {"acked": 0, "window": 0}
+
+    started = time.perf_counter()
+    window_start = started + options.warmup_s
+    window_end = window_start + options.duration_s
+    measuring = False
+
+    def on_ack(count: int, done: asyncio.Future[object]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            errors.append(repr(done.exception()) if not done.cancelled() else "cancelled")
+            return
+        totals["acked"] += count
+        if window_start <= time.perf_counter() <= window_end:
+            totals["window"] += count
+
+    async def send(partition: int) -> None:
+        batch = builders[partition]
+        builders[partition] = producer.create_batch()
+        batch.close()
+        ack = await producer.send_batch(batch, options.topic, partition=partition)
+        ack.add_done_callback(lambda done, n=batch.record_count(): on_ack(n, done))
+        acks.append(ack)
+
+    for records in itertools.cycle(pool):
+        now = time.perf_counter()
+        if now >= window_end:
+            break
+        if not measuring and now >= window_start:
+            measuring = True
+            emit(MEASURING)
+        for record in records:
+            partition = partitioner(record.key, partitions, partitions)
+            appended = builders[partition].append(
+                key=record.key, value=record.value, timestamp=None, headers=record.headers
+            )
+            if appended is None:
+                await send(partition)
+                builders[partition].append(
+                    key=record.key, value=record.value, timestamp=None, headers=record.headers
+                )
+    if not measuring:
+        emit(MEASURING)
+    for partition, batch in builders.items():
+        if batch.record_count():
+            await send(partition)
+    emit(WINDOW_END)
+    await asyncio.gather(*acks, return_exceptions=True)
+    return RawResult(
+        acked_total=totals["acked"],
+        acked_in_window=totals["window"],
+        window_s=options.duration_s,
+        kafka_batches=len(acks),
+        errors=errors[:5],
+    )
+
+
+if __name__ == "__main__":
+    run_child(RawOptions, produce)
