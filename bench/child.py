@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 import uvloop
 
-O = TypeVar("O")
+OptionsT = TypeVar("OptionsT")
 
 MEASURING = "measuring"
 WINDOW_END = "window_end"
@@ -28,8 +28,8 @@ def emit(event: str) -> None:
 
 
 def run_child(
-    options_type: type[O],
-    body: Callable[[O], Coroutine[Any, Any, msgspec.Struct]],
+    options_type: type[OptionsT],
+    body: Callable[[OptionsT], Coroutine[Any, Any, msgspec.Struct]],
     argv: list[str] | None = None,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,8 +1,9 @@
 """The HTTP load generator: ``connections`` keep-alive connections posting msgpack batches.
 
 Runs in its own process (``python -m bench.loadgen OPTIONS_JSON``). Bodies are encoded
-once up front and posted round-robin; each connection sends its next request as soon
-as the previous answer arrived (closed loop). Requests that complete inside the
+once up front and used round-robin, each request's record ids stamped with its number;
+each connection sends its next request as soon as the previous answer arrived (closed
+loop). Requests that complete inside the
 measurement window count for throughput and latency; every 202 counts for the
 accepted total the orchestrator compares with what landed in Kafka.
 """
@@ -17,7 +18,7 @@ import aiohttp
 import msgspec
 
 from bench.child import MEASURING, WINDOW_END, emit, run_child
-from bench.payload import make_bodies
+from bench.payload import RequestBodies
 
 HEADERS = {"Content-Type": "application/msgpack", "Accept": "application/json"}
 MAX_ERRORS_KEPT = 5
@@ -31,6 +32,7 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     batches: int
     records: int
     dims: int
+    api_key: str = ""
     seed: int = 0
     request_timeout_s: float = 30.0
 
@@ -38,6 +40,7 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
 class LoadResult(msgspec.Struct, frozen=True, kw_only=True):
     requests: int
     accepted_total: int
+    duplicate_total: int
     requests_in_window: int
     accepted_in_window: int
     window_s: float
@@ -49,18 +52,22 @@ class LoadResult(msgspec.Struct, frozen=True, kw_only=True):
 
 class _Accepted(msgspec.Struct):
     records_accepted: int
+    records_duplicate: int = 0
 
 
 _accepted = msgspec.json.Decoder(_Accepted)
 
 
 async def generate_load(options: LoadOptions) -> LoadResult:
-    bodies = make_bodies(options.batches, options.records, options.dims, options.seed)
+    bodies = RequestBodies(options.batches, options.records, options.dims, options.seed)
+    headers = dict(HEADERS)
+    if options.api_key:
+        headers["Authorization"] = f"Bearer {options.api_key}"
     turn = itertools.count()
     statuses: dict[str, int] = {}
     errors: list[str] = []
     latencies: list[float] = []
-    totals = {"requests": 0, "accepted": 0, "window_requests": 0, "window_accepted": 0}
+    totals = dict.fromkeys(("requests", "accepted", "duplicate", "window_requests", "window_accepted"), 0)
 
     connector = aiohttp.TCPConnector(limit=options.connections)
     timeout = aiohttp.ClientTimeout(total=options.request_timeout_s)
@@ -71,13 +78,14 @@ async def generate_load(options: LoadOptions) -> LoadResult:
 
         async def connection() -> None:
             while time.perf_counter() < window_end:
-                body = bodies[next(turn) % len(bodies)]
+                body = bodies.body(next(turn))
                 sent = time.perf_counter()
-                status, accepted = await _post(session, options.url, body, errors)
+                status, accepted, duplicate = await _post(session, options.url, body, headers, errors)
                 done = time.perf_counter()
                 statuses[status] = statuses.get(status, 0) + 1
                 totals["requests"] += 1
                 totals["accepted"] += accepted
+                totals["duplicate"] += duplicate
                 if window_start <= done <= window_end:
                     totals["window_requests"] += 1
                     totals["window_accepted"] += accepted
@@ -97,10 +105,11 @@ async def generate_load(options: LoadOptions) -> LoadResult:
     return LoadResult(
         requests=totals["requests"],
         accepted_total=totals["accepted"],
+        duplicate_total=totals["duplicate"],
         requests_in_window=totals["window_requests"],
         accepted_in_window=totals["window_accepted"],
         window_s=options.duration_s,
-        body_bytes=len(bodies[0]),
+        body_bytes=bodies.body_bytes,
         statuses=statuses,
         latencies_ms=sorted(latencies),
         errors=errors,
@@ -108,21 +117,27 @@ async def generate_load(options: LoadOptions) -> LoadResult:
 
 
 async def _post(
-    session: aiohttp.ClientSession, url: str, body: bytes, errors: list[str]
-) -> tuple[str, int]:
-    """(status, records accepted) of one request; status "error" when none came back."""
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytearray,
+    headers: dict[str, str],
+    errors: list[str],
+) -> tuple[str, int, int]:
+    """(status, records accepted, duplicates) of one request; status "error" when no
+    answer came back."""
     try:
-        async with session.post(url, data=body, headers=HEADERS) as response:
+        async with session.post(url, data=body, headers=headers) as response:
             payload = await response.read()
             if response.status == 202:
-                return "202", _accepted.decode(payload).records_accepted
+                answer = _accepted.decode(payload)
+                return "202", answer.records_accepted, answer.records_duplicate
             if len(errors) < MAX_ERRORS_KEPT:
                 errors.append(f"{response.status}: {payload[:300]!r}")
-            return str(response.status), 0
+            return str(response.status), 0, 0
     except (aiohttp.ClientError, TimeoutError) as exc:
         if len(errors) < MAX_ERRORS_KEPT:
             errors.append(repr(exc))
-        return "error", 0
+        return "error", 0, 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The benchmark's records: msgpack ingest bodies, and the Kafka records mlgate makes of them.
 
-Both the HTTP load generator and the raw producer build the same pool of batches from
-one seed. The raw producer turns them into Kafka records with mlgate's own
-``RecordValidator``, so it writes what the service writes: same key, same stored-record
-value, same headers.
+Bodies are encoded once up front as templates; ``RequestBodies.body(n)`` stamps the
+request number into every record id of a copy, so each request carries record ids
+of its own (mlgate drops a record_id it has seen as a duplicate) without re-encoding.
+The raw producer turns the same bodies into Kafka records with mlgate's own
+``RecordValidator``, so it writes what the service writes: same keys, stored-record
+values and headers.
 """
 
 from __future__ import annotations
@@ -19,38 +21,63 @@ from service.record_validation import RecordValidator
 from workers.records import OutboundRecord
 
 SOURCE = "bench"
+_STAMP = b"X" * 10  # where the request number goes in each record id
 
 
-def make_bodies(batches: int, records: int, dims: int, seed: int = 0) -> list[bytes]:
-    """``batches`` msgpack ingest bodies of ``records`` records of ``dims`` float32 each.
+class RequestBodies:
+    """``batches`` templates of ``records`` records of ``dims`` float32 features each.
 
-    Features go on the wire as msgpack float32, as a client holding float32 arrays sends
-    them; record ids are distinct within the pool.
+    Features go on the wire as msgpack float32, as a client holding float32 arrays
+    sends them. Record ids read ``<request number, 10 digits>-<index, 5 digits>``.
     """
-    rng = np.random.default_rng(seed)
-    bodies = []
-    for batch in range(batches):
-        features = rng.standard_normal((records, dims), dtype=np.float32).tolist()
-        body = {
-            "source": SOURCE,
-            "records": [
-                {"record_id": f"b{batch:05d}-{i:05d}", "features": values}
-                for i, values in enumerate(features)
-            ],
-        }
-        bodies.append(msgpack.packb(body, use_single_float=True))
-    return bodies
+
+    def __init__(self, batches: int, records: int, dims: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self._templates: list[tuple[bytes, list[int]]] = []
+        for _ in range(batches):
+            features = rng.standard_normal((records, dims), dtype=np.float32).tolist()
+            ids = [_STAMP + b"-%05d" % i for i in range(records)]
+            body = msgpack.packb(
+                {
+                    "source": SOURCE,
+                    "records": [
+                        {"record_id": record_id.decode(), "features": values}
+                        for record_id, values in zip(ids, features, strict=True)
+                    ],
+                },
+                use_single_float=True,
+            )
+            offsets, start = [], 0
+            for record_id in ids:
+                start = body.index(record_id, start)
+                offsets.append(start)
+                start += len(record_id)
+            self._templates.append((body, offsets))
+
+    def __len__(self) -> int:
+        return len(self._templates)
+
+    @property
+    def body_bytes(self) -> int:
+        return len(self._templates[0][0])
+
+    def body(self, number: int) -> bytearray:
+        """The body of request ``number``: a template with ``number`` in its record ids."""
+        template, offsets = self._templates[number % len(self._templates)]
+        body = bytearray(template)
+        stamp = b"%010d" % number
+        for offset in offsets:
+            body[offset : offset + 10] = stamp
+        return body
 
 
-def outbound_batches(
-    bodies: list[bytes], dims: int, value_format: str
-) -> list[list[OutboundRecord]]:
-    """The Kafka records mlgate writes for each body (one tracking id per body)."""
+def outbound_batches(bodies: RequestBodies, dims: int, value_format: str) -> list[list[OutboundRecord]]:
+    """The Kafka records mlgate writes for each template (one tracking id per body)."""
     settings = load_settings({}, feature_dims=(dims,), value_format=value_format)
     validator = RecordValidator(settings)
     batches = []
-    for body in bodies:
-        source, items = validator.decode_batch(body, Format.MSGPACK)
+    for number in range(len(bodies)):
+        source, items = validator.decode_batch(bytes(bodies.body(number)), Format.MSGPACK)
         validated = validator.validate(source, items)
         if validated.errors:
             raise ValueError(f"benchmark records rejected: {validated.errors[:3]}")

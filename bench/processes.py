@@ -8,6 +8,7 @@ they do not outlive an orchestrator that was killed).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -36,7 +37,7 @@ def spawn(argv: list[str], *, env: dict[str, str] | None = None, **kwargs: objec
 
     Call from the main thread: the parent-death signal follows the forking thread.
     """
-    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+    return subprocess.Popen(  # type: ignore[call-overload]
         argv,
         env=env,
         cwd=REPO_ROOT,
@@ -121,7 +122,8 @@ def start_service(settings: dict[str, str], log: Path) -> subprocess.Popen[bytes
 
 
 def wait_ready(url: str, processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
-    """Until ``url`` answers 200 (every process still running), or raise."""
+    """Until ``url`` (``/ready``) says ingestion can start, or raise; every process must
+    keep running. The ``models`` check is not waited for: ingestion does not need one."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -133,11 +135,22 @@ def wait_ready(url: str, processes: list[subprocess.Popen[bytes]], timeout_s: fl
                 if response.status == 200:
                     return
         except urllib.error.HTTPError as exc:
-            last = f"{exc.code} {exc.read()[:200]!r}"
+            body = exc.read()
+            last = f"{exc.code} {body[:200]!r}"
+            if exc.code == 503 and _ready_for_ingestion(body):
+                return
         except OSError as exc:
             last = repr(exc)
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {timeout_s} s: {last}")
+
+
+def _ready_for_ingestion(body: bytes) -> bool:
+    try:
+        checks = json.loads(body)["checks"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(checks, dict) and all(ok for name, ok in checks.items() if name != "models")
 
 
 def start_child(module: str, options_json: bytes) -> subprocess.Popen[bytes]:
@@ -148,6 +161,22 @@ def start_child(module: str, options_json: bytes) -> subprocess.Popen[bytes]:
     )
 
 
+def children(pid: int) -> list[int]:
+    """Pids of the processes whose parent is ``pid`` (Linux /proc), oldest first."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of ``pid`` so far (Linux /proc), None elsewhere."""
     try:
@@ -155,3 +184,13 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU time all processes of the machine have used so far (Linux /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")

@@ -11,6 +11,7 @@ inside the measurement window count for throughput.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 
@@ -20,7 +21,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from bench.child import MEASURING, WINDOW_END, emit, run_child
-from bench.payload import make_bodies, outbound_batches
+from bench.payload import RequestBodies, outbound_batches
+from workers.records import OutboundRecord
 
 
 class RawOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,7 +49,7 @@ class RawResult(msgspec.Struct, frozen=True, kw_only=True):
 
 async def produce(options: RawOptions) -> RawResult:
     pool = outbound_batches(
-        make_bodies(options.batches, options.records, options.dims, options.seed),
+        RequestBodies(options.batches, options.records, options.dims, options.seed),
         options.dims,
         options.value_format,
     )
@@ -67,7 +69,9 @@ async def produce(options: RawOptions) -> RawResult:
         await producer.stop()
 
 
-async def _produce(producer: AIOKafkaProducer, pool: list, options: RawOptions) -> RawResult:
+async def _produce(
+    producer: AIOKafkaProducer, pool: list[list[OutboundRecord]], options: RawOptions
+) -> RawResult:
     partitions = sorted(await producer.partitions_for(options.topic))
     partitioner = DefaultPartitioner()
     builders: dict[int, BatchBuilder] = {p: producer.create_batch() for p in partitions}
@@ -92,8 +96,9 @@ async def _produce(producer: AIOKafkaProducer, pool: list, options: RawOptions) 
         batch = builders[partition]
         builders[partition] = producer.create_batch()
         batch.close()
+        count = batch.record_count()
         ack = await producer.send_batch(batch, options.topic, partition=partition)
-        ack.add_done_callback(lambda done, n=batch.record_count(): on_ack(n, done))
+        ack.add_done_callback(functools.partial(on_ack, count))
         acks.append(ack)
 
     for records in itertools.cycle(pool):

@@ -52,7 +52,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     # Ingestion
     max_batch_records: Annotated[int, msgspec.Meta(gt=0, le=100_000)] = 10_000
-    feature_dims: tuple[PositiveInt, ...] = (128, 256, 512, 768)
+    feature_dims: Annotated[tuple[PositiveInt, ...], msgspec.Meta(min_length=1)] = (128, 256, 512, 768)
     feature_min: float | None = None
     feature_max: float | None = None
     value_format: Literal["json", "msgpack"] = "json"
@@ -84,9 +84,42 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     # Shared state
     redis_url: str | None = None
+    # Every Redis call gives up after this long (connect and reply) and falls back.
+    redis_timeout_ms: PositiveInt = 200
+    redis_breaker_fail_max: PositiveInt = 3
+    redis_breaker_reset_s: PositiveFloat = 2.0
+
+    # API keys (empty keys_file: <data_dir>/keys.json; REDIS_URL adds keys kept in Redis)
+    auth_disabled: bool = False
+    keys_file: str = ""
+    keys_cache_s: PositiveFloat = 5.0
+
+    # Rate limits: token buckets per key and per tenant (tokens per second, burst)
+    rate_limits_enabled: bool = True
+    rate_limit_key_rate: PositiveFloat = 500.0
+    rate_limit_key_burst: PositiveInt = 1000
+    rate_limit_tenant_rate: PositiveFloat = 1000.0
+    rate_limit_tenant_burst: PositiveInt = 2000
+
+    # Idempotency-Key responses and record_id dedup (dedup_window_s 0: off)
+    idempotency_ttl_s: PositiveInt = 86_400
+    idempotency_lock_s: PositiveInt = 60
+    idempotency_max_entries: PositiveInt = 10_000
+    dedup_window_s: Annotated[int, msgspec.Meta(ge=0)] = 600
+    dedup_max_entries: PositiveInt = 1_000_000
 
     # Load shedding
     retry_after_s: PositiveInt = 1
+
+    # Data quality: feature profiles (<profiles_dir>/sources/<source>.profile.json and
+    # <model_repository>/<model>/profile.json, rescanned every profiles_poll_interval_s,
+    # 0: at start and on SIGHUP only) and drift over tumbling windows of records
+    profiles_dir: str = "profiles"
+    profiles_poll_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    drift_window_records: PositiveInt = 5000
+    drift_psi_threshold: PositiveFloat = 0.2
+    # Rows waiting for the drift monitor; past it, observations are dropped and counted.
+    drift_mailbox_size: PositiveInt = 20_000
 
     # Prediction
     model_repository: str = "models"
@@ -131,6 +164,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
     """Build Settings from ``environ`` (default ``os.environ``) plus explicit overrides."""
     environ = os.environ if environ is None else environ
     raw: dict[str, object] = {}
+    names: dict[str, str] = {}  # field -> the variable that set it (PORT or MLGATE_PORT)
     info = msgspec.inspect.type_info(Settings)
     assert isinstance(info, msgspec.inspect.StructType)
     for field in info.fields:
@@ -142,16 +176,18 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
                 elif value == "" and field.default is None and field.required is False:
                     value = None
                 raw[field.name] = value
+                names[field.name] = name
                 break
     raw.update(overrides)
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise SettingsError(_name_the_variable(str(exc))) from None
+        raise SettingsError(_name_the_variable(str(exc), names)) from None
 
 
-def _name_the_variable(message: str) -> str:
+def _name_the_variable(message: str, names: Mapping[str, str]) -> str:
     match = re.search(r"`\$\.(\w+)", message)
     if not match:
         return f"invalid settings: {message}"
-    return f"{env_name(match.group(1))}: {message.split(' - at ')[0]}"
+    field = match.group(1)
+    return f"{names.get(field, env_name(field))}: {message.split(' - at ')[0]}"

@@ -1,4 +1,4 @@
-"""``python -m service``: the command line (serve, log, check-config)."""
+"""``python -m service``: the command line (serve, log, keys, quality, check-config)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from config import SettingsError, load_settings
+from service import keys_command, quality_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     for action in (tail, cat):
         action.add_argument("--data-dir", help="data directory (default MLGATE_DATA_DIR)")
 
+    keys_command.add_parser(commands)
+    quality_command.add_parser(commands)
+
     commands.add_parser("check-config", help="validate the environment's settings and print them")
     return parser
 
@@ -60,10 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.log_command import print_log
 
         return print_log(args.data_dir or settings.data_dir, args.action, args)
+    if args.command == "keys":
+        return keys_command.run(settings, args)
+    if args.command == "quality":
+        return quality_command.run(settings, args)
     if args.command in (None, "serve"):
         from service.logs import configure_logging
         from service.server import Supervisor, run
 
+        if getattr(args, "dev", False):
+            keys_command.ensure_dev_key(settings)
         configure_logging(settings.log_level)
         if settings.workers > 1:
             return Supervisor(settings).run()

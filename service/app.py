@@ -1,7 +1,9 @@
 """``create_app(settings)``: the one factory that builds mlgate's application.
 
-Resources start and stop through ``cleanup_ctx`` in dependency order (record sink,
-then models); aiohttp runs the cleanups in reverse after in-flight handlers finish.
+Resources start and stop through ``cleanup_ctx`` in dependency order (shared state
+with its Redis client, record sink, then models); aiohttp runs the cleanups in reverse
+after in-flight handlers finish. Middlewares, outermost first: request context,
+metrics, problem+json, then ``authenticate`` -> ``rate_limit`` -> ``idempotency``.
 """
 
 from __future__ import annotations
@@ -14,21 +16,35 @@ import structlog
 from aiohttp import web
 
 from config import Settings, worker_data_dir
-from service import __version__, metrics, openapi
+from service import __version__, metrics, openapi, quality_lifecycle
+from service.api_keys import KeyStore, keys_path
 from service.appkeys import (
     DRAINING,
+    DRIFT_MONITOR,
+    IDEMPOTENCY,
+    KEY_STORE,
     METRICS,
+    PROFILE_STORE,
+    RATE_LIMITER,
     READINESS_CHECKS,
+    RECORD_DEDUP,
     RECORD_SINK,
     RECORD_VALIDATOR,
     RELOAD_HOOKS,
     SETTINGS,
 )
+from service.auth import authenticate
+from service.idempotency import IdempotencyStore, idempotency
 from service.metrics import Metrics, PrometheusTelemetry
 from service.middlewares import problem_responses, request_context
+from service.quality_screen import QualityScreen
+from service.rate_limits import RateLimiter, rate_limit
+from service.record_dedup import RecordDeduplicator
 from service.record_validation import RecordValidator
-from service.routes import health, ingest
+from service.routes import health, ingest, oip, predict, quality
+from service.shared_redis import SharedRedis
 from workers.local_log import LocalLogWriter
+from workers.profile_store import ProfileStore
 from workers.spilling_sink import SpillingKafkaSink
 
 log = structlog.get_logger("mlgate.app")
@@ -39,7 +55,14 @@ def create_app(settings: Settings) -> web.Application:
     # client_max_size only guards request.read()/post(), which mlgate does not use.
     app_metrics = Metrics()
     app = web.Application(
-        middlewares=[request_context, metrics.middleware(app_metrics), problem_responses],
+        middlewares=[
+            request_context,
+            metrics.middleware(app_metrics),
+            problem_responses,
+            authenticate,
+            rate_limit,
+            idempotency,
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -47,15 +70,76 @@ def create_app(settings: Settings) -> web.Application:
     app[DRAINING] = asyncio.Event()
     app[READINESS_CHECKS] = {}
     app[RELOAD_HOOKS] = {}
-    app[RECORD_VALIDATOR] = RecordValidator(settings)
+    app[PROFILE_STORE] = ProfileStore(settings.profiles_dir, settings.model_repository)
+    app[DRIFT_MONITOR] = quality_lifecycle.drift_monitor_for(
+        settings, app[PROFILE_STORE], PrometheusTelemetry(app_metrics)
+    )
+    app[RECORD_VALIDATOR] = RecordValidator(
+        settings, QualityScreen(app[PROFILE_STORE], app[DRIFT_MONITOR])
+    )
+    app.cleanup_ctx.append(shared_state)
     app.cleanup_ctx.append(record_sink)
+    app.cleanup_ctx.append(quality_lifecycle.profiles_ctx)
+    app.cleanup_ctx.append(quality_lifecycle.drift_monitor_ctx)
     app.cleanup_ctx.append(metrics.cleanup_ctx(app_metrics))
     health.setup(app)
     metrics.setup(app, app_metrics)
     ingest.setup(app)
+    quality.setup(app)
     # -- prediction wiring --
-    openapi.setup(app, [*health.OPERATIONS, *ingest.OPERATIONS], version=__version__)
+    predict.setup(app)  # the model repository's cleanup context, then /api/v{1,2}/predict
+    oip.setup(app)
+    openapi.setup(
+        app,
+        [
+            *health.OPERATIONS, *ingest.OPERATIONS, *quality.OPERATIONS,
+            *predict.OPERATIONS, *oip.OPERATIONS,
+        ],
+        version=__version__,
+    )
     return app
+
+
+async def shared_state(app: web.Application) -> AsyncIterator[None]:
+    """The Redis client (with REDIS_URL) and what uses it: API keys, rate limits,
+    idempotency records, record-id dedup; each falls back to in-process state."""
+    settings = app[SETTINGS]
+    app_metrics = app[METRICS]
+    redis: SharedRedis | None = None
+    if settings.redis_url:
+        redis = SharedRedis.from_settings(
+            settings, on_fallback=lambda operation: app_metrics.redis_fallback.labels(operation).inc()
+        )
+        if not await redis.ping():
+            log.warning("redis_unreachable_at_start", fallback="in-process state")
+        shared = redis
+        app_metrics.samplers["redis_breaker"] = lambda: app_metrics.breaker_state.labels(
+            "redis"
+        ).set(metrics.BREAKER_STATES[shared.breaker.state])
+    keys = KeyStore(keys_path(settings), redis, cache_s=settings.keys_cache_s)
+    app[KEY_STORE] = keys
+
+    async def reload_keys() -> None:
+        keys.reload()
+
+    app[RELOAD_HOOKS]["api_keys"] = reload_keys
+    if settings.auth_disabled:
+        log.warning("auth_disabled", detail="MLGATE_AUTH_DISABLED=true: every request is let in")
+    elif keys.file_key_count == 0 and redis is None:
+        log.warning("no_api_keys", keys_file=str(keys.path), hint="python -m service keys create")
+    if settings.workers > 1 and redis is None:
+        log.warning(
+            "per_process_limits",
+            detail="without REDIS_URL, rate limits, idempotency and dedup hold per process",
+        )
+    if settings.rate_limits_enabled:
+        app[RATE_LIMITER] = RateLimiter(settings, redis, app_metrics)
+    app[IDEMPOTENCY] = idempotency_store = IdempotencyStore(settings, redis)
+    app[RECORD_DEDUP] = RecordDeduplicator(settings, redis)
+    yield
+    await idempotency_store.drain(settings.shutdown_timeout_s / 4)
+    if redis is not None:
+        await redis.close()
 
 
 async def record_sink(app: web.Application) -> AsyncIterator[None]:

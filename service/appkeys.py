@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from config import Settings
+from service.api_keys import ApiKey, KeyStore
 from service.metrics import Metrics
+from service.record_dedup import RecordDeduplicator
 from service.record_validation import RecordValidator
+from workers.drift_monitor import DriftMonitor
+from workers.model_repository import ModelRepository
+from workers.profile_store import ProfileStore
 from workers.records import RecordSink
+
+if TYPE_CHECKING:  # their modules hold middlewares that import these keys
+    from service.idempotency import IdempotencyStore
+    from service.rate_limits import RateLimiter
 
 SETTINGS = web.AppKey("settings", Settings)
 RECORD_SINK = web.AppKey("record_sink", RecordSink)
@@ -24,7 +34,23 @@ READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], bool]])
 # What SIGHUP reloads (model repository, API keys, TLS), by name.
 RELOAD_HOOKS = web.AppKey("reload_hooks", dict[str, Callable[[], Awaitable[None]]])
 
+# API keys, rate limits, idempotency, record dedup (service.auth and its neighbours).
+KEY_STORE = web.AppKey("key_store", KeyStore)
+RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
+IDEMPOTENCY: web.AppKey[IdempotencyStore] = web.AppKey("idempotency")
+RECORD_DEDUP = web.AppKey("record_dedup", RecordDeduplicator)
+
+# The ONNX models being served; service.routes.predict owns its lifecycle.
+MODEL_REPOSITORY = web.AppKey("model_repository", ModelRepository)
+
+# Feature profiles and the drift monitor (service.quality_lifecycle owns their lifecycles).
+PROFILE_STORE = web.AppKey("profile_store", ProfileStore)
+DRIFT_MONITOR = web.AppKey("drift_monitor", DriftMonitor)
+
 # Per-request state.
 REQUEST_ID = web.RequestKey("request_id", str)
 TENANT = web.RequestKey("tenant", str)
 KEY_ID = web.RequestKey("key_id", str)
+API_KEY = web.RequestKey("api_key", ApiKey)
+# The body an Idempotency-Key request had read up front (service.body serves it).
+BUFFERED_BODY = web.RequestKey("buffered_body", bytes)

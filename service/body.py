@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from aiohttp import web
+from aiohttp import http_parser, web
 
-from service.errors import PayloadTooLarge
+from service.appkeys import BUFFERED_BODY
+from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+# What aiohttp's parser can decompress here; anything else would reach us still encoded.
+SUPPORTED_ENCODINGS = {"identity", "gzip", "deflate"}
+if http_parser.HAS_BROTLI:
+    SUPPORTED_ENCODINGS.add("br")
+if getattr(http_parser, "HAS_ZSTD", False):
+    SUPPORTED_ENCODINGS.add("zstd")
 
 CHUNK = 64 * 1024
 
@@ -24,10 +32,15 @@ def check_declared_length(request: web.Request, limit: int) -> None:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole (decompressed) body; 413 as soon as it passes ``limit`` bytes."""
+    buffered = request.get(BUFFERED_BODY)
+    if buffered is not None:  # read already (Idempotency-Key)
+        if len(buffered) > limit:
+            raise PayloadTooLarge(f"Body exceeds the limit of {limit} bytes")
+        return buffered
     check_declared_length(request, limit)
     parts: list[bytes] = []
     total = 0
-    async for chunk in request.content.iter_chunked(CHUNK):
+    async for chunk in _chunks(request):
         total += len(chunk)
         if total > limit:
             raise PayloadTooLarge(f"Body exceeds the limit of {limit} bytes")
@@ -37,5 +50,31 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 async def iter_body(request: web.Request) -> AsyncIterator[bytes]:
     """The (decompressed) body chunk by chunk, for streaming endpoints."""
-    async for chunk in request.content.iter_chunked(CHUNK):
+    buffered = request.get(BUFFERED_BODY)
+    if buffered is not None:
+        for start in range(0, len(buffered), CHUNK):
+            yield buffered[start : start + CHUNK]
+        return
+    async for chunk in _chunks(request):
         yield chunk
+
+
+def check_encoding(request: web.Request) -> None:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in SUPPORTED_ENCODINGS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported; use one of "
+            + ", ".join(sorted(SUPPORTED_ENCODINGS)),
+            headers={"Accept-Encoding": ", ".join(sorted(SUPPORTED_ENCODINGS - {"identity"}))},
+        )
+
+
+async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
+    check_encoding(request)
+    try:
+        async for chunk in request.content.iter_chunked(CHUNK):
+            yield chunk
+    except web.RequestPayloadError as exc:  # broken gzip, chunked framing, ...
+        # What follows on the connection cannot be trusted: answer, then close it.
+        reason = " ".join(str(exc).split())
+        raise BadRequest(f"Body could not be read: {reason}", headers={"Connection": "close"}) from None

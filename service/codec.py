@@ -35,6 +35,7 @@ PROBLEM_JSON = "application/problem+json"
 _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _LOCATION = re.compile(r" - at `\$\.?(.*)`$")
+_MISSING_FIELD = re.compile(r"missing required field `(\w+)`")
 
 
 def request_format(request: web.Request, default: Format | None = Format.JSON) -> Format:
@@ -78,12 +79,17 @@ def response_format(request: web.Request) -> Format:
 
 
 def location(error: msgspec.ValidationError) -> tuple[str, str]:
-    """Split msgspec's message into (location, message), e.g. ("records[3].features", ...)."""
+    """Split msgspec's message into (location, message), e.g. ("records[3].features", ...).
+
+    A missing field is located at the field itself (``source``, not the object holding it).
+    """
     text = str(error)
     match = _LOCATION.search(text)
-    if match is None:
-        return "", text
-    return match.group(1), text[: match.start()]
+    loc, msg = ("", text) if match is None else (match.group(1), text[: match.start()])
+    missing = _MISSING_FIELD.search(msg)
+    if missing is not None:
+        loc = f"{loc}.{missing.group(1)}" if loc else missing.group(1)
+    return loc, msg
 
 
 def decode(body: bytes, type_: type[T], fmt: Format) -> T:
@@ -93,7 +99,7 @@ def decode(body: bytes, type_: type[T], fmt: Format) -> T:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
         loc, msg = location(exc)
-        raise ValidationFailed(str(exc), errors=[FieldError(loc=loc, msg=msg)]) from None
+        raise ValidationFailed(str(exc), errors=[FieldError(loc=loc or "body", msg=msg)]) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Body is not valid {fmt.name.lower()}: {exc}") from None
     except RecursionError:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import (
@@ -26,6 +27,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+
+log = structlog.get_logger("mlgate.metrics")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -82,6 +85,11 @@ class Metrics:
             "mlgate_rate_limit_local_fallback", "Rate-limit checks done locally because Redis failed",
             registry=r,
         )
+        self.redis_fallback = Counter(
+            "mlgate_redis_fallback",
+            "Calls served from in-process state because Redis failed or its breaker was open",
+            ["operation"], registry=r,
+        )
         self.idempotent_replays = Counter(
             "mlgate_idempotent_replays", "Responses replayed for a repeated Idempotency-Key", registry=r
         )
@@ -96,12 +104,35 @@ class Metrics:
             "mlgate_tls_certificate_expiry_seconds", "Seconds until the TLS certificate expires",
             multiprocess_mode="livemin", registry=r,
         )
+        # Data quality (service.quality_screen, workers.drift_monitor), per source or model.
+        self.feature_psi = Gauge(
+            "mlgate_feature_psi", "Population stability index of a feature over the last drift window",
+            ["kind", "name", "feature"], multiprocess_mode="livemax", registry=r,
+        )
+        self.feature_out_of_range_share = Gauge(
+            "mlgate_feature_out_of_range_share",
+            "Share of a feature's values outside the profile's range over the last drift window",
+            ["kind", "name", "feature"], multiprocess_mode="livemax", registry=r,
+        )
+        self.quality_violations = Counter(
+            "mlgate_quality_violations", "Records outside their profile's range, by action",
+            ["kind", "name", "action"], registry=r,
+        )
+        self.drift_dropped = Counter(
+            "mlgate_drift_dropped_records", "Records the drift monitor dropped (mailbox full)",
+            ["kind", "name"], registry=r,
+        )
         # name -> callable returning the current value; sampled once a second.
         self.samplers: dict[str, Callable[[], None]] = {}
 
     def sample(self) -> None:
-        for sampler in self.samplers.values():
-            sampler()
+        # One failing sampler must neither stop the others nor the sampling task
+        # (nor turn a scrape into a 500); it is logged and tried again next time.
+        for name, sampler in self.samplers.items():
+            try:
+                sampler()
+            except Exception as exc:
+                log.warning("metrics_sampler_failed", sampler=name, error=repr(exc))
 
     def exposition(self) -> bytes:
         directory = multiprocess_dir()
@@ -187,3 +218,17 @@ class PrometheusTelemetry:
         self._m.batch_size.labels(model, version).observe(rows)
         self._m.queue_seconds.labels(model, version).observe(queue_s)
         self._m.compute_seconds.labels(model, version).observe(compute_s)
+
+    def feature_drift_scored(
+        self, kind: str, name: str, features: Sequence[str], psi: Sequence[float],
+        out_of_range_share: Sequence[float],
+    ) -> None:
+        for feature, score, share in zip(features, psi, out_of_range_share, strict=True):
+            self._m.feature_psi.labels(kind, name, feature).set(score)
+            self._m.feature_out_of_range_share.labels(kind, name, feature).set(share)
+
+    def quality_violations(self, kind: str, name: str, action: str, records: int) -> None:
+        self._m.quality_violations.labels(kind, name, action).inc(records)
+
+    def drift_observation_dropped(self, kind: str, name: str, records: int) -> None:
+        self._m.drift_dropped.labels(kind, name).inc(records)

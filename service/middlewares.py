@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from schemas.problem import Problem
-from service.appkeys import REQUEST_ID, TENANT
+from service.appkeys import REQUEST_ID, SETTINGS, TENANT
 from service.codec import PROBLEM_JSON, Format, encode, response_format
 from service.errors import (
     ApiError,
@@ -71,17 +71,17 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         )
 
 
-def _as_api_error(exc: BaseException) -> ApiError:
+def _as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, MailboxFull):
-        return Overloaded(str(exc), retry_after_s=1)
+        return Overloaded(str(exc), retry_after_s=retry_after_s)
     if isinstance(exc, BreakerOpen):
         return Overloaded(str(exc), retry_after_s=exc.retry_after_s)
     if isinstance(exc, DeadlineExpired):
-        return DeadlineExceeded(str(exc), retry_after_s=1)
+        return DeadlineExceeded(str(exc), retry_after_s=retry_after_s)
     if isinstance(exc, WorkerClosed | WorkerError):
-        return Overloaded(str(exc), retry_after_s=1)
+        return Overloaded(str(exc), retry_after_s=retry_after_s)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return PayloadTooLarge(exc.text)
     if isinstance(exc, web.HTTPMethodNotAllowed):
@@ -133,7 +133,7 @@ async def problem_responses(request: web.Request, handler: Handler) -> web.Strea
     except ApiError as exc:
         return problem_response(request, exc)
     except (WorkerError, BreakerOpen) as exc:
-        return problem_response(request, _as_api_error(exc))
+        return problem_response(request, _as_api_error(exc, request.app[SETTINGS].retry_after_s))
     except Exception:
         error_log.exception("unhandled_error", path=request.path)
         return problem_response(request, _as_api_error(Exception()))

@@ -19,6 +19,11 @@ from schemas.problem import Problem
 
 REF = "#/components/schemas/{name}"
 BODY_TYPES = ("application/json", "application/msgpack")
+PROBLEM_TYPES = ("application/problem+json", "application/msgpack")
+# The Open Inference Protocol routes answer errors as application/json (same document).
+OIP_PROBLEM_TYPES = ("application/json", "application/msgpack")
+# As service.idempotency accepts it: 1-255 printable ASCII characters.
+IDEMPOTENCY_KEY_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,9 @@ class Operation:
     parameters: list[dict[str, Any]] = field(default_factory=list)
     deprecated: bool = False
     description: str = ""
+    # Error statuses the handler answers beyond those implied by the operation's shape
+    # (see ``_error_statuses``), e.g. 404 for a model named in the body, 504 for a deadline.
+    errors: tuple[int, ...] = ()
 
 
 PROBLEM_STATUSES = {
@@ -79,7 +87,7 @@ def build_document(operations: list[Operation], version: str) -> dict[str, Any]:
                     "name": "Idempotency-Key",
                     "in": "header",
                     "required": False,
-                    "schema": {"type": "string", "maxLength": 255},
+                    "schema": IDEMPOTENCY_KEY_SCHEMA,
                 }
             )
         if parameters:
@@ -94,12 +102,13 @@ def build_document(operations: list[Operation], version: str) -> dict[str, Any]:
                     name: {"schema": schema_of[id(response_type)]} for name in BODY_TYPES
                 }
             entry["responses"][str(status)] = described
+        problem_types = OIP_PROBLEM_TYPES if _is_oip(op.path) else PROBLEM_TYPES
         for status in _error_statuses(op):
             entry["responses"].setdefault(
                 str(status),
                 {
                     "description": PROBLEM_STATUSES[status],
-                    "content": {"application/problem+json": {"schema": schema_of[id(Problem)]}},
+                    "content": {name: {"schema": schema_of[id(Problem)]} for name in problem_types},
                 },
             )
         if op.scope is None:
@@ -139,15 +148,26 @@ def _status_text(status: int) -> str:
     return {200: "OK", 202: "Accepted", 503: "Not ready"}.get(status, PROBLEM_STATUSES.get(status, ""))
 
 
+def _is_oip(path: str) -> bool:
+    # The same rule service.middlewares applies when it shapes an error.
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def _error_statuses(op: Operation) -> list[int]:
+    """Errors any operation of this shape can answer, then the operation's own."""
     statuses = []
     if op.request is not None:
         statuses += [400, 413, 415, 422]
+    if op.parameters or op.method == "post":  # a bad query or header (Idempotency-Key)
+        statuses += [400, 422]
+    if "{" in op.path:  # names something that may not exist
+        statuses.append(404)
     if op.scope is not None:
         statuses += [401, 403, 429]
         if op.method == "post":
             statuses += [409, 503]
-    return statuses
+    statuses += op.errors
+    return list(dict.fromkeys(statuses))
 
 
 _DOCS_PAGE = """<!doctype html>

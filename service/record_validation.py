@@ -3,14 +3,16 @@
 A batch is decoded in one pass when every record is well-formed (the fast path);
 otherwise each record is decoded on its own so a malformed one costs only itself.
 Then the checks that depend on settings run: allowed feature dimensions, finite
-values, the configured value range. Accepted records come out encoded for the sink.
+values, the configured value range; then, when the validator was given a
+``QualityScreen``, the source's feature profile (service.quality_screen). Accepted
+records come out encoded for the sink, flagged ones with a ``quality_flags`` header.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +29,7 @@ from schemas.ingest import (
 from schemas.problem import FieldError
 from service.codec import Format, decode, location
 from service.errors import ValidationFailed
+from service.quality_screen import QUALITY_FLAGS_HEADER, QualityScreen
 from workers.records import OutboundRecord
 
 _record_decoders: dict[Format, Any] = {
@@ -40,6 +43,8 @@ class ValidatedBatch:
     source: str
     accepted: list[StoredRecord]
     errors: list[RecordError]
+    # record_id -> value of the ``quality_flags`` header (profiles with on_violation=flag)
+    quality_flags: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -47,8 +52,9 @@ class ValidatedBatch:
 
 
 class RecordValidator:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, quality: QualityScreen | None = None) -> None:
         self._settings = settings
+        self._quality = quality
         self._dims = frozenset(settings.feature_dims)
         self._min = settings.feature_min
         self._max = settings.feature_max
@@ -96,16 +102,21 @@ class RecordValidator:
     def validate(self, source: str, items: list[Record | RecordError]) -> ValidatedBatch:
         accepted: list[StoredRecord] = []
         errors: list[RecordError] = []
+        # Records without a timestamp get the batch's arrival time (one clock read, one
+        # isoformat per batch rather than per record).
+        received = _rfc3339(datetime.now(UTC))
         for index, item in enumerate(items):
             if isinstance(item, RecordError):
-                errors.append(item)
+                # Indexes are positions in ``items``; the stream route offsets them.
+                errors.append(item if item.index == index else msgspec.structs.replace(item, index=index))
                 continue
             problem = self._check(item)
             if problem is not None:
                 errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
                 continue
-            accepted.append(self._stored(source, item))
-        return ValidatedBatch(source=source, accepted=accepted, errors=errors)
+            accepted.append(self._stored(source, item, received))
+        batch = ValidatedBatch(source=source, accepted=accepted, errors=errors)
+        return batch if self._quality is None else self._quality.screen(batch)
 
     def _check(self, record: Record) -> str | None:
         features = record.features
@@ -119,6 +130,10 @@ class RecordValidator:
             return f"features[{bad}] is not a finite number"
         if record.label is not None and not math.isfinite(record.label):
             return "label is not a finite number"
+        for key, value in record.metadata.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                # JSON has no NaN/inf: stored, it would silently turn into null.
+                return f"metadata[{key!r}] is not a finite number"
         if self._min is not None and min(features) < self._min:
             return f"features has a value below the allowed minimum {self._min}"
         if self._max is not None and max(features) > self._max:
@@ -126,17 +141,17 @@ class RecordValidator:
         return None
 
     @staticmethod
-    def _stored(source: str, record: Record) -> StoredRecord:
+    def _stored(source: str, record: Record, received: str) -> StoredRecord:
         stamp = record.timestamp
         if stamp is None:
-            moment = datetime.now(UTC)
+            timestamp = received
         elif isinstance(stamp, datetime):
-            moment = stamp.astimezone(UTC)
+            timestamp = _rfc3339(stamp.astimezone(UTC))
         else:
-            moment = datetime.fromtimestamp(stamp, UTC)
+            timestamp = _rfc3339(datetime.fromtimestamp(stamp, UTC))
         return StoredRecord(
             record_id=record.record_id or uuid.uuid4().hex,
-            timestamp=moment.isoformat().replace("+00:00", "Z"),
+            timestamp=timestamp,
             features=record.features,
             label=record.label,
             metadata=record.metadata,
@@ -152,7 +167,21 @@ class RecordValidator:
             ("schema_version", self._schema_version),
         ]
         encode = self._value_encoder.encode
-        return [
+        records = [
             OutboundRecord(key=record.record_id.encode(), value=encode(record), headers=headers)
             for record in batch.accepted
         ]
+        if batch.quality_flags:
+            for position, record in enumerate(batch.accepted):
+                flags = batch.quality_flags.get(record.record_id)
+                if flags is not None:
+                    plain = records[position]
+                    records[position] = OutboundRecord(
+                        key=plain.key, value=plain.value, headers=[*headers, (QUALITY_FLAGS_HEADER, flags)]
+                    )
+        return records
+
+
+def _rfc3339(moment: datetime) -> str:
+    """A UTC datetime as RFC 3339 with a ``Z``."""
+    return moment.isoformat().replace("+00:00", "Z")

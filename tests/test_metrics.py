@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.appkeys import METRICS
+
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
@@ -37,4 +39,20 @@ async def test_unmatched_paths_share_one_route_label(app_client, make_settings) 
 async def test_mailbox_depth_gauge_is_exposed(app_client, make_settings) -> None:
     client = await app_client(make_settings())
     samples = _samples(await (await client.get("/metrics")).text())
+    assert samples[("mlgate_mailbox_depth", (("worker", "local_log"),))] == 0.0
+
+
+async def test_a_failing_sampler_neither_breaks_the_scrape_nor_the_other_samplers(
+    app_client, make_settings
+) -> None:
+    client = await app_client(make_settings())
+    app_metrics = client.app[METRICS]
+
+    def broken() -> None:
+        raise FileNotFoundError("certificate renewed under us")
+
+    app_metrics.samplers = {"broken": broken, **app_metrics.samplers}
+    response = await client.get("/metrics")
+    assert response.status == 200
+    samples = _samples(await response.text())
     assert samples[("mlgate_mailbox_depth", (("worker", "local_log"),))] == 0.0

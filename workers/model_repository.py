@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ import structlog
 
 from config import Settings
 from workers.inference import InferenceWorker, Outputs
+from workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 log = structlog.get_logger("mlgate.models")
 
@@ -76,6 +78,9 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(np.object_),
 }
+
+# Model directory names mlgate serves: no hidden directories, nothing that leaves the root.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 State = Literal["READY", "UNAVAILABLE"]
 Kind = Literal["classifier", "regressor"]
@@ -242,8 +247,15 @@ def _versions_on_disk(model_dir: Path) -> dict[int, Path]:
 class ModelRepository:
     """The routing table of serving versions, and the loader that keeps it current."""
 
-    def __init__(self, settings: Settings, root: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        root: str | Path | None = None,
+        *,
+        telemetry: WorkerTelemetry = NO_TELEMETRY,
+    ) -> None:
         self.settings = settings
+        self._telemetry = telemetry
         self.root = Path(root if root is not None else settings.model_repository)
         self._serving: dict[str, dict[str, ModelVersion]] = {}
         self._latest: dict[str, ModelVersion] = {}
@@ -306,7 +318,15 @@ class ModelRepository:
         return sorted(self._serving.get(model, {}), key=int)
 
     def known(self, model: str) -> bool:
-        return model in self._states or (self.root / model).is_dir()
+        return model in self._states or self._on_disk(model)
+
+    def _on_disk(self, model: str) -> bool:
+        return MODEL_NAME.match(model) is not None and (self.root / model).is_dir()
+
+    def _model_dirs(self) -> set[str]:
+        if not self.root.is_dir():
+            return set()
+        return {p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.match(p.name)}
 
     def submit(
         self,
@@ -323,9 +343,9 @@ class ModelRepository:
 
     def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
         entries: list[IndexEntry] = []
-        names = set(self._states)
-        if self.root.is_dir():
-            names |= {p.name for p in self.root.iterdir() if p.is_dir() and _versions_on_disk(p)}
+        names = set(self._states) | {
+            name for name in self._model_dirs() if _versions_on_disk(self.root / name)
+        }
         for name in sorted(names):
             states = self._states.get(name, {})
             if not states and not ready_only:
@@ -334,6 +354,9 @@ class ModelRepository:
                 if not ready_only or states[version].state == "READY":
                     entries.append(states[version])
         return entries
+
+    def workers(self) -> list[InferenceWorker]:
+        return [v.worker for by_version in self._serving.values() for v in by_version.values()]
 
     def serving_summary(self) -> dict[str, list[str]]:
         return {name: self.versions(name) for name in sorted(self._serving)}
@@ -346,15 +369,13 @@ class ModelRepository:
 
     async def poll(self) -> None:
         """Bring every model in line with the directory (skipping explicit unloads)."""
-        names = set(self._serving) | set(self._states)
-        if self.root.is_dir():
-            names |= {p.name for p in self.root.iterdir() if p.is_dir()}
+        names = set(self._serving) | set(self._states) | self._model_dirs()
         for name in sorted(names - self._unloaded):
             await self._sync(name)
 
     async def load(self, model: str) -> None:
         """Load or reload ``model`` now (the repository extension's load)."""
-        if not (self.root / model).is_dir():
+        if not self._on_disk(model):
             raise ModelNotFound(f"model {model!r} is not in the repository")
         self._unloaded.discard(model)
         self._failed = {key: fp for key, fp in self._failed.items() if key[0] != model}
@@ -390,6 +411,8 @@ class ModelRepository:
 
     async def _sync(self, name: str) -> None:
         async with self._lock:
+            if self._closed:
+                return
             model_dir = self.root / name
             current = dict(self._serving.get(name, {}))
             states = self._states.setdefault(name, {})
@@ -481,10 +504,12 @@ class ModelRepository:
             session,
             input_names=[spec.name for spec in inputs],
             output_names=[spec.name for spec in outputs],
-            name=f"{name}/{version}",
+            model=name,
+            version=version,
             max_batch_size=max_batch_size,
             max_queue_delay_s=config.max_queue_delay_ms / 1000,
             mailbox_size=self.settings.inference_mailbox_size,
+            telemetry=self._telemetry,
         )
         worker.start()
         log.info("model_loaded", model=name, version=version, batchable=batchable)

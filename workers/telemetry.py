@@ -6,6 +6,7 @@ Workers stay free of any metrics library: they call these methods, and the servi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -38,3 +39,33 @@ class _NoTelemetry:
 
 
 NO_TELEMETRY: WorkerTelemetry = _NoTelemetry()
+
+
+class QualityTelemetry(Protocol):
+    """What the data-quality checks and the drift monitor report (per source or model)."""
+
+    def feature_drift_scored(
+        self, kind: str, name: str, features: Sequence[str], psi: Sequence[float],
+        out_of_range_share: Sequence[float],
+    ) -> None: ...
+
+    def quality_violations(self, kind: str, name: str, action: str, records: int) -> None: ...
+
+    def drift_observation_dropped(self, kind: str, name: str, records: int) -> None: ...
+
+
+class _NoQualityTelemetry:
+    def feature_drift_scored(
+        self, kind: str, name: str, features: Sequence[str], psi: Sequence[float],
+        out_of_range_share: Sequence[float],
+    ) -> None:
+        pass
+
+    def quality_violations(self, kind: str, name: str, action: str, records: int) -> None:
+        pass
+
+    def drift_observation_dropped(self, kind: str, name: str, records: int) -> None:
+        pass
+
+
+NO_QUALITY_TELEMETRY: QualityTelemetry = _NoQualityTelemetry()

@@ -16,9 +16,9 @@ from aiohttp import web
 
 from schemas.ingest import IngestRequest, IngestResponse, Record, RecordError
 from schemas.problem import FieldError
-from service.appkeys import RECORD_SINK, RECORD_VALIDATOR, SETTINGS
+from service.appkeys import METRICS, RECORD_DEDUP, RECORD_SINK, RECORD_VALIDATOR, SETTINGS, TENANT
 from service.audit import audit_request
-from service.body import iter_body, read_body
+from service.body import CHUNK, iter_body, read_body
 from service.codec import Format, location, request_format, respond
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from service.openapi import Operation
@@ -75,9 +75,58 @@ def _all_rejected(errors: list[RecordError]) -> ValidationFailed:
     )
 
 
-async def _write(request: web.Request, batch: ValidatedBatch, tracking_id: str) -> None:
-    records = request.app[RECORD_VALIDATOR].outbound(batch, tracking_id)
-    await request.app[RECORD_SINK].write(records)
+async def _write(
+    request: web.Request, batch: ValidatedBatch, tracking_id: str, items: list[Record | RecordError]
+) -> int:
+    """Write the accepted records whose record_id was not seen within the dedup window;
+    return how many were such duplicates (not written)."""
+    fresh, claimed = await _drop_duplicates(request, batch, items)
+    if fresh.accepted:
+        records = request.app[RECORD_VALIDATOR].outbound(fresh, tracking_id)
+        try:
+            await request.app[RECORD_SINK].write(records)
+        except BaseException:
+            await request.app[RECORD_DEDUP].release(_tenant(request), claimed)
+            raise
+    duplicates = len(batch.accepted) - len(fresh.accepted)
+    if duplicates:
+        request.app[METRICS].records_duplicate.inc(duplicates)
+    return duplicates
+
+
+def _tenant(request: web.Request) -> str:
+    return request.get(TENANT) or "anonymous"
+
+
+async def _drop_duplicates(
+    request: web.Request, batch: ValidatedBatch, items: list[Record | RecordError]
+) -> tuple[ValidatedBatch, list[str]]:
+    """The batch without records already seen (by client-given record_id), and the ids
+    this call claimed. Generated ids are unique and not tracked."""
+    dedup = request.app[RECORD_DEDUP]
+    if not dedup.enabled:
+        return batch, []
+    given = {item.record_id for item in items if isinstance(item, Record) and item.record_id}
+    tracked = [record.record_id for record in batch.accepted if record.record_id in given]
+    if not tracked:
+        return batch, []
+    new = dict.fromkeys(tracked, False)
+    for record_id, is_new in zip(tracked, await dedup.claim(_tenant(request), tracked), strict=True):
+        new[record_id] = new[record_id] or is_new
+    claimed = [record_id for record_id, is_new in new.items() if is_new]
+    if len(claimed) == len(tracked):
+        return batch, claimed
+    keep, first = [], set(claimed)
+    for record in batch.accepted:
+        if record.record_id not in given:
+            keep.append(record)
+        elif record.record_id in first:
+            keep.append(record)
+            first.discard(record.record_id)  # a repeat within the batch is a duplicate
+    fresh = ValidatedBatch(
+        source=batch.source, accepted=keep, errors=batch.errors, quality_flags=batch.quality_flags
+    )
+    return fresh, claimed
 
 
 async def ingest(request: web.Request) -> web.Response:
@@ -93,7 +142,7 @@ async def ingest(request: web.Request) -> web.Response:
         raise _all_rejected(batch.errors)
     tracking_id = uuid.uuid4().hex
     try:
-        await _write(request, batch, tracking_id)
+        duplicates = await _write(request, batch, tracking_id, items)
     except Exception as exc:
         audit_request(
             request, "ingest", f"failed: {type(exc).__name__}", source=source,
@@ -102,13 +151,14 @@ async def ingest(request: web.Request) -> web.Response:
         raise
     audit_request(
         request, "ingest", "accepted", source=source, tracking_id=tracking_id,
-        records_accepted=len(batch.accepted), records_rejected=len(batch.errors),
+        records_accepted=len(batch.accepted) - duplicates, records_rejected=len(batch.errors),
+        records_duplicate=duplicates,
     )
     answer = IngestResponse(
         tracking_id=tracking_id,
-        records_accepted=len(batch.accepted),
+        records_accepted=len(batch.accepted) - duplicates,
         records_rejected=len(batch.errors),
-        records_duplicate=0,
+        records_duplicate=duplicates,
         errors=batch.errors,
     )
     return respond(request, answer, status=202)
@@ -118,7 +168,7 @@ async def ingest_stream(request: web.Request) -> web.Response:
     """Ingest NDJSON or concatenated msgpack records, chunk by chunk, in bounded memory."""
     settings = request.app[SETTINGS]
     source = request.query.get("source", "")
-    if not _SOURCE.match(source):
+    if not _SOURCE.fullmatch(source):
         raise ValidationFailed(
             "Query parameter source is required: 1-128 of A-Z a-z 0-9 . _ : -",
             errors=[FieldError(loc="query.source", msg="missing or invalid")],
@@ -132,13 +182,13 @@ async def ingest_stream(request: web.Request) -> web.Response:
 
     validator = request.app[RECORD_VALIDATOR]
     tracking_id = uuid.uuid4().hex
-    accepted = rejected = 0
+    accepted = rejected = duplicate = 0
     errors: list[RecordError] = []
     chunk: list[Record | RecordError] = []
     offset = 0
 
     async def flush() -> None:
-        nonlocal accepted, rejected, offset
+        nonlocal accepted, rejected, duplicate, offset
         batch = validator.validate(source, chunk)
         for error in batch.errors:
             if len(errors) < MAX_REPORTED_ERRORS:
@@ -147,8 +197,9 @@ async def ingest_stream(request: web.Request) -> web.Response:
                 )
         rejected += len(batch.errors)
         if batch.accepted:
-            await _write(request, batch, tracking_id)
-            accepted += len(batch.accepted)
+            duplicates = await _write(request, batch, tracking_id, chunk)
+            accepted += len(batch.accepted) - duplicates
+            duplicate += duplicates
         offset += len(chunk)
         chunk.clear()
 
@@ -161,16 +212,17 @@ async def ingest_stream(request: web.Request) -> web.Response:
     if offset == 0:
         raise ValidationFailed("The stream holds no records", errors=[FieldError(loc="body", msg="empty")])
     audit_request(
-        request, "ingest_stream", "accepted" if accepted else "rejected", source=source,
-        tracking_id=tracking_id, records_accepted=accepted, records_rejected=rejected,
+        request, "ingest_stream", "accepted" if accepted or duplicate else "rejected",
+        source=source, tracking_id=tracking_id, records_accepted=accepted,
+        records_rejected=rejected, records_duplicate=duplicate,
     )
-    if accepted == 0:
+    if accepted == 0 and duplicate == 0:
         raise _all_rejected(errors)
     answer = IngestResponse(
         tracking_id=tracking_id,
         records_accepted=accepted,
         records_rejected=rejected,
-        records_duplicate=0,
+        records_duplicate=duplicate,
         errors=errors,
     )
     return respond(request, answer, status=202)
@@ -194,7 +246,7 @@ async def _ndjson_records(request: web.Request, max_line: int) -> AsyncIterator[
     async for chunk in iter_body(request):
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
-        if len(buffer) > max_line:
+        if len(buffer) > max_line or any(len(line) > max_line for line in lines):
             raise PayloadTooLarge(f"A stream record exceeds the limit of {max_line} bytes")
         for line in lines:
             if line.strip():
@@ -213,17 +265,25 @@ def _decode_line(line: bytes) -> Record | Exception:
 
 
 async def _msgpack_records(request: web.Request, max_record: int) -> AsyncIterator[Record | RecordError]:
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_record, strict_map_key=False)
-    index = fed = 0
+    # The buffer holds at most one unfinished record and the chunk that follows it.
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_record + CHUNK, strict_map_key=False)
+    index = fed = start = 0
+    too_large = PayloadTooLarge(f"A stream record exceeds the limit of {max_record} bytes")
     try:
         async for chunk in iter_body(request):
             fed += len(chunk)
             unpacker.feed(chunk)
             for obj in unpacker:
+                end = unpacker.tell()
+                if end - start > max_record:
+                    raise too_large
+                start = end
                 yield _record_or_error(index, _convert(obj))
                 index += 1
+            if fed - start > max_record:
+                raise too_large
     except msgpack.BufferFull:
-        raise PayloadTooLarge(f"A stream record exceeds the limit of {max_record} bytes") from None
+        raise too_large from None
     except (msgpack.UnpackException, ValueError) as exc:
         raise BadRequest(f"Stream is not valid msgpack after record {index}: {exc}") from None
     if unpacker.tell() != fed:

@@ -1,0 +1,224 @@
+"""Rate limits: a token bucket per API key and one per tenant, checked together.
+
+A request takes one token from its key's bucket and one from its tenant's, or from
+neither: a request refused by one bucket costs the other nothing. Key buckets use the
+key's own ``rate``/``burst`` when it has them, else ``MLGATE_RATE_LIMIT_KEY_*``;
+tenant buckets use ``MLGATE_RATE_LIMIT_TENANT_*``.
+
+With ``REDIS_URL`` both buckets live in Redis and one Lua script (EVALSHA, one round
+trip, Redis's own clock) checks and takes from both atomically, so the limits hold
+across processes and hosts. Without Redis, or while Redis fails, the buckets are this
+process's own (``LocalBuckets``): the shared limit fails open to a per-process one,
+which is logged and counted (``mlgate_rate_limit_local_fallback``); the next call
+after the Redis breaker's reset tries Redis again.
+
+Answers carry the IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers):
+``RateLimit-Policy: "key";q=<burst>;w=<burst/rate s>, "tenant";q=...;w=...`` and
+``RateLimit: "key";r=<tokens left>;t=<s until full>, "tenant";...``; a refusal is 429
+with ``Retry-After`` (seconds until every bucket has a token again).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from config import Settings
+from service.api_keys import ApiKey
+from service.appkeys import API_KEY, RATE_LIMITER
+from service.errors import ApiError, RateLimited
+from service.metrics import Metrics
+from service.shared_redis import RedisUnavailable, SharedRedis
+
+MAX_LOCAL_BUCKETS = 100_000
+
+# KEYS: key bucket, tenant bucket. ARGV: key rate, key burst, tenant rate, tenant burst.
+# Returns {allowed, key tokens left, tenant tokens left} (floats as strings: Redis would
+# truncate Lua numbers to integers).
+TAKE_TOKENS_LUA = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local function level(bucket, rate, burst)
+  local state = redis.call('HMGET', bucket, 'tokens', 'at')
+  if not state[1] then return burst end
+  local elapsed = math.max(0, now - tonumber(state[2]))
+  return math.min(burst, tonumber(state[1]) + elapsed * rate)
+end
+local function store(bucket, tokens, rate, burst)
+  redis.call('HSET', bucket, 'tokens', tokens, 'at', now)
+  redis.call('PEXPIRE', bucket, math.ceil(burst / rate * 1000) + 1000)
+end
+local key_rate, key_burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tenant_rate, tenant_burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+local key_tokens = level(KEYS[1], key_rate, key_burst)
+local tenant_tokens = level(KEYS[2], tenant_rate, tenant_burst)
+local allowed = 0
+if key_tokens >= 1 and tenant_tokens >= 1 then
+  allowed = 1
+  key_tokens = key_tokens - 1
+  tenant_tokens = tenant_tokens - 1
+  store(KEYS[1], key_tokens, key_rate, key_burst)
+  store(KEYS[2], tenant_tokens, tenant_rate, tenant_burst)
+end
+return {allowed, tostring(key_tokens), tostring(tenant_tokens)}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    rate: float  # tokens added per second
+    burst: int  # bucket capacity
+
+    @property
+    def window_s(self) -> int:
+        return max(1, math.ceil(self.burst / self.rate))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    key_limit: Limit
+    key_tokens: float
+    tenant_limit: Limit
+    tenant_tokens: float
+
+    @property
+    def retry_after_s(self) -> int:
+        """Seconds until both buckets hold a token again."""
+        waits = [
+            (1 - tokens) / limit.rate
+            for limit, tokens in ((self.key_limit, self.key_tokens), (self.tenant_limit, self.tenant_tokens))
+            if tokens < 1
+        ]
+        return max(1, math.ceil(max(waits, default=0)))
+
+    @property
+    def refused_by(self) -> str:
+        return "key" if self.key_tokens < 1 else "tenant"
+
+    def headers(self) -> dict[str, str]:
+        k, t = self.key_limit, self.tenant_limit
+        return {
+            "RateLimit-Policy": f'"key";q={k.burst};w={k.window_s}, "tenant";q={t.burst};w={t.window_s}',
+            "RateLimit": f"{_remaining('key', k, self.key_tokens)}, "
+            f"{_remaining('tenant', t, self.tenant_tokens)}",
+        }
+
+
+def _remaining(name: str, limit: Limit, tokens: float) -> str:
+    until_full = math.ceil(max(0.0, limit.burst - tokens) / limit.rate)
+    return f'"{name}";r={max(0, math.floor(tokens))};t={until_full}'
+
+
+class LocalBuckets:
+    """In-process token buckets, the same arithmetic as the Lua script."""
+
+    def __init__(self, max_buckets: int = MAX_LOCAL_BUCKETS) -> None:
+        self._max = max_buckets
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+
+    def take(
+        self, key_bucket: str, key_limit: Limit, tenant_bucket: str, tenant_limit: Limit
+    ) -> tuple[bool, float, float]:
+        now = time.monotonic()
+        key_tokens = self._level(key_bucket, key_limit, now)
+        tenant_tokens = self._level(tenant_bucket, tenant_limit, now)
+        if key_tokens < 1 or tenant_tokens < 1:
+            return False, key_tokens, tenant_tokens
+        key_tokens -= 1
+        tenant_tokens -= 1
+        self._store(key_bucket, key_tokens, now)
+        self._store(tenant_bucket, tenant_tokens, now)
+        return True, key_tokens, tenant_tokens
+
+    def _level(self, bucket: str, limit: Limit, now: float) -> float:
+        state = self._buckets.get(bucket)
+        if state is None:
+            return float(limit.burst)
+        tokens, at = state
+        return min(float(limit.burst), tokens + max(0.0, now - at) * limit.rate)
+
+    def _store(self, bucket: str, tokens: float, now: float) -> None:
+        if bucket not in self._buckets and len(self._buckets) >= self._max:
+            # Forgetting a bucket refills it: the cheapest safe eviction.
+            self._buckets.pop(next(iter(self._buckets)))
+        self._buckets[bucket] = (tokens, now)
+
+
+class RateLimiter:
+    def __init__(
+        self, settings: Settings, redis: SharedRedis | None = None, metrics: Metrics | None = None
+    ) -> None:
+        self._default_key = Limit(settings.rate_limit_key_rate, settings.rate_limit_key_burst)
+        self._tenant = Limit(settings.rate_limit_tenant_rate, settings.rate_limit_tenant_burst)
+        self._redis = redis
+        self._script = redis.script(TAKE_TOKENS_LUA) if redis is not None else None
+        self._local = LocalBuckets()
+        self._metrics = metrics
+
+    def key_limit(self, key: ApiKey) -> Limit:
+        if key.rate is not None and key.burst is not None:
+            return Limit(key.rate, key.burst)
+        return self._default_key
+
+    async def check(self, key: ApiKey) -> Decision:
+        """Take a token from the key's and the tenant's bucket, or from neither."""
+        key_limit = self.key_limit(key)
+        key_bucket, tenant_bucket = f"mlgate:rl:k:{key.key_id}", f"mlgate:rl:t:{key.tenant}"
+        if self._redis is not None and self._script is not None:
+            redis, script = self._redis, self._script
+            args = [key_limit.rate, key_limit.burst, self._tenant.rate, self._tenant.burst]
+            try:
+                allowed, key_left, tenant_left = await redis.call(
+                    "rate_limit", lambda: script(keys=[key_bucket, tenant_bucket], args=args)
+                )
+                decision = Decision(
+                    bool(allowed), key_limit, float(key_left), self._tenant, float(tenant_left)
+                )
+                return self._counted(decision)
+            except RedisUnavailable:
+                if self._metrics is not None:
+                    self._metrics.rate_limit_fallback.inc()
+        allowed_here, key_tokens, tenant_tokens = self._local.take(
+            key_bucket, key_limit, tenant_bucket, self._tenant
+        )
+        return self._counted(Decision(allowed_here, key_limit, key_tokens, self._tenant, tenant_tokens))
+
+    def _counted(self, decision: Decision) -> Decision:
+        if not decision.allowed and self._metrics is not None:
+            self._metrics.rate_limited.labels(decision.refused_by).inc()
+        return decision
+
+
+@web.middleware
+async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """429 when the caller's key or tenant is over its limit; RateLimit fields always."""
+    key = request.get(API_KEY)
+    if key is None:  # an open route
+        return await handler(request)
+    limiter = request.app.get(RATE_LIMITER)
+    if limiter is None:  # MLGATE_RATE_LIMITS_ENABLED=false
+        return await handler(request)
+    decision = await limiter.check(key)
+    headers = decision.headers()
+    if not decision.allowed:
+        raise RateLimited(
+            f"Over the {decision.refused_by}'s rate limit; retry after the Retry-After seconds",
+            retry_after_s=decision.retry_after_s,
+            headers=headers,
+        )
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        exc.headers.update(headers)
+        raise
+    except web.HTTPException as exc:
+        exc.headers.update(headers)
+        raise
+    if not response.prepared:
+        response.headers.update(headers)
+    return response

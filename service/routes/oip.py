@@ -1,0 +1,533 @@
+"""Open Inference Protocol routes (KServe v2 / Triton HTTP), so stock clients work unchanged.
+
+    GET  /v2                                          server metadata
+    GET  /v2/health/live | /v2/health/ready
+    GET  /v2/models/{model}[/versions/{version}]      model metadata
+    GET  .../ready                                    200 when serving, else 404
+    GET  .../config                                   the Triton-style config clients read
+    POST .../infer                                    JSON or binary tensors
+    POST /v2/repository/index                         repository extension
+    POST /v2/repository/models/{model}/load | /unload
+
+Binary tensor extension: with ``Inference-Header-Content-Length: N`` the first N bytes
+of the body are the JSON request and the rest holds, in input order, the raw
+little-endian bytes of every input that declares ``parameters.binary_data_size``
+(BYTES elements each prefixed by a 4-byte little-endian length). Outputs asked for
+with ``parameters.binary_data`` (or request-level ``binary_data_output``) come back
+the same way, the response carrying ``Inference-Header-Content-Length``.
+
+Requests are checked against the model's metadata (input names, datatypes, shapes,
+element counts): 422 on a mismatch, 404 for an unknown model or version. Errors are
+``{"error": ...}`` documents (the problem middleware adds it under ``/v2/``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import msgspec
+import numpy as np
+from aiohttp import web
+
+from schemas.oip import (
+    ConfigTensor,
+    DynamicBatching,
+    InferenceRequest,
+    InferenceResponse,
+    Liveness,
+    ModelConfig,
+    ModelMetadata,
+    ModelReadiness,
+    Readiness,
+    RepositoryIndexEntry,
+    RepositoryIndexRequest,
+    RepositoryModelRequest,
+    RequestInput,
+    RequestOutput,
+    ResponseOutput,
+    ServerMetadata,
+    TensorMetadata,
+)
+from schemas.problem import FieldError
+from service import __version__
+from service.appkeys import DRAINING, MODEL_REPOSITORY, REQUEST_ID, SETTINGS
+from service.body import read_body
+from service.codec import Format, decode, request_format, respond
+from service.errors import BadRequest, NotFound, ValidationFailed
+from service.openapi import Operation
+from service.routes.predict import TIMEOUT_HEADER, request_deadline, resolve
+from workers.model_repository import (
+    NUMPY_DTYPES,
+    PLATFORM,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelVersion,
+    TensorSpec,
+)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+# Which JSON value kinds (numpy's, after np.asarray) each target kind accepts.
+_ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
+_json_encoder = msgspec.json.Encoder()
+
+
+def invalid(loc: str, msg: str) -> ValidationFailed:
+    return ValidationFailed(msg, errors=[FieldError(loc=loc, msg=msg)])
+
+
+def _shape_fits(shape: list[int], spec: tuple[int, ...]) -> bool:
+    return len(shape) == len(spec) and all(
+        d < 0 or d == s for s, d in zip(shape, spec, strict=True)
+    )
+
+
+def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
+    count = math.prod(tensor.shape)
+    if tensor.datatype == "BYTES":
+        flat = np.array(data, dtype=np.object_).reshape(-1)
+        if not all(isinstance(value, str) for value in flat):
+            raise invalid(f"{loc}.data", "BYTES data must be strings")
+        array = flat
+    else:
+        dtype = NUMPY_DTYPES[tensor.datatype]
+        try:
+            raw = np.asarray(data)
+        except ValueError:
+            raise invalid(f"{loc}.data", "nested data is ragged") from None
+        if raw.size and raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
+            raise invalid(f"{loc}.data", f"values do not fit datatype {tensor.datatype}")
+        if raw.size and dtype.kind in "iu":
+            limits = np.iinfo(dtype)
+            if raw.min() < limits.min or raw.max() > limits.max:
+                raise invalid(f"{loc}.data", f"values out of range for {tensor.datatype}")
+        array = raw.astype(dtype).reshape(-1)
+    if array.size != count:
+        raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
+    return array.reshape(tensor.shape)
+
+
+def _from_binary(tensor: RequestInput, data: memoryview, loc: str) -> np.ndarray:
+    count = math.prod(tensor.shape)
+    if tensor.datatype == "BYTES":
+        values: list[str] = []
+        position = 0
+        while position < len(data):
+            length = int.from_bytes(data[position : position + 4], "little")
+            position += 4
+            if position + length > len(data):
+                raise invalid(f"{loc}.parameters", "BYTES element runs past its binary data")
+            try:
+                values.append(bytes(data[position : position + length]).decode())
+            except UnicodeDecodeError:
+                raise invalid(
+                    f"{loc}.parameters", "BYTES elements must be UTF-8 for ONNX strings"
+                ) from None
+            position += length
+        array = np.array(values, dtype=np.object_)
+    else:
+        dtype = NUMPY_DTYPES[tensor.datatype]
+        if len(data) != count * dtype.itemsize:
+            raise invalid(
+                f"{loc}.parameters.binary_data_size",
+                f"shape {tensor.shape} of {tensor.datatype} needs {count * dtype.itemsize} bytes, got {len(data)}",
+            )
+        array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    if array.size != count:
+        raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
+    return array.reshape(tensor.shape)
+
+
+def input_arrays(
+    payload: InferenceRequest, binary: memoryview, loaded: ModelVersion
+) -> dict[str, np.ndarray]:
+    """Every input as an array, checked against the model's metadata."""
+    specs = {spec.name: spec for spec in loaded.inputs}
+    feed: dict[str, np.ndarray] = {}
+    offset = 0
+    for index, tensor in enumerate(payload.inputs):
+        loc = f"inputs[{index}]"
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise invalid(
+                f"{loc}.name",
+                f"unexpected input {tensor.name!r}; {loaded.model} takes {sorted(specs)}",
+            )
+        if tensor.name in feed:
+            raise invalid(f"{loc}.name", f"input {tensor.name!r} appears twice")
+        if tensor.datatype != spec.datatype:
+            raise invalid(
+                f"{loc}.datatype",
+                f"input {tensor.name!r} is {spec.datatype}, got {tensor.datatype}",
+            )
+        if not _shape_fits(tensor.shape, spec.shape):
+            raise invalid(
+                f"{loc}.shape",
+                f"input {tensor.name!r} has shape {list(spec.shape)}, got {tensor.shape}",
+            )
+        if any(key.startswith("shared_memory") for key in tensor.parameters):
+            raise BadRequest("the shared-memory extension is not supported")
+        size = tensor.parameters.get("binary_data_size")
+        if size is not None:
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size < 0
+                or tensor.data is not None
+            ):
+                raise invalid(
+                    f"{loc}.parameters.binary_data_size", "a byte count, and no data alongside"
+                )
+            if offset + size > len(binary):
+                raise BadRequest("the binary data is shorter than the inputs' binary_data_size")
+            feed[tensor.name] = _from_binary(tensor, binary[offset : offset + size], loc)
+            offset += size
+        elif tensor.data is not None:
+            feed[tensor.name] = _from_json(tensor, tensor.data, loc)
+        else:
+            raise invalid(
+                f"{loc}.data", f"input {tensor.name!r} has neither data nor binary_data_size"
+            )
+    if offset != len(binary):
+        raise BadRequest("the binary data is longer than the inputs' binary_data_size")
+    if missing := sorted(specs.keys() - feed.keys()):
+        raise invalid("inputs", f"missing inputs {missing}")
+    if len({array.shape[0] if array.ndim else None for array in feed.values()}) != 1:
+        raise invalid("inputs", "every input needs the same batch size")
+    if any(array.ndim == 0 for array in feed.values()):
+        raise invalid("inputs", "inputs without a batch dimension are not supported")
+    return feed
+
+
+def _to_binary(array: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        parts = []
+        for value in array.reshape(-1):
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            parts += [len(raw).to_bytes(4, "little"), raw]
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype].newbyteorder("<")).tobytes()
+
+
+def _to_json(array: np.ndarray, datatype: str) -> list[Any]:
+    if datatype == "BYTES":
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+    values: list[Any] = array.reshape(-1).tolist()
+    return values
+
+
+def _requested_outputs(
+    payload: InferenceRequest, loaded: ModelVersion
+) -> list[tuple[TensorSpec, bool]]:
+    specs = {spec.name: spec for spec in loaded.outputs}
+    default_binary = payload.parameters.get("binary_data_output") is True
+    wanted = payload.outputs or [RequestOutput(name=spec.name) for spec in loaded.outputs]
+    chosen: list[tuple[TensorSpec, bool]] = []
+    for index, output in enumerate(wanted):
+        spec = specs.get(output.name)
+        if spec is None:
+            raise invalid(
+                f"outputs[{index}].name",
+                f"unexpected output {output.name!r}; {loaded.model} has {sorted(specs)}",
+            )
+        if "classification" in output.parameters:
+            raise BadRequest("the classification extension is not supported")
+        if any(key.startswith("shared_memory") for key in output.parameters):
+            raise BadRequest("the shared-memory extension is not supported")
+        chosen.append((spec, output.parameters.get("binary_data", default_binary) is True))
+    return chosen
+
+
+def _deadline(request: web.Request, payload: InferenceRequest, started: float) -> float:
+    default_ms = float(request.app[SETTINGS].request_timeout_ms)
+    timeout_us = payload.parameters.get("timeout")
+    if TIMEOUT_HEADER not in request.headers and isinstance(timeout_us, int) and timeout_us > 0:
+        default_ms = timeout_us / 1000
+    return request_deadline(request, started, default_ms)
+
+
+async def infer(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    settings = request.app[SETTINGS]
+    loaded = resolve(
+        request.app[MODEL_REPOSITORY],
+        request.match_info["model"],
+        request.match_info.get("version"),
+    )
+    body = await read_body(request, settings.max_body_bytes)
+    header_length = request.headers.get(HEADER_LENGTH)
+    if header_length is not None:
+        if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+            raise BadRequest(
+                f"{HEADER_LENGTH} must be the byte length of the JSON header within the body"
+            )
+        payload = decode(body[: int(header_length)], InferenceRequest, Format.JSON)
+        binary = memoryview(body)[int(header_length) :]
+    else:
+        payload = decode(body, InferenceRequest, request_format(request))
+        binary = memoryview(b"")
+    feed = input_arrays(payload, binary, loaded)
+    outputs = _requested_outputs(payload, loaded)
+    deadline = _deadline(request, payload, started)
+    results = await loaded.worker.submit(
+        feed, deadline, request_id=payload.id or request[REQUEST_ID]
+    )
+
+    tensors: list[ResponseOutput] = []
+    blobs: list[bytes] = []
+    for spec, binary_out in outputs:
+        array = results[spec.name]
+        if binary_out:
+            blob = _to_binary(array, spec.datatype)
+            blobs.append(blob)
+            tensors.append(
+                ResponseOutput(
+                    name=spec.name,
+                    shape=list(array.shape),
+                    datatype=spec.datatype,
+                    parameters={"binary_data_size": len(blob)},
+                )
+            )
+        else:
+            tensors.append(
+                ResponseOutput(
+                    name=spec.name,
+                    shape=list(array.shape),
+                    datatype=spec.datatype,
+                    data=_to_json(array, spec.datatype),
+                )
+            )
+    answer = InferenceResponse(
+        model_name=loaded.model, model_version=loaded.version, id=payload.id, outputs=tensors
+    )
+    if not blobs:
+        return respond(request, answer)
+    header = _json_encoder.encode(answer)
+    return web.Response(
+        body=b"".join([header, *blobs]),
+        headers={HEADER_LENGTH: str(len(header))},
+        content_type="application/octet-stream",
+    )
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return respond(
+        request, ServerMetadata(name="mlgate", version=__version__, extensions=EXTENSIONS)
+    )
+
+
+async def server_live(request: web.Request) -> web.Response:
+    return respond(request, Liveness(live=True))
+
+
+async def server_ready(request: web.Request) -> web.Response:
+    ready = request.app[MODEL_REPOSITORY].ready and not request.app[DRAINING].is_set()
+    return respond(request, Readiness(ready=ready), status=200 if ready else 503)
+
+
+def _tensors(specs: tuple[TensorSpec, ...]) -> list[TensorMetadata]:
+    return [TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in specs]
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    repository = request.app[MODEL_REPOSITORY]
+    model, version = request.match_info["model"], request.match_info.get("version")
+    loaded = resolve(repository, model, version)
+    return respond(
+        request,
+        ModelMetadata(
+            name=model,
+            versions=[loaded.version] if version else repository.versions(model),
+            platform=PLATFORM,
+            inputs=_tensors(loaded.inputs),
+            outputs=_tensors(loaded.outputs),
+        ),
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    """200 when the model (version) serves; 404 otherwise, as the protocol's 4xx."""
+    version = request.match_info.get("version")
+    loaded = resolve(request.app[MODEL_REPOSITORY], request.match_info["model"], version)
+    return respond(request, ModelReadiness(name=loaded.model, version=version, ready=True))
+
+
+async def model_config(request: web.Request) -> web.Response:
+    loaded = resolve(
+        request.app[MODEL_REPOSITORY],
+        request.match_info["model"],
+        request.match_info.get("version"),
+    )
+    batching = loaded.max_batch_size > 1
+
+    def tensors(specs: tuple[TensorSpec, ...]) -> list[ConfigTensor]:
+        # Triton leaves the batch dimension out of dims when the model batches.
+        return [
+            ConfigTensor(
+                name=s.name,
+                data_type=f"TYPE_{s.datatype.replace('BYTES', 'STRING')}",
+                dims=list(s.shape[1:] if batching else s.shape),
+            )
+            for s in specs
+        ]
+
+    return respond(
+        request,
+        ModelConfig(
+            name=loaded.model,
+            platform=PLATFORM,
+            backend="onnxruntime",
+            max_batch_size=loaded.max_batch_size if batching else 0,
+            input=tensors(loaded.inputs),
+            output=tensors(loaded.outputs),
+            dynamic_batching=DynamicBatching(
+                max_queue_delay_microseconds=int(loaded.config.max_queue_delay_ms * 1000)
+            )
+            if batching
+            else None,
+        ),
+    )
+
+
+async def _optional_body(request: web.Request, type_: type[Any]) -> Any:
+    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    return decode(body, type_, request_format(request)) if body.strip() else type_()
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    query: RepositoryIndexRequest = await _optional_body(request, RepositoryIndexRequest)
+    entries = [
+        RepositoryIndexEntry(
+            name=e.name, version=e.version, state=e.state, reason=e.reason if e.version else None
+        )
+        for e in request.app[MODEL_REPOSITORY].index(ready_only=query.ready)
+    ]
+    return respond(request, entries)
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    options: RepositoryModelRequest = await _optional_body(request, RepositoryModelRequest)
+    if any(key == "config" or key.startswith("file:") for key in options.parameters):
+        raise BadRequest(
+            "mlgate loads models from its repository only; config and file overrides are not supported"
+        )
+    try:
+        await request.app[MODEL_REPOSITORY].load(request.match_info["model"])
+    except ModelNotFound as exc:
+        raise NotFound(str(exc)) from None
+    except ModelLoadFailed as exc:
+        raise BadRequest(str(exc)) from None
+    return web.Response(status=200)
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    await _optional_body(request, RepositoryModelRequest)
+    try:
+        await request.app[MODEL_REPOSITORY].unload(request.match_info["model"])
+    except ModelNotFound as exc:
+        raise NotFound(str(exc)) from None
+    return web.Response(status=200)
+
+
+_MODEL = "/v2/models/{model}"
+_VERSION = "/v2/models/{model}/versions/{version}"
+_OIP, _REPOSITORY = "open inference protocol", "model repository"
+
+
+def _operations() -> list[Operation]:
+    infer_header = {
+        "name": HEADER_LENGTH,
+        "in": "header",
+        "required": False,
+        "schema": {"type": "integer"},
+    }
+    ops = [
+        Operation("get", "/v2", "OIP server metadata", _OIP, {200: ServerMetadata}, scope="any"),
+        Operation("get", "/v2/health/live", "OIP liveness", _OIP, {200: Liveness}),
+        Operation(
+            "get", "/v2/health/ready", "OIP readiness", _OIP, {200: Readiness, 503: Readiness}
+        ),
+    ]
+    for base in (_MODEL, _VERSION):
+        ops += [
+            Operation(
+                "get",
+                base,
+                "OIP model metadata",
+                _OIP,
+                {200: ModelMetadata, 404: None},
+                scope="predict",
+            ),
+            Operation(
+                "get",
+                f"{base}/ready",
+                "OIP model readiness",
+                _OIP,
+                {200: ModelReadiness, 404: None},
+                scope="predict",
+            ),
+            Operation(
+                "get",
+                f"{base}/config",
+                "Triton model configuration",
+                _OIP,
+                {200: ModelConfig, 404: None},
+                scope="predict",
+            ),
+            Operation(
+                "post",
+                f"{base}/infer",
+                "OIP inference: JSON tensors or the binary tensor extension",
+                _OIP,
+                {200: InferenceResponse, 404: None, 504: None},
+                request=InferenceRequest,
+                scope="predict",
+                request_media=("application/json", "application/octet-stream"),
+                parameters=[infer_header],
+            ),
+        ]
+    for action, summary in (("load", "Load or reload a model"), ("unload", "Unload a model")):
+        ops.append(
+            Operation(
+                "post",
+                f"/v2/repository/models/{{model}}/{action}",
+                summary,
+                _REPOSITORY,
+                {200: None, 404: None},
+                request=RepositoryModelRequest,
+                scope="admin",
+            )
+        )
+    ops.append(
+        Operation(
+            "post",
+            "/v2/repository/index",
+            "Repository index",
+            _REPOSITORY,
+            {200: list[RepositoryIndexEntry]},
+            request=RepositoryIndexRequest,
+            scope="admin",
+        )
+    )
+    return ops
+
+
+OPERATIONS = _operations()
+
+
+def setup(app: web.Application) -> None:
+    """Routes only: the repository itself is set up by ``service.routes.predict``."""
+    router = app.router
+    router.add_get("/v2", server_metadata)
+    router.add_get("/v2/health/live", server_live)
+    router.add_get("/v2/health/ready", server_ready)
+    for base in (_MODEL, _VERSION):
+        router.add_get(base, model_metadata)
+        router.add_get(f"{base}/ready", model_ready)
+        router.add_get(f"{base}/config", model_config)
+        router.add_post(f"{base}/infer", infer)
+    router.add_post("/v2/repository/index", repository_index)
+    router.add_post("/v2/repository/models/{model}/load", repository_load)
+    router.add_post("/v2/repository/models/{model}/unload", repository_unload)

@@ -1,0 +1,261 @@
+"""Prediction routes: ``POST /api/v2/predict`` and the deprecated ``POST /api/v1/predict``.
+
+Both run one code path: decode, resolve the model version, check the rows against the
+model's input metadata (422), queue them on that version's batching worker with the
+request's deadline (``X-Request-Timeout`` in ms, else ``request_timeout_ms``) and
+answer from its outputs. A full mailbox is 503 at once and a deadline that passes in
+the queue is 504; both surface as ``workers.errors`` that the problem middleware maps.
+
+``setup`` also owns the model repository's lifecycle (a cleanup context appended in
+dependency order), its readiness check, SIGHUP reload hook and sampled gauges.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+import numpy as np
+from aiohttp import web
+
+from schemas.predict import (
+    BatchPredictResponse,
+    PredictAnswer,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    PredictV1Request,
+    PredictV1Response,
+)
+from schemas.problem import FieldError
+from service.appkeys import (
+    METRICS,
+    MODEL_REPOSITORY,
+    READINESS_CHECKS,
+    RELOAD_HOOKS,
+    REQUEST_ID,
+    SETTINGS,
+)
+from service.body import read_body
+from service.codec import decode, request_format, respond
+from service.errors import BadRequest, NotFound, ValidationFailed
+from service.metrics import PrometheusTelemetry
+from service.openapi import Operation
+from workers.model_repository import NUMPY_DTYPES, ModelNotFound, ModelRepository, ModelVersion
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+MAX_TIMEOUT_MS = 600_000
+DEPRECATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
+SUNSET_AT = datetime(2027, 7, 1, tzinfo=UTC)
+V1_HEADERS = {
+    "Deprecation": f"@{int(DEPRECATED_AT.timestamp())}",
+    "Sunset": format_datetime(SUNSET_AT, usegmt=True),
+    "Link": '</api/v2/predict>; rel="successor-version"',
+}
+_FLOAT_INPUTS = ("FP16", "FP32", "FP64")
+
+
+def request_deadline(request: web.Request, started: float, default_ms: float) -> float:
+    """The monotonic time by which the answer is due: ``X-Request-Timeout`` ms or default."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return started + default_ms / 1000
+    try:
+        timeout_ms = float(raw)
+    except ValueError:
+        timeout_ms = math.nan
+    if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
+        raise BadRequest(
+            f"{TIMEOUT_HEADER} must be a number of milliseconds in (0, {MAX_TIMEOUT_MS}]"
+        )
+    return started + timeout_ms / 1000
+
+
+def resolve(repository: ModelRepository, model: str, version: str | None) -> ModelVersion:
+    try:
+        return repository.resolve(model, version)
+    except ModelNotFound as exc:
+        raise NotFound(str(exc)) from None
+
+
+def feature_rows(loaded: ModelVersion, values: list[list[float]], loc: str) -> np.ndarray:
+    """The rows as the model's input dtype; 422 when they do not fit its metadata."""
+    if (
+        len(loaded.inputs) != 1
+        or loaded.inputs[0].datatype not in _FLOAT_INPUTS
+        or len(loaded.inputs[0].shape) != 2
+    ):
+        raise ValidationFailed(
+            f"model {loaded.model} does not take one row of float features; use /v2/models/{loaded.model}/infer",
+            errors=[FieldError(loc="model", msg="not a feature-row model")],
+        )
+    spec = loaded.inputs[0]
+    try:
+        rows = np.asarray(values, dtype=NUMPY_DTYPES[spec.datatype])
+    except ValueError:
+        raise ValidationFailed(
+            "every instance needs the same number of features",
+            errors=[FieldError(loc=loc, msg="rows of different lengths")],
+        ) from None
+    expected = spec.shape[1]
+    if expected >= 0 and rows.shape[1] != expected:
+        raise ValidationFailed(
+            f"model {loaded.model} version {loaded.version} takes {expected} features, got {rows.shape[1]}",
+            errors=[FieldError(loc=loc, msg=f"expected {expected} features, got {rows.shape[1]}")],
+        )
+    if not np.isfinite(rows).all():
+        raise ValidationFailed(
+            "features must be finite numbers within the model's input type",
+            errors=[FieldError(loc=loc, msg="NaN, infinite or out-of-range value")],
+        )
+    return rows
+
+
+def predictions(loaded: ModelVersion, scores: np.ndarray) -> list[Prediction]:
+    if loaded.kind == "regressor":
+        values = scores.reshape(len(scores), -1)[:, 0]
+        return [Prediction(prediction=float(v), confidence=None) for v in values]
+    classes = scores.argmax(axis=1)
+    confidences = scores.max(axis=1)
+    labels = loaded.config.labels or ()
+    return [
+        Prediction(
+            prediction=int(c),
+            confidence=float(p),
+            label=labels[c] if c < len(labels) else None,
+        )
+        for c, p in zip(classes.tolist(), confidences.tolist(), strict=True)
+    ]
+
+
+async def run_predict(
+    request: web.Request, payload: PredictRequest | PredictV1Request, started: float
+) -> PredictResponse | BatchPredictResponse:
+    """The one code path behind v2 and v1."""
+    settings = request.app[SETTINGS]
+    deadline = request_deadline(request, started, settings.request_timeout_ms)
+    repository = request.app[MODEL_REPOSITORY]
+    loaded = resolve(repository, payload.model or settings.default_model, payload.model_version)
+    instances = payload.instances if isinstance(payload, PredictRequest) else None
+    if instances is not None:
+        rows = feature_rows(loaded, instances, "instances")
+    else:
+        assert payload.features is not None
+        rows = feature_rows(loaded, [payload.features], "features")
+    request_id = payload.request_id or request[REQUEST_ID]
+    outputs = await loaded.worker.submit(rows, deadline, request_id=request_id)
+    answers = predictions(loaded, outputs[loaded.outputs[0].name])
+    latency_ms = round((time.monotonic() - started) * 1000, 3)
+    if instances is not None:
+        return BatchPredictResponse(
+            predictions=answers,
+            model=loaded.model,
+            model_version=loaded.version,
+            request_id=request_id,
+            latency_ms=latency_ms,
+        )
+    answer = answers[0]
+    return PredictResponse(
+        prediction=answer.prediction,
+        confidence=answer.confidence,
+        label=answer.label,
+        model=loaded.model,
+        model_version=loaded.version,
+        request_id=request_id,
+        latency_ms=latency_ms,
+    )
+
+
+async def predict_v2(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    fmt = request_format(request)
+    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    payload = decode(body, PredictRequest, fmt)
+    return respond(request, await run_predict(request, payload, started))
+
+
+async def predict_v1(request: web.Request) -> web.Response:
+    """Deprecated: ``{"features": [...]}`` -> ``{"result": <v2 answer>}``."""
+    started = time.monotonic()
+    fmt = request_format(request)
+    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    payload = decode(body, PredictV1Request, fmt)
+    answer = await run_predict(request, payload, started)
+    assert isinstance(answer, PredictResponse)
+    return respond(request, PredictV1Response(result=answer), headers=dict(V1_HEADERS))
+
+
+async def model_repository(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    repository = ModelRepository(settings, telemetry=PrometheusTelemetry(app[METRICS]))
+    await repository.start()
+    app[MODEL_REPOSITORY] = repository
+    app[READINESS_CHECKS]["models"] = lambda: repository.ready
+    app[RELOAD_HOOKS]["models"] = repository.poll
+    sampled: set[str] = set()
+
+    def sample() -> None:
+        gauge = app[METRICS].mailbox_depth
+        current = {f"inference:{w.name}": w.mailbox_depth for w in repository.workers()}
+        for label in sampled - current.keys():
+            gauge.remove(label)
+        for label, depth in current.items():
+            gauge.labels(label).set(depth)
+        sampled.clear()
+        sampled.update(current)
+
+    app[METRICS].samplers["models"] = sample
+    yield
+    app[METRICS].samplers.pop("models", None)
+    app[READINESS_CHECKS].pop("models", None)
+    await repository.close()
+
+
+OPERATIONS = [
+    Operation(
+        "post",
+        "/api/v2/predict",
+        "Predict one row (features) or several (instances)",
+        "prediction",
+        {200: PredictAnswer, 404: None, 504: None},
+        request=PredictRequest,
+        scope="predict",
+        parameters=[
+            {
+                "name": TIMEOUT_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT_MS},
+                "description": "Deadline in milliseconds; past it while queued the answer is 504",
+            }
+        ],
+        description=(
+            "Rows are batched with other requests on the model version's worker. With "
+            "`instances` the answer is `{predictions: [{prediction, confidence}], model, "
+            "model_version, request_id, latency_ms}`. "
+            "`model_version` in the answer is the concrete version that served it. "
+            "Unknown model or version: 404; wrong feature count: 422; queue full: 503 "
+            "with Retry-After; deadline passed while queued: 504."
+        ),
+    ),
+    Operation(
+        "post",
+        "/api/v1/predict",
+        "Predict one row (deprecated: use /api/v2/predict)",
+        "prediction",
+        {200: PredictV1Response, 404: None, 504: None},
+        request=PredictV1Request,
+        scope="predict",
+        deprecated=True,
+        description="Same code path as v2; answers carry Deprecation, Sunset and Link headers.",
+    ),
+]
+
+
+def setup(app: web.Application) -> None:
+    app.cleanup_ctx.append(model_repository)
+    app.router.add_post("/api/v2/predict", predict_v2)
+    app.router.add_post("/api/v1/predict", predict_v1)

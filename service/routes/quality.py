@@ -1,0 +1,97 @@
+"""Data-quality routes: ``GET /api/v2/quality/sources/{source}`` and ``.../models/{model}``.
+
+Each answers the drift of one source or model against its profile, as the process
+that serves the request has seen it: the features with the highest PSI first (``top``,
+default 10), their out-of-range share and both distributions, the window the scores
+cover, and the records dropped, rejected and flagged. 404 when there is no profile.
+Scope ``quality`` (or ``admin``).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from schemas.problem import FieldError
+from schemas.quality import DriftReport, ProfileKind
+from service.appkeys import DRIFT_MONITOR
+from service.codec import respond
+from service.errors import NotFound, ValidationFailed
+from service.openapi import Operation
+
+DEFAULT_TOP = 10
+MAX_TOP = 4096
+
+_TOP = {
+    "name": "top",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 0, "maximum": MAX_TOP, "default": DEFAULT_TOP},
+    "description": "How many features to list, highest PSI first",
+}
+_DESCRIPTION = (
+    "Per-feature population stability index and out-of-range share over the last "
+    "complete tumbling window of MLGATE_DRIFT_WINDOW_RECORDS records (or the window "
+    "being filled, before the first completes), as seen by the process answering. "
+    "404 when no profile exists."
+)
+
+OPERATIONS = [
+    Operation(
+        "get",
+        "/api/v2/quality/sources/{source}",
+        "Drift of a source's records against its feature profile",
+        "quality",
+        {200: DriftReport},
+        scope="quality",
+        parameters=[_TOP],
+        description=_DESCRIPTION,
+    ),
+    Operation(
+        "get",
+        "/api/v2/quality/models/{model}",
+        "Drift of a model's inputs against its feature profile",
+        "quality",
+        {200: DriftReport},
+        scope="quality",
+        parameters=[_TOP],
+        description=_DESCRIPTION,
+    ),
+]
+
+
+def _top(request: web.Request) -> int:
+    raw = request.query.get("top")
+    if raw is None:
+        return DEFAULT_TOP
+    try:
+        top = int(raw)
+    except ValueError:
+        top = -1
+    if not 0 <= top <= MAX_TOP:
+        raise ValidationFailed(
+            f"top must be an integer from 0 to {MAX_TOP}",
+            errors=[FieldError(loc="query.top", msg=f"integer 0..{MAX_TOP}")],
+        )
+    return top
+
+
+def _answer(request: web.Request, kind: ProfileKind, name: str) -> web.Response:
+    report = request.app[DRIFT_MONITOR].report(kind, name, _top(request))
+    if report is None:
+        raise NotFound(f"No {kind} profile named {name!r}")
+    return respond(request, report)
+
+
+async def source_quality(request: web.Request) -> web.Response:
+    """Drift of one source against its profile."""
+    return _answer(request, "source", request.match_info["source"])
+
+
+async def model_quality(request: web.Request) -> web.Response:
+    """Drift of one model's inputs against its profile."""
+    return _answer(request, "model", request.match_info["model"])
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/api/v2/quality/sources/{source}", source_quality)
+    app.router.add_get("/api/v2/quality/models/{model}", model_quality)

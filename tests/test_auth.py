@@ -1,0 +1,212 @@
+"""API keys at the front door: open routes, 401 / 403, key sources, auth switched off."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from structlog.testing import capture_logs
+
+from service.api_keys import REDIS_HASH, KeysFileError, KeyStore, encode_key, new_key
+from service.appkeys import KEY_STORE
+from service.auth import OPEN_ROUTES, required_scopes
+from tests.support import KeyMaker, ManagedProcess
+
+INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
+OPEN_PATHS = OPEN_ROUTES | {"/docs/init.js", "/docs/static"}
+
+
+def _concrete(path: str) -> str:
+    """A request path for a route template: ``/v2/models/{model}`` -> ``/v2/models/x``."""
+    return re.sub(r"\{[^}]+\}", "x", path)
+
+
+@pytest.fixture
+def secured(make_settings, api_keys: KeyMaker):
+    def make(**overrides):
+        return make_settings(
+            auth_disabled=False, keys_file=str(api_keys.path), feature_dims=(4,), **overrides
+        )
+
+    return make
+
+
+async def test_only_the_open_routes_answer_without_a_key(app_client, secured) -> None:
+    client = await app_client(secured())
+    checked = 0
+    for route in client.app.router.routes():
+        canonical = route.resource.canonical
+        path = _concrete(canonical)
+        if canonical == "/docs/static":
+            path = "/docs/static/swagger-ui.css"
+        method = "GET" if route.method == "*" else route.method
+        response = await client.request(method, path)
+        if canonical in OPEN_PATHS:
+            assert response.status != 401, f"{method} {canonical} must be open"
+        else:
+            assert response.status == 401, f"{method} {canonical} answered {response.status}"
+        checked += 1
+    assert checked > len(OPEN_PATHS)
+
+
+async def test_missing_key_is_401_with_a_bearer_challenge(app_client, secured) -> None:
+    client = await app_client(secured())
+    response = await client.post("/api/v2/ingest", json=INGEST)
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="mlgate"'
+    assert response.content_type == "application/problem+json"
+
+
+async def test_unknown_key_is_401(app_client, secured, api_keys: KeyMaker) -> None:
+    api_keys.create()
+    client = await app_client(secured())
+    forged = "mlg_0123456789abcdef_" + "A" * 43
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": forged})
+    assert response.status == 401
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+
+
+async def test_right_id_with_wrong_secret_is_401(app_client, secured, api_keys: KeyMaker) -> None:
+    key = api_keys.create()
+    client = await app_client(secured())
+    tampered = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": tampered})
+    assert response.status == 401
+
+
+async def test_bearer_key_with_the_scope_is_let_in(app_client, secured, api_keys: KeyMaker) -> None:
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured())
+    response = await client.post(
+        "/api/v2/ingest", json=INGEST, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert response.status == 202
+
+
+async def test_x_api_key_header_is_let_in(app_client, secured, api_keys: KeyMaker) -> None:
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured())
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
+    assert response.status == 202
+
+
+async def test_other_authorization_schemes_are_401(app_client, secured, api_keys: KeyMaker) -> None:
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured())
+    response = await client.post(
+        "/api/v2/ingest", json=INGEST, headers={"Authorization": f"Basic {key}"}
+    )
+    assert response.status == 401
+
+
+async def test_x_api_key_counts_beside_another_authorization_scheme(
+    app_client, secured, api_keys: KeyMaker
+) -> None:
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured())
+    headers = {"Authorization": "Basic dXNlcjpwdw==", "X-API-Key": key}
+    assert (await client.post("/api/v2/ingest", json=INGEST, headers=headers)).status == 202
+
+
+async def test_key_without_the_scope_is_403(app_client, secured, api_keys: KeyMaker) -> None:
+    key = api_keys.create(scopes="predict")
+    client = await app_client(secured())
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
+    assert response.status == 403
+    assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
+
+
+async def test_repository_routes_need_admin(app_client, secured, api_keys: KeyMaker) -> None:
+    key = api_keys.create(scopes="ingest,predict,quality")
+    client = await app_client(secured())
+    response = await client.post("/v2/repository/index", headers={"X-API-Key": key})
+    assert response.status == 403
+
+
+async def test_server_metadata_takes_any_valid_key(app_client, secured, api_keys: KeyMaker) -> None:
+    key = api_keys.create(scopes="quality")
+    client = await app_client(secured())
+    assert (await client.get("/v2", headers={"X-API-Key": key})).status == 200
+
+
+def test_scopes_follow_the_path() -> None:
+    assert required_scopes("/api/v2/ingest/stream") == {"ingest"}
+    assert required_scopes("/api/v1/predict") == {"predict"}
+    assert required_scopes("/v2/models/{model}/infer") == {"predict"}
+    assert required_scopes("/v2/repository/index") == {"admin"}
+    assert required_scopes("/api/v2/quality/drift") == {"quality", "admin"}
+    assert required_scopes("/v2") == frozenset()
+    assert required_scopes("/api/v3/something-new") == {"admin"}
+
+
+async def test_unknown_path_is_401_without_a_key_and_404_with_one(
+    app_client, secured, api_keys: KeyMaker
+) -> None:
+    key = api_keys.create()
+    client = await app_client(secured())
+    assert (await client.get("/nothing-here")).status == 401
+    assert (await client.get("/nothing-here", headers={"X-API-Key": key})).status == 404
+
+
+async def test_wrong_method_on_an_open_route_needs_a_key(app_client, secured) -> None:
+    client = await app_client(secured())
+    assert (await client.post("/health")).status == 401
+
+
+async def test_revoked_key_is_401_after_reload(app_client, secured, api_keys: KeyMaker) -> None:
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured())
+    assert (await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})).status == 202
+    api_keys.revoke(key)
+    client.app[KEY_STORE].reload()  # what SIGHUP does; otherwise within a second
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
+    assert response.status == 401
+
+
+async def test_keys_kept_in_redis_are_let_in(
+    app_client, secured, redis_server: ManagedProcess
+) -> None:
+    import redis.asyncio as aioredis
+
+    plaintext, stored = new_key("acme", frozenset({"ingest"}))
+    client_redis = aioredis.Redis(port=redis_server.port)
+    await client_redis.hset(REDIS_HASH, stored.key_id, encode_key(stored))
+    await client_redis.aclose()
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert response.status == 202
+
+
+async def test_unreachable_key_store_never_lets_a_key_in(
+    app_client, secured, redis_server: ManagedProcess
+) -> None:
+    plaintext, _ = new_key("acme", frozenset({"ingest"}))
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    redis_server.stop()
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert response.status == 503
+    assert "Retry-After" in response.headers
+
+
+async def test_auth_disabled_lets_requests_in_and_warns_at_start(app_client, make_settings) -> None:
+    with capture_logs() as logs:
+        client = await app_client(make_settings(auth_disabled=True, feature_dims=(4,)))
+    assert any(entry["event"] == "auth_disabled" and entry["log_level"] == "warning" for entry in logs)
+    assert (await client.post("/api/v2/ingest", json=INGEST)).status == 202
+
+
+async def test_a_broken_keys_file_keeps_the_keys_read_last(
+    app_client, secured, api_keys: KeyMaker
+) -> None:
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured())
+    api_keys.path.write_text("{not json")
+    client.app[KEY_STORE].reload()
+    assert (await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})).status == 202
+
+
+def test_a_broken_keys_file_stops_start_up(tmp_path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text('{"keys": [{"key_id": 1}]}')
+    with pytest.raises(KeysFileError):
+        KeyStore(path)

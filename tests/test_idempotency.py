@@ -1,0 +1,192 @@
+"""Idempotency-Key: replay, mismatch, in-flight conflicts, what is kept, TTL, tenants, and
+exactly one copy in Kafka when clients time out and retry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import aiohttp
+import msgspec
+import pytest
+
+from service.appkeys import IDEMPOTENCY, RECORD_SINK
+from service.idempotency import fingerprint
+from tests.support import KafkaBroker, KeyMaker, ManagedProcess, read_topic
+
+PATH = "/api/v2/ingest"
+
+
+def _batch(n: int = 3, tag: str = "a") -> dict[str, object]:
+    return {
+        "source": "s",
+        "records": [{"features": [1.0, 2.0, 3.0, 4.0], "metadata": {"tag": tag, "i": i}} for i in range(n)],
+    }
+
+
+def _with_key(key: str) -> dict[str, str]:
+    return {"Idempotency-Key": key}
+
+
+@pytest.fixture(params=["local", "redis"])
+def backend(request) -> str | None:
+    """None for the in-process store, else the URL of a fresh redis-server."""
+    if request.param == "local":
+        return None
+    server: ManagedProcess = request.getfixturevalue("redis_server")
+    return f"redis://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def settings_for(make_settings):
+    def make(redis_url: str | None = None, **overrides):
+        return make_settings(feature_dims=(4,), redis_url=redis_url, **overrides)
+
+    return make
+
+
+async def test_repeat_replays_the_first_answer_and_writes_nothing(
+    app_client, settings_for, backend
+) -> None:
+    client = await app_client(settings_for(backend))
+    first = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
+    again = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
+    assert (first.status, again.status) == (202, 202)
+    assert await again.read() == await first.read()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert again.content_type == "application/json"
+    assert client.app[RECORD_SINK].next_offset == 3
+
+
+async def test_same_key_with_a_different_body_is_422(app_client, settings_for, backend) -> None:
+    client = await app_client(settings_for(backend))
+    assert (await client.post(PATH, json=_batch(tag="a"), headers=_with_key("k1"))).status == 202
+    response = await client.post(PATH, json=_batch(tag="b"), headers=_with_key("k1"))
+    assert response.status == 422
+    assert client.app[RECORD_SINK].next_offset == 3
+
+
+async def test_repeat_while_the_first_is_in_flight_is_409(app_client, settings_for, backend) -> None:
+    client = await app_client(settings_for(backend))
+    body = msgspec.json.encode(_batch())
+    # Another process is still working on the first request under this key.
+    await client.app[IDEMPOTENCY].claim("anonymous", "k1", fingerprint("POST", PATH, body))
+    response = await client.post(
+        PATH, data=body, headers={"Content-Type": "application/json", **_with_key("k1")}
+    )
+    assert response.status == 409
+    assert response.headers["Retry-After"] == "1"
+    assert client.app[RECORD_SINK].next_offset == 0
+
+
+async def test_concurrent_duplicates_execute_once(app_client, settings_for, backend) -> None:
+    client = await app_client(settings_for(backend))
+    responses = await asyncio.gather(
+        *(client.post(PATH, json=_batch(), headers=_with_key("k1")) for _ in range(10))
+    )
+    executed = [r for r in responses if r.status == 202 and "Idempotent-Replayed" not in r.headers]
+    assert len(executed) == 1
+    assert {r.status for r in responses} <= {202, 409}
+    assert client.app[RECORD_SINK].next_offset == 3
+
+
+async def test_client_errors_are_kept_and_replayed(app_client, settings_for) -> None:
+    client = await app_client(settings_for())
+    bad = {"source": "s", "records": [{"features": [1.0]}]}
+    first = await client.post(PATH, json=bad, headers=_with_key("k1"))
+    again = await client.post(PATH, json=bad, headers=_with_key("k1"))
+    assert (first.status, again.status) == (422, 422)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content_type == "application/problem+json"
+
+
+async def test_server_errors_release_the_key_so_a_retry_runs_again(app_client, settings_for) -> None:
+    client = await app_client(settings_for())
+    await client.app[RECORD_SINK].close()  # every write now fails: 503
+    first = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
+    again = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
+    assert (first.status, again.status) == (503, 503)
+    assert "Idempotent-Replayed" not in again.headers
+
+
+async def test_kept_answers_expire_after_the_ttl(app_client, settings_for, backend) -> None:
+    client = await app_client(settings_for(backend, idempotency_ttl_s=1))
+    first = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
+    await asyncio.sleep(1.1)
+    later = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
+    assert (first.status, later.status) == (202, 202)
+    assert "Idempotent-Replayed" not in later.headers
+    assert (await later.json())["tracking_id"] != (await first.json())["tracking_id"]
+
+
+async def test_redis_replays_across_processes(
+    app_client, settings_for, redis_server: ManagedProcess, tmp_path
+) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    one = await app_client(settings_for(url, data_dir=str(tmp_path / "one")))
+    two = await app_client(settings_for(url, data_dir=str(tmp_path / "two")))
+    first = await one.post(PATH, json=_batch(), headers=_with_key("k1"))
+    again = await two.post(PATH, json=_batch(), headers=_with_key("k1"))
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert await again.read() == await first.read()
+    assert two.app[RECORD_SINK].next_offset == 0
+
+
+async def test_keys_are_scoped_per_tenant(app_client, make_settings, api_keys: KeyMaker) -> None:
+    acme, globex = api_keys.create(tenant="acme"), api_keys.create(tenant="globex")
+    client = await app_client(
+        make_settings(auth_disabled=False, keys_file=str(api_keys.path), feature_dims=(4,))
+    )
+    one = await client.post(PATH, json=_batch(tag="a"), headers={"X-API-Key": acme, **_with_key("k1")})
+    two = await client.post(
+        PATH, json=_batch(tag="b"), headers={"X-API-Key": globex, **_with_key("k1")}
+    )
+    assert (one.status, two.status) == (202, 202)
+    assert "Idempotent-Replayed" not in two.headers
+
+
+async def test_malformed_key_is_400(app_client, settings_for) -> None:
+    client = await app_client(settings_for())
+    response = await client.post(PATH, json=_batch(), headers=_with_key("x" * 256))
+    assert response.status == 400
+
+
+async def test_client_retries_with_timeouts_leave_exactly_one_copy_in_kafka(
+    app_client, make_settings, kafka_broker: KafkaBroker, kafka_topic: str
+) -> None:
+    settings = make_settings(
+        kafka_bootstrap_servers=kafka_broker.bootstrap,
+        kafka_topic=kafka_topic,
+        feature_dims=(4,),
+        dedup_window_s=0,  # records carry no record_id anyway: only the key protects them
+    )
+    client = await app_client(settings)
+    timeouts = Counter[str]()
+
+    async def send(batch: int) -> None:
+        body = _batch(n=10, tag=f"b{batch}")
+        for attempt in range(100):
+            # The first attempt gives up long before the broker acknowledges.
+            timeout = aiohttp.ClientTimeout(total=0.002 if attempt == 0 else 10)
+            try:
+                response = await client.post(
+                    PATH, json=body, headers=_with_key(f"batch-{batch}"), timeout=timeout
+                )
+            except TimeoutError:
+                timeouts["timeout"] += 1
+                continue
+            if response.status == 202:
+                return
+            assert response.status == 409
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"batch {batch} never got a 202")
+
+    await asyncio.gather(*(send(b) for b in range(20)))
+    assert timeouts["timeout"] > 0
+    messages = await read_topic(kafka_broker.bootstrap, kafka_topic, expected=200)
+    seen = Counter(
+        (value["metadata"]["tag"], value["metadata"]["i"])
+        for value in (msgspec.json.decode(m.value) for m in messages)
+    )
+    assert len(messages) == 200 and set(seen.values()) == {1}

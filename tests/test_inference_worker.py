@@ -1,0 +1,239 @@
+"""InferenceWorker: batching, row bookkeeping, deadlines, backpressure and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
+from workers.inference import InferenceWorker
+
+DEMO = Path(__file__).resolve().parent.parent / "models" / "demo" / "1" / "model.onnx"
+
+
+class RecordingSession:
+    """The real demo session, recording each batch; ``gate`` holds runs until set,
+    ``delay_s`` makes each run that much slower."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        gate: threading.Event | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
+        self.session = session
+        self.gate = gate
+        self.delay_s = delay_s
+        self.entered = threading.Event()
+        self.batches: list[np.ndarray] = []
+
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]
+    ) -> Sequence[np.ndarray]:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        time.sleep(self.delay_s)
+        self.batches.append(input_feed["input"].copy())
+        return self.session.run(output_names, dict(input_feed))
+
+
+@pytest.fixture(scope="module")
+def demo_session() -> ort.InferenceSession:
+    return ort.InferenceSession(str(DEMO), providers=["CPUExecutionProvider"])
+
+
+WorkerFactory = Callable[..., InferenceWorker]
+
+
+@pytest.fixture
+async def make_worker(demo_session: ort.InferenceSession) -> AsyncIterator[WorkerFactory]:
+    workers: list[InferenceWorker] = []
+
+    def make(session: Any = None, **options: Any) -> InferenceWorker:
+        options.setdefault("max_queue_delay_s", 0.001)
+        worker = InferenceWorker(
+            session or demo_session,
+            input_names=["input"],
+            output_names=["probabilities"],
+            model="demo",
+            **options,
+        )
+        worker.start()
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        await worker.close(drain_s=1)
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 128)).astype(np.float32)
+
+
+def soon(seconds: float = 5.0) -> float:
+    return time.monotonic() + seconds
+
+
+async def test_every_item_gets_back_the_outputs_of_its_own_rows(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    worker = make_worker(max_batch_size=32, mailbox_size=512)
+    data = rows(300)
+    futures = [worker.submit(data[i : i + 1], soon()) for i in range(300)]
+    results = await asyncio.gather(*futures)
+    expected = demo_session.run(None, {"input": data})[0]
+    for i, result in enumerate(results):
+        assert result["probabilities"].shape == (1, 2)
+        np.testing.assert_allclose(result["probabilities"][0], expected[i], rtol=1e-5, atol=1e-6)
+    assert worker.stats.batches < 300
+
+
+async def test_batches_fill_up_to_max_batch_size(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = RecordingSession(demo_session)
+    worker = make_worker(session, max_batch_size=4)
+    await asyncio.gather(*(worker.submit(rows(1, i), soon()) for i in range(10)))
+    assert [len(batch) for batch in session.batches] == [4, 4, 2]
+
+
+async def test_multi_row_items_stay_whole_and_in_order(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = RecordingSession(demo_session)
+    worker = make_worker(session, max_batch_size=5)
+    items = [rows(3, 1), rows(3, 2), rows(2, 3)]
+    results = await asyncio.gather(*(worker.submit(item, soon()) for item in items))
+    assert [len(batch) for batch in session.batches] == [3, 5]
+    for item, result in zip(items, results, strict=True):
+        expected = demo_session.run(None, {"input": item})[0]
+        np.testing.assert_allclose(result["probabilities"], expected, rtol=1e-5, atol=1e-6)
+
+
+async def test_item_larger_than_max_batch_size_runs_alone(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = RecordingSession(demo_session)
+    worker = make_worker(session, max_batch_size=4)
+    result = await worker.submit(rows(10), soon())
+    assert result["probabilities"].shape == (10, 2)
+    assert [len(batch) for batch in session.batches] == [10]
+
+
+async def test_partial_batch_runs_once_max_queue_delay_passes(make_worker: WorkerFactory) -> None:
+    worker = make_worker(max_batch_size=64, max_queue_delay_s=0.05)
+    started = time.monotonic()
+    result = await worker.submit(rows(1), soon())
+    waited = time.monotonic() - started
+    assert result["probabilities"].shape == (1, 2)
+    assert 0.045 <= waited < 1.0
+
+
+async def test_full_mailbox_raises_at_once(make_worker: WorkerFactory) -> None:
+    worker = make_worker(mailbox_size=2)
+    accepted = [worker.submit(rows(1, i), soon()) for i in range(2)]
+    with pytest.raises(MailboxFull):
+        worker.submit(rows(1, 3), soon())
+    assert worker.stats.rejected == 1
+    await asyncio.gather(*accepted)
+
+
+async def test_item_past_its_deadline_is_refused_at_once_without_compute(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = RecordingSession(demo_session)
+    worker = make_worker(session)
+    with pytest.raises(DeadlineExpired):
+        worker.submit(rows(1), time.monotonic() - 0.001)
+    assert session.batches == [] and worker.stats.expired == 1
+
+
+async def test_item_that_would_miss_its_deadline_is_shed_at_once(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = RecordingSession(demo_session, delay_s=0.05)
+    worker = make_worker(session)
+    await worker.submit(rows(1), soon())  # teaches the worker a batch takes ~50 ms
+    with pytest.raises(MailboxFull, match="deadline"):
+        worker.submit(rows(1), time.monotonic() + 0.02)
+    assert len(session.batches) == 1
+    assert (await worker.submit(rows(1), time.monotonic() + 1))["probabilities"].shape == (1, 2)
+
+
+async def test_item_that_expires_while_queued_is_not_computed(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate)
+    worker = make_worker(session, max_batch_size=1)
+    blocking = worker.submit(rows(1, 1), soon())
+    await asyncio.to_thread(session.entered.wait, 5)
+    doomed = worker.submit(rows(1, 2), time.monotonic() + 0.02)
+    await asyncio.sleep(0.05)  # the deadline has to pass in real time
+    gate.set()
+    await blocking
+    with pytest.raises(DeadlineExpired):
+        await doomed
+    assert len(session.batches) == 1
+    np.testing.assert_array_equal(session.batches[0], rows(1, 1))
+
+
+async def test_failed_run_fails_its_batch_and_the_worker_keeps_serving(
+    make_worker: WorkerFactory,
+) -> None:
+    worker = make_worker()
+    with pytest.raises(Exception, match="input"):
+        await worker.submit(np.zeros((1, 7), dtype=np.float32), soon())
+    result = await worker.submit(rows(1), soon())
+    assert result["probabilities"].shape == (1, 2)
+
+
+async def test_items_of_different_shapes_never_share_a_batch(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = RecordingSession(demo_session)
+    worker = make_worker(session)
+    bad = worker.submit(np.zeros((1, 7), dtype=np.float32), soon())
+    good = worker.submit(rows(1), soon())
+    assert (await good)["probabilities"].shape == (1, 2)
+    with pytest.raises(Exception, match="input"):
+        await bad
+
+
+async def test_close_drains_queued_items_then_refuses_new_ones(make_worker: WorkerFactory) -> None:
+    worker = make_worker()
+    futures = [worker.submit(rows(1, i), soon()) for i in range(20)]
+    await worker.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    with pytest.raises(WorkerClosed):
+        worker.submit(rows(1), soon())
+    await worker.close()  # idempotent
+
+
+async def test_crashed_worker_fails_every_pending_future(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = InferenceWorker(demo_session, input_names=["input"], output_names=["probabilities"])
+
+    async def crash() -> list[Any]:
+        await asyncio.sleep(0)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(worker, "_take_batch", crash)
+    worker.start()
+    futures = [worker.submit(rows(1, i), soon()) for i in range(3)]
+    for future in futures:
+        with pytest.raises(WorkerClosed, match="crashed"):
+            await future
+    assert not worker.running
+    await worker.close()

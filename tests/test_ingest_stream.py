@@ -1,0 +1,324 @@
+"""``POST /api/v2/ingest/stream``: NDJSON or concatenated msgpack, partial success with
+indexes counted over the whole stream, per-record size limit, bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import resource
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient
+
+from config import Settings, worker_data_dir
+from service.appkeys import RECORD_SINK
+from service.routes.ingest import MAX_REPORTED_ERRORS, STREAM_CHUNK_RECORDS
+from tests.conftest import AppClientFactory
+from workers.local_log import read_log
+from workers.records import OutboundRecord
+
+Client = TestClient[web.Request, web.Application]
+# Auth and rate limits have tests of their own; here they would only get in the way.
+OPEN: dict[str, Any] = {"auth_disabled": True, "rate_limits_enabled": False}
+STREAM = "/api/v2/ingest/stream?source=sensors"
+NDJSON = {"Content-Type": "application/x-ndjson"}
+MSGPACK = {"Content-Type": "application/msgpack"}
+MAX_RECORD = 4096
+
+
+def _record(i: int, **fields: Any) -> dict[str, Any]:
+    return {"record_id": f"r-{i}", "features": [float(i), 0.0, 1.0, 2.0], **fields}
+
+
+def _ndjson(records: Iterable[object]) -> bytes:
+    return b"".join(msgspec.json.encode(r) + b"\n" for r in records)
+
+
+def _msgpack(records: Iterable[object]) -> bytes:
+    return b"".join(msgspec.msgpack.encode(r) for r in records)
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(
+        feature_dims=(4,),
+        max_stream_record_bytes=MAX_RECORD,
+        **OPEN,
+    )
+
+
+@pytest.fixture
+async def client(app_client: AppClientFactory, settings: Settings) -> Client:
+    return await app_client(settings)
+
+
+def _stored_keys(settings: Settings) -> list[str]:
+    log = Path(worker_data_dir(settings)) / "log"
+    return [entry.record.key.decode() for entry in read_log(log)]
+
+
+async def _problem(response: ClientResponse, status: int) -> dict[str, Any]:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/problem+json"
+    body: dict[str, Any] = await response.json(content_type=None)
+    assert body["status"] == status and body["type"].startswith("/problems/") and body["title"]
+    return body
+
+
+async def _assert_still_serving(client: Client) -> None:
+    record = _record(0, record_id=f"after-{uuid.uuid4().hex}")
+    response = await client.post(STREAM, data=_ndjson([record]), headers=NDJSON)
+    assert response.status == 202
+
+
+# -- accepted streams -----------------------------------------------------------------
+
+
+async def test_ndjson_stream_is_stored_in_order(client: Client, settings: Settings) -> None:
+    response = await client.post(STREAM, data=_ndjson(_record(i) for i in range(10)), headers=NDJSON)
+    assert response.status == 202
+    body = await response.json()
+    assert (body["records_accepted"], body["records_rejected"], body["errors"]) == (10, 0, [])
+    assert _stored_keys(settings) == [f"r-{i}" for i in range(10)]
+
+
+async def test_ndjson_stream_skips_blank_lines_and_takes_a_last_line_without_newline(
+    client: Client, settings: Settings
+) -> None:
+    body = b"\n" + _ndjson([_record(0)]) + b"\r\n\n" + msgspec.json.encode(_record(1))
+    response = await client.post(STREAM, data=body, headers=NDJSON)
+    assert response.status == 202
+    assert _stored_keys(settings) == ["r-0", "r-1"]
+
+
+async def test_concatenated_msgpack_stream_is_stored_in_order(
+    client: Client, settings: Settings
+) -> None:
+    response = await client.post(STREAM, data=_msgpack(_record(i) for i in range(10)), headers=MSGPACK)
+    assert response.status == 202
+    assert (await response.json())["records_accepted"] == 10
+    assert _stored_keys(settings) == [f"r-{i}" for i in range(10)]
+
+
+async def test_msgpack_stream_of_many_small_records_fits_a_small_record_limit(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings]
+) -> None:
+    """The limit is per record: a chunk holding many small records is fine."""
+    client = await app_client(make_settings(feature_dims=(4,), max_stream_record_bytes=100, **OPEN))
+    response = await client.post(STREAM, data=_msgpack(_record(i) for i in range(5000)), headers=MSGPACK)
+    assert response.status == 202
+    assert (await response.json())["records_accepted"] == 5000
+
+
+async def test_gzip_ndjson_stream_is_accepted(client: Client) -> None:
+    body = gzip.compress(_ndjson(_record(i) for i in range(100)))
+    response = await client.post(STREAM, data=body, headers={**NDJSON, "Content-Encoding": "gzip"})
+    assert response.status == 202
+    assert (await response.json())["records_accepted"] == 100
+
+
+async def test_stream_records_carry_the_source_and_one_tracking_id(
+    client: Client, settings: Settings
+) -> None:
+    count = STREAM_CHUNK_RECORDS * 2 + 5
+    response = await client.post(STREAM, data=_ndjson(_record(i) for i in range(count)), headers=NDJSON)
+    tracking_id = (await response.json())["tracking_id"]
+    entries = list(read_log(Path(worker_data_dir(settings)) / "log"))
+    assert len(entries) == count
+    assert {dict(e.record.headers)["tracking_id"] for e in entries} == {tracking_id.encode()}
+    assert {dict(e.record.headers)["source"] for e in entries} == {b"sensors"}
+
+
+# -- partial success ------------------------------------------------------------------
+
+
+def _stream_with_bad_records(total: int, bad: Mapping[int, object]) -> list[object]:
+    return [bad.get(i, _record(i)) for i in range(total)]
+
+
+BAD = {
+    3: "not a record",  # decoded, wrong type
+    STREAM_CHUNK_RECORDS + 500: _record(1500, features="1,2,3,4"),  # wrong field type
+    2 * STREAM_CHUNK_RECORDS + 100: _record(2100, features=[1.0, 2.0]),  # wrong dimension
+    2 * STREAM_CHUNK_RECORDS + 101: _record(2101, features=[1.0, 2.0, 3.0, float("inf")]),
+}
+
+
+async def test_ndjson_partial_success_reports_indexes_over_the_whole_stream(
+    client: Client, settings: Settings
+) -> None:
+    records = _stream_with_bad_records(2500, {**BAD, 2 * STREAM_CHUNK_RECORDS + 101: {}})
+    body = _ndjson(records).replace(b'"not a record"', b"{not json")
+    response = await client.post(STREAM, data=body, headers=NDJSON)
+    assert response.status == 202
+    answer = await response.json()
+    assert (answer["records_accepted"], answer["records_rejected"]) == (2496, 4)
+    assert [e["index"] for e in answer["errors"]] == sorted(BAD)
+    assert answer["errors"][1]["error"].endswith("at features")
+    assert "allowed dimensions" in answer["errors"][2]["error"]
+    assert len(_stored_keys(settings)) == 2496
+
+
+async def test_msgpack_partial_success_reports_indexes_over_the_whole_stream(
+    client: Client,
+) -> None:
+    records = _stream_with_bad_records(2500, BAD)
+    response = await client.post(STREAM, data=_msgpack(records), headers=MSGPACK)
+    assert response.status == 202
+    answer = await response.json()
+    assert answer["records_rejected"] == 4
+    assert [e["index"] for e in answer["errors"]] == sorted(BAD)
+    assert "finite" in answer["errors"][3]["error"]
+    assert answer["errors"][2]["record_id"] == "r-2100"
+
+
+async def test_stream_lists_at_most_the_first_errors_but_counts_them_all(client: Client) -> None:
+    count = MAX_REPORTED_ERRORS + 500
+    records = [_record(i, features=[1.0]) for i in range(count)] + [_record(count)]
+    response = await client.post(STREAM, data=_ndjson(records), headers=NDJSON)
+    assert response.status == 202
+    answer = await response.json()
+    assert answer["records_rejected"] == count and answer["records_accepted"] == 1
+    assert len(answer["errors"]) == MAX_REPORTED_ERRORS
+    assert [e["index"] for e in answer["errors"]] == list(range(MAX_REPORTED_ERRORS))
+
+
+async def test_stream_with_every_record_rejected_is_422_and_writes_nothing(
+    client: Client, settings: Settings
+) -> None:
+    records = [_record(i, features=[1.0]) for i in range(3)]
+    response = await client.post(STREAM, data=_ndjson(records), headers=NDJSON)
+    problem = await _problem(response, 422)
+    assert [e["index"] for e in problem["errors"]] == [0, 1, 2]
+    assert _stored_keys(settings) == []
+
+
+# -- refused streams ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query", ["", "?source=", "?source=bad%20name", "?source=s%0A", "?source=" + "s" * 129]
+)
+async def test_stream_without_a_valid_source_is_422(client: Client, query: str) -> None:
+    response = await client.post(
+        "/api/v2/ingest/stream" + query, data=_ndjson([_record(0)]), headers=NDJSON
+    )
+    problem = await _problem(response, 422)
+    assert problem["errors"][0]["loc"] == "query.source"
+    await _assert_still_serving(client)
+
+
+async def test_stream_of_json_content_type_is_415(client: Client) -> None:
+    response = await client.post(
+        STREAM, data=_ndjson([_record(0)]), headers={"Content-Type": "application/json"}
+    )
+    await _problem(response, 415)
+
+
+async def test_empty_stream_is_422(client: Client) -> None:
+    response = await client.post(STREAM, data=b"\n\n", headers=NDJSON)
+    await _problem(response, 422)
+
+
+async def test_ndjson_line_over_max_stream_record_bytes_is_413(client: Client) -> None:
+    long_line = _record(1, metadata={"note": "x" * MAX_RECORD})
+    body = _ndjson([_record(0), long_line, _record(2)])
+    assert len(body) < 64 * 1024  # arrives in one chunk, whole lines only
+    response = await client.post(STREAM, data=body, headers=NDJSON)
+    problem = await _problem(response, 413)
+    assert str(MAX_RECORD) in problem["detail"]
+    await _assert_still_serving(client)
+
+
+async def test_endless_ndjson_line_is_413_without_waiting_for_its_end(client: Client) -> None:
+    async def endless_line() -> AsyncIterator[bytes]:
+        yield b'{"features": [1.0, 2.0, 3.0, 4.0], "metadata": {"note": "'
+        for _ in range(8):
+            yield b"x" * (16 * 1024)
+        await asyncio.Event().wait()  # the line, and the stream, never end
+
+    response = await client.post(STREAM, data=endless_line(), headers=NDJSON)
+    await _problem(response, 413)
+    await _assert_still_serving(client)
+
+
+async def test_msgpack_record_over_max_stream_record_bytes_is_413(client: Client) -> None:
+    body = _msgpack([_record(0), _record(1, metadata={"note": "x" * MAX_RECORD}), _record(2)])
+    response = await client.post(STREAM, data=body, headers=MSGPACK)
+    await _problem(response, 413)
+    await _assert_still_serving(client)
+
+
+async def test_truncated_msgpack_stream_is_400(client: Client) -> None:
+    body = _msgpack(_record(i) for i in range(3))[:-5]
+    response = await client.post(STREAM, data=body, headers=MSGPACK)
+    problem = await _problem(response, 400)
+    assert "after record 2" in problem["detail"]
+    await _assert_still_serving(client)
+
+
+async def test_invalid_msgpack_stream_is_400(client: Client) -> None:
+    body = _msgpack([_record(0)]) + b"\xc1" + _msgpack([_record(1)])
+    response = await client.post(STREAM, data=body, headers=MSGPACK)
+    await _problem(response, 400)
+    await _assert_still_serving(client)
+
+
+# -- bounded memory -------------------------------------------------------------------
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+async def test_long_stream_is_counted_in_full_in_bounded_memory(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200k records generated lazily: the server writes chunk after chunk while the
+    stream still arrives, and the process grows by a small fraction of the stream."""
+    total, per_chunk = 200_000, 2000
+    line = msgspec.json.encode({"features": [0.5, 1.5, 2.5, 3.5], "label": 1.0}) + b"\n"
+    sink = client.app[RECORD_SINK]
+    write = sink.write
+    writes: list[int] = []
+    first_write = asyncio.Event()
+
+    async def observed_write(records: list[OutboundRecord]) -> None:
+        await write(records)
+        writes.append(len(records))
+        first_write.set()
+
+    monkeypatch.setattr(sink, "write", observed_write)
+    sent = 0
+    baseline = peak = _resident_bytes()
+    wrote_before_the_end = False
+
+    async def lazy_stream() -> AsyncIterator[bytes]:
+        nonlocal sent, peak, wrote_before_the_end
+        for n in range(total // per_chunk):
+            if n == total // per_chunk // 2:
+                # Half sent: a server that buffered the stream would not have written yet.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(first_write.wait(), 5)
+                    wrote_before_the_end = True
+            peak = max(peak, _resident_bytes())
+            chunk = line * per_chunk
+            sent += len(chunk)
+            yield chunk
+
+    response = await client.post(STREAM, data=lazy_stream(), headers=NDJSON)
+    assert response.status == 202
+    answer = await response.json()
+    assert (answer["records_accepted"], answer["records_rejected"]) == (total, 0)
+    assert wrote_before_the_end
+    assert sum(writes) == total and max(writes) <= STREAM_CHUNK_RECORDS
+    assert sent > 8 * 1024 * 1024
+    assert peak - baseline < sent / 4, f"grew {peak - baseline} bytes for a {sent}-byte stream"

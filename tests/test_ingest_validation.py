@@ -1,0 +1,557 @@
+"""``POST /api/v2/ingest`` failure paths: each bad input a clear 4xx problem document,
+one bad record costing only itself, and the server serving on afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient
+
+from config import Settings, worker_data_dir
+from tests.conftest import AppClientFactory
+from workers.local_log import read_log
+
+Client = TestClient[web.Request, web.Application]
+# Auth and rate limits have tests of their own; here they would only get in the way.
+OPEN: dict[str, Any] = {"auth_disabled": True, "rate_limits_enabled": False}
+INGEST = "/api/v2/ingest"
+MAX_BODY = 1024 * 1024
+MSGPACK = {"Content-Type": "application/msgpack"}
+
+
+def _record(i: int = 0, **fields: Any) -> dict[str, Any]:
+    return {"record_id": f"r-{i}", "features": [float(i), 1.0, 2.0, 3.0], **fields}
+
+
+def _batch(*records: object, source: str = "sensors") -> dict[str, Any]:
+    return {"source": source, "records": list(records) or [_record()]}
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(
+        feature_dims=(4,),
+        max_body_bytes=MAX_BODY,
+        max_batch_records=100,
+        **OPEN,
+    )
+
+
+@pytest.fixture
+async def client(app_client: AppClientFactory, settings: Settings) -> Client:
+    return await app_client(settings)
+
+
+def _stored(settings: Settings) -> list[dict[str, Any]]:
+    log = Path(worker_data_dir(settings)) / "log"
+    return [msgspec.json.decode(entry.record.value) for entry in read_log(log)]
+
+
+async def _problem(response: ClientResponse, status: int) -> dict[str, Any]:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/problem+json"
+    body: dict[str, Any] = await response.json(content_type=None)
+    assert body["status"] == status
+    assert body["type"].startswith("/problems/")
+    assert body["title"]
+    assert body["instance"] == INGEST
+    return body
+
+
+async def _assert_still_serving(client: Client) -> None:
+    response = await client.post(INGEST, json=_batch(_record(99, record_id="after")))
+    assert response.status == 202
+    assert (await response.json())["records_accepted"] == 1
+
+
+# -- the body as a whole --------------------------------------------------------------
+
+
+async def test_non_json_body_is_400(client: Client) -> None:
+    response = await client.post(
+        INGEST, data=b'{"source": "s", "records": [', headers={"Content-Type": "application/json"}
+    )
+    body = await _problem(response, 400)
+    assert "json" in body["detail"]
+    await _assert_still_serving(client)
+
+
+async def test_undecodable_msgpack_body_is_400(client: Client) -> None:
+    response = await client.post(INGEST, data=b"\xc1\xc1\xc1", headers=MSGPACK)
+    await _problem(response, 400)
+    await _assert_still_serving(client)
+
+
+async def test_wrong_content_type_is_415(client: Client) -> None:
+    response = await client.post(
+        INGEST, data=b"source=s", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    body = await _problem(response, 415)
+    assert "application/msgpack" in body["detail"]
+    await _assert_still_serving(client)
+
+
+async def test_empty_batch_is_422_located_at_records(client: Client) -> None:
+    response = await client.post(INGEST, json={"source": "s", "records": []})
+    body = await _problem(response, 422)
+    assert [e["loc"] for e in body["errors"]] == ["records"]
+    await _assert_still_serving(client)
+
+
+async def test_missing_source_is_422_located_at_source(client: Client) -> None:
+    response = await client.post(INGEST, json={"records": [_record()]})
+    body = await _problem(response, 422)
+    [error] = body["errors"]
+    assert error["loc"] == "source"
+    assert "source" in error["msg"]
+    await _assert_still_serving(client)
+
+
+@pytest.mark.parametrize("source", ["no spaces", "slash/ed", "", "s" * 129, "trailing-newline\n"])
+async def test_invalid_source_is_422_located_at_source(client: Client, source: str) -> None:
+    response = await client.post(INGEST, json=_batch(source=source))
+    body = await _problem(response, 422)
+    assert [e["loc"] for e in body["errors"]] == ["source"]
+
+
+async def test_body_that_is_not_a_batch_is_422(client: Client) -> None:
+    response = await client.post(INGEST, json=[_record()])
+    body = await _problem(response, 422)
+    assert body["errors"][0]["loc"] == "body"
+    await _assert_still_serving(client)
+
+
+async def test_unknown_batch_field_is_422(client: Client) -> None:
+    response = await client.post(INGEST, json={**_batch(), "extra": 1})
+    body = await _problem(response, 422)
+    assert "extra" in body["errors"][0]["msg"]
+
+
+async def test_batch_over_max_batch_records_is_422(client: Client, settings: Settings) -> None:
+    records = [_record(i) for i in range(settings.max_batch_records + 1)]
+    response = await client.post(INGEST, json=_batch(*records))
+    body = await _problem(response, 422)
+    assert [e["loc"] for e in body["errors"]] == ["records"]
+    assert _stored(settings) == []
+    await _assert_still_serving(client)
+
+
+# -- size limits ----------------------------------------------------------------------
+
+
+async def test_declared_oversized_body_is_413_before_the_body_is_sent(client: Client) -> None:
+    """The answer comes while the client has sent 100 bytes of a declared gigabyte."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        started = time.monotonic()
+        writer.write(
+            b"POST /api/v2/ingest HTTP/1.1\r\nHost: test\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n"
+            + b'{"source": "s", "records": [' + b" " * 72
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 413 ")
+        assert b"Content-Type: application/problem+json" in head
+        assert time.monotonic() - started < 2
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    await _assert_still_serving(client)
+
+
+async def test_oversized_chunked_body_without_length_is_413(client: Client) -> None:
+    """Twice the limit, then a body that never ends: the 413 must not wait for its end."""
+
+    async def never_ending_body() -> AsyncIterator[bytes]:
+        yield b'{"source": "s", "records": ['
+        for _ in range(32):
+            yield b" " * (64 * 1024)
+        await asyncio.Event().wait()
+
+    response = await client.post(
+        INGEST, data=never_ending_body(), headers={"Content-Type": "application/json"}
+    )
+    problem = await _problem(response, 413)
+    assert str(MAX_BODY) in problem["detail"]
+    await _assert_still_serving(client)
+
+
+async def test_gzip_bomb_is_413_on_its_decompressed_size(client: Client) -> None:
+    bomb = gzip.compress(b'{"source": "s", "records": [' + b" " * (8 * MAX_BODY) + b"]}")
+    assert len(bomb) < MAX_BODY / 4
+    response = await client.post(
+        INGEST,
+        data=bomb,
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    await _problem(response, 413)
+    await _assert_still_serving(client)
+
+
+async def test_gzip_body_is_accepted(client: Client, settings: Settings) -> None:
+    body = gzip.compress(msgspec.json.encode(_batch(_record(1), _record(2))))
+    response = await client.post(
+        INGEST, data=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    )
+    assert response.status == 202
+    assert (await response.json())["records_accepted"] == 2
+    assert [r["record_id"] for r in _stored(settings)] == ["r-1", "r-2"]
+
+
+async def test_gzip_msgpack_body_is_accepted(client: Client) -> None:
+    body = gzip.compress(msgspec.msgpack.encode(_batch(_record(1))))
+    response = await client.post(
+        INGEST, data=body, headers={**MSGPACK, "Content-Encoding": "gzip"}
+    )
+    assert response.status == 202
+
+
+def _corrupted(data: bytes) -> bytes:
+    """The gzip header intact, the deflate stream behind it broken."""
+    return data[:10] + b"\xff" * 50 + data[60:]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _corrupted(gzip.compress(msgspec.json.encode(_batch(*(_record(i) for i in range(50)))))),
+        b"plain bytes, not gzip",
+    ],
+    ids=["corrupt", "not-gzip"],
+)
+async def test_undecompressable_gzip_body_is_400_and_the_connection_closes(
+    client: Client, body: bytes
+) -> None:
+    response = await client.post(
+        INGEST, data=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    )
+    problem = await _problem(response, 400)
+    assert "content-encoding" in problem["detail"].lower()
+    assert response.headers["Connection"] == "close"
+    await _assert_still_serving(client)
+
+
+async def test_undecompressable_gzip_stream_is_400(client: Client) -> None:
+    response = await client.post(
+        "/api/v2/ingest/stream?source=s",
+        data=b"plain bytes, not gzip",
+        headers={"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"},
+    )
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"
+    await _assert_still_serving(client)
+
+
+async def test_empty_body_is_400(client: Client) -> None:
+    response = await client.post(INGEST, data=b"", headers={"Content-Type": "application/json"})
+    await _problem(response, 400)
+
+
+# -- hostile shapes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"source": "s", "records": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}",
+        b'{"source": "s", "records": [{"features": [1, 2, 3, 4], "metadata": {"k": '
+        + b'{"k": ' * 100_000
+        + b"}" * 100_000
+        + b"}}]}",
+    ],
+    ids=["top-level", "in-records", "in-metadata"],
+)
+async def test_100k_deep_nested_json_is_4xx(client: Client, body: bytes) -> None:
+    response = await client.post(INGEST, data=body, headers={"Content-Type": "application/json"})
+    assert response.content_type == "application/problem+json"
+    assert response.status in (400, 422)
+    await _assert_still_serving(client)
+
+
+async def test_100k_deep_nested_msgpack_is_4xx(client: Client) -> None:
+    response = await client.post(INGEST, data=b"\x91" * 100_000 + b"\x90", headers=MSGPACK)
+    assert response.content_type == "application/problem+json"
+    assert response.status in (400, 422)
+    await _assert_still_serving(client)
+
+
+async def test_huge_feature_array_is_rejected_alone(client: Client) -> None:
+    huge = {"record_id": "huge", "features": [0.5] * 100_000}
+    response = await client.post(INGEST, json=_batch(_record(0), huge))
+    assert response.status == 202
+    body = await response.json()
+    assert (body["records_accepted"], body["records_rejected"]) == (1, 1)
+    [error] = body["errors"]
+    assert error["index"] == 1 and "features" in error["error"]
+
+
+async def test_batch_of_only_a_huge_feature_array_is_422(client: Client) -> None:
+    response = await client.post(INGEST, json=_batch({"features": [0.5] * 100_000}))
+    body = await _problem(response, 422)
+    assert body["errors"][0]["loc"] == "records[0]"
+    await _assert_still_serving(client)
+
+
+# -- one bad record costs only itself -------------------------------------------------
+
+
+async def test_nan_and_inf_via_msgpack_are_rejected_per_record(
+    client: Client, settings: Settings
+) -> None:
+    records = [
+        _record(0),
+        _record(1, features=[1.0, float("nan"), 0.0, 0.0]),
+        _record(2, features=[float("inf"), 0.0, 0.0, 0.0]),
+        _record(3, features=[0.0, 0.0, 0.0, float("-inf")]),
+        _record(4, label=float("nan")),
+        _record(5),
+        _record(6, metadata={"score": float("inf")}),
+    ]
+    response = await client.post(INGEST, data=msgspec.msgpack.encode(_batch(*records)), headers=MSGPACK)
+    assert response.status == 202
+    body = await response.json()
+    assert (body["records_accepted"], body["records_rejected"]) == (2, 5)
+    errors = {e["index"]: e for e in body["errors"]}
+    assert sorted(errors) == [1, 2, 3, 4, 6]
+    assert "features[1]" in errors[1]["error"] and "finite" in errors[1]["error"]
+    assert "features[0]" in errors[2]["error"]
+    assert "features[3]" in errors[3]["error"]
+    assert "label" in errors[4]["error"]
+    assert "metadata['score']" in errors[6]["error"]
+    assert errors[1]["record_id"] == "r-1"
+    assert [r["record_id"] for r in _stored(settings)] == ["r-0", "r-5"]
+
+
+async def test_wrong_field_type_costs_only_that_record(client: Client, settings: Settings) -> None:
+    records = [_record(0), _record(1, features="1,2,3,4"), _record(2, label="high"), _record(3)]
+    response = await client.post(INGEST, json=_batch(*records))
+    assert response.status == 202
+    body = await response.json()
+    assert (body["records_accepted"], body["records_rejected"]) == (2, 2)
+    assert [e["index"] for e in body["errors"]] == [1, 2]
+    assert "features" in body["errors"][0]["error"]
+    assert "label" in body["errors"][1]["error"]
+    assert [r["record_id"] for r in _stored(settings)] == ["r-0", "r-3"]
+
+
+async def test_record_that_is_not_an_object_costs_only_itself(client: Client) -> None:
+    response = await client.post(INGEST, json=_batch(_record(0), [1, 2, 3, 4], "x", None))
+    assert response.status == 202
+    body = await response.json()
+    assert [e["index"] for e in body["errors"]] == [1, 2, 3]
+
+
+async def test_unknown_record_field_costs_only_that_record(client: Client) -> None:
+    response = await client.post(INGEST, json=_batch(_record(0), _record(1, colour="red")))
+    assert response.status == 202
+    [error] = (await response.json())["errors"]
+    assert error["index"] == 1 and "colour" in error["error"]
+
+
+async def test_wrong_dimension_costs_only_that_record(client: Client) -> None:
+    response = await client.post(INGEST, json=_batch(_record(0), _record(1, features=[1.0] * 5)))
+    assert response.status == 202
+    [error] = (await response.json())["errors"]
+    assert error["index"] == 1 and error["record_id"] == "r-1"
+    assert "allowed dimensions are 4" in error["error"]
+
+
+async def test_value_outside_the_configured_range_costs_only_that_record(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings]
+) -> None:
+    client = await app_client(make_settings(feature_dims=(4,), feature_min=-1.0, feature_max=1.0, **OPEN))
+    records = [
+        _record(0, features=[0.0, 0.5, -0.5, 1.0]),
+        _record(1, features=[0.0, 0.0, 0.0, 1.5]),
+        _record(2, features=[-2.0, 0.0, 0.0, 0.0]),
+    ]
+    response = await client.post(INGEST, json=_batch(*records))
+    assert response.status == 202
+    body = await response.json()
+    assert [e["index"] for e in body["errors"]] == [1, 2]
+    assert "maximum" in body["errors"][0]["error"]
+    assert "minimum" in body["errors"][1]["error"]
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    ["yesterday", "2024-13-01T00:00:00Z", "2024-01-01T00:00:00", -5, 1e15, True],
+    ids=["words", "month-13", "no-offset", "negative-epoch", "far-future-epoch", "bool"],
+)
+async def test_bad_timestamp_costs_only_that_record(
+    client: Client, settings: Settings, stamp: object
+) -> None:
+    response = await client.post(INGEST, json=_batch(_record(0), _record(1, timestamp=stamp)))
+    assert response.status == 202
+    [error] = (await response.json())["errors"]
+    assert error["index"] == 1 and "timestamp" in error["error"]
+    assert [r["record_id"] for r in _stored(settings)] == ["r-0"]
+
+
+async def test_epoch_and_rfc3339_timestamps_are_stored_as_rfc3339_utc(
+    client: Client, settings: Settings
+) -> None:
+    records = [
+        _record(0, timestamp=1_700_000_000),
+        _record(1, timestamp=1_700_000_000.25),
+        _record(2, timestamp="2024-03-01T12:00:00+02:00"),
+        _record(3, timestamp="2024-03-01T12:00:00.5Z"),
+        _record(4),
+    ]
+    before = datetime.now().astimezone()
+    response = await client.post(INGEST, json=_batch(*records))
+    assert response.status == 202
+    stamps = [r["timestamp"] for r in _stored(settings)]
+    assert stamps[:4] == [
+        "2023-11-14T22:13:20Z",
+        "2023-11-14T22:13:20.250000Z",
+        "2024-03-01T10:00:00Z",
+        "2024-03-01T12:00:00.500000Z",
+    ]
+    # Absent: the time of ingestion, in UTC.
+    assert stamps[4].endswith("Z")
+    assert datetime.fromisoformat(stamps[4]) >= before.replace(microsecond=0)
+
+
+async def test_msgpack_epoch_timestamp_is_stored_as_rfc3339_utc(
+    client: Client, settings: Settings
+) -> None:
+    body = msgspec.msgpack.encode(_batch(_record(0, timestamp=0)))
+    response = await client.post(INGEST, data=body, headers=MSGPACK)
+    assert response.status == 202
+    assert _stored(settings)[0]["timestamp"] == "1970-01-01T00:00:00Z"
+
+
+async def test_too_many_metadata_items_cost_only_that_record(client: Client) -> None:
+    too_many = {f"k{i}": i for i in range(33)}
+    records = [_record(0, metadata={"ok": True}), _record(1, metadata=too_many)]
+    response = await client.post(INGEST, json=_batch(*records))
+    assert response.status == 202
+    [error] = (await response.json())["errors"]
+    assert error["index"] == 1 and "metadata" in error["error"]
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"k": "v" * 1025}, {"k" * 65: "v"}, {"k": [1, 2]}, {"k": {"nested": 1}}, {"k": None}],
+    ids=["long-value", "long-key", "list-value", "map-value", "null-value"],
+)
+async def test_oversized_or_wrongly_typed_metadata_costs_only_that_record(
+    client: Client, metadata: dict[str, Any]
+) -> None:
+    response = await client.post(INGEST, json=_batch(_record(0), _record(1, metadata=metadata)))
+    assert response.status == 202
+    [error] = (await response.json())["errors"]
+    assert error["index"] == 1 and "metadata" in error["error"]
+
+
+@pytest.mark.parametrize("record_id", ["", "with space", "new\nline", "trailing-newline\n", "x" * 129])
+async def test_invalid_record_id_costs_only_that_record(client: Client, record_id: str) -> None:
+    response = await client.post(INGEST, json=_batch(_record(0), _record(1, record_id=record_id)))
+    assert response.status == 202
+    [error] = (await response.json())["errors"]
+    assert error["index"] == 1 and "record_id" in error["error"]
+
+
+async def test_record_id_is_generated_when_absent(client: Client, settings: Settings) -> None:
+    records = [{"features": [1.0, 2.0, 3.0, 4.0]}, {"features": [5.0, 6.0, 7.0, 8.0]}]
+    response = await client.post(INGEST, json=_batch(*records))
+    assert response.status == 202
+    stored = _stored(settings)
+    ids = [r["record_id"] for r in stored]
+    assert len(ids) == len(set(ids)) == 2
+    assert all(len(i) >= 16 for i in ids)
+    keys = [e.record.key.decode() for e in read_log(Path(worker_data_dir(settings)) / "log")]
+    assert keys == ids  # the generated id is also the record's key
+
+
+async def test_every_record_rejected_is_422_with_per_record_errors_and_writes_nothing(
+    client: Client, settings: Settings
+) -> None:
+    records = [_record(0, features=[1.0]), _record(1, features="x"), {"features": [float(2)] * 7}]
+    response = await client.post(INGEST, json=_batch(*records))
+    body = await _problem(response, 422)
+    assert [e["loc"] for e in body["errors"]] == ["records[0]", "records[1]", "records[2]"]
+    assert [e["index"] for e in body["errors"]] == [0, 1, 2]
+    assert body["errors"][0]["record_id"] == "r-0"
+    assert _stored(settings) == []
+    await _assert_still_serving(client)
+
+
+async def test_accepted_records_are_stored_with_source_and_headers(
+    client: Client, settings: Settings
+) -> None:
+    record = _record(7, label=0.5, metadata={"site": "a", "n": 3, "x": 1.5, "ok": True})
+    response = await client.post(INGEST, json=_batch(record))
+    tracking_id = (await response.json())["tracking_id"]
+    [entry] = read_log(Path(worker_data_dir(settings)) / "log")
+    assert entry.record.key == b"r-7"
+    assert dict(entry.record.headers) == {
+        "source": b"sensors",
+        "tracking_id": tracking_id.encode(),
+        "schema_version": b"1",
+    }
+    value = msgspec.json.decode(entry.record.value)
+    assert value["source"] == "sensors"
+    assert value["features"] == record["features"]
+    assert value["label"] == 0.5 and value["metadata"] == record["metadata"]
+
+
+# -- negotiation ----------------------------------------------------------------------
+
+
+async def test_accept_msgpack_gets_a_msgpack_response(client: Client) -> None:
+    response = await client.post(
+        INGEST,
+        data=msgspec.msgpack.encode(_batch(_record(0), _record(1, features=[1.0]))),
+        headers={**MSGPACK, "Accept": "application/msgpack"},
+    )
+    assert response.status == 202
+    assert response.content_type == "application/msgpack"
+    body = msgspec.msgpack.decode(await response.read())
+    assert (body["records_accepted"], body["records_rejected"]) == (1, 1)
+    assert body["errors"][0]["index"] == 1
+
+
+async def test_accept_msgpack_gets_msgpack_problem_documents(client: Client) -> None:
+    response = await client.post(
+        INGEST, json={"source": "s", "records": []}, headers={"Accept": "application/msgpack"}
+    )
+    assert response.status == 422
+    assert response.content_type == "application/msgpack"
+    problem = msgspec.msgpack.decode(await response.read())
+    assert problem["status"] == 422 and problem["type"] == "/problems/validation-failed"
+    assert problem["title"] and problem["errors"][0]["loc"] == "records"
+
+
+async def test_json_preferred_over_msgpack_by_quality_gets_json(client: Client) -> None:
+    response = await client.post(
+        INGEST,
+        json=_batch(),
+        headers={"Accept": "application/msgpack;q=0.5, application/json"},
+    )
+    assert response.status == 202
+    assert response.content_type == "application/json"
+
+
+async def test_unsupported_content_encoding_is_415(app_client, make_settings) -> None:
+    client = await app_client(make_settings(feature_dims=(4,)))
+    response = await client.post(
+        "/api/v2/ingest",
+        data=b'{"source": "s", "records": [{"features": [1, 2, 3, 4]}]}',
+        headers={"Content-Type": "application/json", "Content-Encoding": "compress"},
+    )
+    assert response.status == 415
+    assert response.content_type == "application/problem+json"
+    assert "gzip" in response.headers["Accept-Encoding"]

@@ -1,0 +1,127 @@
+"""``python -m service keys``: create prints a key once, list and revoke, keys in Redis,
+and the dev key ``serve --dev`` makes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.api_keys import KeyFile, keys_path
+from service.appkeys import KEY_STORE
+from service.keys_command import ensure_dev_key
+from tests.service_process import REPO
+from tests.support import ManagedProcess
+
+INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
+
+
+@pytest.fixture
+def keys_cli(tmp_path: Path):
+    """Run ``python -m service keys ARGS`` against a keys file of the test's own."""
+    keys_file = tmp_path / "keys.json"
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("MLGATE_")}
+        environment.pop("REDIS_URL", None)
+        environment.update(MLGATE_KEYS_FILE=str(keys_file), **env)
+        return subprocess.run(
+            [sys.executable, "-m", "service", "keys", *args],
+            cwd=REPO, env=environment, capture_output=True, text=True, timeout=30,
+        )
+
+    run.keys_file = keys_file  # type: ignore[attr-defined]
+    return run
+
+
+def test_create_prints_only_the_key_and_stores_only_its_hash(keys_cli) -> None:
+    done = keys_cli("create", "--tenant", "acme", "--scopes", "ingest,predict")
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.strip()
+    assert key.startswith("mlg_") and "\n" not in key
+    stored = keys_cli.keys_file.read_text()
+    assert key not in stored and key.split("_", 2)[2] not in stored
+    [entry] = json.loads(stored)["keys"]
+    assert entry["tenant"] == "acme" and entry["hash"].startswith("sha256:")
+    assert keys_cli.keys_file.stat().st_mode & 0o077 == 0
+
+
+def test_create_writes_an_audit_event_without_the_key(keys_cli) -> None:
+    done = keys_cli("create", "--tenant", "acme", "--scopes", "ingest")
+    event = json.loads(next(line for line in done.stderr.splitlines() if line.startswith("{")))
+    assert (event["event"], event["channel"], event["tenant"]) == ("key_create", "audit", "acme")
+    assert done.stdout.strip() not in done.stderr
+
+
+def test_create_refuses_an_unknown_scope(keys_cli) -> None:
+    done = keys_cli("create", "--tenant", "acme", "--scopes", "ingest,root")
+    assert done.returncode == 2
+    assert "scopes" in done.stderr
+    assert not keys_cli.keys_file.exists()
+
+
+def test_list_shows_keys_but_no_secrets(keys_cli) -> None:
+    key = keys_cli("create", "--tenant", "acme", "--scopes", "ingest", "--rate", "5", "--burst", "10").stdout.strip()
+    done = keys_cli("list", "--json")
+    [row] = [json.loads(line) for line in done.stdout.splitlines()]
+    assert row["key_id"] == key.split("_")[1]
+    assert (row["tenant"], row["scopes"], row["rate"], row["burst"]) == ("acme", ["ingest"], 5.0, 10)
+    assert "hash" not in row and key not in done.stdout
+
+
+async def test_created_key_is_let_in_and_revoked_key_is_not(
+    keys_cli, app_client, make_settings
+) -> None:
+    key = keys_cli("create", "--tenant", "acme", "--scopes", "ingest").stdout.strip()
+    client = await app_client(
+        make_settings(auth_disabled=False, keys_file=str(keys_cli.keys_file), feature_dims=(4,))
+    )
+    assert (await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})).status == 202
+    done = keys_cli("revoke", key.split("_")[1])
+    assert done.returncode == 0, done.stderr
+    client.app[KEY_STORE].reload()
+    assert (await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})).status == 401
+
+
+def test_revoking_an_unknown_key_fails(keys_cli) -> None:
+    assert keys_cli("revoke", "0123456789abcdef").returncode == 1
+
+
+async def test_keys_created_in_redis_are_let_in(
+    keys_cli, app_client, make_settings, redis_server: ManagedProcess
+) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    done = keys_cli("create", "--tenant", "acme", "--scopes", "ingest", "--store", "redis", REDIS_URL=url)
+    assert done.returncode == 0, done.stderr
+    assert not keys_cli.keys_file.exists()
+    client = await app_client(
+        make_settings(
+            auth_disabled=False, keys_file=str(keys_cli.keys_file), redis_url=url, feature_dims=(4,)
+        )
+    )
+    response = await client.post(
+        "/api/v2/ingest", json=INGEST, headers={"X-API-Key": done.stdout.strip()}
+    )
+    assert response.status == 202
+
+
+def test_dev_mode_creates_a_key_with_every_scope_and_prints_it(make_settings, capsys) -> None:
+    settings = make_settings(auth_disabled=False)
+    ensure_dev_key(settings)
+    printed = capsys.readouterr().out
+    [entry] = KeyFile(keys_path(settings)).load().values()
+    assert entry.scopes == {"ingest", "predict", "admin", "quality"}
+    assert f"mlg_{entry.key_id}_" in printed
+
+
+def test_dev_mode_prints_the_same_key_at_the_next_start(make_settings, capsys) -> None:
+    settings = make_settings(auth_disabled=False)
+    ensure_dev_key(settings)
+    first = capsys.readouterr().out
+    ensure_dev_key(settings)
+    assert capsys.readouterr().out == first
+    assert len(KeyFile(keys_path(settings)).load()) == 1

@@ -1,0 +1,297 @@
+"""ModelRepository: Triton layout, version policies, hot reload, failures that do not spread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from config import Settings
+from models.make_demo_model import IR_VERSION, OPSET, build_mlp
+from workers.model_repository import (
+    IndexEntry,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelRepository,
+    TensorSpec,
+)
+
+
+def add_version(
+    root: Path, model: str, version: int, *, seed: int = 1, body: bytes | None = None
+) -> Path:
+    """Write ``<root>/<model>/<version>/model.onnx`` atomically (build aside, rename in)."""
+    staging = root / model / f".staging-{version}"
+    staging.mkdir(parents=True)
+    data = body if body is not None else build_mlp(seed=seed).SerializeToString()
+    (staging / "model.onnx").write_bytes(data)
+    final = root / model / str(version)
+    os.rename(staging, final)
+    return final
+
+
+def write_config(root: Path, model: str, **config: Any) -> None:
+    (root / model).mkdir(parents=True, exist_ok=True)
+    (root / model / "config.json").write_text(json.dumps(config))
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 128)).astype(np.float32)
+
+
+def soon() -> float:
+    return time.monotonic() + 5
+
+
+async def predict(
+    repo: ModelRepository, model: str = "demo", version: str | None = None
+) -> tuple[str, np.ndarray]:
+    loaded, future = repo.submit(model, version, rows(1), soon())
+    return loaded.version, (await future)["probabilities"]
+
+
+@pytest.fixture
+def repo_root(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+async def start_repository(
+    make_settings: Callable[..., Settings], repo_root: Path
+) -> AsyncIterator[Callable[..., Any]]:
+    started: list[ModelRepository] = []
+
+    async def start(**overrides: Any) -> ModelRepository:
+        settings = make_settings(model_repository=str(repo_root), **overrides)
+        repo = ModelRepository(settings)
+        await repo.start()
+        started.append(repo)
+        return repo
+
+    yield start
+    for repo in started:
+        await repo.close()
+
+
+async def test_latest_version_serves_with_metadata_from_the_graph(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "demo", 2, seed=2)
+    repo = await start_repository()
+    latest = repo.resolve("demo")
+    assert latest.version == "2" and repo.versions("demo") == ["2"]
+    assert latest.inputs == (TensorSpec("input", "FP32", (-1, 128)),)
+    assert latest.outputs == (TensorSpec("probabilities", "FP32", (-1, 2)),)
+    assert latest.kind == "classifier" and latest.batchable
+    assert repo.ready
+
+
+async def test_version_policy_all_serves_every_version(
+    repo_root: Path, start_repository: Any
+) -> None:
+    for version in (1, 2, 3):
+        add_version(repo_root, "demo", version, seed=version)
+    write_config(repo_root, "demo", version_policy="all")
+    repo = await start_repository()
+    assert repo.versions("demo") == ["1", "2", "3"]
+    assert repo.resolve("demo", "1").version == "1"
+    assert repo.resolve("demo").version == "3"
+
+
+async def test_version_policy_specific_serves_only_those(
+    repo_root: Path, start_repository: Any
+) -> None:
+    for version in (1, 2, 3):
+        add_version(repo_root, "demo", version, seed=version)
+    write_config(repo_root, "demo", version_policy={"specific": [1, 3]}, max_batch_size=8)
+    repo = await start_repository()
+    assert repo.versions("demo") == ["1", "3"]
+    assert repo.resolve("demo").max_batch_size == 8
+    with pytest.raises(ModelNotFound):
+        repo.resolve("demo", "2")
+
+
+async def test_unknown_model_or_version_is_not_found(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    with pytest.raises(ModelNotFound):
+        repo.resolve("nope")
+    with pytest.raises(ModelNotFound):
+        repo.resolve("demo", "9")
+
+
+async def test_new_version_becomes_latest_without_failing_in_flight_requests(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1, seed=1)
+    repo = await start_repository()
+    old_worker = repo.resolve("demo").worker
+    stop = asyncio.Event()
+    served: list[str] = []
+
+    async def client() -> None:
+        while not stop.is_set():
+            version, _ = await predict(repo)
+            served.append(version)
+
+    clients = [asyncio.create_task(client()) for _ in range(16)]
+    await asyncio.sleep(0.05)
+    add_version(repo_root, "demo", 2, seed=2)
+    await repo.poll()
+    await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.gather(*clients)  # any failed request would raise here
+    assert repo.resolve("demo").version == "2"
+    assert served[0] == "1" and served[-1] == "2"
+    assert not old_worker.running and old_worker.mailbox_depth == 0
+
+
+async def test_broken_version_is_reported_and_the_old_one_keeps_serving(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    add_version(repo_root, "demo", 2, body=b"this is not an onnx model")
+    await repo.poll()
+    assert (await predict(repo))[0] == "1"
+    entry = next(e for e in repo.index() if e.version == "2")
+    assert entry.state == "UNAVAILABLE" and "failed to load version 2" in entry.reason
+    assert IndexEntry("demo", "1", "READY") in repo.index()
+    assert repo.ready
+
+
+async def test_broken_reload_of_a_serving_version_keeps_the_loaded_one(
+    repo_root: Path, start_repository: Any
+) -> None:
+    path = add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    (path / "model.onnx").write_bytes(b"truncated")
+    await repo.poll()
+    assert (await predict(repo))[0] == "1"
+    entry = repo.index()[0]
+    assert entry.state == "READY" and "keeps serving" in entry.reason
+
+
+def fails_at_run_time() -> bytes:
+    """A valid graph whose first run fails: 128 values cannot be reshaped to [3, -1]."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [3, -1])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["output"])],
+        "fails",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 128])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [3, None])],
+        [shape],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    return bytes(model.SerializeToString())
+
+
+async def test_version_that_fails_its_warm_up_run_is_never_served(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "demo", 2, body=fails_at_run_time())
+    write_config(repo_root, "demo", version_policy="all")
+    repo = await start_repository()
+    assert repo.versions("demo") == ["1"]
+    entry = next(e for e in repo.index() if e.version == "2")
+    assert entry.state == "UNAVAILABLE" and "Reshape" in entry.reason
+
+
+async def test_invalid_config_is_reported_without_unloading(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    write_config(repo_root, "demo", max_batch_size=0)
+    await repo.poll()
+    assert (await predict(repo))[0] == "1"
+    assert "max_batch_size" in repo.index()[0].reason
+
+
+async def test_removed_version_directory_is_retired(repo_root: Path, start_repository: Any) -> None:
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "demo", 2, seed=2)
+    write_config(repo_root, "demo", version_policy="all")
+    repo = await start_repository()
+    (repo_root / "demo" / "2" / "model.onnx").unlink()
+    await repo.poll()
+    assert repo.versions("demo") == ["1"]
+    assert IndexEntry("demo", "2", "UNAVAILABLE", "removed from the repository") in repo.index()
+
+
+async def test_unload_stops_serving_until_load_and_polling_leaves_it_alone(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    await repo.unload("demo")
+    await repo.poll()
+    with pytest.raises(ModelNotFound):
+        repo.resolve("demo")
+    assert repo.index() == [IndexEntry("demo", "1", "UNAVAILABLE", "unloaded")]
+    assert not repo.ready
+    await repo.load("demo")
+    assert (await predict(repo))[0] == "1"
+
+
+async def test_explicit_load_of_a_broken_model_raises_with_the_reason(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "broken", 1, body=b"garbage")
+    repo = await start_repository()
+    with pytest.raises(ModelLoadFailed, match="failed to load version 1"):
+        await repo.load("broken")
+    with pytest.raises(ModelNotFound):
+        await repo.load("absent")
+
+
+async def test_polling_picks_up_a_new_version_by_itself(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository(model_poll_interval_s=0.05)
+    add_version(repo_root, "demo", 2, seed=2)
+
+    async def until_latest_is_2() -> None:
+        while repo.resolve("demo").version != "2":
+            await repo.wait_changed()
+
+    await asyncio.wait_for(until_latest_is_2(), 5)
+    assert (await predict(repo))[0] == "2"
+
+
+async def test_not_ready_without_the_default_model(repo_root: Path, start_repository: Any) -> None:
+    add_version(repo_root, "other", 1)
+    repo = await start_repository()
+    assert repo.versions("other") == ["1"] and not repo.ready
+
+
+async def test_names_that_leave_the_repository_are_not_models(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root.parent, "outside", 1)
+    repo = await start_repository()
+    for name in ("..", ".", "../outside", ".hidden"):
+        with pytest.raises(ModelNotFound):
+            await repo.load(name)
+        with pytest.raises(ModelNotFound):
+            await repo.unload(name)
+    assert [e.name for e in repo.index()] == ["demo"]

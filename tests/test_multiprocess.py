@@ -1,0 +1,117 @@
+"""``serve --workers 2``: two processes on one port, metrics summed, one SIGTERM stops all."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ServiceFactory
+from tests.service_process import (
+    ServiceProcess,
+    child_pids,
+    is_running,
+    notify_socket,
+    receive_until,
+)
+from workers.local_log import read_log
+
+REQUESTS = 40
+INGEST_202 = ("mlgate_http_requests_total", (("method", "POST"), ("route", "/api/v2/ingest"), ("status", "202")))
+
+
+def start_two_processes(service_process: ServiceFactory) -> ServiceProcess:
+    """Returns once the supervisor says READY=1: both processes listen, not just one."""
+    with notify_socket() as (path, sock):
+        service = service_process("--workers", "2", wait=False, NOTIFY_SOCKET=path)
+        receive_until(sock, "READY=1")
+    return service
+
+
+async def ingest_on_fresh_connections(service: ServiceProcess, count: int) -> None:
+    """Each request on a new connection, so the kernel spreads them over the processes."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for i in range(count):
+            body = {"source": "mp", "records": [{"record_id": f"r-{i}", "features": [1, 2, 3, 4]}]}
+            async with session.post(f"{service.url}/api/v2/ingest", json=body) as response:
+                assert response.status == 202
+
+
+async def scrape(service: ServiceProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(f"{service.url}/metrics") as response:
+            text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def written_by_each_process(data_dir: Path) -> tuple[list[str], list[str]]:
+    """Record ids in the logs of process 0 (``data_dir``) and 1 (``data_dir/worker-1``)."""
+    return (
+        [entry.record.key.decode() for entry in read_log(data_dir / "log")],
+        [entry.record.key.decode() for entry in read_log(data_dir / "worker-1" / "log")],
+    )
+
+
+async def test_two_processes_serve_one_port_each_writing_its_own_log(
+    service_process: ServiceFactory,
+) -> None:
+    service = start_two_processes(service_process)
+    await ingest_on_fresh_connections(service, REQUESTS)
+    # Each 202 came after its record was fsync'd, so both logs are complete now.
+    first, second = written_by_each_process(service.data_dir)
+    assert first and second
+    assert sorted(first + second) == sorted(f"r-{i}" for i in range(REQUESTS))
+
+
+async def test_metrics_count_the_requests_of_both_processes_whichever_answers_the_scrape(
+    service_process: ServiceFactory,
+) -> None:
+    service = start_two_processes(service_process)
+    await ingest_on_fresh_connections(service, REQUESTS)
+    assert all(written_by_each_process(service.data_dir))  # both processes took some
+    scrapes = await asyncio.gather(*(scrape(service) for _ in range(8)))
+    assert [samples[INGEST_202] for samples in scrapes] == [float(REQUESTS)] * 8
+
+
+def serving_children(pid: int) -> set[int]:
+    """The supervisor's serving processes (not multiprocessing's resource tracker)."""
+    return {
+        child
+        for child in child_pids(pid)
+        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
+    }
+
+
+def test_sigterm_to_the_supervisor_stops_both_processes_and_exits_0(
+    service_process: ServiceFactory,
+) -> None:
+    with notify_socket() as (path, sock):
+        service = service_process("--workers", "2", wait=False, NOTIFY_SOCKET=path,
+                                  MLGATE_SHUTDOWN_TIMEOUT_S="5")
+        receive_until(sock, "READY=1")
+        servers = serving_children(service.pid)
+        assert len(servers) == 2
+        service.send(signal.SIGTERM)
+        receive_until(sock, "STOPPING=1")
+        assert service.wait(15) == 0
+    assert not [pid for pid in servers if is_running(pid)]
+
+
+def test_supervisor_exits_1_when_a_process_cannot_start(service_process: ServiceFactory) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = service_process("--workers", "2", "--port", str(port), wait=False)
+        # The children cannot bind; the supervisor gives up instead of restarting them forever.
+        assert service.wait(30) == 1

@@ -1,0 +1,311 @@
+"""/api/v2/predict and /api/v1/predict over HTTP, against real onnxruntime sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import onnxruntime as ort
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from config import Settings
+from models.make_demo_model import build_mlp
+from service.appkeys import MODEL_REPOSITORY
+from workers.inference import InferenceWorker
+
+Client = TestClient[web.Request, web.Application]
+DEMO_REPO = Path(__file__).resolve().parent.parent / "models"
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 128)).astype(np.float32)
+
+
+def add_version(root: Path, version: int, seed: int, config: str | None = None) -> None:
+    staging = root / "demo" / f".staging-{version}"
+    staging.mkdir(parents=True)
+    (staging / "model.onnx").write_bytes(build_mlp(seed=seed).SerializeToString())
+    if config is not None:
+        (root / "demo" / "config.json").write_text(config)
+    os.rename(staging, root / "demo" / str(version))
+
+
+def expected(model_file: Path, data: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": data})[0]
+
+
+class GatedSession:
+    """Wraps a worker's real session: runs wait for ``gate``; the rows computed are kept."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.computed: list[np.ndarray] = []
+
+    def run(
+        self, names: Sequence[str] | None, feed: Mapping[str, np.ndarray]
+    ) -> Sequence[np.ndarray]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.computed.append(feed["input"].copy())
+        return self.session.run(names, dict(feed))
+
+
+def gate_worker(worker: InferenceWorker, monkeypatch: pytest.MonkeyPatch) -> GatedSession:
+    gated = GatedSession(worker._session)
+    monkeypatch.setattr(worker, "_session", gated)
+    return gated
+
+
+@pytest.fixture
+def repo_root(tmp_path: Path) -> Path:
+    return tmp_path / "models"
+
+
+@pytest.fixture
+async def demo_client(app_client: Any, make_settings: Callable[..., Settings]) -> Client:
+    client: Client = await app_client(make_settings(model_repository=str(DEMO_REPO)))
+    return client
+
+
+async def predict(
+    client: Client, body: dict[str, Any], **headers: str
+) -> tuple[int, dict[str, Any]]:
+    response = await client.post("/api/v2/predict", json=body, headers=headers)
+    return response.status, await response.json()
+
+
+async def test_single_row_answers_the_argmax_class_and_its_probability(demo_client: Client) -> None:
+    data = rows(1, seed=7)
+    status, body = await predict(demo_client, {"features": data[0].tolist(), "request_id": "r-1"})
+    probabilities = expected(DEMO_REPO / "demo" / "1" / "model.onnx", data)[0]
+    assert status == 200
+    assert body["prediction"] == int(probabilities.argmax())
+    assert body["confidence"] == pytest.approx(float(probabilities.max()), abs=1e-6)
+    assert body["label"] == ["negative", "positive"][body["prediction"]]
+    assert (body["model"], body["model_version"], body["request_id"]) == ("demo", "1", "r-1")
+    assert body["latency_ms"] > 0
+
+
+async def test_instances_answer_one_prediction_per_row_in_order(demo_client: Client) -> None:
+    data = rows(5, seed=3)
+    status, body = await predict(demo_client, {"instances": data.tolist()})
+    probabilities = expected(DEMO_REPO / "demo" / "1" / "model.onnx", data)
+    assert status == 200
+    assert [p["prediction"] for p in body["predictions"]] == probabilities.argmax(axis=1).tolist()
+    confidences = [p["confidence"] for p in body["predictions"]]
+    np.testing.assert_allclose(confidences, probabilities.max(axis=1), atol=1e-6)
+
+
+async def test_msgpack_in_and_out(demo_client: Client) -> None:
+    response = await demo_client.post(
+        "/api/v2/predict",
+        data=msgspec.msgpack.encode({"features": rows(1)[0].tolist()}),
+        headers={"Content-Type": "application/msgpack", "Accept": "application/msgpack"},
+    )
+    assert response.status == 200 and response.content_type == "application/msgpack"
+    assert msgspec.msgpack.decode(await response.read())["model_version"] == "1"
+
+
+async def test_v1_answers_the_v2_prediction_as_result_with_deprecation_headers(
+    demo_client: Client,
+) -> None:
+    features = rows(1, seed=5)[0].tolist()
+    response = await demo_client.post("/api/v1/predict", json={"features": features})
+    body = await response.json()
+    _, v2 = await predict(demo_client, {"features": features})
+    assert response.status == 200
+    assert body["result"]["prediction"] == v2["prediction"]
+    assert body["result"]["confidence"] == v2["confidence"]
+    assert response.headers["Deprecation"].startswith("@")
+    assert response.headers["Sunset"].endswith("GMT")
+    assert (
+        'rel="successor-version"' in response.headers["Link"]
+        and "/api/v2/predict" in response.headers["Link"]
+    )
+
+
+async def test_unknown_model_or_version_is_404(demo_client: Client) -> None:
+    features = rows(1)[0].tolist()
+    status, body = await predict(demo_client, {"features": features, "model": "nope"})
+    assert status == 404 and body["status"] == 404
+    status, _ = await predict(demo_client, {"features": features, "model_version": "9"})
+    assert status == 404
+
+
+async def test_wrong_feature_count_is_422_located_at_features(demo_client: Client) -> None:
+    status, body = await predict(demo_client, {"features": [1.0, 2.0]})
+    assert status == 422
+    assert body["errors"] == [{"loc": "features", "msg": "expected 128 features, got 2"}]
+
+
+async def test_ragged_instances_are_422(demo_client: Client) -> None:
+    status, body = await predict(demo_client, {"instances": [[1.0] * 128, [1.0] * 127]})
+    assert status == 422 and body["errors"][0]["loc"] == "instances"
+
+
+async def test_features_and_instances_together_are_422(demo_client: Client) -> None:
+    status, _ = await predict(demo_client, {"features": [1.0] * 128, "instances": [[1.0] * 128]})
+    assert status == 422
+
+
+async def test_non_finite_features_are_422(demo_client: Client) -> None:
+    response = await demo_client.post(
+        "/api/v2/predict",
+        data=msgspec.msgpack.encode({"features": [float("nan")] + [0.0] * 127}),
+        headers={"Content-Type": "application/msgpack"},
+    )
+    assert response.status == 422
+
+
+async def test_malformed_request_timeout_header_is_400(demo_client: Client) -> None:
+    status, _ = await predict(
+        demo_client, {"features": [0.0] * 128}, **{"X-Request-Timeout": "soon"}
+    )
+    assert status == 400
+
+
+async def test_pinned_version_serves_that_version(
+    app_client: Any, make_settings: Callable[..., Settings], repo_root: Path
+) -> None:
+    add_version(repo_root, 1, seed=1, config='{"version_policy": "all"}')
+    add_version(repo_root, 2, seed=2)
+    client = await app_client(make_settings(model_repository=str(repo_root)))
+    data = rows(1, seed=11)
+    for version in ("1", "2"):
+        status, body = await predict(
+            client, {"features": data[0].tolist(), "model_version": version}
+        )
+        probabilities = expected(repo_root / "demo" / version / "model.onnx", data)[0]
+        assert status == 200 and body["model_version"] == version
+        assert body["confidence"] == pytest.approx(float(probabilities.max()), abs=1e-6)
+    _, latest = await predict(client, {"features": data[0].tolist()})
+    assert latest["model_version"] == "2"
+
+
+async def test_500_concurrent_predicts_each_answer_their_own_row(
+    app_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    client = await app_client(
+        make_settings(model_repository=str(DEMO_REPO), inference_mailbox_size=1024)
+    )
+    data = rows(500, seed=42)
+    probabilities = expected(DEMO_REPO / "demo" / "1" / "model.onnx", data)
+    answers = await asyncio.gather(
+        *(predict(client, {"features": data[i].tolist()}) for i in range(500))
+    )
+    for i, (status, body) in enumerate(answers):
+        assert status == 200
+        assert body["prediction"] == int(probabilities[i].argmax())
+        assert body["confidence"] == pytest.approx(float(probabilities[i].max()), abs=1e-6)
+    worker = client.app[MODEL_REPOSITORY].resolve("demo").worker
+    assert worker.stats.batches < 500  # they were batched, and still not mixed up
+
+
+async def test_version_2_added_while_requests_flow_becomes_latest_without_a_failed_request(
+    app_client: Any, make_settings: Callable[..., Settings], repo_root: Path
+) -> None:
+    add_version(repo_root, 1, seed=1)
+    client = await app_client(make_settings(model_repository=str(repo_root)))
+    stop = asyncio.Event()
+    answered = asyncio.Event()
+    answers: list[tuple[int, str]] = []
+
+    async def keep_predicting(seed: int) -> None:
+        while not stop.is_set():
+            status, body = await predict(client, {"features": rows(1, seed)[0].tolist()})
+            answers.append((status, body.get("model_version", "")))
+            answered.set()
+
+    async def until_answered(count: int) -> None:
+        while len(answers) < count:
+            answered.clear()
+            await answered.wait()
+
+    clients = [asyncio.create_task(keep_predicting(i)) for i in range(16)]
+    await until_answered(50)
+    add_version(repo_root, 2, seed=2)
+    await client.app[MODEL_REPOSITORY].poll()
+    await until_answered(len(answers) + 50)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert {status for status, _ in answers} == {200}
+    assert answers[0][1] == "1" and answers[-1][1] == "2"
+
+
+async def test_flooded_tiny_mailbox_answers_the_excess_503_at_once_and_nothing_hangs(
+    app_client: Any,
+    make_settings: Callable[..., Settings],
+    repo_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    add_version(repo_root, 1, seed=1, config='{"max_batch_size": 1}')
+    client = await app_client(
+        make_settings(model_repository=str(repo_root), inference_mailbox_size=2)
+    )
+    gated = gate_worker(client.app[MODEL_REPOSITORY].resolve("demo").worker, monkeypatch)
+
+    async def timed(i: int) -> tuple[int, float, str | None]:
+        started = time.monotonic()
+        response = await client.post("/api/v2/predict", json={"features": rows(1, i)[0].tolist()})
+        return response.status, time.monotonic() - started, response.headers.get("Retry-After")
+
+    computing = asyncio.create_task(timed(0))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    tasks = [asyncio.create_task(timed(i)) for i in range(1, 41)]
+    done: set[asyncio.Task[tuple[int, float, str | None]]] = set()
+    while len(done) < 38:  # the mailbox admits two; the rest are shed
+        finished, _ = await asyncio.wait(
+            set(tasks) - done, timeout=5, return_when=asyncio.FIRST_COMPLETED
+        )
+        assert finished, "a shed request hung"
+        done |= finished
+    shed = [task.result() for task in done]
+    assert {status for status, _, _ in shed} == {503}
+    assert all(retry_after == "1" for _, _, retry_after in shed)
+    assert max(elapsed for _, elapsed, _ in shed) < 1.0
+    gated.gate.set()
+    admitted = await asyncio.wait_for(asyncio.gather(computing, *(set(tasks) - done)), 5)
+    assert [status for status, _, _ in admitted] == [200, 200, 200]
+
+
+async def test_deadline_passed_while_queued_is_504_without_compute(
+    app_client: Any,
+    make_settings: Callable[..., Settings],
+    repo_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    add_version(repo_root, 1, seed=1, config='{"max_batch_size": 1}')
+    client = await app_client(make_settings(model_repository=str(repo_root)))
+    worker = client.app[MODEL_REPOSITORY].resolve("demo").worker
+    gated = gate_worker(worker, monkeypatch)
+    first = asyncio.create_task(predict(client, {"features": rows(1, 1)[0].tolist()}))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    late = asyncio.create_task(
+        predict(client, {"features": rows(1, 2)[0].tolist()}, **{"X-Request-Timeout": "30"})
+    )
+    await asyncio.sleep(0.1)  # the 30 ms deadline has to pass in real time
+    assert worker.mailbox_depth == 1
+    gated.gate.set()
+    assert (await first)[0] == 200
+    status, body = await late
+    assert status == 504 and body["status"] == 504
+    assert len(gated.computed) == 1
+    np.testing.assert_array_equal(gated.computed[0], rows(1, 1))
+
+
+async def test_ready_reports_the_models_check(demo_client: Client) -> None:
+    response = await demo_client.get("/ready")
+    body = await response.json()
+    assert response.status == 200 and body["checks"]["models"] is True

@@ -1,0 +1,125 @@
+"""``python -m service quality profile|report``: build a profile, print and plot drift."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from config import Settings
+from schemas.quality import profile_decoder
+from service.__main__ import main
+from service.appkeys import DRIFT_MONITOR
+from tests.conftest import AppClientFactory
+from tests.quality_data import DRIFTED, drifted, records, reference_sample, write_profile
+
+WINDOW = 1000
+
+
+@pytest.fixture
+def profiles_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "profiles"
+    monkeypatch.setenv("MLGATE_PROFILES_DIR", str(path))
+    monkeypatch.setenv("MLGATE_MODEL_REPOSITORY", str(tmp_path / "models"))
+    return path
+
+
+async def run_cli(argv: Sequence[str]) -> int:
+    """The command in a thread, so a service on this loop can answer it."""
+    return await asyncio.get_running_loop().run_in_executor(None, main, list(argv))
+
+
+def test_profile_command_builds_a_profile_from_ndjson(
+    tmp_path: Path, profiles_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sample = tmp_path / "reference.ndjson"
+    sample.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in records(reference_sample(3000))))
+    code = main(["quality", "profile", "--source", "sensors", "--input", str(sample), "--on-violation", "flag"])
+    assert code == 0
+    path = profiles_dir / "sources" / "sensors.profile.json"
+    profile = profile_decoder.decode(path.read_bytes())
+    assert (profile.name, profile.reference_count, profile.on_violation) == ("sensors", 3000, "flag")
+    assert len(profile.features) == 8
+    assert str(path) in capsys.readouterr().out
+
+
+def test_profile_command_reads_a_json_batch_for_a_model(tmp_path: Path, profiles_dir: Path) -> None:
+    sample = tmp_path / "batch.json"
+    sample.write_bytes(msgspec.json.encode({"source": "x", "records": records(reference_sample(500))}))
+    names = ",".join(f"n{i}" for i in range(8))
+    assert main(["quality", "profile", "--model", "demo", "--input", str(sample), "--feature-names", names]) == 0
+    profile = profile_decoder.decode((tmp_path / "models" / "demo" / "profile.json").read_bytes())
+    assert profile.kind == "model" and profile.features[7].name == "n7"
+
+
+async def test_profile_command_builds_a_profile_from_the_local_log(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], tmp_path: Path,
+    profiles_dir: Path,
+) -> None:
+    client = await app_client(make_settings(feature_dims=(8,), profiles_dir=str(profiles_dir)))
+    for source, count in (("sensors", 1200), ("other", 300)):
+        body = {"source": source, "records": records(reference_sample(count), source)}
+        assert (await client.post("/api/v2/ingest", json=body)).status == 202
+    argv = ["quality", "profile", "--source", "sensors", "--from-log", "--data-dir", str(tmp_path / "data")]
+    assert await run_cli(argv) == 0
+    profile = profile_decoder.decode((profiles_dir / "sources" / "sensors.profile.json").read_bytes())
+    assert profile.reference_count == 1200
+
+
+async def test_report_command_prints_the_drift_table(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], profiles_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_profile(profiles_dir, "sensors")
+    settings = make_settings(feature_dims=(8,), profiles_dir=str(profiles_dir), drift_window_records=WINDOW)
+    client = await app_client(settings)
+    body = {"source": "sensors", "records": records(drifted(reference_sample(WINDOW)))}
+    assert (await client.post("/api/v2/ingest", json=body)).status == 202
+    await client.app[DRIFT_MONITOR].drained()
+
+    url = str(client.make_url("/"))
+    assert await run_cli(["quality", "report", "--source", "sensors", "--url", url, "--top", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 8 features over" in out
+    flagged = {line.split()[0] for line in out.splitlines() if "DRIFT" in line}
+    assert flagged == DRIFTED
+
+
+async def test_report_command_writes_a_png_plot(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], profiles_dir: Path,
+    tmp_path: Path,
+) -> None:
+    write_profile(profiles_dir, "sensors")
+    settings = make_settings(feature_dims=(8,), profiles_dir=str(profiles_dir), drift_window_records=WINDOW)
+    client = await app_client(settings)
+    body = {"source": "sensors", "records": records(drifted(reference_sample(WINDOW)))}
+    assert (await client.post("/api/v2/ingest", json=body)).status == 202
+    await client.app[DRIFT_MONITOR].drained()
+
+    png = tmp_path / "drift.png"
+    argv = ["quality", "report", "--source", "sensors", "--url", str(client.make_url("/")), "--plot", str(png)]
+    assert await run_cli(argv) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_report_command_explains_a_missing_profile(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], profiles_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = await app_client(make_settings(profiles_dir=str(profiles_dir)))
+    argv = ["quality", "report", "--source", "nope", "--url", str(client.make_url("/"))]
+    assert await run_cli(argv) == 1
+    assert "404 No source profile named 'nope'" in capsys.readouterr().err
+
+
+def test_profile_command_refuses_a_name_outside_the_profiles_directory(
+    tmp_path: Path, profiles_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sample = tmp_path / "reference.ndjson"
+    sample.write_bytes(msgspec.json.encode(records(reference_sample(10))[0]) + b"\n")
+    assert main(["quality", "profile", "--source", "../escape", "--input", str(sample)]) == 1
+    assert "cannot name a profile" in capsys.readouterr().err
+    assert not (tmp_path / "escape.profile.json").exists()

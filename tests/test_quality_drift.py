@@ -1,0 +1,112 @@
+"""DriftMonitor: PSI over tumbling windows, one warning per crossing, never waiting."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from structlog.testing import capture_logs
+
+from schemas.quality import DriftReport
+from tests.quality_data import DRIFTED, drifted, reference_sample, write_profile
+from workers.drift_monitor import DriftMonitor
+from workers.profile_store import ProfileStore
+
+WINDOW = 2000
+THRESHOLD = 0.2
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ProfileStore:
+    write_profile(tmp_path, "sensors")
+    profiles = ProfileStore(tmp_path, tmp_path / "models")
+    profiles.refresh()
+    return profiles
+
+
+@pytest.fixture
+async def monitor(store: ProfileStore) -> AsyncIterator[DriftMonitor]:
+    monitor = DriftMonitor(store, window_records=WINDOW, psi_threshold=THRESHOLD)
+    await monitor.start()
+    yield monitor
+    await monitor.close()
+
+
+async def feed(monitor: DriftMonitor, matrix: npt.NDArray[np.float64], batch: int = 500) -> None:
+    for start in range(0, len(matrix), batch):
+        assert monitor.observe("sensors", "source", matrix[start : start + batch])
+    await monitor.drained()
+
+
+def over(report: DriftReport | None) -> set[str]:
+    assert report is not None
+    return {feature.name for feature in report.top if feature.over_threshold}
+
+
+async def test_reference_records_stay_below_the_threshold(monitor: DriftMonitor) -> None:
+    await feed(monitor, reference_sample(WINDOW, seed=1))
+    report = monitor.report("source", "sensors", top=100)
+    assert report is not None and report.window.complete
+    assert report.features_over_threshold == 0
+    assert max(feature.psi for feature in report.top) < THRESHOLD / 4
+
+
+async def test_swapped_and_rescaled_features_and_only_those_cross_within_one_window(
+    monitor: DriftMonitor,
+) -> None:
+    sample = reference_sample(WINDOW, seed=2)
+    await feed(monitor, sample)
+    assert over(monitor.report("source", "sensors", top=100)) == set()
+    await feed(monitor, drifted(sample))
+    report = monitor.report("source", "sensors", top=100)
+    assert report is not None and report.window.windows_completed == 2
+    assert over(report) == DRIFTED
+    assert {feature.name for feature in report.top[:3]} == DRIFTED
+
+
+async def test_threshold_crossing_logs_one_warning_naming_the_features(monitor: DriftMonitor) -> None:
+    sample = drifted(reference_sample(WINDOW, seed=3))
+    with capture_logs() as logs:
+        await feed(monitor, sample)
+        await feed(monitor, sample)  # still drifting: no new warning
+    [warning] = [entry for entry in logs if entry["event"] == "feature_drift"]
+    assert warning["log_level"] == "warning" and warning["features_over"] == 3
+    assert {feature["feature"] for feature in warning["crossed"]} == DRIFTED
+    assert all(feature["psi"] > THRESHOLD for feature in warning["crossed"])
+
+
+async def test_recovery_is_logged_once_the_features_are_back_below(monitor: DriftMonitor) -> None:
+    with capture_logs() as logs:
+        await feed(monitor, drifted(reference_sample(WINDOW, seed=4)))
+        await feed(monitor, reference_sample(WINDOW, seed=5))
+    [recovered] = [entry for entry in logs if entry["event"] == "feature_drift_recovered"]
+    assert {feature["feature"] for feature in recovered["recovered"]} == DRIFTED
+
+
+async def test_batch_straddling_a_window_boundary_is_split(monitor: DriftMonitor) -> None:
+    await feed(monitor, reference_sample(WINDOW + 700, seed=4), batch=WINDOW + 700)
+    report = monitor.report("source", "sensors")
+    assert report is not None
+    assert (report.window.windows_completed, report.window.records) == (1, WINDOW)
+    assert report.window.pending_records == 700
+
+
+async def test_full_mailbox_drops_and_counts_without_waiting(store: ProfileStore) -> None:
+    stalled = DriftMonitor(store, window_records=WINDOW, mailbox_rows=1000)  # never started
+    batch = reference_sample(500, seed=5)
+    started = time.perf_counter()
+    accepted = [stalled.observe("sensors", "source", batch) for _ in range(50)]
+    assert time.perf_counter() - started < 0.05
+    assert accepted == [True, True] + [False] * 48
+    report = stalled.report("source", "sensors")
+    assert report is not None and report.records_dropped == 48 * 500
+    await stalled.close()
+
+
+async def test_observations_without_a_profile_are_ignored(monitor: DriftMonitor) -> None:
+    assert not monitor.observe("unknown", "source", reference_sample(10))
+    assert monitor.report("source", "unknown") is None

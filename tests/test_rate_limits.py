@@ -1,0 +1,187 @@
+"""Rate limits: key and tenant buckets, the 429 answer, Redis-shared limits across processes,
+and the local fallback while Redis is down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import aiohttp
+import pytest
+
+from service.appkeys import METRICS
+from tests.support import KeyMaker, ManagedProcess
+
+INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
+SLOW = 0.01  # tokens per second: no refill within a test
+
+
+@pytest.fixture
+def secured(make_settings, api_keys: KeyMaker):
+    def make(**overrides):
+        return make_settings(
+            auth_disabled=False, keys_file=str(api_keys.path), feature_dims=(4,), **overrides
+        )
+
+    return make
+
+
+async def _statuses(client, key: str, n: int) -> list[int]:
+    statuses = []
+    for _ in range(n):
+        response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
+        statuses.append(response.status)
+    return statuses
+
+
+async def test_key_over_its_burst_gets_429_with_retry_after(app_client, secured, api_keys) -> None:
+    key = api_keys.create(rate=SLOW, burst=3)
+    client = await app_client(secured())
+    assert await _statuses(client, key, 3) == [202] * 3
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
+    assert response.status == 429
+    assert int(response.headers["Retry-After"]) >= 1
+    assert (await response.json())["status"] == 429
+
+
+async def test_429_carries_ietf_ratelimit_fields(app_client, secured, api_keys) -> None:
+    key = api_keys.create(rate=1.0, burst=1)
+    client = await app_client(secured(rate_limit_tenant_rate=100.0, rate_limit_tenant_burst=50))
+    await _statuses(client, key, 1)
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
+    assert response.status == 429
+    assert response.headers["RateLimit-Policy"] == '"key";q=1;w=1, "tenant";q=50;w=1'
+    assert response.headers["RateLimit"].startswith('"key";r=0;t=1, "tenant";r=49;')
+
+
+async def test_successful_answers_carry_ratelimit_fields(app_client, secured, api_keys) -> None:
+    key = api_keys.create(rate=10.0, burst=20)
+    client = await app_client(secured())
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
+    assert response.status == 202
+    assert response.headers["RateLimit-Policy"].startswith('"key";q=20;w=2, "tenant";')
+    assert response.headers["RateLimit"].startswith('"key";r=19;t=1, ')
+
+
+async def test_keys_of_one_tenant_share_the_tenant_bucket(app_client, secured, api_keys) -> None:
+    first, second = api_keys.create(tenant="acme"), api_keys.create(tenant="acme")
+    client = await app_client(secured(rate_limit_tenant_rate=SLOW, rate_limit_tenant_burst=4))
+    assert await _statuses(client, first, 3) == [202] * 3
+    assert await _statuses(client, second, 2) == [202, 429]
+
+
+async def test_other_tenants_are_not_limited_by_a_busy_one(app_client, secured, api_keys) -> None:
+    busy, quiet = api_keys.create(tenant="busy"), api_keys.create(tenant="quiet")
+    client = await app_client(secured(rate_limit_tenant_rate=SLOW, rate_limit_tenant_burst=2))
+    assert await _statuses(client, busy, 3) == [202, 202, 429]
+    assert await _statuses(client, quiet, 2) == [202, 202]
+
+
+async def test_refused_request_takes_no_token_from_the_tenant(app_client, secured, api_keys) -> None:
+    noisy = api_keys.create(tenant="acme", rate=SLOW, burst=1)
+    other = api_keys.create(tenant="acme")
+    client = await app_client(secured(rate_limit_tenant_rate=SLOW, rate_limit_tenant_burst=3))
+    assert await _statuses(client, noisy, 5) == [202, 429, 429, 429, 429]
+    assert await _statuses(client, other, 3) == [202, 202, 429]
+
+
+async def test_open_routes_are_not_rate_limited(app_client, secured, api_keys) -> None:
+    client = await app_client(secured(rate_limit_tenant_rate=SLOW, rate_limit_tenant_burst=1))
+    statuses = {(await client.get("/health")).status for _ in range(5)}
+    assert statuses == {200}
+
+
+async def test_redis_buckets_hold_across_two_apps(
+    app_client, secured, api_keys, redis_server: ManagedProcess, tmp_path
+) -> None:
+    key = api_keys.create(rate=SLOW, burst=4)
+    redis_url = f"redis://127.0.0.1:{redis_server.port}"
+    one = await app_client(secured(redis_url=redis_url, data_dir=str(tmp_path / "one")))
+    two = await app_client(secured(redis_url=redis_url, data_dir=str(tmp_path / "two")))
+    assert await _statuses(one, key, 2) + await _statuses(two, key, 3) == [202] * 4 + [429]
+
+
+async def test_redis_down_falls_back_to_local_buckets_and_counts_it(
+    app_client, secured, api_keys, redis_server: ManagedProcess
+) -> None:
+    key = api_keys.create(rate=SLOW, burst=2)
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    redis_server.stop()
+    assert await _statuses(client, key, 3) == [202, 202, 429]
+    metrics = client.app[METRICS]
+    assert metrics.rate_limit_fallback._value.get() == 3
+    assert metrics.redis_fallback.labels("rate_limit")._value.get() == 3
+
+
+# -- two serving processes, one redis-server ----------------------------------------
+
+
+TENANT_RATE = 100.0
+TENANT_BURST = 20
+
+
+def _service_env(redis_port: int, keys_file: str) -> dict[str, str]:
+    return {
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}",
+        "MLGATE_AUTH_DISABLED": "false",
+        "MLGATE_KEYS_FILE": keys_file,
+        "MLGATE_RATE_LIMIT_TENANT_RATE": str(TENANT_RATE),
+        "MLGATE_RATE_LIMIT_TENANT_BURST": str(TENANT_BURST),
+        "MLGATE_REDIS_BREAKER_RESET_S": "0.5",
+        "MLGATE_DEDUP_WINDOW_S": "0",
+        "MLGATE_LOG_LEVEL": "warning",
+    }
+
+
+async def _load(urls_and_keys: list[tuple[str, str]], seconds: float) -> tuple[Counter[int], float]:
+    """Closed-loop load on every (url, key) with 8 connections each; statuses and the time taken."""
+    statuses: Counter[int] = Counter()
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        started = time.monotonic()
+        deadline = started + seconds
+
+        async def worker(url: str, key: str) -> None:
+            while time.monotonic() < deadline:
+                async with session.post(
+                    f"{url}/api/v2/ingest", json=INGEST, headers={"X-API-Key": key}
+                ) as response:
+                    await response.read()
+                    statuses[response.status] += 1
+
+        await asyncio.gather(*(worker(u, k) for u, k in urls_and_keys for _ in range(8)))
+        return statuses, time.monotonic() - started
+
+
+@pytest.fixture
+def two_services(service_process, api_keys: KeyMaker, redis_server: ManagedProcess):
+    """Two ``serve`` processes sharing ``redis_server``; each with its own key of tenant acme."""
+    env = _service_env(redis_server.port, str(api_keys.path))
+    keys = [api_keys.create(tenant="acme", rate=10_000, burst=10_000) for _ in range(2)]
+    services = [service_process(**env) for _ in range(2)]
+    return [(service.url, key) for service, key in zip(services, keys, strict=True)]
+
+
+async def test_two_processes_hold_the_tenant_limit_within_10_percent(two_services) -> None:
+    statuses, elapsed = await _load(two_services, seconds=3.0)
+    expected = TENANT_BURST + TENANT_RATE * elapsed
+    assert statuses[429] > statuses[202]  # the load is well over the limit
+    assert abs(statuses[202] - expected) <= 0.1 * expected, (statuses, elapsed)
+
+
+async def test_redis_outage_serves_on_local_limits_and_shared_limits_return(
+    two_services, redis_server: ManagedProcess
+) -> None:
+    redis_server.stop()
+    down, down_s = await _load(two_services, seconds=1.5)
+    assert down[202] > 0 and down[429] > 0 and set(down) <= {202, 429}, down
+    # each process now holds the tenant to the limit on its own: up to twice the total
+    assert down[202] <= 1.1 * 2 * (TENANT_BURST + TENANT_RATE * down_s), (down, down_s)
+
+    redis_server.start()
+    await asyncio.sleep(0.6)  # the Redis breaker's reset time: the next call tries Redis again
+    await _load(two_services, seconds=0.5)  # closes the breakers again, empties the bucket
+    back, back_s = await _load(two_services, seconds=2.0)
+    expected = TENANT_RATE * back_s  # the bucket starts empty: no burst
+    assert abs(back[202] - expected) <= 0.1 * expected, (back, back_s)

@@ -1,0 +1,196 @@
+"""The service as a real process: systemd notifications, SIGTERM drain under load, SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from config import load_settings
+from service.server import shutdown_plan
+from tests.conftest import ServiceFactory
+from tests.service_process import ServiceProcess, notify_socket, receive_until
+from tests.support import KafkaBroker, read_topic
+from workers.local_log import read_log
+
+BUDGET_S = 5.0
+# What a client may see when its request was never taken by the server: the listener
+# is gone (refused, or reset while still in the kernel's accept queue) or an idle
+# keep-alive connection was closed under it.
+NOT_ACCEPTED = {"ClientConnectorError", "ServerDisconnectedError", "ClientOSError"}
+
+
+@dataclass
+class IngestLoad:
+    """Clients posting batches back to back, each on its own keep-alive connection."""
+
+    url: str
+    clients: int = 8
+    batch: int = 5
+    warm_records: int = 300
+    accepted: set[str] = field(default_factory=set)
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    warm: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def client(self, index: int) -> None:
+        connector = aiohttp.TCPConnector(limit=1)
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            sequence = 0
+            while not self.stop.is_set():
+                ids = [f"c{index}-{sequence}-{i}" for i in range(self.batch)]
+                sequence += 1
+                body = {
+                    "source": "load",
+                    "records": [{"record_id": rid, "features": [1.0, 2.0, 3.0, 4.0]} for rid in ids],
+                }
+                try:
+                    async with session.post(f"{self.url}/api/v2/ingest", json=body) as response:
+                        await response.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.errors[type(exc).__name__] += 1
+                    await asyncio.sleep(0.01)  # back off from a closed port
+                    continue
+                self.statuses[response.status] += 1
+                if response.status == 202:
+                    self.accepted.update(ids)
+                    if len(self.accepted) >= self.warm_records:
+                        self.warm.set()
+
+    async def sigterm_under_load(self, service: ServiceProcess) -> tuple[int, float]:
+        """Start the clients, SIGTERM once they are warm; the exit code and seconds taken."""
+        clients = [asyncio.create_task(self.client(i)) for i in range(self.clients)]
+        try:
+            async with asyncio.timeout(20):
+                await self.warm.wait()
+            started = time.monotonic()
+            service.send(signal.SIGTERM)
+            async with asyncio.timeout(BUDGET_S + 10):
+                code = await service.exit_code()
+            return code, time.monotonic() - started
+        finally:
+            self.stop.set()
+            await asyncio.gather(*clients)
+
+
+def test_notify_socket_hears_ready_when_the_port_accepts_and_stopping_on_sigterm(
+    service_process: ServiceFactory,
+) -> None:
+    with notify_socket() as (path, sock):
+        service = service_process(wait=False, NOTIFY_SOCKET=path)
+        receive_until(sock, "READY=1")
+        # READY=1 comes only once the socket is bound: a connection succeeds at once.
+        with socket.create_connection(("127.0.0.1", service.port), timeout=1):
+            pass
+        service.send(signal.SIGTERM)
+        receive_until(sock, "STOPPING=1")
+        assert service.wait(BUDGET_S + 10) == 0
+
+
+async def test_sigterm_under_ingest_load_loses_no_accepted_record_in_the_local_log(
+    service_process: ServiceFactory,
+) -> None:
+    service = service_process(
+        MLGATE_SHUTDOWN_TIMEOUT_S=str(BUDGET_S), MLGATE_RATE_LIMITS_ENABLED="false"
+    )
+    load = IngestLoad(service.url)
+    code, seconds = await load.sigterm_under_load(service)
+
+    assert (code, seconds < BUDGET_S) == (0, True)
+    assert set(load.statuses) == {202}
+    assert set(load.errors) <= NOT_ACCEPTED
+    written = [entry.record.key.decode() for entry in read_log(service.data_dir / "log")]
+    assert len(written) == len(set(written))
+    lost = load.accepted - set(written)  # answered 202, not on disk
+    unanswered = set(written) - load.accepted  # on disk, its client cut off before the 202
+    assert (len(lost), len(unanswered)) == (0, 0), (sorted(lost)[:5], sorted(unanswered)[:5])
+
+
+async def test_sigterm_under_ingest_load_loses_no_accepted_record_in_kafka(
+    service_process: ServiceFactory, kafka_broker: KafkaBroker, kafka_topic: str
+) -> None:
+    service = service_process(
+        MLGATE_SHUTDOWN_TIMEOUT_S=str(BUDGET_S),
+        MLGATE_RATE_LIMITS_ENABLED="false",
+        MLGATE_KAFKA_BOOTSTRAP_SERVERS=kafka_broker.bootstrap,
+        MLGATE_KAFKA_TOPIC=kafka_topic,
+    )
+    load = IngestLoad(service.url)
+    code, seconds = await load.sigterm_under_load(service)
+
+    assert (code, seconds < BUDGET_S) == (0, True)
+    assert set(load.statuses) == {202}
+    assert set(load.errors) <= NOT_ACCEPTED
+    messages = await read_topic(kafka_broker.bootstrap, kafka_topic, expected=len(load.accepted))
+    keys = [message.key.decode() for message in messages]
+    assert len(keys) == len(set(keys))
+    lost = load.accepted - set(keys)  # answered 202, not in the topic
+    unanswered = set(keys) - load.accepted  # in the topic, its client cut off before the 202
+    assert (len(lost), len(unanswered)) == (0, 0), (sorted(lost)[:5], sorted(unanswered)[:5])
+    assert list(read_log(service.data_dir / "spill")) == []
+
+
+async def test_ready_answers_503_while_draining(service_process: ServiceFactory) -> None:
+    service = service_process(MLGATE_DRAIN_GRACE_S="1", MLGATE_SHUTDOWN_TIMEOUT_S=str(BUDGET_S))
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(f"{service.url}/ready") as response:
+            assert response.status == 200
+        service.send(signal.SIGTERM)
+        async with asyncio.timeout(1):
+            while True:
+                async with session.get(f"{service.url}/ready") as response:
+                    if response.status == 503:
+                        body = await response.json()
+                        break
+                await asyncio.sleep(0.02)
+    assert body["status"] == "not ready" and body["checks"]["accepting"] is False
+    async with asyncio.timeout(BUDGET_S + 5):
+        assert await service.exit_code() == 0
+
+
+async def test_responses_while_draining_close_their_keep_alive_connection(
+    service_process: ServiceFactory,
+) -> None:
+    service = service_process(MLGATE_DRAIN_GRACE_S="1", MLGATE_SHUTDOWN_TIMEOUT_S=str(BUDGET_S))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        async with session.get(f"{service.url}/health") as response:
+            assert response.headers.get("Connection", "keep-alive").lower() == "keep-alive"
+        service.send(signal.SIGTERM)
+        async with asyncio.timeout(1):
+            while True:
+                async with session.get(f"{service.url}/ready") as response:
+                    if response.status == 503:
+                        break
+                await asyncio.sleep(0.02)
+        assert response.headers["Connection"].lower() == "close"
+    async with asyncio.timeout(BUDGET_S + 5):
+        assert await service.exit_code() == 0
+
+
+def test_sighup_runs_the_reload_hooks_and_keeps_serving(service_process: ServiceFactory) -> None:
+    with notify_socket() as (path, sock):
+        service = service_process(wait=False, NOTIFY_SOCKET=path)
+        receive_until(sock, "READY=1")
+        service.send(signal.SIGHUP)
+        reload = receive_until(sock, "READY=1")
+    assert "RELOADING=1" in reload[0].split("\n")
+    assert [e for e in service.events() if e.get("event") == "reload_finished"]
+    with urllib.request.urlopen(f"{service.url}/health", timeout=5) as response:
+        assert response.status == 200
+    assert service.process is not None and service.process.poll() is None
+
+
+def test_shutdown_plan_keeps_grace_and_handler_waits_inside_the_budget() -> None:
+    grace, handlers = shutdown_plan(load_settings({}, shutdown_timeout_s=20, drain_grace_s=30))
+    # Grace at most half; aiohttp may wait twice its timeout; the sinks keep the rest.
+    assert (grace, handlers) == (10.0, 2.5)
+    assert grace + 2 * handlers < 20

@@ -1,0 +1,157 @@
+"""Settings from the environment: every MLGATE_ variable parses, a bad value stops
+start-up with an error naming the variable, and ``check-config`` says so too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import msgspec
+import pytest
+
+from config import Settings, SettingsError, env_name, load_settings
+from config.settings import ALIASES
+
+INFO = msgspec.inspect.type_info(Settings)
+assert isinstance(INFO, msgspec.inspect.StructType)
+FIELDS = INFO.fields
+
+# Variables that only make sense together with another one.
+PARTNERS: dict[str, dict[str, str]] = {
+    "tls_cert_file": {"MLGATE_TLS_KEY_FILE": "/etc/mlgate/key.pem"},
+    "tls_key_file": {"MLGATE_TLS_CERT_FILE": "/etc/mlgate/cert.pem"},
+}
+
+
+def _sample(field: msgspec.inspect.Field) -> tuple[str, Any]:
+    """A valid environment string for ``field`` other than its default, and its value."""
+    kind = field.type
+    if isinstance(kind, msgspec.inspect.UnionType):
+        kind = next(t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType))
+    default = field.default
+    if isinstance(kind, msgspec.inspect.BoolType):
+        return ("false", False) if default else ("true", True)
+    if isinstance(kind, msgspec.inspect.IntType):
+        number = (default if isinstance(default, int) else 0) + 1
+        if kind.le is not None:
+            number = min(number, kind.le)
+        return str(number), number
+    if isinstance(kind, msgspec.inspect.FloatType):
+        real = (default if isinstance(default, float) else 0.0) + 1.5
+        return str(real), real
+    if isinstance(kind, msgspec.inspect.LiteralType):
+        choice = next(v for v in reversed(kind.values) if v != default)
+        return str(choice), choice
+    if isinstance(kind, msgspec.inspect.StrType):
+        return "some-value", "some-value"
+    if isinstance(kind, msgspec.inspect.VarTupleType) and isinstance(
+        kind.item_type, msgspec.inspect.IntType
+    ):
+        return " 3, 5 ,7", (3, 5, 7)
+    raise AssertionError(f"no sample value for {field.name} of type {kind!r}; add one here")
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=[env_name(f.name) for f in FIELDS])
+def test_each_variable_parses(field: msgspec.inspect.Field) -> None:
+    text, expected = _sample(field)
+    settings = load_settings({env_name(field.name): text, **PARTNERS.get(field.name, {})})
+    assert getattr(settings, field.name) == expected
+
+
+def test_no_variables_give_the_documented_defaults() -> None:
+    settings = load_settings({})
+    assert settings == Settings()
+    assert settings.kafka_bootstrap_servers is None  # the local log is the sink
+    assert settings.feature_dims == (128, 256, 512, 768)
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings({})
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("true", True), ("TRUE", True), ("1", True), ("false", False), ("False", False), ("0", False)],
+)
+def test_boolean_variables_take_true_false_1_0(text: str, expected: bool) -> None:
+    assert load_settings({"MLGATE_ACCESS_LOG": text}).access_log is expected
+
+
+@pytest.mark.parametrize("name", ["MLGATE_KAFKA_BOOTSTRAP_SERVERS", "MLGATE_REDIS_URL"])
+def test_empty_optional_variable_means_unset(name: str) -> None:
+    settings = load_settings({name: ""})
+    assert getattr(settings, name.removeprefix("MLGATE_").lower()) is None
+
+
+@pytest.mark.parametrize("field", sorted(ALIASES))
+def test_conventional_names_are_honoured_and_ours_win(field: str) -> None:
+    info = next(f for f in FIELDS if f.name == field)
+    text, expected = _sample(info)
+    assert getattr(load_settings({ALIASES[field]: text}), field) == expected
+    both = load_settings({ALIASES[field]: text, env_name(field): str(info.default or "")})
+    assert getattr(both, field) == info.default
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"MLGATE_PORT": "eighty"}, "MLGATE_PORT"),
+        ({"MLGATE_PORT": "70000"}, "MLGATE_PORT"),
+        ({"PORT": "eighty"}, "PORT"),
+        ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
+        ({"MLGATE_ACCESS_LOG": "maybe"}, "MLGATE_ACCESS_LOG"),
+        ({"MLGATE_LOG_LEVEL": "loud"}, "MLGATE_LOG_LEVEL"),
+        ({"MLGATE_FEATURE_DIMS": "128,x"}, "MLGATE_FEATURE_DIMS"),
+        ({"MLGATE_FEATURE_DIMS": "0"}, "MLGATE_FEATURE_DIMS"),
+        ({"MLGATE_FEATURE_DIMS": ""}, "MLGATE_FEATURE_DIMS"),
+        ({"MLGATE_MAX_BODY_BYTES": "-1"}, "MLGATE_MAX_BODY_BYTES"),
+        ({"MLGATE_MAX_BATCH_RECORDS": "100001"}, "MLGATE_MAX_BATCH_RECORDS"),
+        ({"MLGATE_SHUTDOWN_TIMEOUT_S": "soon"}, "MLGATE_SHUTDOWN_TIMEOUT_S"),
+        ({"MLGATE_VALUE_FORMAT": "xml"}, "MLGATE_VALUE_FORMAT"),
+        ({"MLGATE_KAFKA_COMPRESSION": "brotli"}, "MLGATE_KAFKA_COMPRESSION"),
+        ({"MLGATE_FEATURE_MIN": "5", "MLGATE_FEATURE_MAX": "1"}, "MLGATE_FEATURE_MIN"),
+        ({"MLGATE_TLS_CERT_FILE": "/etc/cert.pem"}, "MLGATE_TLS_CERT_FILE"),
+    ],
+    ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
+)
+def test_bad_value_raises_settings_error_naming_the_variable(
+    environ: dict[str, str], named: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ)
+    assert str(caught.value).startswith(f"{named}: ")
+
+
+def test_settings_error_is_a_value_error() -> None:
+    assert issubclass(SettingsError, ValueError)
+
+
+def _check_config(environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLGATE_")}
+    clean.pop("PORT", None)
+    return subprocess.run(
+        [sys.executable, "-m", "service", "check-config"],
+        env={**clean, **environ},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_check_config_exits_2_naming_the_bad_variable() -> None:
+    result = _check_config({"MLGATE_MAX_BODY_BYTES": "lots"})
+    assert result.returncode == 2
+    assert "MLGATE_MAX_BODY_BYTES" in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_prints_the_settings_it_would_run_with() -> None:
+    result = _check_config({"MLGATE_PORT": "9123", "MLGATE_FEATURE_DIMS": "4,8"})
+    assert result.returncode == 0, result.stderr
+    printed = msgspec.json.decode(result.stdout)
+    assert printed["port"] == 9123 and printed["feature_dims"] == [4, 8]

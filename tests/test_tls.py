@@ -1,0 +1,183 @@
+"""TLS without a terminating proxy: serving, the expiry gauge, renewal on SIGHUP."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ServiceFactory
+from tests.service_process import ServiceProcess, notify_socket, receive_until
+
+OPENSSL = shutil.which("openssl")
+pytestmark = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
+DAY_S = 86_400
+
+
+@dataclass(frozen=True)
+class Certificate:
+    cert: Path
+    key: Path
+
+    @property
+    def der(self) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(self.cert.read_text())
+
+    def install(self, live: Certificate) -> None:
+        """Replace the files the service reads, each atomically, as a renewal tool does."""
+        for source, target in ((self.key, live.key), (self.cert, live.cert)):
+            staged = target.with_suffix(".new")
+            shutil.copyfile(source, staged)
+            os.replace(staged, target)
+
+
+def make_certificate(directory: Path, name: str, days: int) -> Certificate:
+    """A self-signed certificate for localhost/127.0.0.1, valid ``days`` from now."""
+    assert OPENSSL is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    made = Certificate(directory / f"{name}.crt", directory / f"{name}.key")
+    subprocess.run(
+        [
+            OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-noenc", "-keyout", str(made.key), "-out", str(made.cert), "-days", str(days),
+            "-subj", f"/CN=mlgate-{name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return made
+
+
+def start_tls_service(
+    service_process: ServiceFactory, directory: Path, days: int, **env: str
+) -> tuple[ServiceProcess, Certificate]:
+    live = make_certificate(directory / "live", "live", days)
+    service = service_process(
+        scheme="https", MLGATE_TLS_CERT_FILE=str(live.cert), MLGATE_TLS_KEY_FILE=str(live.key), **env
+    )
+    return service, live
+
+
+def trusting_anything() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def served_certificate(port: int) -> bytes:
+    """The certificate a new connection is handed, whatever it is."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with trusting_anything().wrap_socket(raw, server_hostname="localhost") as tls:
+            served = tls.getpeercert(binary_form=True)
+    assert served is not None
+    return served
+
+
+def expiry_gauge(service: ServiceProcess) -> float:
+    url = f"{service.url}/metrics"
+    with urllib.request.urlopen(url, context=trusting_anything(), timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "mlgate_tls_certificate_expiry_seconds":
+            return float(family.samples[0].value)
+    raise AssertionError("no mlgate_tls_certificate_expiry_seconds in /metrics")
+
+
+def sighup_and_wait(service: ServiceProcess, sock: socket.socket) -> list[str]:
+    """SIGHUP, then the notifications up to READY=1, which follows the reload hooks."""
+    service.send(signal.SIGHUP)
+    return receive_until(sock, "READY=1")
+
+
+async def test_tls_serves_health_to_a_client_that_trusts_the_certificate(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    service, live = start_tls_service(service_process, tmp_path, days=30)
+    context = ssl.create_default_context(cafile=str(live.cert))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{service.url}/health", ssl=context) as response:
+            assert response.status == 200
+
+
+def test_expiry_gauge_counts_the_seconds_until_the_certificate_expires(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    service, live = start_tls_service(service_process, tmp_path, days=30)
+    assert expiry_gauge(service) == pytest.approx(30 * DAY_S, abs=600)
+
+
+def test_sighup_hands_new_connections_the_renewed_certificate(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    with notify_socket() as (path, sock):
+        service, live = start_tls_service(service_process, tmp_path, days=30, NOTIFY_SOCKET=path)
+        receive_until(sock, "READY=1")
+        renewed = make_certificate(tmp_path, "renewed", days=90)
+        assert served_certificate(service.port) == live.der != renewed.der
+        renewed.install(live)
+        sighup_and_wait(service, sock)
+    assert served_certificate(service.port) == renewed.der
+    assert [e for e in service.events() if e.get("event") == "reload_finished"][0]["failed"] == []
+
+
+def test_connection_open_across_a_renewal_keeps_working_on_the_old_certificate(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    with notify_socket() as (path, sock):
+        service, live = start_tls_service(service_process, tmp_path, days=30, NOTIFY_SOCKET=path)
+        receive_until(sock, "READY=1")
+        old = live.der
+        context = ssl.create_default_context(cafile=str(live.cert))  # trusts only the old one
+        connection = http.client.HTTPSConnection("127.0.0.1", service.port, context=context, timeout=5)
+        try:
+            connection.request("GET", "/health")
+            assert connection.getresponse().read() and connection.sock is not None
+            opened = connection.sock
+            make_certificate(tmp_path, "renewed", days=90).install(live)
+            sighup_and_wait(service, sock)
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            assert response.status == 200 and response.read()
+            assert connection.sock is opened and opened.getpeercert(binary_form=True) == old
+        finally:
+            connection.close()
+
+
+def test_expiry_gauge_follows_the_renewed_certificate(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    with notify_socket() as (path, sock):
+        service, live = start_tls_service(service_process, tmp_path, days=30, NOTIFY_SOCKET=path)
+        receive_until(sock, "READY=1")
+        make_certificate(tmp_path, "renewed", days=90).install(live)
+        sighup_and_wait(service, sock)
+    assert expiry_gauge(service) == pytest.approx(90 * DAY_S, abs=600)
+
+
+def test_renewal_with_a_mismatched_key_keeps_serving_the_old_certificate(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    with notify_socket() as (path, sock):
+        service, live = start_tls_service(service_process, tmp_path, days=30, NOTIFY_SOCKET=path)
+        receive_until(sock, "READY=1")
+        old = live.der
+        renewed = make_certificate(tmp_path, "renewed", days=90)
+        other = make_certificate(tmp_path, "other", days=90)
+        Certificate(cert=renewed.cert, key=other.key).install(live)
+        notified = sighup_and_wait(service, sock)
+    assert served_certificate(service.port) == old
+    assert "STATUS=reload failed: tls" in notified[-1].split("\n")
+    assert expiry_gauge(service) == pytest.approx(30 * DAY_S, abs=600)
