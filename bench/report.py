@@ -17,7 +17,9 @@ BUSY_MACHINE_CORES = 0.2
 
 @dataclass(frozen=True, kw_only=True)
 class BenchOptions:
-    connections: int = 8
+    # Four connections already keep one mlgate process busy (eight give the same records/s);
+    # more only queue: latency ~ connections x records / records-per-second.
+    connections: int = 4
     duration_s: float = 10.0
     warmup_s: float = 2.0
     rounds: int = 1

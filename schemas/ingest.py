@@ -20,8 +20,10 @@ MAX_RECORDS = 100_000
 
 # ``$(?!\n)``: Python's ``$`` also matches before a final newline; ECMA's does not need it.
 RecordId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$(?!\n)")]
+# (?!\n): Python's $ also matches before a final newline.
+SOURCE_PATTERN = r"^[A-Za-z0-9._:-]+$(?!\n)"
 SourceName = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$(?!\n)")
+    str, msgspec.Meta(min_length=1, max_length=128, pattern=SOURCE_PATTERN)
 ]
 MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, msgspec.Meta(max_length=1024)] | int | float | bool

@@ -70,15 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return quality_command.run(settings, args)
     if args.command in (None, "serve"):
         from service.logs import configure_logging
-        from service.server import Supervisor, run
+        from service.server import run
+        from service.supervisor import Supervisor
 
         if getattr(args, "dev", False):
             keys_command.ensure_dev_key(settings)
         configure_logging(settings.log_level)
         if settings.workers > 1:
             return Supervisor(settings).run()
-        run(settings)
-        return 0
+        return run(settings)
     return 2
 
 

@@ -6,7 +6,6 @@ mailbox, and answers 202 only once the sink reports them durable.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,7 +13,7 @@ import msgpack
 import msgspec
 from aiohttp import web
 
-from schemas.ingest import IngestRequest, IngestResponse, Record, RecordError
+from schemas.ingest import IngestRequest, IngestResponse, Record, RecordError, SourceName
 from schemas.problem import FieldError
 from service.appkeys import METRICS, RECORD_DEDUP, RECORD_SINK, RECORD_VALIDATOR, SETTINGS, TENANT
 from service.audit import audit_request
@@ -27,7 +26,6 @@ from service.record_validation import ValidatedBatch
 STREAM_CHUNK_RECORDS = 1000
 MAX_REPORTED_ERRORS = 1000
 NDJSON = "application/x-ndjson"
-_SOURCE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 OPERATIONS = [
     Operation(
@@ -54,7 +52,12 @@ OPERATIONS = [
         request_media=(NDJSON, "application/msgpack"),
         scope="ingest",
         parameters=[
-            {"name": "source", "in": "query", "required": True, "schema": {"type": "string"}}
+            {
+                "name": "source",
+                "in": "query",
+                "required": True,
+                "schema": msgspec.json.schema(SourceName),
+            }
         ],
         description=(
             "The body is a sequence of Record documents: one JSON object per line, or "
@@ -168,11 +171,13 @@ async def ingest_stream(request: web.Request) -> web.Response:
     """Ingest NDJSON or concatenated msgpack records, chunk by chunk, in bounded memory."""
     settings = request.app[SETTINGS]
     source = request.query.get("source", "")
-    if not _SOURCE.fullmatch(source):
+    try:
+        msgspec.convert(source, SourceName)
+    except msgspec.ValidationError:
         raise ValidationFailed(
             "Query parameter source is required: 1-128 of A-Z a-z 0-9 . _ : -",
             errors=[FieldError(loc="query.source", msg="missing or invalid")],
-        )
+        ) from None
     if request.content_type == NDJSON:
         records = _ndjson_records(request, settings.max_stream_record_bytes)
     elif request_format(request, default=None) is Format.MSGPACK:

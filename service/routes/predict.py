@@ -32,6 +32,7 @@ from schemas.predict import (
 )
 from schemas.problem import FieldError
 from service.appkeys import (
+    DRIFT_MONITOR,
     METRICS,
     MODEL_REPOSITORY,
     READINESS_CHECKS,
@@ -147,6 +148,7 @@ async def run_predict(
         rows = feature_rows(loaded, [payload.features], "features")
     request_id = payload.request_id or request[REQUEST_ID]
     outputs = await loaded.worker.submit(rows, deadline, request_id=request_id)
+    request.app[DRIFT_MONITOR].observe(loaded.model, "model", rows)  # never waits; drops when full
     answers = predictions(loaded, outputs[loaded.outputs[0].name])
     latency_ms = round((time.monotonic() - started) * 1000, 3)
     if instances is not None:
