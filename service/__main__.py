@@ -39,12 +39,26 @@ def _parser() -> argparse.ArgumentParser:
     keys_command.add_parser(commands)
     quality_command.add_parser(commands)
 
-    commands.add_parser("check-config", help="validate the environment's settings and print them")
+    check = commands.add_parser(
+        "check-config", help="validate the environment's settings and print them"
+    )
+    rendered = check.add_mutually_exclusive_group()
+    rendered.add_argument(
+        "--env-example", action="store_true", help="print every variable with its default"
+    )
+    rendered.add_argument(
+        "--markdown", action="store_true", help="print the README's configuration table"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "check-config" and (args.env_example or args.markdown):
+        from config import reference
+
+        print(reference.env_example() if args.env_example else reference.markdown_table(), end="")
+        return 0
     overrides = {
         name: value
         for name in ("host", "port", "workers")

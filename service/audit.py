@@ -15,7 +15,8 @@ from aiohttp import web
 
 from service.appkeys import KEY_ID, REQUEST_ID, TENANT
 
-audit_log = structlog.get_logger("mlgate.audit").bind(channel="audit")
+# Initial values, not .bind(): binding at import would freeze the unconfigured logger.
+audit_log = structlog.get_logger("mlgate.audit", channel="audit")
 
 Action = Literal["ingest", "ingest_stream", "key_create", "key_revoke", "model_load", "model_unload"]
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from schemas.problem import Problem
-from service.appkeys import REQUEST_ID, SETTINGS, TENANT
+from service.appkeys import KEY_ID, REQUEST_ID, SETTINGS, TENANT
 from service.codec import PROBLEM_JSON, Format, encode, response_format
 from service.errors import (
     ApiError,
@@ -61,14 +61,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         exc.headers[REQUEST_ID_HEADER] = request_id
         raise
     finally:
-        access_log.info(
-            "request",
-            method=request.method,
-            path=request.path,
-            status=status,
-            latency_ms=round((time.perf_counter() - started) * 1000, 3),
-            tenant=request.get(TENANT),
-        )
+        if request.app[SETTINGS].access_log:
+            access_log.info(
+                "request",
+                method=request.method,
+                path=request.path,
+                status=status,
+                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                tenant=request.get(TENANT),
+                key_id=request.get(KEY_ID),
+            )
 
 
 def _as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
@@ -86,7 +88,8 @@ def _as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
         return PayloadTooLarge(exc.text)
     if isinstance(exc, web.HTTPMethodNotAllowed):
         return MethodNotAllowed(
-            f"{exc.method} is not allowed here", headers={"Allow": ",".join(sorted(exc.allowed_methods))}
+            f"{exc.method} is not allowed here",
+            headers={"Allow": ",".join(sorted(exc.allowed_methods))},
         )
     if isinstance(exc, web.HTTPNotFound):
         return NotFound("No such route")

@@ -1,0 +1,137 @@
+"""What each setting means, and the two documents rendered from it.
+
+``DESCRIPTIONS`` holds one line per Settings field; ``env_example()`` renders
+``.env.example`` and ``markdown_table()`` the README's configuration table, both with
+the defaults read from the Settings struct itself. A test keeps all three in step.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from config.settings import ALIASES, Settings, env_name
+
+DESCRIPTIONS: dict[str, str] = {
+    # Serving
+    "host": "Address to bind.",
+    "port": "Port to bind.",
+    "workers": "Serving processes on one port with SO_REUSEPORT.",
+    "log_level": "debug, info, warning or error; logs are JSON lines on stdout.",
+    "access_log": "Write the one canonical log line per request.",
+    "shutdown_timeout_s": "Budget from SIGTERM to exit: in-flight requests, mailbox drain, flush and fsync.",
+    "drain_grace_s": "After SIGTERM, seconds /ready answers 503 before the socket closes (capped at half the budget).",
+    "worker_index": "Internal: set by the supervisor for each process; picks its data directory.",
+    "tls_cert_file": "PEM certificate (chain) for HTTPS without a proxy; reloaded on SIGHUP.",
+    "tls_key_file": "PEM private key matching tls_cert_file.",
+    # HTTP limits
+    "max_body_bytes": "Largest request body, after decompression; larger is 413 before it is read.",
+    "max_stream_record_bytes": "Largest single record (NDJSON line or msgpack map) in a stream.",
+    # Ingestion
+    "max_batch_records": "Most records in one ingest batch.",
+    "feature_dims": "Allowed feature vector lengths, comma-separated.",
+    "feature_min": "Smallest allowed feature value (unset: no bound).",
+    "feature_max": "Largest allowed feature value (unset: no bound).",
+    "value_format": "Kafka message value encoding: json or msgpack.",
+    "schema_version": "Value of the schema_version Kafka header.",
+    # Kafka
+    "kafka_bootstrap_servers": "Kafka bootstrap servers (host:port,...); unset: the embedded local log is the sink.",
+    "kafka_topic": "Topic records are written to.",
+    "kafka_enable_idempotence": "Idempotent producer (needs InitProducerId; Tansu lacks it).",
+    "kafka_linger_ms": "Producer linger before a batch is sent.",
+    "kafka_max_batch_bytes": "Largest Kafka record batch.",
+    "kafka_request_timeout_ms": "Produce timeout; a produce that fails or times out spills.",
+    "kafka_compression": "none, gzip, lz4, zstd or snappy.",
+    "kafka_breaker_fail_max": "Consecutive Kafka failures that open its circuit breaker.",
+    "kafka_breaker_reset_s": "Seconds the Kafka breaker stays open before a trial write.",
+    "spill_max_records": "Records the spill may hold while Kafka is down; beyond it ingest answers 503.",
+    "spill_drain_batch_records": "Records forwarded from the spill to Kafka per batch.",
+    # Writers
+    "writer_mailbox_size": "Ingest requests that may wait for a writer; full: 503 at once.",
+    "writer_max_batch_records": "Most records a writer takes from its mailbox per round.",
+    "writer_max_in_flight": "Kafka batches awaiting acks at once.",
+    "data_dir": "Directory for the local log, the spill, keys and the dev key.",
+    "log_segment_bytes": "Local log segment size before rotation.",
+    # Redis
+    "redis_url": "Redis for shared rate limits, idempotency, dedup and keys; unset: in-process.",
+    "redis_timeout_ms": "Every Redis call gives up after this long and falls back.",
+    "redis_breaker_fail_max": "Consecutive Redis failures that open its breaker (local fallback).",
+    "redis_breaker_reset_s": "Seconds the Redis breaker stays open.",
+    # Keys
+    "auth_disabled": "Serve without API keys (logs a warning at start-up). Never in production.",
+    "keys_file": "Hashed API keys file (empty: <data_dir>/keys.json).",
+    "keys_cache_s": "How often the keys file is checked for changes.",
+    # Rate limits
+    "rate_limits_enabled": "Enforce the token buckets.",
+    "rate_limit_key_rate": "Default requests per second per key.",
+    "rate_limit_key_burst": "Default burst per key.",
+    "rate_limit_tenant_rate": "Requests per second per tenant (all its keys together).",
+    "rate_limit_tenant_burst": "Burst per tenant.",
+    # Idempotency and dedup
+    "idempotency_ttl_s": "How long a response is kept for Idempotency-Key replays.",
+    "idempotency_lock_s": "How long a first request holds its key (repeats get 409 meanwhile).",
+    "idempotency_max_entries": "Responses kept in process when there is no Redis.",
+    "dedup_window_s": "Window in which a repeated record_id is dropped as a duplicate (0: off).",
+    "dedup_max_entries": "record_ids remembered in process when there is no Redis.",
+    # Load shedding
+    "retry_after_s": "Retry-After seconds sent with 503 for a full mailbox.",
+    # Quality
+    "profiles_dir": "Directory of source feature profiles (sources/<source>.profile.json).",
+    "profiles_poll_interval_s": "How often profiles are rescanned (0: at start and on SIGHUP).",
+    "drift_window_records": "Records per drift window (tumbling).",
+    "drift_psi_threshold": "PSI above which a feature counts as drifting (one warning per crossing).",
+    "drift_mailbox_size": "Rows waiting for the drift monitor; beyond it they are dropped and counted.",
+    # Prediction
+    "model_repository": "Model repository: <repo>/<model>/<version>/model.onnx.",
+    "default_model": "Model used when a predict request names none.",
+    "model_poll_interval_s": "How often the repository is rescanned (0: only on SIGHUP or the load API).",
+    "request_timeout_ms": "Default predict deadline (X-Request-Timeout overrides per request).",
+    "inference_mailbox_size": "Predict requests that may wait per model version; full: 503 at once.",
+    "inference_max_batch_size": "Default most rows per inference batch (model config.json overrides).",
+    "inference_max_queue_delay_ms": "Default longest wait to fill a batch (model config.json overrides).",
+    "inference_threads": "onnxruntime intra-op threads per model session.",
+}
+
+
+def _fields() -> list[msgspec.inspect.Field]:
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return list(info.fields)
+
+
+def _default(field: msgspec.inspect.Field) -> str:
+    value = field.default
+    if value is None or value is msgspec.NODEFAULT:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def env_example() -> str:
+    lines = [
+        "# mlgate settings: every variable with its default. Copy to .env or an",
+        "# EnvironmentFile and uncomment what you change. Generated by",
+        "# `python -m service check-config --env-example`.",
+    ]
+    for field in _fields():
+        lines.append("")
+        lines.append(f"# {DESCRIPTIONS[field.name]}")
+        alias = ALIASES.get(field.name)
+        if alias:
+            lines.append(f"# (also read from {alias})")
+        lines.append(f"# {env_name(field.name)}={_default(field)}")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for field in _fields():
+        default = _default(field)
+        shown = f"`{default}`" if default else "(unset)"
+        names = f"`{env_name(field.name)}`"
+        if field.name in ALIASES:
+            names += f" or `{ALIASES[field.name]}`"
+        rows.append(f"| {names} | {shown} | {DESCRIPTIONS[field.name]} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,26 @@
+"""Every setting is described, and .env.example and the README say what the code does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from config import Settings, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_setting_has_a_description() -> None:
+    fields = {f.name for f in msgspec.structs.fields(Settings)}
+    assert set(reference.DESCRIPTIONS) == fields
+
+
+def test_env_example_is_the_rendered_reference() -> None:
+    assert (ROOT / ".env.example").read_text() == reference.env_example()
+
+
+def test_readme_configuration_table_is_the_rendered_reference() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- settings:begin -->\n")[1].split("<!-- settings:end -->")[0]
+    assert table == reference.markdown_table()
