@@ -143,22 +143,28 @@ class InferenceWorker:
         signature = tuple(
             (name, tuple(array.shape[1:]), array.dtype.str) for name, array in sorted(feed.items())
         )
-        count, now = rows.pop(), time.monotonic()
+        count = rows.pop()
+        now = self.check_room(count, deadline)
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        self._mailbox.put_nowait(_Item(feed, count, deadline, now, future, request_id, signature))
+        self._queued_rows += count
+        return future
+
+    def check_room(self, rows: int, deadline: float) -> float:
+        """Raise what ``submit`` would for ``rows`` due by ``deadline``, before the
+        caller builds them: ``DeadlineExpired`` when it has passed, ``MailboxFull``
+        when the mailbox is full or the answer would come too late. Returns now."""
+        now = time.monotonic()
         if deadline <= now:
             self.stats.expired += 1
             raise DeadlineExpired(f"the deadline passed before {self.name} was asked")
-        if now + self._expected_wait_s(count) > deadline:
+        if self._mailbox.full():
+            self.stats.rejected += 1
+            raise MailboxFull(f"inference mailbox of {self.name} is full")
+        if now + self._expected_wait_s(rows) > deadline:
             self.stats.rejected += 1
             raise MailboxFull(f"{self.name} cannot answer before the request's deadline")
-        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        item = _Item(feed, count, deadline, now, future, request_id, signature)
-        try:
-            self._mailbox.put_nowait(item)
-        except asyncio.QueueFull:
-            self.stats.rejected += 1
-            raise MailboxFull(f"inference mailbox of {self.name} is full") from None
-        self._queued_rows += count
-        return future
+        return now
 
     def _expected_wait_s(self, rows: int) -> float:
         """How long new rows would take to be answered, from recent batch run times

@@ -268,9 +268,11 @@ async def infer(request: web.Request) -> web.Response:
     else:
         payload = decode(body, InferenceRequest, request_format(request))
         binary = memoryview(b"")
+    deadline = _deadline(request, payload, started)
+    # Shed before building the tensors: under overload most requests end here.
+    loaded.worker.check_room(payload.inputs[0].shape[0] if payload.inputs[0].shape else 1, deadline)
     feed = input_arrays(payload, binary, loaded)
     outputs = _requested_outputs(payload, loaded)
-    deadline = _deadline(request, payload, started)
     results = await loaded.worker.submit(
         feed, deadline, request_id=payload.id or request[REQUEST_ID]
     )

@@ -48,7 +48,8 @@ from service.openapi import Operation
 from workers.model_repository import NUMPY_DTYPES, ModelNotFound, ModelRepository, ModelVersion
 
 TIMEOUT_HEADER = "X-Request-Timeout"
-MAX_TIMEOUT_MS = 600_000
+# Below a millisecond no answer could arrive in time; such a header is a client bug.
+MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 1, 600_000
 DEPRECATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 SUNSET_AT = datetime(2027, 7, 1, tzinfo=UTC)
 V1_HEADERS = {
@@ -68,9 +69,9 @@ def request_deadline(request: web.Request, started: float, default_ms: float) ->
         timeout_ms = float(raw)
     except ValueError:
         timeout_ms = math.nan
-    if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
+    if not MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS:
         raise BadRequest(
-            f"{TIMEOUT_HEADER} must be a number of milliseconds in (0, {MAX_TIMEOUT_MS}]"
+            f"{TIMEOUT_HEADER} must be a number of milliseconds in [{MIN_TIMEOUT_MS}, {MAX_TIMEOUT_MS}]"
         )
     return started + timeout_ms / 1000
 
@@ -141,6 +142,8 @@ async def run_predict(
     repository = request.app[MODEL_REPOSITORY]
     loaded = resolve(repository, payload.model or settings.default_model, payload.model_version)
     instances = payload.instances if isinstance(payload, PredictRequest) else None
+    # Shed before building the rows: under overload most requests end here.
+    loaded.worker.check_room(1 if instances is None else len(instances), deadline)
     if instances is not None:
         rows = feature_rows(loaded, instances, "instances")
     else:
@@ -230,7 +233,7 @@ OPERATIONS = [
                 "name": TIMEOUT_HEADER,
                 "in": "header",
                 "required": False,
-                "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT_MS},
+                "schema": {"type": "number", "minimum": MIN_TIMEOUT_MS, "maximum": MAX_TIMEOUT_MS},
                 "description": "Deadline in milliseconds; past it while queued the answer is 504",
             }
         ],
