@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import structlog
 
+from workers.actor import Actor
 from workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
 from workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
@@ -68,7 +69,7 @@ class WorkerStats:
     rejected: int = 0
 
 
-class InferenceWorker:
+class InferenceWorker(Actor[_Item]):
     """Actor: one task, one bounded mailbox, one thread running the session."""
 
     def __init__(
@@ -86,6 +87,7 @@ class InferenceWorker:
     ) -> None:
         if not input_names:
             raise ValueError("a model needs at least one input")
+        super().__init__(mailbox_size)
         self.model, self.version = model, version
         self.name = f"{model}/{version}"
         self._telemetry = telemetry
@@ -95,28 +97,15 @@ class InferenceWorker:
         self._output_names = list(output_names)
         self._max_batch_size = max(1, max_batch_size)
         self._max_queue_delay_s = max_queue_delay_s
-        self._mailbox: asyncio.Queue[_Item] = asyncio.Queue(mailbox_size)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.name}")
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
         self._carry: _Item | None = None
         self._run_time_s = 0.0  # running estimate of one batch's compute time
         self._queued_rows = 0
         self._computing = False
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done() and not self._closed
-
-    @property
-    def mailbox_depth(self) -> int:
-        return self._mailbox.qsize()
-
     def start(self) -> None:
-        if self._task is not None:
-            return
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"infer-{self.name}")
-        self._task.add_done_callback(self._fail_all)
+        if self._task is None:
+            self._launch(self._run())
 
     def submit(
         self,
@@ -146,7 +135,7 @@ class InferenceWorker:
         count = rows.pop()
         now = self.check_room(count, deadline)
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._mailbox.put_nowait(_Item(feed, count, deadline, now, future, request_id, signature))
+        self._enqueue(_Item(feed, count, deadline, now, future, request_id, signature))
         self._queued_rows += count
         return future
 
@@ -179,19 +168,7 @@ class InferenceWorker:
         self._queued_rows -= item.rows
         return item
 
-    async def close(self, drain_s: float = 10.0) -> None:
-        """Stop taking work, finish what is queued (up to ``drain_s``), then stop."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._task is not None and not self._task.done():
-            try:
-                await asyncio.wait_for(self._mailbox.join(), drain_s)
-            except TimeoutError:
-                log.warning("inference_drain_timeout", model=self.name, left=self._mailbox.qsize())
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._fail_queued(WorkerClosed(f"inference worker {self.name} stopped"))
+    async def _release(self) -> None:
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
@@ -303,23 +280,6 @@ class InferenceWorker:
                 )
             offset = end
 
-    def _fail_queued(self, error: BaseException) -> None:
-        pending: list[_Item] = []
-        if self._carry is not None:
-            pending.append(self._carry)
-            self._carry = None
-        while not self._mailbox.empty():
-            pending.append(self._mailbox.get_nowait())
-            self._mailbox.task_done()
-        for item in pending:
-            if not item.future.done():
-                item.future.set_exception(error)
-
-    def _fail_all(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            log.error("inference_worker_crashed", model=self.name, error=repr(error))
-            self._closed = True
-            self._fail_queued(WorkerClosed(f"inference worker {self.name} crashed: {error!r}"))
+    def _held(self) -> list[_Item]:
+        carried, self._carry = self._carry, None
+        return [carried] if carried is not None else []

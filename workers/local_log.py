@@ -26,7 +26,8 @@ from typing import IO
 import msgspec
 import structlog
 
-from workers.errors import MailboxFull, SinkFailed, WorkerClosed
+from workers.actor import Actor
+from workers.errors import SinkFailed, WorkerClosed
 from workers.records import OutboundRecord
 
 log = structlog.get_logger("mlgate.local_log")
@@ -201,7 +202,7 @@ class _Pending:
     future: asyncio.Future[None]
 
 
-class LocalLogWriter:
+class LocalLogWriter(Actor[_Pending]):
     """Actor: one task, one bounded mailbox, one thread for the blocking writes."""
 
     name = "local_log"
@@ -209,29 +210,18 @@ class LocalLogWriter:
     def __init__(
         self, directory: str | Path, *, mailbox_size: int = 1024, segment_bytes: int = 64 * 1024 * 1024
     ) -> None:
+        super().__init__(mailbox_size)
         self._directory = Path(directory)
         self._segment_bytes = segment_bytes
-        self._mailbox: asyncio.Queue[_Pending] = asyncio.Queue(mailbox_size)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="local-log")
         self._log: LocalLog | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-
-    @property
-    def healthy(self) -> bool:
-        return self._task is not None and not self._task.done() and not self._closed
-
-    @property
-    def mailbox_depth(self) -> int:
-        return self._mailbox.qsize()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._log = await loop.run_in_executor(
             self._executor, LocalLog, self._directory, self._segment_bytes
         )
-        self._task = asyncio.create_task(self._run(), name="local-log-writer")
-        self._task.add_done_callback(self._fail_all)
+        self._launch(self._run())
         log.info("local_log_started", directory=str(self._directory), next_offset=self._log.next_offset)
 
     @property
@@ -243,28 +233,12 @@ class LocalLogWriter:
         await self.submit(records)
 
     def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
-        if self._closed or self._task is None:
-            raise WorkerClosed("local log writer is not running")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        try:
-            # Framing here, on the caller's turn, keeps the writer loop short.
-            self._mailbox.put_nowait(_Pending([frame(r) for r in records], future))
-        except asyncio.QueueFull:
-            raise MailboxFull("local log mailbox is full") from None
+        # Framing here, on the caller's turn, keeps the writer loop short.
+        self._enqueue(_Pending([frame(r) for r in records], future))
         return future
 
-    async def close(self, drain_s: float = 10.0) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._task is not None and not self._task.done():
-            try:
-                await asyncio.wait_for(self._mailbox.join(), drain_s)
-            except TimeoutError:
-                log.warning("local_log_drain_timeout", left=self._mailbox.qsize())
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._fail_queued(WorkerClosed("local log writer stopped"))
+    async def _release(self) -> None:
         if self._log is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._log.close)
         self._executor.shutdown(wait=True)
@@ -298,22 +272,6 @@ class LocalLogWriter:
                     else:
                         item.future.set_exception(error)
                 self._mailbox.task_done()
-
-    def _fail_queued(self, error: BaseException) -> None:
-        while not self._mailbox.empty():
-            item = self._mailbox.get_nowait()
-            self._mailbox.task_done()
-            if not item.future.done():
-                item.future.set_exception(error)
-
-    def _fail_all(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            log.error("local_log_writer_crashed", error=repr(error))
-            self._closed = True
-            self._fail_queued(WorkerClosed(f"local log writer crashed: {error!r}"))
 
 
 class LogCursor:
