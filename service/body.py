@@ -7,6 +7,7 @@ decompressed bytes: a small compressed bomb stops at the limit too.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import http_parser, web
@@ -38,6 +39,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"Body exceeds the limit of {limit} bytes")
         return buffered
     check_declared_length(request, limit)
+    declared = request.content_length
+    if declared is not None and "Content-Encoding" not in request.headers:
+        # The common case, a small body of known length: one read, no chunk loop.
+        try:
+            return await request.content.readexactly(declared)
+        except asyncio.IncompleteReadError:
+            raise BadRequest("Body ended before its Content-Length", headers={"Connection": "close"}) from None
     parts: list[bytes] = []
     total = 0
     async for chunk in _chunks(request):
