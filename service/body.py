@@ -40,6 +40,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return buffered
     check_declared_length(request, limit)
     declared = request.content_length
+    if declared == 0:
+        return b""
     if declared is not None and "Content-Encoding" not in request.headers:
         # The common case, a small body of known length: one read, no chunk loop.
         try:

@@ -555,3 +555,12 @@ async def test_unsupported_content_encoding_is_415(app_client, make_settings) ->
     assert response.status == 415
     assert response.content_type == "application/problem+json"
     assert "gzip" in response.headers["Accept-Encoding"]
+
+
+async def test_empty_body_is_400_not_a_hang(app_client, make_settings) -> None:
+    client = await app_client(make_settings(feature_dims=(4,)))
+    response = await client.post(
+        "/api/v2/ingest", data=b"", headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"

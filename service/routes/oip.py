@@ -23,12 +23,9 @@ element counts): 422 on a mismatch, 404 for an unknown model or version. Errors 
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
-import msgspec
-import numpy as np
 from aiohttp import web
 
 from schemas.oip import (
@@ -44,200 +41,33 @@ from schemas.oip import (
     RepositoryIndexEntry,
     RepositoryIndexRequest,
     RepositoryModelRequest,
-    RequestInput,
-    RequestOutput,
     ResponseOutput,
     ServerMetadata,
     TensorMetadata,
 )
-from schemas.problem import FieldError
 from service import __version__
 from service.appkeys import DRAINING, MODEL_REPOSITORY, REQUEST_ID, SETTINGS
 from service.body import read_body
 from service.codec import Format, decode, request_format, respond
-from service.errors import BadRequest, NotFound, ValidationFailed
+from service.errors import BadRequest, NotFound
+from service.oip_tensors import (
+    HEADER_LENGTH,
+    input_arrays,
+    json_encoder,
+    requested_outputs,
+    to_binary,
+    to_json,
+)
 from service.openapi import Operation
 from service.routes.predict import TIMEOUT_HEADER, request_deadline, resolve
 from workers.model_repository import (
-    NUMPY_DTYPES,
     PLATFORM,
     ModelLoadFailed,
     ModelNotFound,
-    ModelVersion,
     TensorSpec,
 )
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
-# Which JSON value kinds (numpy's, after np.asarray) each target kind accepts.
-_ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
-_json_encoder = msgspec.json.Encoder()
-
-
-def invalid(loc: str, msg: str) -> ValidationFailed:
-    return ValidationFailed(msg, errors=[FieldError(loc=loc, msg=msg)])
-
-
-def _shape_fits(shape: list[int], spec: tuple[int, ...]) -> bool:
-    return len(shape) == len(spec) and all(
-        d < 0 or d == s for s, d in zip(shape, spec, strict=True)
-    )
-
-
-def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
-    count = math.prod(tensor.shape)
-    if tensor.datatype == "BYTES":
-        flat = np.array(data, dtype=np.object_).reshape(-1)
-        if not all(isinstance(value, str) for value in flat):
-            raise invalid(f"{loc}.data", "BYTES data must be strings")
-        array = flat
-    else:
-        dtype = NUMPY_DTYPES[tensor.datatype]
-        try:
-            raw = np.asarray(data)
-        except ValueError:
-            raise invalid(f"{loc}.data", "nested data is ragged") from None
-        if raw.size and raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
-            raise invalid(f"{loc}.data", f"values do not fit datatype {tensor.datatype}")
-        if raw.size and dtype.kind in "iu":
-            limits = np.iinfo(dtype)
-            if raw.min() < limits.min or raw.max() > limits.max:
-                raise invalid(f"{loc}.data", f"values out of range for {tensor.datatype}")
-        array = raw.astype(dtype).reshape(-1)
-    if array.size != count:
-        raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
-    return array.reshape(tensor.shape)
-
-
-def _from_binary(tensor: RequestInput, data: memoryview, loc: str) -> np.ndarray:
-    count = math.prod(tensor.shape)
-    if tensor.datatype == "BYTES":
-        values: list[str] = []
-        position = 0
-        while position < len(data):
-            length = int.from_bytes(data[position : position + 4], "little")
-            position += 4
-            if position + length > len(data):
-                raise invalid(f"{loc}.parameters", "BYTES element runs past its binary data")
-            try:
-                values.append(bytes(data[position : position + length]).decode())
-            except UnicodeDecodeError:
-                raise invalid(
-                    f"{loc}.parameters", "BYTES elements must be UTF-8 for ONNX strings"
-                ) from None
-            position += length
-        array = np.array(values, dtype=np.object_)
-    else:
-        dtype = NUMPY_DTYPES[tensor.datatype]
-        if len(data) != count * dtype.itemsize:
-            raise invalid(
-                f"{loc}.parameters.binary_data_size",
-                f"shape {tensor.shape} of {tensor.datatype} needs {count * dtype.itemsize} bytes, got {len(data)}",
-            )
-        array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
-    if array.size != count:
-        raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
-    return array.reshape(tensor.shape)
-
-
-def input_arrays(
-    payload: InferenceRequest, binary: memoryview, loaded: ModelVersion
-) -> dict[str, np.ndarray]:
-    """Every input as an array, checked against the model's metadata."""
-    specs = {spec.name: spec for spec in loaded.inputs}
-    feed: dict[str, np.ndarray] = {}
-    offset = 0
-    for index, tensor in enumerate(payload.inputs):
-        loc = f"inputs[{index}]"
-        spec = specs.get(tensor.name)
-        if spec is None:
-            raise invalid(
-                f"{loc}.name",
-                f"unexpected input {tensor.name!r}; {loaded.model} takes {sorted(specs)}",
-            )
-        if tensor.name in feed:
-            raise invalid(f"{loc}.name", f"input {tensor.name!r} appears twice")
-        if tensor.datatype != spec.datatype:
-            raise invalid(
-                f"{loc}.datatype",
-                f"input {tensor.name!r} is {spec.datatype}, got {tensor.datatype}",
-            )
-        if not _shape_fits(tensor.shape, spec.shape):
-            raise invalid(
-                f"{loc}.shape",
-                f"input {tensor.name!r} has shape {list(spec.shape)}, got {tensor.shape}",
-            )
-        if any(key.startswith("shared_memory") for key in tensor.parameters):
-            raise BadRequest("the shared-memory extension is not supported")
-        size = tensor.parameters.get("binary_data_size")
-        if size is not None:
-            if (
-                not isinstance(size, int)
-                or isinstance(size, bool)
-                or size < 0
-                or tensor.data is not None
-            ):
-                raise invalid(
-                    f"{loc}.parameters.binary_data_size", "a byte count, and no data alongside"
-                )
-            if offset + size > len(binary):
-                raise BadRequest("the binary data is shorter than the inputs' binary_data_size")
-            feed[tensor.name] = _from_binary(tensor, binary[offset : offset + size], loc)
-            offset += size
-        elif tensor.data is not None:
-            feed[tensor.name] = _from_json(tensor, tensor.data, loc)
-        else:
-            raise invalid(
-                f"{loc}.data", f"input {tensor.name!r} has neither data nor binary_data_size"
-            )
-    if offset != len(binary):
-        raise BadRequest("the binary data is longer than the inputs' binary_data_size")
-    if missing := sorted(specs.keys() - feed.keys()):
-        raise invalid("inputs", f"missing inputs {missing}")
-    if len({array.shape[0] if array.ndim else None for array in feed.values()}) != 1:
-        raise invalid("inputs", "every input needs the same batch size")
-    if any(array.ndim == 0 for array in feed.values()):
-        raise invalid("inputs", "inputs without a batch dimension are not supported")
-    return feed
-
-
-def _to_binary(array: np.ndarray, datatype: str) -> bytes:
-    if datatype == "BYTES":
-        parts = []
-        for value in array.reshape(-1):
-            raw = value if isinstance(value, bytes) else str(value).encode()
-            parts += [len(raw).to_bytes(4, "little"), raw]
-        return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype].newbyteorder("<")).tobytes()
-
-
-def _to_json(array: np.ndarray, datatype: str) -> list[Any]:
-    if datatype == "BYTES":
-        return [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
-    values: list[Any] = array.reshape(-1).tolist()
-    return values
-
-
-def _requested_outputs(
-    payload: InferenceRequest, loaded: ModelVersion
-) -> list[tuple[TensorSpec, bool]]:
-    specs = {spec.name: spec for spec in loaded.outputs}
-    default_binary = payload.parameters.get("binary_data_output") is True
-    wanted = payload.outputs or [RequestOutput(name=spec.name) for spec in loaded.outputs]
-    chosen: list[tuple[TensorSpec, bool]] = []
-    for index, output in enumerate(wanted):
-        spec = specs.get(output.name)
-        if spec is None:
-            raise invalid(
-                f"outputs[{index}].name",
-                f"unexpected output {output.name!r}; {loaded.model} has {sorted(specs)}",
-            )
-        if "classification" in output.parameters:
-            raise BadRequest("the classification extension is not supported")
-        if any(key.startswith("shared_memory") for key in output.parameters):
-            raise BadRequest("the shared-memory extension is not supported")
-        chosen.append((spec, output.parameters.get("binary_data", default_binary) is True))
-    return chosen
 
 
 def _deadline(request: web.Request, payload: InferenceRequest, started: float) -> float:
@@ -272,7 +102,7 @@ async def infer(request: web.Request) -> web.Response:
     # Shed before building the tensors: under overload most requests end here.
     loaded.worker.check_room(payload.inputs[0].shape[0] if payload.inputs[0].shape else 1, deadline)
     feed = input_arrays(payload, binary, loaded)
-    outputs = _requested_outputs(payload, loaded)
+    outputs = requested_outputs(payload, loaded)
     results = await loaded.worker.submit(
         feed, deadline, request_id=payload.id or request[REQUEST_ID]
     )
@@ -282,7 +112,7 @@ async def infer(request: web.Request) -> web.Response:
     for spec, binary_out in outputs:
         array = results[spec.name]
         if binary_out:
-            blob = _to_binary(array, spec.datatype)
+            blob = to_binary(array, spec.datatype)
             blobs.append(blob)
             tensors.append(
                 ResponseOutput(
@@ -298,7 +128,7 @@ async def infer(request: web.Request) -> web.Response:
                     name=spec.name,
                     shape=list(array.shape),
                     datatype=spec.datatype,
-                    data=_to_json(array, spec.datatype),
+                    data=to_json(array, spec.datatype),
                 )
             )
     answer = InferenceResponse(
@@ -306,7 +136,7 @@ async def infer(request: web.Request) -> web.Response:
     )
     if not blobs:
         return respond(request, answer)
-    header = _json_encoder.encode(answer)
+    header = json_encoder.encode(answer)
     return web.Response(
         body=b"".join([header, *blobs]),
         headers={HEADER_LENGTH: str(len(header))},
