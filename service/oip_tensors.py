@@ -24,11 +24,8 @@ from schemas.oip import (
 )
 from schemas.problem import FieldError
 from service.errors import BadRequest, ValidationFailed
-from workers.model_repository import (
-    NUMPY_DTYPES,
-    ModelVersion,
-    TensorSpec,
-)
+from workers.model_config import NUMPY_DTYPES, TensorSpec
+from workers.model_repository import ModelVersion
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Which JSON value kinds (numpy's, after np.asarray) each target kind accepts.

@@ -16,12 +16,12 @@ from onnx import TensorProto, helper
 
 from config import Settings
 from models.make_demo_model import IR_VERSION, OPSET, build_mlp
+from workers.model_config import TensorSpec
 from workers.model_repository import (
     IndexEntry,
     ModelLoadFailed,
     ModelNotFound,
     ModelRepository,
-    TensorSpec,
 )
 
 

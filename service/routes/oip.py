@@ -60,12 +60,8 @@ from service.oip_tensors import (
 )
 from service.openapi import Operation
 from service.routes.predict import TIMEOUT_HEADER, request_deadline, resolve
-from workers.model_repository import (
-    PLATFORM,
-    ModelLoadFailed,
-    ModelNotFound,
-    TensorSpec,
-)
+from workers.model_config import PLATFORM, TensorSpec
+from workers.model_repository import ModelLoadFailed, ModelNotFound
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 

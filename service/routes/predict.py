@@ -45,7 +45,8 @@ from service.codec import decode, request_format, respond
 from service.errors import BadRequest, NotFound, ValidationFailed
 from service.metrics import PrometheusTelemetry
 from service.openapi import Operation
-from workers.model_repository import NUMPY_DTYPES, ModelNotFound, ModelRepository, ModelVersion
+from workers.model_config import NUMPY_DTYPES
+from workers.model_repository import ModelNotFound, ModelRepository, ModelVersion
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 # Below a millisecond no answer could arrive in time; such a header is a client bug.
