@@ -100,7 +100,7 @@ def _run_round(options: BenchOptions, number: int) -> Round:
         watched = {f"service-{i}": pid for i, pid in enumerate(serving)} | {"broker": broker.pid}
         load = LoadOptions(
             url=f"http://127.0.0.1:{port}/api/v2/ingest",
-            connections=options.connections,
+            connections=options.load_connections,
             warmup_s=options.warmup_s,
             duration_s=options.duration_s,
             batches=options.batches,
@@ -292,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m bench.ingest",
         description="End-to-end ingestion (HTTP -> mlgate -> Kafka) against the raw aiokafka producer.",
     )
-    parser.add_argument("--connections", type=int, default=defaults.connections, help="concurrent HTTP connections")
+    parser.add_argument("--connections", type=int, help="concurrent HTTP connections (default 4 per worker)")
     parser.add_argument("--duration", type=float, default=defaults.duration_s, help="measured seconds per path")
     parser.add_argument("--rounds", type=int, default=defaults.rounds, help="fresh broker and service per round; results pooled")
     parser.add_argument("--warmup", type=float, default=defaults.warmup_s, help="unmeasured seconds before each window")

@@ -17,9 +17,11 @@ BUSY_MACHINE_CORES = 0.2
 
 @dataclass(frozen=True, kw_only=True)
 class BenchOptions:
-    # Four connections already keep one mlgate process busy (eight give the same records/s);
-    # more only queue: latency ~ connections x records / records-per-second.
-    connections: int = 4
+    # None: 4 per mlgate process. Four connections already keep one process busy (eight
+    # give the same records/s); more only queue: latency ~ connections x records / rate.
+    # With several processes the kernel spreads connections unevenly (SO_REUSEPORT
+    # hashes them), so each needs some to spare.
+    connections: int | None = None
     duration_s: float = 10.0
     warmup_s: float = 2.0
     rounds: int = 1
@@ -33,6 +35,10 @@ class BenchOptions:
     read_all: bool = False
     py_spy_dir: Path | None = None
     py_spy_format: str = "flamegraph"
+
+    @property
+    def load_connections(self) -> int:
+        return self.connections or 4 * self.workers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,7 +218,7 @@ def format_report(report: BenchReport) -> str:
     left = max(len(r[1]) for r in rows)
     head = (
         f"mlgate ingest: {o.records} records x {o.dims} float32 per request, "
-        f"{o.connections} connections, {o.warmup_s:g} s warm-up + {o.duration_s:g} s"
+        f"{o.load_connections} connections, {o.warmup_s:g} s warm-up + {o.duration_s:g} s"
         f"{f' x {o.rounds} rounds' if o.rounds > 1 else ''}, "
         f"{o.workers} service process(es), values {o.value_format}, {o.partitions} partitions"
     )
