@@ -34,7 +34,9 @@ Timestamp = (
 Features = Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_FEATURES)]
 
 
-class Record(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+# gc=False: a batch makes hundreds of these and none can be part of a reference cycle,
+# so the garbage collector need not track them.
+class Record(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """One training record as a producer sends it."""
 
     features: Features
@@ -72,7 +74,7 @@ class IngestResponse(msgspec.Struct, frozen=True, kw_only=True):
     errors: list[RecordError]
 
 
-class StoredRecord(msgspec.Struct, frozen=True, kw_only=True):
+class StoredRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The record as written to the sink (the Kafka message value)."""
 
     record_id: str

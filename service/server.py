@@ -18,6 +18,7 @@ them and restarts one that dies. It alone talks to systemd (``NotifyAccess=main`
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import ssl
 from collections.abc import Callable
@@ -71,6 +72,7 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         await runner.cleanup()
         raise
 
+    gc.freeze()  # what start-up built (models, sessions, routes) lives as long as we do
     log.info("serving", host=settings.host, port=settings.port, tls=ssl_context is not None,
              worker_index=settings.worker_index)
     if on_ready is not None:
@@ -153,7 +155,22 @@ async def _reload_on_signal(app: web.Application, requested: asyncio.Event) -> N
         systemd.ready("reloaded" if not failed else f"reload failed: {', '.join(failed)}")
 
 
+def tune_garbage_collector() -> None:
+    """Move what exists now (modules, settings, models) out of the collector's sight and
+    collect young objects less often.
+
+    An ingest request allocates ~65k floats and lists that die with it; with the default
+    thresholds that triggers collections that walk every long-lived object again, which
+    measured ~20% of the CPU and full-collection pauses of up to ~150 ms (the p99).
+    Nothing in a request forms reference cycles on purpose, so fewer passes lose nothing.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def run(settings: Settings, on_ready: Callable[[], object] | None = None) -> int:
     """Serve on a uvloop loop; the exit code ``serve`` decided."""
+    tune_garbage_collector()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(settings, on_ready))

@@ -7,7 +7,7 @@ from typing import Protocol
 import msgspec
 
 
-class OutboundRecord(msgspec.Struct, frozen=True, array_like=True):
+class OutboundRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
     key: bytes
     value: bytes
     headers: list[tuple[str, bytes]]
