@@ -53,6 +53,7 @@ from bench.processes import (
     spawn,
     start_broker,
     start_child,
+    start_redis,
     start_service,
     stop,
     wait_for_port,
@@ -89,6 +90,12 @@ def _run_round(options: BenchOptions, number: int) -> Round:
 
         port = free_port()
         settings = _service_settings(options, port, bootstrap, e2e_topic, work)
+        if options.redis:
+            redis_port = free_port()
+            redis = start_redis(redis_port, work / "redis.log")
+            stack.callback(stop, redis)
+            wait_for_port(redis_port, redis, STARTUP_TIMEOUT_S)
+            settings["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
         api_key = _api_key(Path(settings["MLGATE_KEYS_FILE"]))
         service = start_service(settings, work / "service.log")
         stack.callback(stop, service, 15.0)
@@ -107,6 +114,7 @@ def _run_round(options: BenchOptions, number: int) -> Round:
             records=options.records,
             dims=options.dims,
             api_key=api_key,
+            idempotency_keys=options.idempotency_keys,
         )
         profile = _profiler(options, serving, number) if options.py_spy_dir else None
         e2e_line, e2e_cpu, profiles = _run_child("bench.loadgen", load, watched, options, profile)

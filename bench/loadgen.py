@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import uuid
 
 import aiohttp
 import msgspec
@@ -33,6 +34,8 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     records: int
     dims: int
     api_key: str = ""
+    # A fresh Idempotency-Key on every request, as a careful producer sends.
+    idempotency_keys: bool = False
     seed: int = 0
     request_timeout_s: float = 30.0
 
@@ -79,8 +82,13 @@ async def generate_load(options: LoadOptions) -> LoadResult:
         async def connection() -> None:
             while time.perf_counter() < window_end:
                 body = bodies.body(next(turn))
+                sent_headers = (
+                    {**headers, "Idempotency-Key": uuid.uuid4().hex}
+                    if options.idempotency_keys
+                    else headers
+                )
                 sent = time.perf_counter()
-                status, accepted, duplicate = await _post(session, options.url, body, headers, errors)
+                status, accepted, duplicate = await _post(session, options.url, body, sent_headers, errors)
                 done = time.perf_counter()
                 statuses[status] = statuses.get(status, 0) + 1
                 totals["requests"] += 1

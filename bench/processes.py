@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,6 +79,18 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float)
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def start_redis(port: int, log: Path) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (make test installs it)")
+    with log.open("wb") as out:
+        return spawn(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def start_broker(port: int, log: Path) -> subprocess.Popen[bytes]:

@@ -35,6 +35,9 @@ class BenchOptions:
     read_all: bool = False
     py_spy_dir: Path | None = None
     py_spy_format: str = "flamegraph"
+    # Shared state in a private redis-server (REDIS_URL) and Idempotency-Key on every request.
+    redis: bool = False
+    idempotency_keys: bool = False
 
     @property
     def load_connections(self) -> int:
