@@ -79,6 +79,7 @@ DESCRIPTIONS: dict[str, str] = {
     "profiles_poll_interval_s": "How often profiles are rescanned (0: at start and on SIGHUP).",
     "drift_window_records": "Records per drift window (tumbling).",
     "drift_psi_threshold": "PSI above which a feature counts as drifting (one warning per crossing).",
+    "drift_sample_every": "Ingested rows counted into drift windows: every k-th (range checks see all).",
     "drift_mailbox_size": "Rows waiting for the drift monitor; beyond it they are dropped and counted.",
     # Prediction
     "model_repository": "Model repository: <repo>/<model>/<version>/model.onnx.",

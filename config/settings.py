@@ -118,6 +118,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     profiles_poll_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     drift_window_records: PositiveInt = 5000
     drift_psi_threshold: PositiveFloat = 0.2
+    drift_sample_every: PositiveInt = 1
     # Rows waiting for the drift monitor; past it, observations are dropped and counted.
     drift_mailbox_size: PositiveInt = 20_000
 

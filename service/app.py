@@ -75,7 +75,7 @@ def create_app(settings: Settings) -> web.Application:
         settings, app[PROFILE_STORE], PrometheusTelemetry(app_metrics)
     )
     app[RECORD_VALIDATOR] = RecordValidator(
-        settings, QualityScreen(app[PROFILE_STORE], app[DRIFT_MONITOR])
+        settings, QualityScreen(app[PROFILE_STORE], app[DRIFT_MONITOR], settings.drift_sample_every)
     )
     app.cleanup_ctx.append(shared_state)
     app.cleanup_ctx.append(record_sink)

@@ -210,3 +210,14 @@ async def test_a_profile_written_while_serving_applies_after_a_reload(
     write_profile(profiles_dir, "sensors")
     await client.app[RELOAD_HOOKS]["profiles"]()
     assert (await ingest(client, out_of_range_batch("again")))["records_rejected"] == 2
+
+
+async def test_drift_sampling_counts_every_kth_row_but_checks_every_range(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    write_profile(profiles_dir, "sensors", on_violation="reject")
+    client = await app_client(quality_settings(drift_sample_every=4))
+    await ingest(client, records(reference_sample(400, seed=9), "s"))
+    body = await ingest(client, out_of_range_batch("o"))
+    assert body["records_rejected"] == 2  # range checks saw rows the sample skipped
+    assert (await report(client))["records_observed"] == 100 + 2  # 400/4, then 5 rows: 0 and 4
