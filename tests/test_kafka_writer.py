@@ -1,12 +1,16 @@
-"""The writer's vectorised partitioner picks what aiokafka's (the Java client's) picks."""
+"""KafkaWriter: the partition of each key, and what a stopped writer answers."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
+import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from workers.kafka_writer import partitions_for
+from workers.errors import WorkerError
+from workers.kafka_writer import KafkaWriter, partitions_for
+from workers.records import OutboundRecord
 
 
 def test_partitions_match_aiokafkas_default_partitioner() -> None:
@@ -24,3 +28,24 @@ def test_keys_of_the_same_record_id_always_share_a_partition() -> None:
     chosen = partitions_for(keys, [0, 1, 2])
     assert len({chosen[i] for i in range(0, 100, 2)}) == 1
     assert len({chosen[i] for i in range(1, 100, 2)}) == 1
+
+
+async def test_cancelled_dispatch_fails_the_request_rather_than_resolving_it(
+    make_settings, kafka_broker, kafka_topic: str
+) -> None:
+    writer = KafkaWriter(
+        make_settings(kafka_bootstrap_servers=kafka_broker.bootstrap, kafka_topic=kafka_topic)
+    )
+    await writer.start()
+    blocked = asyncio.Event()
+
+    async def stuck_send(items: object) -> None:
+        blocked.set()
+        await asyncio.Event().wait()
+
+    writer._send = stuck_send  # type: ignore[method-assign]
+    future = writer.submit([OutboundRecord(key=b"k", value=b"v", headers=[])])
+    await blocked.wait()
+    await writer.close(drain_s=0.1)
+    with pytest.raises(WorkerError):  # failed, never reported as written
+        await future

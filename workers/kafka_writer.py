@@ -24,7 +24,8 @@ from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from config import Settings
-from workers.errors import MailboxFull, SinkFailed, WorkerClosed
+from workers.actor import Actor
+from workers.errors import SinkFailed, WorkerClosed
 from workers.records import OutboundRecord
 from workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
@@ -63,7 +64,7 @@ def build_producer(settings: Settings) -> AIOKafkaProducer:
     )
 
 
-class KafkaWriter:
+class KafkaWriter(Actor[_Pending]):
     name = "kafka"
 
     def __init__(
@@ -72,26 +73,16 @@ class KafkaWriter:
         producer: AIOKafkaProducer | None = None,
         telemetry: WorkerTelemetry = NO_TELEMETRY,
     ) -> None:
+        super().__init__(settings.writer_mailbox_size)
         self._settings = settings
         self._telemetry = telemetry
         self._topic = settings.kafka_topic
         self._given_producer = producer
         # Built in start(): a producer that failed to start cannot start again.
         self._producer: AIOKafkaProducer | None = None
-        self._mailbox: asyncio.Queue[_Pending] = asyncio.Queue(settings.writer_mailbox_size)
         self._in_flight = asyncio.Semaphore(settings.writer_max_in_flight)
         self._partitions: list[int] = []
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
         self._last_error: str | None = None
-
-    @property
-    def healthy(self) -> bool:
-        return self._task is not None and not self._task.done() and not self._closed
-
-    @property
-    def mailbox_depth(self) -> int:
-        return self._mailbox.qsize()
 
     @property
     def _running_producer(self) -> AIOKafkaProducer:
@@ -116,36 +107,19 @@ class KafkaWriter:
             raise
         self._producer = producer
         self._partitions = sorted(partitions)
-        self._task = asyncio.create_task(self._run(), name="kafka-writer")
-        self._task.add_done_callback(self._fail_all)
+        self._launch(self._run())
         log.info("kafka_writer_started", topic=self._topic, partitions=len(self._partitions))
 
     def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
-        if self._closed or self._task is None:
-            raise WorkerClosed("Kafka writer is not running")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        try:
-            self._mailbox.put_nowait(_Pending(records, future))
-        except asyncio.QueueFull:
-            raise MailboxFull("Kafka writer mailbox is full") from None
+        self._enqueue(_Pending(records, future))
         return future
 
     async def write(self, records: list[OutboundRecord]) -> None:
         await self.submit(records)
 
-    async def close(self, drain_s: float = 10.0) -> None:
-        """Stop taking work, drain what was accepted, flush the producer. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._task is not None and not self._task.done():
-            try:
-                await asyncio.wait_for(self._drained(), drain_s)
-            except TimeoutError:
-                log.warning("kafka_writer_drain_timeout", left=self._mailbox.qsize())
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._fail_queued(WorkerClosed("Kafka writer stopped"))
+    async def _release(self) -> None:
+        """Flush and stop the producer once the writer task has stopped."""
         if self._producer is not None:
             await self._producer.stop()
 
@@ -174,6 +148,11 @@ class KafkaWriter:
             except Exception as exc:
                 log.error("kafka_send_failed", error=repr(exc))
                 error = exc
+            except BaseException:
+                # Cancelled mid-dispatch (close past its budget): what was not sent must
+                # fail, never resolve as written.
+                error = WorkerClosed("Kafka writer stopped while sending")
+                raise
             finally:
                 for item in taken:
                     item.batch_done(error)
@@ -240,22 +219,6 @@ class KafkaWriter:
                 item.batch_done(error)
 
         ack.add_done_callback(on_ack)
-
-    def _fail_queued(self, error: BaseException) -> None:
-        while not self._mailbox.empty():
-            item = self._mailbox.get_nowait()
-            self._mailbox.task_done()
-            if not item.future.done():
-                item.future.set_exception(error)
-
-    def _fail_all(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            log.error("kafka_writer_crashed", error=repr(error))
-            self._closed = True
-            self._fail_queued(WorkerClosed(f"Kafka writer crashed: {error!r}"))
 
 
 # -- partitioning ------------------------------------------------------------------------
