@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test lint bench bench-ingest bench-predict redis-server clean
+.PHONY: install run test lint bench bench-ingest bench-predict bench-protection bench-quality redis-server clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,13 +28,19 @@ lint: $(STAMP)
 test: $(STAMP) redis-server lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-bench: bench-ingest bench-predict
+bench: bench-ingest bench-predict bench-protection bench-quality
 
 bench-ingest: $(STAMP)
-	$(PY) -m bench.ingest
+	$(PY) -m bench.ingest --workers 2 --rounds 2
 
 bench-predict: $(STAMP)
 	$(PY) -m bench.predict
+
+bench-protection: $(STAMP) redis-server
+	$(PY) -m bench.protection --rounds 2
+
+bench-quality: $(STAMP)
+	$(PY) -m bench.quality_ingest --rounds 2
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache data
