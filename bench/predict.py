@@ -65,6 +65,7 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     rate: float = 0.0  # open loop: requests per second (0: closed loop)
     max_in_flight: int = 4096  # open loop: past this the client drops (counted)
     seed: int = 0
+    body_format: str = "json"  # or "msgpack"
 
 
 class LoadResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,17 +77,18 @@ class LoadResult(msgspec.Struct, frozen=True, kw_only=True):
     errors: list[str]
 
 
-def bodies(dims: int, seed: int) -> list[bytes]:
+def bodies(dims: int, seed: int, body_format: str = "json") -> list[bytes]:
     rows = np.random.default_rng(seed).standard_normal((BODY_POOL, dims)).astype(np.float32)
-    return [msgspec.json.encode({"features": row.tolist()}) for row in rows]
+    encode = msgspec.msgpack.encode if body_format == "msgpack" else msgspec.json.encode
+    return [encode({"features": row.tolist()}) for row in rows]
 
 
 async def generate_load(options: LoadOptions) -> LoadResult:
     import aiohttp
 
-    pool = bodies(options.dims, options.seed)
+    pool = bodies(options.dims, options.seed, options.body_format)
     turn = itertools.count()
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": f"application/{options.body_format}"}
     statuses: dict[str, int] = {}
     latencies: dict[str, list[float]] = {}
     errors: list[str] = []
@@ -297,6 +299,7 @@ def load(
         warmup_s=args.warmup,
         connections=args.connections,
         rate=rate,
+        body_format=args.body_format,
     )
     marks: dict[str, float] = {}
 
@@ -623,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.predict", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--body-format", choices=("json", "msgpack"), default="json", help="request bodies"
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per phase")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
