@@ -14,6 +14,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -152,6 +153,10 @@ def route_of(request: web.Request) -> str:
 
 
 def middleware(metrics: Metrics) -> Middleware:
+    # Labelled children cached by their labels: labels() costs ~4x the increment itself.
+    counters: dict[tuple[str, str, int], Any] = {}
+    timers: dict[tuple[str, str], Any] = {}
+
     @web.middleware
     async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -164,9 +169,17 @@ def middleware(metrics: Metrics) -> Middleware:
             status = exc.status
             raise
         finally:
-            route = route_of(request)
-            metrics.requests.labels(route, request.method, str(status)).inc()
-            metrics.request_seconds.labels(route, request.method).observe(time.perf_counter() - started)
+            route, method = route_of(request), request.method
+            counter = counters.get((route, method, status))
+            if counter is None:
+                counter = counters[route, method, status] = metrics.requests.labels(
+                    route, method, str(status)
+                )
+            timer = timers.get((route, method))
+            if timer is None:
+                timer = timers[route, method] = metrics.request_seconds.labels(route, method)
+            counter.inc()
+            timer.observe(time.perf_counter() - started)
 
     return count_requests
 
