@@ -21,8 +21,8 @@ import dataclasses
 import signal
 import sys
 
-from bench.ingest import run_bench
-from bench.report import BenchOptions, BenchReport
+from bench.compare import compare
+from bench.report import BenchOptions
 
 TARGET = 0.8
 OFF = {
@@ -39,11 +39,6 @@ ON = {
 }
 
 
-def _p99(report: BenchReport) -> float:
-    latencies = sorted(x for r in report.rounds for x in r.e2e.latencies_ms)
-    return latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.protection", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each configuration")
@@ -57,30 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     off_options = dataclasses.replace(base, service_env=OFF)
     on_env = ON if args.dedup else {**ON, "MLGATE_DEDUP_WINDOW_S": "0"}
     on_options = dataclasses.replace(base, service_env=on_env, redis=True, idempotency_keys=True)
-    off_rounds, on_rounds = [], []
-    try:
-        for _ in range(args.rounds):
-            off_rounds += run_bench(off_options).rounds
-            on_rounds += run_bench(on_options).rounds
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 2
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 2
-    off = BenchReport(options=off_options, rounds=off_rounds)
-    on = BenchReport(options=on_options, rounds=on_rounds)
-    ratio = on.e2e_rate / off.e2e_rate
-    print(f"{'':32}{'off':>14}{'on':>14}")
-    print(f"{'records/s end to end':32}{off.e2e_rate:>14,.0f}{on.e2e_rate:>14,.0f}")
-    print(f"{'p99 request latency ms':32}{_p99(off):>14.1f}{_p99(on):>14.1f}")
-    print(f"{'accepted = landed':32}{str(off.accepted == off.landed):>14}{str(on.accepted == on.landed):>14}")
-    statuses_on = {k: v for r in on.rounds for k, v in r.e2e.statuses.items()}
-    print(f"{'statuses (on)':32}{statuses_on}")
-    print(f"ratio on / off: {ratio:.2f}x (target >= {TARGET}x)")
-    met = ratio >= TARGET and on.accepted == on.landed
-    print("verdict:", "target met" if met else "target NOT met")
-    return 0 if met else 1
+    return compare(("off", "on"), (off_options, on_options), args.rounds, TARGET)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.ingest import run_bench
+from bench.compare import compare
 from bench.payload import SOURCE
-from bench.report import BenchOptions, BenchReport
+from bench.report import BenchOptions
 from workers.profile_store import ProfileStore
 from workers.quality_profile import build_profile
 
@@ -49,27 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         off_options = dataclasses.replace(base, service_env={"MLGATE_PROFILES_DIR": str(without)})
         on_env = {"MLGATE_PROFILES_DIR": str(with_profile), "MLGATE_DRIFT_SAMPLE_EVERY": str(args.sample_every)}
         on_options = dataclasses.replace(base, service_env=on_env)
-        off_rounds, on_rounds = [], []
-        try:
-            for _ in range(args.rounds):
-                off_rounds += run_bench(off_options).rounds
-                on_rounds += run_bench(on_options).rounds
-        except KeyboardInterrupt:
-            print("interrupted; everything started was stopped", file=sys.stderr)
-            return 2
-        except (RuntimeError, TimeoutError, OSError) as exc:
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            return 2
-    off = BenchReport(options=off_options, rounds=off_rounds)
-    on = BenchReport(options=on_options, rounds=on_rounds)
-    ratio = on.e2e_rate / off.e2e_rate
-    print(f"{'':32}{'no profile':>14}{'profile':>14}")
-    print(f"{'records/s end to end':32}{off.e2e_rate:>14,.0f}{on.e2e_rate:>14,.0f}")
-    print(f"{'accepted = landed':32}{str(off.accepted == off.landed):>14}{str(on.accepted == on.landed):>14}")
-    print(f"ratio profile / no profile: {ratio:.2f}x (target >= {TARGET}x)")
-    met = ratio >= TARGET and on.accepted == on.landed
-    print("verdict:", "target met" if met else "target NOT met")
-    return 0 if met else 1
+        return compare(("no profile", "profile"), (off_options, on_options), args.rounds, TARGET)
 
 
 if __name__ == "__main__":
