@@ -62,7 +62,10 @@ def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
             limits = np.iinfo(dtype)
             if raw.min() < limits.min or raw.max() > limits.max:
                 raise invalid(f"{loc}.data", f"values out of range for {tensor.datatype}")
-        array = raw.astype(dtype).reshape(-1)
+        with np.errstate(over="ignore"):
+            array = raw.astype(dtype).reshape(-1)
+        if dtype.kind == "f" and (np.isinf(array) & np.isfinite(raw).reshape(-1)).any():
+            raise invalid(f"{loc}.data", f"values out of range for {tensor.datatype}")
     if array.size != count:
         raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
     return array.reshape(tensor.shape)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from pathlib import Path
 
 import msgspec
 
+from config import worker_data_dir
 from service.appkeys import RECORD_SINK
 from tests.support import KafkaBroker, create_topic, read_topic
 from workers.records import OutboundRecord
-from workers.spilling_sink import SpillingKafkaSink
+from workers.spilling_sink import SpillingKafkaSink, write_forwarded_offset
 
 
 def _batch(key: int, sequence: int) -> dict[str, object]:
@@ -124,3 +126,33 @@ async def test_spill_drained_after_restart_is_neither_lost_nor_sent_twice(
         await sink.close()
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=20)
     assert sorted(m.key for m in messages) == sorted(r.key for r in _outbound(20))
+
+
+async def test_forwarded_offset_past_the_spill_end_does_not_skip_later_spilled_records(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    settings = make_settings(
+        kafka_bootstrap_servers=private_kafka_broker.bootstrap,
+        kafka_topic=topic,
+        kafka_request_timeout_ms=500,
+    )
+    # As after a power loss that took spill records the drainer had already forwarded.
+    spill = Path(worker_data_dir(settings)) / "spill"
+    spill.mkdir(parents=True)
+    write_forwarded_offset(spill, 5)
+    private_kafka_broker.stop()
+    sink = SpillingKafkaSink(settings)
+    await sink.start()
+    await sink.write(_outbound(3))
+    assert sink.backlog == 3
+    await sink.close()
+
+    private_kafka_broker.start()
+    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    sink = SpillingKafkaSink(settings)
+    await sink.start()
+    await _wait_until_drained(sink)
+    await sink.close()
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=3)
+    assert sorted(m.key for m in messages) == sorted(r.key for r in _outbound(3))

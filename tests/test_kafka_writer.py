@@ -49,3 +49,22 @@ async def test_cancelled_dispatch_fails_the_request_rather_than_resolving_it(
     await writer.close(drain_s=0.1)
     with pytest.raises(WorkerError):  # failed, never reported as written
         await future
+
+
+async def test_cancelled_wait_for_an_in_flight_slot_fails_the_request(
+    make_settings, kafka_broker, kafka_topic: str
+) -> None:
+    writer = KafkaWriter(
+        make_settings(
+            kafka_bootstrap_servers=kafka_broker.bootstrap,
+            kafka_topic=kafka_topic,
+            writer_max_in_flight=1,
+        )
+    )
+    await writer.start()
+    await writer._in_flight.acquire()  # the one slot is taken: the next batch waits for it
+    future = writer.submit([OutboundRecord(key=b"k", value=b"v", headers=[])])
+    await asyncio.sleep(0.05)
+    await writer.close(drain_s=0.1)
+    with pytest.raises(WorkerError):  # failed, never left waiting forever
+        await asyncio.wait_for(future, 2)

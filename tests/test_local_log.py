@@ -152,6 +152,25 @@ def test_failed_append_leaves_no_torn_frame_before_later_records(tmp_path: Path)
     assert _keys(tmp_path) == ["a", "b", "c"]
 
 
+def test_durable_offset_counts_only_records_of_a_completed_append(tmp_path: Path) -> None:
+    log = LocalLog(tmp_path)
+    try:
+        log.append([frame(_record("a"))])
+        assert log.durable_offset == 1
+        real = log._handle
+        log._handle = _FailingHandle(real)  # type: ignore[assignment]
+        with pytest.raises(OSError):
+            log.append([frame(_record("lost-1")), frame(_record("lost-2"))])
+        assert log.durable_offset == 1  # a reader must not forward what was rolled back
+    finally:
+        if isinstance(log._handle, _FailingHandle):
+            log._handle = real
+        log.close()
+    reopened = LocalLog(tmp_path)
+    reopened.close()
+    assert reopened.durable_offset == 1
+
+
 # -- the writer actor -----------------------------------------------------------------
 
 

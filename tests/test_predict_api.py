@@ -169,6 +169,12 @@ async def test_non_finite_features_are_422(demo_client: Client) -> None:
     assert response.status == 422
 
 
+async def test_feature_beyond_the_float32_range_is_422(demo_client: Client) -> None:
+    status, body = await predict(demo_client, {"features": [1e300] + [0.0] * 127})
+    assert status == 422
+    assert body["errors"][0]["loc"] == "features"
+
+
 async def test_malformed_or_sub_millisecond_request_timeout_is_400(demo_client: Client) -> None:
     for value in ("soon", "0", "0.5", "nan", "600001"):
         headers = {"X-Request-Timeout": value}

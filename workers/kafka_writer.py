@@ -196,15 +196,23 @@ class KafkaWriter(Actor[_Pending]):
             item.batches_left += 1
         records = batch.record_count()
         batch.close()
-        await self._in_flight.acquire()
-        sent_at = time.perf_counter()
+        acquired = False
         try:
+            await self._in_flight.acquire()
+            acquired = True
+            sent_at = time.perf_counter()
             ack = await self._running_producer.send_batch(batch, self._topic, partition=partition)
-        except Exception as exc:
-            self._in_flight.release()
+        except BaseException as exc:
+            # This batch's count must be given back whatever happened, a cancellation
+            # (close past its budget) included, or its requests would wait forever.
+            if acquired:
+                self._in_flight.release()
             self._telemetry.kafka_batch_failed(records)
+            error = exc if isinstance(exc, Exception) else WorkerClosed("send cancelled")
             for item in members:
-                item.batch_done(exc)
+                item.batch_done(error)
+            if not isinstance(exc, Exception):
+                raise
             return
 
         def on_ack(done: asyncio.Future[object]) -> None:

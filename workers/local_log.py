@@ -98,6 +98,9 @@ class LocalLog:
         self._lock = _lock_directory(self.directory)
         self.next_offset = 0
         self._recover()
+        # Records below it are fsync'd; readers that forward records stop there, since
+        # frames past it may still be rolled back (or lost in a crash).
+        self.durable_offset = self.next_offset
 
     def _recover(self) -> None:
         existing = segments(self.directory)
@@ -155,6 +158,7 @@ class LocalLog:
         except OSError:
             self._roll_back(*mark, first)
             raise
+        self.durable_offset = self.next_offset
         return first
 
     def _roll_back(self, segment: Path, size: int, next_offset: int) -> None:
@@ -228,6 +232,11 @@ class LocalLogWriter(Actor[_Pending]):
     def next_offset(self) -> int:
         """The offset the next record will get (records queued but unwritten excluded)."""
         return self._log.next_offset if self._log is not None else 0
+
+    @property
+    def durable_offset(self) -> int:
+        """Every record below this offset is fsync'd."""
+        return self._log.durable_offset if self._log is not None else 0
 
     async def write(self, records: list[OutboundRecord]) -> None:
         await self.submit(records)

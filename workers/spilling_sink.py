@@ -98,6 +98,12 @@ class SpillingKafkaSink:
         await self._spill.start()
         loop = asyncio.get_running_loop()
         forwarded = await loop.run_in_executor(self._executor, read_forwarded_offset, self._directory)
+        if forwarded > self._spill.next_offset:
+            # The log lost records it had not fsync'd (a crash): new ones reuse those
+            # offsets, and a cursor past them would skip them.
+            log.warning("spill_forwarded_offset_past_end", forwarded=forwarded, end=self._spill.next_offset)
+            forwarded = self._spill.next_offset
+            await loop.run_in_executor(self._executor, write_forwarded_offset, self._directory, forwarded)
         self._backlog = max(0, self._spill.next_offset - forwarded)
         self._cursor = LogCursor(self._directory, forwarded)
         try:
@@ -145,7 +151,9 @@ class SpillingKafkaSink:
                     log.warning("kafka_still_unavailable", error=repr(exc))
                     await asyncio.sleep(self._settings.kafka_breaker_reset_s)
                     continue
-            entries = await loop.run_in_executor(self._executor, self._cursor.read, batch_size)
+            # Only fsync'd records: one not yet durable may still be rolled back.
+            durable = min(batch_size, self._spill.durable_offset - self._cursor.offset)
+            entries = await loop.run_in_executor(self._executor, self._cursor.read, durable)
             if not entries:
                 if self._backlog == 0:
                     self._spilled.clear()

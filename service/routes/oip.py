@@ -74,6 +74,18 @@ def _deadline(request: web.Request, payload: InferenceRequest, started: float) -
     return request_deadline(request, started, default_ms)
 
 
+def _header_length(raw: str | None, body_length: int) -> int | None:
+    """The JSON header's byte length from ``Inference-Header-Content-Length``, or None.
+
+    ASCII digits only (``str.isdigit`` also takes ``²``), and no longer than a body
+    length can be (``int`` refuses more than 4300 digits)."""
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20 and 0 < int(raw) <= body_length):
+        raise BadRequest(f"{HEADER_LENGTH} must be the byte length of the JSON header within the body")
+    return int(raw)
+
+
 async def infer(request: web.Request) -> web.Response:
     started = time.monotonic()
     settings = request.app[SETTINGS]
@@ -83,14 +95,10 @@ async def infer(request: web.Request) -> web.Response:
         request.match_info.get("version"),
     )
     body = await read_body(request, settings.max_body_bytes)
-    header_length = request.headers.get(HEADER_LENGTH)
+    header_length = _header_length(request.headers.get(HEADER_LENGTH), len(body))
     if header_length is not None:
-        if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
-            raise BadRequest(
-                f"{HEADER_LENGTH} must be the byte length of the JSON header within the body"
-            )
-        payload = decode(body[: int(header_length)], InferenceRequest, Format.JSON)
-        binary = memoryview(body)[int(header_length) :]
+        payload = decode(body[:header_length], InferenceRequest, Format.JSON)
+        binary = memoryview(body)[header_length:]
     else:
         payload = decode(body, InferenceRequest, request_format(request))
         binary = memoryview(b"")

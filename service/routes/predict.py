@@ -97,7 +97,9 @@ def feature_rows(loaded: ModelVersion, values: list[list[float]], loc: str) -> n
         )
     spec = loaded.inputs[0]
     try:
-        rows = np.asarray(values, dtype=NUMPY_DTYPES[spec.datatype])
+        # A value beyond the dtype's range becomes inf (caught below), not a warning.
+        with np.errstate(over="ignore"):
+            rows = np.asarray(values, dtype=NUMPY_DTYPES[spec.datatype])
     except ValueError:
         raise ValidationFailed(
             "every instance needs the same number of features",

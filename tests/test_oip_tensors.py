@@ -1,0 +1,72 @@
+"""The OIP infer route's tensor parsing: bad headers and values are 4xx, never 500."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from config import Settings
+
+Client = TestClient[web.Request, web.Application]
+DEMO_REPO = Path(__file__).resolve().parent.parent / "models"
+WIDTH = 128
+
+
+@pytest.fixture
+async def demo_client(app_client: Any, make_settings: Callable[..., Settings]) -> Client:
+    client: Client = await app_client(make_settings(model_repository=str(DEMO_REPO)))
+    return client
+
+
+def binary_request() -> tuple[bytes, int]:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, WIDTH],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": WIDTH * 4},
+                }
+            ]
+        }
+    ).encode()
+    return header + b"\x00" * (WIDTH * 4), len(header)
+
+
+async def test_binary_request_with_a_valid_header_length_is_answered(demo_client: Client) -> None:
+    body, header_length = binary_request()
+    response = await demo_client.post(
+        "/v2/models/demo/infer", data=body, headers={"Inference-Header-Content-Length": str(header_length)}
+    )
+    assert response.status == 200
+
+
+async def test_non_ascii_digit_header_length_is_400(demo_client: Client) -> None:
+    body, _ = binary_request()
+    response = await demo_client.post(
+        "/v2/models/demo/infer", data=body, headers={"Inference-Header-Content-Length": "\xb2"}
+    )
+    assert response.status == 400
+    assert "error" in await response.json()
+
+
+async def test_header_length_of_thousands_of_digits_is_400(demo_client: Client) -> None:
+    body, _ = binary_request()
+    response = await demo_client.post(
+        "/v2/models/demo/infer", data=body, headers={"Inference-Header-Content-Length": "9" * 5000}
+    )
+    assert response.status == 400
+
+
+async def test_json_value_beyond_the_fp32_range_is_422(demo_client: Client) -> None:
+    tensor = {"name": "input", "shape": [1, WIDTH], "datatype": "FP32", "data": [1e300] + [0.0] * (WIDTH - 1)}
+    response = await demo_client.post("/v2/models/demo/infer", json={"inputs": [tensor]})
+    assert response.status == 422
+    assert "out of range" in (await response.json())["error"]
