@@ -46,7 +46,7 @@ from schemas.oip import (
     TensorMetadata,
 )
 from service import __version__
-from service.appkeys import DRAINING, MODEL_REPOSITORY, REQUEST_ID, SETTINGS
+from service.appkeys import DRAINING, DRIFT_MONITOR, MODEL_REPOSITORY, REQUEST_ID, SETTINGS
 from service.body import read_body
 from service.codec import Format, decode, request_format, respond
 from service.errors import BadRequest, NotFound
@@ -110,6 +110,8 @@ async def infer(request: web.Request) -> web.Response:
     results = await loaded.worker.submit(
         feed, deadline, request_id=payload.id or request[REQUEST_ID]
     )
+    if len(feed) == 1:  # one feature matrix: what a model profile describes
+        request.app[DRIFT_MONITOR].observe(loaded.model, "model", next(iter(feed.values())))
 
     tensors: list[ResponseOutput] = []
     blobs: list[bytes] = []
