@@ -90,6 +90,8 @@ DESCRIPTIONS: dict[str, str] = {
     "inference_max_batch_size": "Default most rows per inference batch (model config.json overrides).",
     "inference_max_queue_delay_ms": "Default longest wait to fill a batch (model config.json overrides).",
     "inference_threads": "onnxruntime intra-op threads per model session.",
+    "model_breaker_fail_max": "Consecutive failed inference runs that open a model version's breaker.",
+    "model_breaker_reset_s": "Seconds a model version's breaker stays open (503 meanwhile).",
 }
 
 

@@ -131,6 +131,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     inference_max_batch_size: PositiveInt = 64
     inference_max_queue_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     inference_threads: PositiveInt = 1
+    model_breaker_fail_max: PositiveInt = 5
+    model_breaker_reset_s: PositiveFloat = 10.0
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -33,6 +33,8 @@ import numpy as np
 import structlog
 
 from config import Settings
+from workers.breaker import Breaker
+from workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
 from workers.inference import InferenceWorker, Outputs
 from workers.model_config import (
     CONFIG_FILE,
@@ -62,7 +64,7 @@ class ModelLoadFailed(Exception):
 
 @dataclass(eq=False)
 class ModelVersion:
-    """One loaded, warmed-up version and the worker that runs it."""
+    """One loaded, warmed-up version, the worker that runs it and its circuit breaker."""
 
     model: str
     version: str
@@ -74,6 +76,21 @@ class ModelVersion:
     max_batch_size: int
     worker: InferenceWorker
     fingerprint: tuple[int, ...]
+    breaker: Breaker
+
+    async def infer(
+        self,
+        inputs: np.ndarray | Mapping[str, np.ndarray],
+        deadline: float,
+        request_id: str | None = None,
+    ) -> Outputs:
+        """This request's outputs. ``BreakerOpen`` at once while the model keeps failing;
+        load (a full mailbox, a passed deadline) does not count as the model failing."""
+
+        async def run() -> Outputs:
+            return await self.worker.submit(inputs, deadline, request_id=request_id)
+
+        return await self.breaker.call(run)
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +381,12 @@ class ModelRepository:
             max_batch_size,
             worker,
             fingerprint,
+            Breaker(
+                f"model {name}/{version}",
+                fail_max=self.settings.model_breaker_fail_max,
+                reset_s=self.settings.model_breaker_reset_s,
+                exclude=(MailboxFull, DeadlineExpired, WorkerClosed),
+            ),
         )
 
     def _publish(self, name: str, serving: dict[str, ModelVersion]) -> None:

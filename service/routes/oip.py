@@ -107,9 +107,7 @@ async def infer(request: web.Request) -> web.Response:
     loaded.worker.check_room(payload.inputs[0].shape[0] if payload.inputs[0].shape else 1, deadline)
     feed = input_arrays(payload, binary, loaded)
     outputs = requested_outputs(payload, loaded)
-    results = await loaded.worker.submit(
-        feed, deadline, request_id=payload.id or request[REQUEST_ID]
-    )
+    results = await loaded.infer(feed, deadline, request_id=payload.id or request[REQUEST_ID])
     if len(feed) == 1:  # one feature matrix: what a model profile describes
         request.app[DRIFT_MONITOR].observe(loaded.model, "model", next(iter(feed.values())))
 

@@ -153,7 +153,7 @@ async def run_predict(
         assert payload.features is not None
         rows = feature_rows(loaded, [payload.features], "features")
     request_id = payload.request_id or request[REQUEST_ID]
-    outputs = await loaded.worker.submit(rows, deadline, request_id=request_id)
+    outputs = await loaded.infer(rows, deadline, request_id=request_id)
     request.app[DRIFT_MONITOR].observe(loaded.model, "model", rows)  # never waits; drops when full
     answers = predictions(loaded, outputs[loaded.outputs[0].name])
     latency_ms = round((time.monotonic() - started) * 1000, 3)

@@ -1,0 +1,58 @@
+"""A model version that keeps failing trips its breaker: 503 with Retry-After at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from config import Settings
+from models.make_demo_model import IR_VERSION, OPSET
+from tests.conftest import AppClientFactory
+
+
+def _model_failing_past_one_row() -> onnx.ModelProto:
+    """[batch, 4] -> Reshape to [1, 4] -> Softmax: runs for one row, fails for more."""
+    shape = numpy_helper.from_array(np.array([1, 4], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+            helper.make_node("Softmax", ["flat"], ["probabilities"], axis=-1),
+        ],
+        "fragile",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 4])],
+        [shape],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+
+
+async def test_failing_model_opens_its_breaker_and_answers_503_at_once(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    version_dir = tmp_path / "models" / "fragile" / "1"
+    version_dir.mkdir(parents=True)
+    onnx.save(_model_failing_past_one_row(), version_dir / "model.onnx")
+    settings = make_settings(
+        model_repository=str(tmp_path / "models"),
+        default_model="fragile",
+        model_breaker_fail_max=2,
+        model_breaker_reset_s=30,
+    )
+    client = await app_client(settings)
+    one_row = {"features": [0.1, 0.2, 0.3, 0.4]}
+    assert (await client.post("/api/v2/predict", json=one_row)).status == 200
+
+    failing = {"instances": [[0.1, 0.2, 0.3, 0.4]] * 2}
+    statuses = [(await client.post("/api/v2/predict", json=failing)).status for _ in range(2)]
+    assert statuses[0] == 500 and statuses[1] == 503  # the second failure trips it
+
+    response = await client.post("/api/v2/predict", json=one_row)
+    assert response.status == 503
+    assert 0 < int(response.headers["Retry-After"]) <= 30
+    assert response.content_type == "application/problem+json"
