@@ -60,7 +60,8 @@ def create_app(settings: Settings) -> web.Application:
             metrics.middleware(app_metrics),
             problem_responses,
             authenticate,
-            rate_limit,
+            # Switched off, the limiter is not in the chain at all: no cost per request.
+            *([rate_limit] if settings.rate_limits_enabled else []),
             idempotency,
         ],
         client_max_size=settings.max_body_bytes,
