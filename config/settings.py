@@ -135,6 +135,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_breaker_reset_s: PositiveFloat = 10.0
 
     def __post_init__(self) -> None:
+        if self.drain_grace_s >= self.shutdown_timeout_s:
+            raise ValueError(
+                "drain_grace_s must be shorter than shutdown_timeout_s - at `$.drain_grace_s`"
+            )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both or neither of the TLS files - at `$.tls_cert_file`")
         if (

@@ -190,7 +190,7 @@ def test_sighup_runs_the_reload_hooks_and_keeps_serving(service_process: Service
 
 
 def test_shutdown_plan_keeps_grace_and_handler_waits_inside_the_budget() -> None:
-    grace, handlers = shutdown_plan(load_settings({}, shutdown_timeout_s=20, drain_grace_s=30))
+    grace, handlers = shutdown_plan(load_settings({}, shutdown_timeout_s=20, drain_grace_s=15))
     # Grace at most half; aiohttp may wait twice its timeout; the sinks keep the rest.
     assert (grace, handlers) == (10.0, 2.5)
     assert grace + 2 * handlers < 20

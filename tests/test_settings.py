@@ -155,3 +155,8 @@ def test_check_config_prints_the_settings_it_would_run_with() -> None:
     assert result.returncode == 0, result.stderr
     printed = msgspec.json.decode(result.stdout)
     assert printed["port"] == 9123 and printed["feature_dims"] == [4, 8]
+
+
+def test_drain_grace_longer_than_the_shutdown_budget_stops_start_up() -> None:
+    with pytest.raises(SettingsError, match="MLGATE_DRAIN_GRACE_S"):
+        load_settings({"MLGATE_DRAIN_GRACE_S": "30", "MLGATE_SHUTDOWN_TIMEOUT_S": "20"})
