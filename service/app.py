@@ -43,7 +43,7 @@ from service.record_dedup import RecordDeduplicator
 from service.record_validation import RecordValidator
 from service.routes import health, ingest, oip, predict, quality
 from service.shared_redis import SharedRedis
-from workers.local_log import LocalLogWriter
+from workers.local_log_writer import LocalLogWriter
 from workers.profile_store import ProfileStore
 from workers.spilling_sink import SpillingKafkaSink
 

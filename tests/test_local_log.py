@@ -14,11 +14,11 @@ from workers.errors import MailboxFull, SinkFailed, WorkerClosed
 from workers.local_log import (
     HEADER,
     LocalLog,
-    LocalLogWriter,
     frame,
     read_log,
     segments,
 )
+from workers.local_log_writer import LocalLogWriter
 from workers.records import OutboundRecord
 
 

@@ -26,7 +26,8 @@ from config import Settings, worker_data_dir
 from workers.breaker import Breaker, BreakerOpen
 from workers.errors import MailboxFull, SinkFailed, WorkerClosed, WorkerError
 from workers.kafka_writer import KafkaWriter
-from workers.local_log import LocalLogWriter, LogCursor, delete_segments_before
+from workers.local_log import LogCursor, delete_segments_before
+from workers.local_log_writer import LocalLogWriter
 from workers.records import OutboundRecord
 from workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
