@@ -113,3 +113,21 @@ def service_process(tmp_path: Path) -> Iterator[ServiceFactory]:
     yield start
     for service in started:
         service.stop()
+
+
+@pytest.fixture(params=["local", "redis"])
+def backend(request: pytest.FixtureRequest) -> str | None:
+    """Shared state in process (None) or in a fresh redis-server (its URL): tests that
+    take this fixture run once with each."""
+    if request.param == "local":
+        return None
+    server: ManagedProcess = request.getfixturevalue("redis_server")
+    return f"redis://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def settings_for(make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
+    def make(redis_url: str | None = None, **overrides: Any) -> Settings:
+        return make_settings(feature_dims=(4,), redis_url=redis_url, **overrides)
+
+    return make

@@ -8,7 +8,6 @@ from collections import Counter
 
 import aiohttp
 import msgspec
-import pytest
 
 from service.appkeys import IDEMPOTENCY, RECORD_SINK
 from service.idempotency import fingerprint
@@ -26,23 +25,6 @@ def _batch(n: int = 3, tag: str = "a") -> dict[str, object]:
 
 def _with_key(key: str) -> dict[str, str]:
     return {"Idempotency-Key": key}
-
-
-@pytest.fixture(params=["local", "redis"])
-def backend(request) -> str | None:
-    """None for the in-process store, else the URL of a fresh redis-server."""
-    if request.param == "local":
-        return None
-    server: ManagedProcess = request.getfixturevalue("redis_server")
-    return f"redis://127.0.0.1:{server.port}"
-
-
-@pytest.fixture
-def settings_for(make_settings):
-    def make(redis_url: str | None = None, **overrides):
-        return make_settings(feature_dims=(4,), redis_url=redis_url, **overrides)
-
-    return make
 
 
 async def test_repeat_replays_the_first_answer_and_writes_nothing(

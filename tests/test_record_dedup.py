@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-import pytest
 
 from service.appkeys import METRICS, RECORD_DEDUP, RECORD_SINK
 from tests.support import KeyMaker, ManagedProcess
@@ -21,23 +20,6 @@ def _records(*ids: str | None) -> dict[str, object]:
             record["record_id"] = record_id
         records.append(record)
     return {"source": "s", "records": records}
-
-
-@pytest.fixture(params=["local", "redis"])
-def backend(request) -> str | None:
-    """None for the in-process set, else the URL of a fresh redis-server."""
-    if request.param == "local":
-        return None
-    server: ManagedProcess = request.getfixturevalue("redis_server")
-    return f"redis://127.0.0.1:{server.port}"
-
-
-@pytest.fixture
-def settings_for(make_settings):
-    def make(redis_url: str | None = None, **overrides):
-        return make_settings(feature_dims=(4,), redis_url=redis_url, **overrides)
-
-    return make
 
 
 async def test_seen_record_ids_are_counted_and_not_written(app_client, settings_for, backend) -> None:
