@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import re
 import resource
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -235,6 +236,23 @@ async def test_ndjson_line_over_max_stream_record_bytes_is_413(client: Client) -
     problem = await _problem(response, 413)
     assert str(MAX_RECORD) in problem["detail"]
     await _assert_still_serving(client)
+
+
+async def test_stream_failing_after_written_chunks_says_how_many_were_written(
+    client: Client,
+) -> None:
+    good = [_record(i) for i in range(3 * STREAM_CHUNK_RECORDS)]
+    long_line = _record(-1, metadata={"note": "x" * MAX_RECORD})
+
+    async def body() -> AsyncIterator[bytes]:
+        yield _ndjson(good)
+        yield _ndjson([long_line])
+
+    response = await client.post(STREAM, data=body(), headers=NDJSON)
+    problem = await _problem(response, 413)
+    written = re.search(r"The first (\d+) records accepted", problem["detail"])
+    assert written is not None and int(written.group(1)) >= STREAM_CHUNK_RECORDS
+    assert "tracking_id" in problem["detail"]
 
 
 async def test_endless_ndjson_line_is_413_without_waiting_for_its_end(client: Client) -> None:

@@ -19,7 +19,13 @@ from service.appkeys import METRICS, RECORD_DEDUP, RECORD_SINK, RECORD_VALIDATOR
 from service.audit import audit_request
 from service.body import CHUNK, iter_body, read_body
 from service.codec import Format, location, request_format, respond
-from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from service.errors import (
+    ApiError,
+    BadRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 from service.openapi import Operation
 from service.record_validation import ValidatedBatch
 
@@ -208,12 +214,27 @@ async def ingest_stream(request: web.Request) -> web.Response:
         offset += len(chunk)
         chunk.clear()
 
-    async for item in records:
-        chunk.append(item)
-        if len(chunk) >= STREAM_CHUNK_RECORDS:
+    try:
+        async for item in records:
+            chunk.append(item)
+            if len(chunk) >= STREAM_CHUNK_RECORDS:
+                await flush()
+        if chunk:
             await flush()
-    if chunk:
-        await flush()
+    except Exception as exc:
+        audit_request(
+            request, "ingest_stream", f"failed: {type(exc).__name__}", source=source,
+            tracking_id=tracking_id, records_accepted=accepted, records_rejected=rejected,
+            records_duplicate=duplicate,
+        )
+        if accepted and isinstance(exc, ApiError):
+            # The client must learn that part of its stream is already durable.
+            exc.detail = (
+                f"{exc.detail}. The first {accepted} records accepted from this stream were "
+                f"written (tracking_id {tracking_id}); resending them with the same "
+                "record_id counts them as duplicates, not twice."
+            )
+        raise
     if offset == 0:
         raise ValidationFailed("The stream holds no records", errors=[FieldError(loc="body", msg="empty")])
     audit_request(
