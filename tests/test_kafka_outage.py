@@ -156,3 +156,31 @@ async def test_forwarded_offset_past_the_spill_end_does_not_skip_later_spilled_r
     await sink.close()
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=3)
     assert sorted(m.key for m in messages) == sorted(r.key for r in _outbound(3))
+
+
+async def test_a_crashed_kafka_writer_is_replaced_and_nothing_is_lost(
+    app_client, make_settings, kafka_broker: KafkaBroker, kafka_topic: str
+) -> None:
+    settings = make_settings(
+        kafka_bootstrap_servers=kafka_broker.bootstrap, kafka_topic=kafka_topic, feature_dims=(4,)
+    )
+    client = await app_client(settings)
+    sink = client.app[RECORD_SINK]
+    assert isinstance(sink, SpillingKafkaSink)
+    crashed = sink._kafka
+
+    def crash() -> None:
+        raise RuntimeError("writer bug")
+
+    crashed._mailbox.task_done = crash  # type: ignore[method-assign]
+    first = await client.post("/api/v2/ingest", json=_batch(0, 0))
+    assert first.status == 202  # resolved before the task died
+    await asyncio.sleep(0.05)
+    assert not crashed.running
+
+    second = await client.post("/api/v2/ingest", json=_batch(0, 1))
+    assert second.status == 202  # spilled: the writer was not healthy
+    await _wait_until_drained(sink)
+    assert sink._kafka is not crashed and sink._kafka.running
+    messages = await read_topic(kafka_broker.bootstrap, kafka_topic, expected=2)
+    assert sorted(m.key for m in messages) == [b"k0-0", b"k0-1"]

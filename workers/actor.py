@@ -39,7 +39,8 @@ class Actor(Generic[ItemT]):
     def __init__(self, mailbox_size: int) -> None:
         self._mailbox: asyncio.Queue[ItemT] = asyncio.Queue(mailbox_size)
         self._task: asyncio.Task[None] | None = None
-        self._closed = False
+        self._closed = False  # takes no more work (closing, or the task died)
+        self._stopped = False  # close() has run: resources released
 
     @property
     def running(self) -> bool:
@@ -68,10 +69,11 @@ class Actor(Generic[ItemT]):
             raise MailboxFull(f"{self.name} mailbox is full") from None
 
     async def close(self, drain_s: float = 10.0) -> None:
-        """Stop taking work, drain what was accepted (up to ``drain_s``), stop. Idempotent."""
-        if self._closed:
+        """Stop taking work, drain what was accepted (up to ``drain_s``), stop. Idempotent;
+        after a crash it still releases what the actor holds."""
+        if self._stopped:
             return
-        self._closed = True
+        self._closed = self._stopped = True
         if self._task is not None and not self._task.done():
             try:
                 await asyncio.wait_for(self._drained(), drain_s)

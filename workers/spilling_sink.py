@@ -145,6 +145,11 @@ class SpillingKafkaSink:
         batch_size = self._settings.spill_drain_batch_records
         while True:
             await self._spilled.wait()
+            if self._kafka.started and not self._kafka.running:
+                # The writer task died (its requests were failed and spilled): a fresh one.
+                log.error("kafka_writer_replaced")
+                await self._kafka.close(drain_s=0)
+                self._kafka = KafkaWriter(self._settings, telemetry=self._telemetry)
             if not self._kafka.started:
                 try:
                     await self._kafka.start()
