@@ -56,3 +56,12 @@ async def test_a_failing_sampler_neither_breaks_the_scrape_nor_the_other_sampler
     assert response.status == 200
     samples = _samples(await response.text())
     assert samples[("mlgate_mailbox_depth", (("worker", "local_log"),))] == 0.0
+
+
+async def test_each_serving_model_version_has_mailbox_and_breaker_gauges(
+    app_client, make_settings
+) -> None:
+    client = await app_client(make_settings())
+    samples = _samples(await (await client.get("/metrics")).text())
+    assert samples[("mlgate_mailbox_depth", (("worker", "inference:demo/1"),))] == 0.0
+    assert samples[("mlgate_breaker_state", (("dependency", "model:demo/1"),))] == 0.0

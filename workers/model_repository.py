@@ -212,8 +212,11 @@ class ModelRepository:
                     entries.append(states[version])
         return entries
 
+    def serving(self) -> list[ModelVersion]:
+        return [v for by_version in self._serving.values() for v in by_version.values()]
+
     def workers(self) -> list[InferenceWorker]:
-        return [v.worker for by_version in self._serving.values() for v in by_version.values()]
+        return [v.worker for v in self.serving()]
 
     def serving_summary(self) -> dict[str, list[str]]:
         return {name: self.versions(name) for name in sorted(self._serving)}

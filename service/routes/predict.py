@@ -43,7 +43,7 @@ from service.appkeys import (
 from service.body import read_body
 from service.codec import decode, request_format, respond
 from service.errors import BadRequest, NotFound, ValidationFailed
-from service.metrics import PrometheusTelemetry
+from service.metrics import BREAKER_STATES, PrometheusTelemetry
 from service.openapi import Operation
 from workers.model_config import NUMPY_DTYPES
 from workers.model_repository import ModelNotFound, ModelRepository, ModelVersion
@@ -206,14 +206,17 @@ async def model_repository(app: web.Application) -> AsyncIterator[None]:
     sampled: set[str] = set()
 
     def sample() -> None:
-        gauge = app[METRICS].mailbox_depth
-        current = {f"inference:{w.name}": w.mailbox_depth for w in repository.workers()}
-        for label in sampled - current.keys():
-            gauge.remove(label)
-        for label, depth in current.items():
-            gauge.labels(label).set(depth)
+        """Mailbox depth and breaker state per serving version; retired ones removed."""
+        depth, breaker = app[METRICS].mailbox_depth, app[METRICS].breaker_state
+        versions = {f"model:{v.model}/{v.version}": v for v in repository.serving()}
+        for label in sampled - versions.keys():
+            depth.remove(f"inference:{label.removeprefix('model:')}")
+            breaker.remove(label)
+        for label, version in versions.items():
+            depth.labels(f"inference:{version.worker.name}").set(version.worker.mailbox_depth)
+            breaker.labels(label).set(BREAKER_STATES[version.breaker.state])
         sampled.clear()
-        sampled.update(current)
+        sampled.update(versions)
 
     app[METRICS].samplers["models"] = sample
     yield
