@@ -36,7 +36,7 @@ from service.appkeys import (
 from service.auth import authenticate
 from service.idempotency import IdempotencyStore, idempotency
 from service.metrics import Metrics, PrometheusTelemetry
-from service.middlewares import problem_responses, request_context
+from service.middlewares import front_door
 from service.quality_screen import QualityScreen
 from service.rate_limits import RateLimiter, rate_limit
 from service.record_dedup import RecordDeduplicator
@@ -56,9 +56,7 @@ def create_app(settings: Settings) -> web.Application:
     app_metrics = Metrics()
     app = web.Application(
         middlewares=[
-            request_context,
-            metrics.middleware(app_metrics),
-            problem_responses,
+            front_door(metrics.RequestCounter(app_metrics)),
             authenticate,
             # Switched off, the limiter is not in the chain at all: no cost per request.
             *([rate_limit] if settings.rate_limits_enabled else []),

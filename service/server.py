@@ -46,7 +46,6 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
 
     app = create_app(settings)
-    app.on_response_prepare.append(_close_connections_while_draining)
     ssl_context = _tls_context(settings, app)
     grace_s, handlers_s = shutdown_plan(settings)
     runner = web.AppRunner(
@@ -110,16 +109,6 @@ def shutdown_plan(settings: Settings) -> tuple[float, float]:
     budget = settings.shutdown_timeout_s
     grace = min(settings.drain_grace_s, budget / 2)
     return grace, (budget - grace) / 4
-
-
-async def _close_connections_while_draining(
-    request: web.Request, response: web.StreamResponse
-) -> None:
-    # Keep-alive clients learn the connection is going away from a response rather
-    # than from a closed socket under their next request.
-    if request.app[DRAINING].is_set():
-        response.force_close()
-        response.headers["Connection"] = "close"
 
 
 def _tls_context(settings: Settings, app: web.Application) -> ssl.SSLContext | None:

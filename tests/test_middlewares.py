@@ -10,12 +10,13 @@ import msgspec
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, make_mocked_request
 from structlog.testing import LogCapture
 
 from config import Settings
 from service.app import create_app
 from service.appkeys import RECORD_SINK
+from service.middlewares import RequestIds
 from tests.conftest import AppClientFactory
 from workers.errors import MailboxFull, SinkFailed, WorkerClosed
 from workers.records import OutboundRecord
@@ -70,6 +71,12 @@ async def test_request_id_is_generated_when_absent(client: Client) -> None:
     ids = [first.headers["X-Request-ID"], second.headers["X-Request-ID"]]
     assert ids[0] != ids[1]
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_generated_request_ids_differ_between_processes() -> None:
+    # Each process (each app) draws its own random prefix before its counter.
+    request = make_mocked_request("GET", "/health")
+    assert RequestIds()(request) != RequestIds()(request)
 
 
 @pytest.mark.parametrize("given", ["x" * 129, "tab\tinside"], ids=["too-long", "unprintable"])

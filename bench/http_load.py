@@ -1,0 +1,171 @@
+"""A lean HTTP/1.1 load generator: keep-alive connections as bare asyncio protocols.
+
+A load generator written with a full HTTP client (aiohttp's costs ~100 µs of CPU a
+request) is slower than the servers it measures on a 2-core machine, so it, not the
+server, sets the figure. This one sends pre-encoded requests and parses only the
+status line and ``Content-Length`` of each answer: about wrk's rate on the HTTP floor,
+yet it records every request's latency by status, and it can offer a fixed rate
+(open loop), which wrk cannot.
+
+- closed loop: ``connections`` connections, each sending its next request as soon as
+  the answer to the previous one arrived;
+- open loop: ``rate`` requests a second, each on an idle connection of a pool of
+  ``connections``; a request falling due when none is idle is counted as dropped (the
+  offered load the client could not deliver) rather than queued, so a slow server
+  cannot slow the offered rate down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+_HEAD_END = b"\r\n\r\n"
+_LENGTH = b"\r\ncontent-length:"
+
+
+@dataclass
+class Tally:
+    """What came back inside the measurement window."""
+
+    window: tuple[float, float]
+    statuses: dict[str, int] = field(default_factory=dict)
+    latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+    sent: int = 0
+    dropped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def record(self, status: str, sent_at: float, now: float) -> None:
+        if self.window[0] <= now <= self.window[1]:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            self.latencies_ms.setdefault(status, []).append((now - sent_at) * 1000)
+
+    def error(self, message: str) -> None:
+        if len(self.errors) < 5:
+            self.errors.append(message)
+
+
+def encode_request(host: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection with at most one request outstanding."""
+
+    def __init__(self, on_answer: Callable[[Connection, str, float], None], tally: Tally) -> None:
+        self.on_answer, self.tally = on_answer, tally
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.sent_at = 0.0
+        self.busy = False
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def send(self, request: bytes) -> None:
+        assert self.transport is not None
+        self.busy, self.sent_at = True, time.perf_counter()
+        self.transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(_HEAD_END)) >= 0:
+            head = bytes(self.buffer[:end]).lower()
+            at = head.find(_LENGTH)
+            length = int(head[at + len(_LENGTH) : head.find(b"\r\n", at + 2)]) if at >= 0 else 0
+            total = end + len(_HEAD_END) + length
+            if len(self.buffer) < total:
+                return
+            del self.buffer[:total]
+            self.busy = False
+            self.on_answer(self, head[9:12].decode(), self.sent_at)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.busy:
+            self.tally.record("error", self.sent_at, time.perf_counter())
+            self.tally.error(f"connection lost: {exc!r}")
+        self.busy = True  # never picked again
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def run_load(
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    *,
+    connections: int,
+    warmup_s: float,
+    duration_s: float,
+    rate: float = 0.0,
+    on_window: Callable[[str], None] | None = None,
+) -> Tally:
+    """Closed loop over ``connections`` (``rate`` 0) or open loop at ``rate`` req/s;
+    ``on_window("measuring"|"window_end")`` marks the measurement window."""
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    tally = Tally((start + warmup_s, start + warmup_s + duration_s))
+    turn = 0
+    idle: list[Connection] = []
+    stopping = False
+
+    def next_request() -> bytes:
+        nonlocal turn
+        turn += 1
+        tally.sent += 1
+        return requests[turn % len(requests)]
+
+    def on_answer(connection: Connection, status: str, sent_at: float) -> None:
+        now = time.perf_counter()
+        tally.record(status, sent_at, now)
+        if stopping:
+            return
+        if rate:
+            idle.append(connection)
+        else:
+            connection.send(next_request())
+
+    pool: list[Connection] = []
+    for _ in range(connections):
+        _, protocol = await loop.create_connection(
+            lambda: Connection(on_answer, tally), host, port
+        )
+        pool.append(protocol)
+
+    async def announce() -> None:
+        for event, at in zip(("measuring", "window_end"), tally.window, strict=True):
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            if on_window is not None:
+                on_window(event)
+
+    marks = asyncio.create_task(announce())
+    if rate:
+        idle.extend(pool)
+        while (now := time.perf_counter()) < tally.window[1]:
+            target = int((now - start) * rate)
+            while tally.sent + tally.dropped < target:
+                if idle:
+                    idle.pop().send(next_request())
+                else:
+                    tally.dropped += 1
+            await asyncio.sleep(0.0005)
+    else:
+        for connection in pool:
+            connection.send(next_request())
+        await asyncio.sleep(max(0.0, tally.window[1] - time.perf_counter()))
+    await marks
+    stopping = True
+    # Let what is in flight come back (answers after the window are not counted).
+    settle_until = time.perf_counter() + 5.0
+    while any(c.busy and not c.closed.done() for c in pool) and time.perf_counter() < settle_until:
+        await asyncio.sleep(0.01)
+    for connection in pool:
+        if connection.transport is not None:
+            connection.transport.close()
+    return tally
