@@ -11,8 +11,9 @@
     the batching server: p99 of the 200s against (b)'s p99, how fast the excess gets
     its 503, and how much the server's RSS grew.
 
-Every server runs as its own process, and so does each load generator (aiohttp
-client on uvloop) and the onnxruntime baseline. The same file is the entrypoint of
+Every server runs as its own process, and so does each load generator
+(``bench.http_load``: bare keep-alive connections on uvloop, about wrk's rate on the
+floor, so the client is not what is measured) and the onnxruntime baseline. The same file is the entrypoint of
 those children (``floor``, ``load`` and ``ort`` roles). Prints one table and the
 verdict per target; exit status 0 when every target is met, 1 otherwise.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import subprocess
 import sys
@@ -31,11 +31,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 import numpy as np
 
 from bench.child import MEASURING, WINDOW_END, emit
+from bench.http_load import encode_request, run_load
 from bench.processes import (
     REPO_ROOT,
     cpu_seconds,
@@ -63,7 +65,9 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     warmup_s: float
     connections: int = 64  # closed loop: this many requests in flight
     rate: float = 0.0  # open loop: requests per second (0: closed loop)
-    max_in_flight: int = 4096  # open loop: past this the client drops (counted)
+    # Open loop: the pool; a request due when all of them wait for an answer is
+    # dropped (counted) rather than queued.
+    open_loop_connections: int = 512
     seed: int = 0
     body_format: str = "json"  # or "msgpack"
 
@@ -84,79 +88,31 @@ def bodies(dims: int, seed: int, body_format: str = "json") -> list[bytes]:
 
 
 async def generate_load(options: LoadOptions) -> LoadResult:
-    import aiohttp
-
-    pool = bodies(options.dims, options.seed, options.body_format)
-    turn = itertools.count()
+    url = urlsplit(options.url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
     headers = {"Content-Type": f"application/{options.body_format}"}
-    statuses: dict[str, int] = {}
-    latencies: dict[str, list[float]] = {}
-    errors: list[str] = []
-    counts = {"sent": 0, "dropped": 0}
-    limit = options.connections if options.rate == 0 else options.max_in_flight
-    connector = aiohttp.TCPConnector(limit=limit)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
-    ) as session:
-        start = time.perf_counter()
-        window_start, window_end = (
-            start + options.warmup_s,
-            start + options.warmup_s + options.duration_s,
-        )
-
-        async def one() -> None:
-            body = pool[next(turn) % BODY_POOL]
-            sent = time.perf_counter()
-            try:
-                async with session.post(options.url, data=body, headers=headers) as response:
-                    await response.read()
-                    status = str(response.status)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                status = "error"
-                if len(errors) < 5:
-                    errors.append(repr(exc))
-            done = time.perf_counter()
-            if window_start <= done <= window_end:
-                statuses[status] = statuses.get(status, 0) + 1
-                latencies.setdefault(status, []).append((done - sent) * 1000)
-
-        async def closed_loop() -> None:
-            while time.perf_counter() < window_end:
-                counts["sent"] += 1
-                await one()
-
-        async def open_loop() -> None:
-            in_flight: set[asyncio.Task[None]] = set()
-            while (now := time.perf_counter()) < window_end:
-                due = int((now - start) * options.rate)
-                while counts["sent"] < due:
-                    counts["sent"] += 1
-                    if len(in_flight) >= options.max_in_flight:
-                        counts["dropped"] += 1
-                        continue
-                    task = asyncio.create_task(one())
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                await asyncio.sleep(0.0005)
-            await asyncio.gather(*in_flight)
-
-        async def announce() -> None:
-            await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
-            emit(MEASURING)
-            await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
-            emit(WINDOW_END)
-
-        if options.rate == 0:
-            await asyncio.gather(announce(), *(closed_loop() for _ in range(options.connections)))
-        else:
-            await asyncio.gather(announce(), open_loop())
+    requests = [
+        encode_request(f"{host}:{port}", url.path, body, headers)
+        for body in bodies(options.dims, options.seed, options.body_format)
+    ]
+    events = {"measuring": MEASURING, "window_end": WINDOW_END}
+    tally = await run_load(
+        host,
+        port,
+        requests,
+        connections=options.connections if options.rate == 0 else options.open_loop_connections,
+        warmup_s=options.warmup_s,
+        duration_s=options.duration_s,
+        rate=options.rate,
+        on_window=lambda event: emit(events[event]),
+    )
     return LoadResult(
         window_s=options.duration_s,
-        sent=counts["sent"],
-        dropped=counts["dropped"],
-        statuses=statuses,
-        latencies_ms={status: sorted(values) for status, values in latencies.items()},
-        errors=errors,
+        sent=tally.sent,
+        dropped=tally.dropped,
+        statuses=tally.statuses,
+        latencies_ms={status: sorted(values) for status, values in tally.latencies_ms.items()},
+        errors=tally.errors,
     )
 
 

@@ -139,6 +139,26 @@ async def test_partial_batch_runs_once_max_queue_delay_passes(make_worker: Worke
     assert 0.045 <= waited < 1.0
 
 
+async def test_rows_that_waited_out_the_delay_behind_a_running_batch_go_at_once(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    # The delay counts from when the first row was queued (as Triton's), not from when
+    # the worker got to it: the model must not idle once the rows have waited enough.
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate)
+    worker = make_worker(session, max_batch_size=64, max_queue_delay_s=0.5)
+    running = worker.submit(rows(1, 1), soon())
+    await asyncio.to_thread(session.entered.wait, 5)
+    waiting = worker.submit(rows(1, 2), soon())
+    await asyncio.sleep(0.6)  # longer than the delay, while the first batch runs
+    gate.set()
+    await running
+    released = time.monotonic()
+    await waiting
+    assert time.monotonic() - released < 0.25
+    assert len(session.batches) == 2
+
+
 async def test_full_mailbox_raises_at_once(make_worker: WorkerFactory) -> None:
     worker = make_worker(mailbox_size=2)
     accepted = [worker.submit(rows(1, i), soon()) for i in range(2)]

@@ -5,7 +5,9 @@ mailbox raises ``MailboxFull`` at once, and so does a request that, by the recen
 batch run times and the rows queued ahead of it, would be answered after its
 deadline (shed now rather than answered 504 later). The single worker task takes the first item,
 then keeps filling the batch until it holds ``max_batch_size`` rows or
-``max_queue_delay`` has passed since the first item (``time.monotonic``), the wait
+``max_queue_delay`` has passed since the first item was queued (``time.monotonic``;
+as Triton's dynamic batcher counts it: rows that already waited out the delay while
+the previous batch computed go at once, so the model does not idle), the wait
 clamped so the nearest item deadline can still be met given the recent run time.
 Items whose deadline has passed are failed with ``DeadlineExpired`` and never
 computed. The rows of the rest are stacked with ``np.concatenate``, one
@@ -208,7 +210,7 @@ class InferenceWorker(Actor[_Item]):
         first = self._carry if self._carry is not None else self._took(await self._mailbox.get())
         self._carry = None
         batch, rows = [first], first.rows
-        fill_until = time.monotonic() + self._max_queue_delay_s
+        fill_until = first.enqueued + self._max_queue_delay_s
         nearest = first.deadline
         while rows < self._max_batch_size:
             if self._mailbox.empty():
@@ -243,9 +245,7 @@ class InferenceWorker(Actor[_Item]):
                 }
             self._computing = True
             try:
-                outputs = await loop.run_in_executor(
-                    self._executor, self._session.run, self._output_names, feed
-                )
+                outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, feed)
             finally:
                 self._computing = False
         except Exception as exc:  # a failed run fails its batch, not the worker
@@ -260,13 +260,12 @@ class InferenceWorker(Actor[_Item]):
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
-        elapsed = time.monotonic() - started
         weight = _RUN_TIME_WEIGHT if self.stats.batches else 1.0
-        self._run_time_s += weight * (elapsed - self._run_time_s)
+        self._run_time_s += weight * (run_s - self._run_time_s)
         self.stats.batches += 1
         self.stats.rows_computed += total
         queued = started - min(item.enqueued for item in items)
-        self._telemetry.inference_batch_ran(self.model, self.version, total, queued, elapsed)
+        self._telemetry.inference_batch_ran(self.model, self.version, total, queued, run_s)
         named = dict(zip(self._output_names, outputs, strict=True))
         offset = 0
         for item in items:
@@ -279,6 +278,13 @@ class InferenceWorker(Actor[_Item]):
                     }
                 )
             offset = end
+
+    def _timed_run(self, feed: Mapping[str, np.ndarray]) -> tuple[Sequence[np.ndarray], float]:
+        """In the thread: the outputs and how long the run itself took (not the wait
+        in the thread's queue, nor the event loop's delay in noticing)."""
+        started = time.monotonic()
+        outputs = self._session.run(self._output_names, feed)
+        return outputs, time.monotonic() - started
 
     def _held(self) -> list[_Item]:
         carried, self._carry = self._carry, None
