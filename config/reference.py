@@ -68,10 +68,11 @@ DESCRIPTIONS: dict[str, str] = {
     "rate_limit_tenant_burst": "Burst per tenant.",
     # Idempotency and dedup
     "idempotency_ttl_s": "How long a response is kept for Idempotency-Key replays.",
-    "idempotency_lock_s": "How long a first request holds its key (repeats get 409 meanwhile).",
+    "idempotency_lock_s": "How long an unfinished request holds its Idempotency-Key or record_id claims.",
     "idempotency_max_entries": "Responses kept in process when there is no Redis.",
     "dedup_window_s": "Window in which a repeated record_id is dropped as a duplicate (0: off).",
     "dedup_max_entries": "record_ids remembered in process when there is no Redis.",
+    "dedup_in_flight_wait_s": "How long a batch waits for another request's write of the same record_id (then 409).",
     # Load shedding
     "retry_after_s": "Retry-After seconds sent with 503 for a full mailbox.",
     # Quality

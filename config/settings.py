@@ -107,6 +107,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     idempotency_max_entries: PositiveInt = 10_000
     dedup_window_s: Annotated[int, msgspec.Meta(ge=0)] = 600
     dedup_max_entries: PositiveInt = 1_000_000
+    dedup_in_flight_wait_s: PositiveFloat = 5.0
 
     # Load shedding
     retry_after_s: PositiveInt = 1

@@ -49,7 +49,7 @@ PROBLEM_STATUSES = {
     401: "Missing or unknown API key",
     403: "The key lacks the scope",
     404: "Not found",
-    409: "Same Idempotency-Key still in flight",
+    409: "Same Idempotency-Key (or a record_id of the batch) still in flight",
     413: "Body over the size limit",
     415: "Unsupported Content-Type",
     422: "Validation failed",

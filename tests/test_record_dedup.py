@@ -129,4 +129,47 @@ async def test_redis_outage_falls_back_to_the_local_set(
     await client.post(PATH, json=_records("a"))
     body = await (await client.post(PATH, json=_records("a"))).json()
     assert body["records_duplicate"] == 1
-    assert client.app[METRICS].redis_fallback.labels("dedup")._value.get() == 2
+    # the first batch's claim and confirm, the second batch's claim
+    assert client.app[METRICS].redis_fallback.labels("dedup")._value.get() == 3
+
+
+# -- a record_id in flight for another request ------------------------------------------
+
+
+async def test_an_id_in_flight_elsewhere_becomes_a_duplicate_once_written(
+    app_client, settings_for, backend
+) -> None:
+    dedup = (await app_client(settings_for(backend))).app[RECORD_DEDUP]
+    assert await dedup.claim("t", ["a"]) == [True]
+    waiting = asyncio.create_task(dedup.claim("t", ["a"]))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # neither new nor a duplicate while the first write runs
+    await dedup.confirm("t", ["a"])
+    assert await waiting == [False]
+
+
+async def test_an_id_in_flight_elsewhere_is_claimed_when_that_write_fails(
+    app_client, settings_for, backend
+) -> None:
+    dedup = (await app_client(settings_for(backend))).app[RECORD_DEDUP]
+    assert await dedup.claim("t", ["a"]) == [True]
+    waiting = asyncio.create_task(dedup.claim("t", ["a"]))
+    await asyncio.sleep(0.05)
+    await dedup.release("t", ["a"])
+    assert await waiting == [True]
+
+
+async def test_a_batch_meeting_an_id_in_flight_too_long_gets_409_and_writes_nothing(
+    app_client, settings_for, backend
+) -> None:
+    client = await app_client(settings_for(backend, dedup_in_flight_wait_s=0.1))
+    dedup = client.app[RECORD_DEDUP]
+    await dedup.claim("anonymous", ["a"])  # another request is writing "a"
+    response = await client.post(PATH, json=_records("b", "a"))
+    body = await response.json(content_type=None)
+    assert response.status == 409
+    assert response.headers["Retry-After"] == "1"
+    assert "being written by another request" in body["detail"]
+    assert client.app[RECORD_SINK].next_offset == 0
+    # "b" was claimed by the refused batch and released with it: the retry writes it
+    assert await dedup.claim("anonymous", ["b"]) == [True]

@@ -90,13 +90,15 @@ async def _write(
     """Write the accepted records whose record_id was not seen within the dedup window;
     return how many were such duplicates (not written)."""
     fresh, claimed = await _drop_duplicates(request, batch, items)
+    dedup = request.app[RECORD_DEDUP]
     if fresh.accepted:
         records = request.app[RECORD_VALIDATOR].outbound(fresh, tracking_id)
         try:
             await request.app[RECORD_SINK].write(records)
         except BaseException:
-            await request.app[RECORD_DEDUP].release(_tenant(request), claimed)
+            await dedup.release(_tenant(request), claimed)
             raise
+        await dedup.confirm(_tenant(request), claimed)
     duplicates = len(batch.accepted) - len(fresh.accepted)
     if duplicates:
         request.app[METRICS].records_duplicate.inc(duplicates)
@@ -119,10 +121,8 @@ async def _drop_duplicates(
     tracked = [record.record_id for record in batch.accepted if record.record_id in given]
     if not tracked:
         return batch, []
-    new = dict.fromkeys(tracked, False)
-    for record_id, is_new in zip(tracked, await dedup.claim(_tenant(request), tracked), strict=True):
-        new[record_id] = new[record_id] or is_new
-    claimed = [record_id for record_id, is_new in new.items() if is_new]
+    flags = await dedup.claim(_tenant(request), tracked)
+    claimed = [record_id for record_id, is_new in zip(tracked, flags, strict=True) if is_new]
     if len(claimed) == len(tracked):
         return batch, claimed
     keep, first = [], set(claimed)
