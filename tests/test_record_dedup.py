@@ -7,6 +7,7 @@ import asyncio
 import msgspec
 
 from service.appkeys import METRICS, RECORD_DEDUP, RECORD_SINK
+from service.record_dedup import RecordDeduplicator
 from tests.support import KeyMaker, ManagedProcess
 
 PATH = "/api/v2/ingest"
@@ -136,13 +137,19 @@ async def test_redis_outage_falls_back_to_the_local_set(
 # -- a record_id in flight for another request ------------------------------------------
 
 
+async def _second_claim_of_a(dedup: RecordDeduplicator) -> asyncio.Task[list[bool]]:
+    """A claim of "a" made while a first claim of it is still in flight."""
+    assert await dedup.claim("t", ["a"]) == [True]
+    waiting = asyncio.create_task(dedup.claim("t", ["a"]))
+    await asyncio.sleep(0.05)
+    return waiting
+
+
 async def test_an_id_in_flight_elsewhere_becomes_a_duplicate_once_written(
     app_client, settings_for, backend
 ) -> None:
     dedup = (await app_client(settings_for(backend))).app[RECORD_DEDUP]
-    assert await dedup.claim("t", ["a"]) == [True]
-    waiting = asyncio.create_task(dedup.claim("t", ["a"]))
-    await asyncio.sleep(0.05)
+    waiting = await _second_claim_of_a(dedup)
     assert not waiting.done()  # neither new nor a duplicate while the first write runs
     await dedup.confirm("t", ["a"])
     assert await waiting == [False]
@@ -152,9 +159,7 @@ async def test_an_id_in_flight_elsewhere_is_claimed_when_that_write_fails(
     app_client, settings_for, backend
 ) -> None:
     dedup = (await app_client(settings_for(backend))).app[RECORD_DEDUP]
-    assert await dedup.claim("t", ["a"]) == [True]
-    waiting = asyncio.create_task(dedup.claim("t", ["a"]))
-    await asyncio.sleep(0.05)
+    waiting = await _second_claim_of_a(dedup)
     await dedup.release("t", ["a"])
     assert await waiting == [True]
 
