@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -70,3 +71,34 @@ async def test_json_value_beyond_the_fp32_range_is_422(demo_client: Client) -> N
     response = await demo_client.post("/v2/models/demo/infer", json={"inputs": [tensor]})
     assert response.status == 422
     assert "out of range" in (await response.json())["error"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/octet-stream", "application/x-www-form-urlencoded", None],
+    ids=["triton-aio-client", "curl-default", "none"],
+)
+async def test_json_infer_body_is_read_whatever_its_content_type(
+    demo_client: Client, content_type: str | None
+) -> None:
+    # Triton reads these bodies as JSON; its aio client and curl -d send them like this.
+    tensor = {"name": "input", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = await demo_client.post(
+        "/v2/models/demo/infer",
+        data=json.dumps({"inputs": [tensor]}).encode(),
+        headers=headers,
+        skip_auto_headers=["Content-Type"],
+    )
+    assert response.status == 200
+    assert (await response.json())["outputs"][0]["shape"] == [1, 2]
+
+
+async def test_msgpack_infer_body_is_read_when_declared(demo_client: Client) -> None:
+    tensor = {"name": "input", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}
+    response = await demo_client.post(
+        "/v2/models/demo/infer",
+        data=msgspec.msgpack.encode({"inputs": [tensor]}),
+        headers={"Content-Type": "application/msgpack"},
+    )
+    assert response.status == 200

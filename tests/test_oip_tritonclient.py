@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
+import tritonclient.http.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from tests.support import free_port
@@ -134,6 +135,24 @@ def test_json_tensors_infer_equals_onnxruntime(server: LiveServer) -> None:
     np.testing.assert_allclose(result.as_numpy("probabilities"), direct(data), rtol=1e-5, atol=1e-6)
     response = result.get_response()
     assert response["model_version"] == "1" and response["id"] == "json-1"
+
+
+async def test_async_client_json_infer_and_repository_calls_work(own_server: LiveServer) -> None:
+    # tritonclient.http.aio sends application/octet-stream even for JSON-only bodies.
+    client = aioclient.InferenceServerClient(own_server.url)
+    try:
+        data = rows(4, seed=5)
+        tensor = aioclient.InferInput("input", list(data.shape), "FP32")
+        tensor.set_data_from_numpy(data, binary_data=False)
+        wanted = [aioclient.InferRequestedOutput("probabilities", binary_data=False)]
+        result = await client.infer("demo", [tensor], outputs=wanted)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), direct(data), rtol=1e-5, atol=1e-6)
+        await client.unload_model("demo")
+        assert not await client.is_model_ready("demo")
+        await client.load_model("demo")
+        assert await client.is_model_ready("demo")
+    finally:
+        await client.close()
 
 
 def test_binary_tensors_infer_equals_onnxruntime(server: LiveServer) -> None:

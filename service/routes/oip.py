@@ -48,7 +48,7 @@ from schemas.oip import (
 from service import __version__
 from service.appkeys import DRAINING, DRIFT_MONITOR, MODEL_REPOSITORY, REQUEST_ID, SETTINGS
 from service.body import read_body
-from service.codec import Format, decode, request_format, respond
+from service.codec import MEDIA_TYPES, Format, decode, respond
 from service.errors import BadRequest, NotFound
 from service.oip_tensors import (
     HEADER_LENGTH,
@@ -86,6 +86,13 @@ def _header_length(raw: str | None, body_length: int) -> int | None:
     return int(raw)
 
 
+def body_format(request: web.Request) -> Format:
+    """JSON whatever the Content-Type, as Triton reads it: its own clients send
+    ``application/octet-stream`` (the aio client even without binary tensors) and
+    curl ``application/x-www-form-urlencoded``. msgpack, our extension, when declared."""
+    return Format.MSGPACK if MEDIA_TYPES.get(request.content_type) is Format.MSGPACK else Format.JSON
+
+
 async def infer(request: web.Request) -> web.Response:
     started = time.monotonic()
     settings = request.app[SETTINGS]
@@ -100,7 +107,7 @@ async def infer(request: web.Request) -> web.Response:
         payload = decode(body[:header_length], InferenceRequest, Format.JSON)
         binary = memoryview(body)[header_length:]
     else:
-        payload = decode(body, InferenceRequest, request_format(request))
+        payload = decode(body, InferenceRequest, body_format(request))
         binary = memoryview(b"")
     deadline = _deadline(request, payload, started)
     # Shed before building the tensors: under overload most requests end here.
@@ -229,7 +236,7 @@ async def model_config(request: web.Request) -> web.Response:
 
 async def _optional_body(request: web.Request, type_: type[Any]) -> Any:
     body = await read_body(request, request.app[SETTINGS].max_body_bytes)
-    return decode(body, type_, request_format(request)) if body.strip() else type_()
+    return decode(body, type_, body_format(request)) if body.strip() else type_()
 
 
 async def repository_index(request: web.Request) -> web.Response:
