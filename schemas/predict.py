@@ -14,13 +14,14 @@ import msgspec
 MAX_FEATURES = 65_536
 MAX_INSTANCES = 4096
 
-ModelName = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-]
+# Only lengths are checked here: a name or version that no model has (however it is
+# spelled) is an unknown model or version, 404, as the contract says.
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 ModelVersion = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^(latest|[1-9][0-9]{0,17})$",
+        min_length=1,
+        max_length=32,
         description='"latest" or a concrete version number, as answered in model_version',
     ),
 ]

@@ -83,16 +83,16 @@ def front_door(counter: RequestCounter) -> Middleware:
                     status = exc.status
                     exc.headers[REQUEST_ID_HEADER] = request_id
                     raise
-                response = problem_response(request, _as_api_error(exc))
+                response = problem_response(request, as_api_error(exc))
             except ApiError as exc:
                 response = problem_response(request, exc)
             except (WorkerError, BreakerOpen) as exc:
                 response = problem_response(
-                    request, _as_api_error(exc, app[SETTINGS].retry_after_s)
+                    request, as_api_error(exc, app[SETTINGS].retry_after_s)
                 )
             except Exception:
                 error_log.exception("unhandled_error", path=request.path)
-                response = problem_response(request, _as_api_error(Exception()))
+                response = problem_response(request, as_api_error(Exception()))
             status = response.status
             response.headers[REQUEST_ID_HEADER] = request_id
             if app[DRAINING].is_set():
@@ -118,7 +118,7 @@ def front_door(counter: RequestCounter) -> Middleware:
     return answer
 
 
-def _as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
+def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, MailboxFull):

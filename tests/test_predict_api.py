@@ -136,12 +136,37 @@ async def test_v1_answers_the_v2_prediction_as_result_with_deprecation_headers(
     )
 
 
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [({"features": [1.0]}, 422), ({"features": [0.0] * 128, "model": "nope"}, 404)],
+    ids=["invalid", "unknown-model"],
+)
+async def test_v1_errors_carry_the_deprecation_headers_too(
+    demo_client: Client, body: dict[str, object], status: int
+) -> None:
+    response = await demo_client.post("/api/v1/predict", json=body)
+    assert response.status == status
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    assert response.headers["Deprecation"].startswith("@")
+    assert "Sunset" in response.headers and "successor-version" in response.headers["Link"]
+
+
 async def test_unknown_model_or_version_is_404(demo_client: Client) -> None:
     features = rows(1)[0].tolist()
     status, body = await predict(demo_client, {"features": features, "model": "nope"})
     assert status == 404 and body["status"] == 404
     status, _ = await predict(demo_client, {"features": features, "model_version": "9"})
     assert status == 404
+
+
+@pytest.mark.parametrize(
+    "named", [{"model_version": "abc"}, {"model_version": "0"}, {"model": "no/pe"}], ids=str
+)
+async def test_a_model_or_version_no_model_could_have_is_404_too(
+    demo_client: Client, named: dict[str, str]
+) -> None:
+    status, body = await predict(demo_client, {"features": rows(1)[0].tolist(), **named})
+    assert status == 404 and "not serving" in body["detail"]
 
 
 async def test_wrong_feature_count_is_422_located_at_features(demo_client: Client) -> None:

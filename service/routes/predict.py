@@ -42,9 +42,12 @@ from service.appkeys import (
 )
 from service.body import read_body
 from service.codec import decode, request_format, respond
-from service.errors import BadRequest, NotFound, ValidationFailed
+from service.errors import ApiError, BadRequest, NotFound, ValidationFailed
 from service.metrics import BREAKER_STATES, PrometheusTelemetry
+from service.middlewares import as_api_error
 from service.openapi import Operation
+from workers.breaker import BreakerOpen
+from workers.errors import WorkerError
 from workers.model_config import NUMPY_DTYPES
 from workers.model_repository import ModelNotFound, ModelRepository, ModelVersion
 
@@ -186,12 +189,18 @@ async def predict_v2(request: web.Request) -> web.Response:
 
 
 async def predict_v1(request: web.Request) -> web.Response:
-    """Deprecated: ``{"features": [...]}`` -> ``{"result": <v2 answer>}``."""
+    """Deprecated: ``{"features": [...]}`` -> ``{"result": <v2 answer>}``. Every answer,
+    errors included, carries the deprecation headers."""
     started = time.monotonic()
-    fmt = request_format(request)
-    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
-    payload = decode(body, PredictV1Request, fmt)
-    answer = await run_predict(request, payload, started)
+    try:
+        fmt = request_format(request)
+        body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+        payload = decode(body, PredictV1Request, fmt)
+        answer = await run_predict(request, payload, started)
+    except (ApiError, WorkerError, BreakerOpen) as exc:
+        error = as_api_error(exc, request.app[SETTINGS].retry_after_s)
+        error.headers.update(V1_HEADERS)
+        raise error from None
     assert isinstance(answer, PredictResponse)
     return respond(request, PredictV1Response(result=answer), headers=dict(V1_HEADERS))
 
