@@ -45,6 +45,14 @@ class PredictRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("send exactly one of `features` or `instances`")
 
 
+class PredictTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """The model a predict body names, read without decoding its rows: under overload a
+    request is shed on this alone. Not a validation: the full body is decoded after."""
+
+    model: str | None = None
+    model_version: str = "latest"
+
+
 class PredictV1Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The deprecated v1 body: one row of features."""
 

@@ -6,7 +6,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,29 @@ def gate_worker(worker: InferenceWorker, monkeypatch: pytest.MonkeyPatch) -> Gat
     gated = GatedSession(worker._session)
     monkeypatch.setattr(worker, "_session", gated)
     return gated
+
+
+GatedDemo = Callable[[int], Awaitable[tuple[Client, GatedSession]]]
+
+
+@pytest.fixture
+def gated_demo(
+    app_client: Any,
+    make_settings: Callable[..., Settings],
+    repo_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> GatedDemo:
+    """(client, gate) over a demo model computing one row per batch, its runs held by
+    the gate, with an inference mailbox of the given size."""
+
+    async def make(mailbox_size: int) -> tuple[Client, GatedSession]:
+        add_version(repo_root, 1, seed=1, config='{"max_batch_size": 1}')
+        settings = make_settings(model_repository=str(repo_root), inference_mailbox_size=mailbox_size)
+        client: Client = await app_client(settings)
+        worker = client.app[MODEL_REPOSITORY].resolve("demo").worker
+        return client, gate_worker(worker, monkeypatch)
+
+    return make
 
 
 @pytest.fixture
@@ -275,17 +298,8 @@ async def test_version_2_added_while_requests_flow_becomes_latest_without_a_fail
     assert answers[0][1] == "1" and answers[-1][1] == "2"
 
 
-async def test_flooded_tiny_mailbox_answers_the_excess_503_at_once_and_nothing_hangs(
-    app_client: Any,
-    make_settings: Callable[..., Settings],
-    repo_root: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    add_version(repo_root, 1, seed=1, config='{"max_batch_size": 1}')
-    client = await app_client(
-        make_settings(model_repository=str(repo_root), inference_mailbox_size=2)
-    )
-    gated = gate_worker(client.app[MODEL_REPOSITORY].resolve("demo").worker, monkeypatch)
+async def test_flooded_tiny_mailbox_answers_the_excess_503_at_once_and_nothing_hangs(gated_demo: GatedDemo) -> None:
+    client, gated = await gated_demo(2)
 
     async def timed(i: int) -> tuple[int, float, str | None]:
         started = time.monotonic()
@@ -309,6 +323,23 @@ async def test_flooded_tiny_mailbox_answers_the_excess_503_at_once_and_nothing_h
     gated.gate.set()
     admitted = await asyncio.wait_for(asyncio.gather(computing, *(set(tasks) - done)), 5)
     assert [status for status, _, _ in admitted] == [200, 200, 200]
+
+
+async def test_a_full_mailbox_sheds_before_the_rows_are_decoded(gated_demo: GatedDemo) -> None:
+    client, gated = await gated_demo(1)
+    computing = asyncio.create_task(predict(client, {"features": rows(1, 0)[0].tolist()}))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    queued = asyncio.create_task(predict(client, {"features": rows(1, 1)[0].tolist()}))
+    await asyncio.sleep(0.1)
+    assert client.app[MODEL_REPOSITORY].resolve("demo").worker.mailbox_full
+    # Rows that would be a 422 are not even looked at: the answer is the 503.
+    status, body = await predict(client, {"features": ["not", "numbers"]})
+    assert status == 503 and body["retry_after_s"] == 1
+    # A body naming another model goes on to its own answer.
+    status, _ = await predict(client, {"features": rows(1)[0].tolist(), "model": "other"})
+    assert status == 404
+    gated.gate.set()
+    assert [(await computing)[0], (await queued)[0]] == [200, 200]
 
 
 async def test_deadline_passed_while_queued_is_504_without_compute(

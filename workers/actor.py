@@ -54,6 +54,10 @@ class Actor(Generic[ItemT]):
     def mailbox_depth(self) -> int:
         return self._mailbox.qsize()
 
+    @property
+    def mailbox_full(self) -> bool:
+        return self._mailbox.full()
+
     def _launch(self, loop_body: Coroutine[Any, Any, None]) -> None:
         self._task = asyncio.get_running_loop().create_task(loop_body, name=self.name)
         self._task.add_done_callback(self._fail_all)

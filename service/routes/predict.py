@@ -3,8 +3,9 @@
 Both run one code path: decode, resolve the model version, check the rows against the
 model's input metadata (422), queue them on that version's batching worker with the
 request's deadline (``X-Request-Timeout`` in ms, else ``request_timeout_ms``) and
-answer from its outputs. A full mailbox is 503 at once and a deadline that passes in
-the queue is 504; both surface as ``workers.errors`` that the problem middleware maps.
+answer from its outputs. A full mailbox is 503 at once (while the default model's
+mailbox is full, before the rows are even decoded) and a deadline that passes in the
+queue is 504; both surface as ``workers.errors`` that the problem middleware maps.
 
 ``setup`` also owns the model repository's lifecycle (a cleanup context appended in
 dependency order), its readiness check, SIGHUP reload hook and sampled gauges.
@@ -17,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import TypeVar
 
 import numpy as np
 from aiohttp import web
@@ -27,6 +29,7 @@ from schemas.predict import (
     Prediction,
     PredictRequest,
     PredictResponse,
+    PredictTarget,
     PredictV1Request,
     PredictV1Response,
 )
@@ -41,7 +44,7 @@ from service.appkeys import (
     SETTINGS,
 )
 from service.body import read_body
-from service.codec import decode, request_format, respond
+from service.codec import Format, decode, request_format, respond
 from service.errors import ApiError, BadRequest, NotFound, ValidationFailed
 from service.metrics import BREAKER_STATES, PrometheusTelemetry
 from service.middlewares import as_api_error
@@ -51,6 +54,7 @@ from workers.errors import WorkerError
 from workers.model_config import NUMPY_DTYPES
 from workers.model_repository import ModelNotFound, ModelRepository, ModelVersion
 
+PayloadT = TypeVar("PayloadT", PredictRequest, PredictV1Request)
 TIMEOUT_HEADER = "X-Request-Timeout"
 # Below a millisecond no answer could arrive in time; such a header is a client bug.
 MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 1, 600_000
@@ -180,11 +184,41 @@ async def run_predict(
     )
 
 
-async def predict_v2(request: web.Request) -> web.Response:
-    started = time.monotonic()
+def shed_before_decoding(request: web.Request, body: bytes, fmt: Format, started: float) -> None:
+    """Under overload, the 503 comes before the rows are decoded (for 768 JSON floats
+    the decoding costs more than the rest of a shed request): when the default model's
+    mailbox is full, read only which model the body names and, if it is that one, ask
+    its worker for room now. Anything else (another model, a body that does not even
+    parse) goes on to the full decoding and its usual answer."""
+    settings = request.app[SETTINGS]
+    try:
+        default = request.app[MODEL_REPOSITORY].resolve(settings.default_model)
+    except ModelNotFound:
+        return
+    if not default.worker.mailbox_full:
+        return
+    try:
+        target = decode(body, PredictTarget, fmt)
+    except ApiError:
+        return
+    if (target.model or settings.default_model) == default.model and target.model_version in (
+        "latest",
+        default.version,
+    ):
+        deadline = request_deadline(request, started, settings.request_timeout_ms)
+        default.worker.check_room(1, deadline)
+
+
+async def read_payload(request: web.Request, type_: type[PayloadT], started: float) -> PayloadT:
     fmt = request_format(request)
     body = await read_body(request, request.app[SETTINGS].max_body_bytes)
-    payload = decode(body, PredictRequest, fmt)
+    shed_before_decoding(request, body, fmt, started)
+    return decode(body, type_, fmt)
+
+
+async def predict_v2(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    payload = await read_payload(request, PredictRequest, started)
     return respond(request, await run_predict(request, payload, started))
 
 
@@ -193,9 +227,7 @@ async def predict_v1(request: web.Request) -> web.Response:
     errors included, carries the deprecation headers."""
     started = time.monotonic()
     try:
-        fmt = request_format(request)
-        body = await read_body(request, request.app[SETTINGS].max_body_bytes)
-        payload = decode(body, PredictV1Request, fmt)
+        payload = await read_payload(request, PredictV1Request, started)
         answer = await run_predict(request, payload, started)
     except (ApiError, WorkerError, BreakerOpen) as exc:
         error = as_api_error(exc, request.app[SETTINGS].retry_after_s)
