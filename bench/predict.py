@@ -2,7 +2,9 @@
 
 (a) the demo model, single-row ``POST /api/v2/predict`` over ``--connections``
     keep-alive connections (closed loop), next to an aiohttp+uvloop server that only
-    reads the body and answers a constant (the HTTP floor of this machine);
+    reads the body and answers a constant (the HTTP floor of this machine), and to
+    mlgate's own app, same settings, whose predict handler answers that constant (what
+    mlgate's HTTP layer costs before any model work);
 (b) a heavy MLP (768 -> 2048 -> 2048 -> 2, generated into ``bench/models``), single-row
     requests at the same concurrency with dynamic batching and with
     ``max_batch_size=1``, next to onnxruntime alone at its best batch size with the
@@ -42,6 +44,7 @@ from bench.processes import (
     REPO_ROOT,
     cpu_seconds,
     free_port,
+    service_env,
     spawn,
     start_service,
     stop,
@@ -173,6 +176,34 @@ def serve_floor(port: int) -> None:
     app.router.add_post("/predict", predict)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_serve(app, port))
+
+
+def serve_constant_mlgate() -> None:
+    """mlgate's own app (every middleware, settings from the environment) with
+    ``/api/v2/predict`` answering a constant: what the HTTP layer alone costs."""
+    import uvloop
+    from aiohttp import web
+
+    from config.settings import load_settings
+    from service.app import create_app
+    from service.logs import configure_logging
+    from service.server import tune_garbage_collector
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    answer = msgspec.json.encode({"prediction": 1, "confidence": 0.5, "model": "constant"})
+
+    async def constant(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=answer, content_type="application/json")
+
+    for route in app.router.routes():
+        if route.method == "POST" and route.resource is not None and route.resource.canonical == "/api/v2/predict":
+            route._handler = constant  # the bench's own probe, not an API of the app
+    tune_garbage_collector()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(app, settings.port))
 
 
 async def _serve(app: object, port: int) -> None:
@@ -342,6 +373,14 @@ class Servers:
         wait_ready(f"http://127.0.0.1:{port}/ready", [process], STARTUP_TIMEOUT_S)
         return f"http://127.0.0.1:{port}/api/v2/predict", process
 
+    def constant(self, repository: Path, model: str) -> tuple[str, subprocess.Popen[bytes]]:
+        port = free_port()
+        env = service_env(mlgate_env(port, self.workdir, repository, model))
+        process = spawn([sys.executable, "-m", "bench.predict", "constant"], env=env)
+        self.processes.append(process)
+        wait_ready(f"http://127.0.0.1:{port}/ready", [process], STARTUP_TIMEOUT_S)
+        return f"http://127.0.0.1:{port}/api/v2/predict", process
+
     def floor(self) -> tuple[str, subprocess.Popen[bytes]]:
         port = free_port()
         process = spawn([sys.executable, "-m", "bench.predict", "floor", str(port)])
@@ -410,6 +449,7 @@ def overload(
 @dataclass
 class Results:
     floor: Measured
+    constant: Measured  # mlgate's app answering a constant: the HTTP layer's share
     demo: Measured
     onnxruntime: OrtResult
     unbatched: Measured
@@ -438,6 +478,12 @@ def measure(args: argparse.Namespace, servers: Servers, workdir: Path) -> Result
     url, process = servers.floor()
     floor = load("(a) HTTP floor", "aiohttp+uvloop, constant answer", url, process.pid, 128, args)
     servers.stop(process)
+    step("(a) mlgate's HTTP layer alone")
+    url, process = servers.constant(REPO_ROOT / "models", "demo")
+    constant = load(
+        "(a) mlgate, no model", "mlgate's app, constant answer", url, process.pid, 128, args
+    )
+    servers.stop(process)
     step("(a) mlgate, demo model")
     url, process = servers.mlgate(REPO_ROOT / "models", "demo")
     demo = load("(a) mlgate demo", "v2 predict, single row", url, process.pid, 128, args)
@@ -460,7 +506,7 @@ def measure(args: argparse.Namespace, servers: Servers, workdir: Path) -> Result
     batched = load("(b) heavy batching", setup, url, process.pid, HEAVY_SIZES[0], args)
     overloads.append(overload("(c) overload batching", url, process, batched, args))
     servers.stop(process)
-    return Results(floor, demo, ort_result, unbatched, batched, overloads)
+    return Results(floor, constant, demo, ort_result, unbatched, batched, overloads)
 
 
 def report(results: Results, args: argparse.Namespace) -> int:
@@ -475,7 +521,7 @@ def report(results: Results, args: argparse.Namespace) -> int:
     print()
     print(line.format("phase", "setup", "200/s", "p50 ms", "p99 ms", "503s", "other", "cpu us/req"))
     print("-" * 118)
-    for row in (floor, demo, unbatched, batched, *(o.measured for o in results.overloads)):
+    for row in (floor, results.constant, demo, unbatched, batched, *(o.measured for o in results.overloads)):
         other = sum(n for status, n in row.result.statuses.items() if status not in ("200", "503"))
         print(
             line.format(
@@ -502,6 +548,11 @@ def report(results: Results, args: argparse.Namespace) -> int:
         )
         + "  (rows/s)"
     )
+    print(
+        f"    (a) mlgate's app answering a constant (request id, metrics, problem mapping, "
+        f"auth and idempotency checks): {results.constant.rate() / floor.rate():.2f}x the floor; "
+        "the prediction path costs the rest"
+    )
     rates = ", ".join(f"b{b}: {r:.0f}" for b, r in results.onnxruntime.rows_per_s.items())
     print(f"    onnxruntime rows/s by batch size: {rates}")
     for o in results.overloads:
@@ -511,7 +562,7 @@ def report(results: Results, args: argparse.Namespace) -> int:
             f"503 p50/p99 {o.measured.quantile_ms(0.5, '503'):.2f}/{o.measured.quantile_ms(0.99, '503'):.2f} ms; "
             f"RSS {before:.0f} -> peak {peak:.0f} -> {after:.0f} MB"
         )
-    rows = (floor, demo, unbatched, batched, *(o.measured for o in results.overloads))
+    rows = (floor, results.constant, demo, unbatched, batched, *(o.measured for o in results.overloads))
     errors = [e for row in rows for e in row.result.errors]
     if errors:
         print(f"    client errors: {errors[:3]}")
@@ -566,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["floor"]:
         serve_floor(int(argv[1]))
+        return 0
+    if argv[:1] == ["constant"]:
+        serve_constant_mlgate()
         return 0
     if argv[:1] in (["load"], ["ort"]):
         import uvloop
