@@ -1,4 +1,5 @@
-"""The OIP infer route's tensor parsing: bad headers and values are 4xx, never 500."""
+"""The OIP routes in process: tensor parsing (bad headers and values are 4xx, never 500),
+body formats and readiness."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from config import Settings
+from service.appkeys import DRAINING
 
 Client = TestClient[web.Request, web.Application]
 DEMO_REPO = Path(__file__).resolve().parent.parent / "models"
@@ -102,3 +104,11 @@ async def test_msgpack_infer_body_is_read_when_declared(demo_client: Client) -> 
         headers={"Content-Type": "application/msgpack"},
     )
     assert response.status == 200
+
+
+async def test_server_ready_is_4xx_while_not_ready(demo_client: Client) -> None:
+    assert (await demo_client.get("/v2/health/ready")).status == 200
+    demo_client.app[DRAINING].set()
+    response = await demo_client.get("/v2/health/ready")
+    assert response.status == 400  # the protocol: 4xx means not ready; Triton answers 400
+    assert await response.json() == {"ready": False}

@@ -166,8 +166,10 @@ async def server_live(request: web.Request) -> web.Response:
 
 
 async def server_ready(request: web.Request) -> web.Response:
+    """200 ready, else 400: the protocol's "4xx means false" (Triton answers 400), where
+    mlgate's own ``/ready`` answers 503 for load balancers."""
     ready = request.app[MODEL_REPOSITORY].ready and not request.app[DRAINING].is_set()
-    return respond(request, Readiness(ready=ready), status=200 if ready else 503)
+    return respond(request, Readiness(ready=ready), status=200 if ready else 400)
 
 
 def _tensors(specs: tuple[TensorSpec, ...]) -> list[TensorMetadata]:
@@ -290,7 +292,7 @@ def _operations() -> list[Operation]:
         Operation("get", "/v2", "OIP server metadata", _OIP, {200: ServerMetadata}, scope="any"),
         Operation("get", "/v2/health/live", "OIP liveness", _OIP, {200: Liveness}),
         Operation(
-            "get", "/v2/health/ready", "OIP readiness", _OIP, {200: Readiness, 503: Readiness}
+            "get", "/v2/health/ready", "OIP readiness", _OIP, {200: Readiness, 400: Readiness}
         ),
     ]
     for base in (_MODEL, _VERSION):
