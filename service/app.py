@@ -131,12 +131,15 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
             "per_process_limits",
             detail="without REDIS_URL, rate limits, idempotency and dedup hold per process",
         )
-    if settings.rate_limits_enabled:
-        app[RATE_LIMITER] = RateLimiter(settings, redis, app_metrics)
+    limiter = RateLimiter(settings, redis, app_metrics) if settings.rate_limits_enabled else None
+    if limiter is not None:
+        app[RATE_LIMITER] = limiter
     app[IDEMPOTENCY] = idempotency_store = IdempotencyStore(settings, redis)
     app[RECORD_DEDUP] = RecordDeduplicator(settings, redis)
     yield
     await idempotency_store.drain(settings.shutdown_timeout_s / 4)
+    if limiter is not None:
+        await limiter.close()
     if redis is not None:
         await redis.close()
 

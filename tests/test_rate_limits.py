@@ -9,6 +9,7 @@ from collections import Counter
 
 import aiohttp
 import pytest
+import redis.asyncio
 
 from service.appkeys import METRICS
 from tests.support import KeyMaker, ManagedProcess
@@ -100,6 +101,29 @@ async def test_redis_buckets_hold_across_two_apps(
     one = await app_client(secured(redis_url=redis_url, data_dir=str(tmp_path / "one")))
     two = await app_client(secured(redis_url=redis_url, data_dir=str(tmp_path / "two")))
     assert await _statuses(one, key, 2) + await _statuses(two, key, 3) == [202] * 4 + [429]
+
+
+async def _script_calls(redis_url: str) -> int:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
+
+
+async def test_concurrent_requests_share_redis_round_trips_and_the_limit_holds(
+    app_client, secured, api_keys, redis_server: ManagedProcess
+) -> None:
+    key = api_keys.create(rate=SLOW, burst=10)
+    redis_url = f"redis://127.0.0.1:{redis_server.port}"
+    client = await app_client(secured(redis_url=redis_url))
+    calls_before = await _script_calls(redis_url)
+    responses = await asyncio.gather(
+        *(client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key}) for _ in range(40))
+    )
+    assert Counter(response.status for response in responses) == {202: 10, 429: 30}
+    assert await _script_calls(redis_url) - calls_before < 40
 
 
 async def test_redis_down_falls_back_to_local_buckets_and_counts_it(
