@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test lint bench bench-ingest bench-predict bench-protection bench-quality redis-server clean
+.PHONY: install run test lint bench bench-ingest bench-predict bench-protection bench-predict-protection bench-quality redis-server clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,7 +28,7 @@ lint: $(STAMP)
 test: $(STAMP) redis-server lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-bench: bench-ingest bench-predict bench-protection bench-quality
+bench: bench-ingest bench-predict bench-protection bench-predict-protection bench-quality
 
 bench-ingest: $(STAMP)
 	$(PY) -m bench.ingest --workers 2 --rounds 2
@@ -38,6 +38,9 @@ bench-predict: $(STAMP)
 
 bench-protection: $(STAMP) redis-server
 	$(PY) -m bench.protection --rounds 2
+
+bench-predict-protection: $(STAMP) redis-server
+	$(PY) -m bench.predict_protection --rounds 2
 
 bench-quality: $(STAMP)
 	$(PY) -m bench.quality_ingest --rounds 2

@@ -73,6 +73,7 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     open_loop_connections: int = 512
     seed: int = 0
     body_format: str = "json"  # or "msgpack"
+    headers: dict[str, str] = {}  # more request headers (an API key)
 
 
 class LoadResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,7 +94,7 @@ def bodies(dims: int, seed: int, body_format: str = "json") -> list[bytes]:
 async def generate_load(options: LoadOptions) -> LoadResult:
     url = urlsplit(options.url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
-    headers = {"Content-Type": f"application/{options.body_format}"}
+    headers = {"Content-Type": f"application/{options.body_format}", **options.headers}
     requests = [
         encode_request(f"{host}:{port}", url.path, body, headers)
         for body in bodies(options.dims, options.seed, options.body_format)
@@ -277,6 +278,7 @@ def load(
     dims: int,
     args: argparse.Namespace,
     rate: float = 0.0,
+    headers: dict[str, str] | None = None,
 ) -> Measured:
     """One load-generator run against the server ``pid``, with its CPU time in the window."""
     options = LoadOptions(
@@ -287,6 +289,7 @@ def load(
         connections=args.connections,
         rate=rate,
         body_format=args.body_format,
+        headers=headers or {},
     )
     marks: dict[str, float] = {}
 

@@ -5,8 +5,8 @@ round by round so drifting background load hits both alike:
 
 - **off**: ``MLGATE_AUTH_DISABLED``, rate limits off, record dedup off, no Redis, no
   ``Idempotency-Key``;
-- **on**: API key auth, token buckets in a private ``redis-server`` (one Lua call per
-  request), a fresh ``Idempotency-Key`` on every request (stored in Redis): the set
+- **on**: API key auth, token buckets in a private ``redis-server`` (Lua calls shared
+  by concurrent requests), a fresh ``Idempotency-Key`` on every request (stored in Redis): the set
   the protection issue names. ``--dedup`` adds record-id dedup in Redis (one more Lua
   call and one ``SET NX`` per record), which costs Redis CPU on the same two cores.
 
