@@ -1,0 +1,53 @@
+"""Breaker: our interface over aiobreaker; failures counted as aiobreaker counts them."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.breaker import Breaker, BreakerOpen
+from workers.errors import MailboxFull
+
+
+async def succeed() -> str:
+    return "ok"
+
+
+async def fail() -> str:
+    raise ConnectionError("down")
+
+
+async def full() -> str:
+    raise MailboxFull("busy")
+
+
+async def failures(breaker: Breaker, count: int) -> None:
+    for _ in range(count):
+        with pytest.raises(ConnectionError):
+            await breaker.call(fail)
+
+
+async def test_consecutive_failures_open_it_and_it_refuses_at_once() -> None:
+    breaker = Breaker("dep", fail_max=3, reset_s=60)
+    await failures(breaker, 2)
+    with pytest.raises(BreakerOpen) as opened:
+        await breaker.call(fail)  # the third failure opens it
+    assert opened.value.retry_after_s >= 1 and breaker.state == "open"
+    with pytest.raises(BreakerOpen):
+        await breaker.call(succeed)
+
+
+async def test_a_success_between_failures_starts_the_count_again() -> None:
+    breaker = Breaker("dep", fail_max=3, reset_s=60)
+    await failures(breaker, 2)
+    assert await breaker.call(succeed) == "ok"
+    await failures(breaker, 2)
+    assert breaker.state == "closed"
+
+
+async def test_excluded_errors_do_not_count_as_failures() -> None:
+    breaker = Breaker("dep", fail_max=2, reset_s=60)
+    for _ in range(5):
+        with pytest.raises(MailboxFull):
+            await breaker.call(full)
+    assert breaker.state == "closed"
+    assert await breaker.call(succeed) == "ok"
