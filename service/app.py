@@ -54,9 +54,10 @@ def create_app(settings: Settings) -> web.Application:
     # The body limit is ours (service.body), enforced while streaming; aiohttp's own
     # client_max_size only guards request.read()/post(), which mlgate does not use.
     app_metrics = Metrics()
+    draining = asyncio.Event()
     app = web.Application(
         middlewares=[
-            front_door(metrics.RequestCounter(app_metrics)),
+            front_door(metrics.RequestCounter(app_metrics), settings, draining),
             authenticate,
             # Switched off, the limiter is not in the chain at all: no cost per request.
             *([rate_limit] if settings.rate_limits_enabled else []),
@@ -66,7 +67,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = app_metrics
-    app[DRAINING] = asyncio.Event()
+    app[DRAINING] = draining
     app[READINESS_CHECKS] = {}
     app[RELOAD_HOOKS] = {}
     app[PROFILE_STORE] = ProfileStore(settings.profiles_dir, settings.model_repository)

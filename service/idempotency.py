@@ -252,13 +252,10 @@ def replay(stored: StoredResponse) -> web.Response:
 @web.middleware
 async def idempotency(request: web.Request, handler: Handler) -> web.StreamResponse:
     key = request.headers.get(HEADER)
+    if key is None:  # most requests: nothing more to look at
+        return await handler(request)
     api_key = request.get(API_KEY)
-    if (
-        key is None
-        or request.method != "POST"
-        or api_key is None
-        or request.match_info.http_exception is not None
-    ):
+    if request.method != "POST" or api_key is None or request.match_info.http_exception is not None:
         return await handler(request)
     if not _valid_key(key):
         raise BadRequest(f"{HEADER} must be 1-{MAX_KEY_LENGTH} printable ASCII characters")

@@ -9,6 +9,7 @@ service.idempotency), so their refusals are answered, counted and logged the sam
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -17,8 +18,9 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from config import Settings
 from schemas.problem import Problem
-from service.appkeys import DRAINING, KEY_ID, REQUEST_ID, SETTINGS, TENANT
+from service.appkeys import KEY_ID, REQUEST_ID, TENANT
 from service.codec import PROBLEM_JSON, Format, encode, response_format
 from service.errors import (
     ApiError,
@@ -57,7 +59,7 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):016x}"
 
 
-def front_door(counter: RequestCounter) -> Middleware:
+def front_door(counter: RequestCounter, settings: Settings, draining: asyncio.Event) -> Middleware:
     """The outermost middleware: request id, errors as problem+json, the request
     metrics, ``Connection: close`` while draining and the canonical log line.
 
@@ -73,7 +75,6 @@ def front_door(counter: RequestCounter) -> Middleware:
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        app = request.app
         status = 500
         try:
             try:
@@ -87,15 +88,13 @@ def front_door(counter: RequestCounter) -> Middleware:
             except ApiError as exc:
                 response = problem_response(request, exc)
             except (WorkerError, BreakerOpen) as exc:
-                response = problem_response(
-                    request, as_api_error(exc, app[SETTINGS].retry_after_s)
-                )
+                response = problem_response(request, as_api_error(exc, settings.retry_after_s))
             except Exception:
                 error_log.exception("unhandled_error", path=request.path)
                 response = problem_response(request, as_api_error(Exception()))
             status = response.status
             response.headers[REQUEST_ID_HEADER] = request_id
-            if app[DRAINING].is_set():
+            if draining.is_set():
                 # Keep-alive clients learn the connection is going away from a response
                 # rather than from a closed socket under their next request.
                 response.force_close()
@@ -104,7 +103,7 @@ def front_door(counter: RequestCounter) -> Middleware:
         finally:
             elapsed = time.perf_counter() - started
             counter.record(request, status, elapsed)
-            if app[SETTINGS].access_log:
+            if settings.access_log:
                 access_log.info(
                     "request",
                     method=request.method,
