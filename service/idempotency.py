@@ -227,8 +227,9 @@ def _valid_key(value: str) -> bool:
 
 
 def stores(status: int) -> bool:
-    """Which answers are final: 2xx and 4xx but 429; 5xx and 429 are worth a retry."""
-    return 200 <= status < 300 or (400 <= status < 500 and status != 429)
+    """Which answers are final: 2xx and 4xx but 409 and 429; those two (something else
+    still in flight, over a limit) and 5xx are worth a retry with the same key."""
+    return 200 <= status < 300 or (400 <= status < 500 and status not in (409, 429))
 
 
 def snapshot(response: web.StreamResponse) -> StoredResponse | None:

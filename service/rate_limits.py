@@ -26,6 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -37,6 +38,7 @@ from service.metrics import Metrics
 from service.shared_redis import RedisUnavailable, SharedRedis
 
 MAX_LOCAL_BUCKETS = 100_000
+log = structlog.get_logger("mlgate.rate_limits")
 
 # Several takes in order, each one atomic as if alone. Per take i (from 0): KEYS[2i+1],
 # KEYS[2i+2] its key and tenant bucket; ARGV[4i+1..4i+4] key rate, key burst, tenant
@@ -189,7 +191,15 @@ class CoalescedTakes:
         self._pending.append(_Take(buckets, args, answer))
         if self._sender is None:
             self._sender = asyncio.get_running_loop().create_task(self._send_pending())
+            self._sender.add_done_callback(self._sender_done)
         return answer
+
+    def _sender_done(self, sender: asyncio.Task[None]) -> None:
+        # A sender cancelled before it ran never reached its own cleanup.
+        if self._sender is sender:
+            self._sender = None
+            _fail(self._pending, RedisUnavailable("rate_limit"))
+            self._pending = []
 
     async def close(self) -> None:
         if self._sender is not None:
@@ -203,6 +213,9 @@ class CoalescedTakes:
                 await self._send(batch)
         finally:
             self._sender = None
+            # Only a cancelled sender leaves takes here: they must not wait forever.
+            _fail(self._pending, RedisUnavailable("rate_limit"))
+            self._pending = []
 
     async def _send(self, batch: list[_Take]) -> None:
         keys = [bucket for take in batch for bucket in take.buckets]
@@ -210,15 +223,31 @@ class CoalescedTakes:
         script = self._script
         try:
             flat = await self._redis.call("rate_limit", lambda: script(keys=keys, args=args))
+            answers = [
+                (bool(flat[i]), float(flat[i + 1]), float(flat[i + 2]))
+                for i in range(0, 3 * len(batch), 3)
+            ]
+        except asyncio.CancelledError:
+            _fail(batch, RedisUnavailable("rate_limit"))
+            raise
         except RedisUnavailable as exc:
-            for take in batch:
-                if not take.answer.done():
-                    take.answer.set_exception(exc)
+            _fail(batch, exc)
             return
-        for i, take in enumerate(batch):
+        except Exception as exc:
+            # Whatever went wrong, every take hears of it (and falls back to the local
+            # buckets): none may wait forever.
+            log.error("rate_limit_reply_unusable", error=repr(exc), takes=len(batch))
+            _fail(batch, RedisUnavailable("rate_limit"))
+            return
+        for take, answer in zip(batch, answers, strict=True):
             if not take.answer.done():
-                allowed, key_left, tenant_left = flat[3 * i : 3 * i + 3]
-                take.answer.set_result((bool(allowed), float(key_left), float(tenant_left)))
+                take.answer.set_result(answer)
+
+
+def _fail(takes: list[_Take], error: Exception) -> None:
+    for take in takes:
+        if not take.answer.done():
+            take.answer.set_exception(error)
 
 
 class RateLimiter:

@@ -12,6 +12,8 @@ import pytest
 import redis.asyncio
 
 from service.appkeys import METRICS
+from service.rate_limits import CoalescedTakes
+from service.shared_redis import RedisUnavailable, SharedRedis
 from tests.support import KeyMaker, ManagedProcess
 
 INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
@@ -209,3 +211,25 @@ async def test_redis_outage_serves_on_local_limits_and_shared_limits_return(
     back, back_s = await _load(two_services, seconds=2.0)
     expected = TENANT_RATE * back_s  # the bucket starts empty: no burst
     assert abs(back[202] - expected) <= 0.1 * expected, (back, back_s)
+
+
+@pytest.mark.parametrize("when", ["before-it-ran", "mid-call"])
+async def test_takes_of_a_cancelled_redis_call_are_answered_not_left_waiting(
+    make_settings, redis_server: ManagedProcess, when: str
+) -> None:
+    shared = SharedRedis.from_settings(make_settings(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    takes = CoalescedTakes(shared)
+    try:
+        answers = [takes.take(("mlgate:rl:k:x", "mlgate:rl:t:x"), (1.0, 5, 1.0, 5)) for _ in range(3)]
+        sender = takes._sender  # the one call carrying them
+        assert sender is not None
+        if when == "mid-call":
+            await asyncio.sleep(0)  # it has started and awaits Redis
+        sender.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*answers, return_exceptions=True), 2)
+        assert all(isinstance(result, RedisUnavailable) for result in results)
+        # and the next take gets a call of its own
+        assert (await asyncio.wait_for(takes.take(("mlgate:rl:k:y", "mlgate:rl:t:y"), (1.0, 5, 1.0, 5)), 2))[0]
+    finally:
+        await takes.close()
+        await shared.close()

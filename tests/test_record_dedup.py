@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 
 from service.appkeys import METRICS, RECORD_DEDUP, RECORD_SINK
-from service.record_dedup import RecordDeduplicator
+from service.record_dedup import Claim, RecordDeduplicator
 from tests.support import KeyMaker, ManagedProcess
 
 PATH = "/api/v2/ingest"
@@ -119,7 +120,7 @@ async def test_a_failed_write_releases_its_claims(app_client, settings_for) -> N
     await client.app[RECORD_SINK].close()  # the write fails: 503
     assert (await client.post(PATH, json=_records("a"))).status == 503
     # what the client's retry meets: "a" is not taken
-    assert await client.app[RECORD_DEDUP].claim("anonymous", ["a"]) == [True]
+    assert (await client.app[RECORD_DEDUP].claim("anonymous", ["a"])).new == [True]
 
 
 async def test_redis_outage_falls_back_to_the_local_set(
@@ -137,31 +138,65 @@ async def test_redis_outage_falls_back_to_the_local_set(
 # -- a record_id in flight for another request ------------------------------------------
 
 
-async def _second_claim_of_a(dedup: RecordDeduplicator) -> asyncio.Task[list[bool]]:
-    """A claim of "a" made while a first claim of it is still in flight."""
-    assert await dedup.claim("t", ["a"]) == [True]
+async def _second_claim_of_a(dedup: RecordDeduplicator) -> tuple[Claim, asyncio.Task[Claim]]:
+    """A first claim of "a", and a second one made while the first is in flight."""
+    first = await dedup.claim("t", ["a"])
+    assert first.new == [True]
     waiting = asyncio.create_task(dedup.claim("t", ["a"]))
     await asyncio.sleep(0.05)
-    return waiting
+    return first, waiting
 
 
 async def test_an_id_in_flight_elsewhere_becomes_a_duplicate_once_written(
     app_client, settings_for, backend
 ) -> None:
     dedup = (await app_client(settings_for(backend))).app[RECORD_DEDUP]
-    waiting = await _second_claim_of_a(dedup)
+    first, waiting = await _second_claim_of_a(dedup)
     assert not waiting.done()  # neither new nor a duplicate while the first write runs
-    await dedup.confirm("t", ["a"])
-    assert await waiting == [False]
+    await dedup.confirm("t", first)
+    assert (await waiting).new == [False]
 
 
 async def test_an_id_in_flight_elsewhere_is_claimed_when_that_write_fails(
     app_client, settings_for, backend
 ) -> None:
     dedup = (await app_client(settings_for(backend))).app[RECORD_DEDUP]
-    waiting = await _second_claim_of_a(dedup)
-    await dedup.release("t", ["a"])
-    assert await waiting == [True]
+    first, waiting = await _second_claim_of_a(dedup)
+    await dedup.release("t", first)
+    second = await waiting
+    assert second.new == [True]
+    # the first request's late release or confirm does not touch the second one's claim
+    await dedup.release("t", first)
+    await dedup.confirm("t", first)
+    third = asyncio.create_task(dedup.claim("t", ["a"]))
+    await asyncio.sleep(0.05)
+    assert not third.done()  # still in flight for the second
+    await dedup.confirm("t", second)
+    assert (await third).new == [False]
+
+
+async def test_a_claim_cancelled_while_waiting_releases_what_it_held(
+    app_client, settings_for, backend
+) -> None:
+    dedup = (await app_client(settings_for(backend))).app[RECORD_DEDUP]
+    await dedup.claim("t", ["a"])  # another request is writing "a"
+    waiting = asyncio.create_task(dedup.claim("t", ["b", "a"]))  # holds "b", waits for "a"
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert (await dedup.claim("t", ["b"])).new == [True]
+
+
+async def test_ids_written_while_redis_failed_to_record_them_stay_duplicates_here(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    client = await app_client(settings_for(f"redis://127.0.0.1:{redis_server.port}"))
+    dedup = client.app[RECORD_DEDUP]
+    claim = await dedup.claim("t", ["a"])  # claimed in Redis
+    redis_server.stop()
+    await dedup.confirm("t", claim)  # Redis cannot record it: this process does
+    assert (await dedup.claim("t", ["a"])).new == [False]
 
 
 async def test_a_batch_meeting_an_id_in_flight_too_long_gets_409_and_writes_nothing(
@@ -169,7 +204,7 @@ async def test_a_batch_meeting_an_id_in_flight_too_long_gets_409_and_writes_noth
 ) -> None:
     client = await app_client(settings_for(backend, dedup_in_flight_wait_s=0.1))
     dedup = client.app[RECORD_DEDUP]
-    await dedup.claim("anonymous", ["a"])  # another request is writing "a"
+    other = await dedup.claim("anonymous", ["a"])  # another request is writing "a"
     response = await client.post(PATH, json=_records("b", "a"))
     body = await response.json(content_type=None)
     assert response.status == 409
@@ -177,4 +212,19 @@ async def test_a_batch_meeting_an_id_in_flight_too_long_gets_409_and_writes_noth
     assert "being written by another request" in body["detail"]
     assert client.app[RECORD_SINK].next_offset == 0
     # "b" was claimed by the refused batch and released with it: the retry writes it
-    assert await dedup.claim("anonymous", ["b"]) == [True]
+    assert (await dedup.claim("anonymous", ["b"])).new == [True]
+    assert other.new == [True]
+
+
+async def test_a_409_for_an_id_in_flight_is_not_kept_for_the_idempotency_key(
+    app_client, settings_for
+) -> None:
+    client = await app_client(settings_for(dedup_in_flight_wait_s=0.05))
+    dedup = client.app[RECORD_DEDUP]
+    other = await dedup.claim("anonymous", ["a"])  # another request is writing "a"
+    headers = {"Idempotency-Key": "k-1"}
+    assert (await client.post(PATH, json=_records("a"), headers=headers)).status == 409
+    await dedup.release("anonymous", other)  # ...and its write failed
+    retry = await client.post(PATH, json=_records("a"), headers=headers)
+    assert retry.status == 202 and "Idempotent-Replayed" not in retry.headers
+    assert (await retry.json())["records_accepted"] == 1

@@ -6,6 +6,7 @@ mailbox, and answers 202 only once the sink reports them durable.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -27,6 +28,7 @@ from service.errors import (
     ValidationFailed,
 )
 from service.openapi import Operation
+from service.record_dedup import Claim
 from service.record_validation import ValidatedBatch
 
 STREAM_CHUNK_RECORDS = 1000
@@ -89,16 +91,18 @@ async def _write(
 ) -> int:
     """Write the accepted records whose record_id was not seen within the dedup window;
     return how many were such duplicates (not written)."""
-    fresh, claimed = await _drop_duplicates(request, batch, items)
+    fresh, claim = await _drop_duplicates(request, batch, items)
     dedup = request.app[RECORD_DEDUP]
     if fresh.accepted:
-        records = request.app[RECORD_VALIDATOR].outbound(fresh, tracking_id)
         try:
+            records = request.app[RECORD_VALIDATOR].outbound(fresh, tracking_id)
             await request.app[RECORD_SINK].write(records)
         except BaseException:
-            await dedup.release(_tenant(request), claimed)
+            if claim is not None:
+                await asyncio.shield(dedup.release(_tenant(request), claim))
             raise
-        await dedup.confirm(_tenant(request), claimed)
+    if claim is not None:
+        await dedup.confirm(_tenant(request), claim)
     duplicates = len(batch.accepted) - len(fresh.accepted)
     if duplicates:
         request.app[METRICS].records_duplicate.inc(duplicates)
@@ -111,31 +115,27 @@ def _tenant(request: web.Request) -> str:
 
 async def _drop_duplicates(
     request: web.Request, batch: ValidatedBatch, items: list[Record | RecordError]
-) -> tuple[ValidatedBatch, list[str]]:
-    """The batch without records already seen (by client-given record_id), and the ids
-    this call claimed. Generated ids are unique and not tracked."""
+) -> tuple[ValidatedBatch, Claim | None]:
+    """The batch without records already written (by client-given record_id), and the
+    claim on the rest. Generated ids are unique and not tracked."""
     dedup = request.app[RECORD_DEDUP]
     if not dedup.enabled:
-        return batch, []
+        return batch, None
     given = {item.record_id for item in items if isinstance(item, Record) and item.record_id}
     tracked = [record.record_id for record in batch.accepted if record.record_id in given]
     if not tracked:
-        return batch, []
-    flags = await dedup.claim(_tenant(request), tracked)
-    claimed = [record_id for record_id, is_new in zip(tracked, flags, strict=True) if is_new]
-    if len(claimed) == len(tracked):
-        return batch, claimed
-    keep, first = [], set(claimed)
+        return batch, None
+    claim = await dedup.claim(_tenant(request), tracked)
+    if all(claim.new):
+        return batch, claim
+    keep, new = [], iter(claim.new)
     for record in batch.accepted:
-        if record.record_id not in given:
+        if record.record_id not in given or next(new):
             keep.append(record)
-        elif record.record_id in first:
-            keep.append(record)
-            first.discard(record.record_id)  # a repeat within the batch is a duplicate
     fresh = ValidatedBatch(
         source=batch.source, accepted=keep, errors=batch.errors, quality_flags=batch.quality_flags
     )
-    return fresh, claimed
+    return fresh, claim
 
 
 async def ingest(request: web.Request) -> web.Response:
