@@ -64,6 +64,7 @@ class Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.sent_at = 0.0
         self.busy = False
+        self.lost = False  # the server closed it: open loop picks no more from it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -76,7 +77,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while (end := self.buffer.find(_HEAD_END)) >= 0:
-            head = bytes(self.buffer[:end]).lower()
+            head = bytes(self.buffer[:end]).lower() + b"\r\n"  # every header line ends so
             at = head.find(_LENGTH)
             length = int(head[at + len(_LENGTH) : head.find(b"\r\n", at + 2)]) if at >= 0 else 0
             total = end + len(_HEAD_END) + length
@@ -91,6 +92,7 @@ class Connection(asyncio.Protocol):
             self.tally.record("error", self.sent_at, time.perf_counter())
             self.tally.error(f"connection lost: {exc!r}")
         self.busy = True  # never picked again
+        self.lost = True
 
 
 async def run_load(
@@ -148,6 +150,8 @@ async def run_load(
         while (now := time.perf_counter()) < tally.window[1]:
             target = int((now - start) * rate)
             while tally.sent + tally.dropped < target:
+                while idle and idle[-1].lost:
+                    idle.pop()
                 if idle:
                     idle.pop().send(next_request())
                 else:

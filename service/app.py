@@ -57,7 +57,9 @@ def create_app(settings: Settings) -> web.Application:
     draining = asyncio.Event()
     app = web.Application(
         middlewares=[
-            front_door(metrics.RequestCounter(app_metrics), settings, draining),
+            front_door(
+                metrics.RequestCounter(app_metrics), settings, draining, predict.PATH_HEADERS
+            ),
             authenticate,
             # Switched off, the limiter is not in the chain at all: no cost per request.
             *([rate_limit] if settings.rate_limits_enabled else []),

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import Mapping, MutableMapping
 
 import structlog
 from aiohttp import web
@@ -59,14 +60,31 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):016x}"
 
 
-def front_door(counter: RequestCounter, settings: Settings, draining: asyncio.Event) -> Middleware:
+def front_door(
+    counter: RequestCounter,
+    settings: Settings,
+    draining: asyncio.Event,
+    path_headers: Mapping[str, Mapping[str, str]] | None = None,
+) -> Middleware:
     """The outermost middleware: request id, errors as problem+json, the request
-    metrics, ``Connection: close`` while draining and the canonical log line.
+    metrics, ``Connection: close`` while draining, the headers every answer on a path
+    carries (``path_headers``, e.g. a deprecated route's) and the canonical log line.
 
     One middleware rather than one per concern: each layer of aiohttp's chain costs
     a coroutine and a sub-app lookup on every request.
     """
     request_ids = RequestIds()
+    by_path = dict(path_headers or {})
+
+    def finish(headers: MutableMapping[str, str], request: web.Request, request_id: str) -> None:
+        headers[REQUEST_ID_HEADER] = request_id
+        extra = by_path.get(request.path)
+        if extra:
+            headers.update(extra)
+        if draining.is_set():
+            # Keep-alive clients learn the connection is going away from a response
+            # rather than from a closed socket under their next request.
+            headers["Connection"] = "close"
 
     @web.middleware
     async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -82,7 +100,7 @@ def front_door(counter: RequestCounter, settings: Settings, draining: asyncio.Ev
             except web.HTTPException as exc:
                 if exc.status < 400:
                     status = exc.status
-                    exc.headers[REQUEST_ID_HEADER] = request_id
+                    finish(exc.headers, request, request_id)
                     raise
                 response = problem_response(request, as_api_error(exc))
             except ApiError as exc:
@@ -93,12 +111,9 @@ def front_door(counter: RequestCounter, settings: Settings, draining: asyncio.Ev
                 error_log.exception("unhandled_error", path=request.path)
                 response = problem_response(request, as_api_error(Exception()))
             status = response.status
-            response.headers[REQUEST_ID_HEADER] = request_id
+            finish(response.headers, request, request_id)
             if draining.is_set():
-                # Keep-alive clients learn the connection is going away from a response
-                # rather than from a closed socket under their next request.
                 response.force_close()
-                response.headers["Connection"] = "close"
             return response
         finally:
             elapsed = time.perf_counter() - started

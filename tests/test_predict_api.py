@@ -174,6 +174,17 @@ async def test_v1_errors_carry_the_deprecation_headers_too(
     assert "Sunset" in response.headers and "successor-version" in response.headers["Link"]
 
 
+async def test_v1_refusals_before_the_handler_carry_the_deprecation_headers(
+    app_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    client = await app_client(make_settings(model_repository=str(DEMO_REPO), auth_disabled=False))
+    response = await client.post("/api/v1/predict", json={"features": [0.0] * 128})
+    assert response.status == 401
+    assert response.headers["Deprecation"].startswith("@") and "Sunset" in response.headers
+    v2 = await client.post("/api/v2/predict", json={"features": [0.0] * 128})
+    assert v2.status == 401 and "Deprecation" not in v2.headers
+
+
 async def test_unknown_model_or_version_is_404(demo_client: Client) -> None:
     features = rows(1)[0].tolist()
     status, body = await predict(demo_client, {"features": features, "model": "nope"})

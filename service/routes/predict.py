@@ -47,10 +47,7 @@ from service.body import read_body
 from service.codec import Format, decode, request_format, respond
 from service.errors import ApiError, BadRequest, NotFound, ValidationFailed
 from service.metrics import BREAKER_STATES, PrometheusTelemetry
-from service.middlewares import as_api_error
 from service.openapi import Operation
-from workers.breaker import BreakerOpen
-from workers.errors import WorkerError
 from workers.model_config import NUMPY_DTYPES
 from workers.model_repository import ModelNotFound, ModelRepository, ModelVersion
 
@@ -60,11 +57,13 @@ TIMEOUT_HEADER = "X-Request-Timeout"
 MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 1, 600_000
 DEPRECATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 SUNSET_AT = datetime(2027, 7, 1, tzinfo=UTC)
+V1_PATH = "/api/v1/predict"
 V1_HEADERS = {
     "Deprecation": f"@{int(DEPRECATED_AT.timestamp())}",
     "Sunset": format_datetime(SUNSET_AT, usegmt=True),
     "Link": '</api/v2/predict>; rel="successor-version"',
 }
+PATH_HEADERS = {V1_PATH: V1_HEADERS}
 _FLOAT_INPUTS = ("FP16", "FP32", "FP64")
 
 
@@ -223,18 +222,14 @@ async def predict_v2(request: web.Request) -> web.Response:
 
 
 async def predict_v1(request: web.Request) -> web.Response:
-    """Deprecated: ``{"features": [...]}`` -> ``{"result": <v2 answer>}``. Every answer,
-    errors included, carries the deprecation headers."""
+    """Deprecated: ``{"features": [...]}`` -> ``{"result": <v2 answer>}``. Every answer
+    on its path, errors included, carries the deprecation headers (``PATH_HEADERS``,
+    added by the front door)."""
     started = time.monotonic()
-    try:
-        payload = await read_payload(request, PredictV1Request, started)
-        answer = await run_predict(request, payload, started)
-    except (ApiError, WorkerError, BreakerOpen) as exc:
-        error = as_api_error(exc, request.app[SETTINGS].retry_after_s)
-        error.headers.update(V1_HEADERS)
-        raise error from None
+    payload = await read_payload(request, PredictV1Request, started)
+    answer = await run_predict(request, payload, started)
     assert isinstance(answer, PredictResponse)
-    return respond(request, PredictV1Response(result=answer), headers=dict(V1_HEADERS))
+    return respond(request, PredictV1Response(result=answer))
 
 
 async def model_repository(app: web.Application) -> AsyncIterator[None]:
@@ -310,4 +305,4 @@ OPERATIONS = [
 def setup(app: web.Application) -> None:
     app.cleanup_ctx.append(model_repository)
     app.router.add_post("/api/v2/predict", predict_v2)
-    app.router.add_post("/api/v1/predict", predict_v1)
+    app.router.add_post(V1_PATH, predict_v1)
