@@ -153,25 +153,28 @@ def route_of(request: web.Request) -> str:
 class RequestCounter:
     """Counts and times answered requests by route, method and status.
 
-    Labelled children are cached by their labels: ``labels()`` costs ~4x the
-    increment itself, and this runs on every request.
+    Labelled children are cached per matched route object, method and status:
+    ``labels()`` costs ~4x the increment itself and the route template lookup as much
+    again, and this runs on every request. Unmatched requests (404/405) share one entry.
     """
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._counters: dict[tuple[str, str, int], Any] = {}
-        self._timers: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[object, str, int], tuple[Any, Any]] = {}
 
     def record(self, request: web.Request, status: int, seconds: float) -> None:
-        route, method = route_of(request), request.method
-        counter = self._counters.get((route, method, status))
-        if counter is None:
-            counter = self._counters[route, method, status] = self._metrics.requests.labels(
-                route, method, str(status)
+        match_info = request.match_info
+        # Routes live as long as the app; an unmatched request gets a fresh route object.
+        route: object = match_info.route if match_info.http_exception is None else None
+        key = (route, request.method, status)
+        children = self._children.get(key)
+        if children is None:
+            template = route_of(request)
+            children = self._children[key] = (
+                self._metrics.requests.labels(template, request.method, str(status)),
+                self._metrics.request_seconds.labels(template, request.method),
             )
-        timer = self._timers.get((route, method))
-        if timer is None:
-            timer = self._timers[route, method] = self._metrics.request_seconds.labels(route, method)
+        counter, timer = children
         counter.inc()
         timer.observe(seconds)
 

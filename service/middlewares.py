@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 from collections.abc import Mapping, MutableMapping
@@ -75,6 +76,8 @@ def front_door(
     """
     request_ids = RequestIds()
     by_path = dict(path_headers or {})
+    # Decided once: building the line's fields costs even when the level drops it.
+    log_requests = settings.access_log and logging.getLevelNamesMapping()[settings.log_level.upper()] <= logging.INFO
 
     def finish(headers: MutableMapping[str, str], request: web.Request, request_id: str) -> None:
         headers[REQUEST_ID_HEADER] = request_id
@@ -118,7 +121,7 @@ def front_door(
         finally:
             elapsed = time.perf_counter() - started
             counter.record(request, status, elapsed)
-            if settings.access_log:
+            if log_requests:
                 access_log.info(
                     "request",
                     method=request.method,
