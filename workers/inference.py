@@ -120,12 +120,25 @@ class InferenceWorker(Actor[_Item]):
         item's slice of every output. Raises ``MailboxFull`` at once when full."""
         if not self.running:
             raise WorkerClosed(f"inference worker {self.name} is not running")
-        if isinstance(inputs, np.ndarray):
+        feed, count, signature = self._described(inputs)
+        now = self.check_room(count, deadline)
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Item(feed, count, deadline, now, future, request_id, signature))
+        self._queued_rows += count
+        return future
+
+    def _described(
+        self, inputs: np.ndarray | Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], int, tuple[tuple[str, tuple[int, ...], str], ...]]:
+        """(feed, rows, signature) of a request's inputs, or ``ValueError``."""
+        if isinstance(inputs, np.ndarray):  # the common case, one input: no generic checks
             if len(self._input_names) != 1:
                 raise ValueError(f"{self.name} takes {len(self._input_names)} named inputs")
-            feed = {self._input_names[0]: inputs}
-        else:
-            feed = dict(inputs)
+            if inputs.ndim == 0:
+                raise ValueError("inputs need a batch dimension")
+            name = self._input_names[0]
+            return {name: inputs}, int(inputs.shape[0]), ((name, inputs.shape[1:], inputs.dtype.str),)
+        feed = dict(inputs)
         if any(array.ndim == 0 for array in feed.values()):
             raise ValueError("inputs need a batch dimension")
         rows = {int(array.shape[0]) for array in feed.values()}
@@ -134,12 +147,7 @@ class InferenceWorker(Actor[_Item]):
         signature = tuple(
             (name, tuple(array.shape[1:]), array.dtype.str) for name, array in sorted(feed.items())
         )
-        count = rows.pop()
-        now = self.check_room(count, deadline)
-        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Item(feed, count, deadline, now, future, request_id, signature))
-        self._queued_rows += count
-        return future
+        return feed, rows.pop(), signature
 
     def check_room(self, rows: int, deadline: float) -> float:
         """Raise what ``submit`` would for ``rows`` due by ``deadline``, before the

@@ -146,9 +146,10 @@ async def run_predict(
     request: web.Request, payload: PredictRequest | PredictV1Request, started: float
 ) -> PredictResponse | BatchPredictResponse:
     """The one code path behind v2 and v1."""
-    settings = request.app[SETTINGS]
+    app = request.app  # a property that resolves the current app: once per request
+    settings = app[SETTINGS]
     deadline = request_deadline(request, started, settings.request_timeout_ms)
-    repository = request.app[MODEL_REPOSITORY]
+    repository = app[MODEL_REPOSITORY]
     loaded = resolve(repository, payload.model or settings.default_model, payload.model_version)
     instances = payload.instances if isinstance(payload, PredictRequest) else None
     # Shed before building the rows: under overload most requests end here.
@@ -160,7 +161,7 @@ async def run_predict(
         rows = feature_rows(loaded, [payload.features], "features")
     request_id = payload.request_id or request[REQUEST_ID]
     outputs = await loaded.infer(rows, deadline, request_id=request_id)
-    request.app[DRIFT_MONITOR].observe(loaded.model, "model", rows)  # never waits; drops when full
+    app[DRIFT_MONITOR].observe(loaded.model, "model", rows)  # never waits; drops when full
     answers = predictions(loaded, outputs[loaded.outputs[0].name])
     latency_ms = round((time.monotonic() - started) * 1000, 3)
     if instances is not None:
@@ -189,9 +190,10 @@ def shed_before_decoding(request: web.Request, body: bytes, fmt: Format, started
     mailbox is full, read only which model the body names and, if it is that one, ask
     its worker for room now. Anything else (another model, a body that does not even
     parse) goes on to the full decoding and its usual answer."""
-    settings = request.app[SETTINGS]
+    app = request.app
+    settings = app[SETTINGS]
     try:
-        default = request.app[MODEL_REPOSITORY].resolve(settings.default_model)
+        default = app[MODEL_REPOSITORY].resolve(settings.default_model)
     except ModelNotFound:
         return
     if not default.worker.mailbox_full:
