@@ -298,7 +298,15 @@ def load(
 
     out = run_child("load", options, args.warmup + args.duration + 60, sample)
     cpu = marks.get(WINDOW_END, float("nan")) - marks.get(MEASURING, float("nan"))
-    return Measured(label, setup, msgspec.json.decode(out, type=LoadResult), cpu)
+    try:
+        result = msgspec.json.decode(out, type=LoadResult)
+    except msgspec.DecodeError as exc:
+        # Seen twice in ~20 runs and not reproduced since: keep what would explain it.
+        raise RuntimeError(
+            f"{label}: the load child's result did not decode ({exc}); "
+            f"{len(out)} bytes, starting {out[:80]!r}, ending {out[-80:]!r}"
+        ) from exc
+    return Measured(label, setup, result, cpu)
 
 
 def rss_mb(pid: int) -> float:
