@@ -11,8 +11,9 @@ rather than on every change, so the hot paths stay free of them.
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -25,6 +26,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 log = structlog.get_logger("mlgate.metrics")
@@ -138,8 +140,30 @@ class Metrics:
         if directory is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)
+        registry.register(SizedFilesCollector(directory))
         return generate_latest(registry)
+
+
+class SizedFilesCollector:
+    """``MultiProcessCollector`` over the processes' files that are already sized.
+
+    prometheus-client creates a process's file empty and sizes it just after
+    (prometheus/client_python#1199): a scrape landing in between failed as a whole,
+    a 500, although that file holds nothing yet.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in glob.glob(os.path.join(self._directory, "*.db")):
+            try:
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+            except FileNotFoundError:  # a dead process's file, just removed
+                continue
+        return MultiProcessCollector.merge(files, accumulate=True)
 
 
 def route_of(request: web.Request) -> str:

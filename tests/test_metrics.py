@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.appkeys import METRICS
+from service.metrics import SizedFilesCollector
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -65,3 +70,18 @@ async def test_each_serving_model_version_has_mailbox_and_breaker_gauges(
     samples = _samples(await (await client.get("/metrics")).text())
     assert samples[("mlgate_mailbox_depth", (("worker", "inference:demo/1"),))] == 0.0
     assert samples[("mlgate_breaker_state", (("dependency", "model:demo/1"),))] == 0.0
+
+
+def test_a_scrape_skips_a_process_file_created_but_not_yet_sized(tmp_path) -> None:
+    # Another process counted 3 ...
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    counting = "from prometheus_client import Counter; Counter('done', 'd').inc(3)"
+    subprocess.run([sys.executable, "-c", counting], env=env, check=True)
+    # ... and a third is just creating its file (prometheus/client_python#1199).
+    (tmp_path / "counter_999999.db").touch()
+    samples = {
+        sample.name: sample.value
+        for family in SizedFilesCollector(str(tmp_path)).collect()
+        for sample in family.samples
+    }
+    assert samples["done_total"] == 3.0
