@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -62,10 +63,23 @@ def stop(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
             stream.close()
 
 
+# Below Linux's ephemeral range (32768-60999): a port the kernel hands out is also the
+# source port of some outgoing connection soon (a load generator opens hundreds), and a
+# server started on it a moment later could find it taken.
+_LISTEN_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, outside the range outgoing connections use."""
+    for _ in range(100):
+        port = random.choice(_LISTEN_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_LISTEN_PORTS}")
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
