@@ -66,6 +66,7 @@ DESCRIPTIONS: dict[str, str] = {
     "rate_limit_key_burst": "Default burst per key.",
     "rate_limit_tenant_rate": "Requests per second per tenant (all its keys together).",
     "rate_limit_tenant_burst": "Burst per tenant.",
+    "rate_limit_tenants": "Tenants with limits of their own: tenant=rate/burst, comma-separated.",
     # Idempotency and dedup
     "idempotency_ttl_s": "How long a response is kept for Idempotency-Key replays.",
     "idempotency_lock_s": "How long an unfinished request holds its Idempotency-Key or record_id claims.",

@@ -26,6 +26,13 @@ ALIASES: dict[str, str] = {
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+TenantLimit = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[^=,\s]+=(?:[1-9][0-9]*(?:\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)/[1-9][0-9]*$",
+        description="tenant=rate/burst, rate > 0 requests per second, burst >= 1",
+    ),
+]
 
 
 class SettingsError(ValueError):
@@ -100,6 +107,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rate_limit_key_burst: PositiveInt = 1000
     rate_limit_tenant_rate: PositiveFloat = 1000.0
     rate_limit_tenant_burst: PositiveInt = 2000
+    # Per-tenant exceptions to the two above: "tenant=rate/burst", comma-separated.
+    rate_limit_tenants: tuple[TenantLimit, ...] = ()
 
     # Idempotency-Key responses and record_id dedup (dedup_window_s 0: off)
     idempotency_ttl_s: PositiveInt = 86_400

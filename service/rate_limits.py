@@ -3,7 +3,8 @@
 A request takes one token from its key's bucket and one from its tenant's, or from
 neither: a request refused by one bucket costs the other nothing. Key buckets use the
 key's own ``rate``/``burst`` when it has them, else ``MLGATE_RATE_LIMIT_KEY_*``;
-tenant buckets use ``MLGATE_RATE_LIMIT_TENANT_*``.
+tenant buckets use the tenant's entry in ``MLGATE_RATE_LIMIT_TENANTS`` when it has
+one, else ``MLGATE_RATE_LIMIT_TENANT_*``.
 
 With ``REDIS_URL`` both buckets live in Redis and one Lua script (EVALSHA, Redis's own
 clock) checks and takes from both atomically, so the limits hold across processes and
@@ -125,6 +126,14 @@ class Decision:
 def _remaining(name: str, limit: Limit, tokens: float) -> str:
     until_full = math.ceil(max(0.0, limit.burst - tokens) / limit.rate)
     return f'"{name}";r={max(0, math.floor(tokens))};t={until_full}'
+
+
+def tenant_limit(entry: str) -> tuple[str, Limit]:
+    """``"acme=200/400"`` (``MLGATE_RATE_LIMIT_TENANTS``, checked by its pattern) ->
+    ``("acme", Limit(200.0, 400))``."""
+    tenant, _, limit = entry.partition("=")
+    rate, _, burst = limit.partition("/")
+    return tenant, Limit(float(rate), int(burst))
 
 
 class LocalBuckets:
@@ -256,9 +265,13 @@ class RateLimiter:
     ) -> None:
         self._default_key = Limit(settings.rate_limit_key_rate, settings.rate_limit_key_burst)
         self._tenant = Limit(settings.rate_limit_tenant_rate, settings.rate_limit_tenant_burst)
+        self._tenants = dict(map(tenant_limit, settings.rate_limit_tenants))
         self._redis_takes = CoalescedTakes(redis) if redis is not None else None
         self._local = LocalBuckets()
         self._metrics = metrics
+
+    def tenant_limit(self, tenant: str) -> Limit:
+        return self._tenants.get(tenant, self._tenant)
 
     def key_limit(self, key: ApiKey) -> Limit:
         if key.rate is not None and key.burst is not None:
@@ -267,24 +280,24 @@ class RateLimiter:
 
     async def check(self, key: ApiKey) -> Decision:
         """Take a token from the key's and the tenant's bucket, or from neither."""
-        key_limit = self.key_limit(key)
+        key_limit, tenant_limit = self.key_limit(key), self.tenant_limit(key.tenant)
         key_bucket, tenant_bucket = f"mlgate:rl:k:{key.key_id}", f"mlgate:rl:t:{key.tenant}"
         if self._redis_takes is not None:
-            args = (key_limit.rate, key_limit.burst, self._tenant.rate, self._tenant.burst)
+            args = (key_limit.rate, key_limit.burst, tenant_limit.rate, tenant_limit.burst)
             try:
                 allowed, key_left, tenant_left = await self._redis_takes.take(
                     (key_bucket, tenant_bucket), args
                 )
                 return self._counted(
-                    Decision(allowed, key_limit, key_left, self._tenant, tenant_left)
+                    Decision(allowed, key_limit, key_left, tenant_limit, tenant_left)
                 )
             except RedisUnavailable:
                 if self._metrics is not None:
                     self._metrics.rate_limit_fallback.inc()
         allowed_here, key_tokens, tenant_tokens = self._local.take(
-            key_bucket, key_limit, tenant_bucket, self._tenant
+            key_bucket, key_limit, tenant_bucket, tenant_limit
         )
-        return self._counted(Decision(allowed_here, key_limit, key_tokens, self._tenant, tenant_tokens))
+        return self._counted(Decision(allowed_here, key_limit, key_tokens, tenant_limit, tenant_tokens))
 
     async def close(self) -> None:
         """Wait for the Redis call in flight, if any (before the client closes)."""

@@ -89,6 +89,16 @@ async def test_refused_request_takes_no_token_from_the_tenant(app_client, secure
     assert await _statuses(client, other, 3) == [202, 202, 429]
 
 
+async def test_a_tenant_with_a_limit_of_its_own_is_held_to_it(app_client, secured, api_keys) -> None:
+    small = api_keys.create(tenant="small", rate=1000.0, burst=1000)
+    other = api_keys.create(tenant="other", rate=1000.0, burst=1000)
+    client = await app_client(secured(rate_limit_tenants=(f"small={SLOW}/2",)))
+    assert await _statuses(client, small, 3) == [202, 202, 429]
+    assert await _statuses(client, other, 3) == [202] * 3  # the default tenant limit
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": small})
+    assert '"tenant";q=2;' in response.headers["RateLimit-Policy"]
+
+
 async def test_open_routes_are_not_rate_limited(app_client, secured, api_keys) -> None:
     client = await app_client(secured(rate_limit_tenant_rate=SLOW, rate_limit_tenant_burst=1))
     statuses = {(await client.get("/health")).status for _ in range(5)}

@@ -50,6 +50,8 @@ def _sample(field: msgspec.inspect.Field) -> tuple[str, Any]:
         kind.item_type, msgspec.inspect.IntType
     ):
         return " 3, 5 ,7", (3, 5, 7)
+    if field.name == "rate_limit_tenants":
+        return "acme=200/400, globex=0.5/3", ("acme=200/400", "globex=0.5/3")
     raise AssertionError(f"no sample value for {field.name} of type {kind!r}; add one here")
 
 
@@ -65,6 +67,12 @@ def test_no_variables_give_the_documented_defaults() -> None:
     assert settings == Settings()
     assert settings.kafka_bootstrap_servers is None  # the local log is the sink
     assert settings.feature_dims == (128, 256, 512, 768)
+
+
+@pytest.mark.parametrize("entry", ["acme=0/3", "acme=5", "acme=1/0", "=1/2", "a b=1/2"])
+def test_a_malformed_tenant_limit_stops_start_up_naming_the_variable(entry: str) -> None:
+    with pytest.raises(SettingsError, match="MLGATE_RATE_LIMIT_TENANTS"):
+        load_settings({"MLGATE_RATE_LIMIT_TENANTS": entry})
 
 
 def test_settings_are_frozen() -> None:
