@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import structlog
 
+from service.audit import audit_admin
+from service.logs import configure_logging
+
 
 async def test_ingest_emits_one_audit_event_without_payload(app_client, make_settings) -> None:
     client = await app_client(make_settings(feature_dims=(4,)))
@@ -35,3 +38,15 @@ async def test_fully_rejected_ingest_is_audited_as_rejected(app_client, make_set
     assert response.status == 422
     [event] = [e for e in events if e.get("channel") == "audit"]
     assert event["outcome"] == "rejected"
+
+
+def test_audit_events_are_written_even_when_the_log_level_drops_info(capsys) -> None:
+    configure_logging("warning")
+    try:
+        structlog.get_logger("mlgate.other").info("dropped")
+        audit_admin("key_create", "created", key_id="k-1", tenant="acme")
+        out = capsys.readouterr().out
+    finally:
+        structlog.reset_defaults()
+    assert '"event": "key_create"' in out and '"channel": "audit"' in out
+    assert "dropped" not in out
