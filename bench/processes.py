@@ -67,12 +67,13 @@ def stop(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
 # source port of some outgoing connection soon (a load generator opens hundreds), and a
 # server started on it a moment later could find it taken.
 _LISTEN_PORTS = range(20000, 32768)
+_PORT_CHOICE = random.SystemRandom()  # not the shared generator a test may have seeded
 
 
 def free_port() -> int:
     """A port nothing listens on now, outside the range outgoing connections use."""
     for _ in range(100):
-        port = random.choice(_LISTEN_PORTS)
+        port = _PORT_CHOICE.choice(_LISTEN_PORTS)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))

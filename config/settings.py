@@ -157,6 +157,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             and self.feature_min > self.feature_max
         ):
             raise ValueError("feature_min must not exceed feature_max - at `$.feature_min`")
+        tenants = [entry.partition("=")[0] for entry in self.rate_limit_tenants]
+        if len(tenants) != len(set(tenants)):
+            raise ValueError("a tenant is listed twice - at `$.rate_limit_tenants`")
 
 
 def worker_data_dir(settings: Settings) -> str:

@@ -54,7 +54,9 @@ _FIRST_POLL_S, _MAX_POLL_S = 0.01, 0.2
 # token, record ids joined by newlines (ids never hold whitespace).
 #
 # Claim answers one character per id: '1' newly claimed, '0' written already, 'p' in
-# flight for another claim. A key that expired between SET NX and GET is claimed anew.
+# flight for another claim (any value starting with 'p', so the tokenless 'p' of the
+# previous release still counts as in flight while both run). A key that expired
+# between SET NX and GET is claimed anew.
 CLAIM_LUA = """
 local lapse, prefix, mine = ARGV[1], ARGV[2], 'p:' .. ARGV[3]
 local found = {}
@@ -67,7 +69,7 @@ for id in string.gmatch(ARGV[4], '[^\\n]+') do
     local value = redis.call('GET', key)
     if value == false then
       if redis.call('SET', key, mine, 'NX', 'EX', lapse) then state = '1' end
-    elseif string.sub(value, 1, 2) ~= 'p:' then
+    elseif string.sub(value, 1, 1) ~= 'p' then
       state = '0'
     end
   end
@@ -200,12 +202,14 @@ class RecordDeduplicator:
         if not self.enabled or not record_ids:
             return Claim(token, [True] * len(record_ids), [])
         distinct = list(dict.fromkeys(record_ids))
-        found = dict(zip(distinct, await self._claim_states(tenant, distinct, token), strict=True))
+        found: dict[str, str] = {}
         try:
+            found.update(zip(distinct, await self._claim_states(tenant, distinct, token), strict=True))
             await self._wait_for_others(tenant, found, token)
         except BaseException:
-            held = [record_id for record_id, state in found.items() if state == NEW]
-            await asyncio.shield(self._release(tenant, held, token))
+            # Whatever this claim may hold by now (a cancelled call may have claimed in
+            # Redis before its answer came back): release only removes this token's ids.
+            await asyncio.shield(self._release(tenant, distinct, token))
             raise
         first: set[str] = set()
         new = []

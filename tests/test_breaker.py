@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from workers.breaker import Breaker, BreakerOpen
@@ -51,3 +53,22 @@ async def test_excluded_errors_do_not_count_as_failures() -> None:
             await breaker.call(full)
     assert breaker.state == "closed"
     assert await breaker.call(succeed) == "ok"
+
+
+async def test_a_success_finishing_after_failures_resets_the_count_as_aiobreaker_does() -> None:
+    # Calls finish in this order: fail, three successes that started before it, fail,
+    # fail. Consecutive failures in finishing order never reach three.
+    breaker = Breaker("dep", fail_max=3, reset_s=60)
+    gate = asyncio.Event()
+
+    async def slow_success() -> str:
+        await gate.wait()
+        return "ok"
+
+    running = [asyncio.create_task(breaker.call(slow_success)) for _ in range(3)]
+    await asyncio.sleep(0)  # they have started, while nothing had failed
+    await failures(breaker, 1)
+    gate.set()
+    assert await asyncio.gather(*running) == ["ok"] * 3
+    await failures(breaker, 2)
+    assert breaker.state == "closed"

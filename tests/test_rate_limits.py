@@ -89,10 +89,12 @@ async def test_refused_request_takes_no_token_from_the_tenant(app_client, secure
     assert await _statuses(client, other, 3) == [202, 202, 429]
 
 
-async def test_a_tenant_with_a_limit_of_its_own_is_held_to_it(app_client, secured, api_keys) -> None:
+async def test_a_tenant_with_a_limit_of_its_own_is_held_to_it(
+    app_client, secured, api_keys, backend
+) -> None:
     small = api_keys.create(tenant="small", rate=1000.0, burst=1000)
     other = api_keys.create(tenant="other", rate=1000.0, burst=1000)
-    client = await app_client(secured(rate_limit_tenants=(f"small={SLOW}/2",)))
+    client = await app_client(secured(redis_url=backend, rate_limit_tenants=(f"small={SLOW}/2",)))
     assert await _statuses(client, small, 3) == [202, 202, 429]
     assert await _statuses(client, other, 3) == [202] * 3  # the default tenant limit
     response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": small})

@@ -6,8 +6,10 @@ import asyncio
 
 import msgspec
 import pytest
+import redis.asyncio
 
 from service.appkeys import METRICS, RECORD_DEDUP, RECORD_SINK
+from service.errors import Conflict
 from service.record_dedup import Claim, RecordDeduplicator
 from tests.support import KeyMaker, ManagedProcess
 
@@ -228,3 +230,18 @@ async def test_a_409_for_an_id_in_flight_is_not_kept_for_the_idempotency_key(
     retry = await client.post(PATH, json=_records("a"), headers=headers)
     assert retry.status == 202 and "Idempotent-Replayed" not in retry.headers
     assert (await retry.json())["records_accepted"] == 1
+
+
+async def test_an_in_flight_mark_of_the_previous_release_still_counts_as_in_flight(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    # During a rolling deploy the previous release marks ids in flight with a bare "p".
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    dedup = (await app_client(settings_for(url, dedup_in_flight_wait_s=0.05))).app[RECORD_DEDUP]
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        await client.set("mlgate:rid:t:a", "p", ex=60)
+    finally:
+        await client.aclose()
+    with pytest.raises(Conflict):
+        await dedup.claim("t", ["a"])  # not a duplicate: that write may still fail

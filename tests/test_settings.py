@@ -69,7 +69,9 @@ def test_no_variables_give_the_documented_defaults() -> None:
     assert settings.feature_dims == (128, 256, 512, 768)
 
 
-@pytest.mark.parametrize("entry", ["acme=0/3", "acme=5", "acme=1/0", "=1/2", "a b=1/2"])
+@pytest.mark.parametrize(
+    "entry", ["acme=0/3", "acme=5", "acme=1/0", "=1/2", "a b=1/2", "acme=1/2,acme=3/4"]
+)
 def test_a_malformed_tenant_limit_stops_start_up_naming_the_variable(entry: str) -> None:
     with pytest.raises(SettingsError, match="MLGATE_RATE_LIMIT_TENANTS"):
         load_settings({"MLGATE_RATE_LIMIT_TENANTS": entry})

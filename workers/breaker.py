@@ -85,9 +85,15 @@ class Breaker:
         breaker = self._breaker
         if breaker.current_state is aiobreaker.CircuitBreakerState.CLOSED and not breaker.fail_counter:
             try:
-                return await func(*args)
+                result = await func(*args)
             except Exception as exc:
                 failure = exc
+            else:
+                if breaker.fail_counter:
+                    # Failures of calls that finished while this one ran: a success ends
+                    # the run of consecutive failures, as aiobreaker's own call would.
+                    breaker._state_storage.reset_counter()
+                return result
             return await self._guarded(_raise, failure)
         return await self._guarded(func, *args)
 

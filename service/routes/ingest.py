@@ -102,7 +102,8 @@ async def _write(
                 await asyncio.shield(dedup.release(_tenant(request), claim))
             raise
     if claim is not None:
-        await dedup.confirm(_tenant(request), claim)
+        # Written: a cancellation now must not leave the ids to lapse and be written again.
+        await asyncio.shield(dedup.confirm(_tenant(request), claim))
     duplicates = len(batch.accepted) - len(fresh.accepted)
     if duplicates:
         request.app[METRICS].records_duplicate.inc(duplicates)
