@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 
-from config import worker_data_dir
+from config import Settings, worker_data_dir
 from service.appkeys import RECORD_SINK
 from tests.support import KafkaBroker, create_topic, read_topic
 from workers.records import OutboundRecord
@@ -25,6 +25,16 @@ def _batch(key: int, sequence: int) -> dict[str, object]:
     }
 
 
+async def _on_fresh_topic(
+    make_settings, broker: KafkaBroker, **overrides: object
+) -> tuple[str, Settings]:
+    """A new topic on ``broker`` and settings that write to it."""
+    topic = await create_topic(broker.bootstrap)
+    return topic, make_settings(
+        kafka_bootstrap_servers=broker.bootstrap, kafka_topic=topic, **overrides
+    )
+
+
 async def _wait_until_drained(sink: SpillingKafkaSink, limit_s: float = 30.0) -> None:
     for _ in range(int(limit_s / 0.1)):
         if sink.backlog == 0:
@@ -36,10 +46,9 @@ async def _wait_until_drained(sink: SpillingKafkaSink, limit_s: float = 30.0) ->
 async def test_records_accepted_while_kafka_is_down_reach_kafka_once_in_order(
     app_client, make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
-    topic = await create_topic(private_kafka_broker.bootstrap)
-    settings = make_settings(
-        kafka_bootstrap_servers=private_kafka_broker.bootstrap,
-        kafka_topic=topic,
+    topic, settings = await _on_fresh_topic(
+        make_settings,
+        private_kafka_broker,
         feature_dims=(4,),
         kafka_request_timeout_ms=1000,
         kafka_breaker_reset_s=1.0,
@@ -78,10 +87,9 @@ async def test_records_accepted_while_kafka_is_down_reach_kafka_once_in_order(
 async def test_full_spill_answers_503_with_retry_after(
     app_client, make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
-    topic = await create_topic(private_kafka_broker.bootstrap)
-    settings = make_settings(
-        kafka_bootstrap_servers=private_kafka_broker.bootstrap,
-        kafka_topic=topic,
+    _, settings = await _on_fresh_topic(
+        make_settings,
+        private_kafka_broker,
         feature_dims=(4,),
         kafka_request_timeout_ms=500,
         spill_max_records=3,
@@ -104,11 +112,8 @@ def _outbound(n: int) -> list[OutboundRecord]:
 async def test_spill_drained_after_restart_is_neither_lost_nor_sent_twice(
     make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
-    topic = await create_topic(private_kafka_broker.bootstrap)
-    settings = make_settings(
-        kafka_bootstrap_servers=private_kafka_broker.bootstrap,
-        kafka_topic=topic,
-        kafka_request_timeout_ms=500,
+    topic, settings = await _on_fresh_topic(
+        make_settings, private_kafka_broker, kafka_request_timeout_ms=500
     )
     private_kafka_broker.stop()
     sink = SpillingKafkaSink(settings)
@@ -131,11 +136,8 @@ async def test_spill_drained_after_restart_is_neither_lost_nor_sent_twice(
 async def test_forwarded_offset_past_the_spill_end_does_not_skip_later_spilled_records(
     make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
-    topic = await create_topic(private_kafka_broker.bootstrap)
-    settings = make_settings(
-        kafka_bootstrap_servers=private_kafka_broker.bootstrap,
-        kafka_topic=topic,
-        kafka_request_timeout_ms=500,
+    topic, settings = await _on_fresh_topic(
+        make_settings, private_kafka_broker, kafka_request_timeout_ms=500
     )
     # As after a power loss that took spill records the drainer had already forwarded.
     spill = Path(worker_data_dir(settings)) / "spill"
