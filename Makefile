@@ -19,10 +19,10 @@ redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 
 run: $(STAMP)
-	$(PY) -m service serve --dev
+	$(VENV)/bin/mlgate serve --dev
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check config service schemas workers tests bench
+	$(VENV)/bin/ruff check mlgate config service schemas workers tests bench
 	$(VENV)/bin/mypy
 
 test: $(STAMP) redis-server lint

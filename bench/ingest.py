@@ -3,7 +3,7 @@
 One run, on one machine:
 
 1. starts a private Tansu broker and creates two topics (``--partitions`` each);
-2. starts mlgate (``python -m service serve``, ``MLGATE_WORKERS=--workers``) writing to
+2. starts mlgate (``mlgate serve``, ``MLGATE_WORKERS=--workers``) writing to
    the first topic, and waits for ``/ready``;
 3. end to end: a load generator process posts msgpack batches (``--records`` records of
    ``--dims`` float32 features) over ``--connections`` keep-alive connections for
@@ -181,7 +181,7 @@ def _api_key(keys_file: Path) -> str:
     """A fresh ``ingest`` key in ``keys_file``: the benchmark goes through auth like a client.
     Empty when this mlgate has no API keys yet."""
     try:
-        from service.api_keys import KeyFile, new_key
+        from mlgate.service.protection.api_keys import KeyFile, new_key
     except ImportError:
         return ""
 

@@ -15,10 +15,10 @@ import uuid
 import msgpack
 import numpy as np
 
-from config import load_settings
-from service.codec import Format
-from service.record_validation import RecordValidator
-from workers.records import OutboundRecord
+from mlgate.config import load_settings
+from mlgate.service.http.codec import Format
+from mlgate.service.ingest.validation import RecordValidator
+from mlgate.workers.sinks.records import OutboundRecord
 
 SOURCE = "bench"
 _STAMP = b"X" * 10  # where the request number goes in each record id

@@ -185,10 +185,10 @@ def serve_constant_mlgate() -> None:
     import uvloop
     from aiohttp import web
 
-    from config.settings import load_settings
-    from service.app import create_app
-    from service.logs import configure_logging
-    from service.server import tune_garbage_collector
+    from mlgate.config.settings import load_settings
+    from mlgate.service.app import create_app
+    from mlgate.service.http.logs import configure_logging
+    from mlgate.service.process.server import tune_garbage_collector
 
     settings = load_settings()
     configure_logging(settings.log_level)

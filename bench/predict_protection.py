@@ -29,7 +29,7 @@ HIGH = "1000000"  # tokens a second and burst: checked on every request, never r
 
 def create_key(keys_file: Path) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "service", "keys", "create", "--tenant", "bench", "--scopes",
+        [sys.executable, "-m", "mlgate", "keys", "create", "--tenant", "bench", "--scopes",
          "predict", "--keys-file", str(keys_file)],
         env=service_env({}), cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     ).stdout

@@ -148,7 +148,7 @@ def service_env(settings: dict[str, str]) -> dict[str, str]:
 def start_service(settings: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return spawn(
-            [sys.executable, "-m", "service", "serve"],
+            [sys.executable, "-m", "mlgate", "serve"],
             env=service_env(settings),
             stdout=out,
             stderr=subprocess.STDOUT,

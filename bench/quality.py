@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from bench.payload import SOURCE, RequestBodies
-from config import load_settings
-from service.codec import Format
-from service.quality_screen import QualityScreen
-from service.record_validation import RecordValidator
-from workers.drift_monitor import DriftMonitor
-from workers.profile_store import ProfileStore
-from workers.quality_profile import build_profile
+from mlgate.config import load_settings
+from mlgate.service.http.codec import Format
+from mlgate.service.ingest.quality_screen import QualityScreen
+from mlgate.service.ingest.validation import RecordValidator
+from mlgate.workers.quality.drift_monitor import DriftMonitor
+from mlgate.workers.quality.profile import build_profile
+from mlgate.workers.quality.profile_store import ProfileStore
 
 TARGET = 0.9
 

@@ -21,8 +21,8 @@ import numpy as np
 from bench.compare import compare
 from bench.payload import SOURCE
 from bench.report import BenchOptions
-from workers.profile_store import ProfileStore
-from workers.quality_profile import build_profile
+from mlgate.workers.quality.profile import build_profile
+from mlgate.workers.quality.profile_store import ProfileStore
 
 TARGET = 0.9
 

@@ -22,7 +22,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 
 from bench.child import MEASURING, WINDOW_END, emit, run_child
 from bench.payload import RequestBodies, outbound_batches
-from workers.records import OutboundRecord
+from mlgate.workers.sinks.records import OutboundRecord
 
 
 class RawOptions(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,5 +1,5 @@
 """Configuration: the Settings struct and how it is read from the environment."""
 
-from config.settings import Settings, SettingsError, env_name, load_settings, worker_data_dir
+from mlgate.config.settings import Settings, SettingsError, env_name, load_settings, worker_data_dir
 
 __all__ = ["Settings", "SettingsError", "env_name", "load_settings", "worker_data_dir"]

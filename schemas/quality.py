@@ -3,7 +3,7 @@
 A profile (``QualityProfile``) is a small versioned JSON file, one per source
 (``<profiles_dir>/sources/<source>.profile.json``) or per model
 (``<model_repository>/<model>/profile.json``), written by
-``python -m service quality profile``. Per feature it holds the hard range a value
+``mlgate quality profile``. Per feature it holds the hard range a value
 must fall in and the reference distribution as quantile bins: ``edges`` are the inner
 bin edges in ascending order (bin ``k`` holds ``edges[k-1] <= v < edges[k]``, the
 first and last bins are open-ended), ``proportions`` the reference share per bin

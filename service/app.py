@@ -15,10 +15,21 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from config import Settings, worker_data_dir
-from service import __version__, metrics, openapi, quality_lifecycle
-from service.api_keys import KeyStore, keys_path
-from service.appkeys import (
+from mlgate.config import Settings, worker_data_dir
+from mlgate.service import __version__, lifecycles
+from mlgate.service.http import metrics, openapi
+from mlgate.service.http.front_door import front_door
+from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
+from mlgate.service.ingest.dedup import RecordDeduplicator
+from mlgate.service.ingest.quality_screen import QualityScreen
+from mlgate.service.ingest.validation import RecordValidator
+from mlgate.service.protection.api_keys import KeyStore, keys_path
+from mlgate.service.protection.auth import authenticate
+from mlgate.service.protection.idempotency import IdempotencyStore, idempotency
+from mlgate.service.protection.rate_limits import RateLimiter, rate_limit
+from mlgate.service.protection.shared_redis import SharedRedis
+from mlgate.service.routes import health, ingest, oip, predict, quality
+from mlgate.service.state import (
     DRAINING,
     DRIFT_MONITOR,
     IDEMPOTENCY,
@@ -33,19 +44,9 @@ from service.appkeys import (
     RELOAD_HOOKS,
     SETTINGS,
 )
-from service.auth import authenticate
-from service.idempotency import IdempotencyStore, idempotency
-from service.metrics import Metrics, PrometheusTelemetry
-from service.middlewares import front_door
-from service.quality_screen import QualityScreen
-from service.rate_limits import RateLimiter, rate_limit
-from service.record_dedup import RecordDeduplicator
-from service.record_validation import RecordValidator
-from service.routes import health, ingest, oip, predict, quality
-from service.shared_redis import SharedRedis
-from workers.local_log_writer import LocalLogWriter
-from workers.profile_store import ProfileStore
-from workers.spilling_sink import SpillingKafkaSink
+from mlgate.workers.quality.profile_store import ProfileStore
+from mlgate.workers.sinks.local_log_writer import LocalLogWriter
+from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
 
 log = structlog.get_logger("mlgate.app")
 
@@ -73,7 +74,7 @@ def create_app(settings: Settings) -> web.Application:
     app[READINESS_CHECKS] = {}
     app[RELOAD_HOOKS] = {}
     app[PROFILE_STORE] = ProfileStore(settings.profiles_dir, settings.model_repository)
-    app[DRIFT_MONITOR] = quality_lifecycle.drift_monitor_for(
+    app[DRIFT_MONITOR] = lifecycles.drift_monitor_for(
         settings, app[PROFILE_STORE], PrometheusTelemetry(app_metrics)
     )
     app[RECORD_VALIDATOR] = RecordValidator(
@@ -81,8 +82,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app.cleanup_ctx.append(shared_state)
     app.cleanup_ctx.append(record_sink)
-    app.cleanup_ctx.append(quality_lifecycle.profiles_ctx)
-    app.cleanup_ctx.append(quality_lifecycle.drift_monitor_ctx)
+    app.cleanup_ctx.append(lifecycles.profiles_ctx)
+    app.cleanup_ctx.append(lifecycles.drift_monitor_ctx)
     app.cleanup_ctx.append(metrics.cleanup_ctx(app_metrics))
     health.setup(app)
     metrics.setup(app, app_metrics)
@@ -128,7 +129,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     if settings.auth_disabled:
         log.warning("auth_disabled", detail="MLGATE_AUTH_DISABLED=true: every request is let in")
     elif keys.file_key_count == 0 and redis is None:
-        log.warning("no_api_keys", keys_file=str(keys.path), hint="python -m service keys create")
+        log.warning("no_api_keys", keys_file=str(keys.path), hint="mlgate keys create")
     if settings.workers > 1 and redis is None:
         log.warning(
             "per_process_limits",

@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from config import Settings, load_settings
-from service.app import create_app
+from mlgate.config import Settings, load_settings
+from mlgate.service.app import create_app
 from tests.service_process import ServiceProcess
 from tests.support import (
     KafkaBroker,
@@ -92,7 +92,7 @@ ServiceFactory = Callable[..., ServiceProcess]
 
 @pytest.fixture
 def service_process(tmp_path: Path) -> Iterator[ServiceFactory]:
-    """Start ``python -m service serve [args]`` with ``MLGATE_*`` overrides; stopped after."""
+    """Start ``mlgate serve [args]`` with ``MLGATE_*`` overrides; stopped after."""
     started: list[ServiceProcess] = []
 
     def start(*args: str, wait: bool = True, scheme: str = "http", **env: str) -> ServiceProcess:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from schemas.quality import OnViolation, ProfileKind
-from workers.profile_store import ProfileStore
-from workers.quality_profile import build_profile
+from mlgate.schemas.quality import OnViolation, ProfileKind
+from mlgate.workers.quality.profile import build_profile
+from mlgate.workers.quality.profile_store import ProfileStore
 
 FEATURES = 8
 SWAPPED = (0, 1)

@@ -1,4 +1,4 @@
-"""``python -m service serve`` as a real process: for tests of signals, sockets, exit codes.
+"""``mlgate serve`` as a real process: for tests of signals, sockets, exit codes.
 
 The process gets a clean environment (nothing ``MLGATE_*``, ``NOTIFY_SOCKET`` or
 ``PROMETHEUS_MULTIPROC_DIR`` leaks in from the caller), its own session so a stuck
@@ -69,7 +69,7 @@ class ServiceProcess:
     def start(self, wait: bool = True, timeout: float = 30.0) -> None:
         with self.output.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", *self.args],
+                [sys.executable, "-m", "mlgate", "serve", *self.args],
                 cwd=REPO,
                 env=service_environment(self.port, self.data_dir, **self.env),
                 stdout=out,

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.processes import broker_command, free_port, redis_command, wait_for_port
-from service.api_keys import ApiKey, KeyFile, key_id_of, new_key
+from mlgate.service.protection.api_keys import ApiKey, KeyFile, key_id_of, new_key
 
 
 @dataclass
@@ -107,7 +107,7 @@ async def read_topic(
 
 
 class KeyMaker:
-    """Writes API keys into a keys file, as ``python -m service keys create`` does."""
+    """Writes API keys into a keys file, as ``mlgate keys create`` does."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import structlog
 
-from service.audit import audit_admin
-from service.logs import configure_logging
+from mlgate.service.http.logs import configure_logging
+from mlgate.service.protection.audit import audit_admin
 
 
 async def test_ingest_emits_one_audit_event_without_payload(app_client, make_settings) -> None:

@@ -7,9 +7,15 @@ import re
 import pytest
 from structlog.testing import capture_logs
 
-from service.api_keys import REDIS_HASH, KeysFileError, KeyStore, encode_key, new_key
-from service.appkeys import KEY_STORE
-from service.auth import OPEN_ROUTES, required_scopes
+from mlgate.service.protection.api_keys import (
+    REDIS_HASH,
+    KeysFileError,
+    KeyStore,
+    encode_key,
+    new_key,
+)
+from mlgate.service.protection.auth import OPEN_ROUTES, required_scopes
+from mlgate.service.state import KEY_STORE
 from tests.support import KeyMaker, ManagedProcess
 
 INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from workers.breaker import Breaker, BreakerOpen
-from workers.errors import MailboxFull
+from mlgate.workers.breaker import Breaker, BreakerOpen
+from mlgate.workers.errors import MailboxFull
 
 
 async def succeed() -> str:

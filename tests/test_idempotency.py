@@ -9,8 +9,8 @@ from collections import Counter
 import aiohttp
 import msgspec
 
-from service.appkeys import IDEMPOTENCY, RECORD_SINK
-from service.idempotency import fingerprint
+from mlgate.service.protection.idempotency import fingerprint
+from mlgate.service.state import IDEMPOTENCY, RECORD_SINK
 from tests.support import KafkaBroker, KeyMaker, ManagedProcess, read_topic
 
 PATH = "/api/v2/ingest"

@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
-from workers.inference import InferenceWorker
+from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
+from mlgate.workers.inference.batching import InferenceWorker
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo" / "1" / "model.onnx"
 

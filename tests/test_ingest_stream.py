@@ -18,12 +18,12 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from config import Settings, worker_data_dir
-from service.appkeys import RECORD_SINK
-from service.routes.ingest import MAX_REPORTED_ERRORS, STREAM_CHUNK_RECORDS
+from mlgate.config import Settings, worker_data_dir
+from mlgate.service.routes.ingest import MAX_REPORTED_ERRORS, STREAM_CHUNK_RECORDS
+from mlgate.service.state import RECORD_SINK
+from mlgate.workers.sinks.local_log import read_log
+from mlgate.workers.sinks.records import OutboundRecord
 from tests.conftest import AppClientFactory
-from workers.local_log import read_log
-from workers.records import OutboundRecord
 
 Client = TestClient[web.Request, web.Application]
 # Auth and rate limits have tests of their own; here they would only get in the way.

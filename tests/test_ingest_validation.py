@@ -16,9 +16,9 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from config import Settings, worker_data_dir
+from mlgate.config import Settings, worker_data_dir
+from mlgate.workers.sinks.local_log import read_log
 from tests.conftest import AppClientFactory
-from workers.local_log import read_log
 
 Client = TestClient[web.Request, web.Application]
 # Auth and rate limits have tests of their own; here they would only get in the way.

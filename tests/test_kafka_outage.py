@@ -8,11 +8,11 @@ from pathlib import Path
 
 import msgspec
 
-from config import Settings, worker_data_dir
-from service.appkeys import RECORD_SINK
+from mlgate.config import Settings, worker_data_dir
+from mlgate.service.state import RECORD_SINK
+from mlgate.workers.sinks.records import OutboundRecord
+from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink, write_forwarded_offset
 from tests.support import KafkaBroker, create_topic, read_topic
-from workers.records import OutboundRecord
-from workers.spilling_sink import SpillingKafkaSink, write_forwarded_offset
 
 
 def _batch(key: int, sequence: int) -> dict[str, object]:

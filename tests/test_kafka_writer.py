@@ -8,9 +8,9 @@ import random
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from workers.errors import WorkerError
-from workers.kafka_writer import KafkaWriter, partitions_for
-from workers.records import OutboundRecord
+from mlgate.workers.errors import WorkerError
+from mlgate.workers.sinks.kafka_writer import KafkaWriter, partitions_for
+from mlgate.workers.sinks.records import OutboundRecord
 
 
 def test_partitions_match_aiokafkas_default_partitioner() -> None:

@@ -1,4 +1,4 @@
-"""``python -m service keys``: create prints a key once, list and revoke, keys in Redis,
+"""``mlgate keys``: create prints a key once, list and revoke, keys in Redis,
 and the dev key ``serve --dev`` makes."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from service.api_keys import KeyFile, keys_path
-from service.appkeys import KEY_STORE
-from service.keys_command import ensure_dev_key
+from mlgate.service.cli.keys import ensure_dev_key
+from mlgate.service.protection.api_keys import KeyFile, keys_path
+from mlgate.service.state import KEY_STORE
 from tests.service_process import REPO
 from tests.support import ManagedProcess
 
@@ -22,7 +22,7 @@ INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
 
 @pytest.fixture
 def keys_cli(tmp_path: Path):
-    """Run ``python -m service keys ARGS`` against a keys file of the test's own."""
+    """Run ``mlgate keys ARGS`` against a keys file of the test's own."""
     keys_file = tmp_path / "keys.json"
 
     def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -30,7 +30,7 @@ def keys_cli(tmp_path: Path):
         environment.pop("REDIS_URL", None)
         environment.update(MLGATE_KEYS_FILE=str(keys_file), **env)
         return subprocess.run(
-            [sys.executable, "-m", "service", "keys", *args],
+            [sys.executable, "-m", "mlgate", "keys", *args],
             cwd=REPO, env=environment, capture_output=True, text=True, timeout=30,
         )
 

@@ -10,16 +10,16 @@ from typing import IO, Any
 
 import pytest
 
-from workers.errors import MailboxFull, SinkFailed, WorkerClosed
-from workers.local_log import (
+from mlgate.workers.errors import MailboxFull, SinkFailed, WorkerClosed
+from mlgate.workers.sinks.local_log import (
     HEADER,
     LocalLog,
     frame,
     read_log,
     segments,
 )
-from workers.local_log_writer import LocalLogWriter
-from workers.records import OutboundRecord
+from mlgate.workers.sinks.local_log_writer import LocalLogWriter
+from mlgate.workers.sinks.records import OutboundRecord
 
 
 def _record(key: str, value: bytes = b"v") -> OutboundRecord:

@@ -16,10 +16,10 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from mlgate.workers.sinks.local_log import frame, read_frames, read_log, segments
+from mlgate.workers.sinks.records import OutboundRecord
 from tests.conftest import ServiceFactory
 from tests.service_process import REPO, ServiceProcess, service_environment
-from workers.local_log import frame, read_frames, read_log, segments
-from workers.records import OutboundRecord
 
 CLIENTS = 8
 RECORDS_PER_BATCH = 20
@@ -95,7 +95,7 @@ def _assert_each_acknowledged_once(keys: list[str], acknowledged: set[str]) -> N
 
 def _log_cat(data_dir: Path) -> list[dict[str, Any]]:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "log", "cat", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "mlgate", "log", "cat", "--data-dir", str(data_dir)],
         cwd=REPO,
         env=service_environment(0, data_dir),
         capture_output=True,

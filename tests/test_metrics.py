@@ -8,8 +8,8 @@ import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.appkeys import METRICS
-from service.metrics import SizedFilesCollector
+from mlgate.service.http.metrics import SizedFilesCollector
+from mlgate.service.state import METRICS
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

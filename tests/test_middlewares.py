@@ -13,13 +13,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 from structlog.testing import LogCapture
 
-from config import Settings
-from service.app import create_app
-from service.appkeys import RECORD_SINK
-from service.middlewares import RequestIds
+from mlgate.config import Settings
+from mlgate.service.app import create_app
+from mlgate.service.http.front_door import RequestIds
+from mlgate.service.state import RECORD_SINK
+from mlgate.workers.errors import MailboxFull, SinkFailed, WorkerClosed
+from mlgate.workers.sinks.records import OutboundRecord
 from tests.conftest import AppClientFactory
-from workers.errors import MailboxFull, SinkFailed, WorkerClosed
-from workers.records import OutboundRecord
 
 Client = TestClient[web.Request, web.Application]
 # Auth and rate limits have tests of their own; here they would only get in the way.

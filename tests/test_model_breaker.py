@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from config import Settings
+from mlgate.config import Settings
 from models.make_demo_model import IR_VERSION, OPSET
 from tests.conftest import AppClientFactory
 

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from config import Settings
-from models.make_demo_model import IR_VERSION, OPSET, build_mlp
-from workers.model_config import TensorSpec
-from workers.model_repository import (
+from mlgate.config import Settings
+from mlgate.workers.inference.model_config import TensorSpec
+from mlgate.workers.inference.repository import (
     IndexEntry,
     ModelLoadFailed,
     ModelNotFound,
     ModelRepository,
 )
+from models.make_demo_model import IR_VERSION, OPSET, build_mlp
 
 
 def add_version(

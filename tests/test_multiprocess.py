@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlgate.workers.sinks.local_log import read_log
 from tests.conftest import ServiceFactory
 from tests.service_process import (
     ServiceProcess,
@@ -18,7 +19,6 @@ from tests.service_process import (
     notify_socket,
     receive_until,
 )
-from workers.local_log import read_log
 
 REQUESTS = 40
 INGEST_202 = ("mlgate_http_requests_total", (("method", "POST"), ("route", "/api/v2/ingest"), ("status", "202")))

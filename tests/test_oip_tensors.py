@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from config import Settings
-from service.appkeys import DRAINING
+from mlgate.config import Settings
+from mlgate.service.state import DRAINING
 
 Client = TestClient[web.Request, web.Application]
 DEMO_REPO = Path(__file__).resolve().parent.parent / "models"

@@ -43,7 +43,7 @@ class LiveServer:
 
 
 def start_server(workdir: Path) -> LiveServer:
-    """``python -m service serve`` on a free port over a copy of the demo model repository."""
+    """``mlgate serve`` on a free port over a copy of the demo model repository."""
     repository = workdir / "models"
     shutil.copytree(DEMO_MODEL, repository / "demo")
     port = free_port()
@@ -58,7 +58,7 @@ def start_server(workdir: Path) -> LiveServer:
         MLGATE_LOG_LEVEL="warning",
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve"],
+        [sys.executable, "-m", "mlgate", "serve"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

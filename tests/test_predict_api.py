@@ -17,10 +17,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from config import Settings
+from mlgate.config import Settings
+from mlgate.service.state import MODEL_REPOSITORY
+from mlgate.workers.inference.batching import InferenceWorker
 from models.make_demo_model import build_mlp
-from service.appkeys import MODEL_REPOSITORY
-from workers.inference import InferenceWorker
 
 Client = TestClient[web.Request, web.Application]
 DEMO_REPO = Path(__file__).resolve().parent.parent / "models"

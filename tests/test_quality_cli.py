@@ -1,4 +1,4 @@
-"""``python -m service quality profile|report``: build a profile, print and plot drift."""
+"""``mlgate quality profile|report``: build a profile, print and plot drift."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from config import Settings
-from schemas.quality import profile_decoder
-from service.__main__ import main
-from service.appkeys import DRIFT_MONITOR
+from mlgate.config import Settings
+from mlgate.schemas.quality import profile_decoder
+from mlgate.service.cli import main
+from mlgate.service.state import DRIFT_MONITOR
 from tests.conftest import AppClientFactory
 from tests.quality_data import DRIFTED, drifted, records, reference_sample, write_profile
 

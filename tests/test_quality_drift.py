@@ -11,10 +11,10 @@ import numpy.typing as npt
 import pytest
 from structlog.testing import capture_logs
 
-from schemas.quality import DriftReport
+from mlgate.schemas.quality import DriftReport
+from mlgate.workers.quality.drift_monitor import DriftMonitor
+from mlgate.workers.quality.profile_store import ProfileStore
 from tests.quality_data import DRIFTED, drifted, reference_sample, write_profile
-from workers.drift_monitor import DriftMonitor
-from workers.profile_store import ProfileStore
 
 WINDOW = 2000
 THRESHOLD = 0.2

@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from config import Settings
-from service.appkeys import DRIFT_MONITOR, RELOAD_HOOKS
+from mlgate.config import Settings
+from mlgate.service.state import DRIFT_MONITOR, RELOAD_HOOKS
 from tests.conftest import AppClientFactory
 from tests.quality_data import DRIFTED, drifted, records, reference_sample, write_profile
 from tests.support import KafkaBroker, KeyMaker, read_topic

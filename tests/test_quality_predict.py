@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from config import Settings
-from service.appkeys import DRIFT_MONITOR
+from mlgate.config import Settings
+from mlgate.service.state import DRIFT_MONITOR
+from mlgate.workers.quality.profile import build_profile
+from mlgate.workers.quality.profile_store import ProfileStore
 from tests.conftest import AppClientFactory
-from workers.profile_store import ProfileStore
-from workers.quality_profile import build_profile
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 from structlog.testing import capture_logs
 
-from schemas.quality import profile_decoder
+from mlgate.schemas.quality import profile_decoder
+from mlgate.workers.quality.profile import CompiledProfile, build_profile, psi
+from mlgate.workers.quality.profile_store import ProfileStore
 from tests.quality_data import FEATURES, reference_sample, write_profile
-from workers.profile_store import ProfileStore
-from workers.quality_profile import CompiledProfile, build_profile, psi
 
 
 def test_profile_bins_split_the_reference_into_deciles() -> None:

@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 import redis.asyncio
 
-from service.appkeys import METRICS
-from service.rate_limits import CoalescedTakes
-from service.shared_redis import RedisUnavailable, SharedRedis
+from mlgate.service.protection.rate_limits import CoalescedTakes
+from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
+from mlgate.service.state import METRICS
 from tests.support import KeyMaker, ManagedProcess
 
 INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}

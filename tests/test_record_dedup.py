@@ -8,9 +8,9 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from service.appkeys import METRICS, RECORD_DEDUP, RECORD_SINK
-from service.errors import Conflict
-from service.record_dedup import Claim, RecordDeduplicator
+from mlgate.service.http.errors import Conflict
+from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
+from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK
 from tests.support import KeyMaker, ManagedProcess
 
 PATH = "/api/v2/ingest"

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from config import load_settings
-from service.server import shutdown_plan
+from mlgate.config import load_settings
+from mlgate.service.process.server import shutdown_plan
+from mlgate.workers.sinks.local_log import read_log
 from tests.conftest import ServiceFactory
 from tests.service_process import ServiceProcess, notify_socket, receive_until
 from tests.support import KafkaBroker, read_topic
-from workers.local_log import read_log
 
 BUDGET_S = 5.0
 # What a client may see when its request was never taken by the server: the listener

@@ -11,8 +11,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from config import Settings, SettingsError, env_name, load_settings
-from config.settings import ALIASES
+from mlgate.config import Settings, SettingsError, env_name, load_settings
+from mlgate.config.settings import ALIASES
 
 INFO = msgspec.inspect.type_info(Settings)
 assert isinstance(INFO, msgspec.inspect.StructType)
@@ -144,7 +144,7 @@ def _check_config(environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MLGATE_")}
     clean.pop("PORT", None)
     return subprocess.run(
-        [sys.executable, "-m", "service", "check-config"],
+        [sys.executable, "-m", "mlgate", "check-config"],
         env={**clean, **environ},
         capture_output=True,
         text=True,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import msgspec
 
-from config import Settings, reference
+from mlgate.config import Settings, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 

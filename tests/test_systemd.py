@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from service import systemd
+from mlgate.service.process import systemd
 from tests.service_process import notify_socket
 
 

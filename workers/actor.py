@@ -20,7 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
-from workers.errors import MailboxFull, WorkerClosed
+from mlgate.workers.errors import MailboxFull, WorkerClosed
 
 log = structlog.get_logger("mlgate.actor")
 

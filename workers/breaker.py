@@ -15,7 +15,7 @@ from typing import NoReturn, TypeVar
 import aiobreaker
 import structlog
 
-from workers.errors import MailboxFull
+from mlgate.workers.errors import MailboxFull
 
 T = TypeVar("T")
 log = structlog.get_logger("mlgate.breaker")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from schemas.health import Health, Readiness
-from service.appkeys import DRAINING, READINESS_CHECKS, RECORD_SINK
-from service.codec import respond
-from service.openapi import Operation
+from mlgate.schemas.health import Health, Readiness
+from mlgate.service.http.codec import respond
+from mlgate.service.http.openapi import Operation
+from mlgate.service.state import DRAINING, READINESS_CHECKS, RECORD_SINK
 
 OPERATIONS = [
     Operation("get", "/health", "Liveness: the process serves HTTP", "operations", {200: Health}),

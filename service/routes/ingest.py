@@ -14,22 +14,29 @@ import msgpack
 import msgspec
 from aiohttp import web
 
-from schemas.ingest import IngestRequest, IngestResponse, Record, RecordError, SourceName
-from schemas.problem import FieldError
-from service.appkeys import METRICS, RECORD_DEDUP, RECORD_SINK, RECORD_VALIDATOR, SETTINGS, TENANT
-from service.audit import audit_request
-from service.body import CHUNK, iter_body, read_body
-from service.codec import Format, location, request_format, respond
-from service.errors import (
+from mlgate.schemas.ingest import IngestRequest, IngestResponse, Record, RecordError, SourceName
+from mlgate.schemas.problem import FieldError
+from mlgate.service.http.body import CHUNK, iter_body, read_body
+from mlgate.service.http.codec import Format, location, request_format, respond
+from mlgate.service.http.errors import (
     ApiError,
     BadRequest,
     PayloadTooLarge,
     UnsupportedMediaType,
     ValidationFailed,
 )
-from service.openapi import Operation
-from service.record_dedup import Claim
-from service.record_validation import ValidatedBatch
+from mlgate.service.http.openapi import Operation
+from mlgate.service.ingest.dedup import Claim
+from mlgate.service.ingest.validation import ValidatedBatch
+from mlgate.service.protection.audit import audit_request
+from mlgate.service.state import (
+    METRICS,
+    RECORD_DEDUP,
+    RECORD_SINK,
+    RECORD_VALIDATOR,
+    SETTINGS,
+    TENANT,
+)
 
 STREAM_CHUNK_RECORDS = 1000
 MAX_REPORTED_ERRORS = 1000

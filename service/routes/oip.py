@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from schemas.oip import (
+from mlgate.schemas.oip import (
     ConfigTensor,
     DynamicBatching,
     InferenceRequest,
@@ -45,12 +45,12 @@ from schemas.oip import (
     ServerMetadata,
     TensorMetadata,
 )
-from service import __version__
-from service.appkeys import DRAINING, DRIFT_MONITOR, MODEL_REPOSITORY, REQUEST_ID, SETTINGS
-from service.body import read_body
-from service.codec import MEDIA_TYPES, Format, decode, respond
-from service.errors import BadRequest, NotFound
-from service.oip_tensors import (
+from mlgate.service import __version__
+from mlgate.service.http.body import read_body
+from mlgate.service.http.codec import MEDIA_TYPES, Format, decode, respond
+from mlgate.service.http.errors import BadRequest, NotFound
+from mlgate.service.http.openapi import Operation
+from mlgate.service.predict.tensors import (
     HEADER_LENGTH,
     input_arrays,
     json_encoder,
@@ -58,10 +58,10 @@ from service.oip_tensors import (
     to_binary,
     to_json,
 )
-from service.openapi import Operation
-from service.routes.predict import TIMEOUT_HEADER, request_deadline, resolve
-from workers.model_config import PLATFORM, TensorSpec
-from workers.model_repository import ModelLoadFailed, ModelNotFound
+from mlgate.service.routes.predict import TIMEOUT_HEADER, request_deadline, resolve
+from mlgate.service.state import DRAINING, DRIFT_MONITOR, MODEL_REPOSITORY, REQUEST_ID, SETTINGS
+from mlgate.workers.inference.model_config import PLATFORM, TensorSpec
+from mlgate.workers.inference.repository import ModelLoadFailed, ModelNotFound
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 

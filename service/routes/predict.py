@@ -23,7 +23,7 @@ from typing import TypeVar
 import numpy as np
 from aiohttp import web
 
-from schemas.predict import (
+from mlgate.schemas.predict import (
     BatchPredictResponse,
     PredictAnswer,
     Prediction,
@@ -33,8 +33,13 @@ from schemas.predict import (
     PredictV1Request,
     PredictV1Response,
 )
-from schemas.problem import FieldError
-from service.appkeys import (
+from mlgate.schemas.problem import FieldError
+from mlgate.service.http.body import read_body
+from mlgate.service.http.codec import Format, decode, request_format, respond
+from mlgate.service.http.errors import ApiError, BadRequest, NotFound, ValidationFailed
+from mlgate.service.http.metrics import BREAKER_STATES, PrometheusTelemetry
+from mlgate.service.http.openapi import Operation
+from mlgate.service.state import (
     DRIFT_MONITOR,
     METRICS,
     MODEL_REPOSITORY,
@@ -43,13 +48,8 @@ from service.appkeys import (
     REQUEST_ID,
     SETTINGS,
 )
-from service.body import read_body
-from service.codec import Format, decode, request_format, respond
-from service.errors import ApiError, BadRequest, NotFound, ValidationFailed
-from service.metrics import BREAKER_STATES, PrometheusTelemetry
-from service.openapi import Operation
-from workers.model_config import NUMPY_DTYPES
-from workers.model_repository import ModelNotFound, ModelRepository, ModelVersion
+from mlgate.workers.inference.model_config import NUMPY_DTYPES
+from mlgate.workers.inference.repository import ModelNotFound, ModelRepository, ModelVersion
 
 PayloadT = TypeVar("PayloadT", PredictRequest, PredictV1Request)
 TIMEOUT_HEADER = "X-Request-Timeout"

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from schemas.problem import FieldError
-from schemas.quality import DriftReport, ProfileKind
-from service.appkeys import DRIFT_MONITOR
-from service.codec import respond
-from service.errors import NotFound, ValidationFailed
-from service.openapi import Operation
+from mlgate.schemas.problem import FieldError
+from mlgate.schemas.quality import DriftReport, ProfileKind
+from mlgate.service.http.codec import respond
+from mlgate.service.http.errors import NotFound, ValidationFailed
+from mlgate.service.http.openapi import Operation
+from mlgate.service.state import DRIFT_MONITOR
 
 DEFAULT_TOP = 10
 MAX_TOP = 4096

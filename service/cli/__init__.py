@@ -1,0 +1,98 @@
+"""``mlgate`` (or ``python -m mlgate``): the command line (serve, log, keys, quality, check-config)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mlgate.config import SettingsError, load_settings
+from mlgate.service.cli import keys as keys_command
+from mlgate.service.cli import quality as quality_command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlgate",
+        description="mlgate: validated ingestion to Kafka and batched ONNX prediction.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP service (settings from MLGATE_* env)")
+    serve.add_argument("--host", help="bind address (MLGATE_HOST)")
+    serve.add_argument("--port", type=int, help="port (MLGATE_PORT or PORT)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="serving processes on one port, SO_REUSEPORT (MLGATE_WORKERS or WEB_CONCURRENCY)",
+    )
+    serve.add_argument("--dev", action="store_true", help="local development defaults")
+
+    log_cmd = commands.add_parser("log", help="read the embedded local log")
+    log_actions = log_cmd.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tail = log_actions.add_parser("tail", help="print the last records as JSON lines")
+    tail.add_argument("-n", type=int, default=10, help="how many records (default 10)")
+    cat = log_actions.add_parser("cat", help="print every record from an offset as JSON lines")
+    cat.add_argument("--from-offset", type=int, default=0)
+    for action in (tail, cat):
+        action.add_argument("--data-dir", help="data directory (default MLGATE_DATA_DIR)")
+
+    keys_command.add_parser(commands)
+    quality_command.add_parser(commands)
+
+    check = commands.add_parser(
+        "check-config", help="validate the environment's settings and print them"
+    )
+    rendered = check.add_mutually_exclusive_group()
+    rendered.add_argument(
+        "--env-example", action="store_true", help="print every variable with its default"
+    )
+    rendered.add_argument(
+        "--markdown", action="store_true", help="print the README's configuration table"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config" and (args.env_example or args.markdown):
+        from mlgate.config import reference
+
+        print(reference.env_example() if args.env_example else reference.markdown_table(), end="")
+        return 0
+    overrides = {
+        name: value
+        for name in ("host", "port", "workers")
+        if (value := getattr(args, name, None)) is not None
+    }
+    try:
+        settings = load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"mlgate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        import msgspec
+
+        print(msgspec.json.format(msgspec.json.encode(settings)).decode())
+        return 0
+    if args.command == "log":
+        from mlgate.service.cli.log import print_log
+
+        return print_log(args.data_dir or settings.data_dir, args.action, args)
+    if args.command == "keys":
+        return keys_command.run(settings, args)
+    if args.command == "quality":
+        return quality_command.run(settings, args)
+    if args.command in (None, "serve"):
+        from mlgate.service.http.logs import configure_logging
+        from mlgate.service.process.server import run
+        from mlgate.service.process.supervisor import Supervisor
+
+        if getattr(args, "dev", False):
+            keys_command.ensure_dev_key(settings)
+        configure_logging(settings.log_level)
+        if settings.workers > 1:
+            return Supervisor(settings).run()
+        return run(settings)
+    return 2
+

@@ -1,0 +1,44 @@
+"""``mlgate log tail|cat``: print local-log records as JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import msgspec
+
+from mlgate.workers.sinks.local_log import LogEntry, read_log
+
+
+def _as_json(entry: LogEntry) -> bytes:
+    record = entry.record
+    try:
+        value: object = msgspec.json.decode(record.value)
+    except msgspec.DecodeError:
+        value = msgspec.msgpack.decode(record.value)
+    return msgspec.json.encode(
+        {
+            "offset": entry.offset,
+            "key": record.key.decode(errors="replace"),
+            "headers": {name: data.decode(errors="replace") for name, data in record.headers},
+            "value": value,
+        }
+    )
+
+
+def print_log(data_dir: str, action: str, args: argparse.Namespace) -> int:
+    directory = Path(data_dir) / "log"
+    if not directory.is_dir():
+        print(f"mlgate: no local log at {directory}", file=sys.stderr)
+        return 1
+    if action == "tail":
+        entries: collections.abc.Iterable[LogEntry] = collections.deque(read_log(directory), maxlen=args.n)
+    else:
+        entries = read_log(directory, args.from_offset)
+    out = sys.stdout.buffer
+    for entry in entries:
+        out.write(_as_json(entry) + b"\n")
+    out.flush()
+    return 0

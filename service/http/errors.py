@@ -1,0 +1,95 @@
+"""Errors the HTTP layer answers, each one problem+json document.
+
+    ApiError (500)
+    ├── BadRequest (400)            body is not decodable
+    ├── Unauthorized (401)          missing or unknown API key
+    ├── Forbidden (403)             key lacks the scope
+    ├── NotFound (404)              unknown route, model or version
+    ├── MethodNotAllowed (405)
+    ├── Conflict (409)              same Idempotency-Key still in flight
+    ├── PayloadTooLarge (413)       body or decompressed body over the limit
+    ├── UnsupportedMediaType (415)
+    ├── ValidationFailed (422)      schema or semantic violations, with ``errors``
+    ├── RateLimited (429)           retriable, with Retry-After
+    ├── Overloaded (503)            retriable: mailbox full, breaker open, closing
+    └── DeadlineExceeded (504)      retriable: waited past its deadline
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from mlgate.schemas.problem import FieldError
+
+
+class ApiError(Exception):
+    status = 500
+    title = "Internal Server Error"
+    slug = "internal"
+    retriable = False
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        errors: Sequence[FieldError] | None = None,
+        retry_after_s: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail
+        self.errors = list(errors) if errors is not None else None
+        self.retry_after_s = retry_after_s
+        self.headers = dict(headers or {})
+
+    @property
+    def type_uri(self) -> str:
+        return f"/problems/{self.slug}"
+
+
+class BadRequest(ApiError):
+    status, title, slug = 400, "Bad Request", "bad-request"
+
+
+class Unauthorized(ApiError):
+    status, title, slug = 401, "Unauthorized", "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, title, slug = 403, "Forbidden", "forbidden"
+
+
+class NotFound(ApiError):
+    status, title, slug = 404, "Not Found", "not-found"
+
+
+class MethodNotAllowed(ApiError):
+    status, title, slug = 405, "Method Not Allowed", "method-not-allowed"
+
+
+class Conflict(ApiError):
+    status, title, slug = 409, "Conflict", "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, title, slug = 413, "Payload Too Large", "payload-too-large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, title, slug = 415, "Unsupported Media Type", "unsupported-media-type"
+
+
+class ValidationFailed(ApiError):
+    status, title, slug = 422, "Validation Failed", "validation-failed"
+
+
+class RateLimited(ApiError):
+    status, title, slug, retriable = 429, "Too Many Requests", "rate-limited", True
+
+
+class Overloaded(ApiError):
+    status, title, slug, retriable = 503, "Service Unavailable", "overloaded", True
+
+
+class DeadlineExceeded(ApiError):
+    status, title, slug, retriable = 504, "Deadline Exceeded", "deadline-exceeded", True

@@ -1,0 +1,187 @@
+"""The outermost middleware, ``front_door``: request id, errors as problem+json, request
+metrics and the canonical log line.
+
+Every exception becomes an RFC 9457 document (``{"error": ...}`` included for the Open
+Inference Protocol routes), so no stack trace ever reaches a client. Authentication,
+rate limits and idempotency sit inside it (service.auth, service.rate_limits,
+service.idempotency), so their refusals are answered, counted and logged the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Mapping, MutableMapping
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from mlgate.config import Settings
+from mlgate.schemas.problem import Problem
+from mlgate.service.http.codec import PROBLEM_JSON, Format, encode, response_format
+from mlgate.service.http.errors import (
+    ApiError,
+    DeadlineExceeded,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+)
+from mlgate.service.http.metrics import RequestCounter
+from mlgate.service.state import KEY_ID, REQUEST_ID, TENANT
+from mlgate.workers.breaker import BreakerOpen
+from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed, WorkerError
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_MAX_REQUEST_ID = 128
+
+access_log = structlog.get_logger("mlgate.access")
+error_log = structlog.get_logger("mlgate.errors")
+
+
+class RequestIds:
+    """Request ids: the client's ``X-Request-ID`` when sane, else one of ours.
+
+    Ours are a random per-process prefix and a counter: unique across processes and
+    restarts like a uuid4, without a ``getrandom`` system call on every request.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def __call__(self, request: web.Request) -> str:
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        if 0 < len(given) <= _MAX_REQUEST_ID and given.isprintable():
+            return given
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+def front_door(
+    counter: RequestCounter,
+    settings: Settings,
+    draining: asyncio.Event,
+    path_headers: Mapping[str, Mapping[str, str]] | None = None,
+) -> Middleware:
+    """The outermost middleware: request id, errors as problem+json, the request
+    metrics, ``Connection: close`` while draining, the headers every answer on a path
+    carries (``path_headers``, e.g. a deprecated route's) and the canonical log line.
+
+    One middleware rather than one per concern: each layer of aiohttp's chain costs
+    a coroutine and a sub-app lookup on every request.
+    """
+    request_ids = RequestIds()
+    by_path = dict(path_headers or {})
+    # Decided once: building the line's fields costs even when the level drops it.
+    log_requests = settings.access_log and logging.getLevelNamesMapping()[settings.log_level.upper()] <= logging.INFO
+
+    def finish(headers: MutableMapping[str, str], request: web.Request, request_id: str) -> None:
+        headers[REQUEST_ID_HEADER] = request_id
+        extra = by_path.get(request.path)
+        if extra:
+            headers.update(extra)
+        if draining.is_set():
+            # Keep-alive clients learn the connection is going away from a response
+            # rather than from a closed socket under their next request.
+            headers["Connection"] = "close"
+
+    @web.middleware
+    async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request_ids(request)
+        request[REQUEST_ID] = request_id
+        started = time.perf_counter()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        status = 500
+        try:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    status = exc.status
+                    finish(exc.headers, request, request_id)
+                    raise
+                response = problem_response(request, as_api_error(exc))
+            except ApiError as exc:
+                response = problem_response(request, exc)
+            except (WorkerError, BreakerOpen) as exc:
+                response = problem_response(request, as_api_error(exc, settings.retry_after_s))
+            except Exception:
+                error_log.exception("unhandled_error", path=request.path)
+                response = problem_response(request, as_api_error(Exception()))
+            status = response.status
+            finish(response.headers, request, request_id)
+            if draining.is_set():
+                response.force_close()
+            return response
+        finally:
+            elapsed = time.perf_counter() - started
+            counter.record(request, status, elapsed)
+            if log_requests:
+                access_log.info(
+                    "request",
+                    method=request.method,
+                    path=request.path,
+                    status=status,
+                    latency_ms=round(elapsed * 1000, 3),
+                    tenant=request.get(TENANT),
+                    key_id=request.get(KEY_ID),
+                )
+
+    return answer
+
+
+def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, MailboxFull):
+        return Overloaded(str(exc), retry_after_s=retry_after_s)
+    if isinstance(exc, BreakerOpen):
+        return Overloaded(str(exc), retry_after_s=exc.retry_after_s)
+    if isinstance(exc, DeadlineExpired):
+        return DeadlineExceeded(str(exc), retry_after_s=retry_after_s)
+    if isinstance(exc, WorkerClosed | WorkerError):
+        return Overloaded(str(exc), retry_after_s=retry_after_s)
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge(exc.text)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(
+            f"{exc.method} is not allowed here",
+            headers={"Allow": ",".join(sorted(exc.allowed_methods))},
+        )
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("No such route")
+    if isinstance(exc, web.HTTPException):
+        error = ApiError(exc.reason)
+        error.status, error.title = exc.status, exc.reason
+        return error
+    return ApiError("An unexpected error occurred; it has been logged with this request id")
+
+
+def problem_response(request: web.Request, error: ApiError) -> web.Response:
+    is_oip = request.path.startswith("/v2/") or request.path == "/v2"
+    problem = Problem(
+        type=error.type_uri,
+        title=error.title,
+        status=error.status,
+        detail=error.detail,
+        instance=request.path,
+        request_id=request.get(REQUEST_ID),
+        retry_after_s=error.retry_after_s,
+        errors=error.errors,
+        error=(error.detail or error.title) if is_oip else None,
+    )
+    headers = dict(error.headers)
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    fmt = response_format(request)
+    content_type = Format.MSGPACK.value if fmt is Format.MSGPACK else PROBLEM_JSON
+    if is_oip and fmt is Format.JSON:
+        content_type = "application/json"
+    return web.Response(
+        body=encode(problem, fmt), status=error.status, headers=headers, content_type=content_type
+    )

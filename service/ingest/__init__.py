@@ -1,0 +1,1 @@
+"""Ingestion: the batch, record validation, the quality screen, record dedup, the write pipeline, streams."""

@@ -1,0 +1,202 @@
+"""Open Inference Protocol tensors: JSON and binary-extension data to numpy and back.
+
+Binary tensor extension: with ``Inference-Header-Content-Length: N`` the first N bytes
+of the body are the JSON request and the rest holds, in input order, the raw
+little-endian bytes of every input that declares ``parameters.binary_data_size``
+(BYTES elements each prefixed by a 4-byte little-endian length). Outputs asked for
+with ``parameters.binary_data`` (or request-level ``binary_data_output``) go back the
+same way. Every input is checked against the model's metadata (names, datatypes,
+shapes, element counts): a mismatch is 422 with the failing location.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from mlgate.schemas.oip import (
+    InferenceRequest,
+    RequestInput,
+    RequestOutput,
+)
+from mlgate.schemas.problem import FieldError
+from mlgate.service.http.errors import BadRequest, ValidationFailed
+from mlgate.workers.inference.model_config import NUMPY_DTYPES, TensorSpec
+from mlgate.workers.inference.repository import ModelVersion
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# Which JSON value kinds (numpy's, after np.asarray) each target kind accepts.
+_ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
+json_encoder = msgspec.json.Encoder()
+
+
+def invalid(loc: str, msg: str) -> ValidationFailed:
+    return ValidationFailed(msg, errors=[FieldError(loc=loc, msg=msg)])
+
+
+def _shape_fits(shape: list[int], spec: tuple[int, ...]) -> bool:
+    return len(shape) == len(spec) and all(
+        d < 0 or d == s for s, d in zip(shape, spec, strict=True)
+    )
+
+
+def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
+    count = math.prod(tensor.shape)
+    if tensor.datatype == "BYTES":
+        flat = np.array(data, dtype=np.object_).reshape(-1)
+        if not all(isinstance(value, str) for value in flat):
+            raise invalid(f"{loc}.data", "BYTES data must be strings")
+        array = flat
+    else:
+        dtype = NUMPY_DTYPES[tensor.datatype]
+        try:
+            raw = np.asarray(data)
+        except ValueError:
+            raise invalid(f"{loc}.data", "nested data is ragged") from None
+        if raw.size and raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
+            raise invalid(f"{loc}.data", f"values do not fit datatype {tensor.datatype}")
+        if raw.size and dtype.kind in "iu":
+            limits = np.iinfo(dtype)
+            if raw.min() < limits.min or raw.max() > limits.max:
+                raise invalid(f"{loc}.data", f"values out of range for {tensor.datatype}")
+        with np.errstate(over="ignore"):
+            array = raw.astype(dtype).reshape(-1)
+        if dtype.kind == "f" and (np.isinf(array) & np.isfinite(raw).reshape(-1)).any():
+            raise invalid(f"{loc}.data", f"values out of range for {tensor.datatype}")
+    if array.size != count:
+        raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
+    return array.reshape(tensor.shape)
+
+
+def _from_binary(tensor: RequestInput, data: memoryview, loc: str) -> np.ndarray:
+    count = math.prod(tensor.shape)
+    if tensor.datatype == "BYTES":
+        values: list[str] = []
+        position = 0
+        while position < len(data):
+            length = int.from_bytes(data[position : position + 4], "little")
+            position += 4
+            if position + length > len(data):
+                raise invalid(f"{loc}.parameters", "BYTES element runs past its binary data")
+            try:
+                values.append(bytes(data[position : position + length]).decode())
+            except UnicodeDecodeError:
+                raise invalid(
+                    f"{loc}.parameters", "BYTES elements must be UTF-8 for ONNX strings"
+                ) from None
+            position += length
+        array = np.array(values, dtype=np.object_)
+    else:
+        dtype = NUMPY_DTYPES[tensor.datatype]
+        if len(data) != count * dtype.itemsize:
+            raise invalid(
+                f"{loc}.parameters.binary_data_size",
+                f"shape {tensor.shape} of {tensor.datatype} needs {count * dtype.itemsize} bytes, got {len(data)}",
+            )
+        array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    if array.size != count:
+        raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
+    return array.reshape(tensor.shape)
+
+
+def input_arrays(
+    payload: InferenceRequest, binary: memoryview, loaded: ModelVersion
+) -> dict[str, np.ndarray]:
+    """Every input as an array, checked against the model's metadata."""
+    specs = {spec.name: spec for spec in loaded.inputs}
+    feed: dict[str, np.ndarray] = {}
+    offset = 0
+    for index, tensor in enumerate(payload.inputs):
+        loc = f"inputs[{index}]"
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise invalid(
+                f"{loc}.name",
+                f"unexpected input {tensor.name!r}; {loaded.model} takes {sorted(specs)}",
+            )
+        if tensor.name in feed:
+            raise invalid(f"{loc}.name", f"input {tensor.name!r} appears twice")
+        if tensor.datatype != spec.datatype:
+            raise invalid(
+                f"{loc}.datatype",
+                f"input {tensor.name!r} is {spec.datatype}, got {tensor.datatype}",
+            )
+        if not _shape_fits(tensor.shape, spec.shape):
+            raise invalid(
+                f"{loc}.shape",
+                f"input {tensor.name!r} has shape {list(spec.shape)}, got {tensor.shape}",
+            )
+        if any(key.startswith("shared_memory") for key in tensor.parameters):
+            raise BadRequest("the shared-memory extension is not supported")
+        size = tensor.parameters.get("binary_data_size")
+        if size is not None:
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size < 0
+                or tensor.data is not None
+            ):
+                raise invalid(
+                    f"{loc}.parameters.binary_data_size", "a byte count, and no data alongside"
+                )
+            if offset + size > len(binary):
+                raise BadRequest("the binary data is shorter than the inputs' binary_data_size")
+            feed[tensor.name] = _from_binary(tensor, binary[offset : offset + size], loc)
+            offset += size
+        elif tensor.data is not None:
+            feed[tensor.name] = _from_json(tensor, tensor.data, loc)
+        else:
+            raise invalid(
+                f"{loc}.data", f"input {tensor.name!r} has neither data nor binary_data_size"
+            )
+    if offset != len(binary):
+        raise BadRequest("the binary data is longer than the inputs' binary_data_size")
+    if missing := sorted(specs.keys() - feed.keys()):
+        raise invalid("inputs", f"missing inputs {missing}")
+    if len({array.shape[0] if array.ndim else None for array in feed.values()}) != 1:
+        raise invalid("inputs", "every input needs the same batch size")
+    if any(array.ndim == 0 for array in feed.values()):
+        raise invalid("inputs", "inputs without a batch dimension are not supported")
+    return feed
+
+
+def to_binary(array: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        parts = []
+        for value in array.reshape(-1):
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            parts += [len(raw).to_bytes(4, "little"), raw]
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype].newbyteorder("<")).tobytes()
+
+
+def to_json(array: np.ndarray, datatype: str) -> list[Any]:
+    if datatype == "BYTES":
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+    values: list[Any] = array.reshape(-1).tolist()
+    return values
+
+
+def requested_outputs(
+    payload: InferenceRequest, loaded: ModelVersion
+) -> list[tuple[TensorSpec, bool]]:
+    specs = {spec.name: spec for spec in loaded.outputs}
+    default_binary = payload.parameters.get("binary_data_output") is True
+    wanted = payload.outputs or [RequestOutput(name=spec.name) for spec in loaded.outputs]
+    chosen: list[tuple[TensorSpec, bool]] = []
+    for index, output in enumerate(wanted):
+        spec = specs.get(output.name)
+        if spec is None:
+            raise invalid(
+                f"outputs[{index}].name",
+                f"unexpected output {output.name!r}; {loaded.model} has {sorted(specs)}",
+            )
+        if "classification" in output.parameters:
+            raise BadRequest("the classification extension is not supported")
+        if any(key.startswith("shared_memory") for key in output.parameters):
+            raise BadRequest("the shared-memory extension is not supported")
+        chosen.append((spec, output.parameters.get("binary_data", default_binary) is True))
+    return chosen

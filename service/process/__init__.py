@@ -1,0 +1,1 @@
+"""The process: server entrypoint, multi-process supervisor, systemd notify, TLS."""

@@ -1,0 +1,187 @@
+"""Supervisor: runs ``workers`` serving processes on one port and keeps them running.
+
+Each child binds with ``SO_REUSEPORT`` and has its own workers and data directory
+(``<data_dir>/worker-<i>``); the supervisor forwards SIGTERM/SIGINT/SIGHUP, restarts a
+child that dies, gives up when one cannot start, and prepares prometheus-client's
+multiprocess directory so a scrape of any child sums all of them. systemd hears
+READY=1 from the supervisor once every child serves.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as ProcessEvent
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from mlgate.config import Settings
+from mlgate.service.process import systemd
+from mlgate.service.process.server import run
+
+log = structlog.get_logger("mlgate.supervisor")
+
+def _child(settings_json: bytes, ready: ProcessEvent) -> None:
+    # The supervisor is systemd's main process and speaks for all (NotifyAccess=main).
+    os.environ.pop("NOTIFY_SOCKET", None)
+    from mlgate.service.http.logs import configure_logging
+
+    settings = msgspec.json.decode(settings_json, type=Settings)
+    configure_logging(settings.log_level)
+    raise SystemExit(run(settings, on_ready=ready.set))
+
+
+class Supervisor:
+    """Runs ``settings.workers`` serving processes and keeps them running.
+
+    Signal handlers only record what arrived; the watch loop forwards it, so a child
+    spawned while a signal arrives still gets it. SIGHUP goes to children that are up
+    (one still starting reads everything fresh anyway). Exit code: 0 when every child
+    drained in its budget, 1 when one did not, failed to start or had to be killed.
+    """
+
+    RESTART_BACKOFF_S = 1.0
+    START_TIMEOUT_S = 120.0
+    # Past the children's own shutdown budget, those still running are killed.
+    KILL_GRACE_S = 2.0
+    POLL_S = 0.05
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._context = multiprocessing.get_context("spawn")
+        self._children: dict[int, tuple[BaseProcess, ProcessEvent]] = {}
+        self._stop_signal: int | None = None
+        self._hangup = False
+        self._stop_deadline: float | None = None
+        self._signalled: set[int] = set()
+        self._exit_code = 0
+
+    def _spawn(self, index: int) -> None:
+        settings = msgspec.structs.replace(self._settings, worker_index=index)
+        ready = self._context.Event()
+        process = self._context.Process(
+            target=_child, args=(msgspec.json.encode(settings), ready), name=f"mlgate-{index}"
+        )
+        process.start()
+        self._children[index] = (process, ready)
+
+    def run(self) -> int:
+        owned_metrics_dir = _prepare_metrics_dir()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        try:
+            for index in range(self._settings.workers):
+                self._spawn(index)
+            if not self._wait_until_ready():
+                log.error("worker_failed_to_start")
+                self._exit_code = 1
+                self._stop_signal = signal.SIGTERM
+            elif self._stop_signal is None:
+                systemd.ready(f"{self._settings.workers} processes serving")
+                log.info("supervisor_ready", workers=self._settings.workers)
+            return self._watch()
+        finally:
+            if owned_metrics_dir:
+                shutil.rmtree(owned_metrics_dir, ignore_errors=True)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._hangup = True
+        elif self._stop_signal is None:
+            self._stop_signal = signum
+
+    def _wait_until_ready(self) -> bool:
+        """True once every child serves (or a stop was asked for); False if one died."""
+        deadline = time.monotonic() + self.START_TIMEOUT_S
+        while time.monotonic() < deadline and self._stop_signal is None:
+            if any(not process.is_alive() for process, _ in self._children.values()):
+                return False
+            if all(ready.is_set() for _, ready in self._children.values()):
+                return True
+            time.sleep(self.POLL_S)
+        return self._stop_signal is not None
+
+    def _watch(self) -> int:
+        while True:
+            self._deliver_signals()
+            for index, (process, ready) in list(self._children.items()):
+                if process.is_alive():
+                    continue
+                process.join()
+                _mark_dead(process.pid)
+                if self._stop_signal is not None:
+                    del self._children[index]
+                    # A child stopped before it was up had nothing in flight.
+                    if process.exitcode != 0 and ready.is_set():
+                        log.error("worker_stopped_badly", index=index, exitcode=process.exitcode)
+                        self._exit_code = 1
+                    continue
+                log.error("worker_died", index=index, exitcode=process.exitcode)
+                time.sleep(self.RESTART_BACKOFF_S)
+                if self._stop_signal is None:
+                    self._spawn(index)
+                else:
+                    del self._children[index]
+            if self._stop_signal is not None and not self._children:
+                return self._exit_code
+            if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
+                self._kill_remaining()
+            time.sleep(self.POLL_S)
+
+    def _deliver_signals(self) -> None:
+        if self._hangup:
+            self._hangup = False
+            for process, ready in self._children.values():
+                if ready.is_set() and process.pid is not None and process.is_alive():
+                    os.kill(process.pid, signal.SIGHUP)
+        if self._stop_signal is None:
+            return
+        if self._stop_deadline is None:
+            self._stop_deadline = (
+                time.monotonic() + self._settings.shutdown_timeout_s + self.KILL_GRACE_S
+            )
+            systemd.stopping()
+            log.info("supervisor_stopping", signal=signal.Signals(self._stop_signal).name)
+        for process, _ in self._children.values():
+            pid = process.pid
+            if pid is not None and pid not in self._signalled and process.is_alive():
+                os.kill(pid, self._stop_signal)
+                self._signalled.add(pid)
+
+    def _kill_remaining(self) -> None:
+        for index, (process, _) in self._children.items():
+            if process.pid is not None and process.is_alive():
+                log.error("worker_killed_after_budget", index=index)
+                process.kill()
+                self._exit_code = 1
+
+
+def _prepare_metrics_dir() -> str | None:
+    """prometheus-client's multiprocess mode needs a shared directory, set before import.
+
+    Without ``PROMETHEUS_MULTIPROC_DIR`` a private one is made and removed at exit. A
+    given one is emptied of a previous run's files, which would otherwise be summed in.
+    """
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        for stale in Path(given).glob("*.db"):
+            stale.unlink(missing_ok=True)
+        return None
+    directory = tempfile.mkdtemp(prefix="mlgate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
+
+
+def _mark_dead(pid: int | None) -> None:
+    if pid is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)

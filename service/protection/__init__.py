@@ -1,0 +1,1 @@
+"""Protection: API keys, rate limits, idempotency, audit, the shared Redis client, and the middleware that applies them."""

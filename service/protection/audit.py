@@ -1,0 +1,50 @@
+"""The audit trail: one structured event per ingest, key change and repository change.
+
+Events go to their own logger (``"channel": "audit"`` on every line, so a log
+pipeline can route them to retention storage), written whatever the log level, and carry who, what and the outcome:
+time, tenant, key id (never the key), route, tracking id, record counts, outcome.
+Never payloads: no features, labels or metadata values appear here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import structlog
+from aiohttp import web
+
+from mlgate.service.state import KEY_ID, REQUEST_ID, TENANT
+
+# Its own level: an audit event reaches the trail whatever MLGATE_LOG_LEVEL drops
+# (a service logging warnings only still records who ingested what). Not cached, so it
+# follows the configuration of the moment (the entrypoint's, or a test's capture);
+# initial values, not .bind(), for the same reason.
+audit_log = structlog.wrap_logger(
+    None,
+    wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    cache_logger_on_first_use=False,
+    channel="audit",
+)
+
+Action = Literal["ingest", "ingest_stream", "key_create", "key_revoke", "model_load", "model_unload"]
+
+
+def audit_request(
+    request: web.Request, action: Action, outcome: str, **counts: int | str | None
+) -> None:
+    """An audit event for an HTTP request, with the caller's identity from the request."""
+    audit_log.info(
+        action,
+        outcome=outcome,
+        tenant=request.get(TENANT),
+        key_id=request.get(KEY_ID),
+        route=f"{request.method} {request.path}",
+        request_id=request.get(REQUEST_ID),
+        **counts,
+    )
+
+
+def audit_admin(action: Action, outcome: str, **details: str | int | None) -> None:
+    """An audit event for an action taken outside a request (CLI, SIGHUP reload)."""
+    audit_log.info(action, outcome=outcome, **details)

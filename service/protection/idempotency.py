@@ -1,0 +1,308 @@
+"""Idempotency-Key on POST: the first response is kept and replayed, nothing runs twice.
+
+Semantics follow Stripe and draft-ietf-httpapi-idempotency-key-header:
+
+- A POST with ``Idempotency-Key`` (1-255 printable ASCII characters) claims the key
+  for its tenant, with a fingerprint: sha256 of method, path and query, and the
+  (decompressed) body. The body is read up front for this, so such a request's body
+  is bounded by ``MLGATE_MAX_BODY_BYTES`` even on the streaming endpoint.
+- When the handler answers 2xx or 4xx (but not 429), status, body and a few headers
+  (``Content-Type``, ``Location``, ``Link``, ``Deprecation``, ``Sunset``,
+  ``Inference-Header-Content-Length``) are stored
+  for ``MLGATE_IDEMPOTENCY_TTL_S`` (default 86400 s = 24 h). A 5xx, a 429 or an
+  exception releases the key instead, so a retry runs the request again.
+- A repeat with the same fingerprint gets the stored answer with
+  ``Idempotent-Replayed: true`` and the handler does not run; a different
+  fingerprint under the same key is 422; a repeat while the first is still running is
+  409 with ``Retry-After``. An in-flight claim lapses after ``MLGATE_IDEMPOTENCY_LOCK_S``
+  should its process die.
+
+Once a request holds its claim it runs to the end in a task of its own, even if the
+client disconnects and aiohttp cancels the handler: its answer is stored, so the
+client's retry gets it instead of running the write a second time.
+
+Keys live in Redis with ``REDIS_URL`` (one Lua script to claim, one to store or
+release), else in a bounded in-process map (``MLGATE_IDEMPOTENCY_MAX_ENTRIES``, oldest
+out first). While Redis fails, claims fall back to the in-process store: retries that
+reach the same process are still safe; the record-id dedup (``service.record_dedup``)
+is the second line behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from mlgate.config import Settings
+from mlgate.service.http.body import read_body
+from mlgate.service.http.errors import ApiError, BadRequest, Conflict, ValidationFailed
+from mlgate.service.http.front_door import problem_response
+from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
+from mlgate.service.state import API_KEY, BUFFERED_BODY, IDEMPOTENCY, METRICS, SETTINGS
+
+T = TypeVar("T")
+HEADER = "Idempotency-Key"
+REPLAYED = "Idempotent-Replayed"
+MAX_KEY_LENGTH = 255
+KEPT_HEADERS = (
+    "Content-Type",
+    "Location",
+    "Link",
+    "Deprecation",
+    "Sunset",
+    "Inference-Header-Content-Length",  # OIP binary tensor answers
+)
+
+log = structlog.get_logger("mlgate.idempotency")
+
+# KEYS: the record. ARGV: the in-flight entry, its lifetime in ms.
+# Returns the existing entry, or nil after storing ours.
+CLAIM_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current then return current end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+# KEYS: the record. ARGV: our in-flight entry, the final entry ('' to release), ttl ms.
+FINISH_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
+"""
+
+
+class StoredResponse(msgspec.Struct, frozen=True, array_like=True):
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class Entry(msgspec.Struct, frozen=True, array_like=True):
+    fingerprint: str
+    owner: str  # a random token per claim, so only its claimant finishes it
+    response: StoredResponse | None = None  # None while in flight
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_entry = msgspec.msgpack.Decoder(Entry).decode
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    record: str
+    in_flight: bytes
+    backend: Literal["redis", "local"]
+
+
+class LocalEntries:
+    """The in-process store: a bounded, insertion-ordered map with per-entry deadlines."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max_entries
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def claim(self, record: str, in_flight: bytes, lock_s: float) -> bytes | None:
+        now = time.monotonic()
+        current = self._entries.get(record)
+        if current is not None and current[0] > now:
+            return current[1]
+        self._put(record, in_flight, now + lock_s)
+        return None
+
+    def finish(self, record: str, in_flight: bytes, final: bytes | None, ttl_s: float) -> None:
+        current = self._entries.get(record)
+        if current is None or current[1] != in_flight:
+            return
+        if final is None:
+            del self._entries[record]
+        else:
+            self._put(record, final, time.monotonic() + ttl_s)
+
+    def _put(self, record: str, value: bytes, deadline: float) -> None:
+        self._entries.pop(record, None)
+        while len(self._entries) >= self._max:
+            self._entries.popitem(last=False)
+        self._entries[record] = (deadline, value)
+
+
+class IdempotencyStore:
+    def __init__(self, settings: Settings, redis: SharedRedis | None = None) -> None:
+        self._ttl_s = settings.idempotency_ttl_s
+        self._lock_s = settings.idempotency_lock_s
+        self._redis = redis
+        self._claim = redis.script(CLAIM_LUA) if redis is not None else None
+        self._finish = redis.script(FINISH_LUA) if redis is not None else None
+        self._local = LocalEntries(settings.idempotency_max_entries)
+        self._running: set[asyncio.Task[Any]] = set()
+
+    async def run_to_completion(self, work: Coroutine[Any, Any, T]) -> T:
+        """``await work`` in a task of its own that finishes even if the caller is cancelled."""
+        task = asyncio.ensure_future(work)
+        self._running.add(task)
+        task.add_done_callback(self._forget)
+        return await asyncio.shield(task)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for requests that outlived their handlers."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=timeout_s)
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._running.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: nobody may be left to await it
+
+    @staticmethod
+    def record_name(tenant: str, key: str) -> str:
+        return f"mlgate:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    async def claim(self, tenant: str, key: str, fingerprint: str) -> Claim | Entry:
+        """Our claim on ``key``, or the entry someone already holds under it."""
+        record = self.record_name(tenant, key)
+        in_flight = _encode(Entry(fingerprint=fingerprint, owner=secrets.token_hex(8)))
+        if self._redis is not None and self._claim is not None:
+            script, lock_ms = self._claim, self._lock_s * 1000
+            try:
+                existing = await self._redis.call(
+                    "idempotency", lambda: script(keys=[record], args=[in_flight, lock_ms])
+                )
+            except RedisUnavailable:
+                pass
+            else:
+                if existing is None:
+                    return Claim(record, in_flight, "redis")
+                return _decode_entry(existing)
+        existing = self._local.claim(record, in_flight, self._lock_s)
+        if existing is None:
+            return Claim(record, in_flight, "local")
+        return _decode_entry(existing)
+
+    async def complete(self, claim: Claim, response: StoredResponse) -> None:
+        entry = _decode_entry(claim.in_flight)
+        final = _encode(Entry(fingerprint=entry.fingerprint, owner="", response=response))
+        await self._finish_claim(claim, final)
+
+    async def release(self, claim: Claim) -> None:
+        await self._finish_claim(claim, None)
+
+    async def _finish_claim(self, claim: Claim, final: bytes | None) -> None:
+        if claim.backend == "local" or self._redis is None or self._finish is None:
+            self._local.finish(claim.record, claim.in_flight, final, self._ttl_s)
+            return
+        script, ttl_ms = self._finish, self._ttl_s * 1000
+        try:
+            await self._redis.call(
+                "idempotency",
+                lambda: script(keys=[claim.record], args=[claim.in_flight, final or b"", ttl_ms]),
+            )
+        except RedisUnavailable:
+            # The claim lapses after idempotency_lock_s; until then repeats get 409.
+            log.warning("idempotency_finish_failed", stored=final is not None)
+
+
+def fingerprint(method: str, path_qs: str, body: bytes) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{method} {path_qs}\n".encode())
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def _valid_key(value: str) -> bool:
+    return 0 < len(value) <= MAX_KEY_LENGTH and value.isascii() and value.isprintable()
+
+
+def stores(status: int) -> bool:
+    """Which answers are final: 2xx and 4xx but 409 and 429; those two (something else
+    still in flight, over a limit) and 5xx are worth a retry with the same key."""
+    return 200 <= status < 300 or (400 <= status < 500 and status not in (409, 429))
+
+
+def snapshot(response: web.StreamResponse) -> StoredResponse | None:
+    if not isinstance(response, web.Response) or response.prepared:
+        return None
+    body = response.body
+    if not isinstance(body, bytes):
+        return None
+    headers = [(name, response.headers[name]) for name in KEPT_HEADERS if name in response.headers]
+    return StoredResponse(status=response.status, headers=headers, body=body)
+
+
+def replay(stored: StoredResponse) -> web.Response:
+    response = web.Response(status=stored.status, body=stored.body)
+    for name, value in stored.headers:
+        response.headers[name] = value
+    response.headers[REPLAYED] = "true"
+    return response
+
+
+@web.middleware
+async def idempotency(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.headers.get(HEADER)
+    if key is None:  # most requests: nothing more to look at
+        return await handler(request)
+    api_key = request.get(API_KEY)
+    if request.method != "POST" or api_key is None or request.match_info.http_exception is not None:
+        return await handler(request)
+    if not _valid_key(key):
+        raise BadRequest(f"{HEADER} must be 1-{MAX_KEY_LENGTH} printable ASCII characters")
+
+    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    request[BUFFERED_BODY] = body
+    store = request.app[IDEMPOTENCY]
+    # Once claimed, the outcome must be recorded even when the client goes away and the
+    # handler is cancelled (aiohttp's handler_cancellation): otherwise the claim would be
+    # released while the write may still land, and the retry would write it again.
+    return await store.run_to_completion(
+        _claim_and_run(request, handler, store, api_key.tenant, key, body)
+    )
+
+
+async def _claim_and_run(
+    request: web.Request,
+    handler: Handler,
+    store: IdempotencyStore,
+    tenant: str,
+    key: str,
+    body: bytes,
+) -> web.StreamResponse:
+    request_fingerprint = fingerprint(request.method, request.path_qs, body)
+    claimed = await store.claim(tenant, key, request_fingerprint)
+    if isinstance(claimed, Entry):
+        if claimed.fingerprint != request_fingerprint:
+            raise ValidationFailed(f"This {HEADER} was used with a different request")
+        if claimed.response is None:
+            raise Conflict(f"A request with this {HEADER} is still in flight", retry_after_s=1)
+        request.app[METRICS].idempotent_replays.inc()
+        return replay(claimed.response)
+
+    try:
+        response: web.StreamResponse = await handler(request)
+    except ApiError as exc:
+        if not stores(exc.status):
+            await store.release(claimed)
+            raise
+        response = problem_response(request, exc)
+    except BaseException:
+        await store.release(claimed)
+        raise
+    stored = snapshot(response) if stores(response.status) else None
+    if stored is None:
+        await store.release(claimed)
+    else:
+        await store.complete(claimed, stored)
+    return response

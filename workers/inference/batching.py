@@ -1,0 +1,299 @@
+"""InferenceWorker: the batching actor in front of one loaded (model, version).
+
+Requests put ``(inputs, deadline, future)`` items in one bounded mailbox; a full
+mailbox raises ``MailboxFull`` at once, and so does a request that, by the recent
+batch run times and the rows queued ahead of it, would be answered after its
+deadline (shed now rather than answered 504 later). The single worker task takes the first item,
+then keeps filling the batch until it holds ``max_batch_size`` rows or
+``max_queue_delay`` has passed since the first item was queued (``time.monotonic``;
+as Triton's dynamic batcher counts it: rows that already waited out the delay while
+the previous batch computed go at once, so the model does not idle), the wait
+clamped so the nearest item deadline can still be met given the recent run time.
+Items whose deadline has passed are failed with ``DeadlineExpired`` and never
+computed. The rows of the rest are stacked with ``np.concatenate``, one
+``InferenceSession.run`` computes them in a thread the worker owns (onnxruntime
+releases the GIL), and the outputs are sliced back to each item by row offsets, so
+rows never mix between requests.
+
+An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
+does not fit the current batch opens the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import structlog
+
+from mlgate.workers.actor import Actor
+from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
+from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
+
+log = structlog.get_logger("mlgate.inference")
+
+Outputs = dict[str, np.ndarray]
+# Weight of the newest run in the running estimate of a batch's compute time.
+_RUN_TIME_WEIGHT = 0.2
+
+
+class Session(Protocol):
+    """What the worker needs of an ``onnxruntime.InferenceSession``."""
+
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]
+    ) -> Sequence[np.ndarray]: ...
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    deadline: float
+    enqueued: float
+    future: asyncio.Future[Outputs]
+    # Context crosses the queue explicitly: contextvars do not reach the worker task.
+    request_id: str | None
+    # Items batch together only when their inputs agree beyond the batch dimension.
+    signature: tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    batches: int = 0
+    rows_computed: int = 0
+    expired: int = 0
+    rejected: int = 0
+
+
+class InferenceWorker(Actor[_Item]):
+    """Actor: one task, one bounded mailbox, one thread running the session."""
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        model: str = "model",
+        version: str = "1",
+        max_batch_size: int = 64,
+        max_queue_delay_s: float = 0.002,
+        mailbox_size: int = 256,
+        telemetry: WorkerTelemetry = NO_TELEMETRY,
+    ) -> None:
+        if not input_names:
+            raise ValueError("a model needs at least one input")
+        super().__init__(mailbox_size)
+        self.model, self.version = model, version
+        self.name = f"{model}/{version}"
+        self._telemetry = telemetry
+        self.stats = WorkerStats()
+        self._session = session
+        self._input_names = tuple(input_names)
+        self._output_names = list(output_names)
+        self._max_batch_size = max(1, max_batch_size)
+        self._max_queue_delay_s = max_queue_delay_s
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.name}")
+        self._carry: _Item | None = None
+        self._run_time_s = 0.0  # running estimate of one batch's compute time
+        self._queued_rows = 0
+        self._computing = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._launch(self._run())
+
+    def submit(
+        self,
+        inputs: np.ndarray | Mapping[str, np.ndarray],
+        deadline: float,
+        *,
+        request_id: str | None = None,
+    ) -> asyncio.Future[Outputs]:
+        """Queue rows (batch dimension first) for inference; the future holds this
+        item's slice of every output. Raises ``MailboxFull`` at once when full."""
+        if not self.running:
+            raise WorkerClosed(f"inference worker {self.name} is not running")
+        feed, count, signature = self._described(inputs)
+        now = self.check_room(count, deadline)
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Item(feed, count, deadline, now, future, request_id, signature))
+        self._queued_rows += count
+        return future
+
+    def _described(
+        self, inputs: np.ndarray | Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], int, tuple[tuple[str, tuple[int, ...], str], ...]]:
+        """(feed, rows, signature) of a request's inputs, or ``ValueError``."""
+        if isinstance(inputs, np.ndarray):  # the common case, one input: no generic checks
+            if len(self._input_names) != 1:
+                raise ValueError(f"{self.name} takes {len(self._input_names)} named inputs")
+            if inputs.ndim == 0:
+                raise ValueError("inputs need a batch dimension")
+            name = self._input_names[0]
+            return {name: inputs}, int(inputs.shape[0]), ((name, inputs.shape[1:], inputs.dtype.str),)
+        feed = dict(inputs)
+        if any(array.ndim == 0 for array in feed.values()):
+            raise ValueError("inputs need a batch dimension")
+        rows = {int(array.shape[0]) for array in feed.values()}
+        if len(rows) != 1:
+            raise ValueError("every input of one request must have the same number of rows")
+        signature = tuple(
+            (name, tuple(array.shape[1:]), array.dtype.str) for name, array in sorted(feed.items())
+        )
+        return feed, rows.pop(), signature
+
+    def check_room(self, rows: int, deadline: float) -> float:
+        """Raise what ``submit`` would for ``rows`` due by ``deadline``, before the
+        caller builds them: ``DeadlineExpired`` when it has passed, ``MailboxFull``
+        when the mailbox is full or the answer would come too late. Returns now."""
+        now = time.monotonic()
+        if deadline <= now:
+            self.stats.expired += 1
+            raise DeadlineExpired(f"the deadline passed before {self.name} was asked")
+        if self._mailbox.full():
+            self.stats.rejected += 1
+            raise MailboxFull(f"inference mailbox of {self.name} is full")
+        if now + self._expected_wait_s(rows) > deadline:
+            self.stats.rejected += 1
+            raise MailboxFull(f"{self.name} cannot answer before the request's deadline")
+        return now
+
+    def _expected_wait_s(self, rows: int) -> float:
+        """How long new rows would take to be answered, from recent batch run times
+        (0 until a batch has run): the batches queued ahead, the one computing, and
+        the batch of these rows."""
+        if not self.stats.batches:
+            return 0.0
+        batches = -(-(self._queued_rows + rows) // self._max_batch_size)
+        return (batches + self._computing) * self._run_time_s
+
+    def _took(self, item: _Item) -> _Item:
+        self._queued_rows -= item.rows
+        return item
+
+    async def _release(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            live = self._drop_expired(await self._take_batch())
+            if not live:
+                continue
+            try:
+                await self._compute(loop, live)
+            finally:
+                # Only a cancelled or crashed run leaves futures unresolved here.
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(
+                            WorkerClosed(f"inference worker {self.name} stopped")
+                        )
+                    self._mailbox.task_done()
+
+    def _drop_expired(self, batch: list[_Item]) -> list[_Item]:
+        now = time.monotonic()
+        live: list[_Item] = []
+        for item in batch:
+            if item.future.done():  # the client went away
+                self._mailbox.task_done()
+            elif item.deadline <= now:
+                self.stats.expired += 1
+                item.future.set_exception(
+                    DeadlineExpired(f"deadline passed while queued for {self.name}")
+                )
+                self._mailbox.task_done()
+            else:
+                live.append(item)
+        return live
+
+    async def _take_batch(self) -> list[_Item]:
+        first = self._carry if self._carry is not None else self._took(await self._mailbox.get())
+        self._carry = None
+        batch, rows = [first], first.rows
+        fill_until = first.enqueued + self._max_queue_delay_s
+        nearest = first.deadline
+        while rows < self._max_batch_size:
+            if self._mailbox.empty():
+                wait = min(fill_until, nearest - self._run_time_s) - time.monotonic()
+                if wait <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(wait):
+                        item = self._took(await self._mailbox.get())
+                except TimeoutError:
+                    break
+            else:
+                item = self._took(self._mailbox.get_nowait())
+            if rows + item.rows > self._max_batch_size or item.signature != first.signature:
+                self._carry = item
+                break
+            batch.append(item)
+            rows += item.rows
+            nearest = min(nearest, item.deadline)
+        return batch
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        total = sum(item.rows for item in items)
+        started = time.monotonic()
+        try:
+            if len(items) == 1:
+                feed = items[0].inputs
+            else:
+                feed = {
+                    name: np.concatenate([item.inputs[name] for item in items])
+                    for name in items[0].inputs
+                }
+            self._computing = True
+            try:
+                outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, feed)
+            finally:
+                self._computing = False
+        except Exception as exc:  # a failed run fails its batch, not the worker
+            log.error(
+                "inference_failed",
+                model=self.name,
+                rows=total,
+                error=repr(exc),
+                request_ids=[item.request_id for item in items],
+            )
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        weight = _RUN_TIME_WEIGHT if self.stats.batches else 1.0
+        self._run_time_s += weight * (run_s - self._run_time_s)
+        self.stats.batches += 1
+        self.stats.rows_computed += total
+        queued = started - min(item.enqueued for item in items)
+        self._telemetry.inference_batch_ran(self.model, self.version, total, queued, run_s)
+        named = dict(zip(self._output_names, outputs, strict=True))
+        offset = 0
+        for item in items:
+            end = offset + item.rows
+            if not item.future.done():
+                item.future.set_result(
+                    {
+                        name: value[offset:end] if value.ndim and value.shape[0] == total else value
+                        for name, value in named.items()
+                    }
+                )
+            offset = end
+
+    def _timed_run(self, feed: Mapping[str, np.ndarray]) -> tuple[Sequence[np.ndarray], float]:
+        """In the thread: the outputs and how long the run itself took (not the wait
+        in the thread's queue, nor the event loop's delay in noticing)."""
+        started = time.monotonic()
+        outputs = self._session.run(self._output_names, feed)
+        return outputs, time.monotonic() - started
+
+    def _held(self) -> list[_Item]:
+        carried, self._carry = self._carry, None
+        return [carried] if carried is not None else []

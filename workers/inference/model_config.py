@@ -1,0 +1,198 @@
+"""Model configuration and metadata: config.json, tensor specs, opening a session.
+
+``config.json`` (optional, next to the version directories)::
+
+    {"max_batch_size": 64, "max_queue_delay_ms": 2.0, "kind": "classifier",
+     "labels": ["no", "yes"], "version_policy": {"latest": 1}}
+
+Input and output specs come from the ONNX graph as Open Inference Protocol datatypes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from mlgate.config import Settings
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+PLATFORM = "onnxruntime_onnx"
+
+# onnxruntime's element types -> Open Inference Protocol datatypes -> numpy dtypes.
+ORT_DATATYPES: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+
+# Model directory names mlgate serves: no hidden directories, nothing that leaves the root.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+State = Literal["READY", "UNAVAILABLE"]
+Kind = Literal["classifier", "regressor"]
+
+
+class ModelConfigError(ValueError):
+    """``config.json`` is unreadable or holds a value mlgate cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for a dynamic dimension
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    max_batch_size: int
+    max_queue_delay_ms: float
+    kind: Kind | None
+    labels: tuple[str, ...] | None
+    policy: Literal["latest", "all", "specific"]
+    policy_value: tuple[int, ...]
+
+    def select(self, versions: list[int]) -> list[int]:
+        """The versions on disk this policy wants loaded."""
+        ordered = sorted(versions)
+        if self.policy == "all":
+            return ordered
+        if self.policy == "specific":
+            return [v for v in ordered if v in self.policy_value]
+        return ordered[-self.policy_value[0] :]
+
+
+def read_config(model_dir: Path, settings: Settings) -> ModelConfig:
+    path = model_dir / CONFIG_FILE
+    raw: object = {}
+    if path.exists():
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelConfigError(f"{CONFIG_FILE}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{CONFIG_FILE}: expected an object")
+    known = {"max_batch_size", "max_queue_delay_ms", "kind", "labels", "version_policy"}
+    if unknown := sorted(set(raw) - known):
+        raise ModelConfigError(f"{CONFIG_FILE}: unknown fields {unknown}")
+    batch = raw.get("max_batch_size", settings.inference_max_batch_size)
+    delay = raw.get("max_queue_delay_ms", settings.inference_max_queue_delay_ms)
+    kind = raw.get("kind")
+    labels = raw.get("labels")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ModelConfigError(f"{CONFIG_FILE}: max_batch_size must be a positive integer")
+    if not isinstance(delay, int | float) or isinstance(delay, bool) or delay < 0:
+        raise ModelConfigError(f"{CONFIG_FILE}: max_queue_delay_ms must be >= 0")
+    if kind not in (None, "classifier", "regressor"):
+        raise ModelConfigError(f"{CONFIG_FILE}: kind must be classifier or regressor")
+    if labels is not None and not (
+        isinstance(labels, list) and all(isinstance(label, str) for label in labels)
+    ):
+        raise ModelConfigError(f"{CONFIG_FILE}: labels must be a list of strings")
+    policy, value = version_policy(raw.get("version_policy", {"latest": 1}))
+    return ModelConfig(batch, float(delay), kind, tuple(labels) if labels else None, policy, value)
+
+
+def version_policy(raw: object) -> tuple[Literal["latest", "all", "specific"], tuple[int, ...]]:
+    if raw == "all":
+        return "all", ()
+    if isinstance(raw, dict) and len(raw) == 1:
+        if isinstance(n := raw.get("latest"), int) and n >= 1:
+            return "latest", (n,)
+        versions = raw.get("specific")
+        if isinstance(versions, list) and versions and all(isinstance(v, int) for v in versions):
+            return "specific", tuple(versions)
+    raise ModelConfigError(
+        f'{CONFIG_FILE}: version_policy must be {{"latest": N}}, "all" or {{"specific": [..]}}'
+    )
+
+
+def tensor_spec(arg: ort.NodeArg) -> TensorSpec:
+    datatype = ORT_DATATYPES.get(arg.type)
+    if datatype is None:
+        raise ValueError(f"{arg.name}: element type {arg.type} is not supported")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    return TensorSpec(arg.name, datatype, shape)
+
+
+def zeros(spec: TensorSpec) -> np.ndarray:
+    shape = tuple(1 if d < 0 else d for d in spec.shape)
+    if spec.datatype == "BYTES":
+        return np.full(shape, "", dtype=np.object_)
+    return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
+
+
+def open_session(
+    path: Path, threads: int
+) -> tuple[ort.InferenceSession, tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Create the session, read its metadata and warm it up with one run. Blocking."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs = tuple(tensor_spec(arg) for arg in session.get_inputs())
+    outputs = tuple(tensor_spec(arg) for arg in session.get_outputs())
+    session.run(None, {spec.name: zeros(spec) for spec in inputs})
+    return session, inputs, outputs
+
+
+def file_fingerprint(*paths: Path) -> tuple[int, ...]:
+    stamp: list[int] = []
+    for path in paths:
+        try:
+            info = path.stat()
+            stamp += [info.st_mtime_ns, info.st_size, info.st_ino]
+        except FileNotFoundError:
+            stamp += [0, 0, 0]
+    return tuple(stamp)
+
+
+def versions_on_disk(model_dir: Path) -> dict[int, Path]:
+    found: dict[int, Path] = {}
+    with os.scandir(model_dir) as entries:
+        for entry in entries:
+            if entry.is_dir() and entry.name.isdigit() and int(entry.name) > 0:
+                model_file = Path(entry.path) / MODEL_FILE
+                if model_file.is_file():
+                    found[int(entry.name)] = model_file
+    return found
+
+
+def guess_kind(outputs: tuple[TensorSpec, ...]) -> Kind:
+    first = outputs[0] if outputs else None
+    if first and first.datatype.startswith("FP") and len(first.shape) == 2 and first.shape[1] >= 2:
+        return "classifier"
+    return "regressor"

@@ -1,0 +1,418 @@
+"""ModelRepository: the ONNX models mlgate serves, loaded from a Triton-layout directory.
+
+Layout: ``<repo>/<model>/<version>/model.onnx`` (versions are positive integers) with
+an optional ``<repo>/<model>/config.json``::
+
+    {"max_batch_size": 64, "max_queue_delay_ms": 2.0, "kind": "classifier",
+     "labels": ["no", "yes"], "version_policy": {"latest": 1}}
+
+``version_policy`` is ``{"latest": N}`` (the default, N=1), ``"all"`` or
+``{"specific": [1, 3]}``. Input and output metadata come from the ONNX graph.
+
+Each loaded (model, version) gets its own ``InferenceWorker``. Loading (session
+creation and a warm-up run on zeros) happens in the repository's own thread, then the
+new version is swapped into the routing table in one step; a version it replaces or
+retires is closed only after its mailbox has drained, so in-flight requests finish.
+A version that fails to load is reported in ``index()`` with its reason and changes
+nothing else: the versions already serving keep serving. The same broken file is not
+retried until it changes on disk.
+
+Changes are picked up by polling every ``model_poll_interval_s`` (0 disables it) and
+by explicit ``load(model)`` / ``unload(model)``, the repository extension's calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from mlgate.config import Settings
+from mlgate.workers.breaker import Breaker
+from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
+from mlgate.workers.inference.batching import InferenceWorker, Outputs
+from mlgate.workers.inference.model_config import (
+    CONFIG_FILE,
+    MODEL_NAME,
+    Kind,
+    ModelConfig,
+    ModelConfigError,
+    State,
+    TensorSpec,
+    file_fingerprint,
+    guess_kind,
+    open_session,
+    read_config,
+    versions_on_disk,
+)
+from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
+
+log = structlog.get_logger("mlgate.models")
+
+class ModelNotFound(LookupError):
+    """No such model, or no such version of it, is serving."""
+
+
+class ModelLoadFailed(Exception):
+    """An explicit load left the model without a serving version."""
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One loaded, warmed-up version, the worker that runs it and its circuit breaker."""
+
+    model: str
+    version: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    config: ModelConfig
+    kind: Kind
+    batchable: bool
+    max_batch_size: int
+    worker: InferenceWorker
+    fingerprint: tuple[int, ...]
+    breaker: Breaker
+
+    async def infer(
+        self,
+        inputs: np.ndarray | Mapping[str, np.ndarray],
+        deadline: float,
+        request_id: str | None = None,
+    ) -> Outputs:
+        """This request's outputs. ``BreakerOpen`` at once while the model keeps failing;
+        load (a full mailbox, a passed deadline) does not count as the model failing."""
+
+        async def run() -> Outputs:
+            return await self.worker.submit(inputs, deadline, request_id=request_id)
+
+        return await self.breaker.call(run)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str | None = None
+    state: State | None = None
+    reason: str = ""
+
+
+class ModelRepository:
+    """The routing table of serving versions, and the loader that keeps it current."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        root: str | Path | None = None,
+        *,
+        telemetry: WorkerTelemetry = NO_TELEMETRY,
+    ) -> None:
+        self.settings = settings
+        self._telemetry = telemetry
+        self.root = Path(root if root is not None else settings.model_repository)
+        self._serving: dict[str, dict[str, ModelVersion]] = {}
+        self._latest: dict[str, ModelVersion] = {}
+        self._states: dict[str, dict[str, IndexEntry]] = {}
+        self._failed: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._unloaded: set[str] = set()
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.poll()
+        self._started = True
+        if self.settings.model_poll_interval_s > 0:
+            self._poller = asyncio.create_task(self._poll_forever(), name="model-poller")
+        log.info("models_started", root=str(self.root), serving=self.serving_summary())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        async with self._lock:
+            versions = [v for by_version in self._serving.values() for v in by_version.values()]
+            self._serving, self._latest = {}, {}
+        await asyncio.gather(*(self._close_version(v) for v in versions), *self._retiring)
+        self._loader.shutdown(wait=True)
+
+    # -- lookups -----------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Started, and the default model serves at least one version."""
+        return self._started and not self._closed and self.settings.default_model in self._latest
+
+    def resolve(self, model: str, version: str | None = None) -> ModelVersion:
+        """The serving version (``None``/``"latest"``: the highest one ready)."""
+        if version in (None, "", "latest"):
+            found = self._latest.get(model)
+        else:
+            found = self._serving.get(model, {}).get(str(version))
+        if found is None:
+            what = (
+                f"model {model!r}"
+                if version in (None, "", "latest")
+                else f"version {version!r} of model {model!r}"
+            )
+            raise ModelNotFound(f"{what} is not serving")
+        return found
+
+    def versions(self, model: str) -> list[str]:
+        return sorted(self._serving.get(model, {}), key=int)
+
+    def known(self, model: str) -> bool:
+        return model in self._states or self._on_disk(model)
+
+    def _on_disk(self, model: str) -> bool:
+        return MODEL_NAME.match(model) is not None and (self.root / model).is_dir()
+
+    def _model_dirs(self) -> set[str]:
+        if not self.root.is_dir():
+            return set()
+        return {p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.match(p.name)}
+
+    def submit(
+        self,
+        model: str,
+        version: str | None,
+        inputs: np.ndarray | Mapping[str, np.ndarray],
+        deadline: float,
+        *,
+        request_id: str | None = None,
+    ) -> tuple[ModelVersion, asyncio.Future[Outputs]]:
+        """Resolve and queue in one step, so a swap cannot fall in between."""
+        loaded = self.resolve(model, version)
+        return loaded, loaded.worker.submit(inputs, deadline, request_id=request_id)
+
+    def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
+        entries: list[IndexEntry] = []
+        names = set(self._states) | {
+            name for name in self._model_dirs() if versions_on_disk(self.root / name)
+        }
+        for name in sorted(names):
+            states = self._states.get(name, {})
+            if not states and not ready_only:
+                entries.append(IndexEntry(name))
+            for version in sorted(states, key=int):
+                if not ready_only or states[version].state == "READY":
+                    entries.append(states[version])
+        return entries
+
+    def serving(self) -> list[ModelVersion]:
+        return [v for by_version in self._serving.values() for v in by_version.values()]
+
+    def workers(self) -> list[InferenceWorker]:
+        return [v.worker for v in self.serving()]
+
+    def serving_summary(self) -> dict[str, list[str]]:
+        return {name: self.versions(name) for name in sorted(self._serving)}
+
+    async def wait_changed(self) -> None:
+        """Return after the next change to the serving table or the index."""
+        await self._changed.wait()
+
+    # -- changes -----------------------------------------------------------------
+
+    async def poll(self) -> None:
+        """Bring every model in line with the directory (skipping explicit unloads)."""
+        names = set(self._serving) | set(self._states) | self._model_dirs()
+        for name in sorted(names - self._unloaded):
+            await self._sync(name)
+
+    async def load(self, model: str) -> None:
+        """Load or reload ``model`` now (the repository extension's load)."""
+        if not self._on_disk(model):
+            raise ModelNotFound(f"model {model!r} is not in the repository")
+        self._unloaded.discard(model)
+        self._failed = {key: fp for key, fp in self._failed.items() if key[0] != model}
+        await self._sync(model)
+        if model not in self._latest:
+            reasons = [e.reason for e in self._states.get(model, {}).values() if e.reason]
+            raise ModelLoadFailed(
+                f"failed to load model {model!r}: {'; '.join(reasons) or 'no loadable version'}"
+            )
+
+    async def unload(self, model: str) -> None:
+        """Stop serving ``model`` (in-flight requests finish); polling leaves it alone."""
+        if not self.known(model):
+            raise ModelNotFound(f"model {model!r} is not in the repository")
+        self._unloaded.add(model)
+        async with self._lock:
+            retired = list(self._serving.pop(model, {}).values())
+            self._latest.pop(model, None)
+            states = self._states.setdefault(model, {})
+            for version in list(states):
+                states[version] = IndexEntry(model, version, "UNAVAILABLE", "unloaded")
+            self._notify()
+        self._retire(retired)
+        log.info("model_unloaded", model=model)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_poll_interval_s)
+            try:
+                await self.poll()
+            except Exception as exc:  # a bad poll must not stop the next one
+                log.error("model_poll_failed", error=repr(exc))
+
+    async def _sync(self, name: str) -> None:
+        async with self._lock:
+            if self._closed:
+                return
+            model_dir = self.root / name
+            current = dict(self._serving.get(name, {}))
+            states = self._states.setdefault(name, {})
+            on_disk = versions_on_disk(model_dir) if model_dir.is_dir() else {}
+            try:
+                config = read_config(model_dir, self.settings)
+            except ModelConfigError as exc:
+                self._report_failures(name, states, on_disk, current, str(exc))
+                return
+            wanted = config.select(list(on_disk))
+            serving = dict(current)
+            replaced: list[ModelVersion] = []
+            for number in wanted:
+                version = str(number)
+                fingerprint = file_fingerprint(on_disk[number], model_dir / CONFIG_FILE)
+                old = current.get(version)
+                if old is not None and old.fingerprint == fingerprint:
+                    continue
+                if self._failed.get((name, version)) == fingerprint:
+                    continue
+                try:
+                    loaded = await self._load_version(
+                        name, version, on_disk[number], config, fingerprint
+                    )
+                except Exception as exc:
+                    reason = f"failed to load version {version}: {exc}"
+                    self._failed[(name, version)] = fingerprint
+                    states[version] = IndexEntry(
+                        name,
+                        version,
+                        "READY" if old else "UNAVAILABLE",
+                        reason + ("; the previous load keeps serving" if old else ""),
+                    )
+                    log.error("model_load_failed", model=name, version=version, error=str(exc))
+                    continue
+                self._failed.pop((name, version), None)
+                serving[version] = loaded
+                states[version] = IndexEntry(name, version, "READY")
+                if old is not None:
+                    replaced.append(old)
+            # Retire what the policy no longer wants, unless nothing wanted could load.
+            keep_old = bool(wanted) and not any(str(n) in serving for n in wanted)
+            for version in list(serving):
+                if int(version) not in wanted and not keep_old:
+                    replaced.append(serving.pop(version))
+            for version, entry in list(states.items()):
+                if version in serving:
+                    continue
+                if int(version) not in on_disk:
+                    states[version] = IndexEntry(
+                        name, version, "UNAVAILABLE", "removed from the repository"
+                    )
+                elif entry.state == "READY":
+                    states[version] = IndexEntry(
+                        name, version, "UNAVAILABLE", "unloaded: not in the version policy"
+                    )
+            if not states and not on_disk:
+                self._states.pop(name, None)
+            self._publish(name, serving)
+        self._retire(replaced)
+
+    def _report_failures(
+        self,
+        name: str,
+        states: dict[str, IndexEntry],
+        on_disk: Mapping[int, Path],
+        current: Mapping[str, ModelVersion],
+        reason: str,
+    ) -> None:
+        for number in on_disk:
+            version = str(number)
+            suffix = "; the previous load keeps serving" if version in current else ""
+            state: State = "READY" if version in current else "UNAVAILABLE"
+            if states.get(version) != IndexEntry(name, version, state, reason + suffix):
+                log.error("model_config_invalid", model=name, error=reason)
+            states[version] = IndexEntry(name, version, state, reason + suffix)
+        self._notify()
+
+    async def _load_version(
+        self, name: str, version: str, path: Path, config: ModelConfig, fingerprint: tuple[int, ...]
+    ) -> ModelVersion:
+        loop = asyncio.get_running_loop()
+        session, inputs, outputs = await loop.run_in_executor(
+            self._loader, open_session, path, self.settings.inference_threads
+        )
+        batchable = all(spec.shape[:1] == (-1,) for spec in (*inputs, *outputs))
+        max_batch_size = config.max_batch_size if batchable else 1
+        worker = InferenceWorker(
+            session,
+            input_names=[spec.name for spec in inputs],
+            output_names=[spec.name for spec in outputs],
+            model=name,
+            version=version,
+            max_batch_size=max_batch_size,
+            max_queue_delay_s=config.max_queue_delay_ms / 1000,
+            mailbox_size=self.settings.inference_mailbox_size,
+            telemetry=self._telemetry,
+        )
+        worker.start()
+        log.info("model_loaded", model=name, version=version, batchable=batchable)
+        return ModelVersion(
+            name,
+            version,
+            inputs,
+            outputs,
+            config,
+            config.kind or guess_kind(outputs),
+            batchable,
+            max_batch_size,
+            worker,
+            fingerprint,
+            Breaker(
+                f"model {name}/{version}",
+                fail_max=self.settings.model_breaker_fail_max,
+                reset_s=self.settings.model_breaker_reset_s,
+                exclude=(MailboxFull, DeadlineExpired, WorkerClosed),
+            ),
+        )
+
+    def _publish(self, name: str, serving: dict[str, ModelVersion]) -> None:
+        if serving:
+            self._serving[name] = serving
+            self._latest[name] = serving[max(serving, key=int)]
+        else:
+            self._serving.pop(name, None)
+            self._latest.pop(name, None)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _retire(self, versions: list[ModelVersion]) -> None:
+        for version in versions:
+            task = asyncio.create_task(
+                self._close_version(version), name=f"retire-{version.worker.name}"
+            )
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _close_version(self, version: ModelVersion) -> None:
+        await version.worker.close(drain_s=self.settings.shutdown_timeout_s / 2)
+        log.info("model_version_closed", model=version.model, version=version.version)

@@ -1,0 +1,1 @@
+"""Data quality: feature profiles, the profile store and the drift monitor actor."""

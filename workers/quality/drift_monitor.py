@@ -1,0 +1,376 @@
+"""DriftMonitor: rolling per-feature drift of each source and model against its profile.
+
+One actor: one task, one mailbox bounded in rows. ``observe(name, kind, matrix)``
+never waits: it queues the batch matrix (rows x features) if the mailbox has room
+for its rows, and otherwise drops it and counts the drop, so ingestion and
+prediction never wait on drift. The caller hands the matrix over and must not
+mutate it afterwards.
+
+Windows tumble: the task adds each batch's per-feature bin counts and out-of-range
+counts to the current window of its stream (a source or a model); when the window
+holds ``window_records`` rows (a batch straddling the boundary is split), the window
+is scored - per feature, the population stability index against the reference bins
+and the share of values outside the hard range - published through telemetry, kept
+for ``report()``, and a new window starts empty. A feature whose PSI goes above the
+threshold is named in one ``feature_drift`` warning per window (all features that
+crossed in that window, highest PSI first, at most 32 listed) and not again until a
+window in which it was back below (``feature_drift_recovered``).
+
+The counting (a vectorised comparison per bin edge) runs in a thread the monitor owns,
+where numpy lets go of the GIL, over everything waiting for a stream at once (so
+single-row predictions are counted in batches); the window bookkeeping and every
+piece of state stay on the event loop.
+
+Each process runs its own monitor over the records it sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from mlgate.schemas.quality import DriftReport, DriftWindow, FeatureDrift, ProfileKind
+from mlgate.workers.quality.profile import CompiledProfile, FloatMatrix, psi
+from mlgate.workers.quality.profile_store import ProfileStore
+from mlgate.workers.telemetry import NO_QUALITY_TELEMETRY, QualityTelemetry
+
+log = structlog.get_logger("mlgate.drift")
+
+# Observations taken from the mailbox at once; a stream's are counted in one pass.
+MAX_TAKEN = 256
+LOGGED_FEATURES = 32
+
+
+@dataclass(slots=True)
+class _Scored:
+    psi: FloatMatrix
+    out_of_range_share: FloatMatrix
+    counts: npt.NDArray[np.int64]
+    rows: int
+    ended_at: str | None
+
+
+@dataclass(slots=True)
+class _Stream:
+    profile: CompiledProfile
+    counts: npt.NDArray[np.int64]
+    out_of_range: npt.NDArray[np.int64]
+    rows: int = 0
+    windows: int = 0
+    last: _Scored | None = None
+    over: npt.NDArray[np.bool_] | None = None
+
+    @classmethod
+    def start(cls, profile: CompiledProfile) -> _Stream:
+        return cls(
+            profile=profile,
+            counts=np.zeros((profile.n_features, profile.n_bins), dtype=np.int64),
+            out_of_range=np.zeros(profile.n_features, dtype=np.int64),
+        )
+
+    def reset_window(self) -> None:
+        self.counts[:] = 0
+        self.out_of_range[:] = 0
+        self.rows = 0
+
+
+@dataclass(slots=True)
+class _Counters:
+    observed: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    flagged: int = 0
+
+
+@dataclass(slots=True)
+class _Observation:
+    kind: ProfileKind
+    name: str
+    matrix: FloatMatrix
+
+
+class DriftMonitor:
+    name = "drift-monitor"
+
+    def __init__(
+        self,
+        profiles: ProfileStore,
+        *,
+        window_records: int = 5000,
+        psi_threshold: float = 0.2,
+        mailbox_rows: int = 20_000,
+        telemetry: QualityTelemetry = NO_QUALITY_TELEMETRY,
+    ) -> None:
+        self._profiles = profiles
+        self.window_records = window_records
+        self.psi_threshold = psi_threshold
+        self._mailbox_rows = mailbox_rows
+        self._telemetry = telemetry
+        self._mailbox: asyncio.Queue[_Observation] = asyncio.Queue()
+        self._queued_rows = 0
+        self._streams: dict[tuple[ProfileKind, str], _Stream] = {}
+        self._counters_of: dict[tuple[ProfileKind, str], _Counters] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    @property
+    def mailbox_depth(self) -> int:
+        """Rows waiting to be absorbed."""
+        return self._queued_rows
+
+    async def start(self) -> None:
+        if self._task is None and not self._closed:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+            self._task = asyncio.create_task(self._run(), name=self.name)
+            self._task.add_done_callback(self._died)
+
+    async def close(self) -> None:
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._discard_queued()
+
+    def _discard_queued(self) -> None:
+        while not self._mailbox.empty():
+            self._mailbox.get_nowait()
+            self._mailbox.task_done()
+        self._queued_rows = 0
+
+    # -- the callers' side: never waits ----------------------------------------------
+
+    def observe(self, name: str, kind: ProfileKind, matrix: FloatMatrix) -> bool:
+        """Queue a batch for scoring; False when it was not (no profile, full, closed)."""
+        profile = self._profiles.get(kind, name)
+        if profile is None or matrix.ndim != 2 or matrix.shape[1] != profile.n_features:
+            return False
+        rows = int(matrix.shape[0])
+        if rows == 0:
+            return False
+        if self._closed or self._queued_rows + rows > self._mailbox_rows:
+            self._counters(kind, name).dropped += rows
+            self._telemetry.drift_observation_dropped(kind, name, rows)
+            return False
+        self._queued_rows += rows
+        self._mailbox.put_nowait(_Observation(kind, name, matrix))
+        return True
+
+    def record_violations(
+        self, kind: ProfileKind, name: str, action: Literal["rejected", "flagged"], records: int
+    ) -> None:
+        """Count records rejected or flagged by a profile's hard range."""
+        counters = self._counters(kind, name)
+        if action == "rejected":
+            counters.rejected += records
+        else:
+            counters.flagged += records
+        self._telemetry.quality_violations(kind, name, action, records)
+
+    def _counters(self, kind: ProfileKind, name: str) -> _Counters:
+        counters = self._counters_of.get((kind, name))
+        if counters is None:
+            counters = self._counters_of[(kind, name)] = _Counters()
+        return counters
+
+    # -- the task -----------------------------------------------------------------------
+
+    async def drained(self) -> None:
+        """Return once everything observed so far has been absorbed."""
+        await self._mailbox.join()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            taken = [await self._mailbox.get()]
+            while not self._mailbox.empty() and len(taken) < MAX_TAKEN:
+                taken.append(self._mailbox.get_nowait())
+            try:
+                for (kind, name), matrices in _by_stream(taken).items():
+                    self._queued_rows -= sum(m.shape[0] for m in matrices)
+                    matrix = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
+                    await self._take(loop, kind, name, matrix)
+            finally:
+                for _ in taken:
+                    self._mailbox.task_done()
+
+    async def _take(
+        self, loop: asyncio.AbstractEventLoop, kind: ProfileKind, name: str, matrix: FloatMatrix
+    ) -> None:
+        profile = self._profiles.get(kind, name)
+        if profile is None or matrix.shape[1] != profile.n_features:
+            return  # the profile went away or changed shape while this waited
+        stream = self._stream(kind, name, profile)
+        self._counters(kind, name).observed += matrix.shape[0]
+        start, rows = 0, matrix.shape[0]
+        while start < rows:
+            take = min(rows - start, self.window_records - stream.rows)
+            part = matrix[start : start + take]
+            counts, outside = await loop.run_in_executor(self._executor, _tally, profile, part)
+            stream.counts += counts
+            stream.out_of_range += outside
+            stream.rows += take
+            start += take
+            if stream.rows >= self.window_records:
+                self._close_window(kind, name, stream)
+
+    def _stream(self, kind: ProfileKind, name: str, profile: CompiledProfile) -> _Stream:
+        stream = self._streams.get((kind, name))
+        if stream is None or stream.profile is not profile:
+            # A new or replaced profile: windows scored against the old one no longer apply.
+            stream = self._streams[(kind, name)] = _Stream.start(profile)
+        return stream
+
+    def _close_window(self, kind: ProfileKind, name: str, stream: _Stream) -> None:
+        profile = stream.profile
+        scored = self._score(stream, ended_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"))
+        stream.last = scored
+        stream.windows += 1
+        stream.reset_window()
+        self._telemetry.feature_drift_scored(
+            kind, name, profile.names, scored.psi.tolist(), scored.out_of_range_share.tolist()
+        )
+        over = scored.psi > self.psi_threshold
+        before = stream.over if stream.over is not None else np.zeros_like(over)
+        crossed, recovered = np.flatnonzero(over & ~before), np.flatnonzero(before & ~over)
+        if len(crossed):
+            log.warning(
+                "feature_drift", kind=kind, name=name, threshold=self.psi_threshold,
+                window_records=scored.rows, features_over=int(over.sum()),
+                crossed=_described(profile, scored, crossed),
+            )
+        if len(recovered):
+            log.info(
+                "feature_drift_recovered", kind=kind, name=name, threshold=self.psi_threshold,
+                window_records=scored.rows, features_over=int(over.sum()),
+                recovered=_described(profile, scored, recovered),
+            )
+        stream.over = over
+
+    @staticmethod
+    def _score(stream: _Stream, ended_at: str | None) -> _Scored:
+        rows = max(stream.rows, 1)
+        return _Scored(
+            psi=psi(stream.profile.reference, stream.counts, rows),
+            out_of_range_share=stream.out_of_range / rows,
+            counts=stream.counts.copy(),
+            rows=stream.rows,
+            ended_at=ended_at,
+        )
+
+    def _died(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            # Nobody waits on the monitor; from now on observations are dropped and counted.
+            self._closed = True
+            self._discard_queued()
+            log.error("drift_monitor_crashed", error=repr(error))
+
+    # -- reading ----------------------------------------------------------------------
+
+    def report(self, kind: ProfileKind, name: str, top: int = 10) -> DriftReport | None:
+        """The drift of a source or model, ``top`` features by PSI; None without a profile."""
+        profile = self._profiles.get(kind, name)
+        if profile is None:
+            return None
+        counters = self._counters_of.get((kind, name), _Counters())
+        stream = self._streams.get((kind, name))
+        if stream is not None and stream.profile is not profile:
+            stream = None
+        scored: _Scored | None = None
+        if stream is not None:
+            scored = stream.last
+            if scored is None and stream.rows:
+                scored = self._score(stream, ended_at=None)
+        features: list[FeatureDrift] = []
+        over_count = 0
+        if scored is not None:
+            over = scored.psi > self.psi_threshold
+            over_count = int(over.sum())
+            order = np.argsort(-scored.psi, kind="stable")[: max(top, 0)]
+            features = [self._feature(profile, scored, int(i), bool(over[i])) for i in order]
+        return DriftReport(
+            kind=kind,
+            name=name,
+            profile_version=profile.profile.version,
+            profile_created_at=profile.profile.created_at,
+            reference_count=profile.profile.reference_count,
+            on_violation=profile.profile.on_violation,
+            psi_threshold=self.psi_threshold,
+            features=profile.n_features,
+            features_over_threshold=over_count,
+            window=DriftWindow(
+                mode="tumbling",
+                size=self.window_records,
+                records=scored.rows if scored is not None else 0,
+                complete=stream is not None and stream.last is not None,
+                windows_completed=stream.windows if stream is not None else 0,
+                pending_records=stream.rows if stream is not None else 0,
+                ended_at=scored.ended_at if scored is not None else None,
+            ),
+            records_observed=counters.observed,
+            records_dropped=counters.dropped,
+            records_rejected=counters.rejected,
+            records_flagged=counters.flagged,
+            top=features,
+        )
+
+    @staticmethod
+    def _feature(profile: CompiledProfile, scored: _Scored, index: int, over: bool) -> FeatureDrift:
+        bins = profile.real_bins(index)
+        rows = max(scored.rows, 1)
+        return FeatureDrift(
+            index=index,
+            name=profile.names[index],
+            psi=float(scored.psi[index]),
+            out_of_range_share=float(scored.out_of_range_share[index]),
+            over_threshold=over,
+            edges=profile.features[index].edges,
+            reference=profile.reference[index, :bins].tolist(),
+            recent=(scored.counts[index, :bins] / rows).tolist(),
+        )
+
+
+def _by_stream(taken: list[_Observation]) -> dict[tuple[ProfileKind, str], list[FloatMatrix]]:
+    streams: dict[tuple[ProfileKind, str], list[FloatMatrix]] = {}
+    for item in taken:
+        streams.setdefault((item.kind, item.name), []).append(item.matrix)
+    return streams
+
+
+def _tally(
+    profile: CompiledProfile, matrix: FloatMatrix
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Per-(feature, bin) counts and per-feature out-of-range counts. Runs in the
+    monitor's thread: pure, and numpy lets go of the GIL while it compares and sums."""
+    return profile.bin_counts(matrix), np.count_nonzero(profile.out_of_range(matrix), axis=0)
+
+
+def _described(
+    profile: CompiledProfile, scored: _Scored, indexes: npt.NDArray[np.intp]
+) -> list[dict[str, object]]:
+    """The features of a log line, highest PSI first, at most ``LOGGED_FEATURES``."""
+    ranked = sorted(indexes.tolist(), key=lambda i: -scored.psi[i])[:LOGGED_FEATURES]
+    return [
+        {
+            "feature": profile.names[i],
+            "index": i,
+            "psi": round(float(scored.psi[i]), 4),
+            "out_of_range_share": round(float(scored.out_of_range_share[i]), 4),
+        }
+        for i in ranked
+    ]

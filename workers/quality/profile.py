@@ -1,0 +1,191 @@
+"""A feature profile as numbers: built from a reference sample, checked against batches.
+
+``build_profile`` turns a reference matrix (rows x features) into a
+``schemas.quality.QualityProfile``: per feature, the hard range (the reference's
+min/max widened by a margin) and quantile bin edges with the reference share per bin.
+``CompiledProfile`` holds the same profile as numpy arrays so every check is one
+vectorised pass over a batch matrix: the hard-range check (``range_violations``),
+the per-bin counts (``bin_counts``) and the out-of-range counts the drift monitor
+accumulates, and ``psi`` scores a window's counts against the reference.
+
+Features have different numbers of distinct edges (ties collapse quantiles), so
+edges are padded to a common count with ``+inf``: a padded edge is never reached,
+its bin stays empty in both the reference and the window, and adds 0 to the PSI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from mlgate.schemas.quality import FeatureProfile, OnViolation, ProfileKind, QualityProfile
+
+# Shares below this are clipped for the PSI's logarithm (an empty bin is not infinite drift).
+PSI_EPSILON = 1e-4
+DEFAULT_BINS = 10
+DEFAULT_MARGIN = 0.1
+_SUM_ROWS = 65_535  # rows summed at once: a uint16 count cannot overflow
+
+FloatMatrix = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledProfile:
+    profile: QualityProfile
+    lows: FloatMatrix  # (features,)
+    highs: FloatMatrix  # (features,)
+    edges: FloatMatrix  # (max edges, features), padded with +inf
+    reference: FloatMatrix  # (features, max edges + 1), padded with 0
+    names: tuple[str, ...]
+    features: tuple[FeatureProfile, ...]  # by index
+    counting_edges: npt.NDArray[np.floating[Any]]  # float32 unless that merges edges
+
+    @classmethod
+    def compile(cls, profile: QualityProfile) -> CompiledProfile:
+        features = sorted(profile.features, key=lambda f: f.index)
+        if [f.index for f in features] != list(range(len(features))):
+            raise ValueError("feature indexes must be 0..n-1, each once")
+        width = max(len(f.edges) for f in features)
+        edges = np.full((width, len(features)), np.inf)
+        reference = np.zeros((len(features), width + 1))
+        for column, feature in enumerate(features):
+            if len(feature.proportions) != len(feature.edges) + 1:
+                raise ValueError(f"feature {feature.index}: proportions need len(edges) + 1 values")
+            if any(b <= a for a, b in zip(feature.edges, feature.edges[1:], strict=False)):
+                raise ValueError(f"feature {feature.index}: edges must be strictly ascending")
+            if feature.min > feature.max:
+                raise ValueError(f"feature {feature.index}: min exceeds max")
+            edges[: len(feature.edges), column] = feature.edges
+            reference[column, : len(feature.proportions)] = feature.proportions
+        return cls(
+            profile=profile,
+            lows=np.array([f.min for f in features]),
+            highs=np.array([f.max for f in features]),
+            edges=edges,
+            reference=reference,
+            names=tuple(f.name or f"f{f.index}" for f in features),
+            features=tuple(features),
+            counting_edges=_counting_edges(edges),
+        )
+
+    @property
+    def n_features(self) -> int:
+        return len(self.names)
+
+    @property
+    def n_bins(self) -> int:
+        return int(self.reference.shape[1])
+
+    def out_of_range(self, matrix: FloatMatrix) -> npt.NDArray[np.bool_]:
+        """Mask (rows x features) of values outside the hard range."""
+        return (matrix < self.lows) | (matrix > self.highs)
+
+    def range_violations(self, matrix: FloatMatrix) -> list[tuple[int, list[int]]]:
+        """``(row, violating feature indexes)`` for each row with a value out of range."""
+        bad = self.out_of_range(matrix)
+        rows = np.flatnonzero(bad.any(axis=1))
+        return [(int(row), np.flatnonzero(bad[row]).tolist()) for row in rows]
+
+    def bin_counts(self, matrix: FloatMatrix) -> npt.NDArray[np.int64]:
+        """Rows per (feature, bin): counts of ``v >= edge`` per edge, then differences.
+
+        Compared in float32 when the edges survive it (values past its range become
+        +-inf and land in the end bins, as they should) and summed as uint16 per slice
+        of rows: half the memory traffic and a third of the time of float64 compares
+        and int64 sums.
+        """
+        rows = matrix.shape[0]
+        with np.errstate(over="ignore"):
+            values = matrix.astype(self.counting_edges.dtype, copy=False)
+        at_least = np.zeros((self.edges.shape[0], self.n_features), dtype=np.int64)
+        for start in range(0, rows, _SUM_ROWS):
+            part = values[start : start + _SUM_ROWS]
+            scratch = np.empty(part.shape, dtype=np.bool_)
+            as_bytes = scratch.view(np.uint8)
+            for k, edge in enumerate(self.counting_edges):
+                np.greater_equal(part, edge, out=scratch)
+                at_least[k] += as_bytes.sum(axis=0, dtype=np.uint16)
+        counts = np.empty((self.n_features, self.n_bins), dtype=np.int64)
+        counts[:, 0] = rows - at_least[0]
+        counts[:, 1:-1] = (at_least[:-1] - at_least[1:]).T
+        counts[:, -1] = at_least[-1]
+        return counts
+
+    def real_bins(self, feature: int) -> int:
+        return len(self.features[feature].edges) + 1
+
+
+def _counting_edges(edges: FloatMatrix) -> npt.NDArray[np.floating[Any]]:
+    """The edges as float32 if each feature's stay distinct and finite, else float64."""
+    with np.errstate(over="ignore"):
+        narrow = edges.astype(np.float32)
+    real = np.isfinite(edges)
+    if not np.all(np.isfinite(narrow) == real):
+        return edges
+    if len(edges) > 1 and np.any((narrow[1:] <= narrow[:-1]) & real[1:]):
+        return edges
+    return narrow
+
+
+def psi(reference: FloatMatrix, counts: npt.NDArray[np.int64], rows: int) -> FloatMatrix:
+    """Population stability index per feature: sum over bins of (a - e) ln(a / e)."""
+    actual = np.maximum(counts / max(rows, 1), PSI_EPSILON)
+    expected = np.maximum(reference, PSI_EPSILON)
+    scores: FloatMatrix = ((actual - expected) * np.log(actual / expected)).sum(axis=1)
+    return scores
+
+
+def build_profile(
+    matrix: FloatMatrix,
+    *,
+    kind: ProfileKind,
+    name: str,
+    on_violation: OnViolation = "reject",
+    bins: int = DEFAULT_BINS,
+    margin: float = DEFAULT_MARGIN,
+    feature_names: Sequence[str] | None = None,
+) -> QualityProfile:
+    """A profile from a reference sample: quantile bins and a range widened by ``margin``.
+
+    The hard range is ``[min - margin * span, max + margin * span]`` of the reference
+    (span = max - min); bin edges are the reference's ``bins``-quantiles, ties merged.
+    """
+    if matrix.ndim != 2 or matrix.shape[0] == 0:
+        raise ValueError("the reference sample needs at least one record")
+    if not np.isfinite(matrix).all():
+        raise ValueError("the reference sample holds values that are not finite")
+    if bins < 2:
+        raise ValueError("at least two bins")
+    if feature_names is not None and len(feature_names) != matrix.shape[1]:
+        raise ValueError(f"{len(feature_names)} feature names for {matrix.shape[1]} features")
+    quantiles = np.quantile(matrix, np.linspace(0.0, 1.0, bins + 1)[1:-1], axis=0)
+    lows, highs = matrix.min(axis=0), matrix.max(axis=0)
+    spans = highs - lows
+    features = []
+    for column in range(matrix.shape[1]):
+        edges = np.unique(quantiles[:, column])
+        binned = np.searchsorted(edges, matrix[:, column], side="right")
+        shares = np.bincount(binned, minlength=len(edges) + 1) / matrix.shape[0]
+        features.append(
+            FeatureProfile(
+                index=column,
+                name=feature_names[column] if feature_names is not None else None,
+                min=float(lows[column] - margin * spans[column]),
+                max=float(highs[column] + margin * spans[column]),
+                edges=edges.tolist(),
+                proportions=shares.tolist(),
+            )
+        )
+    return QualityProfile(
+        kind=kind,
+        name=name,
+        created_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        reference_count=int(matrix.shape[0]),
+        on_violation=on_violation,
+        features=features,
+    )

@@ -1,0 +1,288 @@
+"""KafkaWriter: the actor that turns queued record batches into acknowledged Kafka writes.
+
+Requests put ``(records, future)`` items in one bounded mailbox. The single writer task
+takes what is waiting (up to ``writer_max_batch_records``), groups it by partition
+(the Java client's murmur2 partitioner on ``record_id``, computed with numpy over all
+the keys of equal length at once: ``partitions_for``), sends one Kafka batch per
+partition with ``acks=all``, and resolves each request's future once every batch that
+holds one of its records is acknowledged. Sends are pipelined up to
+``writer_max_in_flight`` batches; aiokafka has no memory bound of its own, so the
+mailbox in front of it is the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
+
+from mlgate.config import Settings
+from mlgate.workers.actor import Actor
+from mlgate.workers.errors import SinkFailed, WorkerClosed
+from mlgate.workers.sinks.records import OutboundRecord
+from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
+
+log = structlog.get_logger("mlgate.kafka_writer")
+
+
+@dataclass(eq=False)
+class _Pending:
+    records: list[OutboundRecord]
+    future: asyncio.Future[None]
+    batches_left: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+
+    def batch_done(self, error: BaseException | None) -> None:
+        if error is not None:
+            self.errors.append(error)
+        self.batches_left -= 1
+        if self.batches_left == 0 and not self.future.done():
+            if self.errors:
+                self.future.set_exception(SinkFailed(f"Kafka write failed: {self.errors[0]!r}"))
+            else:
+                self.future.set_result(None)
+
+
+def build_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        acks="all",
+        enable_idempotence=settings.kafka_enable_idempotence,
+        linger_ms=settings.kafka_linger_ms,
+        max_batch_size=settings.kafka_max_batch_bytes,
+        max_request_size=settings.kafka_max_batch_bytes * 2,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
+        compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
+        client_id="mlgate",
+    )
+
+
+class KafkaWriter(Actor[_Pending]):
+    name = "kafka"
+
+    def __init__(
+        self,
+        settings: Settings,
+        producer: AIOKafkaProducer | None = None,
+        telemetry: WorkerTelemetry = NO_TELEMETRY,
+    ) -> None:
+        super().__init__(settings.writer_mailbox_size)
+        self._settings = settings
+        self._telemetry = telemetry
+        self._topic = settings.kafka_topic
+        self._given_producer = producer
+        # Built in start(): a producer that failed to start cannot start again.
+        self._producer: AIOKafkaProducer | None = None
+        self._in_flight = asyncio.Semaphore(settings.writer_max_in_flight)
+        self._partitions: list[int] = []
+        self._last_error: str | None = None
+
+    @property
+    def _running_producer(self) -> AIOKafkaProducer:
+        assert self._producer is not None, "KafkaWriter used before start()"
+        return self._producer
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    async def start(self) -> None:
+        """Connect and learn the topic's partitions; may be retried after a failure."""
+        producer = self._given_producer or build_producer(self._settings)
+        try:
+            await producer.start()
+            partitions = await asyncio.wait_for(
+                producer.partitions_for(self._topic),
+                self._settings.kafka_request_timeout_ms / 1000,
+            )
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+        self._partitions = sorted(partitions)
+        self._launch(self._run())
+        log.info("kafka_writer_started", topic=self._topic, partitions=len(self._partitions))
+
+    def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Pending(records, future))
+        return future
+
+    async def write(self, records: list[OutboundRecord]) -> None:
+        await self.submit(records)
+
+    async def _release(self) -> None:
+        """Flush and stop the producer once the writer task has stopped."""
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def _drained(self) -> None:
+        await self._mailbox.join()
+        # Wait until every in-flight batch has been acknowledged.
+        for _ in range(self._settings.writer_max_in_flight):
+            await self._in_flight.acquire()
+
+    async def _run(self) -> None:
+        limit = self._settings.writer_max_batch_records
+        while True:
+            taken = [await self._mailbox.get()]
+            count = len(taken[0].records)
+            while count < limit and not self._mailbox.empty():
+                item = self._mailbox.get_nowait()
+                taken.append(item)
+                count += len(item.records)
+            # Each item holds one count while it is being dispatched, so a fast ack of its
+            # first partition batch cannot resolve it before its last batch is sent.
+            for item in taken:
+                item.batches_left = 1
+            error: BaseException | None = None
+            try:
+                await self._send(taken)
+            except Exception as exc:
+                log.error("kafka_send_failed", error=repr(exc))
+                error = exc
+            except BaseException:
+                # Cancelled mid-dispatch (close past its budget): what was not sent must
+                # fail, never resolve as written.
+                error = WorkerClosed("Kafka writer stopped while sending")
+                raise
+            finally:
+                for item in taken:
+                    item.batch_done(error)
+                    self._mailbox.task_done()
+
+    async def _send(self, items: list[_Pending]) -> None:
+        by_partition: dict[int, list[tuple[OutboundRecord, _Pending]]] = defaultdict(list)
+        entries = [(record, item) for item in items for record in item.records]
+        chosen = partitions_for([record.key for record, _ in entries], self._partitions)
+        for entry, partition in zip(entries, chosen, strict=True):
+            by_partition[partition].append(entry)
+        for partition, entries in by_partition.items():
+            await self._send_partition(partition, entries)
+
+    async def _send_partition(
+        self, partition: int, entries: list[tuple[OutboundRecord, _Pending]]
+    ) -> None:
+        batch = self._running_producer.create_batch()
+        members: set[_Pending] = set()
+        for record, item in entries:
+            if not self._append(batch, record):
+                if members:
+                    await self._dispatch(batch, partition, members)
+                    batch, members = self._running_producer.create_batch(), set()
+                if not self._append(batch, record):
+                    item.errors.append(SinkFailed("record larger than the Kafka batch size"))
+                    continue
+            members.add(item)
+        if members:
+            await self._dispatch(batch, partition, members)
+
+    @staticmethod
+    def _append(batch: BatchBuilder, record: OutboundRecord) -> bool:
+        appended = batch.append(
+            key=record.key, value=record.value, timestamp=None, headers=record.headers
+        )
+        return appended is not None
+
+    async def _dispatch(self, batch: BatchBuilder, partition: int, members: set[_Pending]) -> None:
+        for item in members:
+            item.batches_left += 1
+        records = batch.record_count()
+        batch.close()
+        acquired = False
+        try:
+            await self._in_flight.acquire()
+            acquired = True
+            sent_at = time.perf_counter()
+            ack = await self._running_producer.send_batch(batch, self._topic, partition=partition)
+        except BaseException as exc:
+            # This batch's count must be given back whatever happened, a cancellation
+            # (close past its budget) included, or its requests would wait forever.
+            if acquired:
+                self._in_flight.release()
+            self._telemetry.kafka_batch_failed(records)
+            error = exc if isinstance(exc, Exception) else WorkerClosed("send cancelled")
+            for item in members:
+                item.batch_done(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+
+        def on_ack(done: asyncio.Future[object]) -> None:
+            self._in_flight.release()
+            error = WorkerClosed("send cancelled") if done.cancelled() else done.exception()
+            if error is None:
+                self._telemetry.kafka_batch_acked(records, time.perf_counter() - sent_at)
+            else:
+                self._last_error = repr(error)
+                self._telemetry.kafka_batch_failed(records)
+            for item in members:
+                item.batch_done(error)
+
+        ack.add_done_callback(on_ack)
+
+
+# -- partitioning ------------------------------------------------------------------------
+
+_MURMUR2_SEED = 0x9747B28C
+_MURMUR2_M = np.uint32(0x5BD1E995)
+_VECTORIZE_FROM = 16  # keys of one length; fewer go through aiokafka's pure-Python murmur2
+
+
+def partitions_for(keys: list[bytes], partitions: list[int]) -> list[int]:
+    """The partition of each key, exactly as aiokafka's ``DefaultPartitioner`` (the Java
+    client's) picks it: ``partitions[(murmur2(key) & 0x7fffffff) % len(partitions)]``.
+
+    Keys of equal length are hashed together with numpy (uint32 arithmetic wraps like
+    the Java ints): about 0.1 us a key instead of 4 us in pure Python.
+    """
+    count = len(partitions)
+    chosen = [0] * len(keys)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for position, key in enumerate(keys):
+        by_length[len(key)].append(position)
+    for length, positions in by_length.items():
+        if len(positions) < _VECTORIZE_FROM:
+            for position in positions:
+                chosen[position] = partitions[(murmur2(keys[position]) & 0x7FFFFFFF) % count]
+            continue
+        hashes = _murmur2_equal_length([keys[position] for position in positions], length)
+        indexes = ((hashes & np.uint32(0x7FFFFFFF)) % np.uint32(count)).tolist()
+        for position, index in zip(positions, indexes, strict=True):
+            chosen[position] = partitions[index]
+    return chosen
+
+
+def _murmur2_equal_length(keys: list[bytes], length: int) -> np.ndarray:
+    """Murmur2 (Kafka's variant) of each key; every key is ``length`` bytes long."""
+    m = _MURMUR2_M
+    data = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), length)
+    h = np.full(len(keys), (_MURMUR2_SEED ^ length) & 0xFFFFFFFF, dtype=np.uint32)
+    whole = length - length % 4
+    if whole:
+        blocks = np.ascontiguousarray(data[:, :whole]).view("<u4")
+        for i in range(whole // 4):
+            k = blocks[:, i] * m
+            k ^= k >> np.uint32(24)
+            k *= m
+            h *= m
+            h ^= k
+    tail = length - whole
+    if tail >= 3:
+        h ^= data[:, whole + 2].astype(np.uint32) << np.uint32(16)
+    if tail >= 2:
+        h ^= data[:, whole + 1].astype(np.uint32) << np.uint32(8)
+    if tail >= 1:
+        h ^= data[:, whole].astype(np.uint32)
+        h *= m
+    h ^= h >> np.uint32(13)
+    h *= m
+    h ^= h >> np.uint32(15)
+    return h

@@ -1,0 +1,194 @@
+"""SpillingKafkaSink: Kafka first, the local log when Kafka fails, nothing lost between.
+
+    write(records)
+      ├── spill backlog empty and breaker closed → KafkaWriter (acks=all)
+      │     └── produce fails / breaker trips → spill
+      └── otherwise → spill (LocalLogWriter under <data_dir>/spill, fsync'd)
+    drainer task: spill → KafkaWriter, in log order, once the breaker lets calls through;
+                  the forwarded offset is fsync'd to ``forwarded.offset`` after each ack.
+
+While a backlog exists new records spill too, so records of one key reach Kafka in the
+order they were accepted. A full spill (``spill_max_records``) is the one case where a
+write is refused (``SpillFull``). A crash between an ack and the offset file write
+re-sends at most one drain batch on restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import structlog
+
+from mlgate.config import Settings, worker_data_dir
+from mlgate.workers.breaker import Breaker, BreakerOpen
+from mlgate.workers.errors import MailboxFull, SinkFailed, WorkerClosed, WorkerError
+from mlgate.workers.sinks.kafka_writer import KafkaWriter
+from mlgate.workers.sinks.local_log import LogCursor, delete_segments_before
+from mlgate.workers.sinks.local_log_writer import LocalLogWriter
+from mlgate.workers.sinks.records import OutboundRecord
+from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
+
+log = structlog.get_logger("mlgate.spill")
+
+OFFSET_FILE = "forwarded.offset"
+_KAFKA_FAILURES = (SinkFailed, WorkerClosed, BreakerOpen, TimeoutError, OSError)
+
+
+class SpillFull(WorkerError):
+    """The spill holds ``spill_max_records`` records not yet forwarded."""
+
+
+def read_forwarded_offset(directory: Path) -> int:
+    try:
+        return int((directory / OFFSET_FILE).read_text().strip() or 0)
+    except FileNotFoundError:
+        return 0
+
+
+def write_forwarded_offset(directory: Path, offset: int) -> None:
+    temporary = directory / (OFFSET_FILE + ".tmp")
+    with temporary.open("w") as handle:
+        handle.write(str(offset))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, directory / OFFSET_FILE)
+
+
+class SpillingKafkaSink:
+    name = "kafka"
+
+    def __init__(self, settings: Settings, telemetry: WorkerTelemetry = NO_TELEMETRY) -> None:
+        self._settings = settings
+        self._telemetry = telemetry
+        self._kafka = KafkaWriter(settings, telemetry=telemetry)
+        self._directory = Path(worker_data_dir(settings)) / "spill"
+        self._spill = LocalLogWriter(
+            self._directory,
+            mailbox_size=settings.writer_mailbox_size,
+            segment_bytes=settings.log_segment_bytes,
+        )
+        self.breaker = Breaker(
+            "kafka",
+            fail_max=settings.kafka_breaker_fail_max,
+            reset_s=settings.kafka_breaker_reset_s,
+        )
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="spill-drainer")
+        self._backlog = 0
+        self._spilled = asyncio.Event()
+        self._cursor = LogCursor(self._directory, 0)
+        self._drainer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def healthy(self) -> bool:
+        """Able to accept writes: Kafka or, failing that, the spill has room."""
+        return not self._closed and self._spill.healthy and self._backlog < self._settings.spill_max_records
+
+    @property
+    def backlog(self) -> int:
+        return self._backlog
+
+    @property
+    def mailbox_depth(self) -> int:
+        return self._kafka.mailbox_depth + self._spill.mailbox_depth
+
+    async def start(self) -> None:
+        await self._spill.start()
+        loop = asyncio.get_running_loop()
+        forwarded = await loop.run_in_executor(self._executor, read_forwarded_offset, self._directory)
+        if forwarded > self._spill.next_offset:
+            # The log lost records it had not fsync'd (a crash): new ones reuse those
+            # offsets, and a cursor past them would skip them.
+            log.warning("spill_forwarded_offset_past_end", forwarded=forwarded, end=self._spill.next_offset)
+            forwarded = self._spill.next_offset
+            await loop.run_in_executor(self._executor, write_forwarded_offset, self._directory, forwarded)
+        self._backlog = max(0, self._spill.next_offset - forwarded)
+        self._cursor = LogCursor(self._directory, forwarded)
+        try:
+            await self._kafka.start()
+        except Exception as exc:
+            # Kafka down at start-up: serve from the spill; the drainer retries Kafka.
+            log.error("kafka_unavailable_at_start", error=repr(exc))
+        if self._backlog:
+            log.warning("spill_backlog_at_start", records=self._backlog)
+            self._spilled.set()
+        self._drainer = asyncio.create_task(self._drain_forever(), name="spill-drainer")
+
+    async def write(self, records: list[OutboundRecord]) -> None:
+        if self._backlog == 0 and not self.breaker.is_open and self._kafka.healthy:
+            try:
+                await self.breaker.call(self._kafka.write, records)
+                return
+            except MailboxFull:
+                raise
+            except _KAFKA_FAILURES as exc:
+                log.warning("kafka_write_failed_spilling", error=repr(exc), records=len(records))
+        await self._to_spill(records)
+
+    async def _to_spill(self, records: list[OutboundRecord]) -> None:
+        if self._backlog + len(records) > self._settings.spill_max_records:
+            raise SpillFull(f"spill is full ({self._backlog} records waiting for Kafka)")
+        self._backlog += len(records)
+        try:
+            await self._spill.write(records)
+        except BaseException:
+            self._backlog -= len(records)
+            raise
+        self._telemetry.records_spilled(len(records))
+        self._spilled.set()
+
+    async def _drain_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch_size = self._settings.spill_drain_batch_records
+        while True:
+            await self._spilled.wait()
+            if self._kafka.started and not self._kafka.running:
+                # The writer task died (its requests were failed and spilled): a fresh one.
+                log.error("kafka_writer_replaced")
+                await self._kafka.close(drain_s=0)
+                self._kafka = KafkaWriter(self._settings, telemetry=self._telemetry)
+            if not self._kafka.started:
+                try:
+                    await self._kafka.start()
+                except Exception as exc:
+                    log.warning("kafka_still_unavailable", error=repr(exc))
+                    await asyncio.sleep(self._settings.kafka_breaker_reset_s)
+                    continue
+            # Only fsync'd records: one not yet durable may still be rolled back.
+            durable = min(batch_size, self._spill.durable_offset - self._cursor.offset)
+            entries = await loop.run_in_executor(self._executor, self._cursor.read, durable)
+            if not entries:
+                if self._backlog == 0:
+                    self._spilled.clear()
+                else:
+                    await asyncio.sleep(0.05)  # written but not yet visible to the cursor
+                continue
+            try:
+                await self.breaker.call(self._kafka.write, [entry.record for entry in entries])
+            except (MailboxFull, *_KAFKA_FAILURES) as exc:
+                self._cursor = LogCursor(self._directory, entries[0].offset)
+                wait = exc.retry_after_s if isinstance(exc, BreakerOpen) else 0.5
+                await asyncio.sleep(wait)
+                continue
+            forwarded = entries[-1].offset + 1
+            await loop.run_in_executor(self._executor, self._mark_forwarded, forwarded)
+            self._backlog = max(0, self._backlog - len(entries))
+            log.info("spill_forwarded", records=len(entries), backlog=self._backlog)
+
+    def _mark_forwarded(self, offset: int) -> None:
+        write_forwarded_offset(self._directory, offset)
+        delete_segments_before(self._directory, offset)
+
+    async def close(self, drain_s: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._drainer is not None:
+            self._drainer.cancel()
+            await asyncio.gather(self._drainer, return_exceptions=True)
+        await self._kafka.close(drain_s=drain_s)
+        await self._spill.close(drain_s=drain_s)
+        self._executor.shutdown(wait=True)
