@@ -1,28 +1,136 @@
-"""The data-quality resources of the app: the profile store and the drift monitor.
+"""The app's resources, one cleanup context each, in the order ``create_app`` appends them.
 
-``create_app`` builds both (no I/O) and appends their contexts to ``cleanup_ctx``:
-``profiles_ctx`` loads the profiles before the first request, rescans them every
-``MLGATE_PROFILES_POLL_INTERVAL_S`` and on SIGHUP (reload hook ``profiles``), always
-off the event loop; ``drift_monitor_ctx`` starts the monitor's task and stops it once
-in-flight handlers have finished.
+    shared_state       the Redis client and what uses it: API keys, rate limits,
+                       idempotency records, record-id dedup (each falls back to
+                       in-process state without Redis)
+    record_sink        Kafka with its spill, or the embedded local log, and the ingest
+                       pipeline that writes to it
+    profiles           feature profiles: loaded before the first request, rescanned
+                       every ``MLGATE_PROFILES_POLL_INTERVAL_S`` and on SIGHUP
+    drift_monitor      the drift monitor actor
+    model_repository   the ONNX models, their readiness check, SIGHUP hook and gauges
+    metrics_sampler    the gauges sampled once a second
+
+aiohttp runs the cleanups in reverse, after in-flight handlers have finished. Every
+background loop here is a ``SupervisedTask``: a crash is logged, counted and restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
-from mlgate.config import Settings
-from mlgate.service.state import DRIFT_MONITOR, METRICS, PROFILE_STORE, RELOAD_HOOKS, SETTINGS
+from mlgate.config import Settings, worker_data_dir
+from mlgate.service.http import metrics
+from mlgate.service.http.metrics import BREAKER_STATES, Metrics, PrometheusTelemetry
+from mlgate.service.ingest.dedup import RecordDeduplicator
+from mlgate.service.ingest.pipeline import IngestPipeline
+from mlgate.service.protection.api_keys import KeyStore, keys_path
+from mlgate.service.protection.idempotency import IdempotencyStore
+from mlgate.service.protection.rate_limits import RateLimiter
+from mlgate.service.protection.shared_redis import SharedRedis
+from mlgate.service.state import (
+    DRIFT_MONITOR,
+    IDEMPOTENCY,
+    INGEST_PIPELINE,
+    KEY_STORE,
+    METRICS,
+    MODEL_REPOSITORY,
+    PROFILE_STORE,
+    RATE_LIMITER,
+    READINESS_CHECKS,
+    RECORD_DEDUP,
+    RECORD_SINK,
+    RECORD_VALIDATOR,
+    RELOAD_HOOKS,
+    SETTINGS,
+)
+from mlgate.workers.inference.repository import ModelRepository
 from mlgate.workers.quality.drift_monitor import DriftMonitor
 from mlgate.workers.quality.profile_store import ProfileStore
+from mlgate.workers.sinks.local_log_writer import LocalLogWriter
+from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
+from mlgate.workers.supervision import SupervisedTask
 from mlgate.workers.telemetry import QualityTelemetry
 
-log = structlog.get_logger("mlgate.quality")
+log = structlog.get_logger("mlgate.lifecycles")
+
+
+async def shared_state(app: web.Application) -> AsyncIterator[None]:
+    """The Redis client (with REDIS_URL) and what uses it: API keys, rate limits,
+    idempotency records, record-id dedup; each falls back to in-process state."""
+    settings = app[SETTINGS]
+    app_metrics = app[METRICS]
+    redis: SharedRedis | None = None
+    if settings.redis_url:
+        redis = SharedRedis.from_settings(
+            settings, on_fallback=lambda operation: app_metrics.redis_fallback.labels(operation).inc()
+        )
+        if not await redis.ping():
+            log.warning("redis_unreachable_at_start", fallback="in-process state")
+        shared = redis
+        app_metrics.samplers["redis_breaker"] = lambda: app_metrics.breaker_state.labels(
+            "redis"
+        ).set(BREAKER_STATES[shared.breaker.state])
+    keys = KeyStore(keys_path(settings), redis, cache_s=settings.keys_cache_s)
+    app[KEY_STORE] = keys
+
+    async def reload_keys() -> None:
+        keys.reload()
+
+    app[RELOAD_HOOKS]["api_keys"] = reload_keys
+    if settings.auth_disabled:
+        log.warning("auth_disabled", detail="MLGATE_AUTH_DISABLED=true: every request is let in")
+    elif keys.file_key_count == 0 and redis is None:
+        log.warning("no_api_keys", keys_file=str(keys.path), hint="mlgate keys create")
+    if settings.workers > 1 and redis is None:
+        log.warning(
+            "per_process_limits",
+            detail="without REDIS_URL, rate limits, idempotency and dedup hold per process",
+        )
+    limiter = RateLimiter(settings, redis, app_metrics) if settings.rate_limits_enabled else None
+    if limiter is not None:
+        app[RATE_LIMITER] = limiter
+    app[IDEMPOTENCY] = idempotency_store = IdempotencyStore(settings, redis)
+    app[RECORD_DEDUP] = RecordDeduplicator(settings, redis)
+    yield
+    await idempotency_store.drain(settings.shutdown_timeout_s / 4)
+    if limiter is not None:
+        await limiter.close()
+    if redis is not None:
+        await redis.close()
+
+
+async def record_sink(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    sink: SpillingKafkaSink | LocalLogWriter
+    if settings.kafka_bootstrap_servers:
+        sink = SpillingKafkaSink(settings, telemetry=PrometheusTelemetry(app[METRICS]))
+    else:
+        sink = LocalLogWriter(
+            Path(worker_data_dir(settings)) / "log",
+            mailbox_size=settings.writer_mailbox_size,
+            segment_bytes=settings.log_segment_bytes,
+        )
+    await sink.start()
+    app[RECORD_SINK] = sink
+    app[INGEST_PIPELINE] = IngestPipeline(
+        app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS]
+    )
+    app[METRICS].samplers["record_sink"] = lambda: sample_sink(app[METRICS], sink)
+    yield
+    await sink.close(drain_s=settings.shutdown_timeout_s / 2)
+
+
+def sample_sink(app_metrics: Metrics, sink: SpillingKafkaSink | LocalLogWriter) -> None:
+    app_metrics.mailbox_depth.labels(sink.name).set(sink.mailbox_depth)
+    if isinstance(sink, SpillingKafkaSink):
+        app_metrics.spill_backlog.set(sink.backlog)
+        app_metrics.breaker_state.labels("kafka").set(BREAKER_STATES[sink.breaker.state])
 
 
 def drift_monitor_for(
@@ -37,7 +145,7 @@ def drift_monitor_for(
     )
 
 
-async def profiles_ctx(app: web.Application) -> AsyncIterator[None]:
+async def profiles(app: web.Application) -> AsyncIterator[None]:
     store = app[PROFILE_STORE]
     interval = app[SETTINGS].profiles_poll_interval_s
     loop = asyncio.get_running_loop()
@@ -57,15 +165,14 @@ async def profiles_ctx(app: web.Application) -> AsyncIterator[None]:
 
     await refresh()
     app[RELOAD_HOOKS]["profiles"] = refresh
-    task = asyncio.create_task(poll(), name="profiles-poll") if interval > 0 else None
+    poller = SupervisedTask("profiles-poll", poll, PrometheusTelemetry(app[METRICS]))
+    if interval > 0:
+        poller.start()
     yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await poller.stop()
 
 
-async def drift_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+async def drift_monitor(app: web.Application) -> AsyncIterator[None]:
     monitor = app[DRIFT_MONITOR]
     await monitor.start()
     app[METRICS].samplers["drift_monitor"] = lambda: app[METRICS].mailbox_depth.labels(
@@ -73,3 +180,39 @@ async def drift_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     ).set(monitor.mailbox_depth)
     yield
     await monitor.close()
+
+
+async def model_repository(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    repository = ModelRepository(settings, telemetry=PrometheusTelemetry(app[METRICS]))
+    await repository.start()
+    app[MODEL_REPOSITORY] = repository
+    app[READINESS_CHECKS]["models"] = lambda: repository.ready
+    app[RELOAD_HOOKS]["models"] = repository.poll
+    sampled: set[str] = set()
+
+    def sample() -> None:
+        """Mailbox depth and breaker state per serving version; retired ones removed."""
+        depth, breaker = app[METRICS].mailbox_depth, app[METRICS].breaker_state
+        versions = {f"model:{v.model}/{v.version}": v for v in repository.serving()}
+        for label in sampled - versions.keys():
+            depth.remove(f"inference:{label.removeprefix('model:')}")
+            breaker.remove(label)
+        for label, version in versions.items():
+            depth.labels(f"inference:{version.worker.name}").set(version.worker.mailbox_depth)
+            breaker.labels(label).set(BREAKER_STATES[version.breaker.state])
+        sampled.clear()
+        sampled.update(versions)
+
+    app[METRICS].samplers["models"] = sample
+    yield
+    app[METRICS].samplers.pop("models", None)
+    app[READINESS_CHECKS].pop("models", None)
+    await repository.close()
+
+
+async def metrics_sampler(app: web.Application) -> AsyncIterator[None]:
+    sampler = metrics.sampler(app[METRICS])
+    sampler.start()
+    yield
+    await sampler.stop()

@@ -1,30 +1,36 @@
-"""Every typed key of the application's state, declared in one place."""
+"""Every typed key of the application's state, declared in one place.
+
+Request-scoped keys live with the HTTP context (``service.http.context``). Nothing
+this module imports imports it back: the stores it names are built elsewhere
+(``service.lifecycles``) and read by the middlewares and routes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractResource
 
 from mlgate.config import Settings
 from mlgate.service.http.metrics import Metrics
 from mlgate.service.ingest.dedup import RecordDeduplicator
+from mlgate.service.ingest.pipeline import IngestPipeline
 from mlgate.service.ingest.validation import RecordValidator
-from mlgate.service.protection.api_keys import ApiKey, KeyStore
+from mlgate.service.protection.api_keys import KeyStore
+from mlgate.service.protection.idempotency import IdempotencyStore
+from mlgate.service.protection.rate_limits import RateLimiter
 from mlgate.workers.inference.repository import ModelRepository
 from mlgate.workers.quality.drift_monitor import DriftMonitor
 from mlgate.workers.quality.profile_store import ProfileStore
 from mlgate.workers.sinks.records import RecordSink
 
-if TYPE_CHECKING:  # their modules hold middlewares that import these keys
-    from mlgate.service.protection.idempotency import IdempotencyStore
-    from mlgate.service.protection.rate_limits import RateLimiter
-
 SETTINGS = web.AppKey("settings", Settings)
 RECORD_SINK = web.AppKey("record_sink", RecordSink)
 RECORD_VALIDATOR = web.AppKey("record_validator", RecordValidator)
+# decode -> validate -> quality -> dedup -> write -> confirm (service.ingest.pipeline)
+INGEST_PIPELINE = web.AppKey("ingest_pipeline", IngestPipeline)
 METRICS = web.AppKey("metrics", Metrics)
 # Set on SIGTERM so /ready turns false while in-flight requests finish.
 DRAINING = web.AppKey("draining", asyncio.Event)
@@ -34,23 +40,20 @@ READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], bool]])
 # What SIGHUP reloads (model repository, API keys, TLS), by name.
 RELOAD_HOOKS = web.AppKey("reload_hooks", dict[str, Callable[[], Awaitable[None]]])
 
-# API keys, rate limits, idempotency, record dedup (service.auth and its neighbours).
+# API keys, rate limits, idempotency, record dedup (service.protection).
 KEY_STORE = web.AppKey("key_store", KeyStore)
-RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
-IDEMPOTENCY: web.AppKey[IdempotencyStore] = web.AppKey("idempotency")
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+IDEMPOTENCY = web.AppKey("idempotency", IdempotencyStore)
 RECORD_DEDUP = web.AppKey("record_dedup", RecordDeduplicator)
 
-# The ONNX models being served; service.routes.predict owns its lifecycle.
+# Who may call each route, by the resource that matched (service.http.routing):
+# None for an open route, else the scopes of which a key needs one.
+ROUTE_ACCESS = web.AppKey("route_access", dict[AbstractResource, frozenset[str] | None])
+
+# The ONNX models being served.
 MODEL_REPOSITORY = web.AppKey("model_repository", ModelRepository)
 
-# Feature profiles and the drift monitor (service.quality_lifecycle owns their lifecycles).
+# Feature profiles and the drift monitor .
 PROFILE_STORE = web.AppKey("profile_store", ProfileStore)
 DRIFT_MONITOR = web.AppKey("drift_monitor", DriftMonitor)
 
-# Per-request state.
-REQUEST_ID = web.RequestKey("request_id", str)
-TENANT = web.RequestKey("tenant", str)
-KEY_ID = web.RequestKey("key_id", str)
-API_KEY = web.RequestKey("api_key", ApiKey)
-# The body an Idempotency-Key request had read up front (service.body serves it).
-BUFFERED_BODY = web.RequestKey("buffered_body", bytes)

@@ -14,12 +14,15 @@ from mlgate.service.protection.api_keys import (
     encode_key,
     new_key,
 )
-from mlgate.service.protection.auth import OPEN_ROUTES, required_scopes
-from mlgate.service.state import KEY_STORE
+from mlgate.service.state import KEY_STORE, ROUTE_ACCESS
 from tests.support import KeyMaker, ManagedProcess
 
 INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
-OPEN_PATHS = OPEN_ROUTES | {"/docs/init.js", "/docs/static"}
+# The contract's open routes, plus the docs page's own assets.
+OPEN_PATHS = {
+    "/health", "/ready", "/metrics", "/openapi.json", "/docs", "/v2/health/live",
+    "/v2/health/ready", "/docs/init.js", "/docs/static",
+}
 
 
 def _concrete(path: str) -> str:
@@ -135,14 +138,27 @@ async def test_server_metadata_takes_any_valid_key(app_client, secured, api_keys
     assert (await client.get("/v2", headers={"X-API-Key": key})).status == 200
 
 
-def test_scopes_follow_the_path() -> None:
-    assert required_scopes("/api/v2/ingest/stream") == {"ingest"}
-    assert required_scopes("/api/v1/predict") == {"predict"}
-    assert required_scopes("/v2/models/{model}/infer") == {"predict"}
-    assert required_scopes("/v2/repository/index") == {"admin"}
-    assert required_scopes("/api/v2/quality/drift") == {"quality", "admin"}
-    assert required_scopes("/v2") == frozenset()
-    assert required_scopes("/api/v3/something-new") == {"admin"}
+async def test_every_route_declares_who_may_call_it(app_client, secured) -> None:
+    client = await app_client(secured())
+    access = client.app[ROUTE_ACCESS]
+    undeclared = [
+        route.resource.canonical
+        for route in client.app.router.routes()
+        if route.resource is not None and route.resource not in access
+    ]
+    assert undeclared == []
+
+
+async def test_declared_scopes_follow_the_contract(app_client, secured) -> None:
+    client = await app_client(secured())
+    by_path = {resource.canonical: scopes for resource, scopes in client.app[ROUTE_ACCESS].items()}
+    assert by_path["/api/v2/ingest/stream"] == {"ingest"}
+    assert by_path["/api/v1/predict"] == {"predict"}
+    assert by_path["/v2/models/{model}/infer"] == {"predict"}
+    assert by_path["/v2/repository/index"] == {"admin"}
+    assert by_path["/api/v2/quality/sources/{source}"] == {"quality", "admin"}
+    assert by_path["/v2"] == frozenset()
+    assert {path for path, scopes in by_path.items() if scopes is None} == OPEN_PATHS
 
 
 async def test_unknown_path_is_401_without_a_key_and_404_with_one(

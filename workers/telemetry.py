@@ -10,7 +10,21 @@ from collections.abc import Sequence
 from typing import Protocol
 
 
-class WorkerTelemetry(Protocol):
+class SupervisionTelemetry(Protocol):
+    """What supervised background tasks report (``workers.supervision``)."""
+
+    def background_task_crashed(self, task: str) -> None: ...
+
+
+class _NoSupervisionTelemetry:
+    def background_task_crashed(self, task: str) -> None:
+        pass
+
+
+NO_SUPERVISION_TELEMETRY: SupervisionTelemetry = _NoSupervisionTelemetry()
+
+
+class WorkerTelemetry(SupervisionTelemetry, Protocol):
     def kafka_batch_acked(self, records: int, seconds: float) -> None: ...
 
     def kafka_batch_failed(self, records: int) -> None: ...
@@ -22,7 +36,7 @@ class WorkerTelemetry(Protocol):
     ) -> None: ...
 
 
-class _NoTelemetry:
+class _NoTelemetry(_NoSupervisionTelemetry):
     def kafka_batch_acked(self, records: int, seconds: float) -> None:
         pass
 
@@ -69,3 +83,4 @@ class _NoQualityTelemetry:
 
 
 NO_QUALITY_TELEMETRY: QualityTelemetry = _NoQualityTelemetry()
+

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import http_parser, web
 
+from mlgate.service.http.context import BUFFERED_BODY
 from mlgate.service.http.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from mlgate.service.state import BUFFERED_BODY
 
 # What aiohttp's parser can decompress here; anything else would reach us still encoded.
 SUPPORTED_ENCODINGS = {"identity", "gzip", "deflate"}

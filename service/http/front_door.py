@@ -23,6 +23,7 @@ from aiohttp.typedefs import Handler, Middleware
 from mlgate.config import Settings
 from mlgate.schemas.problem import Problem
 from mlgate.service.http.codec import PROBLEM_JSON, Format, encode, response_format
+from mlgate.service.http.context import KEY_ID, REQUEST_ID, TENANT
 from mlgate.service.http.errors import (
     ApiError,
     DeadlineExceeded,
@@ -32,7 +33,6 @@ from mlgate.service.http.errors import (
     PayloadTooLarge,
 )
 from mlgate.service.http.metrics import RequestCounter
-from mlgate.service.state import KEY_ID, REQUEST_ID, TENANT
 from mlgate.workers.breaker import BreakerOpen
 from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed, WorkerError
 

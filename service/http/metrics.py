@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -28,6 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from mlgate.workers.supervision import SupervisedTask
 
 log = structlog.get_logger("mlgate.metrics")
 
@@ -50,6 +51,10 @@ class Metrics:
         self.request_seconds = Histogram(
             "mlgate_http_request_duration_seconds", "HTTP request latency",
             ["route", "method"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.background_task_crashes = Counter(
+            "mlgate_background_task_crashes", "Crashes of supervised background tasks (each restarted)",
+            ["task"], registry=r,
         )
         self.mailbox_depth = Gauge(
             "mlgate_mailbox_depth", "Items waiting in a worker's mailbox", ["worker"],
@@ -203,29 +208,15 @@ class RequestCounter:
         timer.observe(seconds)
 
 
-async def sample_forever(metrics: Metrics, interval_s: float = 1.0) -> None:
-    while True:
-        metrics.sample()
-        await asyncio.sleep(interval_s)
+def sampler(metrics: Metrics, interval_s: float = 1.0) -> SupervisedTask:
+    """The gauges' sampling loop, once a second."""
 
+    async def sample_forever() -> None:
+        while True:
+            metrics.sample()
+            await asyncio.sleep(interval_s)
 
-def cleanup_ctx(metrics: Metrics) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def sampler(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(sample_forever(metrics), name="metrics-sampler")
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    return sampler
-
-
-def setup(app: web.Application, metrics: Metrics) -> None:
-    async def scrape(request: web.Request) -> web.Response:
-        metrics.sample()
-        body = await asyncio.get_running_loop().run_in_executor(None, metrics.exposition)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app.router.add_get("/metrics", scrape)
+    return SupervisedTask("metrics-sampler", sample_forever, PrometheusTelemetry(metrics))
 
 
 class PrometheusTelemetry:
@@ -233,6 +224,9 @@ class PrometheusTelemetry:
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
+
+    def background_task_crashed(self, task: str) -> None:
+        self._m.background_task_crashes.labels(task).inc()
 
     def kafka_batch_acked(self, records: int, seconds: float) -> None:
         self._m.produce_seconds.observe(seconds)

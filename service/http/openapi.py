@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document, generated from the msgspec wire types, and the /docs page.
 
-Each route module lists its ``OPERATIONS``; their request and response types are the
+Each route module declares its ``ROUTES`` (``service.http.routing``); their request and response types are the
 same Structs that validate requests, turned into JSON Schema 2020-12 by msgspec, so
 the document cannot drift from the code. ``/docs`` renders it with Swagger UI served
 from the ``swagger-ui-bundle`` package (no CDN).
@@ -8,7 +8,6 @@ from the ``swagger-ui-bundle`` package (no CDN).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,32 +15,14 @@ import msgspec
 from aiohttp import web
 
 from mlgate.schemas.problem import Problem
+from mlgate.service.http.routing import BODY_TYPES, Route, add_static
 
 REF = "#/components/schemas/{name}"
-BODY_TYPES = ("application/json", "application/msgpack")
 PROBLEM_TYPES = ("application/problem+json", "application/msgpack")
 # The Open Inference Protocol routes answer errors as application/json (same document).
 OIP_PROBLEM_TYPES = ("application/json", "application/msgpack")
 # As service.idempotency accepts it: 1-255 printable ASCII characters.
 IDEMPOTENCY_KEY_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"}
-
-
-@dataclass(frozen=True)
-class Operation:
-    method: str
-    path: str
-    summary: str
-    tag: str
-    responses: dict[int, Any]
-    request: Any = None
-    scope: str | None = None
-    request_media: tuple[str, ...] = BODY_TYPES
-    parameters: list[dict[str, Any]] = field(default_factory=list)
-    deprecated: bool = False
-    description: str = ""
-    # Error statuses the handler answers beyond those implied by the operation's shape
-    # (see ``_error_statuses``), e.g. 404 for a model named in the body, 504 for a deadline.
-    errors: tuple[int, ...] = ()
 
 
 PROBLEM_STATUSES = {
@@ -59,7 +40,8 @@ PROBLEM_STATUSES = {
 }
 
 
-def build_document(operations: list[Operation], version: str) -> dict[str, Any]:
+def build_document(routes: list[Route], version: str) -> dict[str, Any]:
+    operations = [route for route in routes if route.documented]
     types: list[Any] = [Problem]
     for op in operations:
         if op.request is not None:
@@ -134,7 +116,7 @@ def build_document(operations: list[Operation], version: str) -> dict[str, Any]:
     }
 
 
-def _operation_id(op: Operation) -> str:
+def _operation_id(op: Route) -> str:
     cleaned = op.path.strip("/").replace("/", "_").replace("{", "").replace("}", "")
     return f"{op.method}_{cleaned or 'root'}"
 
@@ -149,11 +131,11 @@ def _status_text(status: int) -> str:
 
 
 def _is_oip(path: str) -> bool:
-    # The same rule service.middlewares applies when it shapes an error.
+    # The same rule service.http.front_door applies when it shapes an error.
     return path == "/v2" or path.startswith("/v2/")
 
 
-def _error_statuses(op: Operation) -> list[int]:
+def _error_statuses(op: Route) -> list[int]:
     """Errors any operation of this shape can answer, then the operation's own."""
     statuses = []
     if op.request is not None:
@@ -180,8 +162,9 @@ _DOCS_PAGE = """<!doctype html>
 _DOCS_INIT = "window.ui = SwaggerUIBundle({url: '/openapi.json', dom_id: '#swagger-ui'});\n"
 
 
-def setup(app: web.Application, operations: list[Operation], version: str) -> None:
-    document = msgspec.json.encode(build_document(operations, version))
+def docs_routes(documented: list[Route], version: str) -> list[Route]:
+    """``/openapi.json`` for ``documented``, and the ``/docs`` page that renders it."""
+    document = msgspec.json.encode(build_document(documented, version))
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.Response(body=document, content_type="application/json")
@@ -192,12 +175,17 @@ def setup(app: web.Application, operations: list[Operation], version: str) -> No
     async def docs_init(request: web.Request) -> web.Response:
         return web.Response(text=_DOCS_INIT, content_type="application/javascript")
 
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/docs", docs)
-    app.router.add_get("/docs/init.js", docs_init)
+    return [
+        Route("get", "/openapi.json", openapi_json, "This document", "operations", documented=False),
+        Route("get", "/docs", docs, "Swagger UI", "operations", documented=False),
+        Route("get", "/docs/init.js", docs_init, "Swagger UI set-up", "operations", documented=False),
+    ]
+
+
+def add_docs_assets(app: web.Application) -> None:
     assets = _swagger_ui_path()
     if assets is not None:
-        app.router.add_static("/docs/static/", assets)
+        add_static(app, "/docs/static/", str(assets))
 
 
 def _swagger_ui_path() -> Path | None:

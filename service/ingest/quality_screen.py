@@ -1,6 +1,7 @@
 """QualityScreen: semantic validation of an ingest batch against its source's profile.
 
-``RecordValidator.validate`` hands the screen every batch it accepted; without a
+``RecordValidator.validate`` hands the screen every batch it accepted and gets a new
+``ValidatedBatch`` back; without a
 profile for the source the batch passes untouched. With one, the accepted records'
 features become one numpy matrix and the profile's hard ranges are checked in one
 vectorised pass. A record with a value out of range (or with another number of
@@ -22,17 +23,16 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from dataclasses import replace
+from typing import Literal
 
 import numpy as np
 
 from mlgate.schemas.ingest import RecordError, StoredRecord
+from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.workers.quality.drift_monitor import DriftMonitor
 from mlgate.workers.quality.profile import CompiledProfile, FloatMatrix
 from mlgate.workers.quality.profile_store import ProfileStore
-
-if TYPE_CHECKING:  # service.record_validation imports this module
-    from mlgate.service.ingest.validation import ValidatedBatch
 
 QUALITY_FLAGS_HEADER = "quality_flags"
 MAX_FLAGGED_NAMES = 32
@@ -68,11 +68,11 @@ class QualityScreen:
         if not violations:
             return batch
         if profile.profile.on_violation == "flag":
-            batch.quality_flags = {
+            flags = {
                 batch.accepted[p].record_id: _header_value(names) for p, names in violations.items()
             }
             self._count(batch.source, "flagged", len(violations))
-            return batch
+            return replace(batch, quality_flags=flags)
         return self._reject(batch, profile, violations)
 
     def _reject(
@@ -95,9 +95,8 @@ class QualityScreen:
                     )
                 )
         errors.sort(key=lambda error: error.index)
-        batch.accepted, batch.errors = accepted, errors
         self._count(batch.source, "rejected", len(violations))
-        return batch
+        return replace(batch, accepted=accepted, errors=errors)
 
     def _count(self, source: str, action: Literal["rejected", "flagged"], records: int) -> None:
         if self._monitor is not None:

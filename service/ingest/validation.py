@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +28,7 @@ from mlgate.schemas.ingest import (
 from mlgate.schemas.problem import FieldError
 from mlgate.service.http.codec import Format, decode, location
 from mlgate.service.http.errors import ValidationFailed
+from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.quality_screen import QUALITY_FLAGS_HEADER, QualityScreen
 from mlgate.workers.sinks.records import OutboundRecord
 
@@ -36,19 +36,6 @@ _record_decoders: dict[Format, Any] = {
     Format.JSON: msgspec.json.Decoder(Record),
     Format.MSGPACK: msgspec.msgpack.Decoder(Record),
 }
-
-
-@dataclass(slots=True)
-class ValidatedBatch:
-    source: str
-    accepted: list[StoredRecord]
-    errors: list[RecordError]
-    # record_id -> value of the ``quality_flags`` header (profiles with on_violation=flag)
-    quality_flags: dict[str, bytes] = field(default_factory=dict)
-
-    @property
-    def size(self) -> int:
-        return len(self.accepted) + len(self.errors)
 
 
 class RecordValidator:
@@ -90,12 +77,8 @@ class RecordValidator:
         try:
             record: Record = _record_decoders[fmt].decode(raw)
             return record
-        except msgspec.ValidationError as exc:
-            loc, msg = location(exc)
-            where = f" at {loc}" if loc else ""
-            return RecordError(index=index, record_id=None, error=f"{msg}{where}")
         except (msgspec.DecodeError, RecursionError) as exc:
-            return RecordError(index=index, record_id=None, error=f"undecodable record: {exc}")
+            return record_error(index, exc)
 
     # -- semantic checks --------------------------------------------------------------
 
@@ -180,6 +163,15 @@ class RecordValidator:
                         key=plain.key, value=plain.value, headers=[*headers, (QUALITY_FLAGS_HEADER, flags)]
                     )
         return records
+
+
+def record_error(index: int, exc: Exception) -> RecordError:
+    """The one mapping from a record's decoding failure to its entry in ``errors``."""
+    if isinstance(exc, msgspec.ValidationError):
+        loc, msg = location(exc)
+        where = f" at {loc}" if loc else ""
+        return RecordError(index=index, record_id=None, error=f"{msg}{where}")
+    return RecordError(index=index, record_id=None, error=f"undecodable record: {exc}")
 
 
 def _rfc3339(moment: datetime) -> str:

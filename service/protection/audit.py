@@ -14,7 +14,7 @@ from typing import Literal
 import structlog
 from aiohttp import web
 
-from mlgate.service.state import KEY_ID, REQUEST_ID, TENANT
+from mlgate.service.http.context import KEY_ID, REQUEST_ID, TENANT
 
 # Its own level: an audit event reaches the trail whatever MLGATE_LOG_LEVEL drops
 # (a service logging warnings only still records who ingested what). Not cached, so it

@@ -1,4 +1,6 @@
-"""Idempotency-Key on POST: the first response is kept and replayed, nothing runs twice.
+"""Idempotency records: the first response to an Idempotency-Key, kept to be replayed.
+
+``service.protection.middleware`` applies them to requests.
 
 Semantics follow Stripe and draft-ietf-httpapi-idempotency-key-header:
 
@@ -41,15 +43,9 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 import structlog
-from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from mlgate.config import Settings
-from mlgate.service.http.body import read_body
-from mlgate.service.http.errors import ApiError, BadRequest, Conflict, ValidationFailed
-from mlgate.service.http.front_door import problem_response
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
-from mlgate.service.state import API_KEY, BUFFERED_BODY, IDEMPOTENCY, METRICS, SETTINGS
 
 T = TypeVar("T")
 HEADER = "Idempotency-Key"
@@ -222,87 +218,7 @@ def fingerprint(method: str, path_qs: str, body: bytes) -> str:
     return digest.hexdigest()
 
 
-def _valid_key(value: str) -> bool:
-    return 0 < len(value) <= MAX_KEY_LENGTH and value.isascii() and value.isprintable()
-
-
 def stores(status: int) -> bool:
     """Which answers are final: 2xx and 4xx but 409 and 429; those two (something else
     still in flight, over a limit) and 5xx are worth a retry with the same key."""
     return 200 <= status < 300 or (400 <= status < 500 and status not in (409, 429))
-
-
-def snapshot(response: web.StreamResponse) -> StoredResponse | None:
-    if not isinstance(response, web.Response) or response.prepared:
-        return None
-    body = response.body
-    if not isinstance(body, bytes):
-        return None
-    headers = [(name, response.headers[name]) for name in KEPT_HEADERS if name in response.headers]
-    return StoredResponse(status=response.status, headers=headers, body=body)
-
-
-def replay(stored: StoredResponse) -> web.Response:
-    response = web.Response(status=stored.status, body=stored.body)
-    for name, value in stored.headers:
-        response.headers[name] = value
-    response.headers[REPLAYED] = "true"
-    return response
-
-
-@web.middleware
-async def idempotency(request: web.Request, handler: Handler) -> web.StreamResponse:
-    key = request.headers.get(HEADER)
-    if key is None:  # most requests: nothing more to look at
-        return await handler(request)
-    api_key = request.get(API_KEY)
-    if request.method != "POST" or api_key is None or request.match_info.http_exception is not None:
-        return await handler(request)
-    if not _valid_key(key):
-        raise BadRequest(f"{HEADER} must be 1-{MAX_KEY_LENGTH} printable ASCII characters")
-
-    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
-    request[BUFFERED_BODY] = body
-    store = request.app[IDEMPOTENCY]
-    # Once claimed, the outcome must be recorded even when the client goes away and the
-    # handler is cancelled (aiohttp's handler_cancellation): otherwise the claim would be
-    # released while the write may still land, and the retry would write it again.
-    return await store.run_to_completion(
-        _claim_and_run(request, handler, store, api_key.tenant, key, body)
-    )
-
-
-async def _claim_and_run(
-    request: web.Request,
-    handler: Handler,
-    store: IdempotencyStore,
-    tenant: str,
-    key: str,
-    body: bytes,
-) -> web.StreamResponse:
-    request_fingerprint = fingerprint(request.method, request.path_qs, body)
-    claimed = await store.claim(tenant, key, request_fingerprint)
-    if isinstance(claimed, Entry):
-        if claimed.fingerprint != request_fingerprint:
-            raise ValidationFailed(f"This {HEADER} was used with a different request")
-        if claimed.response is None:
-            raise Conflict(f"A request with this {HEADER} is still in flight", retry_after_s=1)
-        request.app[METRICS].idempotent_replays.inc()
-        return replay(claimed.response)
-
-    try:
-        response: web.StreamResponse = await handler(request)
-    except ApiError as exc:
-        if not stores(exc.status):
-            await store.release(claimed)
-            raise
-        response = problem_response(request, exc)
-    except BaseException:
-        await store.release(claimed)
-        raise
-    stored = snapshot(response) if stores(response.status) else None
-    if stored is None:
-        await store.release(claimed)
-    else:
-        await store.complete(claimed, stored)
-    return response

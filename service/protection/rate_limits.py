@@ -28,15 +28,11 @@ import time
 from dataclasses import dataclass
 
 import structlog
-from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from mlgate.config import Settings
-from mlgate.service.http.errors import ApiError, RateLimited
 from mlgate.service.http.metrics import Metrics
 from mlgate.service.protection.api_keys import ApiKey
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
-from mlgate.service.state import API_KEY, RATE_LIMITER
 
 MAX_LOCAL_BUCKETS = 100_000
 log = structlog.get_logger("mlgate.rate_limits")
@@ -308,33 +304,3 @@ class RateLimiter:
         if not decision.allowed and self._metrics is not None:
             self._metrics.rate_limited.labels(decision.refused_by).inc()
         return decision
-
-
-@web.middleware
-async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """429 when the caller's key or tenant is over its limit; RateLimit fields always."""
-    key = request.get(API_KEY)
-    if key is None:  # an open route
-        return await handler(request)
-    limiter = request.app.get(RATE_LIMITER)
-    if limiter is None:  # MLGATE_RATE_LIMITS_ENABLED=false
-        return await handler(request)
-    decision = await limiter.check(key)
-    headers = decision.headers()
-    if not decision.allowed:
-        raise RateLimited(
-            f"Over the {decision.refused_by}'s rate limit; retry after the Retry-After seconds",
-            retry_after_s=decision.retry_after_s,
-            headers=headers,
-        )
-    try:
-        response = await handler(request)
-    except ApiError as exc:
-        exc.headers.update(headers)
-        raise
-    except web.HTTPException as exc:
-        exc.headers.update(headers)
-        raise
-    if not response.prepared:
-        response.headers.update(headers)
-    return response

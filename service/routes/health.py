@@ -1,24 +1,16 @@
-"""Liveness and readiness: ``GET /health`` and ``GET /ready``."""
+"""Operations: liveness ``GET /health``, readiness ``GET /ready``, ``GET /metrics``."""
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from mlgate.schemas.health import Health, Readiness
 from mlgate.service.http.codec import respond
-from mlgate.service.http.openapi import Operation
-from mlgate.service.state import DRAINING, READINESS_CHECKS, RECORD_SINK
-
-OPERATIONS = [
-    Operation("get", "/health", "Liveness: the process serves HTTP", "operations", {200: Health}),
-    Operation(
-        "get",
-        "/ready",
-        "Readiness: accepting work, sink healthy, models loaded",
-        "operations",
-        {200: Readiness, 503: Readiness},
-    ),
-]
+from mlgate.service.http.routing import Route
+from mlgate.service.state import DRAINING, METRICS, READINESS_CHECKS, RECORD_SINK
 
 
 async def health(request: web.Request) -> web.Response:
@@ -40,7 +32,20 @@ async def ready(request: web.Request) -> web.Response:
         status=200 if is_ready else 503,
     )
 
+async def scrape(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    metrics.sample()
+    body = await asyncio.get_running_loop().run_in_executor(None, metrics.exposition)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-def setup(app: web.Application) -> None:
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
+ROUTES = [
+    Route("get", "/health", health, "Liveness: the process serves HTTP", "operations", {200: Health}),
+    Route(
+        "get",
+        "/ready", ready,
+        "Readiness: accepting work, sink healthy, models loaded",
+        "operations",
+        {200: Readiness, 503: Readiness},
+    ),
+    Route("get", "/metrics", scrape, "Prometheus metrics", "operations", documented=False),
+]

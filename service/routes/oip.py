@@ -48,8 +48,10 @@ from mlgate.schemas.oip import (
 from mlgate.service import __version__
 from mlgate.service.http.body import read_body
 from mlgate.service.http.codec import MEDIA_TYPES, Format, decode, respond
+from mlgate.service.http.context import REQUEST_ID
 from mlgate.service.http.errors import BadRequest, NotFound
-from mlgate.service.http.openapi import Operation
+from mlgate.service.http.routing import Route
+from mlgate.service.predict.flow import TIMEOUT_HEADER, request_deadline, resolve
 from mlgate.service.predict.tensors import (
     HEADER_LENGTH,
     input_arrays,
@@ -58,8 +60,7 @@ from mlgate.service.predict.tensors import (
     to_binary,
     to_json,
 )
-from mlgate.service.routes.predict import TIMEOUT_HEADER, request_deadline, resolve
-from mlgate.service.state import DRAINING, DRIFT_MONITOR, MODEL_REPOSITORY, REQUEST_ID, SETTINGS
+from mlgate.service.state import DRAINING, DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.inference.model_config import PLATFORM, TensorSpec
 from mlgate.workers.inference.repository import ModelLoadFailed, ModelNotFound
 
@@ -281,7 +282,7 @@ _VERSION = "/v2/models/{model}/versions/{version}"
 _OIP, _REPOSITORY = "open inference protocol", "model repository"
 
 
-def _operations() -> list[Operation]:
+def _routes() -> list[Route]:
     infer_header = {
         "name": HEADER_LENGTH,
         "in": "header",
@@ -289,41 +290,45 @@ def _operations() -> list[Operation]:
         "schema": {"type": "integer"},
     }
     ops = [
-        Operation("get", "/v2", "OIP server metadata", _OIP, {200: ServerMetadata}, scope="any"),
-        Operation("get", "/v2/health/live", "OIP liveness", _OIP, {200: Liveness}),
-        Operation(
-            "get", "/v2/health/ready", "OIP readiness", _OIP, {200: Readiness, 400: Readiness}
+        Route("get", "/v2", server_metadata, "OIP server metadata", _OIP, {200: ServerMetadata}, scope="any"),
+        Route("get", "/v2/health/live", server_live, "OIP liveness", _OIP, {200: Liveness}),
+        Route(
+            "get", "/v2/health/ready", server_ready, "OIP readiness", _OIP, {200: Readiness, 400: Readiness}
         ),
     ]
     for base in (_MODEL, _VERSION):
         ops += [
-            Operation(
+            Route(
                 "get",
                 base,
+                model_metadata,
                 "OIP model metadata",
                 _OIP,
                 {200: ModelMetadata, 404: None},
                 scope="predict",
             ),
-            Operation(
+            Route(
                 "get",
                 f"{base}/ready",
+                model_ready,
                 "OIP model readiness",
                 _OIP,
                 {200: ModelReadiness, 404: None},
                 scope="predict",
             ),
-            Operation(
+            Route(
                 "get",
                 f"{base}/config",
+                model_config,
                 "Triton model configuration",
                 _OIP,
                 {200: ModelConfig, 404: None},
                 scope="predict",
             ),
-            Operation(
+            Route(
                 "post",
                 f"{base}/infer",
+                infer,
                 "OIP inference: JSON tensors or the binary tensor extension",
                 _OIP,
                 {200: InferenceResponse, 404: None, 504: None},
@@ -335,9 +340,10 @@ def _operations() -> list[Operation]:
         ]
     for action, summary in (("load", "Load or reload a model"), ("unload", "Unload a model")):
         ops.append(
-            Operation(
+            Route(
                 "post",
                 f"/v2/repository/models/{{model}}/{action}",
+                repository_load if action == "load" else repository_unload,
                 summary,
                 _REPOSITORY,
                 {200: None, 404: None},
@@ -346,9 +352,10 @@ def _operations() -> list[Operation]:
             )
         )
     ops.append(
-        Operation(
+        Route(
             "post",
             "/v2/repository/index",
+            repository_index,
             "Repository index",
             _REPOSITORY,
             {200: list[RepositoryIndexEntry]},
@@ -359,20 +366,4 @@ def _operations() -> list[Operation]:
     return ops
 
 
-OPERATIONS = _operations()
-
-
-def setup(app: web.Application) -> None:
-    """Routes only: the repository itself is set up by ``service.routes.predict``."""
-    router = app.router
-    router.add_get("/v2", server_metadata)
-    router.add_get("/v2/health/live", server_live)
-    router.add_get("/v2/health/ready", server_ready)
-    for base in (_MODEL, _VERSION):
-        router.add_get(base, model_metadata)
-        router.add_get(f"{base}/ready", model_ready)
-        router.add_get(f"{base}/config", model_config)
-        router.add_post(f"{base}/infer", infer)
-    router.add_post("/v2/repository/index", repository_index)
-    router.add_post("/v2/repository/models/{model}/load", repository_load)
-    router.add_post("/v2/repository/models/{model}/unload", repository_unload)
+ROUTES = _routes()

@@ -15,7 +15,7 @@ from mlgate.schemas.problem import FieldError
 from mlgate.schemas.quality import DriftReport, ProfileKind
 from mlgate.service.http.codec import respond
 from mlgate.service.http.errors import NotFound, ValidationFailed
-from mlgate.service.http.openapi import Operation
+from mlgate.service.http.routing import Route
 from mlgate.service.state import DRIFT_MONITOR
 
 DEFAULT_TOP = 10
@@ -35,28 +35,6 @@ _DESCRIPTION = (
     "404 when no profile exists."
 )
 
-OPERATIONS = [
-    Operation(
-        "get",
-        "/api/v2/quality/sources/{source}",
-        "Drift of a source's records against its feature profile",
-        "quality",
-        {200: DriftReport},
-        scope="quality",
-        parameters=[_TOP],
-        description=_DESCRIPTION,
-    ),
-    Operation(
-        "get",
-        "/api/v2/quality/models/{model}",
-        "Drift of a model's inputs against its feature profile",
-        "quality",
-        {200: DriftReport},
-        scope="quality",
-        parameters=[_TOP],
-        description=_DESCRIPTION,
-    ),
-]
 
 
 def _top(request: web.Request) -> int:
@@ -91,7 +69,25 @@ async def model_quality(request: web.Request) -> web.Response:
     """Drift of one model's inputs against its profile."""
     return _answer(request, "model", request.match_info["model"])
 
-
-def setup(app: web.Application) -> None:
-    app.router.add_get("/api/v2/quality/sources/{source}", source_quality)
-    app.router.add_get("/api/v2/quality/models/{model}", model_quality)
+ROUTES = [
+    Route(
+        "get",
+        "/api/v2/quality/sources/{source}", source_quality,
+        "Drift of a source's records against its feature profile",
+        "quality",
+        {200: DriftReport},
+        scope="quality",
+        parameters=[_TOP],
+        description=_DESCRIPTION,
+    ),
+    Route(
+        "get",
+        "/api/v2/quality/models/{model}", model_quality,
+        "Drift of a model's inputs against its feature profile",
+        "quality",
+        {200: DriftReport},
+        scope="quality",
+        parameters=[_TOP],
+        description=_DESCRIPTION,
+    ),
+]

@@ -50,6 +50,7 @@ from mlgate.workers.inference.model_config import (
     read_config,
     versions_on_disk,
 )
+from mlgate.workers.supervision import SupervisedTask
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 log = structlog.get_logger("mlgate.models")
@@ -123,7 +124,7 @@ class ModelRepository:
         self._changed = asyncio.Event()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._retiring: set[asyncio.Task[None]] = set()
-        self._poller: asyncio.Task[None] | None = None
+        self._poller: SupervisedTask | None = None
         self._started = False
         self._closed = False
 
@@ -133,7 +134,8 @@ class ModelRepository:
         await self.poll()
         self._started = True
         if self.settings.model_poll_interval_s > 0:
-            self._poller = asyncio.create_task(self._poll_forever(), name="model-poller")
+            self._poller = SupervisedTask("model-poller", self._poll_forever, self._telemetry)
+            self._poller.start()
         log.info("models_started", root=str(self.root), serving=self.serving_summary())
 
     async def close(self) -> None:
@@ -141,8 +143,7 @@ class ModelRepository:
             return
         self._closed = True
         if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+            await self._poller.stop()
         async with self._lock:
             versions = [v for by_version in self._serving.values() for v in by_version.values()]
             self._serving, self._latest = {}, {}
@@ -411,7 +412,12 @@ class ModelRepository:
                 self._close_version(version), name=f"retire-{version.worker.name}"
             )
             self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("model_version_close_failed", task=task.get_name(), error=repr(task.exception()))
 
     async def _close_version(self, version: ModelVersion) -> None:
         await version.worker.close(drain_s=self.settings.shutdown_timeout_s / 2)

@@ -29,6 +29,7 @@ from mlgate.workers.sinks.kafka_writer import KafkaWriter
 from mlgate.workers.sinks.local_log import LogCursor, delete_segments_before
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
+from mlgate.workers.supervision import SupervisedTask
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 log = structlog.get_logger("mlgate.spill")
@@ -79,13 +80,19 @@ class SpillingKafkaSink:
         self._backlog = 0
         self._spilled = asyncio.Event()
         self._cursor = LogCursor(self._directory, 0)
-        self._drainer: asyncio.Task[None] | None = None
+        self._drainer = SupervisedTask("spill-drainer", self._drain_forever, telemetry)
         self._closed = False
 
     @property
     def healthy(self) -> bool:
-        """Able to accept writes: Kafka or, failing that, the spill has room."""
-        return not self._closed and self._spill.healthy and self._backlog < self._settings.spill_max_records
+        """Able to accept writes (Kafka or, failing that, the spill has room) and not
+        stuck: with records spilled, the drainer must be running."""
+        return (
+            not self._closed
+            and self._spill.healthy
+            and self._backlog < self._settings.spill_max_records
+            and (self._backlog == 0 or self._drainer.healthy)
+        )
 
     @property
     def backlog(self) -> int:
@@ -115,7 +122,7 @@ class SpillingKafkaSink:
         if self._backlog:
             log.warning("spill_backlog_at_start", records=self._backlog)
             self._spilled.set()
-        self._drainer = asyncio.create_task(self._drain_forever(), name="spill-drainer")
+        self._drainer.start()
 
     async def write(self, records: list[OutboundRecord]) -> None:
         if self._backlog == 0 and not self.breaker.is_open and self._kafka.healthy:
@@ -186,9 +193,7 @@ class SpillingKafkaSink:
         if self._closed:
             return
         self._closed = True
-        if self._drainer is not None:
-            self._drainer.cancel()
-            await asyncio.gather(self._drainer, return_exceptions=True)
+        await self._drainer.stop()
         await self._kafka.close(drain_s=drain_s)
         await self._spill.close(drain_s=drain_s)
         self._executor.shutdown(wait=True)

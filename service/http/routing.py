@@ -1,0 +1,95 @@
+"""Route declarations: each route's method, path, handler, scope and OpenAPI entry, once.
+
+Route modules export ``ROUTES``, a list of ``Route``; ``add_routes`` registers them on
+the router and records each resource's access, which the protection middleware reads
+from the route that matched (never from the raw path). OpenAPI is built from the same
+list. ``scope`` is who may call a route:
+
+    None        open, no key needed (health, readiness, metrics, docs)
+    "any"       any valid key
+    "ingest", "predict", "admin"
+                a key with that scope
+    "quality"   a key with the quality or the admin scope
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from mlgate.service.state import ROUTE_ACCESS
+
+BODY_TYPES = ("application/json", "application/msgpack")
+
+# The scopes of which a key needs one; empty means any valid key.
+ACCEPTED_SCOPES: dict[str, frozenset[str]] = {
+    "any": frozenset(),
+    "ingest": frozenset({"ingest"}),
+    "predict": frozenset({"predict"}),
+    "admin": frozenset({"admin"}),
+    "quality": frozenset({"quality", "admin"}),
+}
+# Resources nothing declared (aiohttp's own 404/405 routes): any key, then the 404/405.
+UNDECLARED: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    responses: dict[int, Any] = field(default_factory=dict)
+    request: Any = None
+    scope: str | None = None
+    request_media: tuple[str, ...] = BODY_TYPES
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+    deprecated: bool = False
+    description: str = ""
+    # Error statuses the handler answers beyond those implied by the operation's shape
+    # (see ``openapi.error_statuses``), e.g. 404 for a model named in the body.
+    errors: tuple[int, ...] = ()
+    # Served but left out of the OpenAPI document (the docs page and its assets).
+    documented: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scope is not None and self.scope not in ACCEPTED_SCOPES:
+            raise ValueError(f"{self.method} {self.path}: unknown scope {self.scope!r}")
+
+    @property
+    def accepted_scopes(self) -> frozenset[str] | None:
+        """None for an open route, else the scopes of which a key needs one."""
+        return None if self.scope is None else ACCEPTED_SCOPES[self.scope]
+
+
+def add_routes(app: web.Application, routes: Iterable[Route]) -> None:
+    access = app[ROUTE_ACCESS]
+    for route in routes:
+        if route.method == "get":
+            added = app.router.add_get(route.path, route.handler)
+        else:
+            added = app.router.add_route(route.method.upper(), route.path, route.handler)
+        assert added.resource is not None
+        declared = access.setdefault(added.resource, route.accepted_scopes)
+        if declared != route.accepted_scopes:
+            raise ValueError(f"{route.path}: methods of one path need the same scope")
+
+
+def add_static(app: web.Application, prefix: str, folder: str) -> None:
+    """Static files under ``prefix``: open, like the page that loads them."""
+    resource = app.router.add_static(prefix, folder)
+    app[ROUTE_ACCESS][resource] = None
+
+
+def route_access(request: web.Request) -> frozenset[str] | None:
+    """None when the matched route is open, else the scopes a key needs one of."""
+    match_info = request.match_info
+    if match_info.http_exception is not None:
+        return UNDECLARED
+    resource = match_info.route.resource
+    return request.app[ROUTE_ACCESS].get(resource, ACCEPTED_SCOPES["admin"]) if resource else UNDECLARED

@@ -1,0 +1,114 @@
+"""IngestPipeline: the one path every ingested record takes, and what a 202 means.
+
+    decode -> validate -> quality screen -> dedup claim -> write -> confirm
+
+- **decode**: the body into the source and, per index, a ``Record`` or the reason it
+  was rejected (``RecordValidator.decode_batch``; streams decode record by record in
+  ``ingest.streams``).
+- **validate** and **quality screen**: per-record checks, partial success
+  (``RecordValidator.validate``, ``QualityScreen``).
+- **dedup claim**: client-given ``record_id``s already written within the window are
+  dropped as duplicates; ids another request is writing wait for it or answer 409
+  (``ingest.dedup``).
+- **write**: the rest go to the record sink's mailbox; the call returns once the sink
+  has made them durable: Kafka ``acks=all`` (or the local spill, fsync'd, while Kafka
+  is down), or the embedded local log, fsync'd.
+- **confirm**: the claimed ids are marked written, shielded from cancellation.
+
+So a 202 means: every record counted in ``records_accepted`` is durable, each keyed
+by its ``record_id``; ``records_duplicate`` were already written and were not written
+again; ``records_rejected`` are listed in ``errors`` with their reasons. Any failure
+before the sink's acknowledgement releases the claim and surfaces as an error (503
+when the sink is full or down), so nothing is acknowledged that is not durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, replace
+
+from mlgate.schemas.ingest import Record, RecordError
+from mlgate.service.http.codec import Format
+from mlgate.service.http.metrics import Metrics
+from mlgate.service.ingest.batch import ValidatedBatch
+from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
+from mlgate.service.ingest.validation import RecordValidator
+from mlgate.workers.sinks.records import RecordSink
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What one write did: ``accepted`` records written, ``duplicates`` dropped."""
+
+    accepted: int
+    duplicates: int
+
+
+def new_tracking_id() -> str:
+    return uuid.uuid4().hex
+
+
+class IngestPipeline:
+    def __init__(
+        self,
+        validator: RecordValidator,
+        dedup: RecordDeduplicator,
+        sink: RecordSink,
+        metrics: Metrics,
+    ) -> None:
+        self._validator = validator
+        self._dedup = dedup
+        self._sink = sink
+        self._metrics = metrics
+
+    def decode(self, body: bytes, fmt: Format) -> tuple[str, list[Record | RecordError]]:
+        return self._validator.decode_batch(body, fmt)
+
+    def validate(self, source: str, items: list[Record | RecordError]) -> ValidatedBatch:
+        return self._validator.validate(source, items)
+
+    async def write(
+        self,
+        tenant: str,
+        batch: ValidatedBatch,
+        tracking_id: str,
+        items: list[Record | RecordError],
+    ) -> Written:
+        """Write the accepted records whose ``record_id`` was not written within the
+        dedup window; returns once they are durable."""
+        fresh, claim = await self._drop_duplicates(tenant, batch, items)
+        if fresh.accepted:
+            try:
+                await self._sink.write(self._validator.outbound(fresh, tracking_id))
+            except BaseException:
+                if claim is not None:
+                    await asyncio.shield(self._dedup.release(tenant, claim))
+                raise
+        if claim is not None:
+            # Written: a cancellation now must not leave the ids to lapse and be written again.
+            await asyncio.shield(self._dedup.confirm(tenant, claim))
+        duplicates = len(batch.accepted) - len(fresh.accepted)
+        if duplicates:
+            self._metrics.records_duplicate.inc(duplicates)
+        return Written(accepted=len(fresh.accepted), duplicates=duplicates)
+
+    async def _drop_duplicates(
+        self, tenant: str, batch: ValidatedBatch, items: list[Record | RecordError]
+    ) -> tuple[ValidatedBatch, Claim | None]:
+        """The batch without records already written (by client-given record_id), and
+        the claim on the rest. Generated ids are unique and not tracked."""
+        if not self._dedup.enabled:
+            return batch, None
+        given = {item.record_id for item in items if isinstance(item, Record) and item.record_id}
+        tracked = [record.record_id for record in batch.accepted if record.record_id in given]
+        if not tracked:
+            return batch, None
+        claim = await self._dedup.claim(tenant, tracked)
+        if all(claim.new):
+            return batch, claim
+        keep, new = [], iter(claim.new)
+        for record in batch.accepted:
+            if record.record_id not in given or next(new):
+                keep.append(record)
+        return replace(batch, accepted=keep), claim

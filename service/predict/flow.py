@@ -1,0 +1,191 @@
+"""The predict flow shared by the REST routes (v2, v1) and the OIP routes.
+
+Decode, resolve the model version (404), check the rows against the model's input
+metadata (422), queue them on that version's batching worker with the request's
+deadline (``X-Request-Timeout`` in ms, else ``request_timeout_ms``) and shape the
+answer from its outputs. A full mailbox is 503 at once (while the default model's
+mailbox is full, before the rows are even decoded) and a deadline that passes in the
+queue is 504; both surface as ``workers.errors`` that the front door maps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TypeVar
+
+import numpy as np
+from aiohttp import web
+
+from mlgate.schemas.predict import (
+    BatchPredictResponse,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    PredictTarget,
+    PredictV1Request,
+)
+from mlgate.schemas.problem import FieldError
+from mlgate.service.http.body import read_body
+from mlgate.service.http.codec import Format, decode, request_format
+from mlgate.service.http.context import REQUEST_ID
+from mlgate.service.http.errors import ApiError, BadRequest, NotFound, ValidationFailed
+from mlgate.service.state import DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
+from mlgate.workers.inference.model_config import NUMPY_DTYPES
+from mlgate.workers.inference.repository import ModelNotFound, ModelRepository, ModelVersion
+
+PayloadT = TypeVar("PayloadT", PredictRequest, PredictV1Request)
+TIMEOUT_HEADER = "X-Request-Timeout"
+# Below a millisecond no answer could arrive in time; such a header is a client bug.
+MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 1, 600_000
+_FLOAT_INPUTS = ("FP16", "FP32", "FP64")
+
+
+def request_deadline(request: web.Request, started: float, default_ms: float) -> float:
+    """The monotonic time by which the answer is due: ``X-Request-Timeout`` ms or default."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return started + default_ms / 1000
+    try:
+        timeout_ms = float(raw)
+    except ValueError:
+        timeout_ms = math.nan
+    if not MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS:
+        raise BadRequest(
+            f"{TIMEOUT_HEADER} must be a number of milliseconds in [{MIN_TIMEOUT_MS}, {MAX_TIMEOUT_MS}]"
+        )
+    return started + timeout_ms / 1000
+
+
+def resolve(repository: ModelRepository, model: str, version: str | None) -> ModelVersion:
+    try:
+        return repository.resolve(model, version)
+    except ModelNotFound as exc:
+        raise NotFound(str(exc)) from None
+
+
+def feature_rows(loaded: ModelVersion, values: list[list[float]], loc: str) -> np.ndarray:
+    """The rows as the model's input dtype; 422 when they do not fit its metadata."""
+    if (
+        len(loaded.inputs) != 1
+        or loaded.inputs[0].datatype not in _FLOAT_INPUTS
+        or len(loaded.inputs[0].shape) != 2
+    ):
+        raise ValidationFailed(
+            f"model {loaded.model} does not take one row of float features; use /v2/models/{loaded.model}/infer",
+            errors=[FieldError(loc="model", msg="not a feature-row model")],
+        )
+    spec = loaded.inputs[0]
+    try:
+        # A value beyond the dtype's range becomes inf (caught below), not a warning.
+        with np.errstate(over="ignore"):
+            rows = np.asarray(values, dtype=NUMPY_DTYPES[spec.datatype])
+    except ValueError:
+        raise ValidationFailed(
+            "every instance needs the same number of features",
+            errors=[FieldError(loc=loc, msg="rows of different lengths")],
+        ) from None
+    expected = spec.shape[1]
+    if expected >= 0 and rows.shape[1] != expected:
+        raise ValidationFailed(
+            f"model {loaded.model} version {loaded.version} takes {expected} features, got {rows.shape[1]}",
+            errors=[FieldError(loc=loc, msg=f"expected {expected} features, got {rows.shape[1]}")],
+        )
+    if not np.isfinite(rows).all():
+        raise ValidationFailed(
+            "features must be finite numbers within the model's input type",
+            errors=[FieldError(loc=loc, msg="NaN, infinite or out-of-range value")],
+        )
+    return rows
+
+
+def predictions(loaded: ModelVersion, scores: np.ndarray) -> list[Prediction]:
+    if loaded.kind == "regressor":
+        values = scores.reshape(len(scores), -1)[:, 0]
+        return [Prediction(prediction=float(v), confidence=None) for v in values]
+    classes = scores.argmax(axis=1)
+    confidences = scores.max(axis=1)
+    labels = loaded.config.labels or ()
+    return [
+        Prediction(
+            prediction=int(c),
+            confidence=float(p),
+            label=labels[c] if c < len(labels) else None,
+        )
+        for c, p in zip(classes.tolist(), confidences.tolist(), strict=True)
+    ]
+
+
+async def run_predict(
+    request: web.Request, payload: PredictRequest | PredictV1Request, started: float
+) -> PredictResponse | BatchPredictResponse:
+    """The one code path behind v2 and v1."""
+    app = request.app  # a property that resolves the current app: once per request
+    settings = app[SETTINGS]
+    deadline = request_deadline(request, started, settings.request_timeout_ms)
+    repository = app[MODEL_REPOSITORY]
+    loaded = resolve(repository, payload.model or settings.default_model, payload.model_version)
+    instances = payload.instances if isinstance(payload, PredictRequest) else None
+    # Shed before building the rows: under overload most requests end here.
+    loaded.worker.check_room(1 if instances is None else len(instances), deadline)
+    if instances is not None:
+        rows = feature_rows(loaded, instances, "instances")
+    else:
+        assert payload.features is not None
+        rows = feature_rows(loaded, [payload.features], "features")
+    request_id = payload.request_id or request[REQUEST_ID]
+    outputs = await loaded.infer(rows, deadline, request_id=request_id)
+    app[DRIFT_MONITOR].observe(loaded.model, "model", rows)  # never waits; drops when full
+    answers = predictions(loaded, outputs[loaded.outputs[0].name])
+    latency_ms = round((time.monotonic() - started) * 1000, 3)
+    if instances is not None:
+        return BatchPredictResponse(
+            predictions=answers,
+            model=loaded.model,
+            model_version=loaded.version,
+            request_id=request_id,
+            latency_ms=latency_ms,
+        )
+    answer = answers[0]
+    return PredictResponse(
+        prediction=answer.prediction,
+        confidence=answer.confidence,
+        label=answer.label,
+        model=loaded.model,
+        model_version=loaded.version,
+        request_id=request_id,
+        latency_ms=latency_ms,
+    )
+
+
+def shed_before_decoding(request: web.Request, body: bytes, fmt: Format, started: float) -> None:
+    """Under overload, the 503 comes before the rows are decoded (for 768 JSON floats
+    the decoding costs more than the rest of a shed request): when the default model's
+    mailbox is full, read only which model the body names and, if it is that one, ask
+    its worker for room now. Anything else (another model, a body that does not even
+    parse) goes on to the full decoding and its usual answer."""
+    app = request.app
+    settings = app[SETTINGS]
+    try:
+        default = app[MODEL_REPOSITORY].resolve(settings.default_model)
+    except ModelNotFound:
+        return
+    if not default.worker.mailbox_full:
+        return
+    try:
+        target = decode(body, PredictTarget, fmt)
+    except ApiError:
+        return
+    if (target.model or settings.default_model) == default.model and target.model_version in (
+        "latest",
+        default.version,
+    ):
+        deadline = request_deadline(request, started, settings.request_timeout_ms)
+        default.worker.check_room(1, deadline)
+
+
+async def read_payload(request: web.Request, type_: type[PayloadT], started: float) -> PayloadT:
+    fmt = request_format(request)
+    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    shed_before_decoding(request, body, fmt, started)
+    return decode(body, type_, fmt)

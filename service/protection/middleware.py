@@ -1,0 +1,220 @@
+"""The protection middleware: API key, rate limit and Idempotency-Key, in that order.
+
+Who may call a route is declared with the route (``service.http.routing``) and read
+from the route that matched, never from the raw path, so an unknown path or a wrong
+method on an open path needs a key too:
+
+- Open routes (health, readiness, metrics, docs, OIP health) pass untouched.
+- Everything else needs ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``;
+  missing or unknown: 401 with ``WWW-Authenticate: Bearer realm="mlgate"``; a key
+  without the route's scope: 403. ``MLGATE_AUTH_DISABLED=true`` lets every request
+  in as tenant ``anonymous`` with every scope (start-up logs a warning).
+- Rate limits (``protection.rate_limits``): 429 with ``Retry-After`` when the key or
+  its tenant is over its limit; the RateLimit fields on every answer.
+- ``Idempotency-Key`` on POST (``protection.idempotency``): the first answer is kept
+  and replayed; same key with another body 422, while in flight 409.
+"""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from mlgate.config import Settings
+from mlgate.service.http.body import read_body
+from mlgate.service.http.context import API_KEY, BUFFERED_BODY, KEY_ID, TENANT
+from mlgate.service.http.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Overloaded,
+    RateLimited,
+    Unauthorized,
+    ValidationFailed,
+)
+from mlgate.service.http.front_door import problem_response
+from mlgate.service.http.routing import route_access
+from mlgate.service.protection.api_keys import ANONYMOUS, ApiKey, KeyStoreUnavailable
+from mlgate.service.protection.idempotency import (
+    HEADER,
+    KEPT_HEADERS,
+    MAX_KEY_LENGTH,
+    REPLAYED,
+    Entry,
+    IdempotencyStore,
+    StoredResponse,
+    fingerprint,
+    stores,
+)
+from mlgate.service.state import IDEMPOTENCY, KEY_STORE, METRICS, RATE_LIMITER, SETTINGS
+
+CHALLENGE = 'Bearer realm="mlgate"'
+
+log = structlog.get_logger("mlgate.protection")
+
+
+def protection(settings: Settings) -> Middleware:
+    """The one middleware; switched off, rate limits cost nothing per request."""
+    limits = settings.rate_limits_enabled
+
+    @web.middleware
+    async def protect(request: web.Request, handler: Handler) -> web.StreamResponse:
+        accepted = route_access(request)
+        if accepted is None:  # an open route
+            return await handler(request)
+        key = await authenticate(request, accepted)
+        if limits:
+            return await rate_limited(request, key, lambda r: idempotent(r, key, handler))
+        return await idempotent(request, key, handler)
+
+    return protect
+
+
+async def authenticate(request: web.Request, accepted: frozenset[str]) -> ApiKey:
+    """The request's key, checked against the scopes the route accepts (empty: any)."""
+    if request.app[SETTINGS].auth_disabled:
+        key = ANONYMOUS
+    else:
+        presented = presented_key(request)
+        if presented is None:
+            raise Unauthorized(
+                "An API key is required: Authorization: Bearer <key> or X-API-Key: <key>",
+                headers={"WWW-Authenticate": CHALLENGE},
+            )
+        try:
+            found = await request.app[KEY_STORE].authenticate(presented)
+        except KeyStoreUnavailable as exc:
+            raise Overloaded(str(exc), retry_after_s=1) from None
+        if found is None:
+            raise Unauthorized(
+                "The API key is unknown or revoked",
+                headers={"WWW-Authenticate": f'{CHALLENGE}, error="invalid_token"'},
+            )
+        key = found
+        structlog.contextvars.bind_contextvars(tenant=key.tenant, key_id=key.key_id)
+        if accepted and not (accepted & key.scopes):
+            wanted = " or ".join(sorted(accepted))
+            raise Forbidden(
+                f"The key lacks the scope this route needs: {wanted}",
+                headers={
+                    "WWW-Authenticate": (
+                        f'{CHALLENGE}, error="insufficient_scope", scope="{" ".join(sorted(accepted))}"'
+                    )
+                },
+            )
+    request[API_KEY], request[TENANT], request[KEY_ID] = key, key.tenant, key.key_id
+    return key
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The key from ``Authorization: Bearer``, else from ``X-API-Key``."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    api_key = request.headers.get("X-API-Key", "").strip()
+    return api_key or None
+
+
+async def rate_limited(request: web.Request, key: ApiKey, handler: Handler) -> web.StreamResponse:
+    """429 when the caller's key or tenant is over its limit; RateLimit fields always."""
+    decision = await request.app[RATE_LIMITER].check(key)
+    headers = decision.headers()
+    if not decision.allowed:
+        raise RateLimited(
+            f"Over the {decision.refused_by}'s rate limit; retry after the Retry-After seconds",
+            retry_after_s=decision.retry_after_s,
+            headers=headers,
+        )
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        exc.headers.update(headers)
+        raise
+    except web.HTTPException as exc:
+        exc.headers.update(headers)
+        raise
+    if not response.prepared:
+        response.headers.update(headers)
+    return response
+
+
+def replay(stored: StoredResponse) -> web.Response:
+    response = web.Response(status=stored.status, body=stored.body)
+    for name, value in stored.headers:
+        response.headers[name] = value
+    response.headers[REPLAYED] = "true"
+    return response
+
+
+def snapshot(response: web.StreamResponse) -> StoredResponse | None:
+    if not isinstance(response, web.Response) or response.prepared:
+        return None
+    body = response.body
+    if not isinstance(body, bytes):
+        return None
+    headers = [(name, response.headers[name]) for name in KEPT_HEADERS if name in response.headers]
+    return StoredResponse(status=response.status, headers=headers, body=body)
+
+
+def _valid_key(value: str) -> bool:
+    return 0 < len(value) <= MAX_KEY_LENGTH and value.isascii() and value.isprintable()
+
+
+async def idempotent(
+    request: web.Request, api_key: ApiKey, handler: Handler
+) -> web.StreamResponse:
+    key = request.headers.get(HEADER)
+    if key is None:  # most requests: nothing more to look at
+        return await handler(request)
+    if request.method != "POST" or request.match_info.http_exception is not None:
+        return await handler(request)
+    if not _valid_key(key):
+        raise BadRequest(f"{HEADER} must be 1-{MAX_KEY_LENGTH} printable ASCII characters")
+
+    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    request[BUFFERED_BODY] = body
+    store = request.app[IDEMPOTENCY]
+    # Once claimed, the outcome must be recorded even when the client goes away and the
+    # handler is cancelled (aiohttp's handler_cancellation): otherwise the claim would be
+    # released while the write may still land, and the retry would write it again.
+    return await store.run_to_completion(
+        _claim_and_run(request, handler, store, api_key.tenant, key, body)
+    )
+
+
+async def _claim_and_run(
+    request: web.Request,
+    handler: Handler,
+    store: IdempotencyStore,
+    tenant: str,
+    key: str,
+    body: bytes,
+) -> web.StreamResponse:
+    request_fingerprint = fingerprint(request.method, request.path_qs, body)
+    claimed = await store.claim(tenant, key, request_fingerprint)
+    if isinstance(claimed, Entry):
+        if claimed.fingerprint != request_fingerprint:
+            raise ValidationFailed(f"This {HEADER} was used with a different request")
+        if claimed.response is None:
+            raise Conflict(f"A request with this {HEADER} is still in flight", retry_after_s=1)
+        request.app[METRICS].idempotent_replays.inc()
+        return replay(claimed.response)
+
+    try:
+        response: web.StreamResponse = await handler(request)
+    except ApiError as exc:
+        if not stores(exc.status):
+            await store.release(claimed)
+            raise
+        response = problem_response(request, exc)
+    except BaseException:
+        await store.release(claimed)
+        raise
+    stored = snapshot(response) if stores(response.status) else None
+    if stored is None:
+        await store.release(claimed)
+    else:
+        await store.complete(claimed, stored)
+    return response
