@@ -6,7 +6,6 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,8 +14,9 @@ import pytest
 
 from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
 from mlgate.workers.inference.batching import InferenceWorker
+from tests.service_process import REPO
 
-DEMO = Path(__file__).resolve().parent.parent / "models" / "demo" / "1" / "model.onnx"
+DEMO = REPO / "models" / "demo" / "1" / "model.onnx"
 
 
 class RecordingSession:

@@ -13,8 +13,9 @@ from mlgate.service.state import DRIFT_MONITOR
 from mlgate.workers.quality.profile import build_profile
 from mlgate.workers.quality.profile_store import ProfileStore
 from tests.conftest import AppClientFactory
+from tests.service_process import REPO
 
-DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
+DEMO = REPO / "models" / "demo"
 
 
 def _profiled_demo(make_settings: Callable[..., Settings], tmp_path: Path) -> Settings:

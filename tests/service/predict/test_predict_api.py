@@ -21,9 +21,10 @@ from mlgate.config import Settings
 from mlgate.service.state import MODEL_REPOSITORY
 from mlgate.workers.inference.batching import InferenceWorker
 from models.make_demo_model import build_mlp
+from tests.service_process import REPO
 
 Client = TestClient[web.Request, web.Application]
-DEMO_REPO = Path(__file__).resolve().parent.parent / "models"
+DEMO_REPO = REPO / "models"
 
 
 def rows(n: int, seed: int = 0) -> np.ndarray:

@@ -18,9 +18,10 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
+from tests.service_process import REPO
 from tests.support import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 DEMO_MODEL = ROOT / "models" / "demo"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -15,9 +14,10 @@ from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings
 from mlgate.service.state import DRAINING
+from tests.service_process import REPO
 
 Client = TestClient[web.Request, web.Application]
-DEMO_REPO = Path(__file__).resolve().parent.parent / "models"
+DEMO_REPO = REPO / "models"
 WIDTH = 128
 
 
