@@ -1,0 +1,200 @@
+"""The fault suite: real processes under steady ingest while a dependency fails.
+
+Each scenario runs a producer that posts batches of unique ``record_id``s to a real
+``mlgate serve`` process, retrying a 5xx or a connection error with the same ids (as
+a well-behaved producer does), while the test freezes the broker, freezes Redis or
+kills mlgate with SIGKILL. Each ends with an account read back from Kafka:
+
+    accepted    ids acknowledged with a 202 (counted once, whatever the retries)
+    landed      distinct acknowledged ids found in the topic
+    duplicates  messages in the topic beyond one per id
+    lost        acknowledged ids missing from the topic (must be 0)
+    5xx         answers >= 500 while the spill had room (must be 0, but for the
+                SIGKILL scenario, where connection errors are expected)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from tests.conftest import ServiceFactory
+from tests.service_process import ServiceProcess
+from tests.support import KafkaBroker, ManagedProcess, create_topic, read_topic
+
+BATCH = 20
+
+
+@dataclass
+class Account:
+    scenario: str
+    sent_batches: int = 0
+    accepted: set[str] = field(default_factory=set)
+    statuses: Counter[int] = field(default_factory=Counter)
+    connection_errors: int = 0
+    landed: int = 0
+    duplicates: int = 0
+    lost: int = 0
+
+    @property
+    def server_errors(self) -> int:
+        return sum(count for status, count in self.statuses.items() if status >= 500)
+
+    def row(self) -> str:
+        return (
+            f"| {self.scenario} | {len(self.accepted)} | {self.landed} | {self.duplicates} "
+            f"| {self.lost} | {self.server_errors} |"
+        )
+
+
+def _batch(prefix: str, number: int) -> dict[str, object]:
+    return {
+        "source": "faults",
+        "records": [
+            {"record_id": f"{prefix}-{number}-{i}", "features": [float(i), 1.0, 2.0, 3.0]}
+            for i in range(BATCH)
+        ],
+    }
+
+
+async def produce(
+    url: Callable[[], str], account: Account, stop: asyncio.Event, prefix: str
+) -> None:
+    """Post batch after batch until ``stop``; retry each until it gets a 202."""
+    number = 0
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while not stop.is_set():
+            body = _batch(prefix, number)
+            account.sent_batches += 1
+            while True:
+                try:
+                    async with session.post(f"{url()}/api/v2/ingest", json=body) as response:
+                        account.statuses[response.status] += 1
+                        if response.status == 202:
+                            ids = [r["record_id"] for r in body["records"]]  # type: ignore[index]
+                            account.accepted.update(ids)
+                            break
+                        assert response.status in (409, 429) or response.status >= 500, (
+                            response.status, await response.text())
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    account.connection_errors += 1
+                await asyncio.sleep(0.05)
+            number += 1
+
+
+async def settle(account: Account, bootstrap: str, topic: str) -> Account:
+    messages = await read_topic(bootstrap, topic, expected=len(account.accepted), wait_s=60)
+    keys = Counter(m.key.decode() for m in messages)
+    account.landed = len(account.accepted & keys.keys())
+    account.duplicates = sum(count - 1 for count in keys.values())
+    account.lost = len(account.accepted - keys.keys())
+    print("\n| scenario | accepted | landed | duplicates | lost | 5xx |\n" + account.row())
+    return account
+
+
+def _kafka_env(broker: KafkaBroker, topic: str) -> dict[str, str]:
+    return {
+        "MLGATE_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "MLGATE_KAFKA_TOPIC": topic,
+        "MLGATE_KAFKA_REQUEST_TIMEOUT_MS": "1500",
+        "MLGATE_KAFKA_BREAKER_RESET_S": "1",
+        # Limits stay on (with Redis they go through it) but out of the producer's way.
+        "MLGATE_RATE_LIMIT_KEY_RATE": "100000",
+        "MLGATE_RATE_LIMIT_KEY_BURST": "100000",
+        "MLGATE_RATE_LIMIT_TENANT_RATE": "100000",
+        "MLGATE_RATE_LIMIT_TENANT_BURST": "100000",
+    }
+
+
+async def _run_load(
+    service: ServiceProcess, account: Account, prefix: str, during: Callable[[], object]
+) -> None:
+    stop = asyncio.Event()
+    producer = asyncio.create_task(produce(lambda: service.url, account, stop, prefix))
+    try:
+        await asyncio.sleep(1.0)
+        result = during()
+        if asyncio.iscoroutine(result):
+            await result
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await asyncio.wait_for(producer, 90)
+
+
+async def test_broker_frozen_and_resumed_under_load_loses_nothing(
+    service_process: ServiceFactory, private_kafka_broker: KafkaBroker
+) -> None:
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    service = service_process(**_kafka_env(private_kafka_broker, topic))
+    account = Account("broker frozen 4 s (SIGSTOP/SIGCONT)")
+    assert private_kafka_broker.process is not None
+    broker_pid = private_kafka_broker.process.pid
+
+    async def freeze() -> None:
+        os.kill(broker_pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(4)
+        finally:
+            os.kill(broker_pid, signal.SIGCONT)
+
+    await _run_load(service, account, "frozen", freeze)
+    await settle(account, private_kafka_broker.bootstrap, topic)
+    assert account.accepted
+    assert account.lost == 0
+    assert account.server_errors == 0
+
+
+async def test_mlgate_killed_mid_load_and_restarted_loses_no_acknowledged_record(
+    service_process: ServiceFactory, kafka_broker: KafkaBroker
+) -> None:
+    topic = await create_topic(kafka_broker.bootstrap)
+    service = service_process(**_kafka_env(kafka_broker, topic))
+    account = Account("mlgate SIGKILL mid-load, restarted")
+
+    async def kill_and_restart() -> None:
+        service.send(signal.SIGKILL)
+        await asyncio.to_thread(service.wait, 10)
+        await asyncio.to_thread(service.start)
+
+    await _run_load(service, account, "killed", kill_and_restart)
+    await settle(account, kafka_broker.bootstrap, topic)
+    assert account.accepted
+    assert account.lost == 0
+    # Only a batch whose answer the kill swallowed may be written twice.
+    assert account.duplicates <= BATCH * 2
+
+
+async def test_redis_frozen_under_load_answers_no_5xx_and_loses_nothing(
+    service_process: ServiceFactory, kafka_broker: KafkaBroker, redis_server: ManagedProcess
+) -> None:
+    topic = await create_topic(kafka_broker.bootstrap)
+    service = service_process(
+        MLGATE_REDIS_URL=f"redis://127.0.0.1:{redis_server.port}",
+        MLGATE_REDIS_TIMEOUT_MS="200",
+        **_kafka_env(kafka_broker, topic),
+    )
+    account = Account("Redis frozen 3 s (SIGSTOP/SIGCONT)")
+    assert redis_server.process is not None
+    redis_pid = redis_server.process.pid
+
+    async def freeze() -> None:
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(3)
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+
+    await _run_load(service, account, "redis", freeze)
+    await settle(account, kafka_broker.bootstrap, topic)
+    assert account.accepted
+    assert account.lost == 0
+    assert account.server_errors == 0
+
