@@ -83,7 +83,7 @@ async def produce(
                             break
                         assert response.status in (409, 429) or response.status >= 500, (
                             response.status, await response.text())
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     account.connection_errors += 1
                 await asyncio.sleep(0.05)
             number += 1
