@@ -1,0 +1,361 @@
+"""Producer: records in, batches out to ``POST /api/v2/ingest``, a report per record.
+
+    send() -> encode -> current batch --(max_records | max_bytes | linger_ms)--> ready queue
+           -> one of max_in_flight senders -> POST with retries -> futures resolved
+
+- **Bounded**: every record counts against ``max_buffer_bytes`` from ``send`` until its
+  report is out (buffered, in flight or waiting to retry). A full producer makes
+  ``send`` wait for room, or raise ``BufferFull`` with ``block_on_full=False``.
+- **Retries** follow ``retry.RetryPolicy``: each batch is encoded once and keeps its
+  ``Idempotency-Key`` (also sent as ``X-Request-ID``) and its records' ``record_id``s on
+  every attempt, so a retry that reaches the server after a lost answer (another host
+  behind a balancer, or a restarted one) writes nothing twice.
+- **Reports**: ``send`` returns an ``asyncio.Future[Delivery]`` (see ``delivery``); a
+  batch that fails for good fails its futures with the last error (an ``ApiError``
+  whose ``problem`` is the last problem document, or a ``TransportError``). The
+  optional ``on_delivery(record_id, delivery_or_error)`` is called for each record too.
+- Batches may land out of order when ``max_in_flight > 1`` and one is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from mlgate_client.delivery import Delivery, Outcome, all_rejected, from_accepted
+from mlgate_client.errors import (
+    BufferFull,
+    MlgateError,
+    ProducerClosed,
+    TransportError,
+    ValidationFailed,
+)
+from mlgate_client.records import (
+    Features,
+    Metadata,
+    RecordEncoder,
+    Timestamp,
+    batch_body,
+    batch_prefix,
+)
+from mlgate_client.retry import RetryPolicy, call_with_retries
+from mlgate_client.transport import Transport
+
+INGEST_PATH = "/api/v2/ingest"
+BATCH_OVERHEAD_BYTES = 200  # the map header and source around the records
+log = logging.getLogger("mlgate_client.producer")
+
+DeliveryCallback = Callable[[str, "Delivery | MlgateError"], None]
+
+
+@dataclass
+class ProducerStats:
+    """Counters since the producer started (records unless named otherwise)."""
+
+    sent: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    accepted_or_duplicate: int = 0
+    rejected: int = 0
+    failed: int = 0
+    batches: int = 0
+    retries: int = 0
+    retries_by_cause: Counter[str] = field(default_factory=Counter)
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class _Batch:
+    records: list[bytes] = field(default_factory=list)
+    record_ids: list[str] = field(default_factory=list)
+    futures: list[asyncio.Future[Delivery]] = field(default_factory=list)
+    nbytes: int = 0
+
+
+class Producer:
+    def __init__(
+        self,
+        url: str,
+        source: str,
+        *,
+        api_key: str | None = None,
+        max_records: int = 500,
+        max_bytes: int = 1024 * 1024,
+        linger_ms: float = 5.0,
+        max_in_flight: int = 4,
+        max_buffer_bytes: int = 64 * 1024 * 1024,
+        block_on_full: bool = True,
+        retry: RetryPolicy | None = None,
+        request_timeout_s: float = 30.0,
+        single_float: bool = False,
+        on_delivery: DeliveryCallback | None = None,
+    ) -> None:
+        if max_records < 1 or max_in_flight < 1 or linger_ms < 0:
+            raise ValueError("need max_records >= 1, max_in_flight >= 1, linger_ms >= 0")
+        if max_buffer_bytes < max_bytes:
+            raise ValueError("max_buffer_bytes must hold at least one full batch (max_bytes)")
+        self.source = source
+        self.stats = ProducerStats()
+        self._transport = Transport(url, api_key, connections=max_in_flight)
+        self._encoder = RecordEncoder(single_float)
+        self._prefix = batch_prefix(source)
+        self._max_records = max_records
+        self._max_bytes = max_bytes - BATCH_OVERHEAD_BYTES
+        self._linger_s = linger_ms / 1000
+        self._max_in_flight = max_in_flight
+        self._max_buffer_bytes = max_buffer_bytes
+        self._block_on_full = block_on_full
+        self._retry = retry or RetryPolicy()
+        self._request_timeout_s = request_timeout_s
+        self._on_delivery = on_delivery
+        self._current: _Batch | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._ready: asyncio.Queue[_Batch | None] = asyncio.Queue()
+        self._senders: list[asyncio.Task[None]] = []
+        self._held_bytes = 0
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
+        self._unresolved = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closed = False
+
+    # -- public --------------------------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of records sent but not yet reported (the figure ``max_buffer_bytes`` bounds)."""
+        return self._held_bytes
+
+    async def send(
+        self,
+        features: Features,
+        *,
+        label: float | None = None,
+        metadata: Metadata | None = None,
+        timestamp: Timestamp | None = None,
+        record_id: str | None = None,
+    ) -> asyncio.Future[Delivery]:
+        """Buffer one record; the future resolves with its ``Delivery`` (or fails).
+
+        ``record_id`` is generated when not given; ``timestamp`` defaults to now. Waits
+        while the producer is full (or raises ``BufferFull``, see ``block_on_full``)."""
+        if self._closed:
+            raise ProducerClosed("the producer is closed")
+        record_id = record_id or self._encoder.new_record_id()
+        encoded = self._encoder.encode(record_id, features, label, metadata, timestamp)
+        size = len(encoded)
+        if size > self._max_bytes:
+            raise ValueError(f"record {record_id} is {size} bytes encoded; max_bytes is too small")
+        if self._held_bytes + size > self._max_buffer_bytes:
+            await self._wait_for_room(size)
+            if self._closed:
+                raise ProducerClosed("the producer was closed while send waited for room")
+        self._start_senders()
+        future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+        self._held_bytes += size
+        self._unresolved += 1
+        self._drained.clear()
+        self.stats.sent += 1
+        batch = self._current
+        if batch is not None and (batch.nbytes + size > self._max_bytes):
+            self._seal()
+            batch = None
+        if batch is None:
+            batch = self._current = _Batch()
+            self._linger = asyncio.get_running_loop().call_later(
+                self._linger_s, self._seal_if_current, batch
+            )
+        batch.records.append(encoded)
+        batch.record_ids.append(record_id)
+        batch.futures.append(future)
+        batch.nbytes += size
+        if len(batch.records) >= self._max_records:
+            self._seal()
+            await asyncio.sleep(0)  # let a sender pick the batch up before more piles on
+        return future
+
+    async def flush(self) -> None:
+        """Send what is buffered now and wait until every record sent so far has a report."""
+        self._seal()
+        await self._drained.wait()
+
+    async def close(self) -> None:
+        """Flush, then stop the senders and close connections. Idempotent."""
+        if self._closed:
+            return
+        try:
+            await self.flush()
+        finally:
+            self._closed = True
+            for waiter in self._room_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            for _ in self._senders:
+                self._ready.put_nowait(None)
+            await asyncio.gather(*self._senders, return_exceptions=True)
+            await self._transport.close()
+
+    async def __aenter__(self) -> Producer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- buffering -----------------------------------------------------------------
+
+    async def _wait_for_room(self, size: int) -> None:
+        if size > self._max_buffer_bytes:
+            raise ValueError("a record larger than max_buffer_bytes can never be buffered")
+        if not self._block_on_full:
+            raise BufferFull(f"{self._held_bytes} bytes buffered, max_buffer_bytes reached")
+        self._seal()  # a lingering batch must go out, or room may never come
+        while self._held_bytes + size > self._max_buffer_bytes and not self._closed:
+            waiter = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._room_waiters:
+                    self._room_waiters.remove(waiter)
+
+    def _release(self, nbytes: int, records: int) -> None:
+        self._held_bytes -= nbytes
+        self._unresolved -= records
+        if self._unresolved == 0:
+            self._drained.set()
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _seal_if_current(self, batch: _Batch) -> None:
+        if self._current is batch:
+            self._seal()
+
+    def _seal(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self._current is not None:
+            self._ready.put_nowait(self._current)
+            self._current = None
+
+    # -- sending -------------------------------------------------------------------
+
+    def _start_senders(self) -> None:
+        if not self._senders:
+            self._senders = [
+                asyncio.create_task(self._sender(), name=f"mlgate-producer-sender-{n}")
+                for n in range(self._max_in_flight)
+            ]
+
+    async def _sender(self) -> None:
+        while (batch := await self._ready.get()) is not None:
+            try:
+                await self._deliver(batch)
+            except asyncio.CancelledError:
+                self._resolve_failed(batch, ProducerClosed("the producer was cancelled"))
+                raise
+            except BaseException as exc:  # never leave a future pending
+                log.exception("mlgate_client.batch_crashed", extra={"records": len(batch.records)})
+                self._resolve_failed(batch, MlgateError(f"batch failed: {exc!r}"))
+
+    async def _deliver(self, batch: _Batch) -> None:
+        body = batch_body(self._prefix, batch.records)
+        key = uuid.uuid4().hex
+        headers = {
+            "Content-Type": "application/msgpack",
+            "Idempotency-Key": key,
+            "X-Request-ID": key,
+        }
+        attempts = 0
+
+        async def attempt(remaining_s: float) -> object:
+            nonlocal attempts
+            attempts += 1
+            timeout = min(self._request_timeout_s, remaining_s)
+            answer = await self._transport.post(INGEST_PATH, body, headers, timeout)
+            return answer.document
+
+        def on_retry(retry: int, error: MlgateError, delay_s: float) -> None:
+            cause = "connection" if isinstance(error, TransportError) else str(getattr(error, "status", "?"))
+            self.stats.retries += 1
+            self.stats.retries_by_cause[cause] += 1
+            log.info(
+                "mlgate_client.retry",
+                extra={"idempotency_key": key, "records": len(batch.records), "retry": retry,
+                       "cause": cause, "error": str(error), "delay_s": round(delay_s, 3)},
+            )
+
+        self.stats.batches += 1
+        started = time.monotonic()
+        try:
+            document = await call_with_retries(attempt, self._retry, on_retry)
+        except ValidationFailed as exc:
+            reports = all_rejected(batch.record_ids, exc.field_errors, exc.detail, attempts)
+            if reports is None:
+                self._fail(batch, exc, key, attempts)
+            else:
+                self._resolve(batch, reports)
+        except MlgateError as exc:
+            self._fail(batch, exc, key, attempts)
+        else:
+            self._resolve(batch, from_accepted(batch.record_ids, document, attempts))
+            log.debug(
+                "mlgate_client.batch_delivered",
+                extra={"idempotency_key": key, "records": len(batch.records),
+                       "attempts": attempts, "seconds": round(time.monotonic() - started, 4)},
+            )
+
+    def _resolve(self, batch: _Batch, reports: list[Delivery]) -> None:
+        stats = self.stats
+        for future, report in zip(batch.futures, reports, strict=True):
+            if report.outcome is Outcome.ACCEPTED:
+                stats.accepted += 1
+            elif report.outcome is Outcome.DUPLICATE:
+                stats.duplicate += 1
+            elif report.outcome is Outcome.ACCEPTED_OR_DUPLICATE:
+                stats.accepted_or_duplicate += 1
+            else:
+                stats.rejected += 1
+                stats.rejected_by_reason[report.reason or "?"] += 1
+            if not future.done():
+                future.set_result(report)
+            self._notify(report.record_id, report)
+        self._release(batch.nbytes, len(batch.records))
+
+    def _fail(self, batch: _Batch, error: MlgateError, key: str, attempts: int) -> None:
+        log.warning(
+            "mlgate_client.batch_failed",
+            extra={"idempotency_key": key, "records": len(batch.records), "attempts": attempts,
+                   "error": str(error), "problem": getattr(error, "problem", None)},
+        )
+        self._resolve_failed(batch, error)
+
+    def _resolve_failed(self, batch: _Batch, error: MlgateError) -> None:
+        self.stats.failed += len(batch.records)
+        for record_id, future in zip(batch.record_ids, batch.futures, strict=True):
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # reported here and in the log: no "never retrieved" noise
+            self._notify(record_id, error)
+        self._release(batch.nbytes, len(batch.records))
+
+    def _notify(self, record_id: str, result: Delivery | MlgateError) -> None:
+        if self._on_delivery is None:
+            return
+        try:
+            self._on_delivery(record_id, result)
+        except Exception:
+            log.exception("mlgate_client.on_delivery_failed", extra={"record_id": record_id})

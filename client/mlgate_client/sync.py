@@ -1,0 +1,145 @@
+"""Blocking wrappers: ``SyncProducer`` and ``SyncPredictor`` for code without an event loop.
+
+Each runs its asynchronous twin on an event loop in a daemon thread it owns (one
+thread per wrapper). ``SyncProducer.send`` blocks while the producer is full and
+returns a ``concurrent.futures.Future[Delivery]``; ``close`` (or leaving the ``with``
+block) flushes, then stops the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from mlgate_client.delivery import Delivery
+from mlgate_client.predictor import BatchPrediction, Prediction, Predictor
+from mlgate_client.producer import Producer, ProducerStats
+from mlgate_client.records import Features, Metadata, Timestamp
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop running in a daemon thread; ``run`` submits a coroutine and waits."""
+
+    def __init__(self, name: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+def _chain(source: asyncio.Future[Delivery]) -> concurrent.futures.Future[Delivery]:
+    target: concurrent.futures.Future[Delivery] = concurrent.futures.Future()
+
+    def copy(done: asyncio.Future[Delivery]) -> None:
+        if done.cancelled():
+            target.cancel()
+        elif (error := done.exception()) is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)
+    return target
+
+
+class SyncProducer:
+    """``Producer`` for threads: same options, blocking methods."""
+
+    def __init__(self, url: str, source: str, **options: Any) -> None:
+        self._thread = LoopThread("mlgate-producer")
+
+        async def make() -> Producer:
+            return Producer(url, source, **options)
+
+        self._producer = self._thread.run(make())
+
+    @property
+    def stats(self) -> ProducerStats:
+        return self._producer.stats
+
+    def send(
+        self,
+        features: Features,
+        *,
+        label: float | None = None,
+        metadata: Metadata | None = None,
+        timestamp: Timestamp | None = None,
+        record_id: str | None = None,
+    ) -> concurrent.futures.Future[Delivery]:
+        async def send() -> concurrent.futures.Future[Delivery]:
+            future = await self._producer.send(
+                features, label=label, metadata=metadata, timestamp=timestamp, record_id=record_id
+            )
+            return _chain(future)
+
+        return self._thread.run(send())
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._thread.run(self._producer.flush(), timeout)
+
+    def close(self) -> None:
+        try:
+            self._thread.run(self._producer.close())
+        finally:
+            self._thread.stop()
+
+    def __enter__(self) -> SyncProducer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SyncPredictor:
+    """``Predictor`` for threads: same options, blocking methods."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._thread = LoopThread("mlgate-predictor")
+
+        async def make() -> Predictor:
+            return Predictor(url, **options)
+
+        self._predictor = self._thread.run(make())
+
+    def predict(self, features: Features, **options: Any) -> Prediction:
+        return self._thread.run(self._predictor.predict(features, **options))
+
+    def predict_many(self, instances: Sequence[Features] | Any, **options: Any) -> BatchPrediction:
+        return self._thread.run(self._predictor.predict_many(instances, **options))
+
+    def close(self) -> None:
+        try:
+            self._thread.run(self._predictor.close())
+        finally:
+            self._thread.stop()
+
+    def __enter__(self) -> SyncPredictor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,106 @@
+"""One HTTP exchange with mlgate: headers, auth, timeouts, and the answer or a typed error.
+
+Owns the ``aiohttp.ClientSession`` (created on first use, inside the running loop).
+An answer of 400 or more becomes an ``ApiError`` carrying the problem document and
+``Retry-After``; no answer at all becomes a ``TransportError``. Retrying is the
+caller's business (``retry.call_with_retries``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgpack
+
+from mlgate_client.errors import ApiError, TransportError
+from mlgate_client.retry import parse_retry_after
+from mlgate_client.version import __version__
+
+API_KEY_VARIABLE = "MLGATE_API_KEY"
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """The key given, else ``$MLGATE_API_KEY``, else none (a server without auth)."""
+    return api_key or os.environ.get(API_KEY_VARIABLE) or None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]
+    document: Any
+
+
+def _decode(content_type: str, body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        if "msgpack" in content_type:
+            return msgpack.unpackb(body)
+        return json.loads(body)
+    except ValueError:
+        return {"detail": body[:500].decode(errors="replace")}
+
+
+class Transport:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        connections: int = 8,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._headers = {"User-Agent": f"mlgate-client/{__version__}", "Accept": "application/json"}
+        key = resolve_api_key(api_key)
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._connections = connections
+        self._connect_timeout_s = connect_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def _session_now(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._connections),
+                headers=self._headers,
+            )
+        return self._session
+
+    async def post(
+        self, path: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> Answer:
+        """POST ``body``; the 2xx answer, or ``ApiError`` / ``TransportError``."""
+        timeout = aiohttp.ClientTimeout(
+            total=timeout_s, sock_connect=min(timeout_s, self._connect_timeout_s)
+        )
+        try:
+            async with self._session_now().post(
+                self.url + path, data=body, headers=headers, timeout=timeout
+            ) as response:
+                raw = await response.read()
+                status, content_type = response.status, response.content_type
+                answer_headers = response.headers
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransportError(f"POST {path}: {type(exc).__name__}: {exc}") from exc
+        document = _decode(content_type, raw)
+        if status >= 400:
+            problem = document if isinstance(document, dict) else {"detail": str(document)}
+            raise ApiError.from_response(
+                status,
+                problem,
+                parse_retry_after(answer_headers.get("Retry-After")),
+                answer_headers.get("X-Request-ID"),
+            )
+        return Answer(status, answer_headers, document)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
