@@ -1,0 +1,173 @@
+"""The retry contract, against a scripted HTTP server (mlgate's answers on demand):
+what is retried, that every attempt carries the same Idempotency-Key and body, and
+that waits honour Retry-After."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import msgpack
+import pytest
+from aiohttp import web
+from mlgate_client import Outcome, Predictor, Producer, RetryPolicy
+from mlgate_client.errors import BadRequest, Overloaded, RateLimited, TransportError
+from mlgate_client.retry import call_with_retries, parse_retry_after
+
+FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.02, timeout_s=30)
+Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Scripted:
+    """Answers requests from ``script`` in turn (the last one repeats) and keeps them."""
+
+    url: str = ""
+    script: list[Answer] = field(default_factory=list)
+    seen: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append((dict(request.headers), await request.read()))
+        answer = self.script[min(len(self.seen), len(self.script)) - 1]
+        return await answer(request)
+
+
+def problem(status: int, retry_after: str | None = None) -> Answer:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        headers = {"Retry-After": retry_after} if retry_after else {}
+        return web.json_response(
+            {"type": "about:blank", "title": "scripted", "status": status, "detail": "scripted"},
+            status=status, headers=headers, content_type="application/problem+json",
+        )
+
+    return answer
+
+
+async def accepted(request: web.Request) -> web.StreamResponse:
+    records = msgpack.unpackb(await request.read())["records"]
+    return web.json_response(
+        {"tracking_id": "t", "records_accepted": len(records), "records_rejected": 0,
+         "records_duplicate": 0, "errors": []},
+        status=202,
+    )
+
+
+async def hang_up(request: web.Request) -> web.StreamResponse:
+    assert request.transport is not None
+    request.transport.close()
+    return web.Response()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Scripted]:
+    server = Scripted()
+    app = web.Application()
+    app.router.add_post("/api/v2/ingest", server.handle)
+    app.router.add_post("/api/v2/predict", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    server.url = f"http://127.0.0.1:{port}"
+    yield server
+    await runner.cleanup()
+
+
+async def send_one_batch(url: str, records: int = 3) -> list[Outcome]:
+    async with Producer(url, "s", linger_ms=1, retry=FAST) as producer:
+        futures = [await producer.send([1.0, 2.0]) for _ in range(records)]
+    return [(await f).outcome for f in futures]
+
+
+@pytest.mark.parametrize("status", [409, 429, 502, 503, 504])
+async def test_retriable_statuses_are_retried_with_the_same_key_and_body(
+    scripted: Scripted, status: int
+) -> None:
+    scripted.script = [problem(status, "0"), problem(status), accepted]
+    assert await send_one_batch(scripted.url) == [Outcome.ACCEPTED] * 3
+    assert len(scripted.seen) == 3
+    keys = {headers["Idempotency-Key"] for headers, _ in scripted.seen}
+    bodies = {body for _, body in scripted.seen}
+    assert len(keys) == 1 and len(bodies) == 1
+
+
+async def test_a_dropped_connection_is_retried(scripted: Scripted) -> None:
+    scripted.script = [hang_up, accepted]
+    assert await send_one_batch(scripted.url) == [Outcome.ACCEPTED] * 3
+    assert len({headers["Idempotency-Key"] for headers, _ in scripted.seen}) == 1
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 413, 415, 500])
+async def test_other_errors_fail_the_batch_at_once_with_the_problem(
+    scripted: Scripted, status: int
+) -> None:
+    scripted.script = [problem(status), accepted]
+    async with Producer(scripted.url, "s", linger_ms=1, retry=FAST) as producer:
+        future = await producer.send([1.0])
+    error = future.exception()
+    assert error is not None and getattr(error, "status", None) == status
+    assert getattr(error, "problem", {})["title"] == "scripted"
+    assert len(scripted.seen) == 1
+
+
+async def test_exhausted_retries_fail_the_records_with_the_last_problem(scripted: Scripted) -> None:
+    scripted.script = [problem(503, "0")]
+    retries = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.01, max_attempts=4)
+    async with Producer(scripted.url, "s", linger_ms=1, retry=retries) as producer:
+        futures = [await producer.send([1.0]) for _ in range(2)]
+    for future in futures:
+        error = future.exception()
+        assert isinstance(error, Overloaded) and error.status == 503
+        assert error.problem["status"] == 503
+    assert len(scripted.seen) == 4
+
+
+async def test_waits_honour_retry_after() -> None:
+    delays: list[float] = []
+    answers: list[Exception] = [RateLimited(429, {}, retry_after_s=0.3), TransportError("reset")]
+
+    async def attempt(remaining_s: float) -> str:
+        if answers:
+            raise answers.pop(0)
+        return "done"
+
+    result = await call_with_retries(attempt, FAST, lambda _r, _e, delay: delays.append(delay))
+    assert result == "done"
+    assert 0.3 <= delays[0] <= 0.33 + FAST.max_backoff_s
+    assert delays[1] <= FAST.max_backoff_s
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_backoff_grows_with_jitter_up_to_its_ceiling() -> None:
+    policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0)
+    for retry, step in ((1, 0.1), (2, 0.2), (3, 0.4), (8, 1.0)):
+        assert all(step / 2 <= policy.backoff_s(retry) <= step for _ in range(50))
+
+
+async def test_predict_sends_the_remaining_deadline_on_every_attempt(scripted: Scripted) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {"prediction": 1, "confidence": 0.9, "label": "positive", "model": "demo",
+             "model_version": "1", "request_id": None, "latency_ms": 0.5}
+        )
+
+    scripted.script = [problem(503), answer]
+    async with Predictor(scripted.url, timeout_ms=5000) as predictor:
+        result = await predictor.predict([1.0, 2.0])
+    assert (result.prediction, result.label, result.model_version) == (1, "positive", "1")
+    budgets = [int(headers["X-Request-Timeout"]) for headers, _ in scripted.seen]
+    assert len(budgets) == 2 and 5000 >= budgets[0] >= budgets[1] > 0
+
+
+async def test_predict_errors_other_than_pushback_are_not_retried(scripted: Scripted) -> None:
+    scripted.script = [problem(400)]
+    async with Predictor(scripted.url) as predictor:
+        with pytest.raises(BadRequest):
+            await predictor.predict([1.0])
+    assert len(scripted.seen) == 1
