@@ -196,7 +196,12 @@ def read_log(directory: str | Path, from_offset: int = 0) -> Iterator[LogEntry]:
 
 
 class LogCursor:
-    """Reads a log forward from an offset, keeping its place between reads. Blocking."""
+    """Reads a log forward from an offset, keeping its place between reads. Blocking.
+
+    Its segment may be deleted under it once everything in it is forwarded
+    (``delete_segments_before``): a read that ended exactly at a segment's end leaves
+    the cursor there, and the next read finds ``self.offset`` afresh in the next one.
+    """
 
     def __init__(self, directory: str | Path, offset: int) -> None:
         self._directory = Path(directory)
@@ -210,7 +215,13 @@ class LogCursor:
             if self._segment is None and not self._seek():
                 break
             assert self._segment is not None
-            data = self._read_from_position()
+            try:
+                data = self._read_from_position()
+            except FileNotFoundError:
+                # Every record of it was forwarded and the segment deleted: the
+                # records from self.offset on are in a later one.
+                self._segment = None
+                continue
             consumed = 0
             for end, record in read_frames(data):
                 entries.append(LogEntry(self.offset, record))
@@ -243,8 +254,13 @@ class LogCursor:
             if offset == self.offset:
                 break
             offset, position = offset + 1, end
+        if offset != self.offset:
+            # Not written yet: seek again next time rather than read later frames
+            # under the wrong offsets.
+            self._segment = None
+            return False
         self._segment, self._position = segment, position
-        return offset == self.offset
+        return True
 
     def _advance(self) -> bool:
         """Move to the next segment if the current one is complete and a later one exists."""

@@ -5,7 +5,10 @@
       │     └── produce fails / breaker trips → spill
       └── otherwise → spill (LocalLogWriter under <data_dir>/spill, fsync'd)
     drainer task: spill → KafkaWriter, in log order, once the breaker lets calls through;
-                  the forwarded offset is fsync'd to ``forwarded.offset`` after each ack.
+                  the forwarded offset is fsync'd to ``forwarded.offset`` after each ack,
+                  then the segments wholly below it are deleted. It is supervised: a
+                  crash makes the sink unhealthy while records wait, and the restarted
+                  loop reads on from ``forwarded.offset``.
 
 While a backlog exists new records spill too, so records of one key reach Kafka in the
 order they were accepted. A full spill (``spill_max_records``) is the one case where a
@@ -150,6 +153,10 @@ class SpillingKafkaSink:
     async def _drain_forever(self) -> None:
         loop = asyncio.get_running_loop()
         batch_size = self._settings.spill_drain_batch_records
+        # A restarted loop trusts nothing of the run that crashed: it reads on from the
+        # last offset Kafka acknowledged (re-sending at most the batch in flight then).
+        forwarded = await loop.run_in_executor(self._executor, read_forwarded_offset, self._directory)
+        self._cursor = LogCursor(self._directory, forwarded)
         while True:
             await self._spilled.wait()
             if self._kafka.started and not self._kafka.running:
@@ -167,11 +174,18 @@ class SpillingKafkaSink:
             # Only fsync'd records: one not yet durable may still be rolled back.
             durable = min(batch_size, self._spill.durable_offset - self._cursor.offset)
             entries = await loop.run_in_executor(self._executor, self._cursor.read, durable)
+            if not entries and durable > 0:
+                # fsync'd records the cursor cannot read: crash, so the supervisor
+                # says so (/ready) and the next run starts from the forwarded offset.
+                raise RuntimeError(
+                    f"spill cursor read nothing at offset {self._cursor.offset}, "
+                    f"though records up to {self._spill.durable_offset} are durable"
+                )
             if not entries:
                 if self._backlog == 0:
                     self._spilled.clear()
                 else:
-                    await asyncio.sleep(0.05)  # written but not yet visible to the cursor
+                    await asyncio.sleep(0.05)  # written but not yet fsync'd
                 continue
             try:
                 await self.breaker.call(self._kafka.write, [entry.record for entry in entries])
