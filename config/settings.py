@@ -56,6 +56,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # HTTP limits
     max_body_bytes: PositiveInt = 16 * 1024 * 1024
     max_stream_record_bytes: PositiveInt = 1024 * 1024
+    # Connections: how long a slow or idle client may hold a socket, and how many may
+    head_timeout_s: PositiveFloat = 20.0
+    body_timeout_s: PositiveFloat = 30.0
+    body_min_rate_bytes: PositiveInt = 32 * 1024
+    max_connections: PositiveInt = 10_000
 
     # Ingestion
     max_batch_records: Annotated[int, msgspec.Meta(gt=0, le=100_000)] = 10_000

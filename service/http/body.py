@@ -3,6 +3,11 @@
 aiohttp decompresses ``Content-Encoding: gzip``/``deflate`` (and ``br``/``zstd`` when
 their libraries are installed) as the body streams in, so the limit counts
 decompressed bytes: a small compressed bomb stops at the limit too.
+
+A body has ``body_timeout_s`` and must then average ``body_min_rate_bytes`` per second
+(Apache's ``RequestReadTimeout body=...,MinRate=...``); a slower one is 408 with
+``Connection: close``, so a client that sends a head and one byte holds its socket
+for seconds, not forever.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ from collections.abc import AsyncIterator
 from aiohttp import http_parser, web
 
 from mlgate.service.http.context import BUFFERED_BODY
-from mlgate.service.http.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from mlgate.service.http.errors import (
+    BadRequest,
+    BodyTimeout,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from mlgate.service.state import SETTINGS
 
 # What aiohttp's parser can decompress here; anything else would reach us still encoded.
 SUPPORTED_ENCODINGS = {"identity", "gzip", "deflate"}
@@ -43,11 +54,15 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if declared == 0:
         return b""
     if declared is not None and "Content-Encoding" not in request.headers:
-        # The common case, a small body of known length: one read, no chunk loop.
+        # The common case, a small body of known length: one read, no chunk loop, due
+        # when all of it would be at the minimum rate.
         try:
-            return await request.content.readexactly(declared)
+            async with asyncio.timeout_at(BodyPace(request).deadline(declared)):
+                return await request.content.readexactly(declared)
         except asyncio.IncompleteReadError:
             raise BadRequest("Body ended before its Content-Length", headers={"Connection": "close"}) from None
+        except TimeoutError:
+            raise _too_slow(request) from None
     parts: list[bytes] = []
     total = 0
     async for chunk in _chunks(request):
@@ -79,12 +94,46 @@ def check_encoding(request: web.Request) -> None:
         )
 
 
+class BodyPace:
+    """When a body that has delivered ``received`` bytes is too slow: after a grace of
+    ``body_timeout_s`` from the first read it must average ``body_min_rate_bytes``/s."""
+
+    __slots__ = ("_rate", "_start")
+
+    def __init__(self, request: web.Request) -> None:
+        settings = request.app[SETTINGS]
+        self._start = asyncio.get_running_loop().time() + settings.body_timeout_s
+        self._rate = settings.body_min_rate_bytes
+
+    def deadline(self, received: int) -> float:
+        """The loop time by which more than ``received`` bytes must have arrived."""
+        return self._start + received / self._rate
+
+
+def _too_slow(request: web.Request) -> BodyTimeout:
+    settings = request.app[SETTINGS]
+    return BodyTimeout(
+        f"Body arrived slower than {settings.body_min_rate_bytes} bytes/s "
+        f"after {settings.body_timeout_s:g} s",
+        headers={"Connection": "close"},
+    )
+
+
 async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
     check_encoding(request)
-    try:
-        async for chunk in request.content.iter_chunked(CHUNK):
-            yield chunk
-    except web.RequestPayloadError as exc:  # broken gzip, chunked framing, ...
-        # What follows on the connection cannot be trusted: answer, then close it.
-        reason = " ".join(str(exc).split())
-        raise BadRequest(f"Body could not be read: {reason}", headers={"Connection": "close"}) from None
+    pace = BodyPace(request)
+    received = 0
+    while True:
+        try:
+            async with asyncio.timeout_at(pace.deadline(received)):
+                chunk = await request.content.read(CHUNK)
+        except TimeoutError:
+            raise _too_slow(request) from None
+        except web.RequestPayloadError as exc:  # broken gzip, chunked framing, ...
+            # What follows on the connection cannot be trusted: answer, then close it.
+            reason = " ".join(str(exc).split())
+            raise BadRequest(f"Body could not be read: {reason}", headers={"Connection": "close"}) from None
+        if not chunk:
+            return
+        received += len(chunk)
+        yield chunk

@@ -6,6 +6,7 @@
     ├── Forbidden (403)             key lacks the scope
     ├── NotFound (404)              unknown route, model or version
     ├── MethodNotAllowed (405)
+    ├── BodyTimeout (408)           body slower than body_min_rate_bytes after body_timeout_s
     ├── Conflict (409)              same Idempotency-Key still in flight
     ├── PayloadTooLarge (413)       body or decompressed body over the limit
     ├── UnsupportedMediaType (415)
@@ -65,6 +66,10 @@ class NotFound(ApiError):
 
 class MethodNotAllowed(ApiError):
     status, title, slug = 405, "Method Not Allowed", "method-not-allowed"
+
+
+class BodyTimeout(ApiError):
+    status, title, slug = 408, "Request Timeout", "body-timeout"
 
 
 class Conflict(ApiError):

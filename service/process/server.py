@@ -13,15 +13,23 @@ STOPPING=1 on shutdown.
 With ``workers > 1`` the ``Supervisor`` (service/supervisor.py) runs that many serving processes on one port
 (``SO_REUSEPORT``), each with its own workers and data directory, forwards signals to
 them and restarts one that dies. It alone talks to systemd (``NotifyAccess=main``).
+
+Connections (no proxy in front): a connection has ``head_timeout_s`` to send a complete
+request head, from when it opens or from the previous response (aiohttp's keep-alive
+timer, which closes a connection still waiting for its head); a body that falls
+behind ``body_min_rate_bytes`` is 408 (service/http/body.py); and past
+``max_connections`` open connections a new one gets a canned 503 and is closed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import resource
 import signal
 import ssl
 from collections.abc import Callable
+from typing import Any, cast
 
 import structlog
 import uvloop
@@ -48,13 +56,20 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
     app = create_app(settings)
     ssl_context = _tls_context(settings, app)
     grace_s, handlers_s = shutdown_plan(settings)
-    runner = web.AppRunner(
+    runner = CappedAppRunner(
         app,
+        max_connections=connection_cap(settings.max_connections),
         access_log=None,
         handle_signals=False,
         # aiohttp waits this long for in-flight handlers (and as long again if one
         # ignores its cancellation); the sinks drain in what is left of the budget.
         shutdown_timeout=handlers_s,
+        # Closes a connection still waiting for its request head this long after it
+        # opened or after its previous response: half a head is not held open.
+        keepalive_timeout=settings.head_timeout_s,
+        # After an early answer (413, 408), how long the rest of a body is read and
+        # dropped so the client can see the answer before the close.
+        lingering_time=min(10.0, settings.head_timeout_s),
     )
     await runner.setup()
     site = web.TCPSite(
@@ -97,6 +112,85 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         return 1
     log.info("stopped", seconds=round(settings.shutdown_timeout_s - (deadline - loop.time()), 3))
     return 0
+
+
+# Files besides client sockets: logs, segments, Kafka and Redis sockets, models.
+RESERVED_FILES = 256
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+    b"Connection: close\r\n\r\n"
+)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past the cap: a canned 503, then closed; never parsed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        refused = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        refused.write(_REFUSAL)
+        refused.close()
+
+
+class CappedServer(web.Server):
+    """aiohttp's connection factory, refusing connections beyond ``max_connections``."""
+
+    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self.refused_connections = 0
+
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        if self.open_connections >= self.max_connections:
+            self.refused_connections += 1
+            return _Refused()
+        return super().__call__()
+
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        self.open_connections += 1
+        super().connection_made(handler, transport)
+
+    def connection_lost(self, handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+        self.open_connections -= 1
+        super().connection_lost(handler, exc)
+
+
+class CappedAppRunner(web.AppRunner):
+    """``AppRunner`` whose server is a ``CappedServer``."""
+
+    def __init__(self, app: web.Application, *, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.max_connections = max_connections
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # runs the app's start-up
+        return CappedServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            max_connections=self.max_connections,
+            **self._kwargs,
+        )
+
+
+def connection_cap(wanted: int) -> int:
+    """``wanted`` connections, with the open-files limit raised to fit them if the hard
+    limit allows, else as many as the limit leaves room for."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + RESERVED_FILES
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    cap = max(1, soft - RESERVED_FILES)
+    log.warning("max_connections_lowered", wanted=wanted, cap=cap, open_files_limit=soft)
+    return cap
 
 
 def shutdown_plan(settings: Settings) -> tuple[float, float]:
