@@ -4,8 +4,11 @@ Layout: ``<data_dir>/log/<first offset, 20 digits>.log`` segments. Each record i
 frame: ``u32 length | u32 crc32(payload) | payload``, the payload being the msgpack
 of an ``OutboundRecord`` (key, value, headers). ``LocalLog.append`` writes frames and
 fsyncs before it returns (the actor in ``workers.local_log_writer`` group-commits
-through it). On open, the last segment is scanned and a torn final frame
-(a crash mid-write) is cut off. Segments rotate past ``log_segment_bytes``.
+through it). On open, the last segment is scanned and a torn tail (a crash mid-write:
+a bad frame with nothing intact after it) is cut off, the cut bytes kept beside it in
+``<segment>.dropped-at-<position>``. A damaged frame that intact frames follow is not
+a torn write: it keeps its offset, readers skip it with an error logged, and the
+acknowledged frames after it stay. Segments rotate past ``log_segment_bytes``.
 """
 
 from __future__ import annotations
@@ -46,20 +49,39 @@ def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"*{SUFFIX}"))
 
 
-def read_frames(data: bytes) -> Iterator[tuple[int, OutboundRecord]]:
-    """(end position, record) for each intact frame; stops at the first torn or bad one."""
+def _frame_at(data: bytes, position: int) -> tuple[int, OutboundRecord | None]:
+    """(end, record) of the frame at ``position``: record None if its payload is cut
+    short, fails its checksum or does not decode; end -1 if even its header is cut."""
+    if position + HEADER.size > len(data):
+        return -1, None
+    length, checksum = HEADER.unpack_from(data, position)
+    start = position + HEADER.size
+    payload = data[start : start + length]
+    if len(payload) < length or zlib.crc32(payload) != checksum:
+        return start + length, None
+    try:
+        return start + length, _decode(payload)
+    except msgspec.MsgspecError:
+        return start + length, None
+
+
+def read_frames(data: bytes) -> Iterator[tuple[int, OutboundRecord | None]]:
+    """(end position, record) for each frame, in order.
+
+    A bad frame (checksum or decoding) whose length still leads to an intact frame was
+    damaged after it was written, since frames are fsync'd before they are
+    acknowledged: it keeps its offset, with record None, and reading goes on. A bad
+    frame with nothing intact right after it is a torn tail (a crash mid-write): reading
+    stops there.
+    """
     position = 0
-    while position + HEADER.size <= len(data):
-        length, checksum = HEADER.unpack_from(data, position)
-        start = position + HEADER.size
-        payload = data[start : start + length]
-        if len(payload) < length or zlib.crc32(payload) != checksum:
+    while True:
+        end, record = _frame_at(data, position)
+        if end < 0:
             return
-        try:
-            record = _decode(payload)
-        except msgspec.MsgspecError:
+        if record is None and (end > len(data) or _frame_at(data, end)[1] is None):
             return
-        position = start + length
+        position = end
         yield position, record
 
 
@@ -92,6 +114,8 @@ class LocalLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_directory(self.directory)
         self.next_offset = 0
+        # Damaged frames found on open (their records lost, their offsets kept).
+        self.corrupt_frames = 0
         self._recover()
         # Records below it are fsync'd; readers that forward records stop there, since
         # frames past it may still be rolled back (or lost in a crash).
@@ -106,10 +130,20 @@ class LocalLog:
         base = int(last.stem)
         data = last.read_bytes()
         good_end, count = 0, 0
-        for end, _ in read_frames(data):
+        for end, record in read_frames(data):
+            if record is None:
+                self.corrupt_frames += 1
+                log.error("local_log_corrupt_frame_skipped", segment=last.name, offset=base + count)
             good_end, count = end, count + 1
         if good_end < len(data):
-            log.warning("local_log_torn_tail_dropped", segment=last.name, bytes=len(data) - good_end)
+            # Kept beside the log (never read as part of it), in case what is cut off
+            # was more than a torn write.
+            kept = last.with_name(f"{last.name}.dropped-at-{good_end}")
+            kept.write_bytes(data[good_end:])
+            log.warning(
+                "local_log_torn_tail_dropped",
+                segment=last.name, bytes=len(data) - good_end, kept_in=kept.name,
+            )
             with last.open("r+b") as handle:
                 handle.truncate(good_end)
                 handle.flush()
@@ -191,7 +225,10 @@ def read_log(directory: str | Path, from_offset: int = 0) -> Iterator[LogEntry]:
         offset = base
         for _, record in read_frames(path.read_bytes()):
             if offset >= from_offset:
-                yield LogEntry(offset, record)
+                if record is None:
+                    log.error("local_log_corrupt_frame_skipped", segment=path.name, offset=offset)
+                else:
+                    yield LogEntry(offset, record)
             offset += 1
 
 
@@ -211,7 +248,10 @@ class LogCursor:
 
     def read(self, max_records: int) -> list[LogEntry]:
         entries: list[LogEntry] = []
-        while len(entries) < max_records:
+        # Counted in offsets, damaged frames included: a reader that stops at the
+        # durable offset must never read past it.
+        limit = self.offset + max_records
+        while self.offset < limit:
             if self._segment is None and not self._seek():
                 break
             assert self._segment is not None
@@ -224,13 +264,19 @@ class LogCursor:
                 continue
             consumed = 0
             for end, record in read_frames(data):
-                entries.append(LogEntry(self.offset, record))
+                if record is None:
+                    log.error(
+                        "local_log_corrupt_frame_skipped",
+                        segment=self._segment.name, offset=self.offset,
+                    )
+                else:
+                    entries.append(LogEntry(self.offset, record))
                 self.offset += 1
                 consumed = end
-                if len(entries) >= max_records:
+                if self.offset >= limit:
                     break
             self._position += consumed
-            if len(entries) < max_records and not self._advance():
+            if self.offset < limit and not self._advance():
                 break
         return entries
 

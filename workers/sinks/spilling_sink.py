@@ -172,31 +172,34 @@ class SpillingKafkaSink:
                     await asyncio.sleep(self._settings.kafka_breaker_reset_s)
                     continue
             # Only fsync'd records: one not yet durable may still be rolled back.
-            durable = min(batch_size, self._spill.durable_offset - self._cursor.offset)
+            start = self._cursor.offset
+            durable = min(batch_size, self._spill.durable_offset - start)
             entries = await loop.run_in_executor(self._executor, self._cursor.read, durable)
-            if not entries and durable > 0:
+            # Offsets read, damaged frames (skipped, logged) included.
+            read = self._cursor.offset - start
+            if not read and durable > 0:
                 # fsync'd records the cursor cannot read: crash, so the supervisor
                 # says so (/ready) and the next run starts from the forwarded offset.
                 raise RuntimeError(
                     f"spill cursor read nothing at offset {self._cursor.offset}, "
                     f"though records up to {self._spill.durable_offset} are durable"
                 )
-            if not entries:
+            if not read:
                 if self._backlog == 0:
                     self._spilled.clear()
                 else:
                     await asyncio.sleep(0.05)  # written but not yet fsync'd
                 continue
             try:
-                await self.breaker.call(self._kafka.write, [entry.record for entry in entries])
+                if entries:
+                    await self.breaker.call(self._kafka.write, [entry.record for entry in entries])
             except (MailboxFull, *_KAFKA_FAILURES) as exc:
-                self._cursor = LogCursor(self._directory, entries[0].offset)
+                self._cursor = LogCursor(self._directory, start)
                 wait = exc.retry_after_s if isinstance(exc, BreakerOpen) else 0.5
                 await asyncio.sleep(wait)
                 continue
-            forwarded = entries[-1].offset + 1
-            await loop.run_in_executor(self._executor, self._mark_forwarded, forwarded)
-            self._backlog = max(0, self._backlog - len(entries))
+            await loop.run_in_executor(self._executor, self._mark_forwarded, self._cursor.offset)
+            self._backlog = max(0, self._backlog - read)
             log.info("spill_forwarded", records=len(entries), backlog=self._backlog)
 
     def _mark_forwarded(self, offset: int) -> None:
