@@ -1,7 +1,8 @@
 """Record streams: NDJSON lines or concatenated msgpack maps, decoded one record at a time.
 
 Each yields, per record, the decoded ``Record`` or its ``RecordError`` (a bad record
-costs only itself); a record over ``max_stream_record_bytes`` is 413 and bytes that
+costs only itself: so does a msgpack map keyed by an array or a map, valid msgpack that
+no record can be); a record over ``max_stream_record_bytes`` is 413 and bytes that
 are not msgpack at all are 400. Memory holds at most one unfinished record and the
 chunk after it, whatever the stream's length.
 """
@@ -28,19 +29,31 @@ _ndjson_record = msgspec.json.Decoder(Record)
 
 
 async def ndjson_records(request: web.Request, max_line: int) -> AsyncIterator[Record | RecordError]:
-    buffer = b""
-    index = 0
+    # Only each new chunk is searched for newlines; the unfinished line is kept as its
+    # pieces and joined once, so a line sent in tiny chunks costs linear time.
+    pending: list[bytes] = []
+    pending_len = index = 0
+    too_large = PayloadTooLarge(f"A stream record exceeds the limit of {max_line} bytes")
     async for chunk in iter_body(request):
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        if len(buffer) > max_line or any(len(line) > max_line for line in lines):
-            raise PayloadTooLarge(f"A stream record exceeds the limit of {max_line} bytes")
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        if lines and pending:
+            lines[0] = b"".join((*pending, lines[0]))
+            pending, pending_len = [], 0
         for line in lines:
+            if len(line) > max_line:
+                raise too_large
             if line.strip():
                 yield _record_or_error(index, _decode_line(line))
                 index += 1
-    if buffer.strip():
-        yield _record_or_error(index, _decode_line(buffer))
+        if tail:
+            pending.append(tail)
+            pending_len += len(tail)
+            if pending_len > max_line:
+                raise too_large
+    line = b"".join(pending)
+    if line.strip():
+        yield _record_or_error(index, _decode_line(line))
 
 
 def _decode_line(line: bytes) -> Record | Exception:
@@ -53,7 +66,12 @@ def _decode_line(line: bytes) -> Record | Exception:
 
 async def msgpack_records(request: web.Request, max_record: int) -> AsyncIterator[Record | RecordError]:
     # The buffer holds at most one unfinished record and the chunk that follows it.
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_record + CHUNK, strict_map_key=False)
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        max_buffer_size=max_record + CHUNK,
+        strict_map_key=False,
+        object_pairs_hook=_map_or_marker,
+    )
     index = fed = start = 0
     too_large = PayloadTooLarge(f"A stream record exceeds the limit of {max_record} bytes")
     try:
@@ -77,7 +95,28 @@ async def msgpack_records(request: web.Request, max_record: int) -> AsyncIterato
         raise BadRequest(f"Stream ends inside a msgpack record after record {index}")
 
 
+class MapWithArrayOrMapKey:
+    """Stands in for a msgpack map with an array or a map as a key: valid msgpack, but
+    no Python dict can hold it, and no record has one."""
+
+    __slots__ = ()
+
+
+_MAP_WITH_UNHASHABLE_KEY = MapWithArrayOrMapKey()
+
+
+def _map_or_marker(pairs: list[tuple[object, object]]) -> dict[object, object] | MapWithArrayOrMapKey:
+    # Raising here would leave the unpacker mid-object (it then yields stray values), so
+    # such a map decodes to a marker that fails only its own record.
+    try:
+        return dict(pairs)
+    except TypeError:
+        return _MAP_WITH_UNHASHABLE_KEY
+
+
 def _convert(obj: object) -> Record | Exception:
+    if obj is _MAP_WITH_UNHASHABLE_KEY:
+        return ValueError("a map key is an array or a map; record keys are strings")
     try:
         return msgspec.convert(obj, Record)
     except msgspec.ValidationError as exc:

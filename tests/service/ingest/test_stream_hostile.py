@@ -1,0 +1,107 @@
+"""``POST /api/v2/ingest/stream`` against hostile streams: msgpack that no record can
+be, and NDJSON sent in tiny chunks (which must cost the server linear CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from mlgate.config import Settings
+from tests.conftest import AppClientFactory
+
+Client = TestClient[web.Request, web.Application]
+OPEN: dict[str, Any] = {"auth_disabled": True, "rate_limits_enabled": False}
+STREAM = "/api/v2/ingest/stream?source=s"
+NDJSON = {"Content-Type": "application/x-ndjson"}
+MSGPACK = {"Content-Type": "application/msgpack"}
+LINE = 1024 * 1024  # the default max_stream_record_bytes
+
+
+@pytest.fixture
+async def client(app_client: AppClientFactory, make_settings: Callable[..., Settings]) -> Client:
+    return await app_client(make_settings(feature_dims=(4,), max_stream_record_bytes=LINE, **OPEN))
+
+
+def _valid(i: int) -> dict[str, Any]:
+    return {"record_id": f"r-{i}", "features": [1.0, 2.0, 3.0, 4.0]}
+
+
+# -- msgpack maps keyed by an array or a map -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [bytes.fromhex("81910101"), bytes.fromhex("818001")],
+    ids=["array-key", "map-key"],
+)
+async def test_msgpack_map_keyed_by_an_array_or_a_map_is_a_rejected_record(
+    client: Client, hostile: bytes
+) -> None:
+    body = msgspec.msgpack.encode(_valid(0)) + hostile + msgspec.msgpack.encode(_valid(2))
+    response = await client.post(STREAM, data=body, headers=MSGPACK)
+    assert response.status == 202, await response.text()
+    answer = await response.json()
+    assert (answer["records_accepted"], answer["records_rejected"]) == (2, 1)
+    assert [e["index"] for e in answer["errors"]] == [1]
+    assert "map key is an array or a map" in answer["errors"][0]["error"]
+
+
+async def test_msgpack_map_keyed_by_a_map_nested_in_a_record_is_a_rejected_record(
+    client: Client,
+) -> None:
+    # {"features": [1.0], "metadata": {{}: 1}}
+    nested = b"\x82" + msgspec.msgpack.encode("features") + msgspec.msgpack.encode([1.0] * 4)
+    nested += msgspec.msgpack.encode("metadata") + bytes.fromhex("818001")
+    body = nested + msgspec.msgpack.encode(_valid(1))
+    response = await client.post(STREAM, data=body, headers=MSGPACK)
+    assert response.status == 202, await response.text()
+    answer = await response.json()
+    assert (answer["records_accepted"], answer["records_rejected"]) == (1, 1)
+    assert answer["errors"][0]["index"] == 0
+
+
+async def test_msgpack_stream_of_only_array_keyed_maps_is_422(client: Client) -> None:
+    response = await client.post(STREAM, data=bytes.fromhex("81910101") * 3, headers=MSGPACK)
+    assert response.status == 422, await response.text()
+
+
+# -- NDJSON in tiny chunks -------------------------------------------------------------
+
+
+async def _pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+        # Let the server read each piece before the next is sent, as from a slow client.
+        await asyncio.sleep(0)
+
+
+async def _cpu_seconds_to_post(client: Client, data: bytes, piece: int) -> float:
+    before = time.process_time()
+    response = await client.post(STREAM, data=_pieces(data, piece), headers=NDJSON)
+    spent = time.process_time() - before
+    assert response.status == 202, await response.text()
+    return spent
+
+
+async def test_ndjson_line_sent_in_tiny_chunks_costs_linear_cpu(client: Client) -> None:
+    """The server searched the whole unfinished line again for every chunk: a line near
+    the record limit in 64-byte pieces cost seconds of CPU. Linear, a line 8 times
+    longer costs about 8 times as much; quadratic, about 64 times. (CPU seconds of this
+    process, client included, so not a wall-clock measure.)"""
+    await _cpu_seconds_to_post(client, _ndjson_with_long_line(LINE // 16), 64)  # warm-up
+    short = min([await _cpu_seconds_to_post(client, _ndjson_with_long_line(LINE // 8), 64) for _ in "ab"])
+    long = await _cpu_seconds_to_post(client, _ndjson_with_long_line(LINE - 100), 64)
+    # Measured: about 8x with the linear buffer, about 35x with the old one.
+    assert long < 16 * short, (short, long)
+
+
+def _ndjson_with_long_line(length: int) -> bytes:
+    """A valid record, then one line of ``length`` bytes (rejected: not JSON)."""
+    return msgspec.json.encode(_valid(0)) + b"\n" + b"x" * length + b"\n"
