@@ -6,18 +6,29 @@ deadline (``X-Request-Timeout`` in ms, else ``request_timeout_ms``) and shape th
 answer from its outputs. A full mailbox is 503 at once (while the default model's
 mailbox is full, before the rows are even decoded) and a deadline that passes in the
 queue is 504; both surface as ``workers.errors`` that the front door maps.
+
+The rows are counted before they are decoded: a 16 MB body of small numbers would be
+~8M Python floats (~350 MB and a second of loop CPU) before its 422. ``check_row_budget``
+reads the body with its rows left raw (nothing allocated), resolves the model it names
+and refuses more values than that model can take (``MAX_INSTANCES`` rows of its input
+width): counted from commas in JSON (exact for arrays of numbers) and from the array
+headers in msgpack.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 import time
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
 from aiohttp import web
 
 from mlgate.schemas.predict import (
+    MAX_FEATURES,
+    MAX_INSTANCES,
     BatchPredictResponse,
     Prediction,
     PredictRequest,
@@ -39,6 +50,19 @@ TIMEOUT_HEADER = "X-Request-Timeout"
 # Below a millisecond no answer could arrive in time; such a header is a client bug.
 MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 1, 600_000
 _FLOAT_INPUTS = ("FP16", "FP32", "FP64")
+# Values allowed before decoding for a model whose width is not fixed (or that takes no
+# feature rows at all, which is a 422 later anyway): about 32 MB as Python floats.
+UNSIZED_VALUE_BUDGET = 1 << 20
+
+
+class _RowsUndecoded(msgspec.Struct, frozen=True, kw_only=True):
+    """A predict body with its rows left as raw bytes: decoding it allocates no row.
+    Other fields' types are checked by the full decoding that follows."""
+
+    features: msgspec.Raw = msgspec.Raw()  # empty: absent (a JSON null is b"null")
+    instances: msgspec.Raw = msgspec.Raw()
+    model: Any = None
+    model_version: Any = "latest"
 
 
 def request_deadline(request: web.Request, started: float, default_ms: float) -> float:
@@ -184,8 +208,80 @@ def shed_before_decoding(request: web.Request, body: bytes, fmt: Format, started
         default.worker.check_room(1, deadline)
 
 
+def check_row_budget(request: web.Request, body: bytes, fmt: Format) -> None:
+    """422 when the body carries more values than its model could take, 404 when it
+    names no model there is; both before any row is decoded."""
+    undecoded = decode(body, _RowsUndecoded, fmt)
+    if not (undecoded.features or undecoded.instances):
+        return  # the full decoding says what is missing
+    name, version = undecoded.model, undecoded.model_version
+    if not (isinstance(name, str | None) and isinstance(version, str)):
+        loaded, width = None, None  # the full decoding answers 422 for these
+    else:
+        loaded = resolve(request.app[MODEL_REPOSITORY], name or request.app[SETTINGS].default_model, version)
+        width = _fixed_width(loaded)
+    for loc, raw in (("features", undecoded.features), ("instances", undecoded.instances)):
+        if not raw:
+            continue
+        rows = 1 if loc == "features" else MAX_INSTANCES
+        budget = rows * width if width is not None else min(rows * MAX_FEATURES, UNSIZED_VALUE_BUDGET)
+        values = _value_count(raw, fmt, nested=loc == "instances")
+        if values <= budget:
+            continue
+        model = f"model {loaded.model} version {loaded.version}" if loaded is not None else "the model"
+        if loc == "features" and width is not None:
+            detail = f"{model} takes {width} features, got {values}"
+        else:
+            detail = f"{model} takes at most {budget} values in {loc}, got {values}"
+        raise ValidationFailed(detail, errors=[FieldError(loc=loc, msg=f"more than {budget} values")])
+
+
+def _fixed_width(loaded: ModelVersion) -> int | None:
+    if len(loaded.inputs) != 1 or len(loaded.inputs[0].shape) != 2:
+        return None
+    width = loaded.inputs[0].shape[1]
+    return width if width > 0 else None
+
+
+def _value_count(raw: msgspec.Raw, fmt: Format, nested: bool) -> int:
+    """How many values an array (of arrays, when ``nested``) holds, without decoding
+    them. JSON: commas plus one (exact for arrays of numbers, more for anything else,
+    which fails the full decoding anyway). msgpack: from the array headers."""
+    if fmt is Format.JSON:
+        return bytes(raw).count(b",") + 1
+    length = _msgpack_array_length(memoryview(raw))
+    if length is None:
+        return 0  # not an array: the full decoding fails at its first byte
+    if not nested:
+        return length
+    if length > MAX_INSTANCES:
+        return length * MAX_FEATURES  # over any budget; the rows stay unread
+    total = 0
+    for row in msgspec.msgpack.decode(raw, type=list[msgspec.Raw]):
+        row_length = _msgpack_array_length(memoryview(row))
+        total += 1 if row_length is None else row_length
+    return total
+
+
+def _msgpack_array_length(data: memoryview) -> int | None:
+    """The length in the header of the msgpack array ``data`` starts with, if it does."""
+    if not data:
+        return None
+    first = data[0]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F
+    if first == 0xDC and len(data) >= 3:
+        length: int = struct.unpack_from(">H", data, 1)[0]
+        return length
+    if first == 0xDD and len(data) >= 5:
+        length = struct.unpack_from(">I", data, 1)[0]
+        return length
+    return None
+
+
 async def read_payload(request: web.Request, type_: type[PayloadT], started: float) -> PayloadT:
     fmt = request_format(request)
     body = await read_body(request, request.app[SETTINGS].max_body_bytes)
     shed_before_decoding(request, body, fmt, started)
+    check_row_budget(request, body, fmt)
     return decode(body, type_, fmt)
