@@ -30,7 +30,8 @@ over the default 600 s window: about 900 MB), so size the window to how long
 clients keep retrying; Idempotency-Key covers longer horizons per request. Without
 Redis, or while it fails (counted as ``mlgate_redis_fallback{operation="dedup"}``),
 an in-process table of at most ``MLGATE_DEDUP_MAX_ENTRIES`` ids with the same states
-and windows (the oldest are forgotten first).
+and windows (the oldest are forgotten first, and a tenant that floods it forgets only
+its own ids once it holds its fair share: ``service.protection.fair_share``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 
 from mlgate.config import Settings
 from mlgate.service.http.errors import Conflict
+from mlgate.service.protection.fair_share import FairShareMap
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
 
 PREFIX = "mlgate:rid:"
@@ -112,58 +114,48 @@ class Claim:
 
 class LocalSeen:
     """Ids in flight (with their claim's token) or written, each until its expiry, at
-    most ``max_entries``; the same states as the Redis keys."""
+    most ``max_entries`` shared fairly among tenants (``FairShareMap``: one tenant's
+    flood of ids evicts its own, never another tenant's); the same states as the Redis
+    keys."""
 
     def __init__(self, window_s: float, lapse_s: float, max_entries: int) -> None:
         self._window_s = window_s
         self._lapse_s = lapse_s
-        self._max = max_entries
-        # id -> (expiry, 'p:<token>' or 'd'); re-inserted on every change, oldest first
-        self._seen: dict[str, tuple[float, str]] = {}
+        # per tenant, id -> (expiry, 'p:<token>' or 'd'); re-inserted on every change,
+        # oldest first
+        self._seen: FairShareMap[tuple[float, str]] = FairShareMap(max_entries)
 
-    def claim(self, names: Sequence[str], token: str) -> str:
+    def claim(self, tenant: str, record_ids: Sequence[str], token: str) -> str:
         now = time.monotonic()
-        self._expire(now)
+        # Oldest first; an entry that lives longer than the ones behind it holds them
+        # until it expires too (they count as absent meanwhile, and max_entries bounds them).
+        self._seen.drop_oldest_while(tenant, lambda entry: entry[0] <= now)
         found = []
-        for name in names:
-            entry = self._seen.get(name)
+        for record_id in record_ids:
+            entry = self._seen.get(tenant, record_id)
             if entry is not None and entry[0] > now:
                 found.append(IN_FLIGHT if entry[1].startswith("p:") else WRITTEN)
                 continue
-            self._set(name, now + self._lapse_s, f"p:{token}")
+            self._seen.put(tenant, record_id, (now + self._lapse_s, f"p:{token}"))
             found.append(NEW)
         return "".join(found)
 
-    def confirm(self, names: Sequence[str], token: str, *, take_over: bool = False) -> None:
+    def confirm(
+        self, tenant: str, record_ids: Sequence[str], token: str, *, take_over: bool = False
+    ) -> None:
         """Mark written the ids this claim holds here; with ``take_over`` (Redis failed
         to record them) every one of them, whoever holds it here."""
         expiry = time.monotonic() + self._window_s
-        for name in names:
-            entry = self._seen.get(name)
+        for record_id in record_ids:
+            entry = self._seen.get(tenant, record_id)
             if take_over or (entry is not None and entry[1] == f"p:{token}"):
-                self._set(name, expiry, WRITTEN)
+                self._seen.put(tenant, record_id, (expiry, WRITTEN))
 
-    def release(self, names: Sequence[str], token: str) -> None:
-        for name in names:
-            entry = self._seen.get(name)
+    def release(self, tenant: str, record_ids: Sequence[str], token: str) -> None:
+        for record_id in record_ids:
+            entry = self._seen.get(tenant, record_id)
             if entry is not None and entry[1] == f"p:{token}":
-                del self._seen[name]
-
-    def _expire(self, now: float) -> None:
-        # Oldest first; an entry that lives longer than the ones behind it holds them
-        # until it expires too (they count as absent meanwhile, and max_entries bounds them).
-        seen = self._seen
-        while seen:
-            oldest = next(iter(seen))
-            if seen[oldest][0] > now:
-                return
-            del seen[oldest]
-
-    def _set(self, name: str, expiry: float, state: str) -> None:
-        self._seen.pop(name, None)
-        while len(self._seen) >= self._max:
-            self._seen.pop(next(iter(self._seen)))
-        self._seen[name] = (expiry, state)
+                self._seen.pop(tenant, record_id)
 
 
 class RecordDeduplicator:
@@ -187,10 +179,6 @@ class RecordDeduplicator:
     @staticmethod
     def _prefix(tenant: str) -> str:
         return f"{PREFIX}{tenant}:"
-
-    def _names(self, tenant: str, record_ids: Sequence[str]) -> list[str]:
-        prefix = self._prefix(tenant)
-        return [prefix + record_id for record_id in record_ids]
 
     async def claim(self, tenant: str, record_ids: Sequence[str]) -> Claim:
         """Per id, new (now held by this claim) or written within the window; an id
@@ -237,7 +225,7 @@ class RecordDeduplicator:
         found = await self._run("claim", self._lapse_s, tenant, record_ids, token)
         if isinstance(found, bytes | str):
             return found.decode() if isinstance(found, bytes) else found
-        return self._local.claim(self._names(tenant, record_ids), token)
+        return self._local.claim(tenant, record_ids, token)
 
     async def confirm(self, tenant: str, claim: Claim) -> None:
         """The claim's records are written: duplicates from now on, for the window."""
@@ -245,7 +233,7 @@ class RecordDeduplicator:
             return
         recorded = await self._run("confirm", self.window_s, tenant, claim.held, claim.token)
         self._local.confirm(
-            self._names(tenant, claim.held), claim.token, take_over=self._redis is not None and recorded is None
+            tenant, claim.held, claim.token, take_over=self._redis is not None and recorded is None
         )
 
     async def release(self, tenant: str, claim: Claim) -> None:
@@ -255,7 +243,7 @@ class RecordDeduplicator:
     async def _release(self, tenant: str, held: Sequence[str], token: str) -> None:
         if not self.enabled or not held:
             return
-        self._local.release(self._names(tenant, held), token)
+        self._local.release(tenant, held, token)
         await self._run("release", 0, tenant, held, token)
 
     async def _run(

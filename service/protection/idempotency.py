@@ -24,8 +24,9 @@ client disconnects and aiohttp cancels the handler: its answer is stored, so the
 client's retry gets it instead of running the write a second time.
 
 Keys live in Redis with ``REDIS_URL`` (one Lua script to claim, one to store or
-release), else in a bounded in-process map (``MLGATE_IDEMPOTENCY_MAX_ENTRIES``, oldest
-out first). While Redis fails, claims fall back to the in-process store: retries that
+release), else in a bounded in-process map (``MLGATE_IDEMPOTENCY_MAX_ENTRIES`` in all,
+oldest out first, each tenant's flood evicting only its own entries once it holds its
+fair share: ``service.protection.fair_share``). While Redis fails, claims fall back to the in-process store: retries that
 reach the same process are still safe; the record-id dedup (``service.record_dedup``)
 is the second line behind it.
 """
@@ -36,7 +37,6 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -45,6 +45,7 @@ import msgspec
 import structlog
 
 from mlgate.config import Settings
+from mlgate.service.protection.fair_share import FairShareMap
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
 
 T = TypeVar("T")
@@ -103,37 +104,35 @@ class Claim:
     record: str
     in_flight: bytes
     backend: Literal["redis", "local"]
+    tenant: str
 
 
 class LocalEntries:
-    """The in-process store: a bounded, insertion-ordered map with per-entry deadlines."""
+    """The in-process store: per tenant, insertion-ordered entries with deadlines, at
+    most ``max_entries`` in all, shared fairly (``FairShareMap``): one tenant's flood
+    of keys evicts its own entries, never another tenant's replayable answers."""
 
     def __init__(self, max_entries: int) -> None:
-        self._max = max_entries
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._entries: FairShareMap[tuple[float, bytes]] = FairShareMap(max_entries)
 
-    def claim(self, record: str, in_flight: bytes, lock_s: float) -> bytes | None:
+    def claim(self, tenant: str, record: str, in_flight: bytes, lock_s: float) -> bytes | None:
         now = time.monotonic()
-        current = self._entries.get(record)
+        current = self._entries.get(tenant, record)
         if current is not None and current[0] > now:
             return current[1]
-        self._put(record, in_flight, now + lock_s)
+        self._entries.put(tenant, record, (now + lock_s, in_flight))
         return None
 
-    def finish(self, record: str, in_flight: bytes, final: bytes | None, ttl_s: float) -> None:
-        current = self._entries.get(record)
+    def finish(
+        self, tenant: str, record: str, in_flight: bytes, final: bytes | None, ttl_s: float
+    ) -> None:
+        current = self._entries.get(tenant, record)
         if current is None or current[1] != in_flight:
             return
         if final is None:
-            del self._entries[record]
+            self._entries.pop(tenant, record)
         else:
-            self._put(record, final, time.monotonic() + ttl_s)
-
-    def _put(self, record: str, value: bytes, deadline: float) -> None:
-        self._entries.pop(record, None)
-        while len(self._entries) >= self._max:
-            self._entries.popitem(last=False)
-        self._entries[record] = (deadline, value)
+            self._entries.put(tenant, record, (time.monotonic() + ttl_s, final))
 
 
 class IdempotencyStore:
@@ -181,11 +180,11 @@ class IdempotencyStore:
                 pass
             else:
                 if existing is None:
-                    return Claim(record, in_flight, "redis")
+                    return Claim(record, in_flight, "redis", tenant)
                 return _decode_entry(existing)
-        existing = self._local.claim(record, in_flight, self._lock_s)
+        existing = self._local.claim(tenant, record, in_flight, self._lock_s)
         if existing is None:
-            return Claim(record, in_flight, "local")
+            return Claim(record, in_flight, "local", tenant)
         return _decode_entry(existing)
 
     async def complete(self, claim: Claim, response: StoredResponse) -> None:
@@ -198,7 +197,7 @@ class IdempotencyStore:
 
     async def _finish_claim(self, claim: Claim, final: bytes | None) -> None:
         if claim.backend == "local" or self._redis is None or self._finish is None:
-            self._local.finish(claim.record, claim.in_flight, final, self._ttl_s)
+            self._local.finish(claim.tenant, claim.record, claim.in_flight, final, self._ttl_s)
             return
         script, ttl_ms = self._finish, self._ttl_s * 1000
         try:

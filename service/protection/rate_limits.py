@@ -32,6 +32,7 @@ import structlog
 from mlgate.config import Settings
 from mlgate.service.http.metrics import Metrics
 from mlgate.service.protection.api_keys import ApiKey
+from mlgate.service.protection.fair_share import FairShareMap
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
 
 MAX_LOCAL_BUCKETS = 100_000
@@ -133,38 +134,35 @@ def tenant_limit(entry: str) -> tuple[str, Limit]:
 
 
 class LocalBuckets:
-    """In-process token buckets, the same arithmetic as the Lua script."""
+    """In-process token buckets, the same arithmetic as the Lua script; at most
+    ``max_buckets`` shared fairly among tenants (``FairShareMap``), so the keys of one
+    tenant can only push out (refill) that tenant's own buckets."""
 
     def __init__(self, max_buckets: int = MAX_LOCAL_BUCKETS) -> None:
-        self._max = max_buckets
-        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+        # tenant -> bucket name -> (tokens, at)
+        self._buckets: FairShareMap[tuple[float, float]] = FairShareMap(max_buckets)
 
     def take(
-        self, key_bucket: str, key_limit: Limit, tenant_bucket: str, tenant_limit: Limit
+        self, tenant: str, key_bucket: str, key_limit: Limit, tenant_bucket: str, tenant_limit: Limit
     ) -> tuple[bool, float, float]:
         now = time.monotonic()
-        key_tokens = self._level(key_bucket, key_limit, now)
-        tenant_tokens = self._level(tenant_bucket, tenant_limit, now)
+        key_tokens = self._level(tenant, key_bucket, key_limit, now)
+        tenant_tokens = self._level(tenant, tenant_bucket, tenant_limit, now)
         if key_tokens < 1 or tenant_tokens < 1:
             return False, key_tokens, tenant_tokens
         key_tokens -= 1
         tenant_tokens -= 1
-        self._store(key_bucket, key_tokens, now)
-        self._store(tenant_bucket, tenant_tokens, now)
+        # Forgetting a bucket refills it: the cheapest safe eviction.
+        self._buckets.put(tenant, key_bucket, (key_tokens, now))
+        self._buckets.put(tenant, tenant_bucket, (tenant_tokens, now))
         return True, key_tokens, tenant_tokens
 
-    def _level(self, bucket: str, limit: Limit, now: float) -> float:
-        state = self._buckets.get(bucket)
+    def _level(self, tenant: str, bucket: str, limit: Limit, now: float) -> float:
+        state = self._buckets.get(tenant, bucket)
         if state is None:
             return float(limit.burst)
         tokens, at = state
         return min(float(limit.burst), tokens + max(0.0, now - at) * limit.rate)
-
-    def _store(self, bucket: str, tokens: float, now: float) -> None:
-        if bucket not in self._buckets and len(self._buckets) >= self._max:
-            # Forgetting a bucket refills it: the cheapest safe eviction.
-            self._buckets.pop(next(iter(self._buckets)))
-        self._buckets[bucket] = (tokens, now)
 
 
 @dataclass(slots=True)
@@ -291,6 +289,7 @@ class RateLimiter:
                 if self._metrics is not None:
                     self._metrics.rate_limit_fallback.inc()
         allowed_here, key_tokens, tenant_tokens = self._local.take(
+            key.tenant,
             key_bucket, key_limit, tenant_bucket, tenant_limit
         )
         return self._counted(Decision(allowed_here, key_limit, key_tokens, tenant_limit, tenant_tokens))
