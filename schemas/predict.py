@@ -105,4 +105,7 @@ class PredictAnswer(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PredictV1Response(msgspec.Struct, frozen=True, kw_only=True):
-    result: PredictResponse
+    """The v1 answer old clients were written against: ``result`` is what v2 answers
+    as ``prediction`` for the same row (the class index, or the regression value)."""
+
+    result: int | float

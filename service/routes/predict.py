@@ -1,7 +1,7 @@
 """Prediction routes: ``POST /api/v2/predict`` and the deprecated ``POST /api/v1/predict``.
 
-Both run one code path, ``service.predict.flow``; v1 answers ``{"result": ...}`` with
-deprecation headers on every answer of its path (``PATH_HEADERS``, added by the front
+Both run one code path, ``service.predict.flow``; v1 answers ``{"result": <number>}``,
+the number v2 answers as ``prediction`` (v1's original schema), with deprecation headers on every answer of its path (``PATH_HEADERS``, added by the front
 door).
 """
 
@@ -48,14 +48,15 @@ async def predict_v2(request: web.Request) -> web.Response:
 
 
 async def predict_v1(request: web.Request) -> web.Response:
-    """Deprecated: ``{"features": [...]}`` -> ``{"result": <v2 answer>}``. Every answer
+    """Deprecated: ``{"features": [...]}`` -> ``{"result": <number>}``, the number v2
+    answers as ``prediction`` for the row (class index or regression value). Every answer
     on its path, errors included, carries the deprecation headers (``PATH_HEADERS``,
     added by the front door)."""
     started = time.monotonic()
     payload = await read_payload(request, PredictV1Request, started)
     answer = await run_predict(request, payload, started)
     assert isinstance(answer, PredictResponse)
-    return respond(request, PredictV1Response(result=answer))
+    return respond(request, PredictV1Response(result=answer.prediction))
 
 
 ROUTES = [
@@ -96,6 +97,9 @@ ROUTES = [
         request=PredictV1Request,
         scope="predict",
         deprecated=True,
-        description="Same code path as v2; answers carry Deprecation, Sunset and Link headers.",
+        description=(
+            "Same code path as v2; `result` is what v2 answers as `prediction` (the class "
+            "index or the regression value). Answers carry Deprecation, Sunset and Link headers."
+        ),
     ),
 ]
