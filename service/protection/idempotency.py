@@ -16,8 +16,9 @@ Semantics follow Stripe and draft-ietf-httpapi-idempotency-key-header:
 - A repeat with the same fingerprint gets the stored answer with
   ``Idempotent-Replayed: true`` and the handler does not run; a different
   fingerprint under the same key is 422; a repeat while the first is still running is
-  409 with ``Retry-After``. An in-flight claim lapses after ``MLGATE_IDEMPOTENCY_LOCK_S``
-  should its process die.
+  409 with ``Retry-After``. While the request runs, its claim is extended every third
+  of ``MLGATE_IDEMPOTENCY_LOCK_S`` however long it takes; it lapses after that lock only
+  should its process die (or Redis fail throughout).
 
 Once a request holds its claim it runs to the end in a task of its own, even if the
 client disconnects and aiohttp cancels the handler: its answer is stored, so the
@@ -37,7 +38,7 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -81,6 +82,16 @@ else
 end
 return 1
 """
+# KEYS: records in flight. ARGV: our in-flight entry for each, then the lifetime in ms.
+# Extends the claims still ours; a finished or lapsed one is left alone.
+EXTEND_LUA = """
+local lock_ms = ARGV[#ARGV]
+for i, record in ipairs(KEYS) do
+  if redis.call('GET', record) == ARGV[i] then redis.call('PEXPIRE', record, lock_ms) end
+end
+return 1
+"""
+MAX_EXTENDS_PER_CALL = 256
 
 
 class StoredResponse(msgspec.Struct, frozen=True, array_like=True):
@@ -123,6 +134,12 @@ class LocalEntries:
         self._entries.put(tenant, record, (now + lock_s, in_flight))
         return None
 
+    def extend(self, tenant: str, record: str, in_flight: bytes, lock_s: float) -> None:
+        """Push back the lapse of a claim still ours."""
+        current = self._entries.get(tenant, record)
+        if current is not None and current[1] == in_flight:
+            self._entries.put(tenant, record, (time.monotonic() + lock_s, in_flight))
+
     def finish(
         self, tenant: str, record: str, in_flight: bytes, final: bytes | None, ttl_s: float
     ) -> None:
@@ -142,8 +159,13 @@ class IdempotencyStore:
         self._redis = redis
         self._claim = redis.script(CLAIM_LUA) if redis is not None else None
         self._finish = redis.script(FINISH_LUA) if redis is not None else None
+        self._extend = redis.script(EXTEND_LUA) if redis is not None else None
         self._local = LocalEntries(settings.idempotency_max_entries)
         self._running: set[asyncio.Task[Any]] = set()
+        # Claims whose requests still run, by record; the refresher extends them every
+        # third of the lock, and runs only while there are some.
+        self._held: dict[str, Claim] = {}
+        self._refresher: asyncio.Task[None] | None = None
 
     async def run_to_completion(self, work: Coroutine[Any, Any, T]) -> T:
         """``await work`` in a task of its own that finishes even if the caller is cancelled."""
@@ -153,9 +175,59 @@ class IdempotencyStore:
         return await asyncio.shield(task)
 
     async def drain(self, timeout_s: float) -> None:
-        """Wait (at most ``timeout_s``) for requests that outlived their handlers."""
+        """Wait (at most ``timeout_s``) for requests that outlived their handlers; the
+        claims of any still running are left to lapse."""
         if self._running:
             await asyncio.wait(set(self._running), timeout=timeout_s)
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            refresher.cancel()
+            await asyncio.gather(refresher, return_exceptions=True)
+
+    def _hold(self, claim: Claim) -> None:
+        self._held[claim.record] = claim
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_held())
+
+    async def _refresh_held(self) -> None:
+        """Keep extending the claims whose requests still run: a request slower than
+        ``idempotency_lock_s`` keeps its claim, so a retry meanwhile is 409, never a
+        second run. Exits once none is held (the next claim starts it again)."""
+        try:
+            while self._held:
+                await asyncio.sleep(self._lock_s / 3)
+                try:
+                    await self._extend_claims(list(self._held.values()))
+                except Exception as exc:  # a claim not extended still lapses, as before
+                    log.error("idempotency_extend_failed", error=repr(exc))
+        finally:
+            if self._refresher is asyncio.current_task():
+                self._refresher = None
+
+    async def _extend_claims(self, claims: list[Claim]) -> None:
+        shared = []
+        for claim in claims:
+            if claim.backend == "local" or self._redis is None:
+                self._local.extend(claim.tenant, claim.record, claim.in_flight, self._lock_s)
+            else:
+                shared.append(claim)
+        if self._redis is None or self._extend is None:
+            return
+        lock_ms = self._lock_s * 1000
+        for start in range(0, len(shared), MAX_EXTENDS_PER_CALL):
+            part = shared[start : start + MAX_EXTENDS_PER_CALL]
+            try:
+                await self._redis.call("idempotency", self._extend_call(part, lock_ms))
+            except RedisUnavailable:
+                log.warning("idempotency_extend_failed", claims=len(part))
+
+    def _extend_call(self, claims: list[Claim], lock_ms: int) -> Callable[[], Awaitable[Any]]:
+        script = self._extend
+        assert script is not None
+        keys = [claim.record for claim in claims]
+        args: list[bytes | int] = [claim.in_flight for claim in claims]
+        args.append(lock_ms)
+        return lambda: script(keys=keys, args=args)
 
     def _forget(self, task: asyncio.Task[Any]) -> None:
         self._running.discard(task)
@@ -180,12 +252,16 @@ class IdempotencyStore:
                 pass
             else:
                 if existing is None:
-                    return Claim(record, in_flight, "redis", tenant)
+                    return self._held_claim(Claim(record, in_flight, "redis", tenant))
                 return _decode_entry(existing)
         existing = self._local.claim(tenant, record, in_flight, self._lock_s)
         if existing is None:
-            return Claim(record, in_flight, "local", tenant)
+            return self._held_claim(Claim(record, in_flight, "local", tenant))
         return _decode_entry(existing)
+
+    def _held_claim(self, claim: Claim) -> Claim:
+        self._hold(claim)
+        return claim
 
     async def complete(self, claim: Claim, response: StoredResponse) -> None:
         entry = _decode_entry(claim.in_flight)
@@ -196,6 +272,8 @@ class IdempotencyStore:
         await self._finish_claim(claim, None)
 
     async def _finish_claim(self, claim: Claim, final: bytes | None) -> None:
+        if self._held.get(claim.record) is claim:
+            del self._held[claim.record]
         if claim.backend == "local" or self._redis is None or self._finish is None:
             self._local.finish(claim.tenant, claim.record, claim.in_flight, final, self._ttl_s)
             return
