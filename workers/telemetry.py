@@ -31,6 +31,11 @@ class WorkerTelemetry(SupervisionTelemetry, Protocol):
 
     def records_spilled(self, records: int) -> None: ...
 
+    def records_resent(self, records: int) -> None:
+        """Records about to be sent again though a produce that timed out (or lost its
+        connection) may have written them: each is possibly a duplicate in Kafka."""
+        ...
+
     def inference_batch_ran(
         self, model: str, version: str, rows: int, queue_s: float, compute_s: float
     ) -> None: ...
@@ -44,6 +49,9 @@ class _NoTelemetry(_NoSupervisionTelemetry):
         pass
 
     def records_spilled(self, records: int) -> None:
+        pass
+
+    def records_resent(self, records: int) -> None:
         pass
 
     def inference_batch_ran(

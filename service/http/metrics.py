@@ -80,6 +80,12 @@ class Metrics:
             "mlgate_records", "Records by outcome (produced, failed, spilled, rejected)",
             ["outcome"], registry=r,
         )
+        self.records_resent = Counter(
+            "mlgate_records_resent",
+            "Records sent to Kafka again after a produce whose outcome was unknown "
+            "(a timeout): the upper bound of duplicates in the topic",
+            registry=r,
+        )
         self.spill_backlog = Gauge(
             "mlgate_spill_backlog_records", "Spilled records not yet forwarded to Kafka",
             multiprocess_mode="livesum", registry=r,
@@ -237,6 +243,9 @@ class PrometheusTelemetry:
 
     def records_spilled(self, records: int) -> None:
         self._m.records.labels("spilled").inc(records)
+
+    def records_resent(self, records: int) -> None:
+        self._m.records_resent.inc(records)
 
     def inference_batch_ran(
         self, model: str, version: str, rows: int, queue_s: float, compute_s: float

@@ -8,6 +8,22 @@ partition with ``acks=all``, and resolves each request's future once every batch
 holds one of its records is acknowledged. Sends are pipelined up to
 ``writer_max_in_flight`` batches; aiokafka has no memory bound of its own, so the
 mailbox in front of it is the bound.
+
+A request that fails raises ``KafkaWriteFailed``, which tells its records apart:
+
+    written          acknowledged (acks=all): never to be sent again
+    not written      never handed to the producer, or refused by the broker (no
+                     connection to it, a broker error answer): safe to send again
+    outcome unknown  sent, then no answer (request timeout, connection lost with the
+                     request in flight, a cancelled send): the broker may hold them,
+                     so sending them again may duplicate them
+
+Without the idempotent producer aiokafka gives a batch ``request_timeout_ms`` in all
+(its batch TTL), so a produce that times out fails here and is not retried by the
+producer. With it (``kafka_enable_idempotence``) aiokafka retries a timed-out or
+refused batch itself, with the same producer id and sequence numbers (the broker drops
+the repeat), and never fails it for a timeout: such a request waits for the broker
+instead, and ``stalled`` tells the sink to spill new requests meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +36,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    NotEnoughReplicasAfterAppendError,
+    RequestTimedOutError,
+)
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
@@ -32,12 +54,39 @@ from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 log = structlog.get_logger("mlgate.kafka_writer")
 
 
+class KafkaWriteFailed(SinkFailed):
+    """Some records of a request were not acknowledged.
+
+    ``unwritten``: those records (not written, or with an unknown outcome), in request
+    order; ``outcome_unknown``: how many of them the broker may have written anyway.
+    """
+
+    def __init__(self, message: str, unwritten: list[OutboundRecord], outcome_unknown: int) -> None:
+        super().__init__(message)
+        self.unwritten = unwritten
+        self.outcome_unknown = outcome_unknown
+
+
+def outcome_unknown(error: BaseException) -> bool:
+    """Whether a batch that failed with ``error`` after it was handed to the producer
+    may have been written all the same."""
+    if isinstance(error, RequestTimedOutError | KafkaConnectionError | NotEnoughReplicasAfterAppendError):
+        return True  # sent, and the answer was lost (or says: written, not replicated)
+    # No connection to the broker (NodeNotReadyError), a broker's refusal, a batch that
+    # expired in the producer's queue before it was sent: not written.
+    return not isinstance(error, KafkaError)
+
+
 @dataclass(eq=False)
 class _Pending:
     records: list[OutboundRecord]
     future: asyncio.Future[None]
     batches_left: int = 0
     errors: list[BaseException] = field(default_factory=list)
+    # Record ids (id()) by what became of them once handed to the producer.
+    sent: set[int] = field(default_factory=set)
+    written: set[int] = field(default_factory=set)
+    refused: set[int] = field(default_factory=set)
 
     def batch_done(self, error: BaseException | None) -> None:
         if error is not None:
@@ -45,9 +94,17 @@ class _Pending:
         self.batches_left -= 1
         if self.batches_left == 0 and not self.future.done():
             if self.errors:
-                self.future.set_exception(SinkFailed(f"Kafka write failed: {self.errors[0]!r}"))
+                self.future.set_exception(self._failure())
             else:
                 self.future.set_result(None)
+
+    def _failure(self) -> KafkaWriteFailed:
+        unwritten = [r for r in self.records if id(r) not in self.written]
+        # Sent and neither acknowledged nor refused: a batch whose answer never came.
+        unknown = sum(1 for r in unwritten if id(r) in self.sent and id(r) not in self.refused)
+        return KafkaWriteFailed(
+            f"Kafka write failed: {self.errors[0]!r}", unwritten=unwritten, outcome_unknown=unknown
+        )
 
 
 def build_producer(settings: Settings) -> AIOKafkaProducer:
@@ -83,6 +140,10 @@ class KafkaWriter(Actor[_Pending]):
         self._in_flight = asyncio.Semaphore(settings.writer_max_in_flight)
         self._partitions: list[int] = []
         self._last_error: str | None = None
+        # Batches handed to the producer and not answered, and when the last answer
+        # came (or the first of them was sent): see ``stalled``.
+        self._unanswered = 0
+        self._last_answer = time.monotonic()
 
     @property
     def _running_producer(self) -> AIOKafkaProducer:
@@ -92,6 +153,14 @@ class KafkaWriter(Actor[_Pending]):
     @property
     def started(self) -> bool:
         return self._task is not None
+
+    @property
+    def stalled(self) -> bool:
+        """Batches are in flight and none has been answered for a request timeout: the
+        broker is not answering (only the idempotent producer waits that long: without
+        it the batches fail by then)."""
+        timeout_s = self._settings.kafka_request_timeout_ms / 1000
+        return self._unanswered > 0 and time.monotonic() - self._last_answer > timeout_s
 
     async def start(self) -> None:
         """Connect and learn the topic's partitions; may be retried after a failure."""
@@ -171,16 +240,16 @@ class KafkaWriter(Actor[_Pending]):
         self, partition: int, entries: list[tuple[OutboundRecord, _Pending]]
     ) -> None:
         batch = self._running_producer.create_batch()
-        members: set[_Pending] = set()
+        members: dict[_Pending, list[OutboundRecord]] = defaultdict(list)
         for record, item in entries:
             if not self._append(batch, record):
                 if members:
                     await self._dispatch(batch, partition, members)
-                    batch, members = self._running_producer.create_batch(), set()
+                    batch, members = self._running_producer.create_batch(), defaultdict(list)
                 if not self._append(batch, record):
                     item.errors.append(SinkFailed("record larger than the Kafka batch size"))
                     continue
-            members.add(item)
+            members[item].append(record)
         if members:
             await self._dispatch(batch, partition, members)
 
@@ -191,7 +260,9 @@ class KafkaWriter(Actor[_Pending]):
         )
         return appended is not None
 
-    async def _dispatch(self, batch: BatchBuilder, partition: int, members: set[_Pending]) -> None:
+    async def _dispatch(
+        self, batch: BatchBuilder, partition: int, members: dict[_Pending, list[OutboundRecord]]
+    ) -> None:
         for item in members:
             item.batches_left += 1
         records = batch.record_count()
@@ -214,16 +285,28 @@ class KafkaWriter(Actor[_Pending]):
             if not isinstance(exc, Exception):
                 raise
             return
+        # Handed to the producer: from here on it may reach the broker.
+        for item, records_of_item in members.items():
+            item.sent.update(map(id, records_of_item))
+        if self._unanswered == 0:
+            self._last_answer = time.monotonic()
+        self._unanswered += 1
 
         def on_ack(done: asyncio.Future[object]) -> None:
             self._in_flight.release()
+            self._unanswered -= 1
+            self._last_answer = time.monotonic()
             error = WorkerClosed("send cancelled") if done.cancelled() else done.exception()
             if error is None:
                 self._telemetry.kafka_batch_acked(records, time.perf_counter() - sent_at)
             else:
                 self._last_error = repr(error)
                 self._telemetry.kafka_batch_failed(records)
-            for item in members:
+            for item, records_of_item in members.items():
+                if error is None:
+                    item.written.update(map(id, records_of_item))
+                elif not outcome_unknown(error):
+                    item.refused.update(map(id, records_of_item))
                 item.batch_done(error)
 
         ack.add_done_callback(on_ack)

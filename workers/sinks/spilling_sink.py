@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -28,7 +29,7 @@ import structlog
 from mlgate.config import Settings, worker_data_dir
 from mlgate.workers.breaker import Breaker, BreakerOpen
 from mlgate.workers.errors import MailboxFull, SinkFailed, WorkerClosed, WorkerError
-from mlgate.workers.sinks.kafka_writer import KafkaWriter
+from mlgate.workers.sinks.kafka_writer import KafkaWriteFailed, KafkaWriter
 from mlgate.workers.sinks.local_log import LogCursor, delete_segments_before
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
@@ -43,6 +44,13 @@ _KAFKA_FAILURES = (SinkFailed, WorkerClosed, BreakerOpen, TimeoutError, OSError)
 
 class SpillFull(WorkerError):
     """The spill holds ``spill_max_records`` records not yet forwarded."""
+
+
+@dataclass(slots=True)
+class _DrainBatch:
+    records: list[OutboundRecord]  # those not yet acknowledged by Kafka
+    end: int  # the forwarded offset once they are
+    offsets: int  # spill offsets it covers (damaged frames included)
 
 
 def read_forwarded_offset(directory: Path) -> int:
@@ -128,15 +136,31 @@ class SpillingKafkaSink:
         self._drainer.start()
 
     async def write(self, records: list[OutboundRecord]) -> None:
-        if self._backlog == 0 and not self.breaker.is_open and self._kafka.healthy:
+        direct = (
+            self._backlog == 0
+            and not self.breaker.is_open
+            and self._kafka.healthy
+            and not self._kafka.stalled
+        )
+        resent = 0
+        if direct:
             try:
                 await self.breaker.call(self._kafka.write, records)
                 return
             except MailboxFull:
                 raise
+            except KafkaWriteFailed as exc:
+                # What Kafka acknowledged stays there; the rest spills.
+                log.warning(
+                    "kafka_write_failed_spilling", error=str(exc), records=len(exc.unwritten),
+                    acknowledged=len(records) - len(exc.unwritten), outcome_unknown=exc.outcome_unknown,
+                )
+                records, resent = exc.unwritten, exc.outcome_unknown
             except _KAFKA_FAILURES as exc:
                 log.warning("kafka_write_failed_spilling", error=repr(exc), records=len(records))
         await self._to_spill(records)
+        if resent:
+            self._telemetry.records_resent(resent)
 
     async def _to_spill(self, records: list[OutboundRecord]) -> None:
         if self._backlog + len(records) > self._settings.spill_max_records:
@@ -157,6 +181,8 @@ class SpillingKafkaSink:
         # last offset Kafka acknowledged (re-sending at most the batch in flight then).
         forwarded = await loop.run_in_executor(self._executor, read_forwarded_offset, self._directory)
         self._cursor = LogCursor(self._directory, forwarded)
+        # A batch read and not yet acknowledged whole: what of it is left to send.
+        unacked: _DrainBatch | None = None
         while True:
             await self._spilled.wait()
             if self._kafka.started and not self._kafka.running:
@@ -171,36 +197,45 @@ class SpillingKafkaSink:
                     log.warning("kafka_still_unavailable", error=repr(exc))
                     await asyncio.sleep(self._settings.kafka_breaker_reset_s)
                     continue
-            # Only fsync'd records: one not yet durable may still be rolled back.
-            start = self._cursor.offset
-            durable = min(batch_size, self._spill.durable_offset - start)
-            entries = await loop.run_in_executor(self._executor, self._cursor.read, durable)
-            # Offsets read, damaged frames (skipped, logged) included.
-            read = self._cursor.offset - start
-            if not read and durable > 0:
-                # fsync'd records the cursor cannot read: crash, so the supervisor
-                # says so (/ready) and the next run starts from the forwarded offset.
-                raise RuntimeError(
-                    f"spill cursor read nothing at offset {self._cursor.offset}, "
-                    f"though records up to {self._spill.durable_offset} are durable"
-                )
-            if not read:
-                if self._backlog == 0:
-                    self._spilled.clear()
-                else:
-                    await asyncio.sleep(0.05)  # written but not yet fsync'd
-                continue
+            if unacked is None:
+                # Only fsync'd records: one not yet durable may still be rolled back.
+                start = self._cursor.offset
+                durable = min(batch_size, self._spill.durable_offset - start)
+                entries = await loop.run_in_executor(self._executor, self._cursor.read, durable)
+                # Offsets read, damaged frames (skipped, logged) included.
+                read = self._cursor.offset - start
+                if not read and durable > 0:
+                    # fsync'd records the cursor cannot read: crash, so the supervisor
+                    # says so (/ready) and the next run starts from the forwarded offset.
+                    raise RuntimeError(
+                        f"spill cursor read nothing at offset {self._cursor.offset}, "
+                        f"though records up to {self._spill.durable_offset} are durable"
+                    )
+                if not read:
+                    if self._backlog == 0:
+                        self._spilled.clear()
+                    else:
+                        await asyncio.sleep(0.05)  # written but not yet fsync'd
+                    continue
+                unacked = _DrainBatch([entry.record for entry in entries], self._cursor.offset, read)
             try:
-                if entries:
-                    await self.breaker.call(self._kafka.write, [entry.record for entry in entries])
+                if unacked.records:
+                    await self.breaker.call(self._kafka.write, unacked.records)
+            except KafkaWriteFailed as exc:
+                # Again only what Kafka did not acknowledge.
+                unacked.records = exc.unwritten
+                if exc.outcome_unknown:
+                    self._telemetry.records_resent(exc.outcome_unknown)
+                await asyncio.sleep(0.5)
+                continue
             except (MailboxFull, *_KAFKA_FAILURES) as exc:
-                self._cursor = LogCursor(self._directory, start)
                 wait = exc.retry_after_s if isinstance(exc, BreakerOpen) else 0.5
                 await asyncio.sleep(wait)
                 continue
-            await loop.run_in_executor(self._executor, self._mark_forwarded, self._cursor.offset)
-            self._backlog = max(0, self._backlog - read)
-            log.info("spill_forwarded", records=len(entries), backlog=self._backlog)
+            await loop.run_in_executor(self._executor, self._mark_forwarded, unacked.end)
+            self._backlog = max(0, self._backlog - unacked.offsets)
+            log.info("spill_forwarded", offsets=unacked.offsets, backlog=self._backlog)
+            unacked = None
 
     def _mark_forwarded(self, offset: int) -> None:
         write_forwarded_offset(self._directory, offset)

@@ -1,0 +1,116 @@
+"""What a failed Kafka write did: records the broker never got spill and go once;
+records of a produce that timed out spill too and are counted as possibly resent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+from mlgate.workers.sinks.records import OutboundRecord
+from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
+from mlgate.workers.telemetry import NO_TELEMETRY
+from tests.support import KafkaBroker, create_topic, read_topic
+
+
+class _Resent(type(NO_TELEMETRY)):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.resent = 0
+
+    def records_resent(self, records: int) -> None:
+        self.resent += records
+
+
+def _records(n: int) -> list[OutboundRecord]:
+    return [OutboundRecord(key=f"r{i}".encode(), value=b"{}", headers=[]) for i in range(n)]
+
+
+def _thread_states(pid: int) -> list[str]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [(task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in tasks.iterdir()]
+
+
+async def _freeze(pid: int) -> None:
+    """SIGSTOP, and wait until every thread of the process has stopped (a signal is
+    delivered asynchronously: a thread on another core could still answer meanwhile)."""
+    os.kill(pid, signal.SIGSTOP)
+    for _ in range(1000):
+        if all(state == "T" for state in _thread_states(pid)):
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"process {pid} did not stop")
+
+
+async def _wait_until_drained(sink: SpillingKafkaSink, limit_s: float = 30.0) -> None:
+    for _ in range(int(limit_s / 0.05)):
+        if sink.backlog == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"spill still holds {sink.backlog} records")
+
+
+async def _started_sink(
+    make_settings, broker: KafkaBroker, telemetry: _Resent, topic: str | None = None
+) -> tuple[SpillingKafkaSink, str]:
+    topic = topic or await create_topic(broker.bootstrap)
+    settings = make_settings(
+        kafka_bootstrap_servers=broker.bootstrap,
+        kafka_topic=topic,
+        kafka_request_timeout_ms=500,
+        kafka_breaker_reset_s=0.2,
+    )
+    sink = SpillingKafkaSink(settings, telemetry)
+    await sink.start()
+    return sink, topic
+
+
+async def test_records_a_stopped_broker_never_got_spill_and_are_not_counted_as_resent(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    telemetry = _Resent()
+    sink, topic = await _started_sink(make_settings, private_kafka_broker, telemetry)
+    try:
+        private_kafka_broker.stop()  # connection refused: nothing can reach it
+        await sink.write(_records(5))
+        assert sink.backlog == 5
+    finally:
+        await sink.close()
+    assert telemetry.resent == 0
+    # The broker comes back empty: a new sink drains once the topic is there again.
+    private_kafka_broker.start()
+    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    sink, _ = await _started_sink(make_settings, private_kafka_broker, telemetry, topic)
+    try:
+        await _wait_until_drained(sink)
+    finally:
+        await sink.close()
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=5)
+    assert sorted(m.key for m in messages) == sorted(r.key for r in _records(5))
+
+
+async def test_records_of_a_timed_out_produce_spill_and_count_as_resent(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    telemetry = _Resent()
+    sink, topic = await _started_sink(make_settings, private_kafka_broker, telemetry)
+    assert private_kafka_broker.process is not None
+    pid = private_kafka_broker.process.pid
+    try:
+        warm_up = OutboundRecord(key=b"warm-up", value=b"{}", headers=[])
+        await sink.write([warm_up])  # connected to the partition leader
+        await _freeze(pid)  # the request is sent; its answer never comes
+        try:
+            await sink.write(_records(5))
+            assert sink.backlog == 5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await _wait_until_drained(sink)
+    finally:
+        await sink.close()
+    assert telemetry.resent == 5
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=6)
+    copies = Counter(m.key for m in messages if m.key != b"warm-up")
+    assert set(copies) == {r.key for r in _records(5)}  # none lost
+    assert sum(copies.values()) - 5 <= telemetry.resent  # every duplicate was counted
