@@ -9,6 +9,10 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import pytest
+from aiokafka.errors import RequestTimedOutError
+
+from mlgate.workers.sinks.kafka_writer import KafkaWriteFailed, _Pending
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
 from mlgate.workers.telemetry import NO_TELEMETRY
@@ -114,3 +118,44 @@ async def test_records_of_a_timed_out_produce_spill_and_count_as_resent(
     copies = Counter(m.key for m in messages if m.key != b"warm-up")
     assert set(copies) == {r.key for r in _records(5)}  # none lost
     assert sum(copies.values()) - 5 <= telemetry.resent  # every duplicate was counted
+
+
+async def test_a_partly_acknowledged_request_fails_with_only_its_unacknowledged_records() -> None:
+    acked, refused, unanswered, never_sent = _records(4)
+    pending = _Pending(
+        [acked, refused, unanswered, never_sent], asyncio.get_running_loop().create_future()
+    )
+    pending.batches_left = 1  # the dispatch hold
+    pending.sent.update(map(id, [acked, refused, unanswered]))
+    pending.written.add(id(acked))
+    pending.refused.add(id(refused))
+    pending.batch_done(RequestTimedOutError())
+    with pytest.raises(KafkaWriteFailed) as failed:
+        await pending.future
+    assert failed.value.unwritten == [refused, unanswered, never_sent]
+    assert failed.value.outcome_unknown == 1
+
+
+async def test_a_timed_out_produce_shows_in_the_resent_counter(
+    app_client, make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    client = await app_client(
+        make_settings(
+            feature_dims=(4,),
+            kafka_bootstrap_servers=private_kafka_broker.bootstrap,
+            kafka_topic=topic,
+            kafka_request_timeout_ms=500,
+        )
+    )
+    body = {"source": "s", "records": [{"features": [1, 2, 3, 4]}]}
+    assert (await client.post("/api/v2/ingest", json=body)).status == 202  # connected
+    assert private_kafka_broker.process is not None
+    pid = private_kafka_broker.process.pid
+    await _freeze(pid)
+    try:
+        assert (await client.post("/api/v2/ingest", json=body)).status == 202  # spilled
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    metrics = await (await client.get("/metrics")).text()
+    assert "mlgate_records_resent_total 1.0" in metrics.splitlines()

@@ -10,6 +10,13 @@
                   crash makes the sink unhealthy while records wait, and the restarted
                   loop reads on from ``forwarded.offset``.
 
+Delivery is at least once, keyed by ``record_id``. A failed Kafka write spills only the
+records Kafka did not acknowledge (``KafkaWriteFailed.unwritten``), and a failed drain
+batch is retried with those alone; records whose produce outcome is unknown (a
+timeout) may reach Kafka twice and are counted (``records_resent``). New requests also
+spill while the writer is ``stalled`` (the idempotent producer waiting on a silent
+broker), rather than queueing behind it.
+
 While a backlog exists new records spill too, so records of one key reach Kafka in the
 order they were accepted. A full spill (``spill_max_records``) is the one case where a
 write is refused (``SpillFull``). A crash between an ack and the offset file write
