@@ -1,7 +1,11 @@
 """Content negotiation: JSON or msgpack bodies in, JSON or msgpack answers out.
 
 Decoding maps msgspec's errors onto the contract: undecodable bytes are 400,
-schema violations 422 with the failing location, unknown media types 415.
+schema violations of a well-formed body 422 with the failing location, unknown media
+types 415. msgspec stops at the first problem it meets, so a schema error can come
+before a syntax error further on (``{"source": "x", "records": [ not json`` against a
+type without ``source``); only then, once the typed decoding has failed, is the body
+checked for well-formedness (``syntax_error``), so valid bodies pay nothing for it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from mlgate.schemas.problem import FieldError
-from mlgate.service.http.errors import BadRequest, UnsupportedMediaType, ValidationFailed
+from mlgate.service.http.errors import ApiError, BadRequest, UnsupportedMediaType, ValidationFailed
 
 T = TypeVar("T")
 
@@ -93,17 +97,53 @@ def location(error: msgspec.ValidationError) -> tuple[str, str]:
 
 
 def decode(body: bytes, type_: type[T], fmt: Format) -> T:
+    """``body`` as ``type_``: 400 when it is not JSON / msgpack at all, else 422 when it
+    does not fit the schema."""
     try:
         if fmt is Format.MSGPACK:
             return msgspec.msgpack.decode(body, type=type_)
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        loc, msg = location(exc)
-        raise ValidationFailed(str(exc), errors=[FieldError(loc=loc or "body", msg=msg)]) from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"Body is not valid {fmt.name.lower()}: {exc}") from None
-    except RecursionError:
-        raise BadRequest("Body is nested too deeply") from None
+        raise schema_error(exc, body, fmt) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise undecodable(exc, fmt) from None
+
+
+def schema_error(exc: msgspec.ValidationError, body: bytes, fmt: Format) -> ApiError:
+    """The answer to a typed decoding's ``ValidationError``: 422 with its location when
+    the body is well-formed, 400 when it is not (the schema error came first)."""
+    syntax = syntax_error(body, fmt)
+    if syntax is not None:
+        return undecodable(syntax, fmt)
+    loc, msg = location(exc)
+    return ValidationFailed(str(exc), errors=[FieldError(loc=loc or "body", msg=msg)])
+
+
+def undecodable(exc: Exception, fmt: Format) -> BadRequest:
+    if isinstance(exc, RecursionError):
+        return BadRequest("Body is nested too deeply")
+    return BadRequest(f"Body is not valid {fmt.name.lower()}: {exc}")
+
+
+def syntax_error(body: bytes, fmt: Format) -> Exception | None:
+    """Why ``body`` is not JSON / msgpack at all, or None when it is well-formed.
+
+    Decoded as ``msgspec.Raw``, which walks the whole document (and rejects trailing
+    bytes) without building any object: a few ms for 16 MB where an untyped decoding
+    would allocate every value. The walk skips strings without checking their UTF-8,
+    which JSON requires throughout, so that is checked on the bytes."""
+    try:
+        if fmt is Format.MSGPACK:
+            msgspec.msgpack.decode(body, type=msgspec.Raw)
+        else:
+            msgspec.json.decode(body, type=msgspec.Raw)
+            if not body.isascii():
+                body.decode()
+    except (msgspec.DecodeError, RecursionError) as exc:
+        return exc
+    except UnicodeDecodeError as exc:
+        return msgspec.DecodeError(f"JSON is malformed: invalid UTF-8 (byte {exc.start})")
+    return None
 
 
 def encode(obj: Any, fmt: Format) -> bytes:

@@ -26,12 +26,16 @@ from mlgate.schemas.ingest import (
     StoredRecord,
 )
 from mlgate.schemas.problem import FieldError
-from mlgate.service.http.codec import Format, decode, location
+from mlgate.service.http.codec import Format, decode, location, undecodable
 from mlgate.service.http.errors import ValidationFailed
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.quality_screen import QUALITY_FLAGS_HEADER, QualityScreen
 from mlgate.workers.sinks.records import OutboundRecord
 
+_batch_decoders: dict[Format, Any] = {
+    Format.JSON: msgspec.json.Decoder(IngestRequest),
+    Format.MSGPACK: msgspec.msgpack.Decoder(IngestRequest),
+}
 _record_decoders: dict[Format, Any] = {
     Format.JSON: msgspec.json.Decoder(Record),
     Format.MSGPACK: msgspec.msgpack.Decoder(Record),
@@ -55,15 +59,20 @@ class RecordValidator:
     # -- decoding ---------------------------------------------------------------------
 
     def decode_batch(self, body: bytes, fmt: Format) -> tuple[str, list[Record | RecordError]]:
-        """The source and, per index, a decoded record or the reason it was rejected."""
+        """The source and, per index, a decoded record or the reason it was rejected.
+
+        Bytes that are not JSON / msgpack at all are 400 even when msgspec meets a
+        schema error first: the envelope decoding (``codec.decode``) tells them apart."""
         try:
-            batch = decode(body, IngestRequest, fmt)
+            batch: IngestRequest = _batch_decoders[fmt].decode(body)
             items: list[Record | RecordError] = list(batch.records)
             source = batch.source
-        except ValidationFailed:
+        except msgspec.ValidationError:
             envelope = decode(body, IngestEnvelope, fmt)
             source = envelope.source
             items = [self._decode_one(i, raw, fmt) for i, raw in enumerate(envelope.records)]
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise undecodable(exc, fmt) from None
         limit = self._settings.max_batch_records
         if len(items) > limit:
             raise ValidationFailed(
