@@ -13,13 +13,19 @@
 - **write**: the rest go to the record sink's mailbox; the call returns once the sink
   has made them durable: Kafka ``acks=all`` (or the local spill, fsync'd, while Kafka
   is down), or the embedded local log, fsync'd.
-- **confirm**: the claimed ids are marked written, shielded from cancellation.
+- **confirm**: the claimed ids are marked written. Write and confirm run in a task of
+  their own, so a caller cancelled after the sink took the records (a client gone
+  away) still settles the claim by the write's outcome: a retry is then a duplicate,
+  not a second write.
 
 So a 202 means: every record counted in ``records_accepted`` is durable, each keyed
 by its ``record_id``; ``records_duplicate`` were already written and were not written
 again; ``records_rejected`` are listed in ``errors`` with their reasons. Any failure
-before the sink's acknowledgement releases the claim and surfaces as an error (503
-when the sink is full or down), so nothing is acknowledged that is not durable.
+before the sink's acknowledgement surfaces as an error (503 when the sink is full or
+down), so nothing is acknowledged that is not durable. The claim is released only when
+the sink refused the records (``MailboxFull``, ``WorkerClosed``: full, or stopped); after
+any other failure part of them may have landed, so their ids stay claimed until they lapse
+(``MLGATE_IDEMPOTENCY_LOCK_S``) and a retry meanwhile is 409, not a duplicate write.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from mlgate.service.http.metrics import Metrics
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
 from mlgate.service.ingest.validation import RecordValidator
-from mlgate.workers.sinks.records import RecordSink
+from mlgate.workers.errors import MailboxFull, WorkerClosed
+from mlgate.workers.sinks.records import OutboundRecord, RecordSink
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +68,7 @@ class IngestPipeline:
         self._dedup = dedup
         self._sink = sink
         self._metrics = metrics
+        self._settling: set[asyncio.Future[None]] = set()
 
     def decode(self, body: bytes, fmt: Format) -> tuple[str, list[Record | RecordError]]:
         return self._validator.decode_batch(body, fmt)
@@ -78,20 +86,39 @@ class IngestPipeline:
         """Write the accepted records whose ``record_id`` was not written within the
         dedup window; returns once they are durable."""
         fresh, claim = await self._drop_duplicates(tenant, batch, items)
-        if fresh.accepted:
-            try:
-                await self._sink.write(self._validator.outbound(fresh, tracking_id))
-            except BaseException:
-                if claim is not None:
-                    await asyncio.shield(self._dedup.release(tenant, claim))
-                raise
-        if claim is not None:
-            # Written: a cancellation now must not leave the ids to lapse and be written again.
-            await asyncio.shield(self._dedup.confirm(tenant, claim))
+        records = self._validator.outbound(fresh, tracking_id) if fresh.accepted else []
+        if claim is None:
+            if records:
+                await self._sink.write(records)
+        else:
+            # Once submitted, the sink writes the records whether or not this caller is
+            # still waiting: the claim is settled by the write's outcome, not by ours.
+            settle = asyncio.ensure_future(self._write_and_settle(tenant, claim, records))
+            self._settling.add(settle)
+            settle.add_done_callback(self._settled)
+            await asyncio.shield(settle)
         duplicates = len(batch.accepted) - len(fresh.accepted)
         if duplicates:
             self._metrics.records_duplicate.inc(duplicates)
         return Written(accepted=len(fresh.accepted), duplicates=duplicates)
+
+    async def _write_and_settle(self, tenant: str, claim: Claim, records: list[OutboundRecord]) -> None:
+        """Write, then confirm the claim; release it only when the sink refused the
+        records (full, or not running). Any other failure may follow a partial write
+        (Kafka took some, the spill refused the rest): the ids stay claimed until they
+        lapse."""
+        if records:
+            try:
+                await self._sink.write(records)
+            except (MailboxFull, WorkerClosed):
+                await self._dedup.release(tenant, claim)
+                raise
+        await self._dedup.confirm(tenant, claim)
+
+    def _settled(self, settle: asyncio.Future[None]) -> None:
+        self._settling.discard(settle)
+        if not settle.cancelled():
+            settle.exception()  # retrieved: its caller may have been cancelled
 
     async def _drop_duplicates(
         self, tenant: str, batch: ValidatedBatch, items: list[Record | RecordError]
