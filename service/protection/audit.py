@@ -4,6 +4,15 @@ Events go to their own logger (``"channel": "audit"`` on every line, so a log
 pipeline can route them to retention storage), written whatever the log level, and carry who, what and the outcome:
 time, tenant, key id (never the key), route, tracking id, record counts, outcome.
 Never payloads: no features, labels or metadata values appear here.
+
+    ingest, ingest_stream     service.routes.ingest: source, tracking id, counts
+    key_create, key_revoke    service.cli.keys (no request: ``audit_admin``)
+    model_load, model_unload  the repository API (``/v2/repository/models/{model}/load``
+                              and ``/unload``, service.routes.oip): ``model``, and the
+                              ``model_version`` now serving after a load; outcome
+                              ``loaded``/``unloaded``, ``not_found``, ``failed`` (no
+                              version could be loaded) or ``rejected`` (a body or option
+                              refused before anything was done)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
     GET  .../config                                   the Triton-style config clients read
     POST .../infer                                    JSON or binary tensors
     POST /v2/repository/index                         repository extension
-    POST /v2/repository/models/{model}/load | /unload
+    POST /v2/repository/models/{model}/load | /unload    audited (``protection.audit``)
 
 Binary tensor extension: with ``Inference-Header-Content-Length: N`` the first N bytes
 of the body are the JSON request and the rest holds, in input order, the raw
@@ -49,7 +49,7 @@ from mlgate.service import __version__
 from mlgate.service.http.body import read_body
 from mlgate.service.http.codec import MEDIA_TYPES, Format, decode, respond
 from mlgate.service.http.context import REQUEST_ID
-from mlgate.service.http.errors import BadRequest, NotFound
+from mlgate.service.http.errors import ApiError, BadRequest, NotFound
 from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import TIMEOUT_HEADER, request_deadline, resolve
 from mlgate.service.predict.tensors import (
@@ -60,6 +60,7 @@ from mlgate.service.predict.tensors import (
     to_binary,
     to_json,
 )
+from mlgate.service.protection.audit import Action, audit_request
 from mlgate.service.state import DRAINING, DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.inference.model_config import PLATFORM, TensorSpec
 from mlgate.workers.inference.repository import ModelLoadFailed, ModelNotFound
@@ -253,27 +254,53 @@ async def repository_index(request: web.Request) -> web.Response:
     return respond(request, entries)
 
 
+def _audit_refusal(request: web.Request, action: Action, model: str, exc: Exception) -> None:
+    """The audit event of a load or unload that did not happen, and why."""
+    if isinstance(exc, ModelNotFound):
+        outcome = "not_found"
+    elif isinstance(exc, ModelLoadFailed):
+        outcome = "failed"
+    elif isinstance(exc, ApiError):
+        outcome = "rejected"  # the body or its options, before anything was done
+    else:
+        outcome = f"failed: {type(exc).__name__}"
+    audit_request(request, action, outcome, model=model)
+
+
 async def repository_load(request: web.Request) -> web.Response:
-    options: RepositoryModelRequest = await _optional_body(request, RepositoryModelRequest)
-    if any(key == "config" or key.startswith("file:") for key in options.parameters):
-        raise BadRequest(
-            "mlgate loads models from its repository only; config and file overrides are not supported"
-        )
+    model = request.match_info["model"]
+    repository = request.app[MODEL_REPOSITORY]
     try:
-        await request.app[MODEL_REPOSITORY].load(request.match_info["model"])
-    except ModelNotFound as exc:
-        raise NotFound(str(exc)) from None
-    except ModelLoadFailed as exc:
-        raise BadRequest(str(exc)) from None
+        options: RepositoryModelRequest = await _optional_body(request, RepositoryModelRequest)
+        if any(key == "config" or key.startswith("file:") for key in options.parameters):
+            raise BadRequest(
+                "mlgate loads models from its repository only; config and file overrides are not supported"
+            )
+        await repository.load(model)
+    except Exception as exc:
+        _audit_refusal(request, "model_load", model, exc)
+        if isinstance(exc, ModelNotFound):
+            raise NotFound(str(exc)) from None
+        if isinstance(exc, ModelLoadFailed):
+            raise BadRequest(str(exc)) from None
+        raise
+    audit_request(
+        request, "model_load", "loaded", model=model, model_version=repository.resolve(model).version
+    )
     return web.Response(status=200)
 
 
 async def repository_unload(request: web.Request) -> web.Response:
-    await _optional_body(request, RepositoryModelRequest)
+    model = request.match_info["model"]
     try:
-        await request.app[MODEL_REPOSITORY].unload(request.match_info["model"])
-    except ModelNotFound as exc:
-        raise NotFound(str(exc)) from None
+        await _optional_body(request, RepositoryModelRequest)
+        await request.app[MODEL_REPOSITORY].unload(model)
+    except Exception as exc:
+        _audit_refusal(request, "model_unload", model, exc)
+        if isinstance(exc, ModelNotFound):
+            raise NotFound(str(exc)) from None
+        raise
+    audit_request(request, "model_unload", "unloaded", model=model)
     return web.Response(status=200)
 
 
