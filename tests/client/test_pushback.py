@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from mlgate_client import Producer, RetryPolicy
+from mlgate_client import Delivery, Producer, RetryPolicy
 
 from tests.client.landing import (
     FEATURES,
@@ -52,25 +52,30 @@ async def test_every_record_lands_once_across_a_server_restart(
     mlgate = kafka_service(
         REDIS_URL=f"redis://127.0.0.1:{redis_server.port}", MLGATE_IDEMPOTENCY_LOCK_S="2"
     )
-    sent_half = asyncio.Event()
+    flowing, restarted = asyncio.Event(), asyncio.Event()
 
-    async def produce() -> list[asyncio.Future[Any]]:
-        futures = []
+    async def produce() -> list[asyncio.Future[Delivery]]:
+        """A steady stream from before the stop until well after the start."""
+        futures: list[asyncio.Future[Delivery]] = []
+        after_restart = 0
         async with Producer(
             mlgate.url, "client-test", max_records=20, linger_ms=1, retry=FAST_RETRIES
         ) as producer:
-            for i in range(RECORDS):
-                futures.append(await producer.send(FEATURES, metadata={"n": i}))
-                if i == RECORDS // 2:
-                    sent_half.set()
-                await asyncio.sleep(0)  # a steady stream, not one burst
+            while after_restart < 200:
+                futures.append(await producer.send(FEATURES, metadata={"n": len(futures)}))
+                if len(futures) == 100:
+                    flowing.set()
+                after_restart += restarted.is_set()
+                await asyncio.sleep(0.001)
         assert producer.stats.retries_by_cause["connection"] > 0
         return futures
 
     producing = asyncio.create_task(produce())
-    await sent_half.wait()
-    await asyncio.to_thread(mlgate.service.stop)  # SIGTERM: drains in-flight requests
+    await flowing.wait()
+    await asyncio.to_thread(mlgate.service.stop)  # SIGTERM: in-flight requests finish
     await asyncio.to_thread(mlgate.service.start)
-    delivered = await reports(await producing)
+    restarted.set()
+    futures = await producing
+    delivered = await reports(futures)
     assert all(d.delivered for d in delivered)
-    assert_landed_exactly_once(await mlgate.landed(expected=RECORDS), delivered)
+    assert_landed_exactly_once(await mlgate.landed(expected=len(futures)), delivered)
