@@ -163,6 +163,8 @@ class SpillingKafkaSink:
                     acknowledged=len(records) - len(exc.unwritten), outcome_unknown=exc.outcome_unknown,
                 )
                 records, resent = exc.unwritten, exc.outcome_unknown
+                if not records:
+                    return
             except _KAFKA_FAILURES as exc:
                 log.warning("kafka_write_failed_spilling", error=repr(exc), records=len(records))
         await self._to_spill(records)
