@@ -156,8 +156,10 @@ class Producer:
             await self._wait_for_room(size)
             if self._closed:
                 raise ProducerClosed("the producer was closed while send waited for room")
-        self._start_senders()
-        future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+        if not self._senders:
+            self._start_senders()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Delivery] = loop.create_future()
         self._held_bytes += size
         self._unresolved += 1
         self._drained.clear()
@@ -168,7 +170,7 @@ class Producer:
             batch = None
         if batch is None:
             batch = self._current = _Batch()
-            self._linger = asyncio.get_running_loop().call_later(
+            self._linger = loop.call_later(
                 self._linger_s, self._seal_if_current, batch
             )
         batch.records.append(encoded)
@@ -254,11 +256,10 @@ class Producer:
     # -- sending -------------------------------------------------------------------
 
     def _start_senders(self) -> None:
-        if not self._senders:
-            self._senders = [
-                asyncio.create_task(self._sender(), name=f"mlgate-producer-sender-{n}")
-                for n in range(self._max_in_flight)
-            ]
+        self._senders = [
+            asyncio.create_task(self._sender(), name=f"mlgate-producer-sender-{n}")
+            for n in range(self._max_in_flight)
+        ]
 
     async def _sender(self) -> None:
         while (batch := await self._ready.get()) is not None:
