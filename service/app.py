@@ -20,7 +20,7 @@ from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.service.http.routing import add_routes
 from mlgate.service.ingest.quality_screen import QualityScreen
 from mlgate.service.ingest.validation import RecordValidator
-from mlgate.service.protection.middleware import protection
+from mlgate.service.protection.middleware import expect_continue, protection
 from mlgate.service.routes import health, ingest, oip, predict, quality
 from mlgate.service.state import (
     DRAINING,
@@ -78,7 +78,7 @@ def create_app(settings: Settings) -> web.Application:
         *predict.ROUTES,
         *oip.ROUTES,
     ]
-    add_routes(app, documented)
+    add_routes(app, documented, expect_continue)
     add_routes(app, openapi.docs_routes(documented, __version__))
     openapi.add_docs_assets(app)
     return app

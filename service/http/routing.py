@@ -10,11 +10,15 @@ list. ``scope`` is who may call a route:
     "ingest", "predict", "admin"
                 a key with that scope
     "quality"   a key with the quality or the admin scope
+
+``Expect: 100-continue`` is answered per route by the ``expect`` check ``add_routes`` is
+given (``protection.middleware.expect_continue``): ``100 Continue`` only for a request
+that can succeed, else its refusal before the body is sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +60,9 @@ class Route:
     errors: tuple[int, ...] = ()
     # Served but left out of the OpenAPI document (the docs page and its assets).
     documented: bool = True
+    # The handler streams its body, of any length (no MAX_BODY_BYTES): an announced
+    # length over that limit is then no reason to refuse before ``100 Continue``.
+    streams_body: bool = False
 
     def __post_init__(self) -> None:
         if self.scope is not None and self.scope not in ACCEPTED_SCOPES:
@@ -66,14 +73,39 @@ class Route:
         """None for an open route, else the scopes of which a key needs one."""
         return None if self.scope is None else ACCEPTED_SCOPES[self.scope]
 
+    @property
+    def limits_body(self) -> bool:
+        """Whether the handler reads its whole body, within MAX_BODY_BYTES."""
+        return self.method != "get" and not self.streams_body
 
-def add_routes(app: web.Application, routes: Iterable[Route]) -> None:
+
+# Answers ``Expect`` for a request on a route: None after ``100 Continue`` (the body
+# comes), or the refusal; given whether the route limits its body to MAX_BODY_BYTES.
+ExpectCheck = Callable[[web.Request, bool], Awaitable[web.StreamResponse | None]]
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def _expect_handler(check: ExpectCheck, limits_body: bool) -> ExpectHandler:
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        return await check(request, limits_body)
+
+    return expect
+
+
+def add_routes(
+    app: web.Application, routes: Iterable[Route], expect: ExpectCheck | None = None
+) -> None:
+    """Register ``routes``; with ``expect``, each answers ``Expect: 100-continue`` with it
+    (else aiohttp sends ``100 Continue`` to every request)."""
     access = app[ROUTE_ACCESS]
     for route in routes:
+        expect_handler = None if expect is None else _expect_handler(expect, route.limits_body)
         if route.method == "get":
-            added = app.router.add_get(route.path, route.handler)
+            added = app.router.add_get(route.path, route.handler, expect_handler=expect_handler)
         else:
-            added = app.router.add_route(route.method.upper(), route.path, route.handler)
+            added = app.router.add_route(
+                route.method.upper(), route.path, route.handler, expect_handler=expect_handler
+            )
         assert added.resource is not None
         declared = access.setdefault(added.resource, route.accepted_scopes)
         if declared != route.accepted_scopes:

@@ -187,6 +187,7 @@ ROUTES = [
         {202: IngestResponse},
         request=Record,
         request_media=(NDJSON, "application/msgpack"),
+        streams_body=True,
         scope="ingest",
         parameters=[
             {

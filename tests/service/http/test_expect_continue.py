@@ -1,0 +1,199 @@
+"""``Expect: 100-continue``: a request that cannot succeed is refused before its body is
+sent (413 for an announced length over the limit, 401/403 for its key); the others get
+``100 Continue``. Raw sockets: common clients cannot send the expectation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
+
+from mlgate.config import Settings
+from tests.conftest import AppClientFactory
+from tests.support import KeyMaker
+
+Client = TestClient[web.Request, web.Application]
+LIMIT = 1024
+# A guard against a hang (a server waiting for a body the client holds back), not a
+# measurement: every answer here comes at once.
+HANG_GUARD_S = 10
+BATCH = msgspec.json.encode({"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]})
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+class RawConnection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send_head(self, path: str, length: int, **headers: str) -> None:
+        lines = [f"POST {path} HTTP/1.1", "Host: mlgate", f"Content-Length: {length}"]
+        lines += ["Expect: 100-continue", *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items())]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await self.writer.drain()
+
+    async def send_body(self, body: bytes) -> None:
+        self.writer.write(body)
+        await self.writer.drain()
+
+    async def answer(self) -> Answer:
+        """The next answer: an interim ``100 Continue`` or the final one with its body."""
+        async with asyncio.timeout(HANG_GUARD_S):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status_line, *lines = head.decode().split("\r\n")[:-2]
+            headers: CIMultiDict[str] = CIMultiDict()
+            for line in lines:
+                name, _, value = line.partition(":")
+                headers.add(name.strip(), value.strip())
+            length = int(headers.get("Content-Length", "0"))
+            body = await self.reader.readexactly(length) if length else b""
+        return Answer(int(status_line.split()[1]), headers, body)
+
+    async def closed_by_server_once_the_client_is_done(self) -> bool:
+        """The client sends no body and says so (half-close, as after reading
+        ``Connection: close``); the server then closes too, awaiting nothing more."""
+        self.writer.write_eof()
+        async with asyncio.timeout(HANG_GUARD_S):
+            return await self.reader.read() == b""
+
+
+@pytest.fixture
+def keys(api_keys: KeyMaker) -> dict[str, str]:
+    return {
+        "ingest": api_keys.create(tenant="acme", scopes="ingest"),
+        "predict": api_keys.create(tenant="acme", scopes="predict"),
+    }
+
+
+@pytest.fixture
+async def client(
+    app_client: AppClientFactory,
+    make_settings: Callable[..., Settings],
+    api_keys: KeyMaker,
+    keys: dict[str, str],
+) -> Client:
+    settings = make_settings(
+        max_body_bytes=LIMIT,
+        feature_dims=(4,),
+        keys_file=str(api_keys.path),
+        auth_disabled=False,
+        rate_limits_enabled=False,
+    )
+    return await app_client(settings)
+
+
+@pytest.fixture
+async def connect(client: Client) -> AsyncIterator[Callable[[], asyncio.Future[RawConnection]]]:
+    opened: list[asyncio.StreamWriter] = []
+
+    async def open_connection() -> RawConnection:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        opened.append(writer)
+        return RawConnection(reader, writer)
+
+    yield open_connection  # type: ignore[misc]
+    for writer in opened:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_an_announced_body_over_the_limit_is_413_instead_of_100_continue(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str]
+) -> None:
+    connection = await connect()
+    await connection.send_head(
+        "/api/v2/ingest", LIMIT + 1, Content_Type="application/json", X_API_Key=keys["ingest"]
+    )
+    answer = await connection.answer()
+    assert answer.status == 413
+    assert answer.headers["Content-Type"].startswith("application/problem+json")
+    problem = msgspec.json.decode(answer.body)
+    assert problem["status"] == 413 and problem["type"] == "/problems/payload-too-large"
+    assert answer.headers["X-Request-ID"] == problem["request_id"]
+    assert answer.headers["Connection"] == "close"
+    assert await connection.closed_by_server_once_the_client_is_done()
+
+
+async def test_a_request_without_a_key_is_401_before_100_continue(
+    connect: Callable[[], asyncio.Future[RawConnection]],
+) -> None:
+    connection = await connect()
+    await connection.send_head("/api/v2/ingest", len(BATCH), Content_Type="application/json")
+    answer = await connection.answer()
+    assert answer.status == 401
+    assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+    assert answer.headers["Content-Type"].startswith("application/problem+json")
+    assert msgspec.json.decode(answer.body)["status"] == 401
+    assert await connection.closed_by_server_once_the_client_is_done()
+
+
+async def test_a_key_without_the_route_scope_is_403_before_100_continue(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str]
+) -> None:
+    connection = await connect()
+    await connection.send_head(
+        "/api/v2/ingest", len(BATCH), Content_Type="application/json", X_API_Key=keys["predict"]
+    )
+    answer = await connection.answer()
+    assert answer.status == 403
+    assert 'error="insufficient_scope"' in answer.headers["WWW-Authenticate"]
+    assert msgspec.json.decode(answer.body)["status"] == 403
+
+
+async def test_a_valid_request_within_the_limit_gets_100_continue_then_its_answer(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str]
+) -> None:
+    connection = await connect()
+    await connection.send_head(
+        "/api/v2/ingest", len(BATCH), Content_Type="application/json", X_API_Key=keys["ingest"]
+    )
+    assert (await connection.answer()).status == 100
+    await connection.send_body(BATCH)
+    answer = await connection.answer()
+    assert answer.status == 202, answer.body
+    assert msgspec.json.decode(answer.body)["records_accepted"] == 1
+
+
+async def test_a_stream_may_announce_more_than_the_body_limit(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str]
+) -> None:
+    line = b'{"features": [1.0, 2.0, 3.0, 4.0]}\n'
+    body = line * (LIMIT // len(line) + 1)
+    assert len(body) > LIMIT
+    connection = await connect()
+    await connection.send_head(
+        "/api/v2/ingest/stream?source=s",
+        len(body),
+        Content_Type="application/x-ndjson",
+        X_API_Key=keys["ingest"],
+    )
+    assert (await connection.answer()).status == 100
+    await connection.send_body(body)
+    answer = await connection.answer()
+    assert answer.status == 202, answer.body
+
+
+async def test_the_refusal_is_the_answer_the_route_gives_without_the_expectation(
+    client: Client, connect: Callable[[], asyncio.Future[RawConnection]]
+) -> None:
+    """Through the same middlewares: v1's deprecation headers, OIP's ``error`` member."""
+    for path in ("/api/v1/predict", "/v2/models/demo/infer"):
+        connection = await connect()
+        await connection.send_head(path, 2, Content_Type="application/json", X_Request_ID="rid-1")
+        early = await connection.answer()
+        plain = await client.post(path, data=b"{}", headers={"X-Request-ID": "rid-1"})
+        assert early.status == plain.status == 401
+        assert early.body == await plain.read()
+        for header in ("Content-Type", "WWW-Authenticate", "X-Request-ID", "Deprecation", "Link"):
+            assert early.headers.get(header) == plain.headers.get(header), header
