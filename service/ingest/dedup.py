@@ -13,7 +13,8 @@ waits for that write's outcome, up to ``MLGATE_DEDUP_IN_FLIGHT_WAIT_S``: written
 id is a duplicate; released (the write failed), this request claims it and writes it.
 Still in flight after the wait: ``Conflict`` (409 with Retry-After, as for an
 Idempotency-Key in flight), this request's own claims released, nothing written. An
-in-flight claim whose request died lapses after ``MLGATE_IDEMPOTENCY_LOCK_S``. So a
+in-flight claim is extended (``extend``) while its write runs, however long, and lapses
+after ``MLGATE_IDEMPOTENCY_LOCK_S`` once its request died. So a
 client is never told "duplicate" for a record that then failed to land. Each claim
 carries a token of its own: confirming or releasing touches only ids this claim still
 holds, never another request's claim taken after ours lapsed. If Redis fails between
@@ -90,6 +91,16 @@ for id in string.gmatch(ARGV[4], '[^\\n]+') do
 end
 return 1
 """
+# Still being written: push back the lapse of the ids this claim still holds.
+EXTEND_LUA = """
+local lapse, prefix, mine = ARGV[1], ARGV[2], 'p:' .. ARGV[3]
+for id in string.gmatch(ARGV[4], '[^\\n]+') do
+  if redis.call('GET', prefix .. id) == mine then
+    redis.call('EXPIRE', prefix .. id, lapse)
+  end
+end
+return 1
+"""
 # Not written after all: forget the ids this claim still holds.
 RELEASE_LUA = """
 local prefix, mine = ARGV[2], 'p:' .. ARGV[3]
@@ -151,6 +162,13 @@ class LocalSeen:
             if take_over or (entry is not None and entry[1] == f"p:{token}"):
                 self._seen.put(tenant, record_id, (expiry, WRITTEN))
 
+    def extend(self, tenant: str, record_ids: Sequence[str], token: str) -> None:
+        expiry = time.monotonic() + self._lapse_s
+        for record_id in record_ids:
+            entry = self._seen.get(tenant, record_id)
+            if entry is not None and entry[1] == f"p:{token}":
+                self._seen.put(tenant, record_id, (expiry, entry[1]))
+
     def release(self, tenant: str, record_ids: Sequence[str], token: str) -> None:
         for record_id in record_ids:
             entry = self._seen.get(tenant, record_id)
@@ -162,11 +180,12 @@ class RecordDeduplicator:
     def __init__(self, settings: Settings, redis: SharedRedis | None = None) -> None:
         self.window_s = settings.dedup_window_s
         self.in_flight_wait_s = settings.dedup_in_flight_wait_s
-        self._lapse_s = settings.idempotency_lock_s
+        self.lapse_s = self._lapse_s = settings.idempotency_lock_s
         self._redis = redis
         self._scripts = (
             {name: redis.script(source) for name, source in
-             (("claim", CLAIM_LUA), ("confirm", CONFIRM_LUA), ("release", RELEASE_LUA))}
+             (("claim", CLAIM_LUA), ("confirm", CONFIRM_LUA), ("extend", EXTEND_LUA),
+              ("release", RELEASE_LUA))}
             if redis is not None
             else {}
         )
@@ -235,6 +254,14 @@ class RecordDeduplicator:
         self._local.confirm(
             tenant, claim.held, claim.token, take_over=self._redis is not None and recorded is None
         )
+
+    async def extend(self, tenant: str, claim: Claim) -> None:
+        """The claim's records are still being written: they stay in flight for another
+        lapse (the writer calls this every third of it, however long the write takes)."""
+        if not self.enabled or not claim.held:
+            return
+        self._local.extend(tenant, claim.held, claim.token)
+        await self._run("extend", self._lapse_s, tenant, claim.held, claim.token)
 
     async def release(self, tenant: str, claim: Claim) -> None:
         """The claim's records were not written after all: forget what it holds."""

@@ -12,7 +12,8 @@
   (``ingest.dedup``).
 - **write**: the rest go to the record sink's mailbox; the call returns once the sink
   has made them durable: Kafka ``acks=all`` (or the local spill, fsync'd, while Kafka
-  is down), or the embedded local log, fsync'd.
+  is down), or the embedded local log, fsync'd. While it runs, the claim is extended
+  every third of its lapse, so a write slower than the lapse keeps its ids.
 - **confirm**: the claimed ids are marked written. Write and confirm run in a task of
   their own, so a caller cancelled after the sink took the records (a client gone
   away) still settles the claim by the write's outcome: a retry is then a duplicate,
@@ -109,11 +110,32 @@ class IngestPipeline:
         lapse."""
         if records:
             try:
-                await self._sink.write(records)
+                await self._write_holding(tenant, claim, records)
             except (MailboxFull, WorkerClosed):
                 await self._dedup.release(tenant, claim)
                 raise
         await self._dedup.confirm(tenant, claim)
+
+    async def _write_holding(self, tenant: str, claim: Claim, records: list[OutboundRecord]) -> None:
+        """The sink write, with the claim extended every third of its lapse while the
+        write runs: a write slower than the lapse must not let a retry claim its ids.
+        A timer, so only a slow write pays for an extension."""
+        loop = asyncio.get_running_loop()
+        interval = self._dedup.lapse_s / 3
+        timer: asyncio.TimerHandle | None = None
+
+        def extend() -> None:
+            nonlocal timer
+            extending = loop.create_task(self._dedup.extend(tenant, claim))
+            self._settling.add(extending)
+            extending.add_done_callback(self._settled)
+            timer = loop.call_later(interval, extend)
+
+        timer = loop.call_later(interval, extend)
+        try:
+            await self._sink.write(records)
+        finally:
+            timer.cancel()
 
     def _settled(self, settle: asyncio.Future[None]) -> None:
         self._settling.discard(settle)

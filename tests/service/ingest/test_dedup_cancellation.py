@@ -1,6 +1,6 @@
 """A write whose caller is cancelled after it was handed to the sink (a client gone
-away) still lands, so its record ids must count as written, not be released for a
-retry to write them a second time."""
+away) still lands, and a write may take longer than the claim's lapse: either way its
+record ids must count as written, not be left for a retry to write a second time."""
 
 from __future__ import annotations
 
@@ -11,8 +11,15 @@ import msgspec
 import pytest
 
 from mlgate.service.http.codec import Format
-from mlgate.service.ingest.pipeline import Written
-from mlgate.service.state import INGEST_PIPELINE, RECORD_SINK
+from mlgate.service.ingest.pipeline import IngestPipeline, Written
+from mlgate.service.state import (
+    INGEST_PIPELINE,
+    METRICS,
+    RECORD_DEDUP,
+    RECORD_SINK,
+    RECORD_VALIDATOR,
+)
+from mlgate.workers.sinks.records import OutboundRecord, RecordSink
 from tests.conftest import AppClientFactory
 
 
@@ -39,3 +46,49 @@ async def test_a_write_cancelled_after_submission_makes_the_retry_a_duplicate(
     assert retry == Written(accepted=0, duplicates=2)
     assert client.app[RECORD_SINK].next_offset == 2
 
+
+
+class GatedSink:
+    """The app's sink behind a gate: writes wait until the test opens it (a slow Kafka)."""
+
+    name = "gated"
+
+    def __init__(self, sink: RecordSink) -> None:
+        self._sink = sink
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def write(self, records: list[OutboundRecord]) -> None:
+        self.waiting += 1
+        await self.gate.wait()
+        await self._sink.write(records)
+
+    async def close(self, drain_s: float = 10.0) -> None:
+        await self._sink.close(drain_s)
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+
+async def test_a_write_slower_than_the_lapse_keeps_its_ids_claimed(
+    app_client: AppClientFactory, settings_for: Any, backend: str | None
+) -> None:
+    """The ids of a write still running lapsed after MLGATE_IDEMPOTENCY_LOCK_S, and a
+    retry then claimed and wrote them again."""
+    client = await app_client(settings_for(backend, idempotency_lock_s=1, dedup_in_flight_wait_s=30))
+    app = client.app
+    sink = GatedSink(app[RECORD_SINK])
+    pipeline = IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS])
+    source, items = pipeline.decode(_batch(["a", "b"]), Format.JSON)
+    batch = pipeline.validate(source, items)
+
+    first = asyncio.create_task(pipeline.write("t", batch, "track-1", items))
+    await asyncio.sleep(2.5)  # the write is still running after 2.5 lapses (a duration)
+    retry = asyncio.create_task(pipeline.write("t", batch, "track-2", items))
+    await asyncio.sleep(0)  # the retry claims (or waits for) "a" and "b"
+    sink.gate.set()
+
+    assert await first == Written(accepted=2, duplicates=0)
+    assert await retry == Written(accepted=0, duplicates=2)
+    assert sink.waiting == 1
