@@ -131,7 +131,9 @@ def syntax_error(body: bytes, fmt: Format) -> Exception | None:
     Decoded as ``msgspec.Raw``, which walks the whole document (and rejects trailing
     bytes) without building any object: a few ms for 16 MB where an untyped decoding
     would allocate every value. The walk skips strings without checking their UTF-8,
-    which JSON requires throughout, so that is checked on the bytes."""
+    which JSON requires throughout, so that is checked on the bytes. Well-formed by
+    this test but refused by a typed decoding, and so 422: a JSON number out of any
+    float's range, a msgpack str that is not UTF-8 or a malformed msgpack timestamp."""
     try:
         if fmt is Format.MSGPACK:
             msgspec.msgpack.decode(body, type=msgspec.Raw)
