@@ -71,6 +71,7 @@ class SupervisedTask:
                 raise
             except Exception as exc:  # the point of a supervisor: any crash is restarted
                 error = exc
+            self._backing_off = True
             if time.monotonic() - self._last_start >= RECOVERED_AFTER_S:
                 backoff = FIRST_BACKOFF_S
             self.crashes += 1
@@ -82,7 +83,6 @@ class SupervisedTask:
                 exc_info=error,
             )
             self._telemetry.background_task_crashed(self.name)
-            self._backing_off = True
             await asyncio.sleep(backoff)
             self._backing_off = False
             backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -86,6 +86,14 @@ class Metrics:
             "(a timeout): the upper bound of duplicates in the topic",
             registry=r,
         )
+        self.connections_open = Gauge(
+            "mlgate_connections_open", "Open client connections", multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "mlgate_connections_refused",
+            "Connections refused at once beyond MLGATE_MAX_CONNECTIONS", registry=r,
+        )
         self.spill_backlog = Gauge(
             "mlgate_spill_backlog_records", "Spilled records not yet forwarded to Kafka",
             multiprocess_mode="livesum", registry=r,

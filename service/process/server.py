@@ -37,6 +37,7 @@ from aiohttp import web
 
 from mlgate.config import Settings
 from mlgate.service.app import create_app
+from mlgate.service.http.metrics import Metrics
 from mlgate.service.process import systemd, tls
 from mlgate.service.state import DRAINING, METRICS, RELOAD_HOOKS
 
@@ -72,6 +73,7 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         lingering_time=min(10.0, settings.head_timeout_s),
     )
     await runner.setup()
+    app[METRICS].samplers["connections"] = connection_sampler(runner, app[METRICS])
     site = web.TCPSite(
         runner,
         settings.host,
@@ -172,6 +174,22 @@ class CappedAppRunner(web.AppRunner):
             max_connections=self.max_connections,
             **self._kwargs,
         )
+
+
+def connection_sampler(runner: CappedAppRunner, metrics: Metrics) -> Callable[[], None]:
+    """Open connections and refusals, sampled with the other gauges."""
+    counted = 0
+
+    def sample() -> None:
+        nonlocal counted
+        server = runner.server
+        if not isinstance(server, CappedServer):
+            return
+        metrics.connections_open.set(server.open_connections)
+        metrics.connections_refused.inc(server.refused_connections - counted)
+        counted = server.refused_connections
+
+    return sample
 
 
 def connection_cap(wanted: int) -> int:

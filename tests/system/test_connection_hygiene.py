@@ -10,6 +10,7 @@ guard so a regression fails instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -131,6 +132,13 @@ async def test_beyond_the_connection_cap_a_new_connection_is_refused_at_once(ser
         for reader, writer in held:  # the open ones still work
             writer.write(HEALTH)
             assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
+
+        reader, writer = held[0]  # and the refusal is counted
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: mlgate\r\n\r\n")
+        scraped = await read_response(reader)
+        refusals = re.search(rb"^mlgate_connections_refused_total (\S+)$", scraped, re.M)
+        assert refusals is not None and float(refusals.group(1)) >= 1
+        assert b"mlgate_connections_open 3.0" in scraped
     finally:
         for _, writer in held:
             writer.close()
