@@ -37,9 +37,10 @@ from aiohttp import web
 
 from mlgate.config import Settings
 from mlgate.service.app import create_app
-from mlgate.service.http.metrics import Metrics
+from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.service.process import systemd, tls
 from mlgate.service.state import DRAINING, METRICS, RELOAD_HOOKS
+from mlgate.workers.supervision import SupervisedTask
 
 log = structlog.get_logger("mlgate.server")
 
@@ -96,11 +97,15 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
     else:
         systemd.ready()
 
-    reloader = asyncio.create_task(_reload_on_signal(app, reload_requested), name="sighup")
+    reloader = SupervisedTask(
+        "sighup-reloader",
+        lambda: _reload_on_signal(app, reload_requested),
+        PrometheusTelemetry(app[METRICS]),
+    )
+    reloader.start()
     await stop.wait()
     deadline = loop.time() + settings.shutdown_timeout_s
-    reloader.cancel()
-    await asyncio.gather(reloader, return_exceptions=True)
+    await reloader.stop()
     log.info("shutting_down", budget_s=settings.shutdown_timeout_s, grace_s=grace_s)
     systemd.stopping()
     app[DRAINING].set()
