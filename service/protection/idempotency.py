@@ -162,9 +162,10 @@ class IdempotencyStore:
         self._extend = redis.script(EXTEND_LUA) if redis is not None else None
         self._local = LocalEntries(settings.idempotency_max_entries)
         self._running: set[asyncio.Task[Any]] = set()
-        # Claims whose requests still run, by record; the refresher extends them every
-        # third of the lock, and runs only while there are some.
-        self._held: dict[str, Claim] = {}
+        # Claims whose requests still run, by record, with the task that claimed; the
+        # refresher extends them every third of the lock while that task lives (a claim
+        # its task left unfinished lapses as before), and runs only while there are some.
+        self._held: dict[str, tuple[Claim, asyncio.Task[Any] | None]] = {}
         self._refresher: asyncio.Task[None] | None = None
 
     async def run_to_completion(self, work: Coroutine[Any, Any, T]) -> T:
@@ -185,7 +186,7 @@ class IdempotencyStore:
             await asyncio.gather(refresher, return_exceptions=True)
 
     def _hold(self, claim: Claim) -> None:
-        self._held[claim.record] = claim
+        self._held[claim.record] = (claim, asyncio.current_task())
         if self._refresher is None:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_held())
 
@@ -197,12 +198,18 @@ class IdempotencyStore:
             while self._held:
                 await asyncio.sleep(self._lock_s / 3)
                 try:
-                    await self._extend_claims(list(self._held.values()))
+                    await self._extend_claims(self._still_running())
                 except Exception as exc:  # a claim not extended still lapses, as before
                     log.error("idempotency_extend_failed", error=repr(exc))
         finally:
             if self._refresher is asyncio.current_task():
                 self._refresher = None
+
+    def _still_running(self) -> list[Claim]:
+        for record, (_, task) in list(self._held.items()):
+            if task is not None and task.done():
+                del self._held[record]
+        return [claim for claim, _ in self._held.values()]
 
     async def _extend_claims(self, claims: list[Claim]) -> None:
         shared = []
@@ -272,7 +279,8 @@ class IdempotencyStore:
         await self._finish_claim(claim, None)
 
     async def _finish_claim(self, claim: Claim, final: bytes | None) -> None:
-        if self._held.get(claim.record) is claim:
+        held = self._held.get(claim.record)
+        if held is not None and held[0] is claim:
             del self._held[claim.record]
         if claim.backend == "local" or self._redis is None or self._finish is None:
             self._local.finish(claim.tenant, claim.record, claim.in_flight, final, self._ttl_s)

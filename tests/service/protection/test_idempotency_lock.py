@@ -27,3 +27,16 @@ async def test_a_claim_whose_request_runs_past_the_lock_is_still_held(
     retry = await store.claim("t", "k", FINGERPRINT)
     assert isinstance(retry, Entry) and retry.response is None  # 409: still in flight
 
+
+
+async def test_a_claim_left_unfinished_by_its_ended_request_still_lapses(
+    app_client: AppClientFactory, settings_for: Any, backend: str | None
+) -> None:
+    """Extension follows the request that claimed: one that ended without storing or
+    releasing (a bug, a crash) must not hold the key for ever."""
+    client = await app_client(settings_for(backend, idempotency_lock_s=LOCK_S))
+    store = client.app[IDEMPOTENCY]
+    ended = asyncio.create_task(store.claim("t", "k", FINGERPRINT))
+    assert isinstance(await ended, Claim)
+    await asyncio.sleep(2.5 * LOCK_S)
+    assert isinstance(await store.claim("t", "k", FINGERPRINT), Claim)
