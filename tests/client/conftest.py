@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.client.landing import KafkaService, StartKafkaService
+from tests.client.scripted import Scripted
 
 
 @pytest.fixture
@@ -24,3 +27,17 @@ def kafka_service(service_process: Any, kafka_broker: Any, kafka_topic: str) -> 
     return start
 
 
+@pytest.fixture
+async def scripted() -> AsyncIterator[Scripted]:
+    server = Scripted()
+    app = web.Application()
+    app.router.add_post("/api/v2/ingest", server.handle)
+    app.router.add_post("/api/v2/predict", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    server.url = f"http://127.0.0.1:{port}"
+    yield server
+    await runner.cleanup()

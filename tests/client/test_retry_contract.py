@@ -4,74 +4,15 @@ that waits honour Retry-After."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-
-import msgpack
 import pytest
 from aiohttp import web
 from mlgate_client import Outcome, Predictor, Producer, RetryPolicy
 from mlgate_client.errors import BadRequest, Overloaded, RateLimited, TransportError
 from mlgate_client.retry import call_with_retries, parse_retry_after
 
+from tests.client.scripted import Scripted, accepted, hang_up, problem
+
 FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.02, timeout_s=30)
-Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class Scripted:
-    """Answers requests from ``script`` in turn (the last one repeats) and keeps them."""
-
-    url: str = ""
-    script: list[Answer] = field(default_factory=list)
-    seen: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.seen.append((dict(request.headers), await request.read()))
-        answer = self.script[min(len(self.seen), len(self.script)) - 1]
-        return await answer(request)
-
-
-def problem(status: int, retry_after: str | None = None) -> Answer:
-    async def answer(request: web.Request) -> web.StreamResponse:
-        headers = {"Retry-After": retry_after} if retry_after else {}
-        return web.json_response(
-            {"type": "about:blank", "title": "scripted", "status": status, "detail": "scripted"},
-            status=status, headers=headers, content_type="application/problem+json",
-        )
-
-    return answer
-
-
-async def accepted(request: web.Request) -> web.StreamResponse:
-    records = msgpack.unpackb(await request.read())["records"]
-    return web.json_response(
-        {"tracking_id": "t", "records_accepted": len(records), "records_rejected": 0,
-         "records_duplicate": 0, "errors": []},
-        status=202,
-    )
-
-
-async def hang_up(request: web.Request) -> web.StreamResponse:
-    assert request.transport is not None
-    request.transport.close()
-    return web.Response()
-
-
-@pytest.fixture
-async def scripted() -> AsyncIterator[Scripted]:
-    server = Scripted()
-    app = web.Application()
-    app.router.add_post("/api/v2/ingest", server.handle)
-    app.router.add_post("/api/v2/predict", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    server.url = f"http://127.0.0.1:{port}"
-    yield server
-    await runner.cleanup()
 
 
 async def send_one_batch(url: str, records: int = 3) -> list[Outcome]:
