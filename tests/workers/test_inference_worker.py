@@ -257,3 +257,24 @@ async def test_crashed_worker_fails_every_pending_future(
             await future
     assert not worker.running
     await worker.close()
+
+
+async def test_the_next_batch_runs_while_the_event_loop_is_busy(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """The batch formed behind a computing one is already with the model's thread: it
+    starts as soon as the first ends, even while the event loop is held up (as it is
+    when answering a flood of refusals)."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate)
+    worker = make_worker(session, max_batch_size=1)
+    first = worker.submit(rows(1, 1), soon())
+    await asyncio.to_thread(session.entered.wait, 5)
+    second = worker.submit(rows(1, 2), soon())
+    await asyncio.sleep(0.05)  # the actor hands the second batch to the thread
+    assert worker.mailbox_depth == 1  # still counted as waiting for the model
+    gate.set()
+    time.sleep(0.5)  # noqa: ASYNC251 -- the point: the event loop is held, the actor cannot run
+    assert len(session.batches) == 2
+    await first
+    await second

@@ -15,6 +15,12 @@ computed. The rows of the rest are stacked with ``np.concatenate``, one
 releases the GIL), and the outputs are sliced back to each item by row offsets, so
 rows never mix between requests.
 
+Up to two batches are with the thread at once: the one computing and the next,
+formed while it computes (filled until it should end), so the model goes from one
+batch to the next without waiting for the event loop, however busy the loop is. The
+waiting batch still counts against the mailbox bound, and a batch whose every
+deadline passed while it waited is not computed.
+
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
 does not fit the current batch opens the next one.
 """
@@ -90,6 +96,7 @@ class InferenceWorker(Actor[_Item]):
         if not input_names:
             raise ValueError("a model needs at least one input")
         super().__init__(mailbox_size)
+        self._mailbox_size = mailbox_size
         self.model, self.version = model, version
         self.name = f"{model}/{version}"
         self._telemetry = telemetry
@@ -103,11 +110,27 @@ class InferenceWorker(Actor[_Item]):
         self._carry: _Item | None = None
         self._run_time_s = 0.0  # running estimate of one batch's compute time
         self._queued_rows = 0
-        self._computing = False
+        self._slots = asyncio.Semaphore(2)
+        self._in_flight: list[list[_Item]] = []  # batches handed to the thread
+        self._busy_until = 0.0  # when the thread should be free, by recent run times
 
     def start(self) -> None:
         if self._task is None:
             self._launch(self._run())
+
+    # Items handed to the thread behind the batch it is computing still count as
+    # queued: the mailbox bound is what waits for the model, wherever it waits.
+    @property
+    def _waiting_in_thread(self) -> int:
+        return sum(len(batch) for batch in self._in_flight[1:])
+
+    @property
+    def mailbox_depth(self) -> int:
+        return self._mailbox.qsize() + self._waiting_in_thread
+
+    @property
+    def mailbox_full(self) -> bool:
+        return self.mailbox_depth >= self._mailbox_size
 
     def submit(
         self,
@@ -157,7 +180,7 @@ class InferenceWorker(Actor[_Item]):
         if deadline <= now:
             self.stats.expired += 1
             raise DeadlineExpired(f"the deadline passed before {self.name} was asked")
-        if self._mailbox.full():
+        if self.mailbox_full:
             self.stats.rejected += 1
             raise MailboxFull(f"inference mailbox of {self.name} is full")
         if now + self._expected_wait_s(rows) > deadline:
@@ -172,7 +195,7 @@ class InferenceWorker(Actor[_Item]):
         if not self.stats.batches:
             return 0.0
         batches = -(-(self._queued_rows + rows) // self._max_batch_size)
-        return (batches + self._computing) * self._run_time_s
+        return (batches + len(self._in_flight)) * self._run_time_s
 
     def _took(self, item: _Item) -> _Item:
         self._queued_rows -= item.rows
@@ -184,19 +207,19 @@ class InferenceWorker(Actor[_Item]):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            live = self._drop_expired(await self._take_batch())
-            if not live:
-                continue
+            # At most two batches handed to the thread: one computing, the next queued
+            # behind it, so the model starts the next batch as soon as one ends,
+            # however busy the event loop is (answering a flood of refusals, say).
+            await self._slots.acquire()
             try:
-                await self._compute(loop, live)
-            finally:
-                # Only a cancelled or crashed run leaves futures unresolved here.
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(
-                            WorkerClosed(f"inference worker {self.name} stopped")
-                        )
-                    self._mailbox.task_done()
+                live = self._drop_expired(await self._take_batch())
+            except BaseException:
+                self._slots.release()
+                raise
+            if live:
+                self._hand_to_thread(loop, live)
+            else:
+                self._slots.release()
 
     def _drop_expired(self, batch: list[_Item]) -> list[_Item]:
         now = time.monotonic()
@@ -218,7 +241,9 @@ class InferenceWorker(Actor[_Item]):
         first = self._carry if self._carry is not None else self._took(await self._mailbox.get())
         self._carry = None
         batch, rows = [first], first.rows
-        fill_until = first.enqueued + self._max_queue_delay_s
+        # While another batch computes, this one cannot start before it ends: it
+        # keeps filling until then (or until full), not just for the queue delay.
+        fill_until = max(first.enqueued + self._max_queue_delay_s, self._busy_until)
         nearest = first.deadline
         while rows < self._max_batch_size:
             if self._mailbox.empty():
@@ -240,9 +265,9 @@ class InferenceWorker(Actor[_Item]):
             nearest = min(nearest, item.deadline)
         return batch
 
-    async def _compute(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+    def _hand_to_thread(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        """Queue the batch on the worker's thread; ``_finished`` answers it."""
         total = sum(item.rows for item in items)
-        started = time.monotonic()
         try:
             if len(items) == 1:
                 feed = items[0].inputs
@@ -251,23 +276,73 @@ class InferenceWorker(Actor[_Item]):
                     name: np.concatenate([item.inputs[name] for item in items])
                     for name in items[0].inputs
                 }
-            self._computing = True
-            try:
-                outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, feed)
-            finally:
-                self._computing = False
-        except Exception as exc:  # a failed run fails its batch, not the worker
-            log.error(
-                "inference_failed",
-                model=self.name,
-                rows=total,
-                error=repr(exc),
-                request_ids=[item.request_id for item in items],
-            )
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+        except Exception as exc:
+            self._failed(items, total, exc)
+            self._done_with(items)
+            self._slots.release()
             return
+        started = time.monotonic()
+        self._busy_until = max(started, self._busy_until) + self._run_time_s
+        self._in_flight.append(items)
+        latest = max(item.deadline for item in items)
+        future = loop.run_in_executor(self._executor, self._timed_run, feed, latest)
+        future.add_done_callback(lambda done: self._finished(done, items, started, total))
+
+    def _finished(
+        self,
+        done: asyncio.Future[tuple[Sequence[np.ndarray] | None, float]],
+        items: list[_Item],
+        started: float,
+        total: int,
+    ) -> None:
+        self._in_flight.remove(items)
+        self._slots.release()
+        try:
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is not None:  # a failed run fails its batch, not the worker
+                self._failed(items, total, error)
+                return
+            outputs, run_s = done.result()
+            if outputs is None:  # every deadline passed while queued behind a batch
+                self.stats.expired += len(items)
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(
+                            DeadlineExpired(f"deadline passed while queued for {self.name}")
+                        )
+                return
+            self._answer(items, total, started, outputs, run_s)
+        finally:
+            self._done_with(items)
+
+    def _failed(self, items: list[_Item], total: int, error: BaseException) -> None:
+        log.error(
+            "inference_failed",
+            model=self.name,
+            rows=total,
+            error=repr(error),
+            request_ids=[item.request_id for item in items],
+        )
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _done_with(self, items: list[_Item]) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(WorkerClosed(f"inference worker {self.name} stopped"))
+            self._mailbox.task_done()
+
+    def _answer(
+        self,
+        items: list[_Item],
+        total: int,
+        started: float,
+        outputs: Sequence[np.ndarray],
+        run_s: float,
+    ) -> None:
         weight = _RUN_TIME_WEIGHT if self.stats.batches else 1.0
         self._run_time_s += weight * (run_s - self._run_time_s)
         self.stats.batches += 1
@@ -287,13 +362,19 @@ class InferenceWorker(Actor[_Item]):
                 )
             offset = end
 
-    def _timed_run(self, feed: Mapping[str, np.ndarray]) -> tuple[Sequence[np.ndarray], float]:
+    def _timed_run(
+        self, feed: Mapping[str, np.ndarray], latest_deadline: float
+    ) -> tuple[Sequence[np.ndarray] | None, float]:
         """In the thread: the outputs and how long the run itself took (not the wait
-        in the thread's queue, nor the event loop's delay in noticing)."""
+        in the thread's queue, nor the event loop's delay in noticing). A batch whose
+        every deadline passed while it waited for the thread is not computed (None)."""
         started = time.monotonic()
+        if started >= latest_deadline:
+            return None, 0.0
         outputs = self._session.run(self._output_names, feed)
         return outputs, time.monotonic() - started
 
     def _held(self) -> list[_Item]:
         carried, self._carry = self._carry, None
-        return [carried] if carried is not None else []
+        in_flight = [item for batch in self._in_flight for item in batch]
+        return in_flight + ([carried] if carried is not None else [])
