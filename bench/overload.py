@@ -1,0 +1,147 @@
+"""``python -m bench.overload``: goodput of the heavy model when clients retry at once.
+
+One mlgate process serving the heavy model (768 -> 2048 -> 2048 -> 2) pinned to one
+core, the load generator pinned to the other (workload.md). Closed loop: every
+connection sends its next request the moment an answer arrives, 503s included, as a
+retry storm does. Phases, in one run:
+
+1. ``--connections`` (32) connections: the model saturated; its answers/s are the
+   reference;
+2. 4x and 16x those connections: successful answers/s (goodput), the 503s' p99 and
+   the server's RSS (before, peak, after).
+
+Targets (issue 11): goodput at 4x and 16x >= 0.8x the saturated rate, 503 p99 <= 5 ms,
+RSS bounded (peak within 100 MB of the start). Exit status 0 when every target is
+met, 1 when one is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from bench.predict import (
+    HEAVY_SIZES,
+    STARTUP_TIMEOUT_S,
+    LoadOptions,
+    LoadResult,
+    RssSampler,
+    Servers,
+    mlgate_env,
+    run_child,
+    write_heavy_repository,
+)
+from bench.processes import free_port, pinning, rss_mb, start_service, wait_ready
+
+GOODPUT_TARGET = 0.8
+REFUSAL_P99_MS = 5.0
+RSS_GROWTH_MB = 100.0
+
+
+@dataclass
+class Phase:
+    label: str
+    connections: int
+    result: LoadResult
+    rss_mb: tuple[float, float, float]
+
+    def rate(self, status: str = "200") -> float:
+        return self.result.statuses.get(status, 0) / self.result.window_s
+
+    def p99_ms(self, status: str) -> float:
+        values = self.result.latencies_ms.get(status, [])
+        return values[min(len(values) - 1, int(0.99 * len(values)))] if values else float("nan")
+
+
+def run(args: argparse.Namespace) -> int:
+    cores = pinning()
+    server_cpus, client_cpus = cores if cores else (None, None)
+    with tempfile.TemporaryDirectory(prefix="mlgate-bench-overload-") as tmp:
+        workdir = Path(tmp)
+        repository = workdir / "models"
+        write_heavy_repository(repository, "heavy", max_batch_size=args.max_batch_size)
+        servers = Servers(workdir)
+        try:
+            port = free_port()
+            process = start_service(
+                mlgate_env(port, workdir, repository, "heavy"),
+                workdir / "mlgate.log",
+                cpus=server_cpus,
+            )
+            servers.processes.append(process)
+            wait_ready(f"http://127.0.0.1:{port}/ready", [process], STARTUP_TIMEOUT_S)
+            url = f"http://127.0.0.1:{port}/api/v2/predict"
+            phases = []
+            for factor in (1, 4, 16):
+                connections = args.connections * factor
+                label = "saturated" if factor == 1 else f"{factor}x connections"
+                print(f"  {label}: {connections} connections ...", flush=True)
+                options = LoadOptions(
+                    url=url,
+                    dims=HEAVY_SIZES[0],
+                    duration_s=args.duration,
+                    warmup_s=args.warmup,
+                    connections=connections,
+                    body_format="json",
+                )
+                before = rss_mb(process.pid)
+                sampler = RssSampler(process.pid)
+                out = run_child(
+                    "load", options, args.warmup + args.duration + 60, cpus=client_cpus
+                )
+                peak = sampler.close()
+                result = msgspec.json.decode(out, type=LoadResult)
+                phases.append(Phase(label, connections, result, (before, peak, rss_mb(process.pid))))
+        finally:
+            servers.close()
+    return report(phases, pinned=cores is not None)
+
+
+def report(phases: list[Phase], pinned: bool) -> int:
+    saturated = phases[0].rate()
+    print(
+        "\n| phase | connections | 200/s | goodput ratio | 200 p99 ms | 503/s | 503 p99 ms "
+        "| RSS before / peak / after MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    failures = []
+    for phase in phases:
+        ratio = phase.rate() / saturated if saturated else float("nan")
+        before, peak, after = phase.rss_mb
+        print(
+            f"| {phase.label} | {phase.connections} | {phase.rate():,.0f} | {ratio:.2f}x "
+            f"| {phase.p99_ms('200'):.1f} | {phase.rate('503'):,.0f} | {phase.p99_ms('503'):.1f} "
+            f"| {before:.0f} / {peak:.0f} / {after:.0f} |"
+        )
+        if phase is phases[0]:
+            continue
+        if not ratio >= GOODPUT_TARGET:
+            failures.append(f"{phase.label}: goodput {ratio:.2f}x < {GOODPUT_TARGET}x")
+        refusal_p99 = phase.p99_ms("503")
+        if phase.rate("503") and not refusal_p99 <= REFUSAL_P99_MS:
+            failures.append(f"{phase.label}: 503 p99 {refusal_p99:.1f} ms > {REFUSAL_P99_MS} ms")
+        if peak - phases[0].rss_mb[0] > RSS_GROWTH_MB:
+            failures.append(f"{phase.label}: RSS grew {peak - phases[0].rss_mb[0]:.0f} MB")
+    print(f"\npinned: {'server core 1, load generator core 0' if pinned else 'no (one core)'}")
+    for failure in failures:
+        print(f"[FAIL] {failure}")
+    print("verdict: " + ("targets met" if not failures else "targets not met"))
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.split("\n")[0])
+    parser.add_argument("--connections", type=int, default=32, help="connections that saturate")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per phase")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
