@@ -3,10 +3,9 @@ drifting background load hits both alike, one table and a verdict on their ratio
 
 from __future__ import annotations
 
-import sys
-
 from bench.ingest import run_bench
-from bench.report import BenchOptions, BenchReport
+from bench.processes import guarded
+from bench.report import BenchOptions, BenchReport, Round
 
 
 def _p99(report: BenchReport) -> float:
@@ -22,16 +21,16 @@ def compare(
 ) -> int:
     """Run both, print records/s, p99 and the ratio second/first; the exit status:
     0 target met, 1 not met, 2 the run failed."""
-    first_rounds, second_rounds = [], []
-    try:
+    first_rounds: list[Round] = []
+    second_rounds: list[Round] = []
+
+    def alternate() -> bool:
         for _ in range(rounds):
-            first_rounds += run_bench(options[0]).rounds
-            second_rounds += run_bench(options[1]).rounds
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 2
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
+            first_rounds.extend(run_bench(options[0]).rounds)
+            second_rounds.extend(run_bench(options[1]).rounds)
+        return True
+
+    if guarded(alternate) is None:
         return 2
     first = BenchReport(options=options[0], rounds=first_rounds)
     second = BenchReport(options=options[1], rounds=second_rounds)

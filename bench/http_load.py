@@ -13,6 +13,11 @@ yet it records every request's latency by status, and it can offer a fixed rate
   ``connections``; a request falling due when none is idle is counted as dropped (the
   offered load the client could not deliver) rather than queued, so a slow server
   cannot slow the offered rate down.
+
+``requests`` is a sequence used round-robin or a function of the request number (to
+stamp record ids into each); ``on_body`` sees every answer's status and body (window
+or not: what was acknowledged); ``stop_when`` ends a closed-loop run early, the
+window closing then (a run of so many records rather than so many seconds).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def encode_request(host: str, path: str, body: bytes, headers: dict[str, str]) -
 class Connection(asyncio.Protocol):
     """One keep-alive connection with at most one request outstanding."""
 
-    def __init__(self, on_answer: Callable[[Connection, str, float], None], tally: Tally) -> None:
+    def __init__(self, on_answer: Callable[[Connection, str, float, bytes], None], tally: Tally) -> None:
         self.on_answer, self.tally = on_answer, tally
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
@@ -83,9 +88,10 @@ class Connection(asyncio.Protocol):
             total = end + len(_HEAD_END) + length
             if len(self.buffer) < total:
                 return
+            body = bytes(self.buffer[end + len(_HEAD_END) : total])
             del self.buffer[:total]
             self.busy = False
-            self.on_answer(self, head[9:12].decode(), self.sent_at)
+            self.on_answer(self, head[9:12].decode(), self.sent_at, body)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.busy:
@@ -98,13 +104,15 @@ class Connection(asyncio.Protocol):
 async def run_load(
     host: str,
     port: int,
-    requests: Sequence[bytes],
+    requests: Sequence[bytes] | Callable[[int], bytes],
     *,
     connections: int,
     warmup_s: float,
     duration_s: float,
     rate: float = 0.0,
     on_window: Callable[[str], None] | None = None,
+    on_body: Callable[[str, bytes, float], None] | None = None,
+    stop_when: Callable[[], bool] | None = None,
 ) -> Tally:
     """Closed loop over ``connections`` (``rate`` 0) or open loop at ``rate`` req/s;
     ``on_window("measuring"|"window_end")`` marks the measurement window."""
@@ -119,11 +127,13 @@ async def run_load(
         nonlocal turn
         turn += 1
         tally.sent += 1
-        return requests[turn % len(requests)]
+        return requests(turn) if callable(requests) else requests[turn % len(requests)]
 
-    def on_answer(connection: Connection, status: str, sent_at: float) -> None:
+    def on_answer(connection: Connection, status: str, sent_at: float, body: bytes) -> None:
         now = time.perf_counter()
         tally.record(status, sent_at, now)
+        if on_body is not None:
+            on_body(status, body, now)
         if stopping:
             return
         if rate:
@@ -139,10 +149,16 @@ async def run_load(
         pool.append(protocol)
 
     async def announce() -> None:
-        for event, at in zip(("measuring", "window_end"), tally.window, strict=True):
-            await asyncio.sleep(max(0.0, at - time.perf_counter()))
-            if on_window is not None:
-                on_window(event)
+        await asyncio.sleep(max(0.0, tally.window[0] - time.perf_counter()))
+        if on_window is not None:
+            on_window("measuring")
+        while (now := time.perf_counter()) < tally.window[1]:
+            if stop_when is not None and stop_when():
+                tally.window = (min(tally.window[0], now), now)
+                break
+            await asyncio.sleep(min(0.05, tally.window[1] - now))
+        if on_window is not None:
+            on_window("window_end")
 
     marks = asyncio.create_task(announce())
     if rate:
@@ -160,7 +176,6 @@ async def run_load(
     else:
         for connection in pool:
             connection.send(next_request())
-        await asyncio.sleep(max(0.0, tally.window[1] - time.perf_counter()))
     await marks
     stopping = True
     # Let what is in flight come back before hanging up (those answers are not

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from bench.processes import (
     children,
     cpu_seconds,
     free_port,
+    guarded,
     machine_busy_seconds,
     spawn,
     start_broker,
@@ -325,9 +325,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so everything started is stopped on the way out.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     env = dict(item.split("=", 1) for item in args.service_env)
     options = BenchOptions(
         connections=args.connections,
@@ -345,22 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         py_spy_dir=args.py_spy,
         py_spy_format=args.py_spy_format,
     )
-    try:
-        report = run_bench(options)
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 2
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
+    report = guarded(lambda: run_bench(options))
+    if report is None:
         return 2
     print(format_report(report))
     if args.json:
         print(msgspec.json.encode(report.summary()).decode())
     return 0 if report.passed else 1
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

