@@ -6,10 +6,10 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install run test lint bench bench-quick bench-all bench-ingest bench-predict bench-protection bench-predict-protection bench-quality redis-server clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e ./client
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,8 +22,9 @@ run: $(STAMP)
 	$(VENV)/bin/mlgate serve --dev
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mlgate config service schemas workers tests bench
+	$(VENV)/bin/ruff check mlgate config service schemas workers tests bench client
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --disallow-untyped-defs --ignore-missing-imports client/mlgate_client
 
 test: $(STAMP) redis-server lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
