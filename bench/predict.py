@@ -250,6 +250,7 @@ def run_child(
     *,
     module: str = "bench.predict",
     cpus: set[int] | None = None,
+    on_spawn: Callable[[int], None] | None = None,
 ) -> bytes:
     """Run a child (``python -m module [role] OPTIONS_JSON``, pinned to ``cpus`` if
     given) to completion; its last line is the result, earlier ones events."""
@@ -259,6 +260,8 @@ def run_child(
         cpus=cpus,
         stdout=subprocess.PIPE,
     )
+    if on_spawn is not None:
+        on_spawn(child.pid)
     watchdog = threading.Timer(timeout_s, child.kill)
     watchdog.start()
     lines: list[bytes] = []

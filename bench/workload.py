@@ -70,6 +70,7 @@ from bench.raw_producer import RawOptions, RawResult
 
 SMALL_SIZES = (128, 256, 2)
 ResultT = TypeVar("ResultT", bound=msgspec.Struct)
+Usage = tuple[float, float]  # share of a core used, share waited for it while runnable
 DIMS = 128
 STARTUP_TIMEOUT_S = 60.0
 LANDED_WAIT_S = 30.0
@@ -206,8 +207,8 @@ class Row:
     acked: int | None = None
     landed: int | None = None
     failed: int = 0
-    cores: float = math.nan  # of the core mlgate used in the window (1.0: all of it)
-    queued: float = math.nan  # ... and its event loop waited for, runnable, while others ran
+    usage: Usage = (math.nan, math.nan)  # mlgate's in the window
+    limit_usage: Usage = (math.nan, math.nan)  # the limit's in its window
     extra: dict[str, str] = field(default_factory=dict)
     checks: list[tuple[str, bool]] = field(default_factory=list)
 
@@ -287,7 +288,7 @@ class Run:
         self.busy_start = (time.monotonic(), machine_busy_seconds(), sum(os.times()[:4]))
         # Of the process the last child measured, in its window: the share of a core it
         # used, and the share its event loop spent runnable waiting for the core.
-        self.cores_busy = self.cores_queued = math.nan
+        self.usage: Usage = (math.nan, math.nan)
 
     def log(self, message: str) -> None:
         print(f"  .. {message}", file=sys.stderr, flush=True)
@@ -333,7 +334,7 @@ class Run:
             stop(process, 15.0)
 
     @contextmanager
-    def floor(self) -> Iterator[str]:
+    def floor(self) -> Iterator[tuple[str, int]]:
         """The bare aiohttp app answering a constant, on the measured core."""
         port = free_port()
         process = spawn(
@@ -341,7 +342,7 @@ class Run:
         )
         try:
             wait_for_port(port, process, STARTUP_TIMEOUT_S)
-            yield f"http://127.0.0.1:{port}/predict"
+            yield f"http://127.0.0.1:{port}/predict", process.pid
         finally:
             stop(process)
 
@@ -362,31 +363,48 @@ class Run:
         result_type: type[ResultT],
         timeout_s: float,
         pid: int | None = None,
+        *,
+        watch_child: bool = False,
     ) -> ResultT:
         """A measuring child's result: on the other core, but the raw producer and
-        onnxruntime (limits) on the measured core. A result that does not decode (seen
-        once in a busy full run) gets the phase run once more."""
+        onnxruntime (limits) on the measured core. ``self.usage`` becomes the core use of
+        ``pid`` (or of the child itself, ``watch_child``) in the child's window. A
+        result that does not decode (seen once in a busy full run) gets the phase run
+        once more."""
+        watched = {"pid": pid}
         cpus = (
             self.plan.core if module == "bench.raw_producer" or role == "ort" else self.plan.others
         )
         marks: dict[str, tuple[float, float | None, float | None]] = {}
 
         def sample(event: str) -> None:
+            target = watched["pid"]
             marks[event] = (
                 time.monotonic(),
-                cpu_seconds(pid) if pid is not None else None,
-                runqueue_seconds(pid) if pid is not None else None,
+                cpu_seconds(target) if target is not None else None,
+                runqueue_seconds(target) if target is not None else None,
             )
 
+        def spawned(child: int) -> None:
+            if watch_child:
+                watched["pid"] = child
+
         for attempt in (1, 2):
-            self.cores_busy = self.cores_queued = math.nan
-            line = run_role(role, options, timeout_s, sample, module=module, cpus=cpus)
+            marks.clear()
+            line = run_role(
+                role, options, timeout_s, sample, module=module, cpus=cpus, on_spawn=spawned
+            )
             opened, before, queued_before = marks.get(MEASURING, (0.0, None, None))
             closed, after, queued_after = marks.get(WINDOW_END, (0.0, None, None))
-            if before is not None and after is not None and closed > opened:
-                self.cores_busy = (after - before) / (closed - opened)
-            if queued_before is not None and queued_after is not None and closed > opened:
-                self.cores_queued = (queued_after - queued_before) / (closed - opened)
+            span = closed - opened
+            self.usage = (
+                (after - before) / span
+                if before is not None and after is not None and span > 0
+                else math.nan,
+                (queued_after - queued_before) / span
+                if queued_before is not None and queued_after is not None and span > 0
+                else math.nan,
+            )
             try:
                 return msgspec.json.decode(line, type=result_type)
             except msgspec.DecodeError as exc:
@@ -434,7 +452,9 @@ def raw_phase(run: Run, *, records: int, duration_s: float, total_records: int =
             shape="realistic",
             total_records=total_records,
         )
-        return run.child(None, options, "bench.raw_producer", RawResult, duration_s + 180)
+        return run.child(
+            None, options, "bench.raw_producer", RawResult, duration_s + 180, watch_child=True
+        )
 
 
 def http_phase(
@@ -495,6 +515,7 @@ def steady_ingest(run: Run, rows: list[Row], notes: list[str]) -> None:
     plan = run.plan
     run.log(f"raw producer, {plan.records:,} records")
     raw = raw_phase(run, records=500, duration_s=3600, total_records=plan.records)
+    raw_usage = run.usage
     raw_first, raw_last = edge_rates(raw.acked_per_s, plan.warmup_s, plan.edge_s)
     run.log(f"mlgate, {plan.records:,} records in msgpack batches of 500")
     load = IngestLoad(
@@ -515,8 +536,8 @@ def steady_ingest(run: Run, rows: list[Row], notes: list[str]) -> None:
             landed,
             mlgate=last,
             limit=raw_last,
-            cores=run.cores_busy,
-            queued=run.cores_queued,
+            usage=run.usage,
+            limit_usage=raw_usage,
             unit="rec/s",
             target_ratio=0.6,
             p99_target_ms=100.0,
@@ -544,6 +565,7 @@ def short_ingest(run: Run, rows: list[Row]) -> None:
     plan = run.plan
     run.log(f"raw producer, {plan.duration_s:g} s")
     raw500 = raw_phase(run, records=500, duration_s=plan.duration_s)
+    raw_usage = run.usage
     raw_rate = raw500.acked_in_window / raw500.window_s
     scenarios = [
         ("ingest msgpack 500 (float32)", dict(records=500, single_float=True), None),
@@ -570,8 +592,8 @@ def short_ingest(run: Run, rows: list[Row]) -> None:
                 limit=raw_rate,
                 unit="rec/s",
                 target_ratio=target,
-                cores=run.cores_busy,
-                queued=run.cores_queued,
+                usage=run.usage,
+                limit_usage=raw_usage,
             )
         )
 
@@ -587,14 +609,16 @@ def single_record(run: Run, rows: list[Row]) -> None:
         batches=256,
     )
     run.log("bare aiohttp app, single-record bodies")
-    with run.floor() as url:
+    with run.floor() as (url, floor_pid):
         floor = run.child(
             "load",
             msgspec.structs.replace(load, url=url),
             "bench.workload",
             IngestResult,
             plan.duration_s + 120,
+            floor_pid,
         )
+    floor_usage = run.usage
     floor_rate = sum(floor.statuses.values()) / floor.window_s
     run.log("mlgate, single-record ingest")
     result, landed, _ = ingest_phase(run, load)
@@ -609,8 +633,8 @@ def single_record(run: Run, rows: list[Row]) -> None:
             limit=floor_rate,
             unit="req/s",
             target_ratio=0.4,
-            cores=run.cores_busy,
-            queued=run.cores_queued,
+            usage=run.usage,
+            limit_usage=floor_usage,
         )
     )
 
@@ -618,8 +642,9 @@ def single_record(run: Run, rows: list[Row]) -> None:
 def predict(run: Run, rows: list[Row]) -> None:
     plan = run.plan
     run.log("bare aiohttp app, predict bodies")
-    with run.floor() as url:
-        floor = http_phase(run, url, SMALL_SIZES[0], plan.small_connections)
+    with run.floor() as (url, floor_pid):
+        floor = http_phase(run, url, SMALL_SIZES[0], plan.small_connections, floor_pid)
+    floor_usage = run.usage
     floor_rate = floor.statuses.get("200", 0) / floor.window_s
     run.log("mlgate, small model")
     with run.mlgate(MLGATE_DEFAULT_MODEL="small", MLGATE_MODEL_POLL_INTERVAL_S="0") as (base, pid):
@@ -627,7 +652,7 @@ def predict(run: Run, rows: list[Row]) -> None:
             run, f"{base}/api/v2/predict", SMALL_SIZES[0], plan.small_connections, pid
         )
     label = f"predict small {'->'.join(map(str, SMALL_SIZES))}, 1 row"
-    rows.append(_predict_row(label, small, floor_rate, "req/s", 10.0, run))
+    rows.append(_predict_row(label, small, floor_rate, "req/s", 10.0, run, floor_usage))
     run.log("onnxruntime alone, heavy model")
     ort_options = OrtOptions(
         model=str(HEAVY_DIR / "heavy.onnx"),
@@ -644,7 +669,7 @@ def predict(run: Run, rows: list[Row]) -> None:
             run, f"{base}/api/v2/predict", HEAVY_SIZES[0], plan.small_connections, pid
         )
     label = f"predict heavy {'->'.join(map(str, HEAVY_SIZES))}, 1 row"
-    row = _predict_row(label, heavy, best, "rows/s", 50.0, run)
+    row = _predict_row(label, heavy, best, "rows/s", 50.0, run, (math.nan, math.nan))
     row.extra["limit"] = (
         f"onnxruntime best batch {best_batch}; batch 1: {ort.rows_per_s.get('1', math.nan):,.0f}"
     )
@@ -652,7 +677,13 @@ def predict(run: Run, rows: list[Row]) -> None:
 
 
 def _predict_row(
-    label: str, result: LoadResult, limit: float, unit: str, p99_ms: float, run: Run
+    label: str,
+    result: LoadResult,
+    limit: float,
+    unit: str,
+    p99_ms: float,
+    run: Run,
+    limit_usage: Usage,
 ) -> Row:
     ok = result.latencies_ms.get("200", [])
     failed = sum(n for status, n in result.statuses.items() if status != "200")
@@ -666,8 +697,8 @@ def _predict_row(
         p99_ms=quantile(ok, 0.99),
         p99_target_ms=p99_ms,
         failed=failed,
-        cores=run.cores_busy,
-        queued=run.cores_queued,
+        usage=run.usage,
+        limit_usage=limit_usage,
         checks=[("no failed request", failed == 0)],
     )
 
@@ -677,7 +708,8 @@ def _predict_row(
 
 def format_table(rows: list[Row]) -> str:
     lines = [
-        "| scenario | mlgate | limit | ratio | p50 ms | p99 ms | landed / acked | mlgate core used / queued | target | verdict |",
+        "| scenario | mlgate | limit | ratio | p50 ms | p99 ms | landed / acked "
+        "| core used / queued: mlgate; limit | target | verdict |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for row in rows:
@@ -692,10 +724,14 @@ def format_table(rows: list[Row]) -> str:
         )
         lines.append(
             f"| {row.scenario} | {row.mlgate:,.0f} {row.unit} | {limit} | {row.ratio:.2f}x | "
-            f"{row.p50_ms:.1f} | {row.p99_ms:.1f} | {landed} | {row.cores:.2f} / {row.queued:.2f} | "
+            f"{row.p50_ms:.1f} | {row.p99_ms:.1f} | {landed} | {_usage(row.usage)}; {_usage(row.limit_usage)} | "
             f"{row.target()} | {verdict} |"
         )
     return "\n".join(lines)
+
+
+def _usage(usage: Usage) -> str:
+    return "–" if math.isnan(usage[0]) else f"{usage[0]:.2f} / {usage[1]:.2f}"
 
 
 def _parser() -> argparse.ArgumentParser:
