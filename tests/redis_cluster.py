@@ -1,0 +1,160 @@
+"""A real Redis Cluster for tests: N masters with R replicas each, on free local ports.
+
+``start_redis_cluster()`` starts the ``redis-server --cluster-enabled yes`` processes,
+joins them with ``redis-cli --cluster create`` and returns once every node reports
+``cluster_state:ok``. The node timeout is short (1 s), so a killed master's replica is
+promoted within a few seconds (``kill_master`` then ``wait_for_failover``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from bench.processes import free_port, redis_command
+from tests.support import ManagedProcess
+
+NODE_TIMEOUT_MS = 1000
+
+
+@dataclass
+class RedisClusterProcesses:
+    """The nodes of a running test cluster (``.seeds``, ``.url`` for clients)."""
+
+    nodes: list[ManagedProcess]
+    workdir: Path
+    killed: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """``redis://`` of one seed node (the client discovers the others)."""
+        return f"redis://{self.seeds[0]}"
+
+    @property
+    def seeds_url(self) -> str:
+        """Every seed, comma-separated (``MLGATE_REDIS_URL`` in cluster mode takes this)."""
+        return ",".join(f"redis://{seed}" for seed in self.seeds)
+
+    def alive(self) -> list[ManagedProcess]:
+        return [node for node in self.nodes if node not in self.killed]
+
+    def masters(self) -> list[ManagedProcess]:
+        """The live masters, ordered by the first slot each serves."""
+        by_port = {node.port: node for node in self.alive()}
+        owners: list[tuple[int, ManagedProcess]] = []
+        with _client(self.alive()[0].port) as client:
+            for line in client.execute_command("CLUSTER", "NODES").decode().splitlines():
+                fields = line.split()
+                port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                flags = fields[2].split(",")
+                if "master" in flags and "fail" not in flags and port in by_port and fields[8:]:
+                    first_slot = int(fields[8].split("-")[0])
+                    owners.append((first_slot, by_port[port]))
+        return [node for _, node in sorted(owners, key=lambda owner: owner[0])]
+
+    def kill_master(self, index: int = 0) -> ManagedProcess:
+        """SIGKILL the ``index``-th master (by first slot); returns its node. The
+        cluster promotes its replica after about ``NODE_TIMEOUT_MS``: ``wait_for_failover``."""
+        master = self.masters()[index]
+        assert master.process is not None
+        master.process.kill()
+        master.process.wait()
+        master.process = None
+        self.killed.append(master)
+        return master
+
+    def wait_for_failover(self, masters: int = 3, timeout_s: float = 30.0) -> None:
+        """Until ``masters`` live masters serve every slot and each live node says ok."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if len(self.masters()) == masters and self._all_ok():
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"the cluster did not recover within {timeout_s} s")
+
+    def flush(self) -> None:
+        """FLUSHALL on every master (between tests sharing the cluster)."""
+        for master in self.masters():
+            with _client(master.port) as client:
+                client.flushall()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _all_ok(self) -> bool:
+        for node in self.alive():
+            with _client(node.port) as client:
+                info = client.execute_command("CLUSTER", "INFO").decode()
+            if "cluster_state:ok" not in info:
+                return False
+        return True
+
+
+def start_redis_cluster(masters: int = 3, replicas: int = 1) -> RedisClusterProcesses:
+    """Start and join a cluster; ready (``cluster_state:ok`` everywhere) on return."""
+    workdir = Path(tempfile.mkdtemp(prefix="mlgate-redis-cluster-"))
+    nodes: list[ManagedProcess] = []
+    cluster = RedisClusterProcesses(nodes, workdir)
+    try:
+        for _ in range(masters * (1 + replicas)):
+            port = free_port()
+            node_dir = workdir / str(port)
+            node_dir.mkdir()
+            argv = [
+                *redis_command(port),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                # A replica may take over however long it was cut off (tests kill masters).
+                "--cluster-replica-validity-factor", "0",
+                "--dir", str(node_dir),
+            ]
+            node = ManagedProcess(argv, port)
+            nodes.append(node)
+            node.start()
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *cluster.seeds,
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60,
+        )
+        cluster.wait_for_failover(masters=masters)
+        _wait_for_replicas(cluster, masters * replicas)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _wait_for_replicas(cluster: RedisClusterProcesses, expected: int, timeout_s: float = 30.0) -> None:
+    """Until every replica has synced with its master (so a failover can promote it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        synced = 0
+        for node in cluster.alive():
+            with _client(node.port) as client:
+                info = client.info("replication")
+            if info.get("role") == "slave" and info.get("master_link_status") == "up":
+                synced += 1
+        if synced >= expected:
+            return
+        time.sleep(0.1)
+    raise TimeoutError("the cluster's replicas did not sync")
+
+
+def _client(port: int) -> redis.Redis:
+    return redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
