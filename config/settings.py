@@ -96,6 +96,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     # Shared state
     redis_url: str | None = None
+    # cluster: redis_url names seed node(s), comma-separated; keys hash-tagged per slot
+    redis_mode: Literal["standalone", "cluster"] = "standalone"
     # Every Redis call gives up after this long (connect and reply) and falls back.
     redis_timeout_ms: PositiveInt = 200
     redis_breaker_fail_max: PositiveInt = 3

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings, load_settings
 from mlgate.service.app import create_app
+from tests.redis_cluster import RedisClusterProcesses, start_redis_cluster
 from tests.service_process import ServiceProcess
 from tests.support import (
     KafkaBroker,
@@ -52,9 +53,27 @@ async def kafka_topic(kafka_broker: KafkaBroker) -> str:
     return await create_topic(kafka_broker.bootstrap)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcesses]:
+    """A 3-master, 3-replica Redis Cluster shared by the session (flushed per test by
+    ``backend``); a test that kills a node starts one of its own (``start_redis_cluster``)."""
+    cluster = start_redis_cluster()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+def settings_defaults() -> dict[str, Any]:
+    """Defaults ``make_settings`` applies under the test's own overrides (``backend``
+    sets ``redis_mode`` here)."""
+    return {}
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, settings_defaults: dict[str, Any]) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
+        for name, value in settings_defaults.items():
+            overrides.setdefault(name, value)
         overrides.setdefault("data_dir", str(tmp_path / "data"))
         overrides.setdefault("model_poll_interval_s", 0)
         # Tests of other features run without keys; auth tests switch it back on.
@@ -115,12 +134,18 @@ def service_process(tmp_path: Path) -> Iterator[ServiceFactory]:
         service.stop()
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> str | None:
-    """Shared state in process (None) or in a fresh redis-server (its URL): tests that
-    take this fixture run once with each."""
+    """Shared state in process (None), in a fresh redis-server, or in the session's
+    Redis Cluster, flushed (its seeds; ``make_settings`` then defaults to
+    ``redis_mode="cluster"``): tests that take this fixture run once with each."""
     if request.param == "local":
         return None
+    if request.param == "cluster":
+        cluster: RedisClusterProcesses = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        request.getfixturevalue("settings_defaults")["redis_mode"] = "cluster"
+        return cluster.seeds_url
     server: ManagedProcess = request.getfixturevalue("redis_server")
     return f"redis://127.0.0.1:{server.port}"
 

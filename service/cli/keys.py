@@ -203,6 +203,9 @@ def _redis(settings: Settings) -> Any:
         raise ValueError("--store redis needs REDIS_URL")
     import redis
 
+    if settings.redis_mode == "cluster":  # the hash lives in one slot; any seed finds it
+        seed = settings.redis_url.split(",")[0]
+        return redis.RedisCluster.from_url(seed, socket_timeout=5, socket_connect_timeout=5)
     return redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
 
 

@@ -23,9 +23,12 @@ this process's table for the window).
 
 With ``REDIS_URL``: one key ``mlgate:rid:<tenant>:<id>`` per record, ``p`` while in
 flight and ``d`` once written, all the ids of a batch in one Lua script per step
-(one round trip; the ids travel as one newline-joined argument and the answer as one
-string of state characters, which costs a quarter of what a pipeline of SETs costs
-to pack and parse in Python); dedup then holds across processes and hosts. Redis
+(one round trip; the ids travel as the script's KEYS and the answer as one string of
+state characters, far cheaper to parse than a pipeline of SETs); dedup then holds
+across processes and hosts. On a Redis Cluster the key is
+``mlgate:rid:{<tenant>.<n>}:<id>``: a tenant's ids spread over
+``CLUSTER_SLOTS_PER_TENANT`` slots, and each step runs one script call per slot among
+the batch's ids, concurrently (a call that fails falls back for its ids only). Redis
 holds about 150 bytes per remembered id: records/s x window x 150 B (10k records/s
 over the default 600 s window: about 900 MB), so size the window to how long
 clients keep retrying; Idempotency-Key covers longer horizons per request. Without
@@ -40,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,20 +55,22 @@ from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
 PREFIX = "mlgate:rid:"
 NEW, WRITTEN, IN_FLIGHT = "1", "0", "p"  # what claim found, per id
 _FIRST_POLL_S, _MAX_POLL_S = 0.01, 0.2
+# On a Redis Cluster a tenant's ids spread over this many hash tags (slots): its dedup
+# memory over up to as many masters, at up to as many script calls per batch.
+CLUSTER_SLOTS_PER_TENANT = 8
 
 # Values: 'p:<token>' while the claim with that token writes the record, 'd' once
-# written. ARGV of every script: seconds (lapse or window), key prefix, the claim's
-# token, record ids joined by newlines (ids never hold whitespace).
+# written. KEYS of every script: the records' keys (one slot on a Redis Cluster).
+# ARGV: seconds (lapse or window), the claim's token.
 #
-# Claim answers one character per id: '1' newly claimed, '0' written already, 'p' in
+# Claim answers one character per key: '1' newly claimed, '0' written already, 'p' in
 # flight for another claim (any value starting with 'p', so the tokenless 'p' of the
 # previous release still counts as in flight while both run). A key that expired
 # between SET NX and GET is claimed anew.
 CLAIM_LUA = """
-local lapse, prefix, mine = ARGV[1], ARGV[2], 'p:' .. ARGV[3]
+local lapse, mine = ARGV[1], 'p:' .. ARGV[2]
 local found = {}
-for id in string.gmatch(ARGV[4], '[^\\n]+') do
-  local key = prefix .. id
+for _, key in ipairs(KEYS) do
   local state = 'p'
   if redis.call('SET', key, mine, 'NX', 'EX', lapse) then
     state = '1'
@@ -82,31 +88,31 @@ return table.concat(found)
 """
 # Written: the ids this claim holds, or that nobody holds any more (ours lapsed).
 CONFIRM_LUA = """
-local window, prefix, mine = ARGV[1], ARGV[2], 'p:' .. ARGV[3]
-for id in string.gmatch(ARGV[4], '[^\\n]+') do
-  local value = redis.call('GET', prefix .. id)
+local window, mine = ARGV[1], 'p:' .. ARGV[2]
+for _, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
   if value == false or value == mine then
-    redis.call('SET', prefix .. id, 'd', 'EX', window)
+    redis.call('SET', key, 'd', 'EX', window)
   end
 end
 return 1
 """
 # Still being written: push back the lapse of the ids this claim still holds.
 EXTEND_LUA = """
-local lapse, prefix, mine = ARGV[1], ARGV[2], 'p:' .. ARGV[3]
-for id in string.gmatch(ARGV[4], '[^\\n]+') do
-  if redis.call('GET', prefix .. id) == mine then
-    redis.call('EXPIRE', prefix .. id, lapse)
+local lapse, mine = ARGV[1], 'p:' .. ARGV[2]
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == mine then
+    redis.call('EXPIRE', key, lapse)
   end
 end
 return 1
 """
 # Not written after all: forget the ids this claim still holds.
 RELEASE_LUA = """
-local prefix, mine = ARGV[2], 'p:' .. ARGV[3]
-for id in string.gmatch(ARGV[4], '[^\\n]+') do
-  if redis.call('GET', prefix .. id) == mine then
-    redis.call('DEL', prefix .. id)
+local mine = 'p:' .. ARGV[2]
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == mine then
+    redis.call('DEL', key)
   end
 end
 return 1
@@ -195,9 +201,13 @@ class RecordDeduplicator:
     def enabled(self) -> bool:
         return self.window_s > 0
 
-    @staticmethod
-    def _prefix(tenant: str) -> str:
-        return f"{PREFIX}{tenant}:"
+    def _key(self, tenant: str, record_id: str) -> str:
+        """``mlgate:rid:<tenant>:<id>``; on a Redis Cluster ``mlgate:rid:{<tenant>.<n>}:<id>``,
+        ``n`` one of ``CLUSTER_SLOTS_PER_TENANT`` from a hash of the id."""
+        if self._redis is None or not self._redis.cluster:
+            return f"{PREFIX}{tenant}:{record_id}"
+        shard = zlib.crc32(record_id.encode()) % CLUSTER_SLOTS_PER_TENANT
+        return f"{PREFIX}{self._redis.hash_tag(f'{tenant}.{shard}')}{record_id}"
 
     async def claim(self, tenant: str, record_ids: Sequence[str]) -> Claim:
         """Per id, new (now held by this claim) or written within the window; an id
@@ -241,19 +251,24 @@ class RecordDeduplicator:
             )
 
     async def _claim_states(self, tenant: str, record_ids: Sequence[str], token: str) -> str:
-        found = await self._run("claim", self._lapse_s, tenant, record_ids, token)
-        if isinstance(found, bytes | str):
-            return found.decode() if isinstance(found, bytes) else found
-        return self._local.claim(tenant, record_ids, token)
+        """One state character per id; the ids whose Redis call failed, from this
+        process's table."""
+        found: dict[str, str] = {}
+        for ids, answer in await self._run("claim", self._lapse_s, tenant, record_ids, token):
+            if isinstance(answer, bytes | str):
+                found.update(zip(ids, answer.decode() if isinstance(answer, bytes) else answer, strict=True))
+            else:
+                found.update(zip(ids, self._local.claim(tenant, ids, token), strict=True))
+        return "".join(found[record_id] for record_id in record_ids)
 
     async def confirm(self, tenant: str, claim: Claim) -> None:
         """The claim's records are written: duplicates from now on, for the window."""
         if not self.enabled or not claim.held:
             return
-        recorded = await self._run("confirm", self.window_s, tenant, claim.held, claim.token)
-        self._local.confirm(
-            tenant, claim.held, claim.token, take_over=self._redis is not None and recorded is None
-        )
+        for ids, recorded in await self._run("confirm", self.window_s, tenant, claim.held, claim.token):
+            self._local.confirm(
+                tenant, ids, claim.token, take_over=self._redis is not None and recorded is None
+            )
 
     async def extend(self, tenant: str, claim: Claim) -> None:
         """The claim's records are still being written: they stay in flight for another
@@ -275,13 +290,23 @@ class RecordDeduplicator:
 
     async def _run(
         self, script_name: str, seconds: float, tenant: str, record_ids: Sequence[str], token: str
-    ) -> object | None:
-        """The script's answer, or None without Redis or when it failed (counted)."""
+    ) -> list[tuple[list[str], object | None]]:
+        """Per group of ``record_ids`` (one group per cluster slot; standalone: all),
+        the script's answer, or None without Redis or when it failed (counted)."""
         script = self._scripts.get(script_name)
-        if self._redis is None or script is None:
-            return None
-        args: list[str | float] = [seconds, self._prefix(tenant), token, "\n".join(record_ids)]
-        try:
-            return await self._redis.call("dedup", lambda: script(keys=[], args=args))
-        except RedisUnavailable:
-            return None
+        redis = self._redis
+        if redis is None or script is None:
+            return [(list(record_ids), None)]
+        groups = redis.by_slot(record_ids, lambda record_id: self._key(tenant, record_id))
+
+        async def run(ids: list[str]) -> tuple[list[str], object | None]:
+            keys = [self._key(tenant, record_id) for record_id in ids]
+            args: list[str | float] = [seconds, token]
+            try:
+                return ids, await redis.call("dedup", lambda: script(keys=keys, args=args))
+            except RedisUnavailable:
+                return ids, None
+
+        if len(groups) == 1:
+            return [await run(groups[0])]
+        return list(await asyncio.gather(*(run(ids) for ids in groups)))

@@ -27,7 +27,9 @@ client's retry gets it instead of running the write a second time.
 Keys live in Redis with ``REDIS_URL`` (one Lua script to claim, one to store or
 release), else in a bounded in-process map (``MLGATE_IDEMPOTENCY_MAX_ENTRIES`` in all,
 oldest out first, each tenant's flood evicting only its own entries once it holds its
-fair share: ``service.protection.fair_share``). While Redis fails, claims fall back to the in-process store: retries that
+fair share: ``service.protection.fair_share``). On a Redis Cluster a tenant's records
+share the hash tag ``{tenant}`` (one slot, on one master: the claims extended together
+are grouped per tenant slot, one call each). While Redis fails, claims fall back to the in-process store: retries that
 reach the same process are still safe; the record-id dedup (``service.record_dedup``)
 is the second line behind it.
 """
@@ -221,12 +223,13 @@ class IdempotencyStore:
         if self._redis is None or self._extend is None:
             return
         lock_ms = self._lock_s * 1000
-        for start in range(0, len(shared), MAX_EXTENDS_PER_CALL):
-            part = shared[start : start + MAX_EXTENDS_PER_CALL]
-            try:
-                await self._redis.call("idempotency", self._extend_call(part, lock_ms))
-            except RedisUnavailable:
-                log.warning("idempotency_extend_failed", claims=len(part))
+        for group in self._redis.by_slot(shared, lambda claim: claim.record):
+            for start in range(0, len(group), MAX_EXTENDS_PER_CALL):
+                part = group[start : start + MAX_EXTENDS_PER_CALL]
+                try:
+                    await self._redis.call("idempotency", self._extend_call(part, lock_ms))
+                except RedisUnavailable:
+                    log.warning("idempotency_extend_failed", claims=len(part))
 
     def _extend_call(self, claims: list[Claim], lock_ms: int) -> Callable[[], Awaitable[Any]]:
         script = self._extend
@@ -241,9 +244,11 @@ class IdempotencyStore:
         if not task.cancelled():
             task.exception()  # retrieved: nobody may be left to await it
 
-    @staticmethod
-    def record_name(tenant: str, key: str) -> str:
-        return f"mlgate:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+    def record_name(self, tenant: str, key: str) -> str:
+        """The record's key name: ``mlgate:idem:<tenant>:<sha256 of key>``; on a Redis
+        Cluster ``mlgate:idem:{<tenant>}:<sha256>``, every record of a tenant in one slot."""
+        tag = self._redis.hash_tag(tenant) if self._redis is not None else ""
+        return f"mlgate:idem:{tag or tenant + ':'}{hashlib.sha256(key.encode()).hexdigest()}"
 
     async def claim(self, tenant: str, key: str, fingerprint: str) -> Claim | Entry:
         """Our claim on ``key``, or the entry someone already holds under it."""

@@ -9,7 +9,10 @@ one, else ``MLGATE_RATE_LIMIT_TENANT_*``.
 With ``REDIS_URL`` both buckets live in Redis and one Lua script (EVALSHA, Redis's own
 clock) checks and takes from both atomically, so the limits hold across processes and
 hosts. Concurrent requests share round trips (``CoalescedTakes``): one script call in
-flight at a time carries every take that arrived meanwhile, each applied in order. Without Redis, or while Redis fails, the buckets are this
+flight at a time carries every take that arrived meanwhile, each applied in order. On a
+Redis Cluster a key's bucket and its tenant's share the hash tag ``{tenant}`` (one slot,
+so one take stays atomic; a tenant's buckets all live on one master), and the takes
+sent together are split into one call per slot, sent concurrently. Without Redis, or while Redis fails, the buckets are this
 process's own (``LocalBuckets``): the shared limit fails open to a per-process one,
 which is logged and counted (``mlgate_rate_limit_local_fallback``); the next call
 after the Redis breaker's reset tries Redis again.
@@ -221,6 +224,14 @@ class CoalescedTakes:
             self._pending = []
 
     async def _send(self, batch: list[_Take]) -> None:
+        """One script call per cluster slot among ``batch`` (standalone: one call)."""
+        groups = self._redis.by_slot(batch, lambda take: take.buckets[0])
+        if len(groups) == 1:
+            await self._send_one(groups[0])
+        else:
+            await asyncio.gather(*(self._send_one(group) for group in groups))
+
+    async def _send_one(self, batch: list[_Take]) -> None:
         keys = [bucket for take in batch for bucket in take.buckets]
         args = [value for take in batch for value in take.args]
         script = self._script
@@ -261,6 +272,7 @@ class RateLimiter:
         self._tenant = Limit(settings.rate_limit_tenant_rate, settings.rate_limit_tenant_burst)
         self._tenants = dict(map(tenant_limit, settings.rate_limit_tenants))
         self._redis_takes = CoalescedTakes(redis) if redis is not None else None
+        self._redis = redis
         self._local = LocalBuckets()
         self._metrics = metrics
 
@@ -275,7 +287,9 @@ class RateLimiter:
     async def check(self, key: ApiKey) -> Decision:
         """Take a token from the key's and the tenant's bucket, or from neither."""
         key_limit, tenant_limit = self.key_limit(key), self.tenant_limit(key.tenant)
-        key_bucket, tenant_bucket = f"mlgate:rl:k:{key.key_id}", f"mlgate:rl:t:{key.tenant}"
+        # Cluster: both in the tenant's slot (one script call may touch only one).
+        tag = self._redis.hash_tag(key.tenant) if self._redis is not None else ""
+        key_bucket, tenant_bucket = f"mlgate:rl:k:{tag}{key.key_id}", f"mlgate:rl:t:{tag}{key.tenant}"
         if self._redis_takes is not None:
             args = (key_limit.rate, key_limit.burst, tenant_limit.rate, tenant_limit.burst)
             try:

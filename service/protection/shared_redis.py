@@ -6,24 +6,38 @@ all go through ``SharedRedis.call``. Every call is bounded by short socket timeo
 failure or an open breaker raises ``RedisUnavailable`` and the caller falls back to
 its in-process state. The switch to and from the fallback is logged once each way and
 every fallback is counted (``mlgate_redis_fallback{operation}``).
+
+``MLGATE_REDIS_MODE=cluster`` talks to a Redis Cluster (redis-py's asyncio
+``RedisCluster``, from the seed node(s) in ``REDIS_URL``, comma-separated). A script
+there must touch one hash slot: every script declares its keys in ``KEYS``, key names
+carry a hash tag (``hash_tag``: ``{tenant}`` and the like; nothing in standalone mode,
+so the key names of a single Redis stay as they were), and a call that would span
+slots is split per slot (``by_slot``). A master that dies fails its slots' calls until
+its replica is promoted: the callers fall back meanwhile, as for any Redis failure,
+and the client learns the new topology on the next call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from mlgate.config import Settings
 from mlgate.workers.breaker import Breaker, BreakerOpen
 
 T = TypeVar("T")
+Item = TypeVar("Item")
+RedisMode = Literal["standalone", "cluster"]
 log = structlog.get_logger("mlgate.redis")
 
 
@@ -36,19 +50,23 @@ class SharedRedis:
         self,
         url: str,
         *,
+        mode: RedisMode = "standalone",
         timeout_s: float = 0.2,
         fail_max: int = 3,
         reset_s: float = 2.0,
         on_fallback: Callable[[str], None] | None = None,
     ) -> None:
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # redis-py retries with backoff by default; a request must not wait for that.
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            client_name="mlgate",
+        self.cluster = mode == "cluster"
+        self.client: aioredis.Redis | RedisCluster = (
+            _cluster_client(url, timeout_s) if self.cluster else aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                # redis-py retries with backoff by default; a request must not wait for that.
+                retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
+                client_name="mlgate",
+            )
         )
         self.breaker = Breaker("redis", fail_max=fail_max, reset_s=reset_s, exclude=())
         self._on_fallback = on_fallback
@@ -61,6 +79,7 @@ class SharedRedis:
         assert settings.redis_url
         return cls(
             settings.redis_url,
+            mode=settings.redis_mode,
             timeout_s=settings.redis_timeout_ms / 1000,
             fail_max=settings.redis_breaker_fail_max,
             reset_s=settings.redis_breaker_reset_s,
@@ -71,6 +90,22 @@ class SharedRedis:
     def available(self) -> bool:
         """False while the last call failed or the breaker is open."""
         return not self._down
+
+    def hash_tag(self, name: str) -> str:
+        """A key-name part that puts every key carrying it in one cluster slot:
+        ``{name}:`` in cluster mode, nothing in standalone mode (key names unchanged)."""
+        return f"{{{name}}}:" if self.cluster else ""
+
+    def by_slot(self, items: Iterable[Item], key: Callable[[Item], str]) -> list[list[Item]]:
+        """``items`` grouped by the cluster slot of ``key(item)``, each group in the
+        order given; in standalone mode one group of them all."""
+        if not self.cluster:
+            every = list(items)
+            return [every] if every else []
+        groups: dict[int, list[Item]] = {}
+        for item in items:
+            groups.setdefault(key_slot(key(item).encode()), []).append(item)
+        return list(groups.values())
 
     def script(self, source: str) -> AsyncScript:
         """A Lua script run with EVALSHA (loaded again by redis-py after a Redis restart)."""
@@ -109,3 +144,23 @@ class SharedRedis:
                 error=f"{type(exc).__name__}: {exc}",
                 fallback="in-process state until Redis answers again",
             )
+
+
+def _cluster_client(url: str, timeout_s: float) -> RedisCluster:
+    """A ``RedisCluster`` from seed nodes ``redis://[user:password@]host:port,...``
+    (credentials from the first seed that has them)."""
+    seeds = [urlsplit(seed if "://" in seed else f"redis://{seed}") for seed in url.split(",") if seed.strip()]
+    if not seeds:
+        raise ValueError("REDIS_URL names no seed node")
+    credentialed = next((seed for seed in seeds if seed.password), None)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(seed.hostname or "127.0.0.1", seed.port or 6379) for seed in seeds],
+        username=credentialed.username if credentialed else None,
+        password=credentialed.password if credentialed else None,
+        ssl=seeds[0].scheme == "rediss",
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        # No retries (a request must not wait for them); MOVED/ASK redirects still work.
+        retry=Retry(NoBackoff(), 0),
+        client_name="mlgate",
+    )
