@@ -415,6 +415,10 @@ class Run:
         raise AssertionError("unreachable")
 
 
+def _overlap(run_s: float, edge_s: float) -> str:
+    return " (shorter than two edges: they overlap)" if run_s < 2 * edge_s else ""
+
+
 def ingest_phase(
     run: Run, load: IngestLoad, *, keep_rss: bool = False
 ) -> tuple[IngestResult, int, tuple[float, float]]:
@@ -549,11 +553,14 @@ def steady_ingest(run: Run, rows: list[Row], notes: list[str]) -> None:
             ],
         )
     )
+    raw_s = len(raw.acked_per_s) - plan.warmup_s
     notes += [
         f"steady state: mlgate first {edge} {first:,.0f} rec/s, last {edge} {last:,.0f} rec/s "
-        f"({last / first if first else math.nan:.2f}x); whole run {result.accepted_in_window / result.window_s:,.0f} rec/s "
-        f"over {result.window_s:.0f} s. Raw producer on as many records: first {raw_first:,.0f}, "
-        f"last {raw_last:,.0f} rec/s ({raw_last / raw_first if raw_first else math.nan:.2f}x: the broker's own slowdown as it fills)",
+        f"({last / first if first else math.nan:.2f}x); whole run "
+        f"{result.accepted_in_window / result.window_s:,.0f} rec/s over {result.window_s:.0f} s"
+        f"{_overlap(result.window_s, plan.edge_s)}. Raw producer on as many records: first "
+        f"{raw_first:,.0f}, last {raw_last:,.0f} rec/s ({raw_last / raw_first if raw_first else math.nan:.2f}x, "
+        f"the broker's own slowdown as it fills) over {raw_s:.0f} s{_overlap(raw_s, plan.edge_s)}",
         f"memory: mlgate RSS fresh {fresh:.0f} MB, after {plan.records:,} records {after:.0f} MB ({after - fresh:+.0f} MB)",
         f"landed vs acknowledged: mlgate {landed:,} of {result.accepted_total:,}; raw producer acked {raw.acked_total:,}",
     ]
