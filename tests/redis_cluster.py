@@ -8,7 +8,9 @@ promoted within a few seconds (``kill_master`` then ``wait_for_failover``).
 
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -16,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
-from bench.processes import free_port, redis_command
+from bench.processes import redis_command
 from tests.support import ManagedProcess
 
 NODE_TIMEOUT_MS = 1000
+BUS_PORT_OFFSET = 10000  # redis-server's cluster bus listens on port + 10000
+_PORTS = random.SystemRandom()  # not the shared generator a test may have seeded
 
 
 @dataclass
@@ -61,6 +66,14 @@ class RedisClusterProcesses:
                     first_slot = int(fields[8].split("-")[0])
                     owners.append((first_slot, by_port[port]))
         return [node for _, node in sorted(owners, key=lambda owner: owner[0])]
+
+    def master_index_of(self, key: str) -> int:
+        """The index (for ``kill_master``) of the master serving ``key``'s slot."""
+        slot = key_slot(key.encode())
+        with _client(self.alive()[0].port) as client:
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+        owner_port = next(int(r[2][1]) for r in ranges if int(r[0]) <= slot <= int(r[1]))
+        return [node.port for node in self.masters()].index(owner_port)
 
     def kill_master(self, index: int = 0) -> ManagedProcess:
         """SIGKILL the ``index``-th master (by first slot); returns its node. The
@@ -112,7 +125,7 @@ def start_redis_cluster(masters: int = 3, replicas: int = 1) -> RedisClusterProc
     cluster = RedisClusterProcesses(nodes, workdir)
     try:
         for _ in range(masters * (1 + replicas)):
-            port = free_port()
+            port = _node_port()
             node_dir = workdir / str(port)
             node_dir.mkdir()
             argv = [
@@ -154,6 +167,25 @@ def _wait_for_replicas(cluster: RedisClusterProcesses, expected: int, timeout_s:
             return
         time.sleep(0.1)
     raise TimeoutError("the cluster's replicas did not sync")
+
+
+def _node_port() -> int:
+    """A port free together with its cluster bus port (+10000), both below the range
+    outgoing connections take their source ports from (32768 up)."""
+    for _ in range(200):
+        port = _PORTS.randrange(20000, 22768)
+        if all(_bindable(candidate) for candidate in (port, port + BUS_PORT_OFFSET)):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _client(port: int) -> redis.Redis:

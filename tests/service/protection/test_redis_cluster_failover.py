@@ -1,0 +1,88 @@
+"""A Redis Cluster master dies under a steady stream of rate-limited requests: no 5xx,
+local buckets meanwhile (counted), and the shared limit again once its replica is
+promoted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from mlgate.config import Settings
+from mlgate.service.state import METRICS
+from tests.redis_cluster import RedisClusterProcesses, start_redis_cluster
+from tests.support import KeyMaker
+
+INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
+SLOW = 0.01  # tokens per second: no refill within a test
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[RedisClusterProcesses]:
+    """A cluster of this test's own: it kills one of its masters."""
+    cluster = start_redis_cluster()
+    yield cluster
+    cluster.stop()
+
+
+async def _post(client: Any, key: str) -> int:
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
+    await response.read()
+    return int(response.status)
+
+
+async def test_a_master_failover_falls_back_to_local_buckets_then_shares_limits_again(
+    app_client: Any,
+    make_settings: Callable[..., Settings],
+    api_keys: KeyMaker,
+    own_cluster: RedisClusterProcesses,
+    tmp_path: Any,
+) -> None:
+    def settings(name: str) -> Settings:
+        return make_settings(
+            auth_disabled=False, keys_file=str(api_keys.path), feature_dims=(4,),
+            redis_url=own_cluster.seeds_url, redis_mode="cluster",
+            redis_breaker_reset_s=0.2, data_dir=str(tmp_path / name),
+            rate_limit_tenant_rate=100_000.0, rate_limit_tenant_burst=100_000,
+        )
+
+    streaming = api_keys.create(tenant="acme", rate=100_000, burst=100_000)
+    limited = api_keys.create(tenant="acme", rate=SLOW, burst=2)
+    client = await app_client(settings("one"))
+    fallbacks = client.app[METRICS].rate_limit_fallback
+    statuses: Counter[int] = Counter()
+    stop = asyncio.Event()
+
+    async def stream() -> None:
+        while not stop.is_set():
+            statuses[await _post(client, streaming)] += 1
+
+    streamer = asyncio.create_task(stream())
+    try:
+        assert await _post(client, streaming) == 202
+        assert fallbacks._value.get() == 0
+        # the master serving acme's buckets
+        own_cluster.kill_master(own_cluster.master_index_of("mlgate:rl:t:{acme}:acme"))
+        await asyncio.to_thread(own_cluster.wait_for_failover)
+        # until a request is decided by the cluster again (no fallback counted for it)
+        deadline = time.monotonic() + 20
+        while True:
+            before = fallbacks._value.get()
+            await _post(client, streaming)
+            if fallbacks._value.get() == before or time.monotonic() > deadline:
+                break
+    finally:
+        stop.set()
+        await streamer
+    assert fallbacks._value.get() > 0  # local buckets while the master was gone
+    assert statuses and all(status < 500 for status in statuses), statuses
+
+    # shared again: a second process sees the tokens the first one took
+    other = await app_client(settings("two"))
+    assert [await _post(client, limited) for _ in range(2)] == [202, 202]
+    assert await _post(other, limited) == 429
+    assert other.app[METRICS].rate_limit_fallback._value.get() == 0
