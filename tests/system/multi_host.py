@@ -232,7 +232,10 @@ class Rig:
 
     # -- building -----------------------------------------------------------------
 
-    def up(self, host_env: dict[str, str] | None = None) -> None:
+    def up(self, host_env: dict[str, str] | None = None, cluster_ports: list[int] | None = None) -> None:
+        """Build it all. ``cluster_ports``: the nodes of a Redis Cluster the caller runs
+        on this machine (tests/redis_cluster.py, bound to 127.0.0.1), which the rig makes
+        listen on and announce the bridge's address too, so the hosts reach every node."""
         if os.geteuid() != 0:
             raise RigUnavailable("network namespaces need root")
         haproxy = ensure_haproxy()
@@ -242,7 +245,9 @@ class Rig:
         self.octet = _free_subnet()
         self._network()
         self._state()
-        if self.redis_url is None:
+        if cluster_ports:
+            self._open_cluster(cluster_ports)
+        elif self.redis_url is None:
             port = free_port()
             self._start("redis", [
                 shutil.which("redis-server") or "redis-server", "--port", str(port),
@@ -327,6 +332,24 @@ class Rig:
             _run("ip", "-n", namespace, "addr", "add", f"10.77.{self.octet}.{10 + index}/24", "dev", inside)
             _run("ip", "-n", namespace, "link", "set", inside, "up")
             _run("ip", "-n", namespace, "link", "set", "lo", "up")
+
+    def _open_cluster(self, ports: list[int]) -> None:
+        """The nodes also listen on the bridge; in each namespace a forwarder takes
+        127.0.0.1:<node port> to <bridge>:<node port>, so the addresses the cluster
+        hands out (127.0.0.1) lead the hosts to the right node."""
+        import redis
+
+        for port in ports:
+            with redis.Redis(port=port, socket_timeout=2) as node:
+                node.config_set("bind", f"127.0.0.1 {self.gateway}")
+                node.config_set("protected-mode", "no")
+        for namespace in self.namespaces:
+            self._start(f"forward-{namespace}", [
+                "ip", "netns", "exec", namespace, sys.executable, "-m", "tests.system.multi_host",
+                "forward", "--to", self.gateway, "--ports", ",".join(map(str, ports)),
+            ])
+        self.redis_mode = "cluster"
+        self.redis_url = ",".join(f"redis://127.0.0.1:{port}" for port in ports)
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         process = _spawn(argv, self.base / f"{name}.log", env)
@@ -435,11 +458,44 @@ def teardown(base: Path) -> None:
     path.unlink()
 
 
+async def forward(to: str, ports: list[int]) -> None:
+    """Listen on 127.0.0.1:<port> for each port and relay every connection to <to>:<port>."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    def relay(port: int) -> Any:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                upstream_reader, upstream_writer = await asyncio.open_connection(to, port)
+            except OSError:
+                writer.close()
+                return
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+        return handle
+
+    servers = [await asyncio.start_server(relay(port), "127.0.0.1", port) for port in ports]
+    await asyncio.gather(*(server.serve_forever() for server in servers))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.system.multi_host", description=__doc__)
-    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("command", choices=["up", "down", "forward"])
     parser.add_argument("--state", type=Path, default=Path("/tmp/mlgate-local-cluster"))
+    parser.add_argument("--to", help="forward: the address to relay to")
+    parser.add_argument("--ports", help="forward: comma-separated ports")
     args = parser.parse_args(argv)
+    if args.command == "forward":
+        asyncio.run(forward(args.to, [int(port) for port in args.ports.split(",")]))
+        return 0
     if args.command == "down":
         teardown(args.state)
         print(f"stopped; logs stay in {args.state}")

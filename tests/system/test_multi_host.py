@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.processes import cpu_seconds
+from tests.redis_cluster import RedisClusterProcesses, start_redis_cluster
 from tests.support import read_topic
 from tests.system.multi_host import Rig, RigUnavailable
 
@@ -43,6 +45,8 @@ HOST_ENV = {
 }
 LIMIT_RATE = 100.0  # requests per second
 LIMIT_BURST = 20
+SLOW = 0.01  # tokens per second: no refill within a test
+AFTER_FAILOVER_BURST = 6
 BATCH = 20
 PRODUCERS = 4
 HEADER = "| scenario | requests | 202s | landed | duplicates | failed requests | limit error |"
@@ -53,6 +57,8 @@ class Hosts:
     rig: Rig
     key: str  # limits far away
     limited_key: str  # LIMIT_RATE / LIMIT_BURST, its own tenant
+    after_failover_key: str  # SLOW / AFTER_FAILOVER_BURST, its own tenant
+    cluster: RedisClusterProcesses | None
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +67,25 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
     # Keys first: every host reads the one shared keys file at start.
     key = rig.keys.create(tenant="bulk")
     limited = rig.keys.create(tenant="limited", rate=LIMIT_RATE, burst=LIMIT_BURST)
+    after_failover = rig.keys.create(tenant="failover", rate=SLOW, burst=AFTER_FAILOVER_BURST)
+    cluster = None
     try:
-        rig.up(HOST_ENV)
+        cluster = start_redis_cluster(masters=3, replicas=1)
+        rig.up(HOST_ENV, cluster_ports=[node.port for node in cluster.nodes])
     except RigUnavailable as exc:
         rig.down()
+        if cluster is not None:
+            cluster.stop()
         pytest.skip(f"no multi-host rig on this machine: {exc}")
     except BaseException:
         rig.down()
+        if cluster is not None:
+            cluster.stop()
         raise
     print(f"\n{rig.describe()}\n{HEADER}\n| --- | --- | --- | --- | --- | --- | --- |")
-    yield Hosts(rig, key, limited)
+    yield Hosts(rig, key, limited, after_failover, cluster)
     rig.down()
+    cluster.stop()
 
 
 @dataclass
@@ -323,3 +337,56 @@ async def test_three_hosts_carry_steady_ingest_through_the_balancer(hosts: Hosts
         f"used {cores / elapsed:.2f} cores, {len(tally.accepted) / cores:,.0f} records per core-second"
     )
     assert tally.lost == 0
+
+
+async def _redis_breakers(hosts: Hosts) -> list[float]:
+    states = []
+    async with aiohttp.ClientSession() as session:
+        for host in hosts.rig.hosts:
+            async with session.get(f"{host.url}/metrics") as response:
+                text = await response.text()
+            states += [
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "mlgate_breaker_state" and sample.labels.get("dependency") == "redis"
+            ]
+    return states
+
+
+@pytest.mark.xfail(
+    reason="after the failover the hosts' Redis breakers stay open (their trial calls keep "
+    "failing); a client in the root namespace recovers, so the rig's per-namespace relay "
+    "to the nodes or the cluster client's refresh is at fault: not yet found",
+    strict=False,
+)
+async def test_a_redis_cluster_master_killed_under_load_answers_no_5xx_and_limits_are_shared_again(
+    hosts: Hosts,
+) -> None:
+    """Runs last: the cluster it leaves has lost a node."""
+    assert hosts.cluster is not None
+    cluster = hosts.cluster
+    tally = Tally("Redis Cluster master SIGKILL under load")
+
+    async def kill_master() -> None:
+        await asyncio.to_thread(cluster.kill_master, 0)
+        await asyncio.to_thread(cluster.wait_for_failover, 3)
+
+    async with asyncio.timeout(60):
+        await under_load(hosts, tally, kill_master)
+    print(tally.row(), dict(tally.statuses))
+    assert sum(n for status, n in tally.statuses.items() if status >= 500) == 0, tally.statuses
+    async with asyncio.timeout(15):
+        while any(state != 0 for state in await _redis_breakers(hosts)):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)  # a metric of other processes: polled
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(AFTER_FAILOVER_BURST):
+            for host in hosts.rig.hosts:
+                body = {"source": "failover", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
+                statuses.append((await _ingest(session, host.url, hosts.after_failover_key, body))[0])
+    tally.limit_error = f"{statuses.count(202)} of {len(statuses)} taken, burst {AFTER_FAILOVER_BURST}"
+    await settle(hosts, tally)
+    assert sum(n for status, n in tally.statuses.items() if status >= 500) == 0, tally.statuses
+    assert tally.lost == 0
+    assert statuses.count(202) == AFTER_FAILOVER_BURST  # one bucket for all three hosts
