@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import subprocess
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import ServiceFactory
 from tests.service_process import ServiceProcess
@@ -53,25 +57,36 @@ class Account:
         )
 
 
-def _batch(prefix: str, number: int) -> dict[str, object]:
+def _batch(prefix: str, number: int, padding: int = 0) -> dict[str, object]:
+    metadata = {"pad": "x" * padding} if padding else {}
     return {
         "source": "faults",
         "records": [
-            {"record_id": f"{prefix}-{number}-{i}", "features": [float(i), 1.0, 2.0, 3.0]}
+            {
+                "record_id": f"{prefix}-{number}-{i}",
+                "features": [float(i), 1.0, 2.0, 3.0],
+                "metadata": metadata,
+            }
             for i in range(BATCH)
         ],
     }
 
 
 async def produce(
-    url: Callable[[], str], account: Account, stop: asyncio.Event, prefix: str
+    url: Callable[[], str],
+    account: Account,
+    stop: asyncio.Event,
+    prefix: str,
+    give_up_on: tuple[int, ...] = (),
+    padding: int = 0,
 ) -> None:
-    """Post batch after batch until ``stop``; retry each until it gets a 202."""
+    """Post batch after batch until ``stop``; retry each until it gets a 202 (or, for a
+    status in ``give_up_on``, until ``stop``)."""
     number = 0
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         while not stop.is_set():
-            body = _batch(prefix, number)
+            body = _batch(prefix, number, padding)
             account.sent_batches += 1
             while True:
                 try:
@@ -83,6 +98,8 @@ async def produce(
                             break
                         assert response.status in (409, 429) or response.status >= 500, (
                             response.status, await response.text())
+                        if response.status in give_up_on and stop.is_set():
+                            return
                 except (TimeoutError, aiohttp.ClientError):
                     account.connection_errors += 1
                 await asyncio.sleep(0.05)
@@ -97,6 +114,13 @@ async def settle(account: Account, bootstrap: str, topic: str) -> Account:
     account.lost = len(account.accepted - keys.keys())
     print("\n| scenario | accepted | landed | duplicates | lost | 5xx |\n" + account.row())
     return account
+
+
+async def resent_records(service: ServiceProcess) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"{service.url}/metrics") as answer:
+        text = await answer.text()
+    found = re.search(r"^mlgate_records_resent_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def _kafka_env(broker: KafkaBroker, topic: str) -> dict[str, str]:
@@ -150,6 +174,8 @@ async def test_broker_frozen_and_resumed_under_load_loses_nothing(
     assert account.accepted
     assert account.lost == 0
     assert account.server_errors == 0
+    # Duplicates only from produces whose outcome was unknown, and every one counted.
+    assert account.duplicates <= await resent_records(service)
 
 
 async def test_mlgate_killed_mid_load_and_restarted_loses_no_acknowledged_record(
@@ -198,3 +224,54 @@ async def test_redis_frozen_under_load_answers_no_5xx_and_loses_nothing(
     assert account.lost == 0
     assert account.server_errors == 0
 
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs of the test's own (root only; skipped where mounting is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+async def test_disk_full_for_the_spill_is_503_and_loses_nothing_acknowledged(
+    service_process: ServiceFactory, private_kafka_broker: KafkaBroker, tiny_disk: Path
+) -> None:
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    service = service_process(
+        MLGATE_DATA_DIR=str(tiny_disk / "data"),
+        MLGATE_LOG_SEGMENT_BYTES="65536",
+        **_kafka_env(private_kafka_broker, topic),
+    )
+    private_kafka_broker.stop()  # every write spills, until the disk is full
+    account = Account("spill disk full (3 MB tmpfs), broker down")
+    stop = asyncio.Event()
+
+    async def until_full() -> None:
+        # Full: refused with 503, and its retries met by 409 while the refused ids stay
+        # claimed (a refused spill write keeps them claimed until the lapse).
+        while not account.statuses[503] or account.statuses[503] + account.statuses[409] < 10:
+            await asyncio.sleep(0.1)  # noqa: ASYNC110 -- polling a counter of another task
+            assert account.statuses.keys() <= {202, 409, 503}, account.statuses
+        stop.set()
+
+    producer = asyncio.create_task(
+        produce(lambda: service.url, account, stop, "full", give_up_on=(409, 503), padding=1000)
+    )
+    await asyncio.wait_for(until_full(), 60)
+    await asyncio.wait_for(producer, 30)
+    assert account.statuses[202] and account.statuses[503]
+    assert account.server_errors == account.statuses[503]  # 503s only, never a 500
+
+    private_kafka_broker.start()  # a fresh, empty broker on the same port
+    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    await settle(account, private_kafka_broker.bootstrap, topic)
+    assert account.lost == 0
