@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test lint bench bench-quick bench-all bench-ingest bench-predict bench-protection bench-predict-protection bench-quality redis-server clean
+.PHONY: install run test lint bench bench-quick bench-all bench-ingest bench-predict bench-protection bench-predict-protection bench-quality redis-server haproxy clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 
+# The multi-host tests (tests/system/test_multi_host.py) put HAProxy in front of the hosts.
+haproxy:
+	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q haproxy; }
+
 run: $(STAMP)
 	$(VENV)/bin/mlgate serve --dev
 
@@ -26,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --disallow-untyped-defs --ignore-missing-imports client/mlgate_client
 
-test: $(STAMP) redis-server lint
+test: $(STAMP) redis-server haproxy lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 # mlgate per core on workload.md traffic, each scenario beside its limit (~10 min);
