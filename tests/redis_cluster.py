@@ -4,6 +4,11 @@
 joins them with ``redis-cli --cluster create`` and returns once every node reports
 ``cluster_state:ok``. The node timeout is short (1 s), so a killed master's replica is
 promoted within a few seconds (``kill_master`` then ``wait_for_failover``).
+
+The nodes listen on 127.0.0.1 and, given ``host``, on that address too, which is then
+the one they announce (in ``CLUSTER SLOTS``, MOVED redirects and on the cluster bus):
+clients elsewhere, such as the multi-host rig's network namespaces, reach every node
+at the address the cluster hands out, and a killed node's port refuses connections.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ class RedisClusterProcesses:
 
     nodes: list[ManagedProcess]
     workdir: Path
+    host: str = "127.0.0.1"  # the address the nodes announce
     killed: list[ManagedProcess] = field(default_factory=list)
 
     @property
     def seeds(self) -> list[str]:
-        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+        return [f"{self.host}:{node.port}" for node in self.nodes]
 
     @property
     def url(self) -> str:
@@ -118,14 +124,17 @@ class RedisClusterProcesses:
         return True
 
 
-def start_redis_cluster(masters: int = 3, replicas: int = 1) -> RedisClusterProcesses:
-    """Start and join a cluster; ready (``cluster_state:ok`` everywhere) on return."""
+def start_redis_cluster(masters: int = 3, replicas: int = 1, host: str = "127.0.0.1") -> RedisClusterProcesses:
+    """Start and join a cluster; ready (``cluster_state:ok`` everywhere) on return.
+    ``host``: an address of this machine the nodes also listen on (their cluster bus
+    too) and announce, for clients that cannot reach this machine's 127.0.0.1."""
     workdir = Path(tempfile.mkdtemp(prefix="mlgate-redis-cluster-"))
     nodes: list[ManagedProcess] = []
-    cluster = RedisClusterProcesses(nodes, workdir)
+    cluster = RedisClusterProcesses(nodes, workdir, host)
+    addresses = ["127.0.0.1"] if host == "127.0.0.1" else ["127.0.0.1", host]
     try:
         for _ in range(masters * (1 + replicas)):
-            port = _node_port()
+            port = _node_port(addresses)
             node_dir = workdir / str(port)
             node_dir.mkdir()
             argv = [
@@ -136,6 +145,11 @@ def start_redis_cluster(masters: int = 3, replicas: int = 1) -> RedisClusterProc
                 # A replica may take over however long it was cut off (tests kill masters).
                 "--cluster-replica-validity-factor", "0",
                 "--dir", str(node_dir),
+                # Replaces redis_command's 127.0.0.1 (which wait_for_port still reaches).
+                "--bind", *addresses,
+                "--cluster-announce-ip", host,
+                # Without a password, protected mode refuses clients off the loopback.
+                "--protected-mode", "yes" if host == "127.0.0.1" else "no",
             ]
             node = ManagedProcess(argv, port)
             nodes.append(node)
@@ -169,20 +183,24 @@ def _wait_for_replicas(cluster: RedisClusterProcesses, expected: int, timeout_s:
     raise TimeoutError("the cluster's replicas did not sync")
 
 
-def _node_port() -> int:
+def _node_port(addresses: list[str]) -> int:
     """A port free together with its cluster bus port (+10000), both below the range
     outgoing connections take their source ports from (32768 up)."""
     for _ in range(200):
         port = _PORTS.randrange(20000, 22768)
-        if all(_bindable(candidate) for candidate in (port, port + BUS_PORT_OFFSET)):
+        if all(
+            _bindable(address, candidate)
+            for address in addresses
+            for candidate in (port, port + BUS_PORT_OFFSET)
+        ):
             return port
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def _bindable(port: int) -> bool:
+def _bindable(address: str, port: int) -> bool:
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((address, port))
         except OSError:
             return False
     return True

