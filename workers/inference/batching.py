@@ -4,8 +4,10 @@ Requests put ``(inputs, deadline, future)`` items in one bounded mailbox; a full
 mailbox raises ``MailboxFull`` at once, and so does a request that, by the recent
 batch run times and the rows queued ahead of it, would be answered after its
 deadline (shed now rather than answered 504 later). The single worker task takes the first item,
-then keeps filling the batch until it holds ``max_batch_size`` rows or
-``max_queue_delay`` has passed since the first item was queued (``time.monotonic``;
+then, when the model is idle, only the items already queued (a lone request waits
+for nobody: what arrives while it computes forms the next batch); while a batch
+computes, it keeps filling the next until it holds ``max_batch_size`` rows or
+``max_queue_delay`` has passed since its first item was queued (``time.monotonic``;
 as Triton's dynamic batcher counts it: rows that already waited out the delay while
 the previous batch computed go at once, so the model does not idle), the wait
 clamped so the nearest item deadline can still be met given the recent run time.
@@ -241,9 +243,14 @@ class InferenceWorker(Actor[_Item]):
         first = self._carry if self._carry is not None else self._took(await self._mailbox.get())
         self._carry = None
         batch, rows = [first], first.rows
-        # While another batch computes, this one cannot start before it ends: it
-        # keeps filling until then (or until full), not just for the queue delay.
-        fill_until = max(first.enqueued + self._max_queue_delay_s, self._busy_until)
+        if self._in_flight:
+            # While another batch computes, this one cannot start before it ends: it
+            # keeps filling until then (or until full), not just for the queue delay.
+            fill_until = max(first.enqueued + self._max_queue_delay_s, self._busy_until)
+        else:
+            # The model is idle: waiting would only add latency (what arrives meanwhile
+            # batches behind this one). Take what is queued already and go.
+            fill_until = 0.0
         nearest = first.deadline
         while rows < self._max_batch_size:
             if self._mailbox.empty():
