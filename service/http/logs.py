@@ -1,27 +1,61 @@
-"""structlog set up once by the entrypoint: JSON lines to stdout, context first."""
+"""structlog set up once by the entrypoint: JSON lines to stdout, context first.
+
+``write_info_line`` writes an event as that configuration would render it at info
+level, without structlog's chain (bound logger, processors): for a line written on
+every request (the audit trail) regardless of the level. Under any other
+configuration (a test's ``capture_logs``) it declines and the caller logs through
+structlog.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
+# The processors and stream of our configuration, once made. Compared item by item:
+# structlog's capture_logs edits the configured list in place.
+_configured: tuple[tuple[Any, ...], TextIO] | None = None
+
 
 def configure_logging(level: str = "info") -> None:
+    global _configured
     numeric = LEVELS[level]
     logging.basicConfig(stream=sys.stdout, level=numeric, format="%(message)s")
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
+    _configured = (tuple(processors), sys.stdout)
+
+
+def write_info_line(event: dict[str, Any]) -> bool:
+    """Write ``event`` (``"event"`` included) as the configured chain renders an info
+    line: bound context variables it lacks, ``level``, ``timestamp``, one JSON line,
+    flushed. False, writing nothing, when structlog is configured otherwise."""
+    configured = _configured
+    if configured is None or tuple(structlog.get_config()["processors"]) != configured[0]:
+        return False
+    for name, value in structlog.contextvars.get_contextvars().items():
+        event.setdefault(name, value)
+    event["level"] = "info"
+    event["timestamp"] = datetime.now(tz=UTC).isoformat().replace("+00:00", "Z")
+    stream = configured[1]
+    stream.write(json.dumps(event, default=repr) + "\n")
+    stream.flush()
+    return True

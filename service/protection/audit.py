@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from mlgate.service.http.context import KEY_ID, REQUEST_ID, TENANT
+from mlgate.service.http.logs import write_info_line
 
 # Its own level: an audit event reaches the trail whatever MLGATE_LOG_LEVEL drops
 # (a service logging warnings only still records who ingested what). Not cached, so it
@@ -43,17 +44,26 @@ def audit_request(
     request: web.Request, action: Action, outcome: str, **counts: int | str | None
 ) -> None:
     """An audit event for an HTTP request, with the caller's identity from the request."""
-    audit_log.info(
+    _emit(
         action,
-        outcome=outcome,
-        tenant=request.get(TENANT),
-        key_id=request.get(KEY_ID),
-        route=f"{request.method} {request.path}",
-        request_id=request.get(REQUEST_ID),
-        **counts,
+        {
+            "outcome": outcome,
+            "tenant": request.get(TENANT),
+            "key_id": request.get(KEY_ID),
+            "route": f"{request.method} {request.path}",
+            "request_id": request.get(REQUEST_ID),
+            **counts,
+        },
     )
 
 
 def audit_admin(action: Action, outcome: str, **details: str | int | None) -> None:
     """An audit event for an action taken outside a request (CLI, SIGHUP reload)."""
-    audit_log.info(action, outcome=outcome, **details)
+    _emit(action, {"outcome": outcome, **details})
+
+
+def _emit(action: Action, fields: dict[str, int | str | None]) -> None:
+    # One on every ingest: written straight as the entrypoint's configuration renders
+    # it (a third of structlog's cost), through structlog under any other.
+    if not write_info_line({"channel": "audit", **fields, "event": action}):
+        audit_log.info(action, **fields)

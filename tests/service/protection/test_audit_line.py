@@ -1,0 +1,44 @@
+"""The audit line written straight to the configured stream reads as structlog's own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import structlog
+
+from mlgate.service.http import logs
+from mlgate.service.protection.audit import audit_admin
+
+
+def test_audit_line_has_the_fields_and_order_of_structlogs_rendering(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure_logging("warning")
+    try:
+        structlog.contextvars.bind_contextvars(request_id="r-1")
+        audit_admin("key_create", "created", key_id="k-1", tenant="acme")
+        direct = capsys.readouterr().out
+        # The same event through structlog's chain, configured the same way.
+        structlog.get_logger().bind(channel="audit").warning(
+            "key_create", outcome="created", key_id="k-1", tenant="acme"
+        )
+        rendered = capsys.readouterr().out
+    finally:
+        structlog.contextvars.clear_contextvars()
+        structlog.reset_defaults()
+    line, expected = json.loads(direct), json.loads(rendered)
+    expected["level"] = "info"
+    assert list(line) == list(expected)
+    assert {k: v for k, v in line.items() if k != "timestamp"} == {
+        k: v for k, v in expected.items() if k != "timestamp"
+    }
+    assert line["timestamp"].endswith("Z")
+
+
+def test_audit_events_reach_a_capture_of_structlog_after_configuration() -> None:
+    logs.configure_logging("info")
+    try:
+        with structlog.testing.capture_logs() as events:
+            audit_admin("key_revoke", "revoked", key_id="k-2")
+    finally:
+        structlog.reset_defaults()
+    assert [e["event"] for e in events if e.get("channel") == "audit"] == ["key_revoke"]
