@@ -53,6 +53,27 @@ class IngestRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     records: Annotated[list[Record], msgspec.Meta(min_length=1, max_length=MAX_RECORDS)]
 
 
+class PackedRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
+    """Internal: a ``Record`` with its features left as their msgpack bytes, read as one
+    numpy matrix per batch when every record packs them alike (see
+    ``service.ingest.validation``). Never on the wire or in the OpenAPI document."""
+
+    features: msgspec.Raw
+    record_id: RecordId | None = None
+    timestamp: Timestamp | None = None
+    label: float | None = None
+    metadata: Annotated[
+        dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=MAX_METADATA_ITEMS)
+    ] = {}
+
+
+class PackedRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Internal: ``IngestRequest`` with ``PackedRecord``s."""
+
+    source: SourceName
+    records: Annotated[list[PackedRecord], msgspec.Meta(min_length=1, max_length=MAX_RECORDS)]
+
+
 class IngestEnvelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The batch with its records left undecoded, so each can fail on its own."""
 

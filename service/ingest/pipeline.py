@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from mlgate.schemas.ingest import Record, RecordError
+from mlgate.schemas.ingest import RecordError
 from mlgate.service.http.codec import Format
 from mlgate.service.http.metrics import Metrics
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
-from mlgate.service.ingest.validation import RecordValidator
+from mlgate.service.ingest.validation import Decoded, RecordValidator
 from mlgate.workers.errors import MailboxFull, WorkerClosed
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
 
@@ -71,10 +72,10 @@ class IngestPipeline:
         self._metrics = metrics
         self._settling: set[asyncio.Future[None]] = set()
 
-    def decode(self, body: bytes, fmt: Format) -> tuple[str, list[Record | RecordError]]:
+    def decode(self, body: bytes, fmt: Format) -> tuple[str, Sequence[Decoded]]:
         return self._validator.decode_batch(body, fmt)
 
-    def validate(self, source: str, items: list[Record | RecordError]) -> ValidatedBatch:
+    def validate(self, source: str, items: Sequence[Decoded]) -> ValidatedBatch:
         return self._validator.validate(source, items)
 
     async def write(
@@ -82,7 +83,7 @@ class IngestPipeline:
         tenant: str,
         batch: ValidatedBatch,
         tracking_id: str,
-        items: list[Record | RecordError],
+        items: Sequence[Decoded],
     ) -> Written:
         """Write the accepted records whose ``record_id`` was not written within the
         dedup window; returns once they are durable."""
@@ -143,13 +144,13 @@ class IngestPipeline:
             settle.exception()  # retrieved: its caller may have been cancelled
 
     async def _drop_duplicates(
-        self, tenant: str, batch: ValidatedBatch, items: list[Record | RecordError]
+        self, tenant: str, batch: ValidatedBatch, items: Sequence[Decoded]
     ) -> tuple[ValidatedBatch, Claim | None]:
         """The batch without records already written (by client-given record_id), and
         the claim on the rest. Generated ids are unique and not tracked."""
         if not self._dedup.enabled:
             return batch, None
-        given = {item.record_id for item in items if isinstance(item, Record) and item.record_id}
+        given = {item.record_id for item in items if not isinstance(item, RecordError) and item.record_id}
         tracked = [record.record_id for record in batch.accepted if record.record_id in given]
         if not tracked:
             return batch, None

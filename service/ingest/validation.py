@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from mlgate.config import Settings
 from mlgate.schemas.ingest import (
+    MAX_FEATURES,
     IngestEnvelope,
     IngestRequest,
+    PackedRecord,
+    PackedRequest,
     Record,
     RecordError,
     StoredRecord,
@@ -36,6 +41,12 @@ _batch_decoders: dict[Format, Any] = {
     Format.JSON: msgspec.json.Decoder(IngestRequest),
     Format.MSGPACK: msgspec.msgpack.Decoder(IngestRequest),
 }
+_packed_decoder = msgspec.msgpack.Decoder(PackedRequest)
+# A msgpack float 64 / float 32: its type byte, then the big-endian value.
+_FLOAT64 = np.dtype([("tag", "u1"), ("value", ">f8")])
+_FLOAT32 = np.dtype([("tag", "u1"), ("value", ">f4")])
+_TAGS = {9: (0xCB, _FLOAT64), 5: (0xCA, _FLOAT32)}
+Decoded = Record | PackedRecord | RecordError
 _record_decoders: dict[Format, Any] = {
     Format.JSON: msgspec.json.Decoder(Record),
     Format.MSGPACK: msgspec.msgpack.Decoder(Record),
@@ -58,14 +69,29 @@ class RecordValidator:
 
     # -- decoding ---------------------------------------------------------------------
 
-    def decode_batch(self, body: bytes, fmt: Format) -> tuple[str, list[Record | RecordError]]:
+    def decode_batch(self, body: bytes, fmt: Format) -> tuple[str, Sequence[Decoded]]:
         """The source and, per index, a decoded record or the reason it was rejected.
+
+        A msgpack batch whose records all pack their features alike (the same number of
+        float 64s, or of float 32s) decodes them as bytes (``PackedRecord``), which
+        ``validate`` reads as one matrix: no Python float per value until needed. Any
+        other batch decodes as ``IngestRequest``, so what is accepted or rejected, and
+        why, is the same either way.
 
         Bytes that are not JSON / msgpack at all are 400 even when msgspec meets a
         schema error first: the envelope decoding (``codec.decode``) tells them apart."""
+        limit = self._settings.max_batch_records
+        if fmt is Format.MSGPACK:
+            try:
+                packed: PackedRequest = _packed_decoder.decode(body)
+            except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+                pass
+            else:
+                if len(packed.records) <= limit and _feature_matrix(packed.records) is not None:
+                    return packed.source, packed.records
         try:
             batch: IngestRequest = _batch_decoders[fmt].decode(body)
-            items: list[Record | RecordError] = list(batch.records)
+            items: list[Decoded] = list(batch.records)
             source = batch.source
         except msgspec.ValidationError:
             envelope = decode(body, IngestEnvelope, fmt)
@@ -73,7 +99,6 @@ class RecordValidator:
             items = [self._decode_one(i, raw, fmt) for i, raw in enumerate(envelope.records)]
         except (msgspec.DecodeError, RecursionError) as exc:
             raise undecodable(exc, fmt) from None
-        limit = self._settings.max_batch_records
         if len(items) > limit:
             raise ValidationFailed(
                 f"A batch holds at most {limit} records, got {len(items)}",
@@ -91,27 +116,64 @@ class RecordValidator:
 
     # -- semantic checks --------------------------------------------------------------
 
-    def validate(self, source: str, items: list[Record | RecordError]) -> ValidatedBatch:
+    def validate(self, source: str, items: Sequence[Decoded]) -> ValidatedBatch:
         accepted: list[StoredRecord] = []
         errors: list[RecordError] = []
         # Records without a timestamp get the batch's arrival time (one clock read, one
         # isoformat per batch rather than per record).
         received = _rfc3339(datetime.now(UTC))
-        for index, item in enumerate(items):
-            if isinstance(item, RecordError):
-                # Indexes are positions in ``items``; the stream route offsets them.
-                errors.append(item if item.index == index else msgspec.structs.replace(item, index=index))
-                continue
-            problem = self._check(item)
-            if problem is not None:
-                errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
-                continue
-            accepted.append(self._stored(source, item, received))
+        if items and isinstance(items[0], PackedRecord):
+            self._validate_packed(source, items, received, accepted, errors)
+        else:
+            for index, item in enumerate(items):
+                if isinstance(item, RecordError):
+                    # Indexes are positions in ``items``; the stream route offsets them.
+                    errors.append(item if item.index == index else msgspec.structs.replace(item, index=index))
+                    continue
+                assert isinstance(item, Record)
+                problem = self._check(item.features, item.label, item.metadata)
+                if problem is not None:
+                    errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
+                    continue
+                accepted.append(self._stored(source, item, item.features, received))
         batch = ValidatedBatch(source=source, accepted=accepted, errors=errors)
         return batch if self._quality is None else self._quality.screen(batch)
 
-    def _check(self, record: Record) -> str | None:
-        features = record.features
+    def _validate_packed(
+        self,
+        source: str,
+        items: Sequence[Decoded],
+        received: str,
+        accepted: list[StoredRecord],
+        errors: list[RecordError],
+    ) -> None:
+        """``validate`` for a batch of ``PackedRecord``s: the feature checks run on the
+        batch's matrix at once, and only a row that fails one goes through ``_check``,
+        which names its problem as for any other record."""
+        records: list[PackedRecord] = [item for item in items if isinstance(item, PackedRecord)]
+        matrix = _feature_matrix(records)
+        assert matrix is not None and len(records) == len(items)
+        dims = matrix.shape[1]
+        failing = ~np.isfinite(matrix).all(axis=1)
+        if self._min is not None:
+            failing |= matrix.min(axis=1) < self._min
+        if self._max is not None:
+            failing |= matrix.max(axis=1) > self._max
+        suspects = set(np.flatnonzero(failing).tolist()) if dims in self._dims else None
+        rows: list[list[float]] = matrix.tolist()
+        for index, (item, features) in enumerate(zip(records, rows, strict=True)):
+            if suspects is None or index in suspects:
+                problem = self._check(features, item.label, item.metadata)
+            else:
+                problem = self._check_scalars(item.label, item.metadata)
+            if problem is not None:
+                errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
+                continue
+            accepted.append(self._stored(source, item, features, received))
+
+    def _check(
+        self, features: list[float], label: float | None, metadata: dict[str, str | int | float | bool]
+    ) -> str | None:
         if len(features) not in self._dims:
             allowed = ", ".join(str(d) for d in sorted(self._dims))
             return f"features has {len(features)} values; allowed dimensions are {allowed}"
@@ -120,12 +182,9 @@ class RecordValidator:
         if not math.isfinite(sum(features)) and not all(map(math.isfinite, features)):
             bad = next(i for i, v in enumerate(features) if not math.isfinite(v))
             return f"features[{bad}] is not a finite number"
-        if record.label is not None and not math.isfinite(record.label):
-            return "label is not a finite number"
-        for key, value in record.metadata.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                # JSON has no NaN/inf: stored, it would silently turn into null.
-                return f"metadata[{key!r}] is not a finite number"
+        problem = self._check_scalars(label, metadata)
+        if problem is not None:
+            return problem
         if self._min is not None and min(features) < self._min:
             return f"features has a value below the allowed minimum {self._min}"
         if self._max is not None and max(features) > self._max:
@@ -133,18 +192,31 @@ class RecordValidator:
         return None
 
     @staticmethod
-    def _stored(source: str, record: Record, received: str) -> StoredRecord:
+    def _check_scalars(label: float | None, metadata: dict[str, str | int | float | bool]) -> str | None:
+        if label is not None and not math.isfinite(label):
+            return "label is not a finite number"
+        for key, value in metadata.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                # JSON has no NaN/inf: stored, it would silently turn into null.
+                return f"metadata[{key!r}] is not a finite number"
+        return None
+
+    @staticmethod
+    def _stored(
+        source: str, record: Record | PackedRecord, features: list[float], received: str
+    ) -> StoredRecord:
         stamp = record.timestamp
         if stamp is None:
             timestamp = received
         elif isinstance(stamp, datetime):
-            timestamp = _rfc3339(stamp.astimezone(UTC))
+            # msgspec decodes a ``Z`` as ``UTC`` itself: no conversion needed then.
+            timestamp = _rfc3339(stamp if stamp.tzinfo is UTC else stamp.astimezone(UTC))
         else:
             timestamp = _rfc3339(datetime.fromtimestamp(stamp, UTC))
         return StoredRecord(
             record_id=record.record_id or uuid.uuid4().hex,
             timestamp=timestamp,
-            features=record.features,
+            features=features,
             label=record.label,
             metadata=record.metadata,
             source=source,
@@ -181,6 +253,37 @@ def record_error(index: int, exc: Exception) -> RecordError:
         where = f" at {loc}" if loc else ""
         return RecordError(index=index, record_id=None, error=f"{msg}{where}")
     return RecordError(index=index, record_id=None, error=f"undecodable record: {exc}")
+
+
+def _feature_matrix(records: Sequence[PackedRecord]) -> np.ndarray | None:
+    """The records' features as one float64 matrix, row per record, when every record
+    packs them alike: the same array header, then only float 64s or only float 32s.
+    None otherwise (ints among the values, another dimension, ...)."""
+    if not records:
+        return None
+    first = memoryview(records[0].features)
+    size = len(first)
+    if size >= 1 and 0x91 <= first[0] <= 0x9F:
+        header, count = 1, first[0] & 0x0F
+    elif size >= 3 and first[0] == 0xDC:
+        header, count = 3, int.from_bytes(first[1:3], "big")
+    else:
+        return None
+    if not 0 < count <= MAX_FEATURES or (size - header) % count:
+        return None
+    tagged = _TAGS.get((size - header) // count)
+    if tagged is None or any(len(record.features) != size for record in records):
+        return None
+    tag, dtype = tagged
+    raw = np.frombuffer(b"".join([record.features for record in records]), dtype=np.uint8)
+    rows = raw.reshape(len(records), size)
+    if not (rows[:, :header] == rows[0, :header]).all():
+        return None
+    cells = np.ascontiguousarray(rows[:, header:]).view(dtype)
+    if not (cells["tag"] == tag).all():
+        return None
+    matrix: np.ndarray = cells["value"].astype(np.float64)
+    return matrix
 
 
 def _rfc3339(moment: datetime) -> str:

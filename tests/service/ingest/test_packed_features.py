@@ -1,0 +1,93 @@
+"""A msgpack batch whose records all pack their features alike (float 64s or float
+32s) is checked as one matrix, with the same answer, record by record, as the per-record
+path: the same records accepted and stored, the same rejected with the same reasons."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+import pytest
+
+from mlgate.config import load_settings
+from mlgate.schemas.ingest import PackedRecord, Record
+from mlgate.service.http.codec import Format
+from mlgate.service.ingest.batch import ValidatedBatch
+from mlgate.service.ingest.validation import RecordValidator, _batch_decoders
+
+
+def _validator(**overrides: Any) -> RecordValidator:
+    return RecordValidator(load_settings({}, feature_dims=(4,), **overrides))
+
+
+def _body(*features: list[Any], single_float: bool = False) -> bytes:
+    records = [
+        {"record_id": f"r-{i}", "timestamp": "2026-11-01T10:00:00.123Z", "features": f,
+         "label": 0.5, "metadata": {"device": "d-1", "fw": 3}}
+        for i, f in enumerate(features)
+    ]
+    packed: bytes = msgpack.packb({"source": "s", "records": records}, use_single_float=single_float)
+    return packed
+
+
+def _per_record(validator: RecordValidator, body: bytes) -> ValidatedBatch:
+    """What the per-record path (``IngestRequest`` with ``Record``s) answers."""
+    request = _batch_decoders[Format.MSGPACK].decode(body)
+    return validator.validate(request.source, list(request.records))
+
+
+def _answer(batch: ValidatedBatch) -> tuple[list[Any], list[Any]]:
+    return (
+        [(r.record_id, r.timestamp, r.features, r.label, r.metadata) for r in batch.accepted],
+        [(e.index, e.record_id, e.error) for e in batch.errors],
+    )
+
+
+def test_a_msgpack_batch_of_float64_features_decodes_packed() -> None:
+    _, items = _validator().decode_batch(_body([1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]), Format.MSGPACK)
+    assert all(isinstance(item, PackedRecord) for item in items)
+
+
+def test_a_msgpack_batch_of_float32_features_decodes_packed() -> None:
+    body = _body([1.5, 2.0, 3.0, 4.0], single_float=True)
+    validator = _validator()
+    source, items = validator.decode_batch(body, Format.MSGPACK)
+    assert isinstance(items[0], PackedRecord)
+    assert _answer(validator.validate(source, items)) == _answer(_per_record(validator, body))
+
+
+def test_features_with_an_int_among_the_floats_take_the_per_record_path() -> None:
+    _, items = _validator().decode_batch(_body([1, 2.0, 3.0, 4.0]), Format.MSGPACK)
+    assert isinstance(items[0], Record)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "rows"),
+    [
+        ({}, [[1.0, math.nan, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [math.inf, 0.0, 0.0, -math.inf]]),
+        ({"feature_min": -1.0, "feature_max": 10.0}, [[0.0, 1.0, 2.0, 3.0], [-2.0, 0.0, 0.0, 0.0], [0.0, 11.0, 0.0, 0.0]]),
+        ({}, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]),  # a dimension not allowed: every record
+        ({}, [[1e308, 1e308, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]]),  # finite values whose sum overflows
+    ],
+)
+def test_packed_checks_answer_what_the_per_record_checks_answer(
+    overrides: dict[str, Any], rows: list[list[float]]
+) -> None:
+    validator = _validator(**overrides)
+    body = _body(*rows)
+    source, items = validator.decode_batch(body, Format.MSGPACK)
+    assert isinstance(items[0], PackedRecord)
+    assert _answer(validator.validate(source, items)) == _answer(_per_record(validator, body))
+
+
+def test_a_packed_record_with_a_bad_label_is_rejected_with_its_index() -> None:
+    validator = _validator()
+    records = [
+        {"record_id": "r-0", "features": [1.0, 2.0, 3.0, 4.0], "label": 1.0},
+        {"record_id": "r-1", "features": [1.0, 2.0, 3.0, 4.0], "label": math.nan},
+    ]
+    source, items = validator.decode_batch(msgpack.packb({"source": "s", "records": records}), Format.MSGPACK)
+    batch = validator.validate(source, items)
+    assert [(e.index, e.error) for e in batch.errors] == [(1, "label is not a finite number")]
+    assert [r.record_id for r in batch.accepted] == ["r-0"]
