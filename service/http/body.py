@@ -57,6 +57,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         # The common case, a small body of known length: one read, no chunk loop, due
         # when all of it would be at the minimum rate.
         try:
+            if request.content.is_eof():  # all of it arrived with the head: no wait
+                return await request.content.readexactly(declared)
             async with asyncio.timeout_at(BodyPace(request).deadline(declared)):
                 return await request.content.readexactly(declared)
         except asyncio.IncompleteReadError:
