@@ -32,7 +32,8 @@ any other failure part of them may have landed, so their ids stay claimed until 
 from __future__ import annotations
 
 import asyncio
-import uuid
+import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -54,8 +55,17 @@ class Written:
     duplicates: int
 
 
-def new_tracking_id() -> str:
-    return uuid.uuid4().hex
+class TrackingIds:
+    """Tracking ids: a random per-process prefix and a counter (32 hex digits), unique
+    across processes and restarts without a system call per request."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
 
 
 class IngestPipeline:
@@ -71,6 +81,7 @@ class IngestPipeline:
         self._sink = sink
         self._metrics = metrics
         self._settling: set[asyncio.Future[None]] = set()
+        self.new_tracking_id = TrackingIds()
 
     def decode(self, body: bytes, fmt: Format) -> tuple[str, Sequence[Decoded]]:
         return self._validator.decode_batch(body, fmt)

@@ -20,7 +20,6 @@ from mlgate.service.http.errors import (
     ValidationFailed,
 )
 from mlgate.service.http.routing import Route
-from mlgate.service.ingest.pipeline import new_tracking_id
 from mlgate.service.ingest.streams import msgpack_records, ndjson_records
 from mlgate.service.protection.audit import audit_request
 from mlgate.service.state import INGEST_PIPELINE, SETTINGS
@@ -56,7 +55,7 @@ async def ingest(request: web.Request) -> web.Response:
     if not batch.accepted:
         audit_request(request, "ingest", "rejected", source=source, records_rejected=len(batch.errors))
         raise _all_rejected(batch.errors)
-    tracking_id = new_tracking_id()
+    tracking_id = pipeline.new_tracking_id()
     try:
         written = await pipeline.write(_tenant(request), batch, tracking_id, items)
     except Exception as exc:
@@ -100,7 +99,7 @@ async def ingest_stream(request: web.Request) -> web.Response:
 
     pipeline = request.app[INGEST_PIPELINE]
     tenant = _tenant(request)
-    tracking_id = new_tracking_id()
+    tracking_id = pipeline.new_tracking_id()
     accepted = rejected = duplicate = 0
     errors: list[RecordError] = []
     chunk: list[Record | RecordError] = []

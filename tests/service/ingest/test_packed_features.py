@@ -13,8 +13,15 @@ import pytest
 from mlgate.config import load_settings
 from mlgate.schemas.ingest import PackedRecord, Record
 from mlgate.service.http.codec import Format
+from mlgate.service.ingest import validation
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.validation import RecordValidator, _batch_decoders
+
+
+@pytest.fixture(autouse=True)
+def packed_for_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These bodies are a few records: let them take the packed path all the same."""
+    monkeypatch.setattr(validation, "PACKED_FROM_BYTES", 0)
 
 
 def _validator(**overrides: Any) -> RecordValidator:
@@ -47,6 +54,12 @@ def _answer(batch: ValidatedBatch) -> tuple[list[Any], list[Any]]:
 def test_a_msgpack_batch_of_float64_features_decodes_packed() -> None:
     _, items = _validator().decode_batch(_body([1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]), Format.MSGPACK)
     assert all(isinstance(item, PackedRecord) for item in items)
+
+
+def test_a_small_msgpack_body_decodes_record_by_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validation, "PACKED_FROM_BYTES", 16 * 1024)
+    _, items = _validator().decode_batch(_body([1.0, 2.0, 3.0, 4.0]), Format.MSGPACK)
+    assert isinstance(items[0], Record)
 
 
 def test_a_msgpack_batch_of_float32_features_decodes_packed() -> None:
