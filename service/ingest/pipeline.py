@@ -37,6 +37,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import structlog
+
 from mlgate.schemas.ingest import RecordError
 from mlgate.service.http.codec import Format
 from mlgate.service.http.metrics import Metrics
@@ -45,6 +47,8 @@ from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
 from mlgate.service.ingest.validation import Decoded, RecordValidator
 from mlgate.workers.errors import MailboxFull, WorkerClosed
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
+
+log = structlog.get_logger("mlgate.ingest")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +144,7 @@ class IngestPipeline:
             nonlocal timer
             extending = loop.create_task(self._dedup.extend(tenant, claim))
             self._settling.add(extending)
-            extending.add_done_callback(self._settled)
+            extending.add_done_callback(self._extended)
             timer = loop.call_later(interval, extend)
 
         timer = loop.call_later(interval, extend)
@@ -148,6 +152,12 @@ class IngestPipeline:
             await self._sink.write(records)
         finally:
             timer.cancel()
+
+    def _extended(self, extending: asyncio.Future[None]) -> None:
+        self._settling.discard(extending)
+        if not extending.cancelled() and (error := extending.exception()) is not None:
+            # Not extended, the claim may lapse while the write runs: worth a line.
+            log.warning("dedup_claim_extend_failed", error=repr(error))
 
     def _settled(self, settle: asyncio.Future[None]) -> None:
         self._settling.discard(settle)
