@@ -2,7 +2,7 @@
 
 Inbound types are frozen, forbid unknown fields and carry their static bounds in
 ``Meta``; bounds that depend on settings (allowed dimensions, value range, batch size)
-are checked by ``service.record_validation``.
+are checked by ``service.ingest.validation``.
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def _redis(settings: Settings) -> Any:
 
 
 def audit_admin(action: Action, outcome: str, **details: str | int | None) -> None:
-    # Imported late: service.audit binds its logger to the logging set-up of import time.
+    # Imported late: service.protection.audit binds its logger to the logging set-up of import time.
     from mlgate.service.protection import audit
 
     audit.audit_admin(action, outcome, **details)

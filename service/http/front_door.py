@@ -3,8 +3,8 @@ metrics and the canonical log line.
 
 Every exception becomes an RFC 9457 document (``{"error": ...}`` included for the Open
 Inference Protocol routes), so no stack trace ever reaches a client. Authentication,
-rate limits and idempotency sit inside it (service.auth, service.rate_limits,
-service.idempotency), so their refusals are answered, counted and logged the same way.
+rate limits and idempotency sit inside it (service.protection.middleware), so
+their refusals are answered, counted and logged the same way.
 """
 
 from __future__ import annotations

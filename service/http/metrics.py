@@ -124,7 +124,7 @@ class Metrics:
             "mlgate_tls_certificate_expiry_seconds", "Seconds until the TLS certificate expires",
             multiprocess_mode="livemin", registry=r,
         )
-        # Data quality (service.quality_screen, workers.drift_monitor), per source or model.
+        # Data quality (service.ingest.quality_screen, workers.quality.drift_monitor), per source or model.
         self.feature_psi = Gauge(
             "mlgate_feature_psi", "Population stability index of a feature over the last drift window",
             ["kind", "name", "feature"], multiprocess_mode="livemax", registry=r,

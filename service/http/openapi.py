@@ -21,7 +21,7 @@ REF = "#/components/schemas/{name}"
 PROBLEM_TYPES = ("application/problem+json", "application/msgpack")
 # The Open Inference Protocol routes answer errors as application/json (same document).
 OIP_PROBLEM_TYPES = ("application/json", "application/msgpack")
-# As service.idempotency accepts it: 1-255 printable ASCII characters.
+# As service.protection.middleware accepts it: 1-255 printable ASCII characters.
 IDEMPOTENCY_KEY_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"}
 
 

@@ -4,7 +4,7 @@ A batch is decoded in one pass when every record is well-formed (the fast path);
 otherwise each record is decoded on its own so a malformed one costs only itself.
 Then the checks that depend on settings run: allowed feature dimensions, finite
 values, the configured value range; then, when the validator was given a
-``QualityScreen``, the source's feature profile (service.quality_screen). Accepted
+``QualityScreen``, the source's feature profile (service.ingest.quality_screen). Accepted
 records come out encoded for the sink, flagged ones with a ``quality_flags`` header.
 """
 

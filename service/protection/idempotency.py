@@ -30,7 +30,7 @@ oldest out first, each tenant's flood evicting only its own entries once it hold
 fair share: ``service.protection.fair_share``). On a Redis Cluster a tenant's records
 share the hash tag ``{tenant}`` (one slot, on one master: the claims extended together
 are grouped per tenant slot, one call each). While Redis fails, claims fall back to the in-process store: retries that
-reach the same process are still safe; the record-id dedup (``service.record_dedup``)
+reach the same process are still safe; the record-id dedup (``service.ingest.dedup``)
 is the second line behind it.
 """
 

@@ -3,7 +3,7 @@
 Layout: ``<data_dir>/log/<first offset, 20 digits>.log`` segments. Each record is one
 frame: ``u32 length | u32 crc32(payload) | payload``, the payload being the msgpack
 of an ``OutboundRecord`` (key, value, headers). ``LocalLog.append`` writes frames and
-fsyncs before it returns (the actor in ``workers.local_log_writer`` group-commits
+fsyncs before it returns (the actor in ``workers.sinks.local_log_writer`` group-commits
 through it). On open, the last segment is scanned and a torn tail (a crash mid-write:
 a bad frame with nothing intact after it) is cut off, the cut bytes kept beside it in
 ``<segment>.dropped-at-<position>``. A damaged frame that intact frames follow is not
