@@ -57,6 +57,8 @@ ROW_BUDGET_FROM_BYTES = 64 * 1024
 # Values allowed before decoding for a model whose width is not fixed (or that takes no
 # feature rows at all, which is a 422 later anyway): about 32 MB as Python floats.
 UNSIZED_VALUE_BUDGET = 1 << 20
+# Numbers an OIP request holds besides its tensors' data (shapes, parameters).
+TENSOR_SLACK_VALUES = 1024
 
 
 class _RowsUndecoded(msgspec.Struct, frozen=True, kw_only=True):
@@ -281,6 +283,29 @@ def _msgpack_array_length(data: memoryview) -> int | None:
         length = struct.unpack_from(">I", data, 1)[0]
         return length
     return None
+
+
+def check_tensor_budget(body: bytes | memoryview, loaded: ModelVersion) -> None:
+    """422 when a JSON body over ``ROW_BUDGET_FROM_BYTES`` holds more numbers than the
+    model's inputs take at ``MAX_INSTANCES`` rows, before any of them is decoded (a
+    16 MB body of ``0,`` would otherwise become 8M Python objects). Commas bound the
+    count from above; the shapes and names of a request add a few."""
+    if len(body) <= ROW_BUDGET_FROM_BYTES:
+        return
+    budget = TENSOR_SLACK_VALUES
+    for spec in loaded.inputs:
+        dims = spec.shape[1:]
+        if any(dim < 0 for dim in dims):
+            budget += UNSIZED_VALUE_BUDGET
+        else:
+            budget += MAX_INSTANCES * math.prod(dims)
+    values = bytes(body).count(b",") + 1
+    if values > budget:
+        raise ValidationFailed(
+            f"model {loaded.model} version {loaded.version} takes at most {budget} values, "
+            f"the body holds about {values}",
+            errors=[FieldError(loc="inputs", msg=f"more than {budget} values")],
+        )
 
 
 async def read_payload(request: web.Request, type_: type[PayloadT], started: float) -> PayloadT:

@@ -51,7 +51,12 @@ from mlgate.service.http.codec import MEDIA_TYPES, Format, decode, respond
 from mlgate.service.http.context import REQUEST_ID
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound
 from mlgate.service.http.routing import Route
-from mlgate.service.predict.flow import TIMEOUT_HEADER, request_deadline, resolve
+from mlgate.service.predict.flow import (
+    TIMEOUT_HEADER,
+    check_tensor_budget,
+    request_deadline,
+    resolve,
+)
 from mlgate.service.predict.tensors import (
     HEADER_LENGTH,
     input_arrays,
@@ -109,7 +114,10 @@ async def infer(request: web.Request) -> web.Response:
         payload = decode(body[:header_length], InferenceRequest, Format.JSON)
         binary = memoryview(body)[header_length:]
     else:
-        payload = decode(body, InferenceRequest, body_format(request))
+        fmt = body_format(request)
+        if fmt is Format.JSON:
+            check_tensor_budget(body, loaded)
+        payload = decode(body, InferenceRequest, fmt)
         binary = memoryview(b"")
     deadline = _deadline(request, payload, started)
     # Shed before building the tensors: under overload most requests end here.

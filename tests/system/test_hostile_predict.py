@@ -21,7 +21,8 @@ from tests.service_process import ServiceProcess
 
 ROWS, VALUES_PER_ROW = 4096, 2000  # 8.2M zeros: just under the 16 MB body limit
 RSS_GROWTH_BOUND_KB = 150 * 1024  # before the bound: ~600 MB
-GOOD_ROW = [0.25] * 128  # the demo model takes 128 features
+GOOD_ROW = [0.25] * 128
+OIP_RSS_GROWTH_BOUND_KB = 60 * 1024  # the body and one copy of it; decoded: ~110 MB more  # the demo model takes 128 features
 
 
 def hostile_body(fmt: str) -> bytes:
@@ -88,3 +89,33 @@ async def test_a_batch_the_model_can_take_passes_the_row_count(service_process: 
     body = msgspec.json.encode({"instances": rows}) if fmt == "json" else msgspec.msgpack.encode({"instances": rows})
     async with aiohttp.ClientSession() as session:
         assert await predict(session, service, body, fmt) == 200
+
+
+async def test_a_huge_oip_infer_body_is_refused_before_its_tensor_is_built(
+    service_process: ServiceFactory,
+) -> None:
+    service = service_process()
+    values = 3_500_000  # "0.5," each: 14 MB, and a float object each once decoded (~110 MB)
+    hostile = msgspec.json.encode(
+        {"inputs": [{"name": "input", "shape": [values // 128, 128], "datatype": "FP32", "data": [0.5] * values}]}
+    )
+    normal = msgspec.json.encode({"instances": [GOOD_ROW] * 8})
+    async with aiohttp.ClientSession() as session:
+        assert await predict(session, service, normal, "json") == 200
+        before = peak_rss_kb(service)
+
+        async def infer() -> tuple[int, bytes]:
+            async with session.post(
+                f"{service.url}/v2/models/demo/infer",
+                data=io.BytesIO(hostile),
+                headers={"Content-Type": "application/json"},
+            ) as answer:
+                return answer.status, await answer.read()
+
+        (status, body), answered = await asyncio.gather(
+            infer(), predict(session, service, normal, "json")
+        )
+
+        assert status == 422 and b"error" in body
+        assert answered == 200
+    assert peak_rss_kb(service) - before < OIP_RSS_GROWTH_BOUND_KB
