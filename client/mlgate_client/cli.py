@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -154,6 +155,9 @@ async def send_file(stream: IO[bytes], args: argparse.Namespace) -> Summary:
     finally:
         if progress is not None:
             progress.cancel()
+            # Cancelled as it should be, or its crash surfaces here rather than nowhere.
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress
         summary.retries = producer.stats.retries
         summary.retries_by_cause = producer.stats.retries_by_cause
         if not args.quiet:

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServiceFactory
 from tests.service_process import ServiceProcess
@@ -116,11 +116,31 @@ async def settle(account: Account, bootstrap: str, topic: str) -> Account:
     return account
 
 
-async def resent_records(service: ServiceProcess) -> float:
+async def unlabelled_metrics(service: ServiceProcess) -> dict[str, float]:
+    """The service's unlabelled samples from ``/metrics``, by name."""
     async with aiohttp.ClientSession() as session, session.get(f"{service.url}/metrics") as answer:
         text = await answer.text()
-    found = re.search(r"^mlgate_records_resent_total (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+def freeze(process: ManagedProcess, seconds: float) -> Callable[[], Awaitable[None]]:
+    """A fault: ``process`` stopped with SIGSTOP for ``seconds``, then resumed."""
+    assert process.process is not None
+    pid = process.process.pid
+
+    async def frozen() -> None:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    return frozen
 
 
 def _kafka_env(broker: KafkaBroker, topic: str) -> dict[str, str]:
@@ -159,23 +179,13 @@ async def test_broker_frozen_and_resumed_under_load_loses_nothing(
     topic = await create_topic(private_kafka_broker.bootstrap)
     service = service_process(**_kafka_env(private_kafka_broker, topic))
     account = Account("broker frozen 4 s (SIGSTOP/SIGCONT)")
-    assert private_kafka_broker.process is not None
-    broker_pid = private_kafka_broker.process.pid
-
-    async def freeze() -> None:
-        os.kill(broker_pid, signal.SIGSTOP)
-        try:
-            await asyncio.sleep(4)
-        finally:
-            os.kill(broker_pid, signal.SIGCONT)
-
-    await _run_load(service, account, "frozen", freeze)
+    await _run_load(service, account, "frozen", freeze(private_kafka_broker, 4))
     await settle(account, private_kafka_broker.bootstrap, topic)
     assert account.accepted
     assert account.lost == 0
     assert account.server_errors == 0
     # Duplicates only from produces whose outcome was unknown, and every one counted.
-    assert account.duplicates <= await resent_records(service)
+    assert account.duplicates <= (await unlabelled_metrics(service))["mlgate_records_resent_total"]
 
 
 async def test_mlgate_killed_mid_load_and_restarted_loses_no_acknowledged_record(
@@ -208,17 +218,7 @@ async def test_redis_frozen_under_load_answers_no_5xx_and_loses_nothing(
         **_kafka_env(kafka_broker, topic),
     )
     account = Account("Redis frozen 3 s (SIGSTOP/SIGCONT)")
-    assert redis_server.process is not None
-    redis_pid = redis_server.process.pid
-
-    async def freeze() -> None:
-        os.kill(redis_pid, signal.SIGSTOP)
-        try:
-            await asyncio.sleep(3)
-        finally:
-            os.kill(redis_pid, signal.SIGCONT)
-
-    await _run_load(service, account, "redis", freeze)
+    await _run_load(service, account, "redis", freeze(redis_server, 3))
     await settle(account, kafka_broker.bootstrap, topic)
     assert account.accepted
     assert account.lost == 0

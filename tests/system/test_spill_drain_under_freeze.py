@@ -6,33 +6,23 @@ duplicate in the topic must be one the service counted as possibly resent."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServiceFactory
 from tests.service_process import ServiceProcess
 from tests.support import KafkaBroker, create_topic
-from tests.system.test_faults import Account, _kafka_env, _run_load, settle
-
-
-async def _metrics(service: ServiceProcess) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{service.url}/metrics") as response:
-            text = await response.text()
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if not sample.labels
-    }
+from tests.system.test_faults import (
+    Account,
+    _kafka_env,
+    _run_load,
+    freeze,
+    settle,
+    unlabelled_metrics,
+)
 
 
 async def _wait_for_empty_spill(service: ServiceProcess, limit_s: float = 60.0) -> None:
     for _ in range(int(limit_s / 0.2)):
-        if (await _metrics(service)).get("mlgate_spill_backlog_records") == 0:
+        if (await unlabelled_metrics(service)).get("mlgate_spill_backlog_records") == 0:
             return
         await asyncio.sleep(0.2)
     notable = [e for e in service.events() if e.get("event") != "request"]
@@ -49,20 +39,10 @@ async def test_spill_in_small_segments_drains_after_a_frozen_broker_resumes(
         MLGATE_SPILL_DRAIN_BATCH_RECORDS="100",
     )
     account = Account("broker frozen 3 s, spill in 4 KiB segments")
-    assert private_kafka_broker.process is not None
-    broker_pid = private_kafka_broker.process.pid
-
-    async def freeze() -> None:
-        os.kill(broker_pid, signal.SIGSTOP)
-        try:
-            await asyncio.sleep(3)
-        finally:
-            os.kill(broker_pid, signal.SIGCONT)
-
-    await _run_load(service, account, "frozen", freeze)
+    await _run_load(service, account, "frozen", freeze(private_kafka_broker, 3))
     await _wait_for_empty_spill(service)
     await settle(account, private_kafka_broker.bootstrap, topic)
-    metrics = await _metrics(service)
+    metrics = await unlabelled_metrics(service)
     print(f"resent={metrics.get('mlgate_records_resent_total')}")
     assert account.lost == 0
     assert "background_task_crashed" not in {event.get("event") for event in service.events()}
