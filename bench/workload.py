@@ -32,6 +32,8 @@ import asyncio
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +69,10 @@ from bench.processes import (
     wait_ready,
 )
 from bench.raw_producer import RawOptions, RawResult
+
+# What ``--only`` picks: the 2M-record run, the short batch runs, single-record
+# ingest, and the two predict models.
+SCENARIOS = ("steady", "batches", "single", "predict")
 
 SMALL_SIZES = (128, 256, 2)
 ResultT = TypeVar("ResultT", bound=msgspec.Struct)
@@ -269,6 +275,8 @@ class Plan:
     batch_connections: int
     small_connections: int
     pin: tuple[set[int], set[int]] | None
+    only: frozenset[str] = frozenset(SCENARIOS)
+    py_spy_dir: Path | None = None
 
     @property
     def core(self) -> set[int] | None:
@@ -324,6 +332,7 @@ class Run:
         }
         log = self.work / f"mlgate-{port}.log"
         process = start_service(env, log, self.plan.core)
+        profiler = self._profile(process.pid, port)
         try:
             try:
                 wait_ready(f"http://127.0.0.1:{port}/ready", [process], STARTUP_TIMEOUT_S)
@@ -332,6 +341,21 @@ class Run:
             yield f"http://127.0.0.1:{port}", process.pid
         finally:
             stop(process, 15.0)
+            if profiler is not None:
+                profiler.wait(30)
+
+    def _profile(self, pid: int, port: int) -> subprocess.Popen[bytes] | None:
+        """``--py-spy DIR``: py-spy samples the mlgate process for its whole life into
+        DIR (raw collapsed stacks, one file per process; the load generators' core runs
+        the sampler)."""
+        if self.plan.py_spy_dir is None:
+            return None
+        self.plan.py_spy_dir.mkdir(parents=True, exist_ok=True)
+        binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        output = self.plan.py_spy_dir / f"mlgate-{port}.txt"
+        argv = [binary, "record", "--pid", str(pid), "--rate", "250", "--nonblocking"]
+        argv += ["--format", "raw", "--output", str(output)]
+        return spawn(argv, cpus=self.plan.others)
 
     @contextmanager
     def floor(self) -> Iterator[tuple[str, int]]:
@@ -504,10 +528,14 @@ def measure(plan: Plan) -> tuple[list[Row], list[str]]:
     with tempfile.TemporaryDirectory(prefix="mlgate-workload-") as scratch:
         run = Run(plan, Path(scratch))
         write_models(run.work / "models")
-        steady_ingest(run, rows, notes)
-        short_ingest(run, rows)
-        single_record(run, rows)
-        predict(run, rows)
+        if "steady" in plan.only:
+            steady_ingest(run, rows, notes)
+        if "batches" in plan.only:
+            short_ingest(run, rows)
+        if "single" in plan.only:
+            single_record(run, rows)
+        if "predict" in plan.only:
+            predict(run, rows)
         others = run.others_cores()
         notes.append(
             f"other processes on this machine kept {others:.2f} cores busy on average during the run"
@@ -769,6 +797,15 @@ def _parser() -> argparse.ArgumentParser:
         help="a smoke run: 200k records, 5 s phases, 5 s edges (under 2 minutes)",
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SCENARIOS,
+        help="run only these scenarios (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--py-spy", type=Path, metavar="DIR", help="profile every mlgate process into DIR"
+    )
     return parser
 
 
@@ -794,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_connections=args.batch_connections,
         small_connections=args.connections,
         pin=pin,
+        only=frozenset(args.only or SCENARIOS),
+        py_spy_dir=args.py_spy,
     )
     if pin is not None:
         os.sched_setaffinity(0, pin[1])  # the orchestrator stays off the measured core

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Annotated
 
 import msgspec
+import numpy as np
 
 SCHEMA_VERSION = "1"
 
@@ -96,11 +97,16 @@ class IngestResponse(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StoredRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """The record as written to the sink (the Kafka message value)."""
+    """The record as written to the sink (the Kafka message value).
+
+    ``features`` is a list, or a row of the batch's numpy matrix when the batch came as
+    packed msgpack floats (``service.ingest.validation``); either encodes as the same
+    array of numbers. ``timestamp`` is RFC 3339 UTC text, or a UTC datetime where the
+    encoder writes it as that text (JSON)."""
 
     record_id: str
-    timestamp: str
-    features: list[float]
+    timestamp: datetime | str
+    features: list[float] | np.ndarray
     label: float | None
     metadata: dict[str, str | int | float | bool]
     source: str

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import numpy as np
+import orjson
 
 from mlgate.config import Settings
 from mlgate.schemas.ingest import (
@@ -66,11 +67,17 @@ class RecordValidator:
         self._min = settings.feature_min
         self._max = settings.feature_max
         self._value_encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder = (
-            msgspec.msgpack.Encoder()
+            msgspec.msgpack.Encoder(enc_hook=_msgpack_row)
             if settings.value_format == "msgpack"
-            else msgspec.json.Encoder()
+            else msgspec.json.Encoder(enc_hook=_json_row)
         )
         self._schema_version = settings.schema_version.encode()
+        # The stored timestamp is RFC 3339 UTC text either way. msgspec's JSON encoder
+        # writes a UTC datetime exactly so (``...T13:42:57.039000Z``), in C; msgpack
+        # would write its timestamp extension instead, so that format gets the text.
+        self._stamp: Callable[[datetime], datetime | str] = (
+            _rfc3339 if settings.value_format == "msgpack" else _as_is
+        )
 
     # -- decoding ---------------------------------------------------------------------
 
@@ -126,7 +133,7 @@ class RecordValidator:
         errors: list[RecordError] = []
         # Records without a timestamp get the batch's arrival time (one clock read, one
         # isoformat per batch rather than per record).
-        received = _rfc3339(datetime.now(UTC))
+        received = self._stamp(datetime.now(UTC))
         if items and isinstance(items[0], PackedRecord):
             self._validate_packed(source, items, received, accepted, errors)
         else:
@@ -148,7 +155,7 @@ class RecordValidator:
         self,
         source: str,
         items: Sequence[Decoded],
-        received: str,
+        received: datetime | str,
         accepted: list[StoredRecord],
         errors: list[RecordError],
     ) -> None:
@@ -165,16 +172,17 @@ class RecordValidator:
         if self._max is not None:
             failing |= matrix.max(axis=1) > self._max
         suspects = set(np.flatnonzero(failing).tolist()) if dims in self._dims else None
-        rows: list[list[float]] = matrix.tolist()
-        for index, (item, features) in enumerate(zip(records, rows, strict=True)):
+        # Accepted records keep their row of the matrix (a view): no Python float per
+        # value, and the JSON value encoder formats the row in one call (``_json_row``).
+        for index, (item, row) in enumerate(zip(records, matrix, strict=True)):
             if suspects is None or index in suspects:
-                problem = self._check(features, item.label, item.metadata)
+                problem = self._check(row.tolist(), item.label, item.metadata)
             else:
                 problem = self._check_scalars(item.label, item.metadata)
             if problem is not None:
                 errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
                 continue
-            accepted.append(self._stored(source, item, features, received))
+            accepted.append(self._stored(source, item, row, received))
 
     def _check(
         self, features: list[float], label: float | None, metadata: dict[str, str | int | float | bool]
@@ -206,18 +214,21 @@ class RecordValidator:
                 return f"metadata[{key!r}] is not a finite number"
         return None
 
-    @staticmethod
     def _stored(
-        source: str, record: Record | PackedRecord, features: list[float], received: str
+        self,
+        source: str,
+        record: Record | PackedRecord,
+        features: list[float] | np.ndarray,
+        received: datetime | str,
     ) -> StoredRecord:
         stamp = record.timestamp
         if stamp is None:
             timestamp = received
         elif isinstance(stamp, datetime):
             # msgspec decodes a ``Z`` as ``UTC`` itself: no conversion needed then.
-            timestamp = _rfc3339(stamp if stamp.tzinfo is UTC else stamp.astimezone(UTC))
+            timestamp = self._stamp(stamp if stamp.tzinfo is UTC else stamp.astimezone(UTC))
         else:
-            timestamp = _rfc3339(datetime.fromtimestamp(stamp, UTC))
+            timestamp = self._stamp(datetime.fromtimestamp(stamp, UTC))
         return StoredRecord(
             record_id=record.record_id or uuid.uuid4().hex,
             timestamp=timestamp,
@@ -261,9 +272,12 @@ def record_error(index: int, exc: Exception) -> RecordError:
 
 
 def _feature_matrix(records: Sequence[PackedRecord]) -> np.ndarray | None:
-    """The records' features as one float64 matrix, row per record, when every record
-    packs them alike: the same array header, then only float 64s or only float 32s.
-    None otherwise (ints among the values, another dimension, ...)."""
+    """The records' features as one matrix, row per record, when every record packs
+    them alike: the same array header, then only float 64s or only float 32s. None
+    otherwise (ints among the values, another dimension, ...).
+
+    float64 whatever was packed: a float32 widens to the same Python float the
+    per-record path decodes it into, so both paths store the same numbers."""
     if not records:
         return None
     first = memoryview(records[0].features)
@@ -287,8 +301,32 @@ def _feature_matrix(records: Sequence[PackedRecord]) -> np.ndarray | None:
     cells = np.ascontiguousarray(rows[:, header:]).view(dtype)
     if not (cells["tag"] == tag).all():
         return None
-    matrix: np.ndarray = cells["value"].astype(np.float64)
+    matrix: np.ndarray = cells["value"].astype(np.float64)  # native, contiguous rows
     return matrix
+
+
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+def _json_row(value: object) -> msgspec.Raw:
+    """``enc_hook`` of the JSON value encoder: a feature row, formatted by orjson (the
+    shortest repr of each float64, as msgspec writes it but for a ``+`` in exponents;
+    about half the cost of building the row's Python floats and formatting them)."""
+    if isinstance(value, np.ndarray):
+        return msgspec.Raw(orjson.dumps(value, option=_NUMPY))
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+def _msgpack_row(value: object) -> list[float]:
+    """``enc_hook`` of the msgpack value encoder: a feature row as its numbers."""
+    if isinstance(value, np.ndarray):
+        row: list[float] = value.tolist()
+        return row
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+def _as_is(moment: datetime) -> datetime:
+    return moment
 
 
 def _rfc3339(moment: datetime) -> str:
