@@ -370,6 +370,21 @@ class Run:
         finally:
             stop(process)
 
+    @contextmanager
+    def handwritten(self, *args: str) -> Iterator[tuple[str, int]]:
+        """A hand-written aiohttp app doing the scenario's work (``bench.handwritten``),
+        on the measured core: (url, pid)."""
+        port = free_port()
+        process = spawn(
+            [sys.executable, "-m", "bench.handwritten", *args, str(port)], cpus=self.plan.core
+        )
+        try:
+            wait_for_port(port, process, STARTUP_TIMEOUT_S)
+            time.sleep(1.0)  # the model loaded / the producer connected
+            yield f"http://127.0.0.1:{port}/{args[0]}", process.pid
+        finally:
+            stop(process)
+
     def others_cores(self) -> float:
         """Cores other processes kept busy over the run: the machine's busy time less ours
         and our (reaped) children's: broker, mlgate, load generators, limits."""
@@ -533,9 +548,9 @@ def measure(plan: Plan) -> tuple[list[Row], list[str]]:
         if "batches" in plan.only:
             short_ingest(run, rows)
         if "single" in plan.only:
-            single_record(run, rows)
+            single_record(run, rows, notes)
         if "predict" in plan.only:
-            predict(run, rows)
+            predict(run, rows, notes)
         others = run.others_cores()
         notes.append(
             f"other processes on this machine kept {others:.2f} cores busy on average during the run"
@@ -633,7 +648,15 @@ def short_ingest(run: Run, rows: list[Row]) -> None:
         )
 
 
-def single_record(run: Run, rows: list[Row]) -> None:
+def handwritten_note(scenario: str, mlgate: float, handwritten: float, floor: float, unit: str) -> str:
+    return (
+        f"{scenario}: a hand-written aiohttp app doing the same work (bench.handwritten) "
+        f"{handwritten:,.0f} {unit}, {handwritten / floor:.2f}x the bare app; mlgate "
+        f"{mlgate / handwritten:.2f}x it"
+    )
+
+
+def single_record(run: Run, rows: list[Row], notes: list[str]) -> None:
     plan = run.plan
     load = IngestLoad(
         url="",
@@ -672,9 +695,21 @@ def single_record(run: Run, rows: list[Row]) -> None:
             limit_usage=floor_usage,
         )
     )
+    run.log("hand-written aiohttp + aiokafka app, single-record ingest")
+    with run.broker() as (bootstrap, topic), run.handwritten("ingest", bootstrap, topic) as (url, pid):
+        plain = run.child(
+            "load",
+            msgspec.structs.replace(load, url=url),
+            "bench.workload",
+            IngestResult,
+            plan.duration_s + 120,
+            pid,
+        )
+    plain_rate = plain.statuses.get("202", 0) / plain.window_s
+    notes.append(handwritten_note(scenario, rate, plain_rate, floor_rate, "req/s"))
 
 
-def predict(run: Run, rows: list[Row]) -> None:
+def predict(run: Run, rows: list[Row], notes: list[str]) -> None:
     plan = run.plan
     run.log("bare aiohttp app, predict bodies")
     with run.floor() as (url, floor_pid):
@@ -688,6 +723,12 @@ def predict(run: Run, rows: list[Row]) -> None:
         )
     label = f"predict small {'->'.join(map(str, SMALL_SIZES))}, 1 row"
     rows.append(_predict_row(label, small, floor_rate, "req/s", 10.0, run, floor_usage))
+    small_rate = rows[-1].mlgate
+    run.log("hand-written aiohttp app, small model in the handler")
+    with run.handwritten("predict", str(HEAVY_DIR / "small.onnx")) as (url, plain_pid):
+        plain = http_phase(run, url, SMALL_SIZES[0], plan.small_connections, plain_pid)
+    plain_rate = plain.statuses.get("200", 0) / plain.window_s
+    notes.append(handwritten_note(label, small_rate, plain_rate, floor_rate, "req/s"))
     run.log("onnxruntime alone, heavy model")
     ort_options = OrtOptions(
         model=str(HEAVY_DIR / "heavy.onnx"),
@@ -705,6 +746,15 @@ def predict(run: Run, rows: list[Row]) -> None:
         )
     label = f"predict heavy {'->'.join(map(str, HEAVY_SIZES))}, 1 row"
     row = _predict_row(label, heavy, best, "rows/s", 50.0, run, (math.nan, math.nan))
+    run.log("hand-written aiohttp app, heavy model in the handler")
+    with run.handwritten("predict", str(HEAVY_DIR / "heavy.onnx")) as (url, plain_pid):
+        plain = http_phase(run, url, HEAVY_SIZES[0], plan.small_connections, plain_pid)
+    plain_rate = plain.statuses.get("200", 0) / plain.window_s
+    notes.append(
+        f"{label}: a hand-written aiohttp app running the model in the handler (batch 1) "
+        f"{plain_rate:,.0f} rows/s, {plain_rate / best:.2f}x onnxruntime's best batch; "
+        f"mlgate {row.mlgate / plain_rate:.2f}x it"
+    )
     row.extra["limit"] = (
         f"onnxruntime best batch {best_batch}; batch 1: {ort.rows_per_s.get('1', math.nan):,.0f}"
     )

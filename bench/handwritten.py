@@ -1,0 +1,116 @@
+"""The least a hand-written aiohttp app doing mlgate's work costs: the second reference
+of ``bench.workload`` beside the bare app answering a constant.
+
+``python -m bench.handwritten predict MODEL PORT``: ``POST /predict`` decodes
+``{"features": [...]}`` with msgspec, runs the ONNX model on that one row in the
+handler (no batching, no thread) and answers the arg-max and its probability.
+
+``python -m bench.handwritten ingest BOOTSTRAP TOPIC PORT``: ``POST /ingest`` decodes
+the msgpack batch with msgspec (the records' fields typed, no other checks), writes
+each record as JSON with aiokafka's ``send`` (``acks=all``, keyed by ``record_id``)
+and answers 202 once every record is acknowledged.
+
+No authentication, limits, validation beyond types, dedup, metrics or logs: what
+"a plain aiohttp app" does, on uvloop. The ratio of mlgate to it is what mlgate's
+guarantees cost; the ratio of it to the constant app is what the work itself costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import datetime
+
+import msgspec
+
+
+class _PredictRequest(msgspec.Struct):
+    features: list[float]
+
+
+class _Record(msgspec.Struct):
+    features: list[float]
+    record_id: str | None = None
+    timestamp: datetime | float | None = None
+    label: float | None = None
+    metadata: dict[str, str | int | float | bool] = {}
+
+
+class _Batch(msgspec.Struct):
+    source: str
+    records: list[_Record]
+
+
+def serve_predict(model: str, port: int) -> None:
+    import numpy as np
+    import onnxruntime as ort
+    from aiohttp import web
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    decoder, encoder = msgspec.json.Decoder(_PredictRequest), msgspec.json.Encoder()
+
+    async def predict(request: web.Request) -> web.Response:
+        row = np.asarray(decoder.decode(await request.read()).features, dtype=np.float32)
+        probabilities = session.run(None, {input_name: row.reshape(1, -1)})[-1][0]
+        best = int(np.argmax(probabilities))
+        answer = {"prediction": best, "confidence": float(probabilities[best])}
+        return web.Response(body=encoder.encode(answer), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/predict", predict)
+    _run(app, port)
+
+
+def serve_ingest(bootstrap: str, topic: str, port: int) -> None:
+    from aiohttp import web
+    from aiokafka import AIOKafkaProducer
+
+    decoder, encoder = msgspec.msgpack.Decoder(_Batch), msgspec.json.Encoder()
+
+    async def producer_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+        await producer.start()
+        app["producer"] = producer
+        yield
+        await producer.stop()
+
+    async def ingest(request: web.Request) -> web.Response:
+        batch = decoder.decode(await request.read())
+        producer: AIOKafkaProducer = request.app["producer"]
+        sent = [
+            await producer.send(
+                topic,
+                encoder.encode(record),
+                key=(record.record_id or "").encode(),
+                headers=[("source", batch.source.encode())],
+            )
+            for record in batch.records
+        ]
+        await asyncio.gather(*sent)
+        return web.json_response({"records_accepted": len(sent)}, status=202)
+
+    app = web.Application()
+    app.cleanup_ctx.append(producer_ctx)
+    app.router.add_post("/ingest", ingest)
+    _run(app, port)
+
+
+def _run(app: object, port: int) -> None:
+    import uvloop
+    from aiohttp import web
+
+    assert isinstance(app, web.Application)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop())
+
+
+if __name__ == "__main__":
+    role, *args = sys.argv[1:]
+    if role == "predict":
+        serve_predict(args[0], int(args[1]))
+    elif role == "ingest":
+        serve_ingest(args[0], args[1], int(args[2]))
+    else:
+        raise SystemExit(f"unknown role {role!r}")
