@@ -7,8 +7,9 @@ are checked by ``service.ingest.validation``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, overload
 
 import msgspec
 import numpy as np
@@ -49,15 +50,47 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     ] = {}
 
 
+class TextRecord(Record, frozen=True, kw_only=True, gc=False):
+    """Internal: a ``Record`` decoded from JSON with the text its features came as, so
+    the JSON Kafka value can carry that text instead of formatting every float again
+    (see ``service.ingest.validation``). Never on the wire or in the OpenAPI document."""
+
+    features_text: msgspec.Raw
+
+
+class FeaturesText(Sequence[float]):
+    """Internal: a record's feature values and the JSON text they were sent as (an
+    array of the same numbers); the JSON value encoder writes the text as it is."""
+
+    __slots__ = ("text", "values")
+
+    def __init__(self, values: list[float], text: msgspec.Raw) -> None:
+        self.values, self.text = values, text
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @overload
+    def __getitem__(self, index: int) -> float: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[float]: ...
+    def __getitem__(self, index: int | slice) -> float | list[float]:
+        return self.values[index]
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.values)
+
+
 class IngestRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     source: SourceName
     records: Annotated[list[Record], msgspec.Meta(min_length=1, max_length=MAX_RECORDS)]
 
 
 class PackedRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
-    """Internal: a ``Record`` with its features left as their msgpack bytes, read as one
-    numpy matrix per batch when every record packs them alike (see
-    ``service.ingest.validation``). Never on the wire or in the OpenAPI document."""
+    """Internal: a ``Record`` with its features left as they were encoded: msgpack bytes,
+    read as one numpy matrix per batch when every record packs them alike, or JSON text,
+    decoded on its own and kept for the Kafka value (see ``service.ingest.validation``).
+    Never on the wire or in the OpenAPI document."""
 
     features: msgspec.Raw
     record_id: RecordId | None = None
@@ -99,14 +132,14 @@ class IngestResponse(msgspec.Struct, frozen=True, kw_only=True):
 class StoredRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The record as written to the sink (the Kafka message value).
 
-    ``features`` is a list, or a row of the batch's numpy matrix when the batch came as
-    packed msgpack floats (``service.ingest.validation``); either encodes as the same
-    array of numbers. ``timestamp`` is RFC 3339 UTC text, or a UTC datetime where the
+    ``features`` is a list, a row of the batch's numpy matrix when the batch came as
+    packed msgpack floats, or the values with the JSON text they came as
+    (``service.ingest.validation``); each encodes as the same array of numbers. ``timestamp`` is RFC 3339 UTC text, or a UTC datetime where the
     encoder writes it as that text (JSON)."""
 
     record_id: str
     timestamp: datetime | str
-    features: list[float] | np.ndarray
+    features: list[float] | np.ndarray | FeaturesText
     label: float | None
     metadata: dict[str, str | int | float | bool]
     source: str

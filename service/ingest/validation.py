@@ -23,6 +23,8 @@ import orjson
 from mlgate.config import Settings
 from mlgate.schemas.ingest import (
     MAX_FEATURES,
+    Features,
+    FeaturesText,
     IngestEnvelope,
     IngestRequest,
     PackedRecord,
@@ -30,6 +32,7 @@ from mlgate.schemas.ingest import (
     Record,
     RecordError,
     StoredRecord,
+    TextRecord,
 )
 from mlgate.schemas.problem import FieldError
 from mlgate.service.http.codec import Format, decode, location, undecodable
@@ -43,6 +46,8 @@ _batch_decoders: dict[Format, Any] = {
     Format.MSGPACK: msgspec.msgpack.Decoder(IngestRequest),
 }
 _packed_decoder = msgspec.msgpack.Decoder(PackedRequest)
+_json_packed_decoder = msgspec.json.Decoder(PackedRequest)
+_json_features_decoder = msgspec.json.Decoder(Features)
 # A msgpack float 64 / float 32: its type byte, then the big-endian value.
 _FLOAT64 = np.dtype([("tag", "u1"), ("value", ">f8")])
 _FLOAT32 = np.dtype([("tag", "u1"), ("value", ">f4")])
@@ -72,6 +77,9 @@ class RecordValidator:
             else msgspec.json.Encoder(enc_hook=_json_row)
         )
         self._schema_version = settings.schema_version.encode()
+        # A JSON batch's features go to a JSON value as the text they came as: the same
+        # numbers (JSON has one number type), without formatting 128 floats again.
+        self._keeps_features_text = settings.value_format == "json"
         # The stored timestamp is RFC 3339 UTC text either way. msgspec's JSON encoder
         # writes a UTC datetime exactly so (``...T13:42:57.039000Z``), in C; msgpack
         # would write its timestamp extension instead, so that format gets the text.
@@ -101,6 +109,10 @@ class RecordValidator:
             else:
                 if len(packed.records) <= limit and _feature_matrix(packed.records) is not None:
                     return packed.source, packed.records
+        if fmt is Format.JSON and self._keeps_features_text:
+            texts = _with_features_text(body, limit)
+            if texts is not None:
+                return texts
         try:
             batch: IngestRequest = _batch_decoders[fmt].decode(body)
             items: list[Decoded] = list(batch.records)
@@ -147,7 +159,12 @@ class RecordValidator:
                 if problem is not None:
                     errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
                     continue
-                accepted.append(self._stored(source, item, item.features, received))
+                features = (
+                    FeaturesText(item.features, item.features_text)
+                    if isinstance(item, TextRecord)
+                    else item.features
+                )
+                accepted.append(self._stored(source, item, features, received))
         batch = ValidatedBatch(source=source, accepted=accepted, errors=errors)
         return batch if self._quality is None else self._quality.screen(batch)
 
@@ -218,7 +235,7 @@ class RecordValidator:
         self,
         source: str,
         record: Record | PackedRecord,
-        features: list[float] | np.ndarray,
+        features: list[float] | np.ndarray | FeaturesText,
         received: datetime | str,
     ) -> StoredRecord:
         stamp = record.timestamp
@@ -271,6 +288,32 @@ def record_error(index: int, exc: Exception) -> RecordError:
     return RecordError(index=index, record_id=None, error=f"undecodable record: {exc}")
 
 
+def _with_features_text(body: bytes, limit: int) -> tuple[str, list[Decoded]] | None:
+    """A JSON batch's records, each with the text of its features: the batch decoded
+    with features left as text, then each record's features on their own. None when
+    anything does not decode, so the batch takes the general path and fails there with
+    the same messages as always."""
+    try:
+        packed: PackedRequest = _json_packed_decoder.decode(body)
+        if len(packed.records) > limit:
+            return None
+        decode = _json_features_decoder.decode
+        items: list[Decoded] = [
+            TextRecord(
+                features=decode(record.features),
+                record_id=record.record_id,
+                timestamp=record.timestamp,
+                label=record.label,
+                metadata=record.metadata,
+                features_text=record.features,
+            )
+            for record in packed.records
+        ]
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return None
+    return packed.source, items
+
+
 def _feature_matrix(records: Sequence[PackedRecord]) -> np.ndarray | None:
     """The records' features as one matrix, row per record, when every record packs
     them alike: the same array header, then only float 64s or only float 32s. None
@@ -311,9 +354,12 @@ _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 def _json_row(value: object) -> msgspec.Raw:
     """``enc_hook`` of the JSON value encoder: a feature row, formatted by orjson (the
     shortest repr of each float64, as msgspec writes it but for a ``+`` in exponents;
-    about half the cost of building the row's Python floats and formatting them)."""
+    about half the cost of building the row's Python floats and formatting them); the
+    features of a JSON record, as the text they came as."""
     if isinstance(value, np.ndarray):
         return msgspec.Raw(orjson.dumps(value, option=_NUMPY))
+    if isinstance(value, FeaturesText):
+        return value.text
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 
@@ -322,6 +368,8 @@ def _msgpack_row(value: object) -> list[float]:
     if isinstance(value, np.ndarray):
         row: list[float] = value.tolist()
         return row
+    if isinstance(value, FeaturesText):
+        return value.values
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 
