@@ -551,6 +551,7 @@ def measure(plan: Plan) -> tuple[list[Row], list[str]]:
             single_record(run, rows, notes)
         if "predict" in plan.only:
             predict(run, rows, notes)
+        notes += per_core_used(rows)
         others = run.others_cores()
         notes.append(
             f"other processes on this machine kept {others:.2f} cores busy on average during the run"
@@ -646,6 +647,22 @@ def short_ingest(run: Run, rows: list[Row]) -> None:
                 limit_usage=raw_usage,
             )
         )
+
+
+def per_core_used(rows: list[Row]) -> list[str]:
+    """Where the limit did not use its core (it waited on the broker), the ratio of the
+    rates per core-second each used: what the ratio would be were both CPU-bound."""
+    notes = []
+    for row in rows:
+        used, limit_used = row.usage[0], row.limit_usage[0]
+        if math.isnan(used) or math.isnan(limit_used) or limit_used >= 0.9 or not row.limit:
+            continue
+        ratio = (row.mlgate / used) / (row.limit / limit_used)
+        notes.append(
+            f"{row.scenario}: the limit used {limit_used:.2f} of its core; per core used, "
+            f"mlgate is {ratio:.2f}x it"
+        )
+    return notes
 
 
 def handwritten_note(scenario: str, mlgate: float, handwritten: float, floor: float, unit: str) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench.payload import BodyFormat, RequestBodies
-from bench.workload import edge_rates
+from bench.workload import Row, edge_rates, per_core_used
 from mlgate.config import load_settings
 from mlgate.service.http.codec import Format
 from mlgate.service.ingest.validation import RecordValidator
@@ -112,3 +112,10 @@ def test_edge_rates_leave_out_the_warmup_and_the_last_partial_second() -> None:
     per_second = [1, 10, 10, 20, 30, 5]  # second 0 is warm-up, the last one partial
 
     assert edge_rates(per_second, warmup_s=1.0, edge_s=2.0) == (10.0, 25.0)
+
+
+def test_a_limit_that_left_its_core_idle_gets_the_ratio_per_core_used() -> None:
+    waiting = Row(scenario="ingest", mlgate=36_000, limit=36_000, unit="rec/s", usage=(0.9, 0.0), limit_usage=(0.45, 0.0))
+    busy = Row(scenario="predict", mlgate=5_000, limit=10_000, unit="req/s", usage=(1.0, 0.0), limit_usage=(0.99, 0.0))
+    [note] = per_core_used([waiting, busy])
+    assert note.startswith("ingest: the limit used 0.45 of its core") and note.endswith("mlgate is 0.50x it")
