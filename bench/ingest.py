@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import queue
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from bench.processes import (
     free_port,
     guarded,
     machine_busy_seconds,
+    py_spy_record,
     spawn,
     start_broker,
     start_child,
@@ -211,16 +211,14 @@ Profiler = list[tuple[list[str], Path]]
 
 
 def _profiler(options: BenchOptions, services: list[int], number: int) -> Profiler:
-    binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     assert options.py_spy_dir is not None
     options.py_spy_dir.mkdir(parents=True, exist_ok=True)
     suffix = {"flamegraph": "svg", "speedscope": "json", "raw": "txt"}[options.py_spy_format]
     runs = []
     for index, pid in enumerate(services):
         path = options.py_spy_dir / f"round-{number}-service-{index}.{suffix}"
-        argv = [binary, "record", "--pid", str(pid), "--rate", "200", "--nonblocking"]
-        argv += ["--duration", str(max(1, round(options.duration_s))), "--format", options.py_spy_format]
-        runs.append(([*argv, "--output", str(path)], path))
+        argv = py_spy_record(pid, path, options.py_spy_format, 200, options.duration_s)
+        runs.append((argv, path))
     return runs
 
 

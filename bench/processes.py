@@ -295,3 +295,13 @@ def guarded(measure: Callable[[], T]) -> T | None:
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
     return None
+
+
+def py_spy_record(pid: int, output: Path, fmt: str, rate: int, duration_s: float | None = None) -> list[str]:
+    """The py-spy command sampling ``pid`` into ``output`` (until it exits, or for
+    ``duration_s``), without pausing it to sample."""
+    binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    argv = [binary, "record", "--pid", str(pid), "--rate", str(rate), "--nonblocking"]
+    if duration_s is not None:
+        argv += ["--duration", str(max(1, round(duration_s)))]
+    return [*argv, "--format", fmt, "--output", str(output)]

@@ -32,7 +32,6 @@ import asyncio
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from bench.processes import (
     guarded,
     machine_busy_seconds,
     pinning,
+    py_spy_record,
     rss_mb,
     runqueue_seconds,
     spawn,
@@ -351,11 +351,8 @@ class Run:
         if self.plan.py_spy_dir is None:
             return None
         self.plan.py_spy_dir.mkdir(parents=True, exist_ok=True)
-        binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         output = self.plan.py_spy_dir / f"mlgate-{port}.txt"
-        argv = [binary, "record", "--pid", str(pid), "--rate", "250", "--nonblocking"]
-        argv += ["--format", "raw", "--output", str(output)]
-        return spawn(argv, cpus=self.plan.others)
+        return spawn(py_spy_record(pid, output, "raw", 250), cpus=self.plan.others)
 
     @contextmanager
     def floor(self) -> Iterator[tuple[str, int]]:

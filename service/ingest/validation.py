@@ -64,6 +64,15 @@ _record_decoders: dict[Format, Any] = {
 PACKED_FROM_BYTES = 16 * 1024
 
 
+class PackedRecords(list[PackedRecord]):
+    """The records of a batch that packs every record's features alike, with the
+    matrix of those features that ``decode_batch`` read to find so (row per record)."""
+
+    def __init__(self, records: list[PackedRecord], matrix: np.ndarray) -> None:
+        super().__init__(records)
+        self.matrix = matrix
+
+
 class RecordValidator:
     def __init__(self, settings: Settings, quality: QualityScreen | None = None) -> None:
         self._settings = settings
@@ -107,8 +116,9 @@ class RecordValidator:
             except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
                 pass
             else:
-                if len(packed.records) <= limit and _feature_matrix(packed.records) is not None:
-                    return packed.source, packed.records
+                matrix = _feature_matrix(packed.records) if len(packed.records) <= limit else None
+                if matrix is not None:
+                    return packed.source, PackedRecords(packed.records, matrix)
         if fmt is Format.JSON and self._keeps_features_text:
             texts = _with_features_text(body, limit)
             if texts is not None:
@@ -146,7 +156,7 @@ class RecordValidator:
         # Records without a timestamp get the batch's arrival time (one clock read, one
         # isoformat per batch rather than per record).
         received = self._stamp(datetime.now(UTC))
-        if items and isinstance(items[0], PackedRecord):
+        if isinstance(items, PackedRecords):
             self._validate_packed(source, items, received, accepted, errors)
         else:
             for index, item in enumerate(items):
@@ -171,7 +181,7 @@ class RecordValidator:
     def _validate_packed(
         self,
         source: str,
-        items: Sequence[Decoded],
+        records: PackedRecords,
         received: datetime | str,
         accepted: list[StoredRecord],
         errors: list[RecordError],
@@ -179,9 +189,7 @@ class RecordValidator:
         """``validate`` for a batch of ``PackedRecord``s: the feature checks run on the
         batch's matrix at once, and only a row that fails one goes through ``_check``,
         which names its problem as for any other record."""
-        records: list[PackedRecord] = [item for item in items if isinstance(item, PackedRecord)]
-        matrix = _feature_matrix(records)
-        assert matrix is not None and len(records) == len(items)
+        matrix = records.matrix
         dims = matrix.shape[1]
         failing = ~np.isfinite(matrix).all(axis=1)
         if self._min is not None:
