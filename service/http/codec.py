@@ -59,7 +59,11 @@ def request_format(request: web.Request, default: Format | None = Format.JSON) -
 
 def response_format(request: web.Request) -> Format:
     """JSON unless the Accept header prefers msgpack."""
-    accept = request.headers.get("Accept")
+    return preferred_format(request.headers.get("Accept"))
+
+
+def preferred_format(accept: str | None) -> Format:
+    """JSON unless this Accept header value prefers msgpack."""
     if not accept or "msgpack" not in accept:
         return Format.JSON
     best_json, best_msgpack = 0.0, 0.0

@@ -55,7 +55,10 @@ class RequestIds:
         self._counter = itertools.count()
 
     def __call__(self, request: web.Request) -> str:
-        given = request.headers.get(REQUEST_ID_HEADER, "")
+        return self.from_headers(request.headers)
+
+    def from_headers(self, headers: Mapping[str, str]) -> str:
+        given = headers.get(REQUEST_ID_HEADER, "")
         if 0 < len(given) <= _MAX_REQUEST_ID and given.isprintable():
             return given
         return f"{self._prefix}{next(self._counter):016x}"
@@ -163,25 +166,37 @@ def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
 
 
 def problem_response(request: web.Request, error: ApiError) -> web.Response:
-    is_oip = request.path.startswith("/v2/") or request.path == "/v2"
+    body, content_type = problem_document(
+        error, request.path, request.get(REQUEST_ID), response_format(request)
+    )
+    return web.Response(
+        body=body, status=error.status, headers=problem_headers(error), content_type=content_type
+    )
+
+
+def problem_document(error: ApiError, path: str, request_id: str | None, fmt: Format) -> tuple[bytes, str]:
+    """(body, content type) of ``error`` answered on ``path``: problem+json, or plain
+    JSON with an ``error`` member on the Open Inference Protocol routes, or msgpack."""
+    is_oip = path.startswith("/v2/") or path == "/v2"
     problem = Problem(
         type=error.type_uri,
         title=error.title,
         status=error.status,
         detail=error.detail,
-        instance=request.path,
-        request_id=request.get(REQUEST_ID),
+        instance=path,
+        request_id=request_id,
         retry_after_s=error.retry_after_s,
         errors=error.errors,
         error=(error.detail or error.title) if is_oip else None,
     )
-    headers = dict(error.headers)
-    if error.retry_after_s is not None:
-        headers["Retry-After"] = str(error.retry_after_s)
-    fmt = response_format(request)
     content_type = Format.MSGPACK.value if fmt is Format.MSGPACK else PROBLEM_JSON
     if is_oip and fmt is Format.JSON:
         content_type = "application/json"
-    return web.Response(
-        body=encode(problem, fmt), status=error.status, headers=headers, content_type=content_type
-    )
+    return encode(problem, fmt), content_type
+
+
+def problem_headers(error: ApiError) -> dict[str, str]:
+    headers = dict(error.headers)
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    return headers

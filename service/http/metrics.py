@@ -94,6 +94,12 @@ class Metrics:
             "mlgate_connections_refused",
             "Connections refused at once beyond MLGATE_MAX_CONNECTIONS", registry=r,
         )
+        self.door_refusals = Counter(
+            "mlgate_door_refusals",
+            "Predict requests for a model at capacity refused from their head, before the app "
+            "(also counted in mlgate_requests_total)",
+            registry=r,
+        )
         self.spill_backlog = Gauge(
             "mlgate_spill_backlog_records", "Spilled records not yet forwarded to Kafka",
             multiprocess_mode="livesum", registry=r,

@@ -39,6 +39,8 @@ from mlgate.config import Settings
 from mlgate.service.app import create_app
 from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.service.process import systemd, tls
+from mlgate.service.process.door import Door, DoorRequestHandler
+from mlgate.service.routes import predict
 from mlgate.service.state import DRAINING, METRICS, RELOAD_HOOKS
 from mlgate.workers.supervision import SupervisedTask
 
@@ -90,8 +92,13 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         raise
 
     gc.freeze()  # what start-up built (models, sessions, routes) lives as long as we do
-    log.info("serving", host=settings.host, port=settings.port, tls=ssl_context is not None,
-             worker_index=settings.worker_index)
+    log.info(
+        "serving",
+        host=settings.host,
+        port=settings.port,
+        tls=ssl_context is not None,
+        worker_index=settings.worker_index,
+    )
     if on_ready is not None:
         on_ready()
     else:
@@ -139,11 +146,13 @@ class _Refused(asyncio.Protocol):
 
 
 class CappedServer(web.Server):
-    """aiohttp's connection factory, refusing connections beyond ``max_connections``."""
+    """aiohttp's connection factory, refusing connections beyond ``max_connections``;
+    each connection's requests pass the ``door`` (service/process/door.py) first."""
 
-    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_connections: int, door: Door, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
+        self.door = door
         self.open_connections = 0
         self.refused_connections = 0
 
@@ -151,13 +160,15 @@ class CappedServer(web.Server):
         if self.open_connections >= self.max_connections:
             self.refused_connections += 1
             return _Refused()
-        return super().__call__()
+        return DoorRequestHandler(self, loop=self._loop, door=self.door, **self._kwargs)
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         self.open_connections += 1
         super().connection_made(handler, transport)
 
-    def connection_lost(self, handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+    def connection_lost(
+        self, handler: web.RequestHandler, exc: BaseException | None = None
+    ) -> None:
         self.open_connections -= 1
         super().connection_lost(handler, exc)
 
@@ -177,22 +188,26 @@ class CappedAppRunner(web.AppRunner):
             handler_cancellation=plain.handler_cancellation,
             loop=asyncio.get_running_loop(),
             max_connections=self.max_connections,
+            door=Door(self.app, predict.PATH_HEADERS),
             **self._kwargs,
         )
 
 
 def connection_sampler(runner: CappedAppRunner, metrics: Metrics) -> Callable[[], None]:
-    """Open connections and refusals, sampled with the other gauges."""
-    counted = 0
+    """Open connections, refused connections and the door's refusals, sampled with
+    the other gauges."""
+    counted, door_counted = 0, 0
 
     def sample() -> None:
-        nonlocal counted
+        nonlocal counted, door_counted
         server = runner.server
         if not isinstance(server, CappedServer):
             return
         metrics.connections_open.set(server.open_connections)
         metrics.connections_refused.inc(server.refused_connections - counted)
         counted = server.refused_connections
+        metrics.door_refusals.inc(server.door.refused - door_counted)
+        door_counted = server.door.refused
 
     return sample
 

@@ -242,6 +242,25 @@ class KeyStore:
             return None
         return stored
 
+    def known_now(self, presented: str) -> ApiKey | None:
+        """``authenticate`` from what this process already holds (the keys file, keys
+        read from Redis and still trusted), never waiting: None when the key is not
+        known here now, which says nothing about whether Redis knows it."""
+        key_id = key_id_of(presented)
+        if key_id is None:
+            return None
+        if time.monotonic() - self._checked_at >= FILE_CHECK_INTERVAL_S:
+            self.reload()
+        stored = self._file_keys.get(key_id)
+        if stored is None:
+            cached = self._redis_keys.get(key_id)
+            if cached is None or cached[0] <= time.monotonic():
+                return None
+            stored = cached[1]
+        if stored is None or stored.revoked or not hmac.compare_digest(stored.hash, hash_key(presented)):
+            return None
+        return stored
+
     async def _lookup(self, key_id: str) -> ApiKey | None:
         if time.monotonic() - self._checked_at >= FILE_CHECK_INTERVAL_S:
             self.reload()

@@ -22,6 +22,7 @@ that cannot succeed is refused before its body is sent, not after: 401/403 for i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
 import structlog
@@ -164,10 +165,15 @@ async def through_middlewares(request: web.Request, error: ApiError) -> web.Stre
 
 def presented_key(request: web.Request) -> str | None:
     """The key from ``Authorization: Bearer``, else from ``X-API-Key``."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return presented_key_in(request.headers)
+
+
+def presented_key_in(headers: Mapping[str, str]) -> str | None:
+    """The key these request headers present, as ``presented_key``."""
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    api_key = request.headers.get("X-API-Key", "").strip()
+    api_key = headers.get("X-API-Key", "").strip()
     return api_key or None
 
 

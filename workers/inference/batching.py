@@ -131,6 +131,11 @@ class InferenceWorker(Actor[_Item]):
         return self._mailbox.qsize() + self._waiting_in_thread
 
     @property
+    def room(self) -> int:
+        """Requests of a row each the mailbox would take now."""
+        return max(0, self._mailbox_size - self.mailbox_depth)
+
+    @property
     def mailbox_full(self) -> bool:
         return self.mailbox_depth >= self._mailbox_size
 
@@ -174,18 +179,20 @@ class InferenceWorker(Actor[_Item]):
         )
         return feed, rows.pop(), signature
 
-    def check_room(self, rows: int, deadline: float) -> float:
+    def check_room(self, rows: int, deadline: float, ahead: int = 0) -> float:
         """Raise what ``submit`` would for ``rows`` due by ``deadline``, before the
         caller builds them: ``DeadlineExpired`` when it has passed, ``MailboxFull``
-        when the mailbox is full or the answer would come too late. Returns now."""
+        when the mailbox is full or the answer would come too late. ``ahead``: requests
+        of a row each already on their way to the mailbox, counted as if in it.
+        Returns now."""
         now = time.monotonic()
         if deadline <= now:
             self.stats.expired += 1
             raise DeadlineExpired(f"the deadline passed before {self.name} was asked")
-        if self.mailbox_full:
+        if self.mailbox_depth + ahead >= self._mailbox_size:
             self.stats.rejected += 1
             raise MailboxFull(f"inference mailbox of {self.name} is full")
-        if now + self._expected_wait_s(rows) > deadline:
+        if now + self._expected_wait_s(rows + ahead) > deadline:
             self.stats.rejected += 1
             raise MailboxFull(f"{self.name} cannot answer before the request's deadline")
         return now

@@ -1,0 +1,377 @@
+"""The door: a predict request for a model at capacity is refused from its parsed head,
+before aiohttp builds a ``Request`` or starts a task for it.
+
+Under a retry storm most requests are refusals. Through the app each one costs a
+``Request``, a task, the middlewares, the body read, a problem document and a log line,
+on the core the model computes on: the storm then sheds the model's capacity instead
+of the excess. Here a refusal costs the parse aiohttp already did and one write.
+
+``Door.refusal`` refuses only what the app would refuse the same way:
+- ``POST`` to ``/api/v2/predict`` or ``/api/v1/predict`` whose body names no model
+  (the default model's request), or to ``/v2/models/{model}[/versions/{version}]/infer``;
+- the whole body has arrived, no ``Idempotency-Key``, the connection is idle (no
+  earlier request on it still answering: answers keep their order) and not closing;
+- a key this process knows now (keys file, Redis keys still trusted) with the
+  ``predict`` scope; anything else goes through the app, which answers 401/403;
+- the model's worker has no room for a row by the request's deadline
+  (``InferenceWorker.check_room``: mailbox full, or the queue ahead too long).
+
+What it does not do: rate limiting (a model at capacity answers 503 before a key's
+429), and the access log line (a storm would flood the log); each refusal is counted in
+``mlgate_requests_total`` like any answer. Everything else takes the normal path,
+which sheds a full model too, only later.
+
+``DoorRequestHandler`` is aiohttp's ``RequestHandler`` with its parser wrapped, so
+refused messages never reach the handler's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+
+from mlgate.service.http.codec import preferred_format
+from mlgate.service.http.errors import ApiError
+from mlgate.service.http.front_door import (
+    REQUEST_ID_HEADER,
+    RequestIds,
+    as_api_error,
+    problem_document,
+    problem_headers,
+)
+from mlgate.service.predict.flow import MAX_TIMEOUT_MS, MIN_TIMEOUT_MS, TIMEOUT_HEADER
+from mlgate.service.protection.middleware import presented_key_in
+from mlgate.service.state import DRAINING, KEY_STORE, METRICS, MODEL_REPOSITORY, SETTINGS
+from mlgate.workers.errors import DeadlineExpired, MailboxFull
+from mlgate.workers.inference.batching import InferenceWorker
+from mlgate.workers.inference.repository import ModelNotFound
+
+# Routes whose body may name the model (absent: the default model).
+_BODY_NAMES_MODEL = {"/api/v2/predict", "/api/v1/predict"}
+_INFER = "/v2/models/{model}/infer"
+_VERSION_INFER = "/v2/models/{model}/versions/{version}/infer"
+# How often held connections are looked at, and how long room kept for one that was
+# let go on waits for its next request.
+HOLD_TICK_S = 0.002
+RESERVATION_S = 0.1
+_REASONS = {503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+class Door:
+    """Decides, from a parsed head and its complete body, whether to refuse at once."""
+
+    def __init__(
+        self, app: web.Application, path_headers: Mapping[str, Mapping[str, str]] | None = None
+    ) -> None:
+        self._app = app
+        self._settings = app[SETTINGS]
+        self._draining = app[DRAINING]
+        self._request_ids = RequestIds()
+        self._path_headers = dict(path_headers or {})
+        self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self.refused = 0
+        self.on_the_way: dict[InferenceWorker, int] = {}
+        # Refused connections not read until their turn: (let go at, connection).
+        self._held: dict[InferenceWorker, deque[tuple[float, DoorRequestHandler]]] = {}
+        # Connections let go on with room kept for their next request, and since when.
+        self._reservations: dict[DoorRequestHandler, InferenceWorker] = {}
+        self._reservation_times: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
+        self._tick_handle: asyncio.TimerHandle | None = None
+
+    def refusal(
+        self, message: RawRequestMessage, payload: StreamReader, connection: DoorRequestHandler
+    ) -> tuple[bytes | None, InferenceWorker | None]:
+        """(the whole answer to send for ``message``, or None to let the app answer it;
+        the worker the app's answer will ask, when the door knows it).
+
+        A request let through for a worker counts as on its way to that worker's
+        mailbox (``on_the_way``) until the app starts on it (``reached_app``): a read of
+        many sockets at once then lets through only as many as there is room for,
+        rather than all of them to be refused one by one by the app. A connection
+        refused here is held (``_hold``) until there is room for its next request."""
+        reserved = self._reservations.pop(connection, None)
+        answer, worker, admitted = self._decide(message, payload, reserved)
+        if reserved is not None and not (admitted and worker is reserved):
+            self.reached_app(reserved)  # the room kept for this connection goes unused
+        if answer is not None and worker is not None:
+            self._hold(connection, worker)
+        return answer, worker if admitted else None
+
+    def _decide(
+        self, message: RawRequestMessage, payload: StreamReader, reserved: InferenceWorker | None
+    ) -> tuple[bytes | None, InferenceWorker | None, bool]:
+        """(refusal or None, the worker asked or None, whether it was let through for it)."""
+        if message.method != "POST" or message.should_close or self._draining.is_set():
+            return None, None, False
+        if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+            return None, None, False  # the rest of the body would have to be read and dropped
+        path = message.path
+        target = self._target(path, message, payload)
+        if target is None:
+            return None, None, False
+        route, model, version = target
+        headers = message.headers
+        if "Idempotency-Key" in headers or not self._authorized(headers):
+            return None, None, False
+        deadline = self._deadline(headers)
+        if deadline is None:
+            return None, None, False
+        try:
+            worker = self._app[MODEL_REPOSITORY].resolve(model, version).worker
+        except ModelNotFound:
+            return None, None, False
+        if worker is reserved:
+            return None, worker, True  # its room was kept when it was let go on
+        started = time.perf_counter()
+        try:
+            worker.check_room(1, deadline, ahead=self.on_the_way.get(worker, 0))
+        except (MailboxFull, DeadlineExpired) as exc:
+            self.refused += 1
+            answer = self._answer(as_api_error(exc, self._settings.retry_after_s), path, headers)
+            status = 503 if isinstance(exc, MailboxFull) else 504
+            self._count(route, status, time.perf_counter() - started)
+            return answer, worker, False
+        self._on_its_way(worker)
+        return None, worker, True
+
+    def _on_its_way(self, worker: InferenceWorker) -> None:
+        self.on_the_way[worker] = self.on_the_way.get(worker, 0) + 1
+
+    def reached_app(self, worker: InferenceWorker) -> None:
+        left = self.on_the_way[worker] - 1
+        if left:
+            self.on_the_way[worker] = left
+        else:
+            del self.on_the_way[worker]
+
+    def _hold(self, connection: DoorRequestHandler, worker: InferenceWorker) -> None:
+        """Stop reading a refused connection until ``worker`` has room for its next
+        request (in the order connections were held) or ``Retry-After`` has passed.
+
+        A client that retries at once (a retry storm) then waits in the kernel's
+        socket buffer for its turn, instead of being read, refused and answered again
+        and again on the core the model computes on."""
+        transport = connection.transport
+        if transport is None:
+            return
+        transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        self._held.setdefault(worker, deque()).append(
+            (loop.time() + self._settings.retry_after_s, connection)
+        )
+        self._schedule_tick(loop)
+
+    def release(self, connection: DoorRequestHandler) -> None:
+        """A closed connection: give back the room kept for it."""
+        reserved = self._reservations.pop(connection, None)
+        if reserved is not None:
+            self.reached_app(reserved)
+
+    def _schedule_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._tick_handle is None:
+            self._tick_handle = loop.call_later(HOLD_TICK_S, self._tick)
+
+    def _tick(self) -> None:
+        """Let held connections go on: as many as each worker has room for, each with
+        that room kept for it for ``RESERVATION_S``; and every one held past its time."""
+        self._tick_handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for connection, (worker, since) in list(self._reservation_times.items()):
+            if since + RESERVATION_S <= now:
+                self._reservation_times.pop(connection)
+                if self._reservations.pop(connection, None) is not None:
+                    self.reached_app(worker)
+        for worker, held in list(self._held.items()):
+            room = worker.room - self.on_the_way.get(worker, 0)
+            while held and (room > 0 or held[0][0] <= now):
+                _, connection = held.popleft()
+                transport = connection.transport
+                if transport is None or transport.is_closing():
+                    continue
+                if room > 0:
+                    room -= 1
+                    self._on_its_way(worker)
+                    self._reservations[connection] = worker
+                    self._reservation_times[connection] = (worker, now)
+                transport.resume_reading()
+            if not held:
+                del self._held[worker]
+        if self._held or self._reservations:
+            self._schedule_tick(loop)
+
+    def _target(
+        self, path: str, message: RawRequestMessage, payload: StreamReader
+    ) -> tuple[str, str, str | None] | None:
+        """(route template, model, version) the request is for, when that is certain."""
+        if path in _BODY_NAMES_MODEL:
+            if not _names_no_model(message, payload):
+                return None
+            return path, self._settings.default_model, None
+        if not path.startswith("/v2/models/") or "%" in path or "?" in path:
+            return None
+        parts = path.split("/")  # "", "v2", "models", model, ["versions", version,] "infer"
+        if len(parts) == 5 and parts[4] == "infer" and parts[3]:
+            return _INFER, parts[3], None
+        if (
+            len(parts) == 7
+            and parts[4] == "versions"
+            and parts[6] == "infer"
+            and parts[3]
+            and parts[5]
+        ):
+            return _VERSION_INFER, parts[3], parts[5]
+        return None
+
+    def _authorized(self, headers: Mapping[str, str]) -> bool:
+        if self._settings.auth_disabled:
+            return True
+        presented = presented_key_in(headers)
+        if presented is None:
+            return False
+        key = self._app[KEY_STORE].known_now(presented)
+        return key is not None and "predict" in key.scopes
+
+    def _deadline(self, headers: Mapping[str, str]) -> float | None:
+        """The request's deadline as ``flow.request_deadline`` reads it; None for a
+        header the app would answer 400."""
+        raw = headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return time.monotonic() + self._settings.request_timeout_ms / 1000
+        try:
+            timeout_ms = float(raw)
+        except ValueError:
+            return None
+        if not MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS:
+            return None
+        return time.monotonic() + timeout_ms / 1000
+
+    def _answer(self, error: ApiError, path: str, headers: Mapping[str, str]) -> bytes:
+        request_id = self._request_ids.from_headers(headers)
+        fmt = preferred_format(headers.get("Accept"))
+        body, content_type = problem_document(error, path, request_id, fmt)
+        fields = problem_headers(error)
+        fields.update(self._path_headers.get(path, {}))
+        fields[REQUEST_ID_HEADER] = request_id
+        fields["Content-Type"] = content_type
+        fields["Content-Length"] = str(len(body))
+        head = f"HTTP/1.1 {error.status} {_REASONS.get(error.status, error.title)}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in fields.items()
+        )
+        return (head + "\r\n").encode("latin-1", "replace") + body
+
+    def _count(self, route: str, status: int, seconds: float) -> None:
+        children = self._counted.get((route, status))
+        if children is None:
+            metrics = self._app[METRICS]
+            children = self._counted[(route, status)] = (
+                metrics.requests.labels(route, "POST", str(status)),
+                metrics.request_seconds.labels(route, "POST"),
+            )
+        counter, timer = children
+        counter.inc()
+        timer.observe(seconds)
+
+
+def _names_no_model(message: RawRequestMessage, payload: StreamReader) -> bool:
+    """True when the body certainly has no ``model`` member: its bytes do not hold the
+    word (a JSON key could only spell it with an escape, so JSON bodies holding a
+    backslash are not certain either)."""
+    chunks = getattr(payload, "_buffer", None)  # aiohttp's StreamReader keeps its chunks here
+    if chunks is None:
+        return payload is EMPTY_PAYLOAD
+    body = b"".join(chunks)
+    if b"model" in body:
+        return False
+    is_msgpack = "msgpack" in message.headers.get("Content-Type", "")
+    return is_msgpack or b"\\" not in body
+
+
+class _DoorParser:
+    """aiohttp's request parser, with the messages the door refuses taken out."""
+
+    def __init__(self, parser: Any, handler: DoorRequestHandler) -> None:
+        self._parser = parser
+        self._handler = handler
+
+    def feed_data(self, data: bytes) -> tuple[list[tuple[Any, Any]], bool, bytes]:
+        messages, upgraded, tail = self._parser.feed_data(data)
+        if messages and not upgraded:
+            messages = self._handler.refuse_at_door(messages)
+        return messages, upgraded, tail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+
+class DoorRequestHandler(web.RequestHandler):
+    """aiohttp's connection protocol, answering what ``Door`` refuses before the app."""
+
+    def __init__(self, manager: web.Server, *, door: Door, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._door = door
+        self._inner_parser = self._parser
+        self._parser = cast(Any, _DoorParser(self._parser, self))
+        # Messages handed to the app and answers it finished: equal when no request of
+        # this connection is waiting or being answered, so a refusal keeps the order.
+        self._handed = 0
+        self._answered = 0
+        # For each message handed to the app, in order: the worker it goes to, if known.
+        self._bound_for: deque[InferenceWorker | None] = deque()
+
+    async def _handle_request(self, *args: Any, **kwargs: Any) -> tuple[web.StreamResponse, bool]:
+        if self._bound_for:
+            worker = self._bound_for.popleft()
+            if worker is not None:
+                self._door.reached_app(worker)
+        try:
+            return await super()._handle_request(*args, **kwargs)
+        finally:
+            self._answered += 1
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._door.release(self)
+        while self._bound_for:
+            worker = self._bound_for.popleft()
+            if worker is not None:
+                self._door.reached_app(worker)  # it never will
+        super().connection_lost(exc)
+
+    def refuse_at_door(self, messages: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """The messages the app still has to answer, in order, after the door wrote its
+        refusals for those at the front of the line."""
+        at_front = self._handed == self._answered and not self._close and not self._force_close
+        kept = []
+        for message, payload in messages:
+            if not (at_front and self.transport and isinstance(message, RawRequestMessage)):
+                kept.append((message, payload))
+                self._bound_for.append(None)
+                continue
+            answer, worker = self._door.refusal(message, payload, self)
+            if answer is None:
+                at_front = False
+                kept.append((message, payload))
+                self._bound_for.append(worker)
+                continue
+            self.transport.write(answer)
+            if self._inner_parser is not None:
+                self._inner_parser.message_consumed()
+            self._restart_head_timer()
+        self._handed += len(kept)
+        return kept
+
+    def _restart_head_timer(self) -> None:
+        """As after any answer: the next head is due within the keep-alive timeout."""
+        if self._keepalive_timeout <= 0:
+            return
+        close_time = self._loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)

@@ -1,0 +1,316 @@
+"""The door: predict requests for a model at capacity refused from their head, before
+the app, on the server ``mlgate serve`` runs (``CappedAppRunner``) over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+
+from mlgate.config import Settings
+from mlgate.service.app import create_app
+from mlgate.service.process.door import Door
+from mlgate.service.process.server import CappedAppRunner, CappedServer
+from mlgate.service.state import MODEL_REPOSITORY
+from tests.service.predict.test_predict_api import GatedSession, add_version, gate_worker, rows
+from tests.support import KeyMaker, free_port
+
+ROW = rows(1)[0].tolist()
+
+
+@dataclass
+class FullModel:
+    """A served demo model whose mailbox is full: one row computing behind the gate,
+    one queued."""
+
+    url: str
+    door: Door
+    gated: GatedSession
+    held: list[asyncio.Task[int]]
+    session: aiohttp.ClientSession
+
+    async def post(self, path: str, body: Any, **headers: str) -> aiohttp.ClientResponse:
+        response = await self.session.post(f"{self.url}{path}", json=body, headers=headers)
+        await response.read()
+        return response
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A raw connection, to send requests byte for byte."""
+        host, port = self.url.removeprefix("http://").split(":")
+        return await asyncio.open_connection(host, int(port))
+
+    async def release(self) -> list[int]:
+        self.gated.gate.set()
+        return await asyncio.wait_for(asyncio.gather(*self.held), 10)
+
+
+FullModelFactory = Callable[..., Awaitable[FullModel]]
+
+
+@pytest.fixture
+async def full_model(
+    make_settings: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[FullModelFactory]:
+    runners: list[web.AppRunner] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def make(key: str | None = None, **settings: Any) -> FullModel:
+        repo_root = tmp_path / "models"
+        add_version(repo_root, 1, seed=1, config='{"max_batch_size": 1}')
+        app = create_app(
+            make_settings(
+                model_repository=str(repo_root),
+                inference_mailbox_size=1,
+                request_timeout_ms=60_000,  # the gated batch makes the queue look slow
+                **settings,
+            )
+        )
+        runner = CappedAppRunner(app, max_connections=100, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        url = f"http://127.0.0.1:{port}"
+        gated = gate_worker(app[MODEL_REPOSITORY].resolve("demo").worker, monkeypatch)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+
+        async def held(seed: int) -> int:
+            async with aiohttp.ClientSession(headers=headers) as own:
+                async with own.post(
+                    f"{url}/api/v2/predict", json={"features": rows(1, seed)[0].tolist()}
+                ) as r:
+                    return r.status
+
+        first = asyncio.create_task(held(0))
+        await asyncio.to_thread(gated.entered.wait, 5)
+        second = asyncio.create_task(held(1))
+        worker = app[MODEL_REPOSITORY].resolve("demo").worker
+        for _ in range(100):
+            if worker.mailbox_full:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.mailbox_full
+        server = runner.server
+        assert isinstance(server, CappedServer)
+        return FullModel(url, server.door, gated, [first, second], session)
+
+    yield make
+    for session in sessions:
+        await session.close()
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_a_full_models_predict_is_refused_at_the_door_with_a_problem_document(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    response = await model.post("/api/v2/predict", {"features": ROW}, **{"X-Request-ID": "storm-1"})
+    problem = msgspec.json.decode(await response.read())
+    assert response.status == 503
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.headers["Retry-After"] == "1"
+    assert response.headers["X-Request-ID"] == "storm-1"
+    assert problem["type"] == "/problems/overloaded" and problem["status"] == 503
+    assert problem["request_id"] == "storm-1" and problem["instance"] == "/api/v2/predict"
+    assert "demo/1" in problem["detail"]
+    assert model.door.refused == 1
+    assert await model.release() == [200, 200]
+
+
+async def test_the_oip_infer_route_is_refused_at_the_door_with_its_error_member(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    body = {"inputs": [{"name": "input", "shape": [1, 128], "datatype": "FP32", "data": ROW}]}
+    response = await model.post("/v2/models/demo/infer", body)
+    document = msgspec.json.decode(await response.read())
+    assert response.status == 503
+    assert response.headers["Content-Type"] == "application/json"
+    assert "demo/1" in document["error"]
+    assert model.door.refused == 1
+    await model.release()
+
+
+async def test_a_connection_refused_at_the_door_serves_its_next_request(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    refused = await model.post("/api/v2/predict", {"features": ROW})
+    assert refused.status == 503 and model.door.refused == 1
+    assert await model.release() == [200, 200]
+    served = await model.post("/api/v2/predict", {"features": ROW})
+    assert served.status == 200
+    assert len(model.session.connector._conns) == 1  # type: ignore[union-attr]  # one keep-alive connection
+
+
+async def test_the_deprecated_v1_route_keeps_its_deprecation_headers_at_the_door(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    response = await model.post("/api/v1/predict", {"features": ROW})
+    assert response.status == 503 and model.door.refused == 1
+    assert response.headers["Deprecation"]
+    await model.release()
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        ({"features": ROW, "model": "other"}, {}, 404),  # the body names a model
+        ({"features": ROW}, {"Idempotency-Key": "k-1"}, 503),  # a replay may be due
+        ({"features": ROW}, {"X-Request-Timeout": "soon"}, 400),  # the app's 400
+    ],
+    ids=["body-names-a-model", "idempotency-key", "invalid-timeout-header"],
+)
+async def test_what_the_door_cannot_decide_alone_is_left_to_the_app(
+    full_model: FullModelFactory, body: dict[str, Any], headers: dict[str, str], status: int
+) -> None:
+    model = await full_model()
+    response = await model.post("/api/v2/predict", body, **headers)
+    assert response.status == status
+    assert model.door.refused == 0
+    await model.release()
+
+
+async def test_a_known_key_with_the_predict_scope_is_refused_at_the_door(
+    full_model: FullModelFactory, api_keys: KeyMaker
+) -> None:
+    key = api_keys.create(scopes="predict")
+    model = await full_model(key, keys_file=str(api_keys.path), auth_disabled=False)
+    response = await model.post("/api/v2/predict", {"features": ROW}, Authorization=f"Bearer {key}")
+    assert response.status == 503 and model.door.refused == 1
+    assert await model.release() == [200, 200]
+
+
+async def test_a_missing_or_unknown_key_is_still_401_when_the_model_is_full(
+    full_model: FullModelFactory, api_keys: KeyMaker
+) -> None:
+    key = api_keys.create(scopes="predict")
+    model = await full_model(key, keys_file=str(api_keys.path), auth_disabled=False)
+    missing = await model.post("/api/v2/predict", {"features": ROW})
+    unknown = await model.post(
+        "/api/v2/predict", {"features": ROW}, Authorization=f"Bearer {key[:-4]}abcd"
+    )
+    assert (missing.status, unknown.status) == (401, 401)
+    assert model.door.refused == 0
+    await model.release()
+
+
+async def test_a_key_without_the_predict_scope_is_still_403_when_the_model_is_full(
+    full_model: FullModelFactory, api_keys: KeyMaker
+) -> None:
+    key = api_keys.create(scopes="predict")
+    ingest_only = api_keys.create(scopes="ingest")
+    model = await full_model(key, keys_file=str(api_keys.path), auth_disabled=False)
+    response = await model.post(
+        "/api/v2/predict", {"features": ROW}, Authorization=f"Bearer {ingest_only}"
+    )
+    assert response.status == 403
+    assert model.door.refused == 0
+    await model.release()
+
+
+def raw_predict(features: list[float]) -> bytes:
+    body = msgspec.json.encode({"features": features})
+    head = (
+        "POST /api/v2/predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
+    )
+    await reader.readexactly(length)
+    return int(head.split()[1])
+
+
+async def test_a_refused_connection_is_not_read_again_until_the_model_has_room(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    writer.write(raw_predict(ROW))  # a retry at once
+    retry = asyncio.ensure_future(read_answer(reader))
+    await asyncio.sleep(0.3)
+    assert not retry.done()  # waits in the socket, not refused again
+    assert model.door.refused == 1
+    assert await model.release() == [200, 200]
+    assert await asyncio.wait_for(retry, 5) == 200
+    writer.close()
+
+
+async def test_a_held_connection_is_read_again_after_retry_after_even_if_the_model_stays_full(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    started = asyncio.get_running_loop().time()
+    writer.write(raw_predict(ROW))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    assert asyncio.get_running_loop().time() - started >= 0.9  # Retry-After: 1
+    assert model.door.refused == 2
+    writer.close()
+    await model.release()
+
+
+async def test_a_held_connection_that_closes_leaves_no_room_kept(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    writer.close()
+    await writer.wait_closed()
+    assert await model.release() == [200, 200]
+    await asyncio.sleep(0.1)  # a few of the door's ticks
+    assert model.door.on_the_way == {}
+    served = await model.post("/api/v2/predict", {"features": ROW})
+    assert served.status == 200
+
+
+async def test_pipelined_requests_keep_their_order_the_app_answers_behind_an_earlier_one(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    reader, writer = await model.connect()
+    writer.write(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n" + raw_predict(ROW))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 200
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    assert model.door.refused == 0  # the app answered it, after the first
+    writer.close()
+    await model.release()
+
+
+async def test_a_body_still_arriving_is_left_to_the_app(full_model: FullModelFactory) -> None:
+    model = await full_model()
+    reader, writer = await model.connect()
+    request = raw_predict(ROW)
+    writer.write(request[:-10])
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(request[-10:])
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    assert model.door.refused == 0
+    writer.close()
+    await model.release()
