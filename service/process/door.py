@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, cast
 
+import structlog
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -61,6 +62,7 @@ _VERSION_INFER = "/v2/models/{model}/versions/{version}/infer"
 # let go on waits for its next request.
 HOLD_TICK_S = 0.002
 RESERVATION_S = 0.1
+log = structlog.get_logger("mlgate.door")
 _REASONS = {503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
@@ -80,9 +82,8 @@ class Door:
         self.on_the_way: dict[InferenceWorker, int] = {}
         # Refused connections not read until their turn: (let go at, connection).
         self._held: dict[InferenceWorker, deque[tuple[float, DoorRequestHandler]]] = {}
-        # Connections let go on with room kept for their next request, and since when.
-        self._reservations: dict[DoorRequestHandler, InferenceWorker] = {}
-        self._reservation_times: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
+        # Connections let go on with room kept for their next request: (worker, since).
+        self._reservations: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
         self._tick_handle: asyncio.TimerHandle | None = None
 
     def refusal(
@@ -96,7 +97,8 @@ class Door:
         many sockets at once then lets through only as many as there is room for,
         rather than all of them to be refused one by one by the app. A connection
         refused here is held (``_hold``) until there is room for its next request."""
-        reserved = self._reservations.pop(connection, None)
+        reservation = self._reservations.pop(connection, None)
+        reserved = reservation[0] if reservation is not None else None
         answer, worker, admitted = self._decide(message, payload, reserved)
         if reserved is not None and not (admitted and worker is reserved):
             self.reached_app(reserved)  # the room kept for this connection goes unused
@@ -170,9 +172,9 @@ class Door:
 
     def release(self, connection: DoorRequestHandler) -> None:
         """A closed connection: give back the room kept for it."""
-        reserved = self._reservations.pop(connection, None)
-        if reserved is not None:
-            self.reached_app(reserved)
+        reservation = self._reservations.pop(connection, None)
+        if reservation is not None:
+            self.reached_app(reservation[0])
 
     def _schedule_tick(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._tick_handle is None:
@@ -183,12 +185,19 @@ class Door:
         that room kept for it for ``RESERVATION_S``; and every one held past its time."""
         self._tick_handle = None
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        for connection, (worker, since) in list(self._reservation_times.items()):
+        try:
+            self._let_go(loop.time())
+        except Exception as exc:  # a bug here must not leave connections held for good
+            log.error("door_tick_failed", error=repr(exc))
+            self._app[METRICS].background_task_crashes.labels("door-tick").inc()
+        if self._held or self._reservations:
+            self._schedule_tick(loop)
+
+    def _let_go(self, now: float) -> None:
+        for connection, (worker, since) in list(self._reservations.items()):
             if since + RESERVATION_S <= now:
-                self._reservation_times.pop(connection)
-                if self._reservations.pop(connection, None) is not None:
-                    self.reached_app(worker)
+                del self._reservations[connection]
+                self.reached_app(worker)
         for worker, held in list(self._held.items()):
             room = worker.room - self.on_the_way.get(worker, 0)
             while held and (room > 0 or held[0][0] <= now):
@@ -199,13 +208,10 @@ class Door:
                 if room > 0:
                     room -= 1
                     self._on_its_way(worker)
-                    self._reservations[connection] = worker
-                    self._reservation_times[connection] = (worker, now)
+                    self._reservations[connection] = (worker, now)
                 transport.resume_reading()
             if not held:
                 del self._held[worker]
-        if self._held or self._reservations:
-            self._schedule_tick(loop)
 
     def _target(
         self, path: str, message: RawRequestMessage, payload: StreamReader

@@ -18,7 +18,7 @@ from mlgate.config import Settings
 from mlgate.service.app import create_app
 from mlgate.service.process.door import Door
 from mlgate.service.process.server import CappedAppRunner, CappedServer
-from mlgate.service.state import MODEL_REPOSITORY
+from mlgate.service.state import METRICS, MODEL_REPOSITORY
 from tests.service.predict.test_predict_api import GatedSession, add_version, gate_worker, rows
 from tests.support import KeyMaker, free_port
 
@@ -314,3 +314,28 @@ async def test_a_body_still_arriving_is_left_to_the_app(full_model: FullModelFac
     assert model.door.refused == 0
     writer.close()
     await model.release()
+
+
+async def test_a_failing_tick_is_logged_counted_and_the_held_connection_still_let_go(
+    full_model: FullModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = await full_model()
+    let_go = model.door._let_go
+    failures: list[float] = []
+
+    def fail_once(now: float) -> None:
+        if not failures:
+            failures.append(now)
+            raise RuntimeError("bug")
+        let_go(now)
+
+    monkeypatch.setattr(model.door, "_let_go", fail_once)
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    writer.write(raw_predict(ROW))
+    assert await model.release() == [200, 200]
+    assert await asyncio.wait_for(read_answer(reader), 5) == 200
+    crashes = model.door._app[METRICS].background_task_crashes.labels("door-tick")._value.get()
+    assert failures and crashes == 1
+    writer.close()
