@@ -82,6 +82,7 @@ class Door:
         self.on_the_way: dict[InferenceWorker, int] = {}
         # Refused connections not read until their turn: (let go at, connection).
         self._held: dict[InferenceWorker, deque[tuple[float, DoorRequestHandler]]] = {}
+        self._holding: set[DoorRequestHandler] = set()
         # Connections let go on with room kept for their next request: (worker, since).
         self._reservations: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -161,8 +162,9 @@ class Door:
         socket buffer for its turn, instead of being read, refused and answered again
         and again on the core the model computes on."""
         transport = connection.transport
-        if transport is None:
-            return
+        if transport is None or connection in self._holding:
+            return  # several pipelined refusals: held once, or its room would be kept twice
+        self._holding.add(connection)
         transport.pause_reading()
         loop = asyncio.get_running_loop()
         self._held.setdefault(worker, deque()).append(
@@ -202,6 +204,7 @@ class Door:
             room = worker.room - self.on_the_way.get(worker, 0)
             while held and (room > 0 or held[0][0] <= now):
                 _, connection = held.popleft()
+                self._holding.discard(connection)
                 transport = connection.transport
                 if transport is None or transport.is_closing():
                     continue

@@ -339,3 +339,20 @@ async def test_a_failing_tick_is_logged_counted_and_the_held_connection_still_le
     crashes = model.door._app[METRICS].background_task_crashes.labels("door-tick")._value.get()
     assert failures and crashes == 1
     writer.close()
+
+
+async def test_pipelined_refusals_hold_the_connection_once_and_keep_no_room_for_good(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW) * 3)
+    for _ in range(3):
+        assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    assert model.door.refused == 3
+    writer.write(raw_predict(ROW))
+    assert await model.release() == [200, 200]
+    assert await asyncio.wait_for(read_answer(reader), 5) == 200
+    await asyncio.sleep(0.2)  # past the time room is kept for a held connection
+    assert model.door.on_the_way == {}
+    writer.close()
