@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import struct
 import time
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -73,18 +74,25 @@ class _RowsUndecoded(msgspec.Struct, frozen=True, kw_only=True):
 
 def request_deadline(request: web.Request, started: float, default_ms: float) -> float:
     """The monotonic time by which the answer is due: ``X-Request-Timeout`` ms or default."""
-    raw = request.headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return started + default_ms / 1000
-    try:
-        timeout_ms = float(raw)
-    except ValueError:
-        timeout_ms = math.nan
-    if not MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS:
+    timeout_ms = timeout_ms_in(request.headers, default_ms)
+    if timeout_ms is None:
         raise BadRequest(
             f"{TIMEOUT_HEADER} must be a number of milliseconds in [{MIN_TIMEOUT_MS}, {MAX_TIMEOUT_MS}]"
         )
     return started + timeout_ms / 1000
+
+
+def timeout_ms_in(headers: Mapping[str, str], default_ms: float) -> float | None:
+    """The request's ``X-Request-Timeout`` in ms, ``default_ms`` without one; None when
+    it is not a number of milliseconds in range."""
+    raw = headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return default_ms
+    try:
+        timeout_ms = float(raw)
+    except ValueError:
+        return None
+    return timeout_ms if MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS else None
 
 
 def resolve(repository: ModelRepository, model: str, version: str | None) -> ModelVersion:
@@ -224,22 +232,30 @@ def check_row_budget(request: web.Request, body: bytes, fmt: Format) -> None:
     if not (isinstance(name, str | None) and isinstance(version, str)):
         loaded, width = None, None  # the full decoding answers 422 for these
     else:
-        loaded = resolve(request.app[MODEL_REPOSITORY], name or request.app[SETTINGS].default_model, version)
+        loaded = resolve(
+            request.app[MODEL_REPOSITORY], name or request.app[SETTINGS].default_model, version
+        )
         width = _fixed_width(loaded)
     for loc, raw in (("features", undecoded.features), ("instances", undecoded.instances)):
         if not raw:
             continue
         rows = 1 if loc == "features" else MAX_INSTANCES
-        budget = rows * width if width is not None else min(rows * MAX_FEATURES, UNSIZED_VALUE_BUDGET)
+        budget = (
+            rows * width if width is not None else min(rows * MAX_FEATURES, UNSIZED_VALUE_BUDGET)
+        )
         values = _value_count(raw, fmt, nested=loc == "instances")
         if values <= budget:
             continue
-        model = f"model {loaded.model} version {loaded.version}" if loaded is not None else "the model"
+        model = (
+            f"model {loaded.model} version {loaded.version}" if loaded is not None else "the model"
+        )
         if loc == "features" and width is not None:
             detail = f"{model} takes {width} features, got {values}"
         else:
             detail = f"{model} takes at most {budget} values in {loc}, got {values}"
-        raise ValidationFailed(detail, errors=[FieldError(loc=loc, msg=f"more than {budget} values")])
+        raise ValidationFailed(
+            detail, errors=[FieldError(loc=loc, msg=f"more than {budget} values")]
+        )
 
 
 def _fixed_width(loaded: ModelVersion) -> int | None:

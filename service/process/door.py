@@ -47,7 +47,7 @@ from mlgate.service.http.front_door import (
     problem_document,
     problem_headers,
 )
-from mlgate.service.predict.flow import MAX_TIMEOUT_MS, MIN_TIMEOUT_MS, TIMEOUT_HEADER
+from mlgate.service.predict.flow import timeout_ms_in
 from mlgate.service.protection.middleware import presented_key_in
 from mlgate.service.state import DRAINING, KEY_STORE, METRICS, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.errors import DeadlineExpired, MailboxFull
@@ -251,16 +251,8 @@ class Door:
     def _deadline(self, headers: Mapping[str, str]) -> float | None:
         """The request's deadline as ``flow.request_deadline`` reads it; None for a
         header the app would answer 400."""
-        raw = headers.get(TIMEOUT_HEADER)
-        if raw is None:
-            return time.monotonic() + self._settings.request_timeout_ms / 1000
-        try:
-            timeout_ms = float(raw)
-        except ValueError:
-            return None
-        if not MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS:
-            return None
-        return time.monotonic() + timeout_ms / 1000
+        timeout_ms = timeout_ms_in(headers, self._settings.request_timeout_ms)
+        return None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
 
     def _answer(self, error: ApiError, path: str, headers: Mapping[str, str]) -> bytes:
         request_id = self._request_ids.from_headers(headers)
