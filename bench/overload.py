@@ -127,11 +127,28 @@ def report(phases: list[Phase], pinned: bool) -> int:
             failures.append(f"{phase.label}: 503 p99 {refusal_p99:.1f} ms > {REFUSAL_P99_MS} ms")
         if peak - phases[0].rss_mb[0] > RSS_GROWTH_MB:
             failures.append(f"{phase.label}: RSS grew {peak - phases[0].rss_mb[0]:.0f} MB")
+    for phase in phases[1:]:
+        print(refusal_spread(phase))
     print(f"\npinned: {'server core 1, load generator core 0' if pinned else 'no (one core)'}")
     for failure in failures:
         print(f"[FAIL] {failure}")
     print("verdict: " + ("targets met" if not failures else "targets not met"))
     return 1 if failures else 0
+
+
+def refusal_spread(phase: Phase) -> str:
+    """Where the 503s' latencies lie: a p99 alone hides whether a few held connections
+    (answered after ``Retry-After``) or every refusal is slow."""
+    values = phase.result.latencies_ms.get("503", [])
+    if not values:
+        return f"{phase.label}: no 503s"
+    quantiles = (0.5, 0.9, 0.99, 0.995)
+    spread = "/".join(f"{values[min(len(values) - 1, int(q * len(values)))]:.1f}" for q in quantiles)
+    slow = sum(1 for value in values if value > 100)
+    return (
+        f"{phase.label}: 503 ms p50/p90/p99/p99.5 {spread}; "
+        f"{slow} of {len(values):,} over 100 ms (a held connection let go after Retry-After)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
