@@ -91,12 +91,12 @@ def run(args: argparse.Namespace) -> int:
                 )
                 before = rss_mb(process.pid)
                 sampler = RssSampler(process.pid)
-                out = run_child(
-                    "load", options, args.warmup + args.duration + 60, cpus=client_cpus
-                )
+                out = run_child("load", options, args.warmup + args.duration + 60, cpus=client_cpus)
                 peak = sampler.close()
                 result = msgspec.json.decode(out, type=LoadResult)
-                phases.append(Phase(label, connections, result, (before, peak, rss_mb(process.pid))))
+                phases.append(
+                    Phase(label, connections, result, (before, peak, rss_mb(process.pid)))
+                )
         finally:
             servers.close()
     return report(phases, pinned=cores is not None)
@@ -143,7 +143,9 @@ def refusal_spread(phase: Phase) -> str:
     if not values:
         return f"{phase.label}: no 503s"
     quantiles = (0.5, 0.9, 0.99, 0.995)
-    spread = "/".join(f"{values[min(len(values) - 1, int(q * len(values)))]:.1f}" for q in quantiles)
+    spread = "/".join(
+        f"{values[min(len(values) - 1, int(q * len(values)))]:.1f}" for q in quantiles
+    )
     slow = sum(1 for value in values if value > 100)
     return (
         f"{phase.label}: 503 ms p50/p90/p99/p99.5 {spread}; "
@@ -152,7 +154,9 @@ def refusal_spread(phase: Phase) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.overload", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--connections", type=int, default=32, help="connections that saturate")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per phase")
     parser.add_argument("--warmup", type=float, default=2.0)
