@@ -148,6 +148,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     inference_max_batch_size: PositiveInt = 64
     inference_max_queue_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     inference_threads: PositiveInt = 1
+    # Common predict requests answered at the connection (service/process/express.py).
+    express_lane: bool = True
     model_breaker_fail_max: PositiveInt = 5
     model_breaker_reset_s: PositiveFloat = 10.0
 

@@ -79,8 +79,7 @@ def front_door(
     """
     request_ids = RequestIds()
     by_path = dict(path_headers or {})
-    # Decided once: building the line's fields costs even when the level drops it.
-    log_requests = settings.access_log and logging.getLevelNamesMapping()[settings.log_level.upper()] <= logging.INFO
+    log_requests = logs_requests(settings)
 
     def finish(headers: MutableMapping[str, str], request: web.Request, request_id: str) -> None:
         headers[REQUEST_ID_HEADER] = request_id
@@ -138,6 +137,15 @@ def front_door(
     return answer
 
 
+def logs_requests(settings: Settings) -> bool:
+    """Whether answered requests get an access log line. Decided once: building the
+    line's fields costs even when the level drops it."""
+    return (
+        settings.access_log
+        and logging.getLevelNamesMapping()[settings.log_level.upper()] <= logging.INFO
+    )
+
+
 def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
@@ -174,7 +182,9 @@ def problem_response(request: web.Request, error: ApiError) -> web.Response:
     )
 
 
-def problem_document(error: ApiError, path: str, request_id: str | None, fmt: Format) -> tuple[bytes, str]:
+def problem_document(
+    error: ApiError, path: str, request_id: str | None, fmt: Format
+) -> tuple[bytes, str]:
     """(body, content type) of ``error`` answered on ``path``: problem+json, or plain
     JSON with an ``error`` member on the Open Inference Protocol routes, or msgpack."""
     is_oip = path.startswith("/v2/") or path == "/v2"

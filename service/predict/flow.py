@@ -159,8 +159,20 @@ async def run_predict(
 ) -> PredictResponse | BatchPredictResponse:
     """The one code path behind v2 and v1."""
     app = request.app  # a property that resolves the current app: once per request
+    deadline = request_deadline(request, started, app[SETTINGS].request_timeout_ms)
+    return await predict(app, payload, started, deadline, request[REQUEST_ID])
+
+
+async def predict(
+    app: web.Application,
+    payload: PredictRequest | PredictV1Request,
+    started: float,
+    deadline: float,
+    request_id: str,
+) -> PredictResponse | BatchPredictResponse:
+    """``run_predict`` once the request's deadline and id are known; the express lane
+    (service/process/express.py) calls it without a ``web.Request``."""
     settings = app[SETTINGS]
-    deadline = request_deadline(request, started, settings.request_timeout_ms)
     repository = app[MODEL_REPOSITORY]
     loaded = resolve(repository, payload.model or settings.default_model, payload.model_version)
     instances = payload.instances if isinstance(payload, PredictRequest) else None
@@ -171,7 +183,7 @@ async def run_predict(
     else:
         assert payload.features is not None
         rows = feature_rows(loaded, [payload.features], "features")
-    request_id = payload.request_id or request[REQUEST_ID]
+    request_id = payload.request_id or request_id
     outputs = await loaded.infer(rows, deadline, request_id=request_id)
     app[DRIFT_MONITOR].observe(loaded.model, "model", rows)  # never waits; drops when full
     answers = predictions(loaded, outputs[loaded.outputs[0].name])

@@ -31,6 +31,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
@@ -48,6 +49,8 @@ from mlgate.service.http.front_door import (
     problem_headers,
 )
 from mlgate.service.predict.flow import timeout_ms_in
+from mlgate.service.process.express import ExpressLane, raw_answer
+from mlgate.service.protection.api_keys import ANONYMOUS, ApiKey
 from mlgate.service.protection.middleware import presented_key_in
 from mlgate.service.state import DRAINING, KEY_STORE, METRICS, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.errors import DeadlineExpired, MailboxFull
@@ -63,7 +66,16 @@ _VERSION_INFER = "/v2/models/{model}/versions/{version}/infer"
 HOLD_TICK_S = 0.002
 RESERVATION_S = 0.1
 log = structlog.get_logger("mlgate.door")
-_REASONS = {503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request let through for a worker: what the express lane needs to serve it."""
+
+    worker: InferenceWorker
+    key: ApiKey
+    deadline: float
+    body: bytes | None  # the body, when the door read it (REST predict routes)
 
 
 class Door:
@@ -86,12 +98,17 @@ class Door:
         # Connections let go on with room kept for their next request: (worker, since).
         self._reservations: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
         self._tick_handle: asyncio.TimerHandle | None = None
+        self.express = (
+            ExpressLane(app, self._request_ids, self._path_headers, self._count, self.reached_app)
+            if self._settings.express_lane
+            else None
+        )
 
     def refusal(
         self, message: RawRequestMessage, payload: StreamReader, connection: DoorRequestHandler
-    ) -> tuple[bytes | None, InferenceWorker | None]:
-        """(the whole answer to send for ``message``, or None to let the app answer it;
-        the worker the app's answer will ask, when the door knows it).
+    ) -> tuple[bytes | None, Admission | None]:
+        """(the whole answer to send for ``message``, or None to let it through; the
+        worker it was let through for, with what the door learnt of it, if any).
 
         A request let through for a worker counts as on its way to that worker's
         mailbox (``on_the_way``) until the app starts on it (``reached_app``): a read of
@@ -100,38 +117,39 @@ class Door:
         refused here is held (``_hold``) until there is room for its next request."""
         reservation = self._reservations.pop(connection, None)
         reserved = reservation[0] if reservation is not None else None
-        answer, worker, admitted = self._decide(message, payload, reserved)
-        if reserved is not None and not (admitted and worker is reserved):
+        answer, worker, admission = self._decide(message, payload, reserved)
+        if reserved is not None and not (admission is not None and worker is reserved):
             self.reached_app(reserved)  # the room kept for this connection goes unused
         if answer is not None and worker is not None:
             self._hold(connection, worker)
-        return answer, worker if admitted else None
+        return answer, admission
 
     def _decide(
         self, message: RawRequestMessage, payload: StreamReader, reserved: InferenceWorker | None
-    ) -> tuple[bytes | None, InferenceWorker | None, bool]:
-        """(refusal or None, the worker asked or None, whether it was let through for it)."""
+    ) -> tuple[bytes | None, InferenceWorker | None, Admission | None]:
+        """(refusal or None, the worker asked or None, the admission if let through)."""
         if message.method != "POST" or message.should_close or self._draining.is_set():
-            return None, None, False
+            return None, None, None
         if payload is not EMPTY_PAYLOAD and not payload.is_eof():
-            return None, None, False  # the rest of the body would have to be read and dropped
+            return None, None, None  # the rest of the body would have to be read and dropped
         path = message.path
         target = self._target(path, message, payload)
         if target is None:
-            return None, None, False
-        route, model, version = target
+            return None, None, None
+        route, model, version, body = target
         headers = message.headers
-        if "Idempotency-Key" in headers or not self._authorized(headers):
-            return None, None, False
+        key = None if "Idempotency-Key" in headers else self._authorized(headers)
+        if key is None:
+            return None, None, None
         deadline = self._deadline(headers)
         if deadline is None:
-            return None, None, False
+            return None, None, None
         try:
             worker = self._app[MODEL_REPOSITORY].resolve(model, version).worker
         except ModelNotFound:
-            return None, None, False
-        if worker is reserved:
-            return None, worker, True  # its room was kept when it was let go on
+            return None, None, None
+        if worker is reserved:  # its room was kept when it was let go on
+            return None, worker, Admission(worker, key, deadline, body)
         started = time.perf_counter()
         try:
             worker.check_room(1, deadline, ahead=self.on_the_way.get(worker, 0))
@@ -140,9 +158,9 @@ class Door:
             answer = self._answer(as_api_error(exc, self._settings.retry_after_s), path, headers)
             status = 503 if isinstance(exc, MailboxFull) else 504
             self._count(route, status, time.perf_counter() - started)
-            return answer, worker, False
+            return answer, worker, None
         self._on_its_way(worker)
-        return None, worker, True
+        return None, worker, Admission(worker, key, deadline, body)
 
     def _on_its_way(self, worker: InferenceWorker) -> None:
         self.on_the_way[worker] = self.on_the_way.get(worker, 0) + 1
@@ -218,17 +236,19 @@ class Door:
 
     def _target(
         self, path: str, message: RawRequestMessage, payload: StreamReader
-    ) -> tuple[str, str, str | None] | None:
-        """(route template, model, version) the request is for, when that is certain."""
+    ) -> tuple[str, str, str | None, bytes | None] | None:
+        """(route template, model, version, the body if read) the request is for, when
+        that is certain."""
         if path in _BODY_NAMES_MODEL:
-            if not _names_no_model(message, payload):
+            body = _body_naming_no_model(message, payload)
+            if body is None:
                 return None
-            return path, self._settings.default_model, None
+            return path, self._settings.default_model, None, body
         if not path.startswith("/v2/models/") or "%" in path or "?" in path:
             return None
         parts = path.split("/")  # "", "v2", "models", model, ["versions", version,] "infer"
         if len(parts) == 5 and parts[4] == "infer" and parts[3]:
-            return _INFER, parts[3], None
+            return _INFER, parts[3], None, None
         if (
             len(parts) == 7
             and parts[4] == "versions"
@@ -236,17 +256,18 @@ class Door:
             and parts[3]
             and parts[5]
         ):
-            return _VERSION_INFER, parts[3], parts[5]
+            return _VERSION_INFER, parts[3], parts[5], None
         return None
 
-    def _authorized(self, headers: Mapping[str, str]) -> bool:
+    def _authorized(self, headers: Mapping[str, str]) -> ApiKey | None:
+        """The request's key when this process knows it now with the predict scope."""
         if self._settings.auth_disabled:
-            return True
+            return ANONYMOUS
         presented = presented_key_in(headers)
         if presented is None:
-            return False
+            return None
         key = self._app[KEY_STORE].known_now(presented)
-        return key is not None and "predict" in key.scopes
+        return key if key is not None and "predict" in key.scopes else None
 
     def _deadline(self, headers: Mapping[str, str]) -> float | None:
         """The request's deadline as ``flow.request_deadline`` reads it; None for a
@@ -262,11 +283,7 @@ class Door:
         fields.update(self._path_headers.get(path, {}))
         fields[REQUEST_ID_HEADER] = request_id
         fields["Content-Type"] = content_type
-        fields["Content-Length"] = str(len(body))
-        head = f"HTTP/1.1 {error.status} {_REASONS.get(error.status, error.title)}\r\n" + "".join(
-            f"{name}: {value}\r\n" for name, value in fields.items()
-        )
-        return (head + "\r\n").encode("latin-1", "replace") + body
+        return raw_answer(error.status, fields, body)
 
     def _count(self, route: str, status: int, seconds: float) -> None:
         children = self._counted.get((route, status))
@@ -281,18 +298,18 @@ class Door:
         timer.observe(seconds)
 
 
-def _names_no_model(message: RawRequestMessage, payload: StreamReader) -> bool:
-    """True when the body certainly has no ``model`` member: its bytes do not hold the
+def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> bytes | None:
+    """The body, when it certainly has no ``model`` member: its bytes do not hold the
     word (a JSON key could only spell it with an escape, so JSON bodies holding a
-    backslash are not certain either)."""
+    backslash are not certain either); None otherwise."""
     chunks = getattr(payload, "_buffer", None)  # aiohttp's StreamReader keeps its chunks here
     if chunks is None:
-        return payload is EMPTY_PAYLOAD
+        return b"" if payload is EMPTY_PAYLOAD else None
     body = b"".join(chunks)
     if b"model" in body:
-        return False
+        return None
     is_msgpack = "msgpack" in message.headers.get("Content-Type", "")
-    return is_msgpack or b"\\" not in body
+    return body if is_msgpack or b"\\" not in body else None
 
 
 class _DoorParser:
@@ -326,6 +343,7 @@ class DoorRequestHandler(web.RequestHandler):
         self._answered = 0
         # For each message handed to the app, in order: the worker it goes to, if known.
         self._bound_for: deque[InferenceWorker | None] = deque()
+        self._express_task: asyncio.Task[None] | None = None
 
     async def _handle_request(self, *args: Any, **kwargs: Any) -> tuple[web.StreamResponse, bool]:
         if self._bound_for:
@@ -345,21 +363,36 @@ class DoorRequestHandler(web.RequestHandler):
                 self._door.reached_app(worker)  # it never will
         super().connection_lost(exc)
 
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp's signature)
+        """As aiohttp's, once the request in the express lane, if any, is answered."""
+        task = self._express_task
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout)
+        await super().shutdown(timeout)
+
     def refuse_at_door(self, messages: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         """The messages the app still has to answer, in order, after the door wrote its
-        refusals for those at the front of the line."""
+        refusals for those at the front of the line (and the express lane took the
+        last one, if it could)."""
         at_front = self._handed == self._answered and not self._close and not self._force_close
         kept = []
-        for message, payload in messages:
+        last = len(messages) - 1
+        for index, (message, payload) in enumerate(messages):
             if not (at_front and self.transport and isinstance(message, RawRequestMessage)):
                 kept.append((message, payload))
                 self._bound_for.append(None)
                 continue
-            answer, worker = self._door.refusal(message, payload, self)
+            answer, admission = self._door.refusal(message, payload, self)
             if answer is None:
+                if (
+                    admission is not None
+                    and index == last
+                    and self._take_express(message, admission)
+                ):
+                    continue
                 at_front = False
                 kept.append((message, payload))
-                self._bound_for.append(worker)
+                self._bound_for.append(admission.worker if admission is not None else None)
                 continue
             self.transport.write(answer)
             if self._inner_parser is not None:
@@ -367,6 +400,42 @@ class DoorRequestHandler(web.RequestHandler):
             self._restart_head_timer()
         self._handed += len(kept)
         return kept
+
+    def _take_express(self, message: RawRequestMessage, admission: Admission) -> bool:
+        """Hand ``message`` to the express lane, if it takes it: until its answer the
+        connection is not read and its keep-alive timer is stopped."""
+        lane = self._door.express
+        if lane is None or admission.body is None or self.transport is None:
+            return False
+        task = lane.take(
+            message, admission.body, admission.key, admission.deadline, admission.worker, self
+        )
+        if task is None:
+            return False
+        self._express_task = task
+        self._handed += 1
+        if self._inner_parser is not None:
+            self._inner_parser.message_consumed()
+        self.transport.pause_reading()
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        return True
+
+    def express_answered(self, answer: bytes | None, close: bool) -> None:
+        """The express lane's answer (None: none, the connection is closed)."""
+        self._express_task = None
+        self._answered += 1
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if answer is not None:
+            transport.write(answer)
+        if close:
+            self.force_close()
+            return
+        self._restart_head_timer()
+        transport.resume_reading()
 
     def _restart_head_timer(self) -> None:
         """As after any answer: the next head is due within the keep-alive timeout."""

@@ -28,6 +28,7 @@ from mlgate.service.process.server import run
 
 log = structlog.get_logger("mlgate.supervisor")
 
+
 def _child(settings_json: bytes, ready: ProcessEvent) -> None:
     # The supervisor is systemd's main process and speaks for all (NotifyAccess=main).
     os.environ.pop("NOTIFY_SOCKET", None)

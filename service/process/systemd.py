@@ -34,7 +34,9 @@ def ready(status: str = "serving") -> bool:
 
 def reloading() -> bool:
     # systemd >= 253 wants a monotonic timestamp with RELOADING=1 (Type=notify-reload).
-    return notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    return notify(
+        "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+    )
 
 
 def stopping() -> bool:

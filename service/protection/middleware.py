@@ -19,7 +19,6 @@ that cannot succeed is refused before its body is sent, not after: 401/403 for i
 413 for an announced length over MAX_BODY_BYTES; only the others get ``100 Continue``.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -57,6 +56,7 @@ from mlgate.service.protection.idempotency import (
     fingerprint,
     stores,
 )
+from mlgate.service.protection.rate_limits import Decision
 from mlgate.service.state import IDEMPOTENCY, KEY_STORE, METRICS, RATE_LIMITER, SETTINGS
 
 CHALLENGE = 'Bearer realm="mlgate"'
@@ -182,11 +182,7 @@ async def rate_limited(request: web.Request, key: ApiKey, handler: Handler) -> w
     decision = await request.app[RATE_LIMITER].check(key)
     headers = decision.headers()
     if not decision.allowed:
-        raise RateLimited(
-            f"Over the {decision.refused_by}'s rate limit; retry after the Retry-After seconds",
-            retry_after_s=decision.retry_after_s,
-            headers=headers,
-        )
+        raise over_limit(decision, headers)
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -198,6 +194,15 @@ async def rate_limited(request: web.Request, key: ApiKey, handler: Handler) -> w
     if not response.prepared:
         response.headers.update(headers)
     return response
+
+
+def over_limit(decision: Decision, headers: dict[str, str]) -> RateLimited:
+    """The 429 for a refused ``decision`` (``headers``: its RateLimit fields)."""
+    return RateLimited(
+        f"Over the {decision.refused_by}'s rate limit; retry after the Retry-After seconds",
+        retry_after_s=decision.retry_after_s,
+        headers=headers,
+    )
 
 
 def replay(stored: StoredResponse) -> web.Response:
@@ -222,9 +227,7 @@ def _valid_key(value: str) -> bool:
     return 0 < len(value) <= MAX_KEY_LENGTH and value.isascii() and value.isprintable()
 
 
-async def idempotent(
-    request: web.Request, api_key: ApiKey, handler: Handler
-) -> web.StreamResponse:
+async def idempotent(request: web.Request, api_key: ApiKey, handler: Handler) -> web.StreamResponse:
     key = request.headers.get(HEADER)
     if key is None:  # most requests: nothing more to look at
         return await handler(request)

@@ -14,6 +14,7 @@ from email.utils import format_datetime
 from aiohttp import web
 
 from mlgate.schemas.predict import (
+    BatchPredictResponse,
     PredictAnswer,
     PredictRequest,
     PredictResponse,
@@ -32,6 +33,7 @@ from mlgate.service.predict.flow import (
 
 DEPRECATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 SUNSET_AT = datetime(2027, 7, 1, tzinfo=UTC)
+V2_PATH = "/api/v2/predict"
 V1_PATH = "/api/v1/predict"
 V1_HEADERS = {
     "Deprecation": f"@{int(DEPRECATED_AT.timestamp())}",
@@ -54,15 +56,19 @@ async def predict_v1(request: web.Request) -> web.Response:
     added by the front door)."""
     started = time.monotonic()
     payload = await read_payload(request, PredictV1Request, started)
-    answer = await run_predict(request, payload, started)
-    assert isinstance(answer, PredictResponse)
-    return respond(request, PredictV1Response(result=answer.prediction))
+    return respond(request, v1_answer(await run_predict(request, payload, started)))
+
+
+def v1_answer(answer: PredictResponse | BatchPredictResponse) -> PredictV1Response:
+    """v1's answer to the row v2 answered with ``answer``."""
+    assert isinstance(answer, PredictResponse)  # v1 bodies hold one row
+    return PredictV1Response(result=answer.prediction)
 
 
 ROUTES = [
     Route(
         "post",
-        "/api/v2/predict",
+        V2_PATH,
         predict_v2,
         "Predict one row (features) or several (instances)",
         "prediction",

@@ -1,0 +1,243 @@
+"""The express lane: the common predict request served at the connection, without
+aiohttp's ``Request``, its task per request, the middleware chain and ``Response``.
+
+On one core the app's path costs ~145 µs for a small model's single-row predict, of
+which the predict itself (decode, rows, batching, answer) is about a third; the rest
+is machinery every request pays. The lane runs the same predict code
+(``flow.predict``) with only what a predict needs around it.
+
+It takes a request the door (service/process/door.py) let through for a worker when:
+- it is a ``POST`` to ``/api/v2/predict`` or ``/api/v1/predict`` over HTTP/1.1, whose
+  body names no model (the door's condition), is at most ``ROW_BUDGET_FROM_BYTES`` and
+  decodes into the route's schema, with a JSON or msgpack ``Content-Type`` (or none);
+- it is the last request read from its connection (pipelined ones behind it go to
+  the app, after it);
+- and the door's conditions hold: a complete body, no ``Idempotency-Key``, an idle
+  connection, a key known now with the ``predict`` scope, a valid ``X-Request-Timeout``,
+  not draining.
+
+Anything else, a body that does not decode included, goes to the app, which answers
+it with its precise error. What the lane does as the app does, with the app's own
+functions: rate limits (``RateLimiter.check``; its RateLimit fields on every answer,
+429 when over), the predict flow and its errors as problem documents, v1's answer and
+deprecation headers, the request metrics, the access log line, ``Connection: close``
+while draining. Its answers carry the headers aiohttp's would (``Date``, ``Server``).
+
+While a request is in the lane its connection is not read (so nothing behind it is
+answered first) and its keep-alive timer is stopped; graceful shutdown waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
+
+from mlgate.schemas.predict import PredictRequest, PredictV1Request
+from mlgate.service.http.codec import MEDIA_TYPES, Format, encode, preferred_format
+from mlgate.service.http.errors import ApiError
+from mlgate.service.http.front_door import (
+    REQUEST_ID_HEADER,
+    RequestIds,
+    access_log,
+    as_api_error,
+    error_log,
+    logs_requests,
+    problem_document,
+    problem_headers,
+)
+from mlgate.service.predict.flow import ROW_BUDGET_FROM_BYTES, predict
+from mlgate.service.protection.api_keys import ApiKey
+from mlgate.service.protection.middleware import over_limit
+from mlgate.service.routes.predict import V1_PATH, V2_PATH, v1_answer
+from mlgate.service.state import DRAINING, RATE_LIMITER, SETTINGS
+from mlgate.workers.breaker import BreakerOpen
+from mlgate.workers.errors import WorkerError
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from mlgate.workers.inference.batching import InferenceWorker
+
+Count = Callable[[str, int, float], None]
+
+
+class Connection(Protocol):
+    """What the lane needs of the connection a request came on (``DoorRequestHandler``)."""
+
+    def express_answered(self, answer: bytes | None, close: bool) -> None: ...
+
+
+class _Route:
+    """How the lane decodes a route's body and shapes its answer."""
+
+    def __init__(self, path: str, request_type: type, shape: Callable[[Any], Any] | None) -> None:
+        self.path = path
+        self.decoders: dict[Format, msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]] = {
+            Format.JSON: msgspec.json.Decoder(request_type),
+            Format.MSGPACK: msgspec.msgpack.Decoder(request_type),
+        }
+        self.shape = shape
+
+
+class ExpressLane:
+    """Serves the predict requests ``take`` accepts, each in one task of its own."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        request_ids: RequestIds,
+        path_headers: Mapping[str, Mapping[str, str]],
+        count: Count,
+        reached_app: Callable[[InferenceWorker], None],
+    ) -> None:
+        settings = app[SETTINGS]
+        self._app = app
+        self._settings = settings
+        self._draining = app[DRAINING]
+        self._request_ids = request_ids
+        self._path_headers = path_headers
+        self._count = count
+        self._reached_app = reached_app
+        self._limiter = app[RATE_LIMITER] if settings.rate_limits_enabled else None
+        self._log_requests = logs_requests(settings)
+        self._routes = {
+            V2_PATH: _Route(V2_PATH, PredictRequest, None),
+            V1_PATH: _Route(V1_PATH, PredictV1Request, v1_answer),
+        }
+        self.taken = 0
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def take(
+        self,
+        message: RawRequestMessage,
+        body: bytes,
+        key: ApiKey,
+        deadline: float,
+        worker: InferenceWorker,
+        connection: Connection,
+    ) -> asyncio.Task[None] | None:
+        """The task answering ``message`` in the lane, or None to let the app answer it."""
+        route = self._routes.get(message.path)
+        if route is None or message.version != HttpVersion11 or len(body) > ROW_BUDGET_FROM_BYTES:
+            return None
+        fmt = _body_format(message.headers.get("Content-Type"))
+        if fmt is None:
+            return None
+        try:
+            payload = route.decoders[fmt].decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            return None  # the app answers it, with the precise 400 or 422
+        self.taken += 1
+        task = asyncio.get_running_loop().create_task(
+            self._serve(route, message, payload, key, deadline, worker, connection)
+        )
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        return task
+
+    async def _serve(
+        self,
+        route: _Route,
+        message: RawRequestMessage,
+        payload: Any,
+        key: ApiKey,
+        deadline: float,
+        worker: InferenceWorker,
+        connection: Connection,
+    ) -> None:
+        self._reached_app(worker)
+        started = time.monotonic()
+        headers = message.headers
+        request_id = self._request_ids.from_headers(headers)
+        fmt = preferred_format(headers.get("Accept"))
+        fields: dict[str, str] = {}
+        status = 500
+        answer: bytes | None = None
+        try:
+            body, content_type, status = await self._answer(
+                route, payload, key, started, deadline, request_id, fmt, fields
+            )
+            fields = {"Content-Type": content_type, **fields, REQUEST_ID_HEADER: request_id}
+            fields.update(self._path_headers.get(route.path, {}))
+            if self._draining.is_set():
+                fields["Connection"] = "close"
+            answer = raw_answer(status, fields, body)
+        finally:
+            # Cancelled (shutdown past its budget): the connection is closed unanswered.
+            connection.express_answered(answer, close=answer is None or self._draining.is_set())
+            elapsed = time.monotonic() - started
+            self._count(route.path, status, elapsed)
+            if self._log_requests:
+                access_log.info(
+                    "request",
+                    method="POST",
+                    path=route.path,
+                    status=status,
+                    latency_ms=round(elapsed * 1000, 3),
+                    tenant=key.tenant,
+                    key_id=key.key_id,
+                )
+
+    async def _answer(
+        self,
+        route: _Route,
+        payload: Any,
+        key: ApiKey,
+        started: float,
+        deadline: float,
+        request_id: str,
+        fmt: Format,
+        fields: dict[str, str],
+    ) -> tuple[bytes, str, int]:
+        """(body, content type, status); ``fields`` gains the answer's own headers."""
+        try:
+            if self._limiter is not None:
+                decision = await self._limiter.check(key)
+                fields.update(decision.headers())
+                if not decision.allowed:
+                    raise over_limit(decision, dict(fields))
+            answer = await predict(self._app, payload, started, deadline, request_id)
+            if route.shape is not None:
+                answer = route.shape(answer)
+            return encode(answer, fmt), fmt.value, 200
+        except ApiError as exc:
+            error = exc
+        except (WorkerError, BreakerOpen) as exc:
+            error = as_api_error(exc, self._settings.retry_after_s)
+        except Exception:
+            error_log.exception("unhandled_error", path=route.path)
+            error = as_api_error(Exception())
+        body, content_type = problem_document(error, route.path, request_id, fmt)
+        fields.update(problem_headers(error))
+        return body, content_type, error.status
+
+
+def _body_format(content_type: str | None) -> Format | None:
+    """The body's format as ``codec.request_format`` reads it; None where that is a 415."""
+    if not content_type:
+        return Format.JSON
+    return MEDIA_TYPES.get(content_type.partition(";")[0].strip().lower())
+
+
+def raw_answer(status: int, fields: Mapping[str, str], body: bytes) -> bytes:
+    """An HTTP/1.1 answer as aiohttp writes one: ``fields``, then the body's length,
+    ``Date`` and ``Server``."""
+    head = f"HTTP/1.1 {status} {_reason(status)}\r\n" + "".join(
+        f"{name}: {value}\r\n" for name, value in fields.items()
+    )
+    tail = f"Content-Length: {len(body)}\r\nDate: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
+    return (head + tail).encode("latin-1", "replace") + body
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
