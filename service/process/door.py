@@ -431,7 +431,7 @@ class DoorRequestHandler(web.RequestHandler):
             return
         if answer is not None:
             transport.write(answer)
-        if close:
+        if close or self._close:  # the server is shutting down: no next request
             self.force_close()
             return
         self._restart_head_timer()

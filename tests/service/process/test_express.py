@@ -1,0 +1,344 @@
+"""The express lane: common predict requests answered at the connection as the app
+answers them, on the server ``mlgate serve`` runs (``CappedAppRunner``) over real
+sockets with a real onnxruntime demo model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from mlgate.config import Settings
+from mlgate.service.app import create_app
+from mlgate.service.process import express
+from mlgate.service.process.door import Door
+from mlgate.service.process.server import CappedAppRunner, CappedServer
+from mlgate.service.state import MODEL_REPOSITORY
+from mlgate.workers.inference.batching import InferenceWorker
+from tests.service.predict.test_predict_api import GatedSession, add_version, gate_worker, rows
+from tests.support import free_port
+
+ROW = rows(1)[0].tolist()
+# Headers whose values differ from one answer to the next.
+VARYING = {"Date", "X-Request-ID", "Content-Length"}
+
+
+@dataclass
+class Served:
+    url: str
+    door: Door
+    worker: InferenceWorker
+    runner: CappedAppRunner
+    session: aiohttp.ClientSession
+
+    @property
+    def taken(self) -> int:
+        assert self.door.express is not None
+        return self.door.express.taken
+
+    async def post(self, path: str, body: Any, **headers: str) -> aiohttp.ClientResponse:
+        response = await self.session.post(f"{self.url}{path}", json=body, headers=headers)
+        await response.read()
+        return response
+
+    async def post_bytes(self, path: str, body: bytes, **headers: str) -> aiohttp.ClientResponse:
+        response = await self.session.post(f"{self.url}{path}", data=body, headers=headers)
+        await response.read()
+        return response
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, port = self.url.removeprefix("http://").split(":")
+        return await asyncio.open_connection(host, int(port))
+
+    def gate(self, monkeypatch: pytest.MonkeyPatch) -> GatedSession:
+        return gate_worker(self.worker, monkeypatch)
+
+
+ServeFactory = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+async def served(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> AsyncIterator[ServeFactory]:
+    runners: list[web.AppRunner] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def make(**settings: Any) -> Served:
+        repo_root = tmp_path / "models"
+        if not repo_root.exists():
+            add_version(repo_root, 1, seed=1)
+        app = create_app(make_settings(model_repository=str(repo_root), **settings))
+        runner = CappedAppRunner(app, max_connections=100, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        server = runner.server
+        assert isinstance(server, CappedServer)
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        worker = app[MODEL_REPOSITORY].resolve("demo").worker
+        return Served(f"http://127.0.0.1:{port}", server.door, worker, runner, session)
+
+    yield make
+    for session in sessions:
+        await session.close()
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer read off a raw connection: (status, headers, body)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if line)
+    body = await reader.readexactly(int(headers["Content-Length"]))
+    return int(lines[0].split()[1]), headers, body
+
+
+def raw_predict(body: bytes, request_id: str, path: str = "/api/v2/predict") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"X-Request-ID: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def test_a_predict_is_answered_in_the_lane_as_the_app_answers_it(
+    served: ServeFactory,
+) -> None:
+    server = await served()
+    in_lane = await server.post("/api/v2/predict", {"features": ROW})
+    # Naming the model keeps a request out of the lane: the app answers it.
+    by_app = await server.post("/api/v2/predict", {"features": ROW, "model": "demo"})
+    assert server.taken == 1
+    assert in_lane.status == by_app.status == 200
+    assert [h for h in in_lane.headers if h not in VARYING] == [
+        h for h in by_app.headers if h not in VARYING
+    ]
+    lane_answer = msgspec.json.decode(await in_lane.read())
+    app_answer = msgspec.json.decode(await by_app.read())
+    assert lane_answer.keys() == app_answer.keys()
+    assert lane_answer["prediction"] == app_answer["prediction"]
+    assert lane_answer["confidence"] == app_answer["confidence"]
+    assert lane_answer["request_id"] == in_lane.headers["X-Request-ID"]
+
+
+async def test_the_lane_answers_v1_with_its_result_and_deprecation_headers(
+    served: ServeFactory,
+) -> None:
+    server = await served()
+    response = await server.post("/api/v1/predict", {"features": ROW})
+    assert server.taken == 1
+    assert response.status == 200
+    assert set(msgspec.json.decode(await response.read())) == {"result"}
+    assert response.headers["Deprecation"].startswith("@")
+    assert "successor-version" in response.headers["Link"]
+    assert "Sunset" in response.headers
+
+
+async def test_the_lane_answers_msgpack_to_a_client_that_accepts_it(served: ServeFactory) -> None:
+    server = await served()
+    body = msgspec.msgpack.encode({"features": ROW, "request_id": "mine"})
+    response = await server.post_bytes(
+        "/api/v2/predict",
+        body,
+        **{"Content-Type": "application/msgpack", "Accept": "application/msgpack"},
+    )
+    assert server.taken == 1
+    assert response.headers["Content-Type"] == "application/msgpack"
+    assert msgspec.msgpack.decode(await response.read())["request_id"] == "mine"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b'{"features": [1, 2', 400),
+        (b'{"features": "many"}', 422),
+        (b'{"features": [NaN]}', 400),
+        (b'{"features": [1.0], "extra": 1}', 422),
+    ],
+    ids=["truncated", "wrong-type", "nan", "unknown-field"],
+)
+async def test_a_body_that_does_not_decode_is_left_to_the_app_and_its_precise_error(
+    served: ServeFactory, body: bytes, status: int
+) -> None:
+    server = await served()
+    response = await server.post_bytes(
+        "/api/v2/predict", body, **{"Content-Type": "application/json"}
+    )
+    assert response.status == status
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert server.taken == 0
+
+
+async def test_an_unsupported_content_type_is_left_to_the_app_and_its_415(
+    served: ServeFactory,
+) -> None:
+    server = await served()
+    response = await server.post_bytes(
+        "/api/v2/predict", msgspec.json.encode({"features": ROW}), **{"Content-Type": "text/csv"}
+    )
+    assert response.status == 415
+    assert server.taken == 0
+
+
+async def test_a_row_the_model_does_not_take_is_a_422_problem_from_the_lane(
+    served: ServeFactory,
+) -> None:
+    server = await served()
+    response = await server.post("/api/v2/predict", {"features": [1.0, 2.0]})
+    problem = msgspec.json.decode(await response.read())
+    assert server.taken == 1
+    assert response.status == 422
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert problem["errors"][0]["loc"] == "features"
+    assert problem["request_id"] == response.headers["X-Request-ID"]
+
+
+async def test_the_lane_applies_rate_limits_with_their_fields_on_every_answer(
+    served: ServeFactory,
+) -> None:
+    server = await served(rate_limit_key_rate=0.1, rate_limit_key_burst=1)
+    first = await server.post("/api/v2/predict", {"features": ROW})
+    second = await server.post("/api/v2/predict", {"features": ROW})
+    assert server.taken == 2
+    assert first.status == 200 and "RateLimit" in first.headers
+    assert second.status == 429
+    assert int(second.headers["Retry-After"]) >= 1
+    assert "RateLimit-Policy" in second.headers
+    problem = msgspec.json.decode(await second.read())
+    assert problem["type"] == "/problems/rate-limited"
+
+
+async def test_a_connection_is_not_read_while_its_request_is_in_the_lane(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served()
+    gated = server.gate(monkeypatch)
+    reader, writer = await server.connect()
+    body = msgspec.json.encode({"features": ROW})
+    writer.write(raw_predict(body, "first"))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    # The second request, with a body naming the model, would go to the app, which
+    # must not answer it before the first.
+    writer.write(raw_predict(msgspec.json.encode({"features": ROW, "model": "demo"}), "second"))
+    await asyncio.sleep(0.2)
+    gated.gate.set()
+    answers = [await read_answer(reader) for _ in range(2)]
+    writer.close()
+    assert [headers["X-Request-ID"] for _, headers, _ in answers] == ["first", "second"]
+    assert [status for status, _, _ in answers] == [200, 200]
+    assert server.taken == 1
+
+
+async def test_a_request_in_the_lane_longer_than_the_head_timeout_is_still_answered(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served(head_timeout_s=0.2)
+    gated = server.gate(monkeypatch)
+    reader, writer = await server.connect()
+    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "slow"))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    await asyncio.sleep(0.5)  # past the head timeout while the model computes
+    gated.gate.set()
+    status, _, _ = await read_answer(reader)
+    # The connection is still open for the next request.
+    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "next"))
+    next_status, headers, _ = await read_answer(reader)
+    writer.close()
+    assert (status, next_status, headers["X-Request-ID"]) == (200, 200, "next")
+
+
+async def test_shutdown_waits_for_the_request_in_the_lane(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served()
+    gated = server.gate(monkeypatch)
+    reader, writer = await server.connect()
+    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "in-flight"))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    runner_server = server.runner.server
+    assert runner_server is not None
+    runner_server.pre_shutdown()  # as the runner does: idle connections close
+    shutdown = asyncio.create_task(runner_server.shutdown(10))
+    await asyncio.sleep(0.2)
+    assert not shutdown.done()
+    gated.gate.set()
+    status, headers, _ = await read_answer(reader)
+    await asyncio.wait_for(shutdown, 10)
+    closed = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert (status, headers["X-Request-ID"]) == (200, "in-flight")
+    assert closed == b""  # and the connection closed after it
+
+
+async def test_a_client_gone_while_its_request_is_in_the_lane_leaves_no_room_taken(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served()
+    gated = server.gate(monkeypatch)
+    _, writer = await server.connect()
+    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "gone"))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    writer.close()
+    await asyncio.sleep(0.1)
+    gated.gate.set()
+    for _ in range(100):
+        if not server.door.express or not server.door.express.pending:
+            break
+        await asyncio.sleep(0.01)
+    assert server.door.on_the_way == {}
+    response = await server.post("/api/v2/predict", {"features": ROW})
+    assert response.status == 200
+
+
+async def test_an_unexpected_error_in_the_lane_is_a_logged_500_problem(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served()
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(express, "predict", broken)
+    with capture_logs() as logs:
+        response = await server.post("/api/v2/predict", {"features": ROW})
+    problem = msgspec.json.decode(await response.read())
+    assert response.status == 500
+    assert "a bug" not in (await response.text())
+    assert problem["request_id"] == response.headers["X-Request-ID"]
+    assert any(entry["event"] == "unhandled_error" for entry in logs)
+    monkeypatch.undo()
+    assert (await server.post("/api/v2/predict", {"features": ROW})).status == 200
+
+
+async def test_lane_answers_are_counted_in_the_request_metrics(served: ServeFactory) -> None:
+    server = await served()
+    for _ in range(3):
+        await server.post("/api/v2/predict", {"features": ROW})
+    metrics = await (await server.session.get(f"{server.url}/metrics")).text()
+    line = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("mlgate_http_requests_total{")
+        and 'route="/api/v2/predict"' in line
+        and 'status="200"' in line
+    )
+    assert float(line.rsplit(" ", 1)[1]) == 3
+    assert server.taken == 3
+
+
+async def test_with_the_lane_switched_off_the_app_answers(served: ServeFactory) -> None:
+    server = await served(express_lane=False)
+    response = await server.post("/api/v2/predict", {"features": ROW})
+    assert response.status == 200
+    assert server.door.express is None
