@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
+import structlog
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
 
@@ -56,7 +57,7 @@ from mlgate.service.predict.flow import ROW_BUDGET_FROM_BYTES, predict
 from mlgate.service.protection.api_keys import ApiKey
 from mlgate.service.protection.middleware import over_limit
 from mlgate.service.routes.predict import V1_PATH, V2_PATH, v1_answer
-from mlgate.service.state import DRAINING, RATE_LIMITER, SETTINGS
+from mlgate.service.state import DRAINING, METRICS, RATE_LIMITER, SETTINGS
 from mlgate.workers.breaker import BreakerOpen
 from mlgate.workers.errors import WorkerError
 
@@ -66,12 +67,15 @@ if TYPE_CHECKING:
     from mlgate.workers.inference.batching import InferenceWorker
 
 Count = Callable[[str, int, float], None]
+log = structlog.get_logger("mlgate.express")
 
 
 class Connection(Protocol):
     """What the lane needs of the connection a request came on (``DoorRequestHandler``)."""
 
     def express_answered(self, answer: bytes | None, close: bool) -> None: ...
+
+    def force_close(self) -> None: ...
 
 
 class _Route:
@@ -112,7 +116,7 @@ class ExpressLane:
             V1_PATH: _Route(V1_PATH, PredictV1Request, v1_answer),
         }
         self.taken = 0
-        self.pending: set[asyncio.Task[None]] = set()
+        self.pending: dict[asyncio.Task[None], Connection] = {}
 
     def take(
         self,
@@ -138,9 +142,20 @@ class ExpressLane:
         task = asyncio.get_running_loop().create_task(
             self._serve(route, message, payload, key, deadline, worker, connection)
         )
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        self.pending[task] = connection
+        task.add_done_callback(self._finished)
         return task
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        """A lane task that failed outside the answer's own error handling (writing it,
+        counting it) is logged and counted, and its connection closed: it would
+        otherwise stay unread for good."""
+        connection = self.pending.pop(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("express_task_failed", error=repr(task.exception()))
+        self._app[METRICS].background_task_crashes.labels("express").inc()
+        connection.force_close()
 
     async def _serve(
         self,

@@ -19,9 +19,9 @@ from structlog.testing import capture_logs
 from mlgate.config import Settings
 from mlgate.service.app import create_app
 from mlgate.service.process import express
-from mlgate.service.process.door import Door
+from mlgate.service.process.door import Door, DoorRequestHandler
 from mlgate.service.process.server import CappedAppRunner, CappedServer
-from mlgate.service.state import MODEL_REPOSITORY
+from mlgate.service.state import METRICS, MODEL_REPOSITORY
 from mlgate.workers.inference.batching import InferenceWorker
 from tests.service.predict.test_predict_api import GatedSession, add_version, gate_worker, rows
 from tests.support import free_port
@@ -43,6 +43,10 @@ class Served:
     def taken(self) -> int:
         assert self.door.express is not None
         return self.door.express.taken
+
+    @property
+    def app(self) -> web.Application:
+        return self.runner.app
 
     async def post(self, path: str, body: Any, **headers: str) -> aiohttp.ClientResponse:
         response = await self.session.post(f"{self.url}{path}", json=body, headers=headers)
@@ -342,3 +346,30 @@ async def test_with_the_lane_switched_off_the_app_answers(served: ServeFactory) 
     response = await server.post("/api/v2/predict", {"features": ROW})
     assert response.status == 200
     assert server.door.express is None
+
+
+async def test_a_lane_task_that_fails_outside_its_answer_is_logged_counted_and_closed(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served()
+
+    def broken(self: DoorRequestHandler, answer: bytes | None, close: bool) -> None:
+        raise RuntimeError("cannot write")
+
+    monkeypatch.setattr(DoorRequestHandler, "express_answered", broken)
+    crashes = server.app[METRICS].background_task_crashes.labels("express")
+    with capture_logs() as logs:
+        reader, writer = await server.connect()
+        writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "lost"))
+        for _ in range(200):
+            if any(entry["event"] == "express_task_failed" for entry in logs):
+                break
+            await asyncio.sleep(0.01)
+        closed = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert any(
+        entry["event"] == "express_task_failed" and "cannot write" in entry["error"]
+        for entry in logs
+    )
+    assert crashes._value.get() == 1
+    assert closed == b""  # the connection is closed, not left unread
