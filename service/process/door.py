@@ -42,14 +42,13 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from mlgate.service.http.codec import preferred_format
 from mlgate.service.http.errors import ApiError
 from mlgate.service.http.front_door import (
-    REQUEST_ID_HEADER,
     RequestIds,
     as_api_error,
     problem_document,
     problem_headers,
 )
 from mlgate.service.predict.flow import timeout_ms_in
-from mlgate.service.process.express import ExpressLane, raw_answer
+from mlgate.service.process.express import ExpressLane, answer_on
 from mlgate.service.protection.api_keys import ANONYMOUS, ApiKey
 from mlgate.service.protection.middleware import presented_key_in
 from mlgate.service.state import DRAINING, KEY_STORE, METRICS, MODEL_REPOSITORY, SETTINGS
@@ -279,11 +278,15 @@ class Door:
         request_id = self._request_ids.from_headers(headers)
         fmt = preferred_format(headers.get("Accept"))
         body, content_type = problem_document(error, path, request_id, fmt)
-        fields = problem_headers(error)
-        fields.update(self._path_headers.get(path, {}))
-        fields[REQUEST_ID_HEADER] = request_id
-        fields["Content-Type"] = content_type
-        return raw_answer(error.status, fields, body)
+        return answer_on(
+            path,
+            self._path_headers,
+            error.status,
+            content_type,
+            problem_headers(error),
+            request_id,
+            body,
+        )
 
     def _count(self, route: str, status: int, seconds: float) -> None:
         children = self._counted.get((route, status))

@@ -179,11 +179,11 @@ class ExpressLane:
             body, content_type, status = await self._answer(
                 route, payload, key, started, deadline, request_id, fmt, fields
             )
-            fields = {"Content-Type": content_type, **fields, REQUEST_ID_HEADER: request_id}
-            fields.update(self._path_headers.get(route.path, {}))
             if self._draining.is_set():
                 fields["Connection"] = "close"
-            answer = raw_answer(status, fields, body)
+            answer = answer_on(
+                route.path, self._path_headers, status, content_type, fields, request_id, body
+            )
         finally:
             # Cancelled (shutdown past its budget): the connection is closed unanswered.
             connection.express_answered(answer, close=answer is None or self._draining.is_set())
@@ -215,9 +215,10 @@ class ExpressLane:
         try:
             if self._limiter is not None:
                 decision = await self._limiter.check(key)
-                fields.update(decision.headers())
+                limit_fields = decision.headers()
+                fields.update(limit_fields)
                 if not decision.allowed:
-                    raise over_limit(decision, dict(fields))
+                    raise over_limit(decision, limit_fields)
             answer = await predict(self._app, payload, started, deadline, request_id)
             if route.shape is not None:
                 answer = route.shape(answer)
@@ -239,6 +240,22 @@ def _body_format(content_type: str | None) -> Format | None:
     if not content_type:
         return Format.JSON
     return MEDIA_TYPES.get(content_type.partition(";")[0].strip().lower())
+
+
+def answer_on(
+    path: str,
+    path_headers: Mapping[str, Mapping[str, str]],
+    status: int,
+    content_type: str,
+    fields: Mapping[str, str],
+    request_id: str,
+    body: bytes,
+) -> bytes:
+    """An answer on ``path`` with the headers the app's front door gives one: its
+    content type, its own ``fields``, the request id and the path's headers."""
+    every = {"Content-Type": content_type, **fields, REQUEST_ID_HEADER: request_id}
+    every.update(path_headers.get(path, {}))
+    return raw_answer(status, every, body)
 
 
 def raw_answer(status: int, fields: Mapping[str, str], body: bytes) -> bytes:
