@@ -42,7 +42,7 @@ DESCRIPTIONS: dict[str, str] = {
     "kafka_bootstrap_servers": "Kafka bootstrap servers (host:port,...); unset: the embedded local log is the sink.",
     "kafka_topic": "Topic records are written to.",
     "kafka_enable_idempotence": "Idempotent producer (needs InitProducerId; Tansu lacks it).",
-    "kafka_linger_ms": "Producer linger before a batch is sent.",
+    "kafka_linger_ms": "While Kafka batches are in flight, how long the writer waits for more records to join the next batch (until they are all answered, at most this); an idle writer sends at once.",
     "kafka_max_batch_bytes": "Largest Kafka record batch.",
     "kafka_request_timeout_ms": "Produce timeout; a produce that fails or times out spills.",
     "kafka_compression": "none, gzip, lz4, zstd or snappy.",

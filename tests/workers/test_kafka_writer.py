@@ -68,3 +68,73 @@ async def test_cancelled_wait_for_an_in_flight_slot_fails_the_request(
     await writer.close(drain_s=0.1)
     with pytest.raises(WorkerError):  # failed, never left waiting forever
         await asyncio.wait_for(future, 2)
+
+
+def _record(key: bytes = b"same-key") -> list[OutboundRecord]:
+    return [OutboundRecord(key=key, value=b"v", headers=[])]
+
+
+async def test_a_write_to_an_idle_writer_is_sent_without_lingering(
+    make_settings, kafka_broker, kafka_topic: str
+) -> None:
+    writer = KafkaWriter(
+        make_settings(
+            kafka_bootstrap_servers=kafka_broker.bootstrap,
+            kafka_topic=kafka_topic,
+            kafka_linger_ms=600_000,
+        )
+    )
+    await writer.start()
+    try:
+        # Nothing in flight: sent at once, acknowledged long before the linger ends.
+        await asyncio.wait_for(writer.write(_record()), 10)
+    finally:
+        await writer.close(drain_s=1)
+
+
+async def test_writes_made_while_a_batch_is_in_flight_go_out_together_once_it_is_answered(
+    make_settings, kafka_broker, kafka_topic: str
+) -> None:
+    writer = KafkaWriter(
+        make_settings(
+            kafka_bootstrap_servers=kafka_broker.bootstrap,
+            kafka_topic=kafka_topic,
+            kafka_linger_ms=600_000,
+        )
+    )
+    await writer.start()
+    producer = writer._running_producer
+    send_batch = producer.send_batch
+    sent: list[int] = []
+    first_answer_held = asyncio.Event()
+
+    async def counting_send_batch(batch, topic, *, partition):  # type: ignore[no-untyped-def]
+        sent.append(batch.record_count())
+        ack = await send_batch(batch, topic, partition=partition)
+        if len(sent) > 1:
+            return ack
+        held: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+        async def answer_when_let_go() -> None:
+            result = await ack
+            await first_answer_held.wait()
+            held.set_result(result)
+
+        asyncio.ensure_future(answer_when_let_go())
+        return held
+
+    producer.send_batch = counting_send_batch  # type: ignore[method-assign]
+    try:
+        first = writer.submit(_record())
+        while not sent:
+            await asyncio.sleep(0.001)
+        later = []
+        for _ in range(5):  # one at a time, each in a loop turn of its own
+            later.append(writer.submit(_record()))
+            await asyncio.sleep(0.01)
+        assert sent == [1]  # the writer lingers while the first batch is unanswered
+        first_answer_held.set()
+        await asyncio.wait_for(asyncio.gather(first, *later), 10)
+        assert sent == [1, 5]
+    finally:
+        await writer.close(drain_s=1)

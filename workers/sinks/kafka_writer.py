@@ -143,6 +143,7 @@ class KafkaWriter(Actor[_Pending]):
         # Batches handed to the producer and not answered, and when the last answer
         # came (or the first of them was sent): see ``stalled``.
         self._unanswered = 0
+        self._all_answered = asyncio.Event()
         self._last_answer = time.monotonic()
 
     @property
@@ -200,19 +201,22 @@ class KafkaWriter(Actor[_Pending]):
 
     async def _run(self) -> None:
         limit = self._settings.writer_max_batch_records
+        linger_s = self._settings.kafka_linger_ms / 1000
         while True:
             taken = [await self._mailbox.get()]
-            count = len(taken[0].records)
-            while count < limit and not self._mailbox.empty():
-                item = self._mailbox.get_nowait()
-                taken.append(item)
-                count += len(item.records)
             # Each item holds one count while it is being dispatched, so a fast ack of its
             # first partition batch cannot resolve it before its last batch is sent.
-            for item in taken:
-                item.batches_left = 1
+            taken[0].batches_left = 1
             error: BaseException | None = None
             try:
+                if linger_s and self._unanswered:
+                    await self._linger(linger_s)
+                count = len(taken[0].records)
+                while count < limit and not self._mailbox.empty():
+                    item = self._mailbox.get_nowait()
+                    item.batches_left = 1
+                    taken.append(item)
+                    count += len(item.records)
                 await self._send(taken)
             except Exception as exc:
                 log.error("kafka_send_failed", error=repr(exc))
@@ -226,6 +230,20 @@ class KafkaWriter(Actor[_Pending]):
                 for item in taken:
                     item.batch_done(error)
                     self._mailbox.task_done()
+
+    async def _linger(self, linger_s: float) -> None:
+        """Wait until the batches in flight are all answered, for at most ``linger_s``.
+
+        While batches are in flight nothing is gained by sending at once, and what
+        arrives meanwhile joins this turn: a stream of single-record requests makes a
+        few large Kafka batches instead of one per request (aiokafka's cost is mostly
+        per batch). Batch size then follows the load, and an idle writer sends at once."""
+        self._all_answered.clear()
+        try:
+            async with asyncio.timeout(linger_s):
+                await self._all_answered.wait()
+        except TimeoutError:
+            pass
 
     async def _send(self, items: list[_Pending]) -> None:
         by_partition: dict[int, list[tuple[OutboundRecord, _Pending]]] = defaultdict(list)
@@ -295,6 +313,8 @@ class KafkaWriter(Actor[_Pending]):
         def on_ack(done: asyncio.Future[object]) -> None:
             self._in_flight.release()
             self._unanswered -= 1
+            if not self._unanswered:
+                self._all_answered.set()
             self._last_answer = time.monotonic()
             error = WorkerClosed("send cancelled") if done.cancelled() else done.exception()
             if error is None:
