@@ -16,6 +16,9 @@ of the excess. Here a refusal costs the parse aiohttp already did and one write.
 - the model's worker has no room for a row by the request's deadline
   (``InferenceWorker.check_room``: mailbox full, or the queue ahead too long).
 
+An ingest (``POST /api/v2/ingest``, whole body, a key known now with the ``ingest``
+scope) is never refused here, only let through with its body for the express lane.
+
 What it does not do: rate limiting (a model at capacity answers 503 before a key's
 429), and the access log line (a storm would flood the log); each refusal is counted in
 ``mlgate_requests_total`` like any answer. Everything else takes the normal path,
@@ -28,6 +31,7 @@ refused messages never reach the handler's queue.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -51,6 +55,7 @@ from mlgate.service.predict.flow import timeout_ms_in
 from mlgate.service.process.express import ExpressLane, answer_on
 from mlgate.service.protection.api_keys import ANONYMOUS, ApiKey
 from mlgate.service.protection.middleware import presented_key_in
+from mlgate.service.routes.ingest import PATH as INGEST_PATH
 from mlgate.service.state import DRAINING, KEY_STORE, METRICS, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.errors import DeadlineExpired, MailboxFull
 from mlgate.workers.inference.batching import InferenceWorker
@@ -69,12 +74,13 @@ log = structlog.get_logger("mlgate.door")
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """A request let through for a worker: what the express lane needs to serve it."""
+    """A request let through (for a worker, when it is a predict): what the express
+    lane needs to serve it."""
 
-    worker: InferenceWorker
+    worker: InferenceWorker | None
     key: ApiKey
     deadline: float
-    body: bytes | None  # the body, when the door read it (REST predict routes)
+    body: bytes | None  # the body, when the door read it (REST predict and ingest routes)
 
 
 class Door:
@@ -132,12 +138,14 @@ class Door:
         if payload is not EMPTY_PAYLOAD and not payload.is_eof():
             return None, None, None  # the rest of the body would have to be read and dropped
         path = message.path
+        if path == INGEST_PATH:
+            return None, None, self._ingest_admission(message, payload)
         target = self._target(path, message, payload)
         if target is None:
             return None, None, None
         route, model, version, body = target
         headers = message.headers
-        key = None if "Idempotency-Key" in headers else self._authorized(headers)
+        key = None if "Idempotency-Key" in headers else self._authorized(headers, "predict")
         if key is None:
             return None, None, None
         deadline = self._deadline(headers)
@@ -258,15 +266,27 @@ class Door:
             return _VERSION_INFER, parts[3], parts[5], None
         return None
 
-    def _authorized(self, headers: Mapping[str, str]) -> ApiKey | None:
-        """The request's key when this process knows it now with the predict scope."""
+    def _ingest_admission(self, message: RawRequestMessage, payload: StreamReader) -> Admission | None:
+        """An ingest for the express lane, with its whole body, when a key known now
+        has the ``ingest`` scope. Never refused here: a sink has no room to check
+        before the records are validated."""
+        if self.express is None:
+            return None
+        key = self._authorized(message.headers, "ingest")
+        chunks = getattr(payload, "_buffer", None)  # aiohttp's StreamReader keeps its chunks here
+        if key is None or chunks is None:
+            return None
+        return Admission(None, key, math.inf, b"".join(chunks))
+
+    def _authorized(self, headers: Mapping[str, str], scope: str) -> ApiKey | None:
+        """The request's key when this process knows it now with ``scope``."""
         if self._settings.auth_disabled:
             return ANONYMOUS
         presented = presented_key_in(headers)
         if presented is None:
             return None
         key = self._app[KEY_STORE].known_now(presented)
-        return key if key is not None and "predict" in key.scopes else None
+        return key if key is not None and scope in key.scopes else None
 
     def _deadline(self, headers: Mapping[str, str]) -> float | None:
         """The request's deadline as ``flow.request_deadline`` reads it; None for a
@@ -299,6 +319,12 @@ class Door:
         counter, timer = children
         counter.inc()
         timer.observe(seconds)
+
+
+def _plain_body(headers: Mapping[str, str]) -> bool:
+    """No ``Idempotency-Key`` (the app keeps its answer), ``Expect`` (the app answers
+    ``100 Continue``) or ``Content-Encoding`` (the app decompresses)."""
+    return not ("Idempotency-Key" in headers or "Expect" in headers or "Content-Encoding" in headers)
 
 
 def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> bytes | None:
@@ -408,7 +434,12 @@ class DoorRequestHandler(web.RequestHandler):
         """Hand ``message`` to the express lane, if it takes it: until its answer the
         connection is not read and its keep-alive timer is stopped."""
         lane = self._door.express
-        if lane is None or admission.body is None or self.transport is None:
+        if (
+            lane is None
+            or admission.body is None
+            or self.transport is None
+            or not _plain_body(message.headers)
+        ):
             return False
         task = lane.take(
             message, admission.body, admission.key, admission.deadline, admission.worker, self

@@ -1,27 +1,32 @@
-"""The express lane: the common predict request served at the connection, without
-aiohttp's ``Request``, its task per request, the middleware chain and ``Response``.
+"""The express lane: the common predict and ingest requests served at the connection,
+without aiohttp's ``Request``, its task per request, the middleware chain and
+``Response``.
 
 On one core the app's path costs ~145 µs for a small model's single-row predict, of
 which the predict itself (decode, rows, batching, answer) is about a third; the rest
-is machinery every request pays. The lane runs the same predict code
-(``flow.predict``) with only what a predict needs around it.
+is machinery every request pays. The lane runs the routes' own code (``flow.predict``;
+``routes.ingest.ingest_batch``: decode, validate, dedup, durable write, audit) with
+only what they need around it.
 
-It takes a request the door (service/process/door.py) let through for a worker when:
-- it is a ``POST`` to ``/api/v2/predict`` or ``/api/v1/predict`` over HTTP/1.1, whose
+It takes a request the door (service/process/door.py) let through when:
+- it is a ``POST`` over HTTP/1.1 to ``/api/v2/predict`` or ``/api/v1/predict`` whose
   body names no model (the door's condition), is at most ``ROW_BUDGET_FROM_BYTES`` and
-  decodes into the route's schema, with a JSON or msgpack ``Content-Type`` (or none);
+  decodes into the route's schema (for a model with room); or to ``/api/v2/ingest``
+  with a body of at most ``MAX_BODY_BYTES``;
+- its ``Content-Type`` is JSON or msgpack (or absent), and it has no
+  ``Content-Encoding``, ``Expect`` or ``Idempotency-Key``;
 - it is the last request read from its connection (pipelined ones behind it go to
   the app, after it);
-- and the door's conditions hold: a complete body, no ``Idempotency-Key``, an idle
-  connection, a key known now with the ``predict`` scope, a valid ``X-Request-Timeout``,
-  not draining.
+- and the door's conditions hold: a complete body, an idle connection, a key known
+  now with the route's scope, a valid ``X-Request-Timeout`` (predict), not draining.
 
-Anything else, a body that does not decode included, goes to the app, which answers
-it with its precise error. What the lane does as the app does, with the app's own
-functions: rate limits (``RateLimiter.check``; its RateLimit fields on every answer,
-429 when over), the predict flow and its errors as problem documents, v1's answer and
-deprecation headers, the request metrics, the access log line, ``Connection: close``
-while draining. Its answers carry the headers aiohttp's would (``Date``, ``Server``).
+Anything else goes to the app, which answers it with its precise error; so does a
+predict body that does not decode. An ingest's decoding errors are the route's own
+(``ingest_batch`` raises them). What the lane does as the app does, with the app's
+own functions: rate limits (``RateLimiter.check``; its RateLimit fields on every
+answer, 429 when over), errors as problem documents, v1's answer and deprecation
+headers, the request metrics, the access log line, ``Connection: close`` while
+draining. Its answers carry the headers aiohttp's would (``Date``, ``Server``).
 
 While a request is in the lane its connection is not read (so nothing behind it is
 answered first) and its keep-alive timer is stopped; graceful shutdown waits for it.
@@ -55,9 +60,12 @@ from mlgate.service.http.front_door import (
 )
 from mlgate.service.predict.flow import ROW_BUDGET_FROM_BYTES, predict
 from mlgate.service.protection.api_keys import ApiKey
+from mlgate.service.protection.audit import Caller
 from mlgate.service.protection.middleware import over_limit
+from mlgate.service.routes.ingest import PATH as INGEST_PATH
+from mlgate.service.routes.ingest import ingest_batch
 from mlgate.service.routes.predict import V1_PATH, V2_PATH, v1_answer
-from mlgate.service.state import DRAINING, METRICS, RATE_LIMITER, SETTINGS
+from mlgate.service.state import DRAINING, INGEST_PIPELINE, METRICS, RATE_LIMITER, SETTINGS
 from mlgate.workers.breaker import BreakerOpen
 from mlgate.workers.errors import WorkerError
 
@@ -78,20 +86,60 @@ class Connection(Protocol):
     def force_close(self) -> None: ...
 
 
-class _Route:
-    """How the lane decodes a route's body and shapes its answer."""
+class _PredictRoute:
+    """A predict route: bodies up to ``ROW_BUDGET_FROM_BYTES`` that decode into its
+    schema (others go to the app, for its precise 400/422), answered by ``flow.predict``."""
 
-    def __init__(self, path: str, request_type: type, shape: Callable[[Any], Any] | None) -> None:
+    status = 200
+
+    def __init__(
+        self, app: web.Application, path: str, request_type: type, shape: Callable[[Any], Any] | None
+    ) -> None:
         self.path = path
-        self.decoders: dict[Format, msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]] = {
+        self._app = app
+        self._decoders: dict[Format, msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]] = {
             Format.JSON: msgspec.json.Decoder(request_type),
             Format.MSGPACK: msgspec.msgpack.Decoder(request_type),
         }
-        self.shape = shape
+        self._shape = shape
+
+    def prepare(self, body: bytes, fmt: Format) -> Any:
+        if len(body) > ROW_BUDGET_FROM_BYTES:
+            return None
+        try:
+            return self._decoders[fmt].decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            return None
+
+    async def run(self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float) -> Any:
+        answer = await predict(self._app, payload, started, deadline, caller.request_id or "")
+        return answer if self._shape is None else self._shape(answer)
+
+
+class _IngestRoute:
+    """``POST /api/v2/ingest``: bodies up to ``MAX_BODY_BYTES``, answered by the
+    route's own ``ingest_batch`` (decode, validate, durable write, audit), whose errors
+    are the app's."""
+
+    status = 202
+    path = INGEST_PATH
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+        self._max_body_bytes = app[SETTINGS].max_body_bytes
+
+    def prepare(self, body: bytes, fmt: Format) -> Any:
+        return body if len(body) <= self._max_body_bytes else None
+
+    async def run(self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float) -> Any:
+        return await ingest_batch(self._app[INGEST_PIPELINE], payload, fmt, caller)
+
+
+_Route = _PredictRoute | _IngestRoute
 
 
 class ExpressLane:
-    """Serves the predict requests ``take`` accepts, each in one task of its own."""
+    """Serves the requests ``take`` accepts, each in one task of its own."""
 
     def __init__(
         self,
@@ -111,9 +159,10 @@ class ExpressLane:
         self._reached_app = reached_app
         self._limiter = app[RATE_LIMITER] if settings.rate_limits_enabled else None
         self._log_requests = logs_requests(settings)
-        self._routes = {
-            V2_PATH: _Route(V2_PATH, PredictRequest, None),
-            V1_PATH: _Route(V1_PATH, PredictV1Request, v1_answer),
+        self._routes: dict[str, _Route] = {
+            V2_PATH: _PredictRoute(app, V2_PATH, PredictRequest, None),
+            V1_PATH: _PredictRoute(app, V1_PATH, PredictV1Request, v1_answer),
+            INGEST_PATH: _IngestRoute(app),
         }
         self.taken = 0
         self.pending: dict[asyncio.Task[None], Connection] = {}
@@ -124,23 +173,22 @@ class ExpressLane:
         body: bytes,
         key: ApiKey,
         deadline: float,
-        worker: InferenceWorker,
+        worker: InferenceWorker | None,
         connection: Connection,
     ) -> asyncio.Task[None] | None:
         """The task answering ``message`` in the lane, or None to let the app answer it."""
         route = self._routes.get(message.path)
-        if route is None or message.version != HttpVersion11 or len(body) > ROW_BUDGET_FROM_BYTES:
+        if route is None or message.version != HttpVersion11:
             return None
         fmt = _body_format(message.headers.get("Content-Type"))
         if fmt is None:
             return None
-        try:
-            payload = route.decoders[fmt].decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
-            return None  # the app answers it, with the precise 400 or 422
+        payload = route.prepare(body, fmt)
+        if payload is None:
+            return None
         self.taken += 1
         task = asyncio.get_running_loop().create_task(
-            self._serve(route, message, payload, key, deadline, worker, connection)
+            self._serve(route, message, payload, fmt, key, deadline, worker, connection)
         )
         self.pending[task] = connection
         task.add_done_callback(self._finished)
@@ -162,22 +210,25 @@ class ExpressLane:
         route: _Route,
         message: RawRequestMessage,
         payload: Any,
+        body_format: Format,
         key: ApiKey,
         deadline: float,
-        worker: InferenceWorker,
+        worker: InferenceWorker | None,
         connection: Connection,
     ) -> None:
-        self._reached_app(worker)
+        if worker is not None:
+            self._reached_app(worker)
         started = time.monotonic()
         headers = message.headers
         request_id = self._request_ids.from_headers(headers)
+        caller = Caller(key.tenant, key.key_id, f"POST {route.path}", request_id)
         fmt = preferred_format(headers.get("Accept"))
         fields: dict[str, str] = {}
         status = 500
         answer: bytes | None = None
         try:
             body, content_type, status = await self._answer(
-                route, payload, key, started, deadline, request_id, fmt, fields
+                route, payload, body_format, key, caller, started, deadline, fmt, fields
             )
             if self._draining.is_set():
                 fields["Connection"] = "close"
@@ -204,10 +255,11 @@ class ExpressLane:
         self,
         route: _Route,
         payload: Any,
+        body_format: Format,
         key: ApiKey,
+        caller: Caller,
         started: float,
         deadline: float,
-        request_id: str,
         fmt: Format,
         fields: dict[str, str],
     ) -> tuple[bytes, str, int]:
@@ -219,10 +271,8 @@ class ExpressLane:
                 fields.update(limit_fields)
                 if not decision.allowed:
                     raise over_limit(decision, limit_fields)
-            answer = await predict(self._app, payload, started, deadline, request_id)
-            if route.shape is not None:
-                answer = route.shape(answer)
-            return encode(answer, fmt), fmt.value, 200
+            answer = await route.run(payload, body_format, caller, started, deadline)
+            return encode(answer, fmt), fmt.value, route.status
         except ApiError as exc:
             error = exc
         except (WorkerError, BreakerOpen) as exc:
@@ -230,7 +280,7 @@ class ExpressLane:
         except Exception:
             error_log.exception("unhandled_error", path=route.path)
             error = as_api_error(Exception())
-        body, content_type = problem_document(error, route.path, request_id, fmt)
+        body, content_type = problem_document(error, route.path, caller.request_id or "", fmt)
         fields.update(problem_headers(error))
         return body, content_type, error.status
 

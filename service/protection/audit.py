@@ -18,6 +18,7 @@ Never payloads: no features, labels or metadata values appear here.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 import structlog
@@ -40,21 +41,43 @@ audit_log = structlog.wrap_logger(
 Action = Literal["ingest", "ingest_stream", "key_create", "key_revoke", "model_load", "model_unload"]
 
 
-def audit_request(
-    request: web.Request, action: Action, outcome: str, **counts: int | str | None
-) -> None:
-    """An audit event for an HTTP request, with the caller's identity from the request."""
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made a request: what every audit event of it carries."""
+
+    tenant: str | None
+    key_id: str | None
+    route: str  # "POST /api/v2/ingest"
+    request_id: str | None
+
+    @classmethod
+    def of(cls, request: web.Request) -> Caller:
+        return cls(
+            request.get(TENANT), request.get(KEY_ID), f"{request.method} {request.path}",
+            request.get(REQUEST_ID),
+        )
+
+
+def audit_call(caller: Caller, action: Action, outcome: str, **counts: int | str | None) -> None:
+    """An audit event for an HTTP request made by ``caller``."""
     _emit(
         action,
         {
             "outcome": outcome,
-            "tenant": request.get(TENANT),
-            "key_id": request.get(KEY_ID),
-            "route": f"{request.method} {request.path}",
-            "request_id": request.get(REQUEST_ID),
+            "tenant": caller.tenant,
+            "key_id": caller.key_id,
+            "route": caller.route,
+            "request_id": caller.request_id,
             **counts,
         },
     )
+
+
+def audit_request(
+    request: web.Request, action: Action, outcome: str, **counts: int | str | None
+) -> None:
+    """An audit event for an HTTP request, with the caller's identity from the request."""
+    audit_call(Caller.of(request), action, outcome, **counts)
 
 
 def audit_admin(action: Action, outcome: str, **details: str | int | None) -> None:

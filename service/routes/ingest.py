@@ -20,14 +20,15 @@ from mlgate.service.http.errors import (
     ValidationFailed,
 )
 from mlgate.service.http.routing import Route
+from mlgate.service.ingest.pipeline import IngestPipeline
 from mlgate.service.ingest.streams import msgpack_records, ndjson_records
-from mlgate.service.protection.audit import audit_request
+from mlgate.service.protection.audit import Caller, audit_call, audit_request
 from mlgate.service.state import INGEST_PIPELINE, SETTINGS
 
 STREAM_CHUNK_RECORDS = 1000
 MAX_REPORTED_ERRORS = 1000
 NDJSON = "application/x-ndjson"
-
+PATH = "/api/v2/ingest"
 
 
 def _all_rejected(errors: list[RecordError]) -> ValidationFailed:
@@ -49,34 +50,42 @@ async def ingest(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     fmt = request_format(request)
     body = await read_body(request, settings.max_body_bytes)
-    pipeline = request.app[INGEST_PIPELINE]
+    answer = await ingest_batch(request.app[INGEST_PIPELINE], body, fmt, Caller.of(request))
+    return respond(request, answer, status=202)
+
+
+async def ingest_batch(
+    pipeline: IngestPipeline, body: bytes, fmt: Format, caller: Caller
+) -> IngestResponse:
+    """The 202's answer for a batch ``body``: decoded, validated, the good records
+    written durably and the outcome audited. Shared with the express lane
+    (service/process/express.py), so both answer alike."""
     source, items = pipeline.decode(body, fmt)
     batch = pipeline.validate(source, items)
     if not batch.accepted:
-        audit_request(request, "ingest", "rejected", source=source, records_rejected=len(batch.errors))
+        audit_call(caller, "ingest", "rejected", source=source, records_rejected=len(batch.errors))
         raise _all_rejected(batch.errors)
     tracking_id = pipeline.new_tracking_id()
     try:
-        written = await pipeline.write(_tenant(request), batch, tracking_id, items)
+        written = await pipeline.write(caller.tenant or "anonymous", batch, tracking_id, items)
     except Exception as exc:
-        audit_request(
-            request, "ingest", f"failed: {type(exc).__name__}", source=source,
+        audit_call(
+            caller, "ingest", f"failed: {type(exc).__name__}", source=source,
             tracking_id=tracking_id, records_accepted=0, records_rejected=len(batch.errors),
         )
         raise
-    audit_request(
-        request, "ingest", "accepted", source=source, tracking_id=tracking_id,
+    audit_call(
+        caller, "ingest", "accepted", source=source, tracking_id=tracking_id,
         records_accepted=written.accepted, records_rejected=len(batch.errors),
         records_duplicate=written.duplicates,
     )
-    answer = IngestResponse(
+    return IngestResponse(
         tracking_id=tracking_id,
         records_accepted=written.accepted,
         records_rejected=len(batch.errors),
         records_duplicate=written.duplicates,
         errors=batch.errors,
     )
-    return respond(request, answer, status=202)
 
 
 async def ingest_stream(request: web.Request) -> web.Response:
@@ -164,7 +173,7 @@ async def ingest_stream(request: web.Request) -> web.Response:
 ROUTES = [
     Route(
         "post",
-        "/api/v2/ingest",
+        PATH,
         ingest,
         "Ingest a batch of training records (partial success)",
         "ingestion",

@@ -106,10 +106,12 @@ async def test_writes_made_while_a_batch_is_in_flight_go_out_together_once_it_is
     producer = writer._running_producer
     send_batch = producer.send_batch
     sent: list[int] = []
+    first_sent = asyncio.Event()
     first_answer_held = asyncio.Event()
 
     async def counting_send_batch(batch, topic, *, partition):  # type: ignore[no-untyped-def]
         sent.append(batch.record_count())
+        first_sent.set()
         ack = await send_batch(batch, topic, partition=partition)
         if len(sent) > 1:
             return ack
@@ -126,8 +128,7 @@ async def test_writes_made_while_a_batch_is_in_flight_go_out_together_once_it_is
     producer.send_batch = counting_send_batch  # type: ignore[method-assign]
     try:
         first = writer.submit(_record())
-        while not sent:
-            await asyncio.sleep(0.001)
+        await asyncio.wait_for(first_sent.wait(), 10)
         later = []
         for _ in range(5):  # one at a time, each in a loop turn of its own
             later.append(writer.submit(_record()))

@@ -1,5 +1,5 @@
-"""The express lane: common predict requests answered at the connection as the app
-answers them, on the server ``mlgate serve`` runs (``CappedAppRunner``) over real
+"""The express lane: common predict and ingest requests answered at the connection as
+the app answers them, on the server ``mlgate serve`` runs (``CappedAppRunner``) over real
 sockets with a real onnxruntime demo model."""
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from mlgate.config import Settings
+from mlgate.config import Settings, worker_data_dir
 from mlgate.service.app import create_app
 from mlgate.service.process import express
 from mlgate.service.process.door import Door, DoorRequestHandler
 from mlgate.service.process.server import CappedAppRunner, CappedServer
-from mlgate.service.state import METRICS, MODEL_REPOSITORY
+from mlgate.service.state import METRICS, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.inference.batching import InferenceWorker
+from mlgate.workers.sinks.local_log import read_log
 from tests.service.predict.test_predict_api import GatedSession, add_version, gate_worker, rows
-from tests.support import free_port
+from tests.support import KeyMaker, free_port
 
 ROW = rows(1)[0].tolist()
 # Headers whose values differ from one answer to the next.
@@ -80,6 +81,7 @@ async def served(
         repo_root = tmp_path / "models"
         if not repo_root.exists():
             add_version(repo_root, 1, seed=1)
+        settings.setdefault("feature_dims", (4, 128))
         app = create_app(make_settings(model_repository=str(repo_root), **settings))
         runner = CappedAppRunner(app, max_connections=100, access_log=None)
         await runner.setup()
@@ -373,3 +375,172 @@ async def test_a_lane_task_that_fails_outside_its_answer_is_logged_counted_and_c
     )
     assert crashes._value.get() == 1
     assert closed == b""  # the connection is closed, not left unread
+
+
+# -- ingest ----------------------------------------------------------------------------
+
+INGEST = "/api/v2/ingest"
+# A Content-Encoding (even identity) keeps a request out of the lane: the app answers it.
+TO_THE_APP = {"Content-Encoding": "identity"}
+
+
+def record(record_id: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "record_id": record_id,
+        "timestamp": "2026-12-04T10:00:00.000Z",
+        "features": [0.5, 1.5, 2.5, 3.5],
+        "metadata": {"device": "sensor-17"},
+        **fields,
+    }
+
+
+def batch(*records: dict[str, Any]) -> dict[str, Any]:
+    return {"source": "sensors", "records": list(records)}
+
+
+def stored_ids(server: Served) -> list[str]:
+    log = Path(worker_data_dir(server.app[SETTINGS])) / "log"
+    return [msgspec.json.decode(entry.record.value)["record_id"] for entry in read_log(log)]
+
+
+async def test_an_ingest_is_answered_in_the_lane_as_the_app_answers_it(served: ServeFactory) -> None:
+    server = await served()
+    in_lane = await server.post(INGEST, batch(record("r-1")))
+    by_app = await server.post(INGEST, batch(record("r-2")), **TO_THE_APP)
+    assert server.taken == 1
+    assert in_lane.status == by_app.status == 202
+    assert [h for h in in_lane.headers if h not in VARYING] == [
+        h for h in by_app.headers if h not in VARYING
+    ]
+    lane_answer = msgspec.json.decode(await in_lane.read())
+    app_answer = msgspec.json.decode(await by_app.read())
+    assert lane_answer.keys() == app_answer.keys()
+    assert lane_answer["records_accepted"] == app_answer["records_accepted"] == 1
+    assert lane_answer["tracking_id"] != app_answer["tracking_id"]
+    assert sorted(stored_ids(server)) == ["r-1", "r-2"]  # durable before the 202
+
+
+async def test_the_lane_takes_msgpack_ingests_and_answers_msgpack(served: ServeFactory) -> None:
+    server = await served()
+    response = await server.post_bytes(
+        INGEST,
+        msgspec.msgpack.encode(batch(record("r-1"), record("r-2"))),
+        **{"Content-Type": "application/msgpack", "Accept": "application/msgpack"},
+    )
+    assert server.taken == 1
+    assert response.status == 202
+    assert response.headers["Content-Type"] == "application/msgpack"
+    assert msgspec.msgpack.decode(await response.read())["records_accepted"] == 2
+    assert sorted(stored_ids(server)) == ["r-1", "r-2"]
+
+
+async def test_a_record_ingested_again_in_the_lane_is_a_duplicate_not_written_twice(
+    served: ServeFactory,
+) -> None:
+    server = await served()
+    first = msgspec.json.decode(await (await server.post(INGEST, batch(record("r-1")))).read())
+    again = msgspec.json.decode(await (await server.post(INGEST, batch(record("r-1")))).read())
+    assert server.taken == 2
+    assert (first["records_accepted"], first["records_duplicate"]) == (1, 0)
+    assert (again["records_accepted"], again["records_duplicate"]) == (0, 1)
+    assert stored_ids(server) == ["r-1"]
+
+
+async def test_the_lane_answers_a_partly_rejected_batch_with_its_errors(served: ServeFactory) -> None:
+    server = await served()
+    response = await server.post(INGEST, batch(record("r-1"), record("r-2", features="x")))
+    answer = msgspec.json.decode(await response.read())
+    assert server.taken == 1
+    assert response.status == 202
+    assert (answer["records_accepted"], answer["records_rejected"]) == (1, 1)
+    assert answer["errors"][0]["index"] == 1
+    assert stored_ids(server) == ["r-1"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{not json", 400),
+        (msgspec.json.encode(batch(record("r-1", features="x"))), 422),  # every record rejected
+        (msgspec.json.encode({"records": [record("r-1")]}), 422),  # no source
+    ],
+)
+async def test_an_ingest_the_lane_refuses_gets_the_apps_problem_document(
+    served: ServeFactory, body: bytes, status: int
+) -> None:
+    server = await served()
+    json = {"Content-Type": "application/json"}
+    in_lane = await server.post_bytes(INGEST, body, **json)
+    by_app = await server.post_bytes(INGEST, body, **json, **TO_THE_APP)
+    assert server.taken == 1
+    assert in_lane.status == by_app.status == status
+    lane_problem = msgspec.json.decode(await in_lane.read())
+    app_problem = msgspec.json.decode(await by_app.read())
+    assert lane_problem["request_id"] == in_lane.headers["X-Request-ID"]
+    for document in (lane_problem, app_problem):
+        del document["request_id"]
+    assert lane_problem == app_problem
+    assert stored_ids(server) == []
+
+
+async def test_an_ingest_with_an_idempotency_key_is_left_to_the_app(served: ServeFactory) -> None:
+    server = await served()
+    first = await server.post(INGEST, batch(record("r-1")), **{"Idempotency-Key": "k-1"})
+    again = await server.post(INGEST, batch(record("r-1")), **{"Idempotency-Key": "k-1"})
+    assert server.taken == 0
+    assert first.status == again.status == 202
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert await first.read() == await again.read()
+
+
+async def test_the_lane_audits_each_ingest_with_its_caller(served: ServeFactory) -> None:
+    server = await served()
+    with capture_logs() as logs:
+        response = await server.post(INGEST, batch(record("r-1")), **{"X-Request-ID": "req-7"})
+    [event] = [entry for entry in logs if entry.get("channel") == "audit"]
+    answer = msgspec.json.decode(await response.read())
+    assert server.taken == 1
+    assert event["event"] == "ingest" and event["outcome"] == "accepted"
+    assert event["route"] == "POST /api/v2/ingest"
+    assert event["request_id"] == "req-7"
+    assert event["tenant"] == "anonymous"
+    assert event["tracking_id"] == answer["tracking_id"]
+    assert event["records_accepted"] == 1
+    assert "features" not in event
+
+
+async def test_a_key_without_the_ingest_scope_is_left_to_the_app_and_its_403(
+    served: ServeFactory, api_keys: KeyMaker
+) -> None:
+    predict_only = api_keys.create(scopes="predict")
+    ingest = api_keys.create(tenant="acme", scopes="ingest")
+    server = await served(auth_disabled=False, keys_file=str(api_keys.path))
+    refused = await server.post(INGEST, batch(record("r-1")), Authorization=f"Bearer {predict_only}")
+    assert refused.status == 403
+    assert server.taken == 0
+    accepted = await server.post(INGEST, batch(record("r-2")), Authorization=f"Bearer {ingest}")
+    assert accepted.status == 202
+    assert server.taken == 1
+    assert stored_ids(server) == ["r-2"]
+
+
+async def test_the_lane_applies_rate_limits_to_ingests(served: ServeFactory) -> None:
+    server = await served(rate_limit_key_rate=0.1, rate_limit_key_burst=1)
+    first = await server.post(INGEST, batch(record("r-1")))
+    second = await server.post(INGEST, batch(record("r-2")))
+    assert server.taken == 2
+    assert first.status == 202 and "RateLimit" in first.headers
+    assert second.status == 429
+    assert "RateLimit-Policy" in second.headers
+    assert stored_ids(server) == ["r-1"]
+
+
+async def test_an_ingest_over_the_body_limit_is_left_to_the_app_and_its_413(
+    served: ServeFactory,
+) -> None:
+    server = await served(max_body_bytes=2048)
+    records = [record(f"r-{i}") for i in range(40)]
+    response = await server.post(INGEST, batch(*records))
+    assert response.status == 413
+    assert server.taken == 0
+    assert stored_ids(server) == []
