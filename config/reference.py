@@ -98,7 +98,7 @@ DESCRIPTIONS: dict[str, str] = {
     "inference_max_batch_size": "Default most rows per inference batch (model config.json overrides).",
     "inference_max_queue_delay_ms": "Default longest wait to fill a batch (model config.json overrides).",
     "inference_threads": "onnxruntime intra-op threads per model session.",
-    "express_lane": "Serve common predict requests at the connection, without the app's machinery.",
+    "express_lane": "Serve common predict and ingest requests at the connection, without the app's machinery.",
     "model_breaker_fail_max": "Consecutive failed inference runs that open a model version's breaker.",
     "model_breaker_reset_s": "Seconds a model version's breaker stays open (503 meanwhile).",
 }
