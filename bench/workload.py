@@ -235,10 +235,25 @@ class Row:
     def ratio(self) -> float:
         return self.mlgate / self.limit if self.limit else math.nan
 
+    @property
+    def ratio_per_core_used(self) -> float:
+        """Where the limit did not use its core (it waited on the broker), the ratio of
+        the rates per core-second each used: what the ratio would be were both
+        CPU-bound. NaN where the limit used its core (the plain ratio says it)."""
+        used, limit_used = self.usage[0], self.limit_usage[0]
+        if math.isnan(used) or math.isnan(limit_used) or limit_used >= 0.9 or not self.limit:
+            return math.nan
+        return (self.mlgate / used) / (self.limit / limit_used)
+
     def verdict(self) -> tuple[bool | None, str]:
         results: list[tuple[str, bool]] = []
         if self.target_ratio is not None:
             results.append((f">= {self.target_ratio}x", self.ratio >= self.target_ratio))
+            per_core = self.ratio_per_core_used
+            if not math.isnan(per_core):
+                results.append(
+                    (f">= {self.target_ratio}x per core used", per_core >= self.target_ratio)
+                )
         if self.p99_target_ms is not None:
             ok = (
                 self.p99_ms < self.p99_target_ms
@@ -258,6 +273,8 @@ class Row:
 
     def target(self) -> str:
         parts = [f">= {self.target_ratio}x"] if self.target_ratio is not None else []
+        if self.target_ratio is not None and not math.isnan(self.ratio_per_core_used):
+            parts.append("the same per core used")
         if self.p99_target_ms is not None:
             parts.append(f"p99 {'<' if self.p99_strict else '<='} {self.p99_target_ms:g} ms")
         if self.acked is not None:
@@ -647,17 +664,15 @@ def short_ingest(run: Run, rows: list[Row]) -> None:
 
 
 def per_core_used(rows: list[Row]) -> list[str]:
-    """Where the limit did not use its core (it waited on the broker), the ratio of the
-    rates per core-second each used: what the ratio would be were both CPU-bound."""
+    """A note per row whose limit did not use its core (``Row.ratio_per_core_used``)."""
     notes = []
     for row in rows:
-        used, limit_used = row.usage[0], row.limit_usage[0]
-        if math.isnan(used) or math.isnan(limit_used) or limit_used >= 0.9 or not row.limit:
+        ratio = row.ratio_per_core_used
+        if math.isnan(ratio):
             continue
-        ratio = (row.mlgate / used) / (row.limit / limit_used)
         notes.append(
-            f"{row.scenario}: the limit used {limit_used:.2f} of its core; per core used, "
-            f"mlgate is {ratio:.2f}x it"
+            f"{row.scenario}: the limit used {row.limit_usage[0]:.2f} of its core; per core "
+            f"used, mlgate is {ratio:.2f}x it"
         )
     return notes
 
