@@ -9,6 +9,7 @@ SIGINT: the orchestrator owns Ctrl-C and stops its children itself.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -24,7 +25,16 @@ WINDOW_END = "window_end"
 
 
 def emit(event: str) -> None:
-    print(event, flush=True)
+    write_line(event)
+
+
+def write_line(text: str) -> None:
+    """``text`` and a newline on stdout, whole. An event loop may have left stdout
+    non-blocking, and a write to a full non-blocking pipe is cut short silently (the
+    process still exits 0): a result of a few MB then reached the orchestrator
+    truncated."""
+    os.set_blocking(sys.stdout.fileno(), True)
+    print(text, flush=True)
 
 
 def run_child(
@@ -37,4 +47,4 @@ def run_child(
     options = msgspec.json.decode(args[0], type=options_type)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         result = runner.run(body(options))
-    print(msgspec.json.encode(result).decode(), flush=True)
+    write_line(msgspec.json.encode(result).decode())

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import msgspec
 import numpy as np
 
-from bench.child import MEASURING, WINDOW_END, emit
+from bench.child import MEASURING, WINDOW_END, emit, write_line
 from bench.http_load import encode_request, run_load
 from bench.processes import (
     REPO_ROOT,
@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
                 result: msgspec.Struct = runner.run(generate_load(options))
         else:
             result = measure_onnxruntime(msgspec.json.decode(argv[1], type=OrtOptions))
-        print(msgspec.json.encode(result).decode(), flush=True)
+        write_line(msgspec.json.encode(result).decode())
         return 0
     parser = argparse.ArgumentParser(
         prog="python -m bench.predict", description=__doc__.split("\n\n")[0]
