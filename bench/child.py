@@ -2,7 +2,9 @@
 
 A child gets its options as one JSON argument, prints ``measuring`` when its
 measurement window opens and ``window_end`` when it closes (so the orchestrator can
-sample CPU over the same window), then one JSON line with its result. It ignores
+sample CPU over the same window), then its result as JSON: into the file
+``$BENCH_RESULT_FILE`` names when set (results run to several MB, and full runs saw
+them reach the orchestrator cut short through the pipe), else as one line. It ignores
 SIGINT: the orchestrator owns Ctrl-C and stops its children itself.
 """
 
@@ -28,6 +30,18 @@ def emit(event: str) -> None:
     write_line(event)
 
 
+RESULT_FILE_ENV = "BENCH_RESULT_FILE"
+
+
+def write_result(result: bytes) -> None:
+    path = os.environ.get(RESULT_FILE_ENV)
+    if path:
+        with open(path, "wb") as file:
+            file.write(result)
+    else:
+        write_line(result.decode())
+
+
 def write_line(text: str) -> None:
     """``text`` and a newline on stdout, whole. An event loop may have left stdout
     non-blocking, and a write to a full non-blocking pipe is cut short silently (the
@@ -47,4 +61,4 @@ def run_child(
     options = msgspec.json.decode(args[0], type=options_type)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         result = runner.run(body(options))
-    write_line(msgspec.json.encode(result).decode())
+    write_result(msgspec.json.encode(result))

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import msgspec
 import numpy as np
 
-from bench.child import MEASURING, WINDOW_END, emit, write_line
+from bench.child import MEASURING, RESULT_FILE_ENV, WINDOW_END, emit, write_result
 from bench.http_load import encode_request, run_load
 from bench.processes import (
     REPO_ROOT,
@@ -253,10 +253,32 @@ def run_child(
     on_spawn: Callable[[int], None] | None = None,
 ) -> bytes:
     """Run a child (``python -m module [role] OPTIONS_JSON``, pinned to ``cpus`` if
-    given) to completion; its last line is the result, earlier ones events."""
+    given) to completion: its result (``bench.child.write_result``); the lines it
+    prints are events."""
+    with tempfile.TemporaryDirectory(prefix="mlgate-bench-result-") as folder:
+        result_file = Path(folder) / "result.json"
+        lines = _run_to_end(role, options, timeout_s, on_event, module, cpus, on_spawn, result_file)
+        if result_file.exists():
+            return result_file.read_bytes()
+    results = [line for line in lines if line.startswith(b"{")]
+    if not results:
+        raise RuntimeError(f"the {role or module} child wrote no result (last line {lines[-1:]!r:.200})")
+    return results[-1]
+
+
+def _run_to_end(
+    role: str | None,
+    options: msgspec.Struct,
+    timeout_s: float,
+    on_event: Callable[[str], None] | None,
+    module: str,
+    cpus: set[int] | None,
+    on_spawn: Callable[[int], None] | None,
+    result_file: Path,
+) -> list[bytes]:
     child = spawn(
         [sys.executable, "-m", module, *([role] if role else []), msgspec.json.encode(options).decode()],
-        env=service_env({}),
+        env=service_env({RESULT_FILE_ENV: str(result_file)}),
         cpus=cpus,
         stdout=subprocess.PIPE,
     )
@@ -275,10 +297,9 @@ def run_child(
     finally:
         watchdog.cancel()
         stop(child)
-    results = [line for line in lines if line.startswith(b"{")]
-    if child.returncode != 0 or not results:
+    if child.returncode != 0:
         raise RuntimeError(f"the {role or module} child exited with {child.returncode} (last line {lines[-1:]!r:.200})")
-    return results[-1]
+    return lines
 
 
 def load(
@@ -645,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
                 result: msgspec.Struct = runner.run(generate_load(options))
         else:
             result = measure_onnxruntime(msgspec.json.decode(argv[1], type=OrtOptions))
-        write_line(msgspec.json.encode(result).decode())
+        write_result(msgspec.json.encode(result))
         return 0
     parser = argparse.ArgumentParser(
         prog="python -m bench.predict", description=__doc__.split("\n\n")[0]
