@@ -74,9 +74,8 @@ def _record(key: bytes = b"same-key") -> list[OutboundRecord]:
     return [OutboundRecord(key=key, value=b"v", headers=[])]
 
 
-async def test_a_write_to_an_idle_writer_is_sent_without_lingering(
-    make_settings, kafka_broker, kafka_topic: str
-) -> None:
+async def _lingering_writer(make_settings, kafka_broker, kafka_topic: str) -> KafkaWriter:  # type: ignore[no-untyped-def]
+    """A started writer whose linger (ten minutes) only ends when its batches are answered."""
     writer = KafkaWriter(
         make_settings(
             kafka_bootstrap_servers=kafka_broker.bootstrap,
@@ -85,6 +84,13 @@ async def test_a_write_to_an_idle_writer_is_sent_without_lingering(
         )
     )
     await writer.start()
+    return writer
+
+
+async def test_a_write_to_an_idle_writer_is_sent_without_lingering(
+    make_settings, kafka_broker, kafka_topic: str
+) -> None:
+    writer = await _lingering_writer(make_settings, kafka_broker, kafka_topic)
     try:
         # Nothing in flight: sent at once, acknowledged long before the linger ends.
         await asyncio.wait_for(writer.write(_record()), 10)
@@ -95,14 +101,7 @@ async def test_a_write_to_an_idle_writer_is_sent_without_lingering(
 async def test_writes_made_while_a_batch_is_in_flight_go_out_together_once_it_is_answered(
     make_settings, kafka_broker, kafka_topic: str
 ) -> None:
-    writer = KafkaWriter(
-        make_settings(
-            kafka_bootstrap_servers=kafka_broker.bootstrap,
-            kafka_topic=kafka_topic,
-            kafka_linger_ms=600_000,
-        )
-    )
-    await writer.start()
+    writer = await _lingering_writer(make_settings, kafka_broker, kafka_topic)
     producer = writer._running_producer
     send_batch = producer.send_batch
     sent: list[int] = []
