@@ -270,8 +270,8 @@ class Door:
         """An ingest for the express lane, with its whole body, when a key known now
         has the ``ingest`` scope. Never refused here: a sink has no room to check
         before the records are validated."""
-        if self.express is None:
-            return None
+        if self.express is None or not _plain_body(message.headers):
+            return None  # the lane would not take it: no body to join, no key to look up
         key = self._authorized(message.headers, "ingest")
         chunks = getattr(payload, "_buffer", None)  # aiohttp's StreamReader keeps its chunks here
         if key is None or chunks is None:
