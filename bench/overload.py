@@ -8,7 +8,11 @@ retry storm does. Phases, in one run:
 1. ``--connections`` (32) connections: the model saturated; its answers/s are the
    reference;
 2. 4x and 16x those connections: successful answers/s (goodput), the 503s' p99 and
-   the server's RSS (before, peak, after).
+   the server's RSS (before, peak, after). With the default deadline (1 s) the
+   mailbox takes what can be answered in time, so these see few or no refusals;
+3. 16x again with a short ``X-Request-Timeout`` (``--tight-ms``, 50 ms): only some
+   of the connections can be answered in time, the rest must be refused, so this is
+   the phase that measures refusals.
 
 Targets (issue 11): goodput at 4x and 16x >= 0.8x the saturated rate, 503 p99 <= 5 ms,
 RSS bounded (peak within 100 MB of the start). Exit status 0 when every target is
@@ -37,6 +41,7 @@ from bench.predict import (
     write_heavy_repository,
 )
 from bench.processes import free_port, pinning, rss_mb, start_service, wait_ready
+from mlgate.service.predict.flow import TIMEOUT_HEADER
 
 GOODPUT_TARGET = 0.8
 REFUSAL_P99_MS = 5.0
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             port = free_port()
             process = start_service(
-                mlgate_env(port, workdir, repository, "heavy"),
+                mlgate_env(port, workdir, repository, "heavy", **dict(args.setting)),
                 workdir / "mlgate.log",
                 cpus=server_cpus,
             )
@@ -77,9 +82,11 @@ def run(args: argparse.Namespace) -> int:
             wait_ready(f"http://127.0.0.1:{port}/ready", [process], STARTUP_TIMEOUT_S)
             url = f"http://127.0.0.1:{port}/api/v2/predict"
             phases = []
-            for factor in (1, 4, 16):
+            for factor, timeout_ms in ((1, None), (4, None), (16, None), (16, args.tight_ms)):
                 connections = args.connections * factor
                 label = "saturated" if factor == 1 else f"{factor}x connections"
+                if timeout_ms is not None:
+                    label += f", {TIMEOUT_HEADER} {timeout_ms:g} ms"
                 print(f"  {label}: {connections} connections ...", flush=True)
                 options = LoadOptions(
                     url=url,
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                     warmup_s=args.warmup,
                     connections=connections,
                     body_format="json",
+                    headers={} if timeout_ms is None else {TIMEOUT_HEADER: f"{timeout_ms:g}"},
                 )
                 before = rss_mb(process.pid)
                 sampler = RssSampler(process.pid)
@@ -161,6 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per phase")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--tight-ms",
+        type=float,
+        default=50.0,
+        help=f"the last phase's {TIMEOUT_HEADER}: a deadline too short for every request",
+    )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        type=lambda text: tuple(text.split("=", 1)),
+        metavar="MLGATE_NAME=VALUE",
+        help="a setting for the server (repeatable), to compare policies in one command",
+    )
     return run(parser.parse_args(argv))
 
 

@@ -94,7 +94,16 @@ DESCRIPTIONS: dict[str, str] = {
     "default_model": "Model used when a predict request names none.",
     "model_poll_interval_s": "How often the repository is rescanned (0: only on SIGHUP or the load API).",
     "request_timeout_ms": "Default predict deadline (X-Request-Timeout overrides per request).",
-    "inference_mailbox_size": "Predict requests that may wait per model version; full: 503 at once.",
+    "inference_mailbox_size": (
+        "Predict requests that may wait per model version; full: 503 at once. A request "
+        "that would wait past its deadline is refused at once whatever the room."
+    ),
+    "inference_thread_niceness": (
+        "How much nicer than the process the threads running models are (0-19): the "
+        "event loop then answers, admits and refuses promptly while a batch computes, "
+        "and the model has the rest of the core."
+    ),
+    "inference_mailbox_bytes": "Bytes of predict inputs that may wait per model version; full: 503 at once.",
     "inference_max_batch_size": "Default most rows per inference batch (model config.json overrides).",
     "inference_max_queue_delay_ms": "Default longest wait to fill a batch (model config.json overrides).",
     "inference_threads": "onnxruntime intra-op threads per model session.",

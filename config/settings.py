@@ -144,10 +144,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     default_model: str = "demo"
     model_poll_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     request_timeout_ms: PositiveInt = 1000
-    inference_mailbox_size: PositiveInt = 256
+    inference_mailbox_size: PositiveInt = 4096
+    inference_mailbox_bytes: PositiveInt = 128 * 1024 * 1024
     inference_max_batch_size: PositiveInt = 64
     inference_max_queue_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     inference_threads: PositiveInt = 1
+    inference_thread_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 5
     # Common predict requests answered at the connection (service/process/express.py).
     express_lane: bool = True
     model_breaker_fail_max: PositiveInt = 5

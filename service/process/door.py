@@ -97,8 +97,13 @@ class Door:
         self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.refused = 0
         self.on_the_way: dict[InferenceWorker, int] = {}
-        # Refused connections not read until their turn: (let go at, connection).
-        self._held: dict[InferenceWorker, deque[tuple[float, DoorRequestHandler]]] = {}
+        # Refused connections not read until their turn, in line by worker and by the
+        # time their refused request gave the model (the likely time of their next):
+        # (let go at, connection). A tight deadline's line does not block a loose one's.
+        self._held: dict[
+            tuple[InferenceWorker, float], deque[tuple[float, DoorRequestHandler]]
+        ] = {}
+        self._held_for: dict[InferenceWorker, int] = {}
         self._holding: set[DoorRequestHandler] = set()
         # Connections let go on with room kept for their next request: (worker, since).
         self._reservations: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
@@ -126,7 +131,8 @@ class Door:
         if reserved is not None and not (admission is not None and worker is reserved):
             self.reached_app(reserved)  # the room kept for this connection goes unused
         if answer is not None and worker is not None:
-            self._hold(connection, worker)
+            timeout_ms = timeout_ms_in(message.headers, self._settings.request_timeout_ms)
+            self._hold(connection, worker, (timeout_ms or self._settings.request_timeout_ms) / 1000)
         return answer, admission
 
     def _decide(
@@ -159,7 +165,9 @@ class Door:
             return None, worker, Admission(worker, key, deadline, body)
         started = time.perf_counter()
         try:
-            worker.check_room(1, deadline, ahead=self.on_the_way.get(worker, 0))
+            # Held connections come back first: their next requests count as ahead.
+            ahead = self.on_the_way.get(worker, 0) + self._held_for.get(worker, 0)
+            worker.check_room(1, deadline, ahead=ahead)
         except (MailboxFull, DeadlineExpired) as exc:
             self.refused += 1
             answer = self._answer(as_api_error(exc, self._settings.retry_after_s), path, headers)
@@ -179,9 +187,13 @@ class Door:
         else:
             del self.on_the_way[worker]
 
-    def _hold(self, connection: DoorRequestHandler, worker: InferenceWorker) -> None:
+    def _hold(
+        self, connection: DoorRequestHandler, worker: InferenceWorker, timeout_s: float
+    ) -> None:
         """Stop reading a refused connection until ``worker`` has room for its next
-        request (in the order connections were held) or ``Retry-After`` has passed.
+        request, answered within ``timeout_s`` (in the order connections were held;
+        a request from another connection counts them as ahead of it), or until
+        ``Retry-After`` has passed.
 
         A client that retries at once (a retry storm) then waits in the kernel's
         socket buffer for its turn, instead of being read, refused and answered again
@@ -192,9 +204,10 @@ class Door:
         self._holding.add(connection)
         transport.pause_reading()
         loop = asyncio.get_running_loop()
-        self._held.setdefault(worker, deque()).append(
+        self._held.setdefault((worker, timeout_s), deque()).append(
             (loop.time() + self._settings.retry_after_s, connection)
         )
+        self._held_for[worker] = self._held_for.get(worker, 0) + 1
         self._schedule_tick(loop)
 
     def release(self, connection: DoorRequestHandler) -> None:
@@ -225,21 +238,26 @@ class Door:
             if since + RESERVATION_S <= now:
                 del self._reservations[connection]
                 self.reached_app(worker)
-        for worker, held in list(self._held.items()):
-            room = worker.room - self.on_the_way.get(worker, 0)
-            while held and (room > 0 or held[0][0] <= now):
-                _, connection = held.popleft()
+        for (worker, timeout_s), held in list(self._held.items()):
+            while held:
+                let_go_at, connection = held[0]
+                room = worker.room_within(timeout_s) - self.on_the_way.get(worker, 0)
+                if room <= 0 and let_go_at > now:
+                    break
+                held.popleft()
+                self._held_for[worker] -= 1
+                if not self._held_for[worker]:
+                    del self._held_for[worker]
                 self._holding.discard(connection)
                 transport = connection.transport
                 if transport is None or transport.is_closing():
                     continue
                 if room > 0:
-                    room -= 1
                     self._on_its_way(worker)
                     self._reservations[connection] = (worker, now)
                 transport.resume_reading()
             if not held:
-                del self._held[worker]
+                del self._held[worker, timeout_s]
 
     def _target(
         self, path: str, message: RawRequestMessage, payload: StreamReader
@@ -266,7 +284,9 @@ class Door:
             return _VERSION_INFER, parts[3], parts[5], None
         return None
 
-    def _ingest_admission(self, message: RawRequestMessage, payload: StreamReader) -> Admission | None:
+    def _ingest_admission(
+        self, message: RawRequestMessage, payload: StreamReader
+    ) -> Admission | None:
         """An ingest for the express lane, with its whole body, when a key known now
         has the ``ingest`` scope. Never refused here: a sink has no room to check
         before the records are validated."""
@@ -324,7 +344,9 @@ class Door:
 def _plain_body(headers: Mapping[str, str]) -> bool:
     """No ``Idempotency-Key`` (the app keeps its answer), ``Expect`` (the app answers
     ``100 Continue``) or ``Content-Encoding`` (the app decompresses)."""
-    return not ("Idempotency-Key" in headers or "Expect" in headers or "Content-Encoding" in headers)
+    return not (
+        "Idempotency-Key" in headers or "Expect" in headers or "Content-Encoding" in headers
+    )
 
 
 def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> bytes | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -187,6 +188,23 @@ async def test_full_mailbox_raises_at_once(make_worker: WorkerFactory) -> None:
     await asyncio.gather(*accepted)
 
 
+async def test_mailbox_full_of_input_bytes_raises_at_once(make_worker: WorkerFactory) -> None:
+    worker = make_worker(mailbox_size=100, mailbox_bytes=2 * rows(1).nbytes)
+    accepted = [worker.submit(rows(1, i), soon()) for i in range(2)]
+    with pytest.raises(MailboxFull, match="bytes"):
+        worker.submit(rows(1, 3), soon())
+    assert worker.stats.rejected == 1
+    await asyncio.gather(*accepted)
+
+
+async def test_empty_mailbox_takes_one_request_larger_than_its_byte_bound(
+    make_worker: WorkerFactory,
+) -> None:
+    worker = make_worker(mailbox_bytes=rows(1).nbytes)
+    answer = await worker.submit(rows(10), soon())
+    assert answer["probabilities"].shape == (10, 2)
+
+
 async def test_item_past_its_deadline_is_refused_at_once_without_compute(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession
 ) -> None:
@@ -297,3 +315,41 @@ async def test_the_next_batch_runs_while_the_event_loop_is_busy(
     assert len(session.batches) == 2
     await first
     await second
+
+
+class NicenessSession(RecordingSession):
+    """Records the niceness of the thread each run computes in."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        super().__init__(session)
+        self.niceness: list[int] = []
+
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]
+    ) -> Sequence[np.ndarray]:
+        self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return super().run(output_names, input_feed)
+
+
+async def test_the_model_computes_in_a_thread_nicer_than_the_event_loop(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = NicenessSession(demo_session)
+    worker = make_worker(session, thread_niceness=3)
+    await worker.submit(rows(1), soon())
+    loop_niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert session.niceness == [min(19, loop_niceness + 3)]
+
+
+async def test_room_within_a_time_counts_only_requests_answered_in_it(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = RecordingSession(demo_session, delay_s=0.05)
+    worker = make_worker(session, max_batch_size=1, mailbox_size=100)
+    await worker.submit(rows(1), soon())  # teaches the worker a batch takes ~50 ms
+    assert worker.room_within(0.02) == 0
+    room = worker.room_within(1.0)
+    assert 0 < room < 20  # at most 1 s / 50 ms batches of one row
+    worker.check_room(1, time.monotonic() + 1.0, ahead=room - 1)
+    with pytest.raises(MailboxFull, match="deadline"):
+        worker.check_room(1, time.monotonic() + 1.0, ahead=25)

@@ -1,7 +1,8 @@
 """InferenceWorker: the batching actor in front of one loaded (model, version).
 
-Requests put ``(inputs, deadline, future)`` items in one bounded mailbox; a full
-mailbox raises ``MailboxFull`` at once, and so does a request that, by the recent
+Requests put ``(inputs, deadline, future)`` items in one bounded mailbox, bounded in
+requests and in the bytes of their inputs; a full mailbox raises ``MailboxFull`` at
+once, and so does a request that, by the recent
 batch run times and the rows queued ahead of it, would be answered after its
 deadline (shed now rather than answered 504 later). The single worker task takes the first item,
 then, when the model is idle, only the items already queued (a lone request waits
@@ -23,6 +24,10 @@ batch to the next without waiting for the event loop, however busy the loop is. 
 waiting batch still counts against the mailbox bound, and a batch whose every
 deadline passed while it waited is not computed.
 
+The thread runs ``thread_niceness`` nicer than the process: on the one core the
+model shares with the event loop, the loop (answering, admitting, refusing) goes
+first whenever it has work, in short bursts, and the model computes in the rest.
+
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
 does not fit the current batch opens the next one.
 """
@@ -30,8 +35,10 @@ does not fit the current batch opens the next one.
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,6 +57,22 @@ Outputs = dict[str, np.ndarray]
 _RUN_TIME_WEIGHT = 0.2
 
 
+def _lower_priority(niceness: int) -> Callable[[], None]:
+    """A thread initializer that makes the calling thread ``niceness`` nicer than the
+    process (Linux schedules threads one by one)."""
+
+    def lower() -> None:
+        thread = threading.get_native_id()
+        try:
+            os.setpriority(
+                os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + niceness)
+            )
+        except OSError as exc:  # not Linux, or a sandbox that forbids it: run as is
+            log.warning("inference_thread_priority_unchanged", error=repr(exc))
+
+    return lower
+
+
 class Session(Protocol):
     """What the worker needs of an ``onnxruntime.InferenceSession``."""
 
@@ -64,6 +87,7 @@ class _Item:
     rows: int
     deadline: float
     enqueued: float
+    nbytes: int
     future: asyncio.Future[Outputs]
     # Context crosses the queue explicitly: contextvars do not reach the worker task.
     request_id: str | None
@@ -93,12 +117,15 @@ class InferenceWorker(Actor[_Item]):
         max_batch_size: int = 64,
         max_queue_delay_s: float = 0.002,
         mailbox_size: int = 256,
+        mailbox_bytes: int = 128 * 1024 * 1024,
+        thread_niceness: int = 0,
         telemetry: WorkerTelemetry = NO_TELEMETRY,
     ) -> None:
         if not input_names:
             raise ValueError("a model needs at least one input")
         super().__init__(mailbox_size)
         self._mailbox_size = mailbox_size
+        self._mailbox_bytes = mailbox_bytes
         self.model, self.version = model, version
         self.name = f"{model}/{version}"
         self._telemetry = telemetry
@@ -108,10 +135,13 @@ class InferenceWorker(Actor[_Item]):
         self._output_names = list(output_names)
         self._max_batch_size = max(1, max_batch_size)
         self._max_queue_delay_s = max_queue_delay_s
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.name}")
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix=f"infer-{self.name}", initializer=_lower_priority(thread_niceness)
+        )
         self._carry: _Item | None = None
         self._run_time_s = 0.0  # running estimate of one batch's compute time
         self._queued_rows = 0
+        self._queued_bytes = 0  # of the inputs in the mailbox
         self._slots = asyncio.Semaphore(2)
         self._in_flight: list[list[_Item]] = []  # batches handed to the thread
         self._busy_until = 0.0  # when the thread should be free, by recent run times
@@ -135,6 +165,15 @@ class InferenceWorker(Actor[_Item]):
         """Requests of a row each the mailbox would take now."""
         return max(0, self._mailbox_size - self.mailbox_depth)
 
+    def room_within(self, seconds: float) -> int:
+        """Requests of a row each the mailbox would take now and, by recent batch run
+        times, answer within ``seconds``: ``check_room`` would refuse the next one."""
+        if not self.stats.batches or self._run_time_s <= 0:
+            return self.room
+        # A fifth of the time is left for the way to the mailbox and the estimate's noise.
+        batches = int(0.8 * seconds / self._run_time_s) - len(self._in_flight)
+        return max(0, min(self.room, batches * self._max_batch_size - self._queued_rows))
+
     @property
     def mailbox_full(self) -> bool:
         return self.mailbox_depth >= self._mailbox_size
@@ -151,10 +190,12 @@ class InferenceWorker(Actor[_Item]):
         if not self.running:
             raise WorkerClosed(f"inference worker {self.name} is not running")
         feed, count, signature = self._described(inputs)
-        now = self.check_room(count, deadline)
+        nbytes = sum(array.nbytes for array in feed.values())
+        now = self.check_room(count, deadline, nbytes=nbytes)
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Item(feed, count, deadline, now, future, request_id, signature))
+        self._enqueue(_Item(feed, count, deadline, now, nbytes, future, request_id, signature))
         self._queued_rows += count
+        self._queued_bytes += nbytes
         return future
 
     def _described(
@@ -167,7 +208,11 @@ class InferenceWorker(Actor[_Item]):
             if inputs.ndim == 0:
                 raise ValueError("inputs need a batch dimension")
             name = self._input_names[0]
-            return {name: inputs}, int(inputs.shape[0]), ((name, inputs.shape[1:], inputs.dtype.str),)
+            return (
+                {name: inputs},
+                int(inputs.shape[0]),
+                ((name, inputs.shape[1:], inputs.dtype.str),),
+            )
         feed = dict(inputs)
         if any(array.ndim == 0 for array in feed.values()):
             raise ValueError("inputs need a batch dimension")
@@ -179,12 +224,13 @@ class InferenceWorker(Actor[_Item]):
         )
         return feed, rows.pop(), signature
 
-    def check_room(self, rows: int, deadline: float, ahead: int = 0) -> float:
-        """Raise what ``submit`` would for ``rows`` due by ``deadline``, before the
-        caller builds them: ``DeadlineExpired`` when it has passed, ``MailboxFull``
-        when the mailbox is full or the answer would come too late. ``ahead``: requests
-        of a row each already on their way to the mailbox, counted as if in it.
-        Returns now."""
+    def check_room(self, rows: int, deadline: float, ahead: int = 0, nbytes: int = 0) -> float:
+        """Raise what ``submit`` would for ``rows`` (of ``nbytes``, when known) due by
+        ``deadline``, before the caller builds them: ``DeadlineExpired`` when it has
+        passed, ``MailboxFull`` when the mailbox is full (in requests, or in bytes:
+        one request is always let into an empty one) or the answer would come too
+        late. ``ahead``: requests of a row each already on their way to the mailbox,
+        counted as if in it. Returns now."""
         now = time.monotonic()
         if deadline <= now:
             self.stats.expired += 1
@@ -192,6 +238,9 @@ class InferenceWorker(Actor[_Item]):
         if self.mailbox_depth + ahead >= self._mailbox_size:
             self.stats.rejected += 1
             raise MailboxFull(f"inference mailbox of {self.name} is full")
+        if self._queued_bytes and self._queued_bytes + nbytes > self._mailbox_bytes:
+            self.stats.rejected += 1
+            raise MailboxFull(f"inference mailbox of {self.name} is full (input bytes)")
         if now + self._expected_wait_s(rows + ahead) > deadline:
             self.stats.rejected += 1
             raise MailboxFull(f"{self.name} cannot answer before the request's deadline")
@@ -208,6 +257,7 @@ class InferenceWorker(Actor[_Item]):
 
     def _took(self, item: _Item) -> _Item:
         self._queued_rows -= item.rows
+        self._queued_bytes -= item.nbytes
         return item
 
     async def _release(self) -> None:

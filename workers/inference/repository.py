@@ -370,6 +370,8 @@ class ModelRepository:
             max_batch_size=max_batch_size,
             max_queue_delay_s=config.max_queue_delay_ms / 1000,
             mailbox_size=self.settings.inference_mailbox_size,
+            mailbox_bytes=self.settings.inference_mailbox_bytes,
+            thread_niceness=self.settings.inference_thread_niceness,
             telemetry=self._telemetry,
         )
         worker.start()

@@ -220,11 +220,12 @@ async def test_a_key_without_the_predict_scope_is_still_403_when_the_model_is_fu
     await model.release()
 
 
-def raw_predict(features: list[float]) -> bytes:
+def raw_predict(features: list[float], timeout_ms: int | None = None) -> bytes:
     body = msgspec.json.encode({"features": features})
+    timeout = "" if timeout_ms is None else f"X-Request-Timeout: {timeout_ms}\r\n"
     head = (
         "POST /api/v2/predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"{timeout}Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
@@ -271,6 +272,32 @@ async def test_a_held_connection_is_read_again_after_retry_after_even_if_the_mod
     assert model.door.refused == 2
     writer.close()
     await model.release()
+
+
+async def test_a_connection_held_for_a_tight_deadline_does_not_hold_up_a_looser_one(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    tight_reader, tight_writer = await model.connect()
+    loose_reader, loose_writer = await model.connect()
+    tight_writer.write(raw_predict(ROW, timeout_ms=10))
+    assert await asyncio.wait_for(read_answer(tight_reader), 5) == 503
+    refused = asyncio.get_running_loop().time()
+    tight_writer.write(raw_predict(ROW, timeout_ms=10))  # held: first in line
+    loose_writer.write(raw_predict(ROW))
+    assert await asyncio.wait_for(read_answer(loose_reader), 5) == 503
+    loose_writer.write(raw_predict(ROW))  # held behind it
+    tight_retry = asyncio.ensure_future(read_answer(tight_reader))
+    await asyncio.sleep(0.1)  # the gated batch teaches the model a batch takes 100 ms
+    released = asyncio.get_running_loop().time()
+    assert await model.release() == [200, 200]
+    assert await asyncio.wait_for(read_answer(loose_reader), 5) == 200
+    assert asyncio.get_running_loop().time() - released < 0.5  # not after Retry-After
+    assert not tight_retry.done()
+    await asyncio.wait_for(tight_retry, 5)
+    assert asyncio.get_running_loop().time() - refused >= 0.9  # let go after Retry-After
+    tight_writer.close()
+    loose_writer.close()
 
 
 async def test_a_held_connection_that_closes_leaves_no_room_kept(
