@@ -72,6 +72,13 @@ RESERVATION_S = 0.1
 log = structlog.get_logger("mlgate.door")
 
 
+def _line_of(timeout_ms: float) -> float:
+    """The held line, in seconds, for a request given ``timeout_ms``: the power of two
+    of milliseconds at or below it. Lines stay few (about 20) whatever timeouts clients
+    send, and a line's room is reckoned for a deadline no looser than its members'."""
+    return 2 ** math.floor(math.log2(max(1.0, timeout_ms))) / 1000
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """A request let through (for a worker, when it is a predict): what the express
@@ -132,7 +139,9 @@ class Door:
             self.reached_app(reserved)  # the room kept for this connection goes unused
         if answer is not None and worker is not None:
             timeout_ms = timeout_ms_in(message.headers, self._settings.request_timeout_ms)
-            self._hold(connection, worker, (timeout_ms or self._settings.request_timeout_ms) / 1000)
+            self._hold(
+                connection, worker, _line_of(timeout_ms or self._settings.request_timeout_ms)
+            )
         return answer, admission
 
     def _decide(

@@ -300,6 +300,20 @@ async def test_a_connection_held_for_a_tight_deadline_does_not_hold_up_a_looser_
     loose_writer.close()
 
 
+async def test_held_connections_wait_in_few_lines_whatever_timeouts_they_send(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    connections = [await model.connect() for _ in range(40)]
+    for number, (reader, writer) in enumerate(connections):
+        writer.write(raw_predict(ROW, timeout_ms=300 + number))
+        assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    assert len(model.door._held) == 1  # 300..339 ms: the 256 ms line
+    for _, writer in connections:
+        writer.close()
+    await model.release()
+
+
 async def test_a_held_connection_that_closes_leaves_no_room_kept(
     full_model: FullModelFactory,
 ) -> None:
