@@ -2,9 +2,8 @@
 
 Requests put ``(records, future)`` items in one bounded mailbox. The single writer task
 takes what is waiting (up to ``writer_max_batch_records``), groups it by partition
-(the Java client's murmur2 partitioner on ``record_id``, computed with numpy over all
-the keys of equal length at once: ``partitions_for``), sends one Kafka batch per
-partition with ``acks=all``, and resolves each request's future once every batch that
+(the Java client's murmur2 partitioner on ``record_id``, in C: ``partitions_for``),
+sends one Kafka batch per partition with ``acks=all``, and resolves each request's future once every batch that
 holds one of its records is acknowledged. Sends are pipelined up to
 ``writer_max_in_flight`` batches; aiokafka has no memory bound of its own, so the
 mailbox in front of it is the bound.
@@ -33,7 +32,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import numpy as np
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -42,8 +40,8 @@ from aiokafka.errors import (
     NotEnoughReplicasAfterAppendError,
     RequestTimedOutError,
 )
-from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
+from murmurhash2 import murmurhash2
 
 from mlgate.config import Settings
 from mlgate.workers.actor import Actor
@@ -335,57 +333,12 @@ class KafkaWriter(Actor[_Pending]):
 # -- partitioning ------------------------------------------------------------------------
 
 _MURMUR2_SEED = 0x9747B28C
-_MURMUR2_M = np.uint32(0x5BD1E995)
-_VECTORIZE_FROM = 16  # keys of one length; fewer go through aiokafka's pure-Python murmur2
 
 
 def partitions_for(keys: list[bytes], partitions: list[int]) -> list[int]:
     """The partition of each key, exactly as aiokafka's ``DefaultPartitioner`` (the Java
-    client's) picks it: ``partitions[(murmur2(key) & 0x7fffffff) % len(partitions)]``.
-
-    Keys of equal length are hashed together with numpy (uint32 arithmetic wraps like
-    the Java ints): about 0.1 us a key instead of 4 us in pure Python.
-    """
+    client's) picks it: ``partitions[(murmur2(key) & 0x7fffffff) % len(partitions)]``,
+    with the C murmur2 of the ``murmurhash2`` package (0.2 us a key; aiokafka's pure
+    Python one takes 6 us)."""
     count = len(partitions)
-    chosen = [0] * len(keys)
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for position, key in enumerate(keys):
-        by_length[len(key)].append(position)
-    for length, positions in by_length.items():
-        if len(positions) < _VECTORIZE_FROM:
-            for position in positions:
-                chosen[position] = partitions[(murmur2(keys[position]) & 0x7FFFFFFF) % count]
-            continue
-        hashes = _murmur2_equal_length([keys[position] for position in positions], length)
-        indexes = ((hashes & np.uint32(0x7FFFFFFF)) % np.uint32(count)).tolist()
-        for position, index in zip(positions, indexes, strict=True):
-            chosen[position] = partitions[index]
-    return chosen
-
-
-def _murmur2_equal_length(keys: list[bytes], length: int) -> np.ndarray:
-    """Murmur2 (Kafka's variant) of each key; every key is ``length`` bytes long."""
-    m = _MURMUR2_M
-    data = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), length)
-    h = np.full(len(keys), (_MURMUR2_SEED ^ length) & 0xFFFFFFFF, dtype=np.uint32)
-    whole = length - length % 4
-    if whole:
-        blocks = np.ascontiguousarray(data[:, :whole]).view("<u4")
-        for i in range(whole // 4):
-            k = blocks[:, i] * m
-            k ^= k >> np.uint32(24)
-            k *= m
-            h *= m
-            h ^= k
-    tail = length - whole
-    if tail >= 3:
-        h ^= data[:, whole + 2].astype(np.uint32) << np.uint32(16)
-    if tail >= 2:
-        h ^= data[:, whole + 1].astype(np.uint32) << np.uint32(8)
-    if tail >= 1:
-        h ^= data[:, whole].astype(np.uint32)
-        h *= m
-    h ^= h >> np.uint32(13)
-    h *= m
-    h ^= h >> np.uint32(15)
-    return h
+    return [partitions[(murmurhash2(key, _MURMUR2_SEED) & 0x7FFFFFFF) % count] for key in keys]
