@@ -264,7 +264,7 @@ class Door:
                 if room > 0:
                     self._on_its_way(worker)
                     self._reservations[connection] = (worker, now)
-                transport.resume_reading()
+                connection.read_on()
             if not held:
                 del self._held[worker, timeout_s]
 
@@ -404,6 +404,28 @@ class DoorRequestHandler(web.RequestHandler):
         # For each message handed to the app, in order: the worker it goes to, if known.
         self._bound_for: deque[InferenceWorker | None] = deque()
         self._express_task: asyncio.Task[None] | None = None
+        self._read_once_drained = False
+
+    def read_on(self) -> None:
+        """Resume reading the connection after the door or the lane stopped, unless
+        its peer is not reading our answers (writing paused: the transport's write
+        buffer is past its high-water mark). Then reading resumes once the buffer
+        drains (``resume_writing``): a client that pipelines requests and never reads
+        cannot grow the answers waiting in memory without bound."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.writing_paused:
+            self._read_once_drained = True
+            return
+        if not self._buffer_paused:  # aiohttp's own hold (its message queue) stays
+            transport.resume_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._read_once_drained:
+            self._read_once_drained = False
+            self.read_on()
 
     async def _handle_request(self, *args: Any, **kwargs: Any) -> tuple[web.StreamResponse, bool]:
         if self._bound_for:
@@ -500,7 +522,7 @@ class DoorRequestHandler(web.RequestHandler):
             self.force_close()
             return
         self._restart_head_timer()
-        transport.resume_reading()
+        self.read_on()
 
     def _restart_head_timer(self) -> None:
         """As after any answer: the next head is due within the keep-alive timeout."""

@@ -314,6 +314,25 @@ async def test_held_connections_wait_in_few_lines_whatever_timeouts_they_send(
     await model.release()
 
 
+async def test_a_held_connection_whose_peer_reads_no_answers_is_let_go_once_they_drain(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    (connection,) = model.door._holding
+    connection.pause_writing()  # as the transport does past its write buffer's high water
+    writer.write(raw_predict(ROW))
+    retry = asyncio.ensure_future(read_answer(reader))
+    assert await model.release() == [200, 200]
+    await asyncio.sleep(0.3)  # room for it, but its answers have not drained
+    assert not retry.done()
+    connection.resume_writing()
+    assert await asyncio.wait_for(retry, 5) == 200
+    writer.close()
+
+
 async def test_a_held_connection_that_closes_leaves_no_room_kept(
     full_model: FullModelFactory,
 ) -> None:

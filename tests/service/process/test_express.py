@@ -545,3 +545,26 @@ async def test_an_ingest_over_the_body_limit_is_left_to_the_app_and_its_413(
     assert response.status == 413
     assert server.taken == 0
     assert stored_ids(server) == []
+
+
+async def test_a_peer_that_does_not_read_its_answers_is_not_read_until_they_drain(
+    served: ServeFactory,
+) -> None:
+    server = await served()
+    reader, writer = await server.connect()
+    await asyncio.sleep(0.05)
+    (connection,) = server.runner.server.connections  # type: ignore[union-attr]
+    assert isinstance(connection, DoorRequestHandler)
+    connection.pause_writing()  # as the transport does past its write buffer's high water
+    body = msgspec.json.encode({"features": ROW})
+    writer.write(raw_predict(body, "first"))
+    assert (await read_answer(reader))[0] == 200
+    writer.write(raw_predict(body, "second"))
+    second = asyncio.ensure_future(read_answer(reader))
+    await asyncio.sleep(0.3)
+    assert not second.done()  # not read while the answers wait to be sent
+    connection.resume_writing()
+    status, headers, _ = await second
+    assert (status, headers["X-Request-ID"]) == (200, "second")
+    assert server.taken == 2
+    writer.close()
