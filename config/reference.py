@@ -103,7 +103,10 @@ DESCRIPTIONS: dict[str, str] = {
         "event loop then answers, admits and refuses promptly while a batch computes, "
         "and the model has the rest of the core."
     ),
-    "inference_mailbox_bytes": "Bytes of predict inputs that may wait per model version; full: 503 at once.",
+    "inference_mailbox_bytes": (
+        "Bytes that predict requests not answered yet may hold per model version (their "
+        "inputs, and the numbers decoded from REST bodies); full: 503 at once."
+    ),
     "inference_max_batch_size": "Default most rows per inference batch (model config.json overrides).",
     "inference_max_queue_delay_ms": "Default longest wait to fill a batch (model config.json overrides).",
     "inference_threads": "onnxruntime intra-op threads per model session.",

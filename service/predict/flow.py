@@ -55,6 +55,8 @@ _FLOAT_INPUTS = ("FP16", "FP32", "FP64")
 # this size the decoding is bounded anyway (a few MB), and the row count is not
 # worth a pass of its own on every request.
 ROW_BUDGET_FROM_BYTES = 64 * 1024
+# A decoded JSON or msgpack number in a list: a float object and the list's pointer.
+PYTHON_FLOAT_BYTES = 32
 # Values allowed before decoding for a model whose width is not fixed (or that takes no
 # feature rows at all, which is a 422 later anyway): about 32 MB as Python floats.
 UNSIZED_VALUE_BUDGET = 1 << 20
@@ -188,7 +190,9 @@ async def predict(
         assert payload.features is not None
         rows = feature_rows(loaded, [payload.features], "features")
     request_id = payload.request_id or request_id
-    outputs = await loaded.infer(rows, deadline, request_id=request_id)
+    # The decoded lists stay alive (the payload) while the rows wait: count them too.
+    held = rows.size * PYTHON_FLOAT_BYTES
+    outputs = await loaded.infer(rows, deadline, request_id=request_id, held_bytes=held)
     app[DRIFT_MONITOR].observe(loaded.model, "model", rows)  # never waits; drops when full
     answers = predictions(loaded, outputs[loaded.outputs[0].name])
     latency_ms = round((time.monotonic() - started) * 1000, 3)

@@ -1,8 +1,9 @@
 """InferenceWorker: the batching actor in front of one loaded (model, version).
 
 Requests put ``(inputs, deadline, future)`` items in one bounded mailbox, bounded in
-requests and in the bytes of their inputs; a full mailbox raises ``MailboxFull`` at
-once, and so does a request that, by the recent
+requests waiting and in the bytes requests hold until answered (their inputs, and what
+the caller says it holds besides); a full mailbox raises ``MailboxFull`` at once, and
+so does a request that, by the recent
 batch run times and the rows queued ahead of it, would be answered after its
 deadline (shed now rather than answered 504 later). The single worker task takes the first item,
 then, when the model is idle, only the items already queued (a lone request waits
@@ -141,7 +142,7 @@ class InferenceWorker(Actor[_Item]):
         self._carry: _Item | None = None
         self._run_time_s = 0.0  # running estimate of one batch's compute time
         self._queued_rows = 0
-        self._queued_bytes = 0  # of the inputs in the mailbox
+        self._held_bytes = 0  # of the requests not answered yet, queued or computing
         self._slots = asyncio.Semaphore(2)
         self._in_flight: list[list[_Item]] = []  # batches handed to the thread
         self._busy_until = 0.0  # when the thread should be free, by recent run times
@@ -184,18 +185,21 @@ class InferenceWorker(Actor[_Item]):
         deadline: float,
         *,
         request_id: str | None = None,
+        held_bytes: int = 0,
     ) -> asyncio.Future[Outputs]:
         """Queue rows (batch dimension first) for inference; the future holds this
-        item's slice of every output. Raises ``MailboxFull`` at once when full."""
+        item's slice of every output. Raises ``MailboxFull`` at once when full.
+        ``held_bytes``: what the request holds besides its inputs while it waits (the
+        Python lists its rows were decoded into), counted against the byte bound."""
         if not self.running:
             raise WorkerClosed(f"inference worker {self.name} is not running")
         feed, count, signature = self._described(inputs)
-        nbytes = sum(array.nbytes for array in feed.values())
+        nbytes = sum(array.nbytes for array in feed.values()) + held_bytes
         now = self.check_room(count, deadline, nbytes=nbytes)
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         self._enqueue(_Item(feed, count, deadline, now, nbytes, future, request_id, signature))
         self._queued_rows += count
-        self._queued_bytes += nbytes
+        self._held_bytes += nbytes
         return future
 
     def _described(
@@ -238,7 +242,7 @@ class InferenceWorker(Actor[_Item]):
         if self.mailbox_depth + ahead >= self._mailbox_size:
             self.stats.rejected += 1
             raise MailboxFull(f"inference mailbox of {self.name} is full")
-        if self._queued_bytes and self._queued_bytes + nbytes > self._mailbox_bytes:
+        if self._held_bytes and self._held_bytes + nbytes > self._mailbox_bytes:
             self.stats.rejected += 1
             raise MailboxFull(f"inference mailbox of {self.name} is full (input bytes)")
         if now + self._expected_wait_s(rows + ahead) > deadline:
@@ -257,8 +261,12 @@ class InferenceWorker(Actor[_Item]):
 
     def _took(self, item: _Item) -> _Item:
         self._queued_rows -= item.rows
-        self._queued_bytes -= item.nbytes
         return item
+
+    def _settled(self, item: _Item) -> None:
+        """``item`` is answered (or failed): its bytes no longer wait."""
+        self._held_bytes -= item.nbytes
+        self._mailbox.task_done()
 
     async def _release(self) -> None:
         self._executor.shutdown(wait=True)
@@ -285,13 +293,13 @@ class InferenceWorker(Actor[_Item]):
         live: list[_Item] = []
         for item in batch:
             if item.future.done():  # the client went away
-                self._mailbox.task_done()
+                self._settled(item)
             elif item.deadline <= now:
                 self.stats.expired += 1
                 item.future.set_exception(
                     DeadlineExpired(f"deadline passed while queued for {self.name}")
                 )
-                self._mailbox.task_done()
+                self._settled(item)
             else:
                 live.append(item)
         return live
@@ -397,7 +405,7 @@ class InferenceWorker(Actor[_Item]):
         for item in items:
             if not item.future.done():
                 item.future.set_exception(WorkerClosed(f"inference worker {self.name} stopped"))
-            self._mailbox.task_done()
+            self._settled(item)
 
     def _answer(
         self,

@@ -84,12 +84,15 @@ class ModelVersion:
         inputs: np.ndarray | Mapping[str, np.ndarray],
         deadline: float,
         request_id: str | None = None,
+        held_bytes: int = 0,
     ) -> Outputs:
         """This request's outputs. ``BreakerOpen`` at once while the model keeps failing;
         load (a full mailbox, a passed deadline) does not count as the model failing."""
 
         async def run() -> Outputs:
-            return await self.worker.submit(inputs, deadline, request_id=request_id)
+            return await self.worker.submit(
+                inputs, deadline, request_id=request_id, held_bytes=held_bytes
+            )
 
         return await self.breaker.call(run)
 

@@ -69,7 +69,7 @@ def gate_worker(worker: InferenceWorker, monkeypatch: pytest.MonkeyPatch) -> Gat
     return gated
 
 
-GatedDemo = Callable[[int], Awaitable[tuple[Client, GatedSession]]]
+GatedDemo = Callable[..., Awaitable[tuple[Client, GatedSession]]]
 
 
 @pytest.fixture
@@ -82,9 +82,11 @@ def gated_demo(
     """(client, gate) over a demo model computing one row per batch, its runs held by
     the gate, with an inference mailbox of the given size."""
 
-    async def make(mailbox_size: int) -> tuple[Client, GatedSession]:
+    async def make(mailbox_size: int, **more: Any) -> tuple[Client, GatedSession]:
         add_version(repo_root, 1, seed=1, config='{"max_batch_size": 1}')
-        settings = make_settings(model_repository=str(repo_root), inference_mailbox_size=mailbox_size)
+        settings = make_settings(
+            model_repository=str(repo_root), inference_mailbox_size=mailbox_size, **more
+        )
         client: Client = await app_client(settings)
         worker = client.app[MODEL_REPOSITORY].resolve("demo").worker
         return client, gate_worker(worker, monkeypatch)
@@ -334,6 +336,22 @@ async def test_flooded_tiny_mailbox_answers_the_excess_503_at_once_and_nothing_h
     gated.gate.set()
     admitted = await asyncio.wait_for(asyncio.gather(computing, *(set(tasks) - done)), 5)
     assert [status for status, _, _ in admitted] == [200, 200, 200]
+
+
+async def test_queued_predicts_count_their_decoded_rows_against_the_byte_bound(
+    gated_demo: GatedDemo,
+) -> None:
+    # A 128-feature row holds 512 B of float32 and 4 KiB of decoded floats until
+    # answered: two fit in 10,000 bytes (one computing, one queued), not three.
+    client, gated = await gated_demo(100, inference_mailbox_bytes=10_000)
+    computing = asyncio.create_task(predict(client, {"features": rows(1, 0)[0].tolist()}))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    queued = asyncio.create_task(predict(client, {"features": rows(1, 1)[0].tolist()}))
+    await asyncio.sleep(0.1)
+    status, body = await predict(client, {"features": rows(1, 2)[0].tolist()})
+    assert status == 503 and "bytes" in body["detail"]
+    gated.gate.set()
+    assert [(await computing)[0], (await queued)[0]] == [200, 200]
 
 
 async def test_a_full_mailbox_sheds_before_the_rows_are_decoded(gated_demo: GatedDemo) -> None:
