@@ -99,9 +99,10 @@ DESCRIPTIONS: dict[str, str] = {
         "that would wait past its deadline is refused at once whatever the room."
     ),
     "inference_thread_niceness": (
-        "How much nicer than the process the threads running models are (0-19): the "
+        "How much nicer than the process the thread that runs each model is (0-19): the "
         "event loop then answers, admits and refuses promptly while a batch computes, "
-        "and the model has the rest of the core."
+        "and the model has the rest of the core. onnxruntime's extra threads "
+        "(MLGATE_INFERENCE_THREADS > 1) keep the process's niceness."
     ),
     "inference_mailbox_bytes": (
         "Bytes that predict requests not answered yet may hold per model version (their "

@@ -110,8 +110,9 @@ class Door:
         self._held: dict[
             tuple[InferenceWorker, float], deque[tuple[float, DoorRequestHandler]]
         ] = {}
-        self._held_for: dict[InferenceWorker, int] = {}
-        self._holding: set[DoorRequestHandler] = set()
+        # Held connections still open, by line; each held connection's line.
+        self._line_sizes: dict[tuple[InferenceWorker, float], int] = {}
+        self._holding: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
         # Connections let go on with room kept for their next request: (worker, since).
         self._reservations: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -138,10 +139,7 @@ class Door:
         if reserved is not None and not (admission is not None and worker is reserved):
             self.reached_app(reserved)  # the room kept for this connection goes unused
         if answer is not None and worker is not None:
-            timeout_ms = timeout_ms_in(message.headers, self._settings.request_timeout_ms)
-            self._hold(
-                connection, worker, _line_of(timeout_ms or self._settings.request_timeout_ms)
-            )
+            self._hold(connection, worker, self._line(message.headers))
         return answer, admission
 
     def _decide(
@@ -163,9 +161,10 @@ class Door:
         key = None if "Idempotency-Key" in headers else self._authorized(headers, "predict")
         if key is None:
             return None, None, None
-        deadline = self._deadline(headers)
-        if deadline is None:
+        timeout_ms = timeout_ms_in(headers, self._settings.request_timeout_ms)
+        if timeout_ms is None:  # the app answers it 400
             return None, None, None
+        deadline = time.monotonic() + timeout_ms / 1000
         try:
             worker = self._app[MODEL_REPOSITORY].resolve(model, version).worker
         except ModelNotFound:
@@ -174,9 +173,11 @@ class Door:
             return None, worker, Admission(worker, key, deadline, body)
         started = time.perf_counter()
         try:
-            # Held connections come back first: their next requests count as ahead.
-            ahead = self.on_the_way.get(worker, 0) + self._held_for.get(worker, 0)
-            worker.check_room(1, deadline, ahead=ahead)
+            ahead = self.on_the_way.get(worker, 0)
+            if self._line_sizes:
+                ahead += self._held_ahead(worker, _line_of(timeout_ms))
+            # The body's length is at most the bytes the request would hold decoded.
+            worker.check_room(1, deadline, ahead=ahead, nbytes=len(body or b""))
         except (MailboxFull, DeadlineExpired) as exc:
             self.refused += 1
             answer = self._answer(as_api_error(exc, self._settings.retry_after_s), path, headers)
@@ -185,6 +186,24 @@ class Door:
             return answer, worker, None
         self._on_its_way(worker)
         return None, worker, Admission(worker, key, deadline, body)
+
+    def _held_ahead(self, worker: InferenceWorker, line: float) -> int:
+        """Held connections that come back before a request of ``line``: those, still
+        open, of the lines at least as loose. A tighter line gets room only after
+        (room for a tight deadline is room for a loose one), and one that never can
+        (a deadline shorter than a batch) must not keep looser requests out."""
+        return sum(
+            size
+            for (held_for, held_line), size in self._line_sizes.items()
+            if held_for is worker and held_line >= line
+        )
+
+    def holds(self, connection: DoorRequestHandler) -> bool:
+        return connection in self._holding
+
+    def _line(self, headers: Mapping[str, str]) -> float:
+        timeout_ms = timeout_ms_in(headers, self._settings.request_timeout_ms)
+        return _line_of(timeout_ms or self._settings.request_timeout_ms)
 
     def _on_its_way(self, worker: InferenceWorker) -> None:
         self.on_the_way[worker] = self.on_the_way.get(worker, 0) + 1
@@ -201,8 +220,8 @@ class Door:
     ) -> None:
         """Stop reading a refused connection until ``worker`` has room for its next
         request, answered within ``timeout_s`` (in the order connections were held;
-        a request from another connection counts them as ahead of it), or until
-        ``Retry-After`` has passed.
+        a request from another connection counts them as ahead of it: ``_held_ahead``),
+        or until ``Retry-After`` has passed.
 
         A client that retries at once (a retry storm) then waits in the kernel's
         socket buffer for its turn, instead of being read, refused and answered again
@@ -210,20 +229,33 @@ class Door:
         transport = connection.transport
         if transport is None or connection in self._holding:
             return  # several pipelined refusals: held once, or its room would be kept twice
-        self._holding.add(connection)
+        line = (worker, timeout_s)
+        self._holding[connection] = line
+        self._line_sizes[line] = self._line_sizes.get(line, 0) + 1
         transport.pause_reading()
         loop = asyncio.get_running_loop()
-        self._held.setdefault((worker, timeout_s), deque()).append(
+        self._held.setdefault(line, deque()).append(
             (loop.time() + self._settings.retry_after_s, connection)
         )
-        self._held_for[worker] = self._held_for.get(worker, 0) + 1
         self._schedule_tick(loop)
 
     def release(self, connection: DoorRequestHandler) -> None:
-        """A closed connection: give back the room kept for it."""
+        """A closed connection: give back the room kept for it; if it was held, it no
+        longer counts in its line (its entry is dropped when the line reaches it)."""
         reservation = self._reservations.pop(connection, None)
         if reservation is not None:
             self.reached_app(reservation[0])
+        self._unhold(connection)
+
+    def _unhold(self, connection: DoorRequestHandler) -> None:
+        line = self._holding.pop(connection, None)
+        if line is None:
+            return
+        left = self._line_sizes[line] - 1
+        if left:
+            self._line_sizes[line] = left
+        else:
+            del self._line_sizes[line]
 
     def _schedule_tick(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._tick_handle is None:
@@ -243,21 +275,23 @@ class Door:
             self._schedule_tick(loop)
 
     def _let_go(self, now: float) -> None:
+        # Reservations are made in time order, so the expired ones come first.
         for connection, (worker, since) in list(self._reservations.items()):
-            if since + RESERVATION_S <= now:
-                del self._reservations[connection]
-                self.reached_app(worker)
+            if since + RESERVATION_S > now:
+                break
+            del self._reservations[connection]
+            self.reached_app(worker)
         for (worker, timeout_s), held in list(self._held.items()):
             while held:
                 let_go_at, connection = held[0]
+                if connection not in self._holding:  # closed while held
+                    held.popleft()
+                    continue
                 room = worker.room_within(timeout_s) - self.on_the_way.get(worker, 0)
                 if room <= 0 and let_go_at > now:
                     break
                 held.popleft()
-                self._held_for[worker] -= 1
-                if not self._held_for[worker]:
-                    del self._held_for[worker]
-                self._holding.discard(connection)
+                self._unhold(connection)
                 transport = connection.transport
                 if transport is None or transport.is_closing():
                     continue
@@ -317,12 +351,6 @@ class Door:
         key = self._app[KEY_STORE].known_now(presented)
         return key if key is not None and scope in key.scopes else None
 
-    def _deadline(self, headers: Mapping[str, str]) -> float | None:
-        """The request's deadline as ``flow.request_deadline`` reads it; None for a
-        header the app would answer 400."""
-        timeout_ms = timeout_ms_in(headers, self._settings.request_timeout_ms)
-        return None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
-
     def _answer(self, error: ApiError, path: str, headers: Mapping[str, str]) -> bytes:
         request_id = self._request_ids.from_headers(headers)
         fmt = preferred_format(headers.get("Accept"))
@@ -381,9 +409,18 @@ class _DoorParser:
 
     def feed_data(self, data: bytes) -> tuple[list[tuple[Any, Any]], bool, bytes]:
         messages, upgraded, tail = self._parser.feed_data(data)
-        if messages and not upgraded:
-            messages = self._handler.refuse_at_door(messages)
-        return messages, upgraded, tail
+        kept: list[tuple[Any, Any]] = []
+        while messages and not upgraded:
+            left = self._handler.refuse_at_door(messages)
+            kept.extend(left)
+            if len(left) == len(messages) or self._handler.waiting:
+                break
+            # The parser stops at a limit of messages not yet consumed and keeps the
+            # rest of the bytes: those the door consumed make room for more of them.
+            messages, upgraded, tail = self._parser.feed_data(b"")
+        else:
+            kept.extend(messages)
+        return kept, upgraded, tail
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
@@ -413,13 +450,20 @@ class DoorRequestHandler(web.RequestHandler):
         drains (``resume_writing``): a client that pipelines requests and never reads
         cannot grow the answers waiting in memory without bound."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self.waiting:
             return
         if self.writing_paused:
             self._read_once_drained = True
             return
-        if not self._buffer_paused:  # aiohttp's own hold (its message queue) stays
-            transport.resume_reading()
+        # First what the parser kept past its limit of messages not yet consumed.
+        self.data_received(b"")
+        if not (self.waiting or self._buffer_paused or transport.is_closing()):
+            transport.resume_reading()  # aiohttp's own hold (its message queue) stays
+
+    @property
+    def waiting(self) -> bool:
+        """Not to be read: held by the door, or a request in the express lane."""
+        return self._express_task is not None or self._door.holds(self)
 
     def resume_writing(self) -> None:
         super().resume_writing()

@@ -60,7 +60,8 @@ _RUN_TIME_WEIGHT = 0.2
 
 def _lower_priority(niceness: int) -> Callable[[], None]:
     """A thread initializer that makes the calling thread ``niceness`` nicer than the
-    process (Linux schedules threads one by one)."""
+    process (Linux schedules threads one by one). onnxruntime's own extra intra-op
+    threads (``inference_threads`` > 1) keep the process's niceness."""
 
     def lower() -> None:
         thread = threading.get_native_id()
@@ -169,6 +170,8 @@ class InferenceWorker(Actor[_Item]):
     def room_within(self, seconds: float) -> int:
         """Requests of a row each the mailbox would take now and, by recent batch run
         times, answer within ``seconds``: ``check_room`` would refuse the next one."""
+        if self._held_bytes >= self._mailbox_bytes:
+            return 0
         if not self.stats.batches or self._run_time_s <= 0:
             return self.room
         # A fifth of the time is left for the way to the mailbox and the estimate's noise.

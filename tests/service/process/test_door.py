@@ -333,6 +333,48 @@ async def test_a_held_connection_whose_peer_reads_no_answers_is_let_go_once_they
     writer.close()
 
 
+async def test_connections_held_for_a_deadline_the_model_cannot_meet_keep_no_looser_request_out(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    await asyncio.sleep(0.2)  # the gated batch teaches the model a batch takes 200 ms
+    assert await model.release() == [200, 200]
+    tight = [await model.connect() for _ in range(3)]
+    for reader, writer in tight:
+        writer.write(raw_predict(ROW, timeout_ms=50))  # shorter than one batch
+        assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    served = await model.post("/api/v2/predict", {"features": ROW})  # a 60 s deadline
+    assert served.status == 200
+    for _, writer in tight:
+        writer.close()
+
+
+async def test_more_pipelined_refusals_than_the_parser_emits_at_once_are_all_answered(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW) * 40)  # aiohttp's parser emits 32 at a time
+    answers = [asyncio.ensure_future(read_answer(reader))]
+    assert await asyncio.wait_for(answers[0], 5) == 503
+    assert await model.release() == [200, 200]
+    statuses = [await asyncio.wait_for(read_answer(reader), 5) for _ in range(39)]
+    assert set(statuses) <= {200, 503} and len(statuses) == 39
+    writer.close()
+
+
+async def test_requests_pipelined_behind_refusals_past_the_parsers_limit_are_answered(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW) * 5 + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * 35)
+    statuses = [await asyncio.wait_for(read_answer(reader), 5) for _ in range(40)]
+    assert statuses == [503] * 5 + [200] * 35
+    writer.close()
+    await model.release()
+
+
 async def test_a_held_connection_that_closes_leaves_no_room_kept(
     full_model: FullModelFactory,
 ) -> None:

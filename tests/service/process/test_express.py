@@ -568,3 +568,39 @@ async def test_a_peer_that_does_not_read_its_answers_is_not_read_until_they_drai
     assert (status, headers["X-Request-ID"]) == (200, "second")
     assert server.taken == 2
     writer.close()
+
+
+async def test_a_connection_with_a_request_in_the_lane_is_not_read_when_let_go(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served()
+    gated = server.gate(monkeypatch)
+    reader, writer = await server.connect()
+    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "first"))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    (connection,) = server.runner.server.connections  # type: ignore[union-attr]
+    assert isinstance(connection, DoorRequestHandler)
+    connection.read_on()  # as the door's tick does for a connection it lets go
+    writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Request-ID: second\r\n\r\n")
+    second = asyncio.ensure_future(read_answer(reader))
+    await asyncio.sleep(0.3)
+    assert not second.done()  # answers keep the order of their requests
+    gated.gate.set()
+    assert (await second)[1]["X-Request-ID"] == "first"
+    assert (await read_answer(reader))[1]["X-Request-ID"] == "second"
+    writer.close()
+
+
+async def test_a_model_full_of_bytes_is_refused_at_the_door(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 128-feature row holds 512 B of float32 and 4 KiB of decoded floats.
+    server = await served(inference_mailbox_bytes=6000)
+    gated = server.gate(monkeypatch)
+    computing = asyncio.ensure_future(server.post("/api/v2/predict", {"features": ROW}))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    refused = await server.post("/api/v2/predict", {"features": ROW})
+    assert refused.status == 503
+    assert server.door.refused == 1
+    gated.gate.set()
+    assert (await computing).status == 200
