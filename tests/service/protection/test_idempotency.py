@@ -63,7 +63,11 @@ async def test_repeat_while_the_first_is_in_flight_is_409(app_client, settings_f
 
 
 async def test_concurrent_duplicates_execute_once(app_client, settings_for, backend) -> None:
-    client = await app_client(settings_for(backend))
+    # Ten requests at once open new Redis connections; on a loaded host one of them can
+    # take longer than the default 200 ms, and that request then falls back to
+    # in-process state (a separate store, so a second execution). This test is about
+    # Redis answering; the fallback has tests of its own.
+    client = await app_client(settings_for(backend, redis_timeout_ms=5000))
     responses = await asyncio.gather(
         *(client.post(PATH, json=_batch(), headers=_with_key("k1")) for _ in range(10))
     )
