@@ -126,7 +126,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     dedup_in_flight_wait_s: PositiveFloat = 5.0
 
     # Load shedding
-    retry_after_s: PositiveInt = 1
+    # At most an hour: a connection held after a 503 is kept that long at most.
+    retry_after_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 1
 
     # Data quality: feature profiles (<profiles_dir>/sources/<source>.profile.json and
     # <model_repository>/<model>/profile.json, rescanned every profiles_poll_interval_s,

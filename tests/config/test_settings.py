@@ -170,3 +170,10 @@ def test_check_config_prints_the_settings_it_would_run_with() -> None:
 def test_drain_grace_longer_than_the_shutdown_budget_stops_start_up() -> None:
     with pytest.raises(SettingsError, match="MLGATE_DRAIN_GRACE_S"):
         load_settings({"MLGATE_DRAIN_GRACE_S": "30", "MLGATE_SHUTDOWN_TIMEOUT_S": "20"})
+
+
+def test_a_retry_after_over_an_hour_stops_start_up() -> None:
+    # A connection held after a 503 is kept until Retry-After: it must stay bounded.
+    with pytest.raises(SettingsError, match="MLGATE_RETRY_AFTER_S"):
+        load_settings({"MLGATE_RETRY_AFTER_S": "3601"})
+    assert load_settings({"MLGATE_RETRY_AFTER_S": "3600"}).retry_after_s == 3600
