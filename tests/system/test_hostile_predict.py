@@ -66,7 +66,9 @@ async def test_a_huge_predict_body_is_refused_before_its_rows_are_built(
 
         assert 400 <= hostile < 500
         assert answered == 200
-    assert peak_rss_kb(service) - before < RSS_GROWTH_BOUND_KB
+    grown = peak_rss_kb(service) - before
+    print(f"\n| huge predict body ({fmt}) | {hostile} | peak RSS +{grown / 1024:.0f} MB |")
+    assert grown < RSS_GROWTH_BOUND_KB
 
 
 async def test_a_predict_body_with_too_many_features_names_the_expected_count(
@@ -118,4 +120,6 @@ async def test_a_huge_oip_infer_body_is_refused_before_its_tensor_is_built(
 
         assert status == 422 and b"error" in body
         assert answered == 200
-    assert peak_rss_kb(service) - before < OIP_RSS_GROWTH_BOUND_KB
+    grown = peak_rss_kb(service) - before
+    print(f"\n| huge OIP infer body (14 MB) | {status} | peak RSS +{grown / 1024:.0f} MB |")
+    assert grown < OIP_RSS_GROWTH_BOUND_KB
