@@ -253,8 +253,17 @@ def children(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of ``pid`` so far (Linux /proc), None elsewhere."""
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def main_thread_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of ``pid``'s main thread (an event loop's) so far."""
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+
+
+def _stat_cpu_seconds(stat: Path) -> float | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -57,6 +57,7 @@ from bench.processes import (
     free_port,
     guarded,
     machine_busy_seconds,
+    main_thread_cpu_seconds,
     pinning,
     py_spy_record,
     rss_mb,
@@ -314,6 +315,7 @@ class Run:
         # Of the process the last child measured, in its window: the share of a core it
         # used, and the share its event loop spent runnable waiting for the core.
         self.usage: Usage = (math.nan, math.nan)
+        self.loop_share = math.nan  # of the core, the watched process's main thread's
 
     def log(self, message: str) -> None:
         print(f"  .. {message}", file=sys.stderr, flush=True)
@@ -428,7 +430,7 @@ class Run:
         cpus = (
             self.plan.core if module == "bench.raw_producer" or role == "ort" else self.plan.others
         )
-        marks: dict[str, tuple[float, float | None, float | None]] = {}
+        marks: dict[str, tuple[float, float | None, float | None, float | None]] = {}
 
         def sample(event: str) -> None:
             target = watched["pid"]
@@ -436,6 +438,7 @@ class Run:
                 time.monotonic(),
                 cpu_seconds(target) if target is not None else None,
                 runqueue_seconds(target) if target is not None else None,
+                main_thread_cpu_seconds(target) if target is not None else None,
             )
 
         def spawned(child: int) -> None:
@@ -447,8 +450,12 @@ class Run:
             line = run_role(
                 role, options, timeout_s, sample, module=module, cpus=cpus, on_spawn=spawned
             )
-            opened, before, queued_before = marks.get(MEASURING, (0.0, None, None))
-            closed, after, queued_after = marks.get(WINDOW_END, (0.0, None, None))
+            opened, before, queued_before, loop_before = marks.get(
+                MEASURING, (0.0, None, None, None)
+            )
+            closed, after, queued_after, loop_after = marks.get(
+                WINDOW_END, (0.0, None, None, None)
+            )
             span = closed - opened
             self.usage = (
                 (after - before) / span
@@ -457,6 +464,11 @@ class Run:
                 (queued_after - queued_before) / span
                 if queued_before is not None and queued_after is not None and span > 0
                 else math.nan,
+            )
+            self.loop_share = (
+                (loop_after - loop_before) / span
+                if loop_before is not None and loop_after is not None and span > 0
+                else math.nan
             )
             try:
                 return msgspec.json.decode(line, type=result_type)
@@ -677,6 +689,20 @@ def per_core_used(rows: list[Row]) -> list[str]:
     return notes
 
 
+def threads_note(row: Row, loop_share: float, unit: str) -> str:
+    """Where mlgate's core went in a predict phase: its event loop's thread, and the
+    rest (the model's thread), in shares of the core and in µs per ``unit``."""
+    used = row.usage[0]
+    if math.isnan(loop_share) or math.isnan(used) or not row.mlgate:
+        return f"{row.scenario}: per-thread CPU not measured"
+    model = max(0.0, used - loop_share)
+    return (
+        f"{row.scenario}: mlgate's event-loop thread used {loop_share:.2f} of the core, its "
+        f"other threads (the model's) {model:.2f}: {loop_share / row.mlgate * 1e6:.0f} µs of "
+        f"loop and {model / row.mlgate * 1e6:.0f} µs of model per {unit}"
+    )
+
+
 def handwritten_note(scenario: str, mlgate: float, handwritten: float, floor: float, unit: str) -> str:
     return (
         f"{scenario}: a hand-written aiohttp app doing the same work (bench.handwritten) "
@@ -752,6 +778,7 @@ def predict(run: Run, rows: list[Row], notes: list[str]) -> None:
         )
     label = f"predict small {'->'.join(map(str, SMALL_SIZES))}, 1 row"
     rows.append(_predict_row(label, small, floor_rate, "req/s", 10.0, run, floor_usage))
+    notes.append(threads_note(rows[-1], run.loop_share, "request"))
     small_rate = rows[-1].mlgate
     run.log("hand-written aiohttp app, small model in the handler")
     with run.handwritten("predict", str(HEAVY_DIR / "small.onnx")) as (url, plain_pid):
@@ -775,6 +802,7 @@ def predict(run: Run, rows: list[Row], notes: list[str]) -> None:
         )
     label = f"predict heavy {'->'.join(map(str, HEAVY_SIZES))}, 1 row"
     row = _predict_row(label, heavy, best, "rows/s", 50.0, run, (math.nan, math.nan))
+    notes.append(threads_note(row, run.loop_share, "row"))
     run.log("hand-written aiohttp app, heavy model in the handler")
     with run.handwritten("predict", str(HEAVY_DIR / "heavy.onnx")) as (url, plain_pid):
         plain = http_phase(run, url, HEAVY_SIZES[0], plan.small_connections, plain_pid)
