@@ -241,13 +241,21 @@ async def read_answer(reader: asyncio.StreamReader) -> int:
     return int(head.split()[1])
 
 
+async def refused_connection(
+    model: FullModel, timeout_ms: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection whose first predict the door refused: it is now held."""
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW, timeout_ms))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    return reader, writer
+
+
 async def test_a_refused_connection_is_not_read_again_until_the_model_has_room(
     full_model: FullModelFactory,
 ) -> None:
     model = await full_model()
-    reader, writer = await model.connect()
-    writer.write(raw_predict(ROW))
-    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    reader, writer = await refused_connection(model)
     writer.write(raw_predict(ROW))  # a retry at once
     retry = asyncio.ensure_future(read_answer(reader))
     await asyncio.sleep(0.3)
@@ -262,9 +270,7 @@ async def test_a_held_connection_is_read_again_after_retry_after_even_if_the_mod
     full_model: FullModelFactory,
 ) -> None:
     model = await full_model()
-    reader, writer = await model.connect()
-    writer.write(raw_predict(ROW))
-    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    reader, writer = await refused_connection(model)
     started = asyncio.get_running_loop().time()
     writer.write(raw_predict(ROW))
     assert await asyncio.wait_for(read_answer(reader), 5) == 503
@@ -278,14 +284,10 @@ async def test_a_connection_held_for_a_tight_deadline_does_not_hold_up_a_looser_
     full_model: FullModelFactory,
 ) -> None:
     model = await full_model()
-    tight_reader, tight_writer = await model.connect()
-    loose_reader, loose_writer = await model.connect()
-    tight_writer.write(raw_predict(ROW, timeout_ms=10))
-    assert await asyncio.wait_for(read_answer(tight_reader), 5) == 503
+    tight_reader, tight_writer = await refused_connection(model, timeout_ms=10)
     refused = asyncio.get_running_loop().time()
     tight_writer.write(raw_predict(ROW, timeout_ms=10))  # held: first in line
-    loose_writer.write(raw_predict(ROW))
-    assert await asyncio.wait_for(read_answer(loose_reader), 5) == 503
+    loose_reader, loose_writer = await refused_connection(model)
     loose_writer.write(raw_predict(ROW))  # held behind it
     tight_retry = asyncio.ensure_future(read_answer(tight_reader))
     await asyncio.sleep(0.1)  # the gated batch teaches the model a batch takes 100 ms
@@ -304,10 +306,7 @@ async def test_held_connections_wait_in_few_lines_whatever_timeouts_they_send(
     full_model: FullModelFactory,
 ) -> None:
     model = await full_model()
-    connections = [await model.connect() for _ in range(40)]
-    for number, (reader, writer) in enumerate(connections):
-        writer.write(raw_predict(ROW, timeout_ms=300 + number))
-        assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    connections = [await refused_connection(model, timeout_ms=300 + n) for n in range(40)]
     assert len(model.door._held) == 1  # 300..339 ms: the 256 ms line
     for _, writer in connections:
         writer.close()
@@ -318,9 +317,7 @@ async def test_a_held_connection_whose_peer_reads_no_answers_is_let_go_once_they
     full_model: FullModelFactory,
 ) -> None:
     model = await full_model()
-    reader, writer = await model.connect()
-    writer.write(raw_predict(ROW))
-    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    reader, writer = await refused_connection(model)
     (connection,) = model.door._holding
     connection.pause_writing()  # as the transport does past its write buffer's high water
     writer.write(raw_predict(ROW))
@@ -339,10 +336,8 @@ async def test_connections_held_for_a_deadline_the_model_cannot_meet_keep_no_loo
     model = await full_model()
     await asyncio.sleep(0.2)  # the gated batch teaches the model a batch takes 200 ms
     assert await model.release() == [200, 200]
-    tight = [await model.connect() for _ in range(3)]
-    for reader, writer in tight:
-        writer.write(raw_predict(ROW, timeout_ms=50))  # shorter than one batch
-        assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    # Deadlines shorter than one batch: refused, and held.
+    tight = [await refused_connection(model, timeout_ms=50) for _ in range(3)]
     served = await model.post("/api/v2/predict", {"features": ROW})  # a 60 s deadline
     assert served.status == 200
     for _, writer in tight:
@@ -355,8 +350,7 @@ async def test_more_pipelined_refusals_than_the_parser_emits_at_once_are_all_ans
     model = await full_model()
     reader, writer = await model.connect()
     writer.write(raw_predict(ROW) * 40)  # aiohttp's parser emits 32 at a time
-    answers = [asyncio.ensure_future(read_answer(reader))]
-    assert await asyncio.wait_for(answers[0], 5) == 503
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
     assert await model.release() == [200, 200]
     statuses = [await asyncio.wait_for(read_answer(reader), 5) for _ in range(39)]
     assert set(statuses) <= {200, 503} and len(statuses) == 39
@@ -379,9 +373,7 @@ async def test_a_held_connection_that_closes_leaves_no_room_kept(
     full_model: FullModelFactory,
 ) -> None:
     model = await full_model()
-    reader, writer = await model.connect()
-    writer.write(raw_predict(ROW))
-    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    reader, writer = await refused_connection(model)
     writer.close()
     await writer.wait_closed()
     assert await model.release() == [200, 200]
@@ -432,9 +424,7 @@ async def test_a_failing_tick_is_logged_counted_and_the_held_connection_still_le
         let_go(now)
 
     monkeypatch.setattr(model.door, "_let_go", fail_once)
-    reader, writer = await model.connect()
-    writer.write(raw_predict(ROW))
-    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    reader, writer = await refused_connection(model)
     writer.write(raw_predict(ROW))
     assert await model.release() == [200, 200]
     assert await asyncio.wait_for(read_answer(reader), 5) == 200
