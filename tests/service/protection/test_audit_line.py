@@ -42,3 +42,20 @@ def test_audit_events_reach_a_capture_of_structlog_after_configuration() -> None
     finally:
         structlog.reset_defaults()
     assert [e["event"] for e in events if e.get("channel") == "audit"] == ["key_revoke"]
+
+
+def test_log_lines_hold_only_ascii_whatever_a_client_sent() -> None:
+    line = logs.json_line({"event": "request", "request_id": "café-☕"})
+    assert line.isascii()
+    assert json.loads(line) == {"event": "request", "request_id": "café-☕"}
+
+
+def test_log_values_json_cannot_hold_are_written_as_their_repr() -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    assert json.loads(logs.json_line({"event": "x", "value": Opaque()})) == {
+        "event": "x",
+        "value": "<opaque>",
+    }
