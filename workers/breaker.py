@@ -75,7 +75,7 @@ class Breaker:
         remaining = opened_at + self._breaker.timeout_duration - datetime.utcnow()
         return max(0, math.ceil(remaining.total_seconds()))
 
-    async def call(self, func: Callable[..., Awaitable[T]], *args: object) -> T:
+    async def call(self, func: Callable[..., Awaitable[T]], *args: object, **kwargs: object) -> T:
         """Run ``func`` through the breaker; ``BreakerOpen`` at once when it is open.
 
         Closed with no failure counted, a success changes nothing in the breaker, so
@@ -85,7 +85,7 @@ class Breaker:
         breaker = self._breaker
         if breaker.current_state is aiobreaker.CircuitBreakerState.CLOSED and not breaker.fail_counter:
             try:
-                result = await func(*args)
+                result = await func(*args, **kwargs)
             except Exception as exc:
                 failure = exc
             else:
@@ -95,11 +95,13 @@ class Breaker:
                     breaker._state_storage.reset_counter()
                 return result
             return await self._guarded(_raise, failure)
-        return await self._guarded(func, *args)
+        return await self._guarded(func, *args, **kwargs)
 
-    async def _guarded(self, func: Callable[..., Awaitable[T]], *args: object) -> T:
+    async def _guarded(
+        self, func: Callable[..., Awaitable[T]], *args: object, **kwargs: object
+    ) -> T:
         try:
-            result: T = await self._breaker.call_async(func, *args)
+            result: T = await self._breaker.call_async(func, *args, **kwargs)
             return result
         except aiobreaker.CircuitBreakerError as exc:
             raise BreakerOpen(self.name, max(1, math.ceil(exc.time_remaining.total_seconds()))) from None

@@ -112,7 +112,9 @@ class _PredictRoute:
             return None
 
     async def run(self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float) -> Any:
-        answer = await predict(self._app, payload, started, deadline, caller.request_id or "")
+        answer = await predict(
+            self._app, payload, started, deadline, caller.request_id or "", admitted=True
+        )
         return answer if self._shape is None else self._shape(answer)
 
 

@@ -72,3 +72,14 @@ async def test_a_success_finishing_after_failures_resets_the_count_as_aiobreaker
     assert await asyncio.gather(*running) == ["ok"] * 3
     await failures(breaker, 2)
     assert breaker.state == "closed"
+
+
+async def echo(first: int, *, second: int) -> tuple[int, int]:
+    return first, second
+
+
+async def test_keyword_arguments_reach_the_call_closed_or_counting_failures() -> None:
+    breaker = Breaker("dep", fail_max=3, reset_s=60)
+    assert await breaker.call(echo, 1, second=2) == (1, 2)
+    await failures(breaker, 1)  # a failure counted: the call goes through aiobreaker
+    assert await breaker.call(echo, 3, second=4) == (3, 4)

@@ -89,12 +89,9 @@ class ModelVersion:
         """This request's outputs. ``BreakerOpen`` at once while the model keeps failing;
         load (a full mailbox, a passed deadline) does not count as the model failing."""
 
-        async def run() -> Outputs:
-            return await self.worker.submit(
-                inputs, deadline, request_id=request_id, held_bytes=held_bytes
-            )
-
-        return await self.breaker.call(run)
+        return await self.breaker.call(
+            self.worker.submit, inputs, deadline, request_id=request_id, held_bytes=held_bytes
+        )
 
 
 @dataclass(frozen=True, slots=True)
