@@ -68,6 +68,9 @@ _VERSION_INFER = "/v2/models/{model}/versions/{version}/infer"
 # How often held connections are looked at, and how long room kept for one that was
 # let go on waits for its next request.
 HOLD_TICK_S = 0.002
+# How far a connection's keep-alive close time moves while the lane answers it: past
+# any answer (``DoorRequestHandler._take_express``).
+_LANE_KEEPALIVE_HOLD_S = 86_400.0
 RESERVATION_S = 0.1
 log = structlog.get_logger("mlgate.door")
 
@@ -548,9 +551,11 @@ class DoorRequestHandler(web.RequestHandler):
         if self._inner_parser is not None:
             self._inner_parser.message_consumed()
         self.transport.pause_reading()
-        if self._keepalive_handle is not None:
-            self._keepalive_handle.cancel()
-            self._keepalive_handle = None
+        # The keep-alive timer must not close the connection while the lane answers.
+        # Rather than cancel it and make it again (1.8 µs a request), its close time
+        # moves past any answer: if it fires meanwhile, it re-arms itself for then,
+        # and the answer brings it back (``_restart_head_timer``).
+        self._next_keepalive_close_time = self._loop.time() + _LANE_KEEPALIVE_HOLD_S
         return True
 
     def express_answered(self, answer: bytes | None, close: bool) -> None:
@@ -574,5 +579,9 @@ class DoorRequestHandler(web.RequestHandler):
             return
         close_time = self._loop.time() + self._keepalive_timeout
         self._next_keepalive_close_time = close_time
-        if self._keepalive_handle is None:
+        handle = cast("asyncio.TimerHandle | None", self._keepalive_handle)
+        if handle is not None and handle.when() > close_time:  # re-armed during the lane
+            handle.cancel()
+            handle = None
+        if handle is None:
             self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)

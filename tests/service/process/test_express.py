@@ -83,7 +83,13 @@ async def served(
             add_version(repo_root, 1, seed=1)
         settings.setdefault("feature_dims", (4, 128))
         app = create_app(make_settings(model_repository=str(repo_root), **settings))
-        runner = CappedAppRunner(app, max_connections=100, access_log=None)
+        # As `mlgate serve` makes it: the head timeout is the keep-alive timeout.
+        runner = CappedAppRunner(
+            app,
+            max_connections=100,
+            access_log=None,
+            keepalive_timeout=app[SETTINGS].head_timeout_s,
+        )
         await runner.setup()
         runners.append(runner)
         port = free_port()
@@ -249,22 +255,47 @@ async def test_a_connection_is_not_read_while_its_request_is_in_the_lane(
     assert server.taken == 1
 
 
-async def test_a_request_in_the_lane_longer_than_the_head_timeout_is_still_answered(
-    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    server = await served(head_timeout_s=0.2)
+async def answered_past_the_head_timeout(
+    server: Served, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A predict the model holds past the server's 0.2 s head (keep-alive) timeout, so
+    the keep-alive timer fires while it is in the lane: (status, reader, writer)."""
     gated = server.gate(monkeypatch)
     reader, writer = await server.connect()
     writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "slow"))
     await asyncio.to_thread(gated.entered.wait, 5)
-    await asyncio.sleep(0.5)  # past the head timeout while the model computes
+    await asyncio.sleep(0.5)
     gated.gate.set()
     status, _, _ = await read_answer(reader)
+    return status, reader, writer
+
+
+async def test_a_request_in_the_lane_longer_than_the_head_timeout_is_still_answered(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served(head_timeout_s=0.2)
+    status, reader, writer = await answered_past_the_head_timeout(server, monkeypatch)
     # The connection is still open for the next request.
     writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "next"))
     next_status, headers, _ = await read_answer(reader)
     writer.close()
     assert (status, next_status, headers["X-Request-ID"]) == (200, 200, "next")
+
+
+async def test_after_a_lane_answer_slower_than_the_head_timeout_an_idle_connection_still_closes(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served(head_timeout_s=0.2)
+    status, reader, writer = await answered_past_the_head_timeout(server, monkeypatch)
+    loop = asyncio.get_running_loop()
+    answered = loop.time()
+    # EOF once the server closes it: at its head timeout, not a day later (the time
+    # its timer was moved to while the lane answered).
+    rest = await asyncio.wait_for(reader.read(), 5)
+    idle = loop.time() - answered
+    writer.close()
+    assert (status, rest) == (200, b"")
+    assert idle >= 0.1  # not closed at once either
 
 
 async def test_shutdown_waits_for_the_request_in_the_lane(
