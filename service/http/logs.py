@@ -28,14 +28,19 @@ _ENCODER = msgspec.json.Encoder(enc_hook=repr)
 
 
 def json_line(event: dict[str, Any], **_: Any) -> str:
-    """``event`` as compact JSON text. ASCII, as ``json.dumps`` writes it: a line holding
-    other characters (a client's request id, say) is escaped by ``json.dumps``, so it
-    can be written to a stdout in a C locale. structlog passes ``default``: unused, the
-    encoder's ``enc_hook`` does its job."""
-    line = _ENCODER.encode(event)
+    """``event`` as compact JSON text. ASCII, as ``json.dumps`` writes it, so it can be
+    written to a stdout in a C locale: a line holding other characters (a client's
+    request id, say) is escaped by ``json.dumps``, values rendered as msgspec renders
+    them. A string msgspec cannot encode (a lone surrogate: a file name or environment
+    value that was not UTF-8) is written by ``json.dumps`` alone, never raised to the
+    caller. structlog passes ``default``: unused, the ``enc_hook`` does its job."""
+    try:
+        line = _ENCODER.encode(event)
+    except UnicodeEncodeError:
+        return json.dumps(event, default=repr, separators=(",", ":"))
     if line.isascii():
         return line.decode("ascii")
-    return json.dumps(event, default=repr, separators=(",", ":"))
+    return json.dumps(json.loads(line), separators=(",", ":"))
 
 
 # The processors and stream of our configuration, once made. Compared item by item:

@@ -159,7 +159,9 @@ def predictions(loaded: ModelVersion, scores: np.ndarray) -> list[Prediction]:
             c = row.index(best)  # the first maximum, as argmax
             return [
                 Prediction(
-                    prediction=c, confidence=best, label=labels[c] if c < len(labels) else None
+                    prediction=c,
+                    confidence=float(best),  # an int or bool output too, as numpy's path
+                    label=labels[c] if c < len(labels) else None,
                 )
             ]
     classes = scores.argmax(axis=1)
@@ -189,19 +191,18 @@ async def predict(
     started: float,
     deadline: float,
     request_id: str,
-    *,
-    admitted: bool = False,
 ) -> PredictResponse | BatchPredictResponse:
     """``run_predict`` once the request's deadline and id are known; the express lane
-    (service/process/express.py) calls it without a ``web.Request``, for a request the
-    door found room for a moment ago (``admitted``: no early check before the rows)."""
+    (service/process/express.py) calls it without a ``web.Request``."""
     settings = app[SETTINGS]
     repository = app[MODEL_REPOSITORY]
     loaded = resolve(repository, payload.model or settings.default_model, payload.model_version)
     instances = payload.instances if isinstance(payload, PredictRequest) else None
     # Shed before building the rows: under overload most requests end here.
-    if not admitted:
-        loaded.worker.check_room(1 if instances is None else len(instances), deadline)
+    # Also for a request the door let through: it asked for one row, and a refusal
+    # here is outside the model's breaker (inside it, aiobreaker would count the
+    # excluded MailboxFull as a success and close a half-open breaker).
+    loaded.worker.check_room(1 if instances is None else len(instances), deadline)
     if instances is not None:
         rows = feature_rows(loaded, instances, "instances")
     else:

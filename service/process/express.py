@@ -112,9 +112,7 @@ class _PredictRoute:
             return None
 
     async def run(self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float) -> Any:
-        answer = await predict(
-            self._app, payload, started, deadline, caller.request_id or "", admitted=True
-        )
+        answer = await predict(self._app, payload, started, deadline, caller.request_id or "")
         return answer if self._shape is None else self._shape(answer)
 
 

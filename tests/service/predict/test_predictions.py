@@ -49,3 +49,9 @@ def test_a_row_that_is_not_finite_is_read_by_numpy(row: list[float]) -> None:
     expected = as_numpy_reads_it(scores, ())
     assert [a[0] for a in answers] == [e[0] for e in expected]
     assert np.array_equal([a[1] for a in answers], [e[1] for e in expected], equal_nan=True)
+
+
+def test_the_confidence_of_a_class_from_integer_scores_is_a_number_with_a_point() -> None:
+    [answer] = predictions(classifier(), np.array([[0, 3, 1]], dtype=np.int64))
+    assert (answer.prediction, answer.confidence) == (1, 3.0)
+    assert isinstance(answer.confidence, float)

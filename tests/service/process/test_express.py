@@ -22,6 +22,7 @@ from mlgate.service.process import express
 from mlgate.service.process.door import Door, DoorRequestHandler
 from mlgate.service.process.server import CappedAppRunner, CappedServer
 from mlgate.service.state import METRICS, MODEL_REPOSITORY, SETTINGS
+from mlgate.workers.errors import MailboxFull
 from mlgate.workers.inference.batching import InferenceWorker
 from mlgate.workers.sinks.local_log import read_log
 from tests.service.predict.test_predict_api import GatedSession, add_version, gate_worker, rows
@@ -339,6 +340,27 @@ async def test_a_client_gone_while_its_request_is_in_the_lane_leaves_no_room_tak
     assert server.door.on_the_way == {}
     response = await server.post("/api/v2/predict", {"features": ROW})
     assert response.status == 200
+
+
+async def test_a_batch_the_model_has_no_room_for_leaves_its_half_open_breaker_half_open(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The door asks room for one row; the lane refuses the batch's rows outside the
+    # breaker (inside it, aiobreaker counts the excluded MailboxFull as a success).
+    server = await served()
+    loaded = server.app[MODEL_REPOSITORY].resolve("demo")
+    one_row = loaded.worker.check_room
+
+    def room_for_one_row(rows: int, deadline: float, ahead: int = 0, nbytes: int = 0) -> float:
+        if rows > 1:
+            raise MailboxFull("no room for more than one row")
+        return one_row(rows, deadline, ahead, nbytes)
+
+    monkeypatch.setattr(loaded.worker, "check_room", room_for_one_row)
+    loaded.breaker._breaker.half_open()
+    response = await server.post("/api/v2/predict", {"instances": [ROW, ROW]})
+    assert (response.status, server.taken) == (503, 1)
+    assert loaded.breaker.state == "half_open"
 
 
 async def test_an_unexpected_error_in_the_lane_is_a_logged_500_problem(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 
 import pytest
 import structlog
@@ -59,3 +61,15 @@ def test_log_values_json_cannot_hold_are_written_as_their_repr() -> None:
         "event": "x",
         "value": "<opaque>",
     }
+
+
+def test_a_lone_surrogate_is_written_escaped_not_raised() -> None:
+    root = os.fsdecode(b"/srv/models-\xff")  # a file name that was not UTF-8
+    line = logs.json_line({"event": "models_started", "root": root})
+    assert line.isascii() and json.loads(line)["root"] == root
+
+
+def test_a_line_with_other_characters_renders_its_values_as_an_ascii_line_does() -> None:
+    ascii_only = json.loads(logs.json_line({"value": math.nan, "id": "a"}))
+    other = json.loads(logs.json_line({"value": math.nan, "id": "é"}))
+    assert ascii_only["value"] is None and other["value"] is None
