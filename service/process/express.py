@@ -310,12 +310,13 @@ def answer_on(
 
 def raw_answer(status: int, fields: Mapping[str, str], body: bytes) -> bytes:
     """An HTTP/1.1 answer as aiohttp writes one: ``fields``, then the body's length,
-    ``Date`` and ``Server``."""
+    ``Date`` and ``Server``, the head in UTF-8 (a client's ``X-Request-ID`` beyond ASCII
+    comes back in the bytes it was sent in)."""
     head = f"HTTP/1.1 {status} {_reason(status)}\r\n" + "".join(
         f"{name}: {value}\r\n" for name, value in fields.items()
     )
     tail = f"Content-Length: {len(body)}\r\nDate: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
-    return (head + tail).encode("latin-1", "replace") + body
+    return (head + tail).encode("utf-8", "surrogateescape") + body
 
 
 def _reason(status: int) -> str:

@@ -235,6 +235,21 @@ async def test_the_lane_applies_rate_limits_with_their_fields_on_every_answer(
     assert problem["type"] == "/problems/rate-limited"
 
 
+async def test_a_request_id_beyond_ascii_comes_back_from_the_lane_as_from_the_app(
+    served: ServeFactory,
+) -> None:
+    server = await served()
+    echoed = []
+    for body in ({"features": ROW}, {"model": "demo", "features": ROW}):  # lane, then app
+        reader, writer = await server.connect()
+        writer.write(raw_predict(msgspec.json.encode(body), "café-1"))
+        status, headers, _ = await read_answer(reader)
+        writer.close()
+        echoed.append((status, headers["X-Request-ID"].encode("latin-1")))
+    assert server.taken == 1
+    assert echoed == [(200, "café-1".encode())] * 2
+
+
 async def test_a_connection_is_not_read_while_its_request_is_in_the_lane(
     served: ServeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
