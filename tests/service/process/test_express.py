@@ -130,6 +130,18 @@ def raw_predict(body: bytes, request_id: str, path: str = "/api/v2/predict") -> 
     ).encode() + body
 
 
+async def in_the_lane(
+    server: Served, monkeypatch: pytest.MonkeyPatch, request_id: str
+) -> tuple[GatedSession, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A predict sent on a raw connection and held by the model in the lane until
+    ``gated.gate`` is set: (gated, reader, writer)."""
+    gated = server.gate(monkeypatch)
+    reader, writer = await server.connect()
+    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), request_id))
+    await asyncio.to_thread(gated.entered.wait, 5)
+    return gated, reader, writer
+
+
 async def test_a_predict_is_answered_in_the_lane_as_the_app_answers_it(
     served: ServeFactory,
 ) -> None:
@@ -254,11 +266,7 @@ async def test_a_connection_is_not_read_while_its_request_is_in_the_lane(
     served: ServeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = await served()
-    gated = server.gate(monkeypatch)
-    reader, writer = await server.connect()
-    body = msgspec.json.encode({"features": ROW})
-    writer.write(raw_predict(body, "first"))
-    await asyncio.to_thread(gated.entered.wait, 5)
+    gated, reader, writer = await in_the_lane(server, monkeypatch, "first")
     # The second request, with a body naming the model, would go to the app, which
     # must not answer it before the first.
     writer.write(raw_predict(msgspec.json.encode({"features": ROW, "model": "demo"}), "second"))
@@ -276,10 +284,7 @@ async def answered_past_the_head_timeout(
 ) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
     """A predict the model holds past the server's 0.2 s head (keep-alive) timeout, so
     the keep-alive timer fires while it is in the lane: (status, reader, writer)."""
-    gated = server.gate(monkeypatch)
-    reader, writer = await server.connect()
-    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "slow"))
-    await asyncio.to_thread(gated.entered.wait, 5)
+    gated, reader, writer = await in_the_lane(server, monkeypatch, "slow")
     await asyncio.sleep(0.5)
     gated.gate.set()
     status, _, _ = await read_answer(reader)
@@ -318,10 +323,7 @@ async def test_shutdown_waits_for_the_request_in_the_lane(
     served: ServeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = await served()
-    gated = server.gate(monkeypatch)
-    reader, writer = await server.connect()
-    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "in-flight"))
-    await asyncio.to_thread(gated.entered.wait, 5)
+    gated, reader, writer = await in_the_lane(server, monkeypatch, "in-flight")
     runner_server = server.runner.server
     assert runner_server is not None
     runner_server.pre_shutdown()  # as the runner does: idle connections close
@@ -341,10 +343,7 @@ async def test_a_client_gone_while_its_request_is_in_the_lane_leaves_no_room_tak
     served: ServeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = await served()
-    gated = server.gate(monkeypatch)
-    _, writer = await server.connect()
-    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "gone"))
-    await asyncio.to_thread(gated.entered.wait, 5)
+    gated, _, writer = await in_the_lane(server, monkeypatch, "gone")
     writer.close()
     await asyncio.sleep(0.1)
     gated.gate.set()
@@ -642,10 +641,7 @@ async def test_a_connection_with_a_request_in_the_lane_is_not_read_when_let_go(
     served: ServeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = await served()
-    gated = server.gate(monkeypatch)
-    reader, writer = await server.connect()
-    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "first"))
-    await asyncio.to_thread(gated.entered.wait, 5)
+    gated, reader, writer = await in_the_lane(server, monkeypatch, "first")
     (connection,) = server.runner.server.connections  # type: ignore[union-attr]
     assert isinstance(connection, DoorRequestHandler)
     connection.read_on()  # as the door's tick does for a connection it lets go
