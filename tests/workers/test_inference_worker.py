@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
-from mlgate.workers.inference.batching import InferenceWorker
+from mlgate.workers.inference.batching import ANSWER_CHUNK, InferenceWorker
 from tests.service_process import REPO
 
 DEMO = REPO / "models" / "demo" / "1" / "model.onnx"
@@ -353,3 +353,61 @@ async def test_room_within_a_time_counts_only_requests_answered_in_it(
     worker.check_room(1, time.monotonic() + 1.0, ahead=room - 1)
     with pytest.raises(MailboxFull, match="deadline"):
         worker.check_room(1, time.monotonic() + 1.0, ahead=25)
+
+
+def _one_batch_answered_while_refusing(
+    worker: InferenceWorker, count: int
+) -> list[asyncio.Future[Any]]:
+    """``count`` rows queued together (one batch), then one refused: the mailbox holds
+    ``count``."""
+    futures = [worker.submit(rows(1, i), soon()) for i in range(count)]
+    with pytest.raises(MailboxFull):
+        worker.submit(rows(1, count), soon())
+    return futures
+
+
+async def test_answers_go_out_a_few_per_loop_turn_while_the_worker_refuses(
+    make_worker: WorkerFactory,
+) -> None:
+    worker = make_worker(max_batch_size=8, mailbox_size=8)
+    futures = _one_batch_answered_while_refusing(worker, 8)
+    await futures[0]
+    assert sum(future.done() for future in futures) == ANSWER_CHUNK
+    await asyncio.gather(*futures)
+    assert worker.stats.batches == 1
+
+
+async def test_answers_go_out_at_once_when_nothing_was_refused(make_worker: WorkerFactory) -> None:
+    worker = make_worker(max_batch_size=8, mailbox_size=8)
+    futures = [worker.submit(rows(1, i), soon()) for i in range(8)]
+    await futures[0]
+    assert all(future.done() for future in futures)
+    assert worker.stats.batches == 1
+
+
+async def test_requests_back_from_answers_in_chunks_form_one_batch(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """The model is idle while a batch's answers go out a few a turn: its next batch
+    takes every request that came back meanwhile (all but the last chunk's), rather
+    than start with the first chunk's."""
+    session = RecordingSession(demo_session)
+    worker = make_worker(session, max_batch_size=8, mailbox_size=8)
+
+    async def client(first: asyncio.Future[Any], seed: int) -> None:
+        await first
+        await worker.submit(rows(1, seed), soon())  # the next request, once answered
+
+    futures = _one_batch_answered_while_refusing(worker, 8)
+    await asyncio.gather(*(client(future, 100 + i) for i, future in enumerate(futures)))
+    assert [len(batch) for batch in session.batches] == [8, 8 - ANSWER_CHUNK, ANSWER_CHUNK]
+
+
+async def test_a_worker_closed_while_answering_in_chunks_answers_every_item(
+    make_worker: WorkerFactory,
+) -> None:
+    worker = make_worker(max_batch_size=8, mailbox_size=8)
+    futures = _one_batch_answered_while_refusing(worker, 8)
+    await futures[0]
+    await worker.close(drain_s=1)
+    assert all(future.done() and not future.exception() for future in futures)
