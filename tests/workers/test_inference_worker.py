@@ -385,7 +385,7 @@ async def test_answers_go_out_at_once_when_nothing_was_refused(make_worker: Work
     assert worker.stats.batches == 1
 
 
-async def test_requests_back_from_answers_in_chunks_form_one_batch(
+async def test_an_idle_model_waits_for_the_requests_its_chunked_answers_bring_back(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession
 ) -> None:
     """The model is idle while a batch's answers go out a few a turn: its next batch
