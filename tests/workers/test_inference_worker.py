@@ -385,24 +385,6 @@ async def test_answers_go_out_at_once_when_nothing_was_refused(make_worker: Work
     assert worker.stats.batches == 1
 
 
-async def test_an_idle_model_waits_for_the_requests_its_chunked_answers_bring_back(
-    make_worker: WorkerFactory, demo_session: ort.InferenceSession
-) -> None:
-    """The model is idle while a batch's answers go out a few a turn: its next batch
-    takes every request that came back meanwhile (all but the last chunk's), rather
-    than start with the first chunk's."""
-    session = RecordingSession(demo_session)
-    worker = make_worker(session, max_batch_size=8, mailbox_size=8)
-
-    async def client(first: asyncio.Future[Any], seed: int) -> None:
-        await first
-        await worker.submit(rows(1, seed), soon())  # the next request, once answered
-
-    futures = _one_batch_answered_while_refusing(worker, 8)
-    await asyncio.gather(*(client(future, 100 + i) for i, future in enumerate(futures)))
-    assert [len(batch) for batch in session.batches] == [8, 8 - ANSWER_CHUNK, ANSWER_CHUNK]
-
-
 async def test_a_worker_closed_while_answering_in_chunks_answers_every_item(
     make_worker: WorkerFactory,
 ) -> None:
@@ -411,3 +393,22 @@ async def test_a_worker_closed_while_answering_in_chunks_answers_every_item(
     await futures[0]
     await worker.close(drain_s=1)
     assert all(future.done() and not future.exception() for future in futures)
+
+
+async def test_a_worker_closed_while_a_batch_fills_fails_its_rows(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A row taken into the batch filling behind a computing one is failed when the
+    worker stops, not left unanswered."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate)
+    worker = make_worker(session, max_batch_size=8, mailbox_size=8, max_queue_delay_s=30)
+    computing = worker.submit(rows(1, 0), soon(60))
+    await asyncio.to_thread(session.entered.wait, 5)
+    filling = worker.submit(rows(1, 1), soon(60))
+    await asyncio.sleep(0.05)  # the actor took it into the next batch, which waits for more
+    gate.set()
+    await worker.close(drain_s=0)
+    with pytest.raises(WorkerClosed):
+        await asyncio.wait_for(filling, 1)
+    await asyncio.gather(computing, return_exceptions=True)  # answered or failed, not pending

@@ -32,7 +32,7 @@ first whenever it has work, in short bursts, and the model computes in the rest.
 A batch's answers go out at once, except while the worker refuses requests (an
 overload): then ``ANSWER_CHUNK`` a turn of the event loop, so that requests arriving
 meanwhile are read, and refused, without waiting for the whole batch to be answered;
-a model left idle meanwhile waits for those answers' requests to form its next batch.
+refusals come first there, the batch's shape second.
 
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
 does not fit the current batch opens the next one.
@@ -155,7 +155,7 @@ class InferenceWorker(Actor[_Item]):
         self._slots = asyncio.Semaphore(2)
         self._in_flight: list[list[_Item]] = []  # batches handed to the thread
         self._busy_until = 0.0  # when the thread should be free, by recent run times
-        self._undelivered = 0  # answers of computed batches not delivered yet (``_deliver``)
+        self._forming: list[_Item] = []  # the batch ``_take_batch`` is filling
         self._rejected_seen = 0  # ``stats.rejected`` when the last batch was answered
 
     def start(self) -> None:
@@ -321,6 +321,7 @@ class InferenceWorker(Actor[_Item]):
         first = self._carry if self._carry is not None else self._took(await self._mailbox.get())
         self._carry = None
         batch, rows = [first], first.rows
+        self._forming = batch  # ``_held`` sees it while it waits for more
         if self._in_flight:
             # While another batch computes, this one cannot start before it ends: it
             # keeps filling until then (or until full), not just for the queue delay.
@@ -332,15 +333,6 @@ class InferenceWorker(Actor[_Item]):
         nearest = first.deadline
         while rows < self._max_batch_size:
             if self._mailbox.empty():
-                if (
-                    self._undelivered
-                    and not self._in_flight
-                    and time.monotonic() < nearest - self._run_time_s
-                ):
-                    # The model is idle while the last batch's answers go out a few a
-                    # turn: the requests they bring back form this batch.
-                    await asyncio.sleep(0)
-                    continue
                 wait = min(fill_until, nearest - self._run_time_s) - time.monotonic()
                 if wait <= 0:
                     break
@@ -357,6 +349,7 @@ class InferenceWorker(Actor[_Item]):
             batch.append(item)
             rows += item.rows
             nearest = min(nearest, item.deadline)
+        self._forming = []
         return batch
 
     def _hand_to_thread(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
@@ -410,7 +403,6 @@ class InferenceWorker(Actor[_Item]):
                 return
             answers = self._answers(items, total, started, outputs, run_s)
             answering = True
-            self._undelivered += len(answers)
             # Refusing requests (``check_room``) since the last answers: an overload,
             # where answering refusals fast matters more than the next batch's shape.
             refusing = self.stats.rejected != self._rejected_seen
@@ -446,6 +438,8 @@ class InferenceWorker(Actor[_Item]):
         outputs: Sequence[np.ndarray],
         run_s: float,
     ) -> list[tuple[_Item, Outputs]]:
+        """Each item with its slice of the outputs; the run counted in the stats and in
+        the running estimate of a batch's time."""
         weight = _RUN_TIME_WEIGHT if self.stats.batches else 1.0
         self._run_time_s += weight * (run_s - self._run_time_s)
         self.stats.batches += 1
@@ -483,7 +477,6 @@ class InferenceWorker(Actor[_Item]):
             if not item.future.done():
                 item.future.set_result(outputs)
             self._settled(item)
-        self._undelivered -= end - start
         if end < len(answers):
             asyncio.get_running_loop().call_soon(self._deliver, answers, end, chunk)
 
@@ -502,4 +495,5 @@ class InferenceWorker(Actor[_Item]):
     def _held(self) -> list[_Item]:
         carried, self._carry = self._carry, None
         in_flight = [item for batch in self._in_flight for item in batch]
-        return in_flight + ([carried] if carried is not None else [])
+        forming, self._forming = self._forming, []
+        return in_flight + forming + ([carried] if carried is not None else [])
