@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
+from mlgate.workers.inference import batching
 from mlgate.workers.inference.batching import ANSWER_CHUNK, InferenceWorker
 from tests.service_process import REPO
 
@@ -412,3 +413,20 @@ async def test_a_worker_closed_while_a_batch_fills_fails_its_rows(
     with pytest.raises(WorkerClosed):
         await asyncio.wait_for(filling, 1)
     await asyncio.gather(computing, return_exceptions=True)  # answered or failed, not pending
+
+
+async def test_a_stale_run_time_estimate_gets_room_for_one_batch_to_measure_it_again(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deadline shorter than the estimated batch gets no room, until the estimate is
+    old and the model idle: then one batch, or the estimate would never change."""
+    monkeypatch.setattr(batching, "ESTIMATE_STALE_S", 0.2)
+    session = RecordingSession(demo_session, delay_s=0.05)
+    worker = make_worker(session, max_batch_size=4, mailbox_size=100)
+    await worker.submit(rows(1), soon())  # teaches the worker a batch takes ~50 ms
+    assert worker.room_within(0.02) == 0
+    await asyncio.sleep(0.25)
+    assert worker.room_within(0.02) == 4
+    queued = worker.submit(rows(1), soon())
+    assert worker.room_within(0.02) == 0  # not idle any more
+    await queued

@@ -64,6 +64,11 @@ _RUN_TIME_WEIGHT = 0.2
 # Answers delivered per turn of the event loop while the worker refuses requests
 # (``_deliver``).
 ANSWER_CHUNK = 2
+# How long an idle model's run-time estimate holds before room is made to measure it
+# again (``InferenceWorker._estimate_is_stale``): the default ``Retry-After``, so a
+# client refused for a deadline shorter than a batch finds the same answer on its
+# retry, unless the model has been idle since.
+ESTIMATE_STALE_S = 1.0
 
 
 def _lower_priority(niceness: int) -> Callable[[], None]:
@@ -157,6 +162,7 @@ class InferenceWorker(Actor[_Item]):
         self._busy_until = 0.0  # when the thread should be free, by recent run times
         self._forming: list[_Item] = []  # the batch ``_take_batch`` is filling
         self._rejected_seen = 0  # ``stats.rejected`` when the last batch was answered
+        self._last_ran_at = 0.0  # when the last batch's run ended (``time.monotonic``)
 
     def start(self) -> None:
         if self._task is None:
@@ -186,7 +192,23 @@ class InferenceWorker(Actor[_Item]):
             return self.room
         # A fifth of the time is left for the way to the mailbox and the estimate's noise.
         batches = int(0.8 * seconds / self._run_time_s) - len(self._in_flight)
+        if batches <= 0 and self._estimate_is_stale():
+            batches = 1
         return max(0, min(self.room, batches * self._max_batch_size - self._queued_rows))
+
+    def _estimate_is_stale(self) -> bool:
+        """The model is idle and has run no batch for ``ESTIMATE_STALE_S``: its run-time
+        estimate is old and may no longer hold. It is wall time, measured while the
+        event loop shared the core: after an overload it can be twice the model's time
+        alone, and a deadline it says is too short would then never get room, no batch
+        would run, and the estimate would never be corrected (bench.overload: a retry
+        storm of 50 ms deadlines right after one of 1 s got no answer at all, every
+        request held and refused for 8 s). Room for one batch measures it again."""
+        return (
+            not self._in_flight
+            and not self._queued_rows
+            and time.monotonic() - self._last_ran_at >= ESTIMATE_STALE_S
+        )
 
     @property
     def mailbox_full(self) -> bool:
@@ -440,6 +462,7 @@ class InferenceWorker(Actor[_Item]):
     ) -> list[tuple[_Item, Outputs]]:
         """Each item with its slice of the outputs; the run counted in the stats and in
         the running estimate of a batch's time."""
+        self._last_ran_at = time.monotonic()
         weight = _RUN_TIME_WEIGHT if self.stats.batches else 1.0
         self._run_time_s += weight * (run_s - self._run_time_s)
         self.stats.batches += 1
