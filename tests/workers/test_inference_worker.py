@@ -416,17 +416,19 @@ async def test_a_worker_closed_while_a_batch_fills_fails_its_rows(
 
 
 async def test_a_stale_run_time_estimate_gets_room_for_one_batch_to_measure_it_again(
-    make_worker: WorkerFactory, demo_session: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
 ) -> None:
     """A deadline shorter than the estimated batch gets no room, until the estimate is
     old and the model idle: then one batch, or the estimate would never change."""
-    monkeypatch.setattr(batching, "ESTIMATE_STALE_S", 0.2)
     session = RecordingSession(demo_session, delay_s=0.05)
     worker = make_worker(session, max_batch_size=4, mailbox_size=100)
     await worker.submit(rows(1), soon())  # teaches the worker a batch takes ~50 ms
     assert worker.room_within(0.02) == 0
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.05 * batching.ESTIMATE_STALE_BATCHES + 0.05)
     assert worker.room_within(0.02) == 4
+    worker.check_room(1, time.monotonic() + 0.02, ahead=3)  # one batch is let in
+    with pytest.raises(MailboxFull, match="deadline"):
+        worker.check_room(1, time.monotonic() + 0.02, ahead=4)  # not two
     queued = worker.submit(rows(1), soon())
     assert worker.room_within(0.02) == 0  # not idle any more
     await queued

@@ -64,11 +64,9 @@ _RUN_TIME_WEIGHT = 0.2
 # Answers delivered per turn of the event loop while the worker refuses requests
 # (``_deliver``).
 ANSWER_CHUNK = 2
-# How long an idle model's run-time estimate holds before room is made to measure it
-# again (``InferenceWorker._estimate_is_stale``): the default ``Retry-After``, so a
-# client refused for a deadline shorter than a batch finds the same answer on its
-# retry, unless the model has been idle since.
-ESTIMATE_STALE_S = 1.0
+# For how many of its batches' times an idle model's run-time estimate holds before
+# room is made to measure it again (``InferenceWorker._estimate_is_stale``).
+ESTIMATE_STALE_BATCHES = 4
 
 
 def _lower_priority(niceness: int) -> Callable[[], None]:
@@ -197,17 +195,19 @@ class InferenceWorker(Actor[_Item]):
         return max(0, min(self.room, batches * self._max_batch_size - self._queued_rows))
 
     def _estimate_is_stale(self) -> bool:
-        """The model is idle and has run no batch for ``ESTIMATE_STALE_S``: its run-time
-        estimate is old and may no longer hold. It is wall time, measured while the
+        """The model is idle and has run no batch for ``ESTIMATE_STALE_BATCHES`` of its
+        estimated batch times: the estimate is old and may no longer hold. It is wall time, measured while the
         event loop shared the core: after an overload it can be twice the model's time
         alone, and a deadline it says is too short would then never get room, no batch
         would run, and the estimate would never be corrected (bench.overload: a retry
         storm of 50 ms deadlines right after one of 1 s got no answer at all, every
-        request held and refused for 8 s). Room for one batch measures it again."""
+        request held and refused for 8 s). Room for one batch measures it again; a
+        model truly too slow for the deadline then answers that batch late, with time
+        it had spare."""
         return (
             not self._in_flight
             and not self._queued_rows
-            and time.monotonic() - self._last_ran_at >= ESTIMATE_STALE_S
+            and time.monotonic() - self._last_ran_at >= ESTIMATE_STALE_BATCHES * self._run_time_s
         )
 
     @property
@@ -287,9 +287,11 @@ class InferenceWorker(Actor[_Item]):
 
     def _expected_wait_s(self, rows: int) -> float:
         """How long new rows would take to be answered, from recent batch run times
-        (0 until a batch has run): the batches queued ahead, the one computing, and
-        the batch of these rows."""
+        (0 until a batch has run, or for one batch while the estimate is stale): the
+        batches queued ahead, the one computing, and the batch of these rows."""
         if not self.stats.batches:
+            return 0.0
+        if rows <= self._max_batch_size and self._estimate_is_stale():
             return 0.0
         batches = -(-(self._queued_rows + rows) // self._max_batch_size)
         return (batches + len(self._in_flight)) * self._run_time_s
