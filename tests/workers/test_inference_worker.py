@@ -415,11 +415,12 @@ async def test_a_worker_closed_while_a_batch_fills_fails_its_rows(
     await asyncio.gather(computing, return_exceptions=True)  # answered or failed, not pending
 
 
-async def test_a_stale_run_time_estimate_gets_room_for_one_batch_to_measure_it_again(
+async def test_a_stale_run_time_estimate_lets_one_batch_in(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession
 ) -> None:
-    """A deadline shorter than the estimated batch gets no room, until the estimate is
-    old and the model idle: then one batch, or the estimate would never change."""
+    """A deadline shorter than the estimated batch gets no room, until the model has
+    idled for a few batch times: then one batch, or no batch would ever run to
+    correct the estimate."""
     session = RecordingSession(demo_session, delay_s=0.05)
     worker = make_worker(session, max_batch_size=4, mailbox_size=100)
     await worker.submit(rows(1), soon())  # teaches the worker a batch takes ~50 ms
@@ -429,6 +430,20 @@ async def test_a_stale_run_time_estimate_gets_room_for_one_batch_to_measure_it_a
     worker.check_room(1, time.monotonic() + 0.02, ahead=3)  # one batch is let in
     with pytest.raises(MailboxFull, match="deadline"):
         worker.check_room(1, time.monotonic() + 0.02, ahead=4)  # not two
-    queued = worker.submit(rows(1), soon())
-    assert worker.room_within(0.02) == 0  # not idle any more
-    await queued
+    queued = [worker.submit(rows(1, i), time.monotonic() + 0.02) for i in range(4)]
+    with pytest.raises(MailboxFull, match="deadline"):
+        worker.submit(rows(1, 9), time.monotonic() + 0.02)
+    await asyncio.gather(*queued)
+    assert [len(batch) for batch in session.batches] == [1, 4]
+
+
+async def test_the_batch_let_in_by_a_stale_estimate_replaces_it(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = RecordingSession(demo_session, delay_s=0.05)
+    worker = make_worker(session, max_batch_size=4, mailbox_size=100)
+    await worker.submit(rows(1), soon())  # teaches the worker a batch takes ~50 ms
+    session.delay_s = 0.0  # the model is fast again
+    await asyncio.sleep(0.05 * batching.ESTIMATE_STALE_BATCHES + 0.05)
+    await worker.submit(rows(1, 1), soon())
+    assert worker.room_within(0.02) > 0  # a fresh estimate, not 80% of the old one

@@ -195,20 +195,19 @@ class InferenceWorker(Actor[_Item]):
         return max(0, min(self.room, batches * self._max_batch_size - self._queued_rows))
 
     def _estimate_is_stale(self) -> bool:
-        """The model is idle and has run no batch for ``ESTIMATE_STALE_BATCHES`` of its
-        estimated batch times: the estimate is old and may no longer hold. It is wall time, measured while the
-        event loop shared the core: after an overload it can be twice the model's time
-        alone, and a deadline it says is too short would then never get room, no batch
-        would run, and the estimate would never be corrected (bench.overload: a retry
-        storm of 50 ms deadlines right after one of 1 s got no answer at all, every
-        request held and refused for 8 s). Room for one batch measures it again; a
-        model truly too slow for the deadline then answers that batch late, with time
-        it had spare."""
-        return (
-            not self._in_flight
-            and not self._queued_rows
-            and time.monotonic() - self._last_ran_at >= ESTIMATE_STALE_BATCHES * self._run_time_s
-        )
+        """No batch computing, and none for ``ESTIMATE_STALE_BATCHES`` of the estimated
+        batch times: the estimate is old and may no longer hold.
+
+        It is wall time, measured while the event loop shared the core: after an
+        overload it can be twice the model's time alone. A deadline it says is too
+        short would then never get room, no batch would run, and the estimate would
+        never be corrected (bench.overload: a retry storm of 50 ms deadlines right
+        after one of 1 s got no answer at all, every request held and refused). So a
+        stale estimate lets one batch in (``room_within``, ``check_room``), and that
+        batch's run replaces it. A model truly too slow for the deadline answers that
+        batch late, with time it had spare, and refuses the rest again."""
+        since = time.monotonic() - self._last_ran_at
+        return not self._in_flight and since >= ESTIMATE_STALE_BATCHES * self._run_time_s
 
     @property
     def mailbox_full(self) -> bool:
@@ -291,7 +290,7 @@ class InferenceWorker(Actor[_Item]):
         batches queued ahead, the one computing, and the batch of these rows."""
         if not self.stats.batches:
             return 0.0
-        if rows <= self._max_batch_size and self._estimate_is_stale():
+        if self._queued_rows + rows <= self._max_batch_size and self._estimate_is_stale():
             return 0.0
         batches = -(-(self._queued_rows + rows) // self._max_batch_size)
         return (batches + len(self._in_flight)) * self._run_time_s
@@ -393,11 +392,14 @@ class InferenceWorker(Actor[_Item]):
             self._slots.release()
             return
         started = time.monotonic()
+        remeasure = self._estimate_is_stale()  # this run replaces the estimate
         self._busy_until = max(started, self._busy_until) + self._run_time_s
         self._in_flight.append(items)
         latest = max(item.deadline for item in items)
         future = loop.run_in_executor(self._executor, self._timed_run, feed, latest)
-        future.add_done_callback(lambda done: self._finished(done, items, started, total))
+        future.add_done_callback(
+            lambda done: self._finished(done, items, started, total, remeasure)
+        )
 
     def _finished(
         self,
@@ -405,6 +407,7 @@ class InferenceWorker(Actor[_Item]):
         items: list[_Item],
         started: float,
         total: int,
+        remeasure: bool = False,
     ) -> None:
         self._in_flight.remove(items)
         self._slots.release()
@@ -425,7 +428,7 @@ class InferenceWorker(Actor[_Item]):
                             DeadlineExpired(f"deadline passed while queued for {self.name}")
                         )
                 return
-            answers = self._answers(items, total, started, outputs, run_s)
+            answers = self._answers(items, total, started, outputs, run_s, remeasure)
             answering = True
             # Refusing requests (``check_room``) since the last answers: an overload,
             # where answering refusals fast matters more than the next batch's shape.
@@ -461,11 +464,12 @@ class InferenceWorker(Actor[_Item]):
         started: float,
         outputs: Sequence[np.ndarray],
         run_s: float,
+        remeasure: bool,
     ) -> list[tuple[_Item, Outputs]]:
         """Each item with its slice of the outputs; the run counted in the stats and in
         the running estimate of a batch's time."""
         self._last_ran_at = time.monotonic()
-        weight = _RUN_TIME_WEIGHT if self.stats.batches else 1.0
+        weight = _RUN_TIME_WEIGHT if self.stats.batches and not remeasure else 1.0
         self._run_time_s += weight * (run_s - self._run_time_s)
         self.stats.batches += 1
         self.stats.rows_computed += total
