@@ -447,3 +447,21 @@ async def test_the_batch_let_in_by_a_stale_estimate_replaces_it(
     await asyncio.sleep(0.05 * batching.ESTIMATE_STALE_BATCHES + 0.05)
     await worker.submit(rows(1, 1), soon())
     assert worker.room_within(0.02) > 0  # a fresh estimate, not 80% of the old one
+
+
+async def test_a_stale_estimate_lets_in_one_batch_even_if_its_rows_expire(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """Rows whose deadline passes before they reach the model (a flood of deadlines
+    shorter than the way there) spend the stale estimate's batch: the next are
+    refused at once again rather than let in a batch every turn."""
+    session = RecordingSession(demo_session, delay_s=0.05)
+    worker = make_worker(session, max_batch_size=4, mailbox_size=100)
+    await worker.submit(rows(1), soon())  # teaches the worker a batch takes ~50 ms
+    await asyncio.sleep(0.05 * batching.ESTIMATE_STALE_BATCHES + 0.05)
+    doomed = worker.submit(rows(1, 1), time.monotonic() + 0.0001)
+    with pytest.raises(DeadlineExpired):
+        await doomed
+    with pytest.raises(MailboxFull, match="deadline"):
+        worker.check_room(1, time.monotonic() + 0.02)
+    assert len(session.batches) == 1

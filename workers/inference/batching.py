@@ -322,6 +322,10 @@ class InferenceWorker(Actor[_Item]):
             if live:
                 self._hand_to_thread(loop, live)
             else:
+                # Every row expired before it could run (deadlines shorter than the
+                # way to the model): the try counts as a run for staleness, or a stale
+                # estimate would let such a flood in a batch every turn, not once.
+                self._last_ran_at = time.monotonic()
                 self._slots.release()
 
     def _drop_expired(self, batch: list[_Item]) -> list[_Item]:
@@ -421,6 +425,7 @@ class InferenceWorker(Actor[_Item]):
                 return
             outputs, run_s = done.result()
             if outputs is None:  # every deadline passed while queued behind a batch
+                self._last_ran_at = time.monotonic()  # as in ``_run``: the try counts
                 self.stats.expired += len(items)
                 for item in items:
                     if not item.future.done():
