@@ -415,17 +415,30 @@ async def test_a_worker_closed_while_a_batch_fills_fails_its_rows(
     await asyncio.gather(computing, return_exceptions=True)  # answered or failed, not pending
 
 
+# A batch of ``worker_taught_slow_batches``'s worker takes ~50 ms: its estimate is
+# stale after four of them idle.
+STALE_AFTER_S = 0.05 * batching.ESTIMATE_STALE_BATCHES + 0.05
+
+
+async def worker_taught_slow_batches(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> tuple[InferenceWorker, RecordingSession]:
+    """A worker (batches of 4) whose one batch so far took ~50 ms."""
+    session = RecordingSession(demo_session, delay_s=0.05)
+    worker = make_worker(session, max_batch_size=4, mailbox_size=100)
+    await worker.submit(rows(1), soon())
+    return worker, session
+
+
 async def test_a_stale_run_time_estimate_lets_one_batch_in(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession
 ) -> None:
     """A deadline shorter than the estimated batch gets no room, until the model has
     idled for a few batch times: then one batch, or no batch would ever run to
     correct the estimate."""
-    session = RecordingSession(demo_session, delay_s=0.05)
-    worker = make_worker(session, max_batch_size=4, mailbox_size=100)
-    await worker.submit(rows(1), soon())  # teaches the worker a batch takes ~50 ms
+    worker, session = await worker_taught_slow_batches(make_worker, demo_session)
     assert worker.room_within(0.02) == 0
-    await asyncio.sleep(0.05 * batching.ESTIMATE_STALE_BATCHES + 0.05)
+    await asyncio.sleep(STALE_AFTER_S)
     assert worker.room_within(0.02) == 4
     worker.check_room(1, time.monotonic() + 0.02, ahead=3)  # one batch is let in
     with pytest.raises(MailboxFull, match="deadline"):
@@ -440,11 +453,9 @@ async def test_a_stale_run_time_estimate_lets_one_batch_in(
 async def test_the_batch_let_in_by_a_stale_estimate_replaces_it(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession
 ) -> None:
-    session = RecordingSession(demo_session, delay_s=0.05)
-    worker = make_worker(session, max_batch_size=4, mailbox_size=100)
-    await worker.submit(rows(1), soon())  # teaches the worker a batch takes ~50 ms
+    worker, session = await worker_taught_slow_batches(make_worker, demo_session)
     session.delay_s = 0.0  # the model is fast again
-    await asyncio.sleep(0.05 * batching.ESTIMATE_STALE_BATCHES + 0.05)
+    await asyncio.sleep(STALE_AFTER_S)
     await worker.submit(rows(1, 1), soon())
     assert worker.room_within(0.02) > 0  # a fresh estimate, not 80% of the old one
 
@@ -455,10 +466,8 @@ async def test_a_stale_estimate_lets_in_one_batch_even_if_its_rows_expire(
     """Rows whose deadline passes before they reach the model (a flood of deadlines
     shorter than the way there) spend the stale estimate's batch: the next are
     refused at once again rather than let in a batch every turn."""
-    session = RecordingSession(demo_session, delay_s=0.05)
-    worker = make_worker(session, max_batch_size=4, mailbox_size=100)
-    await worker.submit(rows(1), soon())  # teaches the worker a batch takes ~50 ms
-    await asyncio.sleep(0.05 * batching.ESTIMATE_STALE_BATCHES + 0.05)
+    worker, session = await worker_taught_slow_batches(make_worker, demo_session)
+    await asyncio.sleep(STALE_AFTER_S)
     doomed = worker.submit(rows(1, 1), time.monotonic() + 0.0001)
     with pytest.raises(DeadlineExpired):
         await doomed
