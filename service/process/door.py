@@ -72,6 +72,11 @@ HOLD_TICK_S = 0.002
 # any answer (``DoorRequestHandler._take_express``).
 _LANE_KEEPALIVE_HOLD_S = 86_400.0
 RESERVATION_S = 0.1
+# Weights of the newest request in a worker's way-to-the-app estimate, as it rises and
+# as it falls, and for how long the estimate holds with no request let through to
+# correct it (``WayToTheApp``).
+_WAY_RISES, _WAY_FALLS = 0.2, 0.02
+WAY_HOLDS_S = 0.5
 log = structlog.get_logger("mlgate.door")
 
 
@@ -91,6 +96,45 @@ class Admission:
     key: ApiKey
     deadline: float
     body: bytes | None  # the body, when the door read it (REST predict and ingest routes)
+    admitted_at: float = 0.0  # ``time.monotonic()`` when the door let it through
+
+
+class WayToTheApp:
+    """How long a request the door lets through takes to reach the app (a handler, or
+    the express lane's task), by worker: a running estimate of recent ones.
+
+    It is the event loop's turn: under a flood of connections the loop reads and
+    answers hundreds of them between letting a request through and starting on it,
+    and as many again before the answer is written. A deadline shorter than that
+    expires on the way, after the door, the body's decoding and the app have spent
+    the core on it: a tenant flooding 10 ms deadlines on 256 connections got ~4,000
+    504s and 503s a second that way, and took another tenant's four connections
+    from ~1,500 answers a second to ~190 (``bench.overload --flood``). So the door
+    counts the way there and back as part of the wait (``seconds``): such requests
+    are refused at the door and their connections held.
+
+    The estimate rises fast and falls slowly. The way is short in the turns after
+    the door held a flood's connections, and an estimate that fell as fast let them
+    all go on again at once: the other tenant then got 470 answers a second rather
+    than 710. With no request let through for ``WAY_HOLDS_S`` it no longer holds: a
+    loop gone quiet would otherwise keep refusing tight deadlines, with nothing let
+    through to measure that it had."""
+
+    def __init__(self) -> None:
+        self._estimates: dict[InferenceWorker, tuple[float, float]] = {}  # (s, measured at)
+
+    def seconds(self, worker: InferenceWorker, now: float) -> float:
+        """The way to the app and back, for a request let through now for ``worker``."""
+        estimate, measured_at = self._estimates.get(worker, (0.0, -math.inf))
+        return 2 * estimate if now - measured_at < WAY_HOLDS_S else 0.0
+
+    def took(self, worker: InferenceWorker, seconds: float, now: float) -> None:
+        """A request let through for ``worker`` took ``seconds`` to reach the app."""
+        estimate, measured_at = self._estimates.get(worker, (0.0, -math.inf))
+        if now - measured_at >= WAY_HOLDS_S:
+            estimate = seconds  # an old estimate is no guide: start from this one
+        weight = _WAY_RISES if seconds > estimate else _WAY_FALLS
+        self._estimates[worker] = (estimate + weight * (seconds - estimate), now)
 
 
 class Door:
@@ -107,6 +151,7 @@ class Door:
         self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.refused = 0
         self.on_the_way: dict[InferenceWorker, int] = {}
+        self.way = WayToTheApp()
         # Refused connections not read until their turn, in line by worker and by the
         # time their refused request gave the model (the likely time of their next):
         # (let go at, connection). A tight deadline's line does not block a loose one's.
@@ -167,20 +212,27 @@ class Door:
         timeout_ms = timeout_ms_in(headers, self._settings.request_timeout_ms)
         if timeout_ms is None:  # the app answers it 400
             return None, None, None
-        deadline = time.monotonic() + timeout_ms / 1000
+        now = time.monotonic()
+        deadline = now + timeout_ms / 1000
         try:
             worker = self._app[MODEL_REPOSITORY].resolve(model, version).worker
         except ModelNotFound:
             return None, None, None
         if worker is reserved:  # its room was kept when it was let go on
-            return None, worker, Admission(worker, key, deadline, body)
+            return None, worker, Admission(worker, key, deadline, body, now)
         started = time.perf_counter()
         try:
             ahead = self.on_the_way.get(worker, 0)
             if self._line_sizes:
                 ahead += self._held_ahead(worker, _line_of(timeout_ms))
             # The body's length is at most the bytes the request would hold decoded.
-            worker.check_room(1, deadline, ahead=ahead, nbytes=len(body or b""))
+            worker.check_room(
+                1,
+                deadline,
+                ahead=ahead,
+                nbytes=len(body or b""),
+                way_s=self.way.seconds(worker, now),
+            )
         except (MailboxFull, DeadlineExpired) as exc:
             self.refused += 1
             answer = self._answer(as_api_error(exc, self._settings.retry_after_s), path, headers)
@@ -188,7 +240,7 @@ class Door:
             self._count(route, status, time.perf_counter() - started)
             return answer, worker, None
         self._on_its_way(worker)
-        return None, worker, Admission(worker, key, deadline, body)
+        return None, worker, Admission(worker, key, deadline, body, now)
 
     def _held_ahead(self, worker: InferenceWorker, line: float) -> int:
         """Held connections that come back before a request of ``line``: those, still
@@ -211,7 +263,12 @@ class Door:
     def _on_its_way(self, worker: InferenceWorker) -> None:
         self.on_the_way[worker] = self.on_the_way.get(worker, 0) + 1
 
-    def reached_app(self, worker: InferenceWorker) -> None:
+    def reached_app(self, worker: InferenceWorker, admitted_at: float | None = None) -> None:
+        """A request let through for ``worker`` reached the app (or never will);
+        ``admitted_at``: when the door let it through, if it was timed."""
+        if admitted_at is not None:
+            now = time.monotonic()
+            self.way.took(worker, now - admitted_at, now)
         left = self.on_the_way[worker] - 1
         if left:
             self.on_the_way[worker] = left
@@ -290,7 +347,8 @@ class Door:
                 if connection not in self._holding:  # closed while held
                     held.popleft()
                     continue
-                room = worker.room_within(timeout_s) - self.on_the_way.get(worker, 0)
+                way_s = self.way.seconds(worker, time.monotonic())
+                room = worker.room_within(timeout_s - way_s) - self.on_the_way.get(worker, 0)
                 if room <= 0 and let_go_at > now:
                     break
                 held.popleft()
@@ -441,8 +499,8 @@ class DoorRequestHandler(web.RequestHandler):
         # this connection is waiting or being answered, so a refusal keeps the order.
         self._handed = 0
         self._answered = 0
-        # For each message handed to the app, in order: the worker it goes to, if known.
-        self._bound_for: deque[InferenceWorker | None] = deque()
+        # For each message handed to the app, in order: the door's admission of it, if any.
+        self._bound_for: deque[Admission | None] = deque()
         self._express_task: asyncio.Task[None] | None = None
         self._read_once_drained = False
 
@@ -476,9 +534,9 @@ class DoorRequestHandler(web.RequestHandler):
 
     async def _handle_request(self, *args: Any, **kwargs: Any) -> tuple[web.StreamResponse, bool]:
         if self._bound_for:
-            worker = self._bound_for.popleft()
-            if worker is not None:
-                self._door.reached_app(worker)
+            admission = self._bound_for.popleft()
+            if admission is not None and admission.worker is not None:
+                self._door.reached_app(admission.worker, admission.admitted_at or None)
         try:
             return await super()._handle_request(*args, **kwargs)
         finally:
@@ -487,9 +545,9 @@ class DoorRequestHandler(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._door.release(self)
         while self._bound_for:
-            worker = self._bound_for.popleft()
-            if worker is not None:
-                self._door.reached_app(worker)  # it never will
+            admission = self._bound_for.popleft()
+            if admission is not None and admission.worker is not None:
+                self._door.reached_app(admission.worker)  # it never will
         super().connection_lost(exc)
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp's signature)
@@ -521,7 +579,7 @@ class DoorRequestHandler(web.RequestHandler):
                     continue
                 at_front = False
                 kept.append((message, payload))
-                self._bound_for.append(admission.worker if admission is not None else None)
+                self._bound_for.append(admission)
                 continue
             self.transport.write(answer)
             if self._inner_parser is not None:
@@ -542,7 +600,13 @@ class DoorRequestHandler(web.RequestHandler):
         ):
             return False
         task = lane.take(
-            message, admission.body, admission.key, admission.deadline, admission.worker, self
+            message,
+            admission.body,
+            admission.key,
+            admission.deadline,
+            admission.worker,
+            self,
+            admission.admitted_at or None,
         )
         if task is None:
             return False

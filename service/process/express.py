@@ -93,7 +93,11 @@ class _PredictRoute:
     status = 200
 
     def __init__(
-        self, app: web.Application, path: str, request_type: type, shape: Callable[[Any], Any] | None
+        self,
+        app: web.Application,
+        path: str,
+        request_type: type,
+        shape: Callable[[Any], Any] | None,
     ) -> None:
         self.path = path
         self._app = app
@@ -111,7 +115,9 @@ class _PredictRoute:
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             return None
 
-    async def run(self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float) -> Any:
+    async def run(
+        self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float
+    ) -> Any:
         answer = await predict(self._app, payload, started, deadline, caller.request_id or "")
         return answer if self._shape is None else self._shape(answer)
 
@@ -131,7 +137,9 @@ class _IngestRoute:
     def prepare(self, body: bytes, fmt: Format) -> Any:
         return body if len(body) <= self._max_body_bytes else None
 
-    async def run(self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float) -> Any:
+    async def run(
+        self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float
+    ) -> Any:
         return await ingest_batch(self._app[INGEST_PIPELINE], payload, fmt, caller)
 
 
@@ -147,7 +155,7 @@ class ExpressLane:
         request_ids: RequestIds,
         path_headers: Mapping[str, Mapping[str, str]],
         count: Count,
-        reached_app: Callable[[InferenceWorker], None],
+        reached_app: Callable[[InferenceWorker, float | None], None],
     ) -> None:
         settings = app[SETTINGS]
         self._app = app
@@ -175,8 +183,10 @@ class ExpressLane:
         deadline: float,
         worker: InferenceWorker | None,
         connection: Connection,
+        admitted_at: float | None = None,
     ) -> asyncio.Task[None] | None:
-        """The task answering ``message`` in the lane, or None to let the app answer it."""
+        """The task answering ``message`` in the lane, or None to let the app answer it;
+        ``admitted_at``: when the door let it through for ``worker``."""
         route = self._routes.get(message.path)
         if route is None or message.version != HttpVersion11:
             return None
@@ -188,7 +198,9 @@ class ExpressLane:
             return None
         self.taken += 1
         task = asyncio.get_running_loop().create_task(
-            self._serve(route, message, payload, fmt, key, deadline, worker, connection)
+            self._serve(
+                route, message, payload, fmt, key, deadline, worker, connection, admitted_at
+            )
         )
         self.pending[task] = connection
         task.add_done_callback(self._finished)
@@ -215,9 +227,10 @@ class ExpressLane:
         deadline: float,
         worker: InferenceWorker | None,
         connection: Connection,
+        admitted_at: float | None,
     ) -> None:
         if worker is not None:
-            self._reached_app(worker)
+            self._reached_app(worker, admitted_at)
         started = time.monotonic()
         headers = message.headers
         request_id = self._request_ids.from_headers(headers)

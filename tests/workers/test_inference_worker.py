@@ -474,3 +474,25 @@ async def test_a_stale_estimate_lets_in_one_batch_even_if_its_rows_expire(
     with pytest.raises(MailboxFull, match="deadline"):
         worker.check_room(1, time.monotonic() + 0.02)
     assert len(session.batches) == 1
+
+
+async def test_the_time_a_request_still_needs_to_reach_the_mailbox_counts_in_its_wait(
+    make_worker: WorkerFactory,
+) -> None:
+    """``way_s``: a caller that knows its request is still on its way (the door, under
+    a busy event loop) is refused when the way alone outlasts the deadline, with a
+    503's ``MailboxFull``, not a 504: the deadline has not passed."""
+    worker = make_worker()
+    with pytest.raises(MailboxFull, match="deadline"):
+        worker.check_room(1, time.monotonic() + 0.05, way_s=0.06)
+    worker.check_room(1, time.monotonic() + 0.05, way_s=0.01)
+
+
+async def test_no_room_within_a_time_the_way_there_already_spent_even_with_a_stale_estimate(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    worker, _ = await worker_taught_slow_batches(make_worker, demo_session)
+    await asyncio.sleep(STALE_AFTER_S)
+    assert worker.room_within(0.02) == 4  # the stale estimate's one batch
+    assert worker.room_within(0.0) == 0
+    assert worker.room_within(-0.01) == 0

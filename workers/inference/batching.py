@@ -184,7 +184,7 @@ class InferenceWorker(Actor[_Item]):
     def room_within(self, seconds: float) -> int:
         """Requests of a row each the mailbox would take now and, by recent batch run
         times, answer within ``seconds``: ``check_room`` would refuse the next one."""
-        if self._held_bytes >= self._mailbox_bytes:
+        if self._held_bytes >= self._mailbox_bytes or seconds <= 0:
             return 0
         if not self.stats.batches or self._run_time_s <= 0:
             return self.room
@@ -262,13 +262,16 @@ class InferenceWorker(Actor[_Item]):
         )
         return feed, rows.pop(), signature
 
-    def check_room(self, rows: int, deadline: float, ahead: int = 0, nbytes: int = 0) -> float:
+    def check_room(
+        self, rows: int, deadline: float, ahead: int = 0, nbytes: int = 0, way_s: float = 0.0
+    ) -> float:
         """Raise what ``submit`` would for ``rows`` (of ``nbytes``, when known) due by
         ``deadline``, before the caller builds them: ``DeadlineExpired`` when it has
         passed, ``MailboxFull`` when the mailbox is full (in requests, or in bytes:
         one request is always let into an empty one) or the answer would come too
         late. ``ahead``: requests of a row each already on their way to the mailbox,
-        counted as if in it. Returns now."""
+        counted as if in it; ``way_s``: how long these rows still take to reach it.
+        Returns now."""
         now = time.monotonic()
         if deadline <= now:
             self.stats.expired += 1
@@ -279,7 +282,7 @@ class InferenceWorker(Actor[_Item]):
         if self._held_bytes and self._held_bytes + nbytes > self._mailbox_bytes:
             self.stats.rejected += 1
             raise MailboxFull(f"inference mailbox of {self.name} is full (input bytes)")
-        if now + self._expected_wait_s(rows + ahead) > deadline:
+        if now + way_s + self._expected_wait_s(rows + ahead) > deadline:
             self.stats.rejected += 1
             raise MailboxFull(f"{self.name} cannot answer before the request's deadline")
         return now

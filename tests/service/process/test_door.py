@@ -4,10 +4,11 @@ the app, on the server ``mlgate serve`` runs (``CappedAppRunner``) over real soc
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import msgspec
@@ -16,9 +17,11 @@ from aiohttp import web
 
 from mlgate.config import Settings
 from mlgate.service.app import create_app
+from mlgate.service.process import door
 from mlgate.service.process.door import Door
 from mlgate.service.process.server import CappedAppRunner, CappedServer
 from mlgate.service.state import METRICS, MODEL_REPOSITORY
+from mlgate.workers.inference.batching import InferenceWorker
 from tests.service.predict.test_predict_api import GatedSession, add_version, gate_worker, rows
 from tests.support import KeyMaker, free_port
 
@@ -52,6 +55,12 @@ class FullModel:
 
 
 FullModelFactory = Callable[..., Awaitable[FullModel]]
+
+
+@pytest.fixture
+def app_worker() -> Callable[[FullModel], Any]:
+    """The demo model's worker behind ``model``'s door."""
+    return lambda model: model.door._app[MODEL_REPOSITORY].resolve("demo").worker
 
 
 @pytest.fixture
@@ -452,3 +461,71 @@ async def test_pipelined_refusals_hold_the_connection_once_and_keep_no_room_for_
     await asyncio.sleep(0.2)  # past the time room is kept for a held connection
     assert model.door.on_the_way == {}
     writer.close()
+
+
+def teach_way(model: FullModel, worker: Any, seconds: float) -> None:
+    """Make the door's estimate of the way to the app ``seconds``, as a run of
+    requests taking that long would."""
+    for _ in range(100):
+        model.door.way.took(worker, seconds, time.monotonic())
+
+
+async def test_a_deadline_shorter_than_the_way_to_the_app_and_back_is_refused_at_the_door(
+    full_model: FullModelFactory, app_worker: Callable[[FullModel], Any]
+) -> None:
+    model = await full_model()
+    assert await model.release() == [200, 200]
+    teach_way(model, app_worker(model), 0.05)  # 100 ms there and back
+    tight = await model.post("/api/v2/predict", {"features": ROW}, **{"X-Request-Timeout": "80"})
+    assert tight.status == 503  # not let through to expire on the way: a 504 after the work
+    assert "deadline" in msgspec.json.decode(await tight.read())["detail"]
+    assert model.door.refused == 1
+    loose = await model.post("/api/v2/predict", {"features": ROW}, **{"X-Request-Timeout": "500"})
+    assert loose.status == 200
+
+
+async def test_a_connection_held_for_a_deadline_shorter_than_the_way_there_waits_it_out(
+    full_model: FullModelFactory, app_worker: Callable[[FullModel], Any]
+) -> None:
+    """Room in the model is not enough: the held connection is let go once the way
+    to the app is short again, or (nothing let through to measure it) forgotten."""
+    model = await full_model()
+    reader, writer = await refused_connection(model, timeout_ms=80)  # held, the 64 ms line
+    writer.write(raw_predict(ROW, timeout_ms=80))
+    retry = asyncio.ensure_future(read_answer(reader))
+    teach_way(model, app_worker(model), 0.05)
+    learnt = asyncio.get_running_loop().time()
+    assert await model.release() == [200, 200]
+    await asyncio.sleep(0.3)
+    assert not retry.done()  # the model has room, the way does not
+    assert await asyncio.wait_for(retry, 5) == 200
+    waited = asyncio.get_running_loop().time() - learnt
+    assert door.WAY_HOLDS_S <= waited < 0.9  # the estimate forgotten, before Retry-After
+    writer.close()
+
+
+async def test_the_door_learns_the_way_to_the_app_from_the_requests_it_lets_through(
+    full_model: FullModelFactory, app_worker: Callable[[FullModel], Any]
+) -> None:
+    model = await full_model()
+    assert await model.release() == [200, 200]
+    await asyncio.sleep(door.WAY_HOLDS_S)  # what the held requests taught is forgotten
+    assert model.door.way.seconds(app_worker(model), time.monotonic()) == 0.0
+    assert (await model.post("/api/v2/predict", {"features": ROW})).status == 200
+    assert 0 < model.door.way.seconds(app_worker(model), time.monotonic()) < 1
+
+
+def test_the_way_to_the_app_rises_fast_falls_slowly_and_is_forgotten_unmeasured() -> None:
+    way, now = door.WayToTheApp(), 100.0
+    worker = cast(InferenceWorker, object())
+    way.took(worker, 0.010, now)
+    assert way.seconds(worker, now) == pytest.approx(0.020)  # there and back
+    way.took(worker, 0.060, now)
+    risen = way.seconds(worker, now)
+    assert risen == pytest.approx(2 * (0.010 + 0.2 * 0.050))
+    way.took(worker, 0.0, now)
+    assert way.seconds(worker, now) > 0.9 * risen
+    later = now + door.WAY_HOLDS_S
+    assert way.seconds(worker, later) == 0.0
+    way.took(worker, 0.001, later)
+    assert way.seconds(worker, later) == pytest.approx(0.002)

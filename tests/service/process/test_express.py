@@ -365,10 +365,12 @@ async def test_a_batch_the_model_has_no_room_for_leaves_its_half_open_breaker_ha
     loaded = server.app[MODEL_REPOSITORY].resolve("demo")
     one_row = loaded.worker.check_room
 
-    def room_for_one_row(rows: int, deadline: float, ahead: int = 0, nbytes: int = 0) -> float:
+    def room_for_one_row(
+        rows: int, deadline: float, ahead: int = 0, nbytes: int = 0, way_s: float = 0.0
+    ) -> float:
         if rows > 1:
             raise MailboxFull("no room for more than one row")
-        return one_row(rows, deadline, ahead, nbytes)
+        return one_row(rows, deadline, ahead, nbytes, way_s)
 
     monkeypatch.setattr(loaded.worker, "check_room", room_for_one_row)
     loaded.breaker._breaker.half_open()
