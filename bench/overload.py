@@ -17,6 +17,13 @@ retry storm does. Phases, in one run:
 Targets (issue 11): goodput at 4x and 16x >= 0.8x the saturated rate, 503 p99 <= 5 ms,
 RSS bounded (peak within 100 MB of the start). Exit status 0 when every target is
 met, 1 when one is not.
+
+``--flood`` adds a tenant flood, on a second server with API keys (rate limits off,
+as for tenants whose limits are above their traffic): one tenant's ``--connections``
+/ 8 connections (the victim, default deadline) alone, then again while another
+tenant floods ``--flood-connections`` (256) connections with ``X-Request-Timeout``
+``--flood-ms`` (10 ms, about the event loop's turn under that flood, so its requests
+would expire on their way to the model). Target: the victim keeps >= 0.5x its rate.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +51,10 @@ from bench.predict import (
 )
 from bench.processes import free_port, pinning, rss_mb, start_service, wait_ready
 from mlgate.service.predict.flow import TIMEOUT_HEADER
+from mlgate.service.protection.api_keys import ApiKey, KeyFile, new_key
 
 GOODPUT_TARGET = 0.8
+VICTIM_TARGET = 0.5
 REFUSAL_P99_MS = 5.0
 RSS_GROWTH_MB = 100.0
 
@@ -66,6 +77,8 @@ class Phase:
 def run(args: argparse.Namespace) -> int:
     cores = pinning()
     server_cpus, client_cpus = cores if cores else (None, None)
+    if args.flood_only:
+        return report_flood(flood(args, server_cpus, client_cpus), args)
     with tempfile.TemporaryDirectory(prefix="mlgate-bench-overload-") as tmp:
         workdir = Path(tmp)
         repository = workdir / "models"
@@ -107,7 +120,104 @@ def run(args: argparse.Namespace) -> int:
                 )
         finally:
             servers.close()
-    return report(phases, pinned=cores is not None)
+    verdict = report(phases, pinned=cores is not None)
+    if args.flood:
+        verdict |= report_flood(flood(args, server_cpus, client_cpus), args)
+    return verdict
+
+
+@dataclass
+class Flood:
+    alone: LoadResult
+    victim: LoadResult
+    flooder: LoadResult
+
+
+def flood(
+    args: argparse.Namespace, server_cpus: set[int] | None, client_cpus: set[int] | None
+) -> Flood:
+    """The victim tenant alone, then beside a tenant flooding tight deadlines."""
+    with tempfile.TemporaryDirectory(prefix="mlgate-bench-flood-") as tmp:
+        workdir = Path(tmp)
+        repository = workdir / "models"
+        write_heavy_repository(repository, "heavy", max_batch_size=args.max_batch_size)
+        keys_file = workdir / "keys.json"
+        plaintexts: dict[str, str] = {}
+        keys: dict[str, ApiKey] = {}
+        for tenant in ("victim", "flooder"):
+            plaintexts[tenant], key = new_key(tenant, frozenset({"predict"}))
+            keys[key.key_id] = key
+        KeyFile(keys_file).update(lambda stored: stored.update(keys))
+        servers = Servers(workdir)
+        try:
+            port = free_port()
+            env = mlgate_env(port, workdir, repository, "heavy", **dict(args.setting))
+            env.update(MLGATE_AUTH_DISABLED="false", MLGATE_KEYS_FILE=str(keys_file))
+            process = start_service(env, workdir / "mlgate.log", cpus=server_cpus)
+            servers.processes.append(process)
+            wait_ready(f"http://127.0.0.1:{port}/ready", [process], STARTUP_TIMEOUT_S)
+            url = f"http://127.0.0.1:{port}/api/v2/predict"
+
+            def options(tenant: str, connections: int, seed: int, **headers: str) -> LoadOptions:
+                return LoadOptions(
+                    url=url,
+                    dims=HEAVY_SIZES[0],
+                    duration_s=args.duration,
+                    warmup_s=args.warmup,
+                    connections=connections,
+                    seed=seed,
+                    body_format="json",
+                    headers={"Authorization": f"Bearer {plaintexts[tenant]}", **headers},
+                )
+
+            victim = options("victim", max(1, args.connections // 8), 1)
+            timeout_s = args.warmup + args.duration + 60
+            print(f"  flood: the victim's {victim.connections} connections alone ...", flush=True)
+            alone = run_child("load", victim, timeout_s, cpus=client_cpus)
+            flooder = options(
+                "flooder", args.flood_connections, 2, **{TIMEOUT_HEADER: f"{args.flood_ms:g}"}
+            )
+            print(
+                f"  flood: beside {flooder.connections} connections of {args.flood_ms:g} ms ...",
+                flush=True,
+            )
+            outs: dict[str, bytes] = {}
+            flooding = threading.Thread(
+                target=lambda: outs.__setitem__(
+                    "flooder", run_child("load", flooder, timeout_s, cpus=client_cpus)
+                )
+            )
+            flooding.start()
+            time.sleep(1.0)  # the flood under way before the victim's warm-up ends
+            beside = run_child("load", victim, timeout_s, cpus=client_cpus)
+            flooding.join()
+        finally:
+            servers.close()
+    decode = msgspec.json.Decoder(LoadResult).decode
+    return Flood(decode(alone), decode(beside), decode(outs["flooder"]))
+
+
+def report_flood(result: Flood, args: argparse.Namespace) -> int:
+    def per_s(load: LoadResult) -> str:
+        return ", ".join(
+            f"{status} {count / load.window_s:,.0f}/s"
+            for status, count in sorted(load.statuses.items())
+        )
+
+    alone = result.alone.statuses.get("200", 0) / result.alone.window_s
+    beside = result.victim.statuses.get("200", 0) / result.victim.window_s
+    ratio = beside / alone if alone else float("nan")
+    print(
+        f"\ntenant flood ({args.flood_connections} connections, {TIMEOUT_HEADER} {args.flood_ms:g} ms):"
+    )
+    print(f"- victim alone: {per_s(result.alone)}")
+    print(f"- victim beside the flood: {per_s(result.victim)} ({ratio:.2f}x alone)")
+    print(f"- flooder: {per_s(result.flooder)}")
+    if ratio >= VICTIM_TARGET:
+        print(f"verdict: the victim kept {ratio:.2f}x >= {VICTIM_TARGET}x")
+        return 0
+    print(f"[FAIL] the victim kept {ratio:.2f}x < {VICTIM_TARGET}x")
+    return 1
 
 
 def report(phases: list[Phase], pinned: bool) -> int:
@@ -175,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         default=50.0,
         help=f"the last phase's {TIMEOUT_HEADER}: a deadline too short for every request",
     )
+    parser.add_argument("--flood", action="store_true", help="add the tenant flood")
+    parser.add_argument("--flood-only", action="store_true", help="only the tenant flood")
+    parser.add_argument("--flood-connections", type=int, default=256)
+    parser.add_argument("--flood-ms", type=float, default=10.0)
     parser.add_argument(
         "--setting",
         action="append",
