@@ -72,10 +72,11 @@ HOLD_TICK_S = 0.002
 # any answer (``DoorRequestHandler._take_express``).
 _LANE_KEEPALIVE_HOLD_S = 86_400.0
 RESERVATION_S = 0.1
-# Weights of the newest request in a worker's way-to-the-app estimate, as it rises and
-# as it falls, and for how long the estimate holds with no request let through to
-# correct it (``WayToTheApp``).
-_WAY_RISES, _WAY_FALLS = 0.2, 0.02
+# A worker's way-to-the-app estimate (``WayToTheApp``): the weight of a longer way than
+# the estimate, the time constant in which it falls to shorter ones, and for how long
+# it holds with no request let through to correct it.
+_WAY_RISES = 0.2
+WAY_FALLS_S = 0.3
 WAY_HOLDS_S = 0.5
 log = structlog.get_logger("mlgate.door")
 
@@ -113,12 +114,15 @@ class WayToTheApp:
     counts the way there and back as part of the wait (``seconds``): such requests
     are refused at the door and their connections held.
 
-    The estimate rises fast and falls slowly. The way is short in the turns after
-    the door held a flood's connections, and an estimate that fell as fast let them
-    all go on again at once: the other tenant then got 470 answers a second rather
-    than 710. With no request let through for ``WAY_HOLDS_S`` it no longer holds: a
-    loop gone quiet would otherwise keep refusing tight deadlines, with nothing let
-    through to measure that it had."""
+    The estimate rises fast (a fifth of the way to each longer sample) and falls
+    slowly, in time rather than by samples (``WAY_FALLS_S``). The way is short in
+    the turns after the door held a flood's connections, and an estimate that fell
+    as fast as it rose let them all go on again at once: the other tenant kept 0.3x
+    of its rate rather than ~0.8x. Falling in time, a lone slow request on a quiet
+    server is forgotten within a few tenths of a second however few requests follow.
+    With no request let through for ``WAY_HOLDS_S`` it no longer holds: a loop gone
+    quiet would otherwise keep refusing tight deadlines, with nothing let through to
+    measure that it had."""
 
     def __init__(self) -> None:
         self._estimates: dict[InferenceWorker, tuple[float, float]] = {}  # (s, measured at)
@@ -133,7 +137,10 @@ class WayToTheApp:
         estimate, measured_at = self._estimates.get(worker, (0.0, -math.inf))
         if now - measured_at >= WAY_HOLDS_S:
             estimate = seconds  # an old estimate is no guide: start from this one
-        weight = _WAY_RISES if seconds > estimate else _WAY_FALLS
+        if seconds > estimate:
+            weight = _WAY_RISES
+        else:
+            weight = -math.expm1((measured_at - now) / WAY_FALLS_S)
         self._estimates[worker] = (estimate + weight * (seconds - estimate), now)
 
 

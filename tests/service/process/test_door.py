@@ -4,6 +4,7 @@ the app, on the server ``mlgate serve`` runs (``CappedAppRunner``) over real soc
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -515,17 +516,19 @@ async def test_the_door_learns_the_way_to_the_app_from_the_requests_it_lets_thro
     assert 0 < model.door.way.seconds(app_worker(model), time.monotonic()) < 1
 
 
-def test_the_way_to_the_app_rises_fast_falls_slowly_and_is_forgotten_unmeasured() -> None:
+def test_the_way_to_the_app_rises_fast_falls_slowly_in_time_and_is_forgotten_unmeasured() -> None:
     way, now = door.WayToTheApp(), 100.0
     worker = cast(InferenceWorker, object())
     way.took(worker, 0.010, now)
     assert way.seconds(worker, now) == pytest.approx(0.020)  # there and back
     way.took(worker, 0.060, now)
     risen = way.seconds(worker, now)
-    assert risen == pytest.approx(2 * (0.010 + 0.2 * 0.050))
-    way.took(worker, 0.0, now)
-    assert way.seconds(worker, now) > 0.9 * risen
-    later = now + door.WAY_HOLDS_S
+    assert risen == pytest.approx(2 * (0.010 + 0.2 * 0.050))  # a fifth of the way up
+    way.took(worker, 0.0, now + 0.001)  # a flood's samples come close together
+    assert way.seconds(worker, now) > 0.99 * risen
+    way.took(worker, 0.0, now + 0.001 + door.WAY_FALLS_S)  # one time constant later
+    assert way.seconds(worker, now) == pytest.approx(risen * math.exp(-1), rel=0.02)
+    later = now + 0.001 + door.WAY_FALLS_S + door.WAY_HOLDS_S
     assert way.seconds(worker, later) == 0.0
-    way.took(worker, 0.001, later)
+    way.took(worker, 0.001, later)  # a fresh start
     assert way.seconds(worker, later) == pytest.approx(0.002)
