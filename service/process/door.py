@@ -73,11 +73,9 @@ HOLD_TICK_S = 0.002
 _LANE_KEEPALIVE_HOLD_S = 86_400.0
 RESERVATION_S = 0.1
 # A worker's way-to-the-app estimate (``WayToTheApp``): the weight of a longer way than
-# the estimate, the time constant in which it falls to shorter ones, and for how long
-# it holds with no request let through to correct it.
+# the estimate, and the time constant in which the estimate fades.
 _WAY_RISES = 0.2
-WAY_FALLS_S = 0.3
-WAY_HOLDS_S = 0.5
+WAY_FADES_S = 0.3
 log = structlog.get_logger("mlgate.door")
 
 
@@ -114,34 +112,32 @@ class WayToTheApp:
     counts the way there and back as part of the wait (``seconds``): such requests
     are refused at the door and their connections held.
 
-    The estimate rises fast (a fifth of the way to each longer sample) and falls
-    slowly, in time rather than by samples (``WAY_FALLS_S``). The way is short in
-    the turns after the door held a flood's connections, and an estimate that fell
-    as fast as it rose let them all go on again at once: the other tenant kept 0.3x
-    of its rate rather than ~0.8x. Falling in time, a lone slow request on a quiet
-    server is forgotten within a few tenths of a second however few requests follow.
-    With no request let through for ``WAY_HOLDS_S`` it no longer holds: a loop gone
-    quiet would otherwise keep refusing tight deadlines, with nothing let through to
-    measure that it had."""
+    The estimate rises fast, a fifth of the way to each longer sample, and fades in
+    time (``WAY_FADES_S``), not by samples. The way is short in the turns after the
+    door held a flood's connections: an estimate that fell as fast as it rose let
+    them all go on again at once, and the other tenant kept 0.3x of its rate rather
+    than ~0.8x. Fading in time, it needs nothing let through to come down: a lone
+    slow request on a quiet server is forgotten within a second, and a line of
+    tight deadlines held on a long way gets room back little by little as it fades,
+    rather than all at once."""
 
     def __init__(self) -> None:
         self._estimates: dict[InferenceWorker, tuple[float, float]] = {}  # (s, measured at)
 
     def seconds(self, worker: InferenceWorker, now: float) -> float:
         """The way to the app and back, for a request let through now for ``worker``."""
-        estimate, measured_at = self._estimates.get(worker, (0.0, -math.inf))
-        return 2 * estimate if now - measured_at < WAY_HOLDS_S else 0.0
+        return 2 * self._faded(worker, now)
 
     def took(self, worker: InferenceWorker, seconds: float, now: float) -> None:
         """A request let through for ``worker`` took ``seconds`` to reach the app."""
-        estimate, measured_at = self._estimates.get(worker, (0.0, -math.inf))
-        if now - measured_at >= WAY_HOLDS_S:
-            estimate = seconds  # an old estimate is no guide: start from this one
+        estimate = self._faded(worker, now)
         if seconds > estimate:
-            weight = _WAY_RISES
-        else:
-            weight = -math.expm1((measured_at - now) / WAY_FALLS_S)
-        self._estimates[worker] = (estimate + weight * (seconds - estimate), now)
+            estimate += _WAY_RISES * (seconds - estimate)
+        self._estimates[worker] = (estimate, now)
+
+    def _faded(self, worker: InferenceWorker, now: float) -> float:
+        estimate, measured_at = self._estimates.get(worker, (0.0, now))
+        return estimate * math.exp(min(0.0, measured_at - now) / WAY_FADES_S)
 
 
 class Door:
@@ -349,13 +345,13 @@ class Door:
             del self._reservations[connection]
             self.reached_app(worker)
         for (worker, timeout_s), held in list(self._held.items()):
+            within_s = timeout_s - self.way.seconds(worker, time.monotonic())
             while held:
                 let_go_at, connection = held[0]
                 if connection not in self._holding:  # closed while held
                     held.popleft()
                     continue
-                way_s = self.way.seconds(worker, time.monotonic())
-                room = worker.room_within(timeout_s - way_s) - self.on_the_way.get(worker, 0)
+                room = worker.room_within(within_s) - self.on_the_way.get(worker, 0)
                 if room <= 0 and let_go_at > now:
                     break
                 held.popleft()
