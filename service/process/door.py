@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,8 +74,9 @@ HOLD_TICK_S = 0.002
 _LANE_KEEPALIVE_HOLD_S = 86_400.0
 RESERVATION_S = 0.1
 # A worker's way-to-the-app estimate (``WayToTheApp``): the weight of a longer way than
-# the estimate, and the time constant in which the estimate fades.
+# the estimate, how often it may rise, and the time constant in which it fades.
 _WAY_RISES = 0.2
+WAY_RISES_EVERY_S = 0.002
 WAY_FADES_S = 0.3
 log = structlog.get_logger("mlgate.door")
 
@@ -95,7 +97,7 @@ class Admission:
     key: ApiKey
     deadline: float
     body: bytes | None  # the body, when the door read it (REST predict and ingest routes)
-    admitted_at: float = 0.0  # ``time.monotonic()`` when the door let it through
+    admitted_at: float | None = None  # ``time.monotonic()`` when the door let it through
 
 
 class WayToTheApp:
@@ -106,38 +108,47 @@ class WayToTheApp:
     answers hundreds of them between letting a request through and starting on it,
     and as many again before the answer is written. A deadline shorter than that
     expires on the way, after the door, the body's decoding and the app have spent
-    the core on it: a tenant flooding 10 ms deadlines on 256 connections got ~4,000
-    504s and 503s a second that way, and took another tenant's four connections
-    from ~1,500 answers a second to ~190 (``bench.overload --flood``). So the door
+    the core on it: a tenant flooding 10 ms deadlines on 256 connections got ~1,000
+    504s and ~4,000 503s a second that way, and took another tenant's four
+    connections to 0.21x of their rate alone (``bench.overload --flood``). So the door
     counts the way there and back as part of the wait (``seconds``): such requests
     are refused at the door and their connections held.
 
-    The estimate rises fast, a fifth of the way to each longer sample, and fades in
-    time (``WAY_FADES_S``), not by samples. The way is short in the turns after the
-    door held a flood's connections: an estimate that fell as fast as it rose let
-    them all go on again at once, and the other tenant kept 0.3x of its rate rather
-    than ~0.8x. Fading in time, it needs nothing let through to come down: a lone
-    slow request on a quiet server is forgotten within a second, and a line of
-    tight deadlines held on a long way gets room back little by little as it fades,
-    rather than all at once."""
+    The estimate rises fast, a fifth of the way to a longer sample, at most once
+    every ``WAY_RISES_EVERY_S``: the requests one stall of the loop held up (a GC
+    pause, a large body decoded) all reach the app in the turn after it, and a rise
+    for each would make the estimate that one stall's length, refusing even loose
+    deadlines for a while. A flood's long turns keep coming, and raise it turn
+    after turn. It fades in time (``WAY_FADES_S``), not with shorter samples. The
+    way is short in the turns after the door held a flood's connections: an
+    estimate that fell as fast as it rose let them all go on again at once, and the
+    other tenant kept 0.3x of its rate rather than ~0.8x. Fading in time, it needs
+    nothing let through to come down: a lone slow request on a quiet server is
+    forgotten within a second, and a line of tight deadlines held on a long way gets
+    room back little by little as it fades, rather than all at once."""
 
     def __init__(self) -> None:
-        self._estimates: dict[InferenceWorker, tuple[float, float]] = {}  # (s, measured at)
+        # By worker, weakly: a retired model version's worker (and its session) goes.
+        self._estimates: weakref.WeakKeyDictionary[InferenceWorker, tuple[float, float, float]]
+        self._estimates = weakref.WeakKeyDictionary()  # (seconds, measured at, risen at)
 
     def seconds(self, worker: InferenceWorker, now: float) -> float:
         """The way to the app and back, for a request let through now for ``worker``."""
-        return 2 * self._faded(worker, now)
+        estimate, measured_at, _ = self._estimates.get(worker, (0.0, now, -math.inf))
+        return 2 * _faded(estimate, now - measured_at)
 
     def took(self, worker: InferenceWorker, seconds: float, now: float) -> None:
         """A request let through for ``worker`` took ``seconds`` to reach the app."""
-        estimate = self._faded(worker, now)
-        if seconds > estimate:
+        estimate, measured_at, risen_at = self._estimates.get(worker, (0.0, now, -math.inf))
+        estimate = _faded(estimate, now - measured_at)
+        if seconds > estimate and now - risen_at >= WAY_RISES_EVERY_S:
             estimate += _WAY_RISES * (seconds - estimate)
-        self._estimates[worker] = (estimate, now)
+            risen_at = now
+        self._estimates[worker] = (estimate, now, risen_at)
 
-    def _faded(self, worker: InferenceWorker, now: float) -> float:
-        estimate, measured_at = self._estimates.get(worker, (0.0, now))
-        return estimate * math.exp(min(0.0, measured_at - now) / WAY_FADES_S)
+
+def _faded(estimate: float, elapsed_s: float) -> float:
+    return estimate * math.exp(-max(0.0, elapsed_s) / WAY_FADES_S)
 
 
 class Door:
@@ -164,8 +175,9 @@ class Door:
         # Held connections still open, by line; each held connection's line.
         self._line_sizes: dict[tuple[InferenceWorker, float], int] = {}
         self._holding: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
-        # Connections let go on with room kept for their next request: (worker, since).
-        self._reservations: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
+        # Connections let go on with room kept for their next request, within the line
+        # they were held in: (worker, line, since).
+        self._reservations: dict[DoorRequestHandler, tuple[InferenceWorker, float, float]] = {}
         self._tick_handle: asyncio.TimerHandle | None = None
         self.express = (
             ExpressLane(app, self._request_ids, self._path_headers, self._count, self.reached_app)
@@ -186,6 +198,11 @@ class Door:
         refused here is held (``_hold``) until there is room for its next request."""
         reservation = self._reservations.pop(connection, None)
         reserved = reservation[0] if reservation is not None else None
+        if reservation is not None and self._line(message.headers) < reservation[1]:
+            # Room was kept for a looser deadline than this request's: it is decided
+            # like any other (its way there and back may not fit this one).
+            self.reached_app(reservation[0])
+            reserved = None
         answer, worker, admission = self._decide(message, payload, reserved)
         if reserved is not None and not (admission is not None and worker is reserved):
             self.reached_app(reserved)  # the room kept for this connection goes unused
@@ -339,7 +356,7 @@ class Door:
 
     def _let_go(self, now: float) -> None:
         # Reservations are made in time order, so the expired ones come first.
-        for connection, (worker, since) in list(self._reservations.items()):
+        for connection, (worker, _, since) in list(self._reservations.items()):
             if since + RESERVATION_S > now:
                 break
             del self._reservations[connection]
@@ -361,7 +378,7 @@ class Door:
                     continue
                 if room > 0:
                     self._on_its_way(worker)
-                    self._reservations[connection] = (worker, now)
+                    self._reservations[connection] = (worker, timeout_s, now)
                 connection.read_on()
             if not held:
                 del self._held[worker, timeout_s]
@@ -539,7 +556,7 @@ class DoorRequestHandler(web.RequestHandler):
         if self._bound_for:
             admission = self._bound_for.popleft()
             if admission is not None and admission.worker is not None:
-                self._door.reached_app(admission.worker, admission.admitted_at or None)
+                self._door.reached_app(admission.worker, admission.admitted_at)
         try:
             return await super()._handle_request(*args, **kwargs)
         finally:
@@ -609,7 +626,7 @@ class DoorRequestHandler(web.RequestHandler):
             admission.deadline,
             admission.worker,
             self,
-            admission.admitted_at or None,
+            admission.admitted_at,
         )
         if task is None:
             return False

@@ -188,7 +188,8 @@ class InferenceWorker(Actor[_Item]):
             return 0
         if not self.stats.batches or self._run_time_s <= 0:
             return self.room
-        # A fifth of the time is left for the way to the mailbox and the estimate's noise.
+        # A fifth of the time is left for the estimate's noise (and, for a caller that
+        # does not count it itself, the way to the mailbox).
         batches = int(0.8 * seconds / self._run_time_s) - len(self._in_flight)
         if batches <= 0 and self._estimate_is_stale():
             batches = 1
@@ -270,7 +271,8 @@ class InferenceWorker(Actor[_Item]):
         passed, ``MailboxFull`` when the mailbox is full (in requests, or in bytes:
         one request is always let into an empty one) or the answer would come too
         late. ``ahead``: requests of a row each already on their way to the mailbox,
-        counted as if in it; ``way_s``: how long these rows still take to reach it.
+        counted as if in it; ``way_s``: how long these rows still take to reach it,
+        and their answer to get back to the caller, beyond the wait for the model.
         Returns now."""
         now = time.monotonic()
         if deadline <= now:

@@ -4,8 +4,10 @@ the app, on the server ``mlgate serve`` runs (``CappedAppRunner``) over real soc
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,10 +467,11 @@ async def test_pipelined_refusals_hold_the_connection_once_and_keep_no_room_for_
 
 
 def teach_way(model: FullModel, worker: Any, seconds: float) -> None:
-    """Make the door's estimate of the way to the app ``seconds``, as a run of
-    requests taking that long would."""
-    for _ in range(100):
-        model.door.way.took(worker, seconds, time.monotonic())
+    """Make the door's estimate of the way to the app about ``seconds``, as a run of
+    requests taking that long over the last 0.2 s would."""
+    now = time.monotonic()
+    for step in range(100, -1, -1):  # a rise every 2.5 ms: each sample may raise it
+        model.door.way.took(worker, seconds, now - step * 1.25 * door.WAY_RISES_EVERY_S)
 
 
 async def test_a_deadline_shorter_than_the_way_to_the_app_and_back_is_refused_at_the_door(
@@ -476,12 +479,12 @@ async def test_a_deadline_shorter_than_the_way_to_the_app_and_back_is_refused_at
 ) -> None:
     model = await full_model()
     assert await model.release() == [200, 200]
-    teach_way(model, app_worker(model), 0.05)  # 100 ms there and back
+    teach_way(model, app_worker(model), 0.5)  # ~1 s there and back, under 80 ms in ~0.7 s
     tight = await model.post("/api/v2/predict", {"features": ROW}, **{"X-Request-Timeout": "80"})
     assert tight.status == 503  # not let through to expire on the way: a 504 after the work
     assert "deadline" in msgspec.json.decode(await tight.read())["detail"]
     assert model.door.refused == 1
-    loose = await model.post("/api/v2/predict", {"features": ROW}, **{"X-Request-Timeout": "500"})
+    loose = await model.post("/api/v2/predict", {"features": ROW}, **{"X-Request-Timeout": "5000"})
     assert loose.status == 200
 
 
@@ -513,21 +516,71 @@ async def test_the_door_learns_the_way_to_the_app_from_the_requests_it_lets_thro
     assert await model.release() == [200, 200]
     model.door.way = door.WayToTheApp()  # forget what the held requests taught it
     assert model.door.way.seconds(app_worker(model), time.monotonic()) == 0.0
-    assert (await model.post("/api/v2/predict", {"features": ROW})).status == 200
+    assert (await model.post("/api/v2/predict", {"features": ROW})).status == 200  # the lane
     assert 0 < model.door.way.seconds(app_worker(model), time.monotonic()) < 1
+
+
+async def test_the_door_learns_the_way_from_requests_the_app_answers_too(
+    full_model: FullModelFactory, app_worker: Callable[[FullModel], Any]
+) -> None:
+    model = await full_model()
+    assert await model.release() == [200, 200]
+    model.door.way = door.WayToTheApp()
+    body = {"inputs": [{"name": "input", "shape": [1, 128], "datatype": "FP32", "data": ROW}]}
+    assert (await model.post("/v2/models/demo/infer", body)).status == 200  # not the lane's
+    assert 0 < model.door.way.seconds(app_worker(model), time.monotonic()) < 1
+
+
+async def test_room_kept_for_a_loose_deadline_is_not_spent_on_a_tighter_request(
+    full_model: FullModelFactory, app_worker: Callable[[FullModel], Any]
+) -> None:
+    """A connection let go with room kept for the line it was held in: its next
+    request, tighter than the way there and back, is refused like any other."""
+    model = await full_model()
+    reader, writer = await refused_connection(model, timeout_ms=1000)  # the 512 ms line
+    teach_way(model, app_worker(model), 0.05)  # ~100 ms there and back
+    assert await model.release() == [200, 200]
+    await asyncio.sleep(0.02)  # let go, with room kept for it for 100 ms
+    writer.write(raw_predict(ROW, timeout_ms=20))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    assert model.door.refused == 2
+    assert model.door.on_the_way == {}  # the room kept for it given back
+    writer.close()
 
 
 def test_the_way_to_the_app_rises_fast_and_fades_in_time() -> None:
     way, now = door.WayToTheApp(), 100.0
-    worker = cast(InferenceWorker, object())
+    worker = cast(InferenceWorker, Worker())
     way.took(worker, 0.010, now)
     assert way.seconds(worker, now) == pytest.approx(2 * 0.002)  # a fifth of the way, and back
-    for _ in range(100):
-        way.took(worker, 0.010, now)
-    assert way.seconds(worker, now) == pytest.approx(0.020)
     way.took(worker, 0.0, now)  # a short way does not pull it down: time does
-    assert way.seconds(worker, now) == pytest.approx(0.020)
+    assert way.seconds(worker, now) == pytest.approx(2 * 0.002)
     faded = way.seconds(worker, now + door.WAY_FADES_S)
-    assert faded == pytest.approx(0.020 * math.exp(-1))  # nothing let through meanwhile
+    assert faded == pytest.approx(2 * 0.002 * math.exp(-1))  # nothing let through meanwhile
     way.took(worker, 0.0, now + door.WAY_FADES_S)
-    assert way.seconds(worker, now + 2 * door.WAY_FADES_S) == pytest.approx(0.020 * math.exp(-2))
+    assert way.seconds(worker, now + 2 * door.WAY_FADES_S) == pytest.approx(faded * math.exp(-1))
+
+
+def test_the_requests_one_stall_held_up_raise_the_way_once() -> None:
+    """They all reach the app in the turn after it: one rise, not one each."""
+    way, now = door.WayToTheApp(), 100.0
+    worker = cast(InferenceWorker, Worker())
+    for _ in range(30):
+        way.took(worker, 0.5, now)
+    assert way.seconds(worker, now) == pytest.approx(2 * 0.1)
+    later = now + 1.5 * door.WAY_RISES_EVERY_S
+    way.took(worker, 0.5, later)  # a flood's next long turn
+    assert way.seconds(worker, later) > 2 * 0.17
+
+
+def test_a_retired_model_versions_worker_is_not_kept_alive_by_the_estimate() -> None:
+    way, worker = door.WayToTheApp(), Worker()
+    way.took(cast(InferenceWorker, worker), 0.01, 100.0)
+    retired = weakref.ref(worker)
+    del worker
+    gc.collect()
+    assert retired() is None and len(way._estimates) == 0
+
+
+class Worker:
+    """A stand-in worker for the estimate alone: anything hashable and weakly referable."""
