@@ -169,12 +169,13 @@ class Door:
         # Refused connections not read until their turn, in line by worker and by the
         # time their refused request gave the model (the likely time of their next):
         # (let go at, connection). A tight deadline's line does not block a loose one's.
+        # A line's worker is None for connections the app refused (``hold_refused``).
         self._held: dict[
-            tuple[InferenceWorker, float], deque[tuple[float, DoorRequestHandler]]
+            tuple[InferenceWorker | None, float], deque[tuple[float, DoorRequestHandler]]
         ] = {}
         # Held connections still open, by line; each held connection's line.
-        self._line_sizes: dict[tuple[InferenceWorker, float], int] = {}
-        self._holding: dict[DoorRequestHandler, tuple[InferenceWorker, float]] = {}
+        self._line_sizes: dict[tuple[InferenceWorker | None, float], int] = {}
+        self._holding: dict[DoorRequestHandler, tuple[InferenceWorker | None, float]] = {}
         # Connections let go on with room kept for their next request, within the line
         # they were held in: (worker, line, since).
         self._reservations: dict[DoorRequestHandler, tuple[InferenceWorker, float, float]] = {}
@@ -295,8 +296,17 @@ class Door:
         else:
             del self.on_the_way[worker]
 
+    def hold_refused(self, connection: DoorRequestHandler) -> None:
+        """Hold a connection whose request the app answered 503 until ``Retry-After``
+        has passed: the requests the door cannot decide (an ``Idempotency-Key``, a body
+        naming the model, ...) are refused only after their body is read, decoded and
+        taken through the middlewares. A client resending those at once on 256
+        connections took another tenant's four connections to 0.03x of their rate:
+        held, each of its connections costs one such refusal a ``Retry-After``."""
+        self._hold(connection, None, 0.0)
+
     def _hold(
-        self, connection: DoorRequestHandler, worker: InferenceWorker, timeout_s: float
+        self, connection: DoorRequestHandler, worker: InferenceWorker | None, timeout_s: float
     ) -> None:
         """Stop reading a refused connection until ``worker`` has room for its next
         request, answered within ``timeout_s`` (in the order connections were held;
@@ -356,19 +366,22 @@ class Door:
 
     def _let_go(self, now: float) -> None:
         # Reservations are made in time order, so the expired ones come first.
-        for connection, (worker, _, since) in list(self._reservations.items()):
+        for connection, (reserved, _, since) in list(self._reservations.items()):
             if since + RESERVATION_S > now:
                 break
             del self._reservations[connection]
-            self.reached_app(worker)
+            self.reached_app(reserved)
         for (worker, timeout_s), held in list(self._held.items()):
-            within_s = timeout_s - self.way.seconds(worker, time.monotonic())
+            if worker is not None:
+                within_s = timeout_s - self.way.seconds(worker, time.monotonic())
             while held:
                 let_go_at, connection = held[0]
                 if connection not in self._holding:  # closed while held
                     held.popleft()
                     continue
-                room = worker.room_within(within_s) - self.on_the_way.get(worker, 0)
+                room = 0  # held by the app: let go after ``Retry-After`` only
+                if worker is not None:
+                    room = worker.room_within(within_s) - self.on_the_way.get(worker, 0)
                 if room <= 0 and let_go_at > now:
                     break
                 held.popleft()
@@ -376,7 +389,7 @@ class Door:
                 transport = connection.transport
                 if transport is None or transport.is_closing():
                     continue
-                if room > 0:
+                if worker is not None and room > 0:
                     self._on_its_way(worker)
                     self._reservations[connection] = (worker, timeout_s, now)
                 connection.read_on()
@@ -552,15 +565,20 @@ class DoorRequestHandler(web.RequestHandler):
             self._read_once_drained = False
             self.read_on()
 
-    async def _handle_request(self, *args: Any, **kwargs: Any) -> tuple[web.StreamResponse, bool]:
+    async def _handle_request(
+        self, request: web.BaseRequest, *args: Any, **kwargs: Any
+    ) -> tuple[web.StreamResponse, bool]:
         if self._bound_for:
             admission = self._bound_for.popleft()
             if admission is not None and admission.worker is not None:
                 self._door.reached_app(admission.worker, admission.admitted_at)
         try:
-            return await super()._handle_request(*args, **kwargs)
+            response, reset = await super()._handle_request(request, *args, **kwargs)
         finally:
             self._answered += 1
+        if response.status == 503 and request.method == "POST":  # not a 503 of /ready
+            self._door.hold_refused(self)
+        return response, reset
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._door.release(self)
@@ -642,8 +660,9 @@ class DoorRequestHandler(web.RequestHandler):
         self._next_keepalive_close_time = self._loop.time() + _LANE_KEEPALIVE_HOLD_S
         return True
 
-    def express_answered(self, answer: bytes | None, close: bool) -> None:
-        """The express lane's answer (None: none, the connection is closed)."""
+    def express_answered(self, answer: bytes | None, close: bool, refused: bool = False) -> None:
+        """The express lane's answer (None: none, the connection is closed); ``refused``:
+        it is a 503, and the connection is held as after the app's (``hold_refused``)."""
         self._express_task = None
         self._answered += 1
         transport = self.transport
@@ -655,6 +674,8 @@ class DoorRequestHandler(web.RequestHandler):
             self.force_close()
             return
         self._restart_head_timer()
+        if refused:
+            self._door.hold_refused(self)
         self.read_on()
 
     def _restart_head_timer(self) -> None:

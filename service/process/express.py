@@ -81,7 +81,7 @@ log = structlog.get_logger("mlgate.express")
 class Connection(Protocol):
     """What the lane needs of the connection a request came on (``DoorRequestHandler``)."""
 
-    def express_answered(self, answer: bytes | None, close: bool) -> None: ...
+    def express_answered(self, answer: bytes | None, close: bool, refused: bool = False) -> None: ...
 
     def force_close(self) -> None: ...
 
@@ -250,7 +250,9 @@ class ExpressLane:
             )
         finally:
             # Cancelled (shutdown past its budget): the connection is closed unanswered.
-            connection.express_answered(answer, close=answer is None or self._draining.is_set())
+            connection.express_answered(
+                answer, close=answer is None or self._draining.is_set(), refused=status == 503
+            )
             elapsed = time.monotonic() - started
             self._count(route.path, status, elapsed)
             if self._log_requests:

@@ -232,12 +232,13 @@ async def test_a_key_without_the_predict_scope_is_still_403_when_the_model_is_fu
     await model.release()
 
 
-def raw_predict(features: list[float], timeout_ms: int | None = None) -> bytes:
+def raw_predict(features: list[float], timeout_ms: int | None = None, **headers: str) -> bytes:
     body = msgspec.json.encode({"features": features})
     timeout = "" if timeout_ms is None else f"X-Request-Timeout: {timeout_ms}\r\n"
+    more = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
     head = (
         "POST /api/v2/predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        f"{timeout}Content-Length: {len(body)}\r\n\r\n"
+        f"{timeout}{more}Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
@@ -584,3 +585,24 @@ def test_a_retired_model_versions_worker_is_not_kept_alive_by_the_estimate() -> 
 
 class Worker:
     """A stand-in worker for the estimate alone: anything hashable and weakly referable."""
+
+
+async def test_a_connection_the_app_refused_is_not_read_again_until_retry_after(
+    full_model: FullModelFactory,
+) -> None:
+    """A request the door cannot decide (here: an ``Idempotency-Key``) is refused by
+    the app, after its body and the middlewares: its connection is held as well."""
+    model = await full_model()
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW, Idempotency_Key="storm-1"))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    assert model.door.refused == 0  # the app's refusal, not the door's
+    refused = asyncio.get_running_loop().time()
+    writer.write(raw_predict(ROW, Idempotency_Key="storm-2"))  # a retry at once
+    retry = asyncio.ensure_future(read_answer(reader))
+    assert await model.release() == [200, 200]
+    await asyncio.sleep(0.3)
+    assert not retry.done()  # waits in the socket though the model has room
+    assert await asyncio.wait_for(retry, 5) == 200
+    assert asyncio.get_running_loop().time() - refused >= 0.9  # Retry-After: 1
+    writer.close()

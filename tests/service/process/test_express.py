@@ -379,6 +379,35 @@ async def test_a_batch_the_model_has_no_room_for_leaves_its_half_open_breaker_ha
     assert loaded.breaker.state == "half_open"
 
 
+async def test_a_connection_the_lane_answered_503_is_not_read_again_until_retry_after(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served()
+    worker = server.app[MODEL_REPOSITORY].resolve("demo").worker
+    one_row = worker.check_room
+
+    def room_for_one_row(
+        rows: int, deadline: float, ahead: int = 0, nbytes: int = 0, way_s: float = 0.0
+    ) -> float:
+        if rows > 1:
+            raise MailboxFull("no room for more than one row")
+        return one_row(rows, deadline, ahead, nbytes, way_s)
+
+    monkeypatch.setattr(worker, "check_room", room_for_one_row)
+    reader, writer = await server.connect()
+    writer.write(raw_predict(msgspec.json.encode({"instances": [ROW, ROW]}), "two-rows"))
+    assert (await read_answer(reader))[0] == 503
+    assert server.taken == 1  # the door let it through for a row; the lane refused both
+    refused = asyncio.get_running_loop().time()
+    writer.write(raw_predict(msgspec.json.encode({"features": ROW}), "retry"))
+    retry = asyncio.ensure_future(read_answer(reader))
+    await asyncio.sleep(0.3)
+    assert not retry.done()
+    assert (await retry)[0] == 200
+    assert asyncio.get_running_loop().time() - refused >= 0.9  # Retry-After: 1
+    writer.close()
+
+
 async def test_an_unexpected_error_in_the_lane_is_a_logged_500_problem(
     served: ServeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -427,7 +456,9 @@ async def test_a_lane_task_that_fails_outside_its_answer_is_logged_counted_and_c
 ) -> None:
     server = await served()
 
-    def broken(self: DoorRequestHandler, answer: bytes | None, close: bool) -> None:
+    def broken(
+        self: DoorRequestHandler, answer: bytes | None, close: bool, refused: bool = False
+    ) -> None:
         raise RuntimeError("cannot write")
 
     monkeypatch.setattr(DoorRequestHandler, "express_answered", broken)
