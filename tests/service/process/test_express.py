@@ -356,34 +356,9 @@ async def test_a_client_gone_while_its_request_is_in_the_lane_leaves_no_room_tak
     assert response.status == 200
 
 
-async def test_a_batch_the_model_has_no_room_for_leaves_its_half_open_breaker_half_open(
-    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The door asks room for one row; the lane refuses the batch's rows outside the
-    # breaker (inside it, aiobreaker counts the excluded MailboxFull as a success).
-    server = await served()
-    loaded = server.app[MODEL_REPOSITORY].resolve("demo")
-    one_row = loaded.worker.check_room
-
-    def room_for_one_row(
-        rows: int, deadline: float, ahead: int = 0, nbytes: int = 0, way_s: float = 0.0
-    ) -> float:
-        if rows > 1:
-            raise MailboxFull("no room for more than one row")
-        return one_row(rows, deadline, ahead, nbytes, way_s)
-
-    monkeypatch.setattr(loaded.worker, "check_room", room_for_one_row)
-    loaded.breaker._breaker.half_open()
-    response = await server.post("/api/v2/predict", {"instances": [ROW, ROW]})
-    assert (response.status, server.taken) == (503, 1)
-    assert loaded.breaker.state == "half_open"
-
-
-async def test_a_connection_the_lane_answered_503_is_not_read_again_until_retry_after(
-    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    server = await served()
-    worker = server.app[MODEL_REPOSITORY].resolve("demo").worker
+def room_for_one_row_only(worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``worker`` refuses requests of more than one row as if full: the door, which
+    asks room for one row, lets them through, and the lane refuses them."""
     one_row = worker.check_room
 
     def room_for_one_row(
@@ -394,6 +369,27 @@ async def test_a_connection_the_lane_answered_503_is_not_read_again_until_retry_
         return one_row(rows, deadline, ahead, nbytes, way_s)
 
     monkeypatch.setattr(worker, "check_room", room_for_one_row)
+
+
+async def test_a_batch_the_model_has_no_room_for_leaves_its_half_open_breaker_half_open(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The door asks room for one row; the lane refuses the batch's rows outside the
+    # breaker (inside it, aiobreaker counts the excluded MailboxFull as a success).
+    server = await served()
+    loaded = server.app[MODEL_REPOSITORY].resolve("demo")
+    room_for_one_row_only(loaded.worker, monkeypatch)
+    loaded.breaker._breaker.half_open()
+    response = await server.post("/api/v2/predict", {"instances": [ROW, ROW]})
+    assert (response.status, server.taken) == (503, 1)
+    assert loaded.breaker.state == "half_open"
+
+
+async def test_a_connection_the_lane_answered_503_is_not_read_again_until_retry_after(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served()
+    room_for_one_row_only(server.app[MODEL_REPOSITORY].resolve("demo").worker, monkeypatch)
     reader, writer = await server.connect()
     writer.write(raw_predict(msgspec.json.encode({"instances": [ROW, ROW]}), "two-rows"))
     assert (await read_answer(reader))[0] == 503
