@@ -678,6 +678,16 @@ class DoorRequestHandler(web.RequestHandler):
             self._door.hold_refused(self)
         self.read_on()
 
+    def _process_keepalive(self) -> None:
+        """aiohttp's keep-alive (head) timeout, not counted while the door holds the
+        connection: its next head is not late, it waits unread by our choice (and
+        ``Retry-After`` may be longer than a short head timeout)."""
+        if self._door.holds(self) and self._keepalive_timeout > 0:
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+            return
+        super()._process_keepalive()
+
     def _restart_head_timer(self) -> None:
         """As after any answer: the next head is due within the keep-alive timeout."""
         if self._keepalive_timeout <= 0:

@@ -73,7 +73,9 @@ async def full_model(
     runners: list[web.AppRunner] = []
     sessions: list[aiohttp.ClientSession] = []
 
-    async def make(key: str | None = None, **settings: Any) -> FullModel:
+    async def make(
+        key: str | None = None, keepalive_timeout: float = 75.0, **settings: Any
+    ) -> FullModel:
         repo_root = tmp_path / "models"
         add_version(repo_root, 1, seed=1, config='{"max_batch_size": 1}')
         app = create_app(
@@ -84,7 +86,9 @@ async def full_model(
                 **settings,
             )
         )
-        runner = CappedAppRunner(app, max_connections=100, access_log=None)
+        runner = CappedAppRunner(
+            app, max_connections=100, access_log=None, keepalive_timeout=keepalive_timeout
+        )
         await runner.setup()
         runners.append(runner)
         port = free_port()
@@ -605,4 +609,15 @@ async def test_a_connection_the_app_refused_is_not_read_again_until_retry_after(
     assert not retry.done()  # waits in the socket though the model has room
     assert await asyncio.wait_for(retry, 5) == 200
     assert asyncio.get_running_loop().time() - refused >= 0.9  # Retry-After: 1
+    writer.close()
+
+
+async def test_a_held_connection_is_not_closed_by_a_head_timeout_shorter_than_retry_after(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model(keepalive_timeout=0.3)  # as MLGATE_HEAD_TIMEOUT_S
+    reader, writer = await refused_connection(model)
+    writer.write(raw_predict(ROW))  # its retry, unread while held
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503  # after Retry-After: 1 s
+    assert await model.release() == [200, 200]
     writer.close()
