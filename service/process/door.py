@@ -296,6 +296,11 @@ class Door:
         else:
             del self.on_the_way[worker]
 
+    @property
+    def hold_s(self) -> float:
+        """The longest a connection is held: ``Retry-After``."""
+        return float(self._settings.retry_after_s)
+
     def hold_refused(self, connection: DoorRequestHandler) -> None:
         """Hold a connection whose request the app answered 503 until ``Retry-After``
         has passed: the requests the door cannot decide (an ``Idempotency-Key``, a body
@@ -324,8 +329,9 @@ class Door:
         self._line_sizes[line] = self._line_sizes.get(line, 0) + 1
         transport.pause_reading()
         loop = asyncio.get_running_loop()
+        connection.held_since = loop.time()
         self._held.setdefault(line, deque()).append(
-            (loop.time() + self._settings.retry_after_s, connection)
+            (loop.time() + self.hold_s, connection)
         )
         self._schedule_tick(loop)
 
@@ -536,6 +542,7 @@ class DoorRequestHandler(web.RequestHandler):
         self._bound_for: deque[Admission | None] = deque()
         self._express_task: asyncio.Task[None] | None = None
         self._read_once_drained = False
+        self.held_since = 0.0  # ``loop.time()`` when the door last held it
 
     def read_on(self) -> None:
         """Resume reading the connection after the door or the lane stopped, unless
@@ -576,7 +583,9 @@ class DoorRequestHandler(web.RequestHandler):
             response, reset = await super()._handle_request(request, *args, **kwargs)
         finally:
             self._answered += 1
-        if response.status == 503 and request.method == "POST":  # not a 503 of /ready
+        # Not a 503 of /ready; and only once the whole body is in: aiohttp still reads
+        # the rest of one the app did not read (lingering), which a hold would stall.
+        if response.status == 503 and request.method == "POST" and request.content.is_eof():
             self._door.hold_refused(self)
         return response, reset
 
@@ -679,13 +688,16 @@ class DoorRequestHandler(web.RequestHandler):
         self.read_on()
 
     def _process_keepalive(self) -> None:
-        """aiohttp's keep-alive (head) timeout, not counted while the door holds the
+        """aiohttp's keep-alive (head) timeout, not enforced while the door holds the
         connection: its next head is not late, it waits unread by our choice (and
-        ``Retry-After`` may be longer than a short head timeout)."""
+        ``Retry-After`` may be longer than a short head timeout). It is enforced again
+        from the hold's longest end, ``hold_s`` after it began."""
         if self._door.holds(self) and self._keepalive_timeout > 0:
-            close_time = self._loop.time() + self._keepalive_timeout
-            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
-            return
+            # Bounded even if the door never let it go (its tick failing for good).
+            close_time = self.held_since + self._door.hold_s + self._keepalive_timeout
+            if self._loop.time() < close_time:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+                return
         super()._process_keepalive()
 
     def _restart_head_timer(self) -> None:

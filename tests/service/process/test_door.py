@@ -23,7 +23,8 @@ from mlgate.service.app import create_app
 from mlgate.service.process import door
 from mlgate.service.process.door import Door
 from mlgate.service.process.server import CappedAppRunner, CappedServer
-from mlgate.service.state import METRICS, MODEL_REPOSITORY
+from mlgate.service.protection.api_keys import KeyStoreUnavailable
+from mlgate.service.state import KEY_STORE, METRICS, MODEL_REPOSITORY
 from mlgate.workers.inference.batching import InferenceWorker
 from tests.service.predict.test_predict_api import GatedSession, add_version, gate_worker, rows
 from tests.support import KeyMaker, free_port
@@ -620,4 +621,59 @@ async def test_a_held_connection_is_not_closed_by_a_head_timeout_shorter_than_re
     writer.write(raw_predict(ROW))  # its retry, unread while held
     assert await asyncio.wait_for(read_answer(reader), 5) == 503  # after Retry-After: 1 s
     assert await model.release() == [200, 200]
+    writer.close()
+
+
+async def test_a_503_answered_before_the_body_arrived_does_not_hold_its_rest(
+    make_settings: Callable[..., Settings], api_keys: KeyMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app refuses before reading the body (the key store down): aiohttp still
+    reads the rest of it, within its lingering time, so the connection is not held."""
+    app = create_app(make_settings(keys_file=str(api_keys.path), auth_disabled=False))
+
+    async def key_store_down(presented: str) -> Any:
+        raise KeyStoreUnavailable("redis down")
+
+    runner = CappedAppRunner(
+        app, max_connections=100, access_log=None, keepalive_timeout=0.5, lingering_time=0.5
+    )
+    await runner.setup()
+    monkeypatch.setattr(app[KEY_STORE], "authenticate", key_store_down)
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        size = 100 * 1024
+        writer.write(
+            b"POST /api/v2/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer mlg_unknown\r\n" + f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        assert await asyncio.wait_for(read_answer(reader), 5) == 503
+        writer.write(b" " * size)  # the body, after the answer
+        sent = asyncio.get_running_loop().time()
+        writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert await asyncio.wait_for(read_answer(reader), 5) == 200
+        assert asyncio.get_running_loop().time() - sent < 0.4  # not after Retry-After
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_held_connection_closes_after_its_hold_and_head_timeout_if_never_let_go(
+    full_model: FullModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the door's tick fail for good, the head timeout still closes the held
+    connection: ``Retry-After`` and the head timeout after it was held."""
+    model = await full_model(keepalive_timeout=0.3)
+
+    def broken(self: Door, now: float) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Door, "_let_go", broken)
+    reader, writer = await model.connect()
+    writer.write(raw_predict(ROW))
+    assert await asyncio.wait_for(read_answer(reader), 5) == 503
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after ~1.3 s
+    monkeypatch.undo()
+    await model.release()
     writer.close()
