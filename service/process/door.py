@@ -122,7 +122,7 @@ class WayToTheApp:
     after turn. It fades in time (``WAY_FADES_S``), not with shorter samples. The
     way is short in the turns after the door held a flood's connections: an
     estimate that fell as fast as it rose let them all go on again at once, and the
-    other tenant kept 0.3x of its rate rather than ~0.8x. Fading in time, it needs
+    other tenant kept 0.24x of its rate rather than ~0.8x. Fading in time, it needs
     nothing let through to come down: a lone slow request on a quiet server is
     forgotten within a second, and a line of tight deadlines held on a long way gets
     room back little by little as it fades, rather than all at once."""
