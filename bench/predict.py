@@ -75,6 +75,8 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     body_format: str = "json"  # or "msgpack"
     headers: dict[str, str] = {}  # more request headers (an API key)
+    # A header given a fresh value on every request (an Idempotency-Key), or "".
+    unique_header: str = ""
 
 
 class LoadResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,10 +98,16 @@ async def generate_load(options: LoadOptions) -> LoadResult:
     url = urlsplit(options.url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
     headers = {"Content-Type": f"application/{options.body_format}", **options.headers}
-    requests = [
-        encode_request(f"{host}:{port}", url.path, body, headers)
-        for body in bodies(options.dims, options.seed, options.body_format)
+    pool = bodies(options.dims, options.seed, options.body_format)
+    requests: list[bytes] | Callable[[int], bytes] = [
+        encode_request(f"{host}:{port}", url.path, body, headers) for body in pool
     ]
+    if options.unique_header:
+
+        def requests(n: int) -> bytes:
+            fresh = {**headers, options.unique_header: f"{options.seed}-{n}"}
+            return encode_request(f"{host}:{port}", url.path, pool[n % len(pool)], fresh)
+
     events = {"measuring": MEASURING, "window_end": WINDOW_END}
     tally = await run_load(
         host,
