@@ -566,6 +566,13 @@ class DoorRequestHandler(web.RequestHandler):
         """Not to be read: held by the door, or a request in the express lane."""
         return self._express_task is not None or self._door.holds(self)
 
+    def _resume_transport_reading(self) -> None:
+        """aiohttp resumes reading by itself too (a request body drained, its message
+        queue emptied): not while the door holds the connection or the lane answers
+        on it. ``read_on`` resumes it then."""
+        if not self.waiting:
+            super()._resume_transport_reading()
+
     def resume_writing(self) -> None:
         super().resume_writing()
         if self._read_once_drained:

@@ -677,3 +677,24 @@ async def test_a_held_connection_closes_after_its_hold_and_head_timeout_if_never
     monkeypatch.undo()
     await model.release()
     writer.close()
+
+
+async def test_a_held_connection_stays_unread_after_pipelined_refusals_are_answered(
+    full_model: FullModelFactory,
+) -> None:
+    """aiohttp resumes reading by itself as it works through pipelined requests:
+    not while the door holds the connection."""
+    model = await full_model()
+    reader, writer = await model.connect()
+    writer.write(
+        raw_predict(ROW, Idempotency_Key="pipelined-1")
+        + raw_predict(ROW, Idempotency_Key="pipelined-2")
+    )
+    assert [await read_answer(reader) for _ in range(2)] == [503, 503]
+    writer.write(raw_predict(ROW, Idempotency_Key="next"))
+    retry = asyncio.ensure_future(read_answer(reader))
+    await asyncio.sleep(0.3)
+    assert not retry.done()
+    assert await asyncio.wait_for(retry, 5) in (200, 503)
+    await model.release()
+    writer.close()
