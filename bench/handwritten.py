@@ -5,6 +5,10 @@ of ``bench.workload`` beside the bare app answering a constant.
 ``{"features": [...]}`` with msgspec, runs the ONNX model on that one row in the
 handler (no batching, no thread) and answers the arg-max and its probability.
 
+``python -m bench.handwritten decode PORT``: ``POST /decode`` decodes
+``{"features": [...]}`` the same way into a float32 row, checks it finite and answers
+a constant: the least any Python server must do with a predict body before the model.
+
 ``python -m bench.handwritten ingest BOOTSTRAP TOPIC PORT``: ``POST /ingest`` decodes
 the msgpack batch with msgspec (the records' fields typed, no other checks), writes
 each record as JSON with aiokafka's ``send`` (``acks=all``, keyed by ``record_id``)
@@ -64,6 +68,24 @@ def serve_predict(model: str, port: int) -> None:
     _run(app, port)
 
 
+def serve_decode(port: int) -> None:
+    import numpy as np
+    from aiohttp import web
+
+    decoder, answer = msgspec.json.Decoder(_PredictRequest), b'{"prediction": 1}'
+
+    async def decode(request: web.Request) -> web.Response:
+        features = decoder.decode(await request.read()).features
+        row = np.fromiter(features, dtype=np.float32, count=len(features))
+        if not np.isfinite(row).all():
+            raise web.HTTPUnprocessableEntity()
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/decode", decode)
+    _run(app, port)
+
+
 def serve_ingest(bootstrap: str, topic: str, port: int) -> None:
     from aiohttp import web
     from aiokafka import AIOKafkaProducer
@@ -103,13 +125,17 @@ def _run(app: object, port: int) -> None:
     from aiohttp import web
 
     assert isinstance(app, web.Application)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop())
+    web.run_app(
+        app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop()
+    )
 
 
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     if role == "predict":
         serve_predict(args[0], int(args[1]))
+    elif role == "decode":
+        serve_decode(int(args[0]))
     elif role == "ingest":
         serve_ingest(args[0], args[1], int(args[2]))
     else:

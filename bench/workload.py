@@ -453,9 +453,7 @@ class Run:
             opened, before, queued_before, loop_before = marks.get(
                 MEASURING, (0.0, None, None, None)
             )
-            closed, after, queued_after, loop_after = marks.get(
-                WINDOW_END, (0.0, None, None, None)
-            )
+            closed, after, queued_after, loop_after = marks.get(WINDOW_END, (0.0, None, None, None))
             span = closed - opened
             self.usage = (
                 (after - before) / span
@@ -703,7 +701,9 @@ def threads_note(row: Row, loop_share: float, unit: str) -> str:
     )
 
 
-def handwritten_note(scenario: str, mlgate: float, handwritten: float, floor: float, unit: str) -> str:
+def handwritten_note(
+    scenario: str, mlgate: float, handwritten: float, floor: float, unit: str
+) -> str:
     return (
         f"{scenario}: a hand-written aiohttp app doing the same work (bench.handwritten) "
         f"{handwritten:,.0f} {unit}, {handwritten / floor:.2f}x the bare app; mlgate "
@@ -751,7 +751,10 @@ def single_record(run: Run, rows: list[Row], notes: list[str]) -> None:
         )
     )
     run.log("hand-written aiohttp + aiokafka app, single-record ingest")
-    with run.broker() as (bootstrap, topic), run.handwritten("ingest", bootstrap, topic) as (url, pid):
+    with (
+        run.broker() as (bootstrap, topic),
+        run.handwritten("ingest", bootstrap, topic) as (url, pid),
+    ):
         plain = run.child(
             "load",
             msgspec.structs.replace(load, url=url),
@@ -812,10 +815,45 @@ def predict(run: Run, rows: list[Row], notes: list[str]) -> None:
         f"{plain_rate:,.0f} rows/s, {plain_rate / best:.2f}x onnxruntime's best batch; "
         f"mlgate {row.mlgate / plain_rate:.2f}x it"
     )
+    run.log("hand-written aiohttp app decoding the heavy body only")
+    with run.handwritten("decode") as (url, decode_pid):
+        decoded = http_phase(run, url, HEAVY_SIZES[0], plan.small_connections, decode_pid)
+    notes.append(
+        decode_bound_note(
+            label, decoded, run.usage[0], ort.rows_per_s, best, plan.small_connections
+        )
+    )
     row.extra["limit"] = (
         f"onnxruntime best batch {best_batch}; batch 1: {ort.rows_per_s.get('1', math.nan):,.0f}"
     )
     rows.append(row)
+
+
+def decode_bound_note(
+    label: str,
+    decoded: LoadResult,
+    used: float,
+    ort_rows_per_s: dict[str, float],
+    best: float,
+    connections: int,
+) -> str:
+    """The most rows a second any Python server on aiohttp could answer on one core with
+    these bodies: a request's HTTP and decoding, as the bare decoding app spends them,
+    plus onnxruntime's time a row at the largest batch the connections can form."""
+    rate = decoded.statuses.get("200", 0) / decoded.window_s
+    batch = str(max(b for b in ORT_BATCHES if b <= connections))
+    if not rate or math.isnan(used) or batch not in ort_rows_per_s:
+        return f"{label}: the decoding app's bound not measured"
+    request_us = used / rate * 1e6
+    model_us = 1e6 / ort_rows_per_s[batch]
+    bound = 1e6 / (request_us + model_us)
+    return (
+        f"{label}: a bare aiohttp app that only decodes the body into a float32 row "
+        f"(bench.handwritten decode) answers {rate:,.0f} req/s, {request_us:.0f} µs of core "
+        f"a request; with onnxruntime's {model_us:.0f} µs a row at batch {batch} (the most "
+        f"{connections} connections of single rows can form), one core answers at most "
+        f"{bound:,.0f} rows/s: {bound / best:.2f}x onnxruntime's best batch"
+    )
 
 
 def _predict_row(

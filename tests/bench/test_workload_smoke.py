@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from bench.payload import BodyFormat, RequestBodies
-from bench.workload import Row, edge_rates, per_core_used
+from bench.predict import LoadResult
+from bench.workload import Row, decode_bound_note, edge_rates, per_core_used
 from mlgate.config import load_settings
 from mlgate.service.http.codec import Format
 from mlgate.service.ingest.validation import RecordValidator
@@ -119,3 +120,11 @@ def test_a_limit_that_left_its_core_idle_gets_the_ratio_per_core_used() -> None:
     busy = Row(scenario="predict", mlgate=5_000, limit=10_000, unit="req/s", usage=(1.0, 0.0), limit_usage=(0.99, 0.0))
     [note] = per_core_used([waiting, busy])
     assert note.startswith("ingest: the limit used 0.45 of its core") and note.endswith("mlgate is 0.50x it")
+
+
+def test_the_decode_bound_adds_a_requests_core_time_to_the_models_time_a_row() -> None:
+    decoded = LoadResult(window_s=10.0, sent=40_000, dropped=0, statuses={"200": 40_000}, latencies_ms={}, errors=[])
+    # 4,000 req/s on a whole core: 250 µs a request; batch 32 at 4,000 rows/s: 250 µs a row.
+    note = decode_bound_note("heavy", decoded, 1.0, {"8": 2_000.0, "32": 4_000.0, "64": 9_000.0}, 8_000.0, 32)
+    assert "250 µs of core a request" in note and "250 µs a row at batch 32" in note
+    assert note.endswith("at most 2,000 rows/s: 0.25x onnxruntime's best batch")
