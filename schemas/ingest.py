@@ -59,12 +59,13 @@ class TextRecord(Record, frozen=True, kw_only=True, gc=False):
 
 
 class FeaturesText(Sequence[float]):
-    """Internal: a record's feature values and the JSON text they were sent as (an
-    array of the same numbers); the JSON value encoder writes the text as it is."""
+    """Internal: a record's feature values (a list, or its row of the batch's matrix) and
+    the JSON text they were sent as (an array of the same numbers); the JSON value
+    encoder writes the text as it is."""
 
     __slots__ = ("text", "values")
 
-    def __init__(self, values: list[float], text: msgspec.Raw) -> None:
+    def __init__(self, values: list[float] | np.ndarray, text: msgspec.Raw) -> None:
         self.values, self.text = values, text
 
     def __len__(self) -> int:
@@ -75,6 +76,9 @@ class FeaturesText(Sequence[float]):
     @overload
     def __getitem__(self, index: slice) -> list[float]: ...
     def __getitem__(self, index: int | slice) -> float | list[float]:
+        if isinstance(self.values, np.ndarray):
+            picked = self.values[index]
+            return picked.tolist() if isinstance(index, slice) else float(picked)
         return self.values[index]
 
     def __iter__(self) -> Iterator[float]:

@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import pytest
 
 from mlgate.config import load_settings
 from mlgate.schemas.ingest import TextRecord
 from mlgate.service.http.codec import Format
-from mlgate.service.ingest.validation import RecordValidator
+from mlgate.service.ingest.validation import PACKED_FROM_BYTES, PackedRecords, RecordValidator
 
 
 def _validator(**overrides: Any) -> RecordValidator:
@@ -80,3 +81,94 @@ def test_checks_read_the_numbers_of_a_text_record() -> None:
         (1, "features has a value above the allowed maximum 10.0"),
         (2, "features has 3 values; allowed dimensions are 4"),
     ]
+
+
+def _large_body(features: list[str], filler: str = "[0.5, 1.5, 2.5, 3.5]", size: int = 200) -> bytes:
+    """A batch past ``PACKED_FROM_BYTES``: ``features`` first, then filler records."""
+    return _body(*features, *[filler] * (size - len(features)))
+
+
+def _decoded(validator: RecordValidator, body: bytes) -> tuple[str, Any]:
+    assert len(body) >= PACKED_FROM_BYTES
+    return validator.decode_batch(body, Format.JSON)
+
+
+def _answer(validator: RecordValidator, body: bytes) -> tuple[list[Any], list[tuple[int, str]]]:
+    """What a batch stores and rejects: the stored documents, the (index, error)s."""
+    source, items = validator.decode_batch(body, Format.JSON)
+    batch = validator.validate(source, items)
+    stored = [msgspec.json.decode(r.value) for r in validator.outbound(batch, "t")]
+    return stored, [(e.index, e.error) for e in batch.errors]
+
+
+def _as_before(body: bytes) -> tuple[list[Any], list[tuple[int, str]]]:
+    """The same batch through the record-by-record path (a body too small for the
+    matrix would take it; here it is forced)."""
+    validator = _validator()
+    validator._json_feature_matrix = lambda records: None  # type: ignore[method-assign]
+    return _answer(validator, body)
+
+
+def test_a_large_json_batch_parses_its_features_into_one_matrix() -> None:
+    source, items = _decoded(_validator(), _large_body(["[1, 2.5, -0.0, 4e-3]"]))
+    assert isinstance(items, PackedRecords) and items.texts
+    assert items.matrix.shape == (200, 4)
+    assert items.matrix[0].tolist() == [1.0, 2.5, -0.0, 0.004]
+
+
+def test_the_matrix_path_stores_the_text_and_answers_as_the_record_path() -> None:
+    body = _large_body(["[0.1, -2.5e-7, 3,  4.50]", "[1e3, 2E-3, 9007199254740993, 5]"])
+    stored, errors = _answer(_validator(), body)
+    assert (stored, errors) == _as_before(body)
+    [value, *_] = _values(_validator(), body)
+    assert b'"features":[0.1, -2.5e-7, 3,  4.50],' in value
+
+
+def test_the_parser_parses_batch_after_batch() -> None:
+    validator = _validator()
+    for _ in range(3):
+        _, items = _decoded(validator, _large_body(["[1, 2, 3, 4]"]))
+        assert isinstance(items, PackedRecords)
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        ["[[], 1, 2, 3]", "[[1, 2], 3, 4, 5]"],  # nested: counts that make up for each other
+        ["5", "[[1, 2, 3, 4]]"],  # a number, and an array of one array
+        ['[1, "x", 3, 4]'],
+        ['[1, "[", 3, 4]'],
+        ["[1, null, 3, 4]", "[true, 2, 3, 4]"],
+        ["[1e400, 2, 3, 4]"],  # msgspec makes it infinite: not a finite number
+        ["[]"],
+        ["[1, 2, 3]", "[1, 2, 3, 4, 5]"],  # other lengths
+        ['{"a": 1}'],
+        ["[100000000000000000000000000, 2, 3, 4]"],  # past 64-bit ints
+    ],
+)
+def test_features_the_matrix_cannot_take_are_answered_as_the_record_path_answers(
+    features: list[str],
+) -> None:
+    body = _large_body(features)
+    source, items = _decoded(_validator(), body)
+    assert not isinstance(items, PackedRecords)
+    assert _answer(_validator(), body) == _as_before(body)
+
+
+def test_a_batch_of_one_unusual_width_is_a_matrix_whose_rows_are_rejected_by_the_check() -> None:
+    body = _large_body([], filler="[1, 2, 3]")
+    source, items = _decoded(_validator(), body)
+    assert isinstance(items, PackedRecords)
+    stored, errors = _answer(_validator(), body)
+    assert stored == [] and errors[0] == (0, "features has 3 values; allowed dimensions are 4")
+    assert (stored, errors) == _as_before(body)
+
+
+def test_range_checks_read_the_matrix() -> None:
+    validator = _validator(feature_max=10.0, feature_min=-1.0)
+    stored, errors = _answer(validator, _large_body(["[1, 2, 3, 40]", "[-5, 2, 3, 4]"]))
+    assert errors == [
+        (0, "features has a value above the allowed maximum 10.0"),
+        (1, "features has a value below the allowed minimum -1.0"),
+    ]
+    assert len(stored) == 198

@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings
+from mlgate.service.ingest.validation import PACKED_FROM_BYTES
 from mlgate.service.state import DRIFT_MONITOR, RELOAD_HOOKS
 from tests.conftest import AppClientFactory
 from tests.quality_data import DRIFTED, drifted, records, reference_sample, write_profile
@@ -98,6 +99,19 @@ async def test_flag_profile_accepts_and_marks_records_in_a_kafka_header(
     assert (await report(client))["records_flagged"] == 2
     metrics = await (await client.get("/metrics")).text()
     assert 'mlgate_quality_violations_total{action="flagged",kind="source",name="sensors"} 2.0' in metrics
+
+
+async def test_a_large_json_batch_parsed_into_one_matrix_is_screened_alike(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path
+) -> None:
+    write_profile(profiles_dir, "sensors", on_violation="reject")
+    client = await app_client(quality_settings())
+    batch = out_of_range_batch() + records(reference_sample(200, seed=8), "more")
+    assert len(msgspec.json.encode({"source": "sensors", "records": batch})) >= PACKED_FROM_BYTES
+    body = await ingest(client, batch)
+    assert (body["records_accepted"], body["records_rejected"]) == (203, 2)
+    assert [(e["index"], e["record_id"]) for e in body["errors"]] == [(1, "r-1"), (3, "r-3")]
+    assert "f2" in body["errors"][0]["error"] and "f0, f6" in body["errors"][1]["error"]
 
 
 async def test_sources_without_a_profile_are_not_screened(
