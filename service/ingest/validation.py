@@ -63,6 +63,9 @@ _record_decoders: dict[Format, Any] = {
 # The packed path's numpy set-up costs more than it saves on a few records (one record
 # of 128 features is ~1.3 KB of msgpack): smaller bodies decode record by record.
 PACKED_FROM_BYTES = 16 * 1024
+# The largest JSON features text the validator's own simdjson parser takes (its buffers
+# stay as large as the largest document it parsed); larger ones get a parser of their own.
+PARSER_KEEPS_BYTES = 2 * 1024 * 1024
 
 
 class PackedRecords(list[PackedRecord]):
@@ -95,7 +98,7 @@ class RecordValidator:
         # A JSON batch's features go to a JSON value as the text they came as: the same
         # numbers (JSON has one number type), without formatting 128 floats again.
         self._keeps_features_text = settings.value_format == "json"
-        self._json_parser = simdjson.Parser()
+        self._json_parser = simdjson.Parser(max_capacity=PARSER_KEEPS_BYTES)
         # The stored timestamp is RFC 3339 UTC text either way. msgspec's JSON encoder
         # writes a UTC datetime exactly so (``...T13:42:57.039000Z``), in C; msgpack
         # would write its timestamp extension instead, so that format gets the text.
@@ -193,10 +196,14 @@ class RecordValidator:
         # strings, which are not numbers anyway).
         if joined.count(b"[") != count + 1:
             return None
+        if len(joined) > PARSER_KEEPS_BYTES:
+            # A parser keeps the buffers of the largest document it parsed (~14 bytes
+            # a number): one made for this document alone lets them go with it.
+            return _flat_rows(simdjson.Parser(), joined, count)
         try:
             return _flat_rows(self._json_parser, joined, count)
         except RuntimeError:  # the parser still referenced (it cannot be): use a new one
-            self._json_parser = simdjson.Parser()
+            self._json_parser = simdjson.Parser(max_capacity=PARSER_KEEPS_BYTES)
             return None
 
     @staticmethod

@@ -12,6 +12,7 @@ import pytest
 from mlgate.config import load_settings
 from mlgate.schemas.ingest import TextRecord
 from mlgate.service.http.codec import Format
+from mlgate.service.ingest import validation
 from mlgate.service.ingest.validation import PACKED_FROM_BYTES, PackedRecords, RecordValidator
 
 
@@ -172,3 +173,12 @@ def test_range_checks_read_the_matrix() -> None:
         (1, "features has a value below the allowed minimum -1.0"),
     ]
     assert len(stored) == 198
+
+
+def test_features_past_what_the_validators_parser_keeps_get_a_parser_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(validation, "PARSER_KEEPS_BYTES", 1000)
+    validator = _validator()  # its own parser can never grow past 1000 bytes
+    _, items = _decoded(validator, _large_body(["[1, 2, 3, 4]"]))
+    assert isinstance(items, PackedRecords) and items.matrix.shape == (200, 4)
