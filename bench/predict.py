@@ -73,7 +73,7 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     # dropped (counted) rather than queued.
     open_loop_connections: int = 512
     seed: int = 0
-    body_format: str = "json"  # or "msgpack"
+    body_format: str = "json"  # or "msgpack", or "oip-binary" (``bodies``)
     headers: dict[str, str] = {}  # more request headers (an API key)
     # A header given a fresh value on every request (an Idempotency-Key), or "".
     unique_header: str = ""
@@ -89,15 +89,37 @@ class LoadResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def bodies(dims: int, seed: int, body_format: str = "json") -> list[bytes]:
+    """``{"features": [...]}`` bodies of one row, or with ``oip-binary`` an Open
+    Inference Protocol request whose input ``input`` follows its JSON header as raw
+    float32 bytes (the binary tensor extension, as tritonclient sends by default)."""
     rows = np.random.default_rng(seed).standard_normal((BODY_POOL, dims)).astype(np.float32)
+    if body_format == "oip-binary":
+        header = oip_binary_header(dims)
+        return [header + row.tobytes() for row in rows]
     encode = msgspec.msgpack.encode if body_format == "msgpack" else msgspec.json.encode
     return [encode({"features": row.tolist()}) for row in rows]
+
+
+def oip_binary_header(dims: int) -> bytes:
+    tensor = {"binary_data_size": dims * 4}
+    return msgspec.json.encode(
+        {"inputs": [{"name": "input", "shape": [1, dims], "datatype": "FP32", "parameters": tensor}]}
+    )
+
+
+def content_headers(body_format: str, dims: int) -> dict[str, str]:
+    if body_format == "oip-binary":
+        return {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(oip_binary_header(dims))),
+        }
+    return {"Content-Type": f"application/{body_format}"}
 
 
 async def generate_load(options: LoadOptions) -> LoadResult:
     url = urlsplit(options.url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
-    headers = {"Content-Type": f"application/{options.body_format}", **options.headers}
+    headers = {**content_headers(options.body_format, options.dims), **options.headers}
     pool = bodies(options.dims, options.seed, options.body_format)
     requests: list[bytes] | Callable[[int], bytes] = [
         encode_request(f"{host}:{port}", url.path, body, headers) for body in pool

@@ -525,7 +525,12 @@ def raw_phase(run: Run, *, records: int, duration_s: float, total_records: int =
 
 
 def http_phase(
-    run: Run, url: str, dims: int, connections: int, pid: int | None = None
+    run: Run,
+    url: str,
+    dims: int,
+    connections: int,
+    pid: int | None = None,
+    body_format: str = "json",
 ) -> LoadResult:
     options = LoadOptions(
         url=url,
@@ -533,6 +538,7 @@ def http_phase(
         duration_s=run.plan.duration_s,
         warmup_s=run.plan.warmup_s,
         connections=connections,
+        body_format=body_format,
     )
     return run.child(
         "load",
@@ -806,6 +812,23 @@ def predict(run: Run, rows: list[Row], notes: list[str]) -> None:
     label = f"predict heavy {'->'.join(map(str, HEAVY_SIZES))}, 1 row"
     row = _predict_row(label, heavy, best, "rows/s", 50.0, run, (math.nan, math.nan))
     notes.append(threads_note(row, run.loop_share, "row"))
+    run.log("mlgate, heavy model, OIP binary tensors")
+    with run.mlgate(MLGATE_DEFAULT_MODEL="heavy", MLGATE_MODEL_POLL_INTERVAL_S="0") as (base, pid):
+        binary = http_phase(
+            run,
+            f"{base}/v2/models/heavy/infer",
+            HEAVY_SIZES[0],
+            plan.small_connections,
+            pid,
+            body_format="oip-binary",
+        )
+    binary_row = _predict_row(label, binary, best, "rows/s", 50.0, run, (math.nan, math.nan))
+    notes.append(
+        f"{label}, over the Open Inference Protocol with binary tensors (as tritonclient "
+        f"sends them): {binary_row.mlgate:,.0f} rows/s, {binary_row.mlgate / best:.2f}x "
+        f"onnxruntime's best batch, p99 {binary_row.p99_ms:.1f} ms; "
+        + threads_note(binary_row, run.loop_share, "row").split(": ", 1)[1]
+    )
     run.log("hand-written aiohttp app, heavy model in the handler")
     with run.handwritten("predict", str(HEAVY_DIR / "heavy.onnx")) as (url, plain_pid):
         plain = http_phase(run, url, HEAVY_SIZES[0], plan.small_connections, plain_pid)

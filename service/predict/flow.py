@@ -78,7 +78,12 @@ class _RowsUndecoded(msgspec.Struct, frozen=True, kw_only=True):
 
 def request_deadline(request: web.Request, started: float, default_ms: float) -> float:
     """The monotonic time by which the answer is due: ``X-Request-Timeout`` ms or default."""
-    timeout_ms = timeout_ms_in(request.headers, default_ms)
+    return deadline_in(request.headers, started, default_ms)
+
+
+def deadline_in(headers: Mapping[str, str], started: float, default_ms: float) -> float:
+    """``request_deadline`` from the request's headers."""
+    timeout_ms = timeout_ms_in(headers, default_ms)
     if timeout_ms is None:
         raise BadRequest(
             f"{TIMEOUT_HEADER} must be a number of milliseconds in [{MIN_TIMEOUT_MS}, {MAX_TIMEOUT_MS}]"

@@ -57,6 +57,7 @@ from mlgate.service.process.express import ExpressLane, answer_on
 from mlgate.service.protection.api_keys import ANONYMOUS, ApiKey
 from mlgate.service.protection.middleware import presented_key_in
 from mlgate.service.routes.ingest import PATH as INGEST_PATH
+from mlgate.service.routes.oip import INFER_PATHS
 from mlgate.service.state import DRAINING, KEY_STORE, METRICS, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.errors import DeadlineExpired, MailboxFull
 from mlgate.workers.inference.batching import InferenceWorker
@@ -64,8 +65,7 @@ from mlgate.workers.inference.repository import ModelNotFound
 
 # Routes whose body may name the model (absent: the default model).
 _BODY_NAMES_MODEL = {"/api/v2/predict", "/api/v1/predict"}
-_INFER = "/v2/models/{model}/infer"
-_VERSION_INFER = "/v2/models/{model}/versions/{version}/infer"
+_INFER, _VERSION_INFER = INFER_PATHS
 # How often held connections are looked at, and how long room kept for one that was
 # let go on waits for its next request.
 HOLD_TICK_S = 0.002
@@ -96,8 +96,10 @@ class Admission:
     worker: InferenceWorker | None
     key: ApiKey
     deadline: float
-    body: bytes | None  # the body, when the door read it (REST predict and ingest routes)
+    body: bytes | None  # the body, when the door read it
     admitted_at: float | None = None  # ``time.monotonic()`` when the door let it through
+    # An OIP infer's (route template, model, version): what the lane serves it with.
+    target: tuple[str, str, str | None] | None = None
 
 
 class WayToTheApp:
@@ -226,6 +228,7 @@ class Door:
         if target is None:
             return None, None, None
         route, model, version, body = target
+        inferred = (route, model, version) if route in INFER_PATHS else None
         headers = message.headers
         key = None if "Idempotency-Key" in headers else self._authorized(headers, "predict")
         if key is None:
@@ -240,7 +243,7 @@ class Door:
         except ModelNotFound:
             return None, None, None
         if worker is reserved:  # its room was kept when it was let go on
-            return None, worker, Admission(worker, key, deadline, body, now)
+            return None, worker, Admission(worker, key, deadline, body, now, inferred)
         started = time.perf_counter()
         try:
             ahead = self.on_the_way.get(worker, 0)
@@ -261,7 +264,7 @@ class Door:
             self._count(route, status, time.perf_counter() - started)
             return answer, worker, None
         self._on_its_way(worker)
-        return None, worker, Admission(worker, key, deadline, body, now)
+        return None, worker, Admission(worker, key, deadline, body, now, inferred)
 
     def _held_ahead(self, worker: InferenceWorker, line: float) -> int:
         """Held connections that come back before a request of ``line``: those, still
@@ -416,7 +419,7 @@ class Door:
             return None
         parts = path.split("/")  # "", "v2", "models", model, ["versions", version,] "infer"
         if len(parts) == 5 and parts[4] == "infer" and parts[3]:
-            return _INFER, parts[3], None, None
+            return _INFER, parts[3], None, _whole_body(payload)
         if (
             len(parts) == 7
             and parts[4] == "versions"
@@ -424,7 +427,7 @@ class Door:
             and parts[3]
             and parts[5]
         ):
-            return _VERSION_INFER, parts[3], parts[5], None
+            return _VERSION_INFER, parts[3], parts[5], _whole_body(payload)
         return None
 
     def _ingest_admission(
@@ -486,15 +489,21 @@ def _plain_body(headers: Mapping[str, str]) -> bool:
     )
 
 
+def _whole_body(payload: StreamReader) -> bytes | None:
+    """The body, read in full (the door decides only then), or None where it cannot
+    be seen."""
+    chunks = getattr(payload, "_buffer", None)  # aiohttp's StreamReader keeps its chunks here
+    if chunks is None:
+        return b"" if payload is EMPTY_PAYLOAD else None
+    return b"".join(chunks)
+
+
 def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> bytes | None:
     """The body, when it certainly has no ``model`` member: its bytes do not hold the
     word (a JSON key could only spell it with an escape, so JSON bodies holding a
     backslash are not certain either); None otherwise."""
-    chunks = getattr(payload, "_buffer", None)  # aiohttp's StreamReader keeps its chunks here
-    if chunks is None:
-        return b"" if payload is EMPTY_PAYLOAD else None
-    body = b"".join(chunks)
-    if b"model" in body:
+    body = _whole_body(payload)
+    if body is None or b"model" in body:
         return None
     is_msgpack = "msgpack" in message.headers.get("Content-Type", "")
     return body if is_msgpack or b"\\" not in body else None
@@ -661,6 +670,7 @@ class DoorRequestHandler(web.RequestHandler):
             admission.worker,
             self,
             admission.admitted_at,
+            admission.target,
         )
         if task is None:
             return False

@@ -12,9 +12,12 @@ It takes a request the door (service/process/door.py) let through when:
 - it is a ``POST`` over HTTP/1.1 to ``/api/v2/predict`` or ``/api/v1/predict`` whose
   body names no model (the door's condition), is at most ``ROW_BUDGET_FROM_BYTES`` and
   decodes into the route's schema (for a model with room); or to ``/api/v2/ingest``
-  with a body of at most ``MAX_BODY_BYTES``;
-- its ``Content-Type`` is JSON or msgpack (or absent), and it has no
-  ``Content-Encoding``, ``Expect`` or ``Idempotency-Key``;
+  with a body of at most ``MAX_BODY_BYTES``; or to an Open Inference Protocol
+  ``.../infer`` of a served model whose body (JSON, msgpack or binary tensors, read
+  as the route reads it: ``oip.decode_infer_body``) decodes, answered by the route's
+  ``answer_infer``;
+- its ``Content-Type`` is JSON or msgpack (or absent; any, for an infer), and it has
+  no ``Content-Encoding``, ``Expect`` or ``Idempotency-Key``;
 - it is the last request read from its connection (pipelined ones behind it go to
   the app, after it);
 - and the door's conditions hold: a complete body, an idle connection, a key known
@@ -59,15 +62,25 @@ from mlgate.service.http.front_door import (
     problem_headers,
 )
 from mlgate.service.predict.flow import ROW_BUDGET_FROM_BYTES, predict
+from mlgate.service.predict.tensors import HEADER_LENGTH
 from mlgate.service.protection.api_keys import ApiKey
 from mlgate.service.protection.audit import Caller
 from mlgate.service.protection.middleware import over_limit
 from mlgate.service.routes.ingest import PATH as INGEST_PATH
 from mlgate.service.routes.ingest import ingest_batch
+from mlgate.service.routes.oip import INFER_PATHS, BinaryAnswer, answer_infer, decode_infer_body
 from mlgate.service.routes.predict import V1_PATH, V2_PATH, v1_answer
-from mlgate.service.state import DRAINING, INGEST_PIPELINE, METRICS, RATE_LIMITER, SETTINGS
+from mlgate.service.state import (
+    DRAINING,
+    INGEST_PIPELINE,
+    METRICS,
+    MODEL_REPOSITORY,
+    RATE_LIMITER,
+    SETTINGS,
+)
 from mlgate.workers.breaker import BreakerOpen
 from mlgate.workers.errors import WorkerError
+from mlgate.workers.inference.repository import ModelNotFound
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -75,6 +88,10 @@ if TYPE_CHECKING:
     from mlgate.workers.inference.batching import InferenceWorker
 
 Count = Callable[[str, int, float], None]
+# An OIP infer's (route template, model, version), as the door read it from the path.
+Target = tuple[str, str, str | None] | None
+# What a route makes of a body it serves: (payload, its format); None: the app's.
+Prepared = tuple[Any, Format] | None
 log = structlog.get_logger("mlgate.express")
 
 
@@ -107,11 +124,12 @@ class _PredictRoute:
         }
         self._shape = shape
 
-    def prepare(self, body: bytes, fmt: Format) -> Any:
-        if len(body) > ROW_BUDGET_FROM_BYTES:
+    def prepare(self, body: bytes, message: RawRequestMessage, target: Target) -> Prepared:
+        fmt = _body_format(message.headers.get("Content-Type"))
+        if fmt is None or len(body) > ROW_BUDGET_FROM_BYTES:
             return None
         try:
-            return self._decoders[fmt].decode(body)
+            return self._decoders[fmt].decode(body), fmt
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             return None
 
@@ -134,8 +152,11 @@ class _IngestRoute:
         self._app = app
         self._max_body_bytes = app[SETTINGS].max_body_bytes
 
-    def prepare(self, body: bytes, fmt: Format) -> Any:
-        return body if len(body) <= self._max_body_bytes else None
+    def prepare(self, body: bytes, message: RawRequestMessage, target: Target) -> Prepared:
+        fmt = _body_format(message.headers.get("Content-Type"))
+        if fmt is None or len(body) > self._max_body_bytes:
+            return None
+        return body, fmt
 
     async def run(
         self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float
@@ -143,7 +164,41 @@ class _IngestRoute:
         return await ingest_batch(self._app[INGEST_PIPELINE], payload, fmt, caller)
 
 
-_Route = _PredictRoute | _IngestRoute
+class _InferRoute:
+    """``POST /v2/models/{model}[/versions/{version}]/infer``: bodies up to
+    ``MAX_BODY_BYTES`` that decode for the model (JSON, msgpack or binary tensors;
+    others go to the app, for its precise 400/413/422), answered by the route's own
+    ``answer_infer``."""
+
+    status = 200
+
+    def __init__(self, app: web.Application, path: str) -> None:
+        self.path = path
+        self._app = app
+        self._repository = app[MODEL_REPOSITORY]
+        self._max_body_bytes = app[SETTINGS].max_body_bytes
+
+    def prepare(self, body: bytes, message: RawRequestMessage, target: Target) -> Prepared:
+        if target is None or len(body) > self._max_body_bytes:
+            return None
+        _, model, version = target
+        try:
+            loaded = self._repository.resolve(model, version)
+            decoded = decode_infer_body(body, message.headers, loaded)
+        except (ApiError, ModelNotFound):
+            return None
+        return (loaded, decoded, message.headers), Format.JSON
+
+    async def run(
+        self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float
+    ) -> Any:
+        loaded, decoded, headers = payload
+        return await answer_infer(
+            self._app, loaded, decoded, headers, started, caller.request_id or ""
+        )
+
+
+_Route = _PredictRoute | _IngestRoute | _InferRoute
 
 
 class ExpressLane:
@@ -172,6 +227,7 @@ class ExpressLane:
             V1_PATH: _PredictRoute(app, V1_PATH, PredictV1Request, v1_answer),
             INGEST_PATH: _IngestRoute(app),
         }
+        self._infer_routes = {path: _InferRoute(app, path) for path in INFER_PATHS}
         self.taken = 0
         self.pending: dict[asyncio.Task[None], Connection] = {}
 
@@ -184,18 +240,20 @@ class ExpressLane:
         worker: InferenceWorker | None,
         connection: Connection,
         admitted_at: float | None = None,
+        target: Target = None,
     ) -> asyncio.Task[None] | None:
         """The task answering ``message`` in the lane, or None to let the app answer it;
-        ``admitted_at``: when the door let it through for ``worker``."""
-        route = self._routes.get(message.path)
+        ``admitted_at``: when the door let it through for ``worker``; ``target``: an OIP
+        infer's (route template, model, version)."""
+        route = (
+            self._routes.get(message.path) if target is None else self._infer_routes.get(target[0])
+        )
         if route is None or message.version != HttpVersion11:
             return None
-        fmt = _body_format(message.headers.get("Content-Type"))
-        if fmt is None:
+        prepared = route.prepare(body, message, target)
+        if prepared is None:
             return None
-        payload = route.prepare(body, fmt)
-        if payload is None:
-            return None
+        payload, fmt = prepared
         self.taken += 1
         task = asyncio.get_running_loop().create_task(
             self._serve(
@@ -241,12 +299,12 @@ class ExpressLane:
         answer: bytes | None = None
         try:
             body, content_type, status = await self._answer(
-                route, payload, body_format, key, caller, started, deadline, fmt, fields
+                route, message.path, payload, body_format, key, caller, started, deadline, fmt, fields
             )
             if self._draining.is_set():
                 fields["Connection"] = "close"
             answer = answer_on(
-                route.path, self._path_headers, status, content_type, fields, request_id, body
+                message.path, self._path_headers, status, content_type, fields, request_id, body
             )
         finally:
             # Cancelled (shutdown past its budget): the connection is closed unanswered.
@@ -259,7 +317,7 @@ class ExpressLane:
                 access_log.info(
                     "request",
                     method="POST",
-                    path=route.path,
+                    path=message.path,
                     status=status,
                     latency_ms=round(elapsed * 1000, 3),
                     tenant=key.tenant,
@@ -269,6 +327,7 @@ class ExpressLane:
     async def _answer(
         self,
         route: _Route,
+        path: str,
         payload: Any,
         body_format: Format,
         key: ApiKey,
@@ -287,15 +346,18 @@ class ExpressLane:
                 if not decision.allowed:
                     raise over_limit(decision, limit_fields)
             answer = await route.run(payload, body_format, caller, started, deadline)
+            if isinstance(answer, BinaryAnswer):
+                fields[HEADER_LENGTH] = str(answer.header_length)
+                return answer.body, "application/octet-stream", route.status
             return encode(answer, fmt), fmt.value, route.status
         except ApiError as exc:
             error = exc
         except (WorkerError, BreakerOpen) as exc:
             error = as_api_error(exc, self._settings.retry_after_s)
         except Exception:
-            error_log.exception("unhandled_error", path=route.path)
+            error_log.exception("unhandled_error", path=path)
             error = as_api_error(Exception())
-        body, content_type = problem_document(error, route.path, caller.request_id or "", fmt)
+        body, content_type = problem_document(error, path, caller.request_id or "", fmt)
         fields.update(problem_headers(error))
         return body, content_type, error.status
 

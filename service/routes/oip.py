@@ -24,7 +24,8 @@ element counts): 422 on a mismatch, 404 for an unknown model or version. Errors 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -54,7 +55,7 @@ from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import (
     TIMEOUT_HEADER,
     check_tensor_budget,
-    request_deadline,
+    deadline_in,
     resolve,
 )
 from mlgate.service.predict.tensors import (
@@ -68,17 +69,20 @@ from mlgate.service.predict.tensors import (
 from mlgate.service.protection.audit import Action, audit_request
 from mlgate.service.state import DRAINING, DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.inference.model_config import PLATFORM, TensorSpec
-from mlgate.workers.inference.repository import ModelLoadFailed, ModelNotFound
+from mlgate.workers.inference.repository import ModelLoadFailed, ModelNotFound, ModelVersion
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
-def _deadline(request: web.Request, payload: InferenceRequest, started: float) -> float:
-    default_ms = float(request.app[SETTINGS].request_timeout_ms)
+def _deadline(
+    headers: Mapping[str, str], payload: InferenceRequest, started: float, default_ms: float
+) -> float:
+    """``X-Request-Timeout``, else the request's ``parameters.timeout`` (µs), else the
+    default."""
     timeout_us = payload.parameters.get("timeout")
-    if TIMEOUT_HEADER not in request.headers and isinstance(timeout_us, int) and timeout_us > 0:
+    if TIMEOUT_HEADER not in headers and isinstance(timeout_us, int) and timeout_us > 0:
         default_ms = timeout_us / 1000
-    return request_deadline(request, started, default_ms)
+    return deadline_in(headers, started, default_ms)
 
 
 def _header_length(raw: str | None, body_length: int) -> int | None:
@@ -93,40 +97,62 @@ def _header_length(raw: str | None, body_length: int) -> int | None:
     return int(raw)
 
 
-def body_format(request: web.Request) -> Format:
+def body_format(content_type: str | None) -> Format:
     """JSON whatever the Content-Type, as Triton reads it: its own clients send
     ``application/octet-stream`` (the aio client even without binary tensors) and
     curl ``application/x-www-form-urlencoded``. msgpack, our extension, when declared."""
-    return Format.MSGPACK if MEDIA_TYPES.get(request.content_type) is Format.MSGPACK else Format.JSON
+    media = (content_type or "").partition(";")[0].strip().lower()
+    return Format.MSGPACK if MEDIA_TYPES.get(media) is Format.MSGPACK else Format.JSON
 
 
-async def infer(request: web.Request) -> web.Response:
-    started = time.monotonic()
-    settings = request.app[SETTINGS]
-    loaded = resolve(
-        request.app[MODEL_REPOSITORY],
-        request.match_info["model"],
-        request.match_info.get("version"),
-    )
-    body = await read_body(request, settings.max_body_bytes)
-    header_length = _header_length(request.headers.get(HEADER_LENGTH), len(body))
+class InferBody(NamedTuple):
+    """An infer request's body, decoded: the JSON (or msgpack) request and the bytes
+    of its binary tensors (empty without the binary extension)."""
+
+    payload: InferenceRequest
+    binary: memoryview
+
+
+def decode_infer_body(
+    body: bytes, headers: Mapping[str, str], loaded: ModelVersion
+) -> InferBody:
+    """The body of ``POST .../infer``: 400 / 422 as the app answers them."""
+    header_length = _header_length(headers.get(HEADER_LENGTH), len(body))
     if header_length is not None:
         payload = decode(body[:header_length], InferenceRequest, Format.JSON)
-        binary = memoryview(body)[header_length:]
-    else:
-        fmt = body_format(request)
-        if fmt is Format.JSON:
-            check_tensor_budget(body, loaded)
-        payload = decode(body, InferenceRequest, fmt)
-        binary = memoryview(b"")
-    deadline = _deadline(request, payload, started)
+        return InferBody(payload, memoryview(body)[header_length:])
+    fmt = body_format(headers.get("Content-Type"))
+    if fmt is Format.JSON:
+        check_tensor_budget(body, loaded)
+    return InferBody(decode(body, InferenceRequest, fmt), memoryview(b""))
+
+
+class BinaryAnswer(NamedTuple):
+    """An answer in the binary tensor extension: the JSON header, then the blobs."""
+
+    body: bytes
+    header_length: int
+
+
+async def answer_infer(
+    app: web.Application,
+    loaded: ModelVersion,
+    request: InferBody,
+    headers: Mapping[str, str],
+    started: float,
+    request_id: str,
+) -> InferenceResponse | BinaryAnswer:
+    """Infer ``request`` with ``loaded``: the route's work, for the app's handler and
+    the express lane alike (service/process/express.py)."""
+    payload, binary = request
+    deadline = _deadline(headers, payload, started, float(app[SETTINGS].request_timeout_ms))
     # Shed before building the tensors: under overload most requests end here.
     loaded.worker.check_room(payload.inputs[0].shape[0] if payload.inputs[0].shape else 1, deadline)
     feed = input_arrays(payload, binary, loaded)
     outputs = requested_outputs(payload, loaded)
-    results = await loaded.infer(feed, deadline, request_id=payload.id or request[REQUEST_ID])
+    results = await loaded.infer(feed, deadline, request_id=payload.id or request_id)
     if len(feed) == 1:  # one feature matrix: what a model profile describes
-        request.app[DRIFT_MONITOR].observe(loaded.model, "model", next(iter(feed.values())))
+        app[DRIFT_MONITOR].observe(loaded.model, "model", next(iter(feed.values())))
 
     tensors: list[ResponseOutput] = []
     blobs: list[bytes] = []
@@ -156,11 +182,28 @@ async def infer(request: web.Request) -> web.Response:
         model_name=loaded.model, model_version=loaded.version, id=payload.id, outputs=tensors
     )
     if not blobs:
-        return respond(request, answer)
+        return answer
     header = json_encoder.encode(answer)
+    return BinaryAnswer(b"".join([header, *blobs]), len(header))
+
+
+async def infer(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    loaded = resolve(
+        request.app[MODEL_REPOSITORY],
+        request.match_info["model"],
+        request.match_info.get("version"),
+    )
+    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    decoded = decode_infer_body(body, request.headers, loaded)
+    answer = await answer_infer(
+        request.app, loaded, decoded, request.headers, started, request[REQUEST_ID]
+    )
+    if isinstance(answer, InferenceResponse):
+        return respond(request, answer)
     return web.Response(
-        body=b"".join([header, *blobs]),
-        headers={HEADER_LENGTH: str(len(header))},
+        body=answer.body,
+        headers={HEADER_LENGTH: str(answer.header_length)},
         content_type="application/octet-stream",
     )
 
@@ -248,7 +291,8 @@ async def model_config(request: web.Request) -> web.Response:
 
 async def _optional_body(request: web.Request, type_: type[Any]) -> Any:
     body = await read_body(request, request.app[SETTINGS].max_body_bytes)
-    return decode(body, type_, body_format(request)) if body.strip() else type_()
+    fmt = body_format(request.headers.get("Content-Type"))
+    return decode(body, type_, fmt) if body.strip() else type_()
 
 
 async def repository_index(request: web.Request) -> web.Response:
@@ -314,6 +358,7 @@ async def repository_unload(request: web.Request) -> web.Response:
 
 _MODEL = "/v2/models/{model}"
 _VERSION = "/v2/models/{model}/versions/{version}"
+INFER_PATHS = (f"{_MODEL}/infer", f"{_VERSION}/infer")
 _OIP, _REPOSITORY = "open inference protocol", "model repository"
 
 

@@ -1,0 +1,162 @@
+"""The express lane serves Open Inference Protocol infers (JSON, msgpack and binary
+tensors) as the app answers them: the same status, headers, body and errors, on the
+server ``mlgate serve`` runs, over real sockets, with the real demo model."""
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import numpy as np
+import pytest
+
+from tests.service.process import test_express
+from tests.service.process.test_express import ROW, Served, ServeFactory, header_names
+
+# The lane's server fixture, under the name the tests ask for it by (hence F811 below).
+served = test_express.served
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+INFER = "/v2/models/demo/infer"
+
+
+def json_infer(**parameters: Any) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "id": "req-1",
+        "inputs": [{"name": "input", "shape": [1, 128], "datatype": "FP32", "data": ROW}],
+    }
+    if parameters:
+        request["parameters"] = parameters
+    return request
+
+
+def binary_infer(binary_outputs: bool = True) -> tuple[bytes, dict[str, str]]:
+    """Binary input tensors, and binary outputs if asked: what tritonclient sends."""
+    tensor = {"binary_data_size": 128 * 4}
+    request: dict[str, Any] = {
+        "inputs": [{"name": "input", "shape": [1, 128], "datatype": "FP32", "parameters": tensor}]
+    }
+    if binary_outputs:
+        request["parameters"] = {"binary_data_output": True}
+    header = msgspec.json.encode(request)
+    body = header + np.asarray(ROW, dtype="<f4").tobytes()
+    return body, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+
+
+async def lane_and_app(served: ServeFactory, tmp_path: Path) -> tuple[Served, Served]:
+    """A server with the lane, and one without (its own data directory)."""
+    return await served(), await served(express_lane=False, data_dir=str(tmp_path / "app"))
+
+
+async def both(
+    servers: tuple[Served, Served], path: str, body: bytes, **headers: str
+) -> tuple[aiohttp.ClientResponse, aiohttp.ClientResponse]:
+    lane, app = servers
+    by_lane = await lane.post_bytes(path, body, **headers)
+    by_app = await app.post_bytes(path, body, **headers)
+    return by_lane, by_app
+
+
+async def test_a_json_infer_is_answered_in_the_lane_as_the_app_answers_it(
+    served: ServeFactory, tmp_path: Path
+) -> None:
+    servers = await lane_and_app(served, tmp_path)
+    body = msgspec.json.encode(json_infer())
+    by_lane, by_app = await both(servers, INFER, body, **{"Content-Type": "application/json"})
+    assert servers[0].taken == 1
+    assert by_lane.status == by_app.status == 200
+    assert header_names(by_lane) == header_names(by_app)
+    assert await by_lane.read() == await by_app.read()
+
+
+async def test_binary_tensors_in_and_out_are_answered_in_the_lane_byte_for_byte(
+    served: ServeFactory, tmp_path: Path
+) -> None:
+    servers = await lane_and_app(served, tmp_path)
+    body, headers = binary_infer()
+    by_lane, by_app = await both(servers, INFER, body, **headers)
+    assert servers[0].taken == 1
+    assert by_lane.status == by_app.status == 200
+    assert by_lane.headers["Content-Type"] == "application/octet-stream"
+    assert by_lane.headers[HEADER_LENGTH] == by_app.headers[HEADER_LENGTH]
+    assert sorted(header_names(by_lane)) == sorted(header_names(by_app))  # in another order
+    assert await by_lane.read() == await by_app.read()
+
+
+async def test_a_versioned_infer_answered_msgpack_takes_the_lane(
+    served: ServeFactory, tmp_path: Path
+) -> None:
+    servers = await lane_and_app(served, tmp_path)
+    body = msgspec.msgpack.encode(json_infer())
+    headers = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+    by_lane, by_app = await both(servers, "/v2/models/demo/versions/1/infer", body, **headers)
+    assert servers[0].taken == 1
+    assert by_lane.status == 200 and by_lane.headers["Content-Type"] == "application/msgpack"
+    assert await by_lane.read() == await by_app.read()
+
+
+async def test_an_input_the_model_does_not_take_is_the_apps_error_document_from_the_lane(
+    served: ServeFactory, tmp_path: Path
+) -> None:
+    servers = await lane_and_app(served, tmp_path)
+    request = json_infer()
+    request["inputs"][0]["name"] = "pixels"
+    body = msgspec.json.encode(request)
+    by_lane, by_app = await both(servers, INFER, body, **{"Content-Type": "application/json"})
+    assert servers[0].taken == 1
+    assert by_lane.status == by_app.status == 422
+    lane_error = msgspec.json.decode(await by_lane.read())
+    app_error = msgspec.json.decode(await by_app.read())
+    assert lane_error["error"] == app_error["error"]
+    assert lane_error["instance"] == app_error["instance"] == INFER
+    assert sorted(header_names(by_lane)) == sorted(header_names(by_app))  # in another order
+
+
+async def test_a_deadline_in_the_requests_parameters_holds_in_the_lane(
+    served: ServeFactory, tmp_path: Path
+) -> None:
+    servers = await lane_and_app(served, tmp_path)
+    body = msgspec.json.encode(json_infer(timeout=1))  # 1 µs: expired before the model
+    by_lane, by_app = await both(servers, INFER, body, **{"Content-Type": "application/json"})
+    assert servers[0].taken == 1
+    assert by_lane.status == by_app.status == 504
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        (b'{"inputs": [', {"Content-Type": "application/json"}, 400),
+        (b'{"inputs": "many"}', {"Content-Type": "application/json"}, 422),
+        (binary_infer()[0], {HEADER_LENGTH: "99999999"}, 400),
+    ],
+    ids=["truncated", "wrong-type", "header-length-past-the-body"],
+)
+async def test_an_infer_body_that_does_not_decode_is_left_to_the_app(
+    served: ServeFactory, body: bytes, headers: dict[str, str], status: int
+) -> None:
+    server = await served()
+    response = await server.post_bytes(INFER, body, **headers)
+    assert response.status == status
+    assert "error" in msgspec.json.decode(await response.read())
+    assert server.taken == 0
+
+
+async def test_an_infer_for_an_unknown_model_is_left_to_the_apps_404(served: ServeFactory) -> None:
+    server = await served()
+    response = await server.post_bytes(
+        "/v2/models/nope/infer", msgspec.json.encode(json_infer()), **{"Content-Type": "application/json"}
+    )
+    assert response.status == 404
+    assert server.taken == 0
+
+
+async def test_lane_infers_are_counted_under_their_route(served: ServeFactory) -> None:
+    server = await served()
+    body, headers = binary_infer()
+    assert (await server.post_bytes(INFER, body, **headers)).status == 200
+    metrics = await (await server.session.get(f"{server.url}/metrics")).text()
+    assert 'route="/v2/models/{model}/infer"' in metrics
+    assert server.taken == 1
