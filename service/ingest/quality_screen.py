@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from mlgate.schemas.ingest import RecordError, StoredRecord
+from mlgate.schemas.ingest import FeaturesText, RecordError, StoredRecord
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.workers.quality.drift_monitor import DriftMonitor
 from mlgate.workers.quality.profile import CompiledProfile, FloatMatrix
@@ -117,9 +117,13 @@ def _feature_matrix(
     ``struct.pack`` of each list, joined, is about twice as fast as ``np.array`` on the
     nested lists, and refuses a list of another length by itself.
     """
-    rows = [record.features for record in records]
+    # Rows of a packed batch's matrix (service.ingest.validation), with their JSON text
+    # or not: stacked as they are.
+    rows = [
+        features.values if isinstance(features, FeaturesText) else features
+        for features in (record.features for record in records)
+    ]
     if rows and all(isinstance(row, np.ndarray) and row.shape == (width,) for row in rows):
-        # Rows of a packed batch's matrix (service.ingest.validation): stacked as they are.
         return np.stack(rows).astype(np.float64, copy=False), None
     pack = _packer(width)
     try:

@@ -196,15 +196,10 @@ class RecordValidator:
         # strings, which are not numbers anyway).
         if joined.count(b"[") != count + 1:
             return None
-        if len(joined) > PARSER_KEEPS_BYTES:
-            # A parser keeps the buffers of the largest document it parsed (~14 bytes
-            # a number): one made for this document alone lets them go with it.
-            return _flat_rows(simdjson.Parser(), joined, count)
-        try:
-            return _flat_rows(self._json_parser, joined, count)
-        except RuntimeError:  # the parser still referenced (it cannot be): use a new one
-            self._json_parser = simdjson.Parser(max_capacity=PARSER_KEEPS_BYTES)
-            return None
+        # A parser keeps the buffers of the largest document it parsed (~14 bytes a
+        # number): one made for a larger document alone lets them go with it.
+        own = len(joined) <= PARSER_KEEPS_BYTES
+        return _flat_rows(self._json_parser if own else simdjson.Parser(), joined, count)
 
     @staticmethod
     def _decode_one(index: int, raw: msgspec.Raw, fmt: Format) -> Record | RecordError:
@@ -374,7 +369,8 @@ def record_error(index: int, exc: Exception) -> RecordError:
 
 def _flat_rows(parser: simdjson.Parser, joined: bytes, count: int) -> np.ndarray | None:
     """``joined``'s ``count`` arrays as rows of a matrix, if each is an array of numbers
-    and all have one length. The parser's objects die here: it can parse again."""
+    and all have one length. The parser's objects die here, so it can parse again
+    (simdjson refuses to while any is alive)."""
     try:
         document = parser.parse(joined)
         if not isinstance(document, simdjson.Array):
@@ -388,7 +384,9 @@ def _flat_rows(parser: simdjson.Parser, joined: bytes, count: int) -> np.ndarray
             if not isinstance(row, simdjson.Array) or len(row) != dims:
                 return None
         values = document.as_buffer(of_type="d")
-    except (ValueError, TypeError):  # not JSON numbers (a string, null, 1e400, ...)
+    # Not JSON numbers simdjson takes: a string, null, 1e400 (ValueError), an integer
+    # below -2**63 (RuntimeError: BIGINT_ERROR; msgspec takes it as a float).
+    except (ValueError, TypeError, RuntimeError):
         return None
     return np.frombuffer(values, dtype=np.float64).reshape(count, dims)
 

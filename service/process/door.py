@@ -249,12 +249,13 @@ class Door:
             ahead = self.on_the_way.get(worker, 0)
             if self._line_sizes:
                 ahead += self._held_ahead(worker, _line_of(timeout_ms))
-            # The body's length is at most the bytes the request would hold decoded.
+            # A REST body's length is at most the bytes the request would hold decoded
+            # (its numbers count); an infer holds its tensors only, known once decoded.
             worker.check_room(
                 1,
                 deadline,
                 ahead=ahead,
-                nbytes=len(body or b""),
+                nbytes=0 if inferred is not None or body is None else len(body),
                 way_s=self.way.seconds(worker, now),
             )
         except (MailboxFull, DeadlineExpired) as exc:
@@ -418,8 +419,14 @@ class Door:
         if not path.startswith("/v2/models/") or "%" in path or "?" in path:
             return None
         parts = path.split("/")  # "", "v2", "models", model, ["versions", version,] "infer"
+        # An infer's body, for the express lane, if it may take it.
+        lane_body = (
+            _whole_body(payload)
+            if self.express is not None and _plain_body(message.headers)
+            else None
+        )
         if len(parts) == 5 and parts[4] == "infer" and parts[3]:
-            return _INFER, parts[3], None, _whole_body(payload)
+            return _INFER, parts[3], None, lane_body
         if (
             len(parts) == 7
             and parts[4] == "versions"
@@ -427,7 +434,7 @@ class Door:
             and parts[3]
             and parts[5]
         ):
-            return _VERSION_INFER, parts[3], parts[5], _whole_body(payload)
+            return _VERSION_INFER, parts[3], parts[5], lane_body
         return None
 
     def _ingest_admission(

@@ -13,9 +13,9 @@ It takes a request the door (service/process/door.py) let through when:
   body names no model (the door's condition), is at most ``ROW_BUDGET_FROM_BYTES`` and
   decodes into the route's schema (for a model with room); or to ``/api/v2/ingest``
   with a body of at most ``MAX_BODY_BYTES``; or to an Open Inference Protocol
-  ``.../infer`` of a served model whose body (JSON, msgpack or binary tensors, read
-  as the route reads it: ``oip.decode_infer_body``) decodes, answered by the route's
-  ``answer_infer``;
+  ``.../infer`` of a served model with a body of at most ``MAX_BODY_BYTES``, decoded
+  (JSON, msgpack or binary tensors) after the rate limit and answered by the route's
+  own ``decode_infer_body`` and ``answer_infer``, whose errors are the app's;
 - its ``Content-Type`` is JSON or msgpack (or absent; any, for an infer), and it has
   no ``Content-Encoding``, ``Expect`` or ``Idempotency-Key``;
 - it is the last request read from its connection (pipelined ones behind it go to
@@ -61,7 +61,7 @@ from mlgate.service.http.front_door import (
     problem_document,
     problem_headers,
 )
-from mlgate.service.predict.flow import ROW_BUDGET_FROM_BYTES, predict
+from mlgate.service.predict.flow import ROW_BUDGET_FROM_BYTES, predict, resolve
 from mlgate.service.predict.tensors import HEADER_LENGTH
 from mlgate.service.protection.api_keys import ApiKey
 from mlgate.service.protection.audit import Caller
@@ -80,7 +80,6 @@ from mlgate.service.state import (
 )
 from mlgate.workers.breaker import BreakerOpen
 from mlgate.workers.errors import WorkerError
-from mlgate.workers.inference.repository import ModelNotFound
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -166,9 +165,8 @@ class _IngestRoute:
 
 class _InferRoute:
     """``POST /v2/models/{model}[/versions/{version}]/infer``: bodies up to
-    ``MAX_BODY_BYTES`` that decode for the model (JSON, msgpack or binary tensors;
-    others go to the app, for its precise 400/413/422), answered by the route's own
-    ``answer_infer``."""
+    ``MAX_BODY_BYTES`` (larger go to the app, for its 413), decoded and answered by the
+    route's own ``decode_infer_body`` and ``answer_infer``."""
 
     status = 200
 
@@ -181,18 +179,17 @@ class _InferRoute:
     def prepare(self, body: bytes, message: RawRequestMessage, target: Target) -> Prepared:
         if target is None or len(body) > self._max_body_bytes:
             return None
-        _, model, version = target
-        try:
-            loaded = self._repository.resolve(model, version)
-            decoded = decode_infer_body(body, message.headers, loaded)
-        except (ApiError, ModelNotFound):
-            return None
-        return (loaded, decoded, message.headers), Format.JSON
+        return (target, body, message.headers), Format.JSON
 
     async def run(
         self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float
     ) -> Any:
-        loaded, decoded, headers = payload
+        # As the app's handler: after the rate limit, the model resolved now (it may
+        # have been unloaded since the door), then the body decoded; their 400/404/422
+        # are the lane's answer.
+        (_, model, version), body, headers = payload
+        loaded = resolve(self._repository, model, version)
+        decoded = decode_infer_body(body, headers, loaded)
         return await answer_infer(
             self._app, loaded, decoded, headers, started, caller.request_id or ""
         )

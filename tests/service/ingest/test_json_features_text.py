@@ -145,6 +145,7 @@ def test_the_parser_parses_batch_after_batch() -> None:
         ["[1, 2, 3]", "[1, 2, 3, 4, 5]"],  # other lengths
         ['{"a": 1}'],
         ["[100000000000000000000000000, 2, 3, 4]"],  # past 64-bit ints
+        ["[-9223372036854775809, 2, 3, 4]"],  # below -2**63: simdjson's BIGINT_ERROR
     ],
 )
 def test_features_the_matrix_cannot_take_are_answered_as_the_record_path_answers(
@@ -182,3 +183,14 @@ def test_features_past_what_the_validators_parser_keeps_get_a_parser_of_their_ow
     validator = _validator()  # its own parser can never grow past 1000 bytes
     _, items = _decoded(validator, _large_body(["[1, 2, 3, 4]"]))
     assert isinstance(items, PackedRecords) and items.matrix.shape == (200, 4)
+
+
+def test_an_int_below_64_bits_in_a_batch_past_what_the_parser_keeps_is_no_500(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """simdjson refuses it with a RuntimeError; msgspec takes it as a float."""
+    monkeypatch.setattr(validation, "PARSER_KEEPS_BYTES", 1000)  # a parser of its own
+    body = _large_body(["[-9223372036854775809, 2, 3, 4]"])
+    stored, errors = _answer(_validator(), body)
+    assert (stored, errors) == _as_before(body)
+    assert errors == [] and stored[0]["features"] == [-9223372036854775809, 2, 3, 4]  # its text

@@ -493,7 +493,9 @@ async def test_a_connection_held_for_a_deadline_shorter_than_the_way_there_waits
     full_model: FullModelFactory, app_worker: Callable[[FullModel], Any]
 ) -> None:
     """Room in the model is not enough: the held connection is let go once the way
-    there and back fits its deadline again, long before ``Retry-After``."""
+    there and back fits its deadline again (here the estimate is forgotten; how it
+    fades is ``test_the_way_to_the_app_rises_fast_and_fades_in_time``), long before
+    ``Retry-After``."""
     model = await full_model(retry_after_s=60)
     reader, writer = await refused_connection(model, timeout_ms=80)  # held, the 64 ms line
     writer.write(raw_predict(ROW, timeout_ms=80))

@@ -5,6 +5,7 @@ server ``mlgate serve`` runs, over real sockets, with the real demo model."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,15 @@ import msgspec
 import numpy as np
 import pytest
 
+from mlgate.service.process import express
 from tests.service.process import test_express
-from tests.service.process.test_express import ROW, Served, ServeFactory, header_names
+from tests.service.process.test_express import (
+    ROW,
+    Served,
+    ServeFactory,
+    header_names,
+    in_the_lane,
+)
 
 # The lane's server fixture, under the name the tests ask for it by (hence F811 below).
 served = test_express.served
@@ -134,14 +142,61 @@ async def test_a_deadline_in_the_requests_parameters_holds_in_the_lane(
     ],
     ids=["truncated", "wrong-type", "header-length-past-the-body"],
 )
-async def test_an_infer_body_that_does_not_decode_is_left_to_the_app(
-    served: ServeFactory, body: bytes, headers: dict[str, str], status: int
+async def test_an_infer_body_that_does_not_decode_gets_the_apps_error_from_the_lane(
+    served: ServeFactory, tmp_path: Path, body: bytes, headers: dict[str, str], status: int
 ) -> None:
-    server = await served()
-    response = await server.post_bytes(INFER, body, **headers)
-    assert response.status == status
-    assert "error" in msgspec.json.decode(await response.read())
-    assert server.taken == 0
+    servers = await lane_and_app(served, tmp_path)
+    by_lane, by_app = await both(servers, INFER, body, **headers)
+    assert servers[0].taken == 1
+    assert by_lane.status == by_app.status == status
+    assert await by_lane.read() == await by_app.read() or _same_error(by_lane, by_app)
+
+
+def _same_error(by_lane: aiohttp.ClientResponse, by_app: aiohttp.ClientResponse) -> bool:
+    """The same error document but for its request id."""
+    lane, app = (msgspec.json.decode(r._body or b"") for r in (by_lane, by_app))
+    lane.pop("request_id"), app.pop("request_id")
+    return bool(lane == app)
+
+
+async def test_an_infer_over_the_rate_limit_is_refused_before_its_body_is_decoded(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await served(rate_limit_key_rate=0.1, rate_limit_key_burst=1)
+    decoded: list[int] = []
+    decode = express.decode_infer_body
+
+    def counted(*args: Any) -> Any:
+        decoded.append(1)
+        return decode(*args)
+
+    monkeypatch.setattr(express, "decode_infer_body", counted)
+    body = msgspec.json.encode(json_infer())
+    statuses = [
+        (await server.post_bytes(INFER, body, **{"Content-Type": "application/json"})).status
+        for _ in range(3)
+    ]
+    assert statuses == [200, 429, 429]
+    assert server.taken == 3 and len(decoded) == 1
+
+
+async def test_an_infers_body_text_does_not_count_against_the_mailbox_bytes(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model's byte bound counts an infer's tensors (512 bytes here), not its JSON
+    text (~2.5 KB): the door does not refuse what the model would take."""
+    server = await served(inference_mailbox_bytes=5_300)
+    gated, reader, writer = await in_the_lane(server, monkeypatch, "held")
+    assert server.worker._held_bytes == 4_608  # its row, and the floats it was decoded into
+    infer = asyncio.ensure_future(
+        server.post_bytes(INFER, msgspec.json.encode(json_infer()), **{"Content-Type": "application/json"})
+    )
+    await asyncio.sleep(0.1)
+    gated.gate.set()
+    answer = await asyncio.wait_for(infer, 5)
+    writer.close()
+    assert answer.status == 200, await answer.read()
+    assert server.door.refused == 0
 
 
 async def test_an_infer_for_an_unknown_model_is_left_to_the_apps_404(served: ServeFactory) -> None:
