@@ -199,7 +199,11 @@ class RecordValidator:
         # A parser keeps the buffers of the largest document it parsed (~14 bytes a
         # number): one made for a larger document alone lets them go with it.
         own = len(joined) <= PARSER_KEEPS_BYTES
-        return _flat_rows(self._json_parser if own else simdjson.Parser(), joined, count)
+        try:
+            return _flat_rows(self._json_parser if own else simdjson.Parser(), joined, count)
+        except RuntimeError:  # its parser still referenced (it cannot be): a new one
+            self._json_parser = simdjson.Parser(max_capacity=PARSER_KEEPS_BYTES)
+            return None
 
     @staticmethod
     def _decode_one(index: int, raw: msgspec.Raw, fmt: Format) -> Record | RecordError:
@@ -386,7 +390,11 @@ def _flat_rows(parser: simdjson.Parser, joined: bytes, count: int) -> np.ndarray
         values = document.as_buffer(of_type="d")
     # Not JSON numbers simdjson takes: a string, null, 1e400 (ValueError), an integer
     # below -2**63 (RuntimeError: BIGINT_ERROR; msgspec takes it as a float).
-    except (ValueError, TypeError, RuntimeError):
+    except (ValueError, TypeError):
+        return None
+    except RuntimeError as exc:
+        if "re-use a parser" in str(exc):
+            raise
         return None
     return np.frombuffer(values, dtype=np.float64).reshape(count, dims)
 

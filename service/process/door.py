@@ -52,7 +52,7 @@ from mlgate.service.http.front_door import (
     problem_document,
     problem_headers,
 )
-from mlgate.service.predict.flow import timeout_ms_in
+from mlgate.service.predict.flow import TIMEOUT_HEADER, timeout_ms_in
 from mlgate.service.process.express import ExpressLane, answer_on
 from mlgate.service.protection.api_keys import ANONYMOUS, ApiKey
 from mlgate.service.protection.middleware import presented_key_in
@@ -238,6 +238,14 @@ class Door:
             return None, None, None
         now = time.monotonic()
         deadline = now + timeout_ms / 1000
+        if (
+            inferred is not None
+            and TIMEOUT_HEADER not in headers
+            and (body is None or b"timeout" in body)
+        ):
+            # Its body may set its deadline (``parameters.timeout``), looser than the
+            # default: the route decides that once it is decoded.
+            deadline = math.inf
         try:
             worker = self._app[MODEL_REPOSITORY].resolve(model, version).worker
         except ModelNotFound:
@@ -334,9 +342,7 @@ class Door:
         transport.pause_reading()
         loop = asyncio.get_running_loop()
         connection.held_since = loop.time()
-        self._held.setdefault(line, deque()).append(
-            (loop.time() + self.hold_s, connection)
-        )
+        self._held.setdefault(line, deque()).append((loop.time() + self.hold_s, connection))
         self._schedule_tick(loop)
 
     def release(self, connection: DoorRequestHandler) -> None:
@@ -419,14 +425,8 @@ class Door:
         if not path.startswith("/v2/models/") or "%" in path or "?" in path:
             return None
         parts = path.split("/")  # "", "v2", "models", model, ["versions", version,] "infer"
-        # An infer's body, for the express lane, if it may take it.
-        lane_body = (
-            _whole_body(payload)
-            if self.express is not None and _plain_body(message.headers)
-            else None
-        )
         if len(parts) == 5 and parts[4] == "infer" and parts[3]:
-            return _INFER, parts[3], None, lane_body
+            return _INFER, parts[3], None, self._lane_body(message, payload)
         if (
             len(parts) == 7
             and parts[4] == "versions"
@@ -434,8 +434,14 @@ class Door:
             and parts[3]
             and parts[5]
         ):
-            return _VERSION_INFER, parts[3], parts[5], lane_body
+            return _VERSION_INFER, parts[3], parts[5], self._lane_body(message, payload)
         return None
+
+    def _lane_body(self, message: RawRequestMessage, payload: StreamReader) -> bytes | None:
+        """An infer's body, for the express lane, if it may take it."""
+        if self.express is None or not _plain_body(message.headers):
+            return None
+        return _whole_body(payload)
 
     def _ingest_admission(
         self, message: RawRequestMessage, payload: StreamReader

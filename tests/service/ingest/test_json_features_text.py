@@ -194,3 +194,13 @@ def test_an_int_below_64_bits_in_a_batch_past_what_the_parser_keeps_is_no_500(
     stored, errors = _answer(_validator(), body)
     assert (stored, errors) == _as_before(body)
     assert errors == [] and stored[0]["features"] == [-9223372036854775809, 2, 3, 4]  # its text
+
+
+def test_a_parser_still_referenced_is_replaced_and_the_batch_decoded_record_by_record() -> None:
+    validator = _validator()
+    held = validator._json_parser.parse(b"[1]")  # simdjson refuses to parse again meanwhile
+    _, items = _decoded(validator, _large_body(["[1, 2, 3, 4]"]))
+    assert not isinstance(items, PackedRecords) and len(items) == 200
+    _, items = _decoded(validator, _large_body(["[1, 2, 3, 4]"]))  # with a new parser
+    assert isinstance(items, PackedRecords)
+    assert held is not None
