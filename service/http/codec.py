@@ -42,6 +42,12 @@ _LOCATION = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING_FIELD = re.compile(r"missing required field `(\w+)`")
 
 
+def media_format(content_type: str | None) -> Format | None:
+    """The format a ``Content-Type`` header value names (its media type, parameters
+    dropped), or None for another one or none."""
+    return MEDIA_TYPES.get((content_type or "").partition(";")[0].strip().lower())
+
+
 def request_format(request: web.Request, default: Format | None = Format.JSON) -> Format:
     """The format of the request body, from its Content-Type; 415 if unsupported."""
     media_type = request.content_type if request.headers.get("Content-Type") else ""

@@ -49,7 +49,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
 
 from mlgate.schemas.predict import PredictRequest, PredictV1Request
-from mlgate.service.http.codec import MEDIA_TYPES, Format, encode, preferred_format
+from mlgate.service.http.codec import Format, encode, media_format, preferred_format
 from mlgate.service.http.errors import ApiError
 from mlgate.service.http.front_door import (
     REQUEST_ID_HEADER,
@@ -361,9 +361,7 @@ class ExpressLane:
 
 def _body_format(content_type: str | None) -> Format | None:
     """The body's format as ``codec.request_format`` reads it; None where that is a 415."""
-    if not content_type:
-        return Format.JSON
-    return MEDIA_TYPES.get(content_type.partition(";")[0].strip().lower())
+    return Format.JSON if not content_type else media_format(content_type)
 
 
 def answer_on(

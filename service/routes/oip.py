@@ -48,7 +48,7 @@ from mlgate.schemas.oip import (
 )
 from mlgate.service import __version__
 from mlgate.service.http.body import read_body
-from mlgate.service.http.codec import MEDIA_TYPES, Format, decode, respond
+from mlgate.service.http.codec import Format, decode, media_format, respond
 from mlgate.service.http.context import REQUEST_ID
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound
 from mlgate.service.http.routing import Route
@@ -101,8 +101,7 @@ def body_format(content_type: str | None) -> Format:
     """JSON whatever the Content-Type, as Triton reads it: its own clients send
     ``application/octet-stream`` (the aio client even without binary tensors) and
     curl ``application/x-www-form-urlencoded``. msgpack, our extension, when declared."""
-    media = (content_type or "").partition(";")[0].strip().lower()
-    return Format.MSGPACK if MEDIA_TYPES.get(media) is Format.MSGPACK else Format.JSON
+    return Format.MSGPACK if media_format(content_type) is Format.MSGPACK else Format.JSON
 
 
 class InferBody(NamedTuple):
