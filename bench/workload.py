@@ -11,7 +11,9 @@ the Tansu broker pinned to core 0; each limit pinned to core 1 like mlgate:
   records, the ratio taken on both runs' last ``--edge`` seconds (the broker slows as
   it fills, for both alike); RSS of the fresh process and after the run;
 - the same with float32 msgpack features, JSON bodies and 100-record batches, for
-  ``--duration`` seconds, against the raw producer run for as long;
+  ``--duration`` seconds, against the raw producer run for as long; and float64
+  msgpack batches with msgpack Kafka values (not a target: the choice of the default),
+  against the raw producer writing those values;
 - single-record ingest against a bare aiohttp app answering a constant, same
   connections;
 - predict single rows of a small model (128 -> 256 -> 2) against that bare app, and of
@@ -483,16 +485,17 @@ def _overlap(run_s: float, edge_s: float) -> str:
 
 
 def ingest_phase(
-    run: Run, load: IngestLoad, *, keep_rss: bool = False
+    run: Run, load: IngestLoad, *, keep_rss: bool = False, **settings: str
 ) -> tuple[IngestResult, int, tuple[float, float]]:
     """mlgate on a fresh broker under ``load``: its result, records landed, RSS (fresh,
-    after the run)."""
+    after the run). ``settings``: environment beyond the defaults."""
     with (
         run.broker() as (bootstrap, topic),
         run.mlgate(
             MLGATE_KAFKA_BOOTSTRAP_SERVERS=bootstrap,
             MLGATE_KAFKA_TOPIC=topic,
             MLGATE_MODEL_POLL_INTERVAL_S="0",
+            **settings,
         ) as (base, pid),
     ):
         fresh = rss_mb(pid)
@@ -506,7 +509,9 @@ def ingest_phase(
     return result, landed, (fresh, after)
 
 
-def raw_phase(run: Run, *, records: int, duration_s: float, total_records: int = 0) -> RawResult:
+def raw_phase(
+    run: Run, *, records: int, duration_s: float, total_records: int = 0, value_format: str = "json"
+) -> RawResult:
     with run.broker() as (bootstrap, topic):
         options = RawOptions(
             bootstrap=bootstrap,
@@ -518,6 +523,7 @@ def raw_phase(run: Run, *, records: int, duration_s: float, total_records: int =
             dims=DIMS,
             shape="realistic",
             total_records=total_records,
+            value_format=value_format,
         )
         return run.child(
             None, options, "bench.raw_producer", RawResult, duration_s + 180, watch_child=True
@@ -677,6 +683,40 @@ def short_ingest(run: Run, rows: list[Row]) -> None:
                 limit_usage=raw_usage,
             )
         )
+    msgpack_values(run, rows)
+
+
+def msgpack_values(run: Run, rows: list[Row]) -> None:
+    """Not a target (workload.md measures JSON Kafka values): what the other value
+    format costs, for the choice of the default. A packed batch's features then go to
+    the value as the bytes they came as, where a JSON value formats 128 floats again."""
+    plan = run.plan
+    run.log(f"raw producer, msgpack values, {plan.duration_s:g} s")
+    raw = raw_phase(run, records=500, duration_s=plan.duration_s, value_format="msgpack")
+    raw_usage = run.usage
+    label = "ingest msgpack 500 (float64), msgpack Kafka values"
+    run.log(label)
+    load = IngestLoad(
+        url="",
+        connections=plan.batch_connections,
+        warmup_s=plan.warmup_s,
+        duration_s=plan.duration_s,
+        records=500,
+    )
+    result, landed, _ = ingest_phase(run, load, MLGATE_VALUE_FORMAT="msgpack")
+    rows.append(
+        Row.ingest(
+            f"{label}, {plan.duration_s:g} s",
+            result,
+            landed,
+            mlgate=result.accepted_in_window / result.window_s,
+            limit=raw.acked_in_window / raw.window_s,
+            unit="rec/s",
+            target_ratio=None,
+            usage=run.usage,
+            limit_usage=raw_usage,
+        )
+    )
 
 
 def per_core_used(rows: list[Row]) -> list[str]:

@@ -60,8 +60,9 @@ class TextRecord(Record, frozen=True, kw_only=True, gc=False):
 
 class FeaturesText(Sequence[float]):
     """Internal: a record's feature values (a list, or its row of the batch's matrix) and
-    the JSON text they were sent as (an array of the same numbers); the JSON value
-    encoder writes the text as it is."""
+    the array of the same numbers as it was sent, in the Kafka value's format: JSON text
+    for JSON values, msgpack bytes for msgpack values. The value encoder writes it as it
+    is."""
 
     __slots__ = ("text", "values")
 

@@ -124,3 +124,32 @@ def test_a_packed_record_with_a_bad_label_is_rejected_with_its_index() -> None:
     batch = validator.validate(source, items)
     assert [(e.index, e.error) for e in batch.errors] == [(1, "label is not a finite number")]
     assert [r.record_id for r in batch.accepted] == ["r-0"]
+
+
+def test_a_packed_batchs_msgpack_values_carry_the_features_as_they_were_sent() -> None:
+    """No float is decoded or encoded again: float 32s stay float 32s (the same numbers)."""
+    validator = _validator(value_format="msgpack")
+    body = _body([1.5, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 0.4], single_float=True)
+    source, items = validator.decode_batch(body, Format.MSGPACK)
+    values = [r.value for r in validator.outbound(validator.validate(source, items), "t")]
+    for value, item in zip(values, items, strict=True):
+        assert bytes(item.features) in value
+        assert msgspec.msgpack.decode(value)["features"] == msgpack.unpackb(bytes(item.features))
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [0, 1_700_000_000.25, "2024-03-01T12:00:00+02:00", "2024-03-01T12:00:00.123456Z", "0001-01-01T00:00:00Z"],
+)
+def test_msgpack_values_write_a_timestamp_as_json_values_do(stamp: Any) -> None:
+    """RFC 3339 UTC text with a ``Z`` either way (JSON writes the datetime itself)."""
+    record = {"record_id": "r-0", "timestamp": stamp, "features": [1.0, 2.0, 3.0, 4.0]}
+    body = msgpack.packb({"source": "s", "records": [record]})
+    stored = {}
+    for value_format, decode in (("json", msgspec.json.decode), ("msgpack", msgspec.msgpack.decode)):
+        validator = _validator(value_format=value_format)
+        source, items = validator.decode_batch(body, Format.MSGPACK)
+        [out] = validator.outbound(validator.validate(source, items), "t")
+        stored[value_format] = decode(out.value)["timestamp"]
+    assert stored["msgpack"] == stored["json"]
+    assert stored["msgpack"].endswith("Z")
