@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -654,67 +654,60 @@ def short_ingest(run: Run, rows: list[Row]) -> None:
     raw500 = raw_phase(run, records=500, duration_s=plan.duration_s)
     raw_usage = run.usage
     raw_rate = raw500.acked_in_window / raw500.window_s
-    scenarios = [
+    scenarios: list[tuple[str, dict[str, Any], float | None]] = [
         ("ingest msgpack 500 (float32)", dict(records=500, single_float=True), None),
         ("ingest JSON 500", dict(records=500, body_format="json"), 0.5),
         ("ingest msgpack 100 (float64)", dict(records=100), None),
     ]
     for label, shape, target in scenarios:
-        run.log(label)
-        load = IngestLoad(
-            url="",
-            connections=plan.batch_connections,
-            warmup_s=plan.warmup_s,
-            duration_s=plan.duration_s,
-            **shape,  # type: ignore[arg-type]
-        )
-        result, landed, _ = ingest_phase(run, load)
-        rate = result.accepted_in_window / result.window_s
-        rows.append(
-            Row.ingest(
-                f"{label}, {plan.duration_s:g} s",
-                result,
-                landed,
-                mlgate=rate,
-                limit=raw_rate,
-                unit="rec/s",
-                target_ratio=target,
-                usage=run.usage,
-                limit_usage=raw_usage,
-            )
-        )
+        rows.append(short_batches(run, label, shape, target, raw_rate, raw_usage))
     msgpack_values(run, rows)
 
 
-def msgpack_values(run: Run, rows: list[Row]) -> None:
-    """Not a target (workload.md measures JSON Kafka values): what the other value
-    format costs, for the choice of the default. A packed batch's features then go to
-    the value as the bytes they came as, where a JSON value formats 128 floats again."""
+def short_batches(
+    run: Run,
+    label: str,
+    shape: dict[str, Any],
+    target: float | None,
+    raw_rate: float,
+    raw_usage: Usage,
+    **settings: str,
+) -> Row:
+    """One ``--duration`` phase of batches shaped ``shape``, against ``raw_rate``."""
     plan = run.plan
-    run.log(f"raw producer, msgpack values, {plan.duration_s:g} s")
-    raw = raw_phase(run, records=500, duration_s=plan.duration_s, value_format="msgpack")
-    raw_usage = run.usage
-    label = "ingest msgpack 500 (float64), msgpack Kafka values"
     run.log(label)
     load = IngestLoad(
         url="",
         connections=plan.batch_connections,
         warmup_s=plan.warmup_s,
         duration_s=plan.duration_s,
-        records=500,
+        **shape,
     )
-    result, landed, _ = ingest_phase(run, load, MLGATE_VALUE_FORMAT="msgpack")
+    result, landed, _ = ingest_phase(run, load, keep_rss=False, **settings)
+    return Row.ingest(
+        f"{label}, {plan.duration_s:g} s",
+        result,
+        landed,
+        mlgate=result.accepted_in_window / result.window_s,
+        limit=raw_rate,
+        unit="rec/s",
+        target_ratio=target,
+        usage=run.usage,
+        limit_usage=raw_usage,
+    )
+
+
+def msgpack_values(run: Run, rows: list[Row]) -> None:
+    """Not a target (workload.md measures JSON Kafka values): what the other value
+    format costs, for the choice of the default. A packed batch's features then go to
+    the value as the bytes they came as, where a JSON value formats 128 floats again."""
+    run.log(f"raw producer, msgpack values, {run.plan.duration_s:g} s")
+    raw = raw_phase(run, records=500, duration_s=run.plan.duration_s, value_format="msgpack")
+    label = "ingest msgpack 500 (float64), msgpack Kafka values"
+    raw_rate = raw.acked_in_window / raw.window_s
     rows.append(
-        Row.ingest(
-            f"{label}, {plan.duration_s:g} s",
-            result,
-            landed,
-            mlgate=result.accepted_in_window / result.window_s,
-            limit=raw.acked_in_window / raw.window_s,
-            unit="rec/s",
-            target_ratio=None,
-            usage=run.usage,
-            limit_usage=raw_usage,
+        short_batches(
+            run, label, dict(records=500), None, raw_rate, run.usage, MLGATE_VALUE_FORMAT="msgpack"
         )
     )
 
