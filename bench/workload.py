@@ -10,7 +10,8 @@ the Tansu broker pinned to core 0; each limit pinned to core 1 like mlgate:
   aiokafka producer (``send_batch`` of the same records, pre-encoded) over as many
   records, the ratio taken on both runs' last ``--edge`` seconds (the broker slows as
   it fills, for both alike); RSS of the fresh process and after the run;
-- the same with float32 msgpack features, JSON bodies and 100-record batches, for
+- the same with float32 msgpack features (also through a hand-written aiohttp +
+  aiokafka app), JSON bodies and 100-record batches, for
   ``--duration`` seconds, against the raw producer run for as long; and float64
   msgpack batches with msgpack Kafka values (not a target: the choice of the default),
   against the raw producer writing those values;
@@ -582,7 +583,7 @@ def measure(plan: Plan) -> tuple[list[Row], list[str]]:
         if "steady" in plan.only:
             steady_ingest(run, rows, notes)
         if "batches" in plan.only:
-            short_ingest(run, rows)
+            short_ingest(run, rows, notes)
         if "single" in plan.only:
             single_record(run, rows, notes)
         if "predict" in plan.only:
@@ -648,7 +649,7 @@ def steady_ingest(run: Run, rows: list[Row], notes: list[str]) -> None:
         notes.append(f"first errors: {result.errors[:3]}")
 
 
-def short_ingest(run: Run, rows: list[Row]) -> None:
+def short_ingest(run: Run, rows: list[Row], notes: list[str]) -> None:
     plan = run.plan
     run.log(f"raw producer, {plan.duration_s:g} s")
     raw500 = raw_phase(run, records=500, duration_s=plan.duration_s)
@@ -661,7 +662,42 @@ def short_ingest(run: Run, rows: list[Row]) -> None:
     ]
     for label, shape, target in scenarios:
         rows.append(short_batches(run, label, shape, target, raw_rate, raw_usage))
+    notes.append(handwritten_batches(run, rows[-len(scenarios)], raw_rate))
     msgpack_values(run, rows)
+
+
+def handwritten_batches(run: Run, row: Row, raw_rate: float) -> str:
+    """What a plain aiohttp + aiokafka app (``bench.handwritten ingest``: aiokafka's
+    ``send`` per record, as the usual hand-rolled service writes it) makes of ``row``'s
+    batches, beside mlgate and the raw producer."""
+    plan = run.plan
+    run.log("hand-written aiohttp + aiokafka app, msgpack 500 (float32)")
+    load = IngestLoad(
+        url="",
+        connections=plan.batch_connections,
+        warmup_s=plan.warmup_s,
+        duration_s=plan.duration_s,
+        records=500,
+        single_float=True,
+    )
+    with (
+        run.broker() as (bootstrap, topic),
+        run.handwritten("ingest", bootstrap, topic) as (url, pid),
+    ):
+        plain = run.child(
+            "load",
+            msgspec.structs.replace(load, url=url),
+            "bench.workload",
+            IngestResult,
+            plan.duration_s + 120,
+            pid,
+        )
+    rate = plain.accepted_in_window / plain.window_s
+    return (
+        f"{row.scenario}: a hand-written aiohttp + aiokafka app doing the same work "
+        f"(bench.handwritten, aiokafka's send per record) {rate:,.0f} rec/s, "
+        f"{rate / raw_rate:.2f}x the raw producer; mlgate {row.mlgate / rate:.2f}x it"
+    )
 
 
 def short_batches(
