@@ -666,6 +666,22 @@ def short_ingest(run: Run, rows: list[Row], notes: list[str]) -> None:
     msgpack_values(run, rows)
 
 
+def handwritten_ingest(run: Run, load: IngestLoad) -> IngestResult:
+    """``load`` against ``bench.handwritten ingest`` on a fresh broker."""
+    with (
+        run.broker() as (bootstrap, topic),
+        run.handwritten("ingest", bootstrap, topic) as (url, pid),
+    ):
+        return run.child(
+            "load",
+            msgspec.structs.replace(load, url=url),
+            "bench.workload",
+            IngestResult,
+            load.duration_s + 120,
+            pid,
+        )
+
+
 def handwritten_batches(run: Run, row: Row, raw_rate: float) -> str:
     """What a plain aiohttp + aiokafka app (``bench.handwritten ingest``: aiokafka's
     ``send`` per record, as the usual hand-rolled service writes it) makes of ``row``'s
@@ -680,18 +696,7 @@ def handwritten_batches(run: Run, row: Row, raw_rate: float) -> str:
         records=500,
         single_float=True,
     )
-    with (
-        run.broker() as (bootstrap, topic),
-        run.handwritten("ingest", bootstrap, topic) as (url, pid),
-    ):
-        plain = run.child(
-            "load",
-            msgspec.structs.replace(load, url=url),
-            "bench.workload",
-            IngestResult,
-            plan.duration_s + 120,
-            pid,
-        )
+    plain = handwritten_ingest(run, load)
     rate = plain.accepted_in_window / plain.window_s
     return (
         f"{row.scenario}: a hand-written aiohttp + aiokafka app doing the same work "
@@ -826,18 +831,7 @@ def single_record(run: Run, rows: list[Row], notes: list[str]) -> None:
         )
     )
     run.log("hand-written aiohttp + aiokafka app, single-record ingest")
-    with (
-        run.broker() as (bootstrap, topic),
-        run.handwritten("ingest", bootstrap, topic) as (url, pid),
-    ):
-        plain = run.child(
-            "load",
-            msgspec.structs.replace(load, url=url),
-            "bench.workload",
-            IngestResult,
-            plan.duration_s + 120,
-            pid,
-        )
+    plain = handwritten_ingest(run, load)
     plain_rate = plain.statuses.get("202", 0) / plain.window_s
     notes.append(handwritten_note(scenario, rate, plain_rate, floor_rate, "req/s"))
 
