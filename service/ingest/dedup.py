@@ -160,6 +160,10 @@ class LocalSeen:
         written = self._written.holding(tenant, {hash(record_id) for record_id in record_ids}, now)
         in_flight = self._in_flight.of(tenant)
         mine = (now + self._lapse_s, token)
+        if not written and in_flight.keys().isdisjoint(record_ids):
+            # The usual batch: every id new, claimed in one update.
+            self._in_flight.put_all(tenant, list(record_ids), mine)
+            return NEW * len(record_ids)
         found = []
         for record_id in record_ids:
             entry = in_flight.get(record_id)
@@ -178,16 +182,17 @@ class LocalSeen:
         """Mark written the ids this claim holds here; with ``take_over`` (Redis failed
         to record them) every one of them, whoever holds it here."""
         in_flight = self._in_flight.of(tenant)
-        written = []
-        for record_id in record_ids:
-            entry = in_flight.get(record_id)
-            if take_over or (entry is not None and entry[1] == token):
-                written.append(hash(record_id))
-        for record_id in record_ids:
-            entry = in_flight.get(record_id)
-            if entry is not None and (take_over or entry[1] == token):
-                self._in_flight.pop(tenant, record_id)
-        self._written.add(tenant, written, time.monotonic())
+        if take_over:
+            held: Sequence[str] = [record_id for record_id in record_ids if record_id in in_flight]
+            written = record_ids
+        else:
+            held = written = [
+                record_id
+                for record_id in record_ids
+                if (entry := in_flight.get(record_id)) is not None and entry[1] == token
+            ]
+        self._in_flight.pop_all(tenant, held)
+        self._written.add(tenant, [hash(record_id) for record_id in written], time.monotonic())
 
     def extend(self, tenant: str, record_ids: Sequence[str], token: str) -> None:
         extended = (time.monotonic() + self._lapse_s, token)
@@ -242,7 +247,11 @@ class RecordDeduplicator:
         distinct = list(dict.fromkeys(record_ids))
         found: dict[str, str] = {}
         try:
-            found.update(zip(distinct, await self._claim_states(tenant, distinct, token), strict=True))
+            states = await self._claim_states(tenant, distinct, token)
+            if len(distinct) == len(record_ids) == len(states) == states.count(NEW):
+                # The usual batch: distinct ids, all new.
+                return Claim(token, [True] * len(states), distinct)
+            found.update(zip(distinct, states, strict=True))
             await self._wait_for_others(tenant, found, token)
         except BaseException:
             # Whatever this claim may hold by now (a cancelled call may have claimed in
@@ -274,12 +283,20 @@ class RecordDeduplicator:
     async def _claim_states(self, tenant: str, record_ids: Sequence[str], token: str) -> str:
         """One state character per id; the ids whose Redis call failed, from this
         process's table."""
+        groups = await self._run("claim", self._lapse_s, tenant, record_ids, token)
+        answers = [
+            answer.decode()
+            if isinstance(answer, bytes)
+            else answer
+            if isinstance(answer, str)
+            else self._local.claim(tenant, ids, token)
+            for ids, answer in groups
+        ]
+        if len(answers) == 1:  # one group: the ids in their order
+            return answers[0]
         found: dict[str, str] = {}
-        for ids, answer in await self._run("claim", self._lapse_s, tenant, record_ids, token):
-            if isinstance(answer, bytes | str):
-                found.update(zip(ids, answer.decode() if isinstance(answer, bytes) else answer, strict=True))
-            else:
-                found.update(zip(ids, self._local.claim(tenant, ids, token), strict=True))
+        for (ids, _), states in zip(groups, answers, strict=True):
+            found.update(zip(ids, states, strict=True))
         return "".join(found[record_id] for record_id in record_ids)
 
     async def confirm(self, tenant: str, claim: Claim) -> None:

@@ -55,6 +55,31 @@ class FairShareMap(Generic[V]):
         entries[key] = value
         self._size += 1
 
+    def put_all(self, tenant: str, keys: list[str], value: V) -> None:
+        """``put`` of ``value`` under each of ``keys`` (distinct, none held by ``tenant``
+        yet): while the map has room for them all, one dict update rather than a call
+        a key (the in-flight ids of a batch)."""
+        if self._size + len(keys) > self._max:
+            for key in keys:  # evicting as it goes, exactly as ``put``
+                self.put(tenant, key, value)
+            return
+        entries = self._tenants.setdefault(tenant, OrderedDict())
+        before = len(entries)
+        entries.update(dict.fromkeys(keys, value))
+        self._size += len(entries) - before
+
+    def pop_all(self, tenant: str, keys: Iterable[str]) -> None:
+        """``pop`` of each of ``keys`` ``tenant`` holds."""
+        entries = self._tenants.get(tenant)
+        if entries is None:
+            return
+        before = len(entries)
+        for key in keys:
+            entries.pop(key, None)
+        self._size -= before - len(entries)
+        if not entries:
+            del self._tenants[tenant]
+
     def pop(self, tenant: str, key: str) -> V | None:
         entries = self._tenants.get(tenant)
         if entries is None or key not in entries:

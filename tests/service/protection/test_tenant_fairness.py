@@ -109,3 +109,31 @@ def test_dropping_stale_entries_stops_at_the_first_fresh_one() -> None:
     assert shared.held_by("a") == 2 and shared.get("a", "3") == 3
     shared.drop_oldest_while("a", lambda value: True)
     assert len(shared) == 0 and list(shared.tenants()) == []
+
+
+@pytest.mark.parametrize("held_by_b", [0, 4])
+def test_putting_keys_at_once_ends_as_putting_them_one_by_one(held_by_b: int) -> None:
+    """With room for them all and without (a tenant under its share evicts from the
+    largest, never its own new keys)."""
+    at_once: FairShareMap[int] = FairShareMap(4)
+    one_by_one: FairShareMap[int] = FairShareMap(4)
+    for shared in (at_once, one_by_one):
+        for i in range(held_by_b):
+            shared.put("b", f"b{i}", i)
+    at_once.put_all("a", ["a0", "a1"], 7)
+    for key in ("a0", "a1"):
+        one_by_one.put("a", key, 7)
+    for shared in (at_once, one_by_one):
+        assert len(shared) == min(4, held_by_b + 2)
+        assert shared.get("a", "a0") == shared.get("a", "a1") == 7
+    assert at_once.held_by("b") == one_by_one.held_by("b") == min(held_by_b, 2)
+
+
+def test_popping_keys_at_once_drops_only_those_held() -> None:
+    shared: FairShareMap[int] = FairShareMap(10)
+    shared.put_all("a", ["a0", "a1", "a2"], 1)
+    shared.pop_all("a", ["a0", "a2", "never-held"])
+    assert len(shared) == 1 and shared.get("a", "a1") == 1
+    shared.pop_all("a", ["a1"])
+    shared.pop_all("nobody", ["a1"])
+    assert len(shared) == 0 and list(shared.tenants()) == []
