@@ -1,0 +1,84 @@
+"""The Kafka writer's record batches read back, with aiokafka's own reader (the C one a
+consumer uses), as the records appended: checksum, keys, values, headers, offsets,
+timestamps; and they fill up as aiokafka's builder does."""
+
+from __future__ import annotations
+
+import time
+
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatch
+
+from mlgate.workers.sinks.record_batch import RecordBatchBuilder
+
+HEADERS = [("source", b"sensors"), ("tracking_id", b"t-1"), ("schema_version", b"1")]
+
+
+def _read(builder: RecordBatchBuilder) -> DefaultRecordBatch:
+    return DefaultRecordBatch(bytearray(builder._build()))
+
+
+def test_a_batch_reads_back_as_the_records_appended() -> None:
+    """Values of every length up to 20 KB: varints of one to three bytes, in and past
+    the builder's table."""
+    builder = RecordBatchBuilder(8 << 20)
+    flagged = [*HEADERS, ("quality_flags", b"drift")]
+    records = [
+        (f"r-{i}".encode(), b"v" * (i * 997 % 20_000), flagged if i == 7 else HEADERS)
+        for i in range(300)
+    ]
+    before = int(time.time() * 1000)
+    for key, value, headers in records:
+        assert builder.append(timestamp=None, key=key, value=value, headers=headers)
+    batch = _read(builder)
+    assert batch.validate_crc()
+    assert batch.magic == 2 and batch.compression_type == 0
+    read = list(batch)
+    assert [(r.offset, r.key, r.value, list(r.headers)) for r in read] == [
+        (i, key, value, headers) for i, (key, value, headers) in enumerate(records)
+    ]
+    assert all(before <= r.timestamp <= int(time.time() * 1000) for r in read)
+
+
+def test_null_keys_values_and_header_values_read_back_as_null() -> None:
+    builder = RecordBatchBuilder(1 << 20)
+    builder.append(timestamp=None, key=None, value=None, headers=[("h", None)])
+    [record] = list(_read(builder))
+    assert (record.key, record.value, list(record.headers)) == (None, None, [("h", None)])
+
+
+def test_a_full_batch_refuses_the_next_record_where_aiokafkas_does() -> None:
+    ours, theirs = RecordBatchBuilder(16_384), BatchBuilder(16_384, 0)
+    accepted = {"ours": 0, "theirs": 0}
+    for i in range(100):
+        key, value = f"r-{i:05d}".encode(), b"x" * 900
+        if ours.append(timestamp=None, key=key, value=value, headers=HEADERS):
+            accepted["ours"] += 1
+        if theirs.append(timestamp=None, key=key, value=value, headers=HEADERS) is not None:
+            accepted["theirs"] += 1
+    assert accepted["ours"] == accepted["theirs"] == ours.record_count()
+    assert ours.closed() and ours.size() == len(ours._build())
+
+
+def test_a_record_larger_than_the_batch_makes_a_batch_of_its_own() -> None:
+    builder = RecordBatchBuilder(1024)
+    assert builder.append(timestamp=None, key=b"k", value=b"x" * 5000, headers=[])
+    assert builder.append(timestamp=None, key=b"k2", value=b"y", headers=[]) is None
+    assert [r.value for r in _read(builder)] == [b"x" * 5000]
+
+
+def test_the_producer_state_is_written_into_the_batch() -> None:
+    builder = RecordBatchBuilder(1 << 20)
+    builder.append(timestamp=None, key=b"k", value=b"v", headers=[])
+    builder._set_producer_state(42, 3, 17)
+    batch = _read(builder)
+    assert (batch.producer_id, batch.producer_epoch, batch.base_sequence) == (42, 3, 17)
+    assert batch.validate_crc()
+
+
+def test_building_twice_gives_the_same_bytes() -> None:
+    """A retried send sends the batch again."""
+    builder = RecordBatchBuilder(1 << 20)
+    builder.append(timestamp=None, key=b"k", value=b"v", headers=HEADERS)
+    assert builder._build() is builder._build()
+    assert builder.append(timestamp=None, key=b"k2", value=b"v", headers=HEADERS) is None
