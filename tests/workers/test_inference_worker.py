@@ -469,7 +469,7 @@ async def test_a_stale_estimate_lets_in_one_batch_even_if_its_rows_expire(
     worker, session = await worker_taught_slow_batches(make_worker, demo_session)
     await asyncio.sleep(STALE_AFTER_S)
     doomed = worker.submit(rows(1, 1), time.monotonic() + 0.002)
-    time.sleep(0.003)  # the deadline passes before the worker (this loop's) can take it
+    time.sleep(0.003)  # noqa: ASYNC251 (on purpose: the deadline passes before this loop's worker runs)
     with pytest.raises(DeadlineExpired):
         await doomed
     with pytest.raises(MailboxFull, match="deadline"):
