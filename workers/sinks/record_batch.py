@@ -3,8 +3,9 @@
 aiokafka's own builder (``BatchBuilder``, in C) computes the batch's CRC-32C with a
 software table: 1.7 GB/s here, 1.6 µs of every 2.7 KB record, where the hardware
 instruction (the ``crc32c`` package) does 16.7 GB/s (aio-libs/aiokafka#913). This one
-lays the records out in one ``bytes.join`` and checksums them with ``crc32c``: 1.0 µs a
-record against aiokafka's 2.5, measured on mlgate's own values. It stands in for a
+lays the records out in one ``join`` and checksums them with ``crc32c``: 1.2 µs a
+record against aiokafka's 2.5, measured on mlgate's own values (one copy of the records,
+into the batch: aiokafka's builder also returns a bytearray). It stands in for a
 ``BatchBuilder`` in ``AIOKafkaProducer.send_batch`` (the same methods the producer
 calls), for uncompressed batches only: with ``MLGATE_KAFKA_COMPRESSION`` the writer
 uses aiokafka's builder, which compresses.
@@ -74,12 +75,14 @@ class RecordBatchBuilder:
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
-        self._parts: list[bytes] = []
+        # The header's place first: the batch is joined once, and the header written
+        # into it once its checksum is known.
+        self._parts: list[bytes] = [bytes(_HEADER_BYTES)]
         self._size = _HEADER_BYTES
         self._count = 0
         self._timestamp_ms = 0
         self._closed = False
-        self._buffer: bytes | None = None
+        self._buffer: bytearray | None = None
         self._producer_state = (-1, -1, 0)  # producer id, epoch, base sequence (aiokafka's)
         # The encoded headers of the records' header lists: a request's records share one.
         self._headers: dict[int, tuple[object, bytes]] = {}
@@ -144,21 +147,21 @@ class RecordBatchBuilder:
     def _set_producer_state(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
         self._producer_state = (producer_id, producer_epoch, base_sequence)
 
-    def _build(self) -> bytes:
+    def _build(self) -> bytearray:
         """The batch's bytes, made once (a retried send sends them again)."""
         self._closed = True
         if self._buffer is None:
-            records = b"".join(self._parts)
+            buffer = bytearray().join(self._parts)
             self._parts = []
             producer_id, producer_epoch, base_sequence = self._producer_state
-            checked = _CHECKED.pack(
-                0, self._count - 1, self._timestamp_ms, self._timestamp_ms, producer_id,
-                producer_epoch, base_sequence, self._count,
+            _CHECKED.pack_into(
+                buffer, _HEAD.size, 0, self._count - 1, self._timestamp_ms, self._timestamp_ms,
+                producer_id, producer_epoch, base_sequence, self._count,
             )
-            crc = crc32c.crc32c(records, crc32c.crc32c(checked))
-            head = _HEAD.pack(
-                0, _HEADER_BYTES - _LENGTH_FROM + len(records), _NO_PARTITION_LEADER_EPOCH,
-                _MAGIC, crc,
+            with memoryview(buffer) as view:
+                crc = crc32c.crc32c(view[_HEAD.size :])
+            _HEAD.pack_into(
+                buffer, 0, 0, len(buffer) - _LENGTH_FROM, _NO_PARTITION_LEADER_EPOCH, _MAGIC, crc
             )
-            self._buffer = b"".join((head, checked, records))
+            self._buffer = buffer
         return self._buffer
