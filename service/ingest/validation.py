@@ -430,7 +430,7 @@ def _feature_matrix(records: Sequence[PackedRecord]) -> np.ndarray | None:
     rows = raw.reshape(len(records), size)
     if not (rows[:, :header] == rows[0, :header]).all():
         return None
-    cells = np.ascontiguousarray(rows[:, header:]).view(dtype)
+    cells = rows[:, header:].view(dtype)  # each row's cells are contiguous: no copy
     if not (cells["tag"] == tag).all():
         return None
     matrix: np.ndarray = cells["value"].astype(np.float64)  # native, contiguous rows
