@@ -60,9 +60,8 @@ class TextRecord(Record, frozen=True, kw_only=True, gc=False):
 
 class FeaturesText(Sequence[float]):
     """Internal: a record's feature values (a list, or its row of the batch's matrix) and
-    the array of the same numbers as it was sent, in the Kafka value's format: JSON text
-    for JSON values, msgpack bytes for msgpack values. The value encoder writes it as it
-    is."""
+    the JSON text they were sent as (an array of the same numbers); the JSON value
+    encoder writes the text as it is."""
 
     __slots__ = ("text", "values")
 
@@ -84,6 +83,13 @@ class FeaturesText(Sequence[float]):
 
     def __iter__(self) -> Iterator[float]:
         return iter(self.values)
+
+
+class FeaturesPacked(FeaturesText):
+    """Internal: ``FeaturesText`` whose ``text`` is the msgpack array of float 64s the
+    record was packed with; the msgpack value encoder writes those bytes as they are."""
+
+    __slots__ = ()
 
 
 class IngestRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -25,6 +25,7 @@ from mlgate.config import Settings
 from mlgate.schemas.ingest import (
     MAX_FEATURES,
     Features,
+    FeaturesPacked,
     FeaturesText,
     IngestEnvelope,
     IngestRequest,
@@ -52,7 +53,8 @@ _json_features_decoder = msgspec.json.Decoder(Features)
 # A msgpack float 64 / float 32: its type byte, then the big-endian value.
 _FLOAT64 = np.dtype([("tag", "u1"), ("value", ">f8")])
 _FLOAT32 = np.dtype([("tag", "u1"), ("value", ">f4")])
-_TAGS = {9: (0xCB, _FLOAT64), 5: (0xCA, _FLOAT32)}
+_FLOAT64_TAG = 0xCB
+_TAGS = {9: (_FLOAT64_TAG, _FLOAT64), 5: (0xCA, _FLOAT32)}
 Decoded = Record | PackedRecord | RecordError
 _record_decoders: dict[Format, Any] = {
     Format.JSON: msgspec.json.Decoder(Record),
@@ -72,14 +74,21 @@ class PackedRecords(list[PackedRecord]):
     """The records of a batch that packs every record's features alike, with the
     matrix of those features that ``decode_batch`` read to find so (row per record).
     ``texts``: the records are JSON, their features the text they came as, which a
-    JSON value keeps."""
+    JSON value keeps; ``float64s``: msgpack float 64s, the bytes a msgpack value keeps
+    (float 32s are written as float 64s, as for any other batch)."""
 
     def __init__(
-        self, records: list[PackedRecord], matrix: np.ndarray, *, texts: bool = False
+        self,
+        records: list[PackedRecord],
+        matrix: np.ndarray,
+        *,
+        texts: bool = False,
+        float64s: bool = False,
     ) -> None:
         super().__init__(records)
         self.matrix = matrix
         self.texts = texts
+        self.float64s = float64s
 
 
 class RecordValidator:
@@ -129,9 +138,10 @@ class RecordValidator:
             except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
                 pass
             else:
-                matrix = _feature_matrix(packed.records) if len(packed.records) <= limit else None
-                if matrix is not None:
-                    return packed.source, PackedRecords(packed.records, matrix)
+                read = _feature_matrix(packed.records) if len(packed.records) <= limit else None
+                if read is not None:
+                    matrix, float64s = read
+                    return packed.source, PackedRecords(packed.records, matrix, float64s=float64s)
         if fmt is Format.JSON and self._keeps_features_text:
             texts = self._with_features_text(body, limit)
             if texts is not None:
@@ -277,8 +287,12 @@ class RecordValidator:
             if problem is not None:
                 errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
                 continue
-            keeps = records.texts or self._keeps_packed_features
-            features = FeaturesText(row, item.features) if keeps else row
+            if records.texts:
+                features: np.ndarray | FeaturesText = FeaturesText(row, item.features)
+            elif records.float64s and self._keeps_packed_features:
+                features = FeaturesPacked(row, item.features)
+            else:
+                features = row
             accepted.append(self._stored(source, item, features, received))
 
     def _check(
@@ -403,10 +417,10 @@ def _flat_rows(parser: simdjson.Parser, joined: bytes, count: int) -> np.ndarray
     return np.frombuffer(values, dtype=np.float64).reshape(count, dims)
 
 
-def _feature_matrix(records: Sequence[PackedRecord]) -> np.ndarray | None:
+def _feature_matrix(records: Sequence[PackedRecord]) -> tuple[np.ndarray, bool] | None:
     """The records' features as one matrix, row per record, when every record packs
-    them alike: the same array header, then only float 64s or only float 32s. None
-    otherwise (ints among the values, another dimension, ...).
+    them alike: the same array header, then only float 64s or only float 32s (and
+    which). None otherwise (ints among the values, another dimension, ...).
 
     float64 whatever was packed: a float32 widens to the same Python float the
     per-record path decodes it into, so both paths store the same numbers."""
@@ -434,7 +448,7 @@ def _feature_matrix(records: Sequence[PackedRecord]) -> np.ndarray | None:
     if not (cells["tag"] == tag).all():
         return None
     matrix: np.ndarray = cells["value"].astype(np.float64)  # native, contiguous rows
-    return matrix
+    return matrix, tag == _FLOAT64_TAG
 
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -447,6 +461,8 @@ def _json_row(value: object) -> msgspec.Raw:
     features of a JSON record, as the text they came as."""
     if isinstance(value, np.ndarray):
         return msgspec.Raw(orjson.dumps(value, option=_NUMPY))
+    if isinstance(value, FeaturesPacked):  # never made for JSON values: for safety
+        return _json_row(value.values)
     if isinstance(value, FeaturesText):
         return value.text
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
@@ -454,13 +470,16 @@ def _json_row(value: object) -> msgspec.Raw:
 
 def _msgpack_row(value: object) -> list[float] | msgspec.Raw:
     """``enc_hook`` of the msgpack value encoder: a feature row as its numbers; the
-    features of a packed msgpack record, as the bytes they came as (float 32s stay
-    float 32s: the same numbers)."""
+    float 64s of a packed msgpack record, as the bytes they came as (the bytes msgspec
+    writes for those numbers)."""
+    if isinstance(value, FeaturesPacked):
+        return value.text
     if isinstance(value, np.ndarray):
         row: list[float] = value.tolist()
         return row
-    if isinstance(value, FeaturesText):
-        return value.text
+    if isinstance(value, FeaturesText):  # JSON text: never made for msgpack values
+        values = value.values
+        return values.tolist() if isinstance(values, np.ndarray) else values
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 

@@ -59,6 +59,8 @@ class FairShareMap(Generic[V]):
         """``put`` of ``value`` under each of ``keys`` (distinct, none held by ``tenant``
         yet): while the map has room for them all, one dict update rather than a call
         a key (the in-flight ids of a batch)."""
+        if not keys:
+            return
         if self._size + len(keys) > self._max:
             for key in keys:  # evicting as it goes, exactly as ``put``
                 self.put(tenant, key, value)

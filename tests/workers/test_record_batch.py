@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 
+from mlgate.workers.sinks import record_batch
 from mlgate.workers.sinks.record_batch import RecordBatchBuilder
 
 HEADERS = [("source", b"sensors"), ("tracking_id", b"t-1"), ("schema_version", b"1")]
@@ -82,3 +84,32 @@ def test_building_twice_gives_the_same_bytes() -> None:
     builder.append(timestamp=None, key=b"k", value=b"v", headers=HEADERS)
     assert builder._build() is builder._build()
     assert builder.append(timestamp=None, key=b"k2", value=b"v", headers=HEADERS) is None
+
+
+def test_a_batch_is_byte_for_byte_aiokafkas_for_the_same_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    now_ms = 1_764_000_000_123
+    monkeypatch.setattr(record_batch.time, "time", lambda: now_ms / 1000)
+    ours, theirs = RecordBatchBuilder(1 << 20), BatchBuilder(1 << 20, 0)
+    for i in range(200):
+        key, value = f"r-{i}".encode(), b"v" * (i * 131 % 9000)
+        headers = HEADERS if i % 5 else [("h", None)]
+        assert ours.append(timestamp=None, key=key, value=value, headers=headers)
+        assert theirs.append(timestamp=now_ms, key=key, value=value, headers=headers) is not None
+    assert bytes(ours._build()) == bytes(theirs._build())
+
+
+def test_a_value_that_is_not_bytes_is_refused_at_append_as_by_aiokafka() -> None:
+    """Not in the producer's sender, where it would stop every batch's delivery."""
+    builder = RecordBatchBuilder(1 << 20)
+    with pytest.raises(TypeError):
+        builder.append(timestamp=None, key=b"k", value="text", headers=[])  # type: ignore[arg-type]
+    assert builder.append(timestamp=None, key=b"k", value=b"v", headers=None)
+    assert [list(r.headers) for r in _read(builder)] == [[]]
+
+
+def test_the_producer_state_cannot_change_once_the_batch_is_built() -> None:
+    builder = RecordBatchBuilder(1 << 20)
+    builder.append(timestamp=None, key=b"k", value=b"v", headers=[])
+    builder._build()
+    with pytest.raises(RuntimeError):
+        builder._set_producer_state(42, 3, 17)

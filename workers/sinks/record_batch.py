@@ -93,12 +93,20 @@ class RecordBatchBuilder:
         timestamp: None,
         key: bytes | None,
         value: bytes | None,
-        headers: Sequence[tuple[str, bytes | None]],
+        headers: Sequence[tuple[str, bytes | None]] | None,
     ) -> bool | None:
         """Add a record: True, or None when the batch is full or closed (as
         ``BatchBuilder.append``). ``timestamp``: None, the batch's time."""
         if self._closed:
             return None
+        # Refused here, as aiokafka's builder does: raised later, in its sender, a bad
+        # record would stop the sender for every batch.
+        if not isinstance(key, bytes | bytearray | None) or not isinstance(
+            value, bytes | bytearray | None
+        ):
+            raise TypeError(f"key and value must be bytes or None, got {type(key)}, {type(value)}")
+        if headers is None:
+            headers = ()
         cached = self._headers.get(id(headers))
         if cached is None or cached[0] is not headers:
             cached = self._headers[id(headers)] = (headers, _headers_bytes(headers))
@@ -145,6 +153,8 @@ class RecordBatchBuilder:
         return self._closed
 
     def _set_producer_state(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
+        if self._buffer is not None:  # as aiokafka's builder, which is gone once built
+            raise RuntimeError("the batch is built already")
         self._producer_state = (producer_id, producer_epoch, base_sequence)
 
     def _build(self) -> bytearray:

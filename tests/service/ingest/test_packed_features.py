@@ -9,6 +9,7 @@ from typing import Any
 
 import msgpack
 import msgspec
+import numpy as np
 import pytest
 
 from mlgate.config import load_settings
@@ -126,15 +127,32 @@ def test_a_packed_record_with_a_bad_label_is_rejected_with_its_index() -> None:
     assert [r.record_id for r in batch.accepted] == ["r-0"]
 
 
-def test_a_packed_batchs_msgpack_values_carry_the_features_as_they_were_sent() -> None:
-    """No float is decoded or encoded again: float 32s stay float 32s (the same numbers)."""
+def test_a_packed_batchs_msgpack_values_carry_its_float64s_as_they_were_sent() -> None:
+    """No float is decoded or encoded again: the bytes are those msgspec would write."""
     validator = _validator(value_format="msgpack")
-    body = _body([1.5, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 0.4], single_float=True)
+    body = _body([1.5, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 0.4])
     source, items = validator.decode_batch(body, Format.MSGPACK)
     values = [r.value for r in validator.outbound(validator.validate(source, items), "t")]
     for value, item in zip(values, items, strict=True):
         assert bytes(item.features) in value
         assert msgspec.msgpack.decode(value)["features"] == msgpack.unpackb(bytes(item.features))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_msgpack_values_write_float32_features_as_float64s_whatever_the_batch_size(
+    monkeypatch: pytest.MonkeyPatch, packed: bool
+) -> None:
+    """One topic, one number type: a small batch (decoded record by record) and a
+    large one (read as a matrix) write a client's float 32s alike."""
+    if not packed:
+        monkeypatch.setattr(validation, "PACKED_FROM_BYTES", 1 << 30)
+    validator = _validator(value_format="msgpack")
+    body = _body([1.5, 2.0, 3.0, 0.1], single_float=True)
+    source, items = validator.decode_batch(body, Format.MSGPACK)
+    assert isinstance(items[0], PackedRecord) == packed
+    [out] = validator.outbound(validator.validate(source, items), "t")
+    features = msgspec.msgpack.decode(out.value, type=dict[str, msgspec.Raw])["features"]
+    assert bytes(features) == msgspec.msgpack.encode([1.5, 2.0, 3.0, float(np.float32(0.1))])
 
 
 @pytest.mark.parametrize(
