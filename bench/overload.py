@@ -24,8 +24,9 @@ as for tenants whose limits are above their traffic): one tenant's ``--connectio
 tenant floods ``--flood-connections`` (256) connections with ``X-Request-Timeout``
 ``--flood-ms`` (10 ms, about the event loop's turn under that flood, so its requests
 would expire on their way to the model), and again while the flood bypasses the door
-(a fresh ``Idempotency-Key`` on every request). Target: the victim keeps >= 0.5x its
-rate in both.
+(a fresh ``Idempotency-Key`` on every request), and again with the flood as Open
+Inference Protocol infers with binary tensors (the express lane's other route).
+Target: the victim keeps >= 0.5x its rate in each.
 """
 
 from __future__ import annotations
@@ -162,19 +163,25 @@ def flood(
             servers.processes.append(process)
             wait_ready(f"http://127.0.0.1:{port}/ready", [process], STARTUP_TIMEOUT_S)
             url = f"http://127.0.0.1:{port}/api/v2/predict"
+            infer_url = f"http://127.0.0.1:{port}/v2/models/heavy/infer"
 
             def options(
-                tenant: str, connections: int, seed: int, unique_header: str = "", **headers: str
+                tenant: str,
+                connections: int,
+                seed: int,
+                unique_header: str = "",
+                infer: bool = False,
+                **headers: str,
             ) -> LoadOptions:
                 return LoadOptions(
                     unique_header=unique_header,
-                    url=url,
+                    url=infer_url if infer else url,
                     dims=HEAVY_SIZES[0],
                     duration_s=args.duration,
                     warmup_s=args.warmup,
                     connections=connections,
                     seed=seed,
-                    body_format="json",
+                    body_format="oip-binary" if infer else "json",
                     headers={"Authorization": f"Bearer {plaintexts[tenant]}", **headers},
                 )
 
@@ -183,15 +190,17 @@ def flood(
             print(f"  flood: the victim's {victim.connections} connections alone ...", flush=True)
             alone = run_child("load", victim, timeout_s, cpus=client_cpus)
             outs: dict[str, tuple[bytes, bytes]] = {}
-            for label, unique in (
-                ("through the door", ""),
-                ("bypassing the door", "Idempotency-Key"),
+            for label, unique, infer in (
+                ("through the door", "", False),
+                ("bypassing the door", "Idempotency-Key", False),
+                ("through the door, OIP binary infers", "", True),
             ):
                 flooder = options(
                     "flooder",
                     args.flood_connections,
                     2,
                     unique,
+                    infer,
                     **{TIMEOUT_HEADER: f"{args.flood_ms:g}"},
                 )
                 print(f"  flood: beside {flooder.connections} connections {label} ...", flush=True)
