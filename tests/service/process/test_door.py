@@ -307,16 +307,20 @@ async def test_a_connection_held_for_a_tight_deadline_does_not_hold_up_a_looser_
     loose_reader, loose_writer = await refused_connection(model)
     loose_writer.write(raw_predict(ROW))  # held behind it
     tight_retry = asyncio.ensure_future(read_answer(tight_reader))
-    await asyncio.sleep(0.1)  # the gated batch teaches the model a batch takes 100 ms
-    assert await model.release() == [200, 200]
-    assert await asyncio.wait_for(read_answer(loose_reader), 5) == 200
-    assert not tight_retry.done()
-    # Let go once the model has idled for four of its estimated batch times (~80 ms:
-    # the 100 ms gated batch, then the loose one's fast batch): its estimate is
-    # measured again, with this request (the demo model is fast again).
-    assert await asyncio.wait_for(tight_retry, 5) == 200
-    tight_writer.close()
-    loose_writer.close()
+    try:
+        await asyncio.sleep(0.1)  # the gated batch teaches the model a batch takes 100 ms
+        assert await model.release() == [200, 200]
+        assert await asyncio.wait_for(read_answer(loose_reader), 5) == 200
+        assert not tight_retry.done()
+        # Let go once the model has idled for four of its estimated batch times (~80 ms:
+        # the 100 ms gated batch, then the loose one's fast batch): its estimate is
+        # measured again, with this request. Let in, it is answered long before the
+        # minute of Retry-After: 200, or 504 on a machine too busy to answer within
+        # its 10 ms (the deadline is the client's, not the test's).
+        assert await asyncio.wait_for(tight_retry, 5) in (200, 504)
+    finally:
+        tight_writer.close()
+        loose_writer.close()
 
 
 async def test_held_connections_wait_in_few_lines_whatever_timeouts_they_send(
