@@ -58,6 +58,13 @@ class Actor(Generic[ItemT]):
     def mailbox_full(self) -> bool:
         return self._mailbox.full()
 
+    def _new_future(self) -> asyncio.Future[Any]:
+        """A future on the actor's loop, without ``asyncio.get_running_loop()``'s system
+        call (Python 3.11 asks the process id each time): one a request."""
+        task = self._task
+        loop = task.get_loop() if task is not None else asyncio.get_running_loop()
+        return loop.create_future()
+
     def _launch(self, loop_body: Coroutine[Any, Any, None]) -> None:
         self._task = asyncio.get_running_loop().create_task(loop_body, name=self.name)
         self._task.add_done_callback(self._fail_all)

@@ -340,9 +340,9 @@ class Door:
         self._holding[connection] = line
         self._line_sizes[line] = self._line_sizes.get(line, 0) + 1
         transport.pause_reading()
-        loop = asyncio.get_running_loop()
-        connection.held_since = loop.time()
-        self._held.setdefault(line, deque()).append((loop.time() + self.hold_s, connection))
+        loop = connection.event_loop
+        connection.held_since = now = loop.time()
+        self._held.setdefault(line, deque()).append((now + self.hold_s, connection))
         self._schedule_tick(loop)
 
     def release(self, connection: DoorRequestHandler) -> None:
@@ -516,7 +516,9 @@ def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> 
     word (a JSON key could only spell it with an escape, so JSON bodies holding a
     backslash are not certain either); None otherwise."""
     body = _whole_body(payload)
-    if body is None or b"model" in body:
+    # A single byte is looked for with memchr: 0.25 µs in a heavy model's 15 KB body of
+    # numbers, where the word is looked for at 6.9 µs (on every predict, refusals too).
+    if body is None or (b"m" in body and b"model" in body):
         return None
     is_msgpack = "msgpack" in message.headers.get("Content-Type", "")
     return body if is_msgpack or b"\\" not in body else None
@@ -582,6 +584,12 @@ class DoorRequestHandler(web.RequestHandler):
         self.data_received(b"")
         if not (self.waiting or self._buffer_paused or transport.is_closing()):
             transport.resume_reading()  # aiohttp's own hold (its message queue) stays
+
+    @property
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """Its loop, without ``asyncio.get_running_loop()``'s system call (Python 3.11
+        asks the process id each time)."""
+        return self._loop
 
     @property
     def waiting(self) -> bool:

@@ -101,6 +101,9 @@ class Connection(Protocol):
 
     def force_close(self) -> None: ...
 
+    @property
+    def event_loop(self) -> asyncio.AbstractEventLoop: ...
+
 
 class _PredictRoute:
     """A predict route: bodies up to ``ROW_BUDGET_FROM_BYTES`` that decode into its
@@ -252,7 +255,7 @@ class ExpressLane:
             return None
         payload, fmt = prepared
         self.taken += 1
-        task = asyncio.get_running_loop().create_task(
+        task = connection.event_loop.create_task(
             self._serve(
                 route, message, payload, fmt, key, deadline, worker, connection, admitted_at
             )

@@ -231,7 +231,7 @@ class InferenceWorker(Actor[_Item]):
         feed, count, signature = self._described(inputs)
         nbytes = sum(array.nbytes for array in feed.values()) + held_bytes
         now = self.check_room(count, deadline, nbytes=nbytes)
-        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Outputs] = self._new_future()
         self._enqueue(_Item(feed, count, deadline, now, nbytes, future, request_id, signature))
         self._queued_rows += count
         self._held_bytes += nbytes
@@ -517,7 +517,7 @@ class InferenceWorker(Actor[_Item]):
                 item.future.set_result(outputs)
             self._settled(item)
         if end < len(answers):
-            asyncio.get_running_loop().call_soon(self._deliver, answers, end, chunk)
+            item.future.get_loop().call_soon(self._deliver, answers, end, chunk)
 
     def _timed_run(
         self, feed: Mapping[str, np.ndarray], latest_deadline: float

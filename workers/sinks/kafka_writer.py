@@ -184,7 +184,7 @@ class KafkaWriter(Actor[_Pending]):
         log.info("kafka_writer_started", topic=self._topic, partitions=len(self._partitions))
 
     def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = self._new_future()
         self._enqueue(_Pending(records, future))
         return future
 
