@@ -70,7 +70,10 @@ def response_format(request: web.Request) -> Format:
 
 def preferred_format(accept: str | None) -> Format:
     """JSON unless this Accept header value prefers msgpack."""
-    if not accept or "msgpack" not in accept:
+    if not accept:
+        return Format.JSON
+    accept = accept.lower()  # media types and parameter names are case-insensitive
+    if "msgpack" not in accept:
         return Format.JSON
     best_json, best_msgpack = 0.0, 0.0
     for part in accept.split(","):

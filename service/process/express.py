@@ -292,6 +292,9 @@ class ExpressLane:
         started = time.monotonic()
         headers = message.headers
         request_id = self._request_ids.from_headers(headers)
+        # On every log line of the request, as the app's front door binds it (the task
+        # runs in its own copy of the context).
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         caller = Caller(key.tenant, key.key_id, f"POST {route.path}", request_id)
         fmt = preferred_format(headers.get("Accept"))
         fields: dict[str, str] = {}

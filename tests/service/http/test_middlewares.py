@@ -187,3 +187,10 @@ async def test_unexpected_exception_is_500_problem_without_internals(
     assert "secret" not in text and "Traceback" not in text
     _assert_problem(msgspec.json.decode(text), 500, "/boom")
     assert (await client.get("/health")).status == 200
+
+
+async def test_accept_is_read_whatever_the_case_of_its_media_types(client: Client) -> None:
+    response = await client.get("/nowhere", headers={"Accept": "APPLICATION/MsgPack; Q=1"})
+    assert response.status == 404
+    assert response.content_type == "application/msgpack"
+    _assert_problem(msgspec.msgpack.decode(await response.read()), 404, "/nowhere")

@@ -14,6 +14,7 @@ import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
+import structlog
 from structlog.testing import capture_logs
 
 from mlgate.config import Settings, worker_data_dir
@@ -697,3 +698,20 @@ async def test_a_model_full_of_bytes_is_refused_at_the_door(
     assert server.door.refused == 1
     gated.gate.set()
     assert (await computing).status == 200
+
+
+async def test_the_lanes_log_lines_carry_the_request_id_as_the_apps_do(
+    served: ServeFactory,
+) -> None:
+    server = await served()
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        await server.post("/api/v2/predict", {"features": ROW}, **{"X-Request-ID": "lane-9"})
+        await server.post(
+            "/api/v2/predict", {"features": ROW, "model": "demo"}, **{"X-Request-ID": "app-9"}
+        )
+    access = [entry for entry in logs if entry.get("event") == "request"]
+    assert server.taken == 1
+    assert [(entry["request_id"], entry["status"]) for entry in access] == [
+        ("lane-9", 200),
+        ("app-9", 200),
+    ]
