@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
 import structlog
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from mlgate.config import Settings, worker_data_dir
