@@ -112,7 +112,14 @@ def front_door(
                 response = problem_response(request, exc)
             except (WorkerError, BreakerOpen) as exc:
                 response = problem_response(request, as_api_error(exc, settings.retry_after_s))
-            except Exception:
+            except Exception as exc:
+                if isinstance(exc, ConnectionError) and client_gone(request):
+                    # Not an error of ours: the client closed its connection while its
+                    # request was read or served. Nobody is left to answer (aiohttp
+                    # drops the answer quietly); it is counted and logged as the client's.
+                    status = CLIENT_CLOSED_REQUEST
+                    access_log.info("client_gone", path=request.path, error=repr(exc))
+                    return web.Response(status=CLIENT_CLOSED_REQUEST)
                 error_log.exception("unhandled_error", path=request.path)
                 response = problem_response(request, as_api_error(Exception()))
             status = response.status
@@ -120,6 +127,10 @@ def front_door(
             if draining.is_set():
                 response.force_close()
             return response
+        except asyncio.CancelledError:
+            if client_gone(request):  # aiohttp cancels the handler of a lost connection
+                status = CLIENT_CLOSED_REQUEST
+            raise
         finally:
             elapsed = time.perf_counter() - started
             counter.record(request, status, elapsed)
@@ -135,6 +146,17 @@ def front_door(
                 )
 
     return answer
+
+
+# nginx's status for a request whose client closed the connection before its answer:
+# counted and logged as such, never as a 500 of ours.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    """The client closed the request's connection."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def logs_requests(settings: Settings) -> bool:

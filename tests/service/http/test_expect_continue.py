@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
 from mlgate.config import Settings
 from tests.conftest import AppClientFactory
@@ -197,3 +198,32 @@ async def test_the_refusal_is_the_answer_the_route_gives_without_the_expectation
         assert early.body == await plain.read()
         for header in ("Content-Type", "WWW-Authenticate", "X-Request-ID", "Deprecation", "Link"):
             assert early.headers.get(header) == plain.headers.get(header), header
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_client_gone_before_its_body_ended_is_logged_as_gone_not_as_an_error(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str], framing: str
+) -> None:
+    connection = await connect()
+    with capture_logs() as logs:
+        if framing == "length":
+            await connection.send_head(
+                "/api/v2/ingest", len(BATCH), Content_Type="application/json", X_API_Key=keys["ingest"]
+            )
+        else:
+            head = (
+                "POST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\nTransfer-Encoding: chunked\r\n"
+                f"Expect: 100-continue\r\nContent-Type: application/json\r\n"
+                f"X-API-Key: {keys['ingest']}\r\n\r\n"
+            )
+            connection.writer.write(head.encode())
+        assert (await connection.answer()).status == 100
+        body = BATCH[:10] if framing == "length" else b"a\r\n" + BATCH[:10] + b"\r\n"
+        await connection.send_body(body)
+        connection.writer.close()
+        async with asyncio.timeout(HANG_GUARD_S):
+            while not any(entry["event"] == "request" for entry in logs):
+                await asyncio.sleep(0.01)  # noqa: ASYNC110 -- polling the captured log
+    [access] = [entry for entry in logs if entry["event"] == "request"]
+    assert access["status"] == 499
+    assert [entry for entry in logs if entry["log_level"] == "error"] == []
