@@ -222,8 +222,8 @@ async def test_a_client_gone_before_its_body_ended_is_logged_as_gone_not_as_an_e
         await connection.send_body(body)
         connection.writer.close()
         async with asyncio.timeout(HANG_GUARD_S):
-            while not any(entry["event"] == "request" for entry in logs):
-                await asyncio.sleep(0.01)  # noqa: ASYNC110 -- polling the captured log
+            while not any(entry["event"] == "request" for entry in logs):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # polling the captured log
     [access] = [entry for entry in logs if entry["event"] == "request"]
     assert access["status"] == 499
     assert [entry for entry in logs if entry["log_level"] == "error"] == []
