@@ -41,12 +41,15 @@ from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
-from mlgate.service.http.codec import preferred_format
-from mlgate.service.http.errors import ApiError
+from mlgate.service.http.body import SUPPORTED_ENCODINGS
+from mlgate.service.http.codec import Format, preferred_format
+from mlgate.service.http.errors import ApiError, BadRequest, UnsupportedMediaType
 from mlgate.service.http.front_door import (
+    REQUEST_ID_HEADER,
     RequestIds,
     as_api_error,
     problem_document,
@@ -162,7 +165,7 @@ class Door:
         self._app = app
         self._settings = app[SETTINGS]
         self._draining = app[DRAINING]
-        self._request_ids = RequestIds()
+        self.request_ids = RequestIds()
         self._path_headers = dict(path_headers or {})
         self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.refused = 0
@@ -183,7 +186,7 @@ class Door:
         self._reservations: dict[DoorRequestHandler, tuple[InferenceWorker, float, float]] = {}
         self._tick_handle: asyncio.TimerHandle | None = None
         self.express = (
-            ExpressLane(app, self._request_ids, self._path_headers, self._count, self.reached_app)
+            ExpressLane(app, self.request_ids, self._path_headers, self._count, self.reached_app)
             if self._settings.express_lane
             else None
         )
@@ -468,7 +471,7 @@ class Door:
         return key if key is not None and scope in key.scopes else None
 
     def _answer(self, error: ApiError, path: str, headers: Mapping[str, str]) -> bytes:
-        request_id = self._request_ids.from_headers(headers)
+        request_id = self.request_ids.from_headers(headers)
         fmt = preferred_format(headers.get("Accept"))
         body, content_type = problem_document(error, path, request_id, fmt)
         return answer_on(
@@ -724,6 +727,41 @@ class DoorRequestHandler(web.RequestHandler):
         if refused:
             self._door.hold_refused(self)
         self.read_on()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to what never reached the app: a request it could not parse
+        (a bad ``Content-Length`` or chunk size, a head over its limits, an unknown
+        method, a body in an encoding it cannot decode), as a problem document like
+        every other error, with a line in our log rather than aiohttp's traceback.
+        The connection is closed after it, as aiohttp does."""
+        if request.writer.output_size > 0:  # an answer began: it cannot be replaced
+            return super().handle_error(request, status, exc, message)
+        error: ApiError
+        if isinstance(exc, ContentEncodingError):
+            error = UnsupportedMediaType(
+                message or "Content-Encoding not supported",
+                headers={"Accept-Encoding": ", ".join(sorted(SUPPORTED_ENCODINGS - {"identity"}))},
+            )
+        elif status == 400:
+            error = BadRequest(f"Malformed HTTP request: {message or 'unparsable'}")
+        else:
+            error = as_api_error(exc if isinstance(exc, Exception) else Exception())
+        request_id = self._door.request_ids.from_headers(request.headers)
+        log.info("bad_http_request", status=error.status, error=message or repr(exc))
+        body, content_type = problem_document(error, request.path, request_id, Format.JSON)
+        response = web.Response(
+            status=error.status,
+            body=body,
+            headers={"Content-Type": content_type, REQUEST_ID_HEADER: request_id, **problem_headers(error)},
+        )
+        response.force_close()
+        return response
 
     def _process_keepalive(self) -> None:
         """aiohttp's keep-alive (head) timeout, not enforced while the door holds the

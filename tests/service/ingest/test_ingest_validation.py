@@ -216,6 +216,24 @@ async def test_gzip_msgpack_body_is_accepted(client: Client) -> None:
     assert response.status == 202
 
 
+@pytest.mark.parametrize("encoding", ["br", "zstd"])
+async def test_br_and_zstd_bodies_are_accepted(client: Client, encoding: str) -> None:
+    raw = msgspec.json.encode(_batch(_record(1)))
+    if encoding == "br":
+        import brotli
+
+        body = brotli.compress(raw)
+    else:
+        from backports import zstd
+
+        body = zstd.compress(raw)
+    response = await client.post(
+        INGEST, data=body, headers={"Content-Type": "application/json", "Content-Encoding": encoding}
+    )
+    assert response.status == 202
+    assert (await response.json())["records_accepted"] == 1
+
+
 def _corrupted(data: bytes) -> bytes:
     """The gzip header intact, the deflate stream behind it broken."""
     return data[:10] + b"\xff" * 50 + data[60:]

@@ -715,3 +715,31 @@ async def test_the_lanes_log_lines_carry_the_request_id_as_the_apps_do(
         ("lane-9", 200),
         ("app-9", 200),
     ]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\nContent-Length: abc\r\n\r\n",
+        b"POST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        b"POST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"P@ST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\n\r\n",
+    ],
+    ids=["bad-length", "head-too-large", "bad-chunk-size", "bad-method"],
+)
+async def test_a_request_aiohttp_cannot_parse_is_answered_with_a_problem_document(
+    served: ServeFactory, head: bytes
+) -> None:
+    server = await served()
+    reader, writer = await server.connect()
+    try:
+        writer.write(head)
+        status, headers, body = await read_answer(reader)
+        problem = msgspec.json.decode(body)
+        assert status == 400
+        assert headers["Content-Type"] == "application/problem+json"
+        assert problem["status"] == 400 and problem["type"] == "/problems/bad-request"
+        assert problem["request_id"] == headers["X-Request-ID"]
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # and the connection closed
+    finally:
+        writer.close()
