@@ -50,6 +50,13 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     ] = {}
 
 
+class RecordIdOnly(msgspec.Struct, frozen=True, gc=False):
+    """Internal: a record's ``record_id`` alone, read from a record that does not fit
+    ``Record`` so that its rejection can name it. Never on the wire."""
+
+    record_id: RecordId | None = None
+
+
 class TextRecord(Record, frozen=True, kw_only=True, gc=False):
     """Internal: a ``Record`` decoded from JSON with the text its features came as, so
     the JSON Kafka value can carry that text instead of formatting every float again

@@ -9,20 +9,25 @@ chunk after it, whatever the stream's length.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import msgpack
 import msgspec
 from aiohttp import web
 
-from mlgate.schemas.ingest import Record, RecordError
+from mlgate.schemas.ingest import Record, RecordError, RecordIdOnly
 from mlgate.service.http.body import CHUNK, iter_body
+from mlgate.service.http.codec import Format
 from mlgate.service.http.errors import BadRequest, PayloadTooLarge
-from mlgate.service.ingest.validation import record_error
+from mlgate.service.ingest.validation import given_record_id, record_error
 
 
-def _record_or_error(index: int, decoded: Record | Exception) -> Record | RecordError:
-    return decoded if isinstance(decoded, Record) else record_error(index, decoded)
+def _record_or_error(
+    index: int, decoded: Record | Exception, raw: Any, read_id: Callable[[Any], str | None]
+) -> Record | RecordError:
+    """A rejected record's error names the id it gave (``read_id(raw)``), if valid."""
+    return decoded if isinstance(decoded, Record) else record_error(index, decoded, read_id(raw))
 
 
 _ndjson_record = msgspec.json.Decoder(Record)
@@ -44,7 +49,7 @@ async def ndjson_records(request: web.Request, max_line: int) -> AsyncIterator[R
             if len(line) > max_line:
                 raise too_large
             if line.strip():
-                yield _record_or_error(index, _decode_line(line))
+                yield _record_or_error(index, _decode_line(line), line, _line_record_id)
                 index += 1
         if tail:
             pending.append(tail)
@@ -53,7 +58,7 @@ async def ndjson_records(request: web.Request, max_line: int) -> AsyncIterator[R
                 raise too_large
     line = b"".join(pending)
     if line.strip():
-        yield _record_or_error(index, _decode_line(line))
+        yield _record_or_error(index, _decode_line(line), line, _line_record_id)
 
 
 def _decode_line(line: bytes) -> Record | Exception:
@@ -83,7 +88,7 @@ async def msgpack_records(request: web.Request, max_record: int) -> AsyncIterato
                 if end - start > max_record:
                     raise too_large
                 start = end
-                yield _record_or_error(index, _convert(obj))
+                yield _record_or_error(index, _convert(obj), obj, _given_record_id)
                 index += 1
             if fed - start > max_record:
                 raise too_large
@@ -105,13 +110,28 @@ class MapWithArrayOrMapKey:
 _MAP_WITH_UNHASHABLE_KEY = MapWithArrayOrMapKey()
 
 
-def _map_or_marker(pairs: list[tuple[object, object]]) -> dict[object, object] | MapWithArrayOrMapKey:
+def _map_or_marker(
+    pairs: list[tuple[object, object]],
+) -> dict[object, object] | MapWithArrayOrMapKey:
     # Raising here would leave the unpacker mid-object (it then yields stray values), so
     # such a map decodes to a marker that fails only its own record.
     try:
         return dict(pairs)
     except TypeError:
         return _MAP_WITH_UNHASHABLE_KEY
+
+
+def _line_record_id(line: bytes) -> str | None:
+    return given_record_id(line, Format.JSON)
+
+
+def _given_record_id(obj: object) -> str | None:
+    if not isinstance(obj, dict):
+        return None
+    try:
+        return msgspec.convert(obj, RecordIdOnly).record_id
+    except msgspec.ValidationError:
+        return None
 
 
 def _convert(obj: object) -> Record | Exception:

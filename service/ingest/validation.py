@@ -33,6 +33,7 @@ from mlgate.schemas.ingest import (
     PackedRequest,
     Record,
     RecordError,
+    RecordIdOnly,
     StoredRecord,
     TextRecord,
 )
@@ -59,6 +60,10 @@ Decoded = Record | PackedRecord | RecordError
 _record_decoders: dict[Format, Any] = {
     Format.JSON: msgspec.json.Decoder(Record),
     Format.MSGPACK: msgspec.msgpack.Decoder(Record),
+}
+_record_id_decoders: dict[Format, Any] = {
+    Format.JSON: msgspec.json.Decoder(RecordIdOnly),
+    Format.MSGPACK: msgspec.msgpack.Decoder(RecordIdOnly),
 }
 
 
@@ -224,7 +229,7 @@ class RecordValidator:
             record: Record = _record_decoders[fmt].decode(raw)
             return record
         except (msgspec.DecodeError, RecursionError) as exc:
-            return record_error(index, exc)
+            return record_error(index, exc, given_record_id(raw, fmt))
 
     # -- semantic checks --------------------------------------------------------------
 
@@ -380,13 +385,24 @@ class RecordValidator:
         return records
 
 
-def record_error(index: int, exc: Exception) -> RecordError:
-    """The one mapping from a record's decoding failure to its entry in ``errors``."""
+def record_error(index: int, exc: Exception, record_id: str | None = None) -> RecordError:
+    """The one mapping from a record's decoding failure to its entry in ``errors``;
+    ``record_id``: the id the record gave, if it gave a valid one (``given_record_id``)."""
     if isinstance(exc, msgspec.ValidationError):
         loc, msg = location(exc)
         where = f" at {loc}" if loc else ""
-        return RecordError(index=index, record_id=None, error=f"{msg}{where}")
-    return RecordError(index=index, record_id=None, error=f"undecodable record: {exc}")
+        return RecordError(index=index, record_id=record_id, error=f"{msg}{where}")
+    return RecordError(index=index, record_id=record_id, error=f"undecodable record: {exc}")
+
+
+def given_record_id(raw: bytes | msgspec.Raw, fmt: Format) -> str | None:
+    """The valid ``record_id`` of a record that is otherwise rejected (a bad timestamp,
+    a field of the wrong type), so that its client can tell which record it was."""
+    try:
+        only: RecordIdOnly = _record_id_decoders[fmt].decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return None
+    return only.record_id
 
 
 def _flat_rows(parser: simdjson.Parser, joined: bytes, count: int) -> np.ndarray | None:

@@ -163,6 +163,8 @@ async def test_ndjson_partial_success_reports_indexes_over_the_whole_stream(
     assert (answer["records_accepted"], answer["records_rejected"]) == (2496, 4)
     assert [e["index"] for e in answer["errors"]] == sorted(BAD)
     assert answer["errors"][1]["error"].endswith("at features")
+    # A record the schema rejects is named by its id; one that is not JSON cannot be.
+    assert [e["record_id"] for e in answer["errors"][:2]] == [None, "r-1500"]
     assert "allowed dimensions" in answer["errors"][2]["error"]
     assert len(_stored_keys(settings)) == 2496
 
@@ -177,7 +179,7 @@ async def test_msgpack_partial_success_reports_indexes_over_the_whole_stream(
     assert answer["records_rejected"] == 4
     assert [e["index"] for e in answer["errors"]] == sorted(BAD)
     assert "finite" in answer["errors"][3]["error"]
-    assert answer["errors"][2]["record_id"] == "r-2100"
+    assert [e["record_id"] for e in answer["errors"]] == [None, "r-1500", "r-2100", "r-2101"]
 
 
 async def test_stream_lists_at_most_the_first_errors_but_counts_them_all(client: Client) -> None:

@@ -414,7 +414,19 @@ async def test_bad_timestamp_costs_only_that_record(
     assert response.status == 202
     [error] = (await response.json())["errors"]
     assert error["index"] == 1 and "timestamp" in error["error"]
+    assert error["record_id"] == "r-1"  # a record rejected by the schema is still named
     assert [r["record_id"] for r in _stored(settings)] == ["r-0"]
+
+
+@pytest.mark.parametrize("record_id", [7, "", "x" * 129, "has space"], ids=["int", "empty", "long", "space"])
+async def test_a_rejected_record_with_an_invalid_id_is_reported_without_it(
+    client: Client, record_id: object
+) -> None:
+    bad = {**_record(1, timestamp="yesterday"), "record_id": record_id}
+    response = await client.post(INGEST, json=_batch(_record(0), bad))
+    assert response.status == 202
+    [error] = (await response.json())["errors"]
+    assert error["index"] == 1 and error["record_id"] is None
 
 
 async def test_epoch_and_rfc3339_timestamps_are_stored_as_rfc3339_utc(
