@@ -12,7 +12,7 @@ from aiohttp import web
 from mlgate.schemas.ingest import IngestRequest, IngestResponse, Record, RecordError, SourceName
 from mlgate.schemas.problem import FieldError
 from mlgate.service.http.body import read_body
-from mlgate.service.http.codec import Format, request_format, respond
+from mlgate.service.http.codec import MEDIA_TYPES, Format, request_format, respond
 from mlgate.service.http.context import TENANT
 from mlgate.service.http.errors import (
     ApiError,
@@ -99,12 +99,16 @@ async def ingest_stream(request: web.Request) -> web.Response:
             "Query parameter source is required: 1-128 of A-Z a-z 0-9 . _ : -",
             errors=[FieldError(loc="query.source", msg="missing or invalid")],
         ) from None
-    if request.content_type == NDJSON:
+    media_type = request.content_type if request.headers.get("Content-Type") else ""
+    if media_type == NDJSON:
         records = ndjson_records(request, settings.max_stream_record_bytes)
-    elif request_format(request, default=None) is Format.MSGPACK:
+    elif MEDIA_TYPES.get(media_type) is Format.MSGPACK:
         records = msgpack_records(request, settings.max_stream_record_bytes)
     else:
-        raise UnsupportedMediaType("Use application/x-ndjson or application/msgpack for streams")
+        raise UnsupportedMediaType(
+            f"Content-Type {media_type or 'missing'!r} is not a stream: use {NDJSON} "
+            "(one JSON record a line) or application/msgpack (concatenated maps)"
+        )
 
     pipeline = request.app[INGEST_PIPELINE]
     tenant = _tenant(request)

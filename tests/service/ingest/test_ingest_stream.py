@@ -218,11 +218,14 @@ async def test_stream_without_a_valid_source_is_422(client: Client, query: str) 
     await _assert_still_serving(client)
 
 
-async def test_stream_of_json_content_type_is_415(client: Client) -> None:
-    response = await client.post(
-        STREAM, data=_ndjson([_record(0)]), headers={"Content-Type": "application/json"}
-    )
-    await _problem(response, 415)
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
+async def test_stream_of_another_content_type_is_415_naming_the_stream_formats(
+    client: Client, content_type: str | None
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = await client.post(STREAM, data=_ndjson([_record(0)]), headers=headers)
+    problem = await _problem(response, 415)
+    assert "application/x-ndjson" in problem["detail"] and "application/msgpack" in problem["detail"]
 
 
 async def test_empty_stream_is_422(client: Client) -> None:
