@@ -41,12 +41,13 @@ from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from mlgate.service.http.body import SUPPORTED_ENCODINGS
-from mlgate.service.http.codec import Format, preferred_format
+from mlgate.service.http.codec import Format, media_format, preferred_format
 from mlgate.service.http.errors import ApiError, BadRequest, UnsupportedMediaType
 from mlgate.service.http.front_door import (
     REQUEST_ID_HEADER,
@@ -220,7 +221,12 @@ class Door:
         self, message: RawRequestMessage, payload: StreamReader, reserved: InferenceWorker | None
     ) -> tuple[bytes | None, InferenceWorker | None, Admission | None]:
         """(refusal or None, the worker asked or None, the admission if let through)."""
-        if message.method != "POST" or message.should_close or self._draining.is_set():
+        if (
+            message.method != "POST"
+            or message.should_close
+            or message.version != HttpVersion11  # the app answers in the request's version
+            or self._draining.is_set()
+        ):
             return None, None, None
         if payload is not EMPTY_PAYLOAD and not payload.is_eof():
             return None, None, None  # the rest of the body would have to be read and dropped
@@ -523,7 +529,7 @@ def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> 
     # numbers, where the word is looked for at 6.9 µs (on every predict, refusals too).
     if body is None or (b"m" in body and b"model" in body):
         return None
-    is_msgpack = "msgpack" in message.headers.get("Content-Type", "")
+    is_msgpack = media_format(message.headers.get("Content-Type")) is Format.MSGPACK
     return body if is_msgpack or b"\\" not in body else None
 
 

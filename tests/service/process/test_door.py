@@ -696,3 +696,39 @@ async def test_a_held_connection_stays_unread_after_pipelined_refusals_are_answe
     assert await asyncio.wait_for(retry, 5) in (200, 503)
     await model.release()
     writer.close()
+
+
+async def test_an_http_1_0_request_is_left_to_the_app_which_answers_in_its_version(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    reader, writer = await model.connect()
+    try:
+        request = raw_predict(ROW, Connection="keep-alive").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.0 503")
+        assert model.door.refused == 0
+    finally:
+        writer.close()
+        await model.release()
+
+
+async def test_a_json_body_naming_its_model_by_an_escape_is_left_to_the_app_whatever_its_type(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model()
+    body = b'{"features": [0.5, 0.5, 0.5, 0.5], "\\u006dodel": "nope"}'
+    head = (
+        "POST /api/v2/predict HTTP/1.1\r\nHost: test\r\n"
+        "Content-Type: application/json; profile=msgpack\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    reader, writer = await model.connect()
+    try:
+        writer.write(head.encode() + body)
+        assert await asyncio.wait_for(read_answer(reader), 5) == 404  # the app's: no such model
+        assert model.door.refused == 0
+    finally:
+        writer.close()
+        await model.release()
