@@ -42,7 +42,7 @@ from mlgate.service.http.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from mlgate.service.http.front_door import problem_response
+from mlgate.service.http.front_door import as_api_error, problem_response
 from mlgate.service.http.routing import route_access
 from mlgate.service.protection.api_keys import ANONYMOUS, ApiKey, KeyStoreUnavailable
 from mlgate.service.protection.idempotency import (
@@ -58,6 +58,8 @@ from mlgate.service.protection.idempotency import (
 )
 from mlgate.service.protection.rate_limits import Decision
 from mlgate.service.state import IDEMPOTENCY, KEY_STORE, METRICS, RATE_LIMITER, SETTINGS
+from mlgate.workers.breaker import BreakerOpen
+from mlgate.workers.errors import WorkerError
 
 CHALLENGE = 'Bearer realm="mlgate"'
 
@@ -191,6 +193,10 @@ async def rate_limited(request: web.Request, key: ApiKey, handler: Handler) -> w
     except web.HTTPException as exc:
         exc.headers.update(headers)
         raise
+    except (WorkerError, BreakerOpen) as exc:  # the 503/504 the front door makes of them
+        error = as_api_error(exc, request.app[SETTINGS].retry_after_s)
+        error.headers.update(headers)
+        raise error from exc
     if not response.prepared:
         response.headers.update(headers)
     return response

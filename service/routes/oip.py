@@ -80,7 +80,8 @@ def _deadline(
     """``X-Request-Timeout``, else the request's ``parameters.timeout`` (µs), else the
     default."""
     timeout_us = payload.parameters.get("timeout")
-    if TIMEOUT_HEADER not in headers and isinstance(timeout_us, int) and timeout_us > 0:
+    # ``type() is int``: a bool is an int to isinstance, and ``true`` is no number of µs.
+    if TIMEOUT_HEADER not in headers and type(timeout_us) is int and timeout_us > 0:
         default_ms = timeout_us / 1000
     return deadline_in(headers, started, default_ms)
 

@@ -240,3 +240,29 @@ async def test_lane_infers_are_counted_under_their_route(served: ServeFactory) -
     metrics = await (await server.session.get(f"{server.url}/metrics")).text()
     assert 'route="/v2/models/{model}/infer"' in metrics
     assert server.taken == 1
+
+
+async def test_a_workers_504_carries_the_ratelimit_fields_in_the_lane_and_through_the_app(
+    served: ServeFactory,
+) -> None:
+    server = await served(rate_limits_enabled=True)
+    body = msgspec.json.encode(json_infer(timeout=1))  # 1 µs: passed before the model is asked
+    in_lane = await server.post_bytes(INFER, body, **{"Content-Type": "application/json"})
+    by_app = await server.post_bytes(
+        INFER, body, **{"Content-Type": "application/json", "Idempotency-Key": "k-504"}
+    )
+    assert server.taken == 1
+    assert in_lane.status == by_app.status == 504
+    for answer in (in_lane, by_app):
+        assert answer.headers["RateLimit-Policy"].startswith('"key";')
+        assert answer.headers["RateLimit"].startswith('"key";')
+        assert answer.headers["Retry-After"] == "1"
+
+
+async def test_a_boolean_timeout_parameter_is_no_deadline(served: ServeFactory) -> None:
+    server = await served()
+    infer = json_infer(timeout=True)
+    response = await server.post_bytes(
+        INFER, msgspec.json.encode(infer), **{"Content-Type": "application/json"}
+    )
+    assert response.status == 200  # not a 1 µs deadline: True is not a number of µs
