@@ -133,6 +133,9 @@ async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
             raise _too_slow(request) from None
         except web.RequestPayloadError as exc:  # broken gzip, chunked framing, ...
             # What follows on the connection cannot be trusted: answer, then close it.
+            # Nothing more is read of it: aiohttp would read on after the answer, meet
+            # the error again and log it as an unhandled exception with its traceback.
+            request.content.feed_eof()
             reason = " ".join(str(exc).split())
             raise BadRequest(f"Body could not be read: {reason}", headers={"Connection": "close"}) from None
         if not chunk:

@@ -1,4 +1,5 @@
-"""structlog set up once by the entrypoint: JSON lines to stdout, context first.
+"""structlog set up once by the entrypoint: JSON lines to stdout, context first; the
+standard library's records (aiohttp, aiokafka) rendered as the same JSON lines.
 
 ``write_info_line`` writes an event as that configuration would render it at info
 level, without structlog's chain (bound logger, processors): for a line written on
@@ -48,10 +49,46 @@ def json_line(event: dict[str, Any], **_: Any) -> str:
 _configured: tuple[tuple[Any, ...], TextIO] | None = None
 
 
+class _Stdout(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is when a record comes (a test's capture, say);
+    configuring again replaces it rather than adding a second."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        pass
+
+
 def configure_logging(level: str = "info") -> None:
     global _configured
     numeric = LEVELS[level]
-    logging.basicConfig(stream=sys.stdout, level=numeric, format="%(message)s")
+    # The standard library's records (aiohttp's, aiokafka's) as JSON lines too, with the
+    # logger's name and the traceback as a field: one line each a log pipeline can parse.
+    handler = _Stdout()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(serializer=json_line),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _Stdout)] + [handler]
+    root.setLevel(numeric)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

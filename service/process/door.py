@@ -759,7 +759,7 @@ class DoorRequestHandler(web.RequestHandler):
         else:
             error = as_api_error(exc if isinstance(exc, Exception) else Exception())
         request_id = self._door.request_ids.from_headers(request.headers)
-        log.info("bad_http_request", status=error.status, error=message or repr(exc))
+        log.info("bad_http_request", status=error.status, error=message or repr(exc), request_id=request_id)
         body, content_type = problem_document(error, request.path, request_id, Format.JSON)
         response = web.Response(
             status=error.status,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -248,7 +249,7 @@ def _corrupted(data: bytes) -> bytes:
     ids=["corrupt", "not-gzip"],
 )
 async def test_undecompressable_gzip_body_is_400_and_the_connection_closes(
-    client: Client, body: bytes
+    client: Client, body: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     response = await client.post(
         INGEST, data=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
@@ -257,6 +258,9 @@ async def test_undecompressable_gzip_body_is_400_and_the_connection_closes(
     assert "content-encoding" in problem["detail"].lower()
     assert response.headers["Connection"] == "close"
     await _assert_still_serving(client)
+    # The client's error, answered: not read again after the answer and logged by aiohttp
+    # as an unhandled exception with its traceback.
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
 
 
 async def test_undecompressable_gzip_stream_is_400(client: Client) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -73,3 +74,23 @@ def test_a_line_with_other_characters_renders_its_values_as_an_ascii_line_does()
     ascii_only = json.loads(logs.json_line({"value": math.nan, "id": "a"}))
     other = json.loads(logs.json_line({"value": math.nan, "id": "é"}))
     assert ascii_only["value"] is None and other["value"] is None
+
+
+def test_a_standard_library_record_is_written_as_a_json_line_with_its_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    logs.configure_logging("info")
+    try:
+        try:
+            raise ValueError("broken body")
+        except ValueError:
+            logging.getLogger("aiohttp.server").exception("Unhandled exception")
+        out = capsys.readouterr().out
+    finally:
+        structlog.reset_defaults()
+    [line] = out.splitlines()
+    record = json.loads(line)
+    assert record["event"] == "Unhandled exception"
+    assert record["logger"] == "aiohttp.server" and record["level"] == "error"
+    assert "ValueError: broken body" in record["exception"]
+    assert record["timestamp"].endswith("Z")
