@@ -612,6 +612,19 @@ class DoorRequestHandler(web.RequestHandler):
         if not self.waiting:
             super()._resume_transport_reading()
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client has sent all it will (a half-close, as ``nc -N`` or a request
+        piped in makes): the request it is waiting on is still answered, then the
+        connection closed. aiohttp closes at once, dropping the answer of a request the
+        app is serving (its access line said 202 while the client got nothing). Not
+        over TLS, which cannot half-close."""
+        transport = self.transport
+        busy = self._handed != self._answered  # a request handed on and not yet answered
+        if not busy or transport is None or transport.get_extra_info("sslcontext") is not None:
+            return None  # closed now, as aiohttp does
+        self._close = True  # no next request: the connection closes after this answer
+        return True
+
     def resume_writing(self) -> None:
         super().resume_writing()
         if self._read_once_drained:

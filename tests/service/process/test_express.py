@@ -743,3 +743,36 @@ async def test_a_request_aiohttp_cannot_parse_is_answered_with_a_problem_documen
         assert await asyncio.wait_for(reader.read(), 10) == b""  # and the connection closed
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("path", ["lane", "app"])
+async def test_a_request_whose_client_half_closes_after_it_is_still_answered(
+    served: ServeFactory, path: str
+) -> None:
+    server = await served()
+    extra = "Idempotency-Key: half-1\r\n" if path == "app" else ""
+    body = msgspec.json.encode(batch(record("half-1")))
+    head = (
+        "POST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\nContent-Type: application/json\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n"
+    )
+    reader, writer = await server.connect()
+    try:
+        writer.write(head.encode() + body)
+        writer.write_eof()
+        status, _, answer = await read_answer(reader)
+        assert status == 202 and msgspec.json.decode(answer)["records_accepted"] == 1
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # then closed
+        assert server.taken == (1 if path == "lane" else 0)
+    finally:
+        writer.close()
+
+
+async def test_an_idle_connection_whose_client_half_closes_is_closed(served: ServeFactory) -> None:
+    server = await served()
+    reader, writer = await server.connect()
+    try:
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
