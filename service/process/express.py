@@ -44,6 +44,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
+import simdjson
 import structlog
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
@@ -61,7 +62,7 @@ from mlgate.service.http.front_door import (
     problem_document,
     problem_headers,
 )
-from mlgate.service.predict.flow import ROW_BUDGET_FROM_BYTES, predict, resolve
+from mlgate.service.predict.flow import ROW_BUDGET_FROM_BYTES, json_feature_row, predict, resolve
 from mlgate.service.predict.tensors import HEADER_LENGTH
 from mlgate.service.protection.api_keys import ApiKey
 from mlgate.service.protection.audit import Caller
@@ -120,16 +121,22 @@ class _PredictRoute:
     ) -> None:
         self.path = path
         self._app = app
+        self._request_type = request_type
         self._decoders: dict[Format, msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]] = {
             Format.JSON: msgspec.json.Decoder(request_type),
             Format.MSGPACK: msgspec.msgpack.Decoder(request_type),
         }
+        self._row_parser = simdjson.Parser()
         self._shape = shape
 
     def prepare(self, body: bytes, message: RawRequestMessage, target: Target) -> Prepared:
         fmt = _body_format(message.headers.get("Content-Type"))
         if fmt is None or len(body) > ROW_BUDGET_FROM_BYTES:
             return None
+        if fmt is Format.JSON:
+            row = json_feature_row(self._row_parser, body)
+            if row is not None:  # the request's one row, parsed into an array at once
+                return self._request_type(features=row), fmt
         try:
             return self._decoders[fmt].decode(body), fmt
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):

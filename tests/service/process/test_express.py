@@ -688,8 +688,9 @@ async def test_a_connection_with_a_request_in_the_lane_is_not_read_when_let_go(
 async def test_a_model_full_of_bytes_is_refused_at_the_door(
     served: ServeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A 128-feature row holds 512 B of float32 and 4 KiB of decoded floats.
-    server = await served(inference_mailbox_bytes=6000)
+    # A 128-feature row in the lane holds 512 B of float32 and 1 KiB of the float64 row
+    # it was read into; the door counts the next one's ~2.5 KB body.
+    server = await served(inference_mailbox_bytes=2000)
     gated = server.gate(monkeypatch)
     computing = asyncio.ensure_future(server.post("/api/v2/predict", {"features": ROW}))
     await asyncio.to_thread(gated.entered.wait, 5)

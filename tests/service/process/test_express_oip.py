@@ -184,20 +184,20 @@ async def test_an_infers_body_text_does_not_count_against_the_mailbox_bytes(
 ) -> None:
     """The model's byte bound counts an infer's tensors (512 bytes here), not its JSON
     text (~2.5 KB): the door does not refuse what the model would take."""
-    server = await served(inference_mailbox_bytes=5_300)
+    server = await served(inference_mailbox_bytes=2_100)
     gated, reader, writer = await in_the_lane(server, monkeypatch, "held")
     try:
-        assert server.worker._held_bytes == 4_608  # its row, and the floats it was decoded into
+        assert server.worker._held_bytes == 1_536  # its float32 row, and the float64 row read
         infer = asyncio.ensure_future(
             server.post_bytes(
                 INFER, msgspec.json.encode(json_infer()), **{"Content-Type": "application/json"}
             )
         )
         for _ in range(500):  # until the infer waits in the mailbox behind the held one
-            if server.worker._held_bytes > 4_608 or infer.done():
+            if server.worker._held_bytes > 1_536 or infer.done():
                 break
             await asyncio.sleep(0.01)
-        assert server.worker._held_bytes == 4_608 + 512
+        assert server.worker._held_bytes == 1_536 + 512
     finally:
         gated.gate.set()
         writer.close()
