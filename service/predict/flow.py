@@ -123,7 +123,8 @@ def json_feature_row(parser: simdjson.Parser, body: bytes) -> np.ndarray | None:
     (``as_buffer`` flattens it; one ``[`` in the body allows none), a byte-order mark
     (the body must start with ``{``), other members, duplicate keys, an empty or
     oversized row. The parser's objects die here, so it can parse again."""
-    if body[:1] != b"{" or body.count(b"[") != 1:
+    first = body.find(b"[")  # memchr: bytes.count would take 4 µs over 15 KB
+    if body[:1] != b"{" or first < 0 or body.find(b"[", first + 1) >= 0:
         return None
     document = features = None
     try:
