@@ -529,8 +529,10 @@ def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> 
     # numbers, where the word is looked for at 6.9 µs (on every predict, refusals too).
     if body is None or (b"m" in body and b"model" in body):
         return None
+    if b"\\" not in body:  # memchr first: the media type is parsed only when it matters
+        return body
     is_msgpack = media_format(message.headers.get("Content-Type")) is Format.MSGPACK
-    return body if is_msgpack or b"\\" not in body else None
+    return body if is_msgpack else None
 
 
 class _DoorParser:

@@ -170,7 +170,8 @@ class InferenceWorker(Actor[_Item]):
     # queued: the mailbox bound is what waits for the model, wherever it waits.
     @property
     def _waiting_in_thread(self) -> int:
-        return sum(len(batch) for batch in self._in_flight[1:])
+        in_flight = self._in_flight  # at most two (``_slots``): asked thrice a request
+        return sum(len(batch) for batch in in_flight[1:]) if len(in_flight) > 1 else 0
 
     @property
     def mailbox_depth(self) -> int:
