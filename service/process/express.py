@@ -397,11 +397,21 @@ def raw_answer(status: int, fields: Mapping[str, str], body: bytes) -> bytes:
     """An HTTP/1.1 answer as aiohttp writes one: ``fields``, then the body's length,
     ``Date`` and ``Server``, the head in UTF-8 (a client's ``X-Request-ID`` beyond ASCII
     comes back in the bytes it was sent in)."""
-    head = f"HTTP/1.1 {status} {_reason(status)}\r\n" + "".join(
+    return (answer_head(status, fields) + answer_tail(len(body))).encode(
+        "utf-8", "surrogateescape"
+    ) + body
+
+
+def answer_head(status: int, fields: Mapping[str, str]) -> str:
+    """An answer's status line and ``fields`` (``raw_answer``)."""
+    return f"HTTP/1.1 {status} {_reason(status)}\r\n" + "".join(
         f"{name}: {value}\r\n" for name, value in fields.items()
     )
-    tail = f"Content-Length: {len(body)}\r\nDate: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
-    return (head + tail).encode("utf-8", "surrogateescape") + body
+
+
+def answer_tail(length: int) -> str:
+    """The headers every answer ends with (``raw_answer``), and the blank line."""
+    return f"Content-Length: {length}\r\nDate: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
 
 
 # Looked up on every answer: the enum's own lookup costs 0.4 µs, the dict's 0.04.

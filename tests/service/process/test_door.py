@@ -20,11 +20,14 @@ from aiohttp import web
 
 from mlgate.config import Settings
 from mlgate.service.app import create_app
+from mlgate.service.http.codec import Format
+from mlgate.service.http.front_door import as_api_error
 from mlgate.service.process import door
-from mlgate.service.process.door import Door
+from mlgate.service.process.door import Door, RefusalTemplates, refusal_answer
 from mlgate.service.process.server import CappedAppRunner, CappedServer
 from mlgate.service.protection.api_keys import KeyStoreUnavailable
 from mlgate.service.state import KEY_STORE, METRICS, MODEL_REPOSITORY
+from mlgate.workers.errors import MailboxFull
 from mlgate.workers.inference.batching import InferenceWorker
 from tests.service.predict.test_predict_api import GatedSession, add_version, gate_worker, rows
 from tests.support import KeyMaker, free_port
@@ -732,3 +735,21 @@ async def test_a_json_body_naming_its_model_by_an_escape_is_left_to_the_app_what
     finally:
         writer.close()
         await model.release()
+
+
+@pytest.mark.parametrize("request_id", ["r-1", 'quote"and\\backslash', "caf\u00e9-\u2615", "x" * 128])
+@pytest.mark.parametrize("path", ["/api/v2/predict", "/api/v1/predict", "/v2/models/demo/infer"])
+def test_a_refusal_made_from_its_template_is_the_answer_made_in_full(
+    request_id: str, path: str
+) -> None:
+    path_headers = {"/api/v1/predict": {"Deprecation": "true", "Sunset": "Wed, 01 Jul 2026 00:00:00 GMT"}}
+    templates = RefusalTemplates(path_headers)
+    error = as_api_error(MailboxFull("demo/1 cannot answer before the request's deadline"), 1)
+    for _ in range(2):  # made, then from the template
+        made = templates.answer(error, path, request_id)
+        full = refusal_answer(error, path, request_id, Format.JSON, path_headers)
+        assert _without_date(made) == _without_date(full)
+
+
+def _without_date(answer: bytes) -> bytes:
+    return b"\r\n".join(line for line in answer.split(b"\r\n") if not line.startswith(b"Date: "))
