@@ -178,3 +178,16 @@ def respond(
     return web.Response(
         body=encode(obj, fmt), status=status, headers=headers, content_type=fmt.value
     )
+
+
+# What simdjson raises for numbers it does not take where msgspec may: a string, null,
+# true, 1e400 (ValueError, TypeError), an integer below -2**63 (RuntimeError:
+# BIGINT_ERROR; msgspec takes it as a float). Its callers then decode with msgspec.
+SIMDJSON_REFUSALS = (ValueError, TypeError, RuntimeError)
+
+
+def raise_parser_misuse(exc: Exception) -> None:
+    """Raise ``exc`` if it is no refusal of the document but a parser still referenced
+    (simdjson refuses to parse again while any of its objects lives): a bug of ours."""
+    if isinstance(exc, RuntimeError) and "re-use a parser" in str(exc):
+        raise exc

@@ -38,7 +38,14 @@ from mlgate.schemas.ingest import (
     TextRecord,
 )
 from mlgate.schemas.problem import FieldError
-from mlgate.service.http.codec import Format, decode, location, undecodable
+from mlgate.service.http.codec import (
+    SIMDJSON_REFUSALS,
+    Format,
+    decode,
+    location,
+    raise_parser_misuse,
+    undecodable,
+)
 from mlgate.service.http.errors import ValidationFailed
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.quality_screen import QUALITY_FLAGS_HEADER, QualityScreen
@@ -422,13 +429,8 @@ def _flat_rows(parser: simdjson.Parser, joined: bytes, count: int) -> np.ndarray
             if not isinstance(row, simdjson.Array) or len(row) != dims:
                 return None
         values = document.as_buffer(of_type="d")
-    # Not JSON numbers simdjson takes: a string, null, 1e400 (ValueError), an integer
-    # below -2**63 (RuntimeError: BIGINT_ERROR; msgspec takes it as a float).
-    except (ValueError, TypeError):
-        return None
-    except RuntimeError as exc:
-        if "re-use a parser" in str(exc):
-            raise
+    except SIMDJSON_REFUSALS as exc:
+        raise_parser_misuse(exc)
         return None
     return np.frombuffer(values, dtype=np.float64).reshape(count, dims)
 

@@ -40,7 +40,13 @@ from mlgate.schemas.predict import (
 )
 from mlgate.schemas.problem import FieldError
 from mlgate.service.http.body import read_body
-from mlgate.service.http.codec import Format, decode, request_format
+from mlgate.service.http.codec import (
+    SIMDJSON_REFUSALS,
+    Format,
+    decode,
+    raise_parser_misuse,
+    request_format,
+)
 from mlgate.service.http.context import REQUEST_ID
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound, ValidationFailed
 from mlgate.service.state import DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
@@ -135,13 +141,8 @@ def json_feature_row(parser: simdjson.Parser, body: bytes) -> np.ndarray | None:
         if not isinstance(features, simdjson.Array) or not 0 < len(features) <= MAX_FEATURES:
             return None
         return np.frombuffer(features.as_buffer(of_type="d"), dtype=np.float64).reshape(1, -1)
-    # Not numbers simdjson takes: a string, null, true, 1e400 (ValueError, TypeError), an
-    # integer below -2**63 (RuntimeError: BIGINT_ERROR; msgspec takes it as a float).
-    except (ValueError, TypeError):
-        return None
-    except RuntimeError as exc:
-        if "re-use a parser" in str(exc):
-            raise
+    except SIMDJSON_REFUSALS as exc:
+        raise_parser_misuse(exc)
         return None
     finally:
         del document, features
