@@ -628,6 +628,7 @@ class DoorRequestHandler(web.RequestHandler):
         self._bound_for: deque[Admission | None] = deque()
         self._express_task: asyncio.Task[None] | None = None
         self._read_once_drained = False
+        self._last_payload: StreamReader = EMPTY_PAYLOAD  # of the last request parsed
         self.held_since = 0.0  # ``loop.time()`` when the door last held it
 
     def read_on(self) -> None:
@@ -670,11 +671,14 @@ class DoorRequestHandler(web.RequestHandler):
         piped in makes): the request it is waiting on is still answered, then the
         connection closed. aiohttp closes at once, dropping the answer of a request the
         app is serving (its access line said 202 while the client got nothing). Not
-        over TLS, which cannot half-close."""
+        over TLS, which cannot half-close. Nor when a body is still awaited: it never
+        comes, and the handler would wait for it until the body timeout."""
         transport = self.transport
         busy = self._handed != self._answered  # a request handed on and not yet answered
         if not busy or transport is None or transport.get_extra_info("sslcontext") is not None:
             return None  # closed now, as aiohttp does
+        if not self._last_payload.is_eof():  # the last request parsed: only its body can be open
+            return None
         self._close = True  # no next request: the connection closes after this answer
         return True
 
@@ -724,6 +728,7 @@ class DoorRequestHandler(web.RequestHandler):
         kept = []
         last = len(messages) - 1
         for index, (message, payload) in enumerate(messages):
+            self._last_payload = payload
             if not (at_front and self.transport and isinstance(message, RawRequestMessage)):
                 kept.append((message, payload))
                 self._bound_for.append(None)

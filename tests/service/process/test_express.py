@@ -777,3 +777,19 @@ async def test_an_idle_connection_whose_client_half_closes_is_closed(served: Ser
         assert await asyncio.wait_for(reader.read(), 10) == b""
     finally:
         writer.close()
+
+
+async def test_a_client_that_half_closes_before_its_body_ended_is_closed_at_once(
+    served: ServeFactory,
+) -> None:
+    server = await served()
+    reader, writer = await server.connect()
+    try:
+        head = "POST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\nIdempotency-Key: k\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        writer.write(head.encode() + b'{"source": "s", ')
+        await writer.drain()
+        writer.write_eof()
+        # Closed now, not held open until the body timeout (30 s) for a body that never comes.
+        await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
