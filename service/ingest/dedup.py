@@ -42,7 +42,6 @@ fair share: ``service.protection.fair_share``).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from dataclasses import dataclass
 
 from mlgate.config import Settings
 from mlgate.service.http.errors import Conflict
+from mlgate.service.ingest.ids import UniqueIds
 from mlgate.service.protection.fair_share import FairShareGenerations, FairShareMap
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
 
@@ -222,6 +222,9 @@ class RecordDeduplicator:
             else {}
         )
         self._local = LocalSeen(settings.dedup_window_s, self._lapse_s, settings.dedup_max_entries)
+        # Claim tokens: unique across processes and restarts (a random prefix) without
+        # a getrandom system call per claim.
+        self._new_token = UniqueIds()
 
     @property
     def enabled(self) -> bool:
@@ -241,7 +244,7 @@ class RecordDeduplicator:
 
         Waits for ids in flight for another request; ``Conflict`` when they still are
         after ``in_flight_wait_s``. Refused or cancelled, it releases what it held."""
-        token = os.urandom(8).hex()
+        token = self._new_token()
         if not self.enabled or not record_ids:
             return Claim(token, [True] * len(record_ids), [])
         distinct = list(dict.fromkeys(record_ids))

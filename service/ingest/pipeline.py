@@ -32,8 +32,6 @@ any other failure part of them may have landed, so their ids stay claimed until 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -44,6 +42,7 @@ from mlgate.service.http.codec import Format
 from mlgate.service.http.metrics import Metrics
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
+from mlgate.service.ingest.ids import UniqueIds
 from mlgate.service.ingest.validation import Decoded, RecordValidator
 from mlgate.workers.errors import MailboxFull, WorkerClosed
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
@@ -59,19 +58,6 @@ class Written:
     duplicates: int
 
 
-class TrackingIds:
-    """Tracking ids: a random per-process prefix and a counter (32 hex digits), unique
-    across processes and restarts without a system call per request."""
-
-    def __init__(self) -> None:
-        self._prefix = os.urandom(8).hex()
-        self._counter = itertools.count()
-
-    def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter):016x}"
-
-
-
 class IngestPipeline:
     def __init__(
         self,
@@ -85,7 +71,16 @@ class IngestPipeline:
         self._sink = sink
         self._metrics = metrics
         self._settling: set[asyncio.Future[None]] = set()
-        self.new_tracking_id = TrackingIds()
+        self.new_tracking_id = UniqueIds()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the pipeline serves, asked once: ``asyncio.get_running_loop()`` (and
+        ``ensure_future``) make a system call on Python 3.11, for the process id."""
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def decode(self, body: bytes, fmt: Format) -> tuple[str, Sequence[Decoded]]:
         return self._validator.decode_batch(body, fmt)
@@ -110,7 +105,7 @@ class IngestPipeline:
         else:
             # Once submitted, the sink writes the records whether or not this caller is
             # still waiting: the claim is settled by the write's outcome, not by ours.
-            settle = asyncio.ensure_future(self._write_and_settle(tenant, claim, records))
+            settle = self._running_loop.create_task(self._write_and_settle(tenant, claim, records))
             self._settling.add(settle)
             settle.add_done_callback(self._settled)
             await asyncio.shield(settle)
@@ -136,7 +131,7 @@ class IngestPipeline:
         """The sink write, with the claim extended every third of its lapse while the
         write runs: a write slower than the lapse must not let a retry claim its ids.
         A timer, so only a slow write pays for an extension."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         interval = self._dedup.lapse_s / 3
         timer: asyncio.TimerHandle | None = None
 

@@ -146,7 +146,8 @@ class KafkaWriter(Actor[_Pending]):
         # Batches handed to the producer and not answered, and when the last answer
         # came (or the first of them was sent): see ``stalled``.
         self._unanswered = 0
-        self._all_answered = asyncio.Event()
+        # While the writer lingers: the future the last answer sets (``_linger``).
+        self._lingering: asyncio.Future[None] | None = None
         self._last_answer = time.monotonic()
 
     @property
@@ -240,13 +241,16 @@ class KafkaWriter(Actor[_Pending]):
         While batches are in flight nothing is gained by sending at once, and what
         arrives meanwhile joins this turn: a stream of single-record requests makes a
         few large Kafka batches instead of one per request (aiokafka's cost is mostly
-        per batch). Batch size then follows the load, and an idle writer sends at once."""
-        self._all_answered.clear()
+        per batch). Batch size then follows the load, and an idle writer sends at once.
+        A bare future and a timer: ``asyncio.timeout`` and ``Event.wait`` each ask the
+        process id (Python 3.11), on every turn of a busy writer."""
+        lingering = self._lingering = self._new_future()
+        timer = lingering.get_loop().call_later(linger_s, _resolve, lingering)
         try:
-            async with asyncio.timeout(linger_s):
-                await self._all_answered.wait()
-        except TimeoutError:
-            pass
+            await lingering
+        finally:
+            timer.cancel()
+            self._lingering = None
 
     async def _send(self, items: list[_Pending]) -> None:
         by_partition: dict[int, list[tuple[OutboundRecord, _Pending]]] = defaultdict(list)
@@ -323,8 +327,8 @@ class KafkaWriter(Actor[_Pending]):
         def on_ack(done: asyncio.Future[object]) -> None:
             self._in_flight.release()
             self._unanswered -= 1
-            if not self._unanswered:
-                self._all_answered.set()
+            if not self._unanswered and self._lingering is not None:
+                _resolve(self._lingering)
             self._last_answer = time.monotonic()
             error = WorkerClosed("send cancelled") if done.cancelled() else done.exception()
             if error is None:
@@ -340,6 +344,11 @@ class KafkaWriter(Actor[_Pending]):
                 item.batch_done(error)
 
         ack.add_done_callback(on_ack)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # -- partitioning ------------------------------------------------------------------------
