@@ -24,6 +24,11 @@ What it does not do: rate limiting (a model at capacity answers 503 before a key
 ``mlgate_requests_total`` like any answer. Everything else takes the normal path,
 which sheds a full model too, only later.
 
+A connection refused here is held (not read) until the model has room for it, in
+a line by model and deadline; one whose predict the express lane just answered joins
+the back of its line while connections wait in it (``Door.hold_behind_line``), so it
+does not take their room and get refused.
+
 ``DoorRequestHandler`` is aiohttp's ``RequestHandler`` with its parser wrapped, so
 refused messages never reach the handler's queue.
 """
@@ -207,7 +212,7 @@ class Door:
         refused here is held (``_hold``) until there is room for its next request."""
         reservation = self._reservations.pop(connection, None)
         reserved = reservation[0] if reservation is not None else None
-        if reservation is not None and self._line(message.headers) < reservation[1]:
+        if reservation is not None and self.line_of(message.headers) < reservation[1]:
             # Room was kept for a looser deadline than this request's: it is decided
             # like any other (its way there and back may not fit this one).
             self.reached_app(reservation[0])
@@ -216,7 +221,7 @@ class Door:
         if reserved is not None and not (admission is not None and worker is reserved):
             self.reached_app(reserved)  # the room kept for this connection goes unused
         if answer is not None and worker is not None:
-            self._hold(connection, worker, self._line(message.headers))
+            self._hold(connection, worker, self.line_of(message.headers))
         return answer, admission
 
     def _decide(
@@ -300,7 +305,7 @@ class Door:
     def holds(self, connection: DoorRequestHandler) -> bool:
         return connection in self._holding
 
-    def _line(self, headers: Mapping[str, str]) -> float:
+    def line_of(self, headers: Mapping[str, str]) -> float:
         timeout_ms = timeout_ms_in(headers, self._settings.request_timeout_ms)
         return _line_of(timeout_ms or self._settings.request_timeout_ms)
 
@@ -323,6 +328,23 @@ class Door:
     def hold_s(self) -> float:
         """The longest a connection is held: ``Retry-After``."""
         return float(self._settings.retry_after_s)
+
+    def hold_behind_line(
+        self, connection: DoorRequestHandler, worker: InferenceWorker, line: float
+    ) -> bool:
+        """Hold a connection just answered for ``worker`` at the back of its ``line``
+        when connections held for that worker would come back before a request of
+        that line (``_held_ahead``): its next request is read in its turn, with room
+        kept for it, rather than read at once and refused.
+
+        Under a retry storm every answered connection sends its next request at once:
+        read then, it found no room (those held ahead of it have it) and was refused,
+        then held. Each answer cost a refusal (bench.overload's tight phase: exactly
+        as many 503s a second as 200s), on the core the model computes on."""
+        if not self._line_sizes or self._held_ahead(worker, line) == 0:
+            return False
+        self._hold(connection, worker, line)
+        return True
 
     def hold_refused(self, connection: DoorRequestHandler) -> None:
         """Hold a connection whose request the app answered 503 until ``Retry-After``
@@ -627,6 +649,8 @@ class DoorRequestHandler(web.RequestHandler):
         # For each message handed to the app, in order: the door's admission of it, if any.
         self._bound_for: deque[Admission | None] = deque()
         self._express_task: asyncio.Task[None] | None = None
+        # The worker and held line of the predict in the express lane, if one is there.
+        self._express_line: tuple[InferenceWorker, float] | None = None
         self._read_once_drained = False
         self._last_payload: StreamReader = EMPTY_PAYLOAD  # of the last request parsed
         self.held_since = 0.0  # ``loop.time()`` when the door last held it
@@ -776,6 +800,8 @@ class DoorRequestHandler(web.RequestHandler):
         if task is None:
             return False
         self._express_task = task
+        if admission.worker is not None:
+            self._express_line = (admission.worker, self._door.line_of(message.headers))
         self._handed += 1
         if self._inner_parser is not None:
             self._inner_parser.message_consumed()
@@ -791,6 +817,7 @@ class DoorRequestHandler(web.RequestHandler):
         """The express lane's answer (None: none, the connection is closed); ``refused``:
         it is a 503, and the connection is held as after the app's (``hold_refused``)."""
         self._express_task = None
+        served_for, self._express_line = self._express_line, None
         self._answered += 1
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -803,6 +830,8 @@ class DoorRequestHandler(web.RequestHandler):
         self._restart_head_timer()
         if refused:
             self._door.hold_refused(self)
+        elif served_for is not None:
+            self._door.hold_behind_line(self, *served_for)
         self.read_on()
 
     def handle_error(

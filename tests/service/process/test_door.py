@@ -78,8 +78,10 @@ async def full_model(
     sessions: list[aiohttp.ClientSession] = []
 
     async def make(
-        key: str | None = None, keepalive_timeout: float = 75.0, **settings: Any
+        key: str | None = None, keepalive_timeout: float = 75.0, fill: bool = True, **settings: Any
     ) -> FullModel:
+        """``fill``: one row computing and one queued, on connections of their own;
+        otherwise the model idle, its gate closed."""
         repo_root = tmp_path / "models"
         add_version(repo_root, 1, seed=1, config='{"max_batch_size": 1}')
         app = create_app(
@@ -110,6 +112,10 @@ async def full_model(
                 ) as r:
                     return r.status
 
+        server = runner.server
+        assert isinstance(server, CappedServer)
+        if not fill:
+            return FullModel(url, server.door, gated, [], session)
         first = asyncio.create_task(held(0))
         await asyncio.to_thread(gated.entered.wait, 5)
         second = asyncio.create_task(held(1))
@@ -119,8 +125,6 @@ async def full_model(
                 break
             await asyncio.sleep(0.01)
         assert worker.mailbox_full
-        server = runner.server
-        assert isinstance(server, CappedServer)
         return FullModel(url, server.door, gated, [first, second], session)
 
     yield make
@@ -285,6 +289,39 @@ async def test_a_refused_connection_is_not_read_again_until_the_model_has_room(
     assert await model.release() == [200, 200]
     assert await asyncio.wait_for(retry, 5) == 200
     writer.close()
+
+
+async def test_a_connection_answered_while_others_wait_for_the_model_joins_the_back_of_their_line(
+    full_model: FullModelFactory, app_worker: Callable[[FullModel], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(door, "HOLD_TICK_S", 0.3)  # the line moves between the test's steps
+    model = await full_model(fill=False, retry_after_s=60)
+    served_reader, served_writer = await model.connect()
+    served_writer.write(raw_predict(ROW))
+    await asyncio.to_thread(model.gated.entered.wait, 5)  # computing, behind the gate
+    queued_reader, queued_writer = await model.connect()
+    queued_writer.write(raw_predict(ROW))
+    for _ in range(100):
+        if app_worker(model).mailbox_full:
+            break
+        await asyncio.sleep(0.01)
+    held_reader, held_writer = await refused_connection(model)
+    held_writer.write(raw_predict(ROW))  # a retry at once: waits, held
+    model.gated.gate.set()
+    try:
+        assert await asyncio.wait_for(read_answer(served_reader), 5) == 200
+        served_writer.write(raw_predict(ROW))  # its next request, at once
+        assert await asyncio.wait_for(read_answer(queued_reader), 5) == 200
+        # The connection held first comes back first; the answered one waits its turn
+        # behind it, and is served then, rather than read at once and refused.
+        next_served = asyncio.ensure_future(read_answer(served_reader))
+        assert await asyncio.wait_for(read_answer(held_reader), 5) == 200
+        assert not next_served.done()
+        assert await asyncio.wait_for(next_served, 5) == 200
+        assert model.door.refused == 1
+    finally:
+        for writer in (served_writer, queued_writer, held_writer):
+            writer.close()
 
 
 async def test_a_held_connection_is_read_again_after_retry_after_even_if_the_model_stays_full(
