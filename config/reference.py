@@ -43,10 +43,7 @@ DESCRIPTIONS: dict[str, str] = {
     "kafka_topic": "Topic records are written to.",
     "kafka_enable_idempotence": "Idempotent producer (needs InitProducerId; Tansu lacks it).",
     "kafka_linger_ms": "While Kafka batches are in flight, how long the writer waits for more records to join the next batch (until they are all answered, at most this); an idle writer sends at once.",
-    "kafka_max_batch_bytes": (
-        "Largest Kafka record batch the writer fills; a larger record goes in a batch of "
-        "its own (a produce request holds at most twice this)."
-    ),
+    "kafka_max_batch_bytes": "Largest Kafka record batch.",
     "kafka_request_timeout_ms": "Produce timeout; a produce that fails or times out spills.",
     "kafka_compression": "none, gzip, lz4, zstd or snappy.",
     "kafka_breaker_fail_max": "Consecutive Kafka failures that open its circuit breaker.",

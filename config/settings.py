@@ -75,11 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kafka_topic: str = "mlgate.records"
     kafka_enable_idempotence: bool = False
     kafka_linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 2
-    # A quarter of aiokafka's 1 MiB: the producer copies each produce request about
-    # eight times on its way to the socket, and copies that stay in the cache cost
-    # 13 µs of a record where 1 MiB batches cost 15 (bench.workload's batches). A
-    # record larger than this is sent in a batch of its own.
-    kafka_max_batch_bytes: PositiveInt = 256 * 1024
+    kafka_max_batch_bytes: PositiveInt = 1024 * 1024
     kafka_request_timeout_ms: PositiveInt = 5_000
     kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
 

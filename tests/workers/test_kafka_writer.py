@@ -5,13 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-import msgspec
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from mlgate.schemas.ingest import MAX_FEATURES, MAX_METADATA_ITEMS, StoredRecord
-from mlgate.service.ingest.batch import ValidatedBatch
-from mlgate.service.ingest.validation import RecordValidator
 from mlgate.workers.errors import WorkerError
 from mlgate.workers.sinks.kafka_writer import KafkaWriter, partitions_for
 from mlgate.workers.sinks.records import OutboundRecord
@@ -173,36 +169,3 @@ async def test_written_records_read_back_from_the_broker_as_sent(
     assert sorted((m.key, m.value, list(m.headers)) for m in read) == sorted(
         (r.key, r.value, headers) for r in sent
     )
-
-
-async def test_the_largest_record_the_schema_allows_lands_with_the_default_batch_size(
-    make_settings, kafka_broker
-) -> None:
-    """Its JSON value (4,096 of the longest numbers, 32 metadata items of 1,024 control
-    characters, each escaped to six) is larger than a default batch: it goes in a batch
-    of its own, between full batches of small records, and lands whole."""
-    topic = await create_topic(kafka_broker.bootstrap)
-    settings = make_settings(kafka_bootstrap_servers=kafka_broker.bootstrap, kafka_topic=topic)
-    largest = StoredRecord(
-        record_id="r" * 128,
-        timestamp="2026-12-05T12:00:00.000000Z",
-        features=[-2.2250738585072014e-308] * MAX_FEATURES,
-        label=-2.2250738585072014e-308,
-        metadata={f"{n:02d}".ljust(64, "k"): "\x01" * 1024 for n in range(MAX_METADATA_ITEMS)},
-        source="s" * 128,
-    )
-    small = [
-        msgspec.structs.replace(largest, record_id=f"small-{i}", features=[0.5], metadata={})
-        for i in range(3000)
-    ]
-    batch = ValidatedBatch(source="s" * 128, accepted=[*small[:1500], largest, *small[1500:]], errors=[])
-    sent = RecordValidator(settings).outbound(batch, "t" * 32)
-    assert len(sent[1500].value) > settings.kafka_max_batch_bytes, len(sent[1500].value)
-    writer = KafkaWriter(settings)
-    await writer.start()
-    try:
-        await writer.write(sent)
-    finally:
-        await writer.close(drain_s=5)
-    read = await read_topic(kafka_broker.bootstrap, topic, expected=len(sent))
-    assert sorted(m.value for m in read) == sorted(r.value for r in sent)
