@@ -73,8 +73,12 @@ class Phase:
         return self.result.statuses.get(status, 0) / self.result.window_s
 
     def p99_ms(self, status: str) -> float:
-        values = self.result.latencies_ms.get(status, [])
-        return values[min(len(values) - 1, int(0.99 * len(values)))] if values else float("nan")
+        return p99_ms(self.result, status)
+
+
+def p99_ms(result: LoadResult, status: str) -> float:
+    values = result.latencies_ms.get(status, [])
+    return values[min(len(values) - 1, int(0.99 * len(values)))] if values else float("nan")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -244,7 +248,10 @@ def report_flood(results: list[Flood], args: argparse.Namespace) -> int:
         print(
             f"- victim beside the flood {result.label}: {per_s(result.victim)} ({ratio:.2f}x alone)"
         )
-        print(f"  flooder: {per_s(result.flooder)}")
+        # Where the door refuses most: its refusals' latency, against the 5 ms line.
+        refused = result.flooder.statuses.get("503", 0)
+        latency = f", 503 p99 {p99_ms(result.flooder, '503'):.1f} ms" if refused else ""
+        print(f"  flooder: {per_s(result.flooder)}{latency}")
         if not ratio >= VICTIM_TARGET:
             failures.append(f"{result.label}: the victim kept {ratio:.2f}x < {VICTIM_TARGET}x")
     for failure in failures:
