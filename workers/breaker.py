@@ -103,8 +103,11 @@ class Breaker:
         try:
             result: T = await self._breaker.call_async(func, *args, **kwargs)
             return result
-        except aiobreaker.CircuitBreakerError as exc:
-            raise BreakerOpen(self.name, max(1, math.ceil(exc.time_remaining.total_seconds()))) from None
+        except aiobreaker.CircuitBreakerError:
+            # Not the error's own reopen time: aiobreaker reckons it against local time
+            # from a UTC clock (None all the time east of UTC, and anywhere at the
+            # instant the timeout ends), and None made the refusal a TypeError, a 500.
+            raise BreakerOpen(self.name, max(1, self.retry_after_s)) from None
 
 
 async def _raise(exc: Exception) -> NoReturn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -83,3 +84,24 @@ async def test_keyword_arguments_reach_the_call_closed_or_counting_failures() ->
     assert await breaker.call(echo, 1, second=2) == (1, 2)
     await failures(breaker, 1)  # a failure counted: the call goes through aiobreaker
     assert await breaker.call(echo, 3, second=4) == (3, 4)
+
+
+async def test_an_open_breaker_refuses_with_its_retry_time_on_a_host_east_of_utc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiobreaker's error reckons the reopen time against local time from a UTC clock:
+    east of UTC it says None, and a refusal became a TypeError (a 500). The same gives
+    None anywhere at the instant the breaker's timeout ends (seen in CI: a Redis
+    Cluster master killed under load)."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        breaker = Breaker("dep", fail_max=1, reset_s=60)
+        with pytest.raises(BreakerOpen):
+            await breaker.call(fail)  # opens it
+        with pytest.raises(BreakerOpen) as refused:
+            await breaker.call(succeed)
+        assert 1 <= refused.value.retry_after_s <= 60
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
