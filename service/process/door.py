@@ -340,8 +340,16 @@ class Door:
         Under a retry storm every answered connection sends its next request at once:
         read then, it found no room (those held ahead of it have it) and was refused,
         then held. Each answer cost a refusal (bench.overload's tight phase: exactly
-        as many 503s a second as 200s), on the core the model computes on."""
+        as many 503s a second as 200s), on the core the model computes on.
+
+        Only a connection the door held within the last ``Retry-After`` (refused, or
+        held this way) is held: its client has been told the model is at capacity. A
+        held connection's next request waits for this model's line whatever it is
+        for (a ``GET /health`` on a pooled connection, another model), so one that was
+        never refused is read at once, as before."""
         if not self._line_sizes or self._held_ahead(worker, line) == 0:
+            return False
+        if connection.event_loop.time() - connection.held_since > self.hold_s:
             return False
         self._hold(connection, worker, line)
         return True
@@ -369,6 +377,11 @@ class Door:
         transport = connection.transport
         if transport is None or connection in self._holding:
             return  # several pipelined refusals: held once, or its room would be kept twice
+        reservation = self._reservations.pop(connection, None)
+        if reservation is not None:
+            # Held again before it used the room kept for it (a pipelined refusal and
+            # the lane's answer behind it, say): that room goes back, or it is lost.
+            self.reached_app(reservation[0])
         line = (worker, timeout_s)
         self._holding[connection] = line
         self._line_sizes[line] = self._line_sizes.get(line, 0) + 1
