@@ -47,6 +47,7 @@ from murmurhash2 import murmurhash2
 from mlgate.config import Settings
 from mlgate.workers.actor import Actor
 from mlgate.workers.errors import SinkFailed, WorkerClosed
+from mlgate.workers.sinks.produce_request import lean_produce_requests
 from mlgate.workers.sinks.record_batch import RecordBatchBuilder
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
@@ -170,6 +171,7 @@ class KafkaWriter(Actor[_Pending]):
     async def start(self) -> None:
         """Connect and learn the topic's partitions; may be retried after a failure."""
         producer = self._given_producer or build_producer(self._settings)
+        lean_produce_requests(producer.client)
         try:
             await producer.start()
             partitions = await asyncio.wait_for(
