@@ -22,6 +22,10 @@ MAX_RECORDS = 100_000
 
 # ``$(?!\n)``: Python's ``$`` also matches before a final newline; ECMA's does not need it.
 RecordId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$(?!\n)")]
+# A ``RecordId`` without its pattern, for ``PackedRecord``: msgspec runs a pattern
+# through Python's ``re`` for each value (0.45 µs a record); the packed path checks a
+# whole batch's ids at once instead (``service.ingest.validation``).
+UncheckedRecordId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 # (?!\n): Python's $ also matches before a final newline.
 SOURCE_PATTERN = r"^[A-Za-z0-9._:-]+$(?!\n)"
 SourceName = Annotated[
@@ -111,7 +115,7 @@ class PackedRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     Never on the wire or in the OpenAPI document."""
 
     features: msgspec.Raw
-    record_id: RecordId | None = None
+    record_id: UncheckedRecordId | None = None
     timestamp: Timestamp | None = None
     label: float | None = None
     metadata: Annotated[

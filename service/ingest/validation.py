@@ -11,6 +11,7 @@ records come out encoded for the sink, flagged ones with a ``quality_flags`` hea
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -150,7 +151,11 @@ class RecordValidator:
             except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
                 pass
             else:
-                read = _feature_matrix(packed.records) if len(packed.records) <= limit else None
+                read = (
+                    _feature_matrix(packed.records)
+                    if len(packed.records) <= limit and _ids_visible_ascii(packed.records)
+                    else None
+                )
                 if read is not None:
                     matrix, float64s = read
                     return packed.source, PackedRecords(packed.records, matrix, float64s=float64s)
@@ -184,7 +189,7 @@ class RecordValidator:
         same messages as always."""
         try:
             packed: PackedRequest = _json_packed_decoder.decode(body)
-            if len(packed.records) > limit:
+            if len(packed.records) > limit or not _ids_visible_ascii(packed.records):
                 return None
             if len(body) >= PACKED_FROM_BYTES:
                 matrix = self._json_feature_matrix(packed.records)
@@ -410,6 +415,19 @@ def given_record_id(raw: bytes | msgspec.Raw, fmt: Format) -> str | None:
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         return None
     return only.record_id
+
+
+# What ``RecordId``'s pattern allows, for a batch's ids joined: they are not empty
+# (``UncheckedRecordId``), so each is visible ASCII exactly when all of them joined are.
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
+
+
+def _ids_visible_ascii(records: Sequence[PackedRecord]) -> bool:
+    """Whether every id the records give is what ``RecordId`` allows: one regex for the
+    batch (0.05 µs a record) where ``PackedRecord`` leaves the pattern out. When one is
+    not, the batch takes the per-record path, which rejects that record by name."""
+    ids = "".join([record.record_id for record in records if record.record_id is not None])
+    return _VISIBLE_ASCII.fullmatch(ids) is not None
 
 
 def _flat_rows(parser: simdjson.Parser, joined: bytes, count: int) -> np.ndarray | None:

@@ -171,3 +171,31 @@ def test_msgpack_values_write_a_timestamp_as_json_values_do(stamp: Any) -> None:
         stored[value_format] = decode(out.value)["timestamp"]
     assert stored["msgpack"] == stored["json"]
     assert stored["msgpack"].endswith("Z")
+
+
+@pytest.mark.parametrize("format_", [Format.MSGPACK, Format.JSON])
+@pytest.mark.parametrize("bad_id", ["has space", "tab\there", "naïve", "line\n"])
+def test_a_record_id_that_is_not_visible_ascii_is_rejected_by_name_in_a_packed_batch(
+    format_: Format, bad_id: str
+) -> None:
+    """The packed path checks the batch's ids in one regex: a bad one sends the batch
+    down the per-record path, which rejects that record alone, as it always has."""
+    validator = _validator()
+    records = [
+        {"record_id": record_id, "features": [1.0, 2.0, 3.0, 4.0]}
+        for record_id in ("r-0", bad_id, "r-2")
+    ]
+    envelope = {"source": "s", "records": records}
+    body = msgpack.packb(envelope) if format_ is Format.MSGPACK else msgspec.json.encode(envelope)
+    source, items = validator.decode_batch(body, format_)
+    batch = validator.validate(source, items)
+    assert [r.record_id for r in batch.accepted] == ["r-0", "r-2"]
+    [error] = batch.errors
+    assert (error.index, error.record_id) == (1, None)
+    assert "record_id" in error.error
+
+
+def test_a_packed_batch_of_visible_ascii_ids_keeps_the_packed_path() -> None:
+    records = [{"record_id": "!~az-09_{}", "features": [1.0, 2.0, 3.0, 4.0]}]
+    _, items = _validator().decode_batch(msgpack.packb({"source": "s", "records": records}), Format.MSGPACK)
+    assert isinstance(items[0], PackedRecord)
