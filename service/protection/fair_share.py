@@ -57,8 +57,8 @@ class FairShareMap(Generic[V]):
 
     def put_all(self, tenant: str, keys: list[str], value: V) -> None:
         """``put`` of ``value`` under each of ``keys`` (distinct, none held by ``tenant``
-        yet): while the map has room for them all, one dict update rather than a call
-        a key (the in-flight ids of a batch)."""
+        yet): while the map has room for them all, a bare store a key rather than a
+        call (the in-flight ids of a batch; ``OrderedDict.update`` takes twice as long)."""
         if not keys:
             return
         if self._size + len(keys) > self._max:
@@ -67,7 +67,8 @@ class FairShareMap(Generic[V]):
             return
         entries = self._tenants.setdefault(tenant, OrderedDict())
         before = len(entries)
-        entries.update(dict.fromkeys(keys, value))
+        for key in keys:
+            entries[key] = value
         self._size += len(entries) - before
 
     def pop_all(self, tenant: str, keys: Iterable[str]) -> None:
@@ -121,18 +122,36 @@ class FairShareMap(Generic[V]):
             del self._tenants[victim]
 
 
+class _Remembered:
+    """One tenant's digests: all of them in one set (a lookup is one probe, not one a
+    generation), and per generation, oldest first, (expiry, the digests it added)."""
+
+    __slots__ = ("digests", "generations")
+
+    def __init__(self) -> None:
+        self.digests: set[int] = set()
+        self.generations: deque[tuple[float, list[int]]] = deque()
+
+    def drop_oldest(self) -> int:
+        """Forget the oldest generation's digests; how many they were."""
+        _, dropped = self.generations.popleft()
+        self.digests.difference_update(dropped)
+        return len(dropped)
+
+
 class FairShareGenerations:
     """A bounded set of 64-bit digests per tenant, each remembered until its
     generation expires: the compact store behind the record-dedup table's written ids.
 
-    A tenant's digests go into its newest generation, a ``set[int]`` that takes at most
+    A tenant's new digests go into its newest generation, which takes at most
     ``max_entries // GENERATIONS`` of them and stays open for ``span_s``; the generation
     expires ``ttl_s`` after it was opened plus ``span_s``: a digest is remembered
-    for ``ttl_s`` and at most ``span_s`` longer. Expired and evicted generations are dropped
-    whole (constant time per digest), and a set of ints costs a fraction of an ordered map
-    of strings (about 70 bytes per digest instead of 300). Eviction follows
-    ``FairShareMap``'s rule, a generation at a time: the inserting tenant's oldest when it
-    holds at least its fair share, else the largest tenant's.
+    for ``ttl_s`` and at most ``span_s`` longer, from when it was first added. Expired and evicted generations are
+    dropped whole (constant time per digest). A lookup probes one set of the tenant's
+    digests, not each generation's (0.47 µs a digest with eight generations of a
+    million digests). Eviction follows ``FairShareMap``'s rule, a generation at a time:
+    the inserting tenant's oldest when it holds at least its fair share, else the
+    largest tenant's.
     """
 
     GENERATIONS = 8
@@ -143,60 +162,60 @@ class FairShareGenerations:
         self._span_s = span_s
         self._cap = max(1, max_entries // self.GENERATIONS)
         self._size = 0
-        # per tenant, oldest first: (expiry, digests)
-        self._tenants: dict[str, deque[tuple[float, set[int]]]] = {}
+        self._tenants: dict[str, _Remembered] = {}
 
     def __len__(self) -> int:
         return self._size
 
     def held_by(self, tenant: str) -> int:
-        generations = self._tenants.get(tenant)
-        return 0 if generations is None else sum(len(digests) for _, digests in generations)
+        remembered = self._tenants.get(tenant)
+        return 0 if remembered is None else len(remembered.digests)
 
     def tenants(self) -> Iterator[str]:
         return iter(self._tenants)
 
     def holding(self, tenant: str, digests: Iterable[int], now: float) -> set[int]:
         """Which of ``digests`` ``tenant`` remembers at ``now`` (dropping what expired)."""
-        generations = self._expire(tenant, now)
-        if not generations:
+        remembered = self._expire(tenant, now)
+        if remembered is None:
             return set()
         wanted = digests if isinstance(digests, set | frozenset) else set(digests)
-        found: set[int] = set()
-        for _, remembered in generations:
-            found |= remembered & wanted
-        return found
+        return wanted & remembered.digests
 
     def add(self, tenant: str, digests: Iterable[int], now: float) -> None:
         """Remember ``digests`` for ``tenant`` from ``now``, evicting if the store is full."""
-        generations = self._expire(tenant, now)
-        if generations is None:
-            generations = self._tenants[tenant] = deque()
+        remembered = self._expire(tenant, now)
+        if remembered is None:
+            remembered = self._tenants[tenant] = _Remembered()
+        # One already remembered goes into the newest generation too, and is forgotten
+        # with the oldest that holds it (``drop_oldest``): remembered from its first add.
         pending = digests if isinstance(digests, list) else list(digests)
+        generations = remembered.generations
         start = 0
         while start < len(pending):
             if not generations or len(generations[-1][1]) >= self._cap or generations[-1][0] - self._ttl_s <= now:
                 # the newest is full, or was opened span_s ago (its expiry - ttl_s)
-                generations.append((now + self._ttl_s + self._span_s, set()))
-            remembered = generations[-1][1]
-            chunk = pending[start : start + self._cap - len(remembered)]
-            before = len(remembered)
-            remembered.update(chunk)
-            self._size += len(remembered) - before
+                generations.append((now + self._ttl_s + self._span_s, []))
+            newest = generations[-1][1]
+            chunk = pending[start : start + self._cap - len(newest)]
+            newest += chunk
+            remembered.digests.update(chunk)
+            self._size += len(chunk)
             start += len(chunk)
         while self._size > self._max:
             self._evict_for(tenant)
 
-    def _expire(self, tenant: str, now: float) -> deque[tuple[float, set[int]]] | None:
-        generations = self._tenants.get(tenant)
-        if generations is None:
+    def _expire(self, tenant: str, now: float) -> _Remembered | None:
+        remembered = self._tenants.get(tenant)
+        if remembered is None:
             return None
+        generations = remembered.generations
         while generations and generations[0][0] <= now:
-            self._size -= len(generations.popleft()[1])
+            self._size -= remembered.drop_oldest()
         if not generations:
             del self._tenants[tenant]
             return None
-        return generations
+        return remembered
 
     def _evict_for(self, tenant: str) -> None:
         present = len(self._tenants) + (tenant not in self._tenants)
@@ -204,7 +223,7 @@ class FairShareGenerations:
         victim = tenant
         if self.held_by(tenant) < max(1, share):
             victim = max(self._tenants, key=self.held_by)
-        generations = self._tenants[victim]
-        self._size -= len(generations.popleft()[1])
-        if not generations:
+        remembered = self._tenants[victim]
+        self._size -= remembered.drop_oldest()
+        if not remembered.generations:
             del self._tenants[victim]

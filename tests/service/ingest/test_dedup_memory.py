@@ -61,3 +61,13 @@ def test_a_tenant_under_its_share_evicts_from_the_largest() -> None:
     assert len(store) <= 16
     assert store.holding("b", [100, 101], now=1) == {100, 101}
     assert store.holding("a", [0], now=1) == set() and store.holding("a", [15], now=1) == {15}
+
+
+def test_a_digest_added_again_is_remembered_from_its_first_add() -> None:
+    store = FairShareGenerations(max_entries=100, ttl_s=10, span_s=1)
+    store.add("t", [1], now=0)
+    store.add("t", [1, 2], now=5)  # a newer generation
+    assert store.holding("t", [1, 2], now=10.9) == {1, 2}
+    assert store.holding("t", [1, 2], now=11) == {2}
+    assert store.holding("t", [1, 2], now=16) == set()
+    assert len(store) == 0
