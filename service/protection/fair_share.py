@@ -180,7 +180,7 @@ class FairShareGenerations:
         if remembered is None:
             return set()
         wanted = digests if isinstance(digests, set | frozenset) else set(digests)
-        return wanted & remembered.digests
+        return remembered.digests & wanted
 
     def add(self, tenant: str, digests: Iterable[int], now: float) -> None:
         """Remember ``digests`` for ``tenant`` from ``now``, evicting if the store is full."""
