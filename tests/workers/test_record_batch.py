@@ -12,6 +12,7 @@ from aiokafka.record.default_records import DefaultRecordBatch
 
 from mlgate.workers.sinks import record_batch
 from mlgate.workers.sinks.record_batch import RecordBatchBuilder
+from mlgate.workers.sinks.records import OutboundRecord
 
 HEADERS = [("source", b"sensors"), ("tracking_id", b"t-1"), ("schema_version", b"1")]
 
@@ -113,3 +114,39 @@ def test_the_producer_state_cannot_change_once_the_batch_is_built() -> None:
     builder._build()
     with pytest.raises(RuntimeError):
         builder._set_producer_state(42, 3, 17)
+
+
+def _outbound(count: int, size: int = 900) -> list[OutboundRecord]:
+    return [OutboundRecord(f"r-{i:05d}".encode(), bytes([i % 251]) * size, HEADERS) for i in range(count)]
+
+
+def test_extend_lays_out_the_bytes_append_lays_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(record_batch.time, "time", lambda: 1_700_000_000.0)
+    records = _outbound(40, size=20_000)  # value lengths past the varint table
+    one_by_one, at_once = RecordBatchBuilder(8 << 20), RecordBatchBuilder(8 << 20)
+    for record in records:
+        one_by_one.append(timestamp=None, key=record.key, value=record.value, headers=record.headers)
+    assert at_once.extend(records) == 40
+    assert at_once._build() == one_by_one._build()
+
+
+def test_extend_stops_where_append_would_refuse_and_goes_on_from_there() -> None:
+    records = _outbound(100)
+    appended, first = RecordBatchBuilder(16_384), RecordBatchBuilder(16_384)
+    fits = sum(
+        1
+        for record in records
+        if appended.append(timestamp=None, key=record.key, value=record.value, headers=record.headers)
+    )
+    assert first.extend(records) == fits < 100
+    assert first.closed() and first.extend(records, fits) == 0
+    second = RecordBatchBuilder(16_384)
+    assert second.extend(records, fits) == fits  # the next batch starts where it stopped
+    assert [r.key for r in _read(second)] == [r.key for r in records[fits : 2 * fits]]
+
+
+def test_extend_takes_a_record_larger_than_the_batch_into_an_empty_one() -> None:
+    builder = RecordBatchBuilder(1_000)
+    assert builder.extend(_outbound(3, size=5_000)) == 1
+    [record] = list(_read(builder))
+    assert len(record.value) == 5_000

@@ -266,6 +266,9 @@ class KafkaWriter(Actor[_Pending]):
     async def _send_partition(
         self, partition: int, entries: list[tuple[OutboundRecord, _Pending]]
     ) -> None:
+        if self._settings.kafka_compression == "none":
+            await self._send_partition_ours(partition, entries)
+            return
         batch = self._new_batch()
         members: dict[_Pending, list[OutboundRecord]] = defaultdict(list)
         for record, item in entries:
@@ -280,11 +283,25 @@ class KafkaWriter(Actor[_Pending]):
         if members:
             await self._dispatch(batch, partition, members)
 
+    async def _send_partition_ours(
+        self, partition: int, entries: list[tuple[OutboundRecord, _Pending]]
+    ) -> None:
+        """``_send_partition`` with our builder, filled a batch at a time (``extend``):
+        it takes any record into an empty batch, so every batch holds one at least."""
+        records = [record for record, _ in entries]
+        start = 0
+        while start < len(records):
+            batch = RecordBatchBuilder(self._settings.kafka_max_batch_bytes)
+            end = start + batch.extend(records, start)
+            members: dict[_Pending, list[OutboundRecord]] = defaultdict(list)
+            for record, item in entries[start:end]:
+                members[item].append(record)
+            await self._dispatch(batch, partition, members)
+            start = end
+
     def _new_batch(self) -> Batch:
-        """Ours, checksummed in hardware (``record_batch``); aiokafka's when it is to
-        compress."""
-        if self._settings.kafka_compression == "none":
-            return RecordBatchBuilder(self._settings.kafka_max_batch_bytes)
+        """aiokafka's builder, which compresses (``MLGATE_KAFKA_COMPRESSION``);
+        uncompressed batches are ours (``_send_partition_ours``)."""
         return self._running_producer.create_batch()
 
     @staticmethod

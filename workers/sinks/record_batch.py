@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import crc32c
 
+from mlgate.workers.sinks.records import OutboundRecord
+
 # baseOffset, batchLength, partitionLeaderEpoch, magic, crc
 _HEAD = struct.Struct(">qiibI")
 # attributes, lastOffsetDelta, baseTimestamp, maxTimestamp, producerId, producerEpoch,
@@ -137,6 +139,47 @@ class RecordBatchBuilder:
         self._size += len(length) + body
         self._count += 1
         return True
+
+    def extend(self, records: Sequence[OutboundRecord], start: int = 0) -> int:
+        """``append`` of ``records[start:]`` in order, as many as fit: how many did.
+        One call for a partition's share of a batch (the Kafka writer's), with the
+        per-record work of ``append`` and none of its calls: a third less."""
+        if self._closed:
+            return 0
+        count, size, limit = self._count, self._size, self._max_bytes
+        parts, cache = self._parts, self._headers
+        table, table_size = _VARINTS, _TABLE_SIZE
+        taken = 0
+        for record in records[start:] if start else records:
+            key, value, headers = record.key, record.value, record.headers
+            cached = cache.get(id(headers))
+            if cached is None or cached[0] is not headers:
+                cached = cache[id(headers)] = (headers, _headers_bytes(headers))
+            encoded_headers = cached[1]
+            offset = table[count] if count < table_size else _zigzag_varint(count)
+            key_length = table[len(key)] if len(key) < table_size else _zigzag_varint(len(key))
+            value_length = (
+                table[len(value)] if len(value) < table_size else _zigzag_varint(len(value))
+            )
+            body = (
+                2 + len(offset) + len(key_length) + len(key) + len(value_length) + len(value)
+                + len(encoded_headers)
+            )
+            length = table[body] if body < table_size else _zigzag_varint(body)
+            if count and size + len(length) + body > limit:
+                self._closed = True
+                break
+            if not count:
+                self._timestamp_ms = int(time.time() * 1000)
+            parts += (
+                length, _ATTRIBUTES_AND_TIMESTAMP_DELTA, offset, key_length, key, value_length,
+                value, encoded_headers,
+            )
+            size += len(length) + body
+            count += 1
+            taken += 1
+        self._count, self._size = count, size
+        return taken
 
     # -- what AIOKafkaProducer.send_batch calls -----------------------------------------
 
