@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiokafka.errors import RequestTimedOutError
 
-from mlgate.workers.sinks.kafka_writer import KafkaWriteFailed, _Pending
+from mlgate.workers.sinks.kafka_writer import _REFUSED, _WRITTEN, KafkaWriteFailed, _Batch, _Pending
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
 from mlgate.workers.telemetry import NO_TELEMETRY
@@ -126,9 +126,9 @@ async def test_a_partly_acknowledged_request_fails_with_only_its_unacknowledged_
         [acked, refused, unanswered, never_sent], asyncio.get_running_loop().create_future()
     )
     pending.batches_left = 1  # the dispatch hold
-    pending.sent.update(map(id, [acked, refused, unanswered]))
-    pending.written.add(id(acked))
-    pending.refused.add(id(refused))
+    answered, refusal, silence = _Batch(), _Batch(), _Batch()  # each handed to the producer
+    answered.state, refusal.state = _WRITTEN, _REFUSED
+    pending.handed += [([acked], answered), ([refused], refusal), ([unanswered], silence)]
     pending.batch_done(RequestTimedOutError())
     with pytest.raises(KafkaWriteFailed) as failed:
         await pending.future

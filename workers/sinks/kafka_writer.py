@@ -78,16 +78,30 @@ def outcome_unknown(error: BaseException) -> bool:
     return not isinstance(error, KafkaError)
 
 
+class _Batch:
+    """What became of one Kafka batch once handed to the producer: set once, when its
+    answer comes, for every request with records in it (not record by record)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state = _SENT
+
+
+# A batch's states: handed to the producer and not answered (or answered with no
+# word on it: outcome unknown), acknowledged, refused by the broker (not written).
+_SENT, _WRITTEN, _REFUSED = "sent", "written", "refused"
+
+
 @dataclass(eq=False)
 class _Pending:
     records: list[OutboundRecord]
     future: asyncio.Future[None]
     batches_left: int = 0
     errors: list[BaseException] = field(default_factory=list)
-    # Record ids (id()) by what became of them once handed to the producer.
-    sent: set[int] = field(default_factory=set)
-    written: set[int] = field(default_factory=set)
-    refused: set[int] = field(default_factory=set)
+    # This request's records in each batch handed to the producer, with that batch:
+    # read only if the request fails, to tell its records apart.
+    handed: list[tuple[list[OutboundRecord], _Batch]] = field(default_factory=list)
 
     def batch_done(self, error: BaseException | None) -> None:
         if error is not None:
@@ -100,9 +114,14 @@ class _Pending:
                 self.future.set_result(None)
 
     def _failure(self) -> KafkaWriteFailed:
-        unwritten = [r for r in self.records if id(r) not in self.written]
+        def ids(*states: str) -> set[int]:
+            return {id(r) for records, batch in self.handed if batch.state in states for r in records}
+
+        written, refused = ids(_WRITTEN), ids(_REFUSED)
+        sent = ids(_SENT, _WRITTEN, _REFUSED)
+        unwritten = [r for r in self.records if id(r) not in written]
         # Sent and neither acknowledged nor refused: a batch whose answer never came.
-        unknown = sum(1 for r in unwritten if id(r) in self.sent and id(r) not in self.refused)
+        unknown = sum(1 for r in unwritten if id(r) in sent and id(r) not in refused)
         return KafkaWriteFailed(
             f"Kafka write failed: {self.errors[0]!r}", unwritten=unwritten, outcome_unknown=unknown
         )
@@ -337,8 +356,9 @@ class KafkaWriter(Actor[_Pending]):
                 raise
             return
         # Handed to the producer: from here on it may reach the broker.
+        handed = _Batch()
         for item, records_of_item in members.items():
-            item.sent.update(map(id, records_of_item))
+            item.handed.append((records_of_item, handed))
         if self._unanswered == 0:
             self._last_answer = time.monotonic()
         self._unanswered += 1
@@ -351,15 +371,14 @@ class KafkaWriter(Actor[_Pending]):
             self._last_answer = time.monotonic()
             error = WorkerClosed("send cancelled") if done.cancelled() else done.exception()
             if error is None:
+                handed.state = _WRITTEN
                 self._telemetry.kafka_batch_acked(records, time.perf_counter() - sent_at)
             else:
+                if not outcome_unknown(error):
+                    handed.state = _REFUSED
                 self._last_error = repr(error)
                 self._telemetry.kafka_batch_failed(records)
-            for item, records_of_item in members.items():
-                if error is None:
-                    item.written.update(map(id, records_of_item))
-                elif not outcome_unknown(error):
-                    item.refused.update(map(id, records_of_item))
+            for item in members:
                 item.batch_done(error)
 
         ack.add_done_callback(on_ack)
