@@ -294,11 +294,19 @@ class RecordValidator:
         if self._max is not None:
             failing |= matrix.max(axis=1) > self._max
         suspects = set(np.flatnonzero(failing).tolist()) if dims in self._dims else None
+        # Labels and metadata floats, all finite, and their sums too: one pass for the
+        # batch; else each record's are checked (``_check_scalars``).
+        scalars_fine = _all_finite(
+            [item.label for item in records if item.label is not None]
+            + [value for item in records for value in item.metadata.values() if type(value) is float]
+        )
         # Accepted records keep their row of the matrix (a view): no Python float per
         # value, and the JSON value encoder formats the row in one call (``_json_row``).
         for index, (item, row) in enumerate(zip(records, matrix, strict=True)):
             if suspects is None or index in suspects:
                 problem = self._check(row.tolist(), item.label, item.metadata)
+            elif scalars_fine:
+                problem = None
             else:
                 problem = self._check_scalars(item.label, item.metadata)
             if problem is not None:
@@ -415,6 +423,12 @@ def given_record_id(raw: bytes | msgspec.Raw, fmt: Format) -> str | None:
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         return None
     return only.record_id
+
+
+def _all_finite(values: list[float]) -> bool:
+    """Whether every value is finite: their sum is finite exactly when each is, unless
+    finite values overflow (then each is looked at)."""
+    return math.isfinite(sum(values)) or all(map(math.isfinite, values))
 
 
 # What ``RecordId``'s pattern allows, for a batch's ids joined: they are not empty

@@ -199,3 +199,26 @@ def test_a_packed_batch_of_visible_ascii_ids_keeps_the_packed_path() -> None:
     records = [{"record_id": "!~az-09_{}", "features": [1.0, 2.0, 3.0, 4.0]}]
     _, items = _validator().decode_batch(msgpack.packb({"source": "s", "records": records}), Format.MSGPACK)
     assert isinstance(items[0], PackedRecord)
+
+
+def test_a_packed_record_with_a_non_finite_metadata_float_is_rejected_with_its_index() -> None:
+    validator = _validator()
+    records = [
+        {"record_id": f"r-{i}", "features": [1.0, 2.0, 3.0, 4.0], "metadata": {"gain": gain}}
+        for i, gain in enumerate([0.5, math.inf, -1.0])
+    ]
+    source, items = validator.decode_batch(msgpack.packb({"source": "s", "records": records}), Format.MSGPACK)
+    batch = validator.validate(source, items)
+    assert [(e.index, e.error) for e in batch.errors] == [(1, "metadata['gain'] is not a finite number")]
+    assert [r.record_id for r in batch.accepted] == ["r-0", "r-2"]
+
+
+def test_packed_labels_whose_sum_overflows_are_all_accepted() -> None:
+    validator = _validator()
+    records = [
+        {"record_id": f"r-{i}", "features": [1.0, 2.0, 3.0, 4.0], "label": 1e308, "metadata": {"g": 1e308}}
+        for i in range(3)
+    ]
+    source, items = validator.decode_batch(msgpack.packb({"source": "s", "records": records}), Format.MSGPACK)
+    batch = validator.validate(source, items)
+    assert batch.errors == [] and len(batch.accepted) == 3
