@@ -27,6 +27,7 @@ from mlgate.schemas.ingest import (
     MAX_FEATURES,
     Features,
     FeaturesPacked,
+    FeaturesRow,
     FeaturesText,
     IngestEnvelope,
     IngestRequest,
@@ -300,11 +301,17 @@ class RecordValidator:
             [item.label for item in records if item.label is not None]
             + [value for item in records for value in item.metadata.values() if type(value) is float]
         )
-        # Accepted records keep their row of the matrix (a view): no Python float per
-        # value, and the JSON value encoder formats the row in one call (``_json_row``).
-        for index, (item, row) in enumerate(zip(records, matrix, strict=True)):
+        # Accepted records keep their row of the matrix: no Python float per value. For
+        # JSON values, the whole matrix is formatted in one call, each record keeping
+        # its row's text (``_json_rows``) and its row made only if read (quality).
+        rows_text = (
+            _json_rows(matrix)
+            if self._keeps_features_text and not records.texts
+            else None
+        )
+        for index, item in enumerate(records):
             if suspects is None or index in suspects:
-                problem = self._check(row.tolist(), item.label, item.metadata)
+                problem = self._check(matrix[index].tolist(), item.label, item.metadata)
             elif scalars_fine:
                 problem = None
             else:
@@ -312,12 +319,14 @@ class RecordValidator:
             if problem is not None:
                 errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
                 continue
-            if records.texts:
-                features: np.ndarray | FeaturesText = FeaturesText(row, item.features)
+            if rows_text is not None:
+                features: np.ndarray | FeaturesText = FeaturesRow(matrix, index, rows_text[index])
+            elif records.texts:
+                features = FeaturesText(matrix[index], item.features)
             elif records.float64s and self._keeps_packed_features:
-                features = FeaturesPacked(row, item.features)
+                features = FeaturesPacked(matrix[index], item.features)
             else:
-                features = row
+                features = matrix[index]
             accepted.append(self._stored(source, item, features, received))
 
     def _check(
@@ -423,6 +432,23 @@ def given_record_id(raw: bytes | msgspec.Raw, fmt: Format) -> str | None:
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         return None
     return only.record_id
+
+
+def _json_rows(matrix: np.ndarray) -> list[msgspec.Raw]:
+    """Each row of ``matrix`` as JSON text, views of one orjson call on the whole
+    matrix (the shortest repr of each float64, as ``_json_row`` writes a row; one
+    call instead of one a row). A row's text ends at its first ``]``: numbers hold
+    none. Rows with a NaN or an infinity read ``null`` there: their records are
+    rejected before any is written."""
+    out = orjson.dumps(matrix, option=_NUMPY)
+    view = memoryview(out)
+    find = out.find
+    rows, start = [], 1
+    for _ in range(len(matrix)):
+        end = find(b"]", start) + 1
+        rows.append(msgspec.Raw(view[start:end]))
+        start = end + 1
+    return rows
 
 
 def _all_finite(values: list[float]) -> bool:

@@ -222,3 +222,19 @@ def test_packed_labels_whose_sum_overflows_are_all_accepted() -> None:
     source, items = validator.decode_batch(msgpack.packb({"source": "s", "records": records}), Format.MSGPACK)
     batch = validator.validate(source, items)
     assert batch.errors == [] and len(batch.accepted) == 3
+
+
+def test_a_packed_batchs_json_values_carry_each_row_as_formatted_alone() -> None:
+    """The matrix is formatted in one call; each value holds its own row's text, the
+    text orjson writes for that row alone (shortest repr of each float64)."""
+    import orjson
+
+    validator = _validator()
+    rows = [[0.1, -2.5e-7, 1e20, 123456789.125], [1.0, -0.0, 3.4028234e38, 5e-324], [7.0, 8.0, 9.0, 1e-5]]
+    source, items = validator.decode_batch(_body(*rows), Format.MSGPACK)
+    batch = validator.validate(source, items)
+    values = [r.value for r in validator.outbound(batch, "t")]
+    for value, row in zip(values, rows, strict=True):
+        text = orjson.dumps(np.array(row), option=orjson.OPT_SERIALIZE_NUMPY)
+        assert b'"features":' + text + b"," in value
+    assert [list(record.features.values) for record in batch.accepted] == rows  # read for quality
