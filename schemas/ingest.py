@@ -7,6 +7,7 @@ are checked by ``service.ingest.validation``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Annotated, overload
@@ -32,12 +33,18 @@ SourceName = Annotated[
     str, msgspec.Meta(min_length=1, max_length=128, pattern=SOURCE_PATTERN)
 ]
 MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-MetadataValue = Annotated[str, msgspec.Meta(max_length=1024)] | int | float | bool
+MetadataText = Annotated[str, msgspec.Meta(max_length=1024)]
+MetadataValue = MetadataText | int | float | bool
 Timestamp = (
     Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with an offset")]
     | Annotated[float, msgspec.Meta(ge=0, le=1e11, description="epoch seconds")]
 )
 Features = Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_FEATURES)]
+# A float that is not NaN nor infinite, for ``PackedRecord``: msgspec refuses the rest
+# as it decodes (NaN fails any comparison), so the packed path needs no check of its
+# own; the record-by-record path then names the record and its problem.
+FiniteFloat = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+FiniteMetadataValue = MetadataText | int | FiniteFloat | bool
 
 
 # gc=False: a batch makes hundreds of these and none can be part of a reference cycle,
@@ -133,9 +140,9 @@ class PackedRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     features: msgspec.Raw
     record_id: UncheckedRecordId | None = None
     timestamp: Timestamp | None = None
-    label: float | None = None
+    label: FiniteFloat | None = None
     metadata: Annotated[
-        dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=MAX_METADATA_ITEMS)
+        dict[MetadataKey, FiniteMetadataValue], msgspec.Meta(max_length=MAX_METADATA_ITEMS)
     ] = {}
 
 

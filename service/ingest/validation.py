@@ -295,12 +295,6 @@ class RecordValidator:
         if self._max is not None:
             failing |= matrix.max(axis=1) > self._max
         suspects = set(np.flatnonzero(failing).tolist()) if dims in self._dims else None
-        # Labels and metadata floats, all finite, and their sums too: one pass for the
-        # batch; else each record's are checked (``_check_scalars``).
-        scalars_fine = _all_finite(
-            [item.label for item in records if item.label is not None]
-            + [value for item in records for value in item.metadata.values() if type(value) is float]
-        )
         # Accepted records keep their row of the matrix: no Python float per value. For
         # JSON values, the whole matrix is formatted in one call, each record keeping
         # its row's text (``_json_rows``) and its row made only if read (quality).
@@ -310,15 +304,13 @@ class RecordValidator:
             else None
         )
         for index, item in enumerate(records):
+            # Labels and metadata floats are finite (``FiniteFloat``): only the features
+            # of a row that failed a check of the matrix are looked at again.
             if suspects is None or index in suspects:
                 problem = self._check(matrix[index].tolist(), item.label, item.metadata)
-            elif scalars_fine:
-                problem = None
-            else:
-                problem = self._check_scalars(item.label, item.metadata)
-            if problem is not None:
-                errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
-                continue
+                if problem is not None:
+                    errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
+                    continue
             if rows_text is not None:
                 features: np.ndarray | FeaturesText = FeaturesRow(matrix, index, rows_text[index])
             elif records.texts:
@@ -451,12 +443,6 @@ def _json_rows(matrix: np.ndarray) -> list[msgspec.Raw]:
     return rows
 
 
-def _all_finite(values: list[float]) -> bool:
-    """Whether every value is finite: their sum is finite exactly when each is, unless
-    finite values overflow (then each is looked at)."""
-    return math.isfinite(sum(values)) or all(map(math.isfinite, values))
-
-
 # What ``RecordId``'s pattern allows, for a batch's ids joined: they are not empty
 # (``UncheckedRecordId``), so each is visible ASCII exactly when all of them joined are.
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
@@ -534,7 +520,11 @@ def _json_row(value: object) -> msgspec.Raw:
     """``enc_hook`` of the JSON value encoder: a feature row, formatted by orjson (the
     shortest repr of each float64, as msgspec writes it but for a ``+`` in exponents;
     about half the cost of building the row's Python floats and formatting them); the
-    features of a JSON record, as the text they came as."""
+    features of a JSON record, as the text they came as; a packed batch's row, as the
+    text formatted with its matrix (``_json_rows``): looked for first, by its exact
+    type, as ``FeaturesText`` is a ``Sequence``, whose ``isinstance`` runs in Python."""
+    if type(value) is FeaturesRow:
+        return value.text
     if isinstance(value, np.ndarray):
         return msgspec.Raw(orjson.dumps(value, option=_NUMPY))
     if isinstance(value, FeaturesPacked):  # never made for JSON values: for safety
