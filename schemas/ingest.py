@@ -103,22 +103,6 @@ class FeaturesText(Sequence[float]):
         return iter(self.values)
 
 
-class FeaturesRow(FeaturesText):
-    """Internal: ``FeaturesText`` of a row of a packed batch's matrix, the row made
-    only when its values are read (the JSON value encoder reads only ``text``, the
-    row's JSON text, formatted with the whole matrix's)."""
-
-    __slots__ = ("_index", "_matrix")
-
-    def __init__(self, matrix: np.ndarray, index: int, text: msgspec.Raw) -> None:
-        self._matrix, self._index, self.text = matrix, index, text
-
-    @property
-    def values(self) -> np.ndarray:  # type: ignore[override]
-        row: np.ndarray = self._matrix[self._index]
-        return row
-
-
 class FeaturesPacked(FeaturesText):
     """Internal: ``FeaturesText`` whose ``text`` is the msgpack array of float 64s the
     record was packed with; the msgpack value encoder writes those bytes as they are."""
