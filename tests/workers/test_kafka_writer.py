@@ -169,3 +169,31 @@ async def test_written_records_read_back_from_the_broker_as_sent(
     assert sorted((m.key, m.value, list(m.headers)) for m in read) == sorted(
         (r.key, r.value, headers) for r in sent
     )
+
+
+async def test_requests_taken_together_and_split_over_many_batches_all_land_and_resolve(
+    make_settings, kafka_broker
+) -> None:
+    """Batches of 16 KB: each partition's share of three requests, taken in one turn,
+    fills several batches, a request's records running from one batch into the next."""
+    topic = await create_topic(kafka_broker.bootstrap)
+    writer = KafkaWriter(
+        make_settings(
+            kafka_bootstrap_servers=kafka_broker.bootstrap,
+            kafka_topic=topic,
+            kafka_max_batch_bytes=16_384,
+        )
+    )
+    await writer.start()
+    headers = [("source", b"s")]
+    requests = [
+        [OutboundRecord(key=f"q{q}-r{i}".encode(), value=b"v" * 700, headers=headers) for i in range(150)]
+        for q in range(3)
+    ]
+    try:
+        # Submitted in one turn: the writer takes them together.
+        await asyncio.wait_for(asyncio.gather(*(writer.submit(r) for r in requests)), 20)
+    finally:
+        await writer.close(drain_s=5)
+    read = await read_topic(kafka_broker.bootstrap, topic, expected=450)
+    assert sorted(m.key for m in read) == sorted(r.key for request in requests for r in request)

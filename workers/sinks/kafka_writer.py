@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -274,6 +274,9 @@ class KafkaWriter(Actor[_Pending]):
             self._lingering = None
 
     async def _send(self, items: list[_Pending]) -> None:
+        if self._settings.kafka_compression == "none":
+            await self._send_ours(items)
+            return
         by_partition: dict[int, list[tuple[OutboundRecord, _Pending]]] = defaultdict(list)
         entries = [(record, item) for item in items for record in item.records]
         chosen = partitions_for([record.key for record, _ in entries], self._partitions)
@@ -285,9 +288,6 @@ class KafkaWriter(Actor[_Pending]):
     async def _send_partition(
         self, partition: int, entries: list[tuple[OutboundRecord, _Pending]]
     ) -> None:
-        if self._settings.kafka_compression == "none":
-            await self._send_partition_ours(partition, entries)
-            return
         batch = self._new_batch()
         members: dict[_Pending, list[OutboundRecord]] = defaultdict(list)
         for record, item in entries:
@@ -302,25 +302,41 @@ class KafkaWriter(Actor[_Pending]):
         if members:
             await self._dispatch(batch, partition, members)
 
-    async def _send_partition_ours(
-        self, partition: int, entries: list[tuple[OutboundRecord, _Pending]]
-    ) -> None:
-        """``_send_partition`` with our builder, filled a batch at a time (``extend``):
-        it takes any record into an empty batch, so every batch holds one at least."""
-        records = [record for record, _ in entries]
-        start = 0
-        while start < len(records):
-            batch = RecordBatchBuilder(self._settings.kafka_max_batch_bytes)
-            end = start + batch.extend(records, start)
-            members: dict[_Pending, list[OutboundRecord]] = defaultdict(list)
-            for record, item in entries[start:end]:
-                members[item].append(record)
-            await self._dispatch(batch, partition, members)
-            start = end
+    async def _send_ours(self, items: list[_Pending]) -> None:
+        """``_send`` with our builder: each partition's records in request order, with
+        how many of them each request has in a row (no entry a record), each batch
+        filled in one call (``extend``). It takes any record into an empty batch, so
+        every batch holds one at least."""
+        records_of: dict[int, list[OutboundRecord]] = defaultdict(list)
+        runs_of: dict[int, list[tuple[_Pending, int]]] = defaultdict(list)
+        for item in items:
+            chosen = partitions_for([record.key for record in item.records], self._partitions)
+            for record, partition in zip(item.records, chosen, strict=True):
+                records_of[partition].append(record)
+            for partition, count in Counter(chosen).items():
+                runs_of[partition].append((item, count))
+        for partition, records in records_of.items():
+            runs = iter(runs_of[partition])
+            item, left = next(runs)
+            start = 0
+            while start < len(records):
+                batch = RecordBatchBuilder(self._settings.kafka_max_batch_bytes)
+                end = start + batch.extend(records, start)
+                members: dict[_Pending, list[OutboundRecord]] = {}
+                position = start
+                while position < end:
+                    if not left:
+                        item, left = next(runs)
+                    taken = min(left, end - position)
+                    members[item] = records[position : position + taken]
+                    position += taken
+                    left -= taken
+                await self._dispatch(batch, partition, members)
+                start = end
 
     def _new_batch(self) -> Batch:
         """aiokafka's builder, which compresses (``MLGATE_KAFKA_COMPRESSION``);
-        uncompressed batches are ours (``_send_partition_ours``)."""
+        uncompressed batches are ours (``_send_ours``)."""
         return self._running_producer.create_batch()
 
     @staticmethod
