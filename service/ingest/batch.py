@@ -18,6 +18,9 @@ class ValidatedBatch:
     errors: list[RecordError]
     # record_id -> value of the ``quality_flags`` header (profiles with on_violation=flag)
     quality_flags: dict[str, bytes] = field(default_factory=dict)
+    # The record_ids mlgate made for records sent without one: unique, never tracked
+    # by the record dedup.
+    generated_ids: frozenset[str] = frozenset()
 
     @property
     def size(self) -> int:

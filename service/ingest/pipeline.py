@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from mlgate.schemas.ingest import RecordError
 from mlgate.service.http.codec import Format
 from mlgate.service.http.metrics import Metrics
 from mlgate.service.ingest.batch import ValidatedBatch
@@ -93,11 +92,10 @@ class IngestPipeline:
         tenant: str,
         batch: ValidatedBatch,
         tracking_id: str,
-        items: Sequence[Decoded],
     ) -> Written:
         """Write the accepted records whose ``record_id`` was not written within the
         dedup window; returns once they are durable."""
-        fresh, claim = await self._drop_duplicates(tenant, batch, items)
+        fresh, claim = await self._drop_duplicates(tenant, batch)
         records = self._validator.outbound(fresh, tracking_id) if fresh.accepted else []
         if claim is None:
             if records:
@@ -160,14 +158,18 @@ class IngestPipeline:
             settle.exception()  # retrieved: its caller may have been cancelled
 
     async def _drop_duplicates(
-        self, tenant: str, batch: ValidatedBatch, items: Sequence[Decoded]
+        self, tenant: str, batch: ValidatedBatch
     ) -> tuple[ValidatedBatch, Claim | None]:
         """The batch without records already written (by client-given record_id), and
         the claim on the rest. Generated ids are unique and not tracked."""
         if not self._dedup.enabled:
             return batch, None
-        given = {item.record_id for item in items if not isinstance(item, RecordError) and item.record_id}
-        tracked = [record.record_id for record in batch.accepted if record.record_id in given]
+        generated = batch.generated_ids
+        tracked = (
+            [record.record_id for record in batch.accepted if record.record_id not in generated]
+            if generated
+            else [record.record_id for record in batch.accepted]
+        )
         if not tracked:
             return batch, None
         claim = await self._dedup.claim(tenant, tracked)
@@ -175,6 +177,6 @@ class IngestPipeline:
             return batch, claim
         keep, new = [], iter(claim.new)
         for record in batch.accepted:
-            if record.record_id not in given or next(new):
+            if record.record_id in generated or next(new):
                 keep.append(record)
         return replace(batch, accepted=keep), claim

@@ -248,11 +248,12 @@ class RecordValidator:
     def validate(self, source: str, items: Sequence[Decoded]) -> ValidatedBatch:
         accepted: list[StoredRecord] = []
         errors: list[RecordError] = []
+        generated: list[str] = []
         # Records without a timestamp get the batch's arrival time (one clock read, one
         # isoformat per batch rather than per record).
         received = self._stamp(datetime.now(UTC))
         if isinstance(items, PackedRecords):
-            self._validate_packed(source, items, received, accepted, errors)
+            self._validate_packed(source, items, received, accepted, errors, generated)
         else:
             for index, item in enumerate(items):
                 if isinstance(item, RecordError):
@@ -271,8 +272,10 @@ class RecordValidator:
                     if isinstance(item, TextRecord)
                     else item.features
                 )
-                accepted.append(self._stored(source, item, features, received))
-        batch = ValidatedBatch(source=source, accepted=accepted, errors=errors)
+                accepted.append(self._stored(source, item, features, received, generated))
+        batch = ValidatedBatch(
+            source=source, accepted=accepted, errors=errors, generated_ids=frozenset(generated)
+        )
         return batch if self._quality is None else self._quality.screen(batch)
 
     def _validate_packed(
@@ -282,6 +285,7 @@ class RecordValidator:
         received: datetime | str,
         accepted: list[StoredRecord],
         errors: list[RecordError],
+        generated: list[str],
     ) -> None:
         """``validate`` for a batch of ``PackedRecord``s: the feature checks run on the
         batch's matrix at once, and only a row that fails one goes through ``_check``,
@@ -312,7 +316,7 @@ class RecordValidator:
                 features = FeaturesPacked(row, item.features)
             else:
                 features = row
-            accepted.append(self._stored(source, item, features, received))
+            accepted.append(self._stored(source, item, features, received, generated))
 
     def _check(
         self,
@@ -355,7 +359,14 @@ class RecordValidator:
         record: Record | PackedRecord,
         features: list[float] | np.ndarray | FeaturesText,
         received: datetime | str,
+        generated: list[str],
     ) -> StoredRecord:
+        """The record as stored; the id made for a record sent without one is added to
+        ``generated``."""
+        record_id = record.record_id
+        if record_id is None:
+            record_id = uuid.uuid4().hex
+            generated.append(record_id)
         stamp = record.timestamp
         if stamp is None:
             timestamp = received
@@ -365,7 +376,7 @@ class RecordValidator:
         else:
             timestamp = self._stamp(datetime.fromtimestamp(stamp, UTC))
         return StoredRecord(
-            record_id=record.record_id or uuid.uuid4().hex,
+            record_id=record_id,
             timestamp=timestamp,
             features=features,
             label=record.label,

@@ -67,7 +67,7 @@ async def ingest_batch(
         raise _all_rejected(batch.errors)
     tracking_id = pipeline.new_tracking_id()
     try:
-        written = await pipeline.write(caller.tenant or "anonymous", batch, tracking_id, items)
+        written = await pipeline.write(caller.tenant or "anonymous", batch, tracking_id)
     except Exception as exc:
         audit_call(
             caller, "ingest", f"failed: {type(exc).__name__}", source=source,
@@ -128,7 +128,7 @@ async def ingest_stream(request: web.Request) -> web.Response:
                 )
         rejected += len(batch.errors)
         if batch.accepted:
-            written = await pipeline.write(tenant, batch, tracking_id, chunk)
+            written = await pipeline.write(tenant, batch, tracking_id)
             accepted += written.accepted
             duplicate += written.duplicates
         offset += len(chunk)

@@ -36,13 +36,13 @@ async def test_a_write_cancelled_after_submission_makes_the_retry_a_duplicate(
     source, items = pipeline.decode(_batch(["a", "b"]), Format.JSON)
     batch = pipeline.validate(source, items)
 
-    first = asyncio.create_task(pipeline.write("t", batch, "track-1", items))
+    first = asyncio.create_task(pipeline.write("t", batch, "track-1"))
     await asyncio.sleep(0)  # it claims "a" and "b" and hands the records to the sink
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
 
-    retry = await pipeline.write("t", batch, "track-2", items)
+    retry = await pipeline.write("t", batch, "track-2")
     assert retry == Written(accepted=0, duplicates=2)
     assert client.app[RECORD_SINK].next_offset == 2
 
@@ -83,9 +83,9 @@ async def test_a_write_slower_than_the_lapse_keeps_its_ids_claimed(
     source, items = pipeline.decode(_batch(["a", "b"]), Format.JSON)
     batch = pipeline.validate(source, items)
 
-    first = asyncio.create_task(pipeline.write("t", batch, "track-1", items))
+    first = asyncio.create_task(pipeline.write("t", batch, "track-1"))
     await asyncio.sleep(2.5)  # the write is still running after 2.5 lapses (a duration)
-    retry = asyncio.create_task(pipeline.write("t", batch, "track-2", items))
+    retry = asyncio.create_task(pipeline.write("t", batch, "track-2"))
     await asyncio.sleep(0)  # the retry claims (or waits for) "a" and "b"
     sink.gate.set()
 

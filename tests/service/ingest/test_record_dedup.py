@@ -62,6 +62,16 @@ async def test_records_without_record_id_are_never_duplicates(app_client, settin
     assert client.app[RECORD_SINK].next_offset == 4
 
 
+async def test_a_batch_mixing_given_and_missing_ids_drops_only_the_given_seen_ones(
+    app_client, settings_for
+) -> None:
+    client = await app_client(settings_for())
+    await client.post(PATH, json=_records("a", None, "b"))
+    body = await (await client.post(PATH, json=_records(None, "a", None, "c"))).json()
+    assert (body["records_accepted"], body["records_duplicate"]) == (3, 1)
+    assert client.app[RECORD_SINK].next_offset == 6
+
+
 async def test_rejected_records_claim_nothing(app_client, settings_for) -> None:
     client = await app_client(settings_for())
     bad = {"source": "s", "records": [{"record_id": "a", "features": [1.0]}, {"features": [1.0] * 4}]}
