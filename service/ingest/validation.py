@@ -508,11 +508,13 @@ _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 def _json_row(value: object) -> msgspec.Raw:
     """``enc_hook`` of the JSON value encoder: a feature row, formatted by orjson (the
-    shortest repr of each float64, as msgspec writes it but for a ``+`` in exponents;
-    about half the cost of building the row's Python floats and formatting them); the
-    features of a JSON record, as the text they came as."""
+    shortest repr of each float64; about half the cost of building the row's Python
+    floats and formatting them) in exactly the bytes msgspec writes for those floats:
+    orjson's exponents carry a ``+`` msgspec leaves out (checked on 2.5M values of
+    every magnitude, stop 22). So a record's value is the same bytes whichever path
+    decoded its batch. The features of a JSON record: the text they came as."""
     if isinstance(value, np.ndarray):
-        return msgspec.Raw(orjson.dumps(value, option=_NUMPY))
+        return msgspec.Raw(orjson.dumps(value, option=_NUMPY).replace(b"e+", b"e"))
     if isinstance(value, FeaturesPacked):  # never made for JSON values: for safety
         return _json_row(value.values)
     if isinstance(value, FeaturesText):

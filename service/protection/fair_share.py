@@ -187,9 +187,10 @@ class FairShareGenerations:
         remembered = self._expire(tenant, now)
         if remembered is None:
             remembered = self._tenants[tenant] = _Remembered()
-        # One already remembered goes into the newest generation too, and is forgotten
-        # with the oldest that holds it (``drop_oldest``): remembered from its first add.
-        pending = digests if isinstance(digests, list) else list(digests)
+        # One already remembered stays in the generation that has it: remembered from
+        # its first add, and each digest in one generation only (``drop_oldest`` drops
+        # from the set what its generation added, and the sizes stay true).
+        pending = list(set(digests).difference(remembered.digests))
         generations = remembered.generations
         start = 0
         while start < len(pending):

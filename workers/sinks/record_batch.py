@@ -19,6 +19,7 @@ millisecond.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 from collections.abc import Sequence
@@ -150,7 +151,7 @@ class RecordBatchBuilder:
         parts, cache = self._parts, self._headers
         table, table_size = _VARINTS, _TABLE_SIZE
         taken = 0
-        for record in records[start:] if start else records:
+        for record in itertools.islice(records, start, None):
             key, value, headers = record.key, record.value, record.headers
             cached = cache.get(id(headers))
             if cached is None or cached[0] is not headers:

@@ -67,7 +67,9 @@ def test_a_digest_added_again_is_remembered_from_its_first_add() -> None:
     store = FairShareGenerations(max_entries=100, ttl_s=10, span_s=1)
     store.add("t", [1], now=0)
     store.add("t", [1, 2], now=5)  # a newer generation
+    assert len(store) == store.held_by("t") == 2
     assert store.holding("t", [1, 2], now=10.9) == {1, 2}
     assert store.holding("t", [1, 2], now=11) == {2}
+    assert len(store) == store.held_by("t") == 1
     assert store.holding("t", [1, 2], now=16) == set()
     assert len(store) == 0
