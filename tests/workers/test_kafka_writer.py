@@ -55,14 +55,7 @@ async def test_cancelled_dispatch_fails_the_request_rather_than_resolving_it(
 async def test_cancelled_wait_for_an_in_flight_slot_fails_the_request(
     make_settings, kafka_broker, kafka_topic: str
 ) -> None:
-    writer = KafkaWriter(
-        make_settings(
-            kafka_bootstrap_servers=kafka_broker.bootstrap,
-            kafka_topic=kafka_topic,
-            writer_max_in_flight=1,
-        )
-    )
-    await writer.start()
+    writer = await _started_writer(make_settings, kafka_broker, kafka_topic, writer_max_in_flight=1)
     await writer._in_flight.acquire()  # the one slot is taken: the next batch waits for it
     future = writer.submit([OutboundRecord(key=b"k", value=b"v", headers=[])])
     await asyncio.sleep(0.05)
@@ -75,17 +68,17 @@ def _record(key: bytes = b"same-key") -> list[OutboundRecord]:
     return [OutboundRecord(key=key, value=b"v", headers=[])]
 
 
-async def _lingering_writer(make_settings, kafka_broker, kafka_topic: str) -> KafkaWriter:  # type: ignore[no-untyped-def]
-    """A started writer whose linger (ten minutes) only ends when its batches are answered."""
+async def _started_writer(make_settings, kafka_broker, topic: str, **settings: object) -> KafkaWriter:  # type: ignore[no-untyped-def]
     writer = KafkaWriter(
-        make_settings(
-            kafka_bootstrap_servers=kafka_broker.bootstrap,
-            kafka_topic=kafka_topic,
-            kafka_linger_ms=600_000,
-        )
+        make_settings(kafka_bootstrap_servers=kafka_broker.bootstrap, kafka_topic=topic, **settings)
     )
     await writer.start()
     return writer
+
+
+async def _lingering_writer(make_settings, kafka_broker, kafka_topic: str) -> KafkaWriter:  # type: ignore[no-untyped-def]
+    """A started writer whose linger (ten minutes) only ends when its batches are answered."""
+    return await _started_writer(make_settings, kafka_broker, kafka_topic, kafka_linger_ms=600_000)
 
 
 async def test_a_write_to_an_idle_writer_is_sent_without_lingering(
@@ -177,14 +170,7 @@ async def test_requests_taken_together_and_split_over_many_batches_all_land_and_
     """Batches of 16 KB: each partition's share of three requests, taken in one turn,
     fills several batches, a request's records running from one batch into the next."""
     topic = await create_topic(kafka_broker.bootstrap)
-    writer = KafkaWriter(
-        make_settings(
-            kafka_bootstrap_servers=kafka_broker.bootstrap,
-            kafka_topic=topic,
-            kafka_max_batch_bytes=16_384,
-        )
-    )
-    await writer.start()
+    writer = await _started_writer(make_settings, kafka_broker, topic, kafka_max_batch_bytes=16_384)
     headers = [("source", b"s")]
     requests = [
         [OutboundRecord(key=f"q{q}-r{i}".encode(), value=b"v" * 700, headers=headers) for i in range(150)]
