@@ -61,3 +61,16 @@ async def test_a_clients_produce_requests_are_sent_lean_and_others_as_they_were(
         (2, MetadataRequest, {"group": 3}),
     ]
     assert sent[0][1].required_acks == -1
+
+
+async def test_a_client_made_lean_twice_wraps_its_send_once() -> None:
+    calls: list[Any] = []
+
+    async def send(node_id: int, request: Any, **kwargs: Any) -> None:
+        calls.append(request)
+
+    client = SimpleNamespace(send=send)
+    lean_produce_requests(client)
+    wrapped = client.send
+    lean_produce_requests(client)
+    assert client.send is wrapped

@@ -70,8 +70,11 @@ class LeanProduceRequest(ProduceRequest):
 
 def lean_produce_requests(client: AIOKafkaClient) -> None:
     """Make ``client`` (a producer's) send its produce requests as ``LeanProduceRequest``;
-    every other request as before."""
+    every other request as before. Once per client: a writer started again on the
+    same producer does not wrap its ``send`` twice."""
     send: Callable[..., Awaitable[Any]] = client.send
+    if getattr(send, "lean_produce_requests", False):
+        return
 
     def send_lean(node_id: int, request: Any, **kwargs: Any) -> Awaitable[Any]:
         if type(request) is ProduceRequest:
@@ -79,4 +82,5 @@ def lean_produce_requests(client: AIOKafkaClient) -> None:
             request.__class__ = LeanProduceRequest
         return send(node_id, request, **kwargs)
 
+    send_lean.lean_produce_requests = True  # type: ignore[attr-defined]
     client.send = send_lean
