@@ -298,6 +298,9 @@ class Plan:
     pin: tuple[set[int], set[int]] | None
     only: frozenset[str] = frozenset(SCENARIOS)
     py_spy_dir: Path | None = None
+    # MLGATE_* settings every mlgate process of the run gets (experiments; the
+    # targets are judged on the defaults)
+    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def core(self) -> set[int] | None:
@@ -350,6 +353,7 @@ class Run:
             "MLGATE_MODEL_REPOSITORY": str(self.work / "models"),
             "MLGATE_LOG_LEVEL": "warning",
             "MLGATE_ACCESS_LOG": "false",
+            **dict(self.plan.settings),
             **settings,
         }
         log = self.work / f"mlgate-{port}.log"
@@ -1037,6 +1041,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--py-spy", type=Path, metavar="DIR", help="profile every mlgate process into DIR"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MLGATE_NAME=VALUE",
+        help="a setting for every mlgate process (repeatable; experiments, not targets)",
+    )
     return parser
 
 
@@ -1064,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
         pin=pin,
         only=frozenset(args.only or SCENARIOS),
         py_spy_dir=args.py_spy,
+        settings=tuple(tuple(pair.split("=", 1)) for pair in args.set),  # type: ignore[misc]
     )
     if pin is not None:
         os.sched_setaffinity(0, pin[1])  # the orchestrator stays off the measured core
@@ -1081,7 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"mlgate per core on workload.md traffic ({'quick' if args.quick else 'full'} run, "
         f"{time.monotonic() - started:.0f} s): {where}; {args.batch_connections} connections for batches, "
-        f"{args.connections} for single records and predicts; auth and rate limits off, other settings default\n"
+        f"{args.connections} for single records and predicts; auth and rate limits off, "
+        + (f"also set: {' '.join(args.set)}; " if args.set else "")
+        + "other settings default\n"
     )
     print(format_table(rows))
     print()

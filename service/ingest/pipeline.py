@@ -15,9 +15,11 @@
   is down), or the embedded local log, fsync'd. While it runs, the claim is extended
   every third of its lapse, so a write slower than the lapse keeps its ids.
 - **confirm**: the claimed ids are marked written. Write and confirm run in a task of
-  their own, so a caller cancelled after the sink took the records (a client gone
+  their own, so a caller cancelled after it handed its records on (a client gone
   away) still settles the claim by the write's outcome: a retry is then a duplicate,
-  not a second write.
+  not a second write. The writes handed on in one turn of the event loop (requests
+  whose bodies arrived together) share that task and one sink write, and each caller
+  is answered by its outcome: many single-record requests then pay for one hand-off.
 
 So a 202 means: every record counted in ``records_accepted`` is durable, each keyed
 by its ``record_id``; ``records_duplicate`` were already written and were not written
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -57,6 +59,24 @@ class Written:
     duplicates: int
 
 
+@dataclass(slots=True)
+class _Write:
+    """One caller's part of a turn's write: its claim, settled with the turn, and the
+    future it waits on."""
+
+    tenant: str
+    claim: Claim | None
+    done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Turn:
+    """The writes of one turn of the event loop, handed to the sink as one."""
+
+    writes: list[_Write] = field(default_factory=list)
+    records: list[OutboundRecord] = field(default_factory=list)
+
+
 class IngestPipeline:
     def __init__(
         self,
@@ -72,6 +92,7 @@ class IngestPipeline:
         self._settling: set[asyncio.Future[None]] = set()
         self.new_tracking_id = UniqueIds()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn: _Turn | None = None  # the writes of this loop turn, not yet handed on
 
     @property
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -97,36 +118,72 @@ class IngestPipeline:
         dedup window; returns once they are durable."""
         fresh, claim = await self._drop_duplicates(tenant, batch)
         records = self._validator.outbound(fresh, tracking_id) if fresh.accepted else []
-        if claim is None:
-            if records:
-                await self._sink.write(records)
-        else:
-            # Once submitted, the sink writes the records whether or not this caller is
-            # still waiting: the claim is settled by the write's outcome, not by ours.
-            settle = self._running_loop.create_task(self._write_and_settle(tenant, claim, records))
-            self._settling.add(settle)
-            settle.add_done_callback(self._settled)
-            await asyncio.shield(settle)
+        if records or (claim is not None and claim.held):
+            await self._join_turn(tenant, claim, records)
         duplicates = len(batch.accepted) - len(fresh.accepted)
         if duplicates:
             self._metrics.records_duplicate.inc(duplicates)
         return Written(accepted=len(fresh.accepted), duplicates=duplicates)
 
-    async def _write_and_settle(self, tenant: str, claim: Claim, records: list[OutboundRecord]) -> None:
-        """Write, then confirm the claim; release it only when the sink refused the
-        records (full, or not running). Any other failure may follow a partial write
-        (Kafka took some, the spill refused the rest): the ids stay claimed until they
-        lapse."""
-        if records:
-            try:
-                await self._write_holding(tenant, claim, records)
-            except (MailboxFull, WorkerClosed):
-                await self._dedup.release(tenant, claim)
-                raise
-        await self._dedup.confirm(tenant, claim)
+    async def _join_turn(self, tenant: str, claim: Claim | None, records: list[OutboundRecord]) -> None:
+        """Hand ``records`` to this loop turn's write and wait for its outcome.
 
-    async def _write_holding(self, tenant: str, claim: Claim, records: list[OutboundRecord]) -> None:
-        """The sink write, with the claim extended every third of its lapse while the
+        The writes that reach this point in one turn of the event loop (the requests
+        whose bodies arrived together) go to the sink as one write, settled in one
+        task: with single-record requests each paying a task, a sink hand-off and a
+        wake-up of its own, those per-write costs were most of a request's."""
+        loop = self._running_loop
+        turn = self._turn
+        if turn is None:
+            turn = self._turn = _Turn()
+            loop.call_soon(self._write_turn)
+        done: asyncio.Future[None] = loop.create_future()
+        turn.writes.append(_Write(tenant, claim, done))
+        turn.records += records
+        # Cancelled here (a client gone away), the write still goes with its turn, and
+        # its claim is settled by the outcome, so a retry is then a duplicate.
+        await done
+
+    def _write_turn(self) -> None:
+        turn, self._turn = self._turn, None
+        if turn is None:
+            return
+        settle = self._running_loop.create_task(self._write_and_settle(turn))
+        self._settling.add(settle)
+        settle.add_done_callback(self._settled)
+
+    async def _write_and_settle(self, turn: _Turn) -> None:
+        """Write, then confirm every claim of the turn, then answer its callers. The
+        claims are released only when the sink refused the records (full, or not
+        running). Any other failure may follow a partial write (Kafka took some, the
+        spill refused the rest): the ids stay claimed until they lapse."""
+        claimed = [(write.tenant, write.claim) for write in turn.writes if write.claim is not None]
+        try:
+            if turn.records:
+                try:
+                    await self._write_holding(claimed, turn.records)
+                except (MailboxFull, WorkerClosed):
+                    for tenant, claim in claimed:
+                        await self._dedup.release(tenant, claim)
+                    raise
+            for tenant, claim in claimed:
+                await self._dedup.confirm(tenant, claim)
+        except BaseException as exc:
+            for write in turn.writes:
+                if not write.done.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        write.done.cancel()
+                    else:
+                        write.done.set_exception(exc)
+            raise
+        for write in turn.writes:
+            if not write.done.done():
+                write.done.set_result(None)
+
+    async def _write_holding(
+        self, claimed: list[tuple[str, Claim]], records: list[OutboundRecord]
+    ) -> None:
+        """The sink write, with the claims extended every third of their lapse while the
         write runs: a write slower than the lapse must not let a retry claim its ids.
         A timer, so only a slow write pays for an extension."""
         loop = self._running_loop
@@ -135,16 +192,19 @@ class IngestPipeline:
 
         def extend() -> None:
             nonlocal timer
-            extending = loop.create_task(self._dedup.extend(tenant, claim))
-            self._settling.add(extending)
-            extending.add_done_callback(self._extended)
+            for tenant, claim in claimed:
+                extending = loop.create_task(self._dedup.extend(tenant, claim))
+                self._settling.add(extending)
+                extending.add_done_callback(self._extended)
             timer = loop.call_later(interval, extend)
 
-        timer = loop.call_later(interval, extend)
+        if claimed:
+            timer = loop.call_later(interval, extend)
         try:
             await self._sink.write(records)
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def _extended(self, extending: asyncio.Future[None]) -> None:
         self._settling.discard(extending)
@@ -155,7 +215,7 @@ class IngestPipeline:
     def _settled(self, settle: asyncio.Future[None]) -> None:
         self._settling.discard(settle)
         if not settle.cancelled():
-            settle.exception()  # retrieved: its caller may have been cancelled
+            settle.exception()  # retrieved: its callers have it, or were cancelled
 
     async def _drop_duplicates(
         self, tenant: str, batch: ValidatedBatch

@@ -1,0 +1,195 @@
+"""The writes handed on in one turn of the event loop share one sink write, and each
+caller is answered by that write's outcome as if it had written alone."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import pytest
+
+from mlgate.service.http.codec import Format
+from mlgate.service.http.errors import Conflict
+from mlgate.service.ingest.batch import ValidatedBatch
+from mlgate.service.ingest.pipeline import IngestPipeline, Written
+from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK, RECORD_VALIDATOR
+from mlgate.workers.errors import MailboxFull, SinkFailed
+from mlgate.workers.sinks.records import OutboundRecord, RecordSink
+from tests.conftest import AppClientFactory
+
+
+class RecordingSink:
+    """The app's sink, with each write's size kept; ``refuse`` makes the next writes
+    raise it instead."""
+
+    name = "recording"
+
+    def __init__(self, sink: RecordSink) -> None:
+        self._sink = sink
+        self.writes: list[int] = []
+        self.refuse: Exception | None = None
+
+    async def write(self, records: list[OutboundRecord]) -> None:
+        self.writes.append(len(records))
+        if self.refuse is not None:
+            raise self.refuse
+        await self._sink.write(records)
+
+    async def close(self, drain_s: float = 10.0) -> None:
+        await self._sink.close(drain_s)
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+
+async def _pipeline(app_client: AppClientFactory, settings: Any) -> tuple[Any, IngestPipeline, RecordingSink]:
+    client = await app_client(settings)
+    app = client.app
+    sink = RecordingSink(app[RECORD_SINK])
+    return app, IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS]), sink
+
+
+def _batch(pipeline: IngestPipeline, *ids: str) -> ValidatedBatch:
+    records = [{"record_id": rid, "features": [1.0, 2.0, 3.0, 4.0]} for rid in ids]
+    source, items = pipeline.decode(msgspec.json.encode({"source": "s", "records": records}), Format.JSON)
+    return pipeline.validate(source, items)
+
+
+async def test_writes_of_one_loop_turn_go_to_the_sink_as_one_write(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    app, pipeline, sink = await _pipeline(app_client, settings_for())
+    batches = [_batch(pipeline, f"r{n}") for n in range(5)] + [_batch(pipeline, "r5", "r6")]
+
+    answers = await asyncio.gather(
+        *(pipeline.write("t", batch, f"track-{n}") for n, batch in enumerate(batches))
+    )
+
+    assert answers == [Written(accepted=1, duplicates=0)] * 5 + [Written(accepted=2, duplicates=0)]
+    assert sink.writes == [7]
+    assert app[RECORD_SINK].next_offset == 7
+    retried = await asyncio.gather(*(pipeline.write("t", batch, "again") for batch in batches))
+    assert retried == [Written(accepted=0, duplicates=1)] * 5 + [Written(accepted=0, duplicates=2)]
+    assert sink.writes == [7]
+
+
+async def test_writes_sharing_turns_are_each_settled_in_shared_dedup_state(
+    app_client: AppClientFactory, settings_for: Any, backend: str | None
+) -> None:
+    """With Redis the claims answer at different times, so the writes share turns as
+    their claims come back; however they are grouped, each is written once."""
+    app, pipeline, sink = await _pipeline(app_client, settings_for(backend))
+    batches = [_batch(pipeline, f"r{n}") for n in range(8)]
+
+    answers = await asyncio.gather(*(pipeline.write("t", batch, "track") for batch in batches))
+
+    assert answers == [Written(accepted=1, duplicates=0)] * 8
+    assert sum(sink.writes) == app[RECORD_SINK].next_offset == 8
+    retried = await asyncio.gather(*(pipeline.write("t", batch, "again") for batch in batches))
+    assert retried == [Written(accepted=0, duplicates=1)] * 8
+    assert app[RECORD_SINK].next_offset == 8
+
+
+async def test_writes_of_separate_turns_are_separate_writes(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    _, pipeline, sink = await _pipeline(app_client, settings_for())
+
+    await pipeline.write("t", _batch(pipeline, "a"), "track-1")
+    await pipeline.write("t", _batch(pipeline, "b", "c"), "track-2")
+
+    assert sink.writes == [1, 2]
+
+
+async def test_a_refused_turn_fails_every_caller_and_releases_their_claims(
+    app_client: AppClientFactory, settings_for: Any, backend: str | None
+) -> None:
+    app, pipeline, sink = await _pipeline(app_client, settings_for(backend))
+    batches = [_batch(pipeline, f"r{n}") for n in range(3)]
+    sink.refuse = MailboxFull("full")
+
+    answers = await asyncio.gather(
+        *(pipeline.write("t", batch, "track") for batch in batches), return_exceptions=True
+    )
+
+    assert [type(answer) for answer in answers] == [MailboxFull] * 3
+    sink.refuse = None
+    # Released: the retries write the records, they are no duplicates.
+    retried = await asyncio.gather(*(pipeline.write("t", batch, "retry") for batch in batches))
+    assert retried == [Written(accepted=1, duplicates=0)] * 3
+    assert app[RECORD_SINK].next_offset == 3
+
+
+async def test_a_failed_turn_fails_every_caller_and_keeps_their_ids_claimed(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    """A failure other than a refusal may follow a partial write: a retry within the
+    lapse is a conflict, never a second write."""
+    _, pipeline, sink = await _pipeline(app_client, settings_for(dedup_in_flight_wait_s=0.05))
+    batches = [_batch(pipeline, "a"), _batch(pipeline, "b")]
+    sink.refuse = SinkFailed("the broker answered an error")
+
+    answers = await asyncio.gather(
+        *(pipeline.write("t", batch, "track") for batch in batches), return_exceptions=True
+    )
+
+    assert [type(answer) for answer in answers] == [SinkFailed, SinkFailed]
+    sink.refuse = None
+    with pytest.raises(Conflict):
+        await pipeline.write("t", batches[0], "retry")
+
+
+async def test_a_caller_cancelled_in_its_turn_leaves_the_others_answered(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    app, pipeline, sink = await _pipeline(app_client, settings_for())
+    loop = asyncio.get_running_loop()
+    writes = [
+        loop.create_task(pipeline.write("t", _batch(pipeline, rid), "track")) for rid in "abc"
+    ]
+    await asyncio.sleep(0)  # each has claimed its id and joined the turn
+    writes[1].cancel()
+
+    answers = await asyncio.gather(*writes, return_exceptions=True)
+
+    assert answers[0] == answers[2] == Written(accepted=1, duplicates=0)
+    assert isinstance(answers[1], asyncio.CancelledError)
+    # Its record went with the turn and its claim was settled: a retry is a duplicate.
+    assert sink.writes == [3]
+    assert app[RECORD_SINK].next_offset == 3
+    assert await pipeline.write("t", _batch(pipeline, "b"), "retry") == Written(accepted=0, duplicates=1)
+
+
+async def test_the_same_id_twice_in_one_turn_is_written_once(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    """The second request finds the id in flight, waits for the first one's turn and
+    counts it as a duplicate."""
+    app, pipeline, sink = await _pipeline(app_client, settings_for())
+
+    first, second = await asyncio.gather(
+        pipeline.write("t", _batch(pipeline, "x"), "track-1"),
+        pipeline.write("t", _batch(pipeline, "x"), "track-2"),
+    )
+
+    assert (first, second) == (Written(accepted=1, duplicates=0), Written(accepted=0, duplicates=1))
+    assert app[RECORD_SINK].next_offset == 1
+
+
+async def test_tenants_sharing_a_turn_keep_their_own_record_ids(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    _, pipeline, sink = await _pipeline(app_client, settings_for())
+
+    answers = await asyncio.gather(
+        pipeline.write("tenant-a", _batch(pipeline, "x"), "track-1"),
+        pipeline.write("tenant-b", _batch(pipeline, "x"), "track-2"),
+    )
+
+    assert answers == [Written(accepted=1, duplicates=0)] * 2
+    assert sink.writes == [2]
+    assert await pipeline.write("tenant-b", _batch(pipeline, "x"), "again") == Written(
+        accepted=0, duplicates=1
+    )
