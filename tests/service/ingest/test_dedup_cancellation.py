@@ -21,6 +21,7 @@ from mlgate.service.state import (
 )
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
 from tests.conftest import AppClientFactory
+from tests.service.ingest.sinks import WrappedSink
 
 
 def _batch(ids: list[str]) -> bytes:
@@ -48,27 +49,18 @@ async def test_a_write_cancelled_after_submission_makes_the_retry_a_duplicate(
 
 
 
-class GatedSink:
+class GatedSink(WrappedSink):
     """The app's sink behind a gate: writes wait until the test opens it (a slow Kafka)."""
 
-    name = "gated"
-
     def __init__(self, sink: RecordSink) -> None:
-        self._sink = sink
+        super().__init__(sink)
         self.gate = asyncio.Event()
         self.waiting = 0
 
     async def write(self, records: list[OutboundRecord]) -> None:
         self.waiting += 1
         await self.gate.wait()
-        await self._sink.write(records)
-
-    async def close(self, drain_s: float = 10.0) -> None:
-        await self._sink.close(drain_s)
-
-    @property
-    def healthy(self) -> bool:
-        return True
+        await super().write(records)
 
 
 async def test_a_write_slower_than_the_lapse_keeps_its_ids_claimed(

@@ -17,16 +17,15 @@ from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK, RECORD_VALI
 from mlgate.workers.errors import MailboxFull, SinkFailed
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
 from tests.conftest import AppClientFactory
+from tests.service.ingest.sinks import WrappedSink
 
 
-class RecordingSink:
+class RecordingSink(WrappedSink):
     """The app's sink, with each write's size kept; ``refuse`` makes the next writes
     raise it instead."""
 
-    name = "recording"
-
     def __init__(self, sink: RecordSink) -> None:
-        self._sink = sink
+        super().__init__(sink)
         self.writes: list[int] = []
         self.refuse: Exception | None = None
 
@@ -34,14 +33,7 @@ class RecordingSink:
         self.writes.append(len(records))
         if self.refuse is not None:
             raise self.refuse
-        await self._sink.write(records)
-
-    async def close(self, drain_s: float = 10.0) -> None:
-        await self._sink.close(drain_s)
-
-    @property
-    def healthy(self) -> bool:
-        return True
+        await super().write(records)
 
 
 async def _pipeline(app_client: AppClientFactory, settings: Any) -> tuple[Any, IngestPipeline, RecordingSink]:
