@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -301,6 +302,7 @@ class Plan:
     # MLGATE_* settings every mlgate process of the run gets (experiments; the
     # targets are judged on the defaults)
     settings: tuple[tuple[str, str], ...] = ()
+    metrics_dir: Path | None = None  # each ingest phase's /metrics, saved after its load
 
     @property
     def core(self) -> set[int] | None:
@@ -507,6 +509,10 @@ def ingest_phase(
         options = msgspec.structs.replace(load, url=f"{base}/api/v2/ingest")
         timeout = load.warmup_s + load.duration_s + 120
         result = run.child("load", options, "bench.workload", IngestResult, timeout, pid)
+        if run.plan.metrics_dir is not None:
+            run.plan.metrics_dir.mkdir(parents=True, exist_ok=True)
+            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+                (run.plan.metrics_dir / f"mlgate-{pid}.txt").write_bytes(answer.read())
         if keep_rss:
             time.sleep(2.0)  # what settles after the load (writers draining, gc)
         after = rss_mb(pid)
@@ -1042,6 +1048,9 @@ def _parser() -> argparse.ArgumentParser:
         "--py-spy", type=Path, metavar="DIR", help="profile every mlgate process into DIR"
     )
     parser.add_argument(
+        "--metrics", type=Path, metavar="DIR", help="save each ingest phase's /metrics into DIR"
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -1076,6 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
         only=frozenset(args.only or SCENARIOS),
         py_spy_dir=args.py_spy,
         settings=tuple(tuple(pair.split("=", 1)) for pair in args.set),  # type: ignore[misc]
+        metrics_dir=args.metrics,
     )
     if pin is not None:
         os.sched_setaffinity(0, pin[1])  # the orchestrator stays off the measured core
