@@ -100,6 +100,7 @@ class IngestPipeline:
         ``ensure_future``) make a system call on Python 3.11, for the process id."""
         if self._loop is None or self._loop.is_closed():
             self._loop = asyncio.get_running_loop()
+            self._turn = None  # a turn of a closed loop is never written
         return self._loop
 
     def decode(self, body: bytes, fmt: Format) -> tuple[str, Sequence[Decoded]]:
