@@ -119,7 +119,8 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
     await sink.start()
     app[RECORD_SINK] = sink
     app[INGEST_PIPELINE] = IngestPipeline(
-        app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS]
+        app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS],
+        max_turn_records=settings.writer_max_batch_records,
     )
     app[METRICS].samplers["record_sink"] = lambda: sample_sink(app[METRICS], sink)
     yield

@@ -230,6 +230,11 @@ class RecordDeduplicator:
     def enabled(self) -> bool:
         return self.window_s > 0
 
+    @property
+    def shared(self) -> bool:
+        """Kept in Redis: each step of a claim is a round trip."""
+        return self._redis is not None
+
     def _key(self, tenant: str, record_id: str) -> str:
         """``mlgate:rid:<tenant>:<id>``; on a Redis Cluster ``mlgate:rid:{<tenant>.<n>}:<id>``,
         ``n`` one of ``CLUSTER_SLOTS_PER_TENANT`` from a hash of the id."""

@@ -26,16 +26,20 @@ by its ``record_id``; ``records_duplicate`` were already written and were not wr
 again; ``records_rejected`` are listed in ``errors`` with their reasons. Any failure
 before the sink's acknowledgement surfaces as an error (503 when the sink is full or
 down), so nothing is acknowledged that is not durable. The claim is released only when
-the sink refused the records (``MailboxFull``, ``WorkerClosed``: full, or stopped); after
-any other failure part of them may have landed, so their ids stay claimed until they lapse
-(``MLGATE_IDEMPOTENCY_LOCK_S``) and a retry meanwhile is 409, not a duplicate write.
+the sink refused the records (``MailboxFull``, ``WorkerClosed``: full, or stopped; or
+``SpillFull`` before Kafka was tried); after any other failure part of them may have
+landed, so their ids stay claimed until they lapse (``MLGATE_IDEMPOTENCY_LOCK_S``) and a
+retry meanwhile is 409, not a duplicate write. A turn whose records the spill had no
+room for is written again write by write, so those that fit are written as they would
+have been alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import structlog
 
@@ -47,6 +51,7 @@ from mlgate.service.ingest.ids import UniqueIds
 from mlgate.service.ingest.validation import Decoded, RecordValidator
 from mlgate.workers.errors import MailboxFull, WorkerClosed
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
+from mlgate.workers.sinks.spilling_sink import SpillFull
 
 log = structlog.get_logger("mlgate.ingest")
 
@@ -61,11 +66,12 @@ class Written:
 
 @dataclass(slots=True)
 class _Write:
-    """One caller's part of a turn's write: its claim, settled with the turn, and the
-    future it waits on."""
+    """One caller's part of a turn's write: its records, its claim (settled with the
+    turn) and the future it waits on."""
 
     tenant: str
     claim: Claim | None
+    records: list[OutboundRecord]
     done: asyncio.Future[None]
 
 
@@ -77,6 +83,44 @@ class _Turn:
     records: list[OutboundRecord] = field(default_factory=list)
 
 
+class _Holding:
+    """Calls ``extend_all`` every ``interval`` seconds until stopped."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, interval: float, extend_all: Callable[[], None]
+    ) -> None:
+        self._loop, self._interval, self._extend_all = loop, interval, extend_all
+        self._timer = loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        self._extend_all()
+        self._timer = self._loop.call_later(self._interval, self._tick)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
+def _refused(error: Exception) -> bool:
+    """The sink wrote none of the records: full, not running, or a spill without room
+    before Kafka was tried. Their claims can be released."""
+    return isinstance(error, MailboxFull | WorkerClosed) or (
+        isinstance(error, SpillFull) and error.nothing_written
+    )
+
+
+def _answer(writes: list[_Write], error: BaseException | None) -> None:
+    """Each caller still waiting gets ``error``, or its write done."""
+    for write in writes:
+        if write.done.done():
+            continue  # cancelled: its caller went away
+        if error is None:
+            write.done.set_result(None)
+        elif isinstance(error, asyncio.CancelledError):
+            write.done.cancel()
+        else:
+            write.done.set_exception(error)
+
+
 class IngestPipeline:
     def __init__(
         self,
@@ -84,8 +128,11 @@ class IngestPipeline:
         dedup: RecordDeduplicator,
         sink: RecordSink,
         metrics: Metrics,
+        *,
+        max_turn_records: int = 5000,
     ) -> None:
         self._validator = validator
+        self._max_turn_records = max_turn_records
         self._dedup = dedup
         self._sink = sink
         self._metrics = metrics
@@ -132,80 +179,101 @@ class IngestPipeline:
         The writes that reach this point in one turn of the event loop (the requests
         whose bodies arrived together) go to the sink as one write, settled in one
         task: with single-record requests each paying a task, a sink hand-off and a
-        wake-up of its own, those per-write costs were most of a request's."""
+        wake-up of its own, those per-write costs were a tenth of a request's CPU. A
+        turn holds at most ``max_turn_records`` records (the most a writer takes in a
+        round), so one sink write holds no more than one large batch did."""
         loop = self._running_loop
         turn = self._turn
-        if turn is None:
+        if turn is None or (turn.records and len(turn.records) + len(records) > self._max_turn_records):
             turn = self._turn = _Turn()
-            loop.call_soon(self._write_turn)
+            loop.call_soon(self._write_turn, turn)
         done: asyncio.Future[None] = loop.create_future()
-        turn.writes.append(_Write(tenant, claim, done))
+        turn.writes.append(_Write(tenant, claim, records, done))
         turn.records += records
         # Cancelled here (a client gone away), the write still goes with its turn, and
         # its claim is settled by the outcome, so a retry is then a duplicate.
         await done
 
-    def _write_turn(self) -> None:
-        turn, self._turn = self._turn, None
-        if turn is None:
-            return
-        settle = self._running_loop.create_task(self._write_and_settle(turn))
-        self._settling.add(settle)
-        settle.add_done_callback(self._settled)
+    def _write_turn(self, turn: _Turn) -> None:
+        if self._turn is turn:
+            self._turn = None
+        self._settle_task(self._write_and_settle(turn))
+
+    def _settle_task(self, settling: Coroutine[Any, Any, None]) -> None:
+        task = self._running_loop.create_task(settling)
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
 
     async def _write_and_settle(self, turn: _Turn) -> None:
-        """Write, then confirm every claim of the turn, then answer its callers. The
-        claims are released only when the sink refused the records (full, or not
-        running). Any other failure may follow a partial write (Kafka took some, the
-        spill refused the rest): the ids stay claimed until they lapse."""
-        claimed = [(write.tenant, write.claim) for write in turn.writes if write.claim is not None]
+        """Write the turn's records, then settle each write's claim and answer its
+        caller: confirmed once the records are durable; released when the sink wrote
+        none of them (``_refused``). Any other failure may follow a partial write
+        (Kafka took some, the spill refused the rest): the ids stay claimed until they
+        lapse. While this runs, the claims are extended every third of their lapse."""
+        writes = turn.writes
+        holding = self._hold([(write.tenant, write.claim) for write in writes if write.claim is not None])
         try:
-            if turn.records:
-                try:
-                    await self._write_holding(claimed, turn.records)
-                except (MailboxFull, WorkerClosed):
-                    for tenant, claim in claimed:
-                        await self._dedup.release(tenant, claim)
-                    raise
-            for tenant, claim in claimed:
-                await self._dedup.confirm(tenant, claim)
+            error: Exception | None = None
+            try:
+                if turn.records:
+                    await self._sink.write(turn.records)
+            except Exception as exc:
+                error = exc
+            if error is None or _refused(error):
+                if isinstance(error, SpillFull) and len(writes) > 1:
+                    # The spill had no room for the whole turn, but may for some of its
+                    # writes: each is written as it would have been alone.
+                    await asyncio.gather(
+                        *(self._write_and_settle(_Turn([write], write.records)) for write in writes)
+                    )
+                    return
+                await self._settle_claims(writes, error)
+            else:
+                _answer(writes, error)
         except BaseException as exc:
-            for write in turn.writes:
-                if not write.done.done():
-                    if isinstance(exc, asyncio.CancelledError):
-                        write.done.cancel()
-                    else:
-                        write.done.set_exception(exc)
+            _answer(writes, exc)
             raise
-        for write in turn.writes:
-            if not write.done.done():
-                write.done.set_result(None)
+        finally:
+            if holding is not None:
+                holding.stop()
 
-    async def _write_holding(
-        self, claimed: list[tuple[str, Claim]], records: list[OutboundRecord]
-    ) -> None:
-        """The sink write, with the claims extended every third of their lapse while the
-        write runs: a write slower than the lapse must not let a retry claim its ids.
-        A timer, so only a slow write pays for an extension."""
+    async def _settle_claims(self, writes: list[_Write], error: Exception | None) -> None:
+        """Confirm (no ``error``) or release each write's claim, then answer its caller.
+        Against Redis each is a round trip: they run at once, each caller answered as
+        its own claim is settled."""
+        if self._dedup.shared and len(writes) > 1:
+            await asyncio.gather(*(self._settle_claim(write, error) for write in writes))
+        else:
+            for write in writes:
+                await self._settle_claim(write, error)
+
+    async def _settle_claim(self, write: _Write, error: Exception | None) -> None:
+        try:
+            if write.claim is not None:
+                if error is None:
+                    await self._dedup.confirm(write.tenant, write.claim)
+                else:
+                    await self._dedup.release(write.tenant, write.claim)
+        except Exception as exc:
+            _answer([write], exc)
+            return
+        _answer([write], error)
+
+    def _hold(self, claimed: list[tuple[str, Claim]]) -> _Holding | None:
+        """The claims extended every third of their lapse until the holding stops: a
+        write slower than the lapse must not let a retry claim its ids. A timer, so
+        only a slow write pays for an extension. None without claims."""
+        if not claimed:
+            return None
         loop = self._running_loop
-        interval = self._dedup.lapse_s / 3
-        timer: asyncio.TimerHandle | None = None
 
-        def extend() -> None:
-            nonlocal timer
+        def extend_all() -> None:
             for tenant, claim in claimed:
                 extending = loop.create_task(self._dedup.extend(tenant, claim))
                 self._settling.add(extending)
                 extending.add_done_callback(self._extended)
-            timer = loop.call_later(interval, extend)
 
-        if claimed:
-            timer = loop.call_later(interval, extend)
-        try:
-            await self._sink.write(records)
-        finally:
-            if timer is not None:
-                timer.cancel()
+        return _Holding(loop, self._dedup.lapse_s / 3, extend_all)
 
     def _extended(self, extending: asyncio.Future[None]) -> None:
         self._settling.discard(extending)

@@ -50,7 +50,13 @@ _KAFKA_FAILURES = (SinkFailed, WorkerClosed, BreakerOpen, TimeoutError, OSError)
 
 
 class SpillFull(WorkerError):
-    """The spill holds ``spill_max_records`` records not yet forwarded."""
+    """The spill holds ``spill_max_records`` records not yet forwarded.
+    ``nothing_written``: refused before any of the records went anywhere (Kafka was
+    not tried), so none of them can land."""
+
+    def __init__(self, message: str, *, nothing_written: bool = False) -> None:
+        super().__init__(message)
+        self.nothing_written = nothing_written
 
 
 @dataclass(slots=True)
@@ -167,13 +173,23 @@ class SpillingKafkaSink:
                     return
             except _KAFKA_FAILURES as exc:
                 log.warning("kafka_write_failed_spilling", error=repr(exc), records=len(records))
-        await self._to_spill(records)
+            try:
+                await self._to_spill(records, kafka_tried=True)
+            except (MailboxFull, WorkerClosed) as exc:
+                # Kafka may hold some of them: not a refusal of the whole write, whose
+                # callers would then take their records for unwritten.
+                raise SinkFailed(f"spill refused the records Kafka did not take: {exc!r}") from exc
+        else:
+            await self._to_spill(records, kafka_tried=False)
         if resent:
             self._telemetry.records_resent(resent)
 
-    async def _to_spill(self, records: list[OutboundRecord]) -> None:
+    async def _to_spill(self, records: list[OutboundRecord], *, kafka_tried: bool) -> None:
         if self._backlog + len(records) > self._settings.spill_max_records:
-            raise SpillFull(f"spill is full ({self._backlog} records waiting for Kafka)")
+            raise SpillFull(
+                f"spill is full ({self._backlog} records waiting for Kafka)",
+                nothing_written=not kafka_tried,
+            )
         self._backlog += len(records)
         try:
             await self._spill.write(records)

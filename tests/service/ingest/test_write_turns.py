@@ -16,8 +16,10 @@ from mlgate.service.ingest.pipeline import IngestPipeline, Written
 from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK, RECORD_VALIDATOR
 from mlgate.workers.errors import MailboxFull, SinkFailed
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
+from mlgate.workers.sinks.spilling_sink import SpillFull
 from tests.conftest import AppClientFactory
 from tests.service.ingest.sinks import WrappedSink
+from tests.support import KafkaBroker, create_topic
 
 
 class RecordingSink(WrappedSink):
@@ -185,3 +187,112 @@ async def test_tenants_sharing_a_turn_keep_their_own_record_ids(
     assert await pipeline.write("tenant-b", _batch(pipeline, "x"), "again") == Written(
         accepted=0, duplicates=1
     )
+
+
+class SlowDedup:
+    """The app's dedup, each confirm and release waiting ``round_trip_s`` first (a far
+    Redis); counts how many run at once."""
+
+    def __init__(self, dedup: Any, round_trip_s: float) -> None:
+        self._dedup, self._round_trip_s = dedup, round_trip_s
+        self.running = self.most_at_once = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dedup, name)
+
+    async def _slowly(self, step: Any) -> None:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await asyncio.sleep(self._round_trip_s)
+            await step
+        finally:
+            self.running -= 1
+
+    async def confirm(self, tenant: str, claim: Any) -> None:
+        await self._slowly(self._dedup.confirm(tenant, claim))
+
+    async def release(self, tenant: str, claim: Any) -> None:
+        await self._slowly(self._dedup.release(tenant, claim))
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["confirmed", "released"])
+async def test_the_claims_of_a_turn_in_redis_are_settled_at_once(
+    app_client: AppClientFactory, settings_for: Any, redis_server: Any, refused: bool
+) -> None:
+    """Each claim is a round trip to Redis: the turn's callers must not wait for them
+    one after another (nor their claims lapse meanwhile)."""
+    client = await app_client(settings_for(f"redis://127.0.0.1:{redis_server.port}"))
+    app = client.app
+    dedup = SlowDedup(app[RECORD_DEDUP], 0.02)
+    sink = RecordingSink(app[RECORD_SINK])
+    sink.refuse = MailboxFull("full") if refused else None
+    pipeline = IngestPipeline(app[RECORD_VALIDATOR], dedup, sink, app[METRICS])  # type: ignore[arg-type]
+
+    answers = await asyncio.gather(
+        *(pipeline.write("t", _batch(pipeline, f"r{n}"), "track") for n in range(10)),
+        return_exceptions=True,
+    )
+
+    expected = MailboxFull if refused else Written
+    assert [type(answer) for answer in answers] == [expected] * 10
+    # The claims came back from Redis over a few turns; each turn's settled at once.
+    assert sum(sink.writes) == 10
+    assert dedup.most_at_once >= max(sink.writes) > 1
+
+
+async def test_a_turn_holds_at_most_max_turn_records(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    client = await app_client(settings_for())
+    app = client.app
+    sink = RecordingSink(app[RECORD_SINK])
+    pipeline = IngestPipeline(
+        app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS], max_turn_records=4
+    )
+    batches = [_batch(pipeline, "a", "b"), _batch(pipeline, "c", "d"), _batch(pipeline, "e", "f", "g", "h", "i")]
+
+    answers = await asyncio.gather(*(pipeline.write("t", batch, "track") for batch in batches))
+
+    assert [answer.accepted for answer in answers] == [2, 2, 5]
+    # A write larger than the cap still goes, in a turn of its own.
+    assert sink.writes == [4, 5]
+    assert app[RECORD_SINK].next_offset == 9
+
+
+async def test_a_spill_without_room_for_the_turn_takes_the_writes_that_fit(
+    app_client: AppClientFactory, make_settings: Any, private_kafka_broker: KafkaBroker
+) -> None:
+    """Kafka down and room for 3 records in the spill: of 5 single-record writes in one
+    turn, 3 are written, as they would have been one by one; the 2 refused are
+    released, so their retry is written once there is room rather than locked (409)."""
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    settings = make_settings(
+        feature_dims=(4,), kafka_bootstrap_servers=private_kafka_broker.bootstrap,
+        kafka_topic=topic, kafka_request_timeout_ms=500, spill_max_records=3,
+        kafka_breaker_fail_max=1, dedup_in_flight_wait_s=0.05,
+    )
+    client = await app_client(settings)
+    app = client.app
+    private_kafka_broker.stop()
+    sink = RecordingSink(app[RECORD_SINK])
+    pipeline = IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS])
+    await _until_kafka_is_given_up(pipeline)
+    batches = [_batch(pipeline, f"r{n}") for n in range(5)]
+
+    answers = await asyncio.gather(
+        *(pipeline.write("t", batch, "track") for batch in batches), return_exceptions=True
+    )
+
+    assert sum(isinstance(answer, Written) and answer.accepted == 1 for answer in answers) == 2
+    assert sum(isinstance(answer, SpillFull) for answer in answers) == 3
+    refused = [batch for batch, answer in zip(batches, answers, strict=True) if isinstance(answer, SpillFull)]
+    with pytest.raises(SpillFull):  # still no room, and not a conflict: released
+        await pipeline.write("t", refused[0], "retry")
+
+
+async def _until_kafka_is_given_up(pipeline: IngestPipeline) -> None:
+    """One write with the broker down: it spills (1 of the 3 records of room) and the
+    breaker opens, so the next writes go to the spill without trying Kafka."""
+    answer = await pipeline.write("t", _batch(pipeline, "first"), "track")
+    assert answer == Written(accepted=1, duplicates=0)

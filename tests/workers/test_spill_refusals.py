@@ -1,0 +1,70 @@
+"""What the spilling sink's refusals tell the ingest pipeline: a refusal (the records
+went nowhere, their record ids can be released) only when none of them can have
+landed."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlgate.workers.errors import SinkFailed
+from mlgate.workers.sinks.records import OutboundRecord
+from mlgate.workers.sinks.spilling_sink import SpillFull, SpillingKafkaSink
+from mlgate.workers.telemetry import NO_TELEMETRY
+from tests.support import KafkaBroker, create_topic
+
+
+def _records(n: int, start: int = 0) -> list[OutboundRecord]:
+    return [OutboundRecord(key=f"r{i}".encode(), value=b"{}", headers=[]) for i in range(start, start + n)]
+
+
+async def _sink(make_settings, broker: KafkaBroker, **overrides) -> SpillingKafkaSink:
+    topic = await create_topic(broker.bootstrap)
+    settings = make_settings(
+        kafka_bootstrap_servers=broker.bootstrap, kafka_topic=topic,
+        kafka_request_timeout_ms=500, **overrides,
+    )
+    sink = SpillingKafkaSink(settings, NO_TELEMETRY)
+    await sink.start()
+    return sink
+
+
+async def test_a_full_spill_without_trying_kafka_wrote_nothing(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    sink = await _sink(make_settings, private_kafka_broker, spill_max_records=2, kafka_breaker_fail_max=1)
+    try:
+        private_kafka_broker.stop()
+        await sink.write(_records(1))  # Kafka fails: spilled, and the breaker opens
+        with pytest.raises(SpillFull) as refused:
+            await sink.write(_records(2, start=1))
+        assert refused.value.nothing_written
+    finally:
+        await sink.close(drain_s=0)
+
+
+async def test_a_full_spill_after_kafka_was_tried_may_have_written_some(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    sink = await _sink(make_settings, private_kafka_broker, spill_max_records=1)
+    try:
+        private_kafka_broker.stop()
+        with pytest.raises(SpillFull) as refused:
+            await sink.write(_records(2))
+        assert not refused.value.nothing_written
+    finally:
+        await sink.close(drain_s=0)
+
+
+async def test_a_closed_spill_after_kafka_was_tried_is_a_failure_not_a_refusal(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """The spill's writer refusing what Kafka did not take (closed, or its mailbox full)
+    must not read as "nothing written": Kafka may hold part of the write."""
+    sink = await _sink(make_settings, private_kafka_broker)
+    try:
+        await sink._spill.close()
+        private_kafka_broker.stop()
+        with pytest.raises(SinkFailed, match="spill refused"):
+            await sink.write(_records(2))
+    finally:
+        await sink.close(drain_s=0)
