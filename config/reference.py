@@ -51,7 +51,7 @@ DESCRIPTIONS: dict[str, str] = {
     "spill_max_records": "Records the spill may hold while Kafka is down; beyond it ingest answers 503.",
     "spill_drain_batch_records": "Records forwarded from the spill to Kafka per batch.",
     # Writers
-    "writer_mailbox_size": "Ingest writes that may wait for a writer (the requests of one event-loop turn make one write, of at most MLGATE_WRITER_MAX_BATCH_RECORDS records); full: 503 at once.",
+    "writer_mailbox_size": "Ingest writes that may wait for a writer (the requests of one event-loop turn make one write of at most MLGATE_WRITER_MAX_BATCH_RECORDS records, a larger request one of its own); full: 503 at once.",
     "writer_max_batch_records": "Most records a writer takes from its mailbox per round.",
     "writer_max_in_flight": "Kafka batches awaiting acks at once.",
     "data_dir": "Directory for the local log, the spill, keys and the dev key.",

@@ -22,12 +22,15 @@ log = structlog.get_logger("mlgate.breaker")
 
 
 class BreakerOpen(Exception):
-    """The dependency's breaker is open; ``retry_after_s`` is when it next lets a call try."""
+    """The dependency's breaker is open; ``retry_after_s`` is when it next lets a call try.
+    ``failure``: the call's own failure when this call was made and its failure opened
+    the breaker; None when the call was refused without being made."""
 
-    def __init__(self, name: str, retry_after_s: int) -> None:
+    def __init__(self, name: str, retry_after_s: int, failure: BaseException | None = None) -> None:
         super().__init__(f"{name} is unavailable (circuit open); retry in {retry_after_s} s")
         self.name = name
         self.retry_after_s = retry_after_s
+        self.failure = failure
 
 
 class _LogTransitions(aiobreaker.CircuitBreakerListener):
@@ -103,11 +106,12 @@ class Breaker:
         try:
             result: T = await self._breaker.call_async(func, *args, **kwargs)
             return result
-        except aiobreaker.CircuitBreakerError:
+        except aiobreaker.CircuitBreakerError as exc:
             # Not the error's own reopen time: aiobreaker reckons it against local time
             # from a UTC clock (None all the time east of UTC, and anywhere at the
             # instant the timeout ends), and None made the refusal a TypeError, a 500.
-            raise BreakerOpen(self.name, max(1, self.retry_after_s)) from None
+            # aiobreaker raises it ``from`` the failure that opened the breaker.
+            raise BreakerOpen(self.name, max(1, self.retry_after_s), exc.__cause__) from None
 
 
 async def _raise(exc: Exception) -> NoReturn:

@@ -222,7 +222,11 @@ class IngestPipeline:
             if error is None or _refused(error):
                 if isinstance(error, SpillFull) and len(writes) > 1:
                     # The spill had no room for the whole turn, but may for some of its
-                    # writes: each is written as it would have been alone.
+                    # writes: each is written as it would have been alone (and holds
+                    # its own claim meanwhile).
+                    if holding is not None:
+                        holding.stop()
+                        holding = None
                     await asyncio.gather(
                         *(self._write_and_settle(_Turn([write], write.records)) for write in writes)
                     )

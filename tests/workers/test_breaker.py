@@ -39,6 +39,18 @@ async def test_consecutive_failures_open_it_and_it_refuses_at_once() -> None:
         await breaker.call(succeed)
 
 
+async def test_the_call_that_opens_it_carries_its_own_failure() -> None:
+    """Its caller must know the call was made (Kafka may hold part of a write); a call
+    refused by the open breaker was not made."""
+    breaker = Breaker("dep", fail_max=1, reset_s=60)
+    with pytest.raises(BreakerOpen) as opened:
+        await breaker.call(fail)
+    assert isinstance(opened.value.failure, ConnectionError)
+    with pytest.raises(BreakerOpen) as refused:
+        await breaker.call(fail)
+    assert refused.value.failure is None
+
+
 async def test_a_success_between_failures_starts_the_count_again() -> None:
     breaker = Breaker("dep", fail_max=3, reset_s=60)
     await failures(breaker, 2)

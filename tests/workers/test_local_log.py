@@ -281,9 +281,10 @@ async def test_close_past_its_drain_budget_fails_the_write_in_progress(
     await asyncio.wait([queued])  # the drain budget ran out
     release.set()
     await closing
-    # Nobody waits forever: the write in progress is answered too (as retriable).
+    # Nobody waits forever: the write in progress is answered too, as a failure whose
+    # records may have landed (its append went on), the queued one as a refusal.
     assert in_progress.done()
-    assert isinstance(in_progress.exception(), WorkerClosed)
+    assert isinstance(in_progress.exception(), SinkFailed)
     assert isinstance(queued.exception(), WorkerClosed)
 
 

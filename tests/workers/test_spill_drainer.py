@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from mlgate.workers.sinks.kafka_writer import KafkaWriteFailed, KafkaWriter
 from mlgate.workers.sinks.local_log import (
     LocalLog,
     LogCursor,
@@ -137,3 +138,47 @@ async def test_a_crashed_drainer_makes_the_sink_unhealthy_then_resumes_from_the_
         await sink.close()
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=20)
     assert sorted(m.key for m in messages) == [r.key for r in _records(20)]
+
+
+class _FirstWritePartial(KafkaWriter):
+    """A real writer whose first write lands only its first record and then fails, as
+    a write Kafka acknowledged in part."""
+
+    failed = False
+
+    async def write(self, records: list[OutboundRecord]) -> None:
+        if self.failed:
+            await super().write(records)
+            return
+        type(self).failed = True
+        await super().write(records[:1])
+        raise KafkaWriteFailed("partly acknowledged", records[1:], outcome_unknown=0)
+
+
+async def test_a_partial_drain_that_opens_the_breaker_sends_only_what_kafka_did_not_take(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """The failure that opens the breaker reaches the drainer as BreakerOpen: it still
+    tells which records Kafka acknowledged, and those are not sent twice."""
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    settings = make_settings(
+        kafka_bootstrap_servers=private_kafka_broker.bootstrap, kafka_topic=topic,
+        kafka_request_timeout_ms=500, kafka_breaker_reset_s=0.2, kafka_breaker_fail_max=1,
+    )
+    private_kafka_broker.stop()
+    sink = SpillingKafkaSink(settings, NO_TELEMETRY)
+    await sink.start()
+    await sink.write(_records(3))
+    assert sink.backlog == 3
+    assert not sink._kafka.started  # Kafka was down at start: the drainer starts it
+    _FirstWritePartial.failed = False
+    sink._kafka = _FirstWritePartial(settings, telemetry=NO_TELEMETRY)
+    try:
+        private_kafka_broker.start()
+        await create_topic(private_kafka_broker.bootstrap, name=topic)
+        await _wait_until_drained(sink)
+    finally:
+        await sink.close()
+    assert _FirstWritePartial.failed
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=3)
+    assert sorted(m.key for m in messages) == [r.key for r in _records(3)]

@@ -4,6 +4,11 @@ landed."""
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 
 from mlgate.workers.errors import SinkFailed
@@ -42,29 +47,56 @@ async def test_a_full_spill_without_trying_kafka_wrote_nothing(
         await sink.close(drain_s=0)
 
 
-async def test_a_full_spill_after_kafka_was_tried_may_have_written_some(
+async def test_a_full_spill_after_kafka_left_the_write_unanswered_may_have_written_some(
     make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
+    """The broker frozen: the produce goes unanswered, so Kafka may hold the records."""
     sink = await _sink(make_settings, private_kafka_broker, spill_max_records=1)
     try:
-        private_kafka_broker.stop()
-        with pytest.raises(SpillFull) as refused:
-            await sink.write(_records(2))
+        await sink.write(_records(1, start=10))  # connected: the next produce is sent
+        with _frozen(private_kafka_broker):
+            with pytest.raises(SpillFull) as refused:
+                await sink.write(_records(2))
         assert not refused.value.nothing_written
     finally:
         await sink.close(drain_s=0)
 
 
-async def test_a_closed_spill_after_kafka_was_tried_is_a_failure_not_a_refusal(
+async def test_a_full_spill_after_kafka_took_none_wrote_nothing(
     make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
-    """The spill's writer refusing what Kafka did not take (closed, or its mailbox full)
-    must not read as "nothing written": Kafka may hold part of the write."""
+    """The broker gone at the outage's start (breaker still closed): Kafka was tried and
+    acknowledged none, with no outcome unknown."""
+    sink = await _sink(make_settings, private_kafka_broker, spill_max_records=1)
+    try:
+        private_kafka_broker.stop()
+        with pytest.raises(SpillFull) as refused:
+            await sink.write(_records(2))
+        assert refused.value.nothing_written
+    finally:
+        await sink.close(drain_s=0)
+
+
+async def test_a_closed_spill_after_an_unanswered_kafka_write_is_a_failure_not_a_refusal(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """The spill's writer refusing what Kafka did not answer (closed, or its mailbox
+    full) must not read as "nothing written": Kafka may hold part of the write."""
     sink = await _sink(make_settings, private_kafka_broker)
     try:
+        await sink.write(_records(1, start=10))  # connected: the next produce is sent
         await sink._spill.close()
-        private_kafka_broker.stop()
-        with pytest.raises(SinkFailed, match="spill refused"):
+        with _frozen(private_kafka_broker), pytest.raises(SinkFailed, match="spill refused"):
             await sink.write(_records(2))
     finally:
         await sink.close(drain_s=0)
+
+
+@contextmanager
+def _frozen(broker: KafkaBroker) -> Iterator[None]:
+    assert broker.process is not None
+    os.kill(broker.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(broker.process.pid, signal.SIGCONT)

@@ -15,7 +15,7 @@ from pathlib import Path
 import structlog
 
 from mlgate.workers.actor import Actor
-from mlgate.workers.errors import SinkFailed, WorkerClosed
+from mlgate.workers.errors import SinkFailed
 from mlgate.workers.sinks.local_log import LocalLog, frame
 from mlgate.workers.sinks.records import OutboundRecord
 
@@ -91,9 +91,13 @@ class LocalLogWriter(Actor[_Pending]):
             except BaseException:
                 # Cancelled (close past its drain budget) or crashed mid-write: the
                 # items taken are out of the mailbox, so fail them here or they hang.
+                # Not as a refusal (``WorkerClosed``): the append goes on in its thread,
+                # so their records may land.
                 for item in taken:
                     if not item.future.done():
-                        item.future.set_exception(WorkerClosed("local log writer stopped"))
+                        item.future.set_exception(
+                            SinkFailed("local log writer stopped while writing: the records may have landed")
+                        )
                     self._mailbox.task_done()
                 raise
             for item in taken:

@@ -156,39 +156,50 @@ class SpillingKafkaSink:
             and not self._kafka.stalled
         )
         resent = 0
+        # Whether Kafka certainly holds none of the records: a refusal of the spill is
+        # then a refusal of the whole write, and its callers may release their ids.
+        kafka_took_none = True
         if direct:
             try:
                 await self.breaker.call(self._kafka.write, records)
                 return
             except MailboxFull:
                 raise
-            except KafkaWriteFailed as exc:
-                # What Kafka acknowledged stays there; the rest spills.
-                log.warning(
-                    "kafka_write_failed_spilling", error=str(exc), records=len(exc.unwritten),
-                    acknowledged=len(records) - len(exc.unwritten), outcome_unknown=exc.outcome_unknown,
-                )
-                records, resent = exc.unwritten, exc.outcome_unknown
-                if not records:
-                    return
-            except _KAFKA_FAILURES as exc:
-                log.warning("kafka_write_failed_spilling", error=repr(exc), records=len(records))
-            try:
-                await self._to_spill(records, kafka_tried=True)
-            except (MailboxFull, WorkerClosed) as exc:
-                # Kafka may hold some of them: not a refusal of the whole write, whose
-                # callers would then take their records for unwritten.
-                raise SinkFailed(f"spill refused the records Kafka did not take: {exc!r}") from exc
-        else:
-            await self._to_spill(records, kafka_tried=False)
+            except (KafkaWriteFailed, *_KAFKA_FAILURES) as exc:
+                # A write whose own failure opened the breaker comes as BreakerOpen
+                # carrying that failure; without one, Kafka was not called.
+                failure = exc.failure if isinstance(exc, BreakerOpen) and exc.failure else exc
+                if isinstance(failure, KafkaWriteFailed):
+                    # What Kafka acknowledged stays there; the rest spills.
+                    log.warning(
+                        "kafka_write_failed_spilling", error=str(failure), records=len(failure.unwritten),
+                        acknowledged=len(records) - len(failure.unwritten),
+                        outcome_unknown=failure.outcome_unknown,
+                    )
+                    kafka_took_none = len(failure.unwritten) == len(records) and not failure.outcome_unknown
+                    records, resent = failure.unwritten, failure.outcome_unknown
+                    if not records:
+                        return
+                else:
+                    log.warning("kafka_write_failed_spilling", error=repr(failure), records=len(records))
+                    # Sent and not answered, Kafka may hold them; refused, it holds none.
+                    kafka_took_none = isinstance(failure, BreakerOpen)
+        try:
+            await self._to_spill(records, kafka_took_none=kafka_took_none)
+        except (MailboxFull, WorkerClosed) as exc:
+            if kafka_took_none:
+                raise
+            # Kafka may hold some of them: not a refusal of the whole write, whose
+            # callers would then take their records for unwritten.
+            raise SinkFailed(f"spill refused the records Kafka did not take: {exc!r}") from exc
         if resent:
             self._telemetry.records_resent(resent)
 
-    async def _to_spill(self, records: list[OutboundRecord], *, kafka_tried: bool) -> None:
+    async def _to_spill(self, records: list[OutboundRecord], *, kafka_took_none: bool) -> None:
         if self._backlog + len(records) > self._settings.spill_max_records:
             raise SpillFull(
                 f"spill is full ({self._backlog} records waiting for Kafka)",
-                nothing_written=not kafka_tried,
+                nothing_written=kafka_took_none,
             )
         self._backlog += len(records)
         try:
@@ -254,6 +265,12 @@ class SpillingKafkaSink:
                 await asyncio.sleep(0.5)
                 continue
             except (MailboxFull, *_KAFKA_FAILURES) as exc:
+                if isinstance(exc, BreakerOpen) and isinstance(exc.failure, KafkaWriteFailed):
+                    # The failure that opened the breaker: what Kafka acknowledged of
+                    # the batch is not sent again.
+                    unacked.records = exc.failure.unwritten
+                    if exc.failure.outcome_unknown:
+                        self._telemetry.records_resent(exc.failure.outcome_unknown)
                 wait = exc.retry_after_s if isinstance(exc, BreakerOpen) else 0.5
                 await asyncio.sleep(wait)
                 continue
