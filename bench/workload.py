@@ -302,7 +302,7 @@ class Plan:
     # MLGATE_* settings every mlgate process of the run gets (experiments; the
     # targets are judged on the defaults)
     settings: tuple[tuple[str, str], ...] = ()
-    metrics_dir: Path | None = None  # each ingest phase's /metrics, saved after its load
+    metrics_dir: Path | None = None  # each mlgate process's /metrics, saved after its phase
 
     @property
     def core(self) -> set[int] | None:
@@ -367,10 +367,20 @@ class Run:
             except (RuntimeError, TimeoutError) as exc:
                 raise RuntimeError(f"{exc}\n{log.read_text(errors='replace')[-2000:]}") from None
             yield f"http://127.0.0.1:{port}", process.pid
+            self._save_metrics(port, process.pid)
         finally:
             stop(process, 15.0)
             if profiler is not None:
                 profiler.wait(30)
+
+    def _save_metrics(self, port: int, pid: int) -> None:
+        """``--metrics DIR``: the process's ``/metrics`` once its phase is over (Kafka
+        produce times, batch sizes, queue times), one file per process."""
+        if self.plan.metrics_dir is None:
+            return
+        self.plan.metrics_dir.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            (self.plan.metrics_dir / f"mlgate-{pid}.txt").write_bytes(answer.read())
 
     def _profile(self, pid: int, port: int) -> subprocess.Popen[bytes] | None:
         """``--py-spy DIR``: py-spy samples the mlgate process for its whole life into
@@ -509,10 +519,6 @@ def ingest_phase(
         options = msgspec.structs.replace(load, url=f"{base}/api/v2/ingest")
         timeout = load.warmup_s + load.duration_s + 120
         result = run.child("load", options, "bench.workload", IngestResult, timeout, pid)
-        if run.plan.metrics_dir is not None:
-            run.plan.metrics_dir.mkdir(parents=True, exist_ok=True)
-            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
-                (run.plan.metrics_dir / f"mlgate-{pid}.txt").write_bytes(answer.read())
         if keep_rss:
             time.sleep(2.0)  # what settles after the load (writers draining, gc)
         after = rss_mb(pid)
@@ -1048,7 +1054,7 @@ def _parser() -> argparse.ArgumentParser:
         "--py-spy", type=Path, metavar="DIR", help="profile every mlgate process into DIR"
     )
     parser.add_argument(
-        "--metrics", type=Path, metavar="DIR", help="save each ingest phase's /metrics into DIR"
+        "--metrics", type=Path, metavar="DIR", help="save each mlgate process's /metrics into DIR"
     )
     parser.add_argument(
         "--set",
