@@ -97,7 +97,14 @@ class Breaker:
                     # the run of consecutive failures, as aiobreaker's own call would.
                     breaker._state_storage.reset_counter()
                 return result
-            return await self._guarded(_raise, failure)
+            try:
+                return await self._guarded(_raise, failure)
+            except BreakerOpen as refused:
+                # Another call's failure opened it meanwhile: this call was made all the
+                # same, and its caller must know how it failed.
+                if refused.failure is None:
+                    refused.failure = failure
+                raise
         return await self._guarded(func, *args, **kwargs)
 
     async def _guarded(

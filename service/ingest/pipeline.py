@@ -49,7 +49,7 @@ from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
 from mlgate.service.ingest.ids import UniqueIds
 from mlgate.service.ingest.validation import Decoded, RecordValidator
-from mlgate.workers.errors import MailboxFull, WorkerClosed
+from mlgate.workers.errors import MailboxFull, WorkerClosed, WorkerError
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
 from mlgate.workers.sinks.spilling_sink import SpillFull
 
@@ -287,8 +287,14 @@ class IngestPipeline:
 
     def _settled(self, settle: asyncio.Future[None]) -> None:
         self._settling.discard(settle)
-        if not settle.cancelled():
-            settle.exception()  # retrieved: its callers have it, or were cancelled
+        if settle.cancelled():
+            return
+        error = settle.exception()  # retrieved: its callers have it, or were cancelled
+        if error is not None and not isinstance(error, WorkerError):
+            # Not a sink's answer but a fault of the settling itself: its callers got it
+            # as a 500 (if still there); worth a line and a count of its own.
+            log.error("ingest_settle_crashed", error=repr(error))
+            self._metrics.background_task_crashes.labels("ingest-settle").inc()
 
     async def _drop_duplicates(
         self, tenant: str, batch: ValidatedBatch

@@ -51,6 +51,25 @@ async def test_the_call_that_opens_it_carries_its_own_failure() -> None:
     assert refused.value.failure is None
 
 
+async def test_a_call_failing_after_another_opened_it_still_carries_its_failure() -> None:
+    breaker = Breaker("dep", fail_max=1, reset_s=60)
+    started = asyncio.Event()
+
+    async def slow_fail() -> str:
+        started.set()
+        await asyncio.sleep(0.01)
+        raise ConnectionError("made, and failed later")
+
+    slow = asyncio.create_task(breaker.call(slow_fail))
+    await started.wait()
+    with pytest.raises(BreakerOpen):
+        await breaker.call(fail)  # opens it while the slow call runs
+    with pytest.raises(BreakerOpen) as late:
+        await slow
+    assert isinstance(late.value.failure, ConnectionError)
+    assert str(late.value.failure) == "made, and failed later"
+
+
 async def test_a_success_between_failures_starts_the_count_again() -> None:
     breaker = Breaker("dep", fail_max=3, reset_s=60)
     await failures(breaker, 2)

@@ -156,8 +156,9 @@ class SpillingKafkaSink:
             and not self._kafka.stalled
         )
         resent = 0
-        # Whether Kafka certainly holds none of the records: a refusal of the spill is
-        # then a refusal of the whole write, and its callers may release their ids.
+        # Whether Kafka certainly holds none of the records (it was not called): a
+        # refusal of the spill is then a refusal of the whole write, and its callers may
+        # release their ids.
         kafka_took_none = True
         if direct:
             try:
@@ -176,7 +177,10 @@ class SpillingKafkaSink:
                         acknowledged=len(records) - len(failure.unwritten),
                         outcome_unknown=failure.outcome_unknown,
                     )
-                    kafka_took_none = len(failure.unwritten) == len(records) and not failure.outcome_unknown
+                    # Not "took none" even when it acknowledged none: aiokafka retries a
+                    # batch itself, and an answer lost on the way is then reported as the
+                    # last attempt's error, not as an unknown outcome.
+                    kafka_took_none = False
                     records, resent = failure.unwritten, failure.outcome_unknown
                     if not records:
                         return

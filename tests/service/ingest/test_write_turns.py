@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import structlog.testing
 
 from mlgate.service.http.codec import Format
 from mlgate.service.http.errors import Conflict
@@ -260,39 +261,88 @@ async def test_a_turn_holds_at_most_max_turn_records(
     assert app[RECORD_SINK].next_offset == 9
 
 
-@pytest.mark.parametrize("breaker", ["open", "closed"])
-async def test_a_spill_without_room_for_the_turn_takes_the_writes_that_fit(
-    app_client: AppClientFactory, make_settings: Any, private_kafka_broker: KafkaBroker, breaker: str
-) -> None:
-    """Kafka down and room for 3 records in the spill: of 5 single-record writes in one
-    turn, 3 are written, as they would have been one by one; the 2 refused are
-    released, so their retry is written once there is room rather than locked (409).
-    Whether Kafka is given up already (breaker open) or still tried and takes nothing
-    (the outage's start)."""
-    topic = await create_topic(private_kafka_broker.bootstrap)
-    settings = make_settings(
-        feature_dims=(4,), kafka_bootstrap_servers=private_kafka_broker.bootstrap,
-        kafka_topic=topic, kafka_request_timeout_ms=500, spill_max_records=3,
-        kafka_breaker_fail_max=1 if breaker == "open" else 1000, dedup_in_flight_wait_s=0.05,
+def _spill_settings(make_settings: Any, broker: KafkaBroker, topic: str, fail_max: int) -> Any:
+    return make_settings(
+        feature_dims=(4,), kafka_bootstrap_servers=broker.bootstrap, kafka_topic=topic,
+        kafka_request_timeout_ms=500, spill_max_records=3, kafka_breaker_fail_max=fail_max,
+        dedup_in_flight_wait_s=0.05,
     )
-    client = await app_client(settings)
+
+
+async def test_a_spill_without_room_for_the_turn_takes_the_writes_that_fit(
+    app_client: AppClientFactory, make_settings: Any, private_kafka_broker: KafkaBroker
+) -> None:
+    """Kafka given up (breaker open) and room for 2 more records in the spill: of 5
+    single-record writes in one turn, 2 are written, as they would have been one by
+    one; the 3 refused are released, so their retry is written once there is room
+    rather than locked (409)."""
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    client = await app_client(_spill_settings(make_settings, private_kafka_broker, topic, 1))
     app = client.app
     private_kafka_broker.stop()
     sink = RecordingSink(app[RECORD_SINK])
     pipeline = IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS])
-    if breaker == "open":
-        # One write with the broker down spills and opens the breaker: the next ones go
-        # to the spill without trying Kafka (and 2 records of room are left).
-        assert await pipeline.write("t", _batch(pipeline, "first"), "track") == Written(1, 0)
+    # One write with the broker down spills and opens the breaker: the next ones go to
+    # the spill without trying Kafka.
+    assert await pipeline.write("t", _batch(pipeline, "first"), "track") == Written(1, 0)
     batches = [_batch(pipeline, f"r{n}") for n in range(5)]
 
     answers = await asyncio.gather(
         *(pipeline.write("t", batch, "track") for batch in batches), return_exceptions=True
     )
 
-    fit = 2 if breaker == "open" else 3
-    assert sum(isinstance(answer, Written) and answer.accepted == 1 for answer in answers) == fit
-    assert sum(isinstance(answer, SpillFull) for answer in answers) == 5 - fit
+    assert sum(isinstance(answer, Written) and answer.accepted == 1 for answer in answers) == 2
+    assert sum(isinstance(answer, SpillFull) for answer in answers) == 3
     refused = [batch for batch, answer in zip(batches, answers, strict=True) if isinstance(answer, SpillFull)]
     with pytest.raises(SpillFull):  # still no room, and not a conflict: released
         await pipeline.write("t", refused[0], "retry")
+
+
+async def test_a_spill_without_room_after_kafka_was_tried_keeps_the_ids_claimed(
+    app_client: AppClientFactory, make_settings: Any, private_kafka_broker: KafkaBroker
+) -> None:
+    """At an outage's start Kafka is still tried: it may hold records it did not
+    acknowledge, so the turn is refused whole, its ids stay claimed (a retry within the
+    lapse is 409, not a second write) and nothing is written again record by record."""
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    client = await app_client(_spill_settings(make_settings, private_kafka_broker, topic, 1000))
+    app = client.app
+    private_kafka_broker.stop()
+    sink = RecordingSink(app[RECORD_SINK])
+    pipeline = IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS])
+    batches = [_batch(pipeline, f"r{n}") for n in range(5)]
+
+    answers = await asyncio.gather(
+        *(pipeline.write("t", batch, "track") for batch in batches), return_exceptions=True
+    )
+
+    assert [type(answer) for answer in answers] == [SpillFull] * 5
+    assert sink.writes == [5]
+    with pytest.raises(Conflict):
+        await pipeline.write("t", batches[0], "retry")
+
+
+async def test_a_fault_of_the_settling_itself_is_answered_logged_and_counted(
+    app_client: AppClientFactory, settings_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a sink's answer but a bug in settling: every caller gets it (a 500, never a
+    hang), and the crash has a log line and a count like any background task's."""
+    app, pipeline, _ = await _pipeline(app_client, settings_for())
+
+    async def broken(*_: Any) -> None:
+        raise RuntimeError("settling broke")
+
+    monkeypatch.setattr(pipeline, "_settle_claims", broken)
+    crashes = app[METRICS].background_task_crashes.labels("ingest-settle")
+    before = crashes._value.get()
+
+    with structlog.testing.capture_logs() as logs:
+        answers = await asyncio.gather(
+            *(pipeline.write("t", _batch(pipeline, rid), "track") for rid in "ab"),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0)  # the settling task's end is seen
+
+    assert [type(answer) for answer in answers] == [RuntimeError, RuntimeError]
+    assert crashes._value.get() == before + 1
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["ingest_settle_crashed"]
