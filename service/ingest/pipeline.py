@@ -37,9 +37,8 @@ have been alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import structlog
 
@@ -197,12 +196,9 @@ class IngestPipeline:
     def _write_turn(self, turn: _Turn) -> None:
         if self._turn is turn:
             self._turn = None
-        self._settle_task(self._write_and_settle(turn))
-
-    def _settle_task(self, settling: Coroutine[Any, Any, None]) -> None:
-        task = self._running_loop.create_task(settling)
-        self._settling.add(task)
-        task.add_done_callback(self._settled)
+        settle = self._running_loop.create_task(self._write_and_settle(turn))
+        self._settling.add(settle)
+        settle.add_done_callback(self._settled)
 
     async def _write_and_settle(self, turn: _Turn) -> None:
         """Write the turn's records, then settle each write's claim and answer its

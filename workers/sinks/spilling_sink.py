@@ -166,7 +166,7 @@ class SpillingKafkaSink:
                 return
             except MailboxFull:
                 raise
-            except (KafkaWriteFailed, *_KAFKA_FAILURES) as exc:
+            except _KAFKA_FAILURES as exc:  # KafkaWriteFailed is a SinkFailed
                 # A write whose own failure opened the breaker comes as BreakerOpen
                 # carrying that failure; without one, Kafka was not called.
                 failure = exc.failure if isinstance(exc, BreakerOpen) and exc.failure else exc

@@ -46,6 +46,13 @@ async def _pipeline(app_client: AppClientFactory, settings: Any) -> tuple[Any, I
     return app, IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS]), sink
 
 
+async def _write_all(pipeline: IngestPipeline, batches: list[ValidatedBatch]) -> list[Any]:
+    """Each batch written by a caller of its own, all in one turn: answers or errors."""
+    return await asyncio.gather(
+        *(pipeline.write("t", batch, "track") for batch in batches), return_exceptions=True
+    )
+
+
 def _batch(pipeline: IngestPipeline, *ids: str) -> ValidatedBatch:
     records = [{"record_id": rid, "features": [1.0, 2.0, 3.0, 4.0]} for rid in ids]
     source, items = pipeline.decode(msgspec.json.encode({"source": "s", "records": records}), Format.JSON)
@@ -105,9 +112,7 @@ async def test_a_refused_turn_fails_every_caller_and_releases_their_claims(
     batches = [_batch(pipeline, f"r{n}") for n in range(3)]
     sink.refuse = MailboxFull("full")
 
-    answers = await asyncio.gather(
-        *(pipeline.write("t", batch, "track") for batch in batches), return_exceptions=True
-    )
+    answers = await _write_all(pipeline, batches)
 
     assert [type(answer) for answer in answers] == [MailboxFull] * 3
     sink.refuse = None
@@ -126,9 +131,7 @@ async def test_a_failed_turn_fails_every_caller_and_keeps_their_ids_claimed(
     batches = [_batch(pipeline, "a"), _batch(pipeline, "b")]
     sink.refuse = SinkFailed("the broker answered an error")
 
-    answers = await asyncio.gather(
-        *(pipeline.write("t", batch, "track") for batch in batches), return_exceptions=True
-    )
+    answers = await _write_all(pipeline, batches)
 
     assert [type(answer) for answer in answers] == [SinkFailed, SinkFailed]
     sink.refuse = None
@@ -287,9 +290,7 @@ async def test_a_spill_without_room_for_the_turn_takes_the_writes_that_fit(
     assert await pipeline.write("t", _batch(pipeline, "first"), "track") == Written(1, 0)
     batches = [_batch(pipeline, f"r{n}") for n in range(5)]
 
-    answers = await asyncio.gather(
-        *(pipeline.write("t", batch, "track") for batch in batches), return_exceptions=True
-    )
+    answers = await _write_all(pipeline, batches)
 
     assert sum(isinstance(answer, Written) and answer.accepted == 1 for answer in answers) == 2
     assert sum(isinstance(answer, SpillFull) for answer in answers) == 3
@@ -312,9 +313,7 @@ async def test_a_spill_without_room_after_kafka_was_tried_keeps_the_ids_claimed(
     pipeline = IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS])
     batches = [_batch(pipeline, f"r{n}") for n in range(5)]
 
-    answers = await asyncio.gather(
-        *(pipeline.write("t", batch, "track") for batch in batches), return_exceptions=True
-    )
+    answers = await _write_all(pipeline, batches)
 
     assert [type(answer) for answer in answers] == [SpillFull] * 5
     assert sink.writes == [5]
