@@ -63,6 +63,9 @@ class Route:
     # The handler streams its body, of any length (no MAX_BODY_BYTES): an announced
     # length over that limit is then no reason to refuse before ``100 Continue``.
     streams_body: bool = False
+    # The handler's check of the body's media type before it reads the body, raising
+    # its 415; run before ``100 Continue`` too, so a body it would refuse is not sent.
+    body_media: Callable[[web.Request], object] | None = None
 
     def __post_init__(self) -> None:
         if self.scope is not None and self.scope not in ACCEPTED_SCOPES:
@@ -80,14 +83,14 @@ class Route:
 
 
 # Answers ``Expect`` for a request on a route: None after ``100 Continue`` (the body
-# comes), or the refusal; given whether the route limits its body to MAX_BODY_BYTES.
-ExpectCheck = Callable[[web.Request, bool], Awaitable[web.StreamResponse | None]]
+# comes), or the refusal.
+ExpectCheck = Callable[[web.Request, Route], Awaitable[web.StreamResponse | None]]
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
-def _expect_handler(check: ExpectCheck, limits_body: bool) -> ExpectHandler:
+def _expect_handler(check: ExpectCheck, route: Route) -> ExpectHandler:
     async def expect(request: web.Request) -> web.StreamResponse | None:
-        return await check(request, limits_body)
+        return await check(request, route)
 
     return expect
 
@@ -99,7 +102,7 @@ def add_routes(
     (else aiohttp sends ``100 Continue`` to every request)."""
     access = app[ROUTE_ACCESS]
     for route in routes:
-        expect_handler = None if expect is None else _expect_handler(expect, route.limits_body)
+        expect_handler = None if expect is None else _expect_handler(expect, route)
         if route.method == "get":
             added = app.router.add_get(route.path, route.handler, expect_handler=expect_handler)
         else:

@@ -30,7 +30,7 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_urldispatcher import _default_expect_handler
 
 from mlgate.config import Settings
-from mlgate.service.http.body import check_declared_length, read_body
+from mlgate.service.http.body import check_declared_length, check_encoding, read_body
 from mlgate.service.http.context import API_KEY, BUFFERED_BODY, KEY_ID, TENANT
 from mlgate.service.http.errors import (
     ApiError,
@@ -43,7 +43,7 @@ from mlgate.service.http.errors import (
     ValidationFailed,
 )
 from mlgate.service.http.front_door import as_api_error, problem_response
-from mlgate.service.http.routing import route_access
+from mlgate.service.http.routing import Route, route_access
 from mlgate.service.protection.api_keys import ANONYMOUS, ApiKey, KeyStoreUnavailable
 from mlgate.service.protection.idempotency import (
     HEADER,
@@ -119,7 +119,7 @@ async def authenticate(request: web.Request, accepted: frozenset[str]) -> ApiKey
     return key
 
 
-async def expect_continue(request: web.Request, limits_body: bool) -> web.StreamResponse | None:
+async def expect_continue(request: web.Request, route: Route) -> web.StreamResponse | None:
     """A route's answer to ``Expect``: ``100 Continue`` only when the body could be
     taken, else the refusal at once, so no body is uploaded for nothing.
 
@@ -129,7 +129,7 @@ async def expect_continue(request: web.Request, limits_body: bool) -> web.Stream
     ``Connection: close``, since the body it announced will not follow."""
     refusal = None
     if request.headers.get("Expect", "").lower() == "100-continue":
-        refusal = await refusal_before_body(request, limits_body)
+        refusal = await refusal_before_body(request, route)
     if refusal is None:
         # aiohttp's own: 100 Continue (HTTP/1.1 only), 417 for any other expectation.
         await _default_expect_handler(request)
@@ -139,14 +139,20 @@ async def expect_continue(request: web.Request, limits_body: bool) -> web.Stream
     return response
 
 
-async def refusal_before_body(request: web.Request, limits_body: bool) -> ApiError | None:
-    """What the request would be refused before its body is read, in the same order."""
+async def refusal_before_body(request: web.Request, route: Route) -> ApiError | None:
+    """What the request would be refused before its body is read, in the order the
+    app refuses it: its key, then as its handler does, the media type, the announced
+    length and the content encoding."""
     try:
         accepted = route_access(request)
         if accepted is not None:
             await authenticate(request, accepted)
-        if limits_body:
+        if route.body_media is not None:
+            route.body_media(request)
+        if route.limits_body:
             check_declared_length(request, request.app[SETTINGS].max_body_bytes)
+        if route.method != "get":
+            check_encoding(request)
     except ApiError as exc:
         return exc
     return None

@@ -88,9 +88,9 @@ async def ingest_batch(
     )
 
 
-async def ingest_stream(request: web.Request) -> web.Response:
-    """Ingest NDJSON or concatenated msgpack records, chunk by chunk, in bounded memory."""
-    settings = request.app[SETTINGS]
+def stream_head(request: web.Request) -> tuple[str, str]:
+    """A stream's source and media type, as its head gives them: 422 for a missing or
+    invalid source, 415 for a body that is neither NDJSON nor msgpack."""
     source = request.query.get("source", "")
     try:
         msgspec.convert(source, SourceName)
@@ -100,15 +100,20 @@ async def ingest_stream(request: web.Request) -> web.Response:
             errors=[FieldError(loc="query.source", msg="missing or invalid")],
         ) from None
     media_type = request.content_type if request.headers.get("Content-Type") else ""
-    if media_type == NDJSON:
-        records = ndjson_records(request, settings.max_stream_record_bytes)
-    elif MEDIA_TYPES.get(media_type) is Format.MSGPACK:
-        records = msgpack_records(request, settings.max_stream_record_bytes)
-    else:
+    if media_type != NDJSON and MEDIA_TYPES.get(media_type) is not Format.MSGPACK:
         raise UnsupportedMediaType(
             f"Content-Type {media_type or 'missing'!r} is not a stream: use {NDJSON} "
             "(one JSON record a line) or application/msgpack (concatenated maps)"
         )
+    return source, media_type
+
+
+async def ingest_stream(request: web.Request) -> web.Response:
+    """Ingest NDJSON or concatenated msgpack records, chunk by chunk, in bounded memory."""
+    settings = request.app[SETTINGS]
+    source, media_type = stream_head(request)
+    read = ndjson_records if media_type == NDJSON else msgpack_records
+    records = read(request, settings.max_stream_record_bytes)
 
     pipeline = request.app[INGEST_PIPELINE]
     tenant = _tenant(request)
@@ -184,6 +189,7 @@ ROUTES = [
         {202: IngestResponse},
         request=IngestRequest,
         scope="ingest",
+        body_media=request_format,
         description=(
             "Each record is validated on its own; rejected records are listed in `errors` "
             "and the rest are written. 202 means every accepted record is durable "
@@ -200,6 +206,7 @@ ROUTES = [
         request=Record,
         request_media=(NDJSON, "application/msgpack"),
         streams_body=True,
+        body_media=stream_head,
         scope="ingest",
         parameters=[
             {

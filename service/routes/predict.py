@@ -21,7 +21,7 @@ from mlgate.schemas.predict import (
     PredictV1Request,
     PredictV1Response,
 )
-from mlgate.service.http.codec import respond
+from mlgate.service.http.codec import request_format, respond
 from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import (
     MAX_TIMEOUT_MS,
@@ -75,6 +75,7 @@ ROUTES = [
         {200: PredictAnswer, 404: None, 504: None},
         request=PredictRequest,
         scope="predict",
+        body_media=request_format,
         parameters=[
             {
                 "name": TIMEOUT_HEADER,
@@ -102,6 +103,7 @@ ROUTES = [
         {200: PredictV1Response, 404: None, 504: None},
         request=PredictV1Request,
         scope="predict",
+        body_media=request_format,
         deprecated=True,
         description=(
             "Same code path as v2; `result` is what v2 answers as `prediction` (the class "

@@ -1,6 +1,7 @@
 """``Expect: 100-continue``: a request that cannot succeed is refused before its body is
-sent (413 for an announced length over the limit, 401/403 for its key); the others get
-``100 Continue``. Raw sockets: common clients cannot send the expectation."""
+sent (413 for an announced length over the limit, 401/403 for its key, 415 for a media
+type or content encoding its route does not take); the others get ``100 Continue``.
+Raw sockets: common clients cannot send the expectation."""
 
 from __future__ import annotations
 
@@ -198,6 +199,92 @@ async def test_the_refusal_is_the_answer_the_route_gives_without_the_expectation
         assert early.body == await plain.read()
         for header in ("Content-Type", "WWW-Authenticate", "X-Request-ID", "Deprecation", "Link"):
             assert early.headers.get(header) == plain.headers.get(header), header
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "content_type"),
+    [
+        ("/api/v2/ingest", "ingest", "text/csv"),
+        ("/api/v2/predict", "predict", "text/plain"),
+        ("/api/v1/predict", "predict", "application/xml"),
+        ("/api/v2/ingest/stream?source=s", "ingest", "application/json"),
+    ],
+)
+async def test_a_media_type_the_route_does_not_take_is_415_instead_of_100_continue(
+    client: Client,
+    connect: Callable[[], asyncio.Future[RawConnection]],
+    keys: dict[str, str],
+    path: str,
+    key: str,
+    content_type: str,
+) -> None:
+    connection = await connect()
+    await connection.send_head(
+        path, len(BATCH), Content_Type=content_type, X_API_Key=keys[key], X_Request_ID="rid-1"
+    )
+    early = await connection.answer()
+    assert early.status == 415
+    assert early.headers["Connection"] == "close"
+    assert await connection.closed_by_server_once_the_client_is_done()
+    headers = {"Content-Type": content_type, "X-API-Key": keys[key], "X-Request-ID": "rid-1"}
+    plain = await client.post(path, data=BATCH, headers=headers)
+    assert plain.status == 415
+    assert early.body == await plain.read()
+
+
+async def test_a_content_encoding_the_service_does_not_take_is_415_instead_of_100_continue(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str]
+) -> None:
+    connection = await connect()
+    await connection.send_head(
+        "/api/v2/ingest",
+        len(BATCH),
+        Content_Type="application/json",
+        Content_Encoding="compress",
+        X_API_Key=keys["ingest"],
+    )
+    answer = await connection.answer()
+    assert answer.status == 415
+    assert "Accept-Encoding" in answer.headers
+    assert msgspec.json.decode(answer.body)["status"] == 415
+
+
+async def test_a_wrong_media_type_is_refused_before_an_announced_length_over_the_limit(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str]
+) -> None:
+    """The order the handler refuses in without the expectation: media type first."""
+    connection = await connect()
+    await connection.send_head(
+        "/api/v2/ingest", LIMIT + 1, Content_Type="text/csv", X_API_Key=keys["ingest"]
+    )
+    assert (await connection.answer()).status == 415
+
+
+async def test_a_stream_without_a_source_is_422_before_its_media_type_is_looked_at(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str]
+) -> None:
+    connection = await connect()
+    await connection.send_head(
+        "/api/v2/ingest/stream", 10, Content_Type="text/csv", X_API_Key=keys["ingest"]
+    )
+    answer = await connection.answer()
+    assert answer.status == 422
+    assert msgspec.json.decode(answer.body)["errors"][0]["loc"] == "query.source"
+
+
+async def test_an_oip_infer_takes_any_media_type_so_it_gets_100_continue(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str]
+) -> None:
+    """Triton's clients send binary tensors as application/octet-stream, and the OIP
+    route reads any body that is not msgpack as JSON: nothing to refuse early."""
+    connection = await connect()
+    await connection.send_head(
+        "/v2/models/demo/infer",
+        len(b"{}"),
+        Content_Type="application/octet-stream",
+        X_API_Key=keys["predict"],
+    )
+    assert (await connection.answer()).status == 100
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
