@@ -21,7 +21,7 @@ import math
 import struct
 import time
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 import numpy as np
@@ -49,6 +49,7 @@ from mlgate.service.http.codec import (
 )
 from mlgate.service.http.context import REQUEST_ID
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound, ValidationFailed
+from mlgate.service.http.msgpack_count import count_objects
 from mlgate.service.state import DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.inference.model_config import NUMPY_DTYPES
 from mlgate.workers.inference.repository import ModelNotFound, ModelRepository, ModelVersion
@@ -74,13 +75,28 @@ TENSOR_SLACK_VALUES = 1024
 
 
 class _RowsUndecoded(msgspec.Struct, frozen=True, kw_only=True):
-    """A predict body with its rows left as raw bytes: decoding it allocates no row.
-    Other fields' types are checked by the full decoding that follows."""
+    """A predict body with its rows and names left as raw bytes: decoding it allocates
+    no row, and a name that is not a string (a msgpack array of 16M empty arrays, say)
+    is not decoded either. Their types are checked by the full decoding that follows."""
 
     features: msgspec.Raw = msgspec.Raw()  # empty: absent (a JSON null is b"null")
     instances: msgspec.Raw = msgspec.Raw()
-    model: Any = None
-    model_version: Any = "latest"
+    model: msgspec.Raw = msgspec.Raw()
+    model_version: msgspec.Raw = msgspec.Raw()
+
+
+def _name(raw: msgspec.Raw, fmt: Format, absent: str | None) -> str | None | bool:
+    """A name left raw by ``_RowsUndecoded``: the string (or None for a null),
+    ``absent`` when the body has none, False when it is anything else (the full
+    decoding's 422), read without decoding anything but a string."""
+    if not raw:
+        return absent
+    module = msgspec.json if fmt is Format.JSON else msgspec.msgpack
+    try:
+        name: str | None = module.decode(raw, type=str | None)
+    except msgspec.DecodeError:  # ValidationError is a DecodeError
+        return False
+    return name
 
 
 def request_deadline(request: web.Request, started: float, default_ms: float) -> float:
@@ -320,7 +336,8 @@ def check_row_budget(request: web.Request, body: bytes, fmt: Format) -> None:
     undecoded = decode(body, _RowsUndecoded, fmt)
     if not (undecoded.features or undecoded.instances):
         return  # the full decoding says what is missing
-    name, version = undecoded.model, undecoded.model_version
+    name = _name(undecoded.model, fmt, None)
+    version = _name(undecoded.model_version, fmt, "latest")
     if not (isinstance(name, str | None) and isinstance(version, str)):
         loaded, width = None, None  # the full decoding answers 422 for these
     else:
@@ -393,11 +410,13 @@ def _msgpack_array_length(data: memoryview) -> int | None:
     return None
 
 
-def check_tensor_budget(body: bytes | memoryview, loaded: ModelVersion) -> None:
-    """422 when a JSON body over ``ROW_BUDGET_FROM_BYTES`` holds more numbers than the
-    model's inputs take at ``MAX_INSTANCES`` rows, before any of them is decoded (a
-    16 MB body of ``0,`` would otherwise become 8M Python objects). Commas bound the
-    count from above; the shapes and names of a request add a few."""
+def check_tensor_budget(body: bytes | memoryview, loaded: ModelVersion, fmt: Format = Format.JSON) -> None:
+    """422 when a body over ``ROW_BUDGET_FROM_BYTES`` holds more values than the model's
+    inputs take at ``MAX_INSTANCES`` rows, before any of them is decoded (a 16 MB body
+    of ``0,``, or of msgpack's one-byte empty arrays, would otherwise become 8M or 16M
+    Python objects). JSON: commas bound the count from above. msgpack: its objects
+    are counted from the bytes (``count_objects``), scalars and containers each
+    against the budget. The shapes and names of a request add a few."""
     if len(body) <= ROW_BUDGET_FROM_BYTES:
         return
     budget = TENSOR_SLACK_VALUES
@@ -407,11 +426,15 @@ def check_tensor_budget(body: bytes | memoryview, loaded: ModelVersion) -> None:
             budget += UNSIZED_VALUE_BUDGET
         else:
             budget += MAX_INSTANCES * math.prod(dims)
-    values = bytes(body).count(b",") + 1
+    if fmt is Format.JSON:
+        values = bytes(body).count(b",") + 1
+        holds = f"the body holds about {values}"
+    else:
+        values = max(count_objects(bytes(body), budget))
+        holds = f"the body holds more than {budget}"
     if values > budget:
         raise ValidationFailed(
-            f"model {loaded.model} version {loaded.version} takes at most {budget} values, "
-            f"the body holds about {values}",
+            f"model {loaded.model} version {loaded.version} takes at most {budget} values, {holds}",
             errors=[FieldError(loc="inputs", msg=f"more than {budget} values")],
         )
 

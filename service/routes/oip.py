@@ -119,11 +119,11 @@ def decode_infer_body(
     """The body of ``POST .../infer``: 400 / 422 as the app answers them."""
     header_length = _header_length(headers.get(HEADER_LENGTH), len(body))
     if header_length is not None:
-        payload = decode(body[:header_length], InferenceRequest, Format.JSON)
-        return InferBody(payload, memoryview(body)[header_length:])
+        header = body[:header_length]
+        check_tensor_budget(header, loaded)
+        return InferBody(decode(header, InferenceRequest, Format.JSON), memoryview(body)[header_length:])
     fmt = body_format(headers.get("Content-Type"))
-    if fmt is Format.JSON:
-        check_tensor_budget(body, loaded)
+    check_tensor_budget(body, loaded, fmt)
     return InferBody(decode(body, InferenceRequest, fmt), memoryview(b""))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import struct
 from pathlib import Path
 
 import aiohttp
@@ -123,3 +124,112 @@ async def test_a_huge_oip_infer_body_is_refused_before_its_tensor_is_built(
     grown = peak_rss_kb(service) - before
     print(f"\n| huge OIP infer body (14 MB) | {status} | peak RSS +{grown / 1024:.0f} MB |")
     assert grown < OIP_RSS_GROWTH_BOUND_KB
+
+
+def empty_arrays(count: int) -> bytes:
+    """A msgpack array of ``count`` empty arrays: one byte each, a Python list each
+    once decoded (~64 bytes)."""
+    return b"\xdd" + struct.pack(">I", count) + b"\x90" * count
+
+
+EMPTY_ARRAYS = 14_000_000  # 14 MB; decoded: ~900 MB
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    async with session.post(url, data=io.BytesIO(body), headers=headers) as answer:
+        return answer.status, await answer.read()
+
+
+async def refused_beside_a_normal_predict(
+    service: ServiceProcess, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, bytes, int]:
+    """(status, body) of the hostile request, and the peak RSS growth (KB) it caused,
+    while a normal predict is answered beside it."""
+    normal = msgspec.json.encode({"instances": [GOOD_ROW] * 8})
+    async with aiohttp.ClientSession() as session:
+        assert await predict(session, service, normal, "json") == 200
+        before = peak_rss_kb(service)
+        (status, answer), answered = await asyncio.gather(
+            post(session, f"{service.url}{path}", body, headers),
+            predict(session, service, normal, "json"),
+        )
+        assert answered == 200
+    return status, answer, peak_rss_kb(service) - before
+
+
+def msgpack_infer_head(data: bytes) -> bytes:
+    """An OIP request in msgpack whose one input's ``data`` is the msgpack ``data``."""
+    head = msgspec.msgpack.encode({"name": "input", "shape": [1, 128], "datatype": "FP32"})
+    tensor = bytes([head[0] + 1]) + head[1:] + msgspec.msgpack.encode("data") + data
+    return b"\x81" + msgspec.msgpack.encode("inputs") + b"\x91" + tensor
+
+
+async def test_a_msgpack_oip_body_of_empty_arrays_is_refused_before_it_is_decoded(
+    service_process: ServiceFactory,
+) -> None:
+    service = service_process()
+    body = msgpack_infer_head(empty_arrays(EMPTY_ARRAYS))
+    status, answer, grown = await refused_beside_a_normal_predict(
+        service, "/v2/models/demo/infer", body, {"Content-Type": "application/msgpack"}
+    )
+    print(f"\n| msgpack OIP body of 14M empty arrays | {status} | peak RSS +{grown / 1024:.0f} MB |")
+    assert status == 422
+    assert b"takes at most" in answer
+    assert grown < OIP_RSS_GROWTH_BOUND_KB
+
+
+async def test_a_binary_infer_header_of_millions_of_values_is_refused_before_it_is_decoded(
+    service_process: ServiceFactory,
+) -> None:
+    service = service_process()
+    values = 3_500_000
+    header = msgspec.json.encode(
+        {"inputs": [{"name": "input", "shape": [values // 128, 128], "datatype": "FP32", "data": [0.5] * values}]}
+    )
+    status, answer, grown = await refused_beside_a_normal_predict(
+        service,
+        "/v2/models/demo/infer",
+        header,
+        {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))},
+    )
+    print(f"\n| binary infer header of 3.5M values | {status} | peak RSS +{grown / 1024:.0f} MB |")
+    assert status == 422
+    assert b"takes at most" in answer
+    assert grown < OIP_RSS_GROWTH_BOUND_KB
+
+
+async def test_a_msgpack_predict_naming_its_model_with_a_huge_array_is_refused_without_decoding_it(
+    service_process: ServiceFactory,
+) -> None:
+    service = service_process()
+    body = (
+        b"\x82" + msgspec.msgpack.encode("features") + msgspec.msgpack.encode(GOOD_ROW)
+        + msgspec.msgpack.encode("model") + empty_arrays(EMPTY_ARRAYS)
+    )  # fmt: skip
+    status, answer, grown = await refused_beside_a_normal_predict(
+        service, "/api/v2/predict", body, {"Content-Type": "application/msgpack"}
+    )
+    print(f"\n| msgpack predict naming a model of 14M empty arrays | {status} | peak RSS +{grown / 1024:.0f} MB |")
+    assert status == 422
+    assert msgspec.json.decode(answer)["errors"][0]["loc"] == "model"
+    assert grown < OIP_RSS_GROWTH_BOUND_KB
+
+
+@pytest.mark.parametrize("nested", [True, False])
+async def test_a_msgpack_oip_request_the_model_can_take_is_answered(
+    service_process: ServiceFactory, nested: bool
+) -> None:
+    service = service_process()
+    rows = [[0.25] * 128] * 200  # 200 KB of float64s: past the budget's threshold
+    data = rows if nested else [value for row in rows for value in row]
+    body = msgspec.msgpack.encode(
+        {"inputs": [{"name": "input", "shape": [200, 128], "datatype": "FP32", "data": data}]}
+    )
+    async with aiohttp.ClientSession() as session:
+        status, answer = await post(
+            session, f"{service.url}/v2/models/demo/infer", body, {"Content-Type": "application/msgpack"}
+        )
+    assert status == 200, answer
+    assert msgspec.json.decode(answer)["outputs"][0]["shape"][0] == 200
