@@ -173,6 +173,8 @@ def feature_rows(
         len(loaded.inputs) != 1
         or loaded.inputs[0].datatype not in _FLOAT_INPUTS
         or len(loaded.inputs[0].shape) != 2
+        or not loaded.outputs
+        or not loaded.outputs[0].shape  # a scalar: no row of answers to read
     ):
         raise ValidationFailed(
             f"model {loaded.model} does not take one row of float features; use /v2/models/{loaded.model}/infer",
@@ -194,6 +196,14 @@ def feature_rows(
             "every instance needs the same number of features",
             errors=[FieldError(loc=loc, msg="rows of different lengths")],
         ) from None
+    fixed_rows = spec.shape[0]
+    if fixed_rows >= 0 and rows.shape[0] != fixed_rows:
+        # A model exported with its batch fixed takes that many rows at once: anything
+        # else would fail in onnxruntime, and count against the model's breaker.
+        raise ValidationFailed(
+            f"model {loaded.model} version {loaded.version} takes {fixed_rows} rows at once, got {rows.shape[0]}",
+            errors=[FieldError(loc=loc, msg=f"expected {fixed_rows} rows, got {rows.shape[0]}")],
+        )
     expected = spec.shape[1]
     if expected >= 0 and rows.shape[1] != expected:
         raise ValidationFailed(

@@ -132,6 +132,23 @@ async def test_item_larger_than_max_batch_size_runs_alone(
     assert [len(batch) for batch in session.batches] == [10]
 
 
+async def test_a_model_without_a_batch_dimension_runs_each_request_alone(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A request of 0 rows fits beside one of 1 within a batch of 1; a model whose
+    outputs have no rows to slice would answer both with the same outputs."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session, max_batch_size=1, shares_batches=False)
+    computing = worker.submit(rows(1, 1), soon())
+    await asyncio.to_thread(session.entered.wait, 5)
+    queued = [worker.submit(rows(0), soon()), worker.submit(rows(1, 2), soon())]
+    await asyncio.sleep(0.05)  # both queued while the first computes
+    gate.set()
+    await asyncio.gather(computing, *queued)
+    assert [len(batch) for batch in session.batches] == [1, 0, 1]
+
+
 async def test_lone_row_on_an_idle_model_runs_without_waiting_out_the_delay(
     make_worker: WorkerFactory,
 ) -> None:

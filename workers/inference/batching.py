@@ -35,7 +35,8 @@ meanwhile are read, and refused, without waiting for the whole batch to be answe
 refusals come first there, the batch's shape second.
 
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
-does not fit the current batch opens the next one.
+does not fit the current batch opens the next one. A model without a free batch
+dimension (``shares_batches`` False) runs each item alone.
 """
 
 from __future__ import annotations
@@ -133,7 +134,12 @@ class InferenceWorker(Actor[_Item]):
         mailbox_bytes: int = 128 * 1024 * 1024,
         thread_niceness: int = 0,
         telemetry: WorkerTelemetry = NO_TELEMETRY,
+        shares_batches: bool = True,
     ) -> None:
+        """``shares_batches``: False for a model without a free batch dimension on
+        every input and output: each request then runs alone, since its outputs could
+        not be told apart by rows (a request of 0 rows would otherwise fit beside one
+        of 1 within ``max_batch_size`` 1, and both get the same outputs)."""
         if not input_names:
             raise ValueError("a model needs at least one input")
         super().__init__(mailbox_size)
@@ -147,6 +153,7 @@ class InferenceWorker(Actor[_Item]):
         self._input_names = tuple(input_names)
         self._output_names = list(output_names)
         self._max_batch_size = max(1, max_batch_size)
+        self._shares_batches = shares_batches
         self._max_queue_delay_s = max_queue_delay_s
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix=f"infer-{self.name}", initializer=_lower_priority(thread_niceness)
@@ -364,7 +371,7 @@ class InferenceWorker(Actor[_Item]):
             # batches behind this one). Take what is queued already and go.
             fill_until = 0.0
         nearest = first.deadline
-        while rows < self._max_batch_size:
+        while self._shares_batches and rows < self._max_batch_size:
             if self._mailbox.empty():
                 wait = min(fill_until, nearest - self._run_time_s) - time.monotonic()
                 if wait <= 0:

@@ -368,6 +368,7 @@ class ModelRepository:
             model=name,
             version=version,
             max_batch_size=max_batch_size,
+            shares_batches=batchable,
             max_queue_delay_s=config.max_queue_delay_ms / 1000,
             mailbox_size=self.settings.inference_mailbox_size,
             mailbox_bytes=self.settings.inference_mailbox_bytes,
