@@ -146,9 +146,14 @@ async def answer_infer(
     the express lane alike (service/process/express.py)."""
     payload, binary = request
     deadline = _deadline(headers, payload, started, float(app[SETTINGS].request_timeout_ms))
-    # Shed before building the tensors: under overload most requests end here.
-    loaded.worker.check_room(payload.inputs[0].shape[0] if payload.inputs[0].shape else 1, deadline)
+    # Shed before building the tensors: under overload most requests end here. A row
+    # first, since the shape is not checked against the data yet (a shape of 10^12
+    # rows is the request's 422, not a 503 to retry); then the rows it holds.
+    loaded.worker.check_room(1, deadline)
     feed = input_arrays(payload, binary, loaded)
+    rows = next(iter(feed.values())).shape[0]
+    if rows > 1:
+        loaded.worker.check_room(rows, deadline)
     outputs = requested_outputs(payload, loaded)
     results = await loaded.infer(feed, deadline, request_id=payload.id or request_id)
     if len(feed) == 1:  # one feature matrix: what a model profile describes

@@ -112,3 +112,46 @@ async def test_server_ready_is_4xx_while_not_ready(demo_client: Client) -> None:
     response = await demo_client.get("/v2/health/ready")
     assert response.status == 400  # the protocol: 4xx means not ready; Triton answers 400
     assert await response.json() == {"ready": False}
+
+
+async def warm(client: Client) -> None:
+    """A few answered rows: the worker then knows how long a batch takes."""
+    for _ in range(3):
+        body = {"inputs": [{"name": "input", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}]}
+        assert (await client.post("/v2/models/demo/infer", json=body)).status == 200
+
+
+@pytest.mark.parametrize("rows", [100_000, 10**12])
+async def test_a_shape_the_data_does_not_fill_is_422_however_many_rows_it_claims(
+    demo_client: Client, rows: int
+) -> None:
+    """Not a 503 "cannot answer before the deadline": the request can never succeed."""
+    await warm(demo_client)
+    body = {"inputs": [{"name": "input", "shape": [rows, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}]}
+    response = await demo_client.post("/v2/models/demo/infer", json=body)
+    assert response.status == 422
+    assert "needs" in (await response.json())["error"]
+
+
+async def test_a_binary_tensor_smaller_than_its_shape_is_422_however_many_rows_it_claims(
+    demo_client: Client,
+) -> None:
+    await warm(demo_client)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [10**8, WIDTH],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": WIDTH * 4},
+                }
+            ]
+        }
+    ).encode()
+    response = await demo_client.post(
+        "/v2/models/demo/infer",
+        data=header + b"\x00" * (WIDTH * 4),
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert response.status == 422
