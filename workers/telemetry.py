@@ -63,7 +63,7 @@ class _NoTelemetry(_NoSupervisionTelemetry):
 NO_TELEMETRY: WorkerTelemetry = _NoTelemetry()
 
 
-class QualityTelemetry(Protocol):
+class QualityTelemetry(SupervisionTelemetry, Protocol):
     """What the data-quality checks and the drift monitor report (per source or model)."""
 
     def feature_drift_scored(
@@ -76,7 +76,7 @@ class QualityTelemetry(Protocol):
     def drift_observation_dropped(self, kind: str, name: str, records: int) -> None: ...
 
 
-class _NoQualityTelemetry:
+class _NoQualityTelemetry(_NoSupervisionTelemetry):
     def feature_drift_scored(
         self, kind: str, name: str, features: Sequence[str], psi: Sequence[float],
         out_of_range_share: Sequence[float],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -12,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from mlgate.schemas.quality import DriftReport
+from mlgate.workers.quality import drift_monitor
 from mlgate.workers.quality.drift_monitor import DriftMonitor
 from mlgate.workers.quality.profile_store import ProfileStore
 from tests.quality_data import DRIFTED, drifted, reference_sample, write_profile
@@ -110,3 +113,64 @@ async def test_full_mailbox_drops_and_counts_without_waiting(store: ProfileStore
 async def test_observations_without_a_profile_are_ignored(monitor: DriftMonitor) -> None:
     assert not monitor.observe("unknown", "source", reference_sample(10))
     assert monitor.report("source", "unknown") is None
+
+
+async def test_a_matrix_of_strings_is_not_observed(monitor: DriftMonitor) -> None:
+    """An OIP BYTES tensor of the profile's width: no histogram to count it in."""
+    strings = reference_sample(10).astype(str)
+    assert not monitor.observe("sensors", "source", strings)
+    await feed(monitor, reference_sample(WINDOW, seed=1))
+    report = monitor.report("source", "sensors")
+    assert report is not None and report.window.complete
+
+
+class CrashCounter:
+    def __init__(self) -> None:
+        self.crashed: list[str] = []
+
+    def background_task_crashed(self, task: str) -> None:
+        self.crashed.append(task)
+
+    def feature_drift_scored(self, *args: object) -> None:
+        pass
+
+    def quality_violations(self, *args: object) -> None:
+        pass
+
+    def drift_observation_dropped(self, *args: object) -> None:
+        pass
+
+
+async def test_a_crash_while_scoring_is_logged_counted_and_the_monitor_restarts(
+    store: ProfileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    telemetry = CrashCounter()
+    monitor = DriftMonitor(store, window_records=WINDOW, psi_threshold=THRESHOLD, telemetry=telemetry)
+    real_tally = drift_monitor._tally
+    calls = 0
+
+    def tally_failing_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("a bug")
+        return real_tally(*args)
+
+    monkeypatch.setattr(drift_monitor, "_tally", tally_failing_once)
+    await monitor.start()
+    try:
+        with capture_logs() as logs:
+            assert monitor.observe("sensors", "source", reference_sample(100, seed=2))
+            await monitor.drained()
+        assert telemetry.crashed == ["drift-monitor"]
+        assert [entry["task"] for entry in logs if entry["event"] == "background_task_crashed"] == [
+            "drift-monitor"
+        ]
+        await feed(monitor, reference_sample(WINDOW, seed=1))  # the restarted loop scores
+        report = monitor.report("source", "sensors")
+        assert report is not None and report.window.complete
+        async with asyncio.timeout(5):
+            while not monitor.healthy:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # healthy again once the new loop has settled
+    finally:
+        await monitor.close()

@@ -21,13 +21,17 @@ where numpy lets go of the GIL, over everything waiting for a stream at once (so
 single-row predictions are counted in batches); the window bookkeeping and every
 piece of state stay on the event loop.
 
-Each process runs its own monitor over the records it sees.
+Each process runs its own monitor over the records it sees. Its loop is supervised
+(``SupervisedTask``): a crash is logged, counted in
+``mlgate_background_task_crashes{task="drift-monitor"}`` and the loop restarted; the
+observations it had taken are lost, those waiting are scored by the new loop. It
+answers no request, so it does not gate ``/ready``. Only numeric matrices are
+observed (an OIP BYTES tensor has no histogram).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +44,7 @@ import structlog
 from mlgate.schemas.quality import DriftReport, DriftWindow, FeatureDrift, ProfileKind
 from mlgate.workers.quality.profile import CompiledProfile, FloatMatrix, psi
 from mlgate.workers.quality.profile_store import ProfileStore
+from mlgate.workers.supervision import SupervisedTask
 from mlgate.workers.telemetry import NO_QUALITY_TELEMETRY, QualityTelemetry
 
 log = structlog.get_logger("mlgate.drift")
@@ -118,7 +123,10 @@ class DriftMonitor:
         self._queued_rows = 0
         self._streams: dict[tuple[ProfileKind, str], _Stream] = {}
         self._counters_of: dict[tuple[ProfileKind, str], _Counters] = {}
-        self._task: asyncio.Task[None] | None = None
+        # Supervised: a crash (a bug, or an observation it cannot score) is logged,
+        # counted and restarted; what it had taken is dropped, what waits is kept.
+        self._loop = SupervisedTask(self.name, self._run, telemetry)
+        self._started = False
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -127,19 +135,20 @@ class DriftMonitor:
         """Rows waiting to be absorbed."""
         return self._queued_rows
 
+    @property
+    def healthy(self) -> bool:
+        """Running, and not restarted within the last second."""
+        return self._loop.healthy
+
     async def start(self) -> None:
-        if self._task is None and not self._closed:
+        if not self._started and not self._closed:
+            self._started = True
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
-            self._task = asyncio.create_task(self._run(), name=self.name)
-            self._task.add_done_callback(self._died)
+            self._loop.start()
 
     async def close(self) -> None:
         self._closed = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loop.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._discard_queued()
@@ -156,6 +165,8 @@ class DriftMonitor:
         """Queue a batch for scoring; False when it was not (no profile, full, closed)."""
         profile = self._profiles.get(kind, name)
         if profile is None or matrix.ndim != 2 or matrix.shape[1] != profile.n_features:
+            return False
+        if matrix.dtype.kind not in "biuf":  # strings (an OIP BYTES tensor): no histogram
             return False
         rows = int(matrix.shape[0])
         if rows == 0:
@@ -269,16 +280,6 @@ class DriftMonitor:
             rows=stream.rows,
             ended_at=ended_at,
         )
-
-    def _died(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            # Nobody waits on the monitor; from now on observations are dropped and counted.
-            self._closed = True
-            self._discard_queued()
-            log.error("drift_monitor_crashed", error=repr(error))
 
     # -- reading ----------------------------------------------------------------------
 
