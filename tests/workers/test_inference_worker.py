@@ -149,6 +149,32 @@ async def test_a_model_without_a_batch_dimension_runs_each_request_alone(
     assert [len(batch) for batch in session.batches] == [1, 0, 1]
 
 
+class PerRowSession(RecordingSession):
+    """Each run takes ``row_s`` a row: a large batch takes long."""
+
+    def __init__(self, session: ort.InferenceSession, row_s: float) -> None:
+        super().__init__(session)
+        self.row_s = row_s
+
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]
+    ) -> Sequence[np.ndarray]:
+        time.sleep(self.row_s * len(input_feed["input"]))
+        return super().run(output_names, input_feed)
+
+
+async def test_one_large_request_does_not_make_an_idle_model_refuse_short_deadlines(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A 100-row item on a model of batches of 4 runs alone for ~0.5 s: the estimate
+    of a batch counts it as 4 rows' worth, not as one batch."""
+    worker = make_worker(PerRowSession(demo_session, row_s=0.005), max_batch_size=4)
+    await worker.submit(rows(100), soon())
+    worker.check_room(1, time.monotonic() + 0.2)  # a batch of 4 takes ~0.02 s
+    result = await worker.submit(rows(1), time.monotonic() + 0.2)
+    assert result["probabilities"].shape == (1, 2)
+
+
 async def test_lone_row_on_an_idle_model_runs_without_waiting_out_the_delay(
     make_worker: WorkerFactory,
 ) -> None:

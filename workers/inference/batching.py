@@ -159,7 +159,11 @@ class InferenceWorker(Actor[_Item]):
             1, thread_name_prefix=f"infer-{self.name}", initializer=_lower_priority(thread_niceness)
         )
         self._carry: _Item | None = None
-        self._run_time_s = 0.0  # running estimate of one batch's compute time
+        # Running estimate of one batch's compute time, a batch of at most
+        # ``max_batch_size`` rows: an item larger than that, which runs alone, counts
+        # as its share of a full batch, or one large request would make an idle model
+        # refuse every short deadline until the estimate faded.
+        self._run_time_s = 0.0
         self._queued_rows = 0
         self._held_bytes = 0  # of the requests not answered yet, queued or computing
         self._slots = asyncio.Semaphore(2)
@@ -410,7 +414,9 @@ class InferenceWorker(Actor[_Item]):
             return
         started = time.monotonic()
         remeasure = self._estimate_is_stale()  # this run replaces the estimate
-        self._busy_until = max(started, self._busy_until) + self._run_time_s
+        self._busy_until = max(started, self._busy_until) + self._run_time_s * max(
+            1.0, total / self._max_batch_size
+        )
         self._in_flight.append(items)
         latest = max(item.deadline for item in items)
         future = loop.run_in_executor(self._executor, self._timed_run, feed, latest)
@@ -488,7 +494,8 @@ class InferenceWorker(Actor[_Item]):
         the running estimate of a batch's time."""
         self._last_ran_at = time.monotonic()
         weight = _RUN_TIME_WEIGHT if self.stats.batches and not remeasure else 1.0
-        self._run_time_s += weight * (run_s - self._run_time_s)
+        full_batch_s = run_s * min(1.0, self._max_batch_size / max(total, 1))
+        self._run_time_s += weight * (full_batch_s - self._run_time_s)
         self.stats.batches += 1
         self.stats.rows_computed += total
         queued = started - min(item.enqueued for item in items)
