@@ -96,7 +96,12 @@ def _from_binary(tensor: RequestInput, data: memoryview, loc: str) -> np.ndarray
                 f"{loc}.parameters.binary_data_size",
                 f"shape {tensor.shape} of {tensor.datatype} needs {count * dtype.itemsize} bytes, got {len(data)}",
             )
-        array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        if dtype == np.bool_:
+            # A byte each, any non-zero byte true (as C and Triton read it): numpy
+            # would keep the byte as it is, and a 2 is neither True nor False to a model.
+            array = np.frombuffer(data, dtype=np.uint8) != 0
+        else:
+            array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
     if array.size != count:
         raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
     return array.reshape(tensor.shape)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from onnx import TensorProto, helper
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings
+from models.make_demo_model import IR_VERSION, OPSET
 from mlgate.service.state import DRAINING
 from tests.service_process import REPO
 
@@ -155,3 +158,40 @@ async def test_a_binary_tensor_smaller_than_its_shape_is_422_however_many_rows_i
         headers={"Inference-Header-Content-Length": str(len(header))},
     )
     assert response.status == 422
+
+
+@pytest.fixture
+async def not_client(
+    tmp_path: Path, app_client: Any, make_settings: Callable[..., Settings]
+) -> Client:
+    """A BOOL model: ``Not`` of [N, 3]."""
+    graph = helper.make_graph(
+        [helper.make_node("Not", ["x"], ["y"])],
+        "not",
+        [helper.make_tensor_value_info("x", TensorProto.BOOL, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.BOOL, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    version = tmp_path / "models" / "not" / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(model.SerializeToString())
+    settings = make_settings(model_repository=str(tmp_path / "models"), default_model="not")
+    client: Client = await app_client(settings)
+    return client
+
+
+async def test_a_binary_bool_tensor_reads_any_non_zero_byte_as_true(not_client: Client) -> None:
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [1, 3], "datatype": "BOOL", "parameters": {"binary_data_size": 3}}
+            ]
+        }
+    ).encode()
+    response = await not_client.post(
+        "/v2/models/not/infer",
+        data=header + b"\x02\x00\x01",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert response.status == 200
+    assert (await response.json())["outputs"][0]["data"] == [False, True, False]
