@@ -10,13 +10,13 @@ from typing import Any
 
 import msgspec
 import pytest
-from onnx import TensorProto, helper
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from onnx import TensorProto, helper
 
 from mlgate.config import Settings
-from models.make_demo_model import IR_VERSION, OPSET
 from mlgate.service.state import DRAINING
+from models.make_demo_model import IR_VERSION, OPSET
 from tests.service_process import REPO
 
 Client = TestClient[web.Request, web.Application]
