@@ -76,6 +76,10 @@ class Conflict(ApiError):
     status, title, slug = 409, "Conflict", "conflict"
 
 
+class ExpectationFailed(ApiError):
+    status, title, slug = 417, "Expectation Failed", "expectation-failed"
+
+
 class PayloadTooLarge(ApiError):
     status, title, slug = 413, "Payload Too Large", "payload-too-large"
 

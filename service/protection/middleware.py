@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from functools import partial
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_urldispatcher import _default_expect_handler
 
@@ -36,6 +36,7 @@ from mlgate.service.http.errors import (
     ApiError,
     BadRequest,
     Conflict,
+    ExpectationFailed,
     Forbidden,
     Overloaded,
     RateLimited,
@@ -127,9 +128,14 @@ async def expect_continue(request: web.Request, route: Route) -> web.StreamRespo
     handler's response as it is), so it is the same problem document, with the same
     headers, request id, metrics and log line, as without ``Expect``; and with
     ``Connection: close``, since the body it announced will not follow."""
-    refusal = None
-    if request.headers.get("Expect", "").lower() == "100-continue":
+    refusal: ApiError | None = None
+    expectation = request.headers.get("Expect", "")
+    if expectation.lower() == "100-continue":
         refusal = await refusal_before_body(request, route)
+    elif request.version == HttpVersion11:  # HTTP/1.0 ignores Expect (RFC 9110 10.1.1)
+        refusal = ExpectationFailed(
+            f"Expect: {expectation!r} is not an expectation this server meets; send 100-continue or none"
+        )
     if refusal is None:
         # aiohttp's own: 100 Continue (HTTP/1.1 only), 417 for any other expectation.
         await _default_expect_handler(request)

@@ -314,3 +314,24 @@ async def test_a_client_gone_before_its_body_ended_is_logged_as_gone_not_as_an_e
     [access] = [entry for entry in logs if entry["event"] == "request"]
     assert access["status"] == 499
     assert [entry for entry in logs if entry["log_level"] == "error"] == []
+
+
+@pytest.mark.parametrize("path", ["/api/v2/ingest", "/v2/models/demo/infer"])
+async def test_an_expectation_other_than_100_continue_is_a_417_problem(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str], path: str
+) -> None:
+    connection = await connect()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: mlgate\r\nContent-Length: {len(BATCH)}\r\n"
+        f"Expect: foo\r\nContent-Type: application/json\r\nX-Request-ID: exp-1\r\n"
+        f"X-API-Key: {keys['ingest'] if 'ingest' in path else keys['predict']}\r\n\r\n"
+    )
+    connection.writer.write(head.encode())
+    answer = await connection.answer()
+    assert answer.status == 417
+    # problem+json; the OIP routes' errors are application/json, as Triton's
+    assert answer.headers["Content-Type"].split(";")[0].endswith("json")
+    assert answer.headers["X-Request-ID"] == "exp-1"
+    problem = msgspec.json.decode(answer.body)
+    assert problem["type"] == "/problems/expectation-failed"
+    assert ("error" in problem) == path.startswith("/v2/")
