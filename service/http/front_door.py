@@ -124,7 +124,7 @@ def front_door(
                 response = problem_response(request, as_api_error(Exception()))
             status = response.status
             finish(response.headers, request, request_id)
-            if draining.is_set():
+            if draining.is_set() or _closes(request, response):
                 response.force_close()
             return response
         except asyncio.CancelledError:
@@ -193,6 +193,17 @@ def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
         error.status, error.title = exc.status, exc.reason
         return error
     return ApiError("An unexpected error occurred; it has been logged with this request id")
+
+
+def _closes(request: web.Request, response: web.StreamResponse) -> bool:
+    """Whether the connection ends with this answer: it says ``Connection: close``
+    (aiohttp would otherwise keep it open until its keep-alive timeout), or it comes
+    before the end of an encoded body, which aiohttp would read on through its decoder
+    to keep the connection: a body that does not decode then ends it with a
+    traceback in the log, and the client's next request unanswered."""
+    if response.headers.get("Connection", "").lower() == "close":
+        return True
+    return "Content-Encoding" in request.headers and not request.content.is_eof()
 
 
 def problem_response(request: web.Request, error: ApiError) -> web.Response:

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 import msgspec
 import structlog
+from aiohttp.web_protocol import RequestPayloadError
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -65,8 +66,31 @@ class _Stdout(logging.StreamHandler):
         pass
 
 
+class _ClientBodyErrors(logging.Filter):
+    """aiohttp reads on through the body of a request answered before reading it (to
+    keep the connection), and a body its decoder cannot read (a gzip that is not)
+    then ends as "Unhandled exception" with a traceback: the client's fault, not the
+    server's. It is logged as a warning line, the error named, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RequestPayloadError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "client_body_unreadable: %r", (error,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_client_body_errors() -> None:
+    """Install ``_ClientBodyErrors`` on aiohttp's server logger, once."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientBodyErrors) for f in server_log.filters):
+        server_log.addFilter(_ClientBodyErrors())
+
+
 def configure_logging(level: str = "info") -> None:
     global _configured
+    quiet_client_body_errors()
     numeric = LEVELS[level]
     # The standard library's records (aiohttp's, aiokafka's) as JSON lines too, with the
     # logger's name and the traceback as a field: one line each a log pipeline can parse.
