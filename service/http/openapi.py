@@ -77,14 +77,16 @@ def build_document(routes: list[Route], version: str) -> dict[str, Any]:
         if op.request is not None:
             media = {name: {"schema": schema_of[id(op.request)]} for name in op.request_media}
             entry["requestBody"] = {"required": True, "content": media}
+        problem_types = OIP_PROBLEM_TYPES if _is_oip(op.path) else PROBLEM_TYPES
         for status, response_type in op.responses.items():
             described: dict[str, Any] = {"description": _status_text(status)}
             if response_type is not None:
                 described["content"] = {
                     name: {"schema": schema_of[id(response_type)]} for name in BODY_TYPES
                 }
+            elif status >= 400:  # an error the route names without a type: a problem
+                described["content"] = {name: {"schema": schema_of[id(Problem)]} for name in problem_types}
             entry["responses"][str(status)] = described
-        problem_types = OIP_PROBLEM_TYPES if _is_oip(op.path) else PROBLEM_TYPES
         for status in _error_statuses(op):
             entry["responses"].setdefault(
                 str(status),

@@ -22,6 +22,20 @@ async def test_openapi_ingest_schema_comes_from_the_record_struct(app_client, ma
     assert "features" in record["required"]
 
 
+async def test_every_documented_error_answer_has_a_body_schema(app_client, make_settings) -> None:
+    """A problem document, unless the route answers its own type (readiness)."""
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if int(status) >= 400:
+                    schemas = {media["schema"]["$ref"] for media in response["content"].values()}
+                    assert len(schemas) == 1, (method, path, status)
+                    if "ready" not in path:
+                        assert schemas == {"#/components/schemas/Problem"}, (method, path, status)
+
+
 async def test_docs_page_and_its_assets_are_served_without_a_cdn(app_client, make_settings) -> None:
     client = await app_client(make_settings())
     page = await (await client.get("/docs")).text()
