@@ -6,7 +6,8 @@ body can decode into 16M Python lists (1.3 GB) wherever a schema says ``Any``. T
 count walks the type bytes, skipping scalars by their encoded size, and stops as soon
 as it passes the limit, so its work is bounded by the limit whatever the body. Arrays
 of one kind of scalar (float64s, float32s, one-byte integers), what tensors are made
-of, are skipped whole by a strided byte comparison rather than element by element.
+of, and arrays of one-byte objects (the empty arrays of an attack too) are skipped
+whole by a byte comparison in C rather than element by element.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ _SIZED = {
 }  # fmt: skip
 # Type byte -> (bytes of its count, objects per counted entry): array and map 16 / 32.
 _CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
-# The bytes that are a whole object alone: fixints, nil, false, true.
-_ONE_BYTE_SCALARS = bytes([*range(0x00, 0x80), 0xC0, 0xC2, 0xC3, *range(0xE0, 0x100)])
+# The bytes that are a whole object alone: fixints, nil, false, true, and the empty
+# array and map.
+_ONE_BYTE_OBJECTS = bytes([*range(0x00, 0x80), 0x80, 0x90, 0xC0, 0xC2, 0xC3, *range(0xE0, 0x100)])
 
 
 class ObjectCount(NamedTuple):
@@ -75,27 +77,29 @@ def count_objects(data: bytes, limit: int) -> ObjectCount:
                 break  # 0xC1, never used: not msgpack
             containers += 1
             if per_entry == 1 and entries > 1:
-                skipped = _uniform_scalars(data, pos, entries)
-                if skipped:
-                    scalars += entries
-                    pos += skipped
+                span, inner = _uniform_entries(data, pos, entries)
+                if span:
+                    scalars += entries - inner
+                    containers += inner
+                    pos += span
                     continue
             pending += entries * per_entry
     return ObjectCount(scalars, containers)
 
 
-def _uniform_scalars(data: bytes, pos: int, entries: int) -> int:
-    """The bytes of the ``entries`` objects at ``pos`` when they are all float64s, all
-    float32s or all one-byte scalars (checked in C, a byte a value); 0 otherwise."""
+def _uniform_entries(data: bytes, pos: int, entries: int) -> tuple[int, int]:
+    """(bytes, empty containers among them) of the ``entries`` objects at ``pos`` when
+    they are all float64s, all float32s or all objects of one byte (fixints, nil,
+    booleans, empty arrays and maps), checked in C a byte a value; (0, 0) otherwise."""
     if pos >= len(data):
-        return 0
+        return 0, 0
     for kind, size in ((0xCB, 9), (0xCA, 5)):
         if data[pos] == kind:
             span = entries * size
             if pos + span <= len(data) and data[pos : pos + span : size].count(kind) == entries:
-                return span
-            return 0
-    span = entries
-    if pos + span <= len(data) and not data[pos : pos + span].translate(None, _ONE_BYTE_SCALARS):
-        return span
-    return 0
+                return span, 0
+            return 0, 0
+    chunk = data[pos : pos + entries]
+    if len(chunk) == entries and not chunk.translate(None, _ONE_BYTE_OBJECTS):
+        return entries, chunk.count(0x90) + chunk.count(0x80)
+    return 0, 0
