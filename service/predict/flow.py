@@ -439,6 +439,8 @@ def check_tensor_budget(body: bytes | memoryview, loaded: ModelVersion, fmt: For
     if fmt is Format.JSON:
         values = bytes(body).count(b",") + 1
         holds = f"the body holds about {values}"
+    elif len(body) <= budget:
+        return  # a msgpack object takes a byte at least: no more objects than bytes
     else:
         values = max(count_objects(bytes(body), budget))
         holds = f"the body holds more than {budget}"
