@@ -175,6 +175,33 @@ async def test_one_large_request_does_not_make_an_idle_model_refuse_short_deadli
     assert result["probabilities"].shape == (1, 2)
 
 
+class FixedCostSession(RecordingSession):
+    """Each run takes ``fixed_s`` plus ``row_s`` a row, as a real model's does."""
+
+    def __init__(self, session: ort.InferenceSession, fixed_s: float, row_s: float) -> None:
+        super().__init__(session)
+        self.fixed_s, self.row_s = fixed_s, row_s
+
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]
+    ) -> Sequence[np.ndarray]:
+        time.sleep(self.fixed_s + self.row_s * len(input_feed["input"]))
+        return super().run(output_names, input_feed)
+
+
+async def test_a_large_request_never_lowers_the_estimate_of_a_full_batch(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A run's fixed cost does not shrink with rows: 100 rows in one 30 ms run do not
+    make a batch of 4 cost 1.2 ms (the burst it would admit expires, 504, instead of
+    being shed, 503)."""
+    worker = make_worker(FixedCostSession(demo_session, fixed_s=0.02, row_s=0.0001), max_batch_size=4)
+    await worker.submit(rows(4), soon())
+    await worker.submit(rows(100), soon())
+    # A lower bound, not a timing: every run slept at least its fixed cost.
+    assert worker._run_time_s >= 0.02
+
+
 async def test_lone_row_on_an_idle_model_runs_without_waiting_out_the_delay(
     make_worker: WorkerFactory,
 ) -> None:

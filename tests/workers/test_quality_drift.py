@@ -174,3 +174,29 @@ async def test_a_crash_while_scoring_is_logged_counted_and_the_monitor_restarts(
                 await asyncio.sleep(0.05)  # healthy again once the new loop has settled
     finally:
         await monitor.close()
+
+
+async def test_a_crash_leaves_no_rows_counted_against_the_mailbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows of a take are out of the bound whatever becomes of them: a crash on one
+    stream drops the others of the same take too."""
+    write_profile(tmp_path, "sensors")
+    write_profile(tmp_path, "pumps")
+    profiles = ProfileStore(tmp_path, tmp_path / "models")
+    profiles.refresh()
+    monitor = DriftMonitor(profiles, window_records=WINDOW, mailbox_rows=1000, telemetry=CrashCounter())
+
+    def failing_tally(*args: Any) -> Any:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(drift_monitor, "_tally", failing_tally)
+    assert monitor.observe("sensors", "source", reference_sample(300, seed=3))
+    assert monitor.observe("pumps", "source", reference_sample(400, seed=4))
+    await monitor.start()  # both in the first take
+    try:
+        await monitor.drained()
+        assert monitor.mailbox_depth == 0
+        assert monitor.observe("sensors", "source", reference_sample(700, seed=5))
+    finally:
+        await monitor.close()

@@ -160,9 +160,10 @@ class InferenceWorker(Actor[_Item]):
         )
         self._carry: _Item | None = None
         # Running estimate of one batch's compute time, a batch of at most
-        # ``max_batch_size`` rows: an item larger than that, which runs alone, counts
-        # as its share of a full batch, or one large request would make an idle model
-        # refuse every short deadline until the estimate faded.
+        # ``max_batch_size`` rows, from such batches only: an item larger than that
+        # runs alone and leaves it be, or one large request would make an idle model
+        # refuse every short deadline until the estimate faded (and scaling its time
+        # down by rows would miss the fixed cost of a run, and admit what then expires).
         self._run_time_s = 0.0
         self._queued_rows = 0
         self._held_bytes = 0  # of the requests not answered yet, queued or computing
@@ -494,8 +495,12 @@ class InferenceWorker(Actor[_Item]):
         the running estimate of a batch's time."""
         self._last_ran_at = time.monotonic()
         weight = _RUN_TIME_WEIGHT if self.stats.batches and not remeasure else 1.0
-        full_batch_s = run_s * min(1.0, self._max_batch_size / max(total, 1))
-        self._run_time_s += weight * (full_batch_s - self._run_time_s)
+        if total <= self._max_batch_size:
+            self._run_time_s += weight * (run_s - self._run_time_s)
+        elif self._run_time_s <= 0:
+            # Only an oversized item has run: its share of a full batch, a first guess
+            # (low by the run's fixed cost) that the next full batch replaces.
+            self._run_time_s = run_s * self._max_batch_size / total
         self.stats.batches += 1
         self.stats.rows_computed += total
         queued = started - min(item.enqueued for item in items)

@@ -208,9 +208,11 @@ class DriftMonitor:
             taken = [await self._mailbox.get()]
             while not self._mailbox.empty() and len(taken) < MAX_TAKEN:
                 taken.append(self._mailbox.get_nowait())
+            # Out of the mailbox's bound at once: a crash on one stream drops the rest of
+            # the take, and their rows must not stay counted against the bound.
+            self._queued_rows -= sum(observation.matrix.shape[0] for observation in taken)
             try:
                 for (kind, name), matrices in _by_stream(taken).items():
-                    self._queued_rows -= sum(m.shape[0] for m in matrices)
                     matrix = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
                     await self._take(loop, kind, name, matrix)
             finally:
