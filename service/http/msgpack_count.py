@@ -4,10 +4,11 @@ A JSON body's values are bounded before decoding by counting its commas; msgpack
 no separators, and one byte is a whole object (``0x90``, an empty array), so a 16 MB
 body can decode into 16M Python lists (1.3 GB) wherever a schema says ``Any``. The
 count walks the type bytes, skipping scalars by their encoded size, and stops as soon
-as it passes the limit, so its work is bounded by the limit whatever the body. Arrays
-of one kind of scalar (float64s, float32s, one-byte integers), what tensors are made
-of, and arrays of one-byte objects (the empty arrays of an attack too) are skipped
-whole by a byte comparison in C rather than element by element.
+as it passes the limit: a step per object up to the limit, plus the bytes skipped. The
+run of float64s, float32s or one-byte objects (fixints, booleans, the empty arrays of
+an attack) an array starts with, what tensors are made of, is skipped in C rather than
+element by element (``_leading_run``); other encodings (numbers of mixed widths) are
+walked one by one, about a microsecond each, up to the limit.
 """
 
 from __future__ import annotations
@@ -77,29 +78,49 @@ def count_objects(data: bytes, limit: int) -> ObjectCount:
                 break  # 0xC1, never used: not msgpack
             containers += 1
             if per_entry == 1 and entries > 1:
-                span, inner = _uniform_entries(data, pos, entries)
-                if span:
-                    scalars += entries - inner
-                    containers += inner
-                    pos += span
-                    continue
+                taken, span, empties = _leading_run(data, pos, entries)
+                scalars += taken - empties
+                containers += empties
+                pos += span
+                entries -= taken
             pending += entries * per_entry
     return ObjectCount(scalars, containers)
 
 
-def _uniform_entries(data: bytes, pos: int, entries: int) -> tuple[int, int]:
-    """(bytes, empty containers among them) of the ``entries`` objects at ``pos`` when
-    they are all float64s, all float32s or all objects of one byte (fixints, nil,
-    booleans, empty arrays and maps), checked in C a byte a value; (0, 0) otherwise."""
-    if pos >= len(data):
-        return 0, 0
-    for kind, size in ((0xCB, 9), (0xCA, 5)):
-        if data[pos] == kind:
-            span = entries * size
-            if pos + span <= len(data) and data[pos : pos + span : size].count(kind) == entries:
-                return span, 0
-            return 0, 0
-    chunk = data[pos : pos + entries]
-    if len(chunk) == entries and not chunk.translate(None, _ONE_BYTE_OBJECTS):
-        return entries, chunk.count(0x90) + chunk.count(0x80)
-    return 0, 0
+def _leading_run(data: bytes, pos: int, entries: int) -> tuple[int, int, int]:
+    """(entries, bytes, empty containers) of the run an array's ``entries`` start with
+    at ``pos``: float64s, float32s, or objects of one byte (fixints, nil, booleans,
+    empty arrays and maps), read in C a byte a value. It is read in chunks that double
+    while they match, so the bytes looked at are at most twice those consumed and a
+    few more: an array claiming more entries than follow costs what does follow, and a
+    body of such arrays costs its length, not its length times their claims."""
+    end = len(data)
+    if pos >= end:
+        return 0, 0, 0
+    first = data[pos]
+    if first in (0xCB, 0xCA):
+        size, mark = (9, b"\xcb") if first == 0xCB else (5, b"\xca")
+        taken, chunk = 0, 16
+        while taken < entries:
+            want = min(chunk, entries - taken)
+            start = pos + taken * size
+            marks = data[start : start + want * size : size]
+            run = min(len(marks) - len(marks.lstrip(mark)), (end - start) // size)  # whole ones
+            taken += run
+            if run < want:
+                break
+            chunk *= 2
+        return taken, taken * size, 0
+    taken, chunk, empties = 0, 64, 0
+    while taken < entries:
+        want = min(chunk, entries - taken)
+        block = data[pos + taken : pos + taken + want]
+        run = len(block) - len(block.lstrip(_ONE_BYTE_OBJECTS))
+        if run:
+            matched = block[:run]
+            empties += matched.count(0x90) + matched.count(0x80)
+        taken += run
+        if run < want:
+            break
+        chunk *= 2
+    return taken, taken, empties

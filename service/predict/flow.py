@@ -17,6 +17,7 @@ headers in msgpack.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
 import time
@@ -420,13 +421,17 @@ def _msgpack_array_length(data: memoryview) -> int | None:
     return None
 
 
-def check_tensor_budget(body: bytes | memoryview, loaded: ModelVersion, fmt: Format = Format.JSON) -> None:
+async def check_tensor_budget(
+    body: bytes | memoryview, loaded: ModelVersion, fmt: Format = Format.JSON
+) -> None:
     """422 when a body over ``ROW_BUDGET_FROM_BYTES`` holds more values than the model's
     inputs take at ``MAX_INSTANCES`` rows, before any of them is decoded (a 16 MB body
     of ``0,``, or of msgpack's one-byte empty arrays, would otherwise become 8M or 16M
     Python objects). JSON: commas bound the count from above. msgpack: its objects
     are counted from the bytes (``count_objects``), scalars and containers each
-    against the budget. The shapes and names of a request add a few."""
+    against the budget, in a thread: a body built to be slow to count (a step of
+    Python per object, up to the budget) then slows the event loop, by the GIL's
+    turns, rather than stopping it. The shapes and names of a request add a few."""
     if len(body) <= ROW_BUDGET_FROM_BYTES:
         return
     budget = TENSOR_SLACK_VALUES
@@ -442,7 +447,8 @@ def check_tensor_budget(body: bytes | memoryview, loaded: ModelVersion, fmt: For
     elif len(body) <= budget:
         return  # a msgpack object takes a byte at least: no more objects than bytes
     else:
-        values = max(count_objects(bytes(body), budget))
+        loop = asyncio.get_running_loop()
+        values = max(await loop.run_in_executor(None, count_objects, bytes(body), budget))
         holds = f"the body holds more than {budget}"
     if values > budget:
         raise ValidationFailed(

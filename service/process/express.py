@@ -199,7 +199,7 @@ class _InferRoute:
         # are the lane's answer.
         (_, model, version), body, headers = payload
         loaded = resolve(self._repository, model, version)
-        decoded = decode_infer_body(body, headers, loaded)
+        decoded = await decode_infer_body(body, headers, loaded)
         return await answer_infer(
             self._app, loaded, decoded, headers, started, caller.request_id or ""
         )

@@ -113,17 +113,17 @@ class InferBody(NamedTuple):
     binary: memoryview
 
 
-def decode_infer_body(
+async def decode_infer_body(
     body: bytes, headers: Mapping[str, str], loaded: ModelVersion
 ) -> InferBody:
     """The body of ``POST .../infer``: 400 / 422 as the app answers them."""
     header_length = _header_length(headers.get(HEADER_LENGTH), len(body))
     if header_length is not None:
         header = body[:header_length]
-        check_tensor_budget(header, loaded)
+        await check_tensor_budget(header, loaded)
         return InferBody(decode(header, InferenceRequest, Format.JSON), memoryview(body)[header_length:])
     fmt = body_format(headers.get("Content-Type"))
-    check_tensor_budget(body, loaded, fmt)
+    await check_tensor_budget(body, loaded, fmt)
     return InferBody(decode(body, InferenceRequest, fmt), memoryview(b""))
 
 
@@ -200,7 +200,7 @@ async def infer(request: web.Request) -> web.Response:
         request.match_info.get("version"),
     )
     body = await read_body(request, request.app[SETTINGS].max_body_bytes)
-    decoded = decode_infer_body(body, request.headers, loaded)
+    decoded = await decode_infer_body(body, request.headers, loaded)
     answer = await answer_infer(
         request.app, loaded, decoded, request.headers, started, request[REQUEST_ID]
     )

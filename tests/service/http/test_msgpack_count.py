@@ -97,3 +97,32 @@ def test_a_body_of_nested_empty_maps_stops_past_the_limit() -> None:
 def test_malformed_or_truncated_bytes_end_the_count_without_error(data: bytes) -> None:
     counted = count_objects(data, 1000)
     assert counted.scalars <= 1 and counted.containers <= 1
+
+
+class ReadCounting(bytes):
+    """Bytes that count how many bytes slices of them copy: the counter's work."""
+
+    copied = 0
+
+    def __getitem__(self, key: Any) -> Any:
+        item = super().__getitem__(key)
+        if isinstance(key, slice):
+            ReadCounting.copied += len(item)
+        return item
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        b"\xdd\x00\xff\xff\xff" * 20_000,  # arrays claiming 16M entries, nested
+        b"\xdc\xff\xff\x00" * 25_000,  # arrays claiming 65535, each starting a run
+        (b"\xdd\x00\xff\xff\xff\xcb" + b"\x00" * 8) * 7_000,  # claiming 16M float64s, holding 1
+    ],
+)
+def test_arrays_claiming_more_than_follows_cost_what_follows(attack: bytes) -> None:
+    """Not what they claim, over and over: the bytes copied stay within a multiple of
+    the body (twice what is consumed, and a first look of 64 bytes an array) whatever
+    the claims; they were the body times the headers, gigabytes here."""
+    ReadCounting.copied = 0
+    count_objects(ReadCounting(attack), 1 << 30)
+    assert ReadCounting.copied <= 32 * len(attack)
