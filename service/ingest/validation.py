@@ -105,6 +105,8 @@ class PackedRecords(list[PackedRecord]):
         self.float64s = float64s
 
 
+TIMESTAMP_OUT_OF_RANGE = "timestamp is out of range once converted to UTC (years 1 to 9999)"
+
 class RecordValidator:
     def __init__(self, settings: Settings, quality: QualityScreen | None = None) -> None:
         self._settings = settings
@@ -273,7 +275,7 @@ class RecordValidator:
                     if isinstance(item, TextRecord)
                     else item.features
                 )
-                accepted.append(self._stored(source, item, features, received, generated))
+                self._keep(index, source, item, features, received, accepted, errors, generated)
         batch = ValidatedBatch(
             source=source, accepted=accepted, errors=errors, generated_ids=frozenset(generated)
         )
@@ -317,7 +319,7 @@ class RecordValidator:
                 features = FeaturesPacked(row, item.features)
             else:
                 features = row
-            accepted.append(self._stored(source, item, features, received, generated))
+            self._keep(index, source, item, features, received, accepted, errors, generated)
 
     def _check(
         self,
@@ -354,6 +356,24 @@ class RecordValidator:
                 return f"metadata[{key!r}] is not a finite number"
         return None
 
+    def _keep(
+        self,
+        index: int,
+        source: str,
+        record: Record | PackedRecord,
+        features: list[float] | np.ndarray | FeaturesText,
+        received: datetime | str,
+        accepted: list[StoredRecord],
+        errors: list[RecordError],
+        generated: list[str],
+    ) -> None:
+        """The record to ``accepted`` as stored, or to ``errors`` when its timestamp
+        has no UTC time (an offset past year 1 or 9999: ``9999-12-31T23:59:59-01:00``)."""
+        try:
+            accepted.append(self._stored(source, record, features, received, generated))
+        except OverflowError:
+            errors.append(RecordError(index=index, record_id=record.record_id, error=TIMESTAMP_OUT_OF_RANGE))
+
     def _stored(
         self,
         source: str,
@@ -363,11 +383,7 @@ class RecordValidator:
         generated: list[str],
     ) -> StoredRecord:
         """The record as stored; the id made for a record sent without one is added to
-        ``generated``."""
-        record_id = record.record_id
-        if record_id is None:
-            record_id = uuid.uuid4().hex
-            generated.append(record_id)
+        ``generated``. OverflowError for a timestamp with no UTC time."""
         stamp = record.timestamp
         if stamp is None:
             timestamp = received
@@ -376,6 +392,10 @@ class RecordValidator:
             timestamp = self._stamp(stamp if stamp.tzinfo is UTC else stamp.astimezone(UTC))
         else:
             timestamp = self._stamp(datetime.fromtimestamp(stamp, UTC))
+        record_id = record.record_id
+        if record_id is None:
+            record_id = uuid.uuid4().hex
+            generated.append(record_id)
         return StoredRecord(
             record_id=record_id,
             timestamp=timestamp,

@@ -348,3 +348,16 @@ async def test_long_stream_is_counted_in_full_in_bounded_memory(
     assert sum(writes) == total and max(writes) <= STREAM_CHUNK_RECORDS
     assert sent > 8 * 1024 * 1024
     assert peak - baseline < sent / 4, f"grew {peak - baseline} bytes for a {sent}-byte stream"
+
+
+async def test_a_timestamp_with_no_utc_time_rejects_its_record_and_the_stream_goes_on(
+    client: Client, settings: Settings
+) -> None:
+    records = [_record(i) for i in range(3)]
+    records[1]["timestamp"] = "9999-12-31T23:59:59-01:00"
+    response = await client.post(STREAM, data=_ndjson(records), headers=NDJSON)
+    assert response.status == 202, await response.text()
+    answer = await response.json()
+    assert answer["records_accepted"] == 2 and answer["errors"][0]["index"] == 1
+    assert "timestamp" in answer["errors"][0]["error"]
+    assert len(_stored_keys(settings)) == 2

@@ -598,3 +598,29 @@ async def test_empty_body_is_400_not_a_hang(app_client, make_settings) -> None:
     )
     assert response.status == 400
     assert response.content_type == "application/problem+json"
+
+
+@pytest.mark.parametrize("stamp", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"])
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+async def test_a_timestamp_with_no_utc_time_rejects_its_record_only(
+    client: Client, settings: Settings, stamp: str, fmt: str
+) -> None:
+    body = _batch(_record(1), _record(2, timestamp=stamp), _record(3))
+    if fmt == "json":
+        response = await client.post(INGEST, json=body)
+    else:
+        response = await client.post(INGEST, data=msgspec.msgpack.encode(body), headers=MSGPACK)
+    assert response.status == 202, await response.text()
+    answer = await response.json()
+    assert answer["records_accepted"] == 2
+    [error] = answer["errors"]
+    assert error["index"] == 1 and error["record_id"] == "r-2"
+    assert "timestamp" in error["error"]
+    assert [r["record_id"] for r in _stored(settings)] == ["r-1", "r-3"]
+
+
+async def test_a_lone_record_with_a_timestamp_with_no_utc_time_is_422(client: Client) -> None:
+    response = await client.post(INGEST, json=_batch(_record(1, timestamp="9999-12-31T23:59:59-01:00")))
+    problem = await _problem(response, 422)
+    [error] = problem["errors"]
+    assert error["loc"] == "records[0]" and error["msg"].startswith("timestamp is out of range")
