@@ -147,12 +147,20 @@ async def expect_continue(request: web.Request, route: Route) -> web.StreamRespo
 
 async def refusal_before_body(request: web.Request, route: Route) -> ApiError | None:
     """What the request would be refused before its body is read, in the order the
-    app refuses it: its key, then as its handler does, the media type, the announced
-    length and the content encoding."""
+    app refuses it: its API key; with an ``Idempotency-Key``, that key, the announced
+    length and the encoding (the body is read first); then as its handler does, the
+    media type, the announced length and the content encoding."""
     try:
         accepted = route_access(request)
         if accepted is not None:
             await authenticate(request, accepted)
+        key = request.headers.get(HEADER)
+        if key is not None and request.method == "POST":
+            # ``idempotent`` reads the whole body, within MAX_BODY_BYTES, before the
+            # handler (a stream's too): its refusals come first.
+            check_idempotency_key(key)
+            check_declared_length(request, request.app[SETTINGS].max_body_bytes)
+            check_encoding(request)
         if route.body_media is not None:
             route.body_media(request)
         if route.limits_body:
@@ -241,8 +249,9 @@ def snapshot(response: web.StreamResponse) -> StoredResponse | None:
     return StoredResponse(status=response.status, headers=headers, body=body)
 
 
-def _valid_key(value: str) -> bool:
-    return 0 < len(value) <= MAX_KEY_LENGTH and value.isascii() and value.isprintable()
+def check_idempotency_key(value: str) -> None:
+    if not (0 < len(value) <= MAX_KEY_LENGTH and value.isascii() and value.isprintable()):
+        raise BadRequest(f"{HEADER} must be 1-{MAX_KEY_LENGTH} printable ASCII characters")
 
 
 async def idempotent(request: web.Request, api_key: ApiKey, handler: Handler) -> web.StreamResponse:
@@ -251,8 +260,7 @@ async def idempotent(request: web.Request, api_key: ApiKey, handler: Handler) ->
         return await handler(request)
     if request.method != "POST" or request.match_info.http_exception is not None:
         return await handler(request)
-    if not _valid_key(key):
-        raise BadRequest(f"{HEADER} must be 1-{MAX_KEY_LENGTH} printable ASCII characters")
+    check_idempotency_key(key)
 
     body = await read_body(request, request.app[SETTINGS].max_body_bytes)
     request[BUFFERED_BODY] = body

@@ -335,3 +335,32 @@ async def test_an_expectation_other_than_100_continue_is_a_417_problem(
     problem = msgspec.json.decode(answer.body)
     assert problem["type"] == "/problems/expectation-failed"
     assert ("error" in problem) == path.startswith("/v2/")
+
+
+async def test_a_stream_with_an_idempotency_key_is_held_to_the_body_limit_before_100_continue(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str]
+) -> None:
+    """With an Idempotency-Key the stream's body is read whole first (its answer is
+    stored), within the body limit: a longer one is refused before it is sent."""
+    connection = await connect()
+    await connection.send_head(
+        "/api/v2/ingest/stream?source=s",
+        LIMIT + 1,
+        Content_Type="application/x-ndjson",
+        X_API_Key=keys["ingest"],
+        Idempotency_Key="stream-1",
+    )
+    answer = await connection.answer()
+    assert answer.status == 413
+    assert answer.headers["Connection"] == "close"
+
+
+async def test_a_malformed_idempotency_key_is_400_before_100_continue(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str]
+) -> None:
+    connection = await connect()
+    await connection.send_head(
+        "/api/v2/ingest", len(BATCH), Content_Type="application/json",
+        X_API_Key=keys["ingest"], Idempotency_Key="x" * 300,
+    )  # fmt: skip
+    assert (await connection.answer()).status == 400
