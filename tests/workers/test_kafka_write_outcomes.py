@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 from aiokafka.errors import RequestTimedOutError
 
-from mlgate.workers.sinks.kafka_writer import _REFUSED, _WRITTEN, KafkaWriteFailed, _Batch, _Pending
+from mlgate.workers.sinks.kafka_writer import (
+    _REFUSED,
+    _WRITTEN,
+    KafkaWriteFailed,
+    KafkaWriter,
+    _Batch,
+    _Pending,
+)
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
 from mlgate.workers.telemetry import NO_TELEMETRY
@@ -159,3 +166,49 @@ async def test_a_timed_out_produce_shows_in_the_resent_counter(
         os.kill(pid, signal.SIGCONT)
     metrics = await (await client.get("/metrics")).text()
     assert "mlgate_records_resent_total 1.0" in metrics.splitlines()
+
+
+async def test_once_a_batch_is_not_taken_the_rest_of_the_round_fails_at_once_unwritten(
+    make_settings, private_kafka_broker: KafkaBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen broker and a request of many batches: after the first batch the
+    producer does not take within the request timeout, the others are not handed to
+    it one timeout after another (minutes for a large request, with every write
+    queued behind it waiting); they fail at once, as never written."""
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    writer = KafkaWriter(
+        make_settings(
+            kafka_bootstrap_servers=private_kafka_broker.bootstrap,
+            kafka_topic=topic,
+            kafka_request_timeout_ms=500,
+            kafka_max_batch_bytes=16_384,
+        )
+    )
+    await writer.start()
+    assert private_kafka_broker.process is not None
+    pid = private_kafka_broker.process.pid
+    producer = writer._running_producer
+    handed: list[int] = []
+    send_batch = producer.send_batch
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        handed.append(1)
+        return await send_batch(*args, **kwargs)
+
+    monkeypatch.setattr(producer, "send_batch", counted)
+    records = [OutboundRecord(key=f"k{i}".encode(), value=b"v" * 700, headers=[]) for i in range(900)]
+    try:
+        await writer.write(_records(1))  # connected to the partition leader
+        handed.clear()
+        await _freeze(pid)
+        try:
+            with pytest.raises(KafkaWriteFailed) as failed:
+                await writer.write(records)  # ~40 batches of 16 KB
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        await writer.close(drain_s=5)
+    assert len(handed) <= 10  # the batches handed before one was refused, not all ~40
+    unwritten = failed.value.unwritten
+    assert {r.key for r in unwritten} == {r.key for r in records}  # none taken as written
+    assert failed.value.outcome_unknown < len(records) // 2  # most were never sent

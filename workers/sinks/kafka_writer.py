@@ -161,6 +161,8 @@ class KafkaWriter(Actor[_Pending]):
         # Built in start(): a producer that failed to start cannot start again.
         self._producer: AIOKafkaProducer | None = None
         self._in_flight = asyncio.Semaphore(settings.writer_max_in_flight)
+        # The error of this round's first batch the producer would not take, if any.
+        self._round_failure: BaseException | None = None
         self._partitions: list[int] = []
         self._last_error: str | None = None
         # Batches handed to the producer and not answered, and when the last answer
@@ -242,6 +244,7 @@ class KafkaWriter(Actor[_Pending]):
                     item.batches_left = 1
                     taken.append(item)
                     count += len(item.records)
+                self._round_failure = None
                 await self._send(taken)
             except Exception as exc:
                 log.error("kafka_send_failed", error=repr(exc))
@@ -353,6 +356,16 @@ class KafkaWriter(Actor[_Pending]):
             item.batches_left += 1
         records = batch.record_count()
         batch.close()
+        if self._round_failure is not None:
+            # An earlier batch of this round was not taken within the request timeout
+            # (the producer's queue for its partition did not drain: Kafka is not
+            # answering): the rest fail at once, never handed over (not written), for
+            # the sink to spill, rather than each waiting out the timeout in turn (a
+            # large request took minutes, and every write queued behind it waited).
+            self._telemetry.kafka_batch_failed(records)
+            for item in members:
+                item.batch_done(self._round_failure)
+            return
         acquired = False
         try:
             await self._in_flight.acquire()
@@ -370,6 +383,7 @@ class KafkaWriter(Actor[_Pending]):
                 item.batch_done(error)
             if not isinstance(exc, Exception):
                 raise
+            self._round_failure = error
             return
         # Handed to the producer: from here on it may reach the broker.
         handed = _Batch()
