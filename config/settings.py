@@ -88,6 +88,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Writer actors (Kafka or local log)
     writer_mailbox_size: PositiveInt = 1024
     writer_max_batch_records: PositiveInt = 5000
+    ingest_max_held_values: PositiveInt = 8_000_000
     writer_max_in_flight: PositiveInt = 32
 
     # Embedded local log

@@ -121,6 +121,7 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
     app[INGEST_PIPELINE] = IngestPipeline(
         app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS],
         max_turn_records=settings.writer_max_batch_records,
+        max_held_values=settings.ingest_max_held_values,
     )
     app[METRICS].samplers["record_sink"] = lambda: sample_sink(app[METRICS], sink)
     yield

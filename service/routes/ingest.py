@@ -61,19 +61,23 @@ async def ingest_batch(
     written durably and the outcome audited. Shared with the express lane
     (service/process/express.py), so both answer alike."""
     source, items = pipeline.decode(body, fmt)
-    batch = pipeline.validate(source, items)
-    if not batch.accepted:
-        audit_call(caller, "ingest", "rejected", source=source, records_rejected=len(batch.errors))
-        raise _all_rejected(batch.errors)
-    tracking_id = pipeline.new_tracking_id()
+    held = pipeline.hold(items)
     try:
-        written = await pipeline.write(caller.tenant or "anonymous", batch, tracking_id)
-    except Exception as exc:
-        audit_call(
-            caller, "ingest", f"failed: {type(exc).__name__}", source=source,
-            tracking_id=tracking_id, records_accepted=0, records_rejected=len(batch.errors),
-        )
-        raise
+        batch = pipeline.validate(source, items)
+        if not batch.accepted:
+            audit_call(caller, "ingest", "rejected", source=source, records_rejected=len(batch.errors))
+            raise _all_rejected(batch.errors)
+        tracking_id = pipeline.new_tracking_id()
+        try:
+            written = await pipeline.write(caller.tenant or "anonymous", batch, tracking_id)
+        except Exception as exc:
+            audit_call(
+                caller, "ingest", f"failed: {type(exc).__name__}", source=source,
+                tracking_id=tracking_id, records_accepted=0, records_rejected=len(batch.errors),
+            )
+            raise
+    finally:
+        pipeline.release(held)
     audit_call(
         caller, "ingest", "accepted", source=source, tracking_id=tracking_id,
         records_accepted=written.accepted, records_rejected=len(batch.errors),

@@ -1,0 +1,87 @@
+"""Ingests hold their decoded records until they are durable: the feature values they
+hold at once are bounded (``MLGATE_INGEST_MAX_HELD_VALUES``), past it a new ingest is
+503 at once, and one request always fits."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import pytest
+
+from mlgate.service.http.codec import Format
+from mlgate.service.http.errors import ValidationFailed
+from mlgate.service.ingest.pipeline import IngestPipeline
+from mlgate.service.protection.audit import Caller
+from mlgate.service.routes.ingest import ingest_batch
+from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK, RECORD_VALIDATOR
+from mlgate.workers.errors import MailboxFull
+from mlgate.workers.sinks.records import OutboundRecord
+from tests.conftest import AppClientFactory
+from tests.service.ingest.sinks import WrappedSink
+
+CALLER = Caller("t", "k", "POST /api/v2/ingest", "rid")
+
+
+class GatedSink(WrappedSink):
+    """Writes wait for ``gate``: the records stay held meanwhile, as while Kafka does
+    not answer."""
+
+    def __init__(self, sink: Any) -> None:
+        super().__init__(sink)
+        self.gate = asyncio.Event()
+
+    async def write(self, records: list[OutboundRecord]) -> None:
+        await self.gate.wait()
+        await super().write(records)
+
+
+def body(first: int, count: int) -> bytes:
+    records = [{"record_id": f"r{first + i}", "features": [1.0, 2.0, 3.0, 4.0]} for i in range(count)]
+    return msgspec.json.encode({"source": "s", "records": records})
+
+
+@pytest.fixture
+async def gated(app_client: AppClientFactory, settings_for: Any) -> tuple[IngestPipeline, GatedSink]:
+    app = (await app_client(settings_for())).app
+    sink = GatedSink(app[RECORD_SINK])
+    pipeline = IngestPipeline(
+        app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS], max_held_values=40
+    )
+    return pipeline, sink
+
+
+async def test_an_ingest_past_the_held_values_is_refused_at_once(
+    gated: tuple[IngestPipeline, GatedSink],
+) -> None:
+    pipeline, sink = gated
+    waiting = asyncio.ensure_future(ingest_batch(pipeline, body(0, 8), Format.JSON, CALLER))  # 32 values
+    await asyncio.sleep(0)  # decoded, held, waiting for the sink
+    with pytest.raises(MailboxFull):
+        await ingest_batch(pipeline, body(100, 3), Format.JSON, CALLER)  # 12 more: past 40
+    sink.gate.set()
+    assert (await waiting).records_accepted == 8
+    # Released once answered: the same request now fits.
+    assert (await ingest_batch(pipeline, body(100, 3), Format.JSON, CALLER)).records_accepted == 3
+
+
+async def test_a_request_larger_than_the_bound_fits_when_nothing_else_is_held(
+    gated: tuple[IngestPipeline, GatedSink],
+) -> None:
+    pipeline, sink = gated
+    sink.gate.set()
+    answer = await ingest_batch(pipeline, body(0, 20), Format.JSON, CALLER)  # 80 values
+    assert answer.records_accepted == 20
+
+
+async def test_a_rejected_ingest_releases_what_it_held(
+    gated: tuple[IngestPipeline, GatedSink],
+) -> None:
+    pipeline, sink = gated
+    sink.gate.set()
+    bad = msgspec.json.encode({"source": "s", "records": [{"features": [1.0, 2.0, 3.0]}] * 9})
+    with pytest.raises(ValidationFailed):  # every record of the wrong width: 422
+        await ingest_batch(pipeline, bad, Format.JSON, CALLER)
+    # 40 values fit only if the 27 of the rejected batch were released.
+    assert (await ingest_batch(pipeline, body(0, 10), Format.JSON, CALLER)).records_accepted == 10
