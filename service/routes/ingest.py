@@ -24,6 +24,7 @@ from mlgate.service.ingest.pipeline import IngestPipeline
 from mlgate.service.ingest.streams import msgpack_records, ndjson_records
 from mlgate.service.protection.audit import Caller, audit_call, audit_request
 from mlgate.service.state import INGEST_PIPELINE, SETTINGS
+from mlgate.workers.errors import WorkerError
 
 STREAM_CHUNK_RECORDS = 1000
 MAX_REPORTED_ERRORS = 1000
@@ -61,7 +62,11 @@ async def ingest_batch(
     written durably and the outcome audited. Shared with the express lane
     (service/process/express.py), so both answer alike."""
     source, items = pipeline.decode(body, fmt)
-    held = pipeline.hold(items)
+    try:
+        held = pipeline.hold(items)
+    except WorkerError as exc:
+        audit_call(caller, "ingest", f"refused: {type(exc).__name__}", source=source, records_accepted=0)
+        raise
     try:
         batch = pipeline.validate(source, items)
         if not batch.accepted:

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import structlog.testing
 
 from mlgate.service.http.codec import Format
 from mlgate.service.http.errors import ValidationFailed
@@ -58,8 +59,10 @@ async def test_an_ingest_past_the_held_values_is_refused_at_once(
     pipeline, sink = gated
     waiting = asyncio.ensure_future(ingest_batch(pipeline, body(0, 8), Format.JSON, CALLER))  # 32 values
     await asyncio.sleep(0)  # decoded, held, waiting for the sink
-    with pytest.raises(MailboxFull):
+    with structlog.testing.capture_logs() as logs, pytest.raises(MailboxFull):
         await ingest_batch(pipeline, body(100, 3), Format.JSON, CALLER)  # 12 more: past 40
+    [refused] = [entry for entry in logs if entry.get("outcome", "").startswith("refused")]
+    assert refused["event"] == "ingest" and refused["request_id"] == "rid"
     sink.gate.set()
     assert (await waiting).records_accepted == 8
     # Released once answered: the same request now fits.
