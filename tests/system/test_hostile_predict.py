@@ -143,10 +143,10 @@ async def post(
 
 
 async def refused_beside_a_normal_predict(
-    service: ServiceProcess, path: str, body: bytes, headers: dict[str, str]
+    service: ServiceProcess, label: str, path: str, body: bytes, headers: dict[str, str]
 ) -> tuple[int, bytes, int]:
     """(status, body) of the hostile request, and the peak RSS growth (KB) it caused,
-    while a normal predict is answered beside it."""
+    while a normal predict is answered beside it; printed as a row under ``label``."""
     normal = msgspec.json.encode({"instances": [GOOD_ROW] * 8})
     async with aiohttp.ClientSession() as session:
         assert await predict(session, service, normal, "json") == 200
@@ -156,7 +156,9 @@ async def refused_beside_a_normal_predict(
             predict(session, service, normal, "json"),
         )
         assert answered == 200
-    return status, answer, peak_rss_kb(service) - before
+    grown = peak_rss_kb(service) - before
+    print(f"\n| {label} | {status} | peak RSS +{grown / 1024:.0f} MB |")
+    return status, answer, grown
 
 
 def msgpack_infer_head(data: bytes) -> bytes:
@@ -172,9 +174,9 @@ async def test_a_msgpack_oip_body_of_empty_arrays_is_refused_before_it_is_decode
     service = service_process()
     body = msgpack_infer_head(empty_arrays(EMPTY_ARRAYS))
     status, answer, grown = await refused_beside_a_normal_predict(
-        service, "/v2/models/demo/infer", body, {"Content-Type": "application/msgpack"}
+        service, "msgpack OIP body of 14M empty arrays", "/v2/models/demo/infer", body,
+        {"Content-Type": "application/msgpack"},
     )
-    print(f"\n| msgpack OIP body of 14M empty arrays | {status} | peak RSS +{grown / 1024:.0f} MB |")
     assert status == 422
     assert b"takes at most" in answer
     assert grown < OIP_RSS_GROWTH_BOUND_KB
@@ -190,11 +192,11 @@ async def test_a_binary_infer_header_of_millions_of_values_is_refused_before_it_
     )
     status, answer, grown = await refused_beside_a_normal_predict(
         service,
+        "binary infer header of 3.5M values",
         "/v2/models/demo/infer",
         header,
         {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))},
     )
-    print(f"\n| binary infer header of 3.5M values | {status} | peak RSS +{grown / 1024:.0f} MB |")
     assert status == 422
     assert b"takes at most" in answer
     assert grown < OIP_RSS_GROWTH_BOUND_KB
@@ -209,9 +211,9 @@ async def test_a_msgpack_predict_naming_its_model_with_a_huge_array_is_refused_w
         + msgspec.msgpack.encode("model") + empty_arrays(EMPTY_ARRAYS)
     )  # fmt: skip
     status, answer, grown = await refused_beside_a_normal_predict(
-        service, "/api/v2/predict", body, {"Content-Type": "application/msgpack"}
+        service, "msgpack predict naming a model of 14M empty arrays", "/api/v2/predict", body,
+        {"Content-Type": "application/msgpack"},
     )
-    print(f"\n| msgpack predict naming a model of 14M empty arrays | {status} | peak RSS +{grown / 1024:.0f} MB |")
     assert status == 422
     assert msgspec.json.decode(answer)["errors"][0]["loc"] == "model"
     assert grown < OIP_RSS_GROWTH_BOUND_KB
