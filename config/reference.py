@@ -78,6 +78,13 @@ DESCRIPTIONS: dict[str, str] = {
     "idempotency_ttl_s": "How long a response is kept for Idempotency-Key replays.",
     "idempotency_lock_s": "How long an unfinished request holds its Idempotency-Key or record_id claims.",
     "idempotency_max_entries": "Responses kept in process when there is no Redis.",
+    "idempotency_max_bytes": (
+        "Bytes of responses kept in process, in all, shared fairly between tenants; a "
+        "tenant past its share loses its own oldest."
+    ),
+    "idempotency_redis_tenant_max_bytes": (
+        "Bytes of responses kept in Redis per tenant; past it the tenant's oldest go first."
+    ),
     "dedup_window_s": "Window in which a repeated record_id is dropped as a duplicate (0: off).",
     "dedup_max_entries": "record_ids remembered in process when there is no Redis.",
     "dedup_in_flight_wait_s": "How long a batch waits for another request's write of the same record_id (then 409).",

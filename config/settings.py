@@ -122,6 +122,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     idempotency_ttl_s: PositiveInt = 86_400
     idempotency_lock_s: PositiveInt = 60
     idempotency_max_entries: PositiveInt = 10_000
+    # Bytes of kept answers: in process in all, in Redis per tenant (at least 64 KiB).
+    idempotency_max_bytes: Annotated[int, msgspec.Meta(ge=65_536)] = 256 * 2**20
+    idempotency_redis_tenant_max_bytes: Annotated[int, msgspec.Meta(ge=65_536)] = 256 * 2**20
     dedup_window_s: Annotated[int, msgspec.Meta(ge=0)] = 600
     dedup_max_entries: PositiveInt = 1_000_000
     dedup_in_flight_wait_s: PositiveFloat = 5.0

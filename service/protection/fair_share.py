@@ -22,10 +22,13 @@ V = TypeVar("V")
 
 
 class FairShareMap(Generic[V]):
-    def __init__(self, max_entries: int) -> None:
+    def __init__(
+        self, max_entries: int, on_evict: Callable[[str, str, V], None] | None = None
+    ) -> None:
         self._max = max_entries
         self._size = 0
         self._tenants: dict[str, OrderedDict[str, V]] = {}
+        self._on_evict = on_evict  # told (tenant, key, value) of each entry evicted
 
     def __len__(self) -> int:
         return self._size
@@ -37,6 +40,13 @@ class FairShareMap(Generic[V]):
     def get(self, tenant: str, key: str) -> V | None:
         entries = self._tenants.get(tenant)
         return None if entries is None else entries.get(key)
+
+    def oldest(self, tenant: str) -> tuple[str, V] | None:
+        entries = self._tenants.get(tenant)
+        if not entries:
+            return None
+        key = next(iter(entries))  # an OrderedDict's first key: constant time
+        return key, entries[key]
 
     def of(self, tenant: str) -> Mapping[str, V]:
         """``tenant``'s entries, oldest first (read only; empty when it holds none)."""
@@ -116,10 +126,12 @@ class FairShareMap(Generic[V]):
         if self.held_by(tenant) < max(1, share):
             victim = max(self._tenants, key=lambda name: len(self._tenants[name]))
         entries = self._tenants[victim]
-        entries.popitem(last=False)
+        key, value = entries.popitem(last=False)
         self._size -= 1
         if not entries:
             del self._tenants[victim]
+        if self._on_evict is not None:
+            self._on_evict(victim, key, value)
 
 
 class _Remembered:

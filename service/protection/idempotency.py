@@ -25,9 +25,12 @@ client disconnects and aiohttp cancels the handler: its answer is stored, so the
 client's retry gets it instead of running the write a second time.
 
 Keys live in Redis with ``REDIS_URL`` (one Lua script to claim, one to store or
-release), else in a bounded in-process map (``MLGATE_IDEMPOTENCY_MAX_ENTRIES`` in all,
-oldest out first, each tenant's flood evicting only its own entries once it holds its
-fair share: ``service.protection.fair_share``). On a Redis Cluster a tenant's records
+release), at most ``MLGATE_IDEMPOTENCY_REDIS_TENANT_MAX_BYTES`` of answers per tenant
+(its oldest out first); else in a bounded in-process map (``MLGATE_IDEMPOTENCY_MAX_ENTRIES``
+and ``MLGATE_IDEMPOTENCY_MAX_BYTES`` in all, oldest out first, each tenant's flood
+evicting only its own entries once it holds its fair share:
+``service.protection.fair_share``). An answer larger than the budget is not kept: its
+key is released, and a repeat runs again. On a Redis Cluster a tenant's records
 share the hash tag ``{tenant}`` (one slot, on one master: the claims extended together
 are grouped per tenant slot, one call each). While Redis fails, claims fall back to the in-process store: retries that
 reach the same process are still safe; the record-id dedup (``service.ingest.dedup``)
@@ -74,14 +77,41 @@ if current then return current end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
-# KEYS: the record. ARGV: our in-flight entry, the final entry ('' to release), ttl ms.
+# KEYS: the record, the tenant's index of kept answers (a sorted set of
+# "<bytes>:<record>" by the server time they were kept, ms), the tenant's kept bytes.
+# ARGV: our in-flight entry, the final entry ('' to release), ttl ms, the tenant's budget.
+# Returns 0 (the claim was no longer ours), 1 (done), 2 (too large for the budget: released).
+# Answers past the budget push out the tenant's oldest; those that expired on their own
+# leave the index as it is next written (their scores are older than the ttl).
 FINISH_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then
+local size, ttl, budget = #ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if size == 0 or size > budget then
   redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if size == 0 then return 1 end
+  return 2
 end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local kept = tonumber(redis.call('GET', KEYS[3]) or '0')
+local function forget(member)
+  local sep = string.find(member, ':', 1, true)
+  kept = kept - tonumber(string.sub(member, 1, sep - 1))
+  return string.sub(member, sep + 1)
+end
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl)) do
+  forget(member)
+  redis.call('ZREM', KEYS[2], member)
+end
+while kept + size > budget do
+  local oldest = redis.call('ZPOPMIN', KEYS[2])
+  if #oldest == 0 then kept = 0 break end
+  redis.call('DEL', forget(oldest[1]))
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now, size .. ':' .. KEYS[1])
+redis.call('SET', KEYS[3], kept + size, 'PX', ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
 return 1
 """
 # KEYS: records in flight. ARGV: our in-flight entry for each, then the lifetime in ms.
@@ -122,36 +152,90 @@ class Claim:
 
 class LocalEntries:
     """The in-process store: per tenant, insertion-ordered entries with deadlines, at
-    most ``max_entries`` in all, shared fairly (``FairShareMap``): one tenant's flood
-    of keys evicts its own entries, never another tenant's replayable answers."""
+    most ``max_entries`` and ``max_bytes`` of entries in all, both shared fairly: one
+    tenant's flood of keys, or of large answers, evicts its own entries, never another
+    tenant's replayable answers (``FairShareMap`` for the count; by bytes here, the same
+    rule: the inserting tenant's oldest once it holds its share, else the largest's)."""
 
-    def __init__(self, max_entries: int) -> None:
-        self._entries: FairShareMap[tuple[float, bytes]] = FairShareMap(max_entries)
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self._entries: FairShareMap[tuple[float, bytes]] = FairShareMap(
+            max_entries, on_evict=self._evicted
+        )
+        self._max_bytes = max_bytes
+        self._bytes: dict[str, int] = {}  # per tenant, of the entries it holds
+        self._total_bytes = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total_bytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
 
     def claim(self, tenant: str, record: str, in_flight: bytes, lock_s: float) -> bytes | None:
         now = time.monotonic()
         current = self._entries.get(tenant, record)
         if current is not None and current[0] > now:
             return current[1]
-        self._entries.put(tenant, record, (now + lock_s, in_flight))
+        self._put(tenant, record, (now + lock_s, in_flight))
         return None
 
     def extend(self, tenant: str, record: str, in_flight: bytes, lock_s: float) -> None:
         """Push back the lapse of a claim still ours."""
         current = self._entries.get(tenant, record)
         if current is not None and current[1] == in_flight:
-            self._entries.put(tenant, record, (time.monotonic() + lock_s, in_flight))
+            self._put(tenant, record, (time.monotonic() + lock_s, in_flight))
 
     def finish(
         self, tenant: str, record: str, in_flight: bytes, final: bytes | None, ttl_s: float
-    ) -> None:
+    ) -> bool:
+        """Store ``final`` (None: release the claim); False if it was not kept: the
+        claim was no longer ours, or the answer alone is larger than the whole store."""
         current = self._entries.get(tenant, record)
         if current is None or current[1] != in_flight:
-            return
-        if final is None:
-            self._entries.pop(tenant, record)
+            return False
+        if final is None or len(final) > self._max_bytes:
+            self._pop(tenant, record)
+            return False
+        self._put(tenant, record, (time.monotonic() + ttl_s, final))
+        return True
+
+    def _put(self, tenant: str, record: str, entry: tuple[float, bytes]) -> None:
+        self._pop(tenant, record)
+        self._entries.put(tenant, record, entry)
+        self._count(tenant, len(entry[1]))
+        while self._total_bytes > self._max_bytes:
+            self._evict_bytes_for(tenant, record)
+
+    def _pop(self, tenant: str, record: str) -> None:
+        entry = self._entries.pop(tenant, record)
+        if entry is not None:
+            self._count(tenant, -len(entry[1]))
+
+    def _evicted(self, tenant: str, record: str, entry: tuple[float, bytes]) -> None:
+        self._count(tenant, -len(entry[1]))
+
+    def _count(self, tenant: str, delta: int) -> None:
+        held = self._bytes.get(tenant, 0) + delta
+        if held:
+            self._bytes[tenant] = held
         else:
-            self._entries.put(tenant, record, (time.monotonic() + ttl_s, final))
+            del self._bytes[tenant]
+        self._total_bytes += delta
+
+    def _evict_bytes_for(self, tenant: str, new_record: str) -> None:
+        share = self._max_bytes // len(self._bytes)
+        victim = tenant
+        oldest = self._entries.oldest(tenant)
+        # The newest entry is never the one evicted: it fits alone (finish keeps no
+        # larger answer), so while over budget another entry is there to go.
+        if self._bytes.get(tenant, 0) < max(1, share) or oldest is None or oldest[0] == new_record:
+            others = [name for name in self._bytes if name != tenant]
+            victim = max(others, key=self._bytes.__getitem__)
+            oldest = self._entries.oldest(victim)
+        assert oldest is not None
+        self._pop(victim, oldest[0])
 
 
 class IdempotencyStore:
@@ -162,7 +246,8 @@ class IdempotencyStore:
         self._claim = redis.script(CLAIM_LUA) if redis is not None else None
         self._finish = redis.script(FINISH_LUA) if redis is not None else None
         self._extend = redis.script(EXTEND_LUA) if redis is not None else None
-        self._local = LocalEntries(settings.idempotency_max_entries)
+        self._redis_tenant_max_bytes = settings.idempotency_redis_tenant_max_bytes
+        self._local = LocalEntries(settings.idempotency_max_entries, settings.idempotency_max_bytes)
         self._running: set[asyncio.Task[Any]] = set()
         # Claims whose requests still run, by record, with the task that claimed; the
         # refresher extends them every third of the lock while that task lives (a claim
@@ -247,8 +332,11 @@ class IdempotencyStore:
     def record_name(self, tenant: str, key: str) -> str:
         """The record's key name: ``mlgate:idem:<tenant>:<sha256 of key>``; on a Redis
         Cluster ``mlgate:idem:{<tenant>}:<sha256>``, every record of a tenant in one slot."""
+        return self._tenant_prefix(tenant) + hashlib.sha256(key.encode()).hexdigest()
+
+    def _tenant_prefix(self, tenant: str) -> str:
         tag = self._redis.hash_tag(tenant) if self._redis is not None else ""
-        return f"mlgate:idem:{tag or tenant + ':'}{hashlib.sha256(key.encode()).hexdigest()}"
+        return f"mlgate:idem:{tag or tenant + ':'}"
 
     async def claim(self, tenant: str, key: str, fingerprint: str) -> Claim | Entry:
         """Our claim on ``key``, or the entry someone already holds under it."""
@@ -288,17 +376,28 @@ class IdempotencyStore:
         if held is not None and held[0] is claim:
             del self._held[claim.record]
         if claim.backend == "local" or self._redis is None or self._finish is None:
-            self._local.finish(claim.tenant, claim.record, claim.in_flight, final, self._ttl_s)
+            kept = self._local.finish(claim.tenant, claim.record, claim.in_flight, final, self._ttl_s)
+            if final is not None and not kept and len(final) > self._local.max_bytes:
+                self._not_kept(claim, final)
             return
         script, ttl_ms = self._finish, self._ttl_s * 1000
+        prefix = self._tenant_prefix(claim.tenant)
+        keys = [claim.record, prefix + "~kept", prefix + "~bytes"]
+        args: list[bytes | int] = [claim.in_flight, final or b"", ttl_ms, self._redis_tenant_max_bytes]
         try:
-            await self._redis.call(
-                "idempotency",
-                lambda: script(keys=[claim.record], args=[claim.in_flight, final or b"", ttl_ms]),
-            )
+            outcome = await self._redis.call("idempotency", lambda: script(keys=keys, args=args))
         except RedisUnavailable:
             # The claim lapses after idempotency_lock_s; until then repeats get 409.
             log.warning("idempotency_finish_failed", stored=final is not None)
+            return
+        if outcome == 2 and final is not None:
+            self._not_kept(claim, final)
+
+    @staticmethod
+    def _not_kept(claim: Claim, final: bytes) -> None:
+        # Larger than the tenant's whole budget: released, so a repeat runs again (record
+        # dedup still keeps its records from being written twice within its window).
+        log.warning("idempotency_answer_too_large_to_keep", tenant=claim.tenant, bytes=len(final))
 
 
 def fingerprint(method: str, path_qs: str, body: bytes) -> str:

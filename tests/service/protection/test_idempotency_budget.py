@@ -1,0 +1,166 @@
+"""Kept Idempotency-Key answers are bounded in bytes: in process in all (shared fairly
+between tenants), in Redis per tenant. A tenant's large answers past the budget push
+out its own oldest, never another tenant's; an answer larger than the budget is not kept.
+
+A hostile review kept 1.3 MB 422 answers under fresh keys: nothing bounded their bytes
+(10,000 entries in process, any number for 24 h in Redis)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from mlgate.service.protection.idempotency import LocalEntries
+from mlgate.service.state import RECORD_SINK
+from tests.conftest import AppClientFactory
+from tests.support import KeyMaker, ManagedProcess
+
+PATH = "/api/v2/ingest"
+BUDGET = 65_536
+
+
+def _bad_batch(records: int, tag: str) -> dict[str, object]:
+    """A batch whose every record has the wrong feature length: a 422 naming each."""
+    return {"source": tag, "records": [{"features": [1.0]} for _ in range(records)]}
+
+
+def _good_batch() -> dict[str, object]:
+    return {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
+
+
+def _budget(**overrides: Any) -> dict[str, Any]:
+    return {
+        "idempotency_max_bytes": BUDGET,
+        "idempotency_redis_tenant_max_bytes": BUDGET,
+        "max_batch_records": 10_000,
+        **overrides,
+    }
+
+
+async def _answer_size(client: Any, records: int) -> int:
+    response = await client.post(PATH, json=_bad_batch(records, "probe"))
+    assert response.status == 422
+    return len(await response.read())
+
+
+async def test_a_tenants_answers_past_the_budget_push_out_its_own_oldest(
+    app_client: AppClientFactory, settings_for: Any, backend: str | None
+) -> None:
+    client = await app_client(settings_for(backend, **_budget()))
+    assert await _answer_size(client, 100) > BUDGET // 16  # sixteen fill the budget
+    for n in range(20):
+        response = await client.post(
+            PATH, json=_bad_batch(100, f"s{n}"), headers={"Idempotency-Key": f"k{n}"}
+        )
+        assert response.status == 422
+
+    oldest = await client.post(PATH, json=_bad_batch(100, "s0"), headers={"Idempotency-Key": "k0"})
+    newest = await client.post(PATH, json=_bad_batch(100, "s19"), headers={"Idempotency-Key": "k19"})
+    assert oldest.status == newest.status == 422
+    assert "Idempotent-Replayed" not in oldest.headers  # pushed out: run again
+    assert newest.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_an_answer_larger_than_the_budget_is_not_kept_and_its_repeat_runs_again(
+    app_client: AppClientFactory, settings_for: Any, backend: str | None
+) -> None:
+    client = await app_client(settings_for(backend, **_budget()))
+    assert await _answer_size(client, 2000) > BUDGET
+    headers = {"Idempotency-Key": "big"}
+    first = await client.post(PATH, json=_bad_batch(2000, "big"), headers=headers)
+    again = await client.post(PATH, json=_bad_batch(2000, "big"), headers=headers)
+    assert (first.status, again.status) == (422, 422)
+    assert "Idempotent-Replayed" not in again.headers
+    first_body, again_body = await first.json(), await again.json()
+    assert again_body["request_id"] != first_body["request_id"]  # run again, not replayed
+    assert again_body["errors"] == first_body["errors"]
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"], indirect=True)
+async def test_a_tenants_flood_of_large_answers_keeps_another_tenants_replay(
+    app_client: AppClientFactory, make_settings: Any, api_keys: KeyMaker, backend: str | None
+) -> None:
+    victim = api_keys.create(tenant="victim")
+    flooder = api_keys.create(tenant="flooder")
+    client = await app_client(
+        make_settings(
+            keys_file=str(api_keys.path),
+            auth_disabled=False,
+            rate_limits_enabled=False,
+            feature_dims=(4,),
+            redis_url=backend,
+            **_budget(),
+        )
+    )
+    victim_headers = {"X-API-Key": victim, "Idempotency-Key": "once"}
+    first = await client.post(PATH, json=_good_batch(), headers=victim_headers)
+    assert first.status == 202
+    for n in range(40):
+        response = await client.post(
+            PATH,
+            json=_bad_batch(100, f"s{n}"),
+            headers={"X-API-Key": flooder, "Idempotency-Key": f"k{n}"},
+        )
+        assert response.status == 422
+
+    again = await client.post(PATH, json=_good_batch(), headers=victim_headers)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert client.app[RECORD_SINK].next_offset == 1
+
+
+async def test_redis_holds_no_more_than_the_budget_of_answers_per_tenant(
+    app_client: AppClientFactory, settings_for: Any, redis_server: ManagedProcess
+) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    client = await app_client(settings_for(url, **_budget()))
+    for n in range(40):
+        response = await client.post(
+            PATH, json=_bad_batch(100, f"s{n}"), headers={"Idempotency-Key": f"k{n}"}
+        )
+        assert response.status == 422
+
+    redis = aioredis.Redis.from_url(url)
+    try:
+        records = [
+            name
+            async for name in redis.scan_iter(match="mlgate:idem:anonymous:*")
+            if not name.endswith((b"~kept", b"~bytes"))
+        ]
+        sizes = [await redis.strlen(name) for name in records]
+        assert sum(sizes) <= BUDGET < sum(sizes) + max(sizes)  # full, none evicted early
+        assert int(await redis.get("mlgate:idem:anonymous:~bytes")) == sum(sizes)
+        assert await redis.zcard("mlgate:idem:anonymous:~kept") == len(records)
+    finally:
+        await redis.aclose()
+
+
+def test_the_in_process_store_stays_within_its_bytes() -> None:
+    entries = LocalEntries(max_entries=1000, max_bytes=BUDGET)
+    for n in range(100):
+        assert entries.claim("t", f"r{n}", b"i%d" % n, 60) is None
+        assert entries.finish("t", f"r{n}", b"i%d" % n, b"x" * 5000, 60)
+        assert entries.total_bytes <= BUDGET
+    assert entries.claim("t", "r99", b"again", 60) == b"x" * 5000  # the newest is kept
+    assert entries.claim("t", "r0", b"again", 60) is None  # the oldest went
+
+
+def test_the_in_process_byte_count_follows_evictions_by_count() -> None:
+    entries = LocalEntries(max_entries=4, max_bytes=BUDGET)
+    for n in range(10):
+        entries.claim(f"t{n % 3}", f"r{n}", b"i", 60)
+        entries.finish(f"t{n % 3}", f"r{n}", b"i", b"x" * (100 + n), 60)
+    held = entries._entries  # what the count-bounded map kept after its evictions
+    assert len(held) == 4
+    assert entries.total_bytes == sum(
+        len(value) for tenant in held.tenants() for _, value in held.of(tenant).values()
+    )
+
+
+def test_an_answer_larger_than_the_in_process_store_is_not_kept() -> None:
+    entries = LocalEntries(max_entries=10, max_bytes=BUDGET)
+    entries.claim("t", "r", b"i", 60)
+    assert not entries.finish("t", "r", b"i", b"x" * (BUDGET + 1), 60)
+    assert entries.total_bytes == 0
+    assert entries.claim("t", "r", b"j", 60) is None
