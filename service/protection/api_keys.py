@@ -22,10 +22,12 @@ import os
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import structlog
@@ -40,7 +42,12 @@ _KEY = re.compile(r"^mlg_([0-9a-f]{16})_[A-Za-z0-9_-]{32,}$")
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 FILE_CHECK_INTERVAL_S = 1.0
 log = structlog.get_logger("mlgate.api_keys")
+T = TypeVar("T")
 MAX_CACHED_REDIS_KEYS = 10_000
+# Key ids Redis did not know, remembered apart from the known keys: a flood of made-up
+# keys (each a 401) pushes out only other made-up ids, never a tenant's cached key,
+# which is what keeps that tenant served while Redis is unavailable.
+MAX_CACHED_UNKNOWN_KEYS = 10_000
 
 
 class ApiKey(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -195,8 +202,9 @@ class KeyStore:
         self._file_keys: dict[str, ApiKey] = {}
         self._file_stamp: tuple[int, int] | None = None
         self._checked_at = float("-inf")
-        # key_id -> (valid until, the key or None when Redis does not know it)
-        self._redis_keys: dict[str, tuple[float, ApiKey | None]] = {}
+        # Keys read from Redis (trusted until their deadline), least recently used first.
+        self._redis_keys: OrderedDict[str, tuple[float, ApiKey]] = OrderedDict()
+        self._unknown_keys: OrderedDict[str, float] = OrderedDict()  # key id -> deadline
         self.reload(strict=True)
 
     @property
@@ -257,7 +265,7 @@ class KeyStore:
             if cached is None or cached[0] <= time.monotonic():
                 return None
             stored = cached[1]
-        if stored is None or stored.revoked or not hmac.compare_digest(stored.hash, hash_key(presented)):
+        if stored.revoked or not hmac.compare_digest(stored.hash, hash_key(presented)):
             return None
         return stored
 
@@ -272,16 +280,31 @@ class KeyStore:
     async def _lookup_redis(self, redis: SharedRedis, key_id: str) -> ApiKey | None:
         now = time.monotonic()
         cached = self._redis_keys.get(key_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None:
+            self._redis_keys.move_to_end(key_id)
+            if cached[0] > now:
+                return cached[1]
+        elif self._unknown_keys.get(key_id, 0.0) > now:
+            return None
         try:
             raw = await redis.call("api_keys", lambda: redis.client.hget(REDIS_HASH, key_id))
         except RedisUnavailable:
             if cached is not None:
                 return cached[1]  # stale but known: better than locking the tenant out
             raise KeyStoreUnavailable("the API key store (Redis) is unavailable") from None
-        stored = decode_key(raw) if raw is not None else None
-        if len(self._redis_keys) >= MAX_CACHED_REDIS_KEYS:
-            self._redis_keys.pop(next(iter(self._redis_keys)))
-        self._redis_keys[key_id] = (now + self._cache_s, stored)
+        if raw is None:
+            self._redis_keys.pop(key_id, None)
+            _remember(self._unknown_keys, key_id, now + self._cache_s, MAX_CACHED_UNKNOWN_KEYS)
+            return None
+        stored = decode_key(raw)
+        self._unknown_keys.pop(key_id, None)
+        _remember(self._redis_keys, key_id, (now + self._cache_s, stored), MAX_CACHED_REDIS_KEYS)
         return stored
+
+
+def _remember(cache: OrderedDict[str, T], key_id: str, value: T, limit: int) -> None:
+    """Put ``value`` as the newest entry, the oldest out when ``cache`` is full."""
+    cache[key_id] = value
+    cache.move_to_end(key_id)
+    if len(cache) > limit:
+        cache.popitem(last=False)

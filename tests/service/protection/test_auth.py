@@ -199,6 +199,35 @@ async def test_keys_kept_in_redis_are_let_in(
     assert response.status == 202
 
 
+async def test_a_flood_of_made_up_keys_keeps_a_cached_key_served_while_redis_is_down(
+    app_client, secured, redis_server: ManagedProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review's flood of 10,500 unknown key ids (each a 401) pushed a tenant's cached
+    Redis key out of the shared cache: with Redis paused the tenant got 503s."""
+    import secrets
+
+    import redis.asyncio as aioredis
+
+    from mlgate.service.protection import api_keys as api_keys_module
+
+    monkeypatch.setattr(api_keys_module, "MAX_CACHED_REDIS_KEYS", 20)
+    monkeypatch.setattr(api_keys_module, "MAX_CACHED_UNKNOWN_KEYS", 20, raising=False)
+    plaintext, stored = new_key("acme", frozenset({"ingest"}))
+    client_redis = aioredis.Redis(port=redis_server.port)
+    await client_redis.hset(REDIS_HASH, stored.key_id, encode_key(stored))
+    await client_redis.aclose()
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    ok = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert ok.status == 202
+    for _ in range(100):
+        made_up = f"mlg_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"
+        assert await client.app[KEY_STORE].authenticate(made_up) is None
+
+    redis_server.stop()
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert response.status == 202
+
+
 async def test_unreachable_key_store_never_lets_a_key_in(
     app_client, secured, redis_server: ManagedProcess
 ) -> None:
