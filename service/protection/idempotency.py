@@ -68,6 +68,12 @@ KEPT_HEADERS = (
 )
 
 log = structlog.get_logger("mlgate.idempotency")
+# What Redis holds for a kept answer besides its bytes and key names (measured: 1M
+# answers of 255 bytes with 82-byte names took 702 bytes each), and the bounds of one
+# finishing call's work (FINISH_LUA).
+ENTRY_OVERHEAD_BYTES = 288
+CLEANUP_PER_CALL = 64
+EVICTIONS_PER_CALL = 64
 
 # KEYS: the record. ARGV: the in-flight entry, its lifetime in ms.
 # Returns the existing entry, or nil after storing ours.
@@ -78,41 +84,64 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
 # KEYS: the record, the tenant's index of kept answers (a sorted set of
-# "<bytes>:<record>" by the server time they were kept, ms), the tenant's kept bytes.
-# ARGV: our in-flight entry, the final entry ('' to release), ttl ms, the tenant's budget.
-# Returns 0 (the claim was no longer ours), 1 (done), 2 (too large for the budget: released).
-# Answers past the budget push out the tenant's oldest; those that expired on their own
-# leave the index as it is next written (their scores are older than the ttl).
-FINISH_LUA = """
+# "<answer bytes>:<record>" by when each expires, server time in ms), the tenant's
+# counted bytes. ARGV: our in-flight entry, the final entry ('' to release), ttl ms, the
+# tenant's budget. Returns 0 (the claim was no longer ours), 1 (done), 2 (not kept, larger
+# than the budget), 3 (not kept, no room made within this call's evictions); not kept is
+# released.
+#
+# An answer counts its bytes, twice its key name (the key and the index member) and
+# ENTRY_OVERHEAD_BYTES (Redis's own structures for both): what Redis holds for it.
+# Redis runs one script at a time for every client, so each call does a bounded amount
+# of work: at most CLEANUP_PER_CALL expired members forgotten and EVICTIONS_PER_CALL
+# answers pushed out; a backlog (a tenant back after a long pause) clears over calls.
+# An evicted member's record is deleted only if it still holds an answer of that
+# length, never a newer claim on the key taken after Redis itself dropped the answer
+# (maxmemory) or it expired: in-flight entries all have one length (a 64-character
+# fingerprint, a 16-character owner), and an answer of exactly that length is left to
+# expire rather than risk it.
+FINISH_LUA = f"""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local size, ttl, budget = #ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-if size == 0 or size > budget then
-  redis.call('DEL', KEYS[1])
-  if size == 0 then return 1 end
-  return 2
-end
+local overhead = 2 * #KEYS[1] + {ENTRY_OVERHEAD_BYTES}
+if size == 0 then redis.call('DEL', KEYS[1]) return 1 end
+if size + overhead > budget then redis.call('DEL', KEYS[1]) return 2 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local kept = tonumber(redis.call('GET', KEYS[3]) or '0')
 local function forget(member)
   local sep = string.find(member, ':', 1, true)
-  kept = kept - tonumber(string.sub(member, 1, sep - 1))
-  return string.sub(member, sep + 1)
+  local record = string.sub(member, sep + 1)
+  local bytes = tonumber(string.sub(member, 1, sep - 1))
+  kept = kept - bytes - 2 * #record - {ENTRY_OVERHEAD_BYTES}
+  return record, bytes
 end
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl)) do
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, {CLEANUP_PER_CALL})) do
   forget(member)
   redis.call('ZREM', KEYS[2], member)
 end
-while kept + size > budget do
+local evicted = 0
+while kept + size + overhead > budget and evicted < {EVICTIONS_PER_CALL} do
   local oldest = redis.call('ZPOPMIN', KEYS[2])
   if #oldest == 0 then kept = 0 break end
-  redis.call('DEL', forget(oldest[1]))
+  local record, bytes = forget(oldest[1])
+  if bytes ~= #ARGV[1] and redis.call('STRLEN', record) == bytes then redis.call('DEL', record) end
+  evicted = evicted + 1
 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
-redis.call('ZADD', KEYS[2], now, size .. ':' .. KEYS[1])
-redis.call('SET', KEYS[3], kept + size, 'PX', ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-return 1
+if kept < 0 then kept = 0 end
+local outcome = 1
+if kept + size + overhead > budget then
+  outcome = 3
+  redis.call('DEL', KEYS[1])
+else
+  kept = kept + size + overhead
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+  redis.call('ZADD', KEYS[2], now + ttl, size .. ':' .. KEYS[1])
+end
+local keep_ms = math.max(ttl, redis.call('PTTL', KEYS[2]), redis.call('PTTL', KEYS[3]))
+redis.call('SET', KEYS[3], kept, 'PX', keep_ms)
+redis.call('PEXPIRE', KEYS[2], keep_ms)
+return outcome
 """
 # KEYS: records in flight. ARGV: our in-flight entry for each, then the lifetime in ms.
 # Extends the claims still ours; a finished or lapsed one is left alone.
@@ -151,18 +180,21 @@ class Claim:
 
 
 class LocalEntries:
-    """The in-process store: per tenant, insertion-ordered entries with deadlines, at
-    most ``max_entries`` and ``max_bytes`` of entries in all, both shared fairly: one
-    tenant's flood of keys, or of large answers, evicts its own entries, never another
-    tenant's replayable answers (``FairShareMap`` for the count; by bytes here, the same
-    rule: the inserting tenant's oldest once it holds its share, else the largest's)."""
+    """The in-process store, per tenant, insertion-ordered, each entry with its deadline:
+    claims in flight (at most ``max_entries``) apart from kept answers (at most
+    ``max_entries`` and ``max_bytes`` in all), so that answers pushed out never take a
+    claim still running with them (its repeat would run a second time instead of 409).
+    Both are shared fairly: one tenant's flood of keys, or of large answers, evicts its
+    own entries once it holds its share, never another tenant's (``FairShareMap`` for
+    the counts; by bytes here, the same rule)."""
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
-        self._entries: FairShareMap[tuple[float, bytes]] = FairShareMap(
+        self._claims: FairShareMap[tuple[float, bytes]] = FairShareMap(max_entries)
+        self._answers: FairShareMap[tuple[float, bytes]] = FairShareMap(
             max_entries, on_evict=self._evicted
         )
         self._max_bytes = max_bytes
-        self._bytes: dict[str, int] = {}  # per tenant, of the entries it holds
+        self._bytes: dict[str, int] = {}  # per tenant, of the answers it holds
         self._total_bytes = 0
 
     @property
@@ -175,41 +207,40 @@ class LocalEntries:
 
     def claim(self, tenant: str, record: str, in_flight: bytes, lock_s: float) -> bytes | None:
         now = time.monotonic()
-        current = self._entries.get(tenant, record)
-        if current is not None and current[0] > now:
-            return current[1]
-        self._put(tenant, record, (now + lock_s, in_flight))
+        for entries in (self._claims, self._answers):
+            current = entries.get(tenant, record)
+            if current is not None and current[0] > now:
+                return current[1]
+        self._pop_answer(tenant, record)  # lapsed
+        self._claims.put(tenant, record, (now + lock_s, in_flight))
         return None
 
     def extend(self, tenant: str, record: str, in_flight: bytes, lock_s: float) -> None:
         """Push back the lapse of a claim still ours."""
-        current = self._entries.get(tenant, record)
+        current = self._claims.get(tenant, record)
         if current is not None and current[1] == in_flight:
-            self._put(tenant, record, (time.monotonic() + lock_s, in_flight))
+            self._claims.put(tenant, record, (time.monotonic() + lock_s, in_flight))
 
     def finish(
         self, tenant: str, record: str, in_flight: bytes, final: bytes | None, ttl_s: float
     ) -> bool:
         """Store ``final`` (None: release the claim); False if it was not kept: the
         claim was no longer ours, or the answer alone is larger than the whole store."""
-        current = self._entries.get(tenant, record)
+        current = self._claims.get(tenant, record)
         if current is None or current[1] != in_flight:
             return False
+        self._claims.pop(tenant, record)
         if final is None or len(final) > self._max_bytes:
-            self._pop(tenant, record)
             return False
-        self._put(tenant, record, (time.monotonic() + ttl_s, final))
-        return True
-
-    def _put(self, tenant: str, record: str, entry: tuple[float, bytes]) -> None:
-        self._pop(tenant, record)
-        self._entries.put(tenant, record, entry)
-        self._count(tenant, len(entry[1]))
+        self._pop_answer(tenant, record)
+        self._answers.put(tenant, record, (time.monotonic() + ttl_s, final))
+        self._count(tenant, len(final))
         while self._total_bytes > self._max_bytes:
             self._evict_bytes_for(tenant, record)
+        return True
 
-    def _pop(self, tenant: str, record: str) -> None:
-        entry = self._entries.pop(tenant, record)
+    def _pop_answer(self, tenant: str, record: str) -> None:
+        entry = self._answers.pop(tenant, record)
         if entry is not None:
             self._count(tenant, -len(entry[1]))
 
@@ -227,15 +258,15 @@ class LocalEntries:
     def _evict_bytes_for(self, tenant: str, new_record: str) -> None:
         share = self._max_bytes // len(self._bytes)
         victim = tenant
-        oldest = self._entries.oldest(tenant)
-        # The newest entry is never the one evicted: it fits alone (finish keeps no
-        # larger answer), so while over budget another entry is there to go.
+        oldest = self._answers.oldest(tenant)
+        # The newest answer is never the one evicted: it fits alone (finish keeps no
+        # larger one), so while over budget another answer is there to go.
         if self._bytes.get(tenant, 0) < max(1, share) or oldest is None or oldest[0] == new_record:
             others = [name for name in self._bytes if name != tenant]
             victim = max(others, key=self._bytes.__getitem__)
-            oldest = self._entries.oldest(victim)
+            oldest = self._answers.oldest(victim)
         assert oldest is not None
-        self._pop(victim, oldest[0])
+        self._pop_answer(victim, oldest[0])
 
 
 class IdempotencyStore:
@@ -376,28 +407,37 @@ class IdempotencyStore:
         if held is not None and held[0] is claim:
             del self._held[claim.record]
         if claim.backend == "local" or self._redis is None or self._finish is None:
-            kept = self._local.finish(claim.tenant, claim.record, claim.in_flight, final, self._ttl_s)
+            kept = self._local.finish(
+                claim.tenant, claim.record, claim.in_flight, final, self._ttl_s
+            )
             if final is not None and not kept and len(final) > self._local.max_bytes:
                 self._not_kept(claim, final)
             return
         script, ttl_ms = self._finish, self._ttl_s * 1000
         prefix = self._tenant_prefix(claim.tenant)
         keys = [claim.record, prefix + "~kept", prefix + "~bytes"]
-        args: list[bytes | int] = [claim.in_flight, final or b"", ttl_ms, self._redis_tenant_max_bytes]
+        args: list[bytes | int] = [
+            claim.in_flight,
+            final or b"",
+            ttl_ms,
+            self._redis_tenant_max_bytes,
+        ]
         try:
             outcome = await self._redis.call("idempotency", lambda: script(keys=keys, args=args))
         except RedisUnavailable:
             # The claim lapses after idempotency_lock_s; until then repeats get 409.
             log.warning("idempotency_finish_failed", stored=final is not None)
             return
-        if outcome == 2 and final is not None:
-            self._not_kept(claim, final)
+        if outcome in (2, 3) and final is not None:
+            self._not_kept(claim, final, "too large" if outcome == 2 else "no room yet")
 
     @staticmethod
-    def _not_kept(claim: Claim, final: bytes) -> None:
-        # Larger than the tenant's whole budget: released, so a repeat runs again (record
-        # dedup still keeps its records from being written twice within its window).
-        log.warning("idempotency_answer_too_large_to_keep", tenant=claim.tenant, bytes=len(final))
+    def _not_kept(claim: Claim, final: bytes, reason: str = "too large") -> None:
+        # Released, so a repeat runs again (record dedup still keeps its records from
+        # being written twice within its window).
+        log.warning(
+            "idempotency_answer_not_kept", tenant=claim.tenant, bytes=len(final), reason=reason
+        )
 
 
 def fingerprint(method: str, path_qs: str, body: bytes) -> str:
