@@ -101,6 +101,10 @@ DESCRIPTIONS: dict[str, str] = {
     "model_repository": "Model repository: <repo>/<model>/<version>/model.onnx.",
     "default_model": "Model used when a predict request names none.",
     "model_poll_interval_s": "How often the repository is rescanned (0: only on SIGHUP or the load API).",
+    "model_load_timeout_s": (
+        "How long a model version may take to load (session and warm-up run); past it "
+        "the version is UNAVAILABLE until its files change."
+    ),
     "request_timeout_ms": "Default predict deadline (X-Request-Timeout overrides per request).",
     "inference_mailbox_size": (
         "Predict requests that may wait per model version; full: 503 at once. A request "

@@ -148,12 +148,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_repository: str = "models"
     default_model: str = "demo"
     model_poll_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    model_load_timeout_s: PositiveFloat = 300.0
     request_timeout_ms: PositiveInt = 1000
     inference_mailbox_size: PositiveInt = 4096
     inference_mailbox_bytes: PositiveInt = 128 * 1024 * 1024
     inference_max_batch_size: PositiveInt = 64
     inference_max_queue_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
-    inference_threads: PositiveInt = 1
+    # More threads than cores only contend; the bound keeps a typo from starting
+    # thousands (a review's 100000 took 16.7 GB and never listened).
+    inference_threads: Annotated[int, msgspec.Meta(gt=0, le=256)] = 1
     inference_thread_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 5
     # Common predict requests answered at the connection (service/process/express.py).
     express_lane: bool = True

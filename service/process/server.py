@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import resource
 import signal
 import ssl
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -49,12 +52,19 @@ log = structlog.get_logger("mlgate.server")
 
 async def serve(settings: Settings, on_ready: Callable[[], object] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; the exit code (0 drained in budget, 1 budget exceeded)."""
-    # Handlers first: a SIGTERM during start-up then means "stop once up", not death.
+    # Handlers first: a SIGTERM during start-up stops it (a model load that never ends
+    # must not keep the process from stopping).
     stop = asyncio.Event()
     reload_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
+    watchdog = ShutdownWatchdog(settings.shutdown_timeout_s)
+
+    def request_stop() -> None:
+        stop.set()
+        watchdog.arm()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, request_stop)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
 
     app = create_app(settings)
@@ -75,7 +85,8 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         # dropped so the client can see the answer before the close.
         lingering_time=min(10.0, settings.head_timeout_s),
     )
-    await runner.setup()
+    if not await _started_unless_stopped(runner, stop, settings.shutdown_timeout_s):
+        return 0
     app[METRICS].samplers["connections"] = connection_sampler(runner, app[METRICS])
     site = web.TCPSite(
         runner,
@@ -126,6 +137,54 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         return 1
     log.info("stopped", seconds=round(settings.shutdown_timeout_s - (deadline - loop.time()), 3))
     return 0
+
+
+async def _started_unless_stopped(
+    runner: web.AppRunner, stop: asyncio.Event, budget_s: float
+) -> bool:
+    """Run the app's start-up (models load, clients connect); False if SIGTERM came
+    first: start-up is cancelled and what it started cleaned up within the budget."""
+    setup = asyncio.ensure_future(runner.setup())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((setup, stopped), return_when=asyncio.FIRST_COMPLETED)
+    if setup.done():
+        stopped.cancel()
+        setup.result()  # start-up's own error, if any
+        return True
+    log.info("start_up_stopped")
+    setup.cancel()
+    await asyncio.gather(setup, return_exceptions=True)
+    try:
+        async with asyncio.timeout(budget_s):
+            await runner.cleanup()
+    except Exception as exc:  # half started: what was not set up cannot be cleaned
+        log.warning("start_up_cleanup_failed", error=repr(exc))
+    return False
+
+
+class ShutdownWatchdog:
+    """Ends the process once the shutdown budget (from the signal) is spent, whatever
+    holds it: a draining step blocking the event loop, or a thread that never ends
+    (a model's run or load) that the interpreter would join on its way out. The budget
+    is the operator's promise to systemd and the platform; past it, exit 1 as when the
+    drain runs out of time (requests cut then never got their 202)."""
+
+    SLACK_S = 1.0
+
+    def __init__(self, budget_s: float) -> None:
+        self._budget_s = budget_s
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(self._budget_s + self.SLACK_S, self._force_exit)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _force_exit(self) -> None:
+        log.error("shutdown_forced", budget_s=self._budget_s)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 # Files besides client sockets: logs, segments, Kafka and Redis sockets, models.

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
+import onnx
 
 from mlgate.config import load_settings
-from mlgate.service.process.server import shutdown_plan
+from mlgate.service.process.server import ShutdownWatchdog, shutdown_plan
 from mlgate.workers.sinks.local_log import read_log
 from tests.conftest import ServiceFactory
 from tests.service_process import ServiceProcess, notify_socket, receive_until
+from tests.slow_models import looping_model
 from tests.support import KafkaBroker, read_topic
 
 BUDGET_S = 5.0
@@ -194,3 +200,64 @@ def test_shutdown_plan_keeps_grace_and_handler_waits_inside_the_budget() -> None
     # Grace at most half; aiohttp may wait twice its timeout; the sinks keep the rest.
     assert (grace, handlers) == (10.0, 2.5)
     assert grace + 2 * handlers < 20
+
+
+def _repository_of(root: Path, model: onnx.ModelProto) -> dict[str, str]:
+    """A model repository holding ``model`` as the default model ``looping``."""
+    version = root / "looping" / "1"
+    version.mkdir(parents=True)
+    onnx.save(model, version / "model.onnx")
+    return {
+        "MLGATE_MODEL_REPOSITORY": str(root),
+        "MLGATE_DEFAULT_MODEL": "looping",
+        "MLGATE_SHUTDOWN_TIMEOUT_S": "3",
+    }
+
+
+def test_sigterm_during_a_start_up_whose_model_load_never_ends_stops_the_process(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review: start-up never ended (the model's warm-up run looped) and SIGTERM was
+    only heard once it had: the process had to be killed."""
+    service = service_process(
+        wait=False, **_repository_of(tmp_path / "models", looping_model(trips=10**12))
+    )
+    time.sleep(1.5)  # loading, and loading
+    started = time.monotonic()
+    service.send(signal.SIGTERM)
+    assert service.wait(10) == 0
+    assert time.monotonic() - started < 3
+    assert "start_up_stopped" in service.tail()
+
+
+def test_sigterm_while_a_model_run_never_ends_exits_within_the_budget(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review: the worker's close waited for the run in the event loop, for ever."""
+    service = service_process(**_repository_of(tmp_path / "models", looping_model()))
+    endless = json.dumps({"features": [1e12] * 128}).encode()
+    request = urllib.request.Request(
+        f"{service.url}/api/v2/predict",
+        data=endless,
+        headers={"Content-Type": "application/json", "X-Request-Timeout": "60000"},
+    )
+    client = threading.Thread(
+        target=_ignore_errors(lambda: urllib.request.urlopen(request, timeout=20))
+    )
+    client.start()
+    time.sleep(1.0)  # the run has started
+    started = time.monotonic()
+    service.send(signal.SIGTERM)
+    assert service.wait(10) in (0, 1)  # 1: the budget ran out with the run going
+    assert time.monotonic() - started < 3 + ShutdownWatchdog.SLACK_S + 1
+    client.join(20)
+
+
+def _ignore_errors(call: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            call()
+        except OSError:
+            pass
+
+    return run

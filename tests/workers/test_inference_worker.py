@@ -17,6 +17,7 @@ from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
 from mlgate.workers.inference import batching
 from mlgate.workers.inference.batching import ANSWER_CHUNK, InferenceWorker
 from tests.service_process import REPO
+from tests.slow_models import looping_model
 
 DEMO = REPO / "models" / "demo" / "1" / "model.onnx"
 
@@ -567,3 +568,37 @@ async def test_no_room_within_a_time_the_way_there_already_spent_even_with_a_sta
     assert worker.room_within(0.02) == 4  # the stale estimate's one batch
     assert worker.room_within(0.0) == 0
     assert worker.room_within(-0.01) == 0
+
+
+async def test_closing_ends_a_run_that_would_never_end_and_never_holds_the_event_loop(
+    make_worker: WorkerFactory,
+) -> None:
+    """A review: closing a worker whose model never returned blocked the event loop in
+    the executor's shutdown, for ever: SIGTERM could not end the process."""
+    session = ort.InferenceSession(
+        looping_model().SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    worker = make_worker(session, run_options=ort.RunOptions())
+    stuck = worker.submit(np.full((1, 128), 1e12, np.float32), soon(60))
+    await asyncio.sleep(0.3)  # the run has started in the worker's thread
+
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(tick())
+    started = time.monotonic()
+    await worker.close(drain_s=0.2)
+    ticking.cancel()
+    assert time.monotonic() - started < 2
+    assert ticks >= 10  # the loop went on while the worker closed
+    with pytest.raises(WorkerClosed):
+        await stuck
+    deadline = time.monotonic() + 5  # the run was told to end, and its thread with it
+    while any(t.name.startswith("infer-demo") for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)

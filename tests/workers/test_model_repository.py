@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from mlgate.workers.inference.repository import (
     ModelRepository,
 )
 from models.make_demo_model import IR_VERSION, OPSET, build_mlp
+from tests.slow_models import looping_model
 
 
 def add_version(
@@ -295,3 +297,22 @@ async def test_names_that_leave_the_repository_are_not_models(
         with pytest.raises(ModelNotFound):
             await repo.unload(name)
     assert [e.name for e in repo.index()] == ["demo"]
+
+
+async def test_a_load_that_never_ends_times_out_and_its_version_is_unavailable(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "stuck", 1, body=looping_model(trips=10**12).SerializeToString())
+    started = time.monotonic()
+    repo = await start_repository(model_load_timeout_s=0.5)
+    assert time.monotonic() - started < 5
+    entry = next(e for e in repo.index() if e.name == "stuck")
+    assert entry.state == "UNAVAILABLE" and "took longer than 0.5 s" in entry.reason
+    assert (await predict(repo))[0] == "1"
+    assert repo.ready
+    # The warm-up run was told to end: no thread is left computing it.
+    deadline = time.monotonic() + 5
+    while any(t.name == "model-loader" for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)

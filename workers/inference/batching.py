@@ -91,8 +91,18 @@ class Session(Protocol):
     """What the worker needs of an ``onnxruntime.InferenceSession``."""
 
     def run(
-        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]
+        self,
+        output_names: Sequence[str] | None,
+        input_feed: Mapping[str, np.ndarray],
+        run_options: RunOptions | None = None,
     ) -> Sequence[np.ndarray]: ...
+
+
+class RunOptions(Protocol):
+    """What the worker needs of an ``onnxruntime.RunOptions``: setting ``terminate``
+    ends the runs using it (they fail), checked between the graph's nodes."""
+
+    terminate: bool
 
 
 @dataclass(eq=False, slots=True)
@@ -135,6 +145,7 @@ class InferenceWorker(Actor[_Item]):
         thread_niceness: int = 0,
         telemetry: WorkerTelemetry = NO_TELEMETRY,
         shares_batches: bool = True,
+        run_options: RunOptions | None = None,
     ) -> None:
         """``shares_batches``: False for a model without a free batch dimension on
         every input and output: each request then runs alone, since its outputs could
@@ -142,6 +153,8 @@ class InferenceWorker(Actor[_Item]):
         of 1 within ``max_batch_size`` 1, and both get the same outputs)."""
         if not input_names:
             raise ValueError("a model needs at least one input")
+        # Given to every run, so that closing can end one still going (``_release``).
+        self._run_options = run_options
         super().__init__(mailbox_size)
         self._mailbox_size = mailbox_size
         self._mailbox_bytes = mailbox_bytes
@@ -323,7 +336,13 @@ class InferenceWorker(Actor[_Item]):
         self._mailbox.task_done()
 
     async def _release(self) -> None:
-        self._executor.shutdown(wait=True)
+        # A run still going after the drain is ended (its items have failed), and not
+        # waited for: a model that runs for ever, or a node that does not check the
+        # flag, would otherwise hold the event loop, and with it every request and the
+        # shutdown's own deadline.
+        if self._run_options is not None:
+            self._run_options.terminate = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -548,7 +567,10 @@ class InferenceWorker(Actor[_Item]):
         started = time.monotonic()
         if started >= latest_deadline:
             return None, 0.0
-        outputs = self._session.run(self._output_names, feed)
+        if self._run_options is None:
+            outputs = self._session.run(self._output_names, feed)
+        else:
+            outputs = self._session.run(self._output_names, feed, self._run_options)
         return outputs, time.monotonic() - started
 
     def _held(self) -> list[_Item]:

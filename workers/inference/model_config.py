@@ -156,16 +156,17 @@ def zeros(spec: TensorSpec) -> np.ndarray:
 
 
 def open_session(
-    path: Path, threads: int
+    path: Path, threads: int, run_options: ort.RunOptions | None = None
 ) -> tuple[ort.InferenceSession, tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Create the session, read its metadata and warm it up with one run. Blocking."""
+    """Create the session, read its metadata and warm it up with one run (ended early,
+    failing, once ``run_options.terminate`` is set). Blocking."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     inputs = tuple(tensor_spec(arg) for arg in session.get_inputs())
     outputs = tuple(tensor_spec(arg) for arg in session.get_outputs())
-    session.run(None, {spec.name: zeros(spec) for spec in inputs})
+    session.run(None, {spec.name: zeros(spec) for spec in inputs}, run_options)
     return session, inputs, outputs
 
 

@@ -24,12 +24,15 @@ by explicit ``load(model)`` / ``unload(model)``, the repository extension's call
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import onnxruntime as ort
 import structlog
 
 from mlgate.config import Settings
@@ -53,6 +56,7 @@ from mlgate.workers.inference.model_config import (
 from mlgate.workers.supervision import SupervisedTask
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
+T = TypeVar("T")
 log = structlog.get_logger("mlgate.models")
 
 class ModelNotFound(LookupError):
@@ -122,7 +126,6 @@ class ModelRepository:
         self._unloaded: set[str] = set()
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._retiring: set[asyncio.Task[None]] = set()
         self._poller: SupervisedTask | None = None
         self._started = False
@@ -148,7 +151,6 @@ class ModelRepository:
             versions = [v for by_version in self._serving.values() for v in by_version.values()]
             self._serving, self._latest = {}, {}
         await asyncio.gather(*(self._close_version(v) for v in versions), *self._retiring)
-        self._loader.shutdown(wait=True)
 
     # -- lookups -----------------------------------------------------------------
 
@@ -355,10 +357,19 @@ class ModelRepository:
     async def _load_version(
         self, name: str, version: str, path: Path, config: ModelConfig, fingerprint: tuple[int, ...]
     ) -> ModelVersion:
-        loop = asyncio.get_running_loop()
-        session, inputs, outputs = await loop.run_in_executor(
-            self._loader, open_session, path, self.settings.inference_threads
-        )
+        timeout_s = self.settings.model_load_timeout_s
+        warm_up = ort.RunOptions()
+        try:
+            async with asyncio.timeout(timeout_s):
+                session, inputs, outputs = await _in_daemon_thread(
+                    open_session, path, self.settings.inference_threads, warm_up
+                )
+        except TimeoutError:
+            warm_up.terminate = True  # the warm-up run ends, and its thread with it
+            raise ModelLoadTimedOut(f"the load took longer than {timeout_s:g} s") from None
+        except BaseException:  # cancelled: start-up stopped by SIGTERM
+            warm_up.terminate = True
+            raise
         batchable = all(spec.shape[:1] == (-1,) for spec in (*inputs, *outputs))
         max_batch_size = config.max_batch_size if batchable else 1
         worker = InferenceWorker(
@@ -369,6 +380,7 @@ class ModelRepository:
             version=version,
             max_batch_size=max_batch_size,
             shares_batches=batchable,
+            run_options=ort.RunOptions(),
             max_queue_delay_s=config.max_queue_delay_ms / 1000,
             mailbox_size=self.settings.inference_mailbox_size,
             mailbox_bytes=self.settings.inference_mailbox_bytes,
@@ -425,3 +437,34 @@ class ModelRepository:
     async def _close_version(self, version: ModelVersion) -> None:
         await version.worker.close(drain_s=self.settings.shutdown_timeout_s / 2)
         log.info("model_version_closed", model=version.model, version=version.version)
+
+
+class ModelLoadTimedOut(Exception):
+    """A model's load (session creation and warm-up run) did not end in time."""
+
+
+def _in_daemon_thread(load: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """``load(*args)`` in a thread of its own, a daemon: a load that does not end when
+    told (creating a session cannot be interrupted, only its warm-up run) is left
+    behind when it times out, and does not keep the process from exiting as an
+    executor's thread would (joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        outcome: Callable[[], None]
+        try:
+            outcome = partial(future.set_result, load(*args))
+        except BaseException as exc:  # handed to the awaiting task
+            outcome = partial(future.set_exception, exc)
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="model-loader", daemon=True).start()
+    return future
