@@ -8,6 +8,7 @@ start-up with a ``SettingsError`` naming the variable.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -16,6 +17,10 @@ from typing import Annotated, Literal
 import msgspec
 
 PREFIX = "MLGATE_"
+
+# MLGATE_ variables that are not the service's settings: the Python client's key, and
+# the example load balancer's (deploy/haproxy.cfg).
+NOT_SETTINGS = re.compile(r"^MLGATE_(?:API_KEY|LB_[A-Z_]+|HOST_[0-9]+)$")
 
 # Conventional names a PaaS or operator sets without our prefix; ours win when both exist.
 ALIASES: dict[str, str] = {
@@ -217,11 +222,24 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
                 raw[field.name] = value
                 names[field.name] = name
                 break
+    _refuse_unknown_names(environ, {env_name(field.name) for field in info.fields})
     raw.update(overrides)
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise SettingsError(_name_the_variable(str(exc), names)) from None
+
+
+def _refuse_unknown_names(environ: Mapping[str, str], known: set[str]) -> None:
+    """A ``MLGATE_`` variable that is no setting is a mistake to stop on, not to ignore:
+    a misspelled Kafka address would have mlgate acknowledge records into its local
+    log (on a PaaS, an ephemeral disk). The variables of mlgate's client and of the
+    example load balancer configuration (``NOT_SETTINGS``) are let be."""
+    for name in sorted(environ):
+        if name.startswith(PREFIX) and name not in known and not NOT_SETTINGS.match(name):
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise SettingsError(f"{name}: not a setting of this version of mlgate{hint}")
 
 
 def _name_the_variable(message: str, names: Mapping[str, str]) -> str:
