@@ -18,6 +18,7 @@ from mlgate.workers.sinks.local_log import (
     read_log,
     segments,
 )
+from mlgate.workers.sinks import local_log_writer
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
 
@@ -311,6 +312,62 @@ async def test_write_error_fails_the_batch_and_the_writer_keeps_going(
     finally:
         await writer.close()
     assert _keys(tmp_path) == ["b"]
+
+
+async def test_a_full_disk_makes_the_writer_unhealthy_until_there_is_room_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: with the disk full every ingest was 503 while /ready said the sink was
+    fine, so a balancer kept sending traffic to the host."""
+    full = True
+    original = LocalLog.append
+
+    def append_while_full(self: LocalLog, frames: list[bytes]) -> int:
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, frames)
+
+    monkeypatch.setattr(LocalLog, "append", append_while_full)
+    monkeypatch.setattr(local_log_writer, "PROBE_INTERVAL_S", 0.0)
+    writer = await _started_writer(tmp_path)
+    try:
+        assert writer.healthy
+        with pytest.raises(SinkFailed):
+            await writer.write([_record("a")])
+        writer.min_free_bytes = 2**62  # as the file system now reports: not that much free
+        assert not writer.healthy
+        full = False
+        writer.min_free_bytes = 1  # room again
+        assert writer.healthy
+        await writer.write([_record("b")])
+    finally:
+        await writer.close()
+    assert _keys(tmp_path) == ["b"]
+
+
+async def test_a_write_that_succeeds_makes_the_writer_healthy_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    original = LocalLog.append
+
+    def fails_once(self: LocalLog, frames: list[bytes]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, frames)
+
+    monkeypatch.setattr(LocalLog, "append", fails_once)
+    writer = await _started_writer(tmp_path)
+    try:
+        with pytest.raises(SinkFailed):
+            await writer.write([_record("a")])
+        assert not writer.healthy
+        await writer.write([_record("b")])
+        assert writer.healthy
+    finally:
+        await writer.close()
 
 
 def test_reading_an_empty_log_directory_yields_nothing(tmp_path: Path) -> None:

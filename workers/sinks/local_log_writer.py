@@ -3,11 +3,18 @@
 It group-commits: it takes everything waiting in its mailbox, writes the frames and
 fsyncs once, in a thread of its own, before resolving the requests' futures; so a 202
 means the records are on disk. Framing happens on the caller's turn, in ``submit``.
+
+A failed write (a full disk, a read-only one) makes the writer unhealthy, so ``/ready``
+takes the process out of rotation rather than leave it answering 503s: until the
+directory's file system has ``min_free_bytes`` free and is writable again (checked at
+most once a second, as ``healthy`` is asked), or a write succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,9 @@ from mlgate.workers.sinks.local_log import LocalLog, frame
 from mlgate.workers.sinks.records import OutboundRecord
 
 log = structlog.get_logger("mlgate.local_log")
+# After a failed write, healthy again once this much is free (and writable).
+MIN_FREE_BYTES = 16 * 1024 * 1024
+PROBE_INTERVAL_S = 1.0
 
 
 @dataclass(eq=False, slots=True)
@@ -34,13 +44,38 @@ class LocalLogWriter(Actor[_Pending]):
     name = "local_log"
 
     def __init__(
-        self, directory: str | Path, *, mailbox_size: int = 1024, segment_bytes: int = 64 * 1024 * 1024
+        self,
+        directory: str | Path,
+        *,
+        mailbox_size: int = 1024,
+        segment_bytes: int = 64 * 1024 * 1024,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ) -> None:
         super().__init__(mailbox_size)
         self._directory = Path(directory)
         self._segment_bytes = segment_bytes
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="local-log")
         self._log: LocalLog | None = None
+        self.min_free_bytes = min_free_bytes
+        self._write_failed = False
+        self._probed_at = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        if not self.running:
+            return False
+        if self._write_failed and time.monotonic() - self._probed_at >= PROBE_INTERVAL_S:
+            self._probed_at = time.monotonic()
+            self._write_failed = not self._has_room()
+        return not self._write_failed
+
+    def _has_room(self) -> bool:
+        try:
+            stats = os.statvfs(self._directory)
+        except OSError:
+            return False
+        writable = not stats.f_flag & os.ST_RDONLY
+        return writable and stats.f_bavail * stats.f_frsize >= self.min_free_bytes
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -88,6 +123,7 @@ class LocalLogWriter(Actor[_Pending]):
             except OSError as exc:
                 log.error("local_log_write_failed", error=repr(exc))
                 error = SinkFailed(f"local log write failed: {exc}")
+                self._write_failed, self._probed_at = True, time.monotonic()
             except BaseException:
                 # Cancelled (close past its drain budget) or crashed mid-write: the
                 # items taken are out of the mailbox, so fail them here or they hang.
@@ -100,6 +136,8 @@ class LocalLogWriter(Actor[_Pending]):
                         )
                     self._mailbox.task_done()
                 raise
+            if error is None:
+                self._write_failed = False
             for item in taken:
                 if not item.future.done():
                     if error is None:
