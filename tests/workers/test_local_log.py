@@ -11,6 +11,7 @@ from typing import IO, Any
 import pytest
 
 from mlgate.workers.errors import MailboxFull, SinkFailed, WorkerClosed
+from mlgate.workers.sinks import local_log_writer
 from mlgate.workers.sinks.local_log import (
     HEADER,
     LocalLog,
@@ -18,7 +19,6 @@ from mlgate.workers.sinks.local_log import (
     read_log,
     segments,
 )
-from mlgate.workers.sinks import local_log_writer
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
 
