@@ -39,7 +39,12 @@ CHUNK = 64 * 1024
 def check_declared_length(request: web.Request, limit: int) -> None:
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"Body of {declared} bytes exceeds the limit of {limit} bytes")
+        # The body is not read: this connection cannot carry another request. Its
+        # upload is drained a while (aiohttp's lingering) so the client sees the answer.
+        raise PayloadTooLarge(
+            f"Body of {declared} bytes exceeds the limit of {limit} bytes",
+            headers={"Connection": "close"},
+        )
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

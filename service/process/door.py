@@ -868,11 +868,16 @@ class DoorRequestHandler(web.RequestHandler):
                 headers={"Accept-Encoding": ", ".join(sorted(SUPPORTED_ENCODINGS - {"identity"}))},
             )
         elif status == 400:
-            error = BadRequest(f"Malformed HTTP request: {message or 'unparsable'}")
+            error = BadRequest(f"Malformed HTTP request: {parser_reason(message) or 'unparsable'}")
         else:
             error = as_api_error(exc if isinstance(exc, Exception) else Exception())
         request_id = self._door.request_ids.from_headers(request.headers)
-        log.info("bad_http_request", status=error.status, error=message or repr(exc), request_id=request_id)
+        log.info(
+            "bad_http_request",
+            status=error.status,
+            error=parser_reason(message) or type(exc).__name__,
+            request_id=request_id,
+        )
         body, content_type = problem_document(error, request.path, request_id, Format.JSON)
         response = web.Response(
             status=error.status,
@@ -907,3 +912,10 @@ class DoorRequestHandler(web.RequestHandler):
             handle = None
         if handle is None:
             self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+
+
+def parser_reason(message: str | None) -> str:
+    """aiohttp's parser error without the excerpt of the request it quotes after
+    ``":\n"``: that excerpt can hold an API key or a body's features, which neither
+    the answer nor the log may carry."""
+    return (message or "").split(":\n", 1)[0].strip()

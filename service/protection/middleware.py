@@ -142,6 +142,9 @@ async def expect_continue(request: web.Request, route: Route) -> web.StreamRespo
         return None
     response = await through_middlewares(request, refusal)
     response.force_close()
+    # The client waits for 100 Continue before its body: none is coming, so the socket
+    # closes with the answer instead of lingering for a body (aiohttp's lingering_time).
+    request.content.feed_eof()
     return response
 
 

@@ -55,12 +55,15 @@ class GatedSession:
         self.computed: list[np.ndarray] = []
 
     def run(
-        self, names: Sequence[str] | None, feed: Mapping[str, np.ndarray]
+        self,
+        names: Sequence[str] | None,
+        feed: Mapping[str, np.ndarray],
+        run_options: ort.RunOptions | None = None,
     ) -> Sequence[np.ndarray]:
         self.entered.set()
         self.gate.wait(10)
         self.computed.append(feed["input"].copy())
-        return self.session.run(names, dict(feed))
+        return self.session.run(names, dict(feed), run_options)
 
 
 def gate_worker(worker: InferenceWorker, monkeypatch: pytest.MonkeyPatch) -> GatedSession:

@@ -17,6 +17,7 @@ import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from mlgate.config import Settings
 from mlgate.service.app import create_app
@@ -854,3 +855,26 @@ def test_a_refusal_made_from_its_template_is_the_answer_made_in_full(
 
 def _without_date(answer: bytes) -> bytes:
     return b"\r\n".join(line for line in answer.split(b"\r\n") if not line.startswith(b"Date: "))
+
+
+async def test_an_unparsable_request_is_400_without_quoting_its_key_or_body(
+    full_model: FullModelFactory,
+) -> None:
+    """A review: aiohttp's parser message quotes the offending line, and the 400's
+    detail and the log line carried it: a plaintext API key, or a body's features."""
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    secret = "mlg_0123456789abcdef_not-to-be-seen-anywhere-0123456789"
+    with capture_logs() as logs:
+        writer.write(
+            b"POST /api/v2/predict HTTP/1.1\r\nHost: mlgate\r\n"
+            + f"X-API-Key: {secret}\x01\r\n".encode()
+            + b"Content-Length: 2\r\n\r\n{}"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0]
+    assert b"Malformed HTTP request" in answer
+    assert secret.encode() not in answer
+    assert not any(secret in repr(entry) for entry in logs)
