@@ -2,7 +2,10 @@
 
 Each child binds with ``SO_REUSEPORT`` and has its own workers and data directory
 (``<data_dir>/worker-<i>``); the supervisor forwards SIGTERM/SIGINT/SIGHUP, restarts a
-child that dies, gives up when one cannot start, and prepares prometheus-client's
+child that dies (after 0.5 s, doubling with each death in a minute up to 30 s), gives
+up when one cannot start or dies ``MAX_DEATHS`` times in a minute (a crash loop: it
+stops the others and exits 1, for systemd or the platform to see and restart the
+whole), and prepares prometheus-client's
 multiprocess directory so a scrape of any child sums all of them. systemd hears
 READY=1 from the supervisor once every child serves.
 """
@@ -48,7 +51,10 @@ class Supervisor:
     drained in its budget, 1 when one did not, failed to start or had to be killed.
     """
 
-    RESTART_BACKOFF_S = 1.0
+    RESTART_BACKOFF_S = 0.5
+    MAX_RESTART_BACKOFF_S = 30.0
+    DEATH_WINDOW_S = 60.0
+    MAX_DEATHS = 5
     START_TIMEOUT_S = 120.0
     # Past the children's own shutdown budget, those still running are killed.
     KILL_GRACE_S = 2.0
@@ -63,6 +69,8 @@ class Supervisor:
         self._stop_deadline: float | None = None
         self._signalled: set[int] = set()
         self._exit_code = 0
+        self._deaths: dict[int, list[float]] = {}  # per child index, within the window
+        self._respawn_at: dict[int, float] = {}
 
     def _spawn(self, index: int) -> None:
         settings = msgspec.structs.replace(self._settings, worker_index=index)
@@ -124,17 +132,42 @@ class Supervisor:
                         log.error("worker_stopped_badly", index=index, exitcode=process.exitcode)
                         self._exit_code = 1
                     continue
-                log.error("worker_died", index=index, exitcode=process.exitcode)
-                time.sleep(self.RESTART_BACKOFF_S)
-                if self._stop_signal is None:
-                    self._spawn(index)
-                else:
-                    del self._children[index]
+                del self._children[index]
+                self._died(index, process.exitcode)
+            self._respawn_due()
             if self._stop_signal is not None and not self._children:
                 return self._exit_code
             if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
                 self._kill_remaining()
             time.sleep(self.POLL_S)
+
+    def _died(self, index: int, exitcode: int | None) -> None:
+        now = time.monotonic()
+        deaths = [t for t in self._deaths.get(index, []) if now - t < self.DEATH_WINDOW_S]
+        deaths.append(now)
+        self._deaths[index] = deaths
+        if len(deaths) >= self.MAX_DEATHS:
+            log.error(
+                "worker_crash_loop",
+                index=index,
+                exitcode=exitcode,
+                deaths=len(deaths),
+                window_s=self.DEATH_WINDOW_S,
+            )
+            self._exit_code = 1
+            self._stop_signal = signal.SIGTERM
+            return
+        backoff = min(self.MAX_RESTART_BACKOFF_S, self.RESTART_BACKOFF_S * 2 ** (len(deaths) - 1))
+        log.error("worker_died", index=index, exitcode=exitcode, restart_in_s=backoff)
+        self._respawn_at[index] = now + backoff
+
+    def _respawn_due(self) -> None:
+        for index, due in list(self._respawn_at.items()):
+            if self._stop_signal is not None:
+                del self._respawn_at[index]
+            elif time.monotonic() >= due:
+                del self._respawn_at[index]
+                self._spawn(index)
 
     def _deliver_signals(self) -> None:
         if self._hangup:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import signal
 import socket
 from pathlib import Path
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlgate.workers.sinks.local_log import read_log
@@ -115,3 +118,21 @@ def test_supervisor_exits_1_when_a_process_cannot_start(service_process: Service
         service = service_process("--workers", "2", "--port", str(port), wait=False)
         # The children cannot bind; the supervisor gives up instead of restarting them forever.
         assert service.wait(30) == 1
+
+
+def test_a_process_that_keeps_dying_makes_the_supervisor_stop_all_and_exit_1(
+    service_process: ServiceFactory,
+) -> None:
+    """A review: a process that could not start again was restarted every second for
+    ever, /ready kept saying 200 from the other, and SIGTERM then exited 0."""
+    service = start_two_processes(service_process)
+    worker_1 = service.data_dir / "worker-1"
+    shutil.rmtree(worker_1)
+    worker_1.write_text("a file where the process's data directory was")
+    servers = serving_children(service.pid)
+    for pid in servers:  # process 0 comes back; process 1 cannot
+        os.kill(pid, signal.SIGKILL)
+    assert service.wait(60) == 1
+    assert "worker_crash_loop" in service.tail()
+    with pytest.raises(OSError):  # process 0, restarted, was stopped with it
+        socket.create_connection(("127.0.0.1", service.port), timeout=1).close()
