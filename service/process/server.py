@@ -32,6 +32,7 @@ import ssl
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import structlog
@@ -43,6 +44,7 @@ from mlgate.service.app import create_app
 from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.service.process import systemd, tls
 from mlgate.service.process.door import Door, DoorRequestHandler
+from mlgate.service.protection.api_keys import KeysFileError
 from mlgate.service.routes import predict
 from mlgate.service.state import DRAINING, METRICS, RELOAD_HOOKS
 from mlgate.workers.supervision import SupervisedTask
@@ -350,7 +352,37 @@ def tune_garbage_collector() -> None:
 
 
 def run(settings: Settings, on_ready: Callable[[], object] | None = None) -> int:
-    """Serve on a uvloop loop; the exit code ``serve`` decided."""
+    """Serve on a uvloop loop; the exit code ``serve`` decided, or 2 when start-up
+    failed on what the operator gave it (a file, a directory, the address): said in one
+    line naming the setting, not a traceback."""
     tune_garbage_collector()
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(settings, on_ready))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(settings, on_ready))
+    except (OSError, KeysFileError) as exc:
+        setting = _setting_behind(exc, settings)
+        log.error("start_up_failed", setting=setting, error=str(exc))
+        print(f"mlgate: start-up error: {setting}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _setting_behind(exc: Exception, settings: Settings) -> str:
+    """The setting (with its value) that led to ``exc``, as far as it can be told."""
+    if isinstance(exc, KeysFileError):
+        return f"MLGATE_KEYS_FILE={settings.keys_file or Path(settings.data_dir) / 'keys.json'}"
+    filename = getattr(exc, "filename", None)
+    if filename is None:
+        return f"MLGATE_HOST={settings.host}, MLGATE_PORT={settings.port}"
+    path = Path(os.fsdecode(filename)).absolute()
+    candidates = (
+        ("MLGATE_KEYS_FILE", settings.keys_file),
+        ("MLGATE_TLS_CERT_FILE", settings.tls_cert_file),
+        ("MLGATE_TLS_KEY_FILE", settings.tls_key_file),
+        ("MLGATE_MODEL_REPOSITORY", settings.model_repository),
+        ("MLGATE_PROFILES_DIR", settings.profiles_dir),
+        ("MLGATE_DATA_DIR", settings.data_dir),
+    )
+    for name, value in candidates:
+        if value and (path == Path(value).absolute() or Path(value).absolute() in path.parents):
+            return f"{name}={value}"
+    return f"the file {path}"

@@ -261,3 +261,28 @@ def _ignore_errors(call: Callable[[], object]) -> Callable[[], None]:
             pass
 
     return run
+
+
+def test_a_malformed_keys_file_stops_start_up_with_a_line_naming_the_setting(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text("{not json")
+    service = service_process(wait=False, MLGATE_KEYS_FILE=str(keys_file))
+    assert service.wait(30) == 2
+    output = service.tail()
+    assert f"mlgate: start-up error: MLGATE_KEYS_FILE={keys_file}" in output
+    assert "Traceback" not in output
+
+
+def test_a_port_in_use_stops_start_up_with_a_line_naming_the_address(
+    service_process: ServiceFactory,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = service_process("--port", str(port), wait=False)
+        assert service.wait(30) == 2
+    output = service.tail()
+    assert f"MLGATE_PORT={port}" in output and "Traceback" not in output
