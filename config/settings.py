@@ -18,9 +18,17 @@ import msgspec
 
 PREFIX = "MLGATE_"
 
-# MLGATE_ variables that are not the service's settings: the Python client's key, and
-# the example load balancer's (deploy/haproxy.cfg).
-NOT_SETTINGS = re.compile(r"^MLGATE_(?:API_KEY|LB_[A-Z_]+|HOST_[0-9]+)$")
+# MLGATE_ variables that are not the service's settings: the Python client's key, the
+# example load balancer's (deploy/haproxy.cfg), and those Kubernetes injects for every
+# Service of the namespace (service links: a Service "mlgate-redis" gives
+# MLGATE_REDIS_SERVICE_HOST, MLGATE_REDIS_PORT_6379_TCP_ADDR, ...; and
+# MLGATE_REDIS_PORT=tcp://..., told apart by its value).
+NOT_SETTINGS = re.compile(
+    r"^MLGATE_(?:API_KEY|LB_[A-Z_]+|HOST_[0-9]+"
+    r"|[A-Z0-9_]+_SERVICE_(?:HOST|PORT(?:_[A-Z0-9_]+)?)"
+    r"|[A-Z0-9_]+_PORT_[0-9]+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)$"
+)
+SERVICE_LINK_VALUE = re.compile(r"^(?:tcp|udp|sctp)://")
 
 # Conventional names a PaaS or operator sets without our prefix; ours win when both exist.
 ALIASES: dict[str, str] = {
@@ -215,6 +223,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         for name in (env_name(field.name), ALIASES.get(field.name)):
             if name and name in environ:
                 value: object = environ[name]
+                if name.endswith("_PORT") and SERVICE_LINK_VALUE.match(environ[name]):
+                    continue  # a Service named "mlgate" in Kubernetes: not our port
                 if _is_sequence_field(field):
                     value = [part.strip() for part in str(value).split(",") if part.strip()]
                 elif value == "" and field.default is None and field.required is False:
@@ -233,13 +243,16 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
 def _refuse_unknown_names(environ: Mapping[str, str], known: set[str]) -> None:
     """A ``MLGATE_`` variable that is no setting is a mistake to stop on, not to ignore:
     a misspelled Kafka address would have mlgate acknowledge records into its local
-    log (on a PaaS, an ephemeral disk). The variables of mlgate's client and of the
-    example load balancer configuration (``NOT_SETTINGS``) are let be."""
+    log (on a PaaS, an ephemeral disk). The variables of mlgate's client, of the example
+    load balancer configuration and of Kubernetes service links are let be."""
     for name in sorted(environ):
-        if name.startswith(PREFIX) and name not in known and not NOT_SETTINGS.match(name):
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise SettingsError(f"{name}: not a setting of this version of mlgate{hint}")
+        if not name.startswith(PREFIX) or name in known or NOT_SETTINGS.match(name):
+            continue
+        if name.endswith("_PORT") and SERVICE_LINK_VALUE.match(environ[name]):
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise SettingsError(f"{name}: not a setting of this version of mlgate{hint}")
 
 
 def _name_the_variable(message: str, names: Mapping[str, str]) -> str:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 import weakref
 from collections import deque
@@ -46,7 +47,7 @@ from typing import Any, cast
 
 import msgspec
 import structlog
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.http_parser import RawRequestMessage
@@ -868,14 +869,14 @@ class DoorRequestHandler(web.RequestHandler):
                 headers={"Accept-Encoding": ", ".join(sorted(SUPPORTED_ENCODINGS - {"identity"}))},
             )
         elif status == 400:
-            error = BadRequest(f"Malformed HTTP request: {parser_reason(message) or 'unparsable'}")
+            error = BadRequest(f"Malformed HTTP request: {parser_reason(exc, message)}")
         else:
             error = as_api_error(exc if isinstance(exc, Exception) else Exception())
         request_id = self._door.request_ids.from_headers(request.headers)
         log.info(
             "bad_http_request",
             status=error.status,
-            error=parser_reason(message) or type(exc).__name__,
+            error=parser_reason(exc, message),
             request_id=request_id,
         )
         body, content_type = problem_document(error, request.path, request_id, Format.JSON)
@@ -914,8 +915,25 @@ class DoorRequestHandler(web.RequestHandler):
             self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
 
-def parser_reason(message: str | None) -> str:
-    """aiohttp's parser error without the excerpt of the request it quotes after
-    ``":\n"``: that excerpt can hold an API key or a body's features, which neither
-    the answer nor the log may carry."""
-    return (message or "").split(":\n", 1)[0].strip()
+def parser_reason(exc: BaseException | None, message: str | None) -> str:
+    """Why aiohttp's parser refused a request, without the excerpt of the request its
+    messages quote (after ``":\n"``, or in the message itself for an over-long line or
+    a bad header): it can hold an API key or a body's features, which neither the
+    answer nor the log may carry. Known refusals by their type; others by the words
+    before any quoting, at most 80 characters."""
+    for kind, reason in _PARSER_REASONS:
+        if isinstance(exc, kind):
+            return reason
+    words = re.split(r"[:'\"]|\bb'|\n", message or "", maxsplit=1)[0].strip()
+    return words[:80] or "unparsable"
+
+
+_PARSER_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (http_exceptions.LineTooLong, "the request line or a header is too long"),
+    (http_exceptions.InvalidHeader, "a header is invalid"),
+    (http_exceptions.BadHttpMethod, "the method is invalid"),
+    (http_exceptions.BadStatusLine, "the request line is invalid"),
+    (http_exceptions.InvalidURLError, "the URL is invalid"),
+    (http_exceptions.ContentLengthError, "the Content-Length is invalid"),
+    (http_exceptions.TransferEncodingError, "the Transfer-Encoding is invalid"),
+)

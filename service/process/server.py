@@ -31,7 +31,8 @@ import signal
 import ssl
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -69,8 +70,13 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         loop.add_signal_handler(signum, request_stop)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
 
-    app = create_app(settings)
-    ssl_context = _tls_context(settings, app)
+    with _start_up_step(lambda exc: _setting_behind(exc, settings)):
+        app = create_app(settings)
+    with _start_up_step(
+        lambda _: f"MLGATE_TLS_CERT_FILE={settings.tls_cert_file}, "
+        f"MLGATE_TLS_KEY_FILE={settings.tls_key_file}"
+    ):
+        ssl_context = _tls_context(settings, app)
     grace_s, handlers_s = shutdown_plan(settings)
     runner = CappedAppRunner(
         app,
@@ -87,8 +93,9 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         # dropped so the client can see the answer before the close.
         lingering_time=min(10.0, settings.head_timeout_s),
     )
-    if not await _started_unless_stopped(runner, stop, settings.shutdown_timeout_s):
-        return 0
+    with _start_up_step(lambda exc: _setting_behind(exc, settings)):
+        if not await _started_unless_stopped(runner, stop, settings.shutdown_timeout_s):
+            return 0
     app[METRICS].samplers["connections"] = connection_sampler(runner, app[METRICS])
     site = web.TCPSite(
         runner,
@@ -99,7 +106,8 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         ssl_context=ssl_context,
     )
     try:
-        await site.start()
+        with _start_up_step(lambda _: f"MLGATE_HOST={settings.host}, MLGATE_PORT={settings.port}"):
+            await site.start()
     except BaseException:
         await runner.cleanup()
         raise
@@ -359,20 +367,37 @@ def run(settings: Settings, on_ready: Callable[[], object] | None = None) -> int
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(serve(settings, on_ready))
-    except (OSError, KeysFileError) as exc:
-        setting = _setting_behind(exc, settings)
-        log.error("start_up_failed", setting=setting, error=str(exc))
-        print(f"mlgate: start-up error: {setting}: {exc}", file=sys.stderr)
+    except StartUpFailed as failed:
+        log.error("start_up_failed", setting=failed.setting, error=str(failed.cause))
+        print(f"mlgate: start-up error: {failed.setting}: {failed.cause}", file=sys.stderr)
         return 2
 
 
-def _setting_behind(exc: Exception, settings: Settings) -> str:
-    """The setting (with its value) that led to ``exc``, as far as it can be told."""
+class StartUpFailed(Exception):
+    """Start-up failed on what the operator gave it: ``setting`` names it."""
+
+    def __init__(self, setting: str, cause: BaseException) -> None:
+        super().__init__(f"{setting}: {cause}")
+        self.setting, self.cause = setting, cause
+
+
+@contextmanager
+def _start_up_step(setting_of: Callable[[BaseException], str]) -> Iterator[None]:
+    """A start-up step whose file, certificate or address errors are the operator's
+    (``StartUpFailed``, naming the setting); anything else stays a crash."""
+    try:
+        yield
+    except (OSError, KeysFileError) as exc:  # ssl.SSLError is an OSError
+        raise StartUpFailed(setting_of(exc), exc) from exc
+
+
+def _setting_behind(exc: BaseException, settings: Settings) -> str:
+    """The setting (with its value) that led to ``exc``, as far as its file tells."""
     if isinstance(exc, KeysFileError):
         return f"MLGATE_KEYS_FILE={settings.keys_file or Path(settings.data_dir) / 'keys.json'}"
     filename = getattr(exc, "filename", None)
     if filename is None:
-        return f"MLGATE_HOST={settings.host}, MLGATE_PORT={settings.port}"
+        return "a file or directory the settings name"
     path = Path(os.fsdecode(filename)).absolute()
     candidates = (
         ("MLGATE_KEYS_FILE", settings.keys_file),

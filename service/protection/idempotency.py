@@ -134,9 +134,11 @@ if kept + size + overhead > budget then
   outcome = 3
   redis.call('DEL', KEYS[1])
 else
-  kept = kept + size + overhead
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
-  redis.call('ZADD', KEYS[2], now + ttl, size .. ':' .. KEYS[1])
+  -- Counted once: the member may be there still, its answer dropped by Redis.
+  if redis.call('ZADD', KEYS[2], now + ttl, size .. ':' .. KEYS[1]) == 1 then
+    kept = kept + size + overhead
+  end
 end
 local keep_ms = math.max(ttl, redis.call('PTTL', KEYS[2]), redis.call('PTTL', KEYS[3]))
 redis.call('SET', KEYS[3], kept, 'PX', keep_ms)

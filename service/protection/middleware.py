@@ -141,10 +141,11 @@ async def expect_continue(request: web.Request, route: Route) -> web.StreamRespo
         await _default_expect_handler(request)
         return None
     response = await through_middlewares(request, refusal)
+    # The connection closes after the answer; what body the client may already be
+    # sending (RFC 9110 lets it, curl does after 1 s) is drained for a while first
+    # (aiohttp's lingering), or closing on unread bytes would reset the connection and
+    # the client would lose this answer.
     response.force_close()
-    # The client waits for 100 Continue before its body: none is coming, so the socket
-    # closes with the answer instead of lingering for a body (aiohttp's lingering_time).
-    request.content.feed_eof()
     return response
 
 

@@ -202,3 +202,24 @@ def test_inference_threads_are_bounded() -> None:
     """A review's MLGATE_INFERENCE_THREADS=100000 started 22,389 threads in 16.7 GB."""
     with pytest.raises(SettingsError, match="MLGATE_INFERENCE_THREADS"):
         load_settings({"MLGATE_INFERENCE_THREADS": "100000"})
+
+
+def test_the_variables_kubernetes_injects_for_a_service_are_let_be() -> None:
+    """A review: a Service named mlgate-redis in the namespace gives every pod these
+    (service links, on by default); refusing them stopped a legitimate deployment."""
+    injected = {
+        "MLGATE_REDIS_SERVICE_HOST": "10.0.0.7",
+        "MLGATE_REDIS_SERVICE_PORT": "6379",
+        "MLGATE_REDIS_SERVICE_PORT_REDIS": "6379",
+        "MLGATE_REDIS_PORT": "tcp://10.0.0.7:6379",
+        "MLGATE_REDIS_PORT_6379_TCP": "tcp://10.0.0.7:6379",
+        "MLGATE_REDIS_PORT_6379_TCP_PROTO": "tcp",
+        "MLGATE_REDIS_PORT_6379_TCP_PORT": "6379",
+        "MLGATE_REDIS_PORT_6379_TCP_ADDR": "10.0.0.7",
+    }
+    assert load_settings(injected) == load_settings({})
+
+
+def test_a_kubernetes_service_named_mlgate_does_not_set_the_port() -> None:
+    assert load_settings({"MLGATE_PORT": "tcp://10.0.0.9:8080"}).port == load_settings({}).port
+    assert load_settings({"MLGATE_PORT": "tcp://10.0.0.9:8080", "PORT": "9000"}).port == 9000

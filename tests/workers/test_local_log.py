@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -335,14 +336,55 @@ async def test_a_full_disk_makes_the_writer_unhealthy_until_there_is_room_again(
         with pytest.raises(SinkFailed):
             await writer.write([_record("a")])
         writer.min_free_bytes = 2**62  # as the file system now reports: not that much free
-        assert not writer.healthy
+        for _ in range(5):  # probed, and probed again: still no room
+            assert not writer.healthy
+            await asyncio.sleep(0.02)
         full = False
         writer.min_free_bytes = 1  # room again
-        assert writer.healthy
+        await _until(lambda: writer.healthy)
         await writer.write([_record("b")])
     finally:
         await writer.close()
     assert _keys(tmp_path) == ["b"]
+
+
+async def test_a_write_error_the_file_system_does_not_show_keeps_the_writer_unhealthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a quota, an I/O error or a permission error left statvfs showing room,
+    and health flapped every second while every write failed: the probe writes."""
+
+    def always_fails(self: LocalLog, frames: list[bytes]) -> int:
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    real_open = open
+
+    def probe_fails_too(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith(".write-probe"):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalLog, "append", always_fails)
+    monkeypatch.setattr(local_log_writer, "PROBE_INTERVAL_S", 0.0)
+    monkeypatch.setattr("builtins.open", probe_fails_too)
+    writer = await _started_writer(tmp_path)
+    try:
+        with pytest.raises(SinkFailed):
+            await writer.write([_record("a")])
+        for _ in range(10):
+            assert not writer.healthy
+            await asyncio.sleep(0.02)
+    finally:
+        await writer.close()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """``condition`` holds within 5 s (asked again every 10 ms: it starts the probe)."""
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 5 s")
 
 
 async def test_a_write_that_succeeds_makes_the_writer_healthy_again(

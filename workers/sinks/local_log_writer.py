@@ -4,10 +4,11 @@ It group-commits: it takes everything waiting in its mailbox, writes the frames 
 fsyncs once, in a thread of its own, before resolving the requests' futures; so a 202
 means the records are on disk. Framing happens on the caller's turn, in ``submit``.
 
-A failed write (a full disk, a read-only one) makes the writer unhealthy, so ``/ready``
-takes the process out of rotation rather than leave it answering 503s: until the
-directory's file system has ``min_free_bytes`` free and is writable again (checked at
-most once a second, as ``healthy`` is asked), or a write succeeds.
+A failed write (a full disk, a read-only one, a quota, an I/O error) makes the writer
+unhealthy, so ``/ready`` takes the process out of rotation rather than leave it
+answering 503s, until a write succeeds: asked for its health, it tries a probe write
+(at most once a second, in its own thread, behind the writes): ``min_free_bytes``
+free and writable by ``statvfs``, then a small file written, fsync'd and removed.
 """
 
 from __future__ import annotations
@@ -58,24 +59,47 @@ class LocalLogWriter(Actor[_Pending]):
         self._log: LocalLog | None = None
         self.min_free_bytes = min_free_bytes
         self._write_failed = False
+        self._probing = False
         self._probed_at = 0.0
 
     @property
     def healthy(self) -> bool:
         if not self.running:
             return False
-        if self._write_failed and time.monotonic() - self._probed_at >= PROBE_INTERVAL_S:
-            self._probed_at = time.monotonic()
-            self._write_failed = not self._has_room()
+        if self._write_failed:
+            self._probe_soon()
         return not self._write_failed
 
-    def _has_room(self) -> bool:
+    def _probe_soon(self) -> None:
+        if self._probing or time.monotonic() - self._probed_at < PROBE_INTERVAL_S:
+            return
+        self._probing, self._probed_at = True, time.monotonic()
+        probe = asyncio.get_running_loop().run_in_executor(self._executor, self._probe_write)
+        probe.add_done_callback(self._probed)
+
+    def _probed(self, probe: asyncio.Future[bool]) -> None:
+        self._probing = False
+        if not probe.cancelled() and probe.exception() is None and probe.result():
+            self._write_failed = False
+            log.info("local_log_writable_again", directory=str(self._directory))
+
+    def _probe_write(self) -> bool:
+        """In the writer's thread: whether a write of ours would succeed now."""
         try:
             stats = os.statvfs(self._directory)
+            if stats.f_flag & os.ST_RDONLY or stats.f_favail == 0:
+                return False
+            if stats.f_bavail * stats.f_frsize < self.min_free_bytes:
+                return False
+            probe = self._directory / ".write-probe"
+            with open(probe, "wb") as handle:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+                os.fsync(handle.fileno())
+            probe.unlink()
         except OSError:
             return False
-        writable = not stats.f_flag & os.ST_RDONLY
-        return writable and stats.f_bavail * stats.f_frsize >= self.min_free_bytes
+        return True
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -857,18 +857,29 @@ def _without_date(answer: bytes) -> bytes:
     return b"\r\n".join(line for line in answer.split(b"\r\n") if not line.startswith(b"Date: "))
 
 
+SECRET = "mlg_0123456789abcdef_not-to-be-seen-anywhere-0123456789"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"X-API-Key: {SECRET}\x01",  # a bad character: llhttp quotes the line
+        f"X-API-Key: {SECRET}{'A' * 9000}",  # too long: aiohttp quotes its start
+        f"Authorization: Bearer {SECRET}{'A' * 9000}",
+    ],
+)
 async def test_an_unparsable_request_is_400_without_quoting_its_key_or_body(
-    full_model: FullModelFactory,
+    full_model: FullModelFactory, header: str
 ) -> None:
     """A review: aiohttp's parser message quotes the offending line, and the 400's
     detail and the log line carried it: a plaintext API key, or a body's features."""
     model = await full_model(fill=False)
     reader, writer = await model.connect()
-    secret = "mlg_0123456789abcdef_not-to-be-seen-anywhere-0123456789"
+    secret = SECRET
     with capture_logs() as logs:
         writer.write(
             b"POST /api/v2/predict HTTP/1.1\r\nHost: mlgate\r\n"
-            + f"X-API-Key: {secret}\x01\r\n".encode()
+            + f"{header}\r\n".encode()
             + b"Content-Length: 2\r\n\r\n{}"
         )
         await writer.drain()

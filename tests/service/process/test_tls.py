@@ -181,3 +181,17 @@ def test_renewal_with_a_mismatched_key_keeps_serving_the_old_certificate(
     assert served_certificate(service.port) == old
     assert "STATUS=reload failed: tls" in notified[-1].split("\n")
     assert expiry_gauge(service) == pytest.approx(30 * DAY_S, abs=600)
+
+
+def test_a_key_that_does_not_match_its_certificate_stops_start_up_naming_the_tls_files(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review: the mismatch was blamed on MLGATE_HOST and MLGATE_PORT."""
+    one, other = make_certificate(tmp_path, "one", 30), make_certificate(tmp_path, "other", 30)
+    service = service_process(
+        wait=False, MLGATE_TLS_CERT_FILE=str(one.cert), MLGATE_TLS_KEY_FILE=str(other.key)
+    )
+    assert service.wait(30) == 2
+    output = service.tail()
+    assert f"mlgate: start-up error: MLGATE_TLS_CERT_FILE={one.cert}" in output
+    assert "MLGATE_PORT" not in output and "Traceback" not in output

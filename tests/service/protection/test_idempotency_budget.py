@@ -185,6 +185,26 @@ async def test_an_answer_pushed_out_never_takes_a_newer_claim_on_its_key_with_it
     assert again.status == 409
 
 
+async def test_an_answer_stored_again_after_redis_dropped_it_is_counted_once(
+    app_client: AppClientFactory, settings_for: Any, redis_server: ManagedProcess
+) -> None:
+    """A review: Redis dropped a kept answer (maxmemory), the repeat ran again and kept
+    an answer of the same length: the index member was the same, and the counter grew
+    twice for it."""
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    client = await app_client(settings_for(url, **_budget()))
+    headers = {"Idempotency-Key": "k0"}
+    assert (await client.post(PATH, json=_bad_batch(10, "s0"), headers=headers)).status == 422
+    redis = aioredis.Redis.from_url(url)
+    try:
+        await redis.delete(client.app[IDEMPOTENCY].record_name("anonymous", "k0"))
+    finally:
+        await redis.aclose()
+    again = await client.post(PATH, json=_bad_batch(10, "s0"), headers=headers)
+    assert again.status == 422 and "Idempotent-Replayed" not in again.headers
+    assert len(await _kept_weights_counted_alike(url)) == 1
+
+
 async def test_a_backlog_of_expired_answers_is_forgotten_a_bounded_number_per_call(
     app_client: AppClientFactory, settings_for: Any, redis_server: ManagedProcess, tmp_path: Any
 ) -> None:
