@@ -14,6 +14,7 @@ from mlgate_client.errors import (
     MlgateError,
     ProducerClosed,
     TransportError,
+    UnexpectedAnswer,
 )
 from mlgate_client.predictor import BatchPrediction, Prediction, Predictor, RowPrediction
 from mlgate_client.producer import Producer, ProducerStats
@@ -38,5 +39,6 @@ __all__ = [
     "SyncPredictor",
     "SyncProducer",
     "TransportError",
+    "UnexpectedAnswer",
     "__version__",
 ]

@@ -3,8 +3,9 @@
 A 202 lists rejected records by index with their reason; the others were written
 (``records_accepted``) or had been written before (``records_duplicate``). The answer
 counts the two without naming them, so when one batch has both, its written records
-are reported as ``ACCEPTED_OR_DUPLICATE``: each is in the topic exactly once either
-way. A 422 whose errors all carry an index means every record was rejected.
+are reported as ``ACCEPTED_OR_DUPLICATE``: written either way. Delivery is at least
+once (mlgate's guarantee; its record-id dedup drops repeats within its window). A 422
+whose errors all carry an index means every record was rejected.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class Outcome(enum.Enum):
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs 5x as much to make, per record
 class Delivery:
-    """One record's report. ``delivered``: it is in the topic (exactly once)."""
+    """One record's report. ``delivered``: it is in the topic (at least once; repeats
+    within the server's dedup window are dropped by ``record_id``)."""
 
     record_id: str
     outcome: Outcome
@@ -35,6 +37,15 @@ class Delivery:
     @property
     def delivered(self) -> bool:
         return self.outcome is not Outcome.REJECTED
+
+
+def counts_every_record(answer: Any, records: int) -> bool:
+    """Whether ``answer`` is a 202 ``IngestResponse`` accounting for ``records``."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("tracking_id"), str):
+        return False
+    counts = [answer.get(name) for name in ("records_accepted", "records_rejected", "records_duplicate")]
+    numbers = [n for n in counts if isinstance(n, int)]
+    return len(numbers) == len(counts) and sum(numbers) == records
 
 
 def from_accepted(

@@ -16,8 +16,9 @@
     │   ├── BadGateway (502)        a balancer without a healthy host (retriable)
     │   ├── Overloaded (503)        queue full, breaker open (retriable)
     │   └── DeadlineExceeded (504)  the request's deadline passed (retriable)
+    ├── UnexpectedAnswer            a 2xx that is not mlgate's answer to the batch
     ├── BufferFull                  ``send`` on a full producer with ``block_on_full=False``
-    └── ProducerClosed              ``send`` after ``close``
+    └── ProducerClosed              ``send`` after ``close``; records ``close`` cut short
 
 ``ApiError.from_response`` picks the subclass by status. A batch that exhausts its
 retries fails each record's future with the last error: its ``problem`` is the last
@@ -39,6 +40,11 @@ class TransportError(MlgateError):
     """The request got no HTTP answer: connection refused or reset, or a timeout."""
 
     retriable = True
+
+
+class UnexpectedAnswer(MlgateError):
+    """A success status whose body is not mlgate's answer to the batch sent (a captive
+    portal's page, a proxy's): nothing says the records were written."""
 
 
 class BufferFull(MlgateError):

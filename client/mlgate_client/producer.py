@@ -28,12 +28,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from mlgate_client.delivery import Delivery, Outcome, all_rejected, from_accepted
+from mlgate_client.delivery import (
+    Delivery,
+    Outcome,
+    all_rejected,
+    counts_every_record,
+    from_accepted,
+)
 from mlgate_client.errors import (
     BufferFull,
     MlgateError,
     ProducerClosed,
     TransportError,
+    UnexpectedAnswer,
     ValidationFailed,
 )
 from mlgate_client.records import (
@@ -76,6 +83,7 @@ class _Batch:
     record_ids: list[str] = field(default_factory=list)
     futures: list[asyncio.Future[Delivery]] = field(default_factory=list)
     nbytes: int = 0
+    reported: bool = False
 
 
 class Producer:
@@ -182,26 +190,37 @@ class Producer:
             await asyncio.sleep(0)  # let a sender pick the batch up before more piles on
         return future
 
-    async def flush(self) -> None:
-        """Send what is buffered now and wait until every record sent so far has a report."""
+    async def flush(self, timeout_s: float | None = None) -> None:
+        """Send what is buffered now and wait until every record sent so far has a
+        report (at most ``timeout_s``: then ``TimeoutError``, the records still going)."""
         self._seal()
-        await self._drained.wait()
+        async with asyncio.timeout(timeout_s):
+            await self._drained.wait()
 
-    async def close(self) -> None:
-        """Flush, then stop the senders and close connections. Idempotent."""
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Flush (at most ``timeout_s``), then stop the senders and close connections.
+        Idempotent. Whatever ends the flush early (the timeout, or the caller's task
+        cancelled) fails every record still without a report with ``ProducerClosed``,
+        at once: each record gets its one report, and closing is never held by retries
+        (a dead server would otherwise keep each queued batch for its whole budget)."""
         if self._closed:
             return
         try:
-            await self.flush()
+            await self.flush(timeout_s)
+        except TimeoutError:
+            log.warning("mlgate_client.close_timed_out", extra={"records": self._unresolved})
         finally:
             self._closed = True
             for waiter in self._room_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-            for _ in self._senders:
-                self._ready.put_nowait(None)
-            await asyncio.gather(*self._senders, return_exceptions=True)
-            await self._transport.close()
+            self._fail_unsent(ProducerClosed("the producer closed before this record was sent"))
+            for sender in self._senders:
+                sender.cancel()  # one still delivering fails its batch with ProducerClosed
+            try:
+                await asyncio.gather(*self._senders, return_exceptions=True)
+            finally:
+                await self._transport.close()
 
     async def __aenter__(self) -> Producer:
         return self
@@ -241,6 +260,20 @@ class Producer:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _fail_unsent(self, error: MlgateError) -> None:
+        """Fail the records no sender has taken yet: the open batch and the ready ones."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        batches = [self._current] if self._current is not None else []
+        self._current = None
+        while not self._ready.empty():
+            batch = self._ready.get_nowait()
+            if batch is not None:
+                batches.append(batch)
+        for batch in batches:
+            self._resolve_failed(batch, error)
+
     def _seal_if_current(self, batch: _Batch) -> None:
         if self._current is batch:
             self._seal()
@@ -271,6 +304,8 @@ class Producer:
             except BaseException as exc:  # never leave a future pending
                 log.exception("mlgate_client.batch_crashed", extra={"records": len(batch.records)})
                 self._resolve_failed(batch, MlgateError(f"batch failed: {exc!r}"))
+                if not isinstance(exc, Exception):
+                    raise
 
     async def _deliver(self, batch: _Batch) -> None:
         body = batch_body(self._prefix, batch.records)
@@ -287,6 +322,13 @@ class Producer:
             attempts += 1
             timeout = min(self._request_timeout_s, remaining_s)
             answer = await self._transport.post(INGEST_PATH, body, headers, timeout)
+            if answer.status != 202 or not counts_every_record(answer.document, len(batch.records)):
+                # Not mlgate's answer to this batch (a captive portal, a proxy's page):
+                # nothing says the records were written, so they are not reported so.
+                raise UnexpectedAnswer(
+                    f"unexpected answer to a batch of {len(batch.records)} records: "
+                    f"{answer.status} {str(answer.document)[:200]}"
+                )
             return answer.document
 
         def on_retry(retry: int, error: MlgateError, delay_s: float) -> None:
@@ -320,6 +362,7 @@ class Producer:
             )
 
     def _resolve(self, batch: _Batch, reports: list[Delivery]) -> None:
+        batch.reported = True  # a callback raising past here must not report it again
         stats = self.stats
         for future, report in zip(batch.futures, reports, strict=True):
             if report.outcome is Outcome.ACCEPTED:
@@ -345,6 +388,9 @@ class Producer:
         self._resolve_failed(batch, error)
 
     def _resolve_failed(self, batch: _Batch, error: MlgateError) -> None:
+        if batch.reported:  # one report per record, whatever interrupted the batch
+            return
+        batch.reported = True
         self.stats.failed += len(batch.records)
         for record_id, future in zip(batch.record_ids, batch.futures, strict=True):
             if not future.done():

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from mlgate_client.delivery import Delivery
+from mlgate_client.errors import ProducerClosed
 from mlgate_client.predictor import BatchPrediction, Prediction, Predictor
 from mlgate_client.producer import Producer, ProducerStats
 from mlgate_client.records import Features, Metadata, Timestamp
@@ -32,7 +33,14 @@ class LoopThread:
         self._thread.start()
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._loop.is_closed():
+            coroutine.close()  # never awaited: say nothing about it
+            raise ProducerClosed("closed: its event loop has stopped")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._loop.is_closed()
 
     def stop(self) -> None:
         if self._loop.is_closed():
@@ -66,7 +74,11 @@ class SyncProducer:
         async def make() -> Producer:
             return Producer(url, source, **options)
 
-        self._producer = self._thread.run(make())
+        try:
+            self._producer = self._thread.run(make())
+        except BaseException:  # bad options: no thread left running
+            self._thread.stop()
+            raise
 
     @property
     def stats(self) -> ProducerStats:
@@ -90,11 +102,14 @@ class SyncProducer:
         return self._thread.run(send())
 
     def flush(self, timeout: float | None = None) -> None:
-        self._thread.run(self._producer.flush(), timeout)
+        self._thread.run(self._producer.flush(timeout))
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (at most ``timeout``; see ``Producer.close``), then stop. Idempotent."""
+        if self._thread.stopped:
+            return
         try:
-            self._thread.run(self._producer.close())
+            self._thread.run(self._producer.close(timeout))
         finally:
             self._thread.stop()
 
@@ -119,7 +134,11 @@ class SyncPredictor:
         async def make() -> Predictor:
             return Predictor(url, **options)
 
-        self._predictor = self._thread.run(make())
+        try:
+            self._predictor = self._thread.run(make())
+        except BaseException:
+            self._thread.stop()
+            raise
 
     def predict(self, features: Features, **options: Any) -> Prediction:
         return self._thread.run(self._predictor.predict(features, **options))
@@ -128,6 +147,8 @@ class SyncPredictor:
         return self._thread.run(self._predictor.predict_many(instances, **options))
 
     def close(self) -> None:
+        if self._thread.stopped:
+            return
         try:
             self._thread.run(self._predictor.close())
         finally:

@@ -1,0 +1,102 @@
+"""Closing a producer: every record gets its one report however the close ends (a
+timeout, the caller cancelled), and nothing holds it for the retries' budget; and a
+success status that is not mlgate's answer is not taken for one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiohttp import web
+from mlgate_client import Producer, ProducerClosed, RetryPolicy, SyncProducer, UnexpectedAnswer
+
+from tests.client.scripted import Scripted, problem
+
+PATIENT = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.1, timeout_s=120)
+
+
+async def test_close_with_a_timeout_fails_what_is_unreported_at_once(scripted: Scripted) -> None:
+    """A review: against a dead server, close() took each queued batch's whole retry
+    budget (120 s each, four at a time)."""
+    scripted.script = [problem(503, "0")]
+    producer = Producer(scripted.url, "s", linger_ms=1, max_records=10, retry=PATIENT)
+    futures = [await producer.send([1.0]) for _ in range(200)]
+    started = time.monotonic()
+    await producer.close(timeout_s=0.5)
+    assert time.monotonic() - started < 5
+    assert all(future.done() for future in futures)
+    assert all(isinstance(future.exception(), ProducerClosed) for future in futures)
+
+
+async def test_a_cancelled_close_still_reports_every_record_once(scripted: Scripted) -> None:
+    """A review: cancelling the task inside ``async with Producer`` left 160 of 200
+    futures pending for good and the connection pool open."""
+    scripted.script = [problem(503, "0")]
+    reports: list[str] = []
+    sent: list[asyncio.Future[object]] = []
+
+    async def produce() -> None:
+        async with Producer(
+            scripted.url, "s", linger_ms=1, max_records=10, retry=PATIENT,
+            on_delivery=lambda record_id, _: reports.append(record_id),
+        ) as producer:
+            for _ in range(200):
+                sent.append(await producer.send([1.0]))  # type: ignore[arg-type]
+
+    task = asyncio.create_task(produce())
+    await asyncio.sleep(0.5)  # sending, retrying; then the block's close() flushes
+    for _ in range(3):
+        task.cancel()
+        await asyncio.sleep(0.05)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert len(sent) == 200 and all(future.done() for future in sent)
+    assert sorted(reports) == sorted(set(reports)) and len(reports) == 200
+
+
+async def test_a_success_status_that_is_not_mlgates_answer_fails_the_batch(
+    scripted: Scripted,
+) -> None:
+    """A review: a captive portal's 200 page was reported as three records accepted."""
+
+    async def portal(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="<html>sign in to the wifi</html>", content_type="text/html")
+
+    scripted.script = [portal]
+    async with Producer(scripted.url, "s", linger_ms=1, retry=PATIENT) as producer:
+        futures = [await producer.send([1.0]) for _ in range(3)]
+    assert all(isinstance(future.exception(), UnexpectedAnswer) for future in futures)
+
+
+async def test_a_202_that_does_not_count_every_record_fails_the_batch(scripted: Scripted) -> None:
+    async def short(request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {"tracking_id": "t", "records_accepted": 1, "records_rejected": 0,
+             "records_duplicate": 0, "errors": []},
+            status=202,
+        )
+
+    scripted.script = [short]
+    async with Producer(scripted.url, "s", linger_ms=1, retry=PATIENT) as producer:
+        futures = [await producer.send([1.0]) for _ in range(3)]
+    assert all(isinstance(future.exception(), UnexpectedAnswer) for future in futures)
+
+
+def test_a_closed_sync_producer_refuses_work_and_closes_again_quietly(scripted: Scripted) -> None:
+    producer = SyncProducer(scripted.url, "s")
+    producer.close()
+    producer.close()
+    with pytest.raises(ProducerClosed):
+        producer.send([1.0])
+    with pytest.raises(ProducerClosed):
+        producer.flush()
+
+
+def test_a_sync_producer_with_bad_options_leaves_no_thread_running(scripted: Scripted) -> None:
+    import threading
+
+    before = {thread.name for thread in threading.enumerate()}
+    with pytest.raises(ValueError):
+        SyncProducer(scripted.url, "s", max_records=0)
+    assert "mlgate-producer" not in {t.name for t in threading.enumerate()} - before
