@@ -304,8 +304,6 @@ class Producer:
             except BaseException as exc:  # never leave a future pending
                 log.exception("mlgate_client.batch_crashed", extra={"records": len(batch.records)})
                 self._resolve_failed(batch, MlgateError(f"batch failed: {exc!r}"))
-                if not isinstance(exc, Exception):
-                    raise
 
     async def _deliver(self, batch: _Batch) -> None:
         body = batch_body(self._prefix, batch.records)
@@ -362,7 +360,10 @@ class Producer:
             )
 
     def _resolve(self, batch: _Batch, reports: list[Delivery]) -> None:
-        batch.reported = True  # a callback raising past here must not report it again
+        # Futures and accounting first, callbacks last: a callback that raises past
+        # ``_notify`` (not an Exception) can then skip only later callbacks, never
+        # leave a record unreported or report one twice (``reported``).
+        batch.reported = True
         stats = self.stats
         for future, report in zip(batch.futures, reports, strict=True):
             if report.outcome is Outcome.ACCEPTED:
@@ -376,8 +377,9 @@ class Producer:
                 stats.rejected_by_reason[report.reason or "?"] += 1
             if not future.done():
                 future.set_result(report)
-            self._notify(report.record_id, report)
         self._release(batch.nbytes, len(batch.records))
+        for report in reports:
+            self._notify(report.record_id, report)
 
     def _fail(self, batch: _Batch, error: MlgateError, key: str, attempts: int) -> None:
         log.warning(
@@ -392,12 +394,13 @@ class Producer:
             return
         batch.reported = True
         self.stats.failed += len(batch.records)
-        for record_id, future in zip(batch.record_ids, batch.futures, strict=True):
+        for future in batch.futures:
             if not future.done():
                 future.set_exception(error)
                 future.exception()  # reported here and in the log: no "never retrieved" noise
-            self._notify(record_id, error)
         self._release(batch.nbytes, len(batch.records))
+        for record_id in batch.record_ids:
+            self._notify(record_id, error)
 
     def _notify(self, record_id: str, result: Delivery | MlgateError) -> None:
         if self._on_delivery is None:

@@ -100,3 +100,27 @@ def test_a_sync_producer_with_bad_options_leaves_no_thread_running(scripted: Scr
     with pytest.raises(ValueError):
         SyncProducer(scripted.url, "s", max_records=0)
     assert "mlgate-producer" not in {t.name for t in threading.enumerate()} - before
+
+
+class _Stop(BaseException):
+    """Raised by a careless callback: not an ``Exception``."""
+
+
+async def test_a_callback_raising_a_base_exception_does_not_report_records_twice(
+    scripted: Scripted,
+) -> None:
+    """A review: the sender's catch-all then failed the batch again, so records already
+    reported delivered were reported failed too."""
+    from tests.client.scripted import accepted
+
+    scripted.script = [accepted]
+    reports: list[tuple[str, bool]] = []
+
+    def careless(record_id: str, result: object) -> None:
+        reports.append((record_id, isinstance(result, Exception)))
+        raise _Stop
+
+    async with Producer(scripted.url, "s", linger_ms=1, on_delivery=careless) as producer:
+        futures = [await producer.send([1.0]) for _ in range(3)]
+    assert [failed for _, failed in reports] == [False]  # the first report, then it raised
+    assert futures[0].result().delivered
