@@ -27,6 +27,8 @@ IDEMPOTENCY_KEY_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 255, "p
 
 PROBLEM_STATUSES = {
     400: "Body is not decodable",
+    408: "Body sent too slowly (under MLGATE_BODY_MIN_RATE_BYTES per second)",
+    417: "An Expect other than 100-continue",
     401: "Missing or unknown API key",
     403: "The key lacks the scope",
     404: "Not found",
@@ -38,6 +40,54 @@ PROBLEM_STATUSES = {
     503: "Overloaded: queue full or dependency down; retry after Retry-After",
     504: "Deadline exceeded",
 }
+
+
+# Response headers, by the answers that carry them (``_response_headers``).
+HEADERS: dict[str, dict[str, Any]] = {
+    "X-Request-ID": {
+        "description": "The request's id (the client's X-Request-ID, else a new one); in every log line of the request.",
+        "schema": {"type": "string"},
+    },
+    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}},
+    "RateLimit-Policy": {
+        "description": "The key's token bucket: burst and window (IETF RateLimit headers).",
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": "Tokens left and seconds until the bucket is full again.",
+        "schema": {"type": "string"},
+    },
+    "Idempotent-Replayed": {
+        "description": "true: the answer stored for this Idempotency-Key, replayed; nothing was run again.",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+    "WWW-Authenticate": {"description": "Bearer: how to authenticate.", "schema": {"type": "string"}},
+    "Deprecation": {"description": "When this version was deprecated (RFC 9745).", "schema": {"type": "string"}},
+    "Sunset": {"description": "When this version goes away (RFC 8594).", "schema": {"type": "string"}},
+    "Link": {"description": "The successor version of this route.", "schema": {"type": "string"}},
+}
+REQUEST_ID_PARAMETER = {
+    "name": "X-Request-ID",
+    "in": "header",
+    "required": False,
+    "description": "Your id for the request, echoed and logged; one is made when absent.",
+    "schema": {"type": "string"},
+}
+
+
+def _response_headers(op: Route, status: int) -> dict[str, Any]:
+    names = ["X-Request-ID"]
+    if status in (409, 429, 503):
+        names.append("Retry-After")
+    if op.scope is not None and status not in (401, 403):
+        names += ["RateLimit-Policy", "RateLimit"]
+    if op.method == "post" and status < 500 and status not in (409, 429):
+        names.append("Idempotent-Replayed")
+    if status == 401:
+        names.append("WWW-Authenticate")
+    if op.deprecated:
+        names += ["Deprecation", "Sunset", "Link"]
+    return {name: HEADERS[name] for name in names}
 
 
 def build_document(routes: list[Route], version: str) -> dict[str, Any]:
@@ -62,7 +112,7 @@ def build_document(routes: list[Route], version: str) -> dict[str, Any]:
             entry["description"] = op.description
         if op.deprecated:
             entry["deprecated"] = True
-        parameters = list(op.parameters) + _path_parameters(op.path)
+        parameters = list(op.parameters) + _path_parameters(op.path) + [REQUEST_ID_PARAMETER]
         if op.method == "post":
             parameters.append(
                 {
@@ -95,6 +145,8 @@ def build_document(routes: list[Route], version: str) -> dict[str, Any]:
                     "content": {name: {"schema": schema_of[id(Problem)]} for name in problem_types},
                 },
             )
+        for status, described in entry["responses"].items():
+            described["headers"] = _response_headers(op, int(status))
         if op.scope is None:
             entry["security"] = []
         paths.setdefault(op.path, {})[op.method] = entry
@@ -141,7 +193,7 @@ def _error_statuses(op: Route) -> list[int]:
     """Errors any operation of this shape can answer, then the operation's own."""
     statuses = []
     if op.request is not None:
-        statuses += [400, 413, 415, 422]
+        statuses += [400, 408, 413, 415, 417, 422]
     if op.parameters or op.method == "post":  # a bad query or header (Idempotency-Key)
         statuses += [400, 422]
     if "{" in op.path:  # names something that may not exist
