@@ -5,12 +5,14 @@ is left of it in ``X-Request-Timeout`` (so the server answers 504 rather than co
 a late answer) and retries follow ``retry.RetryPolicy`` only while time remains.
 Answers come back as ``Prediction`` / ``BatchPrediction``; errors as ``ApiError``
 subclasses (``NotFound`` for an unknown model or version, ``ValidationFailed`` for a
-wrong feature count) or ``TransportError``.
+wrong feature count, ``DeadlineExceeded`` when no answer came within the deadline) or
+``TransportError``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from mlgate_client.errors import MlgateError
+from mlgate_client.errors import DeadlineExceeded, MlgateError, TransportError
 from mlgate_client.records import Features
 from mlgate_client.retry import RetryPolicy, call_with_retries
 from mlgate_client.transport import Transport
@@ -154,7 +156,17 @@ class Predictor:
                        "delay_s": round(delay_s, 3)},
             )
 
-        return await call_with_retries(attempt, self._retry, on_retry, timeout_s=budget_s)
+        deadline = time.monotonic() + budget_s
+        try:
+            return await call_with_retries(attempt, self._retry, on_retry, timeout_s=budget_s)
+        except TransportError as exc:
+            if isinstance(exc.__cause__, TimeoutError) and time.monotonic() >= deadline:
+                # No answer within the deadline: the deadline's error, as if the server
+                # had said it (a 504), not a transport failure.
+                problem = {"title": "Deadline exceeded", "status": 504,
+                           "detail": f"no answer within {budget_s * 1000:g} ms ({exc})"}
+                raise DeadlineExceeded(504, problem) from exc
+            raise
 
     async def close(self) -> None:
         await self._transport.close()

@@ -124,3 +124,21 @@ async def test_a_callback_raising_a_base_exception_does_not_report_records_twice
         futures = [await producer.send([1.0]) for _ in range(3)]
     assert [failed for _, failed in reports] == [False]  # the first report, then it raised
     assert futures[0].result().delivered
+
+
+async def test_a_predict_deadline_passing_without_an_answer_is_deadline_exceeded(
+    scripted: Scripted,
+) -> None:
+    """A review: a server that never answered gave a TransportError, where the client's
+    README names DeadlineExceeded for a passed deadline."""
+    from mlgate_client import Predictor
+    from mlgate_client.errors import DeadlineExceeded
+
+    async def never(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(2)  # well past the deadline
+        return web.Response()
+
+    scripted.script = [never]
+    async with Predictor(scripted.url, timeout_ms=300) as predictor:
+        with pytest.raises(DeadlineExceeded):
+            await predictor.predict([1.0, 2.0])
