@@ -185,15 +185,21 @@ async def test_revoked_key_is_401_after_reload(app_client, secured, api_keys: Ke
     assert response.status == 401
 
 
-async def test_keys_kept_in_redis_are_let_in(
-    app_client, secured, redis_server: ManagedProcess
-) -> None:
+async def _key_kept_in_redis(redis_server: ManagedProcess) -> str:
+    """A new ingest key stored in Redis alone, as ``keys create --store redis`` does."""
     import redis.asyncio as aioredis
 
     plaintext, stored = new_key("acme", frozenset({"ingest"}))
     client_redis = aioredis.Redis(port=redis_server.port)
     await client_redis.hset(REDIS_HASH, stored.key_id, encode_key(stored))
     await client_redis.aclose()
+    return plaintext
+
+
+async def test_keys_kept_in_redis_are_let_in(
+    app_client, secured, redis_server: ManagedProcess
+) -> None:
+    plaintext = await _key_kept_in_redis(redis_server)
     client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
     response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
     assert response.status == 202
@@ -206,16 +212,11 @@ async def test_a_flood_of_made_up_keys_keeps_a_cached_key_served_while_redis_is_
     Redis key out of the shared cache: with Redis paused the tenant got 503s."""
     import secrets
 
-    import redis.asyncio as aioredis
-
     from mlgate.service.protection import api_keys as api_keys_module
 
     monkeypatch.setattr(api_keys_module, "MAX_CACHED_REDIS_KEYS", 20)
     monkeypatch.setattr(api_keys_module, "MAX_CACHED_UNKNOWN_KEYS", 20, raising=False)
-    plaintext, stored = new_key("acme", frozenset({"ingest"}))
-    client_redis = aioredis.Redis(port=redis_server.port)
-    await client_redis.hset(REDIS_HASH, stored.key_id, encode_key(stored))
-    await client_redis.aclose()
+    plaintext = await _key_kept_in_redis(redis_server)
     client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
     ok = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
     assert ok.status == 202
