@@ -132,6 +132,7 @@ class Producer:
         self._drained = asyncio.Event()
         self._drained.set()
         self._closed = False
+        self._close_ended = asyncio.Event()
 
     # -- public --------------------------------------------------------------------
 
@@ -203,24 +204,28 @@ class Producer:
         cancelled) fails every record still without a report with ``ProducerClosed``,
         at once: each record gets its one report, and closing is never held by retries
         (a dead server would otherwise keep each queued batch for its whole budget)."""
-        if self._closed:
+        if self._closed:  # a second close returns once the first has ended
+            await self._close_ended.wait()
             return
+        self._closed = True  # takes no more records: a sender that never stops cannot hold it
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         try:
             await self.flush(timeout_s)
         except TimeoutError:
             log.warning("mlgate_client.close_timed_out", extra={"records": self._unresolved})
         finally:
-            self._closed = True
-            for waiter in self._room_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._fail_unsent(ProducerClosed("the producer closed before this record was sent"))
-            for sender in self._senders:
-                sender.cancel()  # one still delivering fails its batch with ProducerClosed
             try:
-                await asyncio.gather(*self._senders, return_exceptions=True)
+                self._fail_unsent(ProducerClosed("the producer closed before this record was sent"))
+                for sender in self._senders:
+                    sender.cancel()  # one still delivering fails its batch with ProducerClosed
+                try:
+                    await asyncio.gather(*self._senders, return_exceptions=True)
+                finally:
+                    await self._transport.close()
             finally:
-                await self._transport.close()
+                self._close_ended.set()
 
     async def __aenter__(self) -> Producer:
         return self
@@ -407,5 +412,5 @@ class Producer:
             return
         try:
             self._on_delivery(record_id, result)
-        except Exception:
+        except (Exception, asyncio.CancelledError):  # a callback's, not this task's cancel
             log.exception("mlgate_client.on_delivery_failed", extra={"record_id": record_id})

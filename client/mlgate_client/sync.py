@@ -25,29 +25,58 @@ T = TypeVar("T")
 
 
 class LoopThread:
-    """An event loop running in a daemon thread; ``run`` submits a coroutine and waits."""
+    """An event loop running in a daemon thread; ``run`` submits a coroutine and waits.
+
+    ``stop`` first cancels what still runs there and lets it finish (as ``asyncio.run``
+    does): a ``close`` interrupted in the calling thread (Ctrl-C) then ends as a close
+    cut short, each record failed with ``ProducerClosed``, rather than left pending on
+    a closed loop. A ``run`` racing ``stop`` from another thread gets ``ProducerClosed``,
+    never a wait on a loop that will not run it."""
 
     def __init__(self, name: str) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._lock = threading.Lock()
+        self._stopping = False
         self._thread.start()
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if self._loop.is_closed():
-            coroutine.close()  # never awaited: say nothing about it
-            raise ProducerClosed("closed: its event loop has stopped")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     @property
     def stopped(self) -> bool:
-        return self._loop.is_closed()
+        return self._stopping
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        with self._lock:
+            if self._stopping:
+                coroutine.close()  # never awaited: say nothing about it
+                raise ProducerClosed("closed: its event loop has stopped")
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise ProducerClosed("closed while this call ran") from None
 
     def stop(self) -> None:
-        if self._loop.is_closed():
-            return
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop).result(STOP_WAIT_S)
+        except BaseException:  # interrupted, or the rest would not end: stop anyway
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+STOP_WAIT_S = 10.0
+
+
+async def _cancel_the_rest() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _chain(source: asyncio.Future[Delivery]) -> concurrent.futures.Future[Delivery]:

@@ -81,7 +81,9 @@ def _response_headers(op: Route, status: int) -> dict[str, Any]:
         names.append("Retry-After")
     if op.scope is not None and status not in (401, 403):
         names += ["RateLimit-Policy", "RateLimit"]
-    if op.method == "post" and status < 500 and status not in (409, 429):
+    # Replays: what the idempotency layer stores; it runs after the key and scope
+    # checks and reads the body first (its limit, its pace, the Expect before it).
+    if op.method == "post" and status < 500 and status not in (401, 403, 408, 409, 413, 417, 429):
         names.append("Idempotent-Replayed")
     if status == 401:
         names.append("WWW-Authenticate")

@@ -5,7 +5,9 @@ success status that is not mlgate's answer is not taken for one."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from aiohttp import web
@@ -38,7 +40,11 @@ async def test_a_cancelled_close_still_reports_every_record_once(scripted: Scrip
 
     async def produce() -> None:
         async with Producer(
-            scripted.url, "s", linger_ms=1, max_records=10, retry=PATIENT,
+            scripted.url,
+            "s",
+            linger_ms=1,
+            max_records=10,
+            retry=PATIENT,
             on_delivery=lambda record_id, _: reports.append(record_id),
         ) as producer:
             for _ in range(200):
@@ -72,8 +78,13 @@ async def test_a_success_status_that_is_not_mlgates_answer_fails_the_batch(
 async def test_a_202_that_does_not_count_every_record_fails_the_batch(scripted: Scripted) -> None:
     async def short(request: web.Request) -> web.StreamResponse:
         return web.json_response(
-            {"tracking_id": "t", "records_accepted": 1, "records_rejected": 0,
-             "records_duplicate": 0, "errors": []},
+            {
+                "tracking_id": "t",
+                "records_accepted": 1,
+                "records_rejected": 0,
+                "records_duplicate": 0,
+                "errors": [],
+            },
             status=202,
         )
 
@@ -94,8 +105,6 @@ def test_a_closed_sync_producer_refuses_work_and_closes_again_quietly(scripted: 
 
 
 def test_a_sync_producer_with_bad_options_leaves_no_thread_running(scripted: Scripted) -> None:
-    import threading
-
     before = {thread.name for thread in threading.enumerate()}
     with pytest.raises(ValueError):
         SyncProducer(scripted.url, "s", max_records=0)
@@ -142,3 +151,87 @@ async def test_a_predict_deadline_passing_without_an_answer_is_deadline_exceeded
     async with Predictor(scripted.url, timeout_ms=300) as predictor:
         with pytest.raises(DeadlineExceeded):
             await predictor.predict([1.0, 2.0])
+
+
+def test_stopping_a_sync_producer_mid_close_still_reports_every_record(scripted: Scripted) -> None:
+    """A review: Ctrl-C during SyncProducer.close() stopped its loop with the close
+    still running there: all 50 futures pending for good. Stopping the loop now cancels
+    what runs on it first, which is a close cut short: each record failed at once."""
+    scripted.script = [problem(503, "0")]
+    producer = SyncProducer(scripted.url, "s", linger_ms=1, max_records=10, retry=PATIENT)
+    futures = [producer.send([1.0]) for _ in range(50)]
+    closing = threading.Thread(target=lambda: _quietly(producer.close))
+    closing.start()
+    time.sleep(0.5)  # the close is flushing against 503s
+    producer._thread.stop()  # what close()'s finally does when Ctrl-C interrupts its wait
+    closing.join(10)
+    assert not closing.is_alive()
+    assert all(isinstance(future.exception(timeout=5), ProducerClosed) for future in futures)
+
+
+def test_a_send_racing_close_from_another_thread_is_refused_never_hung(scripted: Scripted) -> None:
+    from tests.client.scripted import accepted
+
+    scripted.script = [accepted]
+    producer = SyncProducer(scripted.url, "s", linger_ms=1)
+    outcomes: list[str] = []
+
+    def keep_sending() -> None:
+        try:
+            while True:
+                producer.send([1.0])
+        except ProducerClosed:
+            outcomes.append("closed")
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    time.sleep(0.2)
+    producer.close(timeout=5)  # ends although the other thread never stops sending
+    sender.join(10)
+    assert not sender.is_alive() and outcomes == ["closed"]
+
+
+async def test_a_second_close_returns_only_once_the_first_has_reported_everything(
+    scripted: Scripted,
+) -> None:
+    scripted.script = [problem(503, "0")]
+    producer = Producer(scripted.url, "s", linger_ms=1, retry=PATIENT)
+    futures = [await producer.send([1.0]) for _ in range(4)]
+    first = asyncio.create_task(producer.close(timeout_s=0.3))
+    await asyncio.sleep(0.05)
+    await producer.close()
+    assert all(future.done() for future in futures)
+    await first
+
+
+async def test_a_callback_raising_cancelled_error_does_not_stop_the_sender(
+    scripted: Scripted,
+) -> None:
+    """A review: the sender took the callback's CancelledError for its own and ended;
+    with one sender, the next batch was never sent and flush() waited for ever."""
+    from tests.client.scripted import accepted
+
+    scripted.script = [accepted]
+    raised = False
+
+    def once(record_id: str, result: object) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise asyncio.CancelledError
+
+    async with Producer(
+        scripted.url, "s", linger_ms=1, max_in_flight=1, on_delivery=once
+    ) as producer:
+        first = await producer.send([1.0])
+        await producer.flush(timeout_s=5)
+        second = await producer.send([2.0])
+        await producer.flush(timeout_s=5)
+    assert first.result().delivered and second.result().delivered
+
+
+def _quietly(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except Exception:
+        pass
