@@ -87,6 +87,10 @@ DESCRIPTIONS: dict[str, str] = {
     ),
     "dedup_window_s": "Window in which a repeated record_id is dropped as a duplicate (0: off).",
     "dedup_max_entries": "record_ids remembered in process when there is no Redis.",
+    "dedup_redis_tenant_max_ids": (
+        "record_ids a tenant may have remembered in Redis within the window (~150 bytes "
+        "each); past it its new ids are remembered in process only, until older ones age out."
+    ),
     "dedup_in_flight_wait_s": "How long a batch waits for another request's write of the same record_id (then 409).",
     # Load shedding
     "retry_after_s": "Retry-After seconds sent with 503 for a full mailbox.",

@@ -96,7 +96,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     if limiter is not None:
         app[RATE_LIMITER] = limiter
     app[IDEMPOTENCY] = idempotency_store = IdempotencyStore(settings, redis)
-    app[RECORD_DEDUP] = RecordDeduplicator(settings, redis)
+    app[RECORD_DEDUP] = RecordDeduplicator(settings, redis, app_metrics)
     yield
     await idempotency_store.drain(settings.shutdown_timeout_s / 4)
     if limiter is not None:

@@ -116,6 +116,12 @@ class Metrics:
             "Calls served from in-process state because Redis failed or its breaker was open",
             ["operation"], registry=r,
         )
+        self.dedup_kept_in_process = Counter(
+            "mlgate_dedup_kept_in_process",
+            "record_ids kept in this process only, their tenant past its Redis dedup budget "
+            "(MLGATE_DEDUP_REDIS_TENANT_MAX_IDS)",
+            registry=r,
+        )
         self.idempotent_replays = Counter(
             "mlgate_idempotent_replays", "Responses replayed for a repeated Idempotency-Key", registry=r
         )

@@ -31,8 +31,14 @@ across processes and hosts. On a Redis Cluster the key is
 the batch's ids, concurrently (a call that fails falls back for its ids only). Redis
 holds about 150 bytes per remembered id: records/s x window x 150 B (10k records/s
 over the default 600 s window: about 900 MB), so size the window to how long
-clients keep retrying; Idempotency-Key covers longer horizons per request. Without
-Redis, or while it fails (counted as ``mlgate_redis_fallback{operation="dedup"}``),
+clients keep retrying; Idempotency-Key covers longer horizons per request. A tenant
+keeps at most ``MLGATE_DEDUP_REDIS_TENANT_MAX_IDS`` ids claimed within the window in
+Redis (counted per time bucket, a sixteenth of the window, in a hash beside its ids; per
+slot on a Cluster, each an eighth of it), so one tenant flooding fresh ids cannot fill
+the Redis every tenant's limits, answers and ids live in: past it, its new ids are
+kept in this process's table only (``mlgate_dedup_kept_in_process_total``, logged as
+``dedup_tenant_over_redis_budget``) until its older ones age out; ids already in Redis
+are still found there. Without Redis, or while it fails (counted as ``mlgate_redis_fallback{operation="dedup"}``),
 an in-process table of at most ``MLGATE_DEDUP_MAX_ENTRIES`` ids with the same states
 and windows (written ids kept as 64-bit hashes, about 70 bytes each; the oldest are
 forgotten first, and a tenant that floods it forgets only its own ids once it holds its
@@ -42,19 +48,31 @@ fair share: ``service.protection.fair_share``).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence, Set
+from dataclasses import dataclass, field
+
+import structlog
 
 from mlgate.config import Settings
 from mlgate.service.http.errors import Conflict
+from mlgate.service.http.metrics import Metrics
 from mlgate.service.ingest.ids import UniqueIds
 from mlgate.service.protection.fair_share import FairShareGenerations, FairShareMap
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
 
+log = structlog.get_logger("mlgate.dedup")
+
 PREFIX = "mlgate:rid:"
+BUDGET_PREFIX = "mlgate:ridn:"  # a tenant's ids claimed per time bucket
 NEW, WRITTEN, IN_FLIGHT = "1", "0", "p"  # what claim found, per id
+KEEP_HERE = "n"  # Redis's answer for a new id it did not keep: the tenant is past its budget
+# The window in buckets of the budget's count: an id counts at most a bucket longer.
+BUDGET_BUCKETS = 16
+# A tenant past its budget is logged once in this many seconds at most.
+OVER_BUDGET_LOG_S = 60.0
 _FIRST_POLL_S, _MAX_POLL_S = 0.01, 0.2
 # On a Redis Cluster a tenant's ids spread over this many hash tags (slots): its dedup
 # memory over up to as many masters, at up to as many script calls per batch.
@@ -67,13 +85,35 @@ CLUSTER_SLOTS_PER_TENANT = 8
 # Claim answers one character per key: '1' newly claimed, '0' written already, 'p' in
 # flight for another claim (any value starting with 'p', so the tokenless 'p' of the
 # previous release still counts as in flight while both run). A key that expired
-# between SET NX and GET is claimed anew.
+# between SET NX and GET is claimed anew. Its KEYS[1] is the tenant's budget (per slot
+# on a Cluster): a hash of ids claimed per time bucket (ARGV[3], buckets before ARGV[4]
+# forgotten, the hash kept ARGV[6] seconds). When the batch would take the tenant past
+# ARGV[5] ids claimed within the window, nothing is claimed: ids Redis knows get their
+# state, the others 'n' (new, not kept here: the caller keeps them in process).
 CLAIM_LUA = """
 local lapse, mine = ARGV[1], 'p:' .. ARGV[2]
-local found = {}
-for _, key in ipairs(KEYS) do
-  local state = 'p'
-  if redis.call('SET', key, mine, 'NX', 'EX', lapse) then
+local bucket, oldest, room = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local counted = 0
+local buckets = redis.call('HGETALL', KEYS[1])
+for i = 1, #buckets, 2 do
+  if tonumber(buckets[i]) < oldest then
+    redis.call('HDEL', KEYS[1], buckets[i])
+  else
+    counted = counted + tonumber(buckets[i + 1])
+  end
+end
+local full = counted + #KEYS - 1 > room
+local found, claimed = {}, 0
+for i = 2, #KEYS do
+  local key, state = KEYS[i], 'p'
+  if full then
+    local value = redis.call('GET', key)
+    if value == false then
+      state = 'n'
+    elseif string.sub(value, 1, 1) ~= 'p' then
+      state = '0'
+    end
+  elseif redis.call('SET', key, mine, 'NX', 'EX', lapse) then
     state = '1'
   else
     local value = redis.call('GET', key)
@@ -83,7 +123,12 @@ for _, key in ipairs(KEYS) do
       state = '0'
     end
   end
+  if state == '1' then claimed = claimed + 1 end
   found[#found + 1] = state
+end
+if claimed > 0 then
+  redis.call('HINCRBY', KEYS[1], bucket, claimed)
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
 end
 return table.concat(found)
 """
@@ -128,6 +173,9 @@ class Claim:
     token: str
     new: list[bool]
     held: list[str]
+    # Of ``held``, those kept in this process only (the tenant past its Redis budget):
+    # never written to Redis, whatever their outcome.
+    held_here: frozenset[str] = field(default_factory=frozenset)
 
 
 class LocalSeen:
@@ -209,7 +257,9 @@ class LocalSeen:
 
 
 class RecordDeduplicator:
-    def __init__(self, settings: Settings, redis: SharedRedis | None = None) -> None:
+    def __init__(
+        self, settings: Settings, redis: SharedRedis | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.window_s = settings.dedup_window_s
         self.in_flight_wait_s = settings.dedup_in_flight_wait_s
         self.lapse_s = self._lapse_s = settings.idempotency_lock_s
@@ -222,6 +272,14 @@ class RecordDeduplicator:
             else {}
         )
         self._local = LocalSeen(settings.dedup_window_s, self._lapse_s, settings.dedup_max_entries)
+        # The tenant's budget in Redis, per script call: on a Cluster each of its slots
+        # holds a share of it.
+        self._budget_ids = settings.dedup_redis_tenant_max_ids
+        if redis is not None and redis.cluster:
+            self._budget_ids = max(1, self._budget_ids // CLUSTER_SLOTS_PER_TENANT)
+        self._bucket_s = max(1.0, self.window_s / BUDGET_BUCKETS)
+        self._metrics = metrics
+        self._over_budget_logged: dict[str, float] = {}  # tenant -> when
         # Claim tokens: unique across processes and restarts (a random prefix) without
         # a getrandom system call per claim.
         self._new_token = UniqueIds()
@@ -240,8 +298,25 @@ class RecordDeduplicator:
         ``n`` one of ``CLUSTER_SLOTS_PER_TENANT`` from a hash of the id."""
         if self._redis is None or not self._redis.cluster:
             return f"{PREFIX}{tenant}:{record_id}"
+        return f"{PREFIX}{self._tag(tenant, record_id)}{record_id}"
+
+    def _tag(self, tenant: str, record_id: str) -> str:
+        assert self._redis is not None
         shard = zlib.crc32(record_id.encode()) % CLUSTER_SLOTS_PER_TENANT
-        return f"{PREFIX}{self._redis.hash_tag(f'{tenant}.{shard}')}{record_id}"
+        return self._redis.hash_tag(f"{tenant}.{shard}")
+
+    def _budget_key(self, tenant: str, record_id: str) -> str:
+        """The tenant's budget count, in the slot of ``record_id``'s key."""
+        if self._redis is None or not self._redis.cluster:
+            return f"{BUDGET_PREFIX}{tenant}"
+        return f"{BUDGET_PREFIX}{self._tag(tenant, record_id)}"
+
+    def _budget_args(self) -> list[str | float]:
+        """The claim script's bucket, oldest bucket still counted, room and the
+        count's lifetime: buckets of wall-clock time, the same on every host."""
+        bucket = int(time.time() // self._bucket_s)
+        buckets = math.ceil(self.window_s / self._bucket_s)
+        return [bucket, bucket - buckets, self._budget_ids, math.ceil((buckets + 1) * self._bucket_s)]
 
     async def claim(self, tenant: str, record_ids: Sequence[str]) -> Claim:
         """Per id, new (now held by this claim) or written within the window; an id
@@ -254,32 +329,37 @@ class RecordDeduplicator:
             return Claim(token, [True] * len(record_ids), [])
         distinct = list(dict.fromkeys(record_ids))
         found: dict[str, str] = {}
+        here: set[str] = set()
         try:
-            states = await self._claim_states(tenant, distinct, token)
+            states = await self._claim_states(tenant, distinct, token, here)
             if len(distinct) == len(record_ids) == len(states) == states.count(NEW):
                 # The usual batch: distinct ids, all new.
-                return Claim(token, [True] * len(states), distinct)
+                return Claim(token, [True] * len(states), distinct, frozenset(here))
             found.update(zip(distinct, states, strict=True))
-            await self._wait_for_others(tenant, found, token)
+            await self._wait_for_others(tenant, found, token, here)
         except BaseException:
             # Whatever this claim may hold by now (a cancelled call may have claimed in
             # Redis before its answer came back): release only removes this token's ids.
-            await asyncio.shield(self._release(tenant, distinct, token))
+            await asyncio.shield(self._release(tenant, distinct, token, here))
             raise
         first: set[str] = set()
         new = []
         for record_id in record_ids:
             new.append(found[record_id] == NEW and record_id not in first)
             first.add(record_id)
-        return Claim(token, new, [record_id for record_id, state in found.items() if state == NEW])
+        held = [record_id for record_id, state in found.items() if state == NEW]
+        return Claim(token, new, held, frozenset(here.intersection(held)))
 
-    async def _wait_for_others(self, tenant: str, found: dict[str, str], token: str) -> None:
+    async def _wait_for_others(
+        self, tenant: str, found: dict[str, str], token: str, here: set[str]
+    ) -> None:
         waiting = [record_id for record_id, state in found.items() if state == IN_FLIGHT]
         give_up_at, pause = time.monotonic() + self.in_flight_wait_s, _FIRST_POLL_S
         while waiting and time.monotonic() < give_up_at:
             await asyncio.sleep(pause)
             pause = min(2 * pause, _MAX_POLL_S)
-            found.update(zip(waiting, await self._claim_states(tenant, waiting, token), strict=True))
+            states = await self._claim_states(tenant, waiting, token, here)
+            found.update(zip(waiting, states, strict=True))
             waiting = [record_id for record_id in waiting if found[record_id] == IN_FLIGHT]
         if waiting:
             raise Conflict(
@@ -288,18 +368,22 @@ class RecordDeduplicator:
                 retry_after_s=1,
             )
 
-    async def _claim_states(self, tenant: str, record_ids: Sequence[str], token: str) -> str:
+    async def _claim_states(
+        self, tenant: str, record_ids: Sequence[str], token: str, here: set[str]
+    ) -> str:
         """One state character per id; the ids whose Redis call failed, from this
-        process's table."""
+        process's table, and so are the new ids Redis did not keep (the tenant past its
+        budget): ``here`` gains those this process now holds."""
         groups = await self._run("claim", self._lapse_s, tenant, record_ids, token)
-        answers = [
-            answer.decode()
-            if isinstance(answer, bytes)
-            else answer
-            if isinstance(answer, str)
-            else self._local.claim(tenant, ids, token)
-            for ids, answer in groups
-        ]
+        answers = []
+        for ids, answer in groups:
+            if answer is None:
+                answers.append(self._local.claim(tenant, ids, token))
+                continue
+            states = answer.decode() if isinstance(answer, bytes) else str(answer)
+            if KEEP_HERE in states:
+                states = self._claim_here(tenant, ids, states, token, here)
+            answers.append(states)
         if len(answers) == 1:  # one group: the ids in their order
             return answers[0]
         found: dict[str, str] = {}
@@ -307,11 +391,45 @@ class RecordDeduplicator:
             found.update(zip(ids, states, strict=True))
         return "".join(found[record_id] for record_id in record_ids)
 
+    def _claim_here(
+        self, tenant: str, ids: list[str], states: str, token: str, here: set[str]
+    ) -> str:
+        """``states`` with each id Redis did not keep claimed in this process instead."""
+        kept_here = [record_id for record_id, state in zip(ids, states, strict=True) if state == KEEP_HERE]
+        local = iter(self._local.claim(tenant, kept_here, token))
+        merged = "".join(next(local) if state == KEEP_HERE else state for state in states)
+        here.update(
+            record_id
+            for record_id, state, now in zip(ids, states, merged, strict=True)
+            if state == KEEP_HERE and now == NEW
+        )
+        if self._metrics is not None:
+            self._metrics.dedup_kept_in_process.inc(len(kept_here))
+        now_s = time.monotonic()
+        if now_s - self._over_budget_logged.get(tenant, -math.inf) >= OVER_BUDGET_LOG_S:
+            if len(self._over_budget_logged) >= 10_000:  # a bound on tenants remembered
+                self._over_budget_logged.clear()
+            self._over_budget_logged[tenant] = now_s
+            log.warning(
+                "dedup_tenant_over_redis_budget",
+                tenant=tenant,
+                max_ids=self._budget_ids,
+                detail="new record_ids of this tenant are remembered in this process only "
+                "until its older ones age out of the window",
+            )
+        return merged
+
     async def confirm(self, tenant: str, claim: Claim) -> None:
         """The claim's records are written: duplicates from now on, for the window."""
         if not self.enabled or not claim.held:
             return
-        for ids, recorded in await self._run("confirm", self.window_s, tenant, claim.held, claim.token):
+        shared = claim.held
+        if claim.held_here:
+            self._local.confirm(tenant, list(claim.held_here), claim.token)
+            shared = [record_id for record_id in claim.held if record_id not in claim.held_here]
+            if not shared:
+                return
+        for ids, recorded in await self._run("confirm", self.window_s, tenant, shared, claim.token):
             self._local.confirm(
                 tenant, ids, claim.token, take_over=self._redis is not None and recorded is None
             )
@@ -322,17 +440,23 @@ class RecordDeduplicator:
         if not self.enabled or not claim.held:
             return
         self._local.extend(tenant, claim.held, claim.token)
-        await self._run("extend", self._lapse_s, tenant, claim.held, claim.token)
+        shared = [record_id for record_id in claim.held if record_id not in claim.held_here]
+        if shared:
+            await self._run("extend", self._lapse_s, tenant, shared, claim.token)
 
     async def release(self, tenant: str, claim: Claim) -> None:
         """The claim's records were not written after all: forget what it holds."""
-        await self._release(tenant, claim.held, claim.token)
+        await self._release(tenant, claim.held, claim.token, claim.held_here)
 
-    async def _release(self, tenant: str, held: Sequence[str], token: str) -> None:
+    async def _release(
+        self, tenant: str, held: Sequence[str], token: str, held_here: Set[str] = frozenset()
+    ) -> None:
         if not self.enabled or not held:
             return
         self._local.release(tenant, held, token)
-        await self._run("release", 0, tenant, held, token)
+        shared = [record_id for record_id in held if record_id not in held_here]
+        if shared:
+            await self._run("release", 0, tenant, shared, token)
 
     async def _run(
         self, script_name: str, seconds: float, tenant: str, record_ids: Sequence[str], token: str
@@ -348,6 +472,9 @@ class RecordDeduplicator:
         async def run(ids: list[str]) -> tuple[list[str], object | None]:
             keys = [self._key(tenant, record_id) for record_id in ids]
             args: list[str | float] = [seconds, token]
+            if script_name == "claim":
+                keys.insert(0, self._budget_key(tenant, ids[0]))
+                args += self._budget_args()
             try:
                 return ids, await redis.call("dedup", lambda: script(keys=keys, args=args))
             except RedisUnavailable:
