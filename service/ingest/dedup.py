@@ -33,12 +33,15 @@ holds about 150 bytes per remembered id: records/s x window x 150 B (10k records
 over the default 600 s window: about 900 MB), so size the window to how long
 clients keep retrying; Idempotency-Key covers longer horizons per request. A tenant
 keeps at most ``MLGATE_DEDUP_REDIS_TENANT_MAX_IDS`` ids claimed within the window in
-Redis (counted per time bucket, a sixteenth of the window, in a hash beside its ids; per
-slot on a Cluster, each an eighth of it), so one tenant flooding fresh ids cannot fill
-the Redis every tenant's limits, answers and ids live in: past it, its new ids are
-kept in this process's table only (``mlgate_dedup_kept_in_process_total``, logged as
+Redis (counted per bucket of a sixteenth of the window of Redis's clock, in a hash
+beside its ids, a released claim's ids given back; per slot on a Cluster, each an
+eighth of it), so one tenant flooding fresh ids cannot fill the Redis every tenant's
+limits, answers and ids live in: past it, its new ids are kept in this process's table
+only (``mlgate_dedup_kept_in_process_total``, logged as
 ``dedup_tenant_over_redis_budget``) until its older ones age out; ids already in Redis
-are still found there. Without Redis, or while it fails (counted as ``mlgate_redis_fallback{operation="dedup"}``),
+are still found there. While a tenant has ids kept here (past its budget, or written
+while Redis failed), this process asks its table first for that tenant's ids, for a
+window and a lapse, so none of them is claimed anew in Redis. Without Redis, or while it fails (counted as ``mlgate_redis_fallback{operation="dedup"}``),
 an in-process table of at most ``MLGATE_DEDUP_MAX_ENTRIES`` ids with the same states
 and windows (written ids kept as 64-bit hashes, about 70 bytes each; the oldest are
 forgotten first, and a tenant that floods it forgets only its own ids once it holds its
@@ -86,27 +89,27 @@ CLUSTER_SLOTS_PER_TENANT = 8
 # flight for another claim (any value starting with 'p', so the tokenless 'p' of the
 # previous release still counts as in flight while both run). A key that expired
 # between SET NX and GET is claimed anew. Its KEYS[1] is the tenant's budget (per slot
-# on a Cluster): a hash of ids claimed per time bucket (ARGV[3], buckets before ARGV[4]
-# forgotten, the hash kept ARGV[6] seconds). When the batch would take the tenant past
-# ARGV[5] ids claimed within the window, nothing is claimed: ids Redis knows get their
-# state, the others 'n' (new, not kept here: the caller keeps them in process).
+# on a Cluster): a hash of ids claimed per bucket of ARGV[3] seconds of Redis's clock
+# (one clock for every host), the ARGV[4] buckets before the current one counted, older
+# ones forgotten, the hash kept ARGV[6] seconds. Ids are claimed while the count stays
+# within ARGV[5]; past it an id Redis knows gets its state, a new one 'n' (new, not
+# kept: the caller keeps it in process).
 CLAIM_LUA = """
 local lapse, mine = ARGV[1], 'p:' .. ARGV[2]
-local bucket, oldest, room = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local counted = 0
+local bucket = math.floor(tonumber(redis.call('TIME')[1]) / tonumber(ARGV[3]))
+local oldest, left = bucket - tonumber(ARGV[4]), tonumber(ARGV[5])
 local buckets = redis.call('HGETALL', KEYS[1])
 for i = 1, #buckets, 2 do
   if tonumber(buckets[i]) < oldest then
     redis.call('HDEL', KEYS[1], buckets[i])
   else
-    counted = counted + tonumber(buckets[i + 1])
+    left = left - tonumber(buckets[i + 1])
   end
 end
-local full = counted + #KEYS - 1 > room
 local found, claimed = {}, 0
 for i = 2, #KEYS do
   local key, state = KEYS[i], 'p'
-  if full then
+  if claimed >= left then
     local value = redis.call('GET', key)
     if value == false then
       state = 'n'
@@ -127,7 +130,7 @@ for i = 2, #KEYS do
   found[#found + 1] = state
 end
 if claimed > 0 then
-  redis.call('HINCRBY', KEYS[1], bucket, claimed)
+  redis.call('HINCRBY', KEYS[1], string.format('%d', bucket), claimed)
   redis.call('EXPIRE', KEYS[1], ARGV[6])
 end
 return table.concat(found)
@@ -153,13 +156,22 @@ for _, key in ipairs(KEYS) do
 end
 return 1
 """
-# Not written after all: forget the ids this claim still holds.
+# Not written after all: forget the ids this claim still holds, and take them off the
+# tenant's budget (KEYS[1], ARGV as for the claim; the current bucket, which may go
+# below zero: the sum is what counts).
 RELEASE_LUA = """
 local mine = 'p:' .. ARGV[2]
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == mine then
-    redis.call('DEL', key)
+local released = 0
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) == mine then
+    redis.call('DEL', KEYS[i])
+    released = released + 1
   end
+end
+if released > 0 then
+  local bucket = math.floor(tonumber(redis.call('TIME')[1]) / tonumber(ARGV[3]))
+  redis.call('HINCRBY', KEYS[1], string.format('%d', bucket), -released)
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
 end
 return 1
 """
@@ -224,6 +236,23 @@ class LocalSeen:
                 found.append(NEW)
         return "".join(found)
 
+    def known(self, tenant: str, record_ids: Sequence[str], token: str) -> dict[str, str]:
+        """Of ``record_ids``, those this table holds as written or in flight for another
+        claim than ``token``'s, with that state; nothing is claimed."""
+        now = time.monotonic()
+        in_flight = self._in_flight.of(tenant)
+        written = self._written.holding(tenant, {hash(record_id) for record_id in record_ids}, now)
+        if not in_flight and not written:
+            return {}
+        found = {}
+        for record_id in record_ids:
+            entry = in_flight.get(record_id)
+            if entry is not None and entry[0] > now and entry[1] != token:
+                found[record_id] = IN_FLIGHT
+            elif written and hash(record_id) in written:
+                found[record_id] = WRITTEN
+        return found
+
     def confirm(
         self, tenant: str, record_ids: Sequence[str], token: str, *, take_over: bool = False
     ) -> None:
@@ -280,6 +309,10 @@ class RecordDeduplicator:
         self._bucket_s = max(1.0, self.window_s / BUDGET_BUCKETS)
         self._metrics = metrics
         self._over_budget_logged: dict[str, float] = {}  # tenant -> when
+        # Tenants with ids this process kept and Redis does not have (past the budget,
+        # or Redis failing), until when (``time.monotonic``): their claims ask this
+        # process's table first, so such an id is never claimed anew in Redis.
+        self._checked_here_until: dict[str, float] = {}
         # Claim tokens: unique across processes and restarts (a random prefix) without
         # a getrandom system call per claim.
         self._new_token = UniqueIds()
@@ -312,11 +345,10 @@ class RecordDeduplicator:
         return f"{BUDGET_PREFIX}{self._tag(tenant, record_id)}"
 
     def _budget_args(self) -> list[str | float]:
-        """The claim script's bucket, oldest bucket still counted, room and the
-        count's lifetime: buckets of wall-clock time, the same on every host."""
-        bucket = int(time.time() // self._bucket_s)
+        """The claim and release scripts' bucket length, buckets counted before the
+        current one, room and the count's lifetime in seconds."""
         buckets = math.ceil(self.window_s / self._bucket_s)
-        return [bucket, bucket - buckets, self._budget_ids, math.ceil((buckets + 1) * self._bucket_s)]
+        return [self._bucket_s, buckets, self._budget_ids, math.ceil((buckets + 1) * self._bucket_s)]
 
     async def claim(self, tenant: str, record_ids: Sequence[str]) -> Claim:
         """Per id, new (now held by this claim) or written within the window; an id
@@ -371,25 +403,48 @@ class RecordDeduplicator:
     async def _claim_states(
         self, tenant: str, record_ids: Sequence[str], token: str, here: set[str]
     ) -> str:
-        """One state character per id; the ids whose Redis call failed, from this
-        process's table, and so are the new ids Redis did not keep (the tenant past its
-        budget): ``here`` gains those this process now holds."""
-        groups = await self._run("claim", self._lapse_s, tenant, record_ids, token)
-        answers = []
-        for ids, answer in groups:
-            if answer is None:
-                answers.append(self._local.claim(tenant, ids, token))
-                continue
-            states = answer.decode() if isinstance(answer, bytes) else str(answer)
-            if KEEP_HERE in states:
-                states = self._claim_here(tenant, ids, states, token, here)
-            answers.append(states)
-        if len(answers) == 1:  # one group: the ids in their order
-            return answers[0]
-        found: dict[str, str] = {}
-        for (ids, _), states in zip(groups, answers, strict=True):
-            found.update(zip(ids, states, strict=True))
+        """One state character per id. Asked of this process's table, not Redis: the
+        ids whose Redis call failed, the new ids Redis did not keep (the tenant past its
+        budget; ``here`` gains those this process now holds), and, while the tenant has
+        ids kept only here, those ids."""
+        known = self._known_here(tenant, record_ids, token)
+        asked = [record_id for record_id in record_ids if record_id not in known] if known else record_ids
+        found = known
+        if asked:
+            groups = await self._run("claim", self._lapse_s, tenant, asked, token)
+            for ids, answer in groups:
+                if answer is None:
+                    self._check_here(tenant)
+                    states = self._local.claim(tenant, ids, token)
+                else:
+                    states = answer.decode() if isinstance(answer, bytes) else str(answer)
+                    if KEEP_HERE in states:
+                        states = self._claim_here(tenant, ids, states, token, here)
+                if not known and len(groups) == 1:  # one group: the ids in their order
+                    return states
+                found.update(zip(ids, states, strict=True))
         return "".join(found[record_id] for record_id in record_ids)
+
+    def _known_here(self, tenant: str, record_ids: Sequence[str], token: str) -> dict[str, str]:
+        """The ids this process's table holds for ``tenant`` (written, or in flight for
+        another claim), while it may hold some that Redis does not."""
+        until = self._checked_here_until.get(tenant)
+        if until is None:
+            return {}
+        if until < time.monotonic():
+            del self._checked_here_until[tenant]
+            return {}
+        return self._local.known(tenant, record_ids, token)
+
+    def _check_here(self, tenant: str) -> None:
+        """``tenant`` has ids this process kept and Redis may not have: for a window
+        and a lapse, its claims ask this process first."""
+        if self._redis is None:
+            return
+        if len(self._checked_here_until) >= 100_000:  # a bound on tenants remembered
+            now = time.monotonic()
+            self._checked_here_until = {t: u for t, u in self._checked_here_until.items() if u >= now}
+        self._checked_here_until[tenant] = time.monotonic() + self.window_s + self._lapse_s
 
     def _claim_here(
         self, tenant: str, ids: list[str], states: str, token: str, here: set[str]
@@ -403,8 +458,11 @@ class RecordDeduplicator:
             for record_id, state, now in zip(ids, states, merged, strict=True)
             if state == KEEP_HERE and now == NEW
         )
+        self._check_here(tenant)
         if self._metrics is not None:
-            self._metrics.dedup_kept_in_process.inc(len(kept_here))
+            self._metrics.dedup_kept_in_process.inc(
+                sum(1 for state, now in zip(states, merged, strict=True) if state == KEEP_HERE and now == NEW)
+            )
         now_s = time.monotonic()
         if now_s - self._over_budget_logged.get(tenant, -math.inf) >= OVER_BUDGET_LOG_S:
             if len(self._over_budget_logged) >= 10_000:  # a bound on tenants remembered
@@ -430,9 +488,10 @@ class RecordDeduplicator:
             if not shared:
                 return
         for ids, recorded in await self._run("confirm", self.window_s, tenant, shared, claim.token):
-            self._local.confirm(
-                tenant, ids, claim.token, take_over=self._redis is not None and recorded is None
-            )
+            taken_over = self._redis is not None and recorded is None
+            if taken_over:
+                self._check_here(tenant)
+            self._local.confirm(tenant, ids, claim.token, take_over=taken_over)
 
     async def extend(self, tenant: str, claim: Claim) -> None:
         """The claim's records are still being written: they stay in flight for another
@@ -472,7 +531,7 @@ class RecordDeduplicator:
         async def run(ids: list[str]) -> tuple[list[str], object | None]:
             keys = [self._key(tenant, record_id) for record_id in ids]
             args: list[str | float] = [seconds, token]
-            if script_name == "claim":
+            if script_name in ("claim", "release"):
                 keys.insert(0, self._budget_key(tenant, ids[0]))
                 args += self._budget_args()
             try:

@@ -11,13 +11,16 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from mlgate.service.ingest.dedup import RecordDeduplicator
+from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
 from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK
 from tests.support import KeyMaker
 
 PATH = "/api/v2/ingest"
 BUDGET = 80  # on a Cluster, 10 per slot of the tenant's 8
-pytestmark = pytest.mark.parametrize("backend", ["redis", "cluster"], indirect=True)
+# Each test runs against a fresh redis-server and the session's Redis Cluster; those
+# counting to the budget exactly against the redis-server only (a Cluster splits it in 8).
+EVERY_REDIS = pytest.mark.parametrize("backend", ["redis", "cluster"], indirect=True)
+STANDALONE = pytest.mark.parametrize("backend", ["redis"], indirect=True)
 
 
 async def _ids_in_redis(url: str, tenant: str) -> int:
@@ -67,6 +70,7 @@ async def _two_processes(
     return found
 
 
+@EVERY_REDIS
 async def test_a_tenant_past_its_budget_adds_no_more_ids_to_redis(
     app_client: Any, settings_for: Any, backend: str
 ) -> None:
@@ -79,6 +83,7 @@ async def test_a_tenant_past_its_budget_adds_no_more_ids_to_redis(
     assert client.app[METRICS].dedup_kept_in_process._value.get() == 300 - held
 
 
+@EVERY_REDIS
 async def test_ids_kept_in_process_past_the_budget_are_still_duplicates(
     app_client: Any, settings_for: Any, backend: str
 ) -> None:
@@ -91,6 +96,7 @@ async def test_ids_kept_in_process_past_the_budget_are_still_duplicates(
     assert await _claim_and_confirm(dedup, "flood", ids) == [False] * 200
 
 
+@EVERY_REDIS
 async def test_another_tenant_keeps_its_shared_dedup_while_one_floods(
     app_client: Any, settings_for: Any, backend: str, tmp_path: Any
 ) -> None:
@@ -101,6 +107,7 @@ async def test_another_tenant_keeps_its_shared_dedup_while_one_floods(
     assert await _claim_and_confirm(two, "calm", ["c1", "c2"]) == [False, False]
 
 
+@EVERY_REDIS
 async def test_ids_redis_held_before_the_budget_filled_stay_duplicates_everywhere(
     app_client: Any, settings_for: Any, backend: str, tmp_path: Any
 ) -> None:
@@ -110,6 +117,7 @@ async def test_ids_redis_held_before_the_budget_filled_stay_duplicates_everywher
     assert await _claim_and_confirm(two, "flood", ["early"]) == [False]
 
 
+@EVERY_REDIS
 async def test_a_released_claim_kept_in_process_can_be_claimed_again(
     app_client: Any, settings_for: Any, backend: str
 ) -> None:
@@ -127,6 +135,7 @@ async def test_a_released_claim_kept_in_process_can_be_claimed_again(
     assert (await dedup.claim("flood", [f"late{n}"])).new == [True]
 
 
+@EVERY_REDIS
 async def test_the_budget_frees_as_the_window_passes(
     app_client: Any, settings_for: Any, backend: str
 ) -> None:
@@ -140,6 +149,7 @@ async def test_the_budget_frees_as_the_window_passes(
     assert not (await dedup.claim("flood", ["later"])).held_here
 
 
+@EVERY_REDIS
 async def test_a_flooding_tenants_batches_are_still_answered_and_written_once(
     app_client: Any, make_settings: Any, api_keys: KeyMaker, backend: str
 ) -> None:
@@ -166,3 +176,71 @@ async def test_a_flooding_tenants_batches_are_still_answered_and_written_once(
     again = await client.post(PATH, json=batch(250), headers=headers)
     assert (await again.json())["records_duplicate"] == 50
     assert client.app[RECORD_SINK].next_offset == 300
+
+
+async def _fill_to(dedup: RecordDeduplicator, count: int) -> None:
+    """Tenant "flood" claims and writes ``count`` fresh ids, one call each."""
+    for n in range(count):
+        await _claim_and_confirm(dedup, "flood", [f"fill{n}"])
+
+
+async def _kept_here_then_room(dedup: RecordDeduplicator) -> Claim:
+    """A claim of 10 ids of which 5 are kept here (the budget full), then room for 5
+    more in Redis again (another claim's 5 ids released)."""
+    await _fill_to(dedup, BUDGET - 10)
+    spare = await dedup.claim("flood", [f"spare{n}" for n in range(5)])
+    claim = await dedup.claim("flood", [f"x{n}" for n in range(10)])
+    assert len(claim.held_here) == 5
+    await dedup.release("flood", spare)
+    return claim
+
+
+@STANDALONE
+async def test_an_id_kept_here_stays_a_duplicate_when_redis_has_room_again(
+    app_client: Any, settings_for: Any, backend: str
+) -> None:
+    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
+    dedup = client.app[RECORD_DEDUP]
+    claim = await _kept_here_then_room(dedup)
+    await dedup.confirm("flood", claim)
+    for record_id in sorted(claim.held_here):
+        assert (await dedup.claim("flood", [record_id])).new == [False]
+
+
+@STANDALONE
+async def test_an_id_kept_here_in_flight_is_not_claimed_twice(
+    app_client: Any, settings_for: Any, backend: str
+) -> None:
+    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
+    dedup = client.app[RECORD_DEDUP]
+    first = await _kept_here_then_room(dedup)
+    waiting = asyncio.create_task(dedup.claim("flood", [sorted(first.held_here)[0]]))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # in flight for the first claim
+    await dedup.confirm("flood", first)
+    assert (await waiting).new == [False]
+
+
+@STANDALONE
+async def test_a_batch_larger_than_the_room_left_fills_it_and_keeps_the_rest_here(
+    app_client: Any, settings_for: Any, backend: str
+) -> None:
+    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
+    claim = await client.app[RECORD_DEDUP].claim("flood", [f"b{n}" for n in range(100)])
+    assert claim.new == [True] * 100
+    assert len(claim.held_here) == 100 - BUDGET
+    assert await _ids_in_redis(backend, "flood") == BUDGET
+
+
+@EVERY_REDIS
+async def test_released_claims_give_their_budget_back(
+    app_client: Any, settings_for: Any, backend: str
+) -> None:
+    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
+    dedup = client.app[RECORD_DEDUP]
+    ids = [f"retry{n}" for n in range(40)]
+    for _ in range(10):  # a write that keeps failing, retried: 400 claims of 40 ids
+        claim = await dedup.claim("flood", ids)
+        assert not claim.held_here
+        await dedup.release("flood", claim)
+    assert not (await dedup.claim("flood", ids)).held_here
