@@ -53,7 +53,7 @@ DESCRIPTIONS: dict[str, str] = {
     # Writers
     "writer_mailbox_size": "Ingest writes that may wait for a writer (the requests of one event-loop turn make one write of at most MLGATE_WRITER_MAX_BATCH_RECORDS records, a larger request one of its own); full: 503 at once.",
     "writer_max_batch_records": "Most records a writer takes from its mailbox per round.",
-    "ingest_max_held_values": "Feature values that ingest requests, decoded, may hold at once until their records are durable (about 32 bytes each as Python numbers); past it a new ingest gets 503 with Retry-After at once (one request always fits).",
+    "ingest_max_held_values": "Feature values that ingest requests, decoded, may hold at once until their records are durable (about 32 bytes each as Python numbers); past it a new ingest gets 503 with Retry-After at once (one request always fits). Shared fairly: while another tenant waits for room, a tenant holds at most its share.",
     "writer_max_in_flight": "Kafka batches awaiting acks at once.",
     "data_dir": "Directory for the local log, the spill, keys and the dev key.",
     "log_segment_bytes": "Local log segment size before rotation.",

@@ -62,8 +62,9 @@ async def ingest_batch(
     written durably and the outcome audited. Shared with the express lane
     (service/process/express.py), so both answer alike."""
     source, items = pipeline.decode(body, fmt)
+    tenant = caller.tenant or "anonymous"
     try:
-        held = pipeline.hold(items)
+        held = pipeline.hold(items, tenant)
     except WorkerError as exc:
         audit_call(caller, "ingest", f"refused: {type(exc).__name__}", source=source, records_accepted=0)
         raise
@@ -74,7 +75,7 @@ async def ingest_batch(
             raise _all_rejected(batch.errors)
         tracking_id = pipeline.new_tracking_id()
         try:
-            written = await pipeline.write(caller.tenant or "anonymous", batch, tracking_id)
+            written = await pipeline.write(tenant, batch, tracking_id)
         except Exception as exc:
             audit_call(
                 caller, "ingest", f"failed: {type(exc).__name__}", source=source,
@@ -82,7 +83,7 @@ async def ingest_batch(
             )
             raise
     finally:
-        pipeline.release(held)
+        pipeline.release(held, tenant)
     audit_call(
         caller, "ingest", "accepted", source=source, tracking_id=tracking_id,
         records_accepted=written.accepted, records_rejected=len(batch.errors),

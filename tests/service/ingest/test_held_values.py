@@ -88,3 +88,49 @@ async def test_a_rejected_ingest_releases_what_it_held(
         await ingest_batch(pipeline, bad, Format.JSON, CALLER)
     # 40 values fit only if the 27 of the rejected batch were released.
     assert (await ingest_batch(pipeline, body(0, 10), Format.JSON, CALLER)).records_accepted == 10
+
+
+def _caller(tenant: str) -> Caller:
+    return Caller(tenant, "k", "POST /api/v2/ingest", "rid")
+
+
+async def test_a_tenant_refused_room_gets_it_once_the_flood_is_held_to_its_share(
+    gated: tuple[IngestPipeline, GatedSink],
+) -> None:
+    pipeline, sink = gated
+    flood, calm = _caller("flood"), _caller("calm")
+    floods = [  # 36 of the 40 values, held while Kafka is slow
+        asyncio.ensure_future(ingest_batch(pipeline, body(10 * n, 3), Format.JSON, flood))
+        for n in range(3)
+    ]
+    await asyncio.sleep(0)
+    with pytest.raises(MailboxFull):  # no room: calm now shares the bound
+        await ingest_batch(pipeline, body(100, 2), Format.JSON, calm)
+    with pytest.raises(MailboxFull, match="its share of 20"):  # flood holds 36 of 40
+        await ingest_batch(pipeline, body(200, 1), Format.JSON, flood)
+    sink.gate.set()
+    await asyncio.gather(*floods)
+    sink.gate.clear()
+    # The flood again, now only to its half: calm's retry fits beside it.
+    held = [asyncio.ensure_future(ingest_batch(pipeline, body(300, 4), Format.JSON, flood))]
+    await asyncio.sleep(0)
+    with pytest.raises(MailboxFull, match="its share"):
+        await ingest_batch(pipeline, body(400, 2), Format.JSON, flood)
+    held.append(asyncio.ensure_future(ingest_batch(pipeline, body(500, 4), Format.JSON, calm)))
+    await asyncio.sleep(0)
+    sink.gate.set()
+    assert [answer.records_accepted for answer in await asyncio.gather(*held)] == [4, 4]
+
+
+async def test_a_tenant_alone_may_hold_the_whole_bound(
+    gated: tuple[IngestPipeline, GatedSink],
+) -> None:
+    pipeline, sink = gated
+    alone = _caller("alone")
+    held = [
+        asyncio.ensure_future(ingest_batch(pipeline, body(10 * n, 3), Format.JSON, alone))
+        for n in range(3)
+    ]  # 36 of 40 values
+    await asyncio.sleep(0)
+    sink.gate.set()
+    assert [answer.records_accepted for answer in await asyncio.gather(*held)] == [3, 3, 3]
