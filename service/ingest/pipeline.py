@@ -200,8 +200,9 @@ class IngestPipeline:
                     f"{values} more would pass its share of {share} while other tenants "
                     "wait for room"
                 )
-        self._held_values = held + values
-        self._held_by[tenant] = mine + values
+        if values:
+            self._held_values = held + values
+            self._held_by[tenant] = mine + values
         return values
 
     def _sharing(self, tenant: str) -> int:
@@ -216,6 +217,8 @@ class IngestPipeline:
         return len(holding.keys() | wanting.keys() | {tenant})
 
     def release(self, values: int, tenant: str) -> None:
+        if not values:
+            return
         self._held_values -= values
         left = self._held_by[tenant] - values
         if left:

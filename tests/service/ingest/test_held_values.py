@@ -134,3 +134,4 @@ async def test_a_tenant_alone_may_hold_the_whole_bound(
     await asyncio.sleep(0)
     sink.gate.set()
     assert [answer.records_accepted for answer in await asyncio.gather(*held)] == [3, 3, 3]
+
