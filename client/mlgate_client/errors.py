@@ -18,7 +18,9 @@
     │   └── DeadlineExceeded (504)  the request's deadline passed (retriable)
     ├── UnexpectedAnswer            a 2xx that is not mlgate's answer to the batch
     ├── BufferFull                  ``send`` on a full producer with ``block_on_full=False``
-    └── ProducerClosed              ``send`` after ``close``; records ``close`` cut short
+    └── ClientClosed                a call on a producer or predictor after its ``close``
+        ├── ProducerClosed          ``send`` after ``close``; records ``close`` cut short
+        └── PredictorClosed         ``predict`` after ``close``
 
 ``ApiError.from_response`` picks the subclass by status. A batch that exhausts its
 retries fails each record's future with the last error: its ``problem`` is the last
@@ -51,8 +53,16 @@ class BufferFull(MlgateError):
     """The producer holds ``max_buffer_bytes`` already and was told not to wait."""
 
 
-class ProducerClosed(MlgateError):
+class ClientClosed(MlgateError):
+    """The producer or predictor was closed; it takes no more calls."""
+
+
+class ProducerClosed(ClientClosed):
     """The producer was closed; it takes no more records."""
+
+
+class PredictorClosed(ClientClosed):
+    """The predictor was closed; it asks no more predictions."""
 
 
 class ApiError(MlgateError):

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from mlgate_client.errors import DeadlineExceeded, MlgateError, TransportError
+from mlgate_client.errors import DeadlineExceeded, MlgateError, PredictorClosed, TransportError
 from mlgate_client.records import Features
 from mlgate_client.retry import RetryPolicy, call_with_retries
 from mlgate_client.transport import Transport
@@ -82,6 +82,7 @@ class Predictor:
         self.timeout_ms = timeout_ms
         self._retry = retry or RetryPolicy(initial_backoff_s=0.02, max_backoff_s=1.0)
         self._transport = Transport(url, api_key, connections=connections)
+        self._closed = False
 
     async def predict(
         self,
@@ -129,6 +130,8 @@ class Predictor:
         request_id: str | None,
         timeout_ms: float | None,
     ) -> dict[str, Any]:
+        if self._closed:
+            raise PredictorClosed("closed: it asks no more predictions")
         if model or self.model:
             request["model"] = model or self.model
         request["model_version"] = model_version or self.model_version
@@ -169,6 +172,7 @@ class Predictor:
             raise
 
     async def close(self) -> None:
+        self._closed = True
         await self._transport.close()
 
     async def __aenter__(self) -> Predictor:

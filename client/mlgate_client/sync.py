@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from mlgate_client.delivery import Delivery
-from mlgate_client.errors import ProducerClosed
+from mlgate_client.errors import ClientClosed, PredictorClosed, ProducerClosed
 from mlgate_client.predictor import BatchPrediction, Prediction, Predictor
 from mlgate_client.producer import Producer, ProducerStats
 from mlgate_client.records import Features, Metadata, Timestamp
@@ -30,10 +30,12 @@ class LoopThread:
     ``stop`` first cancels what still runs there and lets it finish (as ``asyncio.run``
     does): a ``close`` interrupted in the calling thread (Ctrl-C) then ends as a close
     cut short, each record failed with ``ProducerClosed``, rather than left pending on
-    a closed loop. A ``run`` racing ``stop`` from another thread gets ``ProducerClosed``,
+    a closed loop. A ``run`` racing ``stop`` from another thread gets ``closed`` (the
+    owner's ``ProducerClosed`` or ``PredictorClosed``),
     never a wait on a loop that will not run it."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, closed: type[ClientClosed] = ProducerClosed) -> None:
+        self._closed = closed  # what a call after ``stop`` raises
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._lock = threading.Lock()
@@ -48,12 +50,12 @@ class LoopThread:
         with self._lock:
             if self._stopping:
                 coroutine.close()  # never awaited: say nothing about it
-                raise ProducerClosed("closed: its event loop has stopped")
+                raise self._closed("closed: its event loop has stopped")
             future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
             return future.result(timeout)
         except concurrent.futures.CancelledError:
-            raise ProducerClosed("closed while this call ran") from None
+            raise self._closed("closed while this call ran") from None
 
     def stop(self) -> None:
         with self._lock:
@@ -158,7 +160,7 @@ class SyncPredictor:
     """``Predictor`` for threads: same options, blocking methods."""
 
     def __init__(self, url: str, **options: Any) -> None:
-        self._thread = LoopThread("mlgate-predictor")
+        self._thread = LoopThread("mlgate-predictor", PredictorClosed)
 
         async def make() -> Predictor:
             return Predictor(url, **options)

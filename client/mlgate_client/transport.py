@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
-from mlgate_client.errors import ApiError, TransportError
+from mlgate_client.errors import ApiError, ClientClosed, TransportError
 from mlgate_client.retry import parse_retry_after
 from mlgate_client.version import __version__
 
@@ -64,8 +64,12 @@ class Transport:
         self._connections = connections
         self._connect_timeout_s = connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _session_now(self) -> aiohttp.ClientSession:
+        if self._closed:
+            # Never a new session after close: nothing would close it.
+            raise ClientClosed(f"closed: no more requests to {self.url}")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._connections),
@@ -101,6 +105,7 @@ class Transport:
         return Answer(status, answer_headers, document)
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from mlgate_client import BatchPrediction, Prediction, Predictor, SyncPredictor
-from mlgate_client.errors import NotFound, ValidationFailed
+from mlgate_client.errors import NotFound, PredictorClosed, ValidationFailed
 
 ROW = [0.1] * 128
 
@@ -47,3 +47,19 @@ async def test_unknown_model_and_wrong_row_length_are_typed_errors(mlgate_url: s
 def test_sync_predictor_answers_from_a_thread(mlgate_url: str) -> None:
     with SyncPredictor(mlgate_url, timeout_ms=5000) as predictor:
         assert predictor.predict(ROW).model == "demo"
+
+
+async def test_a_closed_predictor_refuses_to_predict_and_opens_nothing(mlgate_url: str) -> None:
+    predictor = Predictor(mlgate_url, timeout_ms=5000)
+    await predictor.predict(ROW)
+    await predictor.close()
+    with pytest.raises(PredictorClosed):
+        await predictor.predict(ROW)
+    assert predictor._transport._session is None  # no session left for nobody to close
+
+
+def test_a_closed_sync_predictor_says_so(mlgate_url: str) -> None:
+    predictor = SyncPredictor(mlgate_url, timeout_ms=5000)
+    predictor.close()
+    with pytest.raises(PredictorClosed):
+        predictor.predict(ROW)
