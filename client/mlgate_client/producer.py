@@ -38,6 +38,7 @@ from mlgate_client.delivery import (
 from mlgate_client.errors import (
     BufferFull,
     MlgateError,
+    PayloadTooLarge,
     ProducerClosed,
     TransportError,
     UnexpectedAnswer,
@@ -348,7 +349,14 @@ class Producer:
         started = time.monotonic()
         try:
             document = await call_with_retries(attempt, self._retry, on_retry)
-        except ValidationFailed as exc:
+        except (PayloadTooLarge, ValidationFailed) as exc:
+            if len(batch.records) > 1 and _too_big_for_the_server(exc):
+                await self._deliver_halves(batch, exc)
+                return
+            if isinstance(exc, PayloadTooLarge):
+                self._fail(batch, exc, key, attempts)
+                return
+
             reports = all_rejected(batch.record_ids, exc.field_errors, exc.detail, attempts)
             if reports is None:
                 self._fail(batch, exc, key, attempts)
@@ -363,6 +371,37 @@ class Producer:
                 extra={"idempotency_key": key, "records": len(batch.records),
                        "attempts": attempts, "seconds": round(time.monotonic() - started, 4)},
             )
+
+    async def _deliver_halves(self, batch: _Batch, refusal: MlgateError) -> None:
+        """A batch the server found too large (its body or record limit is below this
+        producer's ``max_bytes`` or ``max_records``) goes again as two halves, each
+        under a key of its own (nothing of it was written: the refusal came before)."""
+        middle = len(batch.records) // 2
+        first_bytes = sum(len(record) for record in batch.records[:middle])
+        halves = [
+            _Batch(batch.records[:middle], batch.record_ids[:middle], batch.futures[:middle], first_bytes),
+            _Batch(
+                batch.records[middle:], batch.record_ids[middle:], batch.futures[middle:],
+                batch.nbytes - first_bytes,
+            ),
+        ]
+        batch.reported = True  # its records are the halves' now
+        log.info(
+            "mlgate_client.batch_split",
+            extra={"records": len(batch.records), "error": str(refusal)},
+        )
+        for n, half in enumerate(halves):
+            try:
+                await self._deliver(half)
+            except BaseException as exc:  # as the sender would for a batch of its own
+                error = (
+                    ProducerClosed("the producer was cancelled")
+                    if isinstance(exc, asyncio.CancelledError)
+                    else MlgateError(f"batch failed: {exc!r}")
+                )
+                for rest in halves[n:]:
+                    self._resolve_failed(rest, error)
+                raise
 
     def _resolve(self, batch: _Batch, reports: list[Delivery]) -> None:
         # Futures and accounting first, callbacks last: a callback that raises past
@@ -414,3 +453,14 @@ class Producer:
             self._on_delivery(record_id, result)
         except (Exception, asyncio.CancelledError):  # a callback's, not this task's cancel
             log.exception("mlgate_client.on_delivery_failed", extra={"record_id": record_id})
+
+
+def _too_big_for_the_server(error: MlgateError) -> bool:
+    """A 413 for the body, or a 422 for the batch's number of records (``records``:
+    "at most N records"): what a smaller batch avoids."""
+    if isinstance(error, PayloadTooLarge):
+        return True
+    return isinstance(error, ValidationFailed) and any(
+        entry.get("loc") == "records" and "at most" in str(entry.get("msg", ""))
+        for entry in error.field_errors
+    )
