@@ -115,6 +115,7 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
             Path(worker_data_dir(settings)) / "log",
             mailbox_size=settings.writer_mailbox_size,
             segment_bytes=settings.log_segment_bytes,
+            telemetry=PrometheusTelemetry(app[METRICS]),
         )
     await sink.start()
     app[RECORD_SINK] = sink
@@ -189,7 +190,7 @@ async def model_repository(app: web.Application) -> AsyncIterator[None]:
     repository = ModelRepository(settings, telemetry=PrometheusTelemetry(app[METRICS]))
     await repository.start()
     app[MODEL_REPOSITORY] = repository
-    app[READINESS_CHECKS]["models"] = lambda: repository.ready
+    app[READINESS_CHECKS]["models"] = lambda: repository.problem
     app[RELOAD_HOOKS]["models"] = repository.poll
     sampled: set[str] = set()
 

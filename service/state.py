@@ -35,7 +35,8 @@ METRICS = web.AppKey("metrics", Metrics)
 # Set on SIGTERM so /ready turns false while in-flight requests finish.
 DRAINING = web.AppKey("draining", asyncio.Event)
 # Named checks /ready runs besides the sink's health (e.g. "models": all loaded).
-READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], bool]])
+# Each check answers its problem, for /ready (None: fine).
+READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], str | None]])
 
 # What SIGHUP reloads (model repository, API keys, TLS), by name.
 RELOAD_HOOKS = web.AppKey("reload_hooks", dict[str, Callable[[], Awaitable[None]]])

@@ -40,6 +40,10 @@ class WorkerTelemetry(SupervisionTelemetry, Protocol):
         self, model: str, version: str, rows: int, queue_s: float, compute_s: float
     ) -> None: ...
 
+    def model_load_failed(self, model: str, version: str) -> None: ...
+
+    def local_log_write_failed(self) -> None: ...
+
 
 class _NoTelemetry(_NoSupervisionTelemetry):
     def kafka_batch_acked(self, records: int, seconds: float) -> None:
@@ -57,6 +61,12 @@ class _NoTelemetry(_NoSupervisionTelemetry):
     def inference_batch_ran(
         self, model: str, version: str, rows: int, queue_s: float, compute_s: float
     ) -> None:
+        pass
+
+    def model_load_failed(self, model: str, version: str) -> None:
+        pass
+
+    def local_log_write_failed(self) -> None:
         pass
 
 

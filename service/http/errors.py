@@ -13,6 +13,7 @@
     ├── ValidationFailed (422)      schema or semantic violations, with ``errors``
     ├── RateLimited (429)           retriable, with Retry-After
     ├── Overloaded (503)            retriable: mailbox full, breaker open, closing
+    ├── Unavailable (503)           retriable: a model in the repository failed to load here
     └── DeadlineExceeded (504)      retriable: waited past its deadline
 """
 
@@ -98,6 +99,10 @@ class RateLimited(ApiError):
 
 class Overloaded(ApiError):
     status, title, slug, retriable = 503, "Service Unavailable", "overloaded", True
+
+
+class Unavailable(ApiError):
+    status, title, slug, retriable = 503, "Service Unavailable", "model-unavailable", True
 
 
 class DeadlineExceeded(ApiError):

@@ -116,6 +116,18 @@ class Metrics:
             "Calls served from in-process state because Redis failed or its breaker was open",
             ["operation"], registry=r,
         )
+        self.model_load_failures = Counter(
+            "mlgate_model_load_failures",
+            "Loads of a model version that failed (its file, its config or its warm-up run); "
+            "once per change of the files",
+            ["model", "version"], registry=r,
+        )
+        self.local_log_write_errors = Counter(
+            "mlgate_local_log_write_errors",
+            "Writes of the local log or the spill that failed (a full or read-only disk, "
+            "an I/O error): the records of each got 503",
+            registry=r,
+        )
         self.dedup_kept_in_process = Counter(
             "mlgate_dedup_kept_in_process",
             "record_ids kept in this process only, their tenant past its Redis dedup budget "
@@ -273,6 +285,12 @@ class PrometheusTelemetry:
         self._m.batch_size.labels(model, version).observe(rows)
         self._m.queue_seconds.labels(model, version).observe(queue_s)
         self._m.compute_seconds.labels(model, version).observe(compute_s)
+
+    def model_load_failed(self, model: str, version: str) -> None:
+        self._m.model_load_failures.labels(model, version).inc()
+
+    def local_log_write_failed(self) -> None:
+        self._m.local_log_write_errors.inc()
 
     def feature_drift_scored(
         self, kind: str, name: str, features: Sequence[str], psi: Sequence[float],

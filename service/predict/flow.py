@@ -49,11 +49,22 @@ from mlgate.service.http.codec import (
     request_format,
 )
 from mlgate.service.http.context import REQUEST_ID
-from mlgate.service.http.errors import ApiError, BadRequest, NotFound, ValidationFailed
+from mlgate.service.http.errors import (
+    ApiError,
+    BadRequest,
+    NotFound,
+    Unavailable,
+    ValidationFailed,
+)
 from mlgate.service.http.msgpack_count import count_objects
 from mlgate.service.state import DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.inference.model_config import NUMPY_DTYPES
-from mlgate.workers.inference.repository import ModelNotFound, ModelRepository, ModelVersion
+from mlgate.workers.inference.repository import (
+    ModelNotFound,
+    ModelRepository,
+    ModelUnavailable,
+    ModelVersion,
+)
 
 PayloadT = TypeVar("PayloadT", PredictRequest, PredictV1Request)
 TIMEOUT_HEADER = "X-Request-Timeout"
@@ -129,8 +140,13 @@ def timeout_ms_in(headers: Mapping[str, str], default_ms: float) -> float | None
 
 
 def resolve(repository: ModelRepository, model: str, version: str | None) -> ModelVersion:
+    """The serving version; 404 for a model or version the repository does not have,
+    503 with Retry-After for one it has that failed to load in this process (another
+    process, or this one once the file is fixed, may serve it: a client retries)."""
     try:
         return repository.resolve(model, version)
+    except ModelUnavailable as exc:
+        raise Unavailable(str(exc), retry_after_s=repository.settings.retry_after_s) from None
     except ModelNotFound as exc:
         raise NotFound(str(exc)) from None
 

@@ -19,17 +19,21 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     app = request.app
-    checks = {
-        "accepting": not app[DRAINING].is_set(),
-        "sink": app[RECORD_SINK].healthy,
+    problems = {
+        "accepting": "shutting down" if app[DRAINING].is_set() else None,
+        "sink": app[RECORD_SINK].problem,
     }
     for name, check in app[READINESS_CHECKS].items():
-        checks[name] = check()
-    is_ready = all(checks.values())
+        problems[name] = check()
+    reasons = {name: problem for name, problem in problems.items() if problem is not None}
     return respond(
         request,
-        Readiness(status="ready" if is_ready else "not ready", checks=checks),
-        status=200 if is_ready else 503,
+        Readiness(
+            status="not ready" if reasons else "ready",
+            checks={name: problem is None for name, problem in problems.items()},
+            reasons=reasons,
+        ),
+        status=503 if reasons else 200,
     )
 
 async def scrape(request: web.Request) -> web.Response:

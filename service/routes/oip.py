@@ -50,7 +50,7 @@ from mlgate.service import __version__
 from mlgate.service.http.body import read_body
 from mlgate.service.http.codec import Format, decode, media_format, respond
 from mlgate.service.http.context import REQUEST_ID
-from mlgate.service.http.errors import ApiError, BadRequest, NotFound
+from mlgate.service.http.errors import ApiError, BadRequest, NotFound, Unavailable
 from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import (
     TIMEOUT_HEADER,
@@ -251,9 +251,13 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    """200 when the model (version) serves; 404 otherwise, as the protocol's 4xx."""
+    """200 when the model (version) serves; 404 otherwise (one that failed to load
+    too, where predicts get 503: here the answer is the protocol's "4xx means false")."""
     version = request.match_info.get("version")
-    loaded = resolve(request.app[MODEL_REPOSITORY], request.match_info["model"], version)
+    try:
+        loaded = resolve(request.app[MODEL_REPOSITORY], request.match_info["model"], version)
+    except Unavailable as exc:
+        raise NotFound(exc.detail) from None
     return respond(request, ModelReadiness(name=loaded.model, version=version, ready=True))
 
 

@@ -414,3 +414,37 @@ async def test_a_write_that_succeeds_makes_the_writer_healthy_again(
 
 def test_reading_an_empty_log_directory_yields_nothing(tmp_path: Path) -> None:
     assert list(read_log(tmp_path)) == []
+
+
+async def test_a_full_disk_is_logged_once_counted_per_write_and_named_with_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: under load a full disk logged an error line per write, naming no
+    directory, with no metric of its own."""
+    import structlog.testing
+
+    class Counted:
+        failures = 0
+
+        def local_log_write_failed(self) -> None:
+            Counted.failures += 1
+
+        def __getattr__(self, name: str) -> Any:
+            return lambda *args, **kwargs: None
+
+    def full(self: LocalLog, frames: list[bytes]) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LocalLog, "append", full)
+    writer = await _started_writer(tmp_path, telemetry=Counted(), min_free_bytes=2**62)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for name in "abc":
+                with pytest.raises(SinkFailed):
+                    await writer.write([_record(name)])
+        failed = [entry for entry in logs if entry["event"] == "local_log_write_failed"]
+        assert len(failed) == 1 and failed[0]["directory"] == str(tmp_path)
+        assert Counted.failures == 3
+        assert writer.problem == f"writes to {tmp_path} fail: [Errno 28] No space left on device"
+    finally:
+        await writer.close()

@@ -22,6 +22,7 @@ from mlgate.workers.inference.repository import (
     ModelLoadFailed,
     ModelNotFound,
     ModelRepository,
+    ModelUnavailable,
 )
 from models.make_demo_model import IR_VERSION, OPSET, build_mlp
 from tests.slow_models import looping_model
@@ -262,6 +263,25 @@ async def test_explicit_load_of_a_broken_model_raises_with_the_reason(
         await repo.load("broken")
     with pytest.raises(ModelNotFound):
         await repo.load("absent")
+
+
+async def test_a_model_that_failed_to_load_is_unavailable_not_unknown(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "broken", 1, body=b"garbage")
+    repo = await start_repository()
+    with pytest.raises(ModelUnavailable, match="failed to load version 1"):
+        repo.resolve("broken")
+    with pytest.raises(ModelUnavailable):
+        repo.resolve("broken", "1")
+    with pytest.raises(ModelNotFound) as unknown:
+        repo.resolve("broken", "2")  # no such version: unknown, as before
+    assert not isinstance(unknown.value, ModelUnavailable)
+    await repo.unload("demo")  # an operator's unload: not a failure
+    with pytest.raises(ModelNotFound) as unloaded:
+        repo.resolve("demo")
+    assert not isinstance(unloaded.value, ModelUnavailable)
 
 
 async def test_polling_picks_up_a_new_version_by_itself(

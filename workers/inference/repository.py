@@ -63,6 +63,11 @@ class ModelNotFound(LookupError):
     """No such model, or no such version of it, is serving."""
 
 
+class ModelUnavailable(ModelNotFound):
+    """The model (or that version) is in the repository but failed to load here: not
+    a wrong name, and perhaps served again soon (a fixed file, another process)."""
+
+
 class ModelLoadFailed(Exception):
     """An explicit load left the model without a serving version."""
 
@@ -104,6 +109,7 @@ class IndexEntry:
     version: str | None = None
     state: State | None = None
     reason: str = ""
+    failed: bool = False  # unavailable because its load or its config failed
 
 
 class ModelRepository:
@@ -159,6 +165,21 @@ class ModelRepository:
         """Started, and the default model serves at least one version."""
         return self._started and not self._closed and self.settings.default_model in self._latest
 
+    @property
+    def problem(self) -> str | None:
+        """Why it is not ready, for ``/ready`` (None when it is)."""
+        if self.ready:
+            return None
+        if self._closed:
+            return "closed"
+        if not self._started:
+            return "models are loading"
+        try:
+            self.resolve(self.settings.default_model)
+        except ModelNotFound as exc:
+            return f"the default model: {exc}"
+        return None
+
     def resolve(self, model: str, version: str | None = None) -> ModelVersion:
         """The serving version (``None``/``"latest"``: the highest one ready)."""
         if version in (None, "", "latest"):
@@ -171,6 +192,18 @@ class ModelRepository:
                 if version in (None, "", "latest")
                 else f"version {version!r} of model {model!r}"
             )
+            entries = self._states.get(model, {})
+            failed = [
+                entry
+                for entry in (
+                    entries.values()
+                    if version in (None, "", "latest")
+                    else [entries.get(str(version))]
+                )
+                if entry is not None and entry.failed
+            ]
+            if failed:
+                raise ModelUnavailable(f"{what} is not serving: {failed[-1].reason}")
             raise ModelNotFound(f"{what} is not serving")
         return found
 
@@ -308,8 +341,10 @@ class ModelRepository:
                         version,
                         "READY" if old else "UNAVAILABLE",
                         reason + ("; the previous load keeps serving" if old else ""),
+                        failed=not old,
                     )
                     log.error("model_load_failed", model=name, version=version, error=str(exc))
+                    self._telemetry.model_load_failed(name, version)
                     continue
                 self._failed.pop((name, version), None)
                 serving[version] = loaded
@@ -349,9 +384,12 @@ class ModelRepository:
             version = str(number)
             suffix = "; the previous load keeps serving" if version in current else ""
             state: State = "READY" if version in current else "UNAVAILABLE"
-            if states.get(version) != IndexEntry(name, version, state, reason + suffix):
+            entry = IndexEntry(name, version, state, reason + suffix, failed=state != "READY")
+            if states.get(version) != entry:
                 log.error("model_config_invalid", model=name, error=reason)
-            states[version] = IndexEntry(name, version, state, reason + suffix)
+                if entry.failed:
+                    self._telemetry.model_load_failed(name, version)
+            states[version] = entry
         self._notify()
 
     async def _load_version(

@@ -26,6 +26,7 @@ from mlgate.workers.actor import Actor
 from mlgate.workers.errors import SinkFailed
 from mlgate.workers.sinks.local_log import LocalLog, frame
 from mlgate.workers.sinks.records import OutboundRecord
+from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 log = structlog.get_logger("mlgate.local_log")
 # After a failed write, healthy again once this much is free (and writable).
@@ -51,6 +52,7 @@ class LocalLogWriter(Actor[_Pending]):
         mailbox_size: int = 1024,
         segment_bytes: int = 64 * 1024 * 1024,
         min_free_bytes: int = MIN_FREE_BYTES,
+        telemetry: WorkerTelemetry = NO_TELEMETRY,
     ) -> None:
         super().__init__(mailbox_size)
         self._directory = Path(directory)
@@ -59,6 +61,8 @@ class LocalLogWriter(Actor[_Pending]):
         self._log: LocalLog | None = None
         self.min_free_bytes = min_free_bytes
         self._write_failed = False
+        self._last_error = ""
+        self._telemetry = telemetry
         self._probing = False
         self._probed_at = 0.0
 
@@ -69,6 +73,14 @@ class LocalLogWriter(Actor[_Pending]):
         if self._write_failed:
             self._probe_soon()
         return not self._write_failed
+
+    @property
+    def problem(self) -> str | None:
+        if self.healthy:
+            return None
+        if not self.running:
+            return f"the local log at {self._directory} is not running"
+        return f"writes to {self._directory} fail: {self._last_error}"
 
     def _probe_soon(self) -> None:
         if self._probing or time.monotonic() - self._probed_at < PROBE_INTERVAL_S:
@@ -145,7 +157,12 @@ class LocalLogWriter(Actor[_Pending]):
             try:
                 await loop.run_in_executor(self._executor, self._log.append, frames)
             except OSError as exc:
-                log.error("local_log_write_failed", error=repr(exc))
+                # Logged when writes start failing (and when they work again), not once
+                # a write: a full disk under load would otherwise log a line a request.
+                if not self._write_failed:
+                    log.error("local_log_write_failed", directory=str(self._directory), error=repr(exc))
+                self._telemetry.local_log_write_failed()
+                self._last_error = str(exc)
                 error = SinkFailed(f"local log write failed: {exc}")
                 self._write_failed, self._probed_at = True, time.monotonic()
             except BaseException:
@@ -160,8 +177,9 @@ class LocalLogWriter(Actor[_Pending]):
                         )
                     self._mailbox.task_done()
                 raise
-            if error is None:
+            if error is None and self._write_failed:
                 self._write_failed = False
+                log.info("local_log_writable_again", directory=str(self._directory))
             for item in taken:
                 if not item.future.done():
                     if error is None:

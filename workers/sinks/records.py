@@ -30,3 +30,8 @@ class RecordSink(Protocol):
 
     @property
     def healthy(self) -> bool: ...
+
+    @property
+    def problem(self) -> str | None:
+        """Why it is not healthy, for ``/ready`` (None when it is)."""
+        ...

@@ -94,6 +94,7 @@ class SpillingKafkaSink:
             self._directory,
             mailbox_size=settings.writer_mailbox_size,
             segment_bytes=settings.log_segment_bytes,
+            telemetry=telemetry,
         )
         self.breaker = Breaker(
             "kafka",
@@ -117,6 +118,21 @@ class SpillingKafkaSink:
             and self._backlog < self._settings.spill_max_records
             and (self._backlog == 0 or self._drainer.healthy)
         )
+
+    @property
+    def problem(self) -> str | None:
+        if self.healthy:
+            return None
+        if self._closed:
+            return "closed"
+        if not self._spill.healthy:
+            return f"spill: {self._spill.problem}"
+        if self._backlog >= self._settings.spill_max_records:
+            return (
+                f"spill full: {self._backlog} records wait for Kafka "
+                "(MLGATE_SPILL_MAX_RECORDS)"
+            )
+        return f"{self._backlog} spilled records wait for Kafka and the drainer is not running"
 
     @property
     def backlog(self) -> int:

@@ -22,3 +22,7 @@ class WrappedSink:
     @property
     def healthy(self) -> bool:
         return True
+
+    @property
+    def problem(self) -> str | None:
+        return None

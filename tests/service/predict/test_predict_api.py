@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings
-from mlgate.service.state import MODEL_REPOSITORY
+from mlgate.service.state import METRICS, MODEL_REPOSITORY
 from mlgate.workers.inference.batching import InferenceWorker
 from models.make_demo_model import build_mlp
 from tests.service_process import REPO
@@ -196,6 +196,42 @@ async def test_unknown_model_or_version_is_404(demo_client: Client) -> None:
     assert status == 404 and body["status"] == 404
     status, _ = await predict(demo_client, {"features": features, "model_version": "9"})
     assert status == 404
+
+
+async def test_a_model_that_failed_to_load_here_is_503_with_retry_after_on_every_route(
+    app_client: Any, make_settings: Callable[..., Settings], repo_root: Path
+) -> None:
+    add_version(repo_root, 1, seed=1)
+    (repo_root / "broken" / "1").mkdir(parents=True)
+    (repo_root / "broken" / "1" / "model.onnx").write_bytes(b"garbage")
+    client: Client = await app_client(make_settings(model_repository=str(repo_root)))
+    features = rows(1)[0].tolist()
+    response = await client.post("/api/v2/predict", json={"features": features, "model": "broken"})
+    body = await response.json()
+    assert (response.status, response.headers["Retry-After"]) == (503, "1")
+    assert body["type"].endswith("/model-unavailable") and "failed to load" in body["detail"]
+    infer = {"inputs": [{"name": "features", "shape": [1, 128], "datatype": "FP32", "data": features}]}
+    response = await client.post("/v2/models/broken/infer", json=infer)
+    assert response.status == 503 and "failed to load" in (await response.json())["error"]
+    # The protocol's readiness stays a 4xx ("not ready"), and an unknown model a 404.
+    assert (await client.get("/v2/models/broken/ready")).status == 404
+    response = await client.post("/api/v2/predict", json={"features": features, "model": "nope"})
+    assert response.status == 404
+    assert client.app[METRICS].model_load_failures.labels("broken", "1")._value.get() == 1
+
+
+async def test_ready_names_the_default_model_that_failed_to_load_and_why(
+    app_client: Any, make_settings: Callable[..., Settings], repo_root: Path
+) -> None:
+    (repo_root / "demo" / "1").mkdir(parents=True)
+    (repo_root / "demo" / "1" / "model.onnx").write_bytes(b"garbage")
+    client: Client = await app_client(make_settings(model_repository=str(repo_root)))
+    response = await client.get("/ready")
+    body = await response.json()
+    assert response.status == 503 and body["checks"]["models"] is False
+    assert body["reasons"]["models"].startswith(
+        "the default model: model 'demo' is not serving: failed to load version 1"
+    )
 
 
 @pytest.mark.parametrize(
