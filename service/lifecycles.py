@@ -18,7 +18,7 @@ background loop here is a ``SupervisedTask``: a crash is logged, counted and res
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import structlog
@@ -26,7 +26,11 @@ from aiohttp import web
 
 from mlgate.config import Settings, worker_data_dir
 from mlgate.service.http import metrics
-from mlgate.service.http.metrics import BREAKER_STATES, Metrics, PrometheusTelemetry
+from mlgate.service.http.metrics import (
+    Metrics,
+    PrometheusTelemetry,
+    multiprocess_dir,
+)
 from mlgate.service.ingest.dedup import RecordDeduplicator
 from mlgate.service.ingest.pipeline import IngestPipeline
 from mlgate.service.protection.api_keys import KeyStore, keys_path
@@ -72,10 +76,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
         )
         if not await redis.ping():
             log.warning("redis_unreachable_at_start", fallback="in-process state")
-        shared = redis
-        app_metrics.samplers["redis_breaker"] = lambda: app_metrics.breaker_state.labels(
-            "redis"
-        ).set(BREAKER_STATES[shared.breaker.state])
+        app_metrics.samplers["redis_breaker"] = redis_sampler(app_metrics, redis)
     keys = KeyStore(keys_path(settings), redis, cache_s=settings.keys_cache_s)
     app[KEY_STORE] = keys
 
@@ -129,11 +130,28 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
     await sink.close(drain_s=settings.shutdown_timeout_s / 2)
 
 
+def redis_sampler(app_metrics: Metrics, redis: SharedRedis) -> Callable[[], None]:
+    """The Redis breaker's gauges; once its open time is up, a ping as its trial. Nothing
+    else may call Redis on a quiet host, and the breaker (and the gauges) would stay
+    open after Redis came back until a request needed it."""
+    trial: set[asyncio.Task[bool]] = set()
+
+    def sample() -> None:
+        breaker = redis.breaker
+        if breaker.state == "open" and breaker.retry_after_s == 0 and not trial:
+            ping = asyncio.get_running_loop().create_task(redis.ping())
+            trial.add(ping)
+            ping.add_done_callback(trial.discard)  # ping() answers False, never raises
+        app_metrics.record_breaker("redis", breaker)
+
+    return sample
+
+
 def sample_sink(app_metrics: Metrics, sink: SpillingKafkaSink | LocalLogWriter) -> None:
     app_metrics.mailbox_depth.labels(sink.name).set(sink.mailbox_depth)
     if isinstance(sink, SpillingKafkaSink):
         app_metrics.spill_backlog.set(sink.backlog)
-        app_metrics.breaker_state.labels("kafka").set(BREAKER_STATES[sink.breaker.state])
+        app_metrics.record_breaker("kafka", sink.breaker)
 
 
 def drift_monitor_for(
@@ -197,13 +215,23 @@ async def model_repository(app: web.Application) -> AsyncIterator[None]:
     def sample() -> None:
         """Mailbox depth and breaker state per serving version; retired ones removed."""
         depth, breaker = app[METRICS].mailbox_depth, app[METRICS].breaker_state
+        unavailable = app[METRICS].dependency_unavailable
         versions = {f"model:{v.model}/{v.version}": v for v in repository.serving()}
         for label in sampled - versions.keys():
-            depth.remove(f"inference:{label.removeprefix('model:')}")
-            breaker.remove(label)
+            # Zeroed first: prometheus-client's multiprocess mode cannot remove a label
+            # (it warns and keeps the last value), and a retired version's open breaker
+            # or deep mailbox would otherwise stay on for the life of the process.
+            worker = f"inference:{label.removeprefix('model:')}"
+            depth.labels(worker).set(0)
+            breaker.labels(label).set(0)
+            unavailable.labels(label).set(0)
+            if multiprocess_dir() is None:
+                depth.remove(worker)
+                breaker.remove(label)
+                unavailable.remove(label)
         for label, version in versions.items():
             depth.labels(f"inference:{version.worker.name}").set(version.worker.mailbox_depth)
-            breaker.labels(label).set(BREAKER_STATES[version.breaker.state])
+            app[METRICS].record_breaker(label, version.breaker)
         sampled.clear()
         sampled.update(versions)
 

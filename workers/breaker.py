@@ -8,6 +8,7 @@ on its own, which is what a breaker is for.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import NoReturn, TypeVar
@@ -34,8 +35,25 @@ class BreakerOpen(Exception):
 
 
 class _LogTransitions(aiobreaker.CircuitBreakerListener):
+    """An outage logged once each way: opened (warning) and closed again (info, with how
+    long it lasted). Its trials in between (half-open, open again when one fails, every
+    ``reset_s`` for as long as the dependency is down) at debug: a broker down for an
+    hour would otherwise log a pair of warnings every few seconds."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None  # ``time.monotonic()`` when it opened
+
     def state_change(self, breaker: aiobreaker.CircuitBreaker, old: object, new: object) -> None:
-        log.warning("breaker_state_changed", breaker=breaker.name, state=_state_name(new))
+        state = _state_name(new)
+        if state == "open" and self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("breaker_state_changed", breaker=breaker.name, state=state)
+        elif state == "closed" and self.down_since is not None:
+            down_s = time.monotonic() - self.down_since
+            self.down_since = None
+            log.info("breaker_state_changed", breaker=breaker.name, state=state, down_s=round(down_s, 1))
+        else:
+            log.debug("breaker_state_changed", breaker=breaker.name, state=state)
 
 
 def _state_name(state: object) -> str:
@@ -53,11 +71,12 @@ class Breaker:
         exclude: tuple[type[BaseException], ...] = (MailboxFull,),
     ) -> None:
         self.name = name
+        self._transitions = _LogTransitions()
         self._breaker = aiobreaker.CircuitBreaker(
             fail_max=fail_max,
             timeout_duration=timedelta(seconds=reset_s),
             exclude=list(exclude),
-            listeners=[_LogTransitions()],
+            listeners=[self._transitions],
             name=name,
         )
 
@@ -65,6 +84,19 @@ class Breaker:
     def state(self) -> str:
         """"closed", "open" or "half_open"."""
         return _state_name(self._breaker.current_state)
+
+    @property
+    def reported_state(self) -> str:
+        """The state for metrics: an open breaker whose time is up is "half_open" (its
+        next call is a trial), though aiobreaker changes it only at that call."""
+        state = self.state
+        return "half_open" if state == "open" and self.retry_after_s == 0 else state
+
+    @property
+    def unavailable(self) -> bool:
+        """From the failure that opened it until a call succeeds again: steady through
+        the trials, where ``state`` goes open, half-open, open, ..."""
+        return self._transitions.down_since is not None
 
     @property
     def is_open(self) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -47,7 +48,7 @@ def json_line(event: dict[str, Any], **_: Any) -> str:
 
 # The processors and stream of our configuration, once made. Compared item by item:
 # structlog's capture_logs edits the configured list in place.
-_configured: tuple[tuple[Any, ...], TextIO] | None = None
+_configured: tuple[tuple[Any, ...], TextIO, dict[str, Any]] | None = None
 
 
 class _Stdout(logging.StreamHandler):
@@ -88,10 +89,23 @@ def quiet_client_body_errors() -> None:
         server_log.addFilter(_ClientBodyErrors())
 
 
-def configure_logging(level: str = "info") -> None:
+def configure_logging(level: str = "info", worker: int | None = None) -> None:
+    """JSON lines on stdout at ``level``; ``worker``: the index of this process among
+    the supervisor's, on every line (which of several processes wrote it)."""
     global _configured
     quiet_client_body_errors()
+    # Python's warnings (a library's, such as prometheus-client's) as log lines too.
+    logging.captureWarnings(True)
     numeric = LEVELS[level]
+    static: dict[str, Any] = {} if worker is None else {"worker": worker}
+
+    def add_static(
+        logger: Any, name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key, value in static.items():
+            event_dict.setdefault(key, value)
+        return event_dict
+
     # The standard library's records (aiohttp's, aiokafka's) as JSON lines too, with the
     # logger's name and the traceback as a field: one line each a log pipeline can parse.
     handler = _Stdout()
@@ -99,6 +113,7 @@ def configure_logging(level: str = "info") -> None:
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
                 structlog.contextvars.merge_contextvars,
+                add_static,
                 structlog.stdlib.add_logger_name,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -115,6 +130,7 @@ def configure_logging(level: str = "info") -> None:
     root.setLevel(numeric)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_static,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
@@ -126,7 +142,7 @@ def configure_logging(level: str = "info") -> None:
         logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
-    _configured = (tuple(processors), sys.stdout)
+    _configured = (tuple(processors), sys.stdout, static)
 
 
 def write_info_line(event: dict[str, Any]) -> bool:
@@ -137,6 +153,8 @@ def write_info_line(event: dict[str, Any]) -> bool:
     if configured is None or tuple(structlog.get_config()["processors"]) != configured[0]:
         return False
     for name, value in structlog.contextvars.get_contextvars().items():
+        event.setdefault(name, value)
+    for name, value in configured[2].items():
         event.setdefault(name, value)
     event["level"] = "info"
     event["timestamp"] = datetime.now(tz=UTC).isoformat().replace("+00:00", "Z")

@@ -28,6 +28,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from mlgate.workers.breaker import Breaker
 from mlgate.workers.supervision import SupervisedTask
 
 log = structlog.get_logger("mlgate.metrics")
@@ -144,6 +145,12 @@ class Metrics:
             "mlgate_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
             ["dependency"], multiprocess_mode="livemax", registry=r,
         )
+        self.dependency_unavailable = Gauge(
+            "mlgate_dependency_unavailable",
+            "1 from the failures that open a dependency's circuit breaker until a call "
+            "succeeds again (steady through its half-open trials), else 0",
+            ["dependency"], multiprocess_mode="livemax", registry=r,
+        )
         self.tls_expiry_seconds = Gauge(
             "mlgate_tls_certificate_expiry_seconds", "Seconds until the TLS certificate expires",
             multiprocess_mode="livemin", registry=r,
@@ -168,6 +175,11 @@ class Metrics:
         )
         # name -> callable returning the current value; sampled once a second.
         self.samplers: dict[str, Callable[[], None]] = {}
+
+    def record_breaker(self, dependency: str, breaker: Breaker) -> None:
+        """``breaker``'s state and whether its dependency is down, under ``dependency``."""
+        self.breaker_state.labels(dependency).set(BREAKER_STATES[breaker.reported_state])
+        self.dependency_unavailable.labels(dependency).set(1 if breaker.unavailable else 0)
 
     def sample(self) -> None:
         # One failing sampler must neither stop the others nor the sampling task

@@ -38,7 +38,7 @@ def _child(settings_json: bytes, ready: ProcessEvent) -> None:
     from mlgate.service.http.logs import configure_logging
 
     settings = msgspec.json.decode(settings_json, type=Settings)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, worker=settings.worker_index)
     raise SystemExit(run(settings, on_ready=ready.set))
 
 

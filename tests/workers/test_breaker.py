@@ -136,3 +136,31 @@ async def test_an_open_breaker_refuses_with_its_retry_time_on_a_host_east_of_utc
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+async def _open(breaker: Breaker) -> None:
+    with pytest.raises((ConnectionError, BreakerOpen)):
+        await breaker.call(fail)
+
+
+async def test_an_outage_is_logged_once_each_way_and_reported_down_through_its_trials() -> None:
+    """A review: a broker down logged a warning pair every few seconds (open, half-open,
+    open, ...), and the state gauge flapped between 2 and 1 under an alert on 2."""
+    import structlog.testing
+
+    breaker = Breaker("dep", fail_max=1, reset_s=0.05)
+    with structlog.testing.capture_logs() as logs:
+        await _open(breaker)
+        seen = set()
+        for _ in range(3):  # three trials, each failing: still down throughout
+            await asyncio.sleep(0.06)
+            seen.add(breaker.reported_state)
+            assert breaker.unavailable
+            await _open(breaker)
+        await asyncio.sleep(0.06)
+        assert await breaker.call(succeed) == "ok"
+    assert seen == {"half_open"}  # its time up, the next call is a trial
+    assert not breaker.unavailable and breaker.reported_state == "closed"
+    changes = [(e["log_level"], e["state"]) for e in logs if e["event"] == "breaker_state_changed"]
+    loud = [change for change in changes if change[0] != "debug"]
+    assert loud == [("warning", "open"), ("info", "closed")]

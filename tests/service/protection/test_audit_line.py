@@ -94,3 +94,26 @@ def test_a_standard_library_record_is_written_as_a_json_line_with_its_traceback(
     assert record["logger"] == "aiohttp.server" and record["level"] == "error"
     assert "ValueError: broken body" in record["exception"]
     assert record["timestamp"].endswith("Z")
+
+
+def test_every_line_of_a_supervised_process_names_its_worker(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A review: with two processes, a failing one's lines could not be told apart."""
+    import warnings
+
+    logging.captureWarnings(False)  # an earlier test's capture, undone by pytest's own
+    logs.configure_logging("info", worker=1)
+    try:
+        audit_admin("key_create", "created", key_id="k-1", tenant="acme")  # the direct path
+        structlog.get_logger().error("local_log_write_failed")
+        logging.getLogger("aiokafka").error("Unable connect to node")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")  # pytest's own filter makes it an error
+            warnings.warn("Removal of labels has not been implemented", UserWarning, stacklevel=1)
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    finally:
+        logging.captureWarnings(False)
+        structlog.reset_defaults()
+    assert [line["worker"] for line in lines] == [1, 1, 1, 1]
+    assert "Removal of labels" in lines[3]["event"]  # a warning is a JSON line too
