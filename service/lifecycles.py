@@ -120,12 +120,15 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
         )
     await sink.start()
     app[RECORD_SINK] = sink
-    app[INGEST_PIPELINE] = IngestPipeline(
+    app[INGEST_PIPELINE] = pipeline = IngestPipeline(
         app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS],
         max_turn_records=settings.writer_max_batch_records,
         max_held_values=settings.ingest_max_held_values,
     )
     app[METRICS].samplers["record_sink"] = lambda: sample_sink(app[METRICS], sink)
+    app[METRICS].samplers["ingest"] = lambda: app[METRICS].ingest_held_values.set(
+        pipeline.held_values
+    )
     yield
     await sink.close(drain_s=settings.shutdown_timeout_s / 2)
 

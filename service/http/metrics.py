@@ -129,6 +129,18 @@ class Metrics:
             "an I/O error): the records of each got 503",
             registry=r,
         )
+        self.ingest_refused = Counter(
+            "mlgate_ingest_refused",
+            "Ingests refused with 503 for the held-values bound (MLGATE_INGEST_MAX_HELD_VALUES): "
+            "reason held_values (no room) or tenant_share (the tenant at its share while "
+            "others wait)",
+            ["reason"], registry=r,
+        )
+        self.ingest_held_values = Gauge(
+            "mlgate_ingest_held_values",
+            "Feature values ingests hold until their records are durable",
+            multiprocess_mode="livesum", registry=r,
+        )
         self.dedup_kept_in_process = Counter(
             "mlgate_dedup_kept_in_process",
             "record_ids kept in this process only, their tenant past its Redis dedup budget "

@@ -164,6 +164,17 @@ class IngestPipeline:
     def decode(self, body: bytes, fmt: Format) -> tuple[str, Sequence[Decoded]]:
         return self._validator.decode_batch(body, fmt)
 
+    @property
+    def held_values(self) -> int:
+        return self._held_values
+
+    def admit(self, tenant: str) -> None:
+        """Before the body is decoded, refuse at once what ``hold`` would refuse
+        whatever the body holds: no room left at all, or ``tenant`` at its share while
+        others wait. A review: under a flood on 32 connections the refused bodies were
+        decoded first (half the core), and a calm tenant's ingests took seconds."""
+        self._check(tenant, 1)
+
     def hold(self, items: Sequence[Decoded], tenant: str) -> int:
         """Count the feature values of decoded ``items`` against ``max_held_values``
         until ``release``: a request holds its decoded records until they are durable,
@@ -173,37 +184,46 @@ class IngestPipeline:
         a request always fits when nothing else is held.
 
         The bound is shared fairly: while other tenants hold values or were refused
-        room within ``WANTING_S``, a tenant already holding some takes more only within
-        its share (the bound over the tenants sharing it). One tenant posting large
-        batches on many connections (within its rate limit: 10,000-record batches at
-        1,000 requests a second fill 8M values in 10 ms of Kafka latency) cannot keep
-        the others' ingests refused: once refused, they count, and the flood's further
-        requests are refused until it holds no more than its share."""
+        room within ``WANTING_S`` (and keep asking), a tenant already holding some
+        takes more only within its share (the bound over the tenants sharing it). One
+        tenant posting large batches on many connections (within its rate limit:
+        10,000-record batches at 1,000 requests a second fill 8M values in 10 ms of
+        Kafka latency) cannot keep the others' ingests refused: once refused, they
+        count for as long as they keep asking, and the flood's further requests are
+        refused until it holds no more than its share."""
         if isinstance(items, PackedRecords):
             values = int(items.matrix.size)
         else:
             values = sum(len(item.features) for item in items if not isinstance(item, RecordError))
+        self._check(tenant, values)
+        if values:
+            self._held_values += values
+            self._held_by[tenant] = self._held_by.get(tenant, 0) + values
+        return values
+
+    def _check(self, tenant: str, values: int) -> None:
+        wanting = self._wanting
+        if wanting and tenant in wanting:
+            wanting[tenant] = time.monotonic()  # still asking: it keeps sharing the bound
         held = self._held_values
         mine = self._held_by.get(tenant, 0)
         if held and held + values > self._max_held_values:
             if mine < self._max_held_values // self._sharing(tenant):
-                self._wanting[tenant] = time.monotonic()
+                wanting[tenant] = time.monotonic()
+            self._metrics.ingest_refused.labels("held_values").inc()
             raise MailboxFull(
                 f"ingests hold {held} feature values until durable; "
                 f"{values} more would pass {self._max_held_values}"
             )
-        if mine and self._wanting:
+        if mine and wanting:
             share = self._max_held_values // self._sharing(tenant)
             if mine + values > share:
+                self._metrics.ingest_refused.labels("tenant_share").inc()
                 raise MailboxFull(
                     f"this tenant's ingests hold {mine} feature values until durable; "
                     f"{values} more would pass its share of {share} while other tenants "
                     "wait for room"
                 )
-        if values:
-            self._held_values = held + values
-            self._held_by[tenant] = mine + values
-        return values
 
     def _sharing(self, tenant: str) -> int:
         """How many tenants share the bound: those holding values, those refused room

@@ -13,16 +13,24 @@ import structlog.testing
 
 from mlgate.service.http.codec import Format
 from mlgate.service.http.errors import ValidationFailed
+from mlgate.service.ingest import pipeline as pipeline_module
 from mlgate.service.ingest.pipeline import IngestPipeline
 from mlgate.service.protection.audit import Caller
 from mlgate.service.routes.ingest import ingest_batch
-from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK, RECORD_VALIDATOR
+from mlgate.service.state import (
+    INGEST_PIPELINE,
+    METRICS,
+    RECORD_DEDUP,
+    RECORD_SINK,
+    RECORD_VALIDATOR,
+)
 from mlgate.workers.errors import MailboxFull
 from mlgate.workers.sinks.records import OutboundRecord
 from tests.conftest import AppClientFactory
 from tests.service.ingest.sinks import WrappedSink
 
 CALLER = Caller("t", "k", "POST /api/v2/ingest", "rid")
+PATH = "/api/v2/ingest"
 
 
 class GatedSink(WrappedSink):
@@ -135,3 +143,84 @@ async def test_a_tenant_alone_may_hold_the_whole_bound(
     sink.gate.set()
     assert [answer.records_accepted for answer in await asyncio.gather(*held)] == [3, 3, 3]
 
+
+
+async def _flood_refused_calm(
+    pipeline: IngestPipeline,
+) -> list[asyncio.Future[Any]]:
+    """Flood holds 36 of 40 values (its writes waiting on the sink); calm was refused."""
+    floods = [
+        asyncio.ensure_future(ingest_batch(pipeline, body(10 * n, 3), Format.JSON, _caller("flood")))
+        for n in range(3)
+    ]
+    await asyncio.sleep(0)
+    with pytest.raises(MailboxFull):
+        await ingest_batch(pipeline, body(100, 2), Format.JSON, _caller("calm"))
+    return floods
+
+
+async def test_an_ingest_past_its_tenants_share_is_refused_before_its_body_is_decoded(
+    gated: tuple[IngestPipeline, GatedSink],
+) -> None:
+    pipeline, sink = gated
+    floods = await _flood_refused_calm(pipeline)
+    # Not even JSON: decoded, it would be a 400; refused first, it is a 503.
+    with pytest.raises(MailboxFull, match="its share"):
+        await ingest_batch(pipeline, b"not a body", Format.JSON, _caller("flood"))
+    metrics = pipeline._metrics
+    assert metrics.ingest_refused.labels("tenant_share")._value.get() == 1
+    assert metrics.ingest_refused.labels("held_values")._value.get() == 1  # calm's
+    sink.gate.set()
+    await asyncio.gather(*floods)
+
+
+async def test_a_refused_tenant_that_keeps_asking_keeps_its_share(
+    gated: tuple[IngestPipeline, GatedSink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: counted only for WANTING_S after its last refusal, a calm tenant
+    admitted all along was refused again every few seconds as the flood refilled."""
+    monkeypatch.setattr(pipeline_module, "WANTING_S", 0.1)
+    pipeline, sink = gated
+    floods = await _flood_refused_calm(pipeline)
+    sink.gate.set()
+    await asyncio.gather(*floods)
+    sink.gate.clear()
+    for n in range(6):  # calm keeps posting, admitted, for three times WANTING_S
+        sink.gate.set()
+        await ingest_batch(pipeline, body(200 + n, 1), Format.JSON, _caller("calm"))
+        sink.gate.clear()
+        await asyncio.sleep(0.05)
+    held = asyncio.ensure_future(ingest_batch(pipeline, body(300, 4), Format.JSON, _caller("flood")))
+    await asyncio.sleep(0)
+    with pytest.raises(MailboxFull, match="its share"):  # still at most its half
+        await ingest_batch(pipeline, body(400, 2), Format.JSON, _caller("flood"))
+    sink.gate.set()
+    await held
+
+
+async def test_a_streams_chunks_count_against_the_held_values_too(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    client = await app_client(settings_for(ingest_max_held_values=4000))
+    pipeline = client.app[INGEST_PIPELINE]
+    sink = pipeline._sink = GatedSink(pipeline._sink)  # Kafka frozen: chunks stay held
+
+    def stream(first: int) -> bytes:
+        lines = (
+            msgspec.json.encode({"record_id": f"s{first + i}", "features": [1.0, 2.0, 3.0, 4.0]})
+            for i in range(1000)
+        )
+        return b"\n".join(lines) + b"\n"  # one chunk: 4,000 values
+
+    headers = {"Content-Type": "application/x-ndjson"}
+    first = asyncio.ensure_future(
+        client.post(f"{PATH}/stream?source=s", data=stream(0), headers=headers)
+    )
+    for _ in range(500):  # until its chunk is held, waiting for the sink
+        if pipeline.held_values:
+            break
+        await asyncio.sleep(0.01)
+    second = await client.post(f"{PATH}/stream?source=s", data=stream(1000), headers=headers)
+    assert second.status == 503 and "feature values" in (await second.json())["detail"]
+    sink.gate.set()
+    assert (await first).status == 202
