@@ -212,3 +212,42 @@ async def test_once_a_batch_is_not_taken_the_rest_of_the_round_fails_at_once_unw
     unwritten = failed.value.unwritten
     assert {r.key for r in unwritten} == {r.key for r in records}  # none taken as written
     assert failed.value.outcome_unknown < len(records) // 2  # most were never sent
+
+
+async def test_writes_queued_behind_a_frozen_broker_all_spill_within_two_request_timeouts(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """A hostile review: each round of writes failed only after a request timeout of
+    its own, so the fifth write queued behind a frozen broker waited five (25 s at the
+    default), every tenant's ingests refused meanwhile."""
+    telemetry = _Resent()
+    sink, topic = await _started_sink(make_settings, private_kafka_broker, telemetry)
+    assert private_kafka_broker.process is not None
+    pid = private_kafka_broker.process.pid
+    timeout_s = 0.5  # the sink's kafka_request_timeout_ms
+
+    def records(tag: int) -> list[OutboundRecord]:
+        return [OutboundRecord(key=f"{tag}-{i}".encode(), value=b"x" * 200, headers=[]) for i in range(3000)]
+
+    waited: list[float] = []
+
+    async def write(tag: int) -> None:
+        started = asyncio.get_running_loop().time()
+        await sink.write(records(tag))
+        waited.append(asyncio.get_running_loop().time() - started)
+
+    try:
+        await sink.write([OutboundRecord(key=b"warm-up", value=b"{}", headers=[])])
+        await _freeze(pid)
+        try:
+            await asyncio.gather(*(write(tag) for tag in range(12)))  # six rounds' worth
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert max(waited) < 4 * timeout_s  # not one timeout more per round (6 x)
+        await _wait_until_drained(sink)
+    finally:
+        await sink.close()
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=12 * 3000 + 1)
+    copies = Counter(m.key for m in messages if m.key != b"warm-up")
+    assert len(copies) == 12 * 3000  # none lost
+    assert sum(copies.values()) - 12 * 3000 <= telemetry.resent  # every duplicate counted

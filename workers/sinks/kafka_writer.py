@@ -215,6 +215,30 @@ class KafkaWriter(Actor[_Pending]):
     async def write(self, records: list[OutboundRecord]) -> None:
         await self.submit(records)
 
+    async def write_within(self, records: list[OutboundRecord], seconds: float) -> None:
+        """``write``, waiting at most ``seconds`` for Kafka's answer: then
+        ``KafkaWriteFailed`` with every record unwritten, their outcome unknown if the
+        writer had taken the request (it may still send them) and none if it had not
+        (it never will: a request given up is skipped). A broker that stops answering
+        fails each round of writes only after a request timeout of its own, so the
+        writes queued behind the first waited one timeout more each (25 s for the
+        fifth, every tenant's ingests refused meanwhile)."""
+        item = _Pending(records, self._new_future())
+        self._enqueue(item)
+        try:
+            await asyncio.wait_for(asyncio.shield(item.future), seconds)
+        except TimeoutError:
+            item.future.cancel()  # skipped if still waiting; its late answer ignored
+            taken = item.batches_left > 0
+            raise KafkaWriteFailed(
+                f"Kafka did not answer within {seconds:g} s",
+                unwritten=list(records),
+                outcome_unknown=len(records) if taken else 0,
+            ) from None
+        except asyncio.CancelledError:
+            item.future.cancel()
+            raise
+
     async def _release(self) -> None:
         """Flush and stop the producer once the writer task has stopped."""
         if self._producer is not None:
@@ -230,7 +254,11 @@ class KafkaWriter(Actor[_Pending]):
         limit = self._settings.writer_max_batch_records
         linger_s = self._settings.kafka_linger_ms / 1000
         while True:
-            taken = [await self._mailbox.get()]
+            first = await self._mailbox.get()
+            if first.future.done():  # given up by its caller (``write_within``): never sent
+                self._mailbox.task_done()
+                continue
+            taken = [first]
             # Each item holds one count while it is being dispatched, so a fast ack of its
             # first partition batch cannot resolve it before its last batch is sent.
             taken[0].batches_left = 1
@@ -241,6 +269,9 @@ class KafkaWriter(Actor[_Pending]):
                 count = len(taken[0].records)
                 while count < limit and not self._mailbox.empty():
                     item = self._mailbox.get_nowait()
+                    if item.future.done():
+                        self._mailbox.task_done()
+                        continue
                     item.batches_left = 1
                     taken.append(item)
                     count += len(item.records)

@@ -178,7 +178,9 @@ class SpillingKafkaSink:
         kafka_took_none = True
         if direct:
             try:
-                await self.breaker.call(self._kafka.write, records)
+                # At most two request timeouts: then it spills (see ``write_within``).
+                deadline_s = 2 * self._settings.kafka_request_timeout_ms / 1000
+                await self.breaker.call(self._kafka.write_within, records, deadline_s)
                 return
             except MailboxFull:
                 raise
