@@ -102,6 +102,14 @@ class _Pending:
     # This request's records in each batch handed to the producer, with that batch:
     # read only if the request fails, to tell its records apart.
     handed: list[tuple[list[OutboundRecord], _Batch]] = field(default_factory=list)
+    gave_up: bool = False  # its caller stopped waiting (``KafkaWriter.write_within``)
+
+    def give_up(self) -> None:
+        """Stop waiting: the future cancelled, so the writer skips it if it has not
+        taken it yet and its late answer goes nowhere."""
+        if not self.future.done():
+            self.gave_up = True
+            self.future.cancel()
 
     def batch_done(self, error: BaseException | None) -> None:
         if error is not None:
@@ -225,19 +233,20 @@ class KafkaWriter(Actor[_Pending]):
         fifth, every tenant's ingests refused meanwhile)."""
         item = _Pending(records, self._new_future())
         self._enqueue(item)
+        # A timer, not ``asyncio.wait_for`` (a task and a shield on every write).
+        timer = item.future.get_loop().call_later(seconds, item.give_up)
         try:
-            await asyncio.wait_for(asyncio.shield(item.future), seconds)
-        except TimeoutError:
-            item.future.cancel()  # skipped if still waiting; its late answer ignored
-            taken = item.batches_left > 0
+            await item.future
+        except asyncio.CancelledError:
+            if not item.gave_up:
+                raise
             raise KafkaWriteFailed(
                 f"Kafka did not answer within {seconds:g} s",
                 unwritten=list(records),
-                outcome_unknown=len(records) if taken else 0,
+                outcome_unknown=len(records) if item.batches_left > 0 else 0,
             ) from None
-        except asyncio.CancelledError:
-            item.future.cancel()
-            raise
+        finally:
+            timer.cancel()
 
     async def _release(self) -> None:
         """Flush and stop the producer once the writer task has stopped."""
