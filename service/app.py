@@ -70,6 +70,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(lifecycles.drift_monitor)
     app.cleanup_ctx.append(lifecycles.model_repository)
     app.cleanup_ctx.append(lifecycles.metrics_sampler)
+    app.cleanup_ctx.append(lifecycles.host_readiness)
 
     documented = [
         *health.ROUTES,

@@ -31,14 +31,17 @@ from mlgate.service.http.metrics import (
     PrometheusTelemetry,
     multiprocess_dir,
 )
+from mlgate.service.http.readiness import HostReadiness
 from mlgate.service.ingest.dedup import RecordDeduplicator
 from mlgate.service.ingest.pipeline import IngestPipeline
 from mlgate.service.protection.api_keys import KeyStore, keys_path
 from mlgate.service.protection.idempotency import IdempotencyStore
 from mlgate.service.protection.rate_limits import RateLimiter
 from mlgate.service.protection.shared_redis import SharedRedis
+from mlgate.service.routes.health import own_problems
 from mlgate.service.state import (
     DRIFT_MONITOR,
+    HOST_READINESS,
     IDEMPOTENCY,
     INGEST_PIPELINE,
     KEY_STORE,
@@ -243,6 +246,26 @@ async def model_repository(app: web.Application) -> AsyncIterator[None]:
     app[METRICS].samplers.pop("models", None)
     app[READINESS_CHECKS].pop("models", None)
     await repository.close()
+
+
+async def host_readiness(app: web.Application) -> AsyncIterator[None]:
+    """With several processes, this one's readiness published once a second (the
+    metrics sampler's turn) for its siblings' ``/ready``; the last of the contexts, so
+    every check it reads exists."""
+    settings = app[SETTINGS]
+    if settings.workers < 2:
+        yield
+        return
+    host = app[HOST_READINESS] = HostReadiness(
+        settings.data_dir, settings.worker_index, settings.workers
+    )
+
+    def publish() -> None:
+        host.publish({name: problem for name, problem in own_problems(app).items() if problem})
+
+    app[METRICS].samplers["host_readiness"] = publish
+    yield
+    app[METRICS].samplers.pop("host_readiness", None)
 
 
 async def metrics_sampler(app: web.Application) -> AsyncIterator[None]:

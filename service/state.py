@@ -15,6 +15,7 @@ from aiohttp.web_urldispatcher import AbstractResource
 
 from mlgate.config import Settings
 from mlgate.service.http.metrics import Metrics
+from mlgate.service.http.readiness import HostReadiness
 from mlgate.service.ingest.dedup import RecordDeduplicator
 from mlgate.service.ingest.pipeline import IngestPipeline
 from mlgate.service.ingest.validation import RecordValidator
@@ -35,6 +36,8 @@ METRICS = web.AppKey("metrics", Metrics)
 # Set on SIGTERM so /ready turns false while in-flight requests finish.
 DRAINING = web.AppKey("draining", asyncio.Event)
 # Named checks /ready runs besides the sink's health (e.g. "models": all loaded).
+# With several processes: their readiness, shared (service.http.readiness).
+HOST_READINESS = web.AppKey("host_readiness", HostReadiness)
 # Each check answers its problem, for /ready (None: fine).
 READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], str | None]])
 

@@ -10,21 +10,31 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from mlgate.schemas.health import Health, Readiness
 from mlgate.service.http.codec import respond
 from mlgate.service.http.routing import Route
-from mlgate.service.state import DRAINING, METRICS, READINESS_CHECKS, RECORD_SINK
+from mlgate.service.state import DRAINING, HOST_READINESS, METRICS, READINESS_CHECKS, RECORD_SINK
 
 
 async def health(request: web.Request) -> web.Response:
     return respond(request, Health())
 
 
-async def ready(request: web.Request) -> web.Response:
-    app = request.app
+def own_problems(app: web.Application) -> dict[str, str | None]:
+    """This process's readiness checks, each with its problem (None: fine)."""
     problems = {
         "accepting": "shutting down" if app[DRAINING].is_set() else None,
         "sink": app[RECORD_SINK].problem,
     }
     for name, check in app[READINESS_CHECKS].items():
         problems[name] = check()
+    return problems
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready when this process and, with several, every sibling still running is."""
+    app = request.app
+    problems = own_problems(app)
+    host = app.get(HOST_READINESS)
+    if host is not None:
+        problems.update(host.siblings())
     reasons = {name: problem for name, problem in problems.items() if problem is not None}
     return respond(
         request,

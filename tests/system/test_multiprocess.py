@@ -136,3 +136,39 @@ def test_a_process_that_keeps_dying_makes_the_supervisor_stop_all_and_exit_1(
     assert "worker_crash_loop" in service.tail()
     with pytest.raises(OSError):  # process 0, restarted, was stopped with it
         socket.create_connection(("127.0.0.1", service.port), timeout=1).close()
+
+
+async def test_ready_answers_for_the_host_when_one_process_cannot_serve_its_model(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review: a process restarted after the model file broke could not load it, and
+    /ready said 200 or 503 by which process the connection reached (the balancer saw
+    the host flap; half of its predicts failed)."""
+    models = tmp_path / "models"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "demo", models / "demo")
+    with notify_socket() as (path, sock):
+        service = service_process(
+            "--workers", "2", wait=False, NOTIFY_SOCKET=path,
+            MLGATE_MODEL_REPOSITORY=str(models), MLGATE_MODEL_POLL_INTERVAL_S="0",
+        )
+        receive_until(sock, "READY=1")
+    for model_file in models.glob("demo/*/model.onnx"):
+        model_file.write_bytes(b"garbage")  # the running processes keep what they loaded
+    victim = sorted(serving_children(service.pid))[0]
+    os.kill(victim, signal.SIGKILL)  # restarted by the supervisor: it cannot load it
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def ready() -> tuple[int, str]:
+            async with session.get(f"{service.url}/ready") as response:
+                return response.status, str((await response.json()).get("reasons"))
+
+        for _ in range(100):  # until the restarted process serves and says what is wrong
+            status, reasons = await ready()
+            if "failed to load" in reasons:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)  # its siblings have read what it published
+        answers = [await ready() for _ in range(20)]  # new connections: both processes
+    assert [status for status, _ in answers] == [503] * 20
+    assert all("failed to load" in reasons for _, reasons in answers)

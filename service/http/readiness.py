@@ -1,0 +1,67 @@
+"""One readiness for the processes of a host: each publishes its own, and ``/ready``,
+whichever process answers it, reads its siblings' too.
+
+With ``MLGATE_WORKERS`` > 1 the kernel hands each new connection to one of the
+processes (``SO_REUSEPORT``), so a balancer's health check reaches one at random. A
+process that cannot serve (a model that failed to load when it restarted, its own
+data directory full) while its siblings can made the host flap in and out of the
+pool, and half of its requests fail. Each process writes its problems once a second
+(the metrics sampler's turn) to ``<data_dir>/ready/worker-<n>.json``; a sibling's
+file not rewritten for ``STALE_S`` belongs to a process that is gone (its socket
+closed with it, so it takes no requests) and is left out.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import msgspec
+
+STALE_S = 3.0
+
+
+class _Published(msgspec.Struct, frozen=True):
+    problems: dict[str, str]
+
+
+class HostReadiness:
+    def __init__(self, data_dir: str, worker_index: int, workers: int) -> None:
+        self._directory = Path(data_dir) / "ready"
+        self._index = worker_index
+        self._workers = workers
+        self._encoder = msgspec.json.Encoder()
+        self._decoder = msgspec.json.Decoder(_Published)
+
+    def _file(self, index: int) -> Path:
+        return self._directory / f"worker-{index}.json"
+
+    def publish(self, problems: dict[str, str]) -> None:
+        """This process's problems (none: ready), for its siblings to read."""
+        self._directory.mkdir(parents=True, exist_ok=True)
+        path = self._file(self._index)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(self._encoder.encode(_Published(problems)))
+        os.replace(temporary, path)
+
+    def siblings(self) -> dict[str, str]:
+        """The problems of the other processes still running, one entry each:
+        ``{"worker <n>": "<check>: <problem>; ..."}``."""
+        found: dict[str, str] = {}
+        now = time.time()
+        for index in range(self._workers):
+            if index == self._index:
+                continue
+            path = self._file(index)
+            try:
+                if now - path.stat().st_mtime > STALE_S:
+                    continue  # gone, or not started yet: it answers nothing meanwhile
+                published = self._decoder.decode(path.read_bytes())
+            except (OSError, msgspec.DecodeError):
+                continue
+            if published.problems:
+                found[f"worker {index}"] = "; ".join(
+                    f"{check}: {problem}" for check, problem in published.problems.items()
+                )
+        return found

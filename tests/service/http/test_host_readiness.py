@@ -1,0 +1,31 @@
+"""Several processes answer /ready as one host: each publishes its problems and reads
+its siblings' (service.http.readiness)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from mlgate.service.http.readiness import STALE_S, HostReadiness
+
+
+def test_a_siblings_problem_is_the_hosts(tmp_path: Path) -> None:
+    first, second = HostReadiness(str(tmp_path), 0, 2), HostReadiness(str(tmp_path), 1, 2)
+    second.publish({"models": "the default model: failed to load version 1"})
+    assert first.siblings() == {"worker 1": "models: the default model: failed to load version 1"}
+    second.publish({})
+    assert first.siblings() == {}
+
+
+def test_a_sibling_that_stopped_publishing_is_left_out(tmp_path: Path) -> None:
+    first, second = HostReadiness(str(tmp_path), 0, 2), HostReadiness(str(tmp_path), 1, 2)
+    second.publish({"sink": "closed"})
+    old = time.time() - STALE_S - 1
+    os.utime(tmp_path / "ready" / "worker-1.json", (old, old))  # gone: its socket with it
+    assert first.siblings() == {}
+
+
+def test_a_process_alone_or_not_yet_published_reads_nothing(tmp_path: Path) -> None:
+    assert HostReadiness(str(tmp_path), 0, 2).siblings() == {}
+    assert HostReadiness(str(tmp_path), 0, 1).siblings() == {}
