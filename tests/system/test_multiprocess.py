@@ -144,16 +144,14 @@ async def test_ready_answers_for_the_host_when_one_process_cannot_serve_its_mode
     """A review: a process restarted after the model file broke could not load it, and
     /ready said 200 or 503 by which process the connection reached (the balancer saw
     the host flap; half of its predicts failed)."""
-    models = tmp_path / "models"
-    shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "demo", models / "demo")
+    models = _copy_of_the_demo_model(tmp_path)
     with notify_socket() as (path, sock):
         service = service_process(
             "--workers", "2", wait=False, NOTIFY_SOCKET=path,
             MLGATE_MODEL_REPOSITORY=str(models), MLGATE_MODEL_POLL_INTERVAL_S="0",
         )
         receive_until(sock, "READY=1")
-    for model_file in models.glob("demo/*/model.onnx"):
-        model_file.write_bytes(b"garbage")  # the running processes keep what they loaded
+    _break_its_files(models)  # the running processes keep what they loaded
     victim = sorted(serving_children(service.pid))[0]
     os.kill(victim, signal.SIGKILL)  # restarted by the supervisor: it cannot load it
     connector = aiohttp.TCPConnector(force_close=True)
@@ -172,3 +170,14 @@ async def test_ready_answers_for_the_host_when_one_process_cannot_serve_its_mode
         answers = [await ready() for _ in range(20)]  # new connections: both processes
     assert [status for status, _ in answers] == [503] * 20
     assert all("failed to load" in reasons for _, reasons in answers)
+
+
+def _copy_of_the_demo_model(tmp_path: Path) -> Path:
+    models = tmp_path / "models"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "demo", models / "demo")
+    return models
+
+
+def _break_its_files(models: Path) -> None:
+    for model_file in models.glob("demo/*/model.onnx"):
+        model_file.write_bytes(b"garbage")
