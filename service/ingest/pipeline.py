@@ -184,13 +184,16 @@ class IngestPipeline:
         a request always fits when nothing else is held.
 
         The bound is shared fairly: while other tenants hold values or were refused
-        room within ``WANTING_S`` (and keep asking), a tenant already holding some
-        takes more only within its share (the bound over the tenants sharing it). One
-        tenant posting large batches on many connections (within its rate limit:
-        10,000-record batches at 1,000 requests a second fill 8M values in 10 ms of
-        Kafka latency) cannot keep the others' ingests refused: once refused, they
-        count for as long as they keep asking, and the flood's further requests are
-        refused until it holds no more than its share."""
+        room within ``WANTING_S``, a tenant already holding some takes more only
+        within its share (the bound over the tenants sharing it). One tenant posting
+        large batches on many connections (within its rate limit: 10,000-record
+        batches at 1,000 requests a second fill 8M values in 10 ms of Kafka latency)
+        cannot keep the others' ingests refused: once refused, they count for
+        ``WANTING_S``, and the flood's further requests are refused until it holds no
+        more than its share. Counted from the last refusal only (a review: refreshed
+        by every request, a tenant refused once capped the others while it used
+        little), a calm tenant may meet a refill of the bound a refusal every
+        ``WANTING_S`` or so."""
         if isinstance(items, PackedRecords):
             values = int(items.matrix.size)
         else:
@@ -203,8 +206,6 @@ class IngestPipeline:
 
     def _check(self, tenant: str, values: int) -> None:
         wanting = self._wanting
-        if wanting and tenant in wanting:
-            wanting[tenant] = time.monotonic()  # still asking: it keeps sharing the bound
         held = self._held_values
         mine = self._held_by.get(tenant, 0)
         if held and held + values > self._max_held_values:

@@ -251,3 +251,30 @@ async def test_writes_queued_behind_a_frozen_broker_all_spill_within_two_request
     copies = Counter(m.key for m in messages if m.key != b"warm-up")
     assert len(copies) == 12 * 3000  # none lost
     assert sum(copies.values()) - 12 * 3000 <= telemetry.resent  # every duplicate counted
+
+
+@pytest.mark.parametrize("cancelled_too", [False, True], ids=["given up", "cancelled as it gave up"])
+async def test_a_write_given_up_fails_as_never_sent_unless_its_task_was_cancelled(
+    make_settings, cancelled_too: bool
+) -> None:
+    """A review: a cancellation landing in the loop turn of the give-up was swallowed,
+    turned into a KafkaWriteFailed and spilled."""
+    writer = KafkaWriter(make_settings())
+    writer._task = asyncio.ensure_future(asyncio.sleep(3600))  # a writer that takes nothing
+    caller = asyncio.ensure_future(writer.write_within(_records(1), 60))
+    try:
+        await asyncio.sleep(0)
+        given_up = writer._mailbox._queue[0]  # type: ignore[attr-defined]
+        given_up.give_up()
+        assert given_up.records == []  # never taken: nothing kept for it
+        if cancelled_too:
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+        else:
+            with pytest.raises(KafkaWriteFailed) as failed:
+                await caller
+            assert failed.value.never_sent and failed.value.outcome_unknown == 0
+            assert len(failed.value.unwritten) == 1
+    finally:
+        writer._task.cancel()

@@ -62,10 +62,19 @@ class KafkaWriteFailed(SinkFailed):
     order; ``outcome_unknown``: how many of them the broker may have written anyway.
     """
 
-    def __init__(self, message: str, unwritten: list[OutboundRecord], outcome_unknown: int) -> None:
+    def __init__(
+        self,
+        message: str,
+        unwritten: list[OutboundRecord],
+        outcome_unknown: int,
+        *,
+        never_sent: bool = False,
+    ) -> None:
         super().__init__(message)
         self.unwritten = unwritten
         self.outcome_unknown = outcome_unknown
+        # None of the request's records was ever handed to the producer.
+        self.never_sent = never_sent
 
 
 def outcome_unknown(error: BaseException) -> bool:
@@ -110,6 +119,8 @@ class _Pending:
         if not self.future.done():
             self.gave_up = True
             self.future.cancel()
+            if self.batches_left == 0:  # never taken, never to be: its records can go
+                self.records = []
 
     def batch_done(self, error: BaseException | None) -> None:
         if error is not None:
@@ -238,12 +249,15 @@ class KafkaWriter(Actor[_Pending]):
         try:
             await item.future
         except asyncio.CancelledError:
-            if not item.gave_up:
-                raise
+            task = asyncio.current_task()
+            if not item.gave_up or (task is not None and task.cancelling()):
+                raise  # a cancellation of this task's own, even one with the give-up
+            taken = item.batches_left > 0
             raise KafkaWriteFailed(
                 f"Kafka did not answer within {seconds:g} s",
                 unwritten=list(records),
-                outcome_unknown=len(records) if item.batches_left > 0 else 0,
+                outcome_unknown=len(records) if taken else 0,
+                never_sent=not taken,
             ) from None
         finally:
             timer.cancel()

@@ -198,7 +198,7 @@ class SpillingKafkaSink:
                     # Not "took none" even when it acknowledged none: aiokafka retries a
                     # batch itself, and an answer lost on the way is then reported as the
                     # last attempt's error, not as an unknown outcome.
-                    kafka_took_none = False
+                    kafka_took_none = failure.never_sent
                     records, resent = failure.unwritten, failure.outcome_unknown
                     if not records:
                         return
