@@ -141,9 +141,10 @@ class IngestPipeline:
         self._max_held_values = max_held_values
         self._held_values = 0  # of the requests between their decoding and their answer
         self._held_by: dict[str, int] = {}  # the same, per tenant holding any
-        # Tenants refused for want of room, and when (``time.monotonic``): for
-        # ``WANTING_S`` they count among those sharing the bound.
-        self._wanting: dict[str, float] = {}
+        # Tenants refused for want of room: when (``time.monotonic``) and how many
+        # values they asked for. For ``WANTING_S`` they count among those sharing the
+        # bound, and room is kept for what they asked (up to their share).
+        self._wanting: dict[str, tuple[float, int]] = {}
         self._dedup = dedup
         self._sink = sink
         self._metrics = metrics
@@ -173,7 +174,7 @@ class IngestPipeline:
         whatever the body holds: no room left at all, or ``tenant`` at its share while
         others wait. A review: under a flood on 32 connections the refused bodies were
         decoded first (half the core), and a calm tenant's ingests took seconds."""
-        self._check(tenant, 1)
+        self._check(tenant, 1, known=False)
 
     def hold(self, items: Sequence[Decoded], tenant: str) -> int:
         """Count the feature values of decoded ``items`` against ``max_held_values``
@@ -184,8 +185,10 @@ class IngestPipeline:
         a request always fits when nothing else is held.
 
         The bound is shared fairly: while other tenants hold values or were refused
-        room within ``WANTING_S``, a tenant already holding some takes more only
-        within its share (the bound over the tenants sharing it). One tenant posting
+        room within ``WANTING_S``, a tenant already holding some takes more past its
+        share (the bound over the tenants sharing it) only into room none of them asked
+        for (what each asked, up to its share, is kept: a review saw a tenant refused
+        once cap the others at half while it used little). One tenant posting
         large batches on many connections (within its rate limit: 10,000-record
         batches at 1,000 requests a second fill 8M values in 10 ms of Kafka latency)
         cannot keep the others' ingests refused: once refused, they count for
@@ -204,13 +207,19 @@ class IngestPipeline:
             self._held_by[tenant] = self._held_by.get(tenant, 0) + values
         return values
 
-    def _check(self, tenant: str, values: int) -> None:
+    def _check(self, tenant: str, values: int, known: bool = True) -> None:
+        """Refuse ``values`` more for ``tenant`` (``known``: the request's size, else
+        only that it holds some) when the bound has no room, or when the tenant would
+        pass its share and take room kept for the tenants refused meanwhile: past its
+        share a tenant still takes what no waiting tenant asked for."""
         wanting = self._wanting
         held = self._held_values
         mine = self._held_by.get(tenant, 0)
         if held and held + values > self._max_held_values:
-            if mine < self._max_held_values // self._sharing(tenant):
-                wanting[tenant] = time.monotonic()
+            share = self._max_held_values // self._sharing(tenant)
+            if mine < share:
+                asked = values if known else wanting.get(tenant, (0.0, share))[1]
+                wanting[tenant] = (time.monotonic(), asked)
             self._metrics.ingest_refused.labels("held_values").inc()
             raise MailboxFull(
                 f"ingests hold {held} feature values until durable; "
@@ -218,7 +227,8 @@ class IngestPipeline:
             )
         if mine and wanting:
             share = self._max_held_values // self._sharing(tenant)
-            if mine + values > share:
+            kept = sum(min(asked, share) for name, (_, asked) in wanting.items() if name != tenant)
+            if mine + values > share and held + values > self._max_held_values - kept:
                 self._metrics.ingest_refused.labels("tenant_share").inc()
                 raise MailboxFull(
                     f"this tenant's ingests hold {mine} feature values until durable; "
@@ -232,7 +242,7 @@ class IngestPipeline:
         wanting = self._wanting
         if wanting:
             since = time.monotonic() - WANTING_S
-            for name in [name for name, at in wanting.items() if at < since]:
+            for name in [name for name, (at, _) in wanting.items() if at < since]:
                 del wanting[name]
         holding = self._held_by
         return len(holding.keys() | wanting.keys() | {tenant})

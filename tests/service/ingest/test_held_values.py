@@ -119,15 +119,17 @@ async def test_a_tenant_refused_room_gets_it_once_the_flood_is_held_to_its_share
     sink.gate.set()
     await asyncio.gather(*floods)
     sink.gate.clear()
-    # The flood again, now only to its half: calm's retry fits beside it.
-    held = [asyncio.ensure_future(ingest_batch(pipeline, body(300, 4), Format.JSON, flood))]
-    await asyncio.sleep(0)
-    with pytest.raises(MailboxFull, match="its share"):
+    # The flood again: past its half (20) only into room calm did not ask for (its 8).
+    held = []
+    for first, records in ((300, 4), (310, 2), (320, 1)):  # 16 + 8 + 4: 28 <= 40 - 8
+        held.append(asyncio.ensure_future(ingest_batch(pipeline, body(first, records), Format.JSON, flood)))
+        await asyncio.sleep(0)
+    with pytest.raises(MailboxFull, match="its share"):  # 36 would take calm's room
         await ingest_batch(pipeline, body(400, 2), Format.JSON, flood)
-    held.append(asyncio.ensure_future(ingest_batch(pipeline, body(500, 4), Format.JSON, calm)))
+    held.append(asyncio.ensure_future(ingest_batch(pipeline, body(500, 2), Format.JSON, calm)))
     await asyncio.sleep(0)
     sink.gate.set()
-    assert [answer.records_accepted for answer in await asyncio.gather(*held)] == [4, 4]
+    assert [answer.records_accepted for answer in await asyncio.gather(*held)] == [4, 2, 1, 2]
 
 
 async def test_a_tenant_alone_may_hold_the_whole_bound(
@@ -187,17 +189,17 @@ async def test_a_refused_tenant_caps_the_others_only_for_a_while_after_its_refus
     sink.gate.clear()
     held = [asyncio.ensure_future(ingest_batch(pipeline, body(300, 4), Format.JSON, _caller("flood")))]
     await asyncio.sleep(0)
-    with pytest.raises(MailboxFull, match="its share"):  # calm refused just now: half
-        await ingest_batch(pipeline, body(400, 2), Format.JSON, _caller("flood"))
+    with pytest.raises(MailboxFull, match="its share"):  # calm refused just now: 36 > 40 - 8
+        await ingest_batch(pipeline, body(400, 5), Format.JSON, _caller("flood"))
     for n in range(3):  # calm goes on posting, admitted, past WANTING_S
         sink.gate.set()
         await ingest_batch(pipeline, body(200 + n, 1), Format.JSON, _caller("calm"))
         sink.gate.clear()
         await asyncio.sleep(0.05)
-    held.append(asyncio.ensure_future(ingest_batch(pipeline, body(400, 2), Format.JSON, _caller("flood"))))
+    held.append(asyncio.ensure_future(ingest_batch(pipeline, body(400, 5), Format.JSON, _caller("flood"))))
     await asyncio.sleep(0)
     sink.gate.set()
-    assert [answer.records_accepted for answer in await asyncio.gather(*held)] == [4, 2]
+    assert [answer.records_accepted for answer in await asyncio.gather(*held)] == [4, 5]
 
 
 async def test_a_streams_chunks_count_against_the_held_values_too(
