@@ -53,7 +53,7 @@ DESCRIPTIONS: dict[str, str] = {
     # Writers
     "writer_mailbox_size": "Ingest writes that may wait for a writer (the requests of one event-loop turn make one write of at most MLGATE_WRITER_MAX_BATCH_RECORDS records, a larger request one of its own); full: 503 at once.",
     "writer_max_batch_records": "Most records a writer takes from its mailbox per round.",
-    "ingest_max_held_values": "Feature values that ingest requests, decoded, may hold at once until their records are durable (about 32 bytes each as Python numbers); past it a new ingest gets 503 with Retry-After at once (one request always fits). Shared fairly: while another tenant waits for room, a tenant holds at most its share.",
+    "ingest_max_held_values": "Feature values that ingest requests, decoded, may hold at once until their records are durable (about 32 bytes each as Python numbers); past it a new ingest gets 503 with Retry-After at once (one request always fits). Shared fairly: while other tenants wait for room (refused within 5 s), a tenant past its share takes only room none of them asked for.",
     "writer_max_in_flight": "Kafka batches awaiting acks at once.",
     "data_dir": "Directory for the local log, the spill, keys and the dev key.",
     "log_segment_bytes": "Local log segment size before rotation.",
@@ -86,14 +86,17 @@ DESCRIPTIONS: dict[str, str] = {
         "Bytes of responses kept in Redis per tenant; past it the tenant's oldest go first."
     ),
     "dedup_window_s": "Window in which a repeated record_id is dropped as a duplicate (0: off).",
-    "dedup_max_entries": "record_ids remembered in process when there is no Redis.",
+    "dedup_max_entries": (
+        "record_ids remembered in process: all of them without Redis; with it, those of a "
+        "tenant past MLGATE_DEDUP_REDIS_TENANT_MAX_IDS or written while Redis fails."
+    ),
     "dedup_redis_tenant_max_ids": (
         "record_ids a tenant may have remembered in Redis within the window (~150 bytes "
         "each); past it its new ids are remembered in process only, until older ones age out."
     ),
     "dedup_in_flight_wait_s": "How long a batch waits for another request's write of the same record_id (then 409).",
     # Load shedding
-    "retry_after_s": "Retry-After seconds sent with 503 for a full mailbox.",
+    "retry_after_s": "Retry-After seconds sent with 503 for a full mailbox or a model that failed to load.",
     # Quality
     "profiles_dir": "Directory of source feature profiles (sources/<source>.profile.json).",
     "profiles_poll_interval_s": "How often profiles are rescanned (0: at start and on SIGHUP).",

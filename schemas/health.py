@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -14,6 +14,13 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
 class Readiness(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     status: Literal["ready", "not ready"]
     checks: dict[str, bool]
-    # For each failing check, what is wrong (a full disk and its directory, the model
-    # that failed to load and why, ...).
-    reasons: dict[str, str] = {}
+    reasons: Annotated[
+        dict[str, str],
+        msgspec.Meta(
+            description=(
+                "For each failing check what is wrong (a full disk and its directory, the "
+                "model that failed to load and why); with several processes also "
+                '"worker <n>" for a sibling that is not ready'
+            )
+        ),
+    ] = {}

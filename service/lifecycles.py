@@ -10,6 +10,8 @@
     drift_monitor      the drift monitor actor
     model_repository   the ONNX models, their readiness check, SIGHUP hook and gauges
     metrics_sampler    the gauges sampled once a second
+    host_readiness     with several processes, this one's readiness published once a
+                       second for its siblings' /ready
 
 aiohttp runs the cleanups in reverse, after in-flight handlers have finished. Every
 background loop here is a ``SupervisedTask``: a crash is logged, counted and restarted.

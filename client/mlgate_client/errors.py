@@ -14,7 +14,7 @@
     │   ├── RateLimited (429)       retriable, honours Retry-After
     │   ├── ServerError (5xx)       500 and others not listed below
     │   ├── BadGateway (502)        a balancer without a healthy host (retriable)
-    │   ├── Overloaded (503)        queue full, breaker open (retriable)
+    │   ├── Overloaded (503)        queue full, breaker open, a model not loaded there (retriable)
     │   └── DeadlineExceeded (504)  the request's deadline passed (retriable)
     ├── UnexpectedAnswer            a 2xx that is not mlgate's answer to the batch
     ├── BufferFull                  ``send`` on a full producer with ``block_on_full=False``

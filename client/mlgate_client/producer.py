@@ -14,6 +14,8 @@
   batch that fails for good fails its futures with the last error (an ``ApiError``
   whose ``problem`` is the last problem document, or a ``TransportError``). The
   optional ``on_delivery(record_id, delivery_or_error)`` is called for each record too.
+- A batch the server finds too large (413, or 422 for more records than it takes)
+  goes again as two halves, each with a key of its own, until it fits.
 - Batches may land out of order when ``max_in_flight > 1`` and one is retried.
 """
 

@@ -37,7 +37,7 @@ PROBLEM_STATUSES = {
     415: "Unsupported Content-Type",
     422: "Validation failed",
     429: "Rate limited",
-    503: "Overloaded: queue full or dependency down; retry after Retry-After",
+    503: "Overloaded (queue full, dependency down) or a model that failed to load here; retry after Retry-After",
     504: "Deadline exceeded",
 }
 

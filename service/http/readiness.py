@@ -8,7 +8,8 @@ data directory full) while its siblings can made the host flap in and out of the
 pool, and half of its requests fail. Each process writes its problems once a second
 (the metrics sampler's turn) to ``<data_dir>/ready/worker-<n>.json``; a sibling's
 file not rewritten for ``STALE_S`` belongs to a process that is gone (its socket
-closed with it, so it takes no requests) and is left out.
+closed with it, so it takes no requests) and is left out; so is one that cannot
+write its file (its own /ready still says why).
 """
 
 from __future__ import annotations

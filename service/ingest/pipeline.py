@@ -1,7 +1,10 @@
 """IngestPipeline: the one path every ingested record takes, and what a 202 means.
 
-    decode -> validate -> quality screen -> dedup claim -> write -> confirm
+    admit -> decode -> hold -> validate -> quality screen -> dedup claim -> write -> confirm
 
+- **admit** and **hold**: the feature values requests hold until durable are bounded
+  (``max_held_values``) and shared fairly between tenants (``hold``); what the bound
+  refuses whatever the body holds is refused before it is decoded (``admit``).
 - **decode**: the body into the source and, per index, a ``Record`` or the reason it
   was rejected (``RecordValidator.decode_batch``; streams decode record by record in
   ``ingest.streams``).

@@ -90,7 +90,8 @@ ROUTES = [
             "`instances` the answer is `{predictions: [{prediction, confidence}], model, "
             "model_version, request_id, latency_ms}`. "
             "`model_version` in the answer is the concrete version that served it. "
-            "Unknown model or version: 404; wrong feature count: 422; queue full: 503 "
+            "Unknown model or version: 404; a model that failed to load here: 503 with "
+            "Retry-After; wrong feature count: 422; queue full: 503 "
             "with Retry-After; deadline passed while queued: 504."
         ),
     ),

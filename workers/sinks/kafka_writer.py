@@ -21,8 +21,10 @@ Without the idempotent producer aiokafka gives a batch ``request_timeout_ms`` in
 (its batch TTL), so a produce that times out fails here and is not retried by the
 producer. With it (``kafka_enable_idempotence``) aiokafka retries a timed-out or
 refused batch itself, with the same producer id and sequence numbers (the broker drops
-the repeat), and never fails it for a timeout: such a request waits for the broker
-instead, and ``stalled`` tells the sink to spill new requests meanwhile.
+the repeat), and never fails it for a timeout: the writer does not either, and
+``stalled`` tells the sink to spill new requests meanwhile. Either way a caller of
+``write_within`` stops waiting at its deadline: its records not acknowledged by then
+spill, and those the writer had taken may land twice.
 """
 
 from __future__ import annotations
@@ -253,10 +255,17 @@ class KafkaWriter(Actor[_Pending]):
             if not item.gave_up or (task is not None and task.cancelling()):
                 raise  # a cancellation of this task's own, even one with the give-up
             taken = item.batches_left > 0
+            # What Kafka acknowledged already stays there (a write over several
+            # partitions may be answered in part); the rest may land late.
+            written = {
+                id(record) for batch_records, batch in item.handed if batch.state == _WRITTEN
+                for record in batch_records
+            }
+            unwritten = [record for record in records if id(record) not in written]
             raise KafkaWriteFailed(
                 f"Kafka did not answer within {seconds:g} s",
-                unwritten=list(records),
-                outcome_unknown=len(records) if taken else 0,
+                unwritten=unwritten,
+                outcome_unknown=len(unwritten) if taken else 0,
                 never_sent=not taken,
             ) from None
         finally:
