@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 import msgspec
+import structlog
 
+log = structlog.get_logger("mlgate.readiness")
 STALE_S = 3.0
 
 
@@ -34,17 +36,29 @@ class HostReadiness:
         self._workers = workers
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(_Published)
+        self._failing = False
 
     def _file(self, index: int) -> Path:
         return self._directory / f"worker-{index}.json"
 
     def publish(self, problems: dict[str, str]) -> None:
-        """This process's problems (none: ready), for its siblings to read."""
-        self._directory.mkdir(parents=True, exist_ok=True)
+        """This process's problems (none: ready), for its siblings to read. A file it
+        cannot write (a full disk) is logged when that starts and when it ends, not
+        once a second."""
         path = self._file(self._index)
         temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(self._encoder.encode(_Published(problems)))
-        os.replace(temporary, path)
+        try:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            temporary.write_bytes(self._encoder.encode(_Published(problems)))
+            os.replace(temporary, path)
+        except OSError as exc:
+            if not self._failing:
+                self._failing = True
+                log.warning("readiness_not_published", path=str(path), error=repr(exc))
+            return
+        if self._failing:
+            self._failing = False
+            log.info("readiness_published_again", path=str(path))
 
     def siblings(self) -> dict[str, str]:
         """The problems of the other processes still running, one entry each:

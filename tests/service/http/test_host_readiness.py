@@ -29,3 +29,14 @@ def test_a_sibling_that_stopped_publishing_is_left_out(tmp_path: Path) -> None:
 def test_a_process_alone_or_not_yet_published_reads_nothing(tmp_path: Path) -> None:
     assert HostReadiness(str(tmp_path), 0, 2).siblings() == {}
     assert HostReadiness(str(tmp_path), 0, 1).siblings() == {}
+
+
+def test_a_file_that_cannot_be_written_is_logged_once_not_every_second(tmp_path: Path) -> None:
+    import structlog.testing
+
+    (tmp_path / "ready").write_text("a file where the directory should be")
+    host = HostReadiness(str(tmp_path), 0, 2)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            host.publish({})  # never raises: the sampler would log it each second
+    assert [entry["event"] for entry in logs] == ["readiness_not_published"]
