@@ -149,8 +149,15 @@ def redis_sampler(app_metrics: Metrics, redis: SharedRedis) -> Callable[[], None
         if breaker.state == "open" and breaker.retry_after_s == 0 and not trial:
             ping = asyncio.get_running_loop().create_task(redis.ping())
             trial.add(ping)
-            ping.add_done_callback(trial.discard)  # ping() answers False, never raises
+            ping.add_done_callback(tried)
         app_metrics.record_breaker("redis", breaker)
+
+    def tried(ping: asyncio.Task[bool]) -> None:
+        trial.discard(ping)
+        # ping() answers False for Redis's failures; anything else is a fault of ours.
+        if not ping.cancelled() and (error := ping.exception()) is not None:
+            log.error("redis_trial_crashed", error=repr(error))
+            app_metrics.background_task_crashes.labels("redis-trial").inc()
 
     return sample
 

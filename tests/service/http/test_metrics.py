@@ -143,3 +143,28 @@ async def test_the_redis_breaker_closes_after_redis_returns_on_a_quiet_host(
             break
     assert samples[("mlgate_breaker_state", (("dependency", "redis"),))] == 0.0
     assert samples[("mlgate_dependency_unavailable", (("dependency", "redis"),))] == 0.0
+
+
+async def test_a_redis_trial_that_crashes_is_logged_and_counted(
+    app_client, make_settings, redis_server, monkeypatch
+) -> None:
+    from mlgate.service.protection.shared_redis import SharedRedis
+
+    settings = make_settings(
+        redis_url=f"redis://127.0.0.1:{redis_server.port}",
+        redis_breaker_fail_max=1,
+        redis_breaker_reset_s=0.1,
+    )
+    client = await app_client(settings)
+    redis_server.stop()
+    await client.app[RECORD_DEDUP].claim("t", ["a"])  # the breaker opens
+
+    async def broken_ping(self) -> bool:
+        raise RuntimeError("a fault of ours")
+
+    monkeypatch.setattr(SharedRedis, "ping", broken_ping)
+    await asyncio.sleep(0.15)  # its time is up: the next sample tries it
+    await client.get("/metrics")
+    await asyncio.sleep(0.05)
+    crashes = client.app[METRICS].background_task_crashes.labels("redis-trial")
+    assert crashes._value.get() >= 1
