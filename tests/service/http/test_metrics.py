@@ -120,11 +120,9 @@ def _add_demo_version(root, version: int) -> None:
     os.rename(staging, root / "demo" / str(version))
 
 
-async def test_the_redis_breaker_closes_after_redis_returns_on_a_quiet_host(
-    app_client, make_settings, redis_server
-) -> None:
-    """A review: nothing but requests called Redis, so after it came back the breaker
-    and its gauges stayed open until some request needed Redis."""
+async def _redis_breaker_opened(app_client, make_settings, redis_server):
+    """An app whose Redis breaker opened (Redis stopped, one call failed over), its
+    time up after 0.1 s."""
     settings = make_settings(
         redis_url=f"redis://127.0.0.1:{redis_server.port}",
         redis_breaker_fail_max=1,
@@ -133,6 +131,15 @@ async def test_the_redis_breaker_closes_after_redis_returns_on_a_quiet_host(
     client = await app_client(settings)
     redis_server.stop()
     await client.app[RECORD_DEDUP].claim("t", ["a"])  # fails over: the breaker opens
+    return client
+
+
+async def test_the_redis_breaker_closes_after_redis_returns_on_a_quiet_host(
+    app_client, make_settings, redis_server
+) -> None:
+    """A review: nothing but requests called Redis, so after it came back the breaker
+    and its gauges stayed open until some request needed Redis."""
+    client = await _redis_breaker_opened(app_client, make_settings, redis_server)
     down = _samples(await (await client.get("/metrics")).text())
     assert down[("mlgate_dependency_unavailable", (("dependency", "redis"),))] == 1.0
     redis_server.start()
@@ -150,14 +157,7 @@ async def test_a_redis_trial_that_crashes_is_logged_and_counted(
 ) -> None:
     from mlgate.service.protection.shared_redis import SharedRedis
 
-    settings = make_settings(
-        redis_url=f"redis://127.0.0.1:{redis_server.port}",
-        redis_breaker_fail_max=1,
-        redis_breaker_reset_s=0.1,
-    )
-    client = await app_client(settings)
-    redis_server.stop()
-    await client.app[RECORD_DEDUP].claim("t", ["a"])  # the breaker opens
+    client = await _redis_breaker_opened(app_client, make_settings, redis_server)
 
     async def broken_ping(self) -> bool:
         raise RuntimeError("a fault of ours")
