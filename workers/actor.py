@@ -36,8 +36,9 @@ ItemT = TypeVar("ItemT", bound=HasFuture)
 class Actor(Generic[ItemT]):
     name: str = "actor"
 
-    def __init__(self, mailbox_size: int) -> None:
-        self._mailbox: asyncio.Queue[ItemT] = asyncio.Queue(mailbox_size)
+    def __init__(self, mailbox_size: int, mailbox: type[asyncio.Queue[Any]] = asyncio.Queue) -> None:
+        # ``mailbox``: a Queue class (``LaneMailbox`` takes items lane by lane).
+        self._mailbox: asyncio.Queue[ItemT] = mailbox(mailbox_size)
         self._task: asyncio.Task[None] | None = None
         self._closed = False  # takes no more work (closing, or the task died)
         self._stopped = False  # close() has run: resources released

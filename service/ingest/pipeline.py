@@ -20,9 +20,11 @@
 - **confirm**: the claimed ids are marked written. Write and confirm run in a task of
   their own, so a caller cancelled after it handed its records on (a client gone
   away) still settles the claim by the write's outcome: a retry is then a duplicate,
-  not a second write. The writes handed on in one turn of the event loop (requests
-  whose bodies arrived together) share that task and one sink write, and each caller
-  is answered by its outcome: many single-record requests then pay for one hand-off.
+  not a second write. One tenant's writes handed on in one turn of the event loop
+  (requests whose bodies arrived together) share that task and one sink write, and
+  each caller is answered by its outcome: many single-record requests then pay for one
+  hand-off. The sink takes the tenants' writes in turn (each tenant is a ``lane``), so
+  one tenant's queued writes do not hold up another's.
 
 So a 202 means: every record counted in ``records_accepted`` is durable, each keyed
 by its ``record_id``; ``records_duplicate`` were already written and were not written
@@ -84,8 +86,10 @@ class _Write:
 
 @dataclass(slots=True)
 class _Turn:
-    """The writes of one turn of the event loop, handed to the sink as one."""
+    """One tenant's writes of one turn of the event loop, handed to the sink as one, in
+    that tenant's lane."""
 
+    tenant: str
     writes: list[_Write] = field(default_factory=list)
     records: list[OutboundRecord] = field(default_factory=list)
 
@@ -154,7 +158,8 @@ class IngestPipeline:
         self._settling: set[asyncio.Future[None]] = set()
         self.new_tracking_id = UniqueIds()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._turn: _Turn | None = None  # the writes of this loop turn, not yet handed on
+        # Each tenant's writes of this loop turn, not yet handed on.
+        self._turns: dict[str, _Turn] = {}
 
     @property
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -162,7 +167,7 @@ class IngestPipeline:
         ``ensure_future``) make a system call on Python 3.11, for the process id."""
         if self._loop is None or self._loop.is_closed():
             self._loop = asyncio.get_running_loop()
-            self._turn = None  # a turn of a closed loop is never written
+            self._turns = {}  # a turn of a closed loop is never written
         return self._loop
 
     def decode(self, body: bytes, fmt: Format) -> tuple[str, Sequence[Decoded]]:
@@ -288,11 +293,13 @@ class IngestPipeline:
         task: with single-record requests each paying a task, a sink hand-off and a
         wake-up of its own, those per-write costs were a tenth of a request's CPU. A
         turn holds at most ``max_turn_records`` records (the most a writer takes in a
-        round), so one sink write holds no more than one large batch did."""
+        round), so one sink write holds no more than one large batch did. A turn is one
+        tenant's: the sink takes the tenants' writes in turn (its ``lane``), so a tenant
+        with a small write does not wait behind all of another's."""
         loop = self._running_loop
-        turn = self._turn
+        turn = self._turns.get(tenant)
         if turn is None or (turn.records and len(turn.records) + len(records) > self._max_turn_records):
-            turn = self._turn = _Turn()
+            turn = self._turns[tenant] = _Turn(tenant)
             loop.call_soon(self._write_turn, turn)
         done: asyncio.Future[None] = loop.create_future()
         turn.writes.append(_Write(tenant, claim, records, done))
@@ -302,8 +309,8 @@ class IngestPipeline:
         await done
 
     def _write_turn(self, turn: _Turn) -> None:
-        if self._turn is turn:
-            self._turn = None
+        if self._turns.get(turn.tenant) is turn:
+            del self._turns[turn.tenant]
         settle = self._running_loop.create_task(self._write_and_settle(turn))
         self._settling.add(settle)
         settle.add_done_callback(self._settled)
@@ -320,7 +327,7 @@ class IngestPipeline:
             error: Exception | None = None
             try:
                 if turn.records:
-                    await self._sink.write(turn.records)
+                    await self._sink.write(turn.records, lane=turn.tenant)
             except Exception as exc:
                 error = exc
             if error is None or _refused(error):
@@ -332,7 +339,10 @@ class IngestPipeline:
                         holding.stop()
                         holding = None
                     await asyncio.gather(
-                        *(self._write_and_settle(_Turn([write], write.records)) for write in writes)
+                        *(
+                            self._write_and_settle(_Turn(turn.tenant, [write], write.records))
+                            for write in writes
+                        )
                     )
                     return
                 await self._settle_claims(writes, error)

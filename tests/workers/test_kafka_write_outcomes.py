@@ -264,7 +264,7 @@ async def test_a_write_given_up_fails_as_never_sent_unless_its_task_was_cancelle
     caller = asyncio.ensure_future(writer.write_within(_records(1), 60))
     try:
         await asyncio.sleep(0)
-        given_up = writer._mailbox._queue[0]  # type: ignore[attr-defined]
+        given_up = writer._mailbox._queue.by_lane[""][0]  # type: ignore[attr-defined]
         given_up.give_up()
         assert given_up.records == []  # never taken: nothing kept for it
         if cancelled_too:

@@ -8,7 +8,7 @@ import random
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from mlgate.workers.errors import WorkerError
+from mlgate.workers.errors import MailboxFull, WorkerError
 from mlgate.workers.sinks.kafka_writer import KafkaWriter, partitions_for
 from mlgate.workers.sinks.records import OutboundRecord
 from tests.support import create_topic, read_topic
@@ -183,3 +183,49 @@ async def test_requests_taken_together_and_split_over_many_batches_all_land_and_
         await writer.close(drain_s=5)
     read = await read_topic(kafka_broker.bootstrap, topic, expected=450)
     assert sorted(m.key for m in read) == sorted(r.key for request in requests for r in request)
+
+
+async def test_a_tenants_write_is_sent_before_the_writes_another_tenant_queued_first(
+    make_settings, kafka_broker, kafka_topic: str
+) -> None:
+    # A round takes one flood write: the calm one is in the second round, not the 21st.
+    writer = await _started_writer(
+        make_settings, kafka_broker, kafka_topic, writer_max_batch_records=200
+    )
+    try:
+        answered: list[str] = []
+
+        def write(lane: str, n: int, count: int) -> asyncio.Future[None]:
+            records = [
+                OutboundRecord(key=f"{lane}-{n}-{i}".encode(), value=b"{}", headers=[])
+                for i in range(count)
+            ]
+            future = writer.submit(records, lane)
+            future.add_done_callback(lambda _: answered.append(f"{lane}-{n}"))
+            return future
+
+        writes = [write("flood", n, 200) for n in range(20)] + [write("calm", 0, 1)]
+        await asyncio.gather(*writes)
+        # Kafka answers one connection's requests in order: only the round before
+        # the calm write's can be answered before it.
+        assert answered.index("calm-0") <= 1
+        assert [name for name in answered if name != "calm-0"] == [f"flood-{n}" for n in range(20)]
+    finally:
+        await writer.close()
+    messages = await read_topic(kafka_broker.bootstrap, kafka_topic, expected=20 * 200 + 1)
+    assert len({m.key for m in messages}) == 20 * 200 + 1
+
+
+async def test_one_tenant_cannot_fill_the_writers_mailbox(make_settings) -> None:  # type: ignore[no-untyped-def]
+    writer = KafkaWriter(make_settings(writer_mailbox_size=4))
+    writer._task = asyncio.ensure_future(asyncio.sleep(3600))  # a writer that takes nothing
+    try:
+        records = [OutboundRecord(key=b"k", value=b"v", headers=[])]
+        for _ in range(3):
+            writer.submit(records, "flood")
+        with pytest.raises(MailboxFull):
+            writer.submit(records, "flood")
+        writer.submit(records, "calm")  # the last quarter is kept for the others
+        assert writer.mailbox_depth == 4
+    finally:
+        writer._task.cancel()

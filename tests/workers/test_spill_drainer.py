@@ -146,7 +146,7 @@ class _FirstWritePartial(KafkaWriter):
 
     failed = False
 
-    async def write(self, records: list[OutboundRecord]) -> None:
+    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
         if self.failed:
             await super().write(records)
             return

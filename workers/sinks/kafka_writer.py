@@ -1,6 +1,8 @@
 """KafkaWriter: the actor that turns queued record batches into acknowledged Kafka writes.
 
-Requests put ``(records, future)`` items in one bounded mailbox. The single writer task
+Requests put ``(records, future)`` items in one bounded mailbox, each in its caller's
+lane (a tenant): the lanes take turns (``LaneMailbox``), so one tenant's queued writes
+do not hold up another's. The single writer task
 takes what is waiting (up to ``writer_max_batch_records``), groups it by partition
 (the Java client's murmur2 partitioner on ``record_id``, in C: ``partitions_for``),
 sends one Kafka batch per partition with ``acks=all``, and resolves each request's future once every batch that
@@ -49,6 +51,7 @@ from murmurhash2 import murmurhash2
 from mlgate.config import Settings
 from mlgate.workers.actor import Actor
 from mlgate.workers.errors import SinkFailed, WorkerClosed
+from mlgate.workers.lanes import LaneMailbox
 from mlgate.workers.sinks.produce_request import lean_produce_requests
 from mlgate.workers.sinks.record_batch import RecordBatchBuilder
 from mlgate.workers.sinks.records import OutboundRecord
@@ -108,6 +111,7 @@ _SENT, _WRITTEN, _REFUSED = "sent", "written", "refused"
 class _Pending:
     records: list[OutboundRecord]
     future: asyncio.Future[None]
+    lane: str = ""  # whose write (a tenant): the lanes take turns (``LaneMailbox``)
     batches_left: int = 0
     errors: list[BaseException] = field(default_factory=list)
     # This request's records in each batch handed to the producer, with that batch:
@@ -174,7 +178,9 @@ class KafkaWriter(Actor[_Pending]):
         producer: AIOKafkaProducer | None = None,
         telemetry: WorkerTelemetry = NO_TELEMETRY,
     ) -> None:
-        super().__init__(settings.writer_mailbox_size)
+        # Lane by lane: a tenant's write waits for one of each other tenant's at most,
+        # not for all the writes a flooding tenant queued before it.
+        super().__init__(settings.writer_mailbox_size, LaneMailbox)
         self._settings = settings
         self._telemetry = telemetry
         self._topic = settings.kafka_topic
@@ -228,15 +234,17 @@ class KafkaWriter(Actor[_Pending]):
         self._launch(self._run())
         log.info("kafka_writer_started", topic=self._topic, partitions=len(self._partitions))
 
-    def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
+    def submit(self, records: list[OutboundRecord], lane: str = "") -> asyncio.Future[None]:
         future: asyncio.Future[None] = self._new_future()
-        self._enqueue(_Pending(records, future))
+        self._enqueue(_Pending(records, future, lane))
         return future
 
-    async def write(self, records: list[OutboundRecord]) -> None:
-        await self.submit(records)
+    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
+        await self.submit(records, lane)
 
-    async def write_within(self, records: list[OutboundRecord], seconds: float) -> None:
+    async def write_within(
+        self, records: list[OutboundRecord], seconds: float, lane: str = ""
+    ) -> None:
         """``write``, waiting at most ``seconds`` for Kafka's answer: then
         ``KafkaWriteFailed`` with every record unwritten, their outcome unknown if the
         writer had taken the request (it may still send them) and none if it had not
@@ -244,7 +252,7 @@ class KafkaWriter(Actor[_Pending]):
         fails each round of writes only after a request timeout of its own, so the
         writes queued behind the first waited one timeout more each (25 s for the
         fifth, every tenant's ingests refused meanwhile)."""
-        item = _Pending(records, self._new_future())
+        item = _Pending(records, self._new_future(), lane)
         self._enqueue(item)
         # A timer, not ``asyncio.wait_for`` (a task and a shield on every write).
         timer = item.future.get_loop().call_later(seconds, item.give_up)

@@ -131,7 +131,8 @@ class LocalLogWriter(Actor[_Pending]):
         """Every record below this offset is fsync'd."""
         return self._log.durable_offset if self._log is not None else 0
 
-    async def write(self, records: list[OutboundRecord]) -> None:
+    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
+        # Every write waiting goes in the next fsync: no lane waits for another's turn.
         await self.submit(records)
 
     def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:

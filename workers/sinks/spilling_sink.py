@@ -164,7 +164,7 @@ class SpillingKafkaSink:
             self._spilled.set()
         self._drainer.start()
 
-    async def write(self, records: list[OutboundRecord]) -> None:
+    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
         direct = (
             self._backlog == 0
             and not self.breaker.is_open
@@ -180,7 +180,7 @@ class SpillingKafkaSink:
             try:
                 # At most two request timeouts: then it spills (see ``write_within``).
                 deadline_s = 2 * self._settings.kafka_request_timeout_ms / 1000
-                await self.breaker.call(self._kafka.write_within, records, deadline_s)
+                await self.breaker.call(self._kafka.write_within, records, deadline_s, lane)
                 return
             except MailboxFull:
                 raise

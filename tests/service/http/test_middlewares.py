@@ -137,8 +137,8 @@ async def test_routing_problem_in_msgpack_when_preferred(client: Client) -> None
 # -- worker and unexpected errors -----------------------------------------------------
 
 
-def _failing_write(error: Exception) -> Callable[[list[OutboundRecord]], Awaitable[None]]:
-    async def write(records: list[OutboundRecord]) -> None:
+def _failing_write(error: Exception) -> Callable[..., Awaitable[None]]:
+    async def write(records: list[OutboundRecord], lane: str = "") -> None:
         raise error
 
     return write

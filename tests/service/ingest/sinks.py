@@ -13,7 +13,7 @@ class WrappedSink:
     def __init__(self, sink: RecordSink) -> None:
         self._sink = sink
 
-    async def write(self, records: list[OutboundRecord]) -> None:
+    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
         await self._sink.write(records)
 
     async def close(self, drain_s: float = 10.0) -> None:

@@ -24,16 +24,18 @@ from tests.support import KafkaBroker, create_topic
 
 
 class RecordingSink(WrappedSink):
-    """The app's sink, with each write's size kept; ``refuse`` makes the next writes
-    raise it instead."""
+    """The app's sink, with each write's size and lane kept; ``refuse`` makes the next
+    writes raise it instead."""
 
     def __init__(self, sink: RecordSink) -> None:
         super().__init__(sink)
         self.writes: list[int] = []
+        self.lanes: list[str] = []
         self.refuse: Exception | None = None
 
-    async def write(self, records: list[OutboundRecord]) -> None:
+    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
         self.writes.append(len(records))
+        self.lanes.append(lane)
         if self.refuse is not None:
             raise self.refuse
         await super().write(records)
@@ -187,10 +189,23 @@ async def test_tenants_sharing_a_turn_keep_their_own_record_ids(
     )
 
     assert answers == [Written(accepted=1, duplicates=0)] * 2
-    assert sink.writes == [2]
     assert await pipeline.write("tenant-b", _batch(pipeline, "x"), "again") == Written(
         accepted=0, duplicates=1
     )
+
+
+async def test_each_tenants_writes_of_one_turn_go_to_the_sink_in_its_own_lane(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    _, pipeline, sink = await _pipeline(app_client, settings_for())
+
+    await asyncio.gather(
+        pipeline.write("tenant-a", _batch(pipeline, "a1"), "track-1"),
+        pipeline.write("tenant-b", _batch(pipeline, "b1", "b2"), "track-2"),
+        pipeline.write("tenant-a", _batch(pipeline, "a2"), "track-3"),
+    )
+
+    assert sorted(zip(sink.lanes, sink.writes, strict=True)) == [("tenant-a", 2), ("tenant-b", 2)]
 
 
 class SlowDedup:

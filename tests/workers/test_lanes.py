@@ -1,0 +1,74 @@
+"""LaneMailbox: items are taken lane by lane in turn, each lane's in order, and no
+lane holds more than its share of the mailbox."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from mlgate.workers.lanes import LaneMailbox
+
+
+@dataclass
+class Item:
+    lane: str
+    n: int
+
+
+def _take_all(mailbox: LaneMailbox[Item]) -> list[tuple[str, int]]:
+    taken = []
+    while not mailbox.empty():
+        item = mailbox.get_nowait()
+        taken.append((item.lane, item.n))
+    return taken
+
+
+async def test_lanes_take_turns_whatever_order_their_items_came_in() -> None:
+    mailbox: LaneMailbox[Item] = LaneMailbox(100)
+    for n in range(4):
+        mailbox.put_nowait(Item("flood", n))
+    mailbox.put_nowait(Item("calm", 0))
+    mailbox.put_nowait(Item("third", 0))
+
+    assert _take_all(mailbox) == [
+        ("flood", 0), ("calm", 0), ("third", 0), ("flood", 1), ("flood", 2), ("flood", 3)
+    ]
+
+
+async def test_a_lane_that_empties_and_comes_back_waits_its_turn_behind_the_others() -> None:
+    mailbox: LaneMailbox[Item] = LaneMailbox(100)
+    mailbox.put_nowait(Item("a", 0))
+    mailbox.put_nowait(Item("b", 0))
+    mailbox.put_nowait(Item("b", 1))
+    assert mailbox.get_nowait() == Item("a", 0)
+    mailbox.put_nowait(Item("a", 1))
+
+    assert _take_all(mailbox) == [("b", 0), ("a", 1), ("b", 1)]
+
+
+async def test_one_lane_holds_at_most_three_quarters_of_the_mailbox() -> None:
+    mailbox: LaneMailbox[Item] = LaneMailbox(8)
+    for n in range(6):
+        mailbox.put_nowait(Item("flood", n))
+    with pytest.raises(asyncio.QueueFull):
+        mailbox.put_nowait(Item("flood", 6))
+    mailbox.put_nowait(Item("calm", 0))
+    mailbox.put_nowait(Item("calm", 1))
+    with pytest.raises(asyncio.QueueFull):  # the mailbox itself is full
+        mailbox.put_nowait(Item("other", 0))
+    assert mailbox.qsize() == 8 and mailbox.held_by("flood") == 6
+
+
+async def test_a_waiting_get_and_join_work_as_on_any_queue() -> None:
+    mailbox: LaneMailbox[Item] = LaneMailbox(4)
+    getter = asyncio.ensure_future(mailbox.get())
+    await asyncio.sleep(0)
+    mailbox.put_nowait(Item("a", 0))
+    assert await getter == Item("a", 0)
+    joined = asyncio.ensure_future(mailbox.join())
+    await asyncio.sleep(0)
+    assert not joined.done()
+    mailbox.task_done()
+    await asyncio.wait_for(joined, 1)

@@ -1,0 +1,95 @@
+"""LaneMailbox: a bounded mailbox whose items are taken lane by lane in turn.
+
+An actor shared by many callers (the Kafka writer, by every tenant's ingests) takes
+its work first come, first served from a plain queue: a tenant that queues a hundred
+large writes then makes every other tenant's small write wait for all of them. Here
+each item names its ``lane`` (a tenant); items of one lane keep their order, and the
+lanes take turns (round robin), so a lane's next item waits for at most one item of
+each other lane. No lane may hold more than ``LANE_SHARE`` of the mailbox: the rest
+is kept for the others, so one lane cannot fill it and have theirs refused.
+
+It is an ``asyncio.Queue`` (``get``, ``put_nowait``, ``join``, ``task_done`` as
+always) whose storage is a dict of deques, the way ``PriorityQueue`` swaps in a heap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Protocol, TypeVar
+
+# The most of the mailbox one lane may hold.
+LANE_SHARE = 0.75
+
+
+class HasLane(Protocol):
+    @property
+    def lane(self) -> str: ...
+
+
+ItemT = TypeVar("ItemT", bound=HasLane)
+
+
+class _Lanes:
+    """The items of each lane, in the order the lanes take their turns next."""
+
+    __slots__ = ("by_lane", "size")
+
+    def __init__(self) -> None:
+        self.by_lane: dict[str, deque[Any]] = {}
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def held_by(self, lane: str) -> int:
+        items = self.by_lane.get(lane)
+        return 0 if items is None else len(items)
+
+    def append(self, item: HasLane) -> None:
+        items = self.by_lane.get(item.lane)
+        if items is None:
+            items = self.by_lane[item.lane] = deque()
+        items.append(item)
+        self.size += 1
+
+    def popleft(self) -> Any:
+        # The first lane in the dict has waited longest for its turn; once served it
+        # goes last (re-inserted), or away when it has nothing left.
+        lane = next(iter(self.by_lane))
+        items = self.by_lane.pop(lane)
+        item = items.popleft()
+        if items:
+            self.by_lane[lane] = items
+        self.size -= 1
+        return item
+
+
+class LaneMailbox(asyncio.Queue[ItemT]):
+    """``asyncio.Queue`` taken lane by lane in turn; ``put_nowait`` raises
+    ``QueueFull`` also when the item's lane holds its share (``LANE_SHARE``)."""
+
+    _queue: _Lanes
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self._lane_limit = max(1, int(maxsize * LANE_SHARE)) if maxsize > 0 else 0
+
+    def _init(self, maxsize: int) -> None:
+        self._queue = _Lanes()
+
+    def _put(self, item: ItemT) -> None:
+        self._queue.append(item)
+
+    def _get(self) -> ItemT:
+        item: ItemT = self._queue.popleft()
+        return item
+
+    def put_nowait(self, item: ItemT) -> None:
+        if self._lane_limit and self._queue.held_by(item.lane) >= self._lane_limit:
+            raise asyncio.QueueFull
+        super().put_nowait(item)
+
+    def held_by(self, lane: str) -> int:
+        """How many items ``lane`` has waiting."""
+        return self._queue.held_by(lane)
