@@ -3,23 +3,30 @@
 An actor shared by many callers (the Kafka writer, by every tenant's ingests) takes
 its work first come, first served from a plain queue: a tenant that queues a hundred
 large writes then makes every other tenant's small write wait for all of them. Here
-each item names its ``lane`` (a tenant); items of one lane keep their order, and the
-lanes take turns (round robin), so a lane's next item waits for at most one item of
-each other lane. No lane may hold more than ``LANE_SHARE`` of the mailbox: the rest
-is kept for the others, so one lane cannot fill it and have theirs refused.
+each item names its ``lane``; items of one lane keep their order, and the lanes take
+turns (round robin), so a lane's next item waits for at most one item of each other
+lane. Most work goes in the ``SHARED_LANE``; a caller heavy enough to hold up the rest
+(a tenant with many records on their way: ``IngestPipeline``) gets a lane of its own,
+and such a lane holds at most ``LANE_SHARE`` of the mailbox, the rest kept for the
+others, so it cannot fill the mailbox and have theirs refused.
 
 It is an ``asyncio.Queue`` (``get``, ``put_nowait``, ``join``, ``task_done`` as
 always) whose storage is a dict of deques, the way ``PriorityQueue`` swaps in a heap.
+Actors only ``put_nowait``; an awaited ``put`` waits while the mailbox is full, but a
+lane at its share raises ``QueueFull`` as ``put_nowait`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Iterator
 from typing import Any, Protocol, TypeVar
 
-# The most of the mailbox one lane may hold.
+# The most of the mailbox one lane of its own may hold.
 LANE_SHARE = 0.75
+# The lane of everything not given one of its own: no share applies to it.
+SHARED_LANE = ""
 
 
 class HasLane(Protocol):
@@ -41,6 +48,11 @@ class _Lanes:
 
     def __len__(self) -> int:
         return self.size
+
+    def __iter__(self) -> Iterator[Any]:
+        """The items, lane by lane (``Queue.__repr__`` lists them)."""
+        for items in self.by_lane.values():
+            yield from items
 
     def held_by(self, lane: str) -> int:
         items = self.by_lane.get(lane)
@@ -67,7 +79,7 @@ class _Lanes:
 
 class LaneMailbox(asyncio.Queue[ItemT]):
     """``asyncio.Queue`` taken lane by lane in turn; ``put_nowait`` raises
-    ``QueueFull`` also when the item's lane holds its share (``LANE_SHARE``)."""
+    ``QueueFull`` also when the item's own lane holds its share (``LANE_SHARE``)."""
 
     _queue: _Lanes
 
@@ -86,7 +98,8 @@ class LaneMailbox(asyncio.Queue[ItemT]):
         return item
 
     def put_nowait(self, item: ItemT) -> None:
-        if self._lane_limit and self._queue.held_by(item.lane) >= self._lane_limit:
+        lane = item.lane
+        if lane != SHARED_LANE and self._lane_limit and self._queue.held_by(lane) >= self._lane_limit:
             raise asyncio.QueueFull
         super().put_nowait(item)
 

@@ -23,8 +23,8 @@
   not a second write. One tenant's writes handed on in one turn of the event loop
   (requests whose bodies arrived together) share that task and one sink write, and
   each caller is answered by its outcome: many single-record requests then pay for one
-  hand-off. The sink takes the tenants' writes in turn (each tenant is a ``lane``), so
-  one tenant's queued writes do not hold up another's.
+  hand-off. A tenant with many records on their way writes in a lane of its own, and
+  the sink takes the lanes in turn, so its queued writes do not hold up the others'.
 
 So a 202 means: every record counted in ``records_accepted`` is durable, each keyed
 by its ``record_id``; ``records_duplicate`` were already written and were not written
@@ -55,6 +55,7 @@ from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
 from mlgate.service.ingest.ids import UniqueIds
 from mlgate.service.ingest.validation import Decoded, PackedRecords, RecordError, RecordValidator
 from mlgate.workers.errors import MailboxFull, WorkerClosed, WorkerError
+from mlgate.workers.lanes import SHARED_LANE
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
 from mlgate.workers.sinks.spilling_sink import SpillFull
 
@@ -86,10 +87,10 @@ class _Write:
 
 @dataclass(slots=True)
 class _Turn:
-    """One tenant's writes of one turn of the event loop, handed to the sink as one, in
-    that tenant's lane."""
+    """The writes of one turn of the event loop in one lane (the shared one, or a heavy
+    tenant's own), handed to the sink as one."""
 
-    tenant: str
+    lane: str
     writes: list[_Write] = field(default_factory=list)
     records: list[OutboundRecord] = field(default_factory=list)
 
@@ -158,8 +159,10 @@ class IngestPipeline:
         self._settling: set[asyncio.Future[None]] = set()
         self.new_tracking_id = UniqueIds()
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Each tenant's writes of this loop turn, not yet handed on.
+        # The writes of this loop turn, not yet handed on, by lane.
         self._turns: dict[str, _Turn] = {}
+        # Records each tenant has handed to the sink and not yet had answered.
+        self._on_their_way: dict[str, int] = {}
 
     @property
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -167,7 +170,8 @@ class IngestPipeline:
         ``ensure_future``) make a system call on Python 3.11, for the process id."""
         if self._loop is None or self._loop.is_closed():
             self._loop = asyncio.get_running_loop()
-            self._turns = {}  # a turn of a closed loop is never written
+            self._turns = {}  # a turn of a closed loop is never written (nor answered)
+            self._on_their_way = {}
         return self._loop
 
     def decode(self, body: bytes, fmt: Format) -> tuple[str, Sequence[Decoded]]:
@@ -293,24 +297,42 @@ class IngestPipeline:
         task: with single-record requests each paying a task, a sink hand-off and a
         wake-up of its own, those per-write costs were a tenth of a request's CPU. A
         turn holds at most ``max_turn_records`` records (the most a writer takes in a
-        round), so one sink write holds no more than one large batch did. A turn is one
-        tenant's: the sink takes the tenants' writes in turn (its ``lane``), so a tenant
-        with a small write does not wait behind all of another's."""
+        round), so one sink write holds no more than one large batch did.
+
+        A tenant with ``max_turn_records`` or more records on their way (handed on, not
+        yet answered) writes in a lane of its own; the others share one. The sink takes
+        the lanes in turn, so the other tenants' writes wait for one of a flooding
+        tenant's at most, not for all it queued before them (a review: a lane per
+        tenant made many tenants' single records many writes, and filled the writer's
+        mailbox of 1,024 writes with a burst of 1,500 tenants)."""
         loop = self._running_loop
-        turn = self._turns.get(tenant)
+        on_their_way = self._on_their_way
+        lane = tenant if on_their_way.get(tenant, 0) >= self._max_turn_records else SHARED_LANE
+        turn = self._turns.get(lane)
         if turn is None or (turn.records and len(turn.records) + len(records) > self._max_turn_records):
-            turn = self._turns[tenant] = _Turn(tenant)
+            turn = self._turns[lane] = _Turn(lane)
             loop.call_soon(self._write_turn, turn)
         done: asyncio.Future[None] = loop.create_future()
         turn.writes.append(_Write(tenant, claim, records, done))
         turn.records += records
+        if records:
+            count = len(records)
+            on_their_way[tenant] = on_their_way.get(tenant, 0) + count
+            done.add_done_callback(lambda _: self._answered(tenant, count))
         # Cancelled here (a client gone away), the write still goes with its turn, and
         # its claim is settled by the outcome, so a retry is then a duplicate.
         await done
 
+    def _answered(self, tenant: str, records: int) -> None:
+        left = self._on_their_way[tenant] - records
+        if left:
+            self._on_their_way[tenant] = left
+        else:
+            del self._on_their_way[tenant]
+
     def _write_turn(self, turn: _Turn) -> None:
-        if self._turns.get(turn.tenant) is turn:
-            del self._turns[turn.tenant]
+        if self._turns.get(turn.lane) is turn:
+            del self._turns[turn.lane]
         settle = self._running_loop.create_task(self._write_and_settle(turn))
         self._settling.add(settle)
         settle.add_done_callback(self._settled)
@@ -327,7 +349,7 @@ class IngestPipeline:
             error: Exception | None = None
             try:
                 if turn.records:
-                    await self._sink.write(turn.records, lane=turn.tenant)
+                    await self._sink.write(turn.records, lane=turn.lane)
             except Exception as exc:
                 error = exc
             if error is None or _refused(error):
@@ -340,7 +362,7 @@ class IngestPipeline:
                         holding = None
                     await asyncio.gather(
                         *(
-                            self._write_and_settle(_Turn(turn.tenant, [write], write.records))
+                            self._write_and_settle(_Turn(turn.lane, [write], write.records))
                             for write in writes
                         )
                     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from mlgate.workers.lanes import LaneMailbox
+from mlgate.workers.lanes import SHARED_LANE, LaneMailbox
 
 
 @dataclass
@@ -48,7 +48,7 @@ async def test_a_lane_that_empties_and_comes_back_waits_its_turn_behind_the_othe
     assert _take_all(mailbox) == [("b", 0), ("a", 1), ("b", 1)]
 
 
-async def test_one_lane_holds_at_most_three_quarters_of_the_mailbox() -> None:
+async def test_a_lane_of_its_own_holds_at_most_three_quarters_of_the_mailbox() -> None:
     mailbox: LaneMailbox[Item] = LaneMailbox(8)
     for n in range(6):
         mailbox.put_nowait(Item("flood", n))
@@ -72,3 +72,17 @@ async def test_a_waiting_get_and_join_work_as_on_any_queue() -> None:
     assert not joined.done()
     mailbox.task_done()
     await asyncio.wait_for(joined, 1)
+
+
+async def test_the_shared_lane_may_fill_the_whole_mailbox() -> None:
+    mailbox: LaneMailbox[Item] = LaneMailbox(4)
+    for n in range(4):
+        mailbox.put_nowait(Item(SHARED_LANE, n))
+    assert mailbox.full()
+
+
+async def test_a_mailbox_holding_items_has_a_repr_listing_them() -> None:
+    mailbox: LaneMailbox[Item] = LaneMailbox(4)
+    mailbox.put_nowait(Item("a", 0))
+    mailbox.put_nowait(Item("b", 0))
+    assert "Item(lane='a', n=0), Item(lane='b', n=0)" in repr(mailbox)

@@ -16,6 +16,7 @@ from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.pipeline import IngestPipeline, Written
 from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK, RECORD_VALIDATOR
 from mlgate.workers.errors import MailboxFull, SinkFailed
+from mlgate.workers.lanes import SHARED_LANE
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
 from mlgate.workers.sinks.spilling_sink import SpillFull
 from tests.conftest import AppClientFactory
@@ -194,7 +195,7 @@ async def test_tenants_sharing_a_turn_keep_their_own_record_ids(
     )
 
 
-async def test_each_tenants_writes_of_one_turn_go_to_the_sink_in_its_own_lane(
+async def test_light_tenants_writes_of_one_turn_share_the_shared_lane(
     app_client: AppClientFactory, settings_for: Any
 ) -> None:
     _, pipeline, sink = await _pipeline(app_client, settings_for())
@@ -202,10 +203,47 @@ async def test_each_tenants_writes_of_one_turn_go_to_the_sink_in_its_own_lane(
     await asyncio.gather(
         pipeline.write("tenant-a", _batch(pipeline, "a1"), "track-1"),
         pipeline.write("tenant-b", _batch(pipeline, "b1", "b2"), "track-2"),
-        pipeline.write("tenant-a", _batch(pipeline, "a2"), "track-3"),
     )
 
-    assert sorted(zip(sink.lanes, sink.writes, strict=True)) == [("tenant-a", 2), ("tenant-b", 2)]
+    assert (sink.lanes, sink.writes) == ([SHARED_LANE], [3])
+
+
+class GatedSink(RecordingSink):
+    """A RecordingSink whose writes wait for ``opened`` before they go on."""
+
+    def __init__(self, sink: RecordSink) -> None:
+        super().__init__(sink)
+        self.opened = asyncio.Event()
+
+    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
+        self.writes.append(len(records))
+        self.lanes.append(lane)
+        await self.opened.wait()
+        await self._sink.write(records, lane)
+
+
+async def test_a_tenant_with_many_records_on_their_way_writes_in_a_lane_of_its_own(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    client = await app_client(settings_for())
+    app = client.app
+    sink = GatedSink(app[RECORD_SINK])
+    pipeline = IngestPipeline(
+        app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS], max_turn_records=4
+    )
+    first = asyncio.ensure_future(pipeline.write("flood", _batch(pipeline, "f1", "f2", "f3", "f4"), "t1"))
+    await asyncio.sleep(0.01)  # handed on, not answered: 4 records on their way
+    later = [
+        asyncio.ensure_future(pipeline.write("flood", _batch(pipeline, "f5"), "t2")),
+        asyncio.ensure_future(pipeline.write("calm", _batch(pipeline, "c1"), "t3")),
+    ]
+    await asyncio.sleep(0.01)
+    assert sink.lanes == [SHARED_LANE, "flood", SHARED_LANE]
+    sink.opened.set()
+    await asyncio.gather(first, *later)
+    # Answered, flood is light again.
+    await pipeline.write("flood", _batch(pipeline, "f6"), "t4")
+    assert sink.lanes[-1] == SHARED_LANE
 
 
 class SlowDedup:
