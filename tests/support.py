@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 import uuid
@@ -15,6 +16,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.processes import broker_command, free_port, redis_command, wait_for_port
 from mlgate.service.protection.api_keys import ApiKey, KeyFile, key_id_of, new_key
+from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
+from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 
 @dataclass
@@ -134,3 +137,33 @@ class KeyMaker:
             keys[key_id] = msgspec.structs.replace(keys[key_id], revoked_at="2026-01-01T00:00:00Z")
 
         KeyFile(self.path).update(revoke)
+
+
+async def started_spilling_sink(
+    make_settings: Any,
+    broker: KafkaBroker,
+    telemetry: WorkerTelemetry = NO_TELEMETRY,
+    *,
+    topic: str | None = None,
+    partitions: int = 3,
+    **overrides: Any,
+) -> tuple[SpillingKafkaSink, str]:
+    """A started ``SpillingKafkaSink`` writing to ``topic`` (a fresh one of
+    ``partitions`` by default) on ``broker``, Kafka requests timing out after 500 ms."""
+    topic = topic or await create_topic(broker.bootstrap, partitions=partitions)
+    settings = make_settings(
+        kafka_bootstrap_servers=broker.bootstrap, kafka_topic=topic,
+        kafka_request_timeout_ms=500, **overrides,
+    )
+    sink = SpillingKafkaSink(settings, telemetry)
+    await sink.start()
+    return sink, topic
+
+
+async def wait_until_drained(sink: SpillingKafkaSink, limit_s: float = 30.0) -> None:
+    """Until the spill's backlog is forwarded, or fail the test."""
+    for _ in range(int(limit_s / 0.05)):
+        if sink.backlog == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"spill still holds {sink.backlog} records")

@@ -21,9 +21,14 @@ from mlgate.workers.sinks.kafka_writer import (
     _Pending,
 )
 from mlgate.workers.sinks.records import OutboundRecord
-from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
 from mlgate.workers.telemetry import NO_TELEMETRY
-from tests.support import KafkaBroker, create_topic, read_topic
+from tests.support import (
+    KafkaBroker,
+    create_topic,
+    read_topic,
+    started_spilling_sink,
+    wait_until_drained,
+)
 
 
 class _Resent(type(NO_TELEMETRY)):  # type: ignore[misc]
@@ -54,34 +59,11 @@ async def _freeze(pid: int) -> None:
     raise AssertionError(f"process {pid} did not stop")
 
 
-async def _wait_until_drained(sink: SpillingKafkaSink, limit_s: float = 30.0) -> None:
-    for _ in range(int(limit_s / 0.05)):
-        if sink.backlog == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"spill still holds {sink.backlog} records")
-
-
-async def _started_sink(
-    make_settings, broker: KafkaBroker, telemetry: _Resent, topic: str | None = None
-) -> tuple[SpillingKafkaSink, str]:
-    topic = topic or await create_topic(broker.bootstrap)
-    settings = make_settings(
-        kafka_bootstrap_servers=broker.bootstrap,
-        kafka_topic=topic,
-        kafka_request_timeout_ms=500,
-        kafka_breaker_reset_s=0.2,
-    )
-    sink = SpillingKafkaSink(settings, telemetry)
-    await sink.start()
-    return sink, topic
-
-
 async def test_records_a_stopped_broker_never_got_spill_and_are_not_counted_as_resent(
     make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
     telemetry = _Resent()
-    sink, topic = await _started_sink(make_settings, private_kafka_broker, telemetry)
+    sink, topic = await started_spilling_sink(make_settings, private_kafka_broker, telemetry, kafka_breaker_reset_s=0.2)
     try:
         private_kafka_broker.stop()  # connection refused: nothing can reach it
         await sink.write(_records(5))
@@ -92,9 +74,9 @@ async def test_records_a_stopped_broker_never_got_spill_and_are_not_counted_as_r
     # The broker comes back empty: a new sink drains once the topic is there again.
     private_kafka_broker.start()
     await create_topic(private_kafka_broker.bootstrap, name=topic)
-    sink, _ = await _started_sink(make_settings, private_kafka_broker, telemetry, topic)
+    sink, _ = await started_spilling_sink(make_settings, private_kafka_broker, telemetry, topic=topic, kafka_breaker_reset_s=0.2)
     try:
-        await _wait_until_drained(sink)
+        await wait_until_drained(sink)
     finally:
         await sink.close()
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=5)
@@ -105,7 +87,7 @@ async def test_records_of_a_timed_out_produce_spill_and_count_as_resent(
     make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
     telemetry = _Resent()
-    sink, topic = await _started_sink(make_settings, private_kafka_broker, telemetry)
+    sink, topic = await started_spilling_sink(make_settings, private_kafka_broker, telemetry, kafka_breaker_reset_s=0.2)
     assert private_kafka_broker.process is not None
     pid = private_kafka_broker.process.pid
     try:
@@ -117,7 +99,7 @@ async def test_records_of_a_timed_out_produce_spill_and_count_as_resent(
             assert sink.backlog == 5
         finally:
             os.kill(pid, signal.SIGCONT)
-        await _wait_until_drained(sink)
+        await wait_until_drained(sink)
     finally:
         await sink.close()
     assert telemetry.resent == 5
@@ -221,7 +203,7 @@ async def test_writes_queued_behind_a_frozen_broker_all_spill_within_two_request
     its own, so the fifth write queued behind a frozen broker waited five (25 s at the
     default), every tenant's ingests refused meanwhile."""
     telemetry = _Resent()
-    sink, topic = await _started_sink(make_settings, private_kafka_broker, telemetry)
+    sink, topic = await started_spilling_sink(make_settings, private_kafka_broker, telemetry, kafka_breaker_reset_s=0.2)
     assert private_kafka_broker.process is not None
     pid = private_kafka_broker.process.pid
     timeout_s = 0.5  # the sink's kafka_request_timeout_ms
@@ -244,7 +226,7 @@ async def test_writes_queued_behind_a_frozen_broker_all_spill_within_two_request
         finally:
             os.kill(pid, signal.SIGCONT)
         assert max(waited) < 4 * timeout_s  # not one timeout more per round (6 x)
-        await _wait_until_drained(sink)
+        await wait_until_drained(sink)
     finally:
         await sink.close()
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=12 * 3000 + 1)

@@ -18,7 +18,7 @@ from mlgate.workers.sinks.local_log import (
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
 from mlgate.workers.telemetry import NO_TELEMETRY
-from tests.support import KafkaBroker, create_topic, read_topic
+from tests.support import KafkaBroker, create_topic, read_topic, wait_until_drained
 
 # A frame of exactly 512 bytes: a 4096-byte segment holds eight of them.
 _FRAME_BYTES = 512
@@ -53,14 +53,6 @@ def test_cursor_reads_on_after_the_segment_it_finished_is_deleted(tmp_path: Path
     assert [e.offset for e in rest] == list(range(_PER_SEGMENT, 3 * _PER_SEGMENT))
 
 
-async def _wait_until_drained(sink: SpillingKafkaSink, limit_s: float = 30.0) -> None:
-    for _ in range(int(limit_s / 0.05)):
-        if sink.backlog == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"spill still holds {sink.backlog} records")
-
-
 async def _spilled_sink(
     make_settings, broker: KafkaBroker, records: int, telemetry=NO_TELEMETRY
 ) -> tuple[SpillingKafkaSink, str]:
@@ -90,7 +82,7 @@ async def test_drainer_forwards_across_segment_ends_without_crashing(
     try:
         private_kafka_broker.start()
         await create_topic(private_kafka_broker.bootstrap, name=topic)
-        await _wait_until_drained(sink)
+        await wait_until_drained(sink)
         assert sink._drainer.crashes == 0
     finally:
         await sink.close()
@@ -131,7 +123,7 @@ async def test_a_crashed_drainer_makes_the_sink_unhealthy_then_resumes_from_the_
     try:
         private_kafka_broker.start()
         await create_topic(private_kafka_broker.bootstrap, name=topic)
-        await _wait_until_drained(sink)
+        await wait_until_drained(sink)
         assert telemetry.seen == [(False, 20)]
         assert sink._drainer.crashes == 1
     finally:
@@ -176,7 +168,7 @@ async def test_a_partial_drain_that_opens_the_breaker_sends_only_what_kafka_did_
     try:
         private_kafka_broker.start()
         await create_topic(private_kafka_broker.bootstrap, name=topic)
-        await _wait_until_drained(sink)
+        await wait_until_drained(sink)
     finally:
         await sink.close()
     assert _FirstWritePartial.failed

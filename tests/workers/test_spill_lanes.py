@@ -12,8 +12,13 @@ import pytest
 from mlgate.workers.lanes import SHARED_LANE
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillFull, SpillingKafkaSink
-from mlgate.workers.telemetry import NO_TELEMETRY
-from tests.support import KafkaBroker, create_topic, read_topic
+from tests.support import (
+    KafkaBroker,
+    create_topic,
+    read_topic,
+    started_spilling_sink,
+    wait_until_drained,
+)
 
 
 def _records(tag: str, n: int) -> list[OutboundRecord]:
@@ -21,16 +26,12 @@ def _records(tag: str, n: int) -> list[OutboundRecord]:
 
 
 async def _sink(make_settings, broker: KafkaBroker, **overrides) -> tuple[SpillingKafkaSink, str]:  # type: ignore[no-untyped-def]
-    # One partition: the order records reach Kafka in is the order they are read in.
-    topic = await create_topic(broker.bootstrap, partitions=1)
-    settings = make_settings(
-        kafka_bootstrap_servers=broker.bootstrap, kafka_topic=topic,
-        kafka_request_timeout_ms=500, kafka_breaker_fail_max=1, kafka_breaker_reset_s=0.2,
+    """A started spilling sink on a topic of one partition (the order records reach
+    Kafka in is the order they are read in), its breaker open at the first failure."""
+    return await started_spilling_sink(
+        make_settings, broker, partitions=1, kafka_breaker_fail_max=1, kafka_breaker_reset_s=0.2,
         **overrides,
     )
-    sink = SpillingKafkaSink(settings, NO_TELEMETRY)
-    await sink.start()
-    return sink, topic
 
 
 async def test_a_tenant_in_its_own_lane_holds_at_most_three_quarters_of_the_spill(
@@ -61,11 +62,7 @@ async def test_a_tenants_share_of_the_spill_frees_as_the_drainer_forwards_it(
             await sink.write(_records("b", 1), lane="flood")
         private_kafka_broker.start()
         await create_topic(private_kafka_broker.bootstrap, partitions=1, name=topic)  # memory storage
-        for _ in range(200):
-            if sink.backlog == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert sink.backlog == 0
+        await wait_until_drained(sink)
         await sink.write(_records("b", 6), lane="flood")  # its share is free again
     finally:
         await sink.close()
@@ -95,11 +92,7 @@ async def test_spilled_records_wait_for_the_direct_write_accepted_before_them(
         assert sink.backlog == 3  # not forwarded ahead of the direct write
         answer_direct_write.set()
         await direct
-        for _ in range(200):
-            if sink.backlog == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert sink.backlog == 0
+        await wait_until_drained(sink)
     finally:
         await sink.close()
     keys = [m.key for m in await read_topic(private_kafka_broker.bootstrap, topic, expected=6)]

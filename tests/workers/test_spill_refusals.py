@@ -13,30 +13,18 @@ import pytest
 
 from mlgate.workers.errors import SinkFailed
 from mlgate.workers.sinks.records import OutboundRecord
-from mlgate.workers.sinks.spilling_sink import SpillFull, SpillingKafkaSink
-from mlgate.workers.telemetry import NO_TELEMETRY
-from tests.support import KafkaBroker, create_topic
+from mlgate.workers.sinks.spilling_sink import SpillFull
+from tests.support import KafkaBroker, started_spilling_sink
 
 
 def _records(n: int, start: int = 0) -> list[OutboundRecord]:
     return [OutboundRecord(key=f"r{i}".encode(), value=b"{}", headers=[]) for i in range(start, start + n)]
 
 
-async def _sink(make_settings, broker: KafkaBroker, **overrides) -> SpillingKafkaSink:
-    topic = await create_topic(broker.bootstrap)
-    settings = make_settings(
-        kafka_bootstrap_servers=broker.bootstrap, kafka_topic=topic,
-        kafka_request_timeout_ms=500, **overrides,
-    )
-    sink = SpillingKafkaSink(settings, NO_TELEMETRY)
-    await sink.start()
-    return sink
-
-
 async def test_a_full_spill_without_trying_kafka_wrote_nothing(
     make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
-    sink = await _sink(make_settings, private_kafka_broker, spill_max_records=2, kafka_breaker_fail_max=1)
+    sink, _ = await started_spilling_sink(make_settings, private_kafka_broker, spill_max_records=2, kafka_breaker_fail_max=1)
     try:
         private_kafka_broker.stop()
         await sink.write(_records(1))  # Kafka fails: spilled, and the breaker opens
@@ -51,7 +39,7 @@ async def test_a_full_spill_after_kafka_left_the_write_unanswered_may_have_writt
     make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
     """The broker frozen: the produce goes unanswered, so Kafka may hold the records."""
-    sink = await _sink(make_settings, private_kafka_broker, spill_max_records=1)
+    sink, _ = await started_spilling_sink(make_settings, private_kafka_broker, spill_max_records=1)
     try:
         await sink.write(_records(1, start=10))  # connected: the next produce is sent
         with _frozen(private_kafka_broker):
@@ -68,7 +56,7 @@ async def test_a_full_spill_after_kafka_was_tried_is_never_taken_for_nothing_wri
     """The broker gone at an outage's start (breaker still closed): Kafka acknowledged
     none of the records, yet aiokafka retries a batch itself, and an answer lost on an
     earlier attempt comes back as the last attempt's error: it may hold them."""
-    sink = await _sink(make_settings, private_kafka_broker, spill_max_records=1)
+    sink, _ = await started_spilling_sink(make_settings, private_kafka_broker, spill_max_records=1)
     try:
         private_kafka_broker.stop()
         with pytest.raises(SpillFull) as refused:
@@ -83,7 +71,7 @@ async def test_a_closed_spill_after_an_unanswered_kafka_write_is_a_failure_not_a
 ) -> None:
     """The spill's writer refusing what Kafka did not answer (closed, or its mailbox
     full) must not read as "nothing written": Kafka may hold part of the write."""
-    sink = await _sink(make_settings, private_kafka_broker)
+    sink, _ = await started_spilling_sink(make_settings, private_kafka_broker)
     try:
         await sink.write(_records(1, start=10))  # connected: the next produce is sent
         await sink._spill.close()

@@ -12,7 +12,7 @@ from mlgate.config import Settings, worker_data_dir
 from mlgate.service.state import RECORD_SINK
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink, write_forwarded_offset
-from tests.support import KafkaBroker, create_topic, read_topic
+from tests.support import KafkaBroker, create_topic, read_topic, wait_until_drained
 
 
 def _batch(key: int, sequence: int) -> dict[str, object]:
@@ -33,14 +33,6 @@ async def _on_fresh_topic(
     return topic, make_settings(
         kafka_bootstrap_servers=broker.bootstrap, kafka_topic=topic, **overrides
     )
-
-
-async def _wait_until_drained(sink: SpillingKafkaSink, limit_s: float = 30.0) -> None:
-    for _ in range(int(limit_s / 0.1)):
-        if sink.backlog == 0:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"spill still holds {sink.backlog} records")
 
 
 async def test_records_accepted_while_kafka_is_down_reach_kafka_once_in_order(
@@ -71,7 +63,7 @@ async def test_records_accepted_while_kafka_is_down_reach_kafka_once_in_order(
 
     private_kafka_broker.start()
     await create_topic(private_kafka_broker.bootstrap, name=topic)
-    await _wait_until_drained(sink)
+    await wait_until_drained(sink)
 
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=50)
     keys = [m.key.decode() for m in messages]
@@ -127,7 +119,7 @@ async def test_spill_drained_after_restart_is_neither_lost_nor_sent_twice(
     for _ in range(2):  # the second start must find nothing left to send
         sink = SpillingKafkaSink(settings)
         await sink.start()
-        await _wait_until_drained(sink)
+        await wait_until_drained(sink)
         await sink.close()
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=20)
     assert sorted(m.key for m in messages) == sorted(r.key for r in _outbound(20))
@@ -154,7 +146,7 @@ async def test_forwarded_offset_past_the_spill_end_does_not_skip_later_spilled_r
     await create_topic(private_kafka_broker.bootstrap, name=topic)
     sink = SpillingKafkaSink(settings)
     await sink.start()
-    await _wait_until_drained(sink)
+    await wait_until_drained(sink)
     await sink.close()
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=3)
     assert sorted(m.key for m in messages) == sorted(r.key for r in _outbound(3))
@@ -182,7 +174,7 @@ async def test_a_crashed_kafka_writer_is_replaced_and_nothing_is_lost(
 
     second = await client.post("/api/v2/ingest", json=_batch(0, 1))
     assert second.status == 202  # spilled: the writer was not healthy
-    await _wait_until_drained(sink)
+    await wait_until_drained(sink)
     assert sink._kafka is not crashed and sink._kafka.running
     messages = await read_topic(kafka_broker.bootstrap, kafka_topic, expected=2)
     assert sorted(m.key for m in messages) == [b"k0-0", b"k0-1"]

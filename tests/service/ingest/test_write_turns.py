@@ -42,11 +42,16 @@ class RecordingSink(WrappedSink):
         await super().write(records)
 
 
-async def _pipeline(app_client: AppClientFactory, settings: Any) -> tuple[Any, IngestPipeline, RecordingSink]:
+async def _pipeline(
+    app_client: AppClientFactory, settings: Any, sink_type: type[RecordingSink] = RecordingSink, **options: Any
+) -> tuple[Any, IngestPipeline, Any]:
+    """The app's pipeline parts around ``sink_type`` wrapping its sink; ``options``: the
+    pipeline's own (``max_turn_records``)."""
     client = await app_client(settings)
     app = client.app
-    sink = RecordingSink(app[RECORD_SINK])
-    return app, IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS]), sink
+    sink = sink_type(app[RECORD_SINK])
+    pipeline = IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS], **options)
+    return app, pipeline, sink
 
 
 async def _write_all(pipeline: IngestPipeline, batches: list[ValidatedBatch]) -> list[Any]:
@@ -225,12 +230,7 @@ class GatedSink(RecordingSink):
 async def test_a_tenant_with_many_records_on_their_way_writes_in_a_lane_of_its_own(
     app_client: AppClientFactory, settings_for: Any
 ) -> None:
-    client = await app_client(settings_for())
-    app = client.app
-    sink = GatedSink(app[RECORD_SINK])
-    pipeline = IngestPipeline(
-        app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS], max_turn_records=4
-    )
+    _, pipeline, sink = await _pipeline(app_client, settings_for(), GatedSink, max_turn_records=4)
     first = asyncio.ensure_future(pipeline.write("flood", _batch(pipeline, "f1", "f2", "f3", "f4"), "t1"))
     await asyncio.sleep(0.01)  # handed on, not answered: 4 records on their way
     later = [
@@ -301,12 +301,7 @@ async def test_the_claims_of_a_turn_in_redis_are_settled_at_once(
 async def test_a_turn_holds_at_most_max_turn_records(
     app_client: AppClientFactory, settings_for: Any
 ) -> None:
-    client = await app_client(settings_for())
-    app = client.app
-    sink = RecordingSink(app[RECORD_SINK])
-    pipeline = IngestPipeline(
-        app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS], max_turn_records=4
-    )
+    app, pipeline, sink = await _pipeline(app_client, settings_for(), max_turn_records=4)
     batches = [_batch(pipeline, "a", "b"), _batch(pipeline, "c", "d"), _batch(pipeline, "e", "f", "g", "h", "i")]
 
     answers = await asyncio.gather(*(pipeline.write("t", batch, "track") for batch in batches))
