@@ -48,10 +48,10 @@ DESCRIPTIONS: dict[str, str] = {
     "kafka_compression": "none, gzip, lz4, zstd or snappy.",
     "kafka_breaker_fail_max": "Consecutive Kafka failures that open its circuit breaker.",
     "kafka_breaker_reset_s": "Seconds the Kafka breaker stays open before a trial write.",
-    "spill_max_records": "Records the spill may hold while Kafka is down; beyond it ingest answers 503. A tenant writing in a lane of its own holds at most three quarters of it.",
+    "spill_max_records": "Records the spill may hold while Kafka is down; beyond it ingest answers 503.",
     "spill_drain_batch_records": "Records forwarded from the spill to Kafka per batch.",
     # Writers
-    "writer_mailbox_size": "Ingest writes that may wait for a writer (the requests of one event-loop turn make one write of at most MLGATE_WRITER_MAX_BATCH_RECORDS records, a larger request one of its own; a tenant with that many records on their way writes in a lane of its own, holding at most three quarters of the mailbox); full: 503 at once.",
+    "writer_mailbox_size": "Ingest writes that may wait for a writer (the requests of one event-loop turn make one write of at most MLGATE_WRITER_MAX_BATCH_RECORDS records, a larger request one of its own; a tenant with that many records on their way writes in a lane of its own, and those lanes hold at most three quarters of the mailbox together); full: 503 at once.",
     "writer_max_batch_records": "Most records a writer takes from its mailbox per round.",
     "ingest_max_held_values": "Feature values that ingest requests, decoded, may hold at once until their records are durable (about 32 bytes each as Python numbers); past it a new ingest gets 503 with Retry-After at once (one request always fits). Shared fairly: while other tenants wait for room (refused within 5 s), a tenant past its share takes only room none of them asked for.",
     "writer_max_in_flight": "Kafka batches awaiting acks at once.",

@@ -7,8 +7,9 @@ each item names its ``lane``; items of one lane keep their order, and the lanes 
 turns (round robin), so a lane's next item waits for at most one item of each other
 lane. Most work goes in the ``SHARED_LANE``; a caller heavy enough to hold up the rest
 (a tenant with many records on their way: ``IngestPipeline``) gets a lane of its own,
-and such a lane holds at most ``LANE_SHARE`` of the mailbox, the rest kept for the
-others, so it cannot fill the mailbox and have theirs refused.
+and the lanes of their own hold at most ``LANE_SHARE`` of the mailbox together, the
+rest kept for the shared lane, so heavy callers cannot fill the mailbox and have the
+others' work refused.
 
 It is an ``asyncio.Queue`` (``get``, ``put_nowait``, ``join``, ``task_done`` as
 always) whose storage is a dict of deques, the way ``PriorityQueue`` swaps in a heap.
@@ -23,7 +24,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any, Protocol, TypeVar
 
-# The most of the mailbox one lane of its own may hold.
+# The most of the mailbox the lanes of their own may hold together.
 LANE_SHARE = 0.75
 # The lane of everything not given one of its own: no share applies to it.
 SHARED_LANE = ""
@@ -58,6 +59,10 @@ class _Lanes:
         items = self.by_lane.get(lane)
         return 0 if items is None else len(items)
 
+    @property
+    def held_by_own_lanes(self) -> int:
+        return self.size - self.held_by(SHARED_LANE)
+
     def append(self, item: HasLane) -> None:
         items = self.by_lane.get(item.lane)
         if items is None:
@@ -79,7 +84,8 @@ class _Lanes:
 
 class LaneMailbox(asyncio.Queue[ItemT]):
     """``asyncio.Queue`` taken lane by lane in turn; ``put_nowait`` raises
-    ``QueueFull`` also when the item's own lane holds its share (``LANE_SHARE``)."""
+    ``QueueFull`` also for an item of a lane of its own when those lanes hold their
+    share (``LANE_SHARE``)."""
 
     _queue: _Lanes
 
@@ -98,8 +104,11 @@ class LaneMailbox(asyncio.Queue[ItemT]):
         return item
 
     def put_nowait(self, item: ItemT) -> None:
-        lane = item.lane
-        if lane != SHARED_LANE and self._lane_limit and self._queue.held_by(lane) >= self._lane_limit:
+        if (
+            item.lane != SHARED_LANE
+            and self._lane_limit
+            and self._queue.held_by_own_lanes >= self._lane_limit
+        ):
             raise asyncio.QueueFull
         super().put_nowait(item)
 

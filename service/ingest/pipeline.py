@@ -83,6 +83,8 @@ class _Write:
     claim: Claim | None
     records: list[OutboundRecord]
     done: asyncio.Future[None]
+    # Its records counted in the tenant's records on their way, until it is settled.
+    counted: bool = False
 
 
 @dataclass(slots=True)
@@ -313,22 +315,28 @@ class IngestPipeline:
             turn = self._turns[lane] = _Turn(lane)
             loop.call_soon(self._write_turn, turn)
         done: asyncio.Future[None] = loop.create_future()
-        turn.writes.append(_Write(tenant, claim, records, done))
+        turn.writes.append(_Write(tenant, claim, records, done, counted=bool(records)))
         turn.records += records
         if records:
-            count = len(records)
-            on_their_way[tenant] = on_their_way.get(tenant, 0) + count
-            done.add_done_callback(lambda _: self._answered(tenant, count))
+            on_their_way[tenant] = on_their_way.get(tenant, 0) + len(records)
         # Cancelled here (a client gone away), the write still goes with its turn, and
         # its claim is settled by the outcome, so a retry is then a duplicate.
         await done
 
-    def _answered(self, tenant: str, records: int) -> None:
-        left = self._on_their_way[tenant] - records
-        if left:
-            self._on_their_way[tenant] = left
-        else:
-            del self._on_their_way[tenant]
+    def _arrived(self, writes: list[_Write]) -> None:
+        """Take settled ``writes`` off their tenants' records on their way (once: a
+        turn the spill refused settles again write by write). When settled, not when
+        the caller stops waiting (a review: a flood whose clients time out went back to
+        the shared lane with its writes still queued)."""
+        on_their_way = self._on_their_way
+        for write in writes:
+            if write.counted:
+                write.counted = False
+                left = on_their_way.get(write.tenant, 0) - len(write.records)
+                if left > 0:
+                    on_their_way[write.tenant] = left
+                else:
+                    on_their_way.pop(write.tenant, None)
 
     def _write_turn(self, turn: _Turn) -> None:
         if self._turns.get(turn.lane) is turn:
@@ -374,6 +382,7 @@ class IngestPipeline:
             _answer(writes, exc)
             raise
         finally:
+            self._arrived(writes)
             if holding is not None:
                 holding.stop()
 

@@ -9,6 +9,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from mlgate.workers.errors import MailboxFull, WorkerError
+from mlgate.workers.lanes import SHARED_LANE
 from mlgate.workers.sinks.kafka_writer import KafkaWriter, partitions_for
 from mlgate.workers.sinks.records import OutboundRecord
 from tests.support import create_topic, read_topic
@@ -216,7 +217,7 @@ async def test_a_tenants_write_is_sent_before_the_writes_another_tenant_queued_f
     assert len({m.key for m in messages}) == 20 * 200 + 1
 
 
-async def test_one_tenant_cannot_fill_the_writers_mailbox(make_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_tenant_in_a_lane_of_its_own_cannot_fill_the_writers_mailbox(make_settings) -> None:  # type: ignore[no-untyped-def]
     writer = KafkaWriter(make_settings(writer_mailbox_size=4))
     writer._task = asyncio.ensure_future(asyncio.sleep(3600))  # a writer that takes nothing
     try:
@@ -225,7 +226,7 @@ async def test_one_tenant_cannot_fill_the_writers_mailbox(make_settings) -> None
             writer.submit(records, "flood")
         with pytest.raises(MailboxFull):
             writer.submit(records, "flood")
-        writer.submit(records, "calm")  # the last quarter is kept for the others
+        writer.submit(records, SHARED_LANE)  # the last quarter is kept for the others
         assert writer.mailbox_depth == 4
     finally:
         writer._task.cancel()

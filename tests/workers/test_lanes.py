@@ -48,16 +48,16 @@ async def test_a_lane_that_empties_and_comes_back_waits_its_turn_behind_the_othe
     assert _take_all(mailbox) == [("b", 0), ("a", 1), ("b", 1)]
 
 
-async def test_a_lane_of_its_own_holds_at_most_three_quarters_of_the_mailbox() -> None:
+async def test_lanes_of_their_own_hold_at_most_three_quarters_of_the_mailbox() -> None:
     mailbox: LaneMailbox[Item] = LaneMailbox(8)
     for n in range(6):
         mailbox.put_nowait(Item("flood", n))
     with pytest.raises(asyncio.QueueFull):
         mailbox.put_nowait(Item("flood", 6))
-    mailbox.put_nowait(Item("calm", 0))
-    mailbox.put_nowait(Item("calm", 1))
+    mailbox.put_nowait(Item(SHARED_LANE, 0))  # the rest is the shared lane's
+    mailbox.put_nowait(Item(SHARED_LANE, 1))
     with pytest.raises(asyncio.QueueFull):  # the mailbox itself is full
-        mailbox.put_nowait(Item("other", 0))
+        mailbox.put_nowait(Item(SHARED_LANE, 2))
     assert mailbox.qsize() == 8 and mailbox.held_by("flood") == 6
 
 
@@ -86,3 +86,15 @@ async def test_a_mailbox_holding_items_has_a_repr_listing_them() -> None:
     mailbox.put_nowait(Item("a", 0))
     mailbox.put_nowait(Item("b", 0))
     assert "Item(lane='a', n=0), Item(lane='b', n=0)" in repr(mailbox)
+
+
+async def test_several_lanes_of_their_own_together_leave_the_shared_lane_its_quarter() -> None:
+    mailbox: LaneMailbox[Item] = LaneMailbox(8)
+    for n in range(3):
+        mailbox.put_nowait(Item("a", n))
+        mailbox.put_nowait(Item("b", n))
+    with pytest.raises(asyncio.QueueFull):
+        mailbox.put_nowait(Item("c", 0))
+    mailbox.put_nowait(Item(SHARED_LANE, 0))
+    mailbox.put_nowait(Item(SHARED_LANE, 1))
+    assert mailbox.full()

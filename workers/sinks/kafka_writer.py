@@ -1,8 +1,9 @@
 """KafkaWriter: the actor that turns queued record batches into acknowledged Kafka writes.
 
-Requests put ``(records, future)`` items in one bounded mailbox, each in its caller's
-lane (a tenant): the lanes take turns (``LaneMailbox``), so one tenant's queued writes
-do not hold up another's. The single writer task
+Requests put ``(records, future)`` items in one bounded mailbox, each in a lane (the
+shared one, or a heavy tenant's own: ``IngestPipeline``): the lanes take turns
+(``LaneMailbox``), so a flooding tenant's queued writes do not hold up the others'.
+The single writer task
 takes what is waiting (up to ``writer_max_batch_records``), groups it by partition
 (the Java client's murmur2 partitioner on ``record_id``, in C: ``partitions_for``),
 sends one Kafka batch per partition with ``acks=all``, and resolves each request's future once every batch that
@@ -51,7 +52,7 @@ from murmurhash2 import murmurhash2
 from mlgate.config import Settings
 from mlgate.workers.actor import Actor
 from mlgate.workers.errors import SinkFailed, WorkerClosed
-from mlgate.workers.lanes import LaneMailbox
+from mlgate.workers.lanes import SHARED_LANE, LaneMailbox
 from mlgate.workers.sinks.produce_request import lean_produce_requests
 from mlgate.workers.sinks.record_batch import RecordBatchBuilder
 from mlgate.workers.sinks.records import OutboundRecord
@@ -111,7 +112,7 @@ _SENT, _WRITTEN, _REFUSED = "sent", "written", "refused"
 class _Pending:
     records: list[OutboundRecord]
     future: asyncio.Future[None]
-    lane: str = ""  # whose write (a tenant): the lanes take turns (``LaneMailbox``)
+    lane: str = SHARED_LANE  # the lanes take turns (``LaneMailbox``)
     batches_left: int = 0
     errors: list[BaseException] = field(default_factory=list)
     # This request's records in each batch handed to the producer, with that batch:
@@ -178,8 +179,8 @@ class KafkaWriter(Actor[_Pending]):
         producer: AIOKafkaProducer | None = None,
         telemetry: WorkerTelemetry = NO_TELEMETRY,
     ) -> None:
-        # Lane by lane: a tenant's write waits for one of each other tenant's at most,
-        # not for all the writes a flooding tenant queued before it.
+        # Lane by lane: a write waits for one of each other lane's at most, not for all
+        # the writes a flooding tenant queued in its own before it.
         super().__init__(settings.writer_mailbox_size, LaneMailbox)
         self._settings = settings
         self._telemetry = telemetry

@@ -19,8 +19,9 @@ class RecordSink(Protocol):
     name: str
 
     async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
-        """Return once the records are durable. ``lane``: whose records (a tenant);
-        a sink that queues writes takes the lanes in turn, each lane's in order.
+        """Return once the records are durable. ``lane``: the shared lane (``""``)
+        or a heavy tenant's own; a sink that queues writes takes the lanes in turn,
+        each lane's in order.
 
         Raises ``MailboxFull`` at once when there is no room, ``WorkerError`` subclasses
         when the write cannot be done.

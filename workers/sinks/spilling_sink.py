@@ -17,29 +17,28 @@ timeout) may reach Kafka twice and are counted (``records_resent``). New request
 spill while the writer is ``stalled`` (the idempotent producer waiting on a silent
 broker), rather than queueing behind it.
 
-While a backlog exists new records spill too, so records of one key reach Kafka in the
-order they were accepted. A full spill (``spill_max_records``) is the one case where a
-write is refused (``SpillFull``); so is a tenant's (a write's ``lane``) past three
-quarters of it, the rest kept for the other tenants through a long outage. A crash between an ack and the offset file write
-re-sends at most one drain batch on restart.
+While a backlog exists new records spill too, and the drainer forwards nothing while
+a write sent directly before it is unanswered, so records of one key reach Kafka in
+the order they were accepted. A full spill (``spill_max_records``) is the one case
+where a write is refused (``SpillFull``). A crash between an ack and the offset file
+write re-sends at most one drain batch on restart. A write's ``lane`` goes with it to
+the Kafka writer (``LaneMailbox``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from mlgate.config import Settings, worker_data_dir
 from mlgate.workers.breaker import Breaker, BreakerOpen
 from mlgate.workers.errors import MailboxFull, SinkFailed, WorkerClosed, WorkerError
-from mlgate.workers.lanes import LANE_SHARE
 from mlgate.workers.sinks.kafka_writer import KafkaWriteFailed, KafkaWriter
 from mlgate.workers.sinks.local_log import LogCursor, delete_segments_before
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
@@ -50,9 +49,6 @@ from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 log = structlog.get_logger("mlgate.spill")
 
 OFFSET_FILE = "forwarded.offset"
-# The lane of records found in the spill at start-up (whose tenants are not recorded):
-# no tenant's share, so they never count against one.
-RECOVERED_LANE = ""
 _KAFKA_FAILURES = (SinkFailed, WorkerClosed, BreakerOpen, TimeoutError, OSError)
 
 
@@ -110,10 +106,6 @@ class SpillingKafkaSink:
         )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="spill-drainer")
         self._backlog = 0
-        # The backlog by lane (tenant), and the lanes' runs in spill order, so the
-        # drainer's progress is taken off the lanes whose records it forwarded.
-        self._backlog_by_lane: dict[str, int] = {}
-        self._runs: deque[list[Any]] = deque()  # [lane, records], oldest first
         self._spilled = asyncio.Event()
         # Writes sent to Kafka directly and not yet answered: the drainer waits for
         # them (``_direct_writes_done``) before it forwards what spilled after them.
@@ -168,10 +160,7 @@ class SpillingKafkaSink:
             log.warning("spill_forwarded_offset_past_end", forwarded=forwarded, end=self._spill.next_offset)
             forwarded = self._spill.next_offset
             await loop.run_in_executor(self._executor, write_forwarded_offset, self._directory, forwarded)
-        self._backlog = 0
-        self._runs.clear()
-        self._backlog_by_lane.clear()
-        self._count_in(RECOVERED_LANE, max(0, self._spill.next_offset - forwarded))
+        self._backlog = max(0, self._spill.next_offset - forwarded)
         self._cursor = LogCursor(self._directory, forwarded)
         try:
             await self._kafka.start()
@@ -233,7 +222,7 @@ class SpillingKafkaSink:
                     # Sent and not answered, Kafka may hold them; refused, it holds none.
                     kafka_took_none = isinstance(failure, BreakerOpen)
         try:
-            await self._to_spill(records, lane, kafka_took_none=kafka_took_none)
+            await self._to_spill(records, kafka_took_none=kafka_took_none)
         except (MailboxFull, WorkerClosed) as exc:
             if kafka_took_none:
                 raise
@@ -243,27 +232,17 @@ class SpillingKafkaSink:
         if resent:
             self._telemetry.records_resent(resent)
 
-    async def _to_spill(
-        self, records: list[OutboundRecord], lane: str, *, kafka_took_none: bool
-    ) -> None:
-        limit = self._settings.spill_max_records
-        if self._backlog + len(records) > limit:
+    async def _to_spill(self, records: list[OutboundRecord], *, kafka_took_none: bool) -> None:
+        if self._backlog + len(records) > self._settings.spill_max_records:
             raise SpillFull(
                 f"spill is full ({self._backlog} records waiting for Kafka)",
                 nothing_written=kafka_took_none,
             )
-        held = self._backlog_by_lane.get(lane, 0)
-        if lane and held and held + len(records) > limit * LANE_SHARE:
-            raise SpillFull(
-                f"this tenant's records fill its share of the spill ({held} of "
-                f"{limit} records waiting for Kafka; the rest is kept for other tenants)",
-                nothing_written=kafka_took_none,
-            )
-        self._count_in(lane, len(records))
+        self._backlog += len(records)
         try:
             await self._spill.write(records)
         except BaseException:
-            self._count_out(len(records), newest=True)
+            self._backlog -= len(records)
             raise
         self._telemetry.records_spilled(len(records))
         self._spilled.set()
@@ -312,11 +291,7 @@ class SpillingKafkaSink:
                         await asyncio.sleep(0.05)  # written but not yet fsync'd
                     continue
                 unacked = _DrainBatch([entry.record for entry in entries], self._cursor.offset, read)
-            # A write sent directly before the backlog began may still wait in the
-            # writer's mailbox, in a lane of its own the drainer's could overtake (a
-            # review); no direct write starts while a backlog exists, and each ends
-            # within two request timeouts.
-            await self._direct_writes_done.wait()
+            await self._direct_writes_settled()
             try:
                 if unacked.records:
                     await self.breaker.call(self._kafka.write, unacked.records)
@@ -338,43 +313,21 @@ class SpillingKafkaSink:
                 await asyncio.sleep(wait)
                 continue
             await loop.run_in_executor(self._executor, self._mark_forwarded, unacked.end)
-            self._count_out(unacked.offsets)
+            self._backlog = max(0, self._backlog - unacked.offsets)
             log.info("spill_forwarded", offsets=unacked.offsets, backlog=self._backlog)
             unacked = None
 
-    def _count_in(self, lane: str, records: int) -> None:
-        if not records:
+    async def _direct_writes_settled(self) -> None:
+        """Until the writes sent to Kafka directly have their answers: one accepted
+        before the backlog began may still wait in the writer's mailbox, in a lane the
+        drainer's could overtake (a review). No direct write starts while a backlog
+        exists and each ends within two request timeouts, so this waits that long at
+        most (bounded all the same: a backlog miscounted as empty lets new ones start)."""
+        if self._direct_writes_done.is_set():
             return
-        self._backlog += records
-        self._backlog_by_lane[lane] = self._backlog_by_lane.get(lane, 0) + records
-        if self._runs and self._runs[-1][0] == lane:
-            self._runs[-1][1] += records
-        else:
-            self._runs.append([lane, records])
-
-    def _count_out(self, records: int, *, newest: bool = False) -> None:
-        """Take ``records`` off the backlog and its lanes: the oldest runs (forwarded by
-        the drainer), or the ``newest`` (a spill write that failed; with another write
-        counted in after it, that one's lane pays until the drainer passes them: the
-        total stays exact, and a failing disk refuses every lane anyway)."""
-        self._backlog = max(0, self._backlog - records)
-        runs, by_lane = self._runs, self._backlog_by_lane
-        while records and runs:
-            run = runs[-1] if newest else runs[0]
-            taken = min(records, run[1])
-            run[1] -= taken
-            records -= taken
-            left = by_lane[run[0]] - taken
-            if left:
-                by_lane[run[0]] = left
-            else:
-                del by_lane[run[0]]
-            if run[1]:
-                continue
-            if newest:
-                runs.pop()
-            else:
-                runs.popleft()
+        wait_s = 2 * self._settings.kafka_request_timeout_ms / 1000 + 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._direct_writes_done.wait(), wait_s)
 
     def _mark_forwarded(self, offset: int) -> None:
         write_forwarded_offset(self._directory, offset)

@@ -393,3 +393,20 @@ async def test_a_fault_of_the_settling_itself_is_answered_logged_and_counted(
     assert [type(answer) for answer in answers] == [RuntimeError, RuntimeError]
     assert crashes._value.get() == before + 1
     assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["ingest_settle_crashed"]
+
+
+async def test_a_tenant_whose_caller_went_away_keeps_its_lane_while_its_records_are_on_their_way(
+    app_client: AppClientFactory, settings_for: Any
+) -> None:
+    _, pipeline, sink = await _pipeline(app_client, settings_for(), GatedSink, max_turn_records=4)
+    gone = asyncio.ensure_future(pipeline.write("flood", _batch(pipeline, "f1", "f2", "f3", "f4"), "t1"))
+    await asyncio.sleep(0.01)
+    gone.cancel()  # the client went away; its records are still on their way
+    await asyncio.sleep(0.01)
+    later = asyncio.ensure_future(pipeline.write("flood", _batch(pipeline, "f5"), "t2"))
+    await asyncio.sleep(0.01)
+    assert sink.lanes == [SHARED_LANE, "flood"]
+    sink.opened.set()
+    await later
+    await pipeline.write("flood", _batch(pipeline, "f6"), "t3")
+    assert sink.lanes[-1] == SHARED_LANE
