@@ -20,11 +20,11 @@
 - **confirm**: the claimed ids are marked written. Write and confirm run in a task of
   their own, so a caller cancelled after it handed its records on (a client gone
   away) still settles the claim by the write's outcome: a retry is then a duplicate,
-  not a second write. One tenant's writes handed on in one turn of the event loop
-  (requests whose bodies arrived together) share that task and one sink write, and
-  each caller is answered by its outcome: many single-record requests then pay for one
-  hand-off. A tenant with many records on their way writes in a lane of its own, and
-  the sink takes the lanes in turn, so its queued writes do not hold up the others'.
+  not a second write. The writes handed on in one turn of the event loop (requests
+  whose bodies arrived together) share that task and one sink write, and each caller
+  is answered by its outcome: many single-record requests then pay for one hand-off.
+  A tenant with many records on their way writes in a lane of its own, and the sink
+  takes the lanes in turn, so its queued writes do not hold up the others'.
 
 So a 202 means: every record counted in ``records_accepted`` is durable, each keyed
 by its ``record_id``; ``records_duplicate`` were already written and were not written

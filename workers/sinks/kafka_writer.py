@@ -235,16 +235,16 @@ class KafkaWriter(Actor[_Pending]):
         self._launch(self._run())
         log.info("kafka_writer_started", topic=self._topic, partitions=len(self._partitions))
 
-    def submit(self, records: list[OutboundRecord], lane: str = "") -> asyncio.Future[None]:
+    def submit(self, records: list[OutboundRecord], lane: str = SHARED_LANE) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self._new_future()
         self._enqueue(_Pending(records, future, lane))
         return future
 
-    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
+    async def write(self, records: list[OutboundRecord], lane: str = SHARED_LANE) -> None:
         await self.submit(records, lane)
 
     async def write_within(
-        self, records: list[OutboundRecord], seconds: float, lane: str = ""
+        self, records: list[OutboundRecord], seconds: float, lane: str = SHARED_LANE
     ) -> None:
         """``write``, waiting at most ``seconds`` for Kafka's answer: then
         ``KafkaWriteFailed`` with every record unwritten, their outcome unknown if the
