@@ -253,12 +253,17 @@ async def test_unload_stops_serving_until_load_and_polling_leaves_it_alone(
     assert (await predict(repo))[0] == "1"
 
 
+async def _with_a_broken_model(repo_root: Path, start_repository: Any) -> Any:
+    """A started repository serving "demo" 1, beside "broken" 1 that cannot load."""
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "broken", 1, body=b"garbage")
+    return await start_repository()
+
+
 async def test_explicit_load_of_a_broken_model_raises_with_the_reason(
     repo_root: Path, start_repository: Any
 ) -> None:
-    add_version(repo_root, "demo", 1)
-    add_version(repo_root, "broken", 1, body=b"garbage")
-    repo = await start_repository()
+    repo = await _with_a_broken_model(repo_root, start_repository)
     with pytest.raises(ModelLoadFailed, match="failed to load version 1"):
         await repo.load("broken")
     with pytest.raises(ModelNotFound):
@@ -268,9 +273,7 @@ async def test_explicit_load_of_a_broken_model_raises_with_the_reason(
 async def test_a_model_that_failed_to_load_is_unavailable_not_unknown(
     repo_root: Path, start_repository: Any
 ) -> None:
-    add_version(repo_root, "demo", 1)
-    add_version(repo_root, "broken", 1, body=b"garbage")
-    repo = await start_repository()
+    repo = await _with_a_broken_model(repo_root, start_repository)
     with pytest.raises(ModelUnavailable, match="failed to load version 1"):
         repo.resolve("broken")
     with pytest.raises(ModelUnavailable):

@@ -23,6 +23,14 @@ EVERY_REDIS = pytest.mark.parametrize("backend", ["redis", "cluster"], indirect=
 STANDALONE = pytest.mark.parametrize("backend", ["redis"], indirect=True)
 
 
+@pytest.fixture
+async def budgeted(app_client: Any, settings_for: Any, backend: str) -> RecordDeduplicator:
+    """The dedup of an app on ``backend``, each tenant's ids in Redis bounded by BUDGET."""
+    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
+    dedup: RecordDeduplicator = client.app[RECORD_DEDUP]
+    return dedup
+
+
 async def _ids_in_redis(url: str, tenant: str) -> int:
     """How many of ``tenant``'s record_ids Redis holds (every master of a Cluster)."""
     first = url.split(",")[0]
@@ -85,10 +93,9 @@ async def test_a_tenant_past_its_budget_adds_no_more_ids_to_redis(
 
 @EVERY_REDIS
 async def test_ids_kept_in_process_past_the_budget_are_still_duplicates(
-    app_client: Any, settings_for: Any, backend: str
+    budgeted: RecordDeduplicator, backend: str
 ) -> None:
-    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
-    dedup = client.app[RECORD_DEDUP]
+    dedup = budgeted
     ids = [f"r{i}" for i in range(200)]
     for n in range(0, 200, 20):
         assert await _claim_and_confirm(dedup, "flood", ids[n : n + 20]) == [True] * 20
@@ -119,10 +126,9 @@ async def test_ids_redis_held_before_the_budget_filled_stay_duplicates_everywher
 
 @EVERY_REDIS
 async def test_a_released_claim_kept_in_process_can_be_claimed_again(
-    app_client: Any, settings_for: Any, backend: str
+    budgeted: RecordDeduplicator, backend: str
 ) -> None:
-    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
-    dedup = client.app[RECORD_DEDUP]
+    dedup = budgeted
     await _flood(dedup)
     # One id claimed into each (Cluster) slot's last room, then one kept here.
     for n in range(1000):
@@ -197,10 +203,9 @@ async def _kept_here_then_room(dedup: RecordDeduplicator) -> Claim:
 
 @STANDALONE
 async def test_an_id_kept_here_stays_a_duplicate_when_redis_has_room_again(
-    app_client: Any, settings_for: Any, backend: str
+    budgeted: RecordDeduplicator, backend: str
 ) -> None:
-    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
-    dedup = client.app[RECORD_DEDUP]
+    dedup = budgeted
     claim = await _kept_here_then_room(dedup)
     await dedup.confirm("flood", claim)
     for record_id in sorted(claim.held_here):
@@ -209,10 +214,9 @@ async def test_an_id_kept_here_stays_a_duplicate_when_redis_has_room_again(
 
 @STANDALONE
 async def test_an_id_kept_here_in_flight_is_not_claimed_twice(
-    app_client: Any, settings_for: Any, backend: str
+    budgeted: RecordDeduplicator, backend: str
 ) -> None:
-    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
-    dedup = client.app[RECORD_DEDUP]
+    dedup = budgeted
     first = await _kept_here_then_room(dedup)
     waiting = asyncio.create_task(dedup.claim("flood", [sorted(first.held_here)[0]]))
     await asyncio.sleep(0.05)
@@ -223,10 +227,9 @@ async def test_an_id_kept_here_in_flight_is_not_claimed_twice(
 
 @STANDALONE
 async def test_a_batch_larger_than_the_room_left_fills_it_and_keeps_the_rest_here(
-    app_client: Any, settings_for: Any, backend: str
+    budgeted: RecordDeduplicator, backend: str
 ) -> None:
-    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
-    claim = await client.app[RECORD_DEDUP].claim("flood", [f"b{n}" for n in range(100)])
+    claim = await budgeted.claim("flood", [f"b{n}" for n in range(100)])
     assert claim.new == [True] * 100
     assert len(claim.held_here) == 100 - BUDGET
     assert await _ids_in_redis(backend, "flood") == BUDGET
@@ -234,10 +237,9 @@ async def test_a_batch_larger_than_the_room_left_fills_it_and_keeps_the_rest_her
 
 @EVERY_REDIS
 async def test_released_claims_give_their_budget_back(
-    app_client: Any, settings_for: Any, backend: str
+    budgeted: RecordDeduplicator, backend: str
 ) -> None:
-    client = await app_client(settings_for(backend, dedup_redis_tenant_max_ids=BUDGET))
-    dedup = client.app[RECORD_DEDUP]
+    dedup = budgeted
     ids = [f"retry{n}" for n in range(40)]
     for _ in range(10):  # a write that keeps failing, retried: 400 claims of 40 ids
         claim = await dedup.claim("flood", ids)
