@@ -1,10 +1,13 @@
 """The spill drainer: its log cursor survives the segments it deletes, and a crashed
-drainer is reported unhealthy and comes back, rebuilt from the forwarded offset."""
+drainer is reported unhealthy and comes back, rebuilt from the forwarded offset; the
+backlog is what the log holds past that offset, whatever crashed or gave up on the way."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+
+import pytest
 
 from mlgate.workers.sinks.kafka_writer import KafkaWriteFailed, KafkaWriter
 from mlgate.workers.sinks.local_log import (
@@ -16,7 +19,7 @@ from mlgate.workers.sinks.local_log import (
     segments,
 )
 from mlgate.workers.sinks.records import OutboundRecord
-from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
+from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink, write_forwarded_offset
 from mlgate.workers.telemetry import NO_TELEMETRY
 from tests.support import KafkaBroker, create_topic, read_topic, wait_until_drained
 
@@ -54,10 +57,14 @@ def test_cursor_reads_on_after_the_segment_it_finished_is_deleted(tmp_path: Path
 
 
 async def _spilled_sink(
-    make_settings, broker: KafkaBroker, records: int, telemetry=NO_TELEMETRY
+    make_settings,
+    broker: KafkaBroker,
+    records: int,
+    telemetry=NO_TELEMETRY,
+    sink_class: type[SpillingKafkaSink] = SpillingKafkaSink,
 ) -> tuple[SpillingKafkaSink, str]:
     """A sink on a fresh topic of ``broker`` with ``records`` spilled while the broker
-    was down; the broker is up again (and the topic made) when this returns."""
+    is down (it is still down when this returns)."""
     topic = await create_topic(broker.bootstrap)
     settings = make_settings(
         kafka_bootstrap_servers=broker.bootstrap,
@@ -68,7 +75,7 @@ async def _spilled_sink(
         spill_drain_batch_records=_PER_SEGMENT,  # each drain read ends at a segment's end
     )
     broker.stop()
-    sink = SpillingKafkaSink(settings, telemetry)
+    sink = sink_class(settings, telemetry)
     await sink.start()
     await sink.write(_records(records))
     assert sink.backlog == records
@@ -174,3 +181,72 @@ async def test_a_partial_drain_that_opens_the_breaker_sends_only_what_kafka_did_
     assert _FirstWritePartial.failed
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=3)
     assert sorted(m.key for m in messages) == [r.key for r in _records(3)]
+
+
+class _ForwardedOffsetFailsOnce(SpillingKafkaSink):
+    """Kafka acknowledged the first drain batch, then recording it failed (a full
+    disk): after the offset file was written (deleting the forwarded segments failed),
+    or before (the offset file itself could not be written)."""
+
+    file_written_first = True
+    failed = False
+
+    def _mark_forwarded(self, offset: int) -> None:
+        if type(self).failed:
+            super()._mark_forwarded(offset)
+            return
+        type(self).failed = True
+        if self.file_written_first:
+            write_forwarded_offset(self._directory, offset)
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("file_written_first", [True, False], ids=["file-written", "file-not-written"])
+async def test_a_drainer_that_crashed_recording_an_acknowledged_batch_drains_to_an_empty_backlog(
+    make_settings, private_kafka_broker: KafkaBroker, file_written_first: bool
+) -> None:
+    _ForwardedOffsetFailsOnce.file_written_first = file_written_first
+    _ForwardedOffsetFailsOnce.failed = False
+    sink, topic = await _spilled_sink(
+        make_settings, private_kafka_broker, 3 * _PER_SEGMENT, sink_class=_ForwardedOffsetFailsOnce
+    )
+    try:
+        private_kafka_broker.start()
+        await create_topic(private_kafka_broker.bootstrap, name=topic)
+        await wait_until_drained(sink)
+        assert sink._drainer.crashes == 1
+        # An empty backlog sends the next write to Kafka directly, not to the spill.
+        spilled_before = sink._spill.accepted_offset
+        await sink.write([_record(999)])
+        assert sink._spill.accepted_offset == spilled_before
+    finally:
+        await sink.close()
+    # Unrecorded, the first batch went twice: at least once, nothing lost.
+    twice = 0 if file_written_first else _PER_SEGMENT
+    messages = await read_topic(
+        private_kafka_broker.bootstrap, topic, expected=3 * _PER_SEGMENT + 1 + twice
+    )
+    assert sorted({m.key for m in messages}) == sorted(r.key for r in [*_records(3 * _PER_SEGMENT), _record(999)])
+
+
+async def test_a_spill_write_its_caller_gave_up_on_is_still_in_the_backlog_and_forwarded(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """The caller is cancelled while the log writes its records: they are written all
+    the same, so they wait for Kafka like any spilled record (no direct write may pass
+    them) and the drainer forwards them."""
+    sink, topic = await _spilled_sink(make_settings, private_kafka_broker, 1)
+    try:
+        given_up = asyncio.create_task(sink.write([_record(500), _record(501)]))
+        await asyncio.sleep(0)  # handed to the log writer, its fsync not done
+        given_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        assert sink.backlog == 3
+        private_kafka_broker.start()
+        await create_topic(private_kafka_broker.bootstrap, name=topic)
+        await wait_until_drained(sink)
+    finally:
+        await sink.close()
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=3)
+    assert sorted(m.key for m in messages) == [_record(0).key, _record(500).key, _record(501).key]

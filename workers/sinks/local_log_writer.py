@@ -65,6 +65,9 @@ class LocalLogWriter(Actor[_Pending]):
         self._telemetry = telemetry
         self._probing = False
         self._probed_at = 0.0
+        # The offset after every record handed to ``submit``: appends are in order and
+        # all or nothing, so this is where the log will end once the mailbox is done.
+        self._accepted = 0
 
     @property
     def healthy(self) -> bool:
@@ -118,6 +121,7 @@ class LocalLogWriter(Actor[_Pending]):
         self._log = await loop.run_in_executor(
             self._executor, LocalLog, self._directory, self._segment_bytes
         )
+        self._accepted = self._log.next_offset
         self._launch(self._run())
         log.info("local_log_started", directory=str(self._directory), next_offset=self._log.next_offset)
 
@@ -125,6 +129,13 @@ class LocalLogWriter(Actor[_Pending]):
     def next_offset(self) -> int:
         """The offset the next record will get (records queued but unwritten excluded)."""
         return self._log.next_offset if self._log is not None else 0
+
+    @property
+    def accepted_offset(self) -> int:
+        """The offset after every record handed to ``submit`` and not refused: queued
+        ones included, and those whose caller stopped waiting (they are written all the
+        same); a failed append gives its records back."""
+        return self._accepted
 
     @property
     def durable_offset(self) -> int:
@@ -139,6 +150,7 @@ class LocalLogWriter(Actor[_Pending]):
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Framing here, on the caller's turn, keeps the writer loop short.
         self._enqueue(_Pending([frame(r) for r in records], future))
+        self._accepted += len(records)
         return future
 
     async def _release(self) -> None:
@@ -158,6 +170,7 @@ class LocalLogWriter(Actor[_Pending]):
             try:
                 await loop.run_in_executor(self._executor, self._log.append, frames)
             except OSError as exc:
+                self._accepted -= len(frames)  # the log was cut back to where it was
                 # Logged when writes start failing (and when they work again), not once
                 # a write: a full disk under load would otherwise log a line a request.
                 if not self._write_failed:

@@ -105,7 +105,11 @@ class SpillingKafkaSink:
             reset_s=settings.kafka_breaker_reset_s,
         )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="spill-drainer")
-        self._backlog = 0
+        # The offset below which Kafka acknowledged every spilled record. The backlog is
+        # counted from the log's offsets, not kept as a count of its own: a count missed
+        # what a cancelled write still spilled, and what a drainer that crashed between
+        # an ack and its offset file sent twice.
+        self._forwarded = 0
         self._spilled = asyncio.Event()
         # Writes sent to Kafka directly and not yet answered: the drainer waits for
         # them (``_direct_writes_done``) before it forwards what spilled after them.
@@ -123,8 +127,8 @@ class SpillingKafkaSink:
         return (
             not self._closed
             and self._spill.healthy
-            and self._backlog < self._settings.spill_max_records
-            and (self._backlog == 0 or self._drainer.healthy)
+            and self.backlog < self._settings.spill_max_records
+            and (self.backlog == 0 or self._drainer.healthy)
         )
 
     @property
@@ -135,16 +139,17 @@ class SpillingKafkaSink:
             return "closed"
         if not self._spill.healthy:
             return f"spill: {self._spill.problem}"
-        if self._backlog >= self._settings.spill_max_records:
+        if self.backlog >= self._settings.spill_max_records:
             return (
-                f"spill full: {self._backlog} records wait for Kafka "
+                f"spill full: {self.backlog} records wait for Kafka "
                 "(MLGATE_SPILL_MAX_RECORDS)"
             )
-        return f"{self._backlog} spilled records wait for Kafka and the drainer is not running"
+        return f"{self.backlog} spilled records wait for Kafka and the drainer is not running"
 
     @property
     def backlog(self) -> int:
-        return self._backlog
+        """Records handed to the spill that Kafka has not acknowledged."""
+        return max(0, self._spill.accepted_offset - self._forwarded)
 
     @property
     def mailbox_depth(self) -> int:
@@ -160,21 +165,21 @@ class SpillingKafkaSink:
             log.warning("spill_forwarded_offset_past_end", forwarded=forwarded, end=self._spill.next_offset)
             forwarded = self._spill.next_offset
             await loop.run_in_executor(self._executor, write_forwarded_offset, self._directory, forwarded)
-        self._backlog = max(0, self._spill.next_offset - forwarded)
+        self._forwarded = forwarded
         self._cursor = LogCursor(self._directory, forwarded)
         try:
             await self._kafka.start()
         except Exception as exc:
             # Kafka down at start-up: serve from the spill; the drainer retries Kafka.
             log.error("kafka_unavailable_at_start", error=repr(exc))
-        if self._backlog:
-            log.warning("spill_backlog_at_start", records=self._backlog)
+        if self.backlog:
+            log.warning("spill_backlog_at_start", records=self.backlog)
             self._spilled.set()
         self._drainer.start()
 
     async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
         direct = (
-            self._backlog == 0
+            self.backlog == 0
             and not self.breaker.is_open
             and self._kafka.healthy
             and not self._kafka.stalled
@@ -233,19 +238,18 @@ class SpillingKafkaSink:
             self._telemetry.records_resent(resent)
 
     async def _to_spill(self, records: list[OutboundRecord], *, kafka_took_none: bool) -> None:
-        if self._backlog + len(records) > self._settings.spill_max_records:
+        if self.backlog + len(records) > self._settings.spill_max_records:
             raise SpillFull(
-                f"spill is full ({self._backlog} records waiting for Kafka)",
+                f"spill is full ({self.backlog} records waiting for Kafka)",
                 nothing_written=kafka_took_none,
             )
-        self._backlog += len(records)
         try:
             await self._spill.write(records)
-        except BaseException:
-            self._backlog -= len(records)
-            raise
+        finally:
+            # Also when this caller stopped waiting: its records are written all the
+            # same, and the drainer must come for them.
+            self._spilled.set()
         self._telemetry.records_spilled(len(records))
-        self._spilled.set()
 
     async def _drain_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -253,6 +257,7 @@ class SpillingKafkaSink:
         # A restarted loop trusts nothing of the run that crashed: it reads on from the
         # last offset Kafka acknowledged (re-sending at most the batch in flight then).
         forwarded = await loop.run_in_executor(self._executor, read_forwarded_offset, self._directory)
+        self._forwarded = forwarded
         self._cursor = LogCursor(self._directory, forwarded)
         # A batch read and not yet acknowledged whole: what of it is left to send.
         unacked: _DrainBatch | None = None
@@ -285,7 +290,7 @@ class SpillingKafkaSink:
                         f"though records up to {self._spill.durable_offset} are durable"
                     )
                 if not read:
-                    if self._backlog == 0:
+                    if self.backlog == 0:
                         self._spilled.clear()
                     else:
                         await asyncio.sleep(0.05)  # written but not yet fsync'd
@@ -312,9 +317,12 @@ class SpillingKafkaSink:
                 wait = exc.retry_after_s if isinstance(exc, BreakerOpen) else 0.5
                 await asyncio.sleep(wait)
                 continue
+            # Acknowledged, so no longer waiting, whether or not the offset file can be
+            # written: a drainer restarted after it could not reads the file's offset
+            # back, and the backlog grows again by what it will send twice.
+            self._forwarded = unacked.end
             await loop.run_in_executor(self._executor, self._mark_forwarded, unacked.end)
-            self._backlog = max(0, self._backlog - unacked.offsets)
-            log.info("spill_forwarded", offsets=unacked.offsets, backlog=self._backlog)
+            log.info("spill_forwarded", offsets=unacked.offsets, backlog=self.backlog)
             unacked = None
 
     async def _direct_writes_settled(self) -> None:
