@@ -49,6 +49,11 @@ DESCRIPTIONS: dict[str, str] = {
     "kafka_breaker_fail_max": "Consecutive Kafka failures that open its circuit breaker.",
     "kafka_breaker_reset_s": "Seconds the Kafka breaker stays open before a trial write.",
     "spill_max_records": "Records the spill may hold while Kafka is down; beyond it ingest answers 503.",
+    "spill_tenant_share": (
+        "Past this part of the spill, a tenant adds to it only while under its fair share "
+        "(the bound over the tenants in it, one more counted): a tenant alone stops here; "
+        "1 turns sharing off."
+    ),
     "spill_drain_batch_records": "Records forwarded from the spill to Kafka per batch.",
     # Writers
     "writer_mailbox_size": "Ingest writes that may wait for a writer (the requests of one event-loop turn make one write of at most MLGATE_WRITER_MAX_BATCH_RECORDS records, a larger request one of its own; a tenant with that many records on their way writes in a lane of its own, and those lanes hold at most three quarters of the mailbox together); full: 503 at once.",

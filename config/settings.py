@@ -96,6 +96,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kafka_breaker_fail_max: PositiveInt = 3
     kafka_breaker_reset_s: PositiveFloat = 5.0
     spill_max_records: PositiveInt = 1_000_000
+    spill_tenant_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.75
     spill_drain_batch_records: PositiveInt = 2000
 
     # Writer actors (Kafka or local log)

@@ -357,7 +357,8 @@ class IngestPipeline:
             error: Exception | None = None
             try:
                 if turn.records:
-                    await self._sink.write(turn.records, lane=turn.lane)
+                    tenants = [(write.tenant, len(write.records)) for write in writes if write.records]
+                    await self._sink.write(turn.records, lane=turn.lane, tenants=tenants)
             except Exception as exc:
                 error = exc
             if error is None or _refused(error):

@@ -40,6 +40,8 @@ def _sample(field: msgspec.inspect.Field) -> tuple[str, Any]:
         return str(number), number
     if isinstance(kind, msgspec.inspect.FloatType):
         real = (default if isinstance(default, float) else 0.0) + 1.5
+        if kind.le is not None:
+            real = kind.le if default != kind.le else kind.le / 2
         return str(real), real
     if isinstance(kind, msgspec.inspect.LiteralType):
         choice = next(v for v in reversed(kind.values) if v != default)

@@ -46,7 +46,7 @@ async def test_spilled_records_wait_for_the_direct_write_accepted_before_them(
         direct = asyncio.ensure_future(sink.write(_records("first", 3), lane="flood"))
         await asyncio.sleep(0.05)
         # A later write spilled (a backlog began meanwhile): the drainer has it.
-        await sink._to_spill(_records("second", 3), kafka_took_none=True)
+        await sink._to_spill(_records("second", 3), [("calm", 3)], kafka_took_none=True)
         await asyncio.sleep(0.5)
         assert sink.backlog == 3  # not forwarded ahead of the direct write
         answer_direct_write.set()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +143,11 @@ class LocalLogWriter(Actor[_Pending]):
         """Every record below this offset is fsync'd."""
         return self._log.durable_offset if self._log is not None else 0
 
-    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
-        # Every write waiting goes in the next fsync: no lane waits for another's turn.
+    async def write(
+        self, records: list[OutboundRecord], lane: str = "", tenants: Sequence[tuple[str, int]] = ()
+    ) -> None:
+        # Every write waiting goes in the next fsync: no lane waits for another's turn;
+        # the log is bounded by its disk, not shared out by tenant.
         await self.submit(records)
 
     def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import msgspec
@@ -18,10 +19,13 @@ class RecordSink(Protocol):
 
     name: str
 
-    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
+    async def write(
+        self, records: list[OutboundRecord], lane: str = "", tenants: Sequence[tuple[str, int]] = ()
+    ) -> None:
         """Return once the records are durable. ``lane``: the shared lane (``""``)
         or a heavy tenant's own; a sink that queues writes takes the lanes in turn,
-        each lane's in order.
+        each lane's in order. ``tenants``: whose records they are, in their order,
+        as runs of (tenant, how many), for a sink that shares out a bound store.
 
         Raises ``MailboxFull`` at once when there is no room, ``WorkerError`` subclasses
         when the write cannot be done.

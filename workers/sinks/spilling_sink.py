@@ -19,8 +19,8 @@ broker), rather than queueing behind it.
 
 While a backlog exists new records spill too, and the drainer forwards nothing while
 a write sent directly before it is unanswered, so records of one key reach Kafka in
-the order they were accepted. A full spill (``spill_max_records``) is the one case
-where a write is refused (``SpillFull``). A crash between an ack and the offset file
+the order they were accepted. A full spill (``spill_max_records``), or a tenant past
+its share of it (``SpillShares``), is where a write is refused (``SpillFull``). A crash between an ack and the offset file
 write re-sends at most one drain batch on restart. A write's ``lane`` goes with it to
 the Kafka writer (``LaneMailbox``).
 """
@@ -43,6 +43,7 @@ from mlgate.workers.sinks.kafka_writer import KafkaWriteFailed, KafkaWriter
 from mlgate.workers.sinks.local_log import LogCursor, delete_segments_before
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
+from mlgate.workers.sinks.spill_shares import SpillShares, TenantRuns, runs_of
 from mlgate.workers.supervision import SupervisedTask
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
@@ -53,7 +54,8 @@ _KAFKA_FAILURES = (SinkFailed, WorkerClosed, BreakerOpen, TimeoutError, OSError)
 
 
 class SpillFull(WorkerError):
-    """The spill holds ``spill_max_records`` records not yet forwarded.
+    """The spill holds ``spill_max_records`` records not yet forwarded, or the
+    writing tenant its share of them (``SpillShares``).
     ``nothing_written``: refused before any of the records went anywhere (Kafka was
     not tried), so none of them can land."""
 
@@ -110,6 +112,7 @@ class SpillingKafkaSink:
         # what a cancelled write still spilled, and what a drainer that crashed between
         # an ack and its offset file sent twice.
         self._forwarded = 0
+        self._shares = SpillShares(settings.spill_max_records, settings.spill_tenant_share)
         self._spilled = asyncio.Event()
         # Writes sent to Kafka directly and not yet answered: the drainer waits for
         # them (``_direct_writes_done``) before it forwards what spilled after them.
@@ -166,6 +169,9 @@ class SpillingKafkaSink:
             forwarded = self._spill.next_offset
             await loop.run_in_executor(self._executor, write_forwarded_offset, self._directory, forwarded)
         self._forwarded = forwarded
+        self._shares = SpillShares(
+            self._settings.spill_max_records, self._settings.spill_tenant_share, unattributed=self.backlog
+        )
         self._cursor = LogCursor(self._directory, forwarded)
         try:
             await self._kafka.start()
@@ -177,7 +183,12 @@ class SpillingKafkaSink:
             self._spilled.set()
         self._drainer.start()
 
-    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
+    async def write(
+        self, records: list[OutboundRecord], lane: str = "", tenants: TenantRuns = ()
+    ) -> None:
+        """``tenants``: whose records they are (``SpillShares``); none, one
+        nameless tenant's."""
+        runs = tenants or [("", len(records))]
         direct = (
             self.backlog == 0
             and not self.breaker.is_open
@@ -219,6 +230,7 @@ class SpillingKafkaSink:
                     # batch itself, and an answer lost on the way is then reported as the
                     # last attempt's error, not as an unknown outcome.
                     kafka_took_none = failure.never_sent
+                    runs = runs_of(failure.unwritten, records, runs)
                     records, resent = failure.unwritten, failure.outcome_unknown
                     if not records:
                         return
@@ -227,7 +239,7 @@ class SpillingKafkaSink:
                     # Sent and not answered, Kafka may hold them; refused, it holds none.
                     kafka_took_none = isinstance(failure, BreakerOpen)
         try:
-            await self._to_spill(records, kafka_took_none=kafka_took_none)
+            await self._to_spill(records, runs, kafka_took_none=kafka_took_none)
         except (MailboxFull, WorkerClosed) as exc:
             if kafka_took_none:
                 raise
@@ -237,14 +249,31 @@ class SpillingKafkaSink:
         if resent:
             self._telemetry.records_resent(resent)
 
-    async def _to_spill(self, records: list[OutboundRecord], *, kafka_took_none: bool) -> None:
-        if self.backlog + len(records) > self._settings.spill_max_records:
+    async def _to_spill(
+        self, records: list[OutboundRecord], runs: TenantRuns, *, kafka_took_none: bool
+    ) -> None:
+        max_records = self._settings.spill_max_records
+        backlog = self.backlog
+        if backlog + len(records) > max_records:
             raise SpillFull(
-                f"spill is full ({self.backlog} records waiting for Kafka)",
+                f"spill is full ({backlog} records waiting for Kafka)",
                 nothing_written=kafka_took_none,
             )
+        # Shared out only before Kafka was tried: records it may hold in part go to the
+        # spill whatever their tenant holds, rather than be refused half written.
+        if kafka_took_none and self._shares.tenant_over_share(runs, backlog) is not None:
+            raise SpillFull(
+                f"this tenant holds its share of the spill ({backlog} records of all "
+                "tenants wait for Kafka; MLGATE_SPILL_TENANT_SHARE)",
+                nothing_written=True,
+            )
+        # Attributed as handed to the log (no await between), so in the log's order.
+        spans = self._shares.add(runs)
         try:
             await self._spill.write(records)
+        except Exception:
+            self._shares.give_back(spans)  # refused, or the append failed: not in the log
+            raise
         finally:
             # Also when this caller stopped waiting: its records are written all the
             # same, and the drainer must come for them.
@@ -257,6 +286,8 @@ class SpillingKafkaSink:
         # A restarted loop trusts nothing of the run that crashed: it reads on from the
         # last offset Kafka acknowledged (re-sending at most the batch in flight then).
         forwarded = await loop.run_in_executor(self._executor, read_forwarded_offset, self._directory)
+        if forwarded < self._forwarded:
+            self._shares.sent_again(self._forwarded - forwarded)
         self._forwarded = forwarded
         self._cursor = LogCursor(self._directory, forwarded)
         # A batch read and not yet acknowledged whole: what of it is left to send.
@@ -321,6 +352,7 @@ class SpillingKafkaSink:
             # written: a drainer restarted after it could not reads the file's offset
             # back, and the backlog grows again by what it will send twice.
             self._forwarded = unacked.end
+            self._shares.forwarded(unacked.offsets)
             await loop.run_in_executor(self._executor, self._mark_forwarded, unacked.end)
             log.info("spill_forwarded", offsets=unacked.offsets, backlog=self.backlog)
             unacked = None

@@ -138,7 +138,7 @@ async def test_routing_problem_in_msgpack_when_preferred(client: Client) -> None
 
 
 def _failing_write(error: Exception) -> Callable[..., Awaitable[None]]:
-    async def write(records: list[OutboundRecord], lane: str = "") -> None:
+    async def write(records: list[OutboundRecord], lane: str = "", tenants=()) -> None:
         raise error
 
     return write

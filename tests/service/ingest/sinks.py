@@ -13,8 +13,8 @@ class WrappedSink:
     def __init__(self, sink: RecordSink) -> None:
         self._sink = sink
 
-    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
-        await self._sink.write(records)
+    async def write(self, records: list[OutboundRecord], lane: str = "", tenants=()) -> None:
+        await self._sink.write(records, lane, tenants)
 
     async def close(self, drain_s: float = 10.0) -> None:
         await self._sink.close(drain_s)

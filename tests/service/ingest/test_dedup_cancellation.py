@@ -57,7 +57,7 @@ class GatedSink(WrappedSink):
         self.gate = asyncio.Event()
         self.waiting = 0
 
-    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
+    async def write(self, records: list[OutboundRecord], lane: str = "", tenants=()) -> None:
         self.waiting += 1
         await self.gate.wait()
         await super().write(records)

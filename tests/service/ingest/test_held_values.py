@@ -41,7 +41,7 @@ class GatedSink(WrappedSink):
         super().__init__(sink)
         self.gate = asyncio.Event()
 
-    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
+    async def write(self, records: list[OutboundRecord], lane: str = "", tenants=()) -> None:
         await self.gate.wait()
         await super().write(records)
 

@@ -314,8 +314,8 @@ async def test_long_stream_is_counted_in_full_in_bounded_memory(
     writes: list[int] = []
     first_write = asyncio.Event()
 
-    async def observed_write(records: list[OutboundRecord], lane: str = "") -> None:
-        await write(records, lane)
+    async def observed_write(records: list[OutboundRecord], lane: str = "", tenants=()) -> None:
+        await write(records, lane, tenants)
         writes.append(len(records))
         first_write.set()
 

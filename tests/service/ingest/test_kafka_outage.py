@@ -12,7 +12,7 @@ from mlgate.config import Settings, worker_data_dir
 from mlgate.service.state import RECORD_SINK
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink, write_forwarded_offset
-from tests.support import KafkaBroker, create_topic, read_topic, wait_until_drained
+from tests.support import KafkaBroker, KeyMaker, create_topic, read_topic, wait_until_drained
 
 
 def _batch(key: int, sequence: int) -> dict[str, object]:
@@ -85,6 +85,7 @@ async def test_full_spill_answers_503_with_retry_after(
         feature_dims=(4,),
         kafka_request_timeout_ms=500,
         spill_max_records=3,
+        spill_tenant_share=1.0,  # the bound itself, not a tenant's share of it
     )
     client = await app_client(settings)
     private_kafka_broker.stop()
@@ -178,3 +179,46 @@ async def test_a_crashed_kafka_writer_is_replaced_and_nothing_is_lost(
     assert sink._kafka is not crashed and sink._kafka.running
     messages = await read_topic(kafka_broker.bootstrap, kafka_topic, expected=2)
     assert sorted(m.key for m in messages) == [b"k0-0", b"k0-1"]
+
+
+def _records_batch(tenant: str, sequence: int, count: int) -> dict[str, object]:
+    return {
+        "source": "s",
+        "records": [
+            {"record_id": f"{tenant}-{sequence}-{i}", "features": [1.0, 2.0, 3.0, 4.0]}
+            for i in range(count)
+        ],
+    }
+
+
+async def test_a_tenant_flooding_the_spill_is_refused_at_its_share_while_others_still_spill(
+    app_client, make_settings, private_kafka_broker: KafkaBroker, api_keys: KeyMaker
+) -> None:
+    """Past three quarters full (30 of 40), a tenant adds to the spill only up to its
+    fair share: the bound over the tenants in it and one more still to come. The flood
+    stops at 20, the calm tenant at 13 (40 over 3), and a tenant coming last still
+    finds room."""
+    keys = {tenant: api_keys.create(tenant=tenant, scopes="ingest") for tenant in ("flood", "calm", "late")}
+    _, settings = await _on_fresh_topic(
+        make_settings, private_kafka_broker, feature_dims=(4,), kafka_request_timeout_ms=500,
+        spill_max_records=40, keys_file=str(api_keys.path), auth_disabled=False,
+        rate_limits_enabled=False,
+    )
+    private_kafka_broker.stop()
+    client = await app_client(settings)
+
+    async def post(tenant: str, sequence: int, count: int = 1) -> int:
+        response = await client.post(
+            "/api/v2/ingest", json=_records_batch(tenant, sequence, count),
+            headers={"X-API-Key": keys[tenant]},
+        )
+        if response.status == 503:
+            assert response.content_type == "application/problem+json"
+            assert response.headers["Retry-After"].isdigit()
+        return response.status
+
+    assert await post("calm", 0) == 202
+    assert [await post("flood", n, 10) for n in range(4)] == [202, 202, 503, 503]
+    assert [await post("calm", n) for n in range(1, 14)] == [202] * 12 + [503]
+    assert [await post("late", n) for n in range(8)] == [202] * 7 + [503]  # then full
+    assert client.app[RECORD_SINK].backlog == 40

@@ -34,12 +34,12 @@ class RecordingSink(WrappedSink):
         self.lanes: list[str] = []
         self.refuse: Exception | None = None
 
-    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
+    async def write(self, records: list[OutboundRecord], lane: str = "", tenants=()) -> None:
         self.writes.append(len(records))
         self.lanes.append(lane)
         if self.refuse is not None:
             raise self.refuse
-        await super().write(records)
+        await super().write(records, lane, tenants)
 
 
 async def _pipeline(
@@ -220,7 +220,7 @@ class GatedSink(RecordingSink):
         super().__init__(sink)
         self.opened = asyncio.Event()
 
-    async def write(self, records: list[OutboundRecord], lane: str = "") -> None:
+    async def write(self, records: list[OutboundRecord], lane: str = "", tenants=()) -> None:
         self.writes.append(len(records))
         self.lanes.append(lane)
         await self.opened.wait()
@@ -315,7 +315,8 @@ async def test_a_turn_holds_at_most_max_turn_records(
 def _spill_settings(make_settings: Any, broker: KafkaBroker, topic: str, fail_max: int) -> Any:
     return make_settings(
         feature_dims=(4,), kafka_bootstrap_servers=broker.bootstrap, kafka_topic=topic,
-        kafka_request_timeout_ms=500, spill_max_records=3, kafka_breaker_fail_max=fail_max,
+        kafka_request_timeout_ms=500, spill_max_records=3, spill_tenant_share=1.0,
+        kafka_breaker_fail_max=fail_max,
         dedup_in_flight_wait_s=0.05,
     )
 
@@ -367,6 +368,40 @@ async def test_a_spill_without_room_after_kafka_was_tried_keeps_the_ids_claimed(
     assert sink.writes == [5]
     with pytest.raises(Conflict):
         await pipeline.write("t", batches[0], "retry")
+
+
+async def test_a_turn_refused_for_a_tenant_over_its_spill_share_writes_the_other_tenants_writes(
+    app_client: AppClientFactory, make_settings: Any, private_kafka_broker: KafkaBroker
+) -> None:
+    """Kafka given up, the spill three quarters full (6 of 8) and "flood" holding more
+    than its share (8 over 2 tenants): a turn of one write of each tenant is refused
+    for the flood, then written write by write, so "calm"'s is written and the
+    flood's refused."""
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    settings = make_settings(
+        feature_dims=(4,), kafka_bootstrap_servers=private_kafka_broker.bootstrap, kafka_topic=topic,
+        kafka_request_timeout_ms=500, spill_max_records=8, kafka_breaker_fail_max=1,
+    )
+    client = await app_client(settings)
+    app = client.app
+    private_kafka_broker.stop()
+    sink = RecordingSink(app[RECORD_SINK])
+    pipeline = IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS])
+    assert await pipeline.write("flood", _batch(pipeline, "f0"), "track") == Written(1, 0)
+    assert await pipeline.write("calm", _batch(pipeline, "c0"), "track") == Written(1, 0)
+    flood = _batch(pipeline, "f1", "f2", "f3", "f4")
+    assert await pipeline.write("flood", flood, "track") == Written(4, 0)
+
+    answers = await asyncio.gather(
+        pipeline.write("flood", _batch(pipeline, "f5"), "track"),
+        pipeline.write("calm", _batch(pipeline, "c1"), "track"),
+        return_exceptions=True,
+    )
+
+    assert isinstance(answers[0], SpillFull)
+    assert answers[1] == Written(1, 0)
+    assert sink.writes[-3:] == [2, 1, 1]  # the turn, then each write alone
+    assert app[RECORD_SINK].backlog == 7
 
 
 async def test_a_fault_of_the_settling_itself_is_answered_logged_and_counted(

@@ -1,0 +1,126 @@
+"""SpillShares: whose spilled records wait for Kafka, and who may spill more.
+
+During a Kafka outage every tenant's writes go to the one spill, bounded by
+``spill_max_records``. Without shares a tenant posting large batches filled it, and
+then every tenant's ingests were refused. Past ``spill_tenant_share`` of the bound
+(three quarters by default) a tenant may add to the spill only while it would hold no
+more than its fair share: the bound over the tenants holding spilled records, the
+writer counted, and one more for a tenant still to come. So a tenant alone stops at
+the share, and the rest is kept for the others; beside a flooding tenant, one within
+its share spills on to the end. Records already spilled are durable and never
+evicted: the share limits what is added.
+
+The counts follow the log: each write's records are attributed in the order they are
+handed to the log, and the drainer forwards in that order, so what it forwards is
+taken off the oldest writes first. Records spilled before this process started (or
+that a restarted drainer sends again) belong to no tenant and come first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mlgate.workers.sinks.records import OutboundRecord
+
+TenantRuns = Sequence[tuple[str, int]]
+"""Whose records a write holds, in their order: runs of (tenant, how many)."""
+
+
+@dataclass(slots=True, eq=False)
+class Span:
+    """One tenant's records of one spill write, in log order."""
+
+    tenant: str
+    records: int
+
+
+class SpillShares:
+    def __init__(self, max_records: int, share: float = 0.75, unattributed: int = 0) -> None:
+        self._max = max_records
+        self._shared_beyond = share * max_records
+        self._spans: deque[Span] = deque()
+        self._held: dict[str, int] = {}
+        self.unattributed = unattributed  # in the log ahead of every span
+
+    def held_by(self, tenant: str) -> int:
+        return self._held.get(tenant, 0)
+
+    def tenant_over_share(self, runs: TenantRuns, backlog: int) -> str | None:
+        """With ``backlog`` records in the spill, the first tenant of ``runs`` that
+        would hold more than its fair share with them, or None."""
+        wants: dict[str, int] = {}
+        for tenant, count in runs:
+            wants[tenant] = wants.get(tenant, 0) + count
+        if backlog + sum(wants.values()) <= self._shared_beyond:
+            return None
+        present = len(self._held) + sum(1 for tenant in wants if tenant not in self._held)
+        share = self._max / (present + 1)
+        for tenant, count in wants.items():
+            if self._held.get(tenant, 0) + count > share:
+                return tenant
+        return None
+
+    def add(self, runs: TenantRuns) -> list[Span]:
+        """Attribute a write handed to the log now (after every write added before)."""
+        spans = [Span(tenant, count) for tenant, count in runs if count]
+        held = self._held
+        for span in spans:
+            held[span.tenant] = held.get(span.tenant, 0) + span.records
+        self._spans.extend(spans)
+        return spans
+
+    def give_back(self, spans: list[Span]) -> None:
+        """A write the log did not take: its records are not in it. Left in place,
+        empty, so the order of the others holds."""
+        for span in spans:
+            self._take(span.tenant, span.records)
+            span.records = 0
+
+    def forwarded(self, records: int) -> None:
+        """The oldest ``records`` of the log reached Kafka."""
+        from_before = min(records, self.unattributed)
+        self.unattributed -= from_before
+        records -= from_before
+        spans = self._spans
+        while records and spans:
+            span = spans[0]
+            taken = min(records, span.records)
+            self._take(span.tenant, taken)
+            span.records -= taken
+            records -= taken
+            if not span.records:
+                spans.popleft()
+        while spans and not spans[0].records:
+            spans.popleft()
+
+    def sent_again(self, records: int) -> None:
+        """A restarted drainer reads on from an older offset: what it sends again
+        comes ahead of every span."""
+        self.unattributed += records
+
+    def _take(self, tenant: str, records: int) -> None:
+        left = self._held.get(tenant, 0) - records
+        if left > 0:
+            self._held[tenant] = left
+        else:
+            self._held.pop(tenant, None)
+
+
+def runs_of(subset: list[OutboundRecord], records: list[OutboundRecord], runs: TenantRuns) -> TenantRuns:
+    """Whose records ``subset`` (some of ``records``, in their order) holds."""
+    owner: dict[int, str] = {}
+    start = 0
+    for tenant, count in runs:
+        for record in records[start : start + count]:
+            owner[id(record)] = tenant
+        start += count
+    subset_runs: list[tuple[str, int]] = []
+    for record in subset:
+        tenant = owner.get(id(record), "")
+        if subset_runs and subset_runs[-1][0] == tenant:
+            subset_runs[-1] = (tenant, subset_runs[-1][1] + 1)
+        else:
+            subset_runs.append((tenant, 1))
+    return subset_runs
