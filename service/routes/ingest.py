@@ -19,6 +19,7 @@ from mlgate.service.http.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from mlgate.service.http.front_door import as_api_error
 from mlgate.service.http.routing import Route
 from mlgate.service.ingest.pipeline import IngestPipeline
 from mlgate.service.ingest.streams import msgpack_records, ndjson_records
@@ -173,13 +174,16 @@ async def ingest_stream(request: web.Request) -> web.Response:
             tracking_id=tracking_id, records_accepted=accepted, records_rejected=rejected,
             records_duplicate=duplicate,
         )
-        if accepted and isinstance(exc, ApiError):
-            # The client must learn that part of its stream is already durable.
-            exc.detail = (
-                f"{exc.detail}. The first {accepted} records accepted from this stream were "
+        if accepted and isinstance(exc, ApiError | WorkerError):
+            # The client must learn that part of its stream is already durable (a
+            # review: a stream refused part-way for the spill's share said nothing).
+            error = as_api_error(exc, request.app[SETTINGS].retry_after_s)
+            error.detail = (
+                f"{error.detail}. The first {accepted} records accepted from this stream were "
                 f"written (tracking_id {tracking_id}); resending them with the same "
                 "record_id counts them as duplicates, not twice."
             )
+            raise error from exc
         raise
     if offset == 0:
         raise ValidationFailed("The stream holds no records", errors=[FieldError(loc="body", msg="empty")])

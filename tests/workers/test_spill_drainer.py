@@ -250,3 +250,57 @@ async def test_a_spill_write_its_caller_gave_up_on_is_still_in_the_backlog_and_f
         await sink.close()
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=3)
     assert sorted(m.key for m in messages) == [_record(0).key, _record(500).key, _record(501).key]
+
+
+def _failing_appends(sink: SpillingKafkaSink, error: Exception) -> None:
+    """The spill's next appends raise ``error`` (a full disk, or a fault that stops
+    the log writer)."""
+    log = sink._spill._log
+    assert log is not None
+
+    def append(frames: list[bytes]) -> int:
+        raise error
+
+    log.append = append  # type: ignore[method-assign]
+
+
+async def test_a_given_up_spill_write_whose_append_fails_gives_its_tenants_share_back(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    sink, _ = await _spilled_sink(make_settings, private_kafka_broker, 1)
+    try:
+        _failing_appends(sink, OSError(28, "No space left on device"))
+        given_up = asyncio.create_task(sink.write([_record(500), _record(501)], tenants=[("a", 2)]))
+        await asyncio.sleep(0)  # handed to the log writer
+        given_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        for _ in range(100):  # until the log writer has failed the append
+            if sink.backlog == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert sink.backlog == 1
+        assert sink._shares.held_by("a") == 0
+    finally:
+        await sink.close()
+
+
+async def test_a_crashed_spill_writer_leaves_no_backlog_it_never_wrote(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """Writes the log writer failed as it stopped are not in the log: the backlog is
+    the log's own end again, so the drainer can empty it and direct writes resume."""
+    sink, _ = await _spilled_sink(make_settings, private_kafka_broker, 1)
+    try:
+        _failing_appends(sink, ValueError("I/O operation on closed file"))
+        with pytest.raises(Exception):  # noqa: B017 - the writer's crash, as its caller sees it
+            await sink.write(_records(4))
+        for _ in range(100):
+            if not sink._spill.running:
+                break
+            await asyncio.sleep(0.01)
+        assert not sink._spill.running
+        assert sink.backlog == 1  # the record written before, not the 4 never written
+        assert not sink.healthy
+    finally:
+        await sink.close()

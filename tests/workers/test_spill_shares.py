@@ -76,3 +76,14 @@ def test_the_records_kafka_did_not_take_keep_their_tenants() -> None:
     runs = [("a", 2), ("b", 3), ("a", 1)]
     unwritten = [records[1], records[2], records[4], records[5]]
     assert runs_of(unwritten, records, runs) == [("a", 1), ("b", 2), ("a", 1)]
+
+
+def test_one_tenants_writes_in_a_row_share_a_span_and_give_back_by_count() -> None:
+    shares = SpillShares(100)
+    shares.add([("a", 5)])
+    failed = shares.add([("a", 3)])
+    shares.add([("a", 2)])
+    shares.give_back(failed)
+    assert shares.held_by("a") == 7
+    shares.forwarded(7)
+    assert shares.held_by("a") == 0

@@ -135,7 +135,10 @@ class LocalLogWriter(Actor[_Pending]):
     def accepted_offset(self) -> int:
         """The offset after every record handed to ``submit`` and not refused: queued
         ones included, and those whose caller stopped waiting (they are written all the
-        same); a failed append gives its records back."""
+        same); a failed append gives its records back. Once the writer has stopped
+        (closed, or crashed with its queue failed), the log's own end."""
+        if not self.running:
+            return self.next_offset
         return self._accepted
 
     @property

@@ -30,10 +30,14 @@ TenantRuns = Sequence[tuple[str, int]]
 
 @dataclass(slots=True, eq=False)
 class Span:
-    """One tenant's records of one spill write, in log order."""
+    """One tenant's records next to each other in the log, not yet forwarded."""
 
     tenant: str
     records: int
+
+
+Claim = tuple[Span, int]
+"""The records a write added to a span: given back if the log does not take them."""
 
 
 class SpillShares:
@@ -62,21 +66,32 @@ class SpillShares:
                 return tenant
         return None
 
-    def add(self, runs: TenantRuns) -> list[Span]:
-        """Attribute a write handed to the log now (after every write added before)."""
-        spans = [Span(tenant, count) for tenant, count in runs if count]
-        held = self._held
-        for span in spans:
-            held[span.tenant] = held.get(span.tenant, 0) + span.records
-        self._spans.extend(spans)
-        return spans
+    def add(self, runs: TenantRuns) -> list[Claim]:
+        """Attribute a write handed to the log now (after every write added before).
+        A run of the tenant of the newest span joins it: a spill filled by one-record
+        writes holds few spans, not one a write."""
+        held, spans = self._held, self._spans
+        claims: list[Claim] = []
+        for tenant, count in runs:
+            if not count:
+                continue
+            if spans and spans[-1].tenant == tenant:
+                span = spans[-1]
+                span.records += count
+            else:
+                span = Span(tenant, count)
+                spans.append(span)
+            held[tenant] = held.get(tenant, 0) + count
+            claims.append((span, count))
+        return claims
 
-    def give_back(self, spans: list[Span]) -> None:
-        """A write the log did not take: its records are not in it. Left in place,
-        empty, so the order of the others holds."""
-        for span in spans:
-            self._take(span.tenant, span.records)
-            span.records = 0
+    def give_back(self, claims: list[Claim]) -> None:
+        """A write the log did not take: its records are not in it. Its spans stay in
+        place, the smaller, so the order of the others holds."""
+        for span, count in claims:
+            taken = min(count, span.records)
+            self._take(span.tenant, taken)
+            span.records -= taken
 
     def forwarded(self, records: int) -> None:
         """The oldest ``records`` of the log reached Kafka."""

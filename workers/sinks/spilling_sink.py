@@ -43,7 +43,7 @@ from mlgate.workers.sinks.kafka_writer import KafkaWriteFailed, KafkaWriter
 from mlgate.workers.sinks.local_log import LogCursor, delete_segments_before
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
-from mlgate.workers.sinks.spill_shares import SpillShares, TenantRuns, runs_of
+from mlgate.workers.sinks.spill_shares import Claim, SpillShares, TenantRuns, runs_of
 from mlgate.workers.supervision import SupervisedTask
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
@@ -267,18 +267,25 @@ class SpillingKafkaSink:
                 "tenants wait for Kafka; MLGATE_SPILL_TENANT_SHARE)",
                 nothing_written=True,
             )
-        # Attributed as handed to the log (no await between), so in the log's order.
-        spans = self._shares.add(runs)
         try:
-            await self._spill.write(records)
+            written = self._spill.submit(records)
         except Exception:
-            self._shares.give_back(spans)  # refused, or the append failed: not in the log
-            raise
-        finally:
-            # Also when this caller stopped waiting: its records are written all the
-            # same, and the drainer must come for them.
             self._spilled.set()
-        self._telemetry.records_spilled(len(records))
+            raise
+        # Attributed as handed to the log (no await between), so in the log's order;
+        # given back when the log fails them, whether or not this caller still waits.
+        claims = self._shares.add(runs)
+        written.add_done_callback(lambda done: self._spill_written(done, claims, len(records)))
+        await asyncio.shield(written)
+
+    def _spill_written(self, written: asyncio.Future[None], claims: list[Claim], records: int) -> None:
+        """A spill write's outcome, whether or not its caller still waits for it (a
+        caller that stopped waiting leaves its records to be written all the same)."""
+        if written.cancelled() or written.exception() is not None:
+            self._shares.give_back(claims)  # refused, or the append failed: not in the log
+        else:
+            self._telemetry.records_spilled(records)
+        self._spilled.set()  # the drainer comes for them
 
     async def _drain_forever(self) -> None:
         loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from mlgate.config import Settings, worker_data_dir
 from mlgate.service.routes.ingest import MAX_REPORTED_ERRORS, STREAM_CHUNK_RECORDS
 from mlgate.service.state import RECORD_SINK
+from mlgate.workers.errors import MailboxFull
 from mlgate.workers.sinks.local_log import read_log
 from mlgate.workers.sinks.records import OutboundRecord
 from tests.conftest import AppClientFactory
@@ -361,3 +362,27 @@ async def test_a_timestamp_with_no_utc_time_rejects_its_record_and_the_stream_go
     assert answer["records_accepted"] == 2 and answer["errors"][0]["index"] == 1
     assert "timestamp" in answer["errors"][0]["error"]
     assert len(_stored_keys(settings)) == 2
+
+
+async def test_stream_refused_by_the_sink_after_written_chunks_says_how_many_were_written(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal of the sink (here its mailbox full; in an outage the spill's share) is
+    a 503 that still tells the client which part of its stream is durable."""
+    sink = client.app[RECORD_SINK]
+    write = sink.write
+    writes: list[int] = []
+
+    async def full_after_the_first(records: list[OutboundRecord], lane: str = "", tenants=()) -> None:
+        writes.append(len(records))
+        if len(writes) > 1:
+            raise MailboxFull("local_log mailbox is full")
+        await write(records, lane, tenants)
+
+    monkeypatch.setattr(sink, "write", full_after_the_first)
+    body = _ndjson(_record(i) for i in range(2 * STREAM_CHUNK_RECORDS))
+    response = await client.post(STREAM, data=body, headers=NDJSON)
+    problem = await _problem(response, 503)
+    assert response.headers["Retry-After"].isdigit()
+    assert f"The first {STREAM_CHUNK_RECORDS} records accepted" in problem["detail"]
+    assert "tracking_id" in problem["detail"]
