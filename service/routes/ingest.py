@@ -183,7 +183,8 @@ async def ingest_stream(request: web.Request) -> web.Response:
                 f"written (tracking_id {tracking_id}); resending them with the same "
                 "record_id counts them as duplicates, not twice."
             )
-            raise error from exc
+            if error is not exc:
+                raise error from exc
         raise
     if offset == 0:
         raise ValidationFailed("The stream holds no records", errors=[FieldError(loc="body", msg="empty")])

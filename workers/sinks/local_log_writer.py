@@ -135,10 +135,12 @@ class LocalLogWriter(Actor[_Pending]):
     def accepted_offset(self) -> int:
         """The offset after every record handed to ``submit`` and not refused: queued
         ones included, and those whose caller stopped waiting (they are written all the
-        same); a failed append gives its records back. Once the writer has stopped
-        (closed, or crashed with its queue failed), the log's own end."""
-        if not self.running:
-            return self.next_offset
+        same); a failed append gives its records back. Once the writer's task has
+        ended (closed, or crashed with its queue failed), the log's durable end: a
+        crash mid-append may leave frames past it that no fsync covered."""
+        task = self._task
+        if task is None or task.done():
+            return self.durable_offset
         return self._accepted
 
     @property
