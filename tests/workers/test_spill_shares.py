@@ -25,10 +25,11 @@ def test_a_share_of_one_lets_a_tenant_alone_fill_the_spill() -> None:
 def test_past_the_share_a_tenant_adds_up_to_its_fair_share_one_tenant_more_counted() -> None:
     shares = SpillShares(100, share=0.75)
     shares.add([("flood", 75)])
+    shares.add([("calm", 10)])
     # Two tenants and one still to come: a fair share is a third.
-    assert shares.tenant_over_share([("calm", 20)], backlog=75) is None
-    assert shares.tenant_over_share([("calm", 34)], backlog=75) == "calm"
-    shares.add([("calm", 20)])
+    assert shares.tenant_over_share([("calm", 23)], backlog=85) is None
+    assert shares.tenant_over_share([("calm", 24)], backlog=85) == "calm"
+    shares.add([("calm", 10)])
     assert shares.tenant_over_share([("flood", 1)], backlog=95) == "flood"
 
 
@@ -87,3 +88,13 @@ def test_one_tenants_writes_in_a_row_share_a_span_and_give_back_by_count() -> No
     assert shares.held_by("a") == 7
     shares.forwarded(7)
     assert shares.held_by("a") == 0
+
+
+def test_a_tenant_holding_none_of_the_spill_adds_one_write_past_its_share() -> None:
+    """Twelve tenants and one still to come: a share is 7 records, and a tenant with
+    nothing spilled still adds its batch of 20; its next is refused."""
+    shares = SpillShares(100, share=0.75)
+    shares.add([(f"t{n}", 7) for n in range(10)] + [("flood", 5)])
+    assert shares.tenant_over_share([("new", 20)], backlog=75) is None
+    shares.add([("new", 20)])
+    assert shares.tenant_over_share([("new", 1)], backlog=95) == "new"

@@ -7,8 +7,9 @@ then every tenant's ingests were refused. Past ``spill_tenant_share`` of the bou
 more than its fair share: the bound over the tenants holding spilled records, the
 writer counted, and one more for a tenant still to come. So a tenant alone stops at
 the share, and the rest is kept for the others; beside a flooding tenant, one within
-its share spills on to the end. Records already spilled are durable and never
-evicted: the share limits what is added.
+its share spills on to the end, and a tenant holding none of it may always add one
+write. Records already spilled are durable and never evicted: the share limits what
+is added.
 
 The counts follow the log: each write's records are attributed in the order they are
 handed to the log, and the drainer forwards in that order, so what it forwards is
@@ -53,7 +54,10 @@ class SpillShares:
 
     def tenant_over_share(self, runs: TenantRuns, backlog: int) -> str | None:
         """With ``backlog`` records in the spill, the first tenant of ``runs`` that
-        would hold more than its fair share with them, or None."""
+        would hold more than its fair share with them, or None. A tenant holding none
+        of the spill is never named: its write goes in whatever its size, within the
+        bound (a review: with many tenants in the spill the share fell below one
+        batch, and a tenant with nothing spilled was refused with room to spare)."""
         wants: dict[str, int] = {}
         for tenant, count in runs:
             wants[tenant] = wants.get(tenant, 0) + count
@@ -62,7 +66,8 @@ class SpillShares:
         present = len(self._held) + sum(1 for tenant in wants if tenant not in self._held)
         share = self._max / (present + 1)
         for tenant, count in wants.items():
-            if self._held.get(tenant, 0) + count > share:
+            held = self._held.get(tenant, 0)
+            if held and held + count > share:
                 return tenant
         return None
 
