@@ -20,9 +20,9 @@ broker), rather than queueing behind it.
 While a backlog exists new records spill too, and the drainer forwards nothing while
 a write sent directly before it is unanswered, so records of one key reach Kafka in
 the order they were accepted. A full spill (``spill_max_records``), or a tenant past
-its share of it (``SpillShares``), is where a write is refused (``SpillFull``). A crash between an ack and the offset file
-write re-sends at most one drain batch on restart. A write's ``lane`` goes with it to
-the Kafka writer (``LaneMailbox``).
+its share of it (``SpillShares``), is where a write is refused (``SpillFull``). A
+crash between an ack and the offset file write re-sends at most one drain batch on
+restart. A write's ``lane`` goes with it to the Kafka writer (``LaneMailbox``).
 """
 
 from __future__ import annotations
@@ -169,9 +169,7 @@ class SpillingKafkaSink:
             forwarded = self._spill.next_offset
             await loop.run_in_executor(self._executor, write_forwarded_offset, self._directory, forwarded)
         self._forwarded = forwarded
-        self._shares = SpillShares(
-            self._settings.spill_max_records, self._settings.spill_tenant_share, unattributed=self.backlog
-        )
+        self._shares.unattributed = self.backlog  # spilled before this start: nobody's
         self._cursor = LogCursor(self._directory, forwarded)
         try:
             await self._kafka.start()
