@@ -82,10 +82,19 @@ async def create_topic(bootstrap: str, partitions: int = 3, name: str | None = N
 
 
 async def read_topic(
-    bootstrap: str, topic: str, *, expected: int, wait_s: float = 15.0
+    bootstrap: str,
+    topic: str,
+    *,
+    expected: int,
+    wait_s: float = 15.0,
+    keys: set[bytes] | None = None,
 ) -> list[Any]:
     """Every message of ``topic`` from the start; returns once ``expected`` arrived
-    and a short quiet period shows nothing more is coming (so duplicates show)."""
+    (and, given ``keys``, a message of each of them) and a short quiet period shows
+    nothing more is coming (so duplicates show). ``keys`` for a topic that other
+    tests wrote to as well: their messages count towards ``expected``, so a quiet
+    poll could end the read before this test's last ones arrived."""
+    missing = set(keys) if keys else set()
     # Manual assignment, no consumer group: no rebalance to wait for.
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
@@ -102,7 +111,9 @@ async def read_topic(
             batch = await consumer.getmany(timeout_ms=500)
             got = [m for ms in batch.values() for m in ms]
             messages.extend(got)
-            if len(messages) >= expected and not got:
+            if missing:
+                missing.difference_update(m.key for m in got)
+            if len(messages) >= expected and not missing and not got:
                 break
     finally:
         await consumer.stop()

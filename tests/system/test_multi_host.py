@@ -182,7 +182,11 @@ async def _until_acknowledged(tally: Tally, batches: int) -> None:
 
 async def settle(hosts: Hosts, tally: Tally) -> Tally:
     """Read the topic back and account for this scenario's records."""
-    messages = await read_topic(hosts.rig.bootstrap, hosts.rig.topic, expected=len(tally.accepted), wait_s=60)
+    # The rig's topic holds the earlier scenarios' records too: wait for this one's.
+    messages = await read_topic(
+        hosts.rig.bootstrap, hosts.rig.topic, expected=len(tally.accepted), wait_s=60,
+        keys={key.encode() for key in tally.accepted},
+    )
     mine = Counter(
         key for key in (m.key.decode() for m in messages) if key.startswith(f"{tally.prefix}.")
     )
