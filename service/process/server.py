@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT: ``/ready`` turns false and every response carries ``Connection: close``
 (for ``drain_grace_s`` while load balancers notice, the socket still accepts), then
-the listening socket closes, in-flight requests finish, and the cleanup contexts drain
+the listening socket closes, in-flight requests finish (predicts still waiting for the
+model near the end of that wait are answered 503, not cut), and the cleanup contexts drain
 the mailboxes, flush the Kafka producer and fsync the local log. All of it, grace
 included, fits in ``shutdown_timeout_s`` counted from the signal; the process exits 0,
 or 1 if the budget ran out first (requests cut then never got their 202, so nothing
@@ -47,10 +48,15 @@ from mlgate.service.process import systemd, tls
 from mlgate.service.process.door import Door, DoorRequestHandler
 from mlgate.service.protection.api_keys import KeysFileError
 from mlgate.service.routes import predict
-from mlgate.service.state import DRAINING, METRICS, RELOAD_HOOKS
+from mlgate.service.state import DRAINING, METRICS, MODEL_REPOSITORY, RELOAD_HOOKS
+from mlgate.workers.inference.repository import ModelRepository
 from mlgate.workers.supervision import SupervisedTask
 
 log = structlog.get_logger("mlgate.server")
+
+# Into aiohttp's wait for in-flight requests, the part after which the predicts still
+# waiting are refused (503): the rest is left for the answers to be written.
+REFUSE_WAITING_AT = 0.8
 
 
 async def serve(settings: Settings, on_ready: Callable[[], object] | None = None) -> int:
@@ -139,14 +145,28 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
     app[DRAINING].set()
     if grace_s:
         await asyncio.sleep(grace_s)
+    # aiohttp cuts the requests still going when its wait for them ends; predicts
+    # queued or computing then (long deadlines, a slow model) are answered 503 a
+    # little before, so their clients retry elsewhere rather than see a cut connection.
+    refusal = loop.call_later(
+        handlers_s * REFUSE_WAITING_AT, _refuse_waiting_predicts, app[MODEL_REPOSITORY]
+    )
     try:
         async with asyncio.timeout_at(deadline):
             await runner.cleanup()
     except TimeoutError:
         log.error("shutdown_budget_exceeded", budget_s=settings.shutdown_timeout_s)
         return 1
+    finally:
+        refusal.cancel()
     log.info("stopped", seconds=round(settings.shutdown_timeout_s - (deadline - loop.time()), 3))
     return 0
+
+
+def _refuse_waiting_predicts(repository: ModelRepository) -> None:
+    refused = repository.refuse_waiting("the server is shutting down")
+    if refused:
+        log.warning("predicts_refused_at_shutdown", requests=refused)
 
 
 async def _started_unless_stopped(

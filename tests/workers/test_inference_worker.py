@@ -486,6 +486,52 @@ async def test_a_worker_closed_while_a_batch_fills_fails_its_rows(
     await asyncio.gather(computing, return_exceptions=True)  # answered or failed, not pending
 
 
+async def test_refusing_waiting_requests_fails_those_computing_and_queued_and_takes_no_more(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """At a shutdown's end every request not answered gets an answer: ``WorkerClosed``,
+    which the HTTP layer answers 503."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate)
+    worker = make_worker(session, max_batch_size=1, mailbox_size=8)
+    computing = worker.submit(rows(1, 0), soon(60))
+    await asyncio.to_thread(session.entered.wait, 5)
+    behind = worker.submit(rows(1, 1), soon(60))  # handed to the thread, behind the run
+    queued = [worker.submit(rows(1, i), soon(60)) for i in (2, 3)]  # in the mailbox
+    await asyncio.sleep(0.05)
+
+    assert worker.refuse_waiting("shutting down") == 4
+    for future in (computing, behind, *queued):
+        with pytest.raises(WorkerClosed, match="shutting down"):
+            await future
+    with pytest.raises(WorkerClosed):
+        worker.submit(rows(1), soon())
+    gate.set()
+    await asyncio.wait_for(worker.close(drain_s=30), 5)  # nothing left to drain
+    assert len(session.batches) <= 2  # the queued rows were never computed
+
+
+async def test_refusing_waiting_requests_fails_the_batch_filling_behind_a_run(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate)
+    worker = make_worker(session, max_batch_size=8, mailbox_size=8, max_queue_delay_s=30)
+    computing = worker.submit(rows(1, 0), soon(60))
+    await asyncio.to_thread(session.entered.wait, 5)
+    filling = worker.submit(rows(1, 1), soon(60))
+    await asyncio.sleep(0.05)  # the actor took it into the next batch, which waits for more
+
+    worker.refuse_waiting("shutting down")
+    with pytest.raises(WorkerClosed):
+        await asyncio.wait_for(filling, 1)
+    with pytest.raises(WorkerClosed):
+        await computing
+    gate.set()
+    await asyncio.wait_for(worker.close(drain_s=30), 5)
+    assert len(session.batches) == 1  # the filling batch never ran
+
+
 # A batch of ``worker_taught_slow_batches``'s worker takes ~50 ms: its estimate is
 # stale after four of them idle.
 STALE_AFTER_S = 0.05 * batching.ESTIMATE_STALE_BATCHES + 0.05

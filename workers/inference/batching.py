@@ -263,6 +263,42 @@ class InferenceWorker(Actor[_Item]):
         self._held_bytes += nbytes
         return future
 
+    def refuse_waiting(self, reason: str) -> int:
+        """Take no more requests, and fail every one not answered yet, those computing
+        included, with ``WorkerClosed(reason)``: for a shutdown whose wait for requests
+        is ending, so each caller gets an answer (503, retry elsewhere) rather than a
+        connection cut with nothing said. A run computing is ended (nobody waits for
+        its answers), and ``close`` then has nothing left to drain. How many it failed."""
+        self._closed = True
+        error = WorkerClosed(reason)
+        waiting = []
+        while not self._mailbox.empty():
+            waiting.append(self._took(self._mailbox.get_nowait()))
+        if self._carry is not None:
+            waiting.append(self._carry)
+            self._carry = None
+        # In place: ``_take_batch`` fills this very list, and finds it empty.
+        waiting += self._forming
+        self._forming.clear()
+        failed = 0
+        for item in waiting:
+            failed += self._fail(item, error)
+            self._settled(item)
+        # Settled when their run ends (``_finished``), ended now.
+        for batch in self._in_flight:
+            for item in batch:
+                failed += self._fail(item, error)
+        if self._in_flight and self._run_options is not None:
+            self._run_options.terminate = True
+        return failed
+
+    @staticmethod
+    def _fail(item: _Item, error: BaseException) -> int:
+        if item.future.done():
+            return 0
+        item.future.set_exception(error)
+        return 1
+
     def _described(
         self, inputs: np.ndarray | Mapping[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], int, tuple[tuple[str, tuple[int, ...], str], ...]]:
@@ -460,7 +496,8 @@ class InferenceWorker(Actor[_Item]):
                 return
             error = done.exception()
             if error is not None:  # a failed run fails its batch, not the worker
-                self._failed(items, total, error)
+                if not (self._closed and all(item.future.done() for item in items)):
+                    self._failed(items, total, error)  # else ended by ``refuse_waiting``
                 return
             outputs, run_s = done.result()
             if outputs is None:  # every deadline passed while queued behind a batch

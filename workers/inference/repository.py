@@ -254,6 +254,11 @@ class ModelRepository:
     def workers(self) -> list[InferenceWorker]:
         return [v.worker for v in self.serving()]
 
+    def refuse_waiting(self, reason: str) -> int:
+        """``InferenceWorker.refuse_waiting`` on every version serving: the requests
+        failed."""
+        return sum(worker.refuse_waiting(reason) for worker in self.workers())
+
     def serving_summary(self) -> dict[str, list[str]]:
         return {name: self.versions(name) for name in sorted(self._serving)}
 
