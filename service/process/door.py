@@ -9,6 +9,8 @@ of the excess. Here a refusal costs the parse aiohttp already did and one write.
 ``Door.refusal`` refuses only what the app would refuse the same way:
 - ``POST`` to ``/api/v2/predict`` or ``/api/v1/predict`` whose body names no model
   (the default model's request), or to ``/v2/models/{model}[/versions/{version}]/infer``;
+- a body the app would not refuse for its own sake: a ``Content-Type`` the route takes,
+  no ``Content-Encoding``, no ``Expect`` but ``100-continue`` (else 415, 413, 417);
 - the whole body has arrived, no ``Idempotency-Key``, the connection is idle (no
   earlier request on it still answering: answers keep their order) and not closing;
 - a key this process knows now (keys file, Redis keys still trusted) with the
@@ -64,7 +66,13 @@ from mlgate.service.http.front_door import (
     problem_headers,
 )
 from mlgate.service.predict.flow import TIMEOUT_HEADER, timeout_ms_in
-from mlgate.service.process.express import ExpressLane, answer_head, answer_on, answer_tail
+from mlgate.service.process.express import (
+    ExpressLane,
+    answer_head,
+    answer_on,
+    answer_tail,
+    request_body_format,
+)
 from mlgate.service.protection.api_keys import ANONYMOUS, ApiKey
 from mlgate.service.protection.middleware import presented_key_in
 from mlgate.service.routes.ingest import PATH as INGEST_PATH
@@ -238,6 +246,13 @@ class Door:
             return None, None, None
         if payload is not EMPTY_PAYLOAD and not payload.is_eof():
             return None, None, None  # the rest of the body would have to be read and dropped
+        headers = message.headers
+        if "Content-Encoding" in headers or headers.get("Expect", "100-continue").lower() != (
+            "100-continue"
+        ):
+            # The app may answer these otherwise than 503 whatever the model's room: 415
+            # (an encoding it does not take), 413 (decompressed past the limit), 417.
+            return None, None, None
         path = message.path
         if path == INGEST_PATH:
             return None, None, self._ingest_admission(message, payload)
@@ -246,7 +261,8 @@ class Door:
             return None, None, None
         route, model, version, body = target
         inferred = (route, model, version) if route in INFER_PATHS else None
-        headers = message.headers
+        if inferred is None and request_body_format(headers.get("Content-Type")) is None:
+            return None, None, None  # the app's 415 (the infer routes read any as JSON)
         key = None if "Idempotency-Key" in headers else self._authorized(headers, "predict")
         if key is None:
             return None, None, None

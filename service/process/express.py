@@ -130,7 +130,7 @@ class _PredictRoute:
         self._shape = shape
 
     def prepare(self, body: bytes, message: RawRequestMessage, target: Target) -> Prepared:
-        fmt = _body_format(message.headers.get("Content-Type"))
+        fmt = request_body_format(message.headers.get("Content-Type"))
         if fmt is None or len(body) > ROW_BUDGET_FROM_BYTES:
             return None
         if fmt is Format.JSON:
@@ -162,7 +162,7 @@ class _IngestRoute:
         self._max_body_bytes = app[SETTINGS].max_body_bytes
 
     def prepare(self, body: bytes, message: RawRequestMessage, target: Target) -> Prepared:
-        fmt = _body_format(message.headers.get("Content-Type"))
+        fmt = request_body_format(message.headers.get("Content-Type"))
         if fmt is None or len(body) > self._max_body_bytes:
             return None
         return body, fmt
@@ -372,7 +372,7 @@ class ExpressLane:
         return body, content_type, error.status
 
 
-def _body_format(content_type: str | None) -> Format | None:
+def request_body_format(content_type: str | None) -> Format | None:
     """The body's format as ``codec.request_format`` reads it; None where that is a 415."""
     return Format.JSON if not content_type else media_format(content_type)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import gzip
+import json
 import math
 import time
 import weakref
@@ -203,6 +205,46 @@ async def test_what_the_door_cannot_decide_alone_is_left_to_the_app(
     model = await full_model()
     response = await model.post("/api/v2/predict", body, **headers)
     assert response.status == status
+    assert model.door.refused == 0
+    await model.release()
+
+
+def _gzipped_past(limit: int) -> bytes:
+    padding = " " * (2 * limit)  # JSON whitespace: a valid body, decompressed past the limit
+    return gzip.compress(json.dumps({"features": ROW}).encode() + padding.encode())
+
+
+@pytest.mark.parametrize(
+    ("extra_headers", "body", "status"),
+    [
+        ({"Content-Type": "text/plain"}, None, 415),
+        ({"Content-Type": "application/json", "Content-Encoding": "compress"}, None, 415),
+        (
+            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            _gzipped_past(20_000),
+            413,
+        ),
+        ({"Content-Type": "application/json", "Expect": "something-else"}, None, 417),
+    ],
+    ids=["content-type", "content-encoding", "decompressed-past-the-limit", "expect"],
+)
+async def test_a_body_the_app_refuses_for_its_own_sake_gets_that_answer_when_the_model_is_full(
+    full_model: FullModelFactory, extra_headers: dict[str, str], body: bytes | None, status: int
+) -> None:
+    """A permanently bad request is told what is wrong with it, not to retry (a review:
+    the door answered each 503 while the model was busy)."""
+    model = await full_model(max_body_bytes=20_000)
+    payload = body if body is not None else json.dumps({"features": ROW}).encode()
+    head = "".join(f"{name}: {value}\r\n" for name, value in extra_headers.items())
+    reader, writer = await model.connect()
+    writer.write(
+        f"POST /api/v2/predict HTTP/1.1\r\nHost: x\r\n{head}"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert status_line.split()[1] == str(status).encode()
     assert model.door.refused == 0
     await model.release()
 
