@@ -683,6 +683,8 @@ class DoorRequestHandler(web.RequestHandler):
         self._express_line: tuple[InferenceWorker, float] | None = None
         self._read_once_drained = False
         self._last_payload: StreamReader = EMPTY_PAYLOAD  # of the last request parsed
+        # The peer half-closed behind requests still queued: close once they are answered.
+        self._close_once_answered = False
         self.held_since = 0.0  # ``loop.time()`` when the door last held it
 
     def read_on(self) -> None:
@@ -733,8 +735,19 @@ class DoorRequestHandler(web.RequestHandler):
             return None  # closed now, as aiohttp does
         if not self._last_payload.is_eof():  # the last request parsed: only its body can be open
             return None
-        self._close = True  # no next request: the connection closes after this answer
+        if self._messages or self._buffer_paused:
+            # Requests pipelined before the half-close are answered in turn first
+            # (``_closing_after_answers``): closing after this answer would drop them.
+            self._close_once_answered = True
+        else:
+            self._close = True  # no next request: the connection closes after this answer
         return True
+
+    def _closing_after_answers(self) -> bool:
+        """The peer half-closed and the last request it sent is answered: set to close."""
+        if self._close_once_answered and not self._messages and not self._buffer_paused:
+            self._close = True
+        return self._close
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -753,6 +766,7 @@ class DoorRequestHandler(web.RequestHandler):
             response, reset = await super()._handle_request(request, *args, **kwargs)
         finally:
             self._answered += 1
+        self._closing_after_answers()  # aiohttp's loop reads ``_close`` next
         # Not a 503 of /ready; and only once the whole body is in: aiohttp still reads
         # the rest of one the app did not read (lingering), which a hold would stall.
         if response.status == 503 and request.method == "POST" and request.content.is_eof():
@@ -854,7 +868,7 @@ class DoorRequestHandler(web.RequestHandler):
             return
         if answer is not None:
             transport.write(answer)
-        if close or self._close:  # the server is shutting down: no next request
+        if close or self._closing_after_answers():  # shutting down, or no next request
             self.force_close()
             return
         self._restart_head_timer()

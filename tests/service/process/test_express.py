@@ -769,6 +769,34 @@ async def test_a_request_whose_client_half_closes_after_it_is_still_answered(
         writer.close()
 
 
+@pytest.mark.parametrize("count", [3, 40], ids=["three", "past-aiohttps-queue"])
+async def test_requests_pipelined_before_a_half_close_are_all_answered_then_closed(
+    served: ServeFactory, count: int
+) -> None:
+    """A review: only the first was answered; the half-close closed the connection after
+    it and dropped the rest, unwritten and unanswered. 40 passes aiohttp's queue of 32
+    parsed messages, whose rest it keeps unparsed."""
+    server = await served()
+    requests = []
+    for index in range(count):
+        body = msgspec.json.encode(batch(record(f"piped-{index}")))
+        requests.append(
+            "POST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+    reader, writer = await server.connect()
+    try:
+        writer.write(b"".join(requests))
+        writer.write_eof()
+        for _ in range(count):
+            status, _, answer = await read_answer(reader)
+            assert status == 202 and msgspec.json.decode(answer)["records_accepted"] == 1
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # then closed
+    finally:
+        writer.close()
+
+
 async def test_an_idle_connection_whose_client_half_closes_is_closed(served: ServeFactory) -> None:
     server = await served()
     reader, writer = await server.connect()
