@@ -16,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.processes import broker_command, free_port, redis_command, wait_for_port
 from mlgate.service.protection.api_keys import ApiKey, KeyFile, key_id_of, new_key
+from mlgate.workers.breaker import Breaker
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
@@ -79,6 +80,23 @@ async def create_topic(bootstrap: str, partitions: int = 3, name: str | None = N
     finally:
         await admin.close()
     return topic
+
+
+async def restart_with_topic(broker: KafkaBroker, topic: str, breaker: Breaker) -> None:
+    """Start a stopped ``broker`` again and create ``topic`` on it, with a live sink's
+    Kafka ``breaker`` held open until the topic is back. Tansu on memory storage comes
+    back without its topics, and acknowledges a produce to a topic it lacks while
+    dropping the records (a real broker refuses it, and the sink spills them): a drain
+    batch let through in between was lost to the test's broker."""
+    held = breaker._breaker
+    held.open()
+    broker.start()
+    creating = asyncio.create_task(create_topic(broker.bootstrap, name=topic))
+    while not creating.done():
+        held.open()  # again: its reset time must not let a trial call through meanwhile
+        await asyncio.wait({creating}, timeout=0.05)
+    await creating
+    held.close()
 
 
 async def read_topic(

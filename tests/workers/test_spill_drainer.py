@@ -19,9 +19,15 @@ from mlgate.workers.sinks.local_log import (
     segments,
 )
 from mlgate.workers.sinks.records import OutboundRecord
-from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink, write_forwarded_offset
+from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink, read_forwarded_offset
 from mlgate.workers.telemetry import NO_TELEMETRY
-from tests.support import KafkaBroker, create_topic, read_topic, wait_until_drained
+from tests.support import (
+    KafkaBroker,
+    create_topic,
+    read_topic,
+    restart_with_topic,
+    wait_until_drained,
+)
 
 # A frame of exactly 512 bytes: a 4096-byte segment holds eight of them.
 _FRAME_BYTES = 512
@@ -87,8 +93,7 @@ async def test_drainer_forwards_across_segment_ends_without_crashing(
 ) -> None:
     sink, topic = await _spilled_sink(make_settings, private_kafka_broker, 5 * _PER_SEGMENT)
     try:
-        private_kafka_broker.start()
-        await create_topic(private_kafka_broker.bootstrap, name=topic)
+        await restart_with_topic(private_kafka_broker, topic, sink.breaker)
         await wait_until_drained(sink)
         assert sink._drainer.crashes == 0
     finally:
@@ -128,8 +133,7 @@ async def test_a_crashed_drainer_makes_the_sink_unhealthy_then_resumes_from_the_
     telemetry.sink = sink
     sink._cursor = _CrashingCursor(sink._directory, 0)
     try:
-        private_kafka_broker.start()
-        await create_topic(private_kafka_broker.bootstrap, name=topic)
+        await restart_with_topic(private_kafka_broker, topic, sink.breaker)
         await wait_until_drained(sink)
         assert telemetry.seen == [(False, 20)]
         assert sink._drainer.crashes == 1
@@ -173,8 +177,7 @@ async def test_a_partial_drain_that_opens_the_breaker_sends_only_what_kafka_did_
     _FirstWritePartial.failed = False
     sink._kafka = _FirstWritePartial(settings, telemetry=NO_TELEMETRY)
     try:
-        private_kafka_broker.start()
-        await create_topic(private_kafka_broker.bootstrap, name=topic)
+        await restart_with_topic(private_kafka_broker, topic, sink.breaker)
         await wait_until_drained(sink)
     finally:
         await sink.close()
@@ -185,10 +188,9 @@ async def test_a_partial_drain_that_opens_the_breaker_sends_only_what_kafka_did_
 
 class _ForwardedOffsetFailsOnce(SpillingKafkaSink):
     """Kafka acknowledged the first drain batch, then recording it failed (a full
-    disk): after the offset file was written (deleting the forwarded segments failed),
-    or before (the offset file itself could not be written)."""
+    disk): with the forwarded segments deleted first, or not even that."""
 
-    file_written_first = True
+    segments_deleted_first = True
     failed = False
 
     def _mark_forwarded(self, offset: int) -> None:
@@ -196,37 +198,99 @@ class _ForwardedOffsetFailsOnce(SpillingKafkaSink):
             super()._mark_forwarded(offset)
             return
         type(self).failed = True
-        if self.file_written_first:
-            write_forwarded_offset(self._directory, offset)
+        if self.segments_deleted_first:
+            delete_segments_before(self._directory, offset)
         raise OSError(28, "No space left on device")
 
 
-@pytest.mark.parametrize("file_written_first", [True, False], ids=["file-written", "file-not-written"])
-async def test_a_drainer_that_crashed_recording_an_acknowledged_batch_drains_to_an_empty_backlog(
-    make_settings, private_kafka_broker: KafkaBroker, file_written_first: bool
+@pytest.mark.parametrize(
+    "segments_deleted_first", [True, False], ids=["segments-deleted", "nothing-deleted"]
+)
+async def test_a_drainer_that_cannot_record_an_acknowledged_batch_drains_on_sending_nothing_twice(
+    make_settings, private_kafka_broker: KafkaBroker, segments_deleted_first: bool
 ) -> None:
-    _ForwardedOffsetFailsOnce.file_written_first = file_written_first
+    """A review: the drainer crashed, restarted from the file's offset, sent the same
+    batch again and failed again, for as long as the disk stayed full (one batch nine
+    times in Kafka, the rest of the spill never reached)."""
+    _ForwardedOffsetFailsOnce.segments_deleted_first = segments_deleted_first
     _ForwardedOffsetFailsOnce.failed = False
     sink, topic = await _spilled_sink(
         make_settings, private_kafka_broker, 3 * _PER_SEGMENT, sink_class=_ForwardedOffsetFailsOnce
     )
     try:
-        private_kafka_broker.start()
-        await create_topic(private_kafka_broker.bootstrap, name=topic)
+        await restart_with_topic(private_kafka_broker, topic, sink.breaker)
         await wait_until_drained(sink)
-        assert sink._drainer.crashes == 1
+        assert _ForwardedOffsetFailsOnce.failed
+        assert sink._drainer.crashes == 0
         # An empty backlog sends the next write to Kafka directly, not to the spill.
         spilled_before = sink._spill.accepted_offset
         await sink.write([_record(999)])
         assert sink._spill.accepted_offset == spilled_before
     finally:
         await sink.close()
-    # Unrecorded, the first batch went twice: at least once, nothing lost.
-    twice = 0 if file_written_first else _PER_SEGMENT
+    # A later batch's ack wrote the file.
+    assert read_forwarded_offset(sink._directory) == 3 * _PER_SEGMENT
     messages = await read_topic(
-        private_kafka_broker.bootstrap, topic, expected=3 * _PER_SEGMENT + 1 + twice
+        private_kafka_broker.bootstrap, topic, expected=3 * _PER_SEGMENT + 1
     )
-    assert sorted({m.key for m in messages}) == sorted(r.key for r in [*_records(3 * _PER_SEGMENT), _record(999)])
+    assert sorted(m.key for m in messages) == sorted(
+        r.key for r in [*_records(3 * _PER_SEGMENT), _record(999)]
+    )
+
+
+async def test_a_spill_whose_offset_file_is_behind_its_deleted_segments_drains_from_the_first_left(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """A crash between deleting the forwarded segments and writing the file: the file's
+    offset lies in no segment left. The restarted sink reads on from the first one
+    (its drainer crashed for ever on a cursor that read nothing)."""
+    sink, topic = await _spilled_sink(make_settings, private_kafka_broker, 3 * _PER_SEGMENT)
+    await sink.close()
+    delete_segments_before(sink._directory, _PER_SEGMENT)  # Kafka had the first segment's
+    assert read_forwarded_offset(sink._directory) == 0
+    private_kafka_broker.start()
+    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    restarted = SpillingKafkaSink(sink._settings)
+    await restarted.start()
+    try:
+        assert restarted.backlog == 2 * _PER_SEGMENT
+        await wait_until_drained(restarted)
+        assert restarted._drainer.crashes == 0
+    finally:
+        await restarted.close()
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=2 * _PER_SEGMENT)
+    assert sorted(m.key for m in messages) == sorted(
+        r.key for r in _records(3 * _PER_SEGMENT)[_PER_SEGMENT:]
+    )
+
+
+async def test_close_lets_the_drain_batch_in_flight_end_and_records_it(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """A review: close cancelled the drainer mid-write; the produce still landed with
+    the writer's flush, ``forwarded.offset`` stayed behind it, and the next start sent
+    the batch again."""
+    sink, topic = await _spilled_sink(make_settings, private_kafka_broker, _PER_SEGMENT)
+    gate, writing = asyncio.Event(), asyncio.Event()
+    write = sink._kafka.write
+
+    async def gated_write(records: list[OutboundRecord], lane: str = "") -> None:
+        writing.set()
+        await gate.wait()
+        await write(records, lane)
+
+    sink._kafka.write = gated_write  # type: ignore[method-assign]
+    private_kafka_broker.start()
+    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    await asyncio.wait_for(writing.wait(), 15)
+    closing = asyncio.create_task(sink.close())
+    await asyncio.sleep(0.2)
+    assert not closing.done()  # waiting for the batch in flight
+    gate.set()
+    await asyncio.wait_for(closing, 15)
+    assert read_forwarded_offset(sink._directory) == _PER_SEGMENT
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=_PER_SEGMENT)
+    assert sorted(m.key for m in messages) == [r.key for r in _records(_PER_SEGMENT)]
 
 
 async def test_a_spill_write_its_caller_gave_up_on_is_still_in_the_backlog_and_forwarded(
@@ -243,8 +307,7 @@ async def test_a_spill_write_its_caller_gave_up_on_is_still_in_the_backlog_and_f
         with pytest.raises(asyncio.CancelledError):
             await given_up
         assert sink.backlog == 3
-        private_kafka_broker.start()
-        await create_topic(private_kafka_broker.bootstrap, name=topic)
+        await restart_with_topic(private_kafka_broker, topic, sink.breaker)
         await wait_until_drained(sink)
     finally:
         await sink.close()

@@ -5,8 +5,9 @@
       │     └── produce fails / breaker trips → spill
       └── otherwise → spill (LocalLogWriter under <data_dir>/spill, fsync'd)
     drainer task: spill → KafkaWriter, in log order, once the breaker lets calls through;
-                  the forwarded offset is fsync'd to ``forwarded.offset`` after each ack,
-                  then the segments wholly below it are deleted. It is supervised: a
+                  after each ack the segments wholly below the forwarded offset are
+                  deleted, then it is fsync'd to ``forwarded.offset`` (a failed write,
+                  a full disk, is retried with the next ack). It is supervised: a
                   crash makes the sink unhealthy while records wait, and the restarted
                   loop reads on from ``forwarded.offset``.
 
@@ -40,7 +41,7 @@ from mlgate.config import Settings, worker_data_dir
 from mlgate.workers.breaker import Breaker, BreakerOpen
 from mlgate.workers.errors import MailboxFull, SinkFailed, WorkerClosed, WorkerError
 from mlgate.workers.sinks.kafka_writer import KafkaWriteFailed, KafkaWriter
-from mlgate.workers.sinks.local_log import LogCursor, delete_segments_before
+from mlgate.workers.sinks.local_log import LogCursor, delete_segments_before, segments
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spill_shares import Claim, SpillShares, TenantRuns, runs_of
@@ -76,6 +77,14 @@ def read_forwarded_offset(directory: Path) -> int:
         return int((directory / OFFSET_FILE).read_text().strip() or 0)
     except FileNotFoundError:
         return 0
+
+
+def forwarded_on_disk(directory: Path) -> int:
+    """``forwarded.offset``, or the first offset the spill still holds where that is
+    higher: segments go before the file is written (``_mark_forwarded``), and a crash
+    between leaves the file behind them. What they held was all acknowledged."""
+    held = segments(directory)
+    return max(read_forwarded_offset(directory), int(held[0].stem) if held else 0)
 
 
 def write_forwarded_offset(directory: Path, offset: int) -> None:
@@ -121,6 +130,8 @@ class SpillingKafkaSink:
         self._direct_writes_done.set()
         self._cursor = LogCursor(self._directory, 0)
         self._drainer = SupervisedTask("spill-drainer", self._drain_forever, telemetry)
+        self._between_batches = asyncio.Event()  # clear while a drain batch is in flight
+        self._between_batches.set()
         self._closed = False
 
     @property
@@ -161,7 +172,7 @@ class SpillingKafkaSink:
     async def start(self) -> None:
         await self._spill.start()
         loop = asyncio.get_running_loop()
-        forwarded = await loop.run_in_executor(self._executor, read_forwarded_offset, self._directory)
+        forwarded = await loop.run_in_executor(self._executor, forwarded_on_disk, self._directory)
         if forwarded > self._spill.next_offset:
             # The log lost records it had not fsync'd (a crash): new ones reuse those
             # offsets, and a cursor past them would skip them.
@@ -290,7 +301,7 @@ class SpillingKafkaSink:
         batch_size = self._settings.spill_drain_batch_records
         # A restarted loop trusts nothing of the run that crashed: it reads on from the
         # last offset Kafka acknowledged (re-sending at most the batch in flight then).
-        forwarded = await loop.run_in_executor(self._executor, read_forwarded_offset, self._directory)
+        forwarded = await loop.run_in_executor(self._executor, forwarded_on_disk, self._directory)
         if forwarded < self._forwarded:
             self._shares.sent_again(self._forwarded - forwarded)
         self._forwarded = forwarded
@@ -333,34 +344,57 @@ class SpillingKafkaSink:
                     continue
                 unacked = _DrainBatch([entry.record for entry in entries], self._cursor.offset, read)
             await self._direct_writes_settled()
+            if self._closed:  # ``close`` waits for no batch begun after it: none begins
+                await asyncio.Event().wait()  # parked until it cancels the drainer
+            self._between_batches.clear()
             try:
-                if unacked.records:
-                    await self.breaker.call(self._kafka.write, unacked.records)
-            except KafkaWriteFailed as exc:
-                # Again only what Kafka did not acknowledge.
-                unacked.records = exc.unwritten
-                if exc.outcome_unknown:
-                    self._telemetry.records_resent(exc.outcome_unknown)
-                await asyncio.sleep(0.5)
-                continue
-            except (MailboxFull, *_KAFKA_FAILURES) as exc:
-                if isinstance(exc, BreakerOpen) and isinstance(exc.failure, KafkaWriteFailed):
-                    # The failure that opened the breaker: what Kafka acknowledged of
-                    # the batch is not sent again.
-                    unacked.records = exc.failure.unwritten
-                    if exc.failure.outcome_unknown:
-                        self._telemetry.records_resent(exc.failure.outcome_unknown)
-                wait = exc.retry_after_s if isinstance(exc, BreakerOpen) else 0.5
-                await asyncio.sleep(wait)
-                continue
-            # Acknowledged, so no longer waiting, whether or not the offset file can be
-            # written: a drainer restarted after it could not reads the file's offset
-            # back, and the backlog grows again by what it will send twice.
-            self._forwarded = unacked.end
-            self._shares.forwarded(unacked.offsets)
+                retry_in_s = await self._forward(unacked, loop)
+            finally:
+                self._between_batches.set()
+            if retry_in_s is None:
+                unacked = None
+            else:
+                await asyncio.sleep(retry_in_s)
+
+    async def _forward(self, unacked: _DrainBatch, loop: asyncio.AbstractEventLoop) -> float | None:
+        """Send a drain batch's records Kafka has not acknowledged, and on its ack mark
+        the batch forwarded: None; or, when Kafka failed them, the seconds until the
+        next try (``unacked`` then holds only what is still unacknowledged)."""
+        try:
+            if unacked.records:
+                await self.breaker.call(self._kafka.write, unacked.records)
+        except KafkaWriteFailed as exc:
+            # Again only what Kafka did not acknowledge.
+            unacked.records = exc.unwritten
+            if exc.outcome_unknown:
+                self._telemetry.records_resent(exc.outcome_unknown)
+            return 0.5
+        except (MailboxFull, *_KAFKA_FAILURES) as exc:
+            if isinstance(exc, BreakerOpen) and isinstance(exc.failure, KafkaWriteFailed):
+                # The failure that opened the breaker: what Kafka acknowledged of
+                # the batch is not sent again.
+                unacked.records = exc.failure.unwritten
+                if exc.failure.outcome_unknown:
+                    self._telemetry.records_resent(exc.failure.outcome_unknown)
+            return exc.retry_after_s if isinstance(exc, BreakerOpen) else 0.5
+        # Acknowledged, so no longer waiting, whether or not the offset file can be
+        # written: a drainer restarted after it could not reads the file's offset
+        # back, and the backlog grows again by what it will send twice.
+        self._forwarded = unacked.end
+        self._shares.forwarded(unacked.offsets)
+        try:
             await loop.run_in_executor(self._executor, self._mark_forwarded, unacked.end)
+        except OSError as exc:
+            # A full disk, say. Crashing here restarted the drainer from the file's
+            # offset, which sent this batch again, failed again, for as long as the
+            # disk stayed full (a review: one batch in Kafka nine times, the rest of
+            # the spill never reached). The drain goes on from memory; a later ack
+            # writes the file, and a crash meanwhile re-sends what was forwarded
+            # since the file was last written.
+            log.warning("spill_forwarded_offset_not_saved", offset=unacked.end, error=repr(exc))
+        else:
             log.info("spill_forwarded", offsets=unacked.offsets, backlog=self.backlog)
-            unacked = None
+        return None
 
     async def _direct_writes_settled(self) -> None:
         """Until the writes sent to Kafka directly have their answers: one accepted
@@ -375,13 +409,21 @@ class SpillingKafkaSink:
             await asyncio.wait_for(self._direct_writes_done.wait(), wait_s)
 
     def _mark_forwarded(self, offset: int) -> None:
-        write_forwarded_offset(self._directory, offset)
+        # Segments first: on a full disk, the room they free is what the file needs. A
+        # crash between leaves the file behind them, read back as their end
+        # (``forwarded_on_disk``).
         delete_segments_before(self._directory, offset)
+        write_forwarded_offset(self._directory, offset)
 
     async def close(self, drain_s: float = 10.0) -> None:
         if self._closed:
             return
         self._closed = True
+        # The drain batch in flight ends first, its ack recorded: cancelled, its produce
+        # still landed with the writer's flush below while ``forwarded.offset`` stayed
+        # behind it, and the next start sent it again (a review).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._between_batches.wait(), drain_s / 2)
         await self._drainer.stop()
         await self._kafka.close(drain_s=drain_s)
         await self._spill.close(drain_s=drain_s)

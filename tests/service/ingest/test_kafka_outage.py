@@ -12,7 +12,14 @@ from mlgate.config import Settings, worker_data_dir
 from mlgate.service.state import RECORD_SINK
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink, write_forwarded_offset
-from tests.support import KafkaBroker, KeyMaker, create_topic, read_topic, wait_until_drained
+from tests.support import (
+    KafkaBroker,
+    KeyMaker,
+    create_topic,
+    read_topic,
+    restart_with_topic,
+    wait_until_drained,
+)
 
 
 def _batch(key: int, sequence: int) -> dict[str, object]:
@@ -61,8 +68,7 @@ async def test_records_accepted_while_kafka_is_down_reach_kafka_once_in_order(
     assert statuses == [202] * 50
     assert sink.backlog > 0
 
-    private_kafka_broker.start()
-    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    await restart_with_topic(private_kafka_broker, topic, sink.breaker)
     await wait_until_drained(sink)
 
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=50)
