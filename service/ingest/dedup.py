@@ -22,8 +22,8 @@ claim and confirm, the ids stay protected for the lapse rather than the window (
 this process's table for the window).
 
 With ``REDIS_URL``: one key ``mlgate:rid:<tenant>:<id>`` per record, ``p`` while in
-flight and ``d`` once written, all the ids of a batch in one Lua script per step
-(one round trip; the ids travel as the script's KEYS and the answer as one string of
+flight and ``d`` once written, the ids of a batch in one Lua script per step and per
+``MAX_IDS_PER_CALL`` ids, the parts one after another (one round trip each; the ids travel as the script's KEYS and the answer as one string of
 state characters, far cheaper to parse than a pipeline of SETs); dedup then holds
 across processes and hosts. On a Redis Cluster the key is
 ``mlgate:rid:{<tenant>.<n>}:<id>``: a tenant's ids spread over
@@ -77,6 +77,8 @@ BUDGET_BUCKETS = 16
 # A tenant past its budget is logged once in this many seconds at most.
 OVER_BUDGET_LOG_S = 60.0
 _FIRST_POLL_S, _MAX_POLL_S = 0.01, 0.2
+# The most ids one script call takes (``RecordDeduplicator._run``): a few ms in Redis.
+MAX_IDS_PER_CALL = 500
 # On a Redis Cluster a tenant's ids spread over this many hash tags (slots): its dedup
 # memory over up to as many masters, at up to as many script calls per batch.
 CLUSTER_SLOTS_PER_TENANT = 8
@@ -539,6 +541,17 @@ class RecordDeduplicator:
             except RedisUnavailable:
                 return ids, None
 
-        if len(groups) == 1:
+        async def run_in_parts(ids: list[str]) -> list[tuple[list[str], object | None]]:
+            # One script runs alone in Redis: a batch of 10,000 long ids took 30-155 ms
+            # there, and a few of them in a row timed out every other tenant's calls
+            # and opened the shared breaker (a review). In parts, one after another,
+            # Redis serves the other clients between them.
+            return [
+                await run(ids[start : start + MAX_IDS_PER_CALL])
+                for start in range(0, len(ids), MAX_IDS_PER_CALL)
+            ]
+
+        if len(groups) == 1 and len(groups[0]) <= MAX_IDS_PER_CALL:
             return [await run(groups[0])]
-        return list(await asyncio.gather(*(run(ids) for ids in groups)))
+        parts = await asyncio.gather(*(run_in_parts(ids) for ids in groups))
+        return [part for group in parts for part in group]

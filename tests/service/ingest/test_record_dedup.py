@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio
 
 from mlgate.service.http.errors import Conflict
-from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
+from mlgate.service.ingest.dedup import MAX_IDS_PER_CALL, Claim, RecordDeduplicator
 from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK
 from tests.support import KeyMaker, ManagedProcess
 
@@ -89,6 +89,30 @@ async def test_dedup_holds_across_processes_through_redis(
     await one.post(PATH, json=_records("a"))
     body = await (await two.post(PATH, json=_records("a"))).json()
     assert body["records_duplicate"] == 1
+
+
+async def test_a_large_batch_claims_its_ids_in_redis_a_bounded_part_at_a_time(
+    app_client, settings_for, redis_server: ManagedProcess, tmp_path
+) -> None:
+    """A review: one tenant's batches of 10,000 ids, one script call each, held Redis
+    30-155 ms apiece, timed out other tenants' calls and opened the shared breaker."""
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    client = await app_client(settings_for(url))
+    count = 2 * MAX_IDS_PER_CALL + 7
+    ids = [f"big-{i}" for i in range(count)]
+    await client.post(PATH, json=_records(*ids[: count // 2]))
+    observer = redis.asyncio.Redis(port=redis_server.port)
+    try:
+        await observer.execute_command("CONFIG", "RESETSTAT")
+        body = await (await client.post(PATH, json=_records(*ids))).json()
+        stats = await observer.info("commandstats")
+    finally:
+        await observer.aclose()
+    assert (body["records_accepted"], body["records_duplicate"]) == (count - count // 2, count // 2)
+    scripts = sum(
+        stat["calls"] for name, stat in stats.items() if name in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+    assert scripts >= 3 + 3  # the claim in three parts, then the confirm in three
 
 
 async def test_ids_are_written_again_after_the_window(app_client, settings_for, backend) -> None:
