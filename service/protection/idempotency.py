@@ -32,9 +32,16 @@ evicting only its own entries once it holds its fair share:
 ``service.protection.fair_share``). An answer larger than the budget is not kept: its
 key is released, and a repeat runs again. On a Redis Cluster a tenant's records
 share the hash tag ``{tenant}`` (one slot, on one master: the claims extended together
-are grouped per tenant slot, one call each). While Redis fails, claims fall back to the in-process store: retries that
-reach the same process are still safe; the record-id dedup (``service.ingest.dedup``)
-is the second line behind it.
+are grouped per tenant slot, one call each).
+
+While Redis fails (a timeout, its breaker open), a key cannot be claimed: the request
+is refused at once with ``IdempotencyUnavailable`` (503, ``Retry-After``) and nothing
+runs. An in-process store knows nothing of the answers in Redis, and falling back to
+it ran repeats of answered requests again during any hiccup (a review: every retry
+in a 350 ms pause wrote its records twice). A request that ran but whose answer could
+not be stored is stored again every ``FINISH_RETRY_S`` until Redis takes it (a repeat
+meanwhile is 409, as while it ran), for at most ``MLGATE_IDEMPOTENCY_LOCK_S``: then
+its claim lapses, and a repeat runs again.
 """
 
 from __future__ import annotations
@@ -68,6 +75,12 @@ KEPT_HEADERS = (
 )
 
 log = structlog.get_logger("mlgate.idempotency")
+# How often answers Redis could not take are offered again (``_store_unfinished``).
+FINISH_RETRY_S = 0.5
+
+
+class IdempotencyUnavailable(Exception):
+    """Redis, where keys live, cannot be asked now: the request must not run."""
 # What Redis holds for a kept answer besides its bytes and key names (measured: 1M
 # answers of 255 bytes with 82-byte names took 702 bytes each), and the bounds of one
 # finishing call's work (FINISH_LUA).
@@ -287,6 +300,10 @@ class IdempotencyStore:
         # its task left unfinished lapses as before), and runs only while there are some.
         self._held: dict[str, tuple[Claim, asyncio.Task[Any] | None]] = {}
         self._refresher: asyncio.Task[None] | None = None
+        # Answers Redis could not take when their request ended, by record: (claim,
+        # final entry, when to give up); ``_store_unfinished`` offers them again.
+        self._unfinished: dict[str, tuple[Claim, bytes | None, float]] = {}
+        self._finisher: asyncio.Task[None] | None = None
 
     async def run_to_completion(self, work: Coroutine[Any, Any, T]) -> T:
         """``await work`` in a task of its own that finishes even if the caller is cancelled."""
@@ -300,10 +317,14 @@ class IdempotencyStore:
         claims of any still running are left to lapse."""
         if self._running:
             await asyncio.wait(set(self._running), timeout=timeout_s)
-        refresher, self._refresher = self._refresher, None
-        if refresher is not None:
-            refresher.cancel()
-            await asyncio.gather(refresher, return_exceptions=True)
+        for name in ("_refresher", "_finisher"):
+            task = getattr(self, name)
+            setattr(self, name, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._unfinished:
+            log.warning("idempotency_answers_not_stored_at_shutdown", answers=len(self._unfinished))
 
     def _hold(self, claim: Claim) -> None:
         self._held[claim.record] = (claim, asyncio.current_task())
@@ -381,12 +402,13 @@ class IdempotencyStore:
                 existing = await self._redis.call(
                     "idempotency", lambda: script(keys=[record], args=[in_flight, lock_ms])
                 )
-            except RedisUnavailable:
-                pass
-            else:
-                if existing is None:
-                    return self._held_claim(Claim(record, in_flight, "redis", tenant))
-                return _decode_entry(existing)
+            except RedisUnavailable as exc:
+                raise IdempotencyUnavailable(
+                    f"Idempotency keys cannot be checked now ({exc}); nothing was done: retry"
+                ) from None
+            if existing is None:
+                return self._held_claim(Claim(record, in_flight, "redis", tenant))
+            return _decode_entry(existing)
         existing = self._local.claim(tenant, record, in_flight, self._lock_s)
         if existing is None:
             return self._held_claim(Claim(record, in_flight, "local", tenant))
@@ -415,6 +437,17 @@ class IdempotencyStore:
             if final is not None and not kept and len(final) > self._local.max_bytes:
                 self._not_kept(claim, final)
             return
+        try:
+            await self._finish_in_redis(claim, final)
+        except RedisUnavailable:
+            # Offered again until Redis takes it; until then repeats get 409.
+            log.warning("idempotency_finish_failed", stored=final is not None)
+            self._unfinished[claim.record] = (claim, final, time.monotonic() + self._lock_s)
+            if self._finisher is None:
+                self._finisher = asyncio.get_running_loop().create_task(self._store_unfinished())
+
+    async def _finish_in_redis(self, claim: Claim, final: bytes | None) -> None:
+        assert self._redis is not None and self._finish is not None
         script, ttl_ms = self._finish, self._ttl_s * 1000
         prefix = self._tenant_prefix(claim.tenant)
         keys = [claim.record, prefix + "~kept", prefix + "~bytes"]
@@ -424,14 +457,34 @@ class IdempotencyStore:
             ttl_ms,
             self._redis_tenant_max_bytes,
         ]
-        try:
-            outcome = await self._redis.call("idempotency", lambda: script(keys=keys, args=args))
-        except RedisUnavailable:
-            # The claim lapses after idempotency_lock_s; until then repeats get 409.
-            log.warning("idempotency_finish_failed", stored=final is not None)
-            return
+        outcome = await self._redis.call("idempotency", lambda: script(keys=keys, args=args))
         if outcome in (2, 3) and final is not None:
             self._not_kept(claim, final, "too large" if outcome == 2 else "no room yet")
+
+    async def _store_unfinished(self) -> None:
+        """Offer Redis again the answers it could not take, oldest first, until each is
+        stored or its claim has lapsed (then a repeat runs again: logged). Exits once
+        none is left (the next failed finish starts it again)."""
+        try:
+            while self._unfinished:
+                await asyncio.sleep(FINISH_RETRY_S)
+                for record, (claim, final, give_up_at) in list(self._unfinished.items()):
+                    if time.monotonic() >= give_up_at:
+                        del self._unfinished[record]
+                        log.error("idempotency_answer_never_stored", tenant=claim.tenant)
+                        continue
+                    try:
+                        await self._finish_in_redis(claim, final)
+                    except RedisUnavailable:
+                        break  # still failing: all of them wait for the next turn
+                    del self._unfinished[record]
+                    log.info("idempotency_answer_stored_late", tenant=claim.tenant)
+        except Exception as exc:  # its answers' claims lapse, as before this loop
+            log.error("idempotency_store_unfinished_failed", error=repr(exc))
+            self._unfinished.clear()
+        finally:
+            if self._finisher is asyncio.current_task():
+                self._finisher = None
 
     @staticmethod
     def _not_kept(claim: Claim, final: bytes, reason: str = "too large") -> None:

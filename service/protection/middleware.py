@@ -53,6 +53,7 @@ from mlgate.service.protection.idempotency import (
     REPLAYED,
     Entry,
     IdempotencyStore,
+    IdempotencyUnavailable,
     StoredResponse,
     fingerprint,
     stores,
@@ -286,7 +287,10 @@ async def _claim_and_run(
     body: bytes,
 ) -> web.StreamResponse:
     request_fingerprint = fingerprint(request.method, request.path_qs, body)
-    claimed = await store.claim(tenant, key, request_fingerprint)
+    try:
+        claimed = await store.claim(tenant, key, request_fingerprint)
+    except IdempotencyUnavailable as exc:
+        raise Overloaded(str(exc), retry_after_s=1) from None
     if isinstance(claimed, Entry):
         if claimed.fingerprint != request_fingerprint:
             raise ValidationFailed(f"This {HEADER} was used with a different request")

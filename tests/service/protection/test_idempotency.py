@@ -4,12 +4,22 @@ exactly one copy in Kafka when clients time out and retry."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 from collections import Counter
+from collections.abc import Iterator
 
 import aiohttp
 import msgspec
 
-from mlgate.service.protection.idempotency import fingerprint
+from mlgate.service.protection.idempotency import (
+    Claim,
+    Entry,
+    IdempotencyUnavailable,
+    StoredResponse,
+    fingerprint,
+)
 from mlgate.service.state import IDEMPOTENCY, RECORD_SINK
 from tests.support import KafkaBroker, KeyMaker, ManagedProcess, read_topic
 
@@ -176,3 +186,64 @@ async def test_client_retries_with_timeouts_leave_exactly_one_copy_in_kafka(
         for value in (msgspec.json.decode(m.value) for m in messages)
     )
     assert len(messages) == 200 and set(seen.values()) == {1}
+
+
+# -- Redis failing ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _frozen(server: ManagedProcess) -> Iterator[None]:
+    """Redis stops answering (SIGSTOP) and keeps what it holds."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+async def test_a_repeat_while_redis_fails_is_refused_and_never_runs_again(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    """A review: claims fell back to an in-process store that had never seen the answers
+    kept in Redis, and every repeat during a 350 ms pause wrote its records again."""
+    client = await app_client(settings_for(f"redis://127.0.0.1:{redis_server.port}"))
+    first = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
+    assert first.status == 202
+    written = client.app[RECORD_SINK].next_offset
+    with _frozen(redis_server):
+        repeats = [await client.post(PATH, json=_batch(), headers=_with_key("k1")) for _ in range(4)]
+    assert [r.status for r in repeats] == [503] * 4
+    assert all(r.headers["Retry-After"] for r in repeats)
+    assert client.app[RECORD_SINK].next_offset == written  # nothing ran again
+    for _ in range(50):  # until Redis's breaker lets calls through again
+        replayed = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
+        if replayed.status != 503:
+            break
+        await asyncio.sleep(0.2)
+    assert replayed.headers["Idempotent-Replayed"] == "true"
+    assert await replayed.read() == await first.read()
+    assert client.app[RECORD_SINK].next_offset == written
+
+
+async def test_an_answer_redis_could_not_take_is_stored_once_it_answers_again(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    """A review: the answer was dropped, repeats got 409 for the whole lock (60 s), then
+    ran the request again."""
+    client = await app_client(settings_for(f"redis://127.0.0.1:{redis_server.port}"))
+    store = client.app[IDEMPOTENCY]
+    claimed = await store.claim("t", "k1", "print")
+    assert isinstance(claimed, Claim)
+    answer = StoredResponse(202, [("Content-Type", "application/json")], b'{"ok": true}')
+    with _frozen(redis_server):
+        await store.complete(claimed, answer)  # Redis does not answer
+    for _ in range(50):
+        await asyncio.sleep(0.2)
+        try:
+            found = await store.claim("t", "k1", "print")
+        except IdempotencyUnavailable:
+            continue  # Redis's breaker still open
+        if isinstance(found, Entry) and found.response is not None:
+            break
+    assert isinstance(found, Entry) and found.response == answer
