@@ -71,7 +71,8 @@ DESCRIPTIONS: dict[str, str] = {
     # Keys
     "auth_disabled": "Serve without API keys (logs a warning at start-up). Never in production.",
     "keys_file": "Hashed API keys file (empty: <data_dir>/keys.json).",
-    "keys_cache_s": "How often the keys file is checked for changes.",
+    "keys_cache_s": "How long a key read from Redis is trusted before Redis is asked again (a revocation takes effect within it).",
+    "keys_stale_s": "While Redis is unreachable, how long past MLGATE_KEYS_CACHE_S a key read from it is still trusted; then 503 (0: never).",
     # Rate limits
     "rate_limits_enabled": "Enforce the token buckets.",
     "rate_limit_key_rate": "Default requests per second per key.",

@@ -122,6 +122,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     auth_disabled: bool = False
     keys_file: str = ""
     keys_cache_s: PositiveFloat = 5.0
+    keys_stale_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
 
     # Rate limits: token buckets per key and per tenant (tokens per second, burst)
     rate_limits_enabled: bool = True

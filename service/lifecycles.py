@@ -82,7 +82,9 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
         if not await redis.ping():
             log.warning("redis_unreachable_at_start", fallback="in-process state")
         app_metrics.samplers["redis_breaker"] = redis_sampler(app_metrics, redis)
-    keys = KeyStore(keys_path(settings), redis, cache_s=settings.keys_cache_s)
+    keys = KeyStore(
+        keys_path(settings), redis, cache_s=settings.keys_cache_s, stale_s=settings.keys_stale_s
+    )
     app[KEY_STORE] = keys
 
     async def reload_keys() -> None:

@@ -12,6 +12,8 @@ Keys belong to a tenant, carry scopes (``ingest``, ``predict``, ``admin``,
 ``keys create --store redis`` reaches every process and host. The file is re-read
 when it changes (checked once a second, or at once on SIGHUP); keys read from Redis
 are trusted for ``MLGATE_KEYS_CACHE_S``, so a revocation takes effect within that.
+While Redis is unreachable a key read from it is trusted ``MLGATE_KEYS_STALE_S``
+longer, then refused 503 (``KeyStoreUnavailable``) until Redis answers.
 """
 
 from __future__ import annotations
@@ -195,10 +197,17 @@ class KeyStoreUnavailable(Exception):
 class KeyStore:
     """Finds and checks presented keys: the keys file first, then Redis if configured."""
 
-    def __init__(self, path: Path, redis: SharedRedis | None = None, cache_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        redis: SharedRedis | None = None,
+        cache_s: float = 5.0,
+        stale_s: float = 300.0,
+    ) -> None:
         self._file = KeyFile(path)
         self._redis = redis
         self._cache_s = cache_s
+        self._stale_s = stale_s
         self._file_keys: dict[str, ApiKey] = {}
         self._file_stamp: tuple[int, int] | None = None
         self._checked_at = float("-inf")
@@ -289,8 +298,11 @@ class KeyStore:
         try:
             raw = await redis.call("api_keys", lambda: redis.client.hget(REDIS_HASH, key_id))
         except RedisUnavailable:
-            if cached is not None:
-                return cached[1]  # stale but known: better than locking the tenant out
+            if cached is not None and now < cached[0] + self._stale_s:
+                # Stale but known: better than locking the tenant out. For a while
+                # only: a key revoked meanwhile would otherwise serve for as long as
+                # this host is cut off from Redis (a review).
+                return cached[1]
             raise KeyStoreUnavailable("the API key store (Redis) is unavailable") from None
         if raw is None:
             self._redis_keys.pop(key_id, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -227,6 +228,29 @@ async def test_a_flood_of_made_up_keys_keeps_a_cached_key_served_while_redis_is_
     redis_server.stop()
     response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
     assert response.status == 202
+
+
+async def test_a_cached_redis_key_is_trusted_only_so_long_past_its_cache_while_redis_is_down(
+    app_client, secured, redis_server: ManagedProcess
+) -> None:
+    """A review: a key revoked in Redis, then Redis cut off, served for as long as it
+    stayed cut off; the stale key is now trusted ``keys_stale_s`` past its cache time."""
+    plaintext = await _key_kept_in_redis(redis_server)
+    client = await app_client(
+        secured(
+            redis_url=f"redis://127.0.0.1:{redis_server.port}", keys_cache_s=0.1, keys_stale_s=0.5
+        )
+    )
+    ok = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert ok.status == 202
+    redis_server.stop()
+    await asyncio.sleep(0.2)  # past the cache time, within the stale time
+    stale = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert stale.status == 202
+    await asyncio.sleep(0.5)  # past both
+    refused = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert refused.status == 503
+    assert "Retry-After" in refused.headers
 
 
 async def test_unreachable_key_store_never_lets_a_key_in(
