@@ -1,18 +1,28 @@
 """Request-scoped state: the typed keys a request carries through the middlewares.
 
-The front door sets ``REQUEST_ID``; the protection middleware sets ``API_KEY``,
+The front door sets ``REQUEST_ID`` and ``ARRIVED`` (``time.monotonic()`` when the app
+began on it: a request's deadline counts from there, the middlewares' waits included); the protection middleware sets ``API_KEY``,
 ``TENANT`` and ``KEY_ID`` once the key is checked, and ``BUFFERED_BODY`` when an
 ``Idempotency-Key`` request had to read its body up front (``http.body`` serves it).
 """
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from mlgate.service.protection.api_keys import ApiKey
 
 REQUEST_ID = web.RequestKey("request_id", str)
+ARRIVED = web.RequestKey("arrived", float)
 TENANT = web.RequestKey("tenant", str)
 KEY_ID = web.RequestKey("key_id", str)
 API_KEY = web.RequestKey("api_key", ApiKey)
 BUFFERED_BODY = web.RequestKey("buffered_body", bytes)
+
+
+def arrived(request: web.Request) -> float:
+    """When the app began on ``request`` (``time.monotonic()``); now, for a request the
+    front door did not see."""
+    return request.get(ARRIVED) or time.monotonic()

@@ -23,7 +23,7 @@ from aiohttp.typedefs import Handler, Middleware
 from mlgate.config import Settings
 from mlgate.schemas.problem import Problem
 from mlgate.service.http.codec import PROBLEM_JSON, Format, encode, response_format
-from mlgate.service.http.context import KEY_ID, REQUEST_ID, TENANT
+from mlgate.service.http.context import ARRIVED, KEY_ID, REQUEST_ID, TENANT
 from mlgate.service.http.errors import (
     ApiError,
     DeadlineExceeded,
@@ -95,6 +95,7 @@ def front_door(
     async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = request_ids(request)
         request[REQUEST_ID] = request_id
+        request[ARRIVED] = time.monotonic()
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)

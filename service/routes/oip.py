@@ -23,7 +23,6 @@ element counts): 422 on a mismatch, 404 for an unknown model or version. Errors 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -49,7 +48,7 @@ from mlgate.schemas.oip import (
 from mlgate.service import __version__
 from mlgate.service.http.body import read_body
 from mlgate.service.http.codec import Format, decode, media_format, respond
-from mlgate.service.http.context import REQUEST_ID
+from mlgate.service.http.context import REQUEST_ID, arrived
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound, Unavailable
 from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import (
@@ -193,7 +192,7 @@ async def answer_infer(
 
 
 async def infer(request: web.Request) -> web.Response:
-    started = time.monotonic()
+    started = arrived(request)
     loaded = resolve(
         request.app[MODEL_REPOSITORY],
         request.match_info["model"],

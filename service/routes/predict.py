@@ -7,7 +7,6 @@ door).
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -22,6 +21,7 @@ from mlgate.schemas.predict import (
     PredictV1Response,
 )
 from mlgate.service.http.codec import request_format, respond
+from mlgate.service.http.context import arrived
 from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import (
     MAX_TIMEOUT_MS,
@@ -44,7 +44,7 @@ PATH_HEADERS = {V1_PATH: V1_HEADERS}
 
 
 async def predict_v2(request: web.Request) -> web.Response:
-    started = time.monotonic()
+    started = arrived(request)
     payload = await read_payload(request, PredictRequest, started)
     return respond(request, await run_predict(request, payload, started))
 
@@ -54,7 +54,7 @@ async def predict_v1(request: web.Request) -> web.Response:
     answers as ``prediction`` for the row (class index or regression value). Every answer
     on its path, errors included, carries the deprecation headers (``PATH_HEADERS``,
     added by the front door)."""
-    started = time.monotonic()
+    started = arrived(request)
     payload = await read_payload(request, PredictV1Request, started)
     return respond(request, v1_answer(await run_predict(request, payload, started)))
 
