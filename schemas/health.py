@@ -24,3 +24,13 @@ class Readiness(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
             )
         ),
     ] = {}
+    degraded: Annotated[
+        dict[str, str],
+        msgspec.Meta(
+            description=(
+                "Dependencies failing without making the process not ready, and what is "
+                'served meanwhile (e.g. "redis": rate limits and record dedup in process, '
+                "requests with an Idempotency-Key refused 503)"
+            )
+        ),
+    ] = {}

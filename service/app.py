@@ -23,6 +23,7 @@ from mlgate.service.ingest.validation import RecordValidator
 from mlgate.service.protection.middleware import expect_continue, protection
 from mlgate.service.routes import health, ingest, oip, predict, quality
 from mlgate.service.state import (
+    DEGRADED_CHECKS,
     DRAINING,
     DRIFT_MONITOR,
     METRICS,
@@ -54,6 +55,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = app_metrics
     app[DRAINING] = draining
     app[READINESS_CHECKS] = {}
+    app[DEGRADED_CHECKS] = {}
     app[RELOAD_HOOKS] = {}
     app[ROUTE_ACCESS] = {}
     app[PROFILE_STORE] = ProfileStore(settings.profiles_dir, settings.model_repository)

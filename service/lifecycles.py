@@ -42,6 +42,7 @@ from mlgate.service.protection.rate_limits import RateLimiter
 from mlgate.service.protection.shared_redis import SharedRedis
 from mlgate.service.routes.health import own_problems
 from mlgate.service.state import (
+    DEGRADED_CHECKS,
     DRIFT_MONITOR,
     HOST_READINESS,
     IDEMPOTENCY,
@@ -67,6 +68,10 @@ from mlgate.workers.supervision import SupervisedTask
 from mlgate.workers.telemetry import QualityTelemetry
 
 log = structlog.get_logger("mlgate.lifecycles")
+REDIS_DOWN = (
+    "Redis unreachable: rate limits and record dedup in this process, requests with an "
+    "Idempotency-Key and keys not read before refused 503"
+)
 
 
 async def shared_state(app: web.Application) -> AsyncIterator[None]:
@@ -82,6 +87,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
         if not await redis.ping():
             log.warning("redis_unreachable_at_start", fallback="in-process state")
         app_metrics.samplers["redis_breaker"] = redis_sampler(app_metrics, redis)
+        app[DEGRADED_CHECKS]["redis"] = lambda: None if redis.available else REDIS_DOWN
     keys = KeyStore(
         keys_path(settings), redis, cache_s=settings.keys_cache_s, stale_s=settings.keys_stale_s
     )

@@ -40,6 +40,9 @@ DRAINING = web.AppKey("draining", asyncio.Event)
 HOST_READINESS = web.AppKey("host_readiness", HostReadiness)
 # Each check answers its problem, for /ready (None: fine).
 READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], str | None]])
+# Dependencies whose failure /ready reports (``degraded``) without turning not ready: the
+# process still serves, with less (Redis: limits in process, Idempotency-Key refused).
+DEGRADED_CHECKS = web.AppKey("degraded_checks", dict[str, Callable[[], str | None]])
 
 # What SIGHUP reloads (model repository, API keys, TLS), by name.
 RELOAD_HOOKS = web.AppKey("reload_hooks", dict[str, Callable[[], Awaitable[None]]])

@@ -10,7 +10,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from mlgate.schemas.health import Health, Readiness
 from mlgate.service.http.codec import respond
 from mlgate.service.http.routing import Route
-from mlgate.service.state import DRAINING, HOST_READINESS, METRICS, READINESS_CHECKS, RECORD_SINK
+from mlgate.service.state import (
+    DEGRADED_CHECKS,
+    DRAINING,
+    HOST_READINESS,
+    METRICS,
+    READINESS_CHECKS,
+    RECORD_SINK,
+)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -36,12 +43,14 @@ async def ready(request: web.Request) -> web.Response:
     if host is not None:
         problems.update(host.siblings())
     reasons = {name: problem for name, problem in problems.items() if problem is not None}
+    degraded = {name: problem for name, check in app[DEGRADED_CHECKS].items() if (problem := check())}
     return respond(
         request,
         Readiness(
             status="not ready" if reasons else "ready",
             checks={name: problem is None for name, problem in problems.items()},
             reasons=reasons,
+            degraded=degraded,
         ),
         status=503 if reasons else 200,
     )

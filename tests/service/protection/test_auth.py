@@ -286,3 +286,21 @@ def test_a_broken_keys_file_stops_start_up(tmp_path) -> None:
     path.write_text('{"keys": [{"key_id": 1}]}')
     with pytest.raises(KeysFileError):
         KeyStore(path)
+
+
+async def test_ready_reports_redis_down_as_degraded_and_stays_ready(
+    app_client, secured, redis_server: ManagedProcess
+) -> None:
+    """A review: /ready said nothing of Redis while keys it had not read were refused.
+    Not ready would take every host sharing that Redis out of its balancer at once."""
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    healthy = await (await client.get("/ready")).json()
+    assert "degraded" not in healthy
+    redis_server.stop()
+    plaintext, _ = new_key("acme", frozenset({"ingest"}))
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert response.status == 503  # a Redis call failed: Redis is known down
+    ready = await client.get("/ready")
+    body = await ready.json()
+    assert ready.status == 200 and body["status"] == "ready"
+    assert "Redis unreachable" in body["degraded"]["redis"]
