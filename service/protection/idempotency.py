@@ -41,7 +41,8 @@ it ran repeats of answered requests again during any hiccup (a review: every ret
 in a 350 ms pause wrote its records twice). A request that ran but whose answer could
 not be stored is stored again every ``FINISH_RETRY_S`` until Redis takes it (a repeat
 meanwhile is 409, as while it ran), for at most ``MLGATE_IDEMPOTENCY_LOCK_S``: then
-its claim lapses, and a repeat runs again.
+its claim lapses, and a repeat runs again. A claim whose call failed is released the
+same way: Redis may still have run it, and nobody would own it.
 """
 
 from __future__ import annotations
@@ -303,7 +304,9 @@ class IdempotencyStore:
         # Answers Redis could not take when their request ended, by record: (claim,
         # final entry, when to give up); ``_store_unfinished`` offers them again.
         self._unfinished: dict[str, tuple[Claim, bytes | None, float]] = {}
+        self._max_unfinished = settings.idempotency_max_entries
         self._finisher: asyncio.Task[None] | None = None
+        self._closing = False  # drained: no finisher starts again
 
     async def run_to_completion(self, work: Coroutine[Any, Any, T]) -> T:
         """``await work`` in a task of its own that finishes even if the caller is cancelled."""
@@ -317,6 +320,7 @@ class IdempotencyStore:
         claims of any still running are left to lapse."""
         if self._running:
             await asyncio.wait(set(self._running), timeout=timeout_s)
+        self._closing = True
         for name in ("_refresher", "_finisher"):
             task = getattr(self, name)
             setattr(self, name, None)
@@ -403,6 +407,10 @@ class IdempotencyStore:
                     "idempotency", lambda: script(keys=[record], args=[in_flight, lock_ms])
                 )
             except RedisUnavailable as exc:
+                # A call that timed out may still be run by Redis: its claim, owned by
+                # nobody, would make every retry 409 for the whole lock (a review).
+                # Released like an answer not stored, once Redis answers.
+                self._finish_later(Claim(record, in_flight, "redis", tenant), None)
                 raise IdempotencyUnavailable(
                     f"Idempotency keys cannot be checked now ({exc}); nothing was done: retry"
                 ) from None
@@ -442,11 +450,25 @@ class IdempotencyStore:
         except RedisUnavailable:
             # Offered again until Redis takes it; until then repeats get 409.
             log.warning("idempotency_finish_failed", stored=final is not None)
-            self._unfinished[claim.record] = (claim, final, time.monotonic() + self._lock_s)
-            if self._finisher is None:
-                self._finisher = asyncio.get_running_loop().create_task(self._store_unfinished())
+            self._finish_later(claim, final)
 
-    async def _finish_in_redis(self, claim: Claim, final: bytes | None) -> None:
+    def _finish_later(self, claim: Claim, final: bytes | None) -> None:
+        """Queue ``claim``'s finish (``final`` None: its release) for ``_store_unfinished``:
+        at most ``MLGATE_IDEMPOTENCY_MAX_ENTRIES``, the oldest given up first."""
+        if self._closing:
+            return  # after the drain: its claim lapses
+        self._unfinished.pop(claim.record, None)
+        self._unfinished[claim.record] = (claim, final, time.monotonic() + self._lock_s)
+        while len(self._unfinished) > self._max_unfinished:
+            record = next(iter(self._unfinished))
+            given_up, _, _ = self._unfinished.pop(record)
+            log.error("idempotency_answer_never_stored", tenant=given_up.tenant, reason="too many waiting")
+        if self._finisher is None:
+            self._finisher = asyncio.get_running_loop().create_task(self._store_unfinished())
+
+    async def _finish_in_redis(self, claim: Claim, final: bytes | None) -> int:
+        """Redis's outcome: 0 the claim was no longer ours (lapsed), 1 done, 2 and 3 the
+        answer not kept."""
         assert self._redis is not None and self._finish is not None
         script, ttl_ms = self._finish, self._ttl_s * 1000
         prefix = self._tenant_prefix(claim.tenant)
@@ -457,9 +479,10 @@ class IdempotencyStore:
             ttl_ms,
             self._redis_tenant_max_bytes,
         ]
-        outcome = await self._redis.call("idempotency", lambda: script(keys=keys, args=args))
+        outcome = int(await self._redis.call("idempotency", lambda: script(keys=keys, args=args)))
         if outcome in (2, 3) and final is not None:
             self._not_kept(claim, final, "too large" if outcome == 2 else "no room yet")
+        return outcome
 
     async def _store_unfinished(self) -> None:
         """Offer Redis again the answers it could not take, oldest first, until each is
@@ -469,16 +492,22 @@ class IdempotencyStore:
             while self._unfinished:
                 await asyncio.sleep(FINISH_RETRY_S)
                 for record, (claim, final, give_up_at) in list(self._unfinished.items()):
-                    if time.monotonic() >= give_up_at:
+                    if time.monotonic() >= give_up_at:  # its claim has lapsed by now
                         del self._unfinished[record]
-                        log.error("idempotency_answer_never_stored", tenant=claim.tenant)
+                        if final is not None:
+                            log.error("idempotency_answer_never_stored", tenant=claim.tenant, reason="Redis down")
                         continue
                     try:
-                        await self._finish_in_redis(claim, final)
+                        outcome = await self._finish_in_redis(claim, final)
                     except RedisUnavailable:
                         break  # still failing: all of them wait for the next turn
-                    del self._unfinished[record]
-                    log.info("idempotency_answer_stored_late", tenant=claim.tenant)
+                    self._unfinished.pop(record, None)
+                    if final is None:
+                        continue  # a claim released (or never made)
+                    if outcome == 0:
+                        log.error("idempotency_answer_never_stored", tenant=claim.tenant, reason="claim lapsed")
+                    else:
+                        log.info("idempotency_answer_stored_late", tenant=claim.tenant)
         except Exception as exc:  # its answers' claims lapse, as before this loop
             log.error("idempotency_store_unfinished_failed", error=repr(exc))
             self._unfinished.clear()

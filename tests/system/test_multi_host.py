@@ -351,10 +351,14 @@ async def _redis_breakers(hosts: Hosts) -> list[float]:
     return states
 
 
-async def test_a_redis_cluster_master_killed_under_load_answers_no_5xx_and_limits_are_shared_again(
+async def test_a_redis_cluster_master_killed_under_load_answers_503_at_most_and_limits_are_shared_again(
     hosts: Hosts,
 ) -> None:
     """Runs last: the cluster it leaves has lost a node.
+
+    The producers send an ``Idempotency-Key``: while their tenant's slot has no master,
+    its claim cannot be made and the request is refused 503 with ``Retry-After`` (it
+    would otherwise run without knowing whether it ran before); never a 500.
 
     A breaker opened by the dead master lets a trial call through only when a request
     comes ``MLGATE_REDIS_BREAKER_RESET_S`` after it opened, so the load goes on until
@@ -372,7 +376,7 @@ async def test_a_redis_cluster_master_killed_under_load_answers_no_5xx_and_limit
 
     async with asyncio.timeout(60):
         await under_load(hosts, tally, kill_master)
-    assert sum(n for status, n in tally.statuses.items() if status >= 500) == 0, tally.statuses
+    assert set(tally.statuses) <= {202, 409, 429, 503}, tally.statuses
     statuses = []
     async with aiohttp.ClientSession() as session:
         for _ in range(AFTER_FAILOVER_BURST):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import aiohttp
 import msgspec
+import redis.asyncio
 
 from mlgate.service.protection.idempotency import (
     Claim,
@@ -247,3 +248,57 @@ async def test_an_answer_redis_could_not_take_is_stored_once_it_answers_again(
         if isinstance(found, Entry) and found.response is not None:
             break
     assert isinstance(found, Entry) and found.response == answer
+
+
+_BUSY_LUA = (
+    "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
+    "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > tonumber(ARGV[1]) return 1"
+)
+
+
+async def test_a_claim_redis_ran_after_its_call_timed_out_does_not_hold_the_key(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    """A review: Redis, busy past the call's timeout, ran the claim afterwards. The
+    client was told nothing was done; its retries met a claim nobody owned, 409 for the
+    whole lock (60 s). The claim is now released once Redis answers."""
+    client = await app_client(
+        settings_for(f"redis://127.0.0.1:{redis_server.port}", rate_limits_enabled=False)
+    )
+    assert (await client.post(PATH, json=_batch(), headers=_with_key("warm-up"))).status == 202
+    observer = redis.asyncio.Redis(port=redis_server.port)
+    try:
+        busy = asyncio.create_task(observer.eval(_BUSY_LUA, 0, 400_000))  # Redis busy 0.4 s
+        await asyncio.sleep(0.02)
+        first = await client.post(PATH, json=_batch(), headers=_with_key("k-orphan"))
+        await busy
+    finally:
+        await observer.aclose()
+    assert first.status == 503
+    statuses = []
+    for _ in range(20):  # the client retries, as told
+        await asyncio.sleep(0.25)
+        retry = await client.post(PATH, json=_batch(), headers=_with_key("k-orphan"))
+        statuses.append(retry.status)
+        if retry.status == 202:
+            break
+    assert statuses[-1] == 202, statuses
+    assert client.app[RECORD_SINK].next_offset == 2 * 3  # the warm-up batch and this one, once
+
+
+async def test_answers_waiting_for_redis_are_bounded_the_oldest_given_up_first(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    """A review: with Redis slow rather than down, every answer waited in memory for
+    the whole lock, without bound."""
+    client = await app_client(
+        settings_for(f"redis://127.0.0.1:{redis_server.port}", idempotency_max_entries=2)
+    )
+    store = client.app[IDEMPOTENCY]
+    claims = [await store.claim("t", f"k{i}", "print") for i in range(3)]
+    answer = StoredResponse(202, [], b"{}")
+    with _frozen(redis_server):
+        for claimed in claims:
+            assert isinstance(claimed, Claim)
+            await store.complete(claimed, answer)
+        assert [record for record in store._unfinished] == [c.record for c in claims[1:]]
