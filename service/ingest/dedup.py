@@ -179,6 +179,11 @@ return 1
 """
 
 
+def _states(answer: object) -> str:
+    """A claim script's answer: one state character per id."""
+    return answer.decode() if isinstance(answer, bytes) else str(answer)
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """What one ``claim`` call got: per id, whether it is new (and now held by this
@@ -419,7 +424,7 @@ class RecordDeduplicator:
                     self._check_here(tenant)
                     states = self._local.claim(tenant, ids, token)
                 else:
-                    states = answer.decode() if isinstance(answer, bytes) else str(answer)
+                    states = _states(answer)
                     if KEEP_HERE in states:
                         states = self._claim_here(tenant, ids, states, token, here)
                 if not known and len(groups) == 1:  # one group: the ids in their order
@@ -524,20 +529,20 @@ class RecordDeduplicator:
     ) -> list[tuple[list[str], object | None]]:
         """Per group of ``record_ids`` (one group per cluster slot; standalone: all),
         the script's answer, or None without Redis or when it failed (counted)."""
-        script = self._scripts.get(script_name)
         redis = self._redis
-        if redis is None or script is None:
+        if redis is None or script_name not in self._scripts:
             return [(list(record_ids), None)]
         groups = redis.by_slot(record_ids, lambda record_id: self._key(tenant, record_id))
 
-        async def run(ids: list[str]) -> tuple[list[str], object | None]:
+        async def run(ids: list[str], name: str = script_name) -> tuple[list[str], object | None]:
+            called = self._scripts[name]
             keys = [self._key(tenant, record_id) for record_id in ids]
-            args: list[str | float] = [seconds, token]
-            if script_name in ("claim", "release"):
+            args: list[str | float] = [seconds if name == script_name else 0, token]
+            if name in ("claim", "release"):
                 keys.insert(0, self._budget_key(tenant, ids[0]))
                 args += self._budget_args()
             try:
-                return ids, await redis.call("dedup", lambda: script(keys=keys, args=args))
+                return ids, await redis.call("dedup", lambda: called(keys=keys, args=args))
             except RedisUnavailable:
                 return ids, None
 
@@ -546,10 +551,38 @@ class RecordDeduplicator:
             # there, and a few of them in a row timed out every other tenant's calls
             # and opened the shared breaker (a review). In parts, one after another,
             # Redis serves the other clients between them.
-            return [
-                await run(ids[start : start + MAX_IDS_PER_CALL])
-                for start in range(0, len(ids), MAX_IDS_PER_CALL)
-            ]
+            if script_name != "claim":
+                return [
+                    await run(ids[start : start + MAX_IDS_PER_CALL])
+                    for start in range(0, len(ids), MAX_IDS_PER_CALL)
+                ]
+            # Claimed in parts, two claims of the same ids could each hold some the other
+            # waits for, and both wait out the wait to a 409 (a review). So every claim
+            # takes ids in one order (sorted), and at the first part holding ids in
+            # flight for another it gives back that part's new ones and asks no
+            # further: it then holds only ids before all those it waits for, and the
+            # claim it waits for never waits for it. What it did not keep counts as in
+            # flight, asked again as it waits (``_wait_for_others``).
+            ordered = sorted(ids)
+            results: list[tuple[list[str], object | None]] = []
+            for start in range(0, len(ordered), MAX_IDS_PER_CALL):
+                part = ordered[start : start + MAX_IDS_PER_CALL]
+                result = await run(part)
+                answer = result[1]
+                states = None if answer is None else _states(answer)
+                if states is None or IN_FLIGHT not in states:
+                    results.append(result)
+                    continue
+                taken = [record_id for record_id, state in zip(part, states, strict=True) if state == NEW]
+                if taken:
+                    await run(taken, "release")
+                states = "".join(IN_FLIGHT if state == NEW else state for state in states)
+                results.append((part, states))
+                rest = ordered[start + MAX_IDS_PER_CALL :]
+                if rest:
+                    results.append((rest, IN_FLIGHT * len(rest)))
+                break
+            return results
 
         if len(groups) == 1 and len(groups[0]) <= MAX_IDS_PER_CALL:
             return [await run(groups[0])]

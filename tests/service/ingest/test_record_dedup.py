@@ -10,6 +10,7 @@ import redis.asyncio
 
 from mlgate.service.http.errors import Conflict
 from mlgate.service.ingest.dedup import MAX_IDS_PER_CALL, Claim, RecordDeduplicator
+from mlgate.service.protection.shared_redis import SharedRedis
 from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK
 from tests.support import KeyMaker, ManagedProcess
 
@@ -303,3 +304,28 @@ async def test_ids_written_while_redis_was_down_stay_duplicates_once_it_is_back(
     finally:
         await client.aclose()
     assert (await dedup.claim("t", ["a"])).new == [False]
+
+
+async def test_claims_of_the_same_large_batch_in_any_order_leave_exactly_one_holding_it(
+    make_settings, redis_server: ManagedProcess
+) -> None:
+    """A review: claimed part by part, two claims of one batch (a request and its retry,
+    the ids in another order) each took a part the other then waited for, and both got
+    409. Nobody confirms here, so the others wait out their wait: one Claim, the rest
+    Conflict."""
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    settings = make_settings(redis_url=url, dedup_in_flight_wait_s=0.3)
+    shared = SharedRedis(url, timeout_s=2.0)
+    claimers = [RecordDeduplicator(settings, shared) for _ in range(3)]
+    try:
+        ids = [f"r{i}" for i in range(2 * MAX_IDS_PER_CALL + 3)]
+        orders = [ids, ids[::-1], ids[MAX_IDS_PER_CALL:] + ids[:MAX_IDS_PER_CALL]]
+        results = await asyncio.gather(
+            *(claimer.claim("acme", order) for claimer, order in zip(claimers, orders, strict=True)),
+            return_exceptions=True,
+        )
+    finally:
+        await shared.client.aclose()
+    assert sorted(type(result).__name__ for result in results) == ["Claim", "Conflict", "Conflict"]
+    winner = next(result for result in results if isinstance(result, Claim))
+    assert all(winner.new)
