@@ -86,8 +86,15 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
         )
         if not await redis.ping():
             log.warning("redis_unreachable_at_start", fallback="in-process state")
-        app_metrics.samplers["redis_breaker"] = redis_sampler(app_metrics, redis)
-        app[DEGRADED_CHECKS]["redis"] = lambda: None if redis.available else REDIS_DOWN
+        sample_redis = app_metrics.samplers["redis_breaker"] = redis_sampler(app_metrics, redis)
+
+        def redis_problem() -> str | None:
+            if redis.available:
+                return None
+            sample_redis()  # a trial ping when due: a quiet host would say down for ever
+            return REDIS_DOWN
+
+        app[DEGRADED_CHECKS]["redis"] = redis_problem
     keys = KeyStore(
         keys_path(settings), redis, cache_s=settings.keys_cache_s, stale_s=settings.keys_stale_s
     )
@@ -154,7 +161,10 @@ def redis_sampler(app_metrics: Metrics, redis: SharedRedis) -> Callable[[], None
 
     def sample() -> None:
         breaker = redis.breaker
-        if breaker.state == "open" and breaker.retry_after_s == 0 and not trial:
+        # Open and its time up, or closed with the last call failed (Redis down until a
+        # call succeeds: /ready says so, ``degraded``).
+        due = breaker.retry_after_s == 0 if breaker.state == "open" else not redis.available
+        if due and not trial:
             ping = asyncio.get_running_loop().create_task(redis.ping())
             trial.add(ping)
             ping.add_done_callback(tried)
