@@ -247,9 +247,8 @@ class Door:
         if payload is not EMPTY_PAYLOAD and not payload.is_eof():
             return None, None, None  # the rest of the body would have to be read and dropped
         headers = message.headers
-        if "Content-Encoding" in headers or headers.get("Expect", "100-continue").lower() != (
-            "100-continue"
-        ):
+        expect = headers.get("Expect")
+        if "Content-Encoding" in headers or (expect is not None and expect.lower() != "100-continue"):
             # The app may answer these otherwise than 503 whatever the model's room: 415
             # (an encoding it does not take), 413 (decompressed past the limit), 417.
             return None, None, None

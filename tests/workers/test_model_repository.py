@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from mlgate.config import Settings
+from mlgate.workers.errors import WorkerClosed
 from mlgate.workers.inference.model_config import TensorSpec
 from mlgate.workers.inference.repository import (
     IndexEntry,
@@ -339,3 +340,20 @@ async def test_a_load_that_never_ends_times_out_and_its_version_is_unavailable(
     while any(t.name == "model-loader" for t in threading.enumerate()):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+async def test_refusing_waiting_requests_reaches_a_version_replaced_and_still_draining(
+    repo_root: Path, start_repository: Any
+) -> None:
+    """A shutdown's refusal (``refuse_waiting``) answers the requests of a version a
+    poll replaced just before, still draining, too (a review: they were cut)."""
+    add_version(repo_root, "demo", 1, body=looping_model().SerializeToString())
+    repo = await start_repository()
+    _, endless = repo.submit("demo", None, np.full((1, 128), 1e12, np.float32), time.monotonic() + 60)
+    await asyncio.sleep(0.3)  # computing, for ever
+    add_version(repo_root, "demo", 2, seed=2)
+    await repo.poll()
+    assert repo.versions("demo") == ["2"]  # version 1 retired, draining its run
+    assert repo.refuse_waiting("the server is shutting down") == 1
+    with pytest.raises(WorkerClosed, match="shutting down"):
+        await asyncio.wait_for(endless, 5)

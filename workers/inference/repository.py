@@ -132,7 +132,8 @@ class ModelRepository:
         self._unloaded: set[str] = set()
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
-        self._retiring: set[asyncio.Task[None]] = set()
+        # Versions replaced and closing (draining their queued requests), by the task.
+        self._retiring: dict[asyncio.Task[None], ModelVersion] = {}
         self._poller: SupervisedTask | None = None
         self._started = False
         self._closed = False
@@ -255,9 +256,10 @@ class ModelRepository:
         return [v.worker for v in self.serving()]
 
     def refuse_waiting(self, reason: str) -> int:
-        """``InferenceWorker.refuse_waiting`` on every version serving: the requests
-        failed."""
-        return sum(worker.refuse_waiting(reason) for worker in self.workers())
+        """``InferenceWorker.refuse_waiting`` on every version serving, and on those
+        replaced and still draining: the requests failed."""
+        retiring = [version.worker for version in self._retiring.values()]
+        return sum(worker.refuse_waiting(reason) for worker in [*self.workers(), *retiring])
 
     def serving_summary(self) -> dict[str, list[str]]:
         return {name: self.versions(name) for name in sorted(self._serving)}
@@ -469,11 +471,11 @@ class ModelRepository:
             task = asyncio.create_task(
                 self._close_version(version), name=f"retire-{version.worker.name}"
             )
-            self._retiring.add(task)
+            self._retiring[task] = version
             task.add_done_callback(self._retired)
 
     def _retired(self, task: asyncio.Task[None]) -> None:
-        self._retiring.discard(task)
+        self._retiring.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("model_version_close_failed", task=task.get_name(), error=repr(task.exception()))
 

@@ -422,9 +422,12 @@ class SpillingKafkaSink:
         # The drain batch in flight ends first, its ack recorded: cancelled, its produce
         # still landed with the writer's flush below while ``forwarded.offset`` stayed
         # behind it, and the next start sent it again (a review).
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._between_batches.wait(), drain_s / 2)
         await self._drainer.stop()
+        drain_s = max(0.0, drain_s - (loop.time() - started))  # taken out of the budget
         await self._kafka.close(drain_s=drain_s)
         await self._spill.close(drain_s=drain_s)
         self._executor.shutdown(wait=True)
