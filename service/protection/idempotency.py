@@ -61,6 +61,7 @@ import structlog
 from mlgate.config import Settings
 from mlgate.service.protection.fair_share import FairShareMap
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
+from mlgate.workers.breaker import BreakerOpen
 
 T = TypeVar("T")
 HEADER = "Idempotency-Key"
@@ -302,8 +303,12 @@ class IdempotencyStore:
         self._held: dict[str, tuple[Claim, asyncio.Task[Any] | None]] = {}
         self._refresher: asyncio.Task[None] | None = None
         # Answers Redis could not take when their request ended, by record: (claim,
-        # final entry, when to give up); ``_store_unfinished`` offers them again.
-        self._unfinished: dict[str, tuple[Claim, bytes | None, float]] = {}
+        # final entry, when to give up); ``_store_unfinished`` offers them again. By
+        # claim (record and in-flight entry, whose owner is random): a retry's claim of
+        # the same key is another entry, never in the place of an answer (a review).
+        # Releases apart, each bounded alone: a flood of them pushes out no answer.
+        self._unfinished: dict[tuple[str, bytes], tuple[Claim, bytes | None, float]] = {}
+        self._unreleased: dict[tuple[str, bytes], tuple[Claim, bytes | None, float]] = {}
         self._max_unfinished = settings.idempotency_max_entries
         self._finisher: asyncio.Task[None] | None = None
         self._closing = False  # drained: no finisher starts again
@@ -329,6 +334,8 @@ class IdempotencyStore:
                 await asyncio.gather(task, return_exceptions=True)
         if self._unfinished:
             log.warning("idempotency_answers_not_stored_at_shutdown", answers=len(self._unfinished))
+        self._unfinished.clear()
+        self._unreleased.clear()
 
     def _hold(self, claim: Claim) -> None:
         self._held[claim.record] = (claim, asyncio.current_task())
@@ -409,8 +416,10 @@ class IdempotencyStore:
             except RedisUnavailable as exc:
                 # A call that timed out may still be run by Redis: its claim, owned by
                 # nobody, would make every retry 409 for the whole lock (a review).
-                # Released like an answer not stored, once Redis answers.
-                self._finish_later(Claim(record, in_flight, "redis", tenant), None)
+                # Released like an answer not stored, once Redis answers; not when the
+                # breaker refused it (never sent).
+                if not _never_sent(exc):
+                    self._finish_later(Claim(record, in_flight, "redis", tenant), None)
                 raise IdempotencyUnavailable(
                     f"Idempotency keys cannot be checked now ({exc}); nothing was done: retry"
                 ) from None
@@ -454,15 +463,16 @@ class IdempotencyStore:
 
     def _finish_later(self, claim: Claim, final: bytes | None) -> None:
         """Queue ``claim``'s finish (``final`` None: its release) for ``_store_unfinished``:
-        at most ``MLGATE_IDEMPOTENCY_MAX_ENTRIES``, the oldest given up first."""
+        at most ``MLGATE_IDEMPOTENCY_MAX_ENTRIES`` answers and as many releases, the
+        oldest given up first."""
         if self._closing:
             return  # after the drain: its claim lapses
-        self._unfinished.pop(claim.record, None)
-        self._unfinished[claim.record] = (claim, final, time.monotonic() + self._lock_s)
-        while len(self._unfinished) > self._max_unfinished:
-            record = next(iter(self._unfinished))
-            given_up, _, _ = self._unfinished.pop(record)
-            log.error("idempotency_answer_never_stored", tenant=given_up.tenant, reason="too many waiting")
+        queue = self._unreleased if final is None else self._unfinished
+        queue[claim.record, claim.in_flight] = (claim, final, time.monotonic() + self._lock_s)
+        while len(queue) > self._max_unfinished:
+            given_up, _, _ = queue.pop(next(iter(queue)))
+            if final is not None:
+                log.error("idempotency_answer_never_stored", tenant=given_up.tenant, reason="too many waiting")
         if self._finisher is None:
             self._finisher = asyncio.get_running_loop().create_task(self._store_unfinished())
 
@@ -486,34 +496,46 @@ class IdempotencyStore:
 
     async def _store_unfinished(self) -> None:
         """Offer Redis again the answers it could not take, oldest first, until each is
-        stored or its claim has lapsed (then a repeat runs again: logged). Exits once
-        none is left (the next failed finish starts it again)."""
+        stored or its claim has lapsed (then a repeat runs again: logged), and the
+        releases of claims whose call failed. Exits once none is left (the next failed
+        finish starts it again)."""
         try:
-            while self._unfinished:
+            while self._unfinished or self._unreleased:
                 await asyncio.sleep(FINISH_RETRY_S)
-                for record, (claim, final, give_up_at) in list(self._unfinished.items()):
-                    if time.monotonic() >= give_up_at:  # its claim has lapsed by now
-                        del self._unfinished[record]
-                        if final is not None:
-                            log.error("idempotency_answer_never_stored", tenant=claim.tenant, reason="Redis down")
-                        continue
-                    try:
-                        outcome = await self._finish_in_redis(claim, final)
-                    except RedisUnavailable:
-                        break  # still failing: all of them wait for the next turn
-                    self._unfinished.pop(record, None)
-                    if final is None:
-                        continue  # a claim released (or never made)
-                    if outcome == 0:
-                        log.error("idempotency_answer_never_stored", tenant=claim.tenant, reason="claim lapsed")
-                    else:
-                        log.info("idempotency_answer_stored_late", tenant=claim.tenant)
+                for queue in (self._unfinished, self._unreleased):
+                    if not await self._offer_again(queue):
+                        break  # Redis still failing: the rest wait for the next turn
         except Exception as exc:  # its answers' claims lapse, as before this loop
             log.error("idempotency_store_unfinished_failed", error=repr(exc))
             self._unfinished.clear()
+            self._unreleased.clear()
         finally:
             if self._finisher is asyncio.current_task():
                 self._finisher = None
+
+    async def _offer_again(
+        self, queue: dict[tuple[str, bytes], tuple[Claim, bytes | None, float]]
+    ) -> bool:
+        """One turn over ``queue``; False when Redis failed again."""
+        for key, entry in list(queue.items()):
+            claim, final, give_up_at = entry
+            if time.monotonic() >= give_up_at:  # its claim has lapsed by now
+                queue.pop(key, None)
+                if final is not None:
+                    log.error("idempotency_answer_never_stored", tenant=claim.tenant, reason="Redis down")
+                continue
+            try:
+                outcome = await self._finish_in_redis(claim, final)
+            except RedisUnavailable:
+                return False
+            queue.pop(key, None)  # the same claim's entry: a key never holds another
+            if final is None:
+                continue
+            if outcome == 0:
+                log.error("idempotency_answer_never_stored", tenant=claim.tenant, reason="claim lapsed")
+            else:
+                log.info("idempotency_answer_stored_late", tenant=claim.tenant)
+        return True
 
     @staticmethod
     def _not_kept(claim: Claim, final: bytes, reason: str = "too large") -> None:
@@ -522,6 +544,12 @@ class IdempotencyStore:
         log.warning(
             "idempotency_answer_not_kept", tenant=claim.tenant, bytes=len(final), reason=reason
         )
+
+
+def _never_sent(exc: RedisUnavailable) -> bool:
+    """The call was refused by Redis's open breaker before it was made."""
+    cause = exc.__cause__
+    return isinstance(cause, BreakerOpen) and cause.failure is None
 
 
 def fingerprint(method: str, path_qs: str, body: bytes) -> str:

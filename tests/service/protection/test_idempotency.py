@@ -301,4 +301,54 @@ async def test_answers_waiting_for_redis_are_bounded_the_oldest_given_up_first(
         for claimed in claims:
             assert isinstance(claimed, Claim)
             await store.complete(claimed, answer)
-        assert [record for record in store._unfinished] == [c.record for c in claims[1:]]
+        assert [record for record, _ in store._unfinished] == [c.record for c in claims[1:]]
+
+
+async def _stored_answer(store, key: str) -> Entry | None:
+    """The entry under ``key`` once Redis answers again and holds an answer there."""
+    for _ in range(50):
+        await asyncio.sleep(0.2)
+        try:
+            found = await store.claim("t", key, "print")
+        except IdempotencyUnavailable:
+            continue  # Redis's breaker still open
+        if isinstance(found, Entry) and found.response is not None:
+            return found
+    return None
+
+
+async def test_a_retry_refused_while_redis_fails_leaves_the_waiting_answer_to_be_stored(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    """A review: the retry's failed claim was queued in the place of the first request's
+    answer (by key); the answer was lost, 409 for the lock, then a second run."""
+    client = await app_client(settings_for(f"redis://127.0.0.1:{redis_server.port}"))
+    store = client.app[IDEMPOTENCY]
+    claimed = await store.claim("t", "k1", "print")
+    assert isinstance(claimed, Claim)
+    answer = StoredResponse(202, [], b'{"ok": 1}')
+    with _frozen(redis_server):
+        await store.complete(claimed, answer)
+        with contextlib.suppress(IdempotencyUnavailable):
+            await store.claim("t", "k1", "print")  # the client's retry
+    found = await _stored_answer(store, "k1")
+    assert found is not None and found.response == answer
+
+
+async def test_claims_refused_while_redis_fails_push_out_no_waiting_answer(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    client = await app_client(
+        settings_for(f"redis://127.0.0.1:{redis_server.port}", idempotency_max_entries=1)
+    )
+    store = client.app[IDEMPOTENCY]
+    claimed = await store.claim("t", "k1", "print")
+    assert isinstance(claimed, Claim)
+    answer = StoredResponse(202, [], b'{"ok": 1}')
+    with _frozen(redis_server):
+        await store.complete(claimed, answer)
+        for other in ("k2", "k3"):
+            with contextlib.suppress(IdempotencyUnavailable):
+                await store.claim("t", other, "print")
+    found = await _stored_answer(store, "k1")
+    assert found is not None and found.response == answer
