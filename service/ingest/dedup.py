@@ -419,6 +419,7 @@ class RecordDeduplicator:
         found = known
         if asked:
             groups = await self._run("claim", self._lapse_s, tenant, asked, token)
+            in_redis: list[str] = []  # ids this claim now holds in Redis
             for ids, answer in groups:
                 if answer is None:
                     self._check_here(tenant)
@@ -427,10 +428,31 @@ class RecordDeduplicator:
                     states = _states(answer)
                     if KEEP_HERE in states:
                         states = self._claim_here(tenant, ids, states, token, here)
-                if not known and len(groups) == 1:  # one group: the ids in their order
-                    return states
+                    in_redis += [i for i, state in zip(ids, states, strict=True) if state == NEW]
+                if not known and len(groups) == 1 and IN_FLIGHT not in states:
+                    return states  # the usual: one call, nothing in flight, ids in order
                 found.update(zip(ids, states, strict=True))
+            await self._hold_none_past_a_wait(tenant, found, in_redis, token, here)
         return "".join(found[record_id] for record_id in record_ids)
+
+    async def _hold_none_past_a_wait(
+        self, tenant: str, found: dict[str, str], in_redis: list[str], token: str, here: set[str]
+    ) -> None:
+        """Give back the new ids this claim took past the first (in id order) it waits
+        for, counted in flight now, asked again as it waits. Every claim then holds, while
+        it waits, only ids before all those it waits for, so no two claims each wait for
+        what the other holds (a review: taken in parts, in slot groups, or a small batch
+        between a large one's parts, both waited out the wait to a 409)."""
+        waiting = [record_id for record_id, state in found.items() if state == IN_FLIGHT]
+        if not waiting:
+            return
+        first = min(waiting)
+        past = [record_id for record_id in in_redis if record_id > first and record_id not in here]
+        if not past:
+            return
+        for ids, answer in await self._run("release", 0, tenant, past, token):
+            if answer is not None:  # else still held: its own ids must not be waited for
+                found.update(dict.fromkeys(ids, IN_FLIGHT))
 
     def _known_here(self, tenant: str, record_ids: Sequence[str], token: str) -> dict[str, str]:
         """The ids this process's table holds for ``tenant`` (written, or in flight for
@@ -556,32 +578,19 @@ class RecordDeduplicator:
                     await run(ids[start : start + MAX_IDS_PER_CALL])
                     for start in range(0, len(ids), MAX_IDS_PER_CALL)
                 ]
-            # Claimed in parts, two claims of the same ids could each hold some the other
-            # waits for, and both wait out the wait to a 409 (a review). So every claim
-            # takes ids in one order (sorted), and at the first part holding ids in
-            # flight for another it gives back that part's new ones and asks no
-            # further: it then holds only ids before all those it waits for, and the
-            # claim it waits for never waits for it. What it did not keep counts as in
-            # flight, asked again as it waits (``_wait_for_others``).
+            # Taken in id order, and no part after the first meeting ids in flight for
+            # another claim: those would be given back at once (``_hold_none_past_a_wait``).
+            # Not asked, they count as in flight, asked again as the claim waits.
             ordered = sorted(ids)
             results: list[tuple[list[str], object | None]] = []
             for start in range(0, len(ordered), MAX_IDS_PER_CALL):
-                part = ordered[start : start + MAX_IDS_PER_CALL]
-                result = await run(part)
-                answer = result[1]
-                states = None if answer is None else _states(answer)
-                if states is None or IN_FLIGHT not in states:
-                    results.append(result)
-                    continue
-                taken = [record_id for record_id, state in zip(part, states, strict=True) if state == NEW]
-                if taken:
-                    await run(taken, "release")
-                states = "".join(IN_FLIGHT if state == NEW else state for state in states)
-                results.append((part, states))
-                rest = ordered[start + MAX_IDS_PER_CALL :]
-                if rest:
-                    results.append((rest, IN_FLIGHT * len(rest)))
-                break
+                result = await run(ordered[start : start + MAX_IDS_PER_CALL])
+                results.append(result)
+                if result[1] is not None and IN_FLIGHT in _states(result[1]):
+                    rest = ordered[start + MAX_IDS_PER_CALL :]
+                    if rest:
+                        results.append((rest, IN_FLIGHT * len(rest)))
+                    break
             return results
 
         if len(groups) == 1 and len(groups[0]) <= MAX_IDS_PER_CALL:

@@ -329,3 +329,46 @@ async def test_claims_of_the_same_large_batch_in_any_order_leave_exactly_one_hol
     assert sorted(type(result).__name__ for result in results) == ["Claim", "Conflict", "Conflict"]
     winner = next(result for result in results if isinstance(result, Claim))
     assert all(winner.new)
+
+
+async def test_a_small_claim_between_a_large_ones_parts_does_not_hold_what_that_one_waits_for(
+    make_settings, redis_server: ManagedProcess
+) -> None:
+    """A review: a claim of two ids made between a large claim's parts kept the later id
+    while it waited for the earlier one, and the large claim waited for it in turn."""
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    settings = make_settings(redis_url=url, dedup_in_flight_wait_s=2.0)
+    shared = SharedRedis(url, timeout_s=2.0)
+    large, small = RecordDeduplicator(settings, shared), RecordDeduplicator(settings, shared)
+    ids = [f"r{i:04d}" for i in range(2 * MAX_IDS_PER_CALL)]
+    small_asked = asyncio.Event()
+    calls = 0
+    claim_script = large._scripts["claim"]
+
+    async def large_claim(keys: list[str], args: list[object]) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # its second part goes once the small claim has been made
+            await small_asked.wait()
+        return await claim_script(keys=keys, args=args)
+
+    small_script = small._scripts["claim"]
+
+    async def small_claim(keys: list[str], args: list[object]) -> object:
+        answer = await small_script(keys=keys, args=args)
+        small_asked.set()
+        return answer
+
+    large._scripts["claim"] = large_claim
+    small._scripts["claim"] = small_claim
+    try:
+        large_task = asyncio.create_task(large.claim("t", ids))
+        await asyncio.sleep(0.1)  # the large claim holds its first part
+        small_task = asyncio.create_task(small.claim("t", [ids[1], ids[MAX_IDS_PER_CALL + 100]]))
+        done, _ = await asyncio.wait({large_task, small_task}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {large_task}  # not held up by the small claim
+        assert all(large_task.result().new)
+        with pytest.raises(Conflict):  # the large claim is never confirmed here
+            await small_task
+    finally:
+        await shared.client.aclose()
