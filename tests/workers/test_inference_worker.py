@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -467,11 +468,20 @@ async def test_a_worker_closed_while_answering_in_chunks_answers_every_item(
     assert all(future.done() and not future.exception() for future in futures)
 
 
-async def test_a_worker_closed_while_a_batch_fills_fails_its_rows(
+@dataclass
+class _FillingBehindARun:
+    gate: threading.Event
+    session: RecordingSession
+    worker: InferenceWorker
+    computing: asyncio.Future[Any]
+    filling: asyncio.Future[Any]
+
+
+async def _filling_behind_a_run(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession
-) -> None:
-    """A row taken into the batch filling behind a computing one is failed when the
-    worker stops, not left unanswered."""
+) -> _FillingBehindARun:
+    """A row computing behind a closed gate, and one taken into the next batch, which
+    waits for more (30 s of queue delay)."""
     gate = threading.Event()
     session = RecordingSession(demo_session, gate)
     worker = make_worker(session, max_batch_size=8, mailbox_size=8, max_queue_delay_s=30)
@@ -479,7 +489,17 @@ async def test_a_worker_closed_while_a_batch_fills_fails_its_rows(
     await asyncio.to_thread(session.entered.wait, 5)
     filling = worker.submit(rows(1, 1), soon(60))
     await asyncio.sleep(0.05)  # the actor took it into the next batch, which waits for more
-    gate.set()
+    return _FillingBehindARun(gate, session, worker, computing, filling)
+
+
+async def test_a_worker_closed_while_a_batch_fills_fails_its_rows(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A row taken into the batch filling behind a computing one is failed when the
+    worker stops, not left unanswered."""
+    run = await _filling_behind_a_run(make_worker, demo_session)
+    worker, computing, filling = run.worker, run.computing, run.filling
+    run.gate.set()
     await worker.close(drain_s=0)
     with pytest.raises(WorkerClosed):
         await asyncio.wait_for(filling, 1)
@@ -514,22 +534,15 @@ async def test_refusing_waiting_requests_fails_those_computing_and_queued_and_ta
 async def test_refusing_waiting_requests_fails_the_batch_filling_behind_a_run(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession
 ) -> None:
-    gate = threading.Event()
-    session = RecordingSession(demo_session, gate)
-    worker = make_worker(session, max_batch_size=8, mailbox_size=8, max_queue_delay_s=30)
-    computing = worker.submit(rows(1, 0), soon(60))
-    await asyncio.to_thread(session.entered.wait, 5)
-    filling = worker.submit(rows(1, 1), soon(60))
-    await asyncio.sleep(0.05)  # the actor took it into the next batch, which waits for more
-
-    worker.refuse_waiting("shutting down")
+    run = await _filling_behind_a_run(make_worker, demo_session)
+    run.worker.refuse_waiting("shutting down")
     with pytest.raises(WorkerClosed):
-        await asyncio.wait_for(filling, 1)
+        await asyncio.wait_for(run.filling, 1)
     with pytest.raises(WorkerClosed):
-        await computing
-    gate.set()
-    await asyncio.wait_for(worker.close(drain_s=30), 5)
-    assert len(session.batches) == 1  # the filling batch never ran
+        await run.computing
+    run.gate.set()
+    await asyncio.wait_for(run.worker.close(drain_s=30), 5)
+    assert len(run.session.batches) == 1  # the filling batch never ran
 
 
 # A batch of ``worker_taught_slow_batches``'s worker takes ~50 ms: its estimate is

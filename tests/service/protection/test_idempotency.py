@@ -304,6 +304,13 @@ async def test_answers_waiting_for_redis_are_bounded_the_oldest_given_up_first(
         assert [record for record, _ in store._unfinished] == [c.record for c in claims[1:]]
 
 
+async def _claimed_k1(store) -> tuple[Claim, StoredResponse]:
+    """A claim of key k1 while Redis answers, and an answer to finish it with."""
+    claimed = await store.claim("t", "k1", "print")
+    assert isinstance(claimed, Claim)
+    return claimed, StoredResponse(202, [], b'{"ok": 1}')
+
+
 async def _stored_answer(store, key: str) -> Entry | None:
     """The entry under ``key`` once Redis answers again and holds an answer there."""
     for _ in range(50):
@@ -324,9 +331,7 @@ async def test_a_retry_refused_while_redis_fails_leaves_the_waiting_answer_to_be
     answer (by key); the answer was lost, 409 for the lock, then a second run."""
     client = await app_client(settings_for(f"redis://127.0.0.1:{redis_server.port}"))
     store = client.app[IDEMPOTENCY]
-    claimed = await store.claim("t", "k1", "print")
-    assert isinstance(claimed, Claim)
-    answer = StoredResponse(202, [], b'{"ok": 1}')
+    claimed, answer = await _claimed_k1(store)
     with _frozen(redis_server):
         await store.complete(claimed, answer)
         with contextlib.suppress(IdempotencyUnavailable):
@@ -342,9 +347,7 @@ async def test_claims_refused_while_redis_fails_push_out_no_waiting_answer(
         settings_for(f"redis://127.0.0.1:{redis_server.port}", idempotency_max_entries=1)
     )
     store = client.app[IDEMPOTENCY]
-    claimed = await store.claim("t", "k1", "print")
-    assert isinstance(claimed, Claim)
-    answer = StoredResponse(202, [], b'{"ok": 1}')
+    claimed, answer = await _claimed_k1(store)
     with _frozen(redis_server):
         await store.complete(claimed, answer)
         for other in ("k2", "k3"):
