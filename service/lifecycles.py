@@ -116,7 +116,9 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     limiter = RateLimiter(settings, redis, app_metrics) if settings.rate_limits_enabled else None
     if limiter is not None:
         app[RATE_LIMITER] = limiter
-    app[IDEMPOTENCY] = idempotency_store = IdempotencyStore(settings, redis)
+    app[IDEMPOTENCY] = idempotency_store = IdempotencyStore(
+        settings, redis, on_crash=lambda task: app_metrics.background_task_crashes.labels(task).inc()
+    )
     app[RECORD_DEDUP] = RecordDeduplicator(settings, redis, app_metrics)
     yield
     await idempotency_store.drain(settings.shutdown_timeout_s / 4)

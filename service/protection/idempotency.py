@@ -287,7 +287,14 @@ class LocalEntries:
 
 
 class IdempotencyStore:
-    def __init__(self, settings: Settings, redis: SharedRedis | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: SharedRedis | None = None,
+        on_crash: Callable[[str], None] = lambda task: None,
+    ) -> None:
+        """``on_crash``: told the name of a background loop that failed (counted)."""
+        self._on_crash = on_crash
         self._ttl_s = settings.idempotency_ttl_s
         self._lock_s = settings.idempotency_lock_s
         self._redis = redis
@@ -353,6 +360,7 @@ class IdempotencyStore:
                     await self._extend_claims(self._still_running())
                 except Exception as exc:  # a claim not extended still lapses, as before
                     log.error("idempotency_extend_failed", error=repr(exc))
+                    self._on_crash("idempotency-refresher")
         finally:
             if self._refresher is asyncio.current_task():
                 self._refresher = None
@@ -507,6 +515,7 @@ class IdempotencyStore:
                         break  # Redis still failing: the rest wait for the next turn
         except Exception as exc:  # its answers' claims lapse, as before this loop
             log.error("idempotency_store_unfinished_failed", error=repr(exc))
+            self._on_crash("idempotency-finisher")
             self._unfinished.clear()
             self._unreleased.clear()
         finally:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import aiohttp
 import msgspec
 import redis.asyncio
+from structlog.testing import capture_logs
 
 from mlgate.service.protection.idempotency import (
     Claim,
@@ -21,7 +22,7 @@ from mlgate.service.protection.idempotency import (
     StoredResponse,
     fingerprint,
 )
-from mlgate.service.state import IDEMPOTENCY, RECORD_SINK
+from mlgate.service.state import IDEMPOTENCY, METRICS, RECORD_SINK
 from tests.support import KafkaBroker, KeyMaker, ManagedProcess, read_topic
 
 PATH = "/api/v2/ingest"
@@ -355,3 +356,26 @@ async def test_claims_refused_while_redis_fails_push_out_no_waiting_answer(
                 await store.claim("t", other, "print")
     found = await _stored_answer(store, "k1")
     assert found is not None and found.response == answer
+
+
+async def test_a_failing_finisher_is_logged_and_counted(
+    app_client, settings_for, redis_server: ManagedProcess, monkeypatch
+) -> None:
+    client = await app_client(settings_for(f"redis://127.0.0.1:{redis_server.port}"))
+    store = client.app[IDEMPOTENCY]
+    claimed, answer = await _claimed_k1(store)
+    with _frozen(redis_server):
+        await store.complete(claimed, answer)  # waits for the finisher
+
+    async def broken(*_: object) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(store, "_finish_in_redis", broken)
+    with capture_logs() as logs:
+        for _ in range(20):
+            await asyncio.sleep(0.2)
+            if store._finisher is None:
+                break
+    assert any(entry["event"] == "idempotency_store_unfinished_failed" for entry in logs)
+    crashes = client.app[METRICS].background_task_crashes.labels("idempotency-finisher")
+    assert crashes._value.get() == 1
