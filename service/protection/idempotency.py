@@ -82,7 +82,13 @@ FINISH_RETRY_S = 0.5
 
 
 class IdempotencyUnavailable(Exception):
-    """Redis, where keys live, cannot be asked now: the request must not run."""
+    """Redis, where keys live, cannot be asked now: the request must not run.
+    ``retry_after_s``: until Redis's breaker lets a call through again (at least 1)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 # What Redis holds for a kept answer besides its bytes and key names (measured: 1M
 # answers of 255 bytes with 82-byte names took 702 bytes each), and the bounds of one
 # finishing call's work (FINISH_LUA).
@@ -428,8 +434,10 @@ class IdempotencyStore:
                 # breaker refused it (never sent).
                 if not _never_sent(exc):
                     self._finish_later(Claim(record, in_flight, "redis", tenant), None)
+                cause = exc.__cause__
                 raise IdempotencyUnavailable(
-                    f"Idempotency keys cannot be checked now ({exc}); nothing was done: retry"
+                    f"Idempotency keys cannot be checked now ({exc}); nothing was done: retry",
+                    cause.retry_after_s if isinstance(cause, BreakerOpen) else 1,
                 ) from None
             if existing is None:
                 return self._held_claim(Claim(record, in_flight, "redis", tenant))

@@ -290,7 +290,7 @@ async def _claim_and_run(
     try:
         claimed = await store.claim(tenant, key, request_fingerprint)
     except IdempotencyUnavailable as exc:
-        raise Overloaded(str(exc), retry_after_s=1) from None
+        raise Overloaded(str(exc), retry_after_s=exc.retry_after_s) from None
     if isinstance(claimed, Entry):
         if claimed.fingerprint != request_fingerprint:
             raise ValidationFailed(f"This {HEADER} was used with a different request")

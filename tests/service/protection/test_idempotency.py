@@ -379,3 +379,22 @@ async def test_a_failing_finisher_is_logged_and_counted(
     assert any(entry["event"] == "idempotency_store_unfinished_failed" for entry in logs)
     crashes = client.app[METRICS].background_task_crashes.labels("idempotency-finisher")
     assert crashes._value.get() == 1
+
+
+async def test_a_key_refused_while_redis_breaker_is_open_says_when_to_retry(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    """Retry-After is the time until Redis's breaker lets a call through, not 1 s."""
+    client = await app_client(
+        settings_for(
+            f"redis://127.0.0.1:{redis_server.port}",
+            redis_breaker_fail_max=1,
+            redis_breaker_reset_s=5,
+            rate_limits_enabled=False,
+        )
+    )
+    with _frozen(redis_server):
+        first = await client.post(PATH, json=_batch(), headers=_with_key("k1"))  # opens it
+        refused = await client.post(PATH, json=_batch(), headers=_with_key("k2"))
+    assert (first.status, refused.status) == (503, 503)
+    assert int(refused.headers["Retry-After"]) >= 3
