@@ -6,6 +6,8 @@ Handlers only: each reads the body, runs it through the ``IngestPipeline``
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 from aiohttp import web
 
@@ -33,11 +35,26 @@ NDJSON = "application/x-ndjson"
 PATH = "/api/v2/ingest"
 
 
+# The field a record's error names: msgspec's end in "at <field>" (``record_error``), the
+# validator's own begin with it ("features has 3 values", "metadata['fw'] is ...").
+_ERROR_FIELD = re.compile(
+    r" at ([A-Za-z_][\w.\[\]]*)$|^(features|label|metadata|timestamp|record_id)\b"
+)
+
+
+def _loc(error: RecordError) -> str:
+    """``records[i].<field>`` where the error names its field, else ``records[i]``."""
+    found = _ERROR_FIELD.search(error.error)
+    # msgspec says "metadata[...]" for a value under some key: the field is metadata.
+    field = None if found is None else (found.group(1) or found.group(2)).replace("[...]", "")
+    return f"records[{error.index}].{field}" if field else f"records[{error.index}]"
+
+
 def _all_rejected(errors: list[RecordError]) -> ValidationFailed:
     return ValidationFailed(
         "Every record of the batch was rejected; nothing was written",
         errors=[
-            FieldError(loc=f"records[{e.index}]", msg=e.error, index=e.index, record_id=e.record_id)
+            FieldError(loc=_loc(e), msg=e.error, index=e.index, record_id=e.record_id)
             for e in errors
         ],
     )

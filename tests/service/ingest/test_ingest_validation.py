@@ -321,7 +321,7 @@ async def test_huge_feature_array_is_rejected_alone(client: Client) -> None:
 async def test_batch_of_only_a_huge_feature_array_is_422(client: Client) -> None:
     response = await client.post(INGEST, json=_batch({"features": [0.5] * 100_000}))
     body = await _problem(response, 422)
-    assert body["errors"][0]["loc"] == "records[0]"
+    assert body["errors"][0]["loc"] == "records[0].features"
     await _assert_still_serving(client)
 
 
@@ -516,7 +516,12 @@ async def test_every_record_rejected_is_422_with_per_record_errors_and_writes_no
     records = [_record(0, features=[1.0]), _record(1, features="x"), {"features": [float(2)] * 7}]
     response = await client.post(INGEST, json=_batch(*records))
     body = await _problem(response, 422)
-    assert [e["loc"] for e in body["errors"]] == ["records[0]", "records[1]", "records[2]"]
+    # Each names the field, as the contract's example: "records[3].features".
+    assert [e["loc"] for e in body["errors"]] == [
+        "records[0].features",
+        "records[1].features",
+        "records[2].features",
+    ]
     assert [e["index"] for e in body["errors"]] == [0, 1, 2]
     assert body["errors"][0]["record_id"] == "r-0"
     assert _stored(settings) == []
@@ -623,4 +628,18 @@ async def test_a_lone_record_with_a_timestamp_with_no_utc_time_is_422(client: Cl
     response = await client.post(INGEST, json=_batch(_record(1, timestamp="9999-12-31T23:59:59-01:00")))
     problem = await _problem(response, 422)
     [error] = problem["errors"]
-    assert error["loc"] == "records[0]" and error["msg"].startswith("timestamp is out of range")
+    assert error["loc"] == "records[0].timestamp" and error["msg"].startswith("timestamp is out of range")
+
+
+async def test_a_rejected_records_location_names_the_field_at_fault(client: Client) -> None:
+    records = [
+        _record(0, label="high"),
+        _record(1, metadata={"fw": "x" * 5000}),
+        {"record_id": "r-2"},
+    ]
+    body = await _problem(await client.post(INGEST, json=_batch(*records)), 422)
+    assert [e["loc"] for e in body["errors"]] == [
+        "records[0].label",
+        "records[1].metadata",
+        "records[2].features",
+    ]
