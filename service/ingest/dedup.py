@@ -23,7 +23,8 @@ this process's table for the window).
 
 With ``REDIS_URL``: one key ``mlgate:rid:<tenant>:<id>`` per record, ``p`` while in
 flight and ``d`` once written, the ids of a batch in one Lua script per step and per
-``MAX_IDS_PER_CALL`` ids, the parts one after another (one round trip each; the ids travel as the script's KEYS and the answer as one string of
+``MAX_IDS_PER_CALL`` ids, the parts one after another (one round trip each; the ids
+travel as the script's KEYS and the answer as one string of
 state characters, far cheaper to parse than a pipeline of SETs); dedup then holds
 across processes and hosts. On a Redis Cluster the key is
 ``mlgate:rid:{<tenant>.<n>}:<id>``: a tenant's ids spread over
@@ -428,9 +429,10 @@ class RecordDeduplicator:
                     states = _states(answer)
                     if KEEP_HERE in states:
                         states = self._claim_here(tenant, ids, states, token, here)
-                    in_redis += [i for i, state in zip(ids, states, strict=True) if state == NEW]
                 if not known and len(groups) == 1 and IN_FLIGHT not in states:
                     return states  # the usual: one call, nothing in flight, ids in order
+                if answer is not None:
+                    in_redis += [i for i, state in zip(ids, states, strict=True) if state == NEW]
                 found.update(zip(ids, states, strict=True))
             await self._hold_none_past_a_wait(tenant, found, in_redis, token, here)
         return "".join(found[record_id] for record_id in record_ids)
@@ -556,15 +558,16 @@ class RecordDeduplicator:
             return [(list(record_ids), None)]
         groups = redis.by_slot(record_ids, lambda record_id: self._key(tenant, record_id))
 
-        async def run(ids: list[str], name: str = script_name) -> tuple[list[str], object | None]:
-            called = self._scripts[name]
+        script = self._scripts[script_name]
+
+        async def run(ids: list[str]) -> tuple[list[str], object | None]:
             keys = [self._key(tenant, record_id) for record_id in ids]
-            args: list[str | float] = [seconds if name == script_name else 0, token]
-            if name in ("claim", "release"):
+            args: list[str | float] = [seconds, token]
+            if script_name in ("claim", "release"):
                 keys.insert(0, self._budget_key(tenant, ids[0]))
                 args += self._budget_args()
             try:
-                return ids, await redis.call("dedup", lambda: called(keys=keys, args=args))
+                return ids, await redis.call("dedup", lambda: script(keys=keys, args=args))
             except RedisUnavailable:
                 return ids, None
 

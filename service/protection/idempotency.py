@@ -315,10 +315,10 @@ class IdempotencyStore:
         # its task left unfinished lapses as before), and runs only while there are some.
         self._held: dict[str, tuple[Claim, asyncio.Task[Any] | None]] = {}
         self._refresher: asyncio.Task[None] | None = None
-        # Answers Redis could not take when their request ended, by record: (claim,
-        # final entry, when to give up); ``_store_unfinished`` offers them again. By
-        # claim (record and in-flight entry, whose owner is random): a retry's claim of
-        # the same key is another entry, never in the place of an answer (a review).
+        # Answers Redis could not take when their request ended: (claim, final entry,
+        # when to give up); ``_store_unfinished`` offers them again. Keyed by claim
+        # (record and in-flight entry, whose owner is random): a retry's claim of the
+        # same key is another entry, never in the place of an answer (a review).
         # Releases apart, each bounded alone: a flood of them pushes out no answer.
         self._unfinished: dict[tuple[str, bytes], tuple[Claim, bytes | None, float]] = {}
         self._unreleased: dict[tuple[str, bytes], tuple[Claim, bytes | None, float]] = {}
