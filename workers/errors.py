@@ -4,6 +4,7 @@
     ├── MailboxFull        the bounded mailbox has no room: shed the load
     ├── WorkerClosed       the actor stopped (shutdown or crash) before finishing
     ├── DeadlineExpired    the item waited past its deadline and was not processed
+    ├── InputRefused       the model could not compute this item's input (its own fault)
     └── SinkFailed         the sink did not acknowledge the write
 """
 
@@ -24,6 +25,14 @@ class WorkerClosed(WorkerError):
 
 class DeadlineExpired(WorkerError):
     pass
+
+
+class InputRefused(WorkerError):
+    """The model refused the item's own input at run time (onnxruntime's
+    ``INVALID_ARGUMENT``: an index out of a Gather's range, say): the same input will
+    fail again, and says nothing of the model's health."""
+
+    retriable = False
 
 
 class SinkFailed(WorkerError):

@@ -31,10 +31,17 @@ from mlgate.service.http.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    ValidationFailed,
 )
 from mlgate.service.http.metrics import RequestCounter
 from mlgate.workers.breaker import BreakerOpen
-from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed, WorkerError
+from mlgate.workers.errors import (
+    DeadlineExpired,
+    InputRefused,
+    MailboxFull,
+    WorkerClosed,
+    WorkerError,
+)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _MAX_REQUEST_ID = 128
@@ -178,6 +185,8 @@ def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
         return Overloaded(str(exc), retry_after_s=exc.retry_after_s)
     if isinstance(exc, DeadlineExpired):
         return DeadlineExceeded(str(exc), retry_after_s=retry_after_s)
+    if isinstance(exc, InputRefused):
+        return ValidationFailed(str(exc))
     if isinstance(exc, WorkerClosed | WorkerError):
         return Overloaded(str(exc), retry_after_s=retry_after_s)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):

@@ -14,7 +14,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from mlgate.workers.errors import DeadlineExpired, InputRefused, MailboxFull, WorkerClosed
 from mlgate.workers.inference import batching
 from mlgate.workers.inference.batching import ANSWER_CHUNK, InferenceWorker
 from tests.service_process import REPO
@@ -326,6 +328,60 @@ async def test_failed_run_fails_its_batch_and_the_worker_keeps_serving(
         await worker.submit(np.zeros((1, 7), dtype=np.float32), soon())
     result = await worker.submit(rows(1), soon())
     assert result["probabilities"].shape == (1, 2)
+
+
+class RefusingSession(RecordingSession):
+    """Refuses, as onnxruntime refuses an index out of a Gather's range, any batch
+    holding a row that starts with 999."""
+
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]
+    ) -> Sequence[np.ndarray]:
+        outputs = super().run(output_names, input_feed)
+        if (input_feed["input"][:, 0] == 999).any():
+            raise InvalidArgument(
+                "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : indices element out of data bounds"
+            )
+        return outputs
+
+
+async def test_an_input_the_model_refuses_fails_only_its_own_request_of_a_batch(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    gate = threading.Event()
+    session = RefusingSession(demo_session, gate=gate)
+    worker = make_worker(session, max_batch_size=8, max_queue_delay_s=0.05)
+    computing = worker.submit(rows(1, 0), soon())
+    await asyncio.to_thread(session.entered.wait, 5)
+    bad = rows(1, 1)
+    bad[0, 0] = 999
+    good = [rows(1, seed) for seed in (2, 3, 4)]
+    batched = [worker.submit(good[0], soon()), worker.submit(bad, soon())]
+    batched += [worker.submit(row, soon()) for row in good[1:]]
+    await asyncio.sleep(0.02)  # all four queued behind the run held at the gate
+    gate.set()
+    outcomes = await asyncio.gather(computing, *batched, return_exceptions=True)
+    assert isinstance(outcomes[2], InputRefused)
+    assert "could not compute this input: indices element out of data bounds" in str(outcomes[2])
+    for row, outcome in zip(good, [outcomes[1], *outcomes[3:]], strict=True):
+        assert isinstance(outcome, dict), outcome
+        expected = demo_session.run(None, {"input": row})[0]
+        np.testing.assert_allclose(outcome["probabilities"], expected, rtol=1e-5, atol=1e-6)
+    # The batch of four failed, then each of its items ran alone.
+    assert [len(batch) for batch in session.batches] == [1, 4, 1, 1, 1, 1]
+    assert worker.mailbox_depth == 0
+
+
+async def test_a_failing_batch_of_one_fails_with_the_models_error(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = RefusingSession(demo_session)
+    worker = make_worker(session)
+    bad = rows(1)
+    bad[0, 0] = 999
+    with pytest.raises(InputRefused):
+        await worker.submit(bad, soon())
+    assert [len(batch) for batch in session.batches] == [1]  # not run twice
 
 
 async def test_items_of_different_shapes_never_share_a_batch(

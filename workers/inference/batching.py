@@ -34,6 +34,12 @@ overload): then ``ANSWER_CHUNK`` a turn of the event loop, so that requests arri
 meanwhile are read, and refused, without waiting for the whole batch to be answered;
 refusals come first there, the batch's shape second.
 
+A batch whose run fails is run again item by item, once, so that one request's input
+the model cannot compute (an index out of a Gather's range) fails that request only,
+not those batched with it; an input onnxruntime refuses as ``INVALID_ARGUMENT`` fails
+with ``InputRefused`` (the client's fault, not the model's), any other failure as
+onnxruntime raised it.
+
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
 does not fit the current batch opens the next one. A model without a free batch
 dimension (``shares_batches`` False) runs each item alone.
@@ -52,9 +58,10 @@ from typing import Protocol
 
 import numpy as np
 import structlog
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from mlgate.workers.actor import Actor
-from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
+from mlgate.workers.errors import DeadlineExpired, InputRefused, MailboxFull, WorkerClosed
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 log = structlog.get_logger("mlgate.inference")
@@ -452,8 +459,11 @@ class InferenceWorker(Actor[_Item]):
         self._forming = []
         return batch
 
-    def _hand_to_thread(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
-        """Queue the batch on the worker's thread; ``_finished`` answers it."""
+    def _hand_to_thread(
+        self, loop: asyncio.AbstractEventLoop, items: list[_Item], holds_slot: bool = True
+    ) -> None:
+        """Queue the batch on the worker's thread; ``_finished`` answers it.
+        ``holds_slot``: it took one of ``_slots`` (a retry alone takes none)."""
         total = sum(item.rows for item in items)
         try:
             if len(items) == 1:
@@ -466,7 +476,8 @@ class InferenceWorker(Actor[_Item]):
         except Exception as exc:
             self._failed(items, total, exc)
             self._done_with(items)
-            self._slots.release()
+            if holds_slot:
+                self._slots.release()
             return
         started = time.monotonic()
         remeasure = self._estimate_is_stale()  # this run replaces the estimate
@@ -477,7 +488,7 @@ class InferenceWorker(Actor[_Item]):
         latest = max(item.deadline for item in items)
         future = loop.run_in_executor(self._executor, self._timed_run, feed, latest)
         future.add_done_callback(
-            lambda done: self._finished(done, items, started, total, remeasure)
+            lambda done: self._finished(done, items, started, total, remeasure, holds_slot)
         )
 
     def _finished(
@@ -487,17 +498,24 @@ class InferenceWorker(Actor[_Item]):
         started: float,
         total: int,
         remeasure: bool = False,
+        holds_slot: bool = True,
     ) -> None:
         self._in_flight.remove(items)
-        self._slots.release()
+        if holds_slot:
+            self._slots.release()
         answering = False
         try:
             if done.cancelled():
                 return
             error = done.exception()
             if error is not None:  # a failed run fails its batch, not the worker
-                if not (self._closed and all(item.future.done() for item in items)):
-                    self._failed(items, total, error)  # else ended by ``refuse_waiting``
+                if self._closed and all(item.future.done() for item in items):
+                    return  # ended by ``refuse_waiting``
+                if len(items) > 1 and not self._closed:
+                    answering = True  # each item is settled by its own run, or here
+                    self._run_alone(items, total, error)
+                    return
+                self._failed(items, total, error)
                 return
             outputs, run_s = done.result()
             if outputs is None:  # every deadline passed while queued behind a batch
@@ -520,14 +538,44 @@ class InferenceWorker(Actor[_Item]):
             if not answering:  # otherwise ``_deliver`` settles each item as it answers it
                 self._done_with(items)
 
-    def _failed(self, items: list[_Item], total: int, error: BaseException) -> None:
-        log.error(
-            "inference_failed",
+    def _run_alone(self, items: list[_Item], total: int, error: BaseException) -> None:
+        """A batch of several items failed: run each again in a batch of its own, so
+        that the input at fault fails its own request only (a review: one client's
+        out-of-range index failed the 40 requests batched with it, then opened the
+        model's breaker for everyone)."""
+        log.warning(
+            "inference_batch_failed_running_alone",
             model=self.name,
             rows=total,
+            requests=len(items),
             error=repr(error),
-            request_ids=[item.request_id for item in items],
         )
+        loop = items[0].future.get_loop()
+        for item in items:
+            if item.future.done():  # the client went away meanwhile
+                self._settled(item)
+            else:
+                self._hand_to_thread(loop, [item], holds_slot=False)
+
+    def _failed(self, items: list[_Item], total: int, error: BaseException) -> None:
+        if isinstance(error, InvalidArgument):
+            refused = str(error).split("INVALID_ARGUMENT : ", 1)[-1]
+            log.warning(
+                "inference_input_refused",
+                model=self.name,
+                rows=total,
+                error=refused,
+                request_ids=[item.request_id for item in items],
+            )
+            error = InputRefused(f"model {self.name} could not compute this input: {refused}")
+        else:
+            log.error(
+                "inference_failed",
+                model=self.name,
+                rows=total,
+                error=repr(error),
+                request_ids=[item.request_id for item in items],
+            )
         for item in items:
             if not item.future.done():
                 item.future.set_exception(error)

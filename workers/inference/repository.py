@@ -37,7 +37,7 @@ import structlog
 
 from mlgate.config import Settings
 from mlgate.workers.breaker import Breaker
-from mlgate.workers.errors import DeadlineExpired, MailboxFull, WorkerClosed
+from mlgate.workers.errors import DeadlineExpired, InputRefused, MailboxFull, WorkerClosed
 from mlgate.workers.inference.batching import InferenceWorker, Outputs
 from mlgate.workers.inference.model_config import (
     CONFIG_FILE,
@@ -449,7 +449,7 @@ class ModelRepository:
                 f"model {name}/{version}",
                 fail_max=self.settings.model_breaker_fail_max,
                 reset_s=self.settings.model_breaker_reset_s,
-                exclude=(MailboxFull, DeadlineExpired, WorkerClosed),
+                exclude=(MailboxFull, DeadlineExpired, WorkerClosed, InputRefused),
             ),
         )
 
