@@ -58,7 +58,7 @@ from mlgate.service.http.errors import (
 )
 from mlgate.service.http.msgpack_count import count_objects
 from mlgate.service.state import DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
-from mlgate.workers.inference.model_config import NUMPY_DTYPES
+from mlgate.workers.inference.model_config import NUMPY_DTYPES, TensorSpec
 from mlgate.workers.inference.repository import (
     ModelNotFound,
     ModelRepository,
@@ -437,6 +437,15 @@ def _msgpack_array_length(data: memoryview) -> int | None:
     return None
 
 
+def input_value_budget(spec: TensorSpec) -> int:
+    """The most values one input of a request may hold: ``MAX_INSTANCES`` rows of its
+    shape, or ``UNSIZED_VALUE_BUDGET`` where a dimension past the batch is free."""
+    dims = spec.shape[1:]
+    if any(dim < 0 for dim in dims):
+        return UNSIZED_VALUE_BUDGET
+    return MAX_INSTANCES * math.prod(dims)
+
+
 async def check_tensor_budget(
     body: bytes | memoryview, loaded: ModelVersion, fmt: Format = Format.JSON
 ) -> None:
@@ -450,13 +459,7 @@ async def check_tensor_budget(
     turns, rather than stopping it. The shapes and names of a request add a few."""
     if len(body) <= ROW_BUDGET_FROM_BYTES:
         return
-    budget = TENSOR_SLACK_VALUES
-    for spec in loaded.inputs:
-        dims = spec.shape[1:]
-        if any(dim < 0 for dim in dims):
-            budget += UNSIZED_VALUE_BUDGET
-        else:
-            budget += MAX_INSTANCES * math.prod(dims)
+    budget = TENSOR_SLACK_VALUES + sum(input_value_budget(spec) for spec in loaded.inputs)
     if fmt is Format.JSON:
         values = bytes(body).count(b",") + 1
         holds = f"the body holds about {values}"

@@ -24,6 +24,7 @@ from mlgate.schemas.oip import (
 )
 from mlgate.schemas.problem import FieldError
 from mlgate.service.http.errors import BadRequest, ValidationFailed
+from mlgate.service.predict.flow import input_value_budget
 from mlgate.workers.inference.model_config import NUMPY_DTYPES, TensorSpec
 from mlgate.workers.inference.repository import ModelVersion
 
@@ -74,9 +75,16 @@ def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
 def _from_binary(tensor: RequestInput, data: memoryview, loc: str) -> np.ndarray:
     count = math.prod(tensor.shape)
     if tensor.datatype == "BYTES":
+        # Each element is a Python string: no more are made than the shape declares
+        # (checked against the model's budget before this), however many the bytes hold.
         values: list[str] = []
         position = 0
         while position < len(data):
+            if len(values) == count:
+                raise invalid(
+                    f"{loc}.parameters.binary_data_size",
+                    f"shape {tensor.shape} needs {count} BYTES elements, the binary data holds more",
+                )
             length = int.from_bytes(data[position : position + 4], "little")
             position += 4
             if position + length > len(data):
@@ -137,6 +145,16 @@ def input_arrays(
         if any(key.startswith("shared_memory") for key in tensor.parameters):
             raise BadRequest("the shared-memory extension is not supported")
         size = tensor.parameters.get("binary_data_size")
+        if size is not None and tensor.datatype == "BYTES":
+            budget = input_value_budget(spec)
+            if math.prod(tensor.shape) > budget:
+                # Counted before decoding: a 16 MB tensor of empty strings would be
+                # 4M Python objects, decoded one by one on the event loop.
+                raise invalid(
+                    f"{loc}.shape",
+                    f"model {loaded.model} version {loaded.version} takes at most {budget} "
+                    f"values in input {tensor.name!r}, got shape {tensor.shape}",
+                )
         if size is not None:
             if (
                 not isinstance(size, int)

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 from onnx import TensorProto, helper
 
 from mlgate.config import Settings
+from mlgate.service.predict import tensors
 from mlgate.service.state import DRAINING
 from models.make_demo_model import IR_VERSION, OPSET
 from tests.service_process import REPO
@@ -195,3 +196,74 @@ async def test_a_binary_bool_tensor_reads_any_non_zero_byte_as_true(not_client: 
     )
     assert response.status == 200
     assert (await response.json())["outputs"][0]["data"] == [False, True, False]
+
+
+@pytest.fixture
+async def strings_client(
+    tmp_path: Path, app_client: Any, make_settings: Callable[..., Settings]
+) -> Client:
+    """A BYTES model: ``Identity`` of [N, 1] strings."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["s"], ["o"])],
+        "strings",
+        [helper.make_tensor_value_info("s", TensorProto.STRING, ["N", 1])],
+        [helper.make_tensor_value_info("o", TensorProto.STRING, ["N", 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    version = tmp_path / "models" / "strings" / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(model.SerializeToString())
+    settings = make_settings(model_repository=str(tmp_path / "models"), default_model="strings")
+    client: Client = await app_client(settings)
+    return client
+
+
+async def post_binary_strings(client: Client, shape: list[int], blob: bytes) -> tuple[int, Any]:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "s",
+                    "shape": shape,
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    ).encode()
+    response = await client.post(
+        "/v2/models/strings/infer",
+        data=header + blob,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    return response.status, await response.json()
+
+
+async def test_a_binary_bytes_tensor_past_the_models_value_budget_is_422_before_decoding(
+    strings_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4096 rows of one string at most: more are refused by their declared shape before
+    any is made a Python string (16 MB of empty strings were 4M of them, decoded on
+    the event loop)."""
+    decoded: list[int] = []
+    monkeypatch.setattr(tensors, "_from_binary", lambda *args: decoded.append(1))
+    count = 5000
+    status, answer = await post_binary_strings(strings_client, [count, 1], b"\x00\x00\x00\x00" * count)
+    assert status == 422, answer
+    assert "takes at most 4096 values in input 's'" in answer["error"]
+    assert decoded == []
+
+
+async def test_a_binary_bytes_tensor_with_more_elements_than_its_shape_is_422(
+    strings_client: Client,
+) -> None:
+    status, answer = await post_binary_strings(strings_client, [2, 1], b"\x00\x00\x00\x00" * 3000)
+    assert status == 422, answer
+    assert "needs 2 BYTES elements, the binary data holds more" in answer["error"]
+
+
+async def test_a_binary_bytes_tensor_within_its_shape_is_answered(strings_client: Client) -> None:
+    blob = b"".join(len(word).to_bytes(4, "little") + word for word in (b"ab", b"c"))
+    status, answer = await post_binary_strings(strings_client, [2, 1], blob)
+    assert status == 200, answer
+    assert answer["outputs"][0]["data"] == ["ab", "c"]
