@@ -235,10 +235,34 @@ def feature_rows(
     return rows
 
 
-def predictions(loaded: ModelVersion, scores: np.ndarray) -> list[Prediction]:
-    if loaded.kind == "regressor":
+def answer_output(loaded: ModelVersion) -> str:
+    """The output the REST routes answer from: the first, except for a classifier whose
+    first output is not a matrix of class scores (sklearn-onnx puts a 1-D ``label``
+    before its ``probabilities``): then its first output that is."""
+    first = loaded.outputs[0]
+    if loaded.kind == "classifier" and len(first.shape) != 2:
+        for spec in loaded.outputs:
+            if len(spec.shape) == 2:
+                return spec.name
+    return first.name
+
+
+def predictions(loaded: ModelVersion, scores: np.ndarray, rows: int) -> list[Prediction]:
+    """One answer for each of the ``rows`` rows: 422 when the model answers another
+    number of rows (its output is not one row per input row), or a value JSON cannot
+    carry (an output that overflowed to infinity, or NaN)."""
+    if not scores.ndim or len(scores) != rows:
+        raise _not_row_answers(loaded, f"answers {len(scores) if scores.ndim else 'a scalar'} rows for {rows}")
+    if loaded.kind == "regressor" or scores.ndim == 1:
+        # A classifier with only a 1-D output answers its labels: no confidence.
         values = scores.reshape(len(scores), -1)[:, 0]
-        return [Prediction(prediction=float(v), confidence=None) for v in values]
+        if values.dtype.kind not in "iufb":
+            raise _not_row_answers(loaded, f"answers {scores.dtype} values, not numbers")
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise _not_row_answers(loaded, "answered a value that is not a finite number")
+        if loaded.kind == "regressor":
+            return [Prediction(prediction=float(v), confidence=None) for v in values]
+        return [Prediction(prediction=v, confidence=None) for v in values.tolist()]
     labels = loaded.config.labels or ()
     if len(scores) == 1 and scores.ndim == 2 and scores.shape[1] <= _PYTHON_ARGMAX_CLASSES:
         # A single row of a few classes: Python's max and index take 0.4 µs where
@@ -256,6 +280,8 @@ def predictions(loaded: ModelVersion, scores: np.ndarray) -> list[Prediction]:
             ]
     classes = scores.argmax(axis=1)
     confidences = scores.max(axis=1)
+    if confidences.dtype.kind == "f" and not np.isfinite(confidences).all():
+        raise _not_row_answers(loaded, "answered a score that is not a finite number")
     return [
         Prediction(
             prediction=int(c),
@@ -264,6 +290,14 @@ def predictions(loaded: ModelVersion, scores: np.ndarray) -> list[Prediction]:
         )
         for c, p in zip(classes.tolist(), confidences.tolist(), strict=True)
     ]
+
+
+def _not_row_answers(loaded: ModelVersion, what: str) -> ValidationFailed:
+    return ValidationFailed(
+        f"model {loaded.model} version {loaded.version} {what}; "
+        f"its outputs are served as they are by /v2/models/{loaded.model}/infer",
+        errors=[FieldError(loc="model", msg=what)],
+    )
 
 
 async def run_predict(
@@ -309,7 +343,7 @@ async def predict(
     )
     outputs = await loaded.infer(rows, deadline, request_id=request_id, held_bytes=held)
     app[DRIFT_MONITOR].observe(loaded.model, "model", rows)  # never waits; drops when full
-    answers = predictions(loaded, outputs[loaded.outputs[0].name])
+    answers = predictions(loaded, outputs[answer_output(loaded)], len(rows))
     latency_ms = round((time.monotonic() - started) * 1000, 3)
     if instances is not None:
         return BatchPredictResponse(

@@ -10,11 +10,18 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mlgate.service.http.errors import ValidationFailed
 from mlgate.service.predict.flow import predictions
 
 
 def classifier(labels: tuple[str, ...] = ()) -> Any:
-    return SimpleNamespace(kind="classifier", config=SimpleNamespace(labels=labels))
+    return SimpleNamespace(
+        kind="classifier", config=SimpleNamespace(labels=labels), model="m", version="1"
+    )
+
+
+def regressor() -> Any:
+    return SimpleNamespace(kind="regressor", config=SimpleNamespace(labels=()), model="m", version="1")
 
 
 def as_numpy_reads_it(scores: np.ndarray, labels: tuple[str, ...]) -> list[tuple[int, float, str | None]]:
@@ -34,24 +41,37 @@ def test_a_single_row_is_answered_as_numpy_answers_it(classes: int) -> None:
     labels = tuple(f"c{i}" for i in range(classes // 2))  # some classes have no label
     for _ in range(50):
         scores = rng.standard_normal((1, classes)).astype(np.float32)
-        assert read(predictions(classifier(labels), scores)) == as_numpy_reads_it(scores, labels)
+        assert read(predictions(classifier(labels), scores, 1)) == as_numpy_reads_it(scores, labels)
 
 
 def test_a_tie_is_won_by_the_first_class_as_argmax_does() -> None:
     scores = np.array([[0.25, 0.75, 0.75]], dtype=np.float32)
-    assert read(predictions(classifier(("a", "b", "c")), scores)) == [(1, 0.75, "b")]
+    assert read(predictions(classifier(("a", "b", "c")), scores, 1)) == [(1, 0.75, "b")]
 
 
 @pytest.mark.parametrize("row", [[0.5, math.nan], [math.nan, 0.5], [math.inf, 0.1]])
-def test_a_row_that_is_not_finite_is_read_by_numpy(row: list[float]) -> None:
-    scores = np.array([row], dtype=np.float32)
-    answers = read(predictions(classifier(), scores))
-    expected = as_numpy_reads_it(scores, ())
-    assert [a[0] for a in answers] == [e[0] for e in expected]
-    assert np.array_equal([a[1] for a in answers], [e[1] for e in expected], equal_nan=True)
+def test_a_row_whose_scores_are_not_finite_is_422_not_a_null_confidence(row: list[float]) -> None:
+    with pytest.raises(ValidationFailed, match="not a finite number"):
+        predictions(classifier(), np.array([row], dtype=np.float32), 1)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_a_regression_value_that_is_not_finite_is_422_not_a_null_prediction(value: float) -> None:
+    with pytest.raises(ValidationFailed, match="not a finite number"):
+        predictions(regressor(), np.array([[1.0], [value]], dtype=np.float32), 2)
+
+
+def test_fewer_answers_than_rows_is_422() -> None:
+    with pytest.raises(ValidationFailed, match="answers 1 rows for 2"):
+        predictions(regressor(), np.array([[3.0]], dtype=np.float32), 2)
+
+
+def test_a_classifier_with_only_labels_answers_them_without_a_confidence() -> None:
+    answers = predictions(classifier(), np.array([2, 0], dtype=np.int64), 2)
+    assert read(answers) == [(2, None, None), (0, None, None)]
 
 
 def test_the_confidence_of_a_class_from_integer_scores_is_a_number_with_a_point() -> None:
-    [answer] = predictions(classifier(), np.array([[0, 3, 1]], dtype=np.int64))
+    [answer] = predictions(classifier(), np.array([[0, 3, 1]], dtype=np.int64), 1)
     assert (answer.prediction, answer.confidence) == (1, 3.0)
     assert isinstance(answer.confidence, float)

@@ -1,0 +1,82 @@
+"""Classifiers exported as sklearn-onnx exports them, a 1-D ``label`` output before
+the ``probabilities``: the REST routes answer from the class scores, never a 500."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from onnx import TensorProto, helper
+
+from mlgate.config import Settings
+from models.make_demo_model import IR_VERSION, OPSET
+from tests.conftest import AppClientFactory
+
+Client = TestClient[web.Request, web.Application]
+ROW = [1.0, 4.0, 2.0, 3.0]  # class 1 by every score below
+
+
+def write_classifier(root: Path, name: str, with_probabilities: bool) -> None:
+    """``x`` [N, 4] -> ``label`` [N] (INT64 arg-max) and, if asked, ``probabilities``
+    [N, 4] (softmax), in that order."""
+    nodes = [helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0)]
+    outputs = [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])]
+    if with_probabilities:
+        nodes.append(helper.make_node("Softmax", ["x"], ["probabilities"], axis=1))
+        outputs.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4]))
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], outputs
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    version = root / name / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(model.SerializeToString())
+    (root / name / "config.json").write_text(json.dumps({"kind": "classifier"}))
+
+
+@pytest.fixture
+async def client(
+    tmp_path: Path, app_client: AppClientFactory, make_settings: Callable[..., Settings]
+) -> Client:
+    root = tmp_path / "models"
+    write_classifier(root, "sklearn", with_probabilities=True)
+    write_classifier(root, "labels", with_probabilities=False)
+    settings = make_settings(model_repository=str(root), default_model="sklearn", model_poll_interval_s=0)
+    result: Client = await app_client(settings)
+    return result
+
+
+async def post(client: Client, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    answer = await client.post(path, json=body)
+    return answer.status, await answer.json()
+
+
+async def test_a_label_first_classifier_answers_the_arg_max_and_its_probability(client: Client) -> None:
+    status, answer = await post(client, "/api/v2/predict", {"model": "sklearn", "features": ROW})
+    assert status == 200, answer
+    assert answer["prediction"] == 1
+    assert 0.6 < answer["confidence"] < 0.7  # softmax of 4 against 1, 2, 3
+
+
+async def test_a_label_first_classifier_answers_each_instance(client: Client) -> None:
+    body = {"model": "sklearn", "instances": [ROW, [9.0, 0.0, 0.0, 0.0]]}
+    status, answer = await post(client, "/api/v2/predict", body)
+    assert status == 200, answer
+    assert [p["prediction"] for p in answer["predictions"]] == [1, 0]
+
+
+async def test_a_label_first_classifier_answers_v1(client: Client) -> None:
+    status, answer = await post(client, "/api/v1/predict", {"model": "sklearn", "features": ROW})
+    assert status == 200, answer
+    assert answer == {"result": 1}
+
+
+async def test_a_classifier_with_only_labels_answers_them_without_a_confidence(client: Client) -> None:
+    status, answer = await post(client, "/api/v2/predict", {"model": "labels", "features": ROW})
+    assert status == 200, answer
+    assert (answer["prediction"], answer["confidence"]) == (1, None)
