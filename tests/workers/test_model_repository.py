@@ -357,3 +357,35 @@ async def test_refusing_waiting_requests_reaches_a_version_replaced_and_still_dr
     assert repo.refuse_waiting("the server is shutting down") == 1
     with pytest.raises(WorkerClosed, match="shutting down"):
         await asyncio.wait_for(endless, 5)
+
+
+async def test_a_version_directory_named_by_a_non_ascii_digit_is_not_a_version(
+    repo_root: Path, start_repository: Any
+) -> None:
+    """``²`` is a digit to ``str.isdigit`` and not a number to ``int``: it failed every
+    poll, and the index, at its model."""
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "demo", 2, seed=2)
+    os.rename(repo_root / "demo" / "2", repo_root / "demo" / "²")
+    repo = await start_repository()
+    assert repo.versions("demo") == ["1"]
+    assert [(e.name, e.version) for e in repo.index()] == [("demo", "1")]
+
+
+async def test_a_model_whose_poll_fails_does_not_stop_the_others_polling(
+    repo_root: Path, start_repository: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_version(repo_root, "broken", 1)
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    synced = repo._sync
+
+    async def failing_for_broken(name: str) -> None:
+        if name == "broken":
+            raise PermissionError(13, "Permission denied", name)
+        await synced(name)
+
+    monkeypatch.setattr(repo, "_sync", failing_for_broken)
+    add_version(repo_root, "demo", 2, seed=2)
+    await repo.poll()  # "broken" sorts first
+    assert repo.resolve("demo").version == "2"

@@ -182,13 +182,16 @@ def file_fingerprint(*paths: Path) -> tuple[int, ...]:
 
 
 def versions_on_disk(model_dir: Path) -> dict[int, Path]:
+    """The version directories of ``model_dir``: named by a positive number in ASCII
+    digits (``str.isdigit`` alone takes ``²``, which ``int`` refuses)."""
     found: dict[int, Path] = {}
     with os.scandir(model_dir) as entries:
         for entry in entries:
-            if entry.is_dir() and entry.name.isdigit() and int(entry.name) > 0:
+            name = entry.name
+            if entry.is_dir() and name.isascii() and name.isdigit() and int(name) > 0:
                 model_file = Path(entry.path) / MODEL_FILE
                 if model_file.is_file():
-                    found[int(entry.name)] = model_file
+                    found[int(name)] = model_file
     return found
 
 

@@ -274,7 +274,10 @@ class ModelRepository:
         """Bring every model in line with the directory (skipping explicit unloads)."""
         names = set(self._serving) | set(self._states) | self._model_dirs()
         for name in sorted(names - self._unloaded):
-            await self._sync(name)
+            try:
+                await self._sync(name)
+            except Exception as exc:  # one model's directory must not stop the others'
+                log.error("model_poll_failed", model=name, error=repr(exc))
 
     async def load(self, model: str) -> None:
         """Load or reload ``model`` now (the repository extension's load)."""
