@@ -1,7 +1,9 @@
 """Supervisor: runs ``workers`` serving processes on one port and keeps them running.
 
 Each child binds with ``SO_REUSEPORT`` and has its own workers and data directory
-(``<data_dir>/worker-<i>``); the supervisor forwards SIGTERM/SIGINT/SIGHUP, restarts a
+(``<data_dir>/worker-<i>``); the supervisor refuses a port another service holds (exit
+2), forwards SIGTERM/SIGINT/SIGHUP (and a child drains as on SIGTERM if the supervisor
+dies without one), restarts a
 child that dies (after 0.5 s, doubling with each death in a minute up to 30 s), gives
 up when one cannot start or dies ``MAX_DEATHS`` times in a minute (a crash loop: it
 stops the others and exits 1, for systemd or the platform to see and restart the
@@ -12,10 +14,13 @@ READY=1 from the supervisor once every child serves.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
@@ -31,8 +36,12 @@ from mlgate.service.process.server import run
 
 log = structlog.get_logger("mlgate.supervisor")
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
-def _child(settings_json: bytes, ready: ProcessEvent) -> None:
+
+def _child(settings_json: bytes, ready: ProcessEvent, supervisor: int) -> None:
+    if not _stops_with(supervisor):
+        return  # the supervisor died before this child could watch it
     # The supervisor is systemd's main process and speaks for all (NotifyAccess=main).
     os.environ.pop("NOTIFY_SOCKET", None)
     from mlgate.service.http.logs import configure_logging
@@ -40,6 +49,43 @@ def _child(settings_json: bytes, ready: ProcessEvent) -> None:
     settings = msgspec.json.decode(settings_json, type=Settings)
     configure_logging(settings.log_level, worker=settings.worker_index)
     raise SystemExit(run(settings, on_ready=ready.set))
+
+
+def _stops_with(supervisor: int) -> bool:
+    """Have the kernel send this process SIGTERM (a graceful drain) when the supervisor
+    dies, however it dies: a review saw a supervisor killed with SIGKILL leave its
+    children serving under init, holding the port and the data directories, so every
+    restart of the service failed on their locks. False if it is gone already."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    return os.getppid() == supervisor  # checked after: it may have died before prctl
+
+
+def port_in_use(host: str, port: int) -> OSError | None:
+    """The error binding ``host:port`` without ``SO_REUSEPORT`` meets, if any: the
+    children bind with it, so another service's group of processes sharing the port
+    would otherwise let them in beside it (a review: requests split between the two
+    services, each writing its own data directory). ``SO_REUSEADDR`` as asyncio sets
+    it, so connections in TIME_WAIT do not count."""
+    if port == 0:
+        return None
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        return exc
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc
+    return None
 
 
 class Supervisor:
@@ -76,12 +122,21 @@ class Supervisor:
         settings = msgspec.structs.replace(self._settings, worker_index=index)
         ready = self._context.Event()
         process = self._context.Process(
-            target=_child, args=(msgspec.json.encode(settings), ready), name=f"mlgate-{index}"
+            target=_child,
+            args=(msgspec.json.encode(settings), ready, os.getpid()),
+            name=f"mlgate-{index}",
         )
         process.start()
         self._children[index] = (process, ready)
 
     def run(self) -> int:
+        """The exit code: as the class says, or 2 when the address is taken."""
+        taken = port_in_use(self._settings.host, self._settings.port)
+        if taken is not None:
+            setting = f"MLGATE_HOST={self._settings.host}, MLGATE_PORT={self._settings.port}"
+            log.error("start_up_failed", setting=setting, error=str(taken))
+            print(f"mlgate: start-up error: {setting}: {taken}", file=sys.stderr)
+            return 2
         owned_metrics_dir = _prepare_metrics_dir()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from pathlib import Path
 
 import aiohttp
@@ -110,14 +111,52 @@ def test_sigterm_to_the_supervisor_stops_both_processes_and_exits_0(
     assert not [pid for pid in servers if is_running(pid)]
 
 
-def test_supervisor_exits_1_when_a_process_cannot_start(service_process: ServiceFactory) -> None:
+def test_supervisor_exits_1_when_a_process_cannot_start(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "service0" / "data"  # the fixture's first service's
+    data_dir.mkdir(parents=True)
+    (data_dir / "worker-1").write_text("a file where process 1's data directory goes")
+    service = service_process("--workers", "2", wait=False)
+    # Process 1 cannot start; the supervisor gives up instead of restarting it forever.
+    assert service.wait(30) == 1
+    assert "worker_failed_to_start" in service.tail()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "reuse-port"])
+def test_supervisor_refuses_a_port_another_service_holds_and_exits_2(
+    service_process: ServiceFactory, shared: bool
+) -> None:
+    """Another service's processes may share the port (``SO_REUSEPORT``): the children,
+    binding with it too, would have taken half its connections (a review)."""
     with socket.socket() as taken:
+        if shared:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         service = service_process("--workers", "2", "--port", str(port), wait=False)
-        # The children cannot bind; the supervisor gives up instead of restarting them forever.
-        assert service.wait(30) == 1
+        assert service.wait(30) == 2
+    assert "start_up_failed" in service.tail()
+    assert f"MLGATE_PORT={port}" in service.tail()
+
+
+def test_processes_drain_and_exit_when_the_supervisor_is_killed(
+    service_process: ServiceFactory,
+) -> None:
+    """SIGKILL leaves the supervisor no say: the kernel sends each child SIGTERM, so
+    none keeps serving under init, holding the port and its data directory's lock."""
+    service = start_two_processes(service_process)
+    servers = serving_children(service.pid)
+    assert len(servers) == 2
+    service.send(signal.SIGKILL)
+    service.wait(5)
+    deadline = time.monotonic() + 20
+    while [pid for pid in servers if is_running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in servers if is_running(pid)]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", service.port), timeout=1).close()
 
 
 def test_a_process_that_keeps_dying_makes_the_supervisor_stop_all_and_exit_1(

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from mlgate.workers.errors import DeadlineExpired, InputRefused, MailboxFull, WorkerClosed
