@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
-from urllib.parse import urlsplit, urlunsplit
 
-from mlgate.config import Settings, SettingsError, load_settings
+from mlgate.config import SettingsError, load_settings
 from mlgate.service.cli import keys as keys_command
 from mlgate.service.cli import quality as quality_command
+from mlgate.service.cli.redaction import redact_url, redacted
+
+__all__ = ["main", "redact_url", "redacted"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,46 +54,6 @@ def _parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="print the README's configuration table"
     )
     return parser
-
-
-# A setting whose name holds one of these is a secret as a whole.
-SECRET_NAMES = ("password", "secret", "token", "credential")
-# URL query parameters that carry a secret (redis-py reads ?password=).
-SECRET_QUERY = re.compile(r"(?i)((?:^|&)(?:password|pass|secret|token|auth)=)[^&]*")
-REDACTED = "***"
-
-
-def redacted(settings: Settings) -> dict[str, object]:
-    """The settings as check-config prints them: secrets as ``***``, and any URL's
-    password (``redis://:***@host``, ``?password=***``) hidden."""
-    import msgspec
-
-    shown: dict[str, object] = msgspec.to_builtins(settings)
-    for name, value in shown.items():
-        if not isinstance(value, str):
-            continue
-        if any(word in name for word in SECRET_NAMES):
-            shown[name] = REDACTED
-        else:
-            shown[name] = redact_url(value)
-    return shown
-
-
-def redact_url(value: str) -> str:
-    """``value`` with the password of a URL in it replaced by ``***``; anything else as is."""
-    try:
-        parts = urlsplit(value)
-    except ValueError:  # e.g. an unclosed IPv6 bracket: no telling where a password ends
-        return REDACTED if "@" in value else value
-    if not parts.scheme or not parts.netloc:
-        return value
-    netloc = parts.netloc
-    userinfo, at, host = netloc.rpartition("@")
-    if at:
-        user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
-    query = SECRET_QUERY.sub(rf"\g<1>{REDACTED}", parts.query)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

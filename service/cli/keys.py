@@ -24,6 +24,7 @@ import msgspec
 import structlog
 
 from mlgate.config import Settings
+from mlgate.service.cli.redaction import redact_url
 from mlgate.service.protection.api_keys import (
     REDIS_HASH,
     SCOPES,
@@ -67,7 +68,12 @@ def add_parser(commands: Any) -> None:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    """Run one action. A failure (bad arguments, a keys file that does not parse or
+    cannot be read, Redis unreachable) is one line on stderr and exit code 2; an
+    unknown key to revoke is exit code 1."""
     _log_to_stderr()  # stdout carries only what the command prints
+    from redis.exceptions import RedisClusterException, RedisError
+
     path = Path(args.keys_file) if args.keys_file else keys_path(settings)
     try:
         if args.action == "create":
@@ -78,6 +84,13 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             return _revoke(settings, path, args.key_id)
     except ValueError as exc:
         print(f"mlgate keys: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # only the keys file is opened here: a directory, unreadable, ...
+        print(f"mlgate keys: {exc.filename or path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (RedisError, RedisClusterException) as exc:  # unreachable, refused, timed out, ...
+        url = redact_url(settings.redis_url or "")
+        print(f"mlgate keys: Redis at {url}: {exc}", file=sys.stderr)
         return 2
     return 2
 

@@ -78,11 +78,14 @@ def add_parser(commands: Any) -> None:
     profile.add_argument("--on-violation", choices=("reject", "flag"), default="reject")
     profile.add_argument("--bins", type=int, default=DEFAULT_BINS, help="quantile bins per feature")
     profile.add_argument(
-        "--margin", type=float, default=DEFAULT_MARGIN,
+        "--margin", type=_margin, default=DEFAULT_MARGIN,
         help="hard range: reference min/max widened by this share of the span (default 0.1)",
     )
     profile.add_argument("--feature-names", help="comma-separated names, one per feature")
-    profile.add_argument("--max-records", type=int, default=DEFAULT_MAX_RECORDS)
+    profile.add_argument(
+        "--max-records", type=_at_least_one, default=DEFAULT_MAX_RECORDS,
+        help=f"use at most this many records, the first read (default {DEFAULT_MAX_RECORDS})",
+    )
     profile.add_argument("--output", help="write here instead of where the service looks")
 
     report = actions.add_parser("report", help="print the drift a running service measures")
@@ -92,6 +95,28 @@ def add_parser(commands: Any) -> None:
     report.add_argument("--top", type=int, default=20, help="features to list (default 20)")
     report.add_argument("--plot", type=Path, metavar="PNG", help="draw the top features' distributions")
     report.add_argument("--plot-features", type=int, default=PLOT_FEATURES)
+
+
+def _margin(text: str) -> float:
+    # nan or inf would write "min": null, a profile the service refuses to load; a
+    # negative margin narrows the range inside the reference itself (min above max).
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text!r}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text!r}")
+    return value
 
 
 def _target(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +208,8 @@ def _log_features(directory: Path, source: str) -> Iterator[list[float]]:
 
 
 def _matrix(rows: Iterable[list[float]], limit: int) -> tuple[np.ndarray, int]:
+    if limit < 1:
+        raise ValueError("--max-records must be at least 1")
     kept: list[list[float]] = []
     skipped = 0
     width = None

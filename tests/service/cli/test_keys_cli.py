@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,42 @@ async def test_created_key_is_let_in_and_revoked_key_is_not(
 
 def test_revoking_an_unknown_key_fails(keys_cli) -> None:
     assert keys_cli("revoke", "0123456789abcdef").returncode == 1
+
+
+def closed_port() -> int:
+    """A port nothing listens on: bound once to find it free, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def error_lines(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """stderr without the JSON audit events."""
+    return [line for line in done.stderr.splitlines() if not line.startswith("{")]
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        ("list",),
+        ("create", "--tenant", "acme", "--scopes", "ingest", "--store", "redis"),
+        ("revoke", "0123456789abcdef"),
+    ],
+    ids=["list", "create", "revoke"],
+)
+def test_unreachable_redis_is_one_error_line_without_its_password(keys_cli, action) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{closed_port()}/0"
+    done = keys_cli(*action, REDIS_URL=url)
+    assert done.returncode == 2
+    [line] = error_lines(done)
+    assert line.startswith("mlgate keys: Redis at redis://:***@127.0.0.1:") and "Connection refused" in line
+    assert "hunter2" not in done.stderr and done.stdout == ""
+
+
+def test_a_keys_file_that_is_a_directory_is_one_error_line(keys_cli, tmp_path: Path) -> None:
+    done = keys_cli("list", "--keys-file", str(tmp_path))
+    assert done.returncode == 2
+    assert error_lines(done) == [f"mlgate keys: {tmp_path}: Is a directory"]
 
 
 async def test_keys_created_in_redis_are_let_in(

@@ -123,3 +123,41 @@ def test_profile_command_refuses_a_name_outside_the_profiles_directory(
     assert main(["quality", "profile", "--source", "../escape", "--input", str(sample)]) == 1
     assert "cannot name a profile" in capsys.readouterr().err
     assert not (tmp_path / "escape.profile.json").exists()
+
+
+def ndjson_sample(directory: Path, count: int) -> Path:
+    """A reference sample of ``count`` records, NDJSON."""
+    sample = directory / "reference.ndjson"
+    sample.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in records(reference_sample(count))))
+    return sample
+
+
+@pytest.mark.parametrize("margin", ["nan", "inf", "-inf", "-0.5"])
+def test_profile_command_refuses_a_margin_that_makes_no_range(
+    tmp_path: Path, profiles_dir: Path, capsys: pytest.CaptureFixture[str], margin: str
+) -> None:
+    sample = ndjson_sample(tmp_path, 10)
+    with pytest.raises(SystemExit) as usage_error:
+        main(["quality", "profile", "--source", "sensors", "--input", str(sample), f"--margin={margin}"])
+    assert usage_error.value.code == 2
+    assert "argument --margin: must be a finite number >= 0" in capsys.readouterr().err
+    assert not (profiles_dir / "sources" / "sensors.profile.json").exists()
+
+
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_profile_command_refuses_fewer_than_one_record(
+    tmp_path: Path, profiles_dir: Path, capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    sample = ndjson_sample(tmp_path, 10)
+    with pytest.raises(SystemExit) as usage_error:
+        main(["quality", "profile", "--source", "sensors", "--input", str(sample), f"--max-records={limit}"])
+    assert usage_error.value.code == 2
+    assert "argument --max-records: must be at least 1" in capsys.readouterr().err
+    assert not (profiles_dir / "sources" / "sensors.profile.json").exists()
+
+
+def test_profile_command_uses_at_most_max_records(tmp_path: Path, profiles_dir: Path) -> None:
+    sample = ndjson_sample(tmp_path, 10)
+    assert main(["quality", "profile", "--source", "sensors", "--input", str(sample), "--max-records", "4"]) == 0
+    profile = profile_decoder.decode((profiles_dir / "sources" / "sensors.profile.json").read_bytes())
+    assert profile.reference_count == 4
