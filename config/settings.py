@@ -106,7 +106,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     writer_max_in_flight: PositiveInt = 32
 
     # Embedded local log
-    data_dir: str = "data"
+    data_dir: Annotated[str, msgspec.Meta(min_length=1)] = "data"
     log_segment_bytes: PositiveInt = 64 * 1024 * 1024
 
     # Shared state

@@ -88,12 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return quality_command.run(settings, args)
     if args.command in (None, "serve"):
         from mlgate.service.http.logs import configure_logging
-        from mlgate.service.process.server import run
+        from mlgate.service.process.server import run, setting_behind
         from mlgate.service.process.supervisor import Supervisor
+        from mlgate.service.protection.api_keys import KeysFileError
 
-        if getattr(args, "dev", False):
-            keys_command.ensure_dev_key(settings)
         configure_logging(settings.log_level)
+        if getattr(args, "dev", False):
+            try:
+                keys_command.ensure_dev_key(settings)
+            except (OSError, KeysFileError) as exc:  # as the server's own start-up errors
+                print(f"mlgate: start-up error: {setting_behind(exc, settings)}: {exc}", file=sys.stderr)
+                return 2
         if settings.workers > 1:
             return Supervisor(settings).run()
         return run(settings)

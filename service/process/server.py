@@ -50,6 +50,7 @@ from mlgate.service.protection.api_keys import KeysFileError
 from mlgate.service.routes import predict
 from mlgate.service.state import DRAINING, METRICS, MODEL_REPOSITORY, RELOAD_HOOKS
 from mlgate.workers.inference.repository import ModelRepository
+from mlgate.workers.sinks.local_log import LogInUse
 from mlgate.workers.supervision import SupervisedTask
 
 log = structlog.get_logger("mlgate.server")
@@ -76,7 +77,7 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         loop.add_signal_handler(signum, request_stop)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
 
-    with _start_up_step(lambda exc: _setting_behind(exc, settings)):
+    with _start_up_step(lambda exc: setting_behind(exc, settings)):
         app = create_app(settings)
     with _start_up_step(
         lambda _: f"MLGATE_TLS_CERT_FILE={settings.tls_cert_file}, "
@@ -99,7 +100,7 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         # dropped so the client can see the answer before the close.
         lingering_time=min(10.0, settings.head_timeout_s),
     )
-    with _start_up_step(lambda exc: _setting_behind(exc, settings)):
+    with _start_up_step(lambda exc: setting_behind(exc, settings)):
         if not await _started_unless_stopped(runner, stop, settings.shutdown_timeout_s):
             return 0
     app[METRICS].samplers["connections"] = connection_sampler(runner, app[METRICS])
@@ -407,14 +408,16 @@ def _start_up_step(setting_of: Callable[[BaseException], str]) -> Iterator[None]
     (``StartUpFailed``, naming the setting); anything else stays a crash."""
     try:
         yield
-    except (OSError, KeysFileError) as exc:  # ssl.SSLError is an OSError
+    except (OSError, KeysFileError, LogInUse) as exc:  # ssl.SSLError is an OSError
         raise StartUpFailed(setting_of(exc), exc) from exc
 
 
-def _setting_behind(exc: BaseException, settings: Settings) -> str:
+def setting_behind(exc: BaseException, settings: Settings) -> str:
     """The setting (with its value) that led to ``exc``, as far as its file tells."""
     if isinstance(exc, KeysFileError):
         return f"MLGATE_KEYS_FILE={settings.keys_file or Path(settings.data_dir) / 'keys.json'}"
+    if isinstance(exc, LogInUse):
+        return f"MLGATE_DATA_DIR={settings.data_dir}"
     filename = getattr(exc, "filename", None)
     if filename is None:
         return "a file or directory the settings name"

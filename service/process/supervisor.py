@@ -130,7 +130,8 @@ class Supervisor:
         self._children[index] = (process, ready)
 
     def run(self) -> int:
-        """The exit code: as the class says, or 2 when the address is taken."""
+        """The exit code: as the class says, or 2 when the address is taken or a process
+        met a start-up error of the operator's."""
         taken = port_in_use(self._settings.host, self._settings.port)
         if taken is not None:
             setting = f"MLGATE_HOST={self._settings.host}, MLGATE_PORT={self._settings.port}"
@@ -144,8 +145,15 @@ class Supervisor:
             for index in range(self._settings.workers):
                 self._spawn(index)
             if not self._wait_until_ready():
-                log.error("worker_failed_to_start")
-                self._exit_code = 1
+                failed = {
+                    index: process.exitcode
+                    for index, (process, _) in self._children.items()
+                    if not process.is_alive()
+                }
+                log.error("worker_failed_to_start", exitcodes=failed)
+                # A process that met a start-up error of the operator's (exit 2, its line
+                # on stderr naming the setting) makes the whole exit 2, as one process.
+                self._exit_code = 2 if 2 in failed.values() else 1
                 self._stop_signal = signal.SIGTERM
             elif self._stop_signal is None:
                 systemd.ready(f"{self._settings.workers} processes serving")

@@ -127,6 +127,8 @@ def test_conventional_names_are_honoured_and_ours_win(field: str) -> None:
         ({"MLGATE_KAFKA_COMPRESSION": "brotli"}, "MLGATE_KAFKA_COMPRESSION"),
         ({"MLGATE_FEATURE_MIN": "5", "MLGATE_FEATURE_MAX": "1"}, "MLGATE_FEATURE_MIN"),
         ({"MLGATE_TLS_CERT_FILE": "/etc/cert.pem"}, "MLGATE_TLS_CERT_FILE"),
+        # Empty, the log and keys went to the current directory (a review).
+        ({"MLGATE_DATA_DIR": ""}, "MLGATE_DATA_DIR"),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
 )

@@ -111,16 +111,19 @@ def test_sigterm_to_the_supervisor_stops_both_processes_and_exits_0(
     assert not [pid for pid in servers if is_running(pid)]
 
 
-def test_supervisor_exits_1_when_a_process_cannot_start(
+def test_supervisor_exits_2_when_a_process_cannot_start_on_a_setting(
     service_process: ServiceFactory, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "service0" / "data"  # the fixture's first service's
     data_dir.mkdir(parents=True)
     (data_dir / "worker-1").write_text("a file where process 1's data directory goes")
     service = service_process("--workers", "2", wait=False)
-    # Process 1 cannot start; the supervisor gives up instead of restarting it forever.
-    assert service.wait(30) == 1
-    assert "worker_failed_to_start" in service.tail()
+    # Process 1 cannot start; the supervisor gives up instead of restarting it forever,
+    # with the exit code and the line one process gives.
+    assert service.wait(30) == 2
+    output = service.tail()
+    assert "worker_failed_to_start" in output
+    assert f"mlgate: start-up error: MLGATE_DATA_DIR={data_dir}" in output
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["plain", "reuse-port"])

@@ -320,6 +320,31 @@ def test_a_malformed_keys_file_stops_start_up_with_a_line_naming_the_setting(
     assert "Traceback" not in output
 
 
+def test_a_data_directory_another_process_serves_stops_start_up_with_a_line_naming_it(
+    service_process: ServiceFactory,
+) -> None:
+    first = service_process()
+    second = service_process(wait=False, MLGATE_DATA_DIR=str(first.data_dir))
+    assert second.wait(30) == 2
+    output = second.tail()
+    assert f"mlgate: start-up error: MLGATE_DATA_DIR={first.data_dir}" in output
+    assert "Traceback" not in output
+
+
+def test_serve_dev_with_a_data_directory_it_cannot_make_stops_with_a_line_naming_it(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """``--dev`` writes its key before the server starts: that step's errors too."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    data_dir = blocker / "data"
+    service = service_process("--dev", wait=False, MLGATE_DATA_DIR=str(data_dir))
+    assert service.wait(30) == 2
+    output = service.tail()
+    assert f"mlgate: start-up error: MLGATE_DATA_DIR={data_dir}" in output
+    assert "Traceback" not in output
+
+
 def test_a_port_in_use_stops_start_up_with_a_line_naming_the_address(
     service_process: ServiceFactory,
 ) -> None:
