@@ -631,7 +631,10 @@ async def test_a_stale_run_time_estimate_lets_one_batch_in(
     queued = [worker.submit(rows(1, i), time.monotonic() + 0.02) for i in range(4)]
     with pytest.raises(MailboxFull, match="deadline"):
         worker.submit(rows(1, 9), time.monotonic() + 0.02)
-    await asyncio.gather(*queued)
+    # The batch runs, and is answered at its deadline: too slow for it.
+    outcomes = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(outcome, DeadlineExpired) for outcome in outcomes)
+    await asyncio.wait_for(worker._mailbox.join(), 5)  # the run ends, answering nobody
     assert [len(batch) for batch in session.batches] == [1, 4]
 
 
@@ -716,3 +719,74 @@ async def test_closing_ends_a_run_that_would_never_end_and_never_holds_the_event
     while any(t.name.startswith("infer-demo") for t in threading.enumerate()):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+async def test_a_computing_request_is_answered_at_its_deadline_not_when_its_run_ends(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session)
+    computing = worker.submit(rows(1), time.monotonic() + 0.1)
+    try:
+        with pytest.raises(DeadlineExpired, match="while computing"):
+            await asyncio.wait_for(computing, 5)
+        assert not session.batches  # the run was still held: answered at the deadline
+    finally:
+        gate.set()
+    await asyncio.wait_for(worker._mailbox.join(), 5)
+    assert worker.stats.expired == 1
+
+
+async def test_a_request_queued_behind_a_slow_run_is_answered_at_its_deadline(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session, shares_batches=False)
+    computing = worker.submit(rows(1), soon(10))
+    await asyncio.to_thread(session.entered.wait, 5)
+    queued = worker.submit(rows(1, 1), time.monotonic() + 0.1)
+    try:
+        with pytest.raises(DeadlineExpired, match="while queued"):
+            await asyncio.wait_for(queued, 5)
+        assert not computing.done()
+    finally:
+        gate.set()
+    assert (await computing)["probabilities"].shape == (1, 2)
+
+
+async def test_a_run_nobody_waits_for_any_more_is_ended_and_the_model_serves_the_next(
+    make_worker: WorkerFactory,
+) -> None:
+    """A run that would loop for ever, its one request expired: ended, so the request
+    behind it runs (it did not, before, until the model was unloaded)."""
+    session = ort.InferenceSession(
+        looping_model().SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    worker = make_worker(session, run_options=ort.RunOptions(), shares_batches=False)
+    endless = worker.submit(np.full((1, 128), 1e12, np.float32), time.monotonic() + 0.3)
+    behind = worker.submit(np.full((1, 128), 3, np.float32), soon(10))
+    with pytest.raises(DeadlineExpired):
+        await endless
+    result = await asyncio.wait_for(behind, 5)
+    assert result["probabilities"] is not None
+
+
+async def test_a_first_run_overrunning_makes_room_only_for_deadlines_past_its_overrun(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """No batch has finished, so no estimate: the time the first run has taken so far
+    counts, or requests were let in behind a run that never ended (a review)."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session)
+    computing = worker.submit(rows(1), soon(10))
+    try:
+        await asyncio.sleep(0.5)
+        with pytest.raises(MailboxFull, match="deadline"):
+            worker.submit(rows(1, 1), time.monotonic() + 0.2)
+        later = worker.submit(rows(1, 2), soon(10))
+    finally:
+        gate.set()
+    await asyncio.gather(computing, later)

@@ -48,10 +48,11 @@ dimension (``shares_batches`` False) runs each item alone.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -127,6 +128,19 @@ class _Item:
 
 
 @dataclass(slots=True)
+class _Run:
+    options: RunOptions | None  # this run's own: ``terminate`` ends it alone
+    handed_at: float  # to the thread (``time.monotonic``)
+
+
+def _end(options: Iterable[RunOptions | None]) -> None:
+    """End the runs given these options (they fail, between the graph's nodes)."""
+    for each in options:
+        if each is not None:
+            each.terminate = True
+
+
+@dataclass(slots=True)
 class WorkerStats:
     batches: int = 0
     rows_computed: int = 0
@@ -160,7 +174,8 @@ class InferenceWorker(Actor[_Item]):
         of 1 within ``max_batch_size`` 1, and both get the same outputs)."""
         if not input_names:
             raise ValueError("a model needs at least one input")
-        # Given to every run, so that closing can end one still going (``_release``).
+        # A fresh one of its kind is given to each run, so that a run can be ended on
+        # its own: when nobody waits for it any more (``_watch_deadlines``), or closing.
         self._run_options = run_options
         super().__init__(mailbox_size)
         self._mailbox_size = mailbox_size
@@ -189,6 +204,13 @@ class InferenceWorker(Actor[_Item]):
         self._held_bytes = 0  # of the requests not answered yet, queued or computing
         self._slots = asyncio.Semaphore(2)
         self._in_flight: list[list[_Item]] = []  # batches handed to the thread
+        # Each of those batches' run (by ``id`` of its item list): its options and
+        # when it was handed to the thread.
+        self._runs: dict[int, _Run] = {}
+        # While a batch is with the thread: the timer that fails requests at their
+        # deadline, computing or queued, and when it fires (``_watch_deadlines``).
+        self._deadline_watch: asyncio.TimerHandle | None = None
+        self._watch_at = math.inf
         self._busy_until = 0.0  # when the thread should be free, by recent run times
         self._forming: list[_Item] = []  # the batch ``_take_batch`` is filling
         self._rejected_seen = 0  # ``stats.rejected`` when the last batch was answered
@@ -268,6 +290,8 @@ class InferenceWorker(Actor[_Item]):
         self._enqueue(_Item(feed, count, deadline, now, nbytes, future, request_id, signature))
         self._queued_rows += count
         self._held_bytes += nbytes
+        if deadline < self._watch_at and self._in_flight:
+            self._watch(deadline)
         return future
 
     def refuse_waiting(self, reason: str) -> int:
@@ -295,8 +319,7 @@ class InferenceWorker(Actor[_Item]):
         for batch in self._in_flight:
             for item in batch:
                 failed += self._fail(item, error)
-        if self._in_flight and self._run_options is not None:
-            self._run_options.terminate = True
+        _end(run.options for run in self._runs.values())
         return failed
 
     @staticmethod
@@ -361,13 +384,23 @@ class InferenceWorker(Actor[_Item]):
     def _expected_wait_s(self, rows: int) -> float:
         """How long new rows would take to be answered, from recent batch run times
         (0 until a batch has run, or for one batch while the estimate is stale): the
-        batches queued ahead, the one computing, and the batch of these rows."""
+        batches queued ahead, the one computing, and the batch of these rows; plus how
+        far the one computing has run past that estimate (a run stuck for seconds
+        says more than the estimate: a review saw requests admitted for ever behind a
+        first run that never ended, since there was no estimate yet)."""
+        overrun = self._overrun_s()
         if not self.stats.batches:
-            return 0.0
+            return overrun
         if self._queued_rows + rows <= self._max_batch_size and self._estimate_is_stale():
-            return 0.0
+            return overrun
         batches = -(-(self._queued_rows + rows) // self._max_batch_size)
-        return (batches + len(self._in_flight)) * self._run_time_s
+        return (batches + len(self._in_flight)) * self._run_time_s + overrun
+
+    def _overrun_s(self) -> float:
+        if not self._in_flight:
+            return 0.0
+        computing = self._runs[id(self._in_flight[0])]
+        return max(0.0, time.monotonic() - computing.handed_at - self._run_time_s)
 
     def _took(self, item: _Item) -> _Item:
         self._queued_rows -= item.rows
@@ -383,8 +416,7 @@ class InferenceWorker(Actor[_Item]):
         # waited for: a model that runs for ever, or a node that does not check the
         # flag, would otherwise hold the event loop, and with it every request and the
         # shutdown's own deadline.
-        if self._run_options is not None:
-            self._run_options.terminate = True
+        _end(run.options for run in self._runs.values())
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
@@ -459,6 +491,60 @@ class InferenceWorker(Actor[_Item]):
         self._forming = []
         return batch
 
+    def _watch(self, at: float) -> None:
+        """Have ``_watch_deadlines`` run at ``at`` (monotonic), or earlier."""
+        if self._deadline_watch is not None:
+            self._deadline_watch.cancel()
+        loop = asyncio.get_running_loop()
+        self._watch_at = at
+        self._deadline_watch = loop.call_later(max(0.0, at - time.monotonic()), self._watch_deadlines)
+
+    def _watch_deadlines(self) -> None:
+        """While a batch is with the thread, fail each request whose deadline has
+        passed, computing or queued, at its deadline (``DeadlineExpired``, a 504),
+        not when the run ends: a review saw a 200 ms deadline answered after 2.9 s
+        behind a slow run, and a request behind a run that never ended not answered
+        at all. A run whose requests are all answered so is ended (``terminate``),
+        freeing the model for those behind it. Once a batch, and once a deadline of
+        those waiting meanwhile: no cost to a request answered in time."""
+        self._deadline_watch, self._watch_at = None, math.inf
+        if not self._in_flight:
+            return
+        now = time.monotonic()
+        nearest = math.inf
+        for position, items in enumerate(self._in_flight):
+            where = "queued" if position else "computing"  # behind the run, in the thread
+            for item in items:
+                nearest = min(nearest, self._expire(item, now, where))
+            if all(item.future.done() for item in items):
+                _end([self._runs[id(items)].options])
+        queued: list[_Item] = [*self._mailbox_items(), *self._forming]
+        if self._carry is not None:
+            queued.append(self._carry)
+        for item in queued:
+            # Settled when the worker takes it (``_drop_expired``), as a request gone.
+            nearest = min(nearest, self._expire(item, now, "queued"))
+        if nearest < math.inf:
+            self._watch(nearest)
+
+    def _mailbox_items(self) -> list[_Item]:
+        """The requests in the mailbox, read and left there: ``asyncio.Queue`` keeps
+        them in its deque ``_queue`` (taking them out and back would reorder them
+        against a ``put`` woken meanwhile)."""
+        return list(getattr(self._mailbox, "_queue", ()))
+
+    def _expire(self, item: _Item, now: float, where: str) -> float:
+        """Fail ``item`` if its deadline has passed; else its deadline (inf if done)."""
+        if item.future.done():
+            return math.inf
+        if item.deadline > now:
+            return item.deadline
+        self.stats.expired += 1
+        item.future.set_exception(
+            DeadlineExpired(f"deadline passed while {where} for {self.name}")
+        )
+        return math.inf
+
     def _hand_to_thread(
         self, loop: asyncio.AbstractEventLoop, items: list[_Item], holds_slot: bool = True
     ) -> None:
@@ -485,8 +571,13 @@ class InferenceWorker(Actor[_Item]):
             1.0, total / self._max_batch_size
         )
         self._in_flight.append(items)
+        options = None if self._run_options is None else type(self._run_options)()
+        self._runs[id(items)] = _Run(options, started)
+        earliest = min(item.deadline for item in items)
+        if earliest < self._watch_at:
+            self._watch(earliest)
         latest = max(item.deadline for item in items)
-        future = loop.run_in_executor(self._executor, self._timed_run, feed, latest)
+        future = loop.run_in_executor(self._executor, self._timed_run, feed, latest, options)
         future.add_done_callback(
             lambda done: self._finished(done, items, started, total, remeasure, holds_slot)
         )
@@ -501,6 +592,10 @@ class InferenceWorker(Actor[_Item]):
         holds_slot: bool = True,
     ) -> None:
         self._in_flight.remove(items)
+        del self._runs[id(items)]
+        if not self._in_flight and self._deadline_watch is not None:
+            self._deadline_watch.cancel()
+            self._deadline_watch, self._watch_at = None, math.inf
         if holds_slot:
             self._slots.release()
         answering = False
@@ -509,8 +604,11 @@ class InferenceWorker(Actor[_Item]):
                 return
             error = done.exception()
             if error is not None:  # a failed run fails its batch, not the worker
-                if self._closed and all(item.future.done() for item in items):
-                    return  # ended by ``refuse_waiting``
+                if all(item.future.done() for item in items):
+                    # Ended because nobody waits for it (``_watch_deadlines``, closing):
+                    # the try counts for staleness, as a batch expired in the queue.
+                    self._last_ran_at = time.monotonic()
+                    return
                 if len(items) > 1 and not self._closed:
                     answering = True  # each item is settled by its own run, or here
                     self._run_alone(items, total, error)
@@ -644,7 +742,10 @@ class InferenceWorker(Actor[_Item]):
             item.future.get_loop().call_soon(self._deliver, answers, end, chunk)
 
     def _timed_run(
-        self, feed: Mapping[str, np.ndarray], latest_deadline: float
+        self,
+        feed: Mapping[str, np.ndarray],
+        latest_deadline: float,
+        options: RunOptions | None,
     ) -> tuple[Sequence[np.ndarray] | None, float]:
         """In the thread: the outputs and how long the run itself took (not the wait
         in the thread's queue, nor the event loop's delay in noticing). A batch whose
@@ -652,10 +753,10 @@ class InferenceWorker(Actor[_Item]):
         started = time.monotonic()
         if started >= latest_deadline:
             return None, 0.0
-        if self._run_options is None:
+        if options is None:
             outputs = self._session.run(self._output_names, feed)
         else:
-            outputs = self._session.run(self._output_names, feed, self._run_options)
+            outputs = self._session.run(self._output_names, feed, options)
         return outputs, time.monotonic() - started
 
     def _held(self) -> list[_Item]:
