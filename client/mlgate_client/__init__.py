@@ -15,6 +15,7 @@ from mlgate_client.errors import (
     MlgateError,
     PredictorClosed,
     ProducerClosed,
+    RecordTooLarge,
     TransportError,
     UnexpectedAnswer,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "Producer",
     "ProducerClosed",
     "ProducerStats",
+    "RecordTooLarge",
     "RetryPolicy",
     "RowPrediction",
     "SyncPredictor",

@@ -3,8 +3,13 @@
 Each line is one record as the ingest API takes it (``features``, and optionally
 ``record_id``, ``timestamp``, ``label``, ``metadata``); ``-`` reads stdin. Progress goes
 to stderr, the summary to stdout (``--json`` for a JSON one). Exit status: 0 when every
-record was delivered, 2 when some were rejected (bad lines included) but none failed,
-1 when some could not be delivered.
+record was delivered, 2 when some were rejected (bad lines included, and lines too
+large to send) but none failed, 1 when some could not be delivered (a run cut short
+by Ctrl-C included). Bad arguments are usage errors (exit 2, from argparse).
+
+Ctrl-C: ``asyncio.run`` cancels the run on the first SIGINT; leaving the producer's
+``async with`` on that cancellation closes it cut short (every record without a report
+fails at once), and the summary is still printed. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -15,18 +20,19 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import IO, Any
 
 from mlgate_client.delivery import Delivery, Outcome
+from mlgate_client.line_reader import LineReader
 from mlgate_client.producer import Producer
 from mlgate_client.retry import RetryPolicy
+from mlgate_client.transport import base_url
 
-READ_LINES = 1000
 MAX_EXAMPLES = 20
 RECORD_FIELDS = ("record_id", "timestamp", "label", "metadata")
 
@@ -40,6 +46,7 @@ class Summary:
     rejected: int = 0
     failed: int = 0
     retries: int = 0
+    interrupted: bool = False
     retries_by_cause: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
@@ -74,6 +81,7 @@ class Summary:
             "lines": self.lines, "sent": self.sent, "accepted": self.accepted,
             "duplicates": self.duplicates, "rejected": self.rejected, "failed": self.failed,
             "retries": self.retries, "retries_by_cause": dict(self.retries_by_cause),
+            "interrupted": self.interrupted,
             "rejected_reasons": dict(self.reasons.most_common()),
             "failures": dict(self.failures.most_common()), "rejected_examples": self.examples,
         }
@@ -91,11 +99,15 @@ class Summary:
         out.append(f"failed:     {self.failed}")
         out += [f"  {n} x {reason}" for reason, n in self.failures.most_common(5)]
         out.append(f"retries:    {self.retries}" + (f" ({causes})" if causes else ""))
+        if self.interrupted:
+            out.append("interrupted: the run was cut short (Ctrl-C)")
         return "\n".join(out)
 
-
-def _read_lines(stream: IO[bytes]) -> list[bytes]:
-    return list(islice(stream, READ_LINES))
+    @property
+    def exit_status(self) -> int:
+        if self.failed or self.interrupted:
+            return 1
+        return 2 if self.rejected else 0
 
 
 def _parse(line: bytes) -> dict[str, Any]:
@@ -138,20 +150,14 @@ async def send_file(stream: IO[bytes], args: argparse.Namespace) -> Summary:
     progress = None if args.quiet else asyncio.create_task(_report_progress(summary, producer, started, every_s))
     try:
         async with producer:
-            while lines := await asyncio.to_thread(_read_lines, stream):
-                for line in lines:
-                    summary.lines += 1
-                    if not line.strip():
-                        continue
-                    try:
-                        record = _parse(line)
-                    except ValueError as exc:
-                        summary.reject(summary.lines, None, f"not a record: {exc}")
-                        continue
-                    options = {name: record[name] for name in RECORD_FIELDS if name in record}
-                    future = await producer.send(record["features"], **options)
-                    future.add_done_callback(functools.partial(summary.on_result, summary.lines))
-                    summary.sent += 1
+            await _send_lines(LineReader(stream.fileno()), producer, summary)
+    except asyncio.CancelledError:
+        # The first Ctrl-C: asyncio.run cancels this task. Leaving ``async with`` on it
+        # closed the producer cut short; the summary says what became of the records.
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        summary.interrupted = True
     finally:
         if progress is not None:
             progress.cancel()
@@ -160,9 +166,64 @@ async def send_file(stream: IO[bytes], args: argparse.Namespace) -> Summary:
                 await progress
         summary.retries = producer.stats.retries
         summary.retries_by_cause = producer.stats.retries_by_cause
+        await asyncio.sleep(0)  # the futures' done-callbacks (summary.on_result) run first
         if not args.quiet:
             _progress(summary, started, final=True)
     return summary
+
+
+async def _send_lines(reader: LineReader, producer: Producer, summary: Summary) -> None:
+    while lines := await reader.next_lines():
+        for line in lines:
+            summary.lines += 1
+            if not line.strip():
+                continue
+            try:
+                record = _parse(line)
+            except ValueError as exc:
+                summary.reject(summary.lines, None, f"not a record: {exc}")
+                continue
+            options = {name: record[name] for name in RECORD_FIELDS if name in record}
+            try:
+                future = await producer.send(record["features"], **options)
+            except (ValueError, TypeError, OverflowError) as exc:
+                # RecordTooLarge (a ValueError), or a value msgpack cannot encode (an
+                # integer past 64 bits): this line's problem, not the run's.
+                record_id = record.get("record_id")
+                summary.reject(
+                    summary.lines, record_id if isinstance(record_id, str) else None,
+                    f"not sendable: {exc}",
+                )
+                continue
+            future.add_done_callback(functools.partial(summary.on_result, summary.lines))
+            summary.sent += 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _seconds(text: str, *, zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if zero else '>'} 0: {text!r}")
+    return value
+
+
+def _url(text: str) -> str:
+    try:
+        return base_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,13 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     send = commands.add_parser("send", help="send an NDJSON file of records to mlgate")
     send.add_argument("file", metavar="FILE", help="NDJSON records, one per line; - for stdin")
-    send.add_argument("--url", required=True, help="mlgate base URL, e.g. http://localhost:8080")
+    send.add_argument("--url", required=True, type=_url,
+                      help="mlgate base URL, e.g. http://localhost:8080")
     send.add_argument("--source", required=True, help="the batches' source name")
     send.add_argument("--api-key", default=None, help="API key (default: $MLGATE_API_KEY)")
-    send.add_argument("--max-records", type=int, default=500, help="records per batch")
-    send.add_argument("--linger-ms", type=float, default=5.0, help="longest wait to fill a batch")
-    send.add_argument("--max-in-flight", type=int, default=4, help="batches in flight at once")
-    send.add_argument("--retry-timeout-s", type=float, default=120.0,
+    send.add_argument("--max-records", type=_positive_int, default=500, help="records per batch")
+    send.add_argument("--linger-ms", type=functools.partial(_seconds, zero=True), default=5.0,
+                      help="longest wait to fill a batch")
+    send.add_argument("--max-in-flight", type=_positive_int, default=4, help="batches in flight at once")
+    send.add_argument("--retry-timeout-s", type=functools.partial(_seconds, zero=False), default=120.0,
                       help="how long one batch is retried before its records fail")
     send.add_argument("--json", action="store_true", help="print the summary as JSON")
     send.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -185,18 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     if args.file == "-":
         summary = asyncio.run(send_file(sys.stdin.buffer, args))
     else:
-        with open(args.file, "rb") as stream:
+        try:
+            stream = open(args.file, "rb")  # noqa: SIM115 - closed below, after the run
+        except OSError as exc:  # missing, a directory, not readable: a usage error
+            parser.error(f"cannot read {args.file}: {exc.strerror or exc}")
+        with stream:
             summary = asyncio.run(send_file(stream, args))
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:
         print(summary.text())
-    if summary.failed:
-        return 1
-    return 2 if summary.rejected else 0
+    return summary.exit_status

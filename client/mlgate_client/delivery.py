@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 
 class Outcome(enum.Enum):
@@ -40,12 +40,25 @@ class Delivery:
 
 
 def counts_every_record(answer: Any, records: int) -> bool:
-    """Whether ``answer`` is a 202 ``IngestResponse`` accounting for ``records``."""
+    """Whether ``answer`` is a 202 ``IngestResponse`` accounting for ``records``: counts
+    that add up to them, and ``errors`` naming ``records_rejected`` of them by index, each
+    in the batch (an index past it would leave a rejected record reported written)."""
     if not isinstance(answer, dict) or not isinstance(answer.get("tracking_id"), str):
         return False
     counts = [answer.get(name) for name in ("records_accepted", "records_rejected", "records_duplicate")]
-    numbers = [n for n in counts if isinstance(n, int)]
-    return len(numbers) == len(counts) and sum(numbers) == records
+    numbers: list[int] = [n for n in counts if _is_count(n)]
+    if len(numbers) != len(counts) or sum(numbers) != records:
+        return False
+    errors = answer.get("errors", [])
+    if not isinstance(errors, list):
+        return False
+    indices = {error.get("index") if isinstance(error, dict) else None for error in errors}
+    in_batch = all(_is_count(index) and index < records for index in indices)
+    return in_batch and len(indices) == answer["records_rejected"]
+
+
+def _is_count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def from_accepted(

@@ -18,6 +18,7 @@
     │   └── DeadlineExceeded (504)  the request's deadline passed (retriable)
     ├── UnexpectedAnswer            a 2xx that is not mlgate's answer to the batch
     ├── BufferFull                  ``send`` on a full producer with ``block_on_full=False``
+    ├── RecordTooLarge              ``send`` of a record no batch can carry (also a ValueError)
     └── ClientClosed                a call on a producer or predictor after its ``close``
         ├── ProducerClosed          ``send`` after ``close``; records ``close`` cut short
         └── PredictorClosed         ``predict`` after ``close``
@@ -51,6 +52,12 @@ class UnexpectedAnswer(MlgateError):
 
 class BufferFull(MlgateError):
     """The producer holds ``max_buffer_bytes`` already and was told not to wait."""
+
+
+class RecordTooLarge(MlgateError, ValueError):
+    """``send`` of a record whose encoding alone is past the producer's ``max_bytes``:
+    no batch can carry it, so it is refused there (a ``ValueError`` too, as bad
+    arguments are)."""
 
 
 class ClientClosed(MlgateError):

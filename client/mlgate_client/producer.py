@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -42,6 +43,7 @@ from mlgate_client.errors import (
     MlgateError,
     PayloadTooLarge,
     ProducerClosed,
+    RecordTooLarge,
     TransportError,
     UnexpectedAnswer,
     ValidationFailed,
@@ -87,6 +89,7 @@ class _Batch:
     futures: list[asyncio.Future[Delivery]] = field(default_factory=list)
     nbytes: int = 0
     reported: bool = False
+    generation: int = 0  # the flushes begun before its records were sent (see ``flush``)
 
 
 class Producer:
@@ -132,8 +135,11 @@ class Producer:
         self._held_bytes = 0
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._unresolved = 0
-        self._drained = asyncio.Event()
-        self._drained.set()
+        # Records without a report, by generation: each flush starts a new one, so it
+        # can wait for the records sent before it while other tasks keep sending.
+        self._generation = 0
+        self._unreported: dict[int, int] = {}
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._closed = False
         self._close_ended = asyncio.Event()
 
@@ -163,7 +169,10 @@ class Producer:
         encoded = self._encoder.encode(record_id, features, label, metadata, timestamp)
         size = len(encoded)
         if size > self._max_bytes:
-            raise ValueError(f"record {record_id} is {size} bytes encoded; max_bytes is too small")
+            raise RecordTooLarge(
+                f"record {record_id} is {size} bytes encoded, more than a batch can carry "
+                f"(max_bytes less {BATCH_OVERHEAD_BYTES} bytes of batch overhead: {self._max_bytes})"
+            )
         if self._held_bytes + size > self._max_buffer_bytes:
             await self._wait_for_room(size)
             if self._closed:
@@ -174,14 +183,14 @@ class Producer:
         future: asyncio.Future[Delivery] = loop.create_future()
         self._held_bytes += size
         self._unresolved += 1
-        self._drained.clear()
+        self._unreported[self._generation] = self._unreported.get(self._generation, 0) + 1
         self.stats.sent += 1
         batch = self._current
         if batch is not None and (batch.nbytes + size > self._max_bytes):
             self._seal()
             batch = None
         if batch is None:
-            batch = self._current = _Batch()
+            batch = self._current = _Batch(generation=self._generation)
             self._linger = loop.call_later(
                 self._linger_s, self._seal_if_current, batch
             )
@@ -196,10 +205,21 @@ class Producer:
 
     async def flush(self, timeout_s: float | None = None) -> None:
         """Send what is buffered now and wait until every record sent so far has a
-        report (at most ``timeout_s``: then ``TimeoutError``, the records still going)."""
-        self._seal()
-        async with asyncio.timeout(timeout_s):
-            await self._drained.wait()
+        report (at most ``timeout_s``: then ``TimeoutError``, the records still going).
+        Records sent after the call (by another task) are not waited for."""
+        self._seal()  # the batch sealed holds only this generation's records: sent before
+        generation = self._generation
+        self._generation += 1
+        if self._reported_up_to(generation):
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((generation, waiter))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await waiter
+        finally:  # a timeout or a cancel leaves no waiter behind
+            with contextlib.suppress(ValueError):
+                self._flush_waiters.remove((generation, waiter))
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Flush (at most ``timeout_s``), then stop the senders and close connections.
@@ -207,6 +227,9 @@ class Producer:
         cancelled) fails every record still without a report with ``ProducerClosed``,
         at once: each record gets its one report, and closing is never held by retries
         (a dead server would otherwise keep each queued batch for its whole budget)."""
+        await self._close(timeout_s, flush=True)
+
+    async def _close(self, timeout_s: float | None, *, flush: bool) -> None:
         if self._closed:  # a second close returns once the first has ended
             await self._close_ended.wait()
             return
@@ -215,7 +238,8 @@ class Producer:
             if not waiter.done():
                 waiter.set_result(None)
         try:
-            await self.flush(timeout_s)
+            if flush:
+                await self.flush(timeout_s)
         except TimeoutError:
             log.warning("mlgate_client.close_timed_out", extra={"records": self._unresolved})
         finally:
@@ -239,7 +263,10 @@ class Producer:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self.close()
+        # Leaving on a cancellation (or KeyboardInterrupt, SystemExit) is a close cut
+        # short: the caller is stopping now, so nothing waits for the retries' budget.
+        cut_short = exc_type is not None and not issubclass(exc_type, Exception)
+        await self._close(None, flush=not cut_short)
 
     # -- buffering -----------------------------------------------------------------
 
@@ -258,15 +285,34 @@ class Producer:
                 if waiter in self._room_waiters:
                     self._room_waiters.remove(waiter)
 
-    def _release(self, nbytes: int, records: int) -> None:
-        self._held_bytes -= nbytes
+    def _release(self, batch: _Batch) -> None:
+        records = len(batch.records)
+        self._held_bytes -= batch.nbytes
         self._unresolved -= records
-        if self._unresolved == 0:
-            self._drained.set()
+        left = self._unreported[batch.generation] - records
+        if left:
+            self._unreported[batch.generation] = left
+        else:
+            del self._unreported[batch.generation]
+            self._wake_flushes()
         while self._room_waiters:
             waiter = self._room_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _reported_up_to(self, generation: int) -> bool:
+        """Whether every record of ``generation`` and the ones before has its report."""
+        return not self._unreported or min(self._unreported) > generation
+
+    def _wake_flushes(self) -> None:
+        waiting = []
+        for generation, waiter in self._flush_waiters:
+            if self._reported_up_to(generation):
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((generation, waiter))
+        self._flush_waiters = waiting
 
     def _fail_unsent(self, error: MlgateError) -> None:
         """Fail the records no sender has taken yet: the open batch and the ready ones."""
@@ -381,10 +427,13 @@ class Producer:
         middle = len(batch.records) // 2
         first_bytes = sum(len(record) for record in batch.records[:middle])
         halves = [
-            _Batch(batch.records[:middle], batch.record_ids[:middle], batch.futures[:middle], first_bytes),
+            _Batch(
+                batch.records[:middle], batch.record_ids[:middle], batch.futures[:middle],
+                first_bytes, generation=batch.generation,
+            ),
             _Batch(
                 batch.records[middle:], batch.record_ids[middle:], batch.futures[middle:],
-                batch.nbytes - first_bytes,
+                batch.nbytes - first_bytes, generation=batch.generation,
             ),
         ]
         batch.reported = True  # its records are the halves' now
@@ -423,7 +472,7 @@ class Producer:
                 stats.rejected_by_reason[report.reason or "?"] += 1
             if not future.done():
                 future.set_result(report)
-        self._release(batch.nbytes, len(batch.records))
+        self._release(batch)
         for report in reports:
             self._notify(report.record_id, report)
 
@@ -444,7 +493,7 @@ class Producer:
             if not future.done():
                 future.set_exception(error)
                 future.exception()  # reported here and in the log: no "never retrieved" noise
-        self._release(batch.nbytes, len(batch.records))
+        self._release(batch)
         for record_id in batch.record_ids:
             self._notify(record_id, error)
 

@@ -3,13 +3,16 @@
 Owns the ``aiohttp.ClientSession`` (created on first use, inside the running loop).
 An answer of 400 or more becomes an ``ApiError`` carrying the problem document and
 ``Retry-After``; no answer at all becomes a ``TransportError``. Retrying is the
-caller's business (``retry.call_with_retries``).
+caller's business (``retry.call_with_retries``). A base URL that is not ``http(s)://host``
+is refused when the transport is made: it would otherwise fail every attempt as if
+the server were down, and be retried for the whole budget.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
-from mlgate_client.errors import ApiError, ClientClosed, TransportError
+from mlgate_client.errors import ApiError, ClientClosed, MlgateError, TransportError
 from mlgate_client.retry import parse_retry_after
 from mlgate_client.version import __version__
 
@@ -27,6 +30,18 @@ API_KEY_VARIABLE = "MLGATE_API_KEY"
 def resolve_api_key(api_key: str | None) -> str | None:
     """The key given, else ``$MLGATE_API_KEY``, else none (a server without auth)."""
     return api_key or os.environ.get(API_KEY_VARIABLE) or None
+
+
+def base_url(url: str) -> str:
+    """``url`` without its trailing ``/``, or ``ValueError`` unless it is http(s) with a host."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {url!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL with a host: {url!r} (e.g. http://localhost:8080)")
+    return url.rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +71,7 @@ class Transport:
         connections: int = 8,
         connect_timeout_s: float = 5.0,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = base_url(url)
         self._headers = {"User-Agent": f"mlgate-client/{__version__}", "Accept": "application/json"}
         key = resolve_api_key(api_key)
         if key:
@@ -91,6 +106,8 @@ class Transport:
                 raw = await response.read()
                 status, content_type = response.status, response.content_type
                 answer_headers = response.headers
+        except aiohttp.InvalidURL as exc:  # the same on every attempt: not worth a retry
+            raise MlgateError(f"POST {path}: invalid URL: {exc}") from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"POST {path}: {type(exc).__name__}: {exc}") from exc
         document = _decode(content_type, raw)

@@ -61,6 +61,60 @@ async def test_a_cancelled_close_still_reports_every_record_once(scripted: Scrip
     assert sorted(reports) == sorted(set(reports)) and len(reports) == 200
 
 
+async def test_cancelling_the_task_inside_async_with_cuts_the_close_short(
+    scripted: Scripted,
+) -> None:
+    """A review: one cancel of a task inside ``async with Producer`` (its work, not its
+    close, interrupted) left the block's close flushing against a dead server for the
+    whole retry budget (115 s) before the cancellation ended the task."""
+    scripted.script = [problem(503, "0")]
+    sent: list[asyncio.Future[object]] = []
+
+    async def produce() -> None:
+        async with Producer(scripted.url, "s", linger_ms=1, max_records=10, retry=PATIENT) as producer:
+            for _ in range(30):
+                sent.append(await producer.send([1.0]))  # type: ignore[arg-type]
+            await asyncio.sleep(3600)  # the application's own work, then cancelled
+
+    task = asyncio.create_task(produce())
+    for _ in range(500):  # until the batches are being retried against the 503s
+        if scripted.seen:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()  # once
+    done, _ = await asyncio.wait([task], timeout=5)
+    if not done:  # still flushing: a second cancel ends it, so nothing outlives the test
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+    assert done, "the close waited out the retries' budget"
+    assert task.cancelled() and len(sent) == 30
+    assert all(isinstance(future.exception(), ProducerClosed) for future in sent)
+
+
+async def test_a_202_naming_a_rejected_record_outside_the_batch_fails_the_batch(
+    scripted: Scripted,
+) -> None:
+    """A review: an error index past the batch was taken as read, every record of the
+    batch reported written, the one the server rejected among them."""
+
+    async def out_of_range(request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {
+                "tracking_id": "t",
+                "records_accepted": 2,
+                "records_rejected": 1,
+                "records_duplicate": 0,
+                "errors": [{"index": 7, "record_id": None, "error": "bad"}],
+            },
+            status=202,
+        )
+
+    scripted.script = [out_of_range]
+    async with Producer(scripted.url, "s", linger_ms=1, retry=PATIENT) as producer:
+        futures = [await producer.send([1.0]) for _ in range(3)]
+    assert all(isinstance(future.exception(), UnexpectedAnswer) for future in futures)
+
+
 async def test_a_success_status_that_is_not_mlgates_answer_fails_the_batch(
     scripted: Scripted,
 ) -> None:
