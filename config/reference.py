@@ -16,6 +16,7 @@ DESCRIPTIONS: dict[str, str] = {
     "host": "Address to bind.",
     "port": "Port to bind.",
     "workers": "Serving processes on one port with SO_REUSEPORT.",
+    "worker_timeout_s": "With several processes: one whose event loop has not turned for this long is hung; the supervisor kills and restarts it.",
     "log_level": "debug, info, warning or error; logs are JSON lines on stdout.",
     "access_log": "Write the one canonical log line per request.",
     "shutdown_timeout_s": "Budget from SIGTERM to exit: in-flight requests, mailbox drain, flush and fsync.",

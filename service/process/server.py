@@ -58,10 +58,18 @@ log = structlog.get_logger("mlgate.server")
 # Into aiohttp's wait for in-flight requests, the part after which the predicts still
 # waiting are refused (503): the rest is left for the answers to be written.
 REFUSE_WAITING_AT = 0.8
+# How often a supervised process tells the supervisor its event loop turns.
+HEARTBEAT_S = 0.5
 
 
-async def serve(settings: Settings, on_ready: Callable[[], object] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; the exit code (0 drained in budget, 1 budget exceeded)."""
+async def serve(
+    settings: Settings,
+    on_ready: Callable[[], object] | None = None,
+    on_turn: Callable[[], object] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; the exit code (0 drained in budget, 1 budget exceeded).
+    ``on_turn``: called from the event loop every ``HEARTBEAT_S`` once serving (the
+    supervisor's sign that the loop turns)."""
     # Handlers first: a SIGTERM during start-up stops it (a model load that never ends
     # must not keep the process from stopping).
     stop = asyncio.Event()
@@ -127,6 +135,8 @@ async def serve(settings: Settings, on_ready: Callable[[], object] | None = None
         tls=ssl_context is not None,
         worker_index=settings.worker_index,
     )
+    if on_turn is not None:
+        _every(loop, HEARTBEAT_S, on_turn)
     if on_ready is not None:
         on_ready()
     else:
@@ -380,14 +390,24 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-def run(settings: Settings, on_ready: Callable[[], object] | None = None) -> int:
+def _every(loop: asyncio.AbstractEventLoop, period_s: float, call: Callable[[], object]) -> None:
+    """``call`` now and every ``period_s`` after, from the loop: a timer, no task."""
+    call()
+    loop.call_later(period_s, _every, loop, period_s, call)
+
+
+def run(
+    settings: Settings,
+    on_ready: Callable[[], object] | None = None,
+    on_turn: Callable[[], object] | None = None,
+) -> int:
     """Serve on a uvloop loop; the exit code ``serve`` decided, or 2 when start-up
     failed on what the operator gave it (a file, a directory, the address): said in one
     line naming the setting, not a traceback."""
     tune_garbage_collector()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(settings, on_ready))
+            return runner.run(serve(settings, on_ready, on_turn))
     except StartUpFailed as failed:
         log.error("start_up_failed", setting=failed.setting, error=str(failed.cause))
         print(f"mlgate: start-up error: {failed.setting}: {failed.cause}", file=sys.stderr)

@@ -26,6 +26,7 @@ import time
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import structlog
@@ -37,9 +38,10 @@ from mlgate.service.process.server import run
 log = structlog.get_logger("mlgate.supervisor")
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+Heartbeat = Any  # multiprocessing's shared ``Value("d")``: ``.value``, a float
 
 
-def _child(settings_json: bytes, ready: ProcessEvent, supervisor: int) -> None:
+def _child(settings_json: bytes, ready: ProcessEvent, supervisor: int, beat: Heartbeat) -> None:
     if not _stops_with(supervisor):
         return  # the supervisor died before this child could watch it
     # The supervisor is systemd's main process and speaks for all (NotifyAccess=main).
@@ -48,7 +50,11 @@ def _child(settings_json: bytes, ready: ProcessEvent, supervisor: int) -> None:
 
     settings = msgspec.json.decode(settings_json, type=Settings)
     configure_logging(settings.log_level, worker=settings.worker_index)
-    raise SystemExit(run(settings, on_ready=ready.set))
+    raise SystemExit(run(settings, on_ready=ready.set, on_turn=lambda: _beat(beat)))
+
+
+def _beat(beat: Heartbeat) -> None:
+    beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
 
 
 def _stops_with(supervisor: int) -> bool:
@@ -110,6 +116,9 @@ class Supervisor:
         self._settings = settings
         self._context = multiprocessing.get_context("spawn")
         self._children: dict[int, tuple[BaseProcess, ProcessEvent]] = {}
+        # When each child's event loop last turned (``serve``'s ``on_turn``), in
+        # shared memory: a file would go stale on a full disk, a pipe fill up.
+        self._beats: dict[int, Heartbeat] = {}
         self._stop_signal: int | None = None
         self._hangup = False
         self._stop_deadline: float | None = None
@@ -121,9 +130,10 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         settings = msgspec.structs.replace(self._settings, worker_index=index)
         ready = self._context.Event()
+        beat = self._beats[index] = self._context.Value("d", 0.0, lock=False)
         process = self._context.Process(
             target=_child,
-            args=(msgspec.json.encode(settings), ready, os.getpid()),
+            args=(msgspec.json.encode(settings), ready, os.getpid(), beat),
             name=f"mlgate-{index}",
         )
         process.start()
@@ -197,12 +207,31 @@ class Supervisor:
                     continue
                 del self._children[index]
                 self._died(index, process.exitcode)
+            self._kill_hung()
             self._respawn_due()
             if self._stop_signal is not None and not self._children:
                 return self._exit_code
             if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
                 self._kill_remaining()
             time.sleep(self.POLL_S)
+
+    def _kill_hung(self) -> None:
+        """Kill a serving child whose event loop has not turned for
+        ``worker_timeout_s`` (its death is then a death as any other: restarted, and
+        counted towards a crash loop). Hung, it still holds its share of the port: a
+        review saw a stopped process leave half the connections, health checks
+        included, unanswered while its siblings said ready. Not while stopping: the
+        budget's own kill covers that."""
+        if self._stop_signal is not None:
+            return
+        now = time.monotonic()
+        for index, (process, ready) in self._children.items():
+            last = self._beats[index].value
+            if not ready.is_set() or not last or now - last <= self._settings.worker_timeout_s:
+                continue
+            if process.is_alive():
+                log.error("worker_hung", index=index, pid=process.pid, silent_s=round(now - last, 1))
+                process.kill()
 
     def _died(self, index: int, exitcode: int | None) -> None:
         now = time.monotonic()

@@ -223,3 +223,39 @@ def _copy_of_the_demo_model(tmp_path: Path) -> Path:
 def _break_its_files(models: Path) -> None:
     for model_file in models.glob("demo/*/model.onnx"):
         model_file.write_bytes(b"garbage")
+
+
+def test_a_hung_process_is_killed_and_replaced(service_process: ServiceFactory) -> None:
+    """A process whose event loop stopped turning still holds its share of the port:
+    a review saw half the connections, health checks included, go unanswered."""
+    with notify_socket() as (path, sock):
+        service = service_process(
+            "--workers", "2", wait=False, NOTIFY_SOCKET=path, MLGATE_WORKER_TIMEOUT_S="2"
+        )
+        receive_until(sock, "READY=1")
+    hung = sorted(serving_children(service.pid))[0]
+    os.kill(hung, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        servers = serving_children(service.pid)
+        if hung not in servers and len(servers) == 2:
+            break
+        time.sleep(0.2)
+    assert hung not in serving_children(service.pid)
+    assert "worker_hung" in service.tail()
+    wait_for_two_serving(service)
+
+
+def wait_for_two_serving(service: ServiceProcess) -> None:
+    """Every connection answered: no process left that takes them and says nothing."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            for _ in range(10):
+                with socket.create_connection(("127.0.0.1", service.port), timeout=2) as conn:
+                    conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    assert conn.recv(64).startswith(b"HTTP/1.1 200")
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("the replacement process never served")
