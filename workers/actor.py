@@ -8,8 +8,9 @@ if the task dies, a done-callback fails every pending future, so no request wait
 forever (after aiokafka's ``Sender._fail_all``).
 
 Subclasses write ``_run`` (the loop) and may extend ``_drained`` (more to wait for
-than the mailbox), ``_held`` (items taken out of the mailbox but not yet finished)
-and ``_release`` (what to free once the task has stopped).
+than the mailbox), ``_held`` (items taken out of the mailbox but not yet finished),
+``_crashed`` (what else to do when the task dies, such as counting it) and
+``_release`` (what to free once the task has stopped).
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class Actor(Generic[ItemT]):
     def _held(self) -> list[ItemT]:
         return []
 
+    def _crashed(self, error: BaseException) -> None:
+        pass
+
     async def _release(self) -> None:
         pass
 
@@ -122,3 +126,4 @@ class Actor(Generic[ItemT]):
             log.error("actor_crashed", actor=self.name, error=repr(error))
             self._closed = True
             self._fail_pending(WorkerClosed(f"{self.name} crashed: {error!r}"))
+            self._crashed(error)

@@ -44,6 +44,10 @@ class WorkerTelemetry(SupervisionTelemetry, Protocol):
 
     def local_log_write_failed(self) -> None: ...
 
+    def local_log_batch_written(self, records: int) -> None: ...
+
+    def local_log_batch_failed(self, records: int) -> None: ...
+
 
 class _NoTelemetry(_NoSupervisionTelemetry):
     def kafka_batch_acked(self, records: int, seconds: float) -> None:
@@ -67,6 +71,12 @@ class _NoTelemetry(_NoSupervisionTelemetry):
         pass
 
     def local_log_write_failed(self) -> None:
+        pass
+
+    def local_log_batch_written(self, records: int) -> None:
+        pass
+
+    def local_log_batch_failed(self, records: int) -> None:
         pass
 
 

@@ -1,4 +1,5 @@
-"""``mlgate log tail|cat``: print local-log records as JSON lines."""
+"""``mlgate log tail|cat``: print local-log records as JSON lines (on stdout; damage met
+on the way is logged on stderr, so the lines stay JSON)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+import structlog
 
 from mlgate.workers.sinks.local_log import LogEntry, read_log
 
@@ -28,7 +30,19 @@ def _as_json(entry: LogEntry) -> bytes:
     )
 
 
+def _log_to_stderr() -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+    )
+
+
 def print_log(data_dir: str, action: str, args: argparse.Namespace) -> int:
+    _log_to_stderr()
     directory = Path(data_dir) / "log"
     if not directory.is_dir():
         print(f"mlgate: no local log at {directory}", file=sys.stderr)

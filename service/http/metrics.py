@@ -78,7 +78,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.records = Counter(
-            "mlgate_records", "Records by outcome (produced, failed, spilled, rejected)",
+            "mlgate_records",
+            "Records by outcome (produced to Kafka, written to the local log, failed, spilled, rejected)",
             ["outcome"], registry=r,
         )
         self.records_resent = Counter(
@@ -315,6 +316,12 @@ class PrometheusTelemetry:
 
     def local_log_write_failed(self) -> None:
         self._m.local_log_write_errors.inc()
+
+    def local_log_batch_written(self, records: int) -> None:
+        self._m.records.labels("written").inc(records)
+
+    def local_log_batch_failed(self, records: int) -> None:
+        self._m.records.labels("failed").inc(records)
 
     def feature_drift_scored(
         self, kind: str, name: str, features: Sequence[str], psi: Sequence[float],

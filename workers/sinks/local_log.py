@@ -5,40 +5,43 @@ frame: ``u32 length | u32 crc32(payload) | payload``, the payload being the msgp
 of an ``OutboundRecord`` (key, value, headers). ``LocalLog.append`` writes frames and
 fsyncs before it returns (the actor in ``workers.sinks.local_log_writer`` group-commits
 through it). On open, the last segment is scanned and a torn tail (a crash mid-write:
-a bad frame with nothing intact after it) is cut off, the cut bytes kept beside it in
-``<segment>.dropped-at-<position>``. A damaged frame that intact frames follow is not
-a torn write: it keeps its offset, readers skip it with an error logged, and the
-acknowledged frames after it stay. Segments rotate past ``log_segment_bytes``.
+damage with no intact frame anywhere after it, ``local_log_frames``) is cut off, the
+cut bytes kept beside it in ``<segment>.dropped-at-<position>``. Damage that intact
+frames follow is not a torn write: it keeps its offsets, readers skip it with an error
+logged, and the acknowledged frames after it stay. Segments rotate past
+``log_segment_bytes``.
+
+A failed append is cut back; if even that fails, or the segment was deleted under the
+log (its directory removed), the log is broken: the next append first repairs it (the
+cut redone, the directory and a segment made again at the same next offset), and
+fails if it cannot, so nothing is acknowledged behind a torn frame or into a deleted
+file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
-import struct
-import zlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import msgspec
 import structlog
 
+from mlgate.workers.sinks.local_log_frames import HEADER as HEADER
+from mlgate.workers.sinks.local_log_frames import frame as frame
+from mlgate.workers.sinks.local_log_frames import read_frames as read_frames
 from mlgate.workers.sinks.records import OutboundRecord
 
 log = structlog.get_logger("mlgate.local_log")
 
-HEADER = struct.Struct(">II")
 SUFFIX = ".log"
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(OutboundRecord).decode
-
-
-def frame(record: OutboundRecord) -> bytes:
-    payload = _encode(record)
-    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+# A segment's name: its first offset, 20 digits, then SUFFIX.
+_SEGMENT_NAME = re.compile(r"[0-9]{20}\.log")
 
 
 def _segment_name(first_offset: int) -> str:
@@ -46,43 +49,14 @@ def _segment_name(first_offset: int) -> str:
 
 
 def segments(directory: Path) -> list[Path]:
-    return sorted(directory.glob(f"*{SUFFIX}"))
+    """The segments, in offset order; other files (``*.log`` or not) are not read."""
+    return sorted(path for path in directory.glob(f"*{SUFFIX}") if _SEGMENT_NAME.fullmatch(path.name))
 
 
-def _frame_at(data: bytes, position: int) -> tuple[int, OutboundRecord | None]:
-    """(end, record) of the frame at ``position``: record None if its payload is cut
-    short, fails its checksum or does not decode; end -1 if even its header is cut."""
-    if position + HEADER.size > len(data):
-        return -1, None
-    length, checksum = HEADER.unpack_from(data, position)
-    start = position + HEADER.size
-    payload = data[start : start + length]
-    if len(payload) < length or zlib.crc32(payload) != checksum:
-        return start + length, None
-    try:
-        return start + length, _decode(payload)
-    except msgspec.MsgspecError:
-        return start + length, None
-
-
-def read_frames(data: bytes) -> Iterator[tuple[int, OutboundRecord | None]]:
-    """(end position, record) for each frame, in order.
-
-    A bad frame (checksum or decoding) whose length still leads to an intact frame was
-    damaged after it was written, since frames are fsync'd before they are
-    acknowledged: it keeps its offset, with record None, and reading goes on. A bad
-    frame with nothing intact right after it is a torn tail (a crash mid-write): reading
-    stops there.
-    """
-    position = 0
-    while True:
-        end, record = _frame_at(data, position)
-        if end < 0:
-            return
-        if record is None and (end > len(data) or _frame_at(data, end)[1] is None):
-            return
-        position = end
-        yield position, record
+def _warn_of_stray_files(directory: Path) -> None:
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
+        if not _SEGMENT_NAME.fullmatch(path.name):
+            log.warning("local_log_stray_file_ignored", directory=str(directory), file=path.name)
 
 
 class LogInUse(RuntimeError):
@@ -105,6 +79,11 @@ class LogEntry:
     record: OutboundRecord
 
 
+class SegmentDeleted(OSError):
+    """The segment written to was unlinked (its directory removed): what was written
+    to it is gone with it, though every write and fsync succeeded."""
+
+
 class LocalLog:
     """The files: appending with fsync, recovery on open, reading back. Not thread-safe."""
 
@@ -116,6 +95,9 @@ class LocalLog:
         self.next_offset = 0
         # Damaged frames found on open (their records lost, their offsets kept).
         self.corrupt_frames = 0
+        # Where an append that failed must be cut back to, while that cut is not done.
+        self._broken: tuple[Path, int] | None = None
+        _warn_of_stray_files(self.directory)
         self._recover()
         # Records below it are fsync'd; readers that forward records stop there, since
         # frames past it may still be rolled back (or lost in a crash).
@@ -136,8 +118,8 @@ class LocalLog:
                 log.error("local_log_corrupt_frame_skipped", segment=last.name, offset=base + count)
             good_end, count = end, count + 1
         if good_end < len(data):
-            # Kept beside the log (never read as part of it), in case what is cut off
-            # was more than a torn write.
+            # Nothing intact follows: the end of what was being written when the
+            # process died. Kept beside the log (never read as part of it), in case.
             kept = last.with_name(f"{last.name}.dropped-at-{good_end}")
             kept.write_bytes(data[good_end:])
             log.warning(
@@ -168,40 +150,77 @@ class LocalLog:
         """Write frames and fsync; returns the offset of the first. Blocking.
 
         On failure the log is cut back to where it was, so no torn frame ends up in
-        front of records a later append acknowledges.
+        front of records a later append acknowledges. Raises ``SegmentDeleted`` (an
+        ``OSError``) if the segment was deleted under it.
         """
+        if self._broken is not None:
+            self.repair()
         first = self.next_offset
         mark = (Path(self._handle.name), self._size)
         try:
             for data in frames:
                 if self._size >= self.segment_bytes:
-                    self._handle.flush()
-                    os.fsync(self._handle.fileno())
+                    self._sync_written()
                     self._handle.close()
                     self._open_segment(self.next_offset)
                 self._handle.write(data)
                 self._size += len(data)
                 self.next_offset += 1
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
+            self._sync_written()
         except OSError:
             self._roll_back(*mark, first)
             raise
         self.durable_offset = self.next_offset
         return first
 
+    def _sync_written(self) -> None:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        if os.fstat(self._handle.fileno()).st_nlink == 0:
+            raise SegmentDeleted(errno.ENOENT, f"{self._handle.name} was deleted while written to")
+
     def _roll_back(self, segment: Path, size: int, next_offset: int) -> None:
         with contextlib.suppress(OSError):
             self._handle.close()
+        self.next_offset = next_offset
+        self._broken = (segment, size)
+        # If this fails too the log stays broken: the next append (or ``repair``)
+        # tries again, and nothing is acknowledged behind a torn frame meanwhile.
+        with contextlib.suppress(OSError):
+            self.repair()
+
+    def repair(self) -> None:
+        """Redo the cut of a failed append, making the directory and a segment again if
+        they were deleted. Blocking; raises ``OSError`` if it cannot (yet)."""
+        if self._broken is None:
+            return
+        segment, size = self._broken
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            log.error("local_log_directory_recreated", directory=str(self.directory))
+        if not (self.directory / "LOCK").exists():
+            try:
+                lock = _lock_directory(self.directory)
+            except LogInUse as exc:
+                raise OSError(errno.EBUSY, str(exc)) from None
+            self._lock.close()
+            self._lock = lock
         for path in segments(self.directory):
             if path.name > segment.name:
                 path.unlink()
-        # If this fails too the handle stays closed: the next append raises, the
-        # writer stops, and nothing is ever acknowledged behind a torn frame.
-        os.truncate(segment, size)
-        self._size, self.next_offset = size, next_offset
-        self._handle = segment.open("ab")
-        os.fsync(self._handle.fileno())
+        if segment.exists():
+            os.truncate(segment, size)
+            handle = segment.open("ab")
+            self._size = size
+        else:
+            # Deleted with what it held: the log goes on at the same offset, never
+            # giving a lost record's offset to another.
+            handle = (self.directory / _segment_name(self.next_offset)).open("ab")
+            self._size = 0
+        self._handle = handle
+        os.fsync(handle.fileno())
+        self._fsync_directory()
+        self._broken = None
 
     def close(self) -> None:
         if not self._handle.closed:
@@ -215,21 +234,32 @@ class LocalLog:
 
 
 def read_log(directory: str | Path, from_offset: int = 0) -> Iterator[LogEntry]:
-    """Every intact record at or after ``from_offset``, in order."""
+    """Every intact record at or after ``from_offset``, in order; damage is logged as
+    an error where it is met, never stepped over in silence."""
     paths = segments(Path(directory))
     for i, path in enumerate(paths):
         base = int(path.stem)
         following = int(paths[i + 1].stem) if i + 1 < len(paths) else None
         if following is not None and following <= from_offset:
             continue
-        offset = base
-        for _, record in read_frames(path.read_bytes()):
+        data = path.read_bytes()
+        offset, read_to = base, 0
+        for end, record in read_frames(data):
+            read_to = end
             if offset >= from_offset:
                 if record is None:
                     log.error("local_log_corrupt_frame_skipped", segment=path.name, offset=offset)
                 else:
                     yield LogEntry(offset, record)
             offset += 1
+        # The last segment may end in a frame still being written; an earlier one was
+        # complete when the next began.
+        if following is not None and (read_to < len(data) or offset != following):
+            log.error(
+                "local_log_damaged_segment_end",
+                segment=path.name, unreadable_bytes=len(data) - read_to,
+                offsets_counted_to=offset, next_segment_from=following,
+            )
 
 
 class LogCursor:

@@ -9,6 +9,12 @@ unhealthy, so ``/ready`` takes the process out of rotation rather than leave it
 answering 503s, until a write succeeds: asked for its health, it tries a probe write
 (at most once a second, in its own thread, behind the writes): ``min_free_bytes``
 free and writable by ``statvfs``, then a small file written, fsync'd and removed.
+A log left broken by a failed write (its cut-back failed too, or its directory was
+removed under it) is repaired first, by the probe or by the next write.
+
+Written and failed records count in ``mlgate_records_total{outcome}``; a crash of the
+writer's task (it is not restarted: ``/ready`` says so) in
+``mlgate_background_task_crashes_total{task="local_log"}``.
 """
 
 from __future__ import annotations
@@ -102,6 +108,8 @@ class LocalLogWriter(Actor[_Pending]):
     def _probe_write(self) -> bool:
         """In the writer's thread: whether a write of ours would succeed now."""
         try:
+            if self._log is not None:
+                self._log.repair()
             stats = os.statvfs(self._directory)
             if stats.f_flag & os.ST_RDONLY or stats.f_favail == 0:
                 return False
@@ -162,6 +170,9 @@ class LocalLogWriter(Actor[_Pending]):
         self._accepted += len(records)
         return future
 
+    def _crashed(self, error: BaseException) -> None:
+        self._telemetry.background_task_crashed(self.name)
+
     async def _release(self) -> None:
         if self._log is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._log.close)
@@ -185,6 +196,7 @@ class LocalLogWriter(Actor[_Pending]):
                 if not self._write_failed:
                     log.error("local_log_write_failed", directory=str(self._directory), error=repr(exc))
                 self._telemetry.local_log_write_failed()
+                self._telemetry.local_log_batch_failed(len(frames))
                 self._last_error = str(exc)
                 error = SinkFailed(f"local log write failed: {exc}")
                 self._write_failed, self._probed_at = True, time.monotonic()
@@ -200,9 +212,11 @@ class LocalLogWriter(Actor[_Pending]):
                         )
                     self._mailbox.task_done()
                 raise
-            if error is None and self._write_failed:
-                self._write_failed = False
-                log.info("local_log_writable_again", directory=str(self._directory))
+            if error is None:
+                self._telemetry.local_log_batch_written(len(frames))
+                if self._write_failed:
+                    self._write_failed = False
+                    log.info("local_log_writable_again", directory=str(self._directory))
             for item in taken:
                 if not item.future.done():
                     if error is None:

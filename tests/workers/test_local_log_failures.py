@@ -1,0 +1,261 @@
+"""The local log under failures around it: its directory deleted, a cut-back that fails,
+a crash of its writer, stray files; and what it reports to ``/metrics``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import structlog.testing
+
+from mlgate.service.cli.log import print_log
+from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
+from mlgate.workers.errors import SinkFailed
+from mlgate.workers.sinks import local_log, local_log_writer
+from mlgate.workers.sinks.local_log import LocalLog, SegmentDeleted, frame, read_log, segments
+from mlgate.workers.sinks.local_log_writer import LocalLogWriter
+from mlgate.workers.sinks.records import OutboundRecord
+
+
+def _record(key: str) -> OutboundRecord:
+    return OutboundRecord(key=key.encode(), value=b"v", headers=[("source", b"s")])
+
+
+def _entries(directory: Path) -> list[tuple[int, str]]:
+    return [(entry.offset, entry.record.key.decode()) for entry in read_log(directory)]
+
+
+async def _started_writer(directory: Path, **kwargs: Any) -> LocalLogWriter:
+    writer = LocalLogWriter(directory, **kwargs)
+    await writer.start()
+    return writer
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 5 s")
+
+
+# -- the directory deleted under the log -----------------------------------------------
+
+
+def test_an_append_into_a_deleted_segment_fails_and_the_next_recreates_the_log(
+    tmp_path: Path,
+) -> None:
+    """A review: after ``rm -rf`` of the data directory, appends went on succeeding into
+    the deleted files, and the records they acknowledged were gone after a restart."""
+    directory = tmp_path / "log"
+    log = LocalLog(directory)
+    try:
+        log.append([frame(_record("a"))])
+        shutil.rmtree(directory)
+        with pytest.raises(SegmentDeleted):
+            log.append([frame(_record("lost"))])
+        assert log.append([frame(_record("b"))]) == 1  # a's offset is never given again
+    finally:
+        log.close()
+    assert _entries(directory) == [(1, "b")]
+    reopened = LocalLog(directory)
+    try:
+        assert reopened.next_offset == 2
+    finally:
+        reopened.close()
+
+
+async def test_deleting_the_directory_under_the_writer_fails_the_write_then_it_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_log_writer, "PROBE_INTERVAL_S", 0.0)
+    directory = tmp_path / "log"
+    writer = await _started_writer(directory, min_free_bytes=1)
+    try:
+        await writer.write([_record("a")])
+        shutil.rmtree(directory)
+        with pytest.raises(SinkFailed):
+            await writer.write([_record("lost")])
+        assert not writer.healthy
+        await _until(lambda: writer.healthy)
+        await writer.write([_record("b")])
+    finally:
+        await writer.close()
+    assert _entries(directory) == [(1, "b")]
+
+
+# -- a cut-back that fails -------------------------------------------------------------
+
+
+def _fails_once(monkeypatch: pytest.MonkeyPatch, name: str, code: int) -> None:
+    real = getattr(os, name)
+    failed = False
+
+    def once(*args: Any) -> Any:
+        nonlocal failed
+        if not failed:
+            failed = True
+            raise OSError(code, os.strerror(code))
+        return real(*args)
+
+    monkeypatch.setattr(local_log.os, name, once)
+
+
+def test_a_failed_cut_back_leaves_the_log_able_to_append_once_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: when the cut-back of a failed append failed too (the disk full), the
+    log's file stayed closed and every later append raised ``ValueError``."""
+    log = LocalLog(tmp_path)
+    try:
+        log.append([frame(_record("a"))])
+        _fails_once(monkeypatch, "fsync", errno.ENOSPC)
+        _fails_once(monkeypatch, "truncate", errno.ENOSPC)
+        with pytest.raises(OSError):
+            log.append([frame(_record("lost"))])
+        assert log.append([frame(_record("b"))]) == 1
+    finally:
+        log.close()
+    assert _entries(tmp_path) == [(0, "a"), (1, "b")]
+
+
+async def test_the_writer_outlives_a_failed_cut_back_and_writes_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = await _started_writer(tmp_path)
+    try:
+        await writer.write([_record("a")])
+        _fails_once(monkeypatch, "fsync", errno.ENOSPC)
+        _fails_once(monkeypatch, "truncate", errno.ENOSPC)
+        with pytest.raises(SinkFailed):
+            await writer.write([_record("lost")])
+        await writer.write([_record("b")])
+        assert writer.running
+    finally:
+        await writer.close()
+    assert _entries(tmp_path) == [(0, "a"), (1, "b")]
+
+
+async def test_a_crash_of_the_writer_is_counted_as_a_background_task_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(self: LocalLog, frames: list[bytes]) -> int:
+        raise ValueError("write to closed file")
+
+    metrics = Metrics()
+    monkeypatch.setattr(LocalLog, "append", crash)
+    writer = await _started_writer(tmp_path, telemetry=PrometheusTelemetry(metrics))
+    try:
+        with pytest.raises(SinkFailed):
+            await writer.write([_record("a")])
+
+        def crashes() -> float | None:
+            return metrics.registry.get_sample_value(
+                "mlgate_background_task_crashes_total", {"task": "local_log"}
+            )
+
+        await _until(lambda: crashes() is not None)
+        assert crashes() == 1
+        assert not writer.healthy
+    finally:
+        await writer.close()
+
+
+@pytest.fixture
+def structlog_restored() -> Iterator[None]:
+    """``mlgate log`` sends structlog to the stderr of its process: put it back after."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+# -- files that are not segments -------------------------------------------------------
+
+
+def test_a_stray_log_file_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    """A review: ``notes.log`` in the log directory stopped start-up with ``ValueError``."""
+    log = LocalLog(tmp_path)
+    try:
+        log.append([frame(_record("a"))])
+    finally:
+        log.close()
+    (tmp_path / "notes.log").write_bytes(b"not a segment")
+    with structlog.testing.capture_logs() as logs:
+        reopened = LocalLog(tmp_path)
+    try:
+        assert reopened.append([frame(_record("b"))]) == 1
+    finally:
+        reopened.close()
+    assert [path.name for path in segments(tmp_path)] == [f"{0:020d}.log"]
+    assert _entries(tmp_path) == [(0, "a"), (1, "b")]
+    [warning] = [entry for entry in logs if entry["event"] == "local_log_stray_file_ignored"]
+    assert warning["file"] == "notes.log"
+
+
+@pytest.mark.usefixtures("structlog_restored")
+def test_log_tail_reads_past_a_stray_log_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "log"
+    log = LocalLog(directory)
+    try:
+        log.append([frame(_record("a"))])
+    finally:
+        log.close()
+    (directory / "backup-old.log").write_bytes(b"")
+    assert print_log(str(tmp_path), "tail", argparse.Namespace(n=10)) == 0
+    assert '"key":"a"' in capsys.readouterr().out
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+async def test_records_written_and_failed_count_in_the_records_metric(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: ``mlgate_records{outcome}`` counted only Kafka's records."""
+    metrics = Metrics()
+    writer = await _started_writer(tmp_path, telemetry=PrometheusTelemetry(metrics))
+    try:
+        await writer.write([_record("a"), _record("b"), _record("c")])
+        _fails_once(monkeypatch, "fsync", errno.EIO)
+        with pytest.raises(SinkFailed):
+            await writer.write([_record("d"), _record("e")])
+    finally:
+        await writer.close()
+
+    def records(outcome: str) -> float | None:
+        return metrics.registry.get_sample_value("mlgate_records_total", {"outcome": outcome})
+
+    assert records("written") == 3
+    assert records("failed") == 2
+
+
+@pytest.mark.usefixtures("structlog_restored")
+def test_log_cat_reports_damage_on_stderr_keeping_stdout_json_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "log"
+    log = LocalLog(directory)
+    try:
+        log.append([frame(_record(key)) for key in "abc"])
+    finally:
+        log.close()
+    [segment] = segments(directory)
+    data = bytearray(segment.read_bytes())
+    data[len(frame(_record("a"))) + 10] ^= 0xFF  # b's payload
+    segment.write_bytes(bytes(data))
+
+    assert print_log(str(tmp_path), "cat", argparse.Namespace(from_offset=0)) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["offset"] for line in out.splitlines()] == [0, 2]
+    assert "local_log_corrupt_frame_skipped" in err
