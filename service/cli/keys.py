@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import structlog
 
 from mlgate.config import Settings
 from mlgate.service.cli.redaction import redact_url
+from mlgate.service.http.logs import log_to_stderr
 from mlgate.service.protection.api_keys import (
     REDIS_HASH,
     SCOPES,
@@ -71,7 +71,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     """Run one action. A failure (bad arguments, a keys file that does not parse or
     cannot be read, Redis unreachable) is one line on stderr and exit code 2; an
     unknown key to revoke is exit code 1."""
-    _log_to_stderr()  # stdout carries only what the command prints
+    log_to_stderr()  # stdout carries only what the command prints
     from redis.exceptions import RedisClusterException, RedisError
 
     path = Path(args.keys_file) if args.keys_file else keys_path(settings)
@@ -229,12 +229,3 @@ def audit_admin(action: Action, outcome: str, **details: str | int | None) -> No
     audit.audit_admin(action, outcome, **details)
 
 
-def _log_to_stderr() -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
-    )

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import msgspec
-import structlog
 
+from mlgate.service.http.logs import log_to_stderr
 from mlgate.workers.sinks.local_log import LogEntry, read_log
 
 
@@ -30,19 +30,10 @@ def _as_json(entry: LogEntry) -> bytes:
     )
 
 
-def _log_to_stderr() -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
-    )
 
 
 def print_log(data_dir: str, action: str, args: argparse.Namespace) -> int:
-    _log_to_stderr()
+    log_to_stderr()
     directory = Path(data_dir) / "log"
     if not directory.is_dir():
         print(f"mlgate: no local log at {directory}", file=sys.stderr)

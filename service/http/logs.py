@@ -145,6 +145,19 @@ def configure_logging(level: str = "info", worker: int | None = None) -> None:
     _configured = (tuple(processors), sys.stdout, static)
 
 
+def log_to_stderr() -> None:
+    """For a command whose stdout carries only what it prints: its log lines, JSON, on
+    stderr."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+    )
+
+
 def write_info_line(event: dict[str, Any]) -> bool:
     """Write ``event`` (``"event"`` included) as the configured chain renders an info
     line: bound context variables it lacks, ``level``, ``timestamp``, one JSON line,
