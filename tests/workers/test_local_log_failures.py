@@ -74,6 +74,31 @@ def test_an_append_into_a_deleted_segment_fails_and_the_next_recreates_the_log(
         reopened.close()
 
 
+def test_a_log_whose_directory_another_process_took_meanwhile_never_writes_into_it(
+    tmp_path: Path,
+) -> None:
+    """A review: deleted under the first log, the directory was taken by a second; the
+    first one's repair, seeing a LOCK file, cut and wrote the second one's segment."""
+    directory = tmp_path / "log"
+    first = LocalLog(directory)
+    try:
+        first.append([frame(_record(key)) for key in ("a", "b", "c")])
+        shutil.rmtree(directory)
+        second = LocalLog(directory)
+        try:
+            second.append([frame(_record("theirs"))])
+            with pytest.raises(SegmentDeleted):
+                first.append([frame(_record("lost"))])
+            with pytest.raises(OSError) as refused:
+                first.append([frame(_record("mine"))])
+            assert refused.value.errno == errno.EBUSY
+            assert _entries(directory) == [(0, "theirs")]
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
 async def test_deleting_the_directory_under_the_writer_fails_the_write_then_it_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,6 +263,19 @@ async def test_records_written_and_failed_count_in_the_records_metric(
 
     assert records("written") == 3
     assert records("failed") == 2
+
+
+async def test_the_spill_counts_no_records_of_its_own(tmp_path: Path) -> None:
+    """Its sink counts them (failed, spilled, then produced): counted again here they
+    were "written" too (a review)."""
+    metrics = Metrics()
+    writer = await _started_writer(tmp_path, telemetry=PrometheusTelemetry(metrics), spill=True)
+    try:
+        await writer.write([_record("a"), _record("b")])
+    finally:
+        await writer.close()
+    assert writer.name == "spill"
+    assert metrics.registry.get_sample_value("mlgate_records_total", {"outcome": "written"}) is None
 
 
 @pytest.mark.usefixtures("structlog_restored")

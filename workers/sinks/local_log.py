@@ -5,10 +5,10 @@ frame: ``u32 length | u32 crc32(payload) | payload``, the payload being the msgp
 of an ``OutboundRecord`` (key, value, headers). ``LocalLog.append`` writes frames and
 fsyncs before it returns (the actor in ``workers.sinks.local_log_writer`` group-commits
 through it). On open, the last segment is scanned and a torn tail (a crash mid-write:
-damage with no intact frame anywhere after it, ``local_log_frames``) is cut off, the
-cut bytes kept beside it in ``<segment>.dropped-at-<position>``. Damage that intact
-frames follow is not a torn write: it keeps its offsets, readers skip it with an error
-logged, and the acknowledged frames after it stay. Segments rotate past
+a bad frame with nothing intact after it, ``local_log_frames``) is cut off, the cut
+bytes kept beside it in ``<segment>.dropped-at-<position>``. A damaged frame that
+intact frames follow is not a torn write: it keeps its offset, readers skip it with an
+error logged, and the acknowledged frames after it stay. Segments rotate past
 ``log_segment_bytes``.
 
 A failed append is cut back; if even that fails, or the segment was deleted under the
@@ -121,11 +121,22 @@ class LocalLog:
             # Nothing intact follows: the end of what was being written when the
             # process died. Kept beside the log (never read as part of it), in case.
             kept = last.with_name(f"{last.name}.dropped-at-{good_end}")
-            kept.write_bytes(data[good_end:])
-            log.warning(
-                "local_log_torn_tail_dropped",
-                segment=last.name, bytes=len(data) - good_end, kept_in=kept.name,
-            )
+            try:
+                kept.write_bytes(data[good_end:])
+            except OSError as exc:
+                # A full disk (the crash may have come of it): the cut needs no room
+                # and frees some, and without it the process cannot start at all.
+                log.error(
+                    "local_log_torn_tail_not_kept",
+                    segment=last.name, bytes=len(data) - good_end, error=repr(exc),
+                )
+                with contextlib.suppress(OSError):
+                    kept.unlink()
+            else:
+                log.warning(
+                    "local_log_torn_tail_dropped",
+                    segment=last.name, bytes=len(data) - good_end, kept_in=kept.name,
+                )
             with last.open("r+b") as handle:
                 handle.truncate(good_end)
                 handle.flush()
@@ -198,7 +209,9 @@ class LocalLog:
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True, exist_ok=True)
             log.error("local_log_directory_recreated", directory=str(self.directory))
-        if not (self.directory / "LOCK").exists():
+        if not self._holds_lock():
+            # The directory was made again, by this repair or by another process that
+            # took it meanwhile: never cut or write what may be that process's.
             try:
                 lock = _lock_directory(self.directory)
             except LogInUse as exc:
@@ -221,6 +234,15 @@ class LocalLog:
         os.fsync(handle.fileno())
         self._fsync_directory()
         self._broken = None
+
+    def _holds_lock(self) -> bool:
+        """Whether the ``LOCK`` file in the directory is the one this log locked."""
+        try:
+            on_disk = os.stat(self.directory / "LOCK")
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self._lock.fileno())
+        return (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
 
     def close(self) -> None:
         if not self._handle.closed:

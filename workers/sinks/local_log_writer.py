@@ -60,8 +60,14 @@ class LocalLogWriter(Actor[_Pending]):
         segment_bytes: int = 64 * 1024 * 1024,
         min_free_bytes: int = MIN_FREE_BYTES,
         telemetry: WorkerTelemetry = NO_TELEMETRY,
+        spill: bool = False,
     ) -> None:
+        """``spill``: the Kafka sink's spill, whose records its sink counts (failed,
+        spilled, then produced): this writer counts none, and a crash as ``spill``."""
         super().__init__(mailbox_size)
+        if spill:
+            self.name = "spill"
+        self._counts_records = not spill
         self._directory = Path(directory)
         self._segment_bytes = segment_bytes
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="local-log")
@@ -196,7 +202,8 @@ class LocalLogWriter(Actor[_Pending]):
                 if not self._write_failed:
                     log.error("local_log_write_failed", directory=str(self._directory), error=repr(exc))
                 self._telemetry.local_log_write_failed()
-                self._telemetry.local_log_batch_failed(len(frames))
+                if self._counts_records:
+                    self._telemetry.local_log_batch_failed(len(frames))
                 self._last_error = str(exc)
                 error = SinkFailed(f"local log write failed: {exc}")
                 self._write_failed, self._probed_at = True, time.monotonic()
@@ -213,7 +220,8 @@ class LocalLogWriter(Actor[_Pending]):
                     self._mailbox.task_done()
                 raise
             if error is None:
-                self._telemetry.local_log_batch_written(len(frames))
+                if self._counts_records:
+                    self._telemetry.local_log_batch_written(len(frames))
                 if self._write_failed:
                     self._write_failed = False
                     log.info("local_log_writable_again", directory=str(self._directory))

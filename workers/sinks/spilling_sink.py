@@ -109,6 +109,7 @@ class SpillingKafkaSink:
             mailbox_size=settings.writer_mailbox_size,
             segment_bytes=settings.log_segment_bytes,
             telemetry=telemetry,
+            spill=True,
         )
         self.breaker = Breaker(
             "kafka",
