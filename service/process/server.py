@@ -451,6 +451,11 @@ def setting_behind(exc: BaseException, settings: Settings) -> str:
         ("MLGATE_DATA_DIR", settings.data_dir),
     )
     for name, value in candidates:
-        if value and (path == Path(value).absolute() or Path(value).absolute() in path.parents):
+        if not value:
+            continue
+        named = Path(value).absolute()
+        # The path itself, a file under it, or a directory on the way to it (a file
+        # where its parent directory should be).
+        if path == named or named in path.parents or path in named.parents:
             return f"{name}={value}"
     return f"the file {path}"

@@ -345,6 +345,19 @@ def test_serve_dev_with_a_data_directory_it_cannot_make_stops_with_a_line_naming
     assert "Traceback" not in output
 
 
+def test_serve_dev_with_a_keys_file_under_a_file_names_the_keys_file(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    keys_file = blocker / "keys.json"
+    service = service_process("--dev", wait=False, MLGATE_KEYS_FILE=str(keys_file))
+    assert service.wait(30) == 2
+    output = service.tail()
+    assert f"mlgate: start-up error: MLGATE_KEYS_FILE={keys_file}" in output
+    assert "Traceback" not in output
+
+
 def test_a_port_in_use_stops_start_up_with_a_line_naming_the_address(
     service_process: ServiceFactory,
 ) -> None:

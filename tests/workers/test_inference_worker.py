@@ -790,3 +790,94 @@ async def test_a_first_run_overrunning_makes_room_only_for_deadlines_past_its_ov
     finally:
         gate.set()
     await asyncio.gather(computing, later)
+
+
+async def test_the_deadline_watch_sweeps_at_most_every_gap_however_many_deadlines(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: one sweep (of every queued request) a distinct deadline made a full
+    mailbox expiring behind a stuck run cost the loop 0.8 s."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session, shares_batches=False, mailbox_size=1024)
+    sweeps = 0
+    sweep = worker._watch_deadlines
+
+    def counted() -> None:
+        nonlocal sweeps
+        sweeps += 1
+        sweep()
+
+    monkeypatch.setattr(worker, "_watch_deadlines", counted)
+    computing = worker.submit(rows(1), soon(10))
+    await asyncio.to_thread(session.entered.wait, 5)
+    start = time.monotonic()
+    queued = [worker.submit(rows(1, i), start + 0.05 + i * 0.0005) for i in range(400)]
+    try:
+        outcomes = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 5)
+    finally:
+        gate.set()
+    assert all(isinstance(outcome, DeadlineExpired) for outcome in outcomes)
+    # 0.2 s of deadlines, a sweep every 20 ms at most (and the first at the earliest).
+    assert sweeps <= 0.25 / batching.WATCH_GAP_S + 2
+    await computing
+
+
+async def test_a_worker_closing_runs_a_failed_batch_again_request_by_request(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A review: closing (a version replaced) drains the mailbox, and a batch failing
+    then failed every request in it with the bad one's 422."""
+    gate = threading.Event()
+    session = RefusingSession(demo_session, gate=gate)
+    worker = make_worker(session, max_batch_size=8, max_queue_delay_s=0.05)
+    computing = worker.submit(rows(1, 0), soon())
+    await asyncio.to_thread(session.entered.wait, 5)
+    bad = rows(1, 1)
+    bad[0, 0] = 999
+    good = [rows(1, seed) for seed in (2, 3)]
+    batched = [worker.submit(good[0], soon()), worker.submit(bad, soon()), worker.submit(good[1], soon())]
+    await asyncio.sleep(0.02)
+    closing = asyncio.create_task(worker.close(drain_s=5))
+    await asyncio.sleep(0.02)
+    gate.set()
+    outcomes = await asyncio.gather(computing, *batched, return_exceptions=True)
+    await closing
+    assert isinstance(outcomes[2], InputRefused)
+    assert isinstance(outcomes[1], dict) and isinstance(outcomes[3], dict)
+
+
+async def test_a_run_ended_at_its_deadline_teaches_the_least_a_batch_takes(
+    make_worker: WorkerFactory,
+) -> None:
+    """A review: every run of a model slower than the deadlines was ended, none taught
+    the estimate, and every request was admitted to expire."""
+    session = ort.InferenceSession(
+        looping_model().SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    worker = make_worker(session, run_options=ort.RunOptions(), shares_batches=False)
+    slow = np.full((1, 128), 1e12, np.float32)
+    with pytest.raises(DeadlineExpired):
+        await worker.submit(slow, time.monotonic() + 0.2)
+    await asyncio.wait_for(worker._mailbox.join(), 5)  # the run ended
+    with pytest.raises(MailboxFull, match="deadline"):
+        worker.submit(slow, time.monotonic() + 0.1)
+
+
+async def test_a_request_expired_by_the_watch_in_the_thread_counts_once(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session, shares_batches=False)
+    computing = worker.submit(rows(1), soon(10))
+    await asyncio.to_thread(session.entered.wait, 5)
+    behind = worker.submit(rows(1, 1), time.monotonic() + 0.05)
+    try:
+        with pytest.raises(DeadlineExpired):
+            await asyncio.wait_for(behind, 5)
+    finally:
+        gate.set()
+    await computing
+    await asyncio.wait_for(worker._mailbox.join(), 5)
+    assert worker.stats.expired == 1

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mlgate.service.http.errors import ValidationFailed
-from mlgate.service.predict.flow import predictions
+from mlgate.service.predict.flow import BYTES_VALUE_BUDGET, input_value_budget, predictions
+from mlgate.workers.inference.model_config import TensorSpec
 
 
 def classifier(labels: tuple[str, ...] = ()) -> Any:
@@ -75,3 +76,24 @@ def test_the_confidence_of_a_class_from_integer_scores_is_a_number_with_a_point(
     [answer] = predictions(classifier(), np.array([[0, 3, 1]], dtype=np.int64), 1)
     assert (answer.prediction, answer.confidence) == (1, 3.0)
     assert isinstance(answer.confidence, float)
+
+
+def test_a_classifier_answering_n_1_c_scores_reads_a_row_of_scores_a_row() -> None:
+    scores = np.array([[[0.1, 0.7, 0.2]], [[0.6, 0.3, 0.1]]], dtype=np.float32)
+    assert [(a.prediction, a.confidence) for a in predictions(classifier(), scores, 2)] == [
+        (1, pytest.approx(0.7)),
+        (0, pytest.approx(0.6)),
+    ]
+
+
+def test_a_classifier_answering_more_than_a_row_of_scores_a_row_is_422() -> None:
+    with pytest.raises(ValidationFailed, match=r"answers outputs of shape \[1, 2, 3\]"):
+        predictions(classifier(), np.zeros((1, 2, 3), dtype=np.float32), 1)
+
+
+@pytest.mark.parametrize("shape", [(-1, -1), (-1, 4096)])
+def test_a_strings_input_takes_at_most_the_strings_budget(shape: tuple[int, ...]) -> None:
+    """A review: 1M, or 16.7M, strings were the budget of such inputs, each a Python
+    object made on the event loop."""
+    assert input_value_budget(TensorSpec("s", "BYTES", shape)) == BYTES_VALUE_BUDGET
+    assert input_value_budget(TensorSpec("x", "FP32", shape)) > BYTES_VALUE_BUDGET
