@@ -145,7 +145,6 @@ def serve_ingest_rdkafka(bootstrap: str, topic: str, port: int) -> None:
                 "linger.ms": 0.5,
                 "socket.nagle.disable": True,
                 "enable.idempotence": False,
-                "api.version.request": True,
             }
         )
         done: list[tuple[asyncio.Future[None], object]] = []
