@@ -217,6 +217,9 @@ class InferenceWorker(Actor[_Item]):
         # deadline, computing or queued, and when it fires (``_watch_deadlines``).
         self._deadline_watch: asyncio.TimerHandle | None = None
         self._watch_at = math.inf
+        # Options of runs that ended by themselves, for the next (a fresh one a run
+        # costs onnxruntime a little more each time).
+        self._spare_options: list[RunOptions] = []
         self._busy_until = 0.0  # when the thread should be free, by recent run times
         self._forming: list[_Item] = []  # the batch ``_take_batch`` is filling
         self._rejected_seen = 0  # ``stats.rejected`` when the last batch was answered
@@ -382,19 +385,19 @@ class InferenceWorker(Actor[_Item]):
         if self._held_bytes and self._held_bytes + nbytes > self._mailbox_bytes:
             self.stats.rejected += 1
             raise MailboxFull(f"inference mailbox of {self.name} is full (input bytes)")
-        if now + way_s + self._expected_wait_s(rows + ahead) > deadline:
+        if now + way_s + self._expected_wait_s(rows + ahead, now) > deadline:
             self.stats.rejected += 1
             raise MailboxFull(f"{self.name} cannot answer before the request's deadline")
         return now
 
-    def _expected_wait_s(self, rows: int) -> float:
+    def _expected_wait_s(self, rows: int, now: float) -> float:
         """How long new rows would take to be answered, from recent batch run times
         (0 until a batch has run, or for one batch while the estimate is stale): the
         batches queued ahead, the one computing, and the batch of these rows; plus how
         far the one computing has run past that estimate (a run stuck for seconds
         says more than the estimate: a review saw requests admitted for ever behind a
         first run that never ended, since there was no estimate yet)."""
-        overrun = self._overrun_s()
+        overrun = self._overrun_s(now) if self._in_flight else 0.0
         if self._run_time_s <= 0:
             return overrun
         if self._queued_rows + rows <= self._max_batch_size and self._estimate_is_stale():
@@ -402,15 +405,13 @@ class InferenceWorker(Actor[_Item]):
         batches = -(-(self._queued_rows + rows) // self._max_batch_size)
         return (batches + len(self._in_flight)) * self._run_time_s + overrun
 
-    def _overrun_s(self) -> float:
+    def _overrun_s(self, now: float) -> float:
         """How long the run computing has gone past the estimate (0 until it starts:
         a run waiting in the thread behind another is no overrun of its own)."""
-        if not self._in_flight:
-            return 0.0
         started_at = self._runs[id(self._in_flight[0])].started_at
         if started_at is None:
             return 0.0
-        return max(0.0, time.monotonic() - started_at - self._run_time_s)
+        return max(0.0, now - started_at - self._run_time_s)
 
     def _took(self, item: _Item) -> _Item:
         self._queued_rows -= item.rows
@@ -427,6 +428,8 @@ class InferenceWorker(Actor[_Item]):
         # flag, would otherwise hold the event loop, and with it every request and the
         # shutdown's own deadline.
         _end(run.options for run in self._runs.values())
+        if self._deadline_watch is not None:
+            self._deadline_watch.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
@@ -501,6 +504,9 @@ class InferenceWorker(Actor[_Item]):
         self._forming = []
         return batch
 
+    def _new_options(self) -> RunOptions | None:
+        return None if self._run_options is None else type(self._run_options)()
+
     def _watch(self, at: float) -> None:
         """Have ``_watch_deadlines`` run at ``at`` (monotonic), or earlier."""
         if self._deadline_watch is not None:
@@ -515,8 +521,10 @@ class InferenceWorker(Actor[_Item]):
         not when the run ends: a review saw a 200 ms deadline answered after 2.9 s
         behind a slow run, and a request behind a run that never ended not answered
         at all. A run whose requests are all answered so is ended (``terminate``),
-        freeing the model for those behind it. Once a batch, and once a deadline of
-        those waiting meanwhile: no cost to a request answered in time."""
+        freeing the model for those behind it. Armed for the earliest deadline handed
+        to the thread (or of a request queued meanwhile, if earlier), and left armed
+        while the thread is idle, when it does nothing: no cost to a request answered
+        in time."""
         self._deadline_watch, self._watch_at = None, math.inf
         if not self._in_flight:
             return
@@ -583,9 +591,12 @@ class InferenceWorker(Actor[_Item]):
         self._busy_until = max(started, self._busy_until) + self._run_time_s * max(
             1.0, total / self._max_batch_size
         )
-        options = None if self._run_options is None else type(self._run_options)()
-        run = _Run(options, started)
-        latest = max(item.deadline for item in items)
+        run = _Run(self._spare_options.pop() if self._spare_options else self._new_options(), started)
+        if len(items) == 1:
+            earliest = latest = items[0].deadline
+        else:
+            earliest = min(item.deadline for item in items)
+            latest = max(item.deadline for item in items)
         try:
             future = loop.run_in_executor(self._executor, self._timed_run, feed, latest, run)
         except RuntimeError as exc:  # the executor is shut down (closed past its drain)
@@ -596,7 +607,6 @@ class InferenceWorker(Actor[_Item]):
             return
         self._in_flight.append(items)
         self._runs[id(items)] = run
-        earliest = min(item.deadline for item in items)
         if earliest < self._watch_at:
             self._watch(earliest)
         future.add_done_callback(
@@ -614,9 +624,11 @@ class InferenceWorker(Actor[_Item]):
     ) -> None:
         self._in_flight.remove(items)
         run = self._runs.pop(id(items))
-        if not self._in_flight and self._deadline_watch is not None:
-            self._deadline_watch.cancel()
-            self._deadline_watch, self._watch_at = None, math.inf
+        if run.options is not None and not run.options.terminate:
+            self._spare_options.append(run.options)  # not ended: good for another run
+        # The deadline watch stays armed when the thread is idle (it does nothing
+        # then): a fast model is idle between most batches, and a timer set and
+        # cancelled each batch cost its single-row predicts ~5% (bench.workload).
         if holds_slot:
             self._slots.release()
         answering = False
