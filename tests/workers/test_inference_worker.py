@@ -812,14 +812,16 @@ async def test_the_deadline_watch_sweeps_at_most_every_gap_however_many_deadline
     computing = worker.submit(rows(1), soon(10))
     await asyncio.to_thread(session.entered.wait, 5)
     start = time.monotonic()
-    queued = [worker.submit(rows(1, i), start + 0.05 + i * 0.0005) for i in range(400)]
+    # Deadlines well past what the held run has computed so far (with no estimate
+    # yet, that much counts against them), 0.2 s of them.
+    queued = [worker.submit(rows(1, i), start + 0.3 + i * 0.0005) for i in range(400)]
     try:
         outcomes = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 5)
     finally:
         gate.set()
     assert all(isinstance(outcome, DeadlineExpired) for outcome in outcomes)
     # 0.2 s of deadlines, a sweep every 20 ms at most (and the first at the earliest).
-    assert sweeps <= 0.25 / batching.WATCH_GAP_S + 2
+    assert sweeps <= 0.2 / batching.WATCH_GAP_S + 3
     await computing
 
 
@@ -881,3 +883,16 @@ async def test_a_request_expired_by_the_watch_in_the_thread_counts_once(
     await computing
     await asyncio.wait_for(worker._mailbox.join(), 5)
     assert worker.stats.expired == 1
+
+
+async def test_a_run_ended_at_its_deadline_weighs_in_as_one_more_run(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """Taken whole, one slow input with a 3 s deadline made a healthy model refuse
+    1 s deadlines for 12 s (a review)."""
+    worker = make_worker()
+    await worker.submit(rows(1), soon())  # an estimate: the demo model, microseconds
+    learnt = worker._run_time_s
+    worker._learn_from_ended_run(3.0)
+    assert worker._run_time_s == pytest.approx(learnt + 0.2 * (3.0 - learnt))
+    worker.check_room(1, time.monotonic() + 1.0)  # still room for a 1 s deadline

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import partialmethod
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,14 +157,14 @@ def test_a_torn_tail_that_cannot_be_kept_aside_on_a_full_disk_is_cut_all_the_sam
     [segment] = segments(tmp_path)
     with segment.open("ab") as handle:
         handle.write(frame(_record("torn"))[:-3])
-    write_bytes = Path.write_bytes
+    opened = Path.open
 
-    def full_disk(path: Path, data: bytes) -> int:
+    def full_disk(path: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if ".dropped-at-" in path.name:
             raise OSError(28, "No space left on device", str(path))
-        return write_bytes(path, data)
+        return opened(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    monkeypatch.setattr(Path, "open", full_disk)
     log = LocalLog(tmp_path)
     try:
         assert log.next_offset == 2
@@ -171,3 +172,36 @@ def test_a_torn_tail_that_cannot_be_kept_aside_on_a_full_disk_is_cut_all_the_sam
     finally:
         log.close()
     assert _keys(tmp_path) == ["a", "b", "c"]
+
+
+def test_a_second_cut_at_the_same_position_keeps_the_first_ones_copy(tmp_path: Path) -> None:
+    _append(tmp_path, ["a", "b"])
+    [segment] = segments(tmp_path)
+    cut_at = segment.stat().st_size
+    for torn in ("first", "second"):
+        with segment.open("ab") as handle:
+            handle.write(frame(_record(torn))[:-3])
+        LocalLog(tmp_path).close()  # the crash's tail cut and kept aside
+    kept = sorted(path.name for path in tmp_path.glob(f"*.dropped-at-{cut_at}*"))
+    assert kept == [f"{segment.name}.dropped-at-{cut_at}", f"{segment.name}.dropped-at-{cut_at}.1"]
+    assert b"first" in (tmp_path / kept[0]).read_bytes()
+    assert b"second" in (tmp_path / kept[1]).read_bytes()
+
+
+def test_damaged_frames_side_by_side_keep_their_offsets_and_the_frames_after(
+    tmp_path: Path,
+) -> None:
+    """One bad sector spans several small frames: each bad one's length still leads to
+    the next, and on to an intact frame (a review: the second cut every record after)."""
+    _append(tmp_path, ["a", "b", "c", "d", "e"])
+    [segment] = segments(tmp_path)
+    _flip_payload_byte(segment, 1)
+    _flip_payload_byte(segment, 2)
+    log = LocalLog(tmp_path)
+    try:
+        assert log.next_offset == 5
+    finally:
+        log.close()
+    assert [(entry.offset, entry.record.key) for entry in read_log(tmp_path)] == [
+        (0, b"a"), (3, b"d"), (4, b"e")
+    ]

@@ -59,6 +59,15 @@ def _warn_of_stray_files(directory: Path) -> None:
             log.warning("local_log_stray_file_ignored", directory=str(directory), file=path.name)
 
 
+def _unused(path: Path) -> Path:
+    """``path``, or ``path.<n>`` for the first n free: a second cut at the same
+    position (a crash mid-write at the same spot) keeps the first one's copy."""
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}.{n}"), n + 1
+    return candidate
+
+
 class LogInUse(RuntimeError):
     """Another process writes this log; two writers would corrupt it."""
 
@@ -120,9 +129,10 @@ class LocalLog:
         if good_end < len(data):
             # Nothing intact follows: the end of what was being written when the
             # process died. Kept beside the log (never read as part of it), in case.
-            kept = last.with_name(f"{last.name}.dropped-at-{good_end}")
+            kept = _unused(last.with_name(f"{last.name}.dropped-at-{good_end}"))
             try:
-                kept.write_bytes(data[good_end:])
+                with kept.open("xb") as copy:  # never over an earlier cut's copy
+                    copy.write(data[good_end:])
             except OSError as exc:
                 # A full disk (the crash may have come of it): the cut needs no room
                 # and frees some, and without it the process cannot start at all.

@@ -4,9 +4,9 @@ The payload is the msgpack of an ``OutboundRecord`` (an array: key, value, heade
 Frames carry no offset of their own: a record's offset is its segment's first offset
 plus the number of frames before it.
 
-Damage is told from a torn write by what follows it: a bad frame whose length leads
-to an intact frame keeps its offset; one followed by nothing intact ends the reading
-(in the last segment, a torn tail). Not searched for past that: frames carry no
+Damage is told from a torn write by what follows it: bad frames whose lengths lead,
+one after the other, to an intact frame keep their offsets; ones that lead to
+nothing intact end the reading (in the last segment, a torn tail). Not searched for past that: frames carry no
 marker, and a search finds frames inside a record's own bytes (a review forged one
 in a msgpack value, and a reader's 8 MiB chunk cut a frame in two, every time) — so a
 length whose own bytes are damaged still cuts what follows it, kept aside on open.
@@ -51,18 +51,32 @@ def _frame_at(data: bytes, position: int) -> tuple[int, OutboundRecord | None]:
 def read_frames(data: bytes) -> Iterator[tuple[int, OutboundRecord | None]]:
     """(end position, record) for each frame, in order.
 
-    A bad frame (checksum or decoding) whose length still leads to an intact frame was
-    damaged after it was written, since frames are fsync'd before they are
-    acknowledged: it keeps its offset, with record None, and reading goes on. A bad
-    frame with nothing intact right after it is a torn tail (a crash mid-write), or
-    the end of a reader's chunk: reading stops there.
+    A bad frame (checksum or decoding) whose length still leads, through any bad frames
+    after it, each by its own length, to an intact frame was damaged after it was
+    written, since frames are fsync'd before they are acknowledged (one bad sector
+    spans several small frames): each keeps its offset, with record None, and reading
+    goes on. A bad frame whose lengths lead to no intact frame within ``data`` is a
+    torn tail (a crash mid-write), or the end of a reader's chunk: reading stops there.
     """
     position = 0
     while True:
         end, record = _frame_at(data, position)
         if end < 0:
             return
-        if record is None and (end > len(data) or _frame_at(data, end)[1] is None):
-            return
-        position = end
-        yield position, record
+        if record is not None:
+            position = end
+            yield position, record
+            continue
+        damaged = [end]
+        while True:
+            if end > len(data):
+                return
+            end, record = _frame_at(data, end)
+            if end < 0:
+                return
+            if record is not None:
+                break
+            damaged.append(end)
+        for end_of_damaged in damaged:
+            yield end_of_damaged, None
+        position = damaged[-1]
