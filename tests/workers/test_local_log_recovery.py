@@ -205,3 +205,22 @@ def test_damaged_frames_side_by_side_keep_their_offsets_and_the_frames_after(
     assert [(entry.offset, entry.record.key) for entry in read_log(tmp_path)] == [
         (0, b"a"), (3, b"d"), (4, b"e")
     ]
+
+
+def test_a_cursor_passes_damage_at_the_end_of_a_complete_segment(tmp_path: Path) -> None:
+    """Nothing follows the damaged last frame of a segment to count it by, but the next
+    segment says where the offsets go on (a review: the cursor, and the spill drainer
+    reading with it, stopped there for good)."""
+    log = LocalLog(tmp_path, segment_bytes=4 * len(frame(_record("a"))))
+    try:
+        for key in "abcdefgh":
+            log.append([frame(_record(key))])
+    finally:
+        log.close()
+    first, second, *_ = segments(tmp_path)
+    last_frame = (int(second.stem) - int(first.stem)) - 1
+    _flip_payload_byte(first, last_frame)
+    cursor = LogCursor(tmp_path, 0)
+    read = [(entry.offset, entry.record.key.decode()) for entry in cursor.read(100)]
+    assert read == [(0, "a"), (1, "b"), (2, "c"), (4, "e"), (5, "f"), (6, "g"), (7, "h")]
+    assert cursor.offset == 8

@@ -338,7 +338,7 @@ class LogCursor:
                 if self.offset >= limit:
                     break
             self._position += consumed
-            if self.offset < limit and not self._advance():
+            if self.offset < limit and not self._advance(limit):
                 break
         return entries
 
@@ -370,14 +370,34 @@ class LogCursor:
         self._segment, self._position = segment, position
         return True
 
-    def _advance(self) -> bool:
-        """Move to the next segment if the current one is complete and a later one exists."""
+    def _advance(self, limit: int) -> bool:
+        """Move to the next segment if the current one is complete and a later one
+        exists. A complete segment whose rest cannot be read (damage at its end, which
+        nothing follows to count its frames by) ends where the next one begins: those
+        offsets are skipped, logged, up to ``limit`` (a review: the cursor stopped
+        there for good, and the spill drainer with it, restart after restart)."""
         assert self._segment is not None
         later = [p for p in segments(self._directory) if p.name > self._segment.name]
-        if not later or int(later[0].stem) != self.offset:
+        if not later:
             return False
+        first = int(later[0].stem)
+        if first != self.offset:
+            if not self.offset < first <= limit or not self._rest_unreadable():
+                return False
+            log.error(
+                "local_log_damaged_segment_end",
+                segment=self._segment.name, offsets_skipped=f"{self.offset}-{first - 1}",
+            )
+            self.offset = first
         self._segment, self._position = later[0], 0
         return True
+
+    def _rest_unreadable(self) -> bool:
+        assert self._segment is not None
+        with self._segment.open("rb") as handle:
+            handle.seek(self._position)
+            rest = handle.read()
+        return bool(rest) and next(read_frames(rest), None) is None
 
 
 def delete_segments_before(directory: str | Path, offset: int) -> int:
