@@ -180,10 +180,14 @@ class Supervisor:
             self._stop_signal = signum
 
     def _wait_until_ready(self) -> bool:
-        """True once every child serves (or a stop was asked for); False if one died."""
+        """True once every child has served (or a stop was asked for); False if one
+        died before it served. One that died after it served is a death like any
+        other, restarted by ``_watch`` (a review: a process killed while a sibling was
+        still loading its model stopped the whole group, exit 1)."""
         deadline = time.monotonic() + self.START_TIMEOUT_S
         while time.monotonic() < deadline and self._stop_signal is None:
-            if any(not process.is_alive() for process, _ in self._children.values()):
+            children = self._children.values()
+            if any(not ready.is_set() and not process.is_alive() for process, ready in children):
                 return False
             if all(ready.is_set() for _, ready in self._children.values()):
                 return True
