@@ -344,16 +344,30 @@ class RefusingSession(RecordingSession):
         return outputs
 
 
-async def test_an_input_the_model_refuses_fails_only_its_own_request_of_a_batch(
-    make_worker: WorkerFactory, demo_session: ort.InferenceSession
-) -> None:
-    gate = threading.Event()
+async def held_refusing_worker(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, gate: threading.Event
+) -> tuple[InferenceWorker, RefusingSession, asyncio.Future[Any]]:
+    """A worker computing one request, held at ``gate``: what is submitted meanwhile
+    forms one batch behind it."""
     session = RefusingSession(demo_session, gate=gate)
     worker = make_worker(session, max_batch_size=8, max_queue_delay_s=0.05)
     computing = worker.submit(rows(1, 0), soon())
     await asyncio.to_thread(session.entered.wait, 5)
+    return worker, session, computing
+
+
+def refused_row() -> np.ndarray:
     bad = rows(1, 1)
     bad[0, 0] = 999
+    return bad
+
+
+async def test_an_input_the_model_refuses_fails_only_its_own_request_of_a_batch(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    gate = threading.Event()
+    worker, session, computing = await held_refusing_worker(make_worker, demo_session, gate)
+    bad = refused_row()
     good = [rows(1, seed) for seed in (2, 3, 4)]
     batched = [worker.submit(good[0], soon()), worker.submit(bad, soon())]
     batched += [worker.submit(row, soon()) for row in good[1:]]
@@ -376,8 +390,7 @@ async def test_a_failing_batch_of_one_fails_with_the_models_error(
 ) -> None:
     session = RefusingSession(demo_session)
     worker = make_worker(session)
-    bad = rows(1)
-    bad[0, 0] = 999
+    bad = refused_row()
     with pytest.raises(InputRefused):
         await worker.submit(bad, soon())
     assert [len(batch) for batch in session.batches] == [1]  # not run twice
@@ -833,12 +846,8 @@ async def test_a_worker_closing_runs_a_failed_batch_again_request_by_request(
     """A review: closing (a version replaced) drains the mailbox, and a batch failing
     then failed every request in it with the bad one's 422."""
     gate = threading.Event()
-    session = RefusingSession(demo_session, gate=gate)
-    worker = make_worker(session, max_batch_size=8, max_queue_delay_s=0.05)
-    computing = worker.submit(rows(1, 0), soon())
-    await asyncio.to_thread(session.entered.wait, 5)
-    bad = rows(1, 1)
-    bad[0, 0] = 999
+    worker, session, computing = await held_refusing_worker(make_worker, demo_session, gate)
+    bad = refused_row()
     good = [rows(1, seed) for seed in (2, 3)]
     batched = [worker.submit(good[0], soon()), worker.submit(bad, soon()), worker.submit(good[1], soon())]
     await asyncio.sleep(0.02)
