@@ -42,7 +42,7 @@ class LineReader:
             loop, future = self._asks.get()
             try:
                 lines = self._read_lines()
-            except OSError as exc:
+            except Exception as exc:  # to the caller: the thread never dies with it
                 self._answer(loop, future, None, exc)
             else:
                 self._answer(loop, future, lines, None)
@@ -50,7 +50,7 @@ class LineReader:
     @staticmethod
     def _answer(
         loop: asyncio.AbstractEventLoop, future: asyncio.Future[list[bytes]],
-        lines: list[bytes] | None, error: OSError | None,
+        lines: list[bytes] | None, error: Exception | None,
     ) -> None:
         def settle() -> None:
             if future.done():  # the caller was cancelled meanwhile

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.client.scripted import Scripted, problem
 
@@ -82,3 +85,24 @@ async def test_ctrl_c_during_the_close_prints_the_summary_and_exits_1(
     assert b"Traceback" not in err
     summary = json.loads(out)
     assert summary["interrupted"] and (summary["sent"], summary["failed"]) == (20, 20)
+
+
+async def test_a_reader_failing_otherwise_than_by_os_error_answers_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its thread never dies with the error, leaving the caller waiting for good."""
+    from mlgate_client.line_reader import LineReader
+
+    read, write = os.pipe()
+    try:
+        reader = LineReader(read)
+
+        def broken() -> list[bytes]:
+            raise ValueError("not a line")
+
+        monkeypatch.setattr(reader, "_read_lines", broken)
+        with pytest.raises(ValueError, match="not a line"):
+            await asyncio.wait_for(reader.next_lines(), 5)
+    finally:
+        os.close(read)
+        os.close(write)
