@@ -82,6 +82,6 @@ def create_app(settings: Settings) -> web.Application:
         *oip.ROUTES,
     ]
     add_routes(app, documented, expect_continue)
-    add_routes(app, openapi.docs_routes(documented, __version__))
+    add_routes(app, openapi.docs_routes(documented, __version__, settings))
     openapi.add_docs_assets(app)
     return app

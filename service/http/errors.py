@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import http
 from collections.abc import Mapping, Sequence
 
 from mlgate.schemas.problem import FieldError
@@ -107,3 +108,15 @@ class Unavailable(ApiError):
 
 class DeadlineExceeded(ApiError):
     status, title, slug, retriable = 504, "Deadline Exceeded", "deadline-exceeded", True
+
+
+def http_error(status: int, reason: str) -> ApiError:
+    """An answer aiohttp gives of its own (a static file's 403, say) as a problem whose
+    type names its status, not an internal error."""
+    error = ApiError(reason)
+    error.status, error.title = status, reason
+    try:
+        error.slug = http.HTTPStatus(status).phrase.lower().replace(" ", "-").replace("'", "")
+    except ValueError:
+        error.slug = f"http-{status}"
+    return error

@@ -32,6 +32,7 @@ from mlgate.service.http.errors import (
     Overloaded,
     PayloadTooLarge,
     ValidationFailed,
+    http_error,
 )
 from mlgate.service.http.metrics import RequestCounter
 from mlgate.workers.breaker import BreakerOpen
@@ -199,9 +200,7 @@ def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
     if isinstance(exc, web.HTTPNotFound):
         return NotFound("No such route")
     if isinstance(exc, web.HTTPException):
-        error = ApiError(exc.reason)
-        error.status, error.title = exc.status, exc.reason
-        return error
+        return http_error(exc.status, exc.reason)
     return ApiError("An unexpected error occurred; it has been logged with this request id")
 
 

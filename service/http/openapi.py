@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from mlgate.config import Settings
 from mlgate.schemas.problem import Problem
 from mlgate.service.http.routing import BODY_TYPES, Route, add_static
 
@@ -92,7 +93,9 @@ def _response_headers(op: Route, status: int) -> dict[str, Any]:
     return {name: HEADERS[name] for name in names}
 
 
-def build_document(routes: list[Route], version: str) -> dict[str, Any]:
+def build_document(routes: list[Route], version: str, settings: Settings | None = None) -> dict[str, Any]:
+    """The document of ``routes``; with ``settings``, the limits they set (a batch's
+    records, the feature dimensions) in place of the wire types' widest ones."""
     operations = [route for route in routes if route.documented]
     types: list[Any] = [Problem]
     for op in operations:
@@ -153,6 +156,10 @@ def build_document(routes: list[Route], version: str) -> dict[str, Any]:
             entry["security"] = []
         paths.setdefault(op.path, {})[op.method] = entry
 
+    _for_json_schema(components)
+    _for_json_schema(paths)
+    if settings is not None:
+        _configured_limits(components, settings)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -170,6 +177,40 @@ def build_document(routes: list[Route], version: str) -> dict[str, Any]:
         },
         "security": [{"bearer": []}, {"apiKey": []}],
     }
+
+
+# msgspec runs a pattern with Python's ``re.search``, whose ``$`` also matches before a
+# final newline: the schemas end theirs with this lookahead to refuse one. JSON Schema's
+# (ECMA-262) ``$`` never matches there, so the document leaves it out.
+_PYTHON_END_GUARD = "$(?!\\n)"
+
+
+def _for_json_schema(node: Any) -> None:
+    """Patterns as JSON Schema reads them (``_PYTHON_END_GUARD``), in place."""
+    if isinstance(node, dict):
+        pattern = node.get("pattern")
+        if isinstance(pattern, str) and pattern.endswith(_PYTHON_END_GUARD):
+            node["pattern"] = pattern[: -len(_PYTHON_END_GUARD)] + "$"
+        for value in node.values():
+            _for_json_schema(value)
+    elif isinstance(node, list):
+        for value in node:
+            _for_json_schema(value)
+
+
+def _configured_limits(components: dict[str, Any], settings: Settings) -> None:
+    """The limits the server holds requests to, which the settings narrow: the records
+    of a batch (``MLGATE_MAX_BATCH_RECORDS``) and the feature counts a record may have
+    (``MLGATE_FEATURE_DIMS``)."""
+    batch = components.get("IngestRequest", {}).get("properties", {}).get("records")
+    if batch is not None:
+        batch["maxItems"] = settings.max_batch_records
+    features = components.get("Record", {}).get("properties", {}).get("features")
+    if features is not None:
+        dims = sorted(set(settings.feature_dims))
+        features["minItems"], features["maxItems"] = dims[0], dims[-1]
+        features["anyOf"] = [{"minItems": d, "maxItems": d} for d in dims]
+        features["description"] = "One of these many features: " + ", ".join(map(str, dims))
 
 
 def _operation_id(op: Route) -> str:
@@ -201,9 +242,10 @@ def _error_statuses(op: Route) -> list[int]:
     if "{" in op.path:  # names something that may not exist
         statuses.append(404)
     if op.scope is not None:
-        statuses += [401, 403, 429]
+        # 503: also the key store (Redis) unreachable, on any method.
+        statuses += [401, 403, 429, 503]
         if op.method == "post":
-            statuses += [409, 503]
+            statuses.append(409)
     statuses += op.errors
     return list(dict.fromkeys(statuses))
 
@@ -218,9 +260,9 @@ _DOCS_PAGE = """<!doctype html>
 _DOCS_INIT = "window.ui = SwaggerUIBundle({url: '/openapi.json', dom_id: '#swagger-ui'});\n"
 
 
-def docs_routes(documented: list[Route], version: str) -> list[Route]:
-    """``/openapi.json`` for ``documented``, and the ``/docs`` page that renders it."""
-    document = msgspec.json.encode(build_document(documented, version))
+def docs_routes(documented: list[Route], version: str, settings: Settings) -> list[Route]:
+    """``/openapi.json`` for ``documented`` and itself, as ``settings`` configure them,
+    and the ``/docs`` page that renders it."""
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.Response(body=document, content_type="application/json")
@@ -231,11 +273,13 @@ def docs_routes(documented: list[Route], version: str) -> list[Route]:
     async def docs_init(request: web.Request) -> web.Response:
         return web.Response(text=_DOCS_INIT, content_type="application/javascript")
 
-    return [
-        Route("get", "/openapi.json", openapi_json, "This document", "operations", documented=False),
-        Route("get", "/docs", docs, "Swagger UI", "operations", documented=False),
+    own = [
+        Route("get", "/openapi.json", openapi_json, "This document (OpenAPI 3.1)", "operations", {200: None}),
+        Route("get", "/docs", docs, "Swagger UI rendering this document", "operations", {200: None}),
         Route("get", "/docs/init.js", docs_init, "Swagger UI set-up", "operations", documented=False),
     ]
+    document = msgspec.json.encode(build_document([*documented, *own], version, settings))
+    return own
 
 
 def add_docs_assets(app: web.Application) -> None:

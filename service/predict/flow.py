@@ -70,6 +70,14 @@ PayloadT = TypeVar("PayloadT", PredictRequest, PredictV1Request)
 TIMEOUT_HEADER = "X-Request-Timeout"
 # Below a millisecond no answer could arrive in time; such a header is a client bug.
 MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 1, 600_000
+# The header as the OpenAPI document describes it, on every route that reads it.
+TIMEOUT_PARAMETER = {
+    "name": TIMEOUT_HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "number", "minimum": MIN_TIMEOUT_MS, "maximum": MAX_TIMEOUT_MS},
+    "description": "Deadline in milliseconds; past it while queued or computing the answer is 504",
+}
 _FLOAT_INPUTS = ("FP16", "FP32", "FP64")
 # A body holds at most one value per byte, and a decoded value costs ~40 bytes: below
 # this size the decoding is bounded anyway (a few MB), and the row count is not

@@ -70,5 +70,5 @@ ROUTES = [
         "operations",
         {200: Readiness, 503: Readiness},
     ),
-    Route("get", "/metrics", scrape, "Prometheus metrics", "operations", documented=False),
+    Route("get", "/metrics", scrape, "Prometheus metrics (text exposition format)", "operations", {200: None}),
 ]

@@ -53,6 +53,7 @@ from mlgate.service.http.errors import ApiError, BadRequest, NotFound, Unavailab
 from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import (
     TIMEOUT_HEADER,
+    TIMEOUT_PARAMETER,
     check_tensor_budget,
     deadline_in,
     resolve,
@@ -422,8 +423,8 @@ def _routes() -> list[Route]:
                 {200: InferenceResponse, 404: None, 504: None},
                 request=InferenceRequest,
                 scope="predict",
-                request_media=("application/json", "application/octet-stream"),
-                parameters=[infer_header],
+                request_media=("application/json", "application/octet-stream", "application/msgpack"),
+                parameters=[infer_header, TIMEOUT_PARAMETER],
             ),
         ]
     for action, summary in (("load", "Load or reload a model"), ("unload", "Unload a model")):

@@ -24,9 +24,7 @@ from mlgate.service.http.codec import request_format, respond
 from mlgate.service.http.context import arrived
 from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import (
-    MAX_TIMEOUT_MS,
-    MIN_TIMEOUT_MS,
-    TIMEOUT_HEADER,
+    TIMEOUT_PARAMETER,
     read_payload,
     run_predict,
 )
@@ -76,15 +74,7 @@ ROUTES = [
         request=PredictRequest,
         scope="predict",
         body_media=request_format,
-        parameters=[
-            {
-                "name": TIMEOUT_HEADER,
-                "in": "header",
-                "required": False,
-                "schema": {"type": "number", "minimum": MIN_TIMEOUT_MS, "maximum": MAX_TIMEOUT_MS},
-                "description": "Deadline in milliseconds; past it while queued the answer is 504",
-            }
-        ],
+        parameters=[TIMEOUT_PARAMETER],
         description=(
             "Rows are batched with other requests on the model version's worker. With "
             "`instances` the answer is `{predictions: [{prediction, confidence}], model, "
@@ -105,6 +95,7 @@ ROUTES = [
         request=PredictV1Request,
         scope="predict",
         body_media=request_format,
+        parameters=[TIMEOUT_PARAMETER],
         deprecated=True,
         description=(
             "Same code path as v2; `result` is what v2 answers as `prediction` (the class "

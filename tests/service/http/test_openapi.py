@@ -18,8 +18,79 @@ async def test_openapi_ingest_schema_comes_from_the_record_struct(app_client, ma
     client = await app_client(make_settings())
     document = await (await client.get("/openapi.json")).json()
     record = document["components"]["schemas"]["Record"]
-    assert record["properties"]["features"]["maxItems"] == 4096
+    assert record["properties"]["features"]["items"] == {"type": "number"}
     assert "features" in record["required"]
+    assert set(record["properties"]) == {"record_id", "timestamp", "features", "label", "metadata"}
+
+
+async def test_openapi_batch_limit_is_the_configured_one(app_client, make_settings) -> None:
+    """A review: the document said 100,000 records (the wire type's widest) while the
+    server refused 10,001 (MLGATE_MAX_BATCH_RECORDS)."""
+    client = await app_client(make_settings(max_batch_records=250))
+    document = await (await client.get("/openapi.json")).json()
+    records = document["components"]["schemas"]["IngestRequest"]["properties"]["records"]
+    assert records["maxItems"] == 250
+    too_many = {"source": "s", "records": [{"features": [0.0] * 128}] * 251}
+    response = await client.post("/api/v2/ingest", json=too_many)
+    assert response.status == 422
+
+
+async def test_openapi_feature_counts_are_the_configured_dimensions(app_client, make_settings) -> None:
+    client = await app_client(make_settings(feature_dims=(5, 3)))
+    document = await (await client.get("/openapi.json")).json()
+    features = document["components"]["schemas"]["Record"]["properties"]["features"]
+    assert features["anyOf"] == [{"minItems": 3, "maxItems": 3}, {"minItems": 5, "maxItems": 5}]
+    assert (features["minItems"], features["maxItems"]) == (3, 5)
+
+
+async def test_openapi_patterns_are_json_schema_patterns(app_client, make_settings) -> None:
+    """A review: the source pattern came out as ``^[A-Za-z0-9._:-]+$(?!\\n)``, Python's
+    guard against ``$`` matching before a final newline, which JSON Schema's ``$`` never does."""
+    client = await app_client(make_settings())
+    text = await (await client.get("/openapi.json")).text()
+    assert "(?!" not in text
+    document = await (await client.get("/openapi.json")).json()
+    source = document["components"]["schemas"]["IngestRequest"]["properties"]["source"]
+    assert source["pattern"] == "^[A-Za-z0-9._:-]+$"
+    response = await client.post("/api/v2/ingest", json={"source": "s\n", "records": [{"features": [0.0] * 128}]})
+    assert response.status == 422
+
+
+async def test_every_route_but_the_docs_page_assets_is_documented(app_client, make_settings) -> None:
+    """A review: /metrics, /openapi.json and /docs were served but not documented."""
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    for path in ("/metrics", "/openapi.json", "/docs", "/health", "/ready"):
+        assert "get" in document["paths"][path], path
+        assert document["paths"][path]["get"]["security"] == [], path
+
+
+async def test_x_request_timeout_is_documented_on_every_route_that_reads_it(
+    app_client, make_settings
+) -> None:
+    """A review: only v2 predict documented it; v1 predict and the OIP infer read it too."""
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    for path in (
+        "/api/v2/predict",
+        "/api/v1/predict",
+        "/v2/models/{model}/infer",
+        "/v2/models/{model}/versions/{version}/infer",
+    ):
+        names = {p["name"] for p in document["paths"][path]["post"]["parameters"]}
+        assert "X-Request-Timeout" in names, path
+    infer = document["paths"]["/v2/models/{model}/infer"]["post"]
+    assert "application/msgpack" in infer["requestBody"]["content"]
+
+
+async def test_routes_behind_a_key_document_their_503(app_client, make_settings) -> None:
+    """The key store (Redis) unreachable answers 503 on every route behind a key."""
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if operation.get("security") != []:
+                assert "503" in operation["responses"], (method, path)
 
 
 async def test_every_documented_error_answer_has_a_body_schema(app_client, make_settings) -> None:
@@ -42,6 +113,17 @@ async def test_docs_page_and_its_assets_are_served_without_a_cdn(app_client, mak
     assert "http" not in page.split("<body>")[1]
     asset = await client.get("/docs/static/swagger-ui-bundle.js")
     assert asset.status == 200
+
+
+async def test_a_docs_assets_directory_is_a_forbidden_problem_not_an_internal_error(
+    app_client, make_settings
+) -> None:
+    """A review: aiohttp's own 403 for a directory came out as ``/problems/internal``."""
+    client = await app_client(make_settings())
+    response = await client.get("/docs/static/")
+    assert response.status == 403
+    problem = await response.json(content_type=None)
+    assert (problem["type"], problem["status"]) == ("/problems/forbidden", 403)
 
 
 async def test_every_answer_declares_the_headers_it_carries(app_client, make_settings) -> None:
