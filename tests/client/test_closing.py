@@ -5,6 +5,7 @@ success status that is not mlgate's answer is not taken for one."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
@@ -221,6 +222,55 @@ def test_stopping_a_sync_producer_mid_close_still_reports_every_record(scripted:
     closing.join(10)
     assert not closing.is_alive()
     assert all(isinstance(future.exception(timeout=5), ProducerClosed) for future in futures)
+
+
+async def test_ctrl_c_inside_with_sync_producer_cuts_the_close_short(scripted: Scripted) -> None:
+    """A review: leaving ``with SyncProducer`` on KeyboardInterrupt flushed against a
+    dead server for the whole retry budget (120 s here) before the interrupt ended it."""
+    scripted.script = [problem(503, "0")]
+    futures: list[concurrent.futures.Future[object]] = []
+
+    def produce() -> None:  # in a thread: the scripted server answers on this loop
+        with SyncProducer(scripted.url, "s", linger_ms=1, max_records=10, retry=PATIENT) as producer:
+            futures.extend(producer.send([1.0]) for _ in range(30))
+            while not scripted.seen:  # the batches are being retried against the 503s
+                time.sleep(0.01)
+            raise KeyboardInterrupt
+
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            produce()
+        except BaseException as exc:  # KeyboardInterrupt: kept here, not raised in pytest
+            raised.append(exc)
+
+    producing = threading.Thread(target=run)
+    producing.start()
+    for _ in range(2000):  # the scripted server answers on this loop meanwhile
+        if not producing.is_alive():
+            break
+        await asyncio.sleep(0.01)
+    assert not producing.is_alive(), "the close waited out the retries' budget"
+    assert [type(exc) for exc in raised] == [KeyboardInterrupt]
+    assert len(futures) == 30
+    assert all(isinstance(future.exception(timeout=5), ProducerClosed) for future in futures)
+
+
+async def test_an_exception_inside_with_sync_producer_still_flushes(scripted: Scripted) -> None:
+    from tests.client.scripted import accepted
+
+    scripted.script = [accepted]
+    futures: list[concurrent.futures.Future[object]] = []
+
+    def produce() -> None:
+        with SyncProducer(scripted.url, "s", linger_ms=50) as producer:
+            futures.append(producer.send([1.0]))
+            raise ValueError("the application's own error")
+
+    with pytest.raises(ValueError):
+        await asyncio.wait_for(asyncio.to_thread(produce), 20)
+    assert futures[0].result(timeout=5).delivered  # type: ignore[attr-defined]
 
 
 def test_a_send_racing_close_from_another_thread_is_refused_never_hung(scripted: Scripted) -> None:
