@@ -95,6 +95,18 @@ class QualityTelemetry(SupervisionTelemetry, Protocol):
 
     def drift_observation_dropped(self, kind: str, name: str, records: int) -> None: ...
 
+    # The profile store's refreshes, reported from the refresh's thread.
+    def feature_drift_retired(self, kind: str, name: str, keep: Sequence[str]) -> None:
+        """The drift gauges of ``kind``/``name`` no longer apply, but for the features
+        named in ``keep`` (none: the profile was removed)."""
+        ...
+
+    def quality_profile_load_failed(self, kind: str, name: str) -> None: ...
+
+    def quality_profiles_unreadable(self, kind: str, count: int) -> None:
+        """``count`` profile files of ``kind`` are there but cannot be loaded."""
+        ...
+
 
 class _NoQualityTelemetry(_NoSupervisionTelemetry):
     def feature_drift_scored(
@@ -107,6 +119,15 @@ class _NoQualityTelemetry(_NoSupervisionTelemetry):
         pass
 
     def drift_observation_dropped(self, kind: str, name: str, records: int) -> None:
+        pass
+
+    def feature_drift_retired(self, kind: str, name: str, keep: Sequence[str]) -> None:
+        pass
+
+    def quality_profile_load_failed(self, kind: str, name: str) -> None:
+        pass
+
+    def quality_profiles_unreadable(self, kind: str, count: int) -> None:
         pass
 
 

@@ -36,10 +36,14 @@ from mlgate.schemas.quality import (
     DriftReport,
     FeatureDrift,
     ProfileKind,
-    encode_profile,
     report_decoder,
 )
-from mlgate.workers.quality.profile import DEFAULT_BINS, DEFAULT_MARGIN, build_profile
+from mlgate.workers.quality.profile import (
+    DEFAULT_BINS,
+    DEFAULT_MARGIN,
+    NonFiniteProfile,
+    build_profile,
+)
 from mlgate.workers.quality.profile_store import ProfileStore
 from mlgate.workers.sinks.local_log import read_log
 
@@ -132,6 +136,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "profile":
             return _profile(args, settings, kind, name)
         return _report(args, settings, kind, name)
+    except NonFiniteProfile as exc:  # nothing written: the service could not load it
+        print(f"mlgate quality: {exc}; nothing written", file=sys.stderr)
+        return 2
     except (OSError, ValueError, msgspec.DecodeError) as exc:
         print(f"mlgate: {exc}", file=sys.stderr)
         return 1
@@ -162,12 +169,7 @@ def _profile(args: argparse.Namespace, settings: Settings, kind: ProfileKind, na
         matrix, kind=kind, name=name, on_violation=args.on_violation, bins=args.bins,
         margin=args.margin, feature_names=names,
     )
-    if args.output:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_profile(profile) + b"\n")
-    else:
-        path = store.save(profile)
+    path = store.save(profile, Path(args.output) if args.output else None)
     note = f", {skipped} records of another width or not finite skipped" if skipped else ""
     print(
         f"profile of {kind} {name}: {matrix.shape[0]} records x {matrix.shape[1]} features, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -79,7 +80,7 @@ class Metrics:
         )
         self.records = Counter(
             "mlgate_records",
-            "Records by outcome (produced to Kafka, written to the local log, failed, spilled, rejected)",
+            "Records by outcome (produced to Kafka, written to the local log, failed, spilled)",
             ["outcome"], registry=r,
         )
         self.records_resent = Counter(
@@ -186,6 +187,21 @@ class Metrics:
             "mlgate_drift_dropped_records", "Records the drift monitor dropped (mailbox full)",
             ["kind", "name"], registry=r,
         )
+        self.quality_profiles_unreadable = Gauge(
+            "mlgate_quality_profiles_unreadable",
+            "Profile files there that cannot be loaded (an earlier version kept in force or "
+            "not: a source with none refuses its records with 503)",
+            ["kind"], multiprocess_mode="livemax", registry=r,
+        )
+        self.quality_profile_load_failures = Counter(
+            "mlgate_quality_profile_load_failures",
+            "Loads of a profile file that failed; once per change of the file",
+            ["kind", "name"], registry=r,
+        )
+        # (kind, name) -> the features whose drift gauges were set, so a retired
+        # profile's can be removed (written by the drift monitor, read by refreshes).
+        self.drift_features: dict[tuple[str, str], frozenset[str]] = {}
+        self.drift_features_lock = threading.Lock()
         # name -> callable returning the current value; sampled once a second.
         self.samplers: dict[str, Callable[[], None]] = {}
 
@@ -327,9 +343,36 @@ class PrometheusTelemetry:
         self, kind: str, name: str, features: Sequence[str], psi: Sequence[float],
         out_of_range_share: Sequence[float],
     ) -> None:
-        for feature, score, share in zip(features, psi, out_of_range_share, strict=True):
-            self._m.feature_psi.labels(kind, name, feature).set(score)
-            self._m.feature_out_of_range_share.labels(kind, name, feature).set(share)
+        m = self._m
+        with m.drift_features_lock:
+            for feature, score, share in zip(features, psi, out_of_range_share, strict=True):
+                m.feature_psi.labels(kind, name, feature).set(score)
+                m.feature_out_of_range_share.labels(kind, name, feature).set(share)
+            m.drift_features[(kind, name)] = m.drift_features.get((kind, name), frozenset()) | set(
+                features
+            )
+
+    def feature_drift_retired(self, kind: str, name: str, keep: Sequence[str]) -> None:
+        """Remove the drift gauges of ``kind``/``name`` but ``keep``'s. In multiprocess
+        mode prometheus-client cannot remove a series: they are zeroed (no drift)."""
+        m = self._m
+        with m.drift_features_lock:
+            published = m.drift_features.pop((kind, name), frozenset())
+            kept = published & set(keep)
+            if kept:
+                m.drift_features[(kind, name)] = kept
+            for feature in published - kept:
+                for gauge in (m.feature_psi, m.feature_out_of_range_share):
+                    if multiprocess_dir() is None:
+                        gauge.remove(kind, name, feature)
+                    else:
+                        gauge.labels(kind, name, feature).set(0)
+
+    def quality_profile_load_failed(self, kind: str, name: str) -> None:
+        self._m.quality_profile_load_failures.labels(kind, name).inc()
+
+    def quality_profiles_unreadable(self, kind: str, count: int) -> None:
+        self._m.quality_profiles_unreadable.labels(kind).set(count)
 
     def quality_violations(self, kind: str, name: str, action: str, records: int) -> None:
         self._m.quality_violations.labels(kind, name, action).inc(records)

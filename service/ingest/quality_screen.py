@@ -15,7 +15,15 @@ features than the profile) is, by the profile's ``on_violation``:
   so they survive the route dropping duplicates from the batch.
 
 Either way the violations are counted, and the whole matrix, violating rows included,
-goes to the drift monitor: out-of-range values are drift too.
+goes to the drift monitor: out-of-range values are drift too. With
+``MLGATE_DRIFT_SAMPLE_EVERY`` = k, every k-th row of a source's stream of accepted
+rows goes (the phase carries from one batch to the next, so single-record batches are
+sampled too), copied: the monitor's mailbox holds the sampled rows, not the batch.
+
+A source whose profile file is there but cannot be read, with no earlier version in
+force (``ProfileStore.unreadable``), fails closed: its records are refused with 503
+and ``Retry-After`` (nothing is written) until the profile loads, since letting them
+through would switch a ``reject`` check off.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Literal
 import numpy as np
 
 from mlgate.schemas.ingest import FeaturesText, RecordError, StoredRecord
+from mlgate.service.http.errors import Overloaded
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.workers.quality.drift_monitor import DriftMonitor
 from mlgate.workers.quality.profile import CompiledProfile, FloatMatrix
@@ -37,6 +46,8 @@ from mlgate.workers.quality.profile_store import ProfileStore
 QUALITY_FLAGS_HEADER = "quality_flags"
 MAX_FLAGGED_NAMES = 32
 DIMENSION = "dimension"
+# Profiles are rescanned every MLGATE_PROFILES_POLL_INTERVAL_S (5 s by default).
+UNREADABLE_RETRY_AFTER_S = 5
 
 
 class QualityScreen:
@@ -48,11 +59,23 @@ class QualityScreen:
         # Drift is a distribution estimate: every k-th row estimates it as well at high
         # rates, for a k-th of the monitor's CPU. Range checks always see every row.
         self._sample_every = sample_every
+        # source -> the position in the next batch of the next row the sample takes
+        self._sample_phase: dict[str, int] = {}
 
     def screen(self, batch: ValidatedBatch) -> ValidatedBatch:
-        """The batch with records outside the source profile rejected or flagged."""
+        """The batch with records outside the source profile rejected or flagged.
+
+        Raises ``Overloaded`` (503) while the source's profile cannot be read."""
+        if not batch.accepted:
+            return batch
         profile = self._profiles.source(batch.source)
-        if profile is None or not batch.accepted:
+        if profile is None:
+            if self._profiles.unreadable("source", batch.source):
+                raise Overloaded(
+                    f"Source {batch.source}: its quality profile cannot be read, so its "
+                    "records are refused (none written) until it loads",
+                    retry_after_s=UNREADABLE_RETRY_AFTER_S,
+                )
             return batch
         matrix, positions = _feature_matrix(batch.accepted, profile.n_features)
         # accepted position -> the offending feature names
@@ -64,7 +87,7 @@ class QualityScreen:
             position = row if positions is None else positions[row]
             violations[position] = [profile.names[f] for f in features]
         if self._monitor is not None:
-            self._monitor.observe(batch.source, "source", matrix[:: self._sample_every])
+            self._monitor.observe(batch.source, "source", self._sample(batch.source, matrix))
         if not violations:
             return batch
         if profile.profile.on_violation == "flag":
@@ -74,6 +97,15 @@ class QualityScreen:
             self._count(batch.source, "flagged", len(violations))
             return replace(batch, quality_flags=flags)
         return self._reject(batch, profile, violations)
+
+    def _sample(self, source: str, matrix: FloatMatrix) -> FloatMatrix:
+        """Every k-th row of the source's stream in ``matrix``, as a copy."""
+        every = self._sample_every
+        if every == 1:
+            return matrix
+        phase = self._sample_phase.get(source, 0)
+        self._sample_phase[source] = (phase - matrix.shape[0]) % every
+        return matrix[phase::every].copy()
 
     def _reject(
         self, batch: ValidatedBatch, profile: CompiledProfile, violations: dict[int, list[str]]

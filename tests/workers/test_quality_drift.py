@@ -200,3 +200,17 @@ async def test_a_crash_leaves_no_rows_counted_against_the_mailbox(
         assert monitor.observe("sensors", "source", reference_sample(700, seed=5))
     finally:
         await monitor.close()
+
+
+async def test_values_that_are_not_finite_count_as_out_of_range(monitor: DriftMonitor) -> None:
+    """A review: an OIP tensor's NaN compared false, so it counted in range."""
+    sample = reference_sample(WINDOW, seed=6)
+    sample[: WINDOW // 2, 3] = np.nan
+    sample[WINDOW // 2 :, 4] = np.inf
+    await feed(monitor, sample)
+    report = monitor.report("source", "sensors", top=100)
+    assert report is not None and report.window.complete
+    shares = {feature.name: feature.out_of_range_share for feature in report.top}
+    assert (shares["f3"], shares["f4"]) == (0.5, 0.5)
+    recent = {feature.name: sum(feature.recent) for feature in report.top}
+    assert recent["f3"] == pytest.approx(0.5) and recent["f4"] == pytest.approx(0.5)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import numpy as np
+import pytest
 from structlog.testing import capture_logs
 
 from mlgate.schemas.quality import profile_decoder
-from mlgate.workers.quality.profile import CompiledProfile, build_profile, psi
-from mlgate.workers.quality.profile_store import ProfileStore
+from mlgate.workers.quality.profile import CompiledProfile, NonFiniteProfile, build_profile, psi
+from mlgate.workers.quality.profile_store import ProfileChanges, ProfileStore
 from tests.quality_data import FEATURES, reference_sample, write_profile
 
 
@@ -76,3 +78,104 @@ def test_edges_float32_would_merge_are_counted_in_float64() -> None:
     assert compiled.counting_edges.dtype == np.float64
     counts = compiled.bin_counts(seconds[:, None])
     assert counts.tolist() == [[100] * 10]
+
+
+def test_a_broken_file_with_no_earlier_version_is_unreadable_until_it_loads(tmp_path: Path) -> None:
+    """A review: a fresh process kept nothing for a broken file, so its source went
+    unchecked; the store must say the profile is there but cannot be read."""
+    path = write_profile(tmp_path, "sensors")
+    write_profile(tmp_path, "other")
+    good = path.read_bytes()
+    path.write_text('{"kind": "source", "trunc')
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    store.refresh()
+    assert store.source("sensors") is None and store.unreadable("source", "sensors")
+    assert store.source("other") is not None and not store.unreadable("source", "other")
+    path.write_bytes(good)
+    store.refresh()
+    assert store.source("sensors") is not None and not store.unreadable("source", "sensors")
+
+
+def test_a_broken_file_with_an_earlier_version_held_is_counted_not_unreadable(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, "sensors")
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    seen: list[ProfileChanges] = []
+    store.watch(seen.append)
+    store.refresh()
+    path.write_text("{")
+    with capture_logs() as logs:
+        store.refresh()
+        store.refresh()  # the same broken file: logged and counted once
+    assert not store.unreadable("source", "sensors") and store.source("sensors") is not None
+    assert [entry["event"] for entry in logs] == ["profile_load_failed"]
+    assert [changes.failed for changes in seen] == [(), (("source", "sensors"),), ()]
+    assert [changes.unreadable["source"] for changes in seen] == [0, 1, 1]
+
+
+def test_a_watcher_learns_of_profiles_removed_and_replaced(tmp_path: Path) -> None:
+    removed = write_profile(tmp_path, "gone")
+    replaced = write_profile(tmp_path, "sensors")
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    store.refresh()
+    before = store.source("sensors")
+    seen: list[ProfileChanges] = []
+    store.watch(seen.append)
+    removed.unlink()
+    named = build_profile(reference_sample(500), kind="source", name="sensors",
+                          feature_names=[f"n{i}" for i in range(FEATURES)])
+    store.save(named)
+    assert replaced.is_file()
+    store.refresh()
+    (changes,) = seen
+    retired = {(kind, name): (old, new) for kind, name, old, new in changes.retired}
+    assert retired[("source", "gone")][1] is None
+    assert retired[("source", "sensors")] == (before, store.source("sensors"))
+
+
+def test_non_finite_values_are_out_of_range_and_in_no_bin() -> None:
+    """A review: NaN compares false, so it counted in range and in the lowest bin."""
+    compiled = CompiledProfile.compile(build_profile(reference_sample(5000), kind="source", name="s"))
+    batch = reference_sample(4, seed=1)
+    batch[0, 0], batch[1, 1], batch[2, 2] = np.nan, np.inf, -np.inf
+    assert compiled.range_violations(batch) == [(0, [0]), (1, [1]), (2, [2])]
+    counts = compiled.bin_counts(batch)
+    assert counts.sum(axis=1).tolist() == [3, 3, 3] + [4] * (FEATURES - 3)
+
+
+def test_a_profile_of_float_extremes_is_finite_and_loads(tmp_path: Path) -> None:
+    """A review: ``max - min`` overflowed to inf, written as null: a file the service
+    could not load."""
+    extremes = np.array([[1e308, 1e308], [-1e308, -1e308], [0.0, -1e308]])
+    for sample in (extremes, extremes[:2]):
+        profile = build_profile(sample, kind="source", name="ext")
+        for feature in profile.features:
+            assert -np.finfo(np.float64).max <= feature.min <= -1e308
+            assert 1e308 <= feature.max <= np.finfo(np.float64).max
+            assert np.isfinite(feature.edges).all()
+        ProfileStore(tmp_path, tmp_path / "models").save(profile)
+        store = ProfileStore(tmp_path, tmp_path / "models")
+        store.refresh()
+        assert store.source("ext") is not None
+
+
+def test_a_huge_margin_widens_to_the_float_range_not_past_it() -> None:
+    profile = build_profile(reference_sample(100), kind="source", name="s", margin=1e308)
+    assert all(f.min == -np.finfo(np.float64).max for f in profile.features)
+    assert all(f.max == np.finfo(np.float64).max for f in profile.features)
+
+
+def test_an_ordinary_margin_widens_the_range_as_before() -> None:
+    sample = reference_sample(100)
+    profile = build_profile(sample, kind="source", name="s", margin=0.25)
+    span = sample.max(axis=0) - sample.min(axis=0)
+    assert [f.min for f in profile.features] == (sample.min(axis=0) - 0.25 * span).tolist()
+    assert [f.max for f in profile.features] == (sample.max(axis=0) + 0.25 * span).tolist()
+
+
+def test_saving_refuses_a_profile_holding_a_number_that_is_not_finite(tmp_path: Path) -> None:
+    profile = build_profile(reference_sample(100), kind="source", name="s")
+    features = [msgspec.structs.replace(profile.features[0], max=float("inf")), *profile.features[1:]]
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    with pytest.raises(NonFiniteProfile, match="not finite"):
+        store.save(msgspec.structs.replace(profile, features=features))
+    assert not store.path_of("source", "s").exists()

@@ -27,6 +27,11 @@ Each process runs its own monitor over the records it sees. Its loop is supervis
 observations it had taken are lost, those waiting are scored by the new loop. It
 answers no request, so it does not gate ``/ready``. Only numeric matrices are
 observed (an OIP BYTES tensor has no histogram).
+
+The monitor watches the profile store and reports what its refreshes change
+(through its ``QualityTelemetry``): the gauges of a profile removed,
+or of features a replacing profile no longer has, are retired rather than left at
+their last value; profile files that cannot be loaded are counted.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import structlog
 
 from mlgate.schemas.quality import DriftReport, DriftWindow, FeatureDrift, ProfileKind
 from mlgate.workers.quality.profile import CompiledProfile, FloatMatrix, psi
-from mlgate.workers.quality.profile_store import ProfileStore
+from mlgate.workers.quality.profile_store import ProfileChanges, ProfileStore
 from mlgate.workers.supervision import SupervisedTask
 from mlgate.workers.telemetry import NO_QUALITY_TELEMETRY, QualityTelemetry
 
@@ -129,6 +134,7 @@ class DriftMonitor:
         self._started = False
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
+        profiles.watch(self._profiles_changed)
 
     @property
     def mailbox_depth(self) -> int:
@@ -196,6 +202,17 @@ class DriftMonitor:
             counters = self._counters_of[(kind, name)] = _Counters()
         return counters
 
+    def _profiles_changed(self, changes: ProfileChanges) -> None:
+        """Retire the gauges of profiles gone or replaced; count unreadable ones.
+        Runs in the profile store's refresh thread: touches telemetry only."""
+        telemetry = self._telemetry
+        for kind, name, _, now in changes.retired:
+            telemetry.feature_drift_retired(kind, name, now.names if now is not None else ())
+        for kind, name in changes.failed:
+            telemetry.quality_profile_load_failed(kind, name)
+        for kind, count in changes.unreadable.items():
+            telemetry.quality_profiles_unreadable(kind, count)
+
     # -- the task -----------------------------------------------------------------------
 
     async def drained(self) -> None:
@@ -252,9 +269,10 @@ class DriftMonitor:
         stream.last = scored
         stream.windows += 1
         stream.reset_window()
-        self._telemetry.feature_drift_scored(
-            kind, name, profile.names, scored.psi.tolist(), scored.out_of_range_share.tolist()
-        )
+        if self._profiles.get(kind, name) is profile:  # not retired while this was counted
+            self._telemetry.feature_drift_scored(
+                kind, name, profile.names, scored.psi.tolist(), scored.out_of_range_share.tolist()
+            )
         over = scored.psi > self.psi_threshold
         before = stream.over if stream.over is not None else np.zeros_like(over)
         crossed, recovered = np.flatnonzero(over & ~before), np.flatnonzero(before & ~over)

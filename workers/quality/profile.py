@@ -11,10 +11,16 @@ accumulates, and ``psi`` scores a window's counts against the reference.
 Features have different numbers of distinct edges (ties collapse quantiles), so
 edges are padded to a common count with ``+inf``: a padded edge is never reached,
 its bin stays empty in both the reference and the window, and adds 0 to the PSI.
+
+A value that is not finite (NaN or +-inf, which an OIP binary tensor can carry) is
+out of range and in no bin. Every number of a profile is finite: a profile holding
+another is refused (``NonFiniteProfile``), as a bound msgspec would write as ``null``
+makes a file the service cannot load.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,8 +36,13 @@ PSI_EPSILON = 1e-4
 DEFAULT_BINS = 10
 DEFAULT_MARGIN = 0.1
 _SUM_ROWS = 65_535  # rows summed at once: a uint16 count cannot overflow
+FLOAT_MAX = float(np.finfo(np.float64).max)
 
 FloatMatrix = npt.NDArray[np.float64]
+
+
+class NonFiniteProfile(ValueError):
+    """A profile holding a number that is not finite: it cannot be written as JSON."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +61,13 @@ class CompiledProfile:
         features = sorted(profile.features, key=lambda f: f.index)
         if [f.index for f in features] != list(range(len(features))):
             raise ValueError("feature indexes must be 0..n-1, each once")
+        for feature in features:
+            numbers = (feature.min, feature.max, *feature.edges, *feature.proportions)
+            if not all(math.isfinite(number) for number in numbers):
+                raise NonFiniteProfile(
+                    f"feature {feature.index} of the {profile.kind} profile {profile.name} holds "
+                    "a number that is not finite (min, max, edges or proportions)"
+                )
         width = max(len(f.edges) for f in features)
         edges = np.full((width, len(features)), np.inf)
         reference = np.zeros((len(features), width + 1))
@@ -82,8 +100,11 @@ class CompiledProfile:
         return int(self.reference.shape[1])
 
     def out_of_range(self, matrix: FloatMatrix) -> npt.NDArray[np.bool_]:
-        """Mask (rows x features) of values outside the hard range."""
-        return (matrix < self.lows) | (matrix > self.highs)
+        """Mask (rows x features) of values outside the hard range, NaN included (a
+        comparison with NaN is false, so "not inside" rather than "below or above")."""
+        outside = np.greater_equal(matrix, self.lows)
+        outside &= np.less_equal(matrix, self.highs)
+        return np.logical_not(outside, out=outside)
 
     def range_violations(self, matrix: FloatMatrix) -> list[tuple[int, list[int]]]:
         """``(row, violating feature indexes)`` for each row with a value out of range."""
@@ -97,9 +118,15 @@ class CompiledProfile:
         Compared in float32 when the edges survive it (values past its range become
         +-inf and land in the end bins, as they should) and summed as uint16 per slice
         of rows: half the memory traffic and a third of the time of float64 compares
-        and int64 sums.
+        and int64 sums. A value that is not finite is in no bin: made NaN (never
+        ``>=`` an edge) and left out of the first bin's count.
         """
         rows = matrix.shape[0]
+        finite = np.isfinite(matrix)
+        in_bins = np.full(self.n_features, rows, dtype=np.int64)
+        if not finite.all():
+            in_bins = finite.sum(axis=0, dtype=np.int64)
+            matrix = np.where(finite, matrix, np.nan)
         with np.errstate(over="ignore"):
             values = matrix.astype(self.counting_edges.dtype, copy=False)
         at_least = np.zeros((self.edges.shape[0], self.n_features), dtype=np.int64)
@@ -111,7 +138,7 @@ class CompiledProfile:
                 np.greater_equal(part, edge, out=scratch)
                 at_least[k] += as_bytes.sum(axis=0, dtype=np.uint16)
         counts = np.empty((self.n_features, self.n_bins), dtype=np.int64)
-        counts[:, 0] = rows - at_least[0]
+        counts[:, 0] = in_bins - at_least[0]
         counts[:, 1:-1] = (at_least[:-1] - at_least[1:]).T
         counts[:, -1] = at_least[-1]
         return counts
@@ -153,7 +180,9 @@ def build_profile(
     """A profile from a reference sample: quantile bins and a range widened by ``margin``.
 
     The hard range is ``[min - margin * span, max + margin * span]`` of the reference
-    (span = max - min); bin edges are the reference's ``bins``-quantiles, ties merged.
+    (span = max - min), within the finite float64 range; bin edges are the reference's
+    ``bins``-quantiles, ties merged. Near the float64 extremes the span and the
+    quantiles' interpolation would overflow: both are computed on halved values.
     """
     if matrix.ndim != 2 or matrix.shape[0] == 0:
         raise ValueError("the reference sample needs at least one record")
@@ -163,9 +192,14 @@ def build_profile(
         raise ValueError("at least two bins")
     if feature_names is not None and len(feature_names) != matrix.shape[1]:
         raise ValueError(f"{len(feature_names)} feature names for {matrix.shape[1]} features")
-    quantiles = np.quantile(matrix, np.linspace(0.0, 1.0, bins + 1)[1:-1], axis=0)
+    quantiles = _quantiles(matrix, np.linspace(0.0, 1.0, bins + 1)[1:-1])
     lows, highs = matrix.min(axis=0), matrix.max(axis=0)
-    spans = highs - lows
+    with np.errstate(over="ignore"):
+        # margin * (highs - lows), rounded alike, without the difference overflowing;
+        # a huge margin still makes it inf, which the clip turns into the float extremes.
+        widen = margin * (highs / 2 - lows / 2) * 2
+        mins = np.maximum(lows - widen, -FLOAT_MAX)
+        maxs = np.minimum(highs + widen, FLOAT_MAX)
     features = []
     for column in range(matrix.shape[1]):
         edges = np.unique(quantiles[:, column])
@@ -175,8 +209,8 @@ def build_profile(
             FeatureProfile(
                 index=column,
                 name=feature_names[column] if feature_names is not None else None,
-                min=float(lows[column] - margin * spans[column]),
-                max=float(highs[column] + margin * spans[column]),
+                min=float(mins[column]),
+                max=float(maxs[column]),
                 edges=edges.tolist(),
                 proportions=shares.tolist(),
             )
@@ -189,3 +223,15 @@ def build_profile(
         on_violation=on_violation,
         features=features,
     )
+
+
+def _quantiles(matrix: FloatMatrix, levels: FloatMatrix) -> FloatMatrix:
+    """``np.quantile`` per column; a column whose interpolation overflowed (values
+    near both float64 extremes) again on halved values, then doubled: exact, and the
+    result lies between two values of the column, so it cannot overflow."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        quantiles: FloatMatrix = np.quantile(matrix, levels, axis=0)
+    broken = ~np.isfinite(quantiles).all(axis=0)
+    if broken.any():
+        quantiles[:, broken] = np.quantile(matrix[:, broken] / 2, levels, axis=0) * 2
+    return quantiles

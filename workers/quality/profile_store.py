@@ -5,14 +5,23 @@ Source profiles are ``<profiles_dir>/sources/<source>.profile.json``; model prof
 comes from the path. ``refresh()`` rescans both places (blocking: call it off the
 event loop) and swaps in a new mapping at once, re-reading only files whose size or
 mtime changed; lookups on the hot path are one dict access and never touch the disk.
-A profile that fails to load is logged and the one it was meant to replace stays in
-force, so a half-written or broken file never switches a check off.
+A profile that fails to load is logged (once per change of the file) and the one it
+was meant to replace stays in force, so a half-written or broken file never switches
+a check off. With no earlier version held (a fresh process, or a new file) the
+profile is ``unreadable``: its checks cannot run, and the ingest of its source is
+refused until it loads (``service.ingest.quality_screen``) rather than let through
+unchecked.
+
+After each refresh the store tells its watchers what changed (``ProfileChanges``):
+profiles removed or replaced, loads that failed anew, and how many files are there
+but cannot be loaded. Watchers run in the refresh's thread.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,15 +45,47 @@ class _Loaded:
     profile: CompiledProfile
 
 
+ProfileKey = tuple[ProfileKind, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileChanges:
+    """What one refresh changed."""
+
+    # (kind, name, the profile that was in force, the one now or None if removed)
+    retired: tuple[tuple[ProfileKind, str, CompiledProfile, CompiledProfile | None], ...]
+    # profiles whose file failed to load this time, for the first time in its state
+    failed: tuple[ProfileKey, ...]
+    # files there that cannot be loaded, per kind (an earlier version held or not)
+    unreadable: Mapping[ProfileKind, int]
+
+
+ProfileWatcher = Callable[[ProfileChanges], None]
+
+
 class ProfileStore:
     def __init__(self, profiles_dir: str | Path, model_repository: str | Path) -> None:
         self.profiles_dir = Path(profiles_dir)
         self.model_repository = Path(model_repository)
         self._loaded: dict[Path, _Loaded] = {}
-        self._current: dict[tuple[ProfileKind, str], CompiledProfile] = {}
+        self._current: dict[ProfileKey, CompiledProfile] = {}
+        # Profiles whose file is there but failed to load, with no earlier version held.
+        self._unreadable: frozenset[ProfileKey] = frozenset()
+        # path -> (signature, error) of its last failed load: logged once per change
+        self._failures: dict[Path, tuple[tuple[int, int] | None, str]] = {}
+        self._watchers: list[ProfileWatcher] = []
+
+    def watch(self, watcher: ProfileWatcher) -> None:
+        """Call ``watcher`` after every refresh, in the refresh's thread."""
+        self._watchers.append(watcher)
 
     def get(self, kind: ProfileKind, name: str) -> CompiledProfile | None:
         return self._current.get((kind, name))
+
+    def unreadable(self, kind: ProfileKind, name: str) -> bool:
+        """Whether this profile's file is there but cannot be loaded, and no earlier
+        version of it is in force: its checks cannot run."""
+        return (kind, name) in self._unreadable
 
     def source(self, name: str) -> CompiledProfile | None:
         return self._current.get(("source", name))
@@ -59,10 +100,12 @@ class ProfileStore:
             return self.profiles_dir / "sources" / f"{name}{SOURCE_SUFFIX}"
         return self.model_repository / name / MODEL_PROFILE
 
-    def save(self, profile: QualityProfile) -> Path:
-        """Write a profile where the store finds it, atomically; its path."""
+    def save(self, profile: QualityProfile, path: Path | None = None) -> Path:
+        """Write a profile where the store finds it (or at ``path``), atomically; its
+        path. A profile that could not be loaded back (a number that is not finite,
+        say: ``NonFiniteProfile``) is refused and nothing is written."""
         CompiledProfile.compile(profile)  # refuse to write what could not be loaded
-        path = self.path_of(profile.kind, profile.name)
+        path = path if path is not None else self.path_of(profile.kind, profile.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         scratch.write_bytes(encode_profile(profile) + b"\n")
@@ -80,9 +123,24 @@ class ProfileStore:
             for path in self.model_repository.glob(f"*/{MODEL_PROFILE}"):
                 found[("model", path.parent.name)] = path
         loaded: dict[Path, _Loaded] = {}
-        current: dict[tuple[ProfileKind, str], CompiledProfile] = {}
+        current: dict[ProfileKey, CompiledProfile] = {}
+        failures: dict[Path, tuple[tuple[int, int] | None, str]] = {}
+        failed: list[ProfileKey] = []
+        unreadable: set[ProfileKey] = set()
+        broken: dict[ProfileKind, int] = {"source": 0, "model": 0}
         for (kind, name), path in found.items():
-            entry = self._load(kind, name, path)
+            try:
+                entry = self._load(kind, name, path)
+            except _LoadFailed as failure:
+                failures[path] = failure.state
+                broken[kind] += 1
+                if self._failures.get(path) != failure.state:
+                    log.error("profile_load_failed", kind=kind, name=name, path=str(path),
+                              error=failure.state[1], kept_previous=failure.previous is not None)
+                    failed.append((kind, name))
+                entry = failure.previous
+                if entry is None:
+                    unreadable.add((kind, name))
             if entry is not None:
                 loaded[path] = entry
                 current[(kind, name)] = entry.profile
@@ -92,10 +150,25 @@ class ProfileStore:
                          on_violation=profile.profile.on_violation)
         for kind, name in self._current.keys() - current.keys():
             log.info("profile_removed", kind=kind, name=name)
-        self._loaded, self._current = loaded, current
+        retired = tuple(
+            (kind, name, before, current.get((kind, name)))
+            for (kind, name), before in self._current.items()
+            if current.get((kind, name)) is not before
+        )
+        self._loaded, self._current, self._failures = loaded, current, failures
+        self._unreadable = frozenset(unreadable)
+        changes = ProfileChanges(retired=retired, failed=tuple(failed), unreadable=broken)
+        for watcher in self._watchers:
+            try:
+                watcher(changes)
+            except Exception:  # a watcher's bug must not stop the profiles changing
+                log.exception("profile_watcher_failed")
 
     def _load(self, kind: ProfileKind, name: str, path: Path) -> _Loaded | None:
+        """The profile at ``path``; None if the file went away since the scan (an
+        absent file is no profile); ``_LoadFailed`` if it cannot be loaded."""
         previous = self._loaded.get(path)
+        signature: tuple[int, int] | None = None
         try:
             stat = path.stat()
             signature = (stat.st_size, stat.st_mtime_ns)
@@ -105,6 +178,14 @@ class ProfileStore:
             if profile.kind != kind:
                 raise ValueError(f"a {profile.kind} profile where a {kind} profile belongs")
             return _Loaded(signature, CompiledProfile.compile(profile))
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError, msgspec.DecodeError) as exc:
-            log.error("profile_load_failed", kind=kind, name=name, path=str(path), error=str(exc))
-            return previous
+            raise _LoadFailed((signature, str(exc)), previous) from exc
+
+
+class _LoadFailed(Exception):
+    def __init__(self, state: tuple[tuple[int, int] | None, str], previous: _Loaded | None) -> None:
+        super().__init__(state[1])
+        self.state = state  # (the file's signature, the error)
+        self.previous = previous

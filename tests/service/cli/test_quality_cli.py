@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 
 from mlgate.config import Settings
-from mlgate.schemas.quality import profile_decoder
+from mlgate.schemas.quality import QualityProfile, profile_decoder
 from mlgate.service.cli import main
+from mlgate.service.cli import quality as quality_cli
 from mlgate.service.state import DRIFT_MONITOR
+from mlgate.workers.quality.profile import build_profile
+from mlgate.workers.quality.profile_store import ProfileStore
 from tests.conftest import AppClientFactory
 from tests.quality_data import DRIFTED, drifted, records, reference_sample, write_profile
 
@@ -161,3 +167,38 @@ def test_profile_command_uses_at_most_max_records(tmp_path: Path, profiles_dir: 
     assert main(["quality", "profile", "--source", "sensors", "--input", str(sample), "--max-records", "4"]) == 0
     profile = profile_decoder.decode((profiles_dir / "sources" / "sensors.profile.json").read_bytes())
     assert profile.reference_count == 4
+
+
+def test_profile_command_with_float_extremes_writes_a_profile_the_service_loads(
+    tmp_path: Path, profiles_dir: Path
+) -> None:
+    """A review: ``max - min`` overflowed, the file held ``"min": null`` and exit was 0."""
+    sample = tmp_path / "extremes.ndjson"
+    rows = ([v] * 8 for v in (1e308, -1e308, 0.0))
+    sample.write_bytes(b"".join(msgspec.json.encode({"features": row}) + b"\n" for row in rows))
+    assert main(["quality", "profile", "--source", "ext", "--input", str(sample)]) == 0
+    store = ProfileStore(profiles_dir, tmp_path / "models")
+    store.refresh()
+    compiled = store.source("ext")
+    assert compiled is not None and np.isfinite(compiled.lows).all() and np.isfinite(compiled.highs).all()
+
+
+def test_profile_command_refuses_to_write_a_profile_that_is_not_finite(
+    tmp_path: Path, profiles_dir: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def non_finite(*args: Any, **kwargs: Any) -> QualityProfile:
+        profile = build_profile(*args, **kwargs)
+        features = [msgspec.structs.replace(f, max=math.inf) for f in profile.features]
+        return msgspec.structs.replace(profile, features=features)
+
+    monkeypatch.setattr(quality_cli, "build_profile", non_finite)
+    sample = tmp_path / "reference.ndjson"
+    sample.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in records(reference_sample(100))))
+    output = tmp_path / "out.profile.json"
+    for target in ([], ["--output", str(output)]):
+        code = main(["quality", "profile", "--source", "s", "--input", str(sample), *target])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "not finite" in err and "Traceback" not in err
+    assert not (profiles_dir / "sources" / "s.profile.json").exists() and not output.exists()

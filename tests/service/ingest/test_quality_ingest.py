@@ -13,9 +13,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from mlgate.config import Settings
+from mlgate.config import Settings, worker_data_dir
+from mlgate.service.http import metrics
 from mlgate.service.ingest.validation import PACKED_FROM_BYTES
-from mlgate.service.state import DRIFT_MONITOR, RELOAD_HOOKS
+from mlgate.service.state import DRIFT_MONITOR, METRICS, RELOAD_HOOKS, SETTINGS
+from mlgate.workers.quality.profile import build_profile
+from mlgate.workers.quality.profile_store import ProfileStore
+from mlgate.workers.sinks.local_log import read_log
 from tests.conftest import AppClientFactory
 from tests.quality_data import DRIFTED, drifted, records, reference_sample, write_profile
 from tests.support import KafkaBroker, KeyMaker, read_topic
@@ -235,3 +239,159 @@ async def test_drift_sampling_counts_every_kth_row_but_checks_every_range(
     body = await ingest(client, out_of_range_batch("o"))
     assert body["records_rejected"] == 2  # range checks saw rows the sample skipped
     assert (await report(client))["records_observed"] == 100 + 2  # 400/4, then 5 rows: 0 and 4
+
+
+def stored_ids(client: Client) -> list[str]:
+    log = Path(worker_data_dir(client.app[SETTINGS])) / "log"
+    if not log.is_dir():
+        return []
+    return [msgspec.json.decode(entry.record.value)["record_id"] for entry in read_log(log)]
+
+
+def metric(client: Client, name: str, labels: dict[str, str]) -> float | None:
+    value: float | None = client.app[METRICS].registry.get_sample_value(name, labels)
+    return value
+
+
+async def test_a_source_whose_profile_cannot_be_read_is_refused_until_it_loads(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    """A review: after a restart a broken profile file held nothing, so a reject
+    check was off, /ready said 200 and no metric said so."""
+    path = write_profile(profiles_dir, "sensors", on_violation="reject")
+    good = path.read_bytes()
+    path.write_text('{"kind": "source", "trunc')
+    client = await app_client(quality_settings())
+    response = await client.post(
+        "/api/v2/ingest", json={"source": "sensors", "records": out_of_range_batch()}
+    )
+    assert response.status == 503
+    assert int(response.headers["Retry-After"]) >= 1
+    problem = await response.json()
+    assert "sensors" in problem["detail"] and "profile cannot be read" in problem["detail"]
+    assert stored_ids(client) == []
+    assert (await ingest(client, out_of_range_batch("o"), source="other"))["records_accepted"] == 5
+    assert metric(client, "mlgate_quality_profiles_unreadable", {"kind": "source"}) == 1.0
+    assert metric(
+        client, "mlgate_quality_profile_load_failures_total", {"kind": "source", "name": "sensors"}
+    ) == 1.0
+
+    path.write_bytes(good)
+    await client.app[RELOAD_HOOKS]["profiles"]()
+    assert (await ingest(client, out_of_range_batch("again")))["records_rejected"] == 2
+    assert metric(client, "mlgate_quality_profiles_unreadable", {"kind": "source"}) == 0.0
+
+
+async def test_a_streamed_source_whose_profile_cannot_be_read_is_refused(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    write_profile(profiles_dir, "sensors").write_text("{")
+    client = await app_client(quality_settings())
+    lines = b"".join(msgspec.json.encode(record) + b"\n" for record in out_of_range_batch())
+    response = await client.post(
+        "/api/v2/ingest/stream?source=sensors", data=lines,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert response.status == 503 and "Retry-After" in response.headers
+    assert stored_ids(client) == []
+
+
+async def test_an_unreadable_model_profile_is_counted_but_not_enforced(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    write_profile(profiles_dir, "demo", kind="model").write_text("{")
+    client = await app_client(quality_settings(model_repository=str(profiles_dir / "models")))
+    assert metric(client, "mlgate_quality_profiles_unreadable", {"kind": "model"}) == 1.0
+    assert metric(client, "mlgate_quality_profiles_unreadable", {"kind": "source"}) == 0.0
+    assert (await ingest(client, out_of_range_batch(), source="demo"))["records_accepted"] == 5
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["one process", "multiprocess"])
+async def test_the_drift_gauges_of_a_removed_profile_go_with_it(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, multiprocess: bool,
+) -> None:
+    """A review: the PSI series of a removed profile kept their last value forever. In
+    multiprocess mode prometheus-client cannot remove a series: they are zeroed."""
+    if multiprocess:
+        monkeypatch.setattr(metrics, "multiprocess_dir", lambda: str(tmp_path))
+    path = write_profile(profiles_dir, "sensors")
+    write_profile(profiles_dir, "pumps")
+    client = await app_client(quality_settings())
+    await ingest(client, records(drifted(reference_sample(WINDOW, seed=8)), "a"))
+    await ingest(client, records(drifted(reference_sample(WINDOW, seed=8)), "b"), source="pumps")
+    await client.app[DRIFT_MONITOR].drained()
+    labels = {"kind": "source", "name": "sensors", "feature": "f1"}
+    assert (metric(client, "mlgate_feature_psi", labels) or 0) > 0.2
+    path.unlink()
+    await client.app[RELOAD_HOOKS]["profiles"]()
+    retired = None if not multiprocess else 0.0
+    for gauge in ("mlgate_feature_psi", "mlgate_feature_out_of_range_share"):
+        for feature in range(8):
+            assert metric(client, gauge, {**labels, "feature": f"f{feature}"}) == retired
+    assert (metric(client, "mlgate_feature_psi", {**labels, "name": "pumps"}) or 0) > 0.2
+
+
+async def test_a_replaced_profile_keeps_only_the_drift_gauges_of_its_features(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    path = write_profile(profiles_dir, "sensors")
+    client = await app_client(quality_settings())
+    await ingest(client, records(reference_sample(WINDOW, seed=8), "a"))
+    await client.app[DRIFT_MONITOR].drained()
+    labels = {"kind": "source", "name": "sensors", "feature": "f1"}
+    assert metric(client, "mlgate_feature_psi", labels) is not None
+    names = ["f0", "f1"] + [f"n{i}" for i in range(2, 8)]
+    profile = build_profile(reference_sample(2000, seed=99), kind="source", name="sensors",
+                            feature_names=names)
+    assert ProfileStore(profiles_dir, profiles_dir / "models").save(profile) == path
+    await client.app[RELOAD_HOOKS]["profiles"]()
+    assert metric(client, "mlgate_feature_psi", labels) is not None  # still a feature
+    assert metric(client, "mlgate_feature_psi", {**labels, "feature": "f2"}) is None
+    assert metric(client, "mlgate_feature_out_of_range_share", {**labels, "feature": "f7"}) is None
+
+
+async def test_drift_sampling_carries_its_phase_across_single_record_batches(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    """A review: row 0 of every batch was taken, so single records were never sampled down."""
+    write_profile(profiles_dir, "sensors")
+    client = await app_client(quality_settings(drift_sample_every=4))
+    for record in records(reference_sample(9, seed=9), "one"):
+        await ingest(client, [record])
+    assert (await report(client))["records_observed"] == 3  # rows 0, 4 and 8
+
+
+async def test_drift_sampling_hands_the_monitor_a_copy_of_the_sampled_rows(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review: ``matrix[::k]`` kept the whole batch alive while the mailbox counted a k-th."""
+    write_profile(profiles_dir, "sensors")
+    client = await app_client(quality_settings(drift_sample_every=4))
+    monitor = client.app[DRIFT_MONITOR]
+    observed: list[Any] = []
+    real = monitor.observe
+
+    def observe(name: str, kind: Any, matrix: Any) -> bool:
+        observed.append(matrix)
+        return real(name, kind, matrix)
+
+    monkeypatch.setattr(monitor, "observe", observe)
+    await ingest(client, records(reference_sample(400, seed=9), "s"))
+    [matrix] = observed
+    assert matrix.shape == (100, 8) and matrix.base is None
+
+
+async def test_the_records_help_names_only_outcomes_that_are_counted(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    """A review: the help listed ``rejected``, never emitted (profile rejections count
+    in mlgate_quality_violations_total, each record's reason in the 202's errors)."""
+    write_profile(profiles_dir, "sensors")
+    client = await app_client(quality_settings())
+    assert (await ingest(client, out_of_range_batch()))["records_rejected"] == 2
+    text = await (await client.get("/metrics")).text()
+    [help_line] = [line for line in text.splitlines() if line.startswith("# HELP mlgate_records_total ")]
+    outcomes = {s.split('"')[1] for s in text.splitlines() if s.startswith("mlgate_records_total{")}
+    assert "rejected" not in help_line and "rejected" not in outcomes
