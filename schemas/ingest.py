@@ -19,6 +19,7 @@ SCHEMA_VERSION = "1"
 
 MAX_FEATURES = 4096
 MAX_METADATA_ITEMS = 32
+MAX_METADATA_TEXT = 1024  # characters
 MAX_RECORDS = 100_000
 
 # ``$(?!\n)``: Python's ``$`` also matches before a final newline; ECMA's does not need it.
@@ -33,8 +34,11 @@ SourceName = Annotated[
     str, msgspec.Meta(min_length=1, max_length=128, pattern=SOURCE_PATTERN)
 ]
 MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-MetadataText = Annotated[str, msgspec.Meta(max_length=1024)]
-MetadataValue = MetadataText | int | float | bool
+MetadataText = Annotated[str, msgspec.Meta(max_length=MAX_METADATA_TEXT)]
+# A signed 64-bit integer: what a msgpack value can carry and a consumer in Java or Go
+# can read (a review: 2**70 passed, then failed the msgpack value encoder with a 500).
+MetadataInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+MetadataValue = MetadataText | MetadataInt | float | bool
 Timestamp = (
     Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with an offset")]
     | Annotated[float, msgspec.Meta(ge=0, le=1e11, description="epoch seconds")]
@@ -44,7 +48,7 @@ Features = Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_FEAT
 # as it decodes (NaN fails any comparison), so the packed path needs no check of its
 # own; the record-by-record path then names the record and its problem.
 FiniteFloat = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
-FiniteMetadataValue = MetadataText | int | FiniteFloat | bool
+FiniteMetadataValue = MetadataText | MetadataInt | FiniteFloat | bool
 
 
 # gc=False: a batch makes hundreds of these and none can be part of a reference cycle,

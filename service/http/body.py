@@ -5,17 +5,28 @@ their libraries are installed) as the body streams in, so the limit counts
 decompressed bytes: a small compressed bomb stops at the limit too.
 
 A body has ``body_timeout_s`` and must then average ``body_min_rate_bytes`` per second
-(Apache's ``RequestReadTimeout body=...,MinRate=...``); a slower one is 408 with
-``Connection: close``, so a client that sends a head and one byte holds its socket
-for seconds, not forever.
+(Apache's ``RequestReadTimeout body=...,MinRate=...``), and no ``body_timeout_s`` may
+pass without a byte of it (the average alone let a client that sent 8 MB at once sit
+idle ~280 s); a slower one is 408 with ``Connection: close``, so a client that sends a
+head and one byte holds its socket for seconds, not forever.
+
+A compressed body's next piece is decompressed inside the read that takes the one
+before it, without waiting on the socket: 1 MB of gzip holding 1 GiB of blank lines
+kept the loop ~47 s in one body's reads. The reader gives the loop a turn every
+``YIELD_S`` of reading (looked at every ``CHECK_BYTES``, so a small body costs no
+clock reads). A compressed body whose compressed stream did not end (a gzip member
+or zstd frame cut short, though the HTTP body ended properly) is 400, not its
+decompressed part taken for the whole (``check_compressed_ends``).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
-from aiohttp import http_parser, web
+from aiohttp import compression_utils, http_parser, web
+from aiohttp.helpers import set_exception
 
 from mlgate.service.http.context import BUFFERED_BODY
 from mlgate.service.http.errors import (
@@ -34,6 +45,11 @@ if getattr(http_parser, "HAS_ZSTD", False):
     SUPPORTED_ENCODINGS.add("zstd")
 
 CHUNK = 64 * 1024
+# How long a body's reads may keep the loop without a turn for others, and how many
+# bytes are read between looks at the clock.
+YIELD_S = 0.005
+CHECK_BYTES = 256 * 1024
+TRUNCATED = "Compressed body is truncated: its compressed stream did not end"
 
 
 def check_declared_length(request: web.Request, limit: int) -> None:
@@ -60,10 +76,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return b""
     if declared is not None and "Content-Encoding" not in request.headers:
         # The common case, a small body of known length: one read, no chunk loop, due
-        # when all of it would be at the minimum rate.
+        # when all of it would be at the minimum rate (at most CHUNK / rate seconds past
+        # the idle bound). A larger one is read chunk by chunk, each within that bound.
         try:
             if request.content.is_eof():  # all of it arrived with the head: no wait
                 return await request.content.readexactly(declared)
+            if declared > CHUNK:
+                return await _read_known(request, declared)
             async with asyncio.timeout_at(BodyPace(request).deadline(declared)):
                 return await request.content.readexactly(declared)
         except asyncio.IncompleteReadError:
@@ -78,6 +97,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"Body exceeds the limit of {limit} bytes")
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def _read_known(request: web.Request, declared: int) -> bytes:
+    """A plain body of ``declared`` bytes, read chunk by chunk within the pace."""
+    parts: list[bytes] = []
+    async for chunk in _chunks(request):
+        parts.append(chunk)
+    body = b"".join(parts)
+    if len(body) != declared:  # aiohttp ends the body at its Content-Length
+        raise asyncio.IncompleteReadError(body, declared)
+    return body
 
 
 async def iter_body(request: web.Request) -> AsyncIterator[bytes]:
@@ -103,18 +133,26 @@ def check_encoding(request: web.Request) -> None:
 
 class BodyPace:
     """When a body that has delivered ``received`` bytes is too slow: after a grace of
-    ``body_timeout_s`` from the first read it must average ``body_min_rate_bytes``/s."""
+    ``body_timeout_s`` from the first read it must average ``body_min_rate_bytes``/s;
+    and (``next_deadline``) no ``body_timeout_s`` may pass without a byte."""
 
-    __slots__ = ("_rate", "_start")
+    __slots__ = ("_idle", "_rate", "_start", "loop")
 
     def __init__(self, request: web.Request) -> None:
         settings = request.app[SETTINGS]
-        self._start = asyncio.get_running_loop().time() + settings.body_timeout_s
+        self.loop = asyncio.get_running_loop()
+        self._idle = settings.body_timeout_s
+        self._start = self.loop.time() + self._idle
         self._rate = settings.body_min_rate_bytes
 
     def deadline(self, received: int) -> float:
-        """The loop time by which more than ``received`` bytes must have arrived."""
+        """The loop time by which more than ``received`` bytes must have arrived, at
+        the minimum rate."""
         return self._start + received / self._rate
+
+    def next_deadline(self, received: int) -> float:
+        """As ``deadline``, and within ``body_timeout_s`` of now (the last byte)."""
+        return min(self._start + received / self._rate, self.loop.time() + self._idle)
 
 
 def _too_slow(request: web.Request) -> BodyTimeout:
@@ -130,9 +168,11 @@ async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
     check_encoding(request)
     pace = BodyPace(request)
     received = 0
+    check_at = CHECK_BYTES
+    turn_due = -1.0  # loop time by which the loop gets a turn; set at the first look
     while True:
         try:
-            async with asyncio.timeout_at(pace.deadline(received)):
+            async with asyncio.timeout_at(pace.next_deadline(received)):
                 chunk = await request.content.read(CHUNK)
         except TimeoutError:
             raise _too_slow(request) from None
@@ -141,9 +181,92 @@ async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
             # Nothing more is read of it: aiohttp would read on after the answer, meet
             # the error again and log it as an unhandled exception with its traceback.
             request.content.feed_eof()
+            if isinstance(exc, CompressedBodyTruncated):
+                raise BadRequest(TRUNCATED, headers={"Connection": "close"}) from None
             reason = " ".join(str(exc).split())
             raise BadRequest(f"Body could not be read: {reason}", headers={"Connection": "close"}) from None
         if not chunk:
             return
         received += len(chunk)
+        if received >= check_at:
+            # A read of buffered (or decompressed) bytes returns without a turn of the
+            # loop: every CHECK_BYTES, give it one if YIELD_S passed since the last.
+            check_at = received + CHECK_BYTES
+            now = pace.loop.time()
+            if turn_due < 0:
+                turn_due = now + YIELD_S
+            elif now >= turn_due:
+                await asyncio.sleep(0)
+                turn_due = pace.loop.time() + YIELD_S
         yield chunk
+
+
+class CompressedBodyTruncated(web.RequestPayloadError):
+    """The HTTP body ended inside a gzip member or zstd frame (or a deflate or brotli
+    stream): what it decompressed to is not the whole."""
+
+
+class _Member:
+    """One gzip member's or zstd frame's decompressor, telling whether it was fed: aiohttp
+    replaces a finished one with a fresh one at once (``ConcatDecompressionHandler``), so
+    ``eof`` alone cannot tell a stream that ended from one cut inside a member."""
+
+    __slots__ = ("_inner", "fed")
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.fed = False
+
+    def decompress(self, data: Any, *args: Any) -> bytes:
+        if data:
+            self.fed = True
+        return self._inner.decompress(data, *args)
+
+    def __getattr__(self, name: str) -> Any:  # eof, unused_data, unconsumed_tail, ...
+        return getattr(self._inner, name)
+
+
+def _stream_ended(decompressor: Any) -> bool:
+    """Whether the compressed stream a body fed ``decompressor`` ended where it did."""
+    if isinstance(decompressor, compression_utils.BrotliDecompressor):
+        finished = getattr(decompressor._obj, "is_finished", None)
+        return finished is None or bool(finished())
+    if not isinstance(decompressor, compression_utils.ConcatDecompressionHandler):
+        return True  # unknown to us: as aiohttp decides
+    if decompressor._pending_unused_data is not None:
+        return False
+    inner = decompressor._decompressor
+    if isinstance(inner, _Member):  # gzip, zstd: at a member's end, or a fresh one
+        return bool(inner.eof) or not inner.fed
+    return bool(inner.eof)  # deflate: one stream, its decompressor kept to the end
+
+
+def check_compressed_ends() -> None:
+    """Make aiohttp's decompressing body feeder (``DeflateBuffer``, which its C parser
+    holds, so it cannot be replaced by a subclass) fail a server request's body whose
+    compressed stream did not end with the body: aiohttp checks that for ``deflate``
+    only, by raising from the parser, which answered 415 and left the body unended.
+    Here the body gets ``CompressedBodyTruncated``, read as a 400. Once per process."""
+    feeder: Any = http_parser.DeflateBuffer
+    if getattr(feeder, "_mlgate_checks_ends", False):
+        return
+    original_init, original_feed_eof = feeder.__init__, feeder.feed_eof
+
+    def __init__(self: Any, out: Any, encoding: str | None, *args: Any, **kwargs: Any) -> None:
+        original_init(self, out, encoding, *args, **kwargs)
+        # Server bodies only (aiohttp's client keeps its own behaviour).
+        self.mlgate_checked = isinstance(getattr(out, "_protocol", None), web.RequestHandler)
+        decompressor = self.decompressor
+        if self.mlgate_checked and encoding in {"gzip", "zstd"}:
+            new_member = decompressor._new_decompressor
+            decompressor._new_decompressor = lambda: _Member(new_member())
+            decompressor._decompressor = _Member(decompressor._decompressor)
+
+    def feed_eof(self: Any) -> None:
+        if getattr(self, "mlgate_checked", False) and self.size > 0 and not _stream_ended(self.decompressor):
+            set_exception(self.out, CompressedBodyTruncated(TRUNCATED))
+            return
+        original_feed_eof(self)
+
+    feeder.__init__, feeder.feed_eof = __init__, feed_eof
+    feeder._mlgate_checks_ends = True

@@ -34,9 +34,10 @@ down), so nothing is acknowledged that is not durable. The claim is released onl
 the sink refused the records (``MailboxFull``, ``WorkerClosed``: full, or stopped; or
 ``SpillFull`` before Kafka was tried); after any other failure part of them may have
 landed, so their ids stay claimed until they lapse (``MLGATE_IDEMPOTENCY_LOCK_S``) and a
-retry meanwhile is 409, not a duplicate write. A turn whose records the spill had no
-room for is written again write by write, so those that fit are written as they would
-have been alone.
+retry meanwhile is 409, not a duplicate write. A failure before the records are handed
+on (their encoding) releases the claim too, and the caller gets it. A turn whose
+records the spill had no room for is written again write by write, so those that fit
+are written as they would have been alone.
 """
 
 from __future__ import annotations
@@ -283,13 +284,29 @@ class IngestPipeline:
         """Write the accepted records whose ``record_id`` was not written within the
         dedup window; returns once they are durable."""
         fresh, claim = await self._drop_duplicates(tenant, batch)
-        records = self._validator.outbound(fresh, tracking_id) if fresh.accepted else []
+        try:
+            records = self._validator.outbound(fresh, tracking_id) if fresh.accepted else []
+        except Exception:
+            # Nothing was handed on: the ids are let go at once, whatever failed (a
+            # review: a value the encoder refused left them claimed, and a resend was
+            # 409 for the lapse).
+            if claim is not None:
+                await self._let_go(tenant, claim)
+            raise
         if records or (claim is not None and claim.held):
             await self._join_turn(tenant, claim, records)
         duplicates = len(batch.accepted) - len(fresh.accepted)
         if duplicates:
             self._metrics.records_duplicate.inc(duplicates)
         return Written(accepted=len(fresh.accepted), duplicates=duplicates)
+
+    async def _let_go(self, tenant: str, claim: Claim) -> None:
+        """Release ``claim`` after a failure before its records were handed on; a
+        release that fails too is logged, and the ids lapse as after a partial write."""
+        try:
+            await self._dedup.release(tenant, claim)
+        except Exception as exc:
+            log.warning("dedup_claim_release_failed", error=repr(exc))
 
     async def _join_turn(self, tenant: str, claim: Claim | None, records: list[OutboundRecord]) -> None:
         """Hand ``records`` to this loop turn's write and wait for its outcome.

@@ -3,8 +3,11 @@
 Each yields, per record, the decoded ``Record`` or its ``RecordError`` (a bad record
 costs only itself: so does a msgpack map keyed by an array or a map, valid msgpack that
 no record can be); a record over ``max_stream_record_bytes`` is 413 and bytes that
-are not msgpack at all are 400. Memory holds at most one unfinished record and the
-chunk after it, whatever the stream's length.
+are not msgpack at all are 400, as is a stream that ends inside a record. Memory
+holds at most one unfinished record and the chunk after it, whatever the stream's
+length: a msgpack record decodes into no larger container than a record has (its
+features, its metadata), and no decoded value outlives its record. The route counts
+the records against the held-values bound as they come (``routes.ingest``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import msgpack
 import msgspec
 from aiohttp import web
 
-from mlgate.schemas.ingest import Record, RecordError, RecordIdOnly
+from mlgate.schemas.ingest import (
+    MAX_FEATURES,
+    MAX_METADATA_ITEMS,
+    Record,
+    RecordError,
+    RecordIdOnly,
+    Timestamp,
+)
 from mlgate.service.http.body import CHUNK, iter_body
 from mlgate.service.http.codec import Format
 from mlgate.service.http.errors import BadRequest, PayloadTooLarge
@@ -69,14 +79,31 @@ def _decode_line(line: bytes) -> Record | Exception:
         return exc
 
 
+# Containers far larger than any a record holds, so that no record decodes into a
+# million objects of one container (a review: a 1 MB record of a million empty arrays
+# took 70 MB until the next record), while a field merely over its limit (4,097
+# features, 33 metadata items, a metadata text too long) stays the rejection of its own
+# record, as on the batch route. A string is bounded by the record's size.
+MAX_MSGPACK_ARRAY = 16 * MAX_FEATURES
+MAX_MSGPACK_MAP = 16 * max(MAX_METADATA_ITEMS, len(Record.__struct_fields__))
+# msgpack-python's decoding stack: a value nested this deep cannot be decoded.
+MSGPACK_MAX_DEPTH = 1023
+
+
 async def msgpack_records(request: web.Request, max_record: int) -> AsyncIterator[Record | RecordError]:
     # The buffer holds at most one unfinished record and the chunk that follows it.
     unpacker = msgpack.Unpacker(
         raw=False,
         max_buffer_size=max_record + CHUNK,
+        max_array_len=MAX_MSGPACK_ARRAY,
+        max_map_len=MAX_MSGPACK_MAP,
+        max_str_len=max_record,
+        max_bin_len=max_record,
         strict_map_key=False,
         object_pairs_hook=_map_or_marker,
     )
+    # ``start``: where the last whole record ended. ``unpacker.tell()`` also counts the
+    # bytes of a record still being decoded, so it cannot tell a stream cut mid-record.
     index = fed = start = 0
     too_large = PayloadTooLarge(f"A stream record exceeds the limit of {max_record} bytes")
     try:
@@ -88,16 +115,39 @@ async def msgpack_records(request: web.Request, max_record: int) -> AsyncIterato
                 if end - start > max_record:
                     raise too_large
                 start = end
-                yield _record_or_error(index, _convert(obj), obj, _given_record_id)
+                item = _record_or_error(index, _convert(obj), obj, _given_record_id)
+                # Nothing of the decoded value stays referenced while the stream waits.
+                obj = None
+                yield item
+                del item
                 index += 1
             if fed - start > max_record:
                 raise too_large
     except msgpack.BufferFull:
         raise too_large from None
     except (msgpack.UnpackException, ValueError) as exc:
-        raise BadRequest(f"Stream is not valid msgpack after record {index}: {exc}") from None
-    if unpacker.tell() != fed:
-        raise BadRequest(f"Stream ends inside a msgpack record after record {index}")
+        # msgpack records have no boundary to resume from: the stream ends here.
+        raise BadRequest(
+            f"Stream is not valid msgpack after record {index}: {_unpack_problem(exc)}"
+        ) from None
+    if start != fed:
+        raise BadRequest(
+            f"Stream ends inside a msgpack record after record {index}: the last "
+            f"{fed - start} bytes are not a whole record"
+        )
+
+
+def _unpack_problem(exc: Exception) -> str:
+    """What msgpack-python found wrong, in words: some of its errors have none."""
+    if isinstance(exc, msgpack.StackError):
+        return f"arrays or maps nested more than {MSGPACK_MAX_DEPTH} deep"
+    if isinstance(exc, msgpack.FormatError):
+        return "a byte that starts no msgpack value (0xc1)"
+    problem = str(exc) or type(exc).__name__
+    if "exceeds max_" in problem:
+        # "5000 exceeds max_array_len(4096)": a container larger than any a record has.
+        return f"{problem}, larger than any field of a record"
+    return problem
 
 
 class MapWithArrayOrMapKey:
@@ -137,7 +187,23 @@ def _given_record_id(obj: object) -> str | None:
 def _convert(obj: object) -> Record | Exception:
     if obj is _MAP_WITH_UNHASHABLE_KEY:
         return ValueError("a map key is an array or a map; record keys are strings")
+    if isinstance(obj, dict) and isinstance(stamp := obj.get("timestamp"), msgpack.Timestamp):
+        # The msgpack timestamp extension, which the batch route takes (msgspec decodes
+        # it): read by msgspec too, so the time stored, and the error for one out of
+        # range, are the batch's.
+        try:
+            obj["timestamp"] = _stamp_decoder.decode(_STAMP_MAP + msgpack.packb(stamp)).timestamp
+        except msgspec.ValidationError as exc:
+            return exc
     try:
         return msgspec.convert(obj, Record)
     except msgspec.ValidationError as exc:
         return exc
+
+
+class _StampOnly(msgspec.Struct, frozen=True, gc=False):
+    timestamp: Timestamp
+
+
+_stamp_decoder = msgspec.msgpack.Decoder(_StampOnly)
+_STAMP_MAP = b"\x81" + msgpack.packb("timestamp")

@@ -50,12 +50,13 @@ from typing import Any, cast
 import msgspec
 import structlog
 from aiohttp import http_exceptions, web
+from aiohttp.helpers import set_exception
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
-from mlgate.service.http.body import SUPPORTED_ENCODINGS
+from mlgate.service.http.body import SUPPORTED_ENCODINGS, check_compressed_ends
 from mlgate.service.http.codec import Format, media_format, preferred_format
 from mlgate.service.http.errors import ApiError, BadRequest, UnsupportedMediaType
 from mlgate.service.http.front_door import (
@@ -180,6 +181,7 @@ class Door:
     ) -> None:
         self._app = app
         self._settings = app[SETTINGS]
+        check_compressed_ends()  # a cut gzip/zstd body is 400, not its part taken whole
         self._draining = app[DRAINING]
         self.request_ids = RequestIds()
         self._path_headers = dict(path_headers or {})
@@ -645,7 +647,11 @@ class _DoorParser:
         self._handler = handler
 
     def feed_data(self, data: bytes) -> tuple[list[tuple[Any, Any]], bool, bytes]:
-        messages, upgraded, tail = self._parser.feed_data(data)
+        try:
+            messages, upgraded, tail = self._parser.feed_data(data)
+        except http_exceptions.HttpProcessingError as exc:
+            self._handler.parse_failed(exc)
+            raise  # aiohttp queues its 400 (``handle_error``)
         kept: list[tuple[Any, Any]] = []
         while messages and not upgraded:
             left = self._handler.refuse_at_door(messages)
@@ -721,18 +727,32 @@ class DoorRequestHandler(web.RequestHandler):
         if not self.waiting:
             super()._resume_transport_reading()
 
+    def parse_failed(self, exc: http_exceptions.HttpProcessingError) -> None:
+        """aiohttp's parser refused what it was given: it queues a 400 for it, due
+        like an answer (a half-close waits for it: ``eof_received``). A body it was
+        in (a bad chunk size, say) never ends: it fails, so the app's reader answers
+        that request at once (in its ``Accept``), rather than at the body timeout."""
+        self._handed += 1
+        payload = self._last_payload
+        if payload.is_eof() or payload.exception() is not None:
+            return
+        reason = parser_reason(exc, exc.message)
+        set_exception(payload, web.RequestPayloadError(reason))
+
     def eof_received(self) -> bool | None:  # type: ignore[override]
         """The client has sent all it will (a half-close, as ``nc -N`` or a request
         piped in makes): the request it is waiting on is still answered, then the
         connection closed. aiohttp closes at once, dropping the answer of a request the
         app is serving (its access line said 202 while the client got nothing). Not
         over TLS, which cannot half-close. Nor when a body is still awaited: it never
-        comes, and the handler would wait for it until the body timeout."""
+        comes, and the handler would wait for it until the body timeout. A body that
+        failed (undecodable, cut, bad framing) awaits nothing: its 400 is answered."""
         transport = self.transport
         busy = self._handed != self._answered  # a request handed on and not yet answered
         if not busy or transport is None or transport.get_extra_info("sslcontext") is not None:
             return None  # closed now, as aiohttp does
-        if not self._last_payload.is_eof():  # the last request parsed: only its body can be open
+        payload = self._last_payload  # the last request parsed: only its body can be open
+        if not payload.is_eof() and payload.exception() is None:
             return None
         if self._messages or self._buffer_paused:
             # Requests pipelined before the half-close are answered in turn first

@@ -16,7 +16,7 @@ from mlgate.service.http.errors import ValidationFailed
 from mlgate.service.ingest import pipeline as pipeline_module
 from mlgate.service.ingest.pipeline import IngestPipeline
 from mlgate.service.protection.audit import Caller
-from mlgate.service.routes.ingest import ingest_batch
+from mlgate.service.routes.ingest import STREAM_CHUNK_SHARE, ingest_batch
 from mlgate.service.state import (
     INGEST_PIPELINE,
     METRICS,
@@ -205,6 +205,8 @@ async def test_a_refused_tenant_caps_the_others_only_for_a_while_after_its_refus
 async def test_a_streams_chunks_count_against_the_held_values_too(
     app_client: AppClientFactory, settings_for: Any
 ) -> None:
+    """A stream writes its chunk once it holds a share of the bound
+    (``STREAM_CHUNK_SHARE``), so that many streams fit it; past it, the next is 503."""
     client = await app_client(settings_for(ingest_max_held_values=4000))
     pipeline = client.app[INGEST_PIPELINE]
     sink = pipeline._sink = GatedSink(pipeline._sink)  # Kafka frozen: chunks stay held
@@ -214,17 +216,27 @@ async def test_a_streams_chunks_count_against_the_held_values_too(
             msgspec.json.encode({"record_id": f"s{first + i}", "features": [1.0, 2.0, 3.0, 4.0]})
             for i in range(1000)
         )
-        return b"\n".join(lines) + b"\n"  # one chunk: 4,000 values
+        return b"\n".join(lines) + b"\n"
 
     headers = {"Content-Type": "application/x-ndjson"}
-    first = asyncio.ensure_future(
-        client.post(f"{PATH}/stream?source=s", data=stream(0), headers=headers)
-    )
-    for _ in range(500):  # until its chunk is held, waiting for the sink
-        if pipeline.held_values:
+    waiting: list[asyncio.Future[Any]] = []
+    refused = None
+    for n in range(STREAM_CHUNK_SHARE + 1):
+        before = pipeline.held_values
+        posted = asyncio.ensure_future(
+            client.post(f"{PATH}/stream?source=s", data=stream(1000 * n), headers=headers)
+        )
+        for _ in range(500):  # until its first chunk is held, waiting for the sink
+            if pipeline.held_values > before or posted.done():
+                break
+            await asyncio.sleep(0.01)
+        if posted.done():
+            refused = await posted
             break
-        await asyncio.sleep(0.01)
-    second = await client.post(f"{PATH}/stream?source=s", data=stream(1000), headers=headers)
-    assert second.status == 503 and "feature values" in (await second.json())["detail"]
+        waiting.append(posted)
+    assert refused is not None and refused.status == 503
+    assert "feature values" in (await refused.json())["detail"]
+    assert 1 < len(waiting) <= STREAM_CHUNK_SHARE
+    assert pipeline.held_values <= 4000
     sink.gate.set()
-    assert (await first).status == 202
+    assert [(await posted).status for posted in waiting] == [202] * len(waiting)

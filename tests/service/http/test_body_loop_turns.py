@@ -1,0 +1,47 @@
+"""Reading a compressed body gives the event loop turns: aiohttp decompresses the next
+piece inside the read that takes the one before, without waiting on the socket, so a
+small gzip stream of blank lines once held the loop for as long as it expanded (1 MB
+of it to 1 GiB: ~47 s), and ``/health`` on another connection waited for it."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Callable
+
+from mlgate.config import Settings
+from tests.conftest import AppClientFactory
+
+MIB_OF_BLANK_LINES = 48  # ~1.5 s of reading; the old reader held the loop all that time
+
+
+def gzip_of_blank_lines(mib: int) -> bytes:
+    compressor = zlib.compressobj(9, wbits=31)
+    megabyte = b"\n" * (1 << 20)
+    return b"".join(compressor.compress(megabyte) for _ in range(mib)) + compressor.flush()
+
+
+async def test_health_answers_while_a_compressed_stream_is_being_read(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings]
+) -> None:
+    client = await app_client(make_settings(feature_dims=(4,)))
+    body = gzip_of_blank_lines(MIB_OF_BLANK_LINES)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            "POST /api/v2/ingest/stream?source=s HTTP/1.1\r\nHost: t\r\n"
+            "Content-Type: application/x-ndjson\r\nContent-Encoding: gzip\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        streamed = asyncio.create_task(reader.readuntil(b"\r\n\r\n"))
+        await asyncio.sleep(0.2)  # the server is into the stream's body
+        assert not streamed.done()
+        health = await client.get("/health")
+        assert health.status == 200
+        # Answered in a turn between the stream's reads, not once it was all read.
+        assert not streamed.done()
+        await asyncio.wait_for(streamed, 60)
+    finally:
+        writer.close()

@@ -1,0 +1,85 @@
+"""A failure of ours after the dedup claims are taken, before the records are handed
+to the sink, releases the claims: a resend is written, not 409 for the claim's lapse.
+A stream failed so says, in its 500, which part of it was written."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+import structlog.testing
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from mlgate.config import Settings
+from mlgate.service.ingest.batch import ValidatedBatch
+from mlgate.service.routes.ingest import STREAM_CHUNK_RECORDS
+from mlgate.service.state import RECORD_VALIDATOR
+from mlgate.workers.sinks.records import OutboundRecord
+from tests.conftest import AppClientFactory
+
+Client = TestClient[web.Request, web.Application]
+OPEN: dict[str, Any] = {"auth_disabled": True, "rate_limits_enabled": False}
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+
+@pytest.fixture
+async def client(app_client: AppClientFactory, make_settings: Callable[..., Settings]) -> Client:
+    # A short wait for ids another request holds: a leaked claim answers 409 quickly.
+    return await app_client(make_settings(feature_dims=(4,), dedup_in_flight_wait_s=0.2, **OPEN))
+
+
+def _failing_outbound(client: Client, monkeypatch: pytest.MonkeyPatch, calls_before: int) -> list[int]:
+    """The validator's ``outbound`` fails once, after ``calls_before`` calls."""
+    validator = client.app[RECORD_VALIDATOR]
+    outbound = validator.outbound
+    calls: list[int] = []
+
+    def failing(batch: ValidatedBatch, tracking_id: str) -> list[OutboundRecord]:
+        calls.append(len(batch.accepted))
+        if len(calls) == calls_before + 1:
+            raise OverflowError("int too big to convert")
+        return outbound(batch, tracking_id)
+
+    monkeypatch.setattr(validator, "outbound", failing)
+    return calls
+
+
+def _records(first: int, count: int) -> list[dict[str, Any]]:
+    return [{"record_id": f"r-{first + i}", "features": [1.0, 2.0, 3.0, 4.0]} for i in range(count)]
+
+
+async def test_a_batch_failing_before_its_write_releases_its_claims(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_outbound(client, monkeypatch, calls_before=0)
+    batch = {"source": "s", "records": _records(0, 3)}
+    failed = await client.post("/api/v2/ingest", json=batch)
+    assert failed.status == 500
+    resent = await client.post("/api/v2/ingest", json=batch)
+    assert resent.status == 202, await resent.text()
+    answer = await resent.json()
+    assert (answer["records_accepted"], answer["records_duplicate"]) == (3, 0)
+
+
+async def test_a_stream_failing_after_written_chunks_is_500_saying_how_many_were_written(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_outbound(client, monkeypatch, calls_before=1)
+    records = _records(0, STREAM_CHUNK_RECORDS + 5)
+    body = b"".join(msgspec.json.encode(r) + b"\n" for r in records)
+    with structlog.testing.capture_logs() as logs:
+        response = await client.post("/api/v2/ingest/stream?source=s", data=body, headers=NDJSON)
+    assert response.status == 500
+    problem = await response.json(content_type=None)
+    assert f"The first {STREAM_CHUNK_RECORDS} records accepted" in problem["detail"]
+    assert f"no record from index {STREAM_CHUNK_RECORDS} on was written" in problem["detail"]
+    assert "tracking_id" in problem["detail"]
+    assert any(entry["event"] == "unhandled_error" for entry in logs)  # logged as a fault
+    # The failed chunk's ids were let go: resent from there, they are written.
+    rest = b"".join(msgspec.json.encode(r) + b"\n" for r in records[STREAM_CHUNK_RECORDS:])
+    resent = await client.post("/api/v2/ingest/stream?source=s", data=rest, headers=NDJSON)
+    assert resent.status == 202, await resent.text()
+    assert (await resent.json())["records_accepted"] == 5

@@ -1,0 +1,86 @@
+"""A client that half-closes after a body the server cannot read gets its 400, then
+the close: the connection no longer waits on a body that failed (it never ends), nor
+closes before aiohttp's own 400 for a request its parser refused. On the server
+``mlgate serve`` runs (``CappedAppRunner``), over raw sockets."""
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+
+import msgspec
+import pytest
+from backports import zstd
+
+from tests.service.http import test_body_compressed_ends
+from tests.service.http.test_body_compressed_ends import (
+    DoorServer,
+    batch,
+    cut_before_trailer,
+    read_answer,
+)
+
+# The server fixture, under the name the tests ask for it by (hence F811 below).
+door_server = test_body_compressed_ends.door_server
+
+HEAD = "POST /api/v2/ingest HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+
+
+def corrupted(data: bytes) -> bytes:
+    return data[:10] + b"\xff" * 10 + data[20:]
+
+
+def with_length(extra: str, body: bytes) -> bytes:
+    return f"{HEAD}{extra}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+UNREADABLE = {
+    "corrupt-gzip": with_length("Content-Encoding: gzip\r\n", corrupted(gzip.compress(batch(2)))),
+    "corrupt-zstd": with_length("Content-Encoding: zstd\r\n", corrupted(zstd.compress(batch(2)))),
+    "garbage-after-gzip": with_length("Content-Encoding: gzip\r\n", gzip.compress(batch(2)) + b"garbage!"),
+    "truncated-gzip": with_length("Content-Encoding: gzip\r\n", cut_before_trailer("gzip", batch(2))),
+    "bad-chunk-size": f"{HEAD}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n".encode(),
+}
+
+
+@pytest.mark.parametrize("request_bytes", UNREADABLE.values(), ids=UNREADABLE.keys())
+async def test_a_half_close_after_an_unreadable_body_gets_the_400_then_the_close(
+    door_server: DoorServer, request_bytes: bytes
+) -> None:
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        writer.write(request_bytes)
+        writer.write_eof()
+        status_line, headers, body = await read_answer(reader)
+        assert status_line.split()[1] == "400"
+        assert headers["Content-Type"] == "application/problem+json"
+        assert msgspec.json.decode(body)["status"] == 400
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+
+
+async def test_a_bad_chunk_size_after_the_head_is_answered_at_once_as_the_request_asked(
+    door_server: DoorServer,
+) -> None:
+    """The head arrived first, so the app is reading the body: it fails at once (not at
+    the body timeout), and the 400 is the app's, in the request's ``Accept`` and version,
+    naming its path."""
+    reader, writer = await asyncio.open_connection(*await door_server(body_timeout_s=60))
+    try:
+        writer.write(
+            f"{HEAD}Accept: application/msgpack\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the app starts on it, waiting for the body
+        writer.write(b"zz\r\nabc\r\n")
+        writer.write_eof()
+        status_line, headers, body = await asyncio.wait_for(read_answer(reader), 5)
+        assert status_line.startswith("HTTP/1.1 400")
+        assert headers["Content-Type"] == "application/msgpack"
+        problem = msgspec.msgpack.decode(body)
+        assert problem["instance"] == "/api/v2/ingest"
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
