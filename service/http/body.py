@@ -150,18 +150,24 @@ class BodyPace:
         the minimum rate."""
         return self._start + received / self._rate
 
-    def next_deadline(self, received: int) -> float:
-        """As ``deadline``, and within ``body_timeout_s`` of now (the last byte)."""
-        return min(self._start + received / self._rate, self.loop.time() + self._idle)
+    def next_deadline(self, received: int) -> tuple[float, bool]:
+        """As ``deadline``, and within ``body_timeout_s`` of now (the last byte); and
+        whether it is that pause bound that comes first."""
+        average, pause = self._start + received / self._rate, self.loop.time() + self._idle
+        return (pause, True) if pause < average else (average, False)
 
 
-def _too_slow(request: web.Request) -> BodyTimeout:
+def _too_slow(request: web.Request, paused: bool = False) -> BodyTimeout:
+    """The 408; ``paused``: for a body that stopped, not one too slow on average."""
     settings = request.app[SETTINGS]
-    return BodyTimeout(
-        f"Body arrived slower than {settings.body_min_rate_bytes} bytes/s "
-        f"after {settings.body_timeout_s:g} s",
-        headers={"Connection": "close"},
-    )
+    if paused:
+        reason = f"Body paused longer than {settings.body_timeout_s:g} s"
+    else:
+        reason = (
+            f"Body arrived slower than {settings.body_min_rate_bytes} bytes/s "
+            f"after {settings.body_timeout_s:g} s"
+        )
+    return BodyTimeout(reason, headers={"Connection": "close"})
 
 
 async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
@@ -172,10 +178,11 @@ async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
     turn_due = -1.0  # loop time by which the loop gets a turn; set at the first look
     while True:
         try:
-            async with asyncio.timeout_at(pace.next_deadline(received)):
+            deadline, paused = pace.next_deadline(received)
+            async with asyncio.timeout_at(deadline):
                 chunk = await request.content.read(CHUNK)
         except TimeoutError:
-            raise _too_slow(request) from None
+            raise _too_slow(request, paused) from None
         except web.RequestPayloadError as exc:  # broken gzip, chunked framing, ...
             # What follows on the connection cannot be trusted: answer, then close it.
             # Nothing more is read of it: aiohttp would read on after the answer, meet

@@ -115,7 +115,7 @@ class _Holding:
         self._timer.cancel()
 
 
-def _refused(error: Exception) -> bool:
+def refused(error: BaseException) -> bool:
     """The sink wrote none of the records: full, not running, or a spill without room
     before Kafka was tried. Their claims can be released."""
     return isinstance(error, MailboxFull | WorkerClosed) or (
@@ -378,7 +378,7 @@ class IngestPipeline:
                     await self._sink.write(turn.records, lane=turn.lane, tenants=tenants)
             except Exception as exc:
                 error = exc
-            if error is None or _refused(error):
+            if error is None or refused(error):
                 if isinstance(error, SpillFull) and len(writes) > 1:
                     # The spill had no room for the whole turn, but may for some of its
                     # writes: each is written as it would have been alone (and holds

@@ -20,8 +20,6 @@ import msgspec
 from aiohttp import web
 
 from mlgate.schemas.ingest import (
-    MAX_FEATURES,
-    MAX_METADATA_ITEMS,
     Record,
     RecordError,
     RecordIdOnly,
@@ -79,13 +77,6 @@ def _decode_line(line: bytes) -> Record | Exception:
         return exc
 
 
-# Containers far larger than any a record holds, so that no record decodes into a
-# million objects of one container (a review: a 1 MB record of a million empty arrays
-# took 70 MB until the next record), while a field merely over its limit (4,097
-# features, 33 metadata items, a metadata text too long) stays the rejection of its own
-# record, as on the batch route. A string is bounded by the record's size.
-MAX_MSGPACK_ARRAY = 16 * MAX_FEATURES
-MAX_MSGPACK_MAP = 16 * max(MAX_METADATA_ITEMS, len(Record.__struct_fields__))
 # msgpack-python's decoding stack: a value nested this deep cannot be decoded.
 MSGPACK_MAX_DEPTH = 1023
 
@@ -94,11 +85,11 @@ async def msgpack_records(request: web.Request, max_record: int) -> AsyncIterato
     # The buffer holds at most one unfinished record and the chunk that follows it.
     unpacker = msgpack.Unpacker(
         raw=False,
+        # No container or string limit of its own (msgpack derives them from the
+        # buffer): a field over a record's limit is that record's rejection, as on the
+        # batch route. A record of a million empty arrays decodes into ~70 MB for the
+        # moment of its conversion; it is let go before the stream waits for more.
         max_buffer_size=max_record + CHUNK,
-        max_array_len=MAX_MSGPACK_ARRAY,
-        max_map_len=MAX_MSGPACK_MAP,
-        max_str_len=max_record,
-        max_bin_len=max_record,
         strict_map_key=False,
         object_pairs_hook=_map_or_marker,
     )
@@ -145,8 +136,8 @@ def _unpack_problem(exc: Exception) -> str:
         return "a byte that starts no msgpack value (0xc1)"
     problem = str(exc) or type(exc).__name__
     if "exceeds max_" in problem:
-        # "5000 exceeds max_array_len(4096)": a container larger than any a record has.
-        return f"{problem}, larger than any field of a record"
+        # An array or map header claiming more entries than a whole record may hold.
+        return f"{problem}: more than a stream record's bytes could hold"
     return problem
 
 

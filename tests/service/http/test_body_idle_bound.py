@@ -57,3 +57,27 @@ async def test_a_chunked_body_that_stalls_after_a_burst_is_408(client: Client) -
         client, "Transfer-Encoding: chunked", b"%x\r\n%s\r\n" % (len(chunk), chunk)
     )
     assert head.startswith(b"HTTP/1.1 408")
+
+
+async def test_the_408_of_a_body_that_paused_says_it_paused_not_that_it_was_slow(
+    client: Client,
+) -> None:
+    """A review: the pause bound's 408 blamed the rate ("slower than 1024 bytes/s") for
+    a body that had averaged ~180 KB/s before it stopped."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            "POST /api/v2/ingest HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {SENT + 100 * 1024}\r\n\r\n".encode()
+            + b'{"source": "s", "records": [' + b" " * SENT
+        )
+        await writer.drain()
+        async with asyncio.timeout(GUARD_S):
+            answer = await reader.readuntil(b"\r\n\r\n")
+            length = int(answer.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answer += await reader.readexactly(length)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b"paused longer than 0.5 s" in answer
+    assert b"slower than" not in answer

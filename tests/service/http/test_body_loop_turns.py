@@ -15,17 +15,30 @@ from tests.conftest import AppClientFactory
 MIB_OF_BLANK_LINES = 48  # ~1.5 s of reading; the old reader held the loop all that time
 
 
-def gzip_of_blank_lines(mib: int) -> bytes:
+def gzip_of_blank_lines(mib: int, line: bytes = b"\n") -> bytes:
     compressor = zlib.compressobj(9, wbits=31)
-    megabyte = b"\n" * (1 << 20)
+    megabyte = line * ((1 << 20) // len(line))
     return b"".join(compressor.compress(megabyte) for _ in range(mib)) + compressor.flush()
 
 
 async def test_health_answers_while_a_compressed_stream_is_being_read(
     app_client: AppClientFactory, make_settings: Callable[..., Settings]
 ) -> None:
+    await _health_answers_during(app_client, make_settings, gzip_of_blank_lines(MIB_OF_BLANK_LINES))
+
+
+async def test_health_answers_while_a_stream_of_cheap_bad_records_is_checked(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings]
+) -> None:
+    """A review: turns came every 256 KiB read, but a record's checks cost more than its
+    bytes: 16 KB of gzip holding 8M records ``1`` kept /health waiting 2 s at a time."""
+    await _health_answers_during(app_client, make_settings, gzip_of_blank_lines(2, b"1\n"))
+
+
+async def _health_answers_during(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], body: bytes
+) -> None:
     client = await app_client(make_settings(feature_dims=(4,)))
-    body = gzip_of_blank_lines(MIB_OF_BLANK_LINES)
     reader, writer = await asyncio.open_connection(client.host, client.port)
     try:
         writer.write(

@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestClient
 from mlgate.config import Settings
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.routes.ingest import STREAM_CHUNK_RECORDS
-from mlgate.service.state import RECORD_VALIDATOR
+from mlgate.service.state import INGEST_PIPELINE, RECORD_VALIDATOR
+from mlgate.workers.errors import MailboxFull, SinkFailed
 from mlgate.workers.sinks.records import OutboundRecord
 from tests.conftest import AppClientFactory
 
@@ -83,3 +84,49 @@ async def test_a_stream_failing_after_written_chunks_is_500_saying_how_many_were
     resent = await client.post("/api/v2/ingest/stream?source=s", data=rest, headers=NDJSON)
     assert resent.status == 202, await resent.text()
     assert (await resent.json())["records_accepted"] == 5
+
+
+def _failing_write(client: Client, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """The pipeline's second write fails with ``error``, after the sink had the records."""
+    pipeline = client.app[INGEST_PIPELINE]
+    write = pipeline.write
+    calls: list[int] = []
+
+    async def failing(tenant: str, batch: ValidatedBatch, tracking_id: str) -> Any:
+        calls.append(len(batch.accepted))
+        if len(calls) == 2:
+            raise error
+        return await write(tenant, batch, tracking_id)
+
+    monkeypatch.setattr(pipeline, "write", failing)
+
+
+async def _stream_of_two_chunks(client: Client) -> str:
+    records = _records(0, STREAM_CHUNK_RECORDS + 5)
+    body = b"".join(msgspec.json.encode(r) + b"\n" for r in records)
+    response = await client.post("/api/v2/ingest/stream?source=s", data=body, headers=NDJSON)
+    assert response.status == 503
+    return str((await response.json(content_type=None))["detail"])
+
+
+async def test_a_stream_whose_write_failed_with_an_unknown_outcome_says_those_may_have_landed(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: after a write that may be partial (a Kafka timeout, say), the detail
+    said nothing from that chunk on was written, and advised a resend that is 409
+    while the chunk's ids stay claimed."""
+    _failing_write(client, monkeypatch, SinkFailed("Kafka did not answer"))
+    detail = await _stream_of_two_chunks(client)
+    last = STREAM_CHUNK_RECORDS + 4
+    assert f"records {STREAM_CHUNK_RECORDS} to {last} were being written" in detail
+    assert "some may have landed" in detail and "409" in detail
+    assert f"no record from index {last + 1} on was written" in detail
+
+
+async def test_a_stream_whose_write_was_refused_says_nothing_from_that_chunk_was_written(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_write(client, monkeypatch, MailboxFull("full"))
+    detail = await _stream_of_two_chunks(client)
+    assert f"no record from index {STREAM_CHUNK_RECORDS} on was written" in detail
+    assert "may have landed" not in detail
