@@ -3,9 +3,9 @@
 Each runs its asynchronous twin on an event loop in a daemon thread it owns (one
 thread per wrapper). ``SyncProducer.send`` blocks while the producer is full and
 returns a ``concurrent.futures.Future[Delivery]``; ``close`` (or leaving the ``with``
-block) flushes, then stops the thread. Leaving the block on ``KeyboardInterrupt`` or
-``SystemExit`` closes without flushing, as ``async with Producer`` does on a
-cancellation: every record without a report fails with ``ProducerClosed`` at once.
+block) flushes, then stops the thread. Leaving the block on ``KeyboardInterrupt``
+(Ctrl-C) closes without flushing, as ``async with Producer`` does on a cancellation:
+every record without a report fails with ``ProducerClosed`` at once.
 """
 
 from __future__ import annotations
@@ -155,8 +155,9 @@ class SyncProducer:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        # Ctrl-C or an exit: the caller stops now, not after the retries' budget.
-        cut_short = exc_type is not None and not issubclass(exc_type, Exception)
+        # Ctrl-C: the caller stops now, not after the retries' budget. Any other way
+        # out flushes, ``sys.exit`` and a generator closed early included (a review).
+        cut_short = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
         self.close(0 if cut_short else None)
 
 

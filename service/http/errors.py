@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import http
 from collections.abc import Mapping, Sequence
 
 from mlgate.schemas.problem import FieldError
@@ -111,12 +110,20 @@ class DeadlineExceeded(ApiError):
 
 
 def http_error(status: int, reason: str) -> ApiError:
-    """An answer aiohttp gives of its own (a static file's 403, say) as a problem whose
-    type names its status, not an internal error."""
-    error = ApiError(reason)
-    error.status, error.title = status, reason
-    try:
-        error.slug = http.HTTPStatus(status).phrase.lower().replace(" ", "-").replace("'", "")
-    except ValueError:
-        error.slug = f"http-{status}"
+    """An answer aiohttp gives of its own (a static file's 403, say) as a problem: of
+    our type for its status where we have one, else a type named after the status."""
+    known = _OURS_BY_STATUS.get(status)
+    if known is not None:
+        error = known(reason)
+    else:
+        error = ApiError(reason)
+        error.status, error.slug = status, f"http-{status}"
+    error.title = reason
     return error
+
+
+# One class a status: the first of ``ApiError``'s subclasses (Overloaded, not
+# Unavailable; RateLimited's retry semantics kept).
+_OURS_BY_STATUS: dict[int, type[ApiError]] = {
+    cls.status: cls for cls in reversed(ApiError.__subclasses__())
+}

@@ -94,7 +94,11 @@ async def ingest_batch(
         audit_call(caller, "ingest", f"refused: {type(exc).__name__}", source=source, records_accepted=0)
         raise
     try:
-        batch = pipeline.validate(source, items)
+        try:
+            batch = pipeline.validate(source, items)
+        except ApiError as exc:  # the source refused whole (its quality profile unreadable)
+            audit_call(caller, "ingest", f"refused: {type(exc).__name__}", source=source, records_accepted=0)
+            raise
         if not batch.accepted:
             audit_call(caller, "ingest", "rejected", source=source, records_rejected=len(batch.errors))
             raise _all_rejected(batch.errors)

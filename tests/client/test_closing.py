@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from aiohttp import web
@@ -257,20 +258,42 @@ async def test_ctrl_c_inside_with_sync_producer_cuts_the_close_short(scripted: S
     assert all(isinstance(future.exception(timeout=5), ProducerClosed) for future in futures)
 
 
-async def test_an_exception_inside_with_sync_producer_still_flushes(scripted: Scripted) -> None:
+@pytest.mark.parametrize("leaving", ["an exception", "sys.exit", "a generator closed early"])
+async def test_leaving_with_sync_producer_otherwise_than_by_ctrl_c_flushes(
+    scripted: Scripted, leaving: str
+) -> None:
+    """A review: ``sys.exit(0)`` and a generator closed early (GeneratorExit) were taken
+    for Ctrl-C: every buffered record failed with ProducerClosed, none sent."""
     from tests.client.scripted import accepted
 
     scripted.script = [accepted]
     futures: list[concurrent.futures.Future[object]] = []
 
-    def produce() -> None:
+    def records() -> Iterator[int]:
         with SyncProducer(scripted.url, "s", linger_ms=50) as producer:
-            futures.append(producer.send([1.0]))
-            raise ValueError("the application's own error")
+            for n in range(5):
+                futures.append(producer.send([1.0]))
+                yield n
+            if leaving == "an exception":
+                raise ValueError("the application's own error")
+            if leaving == "sys.exit":
+                sys.exit(0)
+            yield 5
 
-    with pytest.raises(ValueError):
-        await asyncio.wait_for(asyncio.to_thread(produce), 20)
-    assert futures[0].result(timeout=5).delivered  # type: ignore[attr-defined]
+    def produce() -> None:
+        for n in records():
+            if n == 4 and leaving == "a generator closed early":
+                break  # the generator is closed: GeneratorExit inside its with block
+
+    def run() -> None:
+        try:
+            produce()
+        except (ValueError, SystemExit):
+            pass
+
+    await asyncio.wait_for(asyncio.to_thread(run), 20)
+    assert len(futures) == 5
+    assert all(future.result(timeout=5).delivered for future in futures)  # type: ignore[attr-defined]
 
 
 def test_a_send_racing_close_from_another_thread_is_refused_never_hung(scripted: Scripted) -> None:

@@ -163,3 +163,14 @@ async def test_the_headers_documented_for_an_accepted_ingest_are_on_it(
     assert response.status == 202
     always = set(documented) - {"Idempotent-Replayed"}  # that one only on a replay
     assert always <= set(response.headers)
+
+
+def test_aiohttps_own_errors_take_our_problem_type_for_their_status() -> None:
+    """A review: types named after Python's status phrases change between Python
+    versions (413, 422 in 3.13) and differ from ours (a 422 is validation-failed)."""
+    from mlgate.service.http.errors import http_error
+
+    assert http_error(422, "Unprocessable").type_uri == "/problems/validation-failed"
+    assert http_error(413, "Too large").type_uri == "/problems/payload-too-large"
+    assert http_error(418, "I'm a teapot").type_uri == "/problems/http-418"
+    assert http_error(418, "I'm a teapot").status == 418

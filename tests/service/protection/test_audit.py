@@ -52,3 +52,26 @@ def test_audit_events_are_written_even_when_the_log_level_drops_info(capsys) -> 
         structlog.reset_defaults()
     [line] = [json.loads(text) for text in out.splitlines()]
     assert line["event"] == "key_create" and line["channel"] == "audit"
+
+
+async def test_an_ingest_refused_at_validation_is_audited_as_refused(
+    app_client, make_settings, monkeypatch
+) -> None:
+    """A review: the 503 of a source whose quality profile cannot be read (raised while
+    the batch is validated) wrote no audit event."""
+    from mlgate.service.http.errors import Overloaded
+    from mlgate.service.state import INGEST_PIPELINE
+
+    client = await app_client(make_settings(feature_dims=(4,)))
+
+    def refuse(source, items):
+        raise Overloaded(f"Source {source}: its quality profile cannot be read", retry_after_s=5)
+
+    monkeypatch.setattr(client.app[INGEST_PIPELINE], "validate", refuse)
+    with structlog.testing.capture_logs() as events:
+        response = await client.post(
+            "/api/v2/ingest", json={"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
+        )
+    assert response.status == 503
+    [event] = [e for e in events if e.get("channel") == "audit"]
+    assert event["outcome"] == "refused: Overloaded" and event["source"] == "s"
