@@ -63,7 +63,7 @@ def create_app(settings: Settings) -> web.Application:
         settings, app[PROFILE_STORE], PrometheusTelemetry(app_metrics)
     )
     app[RECORD_VALIDATOR] = RecordValidator(
-        settings, QualityScreen(app[PROFILE_STORE], app[DRIFT_MONITOR], settings.drift_sample_every)
+        settings, QualityScreen.for_settings(settings, app[PROFILE_STORE], app[DRIFT_MONITOR])
     )
 
     app.cleanup_ctx.append(lifecycles.shared_state)

@@ -9,6 +9,9 @@ JSON list of records, ``-`` for stdin - or the records of a source in the local 
 (``--from-log``). At most ``--max-records`` records are used, the first ones read;
 all must have the width of the first, others are skipped and counted.
 
+``--output PATH`` writes the profile into PATH instead (through a symlink, into a FIFO
+or ``/dev/stdout``); only the service's own files are replaced atomically.
+
 ``report`` asks a running service for the drift of a source or model and prints a
 table, highest PSI first; ``--plot out.png`` also draws reference vs recent
 distributions of the top features (needs matplotlib: ``pip install 'mlgate[plot]'``).
@@ -44,7 +47,7 @@ from mlgate.workers.quality.profile import (
     NonFiniteProfile,
     build_profile,
 )
-from mlgate.workers.quality.profile_store import ProfileStore
+from mlgate.workers.quality.profile_store import ProfileStore, profile_file_bytes
 from mlgate.workers.sinks.local_log import read_log
 
 DEFAULT_MAX_RECORDS = 100_000
@@ -169,7 +172,16 @@ def _profile(args: argparse.Namespace, settings: Settings, kind: ProfileKind, na
         matrix, kind=kind, name=name, on_violation=args.on_violation, bins=args.bins,
         margin=args.margin, feature_names=names,
     )
-    path = store.save(profile, Path(args.output) if args.output else None)
+    if args.output:
+        # Written into what is there, as any tool's output: through a symlink, into a
+        # FIFO or /dev/stdout. Only where the service reads is replaced atomically.
+        data = profile_file_bytes(profile)  # refused before the file is opened
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as file:
+            file.write(data)
+    else:
+        path = store.save(profile)
     note = f", {skipped} records of another width or not finite skipped" if skipped else ""
     print(
         f"profile of {kind} {name}: {matrix.shape[0]} records x {matrix.shape[1]} features, "

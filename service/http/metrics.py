@@ -190,12 +190,13 @@ class Metrics:
         self.quality_profiles_unreadable = Gauge(
             "mlgate_quality_profiles_unreadable",
             "Profile files there that cannot be loaded (an earlier version kept in force or "
-            "not: a source with none refuses its records with 503)",
+            "not: a source with none refuses its records with 503), plus one for a profiles "
+            "directory there that cannot be listed (the profiles known in it kept)",
             ["kind"], multiprocess_mode="livemax", registry=r,
         )
         self.quality_profile_load_failures = Counter(
             "mlgate_quality_profile_load_failures",
-            "Loads of a profile file that failed; once per change of the file",
+            "Loads of a profile file that failed; once per change of the file, per process",
             ["kind", "name"], registry=r,
         )
         # (kind, name) -> the features whose drift gauges were set, so a retired

@@ -21,14 +21,17 @@ rows goes (the phase carries from one batch to the next, so single-record batche
 sampled too), copied: the monitor's mailbox holds the sampled rows, not the batch.
 
 A source whose profile file is there but cannot be read, with no earlier version in
-force (``ProfileStore.unreadable``), fails closed: its records are refused with 503
+force (``ProfileStore.source_state``), fails closed: its records are refused with 503
 and ``Retry-After`` (nothing is written) until the profile loads, since letting them
-through would switch a ``reject`` check off.
+through would switch a ``reject`` check off. ``Retry-After`` is the profiles' poll
+interval (at least 1 s), the time until the file is read again; with polling off,
+``MLGATE_RETRY_AFTER_S``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import replace
@@ -36,6 +39,7 @@ from typing import Literal
 
 import numpy as np
 
+from mlgate.config import Settings
 from mlgate.schemas.ingest import FeaturesText, RecordError, StoredRecord
 from mlgate.service.http.errors import Overloaded
 from mlgate.service.ingest.batch import ValidatedBatch
@@ -50,17 +54,37 @@ DIMENSION = "dimension"
 UNREADABLE_RETRY_AFTER_S = 5
 
 
+def unreadable_retry_after_s(settings: Settings) -> int:
+    """Retry-After of a source refused for its unreadable profile: until the next poll
+    reads it again (at least 1 s); with polling off (SIGHUP only), ``retry_after_s``."""
+    interval = settings.profiles_poll_interval_s
+    if interval <= 0:
+        return settings.retry_after_s
+    return max(1, math.ceil(interval))
+
+
 class QualityScreen:
     def __init__(
-        self, profiles: ProfileStore, monitor: DriftMonitor | None = None, sample_every: int = 1
+        self, profiles: ProfileStore, monitor: DriftMonitor | None = None, sample_every: int = 1,
+        *, unreadable_retry_after_s: int = UNREADABLE_RETRY_AFTER_S,
     ) -> None:
         self._profiles = profiles
         self._monitor = monitor
+        self._unreadable_retry_after_s = unreadable_retry_after_s
         # Drift is a distribution estimate: every k-th row estimates it as well at high
         # rates, for a k-th of the monitor's CPU. Range checks always see every row.
         self._sample_every = sample_every
         # source -> the position in the next batch of the next row the sample takes
         self._sample_phase: dict[str, int] = {}
+
+    @classmethod
+    def for_settings(
+        cls, settings: Settings, profiles: ProfileStore, monitor: DriftMonitor | None
+    ) -> QualityScreen:
+        return cls(
+            profiles, monitor, settings.drift_sample_every,
+            unreadable_retry_after_s=unreadable_retry_after_s(settings),
+        )
 
     def screen(self, batch: ValidatedBatch) -> ValidatedBatch:
         """The batch with records outside the source profile rejected or flagged.
@@ -68,13 +92,14 @@ class QualityScreen:
         Raises ``Overloaded`` (503) while the source's profile cannot be read."""
         if not batch.accepted:
             return batch
-        profile = self._profiles.source(batch.source)
+        # One read of one refresh: the profile and the refusal never from two refreshes.
+        profile, unreadable = self._profiles.source_state(batch.source)
         if profile is None:
-            if self._profiles.unreadable("source", batch.source):
+            if unreadable:
                 raise Overloaded(
                     f"Source {batch.source}: its quality profile cannot be read, so its "
                     "records are refused (none written) until it loads",
-                    retry_after_s=UNREADABLE_RETRY_AFTER_S,
+                    retry_after_s=self._unreadable_retry_after_s,
                 )
             return batch
         matrix, positions = _feature_matrix(batch.accepted, profile.n_features)

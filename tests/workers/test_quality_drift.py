@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +215,71 @@ async def test_values_that_are_not_finite_count_as_out_of_range(monitor: DriftMo
     assert (shares["f3"], shares["f4"]) == (0.5, 0.5)
     recent = {feature.name: sum(feature.recent) for feature in report.top}
     assert recent["f3"] == pytest.approx(0.5) and recent["f4"] == pytest.approx(0.5)
+
+
+class GaugeBook:
+    """Drift gauges as a dict. Armed, its next write first runs ``before_write``: where
+    a thread switch to a profile refresh would land between a window's "still in
+    force?" check and its gauge writes."""
+
+    def __init__(self) -> None:
+        self.gauges: dict[tuple[str, str, str], float] = {}
+        self.before_write: Callable[[], None] | None = None
+
+    def feature_drift_scored(
+        self, kind: str, name: str, features: Sequence[str], psi: Sequence[float],
+        out_of_range_share: Sequence[float],
+    ) -> None:
+        hook, self.before_write = self.before_write, None
+        if hook is not None:
+            hook()
+        for feature, score in zip(features, psi, strict=True):
+            self.gauges[(kind, name, feature)] = score
+
+    def feature_drift_retired(self, kind: str, name: str, keep: Sequence[str]) -> None:
+        for key in [k for k in self.gauges if k[:2] == (kind, name) and k[2] not in keep]:
+            del self.gauges[key]
+
+    def background_task_crashed(self, task: str) -> None:
+        pass
+
+    def quality_violations(self, kind: str, name: str, action: str, records: int) -> None:
+        pass
+
+    def drift_observation_dropped(self, kind: str, name: str, records: int) -> None:
+        pass
+
+    def quality_profile_load_failed(self, kind: str, name: str) -> None:
+        pass
+
+    def quality_profiles_unreadable(self, kind: str, count: int) -> None:
+        pass
+
+
+async def test_a_profile_removed_while_its_window_is_scored_keeps_no_gauges(
+    tmp_path: Path, store: ProfileStore
+) -> None:
+    """A review: the window checked its profile was in force, then a refresh retired
+    the gauges, then the window wrote them: a removed profile's gauges, for good."""
+    swapped = threading.Event()
+    store.watch(lambda changes: swapped.set())  # before the monitor's own watcher
+    book = GaugeBook()
+    monitor = DriftMonitor(store, window_records=WINDOW, telemetry=book)
+    refresh = threading.Thread(target=store.refresh)
+
+    def remove_and_refresh() -> None:
+        store.path_of("source", "sensors").unlink()
+        refresh.start()
+        assert swapped.wait(5)  # the profile is gone from the store; its retiring may wait
+
+    book.before_write = remove_and_refresh
+    await monitor.start()
+    try:
+        assert monitor.observe("sensors", "source", reference_sample(WINDOW, seed=3))
+        await asyncio.wait_for(monitor.drained(), 5)
+    finally:
+        await monitor.close()
+    refresh.join(5)
+    assert not refresh.is_alive() and book.before_write is None
+    assert store.source("sensors") is None
+    assert book.gauges == {}

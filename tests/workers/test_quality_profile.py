@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -179,3 +181,73 @@ def test_saving_refuses_a_profile_holding_a_number_that_is_not_finite(tmp_path: 
     with pytest.raises(NonFiniteProfile, match="not finite"):
         store.save(msgspec.structs.replace(profile, features=features))
     assert not store.path_of("source", "s").exists()
+
+
+def unlistable(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """``directory`` there but not listable, as for a user without read permission on it
+    (tests run as root, whom chmod does not stop)."""
+    scandir = os.scandir
+
+    def refusing(path: Any = ".") -> Any:
+        if os.fspath(path) == str(directory):
+            raise PermissionError(13, "Permission denied", str(directory))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+
+
+def test_a_sources_directory_that_cannot_be_listed_keeps_its_profiles_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: ``Path.glob`` of a directory that cannot be listed finds nothing, so
+    every source profile was dropped (logged at info) and ingest ran unchecked."""
+    write_profile(tmp_path, "sensors")
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    seen: list[ProfileChanges] = []
+    store.watch(seen.append)
+    store.refresh()
+    before = store.source("sensors")
+    with monkeypatch.context() as patch:
+        unlistable(patch, tmp_path / "sources")
+        with capture_logs() as logs:
+            store.refresh()
+            store.refresh()  # the same failure: logged once
+    assert store.source("sensors") is before and store.source_state("sensors") == (before, False)
+    assert [(e["event"], e["log_level"]) for e in logs] == [("profiles_dir_unreadable", "error")]
+    assert logs[0]["kept"] == ["sensors"] and logs[0]["kind"] == "source"
+    assert [changes.retired for changes in seen] == [(), (), ()]
+    assert [changes.unreadable["source"] for changes in seen] == [0, 1, 1]
+    with capture_logs() as logs:
+        store.refresh()
+    assert [e["event"] for e in logs] == ["profiles_dir_readable"]
+    assert store.source("sensors") is before and seen[-1].unreadable["source"] == 0
+
+
+def test_a_source_refused_for_a_broken_profile_stays_refused_while_its_directory_cannot_be_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_profile(tmp_path, "sensors").write_text("{")
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    store.refresh()
+    assert store.unreadable("source", "sensors")
+    unlistable(monkeypatch, tmp_path / "sources")
+    store.refresh()
+    assert store.unreadable("source", "sensors") and store.source("sensors") is None
+
+
+def test_a_model_repository_that_cannot_be_listed_keeps_its_model_profiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_profile(tmp_path, "demo", kind="model")
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    seen: list[ProfileChanges] = []
+    store.watch(seen.append)
+    store.refresh()
+    before = store.model("demo")
+    assert before is not None
+    unlistable(monkeypatch, tmp_path / "models")
+    with capture_logs() as logs:
+        store.refresh()
+    assert store.model("demo") is before
+    assert [e["event"] for e in logs] == ["profiles_dir_unreadable"]
+    assert seen[-1].unreadable == {"source": 0, "model": 1} and seen[-1].retired == ()

@@ -37,6 +37,7 @@ their last value; profile files that cannot be loaded are counted.
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -134,6 +135,10 @@ class DriftMonitor:
         self._started = False
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
+        # Held by a window's "profile still in force?" check and its gauge writes, and
+        # by a refresh's retiring of gauges: a refresh landing between check and write
+        # would have them re-created for a profile gone. Held for microseconds.
+        self._gauges_lock = threading.Lock()
         profiles.watch(self._profiles_changed)
 
     @property
@@ -206,8 +211,9 @@ class DriftMonitor:
         """Retire the gauges of profiles gone or replaced; count unreadable ones.
         Runs in the profile store's refresh thread: touches telemetry only."""
         telemetry = self._telemetry
-        for kind, name, _, now in changes.retired:
-            telemetry.feature_drift_retired(kind, name, now.names if now is not None else ())
+        with self._gauges_lock:  # after a window's check-and-write, or before its check
+            for kind, name, _, now in changes.retired:
+                telemetry.feature_drift_retired(kind, name, now.names if now is not None else ())
         for kind, name in changes.failed:
             telemetry.quality_profile_load_failed(kind, name)
         for kind, count in changes.unreadable.items():
@@ -269,10 +275,10 @@ class DriftMonitor:
         stream.last = scored
         stream.windows += 1
         stream.reset_window()
-        if self._profiles.get(kind, name) is profile:  # not retired while this was counted
-            self._telemetry.feature_drift_scored(
-                kind, name, profile.names, scored.psi.tolist(), scored.out_of_range_share.tolist()
-            )
+        psi_values, shares = scored.psi.tolist(), scored.out_of_range_share.tolist()
+        with self._gauges_lock:
+            if self._profiles.get(kind, name) is profile:  # not retired while this was counted
+                self._telemetry.feature_drift_scored(kind, name, profile.names, psi_values, shares)
         over = scored.psi > self.psi_threshold
         before = stream.over if stream.over is not None else np.zeros_like(over)
         crossed, recovered = np.flatnonzero(over & ~before), np.flatnonzero(before & ~over)

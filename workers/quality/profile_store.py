@@ -10,7 +10,13 @@ was meant to replace stays in force, so a half-written or broken file never swit
 a check off. With no earlier version held (a fresh process, or a new file) the
 profile is ``unreadable``: its checks cannot run, and the ingest of its source is
 refused until it loads (``service.ingest.quality_screen``) rather than let through
-unchecked.
+unchecked. A profiles directory that is there but cannot be listed (its permissions,
+an I/O error) switches nothing off either: the profiles known in it are read again by
+name (an earlier version staying in force if that fails too), the directory is logged
+(once per change) and counted as unreadable.
+
+What is in force is one object (``_InForce``) swapped in one assignment, so a reader
+never sees the profiles of one refresh with the unreadable set of another.
 
 After each refresh the store tells its watchers what changed (``ProfileChanges``):
 profiles removed or replaced, loads that failed anew, and how many files are there
@@ -46,6 +52,19 @@ class _Loaded:
 
 
 ProfileKey = tuple[ProfileKind, str]
+# (the profile in force or None, whether its file is there but cannot be loaded with no
+# earlier version in force)
+ProfileState = tuple[CompiledProfile | None, bool]
+NO_PROFILE: ProfileState = (None, False)
+
+
+@dataclass(frozen=True, slots=True)
+class _InForce:
+    """What one refresh put in force; replaced whole, never changed."""
+
+    profiles: dict[ProfileKey, CompiledProfile]
+    # every profile loaded or unreadable: (profile or None, unreadable)
+    states: dict[ProfileKey, ProfileState]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +75,8 @@ class ProfileChanges:
     retired: tuple[tuple[ProfileKind, str, CompiledProfile, CompiledProfile | None], ...]
     # profiles whose file failed to load this time, for the first time in its state
     failed: tuple[ProfileKey, ...]
-    # files there that cannot be loaded, per kind (an earlier version held or not)
+    # files there that cannot be loaded, per kind (an earlier version held or not),
+    # plus one for a directory of that kind there that cannot be listed
     unreadable: Mapping[ProfileKind, int]
 
 
@@ -68,11 +88,13 @@ class ProfileStore:
         self.profiles_dir = Path(profiles_dir)
         self.model_repository = Path(model_repository)
         self._loaded: dict[Path, _Loaded] = {}
-        self._current: dict[ProfileKey, CompiledProfile] = {}
-        # Profiles whose file is there but failed to load, with no earlier version held.
-        self._unreadable: frozenset[ProfileKey] = frozenset()
+        self._in_force = _InForce(profiles={}, states={})
+        # The profile files the last refresh found (listed, or known from before).
+        self._found: dict[ProfileKey, Path] = {}
         # path -> (signature, error) of its last failed load: logged once per change
         self._failures: dict[Path, tuple[tuple[int, int] | None, str]] = {}
+        # kind -> the error listing its directory last failed with: logged once per change
+        self._unlisted: dict[ProfileKind, str] = {}
         self._watchers: list[ProfileWatcher] = []
 
     def watch(self, watcher: ProfileWatcher) -> None:
@@ -80,18 +102,23 @@ class ProfileStore:
         self._watchers.append(watcher)
 
     def get(self, kind: ProfileKind, name: str) -> CompiledProfile | None:
-        return self._current.get((kind, name))
+        return self._in_force.profiles.get((kind, name))
 
     def unreadable(self, kind: ProfileKind, name: str) -> bool:
         """Whether this profile's file is there but cannot be loaded, and no earlier
         version of it is in force: its checks cannot run."""
-        return (kind, name) in self._unreadable
+        return self._in_force.states.get((kind, name), NO_PROFILE)[1]
+
+    def source_state(self, name: str) -> ProfileState:
+        """A source's profile in force (or None) and whether it is unreadable, read
+        from one refresh (one dict lookup)."""
+        return self._in_force.states.get(("source", name), NO_PROFILE)
 
     def source(self, name: str) -> CompiledProfile | None:
-        return self._current.get(("source", name))
+        return self._in_force.profiles.get(("source", name))
 
     def model(self, name: str) -> CompiledProfile | None:
-        return self._current.get(("model", name))
+        return self._in_force.profiles.get(("model", name))
 
     def path_of(self, kind: ProfileKind, name: str) -> Path:
         if not SAFE_NAME.match(name):
@@ -104,34 +131,29 @@ class ProfileStore:
         """Write a profile where the store finds it (or at ``path``), atomically; its
         path. A profile that could not be loaded back (a number that is not finite,
         say: ``NonFiniteProfile``) is refused and nothing is written."""
-        CompiledProfile.compile(profile)  # refuse to write what could not be loaded
+        data = profile_file_bytes(profile)
         path = path if path is not None else self.path_of(profile.kind, profile.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        scratch.write_bytes(encode_profile(profile) + b"\n")
+        scratch.write_bytes(data)
         os.replace(scratch, path)
         return path
 
     def refresh(self) -> None:
         """Rescan the directories and swap in what is there now. Blocking."""
-        found: dict[tuple[ProfileKind, str], Path] = {}
-        sources = self.profiles_dir / "sources"
-        if sources.is_dir():
-            for path in sources.glob(f"*{SOURCE_SUFFIX}"):
-                found[("source", path.name.removesuffix(SOURCE_SUFFIX))] = path
-        if self.model_repository.is_dir():
-            for path in self.model_repository.glob(f"*/{MODEL_PROFILE}"):
-                found[("model", path.parent.name)] = path
+        found = self._scan()
         loaded: dict[Path, _Loaded] = {}
         current: dict[ProfileKey, CompiledProfile] = {}
         failures: dict[Path, tuple[tuple[int, int] | None, str]] = {}
         failed: list[ProfileKey] = []
         unreadable: set[ProfileKey] = set()
         broken: dict[ProfileKind, int] = {"source": 0, "model": 0}
+        there: dict[ProfileKey, Path] = {}  # loaded, or failed to: known next time
         for (kind, name), path in found.items():
             try:
                 entry = self._load(kind, name, path)
             except _LoadFailed as failure:
+                there[(kind, name)] = path
                 failures[path] = failure.state
                 broken[kind] += 1
                 if self._failures.get(path) != failure.state:
@@ -142,27 +164,64 @@ class ProfileStore:
                 if entry is None:
                     unreadable.add((kind, name))
             if entry is not None:
+                there[(kind, name)] = path
                 loaded[path] = entry
                 current[(kind, name)] = entry.profile
+        for kind in self._unlisted:
+            broken[kind] += 1  # the directory itself
+        before_in_force = self._in_force.profiles
         for key, profile in current.items():
-            if self._current.get(key) is not profile:
+            if before_in_force.get(key) is not profile:
                 log.info("profile_loaded", kind=key[0], name=key[1], features=profile.n_features,
                          on_violation=profile.profile.on_violation)
-        for kind, name in self._current.keys() - current.keys():
+        for kind, name in before_in_force.keys() - current.keys():
             log.info("profile_removed", kind=kind, name=name)
         retired = tuple(
             (kind, name, before, current.get((kind, name)))
-            for (kind, name), before in self._current.items()
+            for (kind, name), before in before_in_force.items()
             if current.get((kind, name)) is not before
         )
-        self._loaded, self._current, self._failures = loaded, current, failures
-        self._unreadable = frozenset(unreadable)
+        states: dict[ProfileKey, ProfileState] = {key: (p, False) for key, p in current.items()}
+        states.update((key, (None, True)) for key in unreadable)
+        self._loaded, self._failures, self._found = loaded, failures, there
+        self._in_force = _InForce(profiles=current, states=states)  # one swap
         changes = ProfileChanges(retired=retired, failed=tuple(failed), unreadable=broken)
         for watcher in self._watchers:
             try:
                 watcher(changes)
             except Exception:  # a watcher's bug must not stop the profiles changing
                 log.exception("profile_watcher_failed")
+
+    def _scan(self) -> dict[ProfileKey, Path]:
+        """The profile files there. Of a directory there that cannot be listed, the
+        files found in it before (to be read again by name); logged once per change."""
+        found: dict[ProfileKey, Path] = {}
+        unlisted: dict[ProfileKind, str] = {}
+        sources = self.profiles_dir / "sources"
+        try:
+            for entry in _listing(sources):
+                if entry.name.endswith(SOURCE_SUFFIX):
+                    found[("source", entry.name.removesuffix(SOURCE_SUFFIX))] = Path(entry.path)
+        except OSError as exc:
+            unlisted["source"] = str(exc)
+        try:
+            for entry in _listing(self.model_repository):
+                candidate = Path(entry.path) / MODEL_PROFILE
+                if _is_dir(entry) and _may_exist(candidate):
+                    found[("model", entry.name)] = candidate
+        except OSError as exc:
+            unlisted["model"] = str(exc)
+        for kind, error in unlisted.items():
+            known = {key: path for key, path in self._found.items() if key[0] == kind}
+            found.update(known)
+            if self._unlisted.get(kind) != error:
+                directory = sources if kind == "source" else self.model_repository
+                log.error("profiles_dir_unreadable", kind=kind, path=str(directory), error=error,
+                          kept=sorted(name for _, name in known))
+        for kind in self._unlisted.keys() - unlisted.keys():
+            log.info("profiles_dir_readable", kind=kind)
+        self._unlisted = unlisted
+        return found
 
     def _load(self, kind: ProfileKind, name: str, path: Path) -> _Loaded | None:
         """The profile at ``path``; None if the file went away since the scan (an
@@ -182,6 +241,42 @@ class ProfileStore:
             return None
         except (OSError, ValueError, msgspec.DecodeError) as exc:
             raise _LoadFailed((signature, str(exc)), previous) from exc
+
+
+def profile_file_bytes(profile: QualityProfile) -> bytes:
+    """The bytes of ``profile``'s file. A profile that could not be loaded back (a
+    number that is not finite: ``NonFiniteProfile``) is refused."""
+    CompiledProfile.compile(profile)
+    return encode_profile(profile) + b"\n"
+
+
+def _listing(directory: Path) -> list[os.DirEntry[str]]:
+    """The entries of ``directory``; none if it is not there (or not a directory).
+    ``OSError`` if it is there but cannot be listed: ``Path.glob`` would say "empty"."""
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _may_exist(path: Path) -> bool:
+    """False only if ``path`` is known not to be there: one that cannot be looked at
+    (a model directory that cannot be searched) is tried, and fails to load."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class _LoadFailed(Exception):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -202,3 +204,39 @@ def test_profile_command_refuses_to_write_a_profile_that_is_not_finite(
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and "not finite" in err and "Traceback" not in err
     assert not (profiles_dir / "sources" / "s.profile.json").exists() and not output.exists()
+
+
+def test_profile_output_writes_through_a_symlink_into_its_target(
+    tmp_path: Path, profiles_dir: Path
+) -> None:
+    """A review: ``--output`` went through the store's temp file and ``os.replace``, so
+    a symlink became a regular file and its target kept the old content."""
+    sample = ndjson_sample(tmp_path, 50)
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("old\n")
+    link.symlink_to(target.name)
+    assert main(["quality", "profile", "--source", "s", "--input", str(sample), "--output", str(link)]) == 0
+    assert link.is_symlink() and os.readlink(link) == target.name
+    assert profile_decoder.decode(target.read_bytes()).name == "s"
+    assert not (profiles_dir / "sources" / "s.profile.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_profile_output_writes_into_a_fifo_behind_a_symlink(tmp_path: Path, profiles_dir: Path) -> None:
+    """``--output /dev/stdout`` (a symlink to the process's pipe), in a tmp dir: the
+    bytes go down the pipe, which stays a pipe."""
+    sample = ndjson_sample(tmp_path, 50)
+    fifo, link = tmp_path / "pipe", tmp_path / "stdout"
+    os.mkfifo(fifo)
+    link.symlink_to(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader there: the writer's open returns
+    try:
+        assert main(["quality", "profile", "--source", "s", "--input", str(sample), "--output", str(link)]) == 0
+        os.set_blocking(reader, True)
+        chunks = []
+        while chunk := os.read(reader, 1 << 16):  # the profile fits the pipe's buffer
+            chunks.append(chunk)
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink()
+    assert profile_decoder.decode(b"".join(chunks)).name == "s"

@@ -3,6 +3,7 @@ quality endpoint; the drift gauges."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -395,3 +396,24 @@ async def test_the_records_help_names_only_outcomes_that_are_counted(
     [help_line] = [line for line in text.splitlines() if line.startswith("# HELP mlgate_records_total ")]
     outcomes = {s.split('"')[1] for s in text.splitlines() if s.startswith("mlgate_records_total{")}
     assert "rejected" not in help_line and "rejected" not in outcomes
+
+
+async def test_ingest_stays_checked_while_the_sources_directory_cannot_be_listed(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review: a sources directory that could not be listed dropped every source
+    profile, and ingest ran unchecked with nothing but info lines."""
+    write_profile(profiles_dir, "sensors", on_violation="reject")
+    client = await app_client(quality_settings())
+    sources, scandir = str(profiles_dir / "sources"), os.scandir
+
+    def refusing(path: Any = ".") -> Any:
+        if os.fspath(path) == sources:
+            raise PermissionError(13, "Permission denied", sources)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    await client.app[RELOAD_HOOKS]["profiles"]()
+    assert (await ingest(client, out_of_range_batch()))["records_rejected"] == 2
+    assert metric(client, "mlgate_quality_profiles_unreadable", {"kind": "source"}) == 1.0
