@@ -147,28 +147,39 @@ async def test_a_stream_past_the_bound_is_503_saying_which_records_were_written(
     assert pipeline.held_values == 0
 
 
-async def test_records_of_a_dimension_not_allowed_are_not_kept_while_the_stream_waits(
-    app_client: AppClientFactory, make_settings: Callable[..., Settings]
-) -> None:
-    client, pipeline, _ = await _client(app_client, make_settings, feature_dims=(4096,))
-    wrong = _lines(0, 100, 4095)  # ~13 MB as Python floats, were they kept
+async def _traced_while_waiting(
+    client: Any, pipeline: Any, parts: list[bytes], headers: dict[str, str]
+) -> tuple[int, Any]:
+    """Post a stream of ``parts`` that then waits; the bytes Python allocated and still
+    holds once its records are held and it waits, and the answer once it ends."""
     go_on = asyncio.Event()
 
     async def body() -> AsyncIterator[bytes]:
-        yield wrong
-        yield _lines(100, 1, 4096)  # held at once: all before it were decoded
+        for part in parts:
+            yield part
         await go_on.wait()
 
     tracemalloc.start()
     try:
-        posted = asyncio.ensure_future(client.post(STREAM, data=body(), headers=NDJSON))
+        posted = asyncio.ensure_future(client.post(STREAM, data=body(), headers=headers))
         await _until(lambda: pipeline.held_values > 0)
         await asyncio.sleep(0.05)
         grown = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
     go_on.set()
-    response = await posted
+    return grown, await posted
+
+
+async def test_records_of_a_dimension_not_allowed_are_not_kept_while_the_stream_waits(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings]
+) -> None:
+    client, pipeline, _ = await _client(app_client, make_settings, feature_dims=(4096,))
+    wrong = _lines(0, 100, 4095)  # ~13 MB as Python floats, were they kept
+    # The last record is held at once: all before it were decoded.
+    grown, response = await _traced_while_waiting(
+        client, pipeline, [wrong, _lines(100, 1, 4096)], NDJSON
+    )
     assert grown < 4 * 1024 * 1024, f"{grown} bytes traced while the stream waited"
     assert response.status == 202, await response.text()
     answer = await response.json()
@@ -188,24 +199,9 @@ async def test_a_msgpack_records_decoded_value_is_not_kept_while_the_stream_wait
     client, pipeline, _ = await _client(app_client, make_settings, feature_dims=(4096,))
     bomb = msgspec.msgpack.encode({"features": [[[]] * 4000] * 100})
     valid = msgspec.msgpack.encode({"record_id": "v", "features": [0.5] * 4096})
-    go_on = asyncio.Event()
-
-    async def body() -> AsyncIterator[bytes]:
-        # The bomb is the last record before the stream waits; both are decoded in the
-        # turn of the event loop that holds the valid record.
-        yield valid + bomb
-        await go_on.wait()
-
-    tracemalloc.start()
-    try:
-        posted = asyncio.ensure_future(client.post(STREAM, data=body(), headers=MSGPACK))
-        await _until(lambda: pipeline.held_values > 0)
-        await asyncio.sleep(0.05)
-        grown = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    go_on.set()
-    response = await posted
+    # The bomb is the last record before the stream waits; both are decoded in the
+    # turn of the event loop that holds the valid record.
+    grown, response = await _traced_while_waiting(client, pipeline, [valid + bomb], MSGPACK)
     assert grown < 4 * 1024 * 1024, f"{grown} bytes traced while the stream waited"
     assert response.status == 202, await response.text()
     answer = await response.json()
