@@ -36,4 +36,9 @@ class InputRefused(WorkerError):
 
 
 class SinkFailed(WorkerError):
-    pass
+    """The sink failed a write. ``nothing_written``: none of its records can land (a
+    local-log append cut back to where it was); otherwise some may have."""
+
+    def __init__(self, message: str, *, nothing_written: bool = False) -> None:
+        super().__init__(message)
+        self.nothing_written = nothing_written

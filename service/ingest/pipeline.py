@@ -31,8 +31,9 @@ by its ``record_id``; ``records_duplicate`` were already written and were not wr
 again; ``records_rejected`` are listed in ``errors`` with their reasons. Any failure
 before the sink's acknowledgement surfaces as an error (503 when the sink is full or
 down), so nothing is acknowledged that is not durable. The claim is released only when
-the sink refused the records (``MailboxFull``, ``WorkerClosed``: full, or stopped; or
-``SpillFull`` before Kafka was tried); after any other failure part of them may have
+the sink refused the records (``MailboxFull``, ``WorkerClosed``: full, or stopped;
+``SpillFull`` before Kafka was tried; a local-log append cut back: ``nothing_written``);
+after any other failure part of them may have
 landed, so their ids stay claimed until they lapse (``MLGATE_IDEMPOTENCY_LOCK_S``) and a
 retry meanwhile is 409, not a duplicate write. A failure before the records are handed
 on (their encoding) releases the claim too, and the caller gets it. A turn whose
@@ -55,7 +56,7 @@ from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.dedup import Claim, RecordDeduplicator
 from mlgate.service.ingest.ids import UniqueIds
 from mlgate.service.ingest.validation import Decoded, PackedRecords, RecordError, RecordValidator
-from mlgate.workers.errors import MailboxFull, WorkerClosed, WorkerError
+from mlgate.workers.errors import MailboxFull, SinkFailed, WorkerClosed, WorkerError
 from mlgate.workers.lanes import SHARED_LANE
 from mlgate.workers.sinks.records import OutboundRecord, RecordSink
 from mlgate.workers.sinks.spilling_sink import SpillFull
@@ -116,10 +117,10 @@ class _Holding:
 
 
 def refused(error: BaseException) -> bool:
-    """The sink wrote none of the records: full, not running, or a spill without room
-    before Kafka was tried. Their claims can be released."""
+    """The sink wrote none of the records: full, not running, a spill without room
+    before Kafka was tried, or a local-log append cut back. Their claims can be released."""
     return isinstance(error, MailboxFull | WorkerClosed) or (
-        isinstance(error, SpillFull) and error.nothing_written
+        isinstance(error, SpillFull | SinkFailed) and error.nothing_written
     )
 
 

@@ -4,9 +4,10 @@ Each yields, per record, the decoded ``Record`` or its ``RecordError`` (a bad re
 costs only itself: so does a msgpack map keyed by an array or a map, valid msgpack that
 no record can be); a record over ``max_stream_record_bytes`` is 413 and bytes that
 are not msgpack at all are 400, as is a stream that ends inside a record. Memory
-holds at most one unfinished record and the chunk after it, whatever the stream's
-length: a msgpack record decodes into no larger container than a record has (its
-features, its metadata), and no decoded value outlives its record. The route counts
+holds at most one unfinished record's bytes and the chunk after it, whatever the
+stream's length: a msgpack record is decoded only once all of it is there, by msgspec
+into a ``Record`` (a hostile value is refused at its first wrong element, never built
+whole), and no decoded value outlives its record. The route counts
 the records against the held-values bound as they come (``routes.ingest``).
 """
 
@@ -22,8 +23,6 @@ from aiohttp import web
 from mlgate.schemas.ingest import (
     Record,
     RecordError,
-    RecordIdOnly,
-    Timestamp,
 )
 from mlgate.service.http.body import CHUNK, iter_body
 from mlgate.service.http.codec import Format
@@ -79,40 +78,40 @@ def _decode_line(line: bytes) -> Record | Exception:
 
 # msgpack-python's decoding stack: a value nested this deep cannot be decoded.
 MSGPACK_MAX_DEPTH = 1023
+_msgpack_record = msgspec.msgpack.Decoder(Record)
 
 
 async def msgpack_records(request: web.Request, max_record: int) -> AsyncIterator[Record | RecordError]:
-    # The buffer holds at most one unfinished record and the chunk that follows it.
-    unpacker = msgpack.Unpacker(
-        raw=False,
-        # No container or string limit of its own (msgpack derives them from the
-        # buffer): a field over a record's limit is that record's rejection, as on the
-        # batch route. A record of a million empty arrays decodes into ~70 MB for the
-        # moment of its conversion; it is let go before the stream waits for more.
-        max_buffer_size=max_record + CHUNK,
-        strict_map_key=False,
-        object_pairs_hook=_map_or_marker,
-    )
-    # ``start``: where the last whole record ended. ``unpacker.tell()`` also counts the
-    # bytes of a record still being decoded, so it cannot tell a stream cut mid-record.
-    index = fed = start = 0
+    """Each record's bytes are found by msgpack-python's ``skip`` (which builds no
+    object, so a record cut by a chunk's end holds only its bytes while the stream
+    waits: a review saw a half-sent record of a million empty arrays hold 70 MB),
+    then decoded by msgspec as the batch route decodes a record: the same errors, the
+    timestamp extension alike, and a hostile record refused at its first wrong value
+    rather than built whole."""
+    scanner = msgpack.Unpacker(max_buffer_size=max_record + CHUNK)
+    pending = bytearray()  # the bytes fed and not yet part of a whole record
+    base = 0  # the stream position of pending[0]
+    index = 0
     too_large = PayloadTooLarge(f"A stream record exceeds the limit of {max_record} bytes")
     try:
         async for chunk in iter_body(request):
-            fed += len(chunk)
-            unpacker.feed(chunk)
-            for obj in unpacker:
-                end = unpacker.tell()
-                if end - start > max_record:
+            scanner.feed(chunk)
+            pending += chunk
+            used = 0
+            while True:
+                try:
+                    scanner.skip()
+                except msgpack.OutOfData:
+                    break
+                end = scanner.tell() - base  # right after a whole value: where it ends
+                if end - used > max_record:
                     raise too_large
-                start = end
-                item = _record_or_error(index, _convert(obj), obj, _given_record_id)
-                # Nothing of the decoded value stays referenced while the stream waits.
-                obj = None
-                yield item
-                del item
+                yield _msgpack_record_or_error(index, bytes(pending[used:end]))
+                used = end
                 index += 1
-            if fed - start > max_record:
+            del pending[:used]
+            base += used
+            if len(pending) > max_record:
                 raise too_large
     except msgpack.BufferFull:
         raise too_large from None
@@ -121,11 +120,18 @@ async def msgpack_records(request: web.Request, max_record: int) -> AsyncIterato
         raise BadRequest(
             f"Stream is not valid msgpack after record {index}: {_unpack_problem(exc)}"
         ) from None
-    if start != fed:
+    if pending:
         raise BadRequest(
             f"Stream ends inside a msgpack record after record {index}: the last "
-            f"{fed - start} bytes are not a whole record"
+            f"{len(pending)} bytes are not a whole record"
         )
+
+
+def _msgpack_record_or_error(index: int, raw: bytes) -> Record | RecordError:
+    try:
+        return _msgpack_record.decode(raw)
+    except msgspec.DecodeError as exc:  # a ValidationError too
+        return record_error(index, exc, given_record_id(raw, Format.MSGPACK))
 
 
 def _unpack_problem(exc: Exception) -> str:
@@ -141,60 +147,5 @@ def _unpack_problem(exc: Exception) -> str:
     return problem
 
 
-class MapWithArrayOrMapKey:
-    """Stands in for a msgpack map with an array or a map as a key: valid msgpack, but
-    no Python dict can hold it, and no record has one."""
-
-    __slots__ = ()
-
-
-_MAP_WITH_UNHASHABLE_KEY = MapWithArrayOrMapKey()
-
-
-def _map_or_marker(
-    pairs: list[tuple[object, object]],
-) -> dict[object, object] | MapWithArrayOrMapKey:
-    # Raising here would leave the unpacker mid-object (it then yields stray values), so
-    # such a map decodes to a marker that fails only its own record.
-    try:
-        return dict(pairs)
-    except TypeError:
-        return _MAP_WITH_UNHASHABLE_KEY
-
-
 def _line_record_id(line: bytes) -> str | None:
     return given_record_id(line, Format.JSON)
-
-
-def _given_record_id(obj: object) -> str | None:
-    if not isinstance(obj, dict):
-        return None
-    try:
-        return msgspec.convert(obj, RecordIdOnly).record_id
-    except msgspec.ValidationError:
-        return None
-
-
-def _convert(obj: object) -> Record | Exception:
-    if obj is _MAP_WITH_UNHASHABLE_KEY:
-        return ValueError("a map key is an array or a map; record keys are strings")
-    if isinstance(obj, dict) and isinstance(stamp := obj.get("timestamp"), msgpack.Timestamp):
-        # The msgpack timestamp extension, which the batch route takes (msgspec decodes
-        # it): read by msgspec too, so the time stored, and the error for one out of
-        # range, are the batch's.
-        try:
-            obj["timestamp"] = _stamp_decoder.decode(_STAMP_MAP + msgpack.packb(stamp)).timestamp
-        except msgspec.ValidationError as exc:
-            return exc
-    try:
-        return msgspec.convert(obj, Record)
-    except msgspec.ValidationError as exc:
-        return exc
-
-
-class _StampOnly(msgspec.Struct, frozen=True, gc=False):
-    timestamp: Timestamp
-
-
-_stamp_decoder = msgspec.msgpack.Decoder(_StampOnly)
-_STAMP_MAP = b"\x81" + msgpack.packb("timestamp")

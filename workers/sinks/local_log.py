@@ -194,6 +194,11 @@ class LocalLog:
         self.durable_offset = self.next_offset
         return first
 
+    @property
+    def broken(self) -> bool:
+        """A failed append could not be cut back yet: its frames may be on disk."""
+        return self._broken is not None
+
     def _sync_written(self) -> None:
         self._handle.flush()
         os.fsync(self._handle.fileno())

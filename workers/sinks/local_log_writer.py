@@ -205,7 +205,9 @@ class LocalLogWriter(Actor[_Pending]):
                 if self._counts_records:
                     self._telemetry.local_log_batch_failed(len(frames))
                 self._last_error = str(exc)
-                error = SinkFailed(f"local log write failed: {exc}")
+                error = SinkFailed(
+                    f"local log write failed: {exc}", nothing_written=not self._log.broken
+                )
                 self._write_failed, self._probed_at = True, time.monotonic()
             except BaseException:
                 # Cancelled (close past its drain budget) or crashed mid-write: the

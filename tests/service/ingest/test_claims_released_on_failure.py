@@ -130,3 +130,51 @@ async def test_a_stream_whose_write_was_refused_says_nothing_from_that_chunk_was
     detail = await _stream_of_two_chunks(client)
     assert f"no record from index {STREAM_CHUNK_RECORDS} on was written" in detail
     assert "may have landed" not in detail
+
+
+def _failing_append(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local log's next append fails as a full disk does, cut back to where it was."""
+    from mlgate.service.state import RECORD_SINK
+
+    log = client.app[RECORD_SINK]._log  # the embedded local log's files
+    append = log.append
+    calls: list[int] = []
+
+    def failing(frames: list[bytes]) -> int:
+        calls.append(len(frames))
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return append(frames)
+
+    monkeypatch.setattr(log, "append", failing)
+
+
+async def test_a_local_log_append_cut_back_releases_its_claims(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a failed append is cut back, so none of its records can land, yet
+    their ids stayed claimed: a resend was 409 for the claims' lapse."""
+    _failing_append(client, monkeypatch)
+    batch = {"source": "s", "records": _records(0, 3)}
+    failed = await client.post("/api/v2/ingest", json=batch)
+    assert failed.status == 503
+    resent = await client.post("/api/v2/ingest", json=batch)
+    assert resent.status == 202, await resent.text()
+    assert (await resent.json())["records_accepted"] == 3
+
+
+async def test_a_streams_failure_counts_only_the_rejections_before_its_chunk(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the detail counted the failing chunk's rejections among records 0 to
+    999 (15 rejected of a 1,000 that held 5)."""
+    _failing_write(client, monkeypatch, MailboxFull("full"))
+    records: list[dict[str, Any]] = _records(0, STREAM_CHUNK_RECORDS + 20)
+    for bad in (3, 7, STREAM_CHUNK_RECORDS + 1, STREAM_CHUNK_RECORDS + 2):
+        records[bad] = {"record_id": f"bad-{bad}", "features": [1.0]}
+    body = b"".join(msgspec.json.encode(r) + b"\n" for r in records)
+    response = await client.post("/api/v2/ingest/stream?source=s", data=body, headers=NDJSON)
+    assert response.status == 503
+    detail = (await response.json(content_type=None))["detail"]
+    assert f"of its records 0 to {STREAM_CHUNK_RECORDS - 1}, 998 were written" in detail
+    assert "2 were rejected" in detail

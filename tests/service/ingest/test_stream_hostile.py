@@ -50,7 +50,8 @@ async def test_msgpack_map_keyed_by_an_array_or_a_map_is_a_rejected_record(
     answer = await response.json()
     assert (answer["records_accepted"], answer["records_rejected"]) == (2, 1)
     assert [e["index"] for e in answer["errors"]] == [1]
-    assert "map key is an array or a map" in answer["errors"][0]["error"]
+    # In the words the batch route has for it: msgspec decodes both.
+    assert "Expected `str`" in answer["errors"][0]["error"]
 
 
 async def test_msgpack_map_keyed_by_a_map_nested_in_a_record_is_a_rejected_record(
