@@ -183,9 +183,12 @@ def _profile(args: argparse.Namespace, settings: Settings, kind: ProfileKind, na
     else:
         path = store.save(profile)
     note = f", {skipped} records of another width or not finite skipped" if skipped else ""
+    # With --output the summary goes to stderr: stdout may be the profile itself
+    # (``--output /dev/stdout``), which a line printed after it would corrupt.
     print(
         f"profile of {kind} {name}: {matrix.shape[0]} records x {matrix.shape[1]} features, "
-        f"on_violation={args.on_violation}{note} -> {path}"
+        f"on_violation={args.on_violation}{note} -> {path}",
+        file=sys.stderr if args.output else sys.stdout,
     )
     return 0
 

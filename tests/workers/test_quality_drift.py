@@ -283,3 +283,51 @@ async def test_a_profile_removed_while_its_window_is_scored_keeps_no_gauges(
     assert not refresh.is_alive() and book.before_write is None
     assert store.source("sensors") is None
     assert book.gauges == {}
+
+
+class RecordingLock:
+    """A lock that writes "acquire" and "release" into ``events``."""
+
+    def __init__(self, events: list[str]) -> None:
+        self._lock = threading.Lock()
+        self._events = events
+
+    def __enter__(self) -> bool:
+        self._lock.acquire()
+        self._events.append("acquire")
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        self._events.append("release")
+        self._lock.release()
+
+
+def test_a_bulk_retire_lets_go_of_the_gauges_lock_between_profiles(
+    tmp_path: Path, store: ProfileStore
+) -> None:
+    """A review: the refresh thread held the gauges lock over every profile it retired
+    (20 profiles x 4096 features: 0.8 s), and a window closing on the event loop waited
+    for all of it. Now it waits for one profile's retire at most."""
+    names = [f"s{i}" for i in range(5)]
+    for name in names:
+        write_profile(tmp_path, name, rows=200)
+    store.refresh()
+    events: list[str] = []
+    book = GaugeBook()
+    retire = book.feature_drift_retired
+
+    def retiring(kind: str, name: str, keep: Sequence[str]) -> None:
+        events.append(f"retire {name}")
+        retire(kind, name, keep)
+
+    book.feature_drift_retired = retiring  # type: ignore[method-assign]
+    monitor = DriftMonitor(store, window_records=WINDOW, telemetry=book)
+    monitor._gauges_lock = RecordingLock(events)  # type: ignore[assignment]
+    for name in names + ["sensors"]:
+        store.path_of("source", name).unlink()
+    store.refresh()
+    retired = sorted(event for event in events if event.startswith("retire "))
+    assert retired == sorted(f"retire {name}" for name in names + ["sensors"])
+    assert events == [
+        step for event in events if event.startswith("retire ") for step in ("acquire", event, "release")
+    ]

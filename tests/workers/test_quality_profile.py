@@ -251,3 +251,53 @@ def test_a_model_repository_that_cannot_be_listed_keeps_its_model_profiles(
     assert store.model("demo") is before
     assert [e["event"] for e in logs] == ["profiles_dir_unreadable"]
     assert seen[-1].unreadable == {"source": 0, "model": 1} and seen[-1].retired == ()
+
+
+def test_a_fresh_store_whose_sources_directory_cannot_be_listed_holds_every_source_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: with nothing found before, an unlistable sources directory left no
+    profile in force, and a fresh process ran every source unchecked."""
+    write_profile(tmp_path, "sensors")
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    seen: list[ProfileChanges] = []
+    store.watch(seen.append)
+    with monkeypatch.context() as patch:
+        unlistable(patch, tmp_path / "sources")
+        with capture_logs() as logs:
+            store.refresh()
+    assert store.source_state("sensors") == (None, True) and store.unreadable("source", "other")
+    assert not store.unreadable("model", "demo")
+    assert [e["event"] for e in logs] == ["profiles_dir_unreadable"] and logs[0]["refusing_every_source"]
+    assert seen[-1].unreadable["source"] == 1
+    store.refresh()
+    profile = store.source("sensors")
+    assert profile is not None and store.source_state("sensors") == (profile, False)
+    assert store.source_state("other") == (None, False)
+
+
+def test_a_fresh_store_whose_model_repository_cannot_be_listed_refuses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    seen: list[ProfileChanges] = []
+    store.watch(seen.append)
+    (tmp_path / "models").mkdir()
+    unlistable(monkeypatch, tmp_path / "models")
+    with capture_logs() as logs:
+        store.refresh()
+    assert not store.unreadable("model", "demo") and store.source_state("sensors") == (None, False)
+    assert [e["event"] for e in logs] == ["profiles_dir_unreadable"]
+    assert seen[-1].unreadable == {"source": 0, "model": 1}
+
+
+def test_a_sources_directory_listed_once_then_not_keeps_other_sources_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once listed, what was found is known: sources without a profile stay unchecked."""
+    write_profile(tmp_path, "sensors")
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    store.refresh()
+    unlistable(monkeypatch, tmp_path / "sources")
+    store.refresh()
+    assert store.source_state("other") == (None, False) and store.source("sensors") is not None

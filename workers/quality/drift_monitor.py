@@ -136,8 +136,10 @@ class DriftMonitor:
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         # Held by a window's "profile still in force?" check and its gauge writes, and
-        # by a refresh's retiring of gauges: a refresh landing between check and write
-        # would have them re-created for a profile gone. Held for microseconds.
+        # by a refresh's retiring of one profile's gauges: a refresh landing between
+        # check and write would have them re-created for a profile gone. Taken once per
+        # profile retired, so the event loop (``_close_window``) waits at most for one
+        # profile's gauges (a few ms for thousands of features), never a bulk retire.
         self._gauges_lock = threading.Lock()
         profiles.watch(self._profiles_changed)
 
@@ -211,8 +213,11 @@ class DriftMonitor:
         """Retire the gauges of profiles gone or replaced; count unreadable ones.
         Runs in the profile store's refresh thread: touches telemetry only."""
         telemetry = self._telemetry
-        with self._gauges_lock:  # after a window's check-and-write, or before its check
-            for kind, name, _, now in changes.retired:
+        for kind, name, _, now in changes.retired:
+            # Per profile: after a window's check-and-write, or before its check. The
+            # store already holds the new profiles, so a window checking between two
+            # profiles' retires sees its own profile gone (or replaced) and writes nothing.
+            with self._gauges_lock:
                 telemetry.feature_drift_retired(kind, name, now.names if now is not None else ())
         for kind, name in changes.failed:
             telemetry.quality_profile_load_failed(kind, name)

@@ -13,7 +13,11 @@ refused until it loads (``service.ingest.quality_screen``) rather than let throu
 unchecked. A profiles directory that is there but cannot be listed (its permissions,
 an I/O error) switches nothing off either: the profiles known in it are read again by
 name (an earlier version staying in force if that fails too), the directory is logged
-(once per change) and counted as unreadable.
+(once per change) and counted as unreadable. A sources directory that cannot be listed
+and was never listed by this store (a fresh process) leaves no profile to know of:
+every source is then ``unreadable`` (its ingest refused) until a listing succeeds. A
+model repository that cannot be listed only costs drift (a model's profile refuses
+nothing): logged and counted.
 
 What is in force is one object (``_InForce``) swapped in one assignment, so a reader
 never sees the profiles of one refresh with the unreadable set of another.
@@ -65,6 +69,9 @@ class _InForce:
     profiles: dict[ProfileKey, CompiledProfile]
     # every profile loaded or unreadable: (profile or None, unreadable)
     states: dict[ProfileKey, ProfileState]
+    # the state of a source not in ``states``: unreadable while its directory cannot be
+    # listed and never was (which profiles are there is not known)
+    other_sources: ProfileState = NO_PROFILE
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +102,9 @@ class ProfileStore:
         self._failures: dict[Path, tuple[tuple[int, int] | None, str]] = {}
         # kind -> the error listing its directory last failed with: logged once per change
         self._unlisted: dict[ProfileKind, str] = {}
+        # Whether the sources directory was ever listed (or found not there): until then,
+        # one that cannot be listed may hold any source's profile.
+        self._sources_listed = False
         self._watchers: list[ProfileWatcher] = []
 
     def watch(self, watcher: ProfileWatcher) -> None:
@@ -107,12 +117,15 @@ class ProfileStore:
     def unreadable(self, kind: ProfileKind, name: str) -> bool:
         """Whether this profile's file is there but cannot be loaded, and no earlier
         version of it is in force: its checks cannot run."""
-        return self._in_force.states.get((kind, name), NO_PROFILE)[1]
+        in_force = self._in_force
+        default = in_force.other_sources if kind == "source" else NO_PROFILE
+        return in_force.states.get((kind, name), default)[1]
 
     def source_state(self, name: str) -> ProfileState:
         """A source's profile in force (or None) and whether it is unreadable, read
         from one refresh (one dict lookup)."""
-        return self._in_force.states.get(("source", name), NO_PROFILE)
+        in_force = self._in_force
+        return in_force.states.get(("source", name), in_force.other_sources)
 
     def source(self, name: str) -> CompiledProfile | None:
         return self._in_force.profiles.get(("source", name))
@@ -184,7 +197,11 @@ class ProfileStore:
         states: dict[ProfileKey, ProfileState] = {key: (p, False) for key, p in current.items()}
         states.update((key, (None, True)) for key in unreadable)
         self._loaded, self._failures, self._found = loaded, failures, there
-        self._in_force = _InForce(profiles=current, states=states)  # one swap
+        # Sources unknown: a sources directory that cannot be listed, never listed before.
+        blind = "source" in self._unlisted and not self._sources_listed
+        self._in_force = _InForce(  # one swap
+            profiles=current, states=states, other_sources=(None, True) if blind else NO_PROFILE
+        )
         changes = ProfileChanges(retired=retired, failed=tuple(failed), unreadable=broken)
         for watcher in self._watchers:
             try:
@@ -202,6 +219,7 @@ class ProfileStore:
             for entry in _listing(sources):
                 if entry.name.endswith(SOURCE_SUFFIX):
                     found[("source", entry.name.removesuffix(SOURCE_SUFFIX))] = Path(entry.path)
+            self._sources_listed = True
         except OSError as exc:
             unlisted["source"] = str(exc)
         try:
@@ -217,7 +235,8 @@ class ProfileStore:
             if self._unlisted.get(kind) != error:
                 directory = sources if kind == "source" else self.model_repository
                 log.error("profiles_dir_unreadable", kind=kind, path=str(directory), error=error,
-                          kept=sorted(name for _, name in known))
+                          kept=sorted(name for _, name in known),
+                          refusing_every_source=kind == "source" and not self._sources_listed)
         for kind in self._unlisted.keys() - unlisted.keys():
             log.info("profiles_dir_readable", kind=kind)
         self._unlisted = unlisted

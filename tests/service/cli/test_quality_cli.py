@@ -240,3 +240,29 @@ def test_profile_output_writes_into_a_fifo_behind_a_symlink(tmp_path: Path, prof
         os.close(reader)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink()
     assert profile_decoder.decode(b"".join(chunks)).name == "s"
+
+
+def test_profile_output_file_holds_only_the_profile_and_the_summary_goes_to_stderr(
+    tmp_path: Path, profiles_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review: the summary was printed to stdout after the profile was written, so
+    ``--output /dev/stdout`` redirected to a file had its start overwritten by it (and,
+    piped, the summary followed the JSON)."""
+    sample = ndjson_sample(tmp_path, 50)
+    output = tmp_path / "out.json"
+    assert main(["quality", "profile", "--source", "s", "--input", str(sample), "--output", str(output)]) == 0
+    assert profile_decoder.decode(output.read_bytes()).name == "s"  # exactly one JSON document
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "profile of source s" in captured.err and str(output) in captured.err
+
+
+def test_profile_output_to_dev_stdout_is_the_profile_alone(
+    tmp_path: Path, profiles_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """``--output /dev/stdout`` with stdout a file: the file is the profile, whole."""
+    sample = ndjson_sample(tmp_path, 50)
+    assert main(["quality", "profile", "--source", "s", "--input", str(sample), "--output", "/dev/stdout"]) == 0
+    captured = capfd.readouterr()
+    assert profile_decoder.decode(captured.out.encode()).name == "s"
+    assert "profile of source s" in captured.err

@@ -417,3 +417,31 @@ async def test_ingest_stays_checked_while_the_sources_directory_cannot_be_listed
     await client.app[RELOAD_HOOKS]["profiles"]()
     assert (await ingest(client, out_of_range_batch()))["records_rejected"] == 2
     assert metric(client, "mlgate_quality_profiles_unreadable", {"kind": "source"}) == 1.0
+
+
+async def test_a_fresh_app_whose_sources_directory_cannot_be_listed_refuses_ingest_until_it_can(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review: a process started while ``sources/`` could not be listed (a symlink
+    loop, its permissions) knew of no profile and let out-of-range records through a
+    ``reject`` profile."""
+    write_profile(profiles_dir, "sensors", on_violation="reject")
+    sources, scandir = str(profiles_dir / "sources"), os.scandir
+
+    def refusing(path: Any = ".") -> Any:
+        if os.fspath(path) == sources:
+            raise PermissionError(13, "Permission denied", sources)
+        return scandir(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "scandir", refusing)
+        client = await app_client(quality_settings())
+        response = await client.post(
+            "/api/v2/ingest", json={"source": "sensors", "records": out_of_range_batch()}
+        )
+        assert response.status == 503, await response.text()
+        assert "Retry-After" in response.headers
+        assert metric(client, "mlgate_quality_profiles_unreadable", {"kind": "source"}) == 1.0
+    await client.app[RELOAD_HOOKS]["profiles"]()
+    assert (await ingest(client, out_of_range_batch()))["records_rejected"] == 2
