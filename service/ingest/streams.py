@@ -118,16 +118,19 @@ async def msgpack_records(request: web.Request, max_record: int) -> AsyncIterato
     except (msgpack.UnpackException, ValueError) as exc:
         # msgpack records have no boundary to resume from: the stream ends here.
         raise BadRequest(
-            f"Stream is not valid msgpack after record {index}: {_unpack_problem(exc)}"
+            f"Stream is not valid msgpack at record {index}: {_unpack_problem(exc)}"
         ) from None
     if pending:
         raise BadRequest(
-            f"Stream ends inside a msgpack record after record {index}: the last "
+            f"Stream ends inside msgpack record {index}: the last "
             f"{len(pending)} bytes are not a whole record"
         )
 
 
 def _msgpack_record_or_error(index: int, raw: bytes) -> Record | RecordError:
+    """The record, or its rejection: a stream's framing holds past a record that does
+    not decode (invalid UTF-8 in a string, say), as an NDJSON stream's lines do, so
+    that costs only the record; a batch, one document, is 400 for it."""
     try:
         return _msgpack_record.decode(raw)
     except msgspec.DecodeError as exc:  # a ValidationError too

@@ -243,8 +243,14 @@ class RecordValidator:
         try:
             record: Record = _record_decoders[fmt].decode(raw)
             return record
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except msgspec.ValidationError as exc:
             return record_error(index, exc, given_record_id(raw, fmt))
+        except (msgspec.DecodeError, RecursionError) as exc:
+            # Bytes the envelope framed but that do not decode (invalid UTF-8 in a
+            # msgpack string): the body is undecodable, 400, wherever the record is
+            # (a review: after a schema error in an earlier record it was that
+            # record's rejection, before one the batch's 400).
+            raise undecodable(exc, fmt) from None
 
     # -- semantic checks --------------------------------------------------------------
 

@@ -256,6 +256,13 @@ class SpillingKafkaSink:
             # Kafka may hold some of them: not a refusal of the whole write, whose
             # callers would then take their records for unwritten.
             raise SinkFailed(f"spill refused the records Kafka did not take: {exc!r}") from exc
+        except SinkFailed as exc:
+            if kafka_took_none or not exc.nothing_written:
+                raise
+            # The spill's append was cut back, but Kafka was tried and may hold some:
+            # not "nothing written" for the write as a whole (a review: the claims were
+            # released, and a resend wrote to Kafka twice).
+            raise SinkFailed(f"spill failed the records Kafka did not take: {exc}") from exc
         if resent:
             self._telemetry.records_resent(resent)
 

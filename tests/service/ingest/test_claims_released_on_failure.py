@@ -178,3 +178,4 @@ async def test_a_streams_failure_counts_only_the_rejections_before_its_chunk(
     detail = (await response.json(content_type=None))["detail"]
     assert f"of its records 0 to {STREAM_CHUNK_RECORDS - 1}, 998 were written" in detail
     assert "2 were rejected" in detail
+

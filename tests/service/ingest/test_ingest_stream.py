@@ -284,7 +284,7 @@ async def test_truncated_msgpack_stream_is_400(client: Client) -> None:
     body = _msgpack(_record(i) for i in range(3))[:-5]
     response = await client.post(STREAM, data=body, headers=MSGPACK)
     problem = await _problem(response, 400)
-    assert "after record 2" in problem["detail"]
+    assert "inside msgpack record 2" in problem["detail"]
     await _assert_still_serving(client)
 
 

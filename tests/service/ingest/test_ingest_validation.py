@@ -643,3 +643,18 @@ async def test_a_rejected_records_location_names_the_field_at_fault(client: Clie
         "records[1].metadata",
         "records[2].features",
     ]
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["first", "after-a-schema-error"])
+async def test_a_batch_record_that_does_not_decode_is_400_wherever_it_is(
+    client: Client, before: bool
+) -> None:
+    """A review: invalid UTF-8 in a record's string made the batch 400, unless a record
+    before it had a schema error: then it was that record's rejection, the rest written."""
+    bad = b"\x82\xa8features" + msgspec.msgpack.encode([1.0] * 4) + b"\xa9record_id\xa2\xff\xfe"
+    schema_bad = msgspec.msgpack.encode({"features": "no"})
+    good = msgspec.msgpack.encode({"features": [1.0, 2.0, 3.0, 4.0]})
+    records = ([schema_bad] if before else []) + [bad, good]
+    body = b"\x82\xa6source\xa1s\xa7records" + bytes([0x90 + len(records)]) + b"".join(records)
+    response = await client.post(INGEST, data=body, headers=MSGPACK)
+    assert response.status == 400, await response.text()

@@ -69,14 +69,14 @@ async def test_a_stream_cut_between_two_values_of_its_last_record_is_400(
     last = msgpack.packb(_record(2, features=[1.0, 2.0, 3.0, 4.0], label=1.0))
     cut = last[: last.index(b"\x94") + 1 + 9 * 2]  # the map, its array and two floats
     detail = await _detail(client, _packed(0, 2) + cut, 400)
-    assert "ends inside a msgpack record after record 2" in detail
+    assert "ends inside msgpack record 2" in detail
     assert "No record of this stream was written" in detail
     assert _stored(settings) == {}
 
 
 async def test_a_stream_ending_in_a_lone_map_header_is_400(client: Client) -> None:
     detail = await _detail(client, _packed(0, 1) + b"\x85", 400)
-    assert "ends inside a msgpack record after record 1" in detail
+    assert "ends inside msgpack record 1" in detail
 
 
 async def test_a_stream_cut_after_written_chunks_says_how_many_were_written(
@@ -123,7 +123,7 @@ async def test_a_value_nested_too_deep_is_400_saying_so_and_what_was_written(
 ) -> None:
     body = _packed(0, 2) + b"\x91" * 2000 + b"\x90" + _packed(2, 1)
     detail = await _detail(client, body, 400)
-    assert "not valid msgpack after record 2: arrays or maps nested more than" in detail
+    assert "not valid msgpack at record 2: arrays or maps nested more than" in detail
     # The records before it, read but not yet written with their chunk, are not written.
     assert "No record of this stream was written" in detail
     assert _stored(settings) == {}
@@ -134,14 +134,14 @@ async def test_a_value_nested_too_deep_after_written_chunks_says_from_where_none
 ) -> None:
     body = _packed(0, STREAM_CHUNK_RECORDS + 3) + b"\x91" * 2000 + b"\x90"
     detail = await _detail(client, body, 400)
-    assert f"after record {STREAM_CHUNK_RECORDS + 3}: arrays or maps nested" in detail
+    assert f"at record {STREAM_CHUNK_RECORDS + 3}: arrays or maps nested" in detail
     assert f"The first {STREAM_CHUNK_RECORDS} records accepted" in detail
     assert f"no record from index {STREAM_CHUNK_RECORDS} on was written" in detail
 
 
 async def test_a_byte_that_starts_no_value_is_400_saying_so(client: Client) -> None:
     detail = await _detail(client, _packed(0, 1) + b"\xc1", 400)
-    assert "after record 1: a byte that starts no msgpack value" in detail
+    assert "at record 1: a byte that starts no msgpack value" in detail
 
 
 async def test_a_record_of_a_hundred_thousand_empty_arrays_is_rejected_on_its_own(
@@ -230,3 +230,15 @@ async def test_the_longest_metadata_text_a_record_may_hold_fits_the_decoding_lim
     response = await client.post(STREAM, data=msgpack.packb(record), headers=MSGPACK)
     assert response.status == 202, await response.text()
     assert (await response.json())["records_accepted"] == 1
+
+
+async def test_a_record_that_does_not_decode_costs_only_itself_on_a_stream(client: Client) -> None:
+    """Its framing holds (found by msgpack's skip), as an NDJSON stream's lines do:
+    invalid UTF-8 in a string rejects that record, and the records after it stay."""
+    bad = b"\x82\xa8features" + msgspec.msgpack.encode([1.0] * 4) + b"\xa9record_id\xa2\xff\xfe"
+    body = _packed(0, 1) + bad + _packed(1, 1)
+    response = await client.post(STREAM, data=body, headers=MSGPACK)
+    assert response.status == 202, await response.text()
+    answer = await response.json()
+    assert answer["records_accepted"] == 2
+    assert [error["index"] for error in answer["errors"]] == [1]
