@@ -146,7 +146,9 @@ def syntax_error(body: bytes, fmt: Format) -> Exception | None:
     would allocate every value. The walk skips strings without checking their UTF-8,
     which JSON requires throughout, so that is checked on the bytes. Well-formed by
     this test but refused by a typed decoding, and so 422: a JSON number out of any
-    float's range, a msgpack str that is not UTF-8 or a malformed msgpack timestamp."""
+    float's range or a malformed msgpack timestamp. A msgpack str that is not UTF-8
+    passes this walk, but msgspec's typed decoding refuses it as malformed (not as a
+    schema error), so such a body is 400 too."""
     try:
         if fmt is Format.MSGPACK:
             msgspec.msgpack.decode(body, type=msgspec.Raw)

@@ -170,6 +170,30 @@ async def test_the_writer_outlives_a_failed_cut_back_and_writes_again(
     assert _entries(tmp_path) == [(0, "a"), (1, "b")]
 
 
+async def test_a_write_stopped_by_an_earlier_writes_failed_repair_wrote_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the write after a failed cut-back, refused because the log still
+    could not be repaired, was reported as possibly written (its ids kept claimed),
+    though none of its frames reached the file."""
+    writer = await _started_writer(tmp_path)
+    try:
+        await writer.write([_record("a")])
+        _fails_once(monkeypatch, "fsync", errno.EIO)
+        _fails_once(monkeypatch, "truncate", errno.EIO)
+        with pytest.raises(SinkFailed) as torn:
+            await writer.write([_record("torn")])
+        assert not torn.value.nothing_written  # its frame may be on disk
+        _fails_once(monkeypatch, "truncate", errno.EIO)  # the repair fails again
+        with pytest.raises(SinkFailed) as stopped:
+            await writer.write([_record("never")])
+        assert stopped.value.nothing_written
+        await writer.write([_record("b")])
+    finally:
+        await writer.close()
+    assert _entries(tmp_path) == [(0, "a"), (1, "b")]
+
+
 async def test_a_crash_of_the_writer_is_counted_as_a_background_task_crash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

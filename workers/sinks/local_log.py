@@ -88,6 +88,11 @@ class LogEntry:
     record: OutboundRecord
 
 
+class RepairFailed(OSError):
+    """An append found the log broken by an earlier one and could not repair it: none
+    of its own frames were written."""
+
+
 class SegmentDeleted(OSError):
     """The segment written to was unlinked (its directory removed): what was written
     to it is gone with it, though every write and fsync succeeded."""
@@ -175,7 +180,10 @@ class LocalLog:
         ``OSError``) if the segment was deleted under it.
         """
         if self._broken is not None:
-            self.repair()
+            try:
+                self.repair()
+            except OSError as exc:
+                raise RepairFailed(exc.errno, f"the log could not be repaired: {exc}") from exc
         first = self.next_offset
         mark = (Path(self._handle.name), self._size)
         try:

@@ -31,7 +31,7 @@ import structlog
 
 from mlgate.workers.actor import Actor
 from mlgate.workers.errors import SinkFailed
-from mlgate.workers.sinks.local_log import LocalLog, frame
+from mlgate.workers.sinks.local_log import LocalLog, RepairFailed, frame
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
@@ -205,8 +205,11 @@ class LocalLogWriter(Actor[_Pending]):
                 if self._counts_records:
                     self._telemetry.local_log_batch_failed(len(frames))
                 self._last_error = str(exc)
+                # Nothing of this write can land if the log was cut back, or if the
+                # repair of an earlier failure stopped it before it wrote a frame.
                 error = SinkFailed(
-                    f"local log write failed: {exc}", nothing_written=not self._log.broken
+                    f"local log write failed: {exc}",
+                    nothing_written=isinstance(exc, RepairFailed) or not self._log.broken,
                 )
                 self._write_failed, self._probed_at = True, time.monotonic()
             except BaseException:
