@@ -276,6 +276,24 @@ def test_a_fresh_store_whose_sources_directory_cannot_be_listed_holds_every_sour
     assert store.source_state("other") == (None, False)
 
 
+def test_a_sources_directory_that_appears_unlistable_holds_every_source_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a sources directory not there at first counted as listed, so one that
+    then appeared but could not be listed left every source unchecked."""
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    store.refresh()  # no sources directory: no profile, nothing refused
+    assert store.source_state("sensors") == (None, False)
+    write_profile(tmp_path, "sensors")
+    with monkeypatch.context() as patch:
+        unlistable(patch, tmp_path / "sources")
+        store.refresh()
+        assert store.source_state("sensors") == (None, True)
+    store.refresh()
+    profile = store.source("sensors")
+    assert profile is not None and store.source_state("sensors") == (profile, False)
+
+
 def test_a_fresh_store_whose_model_repository_cannot_be_listed_refuses_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -216,14 +216,18 @@ class ProfileStore:
         unlisted: dict[ProfileKind, str] = {}
         sources = self.profiles_dir / "sources"
         try:
-            for entry in _listing(sources):
+            listed = _listing(sources)
+            for entry in listed or ():
                 if entry.name.endswith(SOURCE_SUFFIX):
                     found[("source", entry.name.removesuffix(SOURCE_SUFFIX))] = Path(entry.path)
-            self._sources_listed = True
+            # Listed as it is: a directory not there is known to hold no profile only
+            # while it is not there (a review: one that then appeared unlistable was
+            # taken for listed, and every source went unchecked).
+            self._sources_listed = listed is not None
         except OSError as exc:
             unlisted["source"] = str(exc)
         try:
-            for entry in _listing(self.model_repository):
+            for entry in _listing(self.model_repository) or ():
                 candidate = Path(entry.path) / MODEL_PROFILE
                 if _is_dir(entry) and _may_exist(candidate):
                     found[("model", entry.name)] = candidate
@@ -269,14 +273,14 @@ def profile_file_bytes(profile: QualityProfile) -> bytes:
     return encode_profile(profile) + b"\n"
 
 
-def _listing(directory: Path) -> list[os.DirEntry[str]]:
-    """The entries of ``directory``; none if it is not there (or not a directory).
+def _listing(directory: Path) -> list[os.DirEntry[str]] | None:
+    """The entries of ``directory``; None if it is not there (or not a directory).
     ``OSError`` if it is there but cannot be listed: ``Path.glob`` would say "empty"."""
     try:
         with os.scandir(directory) as entries:
             return list(entries)
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return None
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
