@@ -14,7 +14,7 @@ import math
 import operator
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -334,8 +334,7 @@ class RecordValidator:
         metadata: dict[str, str | int | float | bool],
     ) -> str | None:
         if len(features) not in self._dims:
-            allowed = ", ".join(str(d) for d in sorted(self._dims))
-            return f"features has {len(features)} values; allowed dimensions are {allowed}"
+            return dimension_error(len(features), self._dims)
         # One sum is finite exactly when every value is, unless finite values overflow:
         # only then is the slow per-value scan needed.
         if not math.isfinite(sum(features)) and not all(map(math.isfinite, features)):
@@ -435,6 +434,12 @@ class RecordValidator:
                         headers=[*headers, (QUALITY_FLAGS_HEADER, flags)],
                     )
         return records
+
+
+def dimension_error(count: int, dims: Collection[int]) -> str:
+    """Why a record of ``count`` features is rejected when ``dims`` are allowed."""
+    allowed = ", ".join(str(d) for d in sorted(dims))
+    return f"features has {count} values; allowed dimensions are {allowed}"
 
 
 def record_error(index: int, exc: Exception, record_id: str | None = None) -> RecordError:

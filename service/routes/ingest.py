@@ -26,6 +26,7 @@ from mlgate.service.http.front_door import as_api_error, error_log
 from mlgate.service.http.routing import Route
 from mlgate.service.ingest.pipeline import IngestPipeline, refused
 from mlgate.service.ingest.streams import msgpack_records, ndjson_records
+from mlgate.service.ingest.validation import dimension_error
 from mlgate.service.protection.audit import Caller, audit_call, audit_request
 from mlgate.service.state import INGEST_PIPELINE, SETTINGS
 from mlgate.workers.breaker import BreakerOpen
@@ -286,13 +287,10 @@ async def ingest_stream(request: web.Request) -> web.Response:
 
 
 def _wrong_dimension(record: Record, dims: frozenset[int], index: int) -> RecordError:
-    """The rejection ``RecordValidator`` gives a record of a dimension not allowed (the
-    same words), made as it comes so that its features are not kept."""
-    allowed = ", ".join(str(d) for d in sorted(dims))
+    """The rejection ``RecordValidator`` gives a record of a dimension not allowed,
+    made as it comes so that its features are not kept."""
     return RecordError(
-        index=index,
-        record_id=record.record_id,
-        error=f"features has {len(record.features)} values; allowed dimensions are {allowed}",
+        index=index, record_id=record.record_id, error=dimension_error(len(record.features), dims)
     )
 
 

@@ -153,16 +153,22 @@ def test_a_failed_cut_back_leaves_the_log_able_to_append_once_it_can(
     assert _entries(tmp_path) == [(0, "a"), (1, "b")]
 
 
+async def _torn_write(writer: LocalLogWriter, monkeypatch: pytest.MonkeyPatch, code: int) -> SinkFailed:
+    """A write whose fsync fails and whose cut-back fails too (``code``): its failure."""
+    _fails_once(monkeypatch, "fsync", code)
+    _fails_once(monkeypatch, "truncate", code)
+    with pytest.raises(SinkFailed) as failure:
+        await writer.write([_record("torn")])
+    return failure.value
+
+
 async def test_the_writer_outlives_a_failed_cut_back_and_writes_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writer = await _started_writer(tmp_path)
     try:
         await writer.write([_record("a")])
-        _fails_once(monkeypatch, "fsync", errno.ENOSPC)
-        _fails_once(monkeypatch, "truncate", errno.ENOSPC)
-        with pytest.raises(SinkFailed):
-            await writer.write([_record("lost")])
+        await _torn_write(writer, monkeypatch, errno.ENOSPC)
         await writer.write([_record("b")])
         assert writer.running
     finally:
@@ -179,11 +185,8 @@ async def test_a_write_stopped_by_an_earlier_writes_failed_repair_wrote_nothing(
     writer = await _started_writer(tmp_path)
     try:
         await writer.write([_record("a")])
-        _fails_once(monkeypatch, "fsync", errno.EIO)
-        _fails_once(monkeypatch, "truncate", errno.EIO)
-        with pytest.raises(SinkFailed) as torn:
-            await writer.write([_record("torn")])
-        assert not torn.value.nothing_written  # its frame may be on disk
+        torn = await _torn_write(writer, monkeypatch, errno.EIO)
+        assert not torn.nothing_written  # its frame may be on disk
         _fails_once(monkeypatch, "truncate", errno.EIO)  # the repair fails again
         with pytest.raises(SinkFailed) as stopped:
             await writer.write([_record("never")])
