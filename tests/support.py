@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,13 @@ async def wait_until_drained(sink: SpillingKafkaSink, limit_s: float = 30.0) -> 
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"spill still holds {sink.backlog} records")
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """``condition`` holds within ``timeout_s``, asked every 10 ms: for a state no event
+    announces (a worker restarted, a probe done)."""
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not within {timeout_s:g} s")

@@ -1,12 +1,13 @@
-"""SupervisedTask: the one shape of every long-lived background loop that is not an actor.
+"""SupervisedTask: the one shape of every long-lived background loop that is not an actor;
+``Restarts``: the restart policy it shares with the actors (``workers.actor``).
 
-It runs one coroutine function forever. When the loop raises, the crash is logged
-(``background_task_crashed`` with the error), reported to telemetry (a counter per
-task), and the loop is started again after an exponential backoff (0.1 s doubling up
-to 30 s; back to 0.1 s once a run has lasted a minute). ``healthy`` is False from a
-crash until the restarted loop has run for ``settle_s`` without crashing again, so a
-readiness check built on it tells the truth while the work is stuck. Cancellation
-(``stop()``) is the only way out.
+A supervised task runs one coroutine function forever. When the loop raises, the crash
+is logged (``background_task_crashed`` with the error), reported to telemetry (a
+counter per task), and the loop is started again after an exponential backoff (0.1 s
+doubling up to 30 s; back to 0.1 s once a run has lasted a minute). ``healthy`` is
+False from a crash until the restarted loop has run for ``settle_s`` without crashing
+again, so a readiness check built on it tells the truth while the work is stuck.
+Cancellation (``stop()``) is the only way out.
 """
 
 from __future__ import annotations
@@ -27,6 +28,40 @@ MAX_BACKOFF_S = 30.0
 RECOVERED_AFTER_S = 60.0
 
 
+class Restarts:
+    """When a crashed loop runs again, and whether it has settled since: backoff from
+    ``FIRST_BACKOFF_S`` doubling up to ``MAX_BACKOFF_S``, from the first again once a
+    run has lasted ``RECOVERED_AFTER_S``; settled once the run after a crash has
+    lasted ``settle_s``."""
+
+    def __init__(self, settle_s: float = 1.0) -> None:
+        self.crashes = 0
+        self.backing_off = False  # between a crash and the next run's start
+        self._settle_s = settle_s
+        self._backoff = FIRST_BACKOFF_S
+        self._started_at = 0.0
+
+    def started(self) -> None:
+        self.backing_off = False
+        self._started_at = time.monotonic()
+
+    def crashed(self) -> float:
+        """Count a crash of the current run; how long to wait before the next."""
+        self.backing_off = True
+        self.crashes += 1
+        if time.monotonic() - self._started_at >= RECOVERED_AFTER_S:
+            self._backoff = FIRST_BACKOFF_S
+        delay = self._backoff
+        self._backoff = min(delay * 2, MAX_BACKOFF_S)
+        return delay
+
+    @property
+    def settled(self) -> bool:
+        if self.backing_off:
+            return False
+        return self.crashes == 0 or time.monotonic() - self._started_at >= self._settle_s
+
+
 class SupervisedTask:
     def __init__(
         self,
@@ -38,18 +73,19 @@ class SupervisedTask:
         self.name = name
         self._loop = loop
         self._telemetry = telemetry
-        self._settle_s = settle_s
         self._task: asyncio.Task[None] | None = None
-        self._backing_off = False
-        self._last_start = 0.0
-        self.crashes = 0
+        self._restarts = Restarts(settle_s)
+
+    @property
+    def crashes(self) -> int:
+        return self._restarts.crashes
 
     @property
     def healthy(self) -> bool:
         """Running, and not crashed within the last ``settle_s`` of its current run."""
-        if self._task is None or self._task.done() or self._backing_off:
+        if self._task is None or self._task.done():
             return False
-        return self.crashes == 0 or time.monotonic() - self._last_start >= self._settle_s
+        return self._restarts.settled
 
     def start(self) -> None:
         if self._task is None:
@@ -61,9 +97,8 @@ class SupervisedTask:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _supervise(self) -> None:
-        backoff = FIRST_BACKOFF_S
         while True:
-            self._last_start = time.monotonic()
+            self._restarts.started()
             try:
                 await self._loop()
                 error: BaseException = RuntimeError("the loop returned")
@@ -71,10 +106,7 @@ class SupervisedTask:
                 raise
             except Exception as exc:  # the point of a supervisor: any crash is restarted
                 error = exc
-            self._backing_off = True
-            if time.monotonic() - self._last_start >= RECOVERED_AFTER_S:
-                backoff = FIRST_BACKOFF_S
-            self.crashes += 1
+            backoff = self._restarts.crashed()
             log.error(
                 "background_task_crashed",
                 task=self.name,
@@ -84,5 +116,3 @@ class SupervisedTask:
             )
             self._telemetry.background_task_crashed(self.name)
             await asyncio.sleep(backoff)
-            self._backing_off = False
-            backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -15,11 +15,13 @@ import onnxruntime as ort
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.workers.errors import DeadlineExpired, InputRefused, MailboxFull, WorkerClosed
 from mlgate.workers.inference import batching
 from mlgate.workers.inference.batching import ANSWER_CHUNK, InferenceWorker
 from tests.service_process import REPO
 from tests.slow_models import looping_model
+from tests.support import until
 
 DEMO = REPO / "models" / "demo" / "1" / "model.onnx"
 
@@ -418,23 +420,68 @@ async def test_close_drains_queued_items_then_refuses_new_ones(make_worker: Work
     await worker.close()  # idempotent
 
 
-async def test_crashed_worker_fails_every_pending_future(
-    make_worker: WorkerFactory, demo_session: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
+def _crashing_once(method: Callable[..., Any]) -> Callable[..., Any]:
+    crashed = False
+
+    def crash_once(*args: Any) -> Any:
+        nonlocal crashed
+        if not crashed:
+            crashed = True
+            raise RuntimeError("boom")
+        return method(*args)
+
+    return crash_once
+
+
+
+async def test_a_crash_fails_the_batch_not_yet_with_the_model_and_the_worker_serves_again(
+    make_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    worker = InferenceWorker(demo_session, input_names=["input"], output_names=["probabilities"])
-
-    async def crash() -> list[Any]:
-        await asyncio.sleep(0)
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(worker, "_take_batch", crash)
-    worker.start()
+    worker = make_worker()
+    monkeypatch.setattr(worker, "_drop_expired", _crashing_once(worker._drop_expired))
     futures = [worker.submit(rows(1, i), soon()) for i in range(3)]
     for future in futures:
+        with pytest.raises(WorkerClosed, match="crashed; it restarts"):
+            await asyncio.wait_for(future, 5)
+    assert worker._held_bytes == 0  # what they held is let go
+    await until(lambda: worker.running)
+    assert (await worker.submit(rows(1), soon()))["probabilities"].shape == (1, 2)
+    assert worker.crashes == 1 and worker._held_bytes == 0 and worker.room == 256
+
+
+async def test_a_crash_while_a_batch_forms_fails_it_and_those_queued(
+    make_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    recording = RecordingSession(ort.InferenceSession(str(DEMO)), gate=gate)
+    worker = make_worker(recording, max_queue_delay_s=5.0)
+    computing = worker.submit(rows(1), soon())
+    await asyncio.to_thread(recording.entered.wait, 5)
+    forming = worker.submit(rows(1, 1), soon())  # waits to fill behind the run
+    await asyncio.sleep(0.01)
+    # The batch takes the next request, then crashes waiting for another.
+    monkeypatch.setattr(worker._mailbox, "get", _crashing_once(worker._mailbox.get))
+    queued = worker.submit(rows(1, 2), soon())
+    for future in (forming, queued, computing):
         with pytest.raises(WorkerClosed, match="crashed"):
-            await future
-    assert not worker.running
-    await worker.close()
+            await asyncio.wait_for(future, 5)
+    gate.set()
+    await until(lambda: worker.running and not worker._in_flight)
+    assert worker._held_bytes == 0
+    assert (await worker.submit(rows(1), soon()))["probabilities"].shape == (1, 2)
+
+
+async def test_a_crash_of_the_worker_is_counted_under_its_model(
+    make_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = Metrics()
+    worker = make_worker(telemetry=PrometheusTelemetry(metrics))
+    monkeypatch.setattr(worker, "_drop_expired", _crashing_once(worker._drop_expired))
+    with pytest.raises(WorkerClosed):
+        await worker.submit(rows(1), soon())
+    assert metrics.registry.get_sample_value(
+        "mlgate_background_task_crashes_total", {"task": "inference demo/1"}
+    ) == 1
 
 
 async def test_the_next_batch_runs_while_the_event_loop_is_busy(

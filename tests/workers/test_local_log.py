@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,6 +21,7 @@ from mlgate.workers.sinks.local_log import (
 )
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
+from tests.support import until
 
 
 def _record(key: str, value: bytes = b"v") -> OutboundRecord:
@@ -341,7 +341,7 @@ async def test_a_full_disk_makes_the_writer_unhealthy_until_there_is_room_again(
             await asyncio.sleep(0.02)
         full = False
         writer.min_free_bytes = 1  # room again
-        await _until(lambda: writer.healthy)
+        await until(lambda: writer.healthy)
         await writer.write([_record("b")])
     finally:
         await writer.close()
@@ -377,14 +377,6 @@ async def test_a_write_error_the_file_system_does_not_show_keeps_the_writer_unhe
     finally:
         await writer.close()
 
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """``condition`` holds within 5 s (asked again every 10 ms: it starts the probe)."""
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not within 5 s")
 
 
 async def test_a_write_that_succeeds_makes_the_writer_healthy_again(

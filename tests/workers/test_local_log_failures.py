@@ -4,12 +4,11 @@ a crash of its writer, stray files; and what it reports to ``/metrics``."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from mlgate.workers.sinks import local_log, local_log_writer
 from mlgate.workers.sinks.local_log import LocalLog, SegmentDeleted, frame, read_log, segments
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
+from tests.support import until
 
 
 def _record(key: str) -> OutboundRecord:
@@ -39,13 +39,6 @@ async def _started_writer(directory: Path, **kwargs: Any) -> LocalLogWriter:
     await writer.start()
     return writer
 
-
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not within 5 s")
 
 
 # -- the directory deleted under the log -----------------------------------------------
@@ -111,7 +104,7 @@ async def test_deleting_the_directory_under_the_writer_fails_the_write_then_it_r
         with pytest.raises(SinkFailed):
             await writer.write([_record("lost")])
         assert not writer.healthy
-        await _until(lambda: writer.healthy)
+        await until(lambda: writer.healthy)
         await writer.write([_record("b")])
     finally:
         await writer.close()
@@ -215,11 +208,36 @@ async def test_a_crash_of_the_writer_is_counted_as_a_background_task_crash(
                 "mlgate_background_task_crashes_total", {"task": "local_log"}
             )
 
-        await _until(lambda: crashes() is not None)
+        await until(lambda: crashes() is not None)
         assert crashes() == 1
         assert not writer.healthy
     finally:
         await writer.close()
+
+
+async def test_a_crashed_writer_opens_its_log_again_and_cuts_what_the_crash_tore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    append = LocalLog.append
+
+    def tear_once(self: LocalLog, frames: list[bytes]) -> int:
+        monkeypatch.setattr(LocalLog, "append", append)
+        self._handle.write(frames[0][:5])  # half a frame on disk, then a bug
+        self._handle.flush()
+        raise ValueError("a bug mid-append")
+
+    writer = await _started_writer(tmp_path)
+    try:
+        await writer.write([_record("a")])
+        monkeypatch.setattr(LocalLog, "append", tear_once)
+        with pytest.raises(SinkFailed, match="may have landed"):
+            await writer.write([_record("torn")])
+        await until(lambda: writer.running)
+        await writer.write([_record("b")])
+        assert writer.durable_offset == 2
+    finally:
+        await writer.close()
+    assert _entries(tmp_path) == [(0, "a"), (1, "b")]
 
 
 @pytest.fixture

@@ -128,6 +128,9 @@ class _Item:
     request_id: str | None
     # Items batch together only when their inputs agree beyond the batch dimension.
     signature: tuple[tuple[str, tuple[int, ...], str], ...]
+    # Its bytes no longer count as waiting (``_settled``): once only, whichever of a
+    # crash's clean-up and its run's end comes first.
+    settled: bool = False
 
 
 @dataclass(slots=True)
@@ -183,7 +186,7 @@ class InferenceWorker(Actor[_Item]):
         # A fresh one of its kind is given to each run, so that a run can be ended on
         # its own: when nobody waits for it any more (``_watch_deadlines``), or closing.
         self._run_options = run_options
-        super().__init__(mailbox_size)
+        super().__init__(mailbox_size, telemetry=telemetry)
         self._mailbox_size = mailbox_size
         self._mailbox_bytes = mailbox_bytes
         self.model, self.version = model, version
@@ -221,13 +224,13 @@ class InferenceWorker(Actor[_Item]):
         # costs onnxruntime a little more each time).
         self._spare_options: list[RunOptions] = []
         self._busy_until = 0.0  # when the thread should be free, by recent run times
-        self._forming: list[_Item] = []  # the batch ``_take_batch`` is filling
+        self._forming: list[_Item] = []  # the batch ``_take_batch`` fills, until handed over
         self._rejected_seen = 0  # ``stats.rejected`` when the last batch was answered
         self._last_ran_at = 0.0  # when the last batch's run ended (``time.monotonic``)
 
     def start(self) -> None:
         if self._task is None:
-            self._launch(self._run())
+            self._launch()
 
     # Items handed to the thread behind the batch it is computing still count as
     # queued: the mailbox bound is what waits for the model, wherever it waits.
@@ -311,6 +314,17 @@ class InferenceWorker(Actor[_Item]):
         its answers), and ``close`` then has nothing left to drain. How many it failed."""
         self._closed = True
         error = WorkerClosed(reason)
+        failed = self._fail_waiting(error)
+        # Settled when their run ends (``_finished``), ended now.
+        for batch in self._in_flight:
+            for item in batch:
+                failed += self._fail(item, error)
+        _end(run.options for run in self._runs.values())
+        return failed
+
+    def _fail_waiting(self, error: BaseException) -> int:
+        """Fail and settle every request not handed to the thread: queued, carried
+        over, or in the batch forming. How many it failed."""
         waiting = []
         while not self._mailbox.empty():
             waiting.append(self._took(self._mailbox.get_nowait()))
@@ -324,12 +338,22 @@ class InferenceWorker(Actor[_Item]):
         for item in waiting:
             failed += self._fail(item, error)
             self._settled(item)
-        # Settled when their run ends (``_finished``), ended now.
-        for batch in self._in_flight:
-            for item in batch:
-                failed += self._fail(item, error)
-        _end(run.options for run in self._runs.values())
         return failed
+
+    def _fail_pending(self, error: BaseException) -> None:
+        self._fail_waiting(error)
+        for batch in self._in_flight:  # settled when their runs end (``_finished``)
+            for item in batch:
+                self._fail(item, error)
+
+    async def _recover(self) -> None:
+        # A crash between taking a slot and handing its batch over kept the slot: the
+        # runs still with the thread give theirs back to this one as they end.
+        self._slots = asyncio.Semaphore(max(0, 2 - len(self._in_flight)))
+
+    @property
+    def crash_label(self) -> str:
+        return f"inference {self.name}"
 
     @staticmethod
     def _fail(item: _Item, error: BaseException) -> int:
@@ -419,6 +443,9 @@ class InferenceWorker(Actor[_Item]):
 
     def _settled(self, item: _Item) -> None:
         """``item`` is answered (or failed): its bytes no longer wait."""
+        if item.settled:
+            return
+        item.settled = True
         self._held_bytes -= item.nbytes
         self._mailbox.task_done()
 
@@ -452,6 +479,9 @@ class InferenceWorker(Actor[_Item]):
                 # estimate would let such a flood in a batch every turn, not once.
                 self._last_ran_at = time.monotonic()
                 self._slots.release()
+            # Until here the batch was ``_forming``: a crash before it reached the
+            # thread fails it (``_fail_pending``) rather than leave it unanswered.
+            self._forming = []
 
     def _drop_expired(self, batch: list[_Item]) -> list[_Item]:
         now = time.monotonic()
@@ -473,7 +503,7 @@ class InferenceWorker(Actor[_Item]):
         first = self._carry if self._carry is not None else self._took(await self._mailbox.get())
         self._carry = None
         batch, rows = [first], first.rows
-        self._forming = batch  # ``_held`` sees it while it waits for more
+        self._forming = batch  # seen by ``_fail_pending`` and the deadline watch
         if self._in_flight:
             # While another batch computes, this one cannot start before it ends: it
             # keeps filling until then (or until full), not just for the queue delay.
@@ -501,7 +531,6 @@ class InferenceWorker(Actor[_Item]):
             batch.append(item)
             rows += item.rows
             nearest = min(nearest, item.deadline)
-        self._forming = []
         return batch
 
     def _new_options(self) -> RunOptions | None:
@@ -807,8 +836,3 @@ class InferenceWorker(Actor[_Item]):
             outputs = self._session.run(self._output_names, feed, options)
         return outputs, time.monotonic() - started
 
-    def _held(self) -> list[_Item]:
-        carried, self._carry = self._carry, None
-        in_flight = [item for batch in self._in_flight for item in batch]
-        forming, self._forming = self._forming, []
-        return in_flight + forming + ([carried] if carried is not None else [])

@@ -163,8 +163,14 @@ class ModelRepository:
 
     @property
     def ready(self) -> bool:
-        """Started, and the default model serves at least one version."""
-        return self._started and not self._closed and self.settings.default_model in self._latest
+        """Started, the default model serves at least one version, and no version's
+        worker is restarting after a crash (or settling after its restart)."""
+        return (
+            self._started
+            and not self._closed
+            and self.settings.default_model in self._latest
+            and not self._unsettled_workers()
+        )
 
     @property
     def problem(self) -> str | None:
@@ -179,7 +185,13 @@ class ModelRepository:
             self.resolve(self.settings.default_model)
         except ModelNotFound as exc:
             return f"the default model: {exc}"
+        unsettled = self._unsettled_workers()
+        if unsettled:
+            return "the inference worker of " + ", ".join(unsettled) + " restarts after a crash"
         return None
+
+    def _unsettled_workers(self) -> list[str]:
+        return [worker.name for worker in self.workers() if not worker.healthy]
 
     def resolve(self, model: str, version: str | None = None) -> ModelVersion:
         """The serving version (``None``/``"latest"``: the highest one ready)."""

@@ -181,7 +181,7 @@ class KafkaWriter(Actor[_Pending]):
     ) -> None:
         # Lane by lane: a write waits for one of each other lane's at most, not for all
         # the writes a flooding tenant queued in its own before it.
-        super().__init__(settings.writer_mailbox_size, LaneMailbox)
+        super().__init__(settings.writer_mailbox_size, LaneMailbox, telemetry)
         self._settings = settings
         self._telemetry = telemetry
         self._topic = settings.kafka_topic
@@ -232,7 +232,7 @@ class KafkaWriter(Actor[_Pending]):
             raise
         self._producer = producer
         self._partitions = sorted(partitions)
-        self._launch(self._run())
+        self._launch()
         log.info("kafka_writer_started", topic=self._topic, partitions=len(self._partitions))
 
     def submit(self, records: list[OutboundRecord], lane: str = SHARED_LANE) -> asyncio.Future[None]:

@@ -268,11 +268,13 @@ class LocalLog:
         return (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
 
     def close(self) -> None:
-        if not self._handle.closed:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-        self._lock.close()
+        try:
+            if not self._handle.closed:
+                with self._handle:
+                    self._handle.flush()
+                    os.fsync(self._handle.fileno())
+        finally:
+            self._lock.close()  # even when the fsync fails: the log may be opened again
 
     def read(self, from_offset: int = 0) -> Iterator[LogEntry]:
         yield from read_log(self.directory, from_offset)

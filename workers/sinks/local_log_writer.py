@@ -12,9 +12,10 @@ free and writable by ``statvfs``, then a small file written, fsync'd and removed
 A log left broken by a failed write (its cut-back failed too, or its directory was
 removed under it) is repaired first, by the probe or by the next write.
 
-Written and failed records count in ``mlgate_records_total{outcome}``; a crash of the
-writer's task (it is not restarted: ``/ready`` says so) in
-``mlgate_background_task_crashes_total{task="local_log"}``.
+Written and failed records count in ``mlgate_records_total{outcome}``. A crash of the
+writer's loop is counted in ``mlgate_background_task_crashes_total{task="local_log"}``
+(``spill`` for the spill), fails what was queued, and the loop runs again on the log
+opened afresh (``_recover``), as a restarted process would find it.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class LocalLogWriter(Actor[_Pending]):
     ) -> None:
         """``spill``: the Kafka sink's spill, whose records its sink counts (failed,
         spilled, then produced): this writer counts none, and a crash as ``spill``."""
-        super().__init__(mailbox_size)
+        super().__init__(mailbox_size, telemetry=telemetry)
         if spill:
             self.name = "spill"
         self._counts_records = not spill
@@ -137,7 +138,7 @@ class LocalLogWriter(Actor[_Pending]):
             self._executor, LocalLog, self._directory, self._segment_bytes
         )
         self._accepted = self._log.next_offset
-        self._launch(self._run())
+        self._launch()
         log.info("local_log_started", directory=str(self._directory), next_offset=self._log.next_offset)
 
     @property
@@ -148,12 +149,11 @@ class LocalLogWriter(Actor[_Pending]):
     @property
     def accepted_offset(self) -> int:
         """The offset after every record handed to ``submit`` and not refused: queued
-        ones included, and those whose caller stopped waiting (they are written all the
         same); a failed append gives its records back. Once the writer's task has
-        ended (closed, or crashed with its queue failed), the log's durable end: a
-        crash mid-append may leave frames past it that no fsync covered."""
+        ended, or while it restarts after a crash (its queue failed), the log's durable
+        end: a crash mid-append may leave frames past it that no fsync covered."""
         task = self._task
-        if task is None or task.done():
+        if task is None or task.done() or self._restarts.backing_off:
             return self.durable_offset
         return self._accepted
 
@@ -176,8 +176,18 @@ class LocalLogWriter(Actor[_Pending]):
         self._accepted += len(records)
         return future
 
-    def _crashed(self, error: BaseException) -> None:
-        self._telemetry.background_task_crashed(self.name)
+    async def _recover(self) -> None:
+        """The log opened again, as at start: whatever the crashed run left (frames of
+        an append it never finished) is recovered or cut as a torn tail, and the
+        offsets are counted again from the disk."""
+        self._log = await asyncio.get_running_loop().run_in_executor(self._executor, self._reopened)
+        self._accepted = self._log.next_offset
+        log.info("local_log_reopened", directory=str(self._directory), next_offset=self._accepted)
+
+    def _reopened(self) -> LocalLog:
+        if self._log is not None:
+            self._log.close()
+        return LocalLog(self._directory, self._segment_bytes)
 
     async def _release(self) -> None:
         if self._log is not None:

@@ -318,8 +318,9 @@ class SpillingKafkaSink:
         unacked: _DrainBatch | None = None
         while True:
             await self._spilled.wait()
-            if self._kafka.started and not self._kafka.running:
-                # The writer task died (its requests were failed and spilled): a fresh one.
+            if self._kafka.started and self._kafka.dead:
+                # The writer's task died, past what its own restart covers (its requests
+                # were failed and spilled): a fresh one.
                 log.error("kafka_writer_replaced")
                 await self._kafka.close(drain_s=0)
                 self._kafka = KafkaWriter(self._settings, telemetry=self._telemetry)

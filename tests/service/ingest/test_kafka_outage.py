@@ -18,6 +18,7 @@ from tests.support import (
     create_topic,
     read_topic,
     restart_with_topic,
+    until,
     wait_until_drained,
 )
 
@@ -159,7 +160,7 @@ async def test_forwarded_offset_past_the_spill_end_does_not_skip_later_spilled_r
     assert sorted(m.key for m in messages) == sorted(r.key for r in _outbound(3))
 
 
-async def test_a_crashed_kafka_writer_is_replaced_and_nothing_is_lost(
+async def test_a_crashed_kafka_writer_restarts_and_nothing_is_lost(
     app_client, make_settings, kafka_broker: KafkaBroker, kafka_topic: str
 ) -> None:
     settings = make_settings(
@@ -168,21 +169,26 @@ async def test_a_crashed_kafka_writer_is_replaced_and_nothing_is_lost(
     client = await app_client(settings)
     sink = client.app[RECORD_SINK]
     assert isinstance(sink, SpillingKafkaSink)
-    crashed = sink._kafka
+    writer = sink._kafka
+    mailbox_get, crashed = writer._mailbox.get, False
 
-    def crash() -> None:
-        raise RuntimeError("writer bug")
+    def crash_once():  # type: ignore[no-untyped-def]
+        nonlocal crashed
+        if not crashed:
+            crashed = True
+            raise RuntimeError("writer bug")
+        return mailbox_get()
 
-    crashed._mailbox.task_done = crash  # type: ignore[method-assign]
+    writer._mailbox.get = crash_once  # type: ignore[method-assign]
     first = await client.post("/api/v2/ingest", json=_batch(0, 0))
-    assert first.status == 202  # resolved before the task died
-    await asyncio.sleep(0.05)
-    assert not crashed.running
+    assert first.status == 202  # written; the writer crashes as it waits for the next
+    await until(lambda: writer.crashes > 0)
+    assert not writer.healthy
 
     second = await client.post("/api/v2/ingest", json=_batch(0, 1))
-    assert second.status == 202  # spilled: the writer was not healthy
+    assert second.status == 202  # spilled while the writer restarts
     await wait_until_drained(sink)
-    assert sink._kafka is not crashed and sink._kafka.running
+    assert sink._kafka is writer and writer.running
     messages = await read_topic(kafka_broker.bootstrap, kafka_topic, expected=2)
     assert sorted(m.key for m in messages) == [b"k0-0", b"k0-1"]
 

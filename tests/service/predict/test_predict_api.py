@@ -23,7 +23,7 @@ from mlgate.service.state import METRICS, MODEL_REPOSITORY
 from mlgate.workers.inference.batching import InferenceWorker
 from models.make_demo_model import build_mlp
 from tests.service_process import REPO
-from tests.support import ManagedProcess
+from tests.support import ManagedProcess, until
 
 Client = TestClient[web.Request, web.Application]
 DEMO_REPO = REPO / "models"
@@ -441,6 +441,33 @@ async def test_ready_reports_the_models_check(demo_client: Client) -> None:
     response = await demo_client.get("/ready")
     body = await response.json()
     assert response.status == 200 and body["checks"]["models"] is True
+
+
+async def test_ready_is_not_ready_while_a_crashed_inference_worker_restarts(
+    demo_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = demo_client.app[MODEL_REPOSITORY].resolve("demo").worker
+    worker._restarts._settle_s = 3600  # the restarted worker stays unsettled
+    hand_to_thread = worker._hand_to_thread
+
+    def crash(*args: Any) -> None:
+        monkeypatch.setattr(worker, "_hand_to_thread", hand_to_thread)
+        raise RuntimeError("worker bug")
+
+    monkeypatch.setattr(worker, "_hand_to_thread", crash)
+    status, body = await predict(demo_client, {"features": rows(1)[0].tolist()})
+    assert status == 503 and "crashed" in body["detail"]
+    response = await demo_client.get("/ready")
+    body = await response.json()
+    assert response.status == 503 and body["checks"]["models"] is False
+    assert body["reasons"]["models"] == "the inference worker of demo/1 restarts after a crash"
+    assert demo_client.app[METRICS].background_task_crashes.labels("inference demo/1")._value.get() == 1
+
+    worker._restarts._settle_s = 0
+    await until(lambda: worker.healthy)
+    assert (await demo_client.get("/ready")).status == 200
+    status, body = await predict(demo_client, {"features": rows(1)[0].tolist()})
+    assert status == 200
 
 
 async def test_a_predicts_deadline_counts_the_time_it_waited_before_its_handler(
