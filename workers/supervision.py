@@ -46,11 +46,14 @@ class Restarts:
         self._started_at = time.monotonic()
 
     def crashed(self) -> float:
-        """Count a crash of the current run; how long to wait before the next."""
+        """Count a crash of the current run (or of the recovery before it); how long to
+        wait before the next try."""
+        # Only a run that lasted counts as recovered: recoveries that fail keep doubling
+        # (a review: a reopen failing after a long run retried ten times a second).
+        if not self.backing_off and time.monotonic() - self._started_at >= RECOVERED_AFTER_S:
+            self._backoff = FIRST_BACKOFF_S
         self.backing_off = True
         self.crashes += 1
-        if time.monotonic() - self._started_at >= RECOVERED_AFTER_S:
-            self._backoff = FIRST_BACKOFF_S
         delay = self._backoff
         self._backoff = min(delay * 2, MAX_BACKOFF_S)
         return delay

@@ -449,7 +449,7 @@ async def test_a_crash_fails_the_batch_not_yet_with_the_model_and_the_worker_ser
     assert worker.crashes == 1 and worker._held_bytes == 0 and worker.room == 256
 
 
-async def test_a_crash_while_a_batch_forms_fails_it_and_those_queued(
+async def test_a_crash_while_a_batch_forms_fails_it_and_the_run_computing_answers(
     make_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
@@ -462,13 +462,55 @@ async def test_a_crash_while_a_batch_forms_fails_it_and_those_queued(
     # The batch takes the next request, then crashes waiting for another.
     monkeypatch.setattr(worker._mailbox, "get", _crashing_once(worker._mailbox.get))
     queued = worker.submit(rows(1, 2), soon())
-    for future in (forming, queued, computing):
+    for future in (forming, queued):
         with pytest.raises(WorkerClosed, match="crashed"):
             await asyncio.wait_for(future, 5)
     gate.set()
+    assert (await asyncio.wait_for(computing, 5))["probabilities"].shape == (1, 2)
     await until(lambda: worker.running and not worker._in_flight)
     assert worker._held_bytes == 0
     assert (await worker.submit(rows(1), soon()))["probabilities"].shape == (1, 2)
+
+
+class FailsBatchesOfSeveral:
+    """The demo model, failing any batch of more than one row; single rows wait on
+    ``gate``."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.gate = threading.Event()
+        self.alone = threading.Event()
+
+    def run(
+        self, output_names: Sequence[str] | None, feed: Mapping[str, np.ndarray], options: Any = None
+    ) -> Sequence[np.ndarray]:
+        if feed["input"].shape[0] > 1:
+            raise RuntimeError("this batch fails")
+        self.alone.set()
+        self.gate.wait(10)
+        return self.session.run(output_names, dict(feed))
+
+
+async def test_a_worker_restarted_while_requests_run_again_alone_keeps_its_two_slots(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests of a failed batch run again one by one, holding no slot: a review saw
+    the restart count them as holding one, and the worker, left without a slot, take
+    requests and never compute them, healthy all the while."""
+    session = FailsBatchesOfSeveral(demo_session)
+    worker = make_worker(session, max_queue_delay_s=0.05)
+    alone = [worker.submit(rows(1, i), soon()) for i in range(2)]  # one batch: it fails
+    await asyncio.to_thread(session.alone.wait, 5)
+    await until(lambda: len(worker._in_flight) == 2)  # each again alone, held by the gate
+    monkeypatch.setattr(worker, "_hand_to_thread", _crashing_once(worker._hand_to_thread))
+    with pytest.raises(WorkerClosed):
+        await asyncio.wait_for(worker.submit(rows(1, 2), soon()), 5)
+    await until(lambda: worker.running)
+    session.gate.set()
+    for future in alone:
+        assert (await asyncio.wait_for(future, 5))["probabilities"].shape == (1, 2)
+    assert (await asyncio.wait_for(worker.submit(rows(1, 3), soon()), 5))["probabilities"].shape == (1, 2)
+    await until(lambda: worker._slots._value == 1)  # the other: the loop's, waiting for work
 
 
 async def test_a_crash_of_the_worker_is_counted_under_its_model(

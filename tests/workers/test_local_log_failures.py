@@ -4,6 +4,7 @@ a crash of its writer, stray files; and what it reports to ``/metrics``."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import json
 import os
@@ -23,6 +24,7 @@ from mlgate.workers.sinks import local_log, local_log_writer
 from mlgate.workers.sinks.local_log import LocalLog, SegmentDeleted, frame, read_log, segments
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
+from mlgate.workers.supervision import Restarts
 from tests.support import until
 
 
@@ -238,6 +240,48 @@ async def test_a_crashed_writer_opens_its_log_again_and_cuts_what_the_crash_tore
     finally:
         await writer.close()
     assert _entries(tmp_path) == [(0, "a"), (1, "b")]
+
+
+class FailsOnceWritten(PrometheusTelemetry):
+    """A bug after the append: the first ``local_log_batch_written`` raises."""
+
+    def __init__(self) -> None:
+        super().__init__(Metrics())
+        self.failed = False
+
+    def local_log_batch_written(self, records: int) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug after the append")
+
+
+async def test_a_crash_after_the_append_fails_its_writes_as_may_have_landed(
+    tmp_path: Path,
+) -> None:
+    writer = await _started_writer(tmp_path, telemetry=FailsOnceWritten())
+    try:
+        with pytest.raises(SinkFailed, match="may have landed"):
+            await asyncio.wait_for(writer.write([_record("a")]), 5)
+        await until(lambda: writer.running)
+        await writer.write([_record("b")])
+    finally:
+        await asyncio.wait_for(writer.close(drain_s=3), 1)  # nothing left uncounted to wait for
+    assert _entries(tmp_path) == [(0, "a"), (1, "b")]
+
+
+async def test_a_restarted_writer_is_not_healthy_until_its_new_run_has_settled(
+    tmp_path: Path,
+) -> None:
+    writer = await _started_writer(tmp_path, telemetry=FailsOnceWritten())
+    writer._restarts = Restarts(settle_s=3600)
+    try:
+        with pytest.raises(SinkFailed):
+            await writer.write([_record("a")])
+        await until(lambda: writer.running)
+        assert not writer.healthy
+        assert writer.problem == f"the local log writer at {tmp_path} restarts after a crash"
+    finally:
+        await writer.close()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from mlgate.workers.supervision import SupervisedTask
+from mlgate.workers.supervision import RECOVERED_AFTER_S, Restarts, SupervisedTask
 
 
 class CountingTelemetry:
@@ -80,3 +80,11 @@ async def test_a_loop_that_never_crashed_is_healthy_and_stops_on_request() -> No
     assert task.healthy
     await task.stop()
     assert task.crashes == 0
+
+
+def test_recoveries_that_fail_after_a_long_run_keep_doubling_their_backoff() -> None:
+    restarts = Restarts()
+    restarts.started()
+    restarts._started_at -= RECOVERED_AFTER_S + 1  # the run lasted: its crash backs off from the start
+    delays = [restarts.crashed() for _ in range(4)]  # then each recovery fails
+    assert delays == [0.1, 0.2, 0.4, 0.8]

@@ -137,6 +137,8 @@ class _Item:
 class _Run:
     options: RunOptions | None  # this run's own: ``terminate`` ends it alone
     handed_at: float  # to the thread (``time.monotonic``)
+    # It took one of the worker's two slots (a request run again alone takes none).
+    holds_slot: bool = True
     # When the thread began computing it (set there; read once its future is done,
     # or, for the overrun, as it stands: a float written whole).
     started_at: float | None = None
@@ -342,14 +344,19 @@ class InferenceWorker(Actor[_Item]):
 
     def _fail_pending(self, error: BaseException) -> None:
         self._fail_waiting(error)
-        for batch in self._in_flight:  # settled when their runs end (``_finished``)
-            for item in batch:
-                self._fail(item, error)
+        if self._stopped:
+            # Closing: ``_release`` ends the runs, so their requests fail now (settled
+            # as the runs end, in ``_finished``). After a crash of the loop the thread
+            # is fine, and its runs answer their requests.
+            for batch in self._in_flight:
+                for item in batch:
+                    self._fail(item, error)
 
     async def _recover(self) -> None:
         # A crash between taking a slot and handing its batch over kept the slot: the
-        # runs still with the thread give theirs back to this one as they end.
-        self._slots = asyncio.Semaphore(max(0, 2 - len(self._in_flight)))
+        # runs still with the thread that hold one give it back to this one as they end.
+        holding = sum(run.holds_slot for run in self._runs.values())
+        self._slots = asyncio.Semaphore(max(0, 2 - holding))
 
     @property
     def crash_label(self) -> str:
@@ -620,7 +627,9 @@ class InferenceWorker(Actor[_Item]):
         self._busy_until = max(started, self._busy_until) + self._run_time_s * max(
             1.0, total / self._max_batch_size
         )
-        run = _Run(self._spare_options.pop() if self._spare_options else self._new_options(), started)
+        run = _Run(
+            self._spare_options.pop() if self._spare_options else self._new_options(), started, holds_slot
+        )
         if len(items) == 1:
             earliest = latest = items[0].deadline
         else:

@@ -85,7 +85,7 @@ class LocalLogWriter(Actor[_Pending]):
 
     @property
     def healthy(self) -> bool:
-        if not self.running:
+        if not super().healthy:  # not running, or restarted after a crash and not settled
             return False
         if self._write_failed:
             self._probe_soon()
@@ -95,6 +95,8 @@ class LocalLogWriter(Actor[_Pending]):
     def problem(self) -> str | None:
         if self.healthy:
             return None
+        if self.crashes and not self._restarts.settled:
+            return f"the local log writer at {self._directory} restarts after a crash"
         if not self.running:
             return f"the local log at {self._directory} is not running"
         return f"writes to {self._directory} fail: {self._last_error}"
@@ -180,14 +182,17 @@ class LocalLogWriter(Actor[_Pending]):
         """The log opened again, as at start: whatever the crashed run left (frames of
         an append it never finished) is recovered or cut as a torn tail, and the
         offsets are counted again from the disk."""
-        self._log = await asyncio.get_running_loop().run_in_executor(self._executor, self._reopened)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._reopen)
+        assert self._log is not None
         self._accepted = self._log.next_offset
         log.info("local_log_reopened", directory=str(self._directory), next_offset=self._accepted)
 
-    def _reopened(self) -> LocalLog:
+    def _reopen(self) -> None:
+        """In the writer's thread, so that a close cancelling ``_recover`` meanwhile
+        still closes the log opened here (``_release`` runs behind it)."""
         if self._log is not None:
             self._log.close()
-        return LocalLog(self._directory, self._segment_bytes)
+        self._log = LocalLog(self._directory, self._segment_bytes)
 
     async def _release(self) -> None:
         if self._log is not None:
@@ -195,55 +200,59 @@ class LocalLogWriter(Actor[_Pending]):
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
-        assert self._log is not None
-        loop = asyncio.get_running_loop()
         while True:
             taken = [await self._mailbox.get()]
             while not self._mailbox.empty():
                 taken.append(self._mailbox.get_nowait())
-            frames = [data for item in taken for data in item.frames]
-            error: BaseException | None = None
             try:
-                await loop.run_in_executor(self._executor, self._log.append, frames)
-            except OSError as exc:
-                self._accepted -= len(frames)  # the log was cut back to where it was
-                # Logged when writes start failing (and when they work again), not once
-                # a write: a full disk under load would otherwise log a line a request.
-                if not self._write_failed:
-                    log.error("local_log_write_failed", directory=str(self._directory), error=repr(exc))
-                self._telemetry.local_log_write_failed()
-                if self._counts_records:
-                    self._telemetry.local_log_batch_failed(len(frames))
-                self._last_error = str(exc)
-                # Nothing of this write can land if the log was cut back, or if the
-                # repair of an earlier failure stopped it before it wrote a frame.
-                error = SinkFailed(
-                    f"local log write failed: {exc}",
-                    nothing_written=isinstance(exc, RepairFailed) or not self._log.broken,
-                )
-                self._write_failed, self._probed_at = True, time.monotonic()
+                error = await self._write(taken)
+                for item in taken:
+                    if not item.future.done():
+                        if error is None:
+                            item.future.set_result(None)
+                        else:
+                            item.future.set_exception(error)
             except BaseException:
-                # Cancelled (close past its drain budget) or crashed mid-write: the
-                # items taken are out of the mailbox, so fail them here or they hang.
-                # Not as a refusal (``WorkerClosed``): the append goes on in its thread,
-                # so their records may land.
+                # Cancelled (close past its drain budget) or crashed, mid-write or after:
+                # the items taken are out of the mailbox, so fail them here or they
+                # hang. Not as a refusal (``WorkerClosed``): the append may have been
+                # made, or goes on in its thread, so their records may land.
                 for item in taken:
                     if not item.future.done():
                         item.future.set_exception(
                             SinkFailed("local log writer stopped while writing: the records may have landed")
                         )
-                    self._mailbox.task_done()
                 raise
-            if error is None:
-                if self._counts_records:
-                    self._telemetry.local_log_batch_written(len(frames))
-                if self._write_failed:
-                    self._write_failed = False
-                    log.info("local_log_writable_again", directory=str(self._directory))
-            for item in taken:
-                if not item.future.done():
-                    if error is None:
-                        item.future.set_result(None)
-                    else:
-                        item.future.set_exception(error)
-                self._mailbox.task_done()
+            finally:
+                for _ in taken:
+                    self._mailbox.task_done()
+
+    async def _write(self, taken: list[_Pending]) -> SinkFailed | None:
+        """Append the items' frames and fsync: the error to fail them with, if any."""
+        assert self._log is not None
+        frames = [data for item in taken for data in item.frames]
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._log.append, frames)
+        except OSError as exc:
+            self._accepted -= len(frames)  # the log was cut back to where it was
+            # Logged when writes start failing (and when they work again), not once
+            # a write: a full disk under load would otherwise log a line a request.
+            if not self._write_failed:
+                log.error("local_log_write_failed", directory=str(self._directory), error=repr(exc))
+            self._write_failed, self._probed_at = True, time.monotonic()
+            self._last_error = str(exc)
+            self._telemetry.local_log_write_failed()
+            if self._counts_records:
+                self._telemetry.local_log_batch_failed(len(frames))
+            # Nothing of this write can land if the log was cut back, or if the
+            # repair of an earlier failure stopped it before it wrote a frame.
+            return SinkFailed(
+                f"local log write failed: {exc}",
+                nothing_written=isinstance(exc, RepairFailed) or not self._log.broken,
+            )
+        if self._write_failed:
+            self._write_failed = False
+            log.info("local_log_writable_again", directory=str(self._directory))
+        if self._counts_records:
+            self._telemetry.local_log_batch_written(len(frames))
+        return None
