@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.web_urldispatcher import AbstractResource
 
 from mlgate.config import Settings
@@ -35,6 +36,9 @@ INGEST_PIPELINE = web.AppKey("ingest_pipeline", IngestPipeline)
 METRICS = web.AppKey("metrics", Metrics)
 # Set on SIGTERM so /ready turns false while in-flight requests finish.
 DRAINING = web.AppKey("draining", asyncio.Event)
+# The bodies a streaming route is reading: a shutdown whose wait for them runs out ends
+# them, so their routes answer 503 saying what was written (``service.http.body``).
+OPEN_STREAMS = web.AppKey("open_streams", set[StreamReader])
 # Named checks /ready runs besides the sink's health (e.g. "models": all loaded).
 # With several processes: their readiness, shared (service.http.readiness).
 HOST_READINESS = web.AppKey("host_readiness", HostReadiness)

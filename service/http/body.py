@@ -33,9 +33,10 @@ from mlgate.service.http.errors import (
     BadRequest,
     BodyTimeout,
     PayloadTooLarge,
+    ShuttingDown,
     UnsupportedMediaType,
 )
-from mlgate.service.state import SETTINGS
+from mlgate.service.state import OPEN_STREAMS, SETTINGS
 
 # What aiohttp's parser can decompress here; anything else would reach us still encoded.
 SUPPORTED_ENCODINGS = {"identity", "gzip", "deflate"}
@@ -111,14 +112,38 @@ async def _read_known(request: web.Request, declared: int) -> bytes:
 
 
 async def iter_body(request: web.Request) -> AsyncIterator[bytes]:
-    """The (decompressed) body chunk by chunk, for streaming endpoints."""
+    """The (decompressed) body chunk by chunk, for streaming endpoints; ``ShuttingDown``
+    if a shutdown ends it first (``end_open_streams``)."""
     buffered = request.get(BUFFERED_BODY)
     if buffered is not None:
         for start in range(0, len(buffered), CHUNK):
             yield buffered[start : start + CHUNK]
         return
-    async for chunk in _chunks(request):
-        yield chunk
+    streams = request.app[OPEN_STREAMS]
+    streams.add(request.content)
+    try:
+        async for chunk in _chunks(request):
+            yield chunk
+    finally:
+        streams.discard(request.content)
+
+
+def end_open_streams(app: web.Application) -> int:
+    """End every streaming body still being read: its next read, or the one waiting
+    for bytes that have not come (a paused client), raises ``ShuttingDown``, so its
+    route answers 503 saying which records were written, rather than aiohttp cutting
+    the connection at the end of its wait with nothing said. How many it ended."""
+    streams = app[OPEN_STREAMS]
+    for body in streams:
+        error = ShuttingDown(
+            "The server is shutting down: the rest of this stream was not read",
+            retry_after_s=app[SETTINGS].retry_after_s,
+            headers={"Connection": "close"},
+        )
+        body.set_exception(error)
+    ended = len(streams)
+    streams.clear()
+    return ended
 
 
 def check_encoding(request: web.Request) -> None:

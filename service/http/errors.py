@@ -105,6 +105,10 @@ class Unavailable(ApiError):
     status, title, slug, retriable = 503, "Service Unavailable", "model-unavailable", True
 
 
+class ShuttingDown(ApiError):
+    status, title, slug, retriable = 503, "Service Unavailable", "shutting-down", True
+
+
 class DeadlineExceeded(ApiError):
     status, title, slug, retriable = 504, "Deadline Exceeded", "deadline-exceeded", True
 

@@ -43,13 +43,13 @@ from aiohttp import web
 
 from mlgate.config import Settings
 from mlgate.service.app import create_app
+from mlgate.service.http.body import end_open_streams
 from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.service.process import systemd, tls
 from mlgate.service.process.door import Door, DoorRequestHandler
 from mlgate.service.protection.api_keys import KeysFileError
 from mlgate.service.routes import predict
 from mlgate.service.state import DRAINING, METRICS, MODEL_REPOSITORY, RELOAD_HOOKS
-from mlgate.workers.inference.repository import ModelRepository
 from mlgate.workers.sinks.local_log import LogInUse
 from mlgate.workers.supervision import SupervisedTask
 
@@ -157,11 +157,11 @@ async def serve(
     if grace_s:
         await asyncio.sleep(grace_s)
     # aiohttp cuts the requests still going when its wait for them ends; predicts
-    # queued or computing then (long deadlines, a slow model) are answered 503 a
-    # little before, so their clients retry elsewhere rather than see a cut connection.
-    refusal = loop.call_later(
-        handlers_s * REFUSE_WAITING_AT, _refuse_waiting_predicts, app[MODEL_REPOSITORY]
-    )
+    # queued or computing then (long deadlines, a slow model) and streams still read
+    # (a paused client) are answered 503 a little before, so their clients retry
+    # elsewhere (a stream: from the record its answer names) rather than see a cut
+    # connection.
+    refusal = loop.call_later(handlers_s * REFUSE_WAITING_AT, _refuse_waiting, app)
     try:
         async with asyncio.timeout_at(deadline):
             await runner.cleanup()
@@ -174,10 +174,13 @@ async def serve(
     return 0
 
 
-def _refuse_waiting_predicts(repository: ModelRepository) -> None:
-    refused = repository.refuse_waiting("the server is shutting down")
+def _refuse_waiting(app: web.Application) -> None:
+    refused = app[MODEL_REPOSITORY].refuse_waiting("the server is shutting down")
     if refused:
         log.warning("predicts_refused_at_shutdown", requests=refused)
+    ended = end_open_streams(app)
+    if ended:
+        log.warning("streams_ended_at_shutdown", requests=ended)
 
 
 async def _started_unless_stopped(

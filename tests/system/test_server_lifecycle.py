@@ -298,6 +298,42 @@ def test_sigterm_answers_predicts_still_waiting_for_the_model_503_rather_than_cu
     assert "predicts_refused_at_shutdown" in service.tail()
 
 
+def test_sigterm_answers_a_paused_stream_503_naming_the_records_written(
+    service_process: ServiceFactory,
+) -> None:
+    """A stream whose client paused when the server was told to stop: before aiohttp's
+    wait cuts it, it is answered, and the answer says which of its records are written
+    (a review: it was cut with nothing said, 1,000 of its records durable)."""
+    service = service_process(MLGATE_SHUTDOWN_TIMEOUT_S=str(BUDGET_S))
+    lines = b"".join(
+        json.dumps({"record_id": f"r{i}", "features": [0.5] * 4}).encode() + b"\n" for i in range(1500)
+    )
+    with socket.create_connection(("127.0.0.1", service.port), timeout=15) as connection:
+        connection.sendall(
+            b"POST /api/v2/ingest/stream?source=s HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + f"{len(lines):x}\r\n".encode() + lines + b"\r\n"
+        )  # then nothing more: the client paused
+        deadline = time.monotonic() + 10
+        while len(list(read_log(service.data_dir / "log"))) < 1000:  # its first chunk
+            assert time.monotonic() < deadline, service.tail()
+            time.sleep(0.05)
+        service.send(signal.SIGTERM)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert b"Retry-After: 1" in head and b"Connection: close" in head
+    problem = json.loads(body)
+    assert problem["type"].endswith("/shutting-down")
+    assert "The first 1000 records accepted from this stream were written" in problem["detail"]
+    assert "no record from index 1000 on was written" in problem["detail"]
+    assert service.wait(10) == 0
+    assert "streams_ended_at_shutdown" in service.tail()
+    assert len(list(read_log(service.data_dir / "log"))) == 1000
+
+
 def _ignore_errors(call: Callable[[], object]) -> Callable[[], None]:
     def run() -> None:
         try:
