@@ -122,7 +122,7 @@ async def iter_body(request: web.Request) -> AsyncIterator[bytes]:
     streams = request.app[OPEN_STREAMS]
     streams.add(request.content)
     try:
-        async for chunk in _chunks(request):
+        async for chunk in _chunks(request, limit_chunks=True):
             yield chunk
     finally:
         streams.discard(request.content)
@@ -195,7 +195,9 @@ def _too_slow(request: web.Request, paused: bool = False) -> BodyTimeout:
     return BodyTimeout(reason, headers={"Connection": "close"})
 
 
-async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
+async def _chunks(request: web.Request, limit_chunks: bool = False) -> AsyncIterator[bytes]:
+    """The body as it comes, within the pace; ``limit_chunks``: at most ``CHUNK`` bytes
+    a piece (a stream's record scanner holds one piece beside a record)."""
     check_encoding(request)
     pace = BodyPace(request)
     received = 0
@@ -205,7 +207,13 @@ async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
         try:
             deadline, paused = pace.next_deadline(received)
             async with asyncio.timeout_at(deadline):
-                chunk = await request.content.read(CHUNK)
+                if limit_chunks:
+                    chunk = await request.content.read(CHUNK)
+                else:
+                    # What is buffered, whole: read(CHUNK) slices what uvloop received
+                    # and joins again (a 900 KB body fed in 256 KiB pieces took 398 µs
+                    # against 63 read so, and 119 by one readexactly).
+                    chunk = await request.content.readany()
         except TimeoutError:
             raise _too_slow(request, paused) from None
         except web.RequestPayloadError as exc:  # broken gzip, chunked framing, ...
