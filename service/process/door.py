@@ -727,6 +727,22 @@ class DoorRequestHandler(web.RequestHandler):
         if not self.waiting:
             super()._resume_transport_reading()
 
+    def data_received(self, data: bytes) -> None:
+        """As aiohttp's, but a body still arriving when the connection is set to close
+        (a shutdown began) is read on: aiohttp drops every byte from then, so a stream
+        sending steadily lost what it sent after the signal and a batch whose body was
+        half sent got nothing at the end of the wait (a review). Its request can then
+        finish within the shutdown's wait for in-flight requests; what follows it on
+        the connection is not served (parsed, and dropped)."""
+        parser = self._parser
+        if (self._close or self._force_close) and not self._last_payload.is_eof() and parser:
+            try:
+                parser.feed_data(data)
+            except http_exceptions.HttpProcessingError:
+                pass  # ``parse_failed`` failed the body: its reader answers the 400
+            return
+        super().data_received(data)
+
     def parse_failed(self, exc: http_exceptions.HttpProcessingError) -> None:
         """aiohttp's parser refused what it was given: it queues a 400 for it, due
         like an answer (a half-close waits for it: ``eof_received``). A body it was
