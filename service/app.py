@@ -27,7 +27,7 @@ from mlgate.service.state import (
     DRAINING,
     DRIFT_MONITOR,
     METRICS,
-    OPEN_STREAMS,
+    OPEN_BODIES,
     PROFILE_STORE,
     READINESS_CHECKS,
     RECORD_VALIDATOR,
@@ -55,7 +55,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = app_metrics
     app[DRAINING] = draining
-    app[OPEN_STREAMS] = set()
+    app[OPEN_BODIES] = set()
     app[READINESS_CHECKS] = {}
     app[DEGRADED_CHECKS] = {}
     app[RELOAD_HOOKS] = {}

@@ -36,9 +36,10 @@ INGEST_PIPELINE = web.AppKey("ingest_pipeline", IngestPipeline)
 METRICS = web.AppKey("metrics", Metrics)
 # Set on SIGTERM so /ready turns false while in-flight requests finish.
 DRAINING = web.AppKey("draining", asyncio.Event)
-# The bodies a streaming route is reading: a shutdown whose wait for them runs out ends
-# them, so their routes answer 503 saying what was written (``service.http.body``).
-OPEN_STREAMS = web.AppKey("open_streams", set[StreamReader])
+# The request bodies being read and waiting for bytes: a shutdown whose wait for them
+# runs out ends them, so their routes answer 503 (a stream's saying what was written)
+# rather than be cut (``service.http.body``).
+OPEN_BODIES = web.AppKey("open_bodies", set[StreamReader])
 # Named checks /ready runs besides the sink's health (e.g. "models": all loaded).
 # With several processes: their readiness, shared (service.http.readiness).
 HOST_READINESS = web.AppKey("host_readiness", HostReadiness)

@@ -22,7 +22,8 @@ decompressed part taken for the whole (``check_compressed_ends``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import compression_utils, http_parser, web
@@ -36,7 +37,7 @@ from mlgate.service.http.errors import (
     ShuttingDown,
     UnsupportedMediaType,
 )
-from mlgate.service.state import OPEN_STREAMS, SETTINGS
+from mlgate.service.state import OPEN_BODIES, SETTINGS
 
 # What aiohttp's parser can decompress here; anything else would reach us still encoded.
 SUPPORTED_ENCODINGS = {"identity", "gzip", "deflate"}
@@ -84,8 +85,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                 return await request.content.readexactly(declared)
             if declared > CHUNK:
                 return await _read_known(request, declared)
-            async with asyncio.timeout_at(BodyPace(request).deadline(declared)):
-                return await request.content.readexactly(declared)
+            with _open(request):
+                async with asyncio.timeout_at(BodyPace(request).deadline(declared)):
+                    return await request.content.readexactly(declared)
         except asyncio.IncompleteReadError:
             raise BadRequest("Body ended before its Content-Length", headers={"Connection": "close"}) from None
         except TimeoutError:
@@ -113,36 +115,42 @@ async def _read_known(request: web.Request, declared: int) -> bytes:
 
 async def iter_body(request: web.Request) -> AsyncIterator[bytes]:
     """The (decompressed) body chunk by chunk, for streaming endpoints; ``ShuttingDown``
-    if a shutdown ends it first (``end_open_streams``)."""
+    if a shutdown ends it first (``end_open_bodies``)."""
     buffered = request.get(BUFFERED_BODY)
     if buffered is not None:
         for start in range(0, len(buffered), CHUNK):
             yield buffered[start : start + CHUNK]
         return
-    streams = request.app[OPEN_STREAMS]
-    streams.add(request.content)
+    async for chunk in _chunks(request, limit_chunks=True):
+        yield chunk
+
+
+@contextmanager
+def _open(request: web.Request) -> Iterator[None]:
+    """While the body is read and may wait for bytes: ``end_open_bodies`` can end it."""
+    bodies = request.app[OPEN_BODIES]
+    bodies.add(request.content)
     try:
-        async for chunk in _chunks(request, limit_chunks=True):
-            yield chunk
+        yield
     finally:
-        streams.discard(request.content)
+        bodies.discard(request.content)
 
 
-def end_open_streams(app: web.Application) -> int:
-    """End every streaming body still being read: its next read, or the one waiting
-    for bytes that have not come (a paused client), raises ``ShuttingDown``, so its
-    route answers 503 saying which records were written, rather than aiohttp cutting
-    the connection at the end of its wait with nothing said. How many it ended."""
-    streams = app[OPEN_STREAMS]
-    for body in streams:
+def end_open_bodies(app: web.Application) -> int:
+    """End every body still being read: its next read, or the one waiting for bytes
+    that have not come (a paused or slow client), raises ``ShuttingDown``, so its route
+    answers 503 (a stream's saying which records were written), rather than aiohttp
+    cutting the connection at the end of its wait with nothing said. How many it ended."""
+    bodies = app[OPEN_BODIES]
+    for body in bodies:
         error = ShuttingDown(
-            "The server is shutting down: the rest of this stream was not read",
+            "The server is shutting down: the rest of this body was not read",
             retry_after_s=app[SETTINGS].retry_after_s,
             headers={"Connection": "close"},
         )
         body.set_exception(error)
-    ended = len(streams)
-    streams.clear()
+    ended = len(bodies)
+    bodies.clear()
     return ended
 
 
@@ -199,46 +207,47 @@ async def _chunks(request: web.Request, limit_chunks: bool = False) -> AsyncIter
     """The body as it comes, within the pace; ``limit_chunks``: at most ``CHUNK`` bytes
     a piece (a stream's record scanner holds one piece beside a record)."""
     check_encoding(request)
-    pace = BodyPace(request)
-    received = 0
-    check_at = CHECK_BYTES
-    turn_due = -1.0  # loop time by which the loop gets a turn; set at the first look
-    while True:
-        try:
-            deadline, paused = pace.next_deadline(received)
-            async with asyncio.timeout_at(deadline):
-                if limit_chunks:
-                    chunk = await request.content.read(CHUNK)
-                else:
-                    # What is buffered, whole: read(CHUNK) slices what uvloop received
-                    # and joins again (a 900 KB body fed in 256 KiB pieces took 398 µs
-                    # against 63 read so, and 119 by one readexactly).
-                    chunk = await request.content.readany()
-        except TimeoutError:
-            raise _too_slow(request, paused) from None
-        except web.RequestPayloadError as exc:  # broken gzip, chunked framing, ...
-            # What follows on the connection cannot be trusted: answer, then close it.
-            # Nothing more is read of it: aiohttp would read on after the answer, meet
-            # the error again and log it as an unhandled exception with its traceback.
-            request.content.feed_eof()
-            if isinstance(exc, CompressedBodyTruncated):
-                raise BadRequest(TRUNCATED, headers={"Connection": "close"}) from None
-            reason = " ".join(str(exc).split())
-            raise BadRequest(f"Body could not be read: {reason}", headers={"Connection": "close"}) from None
-        if not chunk:
-            return
-        received += len(chunk)
-        if received >= check_at:
-            # A read of buffered (or decompressed) bytes returns without a turn of the
-            # loop: every CHECK_BYTES, give it one if YIELD_S passed since the last.
-            check_at = received + CHECK_BYTES
-            now = pace.loop.time()
-            if turn_due < 0:
-                turn_due = now + YIELD_S
-            elif now >= turn_due:
-                await asyncio.sleep(0)
-                turn_due = pace.loop.time() + YIELD_S
-        yield chunk
+    with _open(request):
+        pace = BodyPace(request)
+        received = 0
+        check_at = CHECK_BYTES
+        turn_due = -1.0  # loop time by which the loop gets a turn; set at the first look
+        while True:
+            try:
+                deadline, paused = pace.next_deadline(received)
+                async with asyncio.timeout_at(deadline):
+                    if limit_chunks:
+                        chunk = await request.content.read(CHUNK)
+                    else:
+                        # What is buffered, whole: read(CHUNK) slices what uvloop received
+                        # and joins again (a 900 KB body fed in 256 KiB pieces took 398 µs
+                        # against 63 read so, and 119 by one readexactly).
+                        chunk = await request.content.readany()
+            except TimeoutError:
+                raise _too_slow(request, paused) from None
+            except web.RequestPayloadError as exc:  # broken gzip, chunked framing, ...
+                # What follows on the connection cannot be trusted: answer, then close it.
+                # Nothing more is read of it: aiohttp would read on after the answer, meet
+                # the error again and log it as an unhandled exception with its traceback.
+                request.content.feed_eof()
+                if isinstance(exc, CompressedBodyTruncated):
+                    raise BadRequest(TRUNCATED, headers={"Connection": "close"}) from None
+                reason = " ".join(str(exc).split())
+                raise BadRequest(f"Body could not be read: {reason}", headers={"Connection": "close"}) from None
+            if not chunk:
+                return
+            received += len(chunk)
+            if received >= check_at:
+                # A read of buffered (or decompressed) bytes returns without a turn of the
+                # loop: every CHECK_BYTES, give it one if YIELD_S passed since the last.
+                check_at = received + CHECK_BYTES
+                now = pace.loop.time()
+                if turn_due < 0:
+                    turn_due = now + YIELD_S
+                elif now >= turn_due:
+                    await asyncio.sleep(0)
+                    turn_due = pace.loop.time() + YIELD_S
+            yield chunk
 
 
 class CompressedBodyTruncated(web.RequestPayloadError):

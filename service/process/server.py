@@ -43,7 +43,7 @@ from aiohttp import web
 
 from mlgate.config import Settings
 from mlgate.service.app import create_app
-from mlgate.service.http.body import end_open_streams
+from mlgate.service.http.body import end_open_bodies
 from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.service.process import systemd, tls
 from mlgate.service.process.door import Door, DoorRequestHandler
@@ -157,10 +157,10 @@ async def serve(
     if grace_s:
         await asyncio.sleep(grace_s)
     # aiohttp cuts the requests still going when its wait for them ends; predicts
-    # queued or computing then (long deadlines, a slow model) and streams still read
-    # (a paused client) are answered 503 a little before, so their clients retry
-    # elsewhere (a stream: from the record its answer names) rather than see a cut
-    # connection.
+    # queued or computing then (long deadlines, a slow model) and requests whose body
+    # is still awaited (a paused or slow client, a stream) are answered 503 a little
+    # before, so their clients retry elsewhere (a stream: from the record its answer
+    # names) rather than see a cut connection.
     refusal = loop.call_later(handlers_s * REFUSE_WAITING_AT, _refuse_waiting, app)
     try:
         async with asyncio.timeout_at(deadline):
@@ -178,9 +178,9 @@ def _refuse_waiting(app: web.Application) -> None:
     refused = app[MODEL_REPOSITORY].refuse_waiting("the server is shutting down")
     if refused:
         log.warning("predicts_refused_at_shutdown", requests=refused)
-    ended = end_open_streams(app)
+    ended = end_open_bodies(app)
     if ended:
-        log.warning("streams_ended_at_shutdown", requests=ended)
+        log.warning("bodies_ended_at_shutdown", requests=ended)
 
 
 async def _started_unless_stopped(

@@ -327,7 +327,7 @@ def test_sigterm_answers_a_paused_stream_503_naming_the_records_written(
     assert "The first 1000 records accepted from this stream were written" in problem["detail"]
     assert "no record from index 1000 on was written" in problem["detail"]
     assert service.wait(10) == 0
-    assert "streams_ended_at_shutdown" in service.tail()
+    assert "bodies_ended_at_shutdown" in service.tail()
     assert len(list(read_log(service.data_dir / "log"))) == 1000
 
 
@@ -362,6 +362,29 @@ def test_sigterm_lets_a_body_still_arriving_finish_and_be_answered(
     assert json.loads(answer)["records_accepted"] == 50
     assert service.wait(10) == 0
     assert len(list(read_log(service.data_dir / "log"))) == 50
+
+
+def test_sigterm_answers_a_batch_whose_body_stopped_coming_503(
+    service_process: ServiceFactory,
+) -> None:
+    """A batch whose client stopped sending half way is answered before aiohttp's wait
+    cuts it (a review: a closed connection, nothing said); nothing of it is written."""
+    service = service_process(MLGATE_SHUTDOWN_TIMEOUT_S=str(BUDGET_S))
+    records = [{"record_id": f"r{i}", "features": [0.5] * 4} for i in range(50)]
+    body = json.dumps({"source": "s", "records": records}).encode()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=15) as connection:
+        connection.sendall(
+            b"POST /api/v2/ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100]
+        )
+        time.sleep(0.3)
+        service.send(signal.SIGTERM)
+        head, answer = _answer_of(connection)
+    assert head.startswith(b"HTTP/1.1 503"), head
+    assert b"Retry-After: 1" in head and b"Connection: close" in head
+    assert json.loads(answer)["type"].endswith("/shutting-down")
+    assert service.wait(10) == 0
+    assert list(read_log(service.data_dir / "log")) == []
 
 
 def test_sigterm_lets_a_stream_sending_steadily_finish_within_the_wait(
