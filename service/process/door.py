@@ -733,7 +733,8 @@ class DoorRequestHandler(web.RequestHandler):
         sending steadily lost what it sent after the signal and a batch whose body was
         half sent got nothing at the end of the wait (a review). Its request can then
         finish within the shutdown's wait for in-flight requests; what follows it on
-        the connection is not served (parsed, and dropped)."""
+        the connection is not served (parsed, counted as handed by ``refuse_at_door``,
+        and dropped: the connection closes after this answer)."""
         parser = self._parser
         if (self._close or self._force_close) and not self._last_payload.is_eof() and parser:
             try:

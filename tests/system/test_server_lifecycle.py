@@ -11,7 +11,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -339,13 +340,10 @@ def _answer_of(connection: socket.socket) -> tuple[bytes, bytes]:
     return head, body
 
 
-def test_sigterm_lets_a_body_still_arriving_finish_and_be_answered(
-    service_process: ServiceFactory,
-) -> None:
-    """A batch half sent at the signal, the rest sent within the wait for in-flight
-    requests: it is read, written and answered 202 (a review: aiohttp dropped every
-    byte after the signal, and the client got a closed connection)."""
-    service = service_process(MLGATE_SHUTDOWN_TIMEOUT_S=str(BUDGET_S))
+@contextmanager
+def _batch_half_sent_at_sigterm(service: ServiceProcess) -> Iterator[tuple[socket.socket, bytes]]:
+    """A connection that sent the head and 100 bytes of a 50-record batch, then the
+    server's SIGTERM; with the rest of the body, not sent."""
     records = [{"record_id": f"r{i}", "features": [0.5] * 4} for i in range(50)]
     body = json.dumps({"source": "s", "records": records}).encode()
     with socket.create_connection(("127.0.0.1", service.port), timeout=15) as connection:
@@ -355,8 +353,19 @@ def test_sigterm_lets_a_body_still_arriving_finish_and_be_answered(
         )
         time.sleep(0.3)
         service.send(signal.SIGTERM)
+        yield connection, body[100:]
+
+
+def test_sigterm_lets_a_body_still_arriving_finish_and_be_answered(
+    service_process: ServiceFactory,
+) -> None:
+    """A batch half sent at the signal, the rest sent within the wait for in-flight
+    requests: it is read, written and answered 202 (a review: aiohttp dropped every
+    byte after the signal, and the client got a closed connection)."""
+    service = service_process(MLGATE_SHUTDOWN_TIMEOUT_S=str(BUDGET_S))
+    with _batch_half_sent_at_sigterm(service) as (connection, rest):
         time.sleep(0.2)
-        connection.sendall(body[100:])
+        connection.sendall(rest)
         head, answer = _answer_of(connection)
     assert head.startswith(b"HTTP/1.1 202"), head
     assert json.loads(answer)["records_accepted"] == 50
@@ -370,15 +379,7 @@ def test_sigterm_answers_a_batch_whose_body_stopped_coming_503(
     """A batch whose client stopped sending half way is answered before aiohttp's wait
     cuts it (a review: a closed connection, nothing said); nothing of it is written."""
     service = service_process(MLGATE_SHUTDOWN_TIMEOUT_S=str(BUDGET_S))
-    records = [{"record_id": f"r{i}", "features": [0.5] * 4} for i in range(50)]
-    body = json.dumps({"source": "s", "records": records}).encode()
-    with socket.create_connection(("127.0.0.1", service.port), timeout=15) as connection:
-        connection.sendall(
-            b"POST /api/v2/ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100]
-        )
-        time.sleep(0.3)
-        service.send(signal.SIGTERM)
+    with _batch_half_sent_at_sigterm(service) as (connection, _):
         head, answer = _answer_of(connection)
     assert head.startswith(b"HTTP/1.1 503"), head
     assert b"Retry-After: 1" in head and b"Connection: close" in head
