@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
@@ -977,3 +978,46 @@ async def test_a_run_ended_at_its_deadline_weighs_in_as_one_more_run(
     worker._learn_from_ended_run(3.0)
     assert worker._run_time_s == pytest.approx(learnt + 0.2 * (3.0 - learnt))
     worker.check_room(1, time.monotonic() + 1.0)  # still room for a 1 s deadline
+
+
+def zeros_at_model() -> ort.InferenceSession:
+    """``input`` [N, 1] -> the (row, 0) of each value at most 0.5: as many rows as
+    there are such values, but declared ``[N, 2]``; a run of zeros keeps its rows."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("LessOrEqual", ["input", "half"], ["low"]),
+            helper.make_node("NonZero", ["low"], ["at"]),
+            helper.make_node("Transpose", ["at"], ["probabilities"], perm=[1, 0]),
+        ],
+        "zeros_at",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.INT64, ["N", 2])],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "half")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+async def test_a_shared_run_without_a_row_per_input_row_runs_each_request_alone(
+    make_worker: WorkerFactory,
+) -> None:
+    """The load's two-row run of zeros keeps the rows; other values do not: merged
+    outputs would be handed whole to every request (a review), so each runs alone."""
+    session = RecordingSession(zeros_at_model())
+    worker = make_worker(session, max_batch_size=8, max_queue_delay_s=0.05)
+    one, zero = np.array([[1.0]], np.float32), np.array([[0.0]], np.float32)
+    first, second = await asyncio.gather(worker.submit(one, soon()), worker.submit(zero, soon()))
+    assert first["probabilities"].shape == (0, 2)
+    assert second["probabilities"].tolist() == [[0, 0]]
+    assert [len(batch) for batch in session.batches] == [2, 1, 1]
+
+
+async def test_after_such_a_run_requests_no_longer_share_runs(make_worker: WorkerFactory) -> None:
+    session = RecordingSession(zeros_at_model())
+    worker = make_worker(session, max_batch_size=8, max_queue_delay_s=0.05)
+    one, zero = np.array([[1.0]], np.float32), np.array([[0.0]], np.float32)
+    await asyncio.gather(worker.submit(one, soon()), worker.submit(zero, soon()))
+    session.batches.clear()
+    answers = await asyncio.gather(*(worker.submit(zero, soon()) for _ in range(3)))
+    assert [answer["probabilities"].tolist() for answer in answers] == [[[0, 0]]] * 3
+    assert [len(batch) for batch in session.batches] == [1, 1, 1]

@@ -42,7 +42,9 @@ onnxruntime raised it.
 
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
 does not fit the current batch opens the next one. A model without a free batch
-dimension (``shares_batches`` False) runs each item alone.
+dimension (``shares_batches`` False) runs each item alone; so does, from then on, a
+model whose outputs in a shared run turn out not to have one row per input row (its
+items run again alone: no request gets rows of another).
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ class InferenceWorker(Actor[_Item]):
         run_options: RunOptions | None = None,
     ) -> None:
         """``shares_batches``: False for a model without a free batch dimension on
-        every input and output: each request then runs alone, since its outputs could
+        every input and output (``model_config.open_session``): each request then runs alone, since its outputs could
         not be told apart by rows (a request of 0 rows would otherwise fit beside one
         of 1 within ``max_batch_size`` 1, and both get the same outputs)."""
         if not input_names:
@@ -701,6 +703,17 @@ class InferenceWorker(Actor[_Item]):
                         item.future.set_exception(
                             DeadlineExpired(f"deadline passed while queued for {self.name}")
                         )
+                return
+            if len(items) > 1 and not all(
+                np.ndim(value) and np.shape(value)[0] == total for value in outputs
+            ):
+                # The load's two-row run said outputs follow the input's rows; these do
+                # not (a count that depends on the values, as a detection model's): no
+                # request may see another's rows, so each runs alone, now and from now.
+                self._shares_batches = False
+                answering = True
+                error = RuntimeError(f"model {self.name}: outputs not one row per input row")
+                self._run_alone(items, total, error)
                 return
             answers = self._answers(items, total, started, outputs, run_s, remeasure)
             answering = True

@@ -148,26 +148,59 @@ def tensor_spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
-def zeros(spec: TensorSpec) -> np.ndarray:
-    shape = tuple(1 if d < 0 else d for d in spec.shape)
+def zeros(spec: TensorSpec, rows: int = 1) -> np.ndarray:
+    """A tensor of ``spec`` filled with zeros (empty strings), ``rows`` along each free
+    dimension."""
+    shape = tuple(rows if d < 0 else d for d in spec.shape)
     if spec.datatype == "BYTES":
         return np.full(shape, "", dtype=np.object_)
     return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
 
 
+def _first_dims_agree(session: ort.InferenceSession) -> bool:
+    """Every input and output starts with a free dimension, and where the graph names
+    it, by one name. An output whose first dimension has a name of its own (a
+    detection model's ``k`` beside the input's ``batch``) counts something else."""
+    names: set[str] = set()
+    for arg in (*session.get_inputs(), *session.get_outputs()):
+        first = arg.shape[0] if arg.shape else 0
+        if isinstance(first, str):
+            names.add(first)
+        elif first is not None and first >= 0:  # fixed, or a scalar
+            return False
+    return len(names) <= 1
+
+
 def open_session(
     path: Path, threads: int, run_options: ort.RunOptions | None = None
-) -> tuple[ort.InferenceSession, tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+) -> tuple[ort.InferenceSession, tuple[TensorSpec, ...], tuple[TensorSpec, ...], bool]:
     """Create the session, read its metadata and warm it up with one run (ended early,
-    failing, once ``run_options.terminate`` is set). Blocking."""
+    failing, once ``run_options.terminate`` is set). Blocking.
+
+    The last item: whether requests may share a run (``shares_batches``): the first
+    dimensions agree (``_first_dims_agree``) and a run of two rows answers two rows in
+    every output. A free first dimension alone says too little: a flattening model's
+    ``[n]`` or a detection model's ``[k, 2]`` has one too, and rows of merged requests
+    could not be told apart in it (a review: each of 8 concurrent callers got all 8
+    callers' outputs). The two-row run is the warm-up; if it fails, one row is."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     inputs = tuple(tensor_spec(arg) for arg in session.get_inputs())
     outputs = tuple(tensor_spec(arg) for arg in session.get_outputs())
+    if _first_dims_agree(session):
+        try:
+            two_rows = {spec.name: zeros(spec, 2) for spec in inputs}
+            answered = session.run(None, two_rows, run_options)
+        except Exception:
+            if run_options is not None and run_options.terminate:
+                raise
+        else:
+            kept = all(np.ndim(value) and np.shape(value)[0] == 2 for value in answered)
+            return session, inputs, outputs, kept
     session.run(None, {spec.name: zeros(spec) for spec in inputs}, run_options)
-    return session, inputs, outputs
+    return session, inputs, outputs, False
 
 
 def file_fingerprint(*paths: Path) -> tuple[int, ...]:

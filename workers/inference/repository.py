@@ -421,7 +421,7 @@ class ModelRepository:
         warm_up = ort.RunOptions()
         try:
             async with asyncio.timeout(timeout_s):
-                session, inputs, outputs = await _in_daemon_thread(
+                session, inputs, outputs, batchable = await _in_daemon_thread(
                     open_session, path, self.settings.inference_threads, warm_up
                 )
         except TimeoutError:
@@ -430,7 +430,6 @@ class ModelRepository:
         except BaseException:  # cancelled: start-up stopped by SIGTERM
             warm_up.terminate = True
             raise
-        batchable = all(spec.shape[:1] == (-1,) for spec in (*inputs, *outputs))
         max_batch_size = config.max_batch_size if batchable else 1
         worker = InferenceWorker(
             session,
