@@ -57,6 +57,8 @@ def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
             raw = np.asarray(data)
         except ValueError:
             raise invalid(f"{loc}.data", "nested data is ragged") from None
+        if raw.size and (raw.dtype.kind == "O" or (raw.dtype.kind == "f" and dtype.kind in "iu")):
+            raw = _big_integers(data, raw, dtype, tensor.datatype, f"{loc}.data")
         if raw.size and raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
             raise invalid(f"{loc}.data", f"values do not fit datatype {tensor.datatype}")
         if raw.size and dtype.kind in "iu":
@@ -70,6 +72,32 @@ def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
     if array.size != count:
         raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
     return array.reshape(tensor.shape)
+
+
+def _big_integers(
+    data: list[Any], raw: np.ndarray, dtype: np.dtype[Any], datatype: str, loc: str
+) -> np.ndarray:
+    """``raw`` as numpy read JSON numbers, read again where it could not keep integers
+    exactly: those of 2^63 and up beside smaller ones (read as float64, rounded) or of
+    2^64 and up (Python objects). Integers for an integer datatype are read exactly (a
+    review: UINT64's maximum beside a 0 was refused), any number for a float one is
+    rounded as one float literal would be; anything else is left for the caller to
+    refuse."""
+    values = np.asarray(data, dtype=np.object_)
+    numbers = values.reshape(-1)
+    if dtype.kind == "f":
+        if not all(type(value) in (int, float) for value in numbers):
+            return raw
+        try:
+            return np.array(numbers.tolist(), dtype=np.float64).reshape(values.shape)
+        except OverflowError:  # an integer literal beyond every float
+            raise invalid(loc, f"values out of range for {datatype}") from None
+    if not all(type(value) is int for value in numbers):
+        return raw
+    limits = np.iinfo(dtype)
+    if min(numbers) < limits.min or max(numbers) > limits.max:
+        raise invalid(loc, f"values out of range for {datatype}")
+    return np.array(numbers.tolist(), dtype=dtype).reshape(values.shape)
 
 
 def _from_binary(tensor: RequestInput, data: memoryview, loc: str) -> np.ndarray:

@@ -1,0 +1,95 @@
+"""OIP JSON tensors whose numbers numpy cannot read in one dtype: integers of 2^63
+and up beside smaller ones, integer literals of 2^64 and up. Those that fit the
+datatype are served exactly; the others are the request's 422."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from onnx import TensorProto, helper
+
+from mlgate.config import Settings
+from models.make_demo_model import IR_VERSION, OPSET
+from tests.conftest import AppClientFactory
+
+Client = TestClient[web.Request, web.Application]
+TYPES = {"UINT64": TensorProto.UINT64, "INT64": TensorProto.INT64, "FP64": TensorProto.DOUBLE}
+
+
+def write_identity(root: Path, datatype: str) -> None:
+    name = datatype.lower()
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        name,
+        [helper.make_tensor_value_info("x", TYPES[datatype], ["batch", 3])],
+        [helper.make_tensor_value_info("y", TYPES[datatype], ["batch", 3])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "1" / "model.onnx").write_bytes(model.SerializeToString())
+
+
+@pytest.fixture
+async def client(
+    tmp_path: Path, app_client: AppClientFactory, make_settings: Callable[..., Settings]
+) -> Client:
+    root = tmp_path / "models"
+    for datatype in TYPES:
+        write_identity(root, datatype)
+    settings = make_settings(model_repository=str(root), default_model="fp64")
+    result: Client = await app_client(settings)
+    return result
+
+
+async def infer(client: Client, datatype: str, data: list[Any]) -> tuple[int, dict[str, Any]]:
+    body = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": datatype, "data": data}]}
+    answer = await client.post(f"/v2/models/{datatype.lower()}/infer", json=body)
+    return answer.status, await answer.json()
+
+
+async def test_uint64_values_beside_its_maximum_are_served_exactly(client: Client) -> None:
+    data = [0, 2**64 - 1, 1]
+    status, answer = await infer(client, "UINT64", data)
+    assert status == 200, answer
+    assert answer["outputs"][0]["data"] == data
+
+
+async def test_uint64_beyond_its_maximum_is_422(client: Client) -> None:
+    status, answer = await infer(client, "UINT64", [0, 2**64, 1])
+    assert status == 422
+    assert "out of range for UINT64" in answer["error"]
+
+
+async def test_int64_beside_a_value_past_its_maximum_is_422(client: Client) -> None:
+    status, answer = await infer(client, "INT64", [-1, 2**63, 1])
+    assert status == 422
+    assert "out of range for INT64" in answer["error"]
+
+
+async def test_a_decimal_beside_a_large_integer_is_422_for_an_integer_datatype(
+    client: Client,
+) -> None:
+    status, answer = await infer(client, "UINT64", [0.5, 2**64 - 1, 1])
+    assert status == 422
+    assert "do not fit datatype UINT64" in answer["error"]
+
+
+async def test_an_fp64_integer_literal_of_2_to_the_64_is_read_as_that_float(
+    client: Client,
+) -> None:
+    status, answer = await infer(client, "FP64", [2**64, 1, -(2**70)])
+    assert status == 200, answer
+    assert answer["outputs"][0]["data"] == [float(2**64), 1.0, float(-(2**70))]
+
+
+async def test_an_integer_literal_beyond_every_float_is_422(client: Client) -> None:
+    status, answer = await infer(client, "FP64", [10**400, 1, 2])
+    assert status == 422
+    assert "out of range for FP64" in answer["error"]
