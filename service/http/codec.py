@@ -36,8 +36,41 @@ MEDIA_TYPES: dict[str, Format] = {
 }
 PROBLEM_JSON = "application/problem+json"
 
-_json_encoder = msgspec.json.Encoder()
-_msgpack_encoder = msgspec.msgpack.Encoder()
+
+
+class NonFinite:
+    """A NaN or infinite number in an answer, written as Triton writes it: JSON's
+    ``NaN``, ``Infinity``, ``-Infinity`` (rapidjson's ``kWriteNanAndInfFlag``, read by
+    Python's ``json`` and so by tritonclient), a float in msgpack. msgspec alone
+    writes ``null``, which a client reads as a missing value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+
+_NON_FINITE_JSON = {
+    "nan": msgspec.Raw(b"NaN"),
+    "inf": msgspec.Raw(b"Infinity"),
+    "-inf": msgspec.Raw(b"-Infinity"),
+}
+
+
+def _json_hook(obj: Any) -> Any:
+    if isinstance(obj, NonFinite):
+        return _NON_FINITE_JSON[str(obj.value)]
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _msgpack_hook(obj: Any) -> Any:
+    if isinstance(obj, NonFinite):
+        return obj.value
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+json_encoder = msgspec.json.Encoder(enc_hook=_json_hook)
+_msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_msgpack_hook)
 _LOCATION = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING_FIELD = re.compile(r"missing required field `(\w+)`")
 
@@ -166,7 +199,7 @@ def syntax_error(body: bytes, fmt: Format) -> Exception | None:
 def encode(obj: Any, fmt: Format) -> bytes:
     if fmt is Format.MSGPACK:
         return _msgpack_encoder.encode(obj)
-    return _json_encoder.encode(obj)
+    return json_encoder.encode(obj)
 
 
 def respond(

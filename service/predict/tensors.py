@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import msgspec
 import numpy as np
 
 from mlgate.schemas.oip import (
@@ -23,6 +22,7 @@ from mlgate.schemas.oip import (
     RequestOutput,
 )
 from mlgate.schemas.problem import FieldError
+from mlgate.service.http.codec import NonFinite
 from mlgate.service.http.errors import BadRequest, ValidationFailed
 from mlgate.service.predict.flow import input_value_budget
 from mlgate.workers.inference.model_config import NUMPY_DTYPES, TensorSpec
@@ -31,7 +31,6 @@ from mlgate.workers.inference.repository import ModelVersion
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Which JSON value kinds (numpy's, after np.asarray) each target kind accepts.
 _ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
-json_encoder = msgspec.json.Encoder()
 
 
 def invalid(loc: str, msg: str) -> ValidationFailed:
@@ -227,7 +226,11 @@ def to_binary(array: np.ndarray, datatype: str) -> bytes:
 def to_json(array: np.ndarray, datatype: str) -> list[Any]:
     if datatype == "BYTES":
         return [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
-    values: list[Any] = array.reshape(-1).tolist()
+    flat = array.reshape(-1)
+    values: list[Any] = flat.tolist()
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        for index in np.flatnonzero(~np.isfinite(flat)).tolist():
+            values[index] = NonFinite(values[index])
     return values
 
 

@@ -47,7 +47,7 @@ from mlgate.schemas.oip import (
 )
 from mlgate.service import __version__
 from mlgate.service.http.body import read_body
-from mlgate.service.http.codec import Format, decode, media_format, respond
+from mlgate.service.http.codec import Format, decode, json_encoder, media_format, respond
 from mlgate.service.http.context import REQUEST_ID, arrived
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound, Unavailable
 from mlgate.service.http.routing import Route
@@ -61,7 +61,6 @@ from mlgate.service.predict.flow import (
 from mlgate.service.predict.tensors import (
     HEADER_LENGTH,
     input_arrays,
-    json_encoder,
     requested_outputs,
     to_binary,
     to_json,

@@ -1,13 +1,17 @@
-"""OIP JSON tensors whose numbers numpy cannot read in one dtype: integers of 2^63
-and up beside smaller ones, integer literals of 2^64 and up. Those that fit the
-datatype are served exactly; the others are the request's 422."""
+"""Numbers of OIP JSON tensors. In: those numpy cannot read in one dtype (integers of
+2^63 and up beside smaller ones, integer literals of 2^64 and up) are served exactly
+when they fit the datatype, else the request's 422. Out: NaN and infinities are
+written as Triton writes them (``NaN``, ``Infinity``, ``-Infinity``), never ``null``."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -93,3 +97,33 @@ async def test_an_integer_literal_beyond_every_float_is_422(client: Client) -> N
     status, answer = await infer(client, "FP64", [10**400, 1, 2])
     assert status == 422
     assert "out of range for FP64" in answer["error"]
+
+
+def binary_fp64_request(values: list[float]) -> tuple[bytes, dict[str, str]]:
+    """A binary FP64 input (JSON cannot carry non-finite numbers in), answered in JSON."""
+    blob = np.array(values, np.float64).tobytes()
+    tensor = {"name": "x", "shape": [1, 3], "datatype": "FP64"}
+    header = msgspec.json.encode(
+        {"inputs": [{**tensor, "parameters": {"binary_data_size": len(blob)}}]}
+    )
+    return header + blob, {"Inference-Header-Content-Length": str(len(header))}
+
+
+async def test_non_finite_outputs_are_written_as_triton_writes_them(client: Client) -> None:
+    body, headers = binary_fp64_request([float("inf"), float("-inf"), float("nan")])
+    answer = await client.post("/v2/models/fp64/infer", data=body, headers=headers)
+    assert answer.status == 200
+    text = await answer.text()
+    assert '"data":[Infinity,-Infinity,NaN]' in text
+    data = json.loads(text)["outputs"][0]["data"]  # as tritonclient reads it
+    assert data[:2] == [float("inf"), float("-inf")] and np.isnan(data[2])
+
+
+async def test_non_finite_outputs_are_floats_in_a_msgpack_answer(client: Client) -> None:
+    body, headers = binary_fp64_request([float("inf"), 1.5, float("nan")])
+    headers["Accept"] = "application/msgpack"
+    answer = await client.post("/v2/models/fp64/infer", data=body, headers=headers)
+    assert answer.status == 200
+    data = msgspec.msgpack.decode(await answer.read())["outputs"][0]["data"]
+    assert data[:2] == [float("inf"), 1.5]
+    assert np.isnan(data[2])
