@@ -224,7 +224,7 @@ async def test_rows_queued_behind_a_running_batch_wait_the_delay_for_company(
 ) -> None:
     gate = threading.Event()
     session = RecordingSession(demo_session, gate)
-    worker = make_worker(session, max_batch_size=64, max_queue_delay_s=30.0)
+    worker = make_worker(session, max_batch_size=64, max_queue_delay_s=1.0)
     running = worker.submit(rows(1, 1), soon(60))
     await asyncio.to_thread(session.entered.wait, 5)
     first = worker.submit(rows(1, 2), soon(60))
