@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 
+import msgspec
 import structlog
 from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler, Middleware
@@ -31,6 +32,7 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 
 from mlgate.config import Settings
 from mlgate.service.http.body import check_declared_length, check_encoding, read_body
+from mlgate.service.http.codec import MEDIA_TYPES, PROBLEM_JSON, Format, encode, response_format
 from mlgate.service.http.context import API_KEY, BUFFERED_BODY, KEY_ID, TENANT
 from mlgate.service.http.errors import (
     ApiError,
@@ -236,10 +238,29 @@ def over_limit(decision: Decision, headers: dict[str, str]) -> RateLimited:
     )
 
 
-def replay(stored: StoredResponse) -> web.Response:
-    response = web.Response(status=stored.status, body=stored.body)
-    for name, value in stored.headers:
-        response.headers[name] = value
+MSGPACK_TYPES = {media for media, fmt in MEDIA_TYPES.items() if fmt is Format.MSGPACK}
+
+
+def replay(stored: StoredResponse, fmt: Format) -> web.Response:
+    """The stored answer, in the format this repeat prefers (``fmt``): the first may
+    have asked for msgpack and its retry for JSON (a review: the retry got msgpack).
+    The same document either way; a body of another type (OIP binary tensors) as
+    stored."""
+    headers = dict(stored.headers)
+    body = stored.body
+    stored_type = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    try:
+        if fmt is Format.MSGPACK and stored_type in (Format.JSON.value, PROBLEM_JSON):
+            body = encode(msgspec.json.decode(body), fmt)
+            headers["Content-Type"] = Format.MSGPACK.value
+        elif fmt is Format.JSON and stored_type in MSGPACK_TYPES:
+            body = encode(msgspec.msgpack.decode(body), fmt)
+            headers["Content-Type"] = PROBLEM_JSON if stored.status >= 400 else Format.JSON.value
+    except msgspec.DecodeError:  # NaN in an OIP JSON answer, say: not plain JSON
+        body = stored.body
+        headers = dict(stored.headers)
+    response = web.Response(status=stored.status, body=body)
+    response.headers.update(headers)
     response.headers[REPLAYED] = "true"
     return response
 
@@ -297,7 +318,7 @@ async def _claim_and_run(
         if claimed.response is None:
             raise Conflict(f"A request with this {HEADER} is still in flight", retry_after_s=1)
         request.app[METRICS].idempotent_replays.inc()
-        return replay(claimed.response)
+        return replay(claimed.response, response_format(request))
 
     try:
         response: web.StreamResponse = await handler(request)

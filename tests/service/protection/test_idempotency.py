@@ -53,6 +53,33 @@ async def test_repeat_replays_the_first_answer_and_writes_nothing(
     assert client.app[RECORD_SINK].next_offset == 3
 
 
+async def test_a_repeat_gets_the_answer_in_the_format_it_accepts(app_client, settings_for) -> None:
+    client = await app_client(settings_for())
+    msgpack = {"Accept": "application/msgpack", **_with_key("k1")}
+    first = await client.post(PATH, json=_batch(), headers=msgpack)
+    again = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert (first.content_type, again.content_type) == ("application/msgpack", "application/json")
+    assert await again.json() == msgspec.msgpack.decode(await first.read())
+    back = await client.post(PATH, json=_batch(), headers=msgpack)
+    assert back.content_type == "application/msgpack"
+    assert msgspec.msgpack.decode(await back.read()) == await again.json()
+    assert client.app[RECORD_SINK].next_offset == 3
+
+
+async def test_a_kept_problem_is_replayed_as_a_problem_in_the_format_accepted(
+    app_client, settings_for
+) -> None:
+    client = await app_client(settings_for())
+    bad = {"source": "s", "records": [{"features": [1.0]}]}  # every record refused: 422
+    msgpack = {"Accept": "application/msgpack", **_with_key("k1")}
+    first = await client.post(PATH, json=bad, headers=msgpack)
+    again = await client.post(PATH, json=bad, headers=_with_key("k1"))
+    assert (first.status, again.status) == (422, 422)
+    assert again.content_type == "application/problem+json"
+    assert await again.json() == msgspec.msgpack.decode(await first.read())
+
+
 async def test_same_key_with_a_different_body_is_422(app_client, settings_for, backend) -> None:
     client = await app_client(settings_for(backend))
     assert (await client.post(PATH, json=_batch(tag="a"), headers=_with_key("k1"))).status == 202
