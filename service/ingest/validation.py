@@ -554,7 +554,14 @@ def _json_row(value: object) -> msgspec.Raw:
     if isinstance(value, FeaturesPacked):  # never made for JSON values: for safety
         return _json_row(value.values)
     if isinstance(value, FeaturesText):
-        return value.text
+        # The text when each number in it is written with a point (one each at most):
+        # an integer literal (``3``, ``2**70`` written out) would reach consumers that
+        # infer types as an integer where every other path writes a float (a review).
+        # A number written only with an exponent (``1e-05``) is formatted again too.
+        text = value.text
+        if bytes(text).count(b".") == len(value.values):
+            return text
+        return _json_row(np.asarray(value.values, dtype=np.float64))
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 

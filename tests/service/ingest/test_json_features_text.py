@@ -1,5 +1,6 @@
 """A JSON batch's features reach a JSON Kafka value as the text they were sent as (the
-same numbers, not formatted again); anything that does not decode takes the general
+same numbers, not formatted again) when each is written with a point, else formatted
+as floats as every other path writes them; anything that does not decode takes the general
 path, with the same answer as ever."""
 
 from __future__ import annotations
@@ -34,9 +35,19 @@ def _values(validator: RecordValidator, body: bytes) -> list[bytes]:
 
 
 def test_a_json_records_features_are_stored_as_the_text_they_came_as() -> None:
-    [value] = _values(_validator(), _body("[0.1, -2.5e-7, 3,  4.50]"))
-    assert b'"features":[0.1, -2.5e-7, 3,  4.50],' in value
+    [value] = _values(_validator(), _body("[0.1, -2.5e-7, 3.0,  4.50]"))
+    assert b'"features":[0.1, -2.5e-7, 3.0,  4.50],' in value
     assert msgspec.json.decode(value)["features"] == [0.1, -2.5e-7, 3.0, 4.5]
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["per-record", "matrix"])
+def test_integer_literals_in_features_are_stored_as_floats(large: bool) -> None:
+    """As every other path writes them: a consumer inferring types from the JSON must
+    not see integers in one record's features and floats in another's (a review)."""
+    rows = ["[1, 2.5, 1180591620717411303424, -4]"] * (PACKED_FROM_BYTES // 40 if large else 1)
+    values = _values(_validator(), _body(*rows))
+    assert b'"features":[1.0,2.5,1.1805916207174113e21,-4.0],' in values[0]
+    assert all(value.count(b'"features":[1.0,2.5,') == 1 for value in values)
 
 
 def test_the_stored_record_is_the_same_document_as_without_the_text() -> None:
@@ -118,11 +129,11 @@ def test_a_large_json_batch_parses_its_features_into_one_matrix() -> None:
 
 
 def test_the_matrix_path_stores_the_text_and_answers_as_the_record_path() -> None:
-    body = _large_body(["[0.1, -2.5e-7, 3,  4.50]", "[1e3, 2E-3, 9007199254740993, 5]"])
+    body = _large_body(["[0.1, -2.5e-7, 3.0,  4.50]", "[1e3, 2E-3, 9007199254740993, 5]"])
     stored, errors = _answer(_validator(), body)
     assert (stored, errors) == _as_before(body)
     [value, *_] = _values(_validator(), body)
-    assert b'"features":[0.1, -2.5e-7, 3,  4.50],' in value
+    assert b'"features":[0.1, -2.5e-7, 3.0,  4.50],' in value
 
 
 def test_the_parser_parses_batch_after_batch() -> None:
@@ -193,7 +204,7 @@ def test_an_int_below_64_bits_in_a_batch_past_what_the_parser_keeps_is_no_500(
     body = _large_body(["[-9223372036854775809, 2, 3, 4]"])
     stored, errors = _answer(_validator(), body)
     assert (stored, errors) == _as_before(body)
-    assert errors == [] and stored[0]["features"] == [-9223372036854775809, 2, 3, 4]  # its text
+    assert errors == [] and stored[0]["features"] == [float(-9223372036854775809), 2.0, 3.0, 4.0]
 
 
 def test_a_parser_still_referenced_is_replaced_and_the_batch_decoded_record_by_record() -> None:
