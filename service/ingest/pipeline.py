@@ -147,8 +147,10 @@ class IngestPipeline:
         *,
         max_turn_records: int = 5000,
         max_held_values: int = 8_000_000,
+        retry_after_s: int = 1,
     ) -> None:
         self._validator = validator
+        self.retry_after_s = retry_after_s
         self._max_turn_records = max_turn_records
         self._max_held_values = max_held_values
         self._held_values = 0  # of the requests between their decoding and their answer
@@ -167,6 +169,12 @@ class IngestPipeline:
         self._turns: dict[str, _Turn] = {}
         # Records each tenant has handed to the sink and not yet had answered.
         self._on_their_way: dict[str, int] = {}
+
+    @property
+    def claim_lapse_s(self) -> float:
+        """How long the ids of a write that may have landed stay claimed (none when
+        record dedup is off)."""
+        return self._dedup.lapse_s if self._dedup.enabled else 0.0
 
     @property
     def _running_loop(self) -> asyncio.AbstractEventLoop:

@@ -111,6 +111,16 @@ async def ingest_batch(
                 caller, "ingest", f"failed: {type(exc).__name__}", source=source,
                 tracking_id=tracking_id, records_accepted=0, records_rejected=len(batch.errors),
             )
+            if isinstance(exc, WorkerError) and not refused(exc):
+                # Kafka was tried and did not answer: the client must not read this
+                # 503 as "nothing happened" (a review: its resend landed twice).
+                error = as_api_error(exc, pipeline.retry_after_s)
+                error.detail = (
+                    f"{error.detail or error.title}. Records of this batch may have been "
+                    f"written (tracking_id {tracking_id}): "
+                    + _resend_of_unknown(pipeline.claim_lapse_s)
+                )
+                raise error from exc
             raise
     finally:
         pipeline.release(held, tenant)
@@ -317,14 +327,28 @@ def _partly_written(
         last = offset + unknown - 1
         return (
             f"{detail}. {done}records {offset} to {last} were being written when it failed "
-            f"and some may have landed (tracking_id {tracking_id}): their record_ids stay "
-            f"claimed for {lock_s:g} s, so a resend of them is 409 until then and after it "
-            f"a duplicate if they landed; no record from index {last + 1} on was written."
+            f"and some may have landed (tracking_id {tracking_id}): "
+            f"{_resend_of_unknown(lock_s)} No record from index {last + 1} on was written."
         )
     return (
         f"{detail}. {done}no record from index {offset} on was written. Resend from "
         "there: resending records with the same record_id counts them as duplicates, "
         "not twice."
+    )
+
+
+def _resend_of_unknown(lock_s: float) -> str:
+    """What resending records that may have landed does: mlgate cannot tell whether
+    Kafka took them, so a resend after their claims lapse writes them again."""
+    held = (
+        f"their record_ids stay claimed for {lock_s:g} s, so a resend of them is 409 "
+        "until then; after that "
+        if lock_s
+        else ""
+    )
+    return (
+        f"{held}a resend writes them again, and Kafka then holds twice any that had "
+        "landed (keyed by the same record_id, for consumers to drop the copy)."
     )
 
 

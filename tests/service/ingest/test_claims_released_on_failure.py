@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from mlgate.config import Settings
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.routes.ingest import STREAM_CHUNK_RECORDS
-from mlgate.service.state import INGEST_PIPELINE, RECORD_VALIDATOR
+from mlgate.service.state import INGEST_PIPELINE, RECORD_SINK, RECORD_VALIDATOR
 from mlgate.workers.errors import MailboxFull, SinkFailed
 from mlgate.workers.sinks.records import OutboundRecord
 from tests.conftest import AppClientFactory
@@ -120,7 +120,50 @@ async def test_a_stream_whose_write_failed_with_an_unknown_outcome_says_those_ma
     last = STREAM_CHUNK_RECORDS + 4
     assert f"records {STREAM_CHUNK_RECORDS} to {last} were being written" in detail
     assert "some may have landed" in detail and "409" in detail
-    assert f"no record from index {last + 1} on was written" in detail
+    assert "a resend writes them again, and Kafka then holds twice any that had landed" in detail
+    assert f"No record from index {last + 1} on was written" in detail
+
+
+def _sink_failing_once(client: Client, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    sink = client.app[RECORD_SINK]
+    write = sink.write
+    calls: list[int] = []
+
+    async def failing(records: list[OutboundRecord], **kwargs: Any) -> None:
+        calls.append(len(records))
+        if len(calls) == 1:
+            raise error
+        await write(records, **kwargs)
+
+    monkeypatch.setattr(sink, "write", failing)
+
+
+async def test_a_batch_whose_write_may_have_landed_says_so_and_holds_its_ids(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the 503 read as if nothing happened ("spill is full"), and the
+    client's resend wrote the records twice."""
+    _sink_failing_once(client, monkeypatch, SinkFailed("Kafka did not answer"))
+    batch = {"source": "s", "records": _records(0, 3)}
+    failed = await client.post("/api/v2/ingest", json=batch)
+    assert failed.status == 503
+    problem = await failed.json(content_type=None)
+    assert "Kafka did not answer. Records of this batch may have been written" in problem["detail"]
+    assert "a resend of them is 409 until then" in problem["detail"]
+    resent = await client.post("/api/v2/ingest", json=batch)
+    assert resent.status == 409
+
+
+async def test_a_batch_the_sink_refused_says_nothing_of_landing(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _sink_failing_once(client, monkeypatch, MailboxFull("full"))
+    batch = {"source": "s", "records": _records(0, 3)}
+    failed = await client.post("/api/v2/ingest", json=batch)
+    assert failed.status == 503
+    assert "may have been written" not in (await failed.json(content_type=None))["detail"]
+    resent = await client.post("/api/v2/ingest", json=batch)
+    assert resent.status == 202
 
 
 async def test_a_stream_whose_write_was_refused_says_nothing_from_that_chunk_was_written(
