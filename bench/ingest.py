@@ -162,6 +162,7 @@ def _service_settings(
         "MLGATE_PORT": str(port),
         # With workers > 1 mlgate's supervisor runs that many processes on the port.
         "MLGATE_WORKERS": str(options.workers),
+        "MLGATE_PER_PROCESS_STATE": "true",  # without Redis: its records carry unique ids
         "MLGATE_DATA_DIR": str(work / "data"),
         "MLGATE_KEYS_FILE": str(work / "keys.json"),
         "MLGATE_MODEL_REPOSITORY": str(work / "models"),

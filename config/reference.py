@@ -15,7 +15,8 @@ DESCRIPTIONS: dict[str, str] = {
     # Serving
     "host": "Address to bind.",
     "port": "Port to bind.",
-    "workers": "Serving processes on one port with SO_REUSEPORT.",
+    "workers": "Serving processes on one port with SO_REUSEPORT; more than one needs REDIS_URL, or per_process_state.",
+    "per_process_state": "Let several processes start without REDIS_URL, each keeping its own idempotency keys, record dedup and rate limits (a repeat that reaches another process runs again).",
     "worker_timeout_s": "With several processes: one whose event loop has not turned for this long is hung; the supervisor kills and restarts it.",
     "log_level": "debug, info, warning or error; logs are JSON lines on stdout.",
     "access_log": "Write the one canonical log line per request.",

@@ -57,6 +57,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     host: str = "0.0.0.0"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     workers: PositiveInt = 1
+    # Several processes without REDIS_URL keep idempotency keys, record dedup and rate
+    # limits each of its own: refused at start unless this accepts it.
+    per_process_state: bool = False
     worker_timeout_s: Annotated[float, msgspec.Meta(ge=1.0)] = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True

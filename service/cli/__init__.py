@@ -99,6 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (OSError, KeysFileError) as exc:  # as the server's own start-up errors
                 print(f"mlgate: start-up error: {setting_behind(exc, settings)}: {exc}", file=sys.stderr)
                 return 2
+        if settings.workers > 1 and settings.redis_url is None and not settings.per_process_state:
+            # Each process would keep its own Idempotency-Keys and record ids: a repeat
+            # the kernel hands to another process runs again (a review: written twice).
+            print(
+                f"mlgate: configuration error: MLGATE_WORKERS={settings.workers} without "
+                "REDIS_URL: each process would keep its own idempotency keys, record dedup "
+                "and rate limits, so a repeat reaching another process runs again; set "
+                "REDIS_URL, or MLGATE_PER_PROCESS_STATE=true to accept that",
+                file=sys.stderr,
+            )
+            return 2
         if settings.workers > 1:
             return Supervisor(settings).run()
         return run(settings)

@@ -31,7 +31,9 @@ INGEST_202 = ("mlgate_http_requests_total", (("method", "POST"), ("route", "/api
 def start_two_processes(service_process: ServiceFactory) -> ServiceProcess:
     """Returns once the supervisor says READY=1: both processes listen, not just one."""
     with notify_socket() as (path, sock):
-        service = service_process("--workers", "2", wait=False, NOTIFY_SOCKET=path)
+        service = service_process(
+            "--workers", "2", wait=False, NOTIFY_SOCKET=path, MLGATE_PER_PROCESS_STATE="true"
+        )
         receive_until(sock, "READY=1")
     return service
 
@@ -100,7 +102,7 @@ def test_sigterm_to_the_supervisor_stops_both_processes_and_exits_0(
     service_process: ServiceFactory,
 ) -> None:
     with notify_socket() as (path, sock):
-        service = service_process("--workers", "2", wait=False, NOTIFY_SOCKET=path,
+        service = service_process("--workers", "2", MLGATE_PER_PROCESS_STATE="true", wait=False, NOTIFY_SOCKET=path,
                                   MLGATE_SHUTDOWN_TIMEOUT_S="5")
         receive_until(sock, "READY=1")
         servers = serving_children(service.pid)
@@ -117,7 +119,7 @@ def test_supervisor_exits_2_when_a_process_cannot_start_on_a_setting(
     data_dir = tmp_path / "service0" / "data"  # the fixture's first service's
     data_dir.mkdir(parents=True)
     (data_dir / "worker-1").write_text("a file where process 1's data directory goes")
-    service = service_process("--workers", "2", wait=False)
+    service = service_process("--workers", "2", MLGATE_PER_PROCESS_STATE="true", wait=False)
     # Process 1 cannot start; the supervisor gives up instead of restarting it forever,
     # with the exit code and the line one process gives.
     assert service.wait(30) == 2
@@ -138,7 +140,9 @@ def test_supervisor_refuses_a_port_another_service_holds_and_exits_2(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        service = service_process("--workers", "2", "--port", str(port), wait=False)
+        service = service_process(
+            "--workers", "2", "--port", str(port), wait=False, MLGATE_PER_PROCESS_STATE="true"
+        )
         assert service.wait(30) == 2
     assert "start_up_failed" in service.tail()
     assert f"MLGATE_PORT={port}" in service.tail()
@@ -189,7 +193,7 @@ async def test_ready_answers_for_the_host_when_one_process_cannot_serve_its_mode
     models = _copy_of_the_demo_model(tmp_path)
     with notify_socket() as (path, sock):
         service = service_process(
-            "--workers", "2", wait=False, NOTIFY_SOCKET=path,
+            "--workers", "2", MLGATE_PER_PROCESS_STATE="true", wait=False, NOTIFY_SOCKET=path,
             MLGATE_MODEL_REPOSITORY=str(models), MLGATE_MODEL_POLL_INTERVAL_S="0",
         )
         receive_until(sock, "READY=1")
@@ -230,7 +234,7 @@ def test_a_hung_process_is_killed_and_replaced(service_process: ServiceFactory) 
     a review saw half the connections, health checks included, go unanswered."""
     with notify_socket() as (path, sock):
         service = service_process(
-            "--workers", "2", wait=False, NOTIFY_SOCKET=path, MLGATE_WORKER_TIMEOUT_S="2"
+            "--workers", "2", MLGATE_PER_PROCESS_STATE="true", wait=False, NOTIFY_SOCKET=path, MLGATE_WORKER_TIMEOUT_S="2"
         )
         receive_until(sock, "READY=1")
     hung = sorted(serving_children(service.pid))[0]
@@ -259,3 +263,12 @@ def wait_for_two_serving(service: ServiceProcess) -> None:
         except OSError:
             time.sleep(0.2)
     raise AssertionError("the replacement process never served")
+
+
+def test_several_processes_without_redis_are_refused_at_start(service_process: ServiceFactory) -> None:
+    """Each would keep its own Idempotency-Keys and record ids: a repeat reaching the
+    other process ran again and wrote its records twice (a review)."""
+    service = service_process("--workers", "2", wait=False)
+    assert service.wait(30) == 2
+    assert "MLGATE_WORKERS=2 without REDIS_URL" in service.tail()
+    assert "MLGATE_PER_PROCESS_STATE=true" in service.tail()
