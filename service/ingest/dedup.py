@@ -402,9 +402,11 @@ class RecordDeduplicator:
             found.update(zip(waiting, states, strict=True))
             waiting = [record_id for record_id in waiting if found[record_id] == IN_FLIGHT]
         if waiting:
+            # Not "N are being written": the ids this claim gave back so as not to hold
+            # them while it waits (``_hold_none_past_a_wait``) wait too (a review).
             raise Conflict(
-                f"{len(waiting)} record_id(s) of this batch are being written by another "
-                "request; retry once it has finished",
+                f"another request is writing record_ids of this batch ({len(waiting)} of "
+                "its ids wait for it); retry once it has finished",
                 retry_after_s=1,
             )
 
