@@ -41,7 +41,9 @@ MetadataInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 MetadataValue = MetadataText | MetadataInt | float | bool
 Timestamp = (
     Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with an offset")]
-    | Annotated[float, msgspec.Meta(ge=0, le=1e11, description="epoch seconds")]
+    # From 0001-01-01, as far back as RFC 3339 goes (a review: pre-1970 text was taken
+    # and the same moment in epoch seconds refused).
+    | Annotated[float, msgspec.Meta(ge=-62135596800, le=1e11, description="epoch seconds")]
 )
 Features = Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_FEATURES)]
 # A float that is not NaN nor infinite, for ``PackedRecord``: msgspec refuses the rest

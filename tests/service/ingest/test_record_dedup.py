@@ -247,7 +247,7 @@ async def test_a_batch_meeting_an_id_in_flight_too_long_gets_409_and_writes_noth
     body = await response.json(content_type=None)
     assert response.status == 409
     assert response.headers["Retry-After"] == "1"
-    assert "being written by another request" in body["detail"]
+    assert "another request is writing record_ids of this batch" in body["detail"]
     assert client.app[RECORD_SINK].next_offset == 0
     # "b" was claimed by the refused batch and released with it: the retry writes it
     assert (await dedup.claim("anonymous", ["b"])).new == [True]
