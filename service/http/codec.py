@@ -72,6 +72,8 @@ def _msgpack_hook(obj: Any) -> Any:
 json_encoder = msgspec.json.Encoder(enc_hook=_json_hook)
 _msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_msgpack_hook)
 _LOCATION = re.compile(r" - at `\$\.?(.*)`$")
+# msgspec's word for a mapping's key that fails: "... - at `key` in `$.metadata`".
+_KEY_LOCATION = re.compile(r" - at `key` in `\$\.?(.*)`$")
 _MISSING_FIELD = re.compile(r"missing required field `(\w+)`")
 
 
@@ -134,6 +136,9 @@ def location(error: msgspec.ValidationError) -> tuple[str, str]:
     A missing field is located at the field itself (``source``, not the object holding it).
     """
     text = str(error)
+    key = _KEY_LOCATION.search(text)
+    if key is not None:
+        return key.group(1), f"a key: {text[: key.start()]}"
     match = _LOCATION.search(text)
     loc, msg = ("", text) if match is None else (match.group(1), text[: match.start()])
     missing = _MISSING_FIELD.search(msg)

@@ -484,6 +484,18 @@ async def test_epoch_seconds_before_year_1_are_rejected(client: Client) -> None:
     assert error["index"] == 1 and "timestamp" in error["error"]
 
 
+@pytest.mark.parametrize("key", [1, "k" * 65], ids=["not-a-string", "too-long"])
+async def test_a_bad_metadata_key_is_named_as_a_key_of_metadata(client: Client, key: object) -> None:
+    """msgspec's own location (`key` in `$.metadata`) reached the client as it was."""
+    body = msgspec.msgpack.encode(_batch(_record(0), _record(1, metadata={key: "x"})))
+    response = await client.post(INGEST, data=body, headers=MSGPACK)
+    assert response.status == 202
+    [error] = (await response.json())["errors"]
+    assert error["index"] == 1
+    assert error["error"].startswith("a key: Expected `str`")
+    assert error["error"].endswith(" at metadata")
+
+
 async def test_too_many_metadata_items_cost_only_that_record(client: Client) -> None:
     too_many = {f"k{i}": i for i in range(33)}
     records = [_record(0, metadata={"ok": True}), _record(1, metadata=too_many)]
