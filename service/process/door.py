@@ -55,6 +55,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDict
 
 from mlgate.service.http.body import SUPPORTED_ENCODINGS, check_compressed_ends
 from mlgate.service.http.codec import Format, media_format, preferred_format
@@ -639,6 +640,42 @@ def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> 
     return body if is_msgpack else None
 
 
+# The last bytes of a packet the parser refused that ``refused_head`` reads.
+_REFUSED_HEAD_BYTES = 16384
+_REQUEST_LINE = re.compile(rb"(?:^|\r\n)[A-Z]+ (/[!-~]*) HTTP/1\.[01]\r\n")
+_HEADER_LINE = re.compile(rb"([!#-'*+.0-9A-Z^-z|~-]+):[ \t]*([ -~]*?)[ \t]*\r\n")
+
+
+def refused_head(
+    data: bytes, path: str, headers: Mapping[str, str]
+) -> tuple[str, Mapping[str, str]]:
+    """The path and the ``Accept`` and ``X-Request-ID`` of a request the parser refused
+    as it read the packet its head came in (a bad chunk size after the head, a bad
+    header line): aiohttp then answers with a stand-in request of no headers, and its
+    400 ignored the client's ``Accept`` and id. Read from the last request line in
+    ``data`` (a line the parser refused is skipped); ``path`` and ``headers`` as given
+    when aiohttp has them, or none is found."""
+    if headers or not data:
+        return path, headers
+    lines = list(_REQUEST_LINE.finditer(data))
+    if not lines:
+        return path, headers
+    found: dict[str, str] = {}
+    position = lines[-1].end()
+    while position < len(data) and not data.startswith(b"\r\n", position):
+        line = _HEADER_LINE.match(data, position)
+        end = data.find(b"\r\n", position)
+        if end < 0:
+            break
+        if line is not None and line.end() == end + 2:
+            name = line.group(1).decode().lower()
+            if name in ("accept", "x-request-id"):
+                found[name] = line.group(2).decode()
+        position = end + 2
+    request_path = lines[-1].group(1).decode().split("?", 1)[0]
+    return request_path, CIMultiDict(found)
+
+
 class _DoorParser:
     """aiohttp's request parser, with the messages the door refuses taken out."""
 
@@ -650,7 +687,7 @@ class _DoorParser:
         try:
             messages, upgraded, tail = self._parser.feed_data(data)
         except http_exceptions.HttpProcessingError as exc:
-            self._handler.parse_failed(exc)
+            self._handler.parse_failed(exc, data)
             raise  # aiohttp queues its 400 (``handle_error``)
         kept: list[tuple[Any, Any]] = []
         while messages and not upgraded:
@@ -681,6 +718,7 @@ class DoorRequestHandler(web.RequestHandler):
         # this connection is waiting or being answered, so a refusal keeps the order.
         self._handed = 0
         self._answered = 0
+        self._refused_data = b""
         # For each message handed to the app, in order: the door's admission of it, if any.
         self._bound_for: deque[Admission | None] = deque()
         self._express_task: asyncio.Task[None] | None = None
@@ -744,11 +782,13 @@ class DoorRequestHandler(web.RequestHandler):
             return
         super().data_received(data)
 
-    def parse_failed(self, exc: http_exceptions.HttpProcessingError) -> None:
+    def parse_failed(self, exc: http_exceptions.HttpProcessingError, data: bytes) -> None:
         """aiohttp's parser refused what it was given: it queues a 400 for it, due
         like an answer (a half-close waits for it: ``eof_received``). A body it was
         in (a bad chunk size, say) never ends: it fails, so the app's reader answers
-        that request at once (in its ``Accept``), rather than at the body timeout."""
+        that request at once (in its ``Accept``), rather than at the body timeout.
+        ``data``: what it was given, for ``handle_error`` to read the refused head in."""
+        self._refused_data = data[-_REFUSED_HEAD_BYTES:]
         self._handed += 1
         payload = self._last_payload
         if payload.is_eof() or payload.exception() is not None:
@@ -938,14 +978,16 @@ class DoorRequestHandler(web.RequestHandler):
             error = BadRequest(f"Malformed HTTP request: {parser_reason(exc, message)}")
         else:
             error = as_api_error(exc if isinstance(exc, Exception) else Exception())
-        request_id = self._door.request_ids.from_headers(request.headers)
+        path, headers = refused_head(self._refused_data, request.path, request.headers)
+        request_id = self._door.request_ids.from_headers(headers)
         log.info(
             "bad_http_request",
             status=error.status,
             error=parser_reason(exc, message),
             request_id=request_id,
         )
-        body, content_type = problem_document(error, request.path, request_id, Format.JSON)
+        fmt = preferred_format(headers.get("Accept"))
+        body, content_type = problem_document(error, path, request_id, fmt)
         response = web.Response(
             status=error.status,
             body=body,

@@ -84,3 +84,30 @@ async def test_a_bad_chunk_size_after_the_head_is_answered_at_once_as_the_reques
         assert await asyncio.wait_for(reader.read(), 10) == b""
     finally:
         writer.close()
+
+
+REFUSED_IN_THE_HEADS_PACKET = {
+    "bad-chunk-size": "Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
+    "bad-header-line": "Bad Header: x\r\nContent-Length: 2\r\n\r\n{}",
+}
+
+
+@pytest.mark.parametrize("rest", REFUSED_IN_THE_HEADS_PACKET.values(), ids=REFUSED_IN_THE_HEADS_PACKET.keys())
+async def test_a_request_refused_in_its_heads_packet_is_answered_as_it_asked(
+    door_server: DoorServer, rest: str
+) -> None:
+    """aiohttp answers it with a stand-in request of no headers: the 400 was JSON and
+    named "/" whatever the request asked, and another request id."""
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        asked = "Accept: application/msgpack\r\nX-Request-ID: mine-1\r\n"
+        writer.write(f"{HEAD}{asked}{rest}".encode())
+        writer.write_eof()
+        status_line, headers, body = await asyncio.wait_for(read_answer(reader), 5)
+        assert status_line.split()[1] == "400"
+        assert headers["Content-Type"] == "application/msgpack"
+        assert headers["X-Request-ID"] == "mine-1"
+        problem = msgspec.msgpack.decode(body)
+        assert (problem["instance"], problem["status"]) == ("/api/v2/ingest", 400)
+    finally:
+        writer.close()
