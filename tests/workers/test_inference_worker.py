@@ -1017,6 +1017,7 @@ async def test_after_such_a_run_requests_no_longer_share_runs(make_worker: Worke
     worker = make_worker(session, max_batch_size=8, max_queue_delay_s=0.05)
     one, zero = np.array([[1.0]], np.float32), np.array([[0.0]], np.float32)
     await asyncio.gather(worker.submit(one, soon()), worker.submit(zero, soon()))
+    assert not worker.shares_batches  # what the model's OIP config then says
     session.batches.clear()
     answers = await asyncio.gather(*(worker.submit(zero, soon()) for _ in range(3)))
     assert [answer["probabilities"].tolist() for answer in answers] == [[[0, 0]]] * 3

@@ -711,6 +711,7 @@ class InferenceWorker(Actor[_Item]):
                 # not (a count that depends on the values, as a detection model's): no
                 # request may see another's rows, so each runs alone, now and from now.
                 self._shares_batches = False
+                self._max_batch_size = 1  # as a model refused sharing at its load
                 answering = True
                 error = RuntimeError(f"model {self.name}: outputs not one row per input row")
                 self._run_alone(items, total, error)
@@ -783,6 +784,12 @@ class InferenceWorker(Actor[_Item]):
             if not item.future.done():
                 item.future.set_exception(WorkerClosed(f"inference worker {self.name} stopped"))
             self._settled(item)
+
+    @property
+    def shares_batches(self) -> bool:
+        """Requests share runs (False from the load on, or since a shared run's outputs
+        did not keep its rows)."""
+        return self._shares_batches
 
     def _answers(
         self,

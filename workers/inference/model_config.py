@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -149,26 +150,63 @@ def tensor_spec(arg: ort.NodeArg) -> TensorSpec:
 
 
 def zeros(spec: TensorSpec, rows: int = 1) -> np.ndarray:
-    """A tensor of ``spec`` filled with zeros (empty strings), ``rows`` along each free
-    dimension."""
-    shape = tuple(rows if d < 0 else d for d in spec.shape)
+    """A tensor of ``spec`` filled with zeros (empty strings): ``rows`` along a free
+    first dimension, 1 along any other free one."""
+    return _filled(spec, _shape(spec, rows), None)
+
+
+def varied(spec: TensorSpec, rows: int, seed: int) -> np.ndarray:
+    """As ``zeros``, with values that differ (floats of a normal spread, integers and
+    booleans of 0 and 1), for ``_rows_kept_for_varied_values``."""
+    return _filled(spec, _shape(spec, rows), np.random.default_rng(seed))
+
+
+def _shape(spec: TensorSpec, rows: int) -> tuple[int, ...]:
+    return tuple((rows if i == 0 else 1) if d < 0 else d for i, d in enumerate(spec.shape))
+
+
+def _filled(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator | None) -> np.ndarray:
     if spec.datatype == "BYTES":
         return np.full(shape, "", dtype=np.object_)
-    return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
+    dtype = NUMPY_DTYPES[spec.datatype]
+    if rng is None:
+        return np.zeros(shape, dtype=dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    return rng.integers(0, 2, shape).astype(dtype)
 
 
-def _first_dims_agree(session: ort.InferenceSession) -> bool:
-    """Every input and output starts with a free dimension, and where the graph names
-    it, by one name. An output whose first dimension has a name of its own (a
-    detection model's ``k`` beside the input's ``batch``) counts something else."""
-    names: set[str] = set()
+def _free_first_dimensions(session: ort.InferenceSession) -> bool:
+    """Every input and output starts with a free dimension (named or not: tf2onnx
+    names each one apart, ``unk__6`` and ``unk__7``, for the same rows)."""
     for arg in (*session.get_inputs(), *session.get_outputs()):
         first = arg.shape[0] if arg.shape else 0
-        if isinstance(first, str):
-            names.add(first)
-        elif first is not None and first >= 0:  # fixed, or a scalar
+        if isinstance(first, int) and first >= 0:  # fixed, or a scalar
             return False
-    return len(names) <= 1
+    return True
+
+
+def _rows_kept(answered: Sequence[np.ndarray], rows: int) -> bool:
+    return all(np.ndim(value) and np.shape(value)[0] == rows for value in answered)
+
+
+def _rows_kept_for_varied_values(
+    session: ort.InferenceSession, inputs: tuple[TensorSpec, ...], run_options: ort.RunOptions | None
+) -> bool:
+    """Runs of 5 and 7 rows of varied values answer as many rows. Zeros alone say too
+    little: a model keeping the values above a bound answered one per row of zeros,
+    and a shared run whose count happened to match handed callers each other's values
+    (a review). A run these values fail decides nothing (zeros then do)."""
+    for rows, seed in ((5, 5), (7, 7)):
+        try:
+            answered = session.run(None, {s.name: varied(s, rows, seed) for s in inputs}, run_options)
+        except Exception:
+            if run_options is not None and run_options.terminate:
+                raise
+            continue
+        if not _rows_kept(answered, rows):
+            return False
+    return True
 
 
 def open_session(
@@ -177,27 +215,27 @@ def open_session(
     """Create the session, read its metadata and warm it up with one run (ended early,
     failing, once ``run_options.terminate`` is set). Blocking.
 
-    The last item: whether requests may share a run (``shares_batches``): the first
-    dimensions agree (``_first_dims_agree``) and a run of two rows answers two rows in
-    every output. A free first dimension alone says too little: a flattening model's
-    ``[n]`` or a detection model's ``[k, 2]`` has one too, and rows of merged requests
-    could not be told apart in it (a review: each of 8 concurrent callers got all 8
-    callers' outputs). The two-row run is the warm-up; if it fails, one row is."""
+    The last item: whether requests may share a run (``shares_batches``): every input
+    and output has a free first dimension, and runs of 2 rows of zeros and of 5 and 7
+    rows of varied values answer as many rows in every output. A free first dimension
+    alone says too little: a flattening model's ``[n]`` or a detection model's
+    ``[k, 2]`` has one too, and rows of merged requests could not be told apart in it
+    (a review: each of 8 concurrent callers got all 8 callers' outputs). The two-row
+    run is the warm-up; if it fails, one row is."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     inputs = tuple(tensor_spec(arg) for arg in session.get_inputs())
     outputs = tuple(tensor_spec(arg) for arg in session.get_outputs())
-    if _first_dims_agree(session):
+    if _free_first_dimensions(session):
         try:
-            two_rows = {spec.name: zeros(spec, 2) for spec in inputs}
-            answered = session.run(None, two_rows, run_options)
+            answered = session.run(None, {spec.name: zeros(spec, 2) for spec in inputs}, run_options)
         except Exception:
             if run_options is not None and run_options.terminate:
                 raise
         else:
-            kept = all(np.ndim(value) and np.shape(value)[0] == 2 for value in answered)
+            kept = _rows_kept(answered, 2) and _rows_kept_for_varied_values(session, inputs, run_options)
             return session, inputs, outputs, kept
     session.run(None, {spec.name: zeros(spec) for spec in inputs}, run_options)
     return session, inputs, outputs, False

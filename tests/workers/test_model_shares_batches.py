@@ -1,0 +1,101 @@
+"""Whether a model's requests may share a run (``open_session``'s last answer): yes for
+models whose outputs keep the input's rows, however the graph names the dimensions;
+no for those whose outputs count something else, even where zeros hide it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mlgate.workers.inference.model_config import open_session
+from models.make_demo_model import IR_VERSION, OPSET
+
+
+def value(name: str, shape: list[Any], element: int = TensorProto.FLOAT) -> Any:
+    return helper.make_tensor_value_info(name, element, shape)
+
+
+def constant(name: str, array: np.ndarray) -> Any:
+    return numpy_helper.from_array(array, name)
+
+
+def shares_batches(
+    tmp_path: Path, inputs: list[Any], outputs: list[Any], nodes: list[Any], *inits: Any
+) -> bool:
+    graph = helper.make_graph(nodes, "m", inputs, outputs, list(inits))
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return bool(open_session(path, 1)[3])
+
+
+WEIGHTS = constant("W", np.ones((3, 2), np.float32))
+MATMUL = helper.make_node("MatMul", ["x", "W"], ["y"])
+
+
+def test_a_row_wise_model_with_unnamed_first_dimensions_shares(tmp_path: Path) -> None:
+    assert shares_batches(
+        tmp_path, [value("x", [None, 3])], [value("y", [None, 2])], [MATMUL], WEIGHTS
+    )
+
+
+def test_first_dimensions_named_apart_as_tf2onnx_names_them_share(tmp_path: Path) -> None:
+    assert shares_batches(
+        tmp_path, [value("x", ["unk__6", 3])], [value("y", ["unk__7", 2])], [MATMUL], WEIGHTS
+    )
+
+
+def test_two_inputs_each_with_a_name_of_its_own_share(tmp_path: Path) -> None:
+    add = helper.make_node("Add", ["a", "b"], ["y"])
+    inputs = [value("a", ["batch_a", 3]), value("b", ["batch_b", 3])]
+    assert shares_batches(tmp_path, inputs, [value("y", ["batch_a", 3])], [add])
+
+
+def test_a_free_feature_dimension_that_takes_only_one_size_still_shares(tmp_path: Path) -> None:
+    """The probe puts rows on the first dimension only: 2 on the feature dimension
+    failed against a bias of 3 and cost the model its batching (a review)."""
+    add = helper.make_node("Add", ["x", "bias"], ["y"])
+    bias = constant("bias", np.ones(3, np.float32))
+    assert shares_batches(
+        tmp_path, [value("x", ["batch", "f"])], [value("y", ["batch", 3])], [add], bias
+    )
+
+
+def test_a_flattened_output_does_not_share(tmp_path: Path) -> None:
+    reshape = helper.make_node("Reshape", ["x", "shape"], ["y"])
+    flat = constant("shape", np.array([-1], np.int64))
+    assert not shares_batches(
+        tmp_path, [value("x", ["batch", 3])], [value("y", ["batch"])], [reshape], flat
+    )
+
+
+def test_values_kept_by_a_bound_do_not_share_though_zeros_keep_one_a_row(tmp_path: Path) -> None:
+    """Compress(x > [-1, 0]) keeps one value of a row of zeros, so a run of zeros kept
+    its rows; a shared run whose count happened to match handed callers each other's
+    values (a review)."""
+    nodes = [
+        helper.make_node("Greater", ["x", "bound"], ["above"]),
+        helper.make_node("Reshape", ["above", "flat"], ["keep"]),
+        helper.make_node("Compress", ["x", "keep"], ["y"]),
+    ]
+    inits = [
+        constant("bound", np.array([-1.0, 0.0], np.float32)),
+        constant("flat", np.array([-1], np.int64)),
+    ]
+    assert not shares_batches(
+        tmp_path, [value("x", [None, 2])], [value("y", [None])], nodes, *inits
+    )
+
+
+@pytest.mark.parametrize("first", [1, "k"], ids=["fixed", "named"])
+def test_an_output_of_a_fixed_count_does_not_share(tmp_path: Path, first: Any) -> None:
+    total = helper.make_node("ReduceSum", ["x"], ["y"], keepdims=1)
+    assert not shares_batches(
+        tmp_path, [value("x", ["batch", 3])], [value("y", [first, 1])], [total]
+    )
