@@ -56,7 +56,8 @@ def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
             raw = np.asarray(data)
         except ValueError:
             raise invalid(f"{loc}.data", "nested data is ragged") from None
-        if raw.size and (raw.dtype.kind == "O" or (raw.dtype.kind == "f" and dtype.kind in "iu")):
+        big = raw.dtype.kind == "O" or (raw.dtype.kind == "f" and dtype.kind in "iu")
+        if raw.size and dtype.kind in "iuf" and big:
             raw = _big_integers(data, raw, dtype, tensor.datatype, f"{loc}.data")
         if raw.size and raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
             raise invalid(f"{loc}.data", f"values do not fit datatype {tensor.datatype}")

@@ -22,7 +22,12 @@ from models.make_demo_model import IR_VERSION, OPSET
 from tests.conftest import AppClientFactory
 
 Client = TestClient[web.Request, web.Application]
-TYPES = {"UINT64": TensorProto.UINT64, "INT64": TensorProto.INT64, "FP64": TensorProto.DOUBLE}
+TYPES = {
+    "UINT64": TensorProto.UINT64,
+    "INT64": TensorProto.INT64,
+    "FP64": TensorProto.DOUBLE,
+    "BOOL": TensorProto.BOOL,
+}
 
 
 def write_identity(root: Path, datatype: str) -> None:
@@ -91,6 +96,13 @@ async def test_an_fp64_integer_literal_of_2_to_the_64_is_read_as_that_float(
     status, answer = await infer(client, "FP64", [2**64, 1, -(2**70)])
     assert status == 200, answer
     assert answer["outputs"][0]["data"] == [float(2**64), 1.0, float(-(2**70))]
+
+
+async def test_a_bool_tensor_holding_an_integer_past_64_bits_is_422(client: Client) -> None:
+    """It reached the integer datatypes' reading and failed there: a 500 (a review)."""
+    status, answer = await infer(client, "BOOL", [0, 2**64, 1])
+    assert status == 422
+    assert "do not fit datatype BOOL" in answer["error"]
 
 
 async def test_an_integer_literal_beyond_every_float_is_422(client: Client) -> None:
