@@ -10,6 +10,7 @@ checked for well-formedness (``syntax_error``), so valid bodies pay nothing for 
 
 from __future__ import annotations
 
+import math
 import re
 from enum import Enum
 from typing import Any, TypeVar
@@ -55,6 +56,18 @@ _NON_FINITE_JSON = {
     "inf": msgspec.Raw(b"Infinity"),
     "-inf": msgspec.Raw(b"-Infinity"),
 }
+
+
+def marked_non_finite(obj: Any) -> Any:
+    """``obj`` (decoded msgpack: lists, maps, scalars) with each NaN or infinite float
+    as ``NonFinite``, so that it is written as JSON the way it first was."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else NonFinite(obj)
+    if isinstance(obj, list):
+        return [marked_non_finite(item) for item in obj]
+    if isinstance(obj, dict):
+        return {key: marked_non_finite(item) for key, item in obj.items()}
+    return obj
 
 
 def _json_hook(obj: Any) -> Any:

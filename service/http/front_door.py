@@ -224,12 +224,17 @@ def problem_response(request: web.Request, error: ApiError) -> web.Response:
     )
 
 
+def is_oip_path(path: str) -> bool:
+    """A route of the Open Inference Protocol: its errors are plain JSON with ``error``."""
+    return path.startswith("/v2/") or path == "/v2"
+
+
 def problem_document(
     error: ApiError, path: str, request_id: str | None, fmt: Format
 ) -> tuple[bytes, str]:
     """(body, content type) of ``error`` answered on ``path``: problem+json, or plain
     JSON with an ``error`` member on the Open Inference Protocol routes, or msgpack."""
-    is_oip = path.startswith("/v2/") or path == "/v2"
+    is_oip = is_oip_path(path)
     problem = Problem(
         type=error.type_uri,
         title=error.title,

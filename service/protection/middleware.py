@@ -21,6 +21,7 @@ that cannot succeed is refused before its body is sent, not after: 401/403 for i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from functools import partial
 
@@ -32,7 +33,14 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 
 from mlgate.config import Settings
 from mlgate.service.http.body import check_declared_length, check_encoding, read_body
-from mlgate.service.http.codec import MEDIA_TYPES, PROBLEM_JSON, Format, encode, response_format
+from mlgate.service.http.codec import (
+    MEDIA_TYPES,
+    PROBLEM_JSON,
+    Format,
+    encode,
+    marked_non_finite,
+    response_format,
+)
 from mlgate.service.http.context import API_KEY, BUFFERED_BODY, KEY_ID, TENANT
 from mlgate.service.http.errors import (
     ApiError,
@@ -45,7 +53,7 @@ from mlgate.service.http.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from mlgate.service.http.front_door import as_api_error, problem_response
+from mlgate.service.http.front_door import as_api_error, is_oip_path, problem_response
 from mlgate.service.http.routing import Route, route_access
 from mlgate.service.protection.api_keys import ANONYMOUS, ApiKey, KeyStoreUnavailable
 from mlgate.service.protection.idempotency import (
@@ -241,24 +249,24 @@ def over_limit(decision: Decision, headers: dict[str, str]) -> RateLimited:
 MSGPACK_TYPES = {media for media, fmt in MEDIA_TYPES.items() if fmt is Format.MSGPACK}
 
 
-def replay(stored: StoredResponse, fmt: Format) -> web.Response:
+def replay(stored: StoredResponse, fmt: Format, path: str) -> web.Response:
     """The stored answer, in the format this repeat prefers (``fmt``): the first may
     have asked for msgpack and its retry for JSON (a review: the retry got msgpack).
-    The same document either way; a body of another type (OIP binary tensors) as
-    stored."""
+    The same document either way, NaN and infinities included (written in JSON as
+    Triton writes them); a body of another type (OIP binary tensors) as stored."""
     headers = dict(stored.headers)
-    body = stored.body
     stored_type = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    body = stored.body
     try:
         if fmt is Format.MSGPACK and stored_type in (Format.JSON.value, PROBLEM_JSON):
-            body = encode(msgspec.json.decode(body), fmt)
+            body = encode(json.loads(body), fmt)  # Python's json reads NaN, Infinity
             headers["Content-Type"] = Format.MSGPACK.value
         elif fmt is Format.JSON and stored_type in MSGPACK_TYPES:
-            body = encode(msgspec.msgpack.decode(body), fmt)
-            headers["Content-Type"] = PROBLEM_JSON if stored.status >= 400 else Format.JSON.value
-    except msgspec.DecodeError:  # NaN in an OIP JSON answer, say: not plain JSON
-        body = stored.body
-        headers = dict(stored.headers)
+            body = encode(marked_non_finite(msgspec.msgpack.decode(body)), fmt)
+            problem = stored.status >= 400 and not is_oip_path(path)
+            headers["Content-Type"] = PROBLEM_JSON if problem else Format.JSON.value
+    except (ValueError, msgspec.DecodeError):  # not the document it says: as stored
+        body, headers = stored.body, dict(stored.headers)
     response = web.Response(status=stored.status, body=body)
     response.headers.update(headers)
     response.headers[REPLAYED] = "true"
@@ -318,7 +326,7 @@ async def _claim_and_run(
         if claimed.response is None:
             raise Conflict(f"A request with this {HEADER} is still in flight", retry_after_s=1)
         request.app[METRICS].idempotent_replays.inc()
-        return replay(claimed.response, response_format(request))
+        return replay(claimed.response, response_format(request), request.path)
 
     try:
         response: web.StreamResponse = await handler(request)

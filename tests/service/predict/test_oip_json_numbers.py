@@ -139,3 +139,41 @@ async def test_non_finite_outputs_are_floats_in_a_msgpack_answer(client: Client)
     data = msgspec.msgpack.decode(await answer.read())["outputs"][0]["data"]
     assert data[:2] == [float("inf"), 1.5]
     assert np.isnan(data[2])
+
+
+async def test_a_replay_keeps_non_finite_outputs_in_the_format_the_repeat_accepts(
+    client: Client,
+) -> None:
+    """Replays are written again in the repeat's format: the NaN of a msgpack answer
+    became null in JSON, and a JSON answer with NaN could not be read for msgpack."""
+    body, headers = binary_fp64_request([float("inf"), 1.5, float("-inf")])
+    as_msgpack = {**headers, "Idempotency-Key": "k1", "Accept": "application/msgpack"}
+    first = await client.post("/v2/models/fp64/infer", data=body, headers=as_msgpack)
+    again = await client.post(
+        "/v2/models/fp64/infer", data=body, headers={**headers, "Idempotency-Key": "k1"}
+    )
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content_type == "application/json"
+    assert '"data":[Infinity,1.5,-Infinity]' in await again.text()
+    as_json = {**headers, "Idempotency-Key": "k2"}
+    await client.post("/v2/models/fp64/infer", data=body, headers=as_json)
+    back = await client.post(
+        "/v2/models/fp64/infer", data=body, headers={**as_json, "Accept": "application/msgpack"}
+    )
+    assert back.content_type == "application/msgpack"
+    data = msgspec.msgpack.decode(await back.read())["outputs"][0]["data"]
+    assert data == msgspec.msgpack.decode(await first.read())["outputs"][0]["data"]
+
+
+async def test_an_oip_error_replayed_as_json_is_sent_as_the_protocol_sends_errors(
+    client: Client,
+) -> None:
+    bad = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "UINT64", "data": [0, 2**64, 1]}]}
+    keyed = {"Idempotency-Key": "k3"}
+    first = await client.post(
+        "/v2/models/uint64/infer", json=bad, headers={**keyed, "Accept": "application/msgpack"}
+    )
+    assert first.status == 422
+    again = await client.post("/v2/models/uint64/infer", json=bad, headers=keyed)
+    assert (again.status, again.content_type) == (422, "application/json")
+    assert "out of range for UINT64" in (await again.json())["error"]
