@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mlgate.config import SettingsError, load_settings
+from mlgate.config import Settings, SettingsError, load_settings
 from mlgate.service.cli import keys as keys_command
 from mlgate.service.cli import quality as quality_command
 from mlgate.service.cli.redaction import redact_url, redacted
@@ -56,6 +56,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serving_refusal(settings: Settings) -> str | None:
+    """Why these settings cannot serve, though each value is valid; None if they can.
+    Several processes without Redis would each keep their own Idempotency-Keys and
+    record ids: a repeat the kernel hands to another process runs again (a review:
+    written twice)."""
+    if settings.workers > 1 and settings.redis_url is None and not settings.per_process_state:
+        return (
+            f"MLGATE_WORKERS={settings.workers} without REDIS_URL: each process would keep "
+            "its own idempotency keys, record dedup and rate limits, so a repeat reaching "
+            "another process runs again; set REDIS_URL, or MLGATE_PER_PROCESS_STATE=true "
+            "to accept that"
+        )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config" and (args.env_example or args.markdown):
@@ -72,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(**overrides)
     except SettingsError as exc:
         print(f"mlgate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    refusal = serving_refusal(settings)
+    if refusal is not None and args.command in (None, "serve", "check-config"):
+        print(f"mlgate: configuration error: {refusal}", file=sys.stderr)
         return 2
     if args.command == "check-config":
         import msgspec
@@ -99,17 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (OSError, KeysFileError) as exc:  # as the server's own start-up errors
                 print(f"mlgate: start-up error: {setting_behind(exc, settings)}: {exc}", file=sys.stderr)
                 return 2
-        if settings.workers > 1 and settings.redis_url is None and not settings.per_process_state:
-            # Each process would keep its own Idempotency-Keys and record ids: a repeat
-            # the kernel hands to another process runs again (a review: written twice).
-            print(
-                f"mlgate: configuration error: MLGATE_WORKERS={settings.workers} without "
-                "REDIS_URL: each process would keep its own idempotency keys, record dedup "
-                "and rate limits, so a repeat reaching another process runs again; set "
-                "REDIS_URL, or MLGATE_PER_PROCESS_STATE=true to accept that",
-                file=sys.stderr,
-            )
-            return 2
         if settings.workers > 1:
             return Supervisor(settings).run()
         return run(settings)

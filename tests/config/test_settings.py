@@ -171,6 +171,15 @@ def test_check_config_prints_the_settings_it_would_run_with() -> None:
     assert printed["port"] == 9123 and printed["feature_dims"] == [4, 8]
 
 
+def test_check_config_refuses_several_processes_without_redis_as_serve_does() -> None:
+    """It said 0 for settings ``serve`` refuses (a review)."""
+    result = _check_config({"REDIS_URL": "", "MLGATE_WORKERS": "2"})
+    assert result.returncode == 2
+    assert "MLGATE_WORKERS=2 without REDIS_URL" in result.stderr
+    allowed = _check_config({"MLGATE_WORKERS": "2", "MLGATE_PER_PROCESS_STATE": "true"})
+    assert allowed.returncode == 0, allowed.stderr
+
+
 def test_drain_grace_longer_than_the_shutdown_budget_stops_start_up() -> None:
     with pytest.raises(SettingsError, match="MLGATE_DRAIN_GRACE_S"):
         load_settings({"MLGATE_DRAIN_GRACE_S": "30", "MLGATE_SHUTDOWN_TIMEOUT_S": "20"})
