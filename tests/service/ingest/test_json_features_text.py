@@ -50,6 +50,14 @@ def test_integer_literals_in_features_are_stored_as_floats(large: bool) -> None:
     assert all(value.count(b'"features":[1.0,2.5,') == 1 for value in values)
 
 
+def test_one_record_with_an_integer_literal_has_a_large_batch_written_as_floats() -> None:
+    body = _large_body(["[0.5, 1.5, 2.5, 3]"])
+    values = _values(_validator(), body)
+    assert b'"features":[0.5,1.5,2.5,3.0],' in values[0]
+    assert b'"features":[0.5,1.5,2.5,3.5],' in values[1]  # formatted as floats too
+    assert _answer(_validator(), body) == _as_before(body)
+
+
 def test_the_stored_record_is_the_same_document_as_without_the_text() -> None:
     validator = _validator()
     body = _body("[0.1, 0.2, 0.3, 0.4]", "[1e3, 2E-3, -0.0, 5]")
@@ -122,14 +130,14 @@ def _as_before(body: bytes) -> tuple[list[Any], list[tuple[int, str]]]:
 
 
 def test_a_large_json_batch_parses_its_features_into_one_matrix() -> None:
-    source, items = _decoded(_validator(), _large_body(["[1, 2.5, -0.0, 4e-3]"]))
+    source, items = _decoded(_validator(), _large_body(["[1.0, 2.5, -0.0, 0.4e-2]"]))
     assert isinstance(items, PackedRecords) and items.texts
     assert items.matrix.shape == (200, 4)
     assert items.matrix[0].tolist() == [1.0, 2.5, -0.0, 0.004]
 
 
 def test_the_matrix_path_stores_the_text_and_answers_as_the_record_path() -> None:
-    body = _large_body(["[0.1, -2.5e-7, 3.0,  4.50]", "[1e3, 2E-3, 9007199254740993, 5]"])
+    body = _large_body(["[0.1, -2.5e-7, 3.0,  4.50]", "[1.0e3, 2.0E-3, 9007199254740993.0, 5.0]"])
     stored, errors = _answer(_validator(), body)
     assert (stored, errors) == _as_before(body)
     [value, *_] = _values(_validator(), body)
