@@ -26,6 +26,7 @@ from tests.support import (
     create_topic,
     read_topic,
     restart_with_topic,
+    until,
     wait_until_drained,
 )
 
@@ -367,3 +368,27 @@ async def test_a_crashed_spill_writer_leaves_no_backlog_it_never_wrote(
         assert not sink.healthy
     finally:
         await sink.close()
+
+
+async def test_a_spill_drained_to_its_end_keeps_no_segment_of_forwarded_records(
+    make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """The segment written to was never deleted: a spill that filled its disk kept it
+    full once all was forwarded, its offset file unwritten, and each restart sent the
+    whole spill again (a review)."""
+    spilled = 2 * _PER_SEGMENT + 3  # the last segment part full
+    sink, topic = await _spilled_sink(make_settings, private_kafka_broker, spilled)
+    directory = sink._directory
+    try:
+        await restart_with_topic(private_kafka_broker, topic, sink.breaker)
+        await wait_until_drained(sink)
+        await until(lambda: read_forwarded_offset(directory) == spilled)
+        assert [(int(path.stem), path.stat().st_size) for path in segments(directory)] == [(spilled, 0)]
+        await sink.write(_records(1))  # Kafka back: straight there, the spill as it was
+    finally:
+        await sink.close()
+    reopened = LocalLog(directory)
+    try:
+        assert reopened.next_offset == spilled  # offsets go on where they were
+    finally:
+        reopened.close()

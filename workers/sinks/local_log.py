@@ -202,6 +202,24 @@ class LocalLog:
         self.durable_offset = self.next_offset
         return first
 
+    def roll_at(self, offset: int) -> bool:
+        """Start a new segment if the log ends at ``offset`` and the current segment
+        holds records: all of them are then below ``offset``, and the segment can be
+        deleted (``delete_segments_before``) once they are forwarded. The spill's
+        drainer asks for it once everything is forwarded: the current segment was never
+        deleted, so a spill that had filled its disk kept it full for good, its offset
+        file unwritten, and every restart sent the whole spill again (a review). Its
+        one new file is opened before the old one is let go, so a failure changes
+        nothing. Blocking; in the writer's thread."""
+        if self.next_offset != offset or self._size == 0 or self._broken is not None:
+            return False
+        handle = (self.directory / _segment_name(offset)).open("ab")
+        self._handle, previous = handle, self._handle
+        self._size = 0
+        previous.close()
+        self._fsync_directory()
+        return True
+
     @property
     def broken(self) -> bool:
         """A failed append could not be cut back yet: its frames may be on disk."""

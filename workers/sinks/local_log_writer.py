@@ -8,7 +8,7 @@ A failed write (a full disk, a read-only one, a quota, an I/O error) makes the w
 unhealthy, so ``/ready`` takes the process out of rotation rather than leave it
 answering 503s, until a write succeeds: asked for its health, it tries a probe write
 (at most once a second, in its own thread, behind the writes): ``min_free_bytes``
-free and writable by ``statvfs``, then a small file written, fsync'd and removed.
+(by default 16 MB, or a quarter of a smaller disk) free and writable by ``statvfs``, then a small file written, fsync'd and removed.
 A log left broken by a failed write (its cut-back failed too, or its directory was
 removed under it) is repaired first, by the probe or by the next write.
 
@@ -59,7 +59,7 @@ class LocalLogWriter(Actor[_Pending]):
         *,
         mailbox_size: int = 1024,
         segment_bytes: int = 64 * 1024 * 1024,
-        min_free_bytes: int = MIN_FREE_BYTES,
+        min_free_bytes: int | None = None,
         telemetry: WorkerTelemetry = NO_TELEMETRY,
         spill: bool = False,
     ) -> None:
@@ -101,6 +101,14 @@ class LocalLogWriter(Actor[_Pending]):
             return f"the local log at {self._directory} is not running"
         return f"writes to {self._directory} fail: {self._last_error}"
 
+    async def roll_at(self, offset: int) -> bool:
+        """``LocalLog.roll_at`` in the writer's thread, after the appends handed to it
+        (none can come between its check of the end and the new segment)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._roll_at, offset)
+
+    def _roll_at(self, offset: int) -> bool:
+        return self._log is not None and self._log.roll_at(offset)
+
     def _probe_soon(self) -> None:
         if self._probing or time.monotonic() - self._probed_at < PROBE_INTERVAL_S:
             return
@@ -122,7 +130,12 @@ class LocalLogWriter(Actor[_Pending]):
             stats = os.statvfs(self._directory)
             if stats.f_flag & os.ST_RDONLY or stats.f_favail == 0:
                 return False
-            if stats.f_bavail * stats.f_frsize < self.min_free_bytes:
+            wanted = self.min_free_bytes
+            if wanted is None:
+                # A disk smaller than four times the margin (a small volume of its own)
+                # needs a quarter of itself free: 16 MB of 3 MB could never be.
+                wanted = min(MIN_FREE_BYTES, stats.f_blocks * stats.f_frsize // 4)
+            if stats.f_bavail * stats.f_frsize < wanted:
                 return False
             probe = self._directory / ".write-probe"
             with open(probe, "wb") as handle:

@@ -391,6 +391,12 @@ class SpillingKafkaSink:
         # back, and the backlog grows again by what it will send twice.
         self._forwarded = unacked.end
         self._shares.forwarded(unacked.offsets)
+        if unacked.end == self._spill.next_offset:
+            # All forwarded: the segment written to can go too (``LocalLog.roll_at``).
+            try:
+                await self._spill.roll_at(unacked.end)
+            except OSError as exc:
+                log.warning("spill_segment_not_rolled", offset=unacked.end, error=repr(exc))
         try:
             await loop.run_in_executor(self._executor, self._mark_forwarded, unacked.end)
         except OSError as exc:
