@@ -132,7 +132,8 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     sink: SpillingKafkaSink | LocalLogWriter
     if settings.kafka_bootstrap_servers:
-        sink = SpillingKafkaSink(settings, telemetry=PrometheusTelemetry(app[METRICS]))
+        sink = spilling = SpillingKafkaSink(settings, telemetry=PrometheusTelemetry(app[METRICS]))
+        app[DEGRADED_CHECKS]["kafka"] = lambda: spilling.degraded
     else:
         sink = LocalLogWriter(
             Path(worker_data_dir(settings)) / "log",

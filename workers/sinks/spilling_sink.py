@@ -162,6 +162,18 @@ class SpillingKafkaSink:
         return f"{self.backlog} spilled records wait for Kafka and the drainer is not running"
 
     @property
+    def degraded(self) -> str | None:
+        """Kafka failing or behind while writes still succeed (they spill): what
+        ``/ready`` lists under ``degraded``, staying ready (a review: an operator saw a
+        Kafka outage in the metrics and the logs only)."""
+        waiting = self.backlog
+        if self.breaker.state != "closed":
+            return f"Kafka unreachable: records spill to {self._directory}, {waiting} wait for it"
+        if waiting:
+            return f"{waiting} spilled records wait for Kafka"
+        return None
+
+    @property
     def backlog(self) -> int:
         """Records handed to the spill that Kafka has not acknowledged."""
         return max(0, self._spill.accepted_offset - self._forwarded)

@@ -83,6 +83,32 @@ async def test_records_accepted_while_kafka_is_down_reach_kafka_once_in_order(
     assert all(seq == sorted(seq) for seq in sequences.values())
 
 
+async def test_ready_stays_200_and_names_kafka_degraded_while_records_spill(
+    app_client, make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """Ingests spill, so the host stays in rotation; an operator still sees the outage
+    in /ready (a review: only the metrics and the logs said so)."""
+    topic, settings = await _on_fresh_topic(
+        make_settings, private_kafka_broker, feature_dims=(4,), kafka_request_timeout_ms=500,
+        kafka_breaker_reset_s=0.5,
+    )
+    client = await app_client(settings)
+    sink = client.app[RECORD_SINK]
+    assert isinstance(sink, SpillingKafkaSink)
+    assert "degraded" not in await (await client.get("/ready")).json()
+    private_kafka_broker.stop()
+    for sequence in range(3):
+        assert (await client.post("/api/v2/ingest", json=_batch(0, sequence))).status == 202
+    answer = await client.get("/ready")
+    assert answer.status == 200
+    kafka = (await answer.json())["degraded"]["kafka"]
+    assert "3 wait for it" in kafka or "3 spilled records wait for Kafka" in kafka
+    await restart_with_topic(private_kafka_broker, topic, sink.breaker)
+    await wait_until_drained(sink)
+    await until(lambda: sink.degraded is None)
+    assert "degraded" not in await (await client.get("/ready")).json()
+
+
 async def test_full_spill_answers_503_with_retry_after(
     app_client, make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
