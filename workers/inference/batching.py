@@ -181,9 +181,9 @@ class InferenceWorker(Actor[_Item]):
         shares_batches: bool = True,
         run_options: RunOptions | None = None,
     ) -> None:
-        """``shares_batches``: False for a model without a free batch dimension on
-        every input and output (``model_config.open_session``): each request then runs alone, since its outputs could
-        not be told apart by rows (a request of 0 rows would otherwise fit beside one
+        """``shares_batches``: False for a model whose outputs do not keep the input's
+        rows (``model_config.open_session``): each request then runs alone, since its
+        outputs could not be told apart by rows (a request of 0 rows would otherwise fit beside one
         of 1 within ``max_batch_size`` 1, and both get the same outputs)."""
         if not input_names:
             raise ValueError("a model needs at least one input")
@@ -707,9 +707,9 @@ class InferenceWorker(Actor[_Item]):
             if len(items) > 1 and not all(
                 np.ndim(value) and np.shape(value)[0] == total for value in outputs
             ):
-                # The load's two-row run said outputs follow the input's rows; these do
-                # not (a count that depends on the values, as a detection model's): no
-                # request may see another's rows, so each runs alone, now and from now.
+                # The load's runs said outputs follow the input's rows; these do not (a
+                # count that depends on the values, as a detection model's): no request
+                # may see another's rows, so each runs alone, now and from now.
                 self._shares_batches = False
                 self._max_batch_size = 1  # as a model refused sharing at its load
                 answering = True

@@ -8,7 +8,8 @@ A failed write (a full disk, a read-only one, a quota, an I/O error) makes the w
 unhealthy, so ``/ready`` takes the process out of rotation rather than leave it
 answering 503s, until a write succeeds: asked for its health, it tries a probe write
 (at most once a second, in its own thread, behind the writes): ``min_free_bytes``
-(by default 16 MB, or a quarter of a smaller disk) free and writable by ``statvfs``, then a small file written, fsync'd and removed.
+(by default 16 MB, or a quarter of a smaller disk) free and writable by ``statvfs``,
+then a small file written, fsync'd and removed.
 A log left broken by a failed write (its cut-back failed too, or its directory was
 removed under it) is repaired first, by the probe or by the next write.
 
