@@ -183,8 +183,9 @@ class InferenceWorker(Actor[_Item]):
     ) -> None:
         """``shares_batches``: False for a model whose outputs do not keep the input's
         rows (``model_config.open_session``): each request then runs alone, since its
-        outputs could not be told apart by rows (a request of 0 rows would otherwise fit beside one
-        of 1 within ``max_batch_size`` 1, and both get the same outputs)."""
+        outputs could not be told apart by rows (a request of 0 rows would otherwise
+        fit beside one of 1 within ``max_batch_size`` 1, and both get the same
+        outputs)."""
         if not input_names:
             raise ValueError("a model needs at least one input")
         # A fresh one of its kind is given to each run, so that a run can be ended on
