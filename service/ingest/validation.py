@@ -215,7 +215,9 @@ class RecordValidator:
             return None
         return packed.source, items
 
-    def _json_feature_matrix(self, records: Sequence[PackedRecord]) -> tuple[np.ndarray, bool] | None:
+    def _json_feature_matrix(
+        self, records: Sequence[PackedRecord]
+    ) -> tuple[np.ndarray, bool] | None:
         """The records' JSON features as one float64 matrix, row per record, parsed by
         simdjson in one pass (about half what msgspec takes to make a Python float of
         each value, and no floats to check one by one). None unless every record's
@@ -280,11 +282,9 @@ class RecordValidator:
                 if problem is not None:
                     errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
                     continue
-                features = (
-                    FeaturesText(item.features, item.features_text)
-                    if isinstance(item, TextRecord) and _all_points(item.features_text, len(item.features))
-                    else item.features
-                )
+                features: list[float] | FeaturesText = item.features
+                if isinstance(item, TextRecord) and _all_points(item.features_text, len(features)):
+                    features = FeaturesText(item.features, item.features_text)
                 self._keep(index, source, item, features, received, accepted, errors, generated)
         batch = ValidatedBatch(
             source=source, accepted=accepted, errors=errors, generated_ids=frozenset(generated)
