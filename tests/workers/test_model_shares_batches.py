@@ -99,3 +99,39 @@ def test_an_output_of_a_fixed_count_does_not_share(tmp_path: Path, first: Any) -
     assert not shares_batches(
         tmp_path, [value("x", ["batch", 3])], [value("y", [first, 1])], [total]
     )
+
+
+def test_a_model_needing_two_of_a_free_dimension_loads_and_shares(tmp_path: Path) -> None:
+    """A 2x2 kernel over free height and width: ones there failed the load (a review)."""
+    conv = helper.make_node("Conv", ["x", "w"], ["y"])
+    kernel = constant("w", np.ones((1, 1, 2, 2), np.float32))
+    inputs, outputs = [value("x", ["N", 1, "H", "W"])], [value("y", ["N", 1, "h", "w"])]
+    assert shares_batches(tmp_path, inputs, outputs, [conv], kernel)
+
+
+def test_flattening_a_free_width_does_not_share(tmp_path: Path) -> None:
+    """With a width of 1 the flattened output kept the rows: the model shared runs
+    until its first shared run gave it away (a review)."""
+    reshape = helper.make_node("Reshape", ["x", "shape"], ["y"])
+    flat = constant("shape", np.array([-1], np.int64))
+    assert not shares_batches(
+        tmp_path, [value("x", ["N", "L"])], [value("y", ["n"])], [reshape], flat
+    )
+
+
+def test_a_model_mixing_the_rows_of_a_run_does_not_share(tmp_path: Path) -> None:
+    """Each row less the run's mean keeps the row count, but a caller's answer was made
+    of the others' rows (a review: [0, 0, 0, 0] alone, [-30, ...] beside 7 others)."""
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1),
+        helper.make_node("Sub", ["x", "mean"], ["y"]),
+    ]
+    assert not shares_batches(tmp_path, [value("x", ["N", 4])], [value("y", ["N", 4])], nodes)
+
+
+def test_a_model_that_takes_one_row_at_a_time_loads_and_runs_alone(tmp_path: Path) -> None:
+    reshape = helper.make_node("Reshape", ["x", "shape"], ["y"])
+    one_row = constant("shape", np.array([1, 3], np.int64))
+    assert not shares_batches(
+        tmp_path, [value("x", ["N", 3])], [value("y", ["N", 3])], [reshape], one_row
+    )

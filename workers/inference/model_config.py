@@ -149,20 +149,20 @@ def tensor_spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
-def zeros(spec: TensorSpec, rows: int = 1) -> np.ndarray:
+def zeros(spec: TensorSpec, rows: int = 1, other: int = 1) -> np.ndarray:
     """A tensor of ``spec`` filled with zeros (empty strings): ``rows`` along a free
-    first dimension, 1 along any other free one."""
-    return _filled(spec, _shape(spec, rows), None)
+    first dimension, ``other`` along any other free one."""
+    return _filled(spec, _shape(spec, rows, other), None)
 
 
-def varied(spec: TensorSpec, rows: int, seed: int) -> np.ndarray:
+def varied(spec: TensorSpec, rows: int, other: int, seed: int) -> np.ndarray:
     """As ``zeros``, with values that differ (floats of a normal spread, integers and
     booleans of 0 and 1), for ``_rows_kept_for_varied_values``."""
-    return _filled(spec, _shape(spec, rows), np.random.default_rng(seed))
+    return _filled(spec, _shape(spec, rows, other), np.random.default_rng(seed))
 
 
-def _shape(spec: TensorSpec, rows: int) -> tuple[int, ...]:
-    return tuple((rows if i == 0 else 1) if d < 0 else d for i, d in enumerate(spec.shape))
+def _shape(spec: TensorSpec, rows: int, other: int) -> tuple[int, ...]:
+    return tuple((rows if i == 0 else other) if d < 0 else d for i, d in enumerate(spec.shape))
 
 
 def _filled(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator | None) -> np.ndarray:
@@ -190,22 +190,47 @@ def _rows_kept(answered: Sequence[np.ndarray], rows: int) -> bool:
     return all(np.ndim(value) and np.shape(value)[0] == rows for value in answered)
 
 
+def _same_rows(together: Sequence[np.ndarray], alone: Sequence[np.ndarray], row: int) -> bool:
+    """Row ``row`` of a run's outputs is what the row alone answers (floats within what
+    another batch size's kernels change)."""
+    for batched, single in zip(together, alone, strict=True):
+        mine, theirs = np.asarray(batched)[row : row + 1], np.asarray(single)
+        if mine.shape != theirs.shape:
+            return False
+        if mine.dtype.kind in "fc":
+            if not np.allclose(mine, theirs, rtol=1e-3, atol=1e-5, equal_nan=True):
+                return False
+        elif not np.array_equal(mine, theirs):
+            return False
+    return True
+
+
 def _rows_kept_for_varied_values(
-    session: ort.InferenceSession, inputs: tuple[TensorSpec, ...], run_options: ort.RunOptions | None
+    session: ort.InferenceSession,
+    inputs: tuple[TensorSpec, ...],
+    other: int,
+    run_options: ort.RunOptions | None,
 ) -> bool:
-    """Runs of 5 and 7 rows of varied values answer as many rows. Zeros alone say too
-    little: a model keeping the values above a bound answered one per row of zeros,
-    and a shared run whose count happened to match handed callers each other's values
-    (a review). A run these values fail decides nothing (zeros then do)."""
+    """Runs of 5 and 7 rows of varied values answer as many rows, and the first and
+    last row of the 5 as each alone answers. Zeros alone say too little: a model
+    keeping the values above a bound answered one per row of zeros, and a shared run
+    whose count happened to match handed callers each other's values; a model
+    taking each row less the batch's mean answered as many rows, each of them made of
+    the others' (reviews). A run these values fail decides nothing (zeros then do)."""
     for rows, seed in ((5, 5), (7, 7)):
+        feed = {s.name: varied(s, rows, other, seed) for s in inputs}
         try:
-            answered = session.run(None, {s.name: varied(s, rows, seed) for s in inputs}, run_options)
+            answered = session.run(None, feed, run_options)
+            if not _rows_kept(answered, rows):
+                return False
+            if rows == 5:
+                for row in (0, rows - 1):
+                    alone = {name: value[row : row + 1] for name, value in feed.items()}
+                    if not _same_rows(answered, session.run(None, alone, run_options), row):
+                        return False
         except Exception:
             if run_options is not None and run_options.terminate:
                 raise
-            continue
-        if not _rows_kept(answered, rows):
-            return False
     return True
 
 
@@ -216,29 +241,42 @@ def open_session(
     failing, once ``run_options.terminate`` is set). Blocking.
 
     The last item: whether requests may share a run (``shares_batches``): every input
-    and output has a free first dimension, and runs of 2 rows of zeros and of 5 and 7
-    rows of varied values answer as many rows in every output. A free first dimension
-    alone says too little: a flattening model's ``[n]`` or a detection model's
-    ``[k, 2]`` has one too, and rows of merged requests could not be told apart in it
-    (a review: each of 8 concurrent callers got all 8 callers' outputs). The two-row
-    run is the warm-up; if it fails, one row is."""
+    and output has a free first dimension, a run of 2 rows of zeros answers 2 rows in
+    every output, and so do runs of 5 and 7 rows of varied values, two of whose rows
+    each answer alone as in the run. A free first dimension alone says too little: a
+    flattening model's ``[n]`` or a detection model's ``[k, 2]`` has one too, and rows
+    of merged requests could not be told apart in it (a review: each of 8 concurrent
+    callers got all 8 callers' outputs). Other free dimensions are 2 in these runs (a
+    flattening model then shows itself however many values a row has, a 2x2 kernel
+    fits), else 1 (what a bias of 3 beside a free dimension takes); a model that takes
+    no 2 rows (its batch fixed in its graph) runs each request alone. The first run
+    that succeeds is the warm-up; if none does, the last one's error is the load's."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     inputs = tuple(tensor_spec(arg) for arg in session.get_inputs())
     outputs = tuple(tensor_spec(arg) for arg in session.get_outputs())
-    if _free_first_dimensions(session):
+    free_first = _free_first_dimensions(session)
+    failure: Exception | None = None
+    for rows, other in ((2, 2), (2, 1), (1, 2), (1, 1)):
         try:
-            answered = session.run(None, {spec.name: zeros(spec, 2) for spec in inputs}, run_options)
-        except Exception:
+            feed = {spec.name: zeros(spec, rows, other) for spec in inputs}
+            answered = session.run(None, feed, run_options)
+        except Exception as exc:
             if run_options is not None and run_options.terminate:
                 raise
-        else:
-            kept = _rows_kept(answered, 2) and _rows_kept_for_varied_values(session, inputs, run_options)
-            return session, inputs, outputs, kept
-    session.run(None, {spec.name: zeros(spec) for spec in inputs}, run_options)
-    return session, inputs, outputs, False
+            failure = exc
+            continue
+        kept = (
+            free_first
+            and rows == 2
+            and _rows_kept(answered, 2)
+            and _rows_kept_for_varied_values(session, inputs, other, run_options)
+        )
+        return session, inputs, outputs, kept
+    assert failure is not None
+    raise failure
 
 
 def file_fingerprint(*paths: Path) -> tuple[int, ...]:
