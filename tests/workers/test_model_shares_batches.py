@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mlgate.workers.inference.model_config import open_session
+from mlgate.workers.inference.model_config import _same_rows, open_session
 from models.make_demo_model import IR_VERSION, OPSET
 
 
@@ -135,3 +135,12 @@ def test_a_model_that_takes_one_row_at_a_time_loads_and_runs_alone(tmp_path: Pat
     assert not shares_batches(
         tmp_path, [value("x", ["N", 3])], [value("y", ["N", 3])], [reshape], one_row
     )
+
+
+def test_rows_are_the_same_within_a_thousandth_of_the_outputs_largest_value() -> None:
+    """Another batch size's kernels may move an output near 0 beside large ones by
+    more than its own thousandth: that is no mixing of rows."""
+    batched = [np.array([[1000.0, 0.0004], [3.0, 4.0]], np.float32)]
+    assert _same_rows(batched, [np.array([[1000.0, 0.0]], np.float32)], 0)
+    assert not _same_rows(batched, [np.array([[1000.0, -2.0]], np.float32)], 0)
+    assert not _same_rows([np.array([[-30.0], [30.0]])], [np.array([[0.0]])], 0)
