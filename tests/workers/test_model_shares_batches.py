@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from mlgate.workers.inference.model_config import _same_rows, open_session
 from models.make_demo_model import IR_VERSION, OPSET
@@ -137,10 +138,47 @@ def test_a_model_that_takes_one_row_at_a_time_loads_and_runs_alone(tmp_path: Pat
     )
 
 
-def test_rows_are_the_same_within_a_thousandth_of_the_outputs_largest_value() -> None:
-    """Another batch size's kernels may move an output near 0 beside large ones by
-    more than its own thousandth: that is no mixing of rows."""
-    batched = [np.array([[1000.0, 0.0004], [3.0, 4.0]], np.float32)]
-    assert _same_rows(batched, [np.array([[1000.0, 0.0]], np.float32)], 0)
-    assert not _same_rows(batched, [np.array([[1000.0, -2.0]], np.float32)], 0)
+def test_rows_are_the_same_within_a_tenth_of_the_largest_value_at_their_place() -> None:
+    """Quantization noise of a few hundredths is no mixing of rows; a value made of the
+    others' is, however large the values beside it."""
+    batched = [np.array([[1.0, 0.5, 9e4], [3.0, 4.0, 9e4]], np.float32)]
+    assert _same_rows(batched, [np.array([[1.04, 0.52, 9e4]], np.float32)], 0)
+    assert not _same_rows(batched, [np.array([[1.0, 0.0, 9e4]], np.float32)], 0)
     assert not _same_rows([np.array([[-30.0], [30.0]])], [np.array([[0.0]])], 0)
+    infinite = [np.array([[np.inf, np.nan], [1.0, 2.0]])]
+    assert _same_rows(infinite, [np.array([[np.inf, np.nan]])], 0)
+
+
+def test_a_dynamically_quantized_model_shares(tmp_path: Path) -> None:
+    """Its scale comes from the whole run, so a row alone differs by a few hundredths:
+    it is batched as Triton batches it (a review: the first check refused it)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["y"]),
+    ]
+    weights = [
+        constant("W1", (rng.standard_normal((64, 128)) * 0.1).astype(np.float32)),
+        constant("W2", (rng.standard_normal((128, 4)) * 0.1).astype(np.float32)),
+    ]
+    graph = helper.make_graph(nodes, "m", [value("x", ["N", 64])], [value("y", ["N", 4])], weights)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    plain, quantized = tmp_path / "plain.onnx", tmp_path / "quantized.onnx"
+    plain.write_bytes(model.SerializeToString())
+    quantize_dynamic(str(plain), str(quantized), weight_type=QuantType.QInt8)
+    assert open_session(quantized, 1)[3]
+
+
+def test_a_large_output_beside_mixed_rows_hides_nothing(tmp_path: Path) -> None:
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1),
+        helper.make_node("Sub", ["x", "mean"], ["mixed"]),
+        helper.make_node("Mul", ["x", "big"], ["large"]),
+        helper.make_node("Concat", ["mixed", "large"], ["y"], axis=1),
+    ]
+    big = constant("big", np.array(5000.0, np.float32))
+    outputs = [value("y", ["N", 8])]
+    assert not shares_batches(tmp_path, [value("x", ["N", 4])], outputs, nodes, big)
