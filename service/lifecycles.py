@@ -147,7 +147,6 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
         app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS],
         max_turn_records=settings.writer_max_batch_records,
         max_held_values=settings.ingest_max_held_values,
-        retry_after_s=settings.retry_after_s,
     )
     app[METRICS].samplers["record_sink"] = lambda: sample_sink(app[METRICS], sink)
     app[METRICS].samplers["ingest"] = lambda: app[METRICS].ingest_held_values.set(

@@ -147,10 +147,8 @@ class IngestPipeline:
         *,
         max_turn_records: int = 5000,
         max_held_values: int = 8_000_000,
-        retry_after_s: int = 1,
     ) -> None:
         self._validator = validator
-        self.retry_after_s = retry_after_s
         self._max_turn_records = max_turn_records
         self._max_held_values = max_held_values
         self._held_values = 0  # of the requests between their decoding and their answer

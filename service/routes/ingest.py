@@ -30,7 +30,7 @@ from mlgate.service.ingest.validation import dimension_error
 from mlgate.service.protection.audit import Caller, audit_call, audit_request
 from mlgate.service.state import INGEST_PIPELINE, SETTINGS
 from mlgate.workers.breaker import BreakerOpen
-from mlgate.workers.errors import WorkerError
+from mlgate.workers.errors import SinkFailed, WorkerError
 
 STREAM_CHUNK_RECORDS = 1000
 MAX_REPORTED_ERRORS = 1000
@@ -113,14 +113,12 @@ async def ingest_batch(
             )
             if isinstance(exc, WorkerError) and not refused(exc):
                 # Kafka was tried and did not answer: the client must not read this
-                # 503 as "nothing happened" (a review: its resend landed twice).
-                error = as_api_error(exc, pipeline.retry_after_s)
-                error.detail = (
-                    f"{error.detail or error.title}. Records of this batch may have been "
-                    f"written (tracking_id {tracking_id}): "
-                    + _resend_of_unknown(pipeline.claim_lapse_s)
-                )
-                raise error from exc
+                # 503 as "nothing happened" (a review: its resend landed twice). Still
+                # the sink's failure, answered by the front door as any other.
+                raise SinkFailed(
+                    f"{exc}. Records of this batch may have been written (tracking_id "
+                    f"{tracking_id}): {_resend_of_unknown(pipeline.claim_lapse_s)}"
+                ) from exc
             raise
     finally:
         pipeline.release(held, tenant)
