@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import ModelProto, TensorProto, checker, helper, numpy_helper
 
-from models.make_demo_model import IR_VERSION, OPSET
+from tests.onnx_models import model_of
 
 
 def looping_model(trips: int | None = None) -> ModelProto:
@@ -57,7 +57,6 @@ def looping_model(trips: int | None = None) -> ModelProto:
             *constants,
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
+    model = model_of(graph)
     checker.check_model(model)
     return model

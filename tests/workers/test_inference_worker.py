@@ -20,6 +20,7 @@ from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.workers.errors import DeadlineExpired, InputRefused, MailboxFull, WorkerClosed
 from mlgate.workers.inference import batching
 from mlgate.workers.inference.batching import ANSWER_CHUNK, InferenceWorker
+from tests.onnx_models import model_of
 from tests.service_process import REPO
 from tests.slow_models import looping_model
 from tests.support import until
@@ -994,8 +995,7 @@ def zeros_at_model() -> ort.InferenceSession:
         [helper.make_tensor_value_info("probabilities", TensorProto.INT64, ["N", 2])],
         [numpy_helper.from_array(np.array(0.5, np.float32), "half")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_of(graph).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 async def test_a_shared_run_without_a_row_per_input_row_runs_each_request_alone(

@@ -10,8 +10,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mlgate.config import Settings
-from models.make_demo_model import IR_VERSION, OPSET
 from tests.conftest import AppClientFactory
+from tests.onnx_models import model_of
 
 
 def _model_failing_past_one_row() -> onnx.ModelProto:
@@ -27,9 +27,7 @@ def _model_failing_past_one_row() -> onnx.ModelProto:
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 4])],
         [shape],
     )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
+    return model_of(graph)
 
 
 async def test_failing_model_opens_its_breaker_and_answers_503_at_once(

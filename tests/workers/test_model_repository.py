@@ -25,7 +25,8 @@ from mlgate.workers.inference.repository import (
     ModelRepository,
     ModelUnavailable,
 )
-from models.make_demo_model import IR_VERSION, OPSET, build_mlp
+from models.make_demo_model import build_mlp
+from tests.onnx_models import model_of
 from tests.slow_models import looping_model
 
 
@@ -199,10 +200,7 @@ def fails_at_run_time() -> bytes:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [3, None])],
         [shape],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
-    return bytes(model.SerializeToString())
+    return bytes(model_of(graph).SerializeToString())
 
 
 async def test_version_that_fails_its_warm_up_run_is_never_served(

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from mlgate.workers.inference.model_config import _same_rows, open_session
-from models.make_demo_model import IR_VERSION, OPSET
+from tests.onnx_models import model_of
 
 
 def value(name: str, shape: list[Any], element: int = TensorProto.FLOAT) -> Any:
@@ -28,11 +28,8 @@ def shares_batches(
     tmp_path: Path, inputs: list[Any], outputs: list[Any], nodes: list[Any], *inits: Any
 ) -> bool:
     graph = helper.make_graph(nodes, "m", inputs, outputs, list(inits))
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
     path = tmp_path / "model.onnx"
-    path.write_bytes(model.SerializeToString())
+    path.write_bytes(model_of(graph).SerializeToString())
     return bool(open_session(path, 1)[3])
 
 
@@ -163,11 +160,8 @@ def test_a_dynamically_quantized_model_shares(tmp_path: Path) -> None:
         constant("W2", (rng.standard_normal((128, 4)) * 0.1).astype(np.float32)),
     ]
     graph = helper.make_graph(nodes, "m", [value("x", ["N", 64])], [value("y", ["N", 4])], weights)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
     plain, quantized = tmp_path / "plain.onnx", tmp_path / "quantized.onnx"
-    plain.write_bytes(model.SerializeToString())
+    plain.write_bytes(model_of(graph).SerializeToString())
     quantize_dynamic(str(plain), str(quantized), weight_type=QuantType.QInt8)
     assert open_session(quantized, 1)[3]
 

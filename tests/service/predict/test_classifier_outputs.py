@@ -3,7 +3,6 @@ the ``probabilities``: the REST routes answer from the class scores, never a 500
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ from aiohttp.test_utils import TestClient
 from onnx import TensorProto, helper
 
 from mlgate.config import Settings
-from models.make_demo_model import IR_VERSION, OPSET
 from tests.conftest import AppClientFactory
+from tests.onnx_models import model_of, write_version
 
 Client = TestClient[web.Request, web.Application]
 ROW = [1.0, 4.0, 2.0, 3.0]  # class 1 by every score below
@@ -32,11 +31,7 @@ def write_classifier(root: Path, name: str, with_probabilities: bool) -> None:
     graph = helper.make_graph(
         nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], outputs
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    version = root / name / "1"
-    version.mkdir(parents=True)
-    (version / "model.onnx").write_bytes(model.SerializeToString())
-    (root / name / "config.json").write_text(json.dumps({"kind": "classifier"}))
+    write_version(root, name, model_of(graph), {"kind": "classifier"})
 
 
 @pytest.fixture

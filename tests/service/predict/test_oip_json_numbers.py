@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient
 from onnx import TensorProto, helper
 
 from mlgate.config import Settings
-from models.make_demo_model import IR_VERSION, OPSET
 from tests.conftest import AppClientFactory
+from tests.onnx_models import model_of, write_version
 
 Client = TestClient[web.Request, web.Application]
 TYPES = {
@@ -38,11 +38,7 @@ def write_identity(root: Path, datatype: str) -> None:
         [helper.make_tensor_value_info("x", TYPES[datatype], ["batch", 3])],
         [helper.make_tensor_value_info("y", TYPES[datatype], ["batch", 3])],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
-    (root / name / "1").mkdir(parents=True)
-    (root / name / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    write_version(root, name, model_of(graph))
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from mlgate.config import Settings
 from mlgate.service.predict import tensors
 from mlgate.service.state import DRAINING
-from models.make_demo_model import IR_VERSION, OPSET
+from tests.onnx_models import model_of, write_version
 from tests.service_process import REPO
 
 Client = TestClient[web.Request, web.Application]
@@ -172,10 +172,7 @@ async def not_client(
         [helper.make_tensor_value_info("x", TensorProto.BOOL, ["N", 3])],
         [helper.make_tensor_value_info("y", TensorProto.BOOL, ["N", 3])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    version = tmp_path / "models" / "not" / "1"
-    version.mkdir(parents=True)
-    (version / "model.onnx").write_bytes(model.SerializeToString())
+    write_version(tmp_path / "models", "not", model_of(graph))
     settings = make_settings(model_repository=str(tmp_path / "models"), default_model="not")
     client: Client = await app_client(settings)
     return client
@@ -209,10 +206,7 @@ async def strings_client(
         [helper.make_tensor_value_info("s", TensorProto.STRING, ["N", 1])],
         [helper.make_tensor_value_info("o", TensorProto.STRING, ["N", 1])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    version = tmp_path / "models" / "strings" / "1"
-    version.mkdir(parents=True)
-    (version / "model.onnx").write_bytes(model.SerializeToString())
+    write_version(tmp_path / "models", "strings", model_of(graph))
     settings = make_settings(model_repository=str(tmp_path / "models"), default_model="strings")
     client: Client = await app_client(settings)
     return client

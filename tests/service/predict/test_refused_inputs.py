@@ -5,7 +5,6 @@ are answered, and the model's breaker stays closed."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from aiohttp.test_utils import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
 from mlgate.config import Settings
-from models.make_demo_model import IR_VERSION, OPSET
 from tests.conftest import AppClientFactory
+from tests.onnx_models import model_of, write_version
 
 Client = TestClient[web.Request, web.Application]
 TABLE = np.arange(20, dtype=np.float32).reshape(10, 2)  # ids 0..9
@@ -39,11 +38,7 @@ def write_embedding_model(root: Path) -> None:
             numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    version = root / "emb" / "1"
-    version.mkdir(parents=True)
-    (version / "model.onnx").write_bytes(model.SerializeToString())
-    (root / "emb" / "config.json").write_text(json.dumps({"kind": "regressor", "max_queue_delay_ms": 20}))
+    write_version(root, "emb", model_of(graph), {"kind": "regressor", "max_queue_delay_ms": 20})
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ them, so no caller gets another's outputs."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from aiohttp.test_utils import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
 from mlgate.config import Settings
-from models.make_demo_model import IR_VERSION, OPSET
 from tests.conftest import AppClientFactory
+from tests.onnx_models import model_of, write_version
 
 Client = TestClient[web.Request, web.Application]
 CALLERS = 8
@@ -35,15 +34,7 @@ def write_model(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
         [numpy_helper.from_array(value, const) for const, value in consts.items()],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
-    version = root / name / "1"
-    version.mkdir(parents=True)
-    (version / "model.onnx").write_bytes(model.SerializeToString())
-    (root / name / "config.json").write_text(
-        json.dumps({"max_batch_size": 64, "max_queue_delay_ms": 50})
-    )
+    write_version(root, name, model_of(graph), {"max_batch_size": 64, "max_queue_delay_ms": 50})
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ count the model cannot take, or an output with no rows, is the request's 422, ne
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ from aiohttp.test_utils import TestClient
 from onnx import TensorProto, helper
 
 from mlgate.config import Settings
-from models.make_demo_model import IR_VERSION, OPSET
 from tests.conftest import AppClientFactory
+from tests.onnx_models import model_of, write_version
 
 Client = TestClient[web.Request, web.Application]
 ROW = [1.0, 2.0, 3.0, 4.0]
@@ -31,11 +30,7 @@ def write_model(root: Path, name: str, nodes: list[Any], output_shape: list[int 
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    version = root / name / "1"
-    version.mkdir(parents=True)
-    (version / "model.onnx").write_bytes(model.SerializeToString())
-    (root / name / "config.json").write_text(json.dumps({"kind": "regressor"}))
+    write_version(root, name, model_of(graph), {"kind": "regressor"})
 
 
 @pytest.fixture
