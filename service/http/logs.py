@@ -8,14 +8,21 @@ configuration (a test's ``capture_logs``) it declines and the caller logs throug
 structlog.
 
 Lines are encoded by msgspec (``json_line``): 3 µs a line where ``json.dumps`` takes 6,
-on every request that logs (the audit trail, the access log).
+on every request that logs (the audit trail, the access log). On such a line the
+timestamp (``utc_stamp``: 0.5 µs, ``datetime.now().isoformat()`` 2.7) and the flush
+(1.3 µs, a system call) were as much again: ``write_info_line`` flushes once per turn of
+the event loop, after every line of that turn (a crash loses at most that turn's lines,
+whose answers are still in the same send buffer).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -46,9 +53,51 @@ def json_line(event: dict[str, Any], **_: Any) -> str:
     return json.dumps(json.loads(line), separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=2)
+def _second_text(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def utc_stamp(now_ns: int | None = None) -> str:
+    """The time as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it
+    (``datetime.isoformat`` with ``Z``: microseconds, left out when 0), the text of
+    the second made once a second."""
+    second, rest = divmod(time.time_ns() if now_ns is None else now_ns, 1_000_000_000)
+    micro = rest // 1000
+    return f"{_second_text(second)}.{micro:06d}Z" if micro else f"{_second_text(second)}Z"
+
+
+class _TurnFlushedStream:
+    """Writes lines to ``stream`` and flushes it once at the end of the event loop's
+    turn (at once outside a running loop)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._flush_due = False
+
+    def write_line(self, line: str) -> None:
+        self.stream.write(line)
+        if self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.stream.flush()
+            return
+        self._flush_due = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):  # stdout gone or closed: structlog's own lines raise
+            pass
+
+
 # The processors and stream of our configuration, once made. Compared item by item:
 # structlog's capture_logs edits the configured list in place.
-_configured: tuple[tuple[Any, ...], TextIO, dict[str, Any]] | None = None
+_configured: tuple[tuple[Any, ...], _TurnFlushedStream, dict[str, Any]] | None = None
 
 
 class _Stdout(logging.StreamHandler):
@@ -142,7 +191,7 @@ def configure_logging(level: str = "info", worker: int | None = None) -> None:
         logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
-    _configured = (tuple(processors), sys.stdout, static)
+    _configured = (tuple(processors), _TurnFlushedStream(sys.stdout), static)
 
 
 def log_to_stderr() -> None:
@@ -161,7 +210,7 @@ def log_to_stderr() -> None:
 def write_info_line(event: dict[str, Any]) -> bool:
     """Write ``event`` (``"event"`` included) as the configured chain renders an info
     line: bound context variables it lacks, ``level``, ``timestamp``, one JSON line,
-    flushed. False, writing nothing, when structlog is configured otherwise."""
+    flushed by the end of the event loop's turn. False, writing nothing, when structlog is configured otherwise."""
     configured = _configured
     if configured is None or tuple(structlog.get_config()["processors"]) != configured[0]:
         return False
@@ -170,8 +219,6 @@ def write_info_line(event: dict[str, Any]) -> bool:
     for name, value in configured[2].items():
         event.setdefault(name, value)
     event["level"] = "info"
-    event["timestamp"] = datetime.now(tz=UTC).isoformat().replace("+00:00", "Z")
-    stream = configured[1]
-    stream.write(json_line(event) + "\n")
-    stream.flush()
+    event["timestamp"] = utc_stamp()
+    configured[1].write_line(json_line(event) + "\n")
     return True

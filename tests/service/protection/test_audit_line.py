@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 import math
 import os
+from datetime import UTC, datetime
 
 import pytest
 import structlog
@@ -117,3 +120,49 @@ def test_every_line_of_a_supervised_process_names_its_worker(
         structlog.reset_defaults()
     assert [line["worker"] for line in lines] == [1, 1, 1, 1]
     assert "Removal of labels" in lines[3]["event"]  # a warning is a JSON line too
+
+
+@pytest.mark.parametrize(
+    "now_ns", [1_796_000_000_123_456_789, 1_796_000_000_000_000_000, 1_796_000_000_000_000_999, 0]
+)
+def test_the_audit_timestamp_is_structlogs_iso_utc_text(now_ns: int) -> None:
+    second, rest = divmod(now_ns, 1_000_000_000)
+    moment = datetime.fromtimestamp(second, UTC).replace(microsecond=rest // 1000)
+    assert logs.utc_stamp(now_ns) == moment.isoformat().replace("+00:00", "Z")
+
+
+class CountedFlushes(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+async def test_audit_lines_of_one_turn_are_flushed_together_by_its_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = CountedFlushes()
+    monkeypatch.setattr("sys.stdout", stream)
+    logs.configure_logging("info")
+    try:
+        for key in ("k-1", "k-2", "k-3"):
+            audit_admin("key_create", "created", key_id=key)
+        written_before_the_turn_ended = stream.flushes
+        await asyncio.sleep(0)
+    finally:
+        structlog.reset_defaults()
+    assert written_before_the_turn_ended == 0 and stream.flushes == 1
+    assert [json.loads(line)["key_id"] for line in stream.getvalue().splitlines()] == ["k-1", "k-2", "k-3"]
+
+
+def test_an_audit_line_outside_an_event_loop_is_flushed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = CountedFlushes()
+    monkeypatch.setattr("sys.stdout", stream)
+    logs.configure_logging("info")
+    try:
+        audit_admin("key_create", "created", key_id="k-1")
+    finally:
+        structlog.reset_defaults()
+    assert stream.flushes == 1 and json.loads(stream.getvalue())["key_id"] == "k-1"

@@ -49,13 +49,15 @@ async def test_key_over_its_burst_gets_429_with_retry_after(app_client, secured,
 
 
 async def test_429_carries_ietf_ratelimit_fields(app_client, secured, api_keys) -> None:
-    key = api_keys.create(rate=1.0, burst=1)
-    client = await app_client(secured(rate_limit_tenant_rate=100.0, rate_limit_tenant_burst=50))
+    # Buckets that refill in 100 s and more: a slow machine cannot refill them
+    # between the two requests.
+    key = api_keys.create(rate=SLOW, burst=1)
+    client = await app_client(secured(rate_limit_tenant_rate=SLOW, rate_limit_tenant_burst=50))
     await _statuses(client, key, 1)
     response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
     assert response.status == 429
-    assert response.headers["RateLimit-Policy"] == '"key";q=1;w=1, "tenant";q=50;w=1'
-    assert response.headers["RateLimit"].startswith('"key";r=0;t=1, "tenant";r=49;')
+    assert response.headers["RateLimit-Policy"] == '"key";q=1;w=100, "tenant";q=50;w=5000'
+    assert response.headers["RateLimit"].startswith('"key";r=0;t=100, "tenant";r=49;')
 
 
 async def test_successful_answers_carry_ratelimit_fields(app_client, secured, api_keys) -> None:
