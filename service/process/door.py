@@ -706,6 +706,11 @@ class _DoorParser:
         return getattr(self._parser, name)
 
 
+def _compressed_body_unread(request: web.BaseRequest) -> bool:
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    return encoding not in ("", "identity") and not request.content.is_eof()
+
+
 class DoorRequestHandler(web.RequestHandler):
     """aiohttp's connection protocol, answering what ``Door`` refuses before the app."""
 
@@ -729,6 +734,9 @@ class DoorRequestHandler(web.RequestHandler):
         # The peer half-closed behind requests still queued: close once they are answered.
         self._close_once_answered = False
         self.held_since = 0.0  # ``loop.time()`` when the door last held it
+        # The rest of a compressed body the app answered unread: dropped as it arrives,
+        # never parsed, until the client closes or ``_lingering_time`` passes.
+        self._discarding = False
 
     def read_on(self) -> None:
         """Resume reading the connection after the door or the lane stopped, unless
@@ -773,6 +781,8 @@ class DoorRequestHandler(web.RequestHandler):
         finish within the shutdown's wait for in-flight requests; what follows it on
         the connection is not served (parsed, counted as handed by ``refuse_at_door``,
         and dropped: the connection closes after this answer)."""
+        if self._discarding:
+            return
         parser = self._parser
         if (self._close or self._force_close) and not self._last_payload.is_eof() and parser:
             try:
@@ -842,12 +852,40 @@ class DoorRequestHandler(web.RequestHandler):
             response, reset = await super()._handle_request(request, *args, **kwargs)
         finally:
             self._answered += 1
+        if _compressed_body_unread(request):
+            self._discard_rest()
         self._closing_after_answers()  # aiohttp's loop reads ``_close`` next
         # Not a 503 of /ready; and only once the whole body is in: aiohttp still reads
         # the rest of one the app did not read (lingering), which a hold would stall.
         if response.status == 503 and request.method == "POST" and request.content.is_eof():
             self._door.hold_refused(self)
         return response, reset
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        if _compressed_body_unread(request) and not resp.prepared:
+            resp.force_close()  # ``Connection: close``: ``_discard_rest`` follows the answer
+        return await super().finish_response(request, resp, start_time)
+
+    def _discard_rest(self) -> None:
+        """Close after an answer given before a compressed body was read (a 401, a 413,
+        an open route that ignores bodies). aiohttp would read the rest of the body
+        through its decompressor for ``lingering_time`` without a turn of the loop
+        between reads: one keyless 2 MB gzip of 2 GiB of zeros held the loop seconds
+        at a time (a review). Its bytes are dropped unread instead, our side of the
+        connection is shut once the answer is sent (the client reads it, then the
+        end), and the connection closes when the client closes its side, or after
+        ``lingering_time``: closing at once on unread bytes would reset the connection,
+        and the client could lose the answer."""
+        self._discarding = True
+        self._force_close = True  # aiohttp's loop then neither lingers nor closes
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(self._lingering_time, transport.close)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._door.release(self)
