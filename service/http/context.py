@@ -3,7 +3,9 @@
 The front door sets ``REQUEST_ID`` and ``ARRIVED`` (``time.monotonic()`` when the app
 began on it: a request's deadline counts from there, the middlewares' waits included); the protection middleware sets ``API_KEY``,
 ``TENANT`` and ``KEY_ID`` once the key is checked, and ``BUFFERED_BODY`` when an
-``Idempotency-Key`` request had to read its body up front (``http.body`` serves it).
+``Idempotency-Key`` request had to read its body up front (``http.body`` serves it);
+``REFUSED_UNREAD`` marks a request answered with a refusal before its body is sent
+(``Expect: 100-continue``), whose body no middleware may wait for.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ TENANT = web.RequestKey("tenant", str)
 KEY_ID = web.RequestKey("key_id", str)
 API_KEY = web.RequestKey("api_key", ApiKey)
 BUFFERED_BODY = web.RequestKey("buffered_body", bytes)
+REFUSED_UNREAD = web.RequestKey("refused_unread", bool)
 
 
 def arrived(request: web.Request) -> float:

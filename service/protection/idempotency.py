@@ -569,9 +569,13 @@ def _never_sent(exc: RedisUnavailable) -> bool:
     return isinstance(cause, BreakerOpen) and cause.failure is None
 
 
-def fingerprint(method: str, path_qs: str, body: bytes) -> str:
+def fingerprint(method: str, path_qs: str, body: bytes, reading: str = "") -> str:
+    """What makes a repeat the same request: method, path and query, body, and
+    ``reading``, the headers that say how the body is read (its media type, an OIP
+    binary body's header length): the same bytes sent as msgpack rather than JSON, or
+    split elsewhere into header and tensors, are another request."""
     digest = hashlib.sha256()
-    digest.update(f"{method} {path_qs}\n".encode())
+    digest.update(f"{method} {path_qs}\n{reading}\n".encode())
     digest.update(body)
     return digest.hexdigest()
 

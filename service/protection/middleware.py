@@ -41,7 +41,7 @@ from mlgate.service.http.codec import (
     marked_non_finite,
     response_format,
 )
-from mlgate.service.http.context import API_KEY, BUFFERED_BODY, KEY_ID, TENANT
+from mlgate.service.http.context import API_KEY, BUFFERED_BODY, KEY_ID, REFUSED_UNREAD, TENANT
 from mlgate.service.http.errors import (
     ApiError,
     BadRequest,
@@ -151,6 +151,9 @@ async def expect_continue(request: web.Request, route: Route) -> web.StreamRespo
         # aiohttp's own: 100 Continue (HTTP/1.1 only), 417 for any other expectation.
         await _default_expect_handler(request)
         return None
+    # No 100 Continue, so no body comes: ``idempotent`` must not wait for it (it waited
+    # the body timeout, then answered 408 for a 415).
+    request[REFUSED_UNREAD] = True
     response = await through_middlewares(request, refusal)
     # The connection closes after the answer; what body the client may already be
     # sending (RFC 9110 lets it, curl does after 1 s) is drained for a while first
@@ -292,7 +295,11 @@ async def idempotent(request: web.Request, api_key: ApiKey, handler: Handler) ->
     key = request.headers.get(HEADER)
     if key is None:  # most requests: nothing more to look at
         return await handler(request)
-    if request.method != "POST" or request.match_info.http_exception is not None:
+    if (
+        request.method != "POST"
+        or request.match_info.http_exception is not None
+        or request.get(REFUSED_UNREAD)
+    ):
         return await handler(request)
     check_idempotency_key(key)
 
@@ -307,6 +314,15 @@ async def idempotent(request: web.Request, api_key: ApiKey, handler: Handler) ->
     )
 
 
+def body_reading(headers: Mapping[str, str]) -> str:
+    """The request headers that say how its body is read, for its fingerprint: the
+    media type (JSON or msgpack by any of their names, else as sent; none is JSON)
+    and an OIP binary body's ``Inference-Header-Content-Length``."""
+    media = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    fmt = MEDIA_TYPES.get(media) if media else Format.JSON
+    return f"{fmt.value if fmt is not None else media} {headers.get('Inference-Header-Content-Length', '')}"
+
+
 async def _claim_and_run(
     request: web.Request,
     handler: Handler,
@@ -315,7 +331,7 @@ async def _claim_and_run(
     key: str,
     body: bytes,
 ) -> web.StreamResponse:
-    request_fingerprint = fingerprint(request.method, request.path_qs, body)
+    request_fingerprint = fingerprint(request.method, request.path_qs, body, body_reading(request.headers))
     try:
         claimed = await store.claim(tenant, key, request_fingerprint)
     except IdempotencyUnavailable as exc:

@@ -396,3 +396,22 @@ async def test_an_announced_body_over_the_limit_without_expect_is_413_closing_th
     answer = await connection.answer()
     assert answer.status == 413
     assert answer.headers["Connection"] == "close"
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v2/ingest", "/api/v2/predict", "/api/v2/ingest/stream?source=s"]
+)
+async def test_a_media_type_refused_with_an_idempotency_key_is_415_before_100_continue(
+    connect: Callable[[], asyncio.Future[RawConnection]], keys: dict[str, str], path: str
+) -> None:
+    """The key's body is never read: the refusal does not wait for a body the client
+    holds back (it waited the body timeout, then answered 408)."""
+    connection = await connect()
+    scope = "predict" if "predict" in path else "ingest"
+    await connection.send_head(
+        path, 16, Content_Type="text/plain", X_API_Key=keys[scope], Idempotency_Key="k-415"
+    )
+    answer = await connection.answer()
+    assert answer.status == 415
+    assert msgspec.json.decode(answer.body)["status"] == 415
+    assert await connection.closed_by_server_once_the_client_is_done()

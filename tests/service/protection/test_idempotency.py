@@ -22,6 +22,7 @@ from mlgate.service.protection.idempotency import (
     StoredResponse,
     fingerprint,
 )
+from mlgate.service.protection.middleware import body_reading
 from mlgate.service.state import IDEMPOTENCY, METRICS, RECORD_SINK
 from tests.support import KafkaBroker, KeyMaker, ManagedProcess, read_topic
 
@@ -88,14 +89,43 @@ async def test_same_key_with_a_different_body_is_422(app_client, settings_for, b
     assert client.app[RECORD_SINK].next_offset == 3
 
 
+async def test_the_same_bytes_sent_as_another_media_type_are_another_request(
+    app_client, settings_for
+) -> None:
+    client = await app_client(settings_for())
+    body = msgspec.json.encode(_batch())
+    first = await client.post(
+        PATH, data=body, headers={"Content-Type": "application/json", **_with_key("k1")}
+    )
+    again = await client.post(
+        PATH, data=body, headers={"Content-Type": "application/msgpack", **_with_key("k1")}
+    )
+    assert (first.status, again.status) == (202, 422)
+    assert "Idempotent-Replayed" not in again.headers
+
+
+async def test_a_repeat_naming_its_media_type_otherwise_is_still_a_replay(
+    app_client, settings_for
+) -> None:
+    client = await app_client(settings_for())
+    body = msgspec.msgpack.encode(_batch())
+    for media in ("application/msgpack", "application/x-msgpack; charset=binary"):
+        response = await client.post(
+            PATH, data=body, headers={"Content-Type": media, **_with_key("k1")}
+        )
+        assert response.status == 202
+    assert response.headers["Idempotent-Replayed"] == "true"
+
+
 async def test_repeat_while_the_first_is_in_flight_is_409(app_client, settings_for, backend) -> None:
     client = await app_client(settings_for(backend))
     body = msgspec.json.encode(_batch())
     # Another process is still working on the first request under this key.
-    await client.app[IDEMPOTENCY].claim("anonymous", "k1", fingerprint("POST", PATH, body))
-    response = await client.post(
-        PATH, data=body, headers={"Content-Type": "application/json", **_with_key("k1")}
+    json_body = {"Content-Type": "application/json"}
+    await client.app[IDEMPOTENCY].claim(
+        "anonymous", "k1", fingerprint("POST", PATH, body, body_reading(json_body))
     )
+    response = await client.post(PATH, data=body, headers={**json_body, **_with_key("k1")})
     assert response.status == 409
     assert response.headers["Retry-After"] == "1"
     assert client.app[RECORD_SINK].next_offset == 0

@@ -22,6 +22,7 @@ from mlgate.service.protection.idempotency import (
     LocalEntries,
     fingerprint,
 )
+from mlgate.service.protection.middleware import body_reading
 from mlgate.service.state import IDEMPOTENCY, RECORD_SINK
 from tests.conftest import AppClientFactory
 from tests.support import KeyMaker, ManagedProcess
@@ -173,7 +174,9 @@ async def test_an_answer_pushed_out_never_takes_a_newer_claim_on_its_key_with_it
         assert await redis.delete(store.record_name("anonymous", "k0")) == 1
     finally:
         await redis.aclose()
-    claim = await store.claim("anonymous", "k0", fingerprint("POST", PATH, body))
+    claim = await store.claim(
+        "anonymous", "k0", fingerprint("POST", PATH, body, body_reading(headers))
+    )
     assert not isinstance(claim, Entry)  # in flight, for another process say
     for n in range(1, 20):  # push out k0's member, and more
         response = await client.post(
