@@ -136,6 +136,14 @@ def _open(request: web.Request) -> Iterator[None]:
         bodies.discard(request.content)
 
 
+def _body_ended(app: web.Application) -> ShuttingDown:
+    return ShuttingDown(
+        "The server is shutting down: the rest of this body was not read",
+        retry_after_s=app[SETTINGS].retry_after_s,
+        headers={"Connection": "close"},
+    )
+
+
 def end_open_bodies(app: web.Application) -> int:
     """End every body still being read: its next read, or the one waiting for bytes
     that have not come (a paused or slow client), raises ``ShuttingDown``, so its route
@@ -143,12 +151,7 @@ def end_open_bodies(app: web.Application) -> int:
     cutting the connection at the end of its wait with nothing said. How many it ended."""
     bodies = app[OPEN_BODIES]
     for body in bodies:
-        error = ShuttingDown(
-            "The server is shutting down: the rest of this body was not read",
-            retry_after_s=app[SETTINGS].retry_after_s,
-            headers={"Connection": "close"},
-        )
-        body.set_exception(error)
+        body.set_exception(_body_ended(app))
     ended = len(bodies)
     bodies.clear()
     return ended
@@ -226,6 +229,16 @@ async def _chunks(request: web.Request, limit_chunks: bool = False) -> AsyncIter
                         chunk = await request.content.readany()
             except TimeoutError:
                 raise _too_slow(request, paused) from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # Not this task cancelled: aiohttp's shutdown put a CancelledError on the
+                # body (``RequestHandler.shutdown``), over the ``ShuttingDown`` of
+                # ``end_open_bodies`` when the route was busy writing records then. Its
+                # route answers 503 as for that, the stream's detail saying what was
+                # written, rather than nothing at all (a review).
+                raise _body_ended(request.app) from None
             except web.RequestPayloadError as exc:  # broken gzip, chunked framing, ...
                 # What follows on the connection cannot be trusted: answer, then close it.
                 # Nothing more is read of it: aiohttp would read on after the answer, meet

@@ -1,5 +1,6 @@
 """``POST /api/v2/ingest/stream`` against hostile streams: msgpack that no record can
-be, and NDJSON sent in tiny chunks (which must cost the server linear CPU)."""
+be, NDJSON sent in tiny chunks (which must cost the server linear CPU), streams that
+cost much for little (mostly rejected records, runs of blank lines)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings
+from mlgate.service.routes.ingest import STREAM_MAX_REJECTED_LEAD
 from tests.conftest import AppClientFactory
 
 Client = TestClient[web.Request, web.Application]
@@ -107,3 +109,58 @@ async def test_ndjson_line_sent_in_tiny_chunks_costs_linear_cpu(client: Client) 
 def _ndjson_with_long_line(length: int) -> bytes:
     """A valid record, then one line of ``length`` bytes (rejected: not JSON)."""
     return msgspec.json.encode(_valid(0)) + b"\n" + b"x" * length + b"\n"
+
+
+# -- streams that cost much for little -------------------------------------------------
+
+
+async def test_a_stream_whose_rejected_records_outrun_its_accepted_ones_is_stopped(
+    client: Client,
+) -> None:
+    """A msgpack nil is a rejected record: a KB of gzip held a million of them."""
+    body = msgspec.msgpack.encode(_valid(0)) + b"\xc0" * (STREAM_MAX_REJECTED_LEAD + 5000)
+    response = await client.post(STREAM, data=body, headers=MSGPACK)
+    assert response.status == 422, await response.text()
+    problem = await response.json()
+    assert "rejected records outnumber its accepted ones" in problem["detail"]
+    assert "The first 1 records accepted from this stream were written" in problem["detail"]
+
+
+async def test_a_stream_with_many_rejected_records_among_more_good_ones_goes_on(
+    client: Client,
+) -> None:
+    good = b"".join(msgspec.msgpack.encode(_valid(i)) for i in range(2000))
+    body = good + b"\xc0" * (STREAM_MAX_REJECTED_LEAD + 1000)
+    response = await client.post(STREAM, data=body, headers=MSGPACK)
+    assert response.status == 202, await response.text()
+    answer = await response.json()
+    assert (answer["records_accepted"], answer["records_rejected"]) == (
+        2000,
+        STREAM_MAX_REJECTED_LEAD + 1000,
+    )
+
+
+async def test_runs_of_blank_lines_between_records_are_skipped_and_indexes_kept(
+    client: Client,
+) -> None:
+    bad = b'{"record_id": "bad", "features": [1.0]}'
+    body = msgspec.json.encode(_valid(0)) + b"\n" * 300_000 + b"  \r\n" + bad + b"\n\n"
+    response = await client.post(STREAM, data=body, headers=NDJSON)
+    assert response.status == 202, await response.text()
+    answer = await response.json()
+    assert (answer["records_accepted"], answer["records_rejected"]) == (1, 1)
+    assert answer["errors"][0]["index"] == 1
+
+
+async def test_a_line_ending_with_crlf_may_be_as_long_as_one_ending_with_lf(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings]
+) -> None:
+    line = msgspec.json.encode(_valid(0))
+    client = await app_client(
+        make_settings(feature_dims=(4,), max_stream_record_bytes=len(line), **OPEN)
+    )
+    for ending in (b"\n", b"\r\n", b"\r"):
+        response = await client.post(STREAM, data=line + ending, headers=NDJSON)
+        assert response.status == 202, (ending, await response.text())
+    response = await client.post(STREAM, data=line + b" \r\n", headers=NDJSON)
+    assert response.status == 413
