@@ -269,6 +269,8 @@ def predictions(loaded: ModelVersion, scores: np.ndarray, rows: int) -> list[Pre
         if math.prod(scores.shape[1:-1]) != 1:
             raise _not_row_answers(loaded, f"answers outputs of shape {list(scores.shape)}")
         scores = scores.reshape(len(scores), scores.shape[-1])
+    if scores.ndim == 2 and not scores.shape[1]:
+        raise _not_row_answers(loaded, f"answers no value a row (shape {list(scores.shape)})")
     if loaded.kind == "regressor" or scores.ndim == 1:
         # A classifier with only a 1-D output answers its labels: no confidence.
         values = scores.reshape(len(scores), -1)[:, 0]

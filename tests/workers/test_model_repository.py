@@ -226,6 +226,100 @@ async def test_invalid_config_is_reported_without_unloading(
     assert "max_batch_size" in repo.index()[0].reason
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        '{"max_queue_delay_ms": NaN}',
+        '{"max_queue_delay_ms": Infinity}',
+        '{"max_queue_delay_ms": 1e300}',
+        '{"max_batch_size": 1000000000000000000000}',
+        '{"version_policy": {"latest": true}}',
+        '{"version_policy": {"specific": [1, 1]}}',
+        '{"version_policy": {"specific": [1, -3]}}',
+    ],
+)
+async def test_config_values_out_of_bounds_are_reported_and_the_old_load_keeps_serving(
+    repo_root: Path, start_repository: Any, config: str
+) -> None:
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    (repo_root / "demo" / "config.json").write_text(config)
+    await repo.poll()
+    assert (await predict(repo))[0] == "1"
+    [entry] = repo.index()
+    assert entry.reason.startswith("config.json: ")
+    assert entry.reason.endswith("the previous load keeps serving")
+
+
+async def test_a_symbolic_link_loop_in_a_model_directory_is_passed_over(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    os.symlink("junk", repo_root / "demo" / "junk")  # a link to itself
+    repo = await start_repository()
+    add_version(repo_root, "demo", 2, seed=2)
+    await repo.poll()
+    assert repo.versions("demo") == ["2"]
+    assert [entry.version for entry in repo.index()] == ["1", "2"]
+
+
+async def test_a_config_linked_to_itself_is_an_invalid_config(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    os.symlink("config.json", repo_root / "demo" / "config.json")
+    await repo.poll()
+    assert (await predict(repo))[0] == "1"
+    [entry] = repo.index()
+    assert entry.reason.startswith("config.json: ") and "keeps serving" in entry.reason
+
+
+async def test_a_version_directory_with_leading_zeros_is_not_a_version(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 10)
+    (repo_root / "demo" / "010").mkdir()
+    (repo_root / "demo" / "010" / "model.onnx").write_bytes(b"garbage")
+    repo = await start_repository()
+    assert repo.versions("demo") == ["10"]
+    assert [entry.version for entry in repo.index()] == ["10"]
+
+
+async def test_a_failed_version_the_policy_no_longer_wants_is_not_served_nor_failed(
+    repo_root: Path, start_repository: Any
+) -> None:
+    """A review: version 2 failed by a bad config stayed failed (503, retry) after the
+    config was fixed to a policy that does not want it."""
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "demo", 2, seed=2)
+    write_config(repo_root, "demo", max_batch_size=0, version_policy="all")
+    repo = await start_repository()
+    assert all(entry.failed for entry in repo.index())
+    write_config(repo_root, "demo", version_policy={"specific": [1]})
+    await repo.poll()
+    assert repo.versions("demo") == ["1"]
+    entry = next(e for e in repo.index() if e.version == "2")
+    assert not entry.failed and entry.reason == "unloaded: not in the version policy"
+    with pytest.raises(ModelNotFound):
+        repo.resolve("demo", "2")
+
+
+async def test_an_explicit_load_whose_reload_fails_is_a_failure_though_the_old_serves(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    write_config(repo_root, "demo", max_batch_size=0)
+    with pytest.raises(ModelLoadFailed, match="max_batch_size.*previous load keeps serving"):
+        await repo.load("demo")
+    write_config(repo_root, "demo")
+    add_version(repo_root, "demo", 2, body=b"garbage")
+    with pytest.raises(ModelLoadFailed, match="failed to load version 2"):
+        await repo.load("demo")
+    assert (await predict(repo))[0] == "1"
+
+
 async def test_removed_version_directory_is_retired(repo_root: Path, start_repository: Any) -> None:
     add_version(repo_root, "demo", 1)
     add_version(repo_root, "demo", 2, seed=2)
@@ -250,6 +344,36 @@ async def test_unload_stops_serving_until_load_and_polling_leaves_it_alone(
     assert not repo.ready
     await repo.load("demo")
     assert (await predict(repo))[0] == "1"
+
+
+async def test_an_unload_during_a_poll_that_listed_the_model_sticks(
+    repo_root: Path, start_repository: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the poll listed "b" before its awaits, an unload of "b" waited for the
+    poll's load of "a", then the poll loaded "b" again and it served for good."""
+    add_version(repo_root, "a", 1)
+    add_version(repo_root, "b", 1)
+    repo = await start_repository()
+    add_version(repo_root, "a", 2, seed=2)  # the next poll loads it, slowly
+    loading_a, a_may_finish = asyncio.Event(), asyncio.Event()
+    load_version = repo._load_version
+
+    async def slow_for_a(name: str, *args: Any) -> Any:
+        if name == "a":
+            loading_a.set()
+            await a_may_finish.wait()
+        return await load_version(name, *args)
+
+    monkeypatch.setattr(repo, "_load_version", slow_for_a)
+    poll = asyncio.create_task(repo.poll())
+    await asyncio.wait_for(loading_a.wait(), 5)
+    # Not behind "a"'s load: each model has its own turn.
+    await asyncio.wait_for(repo.unload("b"), 5)
+    a_may_finish.set()
+    await poll
+    with pytest.raises(ModelNotFound):
+        repo.resolve("b")
+    assert repo.resolve("a").version == "2"
 
 
 async def _with_a_broken_model(repo_root: Path, start_repository: Any) -> Any:

@@ -96,12 +96,18 @@ class ModelConfig:
         return ordered[-self.policy_value[0] :]
 
 
+# Bounds of config.json's values: a batch onnxruntime can be asked for, and a wait
+# shorter than any request's deadline could usefully be.
+MAX_BATCH_SIZE = 65_536
+MAX_QUEUE_DELAY_MS = 10_000
+
+
 def read_config(model_dir: Path, settings: Settings) -> ModelConfig:
     path = model_dir / CONFIG_FILE
     raw: object = {}
-    if path.exists():
+    if path.exists() or path.is_symlink():  # a link to nowhere, or to itself, is an error
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(), parse_constant=_not_a_number)
         except (OSError, ValueError) as exc:
             raise ModelConfigError(f"{CONFIG_FILE}: {exc}") from None
     if not isinstance(raw, dict):
@@ -113,10 +119,18 @@ def read_config(model_dir: Path, settings: Settings) -> ModelConfig:
     delay = raw.get("max_queue_delay_ms", settings.inference_max_queue_delay_ms)
     kind = raw.get("kind")
     labels = raw.get("labels")
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ModelConfigError(f"{CONFIG_FILE}: max_batch_size must be a positive integer")
-    if not isinstance(delay, int | float) or isinstance(delay, bool) or delay < 0:
-        raise ModelConfigError(f"{CONFIG_FILE}: max_queue_delay_ms must be >= 0")
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH_SIZE:
+        raise ModelConfigError(
+            f"{CONFIG_FILE}: max_batch_size must be an integer from 1 to {MAX_BATCH_SIZE}"
+        )
+    if (
+        not isinstance(delay, int | float)
+        or isinstance(delay, bool)
+        or not 0 <= delay <= MAX_QUEUE_DELAY_MS
+    ):
+        raise ModelConfigError(
+            f"{CONFIG_FILE}: max_queue_delay_ms must be a number from 0 to {MAX_QUEUE_DELAY_MS}"
+        )
     if kind not in (None, "classifier", "regressor"):
         raise ModelConfigError(f"{CONFIG_FILE}: kind must be classifier or regressor")
     if labels is not None and not (
@@ -127,14 +141,30 @@ def read_config(model_dir: Path, settings: Settings) -> ModelConfig:
     return ModelConfig(batch, float(delay), kind, tuple(labels) if labels else None, policy, value)
 
 
+def _not_a_number(constant: str) -> None:
+    """``json.loads`` takes ``NaN`` and ``Infinity``: not numbers a setting can be (a NaN
+    delay crashed the model's worker on every batch)."""
+    raise ValueError(f"{constant} is not a number JSON allows")
+
+
+def _version_number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def version_policy(raw: object) -> tuple[Literal["latest", "all", "specific"], tuple[int, ...]]:
     if raw == "all":
         return "all", ()
     if isinstance(raw, dict) and len(raw) == 1:
-        if isinstance(n := raw.get("latest"), int) and n >= 1:
+        n = raw.get("latest")
+        if isinstance(n, int) and _version_number(n):
             return "latest", (n,)
         versions = raw.get("specific")
-        if isinstance(versions, list) and versions and all(isinstance(v, int) for v in versions):
+        if (
+            isinstance(versions, list)
+            and versions
+            and all(_version_number(v) for v in versions)
+            and len(set(versions)) == len(versions)
+        ):
             return "specific", tuple(versions)
     raise ModelConfigError(
         f'{CONFIG_FILE}: version_policy must be {{"latest": N}}, "all" or {{"specific": [..]}}'
@@ -312,22 +342,31 @@ def file_fingerprint(*paths: Path) -> tuple[int, ...]:
         try:
             info = path.stat()
             stamp += [info.st_mtime_ns, info.st_size, info.st_ino]
-        except FileNotFoundError:
+        except OSError:  # gone, or a link to nowhere: read as absent (its reading fails)
             stamp += [0, 0, 0]
     return tuple(stamp)
 
 
 def versions_on_disk(model_dir: Path) -> dict[int, Path]:
     """The version directories of ``model_dir``: named by a positive number in ASCII
-    digits (``str.isdigit`` alone takes ``²``, which ``int`` refuses)."""
+    digits (``str.isdigit`` alone takes ``²``, which ``int`` refuses), written as Python
+    writes it (``010`` is not version 10: two directories would be one version). An
+    entry that cannot be looked at (a symbolic link to itself) is passed over, never the
+    whole model's error."""
     found: dict[int, Path] = {}
     with os.scandir(model_dir) as entries:
         for entry in entries:
             name = entry.name
-            if entry.is_dir() and name.isascii() and name.isdigit() and int(name) > 0:
-                model_file = Path(entry.path) / MODEL_FILE
-                if model_file.is_file():
-                    found[int(name)] = model_file
+            if not (name.isascii() and name.isdigit() and name[0] != "0"):
+                continue
+            try:
+                if not entry.is_dir():
+                    continue
+            except OSError:
+                continue
+            model_file = Path(entry.path) / MODEL_FILE
+            if model_file.is_file():
+                found[int(name)] = model_file
     return found
 
 

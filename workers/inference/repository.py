@@ -130,7 +130,9 @@ class ModelRepository:
         self._states: dict[str, dict[str, IndexEntry]] = {}
         self._failed: dict[tuple[str, str], tuple[int, ...]] = {}
         self._unloaded: set[str] = set()
-        self._lock = asyncio.Lock()
+        # One per model: an unload or a load of one model does not wait for another's
+        # load (up to ``model_load_timeout_s``).
+        self._locks: dict[str, asyncio.Lock] = {}
         self._changed = asyncio.Event()
         # Versions replaced and closing (draining their queued requests), by the task.
         self._retiring: dict[asyncio.Task[None], ModelVersion] = {}
@@ -154,9 +156,15 @@ class ModelRepository:
         self._closed = True
         if self._poller is not None:
             await self._poller.stop()
-        async with self._lock:
+        locks = list(self._locks.values())
+        for lock in locks:  # a load under way ends first
+            await lock.acquire()
+        try:
             versions = [v for by_version in self._serving.values() for v in by_version.values()]
             self._serving, self._latest = {}, {}
+        finally:
+            for lock in locks:
+                lock.release()
         await asyncio.gather(*(self._close_version(v) for v in versions), *self._retiring)
 
     # -- lookups -----------------------------------------------------------------
@@ -297,9 +305,11 @@ class ModelRepository:
             raise ModelNotFound(f"model {model!r} is not in the repository")
         self._unloaded.discard(model)
         self._failed = {key: fp for key, fp in self._failed.items() if key[0] != model}
-        await self._sync(model)
-        if model not in self._latest:
-            reasons = [e.reason for e in self._states.get(model, {}).values() if e.reason]
+        failures = await self._sync(model)
+        if failures or model not in self._latest:
+            # A reload that failed is the load's failure too (as Triton answers it),
+            # though the previous load keeps serving (its reasons say so).
+            reasons = failures or [e.reason for e in self._states.get(model, {}).values() if e.reason]
             raise ModelLoadFailed(
                 f"failed to load model {model!r}: {'; '.join(reasons) or 'no loadable version'}"
             )
@@ -309,7 +319,7 @@ class ModelRepository:
         if not self.known(model):
             raise ModelNotFound(f"model {model!r} is not in the repository")
         self._unloaded.add(model)
-        async with self._lock:
+        async with self._lock_of(model):
             retired = list(self._serving.pop(model, {}).values())
             self._latest.pop(model, None)
             states = self._states.setdefault(model, {})
@@ -327,10 +337,17 @@ class ModelRepository:
             except Exception as exc:  # a bad poll must not stop the next one
                 log.error("model_poll_failed", error=repr(exc))
 
-    async def _sync(self, name: str) -> None:
-        async with self._lock:
-            if self._closed:
-                return
+    def _lock_of(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _sync(self, name: str) -> list[str]:
+        """Load what the directory and config of ``name`` want; the reasons of what
+        failed (its config, a version's load)."""
+        async with self._lock_of(name):
+            # Unloaded while this waited (a poll that listed it before): it stays so,
+            # until an explicit load takes it off the list first.
+            if self._closed or name in self._unloaded:
+                return []
             model_dir = self.root / name
             current = dict(self._serving.get(name, {}))
             states = self._states.setdefault(name, {})
@@ -339,8 +356,9 @@ class ModelRepository:
                 config = read_config(model_dir, self.settings)
             except ModelConfigError as exc:
                 self._report_failures(name, states, on_disk, current, str(exc))
-                return
+                return [str(exc) + ("; the previous load keeps serving" if current else "")]
             wanted = config.select(list(on_disk))
+            failures: list[str] = []
             serving = dict(current)
             replaced: list[ModelVersion] = []
             for number in wanted:
@@ -357,6 +375,7 @@ class ModelRepository:
                     )
                 except Exception as exc:
                     reason = f"failed to load version {version}: {exc}"
+                    failures.append(reason + ("; the previous load keeps serving" if old else ""))
                     self._failed[(name, version)] = fingerprint
                     states[version] = IndexEntry(
                         name,
@@ -385,7 +404,9 @@ class ModelRepository:
                     states[version] = IndexEntry(
                         name, version, "UNAVAILABLE", "removed from the repository"
                     )
-                elif entry.state == "READY":
+                elif entry.state == "READY" or (entry.failed and int(version) not in wanted):
+                    # A failed version the policy no longer wants is not a failure to
+                    # retry (503): it is not served (404).
                     states[version] = IndexEntry(
                         name, version, "UNAVAILABLE", "unloaded: not in the version policy"
                     )
@@ -393,6 +414,7 @@ class ModelRepository:
                 self._states.pop(name, None)
             self._publish(name, serving)
         self._retire(replaced)
+        return failures
 
     def _report_failures(
         self,

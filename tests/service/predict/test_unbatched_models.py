@@ -40,6 +40,13 @@ async def client(
     root = tmp_path / "models"
     write_model(root, "fixed", [helper.make_node("Identity", ["x"], ["y"])], [1, 4])
     write_model(root, "allsum", [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], [])
+    # [N, 4] -> [N, 0]: x[:, 0:0]
+    empty_rows = [
+        helper.make_node("Constant", [], ["zero"], value_ints=[0]),
+        helper.make_node("Constant", [], ["one"], value_ints=[1]),
+        helper.make_node("Slice", ["x", "zero", "zero", "one"], ["y"]),
+    ]
+    write_model(root, "nothing", empty_rows, ["N", 0])
     settings = make_settings(model_repository=str(root), default_model="fixed", model_poll_interval_s=0)
     result: Client = await app_client(settings)
     return result
@@ -76,3 +83,20 @@ async def test_a_model_answering_a_scalar_is_not_a_feature_row_model(client: Cli
     problem = await answer.json()
     assert answer.status == 422
     assert problem["errors"][0]["loc"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v2/predict", {"model": "nothing", "features": ROW}),
+        ("/api/v2/predict", {"model": "nothing", "instances": [ROW, ROW]}),
+        ("/api/v1/predict", {"model": "nothing", "features": ROW}),
+    ],
+)
+async def test_a_model_answering_no_value_a_row_is_422_not_500(
+    client: Client, path: str, body: dict[str, Any]
+) -> None:
+    answer = await client.post(path, json=body)
+    problem = await answer.json()
+    assert answer.status == 422, problem
+    assert "answers no value a row" in problem["detail"]
