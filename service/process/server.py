@@ -233,9 +233,18 @@ class ShutdownWatchdog:
 
 # Files besides client sockets: logs, segments, Kafka and Redis sockets, models.
 RESERVED_FILES = 256
+# A problem document as every other refusal, though the request is never read (so it
+# has no request id of its own to name).
+_REFUSAL_PROBLEM = (
+    b'{"type":"/problems/overloaded","title":"Service Unavailable","status":503,'
+    b'"detail":"too many open connections: retry after 1 s, or on a connection already open"}'
+)
 _REFUSAL = (
-    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
-    b"Connection: close\r\n\r\n"
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+    b"Content-Type: application/problem+json\r\n"
+    + f"Content-Length: {len(_REFUSAL_PROBLEM)}\r\n".encode()
+    + b"Connection: close\r\n\r\n"
+    + _REFUSAL_PROBLEM
 )
 
 

@@ -10,6 +10,7 @@ guard so a regression fails instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -128,6 +129,10 @@ async def test_beyond_the_connection_cap_a_new_connection_is_refused_at_once(ser
         async with raw_connection(service) as (reader, writer):
             refused = await read_until_closed(reader)
         assert refused.startswith(b"HTTP/1.1 503")
+        head, _, body = refused.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/problem+json" in head
+        problem = json.loads(body)
+        assert (problem["status"], problem["type"]) == (503, "/problems/overloaded")
 
         for reader, writer in held:  # the open ones still work
             writer.write(HEALTH)
