@@ -176,3 +176,25 @@ def test_a_large_output_beside_mixed_rows_hides_nothing(tmp_path: Path) -> None:
     big = constant("big", np.array(5000.0, np.float32))
     outputs = [value("y", ["N", 8])]
     assert not shares_batches(tmp_path, [value("x", ["N", 4])], outputs, nodes, big)
+
+
+def test_a_convolution_over_free_image_sizes_loads_and_shares(tmp_path: Path) -> None:
+    """A 3x3 kernel takes no 2x2 image: the load tries larger ones (a review: such a
+    model, fine in onnxruntime, failed to load)."""
+    kernel = constant("K", np.ones((1, 1, 3, 3), np.float32))
+    assert shares_batches(
+        tmp_path,
+        [value("x", ["N", 1, "H", "W"])],
+        [value("y", ["N", 1, "h", "w"])],
+        [helper.make_node("Conv", ["x", "K"], ["y"])],
+        kernel,
+    )
+
+
+def test_a_model_reading_its_strings_as_numbers_loads(tmp_path: Path) -> None:
+    assert shares_batches(
+        tmp_path,
+        [value("s", ["N", 1], TensorProto.STRING)],
+        [value("y", ["N", 1])],
+        [helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)],
+    )

@@ -180,7 +180,7 @@ def tensor_spec(arg: ort.NodeArg) -> TensorSpec:
 
 
 def zeros(spec: TensorSpec, rows: int = 1, other: int = 1) -> np.ndarray:
-    """A tensor of ``spec`` filled with zeros (empty strings): ``rows`` along a free
+    """A tensor of ``spec`` filled with zeros (strings "0"): ``rows`` along a free
     first dimension, ``other`` along any other free one."""
     return _filled(spec, _shape(spec, rows, other), None)
 
@@ -197,7 +197,8 @@ def _shape(spec: TensorSpec, rows: int, other: int) -> tuple[int, ...]:
 
 def _filled(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator | None) -> np.ndarray:
     if spec.datatype == "BYTES":
-        return np.full(shape, "", dtype=np.object_)
+        # "0", not "": a model that reads its strings as numbers (a Cast) takes it.
+        return np.full(shape, "0", dtype=np.object_)
     dtype = NUMPY_DTYPES[spec.datatype]
     if rng is None:
         return np.zeros(shape, dtype=dtype)
@@ -286,6 +287,12 @@ def _run_or_none(
     return answered
 
 
+# The load's runs, in turn until one succeeds: (rows, size of every other free
+# dimension). Small first; then sizes a kernel or a window needs (a 3x3 convolution
+# takes no 2x2 image), up to an image's usual 224.
+PROBE_SHAPES = ((2, 2), (2, 1), (1, 2), (1, 1), (2, 8), (1, 32), (1, 224))
+
+
 def open_session(
     path: Path, threads: int, run_options: ort.RunOptions | None = None
 ) -> tuple[ort.InferenceSession, tuple[TensorSpec, ...], tuple[TensorSpec, ...], bool]:
@@ -300,9 +307,10 @@ def open_session(
     of merged requests could not be told apart in it (a review: each of 8 concurrent
     callers got all 8 callers' outputs). Other free dimensions are 2 in these runs (a
     flattening model then shows itself however many values a row has, a 2x2 kernel
-    fits), else 1 (what a bias of 3 beside a free dimension takes); a model that takes
-    no 2 rows (its batch fixed in its graph) runs each request alone. The first run
-    that succeeds is the warm-up; if none does, the last one's error is the load's."""
+    fits), else 1 (what a bias of 3 beside a free dimension takes), else larger
+    (``PROBE_SHAPES``); a model that takes no 2 rows (its batch fixed in its graph)
+    runs each request alone. The first run that succeeds is the warm-up; if none does,
+    the last one's error is the load's."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -316,7 +324,7 @@ def open_session(
     # lines in the log at every load. A failed load raises with the model's message.
     run_options.log_severity_level = 4
     failure: Exception | None = None
-    for rows, other in ((2, 2), (2, 1), (1, 2), (1, 1)):
+    for rows, other in PROBE_SHAPES:
         try:
             feed = {spec.name: zeros(spec, rows, other) for spec in inputs}
             answered = session.run(None, feed, run_options)
