@@ -20,6 +20,7 @@ background loop here is a ``SupervisedTask``: a crash is logged, counted and res
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -156,17 +157,26 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
     await sink.close(drain_s=settings.shutdown_timeout_s / 2)
 
 
+REDIS_QUIET_PING_S = 1.0
+
+
 def redis_sampler(app_metrics: Metrics, redis: SharedRedis) -> Callable[[], None]:
     """The Redis breaker's gauges; once its open time is up, a ping as its trial. Nothing
     else may call Redis on a quiet host, and the breaker (and the gauges) would stay
-    open after Redis came back until a request needed it."""
+    open after Redis came back until a request needed it. So too a ping when no call
+    answered for ``REDIS_QUIET_PING_S``: a quiet host's /ready and gauges said nothing
+    of Redis frozen or gone until a request paid its timeout (a review)."""
     trial: set[asyncio.Task[bool]] = set()
 
     def sample() -> None:
         breaker = redis.breaker
         # Open and its time up, or closed with the last call failed (Redis down until a
-        # call succeeds: /ready says so, ``degraded``).
-        due = breaker.retry_after_s == 0 if breaker.state == "open" else not redis.available
+        # call succeeds: /ready says so, ``degraded``), or quiet.
+        if breaker.state == "open":
+            due = breaker.retry_after_s == 0
+        else:
+            quiet = time.monotonic() - redis.answered_at > REDIS_QUIET_PING_S
+            due = not redis.available or quiet
         if due and not trial:
             ping = asyncio.get_running_loop().create_task(redis.ping())
             trial.add(ping)

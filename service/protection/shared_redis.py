@@ -19,6 +19,8 @@ and the client learns the new topology on the next call.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
@@ -71,6 +73,9 @@ class SharedRedis:
         self.breaker = Breaker("redis", fail_max=fail_max, reset_s=reset_s, exclude=())
         self._on_fallback = on_fallback
         self._down = False
+        # When a call last succeeded (``time.monotonic``): on a quiet host nothing calls
+        # Redis, and an outage is seen only when something pings it (``redis_sampler``).
+        self.answered_at = -math.inf
 
     @classmethod
     def from_settings(
@@ -118,6 +123,7 @@ class SharedRedis:
         except (BreakerOpen, RedisError, OSError, TimeoutError) as exc:
             self._fell_back(operation, exc)
             raise RedisUnavailable(operation) from exc
+        self.answered_at = time.monotonic()
         if self._down:
             self._down = False
             log.info("redis_recovered", operation=operation)

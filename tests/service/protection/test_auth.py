@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -286,6 +288,33 @@ def test_a_broken_keys_file_stops_start_up(tmp_path) -> None:
     path.write_text('{"keys": [{"key_id": 1}]}')
     with pytest.raises(KeysFileError):
         KeyStore(path)
+
+
+async def test_a_quiet_host_sees_redis_frozen_without_a_request_paying_for_it(
+    app_client, secured, redis_server: ManagedProcess
+) -> None:
+    """A review: Redis stopped (SIGSTOP) under an idle host: /ready said nothing until a
+    request needed Redis and waited out its timeout."""
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    assert "degraded" not in await (await client.get("/ready")).json()
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        body: dict[str, Any] = {}
+        for _ in range(100):  # /ready and the metrics' sampling ping it, once a second
+            body = await (await client.get("/ready")).json()
+            if "degraded" in body:
+                break
+            await asyncio.sleep(0.1)
+        assert "Redis unreachable" in body["degraded"]["redis"]
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    for _ in range(100):
+        body = await (await client.get("/ready")).json()
+        if "degraded" not in body:
+            break
+        await asyncio.sleep(0.1)
+    assert "degraded" not in body
 
 
 async def test_ready_reports_redis_down_as_degraded_and_stays_ready(
