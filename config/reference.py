@@ -99,8 +99,8 @@ DESCRIPTIONS: dict[str, str] = {
         "tenant past MLGATE_DEDUP_REDIS_TENANT_MAX_IDS or written while Redis fails."
     ),
     "dedup_redis_tenant_max_ids": (
-        "record_ids a tenant may have remembered in Redis within the window (~150 bytes "
-        "each); past it its new ids are remembered in process only, until older ones age out."
+        "record_ids a tenant may have remembered in Redis within the window (190-280 bytes "
+        "each for ids of 32 to 128 characters); past it its new ids are remembered in process only, until older ones age out."
     ),
     "dedup_in_flight_wait_s": "How long a batch waits for another request's write of the same record_id (then 409).",
     # Load shedding

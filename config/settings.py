@@ -146,7 +146,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     idempotency_redis_tenant_max_bytes: Annotated[int, msgspec.Meta(ge=65_536)] = 256 * 2**20
     dedup_window_s: Annotated[int, msgspec.Meta(ge=0)] = 600
     dedup_max_entries: PositiveInt = 1_000_000
-    # record_ids a tenant may have remembered in Redis within the window (~150 B each)
+    # record_ids a tenant may have remembered in Redis within the window (190-280 B each)
     dedup_redis_tenant_max_ids: PositiveInt = 10_000_000
     dedup_in_flight_wait_s: PositiveFloat = 5.0
 

@@ -9,7 +9,9 @@
 - **Retries** follow ``retry.RetryPolicy``: each batch is encoded once and keeps its
   ``Idempotency-Key`` (also sent as ``X-Request-ID``) and its records' ``record_id``s on
   every attempt, so a retry that reaches the server after a lost answer (another host
-  behind a balancer, or a restarted one) writes nothing twice.
+  behind a balancer sharing its Redis) writes nothing twice. A server killed after
+  writing a batch and before answering may have it written again by the retry: its
+  in-process idempotency and dedup state die with it (see mlgate's delivery guarantee).
 - **Reports**: ``send`` returns an ``asyncio.Future[Delivery]`` (see ``delivery``); a
   batch that fails for good fails its futures with the last error (an ``ApiError``
   whose ``problem`` is the last problem document, or a ``TransportError``). The
