@@ -53,13 +53,14 @@ def _loc(error: RecordError) -> str:
     return f"records[{error.index}].{field}" if field else f"records[{error.index}]"
 
 
+def _field_error(error: RecordError) -> FieldError:
+    return FieldError(loc=_loc(error), msg=error.error, index=error.index, record_id=error.record_id)
+
+
 def _all_rejected(errors: list[RecordError]) -> ValidationFailed:
     return ValidationFailed(
         "Every record of the batch was rejected; nothing was written",
-        errors=[
-            FieldError(loc=_loc(e), msg=e.error, index=e.index, record_id=e.record_id)
-            for e in errors
-        ],
+        errors=list(map(_field_error, errors)),
     )
 
 
@@ -280,6 +281,8 @@ async def ingest_stream(request: web.Request) -> web.Response:
             error, accepted, duplicate, rejected, offset, tracking_id, unknown,
             settings.idempotency_lock_s,
         )
+        if errors:  # the records rejected before it, to fix before resending them
+            error.errors = [*(error.errors or ()), *map(_field_error, errors)]
         if error is not exc:
             raise error from exc
         raise

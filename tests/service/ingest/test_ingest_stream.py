@@ -386,3 +386,22 @@ async def test_stream_refused_by_the_sink_after_written_chunks_says_how_many_wer
     assert response.headers["Retry-After"].isdigit()
     assert f"The first {STREAM_CHUNK_RECORDS} records accepted" in problem["detail"]
     assert "tracking_id" in problem["detail"]
+
+
+async def test_a_stream_failing_part_way_lists_the_records_it_rejected_before(
+    client: Client,
+) -> None:
+    """A review: the detail said "1 were rejected" and the client could not tell which."""
+    bad = {"record_id": "bad", "features": [1.0]}
+    good = [_record(i) for i in range(STREAM_CHUNK_RECORDS)]
+    long_line = _record(-1, metadata={"note": "x" * MAX_RECORD})
+
+    async def body() -> AsyncIterator[bytes]:
+        yield _ndjson([*good[:5], bad, *good[5:]])
+        yield _ndjson([long_line])
+
+    response = await client.post(STREAM, data=body(), headers=NDJSON)
+    problem = await _problem(response, 413)
+    assert "1 were rejected" in problem["detail"]
+    [error] = problem["errors"]
+    assert (error["index"], error["record_id"], error["loc"]) == (5, "bad", "records[5].features")
