@@ -320,6 +320,16 @@ async def test_an_explicit_load_whose_reload_fails_is_a_failure_though_the_old_s
     assert (await predict(repo))[0] == "1"
 
 
+async def test_a_failed_load_names_its_file_within_the_repository_not_on_disk(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1, body=b"garbage")
+    repo = await start_repository()
+    [entry] = repo.index()
+    assert "<repository>/demo/1/model.onnx" in entry.reason
+    assert str(repo_root) not in entry.reason
+
+
 async def test_removed_version_directory_is_retired(repo_root: Path, start_repository: Any) -> None:
     add_version(repo_root, "demo", 1)
     add_version(repo_root, "demo", 2, seed=2)

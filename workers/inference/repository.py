@@ -337,6 +337,15 @@ class ModelRepository:
             except Exception as exc:  # a bad poll must not stop the next one
                 log.error("model_poll_failed", error=repr(exc))
 
+    def _in_repository(self, error: BaseException) -> str:
+        """``error``'s message with the repository's place on disk as ``<repository>``:
+        onnxruntime names the file it failed to load, and the reason reaches clients
+        (a 503 names why a version is not serving)."""
+        message = str(error)
+        for root in {str(self.root.resolve()), str(self.root)}:
+            message = message.replace(root, "<repository>")
+        return message
+
     def _lock_of(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
@@ -374,7 +383,7 @@ class ModelRepository:
                         name, version, on_disk[number], config, fingerprint
                     )
                 except Exception as exc:
-                    reason = f"failed to load version {version}: {exc}"
+                    reason = f"failed to load version {version}: {self._in_repository(exc)}"
                     failures.append(reason + ("; the previous load keeps serving" if old else ""))
                     self._failed[(name, version)] = fingerprint
                     states[version] = IndexEntry(
