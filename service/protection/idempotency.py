@@ -573,11 +573,24 @@ def fingerprint(method: str, path_qs: str, body: bytes, reading: str = "") -> st
     """What makes a repeat the same request: method, path and query, body, and
     ``reading``, the headers that say how the body is read (its media type, an OIP
     binary body's header length): the same bytes sent as msgpack rather than JSON, or
-    split elsewhere into header and tensors, are another request."""
+    split elsewhere into header and tensors, are another request. Without ``reading``,
+    the fingerprint earlier versions kept (``matches`` takes it)."""
     digest = hashlib.sha256()
-    digest.update(f"{method} {path_qs}\n{reading}\n".encode())
+    digest.update(f"{method} {path_qs}\n".encode())
+    if reading:
+        digest.update(f"{reading}\n".encode())
     digest.update(body)
     return digest.hexdigest()
+
+
+def matches(kept: str, method: str, path_qs: str, body: bytes, reading: str) -> bool:
+    """Whether a kept fingerprint is this request's: its own, or the one an earlier
+    version kept without ``reading`` (an answer kept before an upgrade, up to
+    ``MLGATE_IDEMPOTENCY_TTL_S`` old, still replays to its retry: a review saw every such
+    retry refused 422)."""
+    return kept == fingerprint(method, path_qs, body, reading) or kept == fingerprint(
+        method, path_qs, body
+    )
 
 
 def stores(status: int) -> bool:

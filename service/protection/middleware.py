@@ -66,6 +66,7 @@ from mlgate.service.protection.idempotency import (
     IdempotencyUnavailable,
     StoredResponse,
     fingerprint,
+    matches,
     stores,
 )
 from mlgate.service.protection.rate_limits import Decision
@@ -331,13 +332,14 @@ async def _claim_and_run(
     key: str,
     body: bytes,
 ) -> web.StreamResponse:
-    request_fingerprint = fingerprint(request.method, request.path_qs, body, body_reading(request.headers))
+    reading = body_reading(request.headers)
+    request_fingerprint = fingerprint(request.method, request.path_qs, body, reading)
     try:
         claimed = await store.claim(tenant, key, request_fingerprint)
     except IdempotencyUnavailable as exc:
         raise Overloaded(str(exc), retry_after_s=exc.retry_after_s) from None
     if isinstance(claimed, Entry):
-        if claimed.fingerprint != request_fingerprint:
+        if not matches(claimed.fingerprint, request.method, request.path_qs, body, reading):
             raise ValidationFailed(f"This {HEADER} was used with a different request")
         if claimed.response is None:
             raise Conflict(f"A request with this {HEADER} is still in flight", retry_after_s=1)

@@ -117,6 +117,20 @@ async def test_a_repeat_naming_its_media_type_otherwise_is_still_a_replay(
     assert response.headers["Idempotent-Replayed"] == "true"
 
 
+async def test_a_key_kept_by_an_earlier_version_still_matches_its_retry(
+    app_client, settings_for
+) -> None:
+    """Earlier versions kept a fingerprint without the media type: a retry across the
+    upgrade is that request, not 422 (a review)."""
+    client = await app_client(settings_for())
+    body = msgspec.msgpack.encode(_batch())
+    await client.app[IDEMPOTENCY].claim("anonymous", "k1", fingerprint("POST", PATH, body))
+    response = await client.post(
+        PATH, data=body, headers={"Content-Type": "application/msgpack", **_with_key("k1")}
+    )
+    assert response.status == 409  # that request, still in flight
+
+
 async def test_repeat_while_the_first_is_in_flight_is_409(app_client, settings_for, backend) -> None:
     client = await app_client(settings_for(backend))
     body = msgspec.json.encode(_batch())
