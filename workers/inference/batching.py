@@ -78,9 +78,6 @@ ANSWER_CHUNK = 2
 # For how many of its batches' times an idle model's run-time estimate holds before
 # room is made to measure it again (``InferenceWorker._estimate_is_stale``).
 ESTIMATE_STALE_BATCHES = 4
-# A request's run that fails alone within this long of a run that answered failed for
-# its own input (``_failed``).
-INPUT_FAULT_WINDOW_S = 1.0
 # The least time between two sweeps of the deadline watch (``_watch_deadlines``): a
 # request is answered 504 at most this long past its deadline.
 WATCH_GAP_S = 0.02
@@ -235,7 +232,6 @@ class InferenceWorker(Actor[_Item]):
         self._forming: list[_Item] = []  # the batch ``_take_batch`` fills, until handed over
         self._rejected_seen = 0  # ``stats.rejected`` when the last batch was answered
         self._last_ran_at = 0.0  # when the last batch's run ended (``time.monotonic``)
-        self._answered_at = -math.inf  # when a run last answered (``time.monotonic``)
 
     def start(self) -> None:
         if self._task is None:
@@ -721,7 +717,6 @@ class InferenceWorker(Actor[_Item]):
                 error = RuntimeError(f"model {self.name}: outputs not one row per input row")
                 self._run_alone(items, total, error)
                 return
-            self._answered_at = time.monotonic()
             answers = self._answers(items, total, started, outputs, run_s, remeasure)
             answering = True
             # Refusing requests (``check_room``) since the last answers: an overload,
@@ -773,21 +768,6 @@ class InferenceWorker(Actor[_Item]):
                 request_ids=[item.request_id for item in items],
             )
             error = InputRefused(f"model {self.name} could not compute this input: {refused}")
-        elif len(items) == 1 and time.monotonic() - self._answered_at <= INPUT_FAULT_WINDOW_S:
-            # Alone, and the model answered other runs just now: this input is at fault
-            # (onnxruntime says FAIL, not INVALID_ARGUMENT, for a reshape it does not
-            # fit, say). Counted against the model's breaker, a client's few such
-            # requests opened it for every tenant (a review).
-            log.warning(
-                "inference_input_failed",
-                model=self.name,
-                rows=total,
-                error=repr(error),
-                request_ids=[item.request_id for item in items],
-            )
-            error = InputRefused(
-                f"model {self.name} could not compute this input, though it answers others: {error}"
-            )
         else:
             log.error(
                 "inference_failed",
