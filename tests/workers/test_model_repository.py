@@ -275,7 +275,7 @@ async def test_a_config_linked_to_itself_is_an_invalid_config(
     assert entry.reason.startswith("config.json: ") and "keeps serving" in entry.reason
 
 
-async def test_a_version_directory_with_leading_zeros_is_not_a_version(
+async def test_of_two_directories_naming_one_version_the_one_written_as_the_number_serves(
     repo_root: Path, start_repository: Any
 ) -> None:
     add_version(repo_root, "demo", 10)
@@ -284,6 +284,16 @@ async def test_a_version_directory_with_leading_zeros_is_not_a_version(
     repo = await start_repository()
     assert repo.versions("demo") == ["10"]
     assert [entry.version for entry in repo.index()] == ["10"]
+
+
+async def test_a_zero_padded_version_directory_is_its_version(
+    repo_root: Path, start_repository: Any
+) -> None:
+    """A review: 0001 was served as version 1, then dropped without a word."""
+    (repo_root / "demo").mkdir()
+    os.rename(add_version(repo_root, "demo", 1), repo_root / "demo" / "0001")
+    repo = await start_repository()
+    assert repo.versions("demo") == ["1"]
 
 
 async def test_a_failed_version_the_policy_no_longer_wants_is_not_served_nor_failed(

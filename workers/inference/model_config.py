@@ -11,6 +11,7 @@ Input and output specs come from the ONNX graph as Open Inference Protocol datat
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -291,6 +292,8 @@ def _run_or_none(
 # dimension). Small first; then sizes a kernel or a window needs (a 3x3 convolution
 # takes no 2x2 image), up to an image's usual 224.
 PROBE_SHAPES = ((2, 2), (2, 1), (1, 2), (1, 1), (2, 8), (1, 32), (1, 224))
+# A larger probe is not tried (a 4-D input at 224 is 2.5e9 values).
+MAX_PROBE_VALUES = 1 << 22
 
 
 def open_session(
@@ -325,6 +328,8 @@ def open_session(
     run_options.log_severity_level = 4
     failure: Exception | None = None
     for rows, other in PROBE_SHAPES:
+        if sum(math.prod(_shape(spec, rows, other)) for spec in inputs) > MAX_PROBE_VALUES:
+            continue  # a 4-D input at 224 would be 2.5e9 values (a review: 10 GB)
         try:
             feed = {spec.name: zeros(spec, rows, other) for spec in inputs}
             answered = session.run(None, feed, run_options)
@@ -357,24 +362,27 @@ def file_fingerprint(*paths: Path) -> tuple[int, ...]:
 
 def versions_on_disk(model_dir: Path) -> dict[int, Path]:
     """The version directories of ``model_dir``: named by a positive number in ASCII
-    digits (``str.isdigit`` alone takes ``²``, which ``int`` refuses), written as Python
-    writes it (``010`` is not version 10: two directories would be one version). An
-    entry that cannot be looked at (a symbolic link to itself) is passed over, never the
-    whole model's error."""
-    found: dict[int, Path] = {}
+    digits (``str.isdigit`` alone takes ``²``, which ``int`` refuses; ``0001`` is
+    version 1). Two names of one number (``10`` and ``010``): the one written as the
+    number is, else the first in name order, whatever order the directory lists them
+    in. An entry that cannot be looked at (a symbolic link to itself) is passed over,
+    never the whole model's error."""
+    named: dict[int, list[str]] = {}
     with os.scandir(model_dir) as entries:
         for entry in entries:
             name = entry.name
-            if not (name.isascii() and name.isdigit() and name[0] != "0"):
+            if not (name.isascii() and name.isdigit()) or int(name) == 0:
                 continue
             try:
-                if not entry.is_dir():
+                if not entry.is_dir() or not (Path(entry.path) / MODEL_FILE).is_file():
                     continue
             except OSError:
                 continue
-            model_file = Path(entry.path) / MODEL_FILE
-            if model_file.is_file():
-                found[int(name)] = model_file
+            named.setdefault(int(name), []).append(name)
+    found: dict[int, Path] = {}
+    for number, names in named.items():
+        name = str(number) if str(number) in names else min(names)
+        found[number] = model_dir / name / MODEL_FILE
     return found
 
 
