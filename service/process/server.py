@@ -234,10 +234,12 @@ class ShutdownWatchdog:
 # Files besides client sockets: logs, segments, Kafka and Redis sockets, models.
 RESERVED_FILES = 256
 # A problem document as every other refusal, though the request is never read (so it
-# has no request id of its own to name).
+# has no request id of its own to name), with the Open Inference Protocol's ``error``
+# (tritonclient reads only that: without it, it reported a decoding failure).
+_REFUSED_BECAUSE = "too many open connections: retry after 1 s, or on a connection already open"
 _REFUSAL_PROBLEM = (
     b'{"type":"/problems/overloaded","title":"Service Unavailable","status":503,'
-    b'"detail":"too many open connections: retry after 1 s, or on a connection already open"}'
+    + f'"detail":"{_REFUSED_BECAUSE}","error":"{_REFUSED_BECAUSE}"}}'.encode()
 )
 _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"

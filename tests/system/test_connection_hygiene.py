@@ -133,6 +133,7 @@ async def test_beyond_the_connection_cap_a_new_connection_is_refused_at_once(ser
         assert b"Content-Type: application/problem+json" in head
         problem = json.loads(body)
         assert (problem["status"], problem["type"]) == (503, "/problems/overloaded")
+        assert problem["error"] == problem["detail"]  # as OIP clients read it
 
         for reader, writer in held:  # the open ones still work
             writer.write(HEALTH)

@@ -340,6 +340,20 @@ async def test_a_failed_load_names_its_file_within_the_repository_not_on_disk(
     assert str(repo_root) not in entry.reason
 
 
+async def test_an_explicit_load_after_a_poll_failed_the_same_file_still_fails(
+    repo_root: Path, start_repository: Any
+) -> None:
+    """A review: the poll marked the file failed again before the load's turn, and the
+    load skipped it, saying nothing was wrong."""
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    add_version(repo_root, "demo", 2, body=b"garbage")
+    poll, load = repo.poll(), repo.load("demo")
+    results = await asyncio.gather(poll, load, return_exceptions=True)
+    assert isinstance(results[1], ModelLoadFailed)
+    assert (await predict(repo))[0] == "1"
+
+
 async def test_removed_version_directory_is_retired(repo_root: Path, start_repository: Any) -> None:
     add_version(repo_root, "demo", 1)
     add_version(repo_root, "demo", 2, seed=2)

@@ -304,8 +304,7 @@ class ModelRepository:
         if not self._on_disk(model):
             raise ModelNotFound(f"model {model!r} is not in the repository")
         self._unloaded.discard(model)
-        self._failed = {key: fp for key, fp in self._failed.items() if key[0] != model}
-        failures = await self._sync(model)
+        failures = await self._sync(model, again=True)
         if failures or model not in self._latest:
             # A reload that failed is the load's failure too (as Triton answers it),
             # though the previous load keeps serving (its reasons say so).
@@ -349,14 +348,18 @@ class ModelRepository:
     def _lock_of(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def _sync(self, name: str) -> list[str]:
+    async def _sync(self, name: str, again: bool = False) -> list[str]:
         """Load what the directory and config of ``name`` want; the reasons of what
-        failed (its config, a version's load)."""
+        failed (its config, a version's load). ``again``: versions that failed to load
+        are tried again (an explicit load), forgotten under the model's lock, so that a
+        poll failing them meanwhile cannot make this one skip them and say nothing."""
         async with self._lock_of(name):
             # Unloaded while this waited (a poll that listed it before): it stays so,
             # until an explicit load takes it off the list first.
             if self._closed or name in self._unloaded:
                 return []
+            if again:
+                self._failed = {key: fp for key, fp in self._failed.items() if key[0] != name}
             model_dir = self.root / name
             current = dict(self._serving.get(name, {}))
             states = self._states.setdefault(name, {})
@@ -364,8 +367,9 @@ class ModelRepository:
             try:
                 config = read_config(model_dir, self.settings)
             except ModelConfigError as exc:
-                self._report_failures(name, states, on_disk, current, str(exc))
-                return [str(exc) + ("; the previous load keeps serving" if current else "")]
+                reason = self._in_repository(exc)
+                self._report_failures(name, states, on_disk, current, reason)
+                return [reason + ("; the previous load keeps serving" if current else "")]
             wanted = config.select(list(on_disk))
             failures: list[str] = []
             serving = dict(current)

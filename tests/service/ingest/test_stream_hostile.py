@@ -164,3 +164,26 @@ async def test_a_line_ending_with_crlf_may_be_as_long_as_one_ending_with_lf(
         assert response.status == 202, (ending, await response.text())
     response = await client.post(STREAM, data=line + b" \r\n", headers=NDJSON)
     assert response.status == 413
+
+
+async def test_duplicates_do_not_offset_rejected_records(client: Client) -> None:
+    """A review: a nil and a duplicate in turn kept a stream's count of rejected minus
+    accepted and duplicates at zero through a million nils."""
+    record = msgspec.msgpack.encode(_valid(0))
+    body = record + (b"\xc0" + record) * (STREAM_MAX_REJECTED_LEAD + 2000)
+    response = await client.post(STREAM, data=body, headers=MSGPACK)
+    assert response.status == 422, await response.text()
+    assert "rejected records outnumber its accepted ones" in (await response.json())["detail"]
+
+
+async def test_blank_lines_around_each_record_cost_no_line_each_and_keep_indexes(
+    client: Client,
+) -> None:
+    body = b"".join(
+        b"\n \r\n\t\n" * 1000 + msgspec.json.encode(_valid(i)) + b"\r\n" for i in range(50)
+    ) + b'\n\n{"record_id": "bad"}\n\n'
+    response = await client.post(STREAM, data=body, headers=NDJSON)
+    assert response.status == 202, await response.text()
+    answer = await response.json()
+    assert (answer["records_accepted"], answer["records_rejected"]) == (50, 1)
+    assert answer["errors"][0]["index"] == 50
