@@ -32,9 +32,14 @@ async def door_server(make_settings: Callable[..., Settings]) -> AsyncIterator[D
     """Start the app as ``mlgate serve`` serves it; (host, port)."""
     runners: list[web.AppRunner] = []
 
-    async def make(**settings: Any) -> tuple[str, int]:
+    async def make(
+        prepare: Callable[[web.Application], None] | None = None, **settings: Any
+    ) -> tuple[str, int]:
+        """``prepare``: called with the app before it starts (a route of the test's own)."""
         settings.setdefault("feature_dims", (4,))
         app = create_app(make_settings(**settings))
+        if prepare is not None:
+            prepare(app)
         runner = CappedAppRunner(
             app, max_connections=100, access_log=None, keepalive_timeout=app[SETTINGS].head_timeout_s
         )

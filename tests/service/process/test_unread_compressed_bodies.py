@@ -3,24 +3,19 @@ ignores bodies) is answered with ``Connection: close``, then our side of the
 connection ends, and the rest of its body is dropped unread: never decompressed, so a
 small gzip of gigabytes of zeros cannot hold the event loop. On the server
 ``mlgate serve`` runs (``CappedAppRunner``), over raw sockets."""
+# ruff: noqa: F811
 
 from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import msgspec
-import pytest
 from aiohttp import web
 
-from mlgate.config import Settings
-from mlgate.service.app import create_app
-from mlgate.service.process.server import CappedAppRunner
-from mlgate.service.state import SETTINGS
-from tests.service.http.test_body_compressed_ends import read_answer
-from tests.support import free_port
+from tests.service.http import test_body_compressed_ends
+from tests.service.http.test_body_compressed_ends import DoorServer, read_answer
 
 ZEROS_MB = 256
 
@@ -42,44 +37,29 @@ def head(method: str, path: str, length: int) -> bytes:
     ).encode()
 
 
-Served = tuple[tuple[str, int], list[web.Request]]
+# The server fixture, under the name the tests ask for it by (hence F811 below).
+door_server = test_body_compressed_ends.door_server
 
 
-@pytest.fixture
-async def served(
-    make_settings: Callable[..., Settings],
-) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
-    """The app as ``mlgate serve`` serves it, with a route ``/ignores-body`` that answers
-    without reading the body (keeping its requests, to see what was read of them)."""
-    runners: list[web.AppRunner] = []
+def ignoring_bodies(seen: list[web.Request]) -> Callable[[web.Application], None]:
+    """A route ``/ignores-body`` that answers without reading the body, keeping its
+    requests in ``seen`` (to see what was read of them)."""
 
-    async def make(**settings: Any) -> Served:
-        app = create_app(make_settings(**settings))
-        seen: list[web.Request] = []
+    async def ignores_body(request: web.Request) -> web.Response:
+        seen.append(request)
+        return web.json_response({"ok": True})
 
-        async def ignores_body(request: web.Request) -> web.Response:
-            seen.append(request)
-            return web.json_response({"ok": True})
-
+    def prepare(app: web.Application) -> None:
         app.router.add_post("/ignores-body", ignores_body)
-        runner = CappedAppRunner(
-            app, max_connections=100, access_log=None, keepalive_timeout=app[SETTINGS].head_timeout_s
-        )
-        await runner.setup()
-        runners.append(runner)
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return ("127.0.0.1", port), seen
 
-    yield make
-    for runner in runners:
-        await runner.cleanup()
+    return prepare
 
 
 async def test_the_rest_of_a_compressed_body_answered_unread_is_never_decompressed(
-    served: Callable[..., Awaitable[Served]],
+    door_server: DoorServer,
 ) -> None:
-    address, seen = await served()
+    seen: list[web.Request] = []
+    address = await door_server(prepare=ignoring_bodies(seen))
     reader, writer = await asyncio.open_connection(*address)
     try:
         writer.write(head("POST", "/ignores-body", len(BOMB)) + BOMB[:1024])
@@ -97,9 +77,9 @@ async def test_the_rest_of_a_compressed_body_answered_unread_is_never_decompress
 
 
 async def test_a_keyless_request_with_a_compressed_body_gets_its_401_then_the_end(
-    served: Callable[..., Awaitable[Served]],
+    door_server: DoorServer,
 ) -> None:
-    address, _ = await served(auth_disabled=False)
+    address = await door_server(auth_disabled=False)
     reader, writer = await asyncio.open_connection(*address)
     try:
         writer.write(head("POST", "/api/v2/ingest", len(BOMB)) + BOMB[:1024])
@@ -115,9 +95,9 @@ async def test_a_keyless_request_with_a_compressed_body_gets_its_401_then_the_en
 
 
 async def test_a_compressed_body_that_was_read_keeps_the_connection_open(
-    served: Callable[..., Awaitable[Served]],
+    door_server: DoorServer,
 ) -> None:
-    address, _ = await served(feature_dims=(4,))
+    address = await door_server()
     body = zlib.compress(
         msgspec.json.encode({"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}), wbits=31
     )
