@@ -576,9 +576,12 @@ def fingerprint(method: str, path_qs: str, body: bytes, reading: str = "") -> st
     split elsewhere into header and tensors, are another request. Without ``reading``,
     the fingerprint earlier versions kept (``matches`` takes it)."""
     digest = hashlib.sha256()
-    digest.update(f"{method} {path_qs}\n".encode())
     if reading:
-        digest.update(f"{reading}\n".encode())
+        # "v2 " first: the earlier format begins with the method, so no body sent
+        # under it can be read as this one's reading (a review forged a replay so).
+        digest.update(f"v2 {method} {path_qs}\n{reading}\n".encode())
+    else:
+        digest.update(f"{method} {path_qs}\n".encode())
     digest.update(body)
     return digest.hexdigest()
 

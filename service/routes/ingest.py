@@ -169,10 +169,10 @@ STREAM_CHUNK_SHARE = 16
 TURN_CHECK_RECORDS = 64
 TURN_S = 0.005
 # A stream stops (422, saying what was written) once its rejected records outnumber its
-# accepted ones by this many (duplicates count for neither, or one per rejected record
-# would cancel the count): a review's 1 KB of gzip held a million msgpack nils, each a
-# rejected record, and took 12 s of the loop; a stream of mostly good records goes on.
-# As a bulk loader's bound on bad records (BigQuery's ``maxBadRecords``).
+# accepted and duplicate ones by this many: a review's 1 KB of gzip held a million
+# msgpack nils, each a rejected record, and took 12 s of the loop; a stream of mostly
+# good records goes on, and so does its resend, whose good records are duplicates. As
+# a bulk loader's bound on bad records (BigQuery's ``maxBadRecords``).
 STREAM_MAX_REJECTED_LEAD = 10_000
 
 
@@ -238,7 +238,7 @@ async def ingest_stream(request: web.Request) -> web.Response:
         held = held_upto = 0
         offset += len(chunk)
         chunk.clear()
-        if rejected - accepted > STREAM_MAX_REJECTED_LEAD:
+        if rejected - accepted - duplicate > STREAM_MAX_REJECTED_LEAD:
             raise ValidationFailed(
                 f"The stream was stopped at record {offset}: its rejected records outnumber "
                 f"its accepted ones by more than {STREAM_MAX_REJECTED_LEAD}",

@@ -215,3 +215,14 @@ def test_a_failing_model_of_many_free_dimensions_fails_its_load_without_huge_pro
             shape,
         )
     assert not isinstance(failed.value, MemoryError)
+
+
+def test_a_model_of_fixed_dimensions_over_the_probe_bound_still_loads(tmp_path: Path) -> None:
+    """The bound is for the larger fallbacks only (a review: every probe skipped, the
+    load failed with an empty AssertionError)."""
+    assert not shares_batches(
+        tmp_path,
+        [value("x", [1, 3, 1200, 1200])],
+        [value("y", [1, 3, 1200, 1200])],
+        [helper.make_node("Relu", ["x"], ["y"])],
+    )

@@ -292,7 +292,10 @@ def _run_or_none(
 # dimension). Small first; then sizes a kernel or a window needs (a 3x3 convolution
 # takes no 2x2 image), up to an image's usual 224.
 PROBE_SHAPES = ((2, 2), (2, 1), (1, 2), (1, 1), (2, 8), (1, 32), (1, 224))
-# A larger probe is not tried (a 4-D input at 224 is 2.5e9 values).
+# The first SMALL_PROBES always run (a model's fixed dimensions make them as large as
+# its rows are); a larger one of more values than this is not tried (a 4-D input at
+# 224 is 2.5e9 values).
+SMALL_PROBES = 4
 MAX_PROBE_VALUES = 1 << 22
 
 
@@ -327,8 +330,9 @@ def open_session(
     # lines in the log at every load. A failed load raises with the model's message.
     run_options.log_severity_level = 4
     failure: Exception | None = None
-    for rows, other in PROBE_SHAPES:
-        if sum(math.prod(_shape(spec, rows, other)) for spec in inputs) > MAX_PROBE_VALUES:
+    for tried, (rows, other) in enumerate(PROBE_SHAPES):
+        values = sum(math.prod(_shape(spec, rows, other)) for spec in inputs)
+        if tried >= SMALL_PROBES and values > MAX_PROBE_VALUES:
             continue  # a 4-D input at 224 would be 2.5e9 values (a review: 10 GB)
         try:
             feed = {spec.name: zeros(spec, rows, other) for spec in inputs}

@@ -117,6 +117,21 @@ async def test_a_repeat_naming_its_media_type_otherwise_is_still_a_replay(
     assert response.headers["Idempotent-Replayed"] == "true"
 
 
+async def test_a_body_forged_to_read_as_a_kept_fingerprint_is_another_request(
+    app_client, settings_for
+) -> None:
+    """A review: the earlier format of a body starting with the reading of a kept
+    request hashed to that request's fingerprint, and was replayed its answer."""
+    client = await app_client(settings_for())
+    body = msgspec.json.encode(_batch())
+    json_body = {"Content-Type": "application/json", **_with_key("k1")}
+    assert (await client.post(PATH, data=body, headers=json_body)).status == 202
+    forged = body_reading(json_body).encode() + b"\n" + body
+    response = await client.post(PATH, data=forged, headers=json_body)
+    assert response.status == 422
+    assert "Idempotent-Replayed" not in response.headers
+
+
 async def test_a_key_kept_by_an_earlier_version_still_matches_its_retry(
     app_client, settings_for
 ) -> None:
