@@ -737,6 +737,7 @@ class DoorRequestHandler(web.RequestHandler):
         # The rest of a compressed body the app answered unread: dropped as it arrives,
         # never parsed, until the client closes or ``_lingering_time`` passes.
         self._discarding = False
+        self._discard_timer: asyncio.TimerHandle | None = None
 
     def read_on(self) -> None:
         """Resume reading the connection after the door or the lane stopped, unless
@@ -885,9 +886,12 @@ class DoorRequestHandler(web.RequestHandler):
             return
         if transport.can_write_eof():
             transport.write_eof()
-        self._loop.call_later(self._lingering_time, transport.close)
+        self._discard_timer = self._loop.call_later(self._lingering_time, transport.close)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._discard_timer is not None:  # the client closed first: nothing to wait for
+            self._discard_timer.cancel()
+            self._discard_timer = None
         self._door.release(self)
         while self._bound_for:
             admission = self._bound_for.popleft()
