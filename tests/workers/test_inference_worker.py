@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.workers.errors import DeadlineExpired, InputRefused, MailboxFull, WorkerClosed
@@ -948,6 +948,84 @@ async def test_a_worker_closing_runs_a_failed_batch_again_request_by_request(
     outcomes = await asyncio.gather(computing, *batched, return_exceptions=True)
     await closing
     assert isinstance(outcomes[2], InputRefused)
+    assert isinstance(outcomes[1], dict) and isinstance(outcomes[3], dict)
+
+
+class FailingSession(RecordingSession):
+    """Fails as onnxruntime's ``FAIL`` (not ``INVALID_ARGUMENT``): a run holding a row
+    that starts with 999, and the first ``passing`` runs whatever they hold, and every
+    run while ``broken``."""
+
+    def __init__(self, session: ort.InferenceSession, passing: int = 0) -> None:
+        super().__init__(session)
+        self.passing = passing
+        self.broken = False
+
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]
+    ) -> Sequence[np.ndarray]:
+        outputs = super().run(output_names, input_feed)
+        failing = self.passing > 0 or self.broken or (input_feed["input"][:, 0] == 999).any()
+        self.passing = max(0, self.passing - 1)
+        if failing:
+            raise Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape node")
+        return outputs
+
+
+KNOWN_GOOD = {"input": np.zeros((2, 128), dtype=np.float32)}
+
+
+async def test_a_lone_input_failing_twice_while_the_known_good_feed_computes_is_refused(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = FailingSession(demo_session)
+    worker = make_worker(session, known_good=KNOWN_GOOD)
+    with pytest.raises(InputRefused, match="could not compute this input: Non-zero status code"):
+        await worker.submit(refused_row(), soon())
+    # The input, again, then the known-good feed.
+    assert [batch[0, 0] for batch in session.batches] == [999, 999, 0]
+
+
+async def test_a_lone_request_whose_run_fails_once_is_answered_by_its_second(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = FailingSession(demo_session, passing=1)
+    worker = make_worker(session, known_good=KNOWN_GOOD)
+    row = rows(1, 5)
+    answer = await worker.submit(row, soon())
+    expected = demo_session.run(None, {"input": row})[0]
+    np.testing.assert_allclose(answer["probabilities"], expected, rtol=1e-5, atol=1e-6)
+    assert len(session.batches) == 2
+
+
+async def test_a_model_failing_its_known_good_feed_too_fails_the_request_with_its_own_error(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    session = FailingSession(demo_session)
+    session.broken = True
+    worker = make_worker(session, known_good=KNOWN_GOOD)
+    with pytest.raises(Fail):
+        await worker.submit(rows(1, 6), soon())
+    assert len(session.batches) == 3  # the input twice, then the known-good feed
+    session.broken = False
+    assert (await worker.submit(rows(1, 7), soon()))["probabilities"].shape == (1, 2)
+
+
+async def test_a_failing_input_batched_with_others_is_refused_and_the_others_answered(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    gate = threading.Event()
+    session = FailingSession(demo_session)
+    session.gate = gate
+    worker = make_worker(session, max_batch_size=8, max_queue_delay_s=0.05, known_good=KNOWN_GOOD)
+    computing = worker.submit(rows(1, 0), soon())
+    await asyncio.to_thread(session.entered.wait, 5)
+    good = [rows(1, seed) for seed in (2, 3)]
+    batched = [worker.submit(good[0], soon()), worker.submit(refused_row(), soon()), worker.submit(good[1], soon())]
+    await asyncio.sleep(0.02)
+    gate.set()
+    outcomes = await asyncio.gather(computing, *batched, return_exceptions=True)
+    assert isinstance(outcomes[2], InputRefused), outcomes[2]
     assert isinstance(outcomes[1], dict) and isinstance(outcomes[3], dict)
 
 

@@ -37,8 +37,16 @@ refusals come first there, the batch's shape second.
 A batch whose run fails is run again item by item, once, so that one request's input
 the model cannot compute (an index out of a Gather's range) fails that request only,
 not those batched with it; an input onnxruntime refuses as ``INVALID_ARGUMENT`` fails
-with ``InputRefused`` (the client's fault, not the model's), any other failure as
-onnxruntime raised it.
+with ``InputRefused`` (the client's fault, not the model's). A request failing alone
+with any other error (onnxruntime's ``FAIL`` or ``RUNTIME_EXCEPTION``, which a
+model's own ops raise for values they cannot take too) is tried once more, in the
+same thread turn: answered if it now computes (a passing failure), else the model's
+known-good feed (the load's warm-up, ``known_good``) is run: if that computes, the
+input is at fault (``InputRefused``, which the model's breaker does not count: one
+tenant's bad rows must not open it for everyone); if not, the model is, and the
+request fails with its own error. A model failing now and then thus answers rather
+than blames the input (a review: a rule by time alone answered a flaky model's
+failures 422 and its breaker never opened).
 
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
 does not fit the current batch opens the next one. A model without a free batch
@@ -52,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -81,6 +90,8 @@ ESTIMATE_STALE_BATCHES = 4
 # The least time between two sweeps of the deadline watch (``_watch_deadlines``): a
 # request is answered 504 at most this long past its deadline.
 WATCH_GAP_S = 0.02
+# onnxruntime's errors begin ``[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ``.
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 def _lower_priority(niceness: int) -> Callable[[], None]:
@@ -133,6 +144,16 @@ class _Item:
     # Its bytes no longer count as waiting (``_settled``): once only, whichever of a
     # crash's clean-up and its run's end comes first.
     settled: bool = False
+    # It failed alone and was tried again, with the known-good feed (``_checked_run``).
+    checked: bool = False
+
+
+class _InputAtFault(Exception):
+    """In the thread: the item failed twice while the model's known-good feed computes."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(slots=True)
@@ -180,17 +201,20 @@ class InferenceWorker(Actor[_Item]):
         telemetry: WorkerTelemetry = NO_TELEMETRY,
         shares_batches: bool = True,
         run_options: RunOptions | None = None,
+        known_good: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """``shares_batches``: False for a model whose outputs do not keep the input's
         rows (``model_config.open_session``): each request then runs alone, since its
         outputs could not be told apart by rows (a request of 0 rows would otherwise
         fit beside one of 1 within ``max_batch_size`` 1, and both get the same
-        outputs)."""
+        outputs). ``known_good``: a feed the model computed at its load, run to tell a
+        failing input from a failing model."""
         if not input_names:
             raise ValueError("a model needs at least one input")
         # A fresh one of its kind is given to each run, so that a run can be ended on
         # its own: when nobody waits for it any more (``_watch_deadlines``), or closing.
         self._run_options = run_options
+        self._known_good = known_good
         super().__init__(mailbox_size, telemetry=telemetry)
         self._mailbox_size = mailbox_size
         self._mailbox_bytes = mailbox_bytes
@@ -606,10 +630,15 @@ class InferenceWorker(Actor[_Item]):
         return math.inf
 
     def _hand_to_thread(
-        self, loop: asyncio.AbstractEventLoop, items: list[_Item], holds_slot: bool = True
+        self,
+        loop: asyncio.AbstractEventLoop,
+        items: list[_Item],
+        holds_slot: bool = True,
+        check: bool = False,
     ) -> None:
         """Queue the batch on the worker's thread; ``_finished`` answers it.
-        ``holds_slot``: it took one of ``_slots`` (a retry alone takes none)."""
+        ``holds_slot``: it took one of ``_slots`` (a retry alone takes none);
+        ``check``: a lone item that failed, run as ``_checked_run`` says."""
         total = sum(item.rows for item in items)
         try:
             if len(items) == 1:
@@ -639,7 +668,8 @@ class InferenceWorker(Actor[_Item]):
             earliest = min(item.deadline for item in items)
             latest = max(item.deadline for item in items)
         try:
-            future = loop.run_in_executor(self._executor, self._timed_run, feed, latest, run)
+            compute = self._checked_run if check else self._timed_run
+            future = loop.run_in_executor(self._executor, compute, feed, latest, run)
         except RuntimeError as exc:  # the executor is shut down (closed past its drain)
             self._failed(items, total, WorkerClosed(f"inference worker {self.name} stopped: {exc}"))
             self._done_with(items)
@@ -692,6 +722,11 @@ class InferenceWorker(Actor[_Item]):
                 if len(items) > 1:
                     answering = True  # each item is settled by its own run, or here
                     self._run_alone(items, total, error)
+                    return
+                if self._to_check(items[0], error):
+                    items[0].checked = True
+                    answering = True  # settled by the checked run
+                    self._hand_to_thread(items[0].future.get_loop(), items, holds_slot=False, check=True)
                     return
                 self._failed(items, total, error)
                 return
@@ -757,9 +792,39 @@ class InferenceWorker(Actor[_Item]):
             else:
                 self._hand_to_thread(loop, [item], holds_slot=False)
 
+    def _to_check(self, item: _Item, error: BaseException) -> bool:
+        """Whether a lone item's failed run is tried again with the known-good feed:
+        once, for an error that does not already name the input, while its caller waits."""
+        return (
+            self._known_good is not None
+            and not item.checked
+            and not item.future.done()
+            and not isinstance(error, (InvalidArgument, _InputAtFault))
+        )
+
+    def _checked_run(
+        self, feed: Mapping[str, np.ndarray], latest_deadline: float, run: _Run
+    ) -> tuple[Sequence[np.ndarray] | None, float]:
+        """In the thread: a lone item that failed, run again; failing again, the
+        known-good feed is run, and if that computes the input is at fault."""
+        try:
+            return self._timed_run(feed, latest_deadline, run)
+        except Exception as again:
+            options = run.options
+            if self._known_good is None or (options is not None and options.terminate):
+                raise  # ended (its deadline, closing): says nothing of the input
+            try:
+                if options is None:
+                    self._session.run(self._output_names, self._known_good)
+                else:
+                    self._session.run(self._output_names, self._known_good, options)
+            except Exception:
+                raise again from None
+            raise _InputAtFault(again) from None
+
     def _failed(self, items: list[_Item], total: int, error: BaseException) -> None:
-        if isinstance(error, InvalidArgument):
-            refused = str(error).split("INVALID_ARGUMENT : ", 1)[-1]
+        if isinstance(error, (InvalidArgument, _InputAtFault)):
+            refused = _ORT_PREFIX.sub("", str(error), count=1)
             log.warning(
                 "inference_input_refused",
                 model=self.name,

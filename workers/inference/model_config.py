@@ -301,7 +301,7 @@ MAX_PROBE_VALUES = 1 << 22
 
 def open_session(
     path: Path, threads: int, run_options: ort.RunOptions | None = None
-) -> tuple[ort.InferenceSession, tuple[TensorSpec, ...], tuple[TensorSpec, ...], bool]:
+) -> tuple[ort.InferenceSession, tuple[TensorSpec, ...], tuple[TensorSpec, ...], bool, dict[str, np.ndarray]]:
     """Create the session, read its metadata and warm it up with one run (ended early,
     failing, once ``run_options.terminate`` is set). Blocking.
 
@@ -316,7 +316,8 @@ def open_session(
     fits), else 1 (what a bias of 3 beside a free dimension takes), else larger
     (``PROBE_SHAPES``); a model that takes no 2 rows (its batch fixed in its graph)
     runs each request alone. The first run that succeeds is the warm-up; if none does,
-    the last one's error is the load's."""
+    the last one's error is the load's. The last item: the warm-up's feed, which the
+    model is known to compute (``InferenceWorker``'s ``known_good``)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -348,7 +349,7 @@ def open_session(
             and _rows_kept(answered, 2)
             and _rows_kept_for_varied_values(session, inputs, other, run_options)
         )
-        return session, inputs, outputs, kept
+        return session, inputs, outputs, kept, feed
     assert failure is not None
     raise failure
 

@@ -456,7 +456,7 @@ class ModelRepository:
         warm_up = ort.RunOptions()
         try:
             async with asyncio.timeout(timeout_s):
-                session, inputs, outputs, batchable = await _in_daemon_thread(
+                session, inputs, outputs, batchable, known_good = await _in_daemon_thread(
                     open_session, path, self.settings.inference_threads, warm_up
                 )
         except TimeoutError:
@@ -475,6 +475,7 @@ class ModelRepository:
             max_batch_size=max_batch_size,
             shares_batches=batchable,
             run_options=ort.RunOptions(),
+            known_good=known_good,
             max_queue_delay_s=config.max_queue_delay_ms / 1000,
             mailbox_size=self.settings.inference_mailbox_size,
             mailbox_bytes=self.settings.inference_mailbox_bytes,

@@ -1,6 +1,7 @@
 """An input the model itself refuses at run time (onnxruntime's INVALID_ARGUMENT: an
-embedding id out of its table) is that request's 422; the requests batched with it
-are answered, and the model's breaker stays closed."""
+embedding id out of its table; or any other failure on values the model's known-good
+feed does not share, as a Reshape whose shape follows the values) is that request's
+422; the requests batched with it are answered, and the model's breaker stays closed."""
 
 from __future__ import annotations
 
@@ -87,3 +88,73 @@ async def test_refused_inputs_never_open_the_models_breaker(client: Client) -> N
     status, answer = await infer(client, [0, 1, 2, 3])
     assert status == 200, answer
     assert answer["outputs"][0]["data"] == expected([0, 1, 2, 3])
+
+
+def write_value_shaped_model(root: Path) -> None:
+    """``x`` FLOAT [N, 4] -> itself, reshaped to ``[-1, 4]``; to ``[-1, 3]`` (which
+    onnxruntime fails as ``FAIL``, not ``INVALID_ARGUMENT``) when a value is 100 or more."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["x"], ["largest"], keepdims=0),
+            helper.make_node("Less", ["largest", "hundred"], ["small"]),
+            helper.make_node("Where", ["small", "by_four", "by_three"], ["shape"]),
+            helper.make_node("Reshape", ["x", "shape"], ["y"]),
+        ],
+        "shaped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[
+            numpy_helper.from_array(np.array(100, dtype=np.float32), "hundred"),
+            numpy_helper.from_array(np.array([-1, 4], dtype=np.int64), "by_four"),
+            numpy_helper.from_array(np.array([-1, 3], dtype=np.int64), "by_three"),
+        ],
+    )
+    write_version(root, "shaped", model_of(graph), {"kind": "regressor", "max_queue_delay_ms": 20})
+
+
+@pytest.fixture
+async def shaped(
+    tmp_path: Path, app_client: AppClientFactory, make_settings: Callable[..., Settings]
+) -> Client:
+    root = tmp_path / "models"
+    write_value_shaped_model(root)
+    settings = make_settings(model_repository=str(root), default_model="shaped", model_poll_interval_s=0)
+    result: Client = await app_client(settings)
+    return result
+
+
+async def infer_shaped(client: Client, row: list[float]) -> tuple[int, dict[str, Any]]:
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": row}]}
+    answer = await client.post("/v2/models/shaped/infer", json=body)
+    return answer.status, await answer.json()
+
+
+async def test_values_the_model_fails_on_while_it_computes_its_known_good_feed_are_422(
+    shaped: Client,
+) -> None:
+    status, answer = await infer_shaped(shaped, [1, 2, 3, 500])
+    assert status == 422, answer
+    assert "could not compute this input" in answer["error"]
+    assert "cannot be reshaped" in answer["error"]
+    assert "[ONNXRuntimeError]" not in answer["error"]
+
+
+async def test_one_clients_failing_values_never_open_the_breaker_for_the_others(
+    shaped: Client,
+) -> None:
+    for _ in range(10):  # twice the breaker's default failures
+        assert (await infer_shaped(shaped, [500, 0, 0, 0]))[0] == 422
+    status, answer = await infer_shaped(shaped, [1, 2, 3, 4])
+    assert status == 200, answer
+    assert answer["outputs"][0]["data"] == [1, 2, 3, 4]
+
+
+async def test_requests_batched_with_failing_values_are_answered(shaped: Client) -> None:
+    good = [[float(i), 1, 2, 3] for i in range(30)]
+    calls = [infer_shaped(shaped, row) for row in good]
+    calls.insert(15, infer_shaped(shaped, [0, 0, 0, 700]))
+    answers = await asyncio.gather(*calls)
+    assert answers.pop(15)[0] == 422
+    for row, (status, answer) in zip(good, answers, strict=True):
+        assert status == 200, answer
+        assert answer["outputs"][0]["data"] == row
