@@ -10,6 +10,7 @@ checked for well-formedness (``syntax_error``), so valid bodies pay nothing for 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from enum import Enum
@@ -171,6 +172,31 @@ def decode(body: bytes, type_: type[T], fmt: Format) -> T:
         raise schema_error(exc, body, fmt) from None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise undecodable(exc, fmt) from None
+
+
+# The literals Triton's JSON parser (rapidjson's ``kParseNanAndInfFlag``) reads as numbers.
+_NON_FINITE_LITERAL = re.compile(rb"-?(?:NaN|Infinity)")
+
+
+def decode_json_non_finite(body: bytes, type_: type[T]) -> T:
+    """``decode`` of a JSON body that reads ``NaN``, ``Infinity`` and ``-Infinity`` as
+    numbers, as Triton does in the Open Inference Protocol's tensors (tritonclient writes
+    them so). msgspec refuses them: only a body it refuses that holds one is read again,
+    by the standard library's parser, which takes them."""
+    try:
+        return decode(body, type_, Format.JSON)
+    except BadRequest as refused:
+        if _NON_FINITE_LITERAL.search(body) is None:
+            raise
+        try:
+            tree = json.loads(body)
+        except (ValueError, RecursionError):
+            raise refused from None
+    try:
+        return msgspec.convert(tree, type_)
+    except msgspec.ValidationError as exc:
+        loc, msg = location(exc)
+        raise ValidationFailed(str(exc), errors=[FieldError(loc=loc or "body", msg=msg)]) from None
 
 
 def schema_error(exc: msgspec.ValidationError, body: bytes, fmt: Format) -> ApiError:

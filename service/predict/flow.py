@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import struct
 import time
 from collections.abc import Mapping
@@ -489,6 +490,14 @@ def _msgpack_array_length(data: memoryview) -> int | None:
     return None
 
 
+# A JSON string, escapes included: what ``_commas_outside_strings`` leaves out.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _commas_outside_strings(body: bytes) -> int:
+    return _JSON_STRING.sub(b"", body).count(b",") + 1
+
+
 def input_value_budget(spec: TensorSpec) -> int:
     """The most values one input of a request may hold: ``MAX_INSTANCES`` rows of its
     shape, or ``UNSIZED_VALUE_BUDGET`` where a dimension past the batch is free; for
@@ -505,7 +514,9 @@ async def check_tensor_budget(
     """422 when a body over ``ROW_BUDGET_FROM_BYTES`` holds more values than the model's
     inputs take at ``MAX_INSTANCES`` rows, before any of them is decoded (a 16 MB body
     of ``0,``, or of msgpack's one-byte empty arrays, would otherwise become 8M or 16M
-    Python objects). JSON: commas bound the count from above. msgpack: its objects
+    Python objects). JSON: commas bound the count from above; past the budget they
+    are counted again outside strings (a BYTES tensor of sentences holds commas of its
+    own), in a thread as msgpack's count is. msgpack: its objects
     are counted from the bytes (``count_objects``), scalars and containers each
     against the budget, in a thread: a body built to be slow to count (a step of
     Python per object, up to the budget) then slows the event loop, by the GIL's
@@ -515,6 +526,9 @@ async def check_tensor_budget(
     budget = TENSOR_SLACK_VALUES + sum(input_value_budget(spec) for spec in loaded.inputs)
     if fmt is Format.JSON:
         values = bytes(body).count(b",") + 1
+        if values > budget and b'"' in body:
+            loop = asyncio.get_running_loop()
+            values = await loop.run_in_executor(None, _commas_outside_strings, bytes(body))
         holds = f"the body holds about {values}"
     elif len(body) <= budget:
         return  # a msgpack object takes a byte at least: no more objects than bytes

@@ -207,6 +207,10 @@ def input_arrays(
         raise BadRequest("the binary data is longer than the inputs' binary_data_size")
     if missing := sorted(specs.keys() - feed.keys()):
         raise invalid("inputs", f"missing inputs {missing}")
+    if not loaded.worker.shares_batches:
+        # Its requests run alone (its ``max_batch_size`` is 0): the shapes pass as
+        # given, as Triton passes them to a model without batching.
+        return feed
     if len({array.shape[0] if array.ndim else None for array in feed.values()}) != 1:
         raise invalid("inputs", "every input needs the same batch size")
     if any(array.ndim == 0 for array in feed.values()):

@@ -47,7 +47,14 @@ from mlgate.schemas.oip import (
 )
 from mlgate.service import __version__
 from mlgate.service.http.body import read_body
-from mlgate.service.http.codec import Format, decode, json_encoder, media_format, respond
+from mlgate.service.http.codec import (
+    Format,
+    decode,
+    decode_json_non_finite,
+    json_encoder,
+    media_format,
+    respond,
+)
 from mlgate.service.http.context import REQUEST_ID, arrived
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound, Unavailable
 from mlgate.service.http.routing import Route
@@ -67,6 +74,7 @@ from mlgate.service.predict.tensors import (
 )
 from mlgate.service.protection.audit import Action, audit_request
 from mlgate.service.state import DRAINING, DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
+from mlgate.workers.inference.batching import request_rows
 from mlgate.workers.inference.model_config import PLATFORM, TensorSpec
 from mlgate.workers.inference.repository import ModelLoadFailed, ModelNotFound, ModelVersion
 
@@ -120,9 +128,11 @@ async def decode_infer_body(
     if header_length is not None:
         header = body[:header_length]
         await check_tensor_budget(header, loaded)
-        return InferBody(decode(header, InferenceRequest, Format.JSON), memoryview(body)[header_length:])
+        return InferBody(decode_json_non_finite(header, InferenceRequest), memoryview(body)[header_length:])
     fmt = body_format(headers.get("Content-Type"))
     await check_tensor_budget(body, loaded, fmt)
+    if fmt is Format.JSON:
+        return InferBody(decode_json_non_finite(body, InferenceRequest), memoryview(b""))
     return InferBody(decode(body, InferenceRequest, fmt), memoryview(b""))
 
 
@@ -150,7 +160,7 @@ async def answer_infer(
     # rows is the request's 422, not a 503 to retry); then the rows it holds.
     loaded.worker.check_room(1, deadline)
     feed = input_arrays(payload, binary, loaded)
-    rows = next(iter(feed.values())).shape[0]
+    rows = request_rows(feed)
     if rows > 1:
         loaded.worker.check_room(rows, deadline)
     outputs = requested_outputs(payload, loaded)

@@ -167,6 +167,14 @@ class _Run:
     started_at: float | None = None
 
 
+def request_rows(feed: Mapping[str, np.ndarray]) -> int:
+    """A request's rows: its inputs' common first dimension, else 1 (inputs without one,
+    which only a model running each request alone takes)."""
+    firsts = {array.shape[0] if array.ndim else None for array in feed.values()}
+    first = firsts.pop() if len(firsts) == 1 else None
+    return 1 if first is None else int(first)
+
+
 def _end(options: Iterable[RunOptions | None]) -> None:
     """End the runs given these options (they fail, between the graph's nodes)."""
     for each in options:
@@ -412,6 +420,10 @@ class InferenceWorker(Actor[_Item]):
                 ((name, inputs.shape[1:], inputs.dtype.str),),
             )
         feed = dict(inputs)
+        if not self._shares_batches:
+            # Each request runs alone, its inputs passed as given: without a common
+            # first dimension (a scalar, a ``[1]`` beside ``[3, 4]``) it counts as a row.
+            return feed, request_rows(feed), ()
         if any(array.ndim == 0 for array in feed.values()):
             raise ValueError("inputs need a batch dimension")
         rows = {int(array.shape[0]) for array in feed.values()}

@@ -6,6 +6,7 @@ written as Triton writes them (``NaN``, ``Infinity``, ``-Infinity``), never ``nu
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,29 @@ async def test_an_oip_error_replayed_as_json_is_sent_as_the_protocol_sends_error
     again = await client.post("/v2/models/uint64/infer", json=bad, headers=keyed)
     assert (again.status, again.content_type) == (422, "application/json")
     assert "out of range for UINT64" in (await again.json())["error"]
+
+
+async def test_non_finite_literals_in_json_inputs_are_read_as_triton_reads_them(client: Client) -> None:
+    """tritonclient writes a NaN of a JSON tensor as ``NaN`` (rapidjson), and Triton
+    reads it: a review saw it refused 400 "not valid json"."""
+    body = b'{"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP64", "data": [NaN, Infinity, -Infinity]}]}'
+    response = await client.post(
+        "/v2/models/fp64/infer", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 200, await response.text()
+    data = json.loads(await response.read())["outputs"][0]["data"]
+    assert np.isnan(data[0]) and data[1:] == [math.inf, -math.inf]
+
+
+async def test_a_non_finite_literal_in_an_integer_tensor_is_422(client: Client) -> None:
+    body = b'{"inputs": [{"name": "x", "shape": [1, 3], "datatype": "INT64", "data": [1, NaN, 3]}]}'
+    response = await client.post("/v2/models/int64/infer", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 422, await response.text()
+    assert "error" in await response.json()
+
+
+async def test_a_malformed_body_holding_a_nan_literal_is_still_400(client: Client) -> None:
+    body = b'{"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP64", "data": [NaN, 1, 2]'
+    response = await client.post("/v2/models/fp64/infer", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    assert "error" in await response.json()

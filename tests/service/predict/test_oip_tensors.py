@@ -3,6 +3,7 @@ body formats and readiness."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -261,3 +262,85 @@ async def test_a_binary_bytes_tensor_within_its_shape_is_answered(strings_client
     status, answer = await post_binary_strings(strings_client, [2, 1], blob)
     assert status == 200, answer
     assert answer["outputs"][0]["data"] == ["ab", "c"]
+
+
+async def post_json(client: Client, path: str, body: Any) -> Any:
+    """A large JSON body, as aiohttp's client wants it sent (not raw bytes)."""
+    data = io.BytesIO(json.dumps(body).encode())
+    return await client.post(path, data=data, headers={"Content-Type": "application/json"})
+
+
+async def test_json_strings_holding_commas_do_not_count_as_values_against_the_budget(
+    strings_client: Client,
+) -> None:
+    """A review: 4,000 sentences of 54 commas each (a 1.2 MB body) were 422 "the body
+    holds about 216,000 values" against the model's 4,096 strings."""
+    sentences = [["word, " * 54] for _ in range(4000)]
+    body = {"inputs": [{"name": "s", "shape": [4000, 1], "datatype": "BYTES", "data": sentences}]}
+    response = await post_json(strings_client, "/v2/models/strings/infer", body)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["outputs"][0]["data"][:2] == ["word, " * 54] * 2
+
+
+async def test_json_strings_past_the_budget_are_still_422_before_decoding(
+    strings_client: Client,
+) -> None:
+    body = {"inputs": [{"name": "s", "shape": [9000, 1], "datatype": "BYTES", "data": [["a,b"]] * 9000}]}
+    response = await post_json(strings_client, "/v2/models/strings/infer", body)
+    assert response.status == 422
+    assert "takes at most 5120 values, the body holds about 9" in (await response.json())["error"]
+
+
+@pytest.fixture
+async def unbatched_client(
+    tmp_path: Path, app_client: Any, make_settings: Callable[..., Settings]
+) -> Client:
+    """Models without a batch dimension to share (``max_batch_size`` 0): ``mixed``
+    takes ``x`` [-1, 4] and ``k`` [1] (``y = x * k``), ``scalar`` takes ``x`` [] (``y = 2x``)."""
+    root = tmp_path / "models"
+    mixed = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        "mixed",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("k", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    write_version(root, "mixed", model_of(mixed))
+    scalar = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "scalar",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    write_version(root, "scalar", model_of(scalar))
+    settings = make_settings(model_repository=str(root), default_model="mixed")
+    client: Client = await app_client(settings)
+    return client
+
+
+async def test_an_unbatched_model_takes_inputs_of_different_first_dimensions(
+    unbatched_client: Client,
+) -> None:
+    body = {
+        "inputs": [
+            {"name": "x", "shape": [3, 4], "datatype": "FP32", "data": list(range(12))},
+            {"name": "k", "shape": [1], "datatype": "FP32", "data": [2]},
+        ]
+    }
+    response = await unbatched_client.post("/v2/models/mixed/infer", json=body)
+    assert response.status == 200, await response.text()
+    output = (await response.json())["outputs"][0]
+    assert output["shape"] == [3, 4]
+    assert output["data"] == [2.0 * value for value in range(12)]
+
+
+async def test_a_model_taking_a_scalar_is_served(unbatched_client: Client) -> None:
+    config = await (await unbatched_client.get("/v2/models/scalar/config")).json()
+    assert config["max_batch_size"] == 0
+    body = {"inputs": [{"name": "x", "shape": [], "datatype": "FP32", "data": [1.5]}]}
+    response = await unbatched_client.post("/v2/models/scalar/infer", json=body)
+    assert response.status == 200, await response.text()
+    output = (await response.json())["outputs"][0]
+    assert output["shape"] == [] and output["data"] == [3.0]
