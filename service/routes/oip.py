@@ -235,7 +235,7 @@ async def server_live(request: web.Request) -> web.Response:
 async def server_ready(request: web.Request) -> web.Response:
     """200 ready, else 400: the protocol's "4xx means false" (Triton answers 400), where
     mlgate's own ``/ready`` answers 503 for load balancers."""
-    ready = request.app[MODEL_REPOSITORY].ready and not request.app[DRAINING].is_set()
+    ready = request.app[MODEL_REPOSITORY].ready_for_any_model and not request.app[DRAINING].is_set()
     return respond(request, Readiness(ready=ready), status=200 if ready else 400)
 
 

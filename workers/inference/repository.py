@@ -173,12 +173,15 @@ class ModelRepository:
     def ready(self) -> bool:
         """Started, the default model serves at least one version, and no version's
         worker is restarting after a crash (or settling after its restart)."""
-        return (
-            self._started
-            and not self._closed
-            and self.settings.default_model in self._latest
-            and not self._unsettled_workers()
-        )
+        return self.ready_for_any_model and self.settings.default_model in self._latest
+
+    @property
+    def ready_for_any_model(self) -> bool:
+        """``ready`` without the default model: what the Open Inference Protocol's
+        readiness says, as Triton's depends on the repository's models alone (a review:
+        a repository without the REST routes' default model, ``demo`` unless set, kept
+        ``/v2/health/ready`` false, and a Triton client waiting on it waited forever)."""
+        return self._started and not self._closed and not self._unsettled_workers()
 
     @property
     def problem(self) -> str | None:

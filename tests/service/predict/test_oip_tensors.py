@@ -344,3 +344,23 @@ async def test_a_model_taking_a_scalar_is_served(unbatched_client: Client) -> No
     assert response.status == 200, await response.text()
     output = (await response.json())["outputs"][0]
     assert output["shape"] == [] and output["data"] == [3.0]
+
+
+async def test_server_ready_does_not_wait_for_the_rest_routes_default_model(
+    tmp_path: Path, app_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    """Triton's readiness follows the repository's models: a repository without the
+    REST routes' default model (``demo`` unless set) is ready for the protocol, while
+    mlgate's own ``/ready`` says what is missing."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "only",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+    )
+    write_version(tmp_path / "models", "only", model_of(graph))
+    client: Client = await app_client(make_settings(model_repository=str(tmp_path / "models"), default_model="demo"))
+    response = await client.get("/v2/health/ready")
+    assert response.status == 200
+    assert await response.json() == {"ready": True}
+    assert (await client.get("/ready")).status == 503
