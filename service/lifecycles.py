@@ -198,6 +198,8 @@ def sample_sink(app_metrics: Metrics, sink: SpillingKafkaSink | LocalLogWriter) 
     if isinstance(sink, SpillingKafkaSink):
         app_metrics.spill_backlog.set(sink.backlog)
         app_metrics.record_breaker("kafka", sink.breaker)
+        if sink.kafka_unavailable:  # its writer never started: the breaker never heard
+            app_metrics.dependency_unavailable.labels("kafka").set(1)
 
 
 def drift_monitor_for(

@@ -124,6 +124,9 @@ class SpillingKafkaSink:
         self._forwarded = 0
         self._shares = SpillShares(settings.spill_max_records, settings.spill_tenant_share)
         self._spilled = asyncio.Event()
+        # Why the Kafka writer could not start, while it cannot (None once it has):
+        # writes then spill without calling the breaker, which never hears of it.
+        self._kafka_unreachable: str | None = None
         # Writes sent to Kafka directly and not yet answered: the drainer waits for
         # them (``_direct_writes_done``) before it forwards what spilled after them.
         self._direct_writes = 0
@@ -165,13 +168,20 @@ class SpillingKafkaSink:
     def degraded(self) -> str | None:
         """Kafka failing or behind while writes still succeed (they spill): what
         ``/ready`` lists under ``degraded``, staying ready (a review: an operator saw a
-        Kafka outage in the metrics and the logs only)."""
+        Kafka outage in the metrics and the logs only; another, Kafka down since the
+        start, in the logs only)."""
         waiting = self.backlog
-        if self.breaker.state != "closed":
+        if self.kafka_unavailable:
             return f"Kafka unreachable: records spill to {self._directory}, {waiting} wait for it"
         if waiting:
             return f"{waiting} spilled records wait for Kafka"
         return None
+
+    @property
+    def kafka_unavailable(self) -> bool:
+        """Kafka down: its breaker opened, or its writer could not start (and has not
+        since): ``mlgate_dependency_unavailable{dependency="kafka"}``."""
+        return self._kafka_unreachable is not None or self.breaker.state != "closed" or self.breaker.unavailable
 
     @property
     def backlog(self) -> int:
@@ -198,8 +208,11 @@ class SpillingKafkaSink:
         try:
             await self._kafka.start()
         except Exception as exc:
-            # Kafka down at start-up: serve from the spill; the drainer retries Kafka.
+            # Kafka down at start-up: serve from the spill; the drainer retries Kafka,
+            # with or without records to send, so the writer is ready when Kafka is.
             log.error("kafka_unavailable_at_start", error=repr(exc))
+            self._kafka_unreachable = repr(exc)
+            self._spilled.set()
         if self.backlog:
             log.warning("spill_backlog_at_start", records=self.backlog)
             self._spilled.set()
@@ -341,8 +354,12 @@ class SpillingKafkaSink:
                     await self._kafka.start()
                 except Exception as exc:
                     log.warning("kafka_still_unavailable", error=repr(exc))
+                    self._kafka_unreachable = repr(exc)
                     await asyncio.sleep(self._settings.kafka_breaker_reset_s)
                     continue
+                if self._kafka_unreachable is not None:
+                    log.info("kafka_available", after=self._kafka_unreachable)
+                    self._kafka_unreachable = None
             if unacked is None:
                 # Only fsync'd records: one not yet durable may still be rolled back.
                 start = self._cursor.offset

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 
 from mlgate.config import Settings, worker_data_dir
-from mlgate.service.state import RECORD_SINK
+from mlgate.service.state import METRICS, RECORD_SINK
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink, write_forwarded_offset
 from tests.support import (
@@ -107,6 +107,42 @@ async def test_ready_stays_200_and_names_kafka_degraded_while_records_spill(
     await wait_until_drained(sink)
     await until(lambda: sink.degraded is None)
     assert "degraded" not in await (await client.get("/ready")).json()
+
+
+async def test_kafka_down_since_the_start_is_named_degraded_until_it_answers(
+    app_client, make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """A review: with Kafka unreachable from the start, /ready said all was well and
+    ``mlgate_dependency_unavailable`` stayed 0 (writes spilled without calling the
+    breaker); and the writer was tried again only once a record spilled."""
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    private_kafka_broker.stop()
+    settings = make_settings(
+        kafka_bootstrap_servers=private_kafka_broker.bootstrap,
+        kafka_topic=topic,
+        feature_dims=(4,),
+        kafka_request_timeout_ms=500,
+        kafka_breaker_reset_s=0.5,
+    )
+    client = await app_client(settings)
+    sink = client.app[RECORD_SINK]
+    assert isinstance(sink, SpillingKafkaSink)
+    answer = await client.get("/ready")
+    assert answer.status == 200
+    assert "Kafka unreachable" in (await answer.json())["degraded"]["kafka"]
+    metrics = client.app[METRICS]
+    metrics.sample()
+    assert metrics.dependency_unavailable.labels("kafka")._value.get() == 1
+
+    private_kafka_broker.start()
+    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    await until(lambda: sink.degraded is None, timeout_s=15)  # no record sent meanwhile
+    metrics.sample()
+    assert metrics.dependency_unavailable.labels("kafka")._value.get() == 0
+    assert (await client.post("/api/v2/ingest", json=_batch(0, 0))).status == 202
+    assert sink.backlog == 0  # written to Kafka directly
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=1)
+    assert [m.key for m in messages] == [b"k0-0"]
 
 
 async def test_full_spill_answers_503_with_retry_after(
