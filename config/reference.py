@@ -32,7 +32,7 @@ DESCRIPTIONS: dict[str, str] = {
     "head_timeout_s": "Seconds a connection may take to send a complete request head, from when it opens or from the previous response (so also the idle keep-alive limit); then it is closed.",
     "body_timeout_s": "Seconds a request body may take before it must keep up body_min_rate_bytes, and the longest it may pause between bytes; a slower body is 408 and the connection closes.",
     "body_min_rate_bytes": "Bytes per second a request body must average after its first body_timeout_s.",
-    "max_connections": "Open connections per process (capped by the open-files limit); beyond it a new connection gets 503 and is closed at once.",
+    "max_connections": "Open connections per process (capped by the open-files limit); at it a new connection takes the place of one waiting for a request head, or gets 503 when all are busy.",
     # Ingestion
     "max_batch_records": "Most records in one ingest batch.",
     "feature_dims": "Allowed feature vector lengths, comma-separated.",

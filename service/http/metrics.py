@@ -97,6 +97,11 @@ class Metrics:
             "mlgate_connections_refused",
             "Connections refused at once beyond MLGATE_MAX_CONNECTIONS", registry=r,
         )
+        self.connections_evicted = Counter(
+            "mlgate_connections_evicted",
+            "Connections waiting for a request head closed at MLGATE_MAX_CONNECTIONS to let a new one in",
+            registry=r,
+        )
         self.door_refusals = Counter(
             "mlgate_door_refusals",
             "Predict requests for a model at capacity refused from their head, before the app "

@@ -738,6 +738,7 @@ class DoorRequestHandler(web.RequestHandler):
         # never parsed, until the client closes or ``_lingering_time`` passes.
         self._discarding = False
         self._discard_timer: asyncio.TimerHandle | None = None
+        self.evicted = False  # closed to let a new connection in (``CappedServer``)
 
     def read_on(self) -> None:
         """Resume reading the connection after the door or the lane stopped, unless
@@ -755,6 +756,30 @@ class DoorRequestHandler(web.RequestHandler):
         self.data_received(b"")
         if not (self.waiting or self._buffer_paused or transport.is_closing()):
             transport.resume_reading()  # aiohttp's own hold (its message queue) stays
+
+    @property
+    def waiting_for_head(self) -> bool:
+        """Nothing of it in progress: idle between requests, or a head still arriving
+        (aiohttp's loop waits for a message, no request is being answered or held)."""
+        waiter = self._waiter
+        return (
+            waiter is not None
+            and not waiter.done()
+            and self._handed == self._answered
+            and not self._messages
+            and not self.waiting
+            and not (self._close or self._force_close or self._discarding)
+        )
+
+    @property
+    def requests_read(self) -> int:
+        """Whole requests read from it so far."""
+        return self._handed
+
+    def evict(self) -> None:
+        """Close it now, for a new connection: it waits for a head (``waiting_for_head``)."""
+        self.evicted = True
+        self.force_close()
 
     @property
     def event_loop(self) -> asyncio.AbstractEventLoop:

@@ -18,8 +18,12 @@ them and restarts one that dies. It alone talks to systemd (``NotifyAccess=main`
 Connections (no proxy in front): a connection has ``head_timeout_s`` to send a complete
 request head, from when it opens or from the previous response (aiohttp's keep-alive
 timer, which closes a connection still waiting for its head); a body that falls
-behind ``body_min_rate_bytes`` is 408 (service/http/body.py); and past
-``max_connections`` open connections a new one gets a canned 503 and is closed at once.
+behind ``body_min_rate_bytes`` is 408 (service/http/body.py); and at
+``max_connections`` open connections a new one takes the place of one waiting for a
+request head (closed: first one that never sent a whole request, the oldest, then any
+idle between requests), or, when every connection is busy with a request, gets a canned
+503 and is closed at once. Without that, 700 idle sockets from a client with no key
+held a cap of 500 for the head timeout, and every tenant got 503s (a review).
 """
 
 from __future__ import annotations
@@ -269,12 +273,36 @@ class CappedServer(web.Server):
         self.door = door
         self.open_connections = 0
         self.refused_connections = 0
+        self.evicted_connections = 0
+        self._evicted_gone = 0
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
-        if self.open_connections >= self.max_connections:
-            self.refused_connections += 1
-            return _Refused()
+        if self.open_connections - self._closing >= self.max_connections:
+            victim = self._waiting_for_a_head()
+            if victim is None:
+                self.refused_connections += 1
+                return _Refused()
+            self.evicted_connections += 1
+            victim.evict()
         return DoorRequestHandler(self, loop=self._loop, door=self.door, **self._kwargs)
+
+    @property
+    def _closing(self) -> int:
+        """Evicted connections not yet gone (their ``connection_lost`` comes later)."""
+        return self.evicted_connections - self._evicted_gone
+
+    def _waiting_for_a_head(self) -> DoorRequestHandler | None:
+        """The connection to close for a new one: the oldest that never sent a whole
+        request and waits for a head, else the oldest idle between requests. The
+        connections are kept in the order they opened."""
+        idle: DoorRequestHandler | None = None
+        for handler in self._connections:
+            if isinstance(handler, DoorRequestHandler) and handler.waiting_for_head:
+                if not handler.requests_read:
+                    return handler
+                if idle is None:
+                    idle = handler
+        return idle
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         self.open_connections += 1
@@ -284,6 +312,8 @@ class CappedServer(web.Server):
         self, handler: web.RequestHandler, exc: BaseException | None = None
     ) -> None:
         self.open_connections -= 1
+        if isinstance(handler, DoorRequestHandler) and handler.evicted:
+            self._evicted_gone += 1
         super().connection_lost(handler, exc)
 
 
@@ -310,16 +340,18 @@ class CappedAppRunner(web.AppRunner):
 def connection_sampler(runner: CappedAppRunner, metrics: Metrics) -> Callable[[], None]:
     """Open connections, refused connections and the door's refusals, sampled with
     the other gauges."""
-    counted, door_counted = 0, 0
+    counted, door_counted, evicted = 0, 0, 0
 
     def sample() -> None:
-        nonlocal counted, door_counted
+        nonlocal counted, door_counted, evicted
         server = runner.server
         if not isinstance(server, CappedServer):
             return
         metrics.connections_open.set(server.open_connections)
         metrics.connections_refused.inc(server.refused_connections - counted)
         counted = server.refused_connections
+        metrics.connections_evicted.inc(server.evicted_connections - evicted)
+        evicted = server.evicted_connections
         metrics.door_refusals.inc(server.door.refused - door_counted)
         door_counted = server.door.refused
 

@@ -122,9 +122,19 @@ async def test_a_stalled_body_is_answered_408_and_closed(service_process: Servic
     assert b"body-timeout" in answer
 
 
-async def test_beyond_the_connection_cap_a_new_connection_is_refused_at_once(service_process: ServiceFactory) -> None:
-    service = service_process(MLGATE_MAX_CONNECTIONS="3")
-    held = [await admitted_connection(service) for _ in range(3)]
+async def busy_connection(service: ServiceProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection admitted and busy with a request: its head sent, its body not yet."""
+    reader, writer = await admitted_connection(service)
+    writer.write(b"POST /api/v2/predict HTTP/1.1\r\nHost: mlgate\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    await writer.drain()
+    return reader, writer
+
+
+async def test_at_the_cap_a_new_connection_is_refused_at_once_when_all_are_busy(
+    service_process: ServiceFactory,
+) -> None:
+    service = service_process(MLGATE_MAX_CONNECTIONS="3", MLGATE_BODY_TIMEOUT_S="60")
+    held = [await busy_connection(service) for _ in range(3)]
     try:
         async with raw_connection(service) as (reader, writer):
             refused = await read_until_closed(reader)
@@ -135,9 +145,9 @@ async def test_beyond_the_connection_cap_a_new_connection_is_refused_at_once(ser
         assert (problem["status"], problem["type"]) == (503, "/problems/overloaded")
         assert problem["error"] == problem["detail"]  # as OIP clients read it
 
-        for reader, writer in held:  # the open ones still work
-            writer.write(HEALTH)
-            assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
+        for reader, writer in held:  # the open ones still work: their bodies end
+            writer.write(b"x" * 99)
+            assert (await read_response(reader)).startswith(b"HTTP/1.1 400")
 
         reader, writer = held[0]  # and the refusal is counted
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: mlgate\r\n\r\n")
@@ -156,3 +166,46 @@ async def test_a_closed_connection_frees_its_place_under_the_cap(service_process
     writer.close()
     reader, writer = await admitted_connection(service)
     writer.close()
+
+
+async def test_at_the_cap_a_new_connection_takes_the_place_of_the_oldest_silent_one(
+    service_process: ServiceFactory,
+) -> None:
+    """A review: 700 sockets sending nothing, from a client without a key, held a cap of
+    500 for the head timeout, and every tenant's requests were 503."""
+    service = service_process(MLGATE_MAX_CONNECTIONS="3", MLGATE_HEAD_TIMEOUT_S="60")
+    kept_alive = await admitted_connection(service)  # has sent a whole request: kept longer
+    silent = [await asyncio.open_connection("127.0.0.1", service.port) for _ in range(2)]
+    await asyncio.sleep(0.3)  # the server has taken them
+    try:
+        async with raw_connection(service) as (reader, writer):
+            writer.write(HEALTH)
+            assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
+        assert await read_until_closed(silent[0][0]) == b""  # the oldest silent one
+        reader, writer = kept_alive
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: mlgate\r\n\r\n")
+        scraped = await read_response(reader)
+        assert scraped.startswith(b"HTTP/1.1 200")
+        evicted = re.search(rb"^mlgate_connections_evicted_total (\S+)$", scraped, re.M)
+        assert evicted is not None and float(evicted.group(1)) >= 1
+    finally:
+        for _, writer in [kept_alive, *silent]:
+            writer.close()
+
+
+async def test_at_the_cap_an_idle_kept_alive_connection_makes_room_when_none_is_silent(
+    service_process: ServiceFactory,
+) -> None:
+    service = service_process(MLGATE_MAX_CONNECTIONS="2", MLGATE_HEAD_TIMEOUT_S="60")
+    first = await admitted_connection(service)
+    second = await admitted_connection(service)
+    try:
+        async with raw_connection(service) as (reader, writer):
+            writer.write(HEALTH)
+            assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
+        assert await read_until_closed(first[0]) == b""  # the one idle the longest
+        second[1].write(HEALTH)
+        assert (await read_response(second[0])).startswith(b"HTTP/1.1 200")
+    finally:
+        for _, writer in (first, second):
+            writer.close()
