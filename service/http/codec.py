@@ -91,23 +91,30 @@ _KEY_LOCATION = re.compile(r" - at `key` in `\$\.?(.*)`$")
 _MISSING_FIELD = re.compile(r"missing required field `(\w+)`")
 
 
+def media_type(content_type: str | None) -> str:
+    """The media type of a ``Content-Type`` header value, its parameters dropped
+    unread: aiohttp's ``request.content_type`` parses every parameter, 0.1 s for a
+    header of 1,600 of them, each new one parsed again (a review)."""
+    return (content_type or "").partition(";")[0].strip().lower()
+
+
 def media_format(content_type: str | None) -> Format | None:
     """The format a ``Content-Type`` header value names (its media type, parameters
     dropped), or None for another one or none."""
-    return MEDIA_TYPES.get((content_type or "").partition(";")[0].strip().lower())
+    return MEDIA_TYPES.get(media_type(content_type))
 
 
 def request_format(request: web.Request, default: Format | None = Format.JSON) -> Format:
     """The format of the request body, from its Content-Type; 415 if unsupported."""
-    media_type = request.content_type if request.headers.get("Content-Type") else ""
-    if not media_type:
+    named = media_type(request.headers.get("Content-Type"))
+    if not named:
         if default is None:
             raise UnsupportedMediaType("Content-Type is required")
         return default
-    fmt = MEDIA_TYPES.get(media_type)
+    fmt = MEDIA_TYPES.get(named)
     if fmt is None:
         raise UnsupportedMediaType(
-            f"Content-Type {media_type!r} is not supported; use application/json or application/msgpack"
+            f"Content-Type {named[:100]!r} is not supported; use application/json or application/msgpack"
         )
     return fmt
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from mlgate.schemas.ingest import IngestRequest, IngestResponse, Record, RecordError, SourceName
 from mlgate.schemas.problem import FieldError
 from mlgate.service.http.body import read_body
-from mlgate.service.http.codec import MEDIA_TYPES, Format, request_format, respond
+from mlgate.service.http.codec import MEDIA_TYPES, Format, media_type, request_format, respond
 from mlgate.service.http.context import TENANT
 from mlgate.service.http.errors import (
     ApiError,
@@ -148,13 +148,13 @@ def stream_head(request: web.Request) -> tuple[str, str]:
             "Query parameter source is required: 1-128 of A-Z a-z 0-9 . _ : -",
             errors=[FieldError(loc="query.source", msg="missing or invalid")],
         ) from None
-    media_type = request.content_type if request.headers.get("Content-Type") else ""
-    if media_type != NDJSON and MEDIA_TYPES.get(media_type) is not Format.MSGPACK:
+    named = media_type(request.headers.get("Content-Type"))
+    if named != NDJSON and MEDIA_TYPES.get(named) is not Format.MSGPACK:
         raise UnsupportedMediaType(
-            f"Content-Type {media_type or 'missing'!r} is not a stream: use {NDJSON} "
+            f"Content-Type {named[:100] or 'missing'!r} is not a stream: use {NDJSON} "
             "(one JSON record a line) or application/msgpack (concatenated maps)"
         )
-    return source, media_type
+    return source, named
 
 
 # A stream holds its decoded records against the held-values bound in groups of about
