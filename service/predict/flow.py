@@ -138,16 +138,18 @@ def deadline_in(headers: Mapping[str, str], started: float, default_ms: float) -
     return started + timeout_ms / 1000
 
 
+_DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,12})?")
+
+
 def timeout_ms_in(headers: Mapping[str, str], default_ms: float) -> float | None:
     """The request's ``X-Request-Timeout`` in ms, ``default_ms`` without one; None when
     it is not a number of milliseconds in range."""
     raw = headers.get(TIMEOUT_HEADER)
     if raw is None:
         return default_ms
-    try:
-        timeout_ms = float(raw)
-    except ValueError:
+    if _DECIMAL.fullmatch(raw) is None:  # ``float`` takes ``1_000``, ``١٢٣`` and ``nan``
         return None
+    timeout_ms = float(raw)
     return timeout_ms if MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS else None
 
 

@@ -1099,10 +1099,18 @@ def parser_reason(exc: BaseException | None, message: str | None) -> str:
     for kind, reason in _PARSER_REASONS:
         if isinstance(exc, kind):
             return reason
-    words = re.split(r"[:'\"]|\bb'|\n", message or "", maxsplit=1)[0].strip()
+    text = message or ""
+    for start, reason in _PARSER_MESSAGES:
+        if text.startswith(start):
+            return reason
+    # An apostrophe within a word ("can't") quotes nothing.
+    words = re.split(r"[:\"\n]|\bb'|(?<![A-Za-z])'|'(?![A-Za-z])", text, maxsplit=1)[0].strip()
     return words[:80] or "unparsable"
 
 
+_PARSER_MESSAGES: tuple[tuple[str, str], ...] = (
+    ("Missing 'Host' header", "the Host header is missing (HTTP/1.1 requires one)"),
+)
 _PARSER_REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (http_exceptions.LineTooLong, "the request line or a header is too long"),
     (http_exceptions.InvalidHeader, "a header is invalid"),

@@ -103,6 +103,12 @@ class ModelVersion:
         )
 
 
+def _quoted(name: str, keep: int = 100) -> str:
+    """``name`` quoted for an error's text, cut at ``keep`` characters: a request's
+    10 MB model name was echoed whole in its 404 (a review)."""
+    return repr(name) if len(name) <= keep else f"{name[:keep]!r}... ({len(name)} characters)"
+
+
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
     name: str
@@ -212,9 +218,9 @@ class ModelRepository:
             found = self._serving.get(model, {}).get(str(version))
         if found is None:
             what = (
-                f"model {model!r}"
+                f"model {_quoted(model)}"
                 if version in (None, "", "latest")
-                else f"version {version!r} of model {model!r}"
+                else f"version {_quoted(str(version))} of model {_quoted(model)}"
             )
             entries = self._states.get(model, {})
             failed = [

@@ -200,6 +200,14 @@ async def test_unknown_model_or_version_is_404(demo_client: Client) -> None:
     assert status == 404
 
 
+async def test_a_long_unknown_model_name_is_cut_in_its_404(demo_client: Client) -> None:
+    """A review: a 10 MB model name came back whole in the 404's detail."""
+    features = rows(1)[0].tolist()
+    status, body = await predict(demo_client, {"features": features, "model": "m" * 100_000})
+    assert status == 404
+    assert len(body["detail"]) < 300 and "(100000 characters)" in body["detail"]
+
+
 async def test_a_model_that_failed_to_load_here_is_503_with_retry_after_on_every_route(
     app_client: Any, make_settings: Callable[..., Settings], repo_root: Path
 ) -> None:
@@ -278,7 +286,7 @@ async def test_feature_beyond_the_float32_range_is_422(demo_client: Client) -> N
 
 
 async def test_malformed_or_sub_millisecond_request_timeout_is_400(demo_client: Client) -> None:
-    for value in ("soon", "0", "0.5", "nan", "600001"):
+    for value in ("soon", "0", "0.5", "nan", "600001", "1_000", "١٢٣", "1e3", "+100"):
         headers = {"X-Request-Timeout": value}
         status, _ = await predict(demo_client, {"features": [0.0] * 128}, **headers)
         assert status == 400, value

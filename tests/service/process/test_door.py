@@ -18,7 +18,7 @@ from typing import Any, cast
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from structlog.testing import capture_logs
 
 from mlgate.config import Settings
@@ -26,7 +26,7 @@ from mlgate.service.app import create_app
 from mlgate.service.http.codec import Format
 from mlgate.service.http.front_door import as_api_error
 from mlgate.service.process import door
-from mlgate.service.process.door import Door, RefusalTemplates, refusal_answer
+from mlgate.service.process.door import Door, RefusalTemplates, parser_reason, refusal_answer
 from mlgate.service.process.server import CappedAppRunner, CappedServer
 from mlgate.service.protection.api_keys import KeyStoreUnavailable
 from mlgate.service.state import KEY_STORE, METRICS, MODEL_REPOSITORY
@@ -931,3 +931,22 @@ async def test_an_unparsable_request_is_400_without_quoting_its_key_or_body(
     assert b"Malformed HTTP request" in answer
     assert secret.encode() not in answer
     assert not any(secret in repr(entry) for entry in logs)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (
+            "Transfer-Encoding can't be present with Content-Length:\n\n  b'Transfer-Encoding: chunked'",
+            "Transfer-Encoding can't be present with Content-Length",
+        ),
+        ("Missing 'Host' header in request.", "the Host header is missing (HTTP/1.1 requires one)"),
+        ("Bad chunk 'secret-key-123' here", "Bad chunk"),
+        ("Invalid thing: b'Authorization: Bearer k'", "Invalid thing"),
+    ],
+)
+def test_a_parser_refusal_is_explained_whole_and_without_the_request_it_quotes(
+    message: str, reason: str
+) -> None:
+    """A review: "Transfer-Encoding can't ..." was cut at its apostrophe."""
+    assert parser_reason(http_exceptions.BadHttpMessage(message), message) == reason
