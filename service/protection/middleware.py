@@ -30,6 +30,7 @@ import structlog
 from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_urldispatcher import _default_expect_handler
+from multidict import CIMultiDictProxy
 
 from mlgate.config import Settings
 from mlgate.service.http.body import check_declared_length, check_encoding, read_body
@@ -177,7 +178,7 @@ async def refusal_before_body(request: web.Request, route: Route) -> ApiError | 
         if key is not None and request.method == "POST":
             # ``idempotent`` reads the whole body, within MAX_BODY_BYTES, before the
             # handler (a stream's too): its refusals come first.
-            check_idempotency_key(key)
+            check_idempotency_key(key, request.headers)
             check_declared_length(request, request.app[SETTINGS].max_body_bytes)
             check_encoding(request)
         if route.body_media is not None:
@@ -287,9 +288,13 @@ def snapshot(response: web.StreamResponse) -> StoredResponse | None:
     return StoredResponse(status=response.status, headers=headers, body=body)
 
 
-def check_idempotency_key(value: str) -> None:
+def check_idempotency_key(value: str, headers: CIMultiDictProxy[str]) -> None:
+    """400 unless the key ``value`` of ``headers`` is 1-255 printable ASCII characters,
+    sent once (of two, which would be the key?)."""
     if not (0 < len(value) <= MAX_KEY_LENGTH and value.isascii() and value.isprintable()):
         raise BadRequest(f"{HEADER} must be 1-{MAX_KEY_LENGTH} printable ASCII characters")
+    if len(headers.getall(HEADER)) > 1:
+        raise BadRequest(f"{HEADER} must be sent once")
 
 
 async def idempotent(request: web.Request, api_key: ApiKey, handler: Handler) -> web.StreamResponse:
@@ -302,7 +307,7 @@ async def idempotent(request: web.Request, api_key: ApiKey, handler: Handler) ->
         or request.get(REFUSED_UNREAD)
     ):
         return await handler(request)
-    check_idempotency_key(key)
+    check_idempotency_key(key, request.headers)
 
     body = await read_body(request, request.app[SETTINGS].max_body_bytes)
     request[BUFFERED_BODY] = body

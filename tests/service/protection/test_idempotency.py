@@ -484,3 +484,13 @@ async def test_a_key_refused_while_redis_breaker_is_open_says_when_to_retry(
         refused = await client.post(PATH, json=_batch(), headers=_with_key("k2"))
     assert (first.status, refused.status) == (503, 503)
     assert int(refused.headers["Retry-After"]) >= 3
+
+
+async def test_an_idempotency_key_sent_twice_is_400_and_writes_nothing(app_client, settings_for) -> None:
+    """A review: of two ``Idempotency-Key`` lines the first was the key, the second ignored."""
+    client = await app_client(settings_for(None))
+    headers = [("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")]
+    response = await client.post(PATH, json=_batch(), headers=headers)
+    assert response.status == 400
+    assert "must be sent once" in (await response.json())["detail"]
+    assert client.app[RECORD_SINK].next_offset == 0
