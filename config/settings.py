@@ -209,6 +209,29 @@ def worker_data_dir(settings: Settings) -> str:
     return f"{settings.data_dir}/worker-{settings.worker_index}"
 
 
+def orphaned_workers(settings: Settings) -> list[int]:
+    """The worker indexes of data directories no process of ``settings.workers``
+    owns (left by a run with more processes), which this process takes over: those
+    ``i`` past the count with ``i % workers == worker_index``, in order."""
+    found: list[int] = []
+    try:
+        with os.scandir(settings.data_dir) as entries:
+            for entry in entries:
+                index = entry.name.removeprefix("worker-")
+                if (
+                    index != entry.name
+                    and index.isascii()
+                    and index.isdigit()
+                    and int(index) >= settings.workers
+                    and int(index) % settings.workers == settings.worker_index
+                    and entry.is_dir()
+                ):
+                    found.append(int(index))
+    except OSError:  # no data directory yet
+        return []
+    return sorted(found)
+
+
 def env_name(field: str) -> str:
     return PREFIX + field.upper()
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
+import msgspec
 import structlog
 from aiohttp import web
 
-from mlgate.config import Settings, worker_data_dir
+from mlgate.config import Settings, orphaned_workers, worker_data_dir
 from mlgate.service.http import metrics
 from mlgate.service.http.metrics import (
     Metrics,
@@ -132,9 +134,11 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
 async def record_sink(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     sink: SpillingKafkaSink | LocalLogWriter
+    adopted: list[SpillingKafkaSink] = []
     if settings.kafka_bootstrap_servers:
         sink = spilling = SpillingKafkaSink(settings, telemetry=PrometheusTelemetry(app[METRICS]))
         app[DEGRADED_CHECKS]["kafka"] = lambda: spilling.degraded
+        adopted = await adopt_spills(app, settings)
     else:
         sink = LocalLogWriter(
             Path(worker_data_dir(settings)) / "log",
@@ -149,12 +153,42 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
         max_turn_records=settings.writer_max_batch_records,
         max_held_values=settings.ingest_max_held_values,
     )
-    app[METRICS].samplers["record_sink"] = lambda: sample_sink(app[METRICS], sink)
+    app[METRICS].samplers["record_sink"] = lambda: sample_sink(
+        app[METRICS], sink, sum(each.backlog for each in adopted)
+    )
     app[METRICS].samplers["ingest"] = lambda: app[METRICS].ingest_held_values.set(
         pipeline.held_values
     )
     yield
     await sink.close(drain_s=settings.shutdown_timeout_s / 2)
+    for each in adopted:
+        await each.close(drain_s=0)
+
+
+def _degraded(sink: SpillingKafkaSink) -> str | None:
+    return sink.degraded
+
+
+async def adopt_spills(app: web.Application, settings: Settings) -> list[SpillingKafkaSink]:
+    """A sink for each spill a run with more processes left (``orphaned_workers``),
+    which only drains it: nothing writes to it. Without it a restart with fewer
+    processes left their acknowledged records on disk, out of every count (a review:
+    22,733 records of ``worker-1``'s spill, /ready and the backlog gauge saying
+    nothing). Their backlog counts in ``mlgate_spill_backlog_records`` and /ready's
+    ``degraded``."""
+    adopted = []
+    for index in orphaned_workers(settings):
+        if not (Path(settings.data_dir) / f"worker-{index}" / "spill").is_dir():
+            continue
+        orphan = SpillingKafkaSink(
+            msgspec.structs.replace(settings, worker_index=index),
+            telemetry=PrometheusTelemetry(app[METRICS]),
+        )
+        await orphan.start()
+        log.warning("spill_adopted", worker=index, records=orphan.backlog)
+        app[DEGRADED_CHECKS][f"kafka-worker-{index}"] = partial(_degraded, orphan)
+        adopted.append(orphan)
+    return adopted
 
 
 REDIS_QUIET_PING_S = 1.0
@@ -193,10 +227,13 @@ def redis_sampler(app_metrics: Metrics, redis: SharedRedis) -> Callable[[], None
     return sample
 
 
-def sample_sink(app_metrics: Metrics, sink: SpillingKafkaSink | LocalLogWriter) -> None:
+def sample_sink(
+    app_metrics: Metrics, sink: SpillingKafkaSink | LocalLogWriter, adopted_backlog: int = 0
+) -> None:
+    """``adopted_backlog``: the records waiting in spills adopted from other workers."""
     app_metrics.mailbox_depth.labels(sink.name).set(sink.mailbox_depth)
     if isinstance(sink, SpillingKafkaSink):
-        app_metrics.spill_backlog.set(sink.backlog)
+        app_metrics.spill_backlog.set(sink.backlog + adopted_backlog)
         app_metrics.record_breaker("kafka", sink.breaker)
         if sink.kafka_unavailable:  # its writer never started: the breaker never heard
             app_metrics.dependency_unavailable.labels("kafka").set(1)

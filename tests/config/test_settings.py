@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
-from mlgate.config import Settings, SettingsError, env_name, load_settings
+from mlgate.config import Settings, SettingsError, env_name, load_settings, orphaned_workers
 from mlgate.config.settings import ALIASES
 
 INFO = msgspec.inspect.type_info(Settings)
@@ -236,3 +237,16 @@ def test_the_variables_kubernetes_injects_for_a_service_are_let_be() -> None:
 def test_a_kubernetes_service_named_mlgate_does_not_set_the_port() -> None:
     assert load_settings({"MLGATE_PORT": "tcp://10.0.0.9:8080"}).port == load_settings({}).port
     assert load_settings({"MLGATE_PORT": "tcp://10.0.0.9:8080", "PORT": "9000"}).port == 9000
+
+
+def test_data_directories_past_the_process_count_are_shared_out_by_index(tmp_path: Path) -> None:
+    """A run with more processes left ``worker-<i>`` directories: each is taken over by
+    the process ``i % workers`` (its spill drained), the others left to their owners."""
+    for name in ("worker-1", "worker-2", "worker-3", "worker-5", "worker-x", "log"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "worker-4").write_text("a file, not a directory")
+    first = Settings(data_dir=str(tmp_path), workers=2, worker_index=0)
+    second = Settings(data_dir=str(tmp_path), workers=2, worker_index=1)
+    assert orphaned_workers(first) == [2]
+    assert orphaned_workers(second) == [3, 5]
+    assert orphaned_workers(Settings(data_dir=str(tmp_path / "absent"))) == []

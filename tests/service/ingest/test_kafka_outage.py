@@ -145,6 +145,39 @@ async def test_kafka_down_since_the_start_is_named_degraded_until_it_answers(
     assert [m.key for m in messages] == [b"k0-0"]
 
 
+async def test_a_spill_left_by_a_run_with_more_processes_reaches_kafka(
+    app_client, make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """A review: a restart with fewer processes (``MLGATE_WORKERS`` 2, then 1) left
+    ``worker-1``'s spill on disk, its 202'd records never sent, and nothing said so."""
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    common = dict(
+        kafka_bootstrap_servers=private_kafka_broker.bootstrap,
+        kafka_topic=topic,
+        feature_dims=(4,),
+        kafka_request_timeout_ms=500,
+        kafka_breaker_reset_s=0.5,
+    )
+    private_kafka_broker.stop()
+    second = await app_client(make_settings(workers=2, worker_index=1, **common))
+    for sequence in range(3):
+        assert (await second.post("/api/v2/ingest", json=_batch(1, sequence))).status == 202
+    await second.close()  # the run with two processes ends, its spill on disk
+
+    private_kafka_broker.start()
+    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    alone = await app_client(make_settings(workers=1, worker_index=0, **common))
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=3)
+    assert sorted(m.key for m in messages) == [b"k1-0", b"k1-1", b"k1-2"]
+    metrics = alone.app[METRICS]
+
+    def drained() -> bool:
+        metrics.sample()
+        return metrics.spill_backlog._value.get() == 0
+
+    await until(drained)
+
+
 async def test_full_spill_answers_503_with_retry_after(
     app_client, make_settings, private_kafka_broker: KafkaBroker
 ) -> None:
