@@ -71,7 +71,10 @@ REQUEST_ID_PARAMETER = {
     "name": "X-Request-ID",
     "in": "header",
     "required": False,
-    "description": "Your id for the request, echoed and logged; one is made when absent.",
+    "description": (
+        "Your id for the request, echoed and logged: 1-128 printable characters; one is made"
+        " when absent, and in place of a longer or unprintable one."
+    ),
     "schema": {"type": "string"},
 }
 
@@ -200,8 +203,9 @@ def _for_json_schema(node: Any) -> None:
 
 def _configured_limits(components: dict[str, Any], settings: Settings) -> None:
     """The limits the server holds requests to, which the settings narrow: the records
-    of a batch (``MLGATE_MAX_BATCH_RECORDS``) and the feature counts a record may have
-    (``MLGATE_FEATURE_DIMS``)."""
+    of a batch (``MLGATE_MAX_BATCH_RECORDS``), the feature counts a record may have
+    (``MLGATE_FEATURE_DIMS``) and the range of its values (``MLGATE_FEATURE_MIN`` and
+    ``MLGATE_FEATURE_MAX``)."""
     batch = components.get("IngestRequest", {}).get("properties", {}).get("records")
     if batch is not None:
         batch["maxItems"] = settings.max_batch_records
@@ -211,6 +215,12 @@ def _configured_limits(components: dict[str, Any], settings: Settings) -> None:
         features["minItems"], features["maxItems"] = dims[0], dims[-1]
         features["anyOf"] = [{"minItems": d, "maxItems": d} for d in dims]
         features["description"] = "One of these many features: " + ", ".join(map(str, dims))
+        values = features.get("items")
+        if isinstance(values, dict):
+            if settings.feature_min is not None:
+                values["minimum"] = settings.feature_min
+            if settings.feature_max is not None:
+                values["maximum"] = settings.feature_max
 
 
 def _operation_id(op: Route) -> str:

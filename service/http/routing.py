@@ -28,6 +28,8 @@ from aiohttp.typedefs import Handler
 from mlgate.service.state import ROUTE_ACCESS
 
 BODY_TYPES = ("application/json", "application/msgpack")
+# What a request body may say it is: msgpack by its other name too.
+REQUEST_BODY_TYPES = (*BODY_TYPES, "application/x-msgpack")
 
 # The scopes of which a key needs one; empty means any valid key.
 ACCEPTED_SCOPES: dict[str, frozenset[str]] = {
@@ -51,7 +53,7 @@ class Route:
     responses: dict[int, Any] = field(default_factory=dict)
     request: Any = None
     scope: str | None = None
-    request_media: tuple[str, ...] = BODY_TYPES
+    request_media: tuple[str, ...] = REQUEST_BODY_TYPES
     parameters: list[dict[str, Any]] = field(default_factory=list)
     deprecated: bool = False
     description: str = ""

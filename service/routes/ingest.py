@@ -390,7 +390,7 @@ ROUTES = [
         "ingestion",
         {202: IngestResponse},
         request=Record,
-        request_media=(NDJSON, "application/msgpack"),
+        request_media=(NDJSON, "application/msgpack", "application/x-msgpack"),
         streams_body=True,
         body_media=stream_head,
         scope="ingest",

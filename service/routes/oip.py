@@ -432,7 +432,7 @@ def _routes() -> list[Route]:
                 {200: InferenceResponse, 404: None, 504: None},
                 request=InferenceRequest,
                 scope="predict",
-                request_media=("application/json", "application/octet-stream", "application/msgpack"),
+                request_media=("application/json", "application/octet-stream", "application/msgpack", "application/x-msgpack"),
                 parameters=[infer_header, TIMEOUT_PARAMETER],
             ),
         ]

@@ -174,3 +174,23 @@ def test_aiohttps_own_errors_take_our_problem_type_for_their_status() -> None:
     assert http_error(413, "Too large").type_uri == "/problems/payload-too-large"
     assert http_error(418, "I'm a teapot").type_uri == "/problems/http-418"
     assert http_error(418, "I'm a teapot").status == 418
+
+
+async def test_openapi_feature_values_carry_the_configured_range(app_client, make_settings) -> None:
+    """A review: values past MLGATE_FEATURE_MAX were refused, the document said any number."""
+    client = await app_client(make_settings(feature_min=-10.0, feature_max=10.0))
+    document = await (await client.get("/openapi.json")).json()
+    values = document["components"]["schemas"]["Record"]["properties"]["features"]["items"]
+    assert (values["minimum"], values["maximum"]) == (-10.0, 10.0)
+
+
+async def test_every_request_body_may_say_it_is_msgpack_by_either_name(app_client, make_settings) -> None:
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    bodies = [
+        operation["requestBody"]["content"]
+        for item in document["paths"].values()
+        for operation in item.values()
+        if "requestBody" in operation
+    ]
+    assert bodies and all({"application/msgpack", "application/x-msgpack"} <= body.keys() for body in bodies)
