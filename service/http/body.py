@@ -92,6 +92,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             raise BadRequest("Body ended before its Content-Length", headers={"Connection": "close"}) from None
         except TimeoutError:
             raise _too_slow(request) from None
+        except web.RequestPayloadError as exc:  # the client half-closed before its end
+            raise _unreadable(request, exc) from None
     parts: list[bytes] = []
     total = 0
     async for chunk in _chunks(request):
@@ -240,14 +242,7 @@ async def _chunks(request: web.Request, limit_chunks: bool = False) -> AsyncIter
                 # written, rather than nothing at all (a review).
                 raise _body_ended(request.app) from None
             except web.RequestPayloadError as exc:  # broken gzip, chunked framing, ...
-                # What follows on the connection cannot be trusted: answer, then close it.
-                # Nothing more is read of it: aiohttp would read on after the answer, meet
-                # the error again and log it as an unhandled exception with its traceback.
-                request.content.feed_eof()
-                if isinstance(exc, CompressedBodyTruncated):
-                    raise BadRequest(TRUNCATED, headers={"Connection": "close"}) from None
-                reason = " ".join(str(exc).split())
-                raise BadRequest(f"Body could not be read: {reason}", headers={"Connection": "close"}) from None
+                raise _unreadable(request, exc) from None
             if not chunk:
                 return
             received += len(chunk)
@@ -262,6 +257,18 @@ async def _chunks(request: web.Request, limit_chunks: bool = False) -> AsyncIter
                     await asyncio.sleep(0)
                     turn_due = pace.loop.time() + YIELD_S
             yield chunk
+
+
+def _unreadable(request: web.BaseRequest, exc: web.RequestPayloadError) -> BadRequest:
+    """The 400 for a body that could not be read. What follows on the connection cannot
+    be trusted: answer, then close it. Nothing more is read of it: aiohttp would read on
+    after the answer, meet the error again and log it as an unhandled exception with
+    its traceback."""
+    request.content.feed_eof()
+    if isinstance(exc, CompressedBodyTruncated):
+        return BadRequest(TRUNCATED, headers={"Connection": "close"})
+    reason = " ".join(str(exc).split())
+    return BadRequest(f"Body could not be read: {reason}", headers={"Connection": "close"})
 
 
 class CompressedBodyTruncated(web.RequestPayloadError):

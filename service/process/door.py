@@ -837,16 +837,19 @@ class DoorRequestHandler(web.RequestHandler):
         piped in makes): the request it is waiting on is still answered, then the
         connection closed. aiohttp closes at once, dropping the answer of a request the
         app is serving (its access line said 202 while the client got nothing). Not
-        over TLS, which cannot half-close. Nor when a body is still awaited: it never
-        comes, and the handler would wait for it until the body timeout. A body that
-        failed (undecodable, cut, bad framing) awaits nothing: its 400 is answered."""
+        over TLS, which cannot half-close. A body still awaited never comes: it fails,
+        so its request is answered at once (its 413 when its head decided one, else a
+        400), after those before it (a review: a valid request, then a head declaring a
+        body past the limit, then the half-close, got no answer at all)."""
         transport = self.transport
         busy = self._handed != self._answered  # a request handed on and not yet answered
         if not busy or transport is None or transport.get_extra_info("sslcontext") is not None:
             return None  # closed now, as aiohttp does
         payload = self._last_payload  # the last request parsed: only its body can be open
         if not payload.is_eof() and payload.exception() is None:
-            return None
+            set_exception(
+                payload, web.RequestPayloadError("the client closed its side before sending the whole body")
+            )
         if self._messages or self._buffer_paused:
             # Requests pipelined before the half-close are answered in turn first
             # (``_closing_after_answers``): closing after this answer would drop them.

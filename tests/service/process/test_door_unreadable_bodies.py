@@ -133,3 +133,36 @@ def test_the_refused_head_is_never_read_from_a_body() -> None:
     )
     path, headers = refused_head(data, "/", {})
     assert (path, dict(headers)) == ("/api/v2/ingest", {"x-request-id": "real"})
+
+
+async def test_a_half_close_with_a_body_unsent_answers_every_request_then_closes(
+    door_server: DoorServer,
+) -> None:
+    """A review: a valid request, then a head declaring a body past the limit, then the
+    half-close, got no answer at all; the valid one's and the 413 are due."""
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        writer.write(with_length("", batch(1)))
+        writer.write(f"{HEAD}Content-Length: 99999999\r\n\r\n".encode())
+        writer.write_eof()
+        first, _, _ = await read_answer(reader)
+        second, _, body = await read_answer(reader)
+        assert first.split()[1] == "202"
+        assert second.split()[1] == "413", body
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+
+
+async def test_a_half_close_in_the_middle_of_a_body_answers_400_then_closes(door_server: DoorServer) -> None:
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        body = batch(2)
+        writer.write(f"{HEAD}Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        writer.write_eof()
+        status_line, headers, answer = await read_answer(reader)
+        assert status_line.split()[1] == "400", answer
+        assert headers["Content-Type"] == "application/problem+json"
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
