@@ -81,6 +81,45 @@ class ServerMetadata(msgspec.Struct, frozen=True, kw_only=True):
     extensions: list[str]
 
 
+class StatisticDuration(msgspec.Struct, frozen=True, kw_only=True):
+    count: int
+    ns: int
+
+
+class InferStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    success: StatisticDuration
+    fail: StatisticDuration
+    queue: StatisticDuration
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+    cache_hit: StatisticDuration
+    cache_miss: StatisticDuration
+
+
+class InferBatchStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    batch_size: int
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+
+
+class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    version: str
+    last_inference: int
+    inference_count: int
+    execution_count: int
+    inference_stats: InferStatistics
+    batch_stats: list[InferBatchStatistics]
+
+
+class ModelStatisticsResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """Triton's statistics extension (``GET /v2/models[/{model}[/versions/{v}]]/stats``)."""
+
+    model_stats: list[ModelStatistics]
+
+
 class Liveness(msgspec.Struct, frozen=True, kw_only=True):
     live: bool
 

@@ -5,6 +5,7 @@
     GET  /v2/models/{model}[/versions/{version}]      model metadata
     GET  .../ready                                    200 when serving, else 404
     GET  .../config                                   the Triton-style config clients read
+    GET  .../stats, /v2/models/stats                  Triton's statistics extension
     POST .../infer                                    JSON or binary tensors
     POST /v2/repository/index                         repository extension
     POST /v2/repository/models/{model}/load | /unload    audited (``protection.audit``)
@@ -31,18 +32,23 @@ from aiohttp import web
 from mlgate.schemas.oip import (
     ConfigTensor,
     DynamicBatching,
+    InferBatchStatistics,
     InferenceRequest,
     InferenceResponse,
+    InferStatistics,
     Liveness,
     ModelConfig,
     ModelMetadata,
     ModelReadiness,
+    ModelStatistics,
+    ModelStatisticsResponse,
     Readiness,
     RepositoryIndexEntry,
     RepositoryIndexRequest,
     RepositoryModelRequest,
     ResponseOutput,
     ServerMetadata,
+    StatisticDuration,
     TensorMetadata,
 )
 from mlgate.service import __version__
@@ -74,11 +80,11 @@ from mlgate.service.predict.tensors import (
 )
 from mlgate.service.protection.audit import Action, audit_request
 from mlgate.service.state import DRAINING, DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
-from mlgate.workers.inference.batching import request_rows
+from mlgate.workers.inference.batching import Duration, request_rows
 from mlgate.workers.inference.model_config import PLATFORM, TensorSpec
 from mlgate.workers.inference.repository import ModelLoadFailed, ModelNotFound, ModelVersion
 
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 
 
 def _deadline(
@@ -243,6 +249,57 @@ def _tensors(specs: tuple[TensorSpec, ...]) -> list[TensorMetadata]:
     return [TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in specs]
 
 
+async def model_statistics(request: web.Request) -> web.Response:
+    """Triton's statistics extension: every serving version's, a model's or a version's."""
+    repository = request.app[MODEL_REPOSITORY]
+    model, version = request.match_info.get("model"), request.match_info.get("version")
+    if model is None:
+        versions = repository.serving()
+    elif version is not None:
+        versions = [resolve(repository, model, version)]
+    else:
+        versions = [each for each in repository.serving() if each.model == model]
+        if not versions:
+            resolve(repository, model, None)  # its 404 (or 503), named
+    stats = [_statistics(each) for each in sorted(versions, key=lambda v: (v.model, int(v.version)))]
+    return respond(request, ModelStatisticsResponse(model_stats=stats))
+
+
+def _statistics(loaded: ModelVersion) -> ModelStatistics:
+    stats = loaded.worker.stats
+
+    def duration(counted: Duration) -> StatisticDuration:
+        return StatisticDuration(count=counted.count, ns=counted.ns)
+
+    none = StatisticDuration(count=0, ns=0)  # no response cache
+    return ModelStatistics(
+        name=loaded.model,
+        version=loaded.version,
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.rows_computed,
+        execution_count=stats.batches,
+        inference_stats=InferStatistics(
+            success=duration(stats.success),
+            fail=duration(stats.fail),
+            queue=duration(stats.queue),
+            compute_input=duration(stats.compute_input),
+            compute_infer=duration(stats.compute_infer),
+            compute_output=duration(stats.compute_output),
+            cache_hit=none,
+            cache_miss=none,
+        ),
+        batch_stats=[
+            InferBatchStatistics(
+                batch_size=size,
+                compute_input=duration(sized.compute_input),
+                compute_infer=duration(sized.compute_infer),
+                compute_output=duration(sized.compute_output),
+            )
+            for size, sized in sorted(stats.by_batch_size.items())
+        ],
+    )
+
+
 async def model_metadata(request: web.Request) -> web.Response:
     repository = request.app[MODEL_REPOSITORY]
     model, version = request.match_info["model"], request.match_info.get("version")
@@ -389,6 +446,16 @@ def _routes() -> list[Route]:
     }
     ops = [
         Route("get", "/v2", server_metadata, "OIP server metadata", _OIP, {200: ServerMetadata}, scope="any"),
+        # Before ``/v2/models/{model}``, as Triton reads it: not a model named "stats".
+        Route(
+            "get",
+            "/v2/models/stats",
+            model_statistics,
+            "Triton statistics of every serving model version",
+            _OIP,
+            {200: ModelStatisticsResponse},
+            scope="predict",
+        ),
         Route("get", "/v2/health/live", server_live, "OIP liveness", _OIP, {200: Liveness}),
         Route(
             "get", "/v2/health/ready", server_ready, "OIP readiness", _OIP, {200: Readiness, 400: Readiness}
@@ -412,6 +479,15 @@ def _routes() -> list[Route]:
                 "OIP model readiness",
                 _OIP,
                 {200: ModelReadiness, 404: None},
+                scope="predict",
+            ),
+            Route(
+                "get",
+                f"{base}/stats",
+                model_statistics,
+                "Triton statistics of a model's serving versions, or of one",
+                _OIP,
+                {200: ModelStatisticsResponse, 404: None},
                 scope="predict",
             ),
             Route(

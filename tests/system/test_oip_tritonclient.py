@@ -240,3 +240,26 @@ def test_broken_version_is_reported_in_the_index_and_the_old_one_keeps_serving(
     result = infer(client, data, binary=False)
     assert result.get_response()["model_version"] == "1"
     np.testing.assert_allclose(result.as_numpy("probabilities"), direct(data), rtol=1e-5, atol=1e-6)
+
+
+def test_inference_statistics_count_what_was_served(own_server: LiveServer) -> None:
+    """Triton's statistics extension, as tritonclient and perf_analyzer read it."""
+    client = own_server.client()
+    assert "statistics" in client.get_server_metadata()["extensions"]
+    for seed in range(3):
+        infer(client, rows(2, seed), binary=True)
+    [stats] = client.get_inference_statistics("demo")["model_stats"]
+    assert (stats["name"], stats["version"]) == ("demo", "1")
+    assert stats["inference_count"] == 6 and 1 <= stats["execution_count"] <= 3
+    served = stats["inference_stats"]
+    assert served["success"]["count"] == 3 and served["success"]["ns"] > 0
+    assert served["fail"] == {"count": 0, "ns": 0}
+    for part in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert served[part]["count"] == 3, part
+    assert served["success"]["ns"] >= served["compute_infer"]["ns"] / 3
+    assert sum(batch["compute_infer"]["count"] for batch in stats["batch_stats"]) == stats["execution_count"]
+    assert stats["last_inference"] > 0
+    assert client.get_inference_statistics()["model_stats"] == [stats]
+    assert client.get_inference_statistics("demo", "1")["model_stats"] == [stats]
+    with pytest.raises(InferenceServerException, match="not serving"):
+        client.get_inference_statistics("nope")

@@ -1100,3 +1100,18 @@ async def test_after_such_a_run_requests_no_longer_share_runs(make_worker: Worke
     answers = await asyncio.gather(*(worker.submit(zero, soon()) for _ in range(3)))
     assert [answer["probabilities"].tolist() for answer in answers] == [[[0, 0]]] * 3
     assert [len(batch) for batch in session.batches] == [1, 1, 1]
+
+
+async def test_statistics_count_answered_and_failed_requests(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    worker = make_worker(RefusingSession(demo_session))
+    await worker.submit(rows(2, 1), soon())
+    with pytest.raises(InputRefused):
+        await worker.submit(refused_row(), soon())
+    stats = worker.stats
+    assert (stats.success.count, stats.fail.count) == (1, 1)
+    assert stats.success.ns > 0 and stats.fail.ns > 0
+    assert stats.compute_infer.count == stats.queue.count == 1
+    assert sorted(stats.by_batch_size) == [2]
+    assert stats.by_batch_size[2].compute_infer.count == 1

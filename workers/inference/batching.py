@@ -65,7 +65,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -165,6 +165,7 @@ class _Run:
     # When the thread began computing it (set there; read once its future is done,
     # or, for the overrun, as it stands: a float written whole).
     started_at: float | None = None
+    input_s: float = 0.0  # gathering the batch's inputs into one feed
 
 
 def request_rows(feed: Mapping[str, np.ndarray]) -> int:
@@ -183,11 +184,47 @@ def _end(options: Iterable[RunOptions | None]) -> None:
 
 
 @dataclass(slots=True)
+class Duration:
+    """How many, and their time in all (ns): a statistic of Triton's statistics extension."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, count: int, seconds: float) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """The runs of one batch size (in rows): gathering their inputs, computing, and
+    splitting their outputs."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
 class WorkerStats:
+    """Counts of the worker's life, and the request statistics Triton's statistics
+    extension reports: per request, its time in all (``success``: queued to answered;
+    ``fail``: queued to its run's failure), queued, and its batch's input gathering,
+    run and output split (as Triton counts them, each request of a batch the whole
+    batch's time); per batch size, the same per run."""
+
     batches: int = 0
     rows_computed: int = 0
     expired: int = 0
     rejected: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    by_batch_size: dict[int, BatchStats] = field(default_factory=dict)
+    last_inference_ms: int = 0  # wall clock, ms since the epoch; 0 before the first
 
 
 class InferenceWorker(Actor[_Item]):
@@ -652,6 +689,7 @@ class InferenceWorker(Actor[_Item]):
         ``holds_slot``: it took one of ``_slots`` (a retry alone takes none);
         ``check``: a lone item that failed, run as ``_checked_run`` says."""
         total = sum(item.rows for item in items)
+        gathering = time.perf_counter()
         try:
             if len(items) == 1:
                 feed = items[0].inputs
@@ -674,6 +712,7 @@ class InferenceWorker(Actor[_Item]):
         run = _Run(
             self._spare_options.pop() if self._spare_options else self._new_options(), started, holds_slot
         )
+        run.input_s = time.perf_counter() - gathering
         if len(items) == 1:
             earliest = latest = items[0].deadline
         else:
@@ -764,7 +803,7 @@ class InferenceWorker(Actor[_Item]):
                 error = RuntimeError(f"model {self.name}: outputs not one row per input row")
                 self._run_alone(items, total, error)
                 return
-            answers = self._answers(items, total, started, outputs, run_s, remeasure)
+            answers = self._answers(items, total, started, outputs, run_s, remeasure, run.input_s)
             answering = True
             # Refusing requests (``check_room``) since the last answers: an overload,
             # where answering refusals fast matters more than the next batch's shape.
@@ -853,9 +892,11 @@ class InferenceWorker(Actor[_Item]):
                 error=repr(error),
                 request_ids=[item.request_id for item in items],
             )
-        for item in items:
-            if not item.future.done():
-                item.future.set_exception(error)
+        now = time.monotonic()
+        failing = [item for item in items if not item.future.done()]
+        self.stats.fail.add(len(failing), sum(now - item.enqueued for item in failing))
+        for item in failing:
+            item.future.set_exception(error)
 
     def _done_with(self, items: list[_Item]) -> None:
         for item in items:
@@ -877,9 +918,11 @@ class InferenceWorker(Actor[_Item]):
         outputs: Sequence[np.ndarray],
         run_s: float,
         remeasure: bool,
+        input_s: float = 0.0,
     ) -> list[tuple[_Item, Outputs]]:
         """Each item with its slice of the outputs; the run counted in the stats and in
         the running estimate of a batch's time."""
+        splitting = time.perf_counter()
         self._last_ran_at = time.monotonic()
         weight = _RUN_TIME_WEIGHT if self.stats.batches and not remeasure else 1.0
         if total <= self._max_batch_size:
@@ -903,7 +946,30 @@ class InferenceWorker(Actor[_Item]):
             }
             answers.append((item, sliced))
             offset = end
+        self._count_answered(items, total, started, run_s, input_s, time.perf_counter() - splitting)
         return answers
+
+    def _count_answered(
+        self, items: list[_Item], rows: int, started: float, run_s: float, input_s: float, output_s: float
+    ) -> None:
+        """The statistics of a batch answered: per request (each its batch's times, as
+        Triton counts them) and for its batch size."""
+        stats = self.stats
+        count = len(items)
+        now = time.monotonic()
+        enqueued = sum(item.enqueued for item in items)
+        stats.success.add(count, count * now - enqueued)
+        stats.queue.add(count, count * started - enqueued)
+        stats.compute_input.add(count, count * input_s)
+        stats.compute_infer.add(count, count * run_s)
+        stats.compute_output.add(count, count * output_s)
+        sized = stats.by_batch_size.get(rows)
+        if sized is None:
+            sized = stats.by_batch_size[rows] = BatchStats()
+        sized.compute_input.add(1, input_s)
+        sized.compute_infer.add(1, run_s)
+        sized.compute_output.add(1, output_s)
+        stats.last_inference_ms = int(time.time() * 1000)
 
     def _deliver(self, answers: list[tuple[_Item, Outputs]], start: int, chunk: int) -> None:
         """Answer ``answers[start:]``, ``chunk`` of them now and the rest in the event
