@@ -12,7 +12,8 @@ shapes, element counts): a mismatch is 422 with the failing location.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -239,13 +240,20 @@ def to_json(array: np.ndarray, datatype: str) -> list[Any]:
     return values
 
 
-def requested_outputs(
-    payload: InferenceRequest, loaded: ModelVersion
-) -> list[tuple[TensorSpec, bool]]:
+class Wanted(NamedTuple):
+    """An output the request asked for: binary or JSON, and, with the classification
+    extension, how many of each row's classes."""
+
+    spec: TensorSpec
+    binary: bool
+    class_count: int | None = None
+
+
+def requested_outputs(payload: InferenceRequest, loaded: ModelVersion) -> list[Wanted]:
     specs = {spec.name: spec for spec in loaded.outputs}
     default_binary = payload.parameters.get("binary_data_output") is True
     wanted = payload.outputs or [RequestOutput(name=spec.name) for spec in loaded.outputs]
-    chosen: list[tuple[TensorSpec, bool]] = []
+    chosen: list[Wanted] = []
     for index, output in enumerate(wanted):
         spec = specs.get(output.name)
         if spec is None:
@@ -253,9 +261,35 @@ def requested_outputs(
                 f"outputs[{index}].name",
                 f"unexpected output {output.name!r}; {loaded.model} has {sorted(specs)}",
             )
-        if "classification" in output.parameters:
-            raise BadRequest("the classification extension is not supported")
         if any(key.startswith("shared_memory") for key in output.parameters):
             raise BadRequest("the shared-memory extension is not supported")
-        chosen.append((spec, output.parameters.get("binary_data", default_binary) is True))
+        count = output.parameters.get("classification")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+            raise invalid(f"outputs[{index}].parameters.classification", "a count of classes, 1 or more")
+        if count is not None and spec.datatype in ("BYTES", "BOOL"):
+            raise invalid(
+                f"outputs[{index}].parameters.classification",
+                f"output {spec.name!r} is {spec.datatype}: only numbers are classified",
+            )
+        chosen.append(Wanted(spec, output.parameters.get("binary_data", default_binary) is True, count))
     return chosen
+
+
+def classified(array: np.ndarray, count: int, labels: Sequence[str], batched: bool) -> np.ndarray:
+    """Triton's classification extension: each row's ``count`` largest values (the
+    whole tensor's, for a model without batching), largest first, as
+    ``"value:index[:label]"`` strings, the value as C++'s ``std::to_string`` writes it
+    (six decimals for a float): shape ``[rows, count]``, or ``[count]``."""
+    rows = array.reshape(array.shape[0], -1) if batched and array.ndim else array.reshape(1, -1)
+    kept = min(count, rows.shape[1])
+    order = np.flip(np.argsort(rows, axis=1, kind="stable"), axis=1)[:, :kept]
+    floats = rows.dtype.kind == "f"
+    out = np.empty(order.shape, dtype=object)
+    for row, indexes in enumerate(order.tolist()):
+        values = rows[row, indexes].tolist()
+        for column, (index, value) in enumerate(zip(indexes, values, strict=True)):
+            text = f"{value:f}:{index}" if floats else f"{value}:{index}"
+            if index < len(labels):
+                text += f":{labels[index]}"
+            out[row, column] = text.encode()
+    return out if batched and array.ndim else out.reshape(kept)

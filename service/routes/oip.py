@@ -73,6 +73,7 @@ from mlgate.service.predict.flow import (
 )
 from mlgate.service.predict.tensors import (
     HEADER_LENGTH,
+    classified,
     input_arrays,
     requested_outputs,
     to_binary,
@@ -84,7 +85,7 @@ from mlgate.workers.inference.batching import Duration, request_rows
 from mlgate.workers.inference.model_config import PLATFORM, TensorSpec
 from mlgate.workers.inference.repository import ModelLoadFailed, ModelNotFound, ModelVersion
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
 
 
 def _deadline(
@@ -176,16 +177,20 @@ async def answer_infer(
 
     tensors: list[ResponseOutput] = []
     blobs: list[bytes] = []
-    for spec, binary_out in outputs:
+    for spec, binary_out, class_count in outputs:
         array = results[spec.name]
+        datatype = spec.datatype
+        if class_count is not None:
+            labels = loaded.config.labels or ()
+            array, datatype = classified(array, class_count, labels, loaded.worker.shares_batches), "BYTES"
         if binary_out:
-            blob = to_binary(array, spec.datatype)
+            blob = to_binary(array, datatype)
             blobs.append(blob)
             tensors.append(
                 ResponseOutput(
                     name=spec.name,
                     shape=list(array.shape),
-                    datatype=spec.datatype,
+                    datatype=datatype,
                     parameters={"binary_data_size": len(blob)},
                 )
             )
@@ -194,8 +199,8 @@ async def answer_infer(
                 ResponseOutput(
                     name=spec.name,
                     shape=list(array.shape),
-                    datatype=spec.datatype,
-                    data=to_json(array, spec.datatype),
+                    datatype=datatype,
+                    data=to_json(array, datatype),
                 )
             )
     answer = InferenceResponse(

@@ -263,3 +263,33 @@ def test_inference_statistics_count_what_was_served(own_server: LiveServer) -> N
     assert client.get_inference_statistics("demo", "1")["model_stats"] == [stats]
     with pytest.raises(InferenceServerException, match="not serving"):
         client.get_inference_statistics("nope")
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_classification_answers_each_rows_top_classes_as_triton_writes_them(
+    server: LiveServer, binary: bool
+) -> None:
+    data = rows(3, seed=4)
+    tensor = httpclient.InferInput("input", list(data.shape), "FP32")
+    tensor.set_data_from_numpy(data, binary_data=binary)
+    wanted = [httpclient.InferRequestedOutput("probabilities", binary_data=binary, class_count=2)]
+    result = server.client().infer("demo", [tensor], outputs=wanted)
+    classes = result.as_numpy("probabilities")
+    assert classes.shape == (3, 2)
+    expected = direct(data)
+    labels = ("negative", "positive")
+    for row, probabilities in zip(classes, expected, strict=True):
+        order = np.argsort(-probabilities)
+        texts = [value.decode() if isinstance(value, bytes) else value for value in row]
+        assert texts == [f"{probabilities[i]:f}:{i}:{labels[i]}" for i in order]
+
+
+def test_classification_of_one_class_and_of_more_than_there_are(server: LiveServer) -> None:
+    data = rows(1, seed=5)
+    tensor = httpclient.InferInput("input", list(data.shape), "FP32")
+    tensor.set_data_from_numpy(data)
+    client = server.client()
+    one = client.infer("demo", [tensor], outputs=[httpclient.InferRequestedOutput("probabilities", class_count=1)])
+    many = client.infer("demo", [tensor], outputs=[httpclient.InferRequestedOutput("probabilities", class_count=9)])
+    assert one.as_numpy("probabilities").shape == (1, 1)
+    assert many.as_numpy("probabilities").shape == (1, 2)
