@@ -189,12 +189,16 @@ def decode_json_non_finite(body: bytes, type_: type[T]) -> T:
     """``decode`` of a JSON body that reads ``NaN``, ``Infinity`` and ``-Infinity`` as
     numbers, as Triton does in the Open Inference Protocol's tensors (tritonclient writes
     them so). msgspec refuses them: only a body it refuses that holds one is read again,
-    by the standard library's parser, which takes them."""
+    by the standard library's parser, which takes them; but first msgspec checks it
+    with each literal read as ``0``, so that what it refuses otherwise (a number out of
+    range, a lone surrogate) is refused as in any body (a review: beside a NaN, ``1e400``
+    was read as infinity and a lone surrogate reached the model)."""
     try:
         return decode(body, type_, Format.JSON)
     except BadRequest as refused:
         if _NON_FINITE_LITERAL.search(body) is None:
             raise
+        decode(_NON_FINITE_LITERAL.sub(b"0", body), type_, Format.JSON)
         try:
             tree = json.loads(body)
         except (ValueError, RecursionError):

@@ -492,8 +492,11 @@ def _msgpack_array_length(data: memoryview) -> int | None:
     return None
 
 
-# A JSON string, escapes included: what ``_commas_outside_strings`` leaves out.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# A JSON string, escapes included, or an unclosed one to the end: what
+# ``_commas_outside_strings`` leaves out. Possessive, and never failing once begun, so
+# one pass (a review: with a string left open, the pattern without ``\Z`` was tried
+# again at every quote, each time to the end: 75 KB held the loop 10 s).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 
 
 def _commas_outside_strings(body: bytes) -> int:

@@ -186,8 +186,9 @@ class ModelRepository:
         """``ready`` without the default model: what the Open Inference Protocol's
         readiness says, as Triton's depends on the repository's models alone (a review:
         a repository without the REST routes' default model, ``demo`` unless set, kept
-        ``/v2/health/ready`` false, and a Triton client waiting on it waited forever)."""
-        return self._started and not self._closed and not self._unsettled_workers()
+        ``/v2/health/ready`` false, and a Triton client waiting on it waited forever).
+        Some model serves, though: a repository that serves none is not ready."""
+        return self._started and not self._closed and bool(self._latest) and not self._unsettled_workers()
 
     @property
     def problem(self) -> str | None:
