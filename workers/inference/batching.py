@@ -39,14 +39,20 @@ the model cannot compute (an index out of a Gather's range) fails that request o
 not those batched with it; an input onnxruntime refuses as ``INVALID_ARGUMENT`` fails
 with ``InputRefused`` (the client's fault, not the model's). A request failing alone
 with any other error (onnxruntime's ``FAIL`` or ``RUNTIME_EXCEPTION``, which a
-model's own ops raise for values they cannot take too) is tried once more, in the
-same thread turn: answered if it now computes (a passing failure), else the model's
-known-good feed (the load's warm-up, ``known_good``) is run: if that computes, the
-input is at fault (``InputRefused``, which the model's breaker does not count: one
-tenant's bad rows must not open it for everyone); if not, the model is, and the
-request fails with its own error. A model failing now and then thus answers rather
-than blames the input (a review: a rule by time alone answered a flaky model's
-failures 422 and its breaker never opened).
+model's own ops raise for values they cannot take too) is tried once more (unless it
+already failed in a batch, then alone): answered if it now computes. Failing again,
+it is the input's fault (``InputRefused``, which the model's breaker does not count:
+one tenant's bad rows must not open it for everyone) only when the model is known to
+work: it answered a request within ``SERVED_WITHIN_S``, has not shown itself
+unreliable within ``UNRELIABLE_S`` (an input that failed and then computed, a
+known-good feed that failed), and computes its known-good feed now (a row of a request
+it recently answered, else its load's warm-up; a success holds for
+``KNOWN_GOOD_HOLDS_S``). Otherwise the model is at fault: the request fails with its
+own error, which the breaker counts. So a model failing at random soon counts every
+failure, and one failing on all real values (not on the warm-up's zeros) never
+answered, so its failures count (reviews: a rule by time alone answered a flaky
+model's failures 422; the zeros alone blamed clients for a model broken on any
+non-zero value).
 
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
 does not fit the current batch opens the next one. A model without a free batch
@@ -90,6 +96,15 @@ ESTIMATE_STALE_BATCHES = 4
 # The least time between two sweeps of the deadline watch (``_watch_deadlines``): a
 # request is answered 504 at most this long past its deadline.
 WATCH_GAP_S = 0.02
+# A failing input is the client's only if the model answered a request this recently...
+SERVED_WITHIN_S = 60.0
+# ...and has not failed of itself within this long (``_checked_run``).
+UNRELIABLE_S = 60.0
+# A success of the known-good feed stands for this long, for the failures that follow
+# (a batch of bad inputs run alone: one check, not one each).
+KNOWN_GOOD_HOLDS_S = 0.1
+# The known-good feed takes a row of an answered request at most this often.
+KNOWN_GOOD_EVERY_S = 1.0
 # onnxruntime's errors begin ``[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ``.
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
@@ -144,8 +159,10 @@ class _Item:
     # Its bytes no longer count as waiting (``_settled``): once only, whichever of a
     # crash's clean-up and its run's end comes first.
     settled: bool = False
-    # It failed alone and was tried again, with the known-good feed (``_checked_run``).
+    # It failed alone and was checked (``_checked_run``).
     checked: bool = False
+    # It failed in a batch, then ran alone: it needs no second try of its own.
+    failed_in_batch: bool = False
 
 
 class _InputAtFault(Exception):
@@ -260,6 +277,13 @@ class InferenceWorker(Actor[_Item]):
         # its own: when nobody waits for it any more (``_watch_deadlines``), or closing.
         self._run_options = run_options
         self._known_good = known_good
+        # ``time.monotonic()``: the last request answered; until when the model counts
+        # as failing of itself; when its known-good feed last computed and last took a
+        # row (the first two written in the thread too: floats, written whole).
+        self._served_at = -math.inf
+        self._unreliable_until = -math.inf
+        self._known_good_ok_at = -math.inf
+        self._known_good_taken_at = -math.inf
         super().__init__(mailbox_size, telemetry=telemetry)
         self._mailbox_size = mailbox_size
         self._mailbox_bytes = mailbox_bytes
@@ -683,11 +707,11 @@ class InferenceWorker(Actor[_Item]):
         loop: asyncio.AbstractEventLoop,
         items: list[_Item],
         holds_slot: bool = True,
-        check: bool = False,
+        check: BaseException | None = None,
     ) -> None:
         """Queue the batch on the worker's thread; ``_finished`` answers it.
         ``holds_slot``: it took one of ``_slots`` (a retry alone takes none);
-        ``check``: a lone item that failed, run as ``_checked_run`` says."""
+        ``check``: a lone item's failure, checked as ``_checked_run`` says."""
         total = sum(item.rows for item in items)
         gathering = time.perf_counter()
         try:
@@ -719,8 +743,13 @@ class InferenceWorker(Actor[_Item]):
             earliest = min(item.deadline for item in items)
             latest = max(item.deadline for item in items)
         try:
-            compute = self._checked_run if check else self._timed_run
-            future = loop.run_in_executor(self._executor, compute, feed, latest, run)
+            if check is None:
+                future = loop.run_in_executor(self._executor, self._timed_run, feed, latest, run)
+            else:
+                again = not items[0].failed_in_batch
+                future = loop.run_in_executor(
+                    self._executor, self._checked_run, feed, latest, run, check, again
+                )
         except RuntimeError as exc:  # the executor is shut down (closed past its drain)
             self._failed(items, total, WorkerClosed(f"inference worker {self.name} stopped: {exc}"))
             self._done_with(items)
@@ -777,7 +806,7 @@ class InferenceWorker(Actor[_Item]):
                 if self._to_check(items[0], error):
                     items[0].checked = True
                     answering = True  # settled by the checked run
-                    self._hand_to_thread(items[0].future.get_loop(), items, holds_slot=False, check=True)
+                    self._hand_to_thread(items[0].future.get_loop(), items, holds_slot=False, check=error)
                     return
                 self._failed(items, total, error)
                 return
@@ -841,6 +870,7 @@ class InferenceWorker(Actor[_Item]):
             if item.future.done():  # the client went away meanwhile
                 self._settled(item)
             else:
+                item.failed_in_batch = True
                 self._hand_to_thread(loop, [item], holds_slot=False)
 
     def _to_check(self, item: _Item, error: BaseException) -> bool:
@@ -854,24 +884,44 @@ class InferenceWorker(Actor[_Item]):
         )
 
     def _checked_run(
-        self, feed: Mapping[str, np.ndarray], latest_deadline: float, run: _Run
+        self,
+        feed: Mapping[str, np.ndarray],
+        latest_deadline: float,
+        run: _Run,
+        failure: BaseException,
+        again: bool,
     ) -> tuple[Sequence[np.ndarray] | None, float]:
-        """In the thread: a lone item that failed, run again; failing again, the
-        known-good feed is run, and if that computes the input is at fault."""
-        try:
-            return self._timed_run(feed, latest_deadline, run)
-        except Exception as again:
-            options = run.options
-            if self._known_good is None or (options is not None and options.terminate):
-                raise  # ended (its deadline, closing): says nothing of the input
+        """In the thread: a lone item that failed with ``failure``, run ``again`` first
+        (computing now, it is answered, and the model shows itself unreliable); then
+        the input's fault only if the model is known to work (see the module's
+        docstring), else the model's, ``failure`` raised."""
+        options = run.options
+        if again:
+            try:
+                answered = self._timed_run(feed, latest_deadline, run)
+            except Exception as exc:
+                if options is not None and options.terminate:
+                    raise  # ended (its deadline, closing): says nothing of the input
+                failure = exc
+            else:
+                self._unreliable_until = time.monotonic() + UNRELIABLE_S
+                return answered
+        now = time.monotonic()
+        known_good = self._known_good
+        if known_good is None or now < self._unreliable_until or now - self._served_at > SERVED_WITHIN_S:
+            raise failure
+        if now - self._known_good_ok_at > KNOWN_GOOD_HOLDS_S:
             try:
                 if options is None:
-                    self._session.run(self._output_names, self._known_good)
+                    self._session.run(self._output_names, known_good)
                 else:
-                    self._session.run(self._output_names, self._known_good, options)
+                    self._session.run(self._output_names, known_good, options)
             except Exception:
-                raise again from None
-            raise _InputAtFault(again) from None
+                if options is None or not options.terminate:
+                    self._unreliable_until = time.monotonic() + UNRELIABLE_S
+                raise failure from None
+            self._known_good_ok_at = time.monotonic()
+        raise _InputAtFault(failure)
 
     def _failed(self, items: list[_Item], total: int, error: BaseException) -> None:
         if isinstance(error, (InvalidArgument, _InputAtFault)):
@@ -970,6 +1020,12 @@ class InferenceWorker(Actor[_Item]):
         sized.compute_infer.add(1, run_s)
         sized.compute_output.add(1, output_s)
         stats.last_inference_ms = int(time.time() * 1000)
+        self._served_at = now
+        if self._shares_batches and items[0].rows and now - self._known_good_taken_at > KNOWN_GOOD_EVERY_S:
+            # A row of real traffic the model computed: a better known-good feed than
+            # the warm-up's zeros, which exercise little of a model.
+            self._known_good_taken_at = now
+            self._known_good = {name: value[:1].copy() for name, value in items[0].inputs.items()}
 
     def _deliver(self, answers: list[tuple[_Item, Outputs]], start: int, chunk: int) -> None:
         """Answer ``answers[start:]``, ``chunk`` of them now and the rest in the event

@@ -132,6 +132,7 @@ async def infer_shaped(client: Client, row: list[float]) -> tuple[int, dict[str,
 async def test_values_the_model_fails_on_while_it_computes_its_known_good_feed_are_422(
     shaped: Client,
 ) -> None:
+    assert (await infer_shaped(shaped, [1, 2, 3, 4]))[0] == 200  # it works
     status, answer = await infer_shaped(shaped, [1, 2, 3, 500])
     assert status == 422, answer
     assert "could not compute this input" in answer["error"]
@@ -142,6 +143,7 @@ async def test_values_the_model_fails_on_while_it_computes_its_known_good_feed_a
 async def test_one_clients_failing_values_never_open_the_breaker_for_the_others(
     shaped: Client,
 ) -> None:
+    assert (await infer_shaped(shaped, [0, 1, 2, 3]))[0] == 200  # it works
     for _ in range(10):  # twice the breaker's default failures
         assert (await infer_shaped(shaped, [500, 0, 0, 0]))[0] == 422
     status, answer = await infer_shaped(shaped, [1, 2, 3, 4])
@@ -150,6 +152,7 @@ async def test_one_clients_failing_values_never_open_the_breaker_for_the_others(
 
 
 async def test_requests_batched_with_failing_values_are_answered(shaped: Client) -> None:
+    assert (await infer_shaped(shaped, [0, 1, 2, 3]))[0] == 200  # it works
     good = [[float(i), 1, 2, 3] for i in range(30)]
     calls = [infer_shaped(shaped, row) for row in good]
     calls.insert(15, infer_shaped(shaped, [0, 0, 0, 700]))
@@ -158,3 +161,11 @@ async def test_requests_batched_with_failing_values_are_answered(shaped: Client)
     for row, (status, answer) in zip(good, answers, strict=True):
         assert status == 200, answer
         assert answer["outputs"][0]["data"] == row
+
+
+async def test_a_model_that_answered_nothing_yet_is_at_fault_for_its_failures(shaped: Client) -> None:
+    """Until it has answered a request, a model is not known to work: its failures are
+    its own (500, counted), not the client's (a review: a model failing on every real
+    value computed its warm-up's zeros, and clients were blamed forever)."""
+    status, answer = await infer_shaped(shaped, [1, 2, 3, 500])
+    assert status == 500, answer
