@@ -27,7 +27,7 @@ DESCRIPTIONS: dict[str, str] = {
     "tls_key_file": "PEM private key matching tls_cert_file.",
     # HTTP limits
     "max_body_bytes": "Largest request body, after decompression; larger is 413 before it is read.",
-    "max_stream_record_bytes": "Largest single record (NDJSON line or msgpack map) in a stream; a batch's record larger than this is rejected without being decoded.",
+    "max_stream_record_bytes": "Largest single record (NDJSON line or msgpack map) in a stream.",
     # Connections
     "head_timeout_s": "Seconds a connection may take to send a complete request head, from when it opens or from the previous response (so also the idle keep-alive limit); then it is closed.",
     "body_timeout_s": "Seconds a request body may take before it must keep up body_min_rate_bytes, and the longest it may pause between bytes; a slower body is 408 and the connection closes.",

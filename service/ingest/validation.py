@@ -262,10 +262,10 @@ class RecordValidator:
         return None if matrix is None else (matrix, _all_points(joined, matrix.size))
 
     def _decode_one(self, index: int, raw: msgspec.Raw, fmt: Format) -> Record | RecordError:
-        """One record of a batch; one larger than a stream's record may be
-        (``max_stream_record_bytes``) is rejected without being decoded: what a JSON
-        object holds is counted against the schema only once it is built."""
-        limit = self._settings.max_stream_record_bytes
+        """One record of a batch; one over ``MAX_BATCH_RECORD_BYTES`` is rejected without
+        being decoded: what a JSON object holds is counted against the schema only once
+        it is built."""
+        limit = MAX_BATCH_RECORD_BYTES
         if len(raw) > limit:
             return RecordError(
                 index=index, record_id=None, error=f"the record's {len(raw)} bytes exceed the limit of {limit}"
@@ -468,6 +468,14 @@ def dimension_error(count: int, dims: Collection[int]) -> str:
     """Why a record of ``count`` features is rejected when ``dims`` are allowed."""
     allowed = ", ".join(str(d) for d in sorted(dims))
     return f"features has {count} values; allowed dimensions are {allowed}"
+
+
+# Larger than any record the schema takes, written without padding (4096 features of
+# 25 characters, 32 metadata items of 64 + 1024 characters each escaped as \uXXXX:
+# ~320 KB), so that the record-by-record path, which alone measures records, refuses
+# none the other paths would take (a review: a setting as the bound made one record's
+# fate depend on its neighbours).
+MAX_BATCH_RECORD_BYTES = 1 << 20
 
 
 class _SchemaFailed(Exception):

@@ -772,6 +772,11 @@ class DoorRequestHandler(web.RequestHandler):
         )
 
     @property
+    def waiting_since(self) -> float:
+        """When it began waiting for this head: its head timer's start (loop time)."""
+        return self._next_keepalive_close_time - self._keepalive_timeout
+
+    @property
     def requests_read(self) -> int:
         """Whole requests read from it so far."""
         return self._handed

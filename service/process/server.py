@@ -293,14 +293,16 @@ class CappedServer(web.Server):
 
     def _waiting_for_a_head(self) -> DoorRequestHandler | None:
         """The connection to close for a new one: the oldest that never sent a whole
-        request and waits for a head, else the oldest idle between requests. The
-        connections are kept in the order they opened."""
+        request and waits for a head (the connections are kept in the order they
+        opened), else the one idle the longest between requests (a review: the first
+        opened of them was closed, a client's busiest pooled connection between two
+        requests, rather than one idle for long)."""
         idle: DoorRequestHandler | None = None
         for handler in self._connections:
             if isinstance(handler, DoorRequestHandler) and handler.waiting_for_head:
                 if not handler.requests_read:
                     return handler
-                if idle is None:
+                if idle is None or handler.waiting_since < idle.waiting_since:
                     idle = handler
         return idle
 

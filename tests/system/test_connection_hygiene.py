@@ -193,19 +193,22 @@ async def test_at_the_cap_a_new_connection_takes_the_place_of_the_oldest_silent_
             writer.close()
 
 
-async def test_at_the_cap_an_idle_kept_alive_connection_makes_room_when_none_is_silent(
+async def test_at_the_cap_the_connection_idle_the_longest_makes_room_when_none_is_silent(
     service_process: ServiceFactory,
 ) -> None:
     service = service_process(MLGATE_MAX_CONNECTIONS="2", MLGATE_HEAD_TIMEOUT_S="60")
     first = await admitted_connection(service)
     second = await admitted_connection(service)
+    await asyncio.sleep(0.2)
+    first[1].write(HEALTH)  # the first opened is the last used
+    assert (await read_response(first[0])).startswith(b"HTTP/1.1 200")
     try:
         async with raw_connection(service) as (reader, writer):
             writer.write(HEALTH)
             assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
-        assert await read_until_closed(first[0]) == b""  # the one idle the longest
-        second[1].write(HEALTH)
-        assert (await read_response(second[0])).startswith(b"HTTP/1.1 200")
+        assert await read_until_closed(second[0]) == b""  # the one idle the longest
+        first[1].write(HEALTH)
+        assert (await read_response(first[0])).startswith(b"HTTP/1.1 200")
     finally:
         for _, writer in (first, second):
             writer.close()

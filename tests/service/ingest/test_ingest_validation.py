@@ -536,10 +536,11 @@ async def test_a_schema_error_on_the_fast_path_goes_straight_to_record_by_record
     assert whole.calls == 0
 
 
-async def test_a_record_larger_than_a_stream_record_may_be_is_rejected_undecoded(
-    app_client: AppClientFactory, make_settings: Callable[..., Settings]
+async def test_a_record_larger_than_any_the_schema_takes_is_rejected_undecoded(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = make_settings(feature_dims=(4,), max_stream_record_bytes=64 * 1024, **OPEN)
+    monkeypatch.setattr(validation, "MAX_BATCH_RECORD_BYTES", 64 * 1024)
+    settings = make_settings(feature_dims=(4,), **OPEN)
     client = await app_client(settings)
     huge = {f"k{i}": "v" for i in range(20_000)}  # 240 KB of metadata
     response = await client.post(INGEST, json=_batch(_record(0), _record(1, metadata=huge)))
