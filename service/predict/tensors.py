@@ -280,10 +280,17 @@ def classified(array: np.ndarray, count: int, labels: Sequence[str], batched: bo
     whole tensor's, for a model without batching), largest first, as
     ``"value:index[:label]"`` strings, the value as C++'s ``std::to_string`` writes it
     (six decimals for a float): shape ``[rows, count]``, or ``[count]``."""
-    rows = array.reshape(array.shape[0], -1) if batched and array.ndim else array.reshape(1, -1)
+    if batched and array.ndim:
+        rows = array.reshape(array.shape[0], math.prod(array.shape[1:]))  # -1 fails for 0 rows
+    else:
+        rows = array.reshape(1, array.size)
     kept = min(count, rows.shape[1])
-    order = np.flip(np.argsort(rows, axis=1, kind="stable"), axis=1)[:, :kept]
     floats = rows.dtype.kind == "f"
+    # Largest first, ties by the lower index (as Triton's sort gives them), NaN last:
+    # a stable ascending sort of the columns reversed, read backwards.
+    keys = np.where(np.isnan(rows), -np.inf, rows) if floats else rows
+    backwards = np.argsort(keys[:, ::-1], axis=1, kind="stable")[:, ::-1]
+    order = (rows.shape[1] - 1 - backwards)[:, :kept]
     out = np.empty(order.shape, dtype=object)
     for row, indexes in enumerate(order.tolist()):
         values = rows[row, indexes].tolist()

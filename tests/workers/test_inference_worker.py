@@ -1147,3 +1147,40 @@ async def test_statistics_count_answered_and_failed_requests(
     assert stats.compute_infer.count == stats.queue.count == 1
     assert sorted(stats.by_batch_size) == [2]
     assert stats.by_batch_size[2].compute_infer.count == 1
+
+
+class HeldSession(FailingSession):
+    """A ``FailingSession`` holding a run of a row that starts with 7 until ``release``."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        super().__init__(session)
+        self.release = threading.Event()
+
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]
+    ) -> Sequence[np.ndarray]:
+        if (input_feed["input"][:, 0] == 7).any():
+            self.release.wait(10)
+        return super().run(output_names, input_feed)
+
+
+async def test_a_retry_that_did_not_run_before_its_deadline_marks_nothing(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A review: deadlines timed to pass between a failed run and its retry (not run:
+    expired) marked a sound model unreliable, and then anyone's bad input counted
+    against it, opening its breaker for everyone."""
+    session = HeldSession(demo_session)
+    worker = make_worker(session, known_good=KNOWN_GOOD, max_batch_size=1)
+    await worker.submit(rows(1, 3), soon())
+    held = rows(1, 4)
+    held[0, 0] = 7
+    late = worker.submit(refused_row(), soon(0.3))  # fails at once; its retry waits
+    behind = worker.submit(held, soon())  # behind it on the thread, held
+    await asyncio.sleep(0.5)
+    session.release.set()
+    with pytest.raises(DeadlineExpired):
+        await late
+    await behind
+    with pytest.raises(InputRefused):  # still known to work: the client's fault
+        await worker.submit(refused_row(), soon())

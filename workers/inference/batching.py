@@ -904,7 +904,11 @@ class InferenceWorker(Actor[_Item]):
                     raise  # ended (its deadline, closing): says nothing of the input
                 failure = exc
             else:
-                self._unreliable_until = time.monotonic() + UNRELIABLE_S
+                if answered[0] is not None:
+                    # Computed: not run at all (its deadline passed first) says nothing
+                    # (a review: deadlines timed to pass between the two runs marked a
+                    # sound model unreliable, and then anyone's bad input counted).
+                    self._unreliable_until = time.monotonic() + UNRELIABLE_S
                 return answered
         now = time.monotonic()
         known_good = self._known_good

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -383,3 +384,18 @@ async def test_server_ready_is_false_while_no_model_serves(
     response = await client.get("/v2/health/ready")
     assert response.status == 400
     assert await response.json() == {"ready": False}
+
+
+def test_classification_breaks_ties_by_the_lower_index_and_puts_nan_last() -> None:
+    """A review: equal probabilities came back highest index first, NaN first."""
+    equal = tensors.classified(np.full((1, 5), 0.2, dtype=np.float32), 3, (), batched=True)
+    assert equal.tolist() == [[b"0.200000:0", b"0.200000:1", b"0.200000:2"]]
+    with_nan = tensors.classified(np.array([[np.nan, 0.5, 0.9]], dtype=np.float32), 3, ("a", "b"), batched=True)
+    assert with_nan.tolist() == [[b"0.900000:2", b"0.500000:1:b", b"nan:0:a"]]
+    assert tensors.classified(np.array([3, 1, 3], dtype=np.uint8), 2, (), batched=False).tolist() == [b"3:0", b"3:2"]
+
+
+def test_classification_of_no_rows_is_no_rows() -> None:
+    """A review: a request of 0 rows asking for classes was a 500 (numpy cannot infer
+    -1 in a reshape of size 0)."""
+    assert tensors.classified(np.zeros((0, 4), dtype=np.float32), 2, (), batched=True).shape == (0, 2)
