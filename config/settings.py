@@ -9,8 +9,10 @@ start-up with a ``SettingsError`` naming the variable.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
+from urllib.parse import urlsplit
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -185,6 +187,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_breaker_reset_s: PositiveFloat = 10.0
 
     def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                # ``inf`` passes ``ge``/``gt`` bounds (a review: an infinite poll interval
+                # was taken, then ``serve`` died on it in ``math.ceil``; a NaN bound on
+                # features was read as none).
+                raise ValueError(f"must be a finite number - at `$.{name}`")
+        if self.redis_url:
+            for seed in self.redis_url.split(","):
+                try:
+                    urlsplit(seed.strip() if "://" in seed else f"redis://{seed.strip()}").port
+                except ValueError:
+                    raise ValueError("a port that is not a number - at `$.redis_url`") from None
         if self.drain_grace_s >= self.shutdown_timeout_s:
             raise ValueError(
                 "drain_grace_s must be shorter than shutdown_timeout_s - at `$.drain_grace_s`"

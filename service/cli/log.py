@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 from pathlib import Path
 
@@ -43,7 +44,12 @@ def print_log(data_dir: str, action: str, args: argparse.Namespace) -> int:
     else:
         entries = read_log(directory, args.from_offset)
     out = sys.stdout.buffer
-    for entry in entries:
-        out.write(_as_json(entry) + b"\n")
-    out.flush()
+    try:
+        for entry in entries:
+            out.write(_as_json(entry) + b"\n")
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (``| head``): done, quietly, as cat is; stdout is
+        # pointed at /dev/null so the interpreter's own flush at exit fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

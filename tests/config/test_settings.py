@@ -250,3 +250,21 @@ def test_data_directories_past_the_process_count_are_shared_out_by_index(tmp_pat
     assert orphaned_workers(first) == [2]
     assert orphaned_workers(second) == [3, 5]
     assert orphaned_workers(Settings(data_dir=str(tmp_path / "absent"))) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("MLGATE_PROFILES_POLL_INTERVAL_S", "inf"), ("MLGATE_FEATURE_MIN", "nan"), ("MLGATE_KAFKA_BREAKER_RESET_S", "infinity")],
+)
+def test_a_setting_that_is_not_a_finite_number_is_refused(name: str, value: str) -> None:
+    """A review: an infinite poll interval passed, then ``serve`` died on it with a
+    traceback; a NaN feature bound was read as none."""
+    with pytest.raises(SettingsError, match=f"{name}: must be a finite number"):
+        load_settings({name: value})
+
+
+def test_a_redis_url_whose_port_is_not_a_number_is_refused_without_its_password() -> None:
+    with pytest.raises(SettingsError, match="REDIS_URL: a port that is not a number") as refused:
+        load_settings({"REDIS_URL": "redis://:hunter6pw@h:notaport"})
+    assert "hunter6pw" not in str(refused.value)
+    assert load_settings({"REDIS_URL": "h1:7000,h2:7001"}).redis_url == "h1:7000,h2:7001"

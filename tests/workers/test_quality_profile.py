@@ -319,3 +319,26 @@ def test_a_sources_directory_listed_once_then_not_keeps_other_sources_open(
     unlistable(monkeypatch, tmp_path / "sources")
     store.refresh()
     assert store.source_state("other") == (None, False) and store.source("sensors") is not None
+
+
+def _edited(profile: Any, **changes: Any) -> Any:
+    """``profile`` with its first feature changed, as a hand-edited file would be."""
+    first = msgspec.structs.replace(profile.features[0], **changes)
+    return msgspec.structs.replace(profile, features=[first, *profile.features[1:]])
+
+
+@pytest.mark.parametrize("proportions", [[-5.0, 100.0], [0.2, 0.2]], ids=["negative", "not-summing-to-1"])
+def test_a_profile_whose_proportions_are_not_shares_is_refused(proportions: list[float]) -> None:
+    """A review: ``[-5, 100]`` loaded and every PSI of it was wrong without a word."""
+    profile = build_profile(reference_sample(1_000), kind="source", name="s")
+    edited = _edited(profile, edges=[0.0], proportions=proportions)
+    with pytest.raises(ValueError, match="sum to 1"):
+        CompiledProfile.compile(edited)
+
+
+def test_a_profile_naming_two_features_alike_is_refused() -> None:
+    """A review: four features named "same" made one metric series, three features lost."""
+    profile = build_profile(reference_sample(1_000), kind="source", name="s")
+    same = [msgspec.structs.replace(feature, name="same") for feature in profile.features]
+    with pytest.raises(ValueError, match="names must differ"):
+        CompiledProfile.compile(msgspec.structs.replace(profile, features=same))

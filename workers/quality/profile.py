@@ -78,15 +78,23 @@ class CompiledProfile:
                 raise ValueError(f"feature {feature.index}: edges must be strictly ascending")
             if feature.min > feature.max:
                 raise ValueError(f"feature {feature.index}: min exceeds max")
+            # A hand-edited file (a review: ``[-5, 100]`` loaded, and every PSI of it was
+            # wrong without a word).
+            if any(p < 0 for p in feature.proportions) or abs(sum(feature.proportions) - 1) > 1e-3:
+                raise ValueError(f"feature {feature.index}: proportions must be 0 or more and sum to 1")
             edges[: len(feature.edges), column] = feature.edges
             reference[column, : len(feature.proportions)] = feature.proportions
+        names = tuple(f.name or f"f{f.index}" for f in features)
+        if len(set(names)) != len(names):
+            # Gauges and rejections name features: two of one name were one series.
+            raise ValueError("feature names must differ")
         return cls(
             profile=profile,
             lows=np.array([f.min for f in features]),
             highs=np.array([f.max for f in features]),
             edges=edges,
             reference=reference,
-            names=tuple(f.name or f"f{f.index}" for f in features),
+            names=names,
             features=tuple(features),
             counting_edges=_counting_edges(edges),
         )

@@ -162,3 +162,12 @@ def test_dev_mode_prints_the_same_key_at_the_next_start(make_settings, capsys) -
     ensure_dev_key(settings)
     assert capsys.readouterr().out == first
     assert len(KeyFile(keys_path(settings)).load()) == 1
+
+
+@pytest.mark.parametrize("rate", ["nan", "inf", "1e-320", "0"])
+def test_create_refuses_a_rate_that_is_not_a_usable_number(keys_cli, rate: str) -> None:
+    """A review: ``--rate nan`` stored a key with a burst and no rate, exit 0."""
+    answer = keys_cli("create", "--tenant", "acme", "--scopes", "ingest", "--rate", rate, "--burst", "2")
+    assert answer.returncode == 2, answer.stderr
+    assert "rate must be" in answer.stderr
+    assert not keys_cli.keys_file.exists() or "acme" not in keys_cli.keys_file.read_text()

@@ -1,0 +1,55 @@
+"""``mlgate log``: the local log printed as JSON lines; usage errors are one line and
+exit 2, and a reader that goes away (``| head``) ends it quietly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlgate.workers.sinks.local_log import LocalLog
+from mlgate.workers.sinks.local_log_frames import frame
+from mlgate.workers.sinks.records import OutboundRecord
+from tests.service_process import REPO
+
+
+def _data_dir_with_records(tmp_path: Path, count: int) -> Path:
+    log = LocalLog(tmp_path / "log")
+    log.append([frame(OutboundRecord(f"k{i}".encode(), b'{"i": %d}' % i, [])) for i in range(count)])
+    log.close()
+    return tmp_path
+
+
+def _command(data_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mlgate", "log", *args, "--data-dir", str(data_dir)]
+
+
+def _environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLGATE_")}
+
+
+def test_a_negative_count_is_a_usage_error(tmp_path: Path) -> None:
+    """A review: ``tail -n -1`` was a traceback; ``--from-offset -5`` read as 0."""
+    data_dir = _data_dir_with_records(tmp_path, 2)
+    for args in (("tail", "-n", "-1"), ("cat", "--from-offset", "-5")):
+        answer = subprocess.run(
+            _command(data_dir, *args), cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=60
+        )
+        assert answer.returncode == 2, answer.stderr
+        assert "must be 0 or more" in answer.stderr and "Traceback" not in answer.stderr
+
+
+def test_a_reader_that_goes_away_ends_it_quietly(tmp_path: Path) -> None:
+    """A review: ``mlgate log cat | head -1`` printed a BrokenPipeError traceback."""
+    data_dir = _data_dir_with_records(tmp_path, 20_000)
+    process = subprocess.Popen(
+        _command(data_dir, "cat"), cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline().startswith(b"{")
+    process.stdout.close()  # as ``head -1`` does
+    errors = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=60) == 0
+    assert "Traceback" not in errors and "BrokenPipe" not in errors
