@@ -12,9 +12,9 @@ import difflib
 import math
 import os
 import re
-from urllib.parse import urlsplit
 from collections.abc import Mapping
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
