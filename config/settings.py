@@ -196,8 +196,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 raise ValueError(f"must be a finite number - at `$.{name}`")
         if self.redis_url:
             for seed in self.redis_url.split(","):
+                url = seed.strip() if "://" in seed else f"redis://{seed.strip()}"
                 try:
-                    urlsplit(seed.strip() if "://" in seed else f"redis://{seed.strip()}").port
+                    _ = urlsplit(url).port  # reading it raises for one that is not a number
                 except ValueError:
                     raise ValueError("a port that is not a number - at `$.redis_url`") from None
         if self.drain_grace_s >= self.shutdown_timeout_s:
