@@ -1118,6 +1118,7 @@ def parser_reason(exc: BaseException | None, message: str | None) -> str:
 
 _PARSER_MESSAGES: tuple[tuple[str, str], ...] = (
     ("Missing 'Host' header", "the Host header is missing (HTTP/1.1 requires one)"),
+    ("Data after `Connection: close`", "bytes sent after a request with Connection: close"),
 )
 _PARSER_REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (http_exceptions.LineTooLong, "the request line or a header is too long"),

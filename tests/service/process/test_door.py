@@ -941,6 +941,7 @@ async def test_an_unparsable_request_is_400_without_quoting_its_key_or_body(
             "Transfer-Encoding can't be present with Content-Length",
         ),
         ("Missing 'Host' header in request.", "the Host header is missing (HTTP/1.1 requires one)"),
+        ("Data after `Connection: close`", "bytes sent after a request with Connection: close"),
         ("Bad chunk 'secret-key-123' here", "Bad chunk"),
         ("Invalid thing: b'Authorization: Bearer k'", "Invalid thing"),
     ],
