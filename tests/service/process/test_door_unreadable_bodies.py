@@ -13,7 +13,7 @@ import msgspec
 import pytest
 from backports import zstd
 
-from mlgate.service.process.door import refused_head
+from mlgate.service.process.door import CHUNKED_SLICE_BYTES, DoorRequestHandler, refused_head
 from tests.service.http import test_body_compressed_ends
 from tests.service.http.test_body_compressed_ends import (
     DoorServer,
@@ -166,3 +166,39 @@ async def test_a_half_close_in_the_middle_of_a_body_answers_400_then_closes(door
         assert await asyncio.wait_for(reader.read(), 10) == b""
     finally:
         writer.close()
+
+
+async def test_a_body_of_one_byte_chunks_is_fed_a_slice_a_turn_and_read_whole(
+    door_server: DoorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a chunked body of one-byte chunks, each a call of aiohttp's parser into
+    the body's reader, held the event loop 220 ms a 256 KB read, and two such clients
+    starved every tenant. Fed a slice a turn, it is read whole all the same."""
+    fed: list[int] = []
+    feed = DoorRequestHandler._feed
+
+    def recorded(handler: DoorRequestHandler, data: bytes) -> None:
+        fed.append(len(data))
+        feed(handler, data)
+
+    monkeypatch.setattr(DoorRequestHandler, "_feed", recorded)
+    lines = b"".join(
+        msgspec.json.encode({"record_id": f"c{i}", "features": [1.0, 2.0, 3.0, 4.0]}) + b"\n"
+        for i in range(1500)
+    )
+    chunks = b"".join(b"1\r\n" + lines[i : i + 1] + b"\r\n" for i in range(len(lines))) + b"0\r\n\r\n"
+    head = (
+        b"POST /api/v2/ingest/stream?source=s HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        writer.write(head + chunks)
+        status_line, _, body = await read_answer(reader)
+        assert status_line.split()[1] == "202", body
+        assert msgspec.json.decode(body)["records_accepted"] == 1500
+    finally:
+        writer.close()
+    assert len(head + chunks) > 8 * CHUNKED_SLICE_BYTES
+    assert max(fed) <= CHUNKED_SLICE_BYTES
+    assert fed.count(CHUNKED_SLICE_BYTES) >= 2  # reads were sliced
