@@ -821,6 +821,10 @@ class DoorRequestHandler(web.RequestHandler):
             return
         if self._unfed:  # after what is waiting to be fed, in order
             self._unfed += data
+            if self.transport is not None:
+                # aiohttp resumed reading (its body drained) while slices wait: paused
+                # again, so what waits is a read at most, not all the client sends.
+                self.transport.pause_reading()
             return
         if len(data) > CHUNKED_SLICE_BYTES and self.transport is not None:
             self._feed_slices(data)
@@ -862,7 +866,10 @@ class DoorRequestHandler(web.RequestHandler):
         if transport is None or transport.is_closing() or self._discarding:
             return
         self._feed_slices(data)
-        if not self._unfed:
+        if not self._unfed and not self._reading_paused:
+            # Not while aiohttp holds reading for a body its reader has not taken (its
+            # high-water mark, a review: without this check a chunked stream's reads
+            # went on, 40 MB more held): it resumes reading itself once that drains.
             self.read_on()
 
     def _feed(self, data: bytes) -> None:
