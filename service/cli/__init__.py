@@ -9,21 +9,10 @@ from collections.abc import Sequence
 from mlgate.config import Settings, SettingsError, load_settings
 from mlgate.service.cli import keys as keys_command
 from mlgate.service.cli import quality as quality_command
+from mlgate.service.cli.arguments import whole_number
 from mlgate.service.cli.redaction import redact_url, redacted
 
 __all__ = ["main", "redact_url", "redacted"]
-
-
-def _count(text: str) -> int:
-    """A count or an offset: a whole number, 0 or more (a review: ``-n -1`` was a
-    traceback, ``--from-offset -5`` read as 0)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,9 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     log_cmd = commands.add_parser("log", help="read the embedded local log")
     log_actions = log_cmd.add_subparsers(dest="action", metavar="ACTION", required=True)
     tail = log_actions.add_parser("tail", help="print the last records as JSON lines")
-    tail.add_argument("-n", type=_count, default=10, help="how many records (default 10)")
+    tail.add_argument("-n", type=whole_number(0), default=10, help="how many records (default 10)")
     cat = log_actions.add_parser("cat", help="print every record from an offset as JSON lines")
-    cat.add_argument("--from-offset", type=_count, default=0)
+    cat.add_argument("--from-offset", type=whole_number(0), default=0)
     for action in (tail, cat):
         action.add_argument("--data-dir", help="data directory (default MLGATE_DATA_DIR)")
 

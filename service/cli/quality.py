@@ -41,6 +41,7 @@ from mlgate.schemas.quality import (
     ProfileKind,
     report_decoder,
 )
+from mlgate.service.cli.arguments import whole_number
 from mlgate.workers.quality.profile import (
     DEFAULT_BINS,
     DEFAULT_MARGIN,
@@ -90,7 +91,7 @@ def add_parser(commands: Any) -> None:
     )
     profile.add_argument("--feature-names", help="comma-separated names, one per feature")
     profile.add_argument(
-        "--max-records", type=_at_least_one, default=DEFAULT_MAX_RECORDS,
+        "--max-records", type=whole_number(1), default=DEFAULT_MAX_RECORDS,
         help=f"use at most this many records, the first read (default {DEFAULT_MAX_RECORDS})",
     )
     profile.add_argument("--output", help="write here instead of where the service looks")
@@ -113,16 +114,6 @@ def _margin(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text!r}")
-    return value
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text!r}")
     return value
 
 

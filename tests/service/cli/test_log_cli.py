@@ -37,7 +37,7 @@ def test_a_negative_count_is_a_usage_error(tmp_path: Path) -> None:
             _command(data_dir, *args), cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=60
         )
         assert answer.returncode == 2, answer.stderr
-        assert "must be 0 or more" in answer.stderr and "Traceback" not in answer.stderr
+        assert "must be at least 0" in answer.stderr and "Traceback" not in answer.stderr
 
 
 def test_a_reader_that_goes_away_ends_it_quietly(tmp_path: Path) -> None:
