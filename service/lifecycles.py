@@ -170,6 +170,10 @@ def _degraded(sink: SpillingKafkaSink) -> str | None:
     return sink.degraded
 
 
+def _problem(sink: SpillingKafkaSink) -> str | None:
+    return sink.problem
+
+
 async def adopt_spills(app: web.Application, settings: Settings) -> list[SpillingKafkaSink]:
     """A sink for each spill a run with more processes left (``orphaned_workers``),
     which only drains it: nothing writes to it. Without it a restart with fewer
@@ -188,6 +192,9 @@ async def adopt_spills(app: web.Application, settings: Settings) -> list[Spillin
         await orphan.start()
         log.warning("spill_adopted", worker=index, records=orphan.backlog)
         app[DEGRADED_CHECKS][f"kafka-worker-{index}"] = partial(_degraded, orphan)
+        # Its drainer is supervised as the process's own: one that cannot run while
+        # records wait makes the process unready, not only a line in the log.
+        app[READINESS_CHECKS][f"spill-worker-{index}"] = partial(_problem, orphan)
         adopted.append(orphan)
     return adopted
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 
 from mlgate.config import Settings, worker_data_dir
-from mlgate.service.state import METRICS, RECORD_SINK, SETTINGS
+from mlgate.service.state import METRICS, READINESS_CHECKS, RECORD_SINK, SETTINGS
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink, write_forwarded_offset
 from tests.support import (
@@ -176,6 +176,14 @@ async def test_a_spill_left_by_a_run_with_more_processes_reaches_kafka(
         return metrics.spill_backlog._value.get() == 0
 
     await until(drained)
+    # Its drainer counts in /ready as the process's own does.
+    check = alone.app[READINESS_CHECKS]["spill-worker-1"]
+    assert check() is None and (await alone.get("/ready")).status == 200
+    adopted = check.args[0]
+    monkeypatch.setattr(type(adopted), "problem", property(lambda sink: "stuck" if sink is adopted else None))
+    answer = await alone.get("/ready")
+    assert answer.status == 503 and (await answer.json())["checks"]["spill-worker-1"] is False
+    monkeypatch.undo()
 
     # Closed with the drain budget, as the process's own: a batch in flight cut off
     # would be sent again at the next start (a review: 100 records twice in Kafka).
