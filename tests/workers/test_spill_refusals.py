@@ -14,7 +14,7 @@ import pytest
 from mlgate.workers.errors import SinkFailed
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillFull
-from tests.support import KafkaBroker, started_spilling_sink
+from tests.support import KafkaBroker, started_spilling_sink, stop_process
 
 
 def _records(n: int, start: int = 0) -> list[OutboundRecord]:
@@ -84,7 +84,7 @@ async def test_a_closed_spill_after_an_unanswered_kafka_write_is_a_failure_not_a
 @contextmanager
 def _frozen(broker: KafkaBroker) -> Iterator[None]:
     assert broker.process is not None
-    os.kill(broker.process.pid, signal.SIGSTOP)
+    stop_process(broker.process.pid)
     try:
         yield
     finally:
