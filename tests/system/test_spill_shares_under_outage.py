@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.conftest import ServiceFactory
-from tests.support import KafkaBroker, KeyMaker, create_topic, read_topic
+from tests.support import KafkaBroker, KeyMaker, create_topic, read_topic, stop_process
 from tests.system.test_faults import _kafka_env, unlabelled_metrics
 from tests.system.test_spill_drain_under_freeze import _wait_for_empty_spill
 
@@ -68,7 +68,7 @@ async def test_a_flooding_tenant_is_refused_at_its_spill_share_and_every_acknowl
     )
     assert private_kafka_broker.process is not None
     broker_pid = private_kafka_broker.process.pid
-    os.kill(broker_pid, signal.SIGSTOP)
+    stop_process(broker_pid)  # every thread stopped before the load begins
     stop = asyncio.Event()
     accepted: dict[str, set[str]] = {"flood": set(), "calm": set()}
     statuses: dict[str, Counter[int]] = {"flood": Counter(), "calm": Counter()}
