@@ -113,6 +113,10 @@ class DeadlineExceeded(ApiError):
     status, title, slug, retriable = 504, "Deadline Exceeded", "deadline-exceeded", True
 
 
+class VersionNotSupported(ApiError):
+    status, title, slug = 505, "HTTP Version Not Supported", "http-version-not-supported"
+
+
 def http_error(status: int, reason: str) -> ApiError:
     """An answer aiohttp gives of its own (a static file's 403, say) as a problem: of
     our type for its status where we have one, else a type named after the status."""

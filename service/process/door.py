@@ -55,11 +55,17 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import _ErrInfo
 from multidict import CIMultiDict
 
 from mlgate.service.http.body import SUPPORTED_ENCODINGS, check_compressed_ends
 from mlgate.service.http.codec import Format, media_format, preferred_format
-from mlgate.service.http.errors import ApiError, BadRequest, UnsupportedMediaType
+from mlgate.service.http.errors import (
+    ApiError,
+    BadRequest,
+    UnsupportedMediaType,
+    VersionNotSupported,
+)
 from mlgate.service.http.front_door import (
     REQUEST_ID_HEADER,
     RequestIds,
@@ -643,7 +649,7 @@ def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> 
 # The first bytes of a packet the parser refused that ``refused_head`` reads: a head
 # is at most 8190 bytes to aiohttp.
 _REFUSED_HEAD_BYTES = 16384
-_REQUEST_LINE = re.compile(rb"[A-Z]{1,20} (/[!-~]{0,16384}) HTTP/1\.[01]")
+_REQUEST_LINE = re.compile(rb"[A-Z]{1,20} (/[!-~]{0,16384}) (HTTP/[0-9]\.[0-9])")
 _TOKEN = re.compile(rb"[!#-'*+.0-9A-Z^-z|~-]{1,256}")
 
 
@@ -676,6 +682,22 @@ def refused_head(
     return request.group(1).decode().split("?", 1)[0], CIMultiDict(found)
 
 
+def refused_version(exc: BaseException | None, data: bytes) -> str | None:
+    """The HTTP version of a request line the parser refused for its version alone
+    (llhttp takes 0.9, 1.0, 1.1 and 2.0 only, and refuses ``HTTP/3.0`` as a bad
+    line): its answer is 505, not 400."""
+    if not isinstance(exc, http_exceptions.BadStatusLine):
+        return None
+    request = _REQUEST_LINE.fullmatch(data.partition(b"\r\n")[0])
+    if request is None or request.group(2).startswith(b"HTTP/1."):
+        return None  # 505 is for another major version; llhttp's 400 for HTTP/1.2
+    return request.group(2).decode()
+
+
+def _version_message(version: str) -> str:
+    return f"{version} is not supported: this server speaks HTTP/1.1 (and 1.0)"
+
+
 class _DoorParser:
     """aiohttp's request parser, with the messages the door refuses taken out."""
 
@@ -691,6 +713,7 @@ class _DoorParser:
             raise  # aiohttp queues its 400 (``handle_error``)
         kept: list[tuple[Any, Any]] = []
         while messages and not upgraded:
+            messages = self._handler.versions_checked(messages)
             left = self._handler.refuse_at_door(messages)
             kept.extend(left)
             if len(left) == len(messages) or self._handler.waiting:
@@ -724,6 +747,7 @@ class DoorRequestHandler(web.RequestHandler):
         self._handed = 0
         self._answered = 0
         self._refused_data = b""
+        self._version_refused: RawRequestMessage | None = None  # its 505 is due
         # For each message handed to the app, in order: the door's admission of it, if any.
         self._bound_for: deque[Admission | None] = deque()
         self._express_task: asyncio.Task[None] | None = None
@@ -998,6 +1022,23 @@ class DoorRequestHandler(web.RequestHandler):
             await asyncio.wait({task}, timeout=timeout)
         await super().shutdown(timeout)
 
+    def versions_checked(self, messages: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """``messages`` up to the first of an HTTP version other than 1.x, which is
+        answered 505 and closes the connection. aiohttp's parser takes any ``HTTP/d.d``
+        and answers in the version asked, so ``GET / HTTP/2.0`` over HTTP/1 framing got
+        ``HTTP/2.0 200 OK``, which no client of either version can read."""
+        for index, (message, _payload) in enumerate(messages):
+            if isinstance(message, RawRequestMessage) and message.version.major != 1:
+                self._version_refused = message
+                version = f"HTTP/{message.version.major}.{message.version.minor}"
+                refused = _ErrInfo(
+                    status=505,
+                    exc=http_exceptions.BadStatusLine(version),
+                    message=_version_message(version),
+                )
+                return [*messages[:index], (refused, EMPTY_PAYLOAD)]
+        return messages
+
     def refuse_at_door(self, messages: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         """The messages the app still has to answer, in order, after the door wrote its
         refusals for those at the front of the line (and the express lane took the
@@ -1109,11 +1150,20 @@ class DoorRequestHandler(web.RequestHandler):
                 message or "Content-Encoding not supported",
                 headers={"Accept-Encoding": ", ".join(sorted(SUPPORTED_ENCODINGS - {"identity"}))},
             )
+        elif status == 505:
+            error = VersionNotSupported(message)
+        elif status == 400 and (version := refused_version(exc, self._refused_data)) is not None:
+            error = VersionNotSupported(_version_message(version))
         elif status == 400:
             error = BadRequest(f"Malformed HTTP request: {parser_reason(exc, message)}")
         else:
             error = as_api_error(exc if isinstance(exc, Exception) else Exception())
-        path, headers = refused_head(self._refused_data, request.path, request.headers)
+        refused = self._version_refused
+        headers: Mapping[str, str]
+        if status == 505 and refused is not None:
+            path, headers = refused.path.split("?", 1)[0], refused.headers
+        else:
+            path, headers = refused_head(self._refused_data, request.path, request.headers)
         request_id = self._door.request_ids.from_headers(headers)
         log.info(
             "bad_http_request",

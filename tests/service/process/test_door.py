@@ -951,3 +951,45 @@ def test_a_parser_refusal_is_explained_whole_and_without_the_request_it_quotes(
 ) -> None:
     """A review: "Transfer-Encoding can't ..." was cut at its apostrophe."""
     assert parser_reason(http_exceptions.BadHttpMessage(message), message) == reason
+
+
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9", "HTTP/3.0", "HTTP/9.9"])
+async def test_a_request_in_an_http_version_other_than_1_is_505_and_the_connection_closes(
+    full_model: FullModelFactory, version: str
+) -> None:
+    """aiohttp took any ``HTTP/d.d`` and answered in it: ``GET /health HTTP/2.0``
+    got ``HTTP/2.0 200 OK`` over HTTP/1 framing, which no client can read."""
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    writer.write(f"GET /health {version}\r\nHost: mlgate\r\nX-Request-ID: asked-in-2\r\n\r\n".encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)  # read() ends: the connection closed
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    assert status_line.startswith("HTTP/1.") and status_line.split(" ")[1] == "505"
+    assert "Content-Type: application/problem+json" in header_lines
+    assert "X-Request-ID: asked-in-2" in header_lines
+    problem = json.loads(body)
+    assert problem["type"] == "/problems/http-version-not-supported"
+    assert problem["status"] == 505
+    assert version in problem["detail"]
+
+
+async def test_requests_pipelined_before_one_of_another_http_version_are_answered_first(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    writer.write(
+        b"GET /health HTTP/1.1\r\nHost: mlgate\r\n\r\n"
+        b"GET /health HTTP/2.0\r\nHost: mlgate\r\nAccept: application/msgpack\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    first, _, rest = answer.partition(b"HTTP/1.0 505 ")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    head, _, body = rest.partition(b"\r\n\r\n")
+    assert b"Content-Type: application/msgpack" in head
+    assert msgspec.msgpack.decode(body)["status"] == 505
