@@ -74,6 +74,10 @@ _record_id_decoders: dict[Format, Any] = {
     Format.JSON: msgspec.json.Decoder(RecordIdOnly),
     Format.MSGPACK: msgspec.msgpack.Decoder(RecordIdOnly),
 }
+_envelope_decoders: dict[Format, Any] = {
+    Format.JSON: msgspec.json.Decoder(IngestEnvelope),
+    Format.MSGPACK: msgspec.msgpack.Decoder(IngestEnvelope),
+}
 
 
 # The packed path's numpy set-up costs more than it saves on a few records (one record
@@ -148,6 +152,11 @@ class RecordValidator:
         Bytes that are not JSON / msgpack at all are 400 even when msgspec meets a
         schema error first: the envelope decoding (``codec.decode``) tells them apart."""
         limit = self._settings.max_batch_records
+        if len(body) > MAX_BATCH_RECORD_BYTES and _holds_oversized_record(body, fmt):
+            # Only the record-by-record path measures records: the others would take a
+            # record it refuses, its fate hanging on its neighbours (a review).
+            source, measured = self._one_by_one(body, fmt)
+            return source, self._at_most(measured, limit)
         if fmt is Format.MSGPACK and len(body) >= PACKED_FROM_BYTES:
             try:
                 packed: PackedRequest = _packed_decoder.decode(body)
@@ -186,12 +195,16 @@ class RecordValidator:
             source, items = self._one_by_one(body, fmt)
         except (msgspec.DecodeError, RecursionError) as exc:
             raise undecodable(exc, fmt) from None
+        return source, self._at_most(items, limit)
+
+    @staticmethod
+    def _at_most(items: list[Decoded], limit: int) -> list[Decoded]:
         if len(items) > limit:
             raise ValidationFailed(
                 f"A batch holds at most {limit} records, got {len(items)}",
                 errors=[FieldError(loc="records", msg=f"at most {limit} records")],
             )
-        return source, items
+        return items
 
     def _with_features_text(self, body: bytes, limit: int) -> tuple[str, Sequence[Decoded]] | None:
         """A JSON batch's records, each with the text of its features: the batch decoded
@@ -243,8 +256,8 @@ class RecordValidator:
 
         The values are those msgspec decodes (both round correctly; ints become
         floats); a number msgspec would make infinite is a parse error here. With the
-        matrix: whether every number was written with a point (``_all_points``), so
-        that the records' texts may be their values' features."""
+        matrix: whether the records' texts may be their values' features
+        (``_text_stands_for``)."""
         count = len(records)
         joined = b"".join([b"[", b",".join([record.features for record in records]), b"]"])
         # One bracket a record and the outer one: no nested arrays (nor brackets in
@@ -259,7 +272,7 @@ class RecordValidator:
         except RuntimeError:  # its parser still referenced (it cannot be): a new one
             self._json_parser = simdjson.Parser(max_capacity=PARSER_KEEPS_BYTES)
             return None
-        return None if matrix is None else (matrix, _all_points(joined, matrix.size))
+        return None if matrix is None else (matrix, _text_stands_for(joined, matrix.size, count))
 
     def _decode_one(self, index: int, raw: msgspec.Raw, fmt: Format) -> Record | RecordError:
         """One record of a batch; one over ``MAX_BATCH_RECORD_BYTES`` is rejected without
@@ -307,7 +320,7 @@ class RecordValidator:
                     errors.append(RecordError(index=index, record_id=item.record_id, error=problem))
                     continue
                 features: list[float] | FeaturesText = item.features
-                if isinstance(item, TextRecord) and _all_points(item.features_text, len(features)):
+                if isinstance(item, TextRecord) and _text_stands_for(item.features_text, len(features)):
                     features = FeaturesText(item.features, item.features_text)
                 self._keep(index, source, item, features, received, accepted, errors, generated)
         batch = ValidatedBatch(
@@ -598,18 +611,38 @@ def _json_row(value: object) -> msgspec.Raw:
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 
-def _all_points(text: bytes | msgspec.Raw, numbers: int) -> bool:
-    """Every one of the ``numbers`` numbers of a JSON array ``text`` is written with a
-    point (a number holds one at most), so the text may stand for them in a JSON value.
+def _text_stands_for(text: bytes | msgspec.Raw, numbers: int, arrays: int = 1) -> bool:
+    """Whether the JSON text of ``arrays`` arrays of ``numbers`` numbers in all may
+    stand for them in a JSON value: each number written with a point (a number holds
+    one at most), and no longer than the numbers written plainly.
+
     An integer literal (``3``, or ``2**70`` written out) would reach consumers that
     infer types as an integer where every other path writes a float (a review); a
-    number written with only an exponent (``1e-05``) is formatted again too. Counted
-    by numpy: ``bytes.count`` slows down where the byte is frequent, 3 µs a record of
-    128 numbers against 0.2-0.4."""
+    number written with only an exponent (``1e-05``) is formatted again too. So is a
+    text padded with blanks or with digits past a double's (a review: one record's
+    1 MB of blanks went to Kafka as a 1 MB value). Points counted by numpy:
+    ``bytes.count`` slows down where the byte is frequent, 3 µs a record of 128
+    numbers against 0.2-0.4."""
+    if len(text) > numbers * _PLAIN_NUMBER_BYTES + arrays * 3:
+        return False
     return int(np.count_nonzero(np.frombuffer(text, np.uint8) == _POINT)) == numbers
 
 
 _POINT = ord(".")
+# A double's shortest repr takes at most 24 characters (``-2.2250738585072014e-308``),
+# then a comma and a blank.
+_PLAIN_NUMBER_BYTES = 26
+
+
+def _holds_oversized_record(body: bytes, fmt: Format) -> bool:
+    """Whether a batch ``body`` holds a record of over ``MAX_BATCH_RECORD_BYTES``, as
+    the record-by-record path measures it. False when it does not frame as a batch:
+    the paths that decode it say why."""
+    try:
+        envelope: IngestEnvelope = _envelope_decoders[fmt].decode(body)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return False
+    return any(len(record) > MAX_BATCH_RECORD_BYTES for record in envelope.records)
 
 
 def _msgpack_row(value: object) -> list[float] | msgspec.Raw:

@@ -553,6 +553,75 @@ async def test_a_record_larger_than_any_the_schema_takes_is_rejected_undecoded(
     assert [record["record_id"] for record in _stored(settings)] == ["r-0"]
 
 
+def _padded_record(i: int, pad: int) -> bytes:
+    """A valid record of 4 features whose JSON text is ``pad`` blanks longer."""
+    return f'{{"record_id":"r-{i}","features":[0.5,{" " * pad}0.25,1.5,2.5]}}'.encode()
+
+
+def _json_batch(*records: bytes) -> bytes:
+    return b'{"source":"sensors","records":[' + b",".join(records) + b"]}"
+
+
+@pytest.mark.parametrize(
+    "neighbours",
+    [[], [b'{"record_id":"bad","features":"x"}'], [b'{"record_id":"r-7","features":[1.0,2.0,3.0,4.0]}']],
+    ids=["alone", "beside-a-bad-record", "beside-a-good-record"],
+)
+async def test_a_record_over_the_limit_is_rejected_whatever_its_neighbours(
+    app_client: AppClientFactory,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    neighbours: list[bytes],
+) -> None:
+    """A review: the paths that decode a batch whole measured no record, so a record
+    of 1.1 MB was accepted alone and refused beside a bad one."""
+    monkeypatch.setattr(validation, "MAX_BATCH_RECORD_BYTES", 16 * 1024)
+    settings = make_settings(feature_dims=(4,), **OPEN)
+    client = await app_client(settings)
+    body = _json_batch(_padded_record(0, 20_000), *neighbours)
+    response = await client.post(INGEST, data=body, headers={"Content-Type": "application/json"})
+    answer = await response.json(content_type=None)
+    # A 202 lists rejected records' ``error``; the 422 of a batch rejected whole, ``msg``.
+    assert response.status == (202 if len(neighbours) == 1 and b"r-7" in neighbours[0] else 422)
+    oversized = [error for error in answer["errors"] if error["index"] == 0]
+    assert oversized and "exceed the limit of 16384" in oversized[0].get("error", oversized[0].get("msg"))
+    assert "r-0" not in [record["record_id"] for record in _stored(settings)]
+
+
+async def test_a_msgpack_record_over_the_limit_is_rejected_on_the_packed_path_too(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(validation, "MAX_BATCH_RECORD_BYTES", 16 * 1024)
+    settings = make_settings(feature_dims=(4,), **OPEN)
+    client = await app_client(settings)
+    large = _record(0, metadata={f"k{i}": "v" * 1000 for i in range(20)})  # ~20 KB, valid
+    body = msgspec.msgpack.encode(_batch(large, *(_record(i) for i in range(1, 40))))
+    response = await client.post(INGEST, data=body, headers=MSGPACK)
+    assert response.status == 202
+    answer = await response.json()
+    assert answer["records_accepted"] == 39
+    [error] = answer["errors"]
+    assert error["index"] == 0 and "exceed the limit of 16384" in error["error"]
+
+
+@pytest.mark.parametrize("size", ["small", "packed"])
+async def test_features_padded_with_blanks_are_written_plainly_not_as_sent(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], size: str
+) -> None:
+    """A review: a JSON batch's features went to the JSON value as the text they came
+    as, so one record's megabyte of blanks became a megabyte Kafka value."""
+    settings = make_settings(feature_dims=(4,), max_body_bytes=MAX_BODY, **OPEN)
+    client = await app_client(settings)
+    others = [] if size == "small" else [_padded_record(i, 0) for i in range(1, 200)]
+    body = _json_batch(_padded_record(0, 100_000), *others)
+    response = await client.post(INGEST, data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 202
+    log = Path(worker_data_dir(settings)) / "log"
+    [padded] = [entry.record.value for entry in read_log(log) if entry.record.key == b"r-0"]
+    assert len(padded) < 500
+    assert msgspec.json.decode(padded)["features"] == [0.5, 0.25, 1.5, 2.5]
+
+
 @pytest.mark.parametrize(
     "metadata",
     [{"k": "v" * 1025}, {"k" * 65: "v"}, {"k": [1, 2]}, {"k": {"nested": 1}}, {"k": None}],
