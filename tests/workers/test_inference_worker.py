@@ -1184,3 +1184,33 @@ async def test_a_retry_that_did_not_run_before_its_deadline_marks_nothing(
     await behind
     with pytest.raises(InputRefused):  # still known to work: the client's fault
         await worker.submit(refused_row(), soon())
+
+
+async def test_a_model_idle_past_the_served_window_still_refuses_a_bad_input_on_its_traffic_row(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: past 60 s idle, a model's failures were all its own, so four bad rows
+    from one tenant opened its breaker for every tenant."""
+    monkeypatch.setattr(batching, "SERVED_WITHIN_S", 0.0)  # idle past it at once
+    session = FailingSession(demo_session)
+    worker = make_worker(session, known_good=KNOWN_GOOD)
+    good = rows(1, 3)
+    await worker.submit(good, soon())
+    await asyncio.sleep(0.01)
+    with pytest.raises(InputRefused):
+        await worker.submit(refused_row(), soon())
+    np.testing.assert_array_equal(session.batches[-1], good)  # vouched for by that row
+
+
+async def test_the_warm_up_alone_does_not_vouch_for_a_model_idle_past_the_served_window(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model running each request alone keeps its warm-up as its known-good feed: its
+    zeros say little of real values once the model has not answered for a while."""
+    monkeypatch.setattr(batching, "SERVED_WITHIN_S", 0.0)
+    session = FailingSession(demo_session)
+    worker = make_worker(session, known_good=KNOWN_GOOD, shares_batches=False)
+    await worker.submit(rows(1, 3), soon())
+    await asyncio.sleep(0.01)
+    with pytest.raises(Fail):
+        await worker.submit(refused_row(), soon())

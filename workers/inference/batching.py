@@ -43,11 +43,12 @@ model's own ops raise for values they cannot take too) is tried once more (unles
 already failed in a batch, then alone): answered if it now computes. Failing again,
 it is the input's fault (``InputRefused``, which the model's breaker does not count:
 one tenant's bad rows must not open it for everyone) only when the model is known to
-work: it answered a request within ``SERVED_WITHIN_S``, has not shown itself
-unreliable within ``UNRELIABLE_S`` (an input that failed and then computed, a
-known-good feed that failed), and computes its known-good feed now (a row of a request
-it recently answered, else its load's warm-up; a success holds for
-``KNOWN_GOOD_HOLDS_S``). Otherwise the model is at fault: the request fails with its
+work: it has not shown itself unreliable within ``UNRELIABLE_S`` (an input that
+failed and then computed, a known-good feed that failed), and computes its known-good
+feed now: a row of a request it answered (taken at most every ``KNOWN_GOOD_EVERY_S``),
+however long ago, or, for a model with none (one that has answered nothing, or runs
+each request alone), its load's warm-up, which counts only while the model answered a
+request within ``SERVED_WITHIN_S``; a success holds for ``KNOWN_GOOD_HOLDS_S``. Otherwise the model is at fault: the request fails with its
 own error, which the breaker counts. So a model failing at random soon counts every
 failure, and one failing on all real values (not on the warm-up's zeros) never
 answered, so its failures count (reviews: a rule by time alone answered a flaky
@@ -96,7 +97,8 @@ ESTIMATE_STALE_BATCHES = 4
 # The least time between two sweeps of the deadline watch (``_watch_deadlines``): a
 # request is answered 504 at most this long past its deadline.
 WATCH_GAP_S = 0.02
-# A failing input is the client's only if the model answered a request this recently...
+# A failing input is the client's on the warm-up's word only if the model answered a
+# request this recently...
 SERVED_WITHIN_S = 60.0
 # ...and has not failed of itself within this long (``_checked_run``).
 UNRELIABLE_S = 60.0
@@ -284,6 +286,7 @@ class InferenceWorker(Actor[_Item]):
         self._unreliable_until = -math.inf
         self._known_good_ok_at = -math.inf
         self._known_good_taken_at = -math.inf
+        self._known_good_is_traffic = False  # a row of a request it answered, not the warm-up
         super().__init__(mailbox_size, telemetry=telemetry)
         self._mailbox_size = mailbox_size
         self._mailbox_bytes = mailbox_bytes
@@ -912,7 +915,11 @@ class InferenceWorker(Actor[_Item]):
                 return answered
         now = time.monotonic()
         known_good = self._known_good
-        if known_good is None or now < self._unreliable_until or now - self._served_at > SERVED_WITHIN_S:
+        # The warm-up's zeros vouch for a model only while it answers real requests; a
+        # row of real traffic it answered vouches for it however long it has been idle
+        # (a review: past 60 s idle, one tenant's bad rows opened the breaker for all).
+        vouched = self._known_good_is_traffic or now - self._served_at <= SERVED_WITHIN_S
+        if known_good is None or now < self._unreliable_until or not vouched:
             raise failure
         if now - self._known_good_ok_at > KNOWN_GOOD_HOLDS_S:
             try:
@@ -1030,6 +1037,7 @@ class InferenceWorker(Actor[_Item]):
             # the warm-up's zeros, which exercise little of a model.
             self._known_good_taken_at = now
             self._known_good = {name: value[:1].copy() for name, value in items[0].inputs.items()}
+            self._known_good_is_traffic = True
 
     def _deliver(self, answers: list[tuple[_Item, Outputs]], start: int, chunk: int) -> None:
         """Answer ``answers[start:]``, ``chunk`` of them now and the rest in the event
