@@ -22,7 +22,7 @@ import math
 import re
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import msgspec
@@ -285,6 +285,8 @@ def predictions(loaded: ModelVersion, scores: np.ndarray, rows: int) -> list[Pre
             return [Prediction(prediction=float(v), confidence=None) for v in values]
         return [Prediction(prediction=v, confidence=None) for v in values.tolist()]
     labels = loaded.config.labels or ()
+    if scores.shape[1] == 1:
+        return _binary(loaded, scores[:, 0], labels)
     if len(scores) == 1 and scores.ndim == 2 and scores.shape[1] <= _PYTHON_ARGMAX_CLASSES:
         # A single row of a few classes: Python's max and index take 0.4 µs where
         # numpy's argmax, max and two tolist take 1.6, on every single-row predict.
@@ -311,6 +313,24 @@ def predictions(loaded: ModelVersion, scores: np.ndarray, rows: int) -> list[Pre
         )
         for c, p in zip(classes.tolist(), confidences.tolist(), strict=True)
     ]
+
+
+def _binary(loaded: ModelVersion, probabilities: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
+    """A classifier's one score a row (a sigmoid, as Keras and torch export a binary
+    classifier) is the probability of class 1: class 1 above 0.5, else class 0 (a tie
+    to the lower class, as arg-max), with the probability of the class answered. The
+    arg-max of that one column answered class 0 whatever the score (a review)."""
+    if probabilities.dtype.kind != "f" or not ((probabilities >= 0) & (probabilities <= 1)).all():
+        raise _not_row_answers(loaded, "answers one score a row that is not a probability in [0, 1]")
+    answers = []
+    for p in probabilities.tolist():
+        c = 1 if p > 0.5 else 0
+        answers.append(
+            Prediction(
+                prediction=c, confidence=p if c else 1.0 - p, label=labels[c] if c < len(labels) else None
+            )
+        )
+    return answers
 
 
 def _not_row_answers(loaded: ModelVersion, what: str) -> ValidationFailed:

@@ -34,6 +34,22 @@ def write_classifier(root: Path, name: str, with_probabilities: bool) -> None:
     write_version(root, name, model_of(graph), {"kind": "classifier"})
 
 
+def write_sigmoid(root: Path, name: str) -> None:
+    """``x`` [N, 4] -> ``p`` [N, 1], the sigmoid of the row's sum: a binary classifier
+    as Keras and torch export one."""
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["sum"], keepdims=1),
+        helper.make_node("Sigmoid", ["sum"], ["p"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 1])],
+    )
+    write_version(root, name, model_of(graph), {"kind": "classifier", "labels": ["neg", "pos"]})
+
+
 @pytest.fixture
 async def client(
     tmp_path: Path, app_client: AppClientFactory, make_settings: Callable[..., Settings]
@@ -41,6 +57,7 @@ async def client(
     root = tmp_path / "models"
     write_classifier(root, "sklearn", with_probabilities=True)
     write_classifier(root, "labels", with_probabilities=False)
+    write_sigmoid(root, "binary")
     settings = make_settings(model_repository=str(root), default_model="sklearn", model_poll_interval_s=0)
     result: Client = await app_client(settings)
     return result
@@ -75,3 +92,17 @@ async def test_a_classifier_with_only_labels_answers_them_without_a_confidence(c
     status, answer = await post(client, "/api/v2/predict", {"model": "labels", "features": ROW})
     assert status == 200, answer
     assert (answer["prediction"], answer["confidence"]) == (1, None)
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"), [([3.0, 2.0, 0.0, 0.0], (1, "pos")), ([-3.0, -2.0, 0.0, 0.0], (0, "neg"))]
+)
+async def test_a_binary_classifier_of_one_sigmoid_column_answers_the_likelier_class(
+    client: Client, row: list[float], expected: tuple[int, str]
+) -> None:
+    status, answer = await post(client, "/api/v2/predict", {"model": "binary", "features": row})
+    assert status == 200, answer
+    assert (answer["prediction"], answer["label"]) == expected
+    assert answer["confidence"] == pytest.approx(0.9933, abs=1e-4)  # sigmoid(5)
+    status, v1 = await post(client, "/api/v1/predict", {"model": "binary", "features": row})
+    assert (status, v1) == (200, {"result": expected[0]})

@@ -36,13 +36,30 @@ def read(answers: list[Any]) -> list[tuple[int, float, str | None]]:
     return [(a.prediction, a.confidence, a.label) for a in answers]
 
 
-@pytest.mark.parametrize("classes", [1, 2, 3, 10, 64, 65])
+@pytest.mark.parametrize("classes", [2, 3, 10, 64, 65])
 def test_a_single_row_is_answered_as_numpy_answers_it(classes: int) -> None:
     rng = np.random.default_rng(classes)
     labels = tuple(f"c{i}" for i in range(classes // 2))  # some classes have no label
     for _ in range(50):
         scores = rng.standard_normal((1, classes)).astype(np.float32)
         assert read(predictions(classifier(labels), scores, 1)) == as_numpy_reads_it(scores, labels)
+
+
+def test_a_single_score_column_is_the_probability_of_class_one() -> None:
+    """A review: a sigmoid output (Keras' and torch's binary classifier) was read by
+    arg-max over one column, class 0 whatever the score."""
+    scores = np.array([[0.993], [0.0067], [0.5], [1.0], [0.0]], dtype=np.float64)
+    answers = read(predictions(classifier(("neg", "pos")), scores, 5))
+    assert [(c, label) for c, _, label in answers] == [
+        (1, "pos"), (0, "neg"), (0, "neg"), (1, "pos"), (0, "neg")
+    ]
+    assert [p for _, p, _ in answers] == pytest.approx([0.993, 0.9933, 0.5, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("score", [1.5, -0.1, math.nan, math.inf])
+def test_a_single_score_column_that_is_not_a_probability_is_422(score: float) -> None:
+    with pytest.raises(ValidationFailed, match="not a probability"):
+        predictions(classifier(), np.array([[0.5], [score]], dtype=np.float32), 2)
 
 
 def test_a_tie_is_won_by_the_first_class_as_argmax_does() -> None:
