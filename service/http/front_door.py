@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from mlgate.config import Settings
-from mlgate.schemas.problem import Problem
+from mlgate.schemas.problem import FieldError, Problem
 from mlgate.service.http.codec import PROBLEM_JSON, Format, encode, response_format
 from mlgate.service.http.context import ARRIVED, KEY_ID, REQUEST_ID, TENANT
 from mlgate.service.http.errors import (
@@ -187,7 +187,8 @@ def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
     if isinstance(exc, DeadlineExpired):
         return DeadlineExceeded(str(exc), retry_after_s=retry_after_s)
     if isinstance(exc, InputRefused):
-        return ValidationFailed(str(exc))
+        # The model names no input (onnxruntime says which node failed, not which row).
+        return ValidationFailed(str(exc), errors=[FieldError(loc="body", msg="the model could not compute this input")])
     if isinstance(exc, WorkerClosed | WorkerError):
         return Overloaded(str(exc), retry_after_s=retry_after_s)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):

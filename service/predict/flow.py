@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 import simdjson
 from aiohttp import web
+from multidict import MultiMapping
 
 from mlgate.schemas.predict import (
     MAX_FEATURES,
@@ -147,6 +148,8 @@ def timeout_ms_in(headers: Mapping[str, str], default_ms: float) -> float | None
     raw = headers.get(TIMEOUT_HEADER)
     if raw is None:
         return default_ms
+    if isinstance(headers, MultiMapping) and len(headers.getall(TIMEOUT_HEADER)) > 1:
+        return None  # two deadlines: which one was meant? (as ``5000, 0`` in one field)
     if _DECIMAL.fullmatch(raw) is None:  # ``float`` takes ``1_000``, ``١٢٣`` and ``nan``
         return None
     timeout_ms = float(raw)
@@ -224,8 +227,7 @@ def feature_rows(
                 rows = np.asarray(values, dtype=dtype)
     except ValueError:
         raise ValidationFailed(
-            "every instance needs the same number of features",
-            errors=[FieldError(loc=loc, msg="rows of different lengths")],
+            "every instance needs the same number of features", errors=[_ragged(values, loc)]
         ) from None
     fixed_rows = spec.shape[0]
     if fixed_rows >= 0 and rows.shape[0] != fixed_rows:
@@ -242,11 +244,22 @@ def feature_rows(
             errors=[FieldError(loc=loc, msg=f"expected {expected} features, got {rows.shape[1]}")],
         )
     if not np.isfinite(rows).all():
+        row, column = (int(i) for i in np.argwhere(~np.isfinite(rows))[0])
+        where = f"{loc}[{column}]" if loc == "features" else f"{loc}[{row}][{column}]"
         raise ValidationFailed(
             "features must be finite numbers within the model's input type",
-            errors=[FieldError(loc=loc, msg="NaN, infinite or out-of-range value")],
+            errors=[FieldError(loc=where, msg="NaN, infinite or out-of-range value")],
         )
     return rows
+
+
+def _ragged(values: Sequence[Sequence[float]] | np.ndarray, loc: str) -> FieldError:
+    """Where rows of different lengths first differ from the first row."""
+    first = len(values[0])
+    for index, row in enumerate(values):
+        if len(row) != first:
+            return FieldError(loc=f"{loc}[{index}]", msg=f"{len(row)} features where {loc}[0] has {first}")
+    return FieldError(loc=loc, msg="rows of different lengths")
 
 
 def answer_output(loaded: ModelVersion) -> str:

@@ -11,6 +11,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings
+from mlgate.service.http.front_door import as_api_error
+from mlgate.workers.errors import InputRefused
 from tests.conftest import AppClientFactory
 from tests.service_process import REPO
 
@@ -71,3 +73,10 @@ async def test_a_well_formed_body_that_breaks_the_schema_stays_422(
     response = await client.post(route, data=encode(document), headers={"Content-Type": media_type})
     assert response.status == 422, await response.text()
     assert (await response.json())["status"] == 422
+
+
+def test_an_input_the_model_could_not_compute_is_a_422_with_errors() -> None:
+    """A review: the 422 of an input onnxruntime refused at run time had no ``errors``."""
+    error = as_api_error(InputRefused("model demo/1 could not compute this input: bad reshape"))
+    assert error.status == 422
+    assert [(e.loc, e.msg) for e in error.errors] == [("body", "the model could not compute this input")]

@@ -261,8 +261,9 @@ async def test_wrong_feature_count_is_422_located_at_features(demo_client: Clien
 
 
 async def test_ragged_instances_are_422(demo_client: Client) -> None:
-    status, body = await predict(demo_client, {"instances": [[1.0] * 128, [1.0] * 127]})
-    assert status == 422 and body["errors"][0]["loc"] == "instances"
+    status, body = await predict(demo_client, {"instances": [[1.0] * 128, [1.0] * 128, [1.0] * 127]})
+    assert status == 422 and body["errors"][0]["loc"] == "instances[2]"
+    assert body["errors"][0]["msg"] == "127 features where instances[0] has 128"
 
 
 async def test_features_and_instances_together_are_422(demo_client: Client) -> None:
@@ -280,9 +281,30 @@ async def test_non_finite_features_are_422(demo_client: Client) -> None:
 
 
 async def test_feature_beyond_the_float32_range_is_422(demo_client: Client) -> None:
-    status, body = await predict(demo_client, {"features": [1e300] + [0.0] * 127})
+    status, body = await predict(demo_client, {"features": [0.0, 1e300] + [0.0] * 126})
     assert status == 422
-    assert body["errors"][0]["loc"] == "features"
+    assert body["errors"][0]["loc"] == "features[1]"
+
+
+async def test_a_non_finite_value_of_an_instance_is_located_by_row_and_column(demo_client: Client) -> None:
+    instances = [[0.0] * 128, [0.0] * 5 + [float("inf")] + [0.0] * 122]
+    response = await demo_client.post(
+        "/api/v2/predict",
+        data=msgspec.msgpack.encode({"instances": instances}),
+        headers={"Content-Type": "application/msgpack"},
+    )
+    assert response.status == 422
+    assert (await response.json())["errors"][0]["loc"] == "instances[1][5]"
+
+
+async def test_two_request_timeout_fields_are_400_as_two_values_in_one_are(demo_client: Client) -> None:
+    """A review: of two fields the first was taken; ``5000, 0`` in one field was 400."""
+    headers = [("X-Request-Timeout", "5000"), ("X-Request-Timeout", "0"), ("Content-Type", "application/json")]
+    response = await demo_client.post(
+        "/api/v2/predict", data=msgspec.json.encode({"features": [0.0] * 128}), headers=headers
+    )
+    assert response.status == 400
+    assert "X-Request-Timeout" in (await response.json())["detail"]
 
 
 async def test_malformed_or_sub_millisecond_request_timeout_is_400(demo_client: Client) -> None:
