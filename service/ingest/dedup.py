@@ -569,7 +569,7 @@ class RecordDeduplicator:
                 keys.insert(0, self._budget_key(tenant, ids[0]))
                 args += self._budget_args()
             try:
-                return ids, await redis.call("dedup", lambda: script(keys=keys, args=args))
+                return ids, await redis.call("dedup", lambda: script(keys=keys, args=args), key=keys[0])
             except RedisUnavailable:
                 return ids, None
 

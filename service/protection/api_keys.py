@@ -298,7 +298,7 @@ class KeyStore:
         elif self._unknown_keys.get(key_id, 0.0) > now:
             return None
         try:
-            raw = await redis.call("api_keys", lambda: redis.client.hget(REDIS_HASH, key_id))
+            raw = await redis.call("api_keys", lambda: redis.client.hget(REDIS_HASH, key_id), key=REDIS_HASH)
         except RedisUnavailable:
             if cached is not None and now < cached[0] + self._stale_s:
                 # Stale but known: better than locking the tenant out. For a while

@@ -391,7 +391,7 @@ class IdempotencyStore:
             for start in range(0, len(group), MAX_EXTENDS_PER_CALL):
                 part = group[start : start + MAX_EXTENDS_PER_CALL]
                 try:
-                    await self._redis.call("idempotency", self._extend_call(part, lock_ms))
+                    await self._redis.call("idempotency", self._extend_call(part, lock_ms), key=part[0].record)
                 except RedisUnavailable:
                     log.warning("idempotency_extend_failed", claims=len(part))
 
@@ -425,7 +425,7 @@ class IdempotencyStore:
             script, lock_ms = self._claim, self._lock_s * 1000
             try:
                 existing = await self._redis.call(
-                    "idempotency", lambda: script(keys=[record], args=[in_flight, lock_ms])
+                    "idempotency", lambda: script(keys=[record], args=[in_flight, lock_ms]), key=record
                 )
             except RedisUnavailable as exc:
                 # A call that timed out may still be run by Redis: its claim, owned by
@@ -505,7 +505,7 @@ class IdempotencyStore:
             ttl_ms,
             self._redis_tenant_max_bytes,
         ]
-        outcome = int(await self._redis.call("idempotency", lambda: script(keys=keys, args=args)))
+        outcome = int(await self._redis.call("idempotency", lambda: script(keys=keys, args=args), key=claim.record))
         if outcome in (2, 3) and final is not None:
             self._not_kept(claim, final, "too large" if outcome == 2 else "no room yet")
         return outcome

@@ -236,7 +236,7 @@ class CoalescedTakes:
         args = [value for take in batch for value in take.args]
         script = self._script
         try:
-            flat = await self._redis.call("rate_limit", lambda: script(keys=keys, args=args))
+            flat = await self._redis.call("rate_limit", lambda: script(keys=keys, args=args), key=keys[0])
             answers = [
                 (bool(flat[i]), float(flat[i + 1]), float(flat[i + 2]))
                 for i in range(0, 3 * len(batch), 3)

@@ -14,7 +14,8 @@ carry a hash tag (``hash_tag``: ``{tenant}`` and the like; nothing in standalone
 so the key names of a single Redis stay as they were), and a call that would span
 slots is split per slot (``by_slot``). A master that dies fails its slots' calls until
 its replica is promoted: the callers fall back meanwhile, as for any Redis failure,
-and the client learns the new topology on the next call.
+and the client learns the new topology on the next call. Each master has a breaker of
+its own, so one slow or dead master costs only the calls of its slots.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -32,7 +34,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from mlgate.config import Settings
 from mlgate.workers.breaker import Breaker, BreakerOpen
@@ -71,8 +73,15 @@ class SharedRedis:
             )
         )
         self.breaker = Breaker("redis", fail_max=fail_max, reset_s=reset_s, exclude=())
+        self._fail_max, self._reset_s = fail_max, reset_s
+        # In cluster mode, a breaker per master a keyed call goes to (by its name,
+        # ``host:port``): one master slow or dead opened the one breaker for every
+        # tenant, those whose slots were served all along too (a review).
+        self._node_breakers: dict[str, Breaker] = {}
         self._on_fallback = on_fallback
-        self._down = False
+        # The breakers whose last call failed (Redis down for their calls until one
+        # succeeds).
+        self._failing: set[str] = set()
         # When a call last succeeded (``time.monotonic``): on a quiet host nothing calls
         # Redis, and an outage is seen only when something pings it (``redis_sampler``).
         self.answered_at = -math.inf
@@ -93,8 +102,8 @@ class SharedRedis:
 
     @property
     def available(self) -> bool:
-        """False while the last call failed or the breaker is open."""
-        return not self._down
+        """False while the last call to Redis (to a master, in cluster mode) failed."""
+        return not self._failing
 
     def hash_tag(self, name: str) -> str:
         """A key-name part that puts every key carrying it in one cluster slot:
@@ -116,37 +125,76 @@ class SharedRedis:
         """A Lua script run with EVALSHA (loaded again by redis-py after a Redis restart)."""
         return self.client.register_script(source)
 
-    async def call(self, operation: str, func: Callable[[], Awaitable[T]]) -> T:
-        """``await func()`` through the breaker; ``RedisUnavailable`` instead of any failure."""
+    async def call(self, operation: str, func: Callable[[], Awaitable[T]], key: str | None = None) -> T:
+        """``await func()`` through the breaker; ``RedisUnavailable`` instead of any failure.
+        ``key``: a key the call touches (all its keys are in one slot), whose master's
+        breaker it goes through in cluster mode."""
+        return await self._through(self._breaker_for(key), operation, func)
+
+    async def _through(self, breaker: Breaker, operation: str, func: Callable[[], Awaitable[T]]) -> T:
         try:
-            result = await self.breaker.call(func)
+            result = await breaker.call(func)
         except (BreakerOpen, RedisError, OSError, TimeoutError) as exc:
-            self._fell_back(operation, exc)
+            self._fell_back(breaker, operation, exc)
             raise RedisUnavailable(operation) from exc
         self.answered_at = time.monotonic()
-        if self._down:
-            self._down = False
-            log.info("redis_recovered", operation=operation)
+        if breaker.name in self._failing:
+            self._failing.discard(breaker.name)
+            log.info("redis_recovered", operation=operation, breaker=breaker.name)
         return result
 
-    async def ping(self) -> bool:
+    def _breaker_for(self, key: str | None) -> Breaker:
+        if key is None or not isinstance(self.client, RedisCluster):
+            return self.breaker
         try:
-            await self.call("ping", self.client.ping)
-        except RedisUnavailable:
-            return False
-        return True
+            node = self.client.get_node_from_key(key)
+        except (RedisError, RedisClusterException):  # the slots are not known yet
+            return self.breaker
+        if node is None:
+            return self.breaker
+        breaker = self._node_breakers.get(node.name)
+        if breaker is None:
+            breaker = self._node_breakers[node.name] = Breaker(
+                f"redis {node.name}", fail_max=self._fail_max, reset_s=self._reset_s, exclude=()
+            )
+        return breaker
+
+    async def ping(self) -> bool:
+        """Whether Redis answers: in cluster mode, every master whose breaker's last call
+        failed (a master no longer serving slots, failed over, is let go of), else one."""
+        failing = {name: b for name, b in self._node_breakers.items() if b.name in self._failing}
+        if not failing or not isinstance(self.client, RedisCluster):
+            try:
+                await self._through(self.breaker, "ping", self.client.ping)
+            except RedisUnavailable:
+                return False
+            return True
+        cluster = self.client
+        serving = {node.name: node for node in cluster.get_primaries()}
+        answered = True
+        for name, breaker in failing.items():
+            node = serving.get(name)
+            if node is None:
+                self._failing.discard(breaker.name)
+                continue
+            try:
+                await self._through(breaker, "ping", partial(cluster.ping, target_nodes=node))
+            except RedisUnavailable:
+                answered = False
+        return answered
 
     async def close(self) -> None:
         await self.client.aclose()
 
-    def _fell_back(self, operation: str, exc: BaseException) -> None:
+    def _fell_back(self, breaker: Breaker, operation: str, exc: BaseException) -> None:
         if self._on_fallback is not None:
             self._on_fallback(operation)
-        if not self._down:
-            self._down = True
+        if breaker.name not in self._failing:
+            self._failing.add(breaker.name)
             log.warning(
                 "redis_unavailable",
                 operation=operation,
+                breaker=breaker.name,
                 error=f"{type(exc).__name__}: {exc}",
                 fallback="in-process state until Redis answers again",
             )

@@ -5,6 +5,8 @@ promoted."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -15,7 +17,7 @@ import pytest
 from mlgate.config import Settings
 from mlgate.service.state import METRICS
 from tests.redis_cluster import RedisClusterProcesses, start_redis_cluster
-from tests.support import KeyMaker
+from tests.support import KeyMaker, stop_process
 
 INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
 SLOW = 0.01  # tokens per second: no refill within a test
@@ -86,3 +88,69 @@ async def test_a_master_failover_falls_back_to_local_buckets_then_shares_limits_
     assert [await _post(client, limited) for _ in range(2)] == [202, 202]
     assert await _post(other, limited) == 429
     assert other.app[METRICS].rate_limit_fallback._value.get() == 0
+
+
+def _tenants_on_two_masters(cluster: RedisClusterProcesses) -> tuple[str, str]:
+    """Two tenant names whose keys (hash-tagged by tenant) live on different masters."""
+    first = "acme"
+    master = cluster.master_index_of(f"mlgate:idem:{{{first}}}:x")
+    other = next(
+        name
+        for name in (f"tenant-{i}" for i in range(100))
+        if cluster.master_index_of(f"mlgate:idem:{{{name}}}:x") != master
+    )
+    return first, other
+
+
+async def test_a_frozen_master_costs_only_the_tenants_whose_slots_it_serves(
+    app_client: Any,
+    make_settings: Callable[..., Settings],
+    api_keys: KeyMaker,
+    own_cluster: RedisClusterProcesses,
+    tmp_path: Any,
+) -> None:
+    """A review: one breaker for the whole cluster, opened by one frozen master's
+    timeouts, answered every tenant's Idempotency-Key requests 503."""
+    frozen_tenant, served_tenant = _tenants_on_two_masters(own_cluster)
+    settings = make_settings(
+        auth_disabled=False, keys_file=str(api_keys.path), feature_dims=(4,),
+        redis_url=own_cluster.seeds_url, redis_mode="cluster",
+        redis_breaker_fail_max=1, redis_breaker_reset_s=0.3, data_dir=str(tmp_path / "one"),
+    )
+    frozen_key = api_keys.create(tenant=frozen_tenant)
+    served_key = api_keys.create(tenant=served_tenant)
+    client = await app_client(settings)
+
+    async def degraded() -> dict[str, str]:
+        return await _degraded(client)
+
+    async def post(key: str, idempotency_key: str) -> int:
+        headers = {"X-API-Key": key, "Idempotency-Key": idempotency_key}
+        response = await client.post("/api/v2/ingest", json=INGEST, headers=headers)
+        await response.read()
+        return int(response.status)
+
+    assert await post(frozen_key, "warm-1") == 202  # both known to the client, slots learnt
+    assert await post(served_key, "warm-2") == 202
+    node = own_cluster.masters()[own_cluster.master_index_of(f"mlgate:idem:{{{frozen_tenant}}}:x")]
+    assert node.process is not None
+    stop_process(node.process.pid)
+    try:
+        assert await post(frozen_key, "during-1") == 503  # its idempotency cannot be checked
+        assert await post(served_key, "during-2") == 202
+        assert "redis" in await degraded()  # the frozen master's calls fail
+    finally:
+        os.kill(node.process.pid, signal.SIGCONT)
+    # Nothing calls that master on a quiet host: /ready's check pings it, as a trial of
+    # its own breaker, and says so once it answers.
+    for _ in range(100):  # 10 s
+        if "redis" not in await degraded():
+            break
+        await asyncio.sleep(0.1)
+    assert "redis" not in await degraded()
+
+
+async def _degraded(client: Any) -> dict[str, str]:
+    response = await client.get("/ready")
+    answer: dict[str, Any] = await response.json()
+    return answer.get("degraded") or {}
