@@ -122,9 +122,10 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     app[IDEMPOTENCY] = idempotency_store = IdempotencyStore(
         settings, redis, on_crash=lambda task: app_metrics.background_task_crashes.labels(task).inc()
     )
-    app[RECORD_DEDUP] = RecordDeduplicator(settings, redis, app_metrics)
+    app[RECORD_DEDUP] = dedup = RecordDeduplicator(settings, redis, app_metrics)
     yield
     await idempotency_store.drain(settings.shutdown_timeout_s / 4)
+    await dedup.close(settings.shutdown_timeout_s / 4)
     if limiter is not None:
         await limiter.close()
     if redis is not None:

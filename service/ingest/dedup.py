@@ -55,6 +55,7 @@ import asyncio
 import math
 import time
 import zlib
+from collections import deque
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 
@@ -80,6 +81,8 @@ OVER_BUDGET_LOG_S = 60.0
 _FIRST_POLL_S, _MAX_POLL_S = 0.01, 0.2
 # The most ids one script call takes (``RecordDeduplicator._run``): a few ms in Redis.
 MAX_IDS_PER_CALL = 500
+# Ids written while Redis failed that a process keeps, to tell Redis once it is back.
+MAX_UNSHARED_IDS = 200_000
 # On a Redis Cluster a tenant's ids spread over this many hash tags (slots): its dedup
 # memory over up to as many masters, at up to as many script calls per batch.
 CLUSTER_SLOTS_PER_TENANT = 8
@@ -324,6 +327,13 @@ class RecordDeduplicator:
         # Claim tokens: unique across processes and restarts (a random prefix) without
         # a getrandom system call per claim.
         self._new_token = UniqueIds()
+        # Ids written while Redis failed, kept in this process only: (tenant, ids, token,
+        # when written), written to Redis once it answers again (``_share_unshared``).
+        self._unshared: deque[tuple[str, list[str], str, float]] = deque()
+        self._unshared_ids = 0
+        self._sharing: asyncio.Task[None] | None = None
+        if redis is not None:
+            redis.on_recovered.append(self._share_unshared)
 
     @property
     def enabled(self) -> bool:
@@ -524,7 +534,54 @@ class RecordDeduplicator:
             taken_over = self._redis is not None and recorded is None
             if taken_over:
                 self._check_here(tenant)
+                self._keep_unshared(tenant, ids, claim.token)
             self._local.confirm(tenant, ids, claim.token, take_over=taken_over)
+
+    def _keep_unshared(self, tenant: str, ids: list[str], token: str) -> None:
+        """Written while Redis failed: Redis learns these ids once it answers again, or
+        another process would take a client's retry of them for new (a review: a retry
+        sent to another process after Redis came back was written again)."""
+        self._unshared.append((tenant, ids, token, time.monotonic()))
+        self._unshared_ids += len(ids)
+        while self._unshared_ids > MAX_UNSHARED_IDS:
+            _, dropped, _, _ = self._unshared.popleft()
+            self._unshared_ids -= len(dropped)
+            log.warning(
+                "dedup_ids_not_shared",
+                records=len(dropped),
+                detail="written while Redis failed, more than this process keeps to tell Redis "
+                "later: another process may write a retry of them again",
+            )
+
+    def _share_unshared(self) -> None:
+        """Redis answers again: tell it the ids written meanwhile (once at a time)."""
+        if self._unshared and (self._sharing is None or self._sharing.done()):
+            self._sharing = asyncio.get_running_loop().create_task(self._send_unshared())
+            self._sharing.add_done_callback(self._sharing_ended)
+
+    def _sharing_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("dedup_sharing_crashed", error=repr(error))
+            if self._metrics is not None:
+                self._metrics.background_task_crashes.labels("dedup-sharing").inc()
+
+    async def close(self, timeout_s: float) -> None:
+        """Let the ids written while Redis failed reach it, for at most ``timeout_s``."""
+        if self._sharing is not None and not self._sharing.done():
+            await asyncio.wait({self._sharing}, timeout=timeout_s)
+            self._sharing.cancel()
+
+    async def _send_unshared(self) -> None:
+        while self._unshared:
+            tenant, ids, token, written_at = self._unshared[0]
+            left_s = self.window_s - (time.monotonic() - written_at)
+            if left_s >= 1:
+                answers = await self._run("confirm", math.ceil(left_s), tenant, ids, token)
+                if any(answer is None for _, answer in answers):
+                    return  # Redis failed again: kept for its next recovery
+            self._unshared.popleft()
+            self._unshared_ids -= len(ids)
+        log.info("dedup_ids_shared", detail="ids written while Redis failed are in Redis now")
 
     async def extend(self, tenant: str, claim: Claim) -> None:
         """The claim's records are still being written: they stay in flight for another

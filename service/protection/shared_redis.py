@@ -79,6 +79,8 @@ class SharedRedis:
         # tenant, those whose slots were served all along too (a review).
         self._node_breakers: dict[str, Breaker] = {}
         self._on_fallback = on_fallback
+        # Called when every breaker's last call succeeded again (Redis back).
+        self.on_recovered: list[Callable[[], None]] = []
         # The breakers whose last call failed (Redis down for their calls until one
         # succeeds).
         self._failing: set[str] = set()
@@ -139,9 +141,15 @@ class SharedRedis:
             raise RedisUnavailable(operation) from exc
         self.answered_at = time.monotonic()
         if breaker.name in self._failing:
-            self._failing.discard(breaker.name)
-            log.info("redis_recovered", operation=operation, breaker=breaker.name)
+            self._recovered(breaker.name, operation)
         return result
+
+    def _recovered(self, name: str, operation: str) -> None:
+        self._failing.discard(name)
+        log.info("redis_recovered", operation=operation, breaker=name)
+        if not self._failing:
+            for callback in self.on_recovered:
+                callback()
 
     def _breaker_for(self, key: str | None) -> Breaker:
         if key is None or not isinstance(self.client, RedisCluster):
@@ -175,7 +183,7 @@ class SharedRedis:
         for name, breaker in failing.items():
             node = serving.get(name)
             if node is None:
-                self._failing.discard(breaker.name)
+                self._recovered(breaker.name, "ping")  # failed over: its slots are served elsewhere
                 continue
             try:
                 await self._through(breaker, "ping", partial(cluster.ping, target_nodes=node))

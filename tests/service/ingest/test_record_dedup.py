@@ -306,6 +306,39 @@ async def test_ids_written_while_redis_was_down_stay_duplicates_once_it_is_back(
     assert (await dedup.claim("t", ["a"])).new == [False]
 
 
+async def test_ids_written_while_redis_was_down_reach_it_once_it_answers_again(
+    app_client, settings_for, make_settings, redis_server: ManagedProcess
+) -> None:
+    """A review: ids written in one process while Redis failed stayed in its table, and
+    a client's retry sent to another process after Redis came back was written again."""
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    client = await app_client(settings_for(url, redis_breaker_reset_s=0.1))
+    dedup = client.app[RECORD_DEDUP]
+    redis_server.stop()
+    claim = await dedup.claim("t", ["a", "b"])  # in this process only
+    await dedup.confirm("t", claim)
+    redis_server.start()
+    checker = redis.asyncio.Redis.from_url(url)
+    try:
+        for _ in range(100):  # a /ready probe pings Redis: it answers, the ids go to it
+            await client.get("/ready")
+            if await checker.exists("mlgate:rid:t:a", "mlgate:rid:t:b") == 2:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the ids never reached Redis")
+        ttl = await checker.ttl("mlgate:rid:t:a")
+    finally:
+        await checker.aclose()
+    assert 0 < ttl <= dedup.window_s
+    other_process = SharedRedis(url, timeout_s=2.0)
+    try:
+        retry = await RecordDeduplicator(make_settings(redis_url=url), other_process).claim("t", ["a"])
+    finally:
+        await other_process.client.aclose()
+    assert retry.new == [False]
+
+
 async def test_claims_of_the_same_large_batch_in_any_order_leave_exactly_one_holding_it(
     make_settings, redis_server: ManagedProcess
 ) -> None:
