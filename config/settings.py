@@ -57,7 +57,7 @@ class SettingsError(ValueError):
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Serving
     host: str = "0.0.0.0"
-    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8080
     workers: PositiveInt = 1
     # Several processes without REDIS_URL keep idempotency keys, record dedup and rate
     # limits each of its own: refused at start unless this accepts it.
@@ -65,7 +65,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     worker_timeout_s: Annotated[float, msgspec.Meta(ge=1.0)] = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
-    shutdown_timeout_s: PositiveFloat = 20.0
+    # A day at most: past it the shutdown watchdog's clock overflows (a review: 1e23).
+    shutdown_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 20.0
     drain_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # Set by the supervisor for each of --workers N processes; picks its data directory.
     worker_index: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -91,7 +92,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     # Kafka sink (unset bootstrap servers: the embedded local log is the sink)
     kafka_bootstrap_servers: str | None = None
-    kafka_topic: str = "mlgate.records"
+    # Kafka's own rule for a topic's name (``Topic.validate``); one it refuses would
+    # spill every record for ever, Kafka blamed for what is a setting (a review).
+    kafka_topic: Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9._-]{1,249}$")] = "mlgate.records"
     kafka_enable_idempotence: bool = False
     kafka_linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 2
     kafka_max_batch_bytes: PositiveInt = 1024 * 1024
@@ -201,6 +204,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                     _ = urlsplit(url).port  # reading it raises for one that is not a number
                 except ValueError:
                     raise ValueError("a port that is not a number - at `$.redis_url`") from None
+        if self.kafka_topic in (".", ".."):
+            raise ValueError("'.' and '..' are not topic names Kafka takes - at `$.kafka_topic`")
+        if self.kafka_compression != "none" and not _codec_installed(self.kafka_compression):
+            raise ValueError(
+                f"the {self.kafka_compression} library is not installed "
+                f"(pip install {_CODEC_PACKAGES[self.kafka_compression]}) - at `$.kafka_compression`"
+            )
         if self.drain_grace_s >= self.shutdown_timeout_s:
             raise ValueError(
                 "drain_grace_s must be shorter than shutdown_timeout_s - at `$.drain_grace_s`"
@@ -308,3 +318,14 @@ def _name_the_variable(message: str, names: Mapping[str, str]) -> str:
         return f"invalid settings: {message}"
     field = match.group(1)
     return f"{names.get(field, env_name(field))}: {message.split(' - at ')[0]}"
+
+
+_CODEC_PACKAGES = {"gzip": "(built in)", "lz4": "lz4", "zstd": "zstandard", "snappy": "python-snappy"}
+
+
+def _codec_installed(codec: str) -> bool:
+    """Whether aiokafka can compress with ``codec`` here: one it cannot failed every
+    produce, records spilled for ever and Kafka was blamed (a review)."""
+    from aiokafka import codec as codecs  # only to check this setting
+
+    return bool(getattr(codecs, f"has_{codec}")())

@@ -87,6 +87,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
         redis = SharedRedis.from_settings(
             settings, on_fallback=lambda operation: app_metrics.redis_fallback.labels(operation).inc()
         )
+        await redis.check_mode()
         if not await redis.ping():
             log.warning("redis_unreachable_at_start", fallback="in-process state")
         sample_redis = app_metrics.samplers["redis_breaker"] = redis_sampler(app_metrics, redis)

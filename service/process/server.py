@@ -47,11 +47,13 @@ from aiohttp import web
 
 from mlgate.config import Settings
 from mlgate.service.app import create_app
+from mlgate.service.cli.redaction import redact_url
 from mlgate.service.http.body import end_open_bodies
 from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.service.process import systemd, tls
 from mlgate.service.process.door import Door, DoorRequestHandler
 from mlgate.service.protection.api_keys import KeysFileError
+from mlgate.service.protection.shared_redis import RedisMisconfigured
 from mlgate.service.routes import predict
 from mlgate.service.state import DRAINING, METRICS, MODEL_REPOSITORY, RELOAD_HOOKS
 from mlgate.workers.sinks.local_log import LogInUse
@@ -476,7 +478,7 @@ def _start_up_step(setting_of: Callable[[BaseException], str]) -> Iterator[None]
     (``StartUpFailed``, naming the setting); anything else stays a crash."""
     try:
         yield
-    except (OSError, KeysFileError, LogInUse) as exc:  # ssl.SSLError is an OSError
+    except (OSError, KeysFileError, LogInUse, RedisMisconfigured) as exc:  # ssl.SSLError is an OSError
         raise StartUpFailed(setting_of(exc), exc) from exc
 
 
@@ -486,6 +488,8 @@ def setting_behind(exc: BaseException, settings: Settings) -> str:
         return f"MLGATE_KEYS_FILE={settings.keys_file or Path(settings.data_dir) / 'keys.json'}"
     if isinstance(exc, LogInUse):
         return f"MLGATE_DATA_DIR={settings.data_dir}"
+    if isinstance(exc, RedisMisconfigured):
+        return f"MLGATE_REDIS_URL={redact_url(settings.redis_url or '')}, MLGATE_REDIS_MODE={settings.redis_mode}"
     filename = getattr(exc, "filename", None)
     if filename is None:
         return "a file or directory the settings name"

@@ -49,6 +49,11 @@ class RedisUnavailable(Exception):
     """Redis failed, timed out or its breaker is open; use the local fallback."""
 
 
+class RedisMisconfigured(ValueError):
+    """``REDIS_URL`` or ``MLGATE_REDIS_MODE`` names no Redis this client can use: an
+    operator's error at start-up, not an outage to wait out."""
+
+
 class SharedRedis:
     def __init__(
         self,
@@ -61,17 +66,21 @@ class SharedRedis:
         on_fallback: Callable[[str], None] | None = None,
     ) -> None:
         self.cluster = mode == "cluster"
-        self.client: aioredis.Redis | RedisCluster = (
-            _cluster_client(url, timeout_s) if self.cluster else aioredis.Redis.from_url(
-                url,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                # redis-py retries with backoff by default; a request must not wait for that.
-                retry=Retry(NoBackoff(), 0),
-                retry_on_timeout=False,
-                client_name="mlgate",
+        try:
+            self.client: aioredis.Redis | RedisCluster = (
+                _cluster_client(url, timeout_s) if self.cluster else aioredis.Redis.from_url(
+                    # ``host:port`` as the cluster seeds take it (a review: a traceback).
+                    url if "://" in url else f"redis://{url}",
+                    socket_timeout=timeout_s,
+                    socket_connect_timeout=timeout_s,
+                    # redis-py retries with backoff by default; a request must not wait for that.
+                    retry=Retry(NoBackoff(), 0),
+                    retry_on_timeout=False,
+                    client_name="mlgate",
+                )
             )
-        )
+        except ValueError as exc:  # a scheme or database redis-py does not take
+            raise RedisMisconfigured(str(exc)) from exc
         self.breaker = Breaker("redis", fail_max=fail_max, reset_s=reset_s, exclude=())
         self._fail_max, self._reset_s = fail_max, reset_s
         # In cluster mode, a breaker per master a keyed call goes to (by its name,
@@ -136,7 +145,7 @@ class SharedRedis:
     async def _through(self, breaker: Breaker, operation: str, func: Callable[[], Awaitable[T]]) -> T:
         try:
             result = await breaker.call(func)
-        except (BreakerOpen, RedisError, OSError, TimeoutError) as exc:
+        except (BreakerOpen, RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self._fell_back(breaker, operation, exc)
             raise RedisUnavailable(operation) from exc
         self.answered_at = time.monotonic()
@@ -166,6 +175,20 @@ class SharedRedis:
                 f"redis {node.name}", fail_max=self._fail_max, reset_s=self._reset_s, exclude=()
             )
         return breaker
+
+    async def check_mode(self) -> None:
+        """``RedisMisconfigured`` when cluster mode meets a Redis that is no cluster
+        (else redis-py's exception left start-up as a traceback); any other failure is
+        an outage, which the callers fall back from."""
+        if not isinstance(self.client, RedisCluster):
+            return
+        try:
+            await self.client.initialize()
+        except RedisClusterException as exc:
+            if "Cluster mode is not enabled" in str(exc):
+                raise RedisMisconfigured(f"MLGATE_REDIS_MODE=cluster, but {exc}") from exc
+        except (RedisError, OSError, TimeoutError):
+            pass
 
     async def ping(self) -> bool:
         """Whether Redis answers: in cluster mode, every master whose breaker's last call

@@ -25,7 +25,7 @@ from mlgate.workers.sinks.local_log import read_log
 from tests.conftest import ServiceFactory
 from tests.service_process import ServiceProcess, notify_socket, receive_until
 from tests.slow_models import looping_model
-from tests.support import KafkaBroker, read_topic
+from tests.support import KafkaBroker, ManagedProcess, read_topic
 
 BUDGET_S = 5.0
 # What a client may see when its request was never taken by the server: the listener
@@ -487,3 +487,35 @@ def test_a_port_in_use_stops_start_up_with_a_line_naming_the_address(
         assert service.wait(30) == 2
     output = service.tail()
     assert f"MLGATE_PORT={port}" in output and "Traceback" not in output
+
+
+def test_cluster_mode_against_a_redis_that_is_no_cluster_stops_start_up_with_a_line(
+    service_process: ServiceFactory, redis_server: ManagedProcess
+) -> None:
+    """A review: redis-py's exception left start-up as a traceback, exit 1."""
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    service = service_process(wait=False, MLGATE_REDIS_URL=url, MLGATE_REDIS_MODE="cluster")
+    assert service.wait(30) == 2
+    output = service.tail()
+    assert f"mlgate: start-up error: MLGATE_REDIS_URL={url}, MLGATE_REDIS_MODE=cluster" in output
+    assert "Cluster mode is not enabled" in output
+    assert "Traceback" not in output
+
+
+def test_a_redis_url_of_another_scheme_stops_start_up_with_a_line(service_process: ServiceFactory) -> None:
+    service = service_process(wait=False, MLGATE_REDIS_URL="ftp://127.0.0.1:6379")
+    assert service.wait(30) == 2
+    output = service.tail()
+    assert "mlgate: start-up error: MLGATE_REDIS_URL=ftp://127.0.0.1:6379" in output
+    assert "Traceback" not in output
+
+
+def test_a_redis_url_without_a_scheme_is_a_redis_address(
+    service_process: ServiceFactory, redis_server: ManagedProcess
+) -> None:
+    """``host:port``, as the cluster seeds are written: it was a traceback in standalone mode."""
+    service = service_process(MLGATE_REDIS_URL=f"127.0.0.1:{redis_server.port}")
+    with urllib.request.urlopen(f"{service.url}/ready", timeout=5) as response:
+        ready = json.loads(response.read())
+    assert "redis" not in ready.get("degraded", {})
+    assert "redis_unreachable_at_start" not in service.tail()
