@@ -55,8 +55,9 @@ from mlgate.service.process.door import Door, DoorRequestHandler
 from mlgate.service.protection.api_keys import KeysFileError
 from mlgate.service.protection.shared_redis import RedisMisconfigured
 from mlgate.service.routes import predict
-from mlgate.service.state import DRAINING, METRICS, MODEL_REPOSITORY, RELOAD_HOOKS
+from mlgate.service.state import DRAINING, METRICS, MODEL_REPOSITORY, RECORD_SINK, RELOAD_HOOKS
 from mlgate.workers.sinks.local_log import LogInUse
+from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
 from mlgate.workers.supervision import SupervisedTask
 
 log = structlog.get_logger("mlgate.server")
@@ -166,7 +167,8 @@ async def serve(
     # queued or computing then (long deadlines, a slow model) and requests whose body
     # is still awaited (a paused or slow client, a stream) are answered 503 a little
     # before, so their clients retry elsewhere (a stream: from the record its answer
-    # names) rather than see a cut connection.
+    # names) rather than see a cut connection; ingests waiting for a broker that does
+    # not answer spill, and are answered from the spill.
     refusal = loop.call_later(handlers_s * REFUSE_WAITING_AT, _refuse_waiting, app)
     try:
         async with asyncio.timeout_at(deadline):
@@ -187,6 +189,11 @@ def _refuse_waiting(app: web.Application) -> None:
     ended = end_open_bodies(app)
     if ended:
         log.warning("bodies_ended_at_shutdown", requests=ended)
+    sink = app.get(RECORD_SINK)
+    if isinstance(sink, SpillingKafkaSink):
+        spilled = sink.spill_waiting_writes()
+        if spilled:
+            log.warning("kafka_writes_spilled_at_shutdown", writes=spilled)
 
 
 async def _started_unless_stopped(

@@ -97,7 +97,7 @@ def _log_cat(data_dir: Path) -> list[dict[str, Any]]:
     result = subprocess.run(
         [sys.executable, "-m", "mlgate", "log", "cat", "--data-dir", str(data_dir)],
         cwd=REPO,
-        env=service_environment(0, data_dir),
+        env=service_environment(8080, data_dir),  # a port is read, never bound
         capture_output=True,
         timeout=60,
         check=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import threading
@@ -25,7 +26,7 @@ from mlgate.workers.sinks.local_log import read_log
 from tests.conftest import ServiceFactory
 from tests.service_process import ServiceProcess, notify_socket, receive_until
 from tests.slow_models import looping_model
-from tests.support import KafkaBroker, ManagedProcess, read_topic
+from tests.support import KafkaBroker, ManagedProcess, create_topic, read_topic, stop_process
 
 BUDGET_S = 5.0
 # What a client may see when its request was never taken by the server: the listener
@@ -519,3 +520,38 @@ def test_a_redis_url_without_a_scheme_is_a_redis_address(
         ready = json.loads(response.read())
     assert "redis" not in ready.get("degraded", {})
     assert "redis_unreachable_at_start" not in service.tail()
+
+
+async def test_sigterm_while_the_broker_does_not_answer_spills_waiting_ingests_and_answers_them(
+    service_process: ServiceFactory, private_kafka_broker: KafkaBroker
+) -> None:
+    """A review: with the broker frozen, ingests waited for Kafka up to two request
+    timeouts, longer than aiohttp's wait at shutdown: their connections were cut with
+    no answer (and their access lines said 202). They spill and are answered first."""
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    service = service_process(
+        MLGATE_SHUTDOWN_TIMEOUT_S="8",
+        MLGATE_RATE_LIMITS_ENABLED="false",
+        MLGATE_KAFKA_BOOTSTRAP_SERVERS=private_kafka_broker.bootstrap,
+        MLGATE_KAFKA_TOPIC=topic,
+        MLGATE_KAFKA_REQUEST_TIMEOUT_MS="30000",  # a wait of a minute, without the fix
+    )
+    body = {"source": "s", "records": [{"record_id": "waits-for-kafka", "features": [1.0] * 4}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{service.url}/api/v2/ingest", json=body) as warm:
+            assert warm.status == 202  # Kafka known to the writer: the next write goes direct
+        assert private_kafka_broker.process is not None
+        stop_process(private_kafka_broker.process.pid)
+        try:
+            body["records"][0]["record_id"] = "sent-at-sigterm"
+            posting = asyncio.ensure_future(session.post(f"{service.url}/api/v2/ingest", json=body))
+            await asyncio.sleep(0.5)  # waiting for the frozen broker
+            service.send(signal.SIGTERM)
+            async with await asyncio.wait_for(posting, 15) as answer:
+                assert answer.status == 202, await answer.text()
+            code = await asyncio.to_thread(service.wait, 15)
+        finally:
+            os.kill(private_kafka_broker.process.pid, signal.SIGCONT)
+    assert code == 0, service.tail(30)
+    spilled = [entry.record.key for entry in read_log(service.data_dir / "spill")]
+    assert b"sent-at-sigterm" in spilled

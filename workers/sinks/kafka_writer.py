@@ -59,6 +59,8 @@ from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 log = structlog.get_logger("mlgate.kafka_writer")
+# The longest a writer's close waits for its producer to stop.
+PRODUCER_STOP_S = 1.0
 
 
 class KafkaWriteFailed(SinkFailed):
@@ -196,6 +198,8 @@ class KafkaWriter(Actor[_Pending]):
         # Batches handed to the producer and not answered, and when the last answer
         # came (or the first of them was sent): see ``stalled``.
         self._unanswered = 0
+        # Writes waiting for Kafka's answer within a time (``write_within``).
+        self._waiting: set[_Pending] = set()
         # While the writer lingers: the future the last answer sets (``_linger``).
         self._lingering: asyncio.Future[None] | None = None
         self._last_answer = time.monotonic()
@@ -257,6 +261,7 @@ class KafkaWriter(Actor[_Pending]):
         self._enqueue(item)
         # A timer, not ``asyncio.wait_for`` (a task and a shield on every write).
         timer = item.future.get_loop().call_later(seconds, item.give_up)
+        self._waiting.add(item)
         try:
             await item.future
         except asyncio.CancelledError:
@@ -279,11 +284,28 @@ class KafkaWriter(Actor[_Pending]):
             ) from None
         finally:
             timer.cancel()
+            self._waiting.discard(item)
+
+    def give_up_waiting(self) -> int:
+        """End every ``write_within`` wait now, as its time would (shutting down, its
+        request cannot wait for a broker that stopped answering); how many there were."""
+        waiting = list(self._waiting)
+        for item in waiting:
+            item.give_up()
+        return len(waiting)
 
     async def _release(self) -> None:
-        """Flush and stop the producer once the writer task has stopped."""
+        """Stop the producer once the writer task has stopped, for at most
+        ``PRODUCER_STOP_S``: drained, it holds nothing and stops at once; not drained
+        (a broker that stopped answering), what it holds was given up by its writes
+        (``write_within``) and spilled, or failed, and its stop would wait for the
+        frozen broker, the shutdown past its budget (a review)."""
         if self._producer is not None:
-            await self._producer.stop()
+            stop_s = PRODUCER_STOP_S
+            try:
+                await asyncio.wait_for(self._producer.stop(), stop_s)
+            except TimeoutError:
+                log.warning("kafka_producer_stop_timeout", seconds=stop_s)
 
     async def _drained(self) -> None:
         await self._mailbox.join()

@@ -459,6 +459,13 @@ class SpillingKafkaSink:
         delete_segments_before(self._directory, offset)
         write_forwarded_offset(self._directory, offset)
 
+    def spill_waiting_writes(self) -> int:
+        """The direct writes still waiting for Kafka's answer stop waiting and spill, as
+        when their time is up: shutting down, their requests are answered (durable in
+        the spill) before the server cuts them (a review: a frozen broker at SIGTERM,
+        the connections cut with no answer). How many writes there were."""
+        return self._kafka.give_up_waiting()
+
     async def close(self, drain_s: float = 10.0) -> None:
         if self._closed:
             return
