@@ -3,11 +3,12 @@
 Each route module declares its ``ROUTES`` (``service.http.routing``); their request and response types are the
 same Structs that validate requests, turned into JSON Schema 2020-12 by msgspec, so
 the document cannot drift from the code. ``/docs`` renders it with Swagger UI served
-from the ``swagger-ui-bundle`` package (no CDN).
+from the ``swagger-ui-py`` package (Swagger UI 5, which reads OpenAPI 3.1; no CDN).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -299,8 +300,12 @@ def add_docs_assets(app: web.Application) -> None:
 
 
 def _swagger_ui_path() -> Path | None:
-    try:
-        import swagger_ui_bundle
-    except ImportError:
+    """The Swagger UI 5 assets of ``swagger-ui-py``, found without importing it (its
+    package imports web-framework glue we do not use). Swagger UI 4 (the
+    ``swagger-ui-bundle`` package) reads OpenAPI 3.0 only: ``/docs`` rendered
+    nothing of this 3.1 document (a review)."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(swagger_ui_bundle.swagger_ui_path)
+    static = Path(next(iter(spec.submodule_search_locations))) / "static"
+    return static if (static / "swagger-ui-bundle.js").is_file() else None

@@ -113,6 +113,9 @@ async def test_docs_page_and_its_assets_are_served_without_a_cdn(app_client, mak
     assert "http" not in page.split("<body>")[1]
     asset = await client.get("/docs/static/swagger-ui-bundle.js")
     assert asset.status == 200
+    # Swagger UI 5, which renders an OpenAPI 3.1 document (4 rendered none of it).
+    assert b"isOAS31" in await asset.read()
+    assert (await client.get("/docs/static/swagger-ui.css")).status == 200
 
 
 async def test_a_docs_assets_directory_is_a_forbidden_problem_not_an_internal_error(
