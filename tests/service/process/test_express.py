@@ -644,6 +644,20 @@ async def test_an_ingest_over_the_body_limit_is_left_to_the_app_and_its_413(
     assert stored_ids(server) == []
 
 
+@pytest.mark.parametrize("path", ["/api/v2/predict", "/api/v1/predict"])
+async def test_a_predict_over_the_body_limit_is_left_to_the_app_and_its_413(
+    served: ServeFactory, path: str
+) -> None:
+    """A review: the lane took predict bodies up to its 64 KiB row budget, whatever
+    ``MAX_BODY_BYTES``, and answered them 200."""
+    server = await served(max_body_bytes=1024)
+    padded = {"features": ROW, "request_id": "r" * 100}
+    body = msgspec.json.encode(padded) + b" " * 1024  # valid JSON, past the limit
+    response = await server.post_bytes(path, body, **{"Content-Type": "application/json"})
+    assert response.status == 413
+    assert server.taken == 0
+
+
 async def test_a_peer_that_does_not_read_its_answers_is_not_read_until_they_drain(
     served: ServeFactory,
 ) -> None:
