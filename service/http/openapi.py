@@ -82,7 +82,7 @@ REQUEST_ID_PARAMETER = {
 
 def _response_headers(op: Route, status: int) -> dict[str, Any]:
     names = ["X-Request-ID"]
-    if status in (409, 429, 503):
+    if status in (409, 429, 503, 504):
         names.append("Retry-After")
     if op.scope is not None and status not in (401, 403):
         names += ["RateLimit-Policy", "RateLimit"]
@@ -135,10 +135,10 @@ def build_document(routes: list[Route], version: str, settings: Settings | None 
             entry["parameters"] = parameters
         if op.request is not None:
             media = {name: {"schema": schema_of[id(op.request)]} for name in op.request_media}
-            entry["requestBody"] = {"required": True, "content": media}
+            entry["requestBody"] = {"required": not op.body_optional, "content": media}
         problem_types = OIP_PROBLEM_TYPES if _is_oip(op.path) else PROBLEM_TYPES
         for status, response_type in op.responses.items():
-            described: dict[str, Any] = {"description": _status_text(status)}
+            described: dict[str, Any] = {"description": _status_text(status, op.path)}
             if response_type is not None:
                 described["content"] = {
                     name: {"schema": schema_of[id(response_type)]} for name in BODY_TYPES
@@ -234,7 +234,9 @@ def _path_parameters(path: str) -> list[dict[str, Any]]:
     return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
 
 
-def _status_text(status: int) -> str:
+def _status_text(status: int, path: str) -> str:
+    if status == 400 and path.endswith("/ready"):  # the protocol's "not ready", no error
+        return "Not ready"
     return {200: "OK", 202: "Accepted", 503: "Not ready"}.get(status, PROBLEM_STATUSES.get(status, ""))
 
 

@@ -68,6 +68,8 @@ class Route:
     # The handler's check of the body's media type before it reads the body, raising
     # its 415; run before ``100 Continue`` too, so a body it would refuse is not sent.
     body_media: Callable[[web.Request], object] | None = None
+    # The request body may be left out (the repository extension's, all optional).
+    body_optional: bool = False
 
     def __post_init__(self) -> None:
         if self.scope is not None and self.scope not in ACCEPTED_SCOPES:

@@ -528,6 +528,7 @@ def _routes() -> list[Route]:
                 {200: None, 404: None},
                 request=RepositoryModelRequest,
                 scope="admin",
+                body_optional=True,
             )
         )
     ops.append(
@@ -540,6 +541,7 @@ def _routes() -> list[Route]:
             {200: list[RepositoryIndexEntry]},
             request=RepositoryIndexRequest,
             scope="admin",
+            body_optional=True,
         )
     )
     return ops

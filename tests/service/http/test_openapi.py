@@ -197,3 +197,17 @@ async def test_every_request_body_may_say_it_is_msgpack_by_either_name(app_clien
         if "requestBody" in operation
     ]
     assert bodies and all({"application/msgpack", "application/x-msgpack"} <= body.keys() for body in bodies)
+
+
+async def test_the_document_says_what_the_odd_answers_are(app_client, make_settings) -> None:
+    """A review: OIP readiness's 400 was described as an undecodable body, a 504's
+    Retry-After was left out, and the repository routes' optional bodies were required."""
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    ready = document["paths"]["/v2/health/ready"]["get"]["responses"]["400"]
+    assert ready["description"] == "Not ready"
+    infer = document["paths"]["/api/v2/predict"]["post"]["responses"]
+    assert "Retry-After" in infer["504"]["headers"]
+    for path in ("/v2/repository/index", "/v2/repository/models/{model}/load"):
+        assert document["paths"][path]["post"]["requestBody"]["required"] is False
+    assert document["paths"]["/api/v2/predict"]["post"]["requestBody"]["required"] is True
