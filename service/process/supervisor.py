@@ -23,6 +23,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
@@ -126,6 +127,7 @@ class Supervisor:
         self._exit_code = 0
         self._deaths: dict[int, list[float]] = {}  # per child index, within the window
         self._respawn_at: dict[int, float] = {}
+        self._count_restart: Callable[[str], None] = lambda reason: None  # until ``run``
 
     def _spawn(self, index: int) -> None:
         settings = msgspec.structs.replace(self._settings, worker_index=index)
@@ -149,6 +151,7 @@ class Supervisor:
             print(f"mlgate: start-up error: {setting}: {taken}", file=sys.stderr)
             return 2
         owned_metrics_dir = _prepare_metrics_dir()
+        self._count_restart = _restart_counter()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         try:
@@ -235,6 +238,7 @@ class Supervisor:
                 continue
             if process.is_alive():
                 log.error("worker_hung", index=index, pid=process.pid, silent_s=round(now - last, 1))
+                self._count_restart("hung")
                 process.kill()
 
     def _died(self, index: int, exitcode: int | None) -> None:
@@ -255,6 +259,7 @@ class Supervisor:
             return
         backoff = min(self.MAX_RESTART_BACKOFF_S, self.RESTART_BACKOFF_S * 2 ** (len(deaths) - 1))
         log.error("worker_died", index=index, exitcode=exitcode, restart_in_s=backoff)
+        self._count_restart("died")
         self._respawn_at[index] = now + backoff
 
     def _respawn_due(self) -> None:
@@ -307,6 +312,24 @@ def _prepare_metrics_dir() -> str | None:
     directory = tempfile.mkdtemp(prefix="mlgate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     return directory
+
+
+def _restart_counter() -> Callable[[str], None]:
+    """``mlgate_worker_restarts_total{reason}`` ("hung": killed for it; "died": exited
+    and restarted), kept in the multiprocess directory, so a scrape of any process
+    counts the supervisor's restarts (a review: only logged, nothing to alert on).
+    The CLI imported prometheus-client before the directory was set: its value class
+    is made for the directory now (the children, spawned, start afresh)."""
+    from prometheus_client import CollectorRegistry, Counter, values
+
+    values.ValueClass = values.MultiProcessValue()
+    restarts = Counter(
+        "mlgate_worker_restarts",
+        "Serving processes the supervisor restarted, by reason (hung: killed for it; died)",
+        ["reason"],
+        registry=CollectorRegistry(),
+    )
+    return lambda reason: restarts.labels(reason).inc()
 
 
 def _mark_dead(pid: int | None) -> None:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -248,6 +249,11 @@ def test_a_hung_process_is_killed_and_replaced(service_process: ServiceFactory) 
     assert hung not in serving_children(service.pid)
     assert "worker_hung" in service.tail()
     wait_for_two_serving(service)
+    # Counted where any process's scrape sees it, not only logged (a review).
+    with urllib.request.urlopen(f"{service.url}/metrics", timeout=5) as response:
+        scraped = response.read().decode()
+    assert 'mlgate_worker_restarts_total{reason="hung"} 1.0' in scraped
+    assert 'mlgate_worker_restarts_total{reason="died"} 1.0' in scraped
 
 
 def wait_for_two_serving(service: ServiceProcess) -> None:
