@@ -6,8 +6,15 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install run test lint bench bench-quick bench-all bench-ingest bench-predict bench-protection bench-predict-protection bench-quality redis-server haproxy clean
 
+# The Python the venv is made from: the first on PATH that is 3.11 or newer.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+
 $(STAMP): pyproject.toml client/pyproject.toml
-	python3 -m venv $(VENV)
+	@[ -n "$(PYTHON)" ] || { echo "mlgate needs Python 3.11 or newer on PATH (python3.11, python3.12, python3.13 or python3)" >&2; exit 1; }
+	@# A venv made by an older Python (a failed first try) is made again, not reused.
+	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]' -e ./client
 	touch $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -77,8 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config" and (args.env_example or args.markdown):
         from mlgate.config import reference
 
-        print(reference.env_example() if args.env_example else reference.markdown_table(), end="")
-        return 0
+        return _printed(reference.env_example() if args.env_example else reference.markdown_table())
     overrides = {
         name: value
         for name in ("host", "port", "workers")
@@ -96,8 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         import msgspec
 
-        print(msgspec.json.format(msgspec.json.encode(redacted(settings))).decode())
-        return 0
+        return _printed(msgspec.json.format(msgspec.json.encode(redacted(settings))).decode() + "\n")
     if args.command == "log":
         from mlgate.service.cli.log import print_log
 
@@ -124,3 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(settings)
     return 2
 
+
+def _printed(text: str) -> int:
+    """``text`` on stdout; a reader gone (``| head``) ends it quietly, as ``cat``, not
+    with a traceback and status 1 (a review). Stdout then points at /dev/null, so the
+    interpreter's own flush at exit fails no more."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0

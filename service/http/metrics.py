@@ -170,10 +170,6 @@ class Metrics:
             "succeeds again (steady through its half-open trials), else 0",
             ["dependency"], multiprocess_mode="livemax", registry=r,
         )
-        self.tls_expiry_seconds = Gauge(
-            "mlgate_tls_certificate_expiry_seconds", "Seconds until the TLS certificate expires",
-            multiprocess_mode="livemin", registry=r,
-        )
         # Data quality (service.ingest.quality_screen, workers.quality.drift_monitor), per source or model.
         self.feature_psi = Gauge(
             "mlgate_feature_psi", "Population stability index of a feature over the last drift window",
@@ -210,6 +206,18 @@ class Metrics:
         self.drift_features_lock = threading.Lock()
         # name -> callable returning the current value; sampled once a second.
         self.samplers: dict[str, Callable[[], None]] = {}
+
+    def tls_expiry(self) -> Gauge:
+        """``mlgate_tls_certificate_expiry_seconds``, made once TLS is served: a server
+        without TLS exports none, rather than a 0 that an expiry alert fires on (a
+        review)."""
+        gauge = getattr(self, "_tls_expiry", None)
+        if gauge is None:
+            gauge = self._tls_expiry = Gauge(
+                "mlgate_tls_certificate_expiry_seconds", "Seconds until the TLS certificate expires",
+                multiprocess_mode="livemin", registry=self.registry,
+            )
+        return gauge
 
     def record_breaker(self, dependency: str, breaker: Breaker) -> None:
         """``breaker``'s state and whether its dependency is down, under ``dependency``."""

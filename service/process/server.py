@@ -405,7 +405,7 @@ def _tls_context(settings: Settings, app: web.Application) -> ssl.SSLContext | N
     if cert is None or key is None:
         return None
     served = tls.ServedCertificate(cert, key)
-    expiry = app[METRICS].tls_expiry_seconds
+    expiry = app[METRICS].tls_expiry()
     app[METRICS].samplers["tls"] = lambda: expiry.set(served.seconds_left())
 
     async def reload_tls() -> None:

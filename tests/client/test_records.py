@@ -37,3 +37,13 @@ def test_datetimes_go_out_as_rfc3339_utc() -> None:
 def test_generated_record_ids_are_unique_across_encoders() -> None:
     ids = {encoder.new_record_id() for encoder in (RecordEncoder(), RecordEncoder()) for _ in range(1000)}
     assert len(ids) == 2000
+
+
+def test_the_errors_the_readme_names_are_importable_from_the_package() -> None:
+    """A review: ``from mlgate_client import NotFound`` failed; only ``errors`` had them."""
+    import mlgate_client
+    from mlgate_client import errors
+
+    for name in ("NotFound", "ValidationFailed", "Overloaded", "DeadlineExceeded", "RateLimited"):
+        assert getattr(mlgate_client, name) is getattr(errors, name)
+        assert name in mlgate_client.__all__

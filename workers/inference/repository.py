@@ -155,6 +155,10 @@ class ModelRepository:
             self._poller = SupervisedTask("model-poller", self._poll_forever, self._telemetry)
             self._poller.start()
         log.info("models_started", root=str(self.root), serving=self.serving_summary())
+        if not self.root.is_dir():
+            # Served as an empty repository (models may be put there later), but a
+            # mistyped path would leave the host unready with nothing said (a review).
+            log.warning("model_repository_missing", root=str(self.root), setting="MLGATE_MODEL_REPOSITORY")
 
     async def close(self) -> None:
         if self._closed:
@@ -202,6 +206,8 @@ class ModelRepository:
         try:
             self.resolve(self.settings.default_model)
         except ModelNotFound as exc:
+            if not self.root.is_dir():  # a mistyped MLGATE_MODEL_REPOSITORY (a review)
+                return f"the default model: {exc}: the model repository {self.root} is no directory"
             return f"the default model: {exc}"
         unsettled = self._unsettled_workers()
         if unsettled:

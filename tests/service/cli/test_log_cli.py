@@ -53,3 +53,23 @@ def test_a_reader_that_goes_away_ends_it_quietly(tmp_path: Path) -> None:
     process.stderr.close()
     assert process.wait(timeout=60) == 0
     assert "Traceback" not in errors and "BrokenPipe" not in errors
+
+
+def test_check_config_into_a_reader_gone_ends_quietly(tmp_path: Path) -> None:
+    """A review: ``mlgate check-config | head`` was at times a traceback and status 1."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        answer = subprocess.run(
+            [sys.executable, "-m", "mlgate", "check-config"],
+            cwd=REPO,
+            env={**_environment(), "MLGATE_DATA_DIR": str(tmp_path)},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert answer.returncode == 0, answer.stderr
+    assert "Traceback" not in answer.stderr and "BrokenPipe" not in answer.stderr

@@ -40,3 +40,15 @@ def test_a_file_that_cannot_be_written_is_logged_once_not_every_second(tmp_path:
         for _ in range(3):
             host.publish({})  # never raises: the sampler would log it each second
     assert [entry["event"] for entry in logs] == ["readiness_not_published"]
+
+
+async def test_a_model_repository_that_is_no_directory_is_named_as_why_not_ready(
+    app_client, make_settings, tmp_path
+) -> None:
+    """A review: a mistyped MLGATE_MODEL_REPOSITORY left the host unready, the reason
+    naming only the default model."""
+    client = await app_client(make_settings(model_repository=str(tmp_path / "mistyped")))
+    response = await client.get("/ready")
+    assert response.status == 503
+    reasons = (await response.json())["reasons"]
+    assert "is no directory" in reasons["models"] and "mistyped" in reasons["models"]

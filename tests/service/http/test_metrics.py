@@ -168,3 +168,10 @@ async def test_a_redis_trial_that_crashes_is_logged_and_counted(
     await asyncio.sleep(0.05)
     crashes = client.app[METRICS].background_task_crashes.labels("redis-trial")
     assert crashes._value.get() >= 1
+
+
+async def test_a_server_without_tls_exports_no_certificate_expiry(app_client, make_settings) -> None:
+    """A review: it read 0, and the README's expiry alert fired on every plain server."""
+    client = await app_client(make_settings())
+    text = await (await client.get("/metrics")).text()
+    assert "mlgate_tls_certificate_expiry_seconds" not in text
