@@ -272,7 +272,13 @@ class RecordValidator:
         except RuntimeError:  # its parser still referenced (it cannot be): a new one
             self._json_parser = simdjson.Parser(max_capacity=PARSER_KEEPS_BYTES)
             return None
-        return None if matrix is None else (matrix, _text_stands_for(joined, matrix.size, count))
+        if matrix is None:
+            return None
+        # Each record's text no longer than its numbers written plainly: over the whole
+        # batch, compact neighbours' room covered one record's padding (a review).
+        plain = matrix.shape[1] * _PLAIN_NUMBER_BYTES + 2
+        padded = max(map(len, (record.features for record in records))) > plain
+        return matrix, not padded and _text_stands_for(joined, matrix.size, count)
 
     def _decode_one(self, index: int, raw: msgspec.Raw, fmt: Format) -> Record | RecordError:
         """One record of a batch; one over ``MAX_BATCH_RECORD_BYTES`` is rejected without

@@ -612,8 +612,9 @@ async def test_features_padded_with_blanks_are_written_plainly_not_as_sent(
     as, so one record's megabyte of blanks became a megabyte Kafka value."""
     settings = make_settings(feature_dims=(4,), max_body_bytes=MAX_BODY, **OPEN)
     client = await app_client(settings)
-    others = [] if size == "small" else [_padded_record(i, 0) for i in range(1, 200)]
-    body = _json_batch(_padded_record(0, 100_000), *others)
+    # Packed: among compact neighbours, whose unused room once covered the padding.
+    others = [] if size == "small" else [_padded_record(i, 0) for i in range(1, 2000)]
+    body = _json_batch(*others, _padded_record(0, 100_000))
     response = await client.post(INGEST, data=body, headers={"Content-Type": "application/json"})
     assert response.status == 202
     log = Path(worker_data_dir(settings)) / "log"
