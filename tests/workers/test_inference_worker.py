@@ -1202,6 +1202,21 @@ async def test_a_model_idle_past_the_served_window_still_refuses_a_bad_input_on_
     np.testing.assert_array_equal(session.batches[-1], good)  # vouched for by that row
 
 
+async def test_a_traffic_row_does_not_vouch_for_a_model_idle_past_its_own_window(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: one answered row (of zeros, say) vouched for ever, so a model failing on
+    every other value blamed its clients with no end and its breaker never opened."""
+    monkeypatch.setattr(batching, "SERVED_WITHIN_S", 0.0)
+    monkeypatch.setattr(batching, "TRAFFIC_VOUCHES_S", 0.0)
+    session = FailingSession(demo_session)
+    worker = make_worker(session, known_good=KNOWN_GOOD)
+    await worker.submit(rows(1, 3), soon())
+    await asyncio.sleep(0.01)
+    with pytest.raises(Fail):
+        await worker.submit(refused_row(), soon())
+
+
 async def test_the_warm_up_alone_does_not_vouch_for_a_model_idle_past_the_served_window(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

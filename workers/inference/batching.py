@@ -46,9 +46,10 @@ one tenant's bad rows must not open it for everyone) only when the model is know
 work: it has not shown itself unreliable within ``UNRELIABLE_S`` (an input that
 failed and then computed, a known-good feed that failed), and computes its known-good
 feed now: a row of a request it answered (taken at most every ``KNOWN_GOOD_EVERY_S``),
-however long ago, or, for a model with none (one that has answered nothing, or runs
-each request alone), its load's warm-up, which counts only while the model answered a
-request within ``SERVED_WITHIN_S``; a success holds for ``KNOWN_GOOD_HOLDS_S``. Otherwise the model is at fault: the request fails with its
+which counts while the model answered a request within ``TRAFFIC_VOUCHES_S``, or, for a
+model with none (one that has answered nothing, or runs each request alone), its
+load's warm-up, which counts only within ``SERVED_WITHIN_S``; a success holds for
+``KNOWN_GOOD_HOLDS_S``. Otherwise the model is at fault: the request fails with its
 own error, which the breaker counts. So a model failing at random soon counts every
 failure, and one failing on all real values (not on the warm-up's zeros) never
 answered, so its failures count (reviews: a rule by time alone answered a flaky
@@ -100,6 +101,8 @@ WATCH_GAP_S = 0.02
 # A failing input is the client's on the warm-up's word only if the model answered a
 # request this recently...
 SERVED_WITHIN_S = 60.0
+# ...or, on the word of a row of real traffic it answered, this recently...
+TRAFFIC_VOUCHES_S = 600.0
 # ...and has not failed of itself within this long (``_checked_run``).
 UNRELIABLE_S = 60.0
 # A success of the known-good feed stands for this long, for the failures that follow
@@ -916,9 +919,12 @@ class InferenceWorker(Actor[_Item]):
         now = time.monotonic()
         known_good = self._known_good
         # The warm-up's zeros vouch for a model only while it answers real requests; a
-        # row of real traffic it answered vouches for it however long it has been idle
-        # (a review: past 60 s idle, one tenant's bad rows opened the breaker for all).
-        vouched = self._known_good_is_traffic or now - self._served_at <= SERVED_WITHIN_S
+        # row of real traffic it answered vouches for it for longer (a review: past 60 s
+        # idle, one tenant's bad rows opened the breaker for all), but not for ever (a
+        # review: one answered row of zeros made a model failing on any other value
+        # blame its clients with no end).
+        idle_s = now - self._served_at
+        vouched = idle_s <= SERVED_WITHIN_S or (self._known_good_is_traffic and idle_s <= TRAFFIC_VOUCHES_S)
         if known_good is None or now < self._unreliable_until or not vouched:
             raise failure
         if now - self._known_good_ok_at > KNOWN_GOOD_HOLDS_S:
