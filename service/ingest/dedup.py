@@ -332,6 +332,7 @@ class RecordDeduplicator:
         self._unshared: deque[tuple[str, list[str], str, float]] = deque()
         self._unshared_ids = 0
         self._sharing: asyncio.Task[None] | None = None
+        self._share_again = False
         if redis is not None:
             redis.on_recovered.append(self._share_unshared)
 
@@ -554,10 +555,15 @@ class RecordDeduplicator:
             )
 
     def _share_unshared(self) -> None:
-        """Redis answers again: tell it the ids written meanwhile (once at a time)."""
-        if self._unshared and (self._sharing is None or self._sharing.done()):
-            self._sharing = asyncio.get_running_loop().create_task(self._send_unshared())
-            self._sharing.add_done_callback(self._sharing_ended)
+        """Redis (or a master of it) answers again: tell it the ids written meanwhile
+        (once at a time; a recovery while it runs makes it run once more)."""
+        if not self._unshared:
+            return
+        if self._sharing is not None and not self._sharing.done():
+            self._share_again = True
+            return
+        self._sharing = asyncio.get_running_loop().create_task(self._send_unshared())
+        self._sharing.add_done_callback(self._sharing_ended)
 
     def _sharing_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and (error := task.exception()) is not None:
@@ -572,16 +578,24 @@ class RecordDeduplicator:
             self._sharing.cancel()
 
     async def _send_unshared(self) -> None:
-        while self._unshared:
-            tenant, ids, token, written_at = self._unshared[0]
-            left_s = self.window_s - (time.monotonic() - written_at)
-            if left_s >= 1:
-                answers = await self._run("confirm", math.ceil(left_s), tenant, ids, token)
-                if any(answer is None for _, answer in answers):
-                    return  # Redis failed again: kept for its next recovery
-            self._unshared.popleft()
+        """Each entry's ids to Redis; the ids whose call failed (their master still
+        down, on a Cluster) are kept for the next recovery."""
+        self._share_again = False
+        for _ in range(len(self._unshared)):
+            tenant, ids, token, written_at = self._unshared.popleft()
             self._unshared_ids -= len(ids)
-        log.info("dedup_ids_shared", detail="ids written while Redis failed are in Redis now")
+            left_s = self.window_s - (time.monotonic() - written_at)
+            if left_s < 1:
+                continue
+            answers = await self._run("confirm", math.ceil(left_s), tenant, ids, token)
+            failed = [record_id for group, answer in answers if answer is None for record_id in group]
+            if failed:
+                self._unshared.append((tenant, failed, token, written_at))
+                self._unshared_ids += len(failed)
+        if not self._unshared:
+            log.info("dedup_ids_shared", detail="ids written while Redis failed are in Redis now")
+        elif self._share_again:
+            await self._send_unshared()  # a master came back meanwhile: its ids, now
 
     async def extend(self, tenant: str, claim: Claim) -> None:
         """The claim's records are still being written: they stay in flight for another

@@ -88,7 +88,8 @@ class SharedRedis:
         # tenant, those whose slots were served all along too (a review).
         self._node_breakers: dict[str, Breaker] = {}
         self._on_fallback = on_fallback
-        # Called when every breaker's last call succeeded again (Redis back).
+        # Called when a breaker's call succeeds again after failing (Redis, or one of
+        # its masters, back).
         self.on_recovered: list[Callable[[], None]] = []
         # The breakers whose last call failed (Redis down for their calls until one
         # succeeds).
@@ -156,9 +157,10 @@ class SharedRedis:
     def _recovered(self, name: str, operation: str) -> None:
         self._failing.discard(name)
         log.info("redis_recovered", operation=operation, breaker=name)
-        if not self._failing:
-            for callback in self.on_recovered:
-                callback()
+        # Each master back, not only the last: one still down must not hold back what
+        # the others could take now (a review).
+        for callback in self.on_recovered:
+            callback()
 
     def _breaker_for(self, key: str | None) -> Breaker:
         if key is None or not isinstance(self.client, RedisCluster):
