@@ -128,6 +128,7 @@ class Supervisor:
         self._deaths: dict[int, list[float]] = {}  # per child index, within the window
         self._respawn_at: dict[int, float] = {}
         self._count_restart: Callable[[str], None] = lambda reason: None  # until ``run``
+        self._killed_hung: set[int] = set()  # children killed as hung, not yet reaped
 
     def _spawn(self, index: int) -> None:
         settings = msgspec.structs.replace(self._settings, worker_index=index)
@@ -239,6 +240,7 @@ class Supervisor:
             if process.is_alive():
                 log.error("worker_hung", index=index, pid=process.pid, silent_s=round(now - last, 1))
                 self._count_restart("hung")
+                self._killed_hung.add(index)  # its death is this restart, not another
                 process.kill()
 
     def _died(self, index: int, exitcode: int | None) -> None:
@@ -259,7 +261,10 @@ class Supervisor:
             return
         backoff = min(self.MAX_RESTART_BACKOFF_S, self.RESTART_BACKOFF_S * 2 ** (len(deaths) - 1))
         log.error("worker_died", index=index, exitcode=exitcode, restart_in_s=backoff)
-        self._count_restart("died")
+        if index in self._killed_hung:
+            self._killed_hung.discard(index)
+        else:
+            self._count_restart("died")
         self._respawn_at[index] = now + backoff
 
     def _respawn_due(self) -> None:

@@ -239,6 +239,9 @@ def _cluster_client(url: str, timeout_s: float) -> RedisCluster:
     seeds = [urlsplit(seed if "://" in seed else f"redis://{seed}") for seed in url.split(",") if seed.strip()]
     if not seeds:
         raise ValueError("REDIS_URL names no seed node")
+    if any(seed.scheme not in ("redis", "rediss") or not seed.hostname for seed in seeds):
+        # A unix socket's seed became 127.0.0.1:6379, whatever listened there (a review).
+        raise ValueError("cluster mode takes redis://host:port seeds (no unix sockets)")
     credentialed = next((seed for seed in seeds if seed.password), None)
     return RedisCluster(
         startup_nodes=[ClusterNode(seed.hostname or "127.0.0.1", seed.port or 6379) for seed in seeds],

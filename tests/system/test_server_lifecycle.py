@@ -555,3 +555,12 @@ async def test_sigterm_while_the_broker_does_not_answer_spills_waiting_ingests_a
     assert code == 0, service.tail(30)
     spilled = [entry.record.key for entry in read_log(service.data_dir / "spill")]
     assert b"sent-at-sigterm" in spilled
+
+
+def test_cluster_mode_with_a_unix_socket_stops_start_up_with_a_line(service_process: ServiceFactory) -> None:
+    """A review: the socket's seed became 127.0.0.1:6379, whatever listened there."""
+    service = service_process(wait=False, MLGATE_REDIS_URL="unix:///tmp/x.sock", MLGATE_REDIS_MODE="cluster")
+    assert service.wait(30) == 2
+    output = service.tail()
+    assert "cluster mode takes redis://host:port seeds" in output
+    assert "Traceback" not in output
