@@ -800,6 +800,19 @@ class DoorRequestHandler(web.RequestHandler):
         )
 
     @property
+    def lingering(self) -> bool:
+        """Every request it sent is answered, and it is read on only so that its client
+        sees the answer (the rest of a body after an early 401 or 413, or bytes dropped
+        unread before the close): closing it keeps no answer from anybody."""
+        return (
+            self._handed == self._answered
+            and not self._messages
+            and not self.waiting
+            and self._express_task is None
+            and (self._close or self._force_close or self._discarding or not self._last_payload.is_eof())
+        )
+
+    @property
     def waiting_since(self) -> float:
         """When it began waiting for this head: its head timer's start (loop time)."""
         return self._next_keepalive_close_time - self._keepalive_timeout

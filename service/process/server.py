@@ -301,12 +301,19 @@ class CappedServer(web.Server):
         return self.evicted_connections - self._evicted_gone
 
     def _waiting_for_a_head(self) -> DoorRequestHandler | None:
-        """The connection to close for a new one: the oldest that never sent a whole
+        """The connection to close for a new one: one whose requests are all answered
+        and that is only read on for its client to see the answer, else the oldest that never sent a whole
         request and waits for a head (the connections are kept in the order they
         opened), else the one idle the longest between requests (a review: the first
         opened of them was closed, a client's busiest pooled connection between two
         requests, rather than one idle for long)."""
         idle: DoorRequestHandler | None = None
+        for handler in self._connections:
+            if isinstance(handler, DoorRequestHandler) and handler.lingering:
+                # Answered, read on only for its client to see the answer: first to go
+                # (a review: keyless requests declaring bodies they never sent, each
+                # answered 401 and read on for 10 s, held the cap against everyone).
+                return handler
         for handler in self._connections:
             if isinstance(handler, DoorRequestHandler) and handler.waiting_for_head:
                 if not handler.requests_read:

@@ -212,3 +212,28 @@ async def test_at_the_cap_the_connection_idle_the_longest_makes_room_when_none_i
     finally:
         for _, writer in (first, second):
             writer.close()
+
+
+async def test_at_the_cap_a_connection_read_on_after_its_answer_makes_room_first(
+    service_process: ServiceFactory,
+) -> None:
+    """A review: keyless requests declaring a megabyte they never sent were answered 401
+    and read on for 10 s each (for their client to see the answer): counted busy, they
+    held the cap, and every tenant got 503."""
+    service = service_process(
+        MLGATE_MAX_CONNECTIONS="2", MLGATE_HEAD_TIMEOUT_S="60", MLGATE_AUTH_DISABLED="false"
+    )
+    declared = [await asyncio.open_connection("127.0.0.1", service.port) for _ in range(2)]
+    try:
+        for reader, writer in declared:
+            writer.write(
+                b"POST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000000\r\n\r\n"
+            )
+            assert (await read_response(reader)).startswith(b"HTTP/1.1 401")
+        async with raw_connection(service) as (reader, writer):
+            writer.write(HEALTH)
+            assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
+    finally:
+        for _, writer in declared:
+            writer.close()
