@@ -65,6 +65,7 @@ from mlgate.service.http.errors import (
     BadRequest,
     UnsupportedMediaType,
     VersionNotSupported,
+    http_error,
 )
 from mlgate.service.http.front_door import (
     REQUEST_ID_HEADER,
@@ -698,6 +699,17 @@ def _version_message(version: str) -> str:
     return f"{version} is not supported: this server speaks HTTP/1.1 (and 1.0)"
 
 
+# The most bytes a request head may take. aiohttp bounds its lines (8190 bytes each)
+# and their number (128), not the whole: a head of a megabyte was taken, and a thousand
+# unfinished ones from a client without a key held 1.6 GB (a review). nginx's default
+# is four buffers of 8 KB.
+MAX_HEAD_BYTES = 32 * 1024
+
+
+class HeadTooLarge(http_exceptions.BadHttpMessage):
+    """A request head past ``MAX_HEAD_BYTES``: answered 431, the connection closed."""
+
+
 class _DoorParser:
     """aiohttp's request parser, with the messages the door refuses taken out."""
 
@@ -706,6 +718,17 @@ class _DoorParser:
         self._handler = handler
 
     def feed_data(self, data: bytes) -> tuple[list[tuple[Any, Any]], bool, bytes]:
+        handler = self._handler
+        if handler.head_open:
+            if b"\r\n\r\n" in data:
+                handler.head_bytes = 0  # a head ends here (counting from its start is
+                # a search aiohttp's parser does again; a head's own lines are bounded)
+            else:
+                handler.head_bytes += len(data)
+                if handler.head_bytes > MAX_HEAD_BYTES:
+                    exc = HeadTooLarge(f"a request head of more than {MAX_HEAD_BYTES} bytes")
+                    handler.head_refused(exc, data)
+                    raise exc
         try:
             messages, upgraded, tail = self._parser.feed_data(data)
         except http_exceptions.HttpProcessingError as exc:
@@ -748,6 +771,8 @@ class DoorRequestHandler(web.RequestHandler):
         self._answered = 0
         self._refused_data = b""
         self._version_refused: RawRequestMessage | None = None  # its 505 is due
+        self.head_bytes = 0  # of the request head arriving, so far (``_DoorParser``)
+        self._head_too_large = False
         # For each message handed to the app, in order: the door's admission of it, if any.
         self._bound_for: deque[Admission | None] = deque()
         self._express_task: asyncio.Task[None] | None = None
@@ -854,7 +879,7 @@ class DoorRequestHandler(web.RequestHandler):
         finish within the shutdown's wait for in-flight requests; what follows it on
         the connection is not served (parsed, counted as handed by ``refuse_at_door``,
         and dropped: the connection closes after this answer)."""
-        if self._discarding:
+        if self._discarding or self._head_too_large:
             return
         if self._unfed:  # after what is waiting to be fed, in order
             self._unfed += data
@@ -918,6 +943,18 @@ class DoorRequestHandler(web.RequestHandler):
                 pass  # ``parse_failed`` failed the body: its reader answers the 400
             return
         super().data_received(data)
+
+    @property
+    def head_open(self) -> bool:
+        """What arrives now is a request head (no body being read), unless refused."""
+        return not self._head_too_large and self._last_payload.is_eof()
+
+    def head_refused(self, exc: HeadTooLarge, data: bytes) -> None:
+        """A head past the limit: its 431 is due (``handle_error``), and nothing it
+        sends from now on is parsed or kept."""
+        self._head_too_large = True
+        self.head_bytes = 0
+        self.parse_failed(exc, data)
 
     def parse_failed(self, exc: http_exceptions.HttpProcessingError, data: bytes) -> None:
         """aiohttp's parser refused what it was given: it queues a 400 for it, due
@@ -1165,6 +1202,9 @@ class DoorRequestHandler(web.RequestHandler):
             )
         elif status == 505:
             error = VersionNotSupported(message)
+        elif isinstance(exc, HeadTooLarge):
+            error = http_error(431, "Request Header Fields Too Large")
+            error.detail = f"the request head is longer than {MAX_HEAD_BYTES} bytes"
         elif status == 400 and (version := refused_version(exc, self._refused_data)) is not None:
             error = VersionNotSupported(_version_message(version))
         elif status == 400:

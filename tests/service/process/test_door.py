@@ -993,3 +993,36 @@ async def test_requests_pipelined_before_one_of_another_http_version_are_answere
     head, _, body = rest.partition(b"\r\n\r\n")
     assert b"Content-Type: application/msgpack" in head
     assert msgspec.msgpack.decode(body)["status"] == 505
+
+
+async def test_a_request_head_past_its_limit_is_431_and_its_connection_closed(
+    full_model: FullModelFactory,
+) -> None:
+    """A review: aiohttp bounds a head's lines, not the whole, so heads of a megabyte
+    were taken, and a thousand unfinished ones from a keyless client held 1.6 GB."""
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    writer.write(b"GET /health HTTP/1.1\r\nHost: mlgate\r\n")
+    for i in range(door.MAX_HEAD_BYTES // 4000 + 2):  # never finished
+        writer.write(b"X-Pad-%d: %s\r\n" % (i, b"a" * 4000))
+        await writer.drain()
+        await asyncio.sleep(0)
+    answer = await asyncio.wait_for(reader.read(), 10)  # read() ends: closed
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b" 431 " in head.split(b"\r\n", 1)[0]
+    assert json.loads(body)["status"] == 431
+
+
+async def test_a_head_within_its_limit_in_many_reads_is_served(full_model: FullModelFactory) -> None:
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    writer.write(b"GET /health HTTP/1.1\r\nHost: mlgate\r\n")
+    for i in range(door.MAX_HEAD_BYTES // 4000 - 2):
+        writer.write(b"X-Pad-%d: %s\r\n" % (i, b"a" * 4000))
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    writer.write(b"Connection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
