@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from mlgate.service.http.errors import NotFound
 from mlgate.service.state import ROUTE_ACCESS
 
 BODY_TYPES = ("application/json", "application/msgpack")
@@ -120,8 +122,20 @@ def add_routes(
 
 
 def add_static(app: web.Application, prefix: str, folder: str) -> None:
-    """Static files under ``prefix``: open, like the page that loads them."""
-    resource = app.router.add_static(prefix, folder)
+    """The files directly in ``folder`` under ``prefix``: open, like the page that
+    loads them. A name that is no file there is a 404 problem document (aiohttp's
+    static route answered a missing file with an empty octet-stream 404, a review)."""
+    root = Path(folder).resolve()
+    files = {path.name for path in root.iterdir() if path.is_file()}
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name not in files:
+            raise NotFound(f"no file {name!r} here")
+        return web.FileResponse(root / name)
+
+    resource = app.router.add_get(prefix + "{name}", serve).resource
+    assert resource is not None
     app[ROUTE_ACCESS][resource] = None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from openapi_spec_validator import validate
 
 
@@ -118,15 +119,18 @@ async def test_docs_page_and_its_assets_are_served_without_a_cdn(app_client, mak
     assert (await client.get("/docs/static/swagger-ui.css")).status == 200
 
 
-async def test_a_docs_assets_directory_is_a_forbidden_problem_not_an_internal_error(
-    app_client, make_settings
+@pytest.mark.parametrize("name", ["", "nope.js", "..%2F..%2Fpyproject.toml", "%2E%2E/README.md"])
+async def test_a_docs_asset_that_is_not_there_is_a_not_found_problem(
+    app_client, make_settings, name: str
 ) -> None:
-    """A review: aiohttp's own 403 for a directory came out as ``/problems/internal``."""
+    """Reviews: aiohttp's own 403 for the directory came out as ``/problems/internal``,
+    and its 404 for a missing file as an empty octet-stream body."""
     client = await app_client(make_settings())
-    response = await client.get("/docs/static/")
-    assert response.status == 403
+    response = await client.get(f"/docs/static/{name}")
+    assert response.status == 404
+    assert response.content_type == "application/problem+json"
     problem = await response.json(content_type=None)
-    assert (problem["type"], problem["status"]) == ("/problems/forbidden", 403)
+    assert (problem["type"], problem["status"]) == ("/problems/not-found", 404)
 
 
 async def test_every_answer_declares_the_headers_it_carries(app_client, make_settings) -> None:
