@@ -718,22 +718,34 @@ class _DoorParser:
         self._handler = handler
 
     def feed_data(self, data: bytes) -> tuple[list[tuple[Any, Any]], bool, bytes]:
+        """As the parser's, with the door's refusals taken out and request heads held to
+        ``MAX_HEAD_BYTES``: the bytes fed since the last head ended (none while a body
+        is read) bound every head this feed ends, which are measured only when that
+        bound is past the limit, and an unfinished one (a review: a head counted read
+        by read, not head by head, refused valid requests whose blank line came in a
+        read of its own, and took heads that came whole)."""
         handler = self._handler
-        if handler.head_open:
-            if b"\r\n\r\n" in data:
-                handler.head_bytes = 0  # a head ends here (counting from its start is
-                # a search aiohttp's parser does again; a head's own lines are bounded)
-            else:
-                handler.head_bytes += len(data)
-                if handler.head_bytes > MAX_HEAD_BYTES:
-                    exc = HeadTooLarge(f"a request head of more than {MAX_HEAD_BYTES} bytes")
-                    handler.head_refused(exc, data)
-                    raise exc
+        counted = handler.head_open
+        span = handler.head_bytes + len(data) if counted else 0
         try:
             messages, upgraded, tail = self._parser.feed_data(data)
         except http_exceptions.HttpProcessingError as exc:
             self._handler.parse_failed(exc, data)
             raise  # aiohttp queues its 400 (``handle_error``)
+        if messages and span > MAX_HEAD_BYTES:
+            messages = handler.heads_measured(messages)
+        if not handler.head_open:
+            handler.head_bytes = 0  # a body is read: not a head
+        elif messages:
+            # A head ended; what follows the last one in this read begins the next.
+            end = data.rfind(b"\r\n\r\n")
+            handler.head_bytes = len(data) - end - 4 if end >= 0 else 0
+        elif counted:
+            handler.head_bytes = span
+            if span > MAX_HEAD_BYTES:  # unfinished, and already past the limit
+                too_large = HeadTooLarge(f"a request head of more than {MAX_HEAD_BYTES} bytes")
+                handler.head_refused(too_large, data)
+                raise too_large
         kept: list[tuple[Any, Any]] = []
         while messages and not upgraded:
             messages = self._handler.versions_checked(messages)
@@ -770,7 +782,7 @@ class DoorRequestHandler(web.RequestHandler):
         self._handed = 0
         self._answered = 0
         self._refused_data = b""
-        self._version_refused: RawRequestMessage | None = None  # its 505 is due
+        self._refused_message: RawRequestMessage | None = None  # its 505 or 431 is due
         self.head_bytes = 0  # of the request head arriving, so far (``_DoorParser``)
         self._head_too_large = False
         # For each message handed to the app, in order: the door's admission of it, if any.
@@ -1072,6 +1084,23 @@ class DoorRequestHandler(web.RequestHandler):
             await asyncio.wait({task}, timeout=timeout)
         await super().shutdown(timeout)
 
+    def heads_measured(self, messages: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """``messages`` up to the first whose head is past ``MAX_HEAD_BYTES``, which is
+        answered 431 and closes the connection."""
+        for index, (message, _payload) in enumerate(messages):
+            if not isinstance(message, RawRequestMessage):
+                continue
+            size = len(message.method) + len(message.path) + 13 + sum(
+                len(name) + len(value) + 4 for name, value in message.raw_headers
+            )
+            if size > MAX_HEAD_BYTES:
+                self._refused_message = message
+                self._head_too_large = True
+                too_large = HeadTooLarge(f"a request head of {size} bytes")
+                refused = _ErrInfo(status=431, exc=too_large, message=str(too_large))
+                return [*messages[:index], (refused, EMPTY_PAYLOAD)]
+        return messages
+
     def versions_checked(self, messages: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         """``messages`` up to the first of an HTTP version other than 1.x, which is
         answered 505 and closes the connection. aiohttp's parser takes any ``HTTP/d.d``
@@ -1079,7 +1108,7 @@ class DoorRequestHandler(web.RequestHandler):
         ``HTTP/2.0 200 OK``, which no client of either version can read."""
         for index, (message, _payload) in enumerate(messages):
             if isinstance(message, RawRequestMessage) and message.version.major != 1:
-                self._version_refused = message
+                self._refused_message = message
                 version = f"HTTP/{message.version.major}.{message.version.minor}"
                 refused = _ErrInfo(
                     status=505,
@@ -1211,9 +1240,9 @@ class DoorRequestHandler(web.RequestHandler):
             error = BadRequest(f"Malformed HTTP request: {parser_reason(exc, message)}")
         else:
             error = as_api_error(exc if isinstance(exc, Exception) else Exception())
-        refused = self._version_refused
+        refused = self._refused_message
         headers: Mapping[str, str]
-        if status == 505 and refused is not None:
+        if status in (505, 431) and refused is not None:
             path, headers = refused.path.split("?", 1)[0], refused.headers
         else:
             path, headers = refused_head(self._refused_data, request.path, request.headers)

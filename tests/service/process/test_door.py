@@ -1026,3 +1026,51 @@ async def test_a_head_within_its_limit_in_many_reads_is_served(full_model: FullM
     answer = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_a_head_whose_blank_line_comes_with_a_large_body_is_served(
+    full_model: FullModelFactory,
+) -> None:
+    """A review: the limit counted reads, not heads: a small head whose last CRLF came
+    in the read carrying 350 KB of body was refused 431."""
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    body = json.dumps({"source": "s", "records": [{"features": [0.5] * 4}] * 12_000}).encode()
+    assert len(body) > 4 * door.MAX_HEAD_BYTES
+    writer.write(
+        b"POST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n" % len(body)
+    )
+    await writer.drain()
+    await asyncio.sleep(0.05)  # the head's own read, without its blank line
+    writer.write(b"\r\n" + body)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert b" 431 " not in answer.split(b"\r\n", 1)[0], answer[:200]
+
+
+async def test_heads_trickled_on_one_connection_never_add_up_to_the_limit(
+    full_model: FullModelFactory,
+) -> None:
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    head = b"GET /health HTTP/1.1\r\nHost: mlgate\r\nX-Pad: " + b"p" * 900 + b"\r\n\r\n"
+    for _ in range(2 * door.MAX_HEAD_BYTES // len(head)):
+        writer.write(head[:-1])
+        await writer.drain()
+        await asyncio.sleep(0.005)
+        writer.write(head[-1:])
+        assert await asyncio.wait_for(read_answer(reader), 5) == 200
+    writer.close()
+
+
+async def test_a_whole_head_past_the_limit_in_one_read_is_431(full_model: FullModelFactory) -> None:
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    pads = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 4000) for i in range(door.MAX_HEAD_BYTES // 4000 + 2))
+    writer.write(b"GET /health HTTP/1.1\r\nHost: mlgate\r\nX-Request-ID: whole-1\r\n" + pads + b"\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head = answer.partition(b"\r\n\r\n")[0]
+    assert b" 431 " in head.split(b"\r\n", 1)[0]
+    assert b"X-Request-ID: whole-1" in head
