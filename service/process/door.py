@@ -737,9 +737,10 @@ class _DoorParser:
         if not handler.head_open:
             handler.head_bytes = 0  # a body is read: not a head
         elif messages:
-            # A head ended; what follows the last one in this read begins the next.
-            end = data.rfind(b"\r\n\r\n")
-            handler.head_bytes = len(data) - end - 4 if end >= 0 else 0
+            # A head ended. What follows the last one in this read may begin the next
+            # (or end its body: no telling which without the parser's offsets, and a
+            # body counted as a head refused the next request): counted from the next.
+            handler.head_bytes = 0
         elif counted:
             handler.head_bytes = span
             if span > MAX_HEAD_BYTES:  # unfinished, and already past the limit

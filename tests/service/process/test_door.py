@@ -1074,3 +1074,25 @@ async def test_a_whole_head_past_the_limit_in_one_read_is_431(full_model: FullMo
     head = answer.partition(b"\r\n\r\n")[0]
     assert b" 431 " in head.split(b"\r\n", 1)[0]
     assert b"X-Request-ID: whole-1" in head
+
+
+async def test_a_body_read_with_its_head_does_not_count_against_the_next_head(
+    full_model: FullModelFactory,
+) -> None:
+    """A body that came whole with its head, then the next request's head in pieces:
+    the body is no part of that head."""
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    body = json.dumps({"source": "s", "records": [{"features": [0.5] * 128}] * 60}).encode()
+    assert len(body) > door.MAX_HEAD_BYTES
+    writer.write(
+        b"POST /api/v2/ingest HTTP/1.1\r\nHost: mlgate\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    assert await asyncio.wait_for(read_answer(reader), 10) == 202
+    for piece in (b"GET /health HTTP/1.1\r\n", b"Host: mlgate\r\n", b"\r\n"):
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(read_answer(reader), 10) == 200
+    writer.close()
