@@ -114,6 +114,10 @@ async def serve(
         # After an early answer (413, 408), how long the rest of a body is read and
         # dropped so the client can see the answer before the close.
         lingering_time=min(10.0, settings.head_timeout_s),
+        # Header (and chunked trailer) fields a message may carry, of at most 8190
+        # bytes each: aiohttp's 128 let a trailer section, which the door's 32 KB head
+        # limit does not see, hold 1 MB a connection (a review).
+        max_headers=MAX_FIELDS,
     )
     with _start_up_step(lambda exc: setting_behind(exc, settings)):
         if not await _started_unless_stopped(runner, stop, settings.shutdown_timeout_s):
@@ -393,6 +397,9 @@ def connection_cap(wanted: int) -> int:
     cap = max(1, soft - RESERVED_FILES)
     log.warning("max_connections_lowered", wanted=wanted, cap=cap, open_files_limit=soft)
     return cap
+
+
+MAX_FIELDS = 64
 
 
 def shutdown_plan(settings: Settings) -> tuple[float, float]:

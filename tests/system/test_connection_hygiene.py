@@ -237,3 +237,22 @@ async def test_at_the_cap_a_connection_read_on_after_its_answer_makes_room_first
     finally:
         for _, writer in declared:
             writer.close()
+
+
+async def test_a_chunked_body_with_too_many_trailer_fields_is_refused(
+    service_process: ServiceFactory,
+) -> None:
+    """A review: a trailer section, which the head limit does not see, held 1.9 MB a
+    connection (128 fields of 8 KB, aiohttp's bounds); fields are now at most 64."""
+    service = service_process()
+    async with raw_connection(service) as (reader, writer):
+        writer.write(
+            b"POST /api/v2/predict HTTP/1.1\r\nHost: mlgate\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+        )
+        for i in range(70):
+            writer.write(b"X-T%d: %s\r\n" % (i, b"a" * 100))
+        writer.write(b"\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0], answer[:200]
