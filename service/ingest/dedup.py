@@ -579,23 +579,24 @@ class RecordDeduplicator:
 
     async def _send_unshared(self) -> None:
         """Each entry's ids to Redis; the ids whose call failed (their master still
-        down, on a Cluster) are kept for the next recovery."""
-        self._share_again = False
-        for _ in range(len(self._unshared)):
-            tenant, ids, token, written_at = self._unshared.popleft()
-            self._unshared_ids -= len(ids)
-            left_s = self.window_s - (time.monotonic() - written_at)
-            if left_s < 1:
-                continue
-            answers = await self._run("confirm", math.ceil(left_s), tenant, ids, token)
-            failed = [record_id for group, answer in answers if answer is None for record_id in group]
-            if failed:
-                self._unshared.append((tenant, failed, token, written_at))
-                self._unshared_ids += len(failed)
+        down, on a Cluster) are kept for the next recovery; one that came back while
+        this ran (``_share_again``) gets its ids in another pass."""
+        self._share_again = True
+        while self._share_again and self._unshared:
+            self._share_again = False
+            for _ in range(len(self._unshared)):
+                tenant, ids, token, written_at = self._unshared.popleft()
+                self._unshared_ids -= len(ids)
+                left_s = self.window_s - (time.monotonic() - written_at)
+                if left_s < 1:
+                    continue
+                answers = await self._run("confirm", math.ceil(left_s), tenant, ids, token)
+                failed = [record_id for group, answer in answers if answer is None for record_id in group]
+                if failed:
+                    self._unshared.append((tenant, failed, token, written_at))
+                    self._unshared_ids += len(failed)
         if not self._unshared:
             log.info("dedup_ids_shared", detail="ids written while Redis failed are in Redis now")
-        elif self._share_again:
-            await self._send_unshared()  # a master came back meanwhile: its ids, now
 
     async def extend(self, tenant: str, claim: Claim) -> None:
         """The claim's records are still being written: they stay in flight for another

@@ -257,7 +257,7 @@ class RecordValidator:
         The values are those msgspec decodes (both round correctly; ints become
         floats); a number msgspec would make infinite is a parse error here. With the
         matrix: whether the records' texts may be their values' features
-        (``_text_stands_for``)."""
+        (``_text_stands_for``, each record's length and the batch's points)."""
         count = len(records)
         joined = b"".join([b"[", b",".join([record.features for record in records]), b"]"])
         # One bracket a record and the outer one: no nested arrays (nor brackets in
@@ -276,9 +276,8 @@ class RecordValidator:
             return None
         # Each record's text no longer than its numbers written plainly: over the whole
         # batch, compact neighbours' room covered one record's padding (a review).
-        plain = matrix.shape[1] * _PLAIN_NUMBER_BYTES + 2
-        padded = max(map(len, (record.features for record in records))) > plain
-        return matrix, not padded and _text_stands_for(joined, matrix.size, count)
+        longest = max(map(len, (record.features for record in records)))
+        return matrix, _plain_length(longest, matrix.shape[1]) and _all_points(joined, matrix.size)
 
     def _decode_one(self, index: int, raw: msgspec.Raw, fmt: Format) -> Record | RecordError:
         """One record of a batch; one over ``MAX_BATCH_RECORD_BYTES`` is rejected without
@@ -617,20 +616,28 @@ def _json_row(value: object) -> msgspec.Raw:
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 
-def _text_stands_for(text: bytes | msgspec.Raw, numbers: int, arrays: int = 1) -> bool:
-    """Whether the JSON text of ``arrays`` arrays of ``numbers`` numbers in all may
-    stand for them in a JSON value: each number written with a point (a number holds
-    one at most), and no longer than the numbers written plainly.
+def _text_stands_for(text: bytes | msgspec.Raw, numbers: int) -> bool:
+    """Whether the JSON text of an array of ``numbers`` numbers may stand for them in a
+    JSON value: no longer than the numbers written plainly (``_plain_length``), each
+    written with a point (``_all_points``)."""
+    return _plain_length(len(text), numbers) and _all_points(text, numbers)
 
-    An integer literal (``3``, or ``2**70`` written out) would reach consumers that
-    infer types as an integer where every other path writes a float (a review); a
-    number written with only an exponent (``1e-05``) is formatted again too. So is a
-    text padded with blanks or with digits past a double's (a review: one record's
-    1 MB of blanks went to Kafka as a 1 MB value). Points counted by numpy:
-    ``bytes.count`` slows down where the byte is frequent, 3 µs a record of 128
-    numbers against 0.2-0.4."""
-    if len(text) > numbers * _PLAIN_NUMBER_BYTES + arrays * 3:
-        return False
+
+def _plain_length(length: int, numbers: int) -> bool:
+    """An array's text of ``length`` bytes is no longer than its ``numbers`` numbers
+    written plainly: one padded with blanks or with digits past a double's is
+    formatted again (a review: one record's 1 MB of blanks went to Kafka as a 1 MB
+    value)."""
+    return length <= numbers * _PLAIN_NUMBER_BYTES + 2
+
+
+def _all_points(text: bytes | msgspec.Raw, numbers: int) -> bool:
+    """Every one of the ``numbers`` numbers of JSON ``text`` is written with a point (a
+    number holds one at most). An integer literal (``3``, or ``2**70`` written out)
+    would reach consumers that infer types as an integer where every other path
+    writes a float (a review); a number written with only an exponent (``1e-05``) is
+    formatted again too. Counted by numpy: ``bytes.count`` slows down where the byte
+    is frequent, 3 µs a record of 128 numbers against 0.2-0.4."""
     return int(np.count_nonzero(np.frombuffer(text, np.uint8) == _POINT)) == numbers
 
 
