@@ -15,7 +15,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 MAX_RANK = 16
-MAX_TENSORS = 64
+# Tabular models exported with one input per column have hundreds (a review: a model
+# of 80 inputs loaded and advertised, and every infer of it refused); the body's limit
+# bounds what they hold.
+MAX_TENSORS = 4096
+# Triton echoes any id; this keeps one log line's worth.
+MAX_ID_LENGTH = 4096
 
 Datatype = Literal[
     "BOOL",
@@ -54,7 +59,7 @@ class RequestOutput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     inputs: Annotated[list[RequestInput], msgspec.Meta(min_length=1, max_length=MAX_TENSORS)]
-    id: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    id: Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)] | None = None
     parameters: Parameters = {}
     outputs: Annotated[list[RequestOutput], msgspec.Meta(max_length=MAX_TENSORS)] | None = None
 

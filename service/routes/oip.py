@@ -338,7 +338,7 @@ async def model_config(request: web.Request) -> web.Response:
         request.match_info["model"],
         request.match_info.get("version"),
     )
-    batching = loaded.max_batch_size > 1 and loaded.worker.shares_batches
+    batching = loaded.worker.batches_rows
 
     def tensors(specs: tuple[TensorSpec, ...]) -> list[ConfigTensor]:
         # Triton leaves the batch dimension out of dims when the model batches.

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
+from structlog.testing import capture_logs
 
 from mlgate.config import Settings
 from mlgate.workers.errors import WorkerClosed
@@ -162,6 +163,40 @@ async def test_new_version_becomes_latest_without_failing_in_flight_requests(
     assert repo.resolve("demo").version == "2"
     assert served[0] == "1" and served[-1] == "2"
     assert not old_worker.running and old_worker.mailbox_depth == 0
+
+
+@pytest.mark.parametrize("name", ["my model", "a+b", "modèle"])
+async def test_a_model_directory_of_any_plain_name_is_served(
+    repo_root: Path, start_repository: Any, name: str
+) -> None:
+    """As Triton serves any directory name (its clients quote them in the URL)."""
+    add_version(repo_root, name, 1)
+    repo = await start_repository()
+    assert repo.resolve(name).version == "1"
+    assert IndexEntry(name, "1", "READY") in repo.index()
+
+
+async def test_a_hidden_model_directory_is_not_served_and_is_logged_once(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, ".hidden", 1)
+    with capture_logs() as logs:
+        repo = await start_repository()
+        await repo.poll()
+    with pytest.raises(ModelNotFound):
+        repo.resolve(".hidden")
+    ignored = [entry for entry in logs if entry["event"] == "model_directory_ignored"]
+    assert [entry["name"] for entry in ignored] == [".hidden"]
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../models/demo", "demo\n"])
+async def test_a_model_name_that_would_leave_the_repository_is_not_found(
+    repo_root: Path, start_repository: Any, name: str
+) -> None:
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    with pytest.raises(ModelNotFound):
+        repo.resolve(name)
 
 
 async def test_broken_version_is_reported_and_the_old_one_keeps_serving(

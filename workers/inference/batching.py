@@ -977,6 +977,13 @@ class InferenceWorker(Actor[_Item]):
         did not keep its rows)."""
         return self._shares_batches
 
+    @property
+    def batches_rows(self) -> bool:
+        """Whether its batch is rows of requests (Triton's ``max_batch_size`` above 0):
+        they share runs, more than one row at a time. Else a request is a batch of 1
+        whatever its first dimension, as Triton counts one without batching."""
+        return self._shares_batches and self._max_batch_size > 1
+
     def _answers(
         self,
         items: list[_Item],
@@ -999,7 +1006,8 @@ class InferenceWorker(Actor[_Item]):
             # (low by the run's fixed cost) that the next full batch replaces.
             self._run_time_s = run_s * self._max_batch_size / total
         self.stats.batches += 1
-        self.stats.rows_computed += total
+        counted = total if self.batches_rows else len(items)
+        self.stats.rows_computed += counted
         queued = started - min(item.enqueued for item in items)
         self._telemetry.inference_batch_ran(self.model, self.version, total, queued, run_s)
         named = dict(zip(self._output_names, outputs, strict=True))
@@ -1013,7 +1021,7 @@ class InferenceWorker(Actor[_Item]):
             }
             answers.append((item, sliced))
             offset = end
-        self._count_answered(items, total, started, run_s, input_s, time.perf_counter() - splitting)
+        self._count_answered(items, counted, started, run_s, input_s, time.perf_counter() - splitting)
         return answers
 
     def _count_answered(

@@ -60,8 +60,18 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "BYTES": np.dtype(np.object_),
 }
 
-# Model directory names mlgate serves: no hidden directories, nothing that leaves the root.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Model directory names mlgate serves (``model_name_allowed``): any, as Triton serves
+# any (a review: "my model" and "a+b" were ignored without a word), but no hidden
+# directory, nothing that leaves the root (no separator; "." and ".." begin with a dot)
+# and no control character, which would reach log lines and metric labels.
+MODEL_NAME = re.compile(r"(?![.\s])[^/\\\x00-\x1f\x7f]{1,128}")
+
+
+NAME_RULE = "at most 128 characters, no '/', '\\' or control character, not beginning with '.' or a space"
+
+
+def model_name_allowed(name: str) -> bool:
+    return MODEL_NAME.fullmatch(name) is not None
 
 State = Literal["READY", "UNAVAILABLE"]
 Kind = Literal["classifier", "regressor"]

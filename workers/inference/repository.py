@@ -41,7 +41,7 @@ from mlgate.workers.errors import DeadlineExpired, InputRefused, MailboxFull, Wo
 from mlgate.workers.inference.batching import InferenceWorker, Outputs
 from mlgate.workers.inference.model_config import (
     CONFIG_FILE,
-    MODEL_NAME,
+    NAME_RULE,
     Kind,
     ModelConfig,
     ModelConfigError,
@@ -49,6 +49,7 @@ from mlgate.workers.inference.model_config import (
     TensorSpec,
     file_fingerprint,
     guess_kind,
+    model_name_allowed,
     open_session,
     read_config,
     versions_on_disk,
@@ -136,6 +137,7 @@ class ModelRepository:
         self._states: dict[str, dict[str, IndexEntry]] = {}
         self._failed: dict[tuple[str, str], tuple[int, ...]] = {}
         self._unloaded: set[str] = set()
+        self._ignored: set[str] = set()  # directories whose names are not served, logged
         # One per model: an unload or a load of one model does not wait for another's
         # load (up to ``model_load_timeout_s``).
         self._locks: dict[str, asyncio.Lock] = {}
@@ -251,12 +253,18 @@ class ModelRepository:
         return model in self._states or self._on_disk(model)
 
     def _on_disk(self, model: str) -> bool:
-        return MODEL_NAME.match(model) is not None and (self.root / model).is_dir()
+        return model_name_allowed(model) and (self.root / model).is_dir()
 
     def _model_dirs(self) -> set[str]:
         if not self.root.is_dir():
             return set()
-        return {p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.match(p.name)}
+        names = {p.name for p in self.root.iterdir() if p.is_dir()}
+        served = {name for name in names if model_name_allowed(name)}
+        for name in sorted(names - served - self._ignored):
+            # Once a name: the poll reads the directory every few seconds.
+            log.warning("model_directory_ignored", name=name, rule=NAME_RULE)
+            self._ignored.add(name)
+        return served
 
     def submit(
         self,

@@ -297,7 +297,8 @@ async def unbatched_client(
     tmp_path: Path, app_client: Any, make_settings: Callable[..., Settings]
 ) -> Client:
     """Models without a batch dimension to share (``max_batch_size`` 0): ``mixed``
-    takes ``x`` [-1, 4] and ``k`` [1] (``y = x * k``), ``scalar`` takes ``x`` [] (``y = 2x``)."""
+    takes ``x`` [-1, 4] and ``k`` [1] (``y = x * k``), ``scalar`` takes ``x`` [] (``y = 2x``),
+    ``triple`` ``x`` [3] (``y = x``)."""
     root = tmp_path / "models"
     mixed = helper.make_graph(
         [helper.make_node("Mul", ["x", "k"], ["y"])],
@@ -316,6 +317,13 @@ async def unbatched_client(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
     )
     write_version(root, "scalar", model_of(scalar))
+    triple = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "triple",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+    )
+    write_version(root, "triple", model_of(triple))
     settings = make_settings(model_repository=str(root), default_model="mixed")
     client: Client = await app_client(settings)
     return client
@@ -345,6 +353,62 @@ async def test_a_model_taking_a_scalar_is_served(unbatched_client: Client) -> No
     assert response.status == 200, await response.text()
     output = (await response.json())["outputs"][0]
     assert output["shape"] == [] and output["data"] == [3.0]
+
+
+async def test_an_unbatched_models_statistics_count_a_request_as_one_inference(
+    unbatched_client: Client,
+) -> None:
+    """As Triton counts a model without batching: a request of 3 values is one."""
+    body = {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]}
+    for _ in range(2):
+        response = await unbatched_client.post("/v2/models/triple/infer", json=body)
+        assert response.status == 200, await response.text()
+    stats = await (await unbatched_client.get("/v2/models/triple/stats")).json()
+    [model] = stats["model_stats"]
+    assert model["inference_count"] == 2
+    assert model["execution_count"] == 2
+    assert [entry["batch_size"] for entry in model["batch_stats"]] == [1]
+
+
+@pytest.fixture
+async def wide_client(
+    tmp_path: Path, app_client: Any, make_settings: Callable[..., Settings]
+) -> Client:
+    """``wide``: 80 inputs ``f0``..``f79`` of [N, 1], concatenated into ``y`` [N, 80],
+    as a tabular model exported with one input per column."""
+    root = tmp_path / "models"
+    names = [f"f{index}" for index in range(80)]
+    graph = helper.make_graph(
+        [helper.make_node("Concat", names, ["y"], axis=1)],
+        "wide",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 1]) for name in names],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 80])],
+    )
+    write_version(root, "wide", model_of(graph), {"kind": "regressor"})
+    client: Client = await app_client(make_settings(model_repository=str(root), default_model="wide"))
+    return client
+
+
+async def test_a_model_of_more_than_64_inputs_is_served(wide_client: Client) -> None:
+    body = {
+        "inputs": [
+            {"name": f"f{index}", "shape": [1, 1], "datatype": "FP32", "data": [float(index)]}
+            for index in range(80)
+        ]
+    }
+    response = await wide_client.post("/v2/models/wide/infer", json=body)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["outputs"][0]["data"] == [float(index) for index in range(80)]
+
+
+async def test_an_infer_id_longer_than_256_characters_is_echoed(demo_client: Client) -> None:
+    body = {
+        "id": "r" * 1000,
+        "inputs": [{"name": "input", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}],
+    }
+    response = await demo_client.post("/v2/models/demo/infer", json=body)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["id"] == "r" * 1000
 
 
 async def test_server_ready_does_not_wait_for_the_rest_routes_default_model(
