@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from mlgate.schemas.quality import profile_decoder
+from mlgate.schemas.quality import FeatureProfile, QualityProfile, profile_decoder
 from mlgate.workers.quality.profile import CompiledProfile, NonFiniteProfile, build_profile, psi
 from mlgate.workers.quality.profile_store import ProfileChanges, ProfileStore
 from tests.quality_data import FEATURES, reference_sample, write_profile
@@ -77,9 +77,34 @@ def test_profile_file_is_versioned_and_readable(tmp_path: Path) -> None:
 def test_edges_float32_would_merge_are_counted_in_float64() -> None:
     seconds = 1.7e9 + np.arange(1000, dtype=np.float64)  # float32 spaces these 128 apart
     compiled = CompiledProfile.compile(build_profile(seconds[:, None], kind="source", name="s"))
-    assert compiled.counting_edges.dtype == np.float64
+    assert not compiled.float32_suffices
     counts = compiled.bin_counts(seconds[:, None])
     assert counts.tolist() == [[100] * 10]
+
+
+def test_a_reference_scores_no_drift_against_itself_where_float32_is_coarser_than_its_bins() -> None:
+    """A review: epoch seconds over 1,500 s (bins ~150 wide, float32's spacing 128)
+    read PSI 0.18 against their own reference, counted in float32."""
+    seconds = 1_700_000_000 + np.random.default_rng(3).integers(0, 1500, 2000).astype(np.float64)
+    compiled = CompiledProfile.compile(build_profile(seconds[:, None], kind="source", name="s"))
+    counts = compiled.bin_counts(seconds[:, None])
+    assert psi(compiled.reference, counts, len(seconds)).tolist() == pytest.approx([0.0], abs=1e-9)
+
+
+def test_float32_rows_are_binned_exactly_against_edges_float32_cannot_hold() -> None:
+    """0.7 is no float32, and the nearest one is below it: that one is in the lower
+    bin, the next one up in the upper, as in float64."""
+    feature = FeatureProfile(index=0, min=0.0, max=1.0, edges=[0.7], proportions=[0.5, 0.5])
+    compiled = CompiledProfile.compile(
+        QualityProfile(
+            kind="model", name="m", created_at="2026-12-07T00:00:00Z", reference_count=2, features=[feature]
+        )
+    )
+    below = np.float32(0.7)  # the nearest float32 is below 0.7
+    above = np.nextafter(below, np.float32(1))
+    assert float(below) < 0.7 < float(above)
+    counts = compiled.bin_counts(np.array([[below], [above], [above]], dtype=np.float32))
+    assert counts.tolist() == [[1, 2]]
 
 
 def test_a_broken_file_with_no_earlier_version_is_unreadable_until_it_loads(tmp_path: Path) -> None:
