@@ -302,6 +302,7 @@ class IngestPipeline:
             raise
         if records or (claim is not None and claim.held):
             await self._join_turn(tenant, claim, records)
+        self._validator.observe_written(batch, fresh)
         duplicates = len(batch.accepted) - len(fresh.accepted)
         if duplicates:
             self._metrics.records_duplicate.inc(duplicates)

@@ -11,11 +11,14 @@ features than the profile) is, by the profile's ``on_violation``:
   success, like any other bad record);
 - ``flag``: accepted and marked with the Kafka header ``quality_flags``, the
   comma-separated names of the offending features (``dimension`` for a record of the
-  wrong size; past 32 names, ``+N`` says how many more). Flags are keyed by record_id,
-  so they survive the route dropping duplicates from the batch.
+  wrong size; past 32 names, ``+N`` says how many more). Flags are kept by record
+  (not by record_id), so they survive the route dropping duplicates from the batch and
+  stay on the copy flagged.
 
 Either way the violations are counted, and the whole matrix, violating rows included,
-goes to the drift monitor: out-of-range values are drift too. With
+goes to the drift monitor once the batch is written (``observe_written``), but the
+rows of records the dedup dropped: out-of-range values are drift too, a batch sent
+again is not. With
 ``MLGATE_DRIFT_SAMPLE_EVERY`` = k, every k-th row of a source's stream of accepted
 rows goes (the phase carries from one batch to the next, so single-record batches are
 sampled too), copied: the monitor's mailbox holds the sampled rows, not the batch.
@@ -42,7 +45,7 @@ import numpy as np
 from mlgate.config import Settings
 from mlgate.schemas.ingest import FeaturesText, RecordError, StoredRecord
 from mlgate.service.http.errors import Overloaded
-from mlgate.service.ingest.batch import ValidatedBatch
+from mlgate.service.ingest.batch import DriftRows, ValidatedBatch
 from mlgate.workers.quality.drift_monitor import DriftMonitor
 from mlgate.workers.quality.profile import CompiledProfile, FloatMatrix
 from mlgate.workers.quality.profile_store import ProfileStore
@@ -112,16 +115,32 @@ class QualityScreen:
             position = row if positions is None else positions[row]
             violations[position] = [profile.names[f] for f in features]
         if self._monitor is not None:
-            self._monitor.observe(batch.source, "source", self._sample(batch.source, matrix))
+            records = batch.accepted if positions is None else [batch.accepted[p] for p in positions]
+            batch = replace(batch, drift=DriftRows(matrix, records))
         if not violations:
             return batch
         if profile.profile.on_violation == "flag":
-            flags = {
-                batch.accepted[p].record_id: _header_value(names) for p, names in violations.items()
-            }
+            flags = {id(batch.accepted[p]): _header_value(names) for p, names in violations.items()}
             self._count(batch.source, "flagged", len(violations))
             return replace(batch, quality_flags=flags)
         return self._reject(batch, profile, violations)
+
+    def observe_written(self, screened: ValidatedBatch, written: ValidatedBatch) -> None:
+        """The drift monitor sees ``screened``'s rows once the batch is written (its
+        rejected rows too: out-of-range values are drift), but not those of records
+        ``written`` left out as duplicates: a batch sent again is not new data (a
+        review: three sends of one batch were observed three times)."""
+        drift = screened.drift
+        if drift is None or self._monitor is None:
+            return
+        matrix = drift.matrix
+        if len(written.accepted) != len(screened.accepted):
+            dropped = {id(record) for record in screened.accepted} - {
+                id(record) for record in written.accepted
+            }
+            matrix = matrix[[row for row, record in enumerate(drift.records) if id(record) not in dropped]]
+        if matrix.shape[0]:
+            self._monitor.observe(screened.source, "source", self._sample(screened.source, matrix))
 
     def _sample(self, source: str, matrix: FloatMatrix) -> FloatMatrix:
         """Every k-th row of the source's stream in ``matrix``, as a copy."""

@@ -456,6 +456,12 @@ class RecordValidator:
             source=source,
         )
 
+    def observe_written(self, screened: ValidatedBatch, written: ValidatedBatch) -> None:
+        """``screened``'s rows for the drift monitor, but those of records ``written``
+        left out as duplicates (``QualityScreen.observe_written``)."""
+        if self._quality is not None:
+            self._quality.observe_written(screened, written)
+
     # -- encoding for the sink --------------------------------------------------------
 
     def outbound(self, batch: ValidatedBatch, tracking_id: str) -> list[OutboundRecord]:
@@ -471,7 +477,7 @@ class RecordValidator:
         ]
         if batch.quality_flags:
             for position, record in enumerate(batch.accepted):
-                flags = batch.quality_flags.get(record.record_id)
+                flags = batch.quality_flags.get(id(record))
                 if flags is not None:
                     plain = records[position]
                     records[position] = OutboundRecord(

@@ -106,6 +106,42 @@ async def test_flag_profile_accepts_and_marks_records_in_a_kafka_header(
     assert 'mlgate_quality_violations_total{action="flagged",kind="source",name="sensors"} 2.0' in metrics
 
 
+async def test_flags_stay_on_the_copy_flagged_when_a_batch_repeats_a_record_id(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+    kafka_broker: KafkaBroker, kafka_topic: str,
+) -> None:
+    """A review: flags were kept by record_id, so the clean first copy of an id (the
+    one written) carried the flags of a later, dropped copy."""
+    write_profile(profiles_dir, "sensors", on_violation="flag")
+    client = await app_client(
+        quality_settings(kafka_bootstrap_servers=kafka_broker.bootstrap, kafka_topic=kafka_topic)
+    )
+    clean = records(reference_sample(4, seed=7), "x")
+    flagged_a = {**clean[0], "record_id": "a", "features": [1e6, *clean[0]["features"][1:]]}  # type: ignore[index]
+    clean_a = {**clean[1], "record_id": "a"}
+    clean_b = {**clean[2], "record_id": "b"}
+    flagged_b = {**clean[3], "record_id": "b", "features": [*clean[3]["features"][:7], 1e6]}  # type: ignore[index]
+    body = await ingest(client, [flagged_a, clean_a, clean_b, flagged_b])
+    assert (body["records_accepted"], body["records_duplicate"]) == (2, 2)
+
+    messages = await read_topic(kafka_broker.bootstrap, kafka_topic, expected=2)
+    assert {m.key: dict(m.headers).get("quality_flags") for m in messages} == {b"a": b"f0", b"b": None}
+
+
+async def test_a_batch_sent_again_is_observed_for_drift_once(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    """A review: each resend of a batch the dedup dropped was observed again."""
+    write_profile(profiles_dir, "sensors", on_violation="reject")
+    client = await app_client(quality_settings())
+    batch = records(reference_sample(5, seed=7), "r")
+    await ingest(client, batch)
+    for _ in range(2):
+        body = await ingest(client, batch)
+        assert (body["records_accepted"], body["records_duplicate"]) == (0, 5)
+    assert (await report(client))["records_observed"] == 5
+
+
 async def test_a_large_json_batch_parsed_into_one_matrix_is_screened_alike(
     app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path
 ) -> None:
