@@ -185,7 +185,7 @@ class Metrics:
             ["kind", "name", "action"], registry=r,
         )
         self.drift_dropped = Counter(
-            "mlgate_drift_dropped_records", "Records the drift monitor dropped (mailbox full)",
+            "mlgate_drift_dropped_records", "Records the drift monitor did not observe (its mailbox full, or rows of another width than the profile)",
             ["kind", "name"], registry=r,
         )
         self.quality_profiles_unreadable = Gauge(

@@ -37,6 +37,7 @@ their last value; profile files that cannot be loaded are counted.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ class DriftMonitor:
         self._started = False
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
+        # (kind, name, profile width) of profiles that rows of another width met, logged
+        self._misfits_logged: set[tuple[str, str, int]] = set()
         # Held by a window's "profile still in force?" check and its gauge writes, and
         # by a refresh's retiring of one profile's gauges: a refresh landing between
         # check and write would have them re-created for a profile gone. Taken once per
@@ -175,22 +178,46 @@ class DriftMonitor:
     # -- the callers' side: never waits ----------------------------------------------
 
     def observe(self, name: str, kind: ProfileKind, matrix: FloatMatrix) -> bool:
-        """Queue a batch for scoring; False when it was not (no profile, full, closed)."""
+        """Queue a batch for scoring; False when none of it was (no profile, another
+        width than the profile's, full, closed). A batch of more rows than the mailbox
+        has room for queues evenly spaced rows to fill it, the rest dropped: one larger
+        than the whole mailbox was dropped whole however empty it was (a review)."""
         profile = self._profiles.get(kind, name)
-        if profile is None or matrix.ndim != 2 or matrix.shape[1] != profile.n_features:
+        if profile is None or matrix.ndim != 2:
             return False
         if matrix.dtype.kind not in "biuf":  # strings (an OIP BYTES tensor): no histogram
             return False
         rows = int(matrix.shape[0])
         if rows == 0:
             return False
-        if self._closed or self._queued_rows + rows > self._mailbox_rows:
-            self._counters(kind, name).dropped += rows
-            self._telemetry.drift_observation_dropped(kind, name, rows)
+        if matrix.shape[1] != profile.n_features:
+            # A profile of another width than the model's input (or the model reloaded
+            # wider): its drift is never scored, which is said once, and counted.
+            # Once a profile's width (not a row's: a model with a free width would let
+            # clients grow the set).
+            if (kind, name, profile.n_features) not in self._misfits_logged:
+                self._misfits_logged.add((kind, name, profile.n_features))
+                log.warning(
+                    "drift_profile_width_mismatch", kind=kind, name=name,
+                    profile_features=profile.n_features, observed_features=int(matrix.shape[1]),
+                )
+            self._dropped(kind, name, rows)
             return False
+        room = 0 if self._closed else self._mailbox_rows - self._queued_rows
+        if room <= 0:
+            self._dropped(kind, name, rows)
+            return False
+        if rows > room:
+            matrix = matrix[:: math.ceil(rows / room)].copy()
+            self._dropped(kind, name, rows - matrix.shape[0])
+            rows = int(matrix.shape[0])
         self._queued_rows += rows
         self._mailbox.put_nowait(_Observation(kind, name, matrix))
         return True
+
+    def _dropped(self, kind: ProfileKind, name: str, rows: int) -> None:
+        self._counters(kind, name).dropped += rows
+        self._telemetry.drift_observation_dropped(kind, name, rows)
 
     def record_violations(
         self, kind: ProfileKind, name: str, action: Literal["rejected", "flagged"], records: int
