@@ -29,7 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import structlog
 
 from mlgate.workers.errors import MailboxFull, WorkerClosed
-from mlgate.workers.supervision import Restarts
+from mlgate.workers.supervision import Restarts, background_context, stray_cancellation
 from mlgate.workers.telemetry import NO_SUPERVISION_TELEMETRY, SupervisionTelemetry
 
 log = structlog.get_logger("mlgate.actor")
@@ -105,7 +105,9 @@ class Actor(Generic[ItemT]):
         return loop.create_future()
 
     def _launch(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._supervise(), name=self.name)
+        self._task = asyncio.get_running_loop().create_task(
+            self._supervise(), name=self.name, context=background_context()
+        )
         self._task.add_done_callback(self._fail_all)
 
     async def _run(self) -> None:
@@ -119,7 +121,11 @@ class Actor(Generic[ItemT]):
                     await self._recover()
                 self._restarts.started()
                 await self._run()
-                error: Exception = RuntimeError("the loop returned")
+                error: BaseException = RuntimeError("the loop returned")
+            except asyncio.CancelledError as exc:
+                if not stray_cancellation():
+                    raise
+                error = exc  # out of a future another party cancelled: a crash
             except Exception as exc:  # a bug: the actor runs again rather than stay dead
                 error = exc
             crashed = True

@@ -7,12 +7,16 @@ counter per task), and the loop is started again after an exponential backoff (0
 doubling up to 30 s; back to 0.1 s once a run has lasted a minute). ``healthy`` is
 False from a crash until the restarted loop has run for ``settle_s`` without crashing
 again, so a readiness check built on it tells the truth while the work is stuck.
-Cancellation (``stop()``) is the only way out.
+Cancellation (``stop()``) is the only way out: a ``CancelledError`` raised into the
+loop while nobody cancelled its task (out of a future another party cancelled) is a
+crash like any other (``stray_cancellation``). Loops start in a context of their own
+(``background_context``), not in the request's that started them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +30,22 @@ FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 30.0
 # A run this long counts as recovered: the next crash backs off from the start again.
 RECOVERED_AFTER_S = 60.0
+
+
+def stray_cancellation() -> bool:
+    """Whether the ``CancelledError`` being handled is no request to stop the current
+    task: raised out of an awaited future that another party cancelled. Such a loop
+    is restarted; it ended without a line, a count or a restart (a review: a model's
+    worker stayed dead, its ``/ready`` reason saying it restarts)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+def background_context() -> contextvars.Context:
+    """A context of its own for a long-lived task or a callback of one: started from a
+    request, it would carry that request's id on every line it logs (a review: a
+    worker's crash logged under the id of the load request that had started it)."""
+    return contextvars.Context()
 
 
 class Restarts:
@@ -92,7 +112,9 @@ class SupervisedTask:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._supervise(), name=self.name)
+            self._task = asyncio.get_running_loop().create_task(
+                self._supervise(), name=self.name, context=background_context()
+            )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -105,8 +127,10 @@ class SupervisedTask:
             try:
                 await self._loop()
                 error: BaseException = RuntimeError("the loop returned")
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as exc:
+                if not stray_cancellation():
+                    raise
+                error = exc
             except Exception as exc:  # the point of a supervisor: any crash is restarted
                 error = exc
             backoff = self._restarts.crashed()

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from mlgate.workers.actor import Actor
@@ -16,6 +17,7 @@ from mlgate.workers.supervision import Restarts
 from tests.support import until
 
 CRASH = "crash"
+CANCELLED = "cancelled"  # the loop awaits a future another party cancelled
 
 
 @dataclass(eq=False)
@@ -67,6 +69,10 @@ class Echo(Actor[_Item]):
             self._mailbox.task_done()
             if self._current.value == CRASH:
                 raise RuntimeError("echo bug")
+            if self._current.value == CANCELLED:
+                elsewhere: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                elsewhere.cancel()
+                await elsewhere
             self._current.future.set_result(self._current.value)
             self._current = None
 
@@ -96,6 +102,38 @@ async def test_a_crash_is_logged_and_counted(echo: Echo) -> None:
     assert "echo bug" in crashed[0]["error"]
     assert echo.crashes == 1
     assert echo._crash_telemetry.crashes == ["echo"]  # type: ignore[attr-defined]
+
+
+async def test_a_cancelled_future_raised_into_its_loop_is_a_crash_it_recovers_from(
+    echo: Echo,
+) -> None:
+    """A review: a CancelledError out of an awaited future ended the actor's task with
+    no line, no count and no restart; only a cancellation of the task itself stops it."""
+    with capture_logs() as logs:
+        with pytest.raises(WorkerClosed, match="echo crashed; it restarts"):
+            await echo.submit(CANCELLED)
+    assert [line["event"] for line in logs if line["event"] == "actor_crashed"] == ["actor_crashed"]
+    assert echo._crash_telemetry.crashes == ["echo"]  # type: ignore[attr-defined]
+    await until(lambda: echo.running)
+    assert await echo.submit("after") == "after"
+
+
+async def test_its_loop_logs_in_no_context_of_the_request_that_started_it() -> None:
+    """A review: a worker started by a request logged its crash under that request's id."""
+    structlog.contextvars.bind_contextvars(request_id="the-starting-request")
+    actor = Echo(CountingTelemetry())
+    try:
+        actor.start()
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    try:
+        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            with pytest.raises(WorkerClosed):
+                await actor.submit(CRASH)
+        [crashed] = [line for line in logs if line["event"] == "actor_crashed"]
+        assert "request_id" not in crashed
+    finally:
+        await actor.close(drain_s=1)
 
 
 async def test_a_crashed_actor_recovers_and_answers_again(echo: Echo) -> None:

@@ -88,3 +88,43 @@ def test_recoveries_that_fail_after_a_long_run_keep_doubling_their_backoff() -> 
     restarts._started_at -= RECOVERED_AFTER_S + 1  # the run lasted: its crash backs off from the start
     delays = [restarts.crashed() for _ in range(4)]  # then each recovery fails
     assert delays == [0.1, 0.2, 0.4, 0.8]
+
+
+async def test_a_cancelled_future_raised_into_the_loop_is_a_crash_and_restarted() -> None:
+    """A review: the loop ended silently, and polling stopped for good."""
+    runs = 0
+    second_run = asyncio.Event()
+
+    async def loop() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            elsewhere: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            elsewhere.cancel()
+            await elsewhere
+        second_run.set()
+        await asyncio.Event().wait()
+
+    telemetry = CountingTelemetry()
+    task = SupervisedTask("model-poller", loop, telemetry, settle_s=0)
+    with capture_logs() as logs:
+        task.start()
+        await asyncio.wait_for(second_run.wait(), 5)
+    await task.stop()
+    assert runs == 2 and telemetry.crashes == ["model-poller"]
+    assert [line["event"] for line in logs] == ["background_task_crashed"]
+
+
+async def test_stop_still_ends_the_loop() -> None:
+    started = asyncio.Event()
+
+    async def loop() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    telemetry = CountingTelemetry()
+    task = SupervisedTask("poller", loop, telemetry)
+    task.start()
+    await asyncio.wait_for(started.wait(), 5)
+    await task.stop()
+    assert not task.healthy and telemetry.crashes == []
