@@ -386,3 +386,38 @@ def test_log_cat_reports_damage_on_stderr_keeping_stdout_json_lines(
     out, err = capsys.readouterr()
     assert [json.loads(line)["offset"] for line in out.splitlines()] == [0, 2]
     assert "local_log_corrupt_frame_skipped" in err
+
+
+# -- a write that does not finish (a hung disk) ----------------------------------------
+
+
+async def test_a_write_that_stalls_answers_its_caller_and_makes_the_writer_unhealthy(
+    tmp_path: Path,
+) -> None:
+    """A review: with the disk hung, ingests waited as long as it did (60 s and more)
+    while ``/ready`` said 200 and nothing was logged."""
+    writer = await _started_writer(tmp_path / "log", stall_s=0.2)
+    assert writer._log is not None
+    append = writer._log.append
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def hung_append(frames: list[bytes]) -> None:
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        append(frames)
+
+    writer._log.append = hung_append  # type: ignore[method-assign]
+    try:
+        with structlog.testing.capture_logs() as logs:
+            with pytest.raises(SinkFailed, match="has not finished a write in 0.2 s") as failed:
+                await writer.write([_record("slow")])
+            assert not failed.value.nothing_written  # it may still land
+            assert not writer.healthy
+            assert "its disk stalls" in (writer.problem or "")
+            release.set()
+            await until(lambda: writer.healthy)
+        assert [line["event"] for line in logs] == ["local_log_write_stalled", "local_log_write_finished"]
+        assert _entries(tmp_path / "log") == [(0, "slow")]  # it landed
+    finally:
+        release.set()
+        await writer.close()

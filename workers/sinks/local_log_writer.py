@@ -13,6 +13,12 @@ then a small file written, fsync'd and removed.
 A log left broken by a failed write (its cut-back failed too, or its directory was
 removed under it) is repaired first, by the probe or by the next write.
 
+A write that has not finished after ``stall_s`` (a hung disk, an fsync that does not
+return) is logged (``local_log_write_stalled``) and counted as a write error, makes the
+writer unhealthy until it ends, and its callers stop waiting (``wait_durable``): their
+records may still land, so they are not refused (a review: ingests waited as long as
+the disk hung, 60 s and more, while ``/ready`` said 200).
+
 Written and failed records count in ``mlgate_records_total{outcome}``. A crash of the
 writer's loop is counted in ``mlgate_background_task_crashes_total{task="local_log"}``
 (``spill`` for the spill), fails what was queued, and the loop runs again on the log
@@ -35,12 +41,16 @@ from mlgate.workers.actor import Actor
 from mlgate.workers.errors import SinkFailed
 from mlgate.workers.sinks.local_log import LocalLog, RepairFailed, frame
 from mlgate.workers.sinks.records import OutboundRecord
+from mlgate.workers.supervision import background_context
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 log = structlog.get_logger("mlgate.local_log")
 # After a failed write, healthy again once this much is free (and writable).
 MIN_FREE_BYTES = 16 * 1024 * 1024
 PROBE_INTERVAL_S = 1.0
+# A write (its frames and fsync) not done in this long stalls: as long as Kafka's
+# direct writes wait (two produce timeouts of 5 s) before they spill.
+STALL_S = 10.0
 
 
 @dataclass(eq=False, slots=True)
@@ -63,6 +73,7 @@ class LocalLogWriter(Actor[_Pending]):
         min_free_bytes: int | None = None,
         telemetry: WorkerTelemetry = NO_TELEMETRY,
         spill: bool = False,
+        stall_s: float = STALL_S,
     ) -> None:
         """``spill``: the Kafka sink's spill, whose records its sink counts (failed,
         spilled, then produced): this writer counts none, and a crash as ``spill``."""
@@ -80,6 +91,8 @@ class LocalLogWriter(Actor[_Pending]):
         self._telemetry = telemetry
         self._probing = False
         self._probed_at = 0.0
+        self._stall_s = stall_s
+        self._stalled_since: float | None = None  # of the write in hand, once it stalls
         # The offset after every record handed to ``submit``: appends are in order and
         # all or nothing, so this is where the log will end once the mailbox is done.
         self._accepted = 0
@@ -90,7 +103,7 @@ class LocalLogWriter(Actor[_Pending]):
             return False
         if self._write_failed:
             self._probe_soon()
-        return not self._write_failed
+        return not self._write_failed and self._stalled_since is None
 
     @property
     def problem(self) -> str | None:
@@ -100,6 +113,8 @@ class LocalLogWriter(Actor[_Pending]):
             return f"the local log writer at {self._directory} restarts after a crash"
         if not self.running:
             return f"the local log at {self._directory} is not running"
+        if self._stalled_since is not None:
+            return f"a write to {self._directory} has not finished in {self._stall_s:g} s: its disk stalls"
         return f"writes to {self._directory} fail: {self._last_error}"
 
     async def roll_at(self, offset: int) -> bool:
@@ -115,7 +130,8 @@ class LocalLogWriter(Actor[_Pending]):
             return
         self._probing, self._probed_at = True, time.monotonic()
         probe = asyncio.get_running_loop().run_in_executor(self._executor, self._probe_write)
-        probe.add_done_callback(self._probed)
+        # Asked by ``/ready``: its line must not carry that request's id (a review).
+        probe.add_done_callback(self._probed, context=background_context())
 
     def _probed(self, probe: asyncio.Future[bool]) -> None:
         self._probing = False
@@ -183,7 +199,19 @@ class LocalLogWriter(Actor[_Pending]):
     ) -> None:
         # Every write waiting goes in the next fsync: no lane waits for another's turn;
         # the log is bounded by its disk, not shared out by tenant.
-        await self.submit(records)
+        await self.wait_durable(self.submit(records))
+
+    async def wait_durable(self, written: asyncio.Future[None]) -> None:
+        """Wait for ``written`` (from ``submit``), at most ``stall_s``: past it the disk
+        stalls, and the caller gets ``SinkFailed`` (its records may still land: not
+        ``nothing_written``) rather than wait as long as the disk hangs."""
+        try:
+            await asyncio.wait_for(asyncio.shield(written), self._stall_s)
+        except TimeoutError:
+            raise SinkFailed(
+                f"the local log at {self._directory} has not finished a write in "
+                f"{self._stall_s:g} s (its disk stalls): the records may still land"
+            ) from None
 
     def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -241,12 +269,20 @@ class LocalLogWriter(Actor[_Pending]):
                 for _ in taken:
                     self._mailbox.task_done()
 
+    def _stalls(self, started: float) -> None:
+        self._stalled_since = started
+        log.error("local_log_write_stalled", directory=str(self._directory), stall_s=self._stall_s)
+        self._telemetry.local_log_write_failed()
+
     async def _write(self, taken: list[_Pending]) -> SinkFailed | None:
         """Append the items' frames and fsync: the error to fail them with, if any."""
         assert self._log is not None
         frames = [data for item in taken for data in item.frames]
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        stall = loop.call_later(self._stall_s, self._stalls, started)
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._log.append, frames)
+            await loop.run_in_executor(self._executor, self._log.append, frames)
         except OSError as exc:
             self._accepted -= len(frames)  # the log was cut back to where it was
             # Logged when writes start failing (and when they work again), not once
@@ -264,6 +300,14 @@ class LocalLogWriter(Actor[_Pending]):
                 f"local log write failed: {exc}",
                 nothing_written=isinstance(exc, RepairFailed) or not self._log.broken,
             )
+        finally:
+            stall.cancel()
+            if self._stalled_since is not None:
+                self._stalled_since = None
+                log.info(
+                    "local_log_write_finished", directory=str(self._directory),
+                    took_s=round(time.monotonic() - started, 3),
+                )
         if self._write_failed:
             self._write_failed = False
             log.info("local_log_writable_again", directory=str(self._directory))

@@ -318,7 +318,7 @@ class SpillingKafkaSink:
         # given back when the log fails them, whether or not this caller still waits.
         claims = self._shares.add(runs)
         written.add_done_callback(lambda done: self._spill_written(done, claims, len(records)))
-        await asyncio.shield(written)
+        await self._spill.wait_durable(written)
 
     def _spill_written(self, written: asyncio.Future[None], claims: list[Claim], records: int) -> None:
         """A spill write's outcome, whether or not its caller still waits for it (a
