@@ -304,6 +304,9 @@ async def model_repository(app: web.Application) -> AsyncIterator[None]:
     await repository.start()
     app[MODEL_REPOSITORY] = repository
     app[READINESS_CHECKS]["models"] = lambda: repository.problem
+    # A model whose runs fail is the model's fault, not the host's: listed, not unready
+    # (every host serving it would leave the balancer at once).
+    app[DEGRADED_CHECKS]["models"] = lambda: repository.degraded
     app[RELOAD_HOOKS]["models"] = repository.poll
     sampled: set[str] = set()
 

@@ -45,9 +45,11 @@ def _model_failing_past_one_row() -> onnx.ModelProto:
     return model_of(graph)
 
 
-async def test_failing_model_opens_its_breaker_and_answers_503_at_once(
+async def _gone_bad_client(
     app_client: AppClientFactory, make_settings: Callable[..., Settings], tmp_path: Path
-) -> None:
+) -> Any:
+    """The app serving ``fragile``, answered once, then gone bad (its breaker trips at
+    the second failure)."""
     version_dir = tmp_path / "models" / "fragile" / "1"
     version_dir.mkdir(parents=True)
     onnx.save(_model_failing_past_one_row(), version_dir / "model.onnx")
@@ -63,6 +65,14 @@ async def test_failing_model_opens_its_breaker_and_answers_503_at_once(
 
     worker = client.app[MODEL_REPOSITORY].resolve("fragile").worker
     worker._session = GoneBad()
+    return client
+
+
+async def test_failing_model_opens_its_breaker_and_answers_503_at_once(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    client = await _gone_bad_client(app_client, make_settings, tmp_path)
+    one_row = {"features": [0.1, 0.2, 0.3, 0.4]}
     statuses = [(await client.post("/api/v2/predict", json=one_row)).status for _ in range(2)]
     assert statuses[0] == 500 and statuses[1] == 503  # the second failure trips it
 
@@ -70,3 +80,17 @@ async def test_failing_model_opens_its_breaker_and_answers_503_at_once(
     assert response.status == 503
     assert 0 < int(response.headers["Retry-After"]) <= 30
     assert response.content_type == "application/problem+json"
+
+
+async def test_a_model_whose_breaker_is_open_is_listed_as_degraded_in_ready(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """A review: ``/ready`` said nothing while every predict of the default model was
+    refused. Listed, not unready: every host serving that model would leave at once."""
+    client = await _gone_bad_client(app_client, make_settings, tmp_path)
+    assert "degraded" not in await (await client.get("/ready")).json()
+    for _ in range(2):
+        await client.post("/api/v2/predict", json={"features": [0.1, 0.2, 0.3, 0.4]})
+    response = await client.get("/ready")
+    assert response.status == 200
+    assert "fragile/1" in (await response.json())["degraded"]["models"]

@@ -216,6 +216,15 @@ class ModelRepository:
             return "the inference worker of " + ", ".join(unsettled) + " restarts after a crash"
         return None
 
+    @property
+    def degraded(self) -> str | None:
+        """The versions serving whose breaker is open (their requests refused ``503``
+        while the others serve), for ``/ready``'s ``degraded``; None when there are none."""
+        failing = [version.worker.name for version in self.serving() if version.breaker.unavailable]
+        if not failing:
+            return None
+        return "failing, their requests refused until a trial succeeds: " + ", ".join(sorted(failing))
+
     def _unsettled_workers(self) -> list[str]:
         return [worker.name for worker in self.workers() if not worker.healthy]
 
