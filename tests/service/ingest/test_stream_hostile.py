@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings
+from mlgate.service.ingest import streams
 from mlgate.service.routes.ingest import STREAM_MAX_REJECTED_LEAD
 from tests.conftest import AppClientFactory
 
@@ -225,3 +226,28 @@ async def test_blank_lines_around_each_record_cost_no_line_each_and_keep_indexes
     answer = await response.json()
     assert (answer["records_accepted"], answer["records_rejected"]) == (50, 1)
     assert answer["errors"][0]["index"] == 50
+
+
+@pytest.mark.parametrize("blank", [b"\n", b" \n"], ids=["newlines", "spaces-and-newlines"])
+async def test_a_stream_of_more_blank_bytes_in_a_row_than_the_bound_is_400(
+    client: Client, blank: bytes
+) -> None:
+    """A review: 1 GiB of newlines (1.6 KB in brotli) held a core 108 s before its 422,
+    and every other tenant's requests waited."""
+    body = (
+        msgspec.json.encode(_valid(0))
+        + blank * (streams.MAX_BLANK_BYTES // len(blank) + 2 * 65536)
+        + msgspec.json.encode(_valid(1))
+        + b"\n"
+    )
+    response = await client.post(STREAM, data=io.BytesIO(body), headers=NDJSON)
+    assert response.status == 400, await response.text()
+    assert "blank bytes" in (await response.json())["detail"]
+
+
+async def test_blank_lines_under_the_bound_between_each_record_are_taken(client: Client) -> None:
+    gap = b"\n" * (streams.MAX_BLANK_BYTES // 4)
+    body = gap.join(msgspec.json.encode(_valid(i)) for i in range(6)) + b"\n"
+    response = await client.post(STREAM, data=io.BytesIO(body), headers=NDJSON)
+    assert response.status == 202, await response.text()
+    assert (await response.json())["records_accepted"] == 6
