@@ -405,7 +405,9 @@ ROUTES = [
         description=(
             "The body is a sequence of Record documents: one JSON object per line, or "
             "msgpack maps back to back. Memory stays bounded whatever the length; one "
-            "202 at the end. At most 1000 record errors are listed."
+            "202 at the end. At most 1000 record errors are listed. With an "
+            "Idempotency-Key the stream is read whole first, to fingerprint it: it is then "
+            "held to MLGATE_MAX_BODY_BYTES (413 past it), as any body is."
         ),
     ),
 ]
