@@ -1224,6 +1224,10 @@ class DoorRequestHandler(web.RequestHandler):
         The connection is closed after it, as aiohttp does."""
         if request.writer.output_size > 0:  # an answer began: it cannot be replaced
             return super().handle_error(request, status, exc, message)
+        # aiohttp answers on a stand-in request of HTTP/1.0, and an answer takes its
+        # request's version: an HTTP/1.1 server answers in 1.1 (RFC 9110, 6.2; a review).
+        request._version = HttpVersion11
+        request._cache.pop("version", None)
         error: ApiError
         if isinstance(exc, ContentEncodingError):
             error = UnsupportedMediaType(

@@ -988,7 +988,7 @@ async def test_requests_pipelined_before_one_of_another_http_version_are_answere
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(), 10)
     writer.close()
-    first, _, rest = answer.partition(b"HTTP/1.0 505 ")
+    first, _, rest = answer.partition(b"HTTP/1.1 505 ")
     assert first.startswith(b"HTTP/1.1 200 OK\r\n")
     head, _, body = rest.partition(b"\r\n\r\n")
     assert b"Content-Type: application/msgpack" in head

@@ -105,7 +105,8 @@ async def test_a_request_refused_in_its_heads_packet_is_answered_as_it_asked(
         writer.write(f"{HEAD}{asked}{rest}".encode())
         writer.write_eof()
         status_line, headers, body = await asyncio.wait_for(read_answer(reader), 5)
-        assert status_line.split()[1] == "400"
+        # In the request's version: aiohttp's stand-in request was HTTP/1.0 (a review).
+        assert status_line.startswith("HTTP/1.1 400 ")
         assert headers["Content-Type"] == "application/msgpack"
         assert headers["X-Request-ID"] == "mine-1"
         problem = msgspec.msgpack.decode(body)
