@@ -647,6 +647,12 @@ def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> 
     return body if is_msgpack else None
 
 
+# A Host field's value (RFC 3986's host and port): an IP literal, or a name of
+# unreserved characters, sub-delims and %-escapes (empty too: RFC 9112, 3.2).
+_HOST = re.compile(
+    r"(?:\[(?:[0-9A-Fa-f:.]+(?:%25[0-9A-Za-z._~-]+)?|v[0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+)\]"
+    r"|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?"
+)
 # The first bytes of a packet the parser refused that ``refused_head`` reads: a head
 # is at most 8190 bytes to aiohttp.
 _REFUSED_HEAD_BYTES = 16384
@@ -1104,18 +1110,27 @@ class DoorRequestHandler(web.RequestHandler):
 
     def versions_checked(self, messages: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         """``messages`` up to the first of an HTTP version other than 1.x, which is
-        answered 505 and closes the connection. aiohttp's parser takes any ``HTTP/d.d``
-        and answers in the version asked, so ``GET / HTTP/2.0`` over HTTP/1 framing got
-        ``HTTP/2.0 200 OK``, which no client of either version can read."""
+        answered 505, or with a ``Host`` that is no host (RFC 9112, 3.2: 400; llhttp
+        takes any, a review sent ``a b`` and ``a/b``); either closes the connection.
+        aiohttp's parser takes any ``HTTP/d.d`` and answers in the version asked, so
+        ``GET / HTTP/2.0`` over HTTP/1 framing got ``HTTP/2.0 200 OK``, which no client
+        of either version can read."""
         for index, (message, _payload) in enumerate(messages):
-            if isinstance(message, RawRequestMessage) and message.version.major != 1:
-                self._refused_message = message
+            if not isinstance(message, RawRequestMessage):
+                continue
+            refused: _ErrInfo | None = None
+            if message.version.major != 1:
                 version = f"HTTP/{message.version.major}.{message.version.minor}"
                 refused = _ErrInfo(
                     status=505,
                     exc=http_exceptions.BadStatusLine(version),
                     message=_version_message(version),
                 )
+            elif (host := message.headers.get("Host")) is not None and _HOST.fullmatch(host) is None:
+                reason = f"the Host field {host[:64]!r} is no host name or address"
+                refused = _ErrInfo(status=400, exc=http_exceptions.BadHttpMessage(reason), message=reason)
+            if refused is not None:
+                self._refused_message = message
                 return [*messages[:index], (refused, EMPTY_PAYLOAD)]
         return messages
 
@@ -1247,7 +1262,7 @@ class DoorRequestHandler(web.RequestHandler):
             error = as_api_error(exc if isinstance(exc, Exception) else Exception())
         refused = self._refused_message
         headers: Mapping[str, str]
-        if status in (505, 431) and refused is not None:
+        if refused is not None:  # refused by the door (a version, a head's size, a Host)
             path, headers = refused.path.split("?", 1)[0], refused.headers
         else:
             path, headers = refused_head(self._refused_data, request.path, request.headers)

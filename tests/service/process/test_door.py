@@ -976,6 +976,37 @@ async def test_a_request_in_an_http_version_other_than_1_is_505_and_the_connecti
     assert version in problem["detail"]
 
 
+@pytest.mark.parametrize("host", ["a b", "a/b", "a@b", '"x"', "[::1"])
+async def test_a_host_that_is_no_host_is_400_and_the_connection_closes(
+    full_model: FullModelFactory, host: str
+) -> None:
+    """RFC 9112, 3.2: a server MUST answer 400 to an invalid Host; llhttp takes any (a
+    review: ``Host: a b`` was answered 200)."""
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    writer.write(f"GET /health HTTP/1.1\r\nHost: {host}\r\nX-Request-ID: bad-host\r\n\r\n".encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)  # read() ends: the connection closed
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    assert status_line.startswith("HTTP/1.1 400 ")
+    assert "X-Request-ID: bad-host" in header_lines
+    problem = json.loads(body)
+    assert "Host" in problem["detail"] and problem["instance"] == "/health"
+
+
+@pytest.mark.parametrize("host", ["mlgate", "127.0.0.1:8080", "[::1]:8080", "", "a-b.example.com"])
+async def test_a_host_name_or_address_is_taken(full_model: FullModelFactory, host: str) -> None:
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    writer.write(f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
 async def test_requests_pipelined_before_one_of_another_http_version_are_answered_first(
     full_model: FullModelFactory,
 ) -> None:
