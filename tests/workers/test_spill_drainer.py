@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from mlgate.workers.sinks.kafka_writer import KafkaWriteFailed, KafkaWriter
 from mlgate.workers.sinks.local_log import (
@@ -263,6 +264,29 @@ async def test_a_spill_whose_offset_file_is_behind_its_deleted_segments_drains_f
     assert sorted(m.key for m in messages) == sorted(
         r.key for r in _records(3 * _PER_SEGMENT)[_PER_SEGMENT:]
     )
+
+
+@pytest.mark.parametrize("damage", [b"12x", b"\xff\xfe", b"-"], ids=["not-a-number", "not-text", "sign-alone"])
+async def test_a_spill_whose_offset_file_is_damaged_starts_and_drains_from_its_first_segment(
+    make_settings, private_kafka_broker: KafkaBroker, damage: bytes
+) -> None:
+    """A review: ``12x`` in ``forwarded.offset`` failed the start with a traceback, and
+    every spilled record, each answered 202, stayed stranded."""
+    sink, topic = await _spilled_sink(make_settings, private_kafka_broker, 3)
+    await sink.close()
+    (sink._directory / "forwarded.offset").write_bytes(damage)
+    private_kafka_broker.start()
+    await create_topic(private_kafka_broker.bootstrap, name=topic)
+    restarted = SpillingKafkaSink(sink._settings)
+    with capture_logs() as logs:
+        await restarted.start()
+    try:
+        assert "spill_offset_unreadable" in [line["event"] for line in logs]
+        await wait_until_drained(restarted)
+    finally:
+        await restarted.close()
+    messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=3)
+    assert sorted(m.key for m in messages) == sorted(r.key for r in _records(3))
 
 
 async def test_close_lets_the_drain_batch_in_flight_end_and_records_it(

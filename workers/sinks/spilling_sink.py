@@ -73,9 +73,17 @@ class _DrainBatch:
 
 
 def read_forwarded_offset(directory: Path) -> int:
+    """The offset in ``forwarded.offset``; 0 when there is none, or when it holds no
+    number (damaged on disk, or edited): the spill is then forwarded from its first
+    segment again, at least once, rather than the process failing to start with every
+    spilled record stranded (a review)."""
+    path = directory / OFFSET_FILE
     try:
-        return int((directory / OFFSET_FILE).read_text().strip() or 0)
+        return max(0, int(path.read_text().strip() or 0))
     except FileNotFoundError:
+        return 0
+    except ValueError as exc:  # UnicodeDecodeError too
+        log.error("spill_offset_unreadable", path=str(path), error=repr(exc), forwarded_from="the first segment")
         return 0
 
 
