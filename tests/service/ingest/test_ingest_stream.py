@@ -405,3 +405,20 @@ async def test_a_stream_failing_part_way_lists_the_records_it_rejected_before(
     assert "1 were rejected" in problem["detail"]
     [error] = problem["errors"]
     assert (error["index"], error["record_id"], error["loc"]) == (5, "bad", "records[5].features")
+
+
+async def test_a_stream_with_an_idempotency_key_is_held_to_the_body_limit(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings]
+) -> None:
+    """Its body is read whole to fingerprint it (README: Idempotency); without a key the
+    same stream is taken whatever its length."""
+    client = await app_client(
+        make_settings(feature_dims=(4,), max_stream_record_bytes=MAX_RECORD, max_body_bytes=4096, **OPEN)
+    )
+    body = _ndjson({"record_id": f"k-{i}", "features": [1.0, 2.0, 3.0, 4.0]} for i in range(200))
+    assert len(body) > 4096
+    keyed = await client.post(STREAM, data=body, headers={**NDJSON, "Idempotency-Key": "big-1"})
+    assert keyed.status == 413, await keyed.text()
+    plain = await client.post(STREAM, data=body, headers=NDJSON)
+    assert plain.status == 202, await plain.text()
+    assert (await plain.json())["records_accepted"] == 200
