@@ -254,6 +254,7 @@ def requested_outputs(payload: InferenceRequest, loaded: ModelVersion) -> list[W
     default_binary = payload.parameters.get("binary_data_output") is True
     wanted = payload.outputs or [RequestOutput(name=spec.name) for spec in loaded.outputs]
     chosen: list[Wanted] = []
+    named: set[str] = set()
     for index, output in enumerate(wanted):
         spec = specs.get(output.name)
         if spec is None:
@@ -261,6 +262,11 @@ def requested_outputs(payload: InferenceRequest, loaded: ModelVersion) -> list[W
                 f"outputs[{index}].name",
                 f"unexpected output {output.name!r}; {loaded.model} has {sorted(specs)}",
             )
+        if output.name in named:
+            # Each repeat would be the whole tensor again: 4,096 of one output made a
+            # 766 KB request's answer 164 MB (a review).
+            raise invalid(f"outputs[{index}].name", f"output {output.name!r} is asked for twice")
+        named.add(output.name)
         if any(key.startswith("shared_memory") for key in output.parameters):
             raise BadRequest("the shared-memory extension is not supported")
         count = output.parameters.get("classification")

@@ -401,6 +401,18 @@ async def test_a_model_of_more_than_64_inputs_is_served(wide_client: Client) -> 
     assert (await response.json())["outputs"][0]["data"] == [float(index) for index in range(80)]
 
 
+async def test_an_output_asked_for_twice_is_422(demo_client: Client) -> None:
+    """Each repeat was the whole tensor again: 4,096 repeats made a 766 KB request's
+    answer 164 MB, built on the event loop (a review)."""
+    body = {
+        "inputs": [{"name": "input", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}],
+        "outputs": [{"name": "probabilities"}] * 2,
+    }
+    response = await demo_client.post("/v2/models/demo/infer", json=body)
+    assert response.status == 422, await response.text()
+    assert "asked for twice" in (await response.json())["error"]
+
+
 async def test_an_infer_id_longer_than_256_characters_is_echoed(demo_client: Client) -> None:
     body = {
         "id": "r" * 1000,
