@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from mlgate.schemas.quality import FeatureProfile, QualityProfile, profile_decoder
+from mlgate.schemas.quality import profile_decoder
 from mlgate.workers.quality.profile import CompiledProfile, NonFiniteProfile, build_profile, psi
 from mlgate.workers.quality.profile_store import ProfileChanges, ProfileStore
 from tests.quality_data import FEATURES, reference_sample, write_profile
@@ -91,20 +91,23 @@ def test_a_reference_scores_no_drift_against_itself_where_float32_is_coarser_tha
     assert psi(compiled.reference, counts, len(seconds)).tolist() == pytest.approx([0.0], abs=1e-9)
 
 
-def test_float32_rows_are_binned_exactly_against_edges_float32_cannot_hold() -> None:
-    """0.7 is no float32, and the nearest one is below it: that one is in the lower
-    bin, the next one up in the upper, as in float64."""
-    feature = FeatureProfile(index=0, min=0.0, max=1.0, edges=[0.7], proportions=[0.5, 0.5])
-    compiled = CompiledProfile.compile(
-        QualityProfile(
-            kind="model", name="m", created_at="2026-12-07T00:00:00Z", reference_count=2, features=[feature]
-        )
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_discrete_reference_scores_no_drift_against_itself(dtype: type) -> None:
+    """Quantile edges of discrete features are data values: a value on its edge stays
+    on it in float32 (a review: edges rounded up put every 0.7 below its own edge, PSI
+    18 for a constant 0.7, 1.9 for values drawn from {0.1, 0.3, 0.7})."""
+    rng = np.random.default_rng(11)
+    reference = np.column_stack(
+        [
+            rng.choice([0.1, 0.3, 0.7], 3000),
+            np.full(3000, 0.7),
+            np.full(3000, 1_700_000_000.3),
+        ]
     )
-    below = np.float32(0.7)  # the nearest float32 is below 0.7
-    above = np.nextafter(below, np.float32(1))
-    assert float(below) < 0.7 < float(above)
-    counts = compiled.bin_counts(np.array([[below], [above], [above]], dtype=np.float32))
-    assert counts.tolist() == [[1, 2]]
+    compiled = CompiledProfile.compile(build_profile(reference[:2000], kind="source", name="s"))
+    sample = reference[2000:].astype(dtype)
+    scores = psi(compiled.reference, compiled.bin_counts(sample), len(sample))
+    assert scores.tolist() == pytest.approx([0.0, 0.0, 0.0], abs=0.01)
 
 
 def test_a_broken_file_with_no_earlier_version_is_unreadable_until_it_loads(tmp_path: Path) -> None:
