@@ -154,6 +154,7 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
         app[RECORD_VALIDATOR], app[RECORD_DEDUP], sink, app[METRICS],
         max_turn_records=settings.writer_max_batch_records,
         max_held_values=settings.ingest_max_held_values,
+        answer_within_s=sink.answer_within_s,
     )
     app[METRICS].samplers["record_sink"] = lambda: sample_sink(
         app[METRICS], sink, sum(each.backlog for each in adopted)

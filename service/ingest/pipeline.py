@@ -44,6 +44,7 @@ are written as they would have been alone.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -124,6 +125,13 @@ def refused(error: BaseException) -> bool:
     )
 
 
+def _stalled(waited_s: float) -> SinkFailed:
+    return SinkFailed(
+        f"the sink has not made the records durable in {waited_s:g} s (it stalls): they may "
+        "still land, and their record_ids stay claimed until the write ends"
+    )
+
+
 def _answer(writes: list[_Write], error: BaseException | None) -> None:
     """Each caller still waiting gets ``error``, or its write done."""
     for write in writes:
@@ -147,8 +155,12 @@ class IngestPipeline:
         *,
         max_turn_records: int = 5000,
         max_held_values: int = 8_000_000,
+        answer_within_s: float = math.inf,
     ) -> None:
+        """``answer_within_s``: how long a caller waits for the sink before it is told
+        its records may still land (``_write_and_settle``)."""
         self._validator = validator
+        self._answer_within_s = answer_within_s
         self._max_turn_records = max_turn_records
         self._max_held_values = max_held_values
         self._held_values = 0  # of the requests between their decoding and their answer
@@ -378,6 +390,15 @@ class IngestPipeline:
         lapse. While this runs, the claims are extended every third of their lapse."""
         writes = turn.writes
         holding = self._hold([(write.tenant, write.claim) for write in writes if write.claim is not None])
+        # A sink that stalls (a hung disk) answers its callers at ``answer_within_s``:
+        # their records may still land, so the write goes on, holding their ids, and
+        # its outcome settles them (a review: a bound inside the sink failed the write
+        # and left the ids to lapse, and a retry then wrote the landed records again).
+        late = (
+            self._running_loop.call_later(self._answer_within_s, _answer, writes, _stalled(self._answer_within_s))
+            if turn.records and self._answer_within_s < math.inf
+            else None
+        )
         try:
             error: Exception | None = None
             try:
@@ -411,6 +432,8 @@ class IngestPipeline:
             self._arrived(writes)
             if holding is not None:
                 holding.stop()
+            if late is not None:
+                late.cancel()
 
     async def _settle_claims(self, writes: list[_Write], error: Exception | None) -> None:
         """Confirm (no ``error``) or release each write's claim, then answer its caller.

@@ -391,13 +391,13 @@ def test_log_cat_reports_damage_on_stderr_keeping_stdout_json_lines(
 # -- a write that does not finish (a hung disk) ----------------------------------------
 
 
-async def test_a_write_that_stalls_answers_its_caller_and_makes_the_writer_unhealthy(
+async def test_a_write_that_stalls_makes_the_writer_unhealthy_until_it_ends(
     tmp_path: Path,
 ) -> None:
-    """A review: with the disk hung, ingests waited as long as it did (60 s and more)
-    while ``/ready`` said 200 and nothing was logged."""
+    """A review: with the disk hung, ``/ready`` said 200 and nothing was logged. The
+    write goes on: its outcome is its records' (the pipeline answers its callers)."""
     writer = await _started_writer(tmp_path / "log", stall_s=0.2)
-    assert writer._log is not None
+    assert writer._log is not None and writer.answer_within_s == 0.2
     append = writer._log.append
     release = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -409,15 +409,15 @@ async def test_a_write_that_stalls_answers_its_caller_and_makes_the_writer_unhea
     writer._log.append = hung_append  # type: ignore[method-assign]
     try:
         with structlog.testing.capture_logs() as logs:
-            with pytest.raises(SinkFailed, match="has not finished a write in 0.2 s") as failed:
-                await writer.write([_record("slow")])
-            assert not failed.value.nothing_written  # it may still land
-            assert not writer.healthy
+            writing = asyncio.create_task(writer.write([_record("slow")]))
+            await until(lambda: not writer.healthy)
             assert "its disk stalls" in (writer.problem or "")
+            assert not writing.done()
             release.set()
-            await until(lambda: writer.healthy)
+            await writing  # landed
+            assert writer.healthy
         assert [line["event"] for line in logs] == ["local_log_write_stalled", "local_log_write_finished"]
-        assert _entries(tmp_path / "log") == [(0, "slow")]  # it landed
+        assert _entries(tmp_path / "log") == [(0, "slow")]
     finally:
         release.set()
         await writer.close()

@@ -14,10 +14,11 @@ A log left broken by a failed write (its cut-back failed too, or its directory w
 removed under it) is repaired first, by the probe or by the next write.
 
 A write that has not finished after ``stall_s`` (a hung disk, an fsync that does not
-return) is logged (``local_log_write_stalled``) and counted as a write error, makes the
-writer unhealthy until it ends, and its callers stop waiting (``wait_durable``): their
-records may still land, so they are not refused (a review: ingests waited as long as
-the disk hung, 60 s and more, while ``/ready`` said 200).
+return) is logged (``local_log_write_stalled``) and counted as a write error, and makes
+the writer unhealthy until it ends (a review: ingests waited as long as the disk hung,
+60 s and more, while ``/ready`` said 200). The write itself goes on: its outcome is
+still what settles its records' ids; the ingests waiting on it are answered at
+``answer_within_s`` by the pipeline.
 
 Written and failed records count in ``mlgate_records_total{outcome}``. A crash of the
 writer's loop is counted in ``mlgate_background_task_crashes_total{task="local_log"}``
@@ -73,7 +74,7 @@ class LocalLogWriter(Actor[_Pending]):
         min_free_bytes: int | None = None,
         telemetry: WorkerTelemetry = NO_TELEMETRY,
         spill: bool = False,
-        stall_s: float = STALL_S,
+        stall_s: float | None = None,
     ) -> None:
         """``spill``: the Kafka sink's spill, whose records its sink counts (failed,
         spilled, then produced): this writer counts none, and a crash as ``spill``."""
@@ -91,7 +92,7 @@ class LocalLogWriter(Actor[_Pending]):
         self._telemetry = telemetry
         self._probing = False
         self._probed_at = 0.0
-        self._stall_s = stall_s
+        self._stall_s = STALL_S if stall_s is None else stall_s
         self._stalled_since: float | None = None  # of the write in hand, once it stalls
         # The offset after every record handed to ``submit``: appends are in order and
         # all or nothing, so this is where the log will end once the mailbox is done.
@@ -199,19 +200,13 @@ class LocalLogWriter(Actor[_Pending]):
     ) -> None:
         # Every write waiting goes in the next fsync: no lane waits for another's turn;
         # the log is bounded by its disk, not shared out by tenant.
-        await self.wait_durable(self.submit(records))
+        await self.submit(records)
 
-    async def wait_durable(self, written: asyncio.Future[None]) -> None:
-        """Wait for ``written`` (from ``submit``), at most ``stall_s``: past it the disk
-        stalls, and the caller gets ``SinkFailed`` (its records may still land: not
-        ``nothing_written``) rather than wait as long as the disk hangs."""
-        try:
-            await asyncio.wait_for(asyncio.shield(written), self._stall_s)
-        except TimeoutError:
-            raise SinkFailed(
-                f"the local log at {self._directory} has not finished a write in "
-                f"{self._stall_s:g} s (its disk stalls): the records may still land"
-            ) from None
+    @property
+    def answer_within_s(self) -> float:
+        """How long a caller should wait for a write before it is told its records
+        may still land (``IngestPipeline``): past it, the disk stalls."""
+        return self._stall_s
 
     def submit(self, records: list[OutboundRecord]) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

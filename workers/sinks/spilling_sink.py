@@ -192,6 +192,12 @@ class SpillingKafkaSink:
         return self._kafka_unreachable is not None or self.breaker.state != "closed" or self.breaker.unavailable
 
     @property
+    def answer_within_s(self) -> float:
+        """How long a caller should wait for a write (``IngestPipeline``): a direct
+        write's two produce timeouts, then the spill's own bound."""
+        return 2 * self._settings.kafka_request_timeout_ms / 1000 + self._spill.answer_within_s
+
+    @property
     def backlog(self) -> int:
         """Records handed to the spill that Kafka has not acknowledged."""
         return max(0, self._spill.accepted_offset - self._forwarded)
@@ -326,7 +332,7 @@ class SpillingKafkaSink:
         # given back when the log fails them, whether or not this caller still waits.
         claims = self._shares.add(runs)
         written.add_done_callback(lambda done: self._spill_written(done, claims, len(records)))
-        await self._spill.wait_durable(written)
+        await asyncio.shield(written)
 
     def _spill_written(self, written: asyncio.Future[None], claims: list[Claim], records: int) -> None:
         """A spill write's outcome, whether or not its caller still waits for it (a

@@ -4,6 +4,7 @@ A stream failed so says, in its 500, which part of it was written."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,11 @@ from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.routes.ingest import STREAM_CHUNK_RECORDS
 from mlgate.service.state import INGEST_PIPELINE, RECORD_SINK, RECORD_VALIDATOR
 from mlgate.workers.errors import MailboxFull, SinkFailed
+from mlgate.workers.sinks import local_log_writer
+from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
 from tests.conftest import AppClientFactory
+from tests.support import until
 
 Client = TestClient[web.Request, web.Application]
 OPEN: dict[str, Any] = {"auth_disabled": True, "rate_limits_enabled": False}
@@ -227,3 +231,38 @@ async def test_a_streams_failure_counts_only_the_rejections_before_its_chunk(
     assert f"of its records 0 to {STREAM_CHUNK_RECORDS - 1}, 998 were written" in detail
     assert "2 were rejected" in detail
 
+
+
+async def test_a_write_that_stalls_is_answered_503_and_its_records_land_once(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung disk: the caller is answered at the sink's bound, not held as long as the
+    disk hangs; the write goes on and its outcome settles the ids, so a resend once it
+    landed is a duplicate (a review: the ids were left to lapse, and a resend after
+    that wrote the records twice)."""
+    monkeypatch.setattr(local_log_writer, "STALL_S", 0.2)
+    client = await app_client(make_settings(feature_dims=(4,), dedup_in_flight_wait_s=0.05, **OPEN))
+    sink = client.app[RECORD_SINK]
+    assert isinstance(sink, LocalLogWriter) and sink._log is not None
+    append = sink._log.append
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def hung_append(frames: list[bytes]) -> None:
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        append(frames)
+
+    sink._log.append = hung_append  # type: ignore[method-assign]
+    batch = {"source": "s", "records": _records(0, 3)}
+    try:
+        stalled = await client.post("/api/v2/ingest", json=batch)
+        assert stalled.status == 503
+        assert "may still land" in (await stalled.json())["detail"]
+        assert (await client.post("/api/v2/ingest", json=batch)).status == 409  # still writing
+    finally:
+        release.set()
+    await until(lambda: sink.durable_offset == 3)
+    again = await client.post("/api/v2/ingest", json=batch)
+    assert again.status == 202, await again.text()
+    assert (await again.json())["records_duplicate"] == 3
+    assert sink.durable_offset == 3  # each record once
