@@ -648,9 +648,11 @@ def _body_naming_no_model(message: RawRequestMessage, payload: StreamReader) -> 
 
 
 # A Host field's value (RFC 3986's host and port): an IP literal, or a name of
-# unreserved characters, sub-delims and %-escapes (empty too: RFC 9112, 3.2).
+# unreserved characters, sub-delims and %-escapes (empty too: RFC 9112, 3.2). A zone
+# of an IPv6 literal as RFC 6874 writes it (``%25eth0``) or as Python's http.client
+# sends it (``%eth0``, a review).
 _HOST = re.compile(
-    r"(?:\[(?:[0-9A-Fa-f:.]+(?:%25[0-9A-Za-z._~-]+)?|v[0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+)\]"
+    r"(?:\[(?:[0-9A-Fa-f:.]+(?:%(?:25)?[0-9A-Za-z._~-]+)?|v[0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+)\]"
     r"|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?"
 )
 # The first bytes of a packet the parser refused that ``refused_head`` reads: a head

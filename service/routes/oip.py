@@ -65,6 +65,8 @@ from mlgate.service.http.context import REQUEST_ID, arrived
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound, Unavailable
 from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import (
+    MAX_TIMEOUT_MS,
+    MIN_TIMEOUT_MS,
     TIMEOUT_HEADER,
     TIMEOUT_PARAMETER,
     check_tensor_budget,
@@ -91,11 +93,17 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "stati
 def _deadline(
     headers: Mapping[str, str], payload: InferenceRequest, started: float, default_ms: float
 ) -> float:
-    """``X-Request-Timeout``, else the request's ``parameters.timeout`` (µs), else the
-    default."""
+    """``X-Request-Timeout``, else the request's ``parameters.timeout`` (µs, in the
+    header's range: else 400, as the header; a review's 10**400 was a 500, and 10**12,
+    11.6 days, held a model for as long), else the default."""
     timeout_us = payload.parameters.get("timeout")
     # ``type() is int``: a bool is an int to isinstance, and ``true`` is no number of µs.
     if TIMEOUT_HEADER not in headers and type(timeout_us) is int and timeout_us > 0:
+        if not MIN_TIMEOUT_MS * 1000 <= timeout_us <= MAX_TIMEOUT_MS * 1000:
+            raise BadRequest(
+                f"parameters.timeout must be a number of microseconds in "
+                f"[{MIN_TIMEOUT_MS * 1000}, {MAX_TIMEOUT_MS * 1000}]"
+            )
         default_ms = timeout_us / 1000
     return deadline_in(headers, started, default_ms)
 

@@ -996,7 +996,9 @@ async def test_a_host_that_is_no_host_is_400_and_the_connection_closes(
     assert "Host" in problem["detail"] and problem["instance"] == "/health"
 
 
-@pytest.mark.parametrize("host", ["mlgate", "127.0.0.1:8080", "[::1]:8080", "", "a-b.example.com"])
+@pytest.mark.parametrize(
+    "host", ["mlgate", "127.0.0.1:8080", "[::1]:8080", "", "a-b.example.com", "[fe80::1%eth0]:80", "[fe80::1%25eth0]"]
+)
 async def test_a_host_name_or_address_is_taken(full_model: FullModelFactory, host: str) -> None:
     model = await full_model(fill=False)
     reader, writer = await model.connect()
