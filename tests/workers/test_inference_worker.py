@@ -719,6 +719,19 @@ async def worker_taught_slow_batches(
     return worker, session
 
 
+async def test_a_model_without_batching_takes_a_request_of_many_rows_as_one_run(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A review: its admission counted 64 rows as 64 runs, so an idle model whose run
+    takes ~50 ms refused them for a 1 s deadline."""
+    session = RecordingSession(demo_session, delay_s=0.05)
+    worker = make_worker(session, max_batch_size=1, shares_batches=False, mailbox_size=100)
+    await worker.submit(rows(1), soon())
+    worker.check_room(64, time.monotonic() + 1.0)
+    answer = await worker.submit(rows(64), time.monotonic() + 1.0)
+    assert answer["probabilities"].shape == (64, 2)
+
+
 async def test_a_stale_run_time_estimate_lets_one_batch_in(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession
 ) -> None:
