@@ -41,6 +41,7 @@ ALIASES: dict[str, str] = {
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+LimitRate = Annotated[float, msgspec.Meta(ge=0.001, le=1e9)]  # requests a second
 TenantLimit = Annotated[
     str,
     msgspec.Meta(
@@ -135,9 +136,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     # Rate limits: token buckets per key and per tenant (tokens per second, burst)
     rate_limits_enabled: bool = True
-    rate_limit_key_rate: PositiveFloat = 500.0
+    # As ``mlgate keys create --rate``: 1e-300 made Retry-After 300 digits long.
+    rate_limit_key_rate: LimitRate = 500.0
     rate_limit_key_burst: PositiveInt = 1000
-    rate_limit_tenant_rate: PositiveFloat = 1000.0
+    rate_limit_tenant_rate: LimitRate = 1000.0
     rate_limit_tenant_burst: PositiveInt = 2000
     # Per-tenant exceptions to the two above: "tenant=rate/burst", comma-separated.
     rate_limit_tenants: tuple[TenantLimit, ...] = ()

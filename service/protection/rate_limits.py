@@ -56,7 +56,9 @@ local function level(bucket, rate, burst)
 end
 local function store(bucket, tokens, rate, burst)
   redis.call('HSET', bucket, 'tokens', tokens, 'at', now)
-  redis.call('PEXPIRE', bucket, math.ceil(burst / rate * 1000) + 1000)
+  -- At most 100 years: past 1e14 ms Lua writes the number as 1e+14, which PEXPIRE
+  -- refuses (a review: a key of burst 1e11 at rate 0.001 failed every call it shared).
+  redis.call('PEXPIRE', bucket, math.min(math.ceil(burst / rate * 1000) + 1000, 3153600000000))
 end
 local answers = {}
 for i = 0, #KEYS / 2 - 1 do
@@ -124,8 +126,14 @@ class Decision:
 
 
 def _remaining(name: str, limit: Limit, tokens: float) -> str:
-    until_full = math.ceil(max(0.0, limit.burst - tokens) / limit.rate)
-    return f'"{name}";r={max(0, math.floor(tokens))};t={until_full}'
+    """A policy's ``r`` and ``t``: with a token left, until the bucket is full; with
+    none, until the next token, the point ``Retry-After`` names, as the draft asks of
+    a refusal (a review: ``t=4`` beside ``Retry-After: 1``)."""
+    if tokens < 1:
+        reset = max(1, math.ceil((1 - tokens) / limit.rate))
+    else:
+        reset = math.ceil(max(0.0, limit.burst - tokens) / limit.rate)
+    return f'"{name}";r={max(0, math.floor(tokens))};t={reset}'
 
 
 def tenant_limit(entry: str) -> tuple[str, Limit]:

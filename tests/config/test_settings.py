@@ -139,6 +139,9 @@ def test_conventional_names_are_honoured_and_ours_win(field: str) -> None:
         ({"MLGATE_TLS_CERT_FILE": "/etc/cert.pem"}, "MLGATE_TLS_CERT_FILE"),
         # Empty, the log and keys went to the current directory (a review).
         ({"MLGATE_DATA_DIR": ""}, "MLGATE_DATA_DIR"),
+        # Retry-After 300 digits long, and a Redis bucket's expiry PEXPIRE refused.
+        ({"MLGATE_RATE_LIMIT_KEY_RATE": "1e-300"}, "MLGATE_RATE_LIMIT_KEY_RATE"),
+        ({"MLGATE_RATE_LIMIT_TENANT_RATE": "0.0001"}, "MLGATE_RATE_LIMIT_TENANT_RATE"),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
 )

@@ -48,6 +48,19 @@ async def test_key_over_its_burst_gets_429_with_retry_after(app_client, secured,
     assert (await response.json())["status"] == 429
 
 
+async def test_a_refusals_reset_names_the_point_retry_after_names(app_client, secured, api_keys) -> None:
+    """The draft: with both fields, the reset SHOULD be the same point in time as
+    Retry-After (a review: ``t=4``, the time until the bucket is full, beside
+    ``Retry-After: 1``)."""
+    key = api_keys.create(rate=1.0, burst=4)
+    client = await app_client(secured(rate_limit_tenant_rate=SLOW, rate_limit_tenant_burst=50))
+    await _statuses(client, key, 4)
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
+    assert response.status == 429
+    assert response.headers["Retry-After"] == "1"
+    assert response.headers["RateLimit"].startswith('"key";r=0;t=1, ')
+
+
 async def test_429_carries_ietf_ratelimit_fields(app_client, secured, api_keys) -> None:
     # Buckets that refill in 100 s and more: a slow machine cannot refill them
     # between the two requests.
@@ -117,6 +130,20 @@ async def test_redis_buckets_hold_across_two_apps(
     one = await app_client(secured(redis_url=redis_url, data_dir=str(tmp_path / "one")))
     two = await app_client(secured(redis_url=redis_url, data_dir=str(tmp_path / "two")))
     assert await _statuses(one, key, 2) + await _statuses(two, key, 3) == [202] * 4 + [429]
+
+
+async def test_a_key_of_a_vast_burst_and_slow_rate_takes_from_redis_as_any(
+    app_client, secured, api_keys, redis_server: ManagedProcess
+) -> None:
+    """A bucket's expiry past 1e14 ms reached PEXPIRE as ``1e+14``, which Redis
+    refuses: the key's every call failed, and with it the shared breaker and every
+    tenant's Redis calls (a review)."""
+    vast = api_keys.create(rate=0.001, burst=10**11)
+    client = await app_client(
+        secured(redis_url=f"redis://127.0.0.1:{redis_server.port}", redis_timeout_ms=5000)
+    )
+    assert await _statuses(client, vast, 6) == [202] * 6
+    assert client.app[METRICS].rate_limit_fallback._value.get() == 0  # all from Redis
 
 
 async def _script_calls(redis_url: str) -> int:
