@@ -106,6 +106,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
 
     async def reload_keys() -> None:
         keys.reload()
+        keys.expire_cached()
 
     app[RELOAD_HOOKS]["api_keys"] = reload_keys
     if settings.auth_disabled:

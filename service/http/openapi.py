@@ -90,7 +90,7 @@ def _response_headers(op: Route, status: int) -> dict[str, Any]:
     # checks and reads the body first (its limit, its pace, the Expect before it).
     if op.method == "post" and status < 500 and status not in (401, 403, 408, 409, 413, 417, 429):
         names.append("Idempotent-Replayed")
-    if status == 401:
+    if status in (401, 403):  # a 403 names the scope it lacks (``insufficient_scope``)
         names.append("WWW-Authenticate")
     if op.deprecated:
         names += ["Deprecation", "Sunset", "Link"]

@@ -280,6 +280,15 @@ class KeyStore:
             return None
         return stored
 
+    def expire_cached(self) -> None:
+        """Read every key kept from Redis again at its next use (SIGHUP: an operator
+        revoking a leaked key; it served ~4 s more, a review). They stay as stale
+        entries, trusted as any while Redis cannot be read."""
+        now = time.monotonic()
+        for key_id, (deadline, stored) in self._redis_keys.items():
+            self._redis_keys[key_id] = (min(deadline, now), stored)
+        self._unknown_keys.clear()
+
     async def _lookup(self, key_id: str) -> ApiKey | None:
         if time.monotonic() - self._checked_at >= FILE_CHECK_INTERVAL_S:
             self.reload()

@@ -151,6 +151,8 @@ async def test_every_answer_declares_the_headers_it_carries(app_client, make_set
     ingest = document["paths"]["/api/v2/ingest"]["post"]["responses"]
     assert {"RateLimit-Policy", "RateLimit", "Idempotent-Replayed"} <= set(ingest["202"]["headers"])
     assert "WWW-Authenticate" in ingest["401"]["headers"]
+    # Every 403 sends it too, naming the scope it lacks (a review: listed on 401s only).
+    assert "WWW-Authenticate" in ingest["403"]["headers"]
 
 
 async def test_the_headers_documented_for_an_accepted_ingest_are_on_it(
@@ -215,3 +217,4 @@ async def test_the_document_says_what_the_odd_answers_are(app_client, make_setti
     for path in ("/v2/repository/index", "/v2/repository/models/{model}/load"):
         assert document["paths"][path]["post"]["requestBody"]["required"] is False
     assert document["paths"]["/api/v2/predict"]["post"]["requestBody"]["required"] is True
+

@@ -16,9 +16,10 @@ from mlgate.service.protection.api_keys import (
     KeysFileError,
     KeyStore,
     encode_key,
+    key_id_of,
     new_key,
 )
-from mlgate.service.state import KEY_STORE, ROUTE_ACCESS
+from mlgate.service.state import KEY_STORE, RELOAD_HOOKS, ROUTE_ACCESS
 from tests.support import KeyMaker, ManagedProcess
 
 INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
@@ -231,6 +232,28 @@ async def test_a_flood_of_made_up_keys_keeps_a_cached_key_served_while_redis_is_
     redis_server.stop()
     response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
     assert response.status == 202
+
+
+async def test_a_key_revoked_in_redis_is_refused_at_once_after_a_reload(
+    app_client, secured, redis_server: ManagedProcess
+) -> None:
+    """SIGHUP re-reads the keys: those kept from Redis too (a review: a revoked key
+    served its cache time, ~4 s, after the SIGHUP)."""
+    import redis.asyncio as aioredis
+
+    plaintext = await _key_kept_in_redis(redis_server)
+    client = await app_client(
+        secured(redis_url=f"redis://127.0.0.1:{redis_server.port}", keys_cache_s=3600)
+    )
+    ok = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert ok.status == 202
+    client_redis = aioredis.Redis(port=redis_server.port)
+    await client_redis.hdel(REDIS_HASH, key_id_of(plaintext))
+    await client_redis.aclose()
+    for hook in client.app[RELOAD_HOOKS].values():
+        await hook()
+    refused = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert refused.status == 401
 
 
 async def test_a_cached_redis_key_is_trusted_only_so_long_past_its_cache_while_redis_is_down(
