@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import NoReturn, TypeVar
+from typing import NoReturn, TypeVar, cast
 
 import aiobreaker
 import structlog
@@ -142,15 +142,36 @@ class Breaker:
     async def _guarded(
         self, func: Callable[..., Awaitable[T]], *args: object, **kwargs: object
     ) -> T:
+        breaker = self._breaker
+        late: list[Exception] = []
+        if breaker.current_state is not aiobreaker.CircuitBreakerState.CLOSED:
+            # aiobreaker settles a call by the state it began in: a trial that fails
+            # after another call closed the breaker opened it again, for a full reset
+            # time, a model that had just answered (a review). Such a failure is the
+            # closed breaker's to count, as one of ``fail_max``.
+            inner = func
+
+            async def trial(*args: object, **kwargs: object) -> T:
+                try:
+                    return await inner(*args, **kwargs)
+                except Exception as exc:
+                    if breaker.current_state is not aiobreaker.CircuitBreakerState.CLOSED:
+                        raise
+                    late.append(exc)
+                    return cast(T, None)
+
+            func = trial
         try:
-            result: T = await self._breaker.call_async(func, *args, **kwargs)
-            return result
+            result: T = await breaker.call_async(func, *args, **kwargs)
         except aiobreaker.CircuitBreakerError as exc:
             # Not the error's own reopen time: aiobreaker reckons it against local time
             # from a UTC clock (None all the time east of UTC, and anywhere at the
             # instant the timeout ends), and None made the refusal a TypeError, a 500.
             # aiobreaker raises it ``from`` the failure that opened the breaker.
             raise BreakerOpen(self.name, max(1, self.retry_after_s), exc.__cause__) from None
+        if late:
+            return await self._guarded(_raise, late[0])
+        return result
 
 
 async def _raise(exc: Exception) -> NoReturn:

@@ -164,3 +164,34 @@ async def test_an_outage_is_logged_once_each_way_and_reported_down_through_its_t
     changes = [(e["log_level"], e["state"]) for e in logs if e["event"] == "breaker_state_changed"]
     loud = [change for change in changes if change[0] != "debug"]
     assert loud == [("warning", "open"), ("info", "closed")]
+
+
+async def test_a_trial_failing_after_another_call_closed_it_counts_as_one_failure() -> None:
+    """aiobreaker settles a call by the state it began in: a half-open trial failing
+    after another call had closed the breaker opened it again for a full reset time
+    (a review: a model that had just answered refused every request for 10 s)."""
+    import structlog.testing
+
+    breaker = Breaker("dep", fail_max=2, reset_s=0.05)
+    await failures(breaker, 1)
+    with pytest.raises(BreakerOpen):
+        await breaker.call(fail)
+    await asyncio.sleep(0.06)  # its time up: calls are trials
+    release = asyncio.Event()
+
+    async def slow_failure() -> str:
+        await release.wait()
+        raise ConnectionError("late")
+
+    with structlog.testing.capture_logs() as logs:
+        trial = asyncio.create_task(breaker.call(slow_failure))
+        await asyncio.sleep(0)
+        assert await breaker.call(succeed) == "ok"  # closes it
+        release.set()
+        with pytest.raises(ConnectionError, match="late"):
+            await trial
+    assert breaker.state == "closed"  # one failure of two
+    with pytest.raises(BreakerOpen):
+        await breaker.call(fail)  # the second opens it
+    changes = [(e["log_level"], e["state"]) for e in logs if e["event"] == "breaker_state_changed"]
+    assert [change for change in changes if change[0] != "debug"] == [("info", "closed")]
