@@ -78,6 +78,9 @@ from mlgate.workers.errors import WorkerError
 CHALLENGE = 'Bearer realm="mlgate"'
 
 log = structlog.get_logger("mlgate.protection")
+# The rate limit's decision, taken before ``100 Continue`` (``expect_continue``): the
+# request's one token, which ``rate_limited`` then uses rather than take another.
+RATE_DECISION = web.RequestKey("rate_decision", Decision)
 
 
 def protection(settings: Settings) -> Middleware:
@@ -145,6 +148,13 @@ async def expect_continue(request: web.Request, route: Route) -> web.StreamRespo
     expectation = request.headers.get("Expect", "")
     if expectation.lower() == "100-continue":
         refusal = await refusal_before_body(request, route)
+        key = request.get(API_KEY)
+        if refusal is None and key is not None and request.app[SETTINGS].rate_limits_enabled:
+            # Over the limit, the 429 comes instead of 100 Continue too (a review: the
+            # body was uploaded, megabytes of it, for the 429 that followed).
+            decision = request[RATE_DECISION] = await request.app[RATE_LIMITER].check(key)
+            if not decision.allowed:
+                refusal = over_limit(decision, decision.headers())
     elif request.version == HttpVersion11:  # HTTP/1.0 ignores Expect (RFC 9110 10.1.1)
         refusal = ExpectationFailed(
             f"Expect: {expectation!r} is not an expectation this server meets; send 100-continue or none"
@@ -221,7 +231,7 @@ def presented_key_in(headers: Mapping[str, str]) -> str | None:
 
 async def rate_limited(request: web.Request, key: ApiKey, handler: Handler) -> web.StreamResponse:
     """429 when the caller's key or tenant is over its limit; RateLimit fields always."""
-    decision = await request.app[RATE_LIMITER].check(key)
+    decision = request.get(RATE_DECISION) or await request.app[RATE_LIMITER].check(key)
     headers = decision.headers()
     if not decision.allowed:
         raise over_limit(decision, headers)

@@ -415,3 +415,35 @@ async def test_a_media_type_refused_with_an_idempotency_key_is_415_before_100_co
     assert answer.status == 415
     assert msgspec.json.decode(answer.body)["status"] == 415
     assert await connection.closed_by_server_once_the_client_is_done()
+
+
+async def test_a_key_over_its_rate_limit_is_429_before_100_continue_and_pays_one_token(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], api_keys: KeyMaker
+) -> None:
+    """A review: the 429 came after 100 Continue, so megabytes were uploaded for it.
+    Within the limit the request takes its one token before 100 Continue, not two."""
+    key = api_keys.create(tenant="acme", scopes="ingest", rate=0.01, burst=2)
+    client = await app_client(
+        make_settings(
+            max_body_bytes=LIMIT, feature_dims=(4,), keys_file=str(api_keys.path), auth_disabled=False,
+            rate_limits_enabled=True,
+        )
+    )
+    for _ in range(2):  # the burst: each with its 100 Continue, each one token
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        connection = RawConnection(reader, writer)
+        await connection.send_head("/api/v2/ingest", len(BATCH), Content_Type="application/json", X_API_Key=key)
+        assert (await connection.answer()).status == 100
+        await connection.send_body(BATCH)
+        assert (await connection.answer()).status == 202
+        writer.close()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    connection = RawConnection(reader, writer)
+    try:
+        await connection.send_head("/api/v2/ingest", len(BATCH), Content_Type="application/json", X_API_Key=key)
+        answer = await connection.answer()
+        assert answer.status == 429
+        assert answer.headers["RateLimit"].startswith('"key";r=0;')
+        assert "Retry-After" in answer.headers
+    finally:
+        writer.close()
