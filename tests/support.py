@@ -20,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bench.processes import broker_command, free_port, redis_command, wait_for_port
 from mlgate.service.protection.api_keys import ApiKey, KeyFile, key_id_of, new_key
 from mlgate.workers.breaker import Breaker
+from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
@@ -230,3 +231,20 @@ def stop_process(pid: int, timeout_s: float = 5.0) -> None:
             return
         time.sleep(0.001)
     raise AssertionError(f"process {pid} not stopped within {timeout_s:g} s")
+
+
+def hang_appends(writer: LocalLogWriter) -> asyncio.Event:
+    """The writer's appends wait, in its thread, until the event returned is set: a
+    disk that hangs (a stalled fsync)."""
+    log = writer._log
+    assert log is not None
+    append = log.append
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def hung_append(frames: list[bytes]) -> int:
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        return append(frames)
+
+    log.append = hung_append  # type: ignore[method-assign]
+    return release

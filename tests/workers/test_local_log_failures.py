@@ -25,7 +25,7 @@ from mlgate.workers.sinks.local_log import LocalLog, SegmentDeleted, frame, read
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.supervision import Restarts
-from tests.support import until
+from tests.support import hang_appends, until
 
 
 def _record(key: str) -> OutboundRecord:
@@ -398,15 +398,7 @@ async def test_a_write_that_stalls_makes_the_writer_unhealthy_until_it_ends(
     write goes on: its outcome is its records' (the pipeline answers its callers)."""
     writer = await _started_writer(tmp_path / "log", stall_s=0.2)
     assert writer._log is not None and writer.answer_within_s == 0.2
-    append = writer._log.append
-    release = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def hung_append(frames: list[bytes]) -> None:
-        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
-        append(frames)
-
-    writer._log.append = hung_append  # type: ignore[method-assign]
+    release = hang_appends(writer)
     try:
         with structlog.testing.capture_logs() as logs:
             writing = asyncio.create_task(writer.write([_record("slow")]))

@@ -4,7 +4,6 @@ A stream failed so says, in its 500, which part of it was written."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ from mlgate.workers.sinks import local_log_writer
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
 from tests.conftest import AppClientFactory
-from tests.support import until
+from tests.support import hang_appends, until
 
 Client = TestClient[web.Request, web.Application]
 OPEN: dict[str, Any] = {"auth_disabled": True, "rate_limits_enabled": False}
@@ -244,15 +243,7 @@ async def test_a_write_that_stalls_is_answered_503_and_its_records_land_once(
     client = await app_client(make_settings(feature_dims=(4,), dedup_in_flight_wait_s=0.05, **OPEN))
     sink = client.app[RECORD_SINK]
     assert isinstance(sink, LocalLogWriter) and sink._log is not None
-    append = sink._log.append
-    release = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def hung_append(frames: list[bytes]) -> None:
-        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
-        append(frames)
-
-    sink._log.append = hung_append  # type: ignore[method-assign]
+    release = hang_appends(sink)
     batch = {"source": "s", "records": _records(0, 3)}
     try:
         stalled = await client.post("/api/v2/ingest", json=batch)
