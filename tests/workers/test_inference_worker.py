@@ -730,6 +730,12 @@ async def test_a_model_without_batching_takes_a_request_of_many_rows_as_one_run(
     worker.check_room(64, time.monotonic() + 1.0)
     answer = await worker.submit(rows(64), time.monotonic() + 1.0)
     assert answer["probabilities"].shape == (64, 2)
+    # Nor does a large request's run become the estimate a row's request is admitted
+    # by (a review of the first fix: two large ones shut the model to short deadlines).
+    session.delay_s = 0.5
+    for _ in range(2):
+        await worker.submit(rows(500), soon())
+    worker.check_room(1, time.monotonic() + 0.2)
 
 
 async def test_a_stale_run_time_estimate_lets_one_batch_in(

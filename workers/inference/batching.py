@@ -537,13 +537,17 @@ class InferenceWorker(Actor[_Item]):
         overrun = self._overrun_s(now) if self._in_flight else 0.0
         if self._run_time_s <= 0:
             return overrun
-        if not self._shares_batches:
+        if self._shares_batches:
+            if self._queued_rows + rows <= self._max_batch_size and self._estimate_is_stale():
+                return overrun
+            batches = -(-(self._queued_rows + rows) // self._max_batch_size)
+        else:
             # Each request is a run of its own, whatever its rows (a review: 64 rows of
             # a model without batching were 64 runs, and an idle model refused them).
-            return (self._mailbox.qsize() + 1 + len(self._in_flight)) * self._run_time_s + overrun
-        if self._queued_rows + rows <= self._max_batch_size and self._estimate_is_stale():
-            return overrun
-        batches = -(-(self._queued_rows + rows) // self._max_batch_size)
+            queued = self._mailbox.qsize()
+            if not queued and self._estimate_is_stale():
+                return overrun
+            batches = queued + 1
         return (batches + len(self._in_flight)) * self._run_time_s + overrun
 
     def _overrun_s(self, now: float) -> float:
@@ -1003,7 +1007,7 @@ class InferenceWorker(Actor[_Item]):
         splitting = time.perf_counter()
         self._last_ran_at = time.monotonic()
         weight = _RUN_TIME_WEIGHT if self.stats.batches and not remeasure else 1.0
-        if total <= self._max_batch_size or not self._shares_batches:
+        if total <= self._max_batch_size:
             self._run_time_s += weight * (run_s - self._run_time_s)
         elif self._run_time_s <= 0:
             # Only an oversized item has run: its share of a full batch, a first guess
