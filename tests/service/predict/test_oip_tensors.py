@@ -413,12 +413,12 @@ async def test_an_output_asked_for_twice_is_422(demo_client: Client) -> None:
     assert "asked for twice" in (await response.json())["error"]
 
 
-@pytest.mark.parametrize("timeout_us", [10**400, 10**12, 999])
-async def test_a_timeout_parameter_outside_the_headers_range_is_400(
+@pytest.mark.parametrize("timeout_us", [10**400, 10**12, 600_000_001])
+async def test_a_timeout_parameter_past_the_headers_range_is_400(
     demo_client: Client, timeout_us: int
 ) -> None:
-    """As ``X-Request-Timeout`` outside 1 to 600,000 ms (a review: 10**400 was a 500,
-    and 10**12 µs, 11.6 days, held a model that long)."""
+    """As ``X-Request-Timeout`` past 600,000 ms (a review: 10**400 was a 500, and
+    10**12 µs, 11.6 days, held a model that long)."""
     body = json.dumps(
         {
             "parameters": {"timeout": timeout_us},
