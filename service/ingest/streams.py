@@ -52,7 +52,9 @@ BLANK_BYTES_PER_RECORD = 4096
 
 @functools.lru_cache(maxsize=4)
 def _blank_runs(max_line: int) -> re.Pattern[bytes]:
-    return re.compile(rb"\n(?:[ \t\r]{0,%d}\n)+" % max_line)
+    # Every byte ``bytes.strip`` takes for a blank (a review: lines of \x0c were blank
+    # to the loop below and to no bound, a line each in Python).
+    return re.compile(rb"\n(?:[ \t\r\x0b\x0c]{0,%d}\n)+" % max_line)
 
 
 async def ndjson_records(request: web.Request, max_line: int) -> AsyncIterator[Record | RecordError]:
@@ -89,6 +91,8 @@ async def ndjson_records(request: web.Request, max_line: int) -> AsyncIterator[R
             if line.strip():
                 yield _record_or_error(index, _decode_line(line), line, _line_record_id)
                 index += 1
+            else:
+                blank += len(line) + 1  # one the pattern left (at a chunk's edge)
         if blank > MAX_BLANK_BYTES + BLANK_BYTES_PER_RECORD * index:
             raise _too_blank()
         if tail:

@@ -228,7 +228,9 @@ async def test_blank_lines_around_each_record_cost_no_line_each_and_keep_indexes
     assert answer["errors"][0]["index"] == 50
 
 
-@pytest.mark.parametrize("blank", [b"\n", b" \n"], ids=["newlines", "spaces-and-newlines"])
+@pytest.mark.parametrize(
+    "blank", [b"\n", b" \n", b"\x0c\n"], ids=["newlines", "spaces-and-newlines", "form-feeds"]
+)
 async def test_a_stream_of_more_blank_bytes_in_a_row_than_the_bound_is_400(
     client: Client, blank: bytes
 ) -> None:
