@@ -144,11 +144,14 @@ class Breaker:
     ) -> T:
         breaker = self._breaker
         late: list[Exception] = []
+        counted: list[int] = []  # the closed breaker's failures when a late one came
         if breaker.current_state is not aiobreaker.CircuitBreakerState.CLOSED:
             # aiobreaker settles a call by the state it began in: a trial that fails
             # after another call closed the breaker opened it again, for a full reset
             # time, a model that had just answered (a review). Such a failure is the
-            # closed breaker's to count, as one of ``fail_max``.
+            # closed breaker's to count, as one of ``fail_max``: handed back to
+            # aiobreaker as a success (its trial state then closes the closed breaker
+            # again, zeroing its count, which is put back), then counted as a failure.
             inner = func
 
             async def trial(*args: object, **kwargs: object) -> T:
@@ -158,6 +161,7 @@ class Breaker:
                     if breaker.current_state is not aiobreaker.CircuitBreakerState.CLOSED:
                         raise
                     late.append(exc)
+                    counted.append(breaker.fail_counter)
                     return cast(T, None)
 
             func = trial
@@ -170,6 +174,8 @@ class Breaker:
             # aiobreaker raises it ``from`` the failure that opened the breaker.
             raise BreakerOpen(self.name, max(1, self.retry_after_s), exc.__cause__) from None
         if late:
+            for _ in range(counted[0] - breaker.fail_counter):
+                breaker._state_storage.increment_counter()
             return await self._guarded(_raise, late[0])
         return result
 

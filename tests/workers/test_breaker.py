@@ -195,3 +195,27 @@ async def test_a_trial_failing_after_another_call_closed_it_counts_as_one_failur
         await breaker.call(fail)  # the second opens it
     changes = [(e["log_level"], e["state"]) for e in logs if e["event"] == "breaker_state_changed"]
     assert [change for change in changes if change[0] != "debug"] == [("info", "closed")]
+
+
+async def test_a_late_trial_failure_adds_to_the_closed_breakers_count_not_resets_it() -> None:
+    """A review of the first fix: the late failure, handed back to aiobreaker as a
+    success, zeroed the failures the closed breaker had counted meanwhile."""
+    breaker = Breaker("dep", fail_max=3, reset_s=0.05)
+    await failures(breaker, 2)
+    with pytest.raises(BreakerOpen):
+        await breaker.call(fail)
+    await asyncio.sleep(0.06)
+    release = asyncio.Event()
+
+    async def slow_failure() -> str:
+        await release.wait()
+        raise ConnectionError("late")
+
+    trial = asyncio.create_task(breaker.call(slow_failure))
+    await asyncio.sleep(0)
+    assert await breaker.call(succeed) == "ok"  # closes it
+    await failures(breaker, 2)  # two of three
+    release.set()
+    with pytest.raises(BreakerOpen):  # the third: the late one opens it
+        await trial
+    assert breaker.state == "open"
