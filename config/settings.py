@@ -228,6 +228,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         tenants = [entry.partition("=")[0] for entry in self.rate_limit_tenants]
         if len(tenants) != len(set(tenants)):
             raise ValueError("a tenant is listed twice - at `$.rate_limit_tenants`")
+        for entry in self.rate_limit_tenants:
+            # As MLGATE_RATE_LIMIT_TENANT_RATE (a review: 0.000...1 made Retry-After
+            # 300 digits long).
+            if not 0.001 <= float(entry.partition("=")[2].partition("/")[0]) <= 1e9:
+                raise ValueError(
+                    f"{entry}: a rate must be from 0.001 to 1e9 requests a second - at `$.rate_limit_tenants`"
+                )
 
 
 def worker_data_dir(settings: Settings) -> str:

@@ -142,6 +142,8 @@ def test_conventional_names_are_honoured_and_ours_win(field: str) -> None:
         # Retry-After 300 digits long, and a Redis bucket's expiry PEXPIRE refused.
         ({"MLGATE_RATE_LIMIT_KEY_RATE": "1e-300"}, "MLGATE_RATE_LIMIT_KEY_RATE"),
         ({"MLGATE_RATE_LIMIT_TENANT_RATE": "0.0001"}, "MLGATE_RATE_LIMIT_TENANT_RATE"),
+        ({"MLGATE_RATE_LIMIT_TENANTS": "acme=0." + "0" * 299 + "1/1"}, "MLGATE_RATE_LIMIT_TENANTS"),
+        ({"MLGATE_RATE_LIMIT_TENANTS": "acme=2000000000/1"}, "MLGATE_RATE_LIMIT_TENANTS"),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
 )
