@@ -810,7 +810,7 @@ class InferenceWorker(Actor[_Item]):
                     # and admitted every request, each to expire).
                     now = time.monotonic()
                     self._last_ran_at = now
-                    if run.started_at is not None and total <= self._max_batch_size:
+                    if run.started_at is not None and (total <= self._max_batch_size or not self._shares_batches):
                         self._learn_from_ended_run(now - run.started_at)
                     return
                 if len(items) > 1:
@@ -1007,7 +1007,11 @@ class InferenceWorker(Actor[_Item]):
         splitting = time.perf_counter()
         self._last_ran_at = time.monotonic()
         weight = _RUN_TIME_WEIGHT if self.stats.batches and not remeasure else 1.0
-        if total <= self._max_batch_size:
+        if total <= self._max_batch_size or not self._shares_batches:
+            # A model without batching: each request is a run, its own whatever its
+            # rows, so each run is the estimate's (a large one raises it for a while:
+            # the stale-estimate escape lets one request in to measure again; a review
+            # saw the estimate frozen at a run over its rows).
             self._run_time_s += weight * (run_s - self._run_time_s)
         elif self._run_time_s <= 0:
             # Only an oversized item has run: its share of a full batch, a first guess
