@@ -42,6 +42,8 @@ ALIASES: dict[str, str] = {
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 LimitRate = Annotated[float, msgspec.Meta(ge=0.001, le=1e9)]  # requests a second
+# A burst of 400 digits passed, and every request of its tenant was a 500 (a review).
+LimitBurst = Annotated[int, msgspec.Meta(ge=1, le=10**9)]
 TenantLimit = Annotated[
     str,
     msgspec.Meta(
@@ -138,9 +140,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rate_limits_enabled: bool = True
     # As ``mlgate keys create --rate``: 1e-300 made Retry-After 300 digits long.
     rate_limit_key_rate: LimitRate = 500.0
-    rate_limit_key_burst: PositiveInt = 1000
+    rate_limit_key_burst: LimitBurst = 1000
     rate_limit_tenant_rate: LimitRate = 1000.0
-    rate_limit_tenant_burst: PositiveInt = 2000
+    rate_limit_tenant_burst: LimitBurst = 2000
     # Per-tenant exceptions to the two above: "tenant=rate/burst", comma-separated.
     rate_limit_tenants: tuple[TenantLimit, ...] = ()
 
@@ -231,9 +233,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for entry in self.rate_limit_tenants:
             # As MLGATE_RATE_LIMIT_TENANT_RATE (a review: 0.000...1 made Retry-After
             # 300 digits long).
-            if not 0.001 <= float(entry.partition("=")[2].partition("/")[0]) <= 1e9:
+            rate, _, burst = entry.partition("=")[2].partition("/")
+            if not (0.001 <= float(rate) <= 1e9 and len(burst) <= 10 and int(burst) <= 10**9):
                 raise ValueError(
-                    f"{entry}: a rate must be from 0.001 to 1e9 requests a second - at `$.rate_limit_tenants`"
+                    f"{entry[:80]}: a rate must be from 0.001 to 1e9 requests a second, a burst "
+                    "at most 1e9 - at `$.rate_limit_tenants`"
                 )
 
 

@@ -114,10 +114,11 @@ def new_key(
         raise ValueError(f"scopes must be a non-empty subset of {', '.join(sorted(SCOPES))}")
     if (rate is None) != (burst is None):
         raise ValueError("give both --rate and --burst, or neither")
-    if rate is not None and burst is not None and not (0.001 <= rate <= 1e9 and burst >= 1):
+    if rate is not None and burst is not None and not (0.001 <= rate <= 1e9 and 1 <= burst <= 10**9):
         # ``not (...)``: NaN fails every comparison (a review: ``--rate nan`` stored a
-        # key with a burst and no rate; ``1e-320`` a bucket that never refills).
-        raise ValueError("rate must be from 0.001 to 1e9 requests a second, and burst >= 1")
+        # key with a burst and no rate; ``1e-320`` a bucket that never refills; a burst
+        # of 400 digits made every request of the key a 500).
+        raise ValueError("rate must be from 0.001 to 1e9 requests a second, and burst from 1 to 1e9")
     key_id = secrets.token_hex(8)
     plaintext = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
     stored = ApiKey(

@@ -144,6 +144,8 @@ def test_conventional_names_are_honoured_and_ours_win(field: str) -> None:
         ({"MLGATE_RATE_LIMIT_TENANT_RATE": "0.0001"}, "MLGATE_RATE_LIMIT_TENANT_RATE"),
         ({"MLGATE_RATE_LIMIT_TENANTS": "acme=0." + "0" * 299 + "1/1"}, "MLGATE_RATE_LIMIT_TENANTS"),
         ({"MLGATE_RATE_LIMIT_TENANTS": "acme=2000000000/1"}, "MLGATE_RATE_LIMIT_TENANTS"),
+        ({"MLGATE_RATE_LIMIT_TENANTS": "acme=10/1" + "0" * 400}, "MLGATE_RATE_LIMIT_TENANTS"),
+        ({"MLGATE_RATE_LIMIT_KEY_BURST": "1" + "0" * 400}, "MLGATE_RATE_LIMIT_KEY_BURST"),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
 )
