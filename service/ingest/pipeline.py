@@ -125,10 +125,15 @@ def refused(error: BaseException) -> bool:
     )
 
 
-def _stalled(waited_s: float) -> SinkFailed:
-    return SinkFailed(
-        f"the sink has not made the records durable in {waited_s:g} s (it stalls): they may "
-        "still land, and their record_ids stay claimed until the write ends"
+def _answer_stalled(writes: list[_Write], waited_s: float) -> None:
+    """The callers of a write the sink has not made durable in ``waited_s``: built when
+    due, not for every turn."""
+    _answer(
+        writes,
+        SinkFailed(
+            f"the sink has not made the records durable in {waited_s:g} s (it stalls): they "
+            "may still land, and their record_ids stay claimed until the write ends"
+        ),
     )
 
 
@@ -395,7 +400,7 @@ class IngestPipeline:
         # its outcome settles them (a review: a bound inside the sink failed the write
         # and left the ids to lapse, and a retry then wrote the landed records again).
         late = (
-            self._running_loop.call_later(self._answer_within_s, _answer, writes, _stalled(self._answer_within_s))
+            self._running_loop.call_later(self._answer_within_s, _answer_stalled, writes, self._answer_within_s)
             if turn.records and self._answer_within_s < math.inf
             else None
         )
