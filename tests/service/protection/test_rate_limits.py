@@ -8,9 +8,11 @@ import time
 from collections import Counter
 
 import aiohttp
+import msgspec
 import pytest
 import redis.asyncio
 
+from mlgate.service.protection.api_keys import KeyFile, key_id_of
 from mlgate.service.protection.rate_limits import CoalescedTakes
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
 from mlgate.service.state import METRICS
@@ -138,7 +140,13 @@ async def test_a_key_of_a_vast_burst_and_slow_rate_takes_from_redis_as_any(
     """A bucket's expiry past 1e14 ms reached PEXPIRE as ``1e+14``, which Redis
     refuses: the key's every call failed, and with it the shared breaker and every
     tenant's Redis calls (a review)."""
-    vast = api_keys.create(rate=0.001, burst=10**11)
+    vast = api_keys.create(rate=0.001, burst=10**9)
+    # Past what ``keys create`` now takes (a key file of an older version, or edited):
+    # an expiry of 1e17 ms, which Lua writes as 1e+17.
+    key_id = key_id_of(vast)
+    KeyFile(api_keys.path).update(
+        lambda keys: keys.__setitem__(key_id, msgspec.structs.replace(keys[key_id], burst=10**11))
+    )
     client = await app_client(
         secured(redis_url=f"redis://127.0.0.1:{redis_server.port}", redis_timeout_ms=5000)
     )
