@@ -67,6 +67,7 @@ from mlgate.service.http.metrics import Metrics
 from mlgate.service.ingest.ids import UniqueIds
 from mlgate.service.protection.fair_share import FairShareGenerations, FairShareMap
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
+from mlgate.workers.supervision import background_context
 
 log = structlog.get_logger("mlgate.dedup")
 
@@ -83,6 +84,8 @@ _FIRST_POLL_S, _MAX_POLL_S = 0.01, 0.2
 MAX_IDS_PER_CALL = 500
 # Ids written while Redis failed that a process keeps, to tell Redis once it is back.
 MAX_UNSHARED_IDS = 200_000
+# The sharing's retry after a crash: from this, doubling up to the most.
+SHARING_RETRY_S, MAX_SHARING_RETRY_S = 1.0, 30.0
 # On a Redis Cluster a tenant's ids spread over this many hash tags (slots): its dedup
 # memory over up to as many masters, at up to as many script calls per batch.
 CLUSTER_SLOTS_PER_TENANT = 8
@@ -333,6 +336,9 @@ class RecordDeduplicator:
         self._unshared_ids = 0
         self._sharing: asyncio.Task[None] | None = None
         self._share_again = False
+        # After a crash of the sharing (a bug: ``_run`` answers Redis failures itself),
+        # it runs again in this long, doubling: no recovery may come to start it.
+        self._sharing_retry_s = SHARING_RETRY_S
         if redis is not None:
             redis.on_recovered.append(self._share_unshared)
 
@@ -562,14 +568,26 @@ class RecordDeduplicator:
         if self._sharing is not None and not self._sharing.done():
             self._share_again = True
             return
-        self._sharing = asyncio.get_running_loop().create_task(self._send_unshared())
+        # In a context of its own: started by a request's Redis call, its lines are not
+        # that request's.
+        self._sharing = asyncio.get_running_loop().create_task(
+            self._send_unshared(), context=background_context()
+        )
         self._sharing.add_done_callback(self._sharing_ended)
 
     def _sharing_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and (error := task.exception()) is not None:
-            log.error("dedup_sharing_crashed", error=repr(error))
-            if self._metrics is not None:
-                self._metrics.background_task_crashes.labels("dedup-sharing").inc()
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            self._sharing_retry_s = SHARING_RETRY_S
+            return
+        retry_s = self._sharing_retry_s
+        self._sharing_retry_s = min(retry_s * 2, MAX_SHARING_RETRY_S)
+        log.error("dedup_sharing_crashed", error=repr(error), retry_in_s=retry_s)
+        if self._metrics is not None:
+            self._metrics.background_task_crashes.labels("dedup-sharing").inc()
+        task.get_loop().call_later(retry_s, self._share_unshared, context=background_context())
 
     async def close(self, timeout_s: float) -> None:
         """Let the ids written while Redis failed reach it, for at most ``timeout_s``."""
@@ -585,12 +603,17 @@ class RecordDeduplicator:
         while self._share_again and self._unshared:
             self._share_again = False
             for _ in range(len(self._unshared)):
-                tenant, ids, token, written_at = self._unshared.popleft()
+                entry = tenant, ids, token, written_at = self._unshared.popleft()
                 self._unshared_ids -= len(ids)
                 left_s = self.window_s - (time.monotonic() - written_at)
                 if left_s < 1:
                     continue
-                answers = await self._run("confirm", math.ceil(left_s), tenant, ids, token)
+                try:
+                    answers = await self._run("confirm", math.ceil(left_s), tenant, ids, token)
+                except BaseException:  # a crash, or close: the entry is kept for the next pass
+                    self._unshared.appendleft(entry)
+                    self._unshared_ids += len(ids)
+                    raise
                 failed = [record_id for group, answer in answers if answer is None for record_id in group]
                 if failed:
                     self._unshared.append((tenant, failed, token, written_at))

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio
 
 from mlgate.service.http.errors import Conflict
+from mlgate.service.ingest import dedup as dedup_module
 from mlgate.service.ingest.dedup import MAX_IDS_PER_CALL, Claim, RecordDeduplicator
 from mlgate.service.protection.shared_redis import SharedRedis
 from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK
@@ -405,3 +406,40 @@ async def test_a_small_claim_between_a_large_ones_parts_does_not_hold_what_that_
             await small_task
     finally:
         await shared.client.aclose()
+
+
+async def test_a_crash_while_sharing_keeps_the_ids_and_shares_them_on_a_retry(
+    app_client, settings_for, redis_server: ManagedProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sharing task is started by a recovery: one that crashed left its ids to the
+    next outage's recovery, which may never come, and dropped the entry in hand."""
+    monkeypatch.setattr(dedup_module, "SHARING_RETRY_S", 0.05)
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    client = await app_client(settings_for(url, redis_breaker_reset_s=0.1))
+    dedup = client.app[RECORD_DEDUP]
+    redis_server.stop()
+    claim = await dedup.claim("t", ["a", "b"])  # in this process only
+    await dedup.confirm("t", claim)
+    run = dedup._run
+    crashes = [RuntimeError("a bug")]
+
+    async def crashing_once(script_name: str, *args: object) -> object:
+        if script_name == "confirm" and crashes:
+            raise crashes.pop()
+        return await run(script_name, *args)
+
+    monkeypatch.setattr(dedup, "_run", crashing_once)
+    redis_server.start()
+    checker = redis.asyncio.Redis.from_url(url)
+    try:
+        for _ in range(100):  # a /ready probe pings Redis: it answers, the sharing starts
+            await client.get("/ready")
+            if await checker.exists("mlgate:rid:t:a", "mlgate:rid:t:b") == 2:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the ids never reached Redis")
+    finally:
+        await checker.aclose()
+    assert not crashes  # it crashed once, and the retry shared the ids
+    assert client.app[METRICS].background_task_crashes.labels("dedup-sharing")._value.get() == 1
