@@ -110,6 +110,12 @@ class Breaker:
         remaining = opened_at + self._breaker.timeout_duration - datetime.utcnow()
         return max(0, math.ceil(remaining.total_seconds()))
 
+    def close(self) -> None:
+        """Closed now, its failures forgotten: the dependency answered a probe made past
+        the breaker."""
+        if self.state != "closed" or self._breaker.fail_counter:
+            self._breaker.close()
+
     async def call(self, func: Callable[..., Awaitable[T]], *args: object, **kwargs: object) -> T:
         """Run ``func`` through the breaker; ``BreakerOpen`` at once when it is open.
 

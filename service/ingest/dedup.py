@@ -84,6 +84,8 @@ _FIRST_POLL_S, _MAX_POLL_S = 0.01, 0.2
 MAX_IDS_PER_CALL = 500
 # Ids written while Redis failed that a process keeps, to tell Redis once it is back.
 MAX_UNSHARED_IDS = 200_000
+# How often Redis is asked whether it answers again while ids written without it wait.
+UNSHARED_PROBE_S = 0.1
 # The sharing's retry after a crash: from this, doubling up to the most.
 SHARING_RETRY_S, MAX_SHARING_RETRY_S = 1.0, 30.0
 # On a Redis Cluster a tenant's ids spread over this many hash tags (slots): its dedup
@@ -340,7 +342,7 @@ class RecordDeduplicator:
         # it runs again in this long, doubling: no recovery may come to start it.
         self._sharing_retry_s = SHARING_RETRY_S
         if redis is not None:
-            redis.on_recovered.append(self._share_unshared)
+            redis.on_recovered.append(self._redis_recovered)
 
     @property
     def enabled(self) -> bool:
@@ -559,14 +561,19 @@ class RecordDeduplicator:
                 detail="written while Redis failed, more than this process keeps to tell Redis "
                 "later: another process may write a retry of them again",
             )
+        self._share_unshared()  # as soon as Redis answers again
+
+    def _redis_recovered(self) -> None:
+        """Redis, or a master of it, answers again: what it failed to take goes now."""
+        self._share_again = True
+        self._share_unshared()
 
     def _share_unshared(self) -> None:
-        """Redis (or a master of it) answers again: tell it the ids written meanwhile
-        (once at a time; a recovery while it runs makes it run once more)."""
+        """Tell Redis the ids written while it failed, once it answers again (one task
+        at a time, which runs until none is left)."""
         if not self._unshared:
             return
         if self._sharing is not None and not self._sharing.done():
-            self._share_again = True
             return
         # In a context of its own: started by a request's Redis call, its lines are not
         # that request's.
@@ -590,18 +597,32 @@ class RecordDeduplicator:
         task.get_loop().call_later(retry_s, self._share_unshared, context=background_context())
 
     async def close(self, timeout_s: float) -> None:
-        """Let the ids written while Redis failed reach it, for at most ``timeout_s``."""
+        """Let the ids written while Redis failed reach it, for at most ``timeout_s``
+        (none while it is down: the sharing would only probe it)."""
         if self._sharing is not None and not self._sharing.done():
-            await asyncio.wait({self._sharing}, timeout=timeout_s)
+            if self._redis is not None and self._redis.available:
+                await asyncio.wait({self._sharing}, timeout=timeout_s)
             self._sharing.cancel()
 
     async def _send_unshared(self) -> None:
-        """Each entry's ids to Redis; the ids whose call failed (their master still
-        down, on a Cluster) are kept for the next recovery; one that came back while
-        this ran (``_share_again``) gets its ids in another pass."""
-        self._share_again = True
-        while self._share_again and self._unshared:
+        """Each entry's ids to Redis once it answers again; the ids whose call failed
+        (their master still down, on a Cluster) are kept for its recovery.
+
+        While nothing came back (``_share_again``, set by a recovery), Redis is probed
+        every ``UNSHARED_PROBE_S``, past its breakers' reset time: another process's
+        breaker may let its calls through first, and until these ids are in Redis it
+        takes a retry of them for new (a review: retries sent to another process 1.5 s
+        after Redis came back were written again)."""
+        redis = self._redis
+        assert redis is not None
+        while self._unshared:
+            if not (self._share_again or redis.available):
+                await redis.ping(past_breakers=True)  # an answer is a recovery
+                if not (self._share_again or redis.available):
+                    await asyncio.sleep(UNSHARED_PROBE_S)
+                    continue
             self._share_again = False
+            kept = False
             for _ in range(len(self._unshared)):
                 entry = tenant, ids, token, written_at = self._unshared.popleft()
                 self._unshared_ids -= len(ids)
@@ -618,8 +639,10 @@ class RecordDeduplicator:
                 if failed:
                     self._unshared.append((tenant, failed, token, written_at))
                     self._unshared_ids += len(failed)
-        if not self._unshared:
-            log.info("dedup_ids_shared", detail="ids written while Redis failed are in Redis now")
+                    kept = True
+            if kept:
+                await asyncio.sleep(UNSHARED_PROBE_S)
+        log.info("dedup_ids_shared", detail="ids written while Redis failed are in Redis now")
 
     async def extend(self, tenant: str, claim: Claim) -> None:
         """The claim's records are still being written: they stay in flight for another

@@ -143,12 +143,24 @@ class SharedRedis:
         breaker it goes through in cluster mode."""
         return await self._through(self._breaker_for(key), operation, func)
 
-    async def _through(self, breaker: Breaker, operation: str, func: Callable[[], Awaitable[T]]) -> T:
+    async def _through(
+        self,
+        breaker: Breaker,
+        operation: str,
+        func: Callable[[], Awaitable[T]],
+        *,
+        past_breaker: bool = False,
+    ) -> T:
+        """``past_breaker``: ``func`` runs even while the breaker is open, as a probe
+        (no fallback counted: nothing fell back), and closes it when it succeeds."""
         try:
-            result = await breaker.call(func)
+            result = await (func() if past_breaker else breaker.call(func))
         except (BreakerOpen, RedisError, RedisClusterException, OSError, TimeoutError) as exc:
-            self._fell_back(breaker, operation, exc)
+            if not past_breaker:
+                self._fell_back(breaker, operation, exc)
             raise RedisUnavailable(operation) from exc
+        if past_breaker:
+            breaker.close()
         self.answered_at = time.monotonic()
         if breaker.name in self._failing:
             self._recovered(breaker.name, operation)
@@ -192,13 +204,17 @@ class SharedRedis:
         except (RedisError, OSError, TimeoutError):
             pass
 
-    async def ping(self) -> bool:
+    async def ping(self, *, past_breakers: bool = False) -> bool:
         """Whether Redis answers: in cluster mode, every master whose breaker's last call
-        failed (a master no longer serving slots, failed over, is let go of), else one."""
+        failed (a master no longer serving slots, failed over, is let go of), else one.
+        ``past_breakers``: asked even while their breakers are open, which an answer
+        closes (a probe: ``RecordDeduplicator`` holding ids to tell Redis)."""
         failing = {name: b for name, b in self._node_breakers.items() if b.name in self._failing}
         if not failing or not isinstance(self.client, RedisCluster):
             try:
-                await self._through(self.breaker, "ping", self.client.ping)
+                await self._through(
+                    self.breaker, "ping", self.client.ping, past_breaker=past_breakers
+                )
             except RedisUnavailable:
                 return False
             return True
@@ -211,7 +227,12 @@ class SharedRedis:
                 self._recovered(breaker.name, "ping")  # failed over: its slots are served elsewhere
                 continue
             try:
-                await self._through(breaker, "ping", partial(cluster.ping, target_nodes=node))
+                await self._through(
+                    breaker,
+                    "ping",
+                    partial(cluster.ping, target_nodes=node),
+                    past_breaker=past_breakers,
+                )
             except RedisUnavailable:
                 answered = False
         return answered

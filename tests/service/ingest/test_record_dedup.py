@@ -13,7 +13,7 @@ from mlgate.service.ingest import dedup as dedup_module
 from mlgate.service.ingest.dedup import MAX_IDS_PER_CALL, Claim, RecordDeduplicator
 from mlgate.service.protection.shared_redis import SharedRedis
 from mlgate.service.state import METRICS, RECORD_DEDUP, RECORD_SINK
-from tests.support import KeyMaker, ManagedProcess
+from tests.support import KeyMaker, ManagedProcess, until
 
 PATH = "/api/v2/ingest"
 
@@ -443,3 +443,23 @@ async def test_a_crash_while_sharing_keeps_the_ids_and_shares_them_on_a_retry(
         await checker.aclose()
     assert not crashes  # it crashed once, and the retry shared the ids
     assert client.app[METRICS].background_task_crashes.labels("dedup-sharing")._value.get() == 1
+
+
+async def test_ids_written_while_redis_was_down_reach_it_before_the_breaker_would_let_calls_through(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    """A review: the ids reached Redis only once this process's breaker let a call
+    through again (up to its reset time after Redis was back), while another process's
+    breaker had let its own through already and written a retry of them again."""
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    client = await app_client(settings_for(url, redis_breaker_reset_s=60, redis_breaker_fail_max=1))
+    dedup = client.app[RECORD_DEDUP]
+    redis_server.stop()
+    await dedup.confirm("t", await dedup.claim("t", ["a"]))  # in this process only
+    redis_server.start()
+    checker = redis.Redis.from_url(url)
+    try:
+        # Well within the breaker's 60 s, and no request asks Redis meanwhile.
+        await until(lambda: bool(checker.exists("mlgate:rid:t:a")), timeout_s=10)
+    finally:
+        checker.close()
