@@ -151,12 +151,32 @@ def preferred_format(accept: str | None) -> Format:
     return Format.MSGPACK if best_msgpack > best_json else Format.JSON
 
 
+# The most of a schema error's text an answer repeats: msgspec's messages quote what the
+# client sent (an unknown field's name, in full), and a stream's thousand errors of 1 MiB
+# names made a 1.2 GB answer (a review).
+MAX_MESSAGE_CHARS = 512
+
+
+def schema_message(error: msgspec.ValidationError) -> str:
+    """msgspec's message, at most ``MAX_MESSAGE_CHARS``: a longer one keeps its start
+    and its end (the location) around a mark of what was left out."""
+    return bounded(str(error))
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    mark = f"…[{len(text) - limit} characters left out]…"
+    keep = (limit - len(mark)) // 2
+    return f"{text[:keep]}{mark}{text[len(text) - keep:]}"
+
+
 def location(error: msgspec.ValidationError) -> tuple[str, str]:
     """Split msgspec's message into (location, message), e.g. ("records[3].features", ...).
 
     A missing field is located at the field itself (``source``, not the object holding it).
     """
-    text = str(error)
+    text = schema_message(error)
     key = _KEY_LOCATION.search(text)
     if key is not None:
         return key.group(1), f"a key: {text[: key.start()]}"
@@ -207,7 +227,9 @@ def decode_json_non_finite(body: bytes, type_: type[T]) -> T:
         return msgspec.convert(tree, type_)
     except msgspec.ValidationError as exc:
         loc, msg = location(exc)
-        raise ValidationFailed(str(exc), errors=[FieldError(loc=loc or "body", msg=msg)]) from None
+        raise ValidationFailed(
+            schema_message(exc), errors=[FieldError(loc=loc or "body", msg=msg)]
+        ) from None
 
 
 def schema_error(exc: msgspec.ValidationError, body: bytes, fmt: Format) -> ApiError:
@@ -217,7 +239,7 @@ def schema_error(exc: msgspec.ValidationError, body: bytes, fmt: Format) -> ApiE
     if syntax is not None:
         return undecodable(syntax, fmt)
     loc, msg = location(exc)
-    return ValidationFailed(str(exc), errors=[FieldError(loc=loc or "body", msg=msg)])
+    return ValidationFailed(schema_message(exc), errors=[FieldError(loc=loc or "body", msg=msg)])
 
 
 def undecodable(exc: Exception, fmt: Format) -> BadRequest:

@@ -43,6 +43,7 @@ from mlgate.schemas.problem import FieldError
 from mlgate.service.http.codec import (
     SIMDJSON_REFUSALS,
     Format,
+    bounded,
     decode,
     location,
     raise_parser_misuse,
@@ -513,7 +514,7 @@ def record_error(index: int, exc: Exception, record_id: str | None = None) -> Re
         loc, msg = location(exc)
         where = f" at {loc}" if loc else ""
         return RecordError(index=index, record_id=record_id, error=f"{msg}{where}")
-    return RecordError(index=index, record_id=record_id, error=f"undecodable record: {exc}")
+    return RecordError(index=index, record_id=record_id, error=bounded(f"undecodable record: {exc}"))
 
 
 def given_record_id(raw: bytes | msgspec.Raw, fmt: Format) -> str | None:

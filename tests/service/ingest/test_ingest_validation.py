@@ -19,7 +19,7 @@ from aiohttp.helpers import HeadersMixin
 from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings, worker_data_dir
-from mlgate.service.http.codec import Format
+from mlgate.service.http.codec import MAX_MESSAGE_CHARS, Format
 from mlgate.service.ingest import validation
 from mlgate.workers.sinks.local_log import read_log
 from tests.conftest import AppClientFactory
@@ -138,6 +138,29 @@ async def test_unknown_batch_field_is_422(client: Client) -> None:
     response = await client.post(INGEST, json={**_batch(), "extra": 1})
     body = await _problem(response, 422)
     assert "extra" in body["errors"][0]["msg"]
+
+
+async def test_a_long_unknown_batch_field_is_named_in_part(client: Client) -> None:
+    """A review: msgspec's message quotes the field's whole name, and answers repeated
+    it (detail and msg) whatever its length."""
+    response = await client.post(INGEST, json={**_batch(), "z" * 100_000: 1})
+    body = await _problem(response, 422)
+    assert len(body["detail"]) <= MAX_MESSAGE_CHARS
+    assert len(body["errors"][0]["msg"]) <= MAX_MESSAGE_CHARS
+    assert body["errors"][0]["msg"].startswith("Object contains unknown field `zzz")
+
+
+async def test_a_record_with_a_long_unknown_field_is_rejected_with_its_name_in_part(
+    client: Client,
+) -> None:
+    response = await client.post(INGEST, json=_batch(_record(0, **{"z" * 100_000: 1}), _record(1)))
+    assert response.status == 202
+    body = await response.json()
+    assert body["records_accepted"] == 1
+    [error] = body["errors"]
+    assert error["index"] == 0
+    assert len(error["error"]) <= MAX_MESSAGE_CHARS
+    assert "unknown field" in error["error"] and "characters left out" in error["error"]
 
 
 async def test_batch_over_max_batch_records_is_422(client: Client, settings: Settings) -> None:

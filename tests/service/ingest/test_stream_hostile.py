@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings
+from mlgate.service.http.codec import MAX_MESSAGE_CHARS
 from mlgate.service.ingest import streams
 from mlgate.service.routes.ingest import STREAM_MAX_REJECTED_LEAD
 from tests.conftest import AppClientFactory
@@ -263,3 +264,16 @@ async def test_a_record_now_and_then_does_not_renew_the_blank_budget(client: Cli
     response = await client.post(STREAM, data=io.BytesIO(body), headers=NDJSON)
     assert response.status == 400, await response.text()
     assert "blank bytes" in (await response.json())["detail"]
+
+
+async def test_records_with_long_unknown_field_names_keep_the_answer_small(client: Client) -> None:
+    """A review: each rejected record's error quoted its unknown field's whole name, and
+    a stream of a thousand 1 MiB names (gzip makes them small) answered 1.2 GB."""
+    hostile = msgspec.msgpack.encode({"features": [1.0, 2.0, 3.0, 4.0], "\x01" * 500_000: 1})
+    body = hostile * 20 + msgspec.msgpack.encode(_valid(0))
+    response = await client.post(STREAM, data=io.BytesIO(body), headers=MSGPACK)
+    assert response.status == 202
+    answer = await response.read()
+    assert len(answer) < 20 * 6 * MAX_MESSAGE_CHARS  # each error's text, escaped at worst
+    result = msgspec.json.decode(answer)
+    assert (result["records_accepted"], result["records_rejected"]) == (1, 20)
