@@ -131,6 +131,35 @@ class _ClientBodyErrors(logging.Filter):
         return True
 
 
+class RepeatedLibraryLines(logging.Filter):
+    """aiokafka logs every failed connect, metadata refresh and produce attempt of an
+    outage: about 30 lines a second for as long as the broker is down (a review: 3M a
+    day a process, where our own lines say the outage once each way). Each of its
+    messages (logger and template) is let through once in ``every_s``; the next one
+    that is says how many like it were left out."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        # (logger, template) -> [when last let through, how many left out since]; the
+        # templates are the library's own strings, a bounded set.
+        self._seen: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka"):
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.every_s:
+            seen[1] += 1
+            return False
+        if seen is not None and seen[1]:
+            record.msg = f"{record.msg} ({int(seen[1])} more like it in the last {self.every_s:g} s left out)"
+        self._seen[key] = [now, 0]
+        return True
+
+
 def quiet_client_body_errors() -> None:
     """Install ``_ClientBodyErrors`` on aiohttp's server logger, once."""
     server_log = logging.getLogger("aiohttp.server")
@@ -174,6 +203,7 @@ def configure_logging(level: str = "info", worker: int | None = None) -> None:
             ],
         )
     )
+    handler.addFilter(RepeatedLibraryLines())
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if not isinstance(h, _Stdout)] + [handler]
     root.setLevel(numeric)

@@ -99,6 +99,34 @@ def test_a_standard_library_record_is_written_as_a_json_line_with_its_traceback(
     assert record["timestamp"].endswith("Z")
 
 
+def test_a_kafka_client_line_repeated_through_an_outage_is_written_once_a_minute(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: with the broker down, aiokafka wrote about 30 lines a second."""
+    logs.configure_logging("info")
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    kafka = logging.getLogger("aiokafka.conn")
+    try:
+        for node in range(100):
+            kafka.error("Unable connect to node with id %s: %s", node, "refused")
+        logging.getLogger("aiokafka.cluster").error("Unable to update metadata from %s", 1)
+        first = capsys.readouterr().out.splitlines()
+        clock[0] += 61
+        kafka.error("Unable connect to node with id %s: %s", 7, "refused")
+        later = capsys.readouterr().out.splitlines()
+    finally:
+        structlog.reset_defaults()
+    assert [json.loads(line)["event"] for line in first] == [
+        "Unable connect to node with id 0: refused",
+        "Unable to update metadata from 1",
+    ]
+    [line] = later
+    assert json.loads(line)["event"] == (
+        "Unable connect to node with id 7: refused (99 more like it in the last 60 s left out)"
+    )
+
+
 def test_every_line_of_a_supervised_process_names_its_worker(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
