@@ -143,6 +143,16 @@ def route_access(request: web.Request) -> frozenset[str] | None:
     """None when the matched route is open, else the scopes a key needs one of."""
     match_info = request.match_info
     if match_info.http_exception is not None:
+        if isinstance(match_info.http_exception, web.HTTPMethodNotAllowed) and _open_path(request):
+            return None  # its 405 and ``Allow``: an open path says what it is to anyone
         return UNDECLARED
     resource = match_info.route.resource
     return request.app[ROUTE_ACCESS].get(resource, ACCEPTED_SCOPES["admin"]) if resource else UNDECLARED
+
+
+def _open_path(request: web.Request) -> bool:
+    path = request.path
+    return any(
+        access is None and resource.canonical == path
+        for resource, access in request.app[ROUTE_ACCESS].items()
+    )

@@ -1,8 +1,8 @@
 """The protection middleware: API key, rate limit and Idempotency-Key, in that order.
 
 Who may call a route is declared with the route (``service.http.routing``) and read
-from the route that matched, never from the raw path, so an unknown path or a wrong
-method on an open path needs a key too:
+from the route that matched, never from the raw path, so an unknown path needs a key
+too (a wrong method on an open path is its 405, ``Allow`` naming what it takes):
 
 - Open routes (health, readiness, metrics, docs, OIP health) pass untouched.
 - Everything else needs ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``;

@@ -175,9 +175,23 @@ async def test_unknown_path_is_401_without_a_key_and_404_with_one(
     assert (await client.get("/nothing-here", headers={"X-API-Key": key})).status == 404
 
 
-async def test_wrong_method_on_an_open_route_needs_a_key(app_client, secured) -> None:
+async def test_wrong_method_on_an_open_route_is_405_with_allow_without_a_key(
+    app_client, secured
+) -> None:
+    """A review: it was 401, as if the open path needed a key."""
     client = await app_client(secured())
-    assert (await client.post("/health")).status == 401
+    for path in ("/health", "/v2/health/live", "/metrics"):
+        response = await client.post(path)
+        assert response.status == 405, path
+        assert "GET" in response.headers["Allow"]
+    # The Open Inference Protocol's routes answer errors as that protocol does.
+    assert (await client.post("/health")).content_type == "application/problem+json"
+    assert "error" in await (await client.post("/v2/health/live")).json()
+
+
+async def test_wrong_method_on_a_protected_route_needs_a_key(app_client, secured) -> None:
+    client = await app_client(secured())
+    assert (await client.delete("/api/v2/ingest")).status == 401
 
 
 async def test_revoked_key_is_401_after_reload(app_client, secured, api_keys: KeyMaker) -> None:
