@@ -207,7 +207,11 @@ async def _started_unless_stopped(
     first: start-up is cancelled and what it started cleaned up within the budget."""
     setup = asyncio.ensure_future(runner.setup())
     stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait((setup, stopped), return_when=asyncio.FIRST_COMPLETED)
+    while not (setup.done() or stopped.done()):
+        systemd.starting()  # a no-op without systemd
+        await asyncio.wait(
+            (setup, stopped), timeout=systemd.EXTEND_EVERY_S, return_when=asyncio.FIRST_COMPLETED
+        )
     if setup.done():
         stopped.cancel()
         setup.result()  # start-up's own error, if any

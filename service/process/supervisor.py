@@ -15,6 +15,7 @@ READY=1 from the supervisor once every child serves.
 from __future__ import annotations
 
 import ctypes
+import math
 import multiprocessing
 import os
 import shutil
@@ -108,6 +109,8 @@ class Supervisor:
     MAX_RESTART_BACKOFF_S = 30.0
     DEATH_WINDOW_S = 60.0
     MAX_DEATHS = 5
+    # The children's start-up beyond their models' loads (each at most
+    # ``MLGATE_MODEL_LOAD_TIMEOUT_S``, side by side).
     START_TIMEOUT_S = 120.0
     # Past the children's own shutdown budget, those still running are killed.
     KILL_GRACE_S = 2.0
@@ -188,13 +191,17 @@ class Supervisor:
         died before it served. One that died after it served is a death like any
         other, restarted by ``_watch`` (a review: a process killed while a sibling was
         still loading its model stopped the whole group, exit 1)."""
-        deadline = time.monotonic() + self.START_TIMEOUT_S
+        deadline = time.monotonic() + self.START_TIMEOUT_S + self._settings.model_load_timeout_s
+        extended_at = -math.inf
         while time.monotonic() < deadline and self._stop_signal is None:
             children = self._children.values()
             if any(not ready.is_set() and not process.is_alive() for process, ready in children):
                 return False
             if all(ready.is_set() for _, ready in self._children.values()):
                 return True
+            if time.monotonic() - extended_at >= systemd.EXTEND_EVERY_S:
+                systemd.starting()
+                extended_at = time.monotonic()
             time.sleep(self.POLL_S)
         return self._stop_signal is not None
 

@@ -28,6 +28,17 @@ def notify(*states: str) -> bool:
     return True
 
 
+# While start-up runs, systemd is asked this often for this much more time than its
+# ``TimeoutStartSec``: models load for as long as ``MLGATE_MODEL_LOAD_TIMEOUT_S`` (300 s
+# by default), and the unit's 90 s killed a start-up loading a large model, again and
+# again under ``Restart=on-failure`` (a review).
+EXTEND_EVERY_S, EXTEND_BY_S = 10.0, 30
+
+
+def starting(status: str = "loading models") -> bool:
+    return notify(f"EXTEND_TIMEOUT_USEC={EXTEND_BY_S * 1_000_000}", f"STATUS=starting: {status}")
+
+
 def ready(status: str = "serving") -> bool:
     return notify("READY=1", f"STATUS={status}")
 

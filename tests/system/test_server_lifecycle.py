@@ -185,6 +185,21 @@ async def test_responses_while_draining_close_their_keep_alive_connection(
         assert await service.exit_code() == 0
 
 
+def test_start_up_asks_systemd_for_more_time_while_models_load(
+    service_process: ServiceFactory,
+) -> None:
+    """A review: the unit's 90 s start-up timeout killed a start-up loading a model
+    for longer, again and again."""
+    with notify_socket() as (path, sock):
+        service_process(wait=False, NOTIFY_SOCKET=path)
+        messages = receive_until(sock, "READY=1")
+    assert any(
+        line.startswith("EXTEND_TIMEOUT_USEC=")
+        for message in messages[:-1]
+        for line in message.split("\n")
+    )
+
+
 def test_sighup_runs_the_reload_hooks_and_keeps_serving(service_process: ServiceFactory) -> None:
     with notify_socket() as (path, sock):
         service = service_process(wait=False, NOTIFY_SOCKET=path)

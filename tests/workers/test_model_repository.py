@@ -29,6 +29,7 @@ from mlgate.workers.inference.repository import (
 from models.make_demo_model import build_mlp
 from tests.onnx_models import model_of
 from tests.slow_models import looping_model
+from tests.support import until
 
 
 def add_version(
@@ -580,3 +581,92 @@ async def test_a_model_whose_poll_fails_does_not_stop_the_others_polling(
     add_version(repo_root, "demo", 2, seed=2)
     await repo.poll()  # "broken" sorts first
     assert repo.resolve("demo").version == "2"
+
+
+async def test_a_slow_load_holds_up_no_other_models_new_version(
+    repo_root: Path, start_repository: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the poll loaded model by model, and a model whose load took 20 s kept
+    every other model's new version (the default model's too) waiting that long."""
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository(model_poll_interval_s=0.05)
+    loading_slow, slow_may_finish = asyncio.Event(), asyncio.Event()
+    load_version = repo._load_version
+
+    async def slow(name: str, *args: Any) -> Any:
+        if name == "slow":
+            loading_slow.set()
+            await slow_may_finish.wait()
+        return await load_version(name, *args)
+
+    monkeypatch.setattr(repo, "_load_version", slow)
+    add_version(repo_root, "slow", 1)
+    await asyncio.wait_for(loading_slow.wait(), 5)
+    add_version(repo_root, "demo", 2, seed=2)
+
+    async def until_latest_is_2() -> None:
+        while repo.resolve("demo").version != "2":
+            await repo.wait_changed()
+
+    await asyncio.wait_for(until_latest_is_2(), 5)
+    assert IndexEntry("slow", "1", "LOADING") in repo.index()
+    with pytest.raises(ModelUnavailable, match="its load is under way"):
+        repo.resolve("slow")
+    slow_may_finish.set()
+    await asyncio.wait_for(repo.poll(), 5)
+    assert repo.resolve("slow").version == "1"
+
+
+async def test_a_load_past_its_timeout_starts_no_other_of_its_version_until_its_thread_ends(
+    repo_root: Path, start_repository: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a session's creation cannot be stopped, and each change of a slow
+    model's file started another load beside those still running (5 GB in all)."""
+    from mlgate.workers.inference import repository
+
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "slow", 1)
+    may_finish = threading.Event()
+    opened = []
+    open_session = repository.open_session
+
+    def uninterruptible_for_slow(path: Path, *args: Any) -> Any:
+        if path.parent.parent.name == "slow":
+            opened.append(path)
+            may_finish.wait(10)
+        return open_session(path, *args)
+
+    monkeypatch.setattr(repository, "open_session", uninterruptible_for_slow)
+    repo = await start_repository(model_load_timeout_s=0.2)
+    assert "took longer than 0.2 s" in next(e for e in repo.index() if e.name == "slow").reason
+    (repo_root / "slow" / "1" / "model.onnx").write_bytes(build_mlp(seed=3).SerializeToString())
+    await repo.poll()
+    assert len(opened) == 1  # the first load's thread still runs: no second one
+    entry = next(e for e in repo.index() if e.name == "slow")
+    assert "has not ended yet" in entry.reason
+    may_finish.set()
+    await until(lambda: not repo._abandoned)
+    await repo.poll()  # the file changed while it ran: loaded now
+    assert len(opened) == 2
+    assert repo.resolve("slow").version == "1"
+
+
+async def test_version_directories_are_listed_off_the_event_loop(
+    repo_root: Path, start_repository: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a model of 30,000 version directories stalled every request for up to
+    600 ms at each poll while they were listed."""
+    from mlgate.workers.inference import repository
+
+    add_version(repo_root, "demo", 1)
+    listed_in: list[threading.Thread] = []
+    versions_on_disk = repository.versions_on_disk
+
+    def recorded(model_dir: Path) -> Any:
+        listed_in.append(threading.current_thread())
+        return versions_on_disk(model_dir)
+
+    monkeypatch.setattr(repository, "versions_on_disk", recorded)
+    repo = await start_repository()
+    await repo.poll()
+    assert listed_in and threading.main_thread() not in listed_in

@@ -73,7 +73,8 @@ NAME_RULE = "at most 128 characters, no '/', '\\' or control character, not begi
 def model_name_allowed(name: str) -> bool:
     return MODEL_NAME.fullmatch(name) is not None
 
-State = Literal["READY", "UNAVAILABLE"]
+# LOADING: a version not serving yet whose load is under way (Triton says the same).
+State = Literal["READY", "UNAVAILABLE", "LOADING"]
 Kind = Literal["classifier", "regressor"]
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -54,7 +54,7 @@ from mlgate.workers.inference.model_config import (
     read_config,
     versions_on_disk,
 )
-from mlgate.workers.supervision import SupervisedTask
+from mlgate.workers.supervision import SupervisedTask, background_context
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
 T = TypeVar("T")
@@ -145,6 +145,14 @@ class ModelRepository:
         # Versions replaced and closing (draining their queued requests), by the task.
         self._retiring: dict[asyncio.Task[None], ModelVersion] = {}
         self._poller: SupervisedTask | None = None
+        # Each model's sync under way (``_start_syncs``): one at a time per model, and a
+        # slow load holds up no other model's.
+        self._syncing: dict[str, asyncio.Task[None]] = {}
+        # Loads past their timeout whose thread has not ended (a session's creation
+        # cannot be stopped): no other load of that version starts until it does (a
+        # review: each change of a slow model's file started another, 5 GB in all).
+        # By (model, version): the load's thread's outcome, and the fingerprint it loads.
+        self._abandoned: dict[tuple[str, str], tuple[asyncio.Future[Any], tuple[int, ...]]] = {}
         self._started = False
         self._closed = False
 
@@ -168,6 +176,7 @@ class ModelRepository:
         self._closed = True
         if self._poller is not None:
             await self._poller.stop()
+        syncs = list(self._syncing.values())
         locks = list(self._locks.values())
         for lock in locks:  # a load under way ends first
             await lock.acquire()
@@ -178,6 +187,7 @@ class ModelRepository:
             for lock in locks:
                 lock.release()
         await asyncio.gather(*(self._close_version(v) for v in versions), *self._retiring)
+        await asyncio.gather(*syncs, return_exceptions=True)  # each sees closed and ends
 
     # -- lookups -----------------------------------------------------------------
 
@@ -241,17 +251,20 @@ class ModelRepository:
                 else f"version {_quoted(str(version))} of model {_quoted(model)}"
             )
             entries = self._states.get(model, {})
-            failed = [
+            asked = [
                 entry
                 for entry in (
                     entries.values()
                     if version in (None, "", "latest")
                     else [entries.get(str(version))]
                 )
-                if entry is not None and entry.failed
+                if entry is not None
             ]
+            failed = [entry for entry in asked if entry.failed]
             if failed:
                 raise ModelUnavailable(f"{what} is not serving: {failed[-1].reason}")
+            if any(entry.state == "LOADING" for entry in asked):
+                raise ModelUnavailable(f"{what} is not serving yet: its load is under way")
             raise ModelNotFound(f"{what} is not serving")
         return found
 
@@ -264,10 +277,10 @@ class ModelRepository:
     def _on_disk(self, model: str) -> bool:
         return model_name_allowed(model) and (self.root / model).is_dir()
 
-    def _model_dirs(self) -> set[str]:
-        if not self.root.is_dir():
-            return set()
-        names = {p.name for p in self.root.iterdir() if p.is_dir()}
+    def _model_dirs(self, names: set[str] | None = None) -> set[str]:
+        """The model directories' names (``names``: the directories, listed already)."""
+        if names is None:
+            names = _directories(self.root)
         served = {name for name in names if model_name_allowed(name)}
         for name in sorted(names - served - self._ignored):
             # Once a name: the poll reads the directory every few seconds.
@@ -290,8 +303,11 @@ class ModelRepository:
 
     def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
         entries: list[IndexEntry] = []
+        # Only models not synced yet are looked at on disk: one of thousands of version
+        # directories takes tens of ms to list, and this runs on the event loop.
         names = set(self._states) | {
-            name for name in self._model_dirs() if versions_on_disk(self.root / name)
+            name for name in self._model_dirs() - set(self._states)
+            if versions_on_disk(self.root / name)
         }
         for name in sorted(names):
             states = self._states.get(name, {})
@@ -324,13 +340,31 @@ class ModelRepository:
     # -- changes -----------------------------------------------------------------
 
     async def poll(self) -> None:
-        """Bring every model in line with the directory (skipping explicit unloads)."""
-        names = set(self._serving) | set(self._states) | self._model_dirs()
+        """Bring every model in line with the directory (skipping explicit unloads), and
+        return once each has been (start-up, SIGHUP)."""
+        await asyncio.gather(*await self._start_syncs())
+
+    async def _start_syncs(self) -> list[asyncio.Task[None]]:
+        """Each model's sync in a task of its own, those under way left to run: one slow
+        load held up every other model's changes, the default model's too, for as long
+        as it took (a review: 20 s for a new version to serve, 28 s unready)."""
+        listed = await asyncio.to_thread(_directories, self.root)
+        names = set(self._serving) | set(self._states) | self._model_dirs(listed)
+        syncs: list[asyncio.Task[None]] = []
         for name in sorted(names - self._unloaded):
-            try:
-                await self._sync(name)
-            except Exception as exc:  # one model's directory must not stop the others'
-                log.error("model_poll_failed", model=name, error=repr(exc))
+            sync = self._syncing.get(name)
+            if sync is None or sync.done():
+                sync = self._syncing[name] = asyncio.get_running_loop().create_task(
+                    self._sync_logged(name), name=f"model-sync-{name}", context=background_context()
+                )
+            syncs.append(sync)
+        return syncs
+
+    async def _sync_logged(self, name: str) -> None:
+        try:
+            await self._sync(name)
+        except Exception as exc:  # one model's directory must not stop the others'
+            log.error("model_poll_failed", model=name, error=repr(exc))
 
     async def load(self, model: str) -> None:
         """Load or reload ``model`` now (the repository extension's load)."""
@@ -365,7 +399,7 @@ class ModelRepository:
         while True:
             await asyncio.sleep(self.settings.model_poll_interval_s)
             try:
-                await self.poll()
+                await self._start_syncs()  # not waited for: the next poll comes on time
             except Exception as exc:  # a bad poll must not stop the next one
                 log.error("model_poll_failed", error=repr(exc))
 
@@ -396,7 +430,9 @@ class ModelRepository:
             model_dir = self.root / name
             current = dict(self._serving.get(name, {}))
             states = self._states.setdefault(name, {})
-            on_disk = versions_on_disk(model_dir) if model_dir.is_dir() else {}
+            # In a thread: thousands of version directories took 50-600 ms to list, a
+            # stall of every request at each poll (a review).
+            on_disk = await asyncio.to_thread(_versions_if_any, model_dir)
             try:
                 config = read_config(model_dir, self.settings)
             except ModelConfigError as exc:
@@ -415,6 +451,8 @@ class ModelRepository:
                     continue
                 if self._failed.get((name, version)) == fingerprint:
                     continue
+                if old is None:
+                    states[version] = IndexEntry(name, version, "LOADING")
                 try:
                     loaded = await self._load_version(
                         name, version, on_disk[number], config, fingerprint
@@ -486,17 +524,25 @@ class ModelRepository:
         self, name: str, version: str, path: Path, config: ModelConfig, fingerprint: tuple[int, ...]
     ) -> ModelVersion:
         timeout_s = self.settings.model_load_timeout_s
+        key = (name, version)
+        if key in self._abandoned:
+            raise ModelLoadTimedOut(
+                f"its load before this one took longer than {timeout_s:g} s and has not "
+                "ended yet: no other starts until it does"
+            )
         warm_up = ort.RunOptions()
+        loading = _in_daemon_thread(open_session, path, self.settings.inference_threads, warm_up)
         try:
             async with asyncio.timeout(timeout_s):
-                session, inputs, outputs, batchable, known_good = await _in_daemon_thread(
-                    open_session, path, self.settings.inference_threads, warm_up
-                )
-        except TimeoutError:
+                # Shielded: the thread's outcome still comes to ``loading`` once it ends.
+                session, inputs, outputs, batchable, known_good = await asyncio.shield(loading)
+        except BaseException as exc:  # past its time, or cancelled (SIGTERM at start-up)
             warm_up.terminate = True  # the warm-up run ends, and its thread with it
-            raise ModelLoadTimedOut(f"the load took longer than {timeout_s:g} s") from None
-        except BaseException:  # cancelled: start-up stopped by SIGTERM
-            warm_up.terminate = True
+            if not loading.done():
+                self._abandoned[key] = (loading, fingerprint)
+                loading.add_done_callback(partial(self._abandoned_load_ended, key, fingerprint))
+            if isinstance(exc, TimeoutError):
+                raise ModelLoadTimedOut(f"the load took longer than {timeout_s:g} s") from None
             raise
         max_batch_size = config.max_batch_size if batchable else 1
         worker = InferenceWorker(
@@ -536,6 +582,18 @@ class ModelRepository:
             ),
         )
 
+    def _abandoned_load_ended(
+        self, key: tuple[str, str], fingerprint: tuple[int, ...], loading: asyncio.Future[Any]
+    ) -> None:
+        """The thread of a load given up on ended: its session is let go of, and the
+        version may be loaded again: files changed since, refused while it ran, at the
+        next poll (the files it timed out on, only once they change)."""
+        self._abandoned.pop(key, None)
+        if self._failed.get(key, fingerprint) != fingerprint:
+            del self._failed[key]
+        if not loading.cancelled() and loading.exception() is None:
+            log.info("model_load_ended_late", model=key[0], version=key[1], detail="its session is dropped")
+
     def _publish(self, name: str, serving: dict[str, ModelVersion]) -> None:
         if serving:
             self._serving[name] = serving
@@ -565,6 +623,17 @@ class ModelRepository:
     async def _close_version(self, version: ModelVersion) -> None:
         await version.worker.close(drain_s=self.settings.shutdown_timeout_s / 2)
         log.info("model_version_closed", model=version.model, version=version.version)
+
+
+def _directories(root: Path) -> set[str]:
+    """The names of the directories in ``root``; none when it is no directory."""
+    if not root.is_dir():
+        return set()
+    return {path.name for path in root.iterdir() if path.is_dir()}
+
+
+def _versions_if_any(model_dir: Path) -> dict[int, Path]:
+    return versions_on_disk(model_dir) if model_dir.is_dir() else {}
 
 
 class ModelLoadTimedOut(Exception):

@@ -31,3 +31,13 @@ def test_stopping_reaches_an_abstract_notify_socket(monkeypatch: pytest.MonkeyPa
 def test_notify_without_a_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert systemd.ready() is False
+
+
+def test_starting_asks_for_more_start_up_time_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    with notify_socket() as (path, sock):
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert systemd.starting()
+        assert sock.recv(4096).decode().split("\n") == [
+            f"EXTEND_TIMEOUT_USEC={systemd.EXTEND_BY_S * 1_000_000}",
+            "STATUS=starting: loading models",
+        ]
