@@ -5,7 +5,9 @@ began on it: a request's deadline counts from there, the middlewares' waits incl
 ``TENANT`` and ``KEY_ID`` once the key is checked, and ``BUFFERED_BODY`` when an
 ``Idempotency-Key`` request had to read its body up front (``http.body`` serves it);
 ``REFUSED_UNREAD`` marks a request answered with a refusal before its body is sent
-(``Expect: 100-continue``), whose body no middleware may wait for.
+(``Expect: 100-continue``), whose body no middleware may wait for. ``WORK_BEGAN``
+marks a request whose handler did something that lasts (records written, a model
+load tried) before it failed: its 4xx is kept for an ``Idempotency-Key``'s repeats.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ KEY_ID = web.RequestKey("key_id", str)
 API_KEY = web.RequestKey("api_key", ApiKey)
 BUFFERED_BODY = web.RequestKey("buffered_body", bytes)
 REFUSED_UNREAD = web.RequestKey("refused_unread", bool)
+WORK_BEGAN = web.RequestKey("work_began", bool)
 
 
 def arrived(request: web.Request) -> float:

@@ -596,7 +596,14 @@ def matches(kept: str, method: str, path_qs: str, body: bytes, reading: str) -> 
     )
 
 
-def stores(status: int) -> bool:
-    """Which answers are final: 2xx and 4xx but 409 and 429; those two (something else
-    still in flight, over a limit) and 5xx are worth a retry with the same key."""
-    return 200 <= status < 300 or (400 <= status < 500 and status not in (409, 429))
+def stores(status: int, work_began: bool = False) -> bool:
+    """Which answers are kept for the key's repeats: 2xx, and 4xx but 409 and 429 of a
+    request whose handler began its work (``WORK_BEGAN``: records written, a model load
+    tried). A request refused before that (not decodable, too large, not valid: 400,
+    413, 415, 422) did nothing, and as Stripe's API does, its key stays free for the
+    request fixed (a review: the fix was refused 422 "used with a different request"
+    for the key's whole day). 409, 429 (something else in flight, over a limit) and 5xx
+    are worth a retry with the same key."""
+    if 200 <= status < 300:
+        return True
+    return work_began and 400 <= status < 500 and status not in (409, 429)

@@ -42,7 +42,14 @@ from mlgate.service.http.codec import (
     marked_non_finite,
     response_format,
 )
-from mlgate.service.http.context import API_KEY, BUFFERED_BODY, KEY_ID, REFUSED_UNREAD, TENANT
+from mlgate.service.http.context import (
+    API_KEY,
+    BUFFERED_BODY,
+    KEY_ID,
+    REFUSED_UNREAD,
+    TENANT,
+    WORK_BEGAN,
+)
 from mlgate.service.http.errors import (
     ApiError,
     BadRequest,
@@ -364,14 +371,14 @@ async def _claim_and_run(
     try:
         response: web.StreamResponse = await handler(request)
     except ApiError as exc:
-        if not stores(exc.status):
+        if not stores(exc.status, request.get(WORK_BEGAN, False)):
             await store.release(claimed)
             raise
         response = problem_response(request, exc)
     except BaseException:
         await store.release(claimed)
         raise
-    stored = snapshot(response) if stores(response.status) else None
+    stored = snapshot(response) if stores(response.status, request.get(WORK_BEGAN, False)) else None
     if stored is None:
         await store.release(claimed)
     else:

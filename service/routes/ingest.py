@@ -16,7 +16,7 @@ from mlgate.schemas.ingest import IngestRequest, IngestResponse, Record, RecordE
 from mlgate.schemas.problem import FieldError
 from mlgate.service.http.body import read_body
 from mlgate.service.http.codec import MEDIA_TYPES, Format, media_type, request_format, respond
-from mlgate.service.http.context import TENANT
+from mlgate.service.http.context import TENANT, WORK_BEGAN
 from mlgate.service.http.errors import (
     ApiError,
     UnsupportedMediaType,
@@ -227,6 +227,7 @@ async def ingest_stream(request: web.Request) -> web.Response:
                 )
         if batch.accepted:
             writing = len(chunk)
+            request[WORK_BEGAN] = True  # a failure from here on is kept for a repeat
             written = await pipeline.write(tenant, batch, tracking_id)
             writing = 0
             accepted += written.accepted

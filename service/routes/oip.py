@@ -61,7 +61,7 @@ from mlgate.service.http.codec import (
     media_format,
     respond,
 )
-from mlgate.service.http.context import REQUEST_ID, arrived
+from mlgate.service.http.context import REQUEST_ID, WORK_BEGAN, arrived
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound, Unavailable
 from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import (
@@ -422,6 +422,7 @@ async def repository_load(request: web.Request) -> web.Response:
         if isinstance(exc, ModelNotFound):
             raise NotFound(str(exc)) from None
         if isinstance(exc, ModelLoadFailed):
+            request[WORK_BEGAN] = True  # the load was tried: its failure is its answer
             raise BadRequest(str(exc)) from None
         raise
     audit_request(

@@ -23,10 +23,13 @@ from mlgate.service.protection.idempotency import (
     fingerprint,
 )
 from mlgate.service.protection.middleware import body_reading
+from mlgate.service.routes.ingest import STREAM_MAX_REJECTED_LEAD
 from mlgate.service.state import IDEMPOTENCY, METRICS, RECORD_SINK
 from tests.support import KafkaBroker, KeyMaker, ManagedProcess, read_topic
 
 PATH = "/api/v2/ingest"
+STREAM = "/api/v2/ingest/stream?source=s"
+JSON = {"Content-Type": "application/json"}
 
 
 def _batch(n: int = 3, tag: str = "a") -> dict[str, object]:
@@ -72,11 +75,15 @@ async def test_a_kept_problem_is_replayed_as_a_problem_in_the_format_accepted(
     app_client, settings_for
 ) -> None:
     client = await app_client(settings_for())
-    bad = {"source": "s", "records": [{"features": [1.0]}]}  # every record refused: 422
-    msgpack = {"Accept": "application/msgpack", **_with_key("k1")}
-    first = await client.post(PATH, json=bad, headers=msgpack)
-    again = await client.post(PATH, json=bad, headers=_with_key("k1"))
+    # The stream's first records are written, then it is stopped: its 422 is kept.
+    lines = [b'{"record_id": "w", "features": [1.0, 2.0, 3.0, 4.0]}']
+    lines += [b"{}"] * (STREAM_MAX_REJECTED_LEAD + 2)
+    body = b"\n".join(lines)
+    headers = {"Content-Type": "application/x-ndjson", **_with_key("k1")}
+    first = await client.post(STREAM, data=body, headers={"Accept": "application/msgpack", **headers})
+    again = await client.post(STREAM, data=body, headers=headers)
     assert (first.status, again.status) == (422, 422)
+    assert again.headers["Idempotent-Replayed"] == "true"
     assert again.content_type == "application/problem+json"
     assert await again.json() == msgspec.msgpack.decode(await first.read())
 
@@ -175,14 +182,24 @@ async def test_concurrent_duplicates_execute_once(app_client, settings_for, back
     assert client.app[RECORD_SINK].next_offset == 3
 
 
-async def test_client_errors_are_kept_and_replayed(app_client, settings_for) -> None:
+async def test_a_request_refused_before_its_work_keeps_no_answer_and_its_fix_runs(
+    app_client, settings_for
+) -> None:
+    """A review: a 400, 415 or 422 answer was kept, and the request fixed was refused
+    422 "used with a different request" for the key's whole day (Stripe's API keeps
+    no answer of a request that failed its validation)."""
     client = await app_client(settings_for())
-    bad = {"source": "s", "records": [{"features": [1.0]}]}
-    first = await client.post(PATH, json=bad, headers=_with_key("k1"))
-    again = await client.post(PATH, json=bad, headers=_with_key("k1"))
-    assert (first.status, again.status) == (422, 422)
+    refused = [
+        client.post(PATH, data=b'{"source": "s", "records": [', headers={**JSON, **_with_key("k1")}),
+        client.post(PATH, data=b"{}", headers={"Content-Type": "text/plain", **_with_key("k1")}),
+        client.post(PATH, json={"source": "s", "records": [{"features": [1.0]}]}, headers=_with_key("k1")),
+    ]
+    assert [(await answer).status for answer in refused] == [400, 415, 422]
+    fixed = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
+    assert fixed.status == 202
+    assert "Idempotent-Replayed" not in fixed.headers
+    again = await client.post(PATH, json=_batch(), headers=_with_key("k1"))
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert again.content_type == "application/problem+json"
 
 
 async def test_server_errors_release_the_key_so_a_retry_runs_again(app_client, settings_for) -> None:
