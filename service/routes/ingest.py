@@ -139,7 +139,10 @@ async def ingest_batch(
 
 def stream_head(request: web.Request) -> tuple[str, str]:
     """A stream's source and media type, as its head gives them: 422 for a missing or
-    invalid source, 415 for a body that is neither NDJSON nor msgpack."""
+    invalid source, 415 for a body that is neither NDJSON nor msgpack. A body sent as
+    ``application/json`` is read as NDJSON (its lines JSON records, one record in all
+    for most such bodies): every body-carrying endpoint takes JSON (the contract),
+    and many clients name an NDJSON body so (a review: 415)."""
     source = request.query.get("source", "")
     try:
         msgspec.convert(source, SourceName)
@@ -149,10 +152,13 @@ def stream_head(request: web.Request) -> tuple[str, str]:
             errors=[FieldError(loc="query.source", msg="missing or invalid")],
         ) from None
     named = media_type(request.headers.get("Content-Type"))
+    if MEDIA_TYPES.get(named) is Format.JSON:
+        return source, NDJSON
     if named != NDJSON and MEDIA_TYPES.get(named) is not Format.MSGPACK:
         raise UnsupportedMediaType(
             f"Content-Type {named[:100] or 'missing'!r} is not a stream: use {NDJSON} "
-            "(one JSON record a line) or application/msgpack (concatenated maps)"
+            "(one JSON record a line; application/json is read so too) or "
+            "application/msgpack (concatenated maps)"
         )
     return source, named
 
@@ -391,7 +397,7 @@ ROUTES = [
         "ingestion",
         {202: IngestResponse},
         request=Record,
-        request_media=(NDJSON, "application/msgpack", "application/x-msgpack"),
+        request_media=(NDJSON, "application/json", "application/msgpack", "application/x-msgpack"),
         streams_body=True,
         body_media=stream_head,
         scope="ingest",

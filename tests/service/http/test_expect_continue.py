@@ -207,7 +207,7 @@ async def test_the_refusal_is_the_answer_the_route_gives_without_the_expectation
         ("/api/v2/ingest", "ingest", "text/csv"),
         ("/api/v2/predict", "predict", "text/plain"),
         ("/api/v1/predict", "predict", "application/xml"),
-        ("/api/v2/ingest/stream?source=s", "ingest", "application/json"),
+        ("/api/v2/ingest/stream?source=s", "ingest", "text/csv"),
     ],
 )
 async def test_a_media_type_the_route_does_not_take_is_415_instead_of_100_continue(

@@ -219,7 +219,19 @@ async def test_stream_without_a_valid_source_is_422(client: Client, query: str) 
     await _assert_still_serving(client)
 
 
-@pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
+async def test_a_stream_sent_as_application_json_is_read_as_ndjson(
+    client: Client, settings: Settings
+) -> None:
+    """A review: 415, where every body-carrying endpoint takes JSON."""
+    response = await client.post(
+        STREAM, data=_ndjson(_record(i) for i in range(3)), headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 202
+    assert (await response.json())["records_accepted"] == 3
+    assert _stored_keys(settings) == ["r-0", "r-1", "r-2"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", None])
 async def test_stream_of_another_content_type_is_415_naming_the_stream_formats(
     client: Client, content_type: str | None
 ) -> None:
