@@ -105,8 +105,8 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     app[KEY_STORE] = keys
 
     async def reload_keys() -> None:
-        keys.reload()
         keys.expire_cached()
+        keys.reload(strict=True)  # a file that does not parse fails the reload
 
     app[RELOAD_HOOKS]["api_keys"] = reload_keys
     if settings.auth_disabled:

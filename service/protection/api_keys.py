@@ -229,8 +229,9 @@ class KeyStore:
 
     def reload(self, *, strict: bool = False) -> None:
         """Re-read the keys file if it changed since the last read. A file that cannot be
-        read raises when ``strict`` (start-up); otherwise the keys read last stay in force
-        and it is logged."""
+        read raises when ``strict`` (start-up, SIGHUP: a reload that kept the old keys
+        said it had succeeded, a review), the keys read last staying in force; otherwise
+        it is logged."""
         self._checked_at = time.monotonic()
         try:
             stat = self._file.path.stat()
@@ -243,10 +244,10 @@ class KeyStore:
         try:
             keys = self._file.load()
         except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            if strict:
-                raise KeysFileError(f"{self._file.path}: {exc}") from None
             log.error("keys_file_unreadable", path=str(self._file.path), error=str(exc))
             self._file_stamp = stamp  # do not retry the same broken file every second
+            if strict:
+                raise KeysFileError(f"{self._file.path}: {exc}") from None
             return
         self._file_keys, self._file_stamp = keys, stamp
 

@@ -321,6 +321,18 @@ async def test_a_broken_keys_file_keeps_the_keys_read_last(
     assert (await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})).status == 202
 
 
+async def test_a_reload_meeting_a_broken_keys_file_fails_and_keeps_the_keys_read_last(
+    app_client, secured, api_keys: KeyMaker
+) -> None:
+    """A review: SIGHUP's reload said it had succeeded (systemd's status "reloaded")."""
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured())
+    api_keys.path.write_text("{not json")
+    with pytest.raises(KeysFileError):
+        await client.app[RELOAD_HOOKS]["api_keys"]()
+    assert (await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})).status == 202
+
+
 def test_a_broken_keys_file_stops_start_up(tmp_path) -> None:
     path = tmp_path / "keys.json"
     path.write_text('{"keys": [{"key_id": 1}]}')
