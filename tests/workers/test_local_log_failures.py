@@ -43,6 +43,21 @@ async def _started_writer(directory: Path, **kwargs: Any) -> LocalLogWriter:
 
 
 
+async def test_a_disk_without_room_at_start_up_is_unready_until_room_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: started on a full disk, /ready said ready until an ingest failed."""
+    monkeypatch.setattr(local_log_writer, "PROBE_INTERVAL_S", 0.0)
+    writer = await _started_writer(tmp_path / "log", min_free_bytes=1 << 62)
+    try:
+        assert not writer.healthy
+        assert writer.problem is not None and "full or not writable" in writer.problem
+        writer.min_free_bytes = 1  # room made
+        await until(lambda: writer.healthy)
+    finally:
+        await writer.close()
+
+
 # -- the directory deleted under the log -----------------------------------------------
 
 

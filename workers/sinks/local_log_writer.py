@@ -173,6 +173,13 @@ class LocalLogWriter(Actor[_Pending]):
         self._accepted = self._log.next_offset
         self._launch()
         log.info("local_log_started", directory=str(self._directory), next_offset=self._log.next_offset)
+        # A disk full (or read-only) at start-up: unready from the start, not from the
+        # first ingest that fails on it (a review: /ready said ready on a full disk).
+        self._probed_at = time.monotonic()
+        if not await loop.run_in_executor(self._executor, self._probe_write):
+            self._write_failed = True
+            self._last_error = "its disk is full or not writable (seen at start-up)"
+            log.warning("local_log_not_writable", directory=str(self._directory), detail=self._last_error)
 
     @property
     def next_offset(self) -> int:
