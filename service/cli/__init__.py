@@ -64,8 +64,11 @@ def serving_refusal(settings: Settings) -> str | None:
     record ids: a repeat the kernel hands to another process runs again (a review:
     written twice)."""
     if settings.workers > 1 and settings.redis_url is None and not settings.per_process_state:
+        # Named as the operator set it: a PaaS sets WEB_CONCURRENCY (a review).
+        paas = "WEB_CONCURRENCY" in os.environ and "MLGATE_WORKERS" not in os.environ
+        named = "WEB_CONCURRENCY" if paas else "MLGATE_WORKERS"
         return (
-            f"MLGATE_WORKERS={settings.workers} without REDIS_URL: each process would keep "
+            f"{named}={settings.workers} without REDIS_URL: each process would keep "
             "its own idempotency keys, record dedup and rate limits, so a repeat reaching "
             "another process runs again; set REDIS_URL, or MLGATE_PER_PROCESS_STATE=true "
             "to accept that"

@@ -197,6 +197,13 @@ def test_check_config_refuses_several_processes_without_redis_as_serve_does() ->
     assert allowed.returncode == 0, allowed.stderr
 
 
+def test_the_refusal_of_several_processes_names_web_concurrency_when_that_set_them() -> None:
+    """A review: a PaaS's WEB_CONCURRENCY=2 was refused naming MLGATE_WORKERS."""
+    result = _check_config({"REDIS_URL": "", "WEB_CONCURRENCY": "2"})
+    assert result.returncode == 2
+    assert "WEB_CONCURRENCY=2 without REDIS_URL" in result.stderr
+
+
 def test_drain_grace_longer_than_the_shutdown_budget_stops_start_up() -> None:
     with pytest.raises(SettingsError, match="MLGATE_DRAIN_GRACE_S"):
         load_settings({"MLGATE_DRAIN_GRACE_S": "30", "MLGATE_SHUTDOWN_TIMEOUT_S": "20"})
