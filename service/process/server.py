@@ -36,7 +36,7 @@ import signal
 import ssl
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -73,10 +73,12 @@ async def serve(
     settings: Settings,
     on_ready: Callable[[], object] | None = None,
     on_turn: Callable[[], object] | None = None,
+    on_reloaded: Callable[[list[str]], object] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; the exit code (0 drained in budget, 1 budget exceeded).
     ``on_turn``: called from the event loop every ``HEARTBEAT_S`` once serving (the
-    supervisor's sign that the loop turns)."""
+    supervisor's sign that the loop turns). ``on_ready``, ``on_reloaded`` (with the
+    reload hooks that failed): for a supervisor, which tells systemd, else systemd."""
     # Handlers first: a SIGTERM during start-up stops it (a model load that never ends
     # must not keep the process from stopping).
     stop = asyncio.Event()
@@ -155,7 +157,7 @@ async def serve(
 
     reloader = SupervisedTask(
         "sighup-reloader",
-        lambda: _reload_on_signal(app, reload_requested),
+        lambda: _reload_on_signal(app, reload_requested, on_reloaded),
         PrometheusTelemetry(app[METRICS]),
     )
     reloader.start()
@@ -433,11 +435,16 @@ def _tls_context(settings: Settings, app: web.Application) -> ssl.SSLContext | N
     return served.context
 
 
-async def _reload_on_signal(app: web.Application, requested: asyncio.Event) -> None:
+async def _reload_on_signal(
+    app: web.Application,
+    requested: asyncio.Event,
+    on_reloaded: Callable[[list[str]], object] | None = None,
+) -> None:
     while True:
         await requested.wait()
         requested.clear()
-        systemd.reloading()
+        if on_reloaded is None:
+            systemd.reloading()
         hooks = app[RELOAD_HOOKS]
         failed = []
         for name, hook in hooks.items():
@@ -448,7 +455,16 @@ async def _reload_on_signal(app: web.Application, requested: asyncio.Event) -> N
                 failed.append(name)
                 log.error("reload_failed", what=name, error=repr(exc))
         log.info("reload_finished", hooks=sorted(hooks), failed=failed)
-        systemd.ready("reloaded" if not failed else f"reload failed: {', '.join(failed)}")
+        if on_reloaded is not None:
+            on_reloaded(failed)
+        else:
+            systemd.ready(reload_status(failed))
+
+
+def reload_status(failed: Iterable[str]) -> str:
+    """systemd's status line after a reload: which of its hooks failed, if any."""
+    names = sorted(set(failed))
+    return "reloaded" if not names else f"reload failed: {', '.join(names)}"
 
 
 def tune_garbage_collector() -> None:
@@ -475,6 +491,7 @@ def run(
     settings: Settings,
     on_ready: Callable[[], object] | None = None,
     on_turn: Callable[[], object] | None = None,
+    on_reloaded: Callable[[list[str]], object] | None = None,
 ) -> int:
     """Serve on a uvloop loop; the exit code ``serve`` decided, or 2 when start-up
     failed on what the operator gave it (a file, a directory, the address): said in one
@@ -482,7 +499,7 @@ def run(
     tune_garbage_collector()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(settings, on_ready, on_turn))
+            return runner.run(serve(settings, on_ready, on_turn, on_reloaded))
     except StartUpFailed as failed:
         log.error("start_up_failed", setting=failed.setting, error=str(failed.cause))
         print(f"mlgate: start-up error: {failed.setting}: {failed.cause}", file=sys.stderr)

@@ -35,7 +35,7 @@ import structlog
 
 from mlgate.config import Settings
 from mlgate.service.process import systemd
-from mlgate.service.process.server import run
+from mlgate.service.process.server import reload_status, run
 
 log = structlog.get_logger("mlgate.supervisor")
 
@@ -43,7 +43,9 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 Heartbeat = Any  # multiprocessing's shared ``Value("d")``: ``.value``, a float
 
 
-def _child(settings_json: bytes, ready: ProcessEvent, supervisor: int, beat: Heartbeat) -> None:
+def _child(
+    settings_json: bytes, ready: ProcessEvent, supervisor: int, beat: Heartbeat, reloads: Any
+) -> None:
     if not _stops_with(supervisor):
         return  # the supervisor died before this child could watch it
     # The supervisor is systemd's main process and speaks for all (NotifyAccess=main).
@@ -52,7 +54,14 @@ def _child(settings_json: bytes, ready: ProcessEvent, supervisor: int, beat: Hea
 
     settings = msgspec.json.decode(settings_json, type=Settings)
     configure_logging(settings.log_level, worker=settings.worker_index)
-    raise SystemExit(run(settings, on_ready=ready.set, on_turn=lambda: _beat(beat)))
+    raise SystemExit(
+        run(
+            settings,
+            on_ready=ready.set,
+            on_turn=lambda: _beat(beat),
+            on_reloaded=lambda failed: reloads.put((settings.worker_index, failed)),
+        )
+    )
 
 
 def _beat(beat: Heartbeat) -> None:
@@ -112,6 +121,8 @@ class Supervisor:
     # The children's start-up beyond their models' loads (each at most
     # ``MLGATE_MODEL_LOAD_TIMEOUT_S``, side by side).
     START_TIMEOUT_S = 120.0
+    # How long the children's reloads may take before systemd hears it did not end.
+    RELOAD_TIMEOUT_S = 60.0
     # Past the children's own shutdown budget, those still running are killed.
     KILL_GRACE_S = 2.0
     POLL_S = 0.05
@@ -132,6 +143,14 @@ class Supervisor:
         self._respawn_at: dict[int, float] = {}
         self._count_restart: Callable[[str], None] = lambda reason: None  # until ``run``
         self._killed_hung: set[int] = set()  # children killed as hung, not yet reaped
+        # SIGHUP's outcome, each child's (its index, the reload hooks that failed), for
+        # systemd: the children cannot reach it (a review: with several processes a
+        # reload, failed or not, told systemd nothing).
+        self._reloads = self._context.SimpleQueue()
+        self._reloading = False
+        self._reload_waiting: set[int] = set()
+        self._reload_failed: set[str] = set()
+        self._reload_due = 0.0
 
     def _spawn(self, index: int) -> None:
         settings = msgspec.structs.replace(self._settings, worker_index=index)
@@ -139,7 +158,7 @@ class Supervisor:
         beat = self._beats[index] = self._context.Value("d", 0.0, lock=False)
         process = self._context.Process(
             target=_child,
-            args=(msgspec.json.encode(settings), ready, os.getpid(), beat),
+            args=(msgspec.json.encode(settings), ready, os.getpid(), beat, self._reloads),
             name=f"mlgate-{index}",
         )
         process.start()
@@ -230,6 +249,25 @@ class Supervisor:
                 self._kill_remaining()
             time.sleep(self.POLL_S)
 
+    def _collect_reloads(self) -> None:
+        """The children's reload outcomes; once every child signalled has answered (or
+        died, or ``RELOAD_TIMEOUT_S`` passed), systemd hears READY=1 and the status."""
+        while not self._reloads.empty():
+            index, failed = self._reloads.get()
+            if index in self._reload_waiting:
+                self._reload_waiting.discard(index)
+                self._reload_failed.update(failed)
+        if not self._reloading:
+            return
+        gone = {index for index in self._reload_waiting if index not in self._children}
+        if gone or time.monotonic() > self._reload_due:
+            self._reload_failed.add("a process did not answer")
+            self._reload_waiting.clear()
+        if not self._reload_waiting:
+            self._reloading = False
+            systemd.ready(reload_status(self._reload_failed))
+            log.info("supervisor_reload_finished", failed=sorted(self._reload_failed))
+
     def _kill_hung(self) -> None:
         """Kill a serving child whose event loop has not turned for
         ``worker_timeout_s`` (its death is then a death as any other: restarted, and
@@ -285,9 +323,16 @@ class Supervisor:
     def _deliver_signals(self) -> None:
         if self._hangup:
             self._hangup = False
-            for process, ready in self._children.values():
+            if not self._reloading:
+                self._reloading = True
+                systemd.reloading()
+                self._reload_failed.clear()
+            self._reload_due = time.monotonic() + self.RELOAD_TIMEOUT_S
+            for index, (process, ready) in self._children.items():
                 if ready.is_set() and process.pid is not None and process.is_alive():
                     os.kill(process.pid, signal.SIGHUP)
+                    self._reload_waiting.add(index)
+        self._collect_reloads()
         if self._stop_signal is None:
             return
         if self._stop_deadline is None:

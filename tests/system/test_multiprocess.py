@@ -278,3 +278,22 @@ def test_several_processes_without_redis_are_refused_at_start(service_process: S
     assert service.wait(30) == 2
     assert "MLGATE_WORKERS=2 without REDIS_URL" in service.tail()
     assert "MLGATE_PER_PROCESS_STATE=true" in service.tail()
+
+
+def test_a_reload_of_several_processes_is_told_to_systemd_with_what_failed(
+    service_process: ServiceFactory,
+) -> None:
+    """A review: with several processes, SIGHUP told systemd nothing, failed or not."""
+    with notify_socket() as (path, sock):
+        service = service_process(
+            "--workers", "2", wait=False, NOTIFY_SOCKET=path, MLGATE_PER_PROCESS_STATE="true"
+        )
+        receive_until(sock, "READY=1")
+        service.send(signal.SIGHUP)
+        reloaded = receive_until(sock, "READY=1")
+        (service.data_dir / "keys.json").write_text("{not json")
+        service.send(signal.SIGHUP)
+        failed = receive_until(sock, "READY=1")
+    assert reloaded[0].split("\n")[0] == "RELOADING=1"
+    assert "STATUS=reloaded" in reloaded[-1].split("\n")
+    assert "STATUS=reload failed: api_keys" in failed[-1].split("\n")
