@@ -277,7 +277,9 @@ def answer_output(loaded: ModelVersion) -> str:
 def predictions(loaded: ModelVersion, scores: np.ndarray, rows: int) -> list[Prediction]:
     """One answer for each of the ``rows`` rows: 422 when the model answers another
     number of rows (its output is not one row per input row), or a value JSON cannot
-    carry (an output that overflowed to infinity, or NaN)."""
+    carry (an output that overflowed to infinity, or NaN). A classifier's row of scores
+    in [0, 1] holds probabilities; a row with one outside holds logits, and its
+    confidence is softmax's probability of the arg-max class."""
     if not scores.ndim or len(scores) != rows:
         raise _not_row_answers(loaded, f"answers {len(scores) if scores.ndim else 'a scalar'} rows for {rows}")
     if scores.ndim > 2:
@@ -307,10 +309,13 @@ def predictions(loaded: ModelVersion, scores: np.ndarray, rows: int) -> list[Pre
         if math.isfinite(sum(row)):  # NaN orders differently in Python: numpy below
             best = max(row)
             c = row.index(best)  # the first maximum, as argmax
+            confidence = float(best)  # an int or bool output too, as numpy's path
+            if best > 1 or min(row) < 0:  # logits: softmax's probability of the best
+                confidence = 1.0 / sum(math.exp(score - best) for score in row)
             return [
                 Prediction(
                     prediction=c,
-                    confidence=float(best),  # an int or bool output too, as numpy's path
+                    confidence=confidence,
                     label=labels[c] if c < len(labels) else None,
                 )
             ]
@@ -318,6 +323,14 @@ def predictions(loaded: ModelVersion, scores: np.ndarray, rows: int) -> list[Pre
     confidences = scores.max(axis=1)
     if confidences.dtype.kind == "f" and not np.isfinite(confidences).all():
         raise _not_row_answers(loaded, "answered a score that is not a finite number")
+    logits = (confidences > 1) | (scores.min(axis=1) < 0)
+    if logits.any():
+        # Scores outside [0, 1] are no probabilities: a classifier exported without its
+        # softmax (a torch model's logits), whose arg-max's probability is softmax's
+        # (a review: "confidence" answered the logit, -1.0 or 7.0).
+        confidences = confidences.astype(np.float64)
+        shifted = scores[logits].astype(np.float64) - confidences[logits, None]
+        confidences[logits] = 1.0 / np.exp(shifted).sum(axis=1)
     return [
         Prediction(
             prediction=int(c),

@@ -26,9 +26,16 @@ def regressor() -> Any:
 
 
 def as_numpy_reads_it(scores: np.ndarray, labels: tuple[str, ...]) -> list[tuple[int, float, str | None]]:
+    """The arg-max and its probability: the score in a row of probabilities, softmax's
+    in a row of logits (a score outside [0, 1])."""
+    wide = scores.astype(np.float64)
+    softmax = np.exp(wide - wide.max(axis=1, keepdims=True))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    logits = (wide < 0).any(axis=1) | (wide > 1).any(axis=1)
+    best = np.where(logits, softmax.max(axis=1), wide.max(axis=1))
     return [
         (c, p, labels[c] if c < len(labels) else None)
-        for c, p in zip(scores.argmax(axis=1).tolist(), scores.max(axis=1).tolist(), strict=True)
+        for c, p in zip(scores.argmax(axis=1).tolist(), best.tolist(), strict=True)
     ]
 
 
@@ -37,12 +44,32 @@ def read(answers: list[Any]) -> list[tuple[int, float, str | None]]:
 
 
 @pytest.mark.parametrize("classes", [2, 3, 10, 64, 65])
-def test_a_single_row_is_answered_as_numpy_answers_it(classes: int) -> None:
+@pytest.mark.parametrize("kind", ["logits", "probabilities"])
+def test_a_single_row_is_answered_as_numpy_answers_it(classes: int, kind: str) -> None:
     rng = np.random.default_rng(classes)
     labels = tuple(f"c{i}" for i in range(classes // 2))  # some classes have no label
     for _ in range(50):
-        scores = rng.standard_normal((1, classes)).astype(np.float32)
-        assert read(predictions(classifier(labels), scores, 1)) == as_numpy_reads_it(scores, labels)
+        if kind == "logits":
+            scores = rng.standard_normal((1, classes)).astype(np.float32)
+        else:
+            scores = rng.dirichlet(np.ones(classes), size=1).astype(np.float32)
+        answered = read(predictions(classifier(labels), scores, 1))
+        expected = as_numpy_reads_it(scores, labels)
+        assert [(c, label) for c, _, label in answered] == [(c, label) for c, _, label in expected]
+        assert [p for _, p, _ in answered] == pytest.approx([p for _, p, _ in expected], rel=1e-6)
+
+
+def test_a_row_of_logits_is_answered_softmaxs_probability_of_its_best_class() -> None:
+    """A review: a classifier exported without its softmax answered its logit, -1.0 or
+    7.0, as the "probability" the contract promises."""
+    scores = np.array([[-1.0, -2.0], [5.0, 7.0], [0.2, 0.7]], dtype=np.float32)
+    answers = read(predictions(classifier(), scores, 3))
+    assert [c for c, _, _ in answers] == [0, 1, 1]
+    assert [p for _, p, _ in answers] == pytest.approx(
+        [1 / (1 + math.exp(-1)), 1 / (1 + math.exp(-2)), 0.7], rel=1e-6
+    )
+    single = read(predictions(classifier(), scores[1:2], 1))
+    assert single[0][1] == pytest.approx(1 / (1 + math.exp(-2)), rel=1e-9)
 
 
 def test_a_single_score_column_is_the_probability_of_class_one() -> None:
@@ -90,9 +117,11 @@ def test_a_classifier_with_only_labels_answers_them_without_a_confidence() -> No
 
 
 def test_the_confidence_of_a_class_from_integer_scores_is_a_number_with_a_point() -> None:
-    [answer] = predictions(classifier(), np.array([[0, 3, 1]], dtype=np.int64), 1)
-    assert (answer.prediction, answer.confidence) == (1, 3.0)
+    [answer] = predictions(classifier(), np.array([[0, 1, 0]], dtype=np.int64), 1)
+    assert (answer.prediction, answer.confidence) == (1, 1.0)
     assert isinstance(answer.confidence, float)
+    [votes] = predictions(classifier(), np.array([[0, 3, 1]], dtype=np.int64), 1)
+    assert votes.prediction == 1 and isinstance(votes.confidence, float)
 
 
 def test_a_classifier_answering_n_1_c_scores_reads_a_row_of_scores_a_row() -> None:
