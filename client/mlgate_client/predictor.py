@@ -11,16 +11,23 @@ wrong feature count, ``DeadlineExceeded`` when no answer came within the deadlin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import msgpack
 
-from mlgate_client.errors import DeadlineExceeded, MlgateError, PredictorClosed, TransportError
+from mlgate_client.errors import (
+    DeadlineExceeded,
+    MlgateError,
+    PredictorClosed,
+    TransportError,
+    UnexpectedAnswer,
+)
 from mlgate_client.records import Features
 from mlgate_client.retry import RetryPolicy, call_with_retries
 from mlgate_client.transport import Transport
@@ -61,6 +68,16 @@ def _row(document: dict[str, Any]) -> RowPrediction:
     return RowPrediction(document["prediction"], document.get("confidence"), document.get("label"))
 
 
+@contextlib.contextmanager
+def _read_as_answer(document: Any) -> Iterator[None]:
+    """A success whose body is not a prediction (a proxy's 200, a captive portal's
+    page) is ``UnexpectedAnswer``, an ``MlgateError``, not a ``KeyError`` (a review)."""
+    try:
+        yield
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise UnexpectedAnswer(f"unexpected predict answer: {document!r:.200}") from exc
+
+
 def _plain_rows(rows: Any) -> Any:
     return rows.tolist() if hasattr(rows, "tolist") else rows
 
@@ -97,12 +114,13 @@ class Predictor:
         document = await self._call(
             {"features": _plain_rows(features)}, model, model_version, request_id, timeout_ms
         )
-        row = _row(document)
-        return Prediction(
-            row.prediction, row.confidence, row.label,
-            model=document["model"], model_version=document["model_version"],
-            request_id=document.get("request_id"), latency_ms=document.get("latency_ms", 0.0),
-        )
+        with _read_as_answer(document):
+            row = _row(document)
+            return Prediction(
+                row.prediction, row.confidence, row.label,
+                model=document["model"], model_version=document["model_version"],
+                request_id=document.get("request_id"), latency_ms=document.get("latency_ms", 0.0),
+            )
 
     async def predict_many(
         self,
@@ -116,11 +134,12 @@ class Predictor:
         """Several rows in one request (``instances``), answered in order."""
         rows = [_plain_rows(row) for row in _plain_rows(instances)]
         document = await self._call({"instances": rows}, model, model_version, request_id, timeout_ms)
-        return BatchPrediction(
-            [_row(row) for row in document["predictions"]],
-            document["model"], document["model_version"],
-            document.get("request_id"), document.get("latency_ms", 0.0),
-        )
+        with _read_as_answer(document):
+            return BatchPrediction(
+                [_row(row) for row in document["predictions"]],
+                document["model"], document["model_version"],
+                document.get("request_id"), document.get("latency_ms", 0.0),
+            )
 
     async def _call(
         self,

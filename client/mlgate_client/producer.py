@@ -10,8 +10,10 @@
   ``Idempotency-Key`` (also sent as ``X-Request-ID``) and its records' ``record_id``s on
   every attempt, so a retry that reaches the server after a lost answer (another host
   behind a balancer sharing its Redis) writes nothing twice. A server killed after
-  writing a batch and before answering may have it written again by the retry: its
-  in-process idempotency and dedup state die with it (see mlgate's delivery guarantee).
+  writing a batch and before recording its answer may have it written again by a
+  retry: in process its idempotency and dedup state die with it, and in Redis its
+  claims lapse unconfirmed after ``MLGATE_IDEMPOTENCY_LOCK_S`` (60 s; the retries get
+  409 until then, within a budget of 120 s) (see mlgate's delivery guarantee).
 - **Reports**: ``send`` returns an ``asyncio.Future[Delivery]`` (see ``delivery``); a
   batch that fails for good fails its futures with the last error (an ``ApiError``
   whose ``problem`` is the last problem document, or a ``TransportError``). The
@@ -167,6 +169,13 @@ class Producer:
         while the producer is full (or raises ``BufferFull``, see ``block_on_full``)."""
         if self._closed:
             raise ProducerClosed("the producer is closed")
+        if self._senders and self._senders[0].get_loop() is not asyncio.get_running_loop():
+            # Its senders and HTTP session belong to the loop it first ran in: reused
+            # under a second ``asyncio.run``, its records were never posted (a review).
+            raise RuntimeError(
+                "this Producer runs in the event loop it first sent in; make one per "
+                "event loop (per asyncio.run), or use SyncProducer"
+            )
         record_id = record_id or self._encoder.new_record_id()
         encoded = self._encoder.encode(record_id, features, label, metadata, timestamp)
         size = len(encoded)

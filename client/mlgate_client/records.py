@@ -47,10 +47,19 @@ class RecordEncoder:
 
     def __init__(self, single_float: bool = False) -> None:
         self._packer = msgpack.Packer(use_single_float=single_float, default=_plain)
+        self._new_prefix()
+
+    def _new_prefix(self) -> None:
+        self._pid = os.getpid()
         self._prefix = os.urandom(8).hex()
         self._counter = itertools.count()
 
     def new_record_id(self) -> str:
+        if os.getpid() != self._pid:
+            # A forked process (a module-level producer under multiprocessing or a
+            # prefork server) would go on from its parent's prefix and counter: its
+            # records' ids repeat the parent's, taken for duplicates (a review).
+            self._new_prefix()
         return f"{self._prefix}-{next(self._counter)}"
 
     def encode(

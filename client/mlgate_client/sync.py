@@ -49,6 +49,14 @@ class LoopThread:
         return self._stopping
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if threading.current_thread() is self._thread:
+            # A call from the loop's own thread (an ``on_delivery`` callback sending
+            # again) would wait on the loop it blocks, for ever (a review).
+            coroutine.close()
+            raise RuntimeError(
+                "called from the client's own thread (an on_delivery callback): it would "
+                "wait for ever; hand the work to another thread"
+            )
         with self._lock:
             if self._stopping:
                 coroutine.close()  # never awaited: say nothing about it

@@ -58,7 +58,7 @@ def _decode(content_type: str, body: bytes) -> Any:
         if "msgpack" in content_type:
             return msgpack.unpackb(body)
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return {"detail": body[:500].decode(errors="replace")}
 
 

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from mlgate_client import Producer, ProducerClosed, RetryPolicy, SyncProducer, UnexpectedAnswer
 
-from tests.client.scripted import Scripted, problem
+from tests.client.scripted import Scripted, accepted, problem
 
 PATIENT = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.1, timeout_s=120)
 
@@ -362,3 +362,29 @@ def _quietly(call: Callable[[], object]) -> None:
         call()
     except Exception:
         pass
+
+
+async def test_a_producer_used_under_a_second_event_loop_says_so(scripted: Scripted) -> None:
+    """A review: reused under a second ``asyncio.run`` it never posted its records, and
+    a flush without a timeout waited for ever."""
+    scripted.script = [accepted]
+    producer = Producer(scripted.url, "s", linger_ms=1)
+
+    async def send_and_flush() -> None:
+        await producer.send([0.5])
+        await producer.flush()
+
+    async def first_run() -> None:
+        await send_and_flush()
+        await producer._transport.close()  # its connections, not to leak them here
+
+    def twice() -> BaseException | None:
+        asyncio.run(first_run())
+        try:
+            asyncio.run(send_and_flush())
+        except RuntimeError as exc:
+            return exc
+        return None
+
+    refused = await asyncio.wait_for(asyncio.to_thread(twice), 10)
+    assert refused is not None and "event loop" in str(refused)

@@ -3,6 +3,7 @@ server's reason, duplicates, and what lands in the topic."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from tests.client.landing import (
     assert_landed_exactly_once,
     reports,
 )
+from tests.client.scripted import Scripted, accepted
 
 
 async def test_every_record_lands_once_and_reports_accepted(kafka_service: StartKafkaService) -> None:
@@ -101,3 +103,29 @@ def test_sync_producer_delivers_from_a_thread(kafka_service: StartKafkaService) 
         producer.flush()
         assert all(f.done() for f in futures)
     assert {f.result().outcome for f in futures} == {Outcome.ACCEPTED}
+
+
+async def test_a_sync_producer_sending_from_its_own_callback_is_told_so_not_hung(
+    scripted: Scripted,
+) -> None:
+    """A review: ``on_delivery`` runs on the producer's thread, and a send from it waited
+    on the loop it blocked, for ever."""
+    scripted.script = [accepted]
+    raised: list[BaseException] = []
+
+    def resend(record_id: str, result: object) -> None:
+        try:
+            holder[0].send(FEATURES)
+        except RuntimeError as exc:
+            raised.append(exc)
+
+    holder: list[SyncProducer] = []
+
+    def produce() -> None:
+        with SyncProducer(scripted.url, "client-test", linger_ms=1, on_delivery=resend) as producer:
+            holder.append(producer)
+            producer.send(FEATURES)
+            producer.flush()
+
+    await asyncio.wait_for(asyncio.to_thread(produce), 10)
+    assert len(raised) == 1 and "on_delivery" in str(raised[0])

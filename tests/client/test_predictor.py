@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from aiohttp import web
 from mlgate_client import BatchPrediction, Prediction, Predictor, SyncPredictor
-from mlgate_client.errors import NotFound, PredictorClosed, ValidationFailed
+from mlgate_client.errors import NotFound, PredictorClosed, UnexpectedAnswer, ValidationFailed
+
+from tests.client.scripted import Scripted
 
 ROW = [0.1] * 128
 
@@ -63,3 +66,23 @@ def test_a_closed_sync_predictor_says_so(mlgate_url: str) -> None:
     predictor.close()
     with pytest.raises(PredictorClosed):
         predictor.predict(ROW)
+
+
+@pytest.mark.parametrize(
+    "body", [b"<html>captive portal</html>", b'{"hello": "world"}', b"[" * 100_000], ids=["html", "json", "deep"]
+)
+async def test_a_success_that_is_no_prediction_is_an_unexpected_answer(
+    scripted: Scripted, body: bytes
+) -> None:
+    """A review: a proxy's 200 raised a bare KeyError (and a deeply nested body a
+    RecursionError), not an MlgateError."""
+
+    async def foreign(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/json")
+
+    scripted.script = [foreign]
+    async with Predictor(scripted.url) as predictor:
+        with pytest.raises(UnexpectedAnswer):
+            await predictor.predict([0.5] * 4)
+        with pytest.raises(UnexpectedAnswer):
+            await predictor.predict_many([[0.5] * 4])

@@ -47,3 +47,22 @@ def test_the_errors_the_readme_names_are_importable_from_the_package() -> None:
     for name in ("NotFound", "ValidationFailed", "Overloaded", "DeadlineExceeded", "RateLimited"):
         assert getattr(mlgate_client, name) is getattr(errors, name)
         assert name in mlgate_client.__all__
+
+
+def test_record_ids_made_after_a_fork_are_not_the_parents() -> None:
+    """A review: a module-level producer's encoder, forked, made the ids its parent
+    made, and the child's records were dropped as duplicates."""
+    import os
+
+    encoder = RecordEncoder()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, to the parent
+        os.write(write, encoder.new_record_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child_id = os.read(read, 100).decode()
+    os.close(read)
+    parent_id = encoder.new_record_id()
+    assert child_id.rpartition("-")[0] != parent_id.rpartition("-")[0]
