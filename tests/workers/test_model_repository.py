@@ -670,3 +670,25 @@ async def test_version_directories_are_listed_off_the_event_loop(
     repo = await start_repository()
     await repo.poll()
     assert listed_in and threading.main_thread() not in listed_in
+
+
+async def test_closing_gives_up_a_polls_load_under_way(
+    repo_root: Path, start_repository: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the close waited for a poll's load (up to its 300 s timeout), and
+    the shutdown ran out of its budget with nothing else closed."""
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository(model_poll_interval_s=0.05)
+    loading = asyncio.Event()
+    load_version = repo._load_version
+
+    async def endless_for_slow(name: str, *args: Any) -> Any:
+        if name == "slow":
+            loading.set()
+            await asyncio.Event().wait()
+        return await load_version(name, *args)
+
+    monkeypatch.setattr(repo, "_load_version", endless_for_slow)
+    add_version(repo_root, "slow", 1)
+    await asyncio.wait_for(loading.wait(), 5)
+    await asyncio.wait_for(repo.close(), 5)

@@ -177,8 +177,12 @@ class ModelRepository:
         if self._poller is not None:
             await self._poller.stop()
         syncs = list(self._syncing.values())
+        for sync in syncs:
+            # A poll's load under way is given up (its warm-up told to end): waited for,
+            # a load of minutes held the whole shutdown budget (a review).
+            sync.cancel()
         locks = list(self._locks.values())
-        for lock in locks:  # a load under way ends first
+        for lock in locks:  # an explicit load under way ends first
             await lock.acquire()
         try:
             versions = [v for by_version in self._serving.values() for v in by_version.values()]
