@@ -213,6 +213,7 @@ class KeyStore:
         self._stale_s = stale_s
         self._file_keys: dict[str, ApiKey] = {}
         self._file_stamp: tuple[int, int] | None = None
+        self._file_error: str | None = None  # why the file as last read did not load
         self._checked_at = float("-inf")
         # Keys read from Redis (trusted until their deadline), least recently used first.
         self._redis_keys: OrderedDict[str, tuple[float, ApiKey]] = OrderedDict()
@@ -236,20 +237,25 @@ class KeyStore:
         try:
             stat = self._file.path.stat()
         except FileNotFoundError:
-            self._file_keys, self._file_stamp = {}, None
+            self._file_keys, self._file_stamp, self._file_error = {}, None, None
             return
         stamp = (stat.st_mtime_ns, stat.st_size)
         if stamp == self._file_stamp:
+            # The same file as last read: broken still, a reload that must say so (a
+            # review: a second SIGHUP, or one after a request had read it, said reloaded).
+            if strict and self._file_error is not None:
+                raise KeysFileError(self._file_error)
             return
         try:
             keys = self._file.load()
         except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.error("keys_file_unreadable", path=str(self._file.path), error=str(exc))
             self._file_stamp = stamp  # do not retry the same broken file every second
+            self._file_error = f"{self._file.path}: {exc}"
             if strict:
-                raise KeysFileError(f"{self._file.path}: {exc}") from None
+                raise KeysFileError(self._file_error) from None
             return
-        self._file_keys, self._file_stamp = keys, stamp
+        self._file_keys, self._file_stamp, self._file_error = keys, stamp, None
 
     async def authenticate(self, presented: str) -> ApiKey | None:
         """The key's record when ``presented`` is a known, unrevoked key; else None."""
