@@ -26,9 +26,10 @@ from mlgate.schemas.ingest import (
     Record,
     RecordError,
 )
+from mlgate.schemas.problem import FieldError
 from mlgate.service.http.body import CHUNK, iter_body
 from mlgate.service.http.codec import Format
-from mlgate.service.http.errors import BadRequest, PayloadTooLarge
+from mlgate.service.http.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from mlgate.service.ingest.validation import given_record_id, record_error
 
 
@@ -57,7 +58,12 @@ def _blank_runs(max_line: int) -> re.Pattern[bytes]:
     return re.compile(rb"\n(?:[ \t\r\x0b\x0c]{0,%d}\n)+" % max_line)
 
 
-async def ndjson_records(request: web.Request, max_line: int) -> AsyncIterator[Record | RecordError]:
+async def ndjson_records(
+    request: web.Request, max_line: int, *, sent_as_json: bool = False
+) -> AsyncIterator[Record | RecordError]:
+    """The records of an NDJSON body, one a line. ``sent_as_json``: the body came as
+    ``application/json``, and one that begins as a JSON array is refused whole (422),
+    not cut into lines of which some would be records, written (a review)."""
     # Only each new chunk is searched for newlines; the unfinished line is kept as its
     # pieces and joined once, so a line sent in tiny chunks costs linear time.
     pending: list[bytes] = []
@@ -89,6 +95,8 @@ async def ndjson_records(request: web.Request, max_line: int) -> AsyncIterator[R
             if len(line) - line.endswith(b"\r") > max_line:  # CRLF: the CR ends the line
                 raise too_large
             if line.strip():
+                if sent_as_json and not index and line.lstrip()[:1] == b"[":
+                    raise _an_array()
                 yield _record_or_error(index, _decode_line(line), line, _line_record_id)
                 index += 1
             else:
@@ -104,6 +112,8 @@ async def ndjson_records(request: web.Request, max_line: int) -> AsyncIterator[R
     if len(line) - line.endswith(b"\r") > max_line:
         raise too_large
     if line.strip():
+        if sent_as_json and not index and line.lstrip()[:1] == b"[":
+            raise _an_array()
         yield _record_or_error(index, _decode_line(line), line, _line_record_id)
 
 
@@ -111,6 +121,14 @@ def _too_blank() -> BadRequest:
     return BadRequest(
         f"The stream sent more blank bytes (runs of blank lines) than {MAX_BLANK_BYTES} and "
         f"{BLANK_BYTES_PER_RECORD} a record: a stream of records holds a record every few lines"
+    )
+
+
+def _an_array() -> ValidationFailed:
+    return ValidationFailed(
+        "The stream's body is a JSON array: a stream holds one record a line (NDJSON); "
+        "send an array of records as a batch to /api/v2/ingest",
+        errors=[FieldError(loc="body", msg="a JSON array, not one record a line")],
     )
 
 

@@ -153,7 +153,7 @@ def stream_head(request: web.Request) -> tuple[str, str]:
         ) from None
     named = media_type(request.headers.get("Content-Type"))
     if MEDIA_TYPES.get(named) is Format.JSON:
-        return source, NDJSON
+        return source, named
     if named != NDJSON and MEDIA_TYPES.get(named) is not Format.MSGPACK:
         raise UnsupportedMediaType(
             f"Content-Type {named[:100] or 'missing'!r} is not a stream: use {NDJSON} "
@@ -201,8 +201,12 @@ async def ingest_stream(request: web.Request) -> web.Response:
             records_accepted=0,
         )
         raise
-    read = ndjson_records if media_type == NDJSON else msgpack_records
-    records = read(request, settings.max_stream_record_bytes)
+    if MEDIA_TYPES.get(media_type) is Format.MSGPACK:
+        records = msgpack_records(request, settings.max_stream_record_bytes)
+    else:
+        records = ndjson_records(
+            request, settings.max_stream_record_bytes, sent_as_json=media_type != NDJSON
+        )
     dims = frozenset(settings.feature_dims)
     flush_at = max(1, settings.ingest_max_held_values // STREAM_CHUNK_SHARE)
     group_at = min(STREAM_HOLD_GROUP_VALUES, flush_at)

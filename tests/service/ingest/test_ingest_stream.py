@@ -231,6 +231,26 @@ async def test_a_stream_sent_as_application_json_is_read_as_ndjson(
     assert _stored_keys(settings) == ["r-0", "r-1", "r-2"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'[\n{"features": [1, 2, 3, 4]},\n{"features": [5, 6, 7, 8]}\n]\n',
+        b'[{"features": [1, 2, 3, 4]}\n,{"features": [5, 6, 7, 8]}]',
+        b'  [{"features": [1, 2, 3, 4]}]',
+    ],
+    ids=["pretty", "leading-commas", "one-line"],
+)
+async def test_a_json_array_sent_to_the_stream_is_refused_whole(
+    client: Client, settings: Settings, body: bytes
+) -> None:
+    """A review: read as NDJSON, an array's lines that were records were written, a
+    202 for part of a document its client would resend whole."""
+    response = await client.post(STREAM, data=body, headers={"Content-Type": "application/json"})
+    problem = await _problem(response, 422)
+    assert "JSON array" in problem["detail"]
+    assert _stored_keys(settings) == []
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", None])
 async def test_stream_of_another_content_type_is_415_naming_the_stream_formats(
     client: Client, content_type: str | None
