@@ -86,6 +86,8 @@ MAX_IDS_PER_CALL = 500
 MAX_UNSHARED_IDS = 200_000
 # How often Redis is asked whether it answers again while ids written without it wait.
 UNSHARED_PROBE_S = 0.1
+# ... and, while it answers them but fails the sharing itself, from that doubling up to this.
+MAX_UNSHARED_PROBE_S = 5.0
 # The sharing's retry after a crash: from this, doubling up to the most.
 SHARING_RETRY_S, MAX_SHARING_RETRY_S = 1.0, 30.0
 # On a Redis Cluster a tenant's ids spread over this many hash tags (slots): its dedup
@@ -615,11 +617,12 @@ class RecordDeduplicator:
         after Redis came back were written again)."""
         redis = self._redis
         assert redis is not None
+        wait_s = UNSHARED_PROBE_S
         while self._unshared:
             if not (self._share_again or redis.available):
                 await redis.ping(past_breakers=True)  # an answer is a recovery
                 if not (self._share_again or redis.available):
-                    await asyncio.sleep(UNSHARED_PROBE_S)
+                    await asyncio.sleep(wait_s)
                     continue
             self._share_again = False
             kept = False
@@ -641,7 +644,13 @@ class RecordDeduplicator:
                     self._unshared_ids += len(failed)
                     kept = True
             if kept:
-                await asyncio.sleep(UNSHARED_PROBE_S)
+                # Redis answers pings but not these (out of memory, read-only, writes
+                # paused): tried again less and less often, not ten times a second
+                # with a line each way every time (a review).
+                wait_s = min(wait_s * 2, MAX_UNSHARED_PROBE_S)
+                await asyncio.sleep(wait_s)
+            else:
+                wait_s = UNSHARED_PROBE_S
         log.info("dedup_ids_shared", detail="ids written while Redis failed are in Redis now")
 
     async def extend(self, tenant: str, claim: Claim) -> None:

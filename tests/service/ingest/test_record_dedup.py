@@ -7,6 +7,7 @@ import asyncio
 import msgspec
 import pytest
 import redis.asyncio
+from structlog.testing import capture_logs
 
 from mlgate.service.http.errors import Conflict
 from mlgate.service.ingest import dedup as dedup_module
@@ -463,3 +464,25 @@ async def test_ids_written_while_redis_was_down_reach_it_before_the_breaker_woul
         await until(lambda: bool(checker.exists("mlgate:rid:t:a")), timeout_s=10)
     finally:
         checker.close()
+
+
+async def test_sharing_that_redis_refuses_while_it_answers_pings_is_tried_less_and_less_often(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    """A review: Redis out of memory answered the probe's ping and refused the ids, and
+    the sharing ran again every 0.1 s, a pair of lines each time."""
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    client = await app_client(settings_for(url, redis_breaker_fail_max=1))
+    dedup = client.app[RECORD_DEDUP]
+    admin = redis.asyncio.Redis.from_url(url)
+    try:
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", 1)  # every write refused: OOM
+        with capture_logs() as logs:
+            await dedup.confirm("t", await dedup.claim("t", ["a"]))  # kept here
+            await asyncio.sleep(1.5)
+        await admin.config_set("maxmemory", 0)
+    finally:
+        await admin.aclose()
+    recoveries = [entry for entry in logs if entry["event"] == "redis_recovered"]
+    assert 1 <= len(recoveries) <= 6  # 0.2, 0.4, 0.8 s apart, not 0.1
