@@ -27,9 +27,14 @@ NO_SUPERVISION_TELEMETRY: SupervisionTelemetry = _NoSupervisionTelemetry()
 class WorkerTelemetry(SupervisionTelemetry, Protocol):
     def kafka_batch_acked(self, records: int, seconds: float) -> None: ...
 
-    def kafka_batch_failed(self, records: int) -> None: ...
+    def kafka_batch_failed(self, records: int) -> None:
+        """Records of a produce attempt that failed: no outcome of theirs (they spill,
+        are sent again, or their write is answered 503, ``records_failed``)."""
 
     def records_spilled(self, records: int) -> None: ...
+
+    def records_failed(self, records: int) -> None:
+        """Records neither produced nor spilled: their write is answered 503."""
 
     def records_resent(self, records: int) -> None:
         """Records about to be sent again though a produce that timed out (or lost its
@@ -57,6 +62,9 @@ class _NoTelemetry(_NoSupervisionTelemetry):
         pass
 
     def records_spilled(self, records: int) -> None:
+        pass
+
+    def records_failed(self, records: int) -> None:
         pass
 
     def records_resent(self, records: int) -> None:

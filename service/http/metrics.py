@@ -80,8 +80,15 @@ class Metrics:
         )
         self.records = Counter(
             "mlgate_records",
-            "Records by outcome (produced to Kafka, written to the local log, failed, spilled)",
+            "Records by outcome: produced to Kafka, spilled (to the local spill, Kafka "
+            "failing), written (to the local log), failed (neither: their ingest answered 503)",
             ["outcome"], registry=r,
+        )
+        self.kafka_failed_records = Counter(
+            "mlgate_kafka_failed_records",
+            "Records of produce attempts Kafka failed, each attempt (the spill's resends "
+            "again): no loss, they spill or their ingest is answered 503",
+            registry=r,
         )
         self.records_resent = Counter(
             "mlgate_records_resent",
@@ -326,6 +333,9 @@ class PrometheusTelemetry:
         self._m.records.labels("produced").inc(records)
 
     def kafka_batch_failed(self, records: int) -> None:
+        self._m.kafka_failed_records.inc(records)
+
+    def records_failed(self, records: int) -> None:
         self._m.records.labels("failed").inc(records)
 
     def records_spilled(self, records: int) -> None:

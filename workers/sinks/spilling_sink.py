@@ -288,7 +288,11 @@ class SpillingKafkaSink:
                     # Sent and not answered, Kafka may hold them; refused, it holds none.
                     kafka_took_none = isinstance(failure, BreakerOpen)
         try:
-            await self._to_spill(records, runs, kafka_took_none=kafka_took_none)
+            try:
+                await self._to_spill(records, runs, kafka_took_none=kafka_took_none)
+            except BaseException:
+                self._telemetry.records_failed(len(records))  # neither produced nor spilled
+                raise
         except (MailboxFull, WorkerClosed) as exc:
             if kafka_took_none:
                 raise

@@ -222,6 +222,33 @@ async def test_full_spill_answers_503_with_retry_after(
     assert response.content_type == "application/problem+json"
 
 
+async def test_records_spilled_in_an_outage_are_counted_spilled_and_only_refused_ones_failed(
+    app_client, make_settings, private_kafka_broker: KafkaBroker
+) -> None:
+    """A review: each failed produce attempt counted its records failed, the spill's
+    resends again, so a quiet outage with nothing lost grew ``failed`` by the minute."""
+    _, settings = await _on_fresh_topic(
+        make_settings, private_kafka_broker, feature_dims=(4,), kafka_request_timeout_ms=300,
+        kafka_breaker_reset_s=0.2, spill_max_records=3, spill_tenant_share=1.0,
+    )
+    client = await app_client(settings)
+    registry = client.app[METRICS].registry
+
+    def records(outcome: str) -> float:
+        return registry.get_sample_value("mlgate_records_total", {"outcome": outcome}) or 0
+
+    def failed_attempts() -> float:
+        return registry.get_sample_value("mlgate_kafka_failed_records_total") or 0
+
+    private_kafka_broker.stop()
+    statuses = [
+        (await client.post("/api/v2/ingest", json=_batch(0, sequence))).status for sequence in range(4)
+    ]
+    assert statuses == [202, 202, 202, 503]
+    await until(lambda: failed_attempts() >= 3, timeout_s=10)  # the drainer's tries too
+    assert (records("spilled"), records("failed")) == (3, 1)
+
+
 def _outbound(n: int) -> list[OutboundRecord]:
     return [OutboundRecord(key=f"r{i}".encode(), value=b"{}", headers=[]) for i in range(n)]
 
