@@ -132,6 +132,11 @@ def front_door(
                 error_log.exception("unhandled_error", path=request.path)
                 response = problem_response(request, as_api_error(Exception()))
             status = response.status
+            if not response.prepared and client_gone(request):
+                # The client left while its request was served (aiohttp lets the
+                # handler finish): nobody hears this answer (a review: counted 202).
+                access_log.info("client_gone", path=request.path, answered=status)
+                status = CLIENT_CLOSED_REQUEST
             finish(response.headers, request, request_id)
             if draining.is_set() or _closes(request, response):
                 response.force_close()

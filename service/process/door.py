@@ -874,6 +874,11 @@ class DoorRequestHandler(web.RequestHandler):
         self.force_close()
 
     @property
+    def client_gone(self) -> bool:
+        """The client closed this connection."""
+        return self.transport is None or self.transport.is_closing()
+
+    @property
     def event_loop(self) -> asyncio.AbstractEventLoop:
         """Its loop, without ``asyncio.get_running_loop()``'s system call (Python 3.11
         asks the process id each time)."""

@@ -53,6 +53,7 @@ from mlgate.schemas.predict import PredictRequest, PredictV1Request
 from mlgate.service.http.codec import Format, encode, media_format, preferred_format
 from mlgate.service.http.errors import ApiError
 from mlgate.service.http.front_door import (
+    CLIENT_CLOSED_REQUEST,
     REQUEST_ID_HEADER,
     RequestIds,
     access_log,
@@ -101,6 +102,9 @@ class Connection(Protocol):
     def express_answered(self, answer: bytes | None, close: bool, refused: bool = False) -> None: ...
 
     def force_close(self) -> None: ...
+
+    @property
+    def client_gone(self) -> bool: ...
 
     @property
     def event_loop(self) -> asyncio.AbstractEventLoop: ...
@@ -320,6 +324,11 @@ class ExpressLane:
                 message.path, self._path_headers, status, content_type, fields, request_id, body
             )
         finally:
+            if answer is not None and connection.client_gone:
+                # Nobody is left to answer: counted and logged as the app's front door
+                # does (a review: counted 202, an ingest no client ever heard of).
+                access_log.info("client_gone", path=message.path, answered=status)
+                status = CLIENT_CLOSED_REQUEST
             # Cancelled (shutdown past its budget): the connection is closed unanswered.
             connection.express_answered(
                 answer, close=answer is None or self._draining.is_set(), refused=status == 503

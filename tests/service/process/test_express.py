@@ -5,6 +5,8 @@ sockets with a real onnxruntime demo model."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from mlgate.workers.errors import MailboxFull
 from mlgate.workers.inference.batching import InferenceWorker
 from mlgate.workers.sinks.local_log import read_log
 from tests.service.predict.test_predict_api import GatedSession, add_version, gate_worker, rows
-from tests.support import KeyMaker, free_port
+from tests.support import KeyMaker, free_port, until
 
 ROW = rows(1)[0].tolist()
 # Headers whose values differ from one answer to the next.
@@ -835,3 +837,28 @@ async def test_a_client_that_half_closes_before_its_body_ended_is_closed_at_once
         await asyncio.wait_for(reader.read(), 5)
     finally:
         writer.close()
+
+
+async def test_a_request_whose_client_reset_its_connection_is_counted_and_logged_499(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: counted and logged 200 (an ingest 202), an answer nobody received.
+    A reset says the client is gone; a close (FIN) is a half-close to the server,
+    whose client may still read: it is answered. (Served by the app: the lane does
+    not read a connection while its request is served, and sees neither.)"""
+    body = {"features": ROW, "model": "demo"}  # naming the model keeps it out of the lane
+    server = await served()
+    gated = server.gate(monkeypatch)
+    reader, writer = await server.connect()
+    with capture_logs() as logs:
+        writer.write(raw_predict(msgspec.json.encode(body), "left"))
+        await asyncio.to_thread(gated.entered.wait, 5)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # a reset
+        await asyncio.sleep(0.1)  # the close reaches the server
+        gated.gate.set()
+        await until(lambda: any(entry["event"] == "request" for entry in logs))
+    [access] = [entry for entry in logs if entry["event"] == "request"]
+    assert access["status"] == 499
+    assert [entry["answered"] for entry in logs if entry["event"] == "client_gone"] == [200]
