@@ -546,6 +546,10 @@ class Door:
             return self._refusals.answer(error, path, request_id)
         return refusal_answer(error, path, request_id, fmt, self._path_headers)
 
+    def count_unparsed(self, status: int) -> None:
+        """An answer to a request that could not be parsed (no route, no method read)."""
+        self._app[METRICS].requests.labels("unmatched", "UNKNOWN", str(status)).inc()
+
     def _count(self, route: str, status: int, seconds: float) -> None:
         children = self._counted.get((route, status))
         if children is None:
@@ -1274,6 +1278,9 @@ class DoorRequestHandler(web.RequestHandler):
         else:
             path, headers = refused_head(self._refused_data, request.path, request.headers)
         request_id = self._door.request_ids.from_headers(headers)
+        # Counted as every answer is (a review: a client behind a broken proxy getting
+        # nothing but 400s showed on no dashboard); no route or method was read.
+        self._door.count_unparsed(error.status)
         log.info(
             "bad_http_request",
             status=error.status,

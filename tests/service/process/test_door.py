@@ -1129,3 +1129,21 @@ async def test_a_body_read_with_its_head_does_not_count_against_the_next_head(
         await asyncio.sleep(0.01)
     assert await asyncio.wait_for(read_answer(reader), 10) == 200
     writer.close()
+
+
+async def test_an_unparsable_request_is_counted_in_the_requests_answered(
+    full_model: FullModelFactory,
+) -> None:
+    """A review: answered 400 or 505 and logged, never counted: a client behind a
+    broken proxy showed on no dashboard."""
+    model = await full_model(fill=False)
+    registry = model.door._app[METRICS].registry
+    sample = {"route": "unmatched", "method": "UNKNOWN", "status": "400"}
+    before = registry.get_sample_value("mlgate_http_requests_total", sample) or 0
+    reader, writer = await model.connect()
+    writer.write(b"GARBAGE\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert b" 400 " in answer.split(b"\r\n", 1)[0]
+    assert registry.get_sample_value("mlgate_http_requests_total", sample) == before + 1
