@@ -72,7 +72,7 @@ def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
             raise invalid(f"{loc}.data", f"values out of range for {tensor.datatype}")
     if array.size != count:
         raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
-    return array.reshape(tensor.shape)
+    return _shaped(array, tensor.shape, loc)
 
 
 def _big_integers(
@@ -141,7 +141,7 @@ def _from_binary(tensor: RequestInput, data: memoryview, loc: str) -> np.ndarray
             array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
     if array.size != count:
         raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
-    return array.reshape(tensor.shape)
+    return _shaped(array, tensor.shape, loc)
 
 
 def input_arrays(
@@ -306,3 +306,13 @@ def classified(array: np.ndarray, count: int, labels: Sequence[str], batched: bo
                 text += f":{labels[index]}"
             out[row, column] = text.encode()
     return out if batched and array.ndim else out.reshape(kept)
+
+
+def _shaped(array: np.ndarray, shape: Sequence[int], loc: str) -> np.ndarray:
+    """``array`` in ``shape``, of as many values: 422 for a shape numpy cannot hold
+    (an empty tensor of a dimension past 2**62, ``[0, 2**61]``), a 500 and an error
+    line's traceback on every such request (a review)."""
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:
+        raise invalid(f"{loc}.shape", f"shape {list(shape)} cannot be held: {exc}") from None

@@ -76,6 +76,7 @@ from mlgate.service.predict.tensors import (
     HEADER_LENGTH,
     classified,
     input_arrays,
+    invalid,
     requested_outputs,
     to_binary,
     to_json,
@@ -86,7 +87,9 @@ from mlgate.workers.inference.batching import Duration, request_rows
 from mlgate.workers.inference.model_config import PLATFORM, TensorSpec
 from mlgate.workers.inference.repository import ModelLoadFailed, ModelNotFound, ModelVersion
 
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
+EXTENSIONS = [
+    "binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"
+]
 
 
 def _deadline(
@@ -176,6 +179,13 @@ async def answer_infer(
     loaded.worker.check_room(1, deadline)
     feed = input_arrays(payload, binary, loaded)
     rows = request_rows(feed)
+    if rows > app[SETTINGS].max_body_bytes:
+        # Rows of no values (a shape [10**12, 0]): more than any body could carry rows
+        # of, counted in the statistics, and shed with a 503 a retry never gets past
+        # (a review). A request's 422.
+        raise invalid(
+            "inputs", f"{rows} rows of no values: more rows than a request may carry"
+        )
     if rows > 1:
         loaded.worker.check_room(rows, deadline)
     outputs = requested_outputs(payload, loaded)

@@ -492,3 +492,43 @@ def test_classification_of_no_rows_is_no_rows() -> None:
     """A review: a request of 0 rows asking for classes was a 500 (numpy cannot infer
     -1 in a reshape of size 0)."""
     assert tensors.classified(np.zeros((0, 4), dtype=np.float32), 2, (), batched=True).shape == (0, 2)
+
+
+@pytest.fixture
+async def two_free_dims_client(
+    tmp_path: Path, app_client: Any, make_settings: Callable[..., Settings]
+) -> Client:
+    """``Neg`` of FP32 [a, b]: both dimensions free, as a text model's [batch, tokens]."""
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["y"])],
+        "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", "b"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+    )
+    write_version(tmp_path / "models", "dyn", model_of(graph))
+    settings = make_settings(model_repository=str(tmp_path / "models"), default_model="dyn")
+    client: Client = await app_client(settings)
+    return client
+
+
+@pytest.mark.parametrize("shape", [[0, 2**61], [2**63 - 1, 0], [10**12, 0]])
+async def test_a_shape_of_no_values_that_no_request_could_hold_is_422(
+    two_free_dims_client: Client, shape: list[int]
+) -> None:
+    """A review: [0, 2**61] was a 500 with a traceback in the error log (numpy cannot
+    shape it), and [10**12, 0] a 503 to retry that no retry gets past."""
+    body = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]}
+    response = await two_free_dims_client.post("/v2/models/dyn/infer", json=body)
+    assert response.status == 422, await response.text()
+    assert "error" in await response.json()
+    answered = await two_free_dims_client.post(
+        "/v2/models/dyn/infer",
+        json={"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]},
+    )
+    assert answered.status == 200
+
+
+async def test_the_server_names_the_model_configuration_extension(demo_client: Client) -> None:
+    """A review: ``/config`` is served, and a client checking for it was told it is not."""
+    extensions = (await (await demo_client.get("/v2")).json())["extensions"]
+    assert "model_configuration" in extensions
