@@ -56,6 +56,7 @@ from mlgate.service.protection.api_keys import KeysFileError
 from mlgate.service.protection.shared_redis import RedisMisconfigured
 from mlgate.service.routes import predict
 from mlgate.service.state import DRAINING, METRICS, MODEL_REPOSITORY, RECORD_SINK, RELOAD_HOOKS
+from mlgate.workers.inference.repository import LOADER_THREAD
 from mlgate.workers.sinks.local_log import LogInUse
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
 from mlgate.workers.supervision import SupervisedTask
@@ -499,11 +500,25 @@ def run(
     tune_garbage_collector()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(settings, on_ready, on_turn, on_reloaded))
+            code = runner.run(serve(settings, on_ready, on_turn, on_reloaded))
+        _exit_past_unfinished_loads(code)
+        return code
     except StartUpFailed as failed:
         log.error("start_up_failed", setting=failed.setting, error=str(failed.cause))
         print(f"mlgate: start-up error: {failed.setting}: {failed.cause}", file=sys.stderr)
         return 2
+
+
+def _exit_past_unfinished_loads(code: int) -> None:
+    """Exit now when a model's load is still running in its thread (given up on at
+    shutdown: creating a session cannot be stopped). The interpreter's exit under it
+    made onnxruntime abort the process (SIGABRT, status 134: a failed stop to systemd;
+    a review), and waiting for it held the shutdown past its budget."""
+    if any(thread.name == LOADER_THREAD and thread.is_alive() for thread in threading.enumerate()):
+        log.info("exit_past_model_load", detail="a model's load given up on still runs")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 class StartUpFailed(Exception):

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -579,3 +581,18 @@ def test_cluster_mode_with_a_unix_socket_stops_start_up_with_a_line(service_proc
     output = service.tail()
     assert "cluster mode takes redis://host:port seeds" in output
     assert "Traceback" not in output
+
+
+def test_the_process_exits_past_a_model_load_still_running_rather_than_under_it() -> None:
+    """A review: SIGTERM during a poll's load, given up on, and the interpreter's exit
+    under onnxruntime's session creation aborted the process (SIGABRT, 134)."""
+    script = (
+        "import threading, time\n"
+        "from mlgate.service.process import server\n"
+        "from mlgate.workers.inference.repository import LOADER_THREAD\n"
+        "threading.Thread(target=time.sleep, args=(60,), name=LOADER_THREAD, daemon=True).start()\n"
+        "server._exit_past_unfinished_loads(0)\n"
+        "raise SystemExit(3)  # not reached\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr

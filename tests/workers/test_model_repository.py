@@ -692,3 +692,31 @@ async def test_closing_gives_up_a_polls_load_under_way(
     add_version(repo_root, "slow", 1)
     await asyncio.wait_for(loading.wait(), 5)
     await asyncio.wait_for(repo.close(), 5)
+
+
+async def test_a_version_loaded_serves_while_the_models_next_loads_and_closing_closes_it(
+    repo_root: Path, start_repository: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: version 1 was READY in the index but 404 until version 2 had loaded
+    too, and a close cancelling that load left version 1's worker running."""
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository(model_poll_interval_s=0.05)
+    loading = asyncio.Event()
+    load_version = repo._load_version
+
+    async def endless_for_2(name: str, version: str, *args: Any) -> Any:
+        if name == "multi" and version == "2":
+            loading.set()
+            await asyncio.Event().wait()
+        return await load_version(name, version, *args)
+
+    monkeypatch.setattr(repo, "_load_version", endless_for_2)
+    write_config(repo_root, "multi", version_policy="all")
+    add_version(repo_root, "multi", 1)
+    add_version(repo_root, "multi", 2, seed=2)
+    await asyncio.wait_for(loading.wait(), 5)
+    first = repo.resolve("multi", "1")
+    assert (await predict(repo, "multi", "1"))[0] == "1"
+    await asyncio.wait_for(repo.close(), 5)
+    with pytest.raises(WorkerClosed):
+        first.worker.submit(rows(1), soon())

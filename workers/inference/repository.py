@@ -461,6 +461,11 @@ class ModelRepository:
                     loaded = await self._load_version(
                         name, version, on_disk[number], config, fingerprint
                     )
+                except asyncio.CancelledError:  # closing: what this sync replaced closes too
+                    if old is None:
+                        states.pop(version, None)
+                    self._retire(replaced)
+                    raise
                 except Exception as exc:
                     reason = f"failed to load version {version}: {self._in_repository(exc)}"
                     failures.append(reason + ("; the previous load keeps serving" if old else ""))
@@ -480,6 +485,10 @@ class ModelRepository:
                 states[version] = IndexEntry(name, version, "READY")
                 if old is not None:
                     replaced.append(old)
+                # Serving as soon as it is READY, not once the model's other versions
+                # have loaded too (a review: READY in the index, 404 to a predict), and
+                # closed with the rest if a close cancels this sync.
+                self._publish(name, dict(serving))
             # Retire what the policy no longer wants, unless nothing wanted could load.
             keep_old = bool(wanted) and not any(str(n) in serving for n in wanted)
             for version in list(serving):
@@ -640,6 +649,11 @@ def _versions_if_any(model_dir: Path) -> dict[int, Path]:
     return versions_on_disk(model_dir) if model_dir.is_dir() else {}
 
 
+# The name of a model load's thread (``_in_daemon_thread``): the process exits past one
+# still running (``service.process.server``).
+LOADER_THREAD = "model-loader"
+
+
 class ModelLoadTimedOut(Exception):
     """A model's load (session creation and warm-up run) did not end in time."""
 
@@ -667,5 +681,5 @@ def _in_daemon_thread(load: Callable[..., T], *args: object) -> asyncio.Future[T
         except RuntimeError:  # the loop closed meanwhile: nobody waits any more
             pass
 
-    threading.Thread(target=run, name="model-loader", daemon=True).start()
+    threading.Thread(target=run, name=LOADER_THREAD, daemon=True).start()
     return future
