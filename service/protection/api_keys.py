@@ -240,11 +240,10 @@ class KeyStore:
             self._file_keys, self._file_stamp, self._file_error = {}, None, None
             return
         stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp == self._file_stamp:
-            # The same file as last read: broken still, a reload that must say so (a
-            # review: a second SIGHUP, or one after a request had read it, said reloaded).
-            if strict and self._file_error is not None:
-                raise KeysFileError(self._file_error)
+        # The same file as last read: unchanged, unless it failed, which a strict reload
+        # reads again (a review: a second SIGHUP said reloaded while it was broken, and
+        # one made readable by chmod, which changes no stamp, failed for ever).
+        if stamp == self._file_stamp and not (strict and self._file_error is not None):
             return
         try:
             keys = self._file.load()

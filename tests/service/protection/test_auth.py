@@ -335,6 +335,24 @@ async def test_a_reload_meeting_a_broken_keys_file_fails_and_keeps_the_keys_read
     assert (await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})).status == 202
 
 
+async def test_a_reload_reads_again_a_keys_file_that_failed_though_its_stamp_is_the_same(
+    app_client, secured, api_keys: KeyMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a file made readable again by chmod (no stamp changes) failed every
+    reload with its old error."""
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured())
+    store = client.app[KEY_STORE]
+    load = store._file.load
+    monkeypatch.setattr(store._file, "load", lambda: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    api_keys.path.touch()  # a new stamp, read and failed
+    with pytest.raises(KeysFileError):
+        await client.app[RELOAD_HOOKS]["api_keys"]()
+    monkeypatch.setattr(store._file, "load", load)  # readable again, the same stamp
+    await client.app[RELOAD_HOOKS]["api_keys"]()
+    assert (await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})).status == 202
+
+
 def test_a_broken_keys_file_stops_start_up(tmp_path) -> None:
     path = tmp_path / "keys.json"
     path.write_text('{"keys": [{"key_id": 1}]}')
