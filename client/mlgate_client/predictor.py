@@ -168,7 +168,7 @@ class Predictor:
                 PREDICT_PATH, body, headers, remaining_s + ANSWER_GRACE_S
             )
             if not isinstance(answer.document, dict):
-                raise MlgateError(f"unexpected predict answer: {answer.document!r:.200}")
+                raise UnexpectedAnswer(f"unexpected predict answer: {answer.document!r:.200}")
             return answer.document
 
         def on_retry(retry: int, error: MlgateError, delay_s: float) -> None:

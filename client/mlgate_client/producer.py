@@ -169,13 +169,7 @@ class Producer:
         while the producer is full (or raises ``BufferFull``, see ``block_on_full``)."""
         if self._closed:
             raise ProducerClosed("the producer is closed")
-        if self._senders and self._senders[0].get_loop() is not asyncio.get_running_loop():
-            # Its senders and HTTP session belong to the loop it first ran in: reused
-            # under a second ``asyncio.run``, its records were never posted (a review).
-            raise RuntimeError(
-                "this Producer runs in the event loop it first sent in; make one per "
-                "event loop (per asyncio.run), or use SyncProducer"
-            )
+        self._check_loop()
         record_id = record_id or self._encoder.new_record_id()
         encoded = self._encoder.encode(record_id, features, label, metadata, timestamp)
         size = len(encoded)
@@ -214,10 +208,21 @@ class Producer:
             await asyncio.sleep(0)  # let a sender pick the batch up before more piles on
         return future
 
+    def _check_loop(self) -> None:
+        """Its senders and HTTP session belong to the loop it first sent in: reused
+        under a second ``asyncio.run``, its records were never posted and a close
+        waited for ever (a review)."""
+        if self._senders and self._senders[0].get_loop() is not asyncio.get_running_loop():
+            raise RuntimeError(
+                "this Producer runs in the event loop it first sent in; make one per "
+                "event loop (per asyncio.run), or use SyncProducer"
+            )
+
     async def flush(self, timeout_s: float | None = None) -> None:
         """Send what is buffered now and wait until every record sent so far has a
         report (at most ``timeout_s``: then ``TimeoutError``, the records still going).
         Records sent after the call (by another task) are not waited for."""
+        self._check_loop()
         self._seal()  # the batch sealed holds only this generation's records: sent before
         generation = self._generation
         self._generation += 1
@@ -241,6 +246,7 @@ class Producer:
         await self._close(timeout_s, flush=True)
 
     async def _close(self, timeout_s: float | None, *, flush: bool) -> None:
+        self._check_loop()
         if self._closed:  # a second close returns once the first has ended
             await self._close_ended.wait()
             return

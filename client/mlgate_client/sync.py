@@ -48,15 +48,21 @@ class LoopThread:
     def stopped(self) -> bool:
         return self._stopping
 
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    def check_caller(self) -> None:
+        """A call from the loop's own thread (an ``on_delivery`` callback sending again,
+        or closing) would wait on the loop it blocks, for ever (a review)."""
         if threading.current_thread() is self._thread:
-            # A call from the loop's own thread (an ``on_delivery`` callback sending
-            # again) would wait on the loop it blocks, for ever (a review).
-            coroutine.close()
             raise RuntimeError(
                 "called from the client's own thread (an on_delivery callback): it would "
                 "wait for ever; hand the work to another thread"
             )
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        try:
+            self.check_caller()
+        except RuntimeError:
+            coroutine.close()
+            raise
         with self._lock:
             if self._stopping:
                 coroutine.close()  # never awaited: say nothing about it
@@ -149,6 +155,7 @@ class SyncProducer:
         """Flush (at most ``timeout``; see ``Producer.close``), then stop. Idempotent."""
         if self._thread.stopped:
             return
+        self._thread.check_caller()
         try:
             self._thread.run(self._producer.close(timeout))
         finally:

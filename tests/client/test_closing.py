@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -378,13 +379,16 @@ async def test_a_producer_used_under_a_second_event_loop_says_so(scripted: Scrip
         await send_and_flush()
         await producer._transport.close()  # its connections, not to leak them here
 
-    def twice() -> BaseException | None:
-        asyncio.run(first_run())
+    def refusal(step: Callable[[], Any]) -> BaseException | None:
         try:
-            asyncio.run(send_and_flush())
+            asyncio.run(step())
         except RuntimeError as exc:
             return exc
         return None
 
-    refused = await asyncio.wait_for(asyncio.to_thread(twice), 10)
-    assert refused is not None and "event loop" in str(refused)
+    def second_loops() -> list[BaseException | None]:
+        asyncio.run(first_run())
+        return [refusal(send_and_flush), refusal(producer.flush), refusal(producer.close)]
+
+    refused = await asyncio.wait_for(asyncio.to_thread(second_loops), 10)
+    assert all(exc is not None and "event loop" in str(exc) for exc in refused), refused

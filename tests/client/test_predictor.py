@@ -69,7 +69,9 @@ def test_a_closed_sync_predictor_says_so(mlgate_url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [b"<html>captive portal</html>", b'{"hello": "world"}', b"[" * 100_000], ids=["html", "json", "deep"]
+    "body",
+    [b"<html>captive portal</html>", b'{"hello": "world"}', b"[" * 100_000, b"null", b"[]", b'"abc"'],
+    ids=["html", "json", "deep", "null", "array", "string"],
 )
 async def test_a_success_that_is_no_prediction_is_an_unexpected_answer(
     scripted: Scripted, body: bytes
