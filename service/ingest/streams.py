@@ -95,8 +95,8 @@ async def ndjson_records(
             if len(line) - line.endswith(b"\r") > max_line:  # CRLF: the CR ends the line
                 raise too_large
             if line.strip():
-                if sent_as_json and not index and line.lstrip()[:1] == b"[":
-                    raise _an_array()
+                if sent_as_json and not index:
+                    line = _first_line_of_json(line)
                 yield _record_or_error(index, _decode_line(line), line, _line_record_id)
                 index += 1
             else:
@@ -112,8 +112,8 @@ async def ndjson_records(
     if len(line) - line.endswith(b"\r") > max_line:
         raise too_large
     if line.strip():
-        if sent_as_json and not index and line.lstrip()[:1] == b"[":
-            raise _an_array()
+        if sent_as_json and not index:
+            line = _first_line_of_json(line)
         yield _record_or_error(index, _decode_line(line), line, _line_record_id)
 
 
@@ -124,12 +124,27 @@ def _too_blank() -> BadRequest:
     )
 
 
-def _an_array() -> ValidationFailed:
-    return ValidationFailed(
-        "The stream's body is a JSON array: a stream holds one record a line (NDJSON); "
-        "send an array of records as a batch to /api/v2/ingest",
-        errors=[FieldError(loc="body", msg="a JSON array, not one record a line")],
-    )
+def _first_line_of_json(line: bytes) -> bytes:
+    """The first line of a body sent as ``application/json`` (its byte-order mark
+    left out): refused with the whole body (422, nothing written) when it begins an
+    array or is no whole JSON value, a document spread over lines (a pretty-printed
+    batch) rather than one record a line; cut into lines, some of its lines were
+    records, written (a review)."""
+    first = line.lstrip()
+    if first.startswith(b"\xef\xbb\xbf"):
+        first = first[3:].lstrip()
+    whole = True
+    try:
+        msgspec.json.decode(first, type=msgspec.Raw)
+    except msgspec.DecodeError:
+        whole = False
+    if first[:1] == b"[" or not whole:
+        raise ValidationFailed(
+            "The stream's body is a JSON document over several lines (an array, or a "
+            "batch), not one record a line (NDJSON): send a batch to /api/v2/ingest",
+            errors=[FieldError(loc="body", msg="a JSON document, not one record a line")],
+        )
+    return first
 
 
 def _decode_line(line: bytes) -> Record | Exception:

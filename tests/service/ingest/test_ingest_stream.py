@@ -219,12 +219,13 @@ async def test_stream_without_a_valid_source_is_422(client: Client, query: str) 
     await _assert_still_serving(client)
 
 
+@pytest.mark.parametrize("mark", [b"", b"\xef\xbb\xbf"], ids=["plain", "byte-order-mark"])
 async def test_a_stream_sent_as_application_json_is_read_as_ndjson(
-    client: Client, settings: Settings
+    client: Client, settings: Settings, mark: bytes
 ) -> None:
     """A review: 415, where every body-carrying endpoint takes JSON."""
     response = await client.post(
-        STREAM, data=_ndjson(_record(i) for i in range(3)), headers={"Content-Type": "application/json"}
+        STREAM, data=mark + _ndjson(_record(i) for i in range(3)), headers={"Content-Type": "application/json"}
     )
     assert response.status == 202
     assert (await response.json())["records_accepted"] == 3
@@ -237,17 +238,19 @@ async def test_a_stream_sent_as_application_json_is_read_as_ndjson(
         b'[\n{"features": [1, 2, 3, 4]},\n{"features": [5, 6, 7, 8]}\n]\n',
         b'[{"features": [1, 2, 3, 4]}\n,{"features": [5, 6, 7, 8]}]',
         b'  [{"features": [1, 2, 3, 4]}]',
+        b'\xef\xbb\xbf[\n{"features": [1, 2, 3, 4]}\n,\n{"features": [5, 6, 7, 8]}\n]\n',
+        b'{\n  "source": "s",\n  "records": [\n    {"features": [1, 2, 3, 4]},\n    {"features": [5, 6, 7, 8]}\n  ]\n}\n',
     ],
-    ids=["pretty", "leading-commas", "one-line"],
+    ids=["pretty", "leading-commas", "one-line", "byte-order-mark", "pretty-batch"],
 )
-async def test_a_json_array_sent_to_the_stream_is_refused_whole(
+async def test_a_json_document_over_lines_sent_to_the_stream_is_refused_whole(
     client: Client, settings: Settings, body: bytes
 ) -> None:
     """A review: read as NDJSON, an array's lines that were records were written, a
     202 for part of a document its client would resend whole."""
     response = await client.post(STREAM, data=body, headers={"Content-Type": "application/json"})
     problem = await _problem(response, 422)
-    assert "JSON array" in problem["detail"]
+    assert "JSON document" in problem["detail"]
     assert _stored_keys(settings) == []
 
 
