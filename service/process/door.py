@@ -806,6 +806,10 @@ class DoorRequestHandler(web.RequestHandler):
         self._read_once_drained = False
         self._last_payload: StreamReader = EMPTY_PAYLOAD  # of the last request parsed
         self._last_chunked = False  # whether that request's body is chunked
+        # Bytes of that chunked body fed to the parser (framing and data): against the
+        # data its reader got (``_framing_bounded``).
+        self._chunked_fed = 0
+        self._framing_refused = False  # past its bound: closed after the answer
         # Bytes read and not yet given to the parser: a chunked body's read is fed a
         # slice a turn of the event loop (``_feed_slices``), reading paused meanwhile.
         self._unfed = b""
@@ -965,6 +969,8 @@ class DoorRequestHandler(web.RequestHandler):
             self.read_on()
 
     def _feed(self, data: bytes) -> None:
+        if self._last_chunked and not self._last_payload.is_eof() and not self._framing_bounded(data):
+            return
         parser = self._parser
         if (self._close or self._force_close) and not self._last_payload.is_eof() and parser:
             try:
@@ -973,6 +979,34 @@ class DoorRequestHandler(web.RequestHandler):
                 pass  # ``parse_failed`` failed the body: its reader answers the 400
             return
         super().data_received(data)
+
+    def _framing_bounded(self, data: bytes) -> bool:
+        """Whether a chunked body's framing stays within bounds with ``data`` to come:
+        chunk extensions and chunk-size padding are parsed and dropped by aiohttp's
+        parser without limit and count as no body byte, so a client sent gigabytes
+        that neither the body limit nor its pace saw, seconds of the loop each (a
+        review; Node.js CVE-2024-22019). Past ``CHUNK_FRAMING_BYTES`` and 16 bytes a
+        byte of data (one-byte chunks take 5), the body fails (its 400) and the
+        connection reads no more. Asked of what was fed before ``data``: a read that
+        ends the body may carry the next requests, which are no framing."""
+        payload = self._last_payload
+        framing = self._chunked_fed - payload.total_bytes
+        if framing <= CHUNK_FRAMING_BYTES + CHUNK_FRAMING_PER_DATA_BYTE * payload.total_bytes:
+            self._chunked_fed += len(data)
+            return True
+        log.info("chunk_framing_refused", framing_bytes=framing, data_bytes=payload.total_bytes)
+        set_exception(
+            payload,
+            web.RequestPayloadError(
+                f"chunked body of {framing} bytes of framing (chunk extensions, size padding) "
+                f"for {payload.total_bytes} bytes of data"
+            ),
+        )
+        self._discarding = True  # nothing more of this connection is parsed
+        self._framing_refused = True
+        if self._handed == self._answered:  # answered already (a 401): closed now
+            self._discard_rest()
+        return False
 
     @property
     def head_open(self) -> bool:
@@ -1049,7 +1083,7 @@ class DoorRequestHandler(web.RequestHandler):
             response, reset = await super()._handle_request(request, *args, **kwargs)
         finally:
             self._answered += 1
-        if _compressed_body_unread(request):
+        if _compressed_body_unread(request) or self._framing_refused:
             self._discard_rest()
         self._closing_after_answers()  # aiohttp's loop reads ``_close`` next
         # Not a 503 of /ready; and only once the whole body is in: aiohttp still reads
@@ -1155,6 +1189,7 @@ class DoorRequestHandler(web.RequestHandler):
         for index, (message, payload) in enumerate(messages):
             self._last_payload = payload
             self._last_chunked = bool(getattr(message, "chunked", False))
+            self._chunked_fed = 0
             if not (at_front and self.transport and isinstance(message, RawRequestMessage)):
                 kept.append((message, payload))
                 self._bound_for.append(None)
@@ -1344,6 +1379,10 @@ def parser_reason(exc: BaseException | None, message: str | None) -> str:
 
 # A chunked body's bytes go to the parser at most this many a turn of the event loop.
 CHUNKED_SLICE_BYTES = 16 * 1024
+# A chunked body's framing (sizes, extensions, CRLFs) may be this much beyond
+# ``CHUNK_FRAMING_PER_DATA_BYTE`` bytes a byte of its data (``_framing_bounded``).
+CHUNK_FRAMING_BYTES = 64 * 1024
+CHUNK_FRAMING_PER_DATA_BYTE = 16
 # A request head is searched for its end this far into a read (aiohttp's limit is 8190).
 _HEAD_SEARCH_BYTES = 65536
 _PARSER_MESSAGES: tuple[tuple[str, str], ...] = (

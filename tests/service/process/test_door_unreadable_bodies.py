@@ -203,3 +203,48 @@ async def test_a_body_of_one_byte_chunks_is_fed_a_slice_a_turn_and_read_whole(
     assert len(head + chunks) > 8 * CHUNKED_SLICE_BYTES
     assert max(fed) <= CHUNKED_SLICE_BYTES
     assert fed.count(CHUNKED_SLICE_BYTES) >= 2  # reads were sliced
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b"1;a=" + b"b" * (256 * 1024), b"0" * (256 * 1024) + b"1\r\nx\r\n"],
+    ids=["extension", "size-padding"],
+)
+async def test_chunk_framing_without_data_is_a_400_not_read_on(
+    door_server: DoorServer, framing: bytes
+) -> None:
+    """A review: chunk extensions and chunk-size padding were parsed and dropped without
+    limit, counted as no body byte: gigabytes a connection until the body timeout."""
+    head = (
+        b"POST /api/v2/ingest HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        writer.write(head + framing)
+        status_line, headers, body = await read_answer(reader)
+        assert status_line.split()[1] == "400", body
+        assert b"framing" in body
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, not read on
+    finally:
+        writer.close()
+
+
+async def test_chunk_framing_without_data_after_an_early_answer_closes_the_connection(
+    door_server: DoorServer,
+) -> None:
+    """The same flood after the request was answered (a 401 before its body): aiohttp
+    read on through it for its lingering time."""
+    head = (
+        b"POST /api/v2/ingest HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(*await door_server(auth_disabled=False))
+    try:
+        writer.write(head)
+        status_line, _, _ = await read_answer(reader)
+        assert status_line.split()[1] == "401"
+        writer.write(b"1;a=" + b"b" * (256 * 1024))
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
