@@ -246,10 +246,10 @@ class Producer:
         await self._close(timeout_s, flush=True)
 
     async def _close(self, timeout_s: float | None, *, flush: bool) -> None:
-        self._check_loop()
         if self._closed:  # a second close returns once the first has ended
             await self._close_ended.wait()
             return
+        self._check_loop()
         self._closed = True  # takes no more records: a sender that never stops cannot hold it
         for waiter in self._room_waiters:
             if not waiter.done():

@@ -127,18 +127,15 @@ def _too_blank() -> BadRequest:
 def _first_line_of_json(line: bytes) -> bytes:
     """The first line of a body sent as ``application/json`` (its byte-order mark
     left out): refused with the whole body (422, nothing written) when it begins an
-    array or is no whole JSON value, a document spread over lines (a pretty-printed
-    batch) rather than one record a line; cut into lines, some of its lines were
-    records, written (a review)."""
+    array, or opens an object it leaves open at the line's end (``{``, ``{"records": [``:
+    a pretty-printed batch), a document spread over lines rather than one record a
+    line; cut into lines, some of its lines were records, written (a review). A first
+    record that is merely malformed is rejected alone, as in any NDJSON stream."""
     first = line.lstrip()
     if first.startswith(b"\xef\xbb\xbf"):
         first = first[3:].lstrip()
-    whole = True
-    try:
-        msgspec.json.decode(first, type=msgspec.Raw)
-    except msgspec.DecodeError:
-        whole = False
-    if first[:1] == b"[" or not whole:
+    left_open = first[:1] == b"{" and first.rstrip()[-1:] in (b"{", b"[", b",", b":")
+    if first[:1] == b"[" or left_open:
         raise ValidationFailed(
             "The stream's body is a JSON document over several lines (an array, or a "
             "batch), not one record a line (NDJSON): send a batch to /api/v2/ingest",

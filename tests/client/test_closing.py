@@ -392,3 +392,21 @@ async def test_a_producer_used_under_a_second_event_loop_says_so(scripted: Scrip
 
     refused = await asyncio.wait_for(asyncio.to_thread(second_loops), 10)
     assert all(exc is not None and "event loop" in str(exc) for exc in refused), refused
+
+
+async def test_closing_a_closed_producer_under_another_event_loop_does_nothing(
+    scripted: Scripted,
+) -> None:
+    """A review of the loop check: a cleanup's second close, in another loop, raised."""
+    scripted.script = [accepted]
+    producer = Producer(scripted.url, "s", linger_ms=1)
+
+    async def send_and_close() -> None:
+        await producer.send([0.5])
+        await producer.close()
+
+    def twice() -> None:
+        asyncio.run(send_and_close())
+        asyncio.run(producer.close())
+
+    await asyncio.wait_for(asyncio.to_thread(twice), 10)

@@ -219,6 +219,23 @@ async def test_stream_without_a_valid_source_is_422(client: Client, query: str) 
     await _assert_still_serving(client)
 
 
+@pytest.mark.parametrize(
+    "first",
+    [b'{"features": [1, 2, 3\n', b'{"features": [1, 2, 3, NaN]}\n', b'{"features": [1, 2, 3, 4]} x\n'],
+    ids=["truncated", "nan", "trailing-junk"],
+)
+async def test_a_json_stream_whose_first_record_is_malformed_rejects_that_record_alone(
+    client: Client, first: bytes
+) -> None:
+    """A review of the refusal of documents over lines: a stream whose first record
+    was merely malformed was refused whole, where NDJSON rejects that record alone."""
+    body = first + _ndjson(_record(i) for i in range(2))
+    response = await client.post(STREAM, data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 202
+    answer = await response.json()
+    assert (answer["records_accepted"], answer["records_rejected"]) == (2, 1)
+
+
 @pytest.mark.parametrize("mark", [b"", b"\xef\xbb\xbf"], ids=["plain", "byte-order-mark"])
 async def test_a_stream_sent_as_application_json_is_read_as_ndjson(
     client: Client, settings: Settings, mark: bytes
