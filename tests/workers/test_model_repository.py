@@ -578,9 +578,12 @@ async def test_a_model_whose_poll_fails_does_not_stop_the_others_polling(
         await synced(name)
 
     monkeypatch.setattr(repo, "_sync", failing_for_broken)
+    crashed: list[str] = []
+    monkeypatch.setattr(repo._telemetry, "background_task_crashed", crashed.append, raising=False)
     add_version(repo_root, "demo", 2, seed=2)
     await repo.poll()  # "broken" sorts first
     assert repo.resolve("demo").version == "2"
+    assert crashed == ["model-sync"]  # logged and counted
 
 
 async def test_a_slow_load_holds_up_no_other_models_new_version(

@@ -365,10 +365,13 @@ class ModelRepository:
         return syncs
 
     async def _sync_logged(self, name: str) -> None:
+        """A model's sync, in a task of its own: its failure is logged and counted (the
+        next poll runs it again; ``/ready`` names a default model not serving)."""
         try:
             await self._sync(name)
         except Exception as exc:  # one model's directory must not stop the others'
             log.error("model_poll_failed", model=name, error=repr(exc))
+            self._telemetry.background_task_crashed("model-sync")
 
     async def load(self, model: str) -> None:
         """Load or reload ``model`` now (the repository extension's load)."""
