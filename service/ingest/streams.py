@@ -62,8 +62,8 @@ async def ndjson_records(
     request: web.Request, max_line: int, *, sent_as_json: bool = False
 ) -> AsyncIterator[Record | RecordError]:
     """The records of an NDJSON body, one a line. ``sent_as_json``: the body came as
-    ``application/json``, and one that begins as a JSON array is refused whole (422),
-    not cut into lines of which some would be records, written (a review)."""
+    ``application/json``, its first line read by ``_first_line_of_json`` (a document
+    spread over lines is refused whole)."""
     # Only each new chunk is searched for newlines; the unfinished line is kept as its
     # pieces and joined once, so a line sent in tiny chunks costs linear time.
     pending: list[bytes] = []
