@@ -662,6 +662,9 @@ _HOST = re.compile(
 # The first bytes of a packet the parser refused that ``refused_head`` reads: a head
 # is at most 8190 bytes to aiohttp.
 _REFUSED_HEAD_BYTES = 16384
+_REQUEST_LINE_START = re.compile(rb"[A-Z]{1,20} /")
+# A path longer than this is cut in a problem's ``instance`` (with "...").
+MAX_INSTANCE_CHARS = 1024
 _REQUEST_LINE = re.compile(rb"[A-Z]{1,20} (/[!-~]{0,16384}) (HTTP/[0-9]\.[0-9])")
 _TOKEN = re.compile(rb"[!#-'*+.0-9A-Z^-z|~-]{1,256}")
 
@@ -705,6 +708,37 @@ def refused_version(exc: BaseException | None, data: bytes) -> str | None:
     if request is None or request.group(2).startswith(b"HTTP/1."):
         return None  # 505 is for another major version; llhttp's 400 for HTTP/1.2
     return request.group(2).decode()
+
+
+def _transfer_coding_refused(headers: Mapping[str, str]) -> str | None:
+    """A transfer coding of a chunked request other than ``chunked`` itself, if any:
+    llhttp frames such a body by its final ``chunked`` and drops the rest, so a body
+    sent ``gzip, chunked`` reached the app still gzipped. RFC 9112, 6.1: a server that
+    does not understand a transfer coding answers 501."""
+    for value in headers.getall("Transfer-Encoding", ()):  # type: ignore[attr-defined]
+        for coding in value.split(","):
+            coding = coding.strip().lower()
+            if coding and coding != "chunked":
+                return coding
+    return None
+
+
+def _asks_close(headers: Mapping[str, str]) -> bool:
+    return any(
+        token.strip().lower() == "close"
+        for value in headers.getall("Connection", ())  # type: ignore[attr-defined]
+        for token in value.split(",")
+    )
+
+
+def _request_line_too_long(exc: BaseException | None, data: bytes, limit: int) -> bool:
+    """Whether the parser refused a request line for its length (its URI): then 414,
+    not 400. Known when the read it failed in begins with that line."""
+    return (
+        isinstance(exc, http_exceptions.LineTooLong)
+        and _REQUEST_LINE_START.match(data) is not None
+        and b"\r\n" not in data[:limit]
+    )
 
 
 def _version_message(version: str) -> str:
@@ -1174,6 +1208,18 @@ class DoorRequestHandler(web.RequestHandler):
             elif (host := message.headers.get("Host")) is not None and _HOST.fullmatch(host) is None:
                 reason = f"the Host field {host[:64]!r} is no host name or address"
                 refused = _ErrInfo(status=400, exc=http_exceptions.BadHttpMessage(reason), message=reason)
+            elif message.chunked and (coding := _transfer_coding_refused(message.headers)) is not None:
+                reason = (
+                    f"the transfer coding {coding[:64]!r} is not implemented: send the body "
+                    "chunked (Transfer-Encoding: chunked) or with a Content-Length, and compress "
+                    "it with Content-Encoding"
+                )
+                refused = _ErrInfo(status=501, exc=http_exceptions.BadHttpMessage(reason), message=reason)
+            elif message.version.minor == 0 and not message.should_close and _asks_close(message.headers):
+                # llhttp keeps an HTTP/1.0 connection that names both keep-alive and
+                # close; ``close`` wins (RFC 9112, 9.3).
+                messages = list(messages)
+                messages[index] = (message._replace(should_close=True), _payload)
             if refused is not None:
                 self._refused_message = message
                 return [*messages[:index], (refused, EMPTY_PAYLOAD)]
@@ -1297,6 +1343,12 @@ class DoorRequestHandler(web.RequestHandler):
             )
         elif status == 505:
             error = VersionNotSupported(message)
+        elif status == 501:
+            error = http_error(501, "Not Implemented")
+            error.detail = message
+        elif _request_line_too_long(exc, self._refused_data, self.max_line_size):
+            error = http_error(414, "URI Too Long")
+            error.detail = f"the request line is longer than {self.max_line_size} bytes"
         elif isinstance(exc, HeadTooLarge):
             error = http_error(431, "Request Header Fields Too Large")
             error.detail = f"the request head is longer than {MAX_HEAD_BYTES} bytes"
@@ -1312,6 +1364,8 @@ class DoorRequestHandler(web.RequestHandler):
             path, headers = refused.path.split("?", 1)[0], refused.headers
         else:
             path, headers = refused_head(self._refused_data, request.path, request.headers)
+        if len(path) > MAX_INSTANCE_CHARS:  # a review: a 9 KB path answered in the 400
+            path = path[:MAX_INSTANCE_CHARS] + "..."
         request_id = self._door.request_ids.from_headers(headers)
         # Counted as every answer is (a review: a client behind a broken proxy getting
         # nothing but 400s showed on no dashboard); no route or method was read.

@@ -26,7 +26,13 @@ from mlgate.service.app import create_app
 from mlgate.service.http.codec import Format
 from mlgate.service.http.front_door import as_api_error
 from mlgate.service.process import door
-from mlgate.service.process.door import Door, RefusalTemplates, parser_reason, refusal_answer
+from mlgate.service.process.door import (
+    MAX_INSTANCE_CHARS,
+    Door,
+    RefusalTemplates,
+    parser_reason,
+    refusal_answer,
+)
 from mlgate.service.process.server import CappedAppRunner, CappedServer
 from mlgate.service.protection.api_keys import KeyStoreUnavailable
 from mlgate.service.state import KEY_STORE, METRICS, MODEL_REPOSITORY
@@ -1147,3 +1153,67 @@ async def test_an_unparsable_request_is_counted_in_the_requests_answered(
     writer.close()
     assert b" 400 " in answer.split(b"\r\n", 1)[0]
     assert registry.get_sample_value("mlgate_http_requests_total", sample) == before + 1
+
+
+@pytest.mark.parametrize("codings", ["gzip, chunked", "identity, chunked", "deflate,chunked"])
+async def test_a_chunked_body_in_another_transfer_coding_too_is_501_and_the_connection_closes(
+    full_model: FullModelFactory, codings: str
+) -> None:
+    """RFC 9112, 6.1: a transfer coding the server does not understand is a 501. llhttp
+    framed ``gzip, chunked`` by its ``chunked`` and dropped the ``gzip``, so the body
+    reached the route still compressed."""
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    body = b'{"features": [0.5, 0.5]}'
+    writer.write(
+        b"POST /api/v2/predict HTTP/1.1\r\nHost: mlgate\r\nX-Request-ID: coded\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: " + codings.encode() + b"\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)  # read() ends: the connection closed
+    writer.close()
+    head, _, problem_body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    assert status_line.startswith("HTTP/1.1 501 ")
+    assert "X-Request-ID: coded" in header_lines
+    problem = json.loads(problem_body)
+    assert problem["status"] == 501 and problem["instance"] == "/api/v2/predict"
+    assert repr(codings.split(",")[0].strip()) in problem["detail"]
+
+
+async def test_an_http_1_0_request_naming_keep_alive_and_close_is_answered_then_closed(
+    full_model: FullModelFactory,
+) -> None:
+    """RFC 9112, 9.3: ``close`` ends the connection after the answer; llhttp kept an
+    HTTP/1.0 connection that named ``keep-alive`` as well."""
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    writer.write(b"GET /health HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)  # read() ends: the connection closed
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"200"
+    assert b"keep-alive" not in head.lower()
+    assert json.loads(body) == {"status": "ok"}
+
+
+async def test_a_request_line_past_the_line_limit_is_414_and_its_instance_is_cut(
+    full_model: FullModelFactory,
+) -> None:
+    """aiohttp answered a 9 KB URI with a 400 whose ``instance`` repeated all of it."""
+    model = await full_model(fill=False)
+    reader, writer = await model.connect()
+    writer.write(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: mlgate\r\nX-Request-ID: long-uri\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)  # read() ends: the connection closed
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    assert status_line.startswith("HTTP/1.1 414 ")
+    assert "X-Request-ID: long-uri" in header_lines
+    problem = json.loads(body)
+    assert problem["status"] == 414
+    assert len(problem["instance"]) <= MAX_INSTANCE_CHARS + 3
+    assert problem["instance"].startswith("/aaa")
