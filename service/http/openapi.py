@@ -8,6 +8,7 @@ from the ``swagger-ui-py`` package (Swagger UI 5, which reads OpenAPI 3.1; no CD
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -278,7 +279,15 @@ def docs_routes(documented: list[Route], version: str, settings: Settings) -> li
     and the ``/docs`` page that renders it."""
 
     async def openapi_json(request: web.Request) -> web.Response:
-        return web.Response(body=document, content_type="application/json")
+        # Compressed when the client takes gzip: 10x smaller, so a client that reads
+        # it slowly holds 10x less of it in the connection's buffer (an open route).
+        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+            return web.Response(
+                body=compressed,
+                content_type="application/json",
+                headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
+            )
+        return web.Response(body=document, content_type="application/json", headers={"Vary": "Accept-Encoding"})
 
     async def docs(request: web.Request) -> web.Response:
         return web.Response(text=_DOCS_PAGE, content_type="text/html")
@@ -292,7 +301,25 @@ def docs_routes(documented: list[Route], version: str, settings: Settings) -> li
         Route("get", "/docs/init.js", docs_init, "Swagger UI set-up", "operations", documented=False),
     ]
     document = msgspec.json.encode(build_document([*documented, *own], version, settings))
+    compressed = gzip.compress(document, compresslevel=9, mtime=0)
     return own
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` takes gzip (``gzip``, ``x-gzip`` or ``*`` with a
+    weight above 0; RFC 9110, 12.5.3)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        name, _, weight = params.strip().partition("=")
+        if name.strip().lower() != "q":
+            return True
+        try:
+            return float(weight) > 0
+        except ValueError:
+            return False
+    return False
 
 
 def add_docs_assets(app: web.Application) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 from openapi_spec_validator import validate
+
+from mlgate.service.http.openapi import accepts_gzip
 
 
 async def test_openapi_document_validates_as_openapi_3_1(app_client, make_settings) -> None:
@@ -218,3 +222,35 @@ async def test_the_document_says_what_the_odd_answers_are(app_client, make_setti
         assert document["paths"][path]["post"]["requestBody"]["required"] is False
     assert document["paths"]["/api/v2/predict"]["post"]["requestBody"]["required"] is True
 
+
+
+async def test_the_document_is_sent_gzipped_to_a_client_that_takes_gzip(app_client, make_settings) -> None:
+    """160 KB a slow reader held in its connection's buffer, on a route open to all."""
+    client = await app_client(make_settings())
+    plain = await client.get("/openapi.json", headers={"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in plain.headers
+    expected = await plain.read()
+    zipped = await client.get("/openapi.json", headers={"Accept-Encoding": "br;q=0.5, gzip"}, auto_decompress=False)
+    assert zipped.headers["Content-Encoding"] == "gzip"
+    assert "Accept-Encoding" in zipped.headers["Vary"]
+    compressed = await zipped.read()
+    assert len(compressed) * 5 < len(expected)
+    assert gzip.decompress(compressed) == expected
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "takes"),
+    [
+        ("gzip", True),
+        ("x-gzip", True),
+        ("deflate, GZIP;q=0.1", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("gzip;q=0.0, identity", False),
+        ("gzip;q=x", False),
+        ("br, deflate", False),
+        ("", False),
+    ],
+)
+def test_what_takes_gzip_is_read_as_rfc_9110_says(accept_encoding: str, takes: bool) -> None:
+    assert accepts_gzip(accept_encoding) is takes
