@@ -29,7 +29,8 @@ IDEMPOTENCY_KEY_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 255, "p
 
 
 PROBLEM_STATUSES = {
-    400: "Body is not decodable",
+    400: "Malformed request: an undecodable body, or a bad header, Host or framing",
+    414: "Request line (its URI) over 8 KB",
     408: "Body sent too slowly (under MLGATE_BODY_MIN_RATE_BYTES per second)",
     417: "An Expect other than 100-continue",
     401: "Missing or unknown API key",
@@ -42,6 +43,22 @@ PROBLEM_STATUSES = {
     429: "Rate limited",
     503: "Overloaded (queue full, dependency down) or a model that failed to load here; retry after Retry-After",
     504: "Deadline exceeded",
+    431: "Request head over 32 KB",
+    501: "A transfer coding other than chunked (compress with Content-Encoding instead)",
+    505: "An HTTP version other than 1.x",
+}
+# What any request may be answered, whatever its route: refused as HTTP (its head, its
+# framing, its version) before a route reads it.
+ANY_REQUEST_STATUSES = (400, 414, 417, 431, 505)
+# The binary tensor extension's body: a JSON header, then the tensors' raw bytes.
+BINARY_TENSORS = "application/octet-stream"
+BINARY_TENSORS_SCHEMA = {
+    "type": "string",
+    "contentMediaType": BINARY_TENSORS,
+    "description": (
+        "The binary tensor extension: the JSON document (its first "
+        "Inference-Header-Content-Length bytes), then each binary tensor's raw bytes in order"
+    ),
 }
 
 
@@ -68,7 +85,13 @@ HEADERS: dict[str, dict[str, Any]] = {
     "Deprecation": {"description": "When this version was deprecated (RFC 9745).", "schema": {"type": "string"}},
     "Sunset": {"description": "When this version goes away (RFC 8594).", "schema": {"type": "string"}},
     "Link": {"description": "The successor version of this route.", "schema": {"type": "string"}},
+    "Inference-Header-Content-Length": {
+        "description": "The binary tensor extension: the length of the JSON document the body begins with.",
+        "schema": {"type": "integer"},
+    },
 }
+# Answers the door gives before the rate limit and idempotency run.
+_BEFORE_THE_ROUTE = (414, 431, 501, 505)
 REQUEST_ID_PARAMETER = {
     "name": "X-Request-ID",
     "in": "header",
@@ -85,12 +108,14 @@ def _response_headers(op: Route, status: int) -> dict[str, Any]:
     names = ["X-Request-ID"]
     if status in (409, 429, 503, 504):
         names.append("Retry-After")
-    if op.scope is not None and status not in (401, 403):
+    if op.scope is not None and status not in (401, 403, *_BEFORE_THE_ROUTE):
         names += ["RateLimit-Policy", "RateLimit"]
     # Replays: what the idempotency layer stores; it runs after the key and scope
     # checks and reads the body first (its limit, its pace, the Expect before it).
-    if op.method == "post" and status < 500 and status not in (401, 403, 408, 409, 413, 417, 429):
+    if op.method == "post" and status < 500 and status not in (401, 403, 408, 409, 413, 417, 429, *_BEFORE_THE_ROUTE):
         names.append("Idempotent-Replayed")
+    if status == 200 and BINARY_TENSORS in op.request_media:
+        names.append("Inference-Header-Content-Length")
     if status in (401, 403):  # a 403 names the scope it lacks (``insufficient_scope``)
         names.append("WWW-Authenticate")
     if op.deprecated:
@@ -135,7 +160,10 @@ def build_document(routes: list[Route], version: str, settings: Settings | None 
         if parameters:
             entry["parameters"] = parameters
         if op.request is not None:
-            media = {name: {"schema": schema_of[id(op.request)]} for name in op.request_media}
+            media = {
+                name: {"schema": BINARY_TENSORS_SCHEMA if name == BINARY_TENSORS else schema_of[id(op.request)]}
+                for name in op.request_media
+            }
             entry["requestBody"] = {"required": not op.body_optional, "content": media}
         problem_types = OIP_PROBLEM_TYPES if _is_oip(op.path) else PROBLEM_TYPES
         for status, response_type in op.responses.items():
@@ -144,6 +172,10 @@ def build_document(routes: list[Route], version: str, settings: Settings | None 
                 described["content"] = {
                     name: {"schema": schema_of[id(response_type)]} for name in BODY_TYPES
                 }
+                if status == 200 and BINARY_TENSORS in op.request_media:
+                    described["content"][BINARY_TENSORS] = {"schema": BINARY_TENSORS_SCHEMA}
+            elif op.answer_media is not None and status < 400:
+                described["content"] = {op.answer_media: {"schema": {"type": "string"}}}
             elif status >= 400:  # an error the route names without a type: a problem
                 described["content"] = {name: {"schema": schema_of[id(Problem)]} for name in problem_types}
             entry["responses"][str(status)] = described
@@ -170,7 +202,12 @@ def build_document(routes: list[Route], version: str, settings: Settings | None 
         "info": {
             "title": "mlgate",
             "version": version,
-            "description": "Validated ingestion to Kafka and batched ONNX prediction.",
+            "description": (
+                "Validated ingestion to Kafka and batched ONNX prediction. Beyond each "
+                "operation's answers: a method a path does not serve is answered 405 with "
+                "Allow (a problem document), and HEAD is answered wherever GET is, without "
+                "a body."
+            ),
         },
         "paths": paths,
         "components": {
@@ -248,16 +285,18 @@ def _is_oip(path: str) -> bool:
 
 def _error_statuses(op: Route) -> list[int]:
     """Errors any operation of this shape can answer, then the operation's own."""
-    statuses = []
+    statuses = list(ANY_REQUEST_STATUSES)
+    if op.method == "post":
+        statuses.append(501)
     if op.request is not None:
-        statuses += [400, 408, 413, 415, 417, 422]
+        statuses += [408, 413, 415, 422]
     if op.parameters or op.method == "post":  # a bad query or header (Idempotency-Key)
         statuses += [400, 422]
     if "{" in op.path:  # names something that may not exist
         statuses.append(404)
     if op.scope is not None:
         # 503: also the key store (Redis) unreachable, on any method.
-        statuses += [401, 403, 429, 503]
+        statuses += [401, 429, 503] if op.scope == "any" else [401, 403, 429, 503]
         if op.method == "post":
             statuses.append(409)
     statuses += op.errors
@@ -296,8 +335,14 @@ def docs_routes(documented: list[Route], version: str, settings: Settings) -> li
         return web.Response(text=_DOCS_INIT, content_type="application/javascript")
 
     own = [
-        Route("get", "/openapi.json", openapi_json, "This document (OpenAPI 3.1)", "operations", {200: None}),
-        Route("get", "/docs", docs, "Swagger UI rendering this document", "operations", {200: None}),
+        Route(
+            "get", "/openapi.json", openapi_json, "This document (OpenAPI 3.1)", "operations", {200: None},
+            answer_media="application/json",
+        ),
+        Route(
+            "get", "/docs", docs, "Swagger UI rendering this document", "operations", {200: None},
+            answer_media="text/html",
+        ),
         Route("get", "/docs/init.js", docs_init, "Swagger UI set-up", "operations", documented=False),
     ]
     document = msgspec.json.encode(build_document([*documented, *own], version, settings))

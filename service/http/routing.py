@@ -72,6 +72,8 @@ class Route:
     body_media: Callable[[web.Request], object] | None = None
     # The request body may be left out (the repository extension's, all optional).
     body_optional: bool = False
+    # The media type of an answer that is no wire type (the metrics' text, the docs page).
+    answer_media: str | None = None
 
     def __post_init__(self) -> None:
         if self.scope is not None and self.scope not in ACCEPTED_SCOPES:

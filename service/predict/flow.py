@@ -77,8 +77,12 @@ TIMEOUT_PARAMETER = {
     "name": TIMEOUT_HEADER,
     "in": "header",
     "required": False,
-    "schema": {"type": "number", "minimum": MIN_TIMEOUT_MS, "maximum": MAX_TIMEOUT_MS},
-    "description": "Deadline in milliseconds; past it while queued or computing the answer is 504",
+    "schema": {"type": "string", "pattern": "^[0-9]{1,12}(\\.[0-9]{1,12})?$"},
+    "description": (
+        f"Deadline in milliseconds, from {MIN_TIMEOUT_MS:g} to {MAX_TIMEOUT_MS:g}: digits with an "
+        "optional decimal part (no exponent, sign or separators); past it while queued or "
+        "computing the answer is 504"
+    ),
 }
 _FLOAT_INPUTS = ("FP16", "FP32", "FP64")
 # A body holds at most one value per byte, and a decoded value costs ~40 bytes: below

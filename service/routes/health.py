@@ -70,5 +70,8 @@ ROUTES = [
         "operations",
         {200: Readiness, 503: Readiness},
     ),
-    Route("get", "/metrics", scrape, "Prometheus metrics (text exposition format)", "operations", {200: None}),
+    Route(
+        "get", "/metrics", scrape, "Prometheus metrics (text exposition format)", "operations", {200: None},
+        answer_media=CONTENT_TYPE_LATEST,
+    ),
 ]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import pytest
 from openapi_spec_validator import validate
 
 from mlgate.service.http.openapi import accepts_gzip
+from mlgate.service.predict.flow import timeout_ms_in
 
 
 async def test_openapi_document_validates_as_openapi_3_1(app_client, make_settings) -> None:
@@ -254,3 +256,62 @@ async def test_the_document_is_sent_gzipped_to_a_client_that_takes_gzip(app_clie
 )
 def test_what_takes_gzip_is_read_as_rfc_9110_says(accept_encoding: str, takes: bool) -> None:
     assert accepts_gzip(accept_encoding) is takes
+
+
+async def test_every_operation_documents_the_answers_any_request_may_get(app_client, make_settings) -> None:
+    """A review: 417, 431 and 505 came from every route and were documented on none
+    (417 on those with a body only), 400 on no GET route."""
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            statuses = set(operation["responses"])
+            assert {"400", "414", "417", "431", "505"} <= statuses, (method, path)
+            assert ("501" in statuses) is (method == "post"), (method, path)
+    assert "405" in document["info"]["description"] and "HEAD" in document["info"]["description"]
+
+
+async def test_the_binary_tensor_extension_is_documented_as_bytes_both_ways(app_client, make_settings) -> None:
+    """A review: its request was documented as the JSON InferenceRequest, and its
+    octet-stream answer and Inference-Header-Content-Length not at all."""
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    infer = document["paths"]["/v2/models/{model}/infer"]["post"]
+    binary = infer["requestBody"]["content"]["application/octet-stream"]["schema"]
+    assert binary["type"] == "string" and binary["contentMediaType"] == "application/octet-stream"
+    assert "$ref" in infer["requestBody"]["content"]["application/json"]["schema"]
+    answer = infer["responses"]["200"]
+    assert answer["content"]["application/octet-stream"]["schema"] == binary
+    assert "Inference-Header-Content-Length" in answer["headers"]
+
+
+async def test_answers_that_are_no_wire_type_name_their_media_type(app_client, make_settings) -> None:
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    for path, media in (("/metrics", "text/plain"), ("/docs", "text/html"), ("/openapi.json", "application/json")):
+        content = document["paths"][path]["get"]["responses"]["200"]["content"]
+        assert [name.split(";")[0] for name in content] == [media], path
+        served = await client.get(path)
+        assert served.content_type == media
+
+
+async def test_a_route_open_to_any_key_documents_no_403(app_client, make_settings) -> None:
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    responses = document["paths"]["/v2"]["get"]["responses"]
+    assert "401" in responses and "403" not in responses
+
+
+@pytest.mark.parametrize(
+    ("value", "taken"), [("1.5", True), ("600000", True), ("1e3", False), ("1000.", False), ("-5", False)]
+)
+async def test_x_request_timeout_is_documented_as_the_text_the_server_takes(
+    app_client, make_settings, value: str, taken: bool
+) -> None:
+    """A review: documented as any number, while ``1e3`` is refused 400."""
+    client = await app_client(make_settings())
+    document = await (await client.get("/openapi.json")).json()
+    parameters = document["paths"]["/api/v2/predict"]["post"]["parameters"]
+    (timeout,) = [p for p in parameters if p["name"] == "X-Request-Timeout"]
+    assert (re.search(timeout["schema"]["pattern"], value) is not None) is taken
+    assert (timeout_ms_in({"X-Request-Timeout": value}, 1000.0) is not None) is taken
