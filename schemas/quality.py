@@ -20,6 +20,8 @@ import msgspec
 
 PROFILE_VERSION = 1
 MAX_PROFILE_FEATURES = 4096
+# The most inner bin edges a feature may have (1,001 bins).
+MAX_EDGES = 1000
 
 ProfileKind = Literal["source", "model"]
 OnViolation = Literal["reject", "flag"]
@@ -32,7 +34,7 @@ class FeatureProfile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     name: str | None = None
     min: float
     max: float
-    edges: Annotated[list[float], msgspec.Meta(min_length=1, max_length=1000)]
+    edges: Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_EDGES)]
     proportions: Annotated[list[float], msgspec.Meta(min_length=2, max_length=1001)]
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from mlgate.config import Settings
 from mlgate.schemas.ingest import Record
 from mlgate.schemas.quality import (
+    MAX_EDGES,
     DriftReport,
     FeatureDrift,
     ProfileKind,
@@ -45,7 +46,7 @@ from mlgate.service.cli.arguments import whole_number
 from mlgate.workers.quality.profile import (
     DEFAULT_BINS,
     DEFAULT_MARGIN,
-    NonFiniteProfile,
+    UnloadableProfile,
     build_profile,
 )
 from mlgate.workers.quality.profile_store import ProfileStore, profile_file_bytes
@@ -84,7 +85,10 @@ def add_parser(commands: Any) -> None:
     profile.add_argument("--log-source", help="the source to read from the log (default --source)")
     profile.add_argument("--data-dir", help="data directory of the log (default MLGATE_DATA_DIR)")
     profile.add_argument("--on-violation", choices=("reject", "flag"), default="reject")
-    profile.add_argument("--bins", type=int, default=DEFAULT_BINS, help="quantile bins per feature")
+    profile.add_argument(
+        "--bins", type=whole_number(2, MAX_EDGES + 1), default=DEFAULT_BINS,
+        help=f"quantile bins per feature, 2 to {MAX_EDGES + 1} (default {DEFAULT_BINS})",
+    )
     profile.add_argument(
         "--margin", type=_margin, default=DEFAULT_MARGIN,
         help="hard range: reference min/max widened by this share of the span (default 0.1)",
@@ -130,7 +134,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "profile":
             return _profile(args, settings, kind, name)
         return _report(args, settings, kind, name)
-    except NonFiniteProfile as exc:  # nothing written: the service could not load it
+    except UnloadableProfile as exc:  # nothing written: the service could not load it
         print(f"mlgate quality: {exc}; nothing written", file=sys.stderr)
         return 2
     except (OSError, ValueError, msgspec.DecodeError) as exc:
@@ -152,12 +156,12 @@ def _profile(args: argparse.Namespace, settings: Settings, kind: ProfileKind, na
         if not directory.is_dir():
             raise ValueError(f"no local log at {directory}")
         rows: Iterable[list[float]] = _log_features(directory, log_source)
+        matrix, skipped = _matrix(rows, args.max_records)
     elif args.input == "-":
-        rows = _file_features(sys.stdin.buffer)
+        matrix, skipped = _matrix(_file_features(sys.stdin.buffer), args.max_records)
     else:
         with open(args.input, "rb") as file:
-            rows = list(_file_features(file))
-    matrix, skipped = _matrix(rows, args.max_records)
+            matrix, skipped = _matrix(_file_features(file), args.max_records)
     names = args.feature_names.split(",") if args.feature_names else None
     profile = build_profile(
         matrix, kind=kind, name=name, on_violation=args.on_violation, bins=args.bins,
@@ -185,7 +189,28 @@ def _profile(args: argparse.Namespace, settings: Settings, kind: ProfileKind, na
 
 
 def _file_features(file: IO[bytes]) -> Iterator[list[float]]:
-    data = file.read()
+    """The features of the records in ``file``, read as they are used: NDJSON line by
+    line, so ``--max-records`` bounds what is read (a review: a 520 MB file was read
+    and decoded whole for 10 records, 2.1 GB); a JSON document (an array of records or
+    a batch) whole."""
+    number, first = 1, file.readline()
+    while first and not first.strip():
+        number, first = number + 1, file.readline()
+    try:
+        features = _record.decode(first).features
+    except msgspec.DecodeError:  # no record of its own on the first line: a document
+        yield from _document_features(first + file.read())
+        return
+    yield features
+    for line_number, line in enumerate(file, start=number + 1):
+        if line.strip():
+            try:
+                yield _record.decode(line).features
+            except msgspec.DecodeError as exc:
+                raise ValueError(f"line {line_number}: {exc}") from None
+
+
+def _document_features(data: bytes) -> Iterator[list[float]]:
     head = data.lstrip()[:1]
     if head == b"[":
         yield from (record.features for record in _records.decode(data))

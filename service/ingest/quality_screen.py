@@ -15,7 +15,7 @@ features than the profile) is, by the profile's ``on_violation``:
   (not by record_id), so they survive the route dropping duplicates from the batch and
   stay on the copy flagged.
 
-Either way the violations are counted, and the whole matrix, violating rows included,
+Either way the violations are counted (flags once their records are written), and the whole matrix, violating rows included,
 goes to the drift monitor once the batch is written (``observe_written``), but the
 rows of records the dedup dropped: out-of-range values are drift too, a batch sent
 again is not. With
@@ -101,7 +101,7 @@ class QualityScreen:
             if unreadable:
                 raise Overloaded(
                     f"Source {batch.source}: its quality profile cannot be read, so its "
-                    "records are refused (none written) until it loads",
+                    "records are refused until it loads",
                     retry_after_s=self._unreadable_retry_after_s,
                 )
             return batch
@@ -120,8 +120,9 @@ class QualityScreen:
         if not violations:
             return batch
         if profile.profile.on_violation == "flag":
+            # Counted once written (``observe_written``): a resent batch's duplicates
+            # are not flagged in Kafka again.
             flags = {id(batch.accepted[p]): _header_value(names) for p, names in violations.items()}
-            self._count(batch.source, "flagged", len(violations))
             return replace(batch, quality_flags=flags)
         return self._reject(batch, profile, violations)
 
@@ -129,7 +130,17 @@ class QualityScreen:
         """The drift monitor sees ``screened``'s rows once the batch is written (its
         rejected rows too: out-of-range values are drift), but not those of records
         ``written`` left out as duplicates: a batch sent again is not new data (a
-        review: three sends of one batch were observed three times)."""
+        review: three sends of one batch were observed three times). Flagged records
+        are counted here too, those written only (a review: a batch sent three times
+        counted its flags three times, more than were observed)."""
+        if screened.quality_flags:
+            flags = screened.quality_flags
+            if len(written.accepted) == len(screened.accepted):
+                flagged = len(flags)
+            else:
+                flagged = sum(1 for record in written.accepted if id(record) in flags)
+            if flagged:
+                self._count(screened.source, "flagged", flagged)
         drift = screened.drift
         if drift is None or self._monitor is None:
             return

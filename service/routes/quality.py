@@ -3,7 +3,8 @@
 Each answers the drift of one source or model against its profile, as the process
 that serves the request has seen it: the features with the highest PSI first (``top``,
 default 10), their out-of-range share and both distributions, the window the scores
-cover, and the records dropped, rejected and flagged. 404 when there is no profile.
+cover, and the records dropped, rejected and flagged. 404 when there is no profile;
+503 with Retry-After when its file is there but cannot be read (none in force).
 Scope ``quality`` (or ``admin``).
 """
 
@@ -14,9 +15,10 @@ from aiohttp import web
 from mlgate.schemas.problem import FieldError
 from mlgate.schemas.quality import DriftReport, ProfileKind
 from mlgate.service.http.codec import respond
-from mlgate.service.http.errors import NotFound, ValidationFailed
+from mlgate.service.http.errors import NotFound, Overloaded, ValidationFailed
 from mlgate.service.http.routing import Route
-from mlgate.service.state import DRIFT_MONITOR
+from mlgate.service.ingest.quality_screen import unreadable_retry_after_s
+from mlgate.service.state import DRIFT_MONITOR, SETTINGS
 
 DEFAULT_TOP = 10
 MAX_TOP = 4096
@@ -32,7 +34,7 @@ _DESCRIPTION = (
     "Per-feature population stability index and out-of-range share over the last "
     "complete tumbling window of MLGATE_DRIFT_WINDOW_RECORDS records (or the window "
     "being filled, before the first completes), as seen by the process answering. "
-    "404 when no profile exists."
+    "404 when no profile exists; 503 when its file cannot be read."
 )
 
 
@@ -54,8 +56,16 @@ def _top(request: web.Request) -> int:
 
 
 def _answer(request: web.Request, kind: ProfileKind, name: str) -> web.Response:
-    report = request.app[DRIFT_MONITOR].report(kind, name, _top(request))
+    monitor = request.app[DRIFT_MONITOR]
+    report = monitor.report(kind, name, _top(request))
     if report is None:
+        if monitor.profile_unreadable(kind, name):
+            # As its ingests are answered (a review: 404 "no profile" while they were 503).
+            raise Overloaded(
+                f"The {kind} profile {name!r} is there but cannot be read: no drift is "
+                "measured until it loads",
+                retry_after_s=unreadable_retry_after_s(request.app[SETTINGS]),
+            )
         raise NotFound(f"No {kind} profile named {name!r}")
     return respond(request, report)
 

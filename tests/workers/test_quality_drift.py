@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from mlgate.schemas.quality import DriftReport
 from mlgate.workers.quality import drift_monitor
 from mlgate.workers.quality.drift_monitor import DriftMonitor
+from mlgate.workers.quality.profile import build_profile
 from mlgate.workers.quality.profile_store import ProfileStore
 from tests.quality_data import DRIFTED, drifted, reference_sample, write_profile
 
@@ -358,3 +359,26 @@ def test_a_bulk_retire_lets_go_of_the_gauges_lock_between_profiles(
     assert events == [
         step for event in events if event.startswith("retire ") for step in ("acquire", event, "release")
     ]
+
+
+async def test_rows_queued_under_a_profile_replaced_by_another_width_are_dropped_and_counted(
+    store: ProfileStore, tmp_path: Path
+) -> None:
+    """A review: rows of the old width and of the new one in one take were concatenated,
+    which crashed the monitor and lost every stream's rows of that take, uncounted."""
+    monitor = DriftMonitor(store, window_records=WINDOW, psi_threshold=THRESHOLD)
+    await monitor.start()
+    try:
+        assert monitor.observe("sensors", "source", reference_sample(30))
+        narrower = reference_sample(20_000, seed=99)[:, :3]
+        store.save(build_profile(narrower, kind="source", name="sensors", on_violation="reject"))
+        store.refresh()
+        with capture_logs() as logs:
+            assert monitor.observe("sensors", "source", narrower[:40])
+            await monitor.drained()
+        report = monitor.report("source", "sensors")
+        assert report is not None
+        assert (report.records_observed, report.records_dropped) == (40, 30)
+        assert not [entry for entry in logs if entry["event"] == "background_task_crashed"]
+    finally:
+        await monitor.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +371,44 @@ def test_a_profile_naming_two_features_alike_is_refused() -> None:
     same = [msgspec.structs.replace(feature, name="same") for feature in profile.features]
     with pytest.raises(ValueError, match="names must differ"):
         CompiledProfile.compile(msgspec.structs.replace(profile, features=same))
+
+
+def test_a_profile_file_that_is_a_fifo_is_unreadable_without_blocking_the_refresh(tmp_path: Path) -> None:
+    """A review: a FIFO named as a profile blocked the refresh for good (and every
+    reload after it), and a fresh process never started."""
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    os.mkfifo(sources / "piped.profile.json")
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    with capture_logs() as logs:
+        store.refresh()  # returns: nothing waits for a writer
+    assert store.unreadable("source", "piped")
+    (failed,) = [entry for entry in logs if entry["event"] == "profile_load_failed"]
+    assert "not a regular file" in failed["error"]
+
+
+def test_a_profile_file_linked_to_a_device_is_unreadable_and_not_read(tmp_path: Path) -> None:
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    (sources / "zeros.profile.json").symlink_to("/dev/zero")
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    store.refresh()
+    assert store.unreadable("source", "zeros")
+
+
+def test_a_sources_directory_that_is_a_link_to_nothing_keeps_its_profiles_in_force(tmp_path: Path) -> None:
+    """A review: ``sources`` made a symbolic link to a mount that went away was taken
+    for no profiles; a reject profile's out-of-range records were then accepted."""
+    profiles, elsewhere = tmp_path / "profiles", tmp_path / "mount"
+    write_profile(elsewhere, "sensors")
+    profiles.mkdir()
+    (profiles / "sources").symlink_to(elsewhere / "sources")
+    store = ProfileStore(profiles, tmp_path / "models")
+    store.refresh()
+    before = store.source("sensors")
+    assert before is not None
+    shutil.rmtree(elsewhere)
+    with capture_logs() as logs:
+        store.refresh()
+    assert [entry["event"] for entry in logs] == ["profiles_dir_unreadable"]
+    assert store.source("sensors") is before

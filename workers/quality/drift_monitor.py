@@ -230,6 +230,10 @@ class DriftMonitor:
             counters.flagged += records
         self._telemetry.quality_violations(kind, name, action, records)
 
+    def profile_unreadable(self, kind: ProfileKind, name: str) -> bool:
+        """Whether the profile's file is there but cannot be loaded (none in force)."""
+        return self._profiles.unreadable(kind, name)
+
     def _counters(self, kind: ProfileKind, name: str) -> _Counters:
         counters = self._counters_of.get((kind, name))
         if counters is None:
@@ -267,7 +271,9 @@ class DriftMonitor:
             # the take, and their rows must not stay counted against the bound.
             self._queued_rows -= sum(observation.matrix.shape[0] for observation in taken)
             try:
-                for (kind, name), matrices in _by_stream(taken).items():
+                for (kind, name), (matrices, other_width) in _by_stream(taken).items():
+                    if other_width:
+                        self._dropped(kind, name, other_width)
                     matrix = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
                     await self._take(loop, kind, name, matrix)
             finally:
@@ -279,7 +285,9 @@ class DriftMonitor:
     ) -> None:
         profile = self._profiles.get(kind, name)
         if profile is None or matrix.shape[1] != profile.n_features:
-            return  # the profile went away or changed shape while this waited
+            # The profile went away or changed shape while this waited.
+            self._dropped(kind, name, matrix.shape[0])
+            return
         stream = self._stream(kind, name, profile)
         self._counters(kind, name).observed += matrix.shape[0]
         start, rows = 0, matrix.shape[0]
@@ -404,11 +412,22 @@ class DriftMonitor:
         )
 
 
-def _by_stream(taken: list[_Observation]) -> dict[tuple[ProfileKind, str], list[FloatMatrix]]:
+def _by_stream(
+    taken: list[_Observation],
+) -> dict[tuple[ProfileKind, str], tuple[list[FloatMatrix], int]]:
+    """The observations of ``taken`` by stream, those of one stream as wide as its
+    last, and the rows of the others: rows queued under a profile since replaced by
+    one of another width are not of this profile (a review: concatenated with the new
+    rows, they crashed the task and lost the whole take, uncounted)."""
     streams: dict[tuple[ProfileKind, str], list[FloatMatrix]] = {}
     for item in taken:
         streams.setdefault((item.kind, item.name), []).append(item.matrix)
-    return streams
+    kept: dict[tuple[ProfileKind, str], tuple[list[FloatMatrix], int]] = {}
+    for key, matrices in streams.items():
+        width = matrices[-1].shape[1]
+        same = [matrix for matrix in matrices if matrix.shape[1] == width]
+        kept[key] = (same, sum(matrix.shape[0] for matrix in matrices) - sum(m.shape[0] for m in same))
+    return kept
 
 
 def _tally(

@@ -41,7 +41,11 @@ FLOAT_MAX = float(np.finfo(np.float64).max)
 FloatMatrix = npt.NDArray[np.float64]
 
 
-class NonFiniteProfile(ValueError):
+class UnloadableProfile(ValueError):
+    """A profile the service could not load back: nothing is written of it."""
+
+
+class NonFiniteProfile(UnloadableProfile):
     """A profile holding a number that is not finite: it cannot be written as JSON."""
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +40,13 @@ import msgspec
 import structlog
 
 from mlgate.schemas.quality import ProfileKind, QualityProfile, encode_profile, profile_decoder
-from mlgate.workers.quality.profile import CompiledProfile
+from mlgate.workers.quality.profile import CompiledProfile, UnloadableProfile
 
 log = structlog.get_logger("mlgate.profiles")
 
 SOURCE_SUFFIX = ".profile.json"
+# The largest profile file read (4,096 features of 1,000 bins take about 170 MB).
+MAX_PROFILE_BYTES = 256 * 1024 * 1024
 # Source names as the ingest schema allows them, minus a leading dot (no "..", no hidden files).
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}$")
 MODEL_PROFILE = "profile.json"
@@ -164,7 +167,7 @@ class ProfileStore:
         there: dict[ProfileKey, Path] = {}  # loaded, or failed to: known next time
         for (kind, name), path in found.items():
             try:
-                entry = self._load(kind, name, path)
+                entry = self._load(kind, name, path, listed=kind not in self._unlisted)
             except _LoadFailed as failure:
                 there[(kind, name)] = path
                 failures[path] = failure.state
@@ -246,31 +249,56 @@ class ProfileStore:
         self._unlisted = unlisted
         return found
 
-    def _load(self, kind: ProfileKind, name: str, path: Path) -> _Loaded | None:
+    def _load(self, kind: ProfileKind, name: str, path: Path, listed: bool = True) -> _Loaded | None:
         """The profile at ``path``; None if the file went away since the scan (an
-        absent file is no profile); ``_LoadFailed`` if it cannot be loaded."""
+        absent file is no profile), unless its directory could not be ``listed``: then
+        the earlier version stays (a directory linked to a mount gone cannot tell its
+        files removed); ``_LoadFailed`` if it cannot be loaded."""
         previous = self._loaded.get(path)
         signature: tuple[int, int] | None = None
         try:
-            stat = path.stat()
-            signature = (stat.st_size, stat.st_mtime_ns)
+            info = path.stat()
+            signature = (info.st_size, info.st_mtime_ns)
             if previous is not None and previous.signature == signature:
                 return previous
-            profile = profile_decoder.decode(path.read_bytes())
+            profile = profile_decoder.decode(_profile_file(path))
             if profile.kind != kind:
                 raise ValueError(f"a {profile.kind} profile where a {kind} profile belongs")
             return _Loaded(signature, CompiledProfile.compile(profile))
         except FileNotFoundError:
-            return None
+            return None if listed else previous
         except (OSError, ValueError, msgspec.DecodeError) as exc:
             raise _LoadFailed((signature, str(exc)), previous) from exc
 
 
+def _profile_file(path: Path) -> bytes:
+    """The bytes of the profile file at ``path``: a regular file of at most
+    ``MAX_PROFILE_BYTES``. Opened without waiting and looked at before it is read: a
+    FIFO (a review: one the CLI's ``--output`` went to) blocked the refresh for good,
+    and with it every later reload, and a fresh process never started; a link to
+    ``/dev/zero`` would be read without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb", closefd=True) as file:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError("not a regular file (a FIFO, a device or a socket is not read)")
+        data = file.read(MAX_PROFILE_BYTES + 1)
+    if len(data) > MAX_PROFILE_BYTES:
+        raise ValueError(f"more than {MAX_PROFILE_BYTES} bytes, the most a profile file may hold")
+    return data
+
+
 def profile_file_bytes(profile: QualityProfile) -> bytes:
     """The bytes of ``profile``'s file. A profile that could not be loaded back (a
-    number that is not finite: ``NonFiniteProfile``) is refused."""
+    number that is not finite: ``NonFiniteProfile``; past a limit of its wire type:
+    ``UnloadableProfile``) is refused."""
     CompiledProfile.compile(profile)
-    return encode_profile(profile) + b"\n"
+    data = encode_profile(profile) + b"\n"
+    try:  # held to the wire type's limits as a load would (a review: 2,000 bins written)
+        profile_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise UnloadableProfile(f"the profile would not load: {exc}") from None
+    return data
 
 
 def _listing(directory: Path) -> list[os.DirEntry[str]] | None:
@@ -279,7 +307,13 @@ def _listing(directory: Path) -> list[os.DirEntry[str]] | None:
     try:
         with os.scandir(directory) as entries:
             return list(entries)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        if os.path.lexists(directory):
+            # There, and not a directory to list: a symbolic link to nothing (a mount
+            # gone) or a file. A review: such a ``sources`` was taken for no profiles,
+            # and every source's checks went off.
+            raise OSError(exc.errno, f"{exc.strerror}: the path is there (a link to nothing, or a file)",
+                          str(directory)) from exc
         return None
 
 

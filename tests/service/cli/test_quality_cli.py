@@ -19,7 +19,7 @@ from mlgate.schemas.quality import QualityProfile, profile_decoder
 from mlgate.service.cli import main
 from mlgate.service.cli import quality as quality_cli
 from mlgate.service.state import DRIFT_MONITOR
-from mlgate.workers.quality.profile import build_profile
+from mlgate.workers.quality.profile import UnloadableProfile, build_profile
 from mlgate.workers.quality.profile_store import ProfileStore
 from tests.conftest import AppClientFactory
 from tests.quality_data import DRIFTED, drifted, records, reference_sample, write_profile
@@ -266,3 +266,36 @@ def test_profile_output_to_dev_stdout_is_the_profile_alone(
     captured = capfd.readouterr()
     assert profile_decoder.decode(captured.out.encode()).name == "s"
     assert "profile of source s" in captured.err
+
+
+@pytest.mark.parametrize("bins", ["1", "0", "1002", "2000"])
+def test_profile_command_refuses_bins_a_profile_cannot_hold(
+    tmp_path: Path, profiles_dir: Path, capsys: pytest.CaptureFixture[str], bins: str
+) -> None:
+    """A review: ``--bins 2000`` exited 0 with a profile the service refused to load
+    (at most 1,000 edges), and ``--bins 1`` was an error of another exit code."""
+    sample = ndjson_sample(tmp_path, 10)
+    with pytest.raises(SystemExit) as usage_error:
+        main(["quality", "profile", "--source", "sensors", "--input", str(sample), f"--bins={bins}"])
+    assert usage_error.value.code == 2
+    assert "argument --bins: must be at " in capsys.readouterr().err
+    assert not (profiles_dir / "sources" / "sensors.profile.json").exists()
+
+
+def test_a_profile_past_a_limit_of_its_wire_type_is_refused_before_it_is_written(tmp_path: Path) -> None:
+    too_fine = build_profile(reference_sample(5000), kind="source", name="fine", bins=1500)
+    with pytest.raises(UnloadableProfile, match="would not load"):
+        ProfileStore(tmp_path, tmp_path / "models").save(too_fine)
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_profile_command_reads_no_further_into_ndjson_than_max_records(tmp_path: Path, profiles_dir: Path) -> None:
+    """A review: the whole input was read and decoded before ``--max-records`` applied
+    (2.1 GB for 10 records of a 520 MB file): what follows the records used is not read."""
+    sample = ndjson_sample(tmp_path, 4)
+    with open(sample, "ab") as file:
+        file.write(b"not a record at all\n")
+    assert main(["quality", "profile", "--source", "sensors", "--input", str(sample), "--max-records", "4"]) == 0
+    profile = profile_decoder.decode((profiles_dir / "sources" / "sensors.profile.json").read_bytes())
+    assert profile.reference_count == 4
+    assert main(["quality", "profile", "--source", "sensors", "--input", str(sample), "--max-records", "5"]) == 1

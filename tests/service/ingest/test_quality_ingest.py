@@ -127,6 +127,20 @@ async def test_flags_stay_on_the_copy_flagged_when_a_batch_repeats_a_record_id(
     assert {m.key: dict(m.headers).get("quality_flags") for m in messages} == {b"a": b"f0", b"b": None}
 
 
+async def test_flags_of_a_batch_sent_again_are_counted_once(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    """A review: three sends of a batch of 2 flagged records (the resends written not
+    at all, their records duplicates) counted 6 flagged records."""
+    write_profile(profiles_dir, "sensors", on_violation="flag")
+    client = await app_client(quality_settings())
+    for _ in range(3):
+        await ingest(client, out_of_range_batch())
+    assert (await report(client))["records_flagged"] == 2
+    metrics = await (await client.get("/metrics")).text()
+    assert 'mlgate_quality_violations_total{action="flagged",kind="source",name="sensors"} 2.0' in metrics
+
+
 async def test_a_batch_sent_again_is_observed_for_drift_once(
     app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
 ) -> None:
@@ -329,6 +343,19 @@ async def test_a_streamed_source_whose_profile_cannot_be_read_is_refused(
     )
     assert response.status == 503 and "Retry-After" in response.headers
     assert stored_ids(client) == []
+
+
+async def test_the_drift_report_of_a_source_whose_profile_cannot_be_read_is_503_not_404(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    """A review: the report said "no profile named" (404) while every ingest of the
+    source was refused for its unreadable profile (503)."""
+    write_profile(profiles_dir, "sensors").write_text("{")
+    client = await app_client(quality_settings())
+    response = await client.get("/api/v2/quality/sources/sensors")
+    assert response.status == 503 and "Retry-After" in response.headers
+    assert "cannot be read" in (await response.json())["detail"]
+    assert (await client.get("/api/v2/quality/sources/nobody")).status == 404
 
 
 async def test_an_unreadable_model_profile_is_counted_but_not_enforced(
