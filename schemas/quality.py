@@ -23,6 +23,13 @@ MAX_PROFILE_FEATURES = 4096
 # The most inner bin edges a feature may have (1,001 bins).
 MAX_EDGES = 1000
 
+FeatureName = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1, max_length=256, pattern="^(?!dimension$)[^,]+$",
+        description="Any text but a comma, and not 'dimension'",
+    ),
+]
 ProfileKind = Literal["source", "model"]
 OnViolation = Literal["reject", "flag"]
 
@@ -31,7 +38,9 @@ class FeatureProfile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """One feature of a profile: its hard range and reference distribution."""
 
     index: Annotated[int, msgspec.Meta(ge=0)]
-    name: str | None = None
+    # Named in the ``quality_flags`` header, comma-separated, where ``dimension`` says a
+    # record of another width: a name may be neither (a review: ``a,b`` read as two).
+    name: FeatureName | None = None
     min: float
     max: float
     edges: Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_EDGES)]
@@ -41,7 +50,8 @@ class FeatureProfile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 class QualityProfile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What a source's records or a model's inputs are expected to look like."""
 
-    version: int = PROFILE_VERSION
+    # A later version than this server knows is refused, not read as this one.
+    version: Annotated[int, msgspec.Meta(ge=1, le=PROFILE_VERSION)] = PROFILE_VERSION
     kind: ProfileKind
     name: str
     created_at: str

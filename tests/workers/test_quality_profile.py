@@ -412,3 +412,31 @@ def test_a_sources_directory_that_is_a_link_to_nothing_keeps_its_profiles_in_for
         store.refresh()
     assert [entry["event"] for entry in logs] == ["profiles_dir_unreadable"]
     assert store.source("sensors") is before
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"version": 99}, "<= 1"),
+        ({"feature_name": "a,b"}, "matching regex"),
+        ({"feature_name": "dimension"}, "matching regex"),
+    ],
+)
+def test_a_profile_of_a_later_version_or_a_feature_name_the_flags_header_cannot_carry_is_refused(
+    tmp_path: Path, change: dict[str, Any], error: str
+) -> None:
+    """A review: ``"version": 99`` loaded as version 1, and a feature named ``a,b`` or
+    ``dimension`` made the ``quality_flags`` header ambiguous."""
+    path = write_profile(tmp_path, "sensors")
+    document = msgspec.json.decode(path.read_bytes())
+    if "version" in change:
+        document["version"] = change["version"]
+    else:
+        document["features"][0]["name"] = change["feature_name"]
+    path.write_bytes(msgspec.json.encode(document))
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    with capture_logs() as logs:
+        store.refresh()
+    assert store.unreadable("source", "sensors")
+    (failed,) = [entry for entry in logs if entry["event"] == "profile_load_failed"]
+    assert error in failed["error"]
