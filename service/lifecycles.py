@@ -228,6 +228,8 @@ def redis_sampler(app_metrics: Metrics, redis: SharedRedis) -> Callable[[], None
             trial.add(ping)
             ping.add_done_callback(tried)
         app_metrics.record_breaker("redis", breaker)
+        if not redis.available:  # also while it refuses writes and its breaker closes on reads
+            app_metrics.dependency_unavailable.labels("redis").set(1)
 
     def tried(ping: asyncio.Task[bool]) -> None:
         trial.discard(ping)

@@ -34,7 +34,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisClusterException, RedisError
 
 from mlgate.config import Settings
 from mlgate.workers.breaker import Breaker, BreakerOpen
@@ -97,6 +97,10 @@ class SharedRedis:
         # When a call last succeeded (``time.monotonic``): on a quiet host nothing calls
         # Redis, and an outage is seen only when something pings it (``redis_sampler``).
         self.answered_at = -math.inf
+        # The breakers whose Redis (or master) refused a write (out of memory under
+        # ``noeviction``, a read-only replica, a failing snapshot): reads still answer
+        # there, so only a write that succeeds (``ping``'s write probe) says it is back.
+        self._writes_refused: set[str] = set()
 
     @classmethod
     def from_settings(
@@ -162,7 +166,10 @@ class SharedRedis:
         if past_breaker:
             breaker.close()
         self.answered_at = time.monotonic()
-        if breaker.name in self._failing:
+        # A read answered while writes are refused is no recovery (a review: each
+        # answered read said "recovered", so /ready said ready, 300 times a minute, while
+        # every write failed); ``ping`` probes with a write.
+        if breaker.name in self._failing and breaker.name not in self._writes_refused:
             self._recovered(breaker.name, operation)
         return result
 
@@ -211,6 +218,8 @@ class SharedRedis:
         closes (a probe: ``RecordDeduplicator`` holding ids to tell Redis)."""
         failing = {name: b for name, b in self._node_breakers.items() if b.name in self._failing}
         if not failing or not isinstance(self.client, RedisCluster):
+            if self.breaker.name in self._writes_refused:
+                return await self._write_probe(self.breaker, WRITE_PROBE_KEY, self.client.set)
             try:
                 await self._through(
                     self.breaker, "ping", self.client.ping, past_breaker=past_breakers
@@ -224,7 +233,13 @@ class SharedRedis:
         for name, breaker in failing.items():
             node = serving.get(name)
             if node is None:
+                self._writes_refused.discard(breaker.name)
                 self._recovered(breaker.name, "ping")  # failed over: its slots are served elsewhere
+                continue
+            if breaker.name in self._writes_refused:
+                key = _probe_key_on(cluster, name)
+                if key is None or not await self._write_probe(breaker, key, cluster.set):
+                    answered = False
                 continue
             try:
                 await self._through(
@@ -237,12 +252,31 @@ class SharedRedis:
                 answered = False
         return answered
 
+    async def _write_probe(
+        self, breaker: Breaker, key: str, setter: Callable[..., Awaitable[object]]
+    ) -> bool:
+        """Whether Redis takes a write again after refusing them: a short-lived key set
+        past the breaker, which closes it and ends the outage when it succeeds."""
+        try:
+            await setter(key, b"1", px=WRITE_PROBE_TTL_MS)
+        except (RedisError, RedisClusterException, OSError, TimeoutError):
+            return False
+        self._writes_refused.discard(breaker.name)
+        breaker.close()
+        self.answered_at = time.monotonic()
+        if breaker.name in self._failing:
+            self._recovered(breaker.name, "write_probe")
+        return True
+
     async def close(self) -> None:
         await self.client.aclose()
 
     def _fell_back(self, breaker: Breaker, operation: str, exc: BaseException) -> None:
         if self._on_fallback is not None:
             self._on_fallback(operation)
+        refused = _refuses_writes(exc)
+        if refused:
+            self._writes_refused.add(breaker.name)
         if breaker.name not in self._failing:
             self._failing.add(breaker.name)
             log.warning(
@@ -250,8 +284,37 @@ class SharedRedis:
                 operation=operation,
                 breaker=breaker.name,
                 error=f"{type(exc).__name__}: {exc}",
-                fallback="in-process state until Redis answers again",
+                writes_refused=refused,
+                fallback="in-process state until Redis answers again"
+                + (" (and takes a write)" if refused else ""),
             )
+
+
+# What Redis answers a write it refuses while reads go on: out of memory under
+# ``noeviction`` (also from inside a script), a read-only replica, a failing snapshot.
+_WRITE_REFUSALS = ("OOM command not allowed", "READONLY", "MISCONF")
+WRITE_PROBE_KEY = "mlgate:write-probe"
+WRITE_PROBE_TTL_MS = 10_000
+
+
+def _refuses_writes(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or any(
+        refusal in text for refusal in _WRITE_REFUSALS
+    )
+
+
+def _probe_key_on(cluster: RedisCluster, node_name: str) -> str | None:
+    """A write-probe key whose slot the master ``node_name`` serves, if one is found."""
+    for n in range(4096):
+        key = f"{WRITE_PROBE_KEY}:{{{n}}}"
+        try:
+            node = cluster.get_node_from_key(key)
+        except (RedisError, RedisClusterException):
+            return None
+        if node is not None and node.name == node_name:
+            return key
+    return None
 
 
 def _cluster_client(url: str, timeout_s: float) -> RedisCluster:

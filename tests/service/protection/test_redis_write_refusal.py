@@ -1,0 +1,102 @@
+"""Redis that answers reads but refuses writes (out of memory under ``noeviction``) is
+down for mlgate until a write succeeds: /ready and the gauges say so the whole time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from structlog.testing import capture_logs
+
+from mlgate.service.state import METRICS
+from tests.support import KeyMaker, ManagedProcess
+
+INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
+
+
+@pytest.fixture
+def secured(make_settings, api_keys: KeyMaker):
+    def make(**overrides):
+        return make_settings(
+            auth_disabled=False, keys_file=str(api_keys.path), feature_dims=(4,), **overrides
+        )
+
+    return make
+
+
+@pytest.fixture
+async def operator(redis_server: ManagedProcess) -> AsyncIterator[aioredis.Redis]:
+    """A connection of the operator's, to fill Redis's memory and free it."""
+    connection = aioredis.Redis(port=redis_server.port)
+    await connection.config_set("maxmemory-policy", "noeviction")
+    yield connection
+    await connection.config_set("maxmemory", 0)
+    await connection.aclose()
+
+
+async def _ready_bodies(client: Any, polls: int) -> list[dict[str, Any]]:
+    bodies = []
+    for _ in range(polls):
+        bodies.append(await (await client.get("/ready")).json())
+        await client.get("/health")  # a turn for the trial ping /ready started
+    return bodies
+
+
+async def _ready_once(client: Any, holds: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """/ready's body once ``holds`` says so, or after 10 s (the last one): the trial
+    waits out an open breaker's reset (2 s)."""
+    body: dict[str, Any] = {}
+    for _ in range(100):
+        body = await (await client.get("/ready")).json()
+        if holds(body):
+            break
+        await asyncio.sleep(0.1)
+    return body
+
+
+async def test_redis_refusing_writes_stays_degraded_while_its_reads_answer(
+    app_client, secured, api_keys: KeyMaker, redis_server: ManagedProcess, operator: aioredis.Redis
+) -> None:
+    """A review: each read Redis answered (the trial ping, a key lookup) ended the
+    outage, so /ready said ready and the gauges 0 while every Idempotency-Key was
+    refused and the rate limits and dedup ran per process; the log said
+    unavailable/recovered 300 times a minute."""
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    await operator.config_set("maxmemory", 1)
+    with capture_logs() as logs:
+        response = await client.post(
+            "/api/v2/ingest", json=INGEST, headers={"X-API-Key": key, "Idempotency-Key": "full-1"}
+        )
+        assert response.status == 503
+        bodies = await _ready_bodies(client, 20)
+    assert all("Redis" in body.get("degraded", {}).get("redis", "") for body in bodies), bodies
+    unavailable = client.app[METRICS].registry.get_sample_value(
+        "mlgate_dependency_unavailable", {"dependency": "redis"}
+    )
+    assert unavailable == 1.0
+    events = [entry["event"] for entry in logs if entry["event"].startswith("redis_")]
+    assert events == ["redis_unavailable"]
+    assert [entry["writes_refused"] for entry in logs if entry["event"] == "redis_unavailable"] == [True]
+
+
+async def test_redis_taking_writes_again_is_ready_again(
+    app_client, secured, api_keys: KeyMaker, redis_server: ManagedProcess, operator: aioredis.Redis
+) -> None:
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    await operator.config_set("maxmemory", 1)
+    refused = await client.post(
+        "/api/v2/ingest", json=INGEST, headers={"X-API-Key": key, "Idempotency-Key": "full-2"}
+    )
+    assert refused.status == 503
+    await operator.config_set("maxmemory", 0)
+    body = await _ready_once(client, lambda body: "degraded" not in body)
+    assert "degraded" not in body, body
+    answered = await client.post(
+        "/api/v2/ingest", json=INGEST, headers={"X-API-Key": key, "Idempotency-Key": "full-2"}
+    )
+    assert answered.status == 202
