@@ -412,8 +412,13 @@ class IngestPipeline:
                     await self._sink.write(turn.records, lane=turn.lane, tenants=tenants)
             except Exception as exc:
                 error = exc
+            in_parts = isinstance(error, SpillFull) and refused(error) and len(writes) > 1
+            if isinstance(error, SpillFull) and not in_parts:
+                # Neither produced nor spilled, and answered so (the sink leaves a full
+                # spill's refusals to count here: a turn refused whole goes again in parts).
+                self._metrics.records.labels("failed").inc(len(turn.records))
             if error is None or refused(error):
-                if isinstance(error, SpillFull) and len(writes) > 1:
+                if in_parts:
                     # The spill had no room for the whole turn, but may for some of its
                     # writes: each is written as it would have been alone (and holds
                     # its own claim meanwhile).

@@ -290,8 +290,12 @@ class SpillingKafkaSink:
         try:
             try:
                 await self._to_spill(records, runs, kafka_took_none=kafka_took_none)
-            except BaseException:
-                self._telemetry.records_failed(len(records))  # neither produced nor spilled
+            except BaseException as exc:
+                # Neither produced nor spilled. A full spill's refusal is counted by the
+                # caller, which may write a refused turn of many writes again write by
+                # write (a review: its records counted failed, then spilled).
+                if not isinstance(exc, SpillFull):
+                    self._telemetry.records_failed(len(records))
                 raise
         except (MailboxFull, WorkerClosed) as exc:
             if kafka_took_none:

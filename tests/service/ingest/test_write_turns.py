@@ -348,6 +348,30 @@ async def test_a_spill_without_room_for_the_turn_takes_the_writes_that_fit(
         await pipeline.write("t", refused[0], "retry")
 
 
+async def test_only_the_records_of_writes_answered_refused_are_counted_failed(
+    app_client: AppClientFactory, make_settings: Any, private_kafka_broker: KafkaBroker
+) -> None:
+    """A review: a turn the full spill refused whole counted all its records failed,
+    then the writes that fit were spilled (and answered 202) and the others counted
+    again: ``failed``, the metric to alert on, read about twice what was refused."""
+    topic = await create_topic(private_kafka_broker.bootstrap)
+    client = await app_client(_spill_settings(make_settings, private_kafka_broker, topic, 1))
+    app = client.app
+    private_kafka_broker.stop()
+    pipeline = IngestPipeline(app[RECORD_VALIDATOR], app[RECORD_DEDUP], app[RECORD_SINK], app[METRICS])
+    assert await pipeline.write("t", _batch(pipeline, "first"), "track") == Written(1, 0)
+
+    answers = await _write_all(pipeline, [_batch(pipeline, f"r{n}") for n in range(5)])
+
+    registry = app[METRICS].registry
+    counted = {
+        outcome: registry.get_sample_value("mlgate_records_total", {"outcome": outcome}) or 0
+        for outcome in ("spilled", "failed")
+    }
+    assert sum(isinstance(answer, SpillFull) for answer in answers) == 3
+    assert counted == {"spilled": 3, "failed": 3}
+
+
 async def test_a_spill_without_room_after_kafka_was_tried_keeps_the_ids_claimed(
     app_client: AppClientFactory, make_settings: Any, private_kafka_broker: KafkaBroker
 ) -> None:
