@@ -90,6 +90,14 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
         await redis.check_mode()
         if not await redis.ping():
             log.warning("redis_unreachable_at_start", fallback="in-process state")
+        elif await redis.persistent() is False:
+            # A review: Redis restarted empty, and retries with an Idempotency-Key ran
+            # again and records were written twice, with nothing said anywhere.
+            log.warning(
+                "redis_not_persistent",
+                lost_at_restart="idempotency answers, the dedup window's record ids, keys stored in Redis",
+                fix="snapshots (save) or appendonly yes",
+            )
         sample_redis = app_metrics.samplers["redis_breaker"] = redis_sampler(app_metrics, redis)
 
         def redis_problem() -> str | None:

@@ -268,6 +268,21 @@ class SharedRedis:
             self._recovered(breaker.name, "write_probe")
         return True
 
+    async def persistent(self) -> bool | None:
+        """Whether Redis keeps its data over a restart (snapshots or an append-only
+        file), as its configuration says; None when it does not say (``CONFIG``
+        refused or renamed, as managed Redis does; a cluster, whose nodes may differ)."""
+        if isinstance(self.client, RedisCluster):
+            return None
+        try:
+            save = await self.client.config_get("save")
+            appendonly = await self.client.config_get("appendonly")
+        except (RedisError, OSError, TimeoutError):
+            return None
+        if "save" not in save or "appendonly" not in appendonly:
+            return None
+        return bool(str(save["save"]).strip()) or str(appendonly["appendonly"]).lower() == "yes"
+
     async def close(self) -> None:
         await self.client.aclose()
 

@@ -1,5 +1,6 @@
 """Redis that answers reads but refuses writes (out of memory under ``noeviction``) is
-down for mlgate until a write succeeds: /ready and the gauges say so the whole time."""
+down for mlgate until a write succeeds: /ready and the gauges say so the whole time.
+A Redis that would forget everything at a restart is named at start."""
 
 from __future__ import annotations
 
@@ -100,3 +101,24 @@ async def test_redis_taking_writes_again_is_ready_again(
         "/api/v2/ingest", json=INGEST, headers={"X-API-Key": key, "Idempotency-Key": "full-2"}
     )
     assert answered.status == 202
+
+
+async def test_a_redis_that_forgets_everything_at_restart_is_named_at_start(
+    app_client, secured, redis_server: ManagedProcess
+) -> None:
+    """A review: Redis restarted empty, and retries with an Idempotency-Key ran again
+    and records were written twice, with nothing said anywhere."""
+    with capture_logs() as logs:
+        await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    assert [entry["event"] for entry in logs if entry["event"] == "redis_not_persistent"] == [
+        "redis_not_persistent"
+    ]
+
+
+async def test_a_persistent_redis_is_not_warned_of(
+    app_client, secured, redis_server: ManagedProcess, operator: aioredis.Redis
+) -> None:
+    await operator.config_set("save", "3600 1")
+    with capture_logs() as logs:
+        await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    assert not [entry for entry in logs if entry["event"] == "redis_not_persistent"]
