@@ -126,13 +126,14 @@ async def serve(
         if not await _started_unless_stopped(runner, stop, settings.shutdown_timeout_s):
             return 0
     app[METRICS].samplers["connections"] = connection_sampler(runner, app[METRICS])
-    site = web.TCPSite(
+    site = HandshakeBoundSite(
         runner,
         settings.host,
         settings.port,
         reuse_port=settings.workers > 1,
         backlog=1024,
         ssl_context=ssl_context,
+        ssl_handshake_timeout=min(settings.head_timeout_s, TLS_HANDSHAKE_TIMEOUT_S),
     )
     try:
         with _start_up_step(lambda _: f"MLGATE_HOST={settings.host}, MLGATE_PORT={settings.port}"):
@@ -344,6 +345,39 @@ class CappedServer(web.Server):
         if isinstance(handler, DoorRequestHandler) and handler.evicted:
             self._evicted_gone += 1
         super().connection_lost(handler, exc)
+
+
+# The longest a TLS handshake may take (or MLGATE_HEAD_TIMEOUT_S, if shorter): a
+# client's takes a round trip or two. The event loop's default is 60 s.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class HandshakeBoundSite(web.TCPSite):
+    """aiohttp's ``TCPSite`` with a bound on TLS handshakes. A connection counts
+    against ``MLGATE_MAX_CONNECTIONS``, and its head timeout runs, only once its
+    handshake is done: a review held 495 silent connections 60 s each (the loop's
+    default), past the cap, until the open-files limit refused every other client."""
+
+    def __init__(self, *args: Any, ssl_handshake_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ssl_handshake_timeout = ssl_handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._ssl_handshake_timeout if self._ssl_context else None,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 class CappedAppRunner(web.AppRunner):

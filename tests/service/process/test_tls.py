@@ -42,20 +42,52 @@ class Certificate:
             os.replace(staged, target)
 
 
-def make_certificate(directory: Path, name: str, days: int) -> Certificate:
+KEY_TYPES = {"ec": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"], "rsa": ["-newkey", "rsa:2048"]}
+SUBJECT_NAMES = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+
+
+def make_certificate(directory: Path, name: str, days: int, key_type: str = "ec") -> Certificate:
     """A self-signed certificate for localhost/127.0.0.1, valid ``days`` from now."""
     assert OPENSSL is not None
     directory.mkdir(parents=True, exist_ok=True)
     made = Certificate(directory / f"{name}.crt", directory / f"{name}.key")
     subprocess.run(
         [
-            OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            OPENSSL, "req", "-x509", *KEY_TYPES[key_type],
             "-noenc", "-keyout", str(made.key), "-out", str(made.cert), "-days", str(days),
-            "-subj", f"/CN=mlgate-{name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-subj", f"/CN=mlgate-{name}", "-addext", SUBJECT_NAMES,
         ],
         check=True,
         capture_output=True,
         timeout=30,
+    )
+    return made
+
+
+def make_dated_certificate(directory: Path, name: str, start: str, end: str) -> Certificate:
+    """A self-signed certificate valid from ``start`` to ``end`` (``YYYYMMDDHHMMSSZ``):
+    ``openssl ca`` sets both dates, ``req -x509`` only a number of days from now."""
+    assert OPENSSL is not None
+    ca = directory / f"{name}-ca"
+    ca.mkdir(parents=True)
+    (ca / "index.txt").touch()
+    (ca / "serial").write_text("1000\n")
+    (ca / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = own\n[own]\ndatabase = index.txt\nserial = serial\n"
+        "new_certs_dir = .\ndefault_md = sha256\npolicy = any\ncopy_extensions = copy\n"
+        "[any]\ncommonName = supplied\n"
+    )
+    made = Certificate(directory / f"{name}.crt", directory / f"{name}.key")
+    run = {"check": True, "capture_output": True, "timeout": 30, "cwd": ca}
+    subprocess.run(
+        [OPENSSL, "req", "-new", *KEY_TYPES["ec"], "-noenc", "-keyout", str(made.key), "-out", "r.csr",
+         "-subj", f"/CN=mlgate-{name}", "-addext", SUBJECT_NAMES],
+        **run,  # type: ignore[call-overload]
+    )
+    subprocess.run(
+        [OPENSSL, "ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", str(made.key), "-in", "r.csr",
+         "-out", str(made.cert), "-startdate", start, "-enddate", end],
+        **run,  # type: ignore[call-overload]
     )
     return made
 
@@ -195,3 +227,63 @@ def test_a_key_that_does_not_match_its_certificate_stops_start_up_naming_the_tls
     output = service.tail()
     assert f"mlgate: start-up error: MLGATE_TLS_CERT_FILE={one.cert}" in output
     assert "MLGATE_PORT" not in output and "Traceback" not in output
+
+
+def test_a_renewal_to_another_key_type_serves_the_renewed_certificate_alone(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review: the renewal was loaded into the served context beside the old pair,
+    and OpenSSL keeps a certificate per key type: clients preferring the old type (TLS
+    1.3's defaults, for an EC certificate) were still handed it, expired or not."""
+    with notify_socket() as (path, sock):
+        service, live = start_tls_service(service_process, tmp_path, days=30, NOTIFY_SOCKET=path)
+        receive_until(sock, "READY=1")
+        renewed = make_certificate(tmp_path, "renewed", days=90, key_type="rsa")
+        renewed.install(live)
+        sighup_and_wait(service, sock)
+    assert served_certificate(service.port) == renewed.der
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "reason"),
+    [("20200101000000Z", "20200201000000Z", "expired"), ("20900101000000Z", "20910101000000Z", "not valid before")],
+)
+def test_a_renewal_that_is_not_valid_now_is_refused_and_the_served_one_kept(
+    service_process: ServiceFactory, tmp_path: Path, start: str, end: str, reason: str
+) -> None:
+    """A review: a SIGHUP swapped a good certificate for an expired one (an info line),
+    or one valid from 2035, which every verifying client refused."""
+    with notify_socket() as (path, sock):
+        service, live = start_tls_service(service_process, tmp_path, days=30, NOTIFY_SOCKET=path)
+        receive_until(sock, "READY=1")
+        old = live.der
+        make_dated_certificate(tmp_path, "dated", start, end).install(live)
+        notified = sighup_and_wait(service, sock)
+    assert served_certificate(service.port) == old
+    assert "STATUS=reload failed: tls" in notified[-1].split("\n")
+    (failed,) = [e for e in service.events() if e.get("event") == "tls_reload_failed"]
+    assert reason in failed["error"]
+
+
+def test_a_certificate_not_yet_valid_at_start_is_warned_of_and_its_gauge_is_negative(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review: a certificate valid from 2035 started without a word, and its expiry
+    gauge (years ahead) never crossed the documented alert."""
+    dated = make_dated_certificate(tmp_path, "future", "20900101000000Z", "20910101000000Z")
+    service = service_process(
+        scheme="https", MLGATE_TLS_CERT_FILE=str(dated.cert), MLGATE_TLS_KEY_FILE=str(dated.key)
+    )
+    assert expiry_gauge(service) < 0
+    (warned,) = [e for e in service.events() if e.get("event") == "tls_certificate_not_valid_now"]
+    assert "not valid before 2090" in warned["reason"]
+
+
+def test_a_connection_that_never_finishes_its_handshake_is_closed_at_the_head_timeout(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review: handshakes were held the loop's 60 s, uncounted against the connection
+    cap, until the open-files limit refused every other client."""
+    service, _ = start_tls_service(service_process, tmp_path, days=30, MLGATE_HEAD_TIMEOUT_S="1")
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as silent:
+        assert silent.recv(1) == b""  # closed by the server, well before the 60 s

@@ -119,6 +119,9 @@ async def test_a_persistent_redis_is_not_warned_of(
     app_client, secured, redis_server: ManagedProcess, operator: aioredis.Redis
 ) -> None:
     await operator.config_set("save", "3600 1")
-    with capture_logs() as logs:
-        await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    try:
+        with capture_logs() as logs:
+            await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    finally:
+        await operator.config_set("save", "")  # no dump.rdb left where the tests run
     assert not [entry for entry in logs if entry["event"] == "redis_not_persistent"]
