@@ -26,8 +26,11 @@ MAX_EDGES = 1000
 FeatureName = Annotated[
     str,
     msgspec.Meta(
-        min_length=1, max_length=256, pattern="^(?!dimension$)[^,]+$",
-        description="Any text but a comma, and not 'dimension'",
+        min_length=1, max_length=256, pattern="^(?!dimension$)[^,+\\s](?:[^,]*[^,\\s])?$",
+        description=(
+            "Any text but a comma, not 'dimension', neither beginning with '+' (the "
+            "header's count of names left out) nor with or ending in a blank"
+        ),
     ),
 ]
 ProfileKind = Literal["source", "model"]

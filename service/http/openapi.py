@@ -47,9 +47,9 @@ PROBLEM_STATUSES = {
     501: "A transfer coding other than chunked (compress with Content-Encoding instead)",
     505: "An HTTP version other than 1.x",
 }
-# What any request may be answered, whatever its route: refused as HTTP (its head, its
-# framing, its version) before a route reads it.
-ANY_REQUEST_STATUSES = (400, 414, 417, 431, 505)
+# What any request may be answered, whatever its route and method: refused as HTTP
+# (its head, its framing, its version) before a route reads it.
+ANY_REQUEST_STATUSES = (400, 414, 417, 431, 501, 505)
 # The binary tensor extension's body: a JSON header, then the tensors' raw bytes.
 BINARY_TENSORS = "application/octet-stream"
 BINARY_TENSORS_SCHEMA = {
@@ -286,8 +286,6 @@ def _is_oip(path: str) -> bool:
 def _error_statuses(op: Route) -> list[int]:
     """Errors any operation of this shape can answer, then the operation's own."""
     statuses = list(ANY_REQUEST_STATUSES)
-    if op.method == "post":
-        statuses.append(501)
     if op.request is not None:
         statuses += [408, 413, 415, 422]
     if op.parameters or op.method == "post":  # a bad query or header (Idempotency-Key)
@@ -351,19 +349,29 @@ def docs_routes(documented: list[Route], version: str, settings: Settings) -> li
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether an ``Accept-Encoding`` takes gzip (``gzip``, ``x-gzip`` or ``*`` with a
-    weight above 0; RFC 9110, 12.5.3)."""
+    """Whether an ``Accept-Encoding`` takes gzip (RFC 9110, 12.5.3): its weight, as
+    ``gzip`` or ``x-gzip`` (the higher, if both), else as ``*``, is above 0."""
+    named: float | None = None
+    anything: float | None = None
     for item in accept_encoding.split(","):
-        coding, _, params = item.partition(";")
-        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+        coding, *params = item.split(";")
+        coding = coding.strip().lower()
+        if coding not in ("gzip", "x-gzip", "*"):
             continue
-        name, _, weight = params.strip().partition("=")
-        if name.strip().lower() != "q":
-            return True
-        try:
-            return float(weight) > 0
-        except ValueError:
-            return False
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value.strip())
+                except ValueError:
+                    weight = 0.0
+        if coding == "*":
+            anything = weight if anything is None else max(anything, weight)
+        else:
+            named = weight if named is None else max(named, weight)
+    chosen = named if named is not None else anything
+    return chosen is not None and chosen > 0
     return False
 
 

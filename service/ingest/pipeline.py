@@ -416,7 +416,7 @@ class IngestPipeline:
             if isinstance(error, SpillFull) and not in_parts:
                 # Neither produced nor spilled, and answered so (the sink leaves a full
                 # spill's refusals to count here: a turn refused whole goes again in parts).
-                self._metrics.records.labels("failed").inc(len(turn.records))
+                self._metrics.records.labels("failed").inc(error.records)
             if error is None or refused(error):
                 if in_parts:
                     # The spill had no room for the whole turn, but may for some of its

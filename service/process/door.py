@@ -662,7 +662,9 @@ _HOST = re.compile(
 # The first bytes of a packet the parser refused that ``refused_head`` reads: a head
 # is at most 8190 bytes to aiohttp.
 _REFUSED_HEAD_BYTES = 16384
-_REQUEST_LINE_START = re.compile(rb"[A-Z]{1,20} /")
+# A request line's start, after the empty lines a server ignores (RFC 9112, 2.2): its
+# method and the first byte of its target, in any of its forms.
+_REQUEST_LINE_START = re.compile(rb"(?:\r?\n){0,8}[A-Z]{1,20} [^ \r\n]")
 # A path longer than this is cut in a problem's ``instance`` (with "...").
 MAX_INSTANCE_CHARS = 1024
 _REQUEST_LINE = re.compile(rb"[A-Z]{1,20} (/[!-~]{0,16384}) (HTTP/[0-9]\.[0-9])")
@@ -734,10 +736,11 @@ def _asks_close(headers: Mapping[str, str]) -> bool:
 def _request_line_too_long(exc: BaseException | None, data: bytes, limit: int) -> bool:
     """Whether the parser refused a request line for its length (its URI): then 414,
     not 400. Known when the read it failed in begins with that line."""
+    start = _REQUEST_LINE_START.match(data)
     return (
         isinstance(exc, http_exceptions.LineTooLong)
-        and _REQUEST_LINE_START.match(data) is not None
-        and b"\r\n" not in data[:limit]
+        and start is not None
+        and b"\n" not in data[start.end() : start.end() + limit]
     )
 
 

@@ -306,8 +306,9 @@ class SharedRedis:
 
 
 # What Redis answers a write it refuses while reads go on: out of memory under
-# ``noeviction`` (also from inside a script), a read-only replica, a failing snapshot.
-_WRITE_REFUSALS = ("OOM command not allowed", "READONLY", "MISCONF")
+# ``noeviction`` (also from inside a script), a read-only replica, a failing snapshot,
+# too few replicas (``min-replicas-to-write``).
+_WRITE_REFUSALS = ("OOM command not allowed", "READONLY", "MISCONF", "NOREPLICAS")
 WRITE_PROBE_KEY = "mlgate:write-probe"
 WRITE_PROBE_TTL_MS = 10_000
 

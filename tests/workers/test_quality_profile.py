@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from mlgate.schemas.quality import profile_decoder
 from mlgate.workers.quality.profile import CompiledProfile, NonFiniteProfile, build_profile, psi
-from mlgate.workers.quality.profile_store import ProfileChanges, ProfileStore
+from mlgate.workers.quality.profile_store import MAX_PROFILE_BYTES, ProfileChanges, ProfileStore
 from tests.quality_data import FEATURES, reference_sample, write_profile
 
 
@@ -420,6 +420,8 @@ def test_a_sources_directory_that_is_a_link_to_nothing_keeps_its_profiles_in_for
         ({"version": 99}, "<= 1"),
         ({"feature_name": "a,b"}, "matching regex"),
         ({"feature_name": "dimension"}, "matching regex"),
+        ({"feature_name": "+2"}, "matching regex"),
+        ({"feature_name": " a"}, "matching regex"),
     ],
 )
 def test_a_profile_of_a_later_version_or_a_feature_name_the_flags_header_cannot_carry_is_refused(
@@ -440,3 +442,41 @@ def test_a_profile_of_a_later_version_or_a_feature_name_the_flags_header_cannot_
     assert store.unreadable("source", "sensors")
     (failed,) = [entry for entry in logs if entry["event"] == "profile_load_failed"]
     assert error in failed["error"]
+
+
+def test_a_profiles_directory_that_is_a_link_to_nothing_keeps_its_profiles_in_force(tmp_path: Path) -> None:
+    """A review of the fix above: a dangling link one level up, the profiles directory
+    itself (the usual mount), still switched every source's checks off."""
+    mounted, link = tmp_path / "mount", tmp_path / "profiles"
+    write_profile(mounted, "sensors")
+    link.symlink_to(mounted)
+    store = ProfileStore(link, tmp_path / "models")
+    store.refresh()
+    before = store.source("sensors")
+    assert before is not None
+    shutil.rmtree(mounted)
+    with capture_logs() as logs:
+        store.refresh()
+    assert [entry["event"] for entry in logs] == ["profiles_dir_unreadable"]
+    assert store.source("sensors") is before
+
+
+def test_an_absent_profiles_directory_holds_no_profiles(tmp_path: Path) -> None:
+    store = ProfileStore(tmp_path / "none", tmp_path / "models")
+    with capture_logs() as logs:
+        store.refresh()
+    assert not logs and not store.unreadable("source", "sensors")
+
+
+def test_a_profile_file_past_the_size_limit_is_unreadable_and_not_read(tmp_path: Path) -> None:
+    """A review: a 1 GB file was read up to the limit, 256 MB, at every poll."""
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    with open(sources / "big.profile.json", "wb") as file:
+        file.truncate(MAX_PROFILE_BYTES + 1)  # sparse: no disk taken
+    store = ProfileStore(tmp_path, tmp_path / "models")
+    with capture_logs() as logs:
+        store.refresh()
+    assert store.unreadable("source", "big")
+    (failed,) = [entry for entry in logs if entry["event"] == "profile_load_failed"]
+    assert f"more than {MAX_PROFILE_BYTES}" in failed["error"]

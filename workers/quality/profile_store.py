@@ -279,9 +279,11 @@ def _profile_file(path: Path) -> bytes:
     ``/dev/zero`` would be read without end."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with open(fd, "rb", closefd=True) as file:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise ValueError("not a regular file (a FIFO, a device or a socket is not read)")
+        if info.st_size > MAX_PROFILE_BYTES:  # not read at all (a review: 256 MB a poll)
+            raise ValueError(f"{info.st_size} bytes, more than {MAX_PROFILE_BYTES}, the most a profile file may hold")
         data = file.read(MAX_PROFILE_BYTES + 1)
     if len(data) > MAX_PROFILE_BYTES:
         raise ValueError(f"more than {MAX_PROFILE_BYTES} bytes, the most a profile file may hold")
@@ -308,13 +310,24 @@ def _listing(directory: Path) -> list[os.DirEntry[str]] | None:
         with os.scandir(directory) as entries:
             return list(entries)
     except (FileNotFoundError, NotADirectoryError) as exc:
-        if os.path.lexists(directory):
+        if _leads_nowhere(directory):
             # There, and not a directory to list: a symbolic link to nothing (a mount
-            # gone) or a file. A review: such a ``sources`` was taken for no profiles,
+            # gone) or a file, itself or a folder above it. A review: such a
+            # ``sources`` (then such a profiles directory) was taken for no profiles,
             # and every source's checks went off.
             raise OSError(exc.errno, f"{exc.strerror}: the path is there (a link to nothing, or a file)",
                           str(directory)) from exc
         return None
+
+
+def _leads_nowhere(path: Path) -> bool:
+    """Whether ``path``, not there as a directory, is there in some other form, or a
+    folder above it is a link to nothing or a file: the first of them that is there
+    at all decides."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate == path or not os.path.isdir(candidate)
+    return False
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:

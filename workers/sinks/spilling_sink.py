@@ -58,11 +58,13 @@ class SpillFull(WorkerError):
     """The spill holds ``spill_max_records`` records not yet forwarded, or the
     writing tenant its share of them (``SpillShares``).
     ``nothing_written``: refused before any of the records went anywhere (Kafka was
-    not tried), so none of them can land."""
+    not tried), so none of them can land. ``records``: how many the spill refused
+    (those of the write Kafka did not acknowledge)."""
 
-    def __init__(self, message: str, *, nothing_written: bool = False) -> None:
+    def __init__(self, message: str, *, nothing_written: bool = False, records: int = 0) -> None:
         super().__init__(message)
         self.nothing_written = nothing_written
+        self.records = records
 
 
 @dataclass(slots=True)
@@ -322,6 +324,7 @@ class SpillingKafkaSink:
             raise SpillFull(
                 f"spill is full ({backlog} records waiting for Kafka)",
                 nothing_written=kafka_took_none,
+                records=len(records),
             )
         # Shared out only before Kafka was tried: records it may hold in part go to the
         # spill whatever their tenant holds, rather than be refused half written.
@@ -330,6 +333,7 @@ class SpillingKafkaSink:
                 f"this tenant holds its share of the spill ({backlog} records of all "
                 "tenants wait for Kafka; MLGATE_SPILL_TENANT_SHARE)",
                 nothing_written=True,
+                records=len(records),
             )
         try:
             written = self._spill.submit(records)

@@ -372,6 +372,18 @@ async def test_only_the_records_of_writes_answered_refused_are_counted_failed(
     assert counted == {"spilled": 3, "failed": 3}
 
 
+async def test_records_kafka_took_before_the_spill_refused_the_rest_are_not_counted_failed(
+    app_client: AppClientFactory, make_settings: Any
+) -> None:
+    """A review of the fix above: the pipeline counted the whole turn failed where Kafka
+    had acknowledged part of it and the spill refused only the rest."""
+    app, pipeline, sink = await _pipeline(app_client, make_settings(feature_dims=(4,)))
+    sink.refuse = SpillFull("spill is full", nothing_written=False, records=2)
+    with pytest.raises(SpillFull):
+        await pipeline.write("t", _batch(pipeline, *(f"r{n}" for n in range(5))), "track")
+    assert app[METRICS].registry.get_sample_value("mlgate_records_total", {"outcome": "failed"}) == 2
+
+
 async def test_a_spill_without_room_after_kafka_was_tried_keeps_the_ids_claimed(
     app_client: AppClientFactory, make_settings: Any, private_kafka_broker: KafkaBroker
 ) -> None:

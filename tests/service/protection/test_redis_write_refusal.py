@@ -35,6 +35,7 @@ async def operator(redis_server: ManagedProcess) -> AsyncIterator[aioredis.Redis
     await connection.config_set("maxmemory-policy", "noeviction")
     yield connection
     await connection.config_set("maxmemory", 0)
+    await connection.config_set("min-replicas-to-write", 0)
     await connection.aclose()
 
 
@@ -58,8 +59,10 @@ async def _ready_once(client: Any, holds: Callable[[dict[str, Any]], bool]) -> d
     return body
 
 
+@pytest.mark.parametrize("refusal", [("maxmemory", 1), ("min-replicas-to-write", 1)])
 async def test_redis_refusing_writes_stays_degraded_while_its_reads_answer(
-    app_client, secured, api_keys: KeyMaker, redis_server: ManagedProcess, operator: aioredis.Redis
+    app_client, secured, api_keys: KeyMaker, redis_server: ManagedProcess, operator: aioredis.Redis,
+    refusal: tuple[str, int],
 ) -> None:
     """A review: each read Redis answered (the trial ping, a key lookup) ended the
     outage, so /ready said ready and the gauges 0 while every Idempotency-Key was
@@ -67,7 +70,7 @@ async def test_redis_refusing_writes_stays_degraded_while_its_reads_answer(
     unavailable/recovered 300 times a minute."""
     key = api_keys.create(scopes="ingest")
     client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
-    await operator.config_set("maxmemory", 1)
+    await operator.config_set(*refusal)  # out of memory; too few replicas (NOREPLICAS)
     with capture_logs() as logs:
         response = await client.post(
             "/api/v2/ingest", json=INGEST, headers={"X-API-Key": key, "Idempotency-Key": "full-1"}
