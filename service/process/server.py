@@ -55,7 +55,14 @@ from mlgate.service.process.door import Door, DoorRequestHandler
 from mlgate.service.protection.api_keys import KeysFileError
 from mlgate.service.protection.shared_redis import RedisMisconfigured
 from mlgate.service.routes import predict
-from mlgate.service.state import DRAINING, METRICS, MODEL_REPOSITORY, RECORD_SINK, RELOAD_HOOKS
+from mlgate.service.state import (
+    DEGRADED_CHECKS,
+    DRAINING,
+    METRICS,
+    MODEL_REPOSITORY,
+    RECORD_SINK,
+    RELOAD_HOOKS,
+)
 from mlgate.workers.inference.repository import LOADER_THREAD
 from mlgate.workers.sinks.local_log import LogInUse
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
@@ -75,11 +82,13 @@ async def serve(
     on_ready: Callable[[], object] | None = None,
     on_turn: Callable[[], object] | None = None,
     on_reloaded: Callable[[list[str]], object] | None = None,
+    host_problem: Callable[[], str | None] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; the exit code (0 drained in budget, 1 budget exceeded).
     ``on_turn``: called from the event loop every ``HEARTBEAT_S`` once serving (the
     supervisor's sign that the loop turns). ``on_ready``, ``on_reloaded`` (with the
-    reload hooks that failed): for a supervisor, which tells systemd, else systemd."""
+    reload hooks that failed): for a supervisor, which tells systemd, else systemd.
+    ``host_problem``: the supervisor's, for /ready (a sibling process that cannot start)."""
     # Handlers first: a SIGTERM during start-up stops it (a model load that never ends
     # must not keep the process from stopping).
     stop = asyncio.Event()
@@ -97,6 +106,8 @@ async def serve(
 
     with _start_up_step(lambda exc: setting_behind(exc, settings)):
         app = create_app(settings)
+    if host_problem is not None:
+        app[DEGRADED_CHECKS]["processes"] = host_problem
     with _start_up_step(
         lambda _: f"MLGATE_TLS_CERT_FILE={settings.tls_cert_file}, "
         f"MLGATE_TLS_KEY_FILE={settings.tls_key_file}"
@@ -527,6 +538,7 @@ def run(
     on_ready: Callable[[], object] | None = None,
     on_turn: Callable[[], object] | None = None,
     on_reloaded: Callable[[list[str]], object] | None = None,
+    host_problem: Callable[[], str | None] | None = None,
 ) -> int:
     """Serve on a uvloop loop; the exit code ``serve`` decided, or 2 when start-up
     failed on what the operator gave it (a file, a directory, the address): said in one
@@ -534,7 +546,7 @@ def run(
     tune_garbage_collector()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            code = runner.run(serve(settings, on_ready, on_turn, on_reloaded))
+            code = runner.run(serve(settings, on_ready, on_turn, on_reloaded, host_problem))
         _exit_past_unfinished_loads(code)
         return code
     except StartUpFailed as failed:

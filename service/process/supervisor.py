@@ -7,7 +7,10 @@ dies without one), restarts a
 child that dies (after 0.5 s, doubling with each death in a minute up to 30 s), gives
 up when one cannot start or dies ``MAX_DEATHS`` times in a minute (a crash loop: it
 stops the others and exits 1, for systemd or the platform to see and restart the
-whole), and prepares prometheus-client's
+whole) — but a restarted child that meets a start-up error of a file or setting (exit
+2) while others serve is tried again every 30 s, said in the log, the status line,
+``mlgate_worker_restarts_total{reason="cannot_start"}`` and the others' /ready, and a
+later stop exits 1 — and prepares prometheus-client's
 multiprocess directory so a scrape of any child sums all of them. systemd hears
 READY=1 from the supervisor once every child serves.
 """
@@ -44,7 +47,12 @@ Heartbeat = Any  # multiprocessing's shared ``Value("d")``: ``.value``, a float
 
 
 def _child(
-    settings_json: bytes, ready: ProcessEvent, supervisor: int, beat: Heartbeat, reloads: Any
+    settings_json: bytes,
+    ready: ProcessEvent,
+    supervisor: int,
+    beat: Heartbeat,
+    reloads: Any,
+    cannot_start: Heartbeat,
 ) -> None:
     if not _stops_with(supervisor):
         return  # the supervisor died before this child could watch it
@@ -60,7 +68,17 @@ def _child(
             on_ready=ready.set,
             on_turn=lambda: _beat(beat),
             on_reloaded=lambda failed: reloads.put((settings.worker_index, failed)),
+            host_problem=lambda: _siblings_problem(int(cannot_start.value), settings.workers),
         )
+    )
+
+
+def _siblings_problem(cannot_start: int, workers: int) -> str | None:
+    if not cannot_start:
+        return None
+    return (
+        f"{cannot_start} of this host's {workers} processes cannot start again (a start-up "
+        "error of a file or setting: the supervisor's log says which); the others serve"
     )
 
 
@@ -103,6 +121,10 @@ def port_in_use(host: str, port: int) -> OSError | None:
             except OSError as exc:
                 return exc
     return None
+
+
+# A child's exit code for a start-up error of the operator's (``server.run``).
+START_UP_ERROR = 2
 
 
 class Supervisor:
@@ -151,6 +173,12 @@ class Supervisor:
         self._reload_waiting: set[int] = set()
         self._reload_failed: set[str] = set()
         self._reload_due = 0.0
+        # Children that died and then met a start-up error of the operator's while
+        # others served: tried again every ``MAX_RESTART_BACKOFF_S``, not a crash loop
+        # (a review: a renewal the others had refused, read by a restarted child, stopped
+        # the whole host). Their number is shared with the children, for /ready.
+        self._cannot_start: set[int] = set()
+        self._cannot_start_count = self._context.Value("i", 0, lock=False)
 
     def _spawn(self, index: int) -> None:
         settings = msgspec.structs.replace(self._settings, worker_index=index)
@@ -158,7 +186,10 @@ class Supervisor:
         beat = self._beats[index] = self._context.Value("d", 0.0, lock=False)
         process = self._context.Process(
             target=_child,
-            args=(msgspec.json.encode(settings), ready, os.getpid(), beat, self._reloads),
+            args=(
+                msgspec.json.encode(settings), ready, os.getpid(), beat, self._reloads,
+                self._cannot_start_count,
+            ),
             name=f"mlgate-{index}",
         )
         process.start()
@@ -241,6 +272,7 @@ class Supervisor:
                     continue
                 del self._children[index]
                 self._died(index, process.exitcode)
+            self._started_again()
             self._kill_hung()
             self._respawn_due()
             if self._stop_signal is not None and not self._children:
@@ -290,6 +322,28 @@ class Supervisor:
 
     def _died(self, index: int, exitcode: int | None) -> None:
         now = time.monotonic()
+        serving = sum(
+            1 for other, (process, ready) in self._children.items()
+            if other != index and process.is_alive() and ready.is_set()
+        )
+        if exitcode == START_UP_ERROR and serving:
+            # A start-up error of a file or setting (its line on stderr names it), not
+            # a crash: the others serve on what they loaded, so the host stays up and
+            # this one is tried again, its file may be fixed. A later stop exits 1.
+            self._cannot_start.add(index)
+            self._cannot_start_count.value = len(self._cannot_start)
+            self._exit_code = 1
+            log.error(
+                "worker_cannot_start", index=index, exitcode=exitcode, serving=serving,
+                restart_in_s=self.MAX_RESTART_BACKOFF_S,
+            )
+            self._count_restart("cannot_start")
+            systemd.notify(
+                f"STATUS={serving} of {self._settings.workers} processes serving: "
+                f"process {index} cannot start (see the log)"
+            )
+            self._respawn_at[index] = now + self.MAX_RESTART_BACKOFF_S
+            return
         deaths = [t for t in self._deaths.get(index, []) if now - t < self.DEATH_WINDOW_S]
         deaths.append(now)
         self._deaths[index] = deaths
@@ -311,6 +365,17 @@ class Supervisor:
         else:
             self._count_restart("died")
         self._respawn_at[index] = now + backoff
+
+    def _started_again(self) -> None:
+        """Children that could not start and now serve."""
+        for index in list(self._cannot_start):
+            child = self._children.get(index)
+            if child is not None and child[1].is_set():
+                self._cannot_start.discard(index)
+                self._cannot_start_count.value = len(self._cannot_start)
+                log.info("worker_started_again", index=index)
+                if not self._cannot_start:
+                    systemd.notify(f"STATUS={self._settings.workers} processes serving")
 
     def _respawn_due(self) -> None:
         for index, due in list(self._respawn_at.items()):
@@ -382,7 +447,7 @@ def _restart_counter() -> Callable[[str], None]:
     values.ValueClass = values.MultiProcessValue()
     restarts = Counter(
         "mlgate_worker_restarts",
-        "Serving processes the supervisor restarted, by reason (hung: killed for it; died)",
+        "Serving processes the supervisor restarted, by reason (hung: killed for it; died; cannot_start: died again at start-up on a file or setting)",
         ["reason"],
         registry=CollectorRegistry(),
     )

@@ -167,22 +167,65 @@ def test_processes_drain_and_exit_when_the_supervisor_is_killed(
         socket.create_connection(("127.0.0.1", service.port), timeout=1).close()
 
 
-def test_a_process_that_keeps_dying_makes_the_supervisor_stop_all_and_exit_1(
+def test_processes_that_keep_dying_with_none_serving_make_the_supervisor_stop_and_exit_1(
     service_process: ServiceFactory,
 ) -> None:
     """A review: a process that could not start again was restarted every second for
-    ever, /ready kept saying 200 from the other, and SIGTERM then exited 0."""
+    ever, and SIGTERM then exited 0. Here none can: the keys file both read is broken."""
     service = start_two_processes(service_process)
-    worker_1 = service.data_dir / "worker-1"
-    shutil.rmtree(worker_1)
-    worker_1.write_text("a file where the process's data directory was")
-    servers = serving_children(service.pid)
-    for pid in servers:  # process 0 comes back; process 1 cannot
+    (service.data_dir / "keys.json").write_text("{not json")
+    for pid in serving_children(service.pid):
         os.kill(pid, signal.SIGKILL)
     assert service.wait(60) == 1
     assert "worker_crash_loop" in service.tail()
-    with pytest.raises(OSError):  # process 0, restarted, was stopped with it
+    with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", service.port), timeout=1).close()
+
+
+async def test_a_process_that_cannot_start_again_leaves_the_others_serving_and_says_so(
+    service_process: ServiceFactory,
+) -> None:
+    """A review: a renewal the processes had refused at a reload, read again by one
+    restarted after a crash, made a crash loop that stopped the whole host. Process 1
+    dies and cannot start again (its data directory became a file); process 0 serves
+    on, /ready says what is wrong, and the stop after exits 1."""
+    service = start_two_processes(service_process)
+    worker_1 = service.data_dir / "worker-1"
+    process_1 = child_using(serving_children(service.pid), worker_1)
+    shutil.rmtree(worker_1)
+    worker_1.write_text("a file where the process's data directory was")
+    os.kill(process_1, signal.SIGKILL)
+    await until_logged(service, "worker_cannot_start")
+    async with aiohttp.ClientSession() as session:
+        for _ in range(10):  # whichever process the kernel hands it to: only 0 is left
+            async with session.get(f"{service.url}/ready") as response:
+                assert response.status == 200
+                body = await response.json()
+            assert "cannot start again" in body["degraded"]["processes"]
+    assert is_running(service.pid)
+    service.send(signal.SIGTERM)
+    assert service.wait(30) == 1
+
+
+def child_using(pids: set[int], directory: Path) -> int:
+    """The process of ``pids`` with a file open in ``directory`` (its data directory)."""
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(f"{directory}/"):
+                return pid
+    raise AssertionError(f"no process has a file open in {directory}")
+
+
+async def until_logged(service: ServiceProcess, event: str, timeout_s: float = 30) -> None:
+    for _ in range(int(timeout_s / 0.1)):
+        if event in service.tail(400):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{event} not logged within {timeout_s:g} s")
 
 
 async def test_ready_answers_for_the_host_when_one_process_cannot_serve_its_model(
