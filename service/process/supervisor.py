@@ -431,9 +431,48 @@ def _prepare_metrics_dir() -> str | None:
         for stale in Path(given).glob("*.db"):
             stale.unlink(missing_ok=True)
         return None
-    directory = tempfile.mkdtemp(prefix="mlgate-metrics-")
+    _remove_orphaned_metrics_dirs()
+    directory = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     return directory
+
+
+METRICS_DIR_PREFIX = "mlgate-metrics-"
+
+
+def _remove_orphaned_metrics_dirs() -> None:
+    """The private metrics directories of supervisors that died without removing theirs
+    (SIGKILL; a review: one left behind per hard kill), named after their pid: removed
+    when no process of that pid runs any more."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        owner = directory.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        if not owner.isdigit() or not directory.is_dir() or directory.is_symlink():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            if not _in_use(directory):  # its children may still be draining
+                shutil.rmtree(directory, ignore_errors=True)
+        except OSError:  # alive, someone else's
+            continue
+
+
+def _in_use(directory: Path) -> bool:
+    """Whether a process maps a file of ``directory`` (prometheus-client's files are
+    mapped while a process counts into them); True when that cannot be told."""
+    prefix = f" {directory}/"
+    try:
+        processes = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return True
+    for pid in processes:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                if any(prefix in line for line in maps):
+                    return True
+        except OSError:
+            continue  # gone, or not ours to read
+    return False
 
 
 def _restart_counter() -> Callable[[str], None]:

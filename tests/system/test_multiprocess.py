@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -340,3 +341,22 @@ def test_a_reload_of_several_processes_is_told_to_systemd_with_what_failed(
     assert reloaded[0].split("\n")[0] == "RELOADING=1"
     assert "STATUS=reloaded" in reloaded[-1].split("\n")
     assert "STATUS=reload failed: api_keys" in failed[-1].split("\n")
+
+
+def test_the_metrics_directory_of_a_killed_supervisor_is_removed_by_the_next(
+    service_process: ServiceFactory,
+) -> None:
+    """A review: a supervisor killed with SIGKILL left its metrics directory behind,
+    one more for each hard kill."""
+    first = start_two_processes(service_process)
+    left = [path for path in Path(tempfile.gettempdir()).glob(f"mlgate-metrics-{first.pid}-*")]
+    assert len(left) == 1
+    children = serving_children(first.pid)
+    first.send(signal.SIGKILL)
+    first.wait(30)
+    deadline = time.monotonic() + 30  # they drain and exit when their supervisor dies
+    while any(is_running(child) for child in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left[0].exists()
+    start_two_processes(service_process)
+    assert not left[0].exists()
