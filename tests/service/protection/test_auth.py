@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -20,6 +18,7 @@ from mlgate.service.protection.api_keys import (
     new_key,
 )
 from mlgate.service.state import KEY_STORE, RELOAD_HOOKS, ROUTE_ACCESS
+from tests.service.protection.conftest import ready_once
 from tests.support import KeyMaker, ManagedProcess
 
 INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
@@ -33,16 +32,6 @@ OPEN_PATHS = {
 def _concrete(path: str) -> str:
     """A request path for a route template: ``/v2/models/{model}`` -> ``/v2/models/x``."""
     return re.sub(r"\{[^}]+\}", "x", path)
-
-
-@pytest.fixture
-def secured(make_settings, api_keys: KeyMaker):
-    def make(**overrides):
-        return make_settings(
-            auth_disabled=False, keys_file=str(api_keys.path), feature_dims=(4,), **overrides
-        )
-
-    return make
 
 
 async def test_only_the_open_routes_answer_without_a_key(app_client, secured) -> None:
@@ -371,22 +360,11 @@ async def test_a_quiet_host_sees_redis_frozen_without_a_request_paying_for_it(
     redis_server.process.send_signal(signal.SIGSTOP)
     try:
         # /ready and the metrics' sampling ping it, once a second.
-        body = await _ready_once(client, lambda body: "degraded" in body)
+        body = await ready_once(client, lambda body: "degraded" in body)
         assert "Redis unreachable" in body["degraded"]["redis"]
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
-    assert "degraded" not in await _ready_once(client, lambda body: "degraded" not in body)
-
-
-async def _ready_once(client: Any, holds: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    """/ready's body once ``holds`` says so, or after 10 s (the last one)."""
-    body: dict[str, Any] = {}
-    for _ in range(100):
-        body = await (await client.get("/ready")).json()
-        if holds(body):
-            break
-        await asyncio.sleep(0.1)
-    return body
+    assert "degraded" not in await ready_once(client, lambda body: "degraded" not in body)
 
 
 async def test_ready_reports_redis_down_as_degraded_and_stays_ready(
@@ -407,4 +385,4 @@ async def test_ready_reports_redis_down_as_degraded_and_stays_ready(
     assert "Redis unreachable" in body["degraded"]["redis"]
 
     redis_server.start()  # and no request needs Redis: /ready's own trial finds it back
-    assert "degraded" not in await _ready_once(client, lambda body: "degraded" not in body)
+    assert "degraded" not in await ready_once(client, lambda body: "degraded" not in body)

@@ -22,16 +22,6 @@ INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
 SLOW = 0.01  # tokens per second: no refill within a test
 
 
-@pytest.fixture
-def secured(make_settings, api_keys: KeyMaker):
-    def make(**overrides):
-        return make_settings(
-            auth_disabled=False, keys_file=str(api_keys.path), feature_dims=(4,), **overrides
-        )
-
-    return make
-
-
 async def _statuses(client, key: str, n: int) -> list[int]:
     statuses = []
     for _ in range(n):

@@ -4,8 +4,7 @@ A Redis that would forget everything at a restart is named at start."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,19 +12,10 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from mlgate.service.state import METRICS
+from tests.service.protection.conftest import ready_once
 from tests.support import KeyMaker, ManagedProcess
 
 INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
-
-
-@pytest.fixture
-def secured(make_settings, api_keys: KeyMaker):
-    def make(**overrides):
-        return make_settings(
-            auth_disabled=False, keys_file=str(api_keys.path), feature_dims=(4,), **overrides
-        )
-
-    return make
 
 
 @pytest.fixture
@@ -45,18 +35,6 @@ async def _ready_bodies(client: Any, polls: int) -> list[dict[str, Any]]:
         bodies.append(await (await client.get("/ready")).json())
         await client.get("/health")  # a turn for the trial ping /ready started
     return bodies
-
-
-async def _ready_once(client: Any, holds: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    """/ready's body once ``holds`` says so, or after 10 s (the last one): the trial
-    waits out an open breaker's reset (2 s)."""
-    body: dict[str, Any] = {}
-    for _ in range(100):
-        body = await (await client.get("/ready")).json()
-        if holds(body):
-            break
-        await asyncio.sleep(0.1)
-    return body
 
 
 @pytest.mark.parametrize("refusal", [("maxmemory", 1), ("min-replicas-to-write", 1)])
@@ -98,7 +76,7 @@ async def test_redis_taking_writes_again_is_ready_again(
     )
     assert refused.status == 503
     await operator.config_set("maxmemory", 0)
-    body = await _ready_once(client, lambda body: "degraded" not in body)
+    body = await ready_once(client, lambda body: "degraded" not in body)
     assert "degraded" not in body, body
     answered = await client.post(
         "/api/v2/ingest", json=INGEST, headers={"X-API-Key": key, "Idempotency-Key": "full-2"}
