@@ -83,12 +83,15 @@ async def serve(
     on_turn: Callable[[], object] | None = None,
     on_reloaded: Callable[[list[str]], object] | None = None,
     host_problem: Callable[[], str | None] | None = None,
+    restarted: bool = False,
 ) -> int:
     """Serve until SIGTERM/SIGINT; the exit code (0 drained in budget, 1 budget exceeded).
     ``on_turn``: called from the event loop every ``HEARTBEAT_S`` once serving (the
     supervisor's sign that the loop turns). ``on_ready``, ``on_reloaded`` (with the
     reload hooks that failed): for a supervisor, which tells systemd, else systemd.
-    ``host_problem``: the supervisor's, for /ready (a sibling process that cannot start)."""
+    ``host_problem``: the supervisor's, for /ready (a sibling process that cannot start).
+    ``restarted``: a process the supervisor started again beside others serving: it
+    refuses what their reloads refused (a certificate not valid now)."""
     # Handlers first: a SIGTERM during start-up stops it (a model load that never ends
     # must not keep the process from stopping).
     stop = asyncio.Event()
@@ -112,7 +115,7 @@ async def serve(
         lambda _: f"MLGATE_TLS_CERT_FILE={settings.tls_cert_file}, "
         f"MLGATE_TLS_KEY_FILE={settings.tls_key_file}"
     ):
-        ssl_context = _tls_context(settings, app)
+        ssl_context = _tls_context(settings, app, must_be_valid_now=restarted)
     grace_s, handlers_s = shutdown_plan(settings)
     runner = CappedAppRunner(
         app,
@@ -466,11 +469,13 @@ def shutdown_plan(settings: Settings) -> tuple[float, float]:
     return grace, (budget - grace) / 4
 
 
-def _tls_context(settings: Settings, app: web.Application) -> ssl.SSLContext | None:
+def _tls_context(
+    settings: Settings, app: web.Application, must_be_valid_now: bool = False
+) -> ssl.SSLContext | None:
     cert, key = settings.tls_cert_file, settings.tls_key_file
     if cert is None or key is None:
         return None
-    served = tls.ServedCertificate(cert, key)
+    served = tls.ServedCertificate(cert, key, must_be_valid_now)
     expiry = app[METRICS].tls_expiry()
     app[METRICS].samplers["tls"] = lambda: expiry.set(served.seconds_left())
 
@@ -539,6 +544,7 @@ def run(
     on_turn: Callable[[], object] | None = None,
     on_reloaded: Callable[[list[str]], object] | None = None,
     host_problem: Callable[[], str | None] | None = None,
+    restarted: bool = False,
 ) -> int:
     """Serve on a uvloop loop; the exit code ``serve`` decided, or 2 when start-up
     failed on what the operator gave it (a file, a directory, the address): said in one
@@ -546,7 +552,7 @@ def run(
     tune_garbage_collector()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            code = runner.run(serve(settings, on_ready, on_turn, on_reloaded, host_problem))
+            code = runner.run(serve(settings, on_ready, on_turn, on_reloaded, host_problem, restarted))
         _exit_past_unfinished_loads(code)
         return code
     except StartUpFailed as failed:

@@ -18,6 +18,7 @@ READY=1 from the supervisor once every child serves.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import math
 import multiprocessing
 import os
@@ -53,6 +54,7 @@ def _child(
     beat: Heartbeat,
     reloads: Any,
     cannot_start: Heartbeat,
+    restarted: bool,
 ) -> None:
     if not _stops_with(supervisor):
         return  # the supervisor died before this child could watch it
@@ -62,6 +64,9 @@ def _child(
 
     settings = msgspec.json.decode(settings_json, type=Settings)
     configure_logging(settings.log_level, worker=settings.worker_index)
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir and os.path.exists(os.path.join(metrics_dir, METRICS_DIR_LOCK)):
+        _hold_metrics_dir(metrics_dir)  # held until this process ends
     raise SystemExit(
         run(
             settings,
@@ -69,6 +74,7 @@ def _child(
             on_turn=lambda: _beat(beat),
             on_reloaded=lambda failed: reloads.put((settings.worker_index, failed)),
             host_problem=lambda: _siblings_problem(int(cannot_start.value), settings.workers),
+            restarted=restarted,
         )
     )
 
@@ -180,7 +186,7 @@ class Supervisor:
         self._cannot_start: set[int] = set()
         self._cannot_start_count = self._context.Value("i", 0, lock=False)
 
-    def _spawn(self, index: int) -> None:
+    def _spawn(self, index: int, restarted: bool = False) -> None:
         settings = msgspec.structs.replace(self._settings, worker_index=index)
         ready = self._context.Event()
         beat = self._beats[index] = self._context.Value("d", 0.0, lock=False)
@@ -188,7 +194,7 @@ class Supervisor:
             target=_child,
             args=(
                 msgspec.json.encode(settings), ready, os.getpid(), beat, self._reloads,
-                self._cannot_start_count,
+                self._cannot_start_count, restarted,
             ),
             name=f"mlgate-{index}",
         )
@@ -204,7 +210,7 @@ class Supervisor:
             log.error("start_up_failed", setting=setting, error=str(taken))
             print(f"mlgate: start-up error: {setting}: {taken}", file=sys.stderr)
             return 2
-        owned_metrics_dir = _prepare_metrics_dir()
+        owned_metrics = _prepare_metrics_dir()
         self._count_restart = _restart_counter()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
@@ -227,8 +233,10 @@ class Supervisor:
                 log.info("supervisor_ready", workers=self._settings.workers)
             return self._watch()
         finally:
-            if owned_metrics_dir:
-                shutil.rmtree(owned_metrics_dir, ignore_errors=True)
+            if owned_metrics is not None:
+                directory, lock = owned_metrics
+                shutil.rmtree(directory, ignore_errors=True)
+                os.close(lock)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -297,7 +305,10 @@ class Supervisor:
             self._reload_waiting.clear()
         if not self._reload_waiting:
             self._reloading = False
-            systemd.ready(reload_status(self._reload_failed))
+            status = reload_status(self._reload_failed)
+            if self._cannot_start:  # still so after the reload (a review: it said "reloaded")
+                status += f"; {self._serving_status()}"
+            systemd.ready(status)
             log.info("supervisor_reload_finished", failed=sorted(self._reload_failed))
 
     def _kill_hung(self) -> None:
@@ -338,10 +349,7 @@ class Supervisor:
                 restart_in_s=self.MAX_RESTART_BACKOFF_S,
             )
             self._count_restart("cannot_start")
-            systemd.notify(
-                f"STATUS={serving} of {self._settings.workers} processes serving: "
-                f"process {index} cannot start (see the log)"
-            )
+            systemd.notify(f"STATUS={self._serving_status()}")
             self._respawn_at[index] = now + self.MAX_RESTART_BACKOFF_S
             return
         deaths = [t for t in self._deaths.get(index, []) if now - t < self.DEATH_WINDOW_S]
@@ -357,6 +365,8 @@ class Supervisor:
             )
             self._exit_code = 1
             self._stop_signal = signal.SIGTERM
+            # Told here: with no child left the watch returns before delivering it.
+            systemd.stopping()
             return
         backoff = min(self.MAX_RESTART_BACKOFF_S, self.RESTART_BACKOFF_S * 2 ** (len(deaths) - 1))
         log.error("worker_died", index=index, exitcode=exitcode, restart_in_s=backoff)
@@ -366,6 +376,11 @@ class Supervisor:
             self._count_restart("died")
         self._respawn_at[index] = now + backoff
 
+    def _serving_status(self) -> str:
+        serving = sum(1 for process, ready in self._children.values() if process.is_alive() and ready.is_set())
+        cannot = ", ".join(map(str, sorted(self._cannot_start)))
+        return f"{serving} of {self._settings.workers} processes serving; cannot start: {cannot} (see the log)"
+
     def _started_again(self) -> None:
         """Children that could not start and now serve."""
         for index in list(self._cannot_start):
@@ -374,8 +389,8 @@ class Supervisor:
                 self._cannot_start.discard(index)
                 self._cannot_start_count.value = len(self._cannot_start)
                 log.info("worker_started_again", index=index)
-                if not self._cannot_start:
-                    systemd.notify(f"STATUS={self._settings.workers} processes serving")
+                serving = self._serving_status() if self._cannot_start else f"{self._settings.workers} processes serving"
+                systemd.notify(f"STATUS={serving}")
 
     def _respawn_due(self) -> None:
         for index, due in list(self._respawn_at.items()):
@@ -383,7 +398,7 @@ class Supervisor:
                 del self._respawn_at[index]
             elif time.monotonic() >= due:
                 del self._respawn_at[index]
-                self._spawn(index)
+                self._spawn(index, restarted=True)
 
     def _deliver_signals(self) -> None:
         if self._hangup:
@@ -420,11 +435,12 @@ class Supervisor:
                 self._exit_code = 1
 
 
-def _prepare_metrics_dir() -> str | None:
+def _prepare_metrics_dir() -> tuple[str, int] | None:
     """prometheus-client's multiprocess mode needs a shared directory, set before import.
 
-    Without ``PROMETHEUS_MULTIPROC_DIR`` a private one is made and removed at exit. A
-    given one is emptied of a previous run's files, which would otherwise be summed in.
+    Without ``PROMETHEUS_MULTIPROC_DIR`` a private one is made and removed at exit (the
+    directory and the descriptor of its lock, held shared for the supervisor's life).
+    A given one is emptied of a previous run's files, which would otherwise be summed in.
     """
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
@@ -432,47 +448,61 @@ def _prepare_metrics_dir() -> str | None:
             stale.unlink(missing_ok=True)
         return None
     _remove_orphaned_metrics_dirs()
-    directory = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+    directory = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+    lock = _hold_metrics_dir(directory)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    return directory
+    return directory, lock
 
 
 METRICS_DIR_PREFIX = "mlgate-metrics-"
+METRICS_DIR_LOCK = ".in-use.lock"
+# A directory younger than this is never taken for an orphan: its maker may not hold
+# its lock yet.
+ORPHAN_MIN_AGE_S = 60.0
+
+
+def _hold_metrics_dir(directory: str) -> int:
+    """A shared lock on the metrics directory, held for the life of the process (the
+    supervisor's and each child's): while any holds it, it is in use."""
+    fd = os.open(os.path.join(directory, METRICS_DIR_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
 
 
 def _remove_orphaned_metrics_dirs() -> None:
-    """The private metrics directories of supervisors that died without removing theirs
-    (SIGKILL; a review: one left behind per hard kill), named after their pid: removed
-    when no process of that pid runs any more."""
-    for directory in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
-        owner = directory.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
-        if not owner.isdigit() or not directory.is_dir() or directory.is_symlink():
-            continue
-        try:
-            os.kill(int(owner), 0)
-        except ProcessLookupError:
-            if not _in_use(directory):  # its children may still be draining
-                shutil.rmtree(directory, ignore_errors=True)
-        except OSError:  # alive, someone else's
-            continue
-
-
-def _in_use(directory: Path) -> bool:
-    """Whether a process maps a file of ``directory`` (prometheus-client's files are
-    mapped while a process counts into them); True when that cannot be told."""
-    prefix = f" {directory}/"
+    """The private metrics directories that supervisors killed with SIGKILL left (a
+    review: one per hard kill): removed once no process holds their lock, neither
+    their supervisor nor a child still draining. A lock is the one test that holds
+    across PID namespaces (containers sharing a /tmp; a pid test removed a live one's)
+    and never touches a directory without one. Never fails start-up."""
     try:
-        processes = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+        candidates = list(Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*"))
     except OSError:
-        return True
-    for pid in processes:
+        return
+    for directory in candidates:
         try:
-            with open(f"/proc/{pid}/maps") as maps:
-                if any(prefix in line for line in maps):
-                    return True
-        except OSError:
-            continue  # gone, or not ours to read
-    return False
+            _remove_if_orphaned(directory)
+        except Exception as exc:  # someone else's, or racing us: left as it is
+            log.info("metrics_dir_not_removed", path=str(directory), error=repr(exc))
+
+
+def _remove_if_orphaned(directory: Path) -> None:
+    if directory.is_symlink() or not directory.is_dir():
+        return
+    if time.time() - directory.stat().st_mtime < ORPHAN_MIN_AGE_S:
+        return
+    try:
+        fd = os.open(directory / METRICS_DIR_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # not one of ours (or of an mlgate before locks): not ours to remove
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # in use
+    finally:
+        os.close(fd)
+    shutil.rmtree(directory, ignore_errors=True)
+    log.info("metrics_dir_of_a_killed_supervisor_removed", path=str(directory))
 
 
 def _restart_counter() -> Callable[[str], None]:
@@ -490,7 +520,14 @@ def _restart_counter() -> Callable[[str], None]:
         ["reason"],
         registry=CollectorRegistry(),
     )
-    return lambda reason: restarts.labels(reason).inc()
+
+    def count(reason: str) -> None:
+        try:
+            restarts.labels(reason).inc()
+        except Exception as exc:  # its file gone: the count, not the supervision, is lost
+            log.error("worker_restart_not_counted", reason=reason, error=repr(exc))
+
+    return count
 
 
 def _mark_dead(pid: int | None) -> None:

@@ -16,6 +16,7 @@ files left the live context with no usable key.)
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import ssl
 import tempfile
@@ -31,8 +32,25 @@ log = structlog.get_logger("mlgate.tls")
 MAX_PEM_BYTES = 1024 * 1024
 
 
-class CertificateNotValidNow(ValueError):
+class TlsFileRefused(OSError):
+    """A certificate or key file mlgate does not serve: an ``OSError`` as the file's
+    other errors are, so start-up names the TLS settings and exits 2."""
+
+    def __init__(self, message: str, filename: str | None = None) -> None:
+        if filename is None:
+            super().__init__(errno.EINVAL, message)
+        else:
+            super().__init__(errno.EINVAL, message, filename)
+
+
+class CertificateNotValidNow(TlsFileRefused):
     """A certificate outside its validity period (expired, or not yet valid)."""
+
+
+def _no_passphrase() -> bytes:
+    # Without this OpenSSL asks for the passphrase on the terminal, if there is one,
+    # and the event loop waits for someone to type it (a review).
+    raise TlsFileRefused("the private key is encrypted: mlgate takes an unencrypted key file")
 
 
 class ServedContext(ssl.SSLContext):
@@ -62,7 +80,7 @@ class Loaded:
         cert, key = _read(cert_file), _read(key_file)
         with _private_copy(cert) as cert_path, _private_copy(key) as key_path:
             self.context = _server_context()
-            self.context.load_cert_chain(cert_path, key_path)
+            self.context.load_cert_chain(cert_path, key_path, password=_no_passphrase)
             decoded = ssl._ssl._test_decode_cert(cert_path)  # type: ignore[attr-defined]
         self.not_before = float(ssl.cert_time_to_seconds(decoded["notBefore"]))
         self.not_after = float(ssl.cert_time_to_seconds(decoded["notAfter"]))
@@ -78,13 +96,18 @@ class Loaded:
 
 
 class ServedCertificate:
-    def __init__(self, cert_file: str, key_file: str) -> None:
+    """``must_be_valid_now``: a certificate not valid now is refused, as a reload
+    refuses it (a process restarted beside others that refused it at a reload), rather
+    than served with a warning (a host's first start: refusing it would take every
+    client down, serving it only those that verify it)."""
+
+    def __init__(self, cert_file: str, key_file: str, must_be_valid_now: bool = False) -> None:
         self.cert_file = cert_file
         self.key_file = key_file
         self._served = Loaded(cert_file, key_file)
         if (reason := self._served.invalid_now()) is not None:
-            # Served all the same: refusing to start takes every client down, this
-            # only those that verify it; the gauge and this line say so.
+            if must_be_valid_now:
+                raise CertificateNotValidNow(f"the certificate is {reason}", cert_file)
             log.warning("tls_certificate_not_valid_now", cert_file=cert_file, reason=reason)
         self.context = ServedContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.current = self._served.context
@@ -100,8 +123,8 @@ class ServedCertificate:
         try:
             loaded = Loaded(self.cert_file, self.key_file)
             if (reason := loaded.invalid_now()) is not None:
-                raise CertificateNotValidNow(f"the renewed certificate is {reason}")
-        except (OSError, ValueError, ssl.SSLError) as exc:
+                raise CertificateNotValidNow(f"the renewed certificate is {reason}", self.cert_file)
+        except OSError as exc:  # ssl.SSLError and TlsFileRefused are OSErrors
             log.error("tls_reload_failed", error=repr(exc), cert_file=self.cert_file)
             raise
         self._served = loaded
@@ -122,7 +145,7 @@ def _read(path: str) -> bytes:
     with open(path, "rb") as file:
         data = file.read(MAX_PEM_BYTES + 1)
     if len(data) > MAX_PEM_BYTES:
-        raise ValueError(f"{path}: more than {MAX_PEM_BYTES} bytes, no certificate or key file")
+        raise TlsFileRefused(f"more than {MAX_PEM_BYTES} bytes: no certificate or key file", path)
     return data
 
 

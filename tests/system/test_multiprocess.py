@@ -343,20 +343,51 @@ def test_a_reload_of_several_processes_is_told_to_systemd_with_what_failed(
     assert "STATUS=reload failed: api_keys" in failed[-1].split("\n")
 
 
+def metrics_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("mlgate-metrics-*"))
+
+
+def aged(directory: Path) -> None:
+    """As if made two minutes ago: a younger one is never taken for an orphan."""
+    past = time.time() - 120
+    os.utime(directory, (past, past))
+
+
 def test_the_metrics_directory_of_a_killed_supervisor_is_removed_by_the_next(
     service_process: ServiceFactory,
 ) -> None:
     """A review: a supervisor killed with SIGKILL left its metrics directory behind,
     one more for each hard kill."""
+    before = metrics_dirs()
     first = start_two_processes(service_process)
-    left = [path for path in Path(tempfile.gettempdir()).glob(f"mlgate-metrics-{first.pid}-*")]
-    assert len(left) == 1
+    (left,) = metrics_dirs() - before
     children = serving_children(first.pid)
     first.send(signal.SIGKILL)
     first.wait(30)
     deadline = time.monotonic() + 30  # they drain and exit when their supervisor dies
     while any(is_running(child) for child in children) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert left[0].exists()
+    aged(left)
     start_two_processes(service_process)
-    assert not left[0].exists()
+    assert not left.exists()
+
+
+def test_the_metrics_directory_of_a_live_supervisor_or_of_no_mlgate_is_left_alone(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review of the first version: a supervisor in another PID namespace (a
+    container sharing /tmp) had its live directory removed, and a directory named
+    ``mlgate-metrics-²-x`` stopped every start."""
+    before = metrics_dirs()
+    first = start_two_processes(service_process)
+    (live,) = metrics_dirs() - before
+    aged(live)
+    strange = Path(tempfile.gettempdir()) / "mlgate-metrics-\u00b2-x"
+    strange.mkdir()
+    try:
+        aged(strange)
+        start_two_processes(service_process)
+        assert live.exists() and strange.exists()
+    finally:
+        shutil.rmtree(strange)
+    assert is_running(first.pid)

@@ -17,6 +17,12 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlgate.service.process.tls import (
+    MAX_PEM_BYTES,
+    CertificateNotValidNow,
+    ServedCertificate,
+    TlsFileRefused,
+)
 from tests.conftest import ServiceFactory
 from tests.service_process import ServiceProcess, notify_socket, receive_until
 
@@ -287,3 +293,41 @@ def test_a_connection_that_never_finishes_its_handshake_is_closed_at_the_head_ti
     service, _ = start_tls_service(service_process, tmp_path, days=30, MLGATE_HEAD_TIMEOUT_S="1")
     with socket.create_connection(("127.0.0.1", service.port), timeout=30) as silent:
         assert silent.recv(1) == b""  # closed by the server, well before the 60 s
+
+
+def test_a_process_restarted_beside_others_refuses_a_certificate_not_valid_now(tmp_path: Path) -> None:
+    """A review: the others refused a renewal not yet valid at their reload, and a
+    process restarted after a crash served it (its start-up only warned)."""
+    dated = make_dated_certificate(tmp_path, "future", "20900101000000Z", "20910101000000Z")
+    with pytest.raises(CertificateNotValidNow, match="not valid before 2090"):
+        ServedCertificate(str(dated.cert), str(dated.key), must_be_valid_now=True)
+    assert ServedCertificate(str(dated.cert), str(dated.key)).seconds_left() < 0  # a first start
+
+
+def test_an_encrypted_private_key_is_refused_without_asking_for_its_passphrase(tmp_path: Path) -> None:
+    """A review: OpenSSL asked for the passphrase on the terminal, and the event loop
+    waited for someone to type it."""
+    assert OPENSSL is not None
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    subprocess.run(
+        [OPENSSL, "req", "-x509", *KEY_TYPES["ec"], "-keyout", str(key), "-out", str(cert), "-days", "3",
+         "-subj", "/CN=mlgate", "-passout", "pass:secret"],
+        check=True, capture_output=True, timeout=30,
+    )
+    with pytest.raises(TlsFileRefused, match="encrypted"):
+        ServedCertificate(str(cert), str(key))
+
+
+def test_a_certificate_file_past_the_size_limit_stops_start_up_naming_the_tls_files(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review: it was a traceback and exit 1, a crash to a supervisor."""
+    live = make_certificate(tmp_path, "live", 30)
+    with open(live.cert, "a") as cert:
+        cert.write("A" * (MAX_PEM_BYTES + 1))
+    service = service_process(
+        wait=False, MLGATE_TLS_CERT_FILE=str(live.cert), MLGATE_TLS_KEY_FILE=str(live.key)
+    )
+    assert service.wait(30) == 2
+    output = service.tail()
+    assert "mlgate: start-up error: MLGATE_TLS_CERT_FILE=" in output and "Traceback" not in output
