@@ -90,8 +90,8 @@ async def serve(
     supervisor's sign that the loop turns). ``on_ready``, ``on_reloaded`` (with the
     reload hooks that failed): for a supervisor, which tells systemd, else systemd.
     ``host_problem``: the supervisor's, for /ready (a sibling process that cannot start).
-    ``restarted``: a process the supervisor started again beside others serving: it
-    refuses what their reloads refused (a certificate not valid now)."""
+    ``restarted``: a process the supervisor started again after the others' reload
+    refused the TLS files: it refuses a certificate not valid now, as they did."""
     # Handlers first: a SIGTERM during start-up stops it (a model load that never ends
     # must not keep the process from stopping).
     stop = asyncio.Event()

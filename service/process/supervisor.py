@@ -185,6 +185,10 @@ class Supervisor:
         # the whole host). Their number is shared with the children, for /ready.
         self._cannot_start: set[int] = set()
         self._cannot_start_count = self._context.Value("i", 0, lock=False)
+        # Whether the last reload's TLS hook failed: a process restarted then refuses a
+        # certificate not valid now, as the others' reloads did (a host that started
+        # with one and never reloaded restarts its processes on it, as it started).
+        self._tls_refused = False
 
     def _spawn(self, index: int, restarted: bool = False) -> None:
         settings = msgspec.structs.replace(self._settings, worker_index=index)
@@ -270,7 +274,7 @@ class Supervisor:
                 if process.is_alive():
                     continue
                 process.join()
-                _mark_dead(process.pid)
+                _mark_dead(process.pid, never_served=not ready.is_set() and process.exitcode == START_UP_ERROR)
                 if self._stop_signal is not None:
                     del self._children[index]
                     # A child stopped before it was up had nothing in flight.
@@ -305,6 +309,7 @@ class Supervisor:
             self._reload_waiting.clear()
         if not self._reload_waiting:
             self._reloading = False
+            self._tls_refused = "tls" in self._reload_failed
             status = reload_status(self._reload_failed)
             if self._cannot_start:  # still so after the reload (a review: it said "reloaded")
                 status += f"; {self._serving_status()}"
@@ -398,7 +403,7 @@ class Supervisor:
                 del self._respawn_at[index]
             elif time.monotonic() >= due:
                 del self._respawn_at[index]
-                self._spawn(index, restarted=True)
+                self._spawn(index, restarted=self._tls_refused)
 
     def _deliver_signals(self) -> None:
         if self._hangup:
@@ -530,9 +535,16 @@ def _restart_counter() -> Callable[[str], None]:
     return count
 
 
-def _mark_dead(pid: int | None) -> None:
-    if pid is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+def _mark_dead(pid: int | None, never_served: bool = False) -> None:
+    """Its live gauges let go of; ``never_served`` (a start-up error): its counters too,
+    which hold nothing served (a review: a process retried every 30 s left two files a
+    try, read by every scrape)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if pid is None or not directory:
         return
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid)
+    if never_served:
+        for left in Path(directory).glob(f"*_{pid}.db"):
+            left.unlink(missing_ok=True)

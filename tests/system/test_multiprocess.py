@@ -16,8 +16,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlgate.service.process.supervisor import _mark_dead
 from mlgate.workers.sinks.local_log import read_log
 from tests.conftest import ServiceFactory
+from tests.service.process.test_tls import make_certificate, make_dated_certificate
 from tests.service_process import (
     ServiceProcess,
     child_pids,
@@ -391,3 +393,36 @@ def test_the_metrics_directory_of_a_live_supervisor_or_of_no_mlgate_is_left_alon
     finally:
         shutil.rmtree(strange)
     assert is_running(first.pid)
+
+
+def test_a_process_that_never_served_leaves_no_metric_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: a process retried every 30 s at a start-up error left two files a try,
+    each read by every scrape."""
+    for name in ("counter_123.db", "histogram_123.db", "gauge_livesum_123.db", "counter_999.db"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    _mark_dead(123, never_served=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["counter_999.db"]
+
+
+def test_a_process_restarted_after_a_refused_renewal_refuses_it_too(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review: the processes' reload refused a renewal not yet valid, and one
+    restarted after a crash served it to a share of the clients."""
+    live = make_certificate(tmp_path / "live", "live", 30)
+    with notify_socket() as (path, sock):
+        service = service_process(
+            "--workers", "2", wait=False, scheme="https", NOTIFY_SOCKET=path,
+            MLGATE_PER_PROCESS_STATE="true", MLGATE_TLS_CERT_FILE=str(live.cert),
+            MLGATE_TLS_KEY_FILE=str(live.key),
+        )
+        receive_until(sock, "READY=1")
+        make_dated_certificate(tmp_path, "future", "20900101000000Z", "20910101000000Z").install(live)
+        service.send(signal.SIGHUP)
+        assert "STATUS=reload failed: tls" in receive_until(sock, "READY=1")[-1].split("\n")
+    os.kill(min(serving_children(service.pid)), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while "worker_cannot_start" not in service.tail(400) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "worker_cannot_start" in service.tail(400)
