@@ -10,7 +10,8 @@ too (a wrong method on an open path is its 405, ``Allow`` naming what it takes):
   without the route's scope: 403. ``MLGATE_AUTH_DISABLED=true`` lets every request
   in as tenant ``anonymous`` with every scope (start-up logs a warning).
 - Rate limits (``protection.rate_limits``): 429 with ``Retry-After`` when the key or
-  its tenant is over its limit; the RateLimit fields on every answer.
+  its tenant is over its limit; the RateLimit fields on every answer of the app
+  (the door's capacity refusals, given before any limit is looked up, carry none).
 - ``Idempotency-Key`` on POST (``protection.idempotency``): the first answer is kept
   and replayed; same key with another body 422, while in flight 409.
 
