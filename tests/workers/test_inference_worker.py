@@ -866,6 +866,9 @@ async def test_a_computing_request_is_answered_at_its_deadline_not_when_its_run_
         gate.set()
     await asyncio.wait_for(worker._mailbox.join(), 5)
     assert worker.stats.expired == 1
+    # Triton's statistics: a request answered 504 failed (a review: counted a success
+    # once its run ended, and never a failure).
+    assert (worker.stats.success.count, worker.stats.fail.count) == (0, 1)
 
 
 async def test_a_request_queued_behind_a_slow_run_is_answered_at_its_deadline(
@@ -886,6 +889,7 @@ async def test_a_request_queued_behind_a_slow_run_is_answered_at_its_deadline(
     assert (await computing)["probabilities"].shape == (1, 2)
     await asyncio.wait_for(worker._mailbox.join(), 5)
     assert worker.stats.expired == 1  # by the watch, not again when its turn came
+    assert (worker.stats.success.count, worker.stats.fail.count) == (1, 1)
 
 
 async def test_a_run_nobody_waits_for_any_more_is_ended_and_the_model_serves_the_next(

@@ -611,7 +611,7 @@ class InferenceWorker(Actor[_Item]):
             if item.future.done():  # the client went away
                 self._settled(item)
             elif item.deadline <= now:
-                self.stats.expired += 1
+                self._count_expired(item, now)
                 item.future.set_exception(
                     DeadlineExpired(f"deadline passed while queued for {self.name}")
                 )
@@ -710,11 +710,17 @@ class InferenceWorker(Actor[_Item]):
             return math.inf
         if item.deadline > now:
             return item.deadline
-        self.stats.expired += 1
+        self._count_expired(item, now)
         item.future.set_exception(
             DeadlineExpired(f"deadline passed while {where} for {self.name}")
         )
         return math.inf
+
+    def _count_expired(self, item: _Item, now: float) -> None:
+        """A request of this model's queue answered 504: a failed request, as Triton's
+        statistics count a timeout (a review: counted a success, or not at all)."""
+        self.stats.expired += 1
+        self.stats.fail.add(1, now - item.enqueued)
 
     def _hand_to_thread(
         self,
@@ -829,7 +835,7 @@ class InferenceWorker(Actor[_Item]):
                 self._last_ran_at = time.monotonic()  # as in ``_run``: the try counts
                 for item in items:
                     if not item.future.done():  # the watch may have expired it already
-                        self.stats.expired += 1
+                        self._count_expired(item, time.monotonic())
                         item.future.set_exception(
                             DeadlineExpired(f"deadline passed while queued for {self.name}")
                         )
@@ -1042,6 +1048,8 @@ class InferenceWorker(Actor[_Item]):
         """The statistics of a batch answered: per request (each its batch's times, as
         Triton counts them) and for its batch size."""
         stats = self.stats
+        # Not those the deadline watch failed while the batch ran: counted failed then.
+        items = [item for item in items if not item.future.done() or item.future.cancelled()]
         count = len(items)
         now = time.monotonic()
         enqueued = sum(item.enqueued for item in items)
