@@ -718,20 +718,21 @@ def _transfer_coding_refused(headers: Mapping[str, str]) -> str | None:
     llhttp frames such a body by its final ``chunked`` and drops the rest, so a body
     sent ``gzip, chunked`` reached the app still gzipped. RFC 9112, 6.1: a server that
     does not understand a transfer coding answers 501."""
-    for value in headers.getall("Transfer-Encoding", ()):  # type: ignore[attr-defined]
-        for coding in value.split(","):
-            coding = coding.strip().lower()
-            if coding and coding != "chunked":
-                return coding
-    return None
+    return next((coding for coding in _tokens(headers, "Transfer-Encoding") if coding != "chunked"), None)
 
 
 def _asks_close(headers: Mapping[str, str]) -> bool:
-    return any(
-        token.strip().lower() == "close"
-        for value in headers.getall("Connection", ())  # type: ignore[attr-defined]
-        for token in value.split(",")
-    )
+    return "close" in _tokens(headers, "Connection")
+
+
+def _tokens(headers: Mapping[str, str], name: str) -> list[str]:
+    """The comma-separated tokens of every ``name`` field, lower-cased, blanks left out."""
+    return [
+        token
+        for value in headers.getall(name, ())  # type: ignore[attr-defined]
+        for token in (part.strip().lower() for part in value.split(","))
+        if token
+    ]
 
 
 def _request_line_too_long(exc: BaseException | None, data: bytes, limit: int) -> bool:
