@@ -484,12 +484,20 @@ def check_row_budget(request: web.Request, body: bytes, fmt: Format) -> None:
         budget = (
             rows * width if width is not None else min(rows * MAX_FEATURES, UNSIZED_VALUE_BUDGET)
         )
-        values = _value_count(raw, fmt, nested=loc == "instances")
-        if values <= budget:
-            continue
         model = (
             f"model {loaded.model} version {loaded.version}" if loaded is not None else "the model"
         )
+        sent = _msgpack_array_length(memoryview(raw)) if fmt is Format.MSGPACK else None
+        if loc == "instances" and sent is not None and sent > MAX_INSTANCES:
+            # Its rows stay unread: the count it states is the one to quote (a review:
+            # the detail quoted rows times MAX_FEATURES as the values sent).
+            raise ValidationFailed(
+                f"{model} takes at most {MAX_INSTANCES} instances, got {sent}",
+                errors=[FieldError(loc=loc, msg=f"more than {MAX_INSTANCES} instances")],
+            )
+        values = _value_count(raw, fmt, nested=loc == "instances")
+        if values <= budget:
+            continue
         if loc == "features" and width is not None:
             detail = f"{model} takes {width} features, got {values}"
         else:
@@ -509,7 +517,8 @@ def _fixed_width(loaded: ModelVersion) -> int | None:
 def _value_count(raw: msgspec.Raw, fmt: Format, nested: bool) -> int:
     """How many values an array (of arrays, when ``nested``) holds, without decoding
     them. JSON: commas plus one (exact for arrays of numbers, more for anything else,
-    which fails the full decoding anyway). msgpack: from the array headers."""
+    which fails the full decoding anyway). msgpack: from the array headers; nested, at
+    most ``MAX_INSTANCES`` rows (``check_row_budget`` refuses more before)."""
     if fmt is Format.JSON:
         return bytes(raw).count(b",") + 1
     length = _msgpack_array_length(memoryview(raw))
@@ -517,8 +526,6 @@ def _value_count(raw: msgspec.Raw, fmt: Format, nested: bool) -> int:
         return 0  # not an array: the full decoding fails at its first byte
     if not nested:
         return length
-    if length > MAX_INSTANCES:
-        return length * MAX_FEATURES  # over any budget; the rows stay unread
     total = 0
     for row in msgspec.msgpack.decode(raw, type=list[msgspec.Raw]):
         row_length = _msgpack_array_length(memoryview(row))

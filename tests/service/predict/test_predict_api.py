@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mlgate.config import Settings
+from mlgate.schemas.predict import MAX_INSTANCES
 from mlgate.service.state import METRICS, MODEL_REPOSITORY
 from mlgate.workers.inference.batching import InferenceWorker
 from models.make_demo_model import build_mlp
@@ -295,6 +296,19 @@ async def test_a_non_finite_value_of_an_instance_is_located_by_row_and_column(de
     )
     assert response.status == 422
     assert (await response.json())["errors"][0]["loc"] == "instances[1][5]"
+
+
+async def test_more_msgpack_instances_than_allowed_is_422_quoting_the_rows_sent(demo_client: Client) -> None:
+    """A review: the detail quoted the rows times the widest row allowed as the values sent."""
+    response = await demo_client.post(
+        "/api/v2/predict",
+        data=msgspec.msgpack.encode({"instances": [[0.5, 0.5]] * (MAX_INSTANCES + 76)}),
+        headers={"Content-Type": "application/msgpack"},
+    )
+    assert response.status == 422
+    answer = await response.json()
+    assert f"takes at most {MAX_INSTANCES} instances, got {MAX_INSTANCES + 76}" in answer["detail"]
+    assert answer["errors"] == [{"loc": "instances", "msg": f"more than {MAX_INSTANCES} instances"}]
 
 
 async def test_two_request_timeout_fields_are_400_as_two_values_in_one_are(demo_client: Client) -> None:
