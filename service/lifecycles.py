@@ -95,9 +95,10 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
             # again and records were written twice, with nothing said anywhere.
             log.warning(
                 "redis_not_persistent",
-                lost_at_restart="idempotency answers, the dedup window's record ids, keys stored in Redis",
+                lost_at_restart=REDIS_STATE,
                 fix="snapshots (save) or appendonly yes",
             )
+        restart_checks = restart_watch(app_metrics, redis)
         sample_redis = app_metrics.samplers["redis_breaker"] = redis_sampler(app_metrics, redis)
 
         def redis_problem() -> str | None:
@@ -139,7 +140,45 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     if limiter is not None:
         await limiter.close()
     if redis is not None:
+        for check in restart_checks:
+            check.cancel()
+        await asyncio.gather(*restart_checks, return_exceptions=True)
         await redis.close()
+
+
+REDIS_STATE = "idempotency answers, the dedup window's record ids, keys stored in Redis"
+
+
+def restart_watch(app_metrics: Metrics, redis: SharedRedis) -> set[asyncio.Task[None]]:
+    """Each restart of Redis a new connection meets is counted
+    (``mlgate_redis_restarts_total``) and logged (``redis_restarted``, with what a
+    Redis that keeps nothing on disk lost). A review: Redis restarted empty while
+    mlgate ran, and nothing at all was said of it. The logging in flight, for shutdown."""
+    checks: set[asyncio.Task[None]] = set()
+
+    async def say() -> None:
+        persistent = await redis.persistent()
+        log.warning(
+            "redis_restarted",
+            run_id=redis.run_id,
+            persistent=persistent,
+            lost=REDIS_STATE if persistent is False else "what it had not saved yet",
+        )
+
+    def said(task: asyncio.Task[None]) -> None:
+        checks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("redis_restart_log_crashed", error=repr(error))
+            app_metrics.background_task_crashes.labels("redis-restart-log").inc()
+
+    def restarted() -> None:
+        app_metrics.redis_restarts.inc()
+        task = asyncio.get_running_loop().create_task(say())
+        checks.add(task)
+        task.add_done_callback(said)
+
+    redis.on_restarted.append(restarted)
+    return checks
 
 
 async def record_sink(app: web.Application) -> AsyncIterator[None]:

@@ -131,6 +131,11 @@ class Metrics:
             "Calls served from in-process state because Redis failed or its breaker was open",
             ["operation"], registry=r,
         )
+        self.redis_restarts = Counter(
+            "mlgate_redis_restarts",
+            "Times Redis answered again as another run of itself (restarted, with only what it kept on disk)",
+            registry=r,
+        )
         self.model_load_failures = Counter(
             "mlgate_model_load_failures",
             "Loads of a model version that failed (its file, its config or its warm-up run); "

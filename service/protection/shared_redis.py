@@ -30,11 +30,18 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisClusterException, RedisError
+from redis.exceptions import (
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from mlgate.config import Settings
 from mlgate.workers.breaker import Breaker, BreakerOpen
@@ -66,6 +73,11 @@ class SharedRedis:
         on_fallback: Callable[[str], None] | None = None,
     ) -> None:
         self.cluster = mode == "cluster"
+        # The run of Redis the last connection met (``_connected``; standalone only: a
+        # cluster's master restarting is a failover, its replica kept the data), and
+        # what is told when a new connection meets another.
+        self.run_id: str | None = None
+        self.on_restarted: list[Callable[[], None]] = []
         try:
             self.client: aioredis.Redis | RedisCluster = (
                 _cluster_client(url, timeout_s) if self.cluster else aioredis.Redis.from_url(
@@ -77,6 +89,7 @@ class SharedRedis:
                     retry=Retry(NoBackoff(), 0),
                     retry_on_timeout=False,
                     client_name="mlgate",
+                    redis_connect_func=self._connected,
                 )
             )
         except ValueError as exc:  # a scheme or database redis-py does not take
@@ -283,6 +296,26 @@ class SharedRedis:
             return None
         return bool(str(save["save"]).strip()) or str(appendonly["appendonly"]).lower() == "yes"
 
+    async def _connected(self, connection: AbstractConnection) -> None:
+        """redis-py's hook for each new connection: set up as ever, then the server's
+        ``run_id`` read (``INFO server``). Another one than before is another run of
+        Redis, with only what it kept on disk: ``on_restarted`` is told. (redis-py
+        replaces a connection Redis closed before using it, so a restart between calls
+        fails none of them: nothing else would tell.)"""
+        await connection.on_connect()
+        try:
+            await connection.send_command("INFO", "server")
+            info = await connection.read_response()
+        except ResponseError:  # refused or renamed (as managed Redis may): nothing learnt
+            return
+        run_id = _run_id(info)
+        if run_id is None:
+            return
+        previous, self.run_id = self.run_id, run_id
+        if previous is not None and run_id != previous:
+            for callback in self.on_restarted:
+                callback()
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -311,6 +344,16 @@ class SharedRedis:
 _WRITE_REFUSALS = ("OOM command not allowed", "READONLY", "MISCONF", "NOREPLICAS")
 WRITE_PROBE_KEY = "mlgate:write-probe"
 WRITE_PROBE_TTL_MS = 10_000
+
+
+def _run_id(info: object) -> str | None:
+    """The ``run_id`` field of an ``INFO server`` answer as the connection read it."""
+    text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == "run_id" and value.strip():
+            return value.strip()
+    return None
 
 
 def _refuses_writes(exc: BaseException) -> bool:

@@ -1,9 +1,11 @@
 """Redis that answers reads but refuses writes (out of memory under ``noeviction``) is
 down for mlgate until a write succeeds: /ready and the gauges say so the whole time.
-A Redis that would forget everything at a restart is named at start."""
+A Redis that would forget everything at a restart is named at start, and a restart
+while serving is logged and counted."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -106,3 +108,55 @@ async def test_a_persistent_redis_is_not_warned_of(
     finally:
         await operator.config_set("save", "")  # no dump.rdb left where the tests run
     assert not [entry for entry in logs if entry["event"] == "redis_not_persistent"]
+
+
+async def _ingest_until_recovered(client: Any, key: str) -> None:
+    """Ingests with an Idempotency-Key (each a Redis call) until one is answered 202:
+    the first after a restart fails on the dead connection, a later one reconnects."""
+    for attempt in range(50):
+        response = await client.post(
+            "/api/v2/ingest", json=INGEST, headers={"X-API-Key": key, "Idempotency-Key": f"after-{attempt}"}
+        )
+        if response.status == 202:
+            return
+        await ready_once(client, lambda body: "degraded" not in body)
+
+
+async def test_redis_restarted_while_serving_is_logged_and_counted(
+    app_client, secured, api_keys: KeyMaker, redis_server: ManagedProcess
+) -> None:
+    """A review: Redis restarted empty while mlgate ran (every idempotency answer and
+    dedup id gone), and only ``redis_unavailable`` and ``redis_recovered`` were said."""
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    await _ingest_until_recovered(client, key)
+    redis_server.stop()
+    redis_server.start()
+    with capture_logs() as logs:
+        await _ingest_until_recovered(client, key)
+        await ready_once(client, lambda body: any(entry["event"] == "redis_restarted" for entry in logs))
+    restarted = [entry for entry in logs if entry["event"] == "redis_restarted"]
+    assert len(restarted) == 1 and restarted[0]["persistent"] is False
+    assert "idempotency answers" in restarted[0]["lost"]
+    assert client.app[METRICS].registry.get_sample_value("mlgate_redis_restarts_total") == 1.0
+
+
+async def test_redis_back_after_an_outage_without_a_restart_is_no_restart(
+    app_client, secured, api_keys: KeyMaker, redis_server: ManagedProcess
+) -> None:
+    key = api_keys.create(scopes="ingest")
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)  # frozen: calls time out, then answer again
+    try:
+        frozen = await client.post(
+            "/api/v2/ingest", json=INGEST, headers={"X-API-Key": key, "Idempotency-Key": "frozen"}
+        )
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert frozen.status == 503
+    with capture_logs() as logs:
+        await _ingest_until_recovered(client, key)
+    assert "redis_recovered" in [entry["event"] for entry in logs]
+    assert not [entry for entry in logs if entry["event"] == "redis_restarted"]
+    assert client.app[METRICS].registry.get_sample_value("mlgate_redis_restarts_total") == 0.0
