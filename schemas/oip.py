@@ -39,6 +39,10 @@ Datatype = Literal[
     "BF16",
 ]
 Parameters = dict[str, str | int | float | bool]
+# Triton's own parameters are a dozen; custom ones ride beside them. A map is built
+# whole before its length is checked: a body's are counted first (``check_tensor_budget``).
+MAX_PARAMETERS = 256
+RequestParameters = Annotated[Parameters, msgspec.Meta(max_length=MAX_PARAMETERS)]
 TensorName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Shape = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_RANK)]
 
@@ -47,20 +51,20 @@ class RequestInput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     name: TensorName
     shape: Shape
     datatype: Datatype
-    parameters: Parameters = {}
+    parameters: RequestParameters = {}
     # Row-major values, flat or nested; absent when the tensor travels as binary data.
     data: list[Any] | None = None
 
 
 class RequestOutput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: TensorName
-    parameters: Parameters = {}
+    parameters: RequestParameters = {}
 
 
 class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     inputs: Annotated[list[RequestInput], msgspec.Meta(min_length=1, max_length=MAX_TENSORS)]
     id: Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)] | None = None
-    parameters: Parameters = {}
+    parameters: RequestParameters = {}
     outputs: Annotated[list[RequestOutput], msgspec.Meta(max_length=MAX_TENSORS)] | None = None
 
 

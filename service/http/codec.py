@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from enum import Enum
 from typing import Any, TypeVar
 
 import msgspec
+import simdjson
 from aiohttp import web
 
 from mlgate.schemas.problem import FieldError
@@ -296,6 +298,29 @@ def respond(
 # true, 1e400 (ValueError, TypeError), an integer below -2**63 (RuntimeError:
 # BIGINT_ERROR; msgspec takes it as a float). Its callers then decode with msgspec.
 SIMDJSON_REFUSALS = (ValueError, TypeError, RuntimeError)
+
+
+def json_outline(body: bytes, read: Callable[[Any], T]) -> T | None:
+    """``read`` of the JSON document ``body``, as simdjson parses it: its arrays' and
+    objects' lengths read before msgspec builds them, which it does whole before
+    checking a schema's ``max_length`` (a review: 5M empty records in 15 MB held the
+    loop a second and took 250 MB before their 422). The parse is C++, about 5 ms a
+    MB whatever the body holds, with a parser of its own (whose buffers go with it).
+    400 for a body that is no JSON at all; None where simdjson refuses what msgspec
+    may take (a number out of range: its typed decoding decides)."""
+    parser = simdjson.Parser()
+    try:
+        document = parser.parse(body)
+    except SIMDJSON_REFUSALS as exc:
+        raise_parser_misuse(exc)
+        error = syntax_error(body, Format.JSON)
+        if error is not None:
+            raise undecodable(error, Format.JSON) from None
+        return None
+    try:
+        return read(document)
+    finally:
+        del document
 
 
 def raise_parser_misuse(exc: Exception) -> None:

@@ -45,6 +45,7 @@ from mlgate.service.http.codec import (
     Format,
     bounded,
     decode,
+    json_outline,
     location,
     raise_parser_misuse,
     undecodable,
@@ -153,6 +154,12 @@ class RecordValidator:
         Bytes that are not JSON / msgpack at all are 400 even when msgspec meets a
         schema error first: the envelope decoding (``codec.decode``) tells them apart."""
         limit = self._settings.max_batch_records
+        if fmt is Format.JSON and len(body) > MAX_BATCH_RECORD_BYTES:
+            # msgpack states its arrays' lengths up front, and msgspec refuses one over
+            # the limit before building it; a JSON array is counted first.
+            sent = json_outline(body, _records_sent)
+            if sent is not None and sent > limit:
+                raise _too_many(sent, limit)
         if len(body) > MAX_BATCH_RECORD_BYTES and _holds_oversized_record(body, fmt):
             # Only the record-by-record path measures records: the others would take a
             # record it refuses, its fate hanging on its neighbours (a review).
@@ -201,10 +208,7 @@ class RecordValidator:
     @staticmethod
     def _at_most(items: list[Decoded], limit: int) -> list[Decoded]:
         if len(items) > limit:
-            raise ValidationFailed(
-                f"A batch holds at most {limit} records, got {len(items)}",
-                errors=[FieldError(loc="records", msg=f"at most {limit} records")],
-            )
+            raise _too_many(len(items), limit)
         return items
 
     def _with_features_text(self, body: bytes, limit: int) -> tuple[str, Sequence[Decoded]] | None:
@@ -652,6 +656,19 @@ _POINT = ord(".")
 # A double's shortest repr takes at most 24 characters (``-2.2250738585072014e-308``),
 # then a comma and a blank.
 _PLAIN_NUMBER_BYTES = 26
+
+
+def _too_many(sent: int, limit: int) -> ValidationFailed:
+    return ValidationFailed(
+        f"A batch holds at most {limit} records, got {sent}",
+        errors=[FieldError(loc="records", msg=f"at most {limit} records")],
+    )
+
+
+def _records_sent(document: object) -> int | None:
+    """How many records a JSON batch's ``records`` array holds (``json_outline``)."""
+    records = document.get("records") if isinstance(document, simdjson.Object) else None
+    return len(records) if isinstance(records, simdjson.Array) else None
 
 
 def _holds_oversized_record(body: bytes, fmt: Format) -> bool:
