@@ -18,6 +18,7 @@ from aiohttp import web
 
 from mlgate.config import Settings
 from mlgate.schemas.problem import Problem
+from mlgate.service.http.compression import preferred_coding
 from mlgate.service.http.routing import BODY_TYPES, Route, add_static
 
 REF = "#/components/schemas/{name}"
@@ -351,28 +352,7 @@ def docs_routes(documented: list[Route], version: str, settings: Settings) -> li
 def accepts_gzip(accept_encoding: str) -> bool:
     """Whether an ``Accept-Encoding`` takes gzip (RFC 9110, 12.5.3): its weight, as
     ``gzip`` or ``x-gzip`` (the higher, if both), else as ``*``, is above 0."""
-    named: float | None = None
-    anything: float | None = None
-    for item in accept_encoding.split(","):
-        coding, *params = item.split(";")
-        coding = coding.strip().lower()
-        if coding not in ("gzip", "x-gzip", "*"):
-            continue
-        weight = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    weight = float(value.strip())
-                except ValueError:
-                    weight = 0.0
-        if coding == "*":
-            anything = weight if anything is None else max(anything, weight)
-        else:
-            named = weight if named is None else max(named, weight)
-    chosen = named if named is not None else anything
-    return chosen is not None and chosen > 0
-    return False
+    return preferred_coding(accept_encoding, ("gzip",)) == "gzip"
 
 
 def add_docs_assets(app: web.Application) -> None:

@@ -49,8 +49,10 @@ import structlog
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
 
+from mlgate.schemas.oip import InferenceResponse
 from mlgate.schemas.predict import PredictRequest, PredictV1Request
 from mlgate.service.http.codec import Format, encode, media_format, preferred_format
+from mlgate.service.http.compression import answer_coding, compress
 from mlgate.service.http.errors import ApiError
 from mlgate.service.http.front_door import (
     CLIENT_CLOSED_REQUEST,
@@ -64,13 +66,18 @@ from mlgate.service.http.front_door import (
     problem_headers,
 )
 from mlgate.service.predict.flow import ROW_BUDGET_FROM_BYTES, json_feature_row, predict, resolve
-from mlgate.service.predict.tensors import HEADER_LENGTH
 from mlgate.service.protection.api_keys import ApiKey
 from mlgate.service.protection.audit import Caller
 from mlgate.service.protection.middleware import over_limit
 from mlgate.service.routes.ingest import PATH as INGEST_PATH
 from mlgate.service.routes.ingest import ingest_batch
-from mlgate.service.routes.oip import INFER_PATHS, BinaryAnswer, answer_infer, decode_infer_body
+from mlgate.service.routes.oip import (
+    INFER_PATHS,
+    BinaryAnswer,
+    answer_infer,
+    decode_infer_body,
+    infer_answer,
+)
 from mlgate.service.routes.predict import V1_PATH, V2_PATH, v1_answer
 from mlgate.service.state import (
     DRAINING,
@@ -210,6 +217,19 @@ class _InferRoute:
         return await answer_infer(
             self._app, loaded, decoded, headers, started, caller.request_id or ""
         )
+
+
+    async def answer(
+        self, answer: InferenceResponse | BinaryAnswer, headers: Mapping[str, str]
+    ) -> tuple[bytes, str, dict[str, str]]:
+        """(body, content type, its own headers), compressed as the request asks, as
+        the app's handler answers."""
+        body, content_type, fields = infer_answer(answer, headers)
+        coding = answer_coding(headers.get("Accept-Encoding"), body)
+        if coding is not None:
+            body = await compress(body, coding)
+            fields["Content-Encoding"] = coding
+        return body, content_type, fields
 
 
 _Route = _PredictRoute | _IngestRoute | _InferRoute
@@ -368,9 +388,10 @@ class ExpressLane:
                 if not decision.allowed:
                     raise over_limit(decision, limit_fields)
             answer = await route.run(payload, body_format, caller, started, deadline)
-            if isinstance(answer, BinaryAnswer):
-                fields[HEADER_LENGTH] = str(answer.header_length)
-                return answer.body, "application/octet-stream", route.status
+            if isinstance(route, _InferRoute):
+                body, content_type, headers = await route.answer(answer, payload[2])
+                fields.update(headers)
+                return body, content_type, route.status
             return encode(answer, fmt), fmt.value, route.status
         except ApiError as exc:
             error = exc

@@ -57,10 +57,13 @@ from mlgate.service.http.codec import (
     Format,
     decode,
     decode_json_non_finite,
+    encode,
     json_encoder,
     media_format,
+    preferred_format,
     respond,
 )
+from mlgate.service.http.compression import answer_coding, compress
 from mlgate.service.http.context import REQUEST_ID, WORK_BEGAN, arrived
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound, Unavailable
 from mlgate.service.http.routing import Route
@@ -242,13 +245,24 @@ async def infer(request: web.Request) -> web.Response:
     answer = await answer_infer(
         request.app, loaded, decoded, request.headers, started, request[REQUEST_ID]
     )
-    if isinstance(answer, InferenceResponse):
-        return respond(request, answer)
-    return web.Response(
-        body=answer.body,
-        headers={HEADER_LENGTH: str(answer.header_length)},
-        content_type="application/octet-stream",
-    )
+    body, content_type, headers = infer_answer(answer, request.headers)
+    coding = answer_coding(request.headers.get("Accept-Encoding"), body)
+    if coding is not None:
+        body = await compress(body, coding)
+        headers["Content-Encoding"] = coding
+    # The content type first, as the express lane writes it.
+    return web.Response(body=body, headers={"Content-Type": content_type, **headers})
+
+
+def infer_answer(
+    answer: InferenceResponse | BinaryAnswer, headers: Mapping[str, str]
+) -> tuple[bytes, str, dict[str, str]]:
+    """An infer answer's (body, content type, headers), before any compression: JSON
+    or msgpack as ``Accept`` prefers, or the binary tensor extension's bytes."""
+    if isinstance(answer, BinaryAnswer):
+        return answer.body, "application/octet-stream", {HEADER_LENGTH: str(answer.header_length)}
+    fmt = preferred_format(headers.get("Accept"))
+    return encode(answer, fmt), fmt.value, {}
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -468,6 +482,17 @@ def _routes() -> list[Route]:
         "required": False,
         "schema": {"type": "integer"},
     }
+    accept_encoding = {
+        "name": "Accept-Encoding",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": (
+            "gzip or deflate (RFC 9110 weights): the answer compressed in it, with "
+            f"Content-Encoding, as Triton does ({HEADER_LENGTH} still counts the "
+            "uncompressed JSON header)"
+        ),
+    }
     ops = [
         Route("get", "/v2", server_metadata, "OIP server metadata", _OIP, {200: ServerMetadata}, scope="any"),
         # Before ``/v2/models/{model}``, as Triton reads it: not a model named "stats".
@@ -533,7 +558,7 @@ def _routes() -> list[Route]:
                 request=InferenceRequest,
                 scope="predict",
                 request_media=("application/json", "application/octet-stream", "application/msgpack", "application/x-msgpack"),
-                parameters=[infer_header, TIMEOUT_PARAMETER],
+                parameters=[infer_header, accept_encoding, TIMEOUT_PARAMETER],
             ),
         ]
     for action, summary in (("load", "Load or reload a model"), ("unload", "Unload a model")):

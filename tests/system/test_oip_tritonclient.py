@@ -177,6 +177,16 @@ def test_gzip_compressed_binary_request_is_accepted(server: LiveServer) -> None:
     np.testing.assert_allclose(result.as_numpy("probabilities"), direct(data), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_a_compressed_answer_asked_for_is_read_by_the_client(
+    server: LiveServer, coding: str, binary: bool
+) -> None:
+    data = rows(200, seed=6)  # outputs of 1.6 KB: compressed
+    result = infer(server.client(), data, binary=binary, response_compression_algorithm=coding)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), direct(data), rtol=1e-5, atol=1e-6)
+
+
 def test_wrong_input_shape_is_refused_with_422(server: LiveServer) -> None:
     tensor = httpclient.InferInput("input", [1, 64], "FP32")
     tensor.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))

@@ -41,16 +41,16 @@ def json_infer(**parameters: Any) -> dict[str, Any]:
     return request
 
 
-def binary_infer(binary_outputs: bool = True) -> tuple[bytes, dict[str, str]]:
+def binary_infer(binary_outputs: bool = True, rows: int = 1) -> tuple[bytes, dict[str, str]]:
     """Binary input tensors, and binary outputs if asked: what tritonclient sends."""
-    tensor = {"binary_data_size": 128 * 4}
+    tensor = {"binary_data_size": rows * 128 * 4}
     request: dict[str, Any] = {
-        "inputs": [{"name": "input", "shape": [1, 128], "datatype": "FP32", "parameters": tensor}]
+        "inputs": [{"name": "input", "shape": [rows, 128], "datatype": "FP32", "parameters": tensor}]
     }
     if binary_outputs:
         request["parameters"] = {"binary_data_output": True}
     header = msgspec.json.encode(request)
-    body = header + np.asarray(ROW, dtype="<f4").tobytes()
+    body = header + np.asarray(ROW * rows, dtype="<f4").tobytes()
     return body, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
 
@@ -266,3 +266,50 @@ async def test_a_boolean_timeout_parameter_is_no_deadline(served: ServeFactory) 
         INFER, msgspec.json.encode(infer), **{"Content-Type": "application/json"}
     )
     assert response.status == 200  # not a 1 µs deadline: True is not a number of µs
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "coding"),
+    [
+        ("gzip", "gzip"),
+        ("deflate", "deflate"),
+        ("gzip;q=0.5, deflate", "deflate"),
+        ("x-gzip", "gzip"),
+        ("*", "gzip"),
+        ("gzip;q=0", None),
+        ("br", None),
+    ],
+)
+async def test_an_infer_answer_is_compressed_as_accept_encoding_asks_in_the_lane_as_by_the_app(
+    served: ServeFactory, tmp_path: Path, accept_encoding: str, coding: str | None
+) -> None:
+    """A review: tritonclient's ``response_compression_algorithm`` asks for a gzip or
+    deflate answer, which Triton sends; every answer came uncompressed."""
+    servers = await lane_and_app(served, tmp_path)
+    rows = [{"name": "input", "shape": [32, 128], "datatype": "FP32", "data": ROW * 32}]
+    body = msgspec.json.encode({"inputs": rows})  # an answer of 64 numbers: over 1 KB
+    headers = {"Content-Type": "application/json", "Accept-Encoding": accept_encoding}
+    by_lane, by_app = await both(servers, INFER, body, **headers)
+    assert servers[0].taken == 1
+    assert by_lane.status == by_app.status == 200
+    assert by_lane.headers.get("Content-Encoding") == by_app.headers.get("Content-Encoding") == coding
+    assert await by_lane.read() == await by_app.read()  # as the client decompresses it
+    assert msgspec.json.decode(await by_lane.read())["outputs"][0]["name"] == "probabilities"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_binary_infer_answer_is_compressed_whole_its_header_length_uncompressed(
+    served: ServeFactory, tmp_path: Path, coding: str
+) -> None:
+    servers = await lane_and_app(served, tmp_path)
+    body, headers = binary_infer(rows=200)  # an answer of 1.6 KB of outputs
+    by_lane, by_app = await both(servers, INFER, body, **headers, **{"Accept-Encoding": coding})
+    assert servers[0].taken == 1
+    for answer in (by_lane, by_app):
+        assert answer.status == 200 and answer.headers["Content-Encoding"] == coding
+        plain = await answer.read()
+        header = msgspec.json.decode(plain[: int(answer.headers[HEADER_LENGTH])])
+        assert header["outputs"][0]["parameters"]["binary_data_size"] == len(plain) - int(
+            answer.headers[HEADER_LENGTH]
+        )
+    assert await by_lane.read() == await by_app.read()
