@@ -90,14 +90,8 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
         await redis.check_mode()
         if not await redis.ping():
             log.warning("redis_unreachable_at_start", fallback="in-process state")
-        elif await redis.persistent() is False:
-            # A review: Redis restarted empty, and retries with an Idempotency-Key ran
-            # again and records were written twice, with nothing said anywhere.
-            log.warning(
-                "redis_not_persistent",
-                lost_at_restart=REDIS_STATE,
-                fix="snapshots (save) or appendonly yes",
-            )
+        else:
+            await check_redis_config(redis)
         restart_checks = restart_watch(app_metrics, redis)
         sample_redis = app_metrics.samplers["redis_breaker"] = redis_sampler(app_metrics, redis)
 
@@ -149,6 +143,26 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
 REDIS_STATE = "idempotency answers, the dedup window's record ids, keys stored in Redis"
 
 
+async def check_redis_config(redis: SharedRedis) -> None:
+    """Warn of a Redis that would lose mlgate's state: one keeping nothing over a
+    restart (a review: Redis restarted empty, and retries with an Idempotency-Key ran
+    again and records were written twice, with nothing said anywhere), and one that
+    evicts any key when full (a review: one tenant's flood of record ids evicted the
+    keys stored in Redis, and every tenant was answered 401)."""
+    if await redis.persistent() is False:
+        log.warning(
+            "redis_not_persistent", lost_at_restart=REDIS_STATE, fix="snapshots (save) or appendonly yes"
+        )
+    policy = await redis.eviction_policy()
+    if policy is not None and policy.startswith("allkeys-"):
+        log.warning(
+            "redis_evicts_any_key",
+            maxmemory_policy=policy,
+            lost_when_full=REDIS_STATE,
+            fix="maxmemory-policy noeviction (or volatile-*, which spares the keys), and memory for every tenant's budgets",
+        )
+
+
 def restart_watch(app_metrics: Metrics, redis: SharedRedis) -> set[asyncio.Task[None]]:
     """Each restart of Redis a new connection meets is counted
     (``mlgate_redis_restarts_total``) and logged (``redis_restarted``, with what a
@@ -164,6 +178,8 @@ def restart_watch(app_metrics: Metrics, redis: SharedRedis) -> set[asyncio.Task[
             persistent=persistent,
             lost=REDIS_STATE if persistent is False else "what it had not saved yet",
         )
+        if (policy := await redis.eviction_policy()) is not None and policy.startswith("allkeys-"):
+            log.warning("redis_evicts_any_key", maxmemory_policy=policy, lost_when_full=REDIS_STATE)
 
     def said(task: asyncio.Task[None]) -> None:
         checks.discard(task)

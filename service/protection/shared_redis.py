@@ -316,6 +316,17 @@ class SharedRedis:
             for callback in self.on_restarted:
                 callback()
 
+    async def eviction_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy``; None when it does not say (as ``persistent``)."""
+        if isinstance(self.client, RedisCluster):
+            return None
+        try:
+            policy = await self.client.config_get("maxmemory-policy")
+        except (RedisError, OSError, TimeoutError):
+            return None
+        value = policy.get("maxmemory-policy")
+        return str(value) if value is not None else None
+
     async def close(self) -> None:
         await self.client.aclose()
 

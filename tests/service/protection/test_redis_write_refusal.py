@@ -160,3 +160,17 @@ async def test_redis_back_after_an_outage_without_a_restart_is_no_restart(
     assert "redis_recovered" in [entry["event"] for entry in logs]
     assert not [entry for entry in logs if entry["event"] == "redis_restarted"]
     assert client.app[METRICS].registry.get_sample_value("mlgate_redis_restarts_total") == 0.0
+
+
+@pytest.mark.parametrize(("policy", "warned"), [("allkeys-lru", True), ("volatile-lru", False), ("noeviction", False)])
+async def test_a_redis_that_evicts_any_key_when_full_is_named_at_start(
+    app_client, secured, redis_server: ManagedProcess, operator: aioredis.Redis, policy: str, warned: bool
+) -> None:
+    """A review: under ``allkeys-lru`` one tenant's flood of record ids evicted the keys
+    stored in Redis, and every tenant was answered 401; nothing had said the policy
+    could."""
+    await operator.config_set("maxmemory-policy", policy)
+    with capture_logs() as logs:
+        await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    evicts = [entry for entry in logs if entry["event"] == "redis_evicts_any_key"]
+    assert [entry["maxmemory_policy"] for entry in evicts] == ([policy] if warned else [])
