@@ -86,7 +86,7 @@ async def serve(
     restarted: bool = False,
 ) -> int:
     """Serve until SIGTERM/SIGINT; the exit code (0 drained in budget, 1 budget exceeded).
-    ``on_turn``: called from the event loop every ``HEARTBEAT_S`` once serving (the
+    ``on_turn``: called from the event loop every ``HEARTBEAT_S`` from the start (the
     supervisor's sign that the loop turns). ``on_ready``, ``on_reloaded`` (with the
     reload hooks that failed): for a supervisor, which tells systemd, else systemd.
     ``host_problem``: the supervisor's, for /ready (a sibling process that cannot start).
@@ -106,6 +106,10 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+    if on_turn is not None:
+        # From the start: a loop that stops turning before it serves is hung too (a
+        # review: a process stuck in its start-up was never killed, nor said to be).
+        _every(loop, HEARTBEAT_S, on_turn)
 
     with _start_up_step(lambda exc: setting_behind(exc, settings)):
         app = create_app(settings)
@@ -164,8 +168,6 @@ async def serve(
         tls=ssl_context is not None,
         worker_index=settings.worker_index,
     )
-    if on_turn is not None:
-        _every(loop, HEARTBEAT_S, on_turn)
     if on_ready is not None:
         on_ready()
     else:

@@ -317,21 +317,26 @@ class Supervisor:
             log.info("supervisor_reload_finished", failed=sorted(self._reload_failed))
 
     def _kill_hung(self) -> None:
-        """Kill a serving child whose event loop has not turned for
-        ``worker_timeout_s`` (its death is then a death as any other: restarted, and
+        """Kill a child whose event loop has not turned for ``worker_timeout_s``, serving
+        or still starting (its death is then a death as any other: restarted, and
         counted towards a crash loop). Hung, it still holds its share of the port: a
         review saw a stopped process leave half the connections, health checks
-        included, unanswered while its siblings said ready. Not while stopping: the
+        included, unanswered while its siblings said ready; another saw one stuck in
+        its start-up wait there for good, unsaid. Its loop turns while it starts (a
+        model loads in a thread, Kafka and Redis are awaited). Not while stopping: the
         budget's own kill covers that."""
         if self._stop_signal is not None:
             return
         now = time.monotonic()
         for index, (process, ready) in self._children.items():
             last = self._beats[index].value
-            if not ready.is_set() or not last or now - last <= self._settings.worker_timeout_s:
+            if not last or now - last <= self._settings.worker_timeout_s:
                 continue
             if process.is_alive():
-                log.error("worker_hung", index=index, pid=process.pid, silent_s=round(now - last, 1))
+                log.error(
+                    "worker_hung", index=index, pid=process.pid, silent_s=round(now - last, 1),
+                    serving=ready.is_set(),
+                )
                 self._count_restart("hung")
                 self._killed_hung.add(index)  # its death is this restart, not another
                 process.kill()

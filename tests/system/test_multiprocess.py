@@ -27,6 +27,7 @@ from tests.service_process import (
     notify_socket,
     receive_until,
 )
+from tests.support import KafkaBroker
 
 REQUESTS = 40
 INGEST_202 = ("mlgate_http_requests_total", (("method", "POST"), ("route", "/api/v2/ingest"), ("status", "202")))
@@ -300,6 +301,39 @@ def test_a_hung_process_is_killed_and_replaced(service_process: ServiceFactory) 
         scraped = response.read().decode()
     assert 'mlgate_worker_restarts_total{reason="hung"} 1.0' in scraped
     assert 'reason="died"' not in scraped  # one restart, counted once
+
+
+def test_a_process_hung_before_it_serves_is_killed_and_replaced(
+    service_process: ServiceFactory, private_kafka_broker: KafkaBroker
+) -> None:
+    """A review: a process restarted and stuck in its start-up (its event loop
+    blocked) was never killed nor said to be: only serving ones were watched. A frozen
+    broker holds a restart's start-up ~5 s; the new process is stopped meanwhile."""
+    with notify_socket() as (path, sock):
+        service = service_process(
+            "--workers", "2", wait=False, NOTIFY_SOCKET=path, MLGATE_PER_PROCESS_STATE="true",
+            MLGATE_WORKER_TIMEOUT_S="1", MLGATE_KAFKA_BOOTSTRAP_SERVERS=private_kafka_broker.bootstrap,
+        )
+        receive_until(sock, "READY=1")
+    first = serving_children(service.pid)
+    assert private_kafka_broker.process is not None
+    private_kafka_broker.process.send_signal(signal.SIGSTOP)
+    try:
+        os.kill(sorted(first)[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while service.output.read_text(errors="replace").count('"local_log_started"') < 3:
+            assert time.monotonic() < deadline, service.tail()
+            time.sleep(0.05)
+        [stuck] = serving_children(service.pid) - first
+        os.kill(stuck, signal.SIGSTOP)
+        while stuck in serving_children(service.pid):
+            assert time.monotonic() < deadline, service.tail()
+            time.sleep(0.1)
+    finally:
+        private_kafka_broker.process.send_signal(signal.SIGCONT)
+    hung = [line for line in service.tail(200).splitlines() if '"worker_hung"' in line]
+    assert len(hung) == 1 and '"serving":false' in hung[0]
+    wait_for_two_serving(service)
 
 
 def wait_for_two_serving(service: ServiceProcess) -> None:

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from mlgate.config import Settings
 from mlgate.workers.errors import WorkerClosed
+from mlgate.workers.inference import repository as repository_module
 from mlgate.workers.inference.model_config import TensorSpec
 from mlgate.workers.inference.repository import (
     IndexEntry,
@@ -226,6 +227,21 @@ async def test_broken_reload_of_a_serving_version_keeps_the_loaded_one(
     assert entry.state == "READY" and "keeps serving" in entry.reason
 
 
+async def test_a_serving_versions_file_become_a_link_to_nowhere_keeps_the_loaded_one(
+    repo_root: Path, start_repository: Any
+) -> None:
+    """A review: a model file turned into a link to nowhere (a blob-store mount gone)
+    retired the serving version as if removed: 404s, an info line, no failure counted."""
+    path = add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    (path / "model.onnx").unlink()
+    os.symlink("/nonexistent/model.onnx", path / "model.onnx")
+    await repo.poll()
+    assert (await predict(repo))[0] == "1"
+    entry = repo.index()[0]
+    assert entry.state == "READY" and "keeps serving" in entry.reason
+
+
 def fails_at_run_time() -> bytes:
     """A valid graph whose first run fails: 128 values cannot be reshaped to [3, -1]."""
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [3, -1])
@@ -309,6 +325,65 @@ async def test_a_config_linked_to_itself_is_an_invalid_config(
     assert (await predict(repo))[0] == "1"
     [entry] = repo.index()
     assert entry.reason.startswith("config.json: ") and "keeps serving" in entry.reason
+
+
+def unblock_later(fifo: Path, after_s: float) -> threading.Timer:
+    """Writes to ``fifo`` after ``after_s`` if a reader waits on it: a regression then
+    fails its test rather than hanging the run."""
+
+    def unblock() -> None:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # no reader: nothing waits
+            return
+        os.write(fd, b"{}")
+        os.close(fd)
+
+    timer = threading.Timer(after_s, unblock)
+    timer.start()
+    return timer
+
+
+async def test_a_fifo_as_config_is_an_invalid_config_and_stops_nothing(
+    repo_root: Path, start_repository: Any
+) -> None:
+    """A review: a FIFO as a model's config.json stopped the whole event loop, /health
+    included, until something wrote to it; nothing was logged."""
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    fifo = repo_root / "demo" / "config.json"
+    os.mkfifo(fifo)
+    timer = unblock_later(fifo, 5)
+    try:
+        await repo.poll()
+    finally:
+        timer.cancel()
+    assert (await predict(repo))[0] == "1"
+    [entry] = repo.index()
+    assert "not a regular file" in entry.reason and "keeps serving" in entry.reason
+
+
+async def test_a_config_json_is_read_again_only_once_it_changed(
+    repo_root: Path, start_repository: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a 35 MB config.json was read and parsed at every poll, 0.4 s of the
+    loop each time."""
+    add_version(repo_root, "demo", 1)
+    (repo_root / "demo" / "config.json").write_text(json.dumps({"kind": "classifier"}))
+    repo = await start_repository()
+    reads: list[Path] = []
+    original = repository_module.read_config
+    def counted(model_dir: Path, settings: Settings) -> Any:
+        reads.append(model_dir)
+        return original(model_dir, settings)
+
+    monkeypatch.setattr(repository_module, "read_config", counted)
+    await repo.poll()
+    await repo.poll()
+    assert reads == []
+    (repo_root / "demo" / "config.json").write_text(json.dumps({"kind": "classifier", "max_batch_size": 8}))
+    await repo.poll()
+    assert reads == [repo_root / "demo"]
 
 
 async def test_of_two_directories_naming_one_version_the_one_written_as_the_number_serves(

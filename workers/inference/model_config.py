@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mlgate.config import Settings
+from mlgate.workers.regular_file import read_regular
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
@@ -114,13 +115,20 @@ MAX_BATCH_SIZE = 65_536
 MAX_QUEUE_DELAY_MS = 10_000
 
 
+# Labels for a million classes take ~20 MB; more is no configuration.
+MAX_CONFIG_BYTES = 32 * 1024 * 1024
+
+
 def read_config(model_dir: Path, settings: Settings) -> ModelConfig:
+    """``model_dir``'s config.json (its defaults without one); ``ModelConfigError`` for
+    one that is not a regular file of at most ``MAX_CONFIG_BYTES`` of valid settings."""
     path = model_dir / CONFIG_FILE
     raw: object = {}
     if path.exists() or path.is_symlink():  # a link to nowhere, or to itself, is an error
         try:
-            raw = json.loads(path.read_text(), parse_constant=_not_a_number)
-        except (OSError, ValueError) as exc:
+            text = read_regular(path, MAX_CONFIG_BYTES, CONFIG_FILE).decode()
+            raw = json.loads(text, parse_constant=_not_a_number)
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             raise ModelConfigError(f"{CONFIG_FILE}: {exc}") from None
     if not isinstance(raw, dict):
         raise ModelConfigError(f"{CONFIG_FILE}: expected an object")
@@ -390,7 +398,11 @@ def versions_on_disk(model_dir: Path) -> dict[int, Path]:
             if not (name.isascii() and name.isdigit()) or int(name) == 0:
                 continue
             try:
-                if not entry.is_dir() or not (Path(entry.path) / MODEL_FILE).is_file():
+                model_file = Path(entry.path) / MODEL_FILE
+                # A link to nowhere is a version whose file is broken (its load fails,
+                # logged and counted, the previous load serving on), not one removed (a
+                # review: a blob-store mount gone retired a serving version silently).
+                if not entry.is_dir() or not (model_file.is_file() or model_file.is_symlink()):
                     continue
             except OSError:
                 continue

@@ -136,6 +136,8 @@ class ModelRepository:
         self._latest: dict[str, ModelVersion] = {}
         self._states: dict[str, dict[str, IndexEntry]] = {}
         self._failed: dict[tuple[str, str], tuple[int, ...]] = {}
+        # Each model's config.json as last read, by its file's fingerprint (``_config_of``).
+        self._configs: dict[str, tuple[tuple[int | bool, ...], ModelConfig | ModelConfigError]] = {}
         self._unloaded: set[str] = set()
         self._ignored: set[str] = set()  # directories whose names are not served, logged
         # One per model: an unload or a load of one model does not wait for another's
@@ -305,6 +307,24 @@ class ModelRepository:
         loaded = self.resolve(model, version)
         return loaded, loaded.worker.submit(inputs, deadline, request_id=request_id)
 
+    def _config_of(self, name: str, model_dir: Path) -> ModelConfig:
+        """``read_config``, read again only when its file changed (a review: a 35 MB
+        config.json read and parsed at every poll held the loop 0.4 s each time). In a
+        thread, under the model's lock."""
+        path = model_dir / CONFIG_FILE
+        # A link to nowhere (or to itself) is no absent file: an error, not the defaults.
+        fingerprint = (*file_fingerprint(path), path.is_symlink())
+        known = self._configs.get(name)
+        if known is None or known[0] != fingerprint:
+            try:
+                known = (fingerprint, read_config(model_dir, self.settings))
+            except ModelConfigError as exc:
+                known = (fingerprint, exc)
+            self._configs[name] = known
+        if isinstance(known[1], ModelConfigError):
+            raise known[1]
+        return known[1]
+
     def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
         entries: list[IndexEntry] = []
         # Only models not synced yet are looked at on disk: one of thousands of version
@@ -441,7 +461,7 @@ class ModelRepository:
             # stall of every request at each poll (a review).
             on_disk = await asyncio.to_thread(_versions_if_any, model_dir)
             try:
-                config = read_config(model_dir, self.settings)
+                config = await asyncio.to_thread(self._config_of, name, model_dir)
             except ModelConfigError as exc:
                 reason = self._in_repository(exc)
                 self._report_failures(name, states, on_disk, current, reason)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import structlog
 
 from mlgate.schemas.quality import ProfileKind, QualityProfile, encode_profile, profile_decoder
 from mlgate.workers.quality.profile import CompiledProfile, UnloadableProfile
+from mlgate.workers.regular_file import read_regular
 
 log = structlog.get_logger("mlgate.profiles")
 
@@ -261,7 +261,7 @@ class ProfileStore:
             signature = (info.st_size, info.st_mtime_ns)
             if previous is not None and previous.signature == signature:
                 return previous
-            profile = profile_decoder.decode(_profile_file(path))
+            profile = profile_decoder.decode(read_regular(path, MAX_PROFILE_BYTES, "a profile file"))
             if profile.kind != kind:
                 raise ValueError(f"a {profile.kind} profile where a {kind} profile belongs")
             return _Loaded(signature, CompiledProfile.compile(profile))
@@ -269,25 +269,6 @@ class ProfileStore:
             return None if listed else previous
         except (OSError, ValueError, msgspec.DecodeError) as exc:
             raise _LoadFailed((signature, str(exc)), previous) from exc
-
-
-def _profile_file(path: Path) -> bytes:
-    """The bytes of the profile file at ``path``: a regular file of at most
-    ``MAX_PROFILE_BYTES``. Opened without waiting and looked at before it is read: a
-    FIFO (a review: one the CLI's ``--output`` went to) blocked the refresh for good,
-    and with it every later reload, and a fresh process never started; a link to
-    ``/dev/zero`` would be read without end."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with open(fd, "rb", closefd=True) as file:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file (a FIFO, a device or a socket is not read)")
-        if info.st_size > MAX_PROFILE_BYTES:  # not read at all (a review: 256 MB a poll)
-            raise ValueError(f"{info.st_size} bytes, more than {MAX_PROFILE_BYTES}, the most a profile file may hold")
-        data = file.read(MAX_PROFILE_BYTES + 1)
-    if len(data) > MAX_PROFILE_BYTES:
-        raise ValueError(f"more than {MAX_PROFILE_BYTES} bytes, the most a profile file may hold")
-    return data
 
 
 def profile_file_bytes(profile: QualityProfile) -> bytes:
