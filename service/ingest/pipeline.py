@@ -186,6 +186,11 @@ class IngestPipeline:
         self._on_their_way: dict[str, int] = {}
 
     @property
+    def dedup(self) -> RecordDeduplicator:
+        """The record-id dedup its writes claim ids in."""
+        return self._dedup
+
+    @property
     def claim_lapse_s(self) -> float:
         """How long the ids of a write that may have landed stay claimed (none when
         record dedup is off)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from enum import Enum
 
 import msgspec
 from aiohttp import web
@@ -24,11 +25,12 @@ from mlgate.service.http.errors import (
 )
 from mlgate.service.http.front_door import as_api_error, error_log
 from mlgate.service.http.routing import Route
+from mlgate.service.ingest.dedup import RecordDeduplicator
 from mlgate.service.ingest.pipeline import IngestPipeline, refused
 from mlgate.service.ingest.streams import msgpack_records, ndjson_records
 from mlgate.service.ingest.validation import dimension_error
 from mlgate.service.protection.audit import Caller, audit_call, audit_request
-from mlgate.service.state import INGEST_PIPELINE, SETTINGS
+from mlgate.service.state import DRAINING, INGEST_PIPELINE, SETTINGS
 from mlgate.workers.breaker import BreakerOpen
 from mlgate.workers.errors import SinkFailed, WorkerError
 
@@ -118,7 +120,8 @@ async def ingest_batch(
                 # the sink's failure, answered by the front door as any other.
                 raise SinkFailed(
                     f"{exc}. Records of this batch may have been written (tracking_id "
-                    f"{tracking_id}): {_resend_of_unknown(pipeline.claim_lapse_s)}"
+                    f"{tracking_id}): "
+                    f"{_resend_of_unknown(pipeline.claim_lapse_s, _dedup_reach(pipeline.dedup, False))}"
                 ) from exc
             raise
     finally:
@@ -293,6 +296,7 @@ async def ingest_stream(request: web.Request) -> web.Response:
         error.detail = _partly_written(
             error, accepted, duplicate, rejected, offset, tracking_id, unknown,
             settings.idempotency_lock_s,
+            _dedup_reach(pipeline.dedup, request.app[DRAINING].is_set()),
         )
         if errors:  # the records rejected before it, to fix before resending them
             error.errors = [*(error.errors or ()), *map(_field_error, errors)]
@@ -328,15 +332,34 @@ def _wrong_dimension(record: Record, dims: frozenset[int], index: int) -> Record
     )
 
 
+class DedupReach(Enum):
+    """Where a resend of records already written is caught as duplicates: the answer
+    to a stream cut short says which (a review: after SIGTERM, without Redis, it said
+    a resend counted as duplicates, and the next process wrote all of them again)."""
+
+    SHARED = "shared"  # in Redis: any process, within the window
+    THIS_PROCESS = "this process"  # without Redis: this process only, within the window
+    NOWHERE = "nowhere"  # dedup off, or this process stopping without Redis
+
+
+def _dedup_reach(dedup: RecordDeduplicator, stopping: bool) -> DedupReach:
+    if not dedup.enabled:
+        return DedupReach.NOWHERE
+    if dedup.shared:
+        return DedupReach.SHARED
+    return DedupReach.NOWHERE if stopping else DedupReach.THIS_PROCESS
+
+
 def _partly_written(
     error: ApiError, accepted: int, duplicate: int, rejected: int, offset: int,
     tracking_id: str, unknown: int = 0, lock_s: float = 0.0,
+    reach: DedupReach = DedupReach.SHARED,
 ) -> str:
     """``error``'s detail, with what the stream's records before it became: the chunks
     taken in (the first ``offset`` records) are written, duplicates or rejected; the
     ``unknown`` records after them were being written when it came, and the sink may
-    hold some (their ids stay claimed for ``lock_s``); the records after those, even
-    those read before the error, are not written."""
+    hold some (their ids stay claimed for ``lock_s``, where ``reach`` says); the
+    records after those, even those read before the error, are not written."""
     detail = error.detail or error.title
     if offset == 0 and not unknown:
         return f"{detail}. No record of this stream was written."
@@ -352,22 +375,36 @@ def _partly_written(
         return (
             f"{detail}. {done}records {offset} to {last} were being written when it failed "
             f"and some may have landed (tracking_id {tracking_id}): "
-            f"{_resend_of_unknown(lock_s)} No record from index {last + 1} on was written."
+            f"{_resend_of_unknown(lock_s, reach)} No record from index {last + 1} on was written."
         )
-    return (
-        f"{detail}. {done}no record from index {offset} on was written. Resend from "
-        "there: resending records with the same record_id counts them as duplicates, "
-        "not twice."
-    )
+    return f"{detail}. {done}no record from index {offset} on was written. Resend from there{_RESEND[reach]}"
 
 
-def _resend_of_unknown(lock_s: float) -> str:
+_RESEND = {
+    DedupReach.SHARED: (
+        ": resending records with the same record_id within the dedup window counts "
+        "them as duplicates, not twice."
+    ),
+    DedupReach.THIS_PROCESS: (
+        ": resending records with the same record_id to this process within the dedup "
+        "window counts them as duplicates; without REDIS_URL another process, or this "
+        "one restarted, writes them again."
+    ),
+    DedupReach.NOWHERE: (
+        "; records resent that were written are written again (record-id dedup is off, "
+        "or lives in this process, which is stopping: no REDIS_URL)."
+    ),
+}
+
+
+def _resend_of_unknown(lock_s: float, reach: DedupReach) -> str:
     """What resending records that may have landed does: mlgate cannot tell whether
     Kafka took them, so a resend after their claims lapse writes them again."""
+    where = "" if reach is DedupReach.SHARED else " (in this process only: no REDIS_URL)"
     held = (
-        f"their record_ids stay claimed for {lock_s:g} s, so a resend of them is 409 "
-        "until then; after that "
-        if lock_s
+        f"their record_ids stay claimed for {lock_s:g} s{where}, so a resend of them "
+        "is 409 until then; after that "
+        if lock_s and reach is not DedupReach.NOWHERE
         else ""
     )
     return (

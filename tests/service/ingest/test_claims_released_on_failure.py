@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from mlgate.config import Settings
 from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.routes.ingest import STREAM_CHUNK_RECORDS
-from mlgate.service.state import INGEST_PIPELINE, RECORD_SINK, RECORD_VALIDATOR
+from mlgate.service.state import DRAINING, INGEST_PIPELINE, RECORD_SINK, RECORD_VALIDATOR
 from mlgate.workers.errors import MailboxFull, SinkFailed
 from mlgate.workers.sinks import local_log_writer
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
@@ -257,3 +257,32 @@ async def test_a_write_that_stalls_is_answered_503_and_its_records_land_once(
     assert again.status == 202, await again.text()
     assert (await again.json())["records_duplicate"] == 3
     assert sink.durable_offset == 3  # each record once
+
+
+async def test_a_stream_cut_short_without_redis_says_its_resend_is_caught_by_this_process_only(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_write(client, monkeypatch, MailboxFull("full"))
+    detail = await _stream_of_two_chunks(client)
+    assert "to this process within the dedup window counts them as duplicates" in detail
+    assert "without REDIS_URL another process, or this one restarted, writes them again" in detail
+
+
+async def test_a_stream_cut_short_while_stopping_without_redis_promises_no_dedup(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: after SIGTERM the answer said a resend counted as duplicates; without
+    Redis the dedup window went with the process, and the next one wrote them again."""
+    _failing_write(client, monkeypatch, MailboxFull("full"))
+    pipeline = client.app[INGEST_PIPELINE]
+    write = pipeline.write
+
+    async def stopping(tenant: str, batch: ValidatedBatch, tracking_id: str) -> Any:
+        client.app[DRAINING].set()  # SIGTERM came while the stream was written
+        return await write(tenant, batch, tracking_id)
+
+    monkeypatch.setattr(pipeline, "write", stopping)
+    detail = await _stream_of_two_chunks(client)
+    client.app[DRAINING].clear()
+    assert "counts them as duplicates" not in detail
+    assert "records resent that were written are written again" in detail
