@@ -201,9 +201,16 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     sink: SpillingKafkaSink | LocalLogWriter
     adopted: list[SpillingKafkaSink] = []
+    probes: set[asyncio.Task[None]] = set()
     if settings.kafka_bootstrap_servers:
         sink = spilling = SpillingKafkaSink(settings, telemetry=PrometheusTelemetry(app[METRICS]))
-        app[DEGRADED_CHECKS]["kafka"] = lambda: spilling.degraded
+        probe_when_quiet = kafka_prober(app[METRICS], spilling, probes)
+
+        def kafka_problem() -> str | None:
+            probe_when_quiet()  # a quiet host's /ready would say nothing of Kafka gone
+            return spilling.degraded
+
+        app[DEGRADED_CHECKS]["kafka"] = kafka_problem
         adopted = await adopt_spills(app, settings)
     else:
         sink = LocalLogWriter(
@@ -220,9 +227,12 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
         max_held_values=settings.ingest_max_held_values,
         answer_within_s=sink.answer_within_s,
     )
-    app[METRICS].samplers["record_sink"] = lambda: sample_sink(
-        app[METRICS], sink, sum(each.backlog for each in adopted)
-    )
+    def sample() -> None:
+        if isinstance(sink, SpillingKafkaSink):
+            probe_when_quiet()
+        sample_sink(app[METRICS], sink, sum(each.backlog for each in adopted))
+
+    app[METRICS].samplers["record_sink"] = sample
     app[METRICS].samplers["ingest"] = lambda: app[METRICS].ingest_held_values.set(
         pipeline.held_values
     )
@@ -230,7 +240,35 @@ async def record_sink(app: web.Application) -> AsyncIterator[None]:
     # Together, each with the drain budget: an adopted spill's batch in flight cut off
     # is sent again at the next start (a review: 100 records twice in Kafka).
     budget = settings.shutdown_timeout_s / 2
+    for probe in probes:
+        probe.cancel()
+    await asyncio.gather(*probes, return_exceptions=True)
     await asyncio.gather(sink.close(drain_s=budget), *(each.close(drain_s=budget) for each in adopted))
+
+
+def kafka_prober(
+    app_metrics: Metrics, sink: SpillingKafkaSink, probes: set[asyncio.Task[None]]
+) -> Callable[[], None]:
+    """Once Kafka has taken nothing for ``KAFKA_QUIET_PROBE_S``, a metadata request as
+    a probe (one at a time, in ``probes``), whose failure /ready and the gauges show.
+    Nothing else asks Kafka on a quiet host, and under traffic the breaker opens only
+    after its failures: a review saw /ready and ``mlgate_dependency_unavailable``
+    say nothing for a minute of a dead broker on a quiet host, ~10 s under traffic."""
+
+    def probed(task: asyncio.Task[None]) -> None:
+        probes.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("kafka_probe_crashed", error=repr(error))
+            app_metrics.background_task_crashes.labels("kafka-probe").inc()
+
+    def probe_when_quiet() -> None:
+        if probes or not sink.quiet_for(KAFKA_QUIET_PROBE_S):
+            return
+        task = asyncio.get_running_loop().create_task(sink.probe_kafka())
+        probes.add(task)
+        task.add_done_callback(probed)
+
+    return probe_when_quiet
 
 
 def _degraded(sink: SpillingKafkaSink) -> str | None:
@@ -267,6 +305,8 @@ async def adopt_spills(app: web.Application, settings: Settings) -> list[Spillin
 
 
 REDIS_QUIET_PING_S = 1.0
+# Kafka has taken nothing for this long: a metadata request tells whether it is there.
+KAFKA_QUIET_PROBE_S = 2.0
 
 
 def redis_sampler(app_metrics: Metrics, redis: SharedRedis) -> Callable[[], None]:

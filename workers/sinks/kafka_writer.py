@@ -33,6 +33,7 @@ spill, and those the writer had taken may land twice.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -203,6 +204,8 @@ class KafkaWriter(Actor[_Pending]):
         # While the writer lingers: the future the last answer sets (``_linger``).
         self._lingering: asyncio.Future[None] | None = None
         self._last_answer = time.monotonic()
+        # When Kafka last took a batch or answered a probe (``probe``).
+        self.answered_ok_at = -math.inf
 
     @property
     def _running_producer(self) -> AIOKafkaProducer:
@@ -220,6 +223,19 @@ class KafkaWriter(Actor[_Pending]):
         it the batches fail by then)."""
         timeout_s = self._settings.kafka_request_timeout_ms / 1000
         return self._unanswered > 0 and time.monotonic() - self._last_answer > timeout_s
+
+    async def probe(self, timeout_s: float) -> str | None:
+        """Why no broker answered a metadata request within ``timeout_s``, or None when
+        one did. Nothing else asks Kafka on a quiet host: an outage there was seen only
+        when a write paid its timeout (a review)."""
+        if self._producer is None:
+            return "the writer has not started"
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            return repr(exc)
+        self.answered_ok_at = time.monotonic()
+        return None
 
     async def start(self) -> None:
         """Connect and learn the topic's partitions; may be retried after a failure."""
@@ -496,6 +512,7 @@ class KafkaWriter(Actor[_Pending]):
             error = WorkerClosed("send cancelled") if done.cancelled() else done.exception()
             if error is None:
                 handed.state = _WRITTEN
+                self.answered_ok_at = self._last_answer
                 self._telemetry.kafka_batch_acked(records, time.perf_counter() - sent_at)
             else:
                 if not outcome_unknown(error):

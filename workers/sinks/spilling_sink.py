@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +139,10 @@ class SpillingKafkaSink:
         # Why the Kafka writer could not start, while it cannot (None once it has):
         # writes then spill without calling the breaker, which never hears of it.
         self._kafka_unreachable: str | None = None
+        # Why Kafka did not answer the last probe, and when it failed (``probe_kafka``);
+        # when the last probe began.
+        self._probe_failed: tuple[str, float] | None = None
+        self._probed_at = -math.inf
         # Writes sent to Kafka directly and not yet answered: the drainer waits for
         # them (``_direct_writes_done``) before it forwards what spilled after them.
         self._direct_writes = 0
@@ -189,9 +195,34 @@ class SpillingKafkaSink:
 
     @property
     def kafka_unavailable(self) -> bool:
-        """Kafka down: its breaker opened, or its writer could not start (and has not
-        since): ``mlgate_dependency_unavailable{dependency="kafka"}``."""
-        return self._kafka_unreachable is not None or self.breaker.state != "closed" or self.breaker.unavailable
+        """Kafka down: its breaker opened, its writer could not start (and has not
+        since), or it did not answer a probe (and has taken nothing since):
+        ``mlgate_dependency_unavailable{dependency="kafka"}``."""
+        return (
+            self._kafka_unreachable is not None
+            or self.breaker.state != "closed"
+            or self.breaker.unavailable
+            or (self._probe_failed is not None and self._kafka.answered_ok_at < self._probe_failed[1])
+        )
+
+    def quiet_for(self, seconds: float) -> bool:
+        """Kafka has taken nothing, and was not probed, for ``seconds``: a probe is due.
+        Not while the writer cannot start (the drainer tries it, and says so)."""
+        last = max(self._kafka.answered_ok_at, self._probed_at)
+        return self._kafka_unreachable is None and time.monotonic() - last > seconds
+
+    async def probe_kafka(self) -> None:
+        """Ask Kafka for its metadata (``KafkaWriter.probe``); a failure marks it
+        unavailable until it answers again, logged once each way."""
+        self._probed_at = time.monotonic()
+        failed = await self._kafka.probe(self._settings.kafka_request_timeout_ms / 1000)
+        if failed is not None:
+            if self._probe_failed is None:
+                log.warning("kafka_probe_failed", error=failed)
+            self._probe_failed = (failed, time.monotonic())
+        elif self._probe_failed is not None:
+            log.info("kafka_probe_answered", after=self._probe_failed[0])
+            self._probe_failed = None
 
     @property
     def answer_within_s(self) -> float:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections import defaultdict
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from mlgate.config import Settings, worker_data_dir
-from mlgate.service.state import METRICS, READINESS_CHECKS, RECORD_SINK, SETTINGS
+from mlgate.service.state import DEGRADED_CHECKS, METRICS, READINESS_CHECKS, RECORD_SINK, SETTINGS
 from mlgate.workers.sinks.records import OutboundRecord
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink, write_forwarded_offset
 from tests.support import (
@@ -143,6 +145,40 @@ async def test_kafka_down_since_the_start_is_named_degraded_until_it_answers(
     assert sink.backlog == 0  # written to Kafka directly
     messages = await read_topic(private_kafka_broker.bootstrap, topic, expected=1)
     assert [m.key for m in messages] == [b"k0-0"]
+
+
+@pytest.mark.parametrize("outage", ["killed", "frozen"])
+async def test_kafka_gone_on_a_quiet_host_is_named_degraded_without_any_write(
+    app_client, make_settings, private_kafka_broker: KafkaBroker, outage: str
+) -> None:
+    """A review: a minute after the broker died on a quiet host, /ready and
+    ``mlgate_dependency_unavailable`` said nothing; the first ingest paid 5 s for it.
+    A metadata request probes Kafka once it has taken nothing for 2 s."""
+    _, settings = await _on_fresh_topic(
+        make_settings, private_kafka_broker, feature_dims=(4,), kafka_request_timeout_ms=500,
+    )
+    client = await app_client(settings)
+    kafka = client.app[DEGRADED_CHECKS]["kafka"]
+    assert "degraded" not in await (await client.get("/ready")).json()
+    process = private_kafka_broker.process
+    assert process is not None
+    if outage == "killed":
+        private_kafka_broker.stop()
+    else:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        await until(lambda: "Kafka unreachable" in (kafka() or ""), timeout_s=15)
+        answer = await client.get("/ready")
+        assert answer.status == 200 and "Kafka unreachable" in (await answer.json())["degraded"]["kafka"]
+        metrics = client.app[METRICS]
+        metrics.sample()
+        assert metrics.dependency_unavailable.labels("kafka")._value.get() == 1
+    finally:
+        if outage == "killed":
+            private_kafka_broker.start()
+        else:
+            process.send_signal(signal.SIGCONT)
+    await until(lambda: kafka() is None, timeout_s=15)
 
 
 async def test_a_spill_left_by_a_run_with_more_processes_reaches_kafka(
