@@ -260,3 +260,21 @@ async def test_a_write_given_up_fails_as_never_sent_unless_its_task_was_cancelle
             assert len(failed.value.unwritten) == 1
     finally:
         writer._task.cancel()
+
+
+async def test_a_write_given_up_at_shutdown_says_how_long_it_waited_not_how_long_it_could(
+    make_settings,
+) -> None:
+    """A review: a write given up 4 s after SIGTERM said Kafka did not answer within 30 s."""
+    writer = KafkaWriter(make_settings())
+    writer._task = asyncio.ensure_future(asyncio.sleep(3600))  # a writer that takes nothing
+    caller = asyncio.ensure_future(writer.write_within(_records(1), 60))
+    try:
+        await asyncio.sleep(0)
+        assert writer.give_up_waiting() == 1
+        with pytest.raises(KafkaWriteFailed) as failed:
+            await caller
+        assert "within 60 s" not in str(failed.value)
+        assert "Kafka did not answer within 0" in str(failed.value)
+    finally:
+        writer._task.cancel()
