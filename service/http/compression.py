@@ -62,6 +62,11 @@ def compressed(body: bytes, coding: str) -> bytes:
     return zlib.compress(body, LEVEL)
 
 
+def decompressed(body: bytes, coding: str) -> bytes:
+    """``body`` as it was before ``compressed`` in ``coding``."""
+    return gzip.decompress(body) if coding == "gzip" else zlib.decompress(body)
+
+
 async def compress(body: bytes, coding: str) -> bytes:
     """``compressed``, in a thread for a body from ``THREAD_FROM_BYTES``."""
     if len(body) < THREAD_FROM_BYTES:

@@ -589,7 +589,7 @@ async def check_tensor_budget(
     if len(body) <= ROW_BUDGET_FROM_BYTES:
         return
     if fmt is Format.JSON:
-        problem = json_outline(bytes(body), partial(_outline_problem, loaded))
+        problem = json_outline(bytes(body), partial(_outline_problem, loaded), non_finite=True)
         if problem is not None:
             loc, detail = problem
             raise ValidationFailed(

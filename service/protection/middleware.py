@@ -43,6 +43,7 @@ from mlgate.service.http.codec import (
     marked_non_finite,
     response_format,
 )
+from mlgate.service.http.compression import decompressed
 from mlgate.service.http.context import (
     API_KEY,
     BUFFERED_BODY,
@@ -303,6 +304,12 @@ def snapshot(response: web.StreamResponse) -> StoredResponse | None:
     if not isinstance(body, bytes):
         return None
     headers = [(name, response.headers[name]) for name in KEPT_HEADERS if name in response.headers]
+    coding = response.headers.get("Content-Encoding")
+    if coding is not None:
+        # Kept as the document itself: a replay goes to a retry whatever its
+        # Accept-Encoding, and may be turned into msgpack (a review: gzip bytes were
+        # replayed without their Content-Encoding).
+        body = decompressed(body, coding)
     return StoredResponse(status=response.status, headers=headers, body=body)
 
 

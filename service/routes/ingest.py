@@ -383,7 +383,9 @@ def _partly_written(
 _RESEND = {
     DedupReach.SHARED: (
         ": resending records with the same record_id within the dedup window counts "
-        "them as duplicates, not twice."
+        "them as duplicates, not twice, in any process on the same Redis (but the ids "
+        "this process kept to itself: past the tenant's "
+        "MLGATE_DEDUP_REDIS_TENANT_MAX_IDS, or written while Redis failed)."
     ),
     DedupReach.THIS_PROCESS: (
         ": resending records with the same record_id to this process within the dedup "

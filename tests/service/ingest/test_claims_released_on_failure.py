@@ -22,7 +22,7 @@ from mlgate.workers.sinks import local_log_writer
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.records import OutboundRecord
 from tests.conftest import AppClientFactory
-from tests.support import hang_appends, until
+from tests.support import ManagedProcess, hang_appends, until
 
 Client = TestClient[web.Request, web.Application]
 OPEN: dict[str, Any] = {"auth_disabled": True, "rate_limits_enabled": False}
@@ -286,3 +286,17 @@ async def test_a_stream_cut_short_while_stopping_without_redis_promises_no_dedup
     client.app[DRAINING].clear()
     assert "counts them as duplicates" not in detail
     assert "records resent that were written are written again" in detail
+
+
+async def test_a_stream_cut_short_on_redis_says_which_ids_another_process_would_not_catch(
+    app_client: AppClientFactory, make_settings: Callable[..., Settings], redis_server: ManagedProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review: it said any resend counted as duplicates; the ids a tenant past its
+    Redis budget keeps in process were written again by another process."""
+    settings = make_settings(feature_dims=(4,), redis_url=f"redis://127.0.0.1:{redis_server.port}", **OPEN)
+    client = await app_client(settings)
+    _failing_write(client, monkeypatch, MailboxFull("full"))
+    detail = await _stream_of_two_chunks(client)
+    assert "in any process on the same Redis" in detail
+    assert "MLGATE_DEDUP_REDIS_TENANT_MAX_IDS" in detail

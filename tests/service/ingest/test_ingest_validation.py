@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -170,6 +171,35 @@ async def test_batch_over_max_batch_records_is_422(client: Client, settings: Set
     assert [e["loc"] for e in body["errors"]] == ["records"]
     assert _stored(settings) == []
     await _assert_still_serving(client)
+
+
+def _empty_records(count: int, last: bytes = b"{}", head: bytes = b"") -> bytes:
+    """A JSON batch of ``count`` empty records then ``last``: over 1 MiB from 350k."""
+    return head + b'{"source":"s","records":[' + b"{}," * count + last + b"]}"
+
+
+@pytest.fixture
+async def roomy(app_client: AppClientFactory, settings: Settings) -> Client:
+    """``client`` with room for bodies of a few MB."""
+    return await app_client(msgspec.structs.replace(settings, max_body_bytes=4 * MAX_BODY))
+
+
+async def test_a_huge_json_batch_holding_a_number_simdjson_refuses_is_still_counted_first(
+    roomy: Client, settings: Settings
+) -> None:
+    """A review: one integer past 64 bits made the count give way, and 5M records
+    were built (0.6 s, +290 MB) before msgspec's own 422."""
+    body = _empty_records(400_000, last=b'{"metadata":{"a":123456789012345678901234567890}}')
+    response = await roomy.post(INGEST, data=io.BytesIO(body), headers={"Content-Type": "application/json"})
+    problem = await _problem(response, 422)
+    assert f"at most {settings.max_batch_records} records, got 400001" in problem["detail"]
+
+
+async def test_a_huge_json_batch_starting_with_a_byte_order_mark_is_400(roomy: Client) -> None:
+    """A review: simdjson takes the mark, msgspec refuses it: the count said 422."""
+    body = _empty_records(400_000, head=b"\xef\xbb\xbf")
+    response = await roomy.post(INGEST, data=io.BytesIO(body), headers={"Content-Type": "application/json"})
+    await _problem(response, 400)
 
 
 # -- size limits ----------------------------------------------------------------------

@@ -329,6 +329,16 @@ async def test_a_json_infer_body_of_more_tensors_or_parameters_than_allowed_is_4
     assert answer["errors"] == [{"loc": loc, "msg": detail}]
 
 
+async def test_a_large_json_infer_body_holding_nan_is_answered_as_a_small_one_is(demo_client: Client) -> None:
+    """A review: over 64 KB, the outline refused NaN (which tritonclient writes and
+    Triton reads) as no JSON at all: 400 where a small body was answered."""
+    data = [0.123456789] * (WIDTH * 64)
+    data[5] = float("nan")
+    body = {"inputs": [{**TENSOR, "shape": [64, WIDTH], "data": data}]}
+    response = await post_json(demo_client, "/v2/models/demo/infer", body)
+    assert response.status == 200, await response.text()
+
+
 async def test_a_small_json_infer_body_with_too_many_parameters_is_422(demo_client: Client) -> None:
     body = {"inputs": [TENSOR], "parameters": {f"p{i}": 1 for i in range(300)}}
     response = await post_json(demo_client, "/v2/models/demo/infer", body)

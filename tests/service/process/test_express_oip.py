@@ -313,3 +313,25 @@ async def test_a_binary_infer_answer_is_compressed_whole_its_header_length_uncom
             answer.headers[HEADER_LENGTH]
         )
     assert await by_lane.read() == await by_app.read()
+
+
+@pytest.mark.parametrize("retry_takes", ["gzip", "identity"])
+async def test_a_compressed_infer_answer_is_replayed_readable_whatever_the_retry_accepts(
+    served: ServeFactory, retry_takes: str
+) -> None:
+    """A review: the answer was kept compressed and replayed without its
+    Content-Encoding: gzip bytes a client could not read."""
+    server = await served()
+    rows = [{"name": "input", "shape": [32, 128], "datatype": "FP32", "data": ROW * 32}]
+    body = msgspec.json.encode({"inputs": rows})
+    first = await server.post_bytes(
+        INFER, body, **{"Content-Type": "application/json", "Accept-Encoding": "gzip", "Idempotency-Key": "z-1"}
+    )
+    assert first.status == 200 and first.headers["Content-Encoding"] == "gzip"
+    again = await server.post_bytes(
+        INFER, body,
+        **{"Content-Type": "application/json", "Accept-Encoding": retry_takes, "Idempotency-Key": "z-1"},
+    )
+    assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert "Content-Encoding" not in again.headers
+    assert msgspec.json.decode(await again.read()) == msgspec.json.decode(await first.read())
