@@ -298,7 +298,7 @@ TENSOR = {"name": "input", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5
 @pytest.mark.parametrize(
     ("body", "loc", "detail"),
     [
-        ({"inputs": [TENSOR] * 20_000}, "inputs", "has 1 inputs, the request names 20000"),
+        ({"inputs": [{**TENSOR, "shape": [1, 1], "data": [0.5]}] * 20_000}, "inputs", "has 1 inputs, the request names 20000"),
         (
             {"inputs": [TENSOR], "outputs": [{"name": "probabilities"}] * 30_000},
             "outputs",
