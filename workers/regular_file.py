@@ -18,12 +18,20 @@ def read_regular(path: Path, most: int, what: str) -> bytes:
     """The bytes of the regular file at ``path``, of at most ``most`` bytes; ValueError
     naming ``what`` it is for anything else (OSError where it cannot be opened)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with open(fd, "rb", closefd=True) as file:
+    try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file (a FIFO, a device or a socket is not read)")
-        if info.st_size > most:  # not read at all (a review: 256 MB a poll)
-            raise ValueError(f"{info.st_size} bytes, more than {most}, the most {what} may hold")
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        # Looked at before any read (a review: a directory said "Is a directory: 22",
+        # the descriptor's number, from the file object's read).
+        raise ValueError("not a regular file (a directory, a FIFO, a device or a socket is not read)")
+    if info.st_size > most:  # not read at all (a review: 256 MB a poll)
+        os.close(fd)
+        raise ValueError(f"{info.st_size} bytes, more than {most}, the most {what} may hold")
+    with open(fd, "rb", closefd=True) as file:
         data = file.read(most + 1)
     if len(data) > most:
         raise ValueError(f"more than {most} bytes, the most {what} may hold")

@@ -153,6 +153,9 @@ class Supervisor:
     RELOAD_TIMEOUT_S = 60.0
     # Past the children's own shutdown budget, those still running are killed.
     KILL_GRACE_S = 2.0
+    # A child's first heartbeat comes once its imports are done and its loop runs
+    # (about 2 s here; a slow disk's cold cache, several times that).
+    FIRST_BEAT_WITHIN_S = 30.0
     POLL_S = 0.05
 
     def __init__(self, settings: Settings) -> None:
@@ -162,6 +165,9 @@ class Supervisor:
         # When each child's event loop last turned (``serve``'s ``on_turn``), in
         # shared memory: a file would go stale on a full disk, a pipe fill up.
         self._beats: dict[int, Heartbeat] = {}
+        # When each child was started: one silent since (no first beat within
+        # ``FIRST_BEAT_WITHIN_S``: stuck in its imports, say) is hung too.
+        self._spawned_at: dict[int, float] = {}
         self._stop_signal: int | None = None
         self._hangup = False
         self._stop_deadline: float | None = None
@@ -194,6 +200,7 @@ class Supervisor:
         settings = msgspec.structs.replace(self._settings, worker_index=index)
         ready = self._context.Event()
         beat = self._beats[index] = self._context.Value("d", 0.0, lock=False)
+        self._spawned_at[index] = time.monotonic()
         process = self._context.Process(
             target=_child,
             args=(
@@ -329,13 +336,18 @@ class Supervisor:
             return
         now = time.monotonic()
         for index, (process, ready) in self._children.items():
-            last = self._beats[index].value
-            if not last or now - last <= self._settings.worker_timeout_s:
+            # Silent since its last beat, or since it was started, its first beat then
+            # given ``FIRST_BEAT_WITHIN_S`` more (a review: one stopped in its imports
+            # waited there for good).
+            beat = self._beats[index].value
+            silent_s = now - (beat or self._spawned_at[index])
+            allowed_s = self._settings.worker_timeout_s + (0.0 if beat else self.FIRST_BEAT_WITHIN_S)
+            if silent_s <= allowed_s:
                 continue
             if process.is_alive():
                 log.error(
-                    "worker_hung", index=index, pid=process.pid, silent_s=round(now - last, 1),
-                    serving=ready.is_set(),
+                    "worker_hung", index=index, pid=process.pid, silent_s=round(silent_s, 1),
+                    serving=ready.is_set(), first_beat=bool(beat),
                 )
                 self._count_restart("hung")
                 self._killed_hung.add(index)  # its death is this restart, not another

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from mlgate.config import Settings
 from mlgate.workers.errors import WorkerClosed
+from mlgate.workers.inference import model_config as model_config_module
 from mlgate.workers.inference import repository as repository_module
 from mlgate.workers.inference.model_config import TensorSpec
 from mlgate.workers.inference.repository import (
@@ -384,6 +385,76 @@ async def test_a_config_json_is_read_again_only_once_it_changed(
     (repo_root / "demo" / "config.json").write_text(json.dumps({"kind": "classifier", "max_batch_size": 8}))
     await repo.poll()
     assert reads == [repo_root / "demo"]
+
+
+async def test_a_config_json_that_could_not_be_read_is_read_again_at_the_next_poll(
+    repo_root: Path, start_repository: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a config.json unreadable once (permissions, since fixed) stayed an
+    error until the file itself changed."""
+    add_version(repo_root, "demo", 1)
+    (repo_root / "demo" / "config.json").write_text(json.dumps({"kind": "classifier"}))
+    repo = await start_repository()
+    (repo_root / "demo" / "config.json").write_text(json.dumps({"kind": "classifier", "max_batch_size": 8}))
+    real = model_config_module.read_regular
+
+    def denied(path: Path, most: int, what: str) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(model_config_module, "read_regular", denied)
+    await repo.poll()
+    assert "Permission denied" in repo.index()[0].reason
+    monkeypatch.setattr(model_config_module, "read_regular", real)  # the operator's chmod
+    await repo.poll()
+    assert repo.index()[0].reason == ""
+    assert repo.resolve("demo", None).max_batch_size == 8
+
+
+async def test_a_config_json_edited_keeping_its_size_and_times_is_applied(
+    repo_root: Path, start_repository: Any
+) -> None:
+    """A review: a copy keeping the times (``cp -p``, a build's fixed times) of a file
+    of the same length was never applied."""
+    add_version(repo_root, "demo", 1)
+    path = repo_root / "demo" / "config.json"
+    path.write_text(json.dumps({"max_batch_size": 16}))
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    repo = await start_repository()
+    assert repo.resolve("demo", None).max_batch_size == 16
+    path.write_text(json.dumps({"max_batch_size": 32}))  # the same length, in place
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    await repo.poll()
+    assert repo.resolve("demo", None).max_batch_size == 32
+
+
+async def test_a_config_json_become_a_directory_is_refused_by_name(
+    repo_root: Path, start_repository: Any
+) -> None:
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    (repo_root / "demo" / "config.json").mkdir()
+    await repo.poll()
+    reason = repo.index()[0].reason
+    assert "not a regular file" in reason and "Errno" not in reason
+
+
+async def test_a_model_file_linked_elsewhere_and_back_is_ready_without_the_failure(
+    repo_root: Path, start_repository: Any, tmp_path: Path
+) -> None:
+    """A review: a mount gone and back left "failed to load" in the index for good."""
+    path = add_version(repo_root, "demo", 1)
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    os.rename(path / "model.onnx", mount / "m.onnx")
+    os.symlink(mount / "m.onnx", path / "model.onnx")
+    repo = await start_repository()
+    os.rename(mount / "m.onnx", mount / "gone.onnx")
+    await repo.poll()
+    assert "failed to load" in repo.index()[0].reason
+    os.rename(mount / "gone.onnx", mount / "m.onnx")
+    await repo.poll()
+    assert repo.index()[0] == IndexEntry("demo", "1", "READY")
+    assert (await predict(repo))[0] == "1"
 
 
 async def test_of_two_directories_naming_one_version_the_one_written_as_the_number_serves(

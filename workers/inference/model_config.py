@@ -83,6 +83,11 @@ class ModelConfigError(ValueError):
     """``config.json`` is unreadable or holds a value mlgate cannot use."""
 
 
+class ModelConfigUnreadable(ModelConfigError):
+    """``config.json`` could not be read (permissions, too many open files, I/O): an
+    error of the moment, which a read later may not meet."""
+
+
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     name: str
@@ -128,7 +133,9 @@ def read_config(model_dir: Path, settings: Settings) -> ModelConfig:
         try:
             text = read_regular(path, MAX_CONFIG_BYTES, CONFIG_FILE).decode()
             raw = json.loads(text, parse_constant=_not_a_number)
-        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        except OSError as exc:
+            raise ModelConfigUnreadable(f"{CONFIG_FILE}: {exc}") from None
+        except ValueError as exc:  # UnicodeDecodeError is a ValueError
             raise ModelConfigError(f"{CONFIG_FILE}: {exc}") from None
     if not isinstance(raw, dict):
         raise ModelConfigError(f"{CONFIG_FILE}: expected an object")
@@ -378,9 +385,11 @@ def file_fingerprint(*paths: Path) -> tuple[int, ...]:
     for path in paths:
         try:
             info = path.stat()
-            stamp += [info.st_mtime_ns, info.st_size, info.st_ino]
+            # The status change time too: a copy that keeps the times (``cp -p``, a
+            # build's fixed times) or a ``chmod`` moves it (a review).
+            stamp += [info.st_mtime_ns, info.st_size, info.st_ino, info.st_ctime_ns]
         except OSError:  # gone, or a link to nowhere: read as absent (its reading fails)
-            stamp += [0, 0, 0]
+            stamp += [0, 0, 0, 0]
     return tuple(stamp)
 
 

@@ -45,6 +45,7 @@ from mlgate.workers.inference.model_config import (
     Kind,
     ModelConfig,
     ModelConfigError,
+    ModelConfigUnreadable,
     State,
     TensorSpec,
     file_fingerprint,
@@ -309,8 +310,9 @@ class ModelRepository:
 
     def _config_of(self, name: str, model_dir: Path) -> ModelConfig:
         """``read_config``, read again only when its file changed (a review: a 35 MB
-        config.json read and parsed at every poll held the loop 0.4 s each time). In a
-        thread, under the model's lock."""
+        config.json read and parsed at every poll held the loop 0.4 s each time). A file
+        that could not be read is read again at each poll. In a thread, under the
+        model's lock."""
         path = model_dir / CONFIG_FILE
         # A link to nowhere (or to itself) is no absent file: an error, not the defaults.
         fingerprint = (*file_fingerprint(path), path.is_symlink())
@@ -318,6 +320,9 @@ class ModelRepository:
         if known is None or known[0] != fingerprint:
             try:
                 known = (fingerprint, read_config(model_dir, self.settings))
+            except ModelConfigUnreadable:
+                self._configs.pop(name, None)
+                raise
             except ModelConfigError as exc:
                 known = (fingerprint, exc)
             self._configs[name] = known
@@ -454,6 +459,7 @@ class ModelRepository:
                 return []
             if again:
                 self._failed = {key: fp for key, fp in self._failed.items() if key[0] != name}
+                self._configs.pop(name, None)  # an explicit load reads its config again
             model_dir = self.root / name
             current = dict(self._serving.get(name, {}))
             states = self._states.setdefault(name, {})
@@ -475,6 +481,10 @@ class ModelRepository:
                 fingerprint = file_fingerprint(on_disk[number], model_dir / CONFIG_FILE)
                 old = current.get(version)
                 if old is not None and old.fingerprint == fingerprint:
+                    # Its files as when it loaded (a mount back, say): a failure met
+                    # meanwhile is over (a review: the index said "failed to load" for good).
+                    self._failed.pop((name, version), None)
+                    states[version] = IndexEntry(name, version, "READY")
                     continue
                 if self._failed.get((name, version)) == fingerprint:
                     continue
