@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import structlog
@@ -42,7 +43,7 @@ from mlgate.service.ingest.pipeline import IngestPipeline
 from mlgate.service.protection.api_keys import KeyStore, keys_path
 from mlgate.service.protection.idempotency import IdempotencyStore
 from mlgate.service.protection.rate_limits import RateLimiter
-from mlgate.service.protection.shared_redis import SharedRedis
+from mlgate.service.protection.shared_redis import RunMet, SharedRedis
 from mlgate.service.routes.health import own_problems
 from mlgate.service.state import (
     DEGRADED_CHECKS,
@@ -88,11 +89,11 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
             settings, on_fallback=lambda operation: app_metrics.redis_fallback.labels(operation).inc()
         )
         await redis.check_mode()
+        run_watch = RedisRunWatch(app_metrics, redis)
         if not await redis.ping():
             log.warning("redis_unreachable_at_start", fallback="in-process state")
         else:
-            await check_redis_config(redis)
-        restart_checks = restart_watch(app_metrics, redis)
+            await run_watch.check_config()
         sample_redis = app_metrics.samplers["redis_breaker"] = redis_sampler(app_metrics, redis)
 
         def redis_problem() -> str | None:
@@ -134,9 +135,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     if limiter is not None:
         await limiter.close()
     if redis is not None:
-        for check in restart_checks:
-            check.cancel()
-        await asyncio.gather(*restart_checks, return_exceptions=True)
+        await run_watch.close()
         await redis.close()
 
 
@@ -163,38 +162,66 @@ async def check_redis_config(redis: SharedRedis) -> None:
         )
 
 
-def restart_watch(app_metrics: Metrics, redis: SharedRedis) -> set[asyncio.Task[None]]:
-    """Each restart of Redis a new connection meets is counted
-    (``mlgate_redis_restarts_total``) and logged (``redis_restarted``, with what a
-    Redis that keeps nothing on disk lost). A review: Redis restarted empty while
-    mlgate ran, and nothing at all was said of it. The logging in flight, for shutdown."""
-    checks: set[asyncio.Task[None]] = set()
+class RedisRunWatch:
+    """What mlgate says of each run of Redis its connections meet (``SharedRedis``'s
+    ``on_run``): its configuration checked once (``check_redis_config``; at start, or
+    when Redis first answers if it did not then: a review saw neither warning for a
+    Redis started after mlgate); a restart counted (``mlgate_redis_restarts_total``)
+    and logged (``redis_restarted``, with what a Redis keeping nothing on disk lost,
+    its configuration checked again: a review saw Redis restart empty while mlgate
+    ran, and nothing said); a run carrying on the last one's history (a failover, a
+    restart from its own files) logged, lost nothing."""
 
-    async def say() -> None:
-        persistent = await redis.persistent()
+    def __init__(self, app_metrics: Metrics, redis: SharedRedis) -> None:
+        self._metrics = app_metrics
+        self._redis = redis
+        self._config_checked = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        redis.on_run.append(self._met)
+
+    async def check_config(self) -> None:
+        """``check_redis_config``, once."""
+        if not self._config_checked:
+            self._config_checked = True
+            await check_redis_config(self._redis)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _met(self, change: RunMet) -> None:
+        if change == "first":
+            self._later(self.check_config())
+        elif change == "continued":
+            log.info("redis_run_changed", run_id=self._redis.run_id, kept="its replication history")
+        else:
+            self._metrics.redis_restarts.inc()
+            self._later(self._restarted())
+
+    async def _restarted(self) -> None:
+        persistent = await self._redis.persistent()
         log.warning(
             "redis_restarted",
-            run_id=redis.run_id,
+            run_id=self._redis.run_id,
             persistent=persistent,
             lost=REDIS_STATE if persistent is False else "what it had not saved yet",
         )
-        if (policy := await redis.eviction_policy()) is not None and policy.startswith("allkeys-"):
+        self._config_checked = True
+        policy = await self._redis.eviction_policy()
+        if policy is not None and policy.startswith("allkeys-"):
             log.warning("redis_evicts_any_key", maxmemory_policy=policy, lost_when_full=REDIS_STATE)
 
-    def said(task: asyncio.Task[None]) -> None:
-        checks.discard(task)
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
-            log.error("redis_restart_log_crashed", error=repr(error))
-            app_metrics.background_task_crashes.labels("redis-restart-log").inc()
-
-    def restarted() -> None:
-        app_metrics.redis_restarts.inc()
-        task = asyncio.get_running_loop().create_task(say())
-        checks.add(task)
-        task.add_done_callback(said)
-
-    redis.on_restarted.append(restarted)
-    return checks
+            log.error("redis_run_check_crashed", error=repr(error))
+            self._metrics.background_task_crashes.labels("redis-run-check").inc()
 
 
 async def record_sink(app: web.Application) -> AsyncIterator[None]:

@@ -49,6 +49,8 @@ from mlgate.workers.breaker import Breaker, BreakerOpen
 T = TypeVar("T")
 Item = TypeVar("Item")
 RedisMode = Literal["standalone", "cluster"]
+# What a new connection met (``SharedRedis._connected``).
+RunMet = Literal["first", "continued", "restarted"]
 log = structlog.get_logger("mlgate.redis")
 
 
@@ -73,11 +75,12 @@ class SharedRedis:
         on_fallback: Callable[[str], None] | None = None,
     ) -> None:
         self.cluster = mode == "cluster"
-        # The run of Redis the last connection met (``_connected``; standalone only: a
-        # cluster's master restarting is a failover, its replica kept the data), and
-        # what is told when a new connection meets another.
+        # The run of Redis the last connection met and its replication history
+        # (``_connected``; standalone only: a cluster's master restarting is a
+        # failover, its replica kept the data), and who is told of each run met.
         self.run_id: str | None = None
-        self.on_restarted: list[Callable[[], None]] = []
+        self._replid: str | None = None
+        self.on_run: list[Callable[[RunMet], None]] = []
         try:
             self.client: aioredis.Redis | RedisCluster = (
                 _cluster_client(url, timeout_s) if self.cluster else aioredis.Redis.from_url(
@@ -297,24 +300,30 @@ class SharedRedis:
         return bool(str(save["save"]).strip()) or str(appendonly["appendonly"]).lower() == "yes"
 
     async def _connected(self, connection: AbstractConnection) -> None:
-        """redis-py's hook for each new connection: set up as ever, then the server's
-        ``run_id`` read (``INFO server``). Another one than before is another run of
-        Redis, with only what it kept on disk: ``on_restarted`` is told. (redis-py
-        replaces a connection Redis closed before using it, so a restart between calls
-        fails none of them: nothing else would tell.)"""
+        """redis-py's hook for each new connection: set up as ever, then Redis's
+        ``INFO`` read: its ``run_id`` and replication ids. ``on_run`` is told of the
+        first run met, and of each other one after: ``continued`` when it carries the
+        history of the one before (a replica promoted, or a restart from its own
+        files), else ``restarted`` (a review: a failover behind one address was said
+        to have lost everything). redis-py replaces a connection Redis closed before
+        using it, so a restart between calls fails none of them: nothing else would
+        tell."""
         await connection.on_connect()
         try:
-            await connection.send_command("INFO", "server")
-            info = await connection.read_response()
+            await connection.send_command("INFO")
+            info = _info_fields(await connection.read_response())
         except ResponseError:  # refused or renamed (as managed Redis may): nothing learnt
             return
-        run_id = _run_id(info)
-        if run_id is None:
+        run_id = info.get("run_id")
+        if not run_id or run_id == self.run_id:
             return
-        previous, self.run_id = self.run_id, run_id
-        if previous is not None and run_id != previous:
-            for callback in self.on_restarted:
-                callback()
+        replids = {info.get("master_replid"), info.get("master_replid2")} - {None, "0" * 40}
+        first = self.run_id is None
+        continued = self._replid is not None and self._replid in replids
+        self.run_id, self._replid = run_id, info.get("master_replid")
+        change: RunMet = "first" if first else "continued" if continued else "restarted"
+        for callback in self.on_run:
+            callback(change)
 
     async def eviction_policy(self) -> str | None:
         """Redis's ``maxmemory-policy``; None when it does not say (as ``persistent``)."""
@@ -357,14 +366,15 @@ WRITE_PROBE_KEY = "mlgate:write-probe"
 WRITE_PROBE_TTL_MS = 10_000
 
 
-def _run_id(info: object) -> str | None:
-    """The ``run_id`` field of an ``INFO server`` answer as the connection read it."""
+def _info_fields(info: object) -> dict[str, str]:
+    """The ``name:value`` fields of an ``INFO`` answer as the connection read it."""
     text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    fields = {}
     for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name == "run_id" and value.strip():
-            return value.strip()
-    return None
+        name, colon, value = line.partition(":")
+        if colon and value.strip():
+            fields[name.strip()] = value.strip()
+    return fields
 
 
 def _refuses_writes(exc: BaseException) -> bool:
