@@ -246,7 +246,12 @@ class ModelRepository:
         return [worker.name for worker in self.workers() if not worker.healthy]
 
     def resolve(self, model: str, version: str | None = None) -> ModelVersion:
-        """The serving version (``None``/``"latest"``: the highest one ready)."""
+        """The serving version (``None``/``"latest"``: the highest one ready). A number
+        written with leading zeros names the version it is (``01`` is 1), as a version
+        directory's name does and as Triton reads one (a review: 404 where Triton
+        served version 1)."""
+        if version is not None and len(version) > 1 and version[0] == "0" and version.isascii() and version.isdigit():
+            version = str(int(version))
         if version in (None, "", "latest"):
             found = self._latest.get(model)
         else:

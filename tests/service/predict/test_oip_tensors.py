@@ -339,6 +339,15 @@ async def test_a_large_json_infer_body_holding_nan_is_answered_as_a_small_one_is
     assert response.status == 200, await response.text()
 
 
+async def test_a_version_written_with_leading_zeros_names_that_version(demo_client: Client) -> None:
+    """A review: ``versions/01`` was 404 where Triton (and a directory named 01) serves 1."""
+    response = await post_json(demo_client, "/v2/models/demo/versions/01/infer", {"inputs": [TENSOR]})
+    assert response.status == 200, await response.text()
+    assert (await response.json())["model_version"] == "1"
+    metadata = await demo_client.get("/v2/models/demo/versions/001")
+    assert metadata.status == 200
+
+
 async def test_a_small_json_infer_body_with_too_many_parameters_is_422(demo_client: Client) -> None:
     body = {"inputs": [TENSOR], "parameters": {f"p{i}": 1 for i in range(300)}}
     response = await post_json(demo_client, "/v2/models/demo/infer", body)

@@ -335,3 +335,15 @@ async def test_a_compressed_infer_answer_is_replayed_readable_whatever_the_retry
     assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
     assert "Content-Encoding" not in again.headers
     assert msgspec.json.decode(await again.read()) == msgspec.json.decode(await first.read())
+
+
+async def test_a_version_written_with_leading_zeros_is_served_in_the_lane_as_by_the_app(
+    served: ServeFactory, tmp_path: Path
+) -> None:
+    servers = await lane_and_app(served, tmp_path)
+    body = msgspec.json.encode(json_infer())
+    by_lane, by_app = await both(
+        servers, "/v2/models/demo/versions/01/infer", body, **{"Content-Type": "application/json"}
+    )
+    assert by_lane.status == by_app.status == 200
+    assert await by_lane.read() == await by_app.read()
