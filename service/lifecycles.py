@@ -195,6 +195,9 @@ class RedisRunWatch:
             self._later(self.check_config())
         elif change == "continued":
             log.info("redis_run_changed", run_id=self._redis.run_id, kept="its replication history")
+            # Another server, maybe configured otherwise (a review: a promoted replica
+            # evicting any key was never named).
+            self._later(check_redis_config(self._redis))
         else:
             self._metrics.redis_restarts.inc()
             self._later(self._restarted())

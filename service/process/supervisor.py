@@ -154,8 +154,10 @@ class Supervisor:
     # Past the children's own shutdown budget, those still running are killed.
     KILL_GRACE_S = 2.0
     # A child's first heartbeat comes once its imports are done and its loop runs
-    # (about 2 s here; a slow disk's cold cache, several times that).
-    FIRST_BEAT_WITHIN_S = 30.0
+    # (about 2 s here; a slow disk's cold cache, several times that): allowed as long
+    # as a first start is (a review: with 30 s, a restart importing for 45 s was
+    # killed again and again, its share of the host lost for good).
+    FIRST_BEAT_WITHIN_S = START_TIMEOUT_S
     POLL_S = 0.05
 
     def __init__(self, settings: Settings) -> None:

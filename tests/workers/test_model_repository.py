@@ -427,6 +427,24 @@ async def test_a_config_json_edited_keeping_its_size_and_times_is_applied(
     assert repo.resolve("demo", None).max_batch_size == 32
 
 
+async def test_a_model_or_config_files_mode_links_or_access_time_alone_reload_nothing(
+    repo_root: Path, start_repository: Any, tmp_path: Path
+) -> None:
+    """A review: with the status change time in the fingerprint, a chmod, a backup's
+    hard link or an access-time touch reloaded the model, its statistics reset."""
+    path = add_version(repo_root, "demo", 1)
+    config = repo_root / "demo" / "config.json"
+    config.write_text(json.dumps({"max_batch_size": 16}))
+    repo = await start_repository()
+    loaded = repo.resolve("demo", None)
+    os.chmod(path / "model.onnx", 0o600)
+    os.link(path / "model.onnx", tmp_path / "backup.onnx")
+    os.chmod(config, 0o600)
+    os.utime(config, ns=(5, config.stat().st_mtime_ns))
+    await repo.poll()
+    assert repo.resolve("demo", None) is loaded
+
+
 async def test_a_config_json_become_a_directory_is_refused_by_name(
     repo_root: Path, start_repository: Any
 ) -> None:

@@ -385,11 +385,9 @@ def file_fingerprint(*paths: Path) -> tuple[int, ...]:
     for path in paths:
         try:
             info = path.stat()
-            # The status change time too: a copy that keeps the times (``cp -p``, a
-            # build's fixed times) or a ``chmod`` moves it (a review).
-            stamp += [info.st_mtime_ns, info.st_size, info.st_ino, info.st_ctime_ns]
+            stamp += [info.st_mtime_ns, info.st_size, info.st_ino]
         except OSError:  # gone, or a link to nowhere: read as absent (its reading fails)
-            stamp += [0, 0, 0, 0]
+            stamp += [0, 0, 0]
     return tuple(stamp)
 
 

@@ -320,7 +320,10 @@ class ModelRepository:
         model's lock."""
         path = model_dir / CONFIG_FILE
         # A link to nowhere (or to itself) is no absent file: an error, not the defaults.
-        fingerprint = (*file_fingerprint(path), path.is_symlink())
+        # Its status change time too: a copy that keeps the times (``cp -p``, a
+        # build's fixed times) moves it (a review). Only the file is read again for
+        # it: a version reloads when the config's values change (``_sync``).
+        fingerprint = (*file_fingerprint(path), _changed_ns(path), path.is_symlink())
         known = self._configs.get(name)
         if known is None or known[0] != fingerprint:
             try:
@@ -483,7 +486,11 @@ class ModelRepository:
             replaced: list[ModelVersion] = []
             for number in wanted:
                 version = str(number)
-                fingerprint = file_fingerprint(on_disk[number], model_dir / CONFIG_FILE)
+                # Its model file as it was, and the config's values: a change of either
+                # reloads it, a file's mode, links or times alone do not (a review:
+                # ctime in it reloaded models at every backup run, their statistics
+                # reset).
+                fingerprint = (*file_fingerprint(on_disk[number]), hash(config))
                 old = current.get(version)
                 if old is not None and old.fingerprint == fingerprint:
                     # Its files as when it loaded (a mount back, say): a failure met
@@ -681,6 +688,14 @@ def _directories(root: Path) -> set[str]:
     if not root.is_dir():
         return set()
     return {path.name for path in root.iterdir() if path.is_dir()}
+
+
+def _changed_ns(path: Path) -> int:
+    """``path``'s status change time (0 when it cannot be looked at)."""
+    try:
+        return path.stat().st_ctime_ns
+    except OSError:
+        return 0
 
 
 def _versions_if_any(model_dir: Path) -> dict[int, Path]:

@@ -115,6 +115,7 @@ async def test_a_replica_promoted_behind_the_same_address_is_no_restart(
         assert await _ingest(client, key, "before") == 202
         promoted = aioredis.Redis(port=replica.port)
         await promoted.execute_command("REPLICAOF", "NO", "ONE")
+        await promoted.config_set("maxmemory-policy", "allkeys-lru")
         await promoted.aclose()
         proxy.target = replica.port
         proxy.cut()
@@ -129,9 +130,11 @@ async def test_a_replica_promoted_behind_the_same_address_is_no_restart(
                 replayed = await client.post(
                     "/api/v2/ingest", json=INGEST, headers={"X-API-Key": key, "Idempotency-Key": "before"}
                 )
+            await until(lambda: any(entry["event"] == "redis_evicts_any_key" for entry in logs))
         assert replayed.headers.get("Idempotent-Replayed") == "true"
         events = [entry["event"] for entry in logs]
         assert "redis_run_changed" in events and "redis_restarted" not in events
+        assert "redis_evicts_any_key" in events  # the new server's configuration checked
         assert client.app[METRICS].registry.get_sample_value("mlgate_redis_restarts_total") == 0.0
     finally:
         await proxy.close()
