@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any, TypeVar
 
 import msgspec
+import numpy as np
 import simdjson
 from aiohttp import web
 
@@ -301,7 +302,11 @@ SIMDJSON_REFUSALS = (ValueError, TypeError, RuntimeError)
 
 
 def json_outline(
-    body: bytes, read: Callable[[Any], T], *, non_finite: bool = False
+    body: bytes,
+    read: Callable[[Any], T],
+    refused: Callable[[bytes], T | None],
+    *,
+    non_finite: bool = False,
 ) -> T | None:
     """``read`` of the JSON document ``body``, as simdjson parses it: its arrays' and
     objects' lengths read before msgspec builds them, which it does whole before
@@ -311,11 +316,10 @@ def json_outline(
 
     400 for a body that is no JSON at all. What simdjson refuses and msgspec takes (a
     number past 64 bits or a float's range; with ``non_finite``, the OIP's ``NaN`` and
-    ``Infinity``) is outlined with those numbers written as 0, which changes no array's
-    or object's length (a review: one such number let 5M records through to msgspec).
-    None for a body that starts with a byte-order mark, which simdjson takes and
-    msgspec refuses at its first byte (its 400 comes at once), and where even then
-    simdjson refuses what msgspec may take."""
+    ``Infinity``) is outlined by ``refused`` from its bytes instead (a review: one such
+    number let 5M records through to msgspec). None for a body that starts with a
+    byte-order mark, which simdjson takes and msgspec refuses at its first byte (its
+    400 comes at once)."""
     if body[:3] == _BOM:
         return None
     parser = simdjson.Parser()
@@ -327,11 +331,7 @@ def json_outline(
             error = syntax_error(body, Format.JSON)
             if error is not None:
                 raise undecodable(error, Format.JSON) from None
-        try:
-            document = parser.parse(_OUTSIZED_NUMBER.sub(b"0", body))
-        except SIMDJSON_REFUSALS as again:
-            raise_parser_misuse(again)
-            return None
+        return refused(body)
     try:
         return read(document)
     finally:
@@ -339,11 +339,53 @@ def json_outline(
 
 
 _BOM = b"\xef\xbb\xbf"
-# What simdjson refuses as a number that msgspec (or, for OIP, Python's json) takes: a
-# run of digits past 64 bits (in an integer, a fraction or an exponent: 0 stands in
-# for each alike), an exponent past a float's range, the non-finite literals. Inside a
-# string the same replacement changes no structure either.
-_OUTSIZED_NUMBER = re.compile(rb"[0-9]{19,}|[eE][+-]?[0-9]{3,}|NaN|Infinity")
+_SCAN_CHUNK = 1 << 20
+
+
+def outside_strings(text: bytes) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """JSON ``text`` read from its bytes, chunk by chunk (memory a few times a chunk,
+    whatever its length): each chunk's bytes, which of them lie outside strings, and
+    the nesting depth at each (``[`` and ``{`` count from 1). Escaped backslashes and
+    quotes are taken out first, so every quote left opens or closes a string."""
+    plain = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    data = np.frombuffer(plain, dtype=np.uint8)
+    in_string, depth = 0, 0
+    for start in range(0, len(data), _SCAN_CHUNK):
+        chunk = data[start : start + _SCAN_CHUNK]
+        quotes = chunk == _QUOTE
+        # A uint8 sum wraps at 256: its parity still says inside or out.
+        parity = (np.cumsum(quotes, dtype=np.uint8) + in_string) & 1
+        outside = (parity == 0) & ~quotes
+        steps = np.zeros(len(chunk), dtype=np.int32)
+        steps[outside & ((chunk == _OPEN_ARRAY) | (chunk == _OPEN_OBJECT))] = 1
+        steps[outside & ((chunk == _CLOSE_ARRAY) | (chunk == _CLOSE_OBJECT))] = -1
+        depths = np.cumsum(steps, dtype=np.int32) + depth
+        yield chunk, outside, depths
+        in_string, depth = int(parity[-1]), int(depths[-1])
+
+
+_QUOTE, _OPEN_ARRAY, _CLOSE_ARRAY, _OPEN_OBJECT, _CLOSE_OBJECT, _COMMA, _COLON = b'"[]{},:'
+
+
+def top_level_length(text: bytes) -> int:
+    """How many elements (or members) the JSON array (or object) ``text`` holds, from
+    its bytes (``outside_strings``): its commas at depth 1, and one."""
+    if not text[1:-1].strip():
+        return 0
+    return 1 + sum(
+        int(np.count_nonzero((chunk == _COMMA) & outside & (depths == 1)))
+        for chunk, outside, depths in outside_strings(text)
+    )
+
+
+def structure_counts(text: bytes) -> tuple[int, int]:
+    """(objects, members) of the JSON ``text``, from its bytes (``outside_strings``):
+    its ``{`` and its ``:`` outside strings."""
+    objects = members = 0
+    for chunk, outside, _ in outside_strings(text):
+        objects += int(np.count_nonzero((chunk == _OPEN_OBJECT) & outside))
+        members += int(np.count_nonzero((chunk == _COLON) & outside))
+    return objects, members
 
 
 def raise_parser_misuse(exc: Exception) -> None:

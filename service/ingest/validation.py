@@ -48,6 +48,7 @@ from mlgate.service.http.codec import (
     json_outline,
     location,
     raise_parser_misuse,
+    top_level_length,
     undecodable,
 )
 from mlgate.service.http.errors import ValidationFailed
@@ -157,7 +158,7 @@ class RecordValidator:
         if fmt is Format.JSON and len(body) > MAX_BATCH_RECORD_BYTES:
             # msgpack states its arrays' lengths up front, and msgspec refuses one over
             # the limit before building it; a JSON array is counted first.
-            sent = json_outline(body, _records_sent)
+            sent = json_outline(body, _records_sent, _records_sent_in_bytes)
             if sent is not None and sent > limit:
                 raise _too_many(sent, limit)
         if len(body) > MAX_BATCH_RECORD_BYTES and _holds_oversized_record(body, fmt):
@@ -669,6 +670,25 @@ def _records_sent(document: object) -> int | None:
     """How many records a JSON batch's ``records`` array holds (``json_outline``)."""
     records = document.get("records") if isinstance(document, simdjson.Object) else None
     return len(records) if isinstance(records, simdjson.Array) else None
+
+
+class _RecordsOnly(msgspec.Struct):
+    """A batch's ``records`` as text; anything else skipped."""
+
+    records: msgspec.Raw = msgspec.Raw()
+
+
+_records_only = msgspec.json.Decoder(_RecordsOnly)
+
+
+def _records_sent_in_bytes(body: bytes) -> int | None:
+    """``_records_sent`` for a body simdjson refuses and msgspec takes (a number past
+    64 bits), counted on its bytes (``top_level_length``)."""
+    try:
+        records = bytes(_records_only.decode(body).records)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return None
+    return top_level_length(records) if records[:1] == b"[" else None
 
 
 def _holds_oversized_record(body: bytes, fmt: Format) -> bool:

@@ -52,6 +52,7 @@ from mlgate.service.http.codec import (
     json_outline,
     raise_parser_misuse,
     request_format,
+    structure_counts,
 )
 from mlgate.service.http.context import REQUEST_ID
 from mlgate.service.http.errors import (
@@ -609,7 +610,12 @@ async def check_tensor_budget(
     if fmt is Format.JSON:
         # After the values' count, which costs no memory: the outline's tape takes
         # ~16 bytes a value (a review of it: 3.5M values took +107 MB before their 422).
-        problem = json_outline(bytes(body), partial(_outline_problem, loaded), non_finite=True)
+        problem = json_outline(
+            bytes(body),
+            partial(_outline_problem, loaded),
+            partial(_outline_problem_in_bytes, loaded),
+            non_finite=True,
+        )
         if problem is not None:
             loc, detail = problem
             raise ValidationFailed(
@@ -639,6 +645,26 @@ def _outline_problem(loaded: ModelVersion, document: object) -> tuple[str, str] 
         if isinstance(parameters, simdjson.Object) and len(parameters) > MAX_PARAMETERS:
             return loc, f"takes at most {MAX_PARAMETERS} parameters a map, got {len(parameters)}"
     return None
+
+
+def _outline_problem_in_bytes(loaded: ModelVersion, body: bytes) -> tuple[str, str] | None:
+    """``_outline_problem`` for a body simdjson refuses (``NaN``, a number past 64
+    bits), bounded from its bytes (``structure_counts``): no more objects than the
+    request, its tensors and their ``parameters`` maps, and no more members than their
+    fields and ``MAX_PARAMETERS`` entries a map."""
+    objects, members = structure_counts(body)
+    tensors = len(loaded.inputs) + len(loaded.outputs)
+    if objects > 2 * (1 + tensors):
+        return "inputs", f"has {tensors} inputs and outputs, the request holds {objects} objects"
+    most = _REQUEST_FIELDS + tensors * _TENSOR_FIELDS + (1 + tensors) * MAX_PARAMETERS
+    if members > most:
+        return "parameters", f"takes at most {MAX_PARAMETERS} parameters a map, the request holds {members} members"
+    return None
+
+
+# An infer request's own fields (inputs, outputs, id, parameters), and a tensor's
+# (name, shape, datatype, parameters, data).
+_REQUEST_FIELDS, _TENSOR_FIELDS = 4, 5
 
 
 async def read_payload(request: web.Request, type_: type[PayloadT], started: float) -> PayloadT:

@@ -339,6 +339,20 @@ async def test_a_large_json_infer_body_holding_nan_is_answered_as_a_small_one_is
     assert response.status == 200, await response.text()
 
 
+async def test_a_large_json_infer_body_holding_nan_is_still_outlined_before_decoding(
+    demo_client: Client,
+) -> None:
+    """A review: with a NaN (which simdjson refuses) and a string escape, the outline
+    gave way and 500k parameters reached msgspec."""
+    data = [0.5] * WIDTH
+    data[0] = float("nan")
+    parameters = {f"p{i}": i for i in range(6000)}
+    body = {"id": "café123", "inputs": [{**TENSOR, "data": data, "parameters": parameters}]}
+    response = await post_json(demo_client, "/v2/models/demo/infer", body)
+    assert response.status == 422
+    assert "parameters a map, the request holds" in (await response.json())["error"]
+
+
 async def test_a_version_written_with_leading_zeros_names_that_version(demo_client: Client) -> None:
     """A review: ``versions/01`` was 404 where Triton (and a directory named 01) serves 1."""
     response = await post_json(demo_client, "/v2/models/demo/versions/01/infer", {"inputs": [TENSOR]})
