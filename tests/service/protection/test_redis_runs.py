@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -60,10 +61,17 @@ class Proxy:
 
 
 @pytest.fixture
-async def replica(redis_server: ManagedProcess) -> AsyncIterator[ManagedProcess]:
-    """A replica of ``redis_server``, in sync."""
+async def replica(redis_server: ManagedProcess, tmp_path: Path) -> AsyncIterator[ManagedProcess]:
+    """A replica of ``redis_server``, in sync. The full sync's snapshot goes over the
+    socket and into the test's own directory (else dump.rdb lands where the tests run)."""
+    primary = aioredis.Redis(port=redis_server.port)
+    await primary.config_set("repl-diskless-sync", "yes")
+    await primary.config_set("repl-diskless-sync-delay", 0)
+    await primary.aclose()
     port = free_port()
-    server = ManagedProcess([*redis_command(port), "--replicaof", "127.0.0.1", str(redis_server.port)], port)
+    server = ManagedProcess(
+        [*redis_command(port), "--dir", str(tmp_path), "--replicaof", "127.0.0.1", str(redis_server.port)], port
+    )
     server.start()
     connection = aioredis.Redis(port=port)
     try:
