@@ -339,6 +339,23 @@ def json_outline(
 
 
 _BOM = b"\xef\xbb\xbf"
+# No object of our requests has more members than this (a batch has 2, an infer
+# request 4, a tensor 5): ``outline_refusal`` reads no further into one that has.
+MAX_OUTLINED_MEMBERS = 64
+
+
+def outline_refusal(obj: simdjson.Object) -> str | None:
+    """Why the simdjson object ``obj`` cannot be outlined by its keys: more members
+    than ``MAX_OUTLINED_MEMBERS``, or a key given twice. simdjson reads the first of
+    two, msgspec builds both and keeps the last (a review: the outline read an empty
+    first ``records`` and 5M records came after it)."""
+    if len(obj) > MAX_OUTLINED_MEMBERS:
+        return f"an object of {len(obj)} members, more than any of this request's may hold"
+    keys = list(obj)
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    return f"the key {twice[0]!r} given twice: which one was meant?" if twice else None
+
+
 _SCAN_CHUNK = 1 << 20
 
 

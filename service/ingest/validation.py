@@ -47,6 +47,7 @@ from mlgate.service.http.codec import (
     decode,
     json_outline,
     location,
+    outline_refusal,
     raise_parser_misuse,
     top_level_length,
     undecodable,
@@ -667,8 +668,17 @@ def _too_many(sent: int, limit: int) -> ValidationFailed:
 
 
 def _records_sent(document: object) -> int | None:
-    """How many records a JSON batch's ``records`` array holds (``json_outline``)."""
-    records = document.get("records") if isinstance(document, simdjson.Object) else None
+    """How many records a JSON batch's ``records`` array holds (``json_outline``); 422
+    for a batch object that cannot be outlined (``outline_refusal``)."""
+    if not isinstance(document, simdjson.Object):
+        return None
+    refusal = outline_refusal(document)
+    if refusal is not None:
+        raise ValidationFailed(
+            f"A batch is an object of source and records, not {refusal}",
+            errors=[FieldError(loc="body", msg=refusal)],
+        )
+    records = document.get("records")
     return len(records) if isinstance(records, simdjson.Array) else None
 
 

@@ -50,6 +50,7 @@ from mlgate.service.http.codec import (
     Format,
     decode,
     json_outline,
+    outline_refusal,
     raise_parser_misuse,
     request_format,
     structure_counts,
@@ -628,9 +629,12 @@ def _outline_problem(loaded: ModelVersion, document: object) -> tuple[str, str] 
     """(location, what is wrong) when an infer request's JSON (``json_outline``) holds
     more tensors than the model has, or a ``parameters`` map over ``MAX_PARAMETERS``:
     each an object msgspec would build before refusing the lot (a review: 250k inputs
-    held the loop 0.4 s and took 250 MB; 1M parameters 0.25 s and 200 MB)."""
+    held the loop 0.4 s and took 250 MB; 1M parameters 0.25 s and 200 MB); or an
+    object that cannot be outlined by its keys (``outline_refusal``)."""
     if not isinstance(document, simdjson.Object):
         return None
+    if (refusal := outline_refusal(document)) is not None:
+        return "body", f"takes no request of {refusal}"
     maps: list[tuple[str, object]] = [("parameters", document.get("parameters"))]
     for key, most in (("inputs", len(loaded.inputs)), ("outputs", len(loaded.outputs))):
         tensors = document.get(key)
@@ -639,8 +643,11 @@ def _outline_problem(loaded: ModelVersion, document: object) -> tuple[str, str] 
         if len(tensors) > most:
             return key, f"has {most} {key}, the request names {len(tensors)}"
         for index, tensor in enumerate(tensors):
-            if isinstance(tensor, simdjson.Object):
-                maps.append((f"{key}[{index}].parameters", tensor.get("parameters")))
+            if not isinstance(tensor, simdjson.Object):
+                continue
+            if (refusal := outline_refusal(tensor)) is not None:
+                return f"{key}[{index}]", f"takes no tensor of {refusal}"
+            maps.append((f"{key}[{index}].parameters", tensor.get("parameters")))
     for loc, parameters in maps:
         if isinstance(parameters, simdjson.Object) and len(parameters) > MAX_PARAMETERS:
             return loc, f"takes at most {MAX_PARAMETERS} parameters a map, got {len(parameters)}"

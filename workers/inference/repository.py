@@ -138,7 +138,7 @@ class ModelRepository:
         self._states: dict[str, dict[str, IndexEntry]] = {}
         self._failed: dict[tuple[str, str], tuple[int, ...]] = {}
         # Each model's config.json as last read, by its file's fingerprint (``_config_of``).
-        self._configs: dict[str, tuple[tuple[int | bool, ...], ModelConfig | ModelConfigError]] = {}
+        self._configs: dict[str, tuple[tuple[int | bool, ...], ModelConfig | ModelConfigError, int]] = {}
         self._unloaded: set[str] = set()
         self._ignored: set[str] = set()  # directories whose names are not served, logged
         # One per model: an unload or a load of one model does not wait for another's
@@ -313,11 +313,11 @@ class ModelRepository:
         loaded = self.resolve(model, version)
         return loaded, loaded.worker.submit(inputs, deadline, request_id=request_id)
 
-    def _config_of(self, name: str, model_dir: Path) -> ModelConfig:
-        """``read_config``, read again only when its file changed (a review: a 35 MB
-        config.json read and parsed at every poll held the loop 0.4 s each time). A file
-        that could not be read is read again at each poll. In a thread, under the
-        model's lock."""
+    def _config_of(self, name: str, model_dir: Path) -> tuple[ModelConfig, int]:
+        """``read_config`` and its values' hash, read again only when its file changed
+        (a review: a 35 MB config.json read and parsed at every poll held the loop 0.4 s
+        each time). A file that could not be read is read again at each poll. In a
+        thread, under the model's lock."""
         path = model_dir / CONFIG_FILE
         # A link to nowhere (or to itself) is no absent file: an error, not the defaults.
         # Its status change time too: a copy that keeps the times (``cp -p``, a
@@ -327,16 +327,20 @@ class ModelRepository:
         known = self._configs.get(name)
         if known is None or known[0] != fingerprint:
             try:
-                known = (fingerprint, read_config(model_dir, self.settings))
+                config = read_config(model_dir, self.settings)
+                # Hashed once here, not per version at each poll on the loop (a
+                # review: a million labels, 40 versions, 260 ms a poll).
+                known = (fingerprint, config, hash(config))
             except ModelConfigUnreadable:
                 self._configs.pop(name, None)
                 raise
             except ModelConfigError as exc:
-                known = (fingerprint, exc)
+                known = (fingerprint, exc, 0)
             self._configs[name] = known
-        if isinstance(known[1], ModelConfigError):
-            raise known[1]
-        return known[1]
+        _, config_or_error, digest = known
+        if isinstance(config_or_error, ModelConfigError):
+            raise config_or_error
+        return config_or_error, digest
 
     def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
         entries: list[IndexEntry] = []
@@ -475,7 +479,7 @@ class ModelRepository:
             # stall of every request at each poll (a review).
             on_disk = await asyncio.to_thread(_versions_if_any, model_dir)
             try:
-                config = await asyncio.to_thread(self._config_of, name, model_dir)
+                config, config_hash = await asyncio.to_thread(self._config_of, name, model_dir)
             except ModelConfigError as exc:
                 reason = self._in_repository(exc)
                 self._report_failures(name, states, on_disk, current, reason)
@@ -490,7 +494,7 @@ class ModelRepository:
                 # reloads it, a file's mode, links or times alone do not (a review:
                 # ctime in it reloaded models at every backup run, their statistics
                 # reset).
-                fingerprint = (*file_fingerprint(on_disk[number]), hash(config))
+                fingerprint = (*file_fingerprint(on_disk[number]), config_hash)
                 old = current.get(version)
                 if old is not None and old.fingerprint == fingerprint:
                     # Its files as when it loaded (a mount back, say): a failure met

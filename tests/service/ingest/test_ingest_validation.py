@@ -198,6 +198,17 @@ async def test_a_huge_json_batch_holding_a_number_simdjson_refuses_is_still_coun
     assert f"at most {settings.max_batch_records} records, got 400001" in problem["detail"]
 
 
+async def test_a_huge_json_batch_giving_records_twice_is_422_before_they_are_built(
+    roomy: Client,
+) -> None:
+    """A review: the count read the first ``records`` (one record) and msgspec built the
+    400k of the second before its own 422."""
+    body = b'{"source":"s","records":[{"features":[1,2,3,4]}],"records":[' + b"{}," * 400_000 + b"{}]}"
+    response = await roomy.post(INGEST, data=io.BytesIO(body), headers={"Content-Type": "application/json"})
+    problem = await _problem(response, 422)
+    assert "the key 'records' given twice" in problem["detail"]
+
+
 async def test_a_huge_json_batch_starting_with_a_byte_order_mark_is_400(roomy: Client) -> None:
     """A review: simdjson takes the mark, msgspec refuses it: the count said 422."""
     body = _empty_records(400_000, head=b"\xef\xbb\xbf")

@@ -362,6 +362,19 @@ async def test_a_version_written_with_leading_zeros_names_that_version(demo_clie
     assert metadata.status == 200
 
 
+async def test_a_large_json_infer_body_giving_a_key_twice_is_422_before_decoding(demo_client: Client) -> None:
+    """A review: the outline read the first of two ``parameters`` and msgspec built
+    the 500k of the second."""
+    parameters = ",".join(f'"p{i}":{i}' for i in range(6000))
+    tensor = json.dumps(TENSOR)
+    body = f'{{"inputs":[{tensor}],"parameters":{{}},"parameters":{{{parameters}}}}}'.encode()
+    response = await demo_client.post(
+        "/v2/models/demo/infer", data=io.BytesIO(body), headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 422
+    assert "the key 'parameters' given twice" in (await response.json())["error"]
+
+
 async def test_a_small_json_infer_body_with_too_many_parameters_is_422(demo_client: Client) -> None:
     body = {"inputs": [TENSOR], "parameters": {f"p{i}": 1 for i in range(300)}}
     response = await post_json(demo_client, "/v2/models/demo/infer", body)
