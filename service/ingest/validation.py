@@ -682,6 +682,10 @@ def _records_sent(document: object) -> int | None:
     return len(records) if isinstance(records, simdjson.Array) else None
 
 
+# A batch's members: source and records.
+_BATCH_MEMBERS = 2
+
+
 class _RecordsOnly(msgspec.Struct):
     """A batch's ``records`` as text; anything else skipped."""
 
@@ -693,7 +697,17 @@ _records_only = msgspec.json.Decoder(_RecordsOnly)
 
 def _records_sent_in_bytes(body: bytes) -> int | None:
     """``_records_sent`` for a body simdjson refuses and msgspec takes (a number past
-    64 bits), counted on its bytes (``top_level_length``)."""
+    64 bits), counted on its bytes (``top_level_length``); 422 for a batch object of
+    more members than its two, as ``_records_sent`` refuses a key given twice (a
+    review: there msgspec built the first of two ``records``, 5M of them)."""
+    text = body.strip()
+    members = top_level_length(text) if text[:1] == b"{" else 0
+    if members > _BATCH_MEMBERS:
+        refusal = f"an object of {members} members"
+        raise ValidationFailed(
+            f"A batch is an object of source and records, not {refusal}",
+            errors=[FieldError(loc="body", msg=refusal)],
+        )
     try:
         records = bytes(_records_only.decode(body).records)
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError

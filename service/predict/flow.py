@@ -54,6 +54,7 @@ from mlgate.service.http.codec import (
     raise_parser_misuse,
     request_format,
     structure_counts,
+    top_level_length,
 )
 from mlgate.service.http.context import REQUEST_ID
 from mlgate.service.http.errors import (
@@ -659,6 +660,10 @@ def _outline_problem_in_bytes(loaded: ModelVersion, body: bytes) -> tuple[str, s
     bits), bounded from its bytes (``structure_counts``): no more objects than the
     request, its tensors and their ``parameters`` maps, and no more members than their
     fields and ``MAX_PARAMETERS`` entries a map."""
+    text = body.strip()
+    if text[:1] == b"{" and (fields := top_level_length(text)) > _REQUEST_FIELDS:
+        # As ``outline_refusal`` on simdjson's path: a key given twice, or unknown.
+        return "body", f"takes no request of {fields} members"
     objects, members = structure_counts(body)
     tensors = len(loaded.inputs) + len(loaded.outputs)
     if objects > 2 * (1 + tensors):

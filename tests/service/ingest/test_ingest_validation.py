@@ -209,6 +209,18 @@ async def test_a_huge_json_batch_giving_records_twice_is_422_before_they_are_bui
     assert "the key 'records' given twice" in problem["detail"]
 
 
+async def test_a_huge_json_batch_giving_records_twice_and_a_number_simdjson_refuses_is_422(
+    roomy: Client,
+) -> None:
+    """A review: with a number past 64 bits the count went by the bytes, which read
+    only the last ``records``, and msgspec built the 400k of the first."""
+    last = b'{"features":[1,2,3,4],"label":1234567890123456789012345}'
+    body = b'{"source":"s","records":[' + b"{}," * 400_000 + b'{}],"records":[' + last + b"]}"
+    response = await roomy.post(INGEST, data=io.BytesIO(body), headers={"Content-Type": "application/json"})
+    problem = await _problem(response, 422)
+    assert "not an object of 3 members" in problem["detail"]
+
+
 async def test_a_huge_json_batch_starting_with_a_byte_order_mark_is_400(roomy: Client) -> None:
     """A review: simdjson takes the mark, msgspec refuses it: the count said 422."""
     body = _empty_records(400_000, head=b"\xef\xbb\xbf")

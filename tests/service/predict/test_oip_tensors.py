@@ -375,6 +375,20 @@ async def test_a_large_json_infer_body_giving_a_key_twice_is_422_before_decoding
     assert "the key 'parameters' given twice" in (await response.json())["error"]
 
 
+async def test_a_large_json_infer_body_with_nan_giving_a_key_twice_is_422_as_without(
+    demo_client: Client,
+) -> None:
+    """A review: the same body was 422 without a NaN and 200 with one."""
+    parameters = ",".join(f'"p{i}":{i}' for i in range(6000))
+    tensor = json.dumps({**TENSOR, "data": [float("nan")] + [0.5] * (WIDTH - 1)})
+    body = f'{{"id":"a","id":"b","inputs":[{tensor}],"parameters":{{}},"parameters":{{{parameters}}}}}'.encode()
+    response = await demo_client.post(
+        "/v2/models/demo/infer", data=io.BytesIO(body), headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 422
+    assert "takes no request of 5 members" in (await response.json())["error"]
+
+
 async def test_a_small_json_infer_body_with_too_many_parameters_is_422(demo_client: Client) -> None:
     body = {"inputs": [TENSOR], "parameters": {f"p{i}": 1 for i in range(300)}}
     response = await post_json(demo_client, "/v2/models/demo/infer", body)
