@@ -152,6 +152,11 @@ async def check_redis_config(redis: SharedRedis) -> None:
         log.warning(
             "redis_not_persistent", lost_at_restart=REDIS_STATE, fix="snapshots (save) or appendonly yes"
         )
+    await warn_if_evicting(redis)
+
+
+async def warn_if_evicting(redis: SharedRedis) -> None:
+    """``redis_evicts_any_key`` for a Redis whose policy evicts any key when full."""
     policy = await redis.eviction_policy()
     if policy is not None and policy.startswith("allkeys-"):
         log.warning(
@@ -211,9 +216,7 @@ class RedisRunWatch:
             lost=REDIS_STATE if persistent is False else "what it had not saved yet",
         )
         self._config_checked = True
-        policy = await self._redis.eviction_policy()
-        if policy is not None and policy.startswith("allkeys-"):
-            log.warning("redis_evicts_any_key", maxmemory_policy=policy, lost_when_full=REDIS_STATE)
+        await warn_if_evicting(self._redis)
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -667,6 +667,13 @@ def _too_many(sent: int, limit: int) -> ValidationFailed:
     )
 
 
+def _not_a_batch(refusal: str) -> ValidationFailed:
+    return ValidationFailed(
+        f"A batch is an object of source and records, not {refusal}",
+        errors=[FieldError(loc="body", msg=refusal)],
+    )
+
+
 def _records_sent(document: object) -> int | None:
     """How many records a JSON batch's ``records`` array holds (``json_outline``); 422
     for a batch object that cannot be outlined (``outline_refusal``)."""
@@ -674,10 +681,7 @@ def _records_sent(document: object) -> int | None:
         return None
     refusal = outline_refusal(document)
     if refusal is not None:
-        raise ValidationFailed(
-            f"A batch is an object of source and records, not {refusal}",
-            errors=[FieldError(loc="body", msg=refusal)],
-        )
+        raise _not_a_batch(refusal)
     records = document.get("records")
     return len(records) if isinstance(records, simdjson.Array) else None
 
@@ -703,11 +707,7 @@ def _records_sent_in_bytes(body: bytes) -> int | None:
     text = body.strip()
     members = top_level_length(text) if text[:1] == b"{" else 0
     if members > _BATCH_MEMBERS:
-        refusal = f"an object of {members} members"
-        raise ValidationFailed(
-            f"A batch is an object of source and records, not {refusal}",
-            errors=[FieldError(loc="body", msg=refusal)],
-        )
+        raise _not_a_batch(f"an object of {members} members")
     try:
         records = bytes(_records_only.decode(body).records)
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError

@@ -403,15 +403,7 @@ def test_a_sources_directory_that_is_a_link_to_nothing_keeps_its_profiles_in_for
     write_profile(elsewhere, "sensors")
     profiles.mkdir()
     (profiles / "sources").symlink_to(elsewhere / "sources")
-    store = ProfileStore(profiles, tmp_path / "models")
-    store.refresh()
-    before = store.source("sensors")
-    assert before is not None
-    shutil.rmtree(elsewhere)
-    with capture_logs() as logs:
-        store.refresh()
-    assert [entry["event"] for entry in logs] == ["profiles_dir_unreadable"]
-    assert store.source("sensors") is before
+    assert_kept_once_gone(ProfileStore(profiles, tmp_path / "models"), elsewhere)
 
 
 @pytest.mark.parametrize(
@@ -450,11 +442,16 @@ def test_a_profiles_directory_that_is_a_link_to_nothing_keeps_its_profiles_in_fo
     mounted, link = tmp_path / "mount", tmp_path / "profiles"
     write_profile(mounted, "sensors")
     link.symlink_to(mounted)
-    store = ProfileStore(link, tmp_path / "models")
+    assert_kept_once_gone(ProfileStore(link, tmp_path / "models"), mounted)
+
+
+def assert_kept_once_gone(store: ProfileStore, mount: Path) -> None:
+    """``store``'s profile of ``sensors`` stays in force once ``mount``, where its files
+    are, went away: the refresh says the directory is unreadable."""
     store.refresh()
     before = store.source("sensors")
     assert before is not None
-    shutil.rmtree(mounted)
+    shutil.rmtree(mount)
     with capture_logs() as logs:
         store.refresh()
     assert [entry["event"] for entry in logs] == ["profiles_dir_unreadable"]
