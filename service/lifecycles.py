@@ -20,6 +20,7 @@ background loop here is a ``SupervisedTask``: a crash is logged, counted and res
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
@@ -219,7 +220,8 @@ class RedisRunWatch:
         await warn_if_evicting(self._redis)
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+        # A context of its own: it is no part of the request whose connection met the run.
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -297,7 +299,8 @@ def kafka_prober(
     def probe_when_quiet() -> None:
         if probes or not sink.quiet_for(KAFKA_QUIET_PROBE_S):
             return
-        task = asyncio.get_running_loop().create_task(sink.probe_kafka())
+        # A context of its own: it is no part of the request whose /ready started it.
+        task = asyncio.get_running_loop().create_task(sink.probe_kafka(), context=contextvars.Context())
         probes.add(task)
         task.add_done_callback(probed)
 
