@@ -123,7 +123,8 @@ DESCRIPTIONS: dict[str, str] = {
     "request_timeout_ms": "Default predict deadline (X-Request-Timeout overrides per request).",
     "inference_mailbox_size": (
         "Predict requests that may wait per model version; full: 503 at once. A request "
-        "that would wait past its deadline is refused at once whatever the room."
+        "that would wait past its deadline is refused at once whatever the room. With "
+        "keys, one tenant's requests hold at most three quarters of it."
     ),
     "inference_thread_niceness": (
         "How much nicer than the process the thread that runs each model is (0-19): the "
@@ -133,7 +134,8 @@ DESCRIPTIONS: dict[str, str] = {
     ),
     "inference_mailbox_bytes": (
         "Bytes that predict requests not answered yet may hold per model version (their "
-        "inputs, and the numbers decoded from REST bodies); full: 503 at once."
+        "inputs, and the numbers decoded from REST bodies); full: 503 at once. With "
+        "keys, one tenant's requests hold at most three quarters of it."
     ),
     "inference_max_batch_size": "Default most rows per inference batch (model config.json overrides).",
     "inference_max_queue_delay_ms": "Default longest wait to fill a batch (model config.json overrides).",

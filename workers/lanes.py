@@ -115,3 +115,12 @@ class LaneMailbox(asyncio.Queue[ItemT]):
     def held_by(self, lane: str) -> int:
         """How many items ``lane`` has waiting."""
         return self._queue.held_by(lane)
+
+    @property
+    def held_by_own_lanes(self) -> int:
+        return self._queue.held_by_own_lanes
+
+    @property
+    def lane_limit(self) -> int:
+        """The most items the lanes of their own may hold together (0: no limit)."""
+        return self._lane_limit

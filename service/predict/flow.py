@@ -32,6 +32,7 @@ import simdjson
 from aiohttp import web
 from multidict import MultiMapping
 
+from mlgate.config import Settings
 from mlgate.schemas.oip import MAX_PARAMETERS
 from mlgate.schemas.predict import (
     MAX_FEATURES,
@@ -56,7 +57,7 @@ from mlgate.service.http.codec import (
     structure_counts,
     top_level_length,
 )
-from mlgate.service.http.context import REQUEST_ID
+from mlgate.service.http.context import REQUEST_ID, TENANT
 from mlgate.service.http.errors import (
     ApiError,
     BadRequest,
@@ -164,6 +165,13 @@ def timeout_ms_in(headers: Mapping[str, str], default_ms: float) -> float | None
         return None
     timeout_ms = float(raw)
     return timeout_ms if MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS else None
+
+
+def sharing_tenant(settings: Settings, tenant: str | None) -> str | None:
+    """Whose share of a model's queue a request takes (``InferenceWorker.submit``):
+    its tenant's, or nobody's without keys (every request is ``anonymous`` then, and
+    no other tenant needs room kept)."""
+    return None if settings.auth_disabled else tenant
 
 
 def resolve(repository: ModelRepository, model: str, version: str | None) -> ModelVersion:
@@ -383,7 +391,9 @@ async def run_predict(
     """The one code path behind v2 and v1."""
     app = request.app  # a property that resolves the current app: once per request
     deadline = request_deadline(request, started, app[SETTINGS].request_timeout_ms)
-    return await predict(app, payload, started, deadline, request[REQUEST_ID])
+    return await predict(
+        app, payload, started, deadline, request[REQUEST_ID], request.get(TENANT)
+    )
 
 
 async def predict(
@@ -392,18 +402,21 @@ async def predict(
     started: float,
     deadline: float,
     request_id: str,
+    tenant: str | None,
 ) -> PredictResponse | BatchPredictResponse:
-    """``run_predict`` once the request's deadline and id are known; the express lane
-    (service/process/express.py) calls it without a ``web.Request``."""
+    """``run_predict`` once the request's deadline, id and tenant (None without keys)
+    are known; the express lane (service/process/express.py) calls it without a
+    ``web.Request``."""
     settings = app[SETTINGS]
     repository = app[MODEL_REPOSITORY]
     loaded = resolve(repository, payload.model or settings.default_model, payload.model_version)
+    tenant = sharing_tenant(settings, tenant)
     instances = payload.instances if isinstance(payload, PredictRequest) else None
     # Shed before building the rows: under overload most requests end here.
     # Also for a request the door let through: it asked for one row, and a refusal
     # here is outside the model's breaker (inside it, aiobreaker would count the
     # excluded MailboxFull as a success and close a half-open breaker).
-    loaded.worker.check_room(1 if instances is None else len(instances), deadline)
+    loaded.worker.check_room(1 if instances is None else len(instances), deadline, tenant=tenant)
     if instances is not None:
         rows = feature_rows(loaded, instances, "instances")
     elif isinstance(payload.features, np.ndarray):  # parsed as a row already (the lane)
@@ -418,7 +431,9 @@ async def predict(
         if isinstance(payload.features, np.ndarray)
         else rows.size * PYTHON_FLOAT_BYTES
     )
-    outputs = await loaded.infer(rows, deadline, request_id=request_id, held_bytes=held)
+    outputs = await loaded.infer(
+        rows, deadline, request_id=request_id, held_bytes=held, tenant=tenant
+    )
     app[DRIFT_MONITOR].observe(loaded.model, "model", rows)  # never waits; drops when full
     answers = predictions(loaded, outputs[answer_output(loaded)], len(rows))
     latency_ms = round((time.monotonic() - started) * 1000, 3)
@@ -465,7 +480,7 @@ def shed_before_decoding(request: web.Request, body: bytes, fmt: Format, started
         default.version,
     ):
         deadline = request_deadline(request, started, settings.request_timeout_ms)
-        default.worker.check_room(1, deadline)
+        default.worker.check_room(1, deadline, tenant=sharing_tenant(settings, request.get(TENANT)))
 
 
 def check_row_budget(request: web.Request, body: bytes, fmt: Format) -> None:

@@ -75,7 +75,7 @@ from mlgate.service.http.front_door import (
     problem_document,
     problem_headers,
 )
-from mlgate.service.predict.flow import TIMEOUT_HEADER, timeout_ms_in
+from mlgate.service.predict.flow import TIMEOUT_HEADER, sharing_tenant, timeout_ms_in
 from mlgate.service.process.express import (
     ExpressLane,
     answer_head,
@@ -308,6 +308,7 @@ class Door:
                 ahead=ahead,
                 nbytes=0 if inferred is not None or body is None else len(body),
                 way_s=self.way.seconds(worker, now),
+                tenant=sharing_tenant(self._settings, key.tenant),
             )
         except (MailboxFull, DeadlineExpired) as exc:
             self.refused += 1

@@ -159,7 +159,9 @@ class _PredictRoute:
     async def run(
         self, payload: Any, fmt: Format, caller: Caller, started: float, deadline: float
     ) -> Any:
-        answer = await predict(self._app, payload, started, deadline, caller.request_id or "")
+        answer = await predict(
+            self._app, payload, started, deadline, caller.request_id or "", caller.tenant
+        )
         return answer if self._shape is None else self._shape(answer)
 
 
@@ -215,7 +217,7 @@ class _InferRoute:
         loaded = resolve(self._repository, model, version)
         decoded = await decode_infer_body(body, headers, loaded)
         return await answer_infer(
-            self._app, loaded, decoded, headers, started, caller.request_id or ""
+            self._app, loaded, decoded, headers, started, caller.request_id or "", caller.tenant
         )
 
 

@@ -64,7 +64,7 @@ from mlgate.service.http.codec import (
     respond,
 )
 from mlgate.service.http.compression import answer_coding, compress
-from mlgate.service.http.context import REQUEST_ID, WORK_BEGAN, arrived
+from mlgate.service.http.context import REQUEST_ID, TENANT, WORK_BEGAN, arrived
 from mlgate.service.http.errors import ApiError, BadRequest, NotFound, Unavailable
 from mlgate.service.http.routing import Route
 from mlgate.service.predict.flow import (
@@ -74,6 +74,7 @@ from mlgate.service.predict.flow import (
     check_tensor_budget,
     deadline_in,
     resolve,
+    sharing_tenant,
 )
 from mlgate.service.predict.tensors import (
     HEADER_LENGTH,
@@ -171,15 +172,18 @@ async def answer_infer(
     headers: Mapping[str, str],
     started: float,
     request_id: str,
+    tenant: str | None,
 ) -> InferenceResponse | BinaryAnswer:
-    """Infer ``request`` with ``loaded``: the route's work, for the app's handler and
-    the express lane alike (service/process/express.py)."""
+    """Infer ``request`` with ``loaded`` for ``tenant`` (None without keys): the
+    route's work, for the app's handler and the express lane alike
+    (service/process/express.py)."""
     payload, binary = request
     deadline = _deadline(headers, payload, started, float(app[SETTINGS].request_timeout_ms))
+    tenant = sharing_tenant(app[SETTINGS], tenant)
     # Shed before building the tensors: under overload most requests end here. A row
     # first, since the shape is not checked against the data yet (a shape of 10^12
     # rows is the request's 422, not a 503 to retry); then the rows it holds.
-    loaded.worker.check_room(1, deadline)
+    loaded.worker.check_room(1, deadline, tenant=tenant)
     feed = input_arrays(payload, binary, loaded)
     rows = request_rows(feed)
     if rows > app[SETTINGS].max_body_bytes:
@@ -190,9 +194,11 @@ async def answer_infer(
             "inputs", f"{rows} rows of no values: more rows than a request may carry"
         )
     if rows > 1:
-        loaded.worker.check_room(rows, deadline)
+        loaded.worker.check_room(rows, deadline, tenant=tenant)
     outputs = requested_outputs(payload, loaded)
-    results = await loaded.infer(feed, deadline, request_id=payload.id or request_id)
+    results = await loaded.infer(
+        feed, deadline, request_id=payload.id or request_id, tenant=tenant
+    )
     if len(feed) == 1:  # one feature matrix: what a model profile describes
         app[DRIFT_MONITOR].observe(loaded.model, "model", next(iter(feed.values())))
 
@@ -243,7 +249,13 @@ async def infer(request: web.Request) -> web.Response:
     body = await read_body(request, request.app[SETTINGS].max_body_bytes)
     decoded = await decode_infer_body(body, request.headers, loaded)
     answer = await answer_infer(
-        request.app, loaded, decoded, request.headers, started, request[REQUEST_ID]
+        request.app,
+        loaded,
+        decoded,
+        request.headers,
+        started,
+        request[REQUEST_ID],
+        request.get(TENANT),
     )
     body, content_type, headers = infer_answer(answer, request.headers)
     coding = answer_coding(request.headers.get("Accept-Encoding"), body)

@@ -6,7 +6,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from tests.onnx_models import model_of
 from tests.service_process import REPO
 from tests.slow_models import looping_model
 from tests.support import until
+from tests.workers.conftest import WorkerFactory
 
 DEMO = REPO / "models" / "demo" / "1" / "model.onnx"
 
@@ -53,36 +54,6 @@ class RecordingSession:
         time.sleep(self.delay_s)
         self.batches.append(input_feed["input"].copy())
         return self.session.run(output_names, dict(input_feed))
-
-
-@pytest.fixture(scope="module")
-def demo_session() -> ort.InferenceSession:
-    return ort.InferenceSession(str(DEMO), providers=["CPUExecutionProvider"])
-
-
-WorkerFactory = Callable[..., InferenceWorker]
-
-
-@pytest.fixture
-async def make_worker(demo_session: ort.InferenceSession) -> AsyncIterator[WorkerFactory]:
-    workers: list[InferenceWorker] = []
-
-    def make(session: Any = None, **options: Any) -> InferenceWorker:
-        options.setdefault("max_queue_delay_s", 0.001)
-        worker = InferenceWorker(
-            session or demo_session,
-            input_names=["input"],
-            output_names=["probabilities"],
-            model="demo",
-            **options,
-        )
-        worker.start()
-        workers.append(worker)
-        return worker
-
-    yield make
-    for worker in workers:
-        await worker.close(drain_s=1)
 
 
 def rows(n: int, seed: int = 0) -> np.ndarray:

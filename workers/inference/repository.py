@@ -96,12 +96,18 @@ class ModelVersion:
         deadline: float,
         request_id: str | None = None,
         held_bytes: int = 0,
+        tenant: str | None = None,
     ) -> Outputs:
         """This request's outputs. ``BreakerOpen`` at once while the model keeps failing;
         load (a full mailbox, a passed deadline) does not count as the model failing."""
 
         return await self.breaker.call(
-            self.worker.submit, inputs, deadline, request_id=request_id, held_bytes=held_bytes
+            self.worker.submit,
+            inputs,
+            deadline,
+            request_id=request_id,
+            held_bytes=held_bytes,
+            tenant=tenant,
         )
 
 

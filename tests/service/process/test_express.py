@@ -365,11 +365,16 @@ def room_for_one_row_only(worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     one_row = worker.check_room
 
     def room_for_one_row(
-        rows: int, deadline: float, ahead: int = 0, nbytes: int = 0, way_s: float = 0.0
+        rows: int,
+        deadline: float,
+        ahead: int = 0,
+        nbytes: int = 0,
+        way_s: float = 0.0,
+        tenant: str | None = None,
     ) -> float:
         if rows > 1:
             raise MailboxFull("no room for more than one row")
-        return one_row(rows, deadline, ahead, nbytes, way_s)
+        return one_row(rows, deadline, ahead, nbytes, way_s, tenant)
 
     monkeypatch.setattr(worker, "check_room", room_for_one_row)
 

@@ -183,8 +183,9 @@ async def test_an_infers_body_text_does_not_count_against_the_mailbox_bytes(
     served: ServeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The model's byte bound counts an infer's tensors (512 bytes here), not its JSON
-    text (~2.5 KB): the door does not refuse what the model would take."""
-    server = await served(inference_mailbox_bytes=2_100)
+    text (~2.5 KB): the door does not refuse what the model would take (the tenant's
+    share of the bound, 2,100 bytes, holds both rows; their text would not fit in it)."""
+    server = await served(inference_mailbox_bytes=2_800)
     gated, reader, writer = await in_the_lane(server, monkeypatch, "held")
     try:
         assert server.worker._held_bytes == 1_536  # its float32 row, and the float64 row read

@@ -1,0 +1,128 @@
+"""InferenceWorker between tenants: a tenant with many rows queued waits its turn with
+the others, is not counted ahead of them when they are admitted, and holds at most
+its share of the mailbox."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from mlgate.workers.errors import MailboxFull
+from mlgate.workers.inference import batching
+from tests.workers.conftest import WorkerFactory
+from tests.workers.test_inference_worker import RecordingSession, rows, soon
+
+FLOOD_ROWS = 16  # a flooding tenant's requests: each a batch of its own (max 8 rows)
+
+
+def _position_of(session: RecordingSession, row: np.ndarray) -> int:
+    """The index of the batch that computed ``row``."""
+    for index, batch in enumerate(session.batches):
+        if any(np.array_equal(row[0], computed) for computed in batch):
+            return index
+    raise AssertionError("the row was never computed")
+
+
+async def _flooded_worker(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, **options: object
+) -> tuple[batching.InferenceWorker, RecordingSession, threading.Event, list[asyncio.Future]]:
+    """A worker (batches of 8 rows) whose model is held at its first run, with ten of
+    tenant ``flood``'s 16-row requests queued behind it."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    options.setdefault("mailbox_size", 64)
+    worker = make_worker(session, max_batch_size=8, **options)
+    flood = [worker.submit(rows(FLOOD_ROWS, seed), soon(), tenant="flood") for seed in range(10)]
+    await asyncio.to_thread(session.entered.wait, 5)
+    return worker, session, gate, flood
+
+
+async def test_a_tenants_row_queued_behind_another_tenants_flood_is_computed_within_a_turn(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    worker, session, gate, flood = await _flooded_worker(make_worker, demo_session)
+    single = rows(1, 99)
+    answer = worker.submit(single, soon(), tenant="quiet")
+    gate.set()
+    await asyncio.gather(answer, *flood)
+    # The one computing, the one already handed to the thread behind it, then at most
+    # one more of the flood's before the quiet tenant's row.
+    assert _position_of(session, single) <= 3
+    assert len(session.batches) == 11
+
+
+async def test_a_flooding_tenant_keeps_its_own_requests_in_order(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    worker, session, gate, flood = await _flooded_worker(make_worker, demo_session)
+    gate.set()
+    await asyncio.gather(*flood)
+    firsts = [batch[0] for batch in session.batches]
+    expected = [rows(FLOOD_ROWS, seed)[0] for seed in range(10)]
+    assert all(np.array_equal(a, b) for a, b in zip(firsts, expected, strict=True))
+
+
+async def test_a_tenant_is_not_shed_for_the_rows_another_tenant_queued(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """Ten batches of the flood's wait ahead; the quiet tenant's row waits for two or
+    three of them, and is admitted for a deadline the whole queue would miss."""
+    session = RecordingSession(demo_session, delay_s=0.05)
+    worker = make_worker(session, max_batch_size=8, mailbox_size=64)
+    await worker.submit(rows(1), soon(), tenant="flood")  # a batch takes ~50 ms
+    session.gate = gate = threading.Event()
+    flood = [worker.submit(rows(FLOOD_ROWS, seed), soon(), tenant="flood") for seed in range(10)]
+    deadline = time.monotonic() + 0.45  # the flood's ten batches take 0.5 s
+    with pytest.raises(MailboxFull, match="deadline"):
+        worker.check_room(1, deadline, tenant="flood")
+    answer = worker.submit(rows(1, 99), deadline, tenant="quiet")
+    gate.set()
+    assert (await answer)["probabilities"].shape == (1, 2)
+    await asyncio.gather(*flood)
+
+
+@pytest.mark.parametrize(
+    "bound", [{"mailbox_size": 8}, {"mailbox_size": 100, "mailbox_bytes": 8 * rows(1).nbytes}]
+)
+async def test_a_tenant_holds_at_most_its_share_of_the_mailbox_in_requests_and_bytes(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, bound: dict[str, int]
+) -> None:
+    gate = threading.Event()
+    worker = make_worker(RecordingSession(demo_session, gate=gate), **bound)
+    held = []
+    with pytest.raises(MailboxFull, match="share"):
+        for seed in range(8):
+            held.append(worker.submit(rows(1, seed), soon(), tenant="flood"))
+    assert len(held) == int(8 * batching.TENANT_SHARE)
+    others = [worker.submit(rows(1, 50 + seed), soon(), tenant="quiet") for seed in range(2)]
+    gate.set()
+    await asyncio.gather(*held, *others)
+
+
+async def test_requests_of_no_tenant_may_fill_the_whole_mailbox(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """Without keys there are no tenants to keep room for."""
+    gate = threading.Event()
+    worker = make_worker(RecordingSession(demo_session, gate=gate), mailbox_size=8)
+    held = [worker.submit(rows(1, seed), soon()) for seed in range(8)]
+    with pytest.raises(MailboxFull, match="full"):
+        worker.submit(rows(1, 8), soon())
+    gate.set()
+    await asyncio.gather(*held)
+
+
+async def test_a_tenants_share_is_free_again_once_its_requests_are_answered(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    worker = make_worker(mailbox_size=8)
+    for _ in range(3):
+        await asyncio.gather(
+            *(worker.submit(rows(1, seed), soon(), tenant="flood") for seed in range(6))
+        )
+    assert worker._shares == {} and worker._lane_rows == {}
