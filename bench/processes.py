@@ -43,10 +43,12 @@ def spawn(
     *,
     env: dict[str, str] | None = None,
     cpus: set[int] | None = None,
+    cwd: Path = REPO_ROOT,
     **kwargs: object,
 ) -> subprocess.Popen[bytes]:
     """Start a process in its own session that gets SIGTERM if we die, pinned to
-    ``cpus`` when given (``taskset -c``: it and every thread and child it starts).
+    ``cpus`` when given (``taskset -c``: it and every thread and child it starts), in
+    ``cwd`` (``python -m`` imports from there first).
 
     Call from the main thread: the parent-death signal follows the forking thread.
     """
@@ -59,7 +61,7 @@ def spawn(
     return subprocess.Popen(  # type: ignore[call-overload]
         argv,
         env=env,
-        cwd=REPO_ROOT,
+        cwd=cwd,
         start_new_session=True,
         preexec_fn=prepare if sys.platform == "linux" else None,
         **kwargs,
