@@ -40,7 +40,6 @@ from bench.processes import (
     wait_ready,
 )
 
-
 DIMS = {"demo": 128, "small": 128, "heavy": 768}
 
 
@@ -96,9 +95,8 @@ async def _sample_depth(session: aiohttp.ClientSession, metrics_url: str, until:
 async def _phase(url: str, keys: dict[str, str], args: argparse.Namespace, flood: bool) -> dict[str, object]:
     rng = np.random.default_rng(1)
     dims = DIMS[args.model]
-    single = (b'{"features": [%s]}' % ",".join(f"{x:.6f}" for x in rng.standard_normal(dims)).encode())
-    rows = rng.standard_normal((args.flood_rows, dims)).round(6).tolist()
-    many = ('{"instances": %s}' % rows).encode()
+    single = msgspec.json.encode({"features": rng.standard_normal(dims).round(6).tolist()})
+    many = msgspec.json.encode({"instances": rng.standard_normal((args.flood_rows, dims)).round(6).tolist()})
     quiet_ms: list[float] = []
     quiet_inside: list[float] = []
     flood_inside: list[float] = []
