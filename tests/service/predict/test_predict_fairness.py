@@ -48,6 +48,18 @@ class Tenants:
         async with self.session.post(f"{self.url}/api/v2/predict", json=body, headers=headers) as r:
             return Answer(r.status, dict(r.headers), await r.json())
 
+    async def infer(self, tenant: str, data: np.ndarray) -> Answer:
+        """An Open Inference Protocol infer of ``data``'s rows."""
+        headers = {"Authorization": f"Bearer {self.keys[tenant]}"}
+        body = {
+            "inputs": [
+                {"name": "input", "shape": list(data.shape), "datatype": "FP32", "data": data.ravel().tolist()}
+            ]
+        }
+        url = f"{self.url}/v2/models/demo/infer"
+        async with self.session.post(url, json=body, headers=headers) as r:
+            return Answer(r.status, dict(r.headers), await r.json())
+
     async def until_queued(self, count: int) -> None:
         """Until ``count`` requests wait for the model (queued, or handed to its
         thread behind the run computing)."""
@@ -127,6 +139,22 @@ async def test_a_tenants_row_is_not_computed_after_everything_another_tenant_que
     # The run computing, the one handed to the thread behind it, at most one more.
     assert _run_of(served.gated, single[0]) <= 3
     assert len(served.gated.computed) == 9
+
+
+async def test_a_tenants_row_is_not_computed_after_everything_another_tenant_queued_by_infer(
+    two_tenants: Callable[..., Awaitable[Tenants]],
+) -> None:
+    served = await two_tenants()
+    floods = [asyncio.create_task(served.infer("flood", rows(4, seed))) for seed in range(8)]
+    await asyncio.to_thread(served.gated.entered.wait, 5)
+    await served.until_queued(7)
+    single = rows(1, 99)
+    quiet = asyncio.create_task(served.infer("quiet", single))
+    await served.until_queued(8)
+    served.gated.gate.set()
+    answers = await asyncio.gather(quiet, *floods)
+    assert [answer.status for answer in answers] == [200] * 9
+    assert _run_of(served.gated, single[0]) <= 3
 
 
 async def test_a_tenant_flooding_a_model_is_refused_503_while_another_still_gets_in(
