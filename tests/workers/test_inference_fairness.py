@@ -126,3 +126,22 @@ async def test_a_tenants_share_is_free_again_once_its_requests_are_answered(
             *(worker.submit(rows(1, seed), soon(), tenant="flood") for seed in range(6))
         )
     assert worker._shares == {} and worker._lane_rows == {}
+
+
+async def test_tenants_with_many_rows_queued_hold_at_most_their_share_together(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """Lanes of their own hold at most ``LANE_SHARE`` of the mailbox together: two
+    flooding tenants leave room for a third with a row."""
+    gate = threading.Event()
+    worker = make_worker(
+        RecordingSession(demo_session, gate=gate), max_batch_size=1, mailbox_size=12
+    )
+    # Each one's first request queues in the shared lane; the rest in its own.
+    held = [worker.submit(rows(1, seed), soon(), tenant="one") for seed in range(5)]
+    held += [worker.submit(rows(1, 10 + seed), soon(), tenant="two") for seed in range(6)]
+    with pytest.raises(MailboxFull, match="tenants with many rows queued"):
+        worker.submit(rows(1, 20), soon(), tenant="two")
+    held.append(worker.submit(rows(1, 30), soon(), tenant="three"))
+    gate.set()
+    await asyncio.gather(*held)

@@ -589,17 +589,21 @@ class InferenceWorker(Actor[_Item]):
         share = self._shares.get(tenant)
         if share is None:
             return
-        if (
-            share.requests >= self._tenant_requests
-            or (share.nbytes and share.nbytes + nbytes > self._tenant_bytes)
-            or (
-                self._lane_of(tenant) != SHARED_LANE
-                and self._mailbox.held_by_own_lanes >= self._mailbox.lane_limit
-            )
+        if share.requests >= self._tenant_requests or (
+            share.nbytes and share.nbytes + nbytes > self._tenant_bytes
         ):
             self.stats.rejected += 1
             raise MailboxFull(
                 f"inference mailbox of {self.name}: this tenant's requests hold its share"
+            )
+        if (
+            self._lane_of(tenant) != SHARED_LANE
+            and self._mailbox.held_by_own_lanes >= self._mailbox.lane_limit
+        ):
+            self.stats.rejected += 1
+            raise MailboxFull(
+                f"inference mailbox of {self.name}: the tenants with many rows queued, "
+                "this one among them, hold their share"
             )
 
     def _lane_of(self, tenant: str | None) -> str:
