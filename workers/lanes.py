@@ -5,7 +5,9 @@ its work first come, first served from a plain queue: a tenant that queues a hun
 large writes then makes every other tenant's small write wait for all of them. Here
 each item names its ``lane``; items of one lane keep their order, and the lanes take
 turns (round robin), so a lane's next item waits for at most one item of each other
-lane. Most work goes in the ``SHARED_LANE``; a caller heavy enough to hold up the rest
+lane (or, with ``take_turns_of``, one turn's weight of each: the inference worker's
+lanes take turns of a batch of rows, so rows of several light tenants in the shared
+lane still fill one batch). Most work goes in the ``SHARED_LANE``; a caller heavy enough to hold up the rest
 (a tenant with many records on their way: ``IngestPipeline``) gets a lane of its own,
 and the lanes of their own hold at most ``LANE_SHARE`` of the mailbox together, the
 rest kept for the shared lane, so heavy callers cannot fill the mailbox and have the
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 # The most of the mailbox the lanes of their own may hold together.
@@ -39,13 +41,18 @@ ItemT = TypeVar("ItemT", bound=HasLane)
 
 
 class _Lanes:
-    """The items of each lane, in the order the lanes take their turns next."""
+    """The items of each lane, in the order the lanes take their turns next. A lane's
+    turn lasts until it has given ``quantum`` by ``weight`` (an item each, unless told
+    otherwise), or has nothing left: one item at least, however heavy."""
 
-    __slots__ = ("by_lane", "size")
+    __slots__ = ("by_lane", "size", "quantum", "weight", "turn_used")
 
     def __init__(self) -> None:
         self.by_lane: dict[str, deque[Any]] = {}
         self.size = 0
+        self.quantum = 1
+        self.weight: Callable[[Any], int] | None = None
+        self.turn_used = 0  # of the quantum, by the lane whose turn it is (the first)
 
     def __len__(self) -> int:
         return self.size
@@ -71,14 +78,20 @@ class _Lanes:
         self.size += 1
 
     def popleft(self) -> Any:
-        # The first lane in the dict has waited longest for its turn; once served it
-        # goes last (re-inserted), or away when it has nothing left.
+        # The first lane in the dict has its turn (the one that waited longest); once
+        # its turn is over it goes last (re-inserted), or away when it has nothing left.
         lane = next(iter(self.by_lane))
-        items = self.by_lane.pop(lane)
+        items = self.by_lane[lane]
         item = items.popleft()
-        if items:
-            self.by_lane[lane] = items
         self.size -= 1
+        self.turn_used += 1 if self.weight is None else self.weight(item)
+        if not items:
+            del self.by_lane[lane]
+            self.turn_used = 0
+        elif self.turn_used >= self.quantum:
+            del self.by_lane[lane]
+            self.by_lane[lane] = items
+            self.turn_used = 0
         return item
 
 
@@ -119,6 +132,11 @@ class LaneMailbox(asyncio.Queue[ItemT]):
     @property
     def held_by_own_lanes(self) -> int:
         return self._queue.held_by_own_lanes
+
+    def take_turns_of(self, quantum: int, weight: Callable[[ItemT], int]) -> None:
+        """Each lane's turn lasts until its items taken weigh ``quantum`` (or it has
+        none left), rather than one item."""
+        self._queue.quantum, self._queue.weight = quantum, weight
 
     @property
     def lane_limit(self) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from mlgate.workers.errors import MailboxFull
+from mlgate.workers.errors import DeadlineExpired, MailboxFull
 from mlgate.workers.inference import batching
 from tests.workers.conftest import WorkerFactory
 from tests.workers.test_inference_worker import RecordingSession, rows, soon
@@ -76,7 +76,7 @@ async def test_a_tenant_is_not_shed_for_the_rows_another_tenant_queued(
     worker = make_worker(session, max_batch_size=8, mailbox_size=64)
     await worker.submit(rows(1), soon(), tenant="flood")  # a batch takes ~50 ms
     session.gate = gate = threading.Event()
-    flood = [worker.submit(rows(FLOOD_ROWS, seed), soon(), tenant="flood") for seed in range(10)]
+    flood = [worker.submit(rows(8, seed), soon(), tenant="flood") for seed in range(10)]
     deadline = time.monotonic() + 0.45  # the flood's ten batches take 0.5 s
     with pytest.raises(MailboxFull, match="deadline"):
         worker.check_room(1, deadline, tenant="flood")
@@ -145,3 +145,53 @@ async def test_tenants_with_many_rows_queued_hold_at_most_their_share_together(
     held.append(worker.submit(rows(1, 30), soon(), tenant="three"))
     gate.set()
     await asyncio.gather(*held)
+
+
+async def test_the_rows_of_several_light_tenants_fill_one_batch_between_a_floods(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A review: taken a request at a time, each light tenant's row ran as a batch of
+    its own between the flood's, and 32 light tenants got a sixth of what they had."""
+    worker, session, gate, flood = await _flooded_worker(make_worker, demo_session)
+    singles = [rows(1, 100 + tenant) for tenant in range(8)]
+    light = [worker.submit(row, soon(), tenant=f"light-{i}") for i, row in enumerate(singles)]
+    gate.set()
+    await asyncio.gather(*light, *flood)
+    assert len({_position_of(session, row) for row in singles}) == 1
+
+
+async def test_a_request_of_no_rows_leaves_no_share_behind_and_its_batch_is_answered(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A review: a tenant's share was forgotten when its request of no rows left the
+    mailbox (it holds no bytes), so settling it raised, and the requests batched after
+    it were never answered (and their shares held for good)."""
+    gate = threading.Event()
+    worker = make_worker(RecordingSession(demo_session, gate=gate), mailbox_size=16)
+    held = worker.submit(rows(1), soon(), tenant="quiet")
+    await asyncio.sleep(0.05)  # computing, its gate closed
+    batched = [
+        worker.submit(rows(0), soon(), tenant="empty"),
+        *(worker.submit(rows(1, seed), soon(), tenant="quiet") for seed in range(3)),
+    ]
+    gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(held, *batched), 5)
+    assert [answer["probabilities"].shape[0] for answer in answers] == [1, 0, 1, 1, 1]
+    assert worker._shares == {} and worker._held_bytes == 0
+
+
+async def test_a_run_whose_every_request_failed_meanwhile_ends_without_an_error(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A review: the statistics of such a run read its first request, and there was
+    none (IndexError in the run's callback)."""
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    gate = threading.Event()
+    worker = make_worker(RecordingSession(demo_session, gate=gate))
+    late = worker.submit(rows(1), time.monotonic() + 0.05)  # fails at its deadline, computing
+    with pytest.raises(DeadlineExpired):
+        await late
+    gate.set()
+    assert (await worker.submit(rows(1, 1), soon()))["probabilities"].shape == (1, 2)
+    assert errors == []

@@ -98,3 +98,19 @@ async def test_several_lanes_of_their_own_together_leave_the_shared_lane_its_qua
     mailbox.put_nowait(Item(SHARED_LANE, 0))
     mailbox.put_nowait(Item(SHARED_LANE, 1))
     assert mailbox.full()
+
+
+async def test_a_lanes_turn_lasts_its_quantum_by_weight_and_one_item_at_least() -> None:
+    mailbox: LaneMailbox[Item] = LaneMailbox(100)
+    mailbox.take_turns_of(4, lambda item: item.n)
+    for n in (1, 1, 1, 1, 1, 1):
+        mailbox.put_nowait(Item("light", n))
+    for n in (9, 2):
+        mailbox.put_nowait(Item("heavy", n))
+
+    assert _take_all(mailbox) == [
+        ("light", 1), ("light", 1), ("light", 1), ("light", 1),  # a turn: weight 4
+        ("heavy", 9),  # one item, heavier than a turn
+        ("light", 1), ("light", 1),
+        ("heavy", 2),
+    ]

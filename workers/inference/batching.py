@@ -193,10 +193,11 @@ class _Item:
 @dataclass(slots=True)
 class _TenantShare:
     """What one tenant's requests hold of a worker: requests and rows queued (until
-    taken from the mailbox), bytes (until answered)."""
+    taken from the mailbox); requests and bytes not answered yet."""
 
     requests: int = 0
     rows: int = 0
+    unanswered: int = 0
     nbytes: int = 0
 
 
@@ -218,6 +219,10 @@ class _Run:
     # or, for the overrun, as it stands: a float written whole).
     started_at: float | None = None
     input_s: float = 0.0  # gathering the batch's inputs into one feed
+
+
+def _rows_of(item: _Item) -> int:
+    return item.rows
 
 
 def request_rows(feed: Mapping[str, np.ndarray]) -> int:
@@ -322,6 +327,9 @@ class InferenceWorker(Actor[_Item]):
         self._known_good_is_traffic = False  # a row of a request it answered, not the warm-up
         super().__init__(mailbox_size, mailbox=LaneMailbox, telemetry=telemetry)
         self._mailbox: LaneMailbox[_Item]
+        # A lane's turn is a batch of rows: the rows of the light tenants sharing a
+        # lane fill one batch, not a batch each between the heavy lanes' turns.
+        self._mailbox.take_turns_of(max(1, max_batch_size), _rows_of)
         self._mailbox_size = mailbox_size
         self._mailbox_bytes = mailbox_bytes
         self._tenant_requests = max(1, int(mailbox_size * TENANT_SHARE))
@@ -453,6 +461,7 @@ class InferenceWorker(Actor[_Item]):
                 share = self._shares[tenant] = _TenantShare()
             share.requests += 1
             share.rows += count
+            share.unanswered += 1
             share.nbytes += nbytes
         if deadline < self._watch_at and self._in_flight:
             self._watch(deadline)
@@ -614,21 +623,26 @@ class InferenceWorker(Actor[_Item]):
         share = self._shares.get(tenant)
         return tenant if share is not None and share.rows >= self._max_batch_size else SHARED_LANE
 
-    def _rows_ahead(self, lane: str) -> int:
-        """The queued rows a new request of ``lane`` would wait for: its own lane's,
-        and of each other lane's the requests of as many turns as it waits for, at
-        their mean rows (the lanes take turns a request at a time)."""
-        rows = self._queued_rows
-        if len(self._lane_rows) < 2:
-            return rows
+    def _batches_ahead(self, rows: int, lane: str) -> int:
+        """The batches until ``rows`` more of ``lane`` are computed: its lane's turns
+        up to them, and as many turns of each other lane (its whole queue only with
+        one lane), each lane's rows in batches of their own (a turn's rows fill a batch
+        with another lane's only when they fall short of it)."""
+        most = self._max_batch_size
         mailbox = self._mailbox
-        turns = mailbox.held_by(lane) + 1
+        own_rows = self._lane_rows.get(lane, 0) + rows
+        turns = -(-own_rows // self._turn_rows(own_rows, mailbox.held_by(lane) + 1))
+        batches = -(-own_rows // most)
         for other, other_rows in self._lane_rows.items():
             if other != lane:
-                requests = mailbox.held_by(other)
-                if requests > turns:
-                    rows -= other_rows - other_rows * turns // requests
-        return rows
+                taken = min(other_rows, turns * self._turn_rows(other_rows, mailbox.held_by(other)))
+                batches += -(-taken // most)
+        return max(1, batches)
+
+    def _turn_rows(self, rows: int, requests: int) -> int:
+        """The rows a lane's turn takes (``take_turns_of``): a batch of rows, or one
+        request at least, of the lane's mean rows."""
+        return max(self._max_batch_size, rows // max(1, requests))
 
     def _expected_wait_s(self, rows: int, now: float, lane: str = SHARED_LANE) -> float:
         """How long new rows would take to be answered, from recent batch run times
@@ -641,10 +655,9 @@ class InferenceWorker(Actor[_Item]):
         if self._run_time_s <= 0:
             return overrun
         if self._shares_batches:
-            queued = self._rows_ahead(lane)
-            if queued + rows <= self._max_batch_size and self._estimate_is_stale():
+            batches = self._batches_ahead(rows, lane)
+            if batches <= 1 and self._estimate_is_stale():
                 return overrun
-            batches = -(-(queued + rows) // self._max_batch_size)
         else:
             # Each request is a run of its own, whatever its rows (a review: 64 rows of
             # a model without batching were 64 runs, and an idle model refused them).
@@ -686,11 +699,14 @@ class InferenceWorker(Actor[_Item]):
         self._mailbox.task_done()
         if item.tenant is not None:
             share = self._shares[item.tenant]
+            share.unanswered -= 1
             share.nbytes -= item.nbytes
             self._forget_if_idle(item.tenant, share)
 
     def _forget_if_idle(self, tenant: str, share: _TenantShare) -> None:
-        if not share.requests and not share.nbytes:
+        # By requests, not bytes: a request of no rows holds none (a review: forgotten
+        # while it was still unanswered, its tenant's share was gone when it settled).
+        if not share.requests and not share.unanswered:
             del self._shares[tenant]
 
     async def _release(self) -> None:
@@ -1174,6 +1190,8 @@ class InferenceWorker(Actor[_Item]):
         # Not those the deadline watch failed while the batch ran: counted failed then.
         items = [item for item in items if not item.future.done() or item.future.cancelled()]
         count = len(items)
+        if not count:
+            return  # each failed while it ran (a review: IndexError below)
         now = time.monotonic()
         enqueued = sum(item.enqueued for item in items)
         stats.success.add(count, count * now - enqueued)
