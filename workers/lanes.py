@@ -6,8 +6,7 @@ large writes then makes every other tenant's small write wait for all of them. H
 each item names its ``lane``; items of one lane keep their order, and the lanes take
 turns (round robin), so a lane's next item waits for at most one item of each other
 lane (or, with ``take_turns_of``, one turn's weight of each: the inference worker's
-lanes take turns of a batch of rows, so rows of several light tenants in the shared
-lane still fill one batch). Most work goes in the ``SHARED_LANE``; a caller heavy enough to hold up the rest
+lanes, a tenant's each, take turns of a batch of rows at most). Most work goes in the ``SHARED_LANE``; a caller heavy enough to hold up the rest
 (a tenant with many records on their way: ``IngestPipeline``) gets a lane of its own,
 and the lanes of their own hold at most ``LANE_SHARE`` of the mailbox together, the
 rest kept for the shared lane, so heavy callers cannot fill the mailbox and have the
@@ -42,8 +41,9 @@ ItemT = TypeVar("ItemT", bound=HasLane)
 
 class _Lanes:
     """The items of each lane, in the order the lanes take their turns next. A lane's
-    turn lasts until it has given ``quantum`` by ``weight`` (an item each, unless told
-    otherwise), or has nothing left: one item at least, however heavy."""
+    turn takes items while they weigh ``quantum`` at most together by ``weight`` (an
+    item each, unless told otherwise), one item at least however heavy, or until it
+    has nothing left."""
 
     __slots__ = ("by_lane", "size", "quantum", "weight", "turn_used")
 
@@ -80,17 +80,33 @@ class _Lanes:
     def popleft(self) -> Any:
         # The first lane in the dict has its turn (the one that waited longest); once
         # its turn is over it goes last (re-inserted), or away when it has nothing left.
-        lane = next(iter(self.by_lane))
-        items = self.by_lane[lane]
+        by_lane = self.by_lane
+        lane = next(iter(by_lane))
+        items = by_lane[lane]
         item = items.popleft()
         self.size -= 1
-        self.turn_used += 1 if self.weight is None else self.weight(item)
         if not items:
-            del self.by_lane[lane]
+            del by_lane[lane]
             self.turn_used = 0
-        elif self.turn_used >= self.quantum:
-            del self.by_lane[lane]
-            self.by_lane[lane] = items
+            return item
+        if len(by_lane) == 1:
+            # Alone, it keeps the turn, counted afresh once another lane waits: what
+            # turns cost (a dict's re-insertion an item) the common case does not pay.
+            self.turn_used = 0
+            return item
+        weigh = self.weight
+        if weigh is None:
+            self.turn_used += 1
+            over = self.turn_used + 1 > self.quantum
+        else:
+            # The turn ends before an item that would take it past the quantum (a
+            # review: turns of two 40-row requests were two batches each, and the
+            # inference worker's estimate of a turn as one batch was half the wait).
+            self.turn_used += weigh(item)
+            over = self.turn_used + weigh(items[0]) > self.quantum
+        if over:
+            del by_lane[lane]
+            by_lane[lane] = items
             self.turn_used = 0
         return item
 
@@ -134,9 +150,15 @@ class LaneMailbox(asyncio.Queue[ItemT]):
         return self._queue.held_by_own_lanes
 
     def take_turns_of(self, quantum: int, weight: Callable[[ItemT], int]) -> None:
-        """Each lane's turn lasts until its items taken weigh ``quantum`` (or it has
-        none left), rather than one item."""
+        """Each lane's turn takes items while they weigh ``quantum`` at most together
+        (one at least), rather than one item."""
         self._queue.quantum, self._queue.weight = quantum, weight
+
+    def share_own_lanes(self, share: float) -> None:
+        """The lanes of their own may hold ``share`` of the mailbox together (rather
+        than ``LANE_SHARE``); 1: all of it, unchecked."""
+        if self.maxsize > 0:
+            self._lane_limit = 0 if share >= 1 else max(1, int(self.maxsize * share))
 
     @property
     def lane_limit(self) -> int:

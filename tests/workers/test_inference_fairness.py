@@ -128,23 +128,73 @@ async def test_a_tenants_share_is_free_again_once_its_requests_are_answered(
     assert worker._shares == {} and worker._lane_rows == {}
 
 
-async def test_tenants_with_many_rows_queued_hold_at_most_their_share_together(
+async def test_tenants_together_may_fill_the_whole_mailbox(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession
 ) -> None:
-    """Lanes of their own hold at most ``LANE_SHARE`` of the mailbox together: two
-    flooding tenants leave room for a third with a row."""
     gate = threading.Event()
-    worker = make_worker(
-        RecordingSession(demo_session, gate=gate), max_batch_size=1, mailbox_size=12
-    )
-    # Each one's first request queues in the shared lane; the rest in its own.
-    held = [worker.submit(rows(1, seed), soon(), tenant="one") for seed in range(5)]
-    held += [worker.submit(rows(1, 10 + seed), soon(), tenant="two") for seed in range(6)]
-    with pytest.raises(MailboxFull, match="tenants with many rows queued"):
-        worker.submit(rows(1, 20), soon(), tenant="two")
-    held.append(worker.submit(rows(1, 30), soon(), tenant="three"))
+    worker = make_worker(RecordingSession(demo_session, gate=gate), mailbox_size=12)
+    held = [
+        worker.submit(rows(1, 10 * tenant + seed), soon(), tenant=f"tenant-{tenant}")
+        for tenant in range(4)
+        for seed in range(3)
+    ]
+    with pytest.raises(MailboxFull, match="is full"):
+        worker.submit(rows(1, 99), soon(), tenant="fifth")
     gate.set()
     await asyncio.gather(*held)
+
+
+async def test_each_flooding_tenants_first_requests_wait_their_turns_too(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A review: a tenant's requests went to a lane shared with the light tenants
+    until it had a batch of rows queued, so each flooding tenant's first request came
+    before a light tenant's row, and the row ran after every flood batch."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session, max_batch_size=8, mailbox_size=64)
+    computing = worker.submit(rows(1), soon(), tenant="first")
+    await asyncio.to_thread(session.entered.wait, 5)
+    floods = [
+        worker.submit(rows(8, 10 * tenant + seed), soon(), tenant=f"flood-{tenant}")
+        for seed in range(6)
+        for tenant in range(4)
+    ]
+    single = rows(1, 99)
+    quiet = worker.submit(single, soon(), tenant="quiet")
+    gate.set()
+    await asyncio.gather(computing, quiet, *floods)
+    # The one computing, then a turn of each flooding tenant (one was handed to the
+    # thread already), then the quiet tenant's.
+    assert _position_of(session, single) <= 5
+
+
+@pytest.mark.parametrize("flood_rows", [8, 5, 3])
+async def test_the_admission_estimate_counts_as_many_batches_as_run_before_the_request(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, flood_rows: int
+) -> None:
+    """A review: requests of 5 rows in batches of 8 fill a batch each, and an estimate
+    of a turn as full batches was half the wait: 504s where 503s were due."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session, max_batch_size=8, mailbox_size=64)
+    computing = worker.submit(rows(1), soon(), tenant="first")
+    await asyncio.to_thread(session.entered.wait, 5)
+    floods = [
+        worker.submit(rows(flood_rows, 10 * tenant + seed), soon(), tenant=f"flood-{tenant}")
+        for seed in range(6)
+        for tenant in range(4)
+    ]
+    await asyncio.sleep(0.05)  # the worker takes what it takes while the gate holds
+    estimated = worker._batches_ahead(1, "quiet")
+    single = rows(1, 99)
+    quiet = worker.submit(single, soon(), tenant="quiet")
+    gate.set()
+    await asyncio.gather(computing, quiet, *floods)
+    # Batches computed before the quiet row's, beyond the one computing and those
+    # already with the thread or forming when it was asked.
+    before = _position_of(session, single) - 1
+    assert before <= estimated + 2
 
 
 async def test_the_rows_of_several_light_tenants_fill_one_batch_between_a_floods(
@@ -195,3 +245,21 @@ async def test_a_run_whose_every_request_failed_meanwhile_ends_without_an_error(
     gate.set()
     assert (await worker.submit(rows(1, 1), soon()))["probabilities"].shape == (1, 2)
     assert errors == []
+
+
+async def test_the_rows_of_many_light_tenants_count_as_the_batches_they_fill_together(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A review: counted a batch a tenant, 32 tenants of a row each beside a flood
+    were refused 503 for the 32 batches they would have filled one of."""
+    session = RecordingSession(demo_session, delay_s=0.05)
+    worker = make_worker(session, max_batch_size=8, mailbox_size=64)
+    await worker.submit(rows(1), soon(), tenant="flood")  # a batch takes ~50 ms
+    session.gate = gate = threading.Event()
+    flood = [worker.submit(rows(8, seed), soon(), tenant="flood") for seed in range(10)]
+    light = [worker.submit(rows(1, 50 + i), soon(), tenant=f"light-{i}") for i in range(6)]
+    deadline = time.monotonic() + 0.35  # seven batches of 50 ms would miss it
+    answer = worker.submit(rows(1, 99), deadline, tenant="one-more")
+    gate.set()
+    assert (await answer)["probabilities"].shape == (1, 2)
+    await asyncio.gather(*flood, *light)

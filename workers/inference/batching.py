@@ -56,17 +56,18 @@ answered, so its failures count (reviews: a rule by time alone answered a flaky
 model's failures 422; the zeros alone blamed clients for a model broken on any
 non-zero value).
 
-Between tenants (``submit``'s ``tenant``; None where there are no keys): a tenant
-with a full batch of rows queued (``max_batch_size``) queues its next requests in a
-lane of its own, the others share one, and batches are formed from the lanes in turn
-(``LaneMailbox``), so a tenant's row waits for one request of each flooding tenant at
-most, not for everything they queued before it (a review: one tenant's 256-row
-requests, within its rate limit, took another's single-row p50 from 2.7 ms to 60-70
-ms). Its admission counts only the rows that would run before it: the other lanes'
-up to as many turns as its own lane has requests, not their whole queue, which would
-shed it for their flood. A tenant's requests hold at most ``TENANT_SHARE`` of the
-mailbox, in requests and in bytes, and the lanes of their own that much together:
-the rest is kept for the others.
+Between tenants (``submit``'s ``tenant``; None where there are no keys): each tenant's
+requests queue in a lane of its own (requests of no tenant in ``SHARED_LANE``), and
+batches are formed from the lanes in turn (``LaneMailbox``), each turn taking a
+tenant's requests while their rows fit in a batch (one request at least). A tenant's
+row waits for one turn of each other tenant at most, not for everything a flooding
+tenant queued before it (a review: one tenant's 256-row requests, within its rate
+limit, took another's single-row p50 from 2.7 ms to 60-70 ms), and the rows of many
+tenants of a row or two still fill one batch. Its admission counts only what would
+run before it: its lane's turns up to it and as many turns of each other lane, not
+their whole queue, which would shed it for their flood. A tenant's requests hold at
+most ``TENANT_SHARE`` of the mailbox, in requests and in bytes: the rest is kept for
+the others.
 
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
 does not fit the current batch opens the next one. A model without a free batch
@@ -79,6 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 import os
 import re
 import threading
@@ -124,9 +126,12 @@ KNOWN_GOOD_HOLDS_S = 0.1
 # The known-good feed takes a row of an answered request at most this often.
 KNOWN_GOOD_EVERY_S = 1.0
 # The most of the mailbox, in requests and in the bytes they hold, one tenant's
-# queued requests may take (``LaneMailbox`` keeps the lanes of their own to its own
-# ``LANE_SHARE`` together).
+# queued requests may take.
 TENANT_SHARE = 0.75
+# The most lanes (tenants with requests queued) the admission estimate counts one by
+# one (``_batches_ahead``); with more it counts the whole queue, so a request's
+# admission passes over 64 lanes at most.
+LANES_COUNTED = 64
 # onnxruntime's errors begin ``[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ``.
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
@@ -186,7 +191,7 @@ class _Item:
     # It failed in a batch, then ran alone: it needs no second try of its own.
     failed_in_batch: bool = False
     tenant: str | None = None
-    # ``LaneMailbox``'s: ``SHARED_LANE``, or the tenant's own while it has many rows queued.
+    # ``LaneMailbox``'s: the tenant's own, or ``SHARED_LANE`` for a request of no tenant.
     lane: str = SHARED_LANE
 
 
@@ -219,10 +224,6 @@ class _Run:
     # or, for the overrun, as it stands: a float written whole).
     started_at: float | None = None
     input_s: float = 0.0  # gathering the batch's inputs into one feed
-
-
-def _rows_of(item: _Item) -> int:
-    return item.rows
 
 
 def request_rows(feed: Mapping[str, np.ndarray]) -> int:
@@ -327,9 +328,11 @@ class InferenceWorker(Actor[_Item]):
         self._known_good_is_traffic = False  # a row of a request it answered, not the warm-up
         super().__init__(mailbox_size, mailbox=LaneMailbox, telemetry=telemetry)
         self._mailbox: LaneMailbox[_Item]
-        # A lane's turn is a batch of rows: the rows of the light tenants sharing a
-        # lane fill one batch, not a batch each between the heavy lanes' turns.
-        self._mailbox.take_turns_of(max(1, max_batch_size), _rows_of)
+        # A tenant's turn is a batch of rows at most (a review: a request a turn ran
+        # light tenants' rows a batch each). Tenants' lanes may fill the mailbox: what
+        # one tenant holds is bounded by its share (``TENANT_SHARE``).
+        self._mailbox.take_turns_of(max(1, max_batch_size), operator.attrgetter("rows"))
+        self._mailbox.share_own_lanes(1.0)
         self._mailbox_size = mailbox_size
         self._mailbox_bytes = mailbox_bytes
         self._tenant_requests = max(1, int(mailbox_size * TENANT_SHARE))
@@ -448,7 +451,7 @@ class InferenceWorker(Actor[_Item]):
         nbytes = sum(array.nbytes for array in feed.values()) + held_bytes
         now = self.check_room(count, deadline, nbytes=nbytes, tenant=tenant)
         future: asyncio.Future[Outputs] = self._new_future()
-        lane = self._lane_of(tenant)
+        lane = SHARED_LANE if tenant is None else tenant
         self._enqueue(
             _Item(feed, count, deadline, now, nbytes, future, request_id, signature, tenant=tenant, lane=lane)
         )
@@ -588,7 +591,7 @@ class InferenceWorker(Actor[_Item]):
         lane = SHARED_LANE
         if tenant is not None:
             self._check_share(tenant, nbytes)
-            lane = self._lane_of(tenant)
+            lane = tenant
         if now + way_s + self._expected_wait_s(rows + ahead, now, lane) > deadline:
             self.stats.rejected += 1
             raise MailboxFull(f"{self.name} cannot answer before the request's deadline")
@@ -605,44 +608,47 @@ class InferenceWorker(Actor[_Item]):
             raise MailboxFull(
                 f"inference mailbox of {self.name}: this tenant's requests hold its share"
             )
-        if (
-            self._lane_of(tenant) != SHARED_LANE
-            and self._mailbox.held_by_own_lanes >= self._mailbox.lane_limit
-        ):
-            self.stats.rejected += 1
-            raise MailboxFull(
-                f"inference mailbox of {self.name}: the tenants with many rows queued, "
-                "this one among them, hold their share"
-            )
-
-    def _lane_of(self, tenant: str | None) -> str:
-        """The lane a request of ``tenant`` queues in now: its own once it has a full
-        batch of rows queued."""
-        if tenant is None:
-            return SHARED_LANE
-        share = self._shares.get(tenant)
-        return tenant if share is not None and share.rows >= self._max_batch_size else SHARED_LANE
 
     def _batches_ahead(self, rows: int, lane: str) -> int:
-        """The batches until ``rows`` more of ``lane`` are computed: its lane's turns
-        up to them, and as many turns of each other lane (its whole queue only with
-        one lane), each lane's rows in batches of their own (a turn's rows fill a batch
-        with another lane's only when they fall short of it)."""
+        """The batches until ``rows`` more of ``lane`` are computed: the turns of its
+        lane up to them, and as many turns of each other lane (``take_turns_of``), at
+        each lane's mean rows a request. Requests of more than half a batch take a
+        batch each (or as many as they hold rows of); smaller ones fill batches
+        together, whoever's they are (a review: counted a batch a lane, 32 tenants of
+        a row each were refused for 32 batches where they filled one). Alone, or with
+        more lanes than ``LANES_COUNTED``, the whole queue in full batches (as before
+        there were lanes: what one tenant alone is admitted did not change)."""
         most = self._max_batch_size
+        lanes = self._lane_rows
+        if len(lanes) > LANES_COUNTED or not lanes or (len(lanes) == 1 and lane in lanes):
+            # One lane (or none) is first come, first served: its whole queue.
+            return max(1, -(-(self._queued_rows + rows) // most))
         mailbox = self._mailbox
-        own_rows = self._lane_rows.get(lane, 0) + rows
-        turns = -(-own_rows // self._turn_rows(own_rows, mailbox.held_by(lane) + 1))
-        batches = -(-own_rows // most)
-        for other, other_rows in self._lane_rows.items():
-            if other != lane:
-                taken = min(other_rows, turns * self._turn_rows(other_rows, mailbox.held_by(other)))
-                batches += -(-taken // most)
-        return max(1, batches)
+        own = (mailbox.held_by(lane) + 1, lanes.get(lane, 0) + rows)
+        turns = self._lane_turns(*own)
+        whole = small_rows = 0
+        for other in (lane, *lanes):
+            if other == lane:
+                requests, lane_rows, its_turns = *own, turns
+            else:
+                requests, lane_rows, its_turns = mailbox.held_by(other), lanes[other], turns
+            if requests <= 0:
+                continue
+            mean = lane_rows / requests
+            if 2 * mean > most:
+                whole += min(requests, its_turns) * -(-int(mean) // most)
+            else:
+                small_rows += min(lane_rows, its_turns * (most // max(1, int(mean))) * mean)
+        return max(1, whole + -(-int(small_rows) // most))
 
-    def _turn_rows(self, rows: int, requests: int) -> int:
-        """The rows a lane's turn takes (``take_turns_of``): a batch of rows, or one
-        request at least, of the lane's mean rows."""
-        return max(self._max_batch_size, rows // max(1, requests))
+    def _lane_turns(self, requests: int, rows: int) -> int:
+        """The turns a lane of ``requests`` holding ``rows`` takes: a turn takes its
+        requests while their rows fit in a batch, one at least (``take_turns_of``)."""
+        most = self._max_batch_size
+        mean = rows / requests
+        if 2 * mean > most:
+            return requests
+        return -(-requests // (most // max(1, int(mean))))
 
     def _expected_wait_s(self, rows: int, now: float, lane: str = SHARED_LANE) -> float:
         """How long new rows would take to be answered, from recent batch run times
