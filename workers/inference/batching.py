@@ -624,21 +624,19 @@ class InferenceWorker(Actor[_Item]):
             # One lane (or none) is first come, first served: its whole queue.
             return max(1, -(-(self._queued_rows + rows) // most))
         mailbox = self._mailbox
-        own = (mailbox.held_by(lane) + 1, lanes.get(lane, 0) + rows)
-        turns = self._lane_turns(*own)
-        whole = small_rows = 0
-        for other in (lane, *lanes):
-            if other == lane:
-                requests, lane_rows, its_turns = *own, turns
-            else:
-                requests, lane_rows, its_turns = mailbox.held_by(other), lanes[other], turns
+        own_requests, own_rows = mailbox.held_by(lane) + 1, lanes.get(lane, 0) + rows
+        turns = self._lane_turns(own_requests, own_rows)
+        whole, small_rows = 0, 0.0
+        shares = [(own_requests, own_rows)]
+        shares += [(mailbox.held_by(other), n) for other, n in lanes.items() if other != lane]
+        for requests, lane_rows in shares:
             if requests <= 0:
                 continue
             mean = lane_rows / requests
             if 2 * mean > most:
-                whole += min(requests, its_turns) * -(-int(mean) // most)
+                whole += min(requests, turns) * -(-int(mean) // most)
             else:
-                small_rows += min(lane_rows, its_turns * (most // max(1, int(mean))) * mean)
+                small_rows += min(lane_rows, turns * (most // max(1, int(mean))) * mean)
         return max(1, whole + -(-int(small_rows) // most))
 
     def _lane_turns(self, requests: int, rows: int) -> int:
