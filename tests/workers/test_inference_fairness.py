@@ -263,3 +263,20 @@ async def test_the_rows_of_many_light_tenants_count_as_the_batches_they_fill_tog
     gate.set()
     assert (await answer)["probabilities"].shape == (1, 2)
     await asyncio.gather(*flood, *light)
+
+
+async def test_the_admission_estimate_counts_a_tenants_own_queue_once(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session, max_batch_size=8, mailbox_size=64)
+    computing = worker.submit(rows(1), soon(), tenant="first")
+    await asyncio.to_thread(session.entered.wait, 5)
+    await asyncio.sleep(0.05)  # the worker waits for the run: nothing more is taken
+    queued = [worker.submit(rows(8, seed), soon(), tenant="flood") for seed in range(10)]
+    queued += [worker.submit(rows(1, 50 + seed), soon(), tenant="quiet") for seed in range(5)]
+    # The flood's next turn (a batch), then the quiet tenant's six rows (one batch).
+    assert worker._batches_ahead(1, "quiet") == 2
+    gate.set()
+    await asyncio.gather(computing, *queued)
