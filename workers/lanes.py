@@ -145,6 +145,11 @@ class LaneMailbox(asyncio.Queue[ItemT]):
         """How many items ``lane`` has waiting."""
         return self._queue.held_by(lane)
 
+    def head_of(self, lane: str) -> ItemT | None:
+        """The item ``lane`` gives next (None when it has none)."""
+        items = self._queue.by_lane.get(lane)
+        return items[0] if items else None
+
     @property
     def held_by_own_lanes(self) -> int:
         return self._queue.held_by_own_lanes

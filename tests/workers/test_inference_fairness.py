@@ -280,3 +280,27 @@ async def test_the_admission_estimate_counts_a_tenants_own_queue_once(
     assert worker._batches_ahead(1, "quiet") == 2
     gate.set()
     await asyncio.gather(computing, *queued)
+
+
+@pytest.mark.parametrize(
+    ("queued", "at_least"),
+    [
+        # A request of ten batches ahead of small ones: its turn is ten batches.
+        ({"bulk": [80, 1, 1, 1, 1, 1]}, 11),
+        # Turns of two 3-row requests (6 rows) leave no room for another's: a batch each.
+        ({f"mid-{i}": [3, 3] for i in range(4)}, 5),
+    ],
+)
+async def test_the_admission_estimate_counts_what_other_lanes_turns_really_take(
+    make_worker: WorkerFactory, queued: dict[str, list[int]], at_least: int
+) -> None:
+    """A review: counted at each lane's mean rows and packed in full batches, these
+    were admitted for deadlines they then missed (504)."""
+    worker = make_worker(max_batch_size=8, mailbox_size=64)
+    held = [
+        worker.submit(rows(n, seed), soon(), tenant=tenant)
+        for tenant, sizes in queued.items()
+        for seed, n in enumerate(sizes)
+    ]
+    assert worker._batches_ahead(1, "quiet") >= at_least
+    await asyncio.gather(*held)

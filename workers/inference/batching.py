@@ -611,42 +611,64 @@ class InferenceWorker(Actor[_Item]):
 
     def _batches_ahead(self, rows: int, lane: str) -> int:
         """The batches until ``rows`` more of ``lane`` are computed: the turns of its
-        lane up to them, and as many turns of each other lane (``take_turns_of``), at
-        each lane's mean rows a request. Requests of more than half a batch take a
-        batch each (or as many as they hold rows of); smaller ones fill batches
-        together, whoever's they are (a review: counted a batch a lane, 32 tenants of
-        a row each were refused for 32 batches where they filled one). Alone, or with
-        more lanes than ``LANES_COUNTED``, the whole queue in full batches (as before
-        there were lanes: what one tenant alone is admitted did not change)."""
+        lane up to them, and as many turns of each other lane (``take_turns_of``).
+        A lane's first turn is its first request's when that takes more than half a
+        batch (a review: a 1,000-row request ahead of small ones was counted at the
+        lane's mean); the rest at the lane's mean rows a request. A turn of more than
+        half a batch is a batch of its own (or as many as its rows fill: a review
+        counted 22-row requests packed in full batches, and they fill batches of 44);
+        smaller turns fill batches together, whoever's they are. Alone, or with more
+        lanes than ``LANES_COUNTED``, the whole queue in full batches (as before there
+        were lanes: what one tenant alone is admitted did not change)."""
         most = self._max_batch_size
         lanes = self._lane_rows
         if len(lanes) > LANES_COUNTED or not lanes or (len(lanes) == 1 and lane in lanes):
             # One lane (or none) is first come, first served: its whole queue.
             return max(1, -(-(self._queued_rows + rows) // most))
         mailbox = self._mailbox
-        own_requests, own_rows = mailbox.held_by(lane) + 1, lanes.get(lane, 0) + rows
-        turns = self._lane_turns(own_requests, own_rows)
-        whole, small_rows = 0, 0.0
-        shares = [(own_requests, own_rows)]
-        shares += [(mailbox.held_by(other), n) for other, n in lanes.items() if other != lane]
-        for requests, lane_rows in shares:
-            if requests <= 0:
-                continue
-            mean = lane_rows / requests
-            if 2 * mean > most:
-                whole += min(requests, turns) * -(-int(mean) // most)
-            else:
-                small_rows += min(lane_rows, turns * (most // max(1, int(mean))) * mean)
-        return max(1, whole + -(-int(small_rows) // most))
+        head = mailbox.head_of(lane)
+        turns, whole, packed = self._lane_batches(
+            mailbox.held_by(lane) + 1,
+            lanes.get(lane, 0) + rows,
+            rows if head is None else head.rows,
+            -1,
+        )
+        for other, other_rows in lanes.items():
+            if other != lane:
+                head = mailbox.head_of(other)
+                _, lane_whole, lane_packed = self._lane_batches(
+                    mailbox.held_by(other), other_rows, 0 if head is None else head.rows, turns
+                )
+                whole += lane_whole
+                packed += lane_packed
+        return max(1, whole + -(-int(packed) // most))
 
-    def _lane_turns(self, requests: int, rows: int) -> int:
-        """The turns a lane of ``requests`` holding ``rows`` takes: a turn takes its
-        requests while their rows fit in a batch, one at least (``take_turns_of``)."""
+    def _lane_batches(
+        self, requests: int, rows: int, head_rows: int, most_turns: int
+    ) -> tuple[int, int, float]:
+        """(turns, batches of its own, rows packed with other lanes') of a lane of
+        ``requests`` holding ``rows``, the first ``head_rows``, over at most
+        ``most_turns`` turns (-1: all it takes)."""
         most = self._max_batch_size
+        turns = whole = 0
+        if requests > 0 and 2 * head_rows > most:
+            # The first request is a turn of its own, a batch or more.
+            turns, whole = 1, -(-head_rows // most)
+            requests, rows = requests - 1, rows - head_rows
+        if requests <= 0 or turns == most_turns:
+            return turns, whole, 0.0
         mean = rows / requests
         if 2 * mean > most:
-            return requests
-        return -(-requests // (most // max(1, int(mean))))
+            each, turn_rows = 1, mean  # a request a turn
+        else:
+            each = most // max(1, int(mean))  # requests a turn, while their rows fit
+            turn_rows = min(each, requests) * mean
+        more = -(-requests // each)
+        if most_turns >= 0:
+            more = max(0, min(more, most_turns - turns))
+        if 2 * turn_rows > most:
+            return turns + more, whole + more * -(-int(turn_rows) // most), 0.0
+        return turns + more, whole, min(rows, more * turn_rows)
 
     def _expected_wait_s(self, rows: int, now: float, lane: str = SHARED_LANE) -> float:
         """How long new rows would take to be answered, from recent batch run times
