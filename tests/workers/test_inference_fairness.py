@@ -144,26 +144,35 @@ async def test_tenants_together_may_fill_the_whole_mailbox(
     await asyncio.gather(*held)
 
 
-async def test_each_flooding_tenants_first_requests_wait_their_turns_too(
-    make_worker: WorkerFactory, demo_session: ort.InferenceSession
-) -> None:
-    """A review: a tenant's requests went to a lane shared with the light tenants
-    until it had a batch of rows queued, so each flooding tenant's first request came
-    before a light tenant's row, and the row ran after every flood batch."""
+async def _four_floods(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession, flood_rows: int
+) -> tuple[batching.InferenceWorker, RecordingSession, threading.Event, list[asyncio.Future]]:
+    """A worker (batches of 8 rows) computing one row, its gate closed, with four
+    tenants' six ``flood_rows``-row requests each queued, submitted turn about."""
     gate = threading.Event()
     session = RecordingSession(demo_session, gate=gate)
     worker = make_worker(session, max_batch_size=8, mailbox_size=64)
     computing = worker.submit(rows(1), soon(), tenant="first")
     await asyncio.to_thread(session.entered.wait, 5)
     floods = [
-        worker.submit(rows(8, 10 * tenant + seed), soon(), tenant=f"flood-{tenant}")
+        worker.submit(rows(flood_rows, 10 * tenant + seed), soon(), tenant=f"flood-{tenant}")
         for seed in range(6)
         for tenant in range(4)
     ]
+    return worker, session, gate, [computing, *floods]
+
+
+async def test_each_flooding_tenants_first_requests_wait_their_turns_too(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A review: a tenant's requests went to a lane shared with the light tenants
+    until it had a batch of rows queued, so each flooding tenant's first request came
+    before a light tenant's row, and the row ran after every flood batch."""
+    worker, session, gate, floods = await _four_floods(make_worker, demo_session, 8)
     single = rows(1, 99)
     quiet = worker.submit(single, soon(), tenant="quiet")
     gate.set()
-    await asyncio.gather(computing, quiet, *floods)
+    await asyncio.gather(quiet, *floods)
     # The one computing, then a turn of each flooding tenant (one was handed to the
     # thread already), then the quiet tenant's.
     assert _position_of(session, single) <= 5
@@ -175,22 +184,13 @@ async def test_the_admission_estimate_counts_as_many_batches_as_run_before_the_r
 ) -> None:
     """A review: requests of 5 rows in batches of 8 fill a batch each, and an estimate
     of a turn as full batches was half the wait: 504s where 503s were due."""
-    gate = threading.Event()
-    session = RecordingSession(demo_session, gate=gate)
-    worker = make_worker(session, max_batch_size=8, mailbox_size=64)
-    computing = worker.submit(rows(1), soon(), tenant="first")
-    await asyncio.to_thread(session.entered.wait, 5)
-    floods = [
-        worker.submit(rows(flood_rows, 10 * tenant + seed), soon(), tenant=f"flood-{tenant}")
-        for seed in range(6)
-        for tenant in range(4)
-    ]
+    worker, session, gate, floods = await _four_floods(make_worker, demo_session, flood_rows)
     await asyncio.sleep(0.05)  # the worker takes what it takes while the gate holds
     estimated = worker._batches_ahead(1, "quiet")
     single = rows(1, 99)
     quiet = worker.submit(single, soon(), tenant="quiet")
     gate.set()
-    await asyncio.gather(computing, quiet, *floods)
+    await asyncio.gather(quiet, *floods)
     # Batches computed before the quiet row's, beyond the one computing and those
     # already with the thread or forming when it was asked.
     before = _position_of(session, single) - 1
