@@ -63,10 +63,18 @@ async def test_a_master_failover_falls_back_to_local_buckets_then_shares_limits_
         while not stop.is_set():
             statuses[await _post(client, streaming)] += 1
 
+    # Until the cluster decides a request (a first connection can time out on a busy
+    # machine, and that request falls back): no fallback counted for it.
+    for _ in range(50):
+        before = fallbacks._value.get()
+        assert await _post(client, streaming) == 202
+        if fallbacks._value.get() == before:
+            break
+        await asyncio.sleep(0.1)
     streamer = asyncio.create_task(stream())
     try:
         assert await _post(client, streaming) == 202
-        assert fallbacks._value.get() == 0
+        before_failover = fallbacks._value.get()
         # the master serving acme's buckets
         own_cluster.kill_master(own_cluster.master_index_of("mlgate:rl:t:{acme}:acme"))
         await asyncio.to_thread(own_cluster.wait_for_failover)
@@ -80,7 +88,7 @@ async def test_a_master_failover_falls_back_to_local_buckets_then_shares_limits_
     finally:
         stop.set()
         await streamer
-    assert fallbacks._value.get() > 0  # local buckets while the master was gone
+    assert fallbacks._value.get() > before_failover  # local buckets while the master was gone
     assert statuses and all(status < 500 for status in statuses), statuses
 
     # shared again: a second process sees the tokens the first one took
