@@ -197,11 +197,11 @@ class _Item:
 
 @dataclass(slots=True)
 class _TenantShare:
-    """What one tenant's requests hold of a worker: requests and rows queued (until
-    taken from the mailbox); requests and bytes not answered yet."""
+    """What one tenant's requests hold of a worker: requests queued (until taken from
+    the mailbox); requests and bytes not answered yet. Its rows queued are its lane's
+    (``_lane_rows``)."""
 
     requests: int = 0
-    rows: int = 0
     unanswered: int = 0
     nbytes: int = 0
 
@@ -463,7 +463,6 @@ class InferenceWorker(Actor[_Item]):
             if share is None:
                 share = self._shares[tenant] = _TenantShare()
             share.requests += 1
-            share.rows += count
             share.unanswered += 1
             share.nbytes += nbytes
         if deadline < self._watch_at and self._in_flight:
@@ -712,7 +711,6 @@ class InferenceWorker(Actor[_Item]):
         if item.tenant is not None:
             share = self._shares[item.tenant]
             share.requests -= 1
-            share.rows -= item.rows
             self._forget_if_idle(item.tenant, share)
         return item
 
