@@ -52,7 +52,8 @@ error_log = structlog.get_logger("mlgate.errors")
 
 
 class RequestIds:
-    """Request ids: the client's ``X-Request-ID`` when sane, else one of ours.
+    """Request ids: the client's ``X-Request-ID`` when sane (1 to 128 printable ASCII
+    characters), else one of ours.
 
     Ours are a random per-process prefix and a counter: unique across processes and
     restarts like a uuid4, without a ``getrandom`` system call on every request.
@@ -67,7 +68,9 @@ class RequestIds:
 
     def from_headers(self, headers: Mapping[str, str]) -> str:
         given = headers.get(REQUEST_ID_HEADER, "")
-        if 0 < len(given) <= _MAX_REQUEST_ID and given.isprintable():
+        # Visible ASCII only, as the door reads it: a field value is ASCII (RFC 9110
+        # 5.5), and raw UTF-8 echoed reads as other characters to most clients.
+        if 0 < len(given) <= _MAX_REQUEST_ID and given.isascii() and given.isprintable():
             return given
         return f"{self._prefix}{next(self._counter):016x}"
 

@@ -166,9 +166,11 @@ class Session(Protocol):
 
 class RunOptions(Protocol):
     """What the worker needs of an ``onnxruntime.RunOptions``: setting ``terminate``
-    ends the runs using it (they fail), checked between the graph's nodes."""
+    ends the runs using it (they fail), checked between the graph's nodes; each run's
+    own options keep the given ones' ``log_severity_level``."""
 
     terminate: bool
+    log_severity_level: int
 
 
 @dataclass(eq=False, slots=True)
@@ -818,7 +820,11 @@ class InferenceWorker(Actor[_Item]):
         return batch
 
     def _new_options(self) -> RunOptions | None:
-        return None if self._run_options is None else type(self._run_options)()
+        if self._run_options is None:
+            return None
+        options = type(self._run_options)()
+        options.log_severity_level = self._run_options.log_severity_level
+        return options
 
     def _watch(self, at: float) -> None:
         """Have ``_watch_deadlines`` run at ``at`` (monotonic), or earlier."""

@@ -325,6 +325,15 @@ SMALL_PROBES = 4
 MAX_PROBE_VALUES = 1 << 22
 
 
+def quiet_run_options() -> ort.RunOptions:
+    """Options for runs whose failures mlgate reports itself (a probe's values refused,
+    a request's input refused: ``inference_input_refused``): onnxruntime writes none of
+    its own error lines, which a client sending bad inputs could fill the log with."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
 def open_session(
     path: Path, threads: int, run_options: ort.RunOptions | None = None
 ) -> tuple[ort.InferenceSession, tuple[TensorSpec, ...], tuple[TensorSpec, ...], bool, dict[str, np.ndarray]]:
@@ -352,7 +361,7 @@ def open_session(
     outputs = tuple(tensor_spec(arg) for arg in session.get_outputs())
     free_first = _free_first_dimensions(session)
     if run_options is None:
-        run_options = ort.RunOptions()
+        run_options = quiet_run_options()
     # A probe's values refused is expected, and decided here: not onnxruntime's error
     # lines in the log at every load. A failed load raises with the model's message.
     run_options.log_severity_level = 4

@@ -52,6 +52,7 @@ from mlgate.workers.inference.model_config import (
     guess_kind,
     model_name_allowed,
     open_session,
+    quiet_run_options,
     read_config,
     versions_on_disk,
 )
@@ -621,7 +622,7 @@ class ModelRepository:
             version=version,
             max_batch_size=max_batch_size,
             shares_batches=batchable,
-            run_options=ort.RunOptions(),
+            run_options=quiet_run_options(),
             known_good=known_good,
             max_queue_delay_s=config.max_queue_delay_ms / 1000,
             mailbox_size=self.settings.inference_mailbox_size,

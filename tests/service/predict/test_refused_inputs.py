@@ -82,6 +82,19 @@ async def test_requests_batched_with_a_refused_input_are_answered(client: Client
         assert answer["outputs"][0]["data"] == expected(ids)
 
 
+async def test_a_refused_input_writes_no_line_of_onnxruntimes_own_to_stderr(
+    client: Client, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A review: each refused input also wrote onnxruntime's raw, coloured error line
+    between the JSON log lines, so any client could fill the log with them; mlgate's
+    own ``inference_input_refused`` line says it."""
+    capfd.readouterr()
+    for _ in range(3):
+        status, _answer = await infer(client, [1, 2, 3, 999])
+        assert status == 422
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
 async def test_refused_inputs_never_open_the_models_breaker(client: Client) -> None:
     for _ in range(10):  # twice the breaker's default failures
         assert (await infer(client, [0, 0, 0, -999]))[0] == 422
