@@ -30,6 +30,8 @@ from mlgate.workers.inference.model_config import NUMPY_DTYPES, TensorSpec
 from mlgate.workers.inference.repository import ModelVersion
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# A binary tensor's values start on this boundary, as numpy's own arrays do.
+ALIGNMENT = 64
 # Which JSON value kinds (numpy's, after np.asarray) each target kind accepts.
 _ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
 
@@ -139,6 +141,11 @@ def _from_binary(tensor: RequestInput, data: memoryview, loc: str) -> np.ndarray
             array = np.frombuffer(data, dtype=np.uint8) != 0
         else:
             array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+            if array.ctypes.data % ALIGNMENT:
+                # Where the header ends decides where the values begin, and
+                # onnxruntime sums an unaligned buffer in another order: the same
+                # row answered an ulp apart as binary and as JSON (a review).
+                array = array.copy()
     if array.size != count:
         raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
     return _shaped(array, tensor.shape, loc)
