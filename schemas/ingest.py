@@ -20,6 +20,7 @@ SCHEMA_VERSION = "1"
 MAX_FEATURES = 4096
 MAX_METADATA_ITEMS = 32
 MAX_METADATA_TEXT = 1024  # characters
+MAX_METADATA_KEY = 64  # characters
 MAX_RECORDS = 100_000
 
 # ``$(?!\n)``: Python's ``$`` also matches before a final newline; ECMA's does not need it.
@@ -33,7 +34,7 @@ SOURCE_PATTERN = r"^[A-Za-z0-9._:-]+$(?!\n)"
 SourceName = Annotated[
     str, msgspec.Meta(min_length=1, max_length=128, pattern=SOURCE_PATTERN)
 ]
-MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_METADATA_KEY)]
 MetadataText = Annotated[str, msgspec.Meta(max_length=MAX_METADATA_TEXT)]
 # A signed 64-bit integer: what a msgpack value can carry and a consumer in Java or Go
 # can read (a review: 2**70 passed, then failed the msgpack value encoder with a 500).

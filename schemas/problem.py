@@ -14,6 +14,16 @@ class FieldError(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     record_id: str | None = None
 
 
+class RecordFieldError(FieldError, frozen=True, kw_only=True):
+    """A rejected record's failure in a ``422`` that rejected every record: the shape of
+    a ``202``'s ``errors`` (``index``, ``record_id``, ``null`` when it had none, and
+    ``error``) besides ``loc`` and ``msg``."""
+
+    index: int
+    record_id: str | None
+    error: str
+
+
 class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     type: str
     title: str
@@ -22,6 +32,6 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     instance: str | None = None
     request_id: str | None = None
     retry_after_s: int | None = None
-    errors: list[FieldError] | None = None
+    errors: list[FieldError] | None = None  # a RecordFieldError each, when every record was rejected
     # Open Inference Protocol clients read their error message from this member.
     error: str | None = None

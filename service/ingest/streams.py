@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import msgpack
 import msgspec
@@ -33,11 +32,11 @@ from mlgate.service.http.errors import BadRequest, PayloadTooLarge, ValidationFa
 from mlgate.service.ingest.validation import given_record_id, record_error
 
 
-def _record_or_error(
-    index: int, decoded: Record | Exception, raw: Any, read_id: Callable[[Any], str | None]
-) -> Record | RecordError:
-    """A rejected record's error names the id it gave (``read_id(raw)``), if valid."""
-    return decoded if isinstance(decoded, Record) else record_error(index, decoded, read_id(raw))
+def _record_or_error(index: int, decoded: Record | Exception, line: bytes) -> Record | RecordError:
+    """A rejected record's error names the id it gave, if valid."""
+    if isinstance(decoded, Record):
+        return decoded
+    return record_error(index, decoded, given_record_id(line, Format.JSON), line, Format.JSON)
 
 
 _ndjson_record = msgspec.json.Decoder(Record)
@@ -97,7 +96,7 @@ async def ndjson_records(
             if line.strip():
                 if sent_as_json and not index:
                     line = _first_line_of_json(line)
-                yield _record_or_error(index, _decode_line(line), line, _line_record_id)
+                yield _record_or_error(index, _decode_line(line), line)
                 index += 1
             else:
                 blank += len(line) + 1  # one the pattern left (at a chunk's edge)
@@ -114,7 +113,7 @@ async def ndjson_records(
     if line.strip():
         if sent_as_json and not index:
             line = _first_line_of_json(line)
-        yield _record_or_error(index, _decode_line(line), line, _line_record_id)
+        yield _record_or_error(index, _decode_line(line), line)
 
 
 def _too_blank() -> BadRequest:
@@ -210,7 +209,7 @@ def _msgpack_record_or_error(index: int, raw: bytes) -> Record | RecordError:
     try:
         return _msgpack_record.decode(raw)
     except msgspec.DecodeError as exc:  # a ValidationError too
-        return record_error(index, exc, given_record_id(raw, Format.MSGPACK))
+        return record_error(index, exc, given_record_id(raw, Format.MSGPACK), raw, Format.MSGPACK)
 
 
 def _unpack_problem(exc: Exception) -> str:
@@ -224,7 +223,3 @@ def _unpack_problem(exc: Exception) -> str:
         # An array or map header claiming more entries than a whole record may hold.
         return f"{problem}: more than a stream record's bytes could hold"
     return problem
-
-
-def _line_record_id(line: bytes) -> str | None:
-    return given_record_id(line, Format.JSON)

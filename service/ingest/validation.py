@@ -26,11 +26,13 @@ import simdjson
 from mlgate.config import Settings
 from mlgate.schemas.ingest import (
     MAX_FEATURES,
+    MAX_METADATA_KEY,
     Features,
     FeaturesPacked,
     FeaturesText,
     IngestEnvelope,
     IngestRequest,
+    MetadataValue,
     PackedRecord,
     PackedRequest,
     Record,
@@ -299,7 +301,7 @@ class RecordValidator:
             record: Record = _record_decoders[fmt].decode(raw)
             return record
         except msgspec.ValidationError as exc:
-            return record_error(index, exc, given_record_id(raw, fmt))
+            return record_error(index, exc, given_record_id(raw, fmt), raw, fmt)
         except (msgspec.DecodeError, RecursionError) as exc:
             # Bytes the envelope framed but that do not decode (invalid UTF-8 in a
             # msgpack string): the body is undecodable, 400, wherever the record is
@@ -513,14 +515,61 @@ class _SchemaFailed(Exception):
     """The fast path's typed decoding met a schema error (not a syntax error)."""
 
 
-def record_error(index: int, exc: Exception, record_id: str | None = None) -> RecordError:
+def record_error(
+    index: int,
+    exc: Exception,
+    record_id: str | None = None,
+    raw: bytes | msgspec.Raw | None = None,
+    fmt: Format = Format.JSON,
+) -> RecordError:
     """The one mapping from a record's decoding failure to its entry in ``errors``;
-    ``record_id``: the id the record gave, if it gave a valid one (``given_record_id``)."""
+    ``record_id``: the id the record gave, if it gave a valid one (``given_record_id``).
+    With the record's ``raw`` bytes, a metadata item msgspec locates only as
+    ``metadata[...]`` is named by its key, as the finite-number check names it."""
     if isinstance(exc, msgspec.ValidationError):
         loc, msg = location(exc)
+        if raw is not None and (loc == "metadata[...]" or loc == "metadata" and msg.startswith("a key:")):
+            key = _metadata_key_at_fault(raw, fmt)
+            if key is not None:
+                loc = f"metadata[{bounded(repr(key), 80)}]"
         where = f" at {loc}" if loc else ""
-        return RecordError(index=index, record_id=record_id, error=f"{msg}{where}")
+        return RecordError(index=index, record_id=record_id, error=f"{msg.rstrip()}{where}")
     return RecordError(index=index, record_id=record_id, error=bounded(f"undecodable record: {exc}"))
+
+
+class _MetadataOnly(msgspec.Struct, frozen=True, gc=False):
+    """Internal: a rejected record's metadata items, each value left as its bytes."""
+
+    metadata: dict[str, msgspec.Raw] = {}
+
+
+_metadata_decoders: dict[Format, Any] = {
+    Format.JSON: msgspec.json.Decoder(_MetadataOnly),
+    Format.MSGPACK: msgspec.msgpack.Decoder(_MetadataOnly),
+}
+_metadata_value_decoders: dict[Format, Any] = {
+    Format.JSON: msgspec.json.Decoder(MetadataValue),
+    Format.MSGPACK: msgspec.msgpack.Decoder(MetadataValue),
+}
+
+
+def _metadata_key_at_fault(raw: bytes | msgspec.Raw, fmt: Format) -> str | None:
+    """The first metadata key of a rejected record that ``Record`` refuses, or whose
+    value it refuses; None when none is found (keys that are not strings, a key given
+    twice whose first value was the one refused)."""
+    try:
+        items: _MetadataOnly = _metadata_decoders[fmt].decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    decode_value = _metadata_value_decoders[fmt].decode
+    for key, value in items.metadata.items():
+        if not 0 < len(key) <= MAX_METADATA_KEY:
+            return key
+        try:
+            decode_value(value)
+        except (msgspec.DecodeError, RecursionError):
+            return key
+    return None
 
 
 def given_record_id(raw: bytes | msgspec.Raw, fmt: Format) -> str | None:

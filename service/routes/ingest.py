@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from mlgate.schemas.ingest import IngestRequest, IngestResponse, Record, RecordError, SourceName
-from mlgate.schemas.problem import FieldError
+from mlgate.schemas.problem import FieldError, RecordFieldError
 from mlgate.service.http.body import read_body
 from mlgate.service.http.codec import MEDIA_TYPES, Format, media_type, request_format, respond
 from mlgate.service.http.context import TENANT, WORK_BEGAN
@@ -47,16 +47,22 @@ _ERROR_FIELD = re.compile(
 )
 
 
+# A metadata item named by its key (``record_error``): located at ``metadata``.
+_NAMED_KEY = re.compile(r"\[(?:'.*'|\".*\")\]$")
+
+
 def _loc(error: RecordError) -> str:
     """``records[i].<field>`` where the error names its field, else ``records[i]``."""
-    found = _ERROR_FIELD.search(error.error)
+    found = _ERROR_FIELD.search(_NAMED_KEY.sub("", error.error))
     # msgspec says "metadata[...]" for a value under some key: the field is metadata.
     field = None if found is None else (found.group(1) or found.group(2)).replace("[...]", "")
     return f"records[{error.index}].{field}" if field else f"records[{error.index}]"
 
 
-def _field_error(error: RecordError) -> FieldError:
-    return FieldError(loc=_loc(error), msg=error.error, index=error.index, record_id=error.record_id)
+def _field_error(error: RecordError) -> RecordFieldError:
+    return RecordFieldError(
+        loc=_loc(error), msg=error.error, index=error.index, record_id=error.record_id, error=error.error
+    )
 
 
 def _all_rejected(errors: list[RecordError]) -> ValidationFailed:

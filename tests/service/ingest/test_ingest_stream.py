@@ -183,6 +183,18 @@ async def test_msgpack_partial_success_reports_indexes_over_the_whole_stream(
     assert [e["record_id"] for e in answer["errors"]] == [None, "r-1500", "r-2100", "r-2101"]
 
 
+@pytest.mark.parametrize(("encode", "headers"), [(_ndjson, NDJSON), (_msgpack, MSGPACK)], ids=["ndjson", "msgpack"])
+async def test_a_stream_records_refused_metadata_value_is_named_by_its_key(
+    client: Client, encode: Callable[[Iterable[object]], bytes], headers: Mapping[str, str]
+) -> None:
+    records = [_record(0), _record(1, metadata={"site": "a", "gain": [1]})]
+    response = await client.post(STREAM, data=encode(records), headers=headers)
+    assert response.status == 202
+    [error] = (await response.json())["errors"]
+    assert error["index"] == 1
+    assert error["error"].endswith(" at metadata['gain']"), error
+
+
 async def test_stream_lists_at_most_the_first_errors_but_counts_them_all(client: Client) -> None:
     count = MAX_REPORTED_ERRORS + 500
     records = [_record(i, features=[1.0]) for i in range(count)] + [_record(count)]
