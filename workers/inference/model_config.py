@@ -430,8 +430,25 @@ def versions_on_disk(model_dir: Path) -> dict[int, Path]:
     return found
 
 
+def _class_scores(spec: TensorSpec) -> bool:
+    """A float matrix of two or more known columns a row: ``[N, C]``, or ``[N, 1, C]``
+    as the REST answers read it."""
+    shape = spec.shape
+    columns = shape[1] if len(shape) == 2 else shape[2] if len(shape) == 3 and shape[1] == 1 else 0
+    return spec.datatype.startswith("FP") and columns >= 2
+
+
 def guess_kind(outputs: tuple[TensorSpec, ...]) -> Kind:
-    first = outputs[0] if outputs else None
-    if first and first.datatype.startswith("FP") and len(first.shape) == 2 and first.shape[1] >= 2:
+    """A model without a ``kind`` in its ``config.json``: a classifier when its first
+    output is a matrix of class scores, or a 1-D label (integers or strings) followed by
+    one, as sklearn-onnx exports a classifier (a review: both answered their first
+    score, or the label, as a regression value); else a regressor."""
+    if not outputs:
+        return "regressor"
+    first = outputs[0]
+    if _class_scores(first):
+        return "classifier"
+    labelled = len(first.shape) == 1 and (first.datatype.startswith(("INT", "UINT")) or first.datatype == "BYTES")
+    if labelled and any(map(_class_scores, outputs[1:])):
         return "classifier"
     return "regressor"
