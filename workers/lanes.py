@@ -120,10 +120,22 @@ class LaneMailbox(asyncio.Queue[ItemT]):
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
+        self._bound = maxsize
         self._lane_limit = max(1, int(maxsize * LANE_SHARE)) if maxsize > 0 else 0
 
     def _init(self, maxsize: int) -> None:
         self._queue = _Lanes()
+
+    # ``Queue``'s own ask ``len(self._queue)``, a call of ``_Lanes.__len__`` more each,
+    # several a request on the inference worker's path.
+    def qsize(self) -> int:
+        return self._queue.size
+
+    def empty(self) -> bool:
+        return not self._queue.size
+
+    def full(self) -> bool:
+        return 0 < self._bound <= self._queue.size
 
     def _put(self, item: ItemT) -> None:
         self._queue.append(item)

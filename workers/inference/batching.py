@@ -453,13 +453,14 @@ class InferenceWorker(Actor[_Item]):
         nbytes = sum(array.nbytes for array in feed.values()) + held_bytes
         now = self.check_room(count, deadline, nbytes=nbytes, tenant=tenant)
         future: asyncio.Future[Outputs] = self._new_future()
-        lane = SHARED_LANE if tenant is None else tenant
-        self._enqueue(
-            _Item(feed, count, deadline, now, nbytes, future, request_id, signature, tenant=tenant, lane=lane)
-        )
+        item = _Item(feed, count, deadline, now, nbytes, future, request_id, signature)
+        if tenant is not None:
+            item.tenant = item.lane = tenant
+        self._enqueue(item)
         self._queued_rows += count
         self._held_bytes += nbytes
-        self._lane_rows[lane] = self._lane_rows.get(lane, 0) + count
+        lane_rows = self._lane_rows
+        lane_rows[item.lane] = lane_rows.get(item.lane, 0) + count
         if tenant is not None:
             share = self._shares.get(tenant)
             if share is None:
@@ -682,7 +683,11 @@ class InferenceWorker(Actor[_Item]):
         if self._run_time_s <= 0:
             return overrun
         if self._shares_batches:
-            batches = self._batches_ahead(rows, lane)
+            lanes = self._lane_rows
+            if len(lanes) > 1 or lanes and lane not in lanes:
+                batches = self._batches_ahead(rows, lane)
+            else:  # one lane (as without keys): the whole queue in full batches
+                batches = max(1, -(-(self._queued_rows + rows) // self._max_batch_size))
             if batches <= 1 and self._estimate_is_stale():
                 return overrun
         else:
@@ -704,16 +709,19 @@ class InferenceWorker(Actor[_Item]):
 
     def _took(self, item: _Item) -> _Item:
         """``item`` left the mailbox: its rows no longer queue."""
-        self._queued_rows -= item.rows
-        lane_rows = self._lane_rows.get(item.lane, 0) - item.rows
-        if lane_rows > 0:
-            self._lane_rows[item.lane] = lane_rows
+        rows = item.rows
+        self._queued_rows -= rows
+        lane_rows = self._lane_rows
+        left = lane_rows.get(item.lane, 0) - rows  # a lane of requests of no rows: 0
+        if left > 0:
+            lane_rows[item.lane] = left
         else:
-            self._lane_rows.pop(item.lane, None)
-        if item.tenant is not None:
-            share = self._shares[item.tenant]
+            lane_rows.pop(item.lane, None)
+        tenant = item.tenant
+        if tenant is not None:
+            share = self._shares[tenant]
             share.requests -= 1
-            self._forget_if_idle(item.tenant, share)
+            self._forget_if_idle(tenant, share)
         return item
 
     def _settled(self, item: _Item) -> None:
