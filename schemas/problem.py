@@ -10,8 +10,11 @@ class FieldError(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     loc: str
     msg: str
+    # A rejected record's (``RecordFieldError``): its index, id (null when it gave none)
+    # and error, as a 202's ``errors`` give them.
     index: int | None = None
     record_id: str | None = None
+    error: str | None = None
 
 
 class RecordFieldError(FieldError, frozen=True, kw_only=True):
