@@ -98,7 +98,7 @@ REQUEST_ID_PARAMETER = {
     "in": "header",
     "required": False,
     "description": (
-        "Your id for the request, echoed and logged: 1-128 printable characters; one is made"
+        "Your id for the request, echoed and logged: 1-128 printable ASCII characters; one is made"
         " when absent, and in place of a longer or unprintable one."
     ),
     "schema": {"type": "string"},

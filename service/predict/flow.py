@@ -67,7 +67,7 @@ from mlgate.service.http.errors import (
 )
 from mlgate.service.http.msgpack_count import count_objects
 from mlgate.service.state import DRIFT_MONITOR, MODEL_REPOSITORY, SETTINGS
-from mlgate.workers.inference.model_config import NUMPY_DTYPES, TensorSpec
+from mlgate.workers.inference.model_config import NUMPY_DTYPES, TensorSpec, row_of_scores
 from mlgate.workers.inference.repository import (
     ModelNotFound,
     ModelRepository,
@@ -282,12 +282,14 @@ def _ragged(values: Sequence[Sequence[float]] | np.ndarray, loc: str) -> FieldEr
 
 def answer_output(loaded: ModelVersion) -> str:
     """The output the REST routes answer from: the first, except for a classifier whose
-    first output is not a matrix of class scores (sklearn-onnx puts a 1-D ``label``
-    before its ``probabilities``): then its first output that is."""
+    first output is not a matrix of class scores, ``[N, C]`` or ``[N, 1, C]``
+    (sklearn-onnx puts a 1-D ``label`` before its ``probabilities``): then its first
+    output that is (a review: an ``[N, 1, C]`` one was passed over for a later
+    ``[N, 5]`` embedding, whose arg-max answered classes the model has not)."""
     first = loaded.outputs[0]
-    if loaded.kind == "classifier" and len(first.shape) != 2:
+    if loaded.kind == "classifier" and not row_of_scores(first):
         for spec in loaded.outputs:
-            if len(spec.shape) == 2:
+            if row_of_scores(spec):
                 return spec.name
     return first.name
 

@@ -690,16 +690,20 @@ def refused_head(
     request = _REQUEST_LINE.fullmatch(lines[0])
     if request is None:
         return path, headers
-    found: dict[str, str] = {}
+    found: dict[str, str | None] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or _TOKEN.fullmatch(name) is None:
             continue
-        lowered = name.lower()
-        text = value.strip(b" \t").decode("latin-1")
-        if lowered in (b"accept", b"x-request-id") and text.isascii() and text.isprintable():
-            found[lowered.decode()] = text
-    return request.group(1).decode().split("?", 1)[0], CIMultiDict(found)
+        lowered = name.lower().decode()
+        if lowered in ("accept", "x-request-id") and lowered not in found:
+            # The first field of the name, as the app reads one (``headers.get``); one
+            # not visible ASCII counts as absent (a review: the last was read, and a
+            # bad first one skipped for the next).
+            text = value.strip(b" \t").decode("latin-1")
+            found[lowered] = text if text.isascii() and text.isprintable() else None
+    given = {name: text for name, text in found.items() if text is not None}
+    return request.group(1).decode().split("?", 1)[0], CIMultiDict(given)
 
 
 def refused_version(exc: BaseException | None, data: bytes) -> str | None:

@@ -430,12 +430,16 @@ def versions_on_disk(model_dir: Path) -> dict[int, Path]:
     return found
 
 
-def _class_scores(spec: TensorSpec) -> bool:
-    """A float matrix of two or more known columns a row: ``[N, C]``, or ``[N, 1, C]``
-    as the REST answers read it."""
+def row_of_scores(spec: TensorSpec) -> bool:
+    """Whether ``spec`` holds a row of values a row: ``[N, C]``, or ``[N, 1, C]``, which
+    the REST answers read as ``[N, C]``."""
     shape = spec.shape
-    columns = shape[1] if len(shape) == 2 else shape[2] if len(shape) == 3 and shape[1] == 1 else 0
-    return spec.datatype.startswith("FP") and columns >= 2
+    return len(shape) == 2 or len(shape) == 3 and shape[1] == 1
+
+
+def _class_scores(spec: TensorSpec) -> bool:
+    """A float matrix of two or more known columns a row (``row_of_scores``)."""
+    return spec.datatype.startswith("FP") and row_of_scores(spec) and spec.shape[-1] >= 2
 
 
 def guess_kind(outputs: tuple[TensorSpec, ...]) -> Kind:

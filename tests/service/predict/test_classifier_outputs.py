@@ -7,10 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from mlgate.config import Settings
 from tests.conftest import AppClientFactory
@@ -50,6 +51,31 @@ def write_sigmoid(root: Path, name: str) -> None:
     write_version(root, name, model_of(graph), {"kind": "classifier", "labels": ["neg", "pos"]})
 
 
+def write_unkinded_classifier(root: Path, name: str, label_first: bool) -> None:
+    """No ``config.json``: its kind is guessed. ``x`` [N, 4] -> ``scores`` [N, 1, 4]
+    (softmax), then ``emb`` [N, 4] (``-x``: another arg-max); or, ``label_first``, a 1-D
+    ``label`` (INT64 arg-max) then ``scores``."""
+    nodes = [
+        helper.make_node("Softmax", ["x"], ["p"], axis=1),
+        helper.make_node("Unsqueeze", ["p", "axes"], ["scores"]),
+    ]
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1, 4])
+    if label_first:
+        nodes.append(helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0))
+        outputs = [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]), scores]
+    else:
+        nodes.append(helper.make_node("Neg", ["x"], ["emb"]))
+        outputs = [scores, helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 4])]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        outputs,
+        initializer=[numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
+    )
+    write_version(root, name, model_of(graph))
+
+
 @pytest.fixture
 async def client(
     tmp_path: Path, app_client: AppClientFactory, make_settings: Callable[..., Settings]
@@ -58,6 +84,8 @@ async def client(
     write_classifier(root, "sklearn", with_probabilities=True)
     write_classifier(root, "labels", with_probabilities=False)
     write_sigmoid(root, "binary")
+    write_unkinded_classifier(root, "steps", label_first=False)
+    write_unkinded_classifier(root, "labelled-steps", label_first=True)
     settings = make_settings(model_repository=str(root), default_model="sklearn", model_poll_interval_s=0)
     result: Client = await app_client(settings)
     return result
@@ -106,3 +134,18 @@ async def test_a_binary_classifier_of_one_sigmoid_column_answers_the_likelier_cl
     assert answer["confidence"] == pytest.approx(0.9933, abs=1e-4)  # sigmoid(5)
     status, v1 = await post(client, "/api/v1/predict", {"model": "binary", "features": row})
     assert (status, v1) == (200, {"result": expected[0]})
+
+
+@pytest.mark.parametrize("model", ["steps", "labelled-steps"])
+async def test_a_classifier_of_one_step_of_scores_answers_from_them_without_a_kind(
+    client: Client, model: str
+) -> None:
+    """A review: an ``[N, 1, C]`` output was passed over for a later ``[N, 4]`` one (or
+    the label answered, without a confidence) once such a model was guessed a
+    classifier."""
+    status, answer = await post(client, "/api/v2/predict", {"model": model, "features": ROW})
+    assert status == 200, answer
+    assert answer["prediction"] == 1
+    assert 0.6 < answer["confidence"] < 0.7  # softmax of 4 against 1, 2, 3
+    status, v1 = await post(client, "/api/v1/predict", {"model": model, "features": ROW})
+    assert (status, v1) == (200, {"result": 1})

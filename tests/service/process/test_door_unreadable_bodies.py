@@ -136,6 +136,23 @@ def test_the_refused_head_is_never_read_from_a_body() -> None:
     assert (path, dict(headers)) == ("/api/v2/ingest", {"x-request-id": "real"})
 
 
+@pytest.mark.parametrize(
+    ("first", "expected"), [("first-ok", {"x-request-id": "first-ok"}), ("caf\xe9", {})], ids=["valid", "not-ascii"]
+)
+def test_a_refused_head_reads_the_first_request_id_as_the_app_does(
+    first: str, expected: dict[str, str]
+) -> None:
+    """A review: the last ``X-Request-ID`` was echoed here where the app and the lane
+    read the first, and a first not visible ASCII was skipped for the next, where the
+    app replaces it with one of ours."""
+    data = (
+        f"GET /health HTTP/1.1\r\nX-Request-ID: {first}\r\nX-Request-ID: second-ok\r\n".encode("latin-1")
+        + b"Bad Header\r\n\r\n"
+    )
+    path, headers = refused_head(data, "/", {})
+    assert (path, dict(headers)) == ("/health", expected)
+
+
 async def test_a_half_close_with_a_body_unsent_answers_every_request_then_closes(
     door_server: DoorServer,
 ) -> None:
