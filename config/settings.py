@@ -9,6 +9,7 @@ start-up with a ``SettingsError`` naming the variable.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -208,6 +209,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                     _ = urlsplit(url).port  # reading it raises for one that is not a number
                 except ValueError:
                     raise ValueError("a port that is not a number - at `$.redis_url`") from None
+        if self.kafka_bootstrap_servers is not None:
+            for address in self.kafka_bootstrap_servers.split(","):
+                problem = _broker_address_problem(address.strip())
+                if problem:
+                    raise ValueError(f"{problem} - at `$.kafka_bootstrap_servers`")
         if self.kafka_topic in (".", ".."):
             raise ValueError("'.' and '..' are not topic names Kafka takes - at `$.kafka_topic`")
         if self.kafka_compression != "none" and not _codec_installed(self.kafka_compression):
@@ -239,6 +245,35 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                     f"{entry[:80]}: a rate must be from 0.001 to 1e9 requests a second, a burst "
                     "at most 1e9 - at `$.rate_limit_tenants`"
                 )
+
+
+def _broker_address_problem(address: str) -> str | None:
+    """What is wrong with one of ``kafka_bootstrap_servers``' addresses, as aiokafka
+    reads them (``host``, ``host:port``, ``[ipv6]:port`` or a bare IPv6 address), if
+    anything: a review saw ``127.0.0.1:abc`` and ``,`` taken, every record then
+    spilled while the log said Kafka was unreachable."""
+    if not address:
+        return "an empty address in the list"
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or not host or rest and not rest.startswith(":"):
+            return f"{address[:80]!r} is not [address]:port"
+        if not rest:
+            return None  # the default port
+        port = rest[1:]
+    elif ":" in address:
+        try:
+            ipaddress.IPv6Address(address)
+            return None  # a bare IPv6 address: the default port
+        except ValueError:
+            host, _, port = address.rpartition(":")
+        if not host:
+            return f"{address[:80]!r} names no host"
+    else:
+        return None
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return f"{address[:80]!r}: a port that is not a number from 1 to 65535"
+    return None
 
 
 def worker_data_dir(settings: Settings) -> str:

@@ -131,6 +131,9 @@ async def authenticate(request: web.Request, accepted: frozenset[str]) -> ApiKey
             )
         key = found
         structlog.contextvars.bind_contextvars(tenant=key.tenant, key_id=key.key_id)
+        # Known before its scope is checked: the access line of a 403 names the key
+        # (a review: it said null, so a key probing admin routes left no trace).
+        request[TENANT], request[KEY_ID] = key.tenant, key.key_id
         if accepted and not (accepted & key.scopes):
             wanted = " or ".join(sorted(accepted))
             raise Forbidden(

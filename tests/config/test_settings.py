@@ -286,6 +286,24 @@ def test_a_setting_that_is_not_a_finite_number_is_refused(name: str, value: str)
         load_settings({name: value})
 
 
+@pytest.mark.parametrize(
+    "servers",
+    ["127.0.0.1:abc", ",", "a:9092,", "127.0.0.1:99999", "host:0", ":::", ":9092", "host:", "[::1", "[::1]9092", "[::1]:"],
+)
+def test_a_kafka_bootstrap_list_that_names_no_broker_is_refused(servers: str) -> None:
+    """A review: these were taken, and every record spilled while the log said Kafka
+    was unreachable."""
+    with pytest.raises(SettingsError, match="KAFKA_BOOTSTRAP_SERVERS: "):
+        load_settings({"MLGATE_KAFKA_BOOTSTRAP_SERVERS": servers})
+
+
+@pytest.mark.parametrize(
+    "servers", ["localhost", "127.0.0.1:9092", "a:1, b:2", "[::1]:9092", "[::1]", "::1", "kafka-0.kafka:19092"]
+)
+def test_a_kafka_bootstrap_list_of_brokers_is_taken(servers: str) -> None:
+    assert load_settings({"MLGATE_KAFKA_BOOTSTRAP_SERVERS": servers}).kafka_bootstrap_servers == servers
+
+
 def test_a_redis_url_whose_port_is_not_a_number_is_refused_without_its_password() -> None:
     with pytest.raises(SettingsError, match="REDIS_URL: a port that is not a number") as refused:
         load_settings({"REDIS_URL": "redis://:hunter6pw@h:notaport"})

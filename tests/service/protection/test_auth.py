@@ -119,6 +119,19 @@ async def test_key_without_the_scope_is_403(app_client, secured, api_keys: KeyMa
     assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
 
 
+async def test_a_403_is_logged_with_the_keys_tenant_and_id(app_client, secured, api_keys: KeyMaker) -> None:
+    """A review: its access line said ``tenant: null, key_id: null``, so a key probing
+    routes beyond its scopes left no trace of which key it was."""
+    key = api_keys.create(scopes="predict", tenant="acme")
+    client = await app_client(secured())
+    with capture_logs() as events:
+        response = await client.post("/v2/repository/index", headers={"X-API-Key": key})
+    assert response.status == 403
+    [line] = [e for e in events if e["event"] == "request"]
+    assert line["tenant"] == "acme"
+    assert line["key_id"] == key_id_of(key)
+
+
 async def test_repository_routes_need_admin(app_client, secured, api_keys: KeyMaker) -> None:
     key = api_keys.create(scopes="ingest,predict,quality")
     client = await app_client(secured())
