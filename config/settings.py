@@ -9,10 +9,10 @@ start-up with a ``SettingsError`` naming the variable.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Mapping
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -263,9 +263,11 @@ def _broker_address_problem(address: str) -> str | None:
         port = rest[1:]
     elif ":" in address:
         try:
-            ipaddress.IPv6Address(address)
+            # As aiokafka tells one (a review: ``ipaddress`` takes a ``%zone``, which
+            # aiokafka then reads as a port and refuses).
+            socket.inet_pton(socket.AF_INET6, address)
             return None  # a bare IPv6 address: the default port
-        except ValueError:
+        except (OSError, ValueError):
             host, _, port = address.rpartition(":")
         if not host:
             return f"{address[:80]!r} names no host"

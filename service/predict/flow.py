@@ -281,17 +281,21 @@ def _ragged(values: Sequence[Sequence[float]] | np.ndarray, loc: str) -> FieldEr
 
 
 def answer_output(loaded: ModelVersion) -> str:
-    """The output the REST routes answer from: the first, except for a classifier whose
-    first output is not a matrix of class scores, ``[N, C]`` or ``[N, 1, C]``
-    (sklearn-onnx puts a 1-D ``label`` before its ``probabilities``): then its first
-    output that is (a review: an ``[N, 1, C]`` one was passed over for a later
-    ``[N, 5]`` embedding, whose arg-max answered classes the model has not)."""
-    first = loaded.outputs[0]
-    if loaded.kind == "classifier" and not row_of_scores(first):
-        for spec in loaded.outputs:
-            if row_of_scores(spec):
+    """The output the REST routes answer from: a regressor's first; a classifier's
+    first that is a float matrix of class scores, ``[N, C]`` or ``[N, 1, C]``
+    (sklearn-onnx puts a 1-D ``label`` before its ``probabilities``), else its first
+    matrix of any type, else its first. Reviews: an ``[N, 1, C]`` or ``[N, T, C]``
+    output was passed over for a later ``[N, 5]`` embedding, and an integer matrix
+    answered in place of the probabilities after it."""
+    outputs = loaded.outputs
+    if loaded.kind == "classifier":
+        rows = [spec for spec in outputs if row_of_scores(spec)]
+        for spec in rows:
+            if spec.datatype.startswith("FP"):
                 return spec.name
-    return first.name
+        if rows:
+            return rows[0].name
+    return outputs[0].name
 
 
 def predictions(loaded: ModelVersion, scores: np.ndarray, rows: int) -> list[Prediction]:

@@ -697,11 +697,12 @@ def refused_head(
             continue
         lowered = name.lower().decode()
         if lowered in ("accept", "x-request-id") and lowered not in found:
-            # The first field of the name, as the app reads one (``headers.get``); one
-            # not visible ASCII counts as absent (a review: the last was read, and a
-            # bad first one skipped for the next).
+            # The first field of the name, as the app reads one (``headers.get``): an
+            # ``Accept`` as it is, an id not visible ASCII as absent (``RequestIds``;
+            # a review: the last was read, and a bad first one skipped for the next).
             text = value.strip(b" \t").decode("latin-1")
-            found[lowered] = text if text.isascii() and text.isprintable() else None
+            usable = lowered == "accept" or text.isascii() and text.isprintable()
+            found[lowered] = text if usable else None
     given = {name: text for name, text in found.items() if text is not None}
     return request.group(1).decode().split("?", 1)[0], CIMultiDict(given)
 

@@ -288,7 +288,7 @@ def test_a_setting_that_is_not_a_finite_number_is_refused(name: str, value: str)
 
 @pytest.mark.parametrize(
     "servers",
-    ["127.0.0.1:abc", ",", "a:9092,", "127.0.0.1:99999", "host:0", ":::", ":9092", "host:", "[::1", "[::1]9092", "[::1]:"],
+    ["127.0.0.1:abc", ",", "a:9092,", "127.0.0.1:99999", "host:0", ":::", ":9092", "host:", "[::1", "[::1]9092", "[::1]:", "fe80::1%lo"],
 )
 def test_a_kafka_bootstrap_list_that_names_no_broker_is_refused(servers: str) -> None:
     """A review: these were taken, and every record spilled while the log said Kafka
@@ -298,7 +298,8 @@ def test_a_kafka_bootstrap_list_that_names_no_broker_is_refused(servers: str) ->
 
 
 @pytest.mark.parametrize(
-    "servers", ["localhost", "127.0.0.1:9092", "a:1, b:2", "[::1]:9092", "[::1]", "::1", "kafka-0.kafka:19092"]
+    "servers",
+    ["localhost", "127.0.0.1:9092", "a:1, b:2", "[::1]:9092", "[::1]", "::1", "[fe80::1%lo]:9092", "kafka-0.kafka:19092"],
 )
 def test_a_kafka_bootstrap_list_of_brokers_is_taken(servers: str) -> None:
     assert load_settings({"MLGATE_KAFKA_BOOTSTRAP_SERVERS": servers}).kafka_bootstrap_servers == servers

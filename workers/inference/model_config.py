@@ -431,15 +431,18 @@ def versions_on_disk(model_dir: Path) -> dict[int, Path]:
 
 
 def row_of_scores(spec: TensorSpec) -> bool:
-    """Whether ``spec`` holds a row of values a row: ``[N, C]``, or ``[N, 1, C]``, which
-    the REST answers read as ``[N, C]``."""
+    """Whether ``spec`` may hold a row of values a row: ``[N, C]``, or ``[N, 1, C]``,
+    which the REST answers read as ``[N, C]`` (a middle dimension the model leaves
+    free is checked when it answers: a review saw ``[N, T, C]`` answer ``[N, 1, C]``)."""
     shape = spec.shape
-    return len(shape) == 2 or len(shape) == 3 and shape[1] == 1
+    return len(shape) == 2 or len(shape) == 3 and shape[1] in (1, -1)
 
 
 def _class_scores(spec: TensorSpec) -> bool:
-    """A float matrix of two or more known columns a row (``row_of_scores``)."""
-    return spec.datatype.startswith("FP") and row_of_scores(spec) and spec.shape[-1] >= 2
+    """A float matrix of two or more known columns a row: ``[N, C]`` or ``[N, 1, C]``."""
+    shape = spec.shape
+    one_row = len(shape) == 2 or len(shape) == 3 and shape[1] == 1
+    return spec.datatype.startswith("FP") and one_row and shape[-1] >= 2
 
 
 def guess_kind(outputs: tuple[TensorSpec, ...]) -> Kind:

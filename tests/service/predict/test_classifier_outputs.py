@@ -76,6 +76,47 @@ def write_unkinded_classifier(root: Path, name: str, label_first: bool) -> None:
     write_version(root, name, model_of(graph))
 
 
+def write_classifier_of_many_outputs(root: Path, name: str, layout: str) -> None:
+    """``x`` [N, 4] with ``kind: classifier`` and the softmax ``p`` among other outputs:
+    ``steps`` [N, T, 4] (its middle dimension free: 1 when run) then an ``emb`` [N, 8];
+    or a 1-D INT64 ``label``, then an INT64 matrix (``embi`` [N, 8], or ``label2d``
+    [N, 1]), then ``p`` [N, 4]."""
+    nodes = [
+        helper.make_node("Softmax", ["x"], ["p"], axis=1),
+        helper.make_node("Concat", ["x", "x"], ["xx"], axis=1),
+        helper.make_node("Neg", ["xx"], ["emb"]),
+    ]
+    tensor = helper.make_tensor_value_info
+    initializers = [
+        numpy_helper.from_array(np.array([-1, 4], dtype=np.int64), "rest"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+    ]
+    if layout == "steps":
+        # The shape made from the input's, so the model cannot know T is 1.
+        nodes += [
+            helper.make_node("Shape", ["x"], ["sx"]),
+            helper.make_node("Slice", ["sx", "zero", "one"], ["n"]),
+            helper.make_node("Concat", ["n", "rest"], ["shape"], axis=0),
+            helper.make_node("Reshape", ["p", "shape"], ["steps"]),
+        ]
+        outputs = [tensor("steps", TensorProto.FLOAT, ["N", "T", 4]), tensor("emb", TensorProto.FLOAT, ["N", 8])]
+    else:
+        nodes += [
+            helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0),
+            helper.make_node("ArgMax", ["x"], ["label2d"], axis=1, keepdims=1),
+            helper.make_node("Cast", ["emb"], ["embi"], to=TensorProto.INT64),
+        ]
+        matrix = tensor("embi", TensorProto.INT64, ["N", 8]) if layout == "int-matrix" else tensor(
+            "label2d", TensorProto.INT64, ["N", 1]
+        )
+        outputs = [tensor("label", TensorProto.INT64, ["N"]), matrix, tensor("p", TensorProto.FLOAT, ["N", 4])]
+    graph = helper.make_graph(
+        nodes, name, [tensor("x", TensorProto.FLOAT, ["N", 4])], outputs, initializer=initializers
+    )
+    write_version(root, name, model_of(graph), {"kind": "classifier"})
+
+
 @pytest.fixture
 async def client(
     tmp_path: Path, app_client: AppClientFactory, make_settings: Callable[..., Settings]
@@ -86,6 +127,8 @@ async def client(
     write_sigmoid(root, "binary")
     write_unkinded_classifier(root, "steps", label_first=False)
     write_unkinded_classifier(root, "labelled-steps", label_first=True)
+    for layout in ("steps", "int-matrix", "label-matrix"):
+        write_classifier_of_many_outputs(root, f"many-{layout}", layout)
     settings = make_settings(model_repository=str(root), default_model="sklearn", model_poll_interval_s=0)
     result: Client = await app_client(settings)
     return result
@@ -149,3 +192,17 @@ async def test_a_classifier_of_one_step_of_scores_answers_from_them_without_a_ki
     assert 0.6 < answer["confidence"] < 0.7  # softmax of 4 against 1, 2, 3
     status, v1 = await post(client, "/api/v1/predict", {"model": model, "features": ROW})
     assert (status, v1) == (200, {"result": 1})
+
+
+@pytest.mark.parametrize("layout", ["steps", "int-matrix", "label-matrix"])
+async def test_a_classifier_answers_from_its_float_scores_among_other_outputs(
+    client: Client, layout: str
+) -> None:
+    """A review: a free middle dimension, or an integer matrix before the scores, had
+    the answer taken from another output (classes the model has not, or a 422)."""
+    body = {"model": f"many-{layout}", "instances": [ROW, [9.0, 0.0, 0.0, 0.0]]}
+    status, answer = await post(client, "/api/v2/predict", body)
+    assert status == 200, answer
+    [first, second] = answer["predictions"]
+    assert (first["prediction"], second["prediction"]) == (1, 0)
+    assert 0.6 < first["confidence"] < 0.7

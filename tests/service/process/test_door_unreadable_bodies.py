@@ -153,6 +153,17 @@ def test_a_refused_head_reads_the_first_request_id_as_the_app_does(
     assert (path, dict(headers)) == ("/health", expected)
 
 
+def test_a_refused_heads_accept_is_read_as_the_app_reads_it() -> None:
+    """A review: one holding a tab (whitespace in an HTTP list) counted as absent, so
+    the 400 came as JSON where the app answers the same head in msgpack."""
+    data = (
+        b"GET /health HTTP/1.1\r\nAccept: application/json;q=0.1,\tapplication/msgpack\r\n"
+        b"Accept: text/plain\r\nBad Header\r\n\r\n"
+    )
+    path, headers = refused_head(data, "/", {})
+    assert dict(headers) == {"accept": "application/json;q=0.1,\tapplication/msgpack"}
+
+
 async def test_a_half_close_with_a_body_unsent_answers_every_request_then_closes(
     door_server: DoorServer,
 ) -> None:
