@@ -59,10 +59,13 @@ from mlgate.service.ingest.batch import ValidatedBatch
 from mlgate.service.ingest.quality_screen import QUALITY_FLAGS_HEADER, QualityScreen
 from mlgate.workers.sinks.records import OutboundRecord
 
-_batch_decoders: dict[Format, Any] = {
-    Format.JSON: msgspec.json.Decoder(IngestRequest),
-    Format.MSGPACK: msgspec.msgpack.Decoder(IngestRequest),
-}
+
+def _decoders(type_: Any) -> dict[Format, Any]:
+    """A decoder of ``type_`` for each body format."""
+    return {Format.JSON: msgspec.json.Decoder(type_), Format.MSGPACK: msgspec.msgpack.Decoder(type_)}
+
+
+_batch_decoders = _decoders(IngestRequest)
 _packed_decoder = msgspec.msgpack.Decoder(PackedRequest)
 _json_packed_decoder = msgspec.json.Decoder(PackedRequest)
 _json_features_decoder = msgspec.json.Decoder(Features)
@@ -72,18 +75,9 @@ _FLOAT32 = np.dtype([("tag", "u1"), ("value", ">f4")])
 _FLOAT64_TAG = 0xCB
 _TAGS = {9: (_FLOAT64_TAG, _FLOAT64), 5: (0xCA, _FLOAT32)}
 Decoded = Record | PackedRecord | RecordError
-_record_decoders: dict[Format, Any] = {
-    Format.JSON: msgspec.json.Decoder(Record),
-    Format.MSGPACK: msgspec.msgpack.Decoder(Record),
-}
-_record_id_decoders: dict[Format, Any] = {
-    Format.JSON: msgspec.json.Decoder(RecordIdOnly),
-    Format.MSGPACK: msgspec.msgpack.Decoder(RecordIdOnly),
-}
-_envelope_decoders: dict[Format, Any] = {
-    Format.JSON: msgspec.json.Decoder(IngestEnvelope),
-    Format.MSGPACK: msgspec.msgpack.Decoder(IngestEnvelope),
-}
+_record_decoders = _decoders(Record)
+_record_id_decoders = _decoders(RecordIdOnly)
+_envelope_decoders = _decoders(IngestEnvelope)
 
 
 # The packed path's numpy set-up costs more than it saves on a few records (one record
@@ -543,14 +537,8 @@ class _MetadataOnly(msgspec.Struct, frozen=True, gc=False):
     metadata: dict[str, msgspec.Raw] = {}
 
 
-_metadata_decoders: dict[Format, Any] = {
-    Format.JSON: msgspec.json.Decoder(_MetadataOnly),
-    Format.MSGPACK: msgspec.msgpack.Decoder(_MetadataOnly),
-}
-_metadata_value_decoders: dict[Format, Any] = {
-    Format.JSON: msgspec.json.Decoder(MetadataValue),
-    Format.MSGPACK: msgspec.msgpack.Decoder(MetadataValue),
-}
+_metadata_decoders = _decoders(_MetadataOnly)
+_metadata_value_decoders = _decoders(MetadataValue)
 
 
 def _metadata_key_at_fault(raw: bytes | msgspec.Raw, fmt: Format) -> str | None:
