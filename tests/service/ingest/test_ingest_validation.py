@@ -604,6 +604,16 @@ async def test_a_refused_metadata_value_is_named_by_its_key(
     assert error["error"].endswith(" at metadata['gain']"), error
 
 
+async def test_a_refused_metadata_item_of_a_huge_record_is_not_looked_for(client: Client) -> None:
+    """Naming the key decodes the record's metadata again: past a valid record's size
+    (here a key too long after 20,000 filler keys) the error keeps msgspec's location."""
+    metadata = {**{f"k{i}": 1 for i in range(20_000)}, "x" * 65: 1}
+    response = await client.post(INGEST, json=_batch(_record(0), _record(1, metadata=metadata)))
+    assert response.status == 202
+    [error] = (await response.json())["errors"]
+    assert error["error"].endswith(" at metadata"), error["error"][-80:]
+
+
 async def test_every_record_rejected_for_a_metadata_value_is_located_at_metadata(
     client: Client,
 ) -> None:
