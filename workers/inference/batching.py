@@ -611,6 +611,11 @@ class InferenceWorker(Actor[_Item]):
                 f"inference mailbox of {self.name}: this tenant's requests hold its share"
             )
 
+    def _whole_queue_batches(self, rows: int) -> int:
+        """The batches until ``rows`` more are computed behind the whole queue, in full
+        batches (as before there were lanes: what one tenant alone is admitted)."""
+        return max(1, -(-(self._queued_rows + rows) // self._max_batch_size))
+
     def _batches_ahead(self, rows: int, lane: str) -> int:
         """The batches until ``rows`` more of ``lane`` are computed: the turns of its
         lane up to them, and as many turns of each other lane (``take_turns_of``).
@@ -619,14 +624,13 @@ class InferenceWorker(Actor[_Item]):
         lane's mean); the rest at the lane's mean rows a request. A turn of more than
         half a batch is a batch of its own (or as many as its rows fill: a review
         counted 22-row requests packed in full batches, and they fill batches of 44);
-        smaller turns fill batches together, whoever's they are. Alone, or with more
-        lanes than ``LANES_COUNTED``, the whole queue in full batches (as before there
-        were lanes: what one tenant alone is admitted did not change)."""
+        smaller turns fill batches together, whoever's they are. For several lanes
+        (``_expected_wait_s`` counts one alone); with more than ``LANES_COUNTED``, the
+        whole queue in full batches."""
         most = self._max_batch_size
         lanes = self._lane_rows
-        if len(lanes) > LANES_COUNTED or not lanes or (len(lanes) == 1 and lane in lanes):
-            # One lane (or none) is first come, first served: its whole queue.
-            return max(1, -(-(self._queued_rows + rows) // most))
+        if len(lanes) > LANES_COUNTED:
+            return self._whole_queue_batches(rows)
         mailbox = self._mailbox
         head = mailbox.head_of(lane)
         turns, whole, packed = self._lane_batches(
@@ -686,8 +690,8 @@ class InferenceWorker(Actor[_Item]):
             lanes = self._lane_rows
             if len(lanes) > 1 or lanes and lane not in lanes:
                 batches = self._batches_ahead(rows, lane)
-            else:  # one lane (as without keys): the whole queue in full batches
-                batches = max(1, -(-(self._queued_rows + rows) // self._max_batch_size))
+            else:  # one lane (as without keys) is first come, first served
+                batches = self._whole_queue_batches(rows)
             if batches <= 1 and self._estimate_is_stale():
                 return overrun
         else:
