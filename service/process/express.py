@@ -106,12 +106,11 @@ log = structlog.get_logger("mlgate.express")
 class Connection(Protocol):
     """What the lane needs of the connection a request came on (``DoorRequestHandler``)."""
 
-    def express_answered(self, answer: bytes | None, close: bool, refused: bool = False) -> None: ...
+    def express_answered(self, answer: bytes | None, close: bool, refused: bool = False) -> bool:
+        """Writes the answer; False: the client is gone (closed or reset)."""
+        ...
 
     def force_close(self) -> None: ...
-
-    @property
-    def client_gone(self) -> bool: ...
 
     @property
     def event_loop(self) -> asyncio.AbstractEventLoop: ...
@@ -346,15 +345,15 @@ class ExpressLane:
                 message.path, self._path_headers, status, content_type, fields, request_id, body
             )
         finally:
-            if answer is not None and connection.client_gone:
+            # Cancelled (shutdown past its budget): the connection is closed unanswered.
+            delivered = connection.express_answered(
+                answer, close=answer is None or self._draining.is_set(), refused=status == 503
+            )
+            if answer is not None and not delivered:
                 # Nobody is left to answer: counted and logged as the app's front door
                 # does (a review: counted 202, an ingest no client ever heard of).
                 access_log.info("client_gone", path=message.path, answered=status)
                 status = CLIENT_CLOSED_REQUEST
-            # Cancelled (shutdown past its budget): the connection is closed unanswered.
-            connection.express_answered(
-                answer, close=answer is None or self._draining.is_set(), refused=status == 503
-            )
             elapsed = time.monotonic() - started
             self._count(route.path, status, elapsed)
             if self._log_requests:
