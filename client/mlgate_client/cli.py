@@ -43,6 +43,9 @@ class Summary:
     sent: int = 0
     accepted: int = 0
     duplicates: int = 0
+    # Written, new or repeats: their batch held both, and mlgate counts a batch's
+    # duplicates, not which records they were (``Outcome.ACCEPTED_OR_DUPLICATE``).
+    accepted_or_duplicate: int = 0
     rejected: int = 0
     failed: int = 0
     retries: int = 0
@@ -73,13 +76,16 @@ class Summary:
             self.reject(line, report.record_id, report.reason or "rejected")
         elif report.outcome is Outcome.DUPLICATE:
             self.duplicates += 1
+        elif report.outcome is Outcome.ACCEPTED_OR_DUPLICATE:
+            self.accepted_or_duplicate += 1
         else:
             self.accepted += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "lines": self.lines, "sent": self.sent, "accepted": self.accepted,
-            "duplicates": self.duplicates, "rejected": self.rejected, "failed": self.failed,
+            "duplicates": self.duplicates, "accepted_or_duplicate": self.accepted_or_duplicate,
+            "rejected": self.rejected, "failed": self.failed,
             "retries": self.retries, "retries_by_cause": dict(self.retries_by_cause),
             "interrupted": self.interrupted,
             "rejected_reasons": dict(self.reasons.most_common()),
@@ -92,8 +98,13 @@ class Summary:
             f"sent:       {self.sent}",
             f"accepted:   {self.accepted}",
             f"duplicates: {self.duplicates}",
-            f"rejected:   {self.rejected}",
         ]
+        if self.accepted_or_duplicate:
+            out.append(
+                f"accepted or duplicate: {self.accepted_or_duplicate} (written; each of their "
+                "batches held new records and repeats, and mlgate counts repeats, not names them)"
+            )
+        out.append(f"rejected:   {self.rejected}")
         out += [f"  {n} x {reason}" for reason, n in self.reasons.most_common(10)]
         out += [f"  line {e['line']}: {e['reason']}" for e in self.examples[:5]]
         out.append(f"failed:     {self.failed}")

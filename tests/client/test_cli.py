@@ -48,3 +48,22 @@ async def test_stdin_is_read_with_a_dash(kafka_service: StartKafkaService) -> No
     done = await asyncio.to_thread(run_cli, mlgate.url, "-", stdin)
     assert done.returncode == 0, done.stderr.decode()
     assert json.loads(done.stdout)["accepted"] == 10
+
+
+async def test_records_of_a_batch_holding_new_ones_and_repeats_are_summarised_as_either(
+    kafka_service: StartKafkaService, tmp_path: Path
+) -> None:
+    """A review: the summary counted them accepted, and none duplicate, where mlgate
+    answered one accepted and one duplicate."""
+    mlgate = kafka_service()
+    first, again = tmp_path / "first.ndjson", tmp_path / "again.ndjson"
+    first.write_text(json.dumps({"record_id": "seen", "features": FEATURES}) + "\n")
+    again.write_text(
+        "".join(json.dumps({"record_id": i, "features": FEATURES}) + "\n" for i in ("seen", "new"))
+    )
+    assert (await asyncio.to_thread(run_cli, mlgate.url, str(first))).returncode == 0
+
+    done = await asyncio.to_thread(run_cli, mlgate.url, str(again))
+    summary = json.loads(done.stdout)
+    assert done.returncode == 0, done.stderr.decode()
+    assert (summary["accepted"], summary["duplicates"], summary["accepted_or_duplicate"]) == (0, 0, 2)
