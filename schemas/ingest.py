@@ -38,7 +38,19 @@ MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_METADATA_
 MetadataText = Annotated[str, msgspec.Meta(max_length=MAX_METADATA_TEXT)]
 # A signed 64-bit integer: what a msgpack value can carry and a consumer in Java or Go
 # can read (a review: 2**70 passed, then failed the msgpack value encoder with a 500).
-MetadataInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# JSON Schema cannot tell an integer literal from a float of the same value, so the
+# schema's ``number`` branch takes 2**63 written as an integer: the description says.
+MetadataInt = Annotated[
+    int,
+    msgspec.Meta(
+        ge=-(2**63),
+        le=2**63 - 1,
+        description=(
+            "An integer written without a fraction or exponent must be within signed 64 "
+            "bits; one outside is refused, not read as a float (write 9.3e18 for a float)"
+        ),
+    ),
+]
 MetadataValue = MetadataText | MetadataInt | float | bool
 Timestamp = (
     Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with an offset (a space in place of the T taken too), its UTC moment within the years 0001-9999")]

@@ -71,11 +71,19 @@ HEADERS: dict[str, dict[str, Any]] = {
     },
     "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}},
     "RateLimit-Policy": {
-        "description": "The key's token bucket: burst and window (IETF RateLimit headers).",
+        "description": (
+            'Each token bucket that limits the request, the key\'s and (when configured) its tenant\'s: '
+            '"key";q=<burst>;w=<seconds to refill an empty bucket>, "tenant";q=...;w=... '
+            "(IETF RateLimit headers)."
+        ),
         "schema": {"type": "string"},
     },
     "RateLimit": {
-        "description": "Tokens left and seconds until the bucket is full again.",
+        "description": (
+            'Per bucket of RateLimit-Policy, "key";r=<whole tokens left>;t=<seconds>: with a token '
+            "left, t is the time until the bucket is full again; with none, until the next token "
+            "(what Retry-After names on a 429)."
+        ),
         "schema": {"type": "string"},
     },
     "Idempotent-Replayed": {

@@ -19,7 +19,8 @@ after the Redis breaker's reset tries Redis again.
 
 Answers carry the IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers):
 ``RateLimit-Policy: "key";q=<burst>;w=<burst/rate s>, "tenant";q=...;w=...`` and
-``RateLimit: "key";r=<tokens left>;t=<s until full>, "tenant";...``; a refusal is 429
+``RateLimit: "key";r=<tokens left>;t=<s until full, or with no token left until the
+next one>, "tenant";...``; a refusal is 429
 with ``Retry-After`` (seconds until every bucket has a token again).
 """
 
