@@ -189,9 +189,9 @@ class SharedRedis:
             self._recovered(breaker.name, operation)
         return result
 
-    def _recovered(self, name: str, operation: str) -> None:
+    def _recovered(self, name: str, operation: str, event: str = "redis_recovered") -> None:
         self._failing.discard(name)
-        log.info("redis_recovered", operation=operation, breaker=name)
+        log.info(event, operation=operation, breaker=name)
         # Each master back, not only the last: one still down must not hold back what
         # the others could take now (a review).
         for callback in self.on_recovered:
@@ -250,7 +250,9 @@ class SharedRedis:
             node = serving.get(name)
             if node is None:
                 self._writes_refused.discard(breaker.name)
-                self._recovered(breaker.name, "ping")  # failed over: its slots are served elsewhere
+                # Failed over: its slots are served elsewhere, and it may still be down
+                # (a review read "recovered" of a master still frozen).
+                self._recovered(breaker.name, "ping", event="redis_master_replaced")
                 continue
             if breaker.name in self._writes_refused:
                 key = _probe_key_on(cluster, name)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from mlgate.config import Settings
 from mlgate.service.state import METRICS, RECORD_DEDUP
@@ -156,6 +157,45 @@ async def test_a_frozen_master_costs_only_the_tenants_whose_slots_it_serves(
             break
         await asyncio.sleep(0.1)
     assert "redis" not in await degraded()
+
+
+async def test_a_master_replaced_by_its_replica_is_logged_replaced_not_recovered(
+    app_client: Any,
+    make_settings: Callable[..., Settings],
+    api_keys: KeyMaker,
+    own_cluster: RedisClusterProcesses,
+    tmp_path: Any,
+) -> None:
+    """A review read ``redis_recovered`` of a master still frozen: it had been let go
+    of, its slots served by its promoted replica."""
+    settings = make_settings(
+        auth_disabled=False, keys_file=str(api_keys.path), feature_dims=(4,),
+        redis_url=own_cluster.seeds_url, redis_mode="cluster",
+        redis_breaker_fail_max=1, redis_breaker_reset_s=0.3, data_dir=str(tmp_path / "one"),
+    )
+    key = api_keys.create(tenant="acme")
+    client = await app_client(settings)
+
+    async def post(idempotency_key: str) -> int:
+        headers = {"X-API-Key": key, "Idempotency-Key": idempotency_key}
+        response = await client.post("/api/v2/ingest", json=INGEST, headers=headers)
+        await response.read()
+        return int(response.status)
+
+    assert await post("warm") == 202
+    dead = own_cluster.kill_master(own_cluster.master_index_of("mlgate:idem:{acme}:x"))
+    breaker = f"redis {own_cluster.host}:{dead.port}"
+    with capture_logs() as logs:
+        assert await post("during") == 503  # its breaker opens
+        await asyncio.to_thread(own_cluster.wait_for_failover)
+        for _ in range(100):  # 10 s: /ready's check lets the dead master go
+            if "redis" not in await _degraded(client):
+                break
+            await asyncio.sleep(0.1)
+    assert "redis" not in await _degraded(client)
+    said = [entry["event"] for entry in logs if entry.get("breaker") == breaker]
+    assert "redis_master_replaced" in said
+    assert "redis_recovered" not in said
 
 
 async def _degraded(client: Any) -> dict[str, str]:
