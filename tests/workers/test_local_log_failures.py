@@ -58,6 +58,22 @@ async def test_a_disk_without_room_at_start_up_is_unready_until_room_is_made(
         await writer.close()
 
 
+async def test_room_made_is_seen_unasked_so_the_first_readiness_check_after_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the probe ran only when /ready asked, and the request that started it
+    got the old answer: one more health-check interval out of the balancer."""
+    monkeypatch.setattr(local_log_writer, "PROBE_INTERVAL_S", 0.05)
+    writer = await _started_writer(tmp_path / "log", min_free_bytes=1 << 62)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            writer.min_free_bytes = 1  # room made; nobody asks whether it is healthy
+            await until(lambda: any(entry["event"] == "local_log_writable_again" for entry in logs))
+        assert writer.healthy
+    finally:
+        await writer.close()
+
+
 # -- the directory deleted under the log -----------------------------------------------
 
 

@@ -92,6 +92,7 @@ class LocalLogWriter(Actor[_Pending]):
         self._telemetry = telemetry
         self._probing = False
         self._probed_at = 0.0
+        self._probe_timer: asyncio.TimerHandle | None = None
         self._stall_s = STALL_S if stall_s is None else stall_s
         self._stalled_since: float | None = None  # of the write in hand, once it stalls
         # The offset after every record handed to ``submit``: appends are in order and
@@ -133,6 +134,28 @@ class LocalLogWriter(Actor[_Pending]):
         probe = asyncio.get_running_loop().run_in_executor(self._executor, self._probe_write)
         # Asked by ``/ready``: its line must not carry that request's id (a review).
         probe.add_done_callback(self._probed, context=background_context())
+
+    def _probe_while_failing(self) -> None:
+        """While writes fail, a probe a second whether or not anybody asks: ``healthy``
+        then says writable within about a second of room coming back (a review: the
+        probe ran only when ``/ready`` asked, that request got the old answer, and a
+        healthy host stayed out of its balancer for one more health-check interval)."""
+        self._probe_timer = None
+        if not self._write_failed or not self.running:
+            return
+        self._probe_soon()
+        # A little past the interval: ``_probe_soon`` skips a probe asked sooner.
+        self._probe_timer = asyncio.get_running_loop().call_later(
+            PROBE_INTERVAL_S * 1.05 + 0.001, self._probe_while_failing
+        )
+
+    def _writes_failing(self) -> None:
+        """Writes fail from now: probes run (``_probe_while_failing``) until one works."""
+        self._write_failed, self._probed_at = True, time.monotonic()
+        if self._probe_timer is None:
+            self._probe_timer = asyncio.get_running_loop().call_later(
+                PROBE_INTERVAL_S * 1.05 + 0.001, self._probe_while_failing
+            )
 
     def _probed(self, probe: asyncio.Future[bool]) -> None:
         self._probing = False
@@ -177,7 +200,7 @@ class LocalLogWriter(Actor[_Pending]):
         # first ingest that fails on it (a review: /ready said ready on a full disk).
         self._probed_at = time.monotonic()
         if not await loop.run_in_executor(self._executor, self._probe_write):
-            self._write_failed = True
+            self._writes_failing()
             self._last_error = "its disk is full or not writable (seen at start-up)"
             log.warning("local_log_not_writable", directory=str(self._directory), detail=self._last_error)
 
@@ -239,6 +262,9 @@ class LocalLogWriter(Actor[_Pending]):
         self._log = LocalLog(self._directory, self._segment_bytes)
 
     async def _release(self) -> None:
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
         if self._log is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._log.close)
         self._executor.shutdown(wait=True)
@@ -291,7 +317,7 @@ class LocalLogWriter(Actor[_Pending]):
             # a write: a full disk under load would otherwise log a line a request.
             if not self._write_failed:
                 log.error("local_log_write_failed", directory=str(self._directory), error=repr(exc))
-            self._write_failed, self._probed_at = True, time.monotonic()
+            self._writes_failing()
             self._last_error = str(exc)
             self._telemetry.local_log_write_failed()
             if self._counts_records:
