@@ -276,3 +276,67 @@ async def test_chunk_framing_without_data_after_an_early_answer_closes_the_conne
         assert await asyncio.wait_for(reader.read(), 10) == b""
     finally:
         writer.close()
+
+
+BEFORE_A_CHUNKED_REQUEST = {
+    "health": b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n",
+    "ingest": with_length("", batch(2)),
+}
+
+
+@pytest.mark.parametrize(
+    "before", BEFORE_A_CHUNKED_REQUEST.values(), ids=BEFORE_A_CHUNKED_REQUEST.keys()
+)
+async def test_chunk_framing_behind_another_request_in_one_write_is_a_400(
+    door_server: DoorServer, before: bytes
+) -> None:
+    """A review: a 120 KB chunk extension behind a ``GET /health`` in the same read was
+    fed whole with it, its framing never counted, and the request served 200."""
+    data = batch(2)
+    chunked = (
+        HEAD.encode() + b"Transfer-Encoding: chunked\r\n\r\n"
+        + f"{len(data):x};e=".encode() + b"a" * (120 * 1024) + b"\r\n" + data + b"\r\n0\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        writer.write(before + chunked)
+        first, _, _ = await read_answer(reader)
+        assert first.split()[1] in ("200", "202")
+        status_line, _, body = await read_answer(reader)
+        assert status_line.split()[1] == "400", body
+        assert b"framing" in body
+    finally:
+        writer.close()
+
+
+async def test_one_byte_chunks_behind_another_request_in_one_write_are_fed_in_slices(
+    door_server: DoorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fed: list[int] = []
+    feed = DoorRequestHandler._feed
+
+    def recorded(handler: DoorRequestHandler, data: bytes) -> None:
+        fed.append(len(data))
+        feed(handler, data)
+
+    monkeypatch.setattr(DoorRequestHandler, "_feed", recorded)
+    lines = b"".join(
+        msgspec.json.encode({"record_id": f"c{i}", "features": [1.0, 2.0, 3.0, 4.0]}) + b"\n"
+        for i in range(1500)
+    )
+    chunks = b"".join(b"1\r\n" + lines[i : i + 1] + b"\r\n" for i in range(len(lines))) + b"0\r\n\r\n"
+    head = (
+        b"POST /api/v2/ingest/stream?source=s HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        writer.write(BEFORE_A_CHUNKED_REQUEST["ingest"] + head + chunks)
+        first, _, _ = await read_answer(reader)
+        assert first.split()[1] == "202"
+        status_line, _, body = await read_answer(reader)
+        assert status_line.split()[1] == "202", body
+        assert msgspec.json.decode(body)["records_accepted"] == 1500
+    finally:
+        writer.close()
+    assert max(fed) <= CHUNKED_SLICE_BYTES
