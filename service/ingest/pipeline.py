@@ -330,6 +330,12 @@ class IngestPipeline:
             self._metrics.records_duplicate.inc(duplicates)
         return Written(accepted=len(fresh.accepted), duplicates=duplicates)
 
+    def observe_unwritten(self, batch: ValidatedBatch) -> None:
+        """A batch of which no record was accepted: its rows still go to the drift
+        monitor (a review: a source gone wholly out of range, every batch 422, showed no
+        drift at all, and one record a request never any)."""
+        self._validator.observe_written(batch, batch)
+
     async def _let_go(self, tenant: str, claim: Claim) -> None:
         """Release ``claim`` after a failure before its records were handed on; a
         release that fails too is logged, and the ids lapse as after a partial write."""

@@ -110,6 +110,7 @@ async def ingest_batch(
             audit_call(caller, "ingest", f"refused: {type(exc).__name__}", source=source, records_accepted=0)
             raise
         if not batch.accepted:
+            pipeline.observe_unwritten(batch)
             audit_call(caller, "ingest", "rejected", source=source, records_rejected=len(batch.errors))
             raise _all_rejected(batch.errors)
         tracking_id = pipeline.new_tracking_id()
@@ -251,6 +252,8 @@ async def ingest_stream(request: web.Request) -> web.Response:
             writing = 0
             accepted += written.accepted
             duplicate += written.duplicates
+        else:
+            pipeline.observe_unwritten(batch)
         # Counted once the chunk is taken in: a failure's detail counts the records
         # before the chunk (a review: 15 rejected of a 1,000 that had 5).
         rejected += len(batch.errors)

@@ -40,13 +40,13 @@ _DESCRIPTION = (
 
 
 def _top(request: web.Request) -> int:
-    raw = request.query.get("top")
-    if raw is None:
+    given = request.query.getall("top", [])
+    if not given:
         return DEFAULT_TOP
-    try:
-        top = int(raw)
-    except ValueError:
-        top = -1
+    raw = given[0]
+    # ASCII digits only: Python's int() also reads "+3", " 3", "1_0" and full-width
+    # digits (a review), which the document's integer does not.
+    top = int(raw) if len(given) == 1 and raw.isascii() and raw.isdigit() and len(raw) <= 6 else -1
     if not 0 <= top <= MAX_TOP:
         raise ValidationFailed(
             f"top must be an integer from 0 to {MAX_TOP}",

@@ -155,6 +155,37 @@ async def test_a_batch_sent_again_is_observed_for_drift_once(
     assert (await report(client))["records_observed"] == 5
 
 
+async def test_a_batch_whose_every_record_is_out_of_range_is_observed_for_drift(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    """A review: a batch rejected whole (422) was never observed, so a source gone
+    wholly out of range showed no drift, and one sent a record a request none ever."""
+    write_profile(profiles_dir, "sensors", on_violation="reject")
+    client = await app_client(quality_settings())
+    batch = [out_of_range_batch()[1], out_of_range_batch()[3]]
+    response = await client.post("/api/v2/ingest", json={"source": "sensors", "records": batch})
+    assert response.status == 422
+    answer = await report(client)
+    assert answer["records_observed"] == 2
+    shares = {entry["name"]: entry["out_of_range_share"] for entry in answer["top"]}
+    assert shares["f2"] == shares["f0"] == 0.5
+
+
+async def test_a_streamed_chunk_whose_every_record_is_out_of_range_is_observed_for_drift(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    write_profile(profiles_dir, "sensors", on_violation="reject")
+    client = await app_client(quality_settings())
+    bad = [out_of_range_batch()[1], out_of_range_batch()[3]]
+    lines = b"".join(msgspec.json.encode(record) + b"\n" for record in bad)
+    response = await client.post(
+        "/api/v2/ingest/stream?source=sensors", data=lines,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert response.status == 422, await response.text()
+    assert (await report(client))["records_observed"] == 2
+
+
 async def test_a_large_json_batch_parsed_into_one_matrix_is_screened_alike(
     app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path
 ) -> None:
@@ -506,3 +537,32 @@ async def test_a_fresh_app_whose_sources_directory_cannot_be_listed_refuses_inge
         assert metric(client, "mlgate_quality_profiles_unreadable", {"kind": "source"}) == 1.0
     await client.app[RELOAD_HOOKS]["profiles"]()
     assert (await ingest(client, out_of_range_batch()))["records_rejected"] == 2
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["top=abc", "top=", "top=-1", "top=4097", "top=%2B3", "top=%203", "top=1_0", "top=%EF%BC%95", "top=3&top=4"],
+    ids=["text", "empty", "negative", "too-many", "plus", "blank", "underscore", "full-width", "twice"],
+)
+async def test_top_is_refused_unless_one_integer_in_ascii_digits(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+    query: str,
+) -> None:
+    """A review: Python's int() read "+3", " 3", "1_0" and a full-width 5, and a second
+    ``top`` was ignored, where the document says one integer."""
+    write_profile(profiles_dir, "sensors")
+    client = await app_client(quality_settings())
+    response = await client.get(f"/api/v2/quality/sources/sensors?{query}")
+    assert response.status == 422
+    assert [error["loc"] for error in (await response.json())["errors"]] == ["query.top"]
+
+
+@pytest.mark.parametrize("top", ["0", "4096", "007"])
+async def test_top_in_range_is_taken(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+    top: str,
+) -> None:
+    write_profile(profiles_dir, "sensors")
+    client = await app_client(quality_settings())
+    response = await client.get(f"/api/v2/quality/sources/sensors?top={top}")
+    assert response.status == 200
