@@ -24,7 +24,7 @@ from mlgate.service.app import create_app
 from mlgate.service.process import express
 from mlgate.service.process.door import Door, DoorRequestHandler
 from mlgate.service.process.server import CappedAppRunner, CappedServer
-from mlgate.service.state import METRICS, MODEL_REPOSITORY, SETTINGS
+from mlgate.service.state import DRAINING, METRICS, MODEL_REPOSITORY, SETTINGS
 from mlgate.workers.errors import MailboxFull
 from mlgate.workers.inference.batching import InferenceWorker
 from mlgate.workers.sinks.local_log import read_log
@@ -342,6 +342,32 @@ async def test_shutdown_waits_for_the_request_in_the_lane(
     writer.close()
     assert (status, headers["X-Request-ID"]) == (200, "in-flight")
     assert closed == b""  # and the connection closed after it
+
+
+async def test_an_answer_at_shutdown_with_a_request_unread_behind_it_ends_in_a_close_not_a_reset(
+    served: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the lane closed the connection at once after its answer while the
+    request behind it lay unread in the socket, so the kernel reset the connection
+    and dropped what of the answer it had not sent (3.7 KB of a 130 KB 202 arrived)."""
+    server = await served()
+    gated, reader, writer = await in_the_lane(server, monkeypatch, "in-flight")
+    writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # unread: the lane holds reading
+    await writer.drain()
+    server.app[DRAINING].set()  # as `mlgate serve` does on SIGTERM, before the runner stops
+    runner_server = server.runner.server
+    assert runner_server is not None
+    runner_server.pre_shutdown()
+    shutdown = asyncio.create_task(runner_server.shutdown(10))
+    await asyncio.sleep(0.2)
+    gated.gate.set()
+    status, _, _ = await read_answer(reader)
+    try:
+        rest = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await asyncio.wait_for(shutdown, 10)
+    assert (status, rest) == (200, b"")
 
 
 async def test_a_client_gone_while_its_request_is_in_the_lane_leaves_no_room_taken(
