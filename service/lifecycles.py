@@ -69,7 +69,7 @@ from mlgate.workers.quality.drift_monitor import DriftMonitor
 from mlgate.workers.quality.profile_store import ProfileStore
 from mlgate.workers.sinks.local_log_writer import LocalLogWriter
 from mlgate.workers.sinks.spilling_sink import SpillingKafkaSink
-from mlgate.workers.supervision import SupervisedTask
+from mlgate.workers.supervision import SupervisedTask, background_context
 from mlgate.workers.telemetry import QualityTelemetry
 
 log = structlog.get_logger("mlgate.lifecycles")
@@ -363,7 +363,9 @@ def redis_sampler(app_metrics: Metrics, redis: SharedRedis) -> Callable[[], None
             quiet = time.monotonic() - redis.answered_at > REDIS_QUIET_PING_S
             due = not redis.available or quiet
         if due and not trial:
-            ping = asyncio.get_running_loop().create_task(redis.ping())
+            # Asked by /ready too: what the ping logs must not carry that request's id
+            # (a review: redis_master_replaced under a /ready's request id).
+            ping = asyncio.get_running_loop().create_task(redis.ping(), context=background_context())
             trial.add(ping)
             ping.add_done_callback(tried)
         app_metrics.record_breaker("redis", breaker)
