@@ -3,6 +3,7 @@
     WorkerError
     ├── MailboxFull        the bounded mailbox has no room: shed the load
     ├── WorkerClosed       the actor stopped (shutdown or crash) before finishing
+    │   └── ShutDown       ... because the process is shutting down
     ├── DeadlineExpired    the item waited past its deadline and was not processed
     ├── InputRefused       the model could not compute this item's input (its own fault)
     └── SinkFailed         the sink did not acknowledge the write
@@ -21,6 +22,11 @@ class MailboxFull(WorkerError):
 
 class WorkerClosed(WorkerError):
     pass
+
+
+class ShutDown(WorkerClosed):
+    """Refused because the process is shutting down (its wait for requests ending):
+    the caller should retry on another process, not read it as overload."""
 
 
 class DeadlineExpired(WorkerError):

@@ -31,6 +31,7 @@ from mlgate.service.http.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    ShuttingDown,
     ValidationFailed,
     http_error,
 )
@@ -40,6 +41,7 @@ from mlgate.workers.errors import (
     DeadlineExpired,
     InputRefused,
     MailboxFull,
+    ShutDown,
     WorkerClosed,
     WorkerError,
 )
@@ -197,6 +199,10 @@ def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
     if isinstance(exc, InputRefused):
         # The model names no input (onnxruntime says which node failed, not which row).
         return ValidationFailed(str(exc), errors=[FieldError(loc="body", msg="the model could not compute this input")])
+    if isinstance(exc, ShutDown):
+        # A review: predicts refused at shutdown were typed overloaded, and a client
+        # branching on the type read a host going away as one too busy.
+        return ShuttingDown(str(exc), retry_after_s=retry_after_s)
     if isinstance(exc, WorkerClosed | WorkerError):
         return Overloaded(str(exc), retry_after_s=retry_after_s)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):

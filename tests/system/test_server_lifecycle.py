@@ -314,6 +314,8 @@ def test_sigterm_answers_predicts_still_waiting_for_the_model_503_rather_than_cu
         assert headers["Retry-After"] == "1"
         assert headers["Connection"] == "close"
         assert problem["detail"] == "the server is shutting down"
+        # A review: typed overloaded, which a client reads as a host too busy.
+        assert problem["type"] == "/problems/shutting-down"
     assert "predicts_refused_at_shutdown" in service.tail()
 
 

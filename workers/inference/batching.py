@@ -95,7 +95,7 @@ import structlog
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from mlgate.workers.actor import Actor
-from mlgate.workers.errors import DeadlineExpired, InputRefused, MailboxFull, WorkerClosed
+from mlgate.workers.errors import DeadlineExpired, InputRefused, MailboxFull, ShutDown, WorkerClosed
 from mlgate.workers.lanes import SHARED_LANE, LaneMailbox
 from mlgate.workers.telemetry import NO_TELEMETRY, WorkerTelemetry
 
@@ -479,7 +479,7 @@ class InferenceWorker(Actor[_Item]):
         connection cut with nothing said. A run computing is ended (nobody waits for
         its answers), and ``close`` then has nothing left to drain. How many it failed."""
         self._closed = True
-        error = WorkerClosed(reason)
+        error = ShutDown(reason)
         failed = self._fail_waiting(error)
         # Settled when their run ends (``_finished``), ended now.
         for batch in self._in_flight:
