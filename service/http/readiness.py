@@ -6,10 +6,14 @@ processes (``SO_REUSEPORT``), so a balancer's health check reaches one at random
 process that cannot serve (a model that failed to load when it restarted, its own
 data directory full) while its siblings can made the host flap in and out of the
 pool, and half of its requests fail. Each process writes its problems once a second
-(the metrics sampler's turn) to ``<data_dir>/ready/worker-<n>.json``; a sibling's
-file not rewritten for ``STALE_S`` belongs to a process that is gone (its socket
-closed with it, so it takes no requests) and is left out; so is one that cannot
-write its file (its own /ready still says why).
+(the metrics sampler's turn) to ``<data_dir>/ready/worker-<n>.json``, with its
+process id. A sibling's file not rewritten for ``STALE_S`` belongs to a process that
+is gone (its socket closed with it, so it takes no requests), which is left out, or
+to one still running that does not turn its event loop (stopped, hung): it keeps
+taking its share of the connections and answers none, so it is named as not
+answering (a review: /ready said ready while half the new connections hung, until
+the supervisor killed the process). A process that cannot write its file (a full
+disk) is left out too: its own /ready still says why.
 """
 
 from __future__ import annotations
@@ -27,6 +31,16 @@ STALE_S = 3.0
 
 class _Published(msgspec.Struct, frozen=True):
     problems: dict[str, str]
+    pid: int = 0  # 0: written by a version that did not say
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is no zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        return False
 
 
 class HostReadiness:
@@ -49,7 +63,7 @@ class HostReadiness:
         temporary = path.with_suffix(".tmp")
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
-            temporary.write_bytes(self._encoder.encode(_Published(problems)))
+            temporary.write_bytes(self._encoder.encode(_Published(problems, os.getpid())))
             os.replace(temporary, path)
         except OSError as exc:
             if not self._failing:
@@ -70,11 +84,17 @@ class HostReadiness:
                 continue
             path = self._file(index)
             try:
-                if now - path.stat().st_mtime > STALE_S:
-                    continue  # gone, or not started yet: it answers nothing meanwhile
+                age = now - path.stat().st_mtime
                 published = self._decoder.decode(path.read_bytes())
             except (OSError, msgspec.DecodeError):
-                continue
+                continue  # not started yet, or its file half written
+            if age > STALE_S:
+                if published.pid and _running(published.pid):
+                    found[f"worker {index}"] = (
+                        f"not answering: its readiness was last written {age:.0f} s ago "
+                        "(stopped, or its event loop blocked)"
+                    )
+                continue  # gone: its socket closed with it, it takes no connections
             if published.problems:
                 found[f"worker {index}"] = "; ".join(
                     f"{check}: {problem}" for check, problem in published.problems.items()

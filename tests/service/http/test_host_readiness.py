@@ -4,6 +4,8 @@ its siblings' (service.http.readiness)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,12 +20,37 @@ def test_a_siblings_problem_is_the_hosts(tmp_path: Path) -> None:
     assert first.siblings() == {}
 
 
-def test_a_sibling_that_stopped_publishing_is_left_out(tmp_path: Path) -> None:
+def _published_by(path: Path, pid: int) -> None:
+    """``path`` as process ``pid`` wrote it, longer ago than ``STALE_S``."""
+    path.write_bytes(path.read_bytes().replace(f'"pid":{os.getpid()}'.encode(), f'"pid":{pid}'.encode()))
+    old = time.time() - STALE_S - 1
+    os.utime(path, (old, old))
+
+
+def test_a_sibling_gone_since_it_last_published_is_left_out(tmp_path: Path) -> None:
     first, second = HostReadiness(str(tmp_path), 0, 2), HostReadiness(str(tmp_path), 1, 2)
     second.publish({"sink": "closed"})
-    old = time.time() - STALE_S - 1
-    os.utime(tmp_path / "ready" / "worker-1.json", (old, old))  # gone: its socket with it
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # exited and reaped: its socket closed with it
+    _published_by(tmp_path / "ready" / "worker-1.json", gone.pid)
     assert first.siblings() == {}
+
+
+def test_a_sibling_still_running_that_stopped_publishing_is_named_not_answering(
+    tmp_path: Path,
+) -> None:
+    """A review: a worker stopped (SIGSTOP) kept its share of the connections and
+    answered none, while /ready, from its sibling, said the host was ready."""
+    first, second = HostReadiness(str(tmp_path), 0, 2), HostReadiness(str(tmp_path), 1, 2)
+    second.publish({})
+    stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _published_by(tmp_path / "ready" / "worker-1.json", stopped.pid)
+        [(name, problem)] = first.siblings().items()
+    finally:
+        stopped.kill()
+        stopped.wait()
+    assert name == "worker 1" and problem.startswith("not answering")
 
 
 def test_a_process_alone_or_not_yet_published_reads_nothing(tmp_path: Path) -> None:
