@@ -58,17 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serving_refusal(settings: Settings) -> str | None:
+def serving_refusal(settings: Settings, workers_flag: bool = False) -> str | None:
     """Why these settings cannot serve, though each value is valid; None if they can.
     Several processes without Redis would each keep their own Idempotency-Keys and
     record ids: a repeat the kernel hands to another process runs again (a review:
     written twice)."""
     if settings.workers > 1 and settings.redis_url is None and not settings.per_process_state:
-        # Named as the operator set it: a PaaS sets WEB_CONCURRENCY (a review).
+        # Named as the operator set it: a PaaS sets WEB_CONCURRENCY, a unit file may
+        # pass --workers (reviews).
         paas = "WEB_CONCURRENCY" in os.environ and "MLGATE_WORKERS" not in os.environ
-        named = "WEB_CONCURRENCY" if paas else "MLGATE_WORKERS"
+        named = "--workers " if workers_flag else "WEB_CONCURRENCY=" if paas else "MLGATE_WORKERS="
         return (
-            f"{named}={settings.workers} without REDIS_URL: each process would keep "
+            f"{named}{settings.workers} without REDIS_URL: each process would keep "
             "its own idempotency keys, record dedup and rate limits, so a repeat reaching "
             "another process runs again; set REDIS_URL, or MLGATE_PER_PROCESS_STATE=true "
             "to accept that"
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"mlgate: configuration error: {exc}", file=sys.stderr)
         return 2
-    refusal = serving_refusal(settings)
+    refusal = serving_refusal(settings, workers_flag="workers" in overrides)
     if refusal is not None and args.command in (None, "serve", "check-config"):
         print(f"mlgate: configuration error: {refusal}", file=sys.stderr)
         return 2

@@ -204,6 +204,18 @@ def test_the_refusal_of_several_processes_names_web_concurrency_when_that_set_th
     assert "WEB_CONCURRENCY=2 without REDIS_URL" in result.stderr
 
 
+def test_the_refusal_of_several_processes_names_the_flag_when_that_set_them() -> None:
+    """A review: ``serve --workers 2`` was refused naming MLGATE_WORKERS, not set."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLGATE_")}
+    clean.pop("WEB_CONCURRENCY", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlgate", "serve", "--workers", "2"],
+        env={**clean, "REDIS_URL": ""}, capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2
+    assert "--workers 2 without REDIS_URL" in result.stderr
+
+
 def test_drain_grace_longer_than_the_shutdown_budget_stops_start_up() -> None:
     with pytest.raises(SettingsError, match="MLGATE_DRAIN_GRACE_S"):
         load_settings({"MLGATE_DRAIN_GRACE_S": "30", "MLGATE_SHUTDOWN_TIMEOUT_S": "20"})
