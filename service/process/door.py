@@ -860,6 +860,7 @@ class DoorRequestHandler(web.RequestHandler):
         # The rest of a read, from a chunked request's head on, held behind a request of
         # that read the lane or the door took: fed once they let go (``read_on``).
         self._behind = b""
+        self._fed_last = b""  # the bytes last given to the parser
         # The peer half-closed behind requests still queued: close once they are answered.
         self._close_once_answered = False
         self.held_since = 0.0  # ``loop.time()`` when the door last held it
@@ -1003,7 +1004,7 @@ class DoorRequestHandler(web.RequestHandler):
                     self._feed(data)
                     return
                 head = data[:end].lower()
-                if b"transfer-encoding" not in head:
+                if b"transfer-encoding" not in head and not self._head_continues_chunked():
                     chunked_at = _chunked_head_behind(data, end, head)
                     if chunked_at < 0:
                         self._feed(data)
@@ -1033,6 +1034,20 @@ class DoorRequestHandler(web.RequestHandler):
             self._loop.call_soon(self._feed_unfed)
             return
 
+    def _head_continues_chunked(self) -> bool:
+        """Whether the head this read ends may have begun in an earlier read naming a
+        transfer coding (a review: a head split after its ``Transfer-Encoding`` line
+        had its body fed whole, unsliced and its framing uncounted). Either no request
+        ended since that head began (``head_bytes``: it may span several reads), or it
+        began in the last read after the request that ended there, within that read's
+        last ``MAX_HEAD_BYTES`` after its last blank line (a head holds none, and is no
+        longer). Body bytes that read the same only split the read needlessly."""
+        if self.head_bytes:
+            return True
+        last = self._fed_last
+        tail = last[last.rfind(b"\r\n\r\n") + 4 :] if b"\r\n\r\n" in last else last
+        return b"transfer-encoding" in tail[-MAX_HEAD_BYTES:].lower()
+
     def _feed_unfed(self) -> None:
         data, self._unfed = self._unfed, b""
         transport = self.transport
@@ -1046,6 +1061,7 @@ class DoorRequestHandler(web.RequestHandler):
             self.read_on()
 
     def _feed(self, data: bytes) -> None:
+        self._fed_last = data  # for ``_head_continues_chunked``: a reference, no copy
         if self._last_chunked and not self._last_payload.is_eof() and not self._framing_bounded(data):
             return
         parser = self._parser

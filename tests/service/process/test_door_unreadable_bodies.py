@@ -340,3 +340,31 @@ async def test_one_byte_chunks_behind_another_request_in_one_write_are_fed_in_sl
     finally:
         writer.close()
     assert max(fed) <= CHUNKED_SLICE_BYTES
+
+
+@pytest.mark.parametrize("before", [b"", BEFORE_A_CHUNKED_REQUEST["health"]], ids=["alone", "behind-a-get"])
+async def test_chunk_framing_of_a_head_split_after_its_transfer_coding_is_a_400(
+    door_server: DoorServer, before: bytes
+) -> None:
+    """A review: the head's Transfer-Encoding line in one read, the rest of the head
+    and a 120 KB chunk extension in the next: fed whole, its framing never counted."""
+    data = batch(2)
+    first = before + HEAD.encode() + b"Transfer-Encoding: chunked\r\nX-Split: "
+    rest = (
+        b"here\r\n\r\n" + f"{len(data):x};e=".encode() + b"a" * (120 * 1024) + b"\r\n"
+        + data + b"\r\n0\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        writer.write(first)
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the first part is read on its own
+        writer.write(rest)
+        if before:
+            status_line, _, _ = await read_answer(reader)
+            assert status_line.split()[1] == "200"
+        status_line, _, body = await read_answer(reader)
+        assert status_line.split()[1] == "400", body
+        assert b"framing" in body
+    finally:
+        writer.close()
