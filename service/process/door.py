@@ -1061,7 +1061,8 @@ class DoorRequestHandler(web.RequestHandler):
             self.read_on()
 
     def _feed(self, data: bytes) -> None:
-        self._fed_last = data  # for ``_head_continues_chunked``: a reference, no copy
+        if data:  # not ``read_on``'s empty feed, which would hide the last read's tail
+            self._fed_last = data  # for ``_head_continues_chunked``: a reference, no copy
         if self._last_chunked and not self._last_payload.is_eof() and not self._framing_bounded(data):
             return
         parser = self._parser
