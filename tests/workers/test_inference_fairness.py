@@ -104,6 +104,32 @@ async def test_a_tenant_holds_at_most_its_share_of_the_mailbox_in_requests_and_b
     await asyncio.gather(*held, *others)
 
 
+async def test_a_tenants_requests_handed_to_the_thread_still_hold_its_share(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """A review: a tenant's requests taken from the queue into the batch waiting behind
+    the one computing left its share but still filled the mailbox, so the flood
+    refilled its share behind them and another tenant was refused as full."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session, mailbox_size=8, max_batch_size=8)
+    held: list[asyncio.Future] = []
+
+    def flood() -> None:  # until refused for its share (or a full mailbox)
+        with pytest.raises(MailboxFull):
+            while True:
+                held.append(worker.submit(rows(1, len(held)), soon(), tenant="flood"))
+
+    flood()
+    await asyncio.to_thread(session.entered.wait, 5)  # a batch computes, held
+    for _ in range(3):  # more batches formed and handed to the thread behind it
+        await asyncio.sleep(0.05)
+        flood()
+    answer = worker.submit(rows(1, 99), soon(), tenant="quiet")
+    gate.set()
+    await asyncio.gather(answer, *held)
+
+
 async def test_requests_of_no_tenant_may_fill_the_whole_mailbox(
     make_worker: WorkerFactory, demo_session: ort.InferenceSession
 ) -> None:

@@ -66,8 +66,8 @@ limit, took another's single-row p50 from 2.7 ms to 60-70 ms), and the rows of m
 tenants of a row or two still fill one batch. Its admission counts only what would
 run before it: its lane's turns up to it and as many turns of each other lane, not
 their whole queue, which would shed it for their flood. A tenant's requests hold at
-most ``TENANT_SHARE`` of the mailbox, in requests and in bytes: the rest is kept for
-the others.
+most ``TENANT_SHARE`` of the mailbox, in requests and in bytes, counted until they
+are answered (those computing too): the rest is kept for the others.
 
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
 does not fit the current batch opens the next one. A model without a free batch
@@ -200,8 +200,8 @@ class _Item:
 @dataclass(slots=True)
 class _TenantShare:
     """What one tenant's requests hold of a worker: requests queued (until taken from
-    the mailbox); requests and bytes not answered yet. Its rows queued are its lane's
-    (``_lane_rows``)."""
+    the mailbox); requests and bytes not answered yet (its share's bound). Its rows
+    queued are its lane's (``_lane_rows``)."""
 
     requests: int = 0
     unanswered: int = 0
@@ -603,7 +603,11 @@ class InferenceWorker(Actor[_Item]):
         share = self._shares.get(tenant)
         if share is None:
             return
-        if share.requests >= self._tenant_requests or (
+        # Unanswered, not queued: its requests handed to the thread behind the batch
+        # computing still take room of the mailbox (``mailbox_depth``), and counted
+        # queued only, a flooding tenant refilled its share behind them and held the
+        # whole mailbox, the others refused as full (a review).
+        if share.unanswered >= self._tenant_requests or (
             share.nbytes and share.nbytes + nbytes > self._tenant_bytes
         ):
             self.stats.rejected += 1
