@@ -20,6 +20,7 @@ from mlgate.service.protection.idempotency import (
     EVICTIONS_PER_CALL,
     Entry,
     LocalEntries,
+    allocated_bytes,
     fingerprint,
 )
 from mlgate.service.protection.middleware import body_reading
@@ -68,7 +69,8 @@ async def _kept_weights_counted_alike(url: str) -> list[int]:
             if not name.endswith((b"~kept", b"~bytes"))
         ]
         weights = [
-            await redis.strlen(name) + 2 * len(name) + ENTRY_OVERHEAD_BYTES for name in records
+            allocated_bytes(await redis.strlen(name)) + 2 * len(name) + ENTRY_OVERHEAD_BYTES
+            for name in records
         ]
         assert int(await redis.get("mlgate:idem:anonymous:~bytes")) == sum(weights)
         assert await redis.zcard("mlgate:idem:anonymous:~kept") == len(records)
@@ -158,6 +160,30 @@ async def test_redis_holds_no_more_than_the_budget_of_answers_per_tenant(
 
     weights = await _kept_weights_counted_alike(url)
     assert sum(weights) <= BUDGET < sum(weights) + max(weights)  # full, none evicted early
+
+
+async def test_a_large_answer_counts_at_least_the_memory_redis_gives_it(
+    app_client: AppClientFactory, settings_for: Any, redis_server: ManagedProcess
+) -> None:
+    """A review: a 33 KB answer took 41 KB of Redis (its allocator's size classes),
+    counted 33 KB: at the default budget ~56 MiB a tenant more than Redis was sized for."""
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    client = await app_client(settings_for(url, **_budget(idempotency_redis_tenant_max_bytes=1 << 24)))
+    response = await client.post(PATH, json=_bad_batch(300, "big"), headers={"Idempotency-Key": "big"})
+    assert response.status == 202
+    [weight] = await _kept_weights_counted_alike(url)
+    redis = aioredis.Redis.from_url(url)
+    try:
+        [record] = [
+            name
+            async for name in redis.scan_iter(match="mlgate:idem:anonymous:*")
+            if not name.endswith((b"~kept", b"~bytes"))
+        ]
+        size, used = await redis.strlen(record), await redis.memory_usage(record)
+    finally:
+        await redis.aclose()
+    assert size > 20_000
+    assert weight >= used, (size, used, weight)
 
 
 async def test_an_answer_pushed_out_never_takes_a_newer_claim_on_its_key_with_it(
