@@ -66,8 +66,8 @@ limit, took another's single-row p50 from 2.7 ms to 60-70 ms), and the rows of m
 tenants of a row or two still fill one batch. Its admission counts only what would
 run before it: its lane's turns up to it and as many turns of each other lane, not
 their whole queue, which would shed it for their flood. A tenant's requests hold at
-most ``TENANT_SHARE`` of the mailbox, in requests and in bytes, counted until they
-are answered (those computing too): the rest is kept for the others.
+most ``TENANT_SHARE`` of the mailbox, in requests (queued, or handed to the thread
+behind the batch computing) and in bytes: the rest is kept for the others.
 
 An item larger than ``max_batch_size`` rows runs as a batch of its own; an item that
 does not fit the current batch opens the next one. A model without a free batch
@@ -200,12 +200,14 @@ class _Item:
 @dataclass(slots=True)
 class _TenantShare:
     """What one tenant's requests hold of a worker: requests queued (until taken from
-    the mailbox); requests and bytes not answered yet (its share's bound). Its rows
-    queued are its lane's (``_lane_rows``)."""
+    the mailbox) and waiting in the thread (its share's bound, as ``mailbox_depth``
+    counts them); requests and bytes not answered yet. Its rows queued are its lane's
+    (``_lane_rows``)."""
 
     requests: int = 0
     unanswered: int = 0
     nbytes: int = 0
+    waiting: int = 0  # requests in a batch handed to the thread behind the one computing
 
 
 class _InputAtFault(Exception):
@@ -603,11 +605,11 @@ class InferenceWorker(Actor[_Item]):
         share = self._shares.get(tenant)
         if share is None:
             return
-        # Unanswered, not queued: its requests handed to the thread behind the batch
-        # computing still take room of the mailbox (``mailbox_depth``), and counted
-        # queued only, a flooding tenant refilled its share behind them and held the
+        # Queued and handed to the thread behind the batch computing: both take room
+        # of the mailbox (``mailbox_depth``). Counted queued only, a flooding tenant
+        # refilled its share behind its batch waiting in the thread and held the
         # whole mailbox, the others refused as full (a review).
-        if share.unanswered >= self._tenant_requests or (
+        if share.requests + share.waiting >= self._tenant_requests or (
             share.nbytes and share.nbytes + nbytes > self._tenant_bytes
         ):
             self.stats.rejected += 1
@@ -732,6 +734,16 @@ class InferenceWorker(Actor[_Item]):
             self._forget_if_idle(tenant, share)
         return item
 
+    def _hold_waiting(self, items: list[_Item], change: int) -> None:
+        """Count (1) or uncount (-1) ``items`` as waiting in the thread in their
+        tenants' shares."""
+        for item in items:
+            if item.tenant is not None:
+                share = self._shares.get(item.tenant)
+                if share is not None:
+                    share.waiting += change
+                    self._forget_if_idle(item.tenant, share)
+
     def _settled(self, item: _Item) -> None:
         """``item`` is answered (or failed): its bytes no longer wait."""
         if item.settled:
@@ -748,7 +760,7 @@ class InferenceWorker(Actor[_Item]):
     def _forget_if_idle(self, tenant: str, share: _TenantShare) -> None:
         # By requests, not bytes: a request of no rows holds none (a review: forgotten
         # while it was still unanswered, its tenant's share was gone when it settled).
-        if not share.requests and not share.unanswered:
+        if not share.requests and not share.unanswered and not share.waiting:
             del self._shares[tenant]
 
     async def _release(self) -> None:
@@ -961,6 +973,8 @@ class InferenceWorker(Actor[_Item]):
             if holds_slot:
                 self._slots.release()
             return
+        if self._in_flight:  # behind the batch computing: its requests still take room
+            self._hold_waiting(items, 1)
         self._in_flight.append(items)
         self._runs[id(items)] = run
         if earliest < self._watch_at:
@@ -978,7 +992,13 @@ class InferenceWorker(Actor[_Item]):
         remeasure: bool = False,
         holds_slot: bool = True,
     ) -> None:
-        self._in_flight.remove(items)
+        # By identity: batches of equal items would compare their arrays.
+        position = next(at for at, batch in enumerate(self._in_flight) if batch is items)
+        del self._in_flight[position]
+        if position:  # ended before it computed (cancelled, failed with its worker)
+            self._hold_waiting(items, -1)
+        if position == 0 and self._in_flight:  # the next one computes now
+            self._hold_waiting(self._in_flight[0], -1)
         run = self._runs.pop(id(items))
         if run.options is not None and not run.options.terminate:
             self._spare_options.append(run.options)  # not ended: good for another run
