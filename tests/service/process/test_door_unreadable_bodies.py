@@ -372,3 +372,52 @@ async def test_chunk_framing_of_a_head_split_after_its_transfer_coding_is_a_400(
         assert b"framing" in body
     finally:
         writer.close()
+
+
+def _chunked_with_extension(kilobytes: int) -> bytes:
+    data = batch(2)
+    return (
+        HEAD.encode() + b"Transfer-Encoding: chunked\r\n\r\n"
+        + f"{len(data):x};e=".encode() + b"a" * (kilobytes * 1024) + b"\r\n" + data + b"\r\n0\r\n\r\n"
+    )
+
+
+async def test_chunk_framing_behind_the_end_of_another_requests_body_is_a_400(
+    door_server: DoorServer,
+) -> None:
+    """A review: a read beginning with the end of a body of known length, then a chunked
+    request, was fed whole, and 150 KB of chunk extension was served 202."""
+    first = with_length("", batch(2))
+    head_end = first.index(b"\r\n\r\n") + 4
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        writer.write(first[: head_end + 10])  # the head, and the body begun
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(first[head_end + 10 :] + _chunked_with_extension(150))
+        status_line, _, _ = await read_answer(reader)
+        assert status_line.split()[1] == "202"
+        status_line, _, body = await read_answer(reader)
+        assert status_line.split()[1] == "400", body
+        assert b"framing" in body
+    finally:
+        writer.close()
+
+
+async def test_chunk_framing_refused_behind_a_request_the_app_serves_is_answered_after_it(
+    door_server: DoorServer,
+) -> None:
+    """A review: the request before it (an Idempotency-Key takes it to the app) was
+    answered, then the connection closed: the refused one got no 400."""
+    first = with_length("Idempotency-Key: first\r\n", batch(2))
+    reader, writer = await asyncio.open_connection(*await door_server())
+    try:
+        writer.write(first + _chunked_with_extension(200))
+        status_line, _, _ = await read_answer(reader)
+        assert status_line.split()[1] == "202"
+        status_line, _, body = await read_answer(reader)
+        assert status_line.split()[1] == "400", body
+        assert b"framing" in body
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # then closed
+    finally:
+        writer.close()
