@@ -850,8 +850,7 @@ class DoorRequestHandler(web.RequestHandler):
         self._read_once_drained = False
         self._last_payload: StreamReader = EMPTY_PAYLOAD  # of the last request parsed
         self._last_chunked = False  # whether that request's body is chunked
-        # Its Content-Length, when its body reaches the parser as sent (``_body_left``).
-        self._last_length: int | None = None
+        self._last_message: Any = None  # that request's head
         # Bytes of that chunked body fed to the parser (framing and data): against the
         # data its reader got (``_framing_bounded``).
         self._chunked_fed = 0
@@ -1063,9 +1062,10 @@ class DoorRequestHandler(web.RequestHandler):
     def _body_left(self) -> int | None:
         """Bytes of the body being read still to come, when its length is known and the
         parser feeds it as sent (no chunks, no Content-Encoding); else None."""
-        if self._last_length is None:
+        length = None if self._last_chunked else _identity_length(self._last_message)
+        if length is None:
             return None
-        left = self._last_length - self._last_payload.total_bytes
+        left = length - self._last_payload.total_bytes
         return left if left > 0 else None
 
     def _head_continues_chunked(self) -> bool:
@@ -1333,7 +1333,7 @@ class DoorRequestHandler(web.RequestHandler):
         for index, (message, payload) in enumerate(messages):
             self._last_payload = payload
             self._last_chunked = bool(getattr(message, "chunked", False))
-            self._last_length = None if self._last_chunked else _identity_length(message)
+            self._last_message = message  # its length asked only when needed (``_body_left``)
             self._chunked_fed = 0
             if not (at_front and self.transport and isinstance(message, RawRequestMessage)):
                 kept.append((message, payload))
