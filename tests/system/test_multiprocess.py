@@ -356,7 +356,7 @@ def test_several_processes_without_redis_are_refused_at_start(service_process: S
     other process ran again and wrote its records twice (a review)."""
     service = service_process("--workers", "2", wait=False)
     assert service.wait(30) == 2
-    assert "MLGATE_WORKERS=2 without REDIS_URL" in service.tail()
+    assert "--workers 2 without REDIS_URL" in service.tail()  # named as it was set
     assert "MLGATE_PER_PROCESS_STATE=true" in service.tail()
 
 

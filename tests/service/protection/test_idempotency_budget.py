@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from mlgate.service.protection.idempotency import (
+    _ALLOCATED_LUA,
     CLEANUP_PER_CALL,
     ENTRY_OVERHEAD_BYTES,
     EVICTIONS_PER_CALL,
@@ -184,6 +185,28 @@ async def test_a_large_answer_counts_at_least_the_memory_redis_gives_it(
         await redis.aclose()
     assert size > 20_000
     assert weight >= used, (size, used, weight)
+
+
+@pytest.mark.parametrize(
+    "size", [300, 4000, 8192, 16380, 16384, 32768, 40960, 65535, 65536, 262144, 1 << 20]
+)
+async def test_an_answer_of_any_length_counts_at_least_the_memory_redis_gives_it(
+    redis_server: ManagedProcess, size: int
+) -> None:
+    """A review: lengths at the top of an allocator size class (powers of two among
+    them) took a class more than counted, the string's header and null pushing them
+    over: ~25% past the budget. The script's count and Python's agree."""
+    redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}")
+    name = "mlgate:idem:t:" + "f" * 64
+    try:
+        await redis.set(name, b"x" * size)
+        used = await redis.memory_usage(name)
+        scripted = await redis.eval(_ALLOCATED_LUA + "return allocated(tonumber(ARGV[1]))", 0, size)
+        await redis.delete(name)
+    finally:
+        await redis.aclose()
+    assert scripted == allocated_bytes(size)
+    assert allocated_bytes(size) + 2 * len(name) + ENTRY_OVERHEAD_BYTES >= used
 
 
 async def test_an_answer_pushed_out_never_takes_a_newer_claim_on_its_key_with_it(
