@@ -1011,14 +1011,10 @@ class DoorRequestHandler(web.RequestHandler):
                         self._feed(data)
                         return
                     self._feed(data[:chunked_at])
-                    data = data[chunked_at:]
-                    transport = self.transport
-                    if transport is None or transport.is_closing() or self._discarding:
+                    rest = self._rest_after_split(data[chunked_at:])
+                    if rest is None:
                         return
-                    if self.waiting:  # the lane or the door took a request of this read
-                        self._behind = data
-                        transport.pause_reading()
-                        return
+                    data = rest
                     continue
                 head, data = data[: end + 4], data[end + 4 :]
                 self._feed(head)
@@ -1032,20 +1028,10 @@ class DoorRequestHandler(web.RequestHandler):
                     self._feed(data)
                     return
                 self._feed(data[:left])
-                data = data[left:]
-                transport = self.transport
-                if transport is None or transport.is_closing() or self._discarding:
+                rest = self._rest_after_split(data[left:], body_ended=True)
+                if rest is None:
                     return
-                if not self._last_payload.is_eof():
-                    # Not ended: the parser keeps bytes its reader has no room for yet
-                    # (past its high-water mark). The rest whole, as it would have been:
-                    # feeding it piece by piece would copy the parser's tail each time.
-                    self._feed(data)
-                    return
-                if self.waiting:
-                    self._behind = data
-                    transport.pause_reading()
-                    return
+                data = rest
                 continue
             if len(data) <= CHUNKED_SLICE_BYTES:
                 self._feed(data)
@@ -1058,6 +1044,26 @@ class DoorRequestHandler(web.RequestHandler):
             transport.pause_reading()
             self._loop.call_soon(self._feed_unfed)
             return
+
+    def _rest_after_split(self, rest: bytes, body_ended: bool = False) -> bytes | None:
+        """What of a read split in two is fed next, now; None: nothing now, the
+        connection closing, or ``rest`` waiting behind a request of the read's first
+        part that the lane or the door took (fed by ``read_on`` once they let go).
+        ``body_ended``: split where a body should end; if it did not (the parser keeps
+        bytes its reader has no room for yet, past its high-water mark), the rest is
+        fed whole, as it would have been: piece by piece would copy the parser's tail
+        each time."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._discarding:
+            return None
+        if body_ended and not self._last_payload.is_eof():
+            self._feed(rest)
+            return None
+        if self.waiting:
+            self._behind = rest
+            transport.pause_reading()
+            return None
+        return rest
 
     def _body_left(self) -> int | None:
         """Bytes of the body being read still to come, when its length is known and the

@@ -197,12 +197,17 @@ async def test_a_half_close_in_the_middle_of_a_body_answers_400_then_closes(door
         writer.close()
 
 
-async def test_a_body_of_one_byte_chunks_is_fed_a_slice_a_turn_and_read_whole(
-    door_server: DoorServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A review: a chunked body of one-byte chunks, each a call of aiohttp's parser into
-    the body's reader, held the event loop 220 ms a 256 KB read, and two such clients
-    starved every tenant. Fed a slice a turn, it is read whole all the same."""
+async def _answered_then_refused_for_framing(reader: asyncio.StreamReader, *first: str) -> None:
+    """An answer of one of the ``first`` statuses, then the 400 of a chunk framing refused."""
+    status_line, _, _ = await read_answer(reader)
+    assert status_line.split()[1] in first
+    status_line, _, body = await read_answer(reader)
+    assert status_line.split()[1] == "400", body
+    assert b"framing" in body
+
+
+def _feeds_recorded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every piece the door feeds its parser, from now on."""
     fed: list[int] = []
     feed = DoorRequestHandler._feed
 
@@ -211,24 +216,40 @@ async def test_a_body_of_one_byte_chunks_is_fed_a_slice_a_turn_and_read_whole(
         feed(handler, data)
 
     monkeypatch.setattr(DoorRequestHandler, "_feed", recorded)
+    return fed
+
+
+def _stream_of_one_byte_chunks(records: int = 1500) -> bytes:
+    """An NDJSON stream request of ``records`` records, its body in one-byte chunks."""
     lines = b"".join(
         msgspec.json.encode({"record_id": f"c{i}", "features": [1.0, 2.0, 3.0, 4.0]}) + b"\n"
-        for i in range(1500)
+        for i in range(records)
     )
     chunks = b"".join(b"1\r\n" + lines[i : i + 1] + b"\r\n" for i in range(len(lines))) + b"0\r\n\r\n"
     head = (
         b"POST /api/v2/ingest/stream?source=s HTTP/1.1\r\nHost: t\r\n"
         b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
+    return head + chunks
+
+
+async def test_a_body_of_one_byte_chunks_is_fed_a_slice_a_turn_and_read_whole(
+    door_server: DoorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a chunked body of one-byte chunks, each a call of aiohttp's parser into
+    the body's reader, held the event loop 220 ms a 256 KB read, and two such clients
+    starved every tenant. Fed a slice a turn, it is read whole all the same."""
+    fed = _feeds_recorded(monkeypatch)
+    stream = _stream_of_one_byte_chunks()
     reader, writer = await asyncio.open_connection(*await door_server())
     try:
-        writer.write(head + chunks)
+        writer.write(stream)
         status_line, _, body = await read_answer(reader)
         assert status_line.split()[1] == "202", body
         assert msgspec.json.decode(body)["records_accepted"] == 1500
     finally:
         writer.close()
-    assert len(head + chunks) > 8 * CHUNKED_SLICE_BYTES
+    assert len(stream) > 8 * CHUNKED_SLICE_BYTES
     assert max(fed) <= CHUNKED_SLICE_BYTES
     assert fed.count(CHUNKED_SLICE_BYTES) >= 2  # reads were sliced
 
@@ -292,19 +313,11 @@ async def test_chunk_framing_behind_another_request_in_one_write_is_a_400(
 ) -> None:
     """A review: a 120 KB chunk extension behind a ``GET /health`` in the same read was
     fed whole with it, its framing never counted, and the request served 200."""
-    data = batch(2)
-    chunked = (
-        HEAD.encode() + b"Transfer-Encoding: chunked\r\n\r\n"
-        + f"{len(data):x};e=".encode() + b"a" * (120 * 1024) + b"\r\n" + data + b"\r\n0\r\n\r\n"
-    )
+    chunked = _chunked_with_extension(120)
     reader, writer = await asyncio.open_connection(*await door_server())
     try:
         writer.write(before + chunked)
-        first, _, _ = await read_answer(reader)
-        assert first.split()[1] in ("200", "202")
-        status_line, _, body = await read_answer(reader)
-        assert status_line.split()[1] == "400", body
-        assert b"framing" in body
+        await _answered_then_refused_for_framing(reader, "200", "202")
     finally:
         writer.close()
 
@@ -312,26 +325,11 @@ async def test_chunk_framing_behind_another_request_in_one_write_is_a_400(
 async def test_one_byte_chunks_behind_another_request_in_one_write_are_fed_in_slices(
     door_server: DoorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fed: list[int] = []
-    feed = DoorRequestHandler._feed
-
-    def recorded(handler: DoorRequestHandler, data: bytes) -> None:
-        fed.append(len(data))
-        feed(handler, data)
-
-    monkeypatch.setattr(DoorRequestHandler, "_feed", recorded)
-    lines = b"".join(
-        msgspec.json.encode({"record_id": f"c{i}", "features": [1.0, 2.0, 3.0, 4.0]}) + b"\n"
-        for i in range(1500)
-    )
-    chunks = b"".join(b"1\r\n" + lines[i : i + 1] + b"\r\n" for i in range(len(lines))) + b"0\r\n\r\n"
-    head = (
-        b"POST /api/v2/ingest/stream?source=s HTTP/1.1\r\nHost: t\r\n"
-        b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
+    fed = _feeds_recorded(monkeypatch)
+    stream = _stream_of_one_byte_chunks()
     reader, writer = await asyncio.open_connection(*await door_server())
     try:
-        writer.write(BEFORE_A_CHUNKED_REQUEST["ingest"] + head + chunks)
+        writer.write(BEFORE_A_CHUNKED_REQUEST["ingest"] + stream)
         first, _, _ = await read_answer(reader)
         assert first.split()[1] == "202"
         status_line, _, body = await read_answer(reader)
@@ -395,11 +393,7 @@ async def test_chunk_framing_behind_the_end_of_another_requests_body_is_a_400(
         await writer.drain()
         await asyncio.sleep(0.2)
         writer.write(first[head_end + 10 :] + _chunked_with_extension(150))
-        status_line, _, _ = await read_answer(reader)
-        assert status_line.split()[1] == "202"
-        status_line, _, body = await read_answer(reader)
-        assert status_line.split()[1] == "400", body
-        assert b"framing" in body
+        await _answered_then_refused_for_framing(reader, "202")
     finally:
         writer.close()
 
@@ -413,11 +407,7 @@ async def test_chunk_framing_refused_behind_a_request_the_app_serves_is_answered
     reader, writer = await asyncio.open_connection(*await door_server())
     try:
         writer.write(first + _chunked_with_extension(200))
-        status_line, _, _ = await read_answer(reader)
-        assert status_line.split()[1] == "202"
-        status_line, _, body = await read_answer(reader)
-        assert status_line.split()[1] == "400", body
-        assert b"framing" in body
+        await _answered_then_refused_for_framing(reader, "202")
         assert await asyncio.wait_for(reader.read(), 10) == b""  # then closed
     finally:
         writer.close()
