@@ -1084,9 +1084,9 @@ class DoorRequestHandler(web.RequestHandler):
         longer). Body bytes that read the same only split the read needlessly."""
         if self.head_bytes:
             return True
-        last = self._fed_last
+        last = self._fed_last  # at most MAX_HEAD_BYTES (``_feed``)
         tail = last[last.rfind(b"\r\n\r\n") + 4 :] if b"\r\n\r\n" in last else last
-        return b"transfer-encoding" in tail[-MAX_HEAD_BYTES:].lower()
+        return b"transfer-encoding" in tail.lower()
 
     def _feed_unfed(self) -> None:
         data, self._unfed = self._unfed, b""
@@ -1102,7 +1102,9 @@ class DoorRequestHandler(web.RequestHandler):
 
     def _feed(self, data: bytes) -> None:
         if data:  # not ``read_on``'s empty feed, which would hide the last read's tail
-            self._fed_last = data  # for ``_head_continues_chunked``: a reference, no copy
+            # For ``_head_continues_chunked``, which looks no further back: an idle
+            # connection keeps at most a head's worth, not its last read (256 KB).
+            self._fed_last = data if len(data) <= MAX_HEAD_BYTES else data[-MAX_HEAD_BYTES:]
         if self._last_chunked and not self._last_payload.is_eof() and not self._framing_bounded(data):
             return
         parser = self._parser
