@@ -14,6 +14,7 @@ import pytest
 
 from mlgate.workers.errors import DeadlineExpired, MailboxFull
 from mlgate.workers.inference import batching
+from tests.support import until
 from tests.workers.conftest import WorkerFactory
 from tests.workers.test_inference_worker import RecordingSession, rows, soon
 
@@ -128,6 +129,30 @@ async def test_a_tenants_requests_handed_to_the_thread_still_hold_its_share(
     answer = worker.submit(rows(1, 99), soon(), tenant="quiet")
     gate.set()
     await asyncio.gather(answer, *held)
+
+
+async def test_a_share_is_forgotten_once_requests_that_expired_waiting_in_the_thread_settle(
+    make_worker: WorkerFactory, demo_session: ort.InferenceSession
+) -> None:
+    """Requests counted as waiting in the thread that expire there, or whose batch ends
+    before it computes, leave nothing counted: the tenant's share is whole again."""
+    gate = threading.Event()
+    session = RecordingSession(demo_session, gate=gate)
+    worker = make_worker(session, mailbox_size=8, max_batch_size=2)
+    computing = worker.submit(rows(1, 0), soon(), tenant="flood")
+    await asyncio.to_thread(session.entered.wait, 5)  # held
+    waiting = [worker.submit(rows(1, seed), soon(0.3), tenant="flood") for seed in (1, 2)]
+    await asyncio.sleep(0.05)  # handed to the thread behind the one computing
+    assert worker._shares["flood"].waiting == 2
+    await asyncio.sleep(0.5)  # their deadline passes while they wait
+    gate.set()
+    outcomes = await asyncio.gather(computing, *waiting, return_exceptions=True)
+    assert isinstance(outcomes[0], dict)
+    assert all(isinstance(outcome, DeadlineExpired) for outcome in outcomes[1:])
+    await until(lambda: worker._shares == {})
+    # Its whole share (six of eight) again.
+    again = [worker.submit(rows(1, 9 + n), soon(), tenant="flood") for n in range(6)]
+    assert len(await asyncio.gather(*again)) == 6
 
 
 async def test_requests_of_no_tenant_may_fill_the_whole_mailbox(
