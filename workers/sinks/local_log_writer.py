@@ -144,6 +144,9 @@ class LocalLogWriter(Actor[_Pending]):
         if not self._write_failed or not self.running:
             return
         self._probe_soon()
+        self._probe_later()
+
+    def _probe_later(self) -> None:
         # A little past the interval: ``_probe_soon`` skips a probe asked sooner.
         self._probe_timer = asyncio.get_running_loop().call_later(
             PROBE_INTERVAL_S * 1.05 + 0.001, self._probe_while_failing
@@ -153,9 +156,7 @@ class LocalLogWriter(Actor[_Pending]):
         """Writes fail from now: probes run (``_probe_while_failing``) until one works."""
         self._write_failed, self._probed_at = True, time.monotonic()
         if self._probe_timer is None:
-            self._probe_timer = asyncio.get_running_loop().call_later(
-                PROBE_INTERVAL_S * 1.05 + 0.001, self._probe_while_failing
-            )
+            self._probe_later()
 
     def _probed(self, probe: asyncio.Future[bool]) -> None:
         self._probing = False
