@@ -64,6 +64,8 @@ def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
             raw = _big_integers(data, raw, dtype, tensor.datatype, f"{loc}.data")
         if raw.size and raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
             raise invalid(f"{loc}.data", f"values do not fit datatype {tensor.datatype}")
+        if raw.size and raw.dtype.kind in "iuf" and _holds_booleans(data, raw):
+            raise invalid(f"{loc}.data", f"values do not fit datatype {tensor.datatype}")
         if raw.size and dtype.kind in "iu":
             limits = np.iinfo(dtype)
             if raw.min() < limits.min or raw.max() > limits.max:
@@ -75,6 +77,25 @@ def _from_json(tensor: RequestInput, data: list[Any], loc: str) -> np.ndarray:
     if array.size != count:
         raise invalid(f"{loc}.data", f"shape {tensor.shape} needs {count} values, got {array.size}")
     return _shaped(array, tensor.shape, loc)
+
+
+def _holds_booleans(data: list[Any], raw: np.ndarray) -> bool:
+    """Whether JSON ``true`` or ``false`` stand among the numbers numpy read ``raw`` from
+    (as 1 and 0: a review saw ``[1.5, true]`` fed to an FP32 model as ``[1.5, 1.0]``,
+    where all booleans were refused, and so does Triton). Only the values read as 0 or
+    1 are looked at in ``data``."""
+    candidates = np.flatnonzero((raw == 0) | (raw == 1))
+    if not candidates.size:
+        return False
+    if raw.ndim == 1:
+        return any(type(data[index]) is bool for index in candidates.tolist())
+    for position in zip(*(axis.tolist() for axis in np.unravel_index(candidates, raw.shape)), strict=True):
+        value: Any = data
+        for index in position:
+            value = value[index]
+        if type(value) is bool:
+            return True
+    return False
 
 
 def _big_integers(

@@ -209,7 +209,7 @@ async def answer_infer(
         datatype = spec.datatype
         if class_count is not None:
             labels = loaded.config.labels or ()
-            array, datatype = classified(array, class_count, labels, loaded.worker.shares_batches), "BYTES"
+            array, datatype = classified(array, class_count, labels, loaded.worker.batches_rows), "BYTES"
         if binary_out:
             blob = to_binary(array, datatype)
             blobs.append(blob)

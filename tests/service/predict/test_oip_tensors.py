@@ -636,3 +636,64 @@ async def test_the_server_names_the_model_configuration_extension(demo_client: C
     """A review: ``/config`` is served, and a client checking for it was told it is not."""
     extensions = (await (await demo_client.get("/v2")).json())["extensions"]
     assert "model_configuration" in extensions
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [1.5, True] + [0.0] * (WIDTH - 2),
+        [7, False] + [0] * (WIDTH - 2),
+        [[0.5, True] + [0.0] * (WIDTH - 2)],
+    ],
+    ids=["beside-floats", "beside-integers", "nested"],
+)
+async def test_a_json_boolean_among_numbers_of_a_numeric_tensor_is_422(
+    demo_client: Client, data: list[Any]
+) -> None:
+    """A review: numpy read ``[1.5, true]`` as ``[1.5, 1.0]`` and the model computed it,
+    where a tensor of booleans only was refused (and Triton refuses both)."""
+    tensor = {"name": "input", "shape": [1, WIDTH], "datatype": "FP32", "data": data}
+    response = await demo_client.post("/v2/models/demo/infer", json={"inputs": [tensor]})
+    assert response.status == 422, await response.text()
+    assert "do not fit datatype FP32" in (await response.json())["error"]
+
+
+async def test_numbers_zero_and_one_in_a_numeric_tensor_are_numbers(demo_client: Client) -> None:
+    tensor = {"name": "input", "shape": [1, WIDTH], "datatype": "FP32", "data": [[0, 1.0] * (WIDTH // 2)]}
+    response = await demo_client.post("/v2/models/demo/infer", json={"inputs": [tensor]})
+    assert response.status == 200, await response.text()
+
+
+@pytest.fixture
+async def one_at_a_time_client(
+    tmp_path: Path, app_client: Any, make_settings: Callable[..., Settings]
+) -> Client:
+    """``Identity`` of FP32 [N, 3] with ``max_batch_size`` 1: it never shares a run."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "single",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    write_version(tmp_path / "models", "single", model_of(graph), {"max_batch_size": 1})
+    settings = make_settings(model_repository=str(tmp_path / "models"), default_model="single")
+    client: Client = await app_client(settings)
+    return client
+
+
+async def test_classification_of_a_model_described_without_batching_is_of_the_whole_tensor(
+    one_at_a_time_client: Client,
+) -> None:
+    """A review: a ``max_batch_size`` 1 model's config says 0 (no batching), yet its
+    classification was row by row, where Triton classifies such a model's whole tensor."""
+    config = await (await one_at_a_time_client.get("/v2/models/single/config")).json()
+    assert config["max_batch_size"] == 0
+    body = {
+        "inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 6, 5, 4]}],
+        "outputs": [{"name": "y", "parameters": {"classification": 1}}],
+    }
+    response = await one_at_a_time_client.post("/v2/models/single/infer", json=body)
+    assert response.status == 200, await response.text()
+    [output] = (await response.json())["outputs"]
+    assert output["shape"] == [1]
+    assert output["data"] == ["6.000000:3"]
