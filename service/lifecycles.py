@@ -141,6 +141,10 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
 
 
 REDIS_STATE = "idempotency answers, the dedup window's record ids, keys stored in Redis"
+EXPIRING_STATE = (
+    "rate-limit buckets (an evicted bucket is full again: limits stop holding), "
+    "idempotency answers and claims, the dedup window's record ids"
+)
 
 
 async def check_redis_config(redis: SharedRedis) -> None:
@@ -157,15 +161,25 @@ async def check_redis_config(redis: SharedRedis) -> None:
 
 
 async def warn_if_evicting(redis: SharedRedis) -> None:
-    """``redis_evicts_any_key`` for a Redis whose policy evicts any key when full."""
+    """A Redis that evicts when full, named: ``redis_evicts_any_key`` for an
+    ``allkeys-*`` policy, ``redis_evicts_expiring_keys`` for a ``volatile-*`` one. Every
+    key mlgate writes but the stored API keys expires, so ``volatile-*`` spares only
+    those: the rate-limit buckets, with the shortest times to live, go first (a
+    review: under ``volatile-ttl`` a tenant's burst of 10 let 26 requests through while
+    another tenant's records filled Redis, and our own warning had advised the policy)."""
     policy = await redis.eviction_policy()
-    if policy is not None and policy.startswith("allkeys-"):
-        log.warning(
-            "redis_evicts_any_key",
-            maxmemory_policy=policy,
-            lost_when_full=REDIS_STATE,
-            fix="maxmemory-policy noeviction (or volatile-*, which spares the keys), and memory for every tenant's budgets",
-        )
+    if policy is None or policy == "noeviction":
+        return
+    if policy.startswith("allkeys-"):
+        event, lost = "redis_evicts_any_key", f"{REDIS_STATE}, rate-limit buckets"
+    else:
+        event, lost = "redis_evicts_expiring_keys", EXPIRING_STATE
+    log.warning(
+        event,
+        maxmemory_policy=policy,
+        lost_when_full=lost,
+        fix="maxmemory-policy noeviction, and memory for every tenant's budgets",
+    )
 
 
 class RedisRunWatch:

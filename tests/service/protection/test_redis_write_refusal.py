@@ -162,15 +162,27 @@ async def test_redis_back_after_an_outage_without_a_restart_is_no_restart(
     assert client.app[METRICS].registry.get_sample_value("mlgate_redis_restarts_total") == 0.0
 
 
-@pytest.mark.parametrize(("policy", "warned"), [("allkeys-lru", True), ("volatile-lru", False), ("noeviction", False)])
-async def test_a_redis_that_evicts_any_key_when_full_is_named_at_start(
-    app_client, secured, redis_server: ManagedProcess, operator: aioredis.Redis, policy: str, warned: bool
+@pytest.mark.parametrize(
+    ("policy", "event"),
+    [
+        ("allkeys-lru", "redis_evicts_any_key"),
+        ("volatile-lru", "redis_evicts_expiring_keys"),
+        ("volatile-ttl", "redis_evicts_expiring_keys"),
+        ("noeviction", None),
+    ],
+)
+async def test_a_redis_that_evicts_when_full_is_named_at_start(
+    app_client, secured, redis_server: ManagedProcess, operator: aioredis.Redis, policy: str, event: str | None
 ) -> None:
     """A review: under ``allkeys-lru`` one tenant's flood of record ids evicted the keys
     stored in Redis, and every tenant was answered 401; nothing had said the policy
-    could."""
+    could. Another: under ``volatile-ttl`` the rate-limit buckets went first, and
+    limits stopped holding, where our warning had advised ``volatile-*``."""
     await operator.config_set("maxmemory-policy", policy)
     with capture_logs() as logs:
         await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
-    evicts = [entry for entry in logs if entry["event"] == "redis_evicts_any_key"]
-    assert [entry["maxmemory_policy"] for entry in evicts] == ([policy] if warned else [])
+    warned = [entry for entry in logs if entry["event"].startswith("redis_evicts_")]
+    assert [(entry["event"], entry["maxmemory_policy"]) for entry in warned] == (
+        [(event, policy)] if event else []
+    )
+    assert all("noeviction" in entry["fix"] and "volatile" not in entry["fix"] for entry in warned)
