@@ -53,7 +53,7 @@ MetadataInt = Annotated[
 ]
 MetadataValue = MetadataText | MetadataInt | float | bool
 Timestamp = (
-    Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with an offset (a space in place of the T taken too), its UTC moment within the years 0001-9999")]
+    Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with an offset (a space in place of the T, and an offset without its colon, +0100, taken too), its UTC moment within the years 0001-9999")]
     # From 0001-01-01, as far back as RFC 3339 goes (a review: pre-1970 text was taken
     # and the same moment in epoch seconds refused).
     | Annotated[float, msgspec.Meta(ge=-62135596800, le=1e11, description="epoch seconds")]

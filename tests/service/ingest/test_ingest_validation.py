@@ -960,3 +960,18 @@ async def test_a_content_type_is_read_by_its_media_type_its_parameters_unparsed(
     body = msgspec.json.encode(_batch(_record(0)))
     response = await client.post(INGEST, data=body, headers={"Content-Type": content_type})
     assert response.status == 202, await response.read()
+
+
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+async def test_an_offset_written_without_its_colon_is_read_as_its_moment(
+    client: Client, settings: Settings, fmt: str
+) -> None:
+    """ISO 8601's basic offset (``+0100``, Java's ``Z`` pattern) is not RFC 3339's, but
+    names one moment: read as msgspec reads it, stored as RFC 3339 UTC (README)."""
+    body = _batch(_record(1, timestamp="2024-01-01T00:00:00+0100"))
+    if fmt == "json":
+        response = await client.post(INGEST, json=body)
+    else:
+        response = await client.post(INGEST, data=msgspec.msgpack.encode(body), headers=MSGPACK)
+    assert response.status == 202, await response.text()
+    assert [record["timestamp"] for record in _stored(settings)] == ["2023-12-31T23:00:00Z"]
