@@ -34,6 +34,7 @@ from mlgate_client.transport import Transport
 
 PREDICT_PATH = "/api/v2/predict"
 ANSWER_GRACE_S = 0.2  # past the deadline, how long the server's own 504 may take to arrive
+MAX_REQUEST_TIMEOUT_MS = 600_000  # the most X-Request-Timeout mlgate takes
 log = logging.getLogger("mlgate_client.predictor")
 
 
@@ -162,7 +163,9 @@ class Predictor:
         async def attempt(remaining_s: float) -> dict[str, Any]:
             headers = {
                 "Content-Type": "application/msgpack",
-                "X-Request-Timeout": str(max(1, int(remaining_s * 1000))),
+                # mlgate takes 1 to 600000 ms (400 otherwise); a longer budget still
+                # covers the retries.
+                "X-Request-Timeout": str(min(MAX_REQUEST_TIMEOUT_MS, max(1, int(remaining_s * 1000)))),
             }
             answer = await self._transport.post(
                 PREDICT_PATH, body, headers, remaining_s + ANSWER_GRACE_S

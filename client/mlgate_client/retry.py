@@ -19,6 +19,7 @@ deduplicates.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import random
 import time
@@ -70,18 +71,22 @@ class RetryPolicy:
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date."""
+    """``Retry-After`` as seconds from now: delta-seconds (digits only, RFC 9110) or an
+    HTTP date, always GMT (``email.utils`` reads asctime's form and a ``-0000`` zone
+    as naive: taken as local time, a review saw a 2 s Retry-After read as five hours
+    in New York, and as none in Tokyo). None for anything else (``inf``, ``1e400``,
+    ``-3``: a retriable answer then waits its backoff, not for ever or never)."""
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if value.isascii() and value.isdigit():
+        return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - time.time())
 
 

@@ -28,8 +28,16 @@ API_KEY_VARIABLE = "MLGATE_API_KEY"
 
 
 def resolve_api_key(api_key: str | None) -> str | None:
-    """The key given, else ``$MLGATE_API_KEY``, else none (a server without auth)."""
-    return api_key or os.environ.get(API_KEY_VARIABLE) or None
+    """The key given, else ``$MLGATE_API_KEY``, else none (a server without auth),
+    without the blanks around it (a key read from a file keeps its newline), or
+    ``ValueError`` for one no header can carry (a review: a control character failed
+    every request with aiohttp's own ``ValueError``, outside ``MlgateError``)."""
+    key = (api_key or os.environ.get(API_KEY_VARIABLE) or "").strip()
+    if not key:
+        return None
+    if not key.isascii() or not key.isprintable():
+        raise ValueError("an API key is printable ASCII (mlg_<key id>_<secret>)")
+    return key
 
 
 def base_url(url: str) -> str:

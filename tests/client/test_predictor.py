@@ -88,3 +88,11 @@ async def test_a_success_that_is_no_prediction_is_an_unexpected_answer(
             await predictor.predict([0.5] * 4)
         with pytest.raises(UnexpectedAnswer):
             await predictor.predict_many([[0.5] * 4])
+
+
+async def test_a_deadline_longer_than_mlgate_takes_sends_mlgates_longest(mlgate_url: str) -> None:
+    """A review: ``timeout_ms=700_000`` sent ``X-Request-Timeout: 700000``, and every
+    predict failed 400; the header is capped at 600000 ms, the deadline still whole."""
+    async with Predictor(mlgate_url, timeout_ms=700_000) as predictor:
+        result = await predictor.predict(ROW)
+    assert result.model == "demo"

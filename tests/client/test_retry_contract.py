@@ -4,6 +4,8 @@ that waits honour Retry-After."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from aiohttp import web
 from mlgate_client import Outcome, Predictor, Producer, RetryPolicy
@@ -83,6 +85,30 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Tokyo", "UTC"])
+@pytest.mark.parametrize("form", ["%a, %d %b %Y %H:%M:%S GMT", "%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y"])
+def test_an_http_date_in_any_of_its_three_forms_is_gmt_wherever_the_client_runs(
+    monkeypatch: pytest.MonkeyPatch, zone: str, form: str
+) -> None:
+    """A review: asctime's form (``Sun Nov  6 08:49:37 1994``) was read as local time:
+    a Retry-After 20 s ahead read as five hours in New York, and as none in Tokyo."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        ahead = parse_retry_after(time.strftime(form, time.gmtime(time.time() + 20)))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert ahead is not None and 15 <= ahead <= 20
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan", "-3", "0x10", "1.5", "\u0663"])
+def test_a_retry_after_that_is_no_http_value_is_none(value: str) -> None:
+    """Delta-seconds are ASCII digits only (RFC 9110): a review saw ``inf`` read as for
+    ever, which failed a retriable batch at once; the backoff decides instead."""
+    assert parse_retry_after(value) is None
 
 
 def test_backoff_grows_with_jitter_up_to_its_ceiling() -> None:
