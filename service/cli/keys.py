@@ -198,15 +198,16 @@ def ensure_dev_key(settings: Settings) -> None:
         dev_key_file.write_text(plaintext + "\n")
         dev_key_file.chmod(0o600)
     if settings.auth_disabled:
-        print("mlgate dev: MLGATE_AUTH_DISABLED=true, no key needed", flush=True)
+        print("mlgate dev: MLGATE_AUTH_DISABLED=true, no key needed", file=sys.stderr, flush=True)
     elif dev_key_file.exists():
         key = dev_key_file.read_text().strip()
-        print(f"mlgate dev: API key (all scopes, tenant {DEV_TENANT}): {key}", flush=True)
-        print(f'mlgate dev: curl -H "Authorization: Bearer {key}" ...', flush=True)
+        print(f"mlgate dev: API key (all scopes, tenant {DEV_TENANT}): {key}", file=sys.stderr, flush=True)
+        print(f'mlgate dev: curl -H "Authorization: Bearer {key}" ...', file=sys.stderr, flush=True)
     else:
         print(
             f"mlgate dev: keys in {path}; create one with: mlgate keys create "
             "--tenant dev --scopes ingest,predict,admin,quality",
+            file=sys.stderr,  # stdout is the JSON log lines (a review)
             flush=True,
         )
 

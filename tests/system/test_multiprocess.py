@@ -460,3 +460,22 @@ def test_a_process_restarted_after_a_refused_renewal_refuses_it_too(
     while "worker_cannot_start" not in service.tail(400) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "worker_cannot_start" in service.tail(400)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["heroku-sigterm", "ctrl-c"])
+def test_a_stop_signal_to_the_whole_process_group_is_a_clean_stop(
+    service_process: ServiceFactory, signum: signal.Signals
+) -> None:
+    """A review: Heroku's stop (SIGTERM) and a terminal's Ctrl-C (SIGINT) signal every
+    process of the group; a process that had stopped cleanly was then killed by the
+    signal its supervisor forwarded, and the stop was reported ``worker_stopped_badly``
+    with exit 1, two times in three. Two rounds, as the loss was a race."""
+    for _ in range(2):
+        service = service_process("--workers", "2", MLGATE_PER_PROCESS_STATE="true")
+        deadline = time.monotonic() + 30
+        while service.tail(200).count('"event":"serving"') < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert service.tail(200).count('"event":"serving"') == 2, service.tail()
+        os.killpg(service.pid, signum)
+        assert service.wait(30) == 0, service.tail()
+        assert "worker_stopped_badly" not in service.tail(200)

@@ -26,9 +26,22 @@ from mlgate.config import load_settings
 from mlgate.service.process.server import ShutdownWatchdog, shutdown_plan
 from mlgate.workers.sinks.local_log import read_log
 from tests.conftest import ServiceFactory
-from tests.service_process import ServiceProcess, notify_socket, receive_until
+from tests.service_process import (
+    REPO,
+    ServiceProcess,
+    notify_socket,
+    receive_until,
+    service_environment,
+)
 from tests.slow_models import looping_model
-from tests.support import KafkaBroker, ManagedProcess, create_topic, read_topic, stop_process
+from tests.support import (
+    KafkaBroker,
+    ManagedProcess,
+    create_topic,
+    free_port,
+    read_topic,
+    stop_process,
+)
 
 BUDGET_S = 5.0
 # What a client may see when its request was never taken by the server: the listener
@@ -598,3 +611,34 @@ def test_the_process_exits_past_a_model_load_still_running_rather_than_under_it(
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def test_serve_dev_keeps_stdout_for_json_log_lines_and_says_its_key_on_stderr(tmp_path: Path) -> None:
+    """A review: ``serve --dev`` (``make run``) printed its key among the JSON log lines,
+    which a log shipper reading stdout cannot parse."""
+    port = free_port()
+    env = service_environment(port, tmp_path / "data", MLGATE_AUTH_DISABLED="false")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlgate", "serve", "--dev"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    lines = stdout.decode().splitlines()
+    assert any(json.loads(line)["event"] == "serving" for line in lines)
+    assert all(isinstance(json.loads(line), dict) for line in lines)
+    key = (tmp_path / "data" / "dev-api-key").read_text().strip()
+    assert f"mlgate dev: API key (all scopes, tenant dev): {key}" in stderr.decode()
