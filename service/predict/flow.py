@@ -430,7 +430,10 @@ async def predict(
     else:
         assert payload.features is not None
         rows = feature_rows(loaded, [payload.features], "features")
-    request_id = payload.request_id or request_id
+    # The worker's log lines about these rows name the request's X-Request-ID (a review
+    # found a refused input logged under the body's id only); the answer echoes the
+    # body's own id, when it gives one.
+    answer_id = payload.request_id or request_id
     # The decoded lists (or row) stay alive (the payload) while the rows wait: count them.
     held = (
         payload.features.nbytes
@@ -448,7 +451,7 @@ async def predict(
             predictions=answers,
             model=loaded.model,
             model_version=loaded.version,
-            request_id=request_id,
+            request_id=answer_id,
             latency_ms=latency_ms,
         )
     answer = answers[0]
@@ -458,7 +461,7 @@ async def predict(
         label=answer.label,
         model=loaded.model,
         model_version=loaded.version,
-        request_id=request_id,
+        request_id=answer_id,
         latency_ms=latency_ms,
     )
 

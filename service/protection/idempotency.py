@@ -62,6 +62,7 @@ from mlgate.config import Settings
 from mlgate.service.protection.fair_share import FairShareMap
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
 from mlgate.workers.breaker import BreakerOpen
+from mlgate.workers.supervision import background_context
 
 T = TypeVar("T")
 HEADER = "Idempotency-Key"
@@ -231,6 +232,10 @@ class Claim:
     in_flight: bytes
     backend: Literal["redis", "local"]
     tenant: str
+    # The X-Request-ID of the request that claimed it: what is said of the claim later,
+    # outside that request (``_store_unfinished``), names it (a review: one request's
+    # answer stored late was logged under another's id).
+    request_id: str | None = None
 
 
 class LocalEntries:
@@ -384,7 +389,10 @@ class IdempotencyStore:
     def _hold(self, claim: Claim) -> None:
         self._held[claim.record] = (claim, asyncio.current_task())
         if self._refresher is None:
-            self._refresher = asyncio.get_running_loop().create_task(self._refresh_held())
+            # Serves every claim held: in no request's context (its lines name none).
+            self._refresher = asyncio.get_running_loop().create_task(
+                self._refresh_held(), context=background_context()
+            )
 
     async def _refresh_held(self) -> None:
         """Keep extending the claims whose requests still run: a request slower than
@@ -464,18 +472,18 @@ class IdempotencyStore:
                 # Released like an answer not stored, once Redis answers; not when the
                 # breaker refused it (never sent).
                 if not _never_sent(exc):
-                    self._finish_later(Claim(record, in_flight, "redis", tenant), None)
+                    self._finish_later(Claim(record, in_flight, "redis", tenant, _request_id()), None)
                 cause = exc.__cause__
                 raise IdempotencyUnavailable(
                     f"Idempotency keys cannot be checked now ({exc}); nothing was done: retry",
                     cause.retry_after_s if isinstance(cause, BreakerOpen) else 1,
                 ) from None
             if existing is None:
-                return self._held_claim(Claim(record, in_flight, "redis", tenant))
+                return self._held_claim(Claim(record, in_flight, "redis", tenant, _request_id()))
             return _decode_entry(existing)
         existing = self._local.claim(tenant, record, in_flight, self._lock_s)
         if existing is None:
-            return self._held_claim(Claim(record, in_flight, "local", tenant))
+            return self._held_claim(Claim(record, in_flight, "local", tenant, _request_id()))
         return _decode_entry(existing)
 
     def _held_claim(self, claim: Claim) -> Claim:
@@ -519,9 +527,16 @@ class IdempotencyStore:
         while len(queue) > self._max_unfinished:
             given_up, _, _ = queue.pop(next(iter(queue)))
             if final is not None:
-                log.error("idempotency_answer_never_stored", tenant=given_up.tenant, reason="too many waiting")
+                log.error(
+                    "idempotency_answer_never_stored",
+                    tenant=given_up.tenant,
+                    reason="too many waiting",
+                    request_id=given_up.request_id,
+                )
         if self._finisher is None:
-            self._finisher = asyncio.get_running_loop().create_task(self._store_unfinished())
+            self._finisher = asyncio.get_running_loop().create_task(
+                self._store_unfinished(), context=background_context()
+            )
 
     async def _finish_in_redis(self, claim: Claim, final: bytes | None) -> int:
         """Redis's outcome: 0 the claim was no longer ours (lapsed), 1 done, 2 and 3 the
@@ -570,7 +585,12 @@ class IdempotencyStore:
             if time.monotonic() >= give_up_at:  # its claim has lapsed by now
                 queue.pop(key, None)
                 if final is not None:
-                    log.error("idempotency_answer_never_stored", tenant=claim.tenant, reason="Redis down")
+                    log.error(
+                        "idempotency_answer_never_stored",
+                        tenant=claim.tenant,
+                        reason="Redis down",
+                        request_id=claim.request_id,
+                    )
                 continue
             try:
                 outcome = await self._finish_in_redis(claim, final)
@@ -580,9 +600,14 @@ class IdempotencyStore:
             if final is None:
                 continue
             if outcome == 0:
-                log.error("idempotency_answer_never_stored", tenant=claim.tenant, reason="claim lapsed")
+                log.error(
+                    "idempotency_answer_never_stored",
+                    tenant=claim.tenant,
+                    reason="claim lapsed",
+                    request_id=claim.request_id,
+                )
             else:
-                log.info("idempotency_answer_stored_late", tenant=claim.tenant)
+                log.info("idempotency_answer_stored_late", tenant=claim.tenant, request_id=claim.request_id)
         return True
 
     @staticmethod
@@ -592,6 +617,12 @@ class IdempotencyStore:
         log.warning(
             "idempotency_answer_not_kept", tenant=claim.tenant, bytes=len(final), reason=reason
         )
+
+
+def _request_id() -> str | None:
+    """The X-Request-ID of the request being served, as its log lines carry it."""
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    return request_id if isinstance(request_id, str) else None
 
 
 def _never_sent(exc: RedisUnavailable) -> bool:

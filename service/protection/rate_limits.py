@@ -38,6 +38,7 @@ from mlgate.service.http.metrics import Metrics
 from mlgate.service.protection.api_keys import ApiKey
 from mlgate.service.protection.fair_share import FairShareMap
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
+from mlgate.workers.supervision import background_context
 
 MAX_LOCAL_BUCKETS = 100_000
 log = structlog.get_logger("mlgate.rate_limits")
@@ -205,7 +206,10 @@ class CoalescedTakes:
         answer = asyncio.get_running_loop().create_future()
         self._pending.append(_Take(buckets, args, answer))
         if self._sender is None:
-            self._sender = asyncio.get_running_loop().create_task(self._send_pending())
+            # Sends many requests' takes: in no request's context (its lines name none).
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_pending(), context=background_context()
+            )
             self._sender.add_done_callback(self._sender_done)
         return answer
 

@@ -197,7 +197,7 @@ async def answer_infer(
         loaded.worker.check_room(rows, deadline, tenant=tenant)
     outputs = requested_outputs(payload, loaded)
     results = await loaded.infer(
-        feed, deadline, request_id=payload.id or request_id, tenant=tenant
+        feed, deadline, request_id=request_id, tenant=tenant
     )
     if len(feed) == 1:  # one feature matrix: what a model profile describes
         app[DRIFT_MONITOR].observe(loaded.model, "model", next(iter(feed.values())))

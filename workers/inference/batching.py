@@ -88,7 +88,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -1089,6 +1089,7 @@ class InferenceWorker(Actor[_Item]):
             rows=total,
             requests=len(items),
             error=repr(error),
+            request_ids=[item.request_id for item in items],
         )
         loop = items[0].future.get_loop()
         for item in items:
@@ -1167,7 +1168,7 @@ class InferenceWorker(Actor[_Item]):
                 model=self.name,
                 rows=total,
                 error=refused,
-                request_ids=[item.request_id for item in items],
+                **_requests_named(items),
             )
             error = InputRefused(f"model {self.name} could not compute this input: {refused}")
         else:
@@ -1176,7 +1177,7 @@ class InferenceWorker(Actor[_Item]):
                 model=self.name,
                 rows=total,
                 error=repr(error),
-                request_ids=[item.request_id for item in items],
+                **_requests_named(items),
             )
         now = time.monotonic()
         failing = [item for item in items if not item.future.done()]
@@ -1318,3 +1319,11 @@ class InferenceWorker(Actor[_Item]):
             outputs = self._session.run(self._output_names, feed, options)
         return outputs, time.monotonic() - started
 
+
+
+def _requests_named(items: list[_Item]) -> dict[str, Any]:
+    """The fields naming the requests a log line is about: ``request_id`` for one, as
+    every line of a request carries it, else ``request_ids``."""
+    if len(items) == 1:
+        return {"request_id": items[0].request_id}
+    return {"request_ids": [item.request_id for item in items]}

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from onnx import TensorProto, helper, numpy_helper
+from structlog.testing import capture_logs
 
 from mlgate.config import Settings
 from tests.conftest import AppClientFactory
@@ -182,3 +183,37 @@ async def test_a_model_that_answered_nothing_yet_is_at_fault_for_its_failures(sh
     value computed its warm-up's zeros, and clients were blamed forever)."""
     status, answer = await infer_shaped(shaped, [1, 2, 3, 500])
     assert status == 500, answer
+
+
+async def test_a_refused_inputs_line_names_the_requests_own_id_not_the_bodys(client: Client) -> None:
+    """A review: ``inference_input_refused`` named the body's ``id`` (anything a client
+    writes) and not the X-Request-ID the answer and access line carry."""
+    body = {
+        "id": "the-body-id",
+        "inputs": [{"name": "ids", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 999]}],
+    }
+    with capture_logs() as logs:
+        answer = await client.post("/v2/models/emb/infer", json=body, headers={"X-Request-ID": "hdr-1"})
+        assert answer.status == 422
+    refused = [entry for entry in logs if entry["event"] == "inference_input_refused"]
+    assert refused and all(entry["request_id"] == "hdr-1" for entry in refused)
+
+
+async def test_a_batch_run_again_alone_names_its_requests(client: Client) -> None:
+    """A review: ``inference_batch_failed_running_alone`` named none of its requests.
+    Up to three bursts, until the refused input shares a batch (the first request of a
+    burst runs alone)."""
+    alone: list[dict[str, Any]] = []
+    for _ in range(3):
+        calls = [infer(client, [i % 10, 1, 2, 3]) for i in range(30)]
+        calls.insert(15, infer(client, [1, 2, 3, 999]))
+        with capture_logs() as logs:
+            answers = await asyncio.gather(*calls)
+        assert [status for status, _ in answers].count(422) == 1
+        alone = [entry for entry in logs if entry["event"] == "inference_batch_failed_running_alone"]
+        if alone:
+            break
+    assert alone
+    for entry in alone:
+        assert len(entry["request_ids"]) == entry["requests"]
+        assert all(request_id for request_id in entry["request_ids"])

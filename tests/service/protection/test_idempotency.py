@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import aiohttp
 import msgspec
 import redis.asyncio
+import structlog
 from structlog.testing import capture_logs
 
 from mlgate.service.protection.idempotency import (
@@ -353,6 +354,31 @@ async def test_an_answer_redis_could_not_take_is_stored_once_it_answers_again(
             break
     assert isinstance(found, Entry) and found.response == answer
 
+
+
+async def test_an_answer_stored_late_is_logged_under_its_own_requests_id(
+    app_client, settings_for, redis_server: ManagedProcess
+) -> None:
+    """A review: the task storing late answers ran in the context of the first request
+    that needed it, and logged another request's answer under that one's id."""
+    client = await app_client(settings_for(f"redis://127.0.0.1:{redis_server.port}"))
+    store = client.app[IDEMPOTENCY]
+    answer = StoredResponse(202, [("Content-Type", "application/json")], b'{"ok": true}')
+    claims = {}
+    for request_id in ("rid-b", "rid-c"):
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            claims[request_id] = await store.claim("t", f"key-{request_id}", "print")
+    with capture_logs() as logs:
+        with _frozen(redis_server):
+            for request_id, claimed in claims.items():
+                with structlog.contextvars.bound_contextvars(request_id=request_id):
+                    await store.complete(claimed, answer)  # Redis does not answer
+        for _ in range(50):
+            await asyncio.sleep(0.2)
+            if not store._unfinished:
+                break
+    stored = [entry for entry in logs if entry["event"] == "idempotency_answer_stored_late"]
+    assert sorted(entry["request_id"] for entry in stored) == ["rid-b", "rid-c"]
 
 _BUSY_LUA = (
     "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
