@@ -304,6 +304,11 @@ def snapshot(response: web.StreamResponse) -> StoredResponse | None:
     if not isinstance(response, web.Response) or response.prepared:
         return None
     body = response.body
+    if body is None:
+        # An answer of no body (a model's load or unload: 200) is an answer too: not
+        # kept, the same key ran again (a review: a repeated unload unloaded the model
+        # someone had loaded since).
+        body = b""
     if not isinstance(body, bytes):
         return None
     headers = [(name, response.headers[name]) for name in KEPT_HEADERS if name in response.headers]

@@ -115,3 +115,24 @@ async def test_a_caller_without_the_admin_scope_changes_nothing_and_no_event_is_
         )
     assert response.status == 403
     assert audit_events(events) == []
+
+
+async def test_an_unload_repeated_with_its_idempotency_key_is_replayed_not_run_again(
+    app_client: AppClientFactory,
+    make_settings: Callable[..., Settings],
+    api_keys: KeyMaker,
+    tmp_path: Path,
+) -> None:
+    """A review: a load's or unload's 200 has no body, and was not kept: the repeat of
+    an unload, after someone had loaded the model again, unloaded it again."""
+    client, key = await admin_client(app_client, make_settings, api_keys, tmp_path)
+    headers = {"X-API-Key": key}
+    with_key = {**headers, "Idempotency-Key": "unload-once"}
+    with structlog.testing.capture_logs() as events:
+        first = await client.post("/v2/repository/models/demo/unload", headers=with_key)
+        loaded = await client.post("/v2/repository/models/demo/load", headers=headers)
+        repeat = await client.post("/v2/repository/models/demo/unload", headers=with_key)
+    assert (first.status, loaded.status, repeat.status) == (200, 200, 200)
+    assert "Idempotent-Replayed" not in first.headers
+    assert repeat.headers["Idempotent-Replayed"] == "true"
+    assert [event["event"] for event in audit_events(events)] == ["model_unload", "model_load"]
