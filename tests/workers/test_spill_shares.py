@@ -98,3 +98,13 @@ def test_a_tenant_holding_none_of_the_spill_adds_one_write_past_its_share() -> N
     assert shares.tenant_over_share([("new", 20)], backlog=75) is None
     shares.add([("new", 20)])
     assert shares.tenant_over_share([("new", 1)], backlog=95) == "new"
+
+
+def test_writes_on_their_way_to_kafka_count_as_their_tenants_until_they_land() -> None:
+    shares = SpillShares(100, share=0.75)
+    shares.took_off([("flood", 70)])
+    shares.took_off([("flood", 5)])
+    assert shares.tenant_over_share([("flood", 1)], backlog=0) == "flood"
+    assert shares.tenant_over_share([("calm", 20)], backlog=0) is None  # holding none
+    shares.landed([("flood", 70)])
+    assert shares.tenant_over_share([("flood", 1)], backlog=0) is None

@@ -11,6 +11,14 @@ its share spills on to the end, and a tenant holding none of it may always add o
 write. Records already spilled are durable and never evicted: the share limits what
 is added.
 
+Writes on their way to Kafka count too (``took_off``, ``landed``): one that fails
+spills whatever its tenant holds (Kafka may hold part of it), so a freeze turned a
+flooding tenant's writes in flight (two produce timeouts of them) into the room kept
+for the others (a review: beside a tenant posting 2,000 records a second, one posting
+100 was refused for the last 10 s of a 20 s freeze). So a new write of a tenant whose
+spilled and flying records would pass its share is refused before Kafka is tried,
+nothing written; while Kafka answers, a few batches fly and no share is near.
+
 The counts follow the log: each write's records are attributed in the order they are
 handed to the log, and the drainer forwards in that order, so what it forwards is
 taken off the oldest writes first. Records spilled before this process started (or
@@ -47,6 +55,8 @@ class SpillShares:
         self._shared_beyond = share * max_records
         self._spans: deque[Span] = deque()
         self._held: dict[str, int] = {}
+        self._flying: dict[str, int] = {}  # on their way to Kafka, not spilled
+        self._flying_total = 0
         self.unattributed = unattributed  # in the log ahead of every span
 
     def held_by(self, tenant: str) -> int:
@@ -61,15 +71,34 @@ class SpillShares:
         wants: dict[str, int] = {}
         for tenant, count in runs:
             wants[tenant] = wants.get(tenant, 0) + count
-        if backlog + sum(wants.values()) <= self._shared_beyond:
+        if backlog + self._flying_total + sum(wants.values()) <= self._shared_beyond:
             return None
-        present = len(self._held) + sum(1 for tenant in wants if tenant not in self._held)
+        holding = self._held.keys() | self._flying.keys()
+        present = len(holding) + sum(1 for tenant in wants if tenant not in holding)
         share = self._max / (present + 1)
         for tenant, count in wants.items():
-            held = self._held.get(tenant, 0)
+            held = self._held.get(tenant, 0) + self._flying.get(tenant, 0)
             if held and held + count > share:
                 return tenant
         return None
+
+    def took_off(self, runs: TenantRuns) -> None:
+        """A write on its way to Kafka: counted as its tenants' until ``landed``."""
+        flying = self._flying
+        for tenant, count in runs:
+            flying[tenant] = flying.get(tenant, 0) + count
+            self._flying_total += count
+
+    def landed(self, runs: TenantRuns) -> None:
+        """The write ``took_off`` is no longer on its way: in Kafka, or to spill."""
+        flying = self._flying
+        for tenant, count in runs:
+            left = flying.get(tenant, 0) - count
+            if left > 0:
+                flying[tenant] = left
+            else:
+                flying.pop(tenant, None)
+            self._flying_total -= count
 
     def add(self, runs: TenantRuns) -> list[Claim]:
         """Attribute a write handed to the log now (after every write added before).

@@ -283,14 +283,23 @@ class SpillingKafkaSink:
         # release their ids.
         kafka_took_none = True
         if direct:
+            if self._shares.tenant_over_share(runs, self.backlog) is not None:
+                raise SpillFull(
+                    "this tenant's writes waiting for Kafka hold its share of the spill "
+                    "(MLGATE_SPILL_TENANT_SHARE)",
+                    nothing_written=True,
+                    records=len(records),
+                )
             try:
                 # At most two request timeouts: then it spills (see ``write_within``).
                 deadline_s = 2 * self._settings.kafka_request_timeout_ms / 1000
                 self._direct_writes += 1
                 self._direct_writes_done.clear()
+                self._shares.took_off(runs)
                 try:
                     await self.breaker.call(self._kafka.write_within, records, deadline_s, lane)
                 finally:
+                    self._shares.landed(runs)
                     self._direct_writes -= 1
                     if not self._direct_writes:
                         self._direct_writes_done.set()

@@ -414,3 +414,40 @@ async def test_a_tenant_flooding_the_spill_is_refused_at_its_share_while_others_
     assert [await post("calm", n) for n in range(1, 14)] == [202] * 12 + [503]
     assert [await post("late", n) for n in range(8)] == [202] * 7 + [503]  # then full
     assert client.app[RECORD_SINK].backlog == 40
+
+
+async def test_a_tenants_writes_in_flight_at_a_freeze_do_not_take_the_room_kept_for_the_others(
+    app_client, make_settings, private_kafka_broker: KafkaBroker, api_keys: KeyMaker
+) -> None:
+    """A review: with the broker frozen, a flooding tenant's writes waiting on Kafka
+    spilled whatever it held (Kafka may hold part of them) and filled the spill: the
+    other tenant was refused for the rest of the outage. Its writes in flight count
+    against its share: past three quarters (30 of 40) the flood's next ones are refused
+    before Kafka is tried, and what flew spills within its share, leaving room."""
+    keys = {tenant: api_keys.create(tenant=tenant, scopes="ingest") for tenant in ("flood", "calm")}
+    _, settings = await _on_fresh_topic(
+        make_settings, private_kafka_broker, feature_dims=(4,), kafka_request_timeout_ms=500,
+        spill_max_records=40, keys_file=str(api_keys.path), auth_disabled=False,
+        rate_limits_enabled=False,
+    )
+    client = await app_client(settings)
+
+    async def post(tenant: str, sequence: int, count: int = 1) -> int:
+        response = await client.post(
+            "/api/v2/ingest", json=_records_batch(tenant, sequence, count),
+            headers={"X-API-Key": keys[tenant]},
+        )
+        return response.status
+
+    assert await post("calm", 0) == 202  # Kafka answers: a direct write
+    process = private_kafka_broker.process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        flood = await asyncio.gather(*(post("flood", n, 10) for n in range(8)))
+        assert flood.count(202) == 3, flood  # 30 flew, then spilled: the rest refused
+        assert client.app[RECORD_SINK].backlog == 30
+        calm = [await post("calm", n) for n in range(1, 6)]
+    finally:
+        process.send_signal(signal.SIGCONT)
+    assert calm == [202] * 5
