@@ -45,6 +45,22 @@ class PredictRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("send exactly one of `features` or `instances`")
 
 
+# The body as the document describes it: exactly one of the two, as ``__post_init__``
+# holds it, which msgspec's schema of the struct cannot say (a review: ``{}`` and a
+# body giving both were valid by the document, and each was refused 422).
+PredictBody = Annotated[
+    PredictRequest,
+    msgspec.Meta(
+        extra_json_schema={
+            "oneOf": [
+                {"required": ["features"], "properties": {"features": {"type": "array"}}},
+                {"required": ["instances"], "properties": {"instances": {"type": "array"}}},
+            ]
+        }
+    ),
+]
+
+
 class PredictTarget(msgspec.Struct, frozen=True, kw_only=True):
     """The model a predict body names, read without decoding its rows: under overload a
     request is shed on this alone. Not a validation: the full body is decoded after."""

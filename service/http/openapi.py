@@ -115,7 +115,9 @@ REQUEST_ID_PARAMETER = {
 
 def _response_headers(op: Route, status: int) -> dict[str, Any]:
     names = ["X-Request-ID"]
-    if status in (409, 429, 503, 504):
+    # A route's own 503 of its own type (``/ready``'s not ready) is a state, not a
+    # refusal to retry after (a review: documented, never sent).
+    if status in (409, 429, 504) or status == 503 and op.responses.get(503) is None:
         names.append("Retry-After")
     if op.scope is not None and status not in (401, 403, *_BEFORE_THE_ROUTE):
         names += ["RateLimit-Policy", "RateLimit"]
@@ -127,7 +129,8 @@ def _response_headers(op: Route, status: int) -> dict[str, Any]:
         names.append("Inference-Header-Content-Length")
     if status in (401, 403):  # a 403 names the scope it lacks (``insufficient_scope``)
         names.append("WWW-Authenticate")
-    if op.deprecated:
+    # Not on what the parser answers before the route is known (a review).
+    if op.deprecated and status not in _BEFORE_THE_ROUTE:
         names += ["Deprecation", "Sunset", "Link"]
     return {name: HEADERS[name] for name in names}
 
@@ -184,18 +187,23 @@ def build_document(routes: list[Route], version: str, settings: Settings | None 
                 if status == 200 and BINARY_TENSORS in op.request_media:
                     described["content"][BINARY_TENSORS] = {"schema": BINARY_TENSORS_SCHEMA}
             elif op.answer_media is not None and status < 400:
-                described["content"] = {op.answer_media: {"schema": {"type": "string"}}}
+                kind = "object" if op.answer_media == "application/json" else "string"
+                described["content"] = {op.answer_media: {"schema": {"type": kind}}}
             elif status >= 400:  # an error the route names without a type: a problem
                 described["content"] = {name: {"schema": schema_of[id(Problem)]} for name in problem_types}
             entry["responses"][str(status)] = described
         for status in _error_statuses(op):
-            entry["responses"].setdefault(
-                str(status),
-                {
-                    "description": PROBLEM_STATUSES[status],
-                    "content": {name: {"schema": schema_of[id(Problem)]} for name in problem_types},
-                },
-            )
+            problem = {name: {"schema": schema_of[id(Problem)]} for name in problem_types}
+            own = entry["responses"].get(str(status))
+            if own is None:
+                entry["responses"][str(status)] = {"description": PROBLEM_STATUSES[status], "content": problem}
+            elif op.responses.get(status) is not None:
+                # The route's own answer of that status (OIP's not ready: 400), or a
+                # problem from before it (a malformed request's 400; a review).
+                own["description"] += f"; or {PROBLEM_STATUSES[status][0].lower()}{PROBLEM_STATUSES[status][1:]}"
+                for name, media in own["content"].items():
+                    if name in problem:
+                        media["schema"] = {"anyOf": [media["schema"], problem[name]["schema"]]}
         for status, described in entry["responses"].items():
             described["headers"] = _response_headers(op, int(status))
         if op.scope is None:

@@ -230,6 +230,7 @@ class _InferRoute:
         if coding is not None:
             body = await compress(body, coding)
             fields["Content-Encoding"] = coding
+            fields["Vary"] = "Accept-Encoding"
         return body, content_type, fields
 
 

@@ -262,6 +262,7 @@ async def infer(request: web.Request) -> web.Response:
     if coding is not None:
         body = await compress(body, coding)
         headers["Content-Encoding"] = coding
+        headers["Vary"] = "Accept-Encoding"  # a shared cache must not give it to others
     # The content type first, as the express lane writes it.
     return web.Response(body=body, headers={"Content-Type": content_type, **headers})
 

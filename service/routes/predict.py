@@ -15,6 +15,7 @@ from aiohttp import web
 from mlgate.schemas.predict import (
     BatchPredictResponse,
     PredictAnswer,
+    PredictBody,
     PredictRequest,
     PredictResponse,
     PredictV1Request,
@@ -71,7 +72,7 @@ ROUTES = [
         "Predict one row (features) or several (instances)",
         "prediction",
         {200: PredictAnswer, 404: None, 504: None},
-        request=PredictRequest,
+        request=PredictBody,
         scope="predict",
         body_media=request_format,
         parameters=[TIMEOUT_PARAMETER],

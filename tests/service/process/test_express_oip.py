@@ -294,6 +294,9 @@ async def test_an_infer_answer_is_compressed_as_accept_encoding_asks_in_the_lane
     assert servers[0].taken == 1
     assert by_lane.status == by_app.status == 200
     assert by_lane.headers.get("Content-Encoding") == by_app.headers.get("Content-Encoding") == coding
+    # A review: no Vary, so a shared cache could give a gzip answer to any client.
+    vary = "Accept-Encoding" if coding else None
+    assert by_lane.headers.get("Vary") == by_app.headers.get("Vary") == vary
     assert await by_lane.read() == await by_app.read()  # as the client decompresses it
     assert msgspec.json.decode(await by_lane.read())["outputs"][0]["name"] == "probabilities"
 
