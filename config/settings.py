@@ -79,6 +79,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     # HTTP limits
     max_body_bytes: PositiveInt = 16 * 1024 * 1024
+    max_held_body_bytes: PositiveInt = 512 * 1024 * 1024
     max_stream_record_bytes: PositiveInt = 1024 * 1024
     # Connections: how long a slow or idle client may hold a socket, and how many may
     head_timeout_s: PositiveFloat = 20.0
@@ -224,6 +225,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if self.drain_grace_s >= self.shutdown_timeout_s:
             raise ValueError(
                 "drain_grace_s must be shorter than shutdown_timeout_s - at `$.drain_grace_s`"
+            )
+        if self.max_held_body_bytes < self.max_body_bytes:
+            # Else one body of the largest size would always be refused.
+            raise ValueError(
+                "max_held_body_bytes must be at least max_body_bytes - at `$.max_held_body_bytes`"
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both or neither of the TLS files - at `$.tls_cert_file`")

@@ -16,6 +16,7 @@ from mlgate.config import Settings
 from mlgate.service import __version__, lifecycles
 from mlgate.service.http import metrics, openapi
 from mlgate.service.http.front_door import front_door
+from mlgate.service.http.held_bodies import HeldBodies
 from mlgate.service.http.metrics import Metrics, PrometheusTelemetry
 from mlgate.service.http.routing import add_routes
 from mlgate.service.ingest.quality_screen import QualityScreen
@@ -26,6 +27,7 @@ from mlgate.service.state import (
     DEGRADED_CHECKS,
     DRAINING,
     DRIFT_MONITOR,
+    HELD_BODIES,
     METRICS,
     OPEN_BODIES,
     PROFILE_STORE,
@@ -43,10 +45,15 @@ def create_app(settings: Settings) -> web.Application:
     # own client_max_size only guards request.read()/post(), which mlgate does not use.
     app_metrics = Metrics()
     draining = asyncio.Event()
+    held_bodies = HeldBodies(settings.max_held_body_bytes, settings.retry_after_s)
     app = web.Application(
         middlewares=[
             front_door(
-                metrics.RequestCounter(app_metrics), settings, draining, predict.PATH_HEADERS
+                metrics.RequestCounter(app_metrics),
+                settings,
+                draining,
+                held_bodies,
+                predict.PATH_HEADERS,
             ),
             protection(settings),
         ],
@@ -56,6 +63,8 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = app_metrics
     app[DRAINING] = draining
     app[OPEN_BODIES] = set()
+    app[HELD_BODIES] = held_bodies
+    app_metrics.samplers["held_bodies"] = lambda: app_metrics.held_body_bytes.set(held_bodies.held)
     app[READINESS_CHECKS] = {}
     app[DEGRADED_CHECKS] = {}
     app[RELOAD_HOOKS] = {}

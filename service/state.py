@@ -15,6 +15,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_urldispatcher import AbstractResource
 
 from mlgate.config import Settings
+from mlgate.service.http.held_bodies import HeldBodies
 from mlgate.service.http.metrics import Metrics
 from mlgate.service.http.readiness import HostReadiness
 from mlgate.service.ingest.dedup import RecordDeduplicator
@@ -40,6 +41,9 @@ DRAINING = web.AppKey("draining", asyncio.Event)
 # runs out ends them, so their routes answer 503 (a stream's saying what was written)
 # rather than be cut (``service.http.body``).
 OPEN_BODIES = web.AppKey("open_bodies", set[StreamReader])
+# The bytes of request bodies read whole and held until their requests end
+# (``service.http.body.HeldBodies``).
+HELD_BODIES = web.AppKey("held_bodies", HeldBodies)
 # Named checks /ready runs besides the sink's health (e.g. "models": all loaded).
 # With several processes: their readiness, shared (service.http.readiness).
 HOST_READINESS = web.AppKey("host_readiness", HostReadiness)

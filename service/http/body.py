@@ -37,7 +37,8 @@ from mlgate.service.http.errors import (
     ShuttingDown,
     UnsupportedMediaType,
 )
-from mlgate.service.state import OPEN_BODIES, SETTINGS
+from mlgate.service.http.held_bodies import SMALL_BODY_BYTES
+from mlgate.service.state import HELD_BODIES, OPEN_BODIES, SETTINGS
 
 # What aiohttp's parser can decompress here; anything else would reach us still encoded.
 SUPPORTED_ENCODINGS = {"identity", "gzip", "deflate"}
@@ -76,7 +77,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     declared = request.content_length
     if declared == 0:
         return b""
+    held_bodies = request.app[HELD_BODIES]
     if declared is not None and "Content-Encoding" not in request.headers:
+        if declared > SMALL_BODY_BYTES:
+            held_bodies.hold(request, declared)  # refused before a byte of it is read
         # The common case, a small body of known length: one read, no chunk loop, due
         # when all of it would be at the minimum rate (at most CHUNK / rate seconds past
         # the idle bound). A larger one is read chunk by chunk, each within that bound.
@@ -95,11 +99,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         except web.RequestPayloadError as exc:  # the client half-closed before its end
             raise _unreadable(request, exc) from None
     parts: list[bytes] = []
-    total = 0
+    total = counted = 0
     async for chunk in _chunks(request):
         total += len(chunk)
         if total > limit:
             raise PayloadTooLarge(f"Body exceeds the limit of {limit} bytes")
+        if total > SMALL_BODY_BYTES:
+            held_bodies.hold(request, total - counted)
+            counted = total
         parts.append(chunk)
     return b"".join(parts)
 

@@ -26,6 +26,8 @@ API_KEY = web.RequestKey("api_key", ApiKey)
 BUFFERED_BODY = web.RequestKey("buffered_body", bytes)
 REFUSED_UNREAD = web.RequestKey("refused_unread", bool)
 WORK_BEGAN = web.RequestKey("work_began", bool)
+# Bytes of its body the request holds in ``HeldBodies`` (service.http.held_bodies).
+BODY_HELD = web.RequestKey("body_held", int)
 
 
 def arrived(request: web.Request) -> float:

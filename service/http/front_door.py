@@ -23,7 +23,7 @@ from aiohttp.typedefs import Handler, Middleware
 from mlgate.config import Settings
 from mlgate.schemas.problem import FieldError, Problem
 from mlgate.service.http.codec import PROBLEM_JSON, Format, encode, response_format
-from mlgate.service.http.context import ARRIVED, KEY_ID, REQUEST_ID, TENANT
+from mlgate.service.http.context import ARRIVED, BODY_HELD, KEY_ID, REQUEST_ID, TENANT
 from mlgate.service.http.errors import (
     ApiError,
     DeadlineExceeded,
@@ -35,6 +35,7 @@ from mlgate.service.http.errors import (
     ValidationFailed,
     http_error,
 )
+from mlgate.service.http.held_bodies import HeldBodies
 from mlgate.service.http.metrics import RequestCounter
 from mlgate.workers.breaker import BreakerOpen
 from mlgate.workers.errors import (
@@ -81,11 +82,13 @@ def front_door(
     counter: RequestCounter,
     settings: Settings,
     draining: asyncio.Event,
+    held_bodies: HeldBodies,
     path_headers: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Middleware:
     """The outermost middleware: request id, errors as problem+json, the request
     metrics, ``Connection: close`` while draining, the headers every answer on a path
-    carries (``path_headers``, e.g. a deprecated route's) and the canonical log line.
+    carries (``path_headers``, e.g. a deprecated route's), the canonical log line, and
+    the body bytes a request held given back (``held_bodies``) when it ends.
 
     One middleware rather than one per concern: each layer of aiohttp's chain costs
     a coroutine and a sub-app lookup on every request.
@@ -151,6 +154,8 @@ def front_door(
                 status = CLIENT_CLOSED_REQUEST
             raise
         finally:
+            if BODY_HELD in request:
+                held_bodies.release(request)
             elapsed = time.perf_counter() - started
             counter.record(request, status, elapsed)
             if log_requests:

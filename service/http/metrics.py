@@ -155,6 +155,11 @@ class Metrics:
             "others wait)",
             ["reason"], registry=r,
         )
+        self.held_body_bytes = Gauge(
+            "mlgate_held_body_bytes",
+            "Bytes of request bodies over 64 KB read whole and held until their requests end",
+            multiprocess_mode="livesum", registry=r,
+        )
         self.ingest_held_values = Gauge(
             "mlgate_ingest_held_values",
             "Feature values ingests hold until their records are durable",
