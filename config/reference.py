@@ -27,7 +27,7 @@ DESCRIPTIONS: dict[str, str] = {
     "tls_key_file": "PEM private key matching tls_cert_file.",
     # HTTP limits
     "max_body_bytes": "Largest request body, after decompression; larger is 413 before it is read.",
-    "max_held_body_bytes": "Request bodies over 64 KB read whole (decompressed) and held until their requests end, all requests of the process together; a body that would take them past it is refused 503 with Retry-After (at once when its Content-Length says so, before it is read). At least MLGATE_MAX_BODY_BYTES.",
+    "max_held_body_bytes": "Request bodies over 64 KB read whole (decompressed) and held until their requests end, all requests of the process together; counted as their bytes arrive (not as declared); a body that would take them past it is refused 503 with Retry-After and the connection closed. At least MLGATE_MAX_BODY_BYTES.",
     "max_stream_record_bytes": "Largest single record (NDJSON line or msgpack map) in a stream.",
     # Connections
     "head_timeout_s": "Seconds a connection may take to send a complete request head, from when it opens or from the previous response (so also the idle keep-alive limit); then it is closed.",

@@ -31,7 +31,7 @@ from mlgate_client.delivery import Delivery, Outcome
 from mlgate_client.line_reader import LineReader
 from mlgate_client.producer import Producer
 from mlgate_client.retry import RetryPolicy
-from mlgate_client.transport import base_url
+from mlgate_client.transport import base_url, resolve_api_key
 
 MAX_EXAMPLES = 20
 RECORD_FIELDS = ("record_id", "timestamp", "label", "metadata")
@@ -261,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        # The key (given, or $MLGATE_API_KEY) is checked before anything is sent, as
+        # the URL is: a bad one is a usage error (a review: a traceback, exit 1).
+        args.api_key = resolve_api_key(args.api_key)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.verbose:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     if args.file == "-":

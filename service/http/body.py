@@ -37,7 +37,7 @@ from mlgate.service.http.errors import (
     ShuttingDown,
     UnsupportedMediaType,
 )
-from mlgate.service.http.held_bodies import SMALL_BODY_BYTES
+from mlgate.service.http.held_bodies import SMALL_BODY_BYTES, HeldBodies
 from mlgate.service.state import HELD_BODIES, OPEN_BODIES, SETTINGS
 
 # What aiohttp's parser can decompress here; anything else would reach us still encoded.
@@ -79,16 +79,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return b""
     held_bodies = request.app[HELD_BODIES]
     if declared is not None and "Content-Encoding" not in request.headers:
-        if declared > SMALL_BODY_BYTES:
-            held_bodies.hold(request, declared)  # refused before a byte of it is read
         # The common case, a small body of known length: one read, no chunk loop, due
         # when all of it would be at the minimum rate (at most CHUNK / rate seconds past
         # the idle bound). A larger one is read chunk by chunk, each within that bound.
         try:
             if request.content.is_eof():  # all of it arrived with the head: no wait
-                return await request.content.readexactly(declared)
+                body = await request.content.readexactly(declared)
+                if declared > SMALL_BODY_BYTES:
+                    held_bodies.hold(request, declared)
+                return body
             if declared > CHUNK:
-                return await _read_known(request, declared)
+                return await _read_known(request, declared, held_bodies)
             with _open(request):
                 async with asyncio.timeout_at(BodyPace(request).deadline(declared)):
                     return await request.content.readexactly(declared)
@@ -104,17 +105,29 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         total += len(chunk)
         if total > limit:
             raise PayloadTooLarge(f"Body exceeds the limit of {limit} bytes")
-        if total > SMALL_BODY_BYTES:
-            held_bodies.hold(request, total - counted)
-            counted = total
+        counted = _held(held_bodies, request, total, counted)
         parts.append(chunk)
     return b"".join(parts)
 
 
-async def _read_known(request: web.Request, declared: int) -> bytes:
+def _held(held_bodies: HeldBodies, request: web.Request, total: int, counted: int) -> int:
+    """The body's ``total`` bytes read so far held (what was not yet, once past
+    ``SMALL_BODY_BYTES``): bytes received, not declared, so a head that declares 16 MB
+    and sends nothing holds nothing (a review: 32 such heads held the bound for every
+    tenant). What is now counted."""
+    if total <= SMALL_BODY_BYTES:
+        return counted
+    held_bodies.hold(request, total - counted)
+    return total
+
+
+async def _read_known(request: web.Request, declared: int, held_bodies: HeldBodies) -> bytes:
     """A plain body of ``declared`` bytes, read chunk by chunk within the pace."""
     parts: list[bytes] = []
+    total = counted = 0
     async for chunk in _chunks(request):
+        total += len(chunk)
+        counted = _held(held_bodies, request, total, counted)
         parts.append(chunk)
     body = b"".join(parts)
     if len(body) != declared:  # aiohttp ends the body at its Content-Length

@@ -4,12 +4,14 @@ end, all requests of a process together, bounded by ``MLGATE_MAX_HELD_BODY_BYTES
 Each body is bounded alone (``MLGATE_MAX_BODY_BYTES``), but nothing bounded them
 together: 200 clients sending 16 MB bodies slowly took one process to 3.4 GB, and the
 decoding of all of them at their end held the event loop 15 s (a review). A body over
-``SMALL_BODY_BYTES`` counts here, whole at once when its ``Content-Length`` says its
-size (refused before it is read), else as its reads (chunked, or decompressed) pass
-that size; past the bound it is refused 503 with ``Retry-After`` and the connection
-closed, its rest unread. Smaller bodies do not count: their read is one step, and
-what they take is bounded by the connections. Given back when the request ends (the
-front door), since the route holds the body until then.
+``SMALL_BODY_BYTES`` counts here as its bytes are read (decompressed), not as its
+``Content-Length`` declares them: a head that declares 16 MB and sends nothing holds
+nothing (a review: counted declared, 32 such heads held the bound against every
+tenant for the body timeout). Past the bound the body is refused 503 with
+``Retry-After`` and the connection closed, its rest unread. Smaller bodies do not
+count: their read is one step, and what they take is bounded by the connections.
+Given back when the request ends (the front door), since the route holds the body
+until then.
 """
 
 from __future__ import annotations

@@ -33,3 +33,24 @@ def test_a_key_from_the_environment_is_trimmed_too(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setenv("MLGATE_API_KEY", "  mlg_0123456789abcdef_secret\r\n")
     assert resolve_api_key(None) == "mlg_0123456789abcdef_secret"
+
+
+@pytest.mark.parametrize("given", ["flag", "environment"])
+def test_the_cli_refuses_a_bad_key_as_a_usage_error_before_sending(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path, given: str
+) -> None:
+    """A review: a key with a tab printed a traceback and exited 1 ("some could not be
+    delivered"); bad arguments exit 2 with a message, before anything is sent."""
+    from mlgate_client.cli import main
+
+    records = tmp_path / "records.ndjson"
+    records.write_text('{"features": [1.0]}\n')
+    args = ["send", str(records), "--url", "http://127.0.0.1:9", "--source", "s"]
+    if given == "flag":
+        args += ["--api-key", "mlg_x\tsecret"]
+    else:
+        monkeypatch.setenv("MLGATE_API_KEY", "mlg_x\tsecret")
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    assert "API key" in capsys.readouterr().err

@@ -224,6 +224,14 @@ class KafkaWriter(Actor[_Pending]):
         timeout_s = self._settings.kafka_request_timeout_ms / 1000
         return self._unanswered > 0 and time.monotonic() - self._last_answer > timeout_s
 
+    @property
+    def unanswered_s(self) -> float:
+        """How long batches have been in flight with none answered (since the last
+        answer, or since the first of them went out); 0 with none in flight."""
+        if not self._unanswered:
+            return 0.0
+        return time.monotonic() - self._last_answer
+
     async def probe(self, timeout_s: float) -> str | None:
         """Why no broker answered a metadata request within ``timeout_s``, or None when
         one did. Nothing else asks Kafka on a quiet host: an outage there was seen only

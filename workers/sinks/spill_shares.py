@@ -15,9 +15,10 @@ Writes on their way to Kafka count too (``took_off``, ``landed``): one that fail
 spills whatever its tenant holds (Kafka may hold part of it), so a freeze turned a
 flooding tenant's writes in flight (two produce timeouts of them) into the room kept
 for the others (a review: beside a tenant posting 2,000 records a second, one posting
-100 was refused for the last 10 s of a 20 s freeze). So a new write of a tenant whose
-spilled and flying records would pass its share is refused before Kafka is tried,
-nothing written; while Kafka answers, a few batches fly and no share is near.
+100 was refused for the last 10 s of a 20 s freeze). So, once Kafka is slow to answer
+(``SpillingKafkaSink``), a new write of a tenant whose spilled and flying records
+would pass its share is refused before Kafka is tried, nothing written; while Kafka
+answers, what flies is not held against anyone.
 
 The counts follow the log: each write's records are attributed in the order they are
 handed to the log, and the drainer forwards in that order, so what it forwards is

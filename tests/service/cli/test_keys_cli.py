@@ -149,7 +149,7 @@ async def test_keys_created_in_redis_are_let_in(
 def test_dev_mode_creates_a_key_with_every_scope_and_prints_it(make_settings, capsys) -> None:
     settings = make_settings(auth_disabled=False)
     ensure_dev_key(settings)
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # stdout is the JSON log lines
     [entry] = KeyFile(keys_path(settings)).load().values()
     assert entry.scopes == {"ingest", "predict", "admin", "quality"}
     assert f"mlg_{entry.key_id}_" in printed
@@ -158,9 +158,9 @@ def test_dev_mode_creates_a_key_with_every_scope_and_prints_it(make_settings, ca
 def test_dev_mode_prints_the_same_key_at_the_next_start(make_settings, capsys) -> None:
     settings = make_settings(auth_disabled=False)
     ensure_dev_key(settings)
-    first = capsys.readouterr().out
+    first = capsys.readouterr().err
     ensure_dev_key(settings)
-    assert capsys.readouterr().out == first
+    assert capsys.readouterr().err == first
     assert len(KeyFile(keys_path(settings)).load()) == 1
 
 
