@@ -124,7 +124,13 @@ def front_door(
                     status = exc.status
                     finish(exc.headers, request, request_id)
                     raise
-                response = problem_response(request, as_api_error(exc))
+                error = as_api_error(exc)
+                # The rate limit's fields, set on aiohttp's own 404 or 405 once its token
+                # was taken (a review: spent, and not said).
+                for name in RATE_LIMIT_FIELDS:
+                    if name in exc.headers:
+                        error.headers[name] = exc.headers[name]
+                response = problem_response(request, error)
             except ApiError as exc:
                 response = problem_response(request, exc)
             except (WorkerError, BreakerOpen) as exc:
@@ -172,6 +178,7 @@ def front_door(
     return answer
 
 
+RATE_LIMIT_FIELDS = ("RateLimit-Policy", "RateLimit")
 # nginx's status for a request whose client closed the connection before its answer:
 # counted and logged as such, never as a 500 of ours.
 CLIENT_CLOSED_REQUEST = 499

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 import structlog
@@ -46,6 +46,9 @@ FILE_CHECK_INTERVAL_S = 1.0
 log = structlog.get_logger("mlgate.api_keys")
 T = TypeVar("T")
 MAX_CACHED_REDIS_KEYS = 10_000
+# A key's own rate limit: requests a second, and its burst.
+MIN_KEY_RATE, MAX_KEY_RATE, MAX_KEY_BURST = 0.001, 1e9, 10**9
+MAX_KEY_BURST_READ = 10**12
 # Key ids Redis did not know, remembered apart from the known keys: a flood of made-up
 # keys (each a 401) pushes out only other made-up ids, never a tenant's cached key,
 # which is what keeps that tenant served while Redis is unavailable.
@@ -61,8 +64,13 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     hash: str
     created_at: str
     revoked_at: str | None = None
-    rate: float | None = None
-    burst: int | None = None
+    # The bounds ``keys create`` holds them to, held wherever keys are read too: a keys
+    # file edited to a rate of 0 made every request of the key a 500 (a review); it is
+    # now a file that does not parse, and the keys read last stay in force.
+    # (The burst's bound read is looser than the one created: files of older versions
+    # hold larger ones, which work.)
+    rate: Annotated[float, msgspec.Meta(ge=MIN_KEY_RATE, le=MAX_KEY_RATE)] | None = None
+    burst: Annotated[int, msgspec.Meta(ge=1, le=MAX_KEY_BURST_READ)] | None = None
     name: str | None = None
 
     @property
@@ -114,7 +122,9 @@ def new_key(
         raise ValueError(f"scopes must be a non-empty subset of {', '.join(sorted(SCOPES))}")
     if (rate is None) != (burst is None):
         raise ValueError("give both --rate and --burst, or neither")
-    if rate is not None and burst is not None and not (0.001 <= rate <= 1e9 and 1 <= burst <= 10**9):
+    if rate is not None and burst is not None and not (
+        MIN_KEY_RATE <= rate <= MAX_KEY_RATE and 1 <= burst <= MAX_KEY_BURST
+    ):
         # ``not (...)``: NaN fails every comparison (a review: ``--rate nan`` stored a
         # key with a burst and no rate; ``1e-320`` a bucket that never refills; a burst
         # of 400 digits made every request of the key a 500).
@@ -326,7 +336,14 @@ class KeyStore:
             self._redis_keys.pop(key_id, None)
             _remember(self._unknown_keys, key_id, now + self._cache_s, MAX_CACHED_UNKNOWN_KEYS)
             return None
-        stored = decode_key(raw)
+        try:
+            stored = decode_key(raw)
+        except msgspec.DecodeError as exc:  # ValidationError too: edited out of its bounds
+            # Refused as unknown, and said: serving it would take a limit it cannot hold.
+            log.error("redis_key_unreadable", key_id=key_id, error=str(exc))
+            self._redis_keys.pop(key_id, None)
+            _remember(self._unknown_keys, key_id, now + self._cache_s, MAX_CACHED_UNKNOWN_KEYS)
+            return None
         self._unknown_keys.pop(key_id, None)
         _remember(self._redis_keys, key_id, (now + self._cache_s, stored), MAX_CACHED_REDIS_KEYS)
         return stored

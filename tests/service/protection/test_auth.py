@@ -6,6 +6,7 @@ import asyncio
 import re
 import signal
 
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -399,3 +400,23 @@ async def test_ready_reports_redis_down_as_degraded_and_stays_ready(
 
     redis_server.start()  # and no request needs Redis: /ready's own trial finds it back
     assert "degraded" not in await ready_once(client, lambda body: "degraded" not in body)
+
+
+async def test_a_key_in_redis_edited_out_of_its_bounds_is_refused_and_said(
+    app_client, secured, redis_server: ManagedProcess
+) -> None:
+    """A review: a key's rate edited to 0 made each of its requests a 500 (a division
+    by zero in its rate limit); one read from Redis so is refused as unknown, logged."""
+    import redis.asyncio as aioredis
+
+    plaintext, stored = new_key("acme", frozenset({"ingest"}))
+    record = msgspec.json.decode(encode_key(stored))
+    record.update(rate=0, burst=5)
+    client_redis = aioredis.Redis(port=redis_server.port)
+    await client_redis.hset(REDIS_HASH, stored.key_id, msgspec.json.encode(record))
+    await client_redis.aclose()
+    client = await app_client(secured(redis_url=f"redis://127.0.0.1:{redis_server.port}"))
+    with capture_logs() as logs:
+        response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": plaintext})
+    assert response.status == 401
+    assert [entry["key_id"] for entry in logs if entry["event"] == "redis_key_unreadable"] == [stored.key_id]

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from mlgate.service.protection.api_keys import KeyFile, key_id_of
+from mlgate.service.protection.api_keys import KeyFile, KeysFileError, key_id_of
 from mlgate.service.protection.rate_limits import CoalescedTakes
 from mlgate.service.protection.shared_redis import RedisUnavailable, SharedRedis
-from mlgate.service.state import METRICS
+from mlgate.service.state import METRICS, RELOAD_HOOKS
 from tests.support import KeyMaker, ManagedProcess
 
 INGEST = {"source": "s", "records": [{"features": [1.0, 2.0, 3.0, 4.0]}]}
@@ -274,3 +274,35 @@ async def test_takes_of_a_cancelled_redis_call_are_answered_not_left_waiting(
     finally:
         await takes.close()
         await shared.close()
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/no-such-route", 404), ("DELETE", "/v2", 405)])
+async def test_an_answer_of_no_route_that_took_a_token_says_so(
+    app_client, secured, api_keys, method: str, path: str, status: int
+) -> None:
+    """A review: aiohttp's own 404 and 405 took a token, and their answers carried no
+    RateLimit fields (every other answer of the app does)."""
+    key = api_keys.create(rate=SLOW, burst=5)
+    client = await app_client(secured(rate_limit_tenant_rate=SLOW, rate_limit_tenant_burst=50))
+    response = await client.request(method, path, headers={"X-API-Key": key})
+    assert response.status == status
+    assert response.headers["RateLimit-Policy"].startswith('"key";q=5;')
+    assert response.headers["RateLimit"].startswith('"key";r=4;')
+
+
+@pytest.mark.parametrize("rate", [0, 1e-320, 1e10])
+async def test_a_keys_file_edited_to_a_rate_out_of_bounds_is_refused_the_keys_read_last_kept(
+    app_client, secured, api_keys: KeyMaker, rate: float
+) -> None:
+    """A review: a keys file edited to a rate of 0 was read as it stood, and every
+    request of the key was a 500 (a division by zero); ``keys create`` refuses it."""
+    key = api_keys.create(rate=1.0, burst=5)
+    client = await app_client(secured())
+    document = msgspec.json.decode(api_keys.path.read_bytes())
+    document["keys"][0]["rate"] = rate
+    api_keys.path.write_bytes(msgspec.json.encode(document))
+    with pytest.raises(KeysFileError, match="rate"):
+        await client.app[RELOAD_HOOKS]["api_keys"]()
+    response = await client.post("/api/v2/ingest", json=INGEST, headers={"X-API-Key": key})
+    assert response.status == 202
+    assert response.headers["RateLimit-Policy"].startswith('"key";q=5;w=5')
