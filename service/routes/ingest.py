@@ -153,7 +153,14 @@ def stream_head(request: web.Request) -> tuple[str, str]:
     ``application/json`` is read as NDJSON (its lines JSON records, one record in all
     for most such bodies): every body-carrying endpoint takes JSON (the contract),
     and many clients name an NDJSON body so (a review: 415)."""
-    source = request.query.get("source", "")
+    sources = request.query.getall("source", [""])
+    source = sources[0]
+    if len(sources) > 1:
+        # Which would the records be of? (a review: the first was taken silently)
+        raise ValidationFailed(
+            "Query parameter source is given more than once",
+            errors=[FieldError(loc="query.source", msg="given more than once")],
+        )
     try:
         msgspec.convert(source, SourceName)
     except msgspec.ValidationError:

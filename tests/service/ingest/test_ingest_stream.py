@@ -220,7 +220,8 @@ async def test_stream_with_every_record_rejected_is_422_and_writes_nothing(
 
 
 @pytest.mark.parametrize(
-    "query", ["", "?source=", "?source=bad%20name", "?source=s%0A", "?source=" + "s" * 129]
+    "query",
+    ["", "?source=", "?source=bad%20name", "?source=s%0A", "?source=" + "s" * 129, "?source=a&source=b"],
 )
 async def test_stream_without_a_valid_source_is_422(client: Client, query: str) -> None:
     response = await client.post(
