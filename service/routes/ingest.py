@@ -65,9 +65,11 @@ def _field_error(error: RecordError) -> RecordFieldError:
     )
 
 
-def _all_rejected(errors: list[RecordError]) -> ValidationFailed:
+def _all_rejected(errors: list[RecordError], what: str = "batch") -> ValidationFailed:
+    """422 for a batch (or a stream: a review read "the batch" of one) of which every
+    record was rejected; each error located as ``records[i]``, the i-th record sent."""
     return ValidationFailed(
-        "Every record of the batch was rejected; nothing was written",
+        f"Every record of the {what} was rejected; nothing was written",
         errors=list(map(_field_error, errors)),
     )
 
@@ -329,7 +331,7 @@ async def ingest_stream(request: web.Request) -> web.Response:
         records_rejected=rejected, records_duplicate=duplicate,
     )
     if accepted == 0 and duplicate == 0:
-        raise _all_rejected(errors)
+        raise _all_rejected(errors, "stream")
     answer = IngestResponse(
         tracking_id=tracking_id,
         records_accepted=accepted,

@@ -213,6 +213,7 @@ async def test_stream_with_every_record_rejected_is_422_and_writes_nothing(
     response = await client.post(STREAM, data=_ndjson(records), headers=NDJSON)
     problem = await _problem(response, 422)
     assert [e["index"] for e in problem["errors"]] == [0, 1, 2]
+    assert problem["detail"] == "Every record of the stream was rejected; nothing was written"
     assert _stored_keys(settings) == []
 
 
