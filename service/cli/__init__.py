@@ -36,9 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     log_cmd = commands.add_parser("log", help="read the embedded local log")
     log_actions = log_cmd.add_subparsers(dest="action", metavar="ACTION", required=True)
     tail = log_actions.add_parser("tail", help="print the last records as JSON lines")
-    tail.add_argument("-n", type=whole_number(0), default=10, help="how many records (default 10)")
+    # Bounded: a deque takes no more (a review: 2**63 was a traceback).
+    tail.add_argument("-n", type=whole_number(0, 2**62), default=10, help="how many records (default 10)")
     cat = log_actions.add_parser("cat", help="print every record from an offset as JSON lines")
-    cat.add_argument("--from-offset", type=whole_number(0), default=0)
+    cat.add_argument("--from-offset", type=whole_number(0, 2**62), default=0)
     for action in (tail, cat):
         action.add_argument("--data-dir", help="data directory (default MLGATE_DATA_DIR)")
 

@@ -39,12 +39,12 @@ def print_log(data_dir: str, action: str, args: argparse.Namespace) -> int:
     if not directory.is_dir():
         print(f"mlgate: no local log at {directory}", file=sys.stderr)
         return 1
-    if action == "tail":
-        entries: collections.abc.Iterable[LogEntry] = collections.deque(read_log(directory), maxlen=args.n)
-    else:
-        entries = read_log(directory, args.from_offset)
     out = sys.stdout.buffer
     try:
+        if action == "tail":
+            entries: collections.abc.Iterable[LogEntry] = collections.deque(read_log(directory), maxlen=args.n)
+        else:
+            entries = read_log(directory, args.from_offset)
         for entry in entries:
             out.write(_as_json(entry) + b"\n")
         out.flush()
@@ -52,4 +52,11 @@ def print_log(data_dir: str, action: str, args: argparse.Namespace) -> int:
         # The reader went away (``| head``): done, quietly, as cat is; stdout is
         # pointed at /dev/null so the interpreter's own flush at exit fails no more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: stopped, quietly, as cat is (a review: a traceback)
+    except OSError as exc:
+        # A segment that cannot be read (a directory in its place, its mode): one line
+        # (a review: a traceback).
+        print(f"mlgate: cannot read the local log: {exc}", file=sys.stderr)
+        return 1
     return 0

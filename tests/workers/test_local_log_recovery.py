@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from mlgate.workers.sinks.local_log import (
     HEADER,
@@ -224,3 +225,31 @@ def test_a_cursor_passes_damage_at_the_end_of_a_complete_segment(tmp_path: Path)
     read = [(entry.offset, entry.record.key.decode()) for entry in cursor.read(100)]
     assert read == [(0, "a"), (1, "b"), (2, "c"), (4, "e"), (5, "f"), (6, "g"), (7, "h")]
     assert cursor.offset == 8
+
+
+def test_a_damaged_length_in_the_last_segment_is_said_with_the_records_it_hides(tmp_path: Path) -> None:
+    """A review: a frame length flipped in the last segment stopped every reader there
+    as at a frame still being written: 107 acknowledged records after it, said
+    nowhere. Intact frames after the stop are damage, logged as such."""
+    _append(tmp_path, ["a", "b", "c", "d"])
+    [segment] = segments(tmp_path)
+    data = bytearray(segment.read_bytes())
+    length, _ = HEADER.unpack_from(data, 0)
+    second = HEADER.size + length
+    data[second] ^= 0x7F  # the high byte of b's length
+    segment.write_bytes(bytes(data))
+    with capture_logs() as logs:
+        read = [entry.record.key for entry in read_log(tmp_path)]
+    assert read == [b"a"]
+    [damage] = [entry for entry in logs if entry["event"] == "local_log_damaged_segment_end"]
+    assert damage["offsets_counted_to"] == 1 and damage["intact_frame_at_byte"] > second
+
+
+def test_a_frame_still_being_written_at_the_end_is_no_damage(tmp_path: Path) -> None:
+    _append(tmp_path, ["a", "b"])
+    [segment] = segments(tmp_path)
+    data = segment.read_bytes()
+    segment.write_bytes(data[:-3])  # b's last bytes not there yet
+    with capture_logs() as logs:
+        assert [entry.record.key for entry in read_log(tmp_path)] == [b"a"]
+    assert not [entry for entry in logs if entry["event"].startswith("local_log_damaged")]

@@ -80,3 +80,18 @@ def read_frames(data: bytes) -> Iterator[tuple[int, OutboundRecord | None]]:
         for end_of_damaged in damaged:
             yield end_of_damaged, None
         position = damaged[-1]
+
+
+def intact_frame_after(data: bytes, start: int) -> int | None:
+    """The position of the first intact frame (its length within ``data``, its
+    checksum right, its record decoding) past ``start``, found byte by byte; None when
+    there is none. For a reader that stopped at bytes its frame lengths could not get
+    past: a torn tail has none after it."""
+    for position in range(start + 1, len(data) - HEADER.size + 1):
+        length, _ = HEADER.unpack_from(data, position)
+        if position + HEADER.size + length > len(data):
+            continue
+        end, record = _frame_at(data, position)
+        if record is not None:
+            return position
+    return None

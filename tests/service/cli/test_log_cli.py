@@ -73,3 +73,41 @@ def test_check_config_into_a_reader_gone_ends_quietly(tmp_path: Path) -> None:
         os.close(write_end)
     assert answer.returncode == 0, answer.stderr
     assert "Traceback" not in answer.stderr and "BrokenPipe" not in answer.stderr
+
+
+def _run(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _command(data_dir, *args), cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_count_past_what_can_be_held_is_a_usage_error(tmp_path: Path) -> None:
+    """A review: ``tail -n 9223372036854775808`` was an OverflowError traceback."""
+    answer = _run(_data_dir_with_records(tmp_path, 2), "tail", "-n", str(2**63))
+    assert answer.returncode == 2, answer.stderr
+    assert "must be at most" in answer.stderr and "Traceback" not in answer.stderr
+
+
+def test_a_segment_that_cannot_be_read_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A review: a directory where a segment goes was an IsADirectoryError traceback."""
+    data_dir = _data_dir_with_records(tmp_path, 2)
+    (data_dir / "log" / "00000000000000000500.log").mkdir()
+    answer = _run(data_dir, "cat")
+    assert answer.returncode == 1
+    assert "mlgate: cannot read the local log" in answer.stderr and "Traceback" not in answer.stderr
+
+
+def test_ctrl_c_ends_it_quietly(tmp_path: Path) -> None:
+    """A review: SIGINT during a long ``log cat`` printed a KeyboardInterrupt traceback."""
+    import signal
+
+    data_dir = _data_dir_with_records(tmp_path, 200_000)
+    process = subprocess.Popen(
+        _command(data_dir, "cat"), cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline().startswith(b"{")  # reading: then Ctrl-C
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert b"Traceback" not in errors and b"KeyboardInterrupt" not in errors
