@@ -49,6 +49,7 @@ MAX_CACHED_REDIS_KEYS = 10_000
 # A key's own rate limit: requests a second, and its burst.
 MIN_KEY_RATE, MAX_KEY_RATE, MAX_KEY_BURST = 0.001, 1e9, 10**9
 MAX_KEY_BURST_READ = 10**12
+MAX_KEY_NAME = 200
 # Key ids Redis did not know, remembered apart from the known keys: a flood of made-up
 # keys (each a 401) pushes out only other made-up ids, never a tenant's cached key,
 # which is what keeps that tenant served while Redis is unavailable.
@@ -120,6 +121,9 @@ def new_key(
     unknown = scopes - SCOPES
     if not scopes or unknown:
         raise ValueError(f"scopes must be a non-empty subset of {', '.join(sorted(SCOPES))}")
+    if name is not None and not (len(name) <= MAX_KEY_NAME and name.isprintable()):
+        # ``keys list`` prints it in a table: a newline forged a row (a review).
+        raise ValueError(f"name must be at most {MAX_KEY_NAME} printable characters")
     if (rate is None) != (burst is None):
         raise ValueError("give both --rate and --burst, or neither")
     if rate is not None and burst is not None and not (

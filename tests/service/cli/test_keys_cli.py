@@ -171,3 +171,38 @@ def test_create_refuses_a_rate_that_is_not_a_usable_number(keys_cli, rate: str) 
     assert answer.returncode == 2, answer.stderr
     assert "rate must be" in answer.stderr
     assert not keys_cli.keys_file.exists() or "acme" not in keys_cli.keys_file.read_text()
+
+
+@pytest.mark.parametrize("name", ["line1\nKEY_ID  fake  admin", "\x1b[31mred", "x" * 201])
+def test_a_name_that_would_break_the_list_is_refused(keys_cli, name: str) -> None:
+    """A review: a newline in ``--name`` forged a row of ``keys list``, an escape
+    coloured the terminal."""
+    done = keys_cli("create", "--tenant", "acme", "--scopes", "ingest", "--name", name)
+    assert done.returncode == 2
+    assert "name must be" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_unreadable_key_in_redis_hides_no_other_and_revoking_it_removes_it(
+    keys_cli, redis_server: ManagedProcess
+) -> None:
+    """A review: one entry edited out of its bounds failed ``keys list`` (every key
+    unlisted) and ``keys revoke`` of any key."""
+    import redis
+
+    url = f"redis://127.0.0.1:{redis_server.port}"
+    assert keys_cli("create", "--tenant", "acme", "--scopes", "ingest", "--store", "redis", REDIS_URL=url).returncode == 0
+    client = redis.Redis(port=redis_server.port)
+    try:
+        client.hset("mlgate:apikeys", "badrate", json.dumps(
+            {"created_at": "x", "hash": "sha256:00", "key_id": "badrate", "scopes": ["ingest"],
+             "tenant": "t", "rate": 0, "burst": 1}
+        ))
+        listed = keys_cli("list", "--json", REDIS_URL=url)
+        assert listed.returncode == 0, listed.stderr
+        assert [json.loads(line)["tenant"] for line in listed.stdout.splitlines()] == ["acme"]
+        assert "unreadable key badrate" in listed.stderr
+        revoked = keys_cli("revoke", "badrate", REDIS_URL=url)
+        assert revoked.returncode == 0, revoked.stderr
+        assert client.hget("mlgate:apikeys", "badrate") is None
+    finally:
+        client.close()
