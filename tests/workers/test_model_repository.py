@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -910,3 +911,24 @@ async def test_a_version_loaded_serves_while_the_models_next_loads_and_closing_c
     await asyncio.wait_for(repo.close(), 5)
     with pytest.raises(WorkerClosed):
         first.worker.submit(rows(1), soon())
+
+
+async def test_a_serving_version_kept_after_its_directory_is_removed_says_so(
+    repo_root: Path, start_repository: Any
+) -> None:
+    """A review: with the newest version broken, the serving version's directory
+    deleted left it serving, READY with no reason in the index, and nothing logged."""
+    add_version(repo_root, "demo", 1)
+    add_version(repo_root, "demo", 2)
+    repo = await start_repository()
+    assert (await predict(repo))[0] == "2"
+    add_version(repo_root, "demo", 3, body=b"not a model")
+    await repo.poll()
+    shutil.rmtree(repo_root / "demo" / "2")
+    with capture_logs() as logs:
+        await repo.poll()
+    assert (await predict(repo))[0] == "2"  # nothing the policy wants loads: kept
+    [entry] = [entry for entry in repo.index() if entry.version == "2"]
+    assert entry.state == "READY"
+    assert entry.reason == "removed from the repository; serving while no version the policy wants loads"
+    assert [log["version"] for log in logs if log["event"] == "model_version_kept"] == ["2"]

@@ -552,6 +552,19 @@ class ModelRepository:
                     replaced.append(serving.pop(version))
             for version, entry in list(states.items()):
                 if version in serving:
+                    if int(version) not in on_disk:
+                        # Kept, its directory gone, since nothing the policy wants
+                        # loads: said, in the index and once in the log (a review: it
+                        # still read READY with no reason, and nothing was logged).
+                        kept = IndexEntry(
+                            name,
+                            version,
+                            "READY",
+                            "removed from the repository; serving while no version the policy wants loads",
+                        )
+                        if entry != kept:
+                            log.warning("model_version_kept", model=name, version=version, reason=kept.reason)
+                        states[version] = kept
                     continue
                 if int(version) not in on_disk:
                     states[version] = IndexEntry(
