@@ -29,6 +29,16 @@ def _environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MLGATE_")}
 
 
+def _printing(data_dir: Path) -> subprocess.Popen[bytes]:
+    """``log cat`` of ``data_dir``, once it has printed its first line."""
+    process = subprocess.Popen(
+        _command(data_dir, "cat"), cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().startswith(b"{")
+    return process
+
+
 def test_a_negative_count_is_a_usage_error(tmp_path: Path) -> None:
     """A review: ``tail -n -1`` was a traceback; ``--from-offset -5`` read as 0."""
     data_dir = _data_dir_with_records(tmp_path, 2)
@@ -42,12 +52,8 @@ def test_a_negative_count_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_a_reader_that_goes_away_ends_it_quietly(tmp_path: Path) -> None:
     """A review: ``mlgate log cat | head -1`` printed a BrokenPipeError traceback."""
-    data_dir = _data_dir_with_records(tmp_path, 20_000)
-    process = subprocess.Popen(
-        _command(data_dir, "cat"), cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    process = _printing(_data_dir_with_records(tmp_path, 20_000))
     assert process.stdout is not None and process.stderr is not None
-    assert process.stdout.readline().startswith(b"{")
     process.stdout.close()  # as ``head -1`` does
     errors = process.stderr.read().decode()
     process.stderr.close()
@@ -101,12 +107,7 @@ def test_ctrl_c_ends_it_quietly(tmp_path: Path) -> None:
     """A review: SIGINT during a long ``log cat`` printed a KeyboardInterrupt traceback."""
     import signal
 
-    data_dir = _data_dir_with_records(tmp_path, 200_000)
-    process = subprocess.Popen(
-        _command(data_dir, "cat"), cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    assert process.stdout is not None and process.stderr is not None
-    assert process.stdout.readline().startswith(b"{")  # reading: then Ctrl-C
+    process = _printing(_data_dir_with_records(tmp_path, 200_000))
     process.send_signal(signal.SIGINT)
     _, errors = process.communicate(timeout=60)
     assert process.returncode == 130
