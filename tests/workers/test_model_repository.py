@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -932,3 +934,21 @@ async def test_a_serving_version_kept_after_its_directory_is_removed_says_so(
     assert entry.state == "READY"
     assert entry.reason == "removed from the repository; serving while no version the policy wants loads"
     assert [log["version"] for log in logs if log["event"] == "model_version_kept"] == ["2"]
+
+
+async def test_an_unloaded_version_is_freed_at_once_not_when_the_collector_comes(
+    repo_root: Path, start_repository: Any
+) -> None:
+    """A review: a closed worker lives on in reference cycles (its cancelled task's
+    error holds its frames), and with the collector's thresholds raised each retired
+    version kept its session: 120 unload/load cycles took a process from 170 to
+    811 MB. With automatic collection off, as good as it was then, it is freed."""
+    add_version(repo_root, "demo", 1)
+    repo = await start_repository()
+    worker = weakref.ref(repo.resolve("demo").worker)
+    gc.disable()
+    try:
+        await repo.unload("demo")
+        await until(lambda: worker() is None)
+    finally:
+        gc.enable()

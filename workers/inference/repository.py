@@ -24,6 +24,7 @@ by explicit ``load(model)`` / ``unload(model)``, the repository extension's call
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -701,6 +702,13 @@ class ModelRepository:
         self._retiring.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("model_version_close_failed", task=task.get_name(), error=repr(task.exception()))
+        # A closed worker is held in reference cycles (its cancelled task's error, whose
+        # traceback holds the worker's frames), which only the collector frees; with its
+        # thresholds raised (``server.tune_garbage_collector``) that came so seldom that
+        # each retired version kept its session and model (a review: 120 unload/load
+        # cycles of a 4 MB model took a process from 170 MB to 811 MB). Freed now: a
+        # version retires at an unload or a changed file, not per request.
+        gc.collect()
 
     async def _close_version(self, version: ModelVersion) -> None:
         await version.worker.close(drain_s=self.settings.shutdown_timeout_s / 2)
