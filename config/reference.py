@@ -68,7 +68,7 @@ DESCRIPTIONS: dict[str, str] = {
     # Redis
     "redis_url": "Redis for shared rate limits, idempotency, dedup and keys; unset: in-process.",
     "redis_mode": "standalone, or cluster: Redis Cluster from the seed node(s) in REDIS_URL.",
-    "redis_timeout_ms": "Every Redis call gives up after this long and falls back.",
+    "redis_timeout_ms": "Every Redis call gives up after this long and falls back (in cluster mode a whole call, redirects and redis-py's own retries included, after twice this).",
     "redis_breaker_fail_max": "Consecutive Redis failures that open its breaker (local fallback).",
     "redis_breaker_reset_s": "Seconds the Redis breaker stays open.",
     # Keys

@@ -224,9 +224,11 @@ class RedisRunWatch:
 
     async def _restarted(self) -> None:
         persistent = await self._redis.persistent()
+        master = {"master": self._redis.run_node} if self._redis.run_node else {}
         log.warning(
             "redis_restarted",
             run_id=self._redis.run_id,
+            **master,
             persistent=persistent,
             lost=REDIS_STATE if persistent is False else "what it had not saved yet",
         )
