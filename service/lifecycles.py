@@ -220,15 +220,17 @@ class RedisRunWatch:
             self._later(check_redis_config(self._redis))
         else:
             self._metrics.redis_restarts.inc()
-            self._later(self._restarted())
+            # Read now: by the time the check has run, another master's run may be met.
+            self._later(self._restarted(self._redis.run_id, self._redis.run_node))
 
-    async def _restarted(self) -> None:
-        persistent = await self._redis.persistent()
-        master = {"master": self._redis.run_node} if self._redis.run_node else {}
+    async def _restarted(self, run_id: str | None, master: str | None) -> None:
+        """``master``: the cluster's master that restarted (None: the one Redis)."""
+        persistent = await self._redis.persistent(master)
+        named = {"master": master} if master else {}
         log.warning(
             "redis_restarted",
-            run_id=self._redis.run_id,
-            **master,
+            run_id=run_id,
+            **named,
             persistent=persistent,
             lost=REDIS_STATE if persistent is False else "what it had not saved yet",
         )
