@@ -112,7 +112,7 @@ DESCRIPTIONS: dict[str, str] = {
     "drift_window_records": "Records per drift window (tumbling).",
     "drift_psi_threshold": "PSI above which a feature counts as drifting (one warning per crossing).",
     "drift_sample_every": "Ingested rows counted into drift windows: every k-th (range checks see all).",
-    "drift_mailbox_size": "Rows waiting for the drift monitor; beyond it they are dropped and counted.",
+    "drift_mailbox_size": "Rows waiting for the drift monitor (at most 64 MB of values; one source or model at most half); beyond it they are dropped and counted.",
     # Prediction
     "model_repository": "Model repository: <repo>/<model>/<version>/model.onnx.",
     "default_model": "Model used when a predict request names none.",

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -103,9 +104,9 @@ async def test_full_mailbox_drops_and_counts_without_waiting(store: ProfileStore
     stalled = DriftMonitor(store, window_records=WINDOW, mailbox_rows=1000)  # never started
     batch = reference_sample(500, seed=5)
     accepted = [stalled.observe("sensors", "source", batch) for _ in range(50)]
-    assert accepted == [True, True] + [False] * 48
+    assert accepted == [True] + [False] * 49  # a stream holds at most half the mailbox
     report = await stalled.report("source", "sensors")
-    assert report is not None and report.records_dropped == 48 * 500
+    assert report is not None and report.records_dropped == 49 * 500
     await stalled.close()
 
 
@@ -119,8 +120,9 @@ async def test_a_batch_larger_than_the_mailbox_is_observed_in_part(store: Profil
         await monitor.drained()
         report = await monitor.report("source", "sensors")
         assert report is not None
-        # Every 4th row (1000 / 300 rounded up): 250 observed, 750 dropped.
-        assert (report.records_observed, report.records_dropped) == (250, 750)
+        # A stream's half of the mailbox, 150 rows: every 7th row (1000 / 150 rounded
+        # up), 143 observed, 857 dropped.
+        assert (report.records_observed, report.records_dropped) == (143, 857)
     finally:
         await monitor.close()
 
@@ -430,3 +432,33 @@ async def test_a_windows_gauges_are_written_in_the_monitors_thread(store: Profil
     finally:
         await monitor.close()
     assert threads and all(name.startswith("drift-monitor") for name in threads)
+
+
+async def test_one_streams_flood_leaves_room_for_another(tmp_path: Path) -> None:
+    """A review: one tenant's flood on one source filled the shared mailbox, and every
+    other source went unobserved."""
+    write_profile(tmp_path, "sensors")
+    write_profile(tmp_path, "quiet")
+    profiles = ProfileStore(tmp_path, tmp_path / "models")
+    profiles.refresh()
+    stalled = DriftMonitor(profiles, window_records=WINDOW, mailbox_rows=1000)  # never started
+    flood = [stalled.observe("sensors", "source", reference_sample(100, seed=n)) for n in range(20)]
+    assert flood.count(True) == 5
+    assert stalled.observe("quiet", "source", reference_sample(100, seed=99))
+    await stalled.close()
+
+
+async def test_the_mailbox_is_bounded_in_bytes_whatever_the_rows_width(tmp_path: Path) -> None:
+    """A review: bounded in rows only, 20,000 rows of 4096 features were 655 MB."""
+    wide = build_profile(
+        np.random.default_rng(0).standard_normal((200, 4096)), kind="source", name="wide"
+    )
+    (tmp_path / "sources").mkdir(exist_ok=True)
+    (tmp_path / "sources" / "wide.profile.json").write_bytes(msgspec.json.encode(wide))
+    profiles = ProfileStore(tmp_path, tmp_path / "models")
+    profiles.refresh()
+    stalled = DriftMonitor(profiles, window_records=WINDOW, mailbox_rows=20_000)  # never started
+    for n in range(40):
+        stalled.observe("wide", "source", np.random.default_rng(n).standard_normal((500, 4096)))
+    assert stalled.mailbox_depth * 4096 * 8 <= drift_monitor.MAILBOX_BYTES // 2
+    await stalled.close()

@@ -1,9 +1,12 @@
 """DriftMonitor: rolling per-feature drift of each source and model against its profile.
 
-One actor: one task, one mailbox bounded in rows. ``observe(name, kind, matrix)``
-never waits: it queues the batch matrix (rows x features) if the mailbox has room
-for its rows, and otherwise drops it and counts the drop, so ingestion and
-prediction never wait on drift. The caller hands the matrix over and must not
+One actor: one task, one mailbox bounded in rows and in bytes (``MAILBOX_BYTES``),
+of which one stream (a source or a model) may hold at most half.
+``observe(name, kind, matrix)`` never waits: it queues the batch matrix (rows x
+features) if the mailbox has room for its rows, and otherwise drops it and counts the
+drop, so ingestion and prediction never wait on drift. A review: bounded in rows
+only, 20,000 rows of 4096 features were 655 MB, and one tenant's flood on one source
+left every other source unobserved. The caller hands the matrix over and must not
 mutate it afterwards.
 
 Windows tumble: the task adds each batch's per-feature bin counts and out-of-range
@@ -63,6 +66,9 @@ T = TypeVar("T")
 
 # Observations taken from the mailbox at once; a stream's are counted in one pass.
 MAX_TAKEN = 256
+# The most the mailbox's matrices hold, whatever their width; a stream, half of it and
+# of the rows.
+MAILBOX_BYTES = 64 * 1024 * 1024
 LOGGED_FEATURES = 32
 
 
@@ -137,6 +143,9 @@ class DriftMonitor:
         self._telemetry = telemetry
         self._mailbox: asyncio.Queue[_Observation] = asyncio.Queue()
         self._queued_rows = 0
+        self._queued_bytes = 0
+        # By stream: rows and bytes waiting (``observe``'s share of the mailbox).
+        self._waiting: dict[tuple[ProfileKind, str], tuple[int, int]] = {}
         self._streams: dict[tuple[ProfileKind, str], _Stream] = {}
         self._counters_of: dict[tuple[ProfileKind, str], _Counters] = {}
         # Supervised: a crash (a bug, or an observation it cannot score) is logged,
@@ -182,7 +191,8 @@ class DriftMonitor:
         while not self._mailbox.empty():
             self._mailbox.get_nowait()
             self._mailbox.task_done()
-        self._queued_rows = 0
+        self._queued_rows = self._queued_bytes = 0
+        self._waiting.clear()
 
     # -- the callers' side: never waits ----------------------------------------------
 
@@ -212,7 +222,7 @@ class DriftMonitor:
                 )
             self._dropped(kind, name, rows)
             return False
-        room = 0 if self._closed else self._mailbox_rows - self._queued_rows
+        room = 0 if self._closed else self._room(kind, name, max(1, matrix.nbytes // rows))
         if room <= 0:
             self._dropped(kind, name, rows)
             return False
@@ -220,9 +230,31 @@ class DriftMonitor:
             matrix = matrix[:: math.ceil(rows / room)].copy()
             self._dropped(kind, name, rows - matrix.shape[0])
             rows = int(matrix.shape[0])
-        self._queued_rows += rows
+        self._queue(kind, name, rows, matrix.nbytes)
         self._mailbox.put_nowait(_Observation(kind, name, matrix))
         return True
+
+    def _room(self, kind: ProfileKind, name: str, row_bytes: int) -> int:
+        """Rows of ``row_bytes`` the stream may queue now: within the mailbox's rows and
+        bytes, and within half of each for the stream."""
+        rows, nbytes = self._waiting.get((kind, name), (0, 0))
+        return min(
+            self._mailbox_rows - self._queued_rows,
+            (MAILBOX_BYTES - self._queued_bytes) // row_bytes,
+            max(1, self._mailbox_rows // 2) - rows,
+            (MAILBOX_BYTES // 2 - nbytes) // row_bytes,
+        )
+
+    def _queue(self, kind: ProfileKind, name: str, rows: int, nbytes: int) -> None:
+        """Count rows and bytes in (positive) or out (negative) of the mailbox."""
+        self._queued_rows += rows
+        self._queued_bytes += nbytes
+        key = (kind, name)
+        held_rows, held_bytes = self._waiting.get(key, (0, 0))
+        if held_rows + rows > 0:
+            self._waiting[key] = (held_rows + rows, held_bytes + nbytes)
+        else:
+            self._waiting.pop(key, None)
 
     def _dropped(self, kind: ProfileKind, name: str, rows: int) -> None:
         self._counters(kind, name).dropped += rows
@@ -278,7 +310,9 @@ class DriftMonitor:
                 taken.append(self._mailbox.get_nowait())
             # Out of the mailbox's bound at once: a crash on one stream drops the rest of
             # the take, and their rows must not stay counted against the bound.
-            self._queued_rows -= sum(observation.matrix.shape[0] for observation in taken)
+            for observation in taken:
+                matrix = observation.matrix
+                self._queue(observation.kind, observation.name, -matrix.shape[0], -matrix.nbytes)
             try:
                 for (kind, name), (matrices, other_width) in _by_stream(taken).items():
                     if other_width:
