@@ -43,6 +43,7 @@ from mlgate.schemas.quality import (
     report_decoder,
 )
 from mlgate.service.cli.arguments import whole_number
+from mlgate.service.routes.quality import MAX_TOP
 from mlgate.workers.quality.profile import (
     DEFAULT_BINS,
     DEFAULT_MARGIN,
@@ -104,9 +105,15 @@ def add_parser(commands: Any) -> None:
     _target(report)
     report.add_argument("--url", help="the service (default http://127.0.0.1:MLGATE_PORT)")
     report.add_argument("--key", help="API key with the quality or admin scope (default MLGATE_API_KEY)")
-    report.add_argument("--top", type=int, default=20, help="features to list (default 20)")
+    report.add_argument(
+        "--top", type=whole_number(0, MAX_TOP), default=20,
+        help=f"features to list, 0 to {MAX_TOP} (default 20)",
+    )
     report.add_argument("--plot", type=Path, metavar="PNG", help="draw the top features' distributions")
-    report.add_argument("--plot-features", type=int, default=PLOT_FEATURES)
+    report.add_argument(
+        "--plot-features", type=whole_number(1), default=PLOT_FEATURES,
+        help=f"features drawn with --plot, at least 1 (default {PLOT_FEATURES})",
+    )
 
 
 def _margin(text: str) -> float:

@@ -299,3 +299,21 @@ def test_profile_command_reads_no_further_into_ndjson_than_max_records(tmp_path:
     profile = profile_decoder.decode((profiles_dir / "sources" / "sensors.profile.json").read_bytes())
     assert profile.reference_count == 4
     assert main(["quality", "profile", "--source", "sensors", "--input", str(sample), "--max-records", "5"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "told"),
+    [
+        ("--plot-features=0", "argument --plot-features: must be at least 1"),
+        ("--top=257", "argument --top: must be at most 256"),
+        ("--top=-1", "argument --top: must be at least 0"),
+    ],
+)
+def test_report_command_refuses_counts_out_of_range(
+    capsys: pytest.CaptureFixture[str], option: str, told: str
+) -> None:
+    """A review: ``--plot-features 0`` drew one feature, said nothing."""
+    with pytest.raises(SystemExit) as usage_error:
+        main(["quality", "report", "--source", "sensors", option])
+    assert usage_error.value.code == 2
+    assert told in capsys.readouterr().err
