@@ -477,3 +477,34 @@ def test_a_profile_file_past_the_size_limit_is_unreadable_and_not_read(tmp_path:
     assert store.unreadable("source", "big")
     (failed,) = [entry for entry in logs if entry["event"] == "profile_load_failed"]
     assert f"more than {MAX_PROFILE_BYTES}" in failed["error"]
+
+
+def _edited_at(profile: Any, index: int, **changes: Any) -> Any:
+    features = list(profile.features)
+    features[index] = msgspec.structs.replace(features[index], **changes)
+    return msgspec.structs.replace(profile, features=features)
+
+
+@pytest.mark.parametrize(
+    ("changes", "refusal"),
+    [
+        ({"edges": [0.0, 1.0], "proportions": [0.5, 0.5]}, "feature 2: proportions need len(edges) + 1 values"),
+        ({"edges": [1.0, 0.0], "proportions": [0.2, 0.3, 0.5]}, "feature 2: edges must be strictly ascending"),
+        ({"edges": [0.0, 0.0], "proportions": [0.2, 0.3, 0.5]}, "feature 2: edges must be strictly ascending"),
+        ({"min": 5.0, "max": -5.0}, "feature 2: min exceeds max"),
+        ({"edges": [0.0], "proportions": [1.5, -0.5]}, "feature 2: proportions must be 0 or more"),
+    ],
+    ids=["proportions-count", "descending", "repeated-edge", "min-over-max", "negative-share"],
+)
+def test_a_broken_feature_is_refused_by_its_index_and_reason(changes: dict[str, Any], refusal: str) -> None:
+    profile = build_profile(reference_sample(1_000), kind="source", name="s")
+    with pytest.raises(ValueError) as refused:
+        CompiledProfile.compile(_edited_at(profile, 2, **changes))
+    assert str(refused.value).startswith(refusal)
+
+
+def test_a_number_not_finite_anywhere_is_named_before_any_other_fault() -> None:
+    profile = build_profile(reference_sample(1_000), kind="source", name="s")
+    broken = _edited_at(_edited_at(profile, 1, min=5.0, max=-5.0), 3, edges=[0.0, float("nan")])
+    with pytest.raises(NonFiniteProfile, match="feature 3 of the source profile s"):
+        CompiledProfile.compile(broken)
