@@ -256,3 +256,66 @@ async def test_a_chunked_body_with_too_many_trailer_fields_is_refused(
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(), 10)
     assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0], answer[:200]
+
+
+def _gauge(scraped: bytes, name: bytes) -> float:
+    found = re.search(rb"^" + name + rb" (\S+)$", scraped, re.M)
+    assert found is not None, name
+    return float(found.group(1))
+
+
+async def connections_open_once_settled(service: ServiceProcess, cap: int, ssl: object = None) -> float:
+    """``mlgate_connections_open`` once it is at most ``cap`` and the one a scrape's own
+    connection may be making room with (its close on its way), or after ``GUARD_S``
+    (the last read)."""
+    opened = float("inf")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + GUARD_S
+    while loop.time() < deadline:
+        async with aiohttp.ClientSession() as session, session.get(f"{service.url}/metrics", ssl=ssl) as answer:
+            if answer.status == 200:
+                opened = _gauge(await answer.read(), b"mlgate_connections_open")
+                if opened <= cap + 1:
+                    return opened
+        await asyncio.sleep(0.2)
+    return opened
+
+
+async def connections_open_now(service: ServiceProcess, ssl: object = None) -> float:
+    """``mlgate_connections_open`` as one scrape reads it (on a connection of its own,
+    which may have displaced one still closing)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{service.url}/metrics", ssl=ssl) as answer:
+        assert answer.status == 200
+        return _gauge(await answer.read(), b"mlgate_connections_open")
+
+
+async def open_silently(port: int, count: int, ssl: object = None) -> list[asyncio.StreamWriter]:
+    """``count`` connections opened at once, each sending nothing (those refused or
+    closed at once are left out)."""
+
+    async def one() -> asyncio.StreamWriter | None:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl)  # type: ignore[arg-type]
+        except (ConnectionError, OSError):
+            return None
+        return writer
+
+    return [writer for writer in await asyncio.gather(*(one() for _ in range(count))) if writer]
+
+
+async def test_a_burst_of_silent_connections_leaves_no_more_than_the_cap_open(
+    service_process: ServiceFactory,
+) -> None:
+    """A review: 300 connections opened at once against a cap of 20 left 150 open, and
+    each burst more (each connection evicted again while its close was on its way
+    counted as closing once more), until the open-files limit refused everyone."""
+    service = service_process(MLGATE_MAX_CONNECTIONS="20", MLGATE_HEAD_TIMEOUT_S="60")
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(3):
+            writers += await open_silently(service.port, 150)
+            # The cap, and the silent one the scrape's own connection displaced.
+            assert await connections_open_once_settled(service, 20) <= 21
+    finally:
+        for writer in writers:
+            writer.close()

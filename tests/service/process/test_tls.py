@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import shutil
@@ -25,6 +26,7 @@ from mlgate.service.process.tls import (
 )
 from tests.conftest import ServiceFactory
 from tests.service_process import ServiceProcess, notify_socket, receive_until
+from tests.system.test_connection_hygiene import connections_open_now, open_silently
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
@@ -331,3 +333,23 @@ def test_a_certificate_file_past_the_size_limit_stops_start_up_naming_the_tls_fi
     assert service.wait(30) == 2
     output = service.tail()
     assert "mlgate: start-up error: MLGATE_TLS_CERT_FILE=" in output and "Traceback" not in output
+
+
+async def test_tls_handshakes_finished_together_leave_no_more_than_the_cap_open(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    """A review: 300 TLS handshakes finished together were all kept against a cap of
+    20 (a connection is counted once its handshake is done, and the cap was asked at
+    the accept only), past the open-files limit."""
+    service, _ = start_tls_service(
+        service_process, tmp_path, 30, MLGATE_MAX_CONNECTIONS="10", MLGATE_HEAD_TIMEOUT_S="60"
+    )
+    writers = await open_silently(service.port, 80, ssl=trusting_anything())
+    try:
+        assert writers  # handshakes done
+        await asyncio.sleep(0.5)  # what the server does with them, it has done
+        # The cap, and the silent one the scrape's own connection displaced.
+        assert await connections_open_now(service, ssl=trusting_anything()) <= 11
+    finally:
+        for writer in writers:
+            writer.close()
