@@ -22,9 +22,10 @@ from mlgate.service.state import DRIFT_MONITOR, SETTINGS
 
 DEFAULT_TOP = 10
 # Each feature listed carries its bins three times (edges, reference, recent): at the
-# largest profile (1001 bins) 256 features are 770k numbers, ~12 MB of JSON encoded on
-# the event loop; a review's 4096 were 182 MB and held it 2 s.
-MAX_TOP = 256
+# largest profile (1001 bins) 100 features are 300k numbers, ~4.5 MB of JSON encoded
+# on the event loop (~10 ms); a review's 4096 were 182 MB and held it 2 s, 256 still
+# 40 ms a request.
+MAX_TOP = 100
 
 _TOP = {
     "name": "top",

@@ -462,3 +462,60 @@ async def test_the_mailbox_is_bounded_in_bytes_whatever_the_rows_width(tmp_path:
         stalled.observe("wide", "source", np.random.default_rng(n).standard_normal((500, 4096)))
     assert stalled.mailbox_depth * 4096 * 8 <= drift_monitor.MAILBOX_BYTES // 2
     await stalled.close()
+
+
+async def test_a_removed_profiles_stream_and_counters_are_forgotten(tmp_path: Path) -> None:
+    """A review: a profile observed and then removed kept its window, last scores and
+    counters for good (~450 MB each at the largest profile)."""
+    path = write_profile(tmp_path, "gone")
+    profiles = ProfileStore(tmp_path, tmp_path / "models")
+    profiles.refresh()
+    monitor = DriftMonitor(profiles, window_records=WINDOW)
+    await monitor.start()
+    try:
+        assert monitor.observe("gone", "source", reference_sample(WINDOW + 10, seed=1))
+        await monitor.drained()
+        assert ("source", "gone") in monitor._streams
+        path.unlink()
+        profiles.refresh()
+        for _ in range(100):
+            if ("source", "gone") not in monitor._streams:
+                break
+            await asyncio.sleep(0.01)
+        assert ("source", "gone") not in monitor._streams
+        assert ("source", "gone") not in monitor._counters_of
+    finally:
+        await monitor.close()
+
+
+async def test_a_window_being_scored_is_reported_as_the_window_being_filled(
+    monitor: DriftMonitor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a report while a window was scored read no window at all, and one
+    racing the close read a partial window's scores as the complete window's."""
+    release = threading.Event()
+    scored = drift_monitor._scored
+    calls = 0
+
+    def held_first(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            release.wait(10)  # the window's close, held while the report is asked
+        return scored(*args)
+
+    monkeypatch.setattr(drift_monitor, "_scored", held_first)
+    assert monitor.observe("sensors", "source", reference_sample(WINDOW, seed=1))
+    for _ in range(100):
+        if calls:
+            break
+        await asyncio.sleep(0.01)
+    assert calls == 1  # the close is being scored
+    report = asyncio.ensure_future(monitor.report("source", "sensors"))
+    await asyncio.sleep(0.05)
+    release.set()
+    answered = await report
+    assert answered is not None
+    assert (answered.window.complete, answered.window.windows_completed) == (False, 0)
+    assert answered.window.pending_records == answered.window.records == WINDOW
+    await monitor.drained()

@@ -153,6 +153,7 @@ class DriftMonitor:
         self._loop = SupervisedTask(self.name, self._run, telemetry)
         self._started = False
         self._executor: ThreadPoolExecutor | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         # (kind, name, profile width) of profiles that rows of another width met, logged
         self._misfits_logged: set[tuple[str, str, int]] = set()
@@ -177,6 +178,7 @@ class DriftMonitor:
     async def start(self) -> None:
         if not self._started and not self._closed:
             self._started = True
+            self._event_loop = asyncio.get_running_loop()
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
             self._loop.start()
 
@@ -285,6 +287,11 @@ class DriftMonitor:
         """Retire the gauges of profiles gone or replaced; count unreadable ones.
         Runs in the profile store's refresh thread: touches telemetry only."""
         telemetry = self._telemetry
+        removed = [(kind, name) for kind, name, _, now in changes.retired if now is None]
+        if removed and self._event_loop is not None and not self._closed:
+            # Their window, last scores and counters, on the loop that owns them (a
+            # review: each kept ~450 MB of a large profile's counts for good).
+            self._event_loop.call_soon_threadsafe(self._forget, removed)
         for kind, name, _, now in changes.retired:
             # Per profile: after a window's check-and-write, or before its check. The
             # store already holds the new profiles, so a window checking between two
@@ -295,6 +302,13 @@ class DriftMonitor:
             telemetry.quality_profile_load_failed(kind, name)
         for kind, count in changes.unreadable.items():
             telemetry.quality_profiles_unreadable(kind, count)
+
+    def _forget(self, removed: list[tuple[ProfileKind, str]]) -> None:
+        """The state of streams whose profile was removed (unless one came back)."""
+        for kind, name in removed:
+            if self._profiles.get(kind, name) is None:
+                self._streams.pop((kind, name), None)
+                self._counters_of.pop((kind, name), None)
 
     # -- the task -----------------------------------------------------------------------
 
@@ -356,13 +370,19 @@ class DriftMonitor:
         self, loop: asyncio.AbstractEventLoop, kind: ProfileKind, name: str, stream: _Stream
     ) -> None:
         profile = stream.profile
-        counts, outside, rows = stream.take_window()
+        # Left in place while scored, as the window being filled (a report meanwhile
+        # reads it so; a review read no window at all): nothing else adds to this
+        # stream's window until the close is done, its tallies come from this task.
         ended_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        scored = await loop.run_in_executor(
-            self._executor, self._published, kind, name, profile, counts, outside, rows, ended_at
+        scored, in_force = await loop.run_in_executor(
+            self._executor, self._published, kind, name, profile,
+            stream.counts, stream.out_of_range, stream.rows, ended_at,
         )
+        stream.take_window()  # the scored window keeps its counts; a new one starts
         stream.last = scored
         stream.windows += 1
+        if not in_force:
+            return  # removed or replaced while scored: nothing to say of it
         over = scored.psi > self.psi_threshold
         before = stream.over if stream.over is not None else np.zeros_like(over)
         crossed, recovered = np.flatnonzero(over & ~before), np.flatnonzero(before & ~over)
@@ -389,14 +409,16 @@ class DriftMonitor:
         outside: npt.NDArray[np.int64],
         rows: int,
         ended_at: str,
-    ) -> _Scored:
-        """A closed window scored and its gauges written. Runs in the monitor's thread."""
+    ) -> tuple[_Scored, bool]:
+        """A closed window scored and its gauges written, and whether its profile is
+        still in force. Runs in the monitor's thread."""
         scored = _scored(profile, counts, outside, rows, ended_at)
         psi_values, shares = scored.psi.tolist(), scored.out_of_range_share.tolist()
         with self._gauges_lock:
-            if self._profiles.get(kind, name) is profile:  # not retired while this was counted
+            in_force = self._profiles.get(kind, name) is profile  # not retired meanwhile
+            if in_force:
                 self._telemetry.feature_drift_scored(kind, name, profile.names, psi_values, shares)
-        return scored
+        return scored, in_force
 
     # -- reading ----------------------------------------------------------------------
 
@@ -413,6 +435,11 @@ class DriftMonitor:
             stream = None
         scored: _Scored | None = None
         loop = asyncio.get_running_loop()
+        # What the report says of its window, read at once: a window may close while
+        # its scores are made (a review: a partial window's scores read as complete).
+        complete = stream is not None and stream.last is not None
+        windows = stream.windows if stream is not None else 0
+        pending = stream.rows if stream is not None else 0
         if stream is not None:
             scored = stream.last
             if scored is None and stream.rows:
@@ -442,9 +469,9 @@ class DriftMonitor:
                 mode="tumbling",
                 size=self.window_records,
                 records=scored.rows if scored is not None else 0,
-                complete=stream is not None and stream.last is not None,
-                windows_completed=stream.windows if stream is not None else 0,
-                pending_records=stream.rows if stream is not None else 0,
+                complete=complete,
+                windows_completed=windows,
+                pending_records=pending,
                 ended_at=scored.ended_at if scored is not None else None,
             ),
             records_observed=counters.observed,

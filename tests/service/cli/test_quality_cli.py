@@ -305,7 +305,7 @@ def test_profile_command_reads_no_further_into_ndjson_than_max_records(tmp_path:
     ("option", "told"),
     [
         ("--plot-features=0", "argument --plot-features: must be at least 1"),
-        ("--top=257", "argument --top: must be at most 256"),
+        ("--top=101", "argument --top: must be at most 100"),
         ("--top=-1", "argument --top: must be at least 0"),
     ],
 )
