@@ -174,10 +174,13 @@ class QualityScreen:
             if names is None:
                 accepted.append(record)
             else:
+                # A record sent without an id was given one that nothing stored: its
+                # error names none, as a schema refusal's does (a review).
+                sent_id = None if record.record_id in batch.generated_ids else record.record_id
                 errors.append(
                     RecordError(
                         index=item_index[position],
-                        record_id=record.record_id,
+                        record_id=sent_id,
                         error=_reason(batch.source, profile, record, names),
                     )
                 )

@@ -86,6 +86,19 @@ async def test_reject_profile_rejects_out_of_range_records_with_feature_names(
     assert (await report(client))["records_rejected"] == 2
 
 
+async def test_a_record_rejected_by_the_profile_without_an_id_of_its_own_names_none(
+    app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
+) -> None:
+    """A review: the id generated for it, which nothing stored, was named, where a record
+    refused by the schema names none: a client could not tell it from one it sent."""
+    write_profile(profiles_dir, "sensors", on_violation="reject")
+    client = await app_client(quality_settings())
+    batch = out_of_range_batch()
+    del batch[1]["record_id"]
+    body = await ingest(client, batch)
+    assert [(e["index"], e["record_id"]) for e in body["errors"]] == [(1, None), (3, "r-3")]
+
+
 async def test_flag_profile_accepts_and_marks_records_in_a_kafka_header(
     app_client: AppClientFactory, quality_settings: Callable[..., Settings], profiles_dir: Path,
     kafka_broker: KafkaBroker, kafka_topic: str,
