@@ -870,6 +870,7 @@ class DoorRequestHandler(web.RequestHandler):
         self._discarding = False
         self._discard_timer: asyncio.TimerHandle | None = None
         self.evicted = False  # closed to let a new connection in (``CappedServer``)
+        self.refused_at_cap = False  # made past the cap: answered 503, never counted
 
     def read_on(self) -> None:
         """Resume reading the connection after the door or the lane stopped, unless

@@ -332,19 +332,17 @@ class CappedServer(web.Server):
             victim.evict()
         return DoorRequestHandler(self, loop=self._loop, door=self.door, **self._kwargs)
 
-    def _over_cap(self, transport: asyncio.Transport) -> None:
-        """A connection made past the cap (a TLS one: taken at its accept, counted
-        once its handshake is done; a review saw 300 handshakes finished together
-        held open against a cap of 20): room is made as at an accept, or it is
-        answered 503 and closed."""
-        victim = self._waiting_for_a_head()
-        if victim is None:
-            self.refused_connections += 1
-            transport.write(_REFUSAL)
-            transport.close()
-            return
-        self.evicted_connections += 1
-        victim.evict()
+    def _refuse_made(self, handler: DoorRequestHandler, transport: asyncio.Transport) -> None:
+        """A connection made past the cap (a TLS one: taken at its accept, counted once
+        its handshake is done; a review saw 300 handshakes finished together held open
+        against a cap of 20) is answered 503 and closed, neither counted nor listed.
+        Room is made only at an accept: made here, it took a busy client's connection
+        between two of its requests (the fix's review), and the connections refused
+        here, still listed, were evicted again."""
+        self.refused_connections += 1
+        handler.refused_at_cap = True
+        transport.write(_REFUSAL)
+        handler.force_close()
 
     @property
     def _closing(self) -> int:
@@ -377,14 +375,20 @@ class CappedServer(web.Server):
         return idle
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
-        if self.open_connections - self._closing >= self.max_connections:
-            self._over_cap(transport)
+        if (
+            self.open_connections - self._closing >= self.max_connections
+            and isinstance(handler, DoorRequestHandler)
+        ):
+            self._refuse_made(handler, transport)
+            return
         self.open_connections += 1
         super().connection_made(handler, transport)
 
     def connection_lost(
         self, handler: web.RequestHandler, exc: BaseException | None = None
     ) -> None:
+        if isinstance(handler, DoorRequestHandler) and handler.refused_at_cap:
+            return  # never counted
         self.open_connections -= 1
         if isinstance(handler, DoorRequestHandler) and handler.evicted:
             self._evicted_gone += 1
