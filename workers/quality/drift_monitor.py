@@ -99,14 +99,11 @@ class _Stream:
             out_of_range=np.zeros(profile.n_features, dtype=np.int64),
         )
 
-    def take_window(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
-        """The window's counts, out-of-range counts and rows, handed over whole (they
-        are scored in the monitor's thread); a new window starts empty."""
-        window = (self.counts, self.out_of_range, self.rows)
+    def new_window(self) -> None:
+        """A new window, empty; the closed one's arrays stay with its scores."""
         self.counts = np.zeros_like(self.counts)
         self.out_of_range = np.zeros_like(self.out_of_range)
         self.rows = 0
-        return window
 
 
 @dataclass(slots=True)
@@ -378,7 +375,7 @@ class DriftMonitor:
             self._executor, self._published, kind, name, profile,
             stream.counts, stream.out_of_range, stream.rows, ended_at,
         )
-        stream.take_window()  # the scored window keeps its counts; a new one starts
+        stream.new_window()
         stream.last = scored
         stream.windows += 1
         if not in_force:
